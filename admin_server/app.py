@@ -1,0 +1,172 @@
+"""Admin Server: stateless entry point from the webapp into the fleet.
+
+For every ``pub`` it looks the channel up on the ring and forwards the event
+to the Channel Server that owns it. On ``not_owner`` or a broken connection it
+refreshes the ring and retries, with backoff, for at most
+``--route-budget-s`` seconds; after that it answers ``unavailable`` and the
+webapp's ordered hand-off retries. Forwarding keeps arrival order: a request
+is written to the owner's connection before the next one is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from services import logs, wire
+from services.config import Parser, advertised, instance_id, service_parser
+from services.connection import PeerConnection, PeerLink, backoff_delays, serve
+from services.directory import RingFollower, ServiceDirectory
+from services.discovery import Discovery, Instance
+from services.errors import ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
+from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
+from services.process import StopFn, run_service
+
+log = logging.getLogger("rtm.admin_server")
+
+SERVICE = "admin-server"
+DEFAULT_PORT = 7000
+ROUTE_BUDGET_S = 10.0  # how long one publish may wait for a live owner
+FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
+
+
+class AdminServer:
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.instance_id = args.instance_id
+        self.discovery = Discovery(args.consul)
+        self.follower = RingFollower(self.discovery)
+        self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
+        self.links: dict[str, PeerLink] = {}
+        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
+        m = self.metrics
+        self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
+        self.retries = m.counter("rtm_as_forward_retries_total", "Forward attempts retried", ["reason"])
+        self.given_up = m.counter("rtm_as_forward_unavailable_total", "Publishes answered unavailable after the budget")
+        self.latency = m.histogram("rtm_as_forward_seconds", "Time to forward one publish", LATENCY_BUCKETS_S)
+        m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
+            lambda: self.follower.ring.version
+        )
+        self.server: asyncio.Server | None = None
+        self._stop_metrics: StopFn | None = None
+
+    async def start(self) -> dict[str, Any]:
+        args = self.args
+        self.server = await serve(args.host, args.port, self.make_connection)
+        port = int(self.server.sockets[0].getsockname()[1])
+        metrics_port, self._stop_metrics = await start_metrics_server(args.host, args.metrics_port, self.metrics, self.health)
+        self.follower.start()
+        self.channel_servers.start()
+        address = advertised(args.host, args.advertise_host)
+        await self.discovery.register(
+            SERVICE, self.instance_id, address, port, meta={"metrics_port": str(metrics_port)}, ttl_s=args.ttl_s
+        )
+        return {"service": SERVICE, "id": self.instance_id, "host": address, "port": port, "metrics_port": metrics_port}
+
+    async def stop(self) -> None:
+        await self.discovery.close()
+        if self.server is not None:
+            self.server.close()
+        await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+        if self._stop_metrics is not None:
+            await self._stop_metrics()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ring_version": self.follower.ring.version,
+            "channel_servers": sorted(self.channel_servers.instances),
+            "consul": self.discovery.consul_ok,
+        }
+
+    def on_instances(self, instances: dict[str, Instance]) -> None:
+        for gone in [iid for iid in self.links if iid not in instances]:
+            asyncio.ensure_future(self.links.pop(gone).close())
+
+    def link_to(self, cs_id: str) -> PeerLink:
+        link = self.links.get(cs_id)
+        if link is None:
+            link = PeerLink(
+                f"{self.instance_id}->{cs_id}",
+                address=lambda: self.channel_servers.address(cs_id),
+                factory=lambda: PeerConnection(name=f"{self.instance_id}->{cs_id}"),
+            )
+            link.start()
+            self.links[cs_id] = link
+        return link
+
+    def make_connection(self) -> PeerConnection:
+        return PeerConnection(
+            name=f"{self.instance_id}<-webapp",
+            on_request=self.handle_request,
+            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+        )
+
+    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
+        request_id = int(msg["id"])
+        op = msg["op"]
+        if op == "ping":
+            return wire.reply_ok(request_id, version=self.follower.ring.version)
+        if op != "pub":
+            self.metrics.error("unknown_op")
+            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+        if not isinstance(msg.get("ch"), str) or not isinstance(msg.get("json"), bytes):
+            self.metrics.error("bad_request")
+            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, "pub needs ch (str) and json (bytes)")
+        return self.forward(request_id, msg)
+
+    async def forward(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        """Deliver one publish to the channel's owner, retrying within the budget."""
+        started = time.monotonic()
+        deadline = started + self.args.route_budget_s
+        channel = msg["ch"]
+        pub = {k: msg[k] for k in ("ch", "seq", "json", "t0", "ctl", "eid") if k in msg}
+        pub["op"] = "pub"
+        delays = backoff_delays()
+        while True:
+            owner = self.follower.ring.owner_for(channel)
+            reason = "no_owner"
+            if owner is not None and owner in self.channel_servers.instances:
+                try:
+                    remaining = max(0.05, min(FORWARD_TIMEOUT_S, deadline - time.monotonic()))
+                    reply = await self.link_to(owner).request(pub, timeout_s=remaining)
+                    self.forwarded.inc()
+                    self.latency.observe(time.monotonic() - started)
+                    return wire.reply_ok(request_id, cs=owner, duplicate=bool(reply.get("duplicate")))
+                except NotOwner:
+                    reason = "not_owner"
+                except (ConnectionLost, RequestTimeout):
+                    reason = "unreachable"
+                except PeerError as exc:
+                    self.metrics.error("cs_" + exc.code)
+                    return wire.reply_err(request_id, exc.code, str(exc))
+            self.retries.labels(reason).inc()
+            if time.monotonic() >= deadline:
+                self.given_up.inc()
+                log.warning("giving up on %s after %.1fs (%s)", msg.get("eid", channel), self.args.route_budget_s, reason)
+                return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
+            try:
+                await self.follower.refresh()
+            except Exception as exc:  # Consul unreachable: keep the old ring, try again
+                log.debug("ring refresh failed: %s", exc)
+            await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+
+
+def build_parser() -> Parser:
+    parser = service_parser("rtm admin-server", "Run one Admin Server.", DEFAULT_PORT)
+    parser.add("--route-budget-s", ROUTE_BUDGET_S, "seconds a publish may wait for a live channel owner")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.instance_id = instance_id("as", args.instance_id)
+    logs.configure(args.instance_id, args.log_level)
+
+    async def start() -> tuple[dict[str, Any], StopFn]:
+        server = AdminServer(args)
+        info = await server.start()
+        return info, server.stop
+
+    return run_service(start)

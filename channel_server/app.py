@@ -1,0 +1,273 @@
+"""Channel Server: owns the channels its ring slot maps to, fans each event out once per gateway.
+
+Wiring only: the model is :class:`channel_server.state.ChannelTable`; this
+module connects it to msgpack sockets, the ring in Consul, and metrics.
+
+Requests served (see :mod:`services.wire`):
+
+* ``sub``   {gw, chans: [[ch, since_seq], ...]} -> replays held events with
+  seq > since_seq as ``ev`` pushes, then replies ``{version, not_owner: [...],
+  last: {ch: seq}}``. ``since_seq`` -1 subscribes live only.
+* ``unsub`` {gw, chans: [ch, ...]}
+* ``pub``   {ch, seq, json, t0, ctl?} -> applied and written to every
+  subscribed gateway, or ``err not_owner`` with this server's ring version.
+* ``ping``
+
+When the ring moves channels away from this server it forgets them and
+pushes ``{"op": "moved", "chans": [...], "version": v}`` to their
+subscribers, who resubscribe at the new owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
+from services import logs, wire
+from services.config import Parser, advertised, instance_id, service_parser
+from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
+from services.directory import RingFollower
+from services.discovery import Discovery
+from services.errors import ConnectionLost, ErrorCode, SendBufferFull
+from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
+from services.process import StopFn, run_service
+from services.ring import RingDocument
+
+log = logging.getLogger("rtm.channel_server")
+
+SERVICE = "channel-server"
+DEFAULT_PORT = 7100
+
+
+class ChannelServer:
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.instance_id = instance_id("cs", args.instance_id)
+        self.table = ChannelTable(history_events=args.history_events)
+        self.gateways: dict[int, PeerConnection] = {}
+        self.discovery = Discovery(args.consul)
+        self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
+        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
+        m = self.metrics
+        self.events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
+        self.events_out = m.counter("rtm_cs_events_out_total", "Event frames written to gateways")
+        self.duplicates = m.counter("rtm_cs_duplicate_events_total", "Publishes dropped because their seq was already applied")
+        self.not_owner = m.counter("rtm_cs_not_owner_total", "Requests refused because the channel is not owned here", ["op"])
+        self.fanout = m.histogram("rtm_cs_fanout_gateways", "Gateways one event was written to", FANOUT_BUCKETS)
+        self.pub_latency = m.histogram(
+            "rtm_cs_publish_latency_seconds", "From the event's origin to its fan-out here", LATENCY_BUCKETS_S
+        )
+        self.slow_gateways = m.counter("rtm_cs_slow_gateway_disconnects_total", "Gateways cut off for not reading")
+        self.moved = m.counter("rtm_cs_channels_moved_total", "Channels dropped because the ring moved them away")
+        m.gauge("rtm_cs_channels", "Channels with at least one subscribed gateway").set_function(
+            lambda: len(self.table.subscribers)
+        )
+        m.gauge("rtm_cs_channels_with_history", "Channels holding history").set_function(lambda: len(self.table.history))
+        m.gauge("rtm_cs_history_bytes", "Bytes of event frames held in history").set_function(
+            lambda: self.table.history_bytes
+        )
+        m.gauge("rtm_cs_gateways", "Gateways connected").set_function(lambda: len(self.gateways))
+        m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
+            lambda: self.follower.ring.version
+        )
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stop_metrics: StopFn | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        args = self.args
+        self.server = await serve(args.host, args.port, self.make_connection)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        self.metrics_port, self._stop_metrics = await start_metrics_server(
+            args.host, args.metrics_port, self.metrics, self.health
+        )
+        self.follower.start()
+        address = advertised(args.host, args.advertise_host)
+        await self.discovery.register(
+            SERVICE,
+            self.instance_id,
+            address,
+            self.port,
+            tags=[f"role={args.role}"],
+            meta={"metrics_port": str(self.metrics_port)},
+            ttl_s=args.ttl_s,
+        )
+        log.info("channel server %s serving on %s:%s", self.instance_id, address, self.port)
+        return {
+            "service": SERVICE,
+            "id": self.instance_id,
+            "host": address,
+            "port": self.port,
+            "metrics_port": self.metrics_port,
+        }
+
+    async def stop(self) -> None:
+        await self.discovery.close()
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.gateways.values()):
+            conn.close()
+        if self._stop_metrics is not None:
+            await self._stop_metrics()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ring_version": self.follower.ring.version,
+            "channels": len(self.table.subscribers),
+            "gateways": len(self.gateways),
+            "consul": self.discovery.consul_ok,
+        }
+
+    # -- connections ------------------------------------------------------------------
+    def make_connection(self) -> PeerConnection:
+        return PeerConnection(
+            name=f"{self.instance_id}<-peer",
+            on_request=self.handle_request,
+            on_close=self.on_connection_closed,
+            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+            max_send_buffer_bytes=self.args.max_gateway_buffer_bytes,
+        )
+
+    def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
+        index = conn.state.get("gw_index")
+        if index is None or self.gateways.get(index) is not conn:
+            return
+        del self.gateways[index]
+        if isinstance(reason, SendBufferFull):
+            self.slow_gateways.inc()
+        left = self.table.drop_gateway(index)
+        log.info("gateway %s disconnected (%s); left %d channels", conn.state.get("gw"), reason, left)
+
+    def owns(self, channel: str) -> bool:
+        return self.follower.ring.owner_for(channel) == self.instance_id
+
+    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg["op"]
+        request_id = int(msg["id"])
+        try:
+            if op == "pub":
+                return self.handle_pub(request_id, msg)
+            if op == "sub":
+                return self.handle_sub(conn, request_id, msg)
+            if op == "unsub":
+                return self.handle_unsub(conn, request_id, msg)
+            if op == "ping":
+                return wire.reply_ok(request_id, version=self.follower.ring.version)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.metrics.error("bad_request")
+            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"malformed {op}: {exc!r}")
+        self.metrics.error("unknown_op")
+        return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+
+    def _gateway_index(self, conn: PeerConnection, gateway_id: str) -> int:
+        index = conn.state.get("gw_index")
+        if index is None:
+            index = self.table.index_of(gateway_id)
+            previous = self.gateways.get(index)
+            if previous is not None and previous is not conn:
+                previous.state.pop("gw_index", None)  # a reconnect replaced it
+                previous.close()
+            conn.state["gw_index"] = index
+            conn.state["gw"] = gateway_id
+            self.gateways[index] = conn
+        return int(index)
+
+    def handle_sub(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        index = self._gateway_index(conn, str(msg["gw"]))
+        refused: list[str] = []
+        last: dict[str, int] = {}
+        for channel, since_seq in msg["chans"]:
+            channel = str(channel)
+            if not self.owns(channel):
+                refused.append(channel)
+                continue
+            for frame in self.table.subscribe(index, channel, int(since_seq)):
+                conn.write(frame)
+            known = self.table.last_seq.get(channel)
+            if known is not None:
+                last[channel] = known
+        if refused:
+            self.not_owner.labels("sub").inc(len(refused))
+        return wire.reply_ok(request_id, version=self.follower.ring.version, not_owner=refused, last=last)
+
+    def handle_unsub(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        index = self._gateway_index(conn, str(msg["gw"]))
+        for channel in msg["chans"]:
+            self.table.unsubscribe(index, str(channel))
+        return wire.reply_ok(request_id)
+
+    def handle_pub(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        channel = str(msg["ch"])
+        if not self.owns(channel):
+            self.not_owner.labels("pub").inc()
+            return wire.reply_err(request_id, ErrorCode.NOT_OWNER, channel, version=self.follower.ring.version)
+        seq = msg.get("seq")
+        json_bytes = msg["json"]
+        if not isinstance(json_bytes, bytes):
+            raise TypeError("json must be bytes")
+        t0 = float(msg.get("t0") or time.time())
+        published = self.table.publish(channel, None if seq is None else int(seq), json_bytes, t0, msg.get("ctl"))
+        if published is None:
+            self.duplicates.inc()
+            return wire.reply_ok(request_id, duplicate=True)
+        self.events_in.labels("transient" if seq is None else "persisted").inc()
+        sent = 0
+        for index in mask_indexes(published.mask):
+            gateway = self.gateways.get(index)
+            if gateway is None:
+                continue
+            try:
+                gateway.write(published.frame)
+                sent += 1
+            except (ConnectionLost, SendBufferFull):
+                pass  # on_connection_closed cleans up; the gateway catches up when it resubscribes
+        self.events_out.inc(sent)
+        self.fanout.observe(sent)
+        self.pub_latency.observe(max(0.0, time.time() - t0))
+        return wire.reply_ok(request_id)
+
+    # -- ring changes ------------------------------------------------------------------
+    def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
+        lost = [ch for ch in self.table.known_channels() if not self.owns(ch)]
+        if not lost:
+            return
+        by_gateway: dict[int, list[str]] = {}
+        for channel in lost:
+            mask = self.table.forget(channel)
+            for index in mask_indexes(mask):
+                by_gateway.setdefault(index, []).append(channel)
+        self.moved.inc(len(lost))
+        log.info("ring v%s moved %d channels away from %s", new.version, len(lost), self.instance_id)
+        for index, channels in by_gateway.items():
+            gateway = self.gateways.get(index)
+            if gateway is not None:
+                try:
+                    gateway.send({"op": "moved", "chans": channels, "version": new.version})
+                except (ConnectionLost, SendBufferFull):
+                    pass
+
+
+def build_parser() -> Parser:
+    parser = service_parser("rtm channel-server", "Run one Channel Server.", DEFAULT_PORT)
+    parser.add("--history-events", DEFAULT_HISTORY_EVENTS, "events of history held per channel")
+    parser.add("--role", "active", "registered role tag: active or spare")
+    parser.add("--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.instance_id = instance_id("cs", args.instance_id)
+    logs.configure(args.instance_id, args.log_level)
+
+    async def start() -> tuple[dict[str, Any], StopFn]:
+        server = ChannelServer(args)
+        info = await server.start()
+        return info, server.stop
+
+    return run_service(start)

@@ -1,0 +1,501 @@
+"""Gateway Server: holds client websockets, subscribes to Channel Servers, fans events out.
+
+Wiring only: the model is :class:`gateway.state.GatewayState`. This module
+owns the websocket server, one :class:`services.connection.PeerLink` per
+Channel Server, the webapp client (bootstrap, history), the ring, and metrics.
+
+A client connects to ``ws://host:port/ws/<ticket>`` (the URL ``rtm.connect``
+returned). The gateway verifies the ticket, fetches the user's bootstrap
+from the webapp, sends ``{"type": "hello"}``, and subscribes the user's
+channels at their owning Channel Servers asynchronously, batched per server,
+each ``since`` the seq the bootstrap gave, so nothing posted in between is
+lost. Events arrive as ``ev`` pushes whose JSON was encoded once at the
+webapp; the gateway wraps it in one websocket frame and writes those same
+bytes to every local socket of the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from websockets.asyncio.server import ServerConnection, serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+
+from gateway.state import Effects, Fetch, GatewayState, Session, text_frame
+from services import logs
+from services.config import Parser, advertised, instance_id, service_parser
+from services.connection import PeerConnection, PeerLink
+from services.directory import RingFollower, ServiceDirectory
+from services.discovery import Discovery, Instance
+from services.errors import CloseCode, ConnectionLost, NotOwner, PeerError, RequestTimeout
+from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
+from services.process import StopFn, run_service
+from services.ring import RingDocument
+from services.ticket import InvalidTicket, TicketVerifier
+
+log = logging.getLogger("rtm.gateway")
+
+SERVICE = "gateway"
+DEFAULT_PORT = 8765
+MAX_CLIENT_FRAME_BYTES = 64 * 1024  # a client frame above this closes the socket with 1009
+# Unsent bytes a client may accumulate before it is cut off as a slow consumer.
+MAX_CLIENT_BUFFER_BYTES = 1024 * 1024
+WEBAPP_TIMEOUT_S = 5.0
+SUBSCRIBE_TIMEOUT_S = 5.0
+HISTORY_PAGE_EVENTS = 500
+FETCH_RETRY_DELAY_S = 0.5
+FETCH_ATTEMPTS = 20
+CLOSE_TIMEOUT_S = 2.0
+WS_PING_INTERVAL_S = 20.0
+HELLO = b'{"type":"hello"}'
+
+
+class WebappClient:
+    """The webapp's internal endpoints: bootstrap and history."""
+
+    def __init__(self, directory: ServiceDirectory, secret: str, fixed_url: str = "") -> None:
+        self.directory = directory
+        self.secret = secret
+        self.fixed_url = fixed_url.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
+
+    def base_url(self) -> str:
+        if self.fixed_url:
+            return self.fixed_url
+        for inst in self.directory.instances.values():
+            return f"http://{inst.address}:{inst.port}"
+        raise ConnectionLost("no healthy webapp in Consul")
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBAPP_TIMEOUT_S))
+        async with self.session.post(self.base_url() + path, json=body, headers={"X-Rtm-Secret": self.secret}) as resp:
+            reply: dict[str, Any] = await resp.json(content_type=None)
+        if not reply.get("ok"):
+            raise PeerError(str(reply.get("error", "webapp_error")), reply)
+        return reply
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+class Gateway:
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.instance_id = args.instance_id
+        self.state = GatewayState()
+        self.discovery = Discovery(args.consul)
+        self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
+        self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
+        self.webapp = WebappClient(ServiceDirectory(self.discovery, "webapp"), args.secret, args.webapp_url)
+        self.verifier = TicketVerifier(args.secret.encode(), self.instance_id)
+        self.links: dict[str, PeerLink] = {}
+        self.subscribed_at: dict[str, str] = {}  # channel -> channel server instance holding our subscription
+        self.pending_sub: dict[str, set[str]] = {}
+        self.pending_unsub: dict[str, set[str]] = {}
+        self.flushing: set[str] = set()
+        self.sockets: dict[int, ServerConnection] = {}
+        self.cut_off: set[int] = set()
+        self.sids = itertools.count(1)
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
+        m = self.metrics
+        self.events_in = m.counter("rtm_gw_events_in_total", "Events received from channel servers", ["kind"])
+        self.deliveries = m.counter("rtm_gw_deliveries_total", "Event frames written to client sockets")
+        self.latency = m.histogram(
+            "rtm_gw_event_latency_seconds", "From an event's origin to its fan-out at this gateway", LATENCY_BUCKETS_S
+        )
+        self.connects = m.counter("rtm_gw_connects_total", "Websocket connection attempts by outcome", ["outcome"])
+        self.slow = m.counter("rtm_gw_slow_consumer_disconnects_total", "Clients cut off for not reading")
+        self.gap_fills = m.counter("rtm_gw_gap_fills_total", "History fetches to fill a gap or catch a session up", ["kind"])
+        self.resubscribes = m.counter("rtm_gw_resubscriptions_total", "Channels resubscribed after a reconnect or a ring change")
+        self.client_msgs = m.counter("rtm_gw_client_messages_total", "Frames received from clients", ["type"])
+        m.gauge("rtm_gw_connections", "Open client websockets").set_function(lambda: len(self.state.sessions))
+        m.gauge("rtm_gw_channels", "Channels with at least one local socket").set_function(lambda: len(self.state.channels))
+        m.gauge("rtm_gw_duplicates_dropped", "Events dropped as already delivered").set_function(
+            lambda: self.state.stats.duplicates
+        )
+        m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
+            lambda: self.follower.ring.version
+        )
+        self.ws_server: Any = None
+        self._stop_metrics: StopFn | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        args = self.args
+        self.ws_server = await ws_serve(
+            self.handle_client,
+            args.host,
+            args.port,
+            max_size=args.max_client_frame_bytes,
+            compression=None,
+            ping_interval=WS_PING_INTERVAL_S,
+            close_timeout=CLOSE_TIMEOUT_S,
+            max_queue=64,
+        )
+        port = int(next(iter(self.ws_server.sockets)).getsockname()[1])
+        metrics_port, self._stop_metrics = await start_metrics_server(args.host, args.metrics_port, self.metrics, self.health)
+        self.follower.start()
+        self.channel_servers.start()
+        self.webapp.directory.start()
+        address = advertised(args.host, args.advertise_host)
+        await self.discovery.register(
+            SERVICE,
+            self.instance_id,
+            address,
+            port,
+            tags=[f"region={args.region}"],
+            meta={"metrics_port": str(metrics_port), "region": args.region},
+            ttl_s=args.ttl_s,
+        )
+        log.info("gateway %s (region %s) serving ws://%s:%s", self.instance_id, args.region, address, port)
+        return {
+            "service": SERVICE,
+            "id": self.instance_id,
+            "host": address,
+            "port": port,
+            "metrics_port": metrics_port,
+            "region": args.region,
+        }
+
+    async def stop(self) -> None:
+        """Deregister, say goodbye to every client (they reconnect elsewhere), close."""
+        self.stopping = True
+        await self.discovery.close()
+        goodbye = b'{"type":"goodbye"}'
+        for ws in list(self.sockets.values()):
+            try:
+                await ws.send(goodbye.decode())
+            except ConnectionClosed:
+                pass
+        closing = [ws.close(CloseCode.GOING_AWAY, "gateway shutting down") for ws in list(self.sockets.values())]
+        await asyncio.gather(*closing, return_exceptions=True)
+        if self.ws_server is not None:
+            self.ws_server.close()
+            await self.ws_server.wait_closed()
+        await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+        await self.webapp.close()
+        if self._stop_metrics is not None:
+            await self._stop_metrics()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ring_version": self.follower.ring.version,
+            "connections": len(self.state.sessions),
+            "channels": len(self.state.channels),
+            "region": self.args.region,
+            "consul": self.discovery.consul_ok,
+        }
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- clients ---------------------------------------------------------------------------
+    async def handle_client(self, ws: ServerConnection) -> None:
+        path = ws.request.path if ws.request is not None else ""
+        if self.stopping:
+            await ws.close(CloseCode.GOING_AWAY, "gateway shutting down")
+            return
+        try:
+            ticket = self.verifier.verify(path.rsplit("/", 1)[-1], time.time())
+        except InvalidTicket as exc:
+            self.connects.labels("invalid_ticket").inc()
+            self.metrics.error("invalid_ticket")
+            await ws.close(CloseCode.INVALID_TICKET, str(exc))
+            return
+        try:
+            boot = await self.webapp.call("/internal/bootstrap", {"user": ticket.user})
+        except Exception as exc:
+            log.warning("bootstrap for %s failed: %s", ticket.user, exc)
+            self.connects.labels("bootstrap_failed").inc()
+            self.metrics.error("bootstrap_failed")
+            await ws.close(CloseCode.BOOTSTRAP_FAILED, "bootstrap failed, retry rtm.connect")
+            return
+        sid = next(self.sids)
+        self.sockets[sid] = ws
+        session = Session(sid=sid, user=ticket.user, team=ticket.team, write=lambda frame: self.write_frame(sid, frame))
+        try:
+            await ws.send(HELLO.decode())
+            self.connects.labels("ok").inc()
+            self.apply(self.state.attach(session, [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]))
+            async for message in ws:
+                self.handle_client_message(ws, session, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.sockets.pop(sid, None)
+            self.cut_off.discard(sid)
+            self.apply(self.state.detach(session))
+
+    def write_frame(self, sid: int, frame: bytes) -> bool:
+        """Write one pre-encoded websocket frame; cut off a client that stopped reading."""
+        ws = self.sockets.get(sid)
+        if ws is None or sid in self.cut_off:
+            return False
+        transport = ws.transport
+        if transport.is_closing():
+            return False
+        transport.write(frame)
+        if transport.get_write_buffer_size() > self.args.max_client_buffer_bytes:
+            self.cut_off.add(sid)
+            self.slow.inc()
+            log.warning("client %s (sid %s) is not reading: cut off as a slow consumer", ws.remote_address, sid)
+            self.spawn(self._cut_off(ws))
+            return False
+        return True
+
+    async def _cut_off(self, ws: ServerConnection) -> None:
+        await ws.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and catch up")
+
+    def handle_client_message(self, ws: ServerConnection, session: Session, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self.client_msgs.labels("binary").inc()
+            self.metrics.error("client_binary_frame")
+            self.spawn(ws.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported"))
+            return
+        try:
+            frame = json.loads(message)
+            if not isinstance(frame, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self.client_msgs.labels("invalid").inc()
+            self.metrics.error("client_invalid_json")
+            self.send_json(session, {"type": "error", "error": {"code": 1, "msg": "invalid JSON: expected an object"}})
+            return
+        kind = frame.get("type")
+        self.client_msgs.labels(str(kind) if kind in ("ping",) else "other").inc()
+        if kind == "ping":
+            reply = {k: v for k, v in frame.items() if k not in ("type", "id")}
+            reply.update(type="pong", reply_to=frame.get("id"))
+            self.send_json(session, reply)
+            return
+        self.metrics.error("client_unsupported_type")
+        error = {"code": 2, "msg": f"unsupported message type: {kind!r}"}
+        if "id" in frame:
+            self.send_json(session, {"ok": False, "reply_to": frame["id"], "error": error})
+        else:
+            self.send_json(session, {"type": "error", "error": error})
+
+    def send_json(self, session: Session, body: dict[str, Any]) -> None:
+        session.write(text_frame(json.dumps(body).encode()))
+
+    # -- effects: subscriptions and history -------------------------------------------------------
+    def apply(self, effects: Effects) -> None:
+        if not effects:
+            return
+        for channel, _since in effects.subscribe:
+            self.queue_sub(channel)
+        for channel in effects.unsubscribe:
+            owner = self.subscribed_at.pop(channel, None)
+            if owner is not None:
+                self.pending_sub.get(owner, set()).discard(channel)
+                self.pending_unsub.setdefault(owner, set()).add(channel)
+                self.schedule_flush(owner)
+        for fetch in effects.fetch:
+            self.spawn(self.fetch_history(fetch))
+
+    def queue_sub(self, channel: str) -> None:
+        owner = self.follower.ring.owner_for(channel)
+        if owner is None:
+            log.warning("no owner for %s in ring v%s; will subscribe on the next ring", channel, self.follower.ring.version)
+            return
+        self.subscribed_at[channel] = owner
+        self.pending_unsub.get(owner, set()).discard(channel)
+        self.pending_sub.setdefault(owner, set()).add(channel)
+        self.schedule_flush(owner)
+
+    def schedule_flush(self, owner: str) -> None:
+        if owner not in self.flushing:
+            self.flushing.add(owner)
+            self.spawn(self.flush(owner))
+
+    async def flush(self, owner: str) -> None:
+        """Send the batched sub/unsub for one channel server."""
+        try:
+            await asyncio.sleep(0)  # let this loop iteration's burst join the batch
+            link = self.link_to(owner)
+            while self.pending_sub.get(owner) or self.pending_unsub.get(owner):
+                unsubs = self.pending_unsub.pop(owner, set())
+                subs = self.pending_sub.pop(owner, set())
+                if unsubs:
+                    try:
+                        await link.request({"op": "unsub", "gw": self.instance_id, "chans": sorted(unsubs)}, SUBSCRIBE_TIMEOUT_S)
+                    except (ConnectionLost, RequestTimeout, PeerError) as exc:
+                        log.debug("unsub at %s failed: %s (it forgets us when we disconnect)", owner, exc)
+                if subs:
+                    await self.subscribe_at(owner, link, sorted(subs))
+        finally:
+            self.flushing.discard(owner)
+
+    async def subscribe_at(self, owner: str, link: PeerLink | PeerConnection, channels: list[str]) -> None:
+        chans = [[ch, self.state.cursor.get(ch, -1)] for ch in channels if self.subscribed_at.get(ch) == owner]
+        if not chans:
+            return
+        try:
+            reply = await link.request({"op": "sub", "gw": self.instance_id, "chans": chans}, SUBSCRIBE_TIMEOUT_S)
+        except (ConnectionLost, RequestTimeout) as exc:
+            # The link's on_connected resubscribes everything we hold there.
+            log.info("sub at %s failed (%s); the link resubscribes on reconnect", owner, exc)
+            return
+        except NotOwner:
+            await self.reroute([c for c, _ in chans])
+            return
+        for channel, last_seq in dict(reply.get("last", {})).items():
+            fetch = self.state.expect(channel, int(last_seq))
+            if fetch is not None:
+                self.spawn(self.fetch_history(fetch))
+        refused = list(reply.get("not_owner", []))
+        if refused:
+            await self.reroute(refused)
+
+    async def reroute(self, channels: list[str]) -> None:
+        """Channels a server refused or moved: read the ring again and subscribe at the owners."""
+        try:
+            await self.follower.refresh()
+        except Exception as exc:
+            log.warning("ring refresh failed: %s", exc)
+        await asyncio.sleep(FETCH_RETRY_DELAY_S)  # the new owner may not have seen the ring yet
+        for channel in channels:
+            if channel in self.state.channels:
+                self.resubscribes.inc()
+                self.queue_sub(channel)
+
+    async def fetch_history(self, fetch: Fetch) -> None:
+        """Fill a gap (or catch one session up) from the webapp's history, in order."""
+        self.gap_fills.labels("session" if fetch.session else "gap").inc()
+        events: list[tuple[int, bytes]] = []
+        after = fetch.after_seq
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                reply = await self.webapp.call(
+                    "/internal/history", {"channel": fetch.channel, "after_seq": after, "limit": HISTORY_PAGE_EVENTS}
+                )
+            except Exception as exc:
+                log.warning("history of %s after %s failed (attempt %d): %s", fetch.channel, after, attempt + 1, exc)
+                await asyncio.sleep(FETCH_RETRY_DELAY_S)
+                continue
+            for event in reply["events"]:
+                seq = int(event["seq"])
+                if fetch.upto_seq is not None and seq > fetch.upto_seq:
+                    break
+                events.append((seq, str(event["json"]).encode()))
+                self.apply_ctl(fetch.channel, event.get("ctl"))
+                after = seq
+            done = not reply.get("has_more") or (fetch.upto_seq is not None and after >= fetch.upto_seq)
+            if done:
+                break
+        else:
+            self.metrics.error("history_fetch_failed")
+        if fetch.session is not None:
+            self.state.fill_session(fetch.session, fetch.channel, events)
+            return
+        before = self.state.stats.delivered
+        again = self.state.fill(fetch.channel, events)
+        self.deliveries.inc(self.state.stats.delivered - before)
+        if again is not None:
+            self.spawn(self.fetch_history(again))
+
+    def apply_ctl(self, channel: str, ctl: Any) -> None:
+        if not isinstance(ctl, dict):
+            return
+        if "join" in ctl:
+            self.apply(self.state.join(channel, str(ctl["join"]), int(ctl.get("since", 0))))
+        if "leave" in ctl:
+            self.apply(self.state.leave(channel, str(ctl["leave"])))
+
+    # -- channel servers ------------------------------------------------------------------------------
+    def link_to(self, owner: str) -> PeerLink:
+        link = self.links.get(owner)
+        if link is None:
+
+            async def resubscribe(conn: PeerConnection) -> None:
+                held = [ch for ch, at in self.subscribed_at.items() if at == owner]
+                if held:
+                    self.resubscribes.inc(len(held))
+                    self.spawn(self.subscribe_at(owner, conn, held))
+
+            link = PeerLink(
+                f"{self.instance_id}->{owner}",
+                address=lambda: self.channel_servers.address(owner),
+                factory=lambda: PeerConnection(name=f"{self.instance_id}->{owner}", on_push=self.on_push),
+                on_connected=resubscribe,
+            )
+            link.start()
+            self.links[owner] = link
+        return link
+
+    def on_push(self, conn: PeerConnection, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "ev":
+            channel = msg["ch"]
+            seq = msg.get("seq")
+            before = self.state.stats.delivered
+            fetch = self.state.deliver(channel, seq, msg["json"])
+            delivered = self.state.stats.delivered - before
+            if delivered:
+                self.deliveries.inc(delivered)
+            self.events_in.labels("transient" if seq is None else "persisted").inc()
+            self.latency.observe(max(0.0, time.time() - float(msg.get("t0", 0.0))))
+            if fetch is not None:
+                self.spawn(self.fetch_history(fetch))
+            ctl = msg.get("ctl")
+            if ctl:
+                self.apply_ctl(channel, ctl)
+        elif op == "moved":
+            self.spawn(self.reroute([str(ch) for ch in msg.get("chans", [])]))
+
+    def on_instances(self, instances: dict[str, Instance]) -> None:
+        for gone in [owner for owner in self.links if owner not in instances]:
+            log.info("channel server %s left Consul's healthy set", gone)
+
+    def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
+        moved = [ch for ch in self.state.channels if self.subscribed_at.get(ch) != self.follower.ring.owner_for(ch)]
+        for channel in moved:
+            self.resubscribes.inc()
+            self.queue_sub(channel)
+
+
+def load_secret(args: Any) -> str:
+    if args.secret:
+        return str(args.secret)
+    path = Path(args.data_dir) / "secret"
+    if path.exists():
+        return path.read_text().strip()
+    raise SystemExit("the gateway needs --secret (or RTM_SECRET, or DATA_DIR/secret) shared with the webapp")
+
+
+def build_parser() -> Parser:
+    parser = service_parser("rtm gateway", "Run one Gateway Server.", DEFAULT_PORT)
+    parser.add("--region", "us-east", "region tag of this gateway")
+    parser.add("--secret", "", "secret shared with the webapp (tickets, internal endpoints)")
+    parser.add("--data-dir", "./.rtm", "where to find the shared secret when --secret is not given")
+    parser.add("--webapp-url", "", "webapp base URL (default: discovered in Consul)")
+    parser.add("--max-client-frame-bytes", MAX_CLIENT_FRAME_BYTES, "largest websocket frame a client may send")
+    parser.add("--max-client-buffer-bytes", MAX_CLIENT_BUFFER_BYTES, "unsent bytes per client before it is cut off")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.instance_id = instance_id("gw", args.instance_id)
+    args.secret = load_secret(args)
+    logs.configure(args.instance_id, args.log_level)
+
+    async def start() -> tuple[dict[str, Any], StopFn]:
+        gateway = Gateway(args)
+        info = await gateway.start()
+        return info, gateway.stop
+
+    return run_service(start)

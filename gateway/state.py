@@ -1,0 +1,253 @@
+"""A gateway's in-memory model, sans I/O: which local sockets watch which channels,
+and how far each channel's event stream has been delivered.
+
+Commands in (attach a session, an event arrived, a session left), effects out
+(channels to subscribe at or unsubscribe from their Channel Servers, history
+to fetch). Delivery writes pre-encoded websocket frames through each
+session's ``write`` callable; nothing here awaits.
+
+Ordering and no loss, per channel:
+
+* ``cursor[ch]`` is the highest seq delivered to this gateway's sockets.
+  An event with seq <= cursor is a duplicate and is dropped; seq ==
+  cursor + 1 is delivered; a larger seq opens a *gap*: the event and every
+  later one are held in ``gaps[ch]`` while the history in between is fetched
+  (:class:`Effects.fetch`), then delivered in order by :meth:`fill`.
+* A session that attaches to a channel already flowing here starts at *its*
+  bootstrap seq ``b``: if the gateway is ahead (b < cursor), the session is
+  held for that channel and a per-session fetch of (b, cursor] is issued; if
+  the gateway is behind (b > cursor), the session gets a *floor* and skips
+  events up to b, which it saw in its bootstrap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from websockets.frames import Frame, Opcode
+
+WriteFn = Callable[[bytes], bool]  # returns False when the socket is gone or too slow
+LIVE_ONLY = -1
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked websocket text frame carrying ``payload``: identical for every client."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+@dataclass(eq=False)
+class Session:
+    """One client websocket."""
+
+    sid: int
+    user: str
+    team: str
+    write: WriteFn
+    channels: set[str] = field(default_factory=set)
+    floor: dict[str, int] = field(default_factory=dict)  # channel -> skip seqs <= this
+    hold: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)  # channel -> held frames
+
+
+@dataclass
+class Fetch:
+    """Fetch history of ``channel`` with after_seq < seq <= upto_seq (None: up to the newest)."""
+
+    channel: str
+    after_seq: int
+    upto_seq: int | None
+    session: Session | None = None  # None: for the whole gateway (a gap)
+
+
+@dataclass
+class Effects:
+    subscribe: list[tuple[str, int]] = field(default_factory=list)  # (channel, since_seq)
+    unsubscribe: list[str] = field(default_factory=list)
+    fetch: list[Fetch] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.subscribe or self.unsubscribe or self.fetch)
+
+
+@dataclass
+class DeliveryStats:
+    delivered: int = 0  # socket writes
+    duplicates: int = 0
+    gaps: int = 0
+    dropped_sessions: int = 0
+
+
+class GatewayState:
+    def __init__(self) -> None:
+        self.sessions: dict[int, Session] = {}
+        self.channels: dict[str, set[Session]] = {}
+        self.users: dict[str, set[Session]] = {}
+        self.cursor: dict[str, int] = {}
+        self.gaps: dict[str, list[tuple[int, bytes]]] = {}
+        self.stats = DeliveryStats()
+
+    # -- sessions -----------------------------------------------------------------
+    def attach(self, session: Session, channels: list[tuple[str, int]]) -> Effects:
+        """Add a session watching ``channels`` [(channel, bootstrap_seq)]."""
+        self.sessions[session.sid] = session
+        self.users.setdefault(session.user, set()).add(session)
+        effects = Effects()
+        for channel, seq in channels:
+            self._join(session, channel, seq, effects)
+        return effects
+
+    def join(self, user: str, channel: str, seq: int) -> Effects:
+        """``user`` joined ``channel`` (whose seq was ``seq`` then): every local session of theirs follows it."""
+        effects = Effects()
+        for session in self.users.get(user, ()):
+            self._join(session, channel, seq, effects)
+        return effects
+
+    def leave(self, user: str, channel: str) -> Effects:
+        effects = Effects()
+        for session in list(self.users.get(user, ())):
+            self._leave(session, channel, effects)
+        return effects
+
+    def detach(self, session: Session) -> Effects:
+        effects = Effects()
+        if self.sessions.pop(session.sid, None) is None:
+            return effects
+        for channel in list(session.channels):
+            self._leave(session, channel, effects)
+        users = self.users.get(session.user)
+        if users is not None:
+            users.discard(session)
+            if not users:
+                del self.users[session.user]
+        return effects
+
+    def _join(self, session: Session, channel: str, seq: int, effects: Effects) -> None:
+        if channel in session.channels:
+            return
+        session.channels.add(channel)
+        watchers = self.channels.get(channel)
+        if watchers is None:
+            self.channels[channel] = {session}
+            self.cursor[channel] = seq
+            effects.subscribe.append((channel, seq))
+            return
+        watchers.add(session)
+        cursor = self.cursor.get(channel, LIVE_ONLY)
+        if seq < cursor:
+            session.hold[channel] = []
+            effects.fetch.append(Fetch(channel, seq, cursor, session))
+        elif seq > cursor:
+            session.floor[channel] = seq
+
+    def _leave(self, session: Session, channel: str, effects: Effects) -> None:
+        session.channels.discard(channel)
+        session.floor.pop(channel, None)
+        session.hold.pop(channel, None)
+        watchers = self.channels.get(channel)
+        if watchers is None:
+            return
+        watchers.discard(session)
+        if not watchers:
+            del self.channels[channel]
+            self.cursor.pop(channel, None)
+            self.gaps.pop(channel, None)
+            effects.unsubscribe.append(channel)
+
+    # -- events ----------------------------------------------------------------------
+    def deliver(self, channel: str, seq: int | None, payload: bytes) -> Fetch | None:
+        """An event arrived from a Channel Server. Returns a gap fetch when one opens."""
+        watchers = self.channels.get(channel)
+        if watchers is None:
+            return None
+        if seq is None:  # transient: no ordering, no history
+            self._write_all(watchers, channel, None, text_frame(payload))
+            return None
+        held = self.gaps.get(channel)
+        if held is not None:
+            held.append((seq, payload))
+            return None
+        cursor = self.cursor.get(channel, LIVE_ONLY)
+        if cursor != LIVE_ONLY and seq <= cursor:
+            self.stats.duplicates += 1
+            return None
+        if cursor != LIVE_ONLY and seq > cursor + 1:
+            self.stats.gaps += 1
+            self.gaps[channel] = [(seq, payload)]
+            return Fetch(channel, cursor, seq - 1)
+        self.cursor[channel] = seq
+        self._write_all(watchers, channel, seq, text_frame(payload))
+        return None
+
+    def expect(self, channel: str, last_seq: int) -> Fetch | None:
+        """A Channel Server says ``channel`` reached ``last_seq``: open a gap if we are behind."""
+        cursor = self.cursor.get(channel)
+        if cursor is None or cursor == LIVE_ONLY or channel in self.gaps or last_seq <= cursor:
+            return None
+        self.stats.gaps += 1
+        self.gaps[channel] = []
+        return Fetch(channel, cursor, last_seq)
+
+    def fill(self, channel: str, events: list[tuple[int, bytes]]) -> Fetch | None:
+        """History for a gap arrived: deliver it and everything held behind it, in order.
+
+        Returns a new fetch if the history did not close the gap.
+        """
+        held = self.gaps.pop(channel, None)
+        if held is None or channel not in self.channels:
+            return None
+        pending = sorted({seq: payload for seq, payload in (events + held)}.items())
+        for index, (seq, payload) in enumerate(pending):
+            fetch = self.deliver(channel, seq, payload)
+            if fetch is not None:  # still a hole: hold the rest again
+                self.gaps[channel].extend(pending[index + 1 :])
+                return fetch
+        return None
+
+    def fill_session(self, session: Session, channel: str, events: list[tuple[int, bytes]]) -> None:
+        """A session's catch-up history arrived: send it, then what was held meanwhile."""
+        held = session.hold.pop(channel, None)
+        if held is None or session.sid not in self.sessions:
+            return
+        sent = set()
+        for seq, payload in sorted(events + held):
+            if seq in sent:
+                continue
+            sent.add(seq)
+            if not session.write(text_frame(payload)):
+                return
+            self.stats.delivered += 1
+
+    def _write_all(self, watchers: set[Session], channel: str, seq: int | None, frame: bytes) -> None:
+        failed: list[Session] | None = None
+        delivered = 0
+        for session in watchers:
+            if session.floor or session.hold:
+                if seq is not None:
+                    held = session.hold.get(channel)
+                    if held is not None:
+                        held.append((seq, _payload_of(frame)))
+                        continue
+                    floor = session.floor.get(channel)
+                    if floor is not None:
+                        if seq <= floor:
+                            continue
+                        del session.floor[channel]
+            if session.write(frame):
+                delivered += 1
+            else:
+                failed = failed or []
+                failed.append(session)
+        self.stats.delivered += delivered
+        if failed:
+            self.stats.dropped_sessions += len(failed)
+
+
+def _payload_of(frame: bytes) -> bytes:
+    """The payload of an unmasked frame built by :func:`text_frame`."""
+    length = frame[1] & 0x7F
+    if length < 126:
+        return frame[2:]
+    if length == 126:
+        return frame[4:]
+    return frame[10:]

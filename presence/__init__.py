@@ -1,0 +1,1 @@
+"""Presence servers (built in the presence issue)."""

@@ -1,0 +1,1 @@
+"""rtm's shared library: wire protocol, ring, discovery, config, metrics, process lifecycle, CLI."""

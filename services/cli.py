@@ -1,0 +1,46 @@
+"""The ``rtm`` command: every process of the fleet, ``rtm up``, and a small client.
+
+Each subcommand hands its remaining arguments to the module that owns it, so
+``rtm channel-server --help`` shows that process's own flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("services.fleet", "start the whole fleet on this machine and supervise it"),
+    "consul-dev": ("services.consul_dev.app", "the embedded dev Consul agent"),
+    "webapp": ("webapp_stub.app", "the webapp (Slack Web API, SQLite)"),
+    "admin-server": ("admin_server.app", "one Admin Server"),
+    "channel-server": ("channel_server.app", "one Channel Server"),
+    "gateway": ("gateway.app", "one Gateway Server"),
+    "seed": ("webapp_stub.seed", "create the demo team in a data directory"),
+    "tail": ("services.demo_client", "connect as a seeded user and print events as they arrive"),
+    "post": ("services.demo_client", "post a message as a seeded user"),
+    "status": ("services.fleet_status", "print the fleet: instances, health, ring"),
+}
+
+USAGE = "usage: rtm COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(
+    f"  {name:<15} {summary}" for name, (_, summary) in COMMANDS.items()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"rtm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    if command in ("tail", "post"):
+        return int(module.main([command, *rest]))
+    return int(module.main(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Configuration from flags and ``RTM_*`` environment variables.
+
+Every flag ``--some-thing`` also reads ``RTM_SOME_THING`` when the flag is not
+given; the flag wins. Consul's address follows Consul's own convention too:
+``--consul`` falls back to ``RTM_CONSUL`` and then ``CONSUL_HTTP_ADDR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
+# How often a registered process tells Consul it is alive, and how long
+# Consul waits before it marks the process critical.
+DEFAULT_TTL_S = 3.0
+DEFAULT_DEREGISTER_AFTER_S = 60.0
+
+
+def env_name(flag: str) -> str:
+    return "RTM_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def env_default(flag: str, default: Any) -> Any:
+    """The value of ``RTM_<FLAG>`` converted like ``default``, else ``default``."""
+    raw = os.environ.get(env_name(flag))
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse where ``add(flag, default, help)`` wires the RTM_* fallback."""
+
+    def add(self, flag: str, default: Any, help: str, **kwargs: Any) -> None:
+        value = env_default(flag, default)
+        if isinstance(default, bool):
+            self.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help, **kwargs)
+            return
+        kind = type(default) if default is not None else str
+        self.add_argument(flag, type=kind, default=value, help=f"{help} (env {env_name(flag)})", **kwargs)
+
+
+def consul_default() -> str:
+    return os.environ.get("RTM_CONSUL") or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_CONSUL_ADDR
+
+
+def service_parser(prog: str, description: str, default_port: int) -> Parser:
+    """The flags every fleet process shares."""
+    parser = Parser(prog=prog, description=description)
+    parser.add("--host", DEFAULT_HOST, "address to bind")
+    parser.add("--advertise-host", "", "address registered in Consul (default: --host)")
+    parser.add("--port", default_port, "port to serve on (0: any free port)")
+    parser.add("--metrics-port", 0, "port for /metrics and /healthz (0: any free port)")
+    parser.add("--instance-id", "", "unique instance id (default: generated)")
+    parser.add_argument("--consul", default=consul_default(), help="Consul HTTP address host:port (env RTM_CONSUL or CONSUL_HTTP_ADDR)")
+    parser.add("--ttl-s", DEFAULT_TTL_S, "Consul TTL check period in seconds")
+    parser.add("--log-level", "INFO", "log level")
+    return parser
+
+
+def instance_id(prefix: str, given: str) -> str:
+    return given or f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def split_host_port(addr: str, default_port: int = 8500) -> tuple[str, int]:
+    addr = addr.removeprefix("http://").removeprefix("https://").rstrip("/")
+    host, _, port = addr.rpartition(":")
+    if not host:
+        return addr, default_port
+    return host, int(port)
+
+
+def advertised(host: str, advertise_host: str) -> str:
+    """The address other processes should dial: explicit, else the bind address, else our hostname."""
+    if advertise_host:
+        return advertise_host
+    if host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return host

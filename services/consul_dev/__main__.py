@@ -1,0 +1,3 @@
+from services.consul_dev.app import main
+
+raise SystemExit(main())

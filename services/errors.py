@@ -1,0 +1,111 @@
+"""Every error type rtm raises, and the codes it puts on the wire.
+
+Class tree::
+
+    RtmError
+    ├── ProtocolError            a peer broke the msgpack framing
+    │   ├── FrameTooLarge        declared length above the frame limit
+    │   └── MalformedFrame       not msgpack, or not a map with an ``op``
+    ├── ConnectionLost           the TCP connection closed under a request
+    ├── RequestTimeout           no reply within the request's deadline
+    ├── SendBufferFull           the bounded send buffer overflowed (slow peer)
+    ├── PeerError                the peer answered a request with an error code
+    │   └── NotOwner             a channel server does not own the channel
+    └── NoOwner                  the ring has no live owner for a channel
+
+Error codes (``ErrorCode``) travel in ``{"op": "err", "code": ...}`` replies;
+websocket close codes (``CloseCode``) tell a client why it was disconnected.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+
+class ErrorCode:
+    """Codes carried by msgpack error replies."""
+
+    NOT_OWNER = "not_owner"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    NO_OWNER = "no_owner"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class CloseCode(IntEnum):
+    """Websocket close codes the gateway uses (RFC 6455 plus the 4000 private range)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # gateway shutting down: reconnect through rtm.connect
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003  # binary frame or non-JSON text
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    INVALID_TICKET = 4001  # missing, forged, expired or reused ticket: do not retry the URL
+    BOOTSTRAP_FAILED = 4002  # the webapp could not be reached for the user's channels
+    SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect and catch up
+
+
+class RtmError(Exception):
+    """Base class of every rtm error."""
+
+
+class ProtocolError(RtmError):
+    """A peer broke the wire protocol; the connection is closed."""
+
+
+class FrameTooLarge(ProtocolError):
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"frame of {length} bytes exceeds the limit of {limit} bytes")
+        self.length = length
+        self.limit = limit
+
+
+class MalformedFrame(ProtocolError):
+    pass
+
+
+class ConnectionLost(RtmError):
+    pass
+
+
+class RequestTimeout(RtmError):
+    pass
+
+
+class SendBufferFull(RtmError):
+    def __init__(self, pending_bytes: int, limit_bytes: int) -> None:
+        super().__init__(f"send buffer holds {pending_bytes} bytes, limit {limit_bytes}")
+        self.pending_bytes = pending_bytes
+        self.limit_bytes = limit_bytes
+
+
+class PeerError(RtmError):
+    """An ``err`` reply: ``code`` is one of :class:`ErrorCode`, ``reply`` the whole map."""
+
+    def __init__(self, code: str, reply: dict[str, Any]) -> None:
+        super().__init__(f"{code}: {reply.get('detail', '')}".rstrip(": "))
+        self.code = code
+        self.reply = reply
+
+
+class NotOwner(PeerError):
+    """The channel server does not own the channel in ring ``version``."""
+
+    @property
+    def version(self) -> int:
+        return int(self.reply.get("version", 0))
+
+
+class NoOwner(RtmError):
+    """The ring maps the channel to a slot with no live instance."""
+
+
+def error_from_reply(reply: dict[str, Any]) -> PeerError:
+    code = str(reply.get("code", ErrorCode.INTERNAL))
+    if code == ErrorCode.NOT_OWNER:
+        return NotOwner(code, reply)
+    return PeerError(code, reply)

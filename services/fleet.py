@@ -1,0 +1,295 @@
+"""``rtm up``: the whole fleet on one machine, as separate processes, supervised.
+
+Start order: dev Consul (unless ``--consul`` points at a real one), the ring
+document, channel servers, admin servers, the webapp, gateways. Each process
+is started with :func:`services.launcher.start` and counts as up once it has
+printed its ready line (it is registered in Consul and serving by then).
+
+Once everything is up, ``DATA_DIR/fleet.json`` lists every process (service,
+instance id, address, port, metrics port, pid) and the webapp and Consul URLs;
+``DATA_DIR/seed.json`` lists the demo users (with tokens) and channels. A
+crashed child is reported and restarted with the same arguments (so it keeps
+its instance id and its ring slot). Ctrl-C or SIGTERM stops everything,
+gateways first, Consul last.
+
+Every port derives from ``--port-base`` (see :func:`plan`), so two fleets run
+side by side with different bases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.config import Parser, consul_default, split_host_port
+from services.launcher import LaunchError, RunningProcess, rtm_argv, start
+from services.process import announce_ready
+from services.ring import CHANNEL_RING_KEY, RingDocument
+
+DEFAULT_PORT_BASE = 7400
+SUPERVISE_INTERVAL_S = 0.5
+RESTART_BACKOFF_S = 1.0
+MAX_RESTARTS_PER_MINUTE = 5
+SEED_USERS = 5
+SEED_CHANNELS = 2
+SEED_BOTS = 1
+
+
+@dataclass
+class ProcessSpec:
+    """How to start one fleet process (kept to restart it the same way)."""
+
+    name: str
+    service: str
+    argv: list[str]
+    port: int
+    restarts: list[float] = field(default_factory=list)
+
+
+def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[ProcessSpec]:
+    """The processes of the fleet with their ports: base+0 Consul, +1 webapp,
+    +10.. admin servers, +20.. channel servers, +40.. gateways; each
+    process's metrics port is its port + 100."""
+    base = args.port_base
+    host = args.host
+    common = ["--host", host, "--consul", consul_addr]
+    specs: list[ProcessSpec] = []
+    for i in range(args.channel_servers):
+        port = base + 20 + i
+        iid = f"cs-{i}-{uuid.uuid4().hex[:6]}"
+        specs.append(ProcessSpec(iid, "channel-server", rtm_argv(
+            "channel-server", *common, "--port", str(port), "--metrics-port", str(port + 100),
+            "--instance-id", iid, "--history-events", str(args.history_events)), port))
+    for i in range(args.admin_servers):
+        port = base + 10 + i
+        iid = f"as-{i}"
+        specs.append(ProcessSpec(iid, "admin-server", rtm_argv(
+            "admin-server", *common, "--port", str(port), "--metrics-port", str(port + 100), "--instance-id", iid), port))
+    port = base + 1
+    specs.append(ProcessSpec("webapp", "webapp", rtm_argv(
+        "webapp", *common, "--port", str(port), "--instance-id", "webapp-0", "--data-dir", str(data_dir)), port))
+    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    n = 0
+    for region in regions:
+        for j in range(args.gateways_per_region):
+            port = base + 40 + n
+            iid = f"gw-{region}-{j}"
+            specs.append(ProcessSpec(iid, "gateway", rtm_argv(
+                "gateway", *common, "--port", str(port), "--metrics-port", str(port + 100),
+                "--instance-id", iid, "--region", region, "--data-dir", str(data_dir)), port))
+            n += 1
+    return specs
+
+
+def ensure_secret(data_dir: Path) -> str:
+    path = data_dir / "secret"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def write_ring(consul_addr: str, cs_ids: list[str]) -> RingDocument:
+    """Until CHARM runs the ring, ``rtm up`` writes it: slot cs-i -> the i-th channel server."""
+    import consul
+
+    host, port = split_host_port(consul_addr)
+    client = consul.Consul(host=host, port=port)
+    _, current = client.kv.get(CHANNEL_RING_KEY)
+    old = RingDocument.from_json(current["Value"] if current else None)
+    doc = RingDocument(version=old.version + 1, slots={f"cs-{i}": iid for i, iid in enumerate(cs_ids)})
+    client.kv.put(CHANNEL_RING_KEY, doc.to_json().decode())
+    return doc
+
+
+class Fleet:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data_dir = Path(args.data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.running: dict[str, RunningProcess] = {}
+        self.specs: dict[str, ProcessSpec] = {}
+        self.consul_addr = args.consul or f"{args.host}:{args.port_base}"
+        self.stopping = threading.Event()
+        self.echo = sys.stdout if args.verbose else None
+
+    def launch(self, spec: ProcessSpec) -> RunningProcess:
+        proc = start(spec.name, spec.argv, env=self.env, echo=self.echo, ready_timeout_s=self.args.ready_timeout_s)
+        self.running[spec.name] = proc
+        return proc
+
+    def up(self) -> None:
+        self.env = {"RTM_SECRET": ensure_secret(self.data_dir)}
+        if not self.args.consul:
+            host, port = split_host_port(self.consul_addr)
+            spec = ProcessSpec("consul-dev", "consul-dev", rtm_argv("consul-dev", "--host", host, "--port", str(port)), port)
+            self.specs[spec.name] = spec
+            self.launch(spec)
+        self.seed = self.ensure_seed()
+        specs = plan(self.args, self.data_dir, self.consul_addr)
+        for spec in specs:
+            self.specs[spec.name] = spec
+        write_ring(self.consul_addr, [s.name for s in specs if s.service == "channel-server"])
+        order = ["channel-server", "admin-server", "webapp", "gateway"]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for service in order:
+                group = [s for s in specs if s.service == service]
+                list(pool.map(self.launch, group))
+        self.write_fleet_json()
+
+    def ensure_seed(self) -> dict[str, Any]:
+        path = self.data_dir / "seed.json"
+        if path.exists():
+            return dict(json.loads(path.read_text()))
+        from webapp_stub.seed import seed_demo
+
+        seed = seed_demo(self.data_dir / "webapp.db", users=self.args.seed_users, channels=SEED_CHANNELS, bots=SEED_BOTS)
+        path.write_text(json.dumps(seed, indent=2))
+        return seed
+
+    def fleet_info(self) -> dict[str, Any]:
+        processes = []
+        for name, proc in self.running.items():
+            ready = proc.ready
+            processes.append({
+                "name": name,
+                "service": ready.get("service", self.specs[name].service),
+                "id": ready.get("id", name),
+                "host": ready.get("host"),
+                "port": ready.get("port"),
+                "metrics_port": ready.get("metrics_port", ready.get("port")),
+                "pid": proc.pid,
+                **({"region": ready["region"]} if "region" in ready else {}),
+            })
+        webapp = next(p for p in processes if p["service"] == "webapp")
+        return {
+            "webapp_url": f"http://{webapp['host']}:{webapp['port']}",
+            "api_url": f"http://{webapp['host']}:{webapp['port']}/api/",
+            "consul_url": f"http://{self.consul_addr}",
+            "data_dir": str(self.data_dir),
+            "supervisor_pid": os.getpid(),
+            "processes": processes,
+        }
+
+    def write_fleet_json(self) -> None:
+        path = self.data_dir / "fleet.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.fleet_info(), indent=2))
+        tmp.replace(path)
+
+    def print_ready(self) -> None:
+        info = self.fleet_info()
+        print(f"\nrtm fleet is up ({len(info['processes'])} processes). Data: {self.data_dir}\n")
+        print(f"  {'service':<15} {'instance':<22} {'address':<22} {'metrics':<8} pid")
+        for p in sorted(info["processes"], key=lambda p: (p["service"], p["id"])):
+            print(f"  {p['service']:<15} {p['id']:<22} {p['host']}:{p['port']:<12} {p['metrics_port']!s:<8} {p['pid']}")
+        users = self.seed.get("users", [])
+        alice = users[0] if users else {"name": "alice", "token": "?"}
+        general = next((c for c in self.seed.get("channels", []) if c["name"] == "general"), {"id": "C?"})
+        dd = "" if self.args.data_dir == "./.rtm" else f" --data-dir {self.args.data_dir}"
+        print(f"""
+  Web API:  {info['api_url']}
+  Consul:   {info['consul_url']}
+  Written:  {self.data_dir}/fleet.json, {self.data_dir}/seed.json
+
+Try it (in another terminal):
+  rtm tail bob{dd}                              # watch events arrive as bob
+  rtm post alice general "hello, fleet"{dd}     # post as alice
+  curl -s {info['api_url']}chat.postMessage -H 'Authorization: Bearer {alice['token']}' \\
+       -d channel={general['id']} -d text=hello
+Ctrl-C stops the fleet.""", flush=True)
+
+    def supervise(self) -> None:
+        while not self.stopping.wait(SUPERVISE_INTERVAL_S):
+            for name, proc in list(self.running.items()):
+                if proc.alive() or self.stopping.is_set():
+                    continue
+                spec = self.specs[name]
+                code = proc.popen.returncode
+                print(f"rtm up: {name} exited with {code}; last output:\n{proc.logs()[-2000:]}", file=sys.stderr, flush=True)
+                now = time.monotonic()
+                spec.restarts = [t for t in spec.restarts if now - t < 60] + [now]
+                if len(spec.restarts) > MAX_RESTARTS_PER_MINUTE:
+                    print(f"rtm up: {name} keeps crashing; not restarting it", file=sys.stderr, flush=True)
+                    del self.running[name]
+                    continue
+                if self.stopping.wait(RESTART_BACKOFF_S):
+                    return
+                try:
+                    self.launch(spec)
+                    print(f"rtm up: restarted {name} (pid {self.running[name].pid})", flush=True)
+                    self.write_fleet_json()
+                except LaunchError as exc:
+                    print(f"rtm up: restart of {name} failed: {exc}", file=sys.stderr, flush=True)
+
+    def down(self) -> None:
+        self.stopping.set()
+        order = ["gateway", "webapp", "admin-server", "channel-server", "consul-dev"]
+        for service in order:
+            group = [p for n, p in self.running.items() if self.specs[n].service == service]
+            threads = [threading.Thread(target=p.stop) for p in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        self.running.clear()
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="rtm up", description="Start the whole fleet on this machine.")
+    parser.add("--data-dir", "./.rtm", "database, secret, fleet.json and seed.json")
+    parser.add("--port-base", DEFAULT_PORT_BASE, "every port derives from this")
+    parser.add("--host", "127.0.0.1", "address every process binds and registers")
+    parser.add_argument("--consul", default=os.environ.get("RTM_CONSUL", ""),
+                        help="use this Consul (host:port) instead of starting the dev agent")
+    parser.add("--admin-servers", 2, "admin servers")
+    parser.add("--channel-servers", 3, "active channel servers")
+    parser.add("--regions", "us-east,eu-west", "gateway regions, comma-separated")
+    parser.add("--gateways-per-region", 1, "gateways in each region")
+    parser.add("--history-events", 100, "events of history per channel on channel servers")
+    parser.add("--seed-users", SEED_USERS, "users in the demo team created on first start")
+    parser.add("--ready-timeout-s", 30.0, "seconds each process may take to become ready")
+    parser.add("--verbose", False, "copy every process's log lines to this terminal")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fleet = Fleet(args)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        fleet.stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        fleet.up()
+    except (LaunchError, OSError) as exc:
+        print(f"rtm up: failed to start the fleet: {exc}", file=sys.stderr)
+        fleet.down()
+        return 1
+    fleet.print_ready()
+    if not sys.stdout.isatty():  # the machine-readable line, for scripts and tests
+        announce_ready({"service": "fleet", "id": "rtm-up", **fleet.fleet_info()})
+    try:
+        fleet.supervise()
+    finally:
+        print("\nrtm up: stopping the fleet...", flush=True)
+        fleet.down()
+        print("rtm up: stopped.", flush=True)
+    return 0
+
+
+# consul_default is re-exported for `rtm status`, which looks Consul up the same way.
+__all__ = ["Fleet", "main", "plan", "consul_default"]

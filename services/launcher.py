@@ -1,0 +1,150 @@
+"""Start rtm processes as real OS processes and wait for their ready line.
+
+Every rtm process prints exactly one line ``RTM-READY {json}`` on stdout once
+it is registered and serving (see :func:`services.process.announce_ready`).
+The JSON carries at least ``service``, ``id``, ``host`` and ``port``. The
+launcher reads stdout until that line appears (or the deadline passes, or the
+process exits) and then keeps draining the pipe in a thread so the child never
+blocks on a full pipe.
+
+Used by ``rtm up`` (the supervisor) and by the integration tests, so both start
+processes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+READY_PREFIX = "RTM-READY "
+READY_TIMEOUT_S = 20.0
+STOP_GRACE_S = 8.0
+LOG_TAIL_LINES = 200
+
+
+class LaunchError(RuntimeError):
+    """A process exited or stayed silent before printing its ready line."""
+
+
+@dataclass
+class RunningProcess:
+    """A started child process and what its ready line said."""
+
+    name: str
+    argv: list[str]
+    popen: subprocess.Popen[str]
+    ready: dict[str, Any] = field(default_factory=dict)
+    log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL_LINES))
+    _pump: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the process (for failure tests and ``rtm kill``)."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(timeout=STOP_GRACE_S)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL. Returns the exit code."""
+        if self.alive():
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+                return self.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait(timeout=grace_s)
+
+    def logs(self) -> str:
+        return "".join(self.log_tail)
+
+
+def rtm_argv(*args: str) -> list[str]:
+    """The argv that runs ``rtm ARGS`` with this interpreter (no PATH lookup)."""
+    return [sys.executable, "-m", "services.cli", *args]
+
+
+def _pump_lines(stream: IO[str], proc: RunningProcess, echo: IO[str] | None) -> None:
+    for line in stream:
+        proc.log_tail.append(line)
+        if echo is not None:
+            try:
+                echo.write(f"[{proc.name}] {line}")
+                echo.flush()
+            except ValueError:  # echo closed during shutdown
+                return
+
+
+def start(
+    name: str,
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    echo: IO[str] | None = None,
+    cwd: str | None = None,
+) -> RunningProcess:
+    """Start ``argv`` and block until its ready line; raise :class:`LaunchError` if none.
+
+    stderr is merged into stdout. With ``echo`` set, every output line after
+    the ready line is copied there, prefixed with ``[name]``.
+    """
+    child_env = dict(os.environ)
+    child_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        child_env.update(env)
+    popen = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        env=child_env,
+        cwd=cwd,
+        start_new_session=True,  # Ctrl-C at a terminal reaches the supervisor only
+    )
+    proc = RunningProcess(name=name, argv=argv, popen=popen)
+    assert popen.stdout is not None
+    ready_box: list[dict[str, Any]] = []
+    got_ready = threading.Event()
+
+    def reader() -> None:
+        assert popen.stdout is not None
+        for line in popen.stdout:
+            proc.log_tail.append(line)
+            if line.startswith(READY_PREFIX) and not ready_box:
+                ready_box.append(json.loads(line[len(READY_PREFIX) :]))
+                got_ready.set()
+                break
+        else:
+            got_ready.set()  # EOF: the process exited
+            return
+        _pump_lines(popen.stdout, proc, echo)
+
+    thread = threading.Thread(target=reader, name=f"pump-{name}", daemon=True)
+    thread.start()
+    proc._pump = thread
+    deadline = time.monotonic() + ready_timeout_s
+    while not got_ready.wait(timeout=0.05):
+        if time.monotonic() > deadline:
+            proc.stop(grace_s=2.0)
+            raise LaunchError(f"{name}: no ready line within {ready_timeout_s}s\n{proc.logs()}")
+    if not ready_box:
+        popen.wait(timeout=STOP_GRACE_S)
+        raise LaunchError(f"{name}: exited with {popen.returncode} before ready\n{proc.logs()}")
+    proc.ready = ready_box[0]
+    return proc

@@ -1,0 +1,81 @@
+"""Process lifecycle shared by every rtm process.
+
+``run_service(start)`` installs uvloop when available, runs ``start()`` (an
+async function that starts serving and returns an async ``stop`` callable),
+prints the ready line, waits for SIGTERM or SIGINT, then calls ``stop``:
+deregister first, stop accepting, drain with a bound, close. A second signal
+while stopping exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.launcher import READY_PREFIX
+
+log = logging.getLogger("rtm.process")
+
+StopFn = Callable[[], Awaitable[None]]
+StartFn = Callable[[], Awaitable[tuple[dict[str, Any], StopFn]]]
+
+STOP_TIMEOUT_S = 10.0
+
+
+def announce_ready(info: dict[str, Any]) -> None:
+    """Print the one ready line that the launcher and ``rtm up`` wait for."""
+    sys.stdout.write(READY_PREFIX + json.dumps(info, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def install_event_loop_policy() -> str:
+    """Use uvloop when installed; return the loop's name for the logs."""
+    if os.environ.get("RTM_NO_UVLOOP"):
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def run_service(start: StartFn) -> int:
+    """Run one service until SIGTERM/SIGINT; return the process exit code."""
+    loop_name = install_event_loop_policy()
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        signals_seen = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                log.warning("second signal %s while stopping: exiting now", signum)
+                os._exit(1)
+            log.info("signal %s: stopping", signum)
+            stop_requested.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        info, stop = await start()
+        info.setdefault("loop", loop_name)
+        info.setdefault("pid", os.getpid())
+        announce_ready(info)
+        await stop_requested.wait()
+        try:
+            await asyncio.wait_for(stop(), timeout=STOP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.error("stop did not finish within %ss", STOP_TIMEOUT_S)
+            return 1
+        return 0
+
+    return asyncio.run(main())

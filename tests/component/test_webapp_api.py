@@ -1,0 +1,435 @@
+"""The webapp in-process on a real port, a tiny fake Admin Server over real msgpack sockets,
+and the official slack_sdk clients against it, unmodified.
+
+Discovery is the FixedDiscovery seam (fixed admin-server/gateway lists); the
+Consul registration path is covered at the end when the dev agent is present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from services import wire
+from services.connection import PeerConnection, serve
+from services.discovery import Instance
+from services.ticket import TicketVerifier
+from tests.support import async_wait_until, free_port
+from webapp_stub.app import FixedDiscovery, build_parser, start_webapp
+from webapp_stub.seed import seed_demo
+
+SECRET = "component-secret"
+
+
+class FakeAdminServer:
+    """Records every pub and answers ok; can be killed and restarted on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.pubs: list[dict[str, Any]] = []
+        self.conns: set[PeerConnection] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.hold = False  # record pubs but never answer them (a hung or dying AS)
+
+    @property
+    def instance(self) -> Instance:
+        return Instance(id="as-fake", service="admin-server", address="127.0.0.1", port=self.port)
+
+    def on_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | None:
+        if msg["op"] == "pub":
+            self.pubs.append(msg)
+            if self.hold:
+                return None
+        return wire.reply_ok(msg["id"])
+
+    def factory(self) -> PeerConnection:
+        conn = PeerConnection(name="fake-as", on_request=self.on_request, on_close=lambda c, _: self.conns.discard(c))
+        self.conns.add(conn)
+        return conn
+
+    async def start(self) -> None:
+        self.server = await serve("127.0.0.1", self.port, self.factory)
+
+    async def kill(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for conn in list(self.conns):
+            conn.abort()
+        await self.server.wait_closed()
+        self.server = None
+
+    def pubs_for(self, channel: str) -> list[dict[str, Any]]:
+        return [p for p in self.pubs if p["ch"] == channel]
+
+
+class Webapp:
+    def __init__(self, url: str, port: int, seed: dict[str, Any], discovery: FixedDiscovery, stop: Any) -> None:
+        self.url = url
+        self.port = port
+        self.seed = seed
+        self.discovery = discovery
+        self.stop = stop
+        self.session = aiohttp.ClientSession()
+
+    def user(self, name: str) -> dict[str, Any]:
+        return next(u for u in self.seed["users"] if u["name"] == name)
+
+    def channel(self, name: str) -> str:
+        return next(c["id"] for c in self.seed["channels"] if c["name"] == name)
+
+    async def call(self, method: str, token: str | None = None, *, json_body: Any = None, data: Any = None,
+                   params: Any = None, http: str = "POST", headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        async with self.session.request(http, f"{self.url}/api/{method}", json=json_body, data=data,
+                                        params=params, headers=hdrs) as resp:
+            return resp.status, await resp.json()
+
+    async def internal(self, path: str, body: Any, secret: str = SECRET) -> tuple[int, dict[str, Any]]:
+        async with self.session.post(f"{self.url}/internal/{path}", json=body, headers={"X-Rtm-Secret": secret}) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+GATEWAY = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
+
+
+async def start(tmp_path: Path, fake_as: FakeAdminServer, *extra: str) -> Webapp:
+    seed = seed_demo(str(tmp_path), users=5, channels=2, bots=1)
+    args = build_parser().parse_args(
+        ["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, "--instance-id", "webapp-test", *extra]
+    )
+    discovery = FixedDiscovery({"admin-server": [fake_as.instance], "gateway": [GATEWAY]})
+    info, stop = await start_webapp(args, discovery=discovery)
+    assert discovery.registered["webapp-test"]["meta"] == {"metrics_port": str(info["port"])}
+    return Webapp(info["url"], info["port"], seed, discovery, stop)
+
+
+@pytest.fixture
+async def fake_as() -> AsyncIterator[FakeAdminServer]:
+    server = FakeAdminServer()
+    await server.start()
+    yield server
+    if server.server is not None:
+        await server.kill()
+
+
+@pytest.fixture
+async def webapp(tmp_path: Path, fake_as: FakeAdminServer) -> AsyncIterator[Webapp]:
+    app = await start(tmp_path, fake_as)
+    yield app
+    await app.session.close()
+    await app.stop()
+
+
+async def test_post_reaches_admin_server_with_seq_and_exact_json(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    status, reply = await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": "hello"})
+    assert status == 200 and reply["ok"], reply
+    assert reply["channel"] == general and reply["message"]["text"] == "hello" and reply["ts"] == reply["message"]["ts"]
+
+    async def arrived() -> bool:
+        return bool(fake_as.pubs_for(general))
+
+    await async_wait_until(arrived, what="the pub at the fake AS")
+    pub = fake_as.pubs_for(general)[0]
+    assert pub["seq"] == 1 and pub["eid"] == f"{general}:1" and isinstance(pub["t0"], float) and "ctl" not in pub
+    event = json.loads(pub["json"])
+    assert event == {"type": "message", "channel": general, "user": alice["id"], "text": "hello",
+                     "ts": reply["ts"], "team": webapp.seed["team"]["id"], "event_ts": reply["ts"]}
+    # the bytes the AS got are exactly the stored JSON the gateways' history reads
+    _, history = await webapp.internal("history", {"channel": general, "after_seq": 0})
+    assert history["events"][0]["json"].encode() == pub["json"] and history["has_more"] is False
+
+
+async def test_bad_inputs_get_slack_errors_and_server_keeps_serving(webapp: Webapp) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    cases = [
+        (await webapp.call("no.such.method", alice["token"]), "unknown_method"),
+        (await webapp.call("auth.test"), "not_authed"),
+        (await webapp.call("auth.test", "xoxp-wrong"), "invalid_auth"),
+        (await webapp.call("chat.postMessage", alice["token"], json_body={"text": "x"}), "channel_not_found"),
+        (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": "CNOPE", "text": "x"}), "channel_not_found"),
+        (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": "x" * 40_001}), "msg_too_long"),
+        (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general}), "no_text"),
+        (await webapp.call("chat.postMessage", alice["token"], data=b'{"channel": "C1", "text"',
+                           headers={"Content-Type": "application/json"}), "invalid_json"),
+        (await webapp.call("conversations.history", alice["token"], params={"channel": general, "cursor": "%%%"}), "invalid_cursor"),
+        (await webapp.call("conversations.history", alice["token"], params={"channel": general, "limit": "many"}), "invalid_arguments"),
+        (await webapp.call("conversations.create", alice["token"], data={"name": "general"}), "name_taken"),
+    ]
+    for (status, reply), code in cases:
+        assert status == 200 and reply == {"ok": False, "error": code}
+    status, reply = await webapp.call("chat.postMessage", alice["token"], data=b"x" * (5 * 1024 * 1024),
+                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 413 and reply == {"ok": False, "error": "request_too_large"}
+    status, reply = await webapp.call("api.test", data={"foo": "bar"})
+    assert reply == {"ok": True, "args": {"foo": "bar"}}
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'rtm_errors_total{kind="invalid_auth"} 1.0' in text
+    assert 'rtm_webapp_requests_total{method="unknown",outcome="unknown_method"} 1.0' in text
+    async with webapp.session.get(f"{webapp.url}/healthz") as resp:
+        health = await resp.json()
+    assert health["ok"] and health["service"] == "webapp" and health["admin_servers"] == 1
+
+
+async def test_argument_styles_query_form_json_and_empty_body(webapp: Webapp) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    status, reply = await webapp.call("chat.postMessage", data={"channel": general, "text": "form", "token": alice["token"]})
+    assert reply["ok"], reply
+    status, reply = await webapp.call("conversations.history", alice["token"], params={"channel": general},
+                                      data=b"", headers={"Content-Type": "application/json"})
+    assert reply["ok"] and reply["messages"][0]["text"] == "form"
+    status, reply = await webapp.call("conversations.info", alice["token"], http="GET",
+                                      params={"channel": general, "include_num_members": "1"})
+    assert reply["channel"]["num_members"] == 6 and reply["channel"]["is_member"] is True
+    status, reply = await webapp.call("chat.postMessage", alice["token"], params={"channel": "#general", "text": "by name"})
+    assert reply["ok"] and reply["channel"] == general
+
+
+async def test_create_and_join_emit_team_channel_and_user_events(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+    alice, bob = webapp.user("alice"), webapp.user("bob")
+    team = webapp.seed["team"]["id"]
+    _, reply = await webapp.call("conversations.create", alice["token"], data={"name": "launch"})
+    assert reply["ok"], reply
+    cid = reply["channel"]["id"]
+    _, reply = await webapp.call("conversations.join", bob["token"], data={"channel": cid})
+    assert reply["ok"] and "warning" not in reply
+    _, reply = await webapp.call("conversations.join", bob["token"], data={"channel": cid})
+    assert reply["warning"] == "already_in_channel"
+
+    async def all_arrived() -> bool:
+        return len(fake_as.pubs_for(bob["id"])) == 1 and len(fake_as.pubs_for(cid)) == 2
+
+    await async_wait_until(all_arrived, what="create and join events")
+    created = fake_as.pubs_for(team)[0]
+    assert json.loads(created["json"])["type"] == "channel_created" and created["seq"] == 1
+    joins = fake_as.pubs_for(cid)
+    assert [json.loads(p["json"])["user"] for p in joins] == [alice["id"], bob["id"]] and [p["seq"] for p in joins] == [1, 2]
+    bob_joined = fake_as.pubs_for(bob["id"])[0]
+    assert bob_joined["ctl"] == {"join": cid, "since": 2}
+    assert json.loads(bob_joined["json"])["channel"]["id"] == cid
+
+    status, boot = await webapp.internal("bootstrap", {"user": bob["id"]})
+    assert status == 200 and boot["ok"] and boot["user"] == {"id": bob["id"], "name": "bob"}
+    assert boot["team"] == webapp.seed["team"]
+    seqs = {c["id"]: c["seq"] for c in boot["channels"]}
+    assert seqs[cid] == 2 and seqs[bob["id"]] == 1 and seqs[team] == 1
+    _, hist = await webapp.internal("history", {"channel": bob["id"], "after_seq": 0})
+    assert hist["events"][0]["ctl"] == {"join": cid, "since": 2}
+    status, denied = await webapp.internal("bootstrap", {"user": bob["id"]}, secret="wrong")
+    assert status == 403 and denied["ok"] is False
+    _, missing = await webapp.internal("bootstrap", {"user": "UNOBODY"})
+    assert missing == {"ok": False, "error": "user_not_found"}
+
+
+async def test_admin_server_down_then_back_delivers_in_order(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    _, reply = await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": "m0"})
+
+    async def first_arrived() -> bool:
+        return len(fake_as.pubs_for(general)) == 1
+
+    await async_wait_until(first_arrived, what="first pub")
+    await fake_as.kill()
+    for i in range(1, 21):  # the AS is gone: every post is still ok (durable)
+        _, reply = await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"})
+        assert reply["ok"], reply
+    handoff = webapp.stop.parts["handoff"]
+    assert len(handoff) == 20 and len(fake_as.pubs) == 1  # queued, waiting, nothing lost
+    await fake_as.start()
+
+    async def rest_arrived() -> bool:
+        return {p["seq"] for p in fake_as.pubs_for(general)} == set(range(1, 22))
+
+    await async_wait_until(rest_arrived, what="queued pubs after the AS came back")
+    seqs = [p["seq"] for p in fake_as.pubs_for(general)]
+    first_seen = list(dict.fromkeys(seqs))
+    assert first_seen == list(range(1, 22)), seqs  # in order, none lost
+    assert [json.loads(p["json"])["text"] for p in fake_as.pubs_for(general)][-1] == "m20"
+
+
+async def test_admin_server_dying_with_pubs_in_flight_gets_them_again(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    fake_as.hold = True
+    for i in range(5):
+        assert (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1]["ok"]
+
+    async def all_in_flight() -> bool:
+        return len(fake_as.pubs) == 5
+
+    await async_wait_until(all_in_flight, what="5 unanswered pubs")
+    await fake_as.kill()  # they were never acknowledged
+    fake_as.hold = False
+    fake_as.pubs.clear()
+    await fake_as.start()
+
+    async def resent() -> bool:
+        return len(fake_as.pubs) >= 5
+
+    await async_wait_until(resent, what="the unacknowledged pubs resent")
+    assert [p["seq"] for p in fake_as.pubs[:5]] == [1, 2, 3, 4, 5]
+    handoff = webapp.stop.parts["handoff"]
+    assert handoff.retries >= 1 and await handoff.flush(5.0)
+
+
+async def test_events_posted_without_an_admin_server_are_handed_off_after_restart(tmp_path: Path, fake_as: FakeAdminServer) -> None:
+    app = await start(tmp_path, fake_as)
+    app.discovery.set_instances("admin-server", [])  # no Admin Server at all
+    general, alice = app.channel("general"), app.user("alice")
+    for i in range(3):
+        assert (await app.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1]["ok"]
+    await app.session.close()
+    await app.stop()  # does not wait: nobody to flush to; the mark stays below the queued events
+    assert fake_as.pubs_for(general) == []
+    again = await start(tmp_path, fake_as)
+    try:
+        async def replayed() -> bool:
+            return [p["seq"] for p in fake_as.pubs_for(general)] == [1, 2, 3]
+
+        await async_wait_until(replayed, what="the queued events after the restart")
+    finally:
+        await again.session.close()
+        await again.stop()
+
+
+async def test_rtm_connect_mints_a_ticket_for_a_healthy_gateway(webapp: Webapp) -> None:
+    alice = webapp.user("alice")
+    _, reply = await webapp.call("rtm.connect", alice["token"])
+    assert reply["ok"] and reply["self"] == {"id": alice["id"], "name": "alice"} and reply["team"] == webapp.seed["team"]
+    prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
+    assert reply["url"].startswith(prefix)
+    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(reply["url"][len(prefix):], now_s=time.time())
+    assert ticket.user == alice["id"] and ticket.team == webapp.seed["team"]["id"]
+    webapp.discovery.set_instances("gateway", [])
+    _, reply = await webapp.call("rtm.connect", alice["token"])
+    assert reply == {"ok": False, "error": "service_unavailable"}
+
+
+async def test_rate_limit_answers_429_with_retry_after(tmp_path: Path, fake_as: FakeAdminServer) -> None:
+    app = await start(tmp_path, fake_as, "--rate-limit-per-minute", "2")
+    try:
+        token = app.user("alice")["token"]
+        assert (await app.call("auth.test", token))[1]["ok"]
+        assert (await app.call("auth.test", token))[1]["ok"]
+        async with app.session.post(f"{app.url}/api/auth.test", headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+            assert await resp.json() == {"ok": False, "error": "ratelimited"}
+        assert (await app.call("users.list", token))[1]["ok"]  # per method
+    finally:
+        await app.session.close()
+        await app.stop()
+
+
+async def test_slack_sdk_clients_unmodified(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+    alice, bot, general = webapp.user("alice"), webapp.user("rtmbot"), webapp.channel("general")
+    base_url = f"http://127.0.0.1:{webapp.port}/api/"
+
+    def sync_calls() -> dict[str, Any]:
+        client = WebClient(token=alice["token"], base_url=base_url)
+        out: dict[str, Any] = {"auth": client.auth_test().data}
+        out["bot_auth"] = WebClient(token=bot["token"], base_url=base_url).auth_test().data
+        out["posts"] = [client.chat_postMessage(channel=general, text=f"sdk {i}").data for i in range(7)]
+        out["history"] = [m["text"] for page in client.conversations_history(channel=general, limit=3) for m in page["messages"]]
+        out["pages"] = len(list(client.conversations_history(channel=general, limit=3)))
+        out["users"] = [u["name"] for page in client.users_list(limit=2) for u in page["members"]]
+        out["channels"] = [c["name"] for page in client.conversations_list(limit=1) for c in page["channels"]]
+        out["members"] = [m for page in client.conversations_members(channel=general, limit=4) for m in page["members"]]
+        out["rtm"] = client.rtm_connect().data
+        try:
+            WebClient(token="xoxp-nope", base_url=base_url).auth_test()
+        except SlackApiError as exc:
+            out["bad"] = exc.response["error"]
+        return out
+
+    out = await asyncio.to_thread(sync_calls)
+    assert out["auth"]["user_id"] == alice["id"] and "bot_id" not in out["auth"]
+    assert out["auth"]["team_id"] == webapp.seed["team"]["id"] and out["auth"]["user"] == "alice"
+    assert out["bot_auth"]["bot_id"] == bot["bot_id"]
+    assert all(p["ok"] for p in out["posts"])
+    assert out["history"] == [f"sdk {i}" for i in reversed(range(7))] and out["pages"] == 3
+    assert out["users"] == ["alice", "bob", "carol", "dave", "eve", "rtmbot"]
+    assert out["channels"] == ["general", "random"]
+    assert sorted(out["members"]) == sorted(u["id"] for u in webapp.seed["users"])
+    assert out["rtm"]["url"].startswith("ws://127.0.0.1:45678/ws/")
+    assert out["bad"] == "invalid_auth"
+
+    # AsyncWebClient reads with GET and query arguments
+    client = AsyncWebClient(token=bot["token"], base_url=base_url)
+    posted = await client.chat_postMessage(channel=general, text="from the bot")
+    assert posted["message"]["bot_id"] == bot["bot_id"]
+    texts = []
+    async for page in await client.conversations_history(channel=general, limit=4):
+        texts += [m["text"] for m in page["messages"]]
+    assert texts[0] == "from the bot" and len(texts) == 8
+    users = []
+    async for page in await client.users_list(limit=4):
+        users += [u["id"] for u in page["members"]]
+    assert len(users) == 6
+
+    async def pubs_arrived() -> bool:
+        return len(fake_as.pubs_for(general)) == 8
+
+    await async_wait_until(pubs_arrived, what="all sdk posts at the AS")
+    assert [p["seq"] for p in fake_as.pubs_for(general)] == list(range(1, 9))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("services.consul_dev") is None, reason="dev Consul agent not present")
+async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fake_as: FakeAdminServer) -> None:
+    """Through real Discovery against the dev agent: register, find the AS, hand off."""
+    from services.discovery import Discovery
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.consul_dev", "--host", "127.0.0.1", "--port", str(port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    consul_addr = f"127.0.0.1:{port}"
+    other = Discovery(consul_addr)
+    try:
+        async def agent_up() -> bool:
+            try:
+                await other.healthy("webapp")
+            except Exception:
+                return False
+            return True
+
+        await async_wait_until(agent_up, what="dev consul agent")
+        await other.register("admin-server", "as-fake", "127.0.0.1", fake_as.port, ttl_s=3.0)
+        seed = seed_demo(str(tmp_path), users=2, channels=2, bots=0)
+        args = build_parser().parse_args(["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET,
+                                          "--consul", consul_addr, "--instance-id", "webapp-consul"])
+        info, stop = await start_webapp(args)
+        try:
+            _, instances = await other.healthy("webapp")
+            assert [(i.id, i.port, i.meta.get("metrics_port")) for i in instances] == [("webapp-consul", info["port"], str(info["port"]))]
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{info['url']}/api/chat.postMessage", json={"channel": seed["channels"][0]["id"], "text": "via consul"},
+                                        headers={"Authorization": f"Bearer {seed['users'][0]['token']}"}) as resp:
+                    assert (await resp.json())["ok"]
+
+            async def delivered() -> bool:
+                return bool(fake_as.pubs)
+
+            await async_wait_until(delivered, what="pub via an AS found in Consul")
+        finally:
+            await stop()
+        _, instances = await other.healthy("webapp")
+        assert instances == []  # deregistered on stop
+    finally:
+        await other.close()
+        proc.terminate()
+        await proc.wait()

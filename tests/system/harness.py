@@ -1,0 +1,147 @@
+"""System-test harness: the real fleet started by ``rtm up``, and websocket clients.
+
+The fleet runs exactly as a user runs it (``rtm up --data-dir TMP --port-base
+B``), each service a separate OS process; tests read ``fleet.json`` and
+``seed.json`` instead of scraping output, and stop everything at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import websockets
+
+from services.launcher import RunningProcess, rtm_argv, start
+from tests.support import DEFAULT_WAIT_S, free_port_base
+
+FLEET_READY_TIMEOUT_S = 90.0
+
+
+@dataclass
+class Fleet:
+    data_dir: Path
+    proc: RunningProcess
+    info: dict[str, Any]
+    seed: dict[str, Any]
+
+    @classmethod
+    def up(cls, data_dir: Path, *extra: str) -> Fleet:
+        base = free_port_base()
+        argv = rtm_argv("up", "--data-dir", str(data_dir), "--port-base", str(base), *extra)
+        proc = start("rtm-up", argv, ready_timeout_s=FLEET_READY_TIMEOUT_S)
+        seed = json.loads((data_dir / "seed.json").read_text())
+        return cls(data_dir=data_dir, proc=proc, info=proc.ready, seed=seed)
+
+    def down(self) -> None:
+        self.proc.stop(grace_s=30.0)
+
+    def reload(self) -> None:
+        self.info = json.loads((self.data_dir / "fleet.json").read_text())
+
+    @property
+    def api_url(self) -> str:
+        return str(self.info["api_url"])
+
+    def processes(self, service: str) -> list[dict[str, Any]]:
+        return [p for p in self.info["processes"] if p["service"] == service]
+
+    def user(self, name: str) -> dict[str, Any]:
+        return next(u for u in self.seed["users"] if u["name"] == name)
+
+    def channel(self, name: str) -> str:
+        return str(next(c["id"] for c in self.seed["channels"] if c["name"] == name))
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        os.kill(pid, sig)
+
+    async def api(self, method: str, token: str | None = None, **params: Any) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(self.api_url + method, data=params, headers=headers) as resp:
+                return dict(await resp.json(content_type=None))
+
+    async def connect(self, name: str) -> Client:
+        user = self.user(name)
+        client = Client(self, name, user["token"])
+        await client.open()
+        return client
+
+
+@dataclass
+class Client:
+    """A websocket client that records every event it receives."""
+
+    fleet: Fleet
+    name: str
+    token: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+    ws: Any = None
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_code: int | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _reader: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        reply = await self.fleet.api("rtm.connect", self.token)
+        assert reply["ok"], reply
+        self.url = reply["url"]
+        self.ws = await websockets.connect(self.url, max_size=None)
+        first = json.loads(await asyncio.wait_for(self.ws.recv(), DEFAULT_WAIT_S))
+        assert first == {"type": "hello"}, first
+        self.closed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @property
+    def gateway_port(self) -> int:
+        return int(self.url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                self.events.append(json.loads(raw))
+                self.changed.set()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.close_code = self.ws.close_code
+            self.closed.set()
+            self.changed.set()
+
+    def messages(self, channel: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == "message" and (channel is None or e.get("channel") == channel)]
+
+    def texts(self, channel: str | None = None) -> list[str]:
+        return [str(e.get("text")) for e in self.messages(channel)]
+
+    async def wait_for(self, predicate: Any, timeout_s: float = DEFAULT_WAIT_S, what: str = "event") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{self.name}: timed out waiting for {what}; got {self.events[-5:]}")
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_texts(self, texts: list[str], channel: str | None = None, timeout_s: float = DEFAULT_WAIT_S) -> None:
+        await self.wait_for(lambda c: all(t in c.texts(channel) for t in texts), timeout_s, f"texts {texts}")
+
+    async def send(self, body: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(body if isinstance(body, (str, bytes)) else json.dumps(body))
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, DEFAULT_WAIT_S)

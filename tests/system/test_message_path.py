@@ -1,0 +1,104 @@
+"""The message path end to end, through real processes started by ``rtm up``:
+webapp -> Admin Server -> Channel Server -> Gateway Server -> websocket."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+
+from tests.support import async_wait_until
+from tests.system.harness import Client, Fleet
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def connect_on_both_gateways(fleet: Fleet, names: list[str]) -> list[Client]:
+    """Connect each user; rtm.connect spreads them, and the test needs both gateways in play."""
+    clients = [await fleet.connect(name) for name in names]
+    assert len({c.gateway_port for c in clients}) == 2, [c.url for c in clients]
+    return clients
+
+
+async def test_post_reaches_every_member_exactly_once_and_nobody_else(fleet: Fleet) -> None:
+    alice, bob, carol = fleet.user("alice"), fleet.user("bob"), fleet.user("carol")
+    created = await fleet.api("conversations.create", alice["token"], name=unique("proj"))
+    assert created["ok"], created
+    channel = created["channel"]["id"]
+    assert (await fleet.api("conversations.join", bob["token"], channel=channel))["ok"]
+    clients = await connect_on_both_gateways(fleet, ["alice", "bob", "carol", "dave"])
+    by_name = {c.name: c for c in clients}
+    texts = [unique("msg") for _ in range(20)]
+    for text in texts:
+        reply = await fleet.api("chat.postMessage", alice["token"], channel=channel, text=text)
+        assert reply["ok"], reply
+    for name in ("alice", "bob"):
+        await by_name[name].wait_texts(texts, channel)
+    general = fleet.channel("general")
+    marker = unique("marker")
+    assert (await fleet.api("chat.postMessage", carol["token"], channel=general, text=marker))["ok"]
+    for client in clients:  # everyone is in #general: once they all have the marker, nothing else is in flight
+        await client.wait_texts([marker], general)
+    for name in ("alice", "bob"):
+        assert by_name[name].texts(channel) == texts, f"{name} got them out of order or twice"
+    for name in ("carol", "dave"):
+        assert by_name[name].messages(channel) == [], f"{name} is not a member"
+    for client in clients:
+        assert client.texts(general).count(marker) == 1
+        await client.close()
+
+
+async def test_member_who_joins_later_receives_later_posts(fleet: Fleet) -> None:
+    alice, eve = fleet.user("alice"), fleet.user("eve")
+    created = await fleet.api("conversations.create", alice["token"], name=unique("late"))
+    channel = created["channel"]["id"]
+    eve_client = await fleet.connect("eve")
+    before = unique("before")
+    assert (await fleet.api("chat.postMessage", alice["token"], channel=channel, text=before))["ok"]
+    assert (await fleet.api("conversations.join", eve["token"], channel=channel))["ok"]
+    # The join reaches eve's open connection through her user channel, without a reconnect.
+    await eve_client.wait_for(
+        lambda c: any(e.get("type") == "channel_joined" for e in c.events), what="channel_joined"
+    )
+    after = [unique("after") for _ in range(3)]
+    for text in after:
+        assert (await fleet.api("chat.postMessage", alice["token"], channel=channel, text=text))["ok"]
+    await eve_client.wait_texts(after, channel)
+    assert before not in eve_client.texts(channel)
+    assert eve_client.texts(channel) == after
+    await eve_client.close()
+
+
+async def test_gateway_restart_clients_reconnect_and_receive_later_posts(fleet: Fleet) -> None:
+    alice = fleet.user("alice")
+    general = fleet.channel("general")
+    clients = await connect_on_both_gateways(fleet, ["bob", "carol", "dave"])
+    victim_port = clients[0].gateway_port
+    victim = next(p for p in fleet.processes("gateway") if p["port"] == victim_port)
+    fleet.kill(victim["pid"], signal.SIGKILL)
+    on_victim = [c for c in clients if c.gateway_port == victim_port]
+    for client in on_victim:
+        await asyncio.wait_for(client.closed.wait(), 10)
+
+    async def restarted() -> bool:
+        fleet.reload()
+        return any(p["port"] == victim_port and p["pid"] != victim["pid"] for p in fleet.processes("gateway"))
+
+    await async_wait_until(restarted, timeout_s=30, what="rtm up to restart the gateway")
+    reconnected = []
+    for client in clients:
+        if client in on_victim:
+            fresh = await fleet.connect(client.name)
+            reconnected.append(fresh)
+        else:
+            reconnected.append(client)
+    texts = [unique("after-restart") for _ in range(5)]
+    for text in texts:
+        assert (await fleet.api("chat.postMessage", alice["token"], channel=general, text=text))["ok"]
+    for client in reconnected:
+        await client.wait_texts(texts, general, timeout_s=15)
+        got = [t for t in client.texts(general) if t in texts]
+        assert got == texts
+        await client.close()

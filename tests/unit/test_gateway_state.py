@@ -1,0 +1,470 @@
+"""Unit tests for gateway.state: per-channel cursors, gaps, per-session floors and holds."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from gateway.state import LIVE_ONLY, Effects, Fetch, GatewayState, Session, text_frame
+
+
+def unframe(frame: bytes) -> bytes:
+    """The payload of one unmasked, final websocket text frame (checked, not trusted)."""
+    assert frame[0] == 0x81, "FIN + text opcode"
+    assert frame[1] & 0x80 == 0, "server frames are unmasked"
+    length = frame[1] & 0x7F
+    offset = 2
+    if length == 126:
+        (length,) = struct.unpack_from(">H", frame, 2)
+        offset = 4
+    elif length == 127:
+        (length,) = struct.unpack_from(">Q", frame, 2)
+        offset = 10
+    payload = frame[offset:]
+    assert len(payload) == length
+    return payload
+
+
+class Socket:
+    """A fake client socket: records what the gateway writes to it."""
+
+    def __init__(self, alive: bool = True) -> None:
+        self.frames: list[bytes] = []
+        self.alive = alive
+
+    def write(self, frame: bytes) -> bool:
+        if not self.alive:
+            return False
+        self.frames.append(frame)
+        return True
+
+    @property
+    def events(self) -> list[dict]:
+        return [json.loads(unframe(frame)) for frame in self.frames]
+
+    def seqs(self, channel: str | None = None) -> list[int | None]:
+        return [e.get("seq") for e in self.events if channel is None or e["ch"] == channel]
+
+
+def ev(channel: str, seq: int | None, **extra: object) -> bytes:
+    return json.dumps({"ch": channel, "seq": seq, **extra}, separators=(",", ":")).encode()
+
+
+def history(channel: str, first: int, last: int) -> list[tuple[int, bytes]]:
+    return [(seq, ev(channel, seq)) for seq in range(first, last + 1)]
+
+
+_sids = iter(range(1, 1_000_000))
+
+
+def session(user: str = "U1", team: str = "T1", sock: Socket | None = None) -> tuple[Session, Socket]:
+    sock = sock or Socket()
+    return Session(sid=next(_sids), user=user, team=team, write=sock.write), sock
+
+
+def deliver(state: GatewayState, channel: str, *seqs: int) -> list[Fetch | None]:
+    return [state.deliver(channel, seq, ev(channel, seq)) for seq in seqs]
+
+
+# -- framing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 5, 125, 126, 65535, 65536, 70000])
+def test_text_frame_round_trip(size: int) -> None:
+    payload = b"x" * size
+    assert unframe(text_frame(payload)) == payload
+
+
+# -- attach / detach -----------------------------------------------------------------
+
+
+def test_attach_subscribes_with_bootstrap_seq() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    effects = state.attach(s1, [("C1", 5), ("U1", 0), ("T1", 12)])
+    assert effects.subscribe == [("C1", 5), ("U1", 0), ("T1", 12)]
+    assert effects.unsubscribe == [] and effects.fetch == []
+    assert bool(effects)
+    assert state.cursor == {"C1": 5, "U1": 0, "T1": 12}
+    assert s1.channels == {"C1", "U1", "T1"}
+    assert state.sessions == {s1.sid: s1}
+    assert state.users == {"U1": {s1}}
+
+
+def test_attach_to_a_channel_at_the_cursor_needs_nothing() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    s2, _ = session(user="U2")
+    state.attach(s1, [("C1", 5)])
+    effects = state.attach(s2, [("C1", 5)])
+    assert not effects
+    assert s2.floor == {} and s2.hold == {}
+    assert state.channels["C1"] == {s1, s2}
+
+
+def test_attach_with_a_repeated_channel_subscribes_once() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    assert state.attach(s1, [("C1", 1), ("C1", 1)]).subscribe == [("C1", 1)]
+
+
+def test_detach_of_the_last_session_unsubscribes() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    s2, _ = session(user="U2")
+    state.attach(s1, [("C1", 0), ("C2", 0)])
+    state.attach(s2, [("C1", 0)])
+    effects = state.detach(s1)
+    assert effects.unsubscribe == ["C2"]
+    assert effects.subscribe == [] and effects.fetch == []
+    assert set(state.channels) == {"C1"}
+    assert "C2" not in state.cursor
+    assert "U1" not in state.users
+    effects = state.detach(s2)
+    assert effects.unsubscribe == ["C1"]
+    assert state.channels == {} and state.cursor == {} and state.sessions == {} and state.users == {}
+
+
+def test_detach_twice_is_a_no_op() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    state.attach(s1, [("C1", 0)])
+    state.detach(s1)
+    assert not state.detach(s1)
+
+
+def test_detach_drops_an_open_gap() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 0)])
+    assert deliver(state, "C1", 3) == [Fetch("C1", 0, 2)]
+    state.detach(s1)
+    assert state.gaps == {}
+    assert state.fill("C1", history("C1", 1, 2)) is None  # a late fill does nothing
+    assert sock.frames == []
+
+
+# -- delivery order --------------------------------------------------------------------
+
+
+def test_deliver_in_order_to_every_session() -> None:
+    state = GatewayState()
+    s1, sock1 = session()
+    s2, sock2 = session(user="U2")
+    state.attach(s1, [("C1", 2)])
+    state.attach(s2, [("C1", 2)])
+    assert deliver(state, "C1", 3, 4, 5) == [None, None, None]
+    assert sock1.seqs() == [3, 4, 5]
+    assert sock2.seqs() == [3, 4, 5]
+    assert state.cursor["C1"] == 5
+    assert state.stats.delivered == 6
+    # The same bytes go to every socket.
+    assert sock1.frames == sock2.frames == [text_frame(ev("C1", n)) for n in (3, 4, 5)]
+
+
+def test_event_for_an_unwatched_channel_is_ignored() -> None:
+    state = GatewayState()
+    assert state.deliver("C9", 1, ev("C9", 1)) is None
+    assert state.cursor == {}
+
+
+def test_duplicate_is_dropped() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 2)])
+    deliver(state, "C1", 3, 4)
+    assert deliver(state, "C1", 4, 3, 2, 1) == [None] * 4
+    assert sock.seqs() == [3, 4]
+    assert state.stats.duplicates == 4
+    assert state.cursor["C1"] == 4
+
+
+def test_live_only_cursor_takes_the_first_seq() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", LIVE_ONLY)])
+    assert deliver(state, "C1", 40, 41) == [None, None]
+    assert sock.seqs() == [40, 41]
+    assert state.expect("C1", 100) is not None
+
+
+def test_transient_events_are_delivered_without_cursor_changes() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 2)])
+    assert state.deliver("C1", None, ev("C1", None, type="user_typing")) is None
+    assert state.cursor["C1"] == 2
+    assert sock.seqs() == [None]
+    deliver(state, "C1", 3)
+    assert sock.seqs() == [None, 3]
+    assert state.stats.duplicates == 0 and state.stats.gaps == 0
+
+
+def test_transient_events_pass_an_open_gap() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 0)])
+    deliver(state, "C1", 2)  # gap: 1 missing
+    state.deliver("C1", None, ev("C1", None))
+    assert sock.seqs() == [None]
+    assert state.gaps["C1"] == [(2, ev("C1", 2))]
+
+
+# -- gaps ----------------------------------------------------------------------------
+
+
+def test_gap_opens_a_fetch_holds_later_events_and_fill_delivers_in_order_once() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 2)])
+    deliver(state, "C1", 3)
+    fetches = deliver(state, "C1", 6, 7, 5, 9, 8)
+    assert fetches == [Fetch("C1", 3, 5), None, None, None, None]
+    assert fetches[0].session is None
+    assert state.stats.gaps == 1
+    assert sock.seqs() == [3]  # everything after the hole is held
+    assert state.cursor["C1"] == 3
+    assert state.fill("C1", history("C1", 4, 5)) is None
+    assert sock.seqs() == [3, 4, 5, 6, 7, 8, 9]
+    assert state.cursor["C1"] == 9
+    assert state.gaps == {}
+    deliver(state, "C1", 9, 10)
+    assert sock.seqs() == [3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def test_fill_that_overlaps_what_was_delivered_delivers_nothing_twice() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 0)])
+    deliver(state, "C1", 1, 2, 5)
+    assert state.fill("C1", history("C1", 1, 5)) is None
+    assert sock.seqs() == [1, 2, 3, 4, 5]
+
+
+def test_fill_that_does_not_close_the_gap_fetches_again() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 0)])
+    deliver(state, "C1", 1, 10, 11)
+    assert state.gaps["C1"] == [(10, ev("C1", 10)), (11, ev("C1", 11))]
+    # History with a hole in it (5 and 6 missing): deliver up to the hole, fetch the hole.
+    again = state.fill("C1", history("C1", 2, 4) + history("C1", 7, 9))
+    assert again == Fetch("C1", 4, 6)
+    assert sock.seqs() == [1, 2, 3, 4]
+    deliver(state, "C1", 12)  # still held behind the remaining hole
+    assert sock.seqs() == [1, 2, 3, 4]
+    assert state.fill("C1", history("C1", 5, 6)) is None
+    assert sock.seqs() == list(range(1, 13))
+
+
+def test_fill_without_a_gap_is_ignored() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 0)])
+    assert state.fill("C1", history("C1", 1, 3)) is None
+    assert sock.frames == []
+    assert state.cursor["C1"] == 0
+
+
+def test_expect_opens_a_gap_when_behind() -> None:
+    state = GatewayState()
+    s1, sock = session()
+    state.attach(s1, [("C1", 3)])
+    assert state.expect("C1", 3) is None
+    assert state.expect("C1", 2) is None
+    assert state.expect("C9", 10) is None  # not watched here
+    fetch = state.expect("C1", 6)
+    assert fetch == Fetch("C1", 3, 6)
+    assert state.expect("C1", 8) is None  # one gap at a time
+    deliver(state, "C1", 7)  # held behind the gap
+    assert sock.frames == []
+    assert state.fill("C1", history("C1", 4, 6)) is None
+    assert sock.seqs() == [4, 5, 6, 7]
+
+
+# -- a second session behind the cursor -------------------------------------------------
+
+
+def test_session_behind_the_cursor_is_held_until_fill_session() -> None:
+    state = GatewayState()
+    s1, sock1 = session()
+    state.attach(s1, [("C1", 0)])
+    deliver(state, "C1", 1, 2, 3, 4, 5)
+    s2, sock2 = session(user="U2")
+    effects = state.attach(s2, [("C1", 2)])
+    assert effects.subscribe == []
+    assert effects.fetch == [Fetch("C1", 2, 5, s2)]
+    deliver(state, "C1", 6, 7)
+    assert sock1.seqs() == [1, 2, 3, 4, 5, 6, 7]
+    assert sock2.frames == []  # held
+    state.fill_session(s2, "C1", history("C1", 3, 5))
+    assert sock2.seqs() == [3, 4, 5, 6, 7]
+    assert s2.hold == {}
+    deliver(state, "C1", 8)
+    assert sock1.seqs() == list(range(1, 9))
+    assert sock2.seqs() == [3, 4, 5, 6, 7, 8]
+
+
+def test_fill_session_with_overlap_sends_each_seq_once() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    state.attach(s1, [("C1", 4)])
+    deliver(state, "C1", 5)
+    s2, sock2 = session(user="U2")
+    (fetch,) = state.attach(s2, [("C1", 3)]).fetch
+    deliver(state, "C1", 6)
+    state.fill_session(s2, "C1", history("C1", 4, 6))
+    assert sock2.seqs() == [4, 5, 6]
+
+
+def test_held_session_only_holds_that_channel() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    state.attach(s1, [("C1", 5), ("C2", 0)])
+    s2, sock2 = session(user="U2")
+    state.attach(s2, [("C1", 3), ("C2", 0)])
+    deliver(state, "C2", 1)
+    deliver(state, "C1", 6)
+    assert sock2.seqs() == [1]
+    state.fill_session(s2, "C1", history("C1", 4, 5))
+    assert sock2.events == [{"ch": "C2", "seq": 1}] + [{"ch": "C1", "seq": n} for n in (4, 5, 6)]
+
+
+def test_held_events_keep_large_payloads_intact() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    state.attach(s1, [("C1", 1)])
+    s2, sock2 = session(user="U2")
+    state.attach(s2, [("C1", 0)])
+    big = [ev("C1", 2, pad="a" * 200), ev("C1", 3, pad="b" * 70_000)]
+    state.deliver("C1", 2, big[0])
+    state.deliver("C1", 3, big[1])
+    state.fill_session(s2, "C1", [(1, ev("C1", 1))])
+    assert [unframe(f) for f in sock2.frames] == [ev("C1", 1)] + big
+
+
+def test_fill_session_after_detach_does_nothing() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    state.attach(s1, [("C1", 5)])
+    s2, sock2 = session(user="U2")
+    state.attach(s2, [("C1", 1)])
+    state.detach(s2)
+    state.fill_session(s2, "C1", history("C1", 2, 5))
+    assert sock2.frames == []
+
+
+# -- a second session ahead of the cursor -----------------------------------------------
+
+
+def test_session_ahead_of_the_cursor_skips_up_to_its_bootstrap() -> None:
+    state = GatewayState()
+    s1, sock1 = session()
+    state.attach(s1, [("C1", 2)])
+    s2, sock2 = session(user="U2")
+    effects = state.attach(s2, [("C1", 5)])
+    assert not effects
+    assert s2.floor == {"C1": 5}
+    deliver(state, "C1", 3, 4, 5, 6, 7)
+    assert sock1.seqs() == [3, 4, 5, 6, 7]
+    assert sock2.seqs() == [6, 7]
+    assert s2.floor == {}
+
+
+def test_floor_holds_across_a_gap_fill() -> None:
+    state = GatewayState()
+    s1, sock1 = session()
+    state.attach(s1, [("C1", 2)])
+    s2, sock2 = session(user="U2")
+    state.attach(s2, [("C1", 4)])
+    assert deliver(state, "C1", 6) == [Fetch("C1", 2, 5)]
+    state.fill("C1", history("C1", 3, 5))
+    assert sock1.seqs() == [3, 4, 5, 6]
+    assert sock2.seqs() == [5, 6]
+
+
+# -- join / leave ---------------------------------------------------------------------
+
+
+def test_join_subscribes_every_session_of_the_user() -> None:
+    state = GatewayState()
+    a1, sock_a1 = session(user="U1")
+    a2, sock_a2 = session(user="U1")
+    b1, sock_b1 = session(user="U2")
+    for s in (a1, a2, b1):
+        state.attach(s, [("T1", 0)])
+    effects = state.join("U1", "C9", 12)
+    assert effects.subscribe == [("C9", 12)]  # once for the gateway
+    assert effects.fetch == []
+    assert state.channels["C9"] == {a1, a2}
+    assert "C9" not in b1.channels
+    deliver(state, "C9", 13)
+    assert sock_a1.seqs() == sock_a2.seqs() == [13]
+    assert sock_b1.frames == []
+    assert not state.join("U1", "C9", 13)  # already there
+    assert not state.join("U-nobody", "C9", 13)
+
+
+def test_leave_unsubscribes_when_no_one_is_left() -> None:
+    state = GatewayState()
+    a1, sock_a1 = session(user="U1")
+    a2, _ = session(user="U1")
+    b1, sock_b1 = session(user="U2")
+    state.attach(a1, [("C1", 0)])
+    state.attach(a2, [("C1", 0)])
+    state.attach(b1, [("C1", 0)])
+    assert not state.leave("U1", "C1")  # U2 still watches C1
+    assert state.channels["C1"] == {b1}
+    assert a1.channels == set() and a2.channels == set()
+    deliver(state, "C1", 1)
+    assert sock_a1.frames == []
+    assert sock_b1.seqs() == [1]
+    assert state.leave("U2", "C1").unsubscribe == ["C1"]
+    assert "C1" not in state.cursor
+    assert not state.leave("U2", "C1")
+
+
+def test_leave_a_channel_the_user_never_joined() -> None:
+    state = GatewayState()
+    a1, _ = session(user="U1")
+    b1, _ = session(user="U2")
+    state.attach(a1, [("C1", 0)])
+    state.attach(b1, [("C2", 0)])
+    assert not state.leave("U2", "C1")
+    assert state.channels["C1"] == {a1}
+
+
+def test_join_behind_the_cursor_fetches_for_that_session() -> None:
+    state = GatewayState()
+    b1, _ = session(user="U2")
+    state.attach(b1, [("C1", 7)])
+    a1, sock = session(user="U1")
+    state.attach(a1, [("T1", 0)])
+    effects = state.join("U1", "C1", 5)
+    assert effects.fetch == [Fetch("C1", 5, 7, a1)]
+    state.fill_session(a1, "C1", history("C1", 6, 7))
+    assert sock.seqs() == [6, 7]
+
+
+# -- failing sockets -----------------------------------------------------------------
+
+
+def test_failed_write_is_counted_and_others_still_get_the_event() -> None:
+    state = GatewayState()
+    s1, sock1 = session()
+    s2, _ = session(user="U2", sock=Socket(alive=False))
+    state.attach(s1, [("C1", 0)])
+    state.attach(s2, [("C1", 0)])
+    deliver(state, "C1", 1)
+    assert sock1.seqs() == [1]
+    assert state.stats.delivered == 1
+    assert state.stats.dropped_sessions == 1
+    assert state.cursor["C1"] == 1
+
+
+def test_effects_truthiness() -> None:
+    assert not Effects()
+    assert Effects(unsubscribe=["C1"])
+    assert Effects(fetch=[Fetch("C1", 0, 1)])

@@ -1,0 +1,253 @@
+"""webapp_stub.handoff: the ordered outbox, without sockets (a fake sender)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from services.errors import ConnectionLost, PeerError, RequestTimeout
+from services.metrics import ServiceMetrics
+from webapp_stub.handoff import HANDOFF_MARK, MARK_MARGIN_S, Handoff, Outbox, pub_message, replay_from_mark, write_mark
+from webapp_stub.seed import seed_demo
+from webapp_stub.store import Event, Store
+
+
+def ev(channel: str, seq: int, ctl: dict[str, Any] | None = None) -> Event:
+    return Event(channel, seq, f'{{"type":"message","n":{seq}}}', ctl, 1_700_000_000.0 + seq)
+
+
+def events(n: int, channels: tuple[str, ...] = ("C1", "C2", "U1")) -> list[Event]:
+    seqs: dict[str, int] = defaultdict(int)
+    out = []
+    for i in range(n):
+        ch = channels[i % len(channels)]
+        seqs[ch] += 1
+        out.append(ev(ch, seqs[ch]))
+    return out
+
+
+# -- the sans-I/O window ----------------------------------------------------------------
+
+
+def test_pub_message_shape() -> None:
+    plain = pub_message(ev("C1", 3))
+    assert plain == {"op": "pub", "ch": "C1", "seq": 3, "json": b'{"type":"message","n":3}', "t0": 1_700_000_003.0, "eid": "C1:3"}
+    assert "ctl" not in plain
+    assert pub_message(ev("U1", 1, {"join": "C9", "since": 4}))["ctl"] == {"join": "C9", "since": 4}
+
+
+def test_window_takes_in_order_and_bounded() -> None:
+    box = Outbox(max_in_flight=3)
+    for e in events(5):
+        box.append(e)
+    first = box.take()
+    assert [x.event.eid for x in first] == ["C1:1", "C2:1", "U1:1"]
+    assert box.take() == [] and not box.sendable
+    box.ack(first[1])  # out-of-order ack: head not acknowledged, window does not move
+    assert box.take() == [] and len(box) == 5
+    box.ack(first[0])  # head and the acked one behind it pop: two slots open
+    assert len(box) == 3
+    assert [x.event.eid for x in box.take()] == ["C1:2", "C2:2"]
+
+
+def test_fail_rewinds_from_oldest_unacked_once_per_epoch() -> None:
+    box = Outbox(max_in_flight=4)
+    for e in events(6):
+        box.append(e)
+    sent = box.take()
+    epoch = box.epoch
+    box.ack(sent[0])
+    box.ack(sent[2])  # acked, but behind an unacked one
+    assert box.fail(epoch) is True
+    assert box.fail(epoch) is False  # the other failures of that attempt change nothing
+    resend = box.take()
+    # from the oldest unacknowledged, in order, skipping what was acknowledged
+    assert [x.event.eid for x in resend] == ["C2:1", "C1:2", "C2:2"]
+    assert [x.attempts for x in resend] == [2, 2, 1]
+    box.ack(sent[1])  # a late reply to the first attempt still counts
+    assert [e.eid for e in box.pending()] == ["C1:2", "C2:2", "U1:2"]
+
+
+# -- the loop, with a fake sender -----------------------------------------------------------
+
+
+class FakeSender:
+    """Records every pub; can fail chosen events once, or be down."""
+
+    def __init__(self) -> None:
+        self.epoch_of: Any = lambda: 0  # set to the outbox's epoch by the test
+        self.sent: list[tuple[int, str]] = []  # (epoch at send time, eid)
+        self.applied: list[str] = []
+        self.fail_once: dict[str, BaseException] = {}
+        self.up = asyncio.Event()
+        self.up.set()
+        self.failures: list[BaseException] = []
+        self.concurrent = 0
+        self.max_concurrent = 0
+
+    async def ready(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self.up.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def send(self, message: dict[str, Any], timeout_s: float) -> None:
+        eid = message["eid"]
+        self.sent.append((self.epoch_of(), eid))
+        self.concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            await asyncio.sleep(0)  # let other sends overlap, as on a real pipelined link
+            if not self.up.is_set():
+                raise ConnectionLost("down")
+            error = self.fail_once.pop(eid, None)
+            if error is not None:
+                raise error
+            self.applied.append(eid)
+        finally:
+            self.concurrent -= 1
+
+    def failed(self, error: BaseException) -> None:
+        self.failures.append(error)
+
+    async def close(self) -> None:
+        pass
+
+
+def per_channel(eids: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = defaultdict(list)
+    for eid in eids:
+        ch, seq = eid.split(":")
+        out[ch].append(int(seq))
+    return out
+
+
+def queue_index(eid: str, channels: tuple[str, ...] = ("C1", "C2", "U1")) -> int:
+    """Where :func:`events` put ``eid`` in the queue."""
+    ch, seq = eid.split(":")
+    return (int(seq) - 1) * len(channels) + channels.index(ch)
+
+
+def sends_in_queue_order(sent: list[tuple[int, str]]) -> bool:
+    """Within each attempt (epoch) pubs went out in queue order: never reordered."""
+    by_epoch: dict[int, list[int]] = defaultdict(list)
+    for epoch, eid in sent:
+        by_epoch[epoch].append(queue_index(eid))
+    return all(idx == sorted(idx) and len(set(idx)) == len(idx) for idx in by_epoch.values())
+
+
+def make_handoff(sender: FakeSender, **kwargs: Any) -> Handoff:
+    handoff = Handoff(sender, **kwargs)
+    sender.epoch_of = lambda: handoff.outbox.epoch
+    return handoff
+
+
+@pytest.fixture
+def sender() -> FakeSender:
+    return FakeSender()
+
+
+async def test_delivers_everything_in_order_within_the_window(sender: FakeSender) -> None:
+    metrics = ServiceMetrics("webapp", "test")
+    handoff = make_handoff(sender, metrics=metrics, max_in_flight=8)
+    handoff.start()
+    batch = events(500)
+    for i in range(0, 500, 50):
+        handoff.publish(batch[i : i + 50])
+    assert await handoff.flush(5.0)
+    assert sender.applied == [e.eid for e in batch]  # no failures: exactly once, in order
+    assert 1 < sender.max_concurrent <= 8
+    assert handoff.delivered == 500 and handoff.retries == 0 and len(handoff) == 0
+    text = metrics.render().decode()
+    assert "rtm_webapp_handoff_queue_depth 0.0" in text
+    assert "rtm_webapp_handoff_delivered_total 500.0" in text
+    await handoff.close()
+
+
+@pytest.mark.parametrize("error", [RequestTimeout("slow"), ConnectionLost("gone"), PeerError("unavailable", {})])
+async def test_failure_resends_from_oldest_unacked(sender: FakeSender, error: BaseException) -> None:
+    handoff = make_handoff(sender, max_in_flight=16, retry_initial_s=0.001, retry_max_s=0.005)
+    batch = events(60)
+    failing = batch[20].eid
+    sender.fail_once[failing] = error
+    handoff.start()
+    handoff.publish(batch)
+    assert await handoff.flush(5.0)
+    assert set(sender.applied) == {e.eid for e in batch}  # nothing dropped
+    assert handoff.retries == 1 and sender.failures == [error]  # told to move to the next AS
+    assert sends_in_queue_order(sender.sent)
+    # the second attempt starts at the oldest unacknowledged event: the failed one
+    assert [eid for epoch, eid in sender.sent if epoch == 1][0] == failing
+    assert sender.applied.count(failing) == 1
+    await handoff.close()
+
+
+async def test_waits_while_down_then_delivers_in_order(sender: FakeSender) -> None:
+    handoff = make_handoff(sender, max_in_flight=32, retry_initial_s=0.001, retry_max_s=0.01)
+    handoff.start()
+    sender.up.clear()
+    batch = events(100)
+    handoff.publish(batch[:40])
+    assert not await handoff.flush(0.2)  # nothing reachable: the queue waits, nothing lost
+    handoff.publish(batch[40:])
+    assert len(handoff) == 100 and sender.applied == []
+    sender.up.set()
+    assert await handoff.flush(5.0)
+    assert sender.applied == [e.eid for e in batch]
+    await handoff.close()
+
+
+async def test_repeated_failures_never_drop_or_reorder(sender: FakeSender) -> None:
+    handoff = make_handoff(sender, max_in_flight=8, retry_initial_s=0.001, retry_max_s=0.002)
+    batch = events(120)
+    for i in range(5, 120, 17):
+        sender.fail_once[batch[i].eid] = RequestTimeout("flaky")
+    handoff.start()
+    handoff.publish(batch)
+    assert await handoff.flush(5.0)
+    assert set(sender.applied) == {e.eid for e in batch}
+    assert sends_in_queue_order(sender.sent)
+    assert handoff.retries == 7
+    await handoff.close()
+
+
+async def test_close_keeps_unsent_events_reported(sender: FakeSender) -> None:
+    handoff = make_handoff(sender, max_in_flight=4)
+    sender.up.clear()
+    handoff.start()
+    handoff.publish(events(10))
+    assert not await handoff.flush(0.05)
+    await handoff.close()  # returns promptly although nothing was delivered
+    assert len(handoff.outbox.pending()) == 10
+
+
+async def test_restart_replays_from_the_mark(tmp_path: Any, sender: FakeSender) -> None:
+    now = [1_700_000_000.0]
+    store = Store(str(tmp_path), clock=lambda: now[0])
+    seed = seed_demo(store)
+    alice, general = store.user(seed["users"][0]["id"]), store.channel(seed["channels"][0]["id"])
+    first = make_handoff(sender)
+    assert replay_from_mark(store, first, now[0]) == 0  # first start: nothing to replay
+    assert store.get_mark(HANDOFF_MARK) == now[0] - MARK_MARGIN_S
+    old_event = store.post_message(general, alice, "acknowledged long ago")[1]
+    now[0] += 60
+    write_mark(store, first, now[0])  # empty outbox: everything so far was acknowledged
+    now[0] += 60
+    pending = [store.post_message(general, alice, f"pending {i}")[1] for i in range(3)]
+    first.publish(pending)  # never sent: the process "crashes" here
+    write_mark(store, first, now[0] + 30)
+    assert store.get_mark(HANDOFF_MARK) == pending[0].t0 - MARK_MARGIN_S
+
+    second = make_handoff(sender)
+    assert replay_from_mark(store, second, now[0]) == 3
+    assert [e.eid for e in second.outbox.pending()] == [e.eid for e in pending]
+    assert old_event.eid not in [e.eid for e in second.outbox.pending()]
+    second.start()
+    assert await second.flush(5.0)
+    assert sender.applied == [e.eid for e in pending]
+    await second.close()
+    store.close()

@@ -1,0 +1,279 @@
+"""webapp_stub.store: seqs, ts, pagination, history — synchronous, no sockets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from webapp_stub.seed import seed_demo
+from webapp_stub.store import ApiError, Store, decode_cursor, encode_cursor, ts_to_us, us_to_ts
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock) -> Store:
+    s = Store(str(tmp_path), clock=clock)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def demo(store: Store) -> dict:
+    return seed_demo(store, users=5, channels=3, bots=1)
+
+
+def user(store: Store, demo: dict, name: str):
+    uid = next(u["id"] for u in demo["users"] if u["name"] == name)
+    return store.user(uid)
+
+
+def channel(store: Store, demo: dict, name: str):
+    cid = next(c["id"] for c in demo["channels"] if c["name"] == name)
+    return store.channel(cid)
+
+
+def test_schema_file_and_wal(tmp_path: Path, store: Store) -> None:
+    assert (tmp_path / "webapp.db").exists()
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_seed_shape_and_idempotence(store: Store, demo: dict) -> None:
+    names = [u["name"] for u in demo["users"]]
+    assert names == ["alice", "bob", "carol", "dave", "eve", "rtmbot"]
+    assert [c["name"] for c in demo["channels"]] == ["general", "random", "channel-0002"]
+    assert demo["team"]["id"].startswith("T")
+    bot = demo["users"][-1]
+    assert bot["is_bot"] and bot["token"].startswith("xoxb-") and bot["bot_id"].startswith("B")
+    assert all(u["token"].startswith("xoxp-") for u in demo["users"][:-1])
+    assert store.auth(bot["token"]).bot_id == bot["bot_id"]
+    assert seed_demo(store, users=50) == demo  # existing data wins
+    general = channel(store, demo, "general")
+    assert store.member_count(general.id) == 6
+
+
+def test_seed_large_is_fast_enough_and_sparse(tmp_path: Path) -> None:
+    seed = seed_demo(str(tmp_path / "big"), users=3000, channels=5, bots=0)
+    assert len(seed["users"]) == 3000 and seed["users"][5]["name"] == "user0005"
+    s = Store(str(tmp_path / "big"))
+    boot = s.bootstrap(seed["users"][7]["id"])
+    # own channel + team channel + general + random + exactly one extra channel
+    assert len(boot["channels"]) == 5
+    s.close()
+
+
+def test_post_gives_gapless_seq_and_increasing_ts(store: Store, demo: dict, clock: FakeClock) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    seqs, stamps = [], []
+    for i in range(5):  # the clock does not move: ts must still increase
+        message, event = store.post_message(general, alice, f"hi {i}")
+        seqs.append(event.seq)
+        stamps.append(ts_to_us(message["ts"]))
+    clock.now -= 10  # the clock goes back: still increasing
+    message, event = store.post_message(general, alice, "after clock step back")
+    seqs.append(event.seq)
+    stamps.append(ts_to_us(message["ts"]))
+    assert seqs == [1, 2, 3, 4, 5, 6]
+    assert stamps == sorted(set(stamps))
+    assert message["ts"] == "1700000000.000005"
+    payload = json.loads(event.json)
+    assert payload == {
+        "type": "message", "channel": general.id, "user": alice.id, "text": "after clock step back",
+        "ts": message["ts"], "team": alice.team, "event_ts": message["ts"],
+    }
+    assert store.last_seq(general.id) == 6
+    # another channel has its own sequence
+    _, other = store.post_message(channel(store, demo, "random"), alice, "x")
+    assert other.seq == 1
+
+
+def test_bot_posts_carry_bot_id(store: Store, demo: dict) -> None:
+    bot = user(store, demo, "rtmbot")
+    message, event = store.post_message(channel(store, demo, "general"), bot, "beep")
+    assert message["bot_id"] == bot.bot_id == json.loads(event.json)["bot_id"]
+
+
+def test_post_errors(store: Store, demo: dict) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    with pytest.raises(ApiError) as err:
+        store.post_message(general, alice, "x" * 40_001)
+    assert err.value.code == "msg_too_long"
+    store.post_message(general, alice, "x" * 40_000)
+    created, _ = store.create_channel(alice, "alice-only")
+    with pytest.raises(ApiError) as err:
+        store.post_message(created, user(store, demo, "bob"), "hello")
+    assert err.value.code == "not_in_channel"
+    with pytest.raises(ApiError) as err:
+        store.post_message(general, alice, "reply", thread_ts="1.000001")
+    assert err.value.code == "thread_not_found"
+    assert store.last_seq(general.id) == 1  # failed posts used no seq
+
+
+def test_create_and_join_events_on_team_user_and_channel(store: Store, demo: dict) -> None:
+    alice, bob = user(store, demo, "alice"), user(store, demo, "bob")
+    ch, events = store.create_channel(alice, "#Projects".lower())
+    assert ch.name == "projects" and ch.id.startswith("C")
+    assert [(e.channel, e.seq) for e in events] == [(alice.team, 1), (ch.id, 1), (alice.id, 1)]
+    created, joined, own = (json.loads(e.json) for e in events)
+    assert created == {"type": "channel_created", "channel": {"id": ch.id, "name": "projects", "created": ch.created, "creator": alice.id}}
+    assert joined == {"type": "member_joined_channel", "user": alice.id, "channel": ch.id, "channel_type": "C", "team": alice.team}
+    assert own["type"] == "channel_joined" and own["channel"]["id"] == ch.id and own["channel"]["name"] == "projects"
+    assert events[2].ctl == {"join": ch.id, "since": 1}
+    assert events[0].ctl is None
+
+    store.post_message(ch, alice, "before bob")  # seq 2 on the channel
+    already, events = store.join_channel(ch, bob)
+    assert not already
+    assert [(e.channel, e.seq) for e in events] == [(ch.id, 3), (bob.id, 1)]
+    assert events[1].ctl == {"join": ch.id, "since": 3}
+    assert store.join_channel(ch, bob) == (True, [])
+    with pytest.raises(ApiError) as err:
+        store.create_channel(bob, "projects")
+    assert err.value.code == "name_taken"
+    with pytest.raises(ApiError) as err:
+        store.create_channel(bob, "Bad Name!")
+    assert err.value.code == "invalid_name_specials"
+    _, events = store.create_channel(bob, "second")
+    assert events[0].channel == alice.team and events[0].seq == 2  # team channel stays gapless
+
+
+def test_events_after_and_bootstrap(store: Store, demo: dict) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    for i in range(7):
+        store.post_message(general, alice, f"m{i}")
+    events, more = store.events_after(general.id, 2, limit=3)
+    assert [e.seq for e in events] == [3, 4, 5] and more
+    events, more = store.events_after(general.id, 5, limit=3)
+    assert [e.seq for e in events] == [6, 7] and not more
+    assert json.loads(events[-1].json)["text"] == "m6"
+    assert store.events_after("C_NOPE", 0) == ([], False)
+
+    ch, _ = store.create_channel(alice, "mine")
+    boot = store.bootstrap(alice.id)
+    seqs = {c["id"]: c["seq"] for c in boot["channels"]}
+    assert boot["user"] == {"id": alice.id, "name": "alice"}
+    assert boot["team"] == demo["team"]
+    assert seqs[alice.id] == 1 and seqs[alice.team] == 1 and seqs[general.id] == 7 and seqs[ch.id] == 1
+    assert seqs[channel(store, demo, "random").id] == 0
+    assert len(seqs) == 2 + 4  # own + team + general, random, channel-0002, mine
+    assert store.bootstrap("UNOBODY") is None
+
+
+def test_history_pagination_and_bounds(store: Store, demo: dict, clock: FakeClock) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    stamps = []
+    for i in range(10):
+        clock.now += 1
+        stamps.append(store.post_message(general, alice, f"m{i}")[0]["ts"])
+    seen, cursor, pages = [], None, 0
+    while True:
+        messages, more, cursor = store.history(general.id, limit=3, cursor=cursor)
+        pages += 1
+        seen += [m["text"] for m in messages]
+        assert more == bool(cursor)
+        if not cursor:
+            break
+    assert seen == [f"m{i}" for i in reversed(range(10))] and pages == 4
+    messages, more, _ = store.history(general.id, oldest=stamps[2], latest=stamps[5])
+    assert [m["text"] for m in messages] == ["m4", "m3"] and not more
+    messages, _, _ = store.history(general.id, oldest=stamps[2], latest=stamps[5], inclusive=True)
+    assert [m["text"] for m in messages] == ["m5", "m4", "m3", "m2"]
+    with pytest.raises(ApiError) as err:
+        store.history(general.id, cursor="garbage!")
+    assert err.value.code == "invalid_cursor"
+    with pytest.raises(ApiError) as err:
+        store.history(general.id, cursor=encode_cursor("user", 3))
+    assert err.value.code == "invalid_cursor"
+
+
+def test_threads_stay_out_of_history(store: Store, demo: dict) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    parent, _ = store.post_message(general, alice, "parent")
+    reply, event = store.post_message(general, alice, "reply", thread_ts=parent["ts"])
+    assert reply["thread_ts"] == parent["ts"] == json.loads(event.json)["thread_ts"]
+    messages, _, _ = store.history(general.id)
+    assert [m["text"] for m in messages] == ["parent"]
+    thread, _, _ = store.replies(general.id, parent["ts"])
+    assert [m["text"] for m in thread] == ["parent", "reply"]
+
+
+def test_list_pagination(store: Store, demo: dict) -> None:
+    alice = user(store, demo, "alice")
+    for i in range(4):
+        store.create_channel(alice, f"extra-{i}")
+    names, cursor = [], None
+    while True:
+        page = store.list_channels(alice, limit=2, cursor=cursor)
+        names += [c.name for c in page.items]
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    assert names == ["general", "random", "channel-0002", "extra-0", "extra-1", "extra-2", "extra-3"]
+
+    users, cursor = [], None
+    while True:
+        page = store.list_users(alice.team, limit=4, cursor=cursor)
+        users += [u.name for u in page.items]
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    assert users == ["alice", "bob", "carol", "dave", "eve", "rtmbot"]
+
+    general = channel(store, demo, "general")
+    members, cursor = [], None
+    while True:
+        page = store.list_members(general.id, limit=5, cursor=cursor)
+        members += page.items
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    assert sorted(members) == sorted(u["id"] for u in demo["users"])
+
+
+def test_private_channels_are_invisible_to_non_members(store: Store, demo: dict) -> None:
+    alice, bob = user(store, demo, "alice"), user(store, demo, "bob")
+    secret, events = store.create_channel(alice, "secret", is_private=True)
+    assert [e.channel for e in events] == [secret.id, alice.id]  # no channel_created on the team
+    assert store.visible_channel(secret.id, alice) == secret
+    with pytest.raises(ApiError):
+        store.visible_channel(secret.id, bob)
+    assert "secret" not in [c.name for c in store.list_channels(bob, private=True).items]
+    assert "secret" in [c.name for c in store.list_channels(alice, private=True).items]
+
+
+def test_ts_and_cursor_helpers() -> None:
+    assert ts_to_us("1700000000.000100") == 1_700_000_000_000_100
+    assert us_to_ts(1_700_000_000_000_100) == "1700000000.000100"
+    assert ts_to_us("1700000000") == 1_700_000_000_000_000
+    for bad in ("", "abc", "1.2.3", "1.1234567"):
+        with pytest.raises(ValueError):
+            ts_to_us(bad)
+    assert decode_cursor(encode_cursor("user", 42), "user") == "42"
+    assert decode_cursor("", "user") is None
+
+
+def test_state_survives_reopen(tmp_path: Path) -> None:
+    first = Store(str(tmp_path))
+    seed = seed_demo(first)
+    alice = first.user(seed["users"][0]["id"])
+    general = first.channel(seed["channels"][0]["id"])
+    first.post_message(general, alice, "durable")
+    first.close()
+    second = Store(str(tmp_path / "webapp.db"))
+    _, event = second.post_message(general, alice, "next")
+    assert event.seq == 2
+    assert second.history(general.id)[0][1]["text"] == "durable"
+    second.close()

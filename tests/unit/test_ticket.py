@@ -1,0 +1,131 @@
+"""Unit tests for services.ticket: signed, short-lived, single-use websocket tickets."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from services.ticket import TICKET_TTL_S, InvalidTicket, Ticket, TicketVerifier, mint
+
+SECRET = b"s3cret-for-tests"
+NOW_S = 1_700_000_000.0
+
+
+def verifier(gateway: str = "gw-1") -> TicketVerifier:
+    return TicketVerifier(SECRET, gateway)
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_valid_ticket() -> None:
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S)
+    ticket = verifier().verify(token, now_s=NOW_S + 1)
+    assert isinstance(ticket, Ticket)
+    assert (ticket.user, ticket.team, ticket.gateway) == ("U1", "T1", "gw-1")
+    assert ticket.expires_at == pytest.approx(NOW_S + TICKET_TTL_S)
+    assert ticket.nonce
+
+
+def test_ticket_is_url_safe() -> None:
+    token = mint(SECRET, "U/1+x", "T=1", "gw-1", now_s=NOW_S)
+    assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def test_each_mint_has_its_own_nonce() -> None:
+    v = verifier()
+    first = v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S), now_s=NOW_S)
+    second = v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S), now_s=NOW_S)
+    assert first.nonce != second.nonce
+
+
+def test_wrong_secret_is_a_bad_signature() -> None:
+    token = mint(b"another-secret", "U1", "T1", "gw-1", now_s=NOW_S)
+    with pytest.raises(InvalidTicket, match="bad signature"):
+        verifier().verify(token, now_s=NOW_S)
+
+
+def test_forged_payload_keeps_the_old_signature() -> None:
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S)
+    _, signature = token.split(".")
+    forged_payload = json.dumps(
+        {"u": "U_ADMIN", "t": "T1", "g": "gw-1", "exp": NOW_S + 30, "n": "abcd"}, separators=(",", ":")
+    ).encode()
+    with pytest.raises(InvalidTicket, match="bad signature"):
+        verifier().verify(b64(forged_payload) + "." + signature, now_s=NOW_S)
+
+
+def test_tampered_signature() -> None:
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S)
+    payload, signature = token.split(".")
+    raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    flipped = b64(bytes([raw[0] ^ 1]) + raw[1:])
+    with pytest.raises(InvalidTicket, match="bad signature"):
+        verifier().verify(payload + "." + flipped, now_s=NOW_S)
+
+
+def test_wrong_gateway() -> None:
+    token = mint(SECRET, "U1", "T1", "gw-2", now_s=NOW_S)
+    with pytest.raises(InvalidTicket, match="another gateway"):
+        verifier("gw-1").verify(token, now_s=NOW_S)
+    # The refusal did not burn the ticket for its own gateway.
+    assert verifier("gw-2").verify(token, now_s=NOW_S).gateway == "gw-2"
+
+
+def test_expired() -> None:
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S, ttl_s=10.0)
+    assert verifier().verify(token, now_s=NOW_S + 10.0).user == "U1"  # the last valid instant
+    with pytest.raises(InvalidTicket, match="expired"):
+        verifier().verify(token, now_s=NOW_S + 10.001)
+
+
+def test_reused() -> None:
+    v = verifier()
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S)
+    v.verify(token, now_s=NOW_S)
+    with pytest.raises(InvalidTicket, match="already used"):
+        v.verify(token, now_s=NOW_S + 1)
+
+
+def test_reuse_is_still_refused_after_many_other_tickets() -> None:
+    v = verifier()
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S)
+    v.verify(token, now_s=NOW_S)
+    for _ in range(1100):  # past the size where expired nonces are swept
+        v.verify(mint(SECRET, "U2", "T1", "gw-1", now_s=NOW_S), now_s=NOW_S + 1)
+    with pytest.raises(InvalidTicket, match="already used"):
+        v.verify(token, now_s=NOW_S + 2)
+
+
+def test_expired_nonces_are_forgotten() -> None:
+    v = verifier()
+    for _ in range(1100):
+        v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S, ttl_s=1.0), now_s=NOW_S)
+    v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S + 100), now_s=NOW_S + 100)
+    assert len(v._used) == 1
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "no-dot-at-all", "a.b", "!!!.???", "é.é", ".", "abc."],
+    ids=["empty", "no-dot", "bad-base64", "punctuation", "non-ascii", "just-dot", "no-signature"],
+)
+def test_malformed(token: str) -> None:
+    with pytest.raises(InvalidTicket):
+        verifier().verify(token, now_s=NOW_S)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not json", b"[1,2]", b'{"u":"U1"}', b'{"u":"U1","t":"T1","g":"gw-1","exp":"soon","n":"x"}', b"\xff\xfe"],
+    ids=["not-json", "list", "missing-fields", "bad-exp", "not-utf8"],
+)
+def test_correctly_signed_but_malformed_payload(payload: bytes) -> None:
+    token = b64(payload) + "." + b64(hmac.new(SECRET, payload, hashlib.sha256).digest())
+    with pytest.raises(InvalidTicket, match="malformed"):
+        verifier().verify(token, now_s=NOW_S)

@@ -1,0 +1,6 @@
+"""webapp_stub: the durable webapp (Slack Web API + SQLite) and its hand-off to Admin Servers.
+
+Modules: ``store`` (SQLite, sans-I/O), ``api`` (aiohttp handlers), ``handoff``
+(the ordered outbox to Admin Servers), ``seed`` (demo data, ``rtm seed``),
+``app`` (start/stop, ``rtm webapp``).
+"""

@@ -1,0 +1,584 @@
+"""The Slack Web API over aiohttp, plus the internal endpoints gateways use.
+
+``/api/<method>`` follows Slack's conventions (see SLACK_COMPAT.md): GET or
+POST, arguments merged from the query string, a form body and a JSON body
+(an empty body is fine whatever its content type), the token in
+``Authorization: Bearer`` or a ``token`` argument, HTTP 200 with
+``{"ok": true, ...}`` or ``{"ok": false, "error": code}``, cursor pagination
+through ``response_metadata.next_cursor`` ("" on the last page), and HTTP 429
+with ``Retry-After`` when a token exceeds its per-method budget.
+
+Internal endpoints (header ``X-Rtm-Secret``; 403 otherwise):
+
+* ``POST /internal/bootstrap`` ``{"user": U}`` ->
+  ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
+  "channels": [{"id": C, "seq": last_seq}, ...]}`` (conversations + the user's
+  own channel + the team channel).
+* ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
+  ``{"ok": true, "events": [{"seq", "json", "ctl", "t0"}, ...], "has_more"}``.
+* ``POST /internal/call/<method>`` ``{"user": U, ...args}`` -> the same reply
+  as ``/api/<method>`` would give that user (for messages sent over the
+  websocket; not rate limited).
+
+Every store call is synchronous and short; events it commits are handed to the
+outbox before the reply is written, and the reply never waits for them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from services.discovery import Instance
+from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
+from services.ticket import mint
+from webapp_stub.handoff import Handoff
+from webapp_stub.store import (
+    DEFAULT_HISTORY_PAGE,
+    DEFAULT_PAGE,
+    MAX_HISTORY_PAGE,
+    MAX_PAGE,
+    ApiError,
+    Channel,
+    Store,
+    User,
+)
+
+log = logging.getLogger("rtm.webapp.api")
+
+SECRET_HEADER = "X-Rtm-Secret"
+REGION_HEADER = "X-Rtm-Region"
+DEFAULT_RATE_LIMIT_PER_MINUTE = 6000  # generous: tests and benchmarks must not trip it
+MAX_RATE_BUCKETS = 100_000  # beyond this, full (idle) buckets are forgotten
+MAX_BODY_BYTES = 4 * 1024 * 1024
+INTERNAL_HISTORY_DEFAULT = 500
+INTERNAL_HISTORY_MAX = 1000
+TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
+
+Args = dict[str, Any]
+
+
+# -- argument helpers -------------------------------------------------------------------
+
+
+def flag(args: Args, name: str, default: bool = False) -> bool:
+    """A Slack boolean: JSON true/false, or "1"/"0"/"true"/"false" in forms and queries."""
+    value = args.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value != 0
+    return str(value).strip().lower() in TRUE_STRINGS
+
+
+def int_arg(args: Args, name: str, default: int, maximum: int) -> int:
+    """A positive integer argument, clamped to ``maximum``; missing or 0 means ``default``."""
+    value = args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ApiError("invalid_arguments") from None
+    if number <= 0:
+        return default
+    return min(number, maximum)
+
+
+def str_arg(args: Args, name: str) -> str | None:
+    value = args.get(name)
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        raise ApiError("invalid_arguments")
+    return str(value)
+
+
+def json_arg(args: Args, name: str) -> Any:
+    """An array/object argument: real JSON in JSON bodies, a JSON string in forms."""
+    value = args.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ApiError(f"invalid_{name}") from None
+    if not isinstance(value, (list, dict)):
+        raise ApiError(f"invalid_{name}")
+    return value
+
+
+async def read_args(request: web.Request) -> Args:
+    """Query string, then form or JSON body, merged (body wins). Raises ``invalid_json``."""
+    args: Args = {}
+    for key, value in request.query.items():
+        args.setdefault(key, value)
+    if not request.can_read_body:
+        return args
+    ctype = request.content_type
+    if ctype.startswith("multipart/"):
+        try:
+            form = await request.post()
+        except ValueError:
+            raise ApiError("invalid_form_data") from None
+        args.update({k: v for k, v in form.items() if isinstance(v, str)})
+        return args
+    raw = await request.read()
+    if not raw.strip():
+        return args
+    looks_json = raw.lstrip()[:1] in (b"{", b"[")
+    if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded" and looks_json):
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise ApiError("invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError("invalid_json")
+        args.update(data)
+    else:
+        try:
+            args.update(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError("invalid_form_data") from None
+    return args
+
+
+def bearer_token(request: web.Request, args: Args) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer " and header[7:].strip():
+        return header[7:].strip()
+    token = args.get("token")
+    return str(token) if token else None
+
+
+def paged(key: str, items: list[Any], next_cursor: str, **extra: Any) -> dict[str, Any]:
+    return {key: items, **extra, "response_metadata": {"next_cursor": next_cursor}}
+
+
+# -- rate limits and gateways ---------------------------------------------------------------
+
+
+class RateLimiter:
+    """Token buckets per (token, method): ``per_minute`` burst, refilled evenly. 0 disables."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self.rate_per_s = per_minute / 60.0
+        self.clock = clock
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def retry_after(self, token: str, method: str) -> int:
+        """0 and one unit spent if allowed, else whole seconds until the next unit."""
+        if self.capacity <= 0:
+            return 0
+        now = self.clock()
+        key = (token, method)
+        bucket = self._buckets.get(key)
+        tokens = self.capacity if bucket is None else min(self.capacity, bucket[0] + (now - bucket[1]) * self.rate_per_s)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > MAX_RATE_BUCKETS:
+                self._forget_idle(now)
+            return 0
+        self._buckets[key] = (tokens, now)
+        return max(1, math.ceil((1.0 - tokens) / self.rate_per_s))
+
+    def _forget_idle(self, now: float) -> None:
+        full_after_s = self.capacity / self.rate_per_s
+        for key in [k for k, (_, at) in self._buckets.items() if now - at >= full_after_s]:
+            del self._buckets[key]
+
+
+class GatewayPicker:
+    """Healthy gateways (the Discovery watch keeps it current), picked round-robin.
+
+    Prefers the asked region when it has a gateway; skips ``role=draining``.
+    """
+
+    def __init__(self) -> None:
+        self.instances: list[Instance] = []
+        self._next = 0
+
+    def set_instances(self, instances: list[Instance]) -> None:
+        self.instances = sorted(instances, key=lambda inst: inst.id)
+
+    def pick(self, region: str = "") -> Instance | None:
+        candidates = [inst for inst in self.instances if inst.tag("role") != "draining"]
+        if region:
+            regional = [inst for inst in candidates if inst.tag("region") == region]
+            candidates = regional or candidates
+        if not candidates:
+            return None
+        inst = candidates[self._next % len(candidates)]
+        self._next += 1
+        return inst
+
+
+# -- the API ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    request: web.Request | None
+    args: Args
+    user: User | None  # None only for methods without auth
+
+    @property
+    def me(self) -> User:
+        assert self.user is not None
+        return self.user
+
+
+Handler = Callable[["WebApi", Call], dict[str, Any]]
+METHODS: dict[str, tuple[Handler, bool]] = {}  # name -> (handler, needs auth)
+
+
+def method(name: str, auth: bool = True) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        METHODS[name] = (fn, auth)
+        return fn
+
+    return register
+
+
+class WebApi:
+    """The request handlers; state lives in ``store``, events go to ``handoff``."""
+
+    def __init__(
+        self,
+        store: Store,
+        handoff: Handoff,
+        gateways: GatewayPicker,
+        metrics: ServiceMetrics,
+        *,
+        secret: bytes,
+        rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE,
+        region: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.handoff = handoff
+        self.gateways = gateways
+        self.metrics = metrics
+        self.secret = secret
+        self.region = region
+        self.clock = clock
+        self.limiter = RateLimiter(rate_limit_per_minute)
+        self.requests = metrics.counter("rtm_webapp_requests_total", "Web API requests by method and outcome", ["method", "outcome"])
+        self.latency = metrics.histogram("rtm_webapp_request_seconds", "Web API handling time", LATENCY_BUCKETS_S, ["method"])
+        self.posts = metrics.counter("rtm_webapp_posts_total", "Messages persisted (chat.postMessage and websocket sends)")
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.route("*", "/api/{method}", self.handle_api),
+            web.post("/internal/bootstrap", self.handle_bootstrap),
+            web.post("/internal/history", self.handle_history),
+            web.post("/internal/call/{method}", self.handle_internal_call),
+        ]
+
+    # -- /api/<method> -------------------------------------------------------------------
+    async def handle_api(self, request: web.Request) -> web.Response:
+        name = request.match_info["method"]
+        label = name if name in METHODS else "unknown"
+        started = time.perf_counter()
+        headers: dict[str, str] = {}
+        status = 200
+        try:
+            entry = METHODS.get(name)
+            if entry is None:
+                raise ApiError("unknown_method")
+            handler, needs_auth = entry
+            args = await read_args(request)
+            user = None
+            if needs_auth:
+                token = bearer_token(request, args)
+                if not token:
+                    raise ApiError("not_authed")
+                user = self.store.auth(token)
+                if user is None:
+                    raise ApiError("invalid_auth")
+                wait_s = self.limiter.retry_after(token, name)
+                if wait_s:
+                    raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
+            body = {"ok": True, **handler(self, Call(request, args, user))}
+            outcome = "ok"
+        except ApiError as exc:
+            body, status, headers = {"ok": False, "error": exc.code}, exc.status, exc.headers
+            # api.test echoes any error it is asked for: keep that out of the label values
+            outcome = exc.code if name != "api.test" else "api_test_error"
+            self.metrics.error(outcome)
+        except web.HTTPRequestEntityTooLarge:
+            body, outcome, status = {"ok": False, "error": "request_too_large"}, "request_too_large", 413
+            self.metrics.error(outcome)
+        except Exception:
+            log.exception("%s failed", name)
+            body, outcome = {"ok": False, "error": "internal_error"}, "internal_error"
+            self.metrics.error(outcome)
+        self.requests.labels(label, outcome).inc()
+        self.latency.labels(label).observe(time.perf_counter() - started)
+        return web.json_response(body, status=status, headers=headers)
+
+    # -- internal endpoints ----------------------------------------------------------------
+    def _check_secret(self, request: web.Request) -> None:
+        given = request.headers.get(SECRET_HEADER, "").encode()
+        if not self.secret or not hmac.compare_digest(given, self.secret):
+            self.metrics.error("internal_forbidden")
+            raise web.HTTPForbidden(
+                text=json.dumps({"ok": False, "error": "forbidden"}), content_type="application/json"
+            )
+
+    async def _internal_args(self, request: web.Request) -> Args:
+        self._check_secret(request)
+        try:
+            data = await request.json() if request.can_read_body else {}
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise ApiError("invalid_json")
+        return data
+
+    async def handle_bootstrap(self, request: web.Request) -> web.Response:
+        try:
+            args = await self._internal_args(request)
+            boot = self.store.bootstrap(str(args.get("user") or ""))
+            if boot is None:
+                raise ApiError("user_not_found")
+            body = {"ok": True, **boot}
+        except ApiError as exc:
+            self.metrics.error(exc.code)
+            body = {"ok": False, "error": exc.code}
+        self.requests.labels("internal.bootstrap", "ok" if body["ok"] else body["error"]).inc()
+        return web.json_response(body)
+
+    async def handle_history(self, request: web.Request) -> web.Response:
+        try:
+            args = await self._internal_args(request)
+            channel = args.get("channel")
+            if not isinstance(channel, str) or not channel:
+                raise ApiError("channel_not_found")
+            try:
+                after_seq = int(args.get("after_seq") or 0)
+            except (TypeError, ValueError):
+                raise ApiError("invalid_arguments") from None
+            limit = int_arg(args, "limit", INTERNAL_HISTORY_DEFAULT, INTERNAL_HISTORY_MAX)
+            events, more = self.store.events_after(channel, after_seq, limit)
+            body: dict[str, Any] = {
+                "ok": True,
+                "events": [{"seq": e.seq, "json": e.json, "ctl": e.ctl, "t0": e.t0} for e in events],
+                "has_more": more,
+            }
+        except ApiError as exc:
+            self.metrics.error(exc.code)
+            body = {"ok": False, "error": exc.code}
+        self.requests.labels("internal.history", "ok" if body["ok"] else body["error"]).inc()
+        return web.json_response(body)
+
+    async def handle_internal_call(self, request: web.Request) -> web.Response:
+        name = request.match_info["method"]
+        label = name if name in METHODS else "unknown"
+        try:
+            args = await self._internal_args(request)
+            entry = METHODS.get(name)
+            if entry is None:
+                raise ApiError("unknown_method")
+            user = self.store.user(str(args.pop("user", "") or ""))
+            if user is None:
+                raise ApiError("user_not_found")
+            body = {"ok": True, **entry[0](self, Call(request, args, user))}
+        except ApiError as exc:
+            self.metrics.error(exc.code)
+            body = {"ok": False, "error": exc.code}
+        self.requests.labels(f"internal.{label}", "ok" if body["ok"] else body["error"]).inc()
+        return web.json_response(body)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def channel_arg(self, call: Call, name: str = "channel") -> Channel:
+        """The channel named by an id (or ``#name``) that the caller may see; ``channel_not_found`` otherwise."""
+        value = str_arg(call.args, name)
+        if not value:
+            raise ApiError("channel_not_found")
+        if value.startswith("#") or not value[:1].isupper():
+            found = self.store.channel_by_name(call.me.team, value.lstrip("#"))
+            if found is None:
+                raise ApiError("channel_not_found")
+            value = found.id
+        return self.store.visible_channel(value, call.me)
+
+    def publish(self, events: list[Any]) -> None:
+        self.handoff.publish(events)
+
+
+# -- methods --------------------------------------------------------------------------------------
+
+
+@method("api.test", auth=False)
+def api_test(api: WebApi, call: Call) -> dict[str, Any]:
+    args = {k: v for k, v in call.args.items() if k != "token"}
+    if args.get("error"):
+        raise ApiError(str(args["error"]))
+    return {"args": args} if args else {}
+
+
+@method("auth.test")
+def auth_test(api: WebApi, call: Call) -> dict[str, Any]:
+    user = call.me
+    team = api.store.team(user.team)
+    base = f"{call.request.scheme}://{call.request.host}/" if call.request is not None else "/"
+    reply: dict[str, Any] = {
+        "url": base,
+        "team": team.name if team else user.team,
+        "user": user.name,
+        "team_id": user.team,
+        "user_id": user.id,
+        "is_enterprise_install": False,
+    }
+    if user.bot_id:
+        reply["bot_id"] = user.bot_id
+    return reply
+
+
+@method("rtm.connect")
+def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
+    user = call.me
+    region = str(call.args.get("region") or "")
+    if not region and call.request is not None:
+        region = call.request.headers.get(REGION_HEADER, "")
+    gateway = api.gateways.pick(region or api.region)
+    if gateway is None:
+        raise ApiError("service_unavailable")
+    ticket = mint(api.secret, user.id, user.team, gateway.id, api.clock())
+    team = api.store.team(user.team)
+    return {
+        "url": f"ws://{gateway.address}:{gateway.port}/ws/{ticket}",
+        "self": {"id": user.id, "name": user.name},
+        "team": team.to_api() if team else {"id": user.team, "name": user.team, "domain": user.team.lower()},
+    }
+
+
+@method("chat.postMessage")
+def chat_post_message(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    text = call.args.get("text")
+    text = "" if text is None else str(text)
+    extra = {}
+    for name in ("blocks", "attachments"):
+        value = json_arg(call.args, name)
+        if value:
+            extra[name] = value
+    if not text and not extra:
+        raise ApiError("no_text")
+    thread_ts = str_arg(call.args, "thread_ts") or None
+    message, event = api.store.post_message(channel, call.me, text, thread_ts=thread_ts, extra=extra or None)
+    api.publish([event])
+    api.posts.inc()
+    return {"channel": channel.id, "ts": message["ts"], "message": message}
+
+
+@method("conversations.list")
+def conversations_list(api: WebApi, call: Call) -> dict[str, Any]:
+    types = {t.strip() for t in str(call.args.get("types") or "public_channel").split(",") if t.strip()}
+    page = api.store.list_channels(
+        call.me,
+        limit=int_arg(call.args, "limit", DEFAULT_PAGE, MAX_PAGE),
+        cursor=str_arg(call.args, "cursor"),
+        exclude_archived=flag(call.args, "exclude_archived"),
+        public="public_channel" in types,
+        private="private_channel" in types,
+    )
+    mine = api.store.memberships(call.me.id, [c.id for c in page.items])
+    channels = [c.to_api(is_member=c.id in mine) for c in page.items]
+    return paged("channels", channels, page.next_cursor)
+
+
+@method("conversations.history")
+def conversations_history(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    messages, more, cursor = api.store.history(
+        channel.id,
+        limit=int_arg(call.args, "limit", DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE),
+        cursor=str_arg(call.args, "cursor"),
+        oldest=str_arg(call.args, "oldest"),
+        latest=str_arg(call.args, "latest"),
+        inclusive=flag(call.args, "inclusive"),
+    )
+    return paged("messages", messages, cursor, has_more=more, pin_count=0)
+
+
+@method("conversations.replies")
+def conversations_replies(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    ts = str_arg(call.args, "ts")
+    if not ts:
+        raise ApiError("thread_not_found")
+    messages, more, cursor = api.store.replies(
+        channel.id, ts, limit=int_arg(call.args, "limit", DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE), cursor=str_arg(call.args, "cursor")
+    )
+    return paged("messages", messages, cursor, has_more=more)
+
+
+@method("conversations.create")
+def conversations_create(api: WebApi, call: Call) -> dict[str, Any]:
+    channel, events = api.store.create_channel(call.me, call.args.get("name"), is_private=flag(call.args, "is_private"))
+    api.publish(events)
+    return {"channel": channel.to_api(is_member=True)}
+
+
+@method("conversations.join")
+def conversations_join(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    if channel.is_private:
+        raise ApiError("method_not_supported_for_channel_type")
+    already, events = api.store.join_channel(channel, call.me)
+    api.publish(events)
+    reply: dict[str, Any] = {"channel": channel.to_api(is_member=True)}
+    if already:
+        reply["warning"] = "already_in_channel"
+        reply["response_metadata"] = {"warnings": ["already_in_channel"]}
+    return reply
+
+
+@method("conversations.members")
+def conversations_members(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    page = api.store.list_members(
+        channel.id, limit=int_arg(call.args, "limit", DEFAULT_PAGE, MAX_PAGE), cursor=str_arg(call.args, "cursor")
+    )
+    return paged("members", page.items, page.next_cursor)
+
+
+@method("conversations.info")
+def conversations_info(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    extra: dict[str, Any] = {"is_member": api.store.is_member(channel.id, call.me.id)}
+    if flag(call.args, "include_num_members"):
+        extra["num_members"] = api.store.member_count(channel.id)
+    return {"channel": channel.to_api(**extra)}
+
+
+@method("users.list")
+def users_list(api: WebApi, call: Call) -> dict[str, Any]:
+    page = api.store.list_users(
+        call.me.team, limit=int_arg(call.args, "limit", MAX_PAGE, MAX_PAGE), cursor=str_arg(call.args, "cursor")
+    )
+    return paged("members", [u.to_api() for u in page.items], page.next_cursor, cache_ts=int(api.clock()))
+
+
+@method("users.info")
+def users_info(api: WebApi, call: Call) -> dict[str, Any]:
+    user_id = str_arg(call.args, "user")
+    user = api.store.user(user_id) if user_id else None
+    if user is None or user.team != call.me.team:
+        raise ApiError("user_not_found")
+    return {"user": user.to_api()}

@@ -1,0 +1,423 @@
+"""The ordered outbox: committed events from the webapp to an Admin Server.
+
+After a transaction commits, its events are appended here (in commit order,
+which is ``seq`` order per channel) and the HTTP reply goes out without
+waiting. A send loop pipelines them as ``pub`` requests over one
+:class:`services.connection.PeerLink` to an Admin Server, at most
+:data:`MAX_IN_FLIGHT` beyond the oldest unacknowledged event.
+
+Contract
+--------
+* Never drops, never reorders within a channel: the queue only shrinks from
+  its head, and only past acknowledged events.
+* On any failed request (``ConnectionLost``, ``RequestTimeout``, an ``err``
+  reply) the window rewinds: everything from the oldest unacknowledged event
+  is resent, in order, on the next healthy Admin Server, after a backoff.
+  Resending an event that was already applied is harmless: channel servers
+  dedup by ``seq``. Replies that arrive late for an earlier attempt still
+  count as acknowledgements.
+* The Admin Server must forward pubs in the order it receives them (it does:
+  it writes each to the owner's connection before reading the next).
+* Without a reachable Admin Server the queue waits; the messages are durable
+  in SQLite already and their HTTP callers got ``ok``.
+* Across restarts and crashes: the store keeps a hand-off mark (refreshed
+  every :data:`MARK_INTERVAL_S`) below which everything was acknowledged; a
+  starting webapp requeues every event from the mark on.
+* The queue is deliberately unbounded: every entry is a durable event the
+  contract forbids dropping; its depth is exported as a metric instead.
+
+The window logic (:class:`Outbox`) is sans-I/O; :class:`Handoff` drives it with
+a :class:`Sender` (the real one is :class:`AdminServerLink`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from services.connection import PeerConnection, PeerLink, backoff_delays
+from services.discovery import Instance
+from services.errors import ConnectionLost, RtmError
+from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
+from webapp_stub.store import Event
+
+log = logging.getLogger("rtm.webapp.handoff")
+
+# Pipelining window: enough to keep a LAN round trip busy at tens of
+# thousands of events per second, small enough that a rewind resends little.
+MAX_IN_FLIGHT = 256
+# One pub may legitimately wait for the Admin Server's whole route budget
+# (admin_server.app.ROUTE_BUDGET_S = 10 s, while a channel server is being
+# replaced) before it answers ``unavailable``; only beyond that is the AS hung.
+REQUEST_TIMEOUT_S = 15.0
+# How long the send loop waits for a connection before checking again.
+CONNECT_WAIT_S = 1.0
+RETRY_INITIAL_DELAY_S = 0.05
+RETRY_MAX_DELAY_S = 2.0
+DEFAULT_FLUSH_TIMEOUT_S = 5.0
+
+
+# Restart replay: the outbox lives in memory, so the store keeps a mark, at
+# most MARK_INTERVAL_S old, below which every event was acknowledged. A
+# restarted webapp republishes everything from the mark on (resends are
+# harmless: receivers dedup by seq), so a crash loses no hand-off.
+HANDOFF_MARK = "handoff"
+MARK_INTERVAL_S = 1.0
+MARK_MARGIN_S = 1.0  # clock slack: events stamped this much before the mark are replayed too
+
+
+class MarkStore(Protocol):
+    def get_mark(self, name: str) -> float | None: ...
+
+    def set_mark(self, name: str, value: float) -> None: ...
+
+    def events_since(self, created_at: float) -> list[Event]: ...
+
+
+def replay_from_mark(store: MarkStore, handoff: Handoff, now: float) -> int:
+    """Queue every event at or after the stored mark (none on a first start); then mark ``now``."""
+    mark = store.get_mark(HANDOFF_MARK)
+    events = store.events_since(mark) if mark is not None else []
+    handoff.publish(events)
+    write_mark(store, handoff, now)
+    if events:
+        log.info("replaying %d events committed since the last hand-off mark", len(events))
+    return len(events)
+
+
+def write_mark(store: MarkStore, handoff: Handoff, now: float) -> None:
+    """Record that everything before the oldest queued event (or ``now``) was acknowledged."""
+    oldest = handoff.outbox.oldest_t0()
+    store.set_mark(HANDOFF_MARK, (now if oldest is None else min(oldest, now)) - MARK_MARGIN_S)
+
+
+def pub_message(event: Event) -> dict[str, Any]:
+    """The ``pub`` request for one event (``id`` is added by the connection)."""
+    message: dict[str, Any] = {
+        "op": "pub",
+        "ch": event.channel,
+        "seq": event.seq,
+        "json": event.json.encode(),
+        "t0": event.t0,
+        "eid": event.eid,
+    }
+    if event.ctl is not None:
+        message["ctl"] = event.ctl
+    return message
+
+
+@dataclass(eq=False)
+class Entry:
+    """One queued event and its delivery state."""
+
+    event: Event
+    acked: bool = False
+    attempts: int = 0
+    _message: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def message(self) -> dict[str, Any]:
+        if self._message is None:
+            self._message = pub_message(self.event)
+        return self._message
+
+
+class Outbox:
+    """The sans-I/O ordered window.
+
+    Entries ``[0, sent)`` of the queue were sent in the current ``epoch`` and
+    are either in flight or acknowledged; :meth:`take` sends more while
+    ``sent < max_in_flight``; :meth:`ack` pops acknowledged entries off the
+    head; :meth:`fail` rewinds ``sent`` to 0 so the next :meth:`take` resends
+    from the oldest unacknowledged entry, in order.
+    """
+
+    def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.max_in_flight = max_in_flight
+        self._entries: deque[Entry] = deque()
+        self._sent = 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, event: Event) -> Entry:
+        entry = Entry(event)
+        self._entries.append(entry)
+        return entry
+
+    @property
+    def sendable(self) -> bool:
+        """Whether :meth:`take` would return anything (or skip acked entries)."""
+        return self._sent < min(len(self._entries), self.max_in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for i in range(self._sent) if not self._entries[i].acked)
+
+    def take(self) -> list[Entry]:
+        """The next entries to send in this epoch, in queue order."""
+        out: list[Entry] = []
+        limit = min(len(self._entries), self.max_in_flight)
+        while self._sent < limit:
+            entry = self._entries[self._sent]
+            self._sent += 1
+            if not entry.acked:  # acknowledged by a late reply to an earlier attempt
+                entry.attempts += 1
+                out.append(entry)
+        return out
+
+    def ack(self, entry: Entry) -> bool:
+        """Mark ``entry`` delivered (from any epoch); True if it was not yet."""
+        if entry.acked:
+            return False
+        entry.acked = True
+        entries = self._entries
+        while entries and entries[0].acked:
+            entries.popleft()
+            if self._sent:
+                self._sent -= 1
+        return True
+
+    def fail(self, epoch: int) -> bool:
+        """A request sent in ``epoch`` failed: rewind (once per epoch). True if it rewound."""
+        if epoch != self.epoch:
+            return False
+        self.epoch += 1
+        self._sent = 0
+        return True
+
+    def oldest_t0(self) -> float | None:
+        """``t0`` of the oldest unacknowledged event (the head), None when empty."""
+        return self._entries[0].event.t0 if self._entries else None
+
+    def pending(self) -> list[Event]:
+        """Every event not yet acknowledged, in order (for tests and shutdown logs)."""
+        return [e.event for e in self._entries if not e.acked]
+
+
+class Sender(Protocol):
+    """Where pubs go. :class:`AdminServerLink` is the real one."""
+
+    async def ready(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a usable connection."""
+
+    async def send(self, message: dict[str, Any], timeout_s: float) -> None:
+        """Send one request and wait for its ``ok``; raise an RtmError otherwise."""
+
+    def failed(self, error: BaseException) -> None:
+        """A request failed: move on to the next healthy Admin Server."""
+
+    async def close(self) -> None: ...
+
+
+class AdminServerLink:
+    """One PeerLink to one Admin Server at a time, chosen round-robin from the healthy set."""
+
+    def __init__(self, name: str = "webapp->admin-server") -> None:
+        self.name = name
+        self.instances: list[Instance] = []
+        self._index = random.randrange(1 << 16)
+        self.current: tuple[str, int] | None = None
+        self.link = PeerLink(
+            "admin-server", self._address, lambda: PeerConnection(name=name), on_connected=self._still_wanted
+        )
+        self.link.start()
+
+    def set_instances(self, instances: Iterable[Instance]) -> None:
+        """The Discovery watch callback: the healthy Admin Servers."""
+        self.instances = sorted(instances, key=lambda inst: inst.id)
+        addresses = {(inst.address, inst.port) for inst in self.instances}
+        log.info("admin servers: %s", sorted(f"{a}:{p}" for a, p in addresses) or "none")
+        if self.current is not None and self.current not in addresses:
+            self._drop(ConnectionLost(f"admin server {self.current} left the healthy set"))
+
+    def _address(self) -> tuple[str, int] | None:
+        if not self.instances:
+            self.current = None
+            return None
+        inst = self.instances[self._index % len(self.instances)]
+        self.current = (inst.address, inst.port)
+        return self.current
+
+    async def _still_wanted(self, conn: PeerConnection) -> None:
+        """Refuse a connection that finished after its Admin Server left the healthy set."""
+        if self.current not in {(inst.address, inst.port) for inst in self.instances}:
+            raise ConnectionLost(f"admin server {self.current} left the healthy set while connecting")
+
+    def _drop(self, reason: BaseException) -> None:
+        conn = self.link.conn
+        if conn is not None and conn.is_open:
+            conn.abort(reason)
+
+    async def ready(self, timeout_s: float) -> bool:
+        if self.link.connected:
+            return True
+        try:
+            conn = await self.link.wait_connected(timeout_s)
+        except ConnectionLost:
+            return False
+        if conn.is_open:
+            return True
+        # A connection we just aborted, which the link has not noticed yet:
+        # let it see the close (and clear its ready flag) before we ask again.
+        await asyncio.wait([conn.closed], timeout=timeout_s)
+        return False
+
+    async def send(self, message: dict[str, Any], timeout_s: float) -> None:
+        await self.link.request(message, timeout_s)
+
+    def failed(self, error: BaseException) -> None:
+        self._index += 1
+        self._drop(error)
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+class Handoff:
+    """Drives an :class:`Outbox` over a :class:`Sender`."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        metrics: ServiceMetrics | None = None,
+        *,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        retry_initial_s: float = RETRY_INITIAL_DELAY_S,
+        retry_max_s: float = RETRY_MAX_DELAY_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sender = sender
+        self.outbox = Outbox(max_in_flight)
+        self.request_timeout_s = request_timeout_s
+        self.clock = clock
+        self._retry_delays = (retry_initial_s, retry_max_s)
+        self._delays = backoff_delays(*self._retry_delays)
+        self._retry_pending = False
+        self._failing = False
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._task: asyncio.Task[None] | None = None
+        self._requests: set[asyncio.Task[None]] = set()
+        self.delivered = 0
+        self.retries = 0
+        self._m_published = self._m_delivered = self._m_retries = self._m_latency = None
+        if metrics is not None:
+            self._m_published = metrics.counter("rtm_webapp_handoff_events_total", "Events queued for an Admin Server")
+            self._m_delivered = metrics.counter("rtm_webapp_handoff_delivered_total", "Events an Admin Server acknowledged")
+            self._m_retries = metrics.counter("rtm_webapp_handoff_retries_total", "Rewinds: resends from the oldest unacknowledged event")
+            self._m_latency = metrics.histogram(
+                "rtm_webapp_handoff_seconds", "From commit to the Admin Server's ok", LATENCY_BUCKETS_S
+            )
+            metrics.gauge("rtm_webapp_handoff_queue_depth", "Events not yet acknowledged by an Admin Server").set_function(
+                lambda: len(self.outbox)
+            )
+            metrics.gauge("rtm_webapp_handoff_in_flight", "Pubs awaiting a reply").set_function(lambda: self.outbox.in_flight)
+
+    # -- producer side ------------------------------------------------------------
+    def publish(self, events: Iterable[Event]) -> None:
+        """Queue committed events (in commit order). Never blocks, never fails."""
+        count = 0
+        for event in events:
+            self.outbox.append(event)
+            count += 1
+        if count:
+            if self._m_published is not None:
+                self._m_published.inc(count)
+            self._drained.clear()
+            self._wake.set()
+
+    def __len__(self) -> int:
+        return len(self.outbox)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._send_loop(), name="handoff-send-loop")
+
+    async def flush(self, timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S) -> bool:
+        """Wait until every queued event is acknowledged; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop sending (unacknowledged events stay durable in SQLite) and close the sender."""
+        tasks = [t for t in (self._task, *self._requests) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        if self.outbox:
+            log.warning("stopping with %d events not handed off (first %s)", len(self.outbox), self.outbox.pending()[0].eid)
+        await self.sender.close()
+
+    # -- the loop ----------------------------------------------------------------------
+    async def _send_loop(self) -> None:
+        while True:
+            if self._retry_pending:
+                self._retry_pending = False
+                await asyncio.sleep(next(self._delays))
+                continue
+            if not self.outbox.sendable:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if not await self.sender.ready(CONNECT_WAIT_S):
+                continue
+            epoch = self.outbox.epoch
+            for entry in self.outbox.take():
+                task = asyncio.ensure_future(self._send_one(entry, epoch))
+                self._requests.add(task)
+                task.add_done_callback(self._requests.discard)
+
+    async def _send_one(self, entry: Entry, epoch: int) -> None:
+        try:
+            await self.sender.send(entry.message, self.request_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # RtmError from the peer or the link; anything else is a bug, same remedy
+            if not isinstance(exc, RtmError):
+                log.exception("unexpected error handing off %s", entry.event.eid)
+            self._on_failure(entry, epoch, exc)
+            return
+        if self.outbox.ack(entry):
+            self.delivered += 1
+            if self._m_delivered is not None and self._m_latency is not None:
+                self._m_delivered.inc()
+                self._m_latency.observe(max(0.0, self.clock() - entry.event.t0))
+            if self._failing:
+                self._failing = False
+                log.info("hand-off recovered (%d queued)", len(self.outbox))
+            self._delays = backoff_delays(*self._retry_delays)
+            if not self.outbox:
+                self._drained.set()
+            self._wake.set()
+
+    def _on_failure(self, entry: Entry, epoch: int, exc: BaseException) -> None:
+        if not self.outbox.fail(epoch):
+            return  # this attempt was already rewound
+        self.retries += 1
+        if self._m_retries is not None:
+            self._m_retries.inc()
+        if not self._failing:
+            self._failing = True
+            log.warning("hand-off of %s failed (%s); resending from the oldest unacknowledged event", entry.event.eid, exc)
+        else:
+            log.debug("hand-off of %s failed again: %s", entry.event.eid, exc)
+        self.sender.failed(exc)
+        self._retry_pending = True
+        self._wake.set()

@@ -1,0 +1,175 @@
+"""Demo data: one team, named users, a bot, #general and #random.
+
+``seed_demo`` writes straight into the tables in one transaction with
+``executemany`` (100,000 users in a few seconds) and emits no events: every
+channel starts at seq 0. It is idempotent: on a database that already has a
+team it changes nothing and returns what is there.
+
+Membership: everyone (bots included) is in #general and #random. Further
+channels (``channel-0002``, ...) hold everyone in small seeds
+(up to :data:`SMALL_SEED_USERS` users); in larger seeds user ``i`` joins only
+extra channel ``2 + i % (channels - 2)``, so bootstraps stay small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from services.config import Parser
+from webapp_stub.store import DB_FILE, DEFAULT_CACHE_PAGES, Store, new_id, new_token
+
+NAMES = ("alice", "bob", "carol", "dave", "eve")
+FIRST_CHANNELS = ("general", "random")
+TEAM_NAME = "rtm demo"
+TEAM_DOMAIN = "rtm-demo"
+SMALL_SEED_USERS = 1000
+SEED_FILE = "seed.json"
+SEED_CACHE_KIB = 256 * 1024  # page cache while seeding: random index inserts stay in memory
+
+
+def user_name(i: int) -> str:
+    return NAMES[i] if i < len(NAMES) else f"user{i:04d}"
+
+
+def bot_name(j: int) -> str:
+    return "rtmbot" if j == 0 else f"rtmbot{j}"
+
+
+def channel_name(k: int) -> str:
+    return FIRST_CHANNELS[k] if k < len(FIRST_CHANNELS) else f"channel-{k:04d}"
+
+
+def _unique_ids(prefix: str, count: int, taken: set[str]) -> list[str]:
+    ids: list[str] = []
+    while len(ids) < count:
+        candidate = new_id(prefix)
+        if candidate not in taken:
+            taken.add(candidate)
+            ids.append(candidate)
+    return ids
+
+
+def seed_demo(store_or_path: Store | str | os.PathLike[str], *, users: int = 5, channels: int = 2, bots: int = 1) -> dict[str, Any]:
+    """Seed (once) and return the seed.json content:
+    ``{"team": {id, name, domain}, "users": [{id, name, token, is_bot[, bot_id]}], "channels": [{id, name}]}``.
+    """
+    if users < 1 or channels < 1 or bots < 0:
+        raise ValueError("need at least one user and one channel")
+    own = not isinstance(store_or_path, Store)
+    store = Store(os.fspath(store_or_path)) if own else store_or_path
+    try:
+        if store.first_team() is None:
+            _create(store, users, channels, bots)
+        return describe(store)
+    finally:
+        if own:
+            store.close()
+
+
+def _create(store: Store, users: int, channels: int, bots: int) -> None:
+    now = int(store.clock())
+    taken: set[str] = set()
+    team_id = _unique_ids("T", 1, taken)[0]
+    user_ids = _unique_ids("U", users + bots, taken)
+    bot_ids = _unique_ids("B", bots, taken)
+    channel_ids = _unique_ids("C", channels, taken)
+    user_rows = [(user_ids[i], team_id, user_name(i), user_name(i).capitalize(), 0, None) for i in range(users)]
+    user_rows += [(user_ids[users + j], team_id, bot_name(j), "RTM Bot", 1, bot_ids[j]) for j in range(bots)]
+    token_rows = [(new_token("xoxb" if row[4] else "xoxp"), row[0]) for row in user_rows]
+    channel_rows = [(channel_ids[k], team_id, channel_name(k), now, user_ids[0], 0, 0) for k in range(channels)]
+    everyone_everywhere = users + bots <= SMALL_SEED_USERS
+    member_rows = []
+    extra = channels - len(FIRST_CHANNELS)
+    for k in range(min(channels, len(FIRST_CHANNELS))):
+        member_rows += [(channel_ids[k], uid) for uid in user_ids]
+    if extra > 0:
+        if everyone_everywhere:
+            for k in range(len(FIRST_CHANNELS), channels):
+                member_rows += [(channel_ids[k], uid) for uid in user_ids]
+        else:
+            member_rows += [(channel_ids[len(FIRST_CHANNELS) + i % extra], uid) for i, uid in enumerate(user_ids)]
+    # Keyed inserts in key order: SQLite appends to its B-trees instead of
+    # splitting pages at random (users keep creation order in their rowid).
+    token_rows.sort()
+    member_rows.sort()
+    store.conn.execute(f"PRAGMA cache_size = -{SEED_CACHE_KIB}")
+    with store.transaction() as db:
+        db.execute("INSERT INTO teams (id, name, domain) VALUES (?, ?, ?)", (team_id, TEAM_NAME, TEAM_DOMAIN))
+        db.executemany("INSERT INTO users (id, team, name, real_name, is_bot, bot_id) VALUES (?, ?, ?, ?, ?, ?)", user_rows)
+        db.executemany("INSERT INTO tokens (token, user) VALUES (?, ?)", token_rows)
+        db.executemany(
+            "INSERT INTO channels (id, team, name, created, creator, is_private, is_archived) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            channel_rows,
+        )
+        db.executemany("INSERT INTO members (channel, user) VALUES (?, ?)", member_rows)
+    store.conn.execute(f"PRAGMA cache_size = {DEFAULT_CACHE_PAGES}")
+
+
+def describe(store: Store) -> dict[str, Any]:
+    """The seed.json content for the database's first team."""
+    team = store.first_team()
+    if team is None:
+        raise LookupError("the database has no team; run rtm seed")
+    users = []
+    rows = store.conn.execute(
+        "SELECT u.id, u.name, u.is_bot, u.bot_id, (SELECT t.token FROM tokens t WHERE t.user = u.id LIMIT 1) "
+        "FROM users u WHERE u.team = ? ORDER BY u.rowid",
+        (team.id,),
+    )
+    for uid, name, is_bot, bot_id, token in rows:
+        entry: dict[str, Any] = {"id": uid, "name": name, "token": token, "is_bot": bool(is_bot)}
+        if bot_id:
+            entry["bot_id"] = bot_id
+        users.append(entry)
+    channels = [
+        {"id": cid, "name": name}
+        for cid, name in store.conn.execute("SELECT id, name FROM channels WHERE team = ? ORDER BY rowid", (team.id,))
+    ]
+    return {"team": team.to_api(), "users": users, "channels": channels}
+
+
+def write_seed_file(data_dir: str, seed: dict[str, Any]) -> str:
+    path = os.path.join(data_dir, SEED_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(seed, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="rtm seed", description="Create the demo team, users, bots and channels (idempotent)")
+    parser.add("--data-dir", "./.rtm", "directory of webapp.db; seed.json is written there")
+    parser.add("--users", 5, "number of people (alice, bob, carol, dave, eve, user0005, ...)")
+    parser.add("--channels", 2, "number of channels (#general, #random, channel-0002, ...)")
+    parser.add("--bots", 1, "number of bot users (rtmbot, rtmbot1, ...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    os.makedirs(args.data_dir, exist_ok=True)
+    try:
+        seed = seed_demo(args.data_dir, users=args.users, channels=args.channels, bots=args.bots)
+    except ValueError as exc:
+        print(f"rtm seed: {exc}", file=sys.stderr)
+        return 2
+    path = write_seed_file(args.data_dir, seed)
+    people = sum(1 for u in seed["users"] if not u["is_bot"])
+    print(
+        f"seeded team {seed['team']['id']} ({people} users, {len(seed['users']) - people} bots, "
+        f"{len(seed['channels'])} channels) in {os.path.join(args.data_dir, DB_FILE)}; "
+        f"wrote {path} in {time.monotonic() - started:.2f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
