@@ -52,6 +52,7 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 HISTORY_PAGE_EVENTS = 500
 FETCH_RETRY_DELAY_S = 0.5
 FETCH_ATTEMPTS = 20
+HISTORY_CONCURRENCY = 8  # history fetches in flight to the webapp at once (a failover fetches many)
 CLOSE_TIMEOUT_S = 2.0
 WS_PING_INTERVAL_S = 20.0
 HELLO = b'{"type":"hello"}'
@@ -102,6 +103,8 @@ class Gateway:
         self.pending_sub: dict[str, set[str]] = {}
         self.pending_unsub: dict[str, set[str]] = {}
         self.flushing: set[str] = set()
+        self.pending_catch_up: set[str] = set()  # channels to check against the webapp once resubscribed
+        self.history_slots = asyncio.Semaphore(HISTORY_CONCURRENCY)
         self.sockets: dict[int, ServerConnection] = {}
         self.cut_off: set[int] = set()
         self.sids = itertools.count(1)
@@ -306,10 +309,15 @@ class Gateway:
         for fetch in effects.fetch:
             self.spawn(self.fetch_history(fetch))
 
-    def queue_sub(self, channel: str) -> None:
+    def queue_sub(self, channel: str, catch_up: bool = False) -> None:
+        """Subscribe ``channel`` at its owner in the next batch; with ``catch_up``,
+        also fetch from the webapp whatever the previous owner did not deliver."""
+        if catch_up:
+            self.pending_catch_up.add(channel)
         owner = self.follower.ring.owner_for(channel)
         if owner is None:
             log.warning("no owner for %s in ring v%s; will subscribe on the next ring", channel, self.follower.ring.version)
+            self.subscribed_at.pop(channel, None)
             return
         self.subscribed_at[channel] = owner
         self.pending_unsub.get(owner, set()).discard(channel)
@@ -352,11 +360,17 @@ class Gateway:
         except NotOwner:
             await self.reroute([c for c, _ in chans])
             return
+        refused = list(reply.get("not_owner", []))
         for channel, last_seq in dict(reply.get("last", {})).items():
             fetch = self.state.expect(channel, int(last_seq))
             if fetch is not None:
                 self.spawn(self.fetch_history(fetch))
-        refused = list(reply.get("not_owner", []))
+        for channel, _ in chans:
+            if channel in self.pending_catch_up and channel not in refused:
+                self.pending_catch_up.discard(channel)
+                fetch = self.state.catch_up(channel)
+                if fetch is not None:
+                    self.spawn(self.fetch_history(fetch))
         if refused:
             await self.reroute(refused)
 
@@ -370,7 +384,7 @@ class Gateway:
         for channel in channels:
             if channel in self.state.channels:
                 self.resubscribes.inc()
-                self.queue_sub(channel)
+                self.queue_sub(channel, catch_up=True)
 
     async def fetch_history(self, fetch: Fetch) -> None:
         """Fill a gap (or catch one session up) from the webapp's history, in order."""
@@ -379,9 +393,10 @@ class Gateway:
         after = fetch.after_seq
         for attempt in range(FETCH_ATTEMPTS):
             try:
-                reply = await self.webapp.call(
-                    "/internal/history", {"channel": fetch.channel, "after_seq": after, "limit": HISTORY_PAGE_EVENTS}
-                )
+                async with self.history_slots:
+                    reply = await self.webapp.call(
+                        "/internal/history", {"channel": fetch.channel, "after_seq": after, "limit": HISTORY_PAGE_EVENTS}
+                    )
             except Exception as exc:
                 log.warning("history of %s after %s failed (attempt %d): %s", fetch.channel, after, attempt + 1, exc)
                 await asyncio.sleep(FETCH_RETRY_DELAY_S)
@@ -420,10 +435,15 @@ class Gateway:
         link = self.links.get(owner)
         if link is None:
 
+            connects = itertools.count()
+
             async def resubscribe(conn: PeerConnection) -> None:
+                if next(connects) == 0:
+                    return  # first connect: the pending batch subscribes
                 held = [ch for ch, at in self.subscribed_at.items() if at == owner]
                 if held:
                     self.resubscribes.inc(len(held))
+                    self.pending_catch_up.update(held)  # the server may have restarted empty
                     self.spawn(self.subscribe_at(owner, conn, held))
 
             link = PeerLink(
@@ -464,7 +484,7 @@ class Gateway:
         moved = [ch for ch in self.state.channels if self.subscribed_at.get(ch) != self.follower.ring.owner_for(ch)]
         for channel in moved:
             self.resubscribes.inc()
-            self.queue_sub(channel)
+            self.queue_sub(channel, catch_up=True)
 
 
 def load_secret(args: Any) -> str:

@@ -188,6 +188,16 @@ class GatewayState:
         self.gaps[channel] = []
         return Fetch(channel, cursor, last_seq)
 
+    def catch_up(self, channel: str) -> Fetch | None:
+        """The channel moved to a new owner (or its owner restarted) that may not
+        hold what we missed: hold live events and fetch everything after the
+        cursor from the webapp; :meth:`fill` then delivers both in order."""
+        cursor = self.cursor.get(channel)
+        if cursor is None or cursor == LIVE_ONLY or channel in self.gaps:
+            return None
+        self.gaps[channel] = []
+        return Fetch(channel, cursor, None)
+
     def fill(self, channel: str, events: list[tuple[int, bytes]]) -> Fetch | None:
         """History for a gap arrived: deliver it and everything held behind it, in order.
 
