@@ -5,7 +5,9 @@ to the Channel Server that owns it. On ``not_owner`` or a broken connection it
 refreshes the ring and retries, with backoff, for at most
 ``--route-budget-s`` seconds; after that it answers ``unavailable`` and the
 webapp's ordered hand-off retries. Forwarding keeps arrival order: a request
-is written to the owner's connection before the next one is read.
+is written to the owner's connection before the next one is read, and while
+one publish for a slot is retrying (the slot is failing over), later ones for
+that slot queue behind it instead of racing it to the new owner.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class AdminServer:
         self.follower = RingFollower(self.discovery)
         self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
         self.links: dict[str, PeerLink] = {}
+        # Slots whose owner is failing: later publishes for the slot wait here
+        # (in arrival order) until the first one gets through or gives up.
+        self.held_slots: dict[str, asyncio.Future[None]] = {}
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
         self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
@@ -123,34 +128,47 @@ class AdminServer:
         channel = msg["ch"]
         pub = {k: msg[k] for k in ("ch", "seq", "json", "t0", "ctl", "eid") if k in msg}
         pub["op"] = "pub"
+        slot = self.follower.ring.slot_for(channel) or ""
+        held = self.held_slots.get(slot)
+        if held is not None:  # the slot is failing over: queue behind the publish that is retrying
+            await asyncio.shield(held)
         delays = backoff_delays()
-        while True:
-            owner = self.follower.ring.owner_for(channel)
-            reason = "no_owner"
-            if owner is not None and owner in self.channel_servers.instances:
+        retrying: asyncio.Future[None] | None = None
+        try:
+            while True:
+                owner = self.follower.ring.owner_for(channel)
+                reason = "no_owner"
+                if owner is not None and owner in self.channel_servers.instances:
+                    try:
+                        remaining = max(0.05, min(FORWARD_TIMEOUT_S, deadline - time.monotonic()))
+                        pub["rv"] = self.follower.ring.version
+                        reply = await self.link_to(owner).request(pub, timeout_s=remaining)
+                        self.forwarded.inc()
+                        self.latency.observe(time.monotonic() - started)
+                        return wire.reply_ok(request_id, cs=owner, duplicate=bool(reply.get("duplicate")))
+                    except NotOwner:
+                        reason = "not_owner"
+                    except (ConnectionLost, RequestTimeout):
+                        reason = "unreachable"
+                    except PeerError as exc:
+                        self.metrics.error("cs_" + exc.code)
+                        return wire.reply_err(request_id, exc.code, str(exc))
+                self.retries.labels(reason).inc()
+                if retrying is None and slot not in self.held_slots:
+                    retrying = self.held_slots[slot] = asyncio.get_running_loop().create_future()
+                if time.monotonic() >= deadline:
+                    self.given_up.inc()
+                    log.warning("giving up on %s after %.1fs (%s)", msg.get("eid", channel), self.args.route_budget_s, reason)
+                    return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
                 try:
-                    remaining = max(0.05, min(FORWARD_TIMEOUT_S, deadline - time.monotonic()))
-                    reply = await self.link_to(owner).request(pub, timeout_s=remaining)
-                    self.forwarded.inc()
-                    self.latency.observe(time.monotonic() - started)
-                    return wire.reply_ok(request_id, cs=owner, duplicate=bool(reply.get("duplicate")))
-                except NotOwner:
-                    reason = "not_owner"
-                except (ConnectionLost, RequestTimeout):
-                    reason = "unreachable"
-                except PeerError as exc:
-                    self.metrics.error("cs_" + exc.code)
-                    return wire.reply_err(request_id, exc.code, str(exc))
-            self.retries.labels(reason).inc()
-            if time.monotonic() >= deadline:
-                self.given_up.inc()
-                log.warning("giving up on %s after %.1fs (%s)", msg.get("eid", channel), self.args.route_budget_s, reason)
-                return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
-            try:
-                await self.follower.refresh()
-            except Exception as exc:  # Consul unreachable: keep the old ring, try again
-                log.debug("ring refresh failed: %s", exc)
-            await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+                    await self.follower.refresh()
+                except Exception as exc:  # Consul unreachable: keep the old ring, try again
+                    log.debug("ring refresh failed: %s", exc)
+                await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+        finally:
+            if retrying is not None:  # release the publishes queued behind this one, in order
+                del self.held_slots[slot]
+                retrying.set_result(None)
 
 
 def build_parser() -> Parser:

@@ -30,7 +30,7 @@ from services import logs, wire
 from services.config import Parser, advertised, instance_id, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
 from services.directory import RingFollower
-from services.discovery import Discovery
+from services.discovery import Discovery, fault_routes
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_service
@@ -73,6 +73,14 @@ class ChannelServer:
         m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
             lambda: self.follower.ring.version
         )
+        m.gauge("rtm_cs_slots", "Ring slots this channel server owns").set_function(
+            lambda: len(self.follower.ring.doc.slots_of(self.instance_id))
+        )
+        m.gauge("rtm_cs_fenced", "1 while this server refuses everything because its Consul lease lapsed").set_function(
+            lambda: 1 if self.is_fenced() else 0
+        )
+        self.role = args.role  # registered tag; follows the ring once it lists us
+        self.fenced = False  # our Consul lease lapsed: serve nothing until we have re-read the ring
         self.server: asyncio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -84,8 +92,10 @@ class ChannelServer:
         self.server = await serve(args.host, args.port, self.make_connection)
         self.port = int(self.server.sockets[0].getsockname()[1])
         self.metrics_port, self._stop_metrics = await start_metrics_server(
-            args.host, args.metrics_port, self.metrics, self.health
+            args.host, args.metrics_port, self.metrics, self.health,
+            fault_routes(self.discovery) if args.debug_faults else None,
         )
+        self.discovery.on_lease_restored = self.on_lease_restored
         self.follower.start()
         address = advertised(args.host, args.advertise_host)
         await self.discovery.register(
@@ -93,7 +103,7 @@ class ChannelServer:
             self.instance_id,
             address,
             self.port,
-            tags=[f"role={args.role}"],
+            tags=[f"role={self.role}"],
             meta={"metrics_port": str(self.metrics_port)},
             ttl_s=args.ttl_s,
         )
@@ -121,7 +131,40 @@ class ChannelServer:
             "channels": len(self.table.subscribers),
             "gateways": len(self.gateways),
             "consul": self.discovery.consul_ok,
+            "role": self.role,
+            "fenced": self.is_fenced(),
         }
+
+    # -- ownership and fencing ---------------------------------------------------------
+    def is_fenced(self) -> bool:
+        """True while we may have lost our slot without knowing: our TTL lapsed
+        (CHARM may have promoted a spare), and we have not re-read the ring since."""
+        if self.discovery.lease_lapsed(self.args.ttl_s):
+            if not self.fenced:
+                log.error("Consul lease lapsed: refusing every channel until the ring is re-read")
+                self.fenced = True
+        return self.fenced
+
+    async def on_lease_restored(self) -> None:
+        try:
+            await self.follower.refresh()
+        except Exception as exc:
+            log.warning("ring refresh after the lease came back failed: %s", exc)
+            return
+        if self.fenced:
+            log.warning("Consul lease restored and ring v%s re-read: serving again", self.follower.ring.version)
+        self.fenced = False
+
+    def check_version(self, msg: dict[str, Any]) -> None:
+        """A peer acting on a newer ring than ours: read the ring now."""
+        if int(msg.get("rv", 0)) > self.follower.ring.version:
+            asyncio.ensure_future(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.follower.refresh()
+        except Exception as exc:
+            log.debug("ring refresh failed: %s", exc)
 
     # -- connections ------------------------------------------------------------------
     def make_connection(self) -> PeerConnection:
@@ -143,7 +186,11 @@ class ChannelServer:
         left = self.table.drop_gateway(index)
         log.info("gateway %s disconnected (%s); left %d channels", conn.state.get("gw"), reason, left)
 
-    def owns(self, channel: str) -> bool:
+    def owns(self, channel: str, peer_version: int = 0) -> bool:
+        """We own ``channel`` in our ring version, that version is not older than
+        the peer's, and our lease is intact."""
+        if peer_version > self.follower.ring.version or self.is_fenced():
+            return False
         return self.follower.ring.owner_for(channel) == self.instance_id
 
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
@@ -179,11 +226,13 @@ class ChannelServer:
 
     def handle_sub(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         index = self._gateway_index(conn, str(msg["gw"]))
+        self.check_version(msg)
+        peer_version = int(msg.get("rv", 0))
         refused: list[str] = []
         last: dict[str, int] = {}
         for channel, since_seq in msg["chans"]:
             channel = str(channel)
-            if not self.owns(channel):
+            if not self.owns(channel, peer_version):
                 refused.append(channel)
                 continue
             for frame in self.table.subscribe(index, channel, int(since_seq)):
@@ -203,7 +252,8 @@ class ChannelServer:
 
     def handle_pub(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         channel = str(msg["ch"])
-        if not self.owns(channel):
+        self.check_version(msg)
+        if not self.owns(channel, int(msg.get("rv", 0))):
             self.not_owner.labels("pub").inc()
             return wire.reply_err(request_id, ErrorCode.NOT_OWNER, channel, version=self.follower.ring.version)
         seq = msg.get("seq")
@@ -233,7 +283,12 @@ class ChannelServer:
 
     # -- ring changes ------------------------------------------------------------------
     def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
-        lost = [ch for ch in self.table.known_channels() if not self.owns(ch)]
+        role = "active" if new.slots_of(self.instance_id) else "spare"
+        if role != self.role:
+            log.warning("ring v%s: now %s (slots %s)", new.version, role, new.slots_of(self.instance_id) or "none")
+            self.role = role
+            asyncio.ensure_future(self._retag())
+        lost = [ch for ch in self.table.known_channels() if self.follower.ring.owner_for(ch) != self.instance_id]
         if not lost:
             return
         by_gateway: dict[int, list[str]] = {}
@@ -252,10 +307,18 @@ class ChannelServer:
                     pass
 
 
+    async def _retag(self) -> None:
+        try:
+            await self.discovery.retag(self.instance_id, [f"role={self.role}"])
+        except Exception as exc:
+            log.warning("re-registering as %s failed: %s", self.role, exc)
+
+
 def build_parser() -> Parser:
     parser = service_parser("rtm channel-server", "Run one Channel Server.", DEFAULT_PORT)
     parser.add("--history-events", DEFAULT_HISTORY_EVENTS, "events of history held per channel")
     parser.add("--role", "active", "registered role tag: active or spare")
+    parser.add("--debug-faults", False, "serve POST /debug/consul-partition on the metrics port (tests only)")
     parser.add("--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off")
     return parser
 

@@ -352,7 +352,8 @@ class Gateway:
         if not chans:
             return
         try:
-            reply = await link.request({"op": "sub", "gw": self.instance_id, "chans": chans}, SUBSCRIBE_TIMEOUT_S)
+            request = {"op": "sub", "gw": self.instance_id, "chans": chans, "rv": self.follower.ring.version}
+            reply = await link.request(request, SUBSCRIBE_TIMEOUT_S)
         except (ConnectionLost, RequestTimeout) as exc:
             # The link's on_connected resubscribes everything we hold there.
             log.info("sub at %s failed (%s); the link resubscribes on reconnect", owner, exc)

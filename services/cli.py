@@ -16,10 +16,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "admin-server": ("admin_server.app", "one Admin Server"),
     "channel-server": ("channel_server.app", "one Channel Server"),
     "gateway": ("gateway.app", "one Gateway Server"),
+    "charm": ("charm.app", "one CHARM ring manager"),
+    "ring": ("charm.operator", "show the rings, add or remove a slot (through the CHARM leader)"),
+    "kill": ("services.operator", "SIGKILL one process of a running fleet (demos and tests)"),
     "seed": ("webapp_stub.seed", "create the demo team in a data directory"),
     "tail": ("services.demo_client", "connect as a seeded user and print events as they arrive"),
     "post": ("services.demo_client", "post a message as a seeded user"),
-    "status": ("services.fleet_status", "print the fleet: instances, health, ring"),
+    "status": ("services.operator", "print the fleet: instances, health, rings, CHARM leader"),
 }
 
 USAGE = "usage: rtm COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    if command in ("tail", "post"):
+    if command in ("tail", "post", "status", "kill"):
         return int(module.main([command, *rest]))
     return int(module.main(rest))
 

@@ -49,7 +49,7 @@ class RingFollower:
         if doc.slots and self.ring.update(doc):
             log.info("ring %s now at version %s: %s", self.key, doc.version, doc.slots)
             self._ready.set()
-            if self.on_change is not None and old.version:
+            if self.on_change is not None:
                 self.on_change(old, doc)
 
     async def refresh(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ import consul
 import consul.aio
 
 from services.config import DEFAULT_DEREGISTER_AFTER_S, split_host_port
+from services.errors import ConnectionLost
 
 log = logging.getLogger("rtm.discovery")
 
@@ -81,8 +83,23 @@ class Discovery:
         self.consul_addr = f"{host}:{port}"
         self.client = consul.aio.Consul(host=host, port=port)
         self._registered: list[str] = []
+        self._registrations: dict[str, dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.consul_ok = True  # False while the TTL loop cannot reach Consul
+        self.lease_ok_at = time.monotonic()  # when Consul last accepted our TTL pass
+        self.on_lease_restored: Callable[[], Awaitable[None]] | None = None
+        # Fault injection for partition tests (``--debug-faults``): every
+        # Consul call fails as if the network to Consul were cut.
+        self.partitioned = False
+
+    def _check_partition(self) -> None:
+        if self.partitioned:
+            raise ConnectionLost("partitioned from Consul (fault injection)")
+
+    def lease_lapsed(self, ttl_s: float) -> bool:
+        """True when Consul has not heard from us for a whole TTL: it has (or
+        soon will have) marked us critical, and CHARM may have given our slot away."""
+        return time.monotonic() - self.lease_ok_at > ttl_s
 
     # -- registration --------------------------------------------------------
     async def register(
@@ -98,6 +115,9 @@ class Discovery:
         deregister_after_s: float = DEFAULT_DEREGISTER_AFTER_S,
     ) -> None:
         """Register with a TTL check, mark it passing, and keep it passing."""
+        self._registrations[instance_id] = dict(
+            service=service, address=address, port=port, meta=meta or {}, ttl_s=ttl_s, deregister_after_s=deregister_after_s
+        )
         check = {
             "CheckID": f"service:{instance_id}",
             "Name": f"{service} alive",
@@ -113,17 +133,33 @@ class Discovery:
             meta=meta or {},
             check=check,
         )
-        self._registered.append(instance_id)
-        await self.client.agent.check.ttl_pass(f"service:{instance_id}")
-        self.spawn(self._ttl_loop(instance_id, ttl_s), f"ttl-{instance_id}")
+        if instance_id not in self._registered:
+            self._registered.append(instance_id)
+            await self.client.agent.check.ttl_pass(f"service:{instance_id}")
+            self.lease_ok_at = time.monotonic()
+            self.spawn(self._ttl_loop(instance_id, ttl_s), f"ttl-{instance_id}")
+
+    async def retag(self, instance_id: str, tags: list[str]) -> None:
+        """Register again with new tags (Consul keeps the check's status)."""
+        self._check_partition()
+        reg = self._registrations[instance_id]
+        await self.register(
+            reg["service"], instance_id, reg["address"], reg["port"], tags=tags, meta=reg["meta"],
+            ttl_s=reg["ttl_s"], deregister_after_s=reg["deregister_after_s"],
+        )
 
     async def _ttl_loop(self, instance_id: str, ttl_s: float) -> None:
         check_id = f"service:{instance_id}"
         while True:
             await asyncio.sleep(ttl_s / 3)
             try:
+                self._check_partition()
                 await self.client.agent.check.ttl_pass(check_id)
+                restored = not self.consul_ok or self.lease_lapsed(ttl_s)
                 self.consul_ok = True
+                self.lease_ok_at = time.monotonic()
+                if restored and self.on_lease_restored is not None:
+                    await self.on_lease_restored()
             except Exception as exc:  # Consul down or restarted: keep trying
                 if self.consul_ok:
                     log.warning("TTL pass for %s failed: %s", instance_id, exc)
@@ -139,6 +175,7 @@ class Discovery:
 
     # -- queries --------------------------------------------------------------
     async def healthy(self, service: str, index: int | None = None, wait_s: int | None = None) -> tuple[int, list[Instance]]:
+        self._check_partition()
         kwargs: dict[str, Any] = {"passing": True}
         if index is not None:
             kwargs.update(index=index, wait=f"{wait_s or BLOCKING_WAIT_S}s")
@@ -146,6 +183,7 @@ class Discovery:
         return int(new_index), [Instance.from_health_entry(e) for e in entries]
 
     async def get_key(self, key: str, index: int | None = None, wait_s: int | None = None) -> tuple[int, bytes | None]:
+        self._check_partition()
         kwargs: dict[str, Any] = {}
         if index is not None:
             kwargs.update(index=index, wait=f"{wait_s or BLOCKING_WAIT_S}s")
@@ -224,3 +262,20 @@ class Discovery:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.close()
+
+
+def fault_routes(discovery: Discovery) -> list[Any]:
+    """Test-only HTTP routes (enabled by ``--debug-faults``) that cut this process off from Consul.
+
+    ``POST /debug/consul-partition?on=1`` makes every Consul call fail (the TTL
+    lapses, watches stall) while the process keeps serving its peers;
+    ``on=0`` heals it. Used by the split-brain tests.
+    """
+    from aiohttp import web
+
+    async def partition(request: web.Request) -> web.Response:
+        discovery.partitioned = request.query.get("on", "1") not in ("0", "false")
+        log.warning("fault injection: partitioned from Consul = %s", discovery.partitioned)
+        return web.json_response({"ok": True, "partitioned": discovery.partitioned})
+
+    return [web.post("/debug/consul-partition", partition)]

@@ -1,7 +1,8 @@
 """``rtm up``: the whole fleet on one machine, as separate processes, supervised.
 
-Start order: dev Consul (unless ``--consul`` points at a real one), the ring
-document, channel servers, admin servers, the webapp, gateways. Each process
+Start order: dev Consul (unless ``--consul`` points at a real one), channel
+servers (actives and a spare), CHARMs (the leader writes the channel ring),
+admin servers, the webapp, gateways. Each process
 is started with :func:`services.launcher.start` and counts as up once it has
 printed its ready line (it is registered in Consul and serving by then).
 
@@ -9,7 +10,8 @@ Once everything is up, ``DATA_DIR/fleet.json`` lists every process (service,
 instance id, address, port, metrics port, pid) and the webapp and Consul URLs;
 ``DATA_DIR/seed.json`` lists the demo users (with tokens) and channels. A
 crashed child is reported and restarted with the same arguments (so it keeps
-its instance id and its ring slot). Ctrl-C or SIGTERM stops everything,
+its instance id; if CHARM gave its slot to a spare meanwhile, it comes back as
+a spare). Ctrl-C or SIGTERM stops everything,
 gateways first, Consul last.
 
 Every port derives from ``--port-base`` (see :func:`plan`), so two fleets run
@@ -59,18 +61,26 @@ class ProcessSpec:
 
 def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[ProcessSpec]:
     """The processes of the fleet with their ports: base+0 Consul, +1 webapp,
-    +10.. admin servers, +20.. channel servers, +40.. gateways; each
-    process's metrics port is its port + 100."""
+    +10.. admin servers, +20.. channel servers (actives, then spares), +30..
+    CHARMs, +40.. gateways; each process's metrics port is its port + 100."""
     base = args.port_base
     host = args.host
     common = ["--host", host, "--consul", consul_addr]
     specs: list[ProcessSpec] = []
-    for i in range(args.channel_servers):
+    for i in range(args.channel_servers + args.spares):
         port = base + 20 + i
-        iid = f"cs-{i}-{uuid.uuid4().hex[:6]}"
+        role = "active" if i < args.channel_servers else "spare"
+        iid = f"cs-{uuid.uuid4().hex[:6]}"
         specs.append(ProcessSpec(iid, "channel-server", rtm_argv(
             "channel-server", *common, "--port", str(port), "--metrics-port", str(port + 100),
-            "--instance-id", iid, "--history-events", str(args.history_events)), port))
+            "--instance-id", iid, "--history-events", str(args.history_events), "--role", role,
+            "--ttl-s", str(args.ttl_s), *(["--debug-faults"] if args.debug_faults else [])), port))
+    for i in range(args.charms):
+        port = base + 30 + i
+        iid = f"charm-{i}"
+        specs.append(ProcessSpec(iid, "charm", rtm_argv(
+            "charm", *common, "--port", str(port), "--metrics-port", str(port + 100), "--instance-id", iid,
+            "--channel-slots", str(args.channel_servers)), port))
     for i in range(args.admin_servers):
         port = base + 10 + i
         iid = f"as-{i}"
@@ -100,17 +110,20 @@ def ensure_secret(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def write_ring(consul_addr: str, cs_ids: list[str]) -> RingDocument:
-    """Until CHARM runs the ring, ``rtm up`` writes it: slot cs-i -> the i-th channel server."""
+def wait_for_ring(consul_addr: str, timeout_s: float) -> RingDocument:
+    """Block until CHARM has written the channel ring (blocking queries, bounded)."""
     import consul
 
     host, port = split_host_port(consul_addr)
     client = consul.Consul(host=host, port=port)
-    _, current = client.kv.get(CHANNEL_RING_KEY)
-    old = RingDocument.from_json(current["Value"] if current else None)
-    doc = RingDocument(version=old.version + 1, slots={f"cs-{i}": iid for i, iid in enumerate(cs_ids)})
-    client.kv.put(CHANNEL_RING_KEY, doc.to_json().decode())
-    return doc
+    deadline = time.monotonic() + timeout_s
+    index = None
+    while time.monotonic() < deadline:
+        index, current = client.kv.get(CHANNEL_RING_KEY, index=index, wait="2s")
+        doc = RingDocument.from_json(current["Value"] if current else None)
+        if doc.slots and all(doc.slots.values()):
+            return doc
+    raise LaunchError(f"CHARM did not write a complete channel ring within {timeout_s}s")
 
 
 class Fleet:
@@ -140,12 +153,13 @@ class Fleet:
         specs = plan(self.args, self.data_dir, self.consul_addr)
         for spec in specs:
             self.specs[spec.name] = spec
-        write_ring(self.consul_addr, [s.name for s in specs if s.service == "channel-server"])
-        order = ["channel-server", "admin-server", "webapp", "gateway"]
+        order = ["channel-server", "charm", "admin-server", "webapp", "gateway"]
         with ThreadPoolExecutor(max_workers=8) as pool:
             for service in order:
                 group = [s for s in specs if s.service == service]
                 list(pool.map(self.launch, group))
+                if service == "charm":
+                    wait_for_ring(self.consul_addr, self.args.ready_timeout_s)
         self.write_fleet_json()
 
     def ensure_seed(self) -> dict[str, Any]:
@@ -235,7 +249,7 @@ Ctrl-C stops the fleet.""", flush=True)
 
     def down(self) -> None:
         self.stopping.set()
-        order = ["gateway", "webapp", "admin-server", "channel-server", "consul-dev"]
+        order = ["gateway", "webapp", "admin-server", "charm", "channel-server", "consul-dev"]
         for service in order:
             group = [p for n, p in self.running.items() if self.specs[n].service == service]
             threads = [threading.Thread(target=p.stop) for p in group]
@@ -254,7 +268,11 @@ def build_parser() -> Parser:
     parser.add_argument("--consul", default=os.environ.get("RTM_CONSUL", ""),
                         help="use this Consul (host:port) instead of starting the dev agent")
     parser.add("--admin-servers", 2, "admin servers")
-    parser.add("--channel-servers", 3, "active channel servers")
+    parser.add("--channel-servers", 3, "active channel servers (= slots of the channel ring)")
+    parser.add("--spares", 1, "spare channel servers CHARM promotes when an active one fails")
+    parser.add("--charms", 2, "CHARM ring managers (one leads)")
+    parser.add("--ttl-s", 2.0, "Consul TTL of channel servers: a partitioned server is replaced after this")
+    parser.add("--debug-faults", False, "let tests inject faults (POST /debug/consul-partition on channel servers)")
     parser.add("--regions", "us-east,eu-west", "gateway regions, comma-separated")
     parser.add("--gateways-per-region", 1, "gateways in each region")
     parser.add("--history-events", 100, "events of history per channel on channel servers")

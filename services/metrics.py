@@ -63,11 +63,11 @@ def metrics_routes(metrics: ServiceMetrics, health: HealthFn) -> list[web.RouteD
 
 
 async def start_metrics_server(
-    host: str, port: int, metrics: ServiceMetrics, health: HealthFn
+    host: str, port: int, metrics: ServiceMetrics, health: HealthFn, extra_routes: list[web.RouteDef] | None = None
 ) -> tuple[int, Callable[[], Awaitable[None]]]:
-    """Serve ``/metrics`` and ``/healthz``; return the bound port and a stop function."""
+    """Serve ``/metrics`` and ``/healthz`` (and ``extra_routes``); return the bound port and a stop function."""
     app = web.Application()
-    app.add_routes(metrics_routes(metrics, health))
+    app.add_routes(metrics_routes(metrics, health) + (extra_routes or []))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

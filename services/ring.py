@@ -24,6 +24,8 @@ from uhashring import HashRing as _Ketama
 
 CHANNEL_RING_KEY = "rtm/ring/channel"
 PRESENCE_RING_KEY = "rtm/ring/presence"
+# The CHARM leader's lock; its value names the leader: {"id", "host", "port"}.
+CHARM_LEADER_KEY = "rtm/charm/leader"
 # Lookups are cached per key until the version changes; the bound keeps a
 # gateway that sees millions of distinct channels from growing without limit.
 MAX_CACHED_LOOKUPS = 200_000

@@ -36,6 +36,7 @@ class Ticket:
     gateway: str
     expires_at: float
     nonce: str
+    resume: str = ""  # id of a resume record at the webapp: the connection was moved, replay what it missed
 
 
 def _b64(raw: bytes) -> str:
@@ -46,11 +47,13 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def mint(secret: bytes, user: str, team: str, gateway: str, now_s: float, ttl_s: float = TICKET_TTL_S) -> str:
-    payload = json.dumps(
-        {"u": user, "t": team, "g": gateway, "exp": round(now_s + ttl_s, 3), "n": secrets.token_hex(8)},
-        separators=(",", ":"),
-    ).encode()
+def mint(
+    secret: bytes, user: str, team: str, gateway: str, now_s: float, ttl_s: float = TICKET_TTL_S, resume: str = ""
+) -> str:
+    body = {"u": user, "t": team, "g": gateway, "exp": round(now_s + ttl_s, 3), "n": secrets.token_hex(8)}
+    if resume:
+        body["r"] = resume
+    payload = json.dumps(body, separators=(",", ":")).encode()
     signature = hmac.new(secret, payload, hashlib.sha256).digest()
     return _b64(payload) + "." + _b64(signature)
 
@@ -77,7 +80,7 @@ class TicketVerifier:
             data = json.loads(payload)
             ticket = Ticket(
                 user=str(data["u"]), team=str(data["t"]), gateway=str(data["g"]),
-                expires_at=float(data["exp"]), nonce=str(data["n"]),
+                expires_at=float(data["exp"]), nonce=str(data["n"]), resume=str(data.get("r", "")),
             )
         except (ValueError, KeyError, TypeError):
             raise InvalidTicket("malformed ticket payload") from None

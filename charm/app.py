@@ -1,0 +1,377 @@
+"""CHARM: the leader-elected manager of the consistent-hash rings.
+
+Several CHARMs run; exactly one leads, by holding the Consul lock
+``rtm/charm/leader`` with a session that is tied to its own TTL check (so a
+dead leader's session dies with its check, a few seconds, and the lock-delay
+after it is short). The leader:
+
+* keeps the channel ring (``rtm/ring/channel``, slots ``cs-N`` ->
+  ``channel-server`` instances) and the presence ring (``rtm/ring/presence``,
+  slots ``ps-N`` -> ``presence`` instances);
+* watches each service's healthy instances with blocking queries, and also
+  holds a TCP probe to every slot owner, so a process that dies is noticed at
+  once (its socket closes and the port refuses) rather than after its TTL;
+* when a slot's owner is dead it promotes a live spare into the slot and
+  writes the document, version + 1, with CAS; with no spare left it reports
+  the slot degraded (log, ``rtm_charm_degraded_slots``, ``rtm status``) and
+  keeps trying;
+* serves operator requests on its msgpack port (``rtm ring add-slot`` /
+  ``remove-slot``); a standby answers ``not_leader`` naming the leader.
+
+The decisions themselves are pure functions in :mod:`charm.state`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from charm import state
+from services import logs, wire
+from services.config import Parser, advertised, instance_id, service_parser
+from services.connection import PeerConnection, serve
+from services.discovery import Discovery, Instance
+from services.errors import ErrorCode
+from services.metrics import ServiceMetrics, start_metrics_server
+from services.process import StopFn, run_service
+from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY as LEADER_KEY, PRESENCE_RING_KEY, RingDocument
+
+log = logging.getLogger("rtm.charm")
+
+SERVICE = "charm"
+DEFAULT_PORT = 7300
+SESSION_TTL_S = 10  # Consul's minimum; the session also dies with our TTL check, which is faster
+LOCK_DELAY_S = 1  # how long Consul keeps a dead leader's lock from being taken (Consul's default is 15)
+RECONCILE_INTERVAL_S = 5  # also reconcile this often, whatever the watches say
+PROBE_CONFIRM_ATTEMPTS = 3  # reconnects refused in a row before a closed probe means "dead"
+PROBE_RETRY_DELAY_S = 0.1
+PROBE_CONNECT_TIMEOUT_S = 1.0
+WRITE_RETRY_DELAY_S = 0.2
+NOT_LEADER = "not_leader"
+
+RINGS = {
+    "channel": ("channel-server", CHANNEL_RING_KEY, "cs"),
+    "presence": ("presence", PRESENCE_RING_KEY, "ps"),
+}
+
+
+class RingManager:
+    """The leader's keeper of one ring."""
+
+    def __init__(self, charm: Charm, name: str, slot_count: int) -> None:
+        self.charm = charm
+        self.name = name
+        self.service, self.key, self.prefix = RINGS[name]
+        self.slot_count = slot_count
+        self.healthy: list[Instance] = []
+        self.dead: set[str] = set()  # owners whose probe says the process is gone
+        self.probes: dict[str, asyncio.Task[None]] = {}
+        self.doc = RingDocument(version=0, slots={})
+        self.wake = asyncio.Event()
+        self.lock = asyncio.Lock()
+
+    def alive(self) -> list[state.Candidate]:
+        return [state.Candidate(i.id, i.tag("role") == "spare") for i in self.healthy if i.id not in self.dead]
+
+    async def run(self) -> None:
+        """Lead this ring until cancelled."""
+        watch = asyncio.create_task(self.watch_loop())
+        try:
+            while True:
+                await self.reconcile()
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), RECONCILE_INTERVAL_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            watch.cancel()
+            for probe in self.probes.values():
+                probe.cancel()
+            self.probes.clear()
+
+    async def watch_loop(self) -> None:
+        index: int | None = None
+        while True:
+            try:
+                index, instances = await self.charm.discovery.healthy(self.service, index=index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watching %s failed: %s", self.service, exc)
+                index = None
+                await asyncio.sleep(WRITE_RETRY_DELAY_S)
+                continue
+            if instances != self.healthy:
+                self.healthy = instances
+                live = {i.id: i for i in instances}
+                self.dead = {d for d in self.dead if d in live}
+                for owner in self.dead:  # registered again: a restarted process, or still the dead one?
+                    asyncio.create_task(self.revive_check(owner, live[owner].address, live[owner].port))
+                self.wake.set()
+
+    async def reconcile(self) -> None:
+        async with self.lock:
+            modify_index, raw = await self.charm.discovery.key_modify_index(self.key)
+            doc = RingDocument.from_json(raw)
+            alive = self.alive()
+            if not doc.slots:
+                new = state.initial(self.prefix, self.slot_count, alive) if alive else None
+                if new is not None and doc.version:
+                    new = RingDocument(version=doc.version + 1, slots=new.slots)
+            else:
+                new = state.reconcile(doc, alive)
+            if new is not None:
+                await self.write(doc, new, modify_index, "failover" if doc.slots else "initial")
+            else:
+                self.doc = doc
+            self.after_change()
+
+    async def write(self, old: RingDocument, new: RingDocument, modify_index: int, reason: str) -> bool:
+        state.check_invariants(new)
+        ok = await self.charm.discovery.put_key(self.key, new.to_json(), cas=modify_index)
+        self.charm.ring_writes.labels(self.name, "ok" if ok else "cas_conflict").inc()
+        if not ok:
+            self.wake.set()  # somebody else wrote: read again
+            return False
+        moved = {s: (old.slots.get(s), o) for s, o in new.slots.items() if old.slots.get(s) != o}
+        if reason == "failover":
+            self.charm.failovers.labels(self.name).inc(len(moved))
+        log.warning("%s ring v%s -> v%s (%s): %s", self.name, old.version, new.version, reason, moved or new.slots)
+        self.doc = new
+        return True
+
+    def after_change(self) -> None:
+        alive_ids = {c.id for c in self.alive()}
+        degraded = state.degraded_slots(self.doc, alive_ids) if self.doc.slots else []
+        self.charm.degraded.labels(self.name).set(len(degraded))
+        self.charm.ring_version.labels(self.name).set(self.doc.version)
+        if degraded:
+            log.error("%s ring v%s DEGRADED: slots %s have no live owner and no spare is left",
+                      self.name, self.doc.version, degraded)
+        owners = {o for o in self.doc.slots.values() if o}
+        for gone in [o for o in self.probes if o not in owners]:
+            self.probes.pop(gone).cancel()
+        by_id = {i.id: i for i in self.healthy}
+        for owner in owners:
+            if owner not in self.probes and owner in by_id:
+                inst = by_id[owner]
+                self.probes[owner] = asyncio.create_task(self.probe(owner, inst.address, inst.port))
+
+    async def probe(self, owner: str, host: str, port: int) -> None:
+        """Hold a TCP connection to ``owner``; when it closes and the port refuses, it is dead."""
+        try:
+            while True:
+                try:
+                    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S)
+                except (OSError, asyncio.TimeoutError):
+                    refused = 1
+                else:
+                    await reader.read()  # returns when the peer closes
+                    writer.close()
+                    refused = 0
+                while refused < PROBE_CONFIRM_ATTEMPTS:
+                    await asyncio.sleep(PROBE_RETRY_DELAY_S)
+                    try:
+                        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S)
+                    except (OSError, asyncio.TimeoutError):
+                        refused += 1
+                        continue
+                    writer.close()
+                    break
+                if refused >= PROBE_CONFIRM_ATTEMPTS:
+                    log.warning("%s owner %s at %s:%s is gone (probe refused)", self.name, owner, host, port)
+                    self.dead.add(owner)
+                    self.wake.set()
+                    return
+        finally:
+            self.probes.pop(owner, None)
+
+    async def revive_check(self, owner: str, host: str, port: int) -> None:
+        """A process marked dead is registered and healthy again: if it accepts
+        connections it was restarted, and may serve as a spare."""
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError):
+            return
+        writer.close()
+        if owner in self.dead:
+            log.info("%s instance %s is back (restarted); it can serve as a spare", self.name, owner)
+            self.dead.discard(owner)
+            self.wake.set()
+
+    # -- operator changes --------------------------------------------------------
+    async def change(self, op: str, slot: str = "") -> RingDocument:
+        async with self.lock:
+            modify_index, raw = await self.charm.discovery.key_modify_index(self.key)
+            doc = RingDocument.from_json(raw)
+            if op == "add_slot":
+                new = state.add_slot(doc, self.prefix, self.alive())
+            else:
+                new = state.remove_slot(doc, slot)
+            if not await self.write(doc, new, modify_index, op):
+                raise state.RingChangeRefused("the ring changed meanwhile; try again")
+            self.after_change()
+            return new
+
+
+class Charm:
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.instance_id = args.instance_id
+        self.discovery = Discovery(args.consul)
+        self.managers = {
+            "channel": RingManager(self, "channel", args.channel_slots),
+            "presence": RingManager(self, "presence", args.presence_slots),
+        }
+        self.leading = False
+        self.leader_info: dict[str, Any] = {}
+        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
+        m = self.metrics
+        self.is_leader = m.gauge("rtm_charm_is_leader", "1 while this CHARM leads")
+        self.failovers = m.counter("rtm_charm_failovers_total", "Slots moved to a spare because their owner died", ["ring"])
+        self.degraded = m.gauge("rtm_charm_degraded_slots", "Slots with no live owner and no spare", ["ring"])
+        self.ring_version = m.gauge("rtm_charm_ring_version", "Ring version as last read or written by the leader", ["ring"])
+        self.ring_writes = m.counter("rtm_charm_ring_writes_total", "Ring document writes by outcome", ["ring", "outcome"])
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.address = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: str | None = None
+        self._stop_metrics: StopFn | None = None
+
+    async def start(self) -> dict[str, Any]:
+        args = self.args
+        self.server = await serve(args.host, args.port, self.make_connection)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        metrics_port, self._stop_metrics = await start_metrics_server(args.host, args.metrics_port, self.metrics, self.health)
+        self.address = advertised(args.host, args.advertise_host)
+        await self.discovery.register(
+            SERVICE, self.instance_id, self.address, self.port, meta={"metrics_port": str(metrics_port)}, ttl_s=args.ttl_s
+        )
+        self._tasks.append(asyncio.create_task(self.leadership_loop()))
+        return {"service": SERVICE, "id": self.instance_id, "host": self.address, "port": self.port, "metrics_port": metrics_port}
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:  # hand leadership over at once
+            try:
+                await self.discovery.client.kv.put(LEADER_KEY, "", release=self._session)
+                await self.discovery.client.session.destroy(self._session)
+            except Exception as exc:
+                log.warning("releasing leadership failed: %s", exc)
+        await self.discovery.close()
+        if self.server is not None:
+            self.server.close()
+        if self._stop_metrics is not None:
+            await self._stop_metrics()
+
+    def health(self) -> dict[str, Any]:
+        return {"leader": self.leading, "consul": self.discovery.consul_ok}
+
+    # -- leadership ----------------------------------------------------------------
+    async def leadership_loop(self) -> None:
+        client = self.discovery.client
+        me = json.dumps({"id": self.instance_id, "host": self.address, "port": self.port})
+        while True:
+            try:
+                self._session = await client.session.create(
+                    name=f"rtm-charm-{self.instance_id}",
+                    checks=["serfHealth", f"service:{self.instance_id}"],
+                    lock_delay=self.args.lock_delay_s,
+                    ttl=SESSION_TTL_S,
+                    behavior="release",
+                )
+                await self.campaign(self._session, me)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("leadership: %s; retrying", exc)
+            self._set_leading(False)
+            await asyncio.sleep(WRITE_RETRY_DELAY_S * 5)
+
+    async def campaign(self, session: str, me: str) -> None:
+        client = self.discovery.client
+        index: int | None = None
+        while True:
+            if await client.kv.put(LEADER_KEY, me, acquire=session):
+                break
+            index, data = await client.kv.get(LEADER_KEY, index=index, wait=f"{SESSION_TTL_S}s")
+            if data is not None and data.get("Value"):
+                self.leader_info = json.loads(data["Value"])
+        log.warning("%s is now the CHARM leader", self.instance_id)
+        self.leader_info = json.loads(me)
+        self._set_leading(True)
+        leading = [asyncio.create_task(m.run()) for m in self.managers.values()]
+        try:
+            while True:
+                await asyncio.sleep(SESSION_TTL_S / 3)
+                await client.session.renew(session)
+                _, data = await client.kv.get(LEADER_KEY)
+                if data is None or data.get("Session") != session:
+                    raise RuntimeError("lost the leader lock")
+        finally:
+            for task in leading:
+                task.cancel()
+            await asyncio.gather(*leading, return_exceptions=True)
+            log.warning("%s stopped leading", self.instance_id)
+
+    def _set_leading(self, leading: bool) -> None:
+        self.leading = leading
+        self.is_leader.set(1 if leading else 0)
+
+    # -- operator requests ------------------------------------------------------------
+    def make_connection(self) -> PeerConnection:
+        return PeerConnection(
+            name=f"{self.instance_id}<-operator",
+            on_request=self.handle_request,
+            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+        )
+
+    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
+        request_id = int(msg["id"])
+        op = msg["op"]
+        if op == "ping":
+            return wire.reply_ok(request_id, leader=self.leading)
+        if op not in ("ring_add_slot", "ring_remove_slot"):
+            self.metrics.error("unknown_op")
+            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+        if not self.leading:
+            return wire.reply_err(request_id, NOT_LEADER, "ask the leader", leader=self.leader_info)
+        manager = self.managers.get(str(msg.get("ring", "channel")))
+        if manager is None:
+            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"unknown ring {msg.get('ring')!r}")
+        return self.change(request_id, manager, op.removeprefix("ring_"), str(msg.get("slot", "")))
+
+    async def change(self, request_id: int, manager: RingManager, op: str, slot: str) -> dict[str, Any]:
+        try:
+            doc = await manager.change(op, slot)
+        except state.RingChangeRefused as exc:
+            return wire.reply_err(request_id, "refused", str(exc))
+        return wire.reply_ok(request_id, version=doc.version, slots=doc.slots)
+
+
+def build_parser() -> Parser:
+    parser = service_parser("rtm charm", "Run one CHARM (ring manager); several may run, one leads.", DEFAULT_PORT)
+    parser.add("--channel-slots", 3, "slots of the channel ring when CHARM creates it")
+    parser.add("--presence-slots", 2, "slots of the presence ring when CHARM creates it")
+    parser.add("--lock-delay-s", LOCK_DELAY_S, "Consul lock-delay of the leader session, seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.instance_id = instance_id("charm", args.instance_id)
+    logs.configure(args.instance_id, args.log_level)
+
+    async def start() -> tuple[dict[str, Any], StopFn]:
+        charm = Charm(args)
+        info = await charm.start()
+        return info, charm.stop
+
+    return run_service(start)
+

@@ -1,0 +1,64 @@
+"""``rtm ring show | add-slot | remove-slot SLOT``: the operator's view of the rings.
+
+``show`` reads the documents from Consul. Changes go through the CHARM
+leader (found in Consul under the leader key), the only writer of the rings:
+``add-slot`` gives a new slot to a spare (about 1/N of the keys move to it);
+``remove-slot`` drops a slot (its keys move to the others; its instance tells
+its gateways to resubscribe at the new owners, then serves as a spare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from charm.app import RINGS
+from services.connection import PeerConnection, connect
+from services.errors import PeerError
+from services.operator import consul_address, consul_client, leader_address, read_ring
+
+REQUEST_TIMEOUT_S = 10.0
+
+
+async def ask_leader(host: str, port: int, message: dict[str, Any]) -> dict[str, Any]:
+    conn = await connect(host, port, lambda: PeerConnection(name="rtm-ring"))
+    try:
+        return await conn.request(message, REQUEST_TIMEOUT_S)
+    finally:
+        conn.close()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rtm ring", description=__doc__)
+    parser.add_argument("action", choices=["show", "add-slot", "remove-slot"])
+    parser.add_argument("slot", nargs="?", default="", help="the slot to remove (remove-slot)")
+    parser.add_argument("--ring", choices=sorted(RINGS), default="channel")
+    parser.add_argument("--data-dir", default="./.rtm")
+    parser.add_argument("--consul", default="")
+    args = parser.parse_args(argv)
+    client = consul_client(consul_address(args.data_dir, args.consul))
+    key = RINGS[args.ring][1]
+    if args.action == "show":
+        doc = read_ring(client, key)
+        print(f"{args.ring} ring v{doc.version}")
+        for slot, owner in sorted(doc.slots.items()):
+            print(f"  {slot:<8} -> {owner or '(none)'}")
+        return 0
+    if args.action == "remove-slot" and not args.slot:
+        parser.error("remove-slot needs a SLOT")
+    leader = leader_address(client)
+    if leader is None:
+        print("rtm ring: no CHARM leader right now; try again", file=sys.stderr)
+        return 1
+    op = "ring_add_slot" if args.action == "add-slot" else "ring_remove_slot"
+    try:
+        reply = asyncio.run(ask_leader(leader["host"], int(leader["port"]), {"op": op, "ring": args.ring, "slot": args.slot}))
+    except PeerError as exc:
+        print(f"rtm ring: {args.action} refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.ring} ring now v{reply['version']} (via CHARM leader {leader['id']})")
+    for slot, owner in sorted(reply["slots"].items()):
+        print(f"  {slot:<8} -> {owner or '(none)'}")
+    return 0

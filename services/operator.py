@@ -1,0 +1,121 @@
+"""Operator commands over a running fleet.
+
+* ``rtm status``: the fleet as Consul sees it: instances per service with
+  health and tags, both rings with their versions (and degraded slots), and
+  the CHARM leader.
+* ``rtm kill SERVICE NAME``: SIGKILL one process, for demonstrations and
+  failure tests. NAME is an instance id, a ring slot (``cs-1``), or a pid;
+  pids come from ``DATA_DIR/fleet.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import consul
+
+from services.config import consul_default, env_default, split_host_port
+from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
+
+SERVICES = ("webapp", "admin-server", "channel-server", "gateway", "charm", "presence")
+
+
+def consul_address(data_dir: str, given: str = "") -> str:
+    if given:
+        return given
+    fleet = Path(data_dir) / "fleet.json"
+    if fleet.exists():
+        return str(json.loads(fleet.read_text())["consul_url"])
+    return consul_default()
+
+
+def consul_client(address: str) -> consul.Consul:
+    host, port = split_host_port(address)
+    return consul.Consul(host=host, port=port)
+
+
+def read_ring(client: consul.Consul, key: str) -> RingDocument:
+    _, raw = client.kv.get(key)
+    return RingDocument.from_json(raw["Value"] if raw else None)
+
+
+def status(args: argparse.Namespace) -> int:
+    address = consul_address(args.data_dir, args.consul)
+    client = consul_client(address)
+    try:
+        _, registered = client.catalog.services()
+    except Exception as exc:
+        print(f"rtm status: cannot reach Consul at {address}: {exc}")
+        return 1
+    healthy: dict[str, set[str]] = {}
+    for service in [s for s in SERVICES if s in registered] + sorted(set(registered) - set(SERVICES) - {"consul"}):
+        _, entries = client.health.service(service)
+        print(f"{service} ({len(entries)})")
+        for entry in entries:
+            svc = entry["Service"]
+            passing = all(c["Status"] == "passing" for c in entry["Checks"])
+            if passing:
+                healthy.setdefault(service, set()).add(svc["ID"])
+            tags = ",".join(svc.get("Tags") or [])
+            print(f"  {svc['ID']:<24} {svc['Address']}:{svc['Port']:<6} {'passing' if passing else 'critical':<9} {tags}")
+    for name, key, service in (("channel", CHANNEL_RING_KEY, "channel-server"), ("presence", PRESENCE_RING_KEY, "presence")):
+        doc = read_ring(client, key)
+        if not doc.slots:
+            print(f"{name} ring: none yet")
+            continue
+        alive = healthy.get(service, set())
+        degraded = [s for s, o in doc.slots.items() if o is None or o not in alive]
+        print(f"{name} ring v{doc.version}" + (f"  DEGRADED: {', '.join(sorted(degraded))}" if degraded else ""))
+        for slot, owner in sorted(doc.slots.items()):
+            state = "" if slot not in degraded else "   <- no live owner"
+            print(f"  {slot:<8} -> {owner or '(none)'}{state}")
+    info = leader_address(client)
+    print(f"CHARM leader: {info['id']} ({info['host']}:{info['port']})" if info else "CHARM leader: none")
+    return 0
+
+
+def find_pid(args: argparse.Namespace) -> tuple[int, str]:
+    fleet = json.loads((Path(args.data_dir) / "fleet.json").read_text())
+    procs = [p for p in fleet["processes"] if p["service"] == args.service]
+    if not procs:
+        raise SystemExit(f"rtm kill: no {args.service} in {args.data_dir}/fleet.json")
+    target = args.name
+    if args.service == "channel-server":  # a slot name stands for its current owner
+        doc = read_ring(consul_client(consul_address(args.data_dir, args.consul)), CHANNEL_RING_KEY)
+        target = doc.slots.get(target) or target
+    for proc in procs:
+        if target in (proc["id"], proc["name"], str(proc["pid"])):
+            return int(proc["pid"]), str(proc["id"])
+    known = ", ".join(p["id"] for p in procs)
+    raise SystemExit(f"rtm kill: no {args.service} named {args.name!r}; known: {known}")
+
+
+def kill(args: argparse.Namespace) -> int:
+    pid, instance = find_pid(args)
+    os.kill(pid, signal.SIGKILL)
+    print(f"killed {args.service} {instance} (pid {pid}) with SIGKILL")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    command, rest = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog=f"rtm {command}", description=__doc__)
+    parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"))
+    parser.add_argument("--consul", default="", help="Consul host:port (default: from DATA_DIR/fleet.json)")
+    if command == "kill":
+        parser.add_argument("service", choices=SERVICES)
+        parser.add_argument("name", help="instance id, ring slot (channel servers) or pid")
+        return kill(parser.parse_args(rest))
+    return status(parser.parse_args(rest))
+
+
+def leader_address(client: consul.Consul) -> dict[str, Any] | None:
+    _, leader = client.kv.get(CHARM_LEADER_KEY)
+    if leader and leader.get("Session") and leader.get("Value"):
+        return dict(json.loads(leader["Value"]))
+    return None
