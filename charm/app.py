@@ -3,7 +3,8 @@
 Several CHARMs run; exactly one leads, by holding the Consul lock
 ``rtm/charm/leader`` with a session that is tied to its own TTL check (so a
 dead leader's session dies with its check, a few seconds, and the lock-delay
-after it is short). The leader:
+after it is short). A CHARM restarted under the same id while it led ends
+its previous incarnation's session at once. The leader:
 
 * keeps the channel ring (``rtm/ring/channel``, slots ``cs-N`` ->
   ``channel-server`` instances) and the presence ring (``rtm/ring/presence``,
@@ -42,7 +43,10 @@ log = logging.getLogger("rtm.charm")
 
 SERVICE = "charm"
 DEFAULT_PORT = 7300
-SESSION_TTL_S = 10  # Consul's minimum; the session also dies with our TTL check, which is faster
+# The leader's session has no TTL of its own: it is bound to our service's
+# TTL check (and serfHealth), so it dies when we stop passing that check, a
+# few seconds after we die, instead of Consul's minimum session TTL of 10 s.
+LEADER_CHECK_S = 10  # blocking wait on the leader key, both leading and campaigning
 LOCK_DELAY_S = 1  # how long Consul keeps a dead leader's lock from being taken (Consul's default is 15)
 RECONCILE_INTERVAL_S = 5  # also reconcile this often, whatever the watches say
 PROBE_CONFIRM_ATTEMPTS = 3  # reconnects refused in a row before a closed probe means "dead"
@@ -70,6 +74,7 @@ class RingManager:
         self.probes: dict[str, asyncio.Task[None]] = {}
         self.doc = RingDocument(version=0, slots={})
         self.wake = asyncio.Event()
+        self.seen = asyncio.Event()  # set once the first health answer arrived
         self.lock = asyncio.Lock()
 
     def alive(self) -> list[state.Candidate]:
@@ -79,6 +84,7 @@ class RingManager:
         """Lead this ring until cancelled."""
         watch = asyncio.create_task(self.watch_loop())
         try:
+            await self.seen.wait()  # decide nothing before we know who is alive
             while True:
                 await self.reconcile()
                 self.wake.clear()
@@ -104,6 +110,7 @@ class RingManager:
                 index = None
                 await asyncio.sleep(WRITE_RETRY_DELAY_S)
                 continue
+            self.seen.set()
             if instances != self.healthy:
                 self.healthy = instances
                 live = {i.id: i for i in instances}
@@ -280,10 +287,9 @@ class Charm:
         while True:
             try:
                 self._session = await client.session.create(
-                    name=f"rtm-charm-{self.instance_id}",
+                    name=self.session_name,
                     checks=["serfHealth", f"service:{self.instance_id}"],
                     lock_delay=self.args.lock_delay_s,
-                    ttl=SESSION_TTL_S,
                     behavior="release",
                 )
                 await self.campaign(self._session, me)
@@ -296,22 +302,32 @@ class Charm:
 
     async def campaign(self, session: str, me: str) -> None:
         client = self.discovery.client
-        index: int | None = None
         while True:
             if await client.kv.put(LEADER_KEY, me, acquire=session):
                 break
-            index, data = await client.kv.get(LEADER_KEY, index=index, wait=f"{SESSION_TTL_S}s")
+            index, data = await client.kv.get(LEADER_KEY)
+            holder = data.get("Session") if data else None
             if data is not None and data.get("Value"):
                 self.leader_info = json.loads(data["Value"])
+            if holder is None:  # free but within the lock-delay of a dead leader's session
+                await asyncio.sleep(self.args.lock_delay_s / 4)
+                continue
+            if await self.is_my_previous_session(holder):
+                # We were restarted under the same id while leading: our old
+                # session's checks pass again (we re-registered), so it would
+                # only die with its TTL. It is ours; end it now.
+                log.warning("destroying the leader session of our previous incarnation")
+                await client.session.destroy(holder)
+                continue
+            await client.kv.get(LEADER_KEY, index=index, wait=f"{LEADER_CHECK_S}s")
         log.warning("%s is now the CHARM leader", self.instance_id)
         self.leader_info = json.loads(me)
         self._set_leading(True)
         leading = [asyncio.create_task(m.run()) for m in self.managers.values()]
         try:
-            while True:
-                await asyncio.sleep(SESSION_TTL_S / 3)
-                await client.session.renew(session)
-                _, data = await client.kv.get(LEADER_KEY)
+            index: int | None = None
+            while True:  # lead until the lock is no longer ours (our session died with our check)
+                index, data = await client.kv.get(LEADER_KEY, index=index, wait=f"{LEADER_CHECK_S}s")
                 if data is None or data.get("Session") != session:
                     raise RuntimeError("lost the leader lock")
         finally:
@@ -319,6 +335,14 @@ class Charm:
                 task.cancel()
             await asyncio.gather(*leading, return_exceptions=True)
             log.warning("%s stopped leading", self.instance_id)
+
+    async def is_my_previous_session(self, session_id: str) -> bool:
+        _, info = await self.discovery.client.session.info(session_id)
+        return bool(info) and info.get("Name") == self.session_name and session_id != self._session
+
+    @property
+    def session_name(self) -> str:
+        return f"rtm-charm-{self.instance_id}"
 
     def _set_leading(self, leading: bool) -> None:
         self.leading = leading

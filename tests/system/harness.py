@@ -35,8 +35,10 @@ class Fleet:
     @classmethod
     def up(cls, data_dir: Path, *extra: str) -> Fleet:
         base = free_port_base()
-        argv = rtm_argv("up", "--data-dir", str(data_dir), "--port-base", str(base), *extra)
-        proc = start("rtm-up", argv, ready_timeout_s=FLEET_READY_TIMEOUT_S)
+        argv = rtm_argv("up", "--data-dir", str(data_dir), "--port-base", str(base), "--verbose", *extra)
+        # Every process's log lines go to DATA_DIR/fleet.log, to read when a test fails.
+        log_file = open(data_dir / "fleet.log", "w")  # noqa: SIM115 - lives as long as the fleet
+        proc = start("rtm-up", argv, ready_timeout_s=FLEET_READY_TIMEOUT_S, echo=log_file)
         seed = json.loads((data_dir / "seed.json").read_text())
         return cls(data_dir=data_dir, proc=proc, info=proc.ready, seed=seed)
 
@@ -145,3 +147,56 @@ class Client:
             await self.ws.close()
         if self._reader is not None:
             await asyncio.wait_for(self._reader, DEFAULT_WAIT_S)
+
+
+def consul_client(fleet: Fleet) -> Any:
+    import consul
+
+    from services.config import split_host_port
+
+    host, port = split_host_port(fleet.info["consul_url"])
+    return consul.Consul(host=host, port=port)
+
+
+def channel_ring(fleet: Fleet) -> Any:
+    from services.ring import CHANNEL_RING_KEY, HashRing, RingDocument
+
+    _, raw = consul_client(fleet).kv.get(CHANNEL_RING_KEY)
+    return HashRing(RingDocument.from_json(raw["Value"] if raw else None))
+
+
+def process_by_id(fleet: Fleet, instance_id: str) -> dict[str, Any]:
+    fleet.reload()
+    return next(p for p in fleet.info["processes"] if p["id"] == instance_id)
+
+
+@dataclass
+class Load:
+    """A steady poster: posts round-robin over channels, one at a time, and keeps
+    the texts that the webapp acknowledged, per channel, in post (= seq) order."""
+
+    fleet: Fleet
+    token: str
+    channels: list[str]
+    posted: dict[str, list[str]] = field(default_factory=dict)
+    errors: list[Any] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    max_posts: int = 2000
+
+    async def run(self) -> None:
+        n = 0
+        async with aiohttp.ClientSession() as http:
+            while not self.stop.is_set() and n < self.max_posts:
+                channel = self.channels[n % len(self.channels)]
+                text = f"load-{n}"
+                async with http.post(
+                    self.fleet.api_url + "chat.postMessage",
+                    data={"channel": channel, "text": text},
+                    headers={"Authorization": f"Bearer {self.token}"},
+                ) as resp:
+                    reply = await resp.json(content_type=None)
+                if reply.get("ok"):
+                    self.posted.setdefault(channel, []).append(text)
+                else:
+                    self.errors.append(reply)
+                n += 1
