@@ -80,6 +80,7 @@ class ChannelServer:
             lambda: 1 if self.is_fenced() else 0
         )
         self.role = args.role  # registered tag; follows the ring once it lists us
+        self.registered_role = args.role
         self.fenced = False  # our Consul lease lapsed: serve nothing until we have re-read the ring
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -154,6 +155,8 @@ class ChannelServer:
         if self.fenced:
             log.warning("Consul lease restored and ring v%s re-read: serving again", self.follower.ring.version)
         self.fenced = False
+        if self.registered_role != self.role:
+            await self._retag()
 
     def check_version(self, msg: dict[str, Any]) -> None:
         """A peer acting on a newer ring than ours: read the ring now."""
@@ -308,9 +311,11 @@ class ChannelServer:
 
 
     async def _retag(self) -> None:
+        role = self.role
         try:
-            await self.discovery.retag(self.instance_id, [f"role={self.role}"])
-        except Exception as exc:
+            await self.discovery.retag(self.instance_id, [f"role={role}"])
+            self.registered_role = role
+        except Exception as exc:  # retried when the Consul lease comes back
             log.warning("re-registering as %s failed: %s", self.role, exc)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -433,3 +434,198 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
         await other.close()
         proc.terminate()
         await proc.wait()
+
+
+# -- issue 5: every method's bad input, resume records ------------------------------------------
+
+
+async def test_each_method_answers_slacks_error_code_for_bad_input_and_counts_it(webapp: Webapp) -> None:
+    alice, bob, general = webapp.user("alice"), webapp.user("bob"), webapp.channel("general")
+    a, b = alice["token"], bob["token"]
+
+    async def ok(method: str, token: str, **args: Any) -> dict[str, Any]:
+        _, reply = await webapp.call(method, token, json_body=args)
+        assert reply["ok"], (method, reply)
+        return reply
+
+    posted = (await ok("chat.postMessage", a, channel=general, text="mine"))["ts"]
+    await ok("reactions.add", b, channel=general, timestamp=posted, name="eyes")
+    own = (await ok("conversations.create", a, name="alices"))["channel"]["id"]
+    gone = (await ok("conversations.create", a, name="gone"))["channel"]["id"]
+    await ok("conversations.archive", a, channel=gone)
+    cases: list[tuple[str, str, dict[str, Any], str]] = [
+        ("chat.postMessage", a, {"channel": general, "text": "x", "thread_ts": "soon"}, "invalid_thread_ts"),
+        ("chat.postMessage", a, {"channel": general, "text": "x", "thread_ts": "1.000001"}, "thread_not_found"),
+        ("chat.postMessage", b, {"channel": own, "text": "x"}, "not_in_channel"),
+        ("chat.postMessage", a, {"channel": gone, "text": "x"}, "is_archived"),
+        ("chat.update", a, {"ts": posted, "text": "x"}, "channel_not_found"),
+        ("chat.update", a, {"channel": general, "text": "x"}, "invalid_arguments"),
+        ("chat.update", a, {"channel": general, "ts": "noon", "text": "x"}, "invalid_ts"),
+        ("chat.update", a, {"channel": general, "ts": "1.000001", "text": "x"}, "message_not_found"),
+        ("chat.update", b, {"channel": general, "ts": posted, "text": "x"}, "cant_update_message"),
+        ("chat.update", a, {"channel": general, "ts": posted, "text": "x" * 40_001}, "msg_too_long"),
+        ("chat.update", a, {"channel": general, "ts": posted}, "no_text"),
+        ("chat.delete", a, {"channel": general, "ts": "1.000001"}, "message_not_found"),
+        ("chat.delete", a, {"channel": general, "ts": "x.y"}, "invalid_ts"),
+        ("chat.delete", b, {"channel": general, "ts": posted}, "cant_delete_message"),
+        ("chat.postEphemeral", a, {"channel": general, "text": "x"}, "user_not_found"),
+        ("chat.postEphemeral", a, {"channel": own, "user": bob["id"], "text": "x"}, "user_not_in_channel"),
+        ("chat.postEphemeral", a, {"channel": general, "user": bob["id"]}, "no_text"),
+        ("conversations.create", a, {}, "invalid_name_required"),
+        ("conversations.create", a, {"name": "No Spaces"}, "invalid_name_specials"),
+        ("conversations.create", a, {"name": "x" * 81}, "invalid_name_maxlength"),
+        ("conversations.join", a, {"channel": "CNOPE"}, "channel_not_found"),
+        ("conversations.join", b, {"channel": gone}, "is_archived"),
+        ("conversations.leave", a, {"channel": general}, "cant_leave_general"),
+        ("conversations.leave", a, {}, "channel_not_found"),
+        ("conversations.invite", a, {"channel": own}, "no_user"),
+        ("conversations.invite", a, {"channel": own, "users": "UNOBODY"}, "user_not_found"),
+        ("conversations.invite", a, {"channel": own, "users": alice["id"]}, "cant_invite_self"),
+        ("conversations.invite", b, {"channel": own, "users": webapp.user("carol")["id"]}, "not_in_channel"),
+        ("conversations.invite", a, {"channel": general, "users": bob["id"]}, "already_in_channel"),
+        ("conversations.kick", a, {"channel": own, "user": alice["id"]}, "cant_kick_self"),
+        ("conversations.kick", a, {"channel": own, "user": "UNOBODY"}, "user_not_found"),
+        ("conversations.kick", a, {"channel": own, "user": bob["id"]}, "not_in_channel"),
+        ("conversations.kick", a, {"channel": general, "user": bob["id"]}, "cant_kick_from_general"),
+        ("conversations.list", a, {"types": "public_channel,feeds"}, "invalid_types"),
+        ("conversations.list", a, {"cursor": "bogus!"}, "invalid_cursor"),
+        ("conversations.list", a, {"limit": "ten"}, "invalid_arguments"),
+        ("conversations.info", a, {"channel": "CNOPE"}, "channel_not_found"),
+        ("conversations.members", a, {"channel": "CNOPE"}, "channel_not_found"),
+        ("conversations.history", a, {"channel": general, "oldest": "dawn"}, "invalid_ts_oldest"),
+        ("conversations.history", a, {"channel": general, "latest": "dusk"}, "invalid_ts_latest"),
+        ("conversations.replies", a, {"channel": general, "ts": "1.000001"}, "thread_not_found"),
+        ("conversations.replies", a, {"channel": general}, "thread_not_found"),
+        ("conversations.open", a, {}, "users_list_not_supplied"),
+        ("conversations.open", a, {"users": "UNOBODY"}, "user_not_found"),
+        ("conversations.open", a, {"channel": general}, "method_not_supported_for_channel_type"),
+        ("conversations.rename", a, {"channel": own, "name": "Bad Name"}, "invalid_name_specials"),
+        ("conversations.rename", b, {"channel": own, "name": "bobs"}, "not_in_channel"),
+        ("conversations.rename", a, {"channel": own, "name": "random"}, "name_taken"),
+        ("conversations.archive", a, {"channel": general}, "cant_archive_general"),
+        ("conversations.archive", a, {"channel": gone}, "already_archived"),
+        ("conversations.unarchive", a, {"channel": own}, "not_archived"),
+        ("reactions.add", a, {}, "no_item_specified"),
+        ("reactions.add", a, {"channel": general, "timestamp": posted, "name": "not valid"}, "invalid_name"),
+        ("reactions.add", a, {"channel": general, "timestamp": "1.000001", "name": "ok"}, "message_not_found"),
+        ("reactions.add", a, {"channel": general, "timestamp": "then", "name": "ok"}, "invalid_ts"),
+        ("reactions.add", b, {"channel": general, "timestamp": posted, "name": "eyes"}, "already_reacted"),
+        ("reactions.add", a, {"channel": "CNOPE", "timestamp": posted, "name": "ok"}, "channel_not_found"),
+        ("reactions.remove", a, {"channel": general, "timestamp": posted, "name": "eyes"}, "no_reaction"),
+        ("reactions.get", a, {"channel": general, "timestamp": "1.000001"}, "message_not_found"),
+        ("users.info", a, {"user": "UNOBODY"}, "user_not_found"),
+        ("users.info", a, {}, "user_not_found"),
+        ("users.conversations", a, {"user": "UNOBODY"}, "user_not_found"),
+        ("users.conversations", a, {"types": "dm"}, "invalid_types"),
+        ("users.getPresence", a, {"user": "UNOBODY"}, "user_not_found"),
+        ("users.setPresence", a, {"presence": "busy"}, "invalid_presence"),
+        ("users.setPresence", a, {}, "invalid_presence"),
+        ("bots.info", a, {"bot": "BNOPE"}, "bot_not_found"),
+        ("bots.info", a, {}, "bot_not_found"),
+    ]
+    for method_name, token, args, code in cases:
+        status, reply = await webapp.call(method_name, token, json_body=args)
+        assert (status, reply) == (200, {"ok": False, "error": code}), (method_name, args, reply)
+    # the same errors arrive the same way from form bodies and query strings
+    _, reply = await webapp.call("chat.update", a, data={"channel": general, "ts": "noon", "text": "x"})
+    assert reply == {"ok": False, "error": "invalid_ts"}
+    _, reply = await webapp.call("reactions.get", a, http="GET", params={"channel": general, "timestamp": "1.000001"})
+    assert reply == {"ok": False, "error": "message_not_found"}
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        text = await resp.text()
+    counted = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "rtm_errors_total":
+                counted[sample.labels["kind"]] = sample.value
+    for _, _, _, code in cases:
+        assert counted.get(code, 0) >= 1, f"{code} not counted"
+    assert counted["invalid_ts"] >= 4 and counted["message_not_found"] >= 5
+
+
+async def test_new_methods_reply_in_slacks_shapes(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+    alice, bob, bot = webapp.user("alice"), webapp.user("bob"), webapp.user("rtmbot")
+    a, b = alice["token"], bob["token"]
+    general = webapp.channel("general")
+
+    async def ok(method: str, token: str, **args: Any) -> dict[str, Any]:
+        _, reply = await webapp.call(method, token, json_body=args)
+        assert reply["ok"], (method, reply)
+        return reply
+
+    opened = await ok("conversations.open", a, users=bob["id"])
+    dm = opened["channel"]["id"]
+    assert dm.startswith("D") and "already_open" not in opened
+    again = await ok("conversations.open", b, users=alice["id"], return_im=True)
+    assert again["channel"]["id"] == dm and again["already_open"] and again["channel"]["user"] == alice["id"]
+    info = (await ok("conversations.info", a, channel=dm))["channel"]
+    assert info["is_im"] and info["user"] == bob["id"]
+    by_user = await ok("chat.postMessage", a, channel=bob["id"], text="to bob's DM")
+    assert by_user["channel"] == dm
+    ims = (await ok("users.conversations", b, types="im"))["channels"]
+    assert [c["id"] for c in ims] == [dm]
+    posted = await ok("chat.postMessage", a, channel=general, text="v1")
+    updated = await ok("chat.update", a, channel=general, ts=posted["ts"], text="v2")
+    assert updated["ts"] == posted["ts"] and updated["text"] == "v2" and updated["message"]["edited"]["user"] == alice["id"]
+    await ok("reactions.add", b, channel=general, timestamp=posted["ts"], name="tada")
+    got = await ok("reactions.get", a, channel=general, timestamp=posted["ts"])
+    assert got["type"] == "message" and got["message"]["reactions"] == [{"name": "tada", "users": [bob["id"]], "count": 1}]
+    eph = await ok("chat.postEphemeral", a, channel=general, user=bob["id"], text="psst")
+    assert set(eph) == {"ok", "message_ts"}
+    deleted = await ok("chat.delete", a, channel=general, ts=posted["ts"])
+    assert deleted == {"ok": True, "channel": general, "ts": posted["ts"]}
+    presence = await ok("users.getPresence", a)
+    assert presence["presence"] == "active" and presence["online"] and not presence["manual_away"]
+    await ok("users.setPresence", a, presence="away")
+    assert (await ok("users.getPresence", a))["presence"] == "away"
+    assert (await ok("users.getPresence", b, user=alice["id"])) == {"ok": True, "presence": "away"}
+    assert (await ok("users.getPresence", a, user=webapp.user("eve")["id"]))["presence"] == "away"  # never seen
+    bot_info = (await ok("bots.info", a, bot=bot["bot_id"]))["bot"]
+    assert bot_info["id"] == bot["bot_id"] and bot_info["user_id"] == bot["id"] and bot_info["name"] == "rtmbot"
+    assert (await ok("bots.info", bot["token"]))["bot"]["id"] == bot["bot_id"]
+    left = await ok("conversations.leave", a, channel=webapp.channel("random"))
+    assert left == {"ok": True}
+    assert await ok("conversations.leave", a, channel=webapp.channel("random")) == {"ok": True, "not_in_channel": True}
+
+    async def user_events_arrived() -> bool:
+        return any(json.loads(p["json"])["type"] == "channel_left" for p in fake_as.pubs_for(alice["id"]))
+
+    await async_wait_until(user_events_arrived, what="channel_left on alice's channel")
+    kinds = [json.loads(p["json"])["type"] for p in fake_as.pubs_for(alice["id"])]
+    assert kinds == ["im_created", "manual_presence_change", "channel_left"]
+    left_pub = fake_as.pubs_for(alice["id"])[-1]
+    assert left_pub["ctl"] == {"leave": webapp.channel("random")}
+    assert [json.loads(p["json"])["type"] for p in fake_as.pubs_for(bob["id"])] == ["im_created", "message"]  # the ephemeral
+
+
+async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(webapp: Webapp) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    for i in range(4):
+        assert (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1]["ok"]
+    status, reply = await webapp.internal("resume", {"user": alice["id"], "channels": {general: 1, alice["id"]: 0}})
+    assert status == 200 and reply["ok"] and reply["resume"]
+    rid = reply["resume"]
+    _, connect = await webapp.call("rtm.connect", alice["token"])
+    prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
+    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time())
+    assert ticket.resume == rid
+    _, connect = await webapp.call("rtm.connect", alice["token"])  # the record was claimed once
+    assert TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time()).resume == ""
+    _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})
+    seqs = {c["id"]: c["seq"] for c in boot["channels"]}
+    assert boot["resumed"] is True and seqs[general] == 1 and seqs[webapp.channel("random")] == 0
+    _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})  # used up
+    assert boot["resumed"] is False and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 4
+    for body, code in (
+        ({"user": "UNOBODY", "channels": {}}, "user_not_found"),
+        ({"user": alice["id"], "channels": [general]}, "invalid_arguments"),
+        ({"user": alice["id"], "channels": {general: "many"}}, "invalid_arguments"),
+        ({"user": alice["id"], "channels": {general: -1}}, "invalid_arguments"),
+    ):
+        assert (await webapp.internal("resume", body))[1] == {"ok": False, "error": code}
+    status, _ = await webapp.internal("resume", {"user": alice["id"], "channels": {}}, secret="wrong")
+    assert status == 403
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        text = await resp.text()
+    for step, count in (("recorded", 1), ("claimed", 1), ("used", 1), ("expired", 1)):
+        assert f'rtm_webapp_resumes_total{{step="{step}"}} {count}.0' in text, step

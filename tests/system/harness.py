@@ -176,7 +176,7 @@ class Load:
     the texts that the webapp acknowledged, per channel, in post (= seq) order."""
 
     fleet: Fleet
-    token: str
+    tokens: list[str]  # posters take turns, as many users would (each has its own rate limit)
     channels: list[str]
     posted: dict[str, list[str]] = field(default_factory=dict)
     errors: list[Any] = field(default_factory=list)
@@ -192,9 +192,13 @@ class Load:
                 async with http.post(
                     self.fleet.api_url + "chat.postMessage",
                     data={"channel": channel, "text": text},
-                    headers={"Authorization": f"Bearer {self.token}"},
+                    headers={"Authorization": f"Bearer {self.tokens[n % len(self.tokens)]}"},
                 ) as resp:
                     reply = await resp.json(content_type=None)
+                    retry_after = float(resp.headers.get("Retry-After", "1"))
+                if reply.get("error") == "ratelimited":  # a real client waits as told, then goes on
+                    await asyncio.sleep(retry_after)  # wait-ok: Retry-After is the protocol's instruction
+                    continue
                 if reply.get("ok"):
                     self.posted.setdefault(channel, []).append(text)
                 else:

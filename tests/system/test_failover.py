@@ -70,7 +70,7 @@ async def run_load_around(fleet: Fleet, clients: list[Client], action: object) -
     general, random_ = fleet.channel("general"), fleet.channel("random")
     for client in clients:  # start from a clean slate for this test
         client.events.clear()
-    load = Load(fleet, fleet.user("eve")["token"], [general, random_])
+    load = Load(fleet, [fleet.user(name)["token"] for name in ("eve", "carol", "dave")], [general, random_])
     task = asyncio.create_task(load.run())
     await asyncio.wait_for(asyncio.shield(asyncio.sleep(LOAD_BEFORE_KILL_S)), LOAD_BEFORE_KILL_S + 1)  # wait-ok: load runs
     started = time.monotonic()
@@ -195,3 +195,44 @@ async def test_partitioned_channel_server_stops_serving_its_old_channels(fleet: 
 
     await async_wait_until(healed_and_still_refusing, timeout_s=FAILOVER_TIMEOUT_S, what="the partition to heal")
     await assert_everyone_got_everything(clients, load)
+
+
+def rtm_cli(fleet: Fleet, *args: str) -> str:
+    """Run an ``rtm`` operator command against this fleet; return its output."""
+    import subprocess
+
+    from services.launcher import rtm_argv
+
+    done = subprocess.run(
+        rtm_argv(*args, "--data-dir", str(fleet.data_dir)), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+async def test_operator_adds_and_removes_a_slot_under_load(fleet: Fleet, clients: list[Client]) -> None:
+    before = channel_ring(fleet)
+
+    async def spare_exists() -> bool:
+        status = rtm_cli(fleet, "status")
+        return "role=spare" in status and "DEGRADED" not in status
+
+    await async_wait_until(spare_exists, timeout_s=FAILOVER_TIMEOUT_S, what="a healthy spare")
+
+    async def add_slot() -> None:
+        out = await asyncio.to_thread(rtm_cli, fleet, "ring", "add-slot")
+        assert f"v{before.version + 1}" in out
+
+    load, _ = await run_load_around(fleet, clients, add_slot)
+    added = channel_ring(fleet)
+    assert len(added.doc.slots) == len(before.doc.slots) + 1
+    new_slot = next(s for s in added.doc.slots if s not in before.doc.slots)
+    await assert_everyone_got_everything(clients, load)
+
+    async def remove_slot() -> None:
+        await asyncio.to_thread(rtm_cli, fleet, "ring", "remove-slot", new_slot)
+
+    load, _ = await run_load_around(fleet, clients, remove_slot)
+    assert new_slot not in channel_ring(fleet).doc.slots
+    await assert_everyone_got_everything(clients, load)
+    assert "channel ring v" in rtm_cli(fleet, "ring", "show")

@@ -468,3 +468,28 @@ def test_effects_truthiness() -> None:
     assert not Effects()
     assert Effects(unsubscribe=["C1"])
     assert Effects(fetch=[Fetch("C1", 0, 1)])
+
+
+# -- transient events that skip their sender ------------------------------------------------
+
+
+def test_transient_event_skips_the_sending_users_sessions_only() -> None:
+    state = GatewayState()
+    a1, a1_sock = session(user="UA")
+    a2, a2_sock = session(user="UA")
+    b1, b1_sock = session(user="UB")
+    for s in (a1, a2, b1):
+        state.attach(s, [("C1", 0)])
+    typing = ev("C1", None, type="user_typing", user="UA")
+    assert state.deliver("C1", None, typing, exclude_user="UA") is None
+    assert a1_sock.frames == [] and a2_sock.frames == []  # none of the sender's connections
+    assert b1_sock.events == [{"ch": "C1", "seq": None, "type": "user_typing", "user": "UA"}]
+    assert state.stats.delivered == 1 and state.cursor["C1"] == 0
+
+
+def test_exclude_user_does_not_touch_persisted_events() -> None:
+    state = GatewayState()
+    a1, a1_sock = session(user="UA")
+    state.attach(a1, [("C1", 0)])
+    state.deliver("C1", 1, ev("C1", 1), exclude_user="UA")  # ignored for events with a seq
+    assert a1_sock.seqs() == [1]

@@ -277,3 +277,246 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     assert event.seq == 2
     assert second.history(general.id)[0][1]["text"] == "durable"
     second.close()
+
+
+# -- issue 5: Slack's conversations, messages and reactions ---------------------------------------
+
+
+def events_of(events: list) -> list[tuple[str, str, object]]:
+    """(channel, type[/subtype], ctl) per event, for compact assertions."""
+    out = []
+    for e in events:
+        body = json.loads(e.json)
+        kind = body["type"] + (f"/{body['subtype']}" if "subtype" in body else "")
+        out.append((e.channel, kind, e.ctl))
+    return out
+
+
+def test_leave_invite_kick_emit_membership_events_with_ctl(store: Store, demo: dict) -> None:
+    alice, bob, carol = (user(store, demo, n) for n in ("alice", "bob", "carol"))
+    ch, _ = store.create_channel(alice, "crew")
+    events = store.invite(ch, alice, [bob, carol])
+    assert events_of(events) == [
+        (ch.id, "member_joined_channel", None), (bob.id, "channel_joined", {"join": ch.id, "since": 2}),
+        (ch.id, "member_joined_channel", None), (carol.id, "channel_joined", {"join": ch.id, "since": 3}),
+    ]
+    assert json.loads(events[0].json)["inviter"] == alice.id
+    for users, code in (([bob], "already_in_channel"), ([alice], "cant_invite_self")):
+        with pytest.raises(ApiError) as err:
+            store.invite(ch, alice, users)
+        assert err.value.code == code
+    with pytest.raises(ApiError) as err:
+        store.invite(ch, user(store, demo, "dave"), [user(store, demo, "eve")])
+    assert err.value.code == "not_in_channel"
+
+    not_in, events = store.leave_channel(ch, bob)
+    assert not not_in
+    assert events_of(events) == [(ch.id, "member_left_channel", None), (bob.id, "channel_left", {"leave": ch.id})]
+    assert store.leave_channel(ch, bob) == (True, [])
+    events = store.kick(ch, alice, carol)
+    assert events_of(events) == [(ch.id, "member_left_channel", None), (carol.id, "channel_left", {"leave": ch.id})]
+    assert json.loads(events[1].json)["actor_id"] == alice.id
+    assert not store.is_member(ch.id, carol.id)
+    for target, code in ((alice, "cant_kick_self"), (carol, "not_in_channel")):
+        with pytest.raises(ApiError) as err:
+            store.kick(ch, alice, target)
+        assert err.value.code == code
+    general = channel(store, demo, "general")
+    for call, code in ((lambda: store.leave_channel(general, bob), "cant_leave_general"),
+                       (lambda: store.kick(general, alice, bob), "cant_kick_from_general")):
+        with pytest.raises(ApiError) as err:
+            call()
+        assert err.value.code == code
+
+
+def test_rename_and_archive(store: Store, demo: dict) -> None:
+    alice, bob = user(store, demo, "alice"), user(store, demo, "bob")
+    ch, _ = store.create_channel(alice, "old-name")
+    renamed, events = store.rename_channel(ch, alice, "new-name")
+    assert renamed.name == "new-name" and store.channel(ch.id).name == "new-name"
+    assert events_of(events) == [(alice.team, "channel_rename", None)]
+    assert json.loads(events[0].json)["channel"]["name"] == "new-name"
+    with pytest.raises(ApiError) as err:
+        store.rename_channel(ch, bob, "bobs")
+    assert err.value.code == "not_in_channel"
+    events = store.archive_channel(store.channel(ch.id), alice)
+    assert events_of(events) == [(alice.team, "channel_archive", None)]
+    archived = store.channel(ch.id)
+    assert archived.is_archived
+    for call, code in (
+        (lambda: store.post_message(archived, alice, "x"), "is_archived"),
+        (lambda: store.join_channel(archived, bob), "is_archived"),
+        (lambda: store.archive_channel(archived, alice), "already_archived"),
+        (lambda: store.archive_channel(channel(store, demo, "general"), alice), "cant_archive_general"),
+    ):
+        with pytest.raises(ApiError) as err:
+            call()
+        assert err.value.code == code
+    assert events_of(store.archive_channel(archived, alice, archived=False)) == [(alice.team, "channel_unarchive", None)]
+    secret, _ = store.create_channel(alice, "hush", is_private=True)
+    _, events = store.rename_channel(secret, alice, "hushed")
+    assert events_of(events) == [(secret.id, "group_rename", None)]  # private: only its members hear it
+
+
+def test_direct_messages_are_private_channels_opened_once(store: Store, demo: dict) -> None:
+    alice, bob, carol = (user(store, demo, n) for n in ("alice", "bob", "carol"))
+    dm, already, events = store.open_dm(alice, [bob])
+    assert dm.id.startswith("D") and dm.is_im and not already
+    assert events_of(events) == sorted(
+        [(alice.id, "im_created", {"join": dm.id, "since": 0}), (bob.id, "im_created", {"join": dm.id, "since": 0})]
+    )
+    assert store.open_dm(bob, [alice]) == (dm, True, [])
+    assert store.dm_peer(dm, alice.id) == bob.id and store.dm_peer(dm, bob.id) == alice.id
+    with pytest.raises(ApiError):
+        store.visible_channel(dm.id, carol)
+    group, _, events = store.open_dm(alice, [bob, carol])
+    assert group.id.startswith("G") and group.is_mpim and len(events) == 3
+    assert group.to_api()["is_mpim"] and group.name.startswith("mpdm-")
+    message, event = store.post_message(dm, bob, "psst")
+    assert event.channel == dm.id and event.seq == 1
+    boot = {c["id"] for c in store.bootstrap(bob.id)["channels"]}
+    assert {dm.id, group.id} <= boot
+    ims = store.list_conversations(alice, types={"im"}).items
+    assert [c.id for c in ims] == [dm.id]
+    assert store.list_conversations(carol, types={"im"}).items == []
+    assert [c.id for c in store.list_conversations(carol, types={"mpim"}).items] == [group.id]
+    assert dm.to_api(user=bob.id)["is_im"] is True
+    for call, code in ((lambda: store.leave_channel(dm, alice), "method_not_supported_for_channel_type"),
+                       (lambda: store.invite(dm, alice, [carol]), "method_not_supported_for_channel_type")):
+        with pytest.raises(ApiError) as err:
+            call()
+        assert err.value.code == code
+    with pytest.raises(ApiError) as err:
+        store.open_dm(alice, [user(store, demo, n) for n in ("bob", "carol", "dave", "eve", "rtmbot")] * 2 + [
+            store.create_user(alice.team, f"extra{i}")[0] for i in range(4)])
+    assert err.value.code == "too_many_users"
+
+
+def test_update_and_delete_only_by_the_author(store: Store, demo: dict) -> None:
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "general")
+    message, _ = store.post_message(general, alice, "first draft")
+    updated, event = store.update_message(general, alice, message["ts"], "final")
+    body = json.loads(event.json)
+    assert event.seq == 2 and body["subtype"] == "message_changed" and body["hidden"] is True
+    assert body["message"]["text"] == "final" and body["previous_message"]["text"] == "first draft"
+    assert body["message"]["edited"] == {"user": alice.id, "ts": body["ts"]} == updated["edited"]
+    assert store.history(general.id)[0][0]["text"] == "final"
+    for call, code in (
+        (lambda: store.update_message(general, bob, message["ts"], "hijack"), "cant_update_message"),
+        (lambda: store.update_message(general, alice, "1.000001", "x"), "message_not_found"),
+        (lambda: store.update_message(general, alice, "yesterday", "x"), "invalid_ts"),
+        (lambda: store.update_message(general, alice, None, "x"), "invalid_arguments"),
+        (lambda: store.update_message(general, alice, message["ts"], "x" * 40_001), "msg_too_long"),
+        (lambda: store.delete_message(general, bob, message["ts"]), "cant_delete_message"),
+    ):
+        with pytest.raises(ApiError) as err:
+            call()
+        assert err.value.code == code
+    ts, event = store.delete_message(general, alice, message["ts"])
+    body = json.loads(event.json)
+    assert ts == message["ts"] and body["subtype"] == "message_deleted" and body["deleted_ts"] == ts and event.seq == 3
+    assert store.history(general.id)[0] == []
+    with pytest.raises(ApiError) as err:
+        store.delete_message(general, alice, message["ts"])
+    assert err.value.code == "message_not_found"
+
+
+def test_reactions_add_remove_and_show_in_history(store: Store, demo: dict) -> None:
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "general")
+    message, _ = store.post_message(general, alice, "react to me")
+    event = store.add_reaction(general, bob, message["ts"], ":thumbsup:")
+    body = json.loads(event.json)
+    assert body == {"type": "reaction_added", "user": bob.id, "reaction": "thumbsup", "item_user": alice.id,
+                    "item": {"type": "message", "channel": general.id, "ts": message["ts"]}, "event_ts": body["event_ts"]}
+    store.add_reaction(general, alice, message["ts"], "thumbsup")
+    store.add_reaction(general, alice, message["ts"], "wave::skin-tone-3")
+    shown = store.message(general.id, message["ts"])
+    assert shown["reactions"] == [{"name": "thumbsup", "users": [bob.id, alice.id], "count": 2},
+                                  {"name": "wave::skin-tone-3", "users": [alice.id], "count": 1}]
+    assert store.history(general.id)[0][0]["reactions"] == shown["reactions"]
+    for call, code in (
+        (lambda: store.add_reaction(general, bob, message["ts"], "thumbsup"), "already_reacted"),
+        (lambda: store.add_reaction(general, bob, message["ts"], "Not A Name"), "invalid_name"),
+        (lambda: store.add_reaction(general, bob, message["ts"], ""), "invalid_name"),
+        (lambda: store.add_reaction(general, bob, "1.000001", "ok"), "message_not_found"),
+        (lambda: store.remove_reaction(general, bob, message["ts"], "wave::skin-tone-3"), "no_reaction"),
+    ):
+        with pytest.raises(ApiError) as err:
+            call()
+        assert err.value.code == code
+    removed = json.loads(store.remove_reaction(general, bob, message["ts"], "thumbsup").json)
+    assert removed["type"] == "reaction_removed" and removed["reaction"] == "thumbsup"
+    assert store.message(general.id, message["ts"])["reactions"][0] == {"name": "thumbsup", "users": [alice.id], "count": 1}
+
+
+def test_thread_summary_and_broadcast_replies(store: Store, demo: dict) -> None:
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "general")
+    parent, _ = store.post_message(general, alice, "parent")
+    store.post_message(general, bob, "r1", thread_ts=parent["ts"])
+    last, event = store.post_message(general, alice, "r2", thread_ts=parent["ts"], broadcast=True)
+    assert json.loads(event.json)["subtype"] == "thread_broadcast"
+    messages, _, _ = store.history(general.id)
+    assert [m["text"] for m in messages] == ["r2", "parent"]  # the broadcast reply shows in the channel
+    root = messages[1]
+    assert root["thread_ts"] == parent["ts"] and root["reply_count"] == 2
+    assert root["reply_users"] == [bob.id, alice.id] and root["reply_users_count"] == 2 and root["latest_reply"] == last["ts"]
+    thread, _, _ = store.replies(general.id, parent["ts"])
+    assert [m["text"] for m in thread] == ["parent", "r1", "r2"]
+
+
+def test_ephemeral_goes_to_the_target_users_channel_not_history(store: Store, demo: dict) -> None:
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "general")
+    ts, event = store.post_ephemeral(general, alice, bob, "only you")
+    body = json.loads(event.json)
+    assert event.channel == bob.id and body["is_ephemeral"] and body["channel"] == general.id and body["ts"] == ts
+    assert store.history(general.id)[0] == [] and store.last_seq(general.id) == 0
+    outsider, _ = store.create_channel(alice, "outside")
+    with pytest.raises(ApiError) as err:
+        store.post_ephemeral(outsider, alice, bob, "x")
+    assert err.value.code == "user_not_in_channel"
+
+
+def test_presence_and_bots(store: Store, demo: dict) -> None:
+    alice = user(store, demo, "alice")
+    events = store.set_presence(alice, "away")
+    assert events_of(events) == [(alice.id, "manual_presence_change", None)]
+    assert json.loads(events[0].json)["presence"] == "away" and store.user(alice.id).presence == "away"
+    assert store.set_presence(store.user(alice.id), "away") == []
+    with pytest.raises(ApiError) as err:
+        store.set_presence(alice, "busy")
+    assert err.value.code == "invalid_presence"
+    bot = next(u for u in demo["users"] if u["is_bot"])
+    assert store.bot(bot["bot_id"]).id == bot["id"] and store.bot("BNOPE") is None
+
+
+def test_bootstrap_with_a_resume_record_starts_at_the_recorded_seqs(store: Store, demo: dict) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    for i in range(5):
+        store.post_message(general, alice, f"m{i}")
+    random_ch = channel(store, demo, "random")
+    boot = store.bootstrap(alice.id, {general.id: 2, random_ch.id: 9, "CNOTMINE": 1})
+    seqs = {c["id"]: c["seq"] for c in boot["channels"]}
+    assert seqs[general.id] == 2  # replay 3..5
+    assert seqs[random_ch.id] == 0  # never above the latest
+    assert "CNOTMINE" not in seqs  # not a channel of the user's any more
+
+
+def test_an_older_database_gets_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old"
+    path.mkdir()
+    db = sqlite3.connect(path / "webapp.db")
+    db.executescript(
+        "CREATE TABLE users (id TEXT PRIMARY KEY, team TEXT NOT NULL, name TEXT NOT NULL, real_name TEXT NOT NULL DEFAULT '',"
+        " is_bot INTEGER NOT NULL DEFAULT 0, bot_id TEXT);"
+        "CREATE TABLE channels (id TEXT PRIMARY KEY, team TEXT NOT NULL, name TEXT NOT NULL, created INTEGER NOT NULL,"
+        " creator TEXT NOT NULL, is_private INTEGER NOT NULL DEFAULT 0, is_archived INTEGER NOT NULL DEFAULT 0, UNIQUE (team, name));"
+        "INSERT INTO channels VALUES ('C1', 'T1', 'general', 1, 'U1', 0, 0);"
+    )
+    db.close()
+    store = Store(str(path))
+    assert store.channel("C1").kind == "channel"
+    cols = {row[1] for row in store.conn.execute("PRAGMA table_info(messages)")}
+    assert {"subtype", "edited_user", "edited_ts"} <= cols
+    store.close()

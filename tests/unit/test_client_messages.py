@@ -1,0 +1,215 @@
+"""gateway.client_messages: what clients send over their websocket, against a fake gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from gateway.client_messages import TYPING_BURST, ClientError, ClientMessages
+from gateway.state import Session, text_frame
+from services.errors import PeerError
+from services.metrics import ServiceMetrics
+from tests.unit.test_gateway_state import Socket
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.conn: FakeConn | None = FakeConn()
+        self.connected = True
+
+
+class FakeRing:
+    def owner_for(self, channel: str) -> str | None:
+        return None if channel == "CORPHAN" else "cs-a"
+
+
+class FakeWebapp:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.error: BaseException | None = None
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append((path, body))
+        if self.error is not None:
+            raise self.error
+        return {"ok": True, "ts": "1700000000.000100", "channel": body["channel"]}
+
+
+class FakeGateway:
+    def __init__(self) -> None:
+        self.metrics = ServiceMetrics("gateway", "gw-test")
+        self.client_msgs = self.metrics.counter("rtm_gw_client_messages_total", "frames", ["type"])
+        self.follower = type("Follower", (), {"ring": FakeRing()})()
+        self.link = FakeLink()
+        self.webapp = FakeWebapp()
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.closed: list[Any] = []
+
+    def link_to(self, owner: str) -> FakeLink:
+        assert owner == "cs-a"
+        return self.link
+
+    def spawn(self, coro: Any) -> None:
+        self.tasks.append(asyncio.ensure_future(coro))
+
+    def send_json(self, session: Session, body: dict[str, Any]) -> None:
+        session.write(text_frame(json.dumps(body).encode()))
+
+
+class FakeWs:
+    def __init__(self, gw: FakeGateway) -> None:
+        self.gw = gw
+
+    async def close(self, code: int, reason: str) -> None:
+        self.gw.closed.append(code)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def gw() -> FakeGateway:
+    return FakeGateway()
+
+
+def setup(gw: FakeGateway, clock: Clock | None = None) -> tuple[ClientMessages, Session, Socket]:
+    sock = Socket()
+    session = Session(sid=1, user="UA", team="T1", write=sock.write, channels={"UA", "T1", "C1"})
+    return ClientMessages(gw, clock=clock or Clock()), session, sock
+
+
+def count(gw: FakeGateway, name: str, **labels: str) -> float:
+    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_ping_is_answered_with_echoed_fields(gw: FakeGateway) -> None:
+    handler, session, sock = setup(gw)
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 3, "type": "ping", "time": 9}))
+    assert sock.events == [{"type": "pong", "reply_to": 3, "time": 9}]
+
+
+def test_invalid_and_unsupported_frames_get_errors(gw: FakeGateway) -> None:
+    handler, session, sock = setup(gw)
+    handler.handle(FakeWs(gw), session, "[1, 2]")
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 4, "type": "dance"}))
+    handler.handle(FakeWs(gw), session, json.dumps({"type": "dance"}))
+    assert [e.get("error", {}).get("code") for e in sock.events] == [ClientError.INVALID_JSON, ClientError.UNSUPPORTED_TYPE,
+                                                                     ClientError.UNSUPPORTED_TYPE]
+    assert sock.events[1]["reply_to"] == 4 and sock.events[1]["ok"] is False and sock.events[2]["type"] == "error"
+    assert count(gw, "rtm_errors_total", kind="client_unsupported_type") == 2
+
+
+async def test_binary_frame_closes_with_1003(gw: FakeGateway) -> None:
+    handler, session, _ = setup(gw)
+    handler.handle(FakeWs(gw), session, b"\x00")
+    await asyncio.gather(*gw.tasks)
+    assert gw.closed == [1003]
+
+
+def test_typing_goes_to_the_owner_as_a_transient_pub_from_the_user(gw: FakeGateway) -> None:
+    handler, session, sock = setup(gw)
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 1, "type": "typing", "channel": "C1"}))
+    [pub] = gw.link.conn.sent
+    assert pub["op"] == "pub" and pub["ch"] == "C1" and pub["seq"] is None and pub["ctl"] == {"from": "UA"}
+    assert pub["id"] < 0  # a request nobody waits for: its reply matches nothing
+    assert json.loads(pub["json"]) == {"type": "user_typing", "channel": "C1", "user": "UA"}
+    assert sock.frames == []  # typing is never answered
+    assert count(gw, "rtm_gw_typing_total", outcome="sent") == 1
+
+
+def test_typing_only_for_subscribed_conversations(gw: FakeGateway) -> None:
+    handler, session, _ = setup(gw)
+    for channel in ("C2", "UA", "T1", None):
+        handler.handle(FakeWs(gw), session, json.dumps({"id": 1, "type": "typing", "channel": channel}))
+    assert gw.link.conn.sent == []
+    assert count(gw, "rtm_gw_typing_total", outcome="not_subscribed") == 4
+
+
+def test_typing_is_rate_limited_per_connection_and_refills(gw: FakeGateway) -> None:
+    clock = Clock()
+    handler, session, _ = setup(gw, clock)
+    other = Session(sid=2, user="UB", team="T1", write=Socket().write, channels={"C1"})
+    frame = json.dumps({"id": 1, "type": "typing", "channel": "C1"})
+    for _ in range(TYPING_BURST + 2):
+        handler.handle(FakeWs(gw), session, frame)
+    assert len(gw.link.conn.sent) == TYPING_BURST
+    assert count(gw, "rtm_gw_typing_total", outcome="rate_limited") == 2
+    handler.handle(FakeWs(gw), other, frame)  # another connection has its own budget
+    assert len(gw.link.conn.sent) == TYPING_BURST + 1
+    clock.now += 1.0
+    handler.handle(FakeWs(gw), session, frame)
+    assert len(gw.link.conn.sent) == TYPING_BURST + 2
+
+
+def test_typing_is_dropped_when_the_link_is_down_or_no_owner(gw: FakeGateway) -> None:
+    handler, session, _ = setup(gw)
+    session.channels.add("CORPHAN")
+    handler.handle(FakeWs(gw), session, json.dumps({"type": "typing", "channel": "CORPHAN"}))
+    gw.link.connected = False
+    handler.handle(FakeWs(gw), session, json.dumps({"type": "typing", "channel": "C1"}))
+    assert gw.link.conn.sent == []
+    assert count(gw, "rtm_gw_typing_total", outcome="no_owner") == 1
+    assert count(gw, "rtm_gw_typing_total", outcome="not_connected") == 1
+
+
+async def test_message_is_posted_through_the_webapp_and_acknowledged(gw: FakeGateway) -> None:
+    handler, session, sock = setup(gw)
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 7, "type": "message", "channel": "C1", "text": "hi", "thread_ts": "1.2"}))
+    await asyncio.gather(*gw.tasks)
+    assert gw.webapp.calls == [("/internal/call/chat.postMessage", {"user": "UA", "channel": "C1", "text": "hi", "thread_ts": "1.2"})]
+    assert sock.events == [{"ok": True, "reply_to": 7, "ts": "1700000000.000100", "text": "hi"}]
+
+
+async def test_message_errors_are_replies_with_codes(gw: FakeGateway) -> None:
+    handler, session, sock = setup(gw)
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 1, "type": "message", "channel": "C1"}))
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 2, "type": "message", "text": "x"}))
+    gw.webapp.error = PeerError("not_in_channel", {"ok": False, "error": "not_in_channel"})
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 3, "type": "message", "channel": "C9", "text": "x"}))
+    await asyncio.gather(*gw.tasks)
+    gw.webapp.error = OSError("connection refused")
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 4, "type": "message", "channel": "C9", "text": "x"}))
+    await asyncio.gather(*gw.tasks)
+    replies = {e["reply_to"]: e for e in sock.events}
+    assert replies[1]["error"] == {"code": ClientError.BAD_MESSAGE, "msg": "message text is missing"}
+    assert replies[2]["error"]["code"] == ClientError.BAD_MESSAGE
+    assert replies[3] == {"ok": False, "reply_to": 3, "error": {"code": ClientError.SEND_FAILED, "msg": "not_in_channel"}}
+    assert replies[4]["error"]["code"] == ClientError.SEND_FAILED
+    assert handler.in_flight.get(session) is None  # nothing left in flight
+
+
+async def test_sends_in_flight_are_bounded_per_connection(gw: FakeGateway) -> None:
+    from gateway.client_messages import MAX_PENDING_SENDS
+
+    handler, session, sock = setup(gw)
+    release = asyncio.Event()
+    original = gw.webapp.call
+
+    async def slow(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        await release.wait()
+        return await original(path, body)
+
+    gw.webapp.call = slow  # type: ignore[method-assign]
+    for i in range(MAX_PENDING_SENDS + 1):
+        handler.handle(FakeWs(gw), session, json.dumps({"id": i, "type": "message", "channel": "C1", "text": "x"}))
+    assert [e["reply_to"] for e in sock.events] == [MAX_PENDING_SENDS]
+    assert sock.events[0]["error"]["code"] == ClientError.RATE_LIMITED
+    release.set()
+    await asyncio.gather(*gw.tasks)
+    assert sum(1 for e in sock.events if e.get("ok")) == MAX_PENDING_SENDS

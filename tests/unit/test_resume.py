@@ -1,0 +1,56 @@
+"""webapp_stub.resume: resume records for connections the fleet moves (fake clock)."""
+
+from __future__ import annotations
+
+from webapp_stub.resume import ResumeBook
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_claim_hands_out_the_oldest_record_once_and_take_consumes_it() -> None:
+    book = ResumeBook(ttl_s=120, clock=Clock())
+    first = book.add("U1", {"C1": 5, "U1": 2})
+    second = book.add("U1", {"C1": 7})
+    assert first != second and len(book) == 2
+    assert book.claim("U1") == first
+    assert book.claim("U1") == second
+    assert book.claim("U1") == ""  # nothing left to claim
+    assert book.take(first, "U2") is None  # not that user's record
+    assert book.take(first, "U1") == {"C1": 5, "U1": 2}
+    assert book.take(first, "U1") is None  # used once
+    assert len(book) == 1
+
+
+def test_records_expire_claimed_or_not() -> None:
+    clock = Clock()
+    book = ResumeBook(ttl_s=120, clock=clock)
+    claimed = book.add("U1", {"C1": 1})
+    book.add("U2", {"C1": 1})
+    assert book.claim("U1") == claimed
+    clock.now += 120.5
+    assert book.take(claimed, "U1") is None
+    assert book.claim("U2") == ""
+    assert len(book) == 0
+
+
+def test_unclaimed_records_can_be_taken_directly_and_are_no_longer_claimable() -> None:
+    book = ResumeBook(clock=Clock())
+    rid = book.add("U1", {"C1": 3})
+    assert book.take(rid, "U1") == {"C1": 3}
+    assert book.claim("U1") == ""
+
+
+def test_bounded_the_oldest_go_first() -> None:
+    book = ResumeBook(max_records=2, clock=Clock())
+    oldest = book.add("U1", {})
+    book.add("U2", {})
+    book.add("U3", {})
+    assert len(book) == 2
+    assert book.take(oldest, "U1") is None and book.claim("U1") == ""
+    assert book.claim("U2") and book.claim("U3")
