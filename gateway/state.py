@@ -47,6 +47,7 @@ class Session:
     channels: set[str] = field(default_factory=set)
     floor: dict[str, int] = field(default_factory=dict)  # channel -> skip seqs <= this
     hold: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)  # channel -> held frames
+    hold_from: dict[str, int] = field(default_factory=dict)  # channel -> seq the held session has reached
 
 
 @dataclass
@@ -136,6 +137,7 @@ class GatewayState:
         cursor = self.cursor.get(channel, LIVE_ONLY)
         if seq < cursor:
             session.hold[channel] = []
+            session.hold_from[channel] = seq
             effects.fetch.append(Fetch(channel, seq, cursor, session))
         elif seq > cursor:
             session.floor[channel] = seq
@@ -144,6 +146,7 @@ class GatewayState:
         session.channels.discard(channel)
         session.floor.pop(channel, None)
         session.hold.pop(channel, None)
+        session.hold_from.pop(channel, None)
         watchers = self.channels.get(channel)
         if watchers is None:
             return
@@ -155,12 +158,18 @@ class GatewayState:
             effects.unsubscribe.append(channel)
 
     # -- events ----------------------------------------------------------------------
-    def deliver(self, channel: str, seq: int | None, payload: bytes) -> Fetch | None:
-        """An event arrived from a Channel Server. Returns a gap fetch when one opens."""
+    def deliver(self, channel: str, seq: int | None, payload: bytes, exclude_user: str | None = None) -> Fetch | None:
+        """An event arrived from a Channel Server. Returns a gap fetch when one opens.
+
+        ``exclude_user`` (transient events only, e.g. typing): that user's own
+        sessions are skipped.
+        """
         watchers = self.channels.get(channel)
         if watchers is None:
             return None
         if seq is None:  # transient: no ordering, no history
+            if exclude_user is not None:
+                watchers = {s for s in watchers if s.user != exclude_user}
             self._write_all(watchers, channel, None, text_frame(payload))
             return None
         held = self.gaps.get(channel)
@@ -214,8 +223,22 @@ class GatewayState:
                 return fetch
         return None
 
+    def position(self, session: Session) -> dict[str, int]:
+        """Per channel, the seq up to which ``session`` has received everything:
+        where a moved connection resumes (see DESIGN, "Ordering and no loss")."""
+        where: dict[str, int] = {}
+        for channel in session.channels:
+            if channel in session.hold:
+                where[channel] = session.hold_from.get(channel, LIVE_ONLY)
+            elif channel in session.floor:
+                where[channel] = session.floor[channel]
+            else:  # a gap held at the gateway is delivered up to the cursor too
+                where[channel] = self.cursor.get(channel, LIVE_ONLY)
+        return {ch: seq for ch, seq in where.items() if seq != LIVE_ONLY}
+
     def fill_session(self, session: Session, channel: str, events: list[tuple[int, bytes]]) -> None:
         """A session's catch-up history arrived: send it, then what was held meanwhile."""
+        session.hold_from.pop(channel, None)
         held = session.hold.pop(channel, None)
         if held is None or session.sid not in self.sessions:
             return
