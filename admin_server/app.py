@@ -17,14 +17,14 @@ import logging
 import time
 from typing import Any
 
-from services import logs, wire
-from services.config import Parser, advertised, instance_id, service_parser
+from services import wire
+from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLink, backoff_delays, serve
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
 from services.errors import ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_service
+from services.process import StopFn, run_main
 
 log = logging.getLogger("rtm.admin_server")
 
@@ -179,12 +179,4 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.instance_id = instance_id("as", args.instance_id)
-    logs.configure(args.instance_id, args.log_level)
-
-    async def start() -> tuple[dict[str, Any], StopFn]:
-        server = AdminServer(args)
-        info = await server.start()
-        return info, server.stop
-
-    return run_service(start)
+    return run_main(args, "as", AdminServer)

@@ -26,14 +26,14 @@ import time
 from typing import Any
 
 from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
-from services import logs, wire
-from services.config import Parser, advertised, instance_id, service_parser
+from services import wire
+from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
 from services.directory import RingFollower
 from services.discovery import Discovery, fault_routes
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_service
+from services.process import StopFn, run_main
 from services.ring import RingDocument
 
 log = logging.getLogger("rtm.channel_server")
@@ -45,7 +45,7 @@ DEFAULT_PORT = 7100
 class ChannelServer:
     def __init__(self, args: Any) -> None:
         self.args = args
-        self.instance_id = instance_id("cs", args.instance_id)
+        self.instance_id = args.instance_id
         self.table = ChannelTable(history_events=args.history_events)
         self.gateways: dict[int, PeerConnection] = {}
         self.discovery = Discovery(args.consul)
@@ -330,12 +330,4 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.instance_id = instance_id("cs", args.instance_id)
-    logs.configure(args.instance_id, args.log_level)
-
-    async def start() -> tuple[dict[str, Any], StopFn]:
-        server = ChannelServer(args)
-        info = await server.start()
-        return info, server.stop
-
-    return run_service(start)
+    return run_main(args, "cs", ChannelServer)

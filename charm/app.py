@@ -30,13 +30,13 @@ import logging
 from typing import Any
 
 from charm import state
-from services import logs, wire
-from services.config import Parser, advertised, instance_id, service_parser
+from services import wire
+from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, serve
 from services.discovery import Discovery, Instance
 from services.errors import ErrorCode
 from services.metrics import ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_service
+from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY as LEADER_KEY, PRESENCE_RING_KEY, RingDocument
 
 log = logging.getLogger("rtm.charm")
@@ -389,13 +389,5 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.instance_id = instance_id("charm", args.instance_id)
-    logs.configure(args.instance_id, args.log_level)
-
-    async def start() -> tuple[dict[str, Any], StopFn]:
-        charm = Charm(args)
-        info = await charm.start()
-        return info, charm.stop
-
-    return run_service(start)
+    return run_main(args, "charm", Charm)
 

@@ -28,15 +28,15 @@ import aiohttp
 from websockets.asyncio.server import ServerConnection, serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
+from gateway.client_messages import ClientMessages
 from gateway.state import Effects, Fetch, GatewayState, Session, text_frame
-from services import logs
-from services.config import Parser, advertised, instance_id, service_parser
+from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
 from services.errors import CloseCode, ConnectionLost, NotOwner, PeerError, RequestTimeout
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_service
+from services.process import StopFn, run_main
 from services.ring import RingDocument
 from services.ticket import InvalidTicket, TicketVerifier
 
@@ -54,6 +54,7 @@ FETCH_RETRY_DELAY_S = 0.5
 FETCH_ATTEMPTS = 20
 HISTORY_CONCURRENCY = 8  # history fetches in flight to the webapp at once (a failover fetches many)
 CLOSE_TIMEOUT_S = 2.0
+RESUME_TIMEOUT_S = 3.0  # leaving one resume record at the webapp on shutdown
 WS_PING_INTERVAL_S = 20.0
 HELLO = b'{"type":"hello"}'
 
@@ -172,9 +173,24 @@ class Gateway:
         }
 
     async def stop(self) -> None:
-        """Deregister, say goodbye to every client (they reconnect elsewhere), close."""
+        """Deregister, move every client elsewhere without loss, close.
+
+        For each session: note where it is in each channel and stop delivering
+        to it (both at once, so nothing reaches it after the note), leave that
+        position at the webapp as a resume record, then send ``goodbye``. The
+        client calls ``rtm.connect`` again, gets a ticket that carries the
+        record, and its new gateway replays what it missed, exactly once.
+        """
         self.stopping = True
         await self.discovery.close()
+        moved: list[tuple[Session, dict[str, int]]] = []
+        for session in list(self.state.sessions.values()):
+            moved.append((session, self.state.position(session)))
+            self.apply(self.state.detach(session))
+        results = await asyncio.gather(*(self.leave_resume(s, where) for s, where in moved), return_exceptions=True)
+        failed = sum(1 for r in results if isinstance(r, BaseException))
+        if failed:
+            log.warning("%d of %d resume records could not be left at the webapp", failed, len(moved))
         goodbye = b'{"type":"goodbye"}'
         for ws in list(self.sockets.values()):
             try:
@@ -190,6 +206,11 @@ class Gateway:
         await self.webapp.close()
         if self._stop_metrics is not None:
             await self._stop_metrics()
+
+    async def leave_resume(self, session: Session, where: dict[str, int]) -> None:
+        await asyncio.wait_for(
+            self.webapp.call("/internal/resume", {"user": session.user, "channels": where}), RESUME_TIMEOUT_S
+        )
 
     def health(self) -> dict[str, Any]:
         return {
@@ -212,14 +233,15 @@ class Gateway:
             await ws.close(CloseCode.GOING_AWAY, "gateway shutting down")
             return
         try:
-            ticket = self.verifier.verify(path.rsplit("/", 1)[-1], time.time())
+            ticket = self.verifier.verify(path.split("?", 1)[0].rsplit("/", 1)[-1], time.time())  # slack_sdk sends "/ws/<ticket>?"
         except InvalidTicket as exc:
             self.connects.labels("invalid_ticket").inc()
             self.metrics.error("invalid_ticket")
             await ws.close(CloseCode.INVALID_TICKET, str(exc))
             return
         try:
-            boot = await self.webapp.call("/internal/bootstrap", {"user": ticket.user})
+            request = {"user": ticket.user, **({"resume": ticket.resume} if ticket.resume else {})}
+            boot = await self.webapp.call("/internal/bootstrap", request)
         except Exception as exc:
             log.warning("bootstrap for %s failed: %s", ticket.user, exc)
             self.connects.labels("bootstrap_failed").inc()
@@ -263,33 +285,7 @@ class Gateway:
         await ws.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and catch up")
 
     def handle_client_message(self, ws: ServerConnection, session: Session, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            self.client_msgs.labels("binary").inc()
-            self.metrics.error("client_binary_frame")
-            self.spawn(ws.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported"))
-            return
-        try:
-            frame = json.loads(message)
-            if not isinstance(frame, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            self.client_msgs.labels("invalid").inc()
-            self.metrics.error("client_invalid_json")
-            self.send_json(session, {"type": "error", "error": {"code": 1, "msg": "invalid JSON: expected an object"}})
-            return
-        kind = frame.get("type")
-        self.client_msgs.labels(str(kind) if kind in ("ping",) else "other").inc()
-        if kind == "ping":
-            reply = {k: v for k, v in frame.items() if k not in ("type", "id")}
-            reply.update(type="pong", reply_to=frame.get("id"))
-            self.send_json(session, reply)
-            return
-        self.metrics.error("client_unsupported_type")
-        error = {"code": 2, "msg": f"unsupported message type: {kind!r}"}
-        if "id" in frame:
-            self.send_json(session, {"ok": False, "reply_to": frame["id"], "error": error})
-        else:
-            self.send_json(session, {"type": "error", "error": error})
+        ClientMessages.of(self).handle(ws, session, message)  # ping, typing, message: gateway/client_messages.py
 
     def send_json(self, session: Session, body: dict[str, Any]) -> None:
         session.write(text_frame(json.dumps(body).encode()))
@@ -463,7 +459,8 @@ class Gateway:
             channel = msg["ch"]
             seq = msg.get("seq")
             before = self.state.stats.delivered
-            fetch = self.state.deliver(channel, seq, msg["json"])
+            sender = (msg.get("ctl") or {}).get("from") if seq is None else None  # typing skips its sender
+            fetch = self.state.deliver(channel, seq, msg["json"], exclude_user=sender)
             delivered = self.state.stats.delivered - before
             if delivered:
                 self.deliveries.inc(delivered)
@@ -510,13 +507,5 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.instance_id = instance_id("gw", args.instance_id)
     args.secret = load_secret(args)
-    logs.configure(args.instance_id, args.log_level)
-
-    async def start() -> tuple[dict[str, Any], StopFn]:
-        gateway = Gateway(args)
-        info = await gateway.start()
-        return info, gateway.stop
-
-    return run_service(start)
+    return run_main(args, "gw", Gateway)

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from services.launcher import READY_PREFIX
 
@@ -79,3 +79,28 @@ def run_service(start: StartFn) -> int:
         return 0
 
     return asyncio.run(main())
+
+
+class Service(Protocol):
+    """What every fleet process's main class offers."""
+
+    async def start(self) -> dict[str, Any]:
+        """Start serving and registering; return the ready info."""
+
+    async def stop(self) -> None:
+        """Deregister, stop accepting, drain with a bound, close."""
+
+
+def run_main(args: Any, id_prefix: str, make: Callable[[Any], Service]) -> int:
+    """The ``main`` of a fleet process: name the instance, set up logs, run ``make(args)``."""
+    from services import logs
+    from services.config import instance_id
+
+    args.instance_id = instance_id(id_prefix, args.instance_id)
+    logs.configure(args.instance_id, args.log_level)
+
+    async def start() -> tuple[dict[str, Any], StopFn]:
+        service = make(args)
+        return await service.start(), service.stop
+
+    return run_service(start)
