@@ -10,10 +10,15 @@ with ``Retry-After`` when a token exceeds its per-method budget.
 
 Internal endpoints (header ``X-Rtm-Secret``; 403 otherwise):
 
-* ``POST /internal/bootstrap`` ``{"user": U}`` ->
+* ``POST /internal/bootstrap`` ``{"user": U, "resume": id?}`` ->
   ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
-  "channels": [{"id": C, "seq": last_seq}, ...]}`` (conversations + the user's
-  own channel + the team channel).
+  "channels": [{"id": C, "seq": last_seq}, ...], "resumed": bool}``
+  (conversations + the user's own channel + the team channel). With a live
+  ``resume`` record of that user, its channels carry the recorded seq instead
+  and ``resumed`` is true (see :mod:`webapp_stub.resume`).
+* ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq}}``
+  -> ``{"ok": true, "resume": id}``: a gateway about to move a connection
+  records where it stopped; the user's next ``rtm.connect`` claims it.
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
   ``{"ok": true, "events": [{"seq", "json", "ctl", "t0"}, ...], "has_more"}``.
 * ``POST /internal/call/<method>`` ``{"user": U, ...args}`` -> the same reply
@@ -42,6 +47,7 @@ from services.discovery import Instance
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.ticket import mint
 from webapp_stub.handoff import Handoff
+from webapp_stub.resume import ResumeBook
 from webapp_stub.store import (
     DEFAULT_HISTORY_PAGE,
     DEFAULT_PAGE,
@@ -63,6 +69,11 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 INTERNAL_HISTORY_DEFAULT = 500
 INTERNAL_HISTORY_MAX = 1000
 TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
+# users.getPresence before the presence servers: "active" if seen this recently
+# (a Web API call or a gateway connecting the user). Slack's own auto-away
+# follows 10 minutes of inactivity in its clients; the same figure here.
+PRESENCE_ACTIVE_WINDOW_S = 600.0
+MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
 
 Args = dict[str, Any]
 
@@ -279,12 +290,21 @@ class WebApi:
         self.requests = metrics.counter("rtm_webapp_requests_total", "Web API requests by method and outcome", ["method", "outcome"])
         self.latency = metrics.histogram("rtm_webapp_request_seconds", "Web API handling time", LATENCY_BUCKETS_S, ["method"])
         self.posts = metrics.counter("rtm_webapp_posts_total", "Messages persisted (chat.postMessage and websocket sends)")
+        self.resume = ResumeBook()
+        self.resumes = metrics.counter(
+            "rtm_webapp_resumes_total", "Resume records by step: recorded, claimed (rtm.connect), used, expired", ["step"]
+        )
+        metrics.gauge("rtm_webapp_resume_records", "Resume records waiting for their connection").set_function(
+            lambda: len(self.resume)
+        )
+        self.last_seen: dict[str, float] = {}  # user -> last Web API call or gateway connect (presence stand-in)
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.route("*", "/api/{method}", self.handle_api),
             web.post("/internal/bootstrap", self.handle_bootstrap),
             web.post("/internal/history", self.handle_history),
+            web.post("/internal/resume", self.handle_resume),
             web.post("/internal/call/{method}", self.handle_internal_call),
         ]
 
@@ -309,6 +329,7 @@ class WebApi:
                 user = self.store.auth(token)
                 if user is None:
                     raise ApiError("invalid_auth")
+                self.last_seen[user.id] = self.clock()
                 wait_s = self.limiter.retry_after(token, name)
                 if wait_s:
                     raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
@@ -352,14 +373,44 @@ class WebApi:
     async def handle_bootstrap(self, request: web.Request) -> web.Response:
         try:
             args = await self._internal_args(request)
-            boot = self.store.bootstrap(str(args.get("user") or ""))
+            user_id = str(args.get("user") or "")
+            rid = args.get("resume")
+            resume = self.resume.take(str(rid), user_id) if rid else None
+            if rid:
+                self.resumes.labels("used" if resume is not None else "expired").inc()
+            boot = self.store.bootstrap(user_id, resume)
             if boot is None:
                 raise ApiError("user_not_found")
-            body = {"ok": True, **boot}
+            self.last_seen[user_id] = self.clock()
+            body = {"ok": True, **boot, "resumed": resume is not None}
         except ApiError as exc:
             self.metrics.error(exc.code)
             body = {"ok": False, "error": exc.code}
         self.requests.labels("internal.bootstrap", "ok" if body["ok"] else body["error"]).inc()
+        return web.json_response(body)
+
+    async def handle_resume(self, request: web.Request) -> web.Response:
+        """Record where a connection the fleet is moving stopped (see :mod:`webapp_stub.resume`)."""
+        try:
+            args = await self._internal_args(request)
+            user_id = str(args.get("user") or "")
+            if not user_id or self.store.user(user_id) is None:
+                raise ApiError("user_not_found")
+            channels = args.get("channels")
+            if not isinstance(channels, dict) or len(channels) > MAX_RESUME_CHANNELS:
+                raise ApiError("invalid_arguments")
+            try:
+                seqs = {str(ch): int(seq) for ch, seq in channels.items()}
+            except (TypeError, ValueError):
+                raise ApiError("invalid_arguments") from None
+            if any(seq < 0 for seq in seqs.values()):
+                raise ApiError("invalid_arguments")
+            body = {"ok": True, "resume": self.resume.add(user_id, seqs)}
+            self.resumes.labels("recorded").inc()
+        except ApiError as exc:
+            self.metrics.error(exc.code)
+            body = {"ok": False, "error": exc.code}
+        self.requests.labels("internal.resume", "ok" if body["ok"] else body["error"]).inc()
         return web.json_response(body)
 
     async def handle_history(self, request: web.Request) -> web.Response:
@@ -421,6 +472,70 @@ class WebApi:
 
 
 # -- methods --------------------------------------------------------------------------------------
+# Each handler returns the reply's fields besides "ok"; Slack's error codes are
+# raised as ApiError by the handlers and by the store.
+
+
+def user_arg(api: WebApi, call: Call, name: str = "user", default_me: bool = False) -> User:
+    """A user of the caller's team named by ``name``; ``user_not_found`` otherwise."""
+    user_id = str_arg(call.args, name)
+    if not user_id:
+        if default_me:
+            return call.me
+        raise ApiError("user_not_found")
+    user = api.store.user(user_id)
+    if user is None or user.team != call.me.team:
+        raise ApiError("user_not_found")
+    return user
+
+
+def users_arg(api: WebApi, call: Call, name: str = "users") -> list[User]:
+    """A comma-separated list (or JSON array) of user ids; [] if absent; ``user_not_found`` for a stranger."""
+    value = call.args.get(name)
+    if value is None or value == "":
+        return []
+    ids = value if isinstance(value, list) else str(value).split(",")
+    users = []
+    for user_id in ids:
+        user_id = str(user_id).strip()
+        if not user_id:
+            continue
+        user = api.store.user(user_id)
+        if user is None or user.team != call.me.team:
+            raise ApiError("user_not_found")
+        users.append(user)
+    return users
+
+
+def conversation(api: WebApi, channel: Channel, viewer: User, **extra: Any) -> dict[str, Any]:
+    """The conversation object as ``viewer`` sees it (a DM names the other member)."""
+    if channel.is_im:
+        return channel.to_api(user=api.store.dm_peer(channel, viewer.id), is_open=True, **extra)
+    if "is_member" not in extra:
+        extra["is_member"] = api.store.is_member(channel.id, viewer.id)
+    return channel.to_api(**extra)
+
+
+def message_content(call: Call) -> tuple[str, dict[str, Any]]:
+    """``text`` and the ``blocks``/``attachments`` of a message argument set."""
+    text = call.args.get("text")
+    text = "" if text is None else str(text)
+    extra = {}
+    for name in ("blocks", "attachments"):
+        value = json_arg(call.args, name)
+        if value:
+            extra[name] = value
+    return text, extra
+
+
+CONVERSATION_TYPES = frozenset({"public_channel", "private_channel", "mpim", "im"})
+
+
+def types_arg(call: Call) -> set[str]:
+    types = {t.strip() for t in str(call.args.get("types") or "public_channel").split(",") if t.strip()}
+    if not types or not types <= CONVERSATION_TYPES:
+        raise ApiError("invalid_types")
+    return types
 
 
 @method("api.test", auth=False)
@@ -451,6 +566,8 @@ def auth_test(api: WebApi, call: Call) -> dict[str, Any]:
 
 @method("rtm.connect")
 def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
+    """A signed, single-use ticket URL on a gateway; it names the user's oldest
+    pending resume record, if the fleet moved one of their connections."""
     user = call.me
     region = str(call.args.get("region") or "")
     if not region and call.request is not None:
@@ -458,7 +575,10 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
     gateway = api.gateways.pick(region or api.region)
     if gateway is None:
         raise ApiError("service_unavailable")
-    ticket = mint(api.secret, user.id, user.team, gateway.id, api.clock())
+    resume = api.resume.claim(user.id)
+    if resume:
+        api.resumes.labels("claimed").inc()
+    ticket = mint(api.secret, user.id, user.team, gateway.id, api.clock(), resume=resume)
     team = api.store.team(user.team)
     return {
         "url": f"ws://{gateway.address}:{gateway.port}/ws/{ticket}",
@@ -467,39 +587,91 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
     }
 
 
+# -- chat ---------------------------------------------------------------------------------------
+
+
 @method("chat.postMessage")
 def chat_post_message(api: WebApi, call: Call) -> dict[str, Any]:
-    channel = api.channel_arg(call)
-    text = call.args.get("text")
-    text = "" if text is None else str(text)
-    extra = {}
-    for name in ("blocks", "attachments"):
-        value = json_arg(call.args, name)
-        if value:
-            extra[name] = value
+    """Post as the caller; ``channel`` may also be a user id (posts in the DM with them)."""
+    target = str_arg(call.args, "channel") or ""
+    if target[:1] in ("U", "W") and api.store.user(target) is not None:
+        channel, _, events = api.store.open_dm(call.me, [user_arg(api, call, "channel")])
+        api.publish(events)
+    else:
+        channel = api.channel_arg(call)
+    text, extra = message_content(call)
     if not text and not extra:
         raise ApiError("no_text")
     thread_ts = str_arg(call.args, "thread_ts") or None
-    message, event = api.store.post_message(channel, call.me, text, thread_ts=thread_ts, extra=extra or None)
+    message, event = api.store.post_message(
+        channel, call.me, text, thread_ts=thread_ts, broadcast=flag(call.args, "reply_broadcast"), extra=extra or None
+    )
     api.publish([event])
     api.posts.inc()
     return {"channel": channel.id, "ts": message["ts"], "message": message}
 
 
+@method("chat.update")
+def chat_update(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    text, extra = message_content(call)
+    if not text and not extra:
+        raise ApiError("no_text")
+    message, event = api.store.update_message(channel, call.me, call.args.get("ts"), text, extra=extra or None)
+    api.publish([event])
+    return {"channel": channel.id, "ts": message["ts"], "text": message["text"], "message": message}
+
+
+@method("chat.delete")
+def chat_delete(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    ts, event = api.store.delete_message(channel, call.me, call.args.get("ts"))
+    api.publish([event])
+    return {"channel": channel.id, "ts": ts}
+
+
+@method("chat.postEphemeral")
+def chat_post_ephemeral(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    target = user_arg(api, call)
+    text, extra = message_content(call)
+    if not text and not extra:
+        raise ApiError("no_text")
+    ts, event = api.store.post_ephemeral(channel, call.me, target, text)
+    api.publish([event])
+    return {"message_ts": ts}
+
+
+# -- conversations --------------------------------------------------------------------------------
+
+
 @method("conversations.list")
 def conversations_list(api: WebApi, call: Call) -> dict[str, Any]:
-    types = {t.strip() for t in str(call.args.get("types") or "public_channel").split(",") if t.strip()}
-    page = api.store.list_channels(
+    page = api.store.list_conversations(
         call.me,
+        types=types_arg(call),
         limit=int_arg(call.args, "limit", DEFAULT_PAGE, MAX_PAGE),
         cursor=str_arg(call.args, "cursor"),
         exclude_archived=flag(call.args, "exclude_archived"),
-        public="public_channel" in types,
-        private="private_channel" in types,
     )
     mine = api.store.memberships(call.me.id, [c.id for c in page.items])
-    channels = [c.to_api(is_member=c.id in mine) for c in page.items]
+    channels = [conversation(api, c, call.me, **({} if c.is_im else {"is_member": c.id in mine})) for c in page.items]
     return paged("channels", channels, page.next_cursor)
+
+
+@method("users.conversations")
+def users_conversations(api: WebApi, call: Call) -> dict[str, Any]:
+    """The conversations ``user`` (default: the caller) is in, that the caller may see."""
+    member = user_arg(api, call, default_me=True)
+    page = api.store.list_conversations(
+        call.me,
+        types=types_arg(call),
+        member_of=member.id,
+        limit=int_arg(call.args, "limit", DEFAULT_PAGE, MAX_PAGE),
+        cursor=str_arg(call.args, "cursor"),
+        exclude_archived=flag(call.args, "exclude_archived"),
+    )
+    return paged("channels", [conversation(api, c, call.me) for c in page.items], page.next_cursor)
 
 
 @method("conversations.history")
@@ -549,6 +721,75 @@ def conversations_join(api: WebApi, call: Call) -> dict[str, Any]:
     return reply
 
 
+@method("conversations.leave")
+def conversations_leave(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    was_not_in, events = api.store.leave_channel(channel, call.me)
+    api.publish(events)
+    return {"not_in_channel": True} if was_not_in else {}
+
+
+@method("conversations.invite")
+def conversations_invite(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    users = users_arg(api, call)
+    if not users:
+        raise ApiError("no_user")
+    api.publish(api.store.invite(channel, call.me, users))
+    return {"channel": channel.to_api(is_member=True)}
+
+
+@method("conversations.kick")
+def conversations_kick(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    target = user_arg(api, call)
+    api.publish(api.store.kick(channel, call.me, target))
+    return {}
+
+
+@method("conversations.rename")
+def conversations_rename(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    renamed, events = api.store.rename_channel(channel, call.me, call.args.get("name"))
+    api.publish(events)
+    return {"channel": renamed.to_api(is_member=True)}
+
+
+@method("conversations.archive")
+def conversations_archive(api: WebApi, call: Call) -> dict[str, Any]:
+    api.publish(api.store.archive_channel(api.channel_arg(call), call.me, archived=True))
+    return {}
+
+
+@method("conversations.unarchive")
+def conversations_unarchive(api: WebApi, call: Call) -> dict[str, Any]:
+    api.publish(api.store.archive_channel(api.channel_arg(call), call.me, archived=False))
+    return {}
+
+
+@method("conversations.open")
+def conversations_open(api: WebApi, call: Call) -> dict[str, Any]:
+    """Open (creating on first use) the DM with ``users`` (one id) or the group DM
+    (several); or reopen ``channel``, a DM the caller is in."""
+    users = users_arg(api, call)
+    if users:
+        channel, already, events = api.store.open_dm(call.me, users)
+        api.publish(events)
+    elif str_arg(call.args, "channel"):
+        channel = api.channel_arg(call)
+        if channel.kind == "channel":
+            raise ApiError("method_not_supported_for_channel_type")
+        already = True
+    else:
+        raise ApiError("users_list_not_supplied")
+    reply: dict[str, Any] = {
+        "channel": conversation(api, channel, call.me) if flag(call.args, "return_im") else {"id": channel.id}
+    }
+    if already:
+        reply.update(no_op=True, already_open=True)
+    return reply
+
+
 @method("conversations.members")
 def conversations_members(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
@@ -561,10 +802,46 @@ def conversations_members(api: WebApi, call: Call) -> dict[str, Any]:
 @method("conversations.info")
 def conversations_info(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
-    extra: dict[str, Any] = {"is_member": api.store.is_member(channel.id, call.me.id)}
+    extra: dict[str, Any] = {}
     if flag(call.args, "include_num_members"):
         extra["num_members"] = api.store.member_count(channel.id)
-    return {"channel": channel.to_api(**extra)}
+    return {"channel": conversation(api, channel, call.me, **extra)}
+
+
+# -- reactions --------------------------------------------------------------------------------------
+
+
+def reaction_target(api: WebApi, call: Call) -> tuple[Channel, str]:
+    if not str_arg(call.args, "channel") and not str_arg(call.args, "timestamp"):
+        raise ApiError("no_item_specified")
+    channel = api.channel_arg(call)
+    ts = str_arg(call.args, "timestamp")
+    if not ts:
+        raise ApiError("no_item_specified")
+    return channel, ts
+
+
+@method("reactions.add")
+def reactions_add(api: WebApi, call: Call) -> dict[str, Any]:
+    channel, ts = reaction_target(api, call)
+    api.publish([api.store.add_reaction(channel, call.me, ts, call.args.get("name"))])
+    return {}
+
+
+@method("reactions.remove")
+def reactions_remove(api: WebApi, call: Call) -> dict[str, Any]:
+    channel, ts = reaction_target(api, call)
+    api.publish([api.store.remove_reaction(channel, call.me, ts, call.args.get("name"))])
+    return {}
+
+
+@method("reactions.get")
+def reactions_get(api: WebApi, call: Call) -> dict[str, Any]:
+    channel, ts = reaction_target(api, call)
+    return {"type": "message", "channel": channel.id, "message": api.store.message(channel.id, ts)}
+
+
+# -- users and bots -----------------------------------------------------------------------------------
 
 
 @method("users.list")
@@ -577,8 +854,51 @@ def users_list(api: WebApi, call: Call) -> dict[str, Any]:
 
 @method("users.info")
 def users_info(api: WebApi, call: Call) -> dict[str, Any]:
-    user_id = str_arg(call.args, "user")
-    user = api.store.user(user_id) if user_id else None
+    return {"user": user_arg(api, call).to_api()}
+
+
+@method("users.getPresence")
+def users_get_presence(api: WebApi, call: Call) -> dict[str, Any]:
+    """Until the presence servers exist, presence is what the webapp knows: a user is
+    ``active`` if not set ``away`` by hand and seen (a Web API call, or a gateway
+    connecting them) within :data:`PRESENCE_ACTIVE_WINDOW_S`. Details only for oneself, as Slack."""
+    user = user_arg(api, call, default_me=True)
+    seen = api.last_seen.get(user.id)
+    online = seen is not None and api.clock() - seen < PRESENCE_ACTIVE_WINDOW_S
+    manual_away = user.presence == "away"
+    presence = "active" if online and not manual_away else "away"
+    if user.id != call.me.id:
+        return {"presence": presence}
+    return {
+        "presence": presence,
+        "online": online,
+        "auto_away": not online and not manual_away,
+        "manual_away": manual_away,
+        "last_activity": int(seen or 0),
+    }
+
+
+@method("users.setPresence")
+def users_set_presence(api: WebApi, call: Call) -> dict[str, Any]:
+    api.publish(api.store.set_presence(call.me, str(call.args.get("presence") or "")))
+    return {}
+
+
+@method("bots.info")
+def bots_info(api: WebApi, call: Call) -> dict[str, Any]:
+    """The bot behind a ``B…`` id (the caller's own when ``bot`` is absent and it is a bot)."""
+    bot_id = str_arg(call.args, "bot") or call.me.bot_id or ""
+    user = api.store.bot(bot_id) if bot_id else None
     if user is None or user.team != call.me.team:
-        raise ApiError("user_not_found")
-    return {"user": user.to_api()}
+        raise ApiError("bot_not_found")
+    return {
+        "bot": {
+            "id": user.bot_id,
+            "deleted": False,
+            "name": user.name,
+            "updated": 0,
+            "app_id": "A" + str(user.bot_id)[1:],
+            "user_id": user.id,
+            "icons": {},
+        }
+    }

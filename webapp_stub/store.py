@@ -19,6 +19,14 @@ Guarantees
   here; it travels as bytes through the fleet and is never re-encoded.
 * Mutating methods return the committed :class:`Event` list in commit order;
   the caller hands them to the outbox (:mod:`webapp_stub.handoff`) right after.
+* Conversations are channels (``C…``), direct messages (``D…``, kind ``im``)
+  and group DMs (``G…``, kind ``mpim``); DMs are private to their members.
+  Membership changes emit an event on the member's user channel whose ``ctl``
+  (``{"join": C, "since": seq}`` / ``{"leave": C}``) makes gateways move that
+  user's connections at once.
+* Edits, deletions and reactions are events on the message's channel with
+  their own ``seq`` and ``event_ts``; ephemeral messages are events on the
+  target user's channel and never enter history.
 
 Errors a client can cause raise :class:`ApiError` with the Slack error code.
 """
@@ -29,12 +37,13 @@ import base64
 import binascii
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 DB_FILE = "webapp.db"
@@ -45,6 +54,11 @@ MAX_PAGE = 1000
 DEFAULT_HISTORY_PAGE = 100
 MAX_HISTORY_PAGE = 999
 MAX_CHANNEL_NAME = 80
+MAX_DM_OTHERS = 8  # Slack: a group DM holds the caller and at most 8 others
+MAX_REACTION_NAME = 100
+GENERAL = "general"  # the team's default channel: nobody leaves, is kicked from or archives it
+REPLY_USERS_SHOWN = 5  # Slack lists at most this many reply_users on a thread parent
+PRESENCES = ("auto", "away")  # users.setPresence: "auto" follows activity, "away" is manual
 ID_LENGTH = 11  # after the one-letter prefix, like Slack's U024BE7LH-style ids
 JSON_SEPARATORS = (",", ":")
 DEFAULT_CACHE_PAGES = -2000  # SQLite's default page cache (negative: KiB)
@@ -61,7 +75,8 @@ CREATE TABLE IF NOT EXISTS users (
     name TEXT NOT NULL,
     real_name TEXT NOT NULL DEFAULT '',
     is_bot INTEGER NOT NULL DEFAULT 0,
-    bot_id TEXT
+    bot_id TEXT,
+    presence TEXT NOT NULL DEFAULT 'auto'
 );
 CREATE INDEX IF NOT EXISTS users_team ON users (team);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -77,6 +92,8 @@ CREATE TABLE IF NOT EXISTS channels (
     creator TEXT NOT NULL,
     is_private INTEGER NOT NULL DEFAULT 0,
     is_archived INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'channel',
+    dm_key TEXT,
     UNIQUE (team, name)
 );
 CREATE TABLE IF NOT EXISTS members (
@@ -96,8 +113,18 @@ CREATE TABLE IF NOT EXISTS messages (
     thread_ts TEXT,
     bot_id TEXT,
     extra TEXT,
+    subtype TEXT,
+    edited_user TEXT,
+    edited_ts TEXT,
     PRIMARY KEY (channel, ts_us)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reactions (
+    channel TEXT NOT NULL,
+    ts_us INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    user TEXT NOT NULL,
+    UNIQUE (channel, ts_us, name, user)
+);
 CREATE TABLE IF NOT EXISTS channel_seq (
     channel TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL,
@@ -116,6 +143,22 @@ CREATE TABLE IF NOT EXISTS marks (
     name TEXT PRIMARY KEY,
     value REAL NOT NULL
 ) WITHOUT ROWID;
+"""
+
+# Columns added after the first release: a database written by an older
+# version gets them (with their defaults) when it is opened.
+MIGRATIONS = (
+    ("users", "presence", "TEXT NOT NULL DEFAULT 'auto'"),
+    ("channels", "kind", "TEXT NOT NULL DEFAULT 'channel'"),
+    ("channels", "dm_key", "TEXT"),
+    ("messages", "subtype", "TEXT"),
+    ("messages", "edited_user", "TEXT"),
+    ("messages", "edited_ts", "TEXT"),
+)
+# Indexes over migrated columns: created once the columns exist.
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS channels_dm_key ON channels (team, dm_key) WHERE dm_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS users_bot ON users (bot_id) WHERE bot_id IS NOT NULL;
 """
 
 
@@ -147,6 +190,7 @@ class User:
     real_name: str = ""
     is_bot: bool = False
     bot_id: str | None = None
+    presence: str = "auto"  # "auto" or "away" (set by users.setPresence)
 
     def to_api(self) -> dict[str, Any]:
         """Slack's user object (users.info, users.list)."""
@@ -173,6 +217,10 @@ class User:
 
 @dataclass(frozen=True)
 class Channel:
+    """A conversation: a channel (``C…``), a direct message (``D…``, kind ``im``)
+    or a group direct message (``G…``, kind ``mpim``). DMs are private: only
+    their members see them."""
+
     id: str
     team: str
     name: str
@@ -180,21 +228,56 @@ class Channel:
     creator: str
     is_private: bool = False
     is_archived: bool = False
+    kind: str = "channel"  # "channel", "im" or "mpim"
+
+    @property
+    def is_im(self) -> bool:
+        return self.kind == "im"
+
+    @property
+    def is_mpim(self) -> bool:
+        return self.kind == "mpim"
+
+    @property
+    def is_general(self) -> bool:
+        return self.kind == "channel" and self.name == GENERAL
+
+    @property
+    def channel_type(self) -> str:
+        """The letter Slack puts in ``channel_type``: C public, G private or group DM, D direct message."""
+        if self.is_im:
+            return "D"
+        return "G" if self.is_private else "C"
 
     def to_api(self, **extra: Any) -> dict[str, Any]:
-        """Slack's conversation object (conversations.info/list/create)."""
+        """Slack's conversation object (conversations.info/list/create/open).
+
+        For a direct message, pass ``user`` (the other member) in ``extra``.
+        """
+        if self.is_im:
+            return {
+                "id": self.id,
+                "created": self.created,
+                "is_im": True,
+                "is_org_shared": False,
+                "is_archived": False,
+                "is_user_deleted": False,
+                "context_team_id": self.team,
+                "priority": 0,
+                **extra,
+            }
         return {
             "id": self.id,
             "name": self.name,
-            "is_channel": not self.is_private,
-            "is_group": self.is_private,
+            "is_channel": self.kind == "channel" and not self.is_private,
+            "is_group": self.kind == "channel" and self.is_private,
             "is_im": False,
-            "is_mpim": False,
+            "is_mpim": self.is_mpim,
             "is_private": self.is_private,
             "created": self.created,
             "creator": self.creator,
             "is_archived": self.is_archived,
-            "is_general": self.name == "general",
+            "is_general": self.is_general,
             "name_normalized": self.name,
             "is_shared": False,
             "is_org_shared": False,
@@ -306,6 +389,15 @@ class Store:
         self.conn.execute("PRAGMA foreign_keys=OFF")
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns of :data:`MIGRATIONS` that an older database lacks, then their indexes."""
+        for table, column, decl in MIGRATIONS:
+            have = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self.conn.executescript(INDEXES)
 
     def close(self) -> None:
         self.conn.close()
@@ -411,15 +503,35 @@ class Store:
             db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (token, user.id))
         return user, token
 
-    _USER_COLS = "id, team, name, real_name, is_bot, bot_id"
+    _USER_COLS = "id, team, name, real_name, is_bot, bot_id, presence"
 
     @staticmethod
     def _user(row: tuple[Any, ...]) -> User:
-        return User(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
+        return User(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6])
 
     def user(self, user_id: str) -> User | None:
         row = self.conn.execute(f"SELECT {self._USER_COLS} FROM users WHERE id = ?", (user_id,)).fetchone()
         return self._user(row) if row else None
+
+    def bot(self, bot_id: str) -> User | None:
+        """The bot user whose bot id (``B…``) is ``bot_id``, or None."""
+        row = self.conn.execute(f"SELECT {self._USER_COLS} FROM users WHERE bot_id = ?", (bot_id,)).fetchone()
+        return self._user(row) if row else None
+
+    def set_presence(self, user: User, presence: str) -> list[Event]:
+        """users.setPresence: ``auto`` or ``away``. A change emits ``manual_presence_change``
+        on the user's channel (to all of that user's connections). Raises ``invalid_presence``."""
+        if presence not in PRESENCES:
+            raise ApiError("invalid_presence")
+        with self.transaction() as db:
+            row = db.execute("SELECT presence FROM users WHERE id = ?", (user.id,)).fetchone()
+            if row is None:
+                raise ApiError("user_not_found")
+            if row[0] == presence:
+                return []
+            db.execute("UPDATE users SET presence = ? WHERE id = ?", (presence, user.id))
+            shown = "away" if presence == "away" else "active"
+            return [self._append_event(user.id, {"type": "manual_presence_change", "presence": shown})]
 
     def auth(self, token: str) -> User | None:
         """The user a token belongs to, or None."""
@@ -439,11 +551,11 @@ class Store:
         return Page([self._user(r[1:]) for r in rows], encode_cursor("user", rows[-1][0]) if more else "")
 
     # -- channels -------------------------------------------------------------------------
-    _CHANNEL_COLS = "id, team, name, created, creator, is_private, is_archived"
+    _CHANNEL_COLS = "id, team, name, created, creator, is_private, is_archived, kind"
 
     @staticmethod
     def _channel(row: tuple[Any, ...]) -> Channel:
-        return Channel(row[0], row[1], row[2], int(row[3]), row[4], bool(row[5]), bool(row[6]))
+        return Channel(row[0], row[1], row[2], int(row[3]), row[4], bool(row[5]), bool(row[6]), row[7])
 
     def channel(self, channel_id: str) -> Channel | None:
         row = self.conn.execute(f"SELECT {self._CHANNEL_COLS} FROM channels WHERE id = ?", (channel_id,)).fetchone()
@@ -451,7 +563,7 @@ class Store:
 
     def channel_by_name(self, team: str, name: str) -> Channel | None:
         row = self.conn.execute(
-            f"SELECT {self._CHANNEL_COLS} FROM channels WHERE team = ? AND name = ?", (team, name)
+            f"SELECT {self._CHANNEL_COLS} FROM channels WHERE team = ? AND name = ? AND kind = 'channel'", (team, name)
         ).fetchone()
         return self._channel(row) if row else None
 
@@ -473,6 +585,13 @@ class Store:
 
     def member_count(self, channel: str) -> int:
         return int(self.conn.execute("SELECT count(*) FROM members WHERE channel = ?", (channel,)).fetchone()[0])
+
+    def dm_peer(self, channel: Channel, viewer: str) -> str:
+        """The other member of a direct message (``viewer`` itself for a self-DM)."""
+        row = self.conn.execute(
+            "SELECT user FROM members WHERE channel = ? AND user != ? LIMIT 1", (channel.id, viewer)
+        ).fetchone()
+        return str(row[0]) if row else viewer
 
     def visible_channel(self, channel_id: str, user: User) -> Channel:
         """The channel if ``user`` may see it (same team; private only for members); else ``channel_not_found``."""
@@ -496,8 +615,8 @@ class Store:
         with self.transaction() as db:
             try:
                 db.execute(
-                    f"INSERT INTO channels ({self._CHANNEL_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (channel.id, channel.team, name, now, user.id, int(is_private), 0),
+                    f"INSERT INTO channels ({self._CHANNEL_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (channel.id, channel.team, name, now, user.id, int(is_private), 0, channel.kind),
                 )
             except sqlite3.IntegrityError:
                 raise ApiError("name_taken") from None
@@ -525,29 +644,249 @@ class Store:
             events = self._join(channel, user)
         return False, events
 
-    def _join(self, channel: Channel, user: User) -> list[Event]:
-        """Membership row, ``member_joined_channel`` on the channel, ``channel_joined`` on the user.
+    def invite(self, channel: Channel, inviter: User, users: list[User]) -> list[Event]:
+        """conversations.invite: add ``users`` (the ones not yet in) on ``inviter``'s behalf.
+
+        Raises ``method_not_supported_for_channel_type`` (DMs), ``is_archived``,
+        ``not_in_channel`` (the inviter), ``cant_invite_self``,
+        ``already_in_channel`` (every invitee is a member already).
+        """
+        if channel.kind != "channel":
+            raise ApiError("method_not_supported_for_channel_type")
+        if channel.is_archived:
+            raise ApiError("is_archived")
+        if any(u.id == inviter.id for u in users):
+            raise ApiError("cant_invite_self")
+        with self.transaction():
+            if not self.is_member(channel.id, inviter.id):
+                raise ApiError("not_in_channel")
+            new = [u for u in dict((u.id, u) for u in users).values() if not self.is_member(channel.id, u.id)]
+            if not new:
+                raise ApiError("already_in_channel")
+            events: list[Event] = []
+            for user in new:
+                events += self._join(channel, user, inviter=inviter)
+        return events
+
+    def leave_channel(self, channel: Channel, user: User) -> tuple[bool, list[Event]]:
+        """conversations.leave: returns (was_not_in, events).
+
+        Raises ``method_not_supported_for_channel_type`` (direct messages) and
+        ``cant_leave_general``.
+        """
+        if channel.is_im:
+            raise ApiError("method_not_supported_for_channel_type")
+        if channel.is_general:
+            raise ApiError("cant_leave_general")
+        with self.transaction():
+            if not self.is_member(channel.id, user.id):
+                return True, []
+            events = self._leave(channel, user)
+        return False, events
+
+    def kick(self, channel: Channel, kicker: User, target: User) -> list[Event]:
+        """conversations.kick: remove ``target``. Raises ``method_not_supported_for_channel_type``,
+        ``cant_kick_self``, ``cant_kick_from_general``, ``not_in_channel`` (the target)."""
+        if channel.kind != "channel":
+            raise ApiError("method_not_supported_for_channel_type")
+        if target.id == kicker.id:
+            raise ApiError("cant_kick_self")
+        if channel.is_general:
+            raise ApiError("cant_kick_from_general")
+        with self.transaction():
+            if not self.is_member(channel.id, target.id):
+                raise ApiError("not_in_channel")
+            return self._leave(channel, target, actor=kicker)
+
+    def rename_channel(self, channel: Channel, user: User, name: Any) -> tuple[Channel, list[Event]]:
+        """conversations.rename: ``channel_rename`` to the team (public) or ``group_rename``
+        to the channel (private). Raises ``method_not_supported_for_channel_type``,
+        ``not_in_channel``, ``is_archived``, ``name_taken``, ``invalid_name_*``."""
+        if channel.kind != "channel":
+            raise ApiError("method_not_supported_for_channel_type")
+        if channel.is_archived:
+            raise ApiError("is_archived")
+        name = validate_channel_name(name)
+        with self.transaction() as db:
+            if not self.is_member(channel.id, user.id):
+                raise ApiError("not_in_channel")
+            try:
+                db.execute("UPDATE channels SET name = ? WHERE id = ?", (name, channel.id))
+            except sqlite3.IntegrityError:
+                raise ApiError("name_taken") from None
+            renamed = replace(channel, name=name)
+            info = {
+                "id": channel.id, "name": name, "name_normalized": name, "created": channel.created,
+                "is_channel": not channel.is_private, "is_mpim": False,
+            }
+            if channel.is_private:
+                event = self._append_event(channel.id, {"type": "group_rename", "channel": info})
+            else:
+                event = self._append_event(channel.team, {"type": "channel_rename", "channel": info})
+        return renamed, [event]
+
+    def archive_channel(self, channel: Channel, user: User, archived: bool = True) -> list[Event]:
+        """conversations.archive (or, with ``archived=False``, .unarchive).
+
+        ``channel_archive``/``channel_unarchive`` go to the team for a public
+        channel, ``group_archive``/``group_unarchive`` to the channel for a
+        private one. Raises ``method_not_supported_for_channel_type``,
+        ``cant_archive_general``, ``already_archived``/``not_archived``, ``not_in_channel``.
+        """
+        if channel.kind != "channel":
+            raise ApiError("method_not_supported_for_channel_type")
+        if channel.is_general:
+            raise ApiError("cant_archive_general")
+        if channel.is_archived == archived:
+            raise ApiError("already_archived" if archived else "not_archived")
+        with self.transaction() as db:
+            if not self.is_member(channel.id, user.id):
+                raise ApiError("not_in_channel")
+            db.execute("UPDATE channels SET is_archived = ? WHERE id = ?", (int(archived), channel.id))
+            kind = ("group_" if channel.is_private else "channel_") + ("archive" if archived else "unarchive")
+            payload = {"type": kind, "channel": channel.id, "user": user.id}
+            event = self._append_event(channel.id if channel.is_private else channel.team, payload)
+        return [event]
+
+    def open_dm(self, user: User, others: list[User]) -> tuple[Channel, bool, list[Event]]:
+        """conversations.open: the direct message (``D…``) between ``user`` and one other
+        (or with itself), or the group DM (``G…``) with several; created on first use.
+
+        Returns (channel, already_open, events). A new DM emits ``im_created``
+        (``mpim_joined`` for a group) on each member's user channel with
+        ``ctl = {"join": D, "since": 0}``, so their open connections follow it
+        at once. Raises ``too_many_users``.
+        """
+        members = sorted({user.id, *(o.id for o in others)})
+        if len(members) - 1 > MAX_DM_OTHERS:
+            raise ApiError("too_many_users")
+        key = ",".join(members)
+        kind = "im" if len(members) <= 2 else "mpim"
+        with self.transaction() as db:
+            row = db.execute(
+                f"SELECT {self._CHANNEL_COLS} FROM channels WHERE team = ? AND dm_key = ?", (user.team, key)
+            ).fetchone()
+            if row is not None:
+                return self._channel(row), True, []
+            now = int(self.clock())
+            cid = new_id("D" if kind == "im" else "G")
+            if kind == "im":
+                name = cid
+            else:
+                by_id = {o.id: o.name for o in (user, *others)}
+                name = "mpdm-" + "--".join(by_id[m] for m in members) + "-1"
+            channel = Channel(cid, user.team, name, now, user.id, True, False, kind)
+            try:
+                db.execute(
+                    f"INSERT INTO channels ({self._CHANNEL_COLS}, dm_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (cid, user.team, name, now, user.id, 1, 0, kind, key),
+                )
+            except sqlite3.IntegrityError:  # an mpim name that a channel already took
+                name = f"{name}-{cid.lower()}"
+                channel = replace(channel, name=name)
+                db.execute(
+                    f"INSERT INTO channels ({self._CHANNEL_COLS}, dm_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (cid, user.team, name, now, user.id, 1, 0, kind, key),
+                )
+            db.executemany("INSERT INTO members (channel, user) VALUES (?, ?)", [(cid, m) for m in members])
+            events = []
+            for member in members:
+                if kind == "im":
+                    peer = next((m for m in members if m != member), member)
+                    payload = {"type": "im_created", "user": peer, "channel": channel.to_api(user=peer, is_open=True)}
+                else:
+                    payload = {"type": "mpim_joined", "channel": channel.to_api(is_member=True)}
+                events.append(self._append_event(member, payload, ctl={"join": cid, "since": 0}))
+        return channel, False, events
+
+    def _join(self, channel: Channel, user: User, inviter: User | None = None) -> list[Event]:
+        """Membership row, ``member_joined_channel`` on the channel, ``channel_joined``
+        (``group_joined`` if private) on the user.
 
         The user-channel event carries ``ctl = {"join": C, "since": seq}`` where
         ``seq`` is the channel's last seq after its ``member_joined_channel``:
         gateways subscribe that user's connections to C from there, at once.
         """
         self.conn.execute("INSERT INTO members (channel, user) VALUES (?, ?)", (channel.id, user.id))
-        joined = self._append_event(
+        payload = {
+            "type": "member_joined_channel",
+            "user": user.id,
+            "channel": channel.id,
+            "channel_type": channel.channel_type,
+            "team": user.team,
+        }
+        if inviter is not None:
+            payload["inviter"] = inviter.id
+        joined = self._append_event(channel.id, payload)
+        info = channel.to_api(is_member=True)
+        kind = "group_joined" if channel.is_private else "channel_joined"
+        own = self._append_event(user.id, {"type": kind, "channel": info}, ctl={"join": channel.id, "since": joined.seq})
+        return [joined, own]
+
+    def _leave(self, channel: Channel, user: User, actor: User | None = None) -> list[Event]:
+        """Membership row gone, ``member_left_channel`` on the channel, ``channel_left``
+        (``group_left`` if private; with ``actor_id`` when kicked) on the user with
+        ``ctl = {"leave": C}``: gateways stop that user's connections receiving C."""
+        self.conn.execute("DELETE FROM members WHERE channel = ? AND user = ?", (channel.id, user.id))
+        left = self._append_event(
             channel.id,
             {
-                "type": "member_joined_channel",
+                "type": "member_left_channel",
                 "user": user.id,
                 "channel": channel.id,
-                "channel_type": "G" if channel.is_private else "C",
+                "channel_type": channel.channel_type,
                 "team": user.team,
             },
         )
-        info = channel.to_api(is_member=True)
-        own = self._append_event(
-            user.id, {"type": "channel_joined", "channel": info}, ctl={"join": channel.id, "since": joined.seq}
-        )
-        return [joined, own]
+        payload: dict[str, Any] = {"type": "group_left" if channel.is_private else "channel_left", "channel": channel.id}
+        if actor is not None and actor.id != user.id:
+            payload["actor_id"] = actor.id
+        own = self._append_event(user.id, payload, ctl={"leave": channel.id})
+        return [left, own]
+
+    def list_conversations(
+        self,
+        viewer: User,
+        *,
+        types: set[str],
+        member_of: str | None = None,
+        limit: int = DEFAULT_PAGE,
+        cursor: str | None = None,
+        exclude_archived: bool = False,
+    ) -> Page:
+        """The conversations of ``viewer``'s team it may see, of the given ``types``
+        (``public_channel``, ``private_channel``, ``mpim``, ``im``), in creation order;
+        with ``member_of``, only those that user is in (users.conversations)."""
+        after = _int_cursor(cursor, "channel") or 0
+        mine = "EXISTS (SELECT 1 FROM members m WHERE m.channel = c.id AND m.user = ?)"
+        kinds: list[str] = []
+        params: list[Any] = [viewer.team, after]
+        if "public_channel" in types:
+            kinds.append("(c.kind = 'channel' AND c.is_private = 0)")
+        for name, where in (
+            ("private_channel", "c.kind = 'channel' AND c.is_private = 1"),
+            ("mpim", "c.kind = 'mpim'"),
+            ("im", "c.kind = 'im'"),
+        ):
+            if name in types:
+                kinds.append(f"({where} AND {mine})")
+                params.append(viewer.id)
+        if not kinds:
+            return Page([], "")
+        where = "c.team = ? AND c.rowid > ? AND (" + " OR ".join(kinds) + ")"
+        if member_of is not None:
+            where += " AND EXISTS (SELECT 1 FROM members m2 WHERE m2.channel = c.id AND m2.user = ?)"
+            params.append(member_of)
+        if exclude_archived:
+            where += " AND c.is_archived = 0"
+        rows = self.conn.execute(
+            f"SELECT c.rowid, {', '.join('c.' + col.strip() for col in self._CHANNEL_COLS.split(','))} "
+            f"FROM channels c WHERE {where} ORDER BY c.rowid LIMIT ?",
+            (*params, limit + 1),
+        ).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([self._channel(r[1:]) for r in rows], encode_cursor("channel", rows[-1][0]) if more else "")
 
     def list_channels(
         self,
@@ -560,25 +899,8 @@ class Store:
         private: bool = False,
     ) -> Page:
         """The team's public channels and, if asked, the private ones ``user`` is in; creation order."""
-        after = _int_cursor(cursor, "channel") or 0
-        kinds = []
-        if public:
-            kinds.append("is_private = 0")
-        if private:
-            kinds.append("(is_private = 1 AND EXISTS (SELECT 1 FROM members m WHERE m.channel = c.id AND m.user = ?))")
-        if not kinds:
-            return Page([], "")
-        where = "team = ? AND rowid > ? AND (" + " OR ".join(kinds) + ")"
-        params: list[Any] = [user.team, after] + ([user.id] if private else [])
-        if exclude_archived:
-            where += " AND is_archived = 0"
-        rows = self.conn.execute(
-            f"SELECT rowid, {self._CHANNEL_COLS} FROM channels c WHERE {where} ORDER BY rowid LIMIT ?",
-            (*params, limit + 1),
-        ).fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page([self._channel(r[1:]) for r in rows], encode_cursor("channel", rows[-1][0]) if more else "")
+        types = {t for t, on in (("public_channel", public), ("private_channel", private)) if on}
+        return self.list_conversations(user, types=types, limit=limit, cursor=cursor, exclude_archived=exclude_archived)
 
     def list_members(self, channel: str, *, limit: int = DEFAULT_PAGE, cursor: str | None = None) -> Page:
         after = decode_cursor(cursor, "member") or ""
@@ -590,11 +912,14 @@ class Store:
         users = [r[0] for r in rows[:limit]]
         return Page(users, encode_cursor("member", users[-1]) if more else "")
 
-    def bootstrap(self, user_id: str) -> dict[str, Any] | None:
+    def bootstrap(self, user_id: str, resume: dict[str, int] | None = None) -> dict[str, Any] | None:
         """What a gateway needs to connect ``user_id``: self, team, and every channel with its last seq.
 
         The channels are the user's conversations plus the user's own channel
         and the team channel, each with its current ``last_seq`` (0 if none).
+        With ``resume`` (channel -> the last seq a moved connection delivered),
+        those channels start at the recorded seq instead (never above the
+        latest), so the gateway replays what the connection missed.
         """
         user = self.user(user_id)
         if user is None:
@@ -607,6 +932,11 @@ class Store:
         ).fetchall()
         channels = [{"id": user.id, "seq": self.last_seq(user.id)}, {"id": user.team, "seq": self.last_seq(user.team)}]
         channels += [{"id": ch, "seq": int(seq)} for ch, seq in rows]
+        if resume:
+            for entry in channels:
+                recorded = resume.get(entry["id"])
+                if recorded is not None:
+                    entry["seq"] = max(0, min(int(recorded), entry["seq"]))
         return {
             "user": {"id": user.id, "name": user.name},
             "team": team.to_api() if team else {"id": user.team, "name": user.team, "domain": user.team.lower()},
@@ -614,6 +944,8 @@ class Store:
         }
 
     # -- messages ------------------------------------------------------------------------
+    _MSG_COLS = "ts_us, ts, user, team, text, thread_ts, bot_id, extra, subtype, edited_user, edited_ts"
+
     def post_message(
         self,
         channel: Channel,
@@ -621,12 +953,17 @@ class Store:
         text: str,
         *,
         thread_ts: str | None = None,
+        broadcast: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], Event]:
         """Persist a message and its ``message`` event (one transaction).
 
-        Returns the message as history shows it and the event. Raises
-        ``not_in_channel``, ``is_archived``, ``msg_too_long``, ``invalid_thread_ts``.
+        A reply (``thread_ts``) joins the root's thread (a reply to a reply
+        joins the same thread) and makes the root a thread parent; with
+        ``broadcast`` it is also shown in the channel (subtype
+        ``thread_broadcast``). Returns the message as history shows it and the
+        event. Raises ``not_in_channel``, ``is_archived``, ``msg_too_long``,
+        ``invalid_thread_ts``, ``thread_not_found``.
         """
         if len(text) > MAX_TEXT_CHARS:
             raise ApiError("msg_too_long")
@@ -641,25 +978,190 @@ class Store:
             if not self.is_member(channel.id, user.id):
                 raise ApiError("not_in_channel")
             if thread_ts is not None:
+                parent_us = ts_to_us(thread_ts)
                 parent = db.execute(
-                    "SELECT thread_ts FROM messages WHERE channel = ? AND ts_us = ?", (channel.id, ts_to_us(thread_ts))
+                    "SELECT thread_ts FROM messages WHERE channel = ? AND ts_us = ?", (channel.id, parent_us)
                 ).fetchone()
                 if parent is None:
                     raise ApiError("thread_not_found")
+                if parent[0] is None:  # the first reply makes the parent a thread root
+                    db.execute("UPDATE messages SET thread_ts = ts WHERE channel = ? AND ts_us = ?", (channel.id, parent_us))
                 thread_ts = parent[0] or thread_ts  # a reply to a reply joins the parent's thread
+            subtype = "thread_broadcast" if broadcast and thread_ts is not None else None
             seq, ts_us = self._next_seq(channel.id, with_ts=True)
             ts = us_to_ts(ts_us)
-            message = _message_obj(user.id, user.team, text, ts, thread_ts, user.bot_id, extra)
+            message = _message_obj(user.id, user.team, text, ts, thread_ts, user.bot_id, extra, subtype)
             payload = {"type": "message", "channel": channel.id, **{k: v for k, v in message.items() if k != "type"}}
             payload["event_ts"] = ts
             db.execute(
-                "INSERT INTO messages (channel, ts_us, ts, seq, user, team, text, thread_ts, bot_id, extra) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (channel.id, ts_us, ts, seq, user.id, user.team, text, thread_ts, user.bot_id, dumps(extra) if extra else None),
+                f"INSERT INTO messages (channel, seq, {self._MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (channel.id, seq, ts_us, ts, user.id, user.team, text, thread_ts, user.bot_id,
+                 dumps(extra) if extra else None, subtype, None, None),
             )
             event = self._append_event(channel.id, payload, seq=seq)
         return message, event
 
+    def _find_message(self, channel: str, ts: Any) -> tuple[Any, ...]:
+        """The message row at ``ts``. Raises ``invalid_arguments`` (no ts),
+        ``invalid_ts`` (not a Slack ts) or ``message_not_found``."""
+        if ts is None or ts == "":
+            raise ApiError("invalid_arguments")
+        try:
+            ts_us = ts_to_us(str(ts))
+        except ValueError:
+            raise ApiError("invalid_ts") from None
+        row = self.conn.execute(
+            f"SELECT {self._MSG_COLS} FROM messages WHERE channel = ? AND ts_us = ?", (channel, ts_us)
+        ).fetchone()
+        if row is None:
+            raise ApiError("message_not_found")
+        return tuple(row)
+
+    def message(self, channel: str, ts: Any) -> dict[str, Any]:
+        """One message with its reactions and thread summary (reactions.get)."""
+        return self._decorate(channel, [self._find_message(channel, ts)])[0]
+
+    def update_message(
+        self, channel: Channel, user: User, ts: Any, text: str, *, extra: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], Event]:
+        """chat.update: new text (and blocks/attachments, if given) for the author's message.
+
+        Emits ``message`` / ``message_changed`` (hidden) with the edited message
+        and the previous one. Raises ``invalid_ts``, ``message_not_found``,
+        ``cant_update_message`` (not the author), ``msg_too_long``, ``is_archived``.
+        """
+        if len(text) > MAX_TEXT_CHARS:
+            raise ApiError("msg_too_long")
+        if channel.is_archived:
+            raise ApiError("is_archived")
+        with self.transaction() as db:
+            row = self._find_message(channel.id, ts)
+            if row[2] != user.id:
+                raise ApiError("cant_update_message")
+            previous = _message_row(row)
+            seq, event_us = self._next_seq(channel.id, with_ts=True)
+            event_ts = us_to_ts(event_us)
+            kept = json.loads(row[7]) if row[7] else None
+            new_extra = extra if extra else kept
+            db.execute(
+                "UPDATE messages SET text = ?, extra = ?, edited_user = ?, edited_ts = ? WHERE channel = ? AND ts_us = ?",
+                (text, dumps(new_extra) if new_extra else None, user.id, event_ts, channel.id, row[0]),
+            )
+            message = _message_row((*row[:4], text, row[5], row[6], dumps(new_extra) if new_extra else None, row[8], user.id, event_ts))
+            payload = {
+                "type": "message",
+                "subtype": "message_changed",
+                "hidden": True,
+                "channel": channel.id,
+                "ts": event_ts,
+                "message": message,
+                "previous_message": previous,
+                "event_ts": event_ts,
+            }
+            event = self._append_event(channel.id, payload, seq=seq)
+        return message, event
+
+    def delete_message(self, channel: Channel, user: User, ts: Any) -> tuple[str, Event]:
+        """chat.delete: the author deletes a message (and its reactions).
+
+        Emits ``message`` / ``message_deleted`` (hidden). Returns the deleted
+        message's ts and the event. Raises ``invalid_ts``, ``message_not_found``,
+        ``cant_delete_message`` (not the author).
+        """
+        with self.transaction() as db:
+            row = self._find_message(channel.id, ts)
+            if row[2] != user.id:
+                raise ApiError("cant_delete_message")
+            seq, event_us = self._next_seq(channel.id, with_ts=True)
+            event_ts = us_to_ts(event_us)
+            db.execute("DELETE FROM messages WHERE channel = ? AND ts_us = ?", (channel.id, row[0]))
+            db.execute("DELETE FROM reactions WHERE channel = ? AND ts_us = ?", (channel.id, row[0]))
+            payload = {
+                "type": "message",
+                "subtype": "message_deleted",
+                "hidden": True,
+                "channel": channel.id,
+                "ts": event_ts,
+                "deleted_ts": row[1],
+                "previous_message": _message_row(row),
+                "event_ts": event_ts,
+            }
+            event = self._append_event(channel.id, payload, seq=seq)
+        return str(row[1]), event
+
+    def post_ephemeral(self, channel: Channel, sender: User, target: User, text: str) -> tuple[str, Event]:
+        """chat.postEphemeral: a message only ``target`` sees, never stored in history.
+
+        It is an event on the target's user channel (so it reaches every one of
+        their connections, in order, and survives a gateway move) shaped as a
+        ``message`` with ``is_ephemeral``. Returns its ts and the event. Raises
+        ``msg_too_long``, ``is_archived``, ``not_in_channel`` (the sender),
+        ``user_not_in_channel`` (the target).
+        """
+        if len(text) > MAX_TEXT_CHARS:
+            raise ApiError("msg_too_long")
+        if channel.is_archived:
+            raise ApiError("is_archived")
+        with self.transaction():
+            if not self.is_member(channel.id, sender.id):
+                raise ApiError("not_in_channel")
+            if not self.is_member(channel.id, target.id):
+                raise ApiError("user_not_in_channel")
+            seq, ts_us = self._next_seq(target.id, with_ts=True)
+            ts = us_to_ts(ts_us)
+            payload: dict[str, Any] = {
+                "type": "message", "is_ephemeral": True, "channel": channel.id, "user": sender.id,
+                "text": text, "ts": ts, "team": sender.team, "event_ts": ts,
+            }
+            if sender.bot_id:
+                payload["bot_id"] = sender.bot_id
+            event = self._append_event(target.id, payload, seq=seq)
+        return ts, event
+
+    # -- reactions ---------------------------------------------------------------------------
+    def add_reaction(self, channel: Channel, user: User, ts: Any, name: Any) -> Event:
+        """reactions.add: emits ``reaction_added`` on the channel. Raises ``invalid_name``,
+        ``is_archived``, ``invalid_ts``, ``message_not_found``, ``already_reacted``."""
+        name = validate_reaction_name(name)
+        if channel.is_archived:
+            raise ApiError("is_archived")
+        with self.transaction() as db:
+            row = self._find_message(channel.id, ts)
+            try:
+                db.execute(
+                    "INSERT INTO reactions (channel, ts_us, name, user) VALUES (?, ?, ?, ?)", (channel.id, row[0], name, user.id)
+                )
+            except sqlite3.IntegrityError:
+                raise ApiError("already_reacted") from None
+            return self._reaction_event(channel, user, row, name, "reaction_added")
+
+    def remove_reaction(self, channel: Channel, user: User, ts: Any, name: Any) -> Event:
+        """reactions.remove: emits ``reaction_removed``. Raises ``invalid_name``,
+        ``invalid_ts``, ``message_not_found``, ``no_reaction``."""
+        name = validate_reaction_name(name)
+        with self.transaction() as db:
+            row = self._find_message(channel.id, ts)
+            gone = db.execute(
+                "DELETE FROM reactions WHERE channel = ? AND ts_us = ? AND name = ? AND user = ?",
+                (channel.id, row[0], name, user.id),
+            ).rowcount
+            if not gone:
+                raise ApiError("no_reaction")
+            return self._reaction_event(channel, user, row, name, "reaction_removed")
+
+    def _reaction_event(self, channel: Channel, user: User, row: tuple[Any, ...], name: str, kind: str) -> Event:
+        seq, event_us = self._next_seq(channel.id, with_ts=True)
+        payload = {
+            "type": kind,
+            "user": user.id,
+            "reaction": name,
+            "item_user": row[2],
+            "item": {"type": "message", "channel": channel.id, "ts": row[1]},
+            "event_ts": us_to_ts(event_us),
+        }
+        return self._append_event(channel.id, payload, seq=seq)
+
+    # -- reading ---------------------------------------------------------------------------
     def history(
         self,
         channel: str,
@@ -674,7 +1176,9 @@ class Store:
 
         ``oldest``/``latest`` bound the range (exclusive unless ``inclusive``);
         the cursor continues below the last message of the previous page.
-        Thread replies are left out, as in Slack (see :meth:`replies`).
+        Thread replies are left out, as in Slack (see :meth:`replies`), except
+        those broadcast to the channel. Thread parents carry ``reply_count``,
+        ``reply_users``, ``latest_reply``; reacted messages ``reactions``.
         """
         try:
             low = ts_to_us(oldest) if oldest not in (None, "") else None
@@ -682,7 +1186,7 @@ class Store:
         except ValueError:
             raise ApiError("invalid_ts_latest" if latest and not _is_ts(latest) else "invalid_ts_oldest") from None
         below = _int_cursor(cursor, "ts")
-        where = ["channel = ?", "(thread_ts IS NULL OR thread_ts = ts)"]
+        where = ["channel = ?", "(thread_ts IS NULL OR thread_ts = ts OR subtype = 'thread_broadcast')"]
         params: list[Any] = [channel]
         if low is not None:
             where.append("ts_us >= ?" if inclusive else "ts_us > ?")
@@ -694,37 +1198,76 @@ class Store:
             where.append("ts_us < ?")
             params.append(below)
         rows = self.conn.execute(
-            "SELECT ts_us, ts, user, team, text, thread_ts, bot_id, extra FROM messages "
-            f"WHERE {' AND '.join(where)} ORDER BY ts_us DESC LIMIT ?",
+            f"SELECT {self._MSG_COLS} FROM messages WHERE {' AND '.join(where)} ORDER BY ts_us DESC LIMIT ?",
             (*params, limit + 1),
         ).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        messages = [_message_row(r) for r in rows]
-        return messages, more, encode_cursor("ts", rows[-1][0]) if more else ""
+        return self._decorate(channel, rows), more, encode_cursor("ts", rows[-1][0]) if more else ""
 
-    def replies(self, channel: str, ts: str, *, limit: int = DEFAULT_HISTORY_PAGE, cursor: str | None = None) -> tuple[list[dict[str, Any]], bool, str]:
-        """A thread, oldest first: the parent then its replies."""
+    def replies(
+        self, channel: str, ts: str, *, limit: int = DEFAULT_HISTORY_PAGE, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], bool, str]:
+        """A thread, oldest first: the parent then its replies. Raises ``thread_not_found``."""
         try:
             parent_us = ts_to_us(ts)
         except ValueError:
             raise ApiError("thread_not_found") from None
         parent = self.conn.execute(
-            "SELECT ts_us, ts, user, team, text, thread_ts, bot_id, extra FROM messages WHERE channel = ? AND ts_us = ?",
-            (channel, parent_us),
+            f"SELECT {self._MSG_COLS} FROM messages WHERE channel = ? AND ts_us = ?", (channel, parent_us)
         ).fetchone()
         if parent is None:
             raise ApiError("thread_not_found")
         root = parent[5] or parent[1]
         after = _int_cursor(cursor, "ts")
         rows = self.conn.execute(
-            "SELECT ts_us, ts, user, team, text, thread_ts, bot_id, extra FROM messages "
+            f"SELECT {self._MSG_COLS} FROM messages "
             "WHERE channel = ? AND (ts = ? OR thread_ts = ?) AND ts_us > ? ORDER BY ts_us LIMIT ?",
             (channel, root, root, -1 if after is None else after, limit + 1),
         ).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [_message_row(r) for r in rows], more, encode_cursor("ts", rows[-1][0]) if more else ""
+        return self._decorate(channel, rows), more, encode_cursor("ts", rows[-1][0]) if more else ""
+
+    def _decorate(self, channel: str, rows: list[Any]) -> list[dict[str, Any]]:
+        """Message objects with Slack's thread summary on parents and ``reactions``."""
+        messages = [_message_row(r) for r in rows]
+        if not messages:
+            return messages
+        roots = [m["ts"] for m in messages if m.get("thread_ts") == m["ts"]]
+        if roots:
+            marks = ",".join("?" * len(roots))
+            summary: dict[str, list[tuple[str, str]]] = {}
+            for thread_ts, user, ts in self.conn.execute(
+                f"SELECT thread_ts, user, ts FROM messages WHERE channel = ? AND thread_ts IN ({marks}) "
+                "AND ts != thread_ts ORDER BY ts_us",
+                (channel, *roots),
+            ):
+                summary.setdefault(thread_ts, []).append((user, ts))
+            for message in messages:
+                replies = summary.get(message["ts"])
+                if message.get("thread_ts") == message["ts"]:
+                    users = list(dict.fromkeys(u for u, _ in replies or []))
+                    message.update(
+                        reply_count=len(replies or []),
+                        reply_users=users[:REPLY_USERS_SHOWN],
+                        reply_users_count=len(users),
+                        latest_reply=replies[-1][1] if replies else message["ts"],
+                    )
+        stamps = [r[0] for r in rows]
+        marks = ",".join("?" * len(stamps))
+        reactions: dict[int, dict[str, list[str]]] = {}
+        for ts_us, name, user in self.conn.execute(
+            f"SELECT ts_us, name, user FROM reactions WHERE channel = ? AND ts_us IN ({marks}) ORDER BY rowid",
+            (channel, *stamps),
+        ):
+            reactions.setdefault(ts_us, {}).setdefault(name, []).append(user)
+        if reactions:
+            for row, message in zip(rows, messages):
+                found = reactions.get(row[0])
+                if found:
+                    message["reactions"] = [{"name": n, "users": u, "count": len(u)} for n, u in found.items()]
+        return messages
 
 
 def _is_ts(value: str) -> bool:
@@ -736,21 +1279,34 @@ def _is_ts(value: str) -> bool:
 
 
 def _message_obj(
-    user: str, team: str, text: str, ts: str, thread_ts: str | None, bot_id: str | None, extra: dict[str, Any] | None
+    user: str,
+    team: str,
+    text: str,
+    ts: str,
+    thread_ts: str | None,
+    bot_id: str | None,
+    extra: dict[str, Any] | None,
+    subtype: str | None = None,
+    edited: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"type": "message", "user": user, "text": text, "ts": ts, "team": team}
+    if subtype:
+        message["subtype"] = subtype
     if thread_ts:
         message["thread_ts"] = thread_ts
     if bot_id:
         message["bot_id"] = bot_id
+    if edited:
+        message["edited"] = edited
     if extra:
         message.update(extra)
     return message
 
 
 def _message_row(row: tuple[Any, ...]) -> dict[str, Any]:
-    _, ts, user, team, text, thread_ts, bot_id, extra = row
-    return _message_obj(user, team, text, ts, thread_ts, bot_id, json.loads(extra) if extra else None)
+    _, ts, user, team, text, thread_ts, bot_id, extra, subtype, edited_user, edited_ts = row
+    edited = {"user": edited_user, "ts": edited_ts} if edited_user else None
+    return _message_obj(user, team, text, ts, thread_ts, bot_id, json.loads(extra) if extra else None, subtype, edited)
 
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -765,4 +1321,22 @@ def validate_channel_name(name: Any) -> str:
         raise ApiError("invalid_name_maxlength")
     if not name or any(ch not in _NAME_OK for ch in name):
         raise ApiError("invalid_name_specials")
+    return name
+
+
+# Emoji names as Slack writes them (``thumbsup``, ``+1``, ``woman-raising-hand``),
+# optionally with a skin tone (``wave::skin-tone-3``). The set of known emoji is
+# not checked: custom emoji are names too.
+_REACTION_NAME = re.compile(r"[a-z0-9_+'-]+(::skin-tone-[2-6])?")
+
+
+def validate_reaction_name(name: Any) -> str:
+    """A reaction name without its surrounding colons; ``invalid_name`` otherwise."""
+    if not isinstance(name, str):
+        raise ApiError("invalid_name")
+    name = name.strip()
+    if name.startswith(":") and name.endswith(":") and len(name) > 2:
+        name = name[1:-1]
+    if not name or len(name) > MAX_REACTION_NAME or not _REACTION_NAME.fullmatch(name):
+        raise ApiError("invalid_name")
     return name

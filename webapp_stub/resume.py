@@ -1,0 +1,121 @@
+"""Resume records: where a connection that the fleet moves stopped, until it reconnects.
+
+Sans-I/O (an injectable clock, no awaits). The flow (DESIGN.md, "Ordering and
+no loss"): a gateway that is about to send ``goodbye`` posts, for each of its
+connections, the user and the last seq it delivered on each channel
+(``POST /internal/resume``); the webapp keeps that record here for
+:data:`RESUME_TTL_S`. The client's next ``rtm.connect`` :meth:`claims <ResumeBook.claim>`
+the user's oldest pending record and names it in the ticket; the gateway
+passes it to ``/internal/bootstrap``, which :meth:`takes <ResumeBook.take>` it
+and answers the recorded seqs, so the new gateway replays what the connection
+missed, exactly once.
+
+Contract
+--------
+* A record is used at most once: ``claim`` hands each record to one
+  ``rtm.connect``; ``take`` removes it.
+* Records expire :data:`RESUME_TTL_S` after they were added, claimed or not.
+  An expired or unknown record is simply absent: the connection starts at its
+  bootstrap like a new one (and reads what it missed with history).
+* At most :data:`MAX_RESUME_RECORDS` live at once; beyond that the oldest
+  are forgotten first (a gateway shutting down with more connections than
+  that loses resume, not messages: they stay in history).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Long enough for a client to notice goodbye, call rtm.connect (which it may
+# retry with backoff) and reconnect; short enough that a client that never
+# comes back does not pin memory.
+RESUME_TTL_S = 120.0
+# A generous bound: one gateway's connections in a drain.
+MAX_RESUME_RECORDS = 200_000
+
+
+@dataclass
+class ResumeRecord:
+    id: str
+    user: str
+    channels: dict[str, int]  # channel -> last seq the moved connection delivered
+    expires_at: float
+    claimed: bool = False
+
+
+class ResumeBook:
+    """The live resume records, by id and per user in arrival order."""
+
+    def __init__(
+        self,
+        ttl_s: float = RESUME_TTL_S,
+        max_records: int = MAX_RESUME_RECORDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_records = max_records
+        self.clock = clock
+        self._records: OrderedDict[str, ResumeRecord] = OrderedDict()  # oldest first: expiry order
+        self._pending: dict[str, deque[str]] = {}  # user -> unclaimed record ids, oldest first
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, user: str, channels: dict[str, int]) -> str:
+        """Record where a moved connection of ``user`` stopped; returns the record id."""
+        self._expire()
+        while len(self._records) >= self.max_records:
+            self._drop(next(iter(self._records)))
+        record = ResumeRecord(secrets.token_urlsafe(12), user, dict(channels), self.clock() + self.ttl_s)
+        self._records[record.id] = record
+        self._pending.setdefault(user, deque()).append(record.id)
+        return record.id
+
+    def claim(self, user: str) -> str:
+        """The id of ``user``'s oldest unclaimed record, now claimed; "" if none."""
+        self._expire()
+        pending = self._pending.get(user)
+        while pending:
+            rid = pending.popleft()
+            record = self._records.get(rid)
+            if record is not None and not record.claimed:
+                record.claimed = True
+                if not pending:
+                    del self._pending[user]
+                return rid
+        self._pending.pop(user, None)
+        return ""
+
+    def take(self, rid: str, user: str) -> dict[str, int] | None:
+        """Remove and return the channels of record ``rid`` if it is live and ``user``'s."""
+        self._expire()
+        record = self._records.get(rid)
+        if record is None or record.user != user:
+            return None
+        self._drop(rid)
+        return record.channels
+
+    def _drop(self, rid: str) -> None:
+        record = self._records.pop(rid, None)
+        if record is None or record.claimed:
+            return
+        pending = self._pending.get(record.user)
+        if pending is not None:
+            try:
+                pending.remove(rid)
+            except ValueError:
+                pass
+            if not pending:
+                del self._pending[record.user]
+
+    def _expire(self) -> None:
+        now = self.clock()
+        while self._records:
+            rid, record = next(iter(self._records.items()))
+            if record.expires_at > now:
+                return
+            self._drop(rid)
