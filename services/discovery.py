@@ -248,6 +248,34 @@ class Discovery:
 
         return self.spawn(loop(), f"watch-key-{key}")
 
+    def watch_prefix(self, prefix: str, on_change: Callback) -> asyncio.Task[None]:
+        """Call ``on_change(dict[key, bytes])`` now and whenever anything under ``prefix`` changes."""
+
+        async def loop() -> None:
+            index: int | None = None
+            last: Any = object()
+            while True:
+                try:
+                    self._check_partition()
+                    kwargs: dict[str, Any] = {"recurse": True}
+                    if index is not None:
+                        kwargs.update(index=index, wait=f"{BLOCKING_WAIT_S}s")
+                    new_index, entries = await self.client.kv.get(prefix, **kwargs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.debug("watch %s* failed: %s", prefix, exc)
+                    index = None
+                    await asyncio.sleep(WATCH_RETRY_DELAY_S)
+                    continue
+                index = int(new_index) if index is None or int(new_index) >= index else None
+                values = {e["Key"]: e.get("Value") for e in (entries or [])}
+                if values != last:
+                    last = values
+                    await _call(on_change, values)
+
+        return self.spawn(loop(), f"watch-prefix-{prefix}")
+
     def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         task.set_name(name)

@@ -87,9 +87,10 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
         specs.append(ProcessSpec(iid, "admin-server", rtm_argv(
             "admin-server", *common, "--port", str(port), "--metrics-port", str(port + 100), "--instance-id", iid), port))
     port = base + 1
-    specs.append(ProcessSpec("webapp", "webapp", rtm_argv(
-        "webapp", *common, "--port", str(port), "--instance-id", "webapp-0", "--data-dir", str(data_dir)), port))
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    specs.append(ProcessSpec("webapp", "webapp", rtm_argv(
+        "webapp", *common, "--port", str(port), "--instance-id", "webapp-0", "--data-dir", str(data_dir),
+        "--region", args.default_region or regions[0]), port))
     n = 0
     for region in regions:
         for j in range(args.gateways_per_region):
@@ -275,6 +276,7 @@ def build_parser() -> Parser:
     parser.add("--debug-faults", False, "let tests inject faults (POST /debug/consul-partition on channel servers)")
     parser.add("--regions", "us-east,eu-west", "gateway regions, comma-separated")
     parser.add("--gateways-per-region", 1, "gateways in each region")
+    parser.add("--default-region", "", "region of clients that send no hint (default: the first of --regions)")
     parser.add("--history-events", 100, "events of history per channel on channel servers")
     parser.add("--seed-users", SEED_USERS, "users in the demo team created on first start")
     parser.add("--ready-timeout-s", 30.0, "seconds each process may take to become ready")

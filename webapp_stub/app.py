@@ -31,6 +31,7 @@ from services.config import Parser, advertised, instance_id, service_parser
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
+from services import regions
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -60,6 +61,10 @@ class DiscoveryLike(Protocol):
 
     def watch_service(self, service: str, on_change: Callable[[list[Instance]], Any]) -> Any: ...
 
+    def watch_key(self, key: str, on_change: Callable[[Any], Any]) -> Any: ...
+
+    def watch_prefix(self, prefix: str, on_change: Callable[[Any], Any]) -> Any: ...
+
     async def deregister(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -84,6 +89,12 @@ class FixedDiscovery:
     def watch_service(self, service: str, on_change: Callable[[list[Instance]], Any]) -> None:
         self.watchers.setdefault(service, []).append(on_change)
         on_change(list(self.services.get(service, [])))
+
+    def watch_key(self, key: str, on_change: Callable[[Any], Any]) -> None:
+        on_change(None)  # no KV here: the key is absent
+
+    def watch_prefix(self, prefix: str, on_change: Callable[[Any], Any]) -> None:
+        on_change({})
 
     def set_instances(self, service: str, instances: list[Instance]) -> None:
         self.services[service] = list(instances)
@@ -124,6 +135,7 @@ def build_parser() -> Parser:
     parser.add("--secret", "", "shared secret for websocket tickets and internal endpoints (empty: <data-dir>/secret)")
     parser.add("--rate-limit-per-minute", DEFAULT_RATE_LIMIT_PER_MINUTE, "Web API calls per token per method per minute (0: unlimited)")
     parser.add("--region", "", "region whose gateways rtm.connect prefers (also per request: X-Rtm-Region or region=)")
+    parser.add("--region-map", "", 'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)')
     return parser
 
 
@@ -172,9 +184,18 @@ async def start_webapp(args: argparse.Namespace, *, discovery: DiscoveryLike | N
 
         disc: DiscoveryLike = discovery if discovery is not None else Discovery(args.consul)
         stack.push_async_callback(disc.close)
-        gateways = GatewayPicker()
+        gateways = GatewayPicker(regions.parse_map(args.region_map) if args.region_map else None)
         disc.watch_service("admin-server", as_link.set_instances)
         disc.watch_service("gateway", gateways.set_instances)
+        disc.watch_key(regions.REGION_MAP_KEY, gateways.set_region_map)
+        disc.watch_prefix(regions.DRAINED_PREFIX, gateways.set_drained)
+        load_task = asyncio.create_task(gateways.poll_load_loop(), name="gateway-load")
+
+        async def stop_load_loop() -> None:
+            load_task.cancel()
+            await asyncio.gather(load_task, return_exceptions=True)
+
+        stack.push_async_callback(stop_load_loop)
 
         api = WebApi(
             store, handoff, gateways, metrics,

@@ -23,6 +23,7 @@ from services.launcher import RunningProcess, rtm_argv, start
 from tests.support import DEFAULT_WAIT_S, free_port_base
 
 FLEET_READY_TIMEOUT_S = 90.0
+REGIONS = ("us-east", "eu-west")  # rtm up's default regions, one gateway each
 
 
 @dataclass
@@ -70,9 +71,10 @@ class Fleet:
             async with http.post(self.api_url + method, data=params, headers=headers) as resp:
                 return dict(await resp.json(content_type=None))
 
-    async def connect(self, name: str) -> Client:
+    async def connect(self, name: str, region: str = "") -> Client:
+        """Connect as a seeded user; ``region`` is the hint rtm.connect gets (else the webapp's default)."""
         user = self.user(name)
-        client = Client(self, name, user["token"])
+        client = Client(self, name, user["token"], region=region)
         await client.open()
         return client
 
@@ -84,6 +86,7 @@ class Client:
     fleet: Fleet
     name: str
     token: str
+    region: str = ""
     events: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
     ws: Any = None
@@ -93,7 +96,7 @@ class Client:
     _reader: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        reply = await self.fleet.api("rtm.connect", self.token)
+        reply = await self.fleet.api("rtm.connect", self.token, **({"region": self.region} if self.region else {}))
         assert reply["ok"], reply
         self.url = reply["url"]
         self.ws = await websockets.connect(self.url, max_size=None)

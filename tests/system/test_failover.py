@@ -15,7 +15,7 @@ import pytest
 from services.connection import PeerConnection, connect
 from services.errors import NotOwner
 from tests.support import DEFAULT_WAIT_S, async_wait_until
-from tests.system.harness import Client, Fleet, Load, channel_ring, process_by_id
+from tests.system.harness import REGIONS, Client, Fleet, Load, channel_ring, process_by_id
 
 LOAD_BEFORE_KILL_S = 1.0
 LOAD_AFTER_FAILOVER_S = 1.5
@@ -36,7 +36,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 @pytest.fixture
 async def clients(fleet: Fleet) -> AsyncIterator[list[Client]]:
     """Two connections per user, spread over both gateways."""
-    opened = [await fleet.connect(name) for name in ("alice", "bob", "carol", "dave") for _ in range(2)]
+    opened = [await fleet.connect(name, region) for name in ("alice", "bob", "carol", "dave") for region in REGIONS]
     assert len({c.gateway_port for c in opened}) == 2
     yield opened
     for client in opened:

@@ -8,7 +8,7 @@ import signal
 import uuid
 
 from tests.support import async_wait_until
-from tests.system.harness import Client, Fleet
+from tests.system.harness import REGIONS, Client, Fleet
 
 
 def unique(prefix: str) -> str:
@@ -16,8 +16,8 @@ def unique(prefix: str) -> str:
 
 
 async def connect_on_both_gateways(fleet: Fleet, names: list[str]) -> list[Client]:
-    """Connect each user; rtm.connect spreads them, and the test needs both gateways in play."""
-    clients = [await fleet.connect(name) for name in names]
+    """Connect each user, alternating the region hint, so both gateways are in play."""
+    clients = [await fleet.connect(name, REGIONS[i % 2]) for i, name in enumerate(names)]
     assert len({c.gateway_port for c in clients}) == 2, [c.url for c in clients]
     return clients
 
@@ -90,7 +90,7 @@ async def test_gateway_restart_clients_reconnect_and_receive_later_posts(fleet: 
     reconnected = []
     for client in clients:
         if client in on_victim:
-            fresh = await fleet.connect(client.name)
+            fresh = await fleet.connect(client.name, client.region)
             reconnected.append(fresh)
         else:
             reconnected.append(client)
