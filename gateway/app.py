@@ -29,6 +29,7 @@ from websockets.asyncio.server import ServerConnection, serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from gateway.client_messages import ClientMessages
+from gateway.drain import DEFAULT_DRAIN_RATE_PER_S, Mover, RegionDrain, say_goodbye
 from gateway.state import Effects, Fetch, GatewayState, Session, text_frame
 from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLink
@@ -54,7 +55,9 @@ FETCH_RETRY_DELAY_S = 0.5
 FETCH_ATTEMPTS = 20
 HISTORY_CONCURRENCY = 8  # history fetches in flight to the webapp at once (a failover fetches many)
 CLOSE_TIMEOUT_S = 2.0
-RESUME_TIMEOUT_S = 3.0  # leaving one resume record at the webapp on shutdown
+RESUME_TIMEOUT_S = 3.0  # leaving one resume record at the webapp when a session moves
+SHUTDOWN_MOVE_BUDGET_S = 5.0  # on SIGTERM, move every session within this (faster than a drain if need be)
+DEFAULT_MAX_CONNECTIONS = 50_000
 WS_PING_INTERVAL_S = 20.0
 HELLO = b'{"type":"hello"}'
 
@@ -131,6 +134,8 @@ class Gateway:
         m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
             lambda: self.follower.ring.version
         )
+        self.mover = Mover(self)
+        self.region_drain = RegionDrain(self, args.drain_rate_per_s)
         self.ws_server: Any = None
         self._stop_metrics: StopFn | None = None
 
@@ -162,6 +167,7 @@ class Gateway:
             meta={"metrics_port": str(metrics_port), "region": args.region},
             ttl_s=args.ttl_s,
         )
+        self.region_drain.start()
         log.info("gateway %s (region %s) serving ws://%s:%s", self.instance_id, args.region, address, port)
         return {
             "service": SERVICE,
@@ -175,28 +181,15 @@ class Gateway:
     async def stop(self) -> None:
         """Deregister, move every client elsewhere without loss, close.
 
-        For each session: note where it is in each channel and stop delivering
-        to it (both at once, so nothing reaches it after the note), leave that
-        position at the webapp as a resume record, then send ``goodbye``. The
-        client calls ``rtm.connect`` again, gets a ticket that carries the
-        record, and its new gateway replays what it missed, exactly once.
+        Sessions move as in a region drain (see :mod:`gateway.drain`), at a
+        rate that fits the shutdown budget, so a rolling restart loses nothing.
         """
         self.stopping = True
         await self.discovery.close()
-        moved: list[tuple[Session, dict[str, int]]] = []
-        for session in list(self.state.sessions.values()):
-            moved.append((session, self.state.position(session)))
-            self.apply(self.state.detach(session))
-        results = await asyncio.gather(*(self.leave_resume(s, where) for s, where in moved), return_exceptions=True)
-        failed = sum(1 for r in results if isinstance(r, BaseException))
-        if failed:
-            log.warning("%d of %d resume records could not be left at the webapp", failed, len(moved))
-        goodbye = b'{"type":"goodbye"}'
-        for ws in list(self.sockets.values()):
-            try:
-                await ws.send(goodbye.decode())
-            except ConnectionClosed:
-                pass
+        await self.region_drain.stop()
+        rate = max(self.args.drain_rate_per_s, len(self.state.sessions) / SHUTDOWN_MOVE_BUDGET_S)
+        moved = await self.mover.move_all(rate, "gateway shutting down")
+        log.info("shutdown: moved %d sessions", moved)
         closing = [ws.close(CloseCode.GOING_AWAY, "gateway shutting down") for ws in list(self.sockets.values())]
         await asyncio.gather(*closing, return_exceptions=True)
         if self.ws_server is not None:
@@ -206,6 +199,13 @@ class Gateway:
         await self.webapp.close()
         if self._stop_metrics is not None:
             await self._stop_metrics()
+
+    async def retag(self) -> None:
+        """Register again with tags that say whether we take new clients."""
+        tags = [f"region={self.args.region}"]
+        if self.stopping or self.region_drain.draining:
+            tags.append("role=draining")
+        await self.discovery.retag(self.instance_id, tags)
 
     async def leave_resume(self, session: Session, where: dict[str, int]) -> None:
         await asyncio.wait_for(
@@ -229,8 +229,14 @@ class Gateway:
     # -- clients ---------------------------------------------------------------------------
     async def handle_client(self, ws: ServerConnection) -> None:
         path = ws.request.path if ws.request is not None else ""
-        if self.stopping:
-            await ws.close(CloseCode.GOING_AWAY, "gateway shutting down")
+        if self.stopping or self.region_drain.draining:
+            self.connects.labels("draining").inc()
+            await say_goodbye(ws, "gateway draining: reconnect through rtm.connect")
+            return
+        if len(self.sockets) >= self.args.max_connections:
+            self.connects.labels("full").inc()
+            self.metrics.error("gateway_full")
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "gateway full: reconnect through rtm.connect")
             return
         try:
             ticket = self.verifier.verify(path.split("?", 1)[0].rsplit("/", 1)[-1], time.time())  # slack_sdk sends "/ws/<ticket>?"
@@ -502,6 +508,8 @@ def build_parser() -> Parser:
     parser.add("--webapp-url", "", "webapp base URL (default: discovered in Consul)")
     parser.add("--max-client-frame-bytes", MAX_CLIENT_FRAME_BYTES, "largest websocket frame a client may send")
     parser.add("--max-client-buffer-bytes", MAX_CLIENT_BUFFER_BYTES, "unsent bytes per client before it is cut off")
+    parser.add("--max-connections", DEFAULT_MAX_CONNECTIONS, "client websockets this gateway holds; past it, 1013")
+    parser.add("--drain-rate-per-s", DEFAULT_DRAIN_RATE_PER_S, "sessions moved per second when the region is drained")
     return parser
 
 

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "charm": ("charm.app", "one CHARM ring manager"),
     "ring": ("charm.operator", "show the rings, add or remove a slot (through the CHARM leader)"),
     "kill": ("services.operator", "SIGKILL one process of a running fleet (demos and tests)"),
+    "drain": ("services.operator", "drain a gateway region: its clients move to the nearest good region"),
+    "undrain": ("services.operator", "let a drained region take clients again"),
     "seed": ("webapp_stub.seed", "create the demo team in a data directory"),
     "tail": ("services.demo_client", "connect as a seeded user and print events as they arrive"),
     "post": ("services.demo_client", "post a message as a seeded user"),
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    if command in ("tail", "post", "status", "kill"):
+    if command in ("tail", "post", "status", "kill", "drain", "undrain"):
         return int(module.main([command, *rest]))
     return int(module.main(rest))
 

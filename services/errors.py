@@ -44,6 +44,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # gateway at --max-connections: reconnect through rtm.connect
     INVALID_TICKET = 4001  # missing, forged, expired or reused ticket: do not retry the URL
     BOOTSTRAP_FAILED = 4002  # the webapp could not be reached for the user's channels
     SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect and catch up

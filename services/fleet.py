@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services import regions
 from services.config import Parser, consul_default, split_host_port
 from services.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services.process import announce_ready
@@ -127,6 +128,15 @@ def wait_for_ring(consul_addr: str, timeout_s: float) -> RingDocument:
     raise LaunchError(f"CHARM did not write a complete channel ring within {timeout_s}s")
 
 
+def write_region_map(consul_addr: str, region_names: list[str]) -> None:
+    """Each region falls back to the others in the order given (unless an operator wrote a map)."""
+    import consul
+
+    host, port = split_host_port(consul_addr)
+    client = consul.Consul(host=host, port=port)
+    client.kv.put(regions.REGION_MAP_KEY, json.dumps(regions.default_map(region_names)), cas=0)
+
+
 class Fleet:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -151,6 +161,7 @@ class Fleet:
             self.specs[spec.name] = spec
             self.launch(spec)
         self.seed = self.ensure_seed()
+        write_region_map(self.consul_addr, [r.strip() for r in self.args.regions.split(",") if r.strip()])
         specs = plan(self.args, self.data_dir, self.consul_addr)
         for spec in specs:
             self.specs[spec.name] = spec

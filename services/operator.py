@@ -6,6 +6,9 @@
 * ``rtm kill SERVICE NAME``: SIGKILL one process, for demonstrations and
   failure tests. NAME is an instance id, a ring slot (``cs-1``), or a pid;
   pids come from ``DATA_DIR/fleet.json``.
+* ``rtm drain REGION`` / ``rtm undrain REGION``: set or clear the region's
+  drain flag in Consul; its gateways move their clients to the nearest good
+  region (see :mod:`gateway.drain`) or take clients again.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import argparse
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import consul
 
 from services.config import consul_default, env_default, split_host_port
+from services import regions
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
 
 SERVICES = ("webapp", "admin-server", "channel-server", "gateway", "charm", "presence")
@@ -74,6 +79,9 @@ def status(args: argparse.Namespace) -> int:
         for slot, owner in sorted(doc.slots.items()):
             state = "" if slot not in degraded else "   <- no live owner"
             print(f"  {slot:<8} -> {owner or '(none)'}{state}")
+    _, drained = client.kv.get(regions.DRAINED_PREFIX, keys=True)
+    names = sorted(k.removeprefix(regions.DRAINED_PREFIX) for k in (drained or []))
+    print(f"drained regions: {', '.join(names) if names else 'none'}")
     info = leader_address(client)
     print(f"CHARM leader: {info['id']} ({info['host']}:{info['port']})" if info else "CHARM leader: none")
     return 0
@@ -102,11 +110,26 @@ def kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def drain(args: argparse.Namespace, on: bool) -> int:
+    client = consul_client(consul_address(args.data_dir, args.consul))
+    key = regions.drained_key(args.region)
+    if on:
+        client.kv.put(key, str(time.time()))
+        print(f"region {args.region} drained: its gateways move their clients to the nearest good region")
+    else:
+        client.kv.delete(key)
+        print(f"region {args.region} undrained: it takes new clients again")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     parser = argparse.ArgumentParser(prog=f"rtm {command}", description=__doc__)
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"))
     parser.add_argument("--consul", default="", help="Consul host:port (default: from DATA_DIR/fleet.json)")
+    if command in ("drain", "undrain"):
+        parser.add_argument("region")
+        return drain(parser.parse_args(rest), on=command == "drain")
     if command == "kill":
         parser.add_argument("service", choices=SERVICES)
         parser.add_argument("name", help="instance id, ring slot (channel servers) or pid")

@@ -34,12 +34,12 @@ class Fleet:
     seed: dict[str, Any]
 
     @classmethod
-    def up(cls, data_dir: Path, *extra: str) -> Fleet:
+    def up(cls, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Fleet:
         base = free_port_base()
         argv = rtm_argv("up", "--data-dir", str(data_dir), "--port-base", str(base), "--verbose", *extra)
         # Every process's log lines go to DATA_DIR/fleet.log, to read when a test fails.
         log_file = open(data_dir / "fleet.log", "w")  # noqa: SIM115 - lives as long as the fleet
-        proc = start("rtm-up", argv, ready_timeout_s=FLEET_READY_TIMEOUT_S, echo=log_file)
+        proc = start("rtm-up", argv, ready_timeout_s=FLEET_READY_TIMEOUT_S, echo=log_file, env=env)
         seed = json.loads((data_dir / "seed.json").read_text())
         return cls(data_dir=data_dir, proc=proc, info=proc.ready, seed=seed)
 
@@ -71,10 +71,10 @@ class Fleet:
             async with http.post(self.api_url + method, data=params, headers=headers) as resp:
                 return dict(await resp.json(content_type=None))
 
-    async def connect(self, name: str, region: str = "") -> Client:
+    async def connect(self, name: str, region: str = "", follow_goodbye: bool = False) -> Client:
         """Connect as a seeded user; ``region`` is the hint rtm.connect gets (else the webapp's default)."""
         user = self.user(name)
-        client = Client(self, name, user["token"], region=region)
+        client = Client(self, name, user["token"], region=region, follow_goodbye=follow_goodbye)
         await client.open()
         return client
 
@@ -93,17 +93,23 @@ class Client:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_code: int | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    follow_goodbye: bool = False  # like Slack's clients: on goodbye, rtm.connect again and go on
+    urls: list[str] = field(default_factory=list)  # every URL this client was connected to, in order
     _reader: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
+        await self._connect()
+        self.closed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _connect(self) -> None:
         reply = await self.fleet.api("rtm.connect", self.token, **({"region": self.region} if self.region else {}))
         assert reply["ok"], reply
         self.url = reply["url"]
+        self.urls.append(self.url)
         self.ws = await websockets.connect(self.url, max_size=None)
         first = json.loads(await asyncio.wait_for(self.ws.recv(), DEFAULT_WAIT_S))
         assert first == {"type": "hello"}, first
-        self.closed = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
 
     @property
     def gateway_port(self) -> int:
@@ -111,9 +117,17 @@ class Client:
 
     async def _read(self) -> None:
         try:
-            async for raw in self.ws:
-                self.events.append(json.loads(raw))
-                self.changed.set()
+            while True:
+                async for raw in self.ws:
+                    event = json.loads(raw)
+                    self.events.append(event)
+                    self.changed.set()
+                    if event.get("type") == "goodbye" and self.follow_goodbye:
+                        break
+                else:
+                    return
+                await self.ws.close()
+                await self._connect()
         except websockets.ConnectionClosed:
             pass
         finally:

@@ -1,0 +1,127 @@
+"""Moving clients off a gateway without loss: region drain and shutdown.
+
+Moving one session: note where it is in each of its channels and stop
+delivering to it (both in one step, so nothing reaches it after the note),
+leave that position at the webapp as a resume record, send Slack's
+``{"type": "goodbye"}``, close with 1001. The client calls ``rtm.connect``
+again; the webapp hands it a ticket naming the record, on a gateway of a good
+region, and that gateway replays what the client missed, exactly once.
+
+Sessions are moved at a bounded rate (``--drain-rate-per-s``), so the region
+that receives them sees a steady stream rather than a reconnect storm.
+
+:class:`RegionDrain` watches ``rtm/regions/drained/<region>`` in Consul: while
+the key exists the gateway re-registers with ``role=draining`` (``rtm status``
+shows it, ``rtm.connect`` skips it), refuses new connections (``goodbye``),
+and moves its sessions away; when the key goes, it serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from websockets.exceptions import ConnectionClosed
+
+from gateway.state import Session
+from services.errors import CloseCode
+from services.regions import drained_key
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("rtm.gateway.drain")
+
+DEFAULT_DRAIN_RATE_PER_S = 500.0  # sessions moved per second while draining
+MOVE_TICK_S = 0.05  # sessions are moved in batches this often
+GOODBYE = '{"type":"goodbye"}'
+
+
+class Mover:
+    """Moves sessions off this gateway, at most ``rate_per_s`` a second."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        m = gateway.metrics
+        self.moved = m.counter("rtm_gw_sessions_moved_total", "Sessions moved off this gateway", ["reason"])
+        self.resume_failures = m.counter("rtm_gw_resume_failures_total", "Resume records the webapp did not take")
+
+    async def move_all(self, rate_per_s: float, reason: str, keep_going: Any = lambda: True) -> int:
+        """Move every current session (and any that arrive meanwhile), paced; return how many moved."""
+        per_tick = max(1, int(rate_per_s * MOVE_TICK_S))
+        total = 0
+        while keep_going():
+            batch = list(self.gateway.state.sessions.values())[:per_tick]
+            if not batch:
+                break
+            started = time.monotonic()
+            await asyncio.gather(*(self.move(session, reason) for session in batch))
+            total += len(batch)
+            await asyncio.sleep(max(0.0, MOVE_TICK_S - (time.monotonic() - started)))
+        return total
+
+    async def move(self, session: Session, reason: str) -> None:
+        gateway = self.gateway
+        if session.sid not in gateway.state.sessions:
+            return
+        where = gateway.state.position(session)
+        gateway.apply(gateway.state.detach(session))
+        try:
+            await gateway.leave_resume(session, where)
+        except Exception as exc:  # the client still reconnects; it starts at its new bootstrap
+            self.resume_failures.inc()
+            log.warning("resume record for %s not taken: %s", session.user, exc)
+        ws = gateway.sockets.get(session.sid)
+        if ws is not None:
+            await say_goodbye(ws, reason)
+        self.moved.labels(reason).inc()
+
+
+async def say_goodbye(ws: Any, reason: str) -> None:
+    """Slack's goodbye, then a 1001 close (the legacy RTM client ignores goodbye)."""
+    try:
+        await ws.send(GOODBYE)
+    except ConnectionClosed:
+        return
+    await ws.close(CloseCode.GOING_AWAY, reason)
+
+
+class RegionDrain:
+    """Follows this gateway's region's drain flag in Consul."""
+
+    def __init__(self, gateway: Gateway, rate_per_s: float) -> None:
+        self.gateway = gateway
+        self.rate_per_s = rate_per_s
+        self.draining = False
+        self.task: asyncio.Task[None] | None = None
+        gateway.metrics.gauge("rtm_gw_draining", "1 while this gateway's region is drained").set_function(
+            lambda: 1 if self.draining else 0
+        )
+
+    def start(self) -> None:
+        self.gateway.discovery.watch_key(drained_key(self.gateway.args.region), self.on_flag)
+
+    async def on_flag(self, value: bytes | None) -> None:
+        draining = value is not None
+        if draining == self.draining:
+            return
+        self.draining = draining
+        region = self.gateway.args.region
+        log.warning("region %s %s", region, "drained: moving clients away" if draining else "undrained: serving again")
+        try:
+            await self.gateway.retag()
+        except Exception as exc:
+            log.warning("re-registering as %s failed: %s", "draining" if draining else "active", exc)
+        if draining and (self.task is None or self.task.done()):
+            self.task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        moved = await self.gateway.mover.move_all(self.rate_per_s, "region drained", lambda: self.draining)
+        log.warning("region drain: moved %d sessions", moved)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
