@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.client_messages import ClientMessages
 from gateway.drain import DEFAULT_DRAIN_RATE_PER_S, Mover, RegionDrain, say_goodbye
+from gateway.presence import GatewayPresence
 from gateway.state import Effects, Fetch, GatewayState, Session, text_frame
 from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLink
@@ -48,6 +49,7 @@ DEFAULT_PORT = 8765
 MAX_CLIENT_FRAME_BYTES = 64 * 1024  # a client frame above this closes the socket with 1009
 # Unsent bytes a client may accumulate before it is cut off as a slow consumer.
 MAX_CLIENT_BUFFER_BYTES = 1024 * 1024
+MAX_CLIENT_BUFFER_FRAMES = 2000
 WEBAPP_TIMEOUT_S = 5.0
 SUBSCRIBE_TIMEOUT_S = 5.0
 HISTORY_PAGE_EVENTS = 500
@@ -111,6 +113,7 @@ class Gateway:
         self.history_slots = asyncio.Semaphore(HISTORY_CONCURRENCY)
         self.sockets: dict[int, ServerConnection] = {}
         self.cut_off: set[int] = set()
+        self.queued_frames: dict[int, int] = {}  # sid -> frames written since its buffer was last empty
         self.sids = itertools.count(1)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
@@ -136,6 +139,7 @@ class Gateway:
         )
         self.mover = Mover(self)
         self.region_drain = RegionDrain(self, args.drain_rate_per_s)
+        self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
         self.ws_server: Any = None
         self._stop_metrics: StopFn | None = None
 
@@ -157,6 +161,7 @@ class Gateway:
         self.follower.start()
         self.channel_servers.start()
         self.webapp.directory.start()
+        self.presence.start()
         address = advertised(args.host, args.advertise_host)
         await self.discovery.register(
             SERVICE,
@@ -196,6 +201,7 @@ class Gateway:
             self.ws_server.close()
             await self.ws_server.wait_closed()
         await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+        await self.presence.close()
         await self.webapp.close()
         if self._stop_metrics is not None:
             await self._stop_metrics()
@@ -219,6 +225,7 @@ class Gateway:
             "channels": len(self.state.channels),
             "region": self.args.region,
             "consul": self.discovery.consul_ok,
+            **self.presence.health(),
         }
 
     def spawn(self, coro: Any) -> None:
@@ -261,6 +268,7 @@ class Gateway:
             await ws.send(HELLO.decode())
             self.connects.labels("ok").inc()
             self.apply(self.state.attach(session, [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]))
+            self.presence.attached(session)
             async for message in ws:
                 self.handle_client_message(ws, session, message)
         except ConnectionClosed:
@@ -268,7 +276,9 @@ class Gateway:
         finally:
             self.sockets.pop(sid, None)
             self.cut_off.discard(sid)
+            self.queued_frames.pop(sid, None)
             self.apply(self.state.detach(session))
+            self.presence.detached(session)
 
     def write_frame(self, sid: int, frame: bytes) -> bool:
         """Write one pre-encoded websocket frame; cut off a client that stopped reading."""
@@ -279,7 +289,14 @@ class Gateway:
         if transport.is_closing():
             return False
         transport.write(frame)
-        if transport.get_write_buffer_size() > self.args.max_client_buffer_bytes:
+        pending = transport.get_write_buffer_size()
+        if not pending:  # the kernel took it all: the client keeps up
+            if sid in self.queued_frames:
+                del self.queued_frames[sid]
+            return True
+        # Frames written since the buffer was last empty bound the frames queued in it.
+        frames = self.queued_frames[sid] = self.queued_frames.get(sid, 0) + 1
+        if pending > self.args.max_client_buffer_bytes or frames > self.args.max_client_buffer_frames:
             self.cut_off.add(sid)
             self.slow.inc()
             log.warning("client %s (sid %s) is not reading: cut off as a slow consumer", ws.remote_address, sid)
@@ -508,6 +525,7 @@ def build_parser() -> Parser:
     parser.add("--webapp-url", "", "webapp base URL (default: discovered in Consul)")
     parser.add("--max-client-frame-bytes", MAX_CLIENT_FRAME_BYTES, "largest websocket frame a client may send")
     parser.add("--max-client-buffer-bytes", MAX_CLIENT_BUFFER_BYTES, "unsent bytes per client before it is cut off")
+    parser.add("--max-client-buffer-frames", MAX_CLIENT_BUFFER_FRAMES, "unsent frames per client before it is cut off")
     parser.add("--max-connections", DEFAULT_MAX_CONNECTIONS, "client websockets this gateway holds; past it, 1013")
     parser.add("--drain-rate-per-s", DEFAULT_DRAIN_RATE_PER_S, "sessions moved per second when the region is drained")
     return parser
