@@ -25,6 +25,7 @@ from services.discovery import Discovery, Instance
 from services.errors import ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
+from services.ring import RingDocument
 
 log = logging.getLogger("rtm.admin_server")
 
@@ -39,7 +40,8 @@ class AdminServer:
         self.args = args
         self.instance_id = args.instance_id
         self.discovery = Discovery(args.consul)
-        self.follower = RingFollower(self.discovery)
+        self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
+        self.ring_changed = asyncio.Event()  # wakes publishes that wait for a slot's new owner
         self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
         self.links: dict[str, PeerLink] = {}
         # Slots whose owner is failing: later publishes for the slot wait here
@@ -84,6 +86,10 @@ class AdminServer:
             "channel_servers": sorted(self.channel_servers.instances),
             "consul": self.discovery.consul_ok,
         }
+
+    def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
+        self.ring_changed.set()
+        self.ring_changed = asyncio.Event()
 
     def on_instances(self, instances: dict[str, Instance]) -> None:
         for gone in [iid for iid in self.links if iid not in instances]:
@@ -144,6 +150,8 @@ class AdminServer:
                         pub["rv"] = self.follower.ring.version
                         reply = await self.link_to(owner).request(pub, timeout_s=remaining)
                         self.forwarded.inc()
+                        if log.isEnabledFor(logging.DEBUG):
+                            log.debug("forwarded %s to %s", msg.get("eid"), owner, extra={"eid": msg.get("eid"), "channel": channel})
                         self.latency.observe(time.monotonic() - started)
                         return wire.reply_ok(request_id, cs=owner, duplicate=bool(reply.get("duplicate")))
                     except NotOwner:
@@ -160,11 +168,15 @@ class AdminServer:
                     self.given_up.inc()
                     log.warning("giving up on %s after %.1fs (%s)", msg.get("eid", channel), self.args.route_budget_s, reason)
                     return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
+                changed = self.ring_changed
                 try:
                     await self.follower.refresh()
                 except Exception as exc:  # Consul unreachable: keep the old ring, try again
                     log.debug("ring refresh failed: %s", exc)
-                await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+                try:  # back off, but go at once when the ring names a new owner
+                    await asyncio.wait_for(changed.wait(), min(next(delays), max(0.0, deadline - time.monotonic())))
+                except asyncio.TimeoutError:
+                    pass
         finally:
             if retrying is not None:  # release the publishes queued behind this one, in order
                 del self.held_slots[slot]

@@ -70,6 +70,7 @@ class ChannelServer:
             lambda: self.table.history_bytes
         )
         m.gauge("rtm_cs_gateways", "Gateways connected").set_function(lambda: len(self.gateways))
+        m.gauge("rtm_cs_subscriptions", "Channel subscriptions held (channel x gateway)").set_function(lambda: sum(mask.bit_count() for mask in self.table.subscribers.values()))
         m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
             lambda: self.follower.ring.version
         )
@@ -281,6 +282,8 @@ class ChannelServer:
                 pass  # on_connection_closed cleans up; the gateway catches up when it resubscribes
         self.events_out.inc(sent)
         self.fanout.observe(sent)
+        if seq is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("fanned out %s to %d gateways", msg.get("eid"), sent, extra={"eid": msg.get("eid"), "channel": channel})
         self.pub_latency.observe(max(0.0, time.time() - t0))
         return wire.reply_ok(request_id)
 

@@ -239,6 +239,8 @@ class Charm:
         m = self.metrics
         self.is_leader = m.gauge("rtm_charm_is_leader", "1 while this CHARM leads")
         self.failovers = m.counter("rtm_charm_failovers_total", "Slots moved to a spare because their owner died", ["ring"])
+        for ring in self.managers:  # the series exist at 0, so increase() counts the first failover
+            self.failovers.labels(ring)
         self.degraded = m.gauge("rtm_charm_degraded_slots", "Slots with no live owner and no spare", ["ring"])
         self.ring_version = m.gauge("rtm_charm_ring_version", "Ring version as last read or written by the leader", ["ring"])
         self.ring_writes = m.counter("rtm_charm_ring_writes_total", "Ring document writes by outcome", ["ring", "outcome"])

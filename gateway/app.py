@@ -127,10 +127,13 @@ class Gateway:
         self.connects = m.counter("rtm_gw_connects_total", "Websocket connection attempts by outcome", ["outcome"])
         self.slow = m.counter("rtm_gw_slow_consumer_disconnects_total", "Clients cut off for not reading")
         self.gap_fills = m.counter("rtm_gw_gap_fills_total", "History fetches to fill a gap or catch a session up", ["kind"])
+        for kind in ("gap", "session"):  # the series exist at 0, so increase() counts the first one
+            self.gap_fills.labels(kind)
         self.resubscribes = m.counter("rtm_gw_resubscriptions_total", "Channels resubscribed after a reconnect or a ring change")
         self.client_msgs = m.counter("rtm_gw_client_messages_total", "Frames received from clients", ["type"])
         m.gauge("rtm_gw_connections", "Open client websockets").set_function(lambda: len(self.state.sessions))
         m.gauge("rtm_gw_channels", "Channels with at least one local socket").set_function(lambda: len(self.state.channels))
+        m.gauge("rtm_gw_subscriptions", "Channel subscriptions of open sockets (socket x channel)").set_function(lambda: sum(map(len, self.state.channels.values())))
         m.gauge("rtm_gw_duplicates_dropped", "Events dropped as already delivered").set_function(
             lambda: self.state.stats.duplicates
         )
@@ -169,7 +172,7 @@ class Gateway:
             address,
             port,
             tags=[f"region={args.region}"],
-            meta={"metrics_port": str(metrics_port), "region": args.region},
+            meta={"metrics_port": str(metrics_port), "region": args.region, **({"public_url": args.public_url} if args.public_url else {})},
             ttl_s=args.ttl_s,
         )
         self.region_drain.start()
@@ -288,7 +291,10 @@ class Gateway:
         transport = ws.transport
         if transport.is_closing():
             return False
-        transport.write(frame)
+        try:
+            transport.write(frame)
+        except RuntimeError:  # the client half-closed (write_eof) in between: it is leaving
+            return False
         pending = transport.get_write_buffer_size()
         if not pending:  # the kernel took it all: the client keeps up
             if sid in self.queued_frames:
@@ -489,6 +495,8 @@ class Gateway:
                 self.deliveries.inc(delivered)
             self.events_in.labels("transient" if seq is None else "persisted").inc()
             self.latency.observe(max(0.0, time.time() - float(msg.get("t0", 0.0))))
+            if seq is not None and log.isEnabledFor(logging.DEBUG):
+                log.debug("delivered %s:%s to %d sockets", channel, seq, delivered, extra={"eid": f"{channel}:{seq}", "channel": channel})
             if fetch is not None:
                 self.spawn(self.fetch_history(fetch))
             ctl = msg.get("ctl")
@@ -523,6 +531,8 @@ def build_parser() -> Parser:
     parser.add("--secret", "", "secret shared with the webapp (tickets, internal endpoints)")
     parser.add("--data-dir", "./.rtm", "where to find the shared secret when --secret is not given")
     parser.add("--webapp-url", "", "webapp base URL (default: discovered in Consul)")
+    parser.add("--public-url", "", "base URL clients reach this gateway at, behind an edge proxy (e.g. wss://edge:8443/gw/us-east-1); "
+               "registered as Consul meta public_url, rtm.connect then returns <public-url>/ws/<ticket> (default: ws://<advertised host>:<port>)")
     parser.add("--max-client-frame-bytes", MAX_CLIENT_FRAME_BYTES, "largest websocket frame a client may send")
     parser.add("--max-client-buffer-bytes", MAX_CLIENT_BUFFER_BYTES, "unsent bytes per client before it is cut off")
     parser.add("--max-client-buffer-frames", MAX_CLIENT_BUFFER_FRAMES, "unsent frames per client before it is cut off")

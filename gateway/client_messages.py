@@ -22,6 +22,9 @@ protocol, see SLACK_COMPAT.md):
     waits; answered ``{"ok": true, "reply_to": N, "ts": ..., "text": T}`` or
     ``{"ok": false, "reply_to": N, "error": {"code": n, "msg": ...}}`` where
     ``msg`` is the Slack error code when the webapp refused the post.
+``presence_sub`` ``{"ids": [U, ...]}`` / ``presence_query`` ``{"ids": [...]}`` (at most 500)
+    Handed to :mod:`gateway.presence`: the sub replaces the connection's
+    watch set; both are answered with ``presence_change`` events.
 
 Anything else gets an error (``reply_to`` when the frame had an ``id``, else
 a ``{"type": "error"}`` event); invalid JSON gets an error event; a binary
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
+from gateway.presence import MAX_QUERY_IDS as MAX_PRESENCE_QUERY_IDS, MAX_SUB_IDS as MAX_PRESENCE_SUB_IDS
 from gateway.state import Session
 from services.errors import CloseCode, ConnectionLost, PeerError, SendBufferFull
 
@@ -58,7 +62,7 @@ TYPING_BURST = 3
 # Messages a connection may have in flight to the webapp at once; beyond this
 # a send is refused (code RATE_LIMITED) rather than queued without bound.
 MAX_PENDING_SENDS = 16
-KNOWN_TYPES = frozenset({"ping", "typing", "message"})
+KNOWN_TYPES = frozenset({"ping", "typing", "message", "presence_sub", "presence_query"})
 JSON_SEPARATORS = (",", ":")
 
 
@@ -70,6 +74,7 @@ class ClientError(IntEnum):
     BAD_MESSAGE = 3  # a ``message`` without a channel or text
     RATE_LIMITED = 4  # too many messages in flight on this connection
     SEND_FAILED = 5  # the webapp refused the post (msg: its Slack error code) or could not be reached
+    BAD_IDS = 6  # presence_sub / presence_query: ids is not a list of user ids, or too long
 
 
 @dataclass
@@ -143,6 +148,8 @@ class ClientMessages:
             self.handle_typing(session, frame)
         elif kind == "message":
             self.handle_message(session, frame)
+        elif kind in ("presence_sub", "presence_query"):
+            self.handle_presence(session, frame, kind)
         else:
             gw.metrics.error("client_unsupported_type")
             self.error(session, frame, ClientError.UNSUPPORTED_TYPE, f"unsupported message type: {kind!r}")
@@ -190,6 +197,18 @@ class ClientMessages:
             self.typing.labels("not_connected").inc()
             return
         self.typing.labels("sent").inc()
+
+    # -- presence (gateway/presence.py does the work) -----------------------------------
+    def handle_presence(self, session: Session, frame: dict[str, Any], kind: str) -> None:
+        ids = frame.get("ids", [])
+        limit = MAX_PRESENCE_QUERY_IDS if kind == "presence_query" else MAX_PRESENCE_SUB_IDS
+        if not isinstance(ids, list) or len(ids) > limit or not all(isinstance(i, str) and i for i in ids):
+            self.error(session, frame, ClientError.BAD_IDS, f"ids must be a list of at most {limit} user ids")
+            return
+        if kind == "presence_sub":
+            self.gw.presence.subscribe(session, ids)
+        else:
+            self.gw.presence.query(session, ids)
 
     # -- messages -----------------------------------------------------------------------
     def handle_message(self, session: Session, frame: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ log = logging.getLogger("rtm.gateway.drain")
 
 DEFAULT_DRAIN_RATE_PER_S = 500.0  # sessions moved per second while draining
 MOVE_TICK_S = 0.05  # sessions are moved in batches this often
+MAX_MOVES_IN_FLIGHT = 256  # moves (resume POST + goodbye + close) running at once
 GOODBYE = '{"type":"goodbye"}'
 
 
@@ -49,34 +50,52 @@ class Mover:
         self.resume_failures = m.counter("rtm_gw_resume_failures_total", "Resume records the webapp did not take")
 
     async def move_all(self, rate_per_s: float, reason: str, keep_going: Any = lambda: True) -> int:
-        """Move every current session (and any that arrive meanwhile), paced; return how many moved."""
+        """Move every current session (and any that arrive meanwhile), paced; return how many moved.
+
+        The pace is kept by starting moves on a clock, not by waiting for each
+        batch: a slow resume POST or close handshake delays its own session,
+        not the ones behind it. At most :data:`MAX_MOVES_IN_FLIGHT` run at once.
+        """
         per_tick = max(1, int(rate_per_s * MOVE_TICK_S))
+        in_flight: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(MAX_MOVES_IN_FLIGHT)
         total = 0
+        next_tick = time.monotonic()
         while keep_going():
             batch = list(self.gateway.state.sessions.values())[:per_tick]
             if not batch:
                 break
-            started = time.monotonic()
-            await asyncio.gather(*(self.move(session, reason) for session in batch))
+            for session in batch:
+                where = self.detach(session)  # at once: nothing more reaches it
+                task = asyncio.create_task(self.finish(session, where, reason, slots))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
             total += len(batch)
-            await asyncio.sleep(max(0.0, MOVE_TICK_S - (time.monotonic() - started)))
+            next_tick += MOVE_TICK_S
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
         return total
 
-    async def move(self, session: Session, reason: str) -> None:
+    def detach(self, session: Session) -> dict[str, int]:
+        """Note where ``session`` is in each channel and stop delivering to it, in one step."""
         gateway = self.gateway
-        if session.sid not in gateway.state.sessions:
-            return
         where = gateway.state.position(session)
         gateway.apply(gateway.state.detach(session))
-        try:
-            await gateway.leave_resume(session, where)
-        except Exception as exc:  # the client still reconnects; it starts at its new bootstrap
-            self.resume_failures.inc()
-            log.warning("resume record for %s not taken: %s", session.user, exc)
-        ws = gateway.sockets.get(session.sid)
-        if ws is not None:
-            await say_goodbye(ws, reason)
-        self.moved.labels(reason).inc()
+        return where
+
+    async def finish(self, session: Session, where: dict[str, int], reason: str, slots: asyncio.Semaphore) -> None:
+        """Leave the resume record, then say goodbye."""
+        async with slots:
+            try:
+                await self.gateway.leave_resume(session, where)
+            except Exception as exc:  # the client still reconnects; it starts at its new bootstrap
+                self.resume_failures.inc()
+                log.warning("resume record for %s not taken: %s", session.user, exc)
+            ws = self.gateway.sockets.get(session.sid)
+            if ws is not None:
+                await say_goodbye(ws, reason)
+            self.moved.labels(reason).inc()
 
 
 async def say_goodbye(ws: Any, reason: str) -> None:

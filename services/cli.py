@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "channel-server": ("channel_server.app", "one Channel Server"),
     "gateway": ("gateway.app", "one Gateway Server"),
     "charm": ("charm.app", "one CHARM ring manager"),
+    "presence": ("presence.app", "one Presence Server"),
     "ring": ("charm.operator", "show the rings, add or remove a slot (through the CHARM leader)"),
     "kill": ("services.operator", "SIGKILL one process of a running fleet (demos and tests)"),
     "drain": ("services.operator", "drain a gateway region: its clients move to the nearest good region"),

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from services import regions
-from services.config import Parser, consul_default, split_host_port
+from services.config import Parser, split_host_port
 from services.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services.process import announce_ready
-from services.ring import CHANNEL_RING_KEY, RingDocument
+from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 
 DEFAULT_PORT_BASE = 7400
 SUPERVISE_INTERVAL_S = 0.5
@@ -63,7 +63,8 @@ class ProcessSpec:
 def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[ProcessSpec]:
     """The processes of the fleet with their ports: base+0 Consul, +1 webapp,
     +10.. admin servers, +20.. channel servers (actives, then spares), +30..
-    CHARMs, +40.. gateways; each process's metrics port is its port + 100."""
+    CHARMs, +40.. gateways, +50.. presence servers (actives, then spares); each
+    process's metrics port is its port + 100."""
     base = args.port_base
     host = args.host
     common = ["--host", host, "--consul", consul_addr]
@@ -76,12 +77,19 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
             "channel-server", *common, "--port", str(port), "--metrics-port", str(port + 100),
             "--instance-id", iid, "--history-events", str(args.history_events), "--role", role,
             "--ttl-s", str(args.ttl_s), *(["--debug-faults"] if args.debug_faults else [])), port))
+    for i in range(args.presence_servers + args.presence_spares):
+        port = base + 50 + i
+        role = "active" if i < args.presence_servers else "spare"
+        iid = f"ps-{uuid.uuid4().hex[:6]}"
+        specs.append(ProcessSpec(iid, "presence", rtm_argv(
+            "presence", *common, "--port", str(port), "--metrics-port", str(port + 100), "--instance-id", iid,
+            "--role", role, "--ttl-s", str(args.ttl_s), *(["--debug-faults"] if args.debug_faults else [])), port))
     for i in range(args.charms):
         port = base + 30 + i
         iid = f"charm-{i}"
         specs.append(ProcessSpec(iid, "charm", rtm_argv(
             "charm", *common, "--port", str(port), "--metrics-port", str(port + 100), "--instance-id", iid,
-            "--channel-slots", str(args.channel_servers)), port))
+            "--channel-slots", str(args.channel_servers), "--presence-slots", str(args.presence_servers)), port))
     for i in range(args.admin_servers):
         port = base + 10 + i
         iid = f"as-{i}"
@@ -112,8 +120,8 @@ def ensure_secret(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def wait_for_ring(consul_addr: str, timeout_s: float) -> RingDocument:
-    """Block until CHARM has written the channel ring (blocking queries, bounded)."""
+def wait_for_ring(consul_addr: str, timeout_s: float, key: str = CHANNEL_RING_KEY) -> RingDocument:
+    """Block until CHARM has written the ring at ``key`` (blocking queries, bounded)."""
     import consul
 
     host, port = split_host_port(consul_addr)
@@ -121,11 +129,11 @@ def wait_for_ring(consul_addr: str, timeout_s: float) -> RingDocument:
     deadline = time.monotonic() + timeout_s
     index = None
     while time.monotonic() < deadline:
-        index, current = client.kv.get(CHANNEL_RING_KEY, index=index, wait="2s")
+        index, current = client.kv.get(key, index=index, wait="2s")
         doc = RingDocument.from_json(current["Value"] if current else None)
         if doc.slots and all(doc.slots.values()):
             return doc
-    raise LaunchError(f"CHARM did not write a complete channel ring within {timeout_s}s")
+    raise LaunchError(f"CHARM did not write a complete ring at {key} within {timeout_s}s")
 
 
 def write_region_map(consul_addr: str, region_names: list[str]) -> None:
@@ -165,13 +173,15 @@ class Fleet:
         specs = plan(self.args, self.data_dir, self.consul_addr)
         for spec in specs:
             self.specs[spec.name] = spec
-        order = ["channel-server", "charm", "admin-server", "webapp", "gateway"]
+        order = ["channel-server", "presence", "charm", "admin-server", "webapp", "gateway"]
         with ThreadPoolExecutor(max_workers=8) as pool:
             for service in order:
                 group = [s for s in specs if s.service == service]
                 list(pool.map(self.launch, group))
                 if service == "charm":
                     wait_for_ring(self.consul_addr, self.args.ready_timeout_s)
+                    if self.args.presence_servers:
+                        wait_for_ring(self.consul_addr, self.args.ready_timeout_s, PRESENCE_RING_KEY)
         self.write_fleet_json()
 
     def ensure_seed(self) -> dict[str, Any]:
@@ -261,7 +271,7 @@ Ctrl-C stops the fleet.""", flush=True)
 
     def down(self) -> None:
         self.stopping.set()
-        order = ["gateway", "webapp", "admin-server", "charm", "channel-server", "consul-dev"]
+        order = ["gateway", "webapp", "admin-server", "charm", "channel-server", "presence", "consul-dev"]
         for service in order:
             group = [p for n, p in self.running.items() if self.specs[n].service == service]
             threads = [threading.Thread(target=p.stop) for p in group]
@@ -283,6 +293,8 @@ def build_parser() -> Parser:
     parser.add("--channel-servers", 3, "active channel servers (= slots of the channel ring)")
     parser.add("--spares", 1, "spare channel servers CHARM promotes when an active one fails")
     parser.add("--charms", 2, "CHARM ring managers (one leads)")
+    parser.add("--presence-servers", 2, "active presence servers (= slots of the presence ring)")
+    parser.add("--presence-spares", 1, "spare presence servers CHARM promotes when an active one fails")
     parser.add("--ttl-s", 2.0, "Consul TTL of channel servers: a partitioned server is replaced after this")
     parser.add("--debug-faults", False, "let tests inject faults (POST /debug/consul-partition on channel servers)")
     parser.add("--regions", "us-east,eu-west", "gateway regions, comma-separated")
@@ -321,6 +333,3 @@ def main(argv: list[str] | None = None) -> int:
         print("rtm up: stopped.", flush=True)
     return 0
 
-
-# consul_default is re-exported for `rtm status`, which looks Consul up the same way.
-__all__ = ["Fleet", "main", "plan", "consul_default"]

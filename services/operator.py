@@ -93,8 +93,9 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
     if not procs:
         raise SystemExit(f"rtm kill: no {args.service} in {args.data_dir}/fleet.json")
     target = args.name
-    if args.service == "channel-server":  # a slot name stands for its current owner
-        doc = read_ring(consul_client(consul_address(args.data_dir, args.consul)), CHANNEL_RING_KEY)
+    if args.service in ("channel-server", "presence"):  # a slot name stands for its current owner
+        key = CHANNEL_RING_KEY if args.service == "channel-server" else PRESENCE_RING_KEY
+        doc = read_ring(consul_client(consul_address(args.data_dir, args.consul)), key)
         target = doc.slots.get(target) or target
     for proc in procs:
         if target in (proc["id"], proc["name"], str(proc["pid"])):
@@ -132,7 +133,7 @@ def main(argv: list[str]) -> int:
         return drain(parser.parse_args(rest), on=command == "drain")
     if command == "kill":
         parser.add_argument("service", choices=SERVICES)
-        parser.add_argument("name", help="instance id, ring slot (channel servers) or pid")
+        parser.add_argument("name", help="instance id, ring slot (cs-N, ps-N) or pid")
         return kill(parser.parse_args(rest))
     return status(parser.parse_args(rest))
 

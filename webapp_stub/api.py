@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -50,6 +51,7 @@ from services.discovery import Instance
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.ticket import mint
 from webapp_stub.handoff import Handoff
+from webapp_stub.presence import PresenceClient
 from webapp_stub.resume import ResumeBook
 from webapp_stub.store import (
     DEFAULT_HISTORY_PAGE,
@@ -73,7 +75,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 INTERNAL_HISTORY_DEFAULT = 500
 INTERNAL_HISTORY_MAX = 1000
 TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
-# users.getPresence before the presence servers: "active" if seen this recently
+# users.getPresence when no presence server answers: "active" if seen this recently
 # (a Web API call or a gateway connecting the user). Slack's own auto-away
 # follows 10 minutes of inactivity in its clients; the same figure here.
 PRESENCE_ACTIVE_WINDOW_S = 600.0
@@ -282,7 +284,7 @@ class Call:
         return self.user
 
 
-Handler = Callable[["WebApi", Call], dict[str, Any]]
+Handler = Callable[["WebApi", Call], dict[str, Any] | Awaitable[dict[str, Any]]]  # async for the few that ask other services
 METHODS: dict[str, tuple[Handler, bool]] = {}  # name -> (handler, needs auth)
 
 
@@ -327,7 +329,8 @@ class WebApi:
         metrics.gauge("rtm_webapp_resume_records", "Resume records waiting for their connection").set_function(
             lambda: len(self.resume)
         )
-        self.last_seen: dict[str, float] = {}  # user -> last Web API call or gateway connect (presence stand-in)
+        self.last_seen: dict[str, float] = {}  # user -> last Web API call or gateway connect (presence fallback)
+        self.presence: PresenceClient | None = None  # the presence servers (webapp_stub/presence.py), set by app.py
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -363,7 +366,8 @@ class WebApi:
                 wait_s = self.limiter.retry_after(token, name)
                 if wait_s:
                     raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
-            body = {"ok": True, **handler(self, Call(request, args, user))}
+            result = handler(self, Call(request, args, user))
+            body = {"ok": True, **(await result if inspect.isawaitable(result) else result)}
             outcome = "ok"
         except ApiError as exc:
             body, status, headers = {"ok": False, "error": exc.code}, exc.status, exc.headers
@@ -477,7 +481,8 @@ class WebApi:
             user = self.store.user(str(args.pop("user", "") or ""))
             if user is None:
                 raise ApiError("user_not_found")
-            body = {"ok": True, **entry[0](self, Call(request, args, user))}
+            result = entry[0](self, Call(request, args, user))
+            body = {"ok": True, **(await result if inspect.isawaitable(result) else result)}
         except ApiError as exc:
             self.metrics.error(exc.code)
             body = {"ok": False, "error": exc.code}
@@ -498,6 +503,9 @@ class WebApi:
         return self.store.visible_channel(value, call.me)
 
     def publish(self, events: list[Any]) -> None:
+        if log.isEnabledFor(logging.DEBUG):  # follow one event across processes by its eid (README: "Following one message")
+            for event in events:
+                log.debug("committed %s %.200s", event.eid, event.json, extra={"eid": event.eid, "channel": event.channel})
         self.handoff.publish(events)
 
 
@@ -610,8 +618,10 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
         api.resumes.labels("claimed").inc()
     ticket = mint(api.secret, user.id, user.team, gateway.id, api.clock(), resume=resume)
     team = api.store.team(user.team)
+    # behind an edge proxy a gateway registers the URL clients reach it at (gateway --public-url)
+    base = gateway.meta.get("public_url") or f"ws://{gateway.address}:{gateway.port}"
     return {
-        "url": f"ws://{gateway.address}:{gateway.port}/ws/{ticket}",
+        "url": f"{base.rstrip('/')}/ws/{ticket}",
         "self": {"id": user.id, "name": user.name},
         "team": team.to_api() if team else {"id": user.team, "name": user.team, "domain": user.team.lower()},
     }
@@ -888,15 +898,23 @@ def users_info(api: WebApi, call: Call) -> dict[str, Any]:
 
 
 @method("users.getPresence")
-def users_get_presence(api: WebApi, call: Call) -> dict[str, Any]:
-    """Until the presence servers exist, presence is what the webapp knows: a user is
-    ``active`` if not set ``away`` by hand and seen (a Web API call, or a gateway
-    connecting them) within :data:`PRESENCE_ACTIVE_WINDOW_S`. Details only for oneself, as Slack."""
+async def users_get_presence(api: WebApi, call: Call) -> dict[str, Any]:
+    """From the presence server that owns the user: ``active`` when they have a
+    connection on some gateway and are not set ``away`` by hand. When no presence
+    server answers, the webapp's own estimate: ``active`` if not set away and seen
+    (a Web API call, or a gateway connecting them) within
+    :data:`PRESENCE_ACTIVE_WINDOW_S`. Details only for oneself, as Slack."""
     user = user_arg(api, call, default_me=True)
-    seen = api.last_seen.get(user.id)
-    online = seen is not None and api.clock() - seen < PRESENCE_ACTIVE_WINDOW_S
-    manual_away = user.presence == "away"
-    presence = "active" if online and not manual_away else "away"
+    found = await api.presence.get(user.id) if api.presence is not None else None
+    if found is not None:
+        presence, online = str(found["presence"]), bool(found["online"])
+        manual_away, last_activity = bool(found["manual_away"]), int(found.get("last_activity") or 0)
+    else:
+        seen = api.last_seen.get(user.id)
+        online = seen is not None and api.clock() - seen < PRESENCE_ACTIVE_WINDOW_S
+        manual_away = user.presence == "away"
+        presence = "active" if online and not manual_away else "away"
+        last_activity = int(seen or 0)
     if user.id != call.me.id:
         return {"presence": presence}
     return {
@@ -904,13 +922,19 @@ def users_get_presence(api: WebApi, call: Call) -> dict[str, Any]:
         "online": online,
         "auto_away": not online and not manual_away,
         "manual_away": manual_away,
-        "last_activity": int(seen or 0),
+        "last_activity": last_activity,
     }
 
 
 @method("users.setPresence")
-def users_set_presence(api: WebApi, call: Call) -> dict[str, Any]:
-    api.publish(api.store.set_presence(call.me, str(call.args.get("presence") or "")))
+async def users_set_presence(api: WebApi, call: Call) -> dict[str, Any]:
+    """Persisted first (SQLite is the durable copy), then told to the user's presence
+    server, which pushes the change to watchers; if it cannot be told now, the webapp
+    re-sends every manual away when its link to that server comes back."""
+    presence = str(call.args.get("presence") or "")
+    api.publish(api.store.set_presence(call.me, presence))
+    if api.presence is not None:
+        await api.presence.set_manual(call.me.id, presence)
     return {}
 
 

@@ -33,6 +33,7 @@ from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
 from services import regions
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
+from webapp_stub.presence import PresenceClient
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
@@ -201,6 +202,9 @@ async def start_webapp(args: argparse.Namespace, *, discovery: DiscoveryLike | N
             store, handoff, gateways, metrics,
             secret=secret, rate_limit_per_minute=args.rate_limit_per_minute, region=getattr(args, "region", ""),
         )
+        api.presence = PresenceClient(disc, store.manual_away_users)  # users.get/setPresence (webapp_stub/presence.py)
+        api.presence.start()
+        stack.push_async_callback(api.presence.close)
 
         def health() -> dict[str, Any]:
             return {

@@ -12,8 +12,9 @@ missed, exactly once.
 
 Contract
 --------
-* A record is used at most once: ``claim`` hands each record to one
-  ``rtm.connect``; ``take`` removes it.
+* A record is used at most once: ``take`` (the bootstrap) removes it.
+  ``claim`` hands each record to one ``rtm.connect``, unless every record of
+  the user is claimed and not yet taken: then a retry gets the oldest again.
 * Records expire :data:`RESUME_TTL_S` after they were added, claimed or not.
   An expired or unknown record is simply absent: the connection starts at its
   bootstrap like a new one (and reads what it missed with history).
@@ -60,7 +61,7 @@ class ResumeBook:
         self.max_records = max_records
         self.clock = clock
         self._records: OrderedDict[str, ResumeRecord] = OrderedDict()  # oldest first: expiry order
-        self._pending: dict[str, deque[str]] = {}  # user -> unclaimed record ids, oldest first
+        self._pending: dict[str, deque[str]] = {}  # user -> record ids not yet taken, oldest first
 
     def __len__(self) -> int:
         return len(self._records)
@@ -76,19 +77,28 @@ class ResumeBook:
         return record.id
 
     def claim(self, user: str) -> str:
-        """The id of ``user``'s oldest unclaimed record, now claimed; "" if none."""
+        """The id of ``user``'s oldest unclaimed record, now claimed; "" if none.
+
+        With no unclaimed record left, the oldest claimed one that no
+        bootstrap has taken yet is handed out again: the ticket that claimed it
+        failed (expired, refused, the socket never opened), and the client is
+        retrying ``rtm.connect``; without the record it would skip what it
+        missed.
+        """
         self._expire()
         pending = self._pending.get(user)
-        while pending:
-            rid = pending.popleft()
+        if not pending:
+            return ""
+        fallback = ""
+        for rid in pending:
             record = self._records.get(rid)
-            if record is not None and not record.claimed:
+            if record is None:
+                continue
+            if not record.claimed:
                 record.claimed = True
-                if not pending:
-                    del self._pending[user]
                 return rid
-        self._pending.pop(user, None)
-        return ""
+            fallback = fallback or rid
+        return fallback
 
     def take(self, rid: str, user: str) -> dict[str, int] | None:
         """Remove and return the channels of record ``rid`` if it is live and ``user``'s."""
@@ -101,7 +111,7 @@ class ResumeBook:
 
     def _drop(self, rid: str) -> None:
         record = self._records.pop(rid, None)
-        if record is None or record.claimed:
+        if record is None:
             return
         pending = self._pending.get(record.user)
         if pending is not None:

@@ -533,6 +533,10 @@ class Store:
             shown = "away" if presence == "away" else "active"
             return [self._append_event(user.id, {"type": "manual_presence_change", "presence": shown})]
 
+    def manual_away_users(self) -> list[str]:
+        """Ids of every user set ``away`` by hand (re-sent to a presence server that starts empty)."""
+        return [row[0] for row in self.conn.execute("SELECT id FROM users WHERE presence = 'away'")]
+
     def auth(self, token: str) -> User | None:
         """The user a token belongs to, or None."""
         row = self.conn.execute(

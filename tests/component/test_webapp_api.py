@@ -609,13 +609,16 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
     ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time())
     assert ticket.resume == rid
-    _, connect = await webapp.call("rtm.connect", alice["token"])  # the record was claimed once
-    assert TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time()).resume == ""
+    # Claimed but not taken (as if that ticket failed): a retry gets the same record again.
+    _, connect = await webapp.call("rtm.connect", alice["token"])
+    assert TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time()).resume == rid
     _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})
     seqs = {c["id"]: c["seq"] for c in boot["channels"]}
     assert boot["resumed"] is True and seqs[general] == 1 and seqs[webapp.channel("random")] == 0
     _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})  # used up
     assert boot["resumed"] is False and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 4
+    _, connect = await webapp.call("rtm.connect", alice["token"])  # taken: nothing left to claim
+    assert TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time()).resume == ""
     for body, code in (
         ({"user": "UNOBODY", "channels": {}}, "user_not_found"),
         ({"user": alice["id"], "channels": [general]}, "invalid_arguments"),
@@ -627,5 +630,5 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     assert status == 403
     async with webapp.session.get(f"{webapp.url}/metrics") as resp:
         text = await resp.text()
-    for step, count in (("recorded", 1), ("claimed", 1), ("used", 1), ("expired", 1)):
+    for step, count in (("recorded", 1), ("claimed", 2), ("used", 1), ("expired", 1)):
         assert f'rtm_webapp_resumes_total{{step="{step}"}} {count}.0' in text, step

@@ -20,11 +20,15 @@ def test_claim_hands_out_the_oldest_record_once_and_take_consumes_it() -> None:
     assert first != second and len(book) == 2
     assert book.claim("U1") == first
     assert book.claim("U1") == second
-    assert book.claim("U1") == ""  # nothing left to claim
+    # Every record claimed, none taken: a retry (the first ticket failed) gets the oldest again.
+    assert book.claim("U1") == first
     assert book.take(first, "U2") is None  # not that user's record
     assert book.take(first, "U1") == {"C1": 5, "U1": 2}
     assert book.take(first, "U1") is None  # used once
     assert len(book) == 1
+    assert book.claim("U1") == second  # only the untaken one is left
+    assert book.take(second, "U1") == {"C1": 7}
+    assert book.claim("U1") == ""  # nothing left to claim
 
 
 def test_records_expire_claimed_or_not() -> None:

@@ -1,0 +1,524 @@
+"""Shared pieces of the benchmarks: the fleet, process accounting, load clients, output.
+
+* :class:`FleetRun` starts ``rtm up`` as a real process tree (exactly as a user
+  does) in a temporary data directory and always stops it.
+* :class:`ProcWatch` measures CPU-seconds (psutil user+system) and RSS of any
+  set of pids, and samples peak RSS in a thread.
+* :class:`LoadClients` runs ``bench.loadclient`` subprocesses (picows +
+  uvloop), each holding many websockets, controlled by JSON lines on stdin.
+* :func:`md_table`, :func:`save_json`, :func:`machine_info` for the reports.
+
+Everything here is bounded in time: every wait has a deadline, and every
+process started here is stopped (and, if it does not stop, killed) by the
+code that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+FLEET_READY_TIMEOUT_S = 180.0
+CLIENT_REPLY_TIMEOUT_S = 600.0
+
+
+# -- machine and limits ------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import uvloop
+
+        uv = uvloop.__version__
+    except ImportError:  # pragma: no cover
+        uv = ""
+    pkgs = {}
+    for name in ("picows", "websockets", "aiohttp", "msgpack"):
+        try:
+            pkgs[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - report what we can
+            pkgs[name] = "?"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "uvloop": uv,
+        "packages": pkgs,
+        "kernel": platform.release(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def raise_nofile(want: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE for this process (children inherit it): soft to the hard limit,
+    and the hard limit itself to ``want`` when allowed (root). Returns the new (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ValueError, OSError):
+            pass
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def free_port_base(span: int = 200, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """A base B such that ports B..B+span all bind now (for ``rtm up --port-base``)."""
+    for _ in range(attempts):
+        base = random.randrange(20000, 32000 - span)  # below the ephemeral range
+        socks = []
+        try:
+            for port in range(base, base + span):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no free range of {span} ports")
+
+
+def rtm_env(**extra: str) -> dict[str, str]:
+    env = {"RTM_RATE_LIMIT_PER_MINUTE": "0", "RTM_LOG_LEVEL": "WARNING"}
+    env.update(extra)
+    return env
+
+
+# -- the fleet -----------------------------------------------------------------------------------
+
+
+class FleetRun:
+    """``rtm up`` in a temporary data directory; use as a context manager (stops it always)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, keep_dir: bool = False) -> None:
+        self.args = list(args)
+        self.env = rtm_env(**(env or {}))
+        self.keep_dir = keep_dir
+        self.data_dir = Path(tempfile.mkdtemp(prefix="rtm-bench-"))
+        self.proc: Any = None
+        self.info: dict[str, Any] = {}
+        self.seed: dict[str, Any] = {}
+
+    def __enter__(self) -> FleetRun:
+        from services.launcher import rtm_argv, start
+
+        base = free_port_base()
+        argv = rtm_argv("up", "--data-dir", str(self.data_dir), "--port-base", str(base), *self.args)
+        started = time.monotonic()
+        try:
+            self.proc = start("rtm-up", argv, env=self.env, ready_timeout_s=FLEET_READY_TIMEOUT_S, cwd=str(REPO_ROOT))
+        except BaseException:
+            self._cleanup_dir()
+            raise
+        self.startup_s = time.monotonic() - started
+        self.info = json.loads((self.data_dir / "fleet.json").read_text())
+        self.seed = json.loads((self.data_dir / "seed.json").read_text())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        pids = [int(p["pid"]) for p in self.info.get("processes", [])]
+        if self.proc is not None:
+            try:
+                self.proc.stop(grace_s=60.0)
+            except Exception:  # noqa: BLE001 - fall through to the kill below
+                pass
+            self.proc = None
+        for pid in pids:  # anything rtm up failed to stop (it should not happen)
+            try:
+                p = psutil.Process(pid)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+            except psutil.Error:
+                pass
+        self._cleanup_dir()
+
+    def _cleanup_dir(self) -> None:
+        if not self.keep_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _flag(self, name: str, default: Any) -> Any:
+        if name in self.args:
+            return self.args[self.args.index(name) + 1]
+        return default
+
+    @property
+    def api_url(self) -> str:
+        return str(self.info["api_url"])
+
+    def processes(self, service: str | None = None) -> list[dict[str, Any]]:
+        return [p for p in self.info["processes"] if service is None or p["service"] == service]
+
+    def labelled_pids(self) -> dict[str, int]:
+        """Every fleet process by a short label (service/instance), plus the rtm up supervisor."""
+        out: dict[str, int] = {}
+        base = min(int(p["port"]) for p in self.info["processes"])  # dev Consul: port base + 0
+        actives = int(self._flag("--channel-servers", 3))
+        for p in sorted(self.info["processes"], key=lambda p: (p["service"], int(p["port"]))):
+            service, iid = p["service"], str(p["id"])
+            if service == "channel-server":
+                i = int(p["port"]) - base - 20
+                label = f"cs-{i}" + (" (spare)" if i >= actives else "")
+            elif service in ("consul-dev", "webapp") and service not in out:
+                label = service
+            else:
+                label = iid
+            if label in out:
+                label = f"{label} ({p['pid']})"
+            out[label] = int(p["pid"])
+        out["rtm up (supervisor)"] = int(self.info["supervisor_pid"])
+        return out
+
+
+# -- processes: CPU and memory -------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def rss_bytes(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def hwm_bytes(pid: int) -> int:
+    """Peak RSS since the process started (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class ProcWatch:
+    """CPU and RSS accounting for labelled pids."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self._peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, label: str, pid: int) -> None:
+        self.pids[label] = pid
+
+    def cpu(self) -> dict[str, float]:
+        """user+system CPU-seconds of each process so far."""
+        return {label: u + s for label, (u, s) in self.times().items()}
+
+    def times(self) -> dict[str, tuple[float, float]]:
+        """(user, system) CPU-seconds of each process so far (NaN if it is gone)."""
+        out = {}
+        for label, pid in self.pids.items():
+            try:
+                t = psutil.Process(pid).cpu_times()
+                out[label] = (float(t.user), float(t.system))
+            except psutil.Error:
+                out[label] = (float("nan"), float("nan"))
+        return out
+
+    def rss(self) -> dict[str, int]:
+        out = {}
+        for label, pid in self.pids.items():
+            try:
+                out[label] = rss_bytes(pid)
+            except psutil.Error:
+                out[label] = 0
+        return out
+
+    def hwm(self) -> dict[str, int]:
+        out = {}
+        for label, pid in self.pids.items():
+            try:
+                out[label] = hwm_bytes(pid)
+            except OSError:
+                out[label] = 0
+        return out
+
+    # peak RSS sampled in a thread, per measurement window
+    def start_peaks(self, interval_s: float = 0.25) -> None:
+        self.stop_peaks()
+        self._peak = self.rss()
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                for label, value in self.rss().items():
+                    if value > self._peak.get(label, 0):
+                        self._peak[label] = value
+
+        self._thread = threading.Thread(target=run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def stop_peaks(self) -> dict[str, int]:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+        return dict(self._peak)
+
+
+def system_busy_s() -> float:
+    """CPU-seconds the whole machine has been busy (all cores, all processes, kernel included)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq)
+
+
+class ForeignLoad:
+    """CPU used on this machine by processes we do not watch (other people's work on a shared box)."""
+
+    def __init__(self, watch: ProcWatch) -> None:
+        self.watch = watch
+        self.budget_s = 0.0
+
+    def mark(self) -> tuple[float, float]:
+        return system_busy_s(), sum(v for v in self.watch.cpu().values() if v == v)
+
+    @staticmethod
+    def since(mark: tuple[float, float], now: tuple[float, float]) -> float:
+        return max(0.0, (now[0] - mark[0]) - (now[1] - mark[1]))
+
+    async def wait_quiet(self, max_cores: float = 0.15, max_wait_s: float = 60.0, total_budget_s: float = 300.0) -> dict[str, float]:
+        """Wait (bounded) until others use less than ``max_cores`` over a 1 s window; report what was seen."""
+        waited = 0.0
+        while True:
+            m0, t0 = self.mark(), time.monotonic()
+            await asyncio.sleep(1.0)
+            cores = self.since(m0, self.mark()) / (time.monotonic() - t0)
+            if cores < max_cores or waited >= max_wait_s or self.budget_s >= total_budget_s:
+                return {"waited_s": waited, "foreign_cores_before": cores}
+            await asyncio.sleep(2.0)
+            waited += 3.0
+            self.budget_s += 3.0
+
+
+def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+# -- load clients ----------------------------------------------------------------------------------
+
+
+class LoadClient:
+    """One ``bench.loadclient`` subprocess: JSON line requests in, JSON line replies out."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+
+    async def start(self, env: dict[str, str] | None = None) -> None:
+        child_env = dict(os.environ)
+        child_env.update(env or {})
+        child_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.loadclient",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            cwd=str(REPO_ROOT), env=child_env, limit=64 * 1024 * 1024,
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def call(self, cmd: str, reply_timeout_s: float = CLIENT_REPLY_TIMEOUT_S, **fields: Any) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        async with self.lock:
+            self.proc.stdin.write((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), reply_timeout_s)
+        if not line:
+            raise RuntimeError(f"load client {self.index} exited (code {self.proc.returncode})")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok", False):
+            raise RuntimeError(f"load client {self.index}: {cmd} failed: {reply}")
+        return reply
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.returncode is None:
+                try:
+                    await self.call("quit", reply_timeout_s=30)
+                except Exception:  # noqa: BLE001 - killed below
+                    pass
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 15)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class LoadClients:
+    """Several load-client processes; use as an async context manager (always killed)."""
+
+    def __init__(self, count: int) -> None:
+        self.clients = [LoadClient(i) for i in range(count)]
+
+    async def __aenter__(self) -> LoadClients:
+        try:
+            for c in self.clients:
+                await c.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(c.stop() for c in self.clients), return_exceptions=True)
+
+    def pids(self) -> dict[str, int]:
+        return {f"load client {c.index}": c.pid for c in self.clients}
+
+    async def all(self, cmd: str, per_client: list[dict[str, Any]] | None = None, **fields: Any) -> list[dict[str, Any]]:
+        calls = []
+        for i, c in enumerate(self.clients):
+            extra = dict(fields)
+            if per_client is not None:
+                extra.update(per_client[i])
+            calls.append(c.call(cmd, **extra))
+        return list(await asyncio.gather(*calls))
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def save_json(name: str, data: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def save_text(name: str, text: str) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    path.write_text(text)
+    return path
+
+
+def plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    if x is None or x != x:  # None or NaN
+        return "–"
+    return f"{x:,.{digits}f}"
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def pyspy_available() -> str | None:
+    exe = Path(sys.executable).parent / "py-spy"
+    if exe.exists():
+        return str(exe)
+    return shutil.which("py-spy")
+
+
+def pyspy_top(pid: int, duration_s: int, out_path: Path, native: bool = False) -> list[tuple[str, float, float]]:
+    """Sample ``pid`` with py-spy for ``duration_s``; return the top functions by own and total share.
+
+    Writes the raw folded stacks to ``out_path``. Returns [(function, self %, total %)].
+    """
+    exe = pyspy_available()
+    if exe is None:
+        return []
+    argv = [exe, "record", "-p", str(pid), "-d", str(duration_s), "-r", "250", "-f", "raw", "-o", str(out_path), "--nonblocking"]
+    if native:
+        argv.append("--native")
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration_s + 60, check=False)
+    if not out_path.exists():
+        return []
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in out_path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        try:
+            n = int(count)
+        except ValueError:
+            continue
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        if not frames:
+            continue
+        samples += n
+        leaf = frames[-1]
+        own[leaf] = own.get(leaf, 0) + n
+        for f in set(frames):
+            total[f] = total.get(f, 0) + n
+    if not samples:
+        return []
+    top = sorted(own.items(), key=lambda kv: -kv[1])[:15]
+    return [(f, 100.0 * n / samples, 100.0 * total.get(f, 0) / samples) for f, n in top]

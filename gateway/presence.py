@@ -1,0 +1,571 @@
+"""A gateway's side of presence: report who is online here, watch what local clients look at.
+
+Two parts, as elsewhere in rtm: :class:`PresenceWatches` is the model (sans
+I/O: which local sessions watch which users, reference-counted; which users
+have connections here; what each watched user's presence was last said to
+be), and :class:`GatewayPresence` wires it to the presence servers.
+
+What the gateway does (see README, "Presence"):
+
+* It follows the presence ring (``rtm/ring/presence``) and keeps one
+  :class:`services.connection.PeerLink` per presence server (PS) in it, and
+  holds a lease at each (renewed :data:`LEASE_RENEWALS_PER_TTL` times per TTL).
+* A user's first connection on this gateway reports them ``online`` to the PS
+  that owns them; their last one closing reports ``offline``. Reports are
+  batched per PS (one flush per loop turn, at most every
+  :data:`FLUSH_INTERVAL_S`).
+* ``presence_sub`` replaces a session's watch set. The gateway subscribes
+  (``psub``) at the owning PSs for the union of the users its sessions watch,
+  once per user however many sessions watch them, and unsubscribes when the
+  last watcher goes. A session is answered with ``presence_change`` for the
+  users it added: at once when the gateway already knows their presence,
+  else when the PS answers the ``psub``.
+* Changes pushed by the PSs go only to the sessions that watch those users,
+  in Slack's shape: ``{"type": "presence_change", "user": U, "presence": P}``,
+  or ``{"type": "presence_change", "users": [...], "presence": P}`` when
+  several of a session's users changed to the same presence at once.
+* ``presence_query`` (at most :data:`MAX_QUERY_IDS` ids) is answered with
+  ``presence_change`` from what the gateway knows, else from the PSs.
+* Failover: when a link (re)connects, or the ring changes, the gateway
+  re-syncs with that PS: a new lease epoch, every local online user it owns,
+  every watched user it owns, then ``synced``. A new PS thus rebuilds within
+  a moment, and clients see correct presence without reconnecting (the
+  gateway forwards only what differs from what they last saw).
+* A stopping gateway reports nobody offline: its clients are moving to
+  another gateway, and its lease lapses in seconds anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.state import Session, text_frame
+from services.connection import PeerConnection, PeerLink
+from services.directory import RingFollower, ServiceDirectory
+from services.errors import ConnectionLost, PeerError, RequestTimeout, SendBufferFull
+from services.ring import PRESENCE_RING_KEY, RingDocument
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("rtm.gateway.presence")
+
+PRESENCE_SERVICE = "presence"
+MAX_QUERY_IDS = 500  # Slack's limit for presence_query
+# presence_sub has no documented limit in Slack; this bounds what one client
+# can make the gateway watch (a client shows far fewer users at once).
+MAX_SUB_IDS = 5000
+MAX_BATCH_USERS = 5000  # users per online/offline/psub frame (a re-sync sends several)
+# Reports and watches go out at the end of the loop turn, but at most once per
+# this interval: a lone change leaves at once, a storm in fewer, fuller frames.
+FLUSH_INTERVAL_S = 0.005
+# Sessions written presence_change per loop turn (~2-3 ms of work): a push for
+# more waits for the next turns, so channel events interleave with it.
+TELL_SLICE_SESSIONS = 256
+LEASE_RENEWALS_PER_TTL = 4
+DEFAULT_LEASE_TTL_S = 5.0  # until the first lease reply says otherwise
+REQUEST_TIMEOUT_S = 5.0
+# After a PS refuses users (not_owner), read the ring and re-sync after this:
+# the PS or we may have acted on an older ring for a moment.
+RESYNC_DELAY_S = 0.3
+JSON_SEPARATORS = (",", ":")
+# A session moved off a draining gateway reconnects elsewhere within a second
+# or two; its offline report waits this long, so the PS sees it online there first.
+MOVED_OFFLINE_DELAY_S = 5.0
+
+
+def presence_events(items: Iterable[tuple[str, str]]) -> list[bytes]:
+    """Slack's ``presence_change`` JSON for (user, presence) pairs: one event per
+    presence value, the ``users`` form when it names several users."""
+    by_presence: dict[str, list[str]] = {}
+    for user, presence in items:
+        by_presence.setdefault(presence, []).append(user)
+    events = []
+    for presence, users in by_presence.items():
+        if len(users) == 1:
+            body: dict[str, Any] = {"type": "presence_change", "user": users[0], "presence": presence}
+        else:
+            body = {"type": "presence_change", "users": users, "presence": presence}
+        events.append(json.dumps(body, separators=JSON_SEPARATORS).encode())
+    return events
+
+
+@dataclass
+class WatchEffects:
+    subscribe: list[str] = field(default_factory=list)  # first watcher here: psub at the owner
+    unsubscribe: list[str] = field(default_factory=list)  # last watcher gone: punsub
+    answer: list[tuple[str, str]] = field(default_factory=list)  # known already: tell the session now
+
+
+class PresenceWatches:
+    """Sans-I/O: local online counts and reference-counted watches."""
+
+    def __init__(self) -> None:
+        self.online: dict[str, int] = {}  # user -> connections on this gateway
+        self.watching: dict[Session, set[str]] = {}  # session -> the users it watches
+        self.watchers: dict[str, set[Session]] = {}  # user -> sessions watching (the reference count)
+        self.known: dict[str, str] = {}  # watched user -> presence last told to its watchers
+        self.waiting: dict[str, set[Session]] = {}  # watched user -> sessions not answered yet
+
+    # -- online ------------------------------------------------------------------------------
+    def connect(self, user: str) -> bool:
+        """A connection of ``user`` opened; True if it is their first here."""
+        count = self.online.get(user, 0)
+        self.online[user] = count + 1
+        return count == 0
+
+    def disconnect(self, user: str) -> bool:
+        """A connection of ``user`` closed; True if it was their last here."""
+        count = self.online.get(user, 0)
+        if count <= 1:
+            self.online.pop(user, None)
+            return count == 1
+        self.online[user] = count - 1
+        return False
+
+    # -- watches -----------------------------------------------------------------------------
+    def replace(self, session: Session, users: Iterable[str]) -> WatchEffects:
+        """``presence_sub``: ``session`` now watches exactly ``users``."""
+        effects = WatchEffects()
+        new = set(users)
+        old = self.watching.get(session, set())
+        for user in old - new:
+            self._unwatch(session, user, effects)
+        for user in sorted(new - old):
+            watchers = self.watchers.get(user)
+            if watchers is None:
+                self.watchers[user] = {session}
+                self.waiting.setdefault(user, set()).add(session)
+                effects.subscribe.append(user)
+                continue
+            watchers.add(session)
+            presence = self.known.get(user)
+            if presence is None:  # asked for, not answered yet
+                self.waiting.setdefault(user, set()).add(session)
+            else:
+                effects.answer.append((user, presence))
+        if new:
+            self.watching[session] = new
+        else:
+            self.watching.pop(session, None)
+        return effects
+
+    def drop(self, session: Session) -> WatchEffects:
+        """The session closed."""
+        return self.replace(session, ())
+
+    def _unwatch(self, session: Session, user: str, effects: WatchEffects) -> None:
+        watchers = self.watchers.get(user)
+        if watchers is None:
+            return
+        watchers.discard(session)
+        waiting = self.waiting.get(user)
+        if waiting is not None:
+            waiting.discard(session)
+        if not watchers:
+            del self.watchers[user]
+            self.known.pop(user, None)
+            self.waiting.pop(user, None)
+            effects.unsubscribe.append(user)
+
+    def apply(self, changes: Iterable[tuple[str, str]]) -> dict[Session, list[tuple[str, str]]]:
+        """A PS pushed presence (a change, or the state after a ``psub`` or a
+        re-sync): what to tell which session. Watchers hear of a user when the
+        presence differs from what they were last told; sessions still waiting
+        for a first answer hear it in any case."""
+        tell: dict[Session, list[tuple[str, str]]] = {}
+        for user, presence in changes:
+            watchers = self.watchers.get(user)
+            if not watchers:
+                continue  # unwatched meanwhile
+            waiting = self.waiting.pop(user, ())
+            targets = watchers if self.known.get(user) != presence else waiting
+            self.known[user] = presence
+            for session in targets:
+                tell.setdefault(session, []).append((user, presence))
+        return tell
+
+
+class GatewayPresence:
+    """The gateway's presence links, reports and subscriptions (owned by :class:`gateway.app.Gateway`)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.gw_id = gateway.instance_id
+        self.model = PresenceWatches()
+        self.present: set[int] = set()  # sids of attached sessions
+        self.follower = RingFollower(gateway.discovery, PRESENCE_RING_KEY, on_change=self.on_ring_change)
+        self.servers = ServiceDirectory(gateway.discovery, PRESENCE_SERVICE)
+        self.links: dict[str, PeerLink] = {}
+        # Sync epochs are unique across restarts of a gateway (a restarted
+        # gateway keeps its instance id, so its epochs must not repeat).
+        self.epochs = itertools.count(time.time_ns())
+        self.epoch_of: dict[str, int] = {}  # PS instance -> epoch of our current sync there
+        self.syncing: dict[str, int] = {}  # PS instance -> syncs in progress there
+        self.resyncing: set[str] = set()
+        self.rerouting: set[str] = set()
+        self.pending_report: dict[str, bool] = {}  # user -> online?
+        self.pending_watch: dict[str, bool] = {}  # user -> watch?
+        self.flush_scheduled = False
+        self.last_flush = 0.0
+        # presence_change writes waiting for their slice: (session, [(user, presence)], frame cache of its push)
+        self.telling: deque[tuple[Session, list[tuple[str, str]], dict[Any, list[bytes]]]] = deque()
+        self.tell_scheduled = False
+        self.lease_ttl_s = DEFAULT_LEASE_TTL_S
+        self.renew_task: asyncio.Task[None] | None = None
+        m = gateway.metrics
+        self.reports = m.counter("rtm_gw_presence_reports_total", "Users reported to presence servers", ["kind"])
+        self.updates_in = m.counter("rtm_gw_presence_updates_in_total", "Presence entries pushed by presence servers")
+        self.events_out = m.counter("rtm_gw_presence_events_out_total", "presence_change events written to clients")
+        self.sub_ops = m.counter("rtm_gw_presence_subscribe_total", "Users subscribed / unsubscribed at presence servers", ["kind"])
+        self.syncs = m.counter("rtm_gw_presence_syncs_total", "Full re-syncs with a presence server, by reason", ["reason"])
+        self.renewals = m.counter("rtm_gw_presence_lease_renewals_total", "Lease renewals by outcome", ["outcome"])
+        self.queries = m.counter("rtm_gw_presence_queries_total", "presence_query ids, by where the answer came from", ["source"])
+        m.gauge("rtm_gw_presence_watched_users", "Distinct users watched by this gateway's clients").set_function(
+            lambda: len(self.model.watchers)
+        )
+        m.gauge("rtm_gw_presence_watches", "(session, user) watch pairs").set_function(
+            lambda: sum(len(u) for u in self.model.watching.values())
+        )
+        m.gauge("rtm_gw_presence_online_users", "Users with a connection on this gateway").set_function(
+            lambda: len(self.model.online)
+        )
+        m.gauge("rtm_gw_presence_ring_version", "Version of the presence ring this gateway acts on").set_function(
+            lambda: self.follower.ring.version
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.follower.start()
+        self.servers.start()
+        self.renew_task = asyncio.create_task(self.renew_loop(), name="presence-lease-renewals")
+
+    async def close(self) -> None:
+        if self.renew_task is not None:
+            self.renew_task.cancel()
+            await asyncio.gather(self.renew_task, return_exceptions=True)
+        await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "presence_ring_version": self.follower.ring.version,
+            "presence_links": sum(1 for link in self.links.values() if link.connected),
+        }
+
+    # -- hooks from Gateway.handle_client ------------------------------------------------------------
+    def attached(self, session: Session) -> None:
+        self.present.add(session.sid)
+        if self.model.connect(session.user):
+            self.queue_report(session.user, True)
+
+    def detached(self, session: Session) -> None:
+        if session.sid not in self.present:
+            return  # closed before it was attached
+        self.present.discard(session.sid)
+        self.queue_watch(self.model.drop(session))
+        if not self.model.disconnect(session.user):
+            return
+        if self.gw.stopping:
+            return  # its clients move to other gateways; our lease lapses in seconds
+        drain = getattr(self.gw, "region_drain", None)
+        if drain is not None and drain.draining:
+            # Moved to another region: it is back there in a moment. Reporting
+            # it offline later spares its watchers an away-and-back flap.
+            asyncio.get_running_loop().call_later(MOVED_OFFLINE_DELAY_S, self._offline_if_gone, session.user)
+            return
+        self.queue_report(session.user, False)
+
+    def _offline_if_gone(self, user: str) -> None:
+        if user not in self.model.online:
+            self.queue_report(user, False)
+
+    # -- client frames (from gateway/client_messages.py) ------------------------------------------------
+    def subscribe(self, session: Session, ids: list[str]) -> None:
+        """``presence_sub``: replace the session's set; answer the users added."""
+        effects = self.model.replace(session, ids)
+        self.queue_watch(effects)
+        if effects.answer:
+            self.tell({session: effects.answer})
+
+    def query(self, session: Session, ids: list[str]) -> None:
+        """``presence_query``: answer from what we know, ask the PSs for the rest."""
+        known = [(u, self.model.known[u]) for u in ids if u in self.model.known]
+        unknown = [u for u in dict.fromkeys(ids) if u not in self.model.known]
+        self.queries.labels("gateway").inc(len(known))
+        if not unknown:
+            self.tell({session: known})
+            return
+        self.gw.spawn(self._query(session, known, unknown))
+
+    async def _query(self, session: Session, known: list[tuple[str, str]], unknown: list[str]) -> None:
+        by_owner: dict[str, list[str]] = {}
+        for user in unknown:
+            owner = self.follower.ring.owner_for(user)
+            if owner is not None:
+                by_owner.setdefault(owner, []).append(user)
+        replies = await asyncio.gather(
+            *(self.link_to(owner).request(
+                {"op": "query", "users": users, "rv": self.follower.ring.version}, REQUEST_TIMEOUT_S)
+              for owner, users in by_owner.items()),
+            return_exceptions=True,
+        )
+        answer = list(known)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                log.info("presence_query: a presence server did not answer: %s", reply)
+                self.queries.labels("failed").inc()
+                continue
+            found = [(str(u), str(p)) for u, p in reply.get("presence", [])]
+            self.queries.labels("server").inc(len(found))
+            answer.extend(found)
+        if answer and session.sid in self.gw.state.sessions:
+            self.tell({session: answer})
+
+    def tell(self, what: dict[Session, list[tuple[str, str]]]) -> None:
+        """Write presence_change events, in order, at most :data:`TELL_SLICE_SESSIONS`
+        sessions per loop turn: one push that concerns thousands of sessions (a storm,
+        a re-sync) never holds message delivery up for more than a slice.
+        Identical events of one push are encoded once."""
+        frames: dict[tuple[tuple[str, str], ...], list[bytes]] = {}
+        for session, items in what.items():
+            self.telling.append((session, items, frames))
+        if len(self.telling) <= TELL_SLICE_SESSIONS and not self.tell_scheduled:
+            self._write_told()
+        elif not self.tell_scheduled:
+            self.tell_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_told)
+
+    def _write_told(self) -> None:
+        self.tell_scheduled = False
+        written = 0
+        queue = self.telling
+        for _ in range(min(len(queue), TELL_SLICE_SESSIONS)):
+            session, items, frames = queue.popleft()
+            key = tuple(items)
+            encoded = frames.get(key)
+            if encoded is None:
+                encoded = frames[key] = [text_frame(e) for e in presence_events(items)]
+            for frame in encoded:
+                try:
+                    ok = session.write(frame)
+                except RuntimeError as exc:  # a socket half-closed under us: it is going anyway
+                    log.debug("presence_change to sid %s not written: %s", session.sid, exc)
+                    break
+                if ok:
+                    written += 1
+        if written:
+            self.events_out.inc(written)
+        if queue and not self.tell_scheduled:
+            self.tell_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_told)
+
+    # -- batching to the presence servers --------------------------------------------------------------
+    def queue_report(self, user: str, online: bool) -> None:
+        self.pending_report[user] = online
+        self.schedule_flush()
+
+    def queue_watch(self, effects: WatchEffects) -> None:
+        for user in effects.unsubscribe:
+            self.pending_watch[user] = False
+        for user in effects.subscribe:
+            self.pending_watch[user] = True
+        if effects.subscribe or effects.unsubscribe:
+            self.schedule_flush()
+
+    def schedule_flush(self) -> None:
+        """Flush at the end of this loop turn, or, if the last flush was less than
+        :data:`FLUSH_INTERVAL_S` ago, when that interval is up: immediate when
+        idle, and fewer, fuller batches under a storm of connects."""
+        if self.flush_scheduled:
+            return
+        self.flush_scheduled = True
+        loop = asyncio.get_running_loop()
+        wait_s = self.last_flush + FLUSH_INTERVAL_S - loop.time()
+        if wait_s > 0:
+            loop.call_later(wait_s, self.flush)
+        else:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send this turn's reports and watches, batched per PS. A PS whose link is
+        down gets nothing now: the re-sync after its reconnect carries everything."""
+        self.flush_scheduled = False
+        self.last_flush = asyncio.get_running_loop().time()
+        reports, self.pending_report = self.pending_report, {}
+        watches, self.pending_watch = self.pending_watch, {}
+        batches: dict[str, dict[str, list[str]]] = {}
+        ring = self.follower.ring
+        for user, online in reports.items():
+            owner = ring.owner_for(user)
+            if owner is not None:
+                batches.setdefault(owner, {}).setdefault("online" if online else "offline", []).append(user)
+        for user, watch in watches.items():
+            owner = ring.owner_for(user)
+            if owner is not None:
+                batches.setdefault(owner, {}).setdefault("psub" if watch else "punsub", []).append(user)
+        for owner, ops in batches.items():
+            conn = self.link_to(owner).conn
+            if conn is None or not conn.is_open:
+                continue
+            try:
+                for op in ("offline", "punsub", "online", "psub"):
+                    users = ops.get(op)
+                    if users:
+                        self._send_batches(conn, op, owner, users)
+            except (ConnectionLost, SendBufferFull):
+                continue  # the link reconnects and re-syncs
+        for kind in ("online", "offline"):
+            count = sum(1 for on in reports.values() if on == (kind == "online"))
+            if count:
+                self.reports.labels(kind).inc(count)
+        for kind in ("psub", "punsub"):
+            count = sum(1 for w in watches.values() if w == (kind == "psub"))
+            if count:
+                self.sub_ops.labels(kind).inc(count)
+
+    def _send_batches(self, conn: PeerConnection, op: str, owner: str, users: list[str], epoch: int | None = None) -> None:
+        if epoch is None:
+            epoch = self.epoch_of.get(owner, 0)
+        rv = self.follower.ring.version
+        for i in range(0, len(users), MAX_BATCH_USERS):
+            conn.send({"op": op, "gw": self.gw_id, "users": users[i : i + MAX_BATCH_USERS], "epoch": epoch, "rv": rv})
+
+    # -- links and syncs ------------------------------------------------------------------------------------
+    def link_to(self, owner: str) -> PeerLink:
+        link = self.links.get(owner)
+        if link is None:
+
+            async def on_connected(conn: PeerConnection) -> None:
+                await self.sync(owner, conn, "connect")
+
+            link = PeerLink(
+                f"{self.gw_id}->{owner}",
+                address=lambda: self.servers.address(owner),
+                factory=lambda: PeerConnection(name=f"{self.gw_id}->{owner}", on_push=self.on_push),
+                on_connected=on_connected,
+            )
+            link.start()
+            self.links[owner] = link
+        return link
+
+    async def sync(self, owner: str, conn: PeerConnection, reason: str) -> None:
+        """Re-report everything this PS owns in a new lease epoch (see presence/state.py).
+
+        The lease request is awaited; everything after it is written without a
+        pause, so no report can slip in between and be undone. Two syncs may
+        overlap on one connection: the PS honours only the newest epoch's
+        ``synced``, and the newest sync re-reports the latest state."""
+        self.syncs.labels(reason).inc()
+        epoch = next(self.epochs)
+        self.epoch_of[owner] = epoch
+        self.syncing[owner] = self.syncing.get(owner, 0) + 1
+        try:
+            reply = await conn.request(
+                {"op": "lease", "gw": self.gw_id, "epoch": epoch, "rv": self.follower.ring.version}, REQUEST_TIMEOUT_S
+            )
+            self.lease_ttl_s = float(reply.get("ttl_s", self.lease_ttl_s))
+            ring = self.follower.ring
+            online = [u for u in self.model.online if ring.owner_for(u) == owner]
+            watched = [u for u in self.model.watchers if ring.owner_for(u) == owner]
+            if online:
+                self._send_batches(conn, "online", owner, online, epoch)
+            if watched:
+                self._send_batches(conn, "psub", owner, watched, epoch)
+            conn.send({"op": "synced", "gw": self.gw_id, "epoch": epoch})
+            log.info("presence: synced with %s (%s): %d online, %d watched", owner, reason, len(online), len(watched))
+        finally:
+            left = self.syncing[owner] - 1
+            if left:
+                self.syncing[owner] = left
+            else:
+                del self.syncing[owner]
+
+    async def resync(self, owner: str, reason: str) -> None:
+        """Sync again over the current connection (ring change, lost lease, refusal);
+        requests for one PS made while one runs are folded into it."""
+        if owner in self.resyncing:
+            return
+        self.resyncing.add(owner)
+        try:
+            await asyncio.sleep(0)  # fold the requests of this loop turn into one
+            link = self.links.get(owner)
+            if link is None or not link.connected or link.conn is None:
+                return  # the link's own (re)connect syncs
+            await self.sync(owner, link.conn, reason)
+        except (ConnectionLost, RequestTimeout, PeerError, SendBufferFull) as exc:
+            log.info("presence: re-sync with %s failed (%s); the link re-syncs when it reconnects", owner, exc)
+        finally:
+            self.resyncing.discard(owner)
+
+    async def renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / LEASE_RENEWALS_PER_TTL)
+            for owner, link in list(self.links.items()):
+                if link.connected and owner not in self.syncing:
+                    self.gw.spawn(self.renew(owner, link))
+
+    async def renew(self, owner: str, link: PeerLink) -> None:
+        epoch = self.epoch_of.get(owner)
+        try:
+            reply = await link.request({"op": "lease", "gw": self.gw_id}, REQUEST_TIMEOUT_S)
+        except (ConnectionLost, RequestTimeout, PeerError) as exc:
+            self.renewals.labels("failed").inc()
+            log.debug("presence: lease renewal at %s failed: %s", owner, exc)
+            return
+        self.renewals.labels("ok").inc()
+        if int(reply.get("epoch", 0)) != epoch and self.epoch_of.get(owner) == epoch and owner not in self.syncing:
+            # The PS forgot us (our lease expired there, or it restarted): sync again.
+            log.warning("presence: %s no longer holds our lease; re-syncing", owner)
+            await self.resync(owner, "lease_lost")
+
+    def on_push(self, conn: PeerConnection, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "presence":
+            changes = [(str(u), str(p)) for u, p in msg["changes"]]
+            self.updates_in.inc(len(changes))
+            tell = self.model.apply(changes)
+            if tell:
+                self.tell(tell)
+        elif op == "not_owner":
+            owner = next((o for o, link in self.links.items() if link.conn is conn), None)
+            if owner is not None and owner not in self.rerouting:
+                self.rerouting.add(owner)
+                self.gw.spawn(self.reroute(owner))
+
+    async def reroute(self, owner: str) -> None:
+        """A PS refused users: one of us acts on an older ring. Read it, wait a moment, re-sync."""
+        try:
+            try:
+                await self.follower.refresh()
+            except Exception as exc:
+                log.warning("presence ring refresh failed: %s", exc)
+            await asyncio.sleep(RESYNC_DELAY_S)
+            self.ensure_links()
+            await self.resync(owner, "not_owner")
+        finally:
+            self.rerouting.discard(owner)
+
+    def ensure_links(self) -> None:
+        """A link to every PS in the ring; links to instances no longer in it are closed."""
+        owners = {o for o in self.follower.ring.doc.slots.values() if o}
+        for owner in owners:
+            self.link_to(owner)
+        for gone in [o for o in self.links if o not in owners]:
+            link = self.links.pop(gone)
+            self.epoch_of.pop(gone, None)
+            self.gw.spawn(link.close())
+
+    def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
+        before = set(self.links)
+        self.ensure_links()
+        if set(old.slots) != set(new.slots):  # slots added or removed: users moved between live servers
+            for owner in before & set(self.links):
+                self.gw.spawn(self.resync(owner, "ring"))

@@ -1,0 +1,7 @@
+"""python -m presence: run one Presence Server."""
+
+import sys
+
+from presence.app import main
+
+sys.exit(main())

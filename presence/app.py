@@ -1,0 +1,478 @@
+"""Presence Server: who is online, for the users its ring slot maps to; pushes changes
+only to the gateways that watch those users.
+
+Wiring only: the model is :class:`presence.state.PresenceTable`; this module
+connects it to msgpack sockets, the presence ring in Consul
+(``rtm/ring/presence``, managed by CHARM like the channel ring), and metrics.
+
+From gateways (every message carries ``gw``, the gateway's instance id; ``rv``
+is the sender's presence ring version):
+
+* ``lease`` request {gw, epoch?, rv?} -> ``{epoch, version, ttl_s}``: grant or
+  renew the gateway's lease (:data:`presence.state.LEASE_TTL_S`); with
+  ``epoch`` it starts a sync (the gateway re-reports everything next).
+* ``online`` / ``offline`` push {gw, users, epoch}: the gateway's first
+  connection of each user opened / its last one closed.
+* ``psub`` push {gw, users, epoch}: watch these users; answered with a
+  ``presence`` push of their current state. ``punsub`` push {gw, users}.
+* ``synced`` push {gw, epoch}: the sync is complete (see the state module).
+* ``release`` request {gw}: the gateway is gone; drop its users now.
+* ``query`` request {users} -> ``{presence: [[user, presence], ...], not_owner: [...]}``.
+
+From the webapp:
+
+* ``set_presence`` request {users: [[user, "auto"|"away"], ...]} -> ok
+  (``users.setPresence``; the webapp re-sends every manual ``away`` when it
+  connects, so a new server learns them).
+* ``get_presence`` request {user} -> ``{presence, online, manual_away,
+  last_activity}`` (``users.getPresence``).
+
+Pushes to gateways: ``{"op": "presence", "changes": [[user, presence], ...]}``
+(batched per event-loop turn, one frame per gateway), and ``{"op":
+"not_owner", "users": [...], "version": v}`` for reports of users this server
+does not own in its ring version; the gateway re-reads the ring and re-syncs.
+
+Ownership and fencing are the channel server's: a user is served only if the
+ring maps it here in our version, the peer's version is not newer, and our
+Consul lease has not lapsed. A server that takes over a slot rebuilds for
+:data:`REBUILD_GRACE_S` before it pushes anything (queries wait for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
+from services import wire
+from services.config import Parser, advertised, service_parser
+from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
+from services.directory import RingFollower
+from services.discovery import Discovery, fault_routes
+from services.errors import ConnectionLost, ErrorCode, SendBufferFull
+from services.metrics import ServiceMetrics, start_metrics_server
+from services.process import StopFn, run_main
+from services.ring import PRESENCE_RING_KEY, RingDocument
+
+log = logging.getLogger("rtm.presence")
+
+SERVICE = "presence"
+DEFAULT_PORT = 7500
+# How often expired gateway leases are looked for: a dead gateway's users go
+# away at most this long after its lease ends.
+LEASE_SWEEP_INTERVAL_S = 0.25
+# After taking over a slot, how long the new owner waits for the gateways and
+# the webapp to re-report before it pushes changes. They see the same ring
+# change within milliseconds (a Consul blocking query) and re-report at once;
+# this covers a slow link (re)connect. Queries wait for it too.
+REBUILD_GRACE_S = 1.5
+MAX_QUERY_USERS = 10_000
+# Pushes go out at the end of the loop turn, but at most once per this interval
+# per server: a lone change leaves at once, a storm in fewer, fuller frames.
+PUSH_INTERVAL_S = 0.005
+
+
+class PresenceServer:
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.instance_id = args.instance_id
+        self.table = PresenceTable(lease_ttl_s=args.lease_ttl_s)
+        self.gateways: dict[str, PeerConnection] = {}  # gateway id -> its connection
+        self.discovery = Discovery(args.consul)
+        self.follower = RingFollower(self.discovery, PRESENCE_RING_KEY, on_change=self.on_ring_change)
+        self.pending: dict[str, dict[str, str]] = {}  # gateway id -> user -> presence, flushed each loop turn
+        self.flush_scheduled = False
+        self.last_flush = 0.0
+        self.rebuilt = asyncio.Event()
+        self.rebuilt.set()
+        self.rebuild_task: asyncio.Task[None] | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
+        m = self.metrics
+        self.updates_in = m.counter("rtm_ps_updates_in_total", "Presence reports received, by kind", ["kind"])
+        self.updates_out = m.counter("rtm_ps_updates_out_total", "Presence entries pushed to gateways")
+        self.push_frames = m.counter("rtm_ps_push_frames_total", "presence frames written to gateways")
+        self.changes = m.counter("rtm_ps_changes_total", "Changes of a user's effective presence")
+        self.subscribes = m.counter("rtm_ps_subscribe_total", "Watch requests from gateways, by kind", ["kind"])
+        self.queries = m.counter("rtm_ps_queries_total", "Users asked about, by who asked", ["source"])
+        self.not_owner = m.counter("rtm_ps_not_owner_total", "Users refused because they are not owned here", ["op"])
+        self.lease_ops = m.counter("rtm_ps_lease_events_total", "Gateway lease events: granted, renewed, synced, expired, released", ["event"])
+        self.slow_gateways = m.counter("rtm_ps_slow_gateway_disconnects_total", "Gateways cut off for not reading")
+        m.gauge("rtm_ps_online_users", "Users online on at least one gateway").set_function(lambda: self.table.online_users)
+        m.gauge("rtm_ps_users", "Users held (online, manually away, or seen)").set_function(lambda: len(self.table.users))
+        m.gauge("rtm_ps_watched_users", "Users watched by at least one gateway").set_function(lambda: len(self.table.watchers))
+        m.gauge("rtm_ps_subscriptions", "(user, gateway) watch pairs").set_function(lambda: self.table.subscriptions)
+        m.gauge("rtm_ps_leases", "Gateway leases held").set_function(lambda: len(self.table.leases))
+        m.gauge("rtm_ps_gateways", "Gateways connected").set_function(lambda: len(self.gateways))
+        m.gauge("rtm_ring_version", "Version of the presence ring this process acts on").set_function(
+            lambda: self.follower.ring.version
+        )
+        m.gauge("rtm_ps_slots", "Ring slots this presence server owns").set_function(
+            lambda: len(self.follower.ring.doc.slots_of(self.instance_id))
+        )
+        m.gauge("rtm_ps_rebuilding", "1 while a newly taken slot is being rebuilt from the gateways").set_function(
+            lambda: 1 if self.table.rebuilding else 0
+        )
+        m.gauge("rtm_ps_fenced", "1 while this server refuses everything because its Consul lease lapsed").set_function(
+            lambda: 1 if self.is_fenced() else 0
+        )
+        self.role = args.role
+        self.registered_role = args.role
+        self.fenced = False
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stop_metrics: StopFn | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        args = self.args
+        self.server = await serve(args.host, args.port, self.make_connection)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        self.metrics_port, self._stop_metrics = await start_metrics_server(
+            args.host, args.metrics_port, self.metrics, self.health,
+            fault_routes(self.discovery) if args.debug_faults else None,
+        )
+        self.discovery.on_lease_restored = self.on_lease_restored
+        self.follower.start()
+        self.spawn(self.expire_loop())
+        address = advertised(args.host, args.advertise_host)
+        await self.discovery.register(
+            SERVICE,
+            self.instance_id,
+            address,
+            self.port,
+            tags=[f"role={self.role}"],
+            meta={"metrics_port": str(self.metrics_port)},
+            ttl_s=args.ttl_s,
+        )
+        log.info("presence server %s serving on %s:%s", self.instance_id, address, self.port)
+        return {
+            "service": SERVICE,
+            "id": self.instance_id,
+            "host": address,
+            "port": self.port,
+            "metrics_port": self.metrics_port,
+        }
+
+    async def stop(self) -> None:
+        await self.discovery.close()
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for conn in list(self.gateways.values()):
+            conn.close()
+        if self._stop_metrics is not None:
+            await self._stop_metrics()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ring_version": self.follower.ring.version,
+            "online_users": self.table.online_users,
+            "watched_users": len(self.table.watchers),
+            "leases": len(self.table.leases),
+            "gateways": len(self.gateways),
+            "consul": self.discovery.consul_ok,
+            "role": self.role,
+            "rebuilding": self.table.rebuilding,
+            "fenced": self.is_fenced(),
+        }
+
+    async def expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SWEEP_INTERVAL_S)
+            gone, pushes = self.table.expire()
+            if gone:
+                log.warning("gateway lease expired: %s; their users are offline", ", ".join(gone))
+                self.lease_ops.labels("expired").inc(len(gone))
+                self.push(pushes)
+
+    # -- ownership and fencing (as the channel server) ------------------------------------
+    def is_fenced(self) -> bool:
+        if self.discovery.lease_lapsed(self.args.ttl_s):
+            if not self.fenced:
+                log.error("Consul lease lapsed: refusing every user until the ring is re-read")
+                self.fenced = True
+        return self.fenced
+
+    async def on_lease_restored(self) -> None:
+        try:
+            await self.follower.refresh()
+        except Exception as exc:
+            log.warning("ring refresh after the lease came back failed: %s", exc)
+            return
+        if self.fenced:
+            log.warning("Consul lease restored and ring v%s re-read: serving again", self.follower.ring.version)
+        self.fenced = False
+        if self.registered_role != self.role:
+            await self._retag()
+
+    def owned(self, users: list[str], peer_version: int) -> tuple[list[str], list[str]]:
+        """Split ``users`` into (owned here, refused)."""
+        ring = self.follower.ring
+        if peer_version > ring.version:
+            self.spawn(self._refresh_quietly())
+            return [], users
+        if self.is_fenced():
+            return [], users
+        me = self.instance_id
+        owned: list[str] = []
+        refused: list[str] = []
+        for user in users:
+            (owned if ring.owner_for(user) == me else refused).append(user)
+        return owned, refused
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.follower.refresh()
+        except Exception as exc:
+            log.debug("ring refresh failed: %s", exc)
+
+    # -- pushes ------------------------------------------------------------------------------
+    def push(self, pushes: Pushes) -> None:
+        """Queue changes for their gateways; written at the end of the loop turn (at most
+        every :data:`PUSH_INTERVAL_S`), one frame per gateway."""
+        if not pushes:
+            return
+        merge(self.pending, pushes)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            loop = asyncio.get_running_loop()
+            wait_s = self.last_flush + PUSH_INTERVAL_S - loop.time()
+            if wait_s > 0:
+                loop.call_later(wait_s, self.flush)
+            else:
+                loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        self.last_flush = asyncio.get_running_loop().time()
+        pending, self.pending = self.pending, {}
+        for gw, changes in pending.items():
+            conn = self.gateways.get(gw)
+            if conn is None:
+                continue  # not connected: it re-syncs (and gets the state) when it is back
+            try:
+                conn.send({"op": "presence", "changes": [[u, p] for u, p in changes.items()]})
+            except (ConnectionLost, SendBufferFull):
+                continue
+            self.updates_out.inc(len(changes))
+            self.push_frames.inc()
+
+    def _count_changes(self, before: int) -> None:
+        done = self.table.stats.changes - before
+        if done:
+            self.changes.inc(done)
+
+    # -- connections ------------------------------------------------------------------------------
+    def make_connection(self) -> PeerConnection:
+        return PeerConnection(
+            name=f"{self.instance_id}<-peer",
+            on_request=self.handle_request,
+            on_push=self.handle_push,
+            on_close=self.on_connection_closed,
+            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+            max_send_buffer_bytes=self.args.max_gateway_buffer_bytes,
+        )
+
+    def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
+        gw = conn.state.get("gw")
+        if gw is None or self.gateways.get(gw) is not conn:
+            return
+        del self.gateways[gw]
+        if isinstance(reason, SendBufferFull):
+            self.slow_gateways.inc()
+        # Its users stay online until its lease expires: a gateway that lost
+        # its link for a moment reconnects and re-syncs without a flap.
+        log.info("gateway %s disconnected (%s); its lease runs on", gw, reason)
+
+    def _gateway(self, conn: PeerConnection, msg: dict[str, Any]) -> str:
+        gw = str(msg["gw"])
+        if conn.state.get("gw") != gw:
+            previous = self.gateways.get(gw)
+            if previous is not None and previous is not conn:
+                previous.state.pop("gw", None)  # a reconnect (or a restarted gateway) replaced it
+                previous.close()
+            conn.state["gw"] = gw
+            self.gateways[gw] = conn
+        return gw
+
+    def handle_push(self, conn: PeerConnection, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        before = self.table.stats.changes
+        if op in ("online", "psub"):
+            gw = self._gateway(conn, msg)
+            users = [str(u) for u in msg["users"]]
+            epoch = int(msg.get("epoch", 0))
+            owned, refused = self.owned(users, int(msg.get("rv", 0)))
+            if refused:
+                self.not_owner.labels(op).inc(len(refused))
+                try:
+                    conn.send({"op": "not_owner", "users": refused, "version": self.follower.ring.version})
+                except (ConnectionLost, SendBufferFull):
+                    pass
+            if op == "online":
+                self.updates_in.labels("online").inc(len(owned))
+                self.push(self.table.online(gw, owned, epoch))
+            else:
+                self.subscribes.labels("psub").inc(len(owned))
+                state = self.table.subscribe(gw, owned, epoch)
+                if state:
+                    self.push({gw: state})
+        elif op == "offline":
+            gw = self._gateway(conn, msg)
+            users = [str(u) for u in msg["users"]]
+            self.updates_in.labels("offline").inc(len(users))
+            self.push(self.table.offline(gw, users))
+        elif op == "punsub":
+            gw = self._gateway(conn, msg)
+            users = [str(u) for u in msg["users"]]
+            self.subscribes.labels("punsub").inc(len(users))
+            self.table.unsubscribe(gw, users)
+        elif op == "synced":
+            gw = self._gateway(conn, msg)
+            self.lease_ops.labels("synced").inc()
+            self.push(self.table.synced(gw, int(msg["epoch"])))
+        else:
+            self.metrics.error("unknown_op")
+            log.debug("ignoring push %s from %s", op, conn.peer)
+        self._count_changes(before)
+
+    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
+        op = msg["op"]
+        request_id = int(msg["id"])
+        try:
+            if op == "lease":
+                return self.handle_lease(conn, request_id, msg)
+            if op == "query":
+                return self.handle_query(request_id, msg)
+            if op == "get_presence":
+                return self.handle_get_presence(request_id, msg)
+            if op == "set_presence":
+                return self.handle_set_presence(request_id, msg)
+            if op == "release":
+                gw = self._gateway(conn, msg)
+                self.lease_ops.labels("released").inc()
+                before = self.table.stats.changes
+                self.push(self.table.release(gw))
+                self._count_changes(before)
+                return wire.reply_ok(request_id)
+            if op == "ping":
+                return wire.reply_ok(request_id, version=self.follower.ring.version)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.metrics.error("bad_request")
+            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"malformed {op}: {exc!r}")
+        self.metrics.error("unknown_op")
+        return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+
+    def handle_lease(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        gw = self._gateway(conn, msg)
+        if int(msg.get("rv", 0)) > self.follower.ring.version:
+            self.spawn(self._refresh_quietly())
+        epoch = msg.get("epoch")
+        known = gw in self.table.leases
+        before = self.table.stats.changes
+        current, pushes = self.table.lease(gw, None if epoch is None else int(epoch))
+        self._count_changes(before)
+        self.push(pushes)
+        self.lease_ops.labels("renewed" if known and epoch is None else "granted").inc()
+        return wire.reply_ok(request_id, epoch=current, version=self.follower.ring.version, ttl_s=self.table.lease_ttl_s)
+
+    async def handle_query(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        users = [str(u) for u in msg["users"]][:MAX_QUERY_USERS]
+        await self.rebuilt.wait()
+        owned, refused = self.owned(users, int(msg.get("rv", 0)))
+        self.queries.labels("gateway").inc(len(owned))
+        if refused:
+            self.not_owner.labels("query").inc(len(refused))
+        return wire.reply_ok(request_id, presence=self.table.query(owned), not_owner=refused, version=self.follower.ring.version)
+
+    async def handle_get_presence(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        user = str(msg["user"])
+        await self.rebuilt.wait()
+        owned, _ = self.owned([user], int(msg.get("rv", 0)))
+        if not owned:
+            self.not_owner.labels("get_presence").inc()
+            return wire.reply_err(request_id, ErrorCode.NOT_OWNER, user, version=self.follower.ring.version)
+        self.queries.labels("webapp").inc()
+        details = self.table.details(user)
+        changed_at = details.pop("changed_at")
+        # The table's clock is monotonic; Slack's last_activity is unix seconds.
+        last = 0 if changed_at is None else int(time.time() - (time.monotonic() - float(changed_at)))  # type: ignore[arg-type]
+        return wire.reply_ok(request_id, last_activity=last, **details)
+
+    def handle_set_presence(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        pairs = [(str(u), str(m)) for u, m in msg["users"]]
+        owned, refused = self.owned([u for u, _ in pairs], int(msg.get("rv", 0)))
+        mine = set(owned)
+        before = self.table.stats.changes
+        for user, manual in pairs:
+            if user in mine:
+                self.push(self.table.set_manual(user, manual))
+        self._count_changes(before)
+        self.updates_in.labels("manual").inc(len(mine))
+        if refused:
+            self.not_owner.labels("set_presence").inc(len(refused))
+        return wire.reply_ok(request_id, not_owner=refused, version=self.follower.ring.version)
+
+    # -- ring changes ------------------------------------------------------------------------------
+    def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
+        mine_before = set(old.slots_of(self.instance_id))
+        mine = set(new.slots_of(self.instance_id))
+        role = "active" if mine else "spare"
+        if role != self.role:
+            log.warning("presence ring v%s: now %s (slots %s)", new.version, role, sorted(mine) or "none")
+            self.role = role
+            self.spawn(self._retag())
+        ring = self.follower.ring
+        dropped = self.table.forget(lambda user: ring.owner_for(user) == self.instance_id)
+        if dropped:
+            log.info("presence ring v%s moved %d users away from %s", new.version, dropped, self.instance_id)
+        if mine - mine_before:
+            self.begin_rebuild(sorted(mine - mine_before))
+
+    def begin_rebuild(self, slots: list[str]) -> None:
+        log.warning("took over %s: rebuilding from the gateways for %.1fs", ", ".join(slots), REBUILD_GRACE_S)
+        self.table.start_rebuild()
+        self.rebuilt.clear()
+        if self.rebuild_task is not None:
+            self.rebuild_task.cancel()
+        self.rebuild_task = self.spawn(self._end_rebuild())
+
+    async def _end_rebuild(self) -> None:
+        await asyncio.sleep(REBUILD_GRACE_S)
+        self.push(self.table.end_rebuild())
+        self.rebuilt.set()
+        log.info("rebuild done: %d users online, %d watched", self.table.online_users, len(self.table.watchers))
+
+    async def _retag(self) -> None:
+        role = self.role
+        try:
+            await self.discovery.retag(self.instance_id, [f"role={role}"])
+            self.registered_role = role
+        except Exception as exc:  # retried when the Consul lease comes back
+            log.warning("re-registering as %s failed: %s", role, exc)
+
+
+def build_parser() -> Parser:
+    parser = service_parser("rtm presence", "Run one Presence Server.", DEFAULT_PORT)
+    parser.add("--role", "active", "registered role tag: active or spare")
+    parser.add("--lease-ttl-s", LEASE_TTL_S, "seconds a gateway's users stay online after its last lease renewal")
+    parser.add("--debug-faults", False, "serve POST /debug/consul-partition on the metrics port (tests only)")
+    parser.add("--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(args, "ps", PresenceServer)

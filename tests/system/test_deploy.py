@@ -1,0 +1,549 @@
+"""deploy/: what CI can check without a Docker engine (none runs on the development
+machines or in CI), plus the fleet-side promises the deployment relies on.
+
+Static checks (no processes):
+  * the compose file: `docker-compose -f deploy/docker-compose.yml config` when a
+    docker-compose (or `docker compose`) binary exists; always, with PyYAML, its
+    structure: every service has a health check and a restart policy, Consul is
+    the official hashicorp/consul image as one server agent, every rtm service
+    points CONSUL_HTTP_ADDR and RTM_CONSUL at it, binds 0.0.0.0 and advertises its
+    own service name (replicated services: their container hostname), the fleet
+    has the processes the issue asks for, and every rtm command line parses with
+    that command's own flag parser;
+  * the Dockerfile: slim Python base, non-root user, uvloop, entry point `rtm`,
+    every package copied;
+  * envoy.yaml: Envoy's v3 API (field names and types), TLS on the edge listener, `/api/` to the webapp, and for
+    every gateway a websocket-upgrade route matching the --public-url it advertises;
+  * prometheus.yml: Consul SD on the consul service naming every registered service,
+    the metrics_port meta relabelled into the scrape address (and promtool, when
+    installed, checks the rest of the file);
+  * Grafana provisioning: the datasource uid the dashboard uses, the dashboard path
+    the compose file mounts;
+  * gen-cert.sh makes a certificate openssl accepts, and the shared secret.
+
+Running fleet (`rtm up --host 127.0.1.2 --port-base <random>`; 127.0.0.0/8 is all
+loopback on Linux), with JSON logs at DEBUG:
+  * nothing assumes 127.0.0.1: a posted message reaches a websocket client, and every
+    address in fleet.json, in rtm.connect's URL and in Consul is 127.0.1.2;
+  * every metric the Grafana dashboard queries is exposed by some process's /metrics;
+  * Prometheus' relabelling, applied to what Consul really holds, yields a scrape
+    address serving /metrics for every registered process;
+  * one message can be followed across processes by its `eid` in the JSON logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.cli import COMMANDS
+from tests.support import async_wait_until, free_port_base
+from tests.system.harness import Fleet, consul_client
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+ENVOY = DEPLOY / "envoy.yaml"
+PROMETHEUS = DEPLOY / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rtm.json"
+# Not the default 127.0.0.1, and loopback without any setup (all of 127.0.0.0/8 is, on
+# Linux); not 127.0.0.x either, which bench/connections.py uses as client source addresses.
+ELSEWHERE = "127.0.1.2"
+# The Consul service names the processes register under (each app's SERVICE).
+SERVICE_MODULES = ("webapp_stub.app", "admin_server.app", "channel_server.app", "gateway.app", "charm.app", "presence.app")
+
+
+def registered_names() -> set[str]:
+    return {importlib.import_module(m).SERVICE for m in SERVICE_MODULES}
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} / ${VAR:?err} with the defaults (what `config` shows with an empty env)."""
+    return re.sub(r"\$\{(\w+)(?::?[-?]([^}]*))?\}", lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+
+
+def compose() -> dict[str, Any]:
+    return dict(load_yaml(COMPOSE))
+
+
+def rtm_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: svc for name, svc in doc["services"].items()
+        if (svc.get("build") or {}).get("dockerfile") == "deploy/Dockerfile"
+    }
+
+
+def rtm_argvs(svc: dict[str, Any]) -> list[list[str]]:
+    """The `rtm ...` command lines a service runs (its command, or each `rtm` in its sh -c script)."""
+    command = svc["command"]
+    entry = svc.get("entrypoint")
+    if entry and entry[0].endswith("sh"):
+        argvs = []
+        for part in re.split(r"&&|;", interpolate(" ".join(command))):
+            words = [w for w in shlex.split(part) if not w.startswith(">")]
+            if words and words[0] == "exec":
+                words = words[1:]
+            assert words and words[0] == "rtm", part
+            argvs.append(words[1:])
+        return argvs
+    return [[interpolate(str(a)) for a in command]]
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+# -- (a) the compose file ----------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_for_docker_compose() -> None:
+    """`docker-compose config` (Debian's docker-compose package, or the docker compose plugin) accepts it."""
+    env = {**os.environ, "RTM_SECRET": "ci-secret"}
+    if shutil.which("docker-compose"):
+        cmd = ["docker-compose", "-f", str(COMPOSE), "config", "-q"]
+    elif shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        cmd = ["docker", "compose", "-f", str(COMPOSE), "config", "-q"]
+    else:
+        pytest.skip("no docker-compose binary here: the structural checks below still run")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # and it refuses to run without the shared secret rather than using a default one
+    env.pop("RTM_SECRET")
+    env["RTM_SECRET"] = ""
+    assert subprocess.run(cmd, capture_output=True, env=env, timeout=60).returncode != 0
+
+
+def test_compose_structure() -> None:
+    """Health checks, restart policies, real Consul, addresses, and the fleet's shape."""
+    doc = compose()
+    services = doc["services"]
+    for name, svc in services.items():
+        assert svc.get("restart") in ("always", "unless-stopped", "on-failure"), f"{name}: no restart policy"
+        check = svc.get("healthcheck") or {}
+        assert check.get("test") and not check.get("disable"), f"{name}: no health check"
+    consuls = [n for n, s in services.items() if str(s.get("image", "")).startswith("hashicorp/consul:")]
+    assert consuls == ["consul"], consuls
+    consul_cmd = services["consul"]["command"]
+    assert consul_cmd[0] == "agent" and "-server" in consul_cmd and "-bootstrap-expect=1" in consul_cmd
+    assert "-client=0.0.0.0" in consul_cmd
+
+    rtm = rtm_services(doc)
+    assert rtm, "no service built from deploy/Dockerfile"
+    roles: dict[str, list[str]] = {}
+    regions: set[str] = set()
+    for name, svc in rtm.items():
+        env = svc["environment"]
+        assert env["CONSUL_HTTP_ADDR"] == env["RTM_CONSUL"] == "consul:8500", name
+        assert svc["depends_on"]["consul"]["condition"] == "service_healthy", name
+        argv = rtm_argvs(svc)[-1]  # the long-running one
+        command = argv[0]
+        assert flag(argv, "--host") == "0.0.0.0", f"{name} must bind 0.0.0.0 in its container"
+        advertise = flag(argv, "--advertise-host")
+        replicas = (svc.get("deploy") or {}).get("replicas", 1)
+        if advertise is not None:
+            assert advertise == name and replicas == 1, f"{name} advertises {advertise}"
+        else:  # a scalable service: each replica registers its own container hostname and a generated id
+            assert flag(argv, "--instance-id") is None, f"{name}: replicas would share an instance id"
+        count = replicas
+        role = flag(argv, "--role") or "active"
+        roles.setdefault(f"{command}/{role}", []).extend([name] * count)
+        if command == "gateway":
+            regions.add(str(flag(argv, "--region")))
+            assert env.get("RTM_SECRET"), f"{name} needs the shared secret"
+    assert len(roles["admin-server/active"]) == 2, roles
+    assert len(roles["channel-server/active"]) == 3 and len(roles["channel-server/spare"]) == 1, roles
+    assert len(roles["presence/active"]) == 2 and len(roles["presence/spare"]) == 1, roles
+    assert len(roles["charm/active"]) == 2, roles
+    assert len(roles["webapp/active"]) == 1, roles
+    assert len(regions) >= 2, regions
+    charm_slots = {(flag(a, "--channel-slots"), flag(a, "--presence-slots"))
+                   for s in rtm.values() for a in rtm_argvs(s) if a[0] == "charm"}
+    assert charm_slots == {("3", "2")}, charm_slots
+
+    webapp = rtm["webapp"]
+    assert webapp["environment"].get("RTM_SECRET"), "the webapp needs the shared secret"
+    data_dir = flag(rtm_argvs(webapp)[-1], "--data-dir")
+    assert any(v.split(":")[1] == data_dir for v in webapp["volumes"]), "the webapp's data dir must be a volume"
+    assert webapp["volumes"][0].split(":")[0] in (doc.get("volumes") or {}), "a named volume"
+
+    edge = next(s for s in services.values() if str(s.get("image", "")).startswith("envoyproxy/envoy:"))
+    assert any(v.startswith("./envoy.yaml:") for v in edge["volumes"])
+    assert any(v.startswith("./certs:/etc/envoy/certs") for v in edge["volumes"])
+    prom = next(s for s in services.values() if str(s.get("image", "")).startswith("prom/prometheus:"))
+    assert any(v.startswith("./prometheus.yml:") for v in prom["volumes"])
+    graf = next(s for s in services.values() if str(s.get("image", "")).startswith("grafana/"))
+    assert any(v.startswith("./grafana/provisioning:/etc/grafana/provisioning") for v in graf["volumes"])
+    assert any(v.startswith("./grafana/dashboards:/etc/grafana/dashboards") for v in graf["volumes"])
+
+
+def test_every_rtm_command_line_parses() -> None:
+    """Each service's `rtm <command> ...` is a real command whose parser accepts every flag given."""
+    for name, svc in rtm_services(compose()).items():
+        for argv in rtm_argvs(svc):
+            assert argv[0] in COMMANDS, f"{name}: unknown rtm command {argv[0]}"
+            module = importlib.import_module(COMMANDS[argv[0]][0])
+            try:
+                module.build_parser().parse_args(argv[1:])
+            except SystemExit as exc:  # argparse's way of refusing a flag
+                raise AssertionError(f"{name}: `rtm {' '.join(argv)}` does not parse") from exc
+
+
+def test_dockerfile() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert bases and all(re.fullmatch(r"python:3\.(1[1-9])-slim", b) for b in bases), bases
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+    assert re.search(r"pip install \. uvloop", text), "install the package with uvloop"
+    assert re.search(r'^ENTRYPOINT \["rtm"\]', text, re.M)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    packages = re.findall(r'"(\w+)\*"', pyproject.split("[tool.setuptools.packages.find]")[1])
+    for package in packages:
+        assert re.search(rf"^COPY {package} \./{package}$", text, re.M), f"{package} is not copied into the image"
+    assert "HEALTHCHECK" in text
+
+
+# -- (b) the edge ------------------------------------------------------------------------------
+
+
+def edge_routes(doc: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    listener = next(listener for listener in doc["static_resources"]["listeners"] if listener["name"] == "edge_https")
+    chain = listener["filter_chains"][0]
+    hcm = chain["filters"][0]["typed_config"]
+    routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    return chain, routes
+
+
+def cluster_endpoint(doc: dict[str, Any], name: str) -> tuple[str, int]:
+    cluster = next(c for c in doc["static_resources"]["clusters"] if c["name"] == name)
+    sock = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    return str(sock["address"]), int(sock["port_value"])
+
+
+def test_envoy_routes_for_the_webapp_and_every_gateway() -> None:
+    doc = load_yaml(ENVOY)
+    chain, routes = edge_routes(doc)
+    tls = chain["transport_socket"]["typed_config"]
+    assert tls["@type"].endswith("tls.v3.DownstreamTlsContext")
+    cert = tls["common_tls_context"]["tls_certificates"][0]
+    assert cert["certificate_chain"]["filename"] == "/etc/envoy/certs/edge.crt"
+    assert cert["private_key"]["filename"] == "/etc/envoy/certs/edge.key"
+    clusters = {c["name"] for c in doc["static_resources"]["clusters"]}
+    assert all(r["route"]["cluster"] in clusters for r in routes)
+    assert not any(r["match"].get("prefix", "").startswith("/internal") for r in routes), "internal endpoints stay inside"
+    api = [r for r in routes if r["match"].get("prefix") == "/api/"]
+    assert len(api) == 1 and not api[0]["route"].get("upgrade_configs")
+    rtm = rtm_services(compose())
+    assert cluster_endpoint(doc, api[0]["route"]["cluster"]) == ("webapp", int(flag(rtm_argvs(rtm["webapp"])[-1], "--port") or 0))
+
+    gateways = {name: rtm_argvs(svc)[-1] for name, svc in rtm.items() if rtm_argvs(svc)[-1][0] == "gateway"}
+    assert gateways
+    for name, argv in gateways.items():
+        public = str(flag(argv, "--public-url"))
+        assert public.startswith("wss://"), f"{name}: clients must get the edge's TLS URL, not {public}"
+        path = "/" + public.split("://", 1)[1].split("/", 1)[1].rstrip("/") + "/"
+        route = next((r for r in routes if r["match"].get("prefix") == path), None)
+        assert route is not None, f"no edge route for {name}'s public URL {public}"
+        assert route["route"].get("prefix_rewrite") == "/", "the gateway serves /ws/<ticket>"
+        assert {"upgrade_type": "websocket"} in route["route"]["upgrade_configs"]
+        assert route["route"].get("timeout") in ("0s", 0), "no response timeout on a websocket"
+        assert cluster_endpoint(doc, route["route"]["cluster"]) == (name, int(flag(argv, "--port") or 0))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # envoy-data-plane's pydantic validators, at import
+def test_envoy_config_matches_envoys_v3_api() -> None:
+    """Every field name and type in envoy.yaml, typed_config extensions included, is Envoy's
+    v3 API (envoy-data-plane: Envoy's protos as Python messages; unknown fields are refused)."""
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+
+    text = ENVOY.read_text()
+    for type_url in set(re.findall(r"type\.googleapis\.com/([\w.]+)", text)):
+        importlib.import_module("envoy_data_plane." + type_url.rsplit(".", 1)[0])  # registers the message type
+    doc = yaml.safe_load(text)
+    Bootstrap().from_dict(doc)
+    broken = yaml.safe_load(text)
+    broken["static_resources"]["clusters"][0]["conect_timeout"] = "1s"
+    with pytest.raises(KeyError):  # the check has teeth
+        Bootstrap().from_dict(broken)
+
+
+def test_gen_cert_makes_a_certificate_and_the_secret(tmp_path: Path) -> None:
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl here")
+    env = {**os.environ, "CERT_DIR": str(tmp_path / "certs"), "ENV_FILE": str(tmp_path / ".env"), "RTM_EDGE_HOST": "rtm.test"}
+    subprocess.run(["sh", str(DEPLOY / "gen-cert.sh")], check=True, env=env, capture_output=True, timeout=60)
+    crt, key = tmp_path / "certs" / "edge.crt", tmp_path / "certs" / "edge.key"
+    out = subprocess.run(["openssl", "x509", "-in", str(crt), "-noout", "-subject", "-ext", "subjectAltName"],
+                         check=True, capture_output=True, text=True).stdout
+    assert "rtm.test" in out and "localhost" in out
+    pub_crt = subprocess.run(["openssl", "x509", "-in", str(crt), "-noout", "-pubkey"], check=True, capture_output=True).stdout
+    pub_key = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout"], check=True, capture_output=True).stdout
+    assert pub_crt == pub_key, "key and certificate do not match"
+    secret = (tmp_path / ".env").read_text()
+    assert re.fullmatch(r"RTM_SECRET=[0-9a-f]{64}\n", secret)
+    subprocess.run(["sh", str(DEPLOY / "gen-cert.sh")], check=True, env=env, capture_output=True, timeout=60)
+    assert (tmp_path / ".env").read_text() == secret, "a second run keeps the secret"
+
+
+# -- (d) Prometheus and Grafana ----------------------------------------------------------------
+
+
+def test_prometheus_discovers_every_service_through_consul(tmp_path: Path) -> None:
+    doc = load_yaml(PROMETHEUS)
+    job = next(j for j in doc["scrape_configs"] if j.get("consul_sd_configs"))
+    assert not job.get("static_configs"), "rtm processes come from Consul, not a static list"
+    sd = job["consul_sd_configs"]
+    assert [c["server"] for c in sd] == ["consul:8500"]
+    assert set(sd[0]["services"]) == registered_names()
+    assert any(
+        "__meta_consul_service_metadata_metrics_port" in r.get("source_labels", []) and r.get("target_label") == "__address__"
+        for r in job["relabel_configs"]
+    )
+    promtool = shutil.which("promtool")
+    if promtool:  # Debian's promtool is built without Consul SD: check the rest with a static stand-in
+        for j in doc["scrape_configs"]:
+            if j.pop("consul_sd_configs", None):
+                j["static_configs"] = [{"targets": ["stand-in:1"]}]
+        path = tmp_path / "prometheus.yml"
+        path.write_text(yaml.safe_dump(doc))
+        result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_provisioning() -> None:
+    sources = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+    uids = {s["uid"] for s in sources if s["type"] == "prometheus"}
+    providers = load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "rtm.yml")["providers"]
+    assert [p["options"]["path"] for p in providers] == ["/etc/grafana/dashboards"]
+    dash = json.loads(DASHBOARD.read_text())
+    for panel in all_panels(dash):
+        if panel.get("targets"):
+            assert panel["datasource"]["uid"] in uids, panel["title"]
+    titles = " ".join(p["title"].lower() for p in all_panels(dash))
+    for topic in ("deliveries", "latency", "connections per gateway", "channels per channel server",
+                  "ring version", "failovers", "presence", "errors"):
+        assert topic in titles, f"the dashboard has no {topic} panel"
+
+
+def all_panels(dash: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dash["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def dashboard_metrics() -> set[str]:
+    names: set[str] = set()
+    for panel in all_panels(json.loads(DASHBOARD.read_text())):
+        for target in panel.get("targets", []):
+            found = set(re.findall(r"\brtm_[a-zA-Z0-9_]+", target["expr"]))
+            assert found, f"{panel['title']}: {target['expr']} queries no rtm metric"
+            names |= found
+    return names
+
+
+# -- the running fleet, on another address -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    data_dir: Path = tmp_path_factory.mktemp("fleet-elsewhere")
+    base = free_port_base(host=ELSEWHERE)  # the later --port-base wins over the one Fleet.up picks on 127.0.0.1
+    handle = Fleet.up(data_dir, "--host", ELSEWHERE, "--port-base", str(base), env={"RTM_LOG_FORMAT": "json", "RTM_LOG_LEVEL": "DEBUG"})
+    try:
+        yield handle
+    finally:
+        handle.down()
+
+
+async def traffic(fleet: Fleet) -> tuple[str, str]:
+    """A message from alice to bob over the websocket, and one refused call; returns (channel, text)."""
+    alice, bob = fleet.user("alice"), fleet.user("bob")
+    client = await fleet.connect("bob")
+    try:
+        assert client.url.startswith(f"ws://{ELSEWHERE}:"), client.url
+        general = fleet.channel("general")
+        text = f"elsewhere-{uuid.uuid4().hex[:8]}"
+        assert (await fleet.api("chat.postMessage", alice["token"], channel=general, text=text))["ok"]
+        await client.wait_texts([text], general)
+        refused = await fleet.api("chat.postMessage", alice["token"], channel="CNOTTHERE", text="x")
+        assert refused["error"] == "channel_not_found"
+        await client.send({"id": 1, "type": "typing", "channel": general})
+    finally:
+        await client.close()
+    return general, text
+
+
+async def test_nothing_assumes_loopback_127_0_0_1(fleet_elsewhere: Fleet) -> None:
+    fleet = fleet_elsewhere
+    await traffic(fleet)
+    fleet.reload()
+    for key in ("webapp_url", "api_url", "consul_url"):
+        assert fleet.info[key].split("://", 1)[1].startswith(f"{ELSEWHERE}:"), (key, fleet.info[key])
+    for proc in fleet.info["processes"]:
+        assert proc["host"] == ELSEWHERE, proc
+    client = consul_client(fleet)
+    _, services = client.catalog.services()
+    assert registered_names() <= set(services), services
+    for service in services:
+        if service == "consul":
+            continue
+        _, entries = client.health.service(service)
+        for entry in entries:
+            assert entry["Service"]["Address"] == ELSEWHERE, entry["Service"]
+            assert entry["Node"]["Address"] == ELSEWHERE, entry["Node"]
+
+
+# -- (c) every metric on the dashboard exists --------------------------------------------------
+
+
+async def scrape(host: str, port: int) -> str:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        async with http.get(f"http://{host}:{port}/metrics") as resp:
+            assert resp.status == 200, (host, port, resp.status)
+            return await resp.text()
+
+
+async def test_every_dashboard_metric_is_exposed_by_the_fleet(fleet_elsewhere: Fleet) -> None:
+    fleet = fleet_elsewhere
+    await traffic(fleet)
+    fleet.reload()
+    wanted = dashboard_metrics()
+
+    async def exposed() -> set[str]:
+        samples: set[str] = set()
+        for proc in fleet.info["processes"]:
+            text = await scrape(proc["host"], proc["metrics_port"])
+            for family in text_string_to_metric_families(text):
+                samples |= {s.name for s in family.samples}
+        return samples
+
+    async def covered() -> bool:
+        return wanted <= await exposed()
+
+    try:  # presence reports and CHARM's gauges may lag the traffic a little: wait, bounded
+        await async_wait_until(covered, what="every dashboard metric")
+    except AssertionError:
+        raise AssertionError(f"queried by the dashboard, exposed by no process: {sorted(wanted - await exposed())}") from None
+
+
+# -- (d) Prometheus' relabelling against what Consul holds -------------------------------------
+
+
+def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' `replace` and `keep` relabel actions (regexes fully anchored, as in Prometheus)."""
+    labels = dict(labels)
+    for rule in rules:
+        value = rule.get("separator", ";").join(labels.get(s, "") for s in rule.get("source_labels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if action == "keep":
+            if not match:
+                return None
+        elif action == "replace":
+            if match:
+                replacement = re.sub(r"\$\{(\d+)\}|\$(\d+)", lambda m: f"\\g<{m.group(1) or m.group(2)}>", rule.get("replacement", "$1"))
+                labels[rule["target_label"]] = match.expand(replacement)
+        else:
+            raise AssertionError(f"relabel action {action} not emulated here")
+    return labels
+
+
+def consul_sd_labels(entry: dict[str, Any]) -> dict[str, str]:
+    """The meta labels Prometheus' consul_sd_configs gives one health entry."""
+    svc, node = entry["Service"], entry["Node"]
+    address = svc.get("Address") or node["Address"]
+    labels = {
+        "__address__": f"{address}:{svc['Port']}",
+        "__meta_consul_address": node["Address"],
+        "__meta_consul_service": svc["Service"],
+        "__meta_consul_service_id": svc["ID"],
+        "__meta_consul_service_address": svc.get("Address", ""),
+        "__meta_consul_service_port": str(svc["Port"]),
+        "__meta_consul_tags": "," + ",".join(svc.get("Tags") or []) + ",",
+    }
+    for key, value in (svc.get("Meta") or {}).items():
+        labels["__meta_consul_service_metadata_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    return labels
+
+
+async def test_prometheus_relabelling_finds_every_registered_process(fleet_elsewhere: Fleet) -> None:
+    fleet = fleet_elsewhere
+    fleet.reload()
+    job = next(j for j in load_yaml(PROMETHEUS)["scrape_configs"] if j.get("consul_sd_configs"))
+    client = consul_client(fleet)
+    targets: dict[str, dict[str, str]] = {}
+    for service in job["consul_sd_configs"][0]["services"]:
+        _, entries = client.health.service(service)
+        for entry in entries:
+            labels = relabel(consul_sd_labels(entry), job["relabel_configs"])
+            assert labels is not None, f"{entry['Service']['ID']} would not be scraped"
+            targets[labels["instance"]] = labels
+    by_id = {p["id"]: p for p in fleet.info["processes"] if p["service"] != "consul-dev"}
+    assert set(targets) == set(by_id), (sorted(targets), sorted(by_id))
+    for iid, labels in targets.items():
+        proc = by_id[iid]
+        assert labels["__address__"] == f"{proc['host']}:{proc['metrics_port']}", labels
+        assert labels["service"] == proc["service"]
+        host, port = labels["__address__"].rsplit(":", 1)
+        assert "rtm_process_info" in await scrape(host, int(port))
+    assert {t["region"] for t in targets.values() if t["service"] == "gateway"} == {"us-east", "eu-west"}
+
+
+# -- structured logs: one message across processes ----------------------------------------------
+
+
+async def test_one_message_can_be_followed_by_its_eid(fleet_elsewhere: Fleet) -> None:
+    fleet = fleet_elsewhere
+    general, text = await traffic(fleet)
+    log_path = fleet.data_dir / "fleet.log"
+
+    def entries() -> list[dict[str, Any]]:
+        found = []
+        for line in log_path.read_text(errors="replace").splitlines():
+            start = line.find("{")
+            if start < 0 or '"eid"' not in line:
+                continue
+            try:
+                entry = json.loads(line[start:])
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                found.append(entry)
+        return found
+
+    async def eid_of_text() -> str | None:
+        for entry in entries():
+            if entry.get("msg", "").startswith("committed ") and text in entry["msg"]:
+                return str(entry["eid"])
+        return None
+
+    eid = await async_wait_until(eid_of_text, what="the webapp's log line for the message")
+    assert eid.startswith(general + ":")
+    by_service = {p["id"]: p["service"] for p in fleet.info["processes"]}
+
+    async def followed() -> set[str] | None:
+        seen = {by_service.get(e["instance"], e["instance"]) for e in entries() if e.get("eid") == eid}
+        return seen if {"webapp", "admin-server", "channel-server", "gateway"} <= seen else None
+
+    await async_wait_until(followed, what=f"log lines with eid {eid} from webapp, admin server, channel server, gateway")
+    for entry in entries():
+        assert {"ts", "level", "logger", "instance", "msg", "eid"} <= set(entry), entry

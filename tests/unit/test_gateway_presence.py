@@ -1,0 +1,225 @@
+"""gateway.presence: reference-counted watches, online counts, Slack's presence_change shapes,
+and the batches a gateway sends to its presence servers (against fake links)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from gateway.presence import FLUSH_INTERVAL_S, GatewayPresence, PresenceWatches, presence_events
+from gateway.state import Session
+from services.metrics import ServiceMetrics
+from services.ring import RingDocument
+from tests.unit.test_gateway_state import Socket
+
+
+def session(sid: int, user: str = "UA") -> Session:
+    return Session(sid=sid, user=user, team="T1", write=Socket().write)
+
+
+def events(frames: list[bytes]) -> list[dict[str, Any]]:
+    return [json.loads(f) for f in frames]
+
+
+def test_presence_change_shapes() -> None:
+    assert events(presence_events([("U1", "active")])) == [{"type": "presence_change", "user": "U1", "presence": "active"}]
+    assert events(presence_events([("U1", "away"), ("U2", "active"), ("U3", "away")])) == [
+        {"type": "presence_change", "users": ["U1", "U3"], "presence": "away"},
+        {"type": "presence_change", "user": "U2", "presence": "active"},
+    ]
+
+
+def test_online_counts_report_first_and_last_connection_only() -> None:
+    model = PresenceWatches()
+    assert model.connect("U1") is True
+    assert model.connect("U1") is False
+    assert model.disconnect("U1") is False
+    assert model.disconnect("U1") is True
+    assert model.disconnect("U1") is False and model.online == {}
+
+
+def test_watches_are_reference_counted() -> None:
+    model = PresenceWatches()
+    a, b = session(1), session(2)
+    first = model.replace(a, ["U1", "U2"])
+    assert first.subscribe == ["U1", "U2"] and first.answer == []
+    second = model.replace(b, ["U2", "U3"])
+    assert second.subscribe == ["U3"] and second.answer == []  # U2 asked for already, not answered yet
+    tell = model.apply([("U1", "active"), ("U2", "away"), ("U3", "away")])
+    assert tell == {a: [("U1", "active"), ("U2", "away")], b: [("U2", "away"), ("U3", "away")]}
+    third = model.replace(session(3), ["U1"])
+    assert third.subscribe == [] and third.answer == [("U1", "active")]  # known: answered at once
+    assert model.replace(a, ["U2"]).unsubscribe == []  # U1 still watched by session 3
+    assert model.drop(b).unsubscribe == ["U3"]
+    assert sorted(model.drop(a).unsubscribe) == ["U2"]
+    assert set(model.watchers) == {"U1"} and set(model.known) == {"U1"}
+
+
+def test_changes_reach_only_watchers_and_only_when_different() -> None:
+    model = PresenceWatches()
+    a, b = session(1), session(2)
+    model.replace(a, ["U1"])
+    model.replace(b, ["U2"])
+    model.apply([("U1", "away"), ("U2", "away")])
+    assert model.apply([("U1", "active"), ("U9", "active")]) == {a: [("U1", "active")]}  # nobody watches U9
+    assert model.apply([("U1", "active")]) == {}  # a re-sync's state that did not change: silence
+    again = model.replace(a, ["U1", "U2"])  # U2: known through b
+    assert again.answer == [("U2", "away")] and again.subscribe == []
+
+
+def test_unwatched_while_waiting_is_not_answered() -> None:
+    model = PresenceWatches()
+    a = session(1)
+    model.replace(a, ["U1"])
+    assert model.replace(a, []).unsubscribe == ["U1"]
+    assert model.apply([("U1", "active")]) == {}
+
+
+# -- GatewayPresence over fake links -----------------------------------------------------------------
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.is_open = True
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.conn = FakeConn()
+        self.connected = True
+
+
+class FakeGateway:
+    def __init__(self) -> None:
+        self.instance_id = "gw-test"
+        self.metrics = ServiceMetrics("gateway", "gw-test")
+        self.discovery: Any = None
+        self.stopping = False
+        self.state = type("State", (), {"sessions": {}})()
+
+    def spawn(self, coro: Any) -> None:
+        coro.close()
+
+
+async def settle() -> None:
+    await asyncio.sleep(2 * FLUSH_INTERVAL_S)  # the flush runs at the end of the turn, at most every interval
+
+
+def presence_with_one_server() -> tuple[GatewayPresence, FakeConn]:
+    presence = GatewayPresence(FakeGateway())  # type: ignore[arg-type]
+    presence.follower.ring.update(RingDocument(version=3, slots={"ps-0": "ps-a"}))
+    link = FakeLink()
+    presence.links["ps-a"] = link  # type: ignore[assignment]
+    presence.epoch_of["ps-a"] = 42
+    return presence, link.conn
+
+
+async def test_reports_and_watches_are_batched_per_server() -> None:
+    presence, conn = presence_with_one_server()
+    tabs = [session(1, "UA"), session(2, "UA"), session(3, "UB")]
+    for s in tabs:
+        presence.attached(s)
+    presence.subscribe(tabs[0], ["U1", "U2"])
+    presence.subscribe(tabs[2], ["U2", "U3"])
+    await settle()
+    assert [(m["op"], sorted(m["users"])) for m in conn.sent] == [("online", ["UA", "UB"]), ("psub", ["U1", "U2", "U3"])]
+    assert all(m["epoch"] == 42 and m["gw"] == "gw-test" and m["rv"] == 3 for m in conn.sent)
+    conn.sent.clear()
+    presence.detached(tabs[1])  # UA's second tab: still online, watched nothing
+    await settle()
+    assert conn.sent == []
+    presence.detached(tabs[0])  # UA's last tab: offline; U1 unwatched, U2 still watched by UB's tab
+    await settle()
+    assert [(m["op"], m["users"]) for m in conn.sent] == [("offline", ["UA"]), ("punsub", ["U1"])]
+
+
+async def test_pushes_reach_the_watching_sessions_in_slacks_shape() -> None:
+    presence, _ = presence_with_one_server()
+    sockets = {1: Socket(), 2: Socket()}
+    a, b = Session(1, "UA", "T1", sockets[1].write), Session(2, "UB", "T1", sockets[2].write)
+    for s in (a, b):
+        presence.attached(s)
+    presence.subscribe(a, ["U1", "U2"])
+    presence.subscribe(b, ["U3"])
+    conn = presence.links["ps-a"].conn
+    presence.on_push(conn, {"op": "presence", "changes": [["U1", "active"], ["U2", "active"], ["U3", "away"]]})  # type: ignore[arg-type]
+    assert sockets[1].events == [{"type": "presence_change", "users": ["U1", "U2"], "presence": "active"}]
+    assert sockets[2].events == [{"type": "presence_change", "user": "U3", "presence": "away"}]
+
+
+async def test_a_stopping_gateway_reports_nobody_offline() -> None:
+    presence, conn = presence_with_one_server()
+    s = session(1, "UA")
+    presence.attached(s)
+    await settle()
+    conn.sent.clear()
+    presence.gw.stopping = True
+    presence.detached(s)
+    await settle()
+    assert conn.sent == []
+
+
+async def test_a_session_closed_before_attach_changes_nothing() -> None:
+    presence, conn = presence_with_one_server()
+    presence.attached(session(1, "UA"))
+    presence.detached(session(2, "UA"))  # never attached
+    await settle()
+    assert presence.model.online == {"UA": 1}
+    assert [m["op"] for m in conn.sent] == ["online"]
+
+
+# -- client frames: presence_sub and presence_query reach gateway/presence.py -----------------------
+
+
+class RecordingPresence:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def subscribe(self, session: Session, ids: list[str]) -> None:
+        self.calls.append(("sub", ids))
+
+    def query(self, session: Session, ids: list[str]) -> None:
+        self.calls.append(("query", ids))
+
+
+def test_client_presence_frames_are_checked_and_handed_over() -> None:
+    from gateway.client_messages import ClientError, ClientMessages
+    from tests.unit.test_client_messages import FakeGateway as ClientFakeGateway
+
+    gw = ClientFakeGateway()
+    gw.presence = RecordingPresence()  # type: ignore[attr-defined]
+    handler = ClientMessages(gw)  # type: ignore[arg-type]
+    sock = Socket()
+    s = Session(1, "UA", "T1", sock.write)
+    handler.handle(None, s, json.dumps({"type": "presence_sub", "ids": ["U1", "U2"]}))  # type: ignore[arg-type]
+    handler.handle(None, s, json.dumps({"type": "presence_query", "ids": ["U3"]}))  # type: ignore[arg-type]
+    assert gw.presence.calls == [("sub", ["U1", "U2"]), ("query", ["U3"])]  # type: ignore[attr-defined]
+    handler.handle(None, s, json.dumps({"id": 7, "type": "presence_query", "ids": ["U"] * 501}))  # type: ignore[arg-type]
+    handler.handle(None, s, json.dumps({"type": "presence_sub", "ids": "U1"}))  # type: ignore[arg-type]
+    assert [e["error"]["code"] for e in sock.events] == [ClientError.BAD_IDS, ClientError.BAD_IDS]
+    assert sock.events[0]["reply_to"] == 7 and sock.events[1]["type"] == "error"
+    assert len(gw.presence.calls) == 2  # type: ignore[attr-defined]
+
+
+async def test_a_big_push_is_written_in_slices_and_in_order() -> None:
+    from gateway.presence import TELL_SLICE_SESSIONS
+
+    presence, conn = presence_with_one_server()
+    sockets = [Socket() for _ in range(TELL_SLICE_SESSIONS + 10)]
+    sessions = [Session(i, f"U{i}", "T1", sock.write) for i, sock in enumerate(sockets)]
+    for s in sessions:
+        presence.attached(s)
+        presence.subscribe(s, ["UX"])
+    presence.on_push(conn, {"op": "presence", "changes": [["UX", "active"]]})  # type: ignore[arg-type]
+    presence.on_push(conn, {"op": "presence", "changes": [["UX", "away"]]})  # type: ignore[arg-type]
+    assert sum(len(sock.frames) for sock in sockets) == 0  # too many sessions: written in later turns
+    await asyncio.sleep(0)
+    assert sum(len(sock.frames) for sock in sockets) == TELL_SLICE_SESSIONS
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert all([e["presence"] for e in sock.events] == ["active", "away"] for sock in sockets)
