@@ -59,6 +59,10 @@ log = logging.getLogger("rtm.gateway.client")
 # covers that and keeps a misbehaving client from flooding a channel's members.
 TYPING_RATE_PER_S = 1.0
 TYPING_BURST = 3
+# Slack's documented RTM limit: about one message per second per connection,
+# short bursts allowed; past it a send is refused (code RATE_LIMITED).
+MESSAGE_RATE_PER_S = 1.0
+MESSAGE_BURST = 20
 # Messages a connection may have in flight to the webapp at once; beyond this
 # a send is refused (code RATE_LIMITED) rather than queued without bound.
 MAX_PENDING_SENDS = 16
@@ -102,12 +106,13 @@ class ClientMessages:
 
     def __init__(self, gateway: Gateway, clock: Callable[[], float] = time.monotonic) -> None:
         self.gw = gateway
-        self.clock = clock  # for the typing budget
+        self.clock = clock  # for the typing and message budgets
         metrics = gateway.metrics
         self.typing = metrics.counter("rtm_gw_typing_total", "Typing indicators from clients by outcome", ["outcome"])
         self.sends = metrics.counter("rtm_gw_client_sends_total", "Messages sent over websockets by outcome", ["outcome"])
         self.buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = weakref.WeakKeyDictionary()
         self.in_flight: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
+        self.message_buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = weakref.WeakKeyDictionary()
         # Typing pubs are requests (a CS serves only requests) that nobody awaits:
         # negative ids, which PeerConnection never allocates, so the CS's reply
         # matches no pending request and is dropped.
@@ -220,6 +225,14 @@ class ClientMessages:
         if not isinstance(text, str) or not text:
             self.sends.labels("bad_message").inc()
             self.error(session, frame, ClientError.BAD_MESSAGE, "message text is missing")
+            return
+        now = self.clock()
+        bucket = self.message_buckets.get(session)
+        if bucket is None:
+            bucket = self.message_buckets[session] = TokenBucket(MESSAGE_RATE_PER_S, MESSAGE_BURST, MESSAGE_BURST, now)
+        if not bucket.take(now):
+            self.sends.labels("rate_limited").inc()
+            self.error(session, frame, ClientError.RATE_LIMITED, "rate limited: about one message per second, with bursts")
             return
         pending = self.in_flight.get(session, 0)
         if pending >= MAX_PENDING_SENDS:

@@ -213,3 +213,20 @@ async def test_sends_in_flight_are_bounded_per_connection(gw: FakeGateway) -> No
     release.set()
     await asyncio.gather(*gw.tasks)
     assert sum(1 for e in sock.events if e.get("ok")) == MAX_PENDING_SENDS
+
+
+async def test_messages_are_limited_to_about_one_per_second_with_bursts(gw: FakeGateway) -> None:
+    from gateway.client_messages import MESSAGE_BURST
+
+    clock = Clock()
+    handler, session, sock = setup(gw, clock)
+    for i in range(MESSAGE_BURST + 1):
+        handler.handle(FakeWs(gw), session, json.dumps({"id": i, "type": "message", "channel": "C1", "text": "x"}))
+        await asyncio.gather(*gw.tasks)  # each send completes: only the rate counts here
+    refused = [e for e in sock.events if e.get("ok") is False]
+    assert [e["reply_to"] for e in refused] == [MESSAGE_BURST]
+    assert refused[0]["error"]["code"] == ClientError.RATE_LIMITED
+    clock.now += 1.0  # one second later: one more token
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 99, "type": "message", "channel": "C1", "text": "x"}))
+    await asyncio.gather(*gw.tasks)
+    assert any(e.get("ok") and e.get("reply_to") == 99 for e in sock.events)
