@@ -29,12 +29,12 @@ from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_inde
 from services import wire
 from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
-from services.directory import RingFollower
 from services.discovery import Discovery, fault_routes
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
-from services.ring import RingDocument
+from services.slot_owner import SlotOwner
+from services.ring import CHANNEL_RING_KEY, RingDocument
 
 log = logging.getLogger("rtm.channel_server")
 
@@ -49,7 +49,11 @@ class ChannelServer:
         self.table = ChannelTable(history_events=args.history_events)
         self.gateways: dict[int, PeerConnection] = {}
         self.discovery = Discovery(args.consul)
-        self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
+        self.slots = SlotOwner(
+            self.discovery, self.instance_id, CHANNEL_RING_KEY, role=args.role, ttl_s=args.ttl_s,
+            on_change=self.on_ring_change,
+        )
+        self.follower = self.slots.follower
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
         self.events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
@@ -78,11 +82,8 @@ class ChannelServer:
             lambda: len(self.follower.ring.doc.slots_of(self.instance_id))
         )
         m.gauge("rtm_cs_fenced", "1 while this server refuses everything because its Consul lease lapsed").set_function(
-            lambda: 1 if self.is_fenced() else 0
+            lambda: 1 if self.slots.is_fenced() else 0
         )
-        self.role = args.role  # registered tag; follows the ring once it lists us
-        self.registered_role = args.role
-        self.fenced = False  # our Consul lease lapsed: serve nothing until we have re-read the ring
         self.server: asyncio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -97,15 +98,14 @@ class ChannelServer:
             args.host, args.metrics_port, self.metrics, self.health,
             fault_routes(self.discovery) if args.debug_faults else None,
         )
-        self.discovery.on_lease_restored = self.on_lease_restored
-        self.follower.start()
+        self.slots.start()
         address = advertised(args.host, args.advertise_host)
         await self.discovery.register(
             SERVICE,
             self.instance_id,
             address,
             self.port,
-            tags=[f"role={self.role}"],
+            tags=[f"role={self.slots.role}"],
             meta={"metrics_port": str(self.metrics_port)},
             ttl_s=args.ttl_s,
         )
@@ -133,42 +133,9 @@ class ChannelServer:
             "channels": len(self.table.subscribers),
             "gateways": len(self.gateways),
             "consul": self.discovery.consul_ok,
-            "role": self.role,
-            "fenced": self.is_fenced(),
+            "role": self.slots.role,
+            "fenced": self.slots.is_fenced(),
         }
-
-    # -- ownership and fencing ---------------------------------------------------------
-    def is_fenced(self) -> bool:
-        """True while we may have lost our slot without knowing: our TTL lapsed
-        (CHARM may have promoted a spare), and we have not re-read the ring since."""
-        if self.discovery.lease_lapsed(self.args.ttl_s):
-            if not self.fenced:
-                log.error("Consul lease lapsed: refusing every channel until the ring is re-read")
-                self.fenced = True
-        return self.fenced
-
-    async def on_lease_restored(self) -> None:
-        try:
-            await self.follower.refresh()
-        except Exception as exc:
-            log.warning("ring refresh after the lease came back failed: %s", exc)
-            return
-        if self.fenced:
-            log.warning("Consul lease restored and ring v%s re-read: serving again", self.follower.ring.version)
-        self.fenced = False
-        if self.registered_role != self.role:
-            await self._retag()
-
-    def check_version(self, msg: dict[str, Any]) -> None:
-        """A peer acting on a newer ring than ours: read the ring now."""
-        if int(msg.get("rv", 0)) > self.follower.ring.version:
-            asyncio.ensure_future(self._refresh_quietly())
-
-    async def _refresh_quietly(self) -> None:
-        try:
-            await self.follower.refresh()
-        except Exception as exc:
-            log.debug("ring refresh failed: %s", exc)
 
     # -- connections ------------------------------------------------------------------
     def make_connection(self) -> PeerConnection:
@@ -189,13 +156,6 @@ class ChannelServer:
             self.slow_gateways.inc()
         left = self.table.drop_gateway(index)
         log.info("gateway %s disconnected (%s); left %d channels", conn.state.get("gw"), reason, left)
-
-    def owns(self, channel: str, peer_version: int = 0) -> bool:
-        """We own ``channel`` in our ring version, that version is not older than
-        the peer's, and our lease is intact."""
-        if peer_version > self.follower.ring.version or self.is_fenced():
-            return False
-        return self.follower.ring.owner_for(channel) == self.instance_id
 
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg["op"]
@@ -230,13 +190,12 @@ class ChannelServer:
 
     def handle_sub(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         index = self._gateway_index(conn, str(msg["gw"]))
-        self.check_version(msg)
-        peer_version = int(msg.get("rv", 0))
+        accepting = self.slots.accepts(int(msg.get("rv", 0)))
         refused: list[str] = []
         last: dict[str, int] = {}
         for channel, since_seq in msg["chans"]:
             channel = str(channel)
-            if not self.owns(channel, peer_version):
+            if not (accepting and self.slots.is_mine(channel)):
                 refused.append(channel)
                 continue
             for frame in self.table.subscribe(index, channel, int(since_seq)):
@@ -256,8 +215,7 @@ class ChannelServer:
 
     def handle_pub(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         channel = str(msg["ch"])
-        self.check_version(msg)
-        if not self.owns(channel, int(msg.get("rv", 0))):
+        if not self.slots.owns(channel, int(msg.get("rv", 0))):
             self.not_owner.labels("pub").inc()
             return wire.reply_err(request_id, ErrorCode.NOT_OWNER, channel, version=self.follower.ring.version)
         seq = msg.get("seq")
@@ -289,12 +247,7 @@ class ChannelServer:
 
     # -- ring changes ------------------------------------------------------------------
     def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
-        role = "active" if new.slots_of(self.instance_id) else "spare"
-        if role != self.role:
-            log.warning("ring v%s: now %s (slots %s)", new.version, role, new.slots_of(self.instance_id) or "none")
-            self.role = role
-            asyncio.ensure_future(self._retag())
-        lost = [ch for ch in self.table.known_channels() if self.follower.ring.owner_for(ch) != self.instance_id]
+        lost = [ch for ch in self.table.known_channels() if not self.slots.is_mine(ch)]
         if not lost:
             return
         by_gateway: dict[int, list[str]] = {}
@@ -311,15 +264,6 @@ class ChannelServer:
                     gateway.send({"op": "moved", "chans": channels, "version": new.version})
                 except (ConnectionLost, SendBufferFull):
                     pass
-
-
-    async def _retag(self) -> None:
-        role = self.role
-        try:
-            await self.discovery.retag(self.instance_id, [f"role={role}"])
-            self.registered_role = role
-        except Exception as exc:  # retried when the Consul lease comes back
-            log.warning("re-registering as %s failed: %s", self.role, exc)
 
 
 def build_parser() -> Parser:

@@ -49,10 +49,10 @@ from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
 from services import wire
 from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
-from services.directory import RingFollower
 from services.discovery import Discovery, fault_routes
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import ServiceMetrics, start_metrics_server
+from services.slot_owner import SlotOwner
 from services.process import StopFn, run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
 
@@ -81,7 +81,11 @@ class PresenceServer:
         self.table = PresenceTable(lease_ttl_s=args.lease_ttl_s)
         self.gateways: dict[str, PeerConnection] = {}  # gateway id -> its connection
         self.discovery = Discovery(args.consul)
-        self.follower = RingFollower(self.discovery, PRESENCE_RING_KEY, on_change=self.on_ring_change)
+        self.slots = SlotOwner(
+            self.discovery, self.instance_id, PRESENCE_RING_KEY, role=args.role, ttl_s=args.ttl_s,
+            on_change=self.on_ring_change,
+        )
+        self.follower = self.slots.follower
         self.pending: dict[str, dict[str, str]] = {}  # gateway id -> user -> presence, flushed each loop turn
         self.flush_scheduled = False
         self.last_flush = 0.0
@@ -116,11 +120,8 @@ class PresenceServer:
             lambda: 1 if self.table.rebuilding else 0
         )
         m.gauge("rtm_ps_fenced", "1 while this server refuses everything because its Consul lease lapsed").set_function(
-            lambda: 1 if self.is_fenced() else 0
+            lambda: 1 if self.slots.is_fenced() else 0
         )
-        self.role = args.role
-        self.registered_role = args.role
-        self.fenced = False
         self.server: asyncio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -135,8 +136,7 @@ class PresenceServer:
             args.host, args.metrics_port, self.metrics, self.health,
             fault_routes(self.discovery) if args.debug_faults else None,
         )
-        self.discovery.on_lease_restored = self.on_lease_restored
-        self.follower.start()
+        self.slots.start()
         self.spawn(self.expire_loop())
         address = advertised(args.host, args.advertise_host)
         await self.discovery.register(
@@ -144,7 +144,7 @@ class PresenceServer:
             self.instance_id,
             address,
             self.port,
-            tags=[f"role={self.role}"],
+            tags=[f"role={self.slots.role}"],
             meta={"metrics_port": str(self.metrics_port)},
             ttl_s=args.ttl_s,
         )
@@ -183,9 +183,9 @@ class PresenceServer:
             "leases": len(self.table.leases),
             "gateways": len(self.gateways),
             "consul": self.discovery.consul_ok,
-            "role": self.role,
+            "role": self.slots.role,
             "rebuilding": self.table.rebuilding,
-            "fenced": self.is_fenced(),
+            "fenced": self.slots.is_fenced(),
         }
 
     async def expire_loop(self) -> None:
@@ -197,46 +197,16 @@ class PresenceServer:
                 self.lease_ops.labels("expired").inc(len(gone))
                 self.push(pushes)
 
-    # -- ownership and fencing (as the channel server) ------------------------------------
-    def is_fenced(self) -> bool:
-        if self.discovery.lease_lapsed(self.args.ttl_s):
-            if not self.fenced:
-                log.error("Consul lease lapsed: refusing every user until the ring is re-read")
-                self.fenced = True
-        return self.fenced
-
-    async def on_lease_restored(self) -> None:
-        try:
-            await self.follower.refresh()
-        except Exception as exc:
-            log.warning("ring refresh after the lease came back failed: %s", exc)
-            return
-        if self.fenced:
-            log.warning("Consul lease restored and ring v%s re-read: serving again", self.follower.ring.version)
-        self.fenced = False
-        if self.registered_role != self.role:
-            await self._retag()
-
+    # -- ownership (fencing and ring version: services.slot_owner) ------------------------
     def owned(self, users: list[str], peer_version: int) -> tuple[list[str], list[str]]:
         """Split ``users`` into (owned here, refused)."""
-        ring = self.follower.ring
-        if peer_version > ring.version:
-            self.spawn(self._refresh_quietly())
+        if not self.slots.accepts(peer_version):
             return [], users
-        if self.is_fenced():
-            return [], users
-        me = self.instance_id
         owned: list[str] = []
         refused: list[str] = []
         for user in users:
-            (owned if ring.owner_for(user) == me else refused).append(user)
+            (owned if self.slots.is_mine(user) else refused).append(user)
         return owned, refused
-
-    async def _refresh_quietly(self) -> None:
-        try:
-            await self.follower.refresh()
-        except Exception as exc:
-            log.debug("ring refresh failed: %s", exc)
 
     # -- pushes ------------------------------------------------------------------------------
     def push(self, pushes: Pushes) -> None:
@@ -378,7 +348,7 @@ class PresenceServer:
     def handle_lease(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         gw = self._gateway(conn, msg)
         if int(msg.get("rv", 0)) > self.follower.ring.version:
-            self.spawn(self._refresh_quietly())
+            self.spawn(self.slots.refresh_quietly())
         epoch = msg.get("epoch")
         known = gw in self.table.leases
         before = self.table.stats.changes
@@ -429,11 +399,6 @@ class PresenceServer:
     def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
         mine_before = set(old.slots_of(self.instance_id))
         mine = set(new.slots_of(self.instance_id))
-        role = "active" if mine else "spare"
-        if role != self.role:
-            log.warning("presence ring v%s: now %s (slots %s)", new.version, role, sorted(mine) or "none")
-            self.role = role
-            self.spawn(self._retag())
         ring = self.follower.ring
         dropped = self.table.forget(lambda user: ring.owner_for(user) == self.instance_id)
         if dropped:
@@ -454,14 +419,6 @@ class PresenceServer:
         self.push(self.table.end_rebuild())
         self.rebuilt.set()
         log.info("rebuild done: %d users online, %d watched", self.table.online_users, len(self.table.watchers))
-
-    async def _retag(self) -> None:
-        role = self.role
-        try:
-            await self.discovery.retag(self.instance_id, [f"role={role}"])
-            self.registered_role = role
-        except Exception as exc:  # retried when the Consul lease comes back
-            log.warning("re-registering as %s failed: %s", role, exc)
 
 
 def build_parser() -> Parser:
