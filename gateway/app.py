@@ -114,6 +114,7 @@ class Gateway:
         self.sockets: dict[int, ServerConnection] = {}
         self.cut_off: set[int] = set()
         self.queued_frames: dict[int, int] = {}  # sid -> frames written since its buffer was last empty
+        self.pings: dict[int, Any] = {}  # sid -> the pong awaited for the last keepalive ping
         self.sids = itertools.count(1)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
@@ -155,7 +156,7 @@ class Gateway:
             args.port,
             max_size=args.max_client_frame_bytes,
             compression=None,
-            ping_interval=WS_PING_INTERVAL_S,
+            ping_interval=None,  # one keepalive loop for all sockets instead of a task each: see keepalive_loop
             close_timeout=CLOSE_TIMEOUT_S,
             max_queue=64,
         )
@@ -176,6 +177,7 @@ class Gateway:
             ttl_s=args.ttl_s,
         )
         self.region_drain.start()
+        self.spawn(self.keepalive_loop())
         log.info("gateway %s (region %s) serving ws://%s:%s", self.instance_id, args.region, address, port)
         return {
             "service": SERVICE,
@@ -238,39 +240,19 @@ class Gateway:
 
     # -- clients ---------------------------------------------------------------------------
     async def handle_client(self, ws: ServerConnection) -> None:
-        path = ws.request.path if ws.request is not None else ""
-        if self.stopping or self.region_drain.draining:
-            self.connects.labels("draining").inc()
-            await say_goodbye(ws, "gateway draining: reconnect through rtm.connect")
+        admitted = await self.admit(ws)
+        if admitted is None:
             return
-        if len(self.sockets) >= self.args.max_connections:
-            self.connects.labels("full").inc()
-            self.metrics.error("gateway_full")
-            await ws.close(CloseCode.TRY_AGAIN_LATER, "gateway full: reconnect through rtm.connect")
-            return
-        try:
-            ticket = self.verifier.verify(path.split("?", 1)[0].rsplit("/", 1)[-1], time.time())  # slack_sdk sends "/ws/<ticket>?"
-        except InvalidTicket as exc:
-            self.connects.labels("invalid_ticket").inc()
-            self.metrics.error("invalid_ticket")
-            await ws.close(CloseCode.INVALID_TICKET, str(exc))
-            return
-        try:
-            request = {"user": ticket.user, **({"resume": ticket.resume} if ticket.resume else {})}
-            boot = await self.webapp.call("/internal/bootstrap", request)
-        except Exception as exc:
-            log.warning("bootstrap for %s failed: %s", ticket.user, exc)
-            self.connects.labels("bootstrap_failed").inc()
-            self.metrics.error("bootstrap_failed")
-            await ws.close(CloseCode.BOOTSTRAP_FAILED, "bootstrap failed, retry rtm.connect")
-            return
+        user, team, channels = admitted
+        del admitted
         sid = next(self.sids)
         self.sockets[sid] = ws
-        session = Session(sid=sid, user=ticket.user, team=ticket.team, write=lambda frame: self.write_frame(sid, frame))
+        session = Session(sid=sid, user=user, team=team, write=lambda frame: self.write_frame(sid, frame))
         try:
             await ws.send(HELLO.decode())
             self.connects.labels("ok").inc()
-            self.apply(self.state.attach(session, [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]))
+            self.apply(self.state.attach(session, channels))
+            del channels  # this coroutine lives as long as the socket: keep its frame small
             self.presence.attached(session)
             async for message in ws:
                 self.handle_client_message(ws, session, message)
@@ -280,8 +262,60 @@ class Gateway:
             self.sockets.pop(sid, None)
             self.cut_off.discard(sid)
             self.queued_frames.pop(sid, None)
+            self.pings.pop(sid, None)
             self.apply(self.state.detach(session))
             self.presence.detached(session)
+
+    async def keepalive_loop(self) -> None:
+        """Ping every client each :data:`WS_PING_INTERVAL_S`; close one whose last
+        ping got no pong within the interval (a dead peer or a broken path).
+
+        websockets can do this per connection, but that is one task per socket;
+        one sweep costs no memory per connection beyond the pending pong.
+        """
+        while True:
+            await asyncio.sleep(WS_PING_INTERVAL_S)
+            for sid, ws in list(self.sockets.items()):
+                waiter = self.pings.pop(sid, None)
+                if waiter is not None and not waiter.done():
+                    self.metrics.error("keepalive_timeout")
+                    self.spawn(ws.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout"))
+                    continue
+                try:
+                    self.pings[sid] = await ws.ping()
+                except ConnectionClosed:
+                    continue
+
+    async def admit(self, ws: ServerConnection) -> tuple[str, str, list[tuple[str, int]]] | None:
+        """Check the gateway takes clients and the ticket is good, then fetch the
+        bootstrap: (user, team, [(channel, seq)]), or None after closing ``ws``."""
+        if self.stopping or self.region_drain.draining:
+            self.connects.labels("draining").inc()
+            await say_goodbye(ws, "gateway draining: reconnect through rtm.connect")
+            return None
+        if len(self.sockets) >= self.args.max_connections:
+            self.connects.labels("full").inc()
+            self.metrics.error("gateway_full")
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "gateway full: reconnect through rtm.connect")
+            return None
+        path = ws.request.path if ws.request is not None else ""
+        try:  # slack_sdk requests "/ws/<ticket>?": cut the query string
+            ticket = self.verifier.verify(path.split("?", 1)[0].rsplit("/", 1)[-1], time.time())
+        except InvalidTicket as exc:
+            self.connects.labels("invalid_ticket").inc()
+            self.metrics.error("invalid_ticket")
+            await ws.close(CloseCode.INVALID_TICKET, str(exc))
+            return None
+        try:
+            request = {"user": ticket.user, **({"resume": ticket.resume} if ticket.resume else {})}
+            boot = await self.webapp.call("/internal/bootstrap", request)
+        except Exception as exc:
+            log.warning("bootstrap for %s failed: %s", ticket.user, exc)
+            self.connects.labels("bootstrap_failed").inc()
+            self.metrics.error("bootstrap_failed")
+            await ws.close(CloseCode.BOOTSTRAP_FAILED, "bootstrap failed, retry rtm.connect")
+            return None
+        return ticket.user, ticket.team, [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]
 
     def write_frame(self, sid: int, frame: bytes) -> bool:
         """Write one pre-encoded websocket frame; cut off a client that stopped reading."""
