@@ -130,7 +130,7 @@ async def test_killed_channel_server_comes_back_as_spare(fleet: Fleet, clients: 
         raise AssertionError("a channel server that lost its slot applied a publish")
 
     await async_wait_until(refuses, what="the restarted server to refuse its old channel")
-    load, _ = await run_load_around(fleet, clients, lambda: asyncio.sleep(0))
+    load, _ = await run_load_around(fleet, clients, lambda: asyncio.sleep(0))  # wait-ok: no action, load only
     await assert_everyone_got_everything(clients, load)
 
 

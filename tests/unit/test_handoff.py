@@ -101,7 +101,7 @@ class FakeSender:
         self.concurrent += 1
         self.max_concurrent = max(self.max_concurrent, self.concurrent)
         try:
-            await asyncio.sleep(0)  # let other sends overlap, as on a real pipelined link
+            await asyncio.sleep(0)  # wait-ok: let other sends overlap, as on a real pipelined link
             if not self.up.is_set():
                 raise ConnectionLost("down")
             error = self.fail_once.pop(eid, None)
