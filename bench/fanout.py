@@ -472,7 +472,9 @@ async def profile(bench: Bench, args: argparse.Namespace, watch: ProcWatch, summ
         plans.append(("big", big, rate, [bench.gw_labels[0]]))
     if args.small:
         rate = args.small[-2] if len(args.small) > 1 else args.small[-1]
-        plans.append(("small", small, rate, [busiest("small", "as-"), busiest("small", "cs-"), "webapp", bench.gw_labels[0]]))
+        # one profiled process per step: several py-spy at once on 2 cores lose most of their samples
+        for label in (busiest("small", "as-"), busiest("small", "cs-"), "webapp", bench.gw_labels[0]):
+            plans.append(("small", small, rate, [label]))
     for scenario, targets, rate, labels in plans:
         duration = int(max(4, args.step_s))
         print(f"fanout: py-spy on {', '.join(labels)} during a {scenario} step at {rate:g}/s ...", flush=True)

@@ -66,7 +66,16 @@ def machine_info() -> dict[str, Any]:
             pkgs[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - report what we can
             pkgs[name] = "?"
+    commit, dirty = "", []
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
+        dirty = [line[3:] for line in status.splitlines() if line[3:] and not line[3:].startswith("bench/")]
+    except (OSError, subprocess.SubprocessError):
+        pass
     return {
+        "rtm_commit": commit,
+        "rtm_uncommitted_files": dirty,  # the fleet code measured = this commit plus these working-tree edits
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
