@@ -66,8 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle-s", type=float, default=30.0, help="longest wait for the gateway's RSS to settle")
     p.add_argument("--connect-deadline-s", type=float, default=300.0, help="longest time one step may spend connecting")
     p.add_argument("--profile-idle", default=True, action=argparse.BooleanOptionalAction,
-                   help="py-spy the idle gateway at the top count (10 s)")
-    p.add_argument("--idle-s", type=float, default=10.0, help="window for the gateway's idle CPU at each count")
+                   help="py-spy the idle gateway at the top count (25 s: at least one keepalive sweep)")
+    p.add_argument("--probe-s", type=float, default=45.0,
+                   help="at the top count, time RTM pings of one more client for this long (0: skip)")
+    p.add_argument("--idle-s", type=float, default=40.0,
+                   help="window for the gateway's idle CPU at each count (two 20 s keepalive periods)")
     p.add_argument("--trace", type=int, default=0, metavar="N",
                    help="instead: run a gateway in this process under tracemalloc, open N connections, print where the memory goes")
     p.add_argument("--quick", action="store_true", help="smoke run: 500, 1k, 2k connections")
@@ -76,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.counts = "500,1000,2000"
         args.settle_s = 10.0
         args.idle_s = 3.0
+        args.probe_s = 25.0
     args.count_list = sorted(int(x) for x in args.counts.split(",") if x)
     return args
 
@@ -112,6 +116,44 @@ class ConsulWatch:
         return self.down_s
 
 
+async def ping_probe(api_url: str, token: str, seconds: float, interval_s: float = 0.01) -> dict[str, Any]:
+    """One more client sends Slack RTM pings (``{"type": "ping", "id": n}``) every ``interval_s`` for
+    ``seconds`` and times each pong: how long the gateway's event loop leaves a message waiting."""
+    import aiohttp
+    from websockets.asyncio.client import connect as ws_connect
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(api_url + "rtm.connect", headers={"Authorization": f"Bearer {token}"}) as resp:
+            reply = await resp.json(content_type=None)
+    if not reply.get("ok"):
+        return {"error": reply.get("error")}
+    rtts: list[tuple[float, float]] = []  # (seconds since start, rtt ms)
+    started = time.monotonic()
+    async with ws_connect(reply["url"], max_size=None, ping_interval=None) as ws:
+        await asyncio.wait_for(ws.recv(), 10)  # hello
+        n = 0
+        while time.monotonic() - started < seconds:
+            n += 1
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"type": "ping", "id": n}))
+            while True:  # skip anything that is not our pong (bounded by the timeout)
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                if frame.get("type") == "pong" and frame.get("reply_to") == n:
+                    break
+            rtts.append((time.monotonic() - started, (time.perf_counter() - t0) * 1e3))
+            await asyncio.sleep(interval_s)
+    values = sorted(r for _, r in rtts)
+
+    def q(p: float) -> float:
+        return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+    worst = sorted(rtts, key=lambda x: -x[1])[:5]
+    return {
+        "pings": len(values), "p50_ms": q(50), "p99_ms": q(99), "max_ms": values[-1],
+        "over_100ms": sum(1 for v in values if v > 100), "worst": [{"at_s": round(t, 2), "rtt_ms": round(r, 1)} for t, r in worst],
+    }
+
+
 def health(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
         return dict(json.loads(resp.read()))
@@ -143,7 +185,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         args.count_list = sorted({min(c, cap) for c in args.count_list})
         top = cap
     print(f"connections: starting a one-gateway fleet with {top} seeded users (nofile {nofile}) ...", flush=True)
-    with FleetRun("--regions", "us-east", "--gateways-per-region", "1", "--seed-users", str(top)) as fleet:
+    with FleetRun("--regions", "us-east", "--gateways-per-region", "1", "--seed-users", str(top + 1)) as fleet:
         result["fleet_startup_s"] = fleet.startup_s
         gw = fleet.processes("gateway")[0]
         gw_pid, gw_metrics = int(gw["pid"]), int(gw["metrics_port"])
@@ -223,10 +265,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"    errors: {errors}; rtm.connect retried: {retries}; "
                           f"gateway not passing in Consul for ~{unhealthy_s:.1f}s while connecting", flush=True)
             result["points"] = points
+            if args.probe_s > 0:  # does the idle gateway leave messages waiting (keepalive sweeps, GC)?
+                spare = [u for u in fleet.seed["users"] if not u["is_bot"]][top]
+                probe = await ping_probe(fleet.api_url, spare["token"], args.probe_s)
+                result["ping_probe"] = probe
+                print(f"connections: RTM ping round trips through the gateway holding {points[-1].get('held')} idle "
+                      f"connections, {args.probe_s:.0f} s: {json.dumps(probe)}", flush=True)
             if args.profile_idle and pyspy_available():
                 out = RESULTS_DIR / f"{NAME}{'-quick' if args.quick else ''}-pyspy-idle-gateway.txt"
                 loop = asyncio.get_running_loop()
-                top_fns = await loop.run_in_executor(None, pyspy_top, gw_pid, 10, out)
+                top_fns = await loop.run_in_executor(None, pyspy_top, gw_pid, 25, out)
                 result["idle_profile"] = {"connections": points[-1].get("held"), "top": top_fns,
                                           "raw": str(out.relative_to(REPO_ROOT))}
                 print(f"connections: py-spy of the idle gateway holding {points[-1].get('held')} connections:")
@@ -339,7 +387,7 @@ def render(result: dict[str, Any]) -> str:
             continue
         rows.append([
             f"{p['connections']:,}", mib(p["gateway_rss_bytes"]),
-            f"{p['bytes_per_connection'] / 1024:.1f}", f"{p['incremental_bytes_per_connection'] / 1024:.1f}",
+            f"{p['bytes_per_connection'] / 1024:.2f}", f"{p['incremental_bytes_per_connection'] / 1024:.2f}",
             f"{p['gateway_connections']:,}" if p["gateway_connections"] is not None else "?",
             fmt(p["gateway_cpu_ms_per_connect"], 2), fmt(p.get("gateway_idle_cpu_percent"), 1),
             "met" if p["goal_met"] else "**missed**",

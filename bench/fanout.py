@@ -21,7 +21,8 @@ the post was sent), CPU-seconds and CPU µs per delivery of every process
 
     python -m bench.fanout            # default: 2,000 clients, a few minutes
     python -m bench.fanout --quick    # smoke run, well under a minute of steps
-    python -m bench.fanout --profile no   # skip the py-spy profiles (run by default when a goal is missed)
+    python -m bench.fanout --profile all  # py-spy also the admin server, a channel server and the webapp
+    python -m bench.fanout --profile no   # no py-spy (by default a gateway is profiled when a goal is missed)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -80,15 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channel-size", type=int, default=20, help="members of each small channel")
     p.add_argument("--small-rates", default="50,100,200,400", help="offered posts/s, small channels")
     p.add_argument("--big-rates", default="5,10,20,40", help="offered posts/s, #general")
-    p.add_argument("--step-s", type=float, default=8.0, help="posting time per step")
+    p.add_argument("--step-s", type=float, default=6.0, help="posting time per step")
     p.add_argument("--repeats", type=int, default=3, help="runs of every step (interleaved); tables quote the median")
     p.add_argument("--client-procs", type=int, default=2, help="load-client processes")
     p.add_argument("--max-foreign-cores", type=float, default=0.1,
                    help="re-run a step during which processes outside the benchmark used more CPU than this (shared machine)")
-    p.add_argument("--max-reruns", type=int, default=12, help="re-runs allowed in one run (bounds the time)")
+    p.add_argument("--max-reruns", type=int, default=8, help="re-runs allowed in one run (bounds the time)")
     p.add_argument("--max-inflight", type=int, default=64, help="posts in flight at once")
-    p.add_argument("--profile", default="auto", choices=["auto", "yes", "no"],
-                   help="py-spy the gateway, admin server, channel server and webapp in extra steps (auto: if a goal is missed)")
+    p.add_argument("--profile", default="auto", choices=["auto", "yes", "all", "no"],
+                   help="py-spy a gateway in two extra steps (auto: only if a goal is missed); "
+                        "all: also the admin server, a channel server and the webapp")
     p.add_argument("--quick", action="store_true", help="short smoke run (200 clients, 2 short steps each)")
     args = p.parse_args(argv)
     if args.quick:
@@ -394,6 +397,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await bench_body(bench, args, fleet, lc, result)
             finally:
                 await bench.http.close()
+                shutil.rmtree(bench.tmp, ignore_errors=True)
     return result
 
 
@@ -450,7 +454,7 @@ async def bench_body(bench: Bench, args: argparse.Namespace, fleet: FleetRun, lc
     missed = any(not s["goal_gateway_efficiency_met"] for s in result["summary"]) or any(
         s.get("goal_p99_met") is False for s in result["summary"]
     )
-    if args.profile == "yes" or (args.profile == "auto" and missed):
+    if args.profile in ("yes", "all") or (args.profile == "auto" and missed):
         result["profiles"] = await profile(bench, args, watch, result["summary"], small, big)
 
 
@@ -473,7 +477,8 @@ async def profile(bench: Bench, args: argparse.Namespace, watch: ProcWatch, summ
     if args.small:
         rate = args.small[-2] if len(args.small) > 1 else args.small[-1]
         # one profiled process per step: several py-spy at once on 2 cores lose most of their samples
-        for label in (busiest("small", "as-"), busiest("small", "cs-"), "webapp", bench.gw_labels[0]):
+        labels = [busiest("small", "as-"), busiest("small", "cs-"), "webapp"] if args.profile == "all" else []
+        for label in labels + [bench.gw_labels[0]]:
             plans.append(("small", small, rate, [label]))
     for scenario, targets, rate, labels in plans:
         duration = int(max(4, args.step_s))
