@@ -56,7 +56,8 @@ class ChannelServer:
         self.follower = self.slots.follower
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
-        self.events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
+        events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
+        self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
         self.events_out = m.counter("rtm_cs_events_out_total", "Event frames written to gateways")
         self.duplicates = m.counter("rtm_cs_duplicate_events_total", "Publishes dropped because their seq was already applied")
         self.not_owner = m.counter("rtm_cs_not_owner_total", "Requests refused because the channel is not owned here", ["op"])
@@ -227,7 +228,7 @@ class ChannelServer:
         if published is None:
             self.duplicates.inc()
             return wire.reply_ok(request_id, duplicate=True)
-        self.events_in.labels("transient" if seq is None else "persisted").inc()
+        (self.transient_in if seq is None else self.persisted_in).inc()
         sent = 0
         for index in mask_indexes(published.mask):
             gateway = self.gateways.get(index)

@@ -27,8 +27,10 @@ from typing import Any
 import aiohttp
 from websockets.asyncio.server import ServerConnection, serve as ws_serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from gateway.client_messages import ClientMessages
+from gateway.client_socket import KEEPALIVE_PING_FRAME, ClientConnection, ClientSocket, Cork
 from gateway.drain import DEFAULT_DRAIN_RATE_PER_S, Mover, RegionDrain, say_goodbye
 from gateway.presence import GatewayPresence
 from gateway.state import Effects, Fetch, GatewayState, Session, text_frame
@@ -60,8 +62,9 @@ CLOSE_TIMEOUT_S = 2.0
 RESUME_TIMEOUT_S = 3.0  # leaving one resume record at the webapp when a session moves
 SHUTDOWN_MOVE_BUDGET_S = 5.0  # on SIGTERM, move every session within this (faster than a drain if need be)
 DEFAULT_MAX_CONNECTIONS = 50_000
-# Sockets pinged per event-loop turn by the keepalive sweep: 200 pings are about
-# 20 ms of work, so deliveries never wait behind a sweep of 20,000 sockets.
+# Sockets pinged per event-loop turn by the keepalive sweep: a ping is one write
+# of a pre-built frame (~10-20 µs here), so a batch holds deliveries up for a few
+# ms at most, also in a sweep of 20,000 sockets.
 KEEPALIVE_BATCH_SOCKETS = 200
 WS_PING_INTERVAL_S = 20.0
 HELLO = b'{"type":"hello"}'
@@ -115,15 +118,14 @@ class Gateway:
         self.pending_catch_up: set[str] = set()  # channels to check against the webapp once resubscribed
         self.history_slots = asyncio.Semaphore(HISTORY_CONCURRENCY)
         self.sockets: dict[int, ServerConnection] = {}
-        self.cut_off: set[int] = set()
-        self.queued_frames: dict[int, int] = {}  # sid -> frames written since its buffer was last empty
-        self.pings: dict[int, Any] = {}  # sid -> the pong awaited for the last keepalive ping
+        self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
         self.sids = itertools.count(1)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
-        self.events_in = m.counter("rtm_gw_events_in_total", "Events received from channel servers", ["kind"])
+        events_in = m.counter("rtm_gw_events_in_total", "Events received from channel servers", ["kind"])
+        self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
         self.deliveries = m.counter("rtm_gw_deliveries_total", "Event frames written to client sockets")
         self.latency = m.histogram(
             "rtm_gw_event_latency_seconds", "From an event's origin to its fan-out at this gateway", LATENCY_BUCKETS_S
@@ -160,6 +162,7 @@ class Gateway:
             max_size=args.max_client_frame_bytes,
             compression=None,
             ping_interval=None,  # one keepalive loop for all sockets instead of a task each: see keepalive_loop
+            create_connection=ClientConnection,
             close_timeout=CLOSE_TIMEOUT_S,
             max_queue=64,
         )
@@ -250,7 +253,11 @@ class Gateway:
         del admitted
         sid = next(self.sids)
         self.sockets[sid] = ws
-        session = Session(sid=sid, user=user, team=team, write=lambda frame: self.write_frame(sid, frame))
+        client = ClientSocket(
+            ws, sid, self.args.max_client_buffer_bytes, self.args.max_client_buffer_frames, self.cut_off, self.cork
+        )
+        session = Session(sid=sid, user=user, team=team, write=client.write)
+        del client  # the session's write holds it
         try:
             await ws.send(HELLO.decode())
             self.connects.labels("ok").inc()
@@ -263,33 +270,30 @@ class Gateway:
             pass
         finally:
             self.sockets.pop(sid, None)
-            self.cut_off.discard(sid)
-            self.queued_frames.pop(sid, None)
-            self.pings.pop(sid, None)
             self.apply(self.state.detach(session))
             self.presence.detached(session)
 
     async def keepalive_loop(self) -> None:
-        """Ping every client each :data:`WS_PING_INTERVAL_S`; close one whose last
-        ping got no pong within the interval (a dead peer or a broken path).
+        """Ping every client each ``--ws-ping-interval-s``; close one that did not
+        answer the previous sweep's ping (a dead peer or a broken path).
 
-        websockets can do this per connection, but that is one task per socket;
-        one sweep costs no memory per connection beyond the pending pong.
+        websockets can do this per connection, but that is a task per socket and
+        a future per ping; the sweep writes one pre-built ping frame per socket
+        (see :class:`gateway.client_socket.ClientConnection`).
         """
         while True:
-            await asyncio.sleep(WS_PING_INTERVAL_S)
+            await asyncio.sleep(self.args.ws_ping_interval_s)
             for count, (sid, ws) in enumerate(list(self.sockets.items()), 1):
                 if count % KEEPALIVE_BATCH_SOCKETS == 0:
-                    await asyncio.sleep(0)  # each ping costs ~0.1 ms: never hold the loop for long
-                waiter = self.pings.pop(sid, None)
-                if waiter is not None and not waiter.done():
+                    await asyncio.sleep(0)  # never hold deliveries up for a whole sweep
+                if ws.state is not State.OPEN or ws.transport.is_closing():
+                    continue
+                if ws.awaiting_pong:
                     self.metrics.error("keepalive_timeout")
                     self.spawn(ws.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout"))
                     continue
-                try:
-                    self.pings[sid] = await ws.ping()
-                except ConnectionClosed:
-                    continue
+                ws.awaiting_pong = True
+                ws.transport.write(KEEPALIVE_PING_FRAME)
 
     async def admit(self, ws: ServerConnection) -> tuple[str, str, list[tuple[str, int]]] | None:
         """Check the gateway takes clients and the ticket is good, then fetch the
@@ -322,35 +326,11 @@ class Gateway:
             return None
         return ticket.user, ticket.team, [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]
 
-    def write_frame(self, sid: int, frame: bytes) -> bool:
-        """Write one pre-encoded websocket frame; cut off a client that stopped reading."""
-        ws = self.sockets.get(sid)
-        if ws is None or sid in self.cut_off:
-            return False
-        transport = ws.transport
-        if transport.is_closing():
-            return False
-        try:
-            transport.write(frame)
-        except RuntimeError:  # the client half-closed (write_eof) in between: it is leaving
-            return False
-        pending = transport.get_write_buffer_size()
-        if not pending:  # the kernel took it all: the client keeps up
-            if sid in self.queued_frames:
-                del self.queued_frames[sid]
-            return True
-        # Frames written since the buffer was last empty bound the frames queued in it.
-        frames = self.queued_frames[sid] = self.queued_frames.get(sid, 0) + 1
-        if pending > self.args.max_client_buffer_bytes or frames > self.args.max_client_buffer_frames:
-            self.cut_off.add(sid)
-            self.slow.inc()
-            log.warning("client %s (sid %s) is not reading: cut off as a slow consumer", ws.remote_address, sid)
-            self.spawn(self._cut_off(ws))
-            return False
-        return True
-
-    async def _cut_off(self, ws: ServerConnection) -> None:
-        await ws.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and catch up")
+    def cut_off(self, client: ClientSocket) -> None:
+        """``client`` stopped reading (its backlog passed the bound): close it, 4008."""
+        self.slow.inc()
+        log.warning("client %s (sid %s) is not reading: cut off as a slow consumer", client.ws.remote_address, client.sid)
+        self.spawn(client.ws.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and catch up"))
 
     def handle_client_message(self, ws: ServerConnection, session: Session, message: str | bytes) -> None:
         ClientMessages.of(self).handle(ws, session, message)  # ping, typing, message: gateway/client_messages.py
@@ -514,7 +494,9 @@ class Gateway:
             link = PeerLink(
                 f"{self.instance_id}->{owner}",
                 address=lambda: self.channel_servers.address(owner),
-                factory=lambda: PeerConnection(name=f"{self.instance_id}->{owner}", on_push=self.on_push),
+                factory=lambda: PeerConnection(
+                    name=f"{self.instance_id}->{owner}", on_push=self.on_push, on_burst=self.on_burst
+                ),
                 on_connected=resubscribe,
             )
             link.start()
@@ -532,7 +514,7 @@ class Gateway:
             delivered = self.state.stats.delivered - before
             if delivered:
                 self.deliveries.inc(delivered)
-            self.events_in.labels("transient" if seq is None else "persisted").inc()
+            (self.transient_in if seq is None else self.persisted_in).inc()
             self.latency.observe(max(0.0, time.time() - float(msg.get("t0", 0.0))))
             if seq is not None and log.isEnabledFor(logging.DEBUG):
                 log.debug("delivered %s:%s to %d sockets", channel, seq, delivered, extra={"eid": f"{channel}:{seq}", "channel": channel})
@@ -543,6 +525,13 @@ class Gateway:
                 self.apply_ctl(channel, ctl)
         elif op == "moved":
             self.spawn(self.reroute([str(ch) for ch in msg.get("chans", [])]))
+
+    def on_burst(self, starting: bool) -> None:
+        """One read from a channel server held several events: write them to each socket at once."""
+        if starting:
+            self.cork.hold()
+        else:
+            self.cork.release()
 
     def on_instances(self, instances: dict[str, Instance]) -> None:
         for gone in [owner for owner in self.links if owner not in instances]:
@@ -577,6 +566,8 @@ def build_parser() -> Parser:
     parser.add("--max-client-buffer-frames", MAX_CLIENT_BUFFER_FRAMES, "unsent frames per client before it is cut off")
     parser.add("--max-connections", DEFAULT_MAX_CONNECTIONS, "client websockets this gateway holds; past it, 1013")
     parser.add("--drain-rate-per-s", DEFAULT_DRAIN_RATE_PER_S, "sessions moved per second when the region is drained")
+    parser.add("--ws-ping-interval-s", WS_PING_INTERVAL_S, "keepalive: ping every client this often; one that has not "
+               "answered the previous ping by the next is closed (1011)")
     return parser
 
 

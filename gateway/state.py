@@ -85,6 +85,10 @@ class GatewayState:
         self.users: dict[str, set[Session]] = {}
         self.cursor: dict[str, int] = {}
         self.gaps: dict[str, list[tuple[int, bytes]]] = {}
+        # channel -> its sessions that are not simply at the cursor (a floor or a hold
+        # on that channel). Fan-out checks only these, so the common case, a channel
+        # whose sessions are all level, is one tight loop of writes.
+        self.uneven: dict[str, set[Session]] = {}
         self.stats = DeliveryStats()
 
     # -- sessions -----------------------------------------------------------------
@@ -138,15 +142,18 @@ class GatewayState:
         if seq < cursor:
             session.hold[channel] = []
             session.hold_from[channel] = seq
+            self._mark_uneven(session, channel)
             effects.fetch.append(Fetch(channel, seq, cursor, session))
         elif seq > cursor:
             session.floor[channel] = seq
+            self._mark_uneven(session, channel)
 
     def _leave(self, session: Session, channel: str, effects: Effects) -> None:
         session.channels.discard(channel)
         session.floor.pop(channel, None)
         session.hold.pop(channel, None)
         session.hold_from.pop(channel, None)
+        self._mark_level(session, channel)
         watchers = self.channels.get(channel)
         if watchers is None:
             return
@@ -156,6 +163,17 @@ class GatewayState:
             self.cursor.pop(channel, None)
             self.gaps.pop(channel, None)
             effects.unsubscribe.append(channel)
+
+    def _mark_uneven(self, session: Session, channel: str) -> None:
+        self.uneven.setdefault(channel, set()).add(session)
+
+    def _mark_level(self, session: Session, channel: str) -> None:
+        """``session`` has neither a floor nor a hold on ``channel`` any more."""
+        sessions = self.uneven.get(channel)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self.uneven[channel]
 
     # -- events ----------------------------------------------------------------------
     def deliver(self, channel: str, seq: int | None, payload: bytes, exclude_user: str | None = None) -> Fetch | None:
@@ -240,6 +258,8 @@ class GatewayState:
         """A session's catch-up history arrived: send it, then what was held meanwhile."""
         session.hold_from.pop(channel, None)
         held = session.hold.pop(channel, None)
+        if channel not in session.floor:
+            self._mark_level(session, channel)
         if held is None or session.sid not in self.sessions:
             return
         sent = set()
@@ -252,28 +272,39 @@ class GatewayState:
             self.stats.delivered += 1
 
     def _write_all(self, watchers: set[Session], channel: str, seq: int | None, frame: bytes) -> None:
-        failed: list[Session] | None = None
-        delivered = 0
-        for session in watchers:
-            if session.floor or session.hold:
-                if seq is not None:
-                    held = session.hold.get(channel)
-                    if held is not None:
-                        held.append((seq, _payload_of(frame)))
-                        continue
-                    floor = session.floor.get(channel)
-                    if floor is not None:
-                        if seq <= floor:
-                            continue
-                        del session.floor[channel]
-            if session.write(frame):
-                delivered += 1
-            else:
-                failed = failed or []
-                failed.append(session)
+        uneven = self.uneven.get(channel) if seq is not None else None
+        delivered = failed = 0
+        if uneven is None:  # the hot path: one write per socket, nothing else
+            for session in watchers:
+                if session.write(frame):
+                    delivered += 1
+                else:
+                    failed += 1
+        else:
+            for session in watchers:
+                if session in uneven and not self._passes(session, channel, seq, frame):  # type: ignore[arg-type]
+                    continue
+                if session.write(frame):
+                    delivered += 1
+                else:
+                    failed += 1
         self.stats.delivered += delivered
-        if failed:
-            self.stats.dropped_sessions += len(failed)
+        self.stats.dropped_sessions += failed
+
+    def _passes(self, session: Session, channel: str, seq: int, frame: bytes) -> bool:
+        """Whether an uneven session takes event ``seq`` now: a held session queues it,
+        a session with a floor skips it up to the floor, then is level again."""
+        held = session.hold.get(channel)
+        if held is not None:
+            held.append((seq, _payload_of(frame)))
+            return False
+        floor = session.floor.get(channel)
+        if floor is not None:
+            if seq <= floor:
+                return False
+            del session.floor[channel]
+            self._mark_level(session, channel)
+        return True
 
 
 def _payload_of(frame: bytes) -> bytes:

@@ -49,6 +49,7 @@ RequestHandler = Callable[["PeerConnection", Message], "Message | Awaitable[Mess
 PushHandler = Callable[["PeerConnection", Message], None]
 CloseHandler = Callable[["PeerConnection", "BaseException | None"], None]
 ErrorHandler = Callable[["PeerConnection", BaseException], None]
+BurstHandler = Callable[[bool], None]
 
 
 def _ignore_push(conn: PeerConnection, msg: Message) -> None:
@@ -70,12 +71,17 @@ class PeerConnection(asyncio.Protocol):
         on_push: PushHandler = _ignore_push,
         on_close: CloseHandler | None = None,
         on_protocol_error: ErrorHandler | None = None,
+        on_burst: BurstHandler | None = None,
         max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
         max_send_buffer_bytes: int = DEFAULT_MAX_SEND_BUFFER_BYTES,
     ) -> None:
         self.name = name
         self.on_request = on_request
         self.on_push = on_push
+        # Called with True before and False after dispatching the frames of one read
+        # that held more than one frame: lets a receiver batch its own output
+        # (the gateway writes a burst of events to each client socket at once).
+        self.on_burst = on_burst
         self.on_close = on_close
         self.on_protocol_error = on_protocol_error
         self.max_send_buffer_bytes = max_send_buffer_bytes
@@ -104,10 +110,17 @@ class PeerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         frames = self.decoder.feed(data)
-        for frame in frames:
-            if not self.is_open:
-                return
-            self._dispatch(frame)
+        burst = self.on_burst is not None and len(frames) > 1
+        if burst:
+            self.on_burst(True)  # type: ignore[misc]
+        try:
+            for frame in frames:
+                if not self.is_open:
+                    return
+                self._dispatch(frame)
+        finally:
+            if burst:
+                self.on_burst(False)  # type: ignore[misc]
         if self.decoder.error is not None:
             self._fail(self.decoder.error)
 

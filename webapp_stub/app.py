@@ -152,7 +152,7 @@ async def start_webapp(args: argparse.Namespace, *, discovery: DiscoveryLike | N
     secret = load_secret(args.secret, args.data_dir)
     stack = AsyncExitStack()
     try:
-        store = Store(args.data_dir)
+        store = Store(args.data_dir, background_checkpoints=True)  # checkpoints off the event loop
         stack.callback(store.close)
         metrics = ServiceMetrics(SERVICE, iid)
 

@@ -3,7 +3,8 @@
 This is the sans-I/O core of the webapp: no asyncio, no sockets. The aiohttp
 layer (:mod:`webapp_stub.api`) calls it directly; every call is one short
 transaction on one connection, which SQLite in WAL mode serves in tens of
-microseconds.
+microseconds. In the webapp process, WAL checkpoints (the one slow, fsyncing
+part) run on a thread of their own: see :mod:`webapp_stub.checkpoint`.
 
 Guarantees
 ----------
@@ -45,6 +46,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
+
+from webapp_stub.checkpoint import WalCheckpointer
 
 DB_FILE = "webapp.db"
 MAX_TEXT_CHARS = 40_000  # Slack's limit for chat.postMessage text
@@ -372,7 +375,20 @@ def dumps(obj: Any) -> str:
 class Store:
     """All webapp state in ``<data_dir>/webapp.db`` (or ``path`` if it names a file)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        background_checkpoints: bool = False,
+    ) -> None:
+        """Open (creating if needed) and migrate the database.
+
+        With ``background_checkpoints`` (the webapp process), WAL checkpoints
+        run on a thread of their own (:mod:`webapp_stub.checkpoint`) instead of
+        inside whichever commit fills the WAL; :meth:`close` stops that thread.
+        Without it (tools, the seed, tests), SQLite checkpoints on commit as usual.
+        """
         path = os.fspath(path)
         if os.path.isdir(path) or not path.endswith(".db"):
             os.makedirs(path, exist_ok=True)
@@ -390,6 +406,11 @@ class Store:
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.executescript(SCHEMA)
         self._migrate()
+        self.checkpointer: WalCheckpointer | None = None
+        if background_checkpoints:
+            WalCheckpointer.take_over(self.conn)
+            self.checkpointer = WalCheckpointer(path)
+            self.checkpointer.start()
 
     def _migrate(self) -> None:
         """Add the columns of :data:`MIGRATIONS` that an older database lacks, then their indexes."""
@@ -400,6 +421,14 @@ class Store:
         self.conn.executescript(INDEXES)
 
     def close(self) -> None:
+        """Stop the checkpoint thread, if any, then close the connection.
+
+        Closing the last connection to the file checkpoints the WAL into the
+        database and removes it (SQLite's own behaviour on close).
+        """
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+            self.checkpointer = None
         self.conn.close()
 
     @contextmanager

@@ -207,6 +207,37 @@ async def test_pushes_both_ways(endpoint: Endpoint) -> None:
         client.close()
 
 
+async def test_a_read_of_several_pushes_is_bracketed_as_a_burst() -> None:
+    calls: list[Any] = []
+    conn = PeerConnection(on_push=lambda c, m: calls.append(m["seq"]), on_burst=calls.append)
+
+    class Transport:  # enough of one for a connection that only receives
+        def get_extra_info(self, name: str) -> None:
+            return None
+
+        def is_closing(self) -> bool:
+            return False
+
+        def abort(self) -> None:
+            pass
+
+    conn.connection_made(Transport())  # type: ignore[arg-type]
+    one = wire.encode_event("C1", 1, b"{}", 1.0)
+    conn.data_received(one)  # a single frame: no burst
+    assert calls == [1]
+    calls.clear()
+    conn.data_received(wire.encode_event("C1", 2, b"{}", 1.0) + wire.encode_event("C1", 3, b"{}", 1.0))
+    assert calls == [True, 2, 3, False]
+    calls.clear()
+
+    def failing(c: Any, m: Any) -> None:
+        raise RuntimeError("bad push")
+
+    conn.on_push = failing  # a push that fails still closes the burst
+    conn.data_received(one + one)
+    assert calls[0] is True and calls[-1] is False
+
+
 # -- protocol errors ------------------------------------------------------------------------
 
 

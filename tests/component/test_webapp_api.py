@@ -307,6 +307,29 @@ async def test_events_posted_without_an_admin_server_are_handed_off_after_restar
         await again.stop()
 
 
+async def test_checkpoints_run_beside_the_event_loop_and_stop_with_the_webapp(tmp_path: Path, fake_as: FakeAdminServer) -> None:
+    app = await start(tmp_path, fake_as)
+    store = app.stop.parts["store"]
+    checkpointer = store.checkpointer
+    try:
+        assert checkpointer is not None and checkpointer.running
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # no checkpoint inside a commit
+        general, alice = app.channel("general"), app.user("alice")
+        for i in range(5):
+            assert (await app.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1]["ok"]
+        async with app.session.get(f"{app.url}/metrics") as resp:
+            text = await resp.text()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        method = ("method", "chat.postMessage")
+        assert samples[("rtm_webapp_requests_total", (method, ("outcome", "ok")))] == 5
+        assert samples[("rtm_webapp_request_seconds_count", (method,))] == 5
+    finally:
+        await app.session.close()
+        await app.stop()
+    assert not checkpointer.running and store.checkpointer is None
+
+
 async def test_rtm_connect_mints_a_ticket_for_a_healthy_gateway(webapp: Webapp) -> None:
     alice = webapp.user("alice")
     _, reply = await webapp.call("rtm.connect", alice["token"])
@@ -632,3 +655,15 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
         text = await resp.text()
     for step, count in (("recorded", 1), ("claimed", 2), ("used", 1), ("expired", 1)):
         assert f'rtm_webapp_resumes_total{{step="{step}"}} {count}.0' in text, step
+
+
+async def test_internal_api_test_errors_do_not_become_label_values(webapp: Webapp) -> None:
+    alice = webapp.user("alice")
+    for error in ("made_up_1", "made_up_2"):
+        status, body = await webapp.internal("call/api.test", {"user": alice["id"], "error": error})
+        assert status == 200 and body["ok"] is False and body["error"] == error, body
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        text = await resp.text()
+    outcomes = {s.labels["outcome"] for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == "rtm_webapp_requests_total" and s.labels.get("method") == "internal.api.test"}
+    assert outcomes == {"api_test_error"}

@@ -302,6 +302,7 @@ def test_session_behind_the_cursor_is_held_until_fill_session() -> None:
     state.fill_session(s2, "C1", history("C1", 3, 5))
     assert sock2.seqs() == [3, 4, 5, 6, 7]
     assert s2.hold == {}
+    assert state.uneven == {}  # level again: back on the fan-out's fast path
     deliver(state, "C1", 8)
     assert sock1.seqs() == list(range(1, 9))
     assert sock2.seqs() == [3, 4, 5, 6, 7, 8]
@@ -371,6 +372,7 @@ def test_session_ahead_of_the_cursor_skips_up_to_its_bootstrap() -> None:
     assert sock1.seqs() == [3, 4, 5, 6, 7]
     assert sock2.seqs() == [6, 7]
     assert s2.floor == {}
+    assert state.uneven == {}
 
 
 def test_floor_holds_across_a_gap_fill() -> None:
@@ -383,6 +385,26 @@ def test_floor_holds_across_a_gap_fill() -> None:
     state.fill("C1", history("C1", 3, 5))
     assert sock1.seqs() == [3, 4, 5, 6]
     assert sock2.seqs() == [5, 6]
+
+
+def test_uneven_sessions_are_tracked_per_channel_until_level_or_gone() -> None:
+    state = GatewayState()
+    s1, _ = session()
+    state.attach(s1, [("C1", 5), ("C2", 5)])
+    behind, _ = session(user="U2")
+    ahead, _ = session(user="U3")
+    state.attach(behind, [("C1", 3)])
+    state.attach(ahead, [("C1", 7), ("C2", 9)])
+    assert state.uneven == {"C1": {behind, ahead}, "C2": {ahead}}
+    state.leave("U3", "C2")
+    assert state.uneven == {"C1": {behind, ahead}}
+    state.detach(behind)  # gone while held
+    assert state.uneven == {"C1": {ahead}}
+    deliver(state, "C1", 6, 7)
+    assert state.uneven == {"C1": {ahead}}  # seq 7 is still at its floor
+    deliver(state, "C1", 8)
+    assert state.uneven == {}
+    assert ahead.floor == {}
 
 
 # -- join / leave ---------------------------------------------------------------------

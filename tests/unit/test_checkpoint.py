@@ -1,0 +1,179 @@
+"""webapp_stub.checkpoint: WAL checkpoints on their own connection and thread.
+
+Most tests drive :meth:`WalCheckpointer.poll` synchronously with a fake clock;
+two start the real thread and check that closing stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import wait_until
+from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES, WalCheckpointer
+from webapp_stub.seed import seed_demo
+from webapp_stub.store import Store
+
+SMALL_WAL_BYTES = 256 * 1024
+POSTS = 1500
+POSTS_PER_POLL = 10
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def checkpoint_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("rtm-wal-checkpoint")]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    yield
+    assert checkpoint_threads() == []
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A store whose writer does not checkpoint (as with background_checkpoints) but has no thread."""
+    s = Store(str(tmp_path))
+    WalCheckpointer.take_over(s.conn, SMALL_WAL_BYTES)
+    yield s
+    s.close()
+
+
+def post(store: Store, seed: dict, count: int) -> None:
+    general = store.channel(seed["channels"][0]["id"])
+    alice = store.user(seed["users"][0]["id"])
+    for i in range(count):
+        store.post_message(general, alice, f"message {i} " + "x" * 200)
+
+
+def pragma(store: Store, name: str) -> int:
+    return int(store.conn.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+def test_take_over_sets_the_writer_pragmas(tmp_path: Path) -> None:
+    plain = Store(str(tmp_path / "plain"))
+    assert pragma(plain, "wal_autocheckpoint") == 1000  # SQLite checkpoints inside commits
+    plain.close()
+    s = Store(str(tmp_path / "taken"))
+    WalCheckpointer.take_over(s.conn)
+    assert pragma(s, "wal_autocheckpoint") == 0
+    assert pragma(s, "journal_size_limit") == WAL_CHECKPOINT_BYTES
+    s.close()
+
+
+def test_checkpoint_copies_every_frame_and_the_writer_then_restarts_the_wal(store: Store) -> None:
+    seed = seed_demo(store)
+    post(store, seed, 20)
+    ckpt = WalCheckpointer(store.path)
+    busy, frames, copied = ckpt.checkpoint()  # type: ignore[misc]
+    assert busy == 0 and frames > 0 and copied == frames
+    post(store, seed, 1)  # the next commit starts the WAL over
+    assert ckpt.checkpoint()[1] < frames  # type: ignore[index]
+    assert ckpt.checkpoints == 2 and ckpt.failures == 0
+    ckpt.close()
+
+
+def test_due_when_the_wal_passes_the_bound_or_the_interval_is_up(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ckpt = WalCheckpointer(str(tmp_path / "x.db"), interval_s=60.0, wal_bytes=1000, clock=clock)
+    assert not ckpt.due(clock.now, 0)
+    assert not ckpt.due(clock.now, 1000)
+    assert ckpt.due(clock.now, 1001)
+    clock.now += 60.0
+    assert ckpt.due(clock.now, 0)
+
+
+def test_poll_checkpoints_past_the_bound_and_on_the_interval(store: Store) -> None:
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    assert not ckpt.poll()  # below the bound, interval not up
+    post(store, seed, 30)
+    assert ckpt.wal_size() > SMALL_WAL_BYTES
+    assert ckpt.poll() and ckpt.checkpoints == 1 and ckpt.last is not None and ckpt.last[2] == ckpt.last[1] > 0
+    post(store, seed, 1)  # restarts the WAL and cuts the file back to the bound
+    assert ckpt.wal_size() <= SMALL_WAL_BYTES
+    assert not ckpt.poll()
+    clock.now += 60.0
+    assert ckpt.poll() and ckpt.checkpoints == 2  # the interval applies below the bound
+    ckpt.close()
+
+
+def test_wal_stays_bounded_under_writes(tmp_path: Path, store: Store) -> None:
+    seed = seed_demo(store)
+    ckpt = WalCheckpointer(store.path, interval_s=3600.0, wal_bytes=SMALL_WAL_BYTES, clock=FakeClock())
+    largest = 0
+    for _ in range(POSTS // POSTS_PER_POLL):
+        post(store, seed, POSTS_PER_POLL)
+        largest = max(largest, ckpt.wal_size())
+        ckpt.poll()
+    ckpt.close()
+    assert ckpt.failures == 0 and ckpt.checkpoints >= 10
+    # The bound, plus what one poll interval's writes add, plus the frames the
+    # last checkpoint could not yet have copied.
+    assert largest < 3 * SMALL_WAL_BYTES, largest
+
+    # The same writes with nobody checkpointing: the WAL only grows.
+    unchecked = Store(str(tmp_path / "unchecked"))
+    WalCheckpointer.take_over(unchecked.conn, SMALL_WAL_BYTES)
+    post(unchecked, seed_demo(unchecked), POSTS)
+    assert os.path.getsize(unchecked.path + "-wal") > 10 * SMALL_WAL_BYTES
+    unchecked.close()
+
+
+def test_a_failed_checkpoint_is_counted_not_raised(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not a database" * 100)
+    ckpt = WalCheckpointer(str(path))
+    assert ckpt.checkpoint() is None
+    assert ckpt.failures == 1 and ckpt.last is None
+    ckpt.close()
+
+
+def test_the_thread_checkpoints_and_close_stops_it(store: Store) -> None:
+    seed = seed_demo(store)
+    ckpt = WalCheckpointer(store.path, interval_s=0.05, poll_s=0.01, wal_bytes=SMALL_WAL_BYTES)
+    ckpt.start()
+    try:
+        assert ckpt.running and len(checkpoint_threads()) == 1
+        with pytest.raises(RuntimeError):
+            ckpt.start()
+        post(store, seed, 5)
+        wait_until(lambda: ckpt.last is not None and ckpt.last[1] > 0 and ckpt.last[2] == ckpt.last[1],
+                   what="a background checkpoint of the posted frames")
+    finally:
+        ckpt.close()
+    assert not ckpt.running and checkpoint_threads() == []
+    ckpt.close()  # idempotent
+
+
+def test_store_with_background_checkpoints_stops_them_on_close_and_keeps_its_data(tmp_path: Path) -> None:
+    s = Store(str(tmp_path), background_checkpoints=True)
+    assert s.checkpointer is not None and s.checkpointer.running
+    assert pragma(s, "wal_autocheckpoint") == 0
+    seed = seed_demo(s)
+    post(s, seed, 50)
+    last_seq = s.last_seq(seed["channels"][0]["id"])
+    s.close()
+    assert checkpoint_threads() == []
+    assert not os.path.exists(os.path.join(tmp_path, "webapp.db-wal"))  # the last connection's close checkpointed it
+
+    again = Store(str(tmp_path))
+    assert again.checkpointer is None and pragma(again, "wal_autocheckpoint") == 1000
+    general = again.channel(seed["channels"][0]["id"])
+    messages, _, _ = again.history(general.id, limit=100)
+    assert len(messages) == 50 and messages[0]["text"].startswith("message 49 ")
+    _, event = again.post_message(general, again.user(seed["users"][0]["id"]), "after reopen")
+    assert event.seq == last_seq + 1
+    again.close()

@@ -1,0 +1,172 @@
+"""WAL checkpoints on a background thread, off the event loop.
+
+SQLite in WAL mode appends every commit to ``webapp.db-wal``; a *checkpoint*
+copies those pages back into ``webapp.db`` and fsyncs both files. By default
+SQLite runs one automatically inside the ``COMMIT`` that takes the WAL past
+1,000 pages: that one ``chat.postMessage`` then waits for the copy and two
+fsyncs in the event loop's thread (5-20 ms here, against 0.3 ms for an
+ordinary post), and so does every request queued behind it.
+
+:class:`WalCheckpointer` takes that work over. :meth:`take_over` turns the
+automatic checkpoint off on the writer's connection (and caps the size the WAL
+file keeps after it restarts); a daemon thread with its own connection to the
+same file runs ``PRAGMA wal_checkpoint(PASSIVE)`` when the WAL file grows past
+:data:`WAL_CHECKPOINT_BYTES`, and at least every
+:data:`WAL_CHECKPOINT_INTERVAL_S`. A passive checkpoint never waits for the
+writer and the writer never waits for it: the event loop keeps committing to
+the WAL while the thread copies and fsyncs (the sqlite3 module releases the
+GIL while SQLite works). Durability is unchanged: with ``synchronous=NORMAL``
+a commit is durable across a process crash once it is in the WAL,
+checkpointed or not.
+
+One fsync stays with the writer: after a complete checkpoint, the next commit
+starts the WAL over from its beginning and SQLite syncs the new WAL header
+before writing frames behind it (crash safety; not configurable short of
+``synchronous=OFF``). So checkpoints are driven by size rather than by a
+short timer: the fewer times the WAL starts over, the fewer of those stalls;
+see :data:`WAL_CHECKPOINT_BYTES`.
+
+Contract: :meth:`start` once, :meth:`close` once (idempotent); after
+:meth:`close` returns the thread has stopped and its connection is closed.
+A failed checkpoint is logged and retried later; it never raises into the
+writer. :meth:`poll` is the thread's one step, callable synchronously (tests
+call it without starting the thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("rtm.webapp.checkpoint")
+
+# Checkpoint as soon as the WAL file is larger than this. Every complete
+# checkpoint costs the writer one fsync (of the restarted WAL's header) on its
+# next commit, so this sets how often that happens: a chat.postMessage writes
+# about 23 KiB of WAL (5-6 pages), so 16 MiB is one such stall per ~700 posts.
+# (SQLite's own bound, 1,000 pages or 4 MiB, meant a two-fsync checkpoint in
+# one commit and the header fsync in the next, every ~180 posts.) A longer WAL
+# costs little: page lookups in it are hashed, and crash recovery reads it
+# once. Also the size the WAL file is cut back to when the writer restarts it
+# (PRAGMA journal_size_limit), so a burst leaves no large file behind.
+WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
+# And at least this often when the WAL is below that size (with nothing to
+# copy, a checkpoint is a few microseconds of locking): a quiet webapp's
+# writes still reach the database file within a minute.
+WAL_CHECKPOINT_INTERVAL_S = 60.0
+# How often the thread looks at the WAL file's size (one stat() call). Writes
+# between two looks overshoot the bound: ~2 MiB at 1,000 posts/s.
+WAL_CHECKPOINT_POLL_S = 0.1
+# close() waits this long for a checkpoint in progress before giving up on the thread.
+WAL_CHECKPOINT_JOIN_TIMEOUT_S = 10.0
+
+
+class WalCheckpointer:
+    """Checkpoints the WAL of the SQLite file at ``path`` from its own connection and thread."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        interval_s: float = WAL_CHECKPOINT_INTERVAL_S,
+        poll_s: float = WAL_CHECKPOINT_POLL_S,
+        wal_bytes: int = WAL_CHECKPOINT_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.wal_path = path + "-wal"
+        self.interval_s = interval_s
+        self.poll_s = poll_s
+        self.wal_bytes = wal_bytes
+        self.clock = clock
+        self.checkpoints = 0  # checkpoints run (successful or not)
+        self.failures = 0
+        self.last: tuple[int, int, int] | None = None  # (busy, WAL frames, frames checkpointed) of the last one
+        self._next_at = clock() + interval_s
+        self._conn: sqlite3.Connection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def take_over(conn: sqlite3.Connection, wal_bytes: int = WAL_CHECKPOINT_BYTES) -> None:
+        """Stop ``conn`` (the writer) from checkpointing in its own commits."""
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA journal_size_limit={int(wal_bytes)}")
+
+    # -- the thread -------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("checkpointer already started")
+        self._thread = threading.Thread(target=self._run, name=f"rtm-wal-checkpoint:{os.path.basename(self.path)}", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.poll_s):
+                self.poll()
+        finally:
+            self._close_conn()
+
+    def close(self, timeout_s: float = WAL_CHECKPOINT_JOIN_TIMEOUT_S) -> None:
+        """Stop the thread (waiting for a checkpoint in progress) and close its connection."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("WAL checkpoint thread still busy after %.1fs; leaving it to finish", timeout_s)
+                return
+        self._close_conn()
+
+    # -- one step ------------------------------------------------------------------------
+    def wal_size(self) -> int:
+        try:
+            return os.path.getsize(self.wal_path)
+        except FileNotFoundError:
+            return 0
+
+    def due(self, now: float, wal_size: int) -> bool:
+        """Whether to checkpoint now: the WAL file is past the bound, or the interval is up.
+
+        The file stays past the bound after a complete checkpoint until the
+        writer's next commit restarts (and truncates) it; the polls in between
+        run checkpoints with nothing to copy, which cost no fsync.
+        """
+        return wal_size > self.wal_bytes or now >= self._next_at
+
+    def poll(self) -> bool:
+        """Checkpoint if :meth:`due`; returns whether it did."""
+        size = self.wal_size()
+        if not self.due(self.clock(), size):
+            return False
+        self.checkpoint()
+        return True
+
+    def checkpoint(self) -> tuple[int, int, int] | None:
+        """One ``PRAGMA wal_checkpoint(PASSIVE)``: (busy, WAL frames, frames copied), None if it failed."""
+        self.checkpoints += 1
+        self._next_at = self.clock() + self.interval_s
+        try:
+            if self._conn is None:
+                # Used by one thread at a time: the checkpoint thread, or a test calling poll().
+                self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]  # fetchall: no statement left open
+        except sqlite3.Error as exc:
+            self.failures += 1
+            log.warning("WAL checkpoint of %s failed (retried when next due): %s", self.path, exc)
+            return None
+        self.last = (int(row[0]), int(row[1]), int(row[2]))
+        return self.last
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
