@@ -35,16 +35,14 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
+from bench.control import control_loop
 from bench.harness import (
-    REPO_ROOT,
-    RESULTS_DIR,
     ForeignLoad,
     LoadClient,
     ProcWatch,
@@ -54,8 +52,9 @@ from bench.harness import (
     machine_info,
     md_table,
     plt,
+    publish,
     raise_nofile,
-    save_json,
+    save_figure,
     save_text,
 )
 
@@ -76,35 +75,7 @@ def message(round_id: int, send_us: int) -> str:
     return head + "x" * pad + tail
 
 
-# -- child processes: a JSON-lines control loop on stdin/stdout ------------------------------------
-
-
-async def control_loop(handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]], on_eof: Callable[[], Awaitable[Any]]) -> None:
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def reader() -> None:
-        for line in sys.stdin:
-            loop.call_soon_threadsafe(lines.put_nowait, line)
-        loop.call_soon_threadsafe(lines.put_nowait, None)
-
-    threading.Thread(target=reader, daemon=True).start()
-    while True:
-        line = await lines.get()
-        if line is None:  # the controller went away: stop
-            await on_eof()
-            return
-        req = json.loads(line)
-        cmd = req.get("cmd")
-        handler = handlers.get(cmd)
-        try:
-            reply = await handler(req) if handler else {"ok": False, "error": f"unknown cmd {cmd!r}"}
-        except Exception as exc:  # noqa: BLE001 - reported to the controller
-            reply = {"ok": False, "error": repr(exc)}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-        if cmd == "quit":
-            return
+# -- child processes: the server and the clients, each answering bench.control's JSON lines --------
 
 
 async def server_role(ping_interval: float | None) -> None:
@@ -151,7 +122,7 @@ async def server_role(ping_interval: float | None) -> None:
                 pass
             return {"ok": True}
 
-        await control_loop({"info": info, "run": run, "quit": quit_}, on_eof=lambda: quit_({}))
+        await control_loop({"info": info, "run": run, "quit": quit_})
 
 
 async def client_role() -> None:
@@ -189,16 +160,7 @@ async def client_role() -> None:
         return {"ok": True, "connected": len(connected), "conns": connected, "failed": n - len(connected),
                 "errors": errors, "elapsed_s": time.monotonic() - started}
 
-    async def stat(req: dict[str, Any]) -> dict[str, Any]:
-        return lcm.stat()
-
-    async def dump(req: dict[str, Any]) -> dict[str, Any]:
-        return lcm.dump(str(req["path"]))
-
-    async def quit_(req: dict[str, Any]) -> dict[str, Any]:
-        return await lcm.quit_all()
-
-    await control_loop({"connect": connect, "stat": stat, "dump": dump, "quit": quit_}, on_eof=lcm.quit_all)
+    await control_loop({"connect": connect, "stat": lcm.stat, "dump": lcm.dump, "quit": lcm.quit_all})
 
 
 # -- the controller --------------------------------------------------------------------------------
@@ -214,16 +176,12 @@ class Child(LoadClient):
         self.role = role
         self.extra = list(extra or [])
 
+    def child_args(self) -> list[str]:
+        return ["-m", "bench.broadcast", "--role", self.role, *self.extra]
+
     async def start(self, env: dict[str, str] | None = None) -> None:
-        child_env = dict(os.environ)
-        child_env.update(env or {})
-        child_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.broadcast", "--role", self.role, *self.extra,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            cwd=str(REPO_ROOT), env=child_env, limit=64 * 1024 * 1024,
-        )
-        CHILD_PIDS.append(self.proc.pid)
+        await super().start(env)
+        CHILD_PIDS.append(self.pid)
 
 
 def kill_leftovers() -> list[int]:
@@ -547,7 +505,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines[:3]) + "\n" + "\n\n".join(lines[3:])
 
 
-def plot(result: dict[str, Any], name: str) -> Path:
+def plot(result: dict[str, Any], name: str) -> None:
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7.5, 4.5))
     summary = result["summary"]
@@ -576,10 +534,7 @@ def plot(result: dict[str, Any], name: str) -> Path:
     ax.legend(fontsize=8)
     ax.set_title(f"bare websockets.broadcast() server, {result['connect']['connected']:,} clients, {result['machine']['nproc']} cores\n"
                  "median of repeats (lines), each repeat (dots)", fontsize=10)
-    fig.tight_layout()
-    path = RESULTS_DIR / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    return path
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,14 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         if killed:
             print(f"broadcast: killed leftover child processes {killed}", file=sys.stderr)
     result["elapsed_s"] = time.monotonic() - started
-    name = NAME + ("-quick" if args.quick else "")
-    save_json(name, result)
-    table = render(result)
-    save_text(f"{name}.md", table + "\n")
-    plot(result, name)
-    print()
-    print(table)
-    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
+    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
     return 0
 
 

@@ -25,7 +25,6 @@ import urllib.request
 from typing import Any
 
 from bench.harness import (
-    RESULTS_DIR,
     cpu_seconds,
     fmt,
     free_port_base,
@@ -34,17 +33,19 @@ from bench.harness import (
     md_table,
     mib,
     plt,
-    rss_bytes,
+    publish,
     rtm_env,
-    save_json,
-    save_text,
+    save_figure,
+    settled_rss,
 )
 
 NAME = "channels"
 GOAL_BYTES_PER_CHANNEL = 300
 CS_ID = "cs-bench"
 GW_ID = "bench-gw"
-SETTLE_BAND_BYTES = 256 * 1024
+SETTLE_BAND_BYTES = 256 * 1024  # RSS has settled: 3 samples (1 s apart) within this band,
+SETTLE_MIN_S = 3.0  # not before this,
+SETTLE_MAX_S = 30.0  # or after this, whatever they are
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,18 +71,6 @@ def http_json(url: str, method: str = "GET", body: bytes | None = None) -> Any:
     with urllib.request.urlopen(req, timeout=10) as resp:
         raw = resp.read()
     return json.loads(raw) if raw else None
-
-
-async def settled_rss(pid: int, max_s: float = 30.0, min_s: float = 3.0) -> tuple[int, list[int]]:
-    samples: list[int] = []
-    started = time.monotonic()
-    while time.monotonic() - started < max_s:
-        await asyncio.sleep(1.0)
-        samples.append(rss_bytes(pid))
-        last = samples[-3:]
-        if time.monotonic() - started >= min_s and len(last) == 3 and max(last) - min(last) <= SETTLE_BAND_BYTES:
-            break
-    return samples[-1], samples
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +112,7 @@ async def measure(args: argparse.Namespace, pid: int, port: int, metrics_port: i
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the channel server never adopted ring v1: {reply}")
             await asyncio.sleep(0.1)
-        rss0, samples0 = await settled_rss(pid)
+        rss0, samples0 = await settled_rss(pid, SETTLE_BAND_BYTES, SETTLE_MAX_S, SETTLE_MIN_S)
         points: list[dict[str, Any]] = [{"channels": 0, "cs_rss_bytes": rss0, "settle_samples": samples0}]
         print(f"channels: channel server RSS with no channel: {mib(rss0)} MiB", flush=True)
         have = 0
@@ -139,7 +128,7 @@ async def measure(args: argparse.Namespace, pid: int, port: int, metrics_port: i
                 have += n
             sub_s = time.monotonic() - t0
             sub_cpu = cpu_seconds(pid) - cpu0
-            rss, samples = await settled_rss(pid)
+            rss, samples = await settled_rss(pid, SETTLE_BAND_BYTES, SETTLE_MAX_S, SETTLE_MIN_S)
             held = http_json(f"http://127.0.0.1:{metrics_port}/healthz")
             prev = points[-1]
             point = {
@@ -199,8 +188,7 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.set_title("rtm channel server memory per channel")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,14 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     result = asyncio.run(run(args))
     result["elapsed_s"] = time.monotonic() - started
-    name = NAME + ("-quick" if args.quick else "")
-    save_json(name, result)
-    table = render(result)
-    save_text(f"{name}.md", table + "\n")
-    plot(result, name)
-    print()
-    print(table)
-    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
+    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
     return 0
 
 

@@ -44,17 +44,20 @@ from bench.harness import (
     md_table,
     mib,
     plt,
+    publish,
     pyspy_available,
     pyspy_top,
     raise_nofile,
     rss_bytes,
+    save_figure,
     save_json,
-    save_text,
+    settled_rss,
 )
 
 NAME = "connections"
 GOAL_BYTES_PER_CONN = 16 * 1024
-SETTLE_BAND_BYTES = 64 * 1024
+SETTLE_BAND_BYTES = 64 * 1024  # RSS has settled: 3 samples (1 s apart) within this band,
+SETTLE_MIN_S = 4.0  # not before this (--settle-s: the longest wait)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,19 +162,6 @@ def health(port: int) -> dict[str, Any]:
         return dict(json.loads(resp.read()))
 
 
-async def settled_rss(pid: int, max_s: float, min_s: float = 4.0) -> tuple[int, list[int]]:
-    """Sample RSS each second; return once 3 consecutive samples lie within the band (after min_s)."""
-    samples: list[int] = []
-    started = time.monotonic()
-    while time.monotonic() - started < max_s:
-        await asyncio.sleep(1.0)
-        samples.append(rss_bytes(pid))
-        last = samples[-3:]
-        if time.monotonic() - started >= min_s and len(last) == 3 and max(last) - min(last) <= SETTLE_BAND_BYTES:
-            break
-    return samples[-1], samples
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     top = args.count_list[-1]
     nofile = raise_nofile(max(65536, 2 * top + 4096))
@@ -193,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         n_addrs = max(1, -(-top // args.per_addr))
         addrs = [f"127.0.0.{2 + k}" for k in range(n_addrs)]
         async with LoadClients(args.client_procs) as lc:
-            rss0, samples0 = await settled_rss(gw_pid, args.settle_s)
+            rss0, samples0 = await settled_rss(gw_pid, SETTLE_BAND_BYTES, args.settle_s, SETTLE_MIN_S)
             points = [{"connections": 0, "held": 0, "gateway_rss_bytes": rss0, "settle_samples": samples0}]
             print(f"connections: gateway RSS with no connection: {mib(rss0)} MiB", flush=True)
             have = 0
@@ -224,7 +214,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         retries[k] = retries.get(k, 0) + v
                 have = count
                 held = health(gw_metrics)
-                rss, samples = await settled_rss(gw_pid, args.settle_s)
+                rss, samples = await settled_rss(gw_pid, SETTLE_BAND_BYTES, args.settle_s, SETTLE_MIN_S)
                 idle0, t_idle = cpu_seconds(gw_pid), time.monotonic()
                 await asyncio.sleep(args.idle_s)  # held and idle: websocket keepalive pings, Consul TTL
                 idle_pct = (cpu_seconds(gw_pid) - idle0) / (time.monotonic() - t_idle) * 100
@@ -416,8 +406,7 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.set_title("rtm gateway memory per connection")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,14 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = asyncio.run(run(args))
     result["elapsed_s"] = time.monotonic() - started
-    name = NAME + ("-quick" if args.quick else "")
-    save_json(name, result)
-    table = render(result)
-    save_text(f"{name}.md", table + "\n")
-    plot(result, name)
-    print()
-    print(table)
-    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
+    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
     return 0
 
 

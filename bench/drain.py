@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from bench.fleet_events import Api, EvClients, Poster, deliveries, now_us, pct, prom_values
-from bench.harness import FleetRun, ProcWatch, RESULTS_DIR, diff, fmt, install_uvloop, machine_info, md_table, plt, raise_nofile, save_json, save_text
+from bench.harness import FleetRun, ProcWatch, diff, fmt, install_uvloop, machine_info, md_table, plt, publish, raise_nofile, save_figure
 
 NAME = "drain"
 DRAIN_REGION = "eu-west"
@@ -333,8 +332,7 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, markerscale=4)
     fig.suptitle(f"rtm region drain, {result['config']['clients']:,} clients moved, {result['machine']['nproc']} cores")
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    save_figure(fig, name)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -357,16 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args))
     result["elapsed_s"] = time.monotonic() - started
     result["loadavg_1m"] = {"start": load0[0], "end": os.getloadavg()[0]}
-    name = NAME + ("-quick" if args.quick else "")
-    table = render(result)
-    plot(result, name)
-    for r in result["runs"]:
-        r.pop("_plot", None)
-    save_json(name, result)
-    save_text(f"{name}.md", table + "\n")
-    print()
-    print(table)
-    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
+    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
     return 0
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import sys
-import threading
 import time
 from array import array
 from typing import Any
@@ -40,6 +38,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from bench.control import control_loop
 
 MARK = b'"text":"m'
 HELLO = b'{"type":"hello"}'
@@ -289,7 +289,7 @@ async def type_loop(senders: list[tuple[int, str]], interval_s: float, duration_
         i += 1
 
 
-def stat() -> dict[str, Any]:
+async def stat(req: dict[str, Any]) -> dict[str, Any]:
     return {
         "ok": True, "msgs": len(REC.m_conn), "typing": len(REC.t_conn), "typing_sent": len(REC.s_conn),
         "other": REC.other, "open": REC.open, "moves": len(REC.mv),
@@ -301,10 +301,10 @@ def arr(a: array) -> np.ndarray:
     return np.frombuffer(a, dtype=np.int64).copy() if len(a) else np.zeros(0, dtype=np.int64)
 
 
-def dump(path: str) -> dict[str, Any]:
+async def dump(req: dict[str, Any]) -> dict[str, Any]:
     mv = np.array([m[:6] for m in REC.mv], dtype=np.int64).reshape(-1, 6)
     np.savez(
-        path,
+        str(req["path"]),
         msgs=np.stack([arr(REC.m_conn), arr(REC.m_post), arr(REC.m_recv)], axis=1) if len(REC.m_conn) else np.zeros((0, 3), np.int64),
         typ=np.stack([arr(REC.t_conn), arr(REC.t_chan), arr(REC.t_user), arr(REC.t_recv)], axis=1) if len(REC.t_conn) else np.zeros((0, 4), np.int64),
         sent=np.stack([arr(REC.s_conn), arr(REC.s_chan), arr(REC.s_send)], axis=1) if len(REC.s_conn) else np.zeros((0, 3), np.int64),
@@ -316,7 +316,7 @@ def dump(path: str) -> dict[str, Any]:
     return reply
 
 
-async def quit_all() -> dict[str, Any]:
+async def quit_all(req: dict[str, Any]) -> dict[str, Any]:
     STATE.quitting = True
     for t in list(STATE.tasks):
         t.cancel()
@@ -333,43 +333,13 @@ async def quit_all() -> dict[str, Any]:
     return {"ok": True}
 
 
+async def start_typing(req: dict[str, Any]) -> dict[str, Any]:
+    STATE.spawn(type_loop([(int(a), str(b)) for a, b in req["senders"]], float(req["interval_s"]), float(req["duration_s"]), int(req.get("burst", 1))))
+    return {"ok": True}
+
+
 async def main() -> None:
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def reader() -> None:
-        for line in sys.stdin:
-            loop.call_soon_threadsafe(lines.put_nowait, line)
-        loop.call_soon_threadsafe(lines.put_nowait, None)
-
-    threading.Thread(target=reader, daemon=True).start()
-    while True:
-        line = await lines.get()
-        if line is None:  # the benchmark went away
-            await quit_all()
-            return
-        req = json.loads(line)
-        cmd = req.get("cmd")
-        try:
-            if cmd == "connect":
-                reply = await connect(req)
-            elif cmd == "typing":
-                STATE.spawn(type_loop([(int(a), str(b)) for a, b in req["senders"]], float(req["interval_s"]), float(req["duration_s"]), int(req.get("burst", 1))))
-                reply = {"ok": True}
-            elif cmd == "stat":
-                reply = stat()
-            elif cmd == "dump":
-                reply = dump(req["path"])
-            elif cmd == "quit":
-                reply = await quit_all()
-            else:
-                reply = {"ok": False, "error": f"unknown cmd {cmd!r}"}
-        except Exception as exc:  # noqa: BLE001 - reported to the benchmark
-            reply = {"ok": False, "error": repr(exc)}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-        if cmd == "quit":
-            return
+    await control_loop({"connect": connect, "typing": start_typing, "stat": stat, "dump": dump, "quit": quit_all})
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from bench.fleet_events import Api, EvClients, LoggedFleet, Poster, deliveries, med, now_us, pct
-from bench.harness import ProcWatch, diff, fmt, install_uvloop, machine_info, md_table, plt, raise_nofile, save_json, save_text, RESULTS_DIR
+from bench.harness import ProcWatch, diff, fmt, install_uvloop, machine_info, md_table, plt, publish, raise_nofile, save_figure
 
 NAME = "failover"
 GOAL_KILL_TO_DELIVERY_S = 2.0
@@ -365,8 +365,7 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"rtm failover, {result['connect']['connected']} clients, {result['config']['rate']:g} posts/s, {result['machine']['nproc']} cores")
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,15 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args))
     result["elapsed_s"] = time.monotonic() - started
     result["loadavg_1m"] = {"start": load0[0], "end": os.getloadavg()[0]}
-    name = NAME + ("-quick" if args.quick else "")
-    table = render(result)
-    plot(result, name)
-    result.pop("_plot", None)
-    save_json(name, result)
-    save_text(f"{name}.md", table + "\n")
-    print()
-    print(table)
-    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
+    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
     return 0
 
 

@@ -55,10 +55,10 @@ from bench.harness import (
     md_table,
     mib,
     plt,
+    publish,
     pyspy_top,
     raise_nofile,
-    save_json,
-    save_text,
+    save_figure,
 )
 
 NAME = "fanout"
@@ -607,7 +607,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], name: str = NAME) -> Path:
+def plot(result: dict[str, Any], name: str) -> None:
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 2, figsize=(11, 4.2))
     for ax, scenario, title in ((axes[0], "small", "channels of 20"), (axes[1], "big", "#general (all clients)")):
@@ -627,10 +627,7 @@ def plot(result: dict[str, Any], name: str = NAME) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"rtm fan-out, {result['connect']['connected']} websocket clients, {result['machine']['nproc']} cores")
-    fig.tight_layout()
-    path = RESULTS_DIR / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    return path
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,14 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     result = asyncio.run(run(args))
     result["elapsed_s"] = time.monotonic() - started
-    name = NAME + ("-quick" if args.quick else "")
-    save_json(name, result)
-    table = render(result)
-    save_text(f"{name}.md", table + "\n")
-    plot(result, name)
-    print()
-    print(table)
-    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
+    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
     return 0
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import urllib.request
@@ -154,15 +153,8 @@ def prom_values(text: str, name: str) -> dict[str, float]:
 
 
 class EvClient(LoadClient):
-    async def start(self, env: dict[str, str] | None = None) -> None:
-        child_env = dict(os.environ)
-        child_env.update(env or {})
-        child_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.evclient",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            cwd=str(REPO_ROOT), env=child_env, limit=64 * 1024 * 1024,
-        )
+    def child_args(self) -> list[str]:
+        return ["-m", "bench.evclient"]
 
 
 class EvClients(LoadClients):

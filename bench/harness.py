@@ -6,7 +6,9 @@
   set of pids, and samples peak RSS in a thread.
 * :class:`LoadClients` runs ``bench.loadclient`` subprocesses (picows +
   uvloop), each holding many websockets, controlled by JSON lines on stdin.
-* :func:`md_table`, :func:`save_json`, :func:`machine_info` for the reports.
+* :func:`publish` finishes a benchmark: ``<name>.json``, ``.md`` and ``.png`` in
+  ``bench/results/``, the table printed; :func:`md_table`, :func:`save_figure`,
+  :func:`machine_info` for the reports.
 
 Everything here is bounded in time: every wait has a deadline, and every
 process started here is stopped (and, if it does not stop, killed) by the
@@ -31,7 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -237,6 +239,20 @@ def hwm_bytes(pid: int) -> int:
     return 0
 
 
+async def settled_rss(pid: int, band_bytes: int, max_s: float, min_s: float) -> tuple[int, list[int]]:
+    """Sample ``pid``'s RSS once a second; return (the last sample, all samples) as soon as
+    3 consecutive samples lie within ``band_bytes`` (not before ``min_s``), or after ``max_s``."""
+    samples: list[int] = []
+    started = time.monotonic()
+    while time.monotonic() - started < max_s:
+        await asyncio.sleep(1.0)
+        samples.append(rss_bytes(pid))
+        last = samples[-3:]
+        if time.monotonic() - started >= min_s and len(last) == 3 and max(last) - min(last) <= band_bytes:
+            break
+    return samples[-1], samples
+
+
 class ProcWatch:
     """CPU and RSS accounting for labelled pids."""
 
@@ -347,19 +363,25 @@ def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
 
 
 class LoadClient:
-    """One ``bench.loadclient`` subprocess: JSON line requests in, JSON line replies out."""
+    """One ``bench.loadclient`` subprocess: JSON line requests in, JSON line replies out.
+
+    A subclass drives another child that speaks the same protocol by overriding :meth:`child_args`."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()
 
+    def child_args(self) -> list[str]:
+        """The child's arguments after ``python``."""
+        return ["-m", "bench.loadclient"]
+
     async def start(self, env: dict[str, str] | None = None) -> None:
         child_env = dict(os.environ)
         child_env.update(env or {})
         child_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.loadclient",
+            sys.executable, *self.child_args(),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             cwd=str(REPO_ROOT), env=child_env, limit=64 * 1024 * 1024,
         )
@@ -468,6 +490,41 @@ def plt() -> Any:
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def save_figure(fig: Any, name: str) -> Path:
+    """Lay ``fig`` out and write it as ``bench/results/<name>.png``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    path = RESULTS_DIR / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+PLOT_DATA_KEY = "_plot"  # a result's data for plot() only (e.g. every delivery): left out of the JSON
+
+
+def _without_plot_data(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_plot_data(v) for k, v in value.items() if k != PLOT_DATA_KEY}
+    if isinstance(value, (list, tuple)):
+        return [_without_plot_data(v) for v in value]
+    return value
+
+
+def publish(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str],
+            plot: Callable[[dict[str, Any], str], None]) -> None:
+    """Finish a benchmark run: write ``bench/results/<name>.json`` (the result without any
+    :data:`PLOT_DATA_KEY` entries, at any depth; written first, so that a failing render or plot
+    keeps the run), ``<name>.md`` (``render(result)``) and ``<name>.png`` (``plot(result, name)``),
+    then print the table and what was written in ``result["elapsed_s"]`` seconds."""
+    save_json(name, _without_plot_data(result))
+    table = render(result)
+    save_text(f"{name}.md", table + "\n")
+    plot(result, name)
+    print()
+    print(table)
+    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
 
 
 def fmt(x: float | None, digits: int = 1) -> str:

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import psutil
 
-from bench.harness import REPO_ROOT, RESULTS_DIR, fmt, install_uvloop, machine_info, md_table, plt, save_json, save_text, system_busy_s
+from bench.harness import REPO_ROOT, fmt, install_uvloop, machine_info, md_table, plt, publish, save_figure, system_busy_s
 
 NAME = "hops"
 CHANNEL = "C0123456789A"
@@ -644,8 +644,7 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.set_title(f"Latency floor of a 5-hop path, no rtm code ({result['machine']['nproc']} cores)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    save_figure(fig, name)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -717,14 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     result = run(args)
     result["elapsed_s"] = time.monotonic() - started
-    name = NAME + ("-quick" if args.quick else "")
-    save_json(name, result)
-    text = render(result)
-    save_text(f"{name}.md", text + "\n")
-    plot(result, name)
-    print()
-    print(text)
-    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
+    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
     return 0
 
 

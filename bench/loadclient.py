@@ -23,9 +23,6 @@ send µs) without parsing the rest of the JSON. Other frames are only counted.
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
-import threading
 import time
 from array import array
 from typing import Any
@@ -33,6 +30,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from bench.control import control_loop
 
 RTM_CONNECT_ATTEMPTS = 20
 MARK = b'"text":"m'
@@ -186,11 +185,11 @@ async def connect(req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stat() -> dict[str, Any]:
+async def stat(req: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "frames": len(REC.conn), "other": REC.other, "open": REC.open, "closed": len(REC.closed)}
 
 
-def dump(path: str) -> dict[str, Any]:
+async def dump(req: dict[str, Any]) -> dict[str, Any]:
     n = len(REC.conn)
     data = np.empty((n, 4), dtype=np.int64)
     if n:
@@ -198,12 +197,12 @@ def dump(path: str) -> dict[str, Any]:
         data[:, 1] = np.frombuffer(REC.post, dtype=np.int64)
         data[:, 2] = np.frombuffer(REC.recv, dtype=np.int64)
         data[:, 3] = np.frombuffer(REC.lat, dtype=np.int64)
-    np.save(path, data)
+    np.save(str(req["path"]), data)
     REC.clear()
     return {"ok": True, "n": n, "closed": {str(k): v for k, v in REC.closed.items()}}
 
 
-async def quit_all() -> dict[str, Any]:
+async def quit_all(req: dict[str, Any]) -> dict[str, Any]:
     for client in STATE.clients:
         if client is not None and client.transport is not None:
             try:
@@ -218,39 +217,7 @@ async def quit_all() -> dict[str, Any]:
 
 
 async def main() -> None:
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def reader() -> None:
-        for line in sys.stdin:
-            loop.call_soon_threadsafe(lines.put_nowait, line)
-        loop.call_soon_threadsafe(lines.put_nowait, None)
-
-    threading.Thread(target=reader, daemon=True).start()
-    while True:
-        line = await lines.get()
-        if line is None:  # the bench went away
-            await quit_all()
-            return
-        req = json.loads(line)
-        cmd = req.get("cmd")
-        try:
-            if cmd == "connect":
-                reply = await connect(req)
-            elif cmd == "stat":
-                reply = stat()
-            elif cmd == "dump":
-                reply = dump(req["path"])
-            elif cmd == "quit":
-                reply = await quit_all()
-            else:
-                reply = {"ok": False, "error": f"unknown cmd {cmd!r}"}
-        except Exception as exc:  # noqa: BLE001 - reported to the bench
-            reply = {"ok": False, "error": repr(exc)}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-        if cmd == "quit":
-            return
+    await control_loop({"connect": connect, "stat": stat, "dump": dump, "quit": quit_all})
 
 
 if __name__ == "__main__":

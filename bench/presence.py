@@ -59,6 +59,7 @@ from bench.harness import (
     md_table,
     plt,
     raise_nofile,
+    save_figure,
     save_json,
     save_text,
 )
@@ -541,7 +542,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot(result: dict[str, Any], name: str) -> Path:
+def plot(result: dict[str, Any], name: str) -> None:
     pyplot = plt()
     fig, (ax1, ax2) = pyplot.subplots(1, 2, figsize=(13, 4.5))
     samples = result["propagation"]["samples_ms"]
@@ -566,12 +567,7 @@ def plot(result: dict[str, Any], name: str) -> Path:
     ax2.set_xlabel("seconds")
     ax2.set_ylabel("message latency, ms")
     ax2.set_title(f"Messages during a {result['storm']['storm_clients']:,}-client reconnect storm")
-    fig.tight_layout()
-    from bench.harness import RESULTS_DIR
-
-    path = RESULTS_DIR / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    return path
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench.fleet_events import Api, EvClients, Poster, deliveries, med, pct, prom_values
-from bench.harness import FleetRun, ProcWatch, RESULTS_DIR, fmt, install_uvloop, machine_info, md_table, plt, raise_nofile, save_json, save_text
+from bench.harness import FleetRun, ProcWatch, fmt, install_uvloop, machine_info, md_table, plt, publish, raise_nofile, save_figure
 
 NAME = "typing"
 
@@ -180,7 +180,6 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
     if conn["failed"]:
         raise RuntimeError(f"connect failed: {conn['errors']}")
     user_of = {i: users[i]["id"] for i in range(len(users))}
-    conn_of = {u: i for i, u in user_of.items()}
     members_t = {t: np.array(g, dtype=np.int64) for t, g in enumerate(groups)}
     members_c = {channels[t]: g for t, g in enumerate(groups)}
     senders = [(i, channels[t]) for t, g in enumerate(groups) for i in g]
@@ -336,8 +335,7 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.legend(fontsize=8)
     c = result["connect"]
     fig.suptitle(f"rtm typing, {c['connected']} connections, {result['config']['msg_rate']:g} msgs/s, {result['machine']['nproc']} cores")
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,14 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args))
     result["elapsed_s"] = time.monotonic() - started
     result["loadavg_1m"] = {"start": load0[0], "end": os.getloadavg()[0]}
-    name = NAME + ("-quick" if args.quick else "")
-    table = render(result)
-    plot(result, name)
-    save_json(name, result)
-    save_text(f"{name}.md", table + "\n")
-    print()
-    print(table)
-    print(f"\nwrote bench/results/{name}.json, {name}.md, {name}.png in {result['elapsed_s']:.0f}s")
+    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
     return 0
 
 

@@ -33,7 +33,6 @@ loopback on Linux), with JSON logs at DEBUG:
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import os
@@ -376,7 +375,7 @@ def fleet_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]
 
 async def traffic(fleet: Fleet) -> tuple[str, str]:
     """A message from alice to bob over the websocket, and one refused call; returns (channel, text)."""
-    alice, bob = fleet.user("alice"), fleet.user("bob")
+    alice = fleet.user("alice")
     client = await fleet.connect("bob")
     try:
         assert client.url.startswith(f"ws://{ELSEWHERE}:"), client.url
