@@ -219,23 +219,42 @@ class PeerConnection(asyncio.Protocol):
     def send(self, message: Message) -> None:
         self.write(wire.encode(message))
 
-    async def request(self, message: Message, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Message:
-        """Send a request and wait for its reply.
+    def begin_request(self, message: Message, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> asyncio.Future[Message]:
+        """Write a request now; return the future of its reply.
 
-        Returns the ``ok`` reply; raises :class:`services.errors.PeerError` (or
-        ``NotOwner``) for an ``err`` reply, :class:`RequestTimeout`, or
+        The request is on the wire when this returns (or it raises
+        :class:`ConnectionLost` / :class:`SendBufferFull`), so a caller can get
+        a request out before anything else it does in this event-loop turn.
+        The future resolves to the ``ok`` reply, or fails with
+        :class:`services.errors.PeerError` (or ``NotOwner``) for an ``err``
+        reply, :class:`RequestTimeout` after ``timeout_s``, or
         :class:`ConnectionLost`.
         """
+        loop = asyncio.get_running_loop()
         request_id = next(self._ids)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Message] = loop.create_future()
         self._pending[request_id] = future
         try:
             self.send({**message, "id": request_id})
-            return await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"{self.name}: {message.get('op')} to {self.peer} got no reply in {timeout_s}s") from None
-        finally:
+        except BaseException:
+            del self._pending[request_id]
+            raise
+        timer = loop.call_later(timeout_s, self._time_out, future, message.get("op"), timeout_s)
+
+        def settled(_: asyncio.Future[Message]) -> None:
+            timer.cancel()
             self._pending.pop(request_id, None)
+
+        future.add_done_callback(settled)
+        return future
+
+    def _time_out(self, future: asyncio.Future[Message], op: Any, timeout_s: float) -> None:
+        if not future.done():
+            future.set_exception(RequestTimeout(f"{self.name}: {op} to {self.peer} got no reply in {timeout_s}s"))
+
+    async def request(self, message: Message, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Message:
+        """Send a request and wait for its reply (see :meth:`begin_request`)."""
+        return await self.begin_request(message, timeout_s)
 
     def close(self) -> None:
         if self.transport is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -95,9 +96,16 @@ class FakeSender:
             return False
         return True
 
-    async def send(self, message: dict[str, Any], timeout_s: float) -> None:
+    @property
+    def connected(self) -> bool:
+        return self.up.is_set()
+
+    def send(self, message: dict[str, Any], timeout_s: float) -> Awaitable[None]:
         eid = message["eid"]
-        self.sent.append((self.epoch_of(), eid))
+        self.sent.append((self.epoch_of(), eid))  # on the wire at once, as AdminServerLink's is
+        return self._outcome(eid)
+
+    async def _outcome(self, eid: str) -> None:
         self.concurrent += 1
         self.max_concurrent = max(self.max_concurrent, self.concurrent)
         try:
@@ -213,6 +221,47 @@ async def test_repeated_failures_never_drop_or_reorder(sender: FakeSender) -> No
     assert sends_in_queue_order(sender.sent)
     assert handoff.retries == 7
     await handoff.close()
+
+
+async def test_publish_writes_at_once_when_the_link_is_up(sender: FakeSender) -> None:
+    handoff = make_handoff(sender, max_in_flight=4)
+    handoff.start()
+    batch = events(6)
+    handoff.publish(batch[:3])
+    # on the wire before publish returns: before the webapp writes the HTTP reply
+    assert [eid for _, eid in sender.sent] == [e.eid for e in batch[:3]]
+    handoff.publish(batch[3:])
+    assert len(sender.sent) == 4  # the window (4) is full: the rest waits for acknowledgements
+    assert await handoff.flush(5.0)
+    assert sender.applied == [e.eid for e in batch]
+    assert sends_in_queue_order(sender.sent)
+    await handoff.close()
+
+
+async def test_publish_while_down_or_failing_leaves_sending_to_the_loop(sender: FakeSender) -> None:
+    handoff = make_handoff(sender, max_in_flight=8, retry_initial_s=0.05, retry_max_s=0.05)
+    handoff.start()
+    sender.up.clear()
+    handoff.publish(events(1, ("C1",)))
+    assert sender.sent == []  # down: nothing is written, the loop waits for the link
+    sender.up.set()
+    assert await handoff.flush(5.0)
+    batch = [ev("C2", n) for n in range(1, 4)]
+    sender.fail_once[batch[0].eid] = RequestTimeout("slow")
+    handoff.publish(batch[:1])
+    await asyncio.wait_for(_until(lambda: handoff.retries == 1), 5.0)
+    written = len(sender.sent)
+    handoff.publish(batch[1:])  # failing: the loop resends after its backoff, in order
+    assert len(sender.sent) == written
+    assert await handoff.flush(5.0)
+    assert sender.applied[-3:] == [e.eid for e in batch]
+    assert sends_in_queue_order(sender.sent)
+    await handoff.close()
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0)  # wait-ok: bounded by the caller's wait_for
 
 
 async def test_close_keeps_unsent_events_reported(sender: FakeSender) -> None:
