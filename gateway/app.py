@@ -117,6 +117,9 @@ class Gateway:
         self.flushing: set[str] = set()
         self.pending_catch_up: set[str] = set()  # channels to check against the webapp once resubscribed
         self.history_slots = asyncio.Semaphore(HISTORY_CONCURRENCY)
+        # (channel, after_seq, upto_seq) -> the webapp read in flight: a region drain moves
+        # hundreds of sessions that stopped at the same place, and they share one read
+        self.history_reads: dict[tuple[str, int, int | None], asyncio.Future[list[tuple[int, bytes]]]] = {}
         self.sockets: dict[int, ServerConnection] = {}
         self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
         self.sids = itertools.count(1)
@@ -135,6 +138,9 @@ class Gateway:
         self.gap_fills = m.counter("rtm_gw_gap_fills_total", "History fetches to fill a gap or catch a session up", ["kind"])
         for kind in ("gap", "session"):  # the series exist at 0, so increase() counts the first one
             self.gap_fills.labels(kind)
+        self.shared_history_reads = m.counter(
+            "rtm_gw_shared_history_reads_total", "History fetches served by a read already in flight for the same range"
+        )
         self.resubscribes = m.counter("rtm_gw_resubscriptions_total", "Channels resubscribed after a reconnect or a ring change")
         self.client_msgs = m.counter("rtm_gw_client_messages_total", "Frames received from clients", ["type"])
         m.gauge("rtm_gw_connections", "Open client websockets").set_function(lambda: len(self.state.sessions))
@@ -434,30 +440,14 @@ class Gateway:
     async def fetch_history(self, fetch: Fetch) -> None:
         """Fill a gap (or catch one session up) from the webapp's history, in order."""
         self.gap_fills.labels("session" if fetch.session else "gap").inc()
-        events: list[tuple[int, bytes]] = []
-        after = fetch.after_seq
-        for attempt in range(FETCH_ATTEMPTS):
-            try:
-                async with self.history_slots:
-                    reply = await self.webapp.call(
-                        "/internal/history", {"channel": fetch.channel, "after_seq": after, "limit": HISTORY_PAGE_EVENTS}
-                    )
-            except Exception as exc:
-                log.warning("history of %s after %s failed (attempt %d): %s", fetch.channel, after, attempt + 1, exc)
-                await asyncio.sleep(FETCH_RETRY_DELAY_S)
-                continue
-            for event in reply["events"]:
-                seq = int(event["seq"])
-                if fetch.upto_seq is not None and seq > fetch.upto_seq:
-                    break
-                events.append((seq, str(event["json"]).encode()))
-                self.apply_ctl(fetch.channel, event.get("ctl"))
-                after = seq
-            done = not reply.get("has_more") or (fetch.upto_seq is not None and after >= fetch.upto_seq)
-            if done:
-                break
+        key = (fetch.channel, fetch.after_seq, fetch.upto_seq)
+        reading = self.history_reads.get(key)
+        if reading is None:  # sessions catching up from the same place share one read
+            reading = self.history_reads[key] = asyncio.ensure_future(self.read_history(*key))
+            reading.add_done_callback(lambda _: self.history_reads.pop(key, None))
         else:
-            self.metrics.error("history_fetch_failed")
+            self.shared_history_reads.inc()
+        events = await asyncio.shield(reading)
         if fetch.session is not None:
             self.state.fill_session(fetch.session, fetch.channel, events)
             return
@@ -466,6 +456,31 @@ class Gateway:
         self.deliveries.inc(self.state.stats.delivered - before)
         if again is not None:
             self.spawn(self.fetch_history(again))
+
+    async def read_history(self, channel: str, after: int, upto: int | None) -> list[tuple[int, bytes]]:
+        """The webapp's history of ``channel`` with after < seq <= upto (None: to the newest), paged."""
+        events: list[tuple[int, bytes]] = []
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                async with self.history_slots:
+                    reply = await self.webapp.call(
+                        "/internal/history", {"channel": channel, "after_seq": after, "limit": HISTORY_PAGE_EVENTS}
+                    )
+            except Exception as exc:
+                log.warning("history of %s after %s failed (attempt %d): %s", channel, after, attempt + 1, exc)
+                await asyncio.sleep(FETCH_RETRY_DELAY_S)
+                continue
+            for event in reply["events"]:
+                seq = int(event["seq"])
+                if upto is not None and seq > upto:
+                    break
+                events.append((seq, str(event["json"]).encode()))
+                self.apply_ctl(channel, event.get("ctl"))
+                after = seq
+            if not reply.get("has_more") or (upto is not None and after >= upto):
+                return events
+        self.metrics.error("history_fetch_failed")
+        return events
 
     def apply_ctl(self, channel: str, ctl: Any) -> None:
         if not isinstance(ctl, dict):
