@@ -40,6 +40,7 @@ log = logging.getLogger("rtm.channel_server")
 
 SERVICE = "channel-server"
 DEFAULT_PORT = 7100
+RING_REFRESH_TIMEOUT_S = 1.0  # a sub on a newer ring waits this long for our re-read of it
 
 
 class ChannelServer:
@@ -165,6 +166,8 @@ class ChannelServer:
             if op == "pub":
                 return self.handle_pub(request_id, msg)
             if op == "sub":
+                if int(msg.get("rv", 0)) > self.slots.ring_version:
+                    return self.sub_after_refresh(conn, request_id, msg)
                 return self.handle_sub(conn, request_id, msg)
             if op == "unsub":
                 return self.handle_unsub(conn, request_id, msg)
@@ -207,6 +210,17 @@ class ChannelServer:
         if refused:
             self.not_owner.labels("sub").inc(len(refused))
         return wire.reply_ok(request_id, version=self.follower.ring.version, not_owner=refused, last=last)
+
+    async def sub_after_refresh(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        """A gateway subscribes on a newer ring than ours (typically: we are the spare
+        just promoted, and the gateway saw the ring first). Re-read the ring, then
+        answer, instead of refusing and making the gateway come back later. Subs are
+        idempotent, so answering one after a pub that arrived meanwhile changes nothing."""
+        try:
+            await asyncio.wait_for(self.slots.refresh_quietly(), RING_REFRESH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            pass  # answer on the ring we have: the gateway is refused and comes back
+        return self.handle_sub(conn, request_id, msg)
 
     def handle_unsub(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         index = self._gateway_index(conn, str(msg["gw"]))

@@ -1,0 +1,83 @@
+"""A channel server answers a sub made on a newer ring after re-reading the ring, not with a refusal."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from channel_server.app import ChannelServer, build_parser
+from services.ring import HashRing, RingDocument
+
+SLOTS = ("cs-0", "cs-1", "cs-2")
+
+
+class Conn:
+    """Enough of a PeerConnection for handle_request."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.frames: list[bytes] = []
+
+    def write(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ChannelServer]:
+    cs = ChannelServer(build_parser().parse_args(["--instance-id", "spare-1"]))
+    yield cs
+    await cs.discovery.close()
+
+
+def rings() -> tuple[RingDocument, RingDocument, str]:
+    """v1 without us, v2 with us promoted into cs-1; a channel of cs-1."""
+    v1 = RingDocument(version=1, slots={slot: f"inst-{slot}" for slot in SLOTS})
+    v2 = v1.with_owner("cs-1", "spare-1")
+    ring = HashRing()
+    ring.update(v2)
+    channel = next(f"C{n}" for n in range(1000) if ring.owner_for(f"C{n}") == "spare-1")
+    return v1, v2, channel
+
+
+async def test_a_sub_on_a_newer_ring_is_answered_after_the_ring_is_reread(server: ChannelServer) -> None:
+    v1, v2, channel = rings()
+    server.follower.apply(v1)
+    reads: list[int] = []
+
+    async def refresh() -> None:  # what the Consul read returns: the ring the gateway already acts on
+        reads.append(1)
+        server.follower.apply(v2)
+
+    server.follower.refresh = refresh  # type: ignore[method-assign]
+    reply = server.handle_request(Conn(), {"op": "sub", "id": 7, "gw": "gw-a", "chans": [[channel, 0]], "rv": 2})
+    assert inspect.isawaitable(reply)
+    reply = await reply
+    assert reply["op"] == "ok" and reply["not_owner"] == [] and reply["version"] == 2
+    assert reads == [1]
+    assert server.table.subscribers.get(channel)  # subscribed
+
+
+async def test_a_sub_on_a_newer_ring_that_cannot_be_read_is_refused(server: ChannelServer) -> None:
+    v1, _, channel = rings()
+    server.follower.apply(v1)
+
+    async def refresh() -> None:
+        raise OSError("consul unreachable")
+
+    server.follower.refresh = refresh  # type: ignore[method-assign]
+    reply = await server.handle_request(Conn(), {"op": "sub", "id": 8, "gw": "gw-a", "chans": [[channel, 0]], "rv": 2})
+    assert reply["not_owner"] == [channel]
+
+
+async def test_a_sub_on_the_same_ring_is_answered_at_once(server: ChannelServer) -> None:
+    _, v2, channel = rings()
+    server.follower.apply(v2)
+    reply = server.handle_request(Conn(), {"op": "sub", "id": 9, "gw": "gw-a", "chans": [[channel, 0]], "rv": 2})
+    assert not inspect.isawaitable(reply)
+    assert reply["not_owner"] == []
