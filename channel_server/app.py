@@ -220,6 +220,8 @@ class ChannelServer:
             await asyncio.wait_for(self.slots.refresh_quietly(), RING_REFRESH_TIMEOUT_S)
         except asyncio.TimeoutError:
             pass  # answer on the ring we have: the gateway is refused and comes back
+        if not conn.is_open:  # gone meanwhile: its gateway may already be back on a new connection
+            return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, "connection closed while the ring was re-read")
         return self.handle_sub(conn, request_id, msg)
 
     def handle_unsub(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,12 +21,14 @@ class Conn:
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
         self.frames: list[bytes] = []
+        self.is_open = True
+        self.closed_by_server = False
 
     def write(self, frame: bytes) -> None:
         self.frames.append(frame)
 
     def close(self) -> None:
-        pass
+        self.closed_by_server = True
 
 
 @pytest.fixture
@@ -81,3 +84,28 @@ async def test_a_sub_on_the_same_ring_is_answered_at_once(server: ChannelServer)
     reply = server.handle_request(Conn(), {"op": "sub", "id": 9, "gw": "gw-a", "chans": [[channel, 0]], "rv": 2})
     assert not inspect.isawaitable(reply)
     assert reply["not_owner"] == []
+
+
+async def test_a_connection_that_closed_during_the_ring_read_does_not_replace_the_new_one(server: ChannelServer) -> None:
+    v1, v2, channel = rings()
+    server.follower.apply(v1)
+    old, new = Conn(), Conn()
+    release = asyncio.Event()
+
+    async def refresh() -> None:
+        await release.wait()
+        server.follower.apply(v2)
+
+    server.follower.refresh = refresh  # type: ignore[method-assign]
+    delayed = asyncio.ensure_future(
+        server.handle_request(old, {"op": "sub", "id": 1, "gw": "gw-a", "chans": [[channel, 0]], "rv": 2})
+    )
+    await asyncio.sleep(0)  # wait-ok: the delayed sub is now waiting for the ring read
+    old.is_open = False  # the gateway's connection dropped; it reconnects and subscribes again
+    release.set()
+    server.follower.apply(v2)
+    reply = server.handle_request(new, {"op": "sub", "id": 2, "gw": "gw-a", "chans": [[channel, 0]], "rv": 2})
+    assert reply["not_owner"] == []
+    late = await delayed
+    assert late["op"] == "err"
+    assert not new.closed_by_server and server.gateways[new.state["gw_index"]] is new

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import wait_until
-from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES, WalCheckpointer
+from webapp_stub.checkpoint import WAL_BACKSTOP_FACTOR, WAL_CHECKPOINT_BYTES, WalCheckpointer
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
 
@@ -67,7 +67,8 @@ def test_take_over_sets_the_writer_pragmas(tmp_path: Path) -> None:
     plain.close()
     s = Store(str(tmp_path / "taken"))
     WalCheckpointer.take_over(s.conn)
-    assert pragma(s, "wal_autocheckpoint") == 0
+    # only a backstop, far past the thread's bound
+    assert pragma(s, "wal_autocheckpoint") == WAL_BACKSTOP_FACTOR * WAL_CHECKPOINT_BYTES // pragma(s, "page_size")
     assert pragma(s, "journal_size_limit") == WAL_CHECKPOINT_BYTES
     s.close()
 
@@ -124,9 +125,16 @@ def test_wal_stays_bounded_under_writes(tmp_path: Path, store: Store) -> None:
     # last checkpoint could not yet have copied.
     assert largest < 3 * SMALL_WAL_BYTES, largest
 
-    # The same writes with nobody checkpointing: the WAL only grows.
+    # The same writes with the thread never running: the writer's backstop alone
+    # bounds the WAL (at WAL_BACKSTOP_FACTOR times the bound, plus one commit)...
+    backstop = Store(str(tmp_path / "backstop"))
+    WalCheckpointer.take_over(backstop.conn, SMALL_WAL_BYTES)
+    post(backstop, seed_demo(backstop), POSTS)
+    assert os.path.getsize(backstop.path + "-wal") < (WAL_BACKSTOP_FACTOR + 2) * SMALL_WAL_BYTES
+    backstop.close()
+    # ...where with no checkpoint at all it only grows.
     unchecked = Store(str(tmp_path / "unchecked"))
-    WalCheckpointer.take_over(unchecked.conn, SMALL_WAL_BYTES)
+    unchecked.conn.execute("PRAGMA wal_autocheckpoint=0")
     post(unchecked, seed_demo(unchecked), POSTS)
     assert os.path.getsize(unchecked.path + "-wal") > 10 * SMALL_WAL_BYTES
     unchecked.close()
@@ -161,7 +169,7 @@ def test_the_thread_checkpoints_and_close_stops_it(store: Store) -> None:
 def test_store_with_background_checkpoints_stops_them_on_close_and_keeps_its_data(tmp_path: Path) -> None:
     s = Store(str(tmp_path), background_checkpoints=True)
     assert s.checkpointer is not None and s.checkpointer.running
-    assert pragma(s, "wal_autocheckpoint") == 0
+    assert pragma(s, "wal_autocheckpoint") == WAL_BACKSTOP_FACTOR * WAL_CHECKPOINT_BYTES // pragma(s, "page_size")
     seed = seed_demo(s)
     post(s, seed, 50)
     last_seq = s.last_seq(seed["channels"][0]["id"])
