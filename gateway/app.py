@@ -299,7 +299,10 @@ class Gateway:
                     self.spawn(ws.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout"))
                     continue
                 ws.awaiting_pong = True
-                ws.transport.write(KEEPALIVE_PING_FRAME)
+                try:
+                    ws.transport.write(KEEPALIVE_PING_FRAME)
+                except RuntimeError:  # half-closed (write_eof) in between: it is leaving; the sweep goes on
+                    continue
 
     async def admit(self, ws: ServerConnection) -> tuple[str, str, list[tuple[str, int]]] | None:
         """Check the gateway takes clients and the ticket is good, then fetch the

@@ -25,11 +25,14 @@ never adds latency.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
+
+log = logging.getLogger("rtm.gateway.client_socket")
 
 # The gateway's keepalive ping: one pre-built frame written to every socket per sweep.
 KEEPALIVE_PING_PAYLOAD = b"rtm-keepalive"
@@ -70,7 +73,11 @@ class Cork:
         self.active = False
         dirty, self.dirty = self.dirty, []
         for client in dirty:
-            client.flush()
+            try:
+                client.flush()
+            except Exception:  # one socket's failure must not strand the others' queued frames
+                log.exception("flushing the frames queued for client sid %s failed", client.sid)
+                client.queued = None
 
 
 class ClientSocket:

@@ -120,3 +120,19 @@ def test_a_socket_closing_while_corked_gets_nothing() -> None:
     assert not sock.write(b"y")
     cork.release()
     assert transport.written == []
+
+
+def test_one_sockets_failing_flush_does_not_strand_the_others() -> None:
+    cork = Cork()
+    bad, bad_transport, _ = client(cork=cork)
+    good, good_transport, _ = client(cork=cork)
+
+    def broken(data: bytes) -> None:
+        raise OSError("broken")
+
+    bad_transport.write = broken  # type: ignore[method-assign]
+    cork.hold()
+    assert bad.write(b"1") and good.write(b"1")
+    cork.release()
+    assert good_transport.written == [b"1"]
+    assert bad.queued is None and cork.dirty == []
