@@ -28,13 +28,12 @@ from bench.harness import (
     cpu_seconds,
     fmt,
     free_port_base,
-    install_uvloop,
     machine_info,
     md_table,
     mib,
     plt,
-    publish,
     rtm_env,
+    run_benchmark,
     save_figure,
     settled_rss,
 )
@@ -192,13 +191,7 @@ def plot(result: dict[str, Any], name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    install_uvloop()
-    started = time.monotonic()
-    result = asyncio.run(run(args))
-    result["elapsed_s"] = time.monotonic() - started
-    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
-    return 0
+    return run_benchmark(NAME, parse_args(argv), run, render, plot)
 
 
 if __name__ == "__main__":

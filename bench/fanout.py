@@ -43,21 +43,20 @@ import aiohttp
 import numpy as np
 
 from bench.harness import (
-    ForeignLoad,
     RESULTS_DIR,
-    FleetRun,
-    LoadClients,
-    ProcWatch,
     diff,
+    FleetRun,
     fmt,
-    install_uvloop,
+    ForeignLoad,
+    LoadClients,
     machine_info,
     md_table,
     mib,
     plt,
-    publish,
+    ProcWatch,
     pyspy_top,
     raise_nofile,
+    run_benchmark,
     save_figure,
 )
 
@@ -631,13 +630,7 @@ def plot(result: dict[str, Any], name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    install_uvloop()
-    started = time.monotonic()
-    result = asyncio.run(run(args))
-    result["elapsed_s"] = time.monotonic() - started
-    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
-    return 0
+    return run_benchmark(NAME, parse_args(argv), run, render, plot)
 
 
 if __name__ == "__main__":

@@ -512,6 +512,21 @@ def _without_plot_data(value: Any) -> Any:
     return value
 
 
+def run_benchmark(name: str, args: Any, run: Callable[[Any], Any], render: Callable[[dict[str, Any]], str],
+                  plot: Callable[[dict[str, Any], str], None], *, loadavg: bool = False) -> int:
+    """The ``main`` of a benchmark: ``run(args)`` on uvloop, timed (``elapsed_s``; with ``loadavg``,
+    the 1-minute load average before and after), then :func:`publish` as ``name`` (``-quick`` added)."""
+    install_uvloop()
+    started = time.monotonic()
+    load0 = os.getloadavg()
+    result = asyncio.run(run(args))
+    result["elapsed_s"] = time.monotonic() - started
+    if loadavg:
+        result["loadavg_1m"] = {"start": load0[0], "end": os.getloadavg()[0]}
+    publish(name + ("-quick" if args.quick else ""), result, render, plot)
+    return 0
+
+
 def publish(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str],
             plot: Callable[[dict[str, Any], str], None]) -> None:
     """Finish a benchmark run: write ``bench/results/<name>.json`` (the result without any

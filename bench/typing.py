@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench.fleet_events import Api, EvClients, Poster, deliveries, med, pct, prom_values
-from bench.harness import FleetRun, ProcWatch, fmt, install_uvloop, machine_info, md_table, plt, publish, raise_nofile, save_figure
+from bench.harness import FleetRun, fmt, machine_info, md_table, plt, ProcWatch, raise_nofile, run_benchmark, save_figure
 
 NAME = "typing"
 
@@ -339,15 +339,7 @@ def plot(result: dict[str, Any], name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    install_uvloop()
-    started = time.monotonic()
-    load0 = os.getloadavg()
-    result = asyncio.run(run(args))
-    result["elapsed_s"] = time.monotonic() - started
-    result["loadavg_1m"] = {"start": load0[0], "end": os.getloadavg()[0]}
-    publish(NAME + ("-quick" if args.quick else ""), result, render, plot)
-    return 0
+    return run_benchmark(NAME, parse_args(argv), run, render, plot, loadavg=True)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ log = logging.getLogger("rtm.channel_server")
 
 SERVICE = "channel-server"
 DEFAULT_PORT = 7100
-RING_REFRESH_TIMEOUT_S = 1.0  # a sub on a newer ring waits this long for our re-read of it
 
 
 class ChannelServer:
@@ -102,23 +101,9 @@ class ChannelServer:
         )
         self.slots.start()
         address = advertised(args.host, args.advertise_host)
-        await self.discovery.register(
-            SERVICE,
-            self.instance_id,
-            address,
-            self.port,
-            tags=[f"role={self.slots.role}"],
-            meta={"metrics_port": str(self.metrics_port)},
-            ttl_s=args.ttl_s,
-        )
+        info = await self.slots.register(SERVICE, address, self.port, self.metrics_port)
         log.info("channel server %s serving on %s:%s", self.instance_id, address, self.port)
-        return {
-            "service": SERVICE,
-            "id": self.instance_id,
-            "host": address,
-            "port": self.port,
-            "metrics_port": self.metrics_port,
-        }
+        return info
 
     async def stop(self) -> None:
         await self.discovery.close()
@@ -216,10 +201,7 @@ class ChannelServer:
         just promoted, and the gateway saw the ring first). Re-read the ring, then
         answer, instead of refusing and making the gateway come back later. Subs are
         idempotent, so answering one after a pub that arrived meanwhile changes nothing."""
-        try:
-            await asyncio.wait_for(self.slots.refresh_quietly(), RING_REFRESH_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            pass  # answer on the ring we have: the gateway is refused and comes back
+        await self.slots.read_newer_ring(int(msg.get("rv", 0)))
         if not conn.is_open:  # gone meanwhile: its gateway may already be back on a new connection
             return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, "connection closed while the ring was re-read")
         return self.handle_sub(conn, request_id, msg)

@@ -139,23 +139,9 @@ class PresenceServer:
         self.slots.start()
         self.spawn(self.expire_loop())
         address = advertised(args.host, args.advertise_host)
-        await self.discovery.register(
-            SERVICE,
-            self.instance_id,
-            address,
-            self.port,
-            tags=[f"role={self.slots.role}"],
-            meta={"metrics_port": str(self.metrics_port)},
-            ttl_s=args.ttl_s,
-        )
+        info = await self.slots.register(SERVICE, address, self.port, self.metrics_port)
         log.info("presence server %s serving on %s:%s", self.instance_id, address, self.port)
-        return {
-            "service": SERVICE,
-            "id": self.instance_id,
-            "host": address,
-            "port": self.port,
-            "metrics_port": self.metrics_port,
-        }
+        return info
 
     async def stop(self) -> None:
         await self.discovery.close()

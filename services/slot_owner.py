@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from services.directory import RingFollower
 from services.discovery import Discovery
@@ -23,6 +24,7 @@ from services.ring import RingDocument
 log = logging.getLogger("rtm.slot_owner")
 
 RingCallback = Callable[[RingDocument, RingDocument], None]
+RING_REFRESH_TIMEOUT_S = 1.0  # a request on a newer ring waits this long for our re-read of it
 
 
 class SlotOwner:
@@ -89,11 +91,34 @@ class SlotOwner:
         if self.registered_role != self.role:
             await self.retag()
 
+    async def read_newer_ring(self, peer_version: int, timeout_s: float = RING_REFRESH_TIMEOUT_S) -> None:
+        """A peer acts on a newer ring than ours: re-read it now, waiting at most ``timeout_s``
+        (then the request is judged on the ring we have, and refused as :meth:`accepts` says)."""
+        if peer_version <= self.follower.ring.version:
+            return
+        try:
+            await asyncio.wait_for(self.refresh_quietly(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
     async def refresh_quietly(self) -> None:
         try:
             await self.follower.refresh()
         except Exception as exc:
             log.debug("ring refresh failed: %s", exc)
+
+    async def register(self, service: str, address: str, port: int, metrics_port: int) -> dict[str, Any]:
+        """Register this server in Consul under its role tag, with its TTL check; return its ready info."""
+        await self.discovery.register(
+            service,
+            self.instance_id,
+            address,
+            port,
+            tags=[f"role={self.role}"],
+            meta={"metrics_port": str(metrics_port)},
+            ttl_s=self.ttl_s,
+        )
+        return {"service": service, "id": self.instance_id, "host": address, "port": port, "metrics_port": metrics_port}
 
     # -- role ------------------------------------------------------------------------------
     def _ring_changed(self, old: RingDocument, new: RingDocument) -> None:
