@@ -63,7 +63,9 @@ class AdminServer:
         args = self.args
         self.server = await serve(args.host, args.port, self.make_connection)
         port = int(self.server.sockets[0].getsockname()[1])
-        metrics_port, self._stop_metrics = await start_metrics_server(args.host, args.metrics_port, self.metrics, self.health)
+        metrics_port, self._stop_metrics = await start_metrics_server(
+            args.host, args.metrics_port, self.metrics, self.health
+        )
         self.follower.start()
         self.channel_servers.start()
         address = advertised(args.host, args.advertise_host)
@@ -151,7 +153,12 @@ class AdminServer:
                         reply = await self.link_to(owner).request(pub, timeout_s=remaining)
                         self.forwarded.inc()
                         if log.isEnabledFor(logging.DEBUG):
-                            log.debug("forwarded %s to %s", msg.get("eid"), owner, extra={"eid": msg.get("eid"), "channel": channel})
+                            log.debug(
+                                "forwarded %s to %s",
+                                msg.get("eid"),
+                                owner,
+                                extra={"eid": msg.get("eid"), "channel": channel},
+                            )
                         self.latency.observe(time.monotonic() - started)
                         return wire.reply_ok(request_id, cs=owner, duplicate=bool(reply.get("duplicate")))
                     except NotOwner:
@@ -166,7 +173,9 @@ class AdminServer:
                     retrying = self.held_slots[slot] = asyncio.get_running_loop().create_future()
                 if time.monotonic() >= deadline:
                     self.given_up.inc()
-                    log.warning("giving up on %s after %.1fs (%s)", msg.get("eid", channel), self.args.route_budget_s, reason)
+                    log.warning(
+                        "giving up on %s after %.1fs (%s)", msg.get("eid", channel), self.args.route_budget_s, reason
+                    )
                     return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
                 changed = self.ring_changed
                 try:
@@ -175,7 +184,7 @@ class AdminServer:
                     log.debug("ring refresh failed: %s", exc)
                 try:  # back off, but go at once when the ring names a new owner
                     await asyncio.wait_for(changed.wait(), min(next(delays), max(0.0, deadline - time.monotonic())))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             if retrying is not None:  # release the publishes queued behind this one, in order

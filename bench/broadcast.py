@@ -111,14 +111,21 @@ async def server_role(ping_interval: float | None) -> None:
                 t_last = loop.time()
                 targets += len(conns)
                 broadcast(conns, message(first + i, time.time_ns() // 1000))
-            return {"ok": True, "rounds": rounds, "targets": targets, "open": len(conns), "elapsed_s": loop.time() - t0,
-                    "first_to_last_round_s": t_last - t0, "late_max_ms": late_max * 1e3}
+            return {
+                "ok": True,
+                "rounds": rounds,
+                "targets": targets,
+                "open": len(conns),
+                "elapsed_s": loop.time() - t0,
+                "first_to_last_round_s": t_last - t0,
+                "late_max_ms": late_max * 1e3,
+            }
 
         async def quit_(req: dict[str, Any]) -> dict[str, Any]:
             server.close()  # closes every connection (1001) and the listener
             try:
                 await asyncio.wait_for(server.wait_closed(), 15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             return {"ok": True}
 
@@ -157,8 +164,14 @@ async def client_role() -> None:
         started = time.monotonic()
         await asyncio.gather(*(one(i) for i in range(n)))
         connected = [base + i for i in range(n) if lcm.STATE.clients[base + i] is not None]
-        return {"ok": True, "connected": len(connected), "conns": connected, "failed": n - len(connected),
-                "errors": errors, "elapsed_s": time.monotonic() - started}
+        return {
+            "ok": True,
+            "connected": len(connected),
+            "conns": connected,
+            "failed": n - len(connected),
+            "errors": errors,
+            "elapsed_s": time.monotonic() - started,
+        }
 
     await control_loop({"connect": connect, "stat": lcm.stat, "dump": lcm.dump, "quit": lcm.quit_all})
 
@@ -202,17 +215,27 @@ def kill_leftovers() -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.broadcast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.broadcast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--role", choices=["controller", "server", "client"], default="controller", help=argparse.SUPPRESS)
     p.add_argument("--clients", type=int, default=2000, help="websocket clients (all receive every round)")
     p.add_argument("--client-procs", type=int, default=2, help="load-client processes holding them")
     p.add_argument("--rates", default="5,10,20,40", help="rounds/s (one broadcast() to every client per round)")
     p.add_argument("--step-s", type=float, default=6.0, help="broadcasting time per step")
     p.add_argument("--repeats", type=int, default=3, help="runs of every step (interleaved); tables quote the median")
-    p.add_argument("--ping-interval", type=float, default=20.0,
-                   help="websockets keepalive ping interval, s (20 = websockets' default and rtm's gateway sweep); 0 = off")
-    p.add_argument("--max-foreign-cores", type=float, default=0.1,
-                   help="re-run a step during which processes outside the benchmark used more CPU than this (shared machine)")
+    p.add_argument(
+        "--ping-interval",
+        type=float,
+        default=20.0,
+        help="websockets keepalive ping interval, s (20 = websockets' default and rtm's gateway sweep); 0 = off",
+    )
+    p.add_argument(
+        "--max-foreign-cores",
+        type=float,
+        default=0.1,
+        help="re-run a step during which processes outside the benchmark used more CPU than this (shared machine)",
+    )
     p.add_argument("--max-reruns", type=int, default=8, help="re-runs allowed in one run (bounds the time)")
     p.add_argument("--idle-s", type=float, default=5.0, help="idle baseline (clients connected, nothing sent)")
     p.add_argument("--quick", action="store_true", help="smoke run (~20 s): 2 short steps, 1 repeat")
@@ -245,7 +268,9 @@ class Bench:
         n = len(self.clients)
         per = [self.args.clients // n + (1 if k < self.args.clients % n else 0) for k in range(n)]
         started = time.monotonic()
-        replies = await asyncio.gather(*(c.call("connect", url=url, n=per[k], concurrency=100, timeout_s=30.0) for k, c in enumerate(self.clients)))
+        replies = await asyncio.gather(
+            *(c.call("connect", url=url, n=per[k], concurrency=100, timeout_s=30.0) for k, c in enumerate(self.clients))
+        )
         conns, errors, offset = [], {}, 0
         for k, reply in enumerate(replies):
             self.offsets.append(offset)
@@ -254,8 +279,14 @@ class Bench:
                 errors[e] = errors.get(e, 0) + v
             offset += per[k]
         self.conns = np.array(conns, dtype=np.int64)
-        return {"requested": self.args.clients, "connected": len(conns), "failed": self.args.clients - len(conns),
-                "errors": errors, "per_client_proc": [r["connected"] for r in replies], "elapsed_s": time.monotonic() - started}
+        return {
+            "requested": self.args.clients,
+            "connected": len(conns),
+            "failed": self.args.clients - len(conns),
+            "errors": errors,
+            "per_client_proc": [r["connected"] for r in replies],
+            "elapsed_s": time.monotonic() - started,
+        }
 
     async def stats(self) -> int:
         return sum(s["frames"] for s in await asyncio.gather(*(c.call("stat") for c in self.clients)))
@@ -277,9 +308,9 @@ class Bench:
 
     async def collect(self) -> np.ndarray:
         paths = [str(self.tmp / f"c{i}.npy") for i in range(len(self.clients))]
-        replies = await asyncio.gather(*(c.call("dump", path=p) for c, p in zip(self.clients, paths)))
+        replies = await asyncio.gather(*(c.call("dump", path=p) for c, p in zip(self.clients, paths, strict=False)))
         arrays = []
-        for offset, path, reply in zip(self.offsets, paths, replies):
+        for offset, path, reply in zip(self.offsets, paths, replies, strict=False):
             data = np.load(path)
             data[:, 0] += offset
             arrays.append(data)
@@ -297,9 +328,15 @@ class Bench:
         fmark = self.foreign.mark()
         times0 = self.watch.times()
         t_start = time.monotonic()
-        srv = await self.server.call("run", reply_timeout_s=duration_s * 3 + 60, rate=rate, rounds=rounds, first_id=first)
+        srv = await self.server.call(
+            "run", reply_timeout_s=duration_s * 3 + 60, rate=rate, rounds=rounds, first_id=first
+        )
         t_sent = time.monotonic()
-        live = self.conns if not self.closed else np.array([c for c in self.conns if int(c) not in self.closed], dtype=np.int64)
+        live = (
+            self.conns
+            if not self.closed
+            else np.array([c for c in self.conns if int(c) not in self.closed], dtype=np.int64)
+        )
         expected = rounds * len(live)
         await self.drain(expected)
         t_end = time.monotonic()
@@ -310,7 +347,9 @@ class Bench:
         rec = rec[(rec[:, 1] >= first) & (rec[:, 1] < first + rounds)]
         keys = (rec[:, 1] << KEY_CONN_BITS) | rec[:, 0]
         uniq, first_idx, counts = np.unique(keys, return_index=True, return_counts=True)
-        exp_keys = ((np.arange(first, first + rounds, dtype=np.int64)[:, None] << KEY_CONN_BITS) | live[None, :]).ravel()
+        exp_keys = (
+            (np.arange(first, first + rounds, dtype=np.int64)[:, None] << KEY_CONN_BITS) | live[None, :]
+        ).ravel()
         hit = np.isin(uniq, exp_keys)
         delivered = int(hit.sum())
         lat_ms = rec[first_idx[hit], 3] / 1e3
@@ -332,7 +371,9 @@ class Bench:
             "rounds_per_s": rate,
             "rounds": rounds,
             "first_round_id": first,
-            "achieved_rounds_per_s": (rounds - 1) / srv["first_to_last_round_s"] if rounds > 1 and srv["first_to_last_round_s"] > 0 else None,
+            "achieved_rounds_per_s": (rounds - 1) / srv["first_to_last_round_s"]
+            if rounds > 1 and srv["first_to_last_round_s"] > 0
+            else None,
             "server_round_late_max_ms": srv["late_max_ms"],
             "server_targets": srv["targets"],  # sum over rounds of the connections broadcast() was given
             "expected": expected,
@@ -373,7 +414,10 @@ def print_step(r: dict[str, Any]) -> None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     nofile = raise_nofile(65536)
     result: dict[str, Any] = {
-        "benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:], "nofile": nofile,
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "argv": sys.argv[1:],
+        "nofile": nofile,
         "config": {k: v for k, v in vars(args).items() if k not in ("role", "rate_list")},
         "message_bytes": len(message(1, time.time_ns() // 1000)),
         "loadavg_1m": {"start": os.getloadavg()[0]},
@@ -388,13 +432,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await c.start()
         info = await server.call("info", reply_timeout_s=60)
         url = f"ws://127.0.0.1:{info['port']}/"
-        print(f"broadcast: server pid {server.pid} on {url}; connecting {args.clients} clients from {args.client_procs} processes ...", flush=True)
+        print(
+            f"broadcast: server pid {server.pid} on {url}; connecting {args.clients} clients from {args.client_procs} processes ...",
+            flush=True,
+        )
         result["connect"] = await bench.connect(url)
         result["connect"]["server_open"] = (await server.call("info"))["open"]
         print(f"broadcast: connect: {json.dumps(result['connect'])}", flush=True)
         if result["connect"]["connected"] == 0:
             raise RuntimeError("no client connected")
-        watch = ProcWatch({"server": server.pid, **{f"load client {c.index}": c.pid for c in clients}, "bench (controller)": os.getpid()})
+        watch = ProcWatch(
+            {
+                "server": server.pid,
+                **{f"load client {c.index}": c.pid for c in clients},
+                "bench (controller)": os.getpid(),
+            }
+        )
         bench.watch, bench.foreign = watch, ForeignLoad(watch)
 
         warm = await bench.step(args.rate_list[0], 1.0, record=False)  # not reported: connections and code paths warm
@@ -411,7 +464,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         break
                     reruns_left -= 1
                     discarded.append(r)
-                    print(f"    (others used {r['foreign_cores']:.2f} cores during that step: running it again)", flush=True)
+                    print(
+                        f"    (others used {r['foreign_cores']:.2f} cores during that step: running it again)",
+                        flush=True,
+                    )
                 steps.append(r)
         # Idle baseline after the steps, when websockets' keepalive pings (every ping_interval per connection) run.
         await bench.collect()
@@ -448,12 +504,23 @@ def aggregate(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rate in order:
         g = groups[rate]
         row: dict[str, Any] = {"rounds_per_s": rate, "repeats": len(g)}
-        for k in ("achieved_rounds_per_s", "deliveries_s", "server_us_per_delivery", "server_user_us_per_delivery",
-                  "server_sys_us_per_delivery", "deliveries_per_server_cpu_s", "clients_us_per_delivery",
-                  "clients_sys_us_per_delivery", "controller_us_per_delivery", "foreign_cores"):
+        for k in (
+            "achieved_rounds_per_s",
+            "deliveries_s",
+            "server_us_per_delivery",
+            "server_user_us_per_delivery",
+            "server_sys_us_per_delivery",
+            "deliveries_per_server_cpu_s",
+            "clients_us_per_delivery",
+            "clients_sys_us_per_delivery",
+            "controller_us_per_delivery",
+            "foreign_cores",
+        ):
             row[k] = med([s[k] for s in g])
         for k in ("server_us_per_delivery", "clients_us_per_delivery"):
-            row[k + "_range"] = [min(s[k] for s in g), max(s[k] for s in g)] if all(s[k] is not None for s in g) else None
+            row[k + "_range"] = (
+                [min(s[k] for s in g), max(s[k] for s in g)] if all(s[k] is not None for s in g) else None
+            )
         row["foreign_cores_max"] = max(s["foreign_cores"] for s in g)
         row["latency_ms"] = {q: med([s["latency_ms"][q] for s in g]) for q in ("p50", "p99")}
         for k in ("expected", "frames_received", "delivered", "lost", "duplicates", "unexpected"):
@@ -467,14 +534,25 @@ def render(result: dict[str, Any]) -> str:
     cfg = result["config"]
     rows = []
     for s in result["summary"]:
-        rows.append([
-            f"{s['rounds_per_s']:g}", fmt(s["achieved_rounds_per_s"], 1), fmt(s["deliveries_s"], 0),
-            f"**{fmt(s['server_us_per_delivery'], 2)}**", fmt(s["server_user_us_per_delivery"], 2), fmt(s["server_sys_us_per_delivery"], 2),
-            "–" if not s["server_us_per_delivery_range"] else f"{s['server_us_per_delivery_range'][0]:.2f}–{s['server_us_per_delivery_range'][1]:.2f}",
-            fmt(s["deliveries_per_server_cpu_s"], 0), fmt(s["clients_us_per_delivery"], 2),
-            f"{s['frames_received']:,} / {s['expected']:,}", s["lost"], s["duplicates"],
-            f"{fmt(s['foreign_cores'], 2)} / {fmt(s['foreign_cores_max'], 2)}",
-        ])
+        rows.append(
+            [
+                f"{s['rounds_per_s']:g}",
+                fmt(s["achieved_rounds_per_s"], 1),
+                fmt(s["deliveries_s"], 0),
+                f"**{fmt(s['server_us_per_delivery'], 2)}**",
+                fmt(s["server_user_us_per_delivery"], 2),
+                fmt(s["server_sys_us_per_delivery"], 2),
+                "–"
+                if not s["server_us_per_delivery_range"]
+                else f"{s['server_us_per_delivery_range'][0]:.2f}–{s['server_us_per_delivery_range'][1]:.2f}",
+                fmt(s["deliveries_per_server_cpu_s"], 0),
+                fmt(s["clients_us_per_delivery"], 2),
+                f"{s['frames_received']:,} / {s['expected']:,}",
+                s["lost"],
+                s["duplicates"],
+                f"{fmt(s['foreign_cores'], 2)} / {fmt(s['foreign_cores_max'], 2)}",
+            ]
+        )
     lines = [
         f"Bare `websockets.broadcast()` server (reference, no rtm code): one process, websockets {result['machine']['packages'].get('websockets')} "
         f"asyncio `serve(compression=None, ping_interval={cfg['ping_interval']:g})` on uvloop, one {result['message_bytes']}-byte text message "
@@ -482,19 +560,40 @@ def render(result: dict[str, Any]) -> str:
         f"{cfg['step_s']:g} s per step, {cfg['repeats']} interleaved repeats, medians (server µs/delivery: range over the repeats).",
         "",
         md_table(
-            ["rounds/s", "achieved", "deliveries/s", "server CPU µs/delivery", "user", "sys", "server range (repeats)", "deliveries per server CPU-s",
-             "load-client CPU µs/delivery (both)", "frames received / expected", "lost", "dup", "others' load, cores (median / max)"],
+            [
+                "rounds/s",
+                "achieved",
+                "deliveries/s",
+                "server CPU µs/delivery",
+                "user",
+                "sys",
+                "server range (repeats)",
+                "deliveries per server CPU-s",
+                "load-client CPU µs/delivery (both)",
+                "frames received / expected",
+                "lost",
+                "dup",
+                "others' load, cores (median / max)",
+            ],
             rows,
         ),
         "",
     ]
-    lines.append("Every column is the median of its own (user and sys need not add up to the total); frames and losses are summed over "
-                 "the repeats. CPU from psutil (10 ms ticks), from just before the first round until the clients had every frame. "
-                 "Load-client CPU is both processes together (picows + bench.loadclient's frame handler).")
+    lines.append(
+        "Every column is the median of its own (user and sys need not add up to the total); frames and losses are summed over "
+        "the repeats. CPU from psutil (10 ms ticks), from just before the first round until the clients had every frame. "
+        "Load-client CPU is both processes together (picows + bench.loadclient's frame handler)."
+    )
     idle = result.get("idle_cpu_percent", {})
-    lines.append(f"Idle after the steps ({cfg['idle_s']:g} s, clients connected, nothing sent): " + ", ".join(f"{k} {v:.1f}% CPU" for k, v in idle.items()) + ".")
+    lines.append(
+        f"Idle after the steps ({cfg['idle_s']:g} s, clients connected, nothing sent): "
+        + ", ".join(f"{k} {v:.1f}% CPU" for k, v in idle.items())
+        + "."
+    )
     if result.get("discarded_steps"):
-        lines.append(f"{len(result['discarded_steps'])} step(s) re-run because other processes used the machine (kept in the JSON).")
+        lines.append(
+            f"{len(result['discarded_steps'])} step(s) re-run because other processes used the machine (kept in the JSON)."
+        )
     m = result["machine"]
     lines.append(
         f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}, uvloop {m['uvloop']}, "
@@ -520,8 +619,14 @@ def plot(result: dict[str, Any], name: str) -> None:
         ax.plot(x, [s[key] for s in summary], style, color=color, label=label)
     for s in summary:
         if s["achieved_rounds_per_s"] is not None and s["achieved_rounds_per_s"] < 0.95 * s["rounds_per_s"]:
-            ax.annotate(f"achieved {s['achieved_rounds_per_s']:.1f}/s\n(server + clients fill the 2 cores)", (s["rounds_per_s"], s["server_us_per_delivery"]),
-                        textcoords="offset points", xytext=(-10, 18), ha="right", fontsize=8)
+            ax.annotate(
+                f"achieved {s['achieved_rounds_per_s']:.1f}/s\n(server + clients fill the 2 cores)",
+                (s["rounds_per_s"], s["server_us_per_delivery"]),
+                textcoords="offset points",
+                xytext=(-10, 18),
+                ha="right",
+                fontsize=8,
+            )
     for key, color in (("server_us_per_delivery", "C0"), ("clients_us_per_delivery", "C1")):
         pts = [(s["rounds_per_s"], s[key]) for s in result["steps"] if s[key] is not None]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=color, alpha=0.35)
@@ -532,8 +637,11 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.set_ylabel("CPU µs per delivery")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"bare websockets.broadcast() server, {result['connect']['connected']:,} clients, {result['machine']['nproc']} cores\n"
-                 "median of repeats (lines), each repeat (dots)", fontsize=10)
+    ax.set_title(
+        f"bare websockets.broadcast() server, {result['connect']['connected']:,} clients, {result['machine']['nproc']} cores\n"
+        "median of repeats (lines), each repeat (dots)",
+        fontsize=10,
+    )
     save_figure(fig, name)
 
 

@@ -48,7 +48,9 @@ SETTLE_MAX_S = 30.0  # or after this, whatever they are
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.channels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.channels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--channels", type=int, default=1_000_000, help="channels to subscribe in total")
     p.add_argument("--checkpoints", default="250000,500000,750000,1000000", help="channel counts to measure RSS at")
     p.add_argument("--batch", type=int, default=10_000, help="channels per sub request")
@@ -57,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.channels = 100_000
         args.checkpoints = "25000,50000,100000"
-    args.points = sorted({int(x) for x in args.checkpoints.split(",") if x and int(x) <= args.channels} | {args.channels})
+    args.points = sorted(
+        {int(x) for x in args.checkpoints.split(",") if x and int(x) <= args.channels} | {args.channels}
+    )
     return args
 
 
@@ -86,10 +90,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         ring = RingDocument(version=1, slots={"cs-0": CS_ID})
         http_json(f"http://{consul_addr}/v1/kv/{CHANNEL_RING_KEY}", "PUT", ring.to_json())
-        cs = start("channel-server", rtm_argv(
-            "channel-server", "--host", "127.0.0.1", "--port", str(base + 1), "--metrics-port", str(base + 2),
-            "--instance-id", CS_ID, "--history-events", "0", "--consul", consul_addr,
-        ), env=env)
+        cs = start(
+            "channel-server",
+            rtm_argv(
+                "channel-server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(base + 1),
+                "--metrics-port",
+                str(base + 2),
+                "--instance-id",
+                CS_ID,
+                "--history-events",
+                "0",
+                "--consul",
+                consul_addr,
+            ),
+            env=env,
+        )
         try:
             result["points"] = await measure(args, cs.pid, base + 1, base + 2, PeerConnection, connect)
             result["cs_ready"] = cs.ready
@@ -100,7 +119,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-async def measure(args: argparse.Namespace, pid: int, port: int, metrics_port: int, PeerConnection: Any, connect: Any) -> list[dict[str, Any]]:
+async def measure(
+    args: argparse.Namespace, pid: int, port: int, metrics_port: int, PeerConnection: Any, connect: Any
+) -> list[dict[str, Any]]:
     conn = await connect("127.0.0.1", port, lambda: PeerConnection(name=GW_ID))
     try:
         deadline = time.monotonic() + 30
@@ -160,13 +181,25 @@ def render(result: dict[str, Any]) -> str:
         if p["channels"] == 0:
             rows.append(["0", mib(p["cs_rss_bytes"]), "–", "–", "–", "–"])
             continue
-        rows.append([
-            f"{p['channels']:,}", mib(p["cs_rss_bytes"]), f"{p['bytes_per_channel']:.0f}",
-            f"{p['incremental_bytes_per_channel']:.0f}", fmt(p["cs_cpu_us_per_channel_sub"], 1),
-            "met" if p["goal_met"] else "**missed**",
-        ])
+        rows.append(
+            [
+                f"{p['channels']:,}",
+                mib(p["cs_rss_bytes"]),
+                f"{p['bytes_per_channel']:.0f}",
+                f"{p['incremental_bytes_per_channel']:.0f}",
+                fmt(p["cs_cpu_us_per_channel_sub"], 1),
+                "met" if p["goal_met"] else "**missed**",
+            ]
+        )
     return md_table(
-        ["channels", "channel server RSS MiB", "bytes per channel", "incremental bytes/channel", "CS CPU µs per channel sub", "goal ≤300 B/channel"],
+        [
+            "channels",
+            "channel server RSS MiB",
+            "bytes per channel",
+            "incremental bytes/channel",
+            "CS CPU µs per channel sub",
+            "goal ≤300 B/channel",
+        ],
         rows,
     )
 
@@ -178,10 +211,21 @@ def plot(result: dict[str, Any], name: str) -> None:
     y = [p["cs_rss_bytes"] / 2**20 for p in pts]
     fig, ax = pyplot.subplots(figsize=(6.5, 4.2))
     ax.plot(x, y, "o-", label="channel server RSS (measured)")
-    ax.plot([0, x[-1]], [y[0], y[0] + pts[-1]["channels"] * GOAL_BYTES_PER_CHANNEL / 2**20], "--", color="grey", label="goal: 300 B/channel")
+    ax.plot(
+        [0, x[-1]],
+        [y[0], y[0] + pts[-1]["channels"] * GOAL_BYTES_PER_CHANNEL / 2**20],
+        "--",
+        color="grey",
+        label="goal: 300 B/channel",
+    )
     for p in pts[1:]:
-        ax.annotate(f"{p['bytes_per_channel']:.0f} B/ch", (p["channels"] / 1e3, p["cs_rss_bytes"] / 2**20),
-                    textcoords="offset points", xytext=(-25, 8), fontsize=8)
+        ax.annotate(
+            f"{p['bytes_per_channel']:.0f} B/ch",
+            (p["channels"] / 1e3, p["cs_rss_bytes"] / 2**20),
+            textcoords="offset points",
+            xytext=(-25, 8),
+            fontsize=8,
+        )
     ax.set_xlabel("channels held (thousands), one subscribed gateway each")
     ax.set_ylabel("channel server RSS, MiB")
     ax.set_title("rtm channel server memory per channel")

@@ -61,21 +61,40 @@ SETTLE_MIN_S = 4.0  # not before this (--settle-s: the longest wait)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.connections", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.connections", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--counts", default="5000,10000,20000", help="connection counts to measure at")
     p.add_argument("--client-procs", type=int, default=2, help="load-client processes")
     p.add_argument("--per-addr", type=int, default=5000, help="connections per 127.0.0.x source address")
     p.add_argument("--concurrency", type=int, default=64, help="rtm.connect + websocket handshakes in flight")
     p.add_argument("--settle-s", type=float, default=30.0, help="longest wait for the gateway's RSS to settle")
     p.add_argument("--connect-deadline-s", type=float, default=300.0, help="longest time one step may spend connecting")
-    p.add_argument("--profile-idle", default=True, action=argparse.BooleanOptionalAction,
-                   help="py-spy the idle gateway at the top count (25 s: at least one keepalive sweep)")
-    p.add_argument("--probe-s", type=float, default=45.0,
-                   help="at the top count, time RTM pings of one more client for this long (0: skip)")
-    p.add_argument("--idle-s", type=float, default=40.0,
-                   help="window for the gateway's idle CPU at each count (two 20 s keepalive periods)")
-    p.add_argument("--trace", type=int, default=0, metavar="N",
-                   help="instead: run a gateway in this process under tracemalloc, open N connections, print where the memory goes")
+    p.add_argument(
+        "--profile-idle",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="py-spy the idle gateway at the top count (25 s: at least one keepalive sweep)",
+    )
+    p.add_argument(
+        "--probe-s",
+        type=float,
+        default=45.0,
+        help="at the top count, time RTM pings of one more client for this long (0: skip)",
+    )
+    p.add_argument(
+        "--idle-s",
+        type=float,
+        default=40.0,
+        help="window for the gateway's idle CPU at each count (two 20 s keepalive periods)",
+    )
+    p.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: run a gateway in this process under tracemalloc, open N connections, print where the memory goes",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 500, 1k, 2k connections")
     args = p.parse_args(argv)
     if args.quick:
@@ -152,8 +171,12 @@ async def ping_probe(api_url: str, token: str, seconds: float, interval_s: float
 
     worst = sorted(rtts, key=lambda x: -x[1])[:5]
     return {
-        "pings": len(values), "p50_ms": q(50), "p99_ms": q(99), "max_ms": values[-1],
-        "over_100ms": sum(1 for v in values if v > 100), "worst": [{"at_s": round(t, 2), "rtt_ms": round(r, 1)} for t, r in worst],
+        "pings": len(values),
+        "p50_ms": q(50),
+        "p99_ms": q(99),
+        "max_ms": values[-1],
+        "over_100ms": sum(1 for v in values if v > 100),
+        "worst": [{"at_s": round(t, 2), "rtt_ms": round(r, 1)} for t, r in worst],
     }
 
 
@@ -169,8 +192,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     result["config"] = {k: v for k, v in vars(args).items()}
     cap = nofile[0] - 500  # the gateway's other descriptors: listeners, Consul, its webapp pool (up to 100), CS links
     if top > cap:
-        print(f"connections: RLIMIT_NOFILE is {nofile} and cannot be raised here; one gateway holds at most "
-              f"~{cap} sockets: measuring at {cap} instead of {top}", file=sys.stderr)
+        print(
+            f"connections: RLIMIT_NOFILE is {nofile} and cannot be raised here; one gateway holds at most "
+            f"~{cap} sockets: measuring at {cap} instead of {top}",
+            file=sys.stderr,
+        )
         result["clipped"] = {"asked": top, "measured": cap, "nofile": nofile}
         args.count_list = sorted({min(c, cap) for c in args.count_list})
         top = cap
@@ -198,7 +224,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 replies = await lc.all(
                     "connect",
                     per_client=[{"tokens": [u["token"] for u in c]} for c in chunks],
-                    api_url=fleet.api_url, local_addrs=addrs, concurrency=max(1, args.concurrency // n), timeout_s=30.0,
+                    api_url=fleet.api_url,
+                    local_addrs=addrs,
+                    concurrency=max(1, args.concurrency // n),
+                    timeout_s=30.0,
                     deadline_s=args.connect_deadline_s,
                 )
                 connect_s = time.monotonic() - t0
@@ -237,7 +266,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "gateway_rss_bytes": rss,
                     "settle_samples": samples,
                     "bytes_per_connection": (rss - rss0) / max(1, held_n),
-                    "incremental_bytes_per_connection": (rss - points[-1]["gateway_rss_bytes"]) / max(1, held_n - points[-1].get("held", 0)),
+                    "incremental_bytes_per_connection": (rss - points[-1]["gateway_rss_bytes"])
+                    / max(1, held_n - points[-1].get("held", 0)),
                     "held": held_n,
                     "gateway_idle_cpu_percent": idle_pct,
                     "load_client_rss_bytes": {lab: rss_bytes(pid) for lab, pid in lc.pids().items()},
@@ -252,21 +282,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
                 if errors or retries or unhealthy_s:
-                    print(f"    errors: {errors}; rtm.connect retried: {retries}; "
-                          f"gateway not passing in Consul for ~{unhealthy_s:.1f}s while connecting", flush=True)
+                    print(
+                        f"    errors: {errors}; rtm.connect retried: {retries}; "
+                        f"gateway not passing in Consul for ~{unhealthy_s:.1f}s while connecting",
+                        flush=True,
+                    )
             result["points"] = points
             if args.probe_s > 0:  # does the idle gateway leave messages waiting (keepalive sweeps, GC)?
                 spare = [u for u in fleet.seed["users"] if not u["is_bot"]][top]
                 probe = await ping_probe(fleet.api_url, spare["token"], args.probe_s)
                 result["ping_probe"] = probe
-                print(f"connections: RTM ping round trips through the gateway holding {points[-1].get('held')} idle "
-                      f"connections, {args.probe_s:.0f} s: {json.dumps(probe)}", flush=True)
+                print(
+                    f"connections: RTM ping round trips through the gateway holding {points[-1].get('held')} idle "
+                    f"connections, {args.probe_s:.0f} s: {json.dumps(probe)}",
+                    flush=True,
+                )
             if args.profile_idle and pyspy_available():
                 out = RESULTS_DIR / f"{NAME}{'-quick' if args.quick else ''}-pyspy-idle-gateway.txt"
                 loop = asyncio.get_running_loop()
                 top_fns = await loop.run_in_executor(None, pyspy_top, gw_pid, 25, out)
-                result["idle_profile"] = {"connections": points[-1].get("held"), "top": top_fns,
-                                          "raw": str(out.relative_to(REPO_ROOT))}
+                result["idle_profile"] = {
+                    "connections": points[-1].get("held"),
+                    "top": top_fns,
+                    "raw": str(out.relative_to(REPO_ROOT)),
+                }
                 print(f"connections: py-spy of the idle gateway holding {points[-1].get('held')} connections:")
                 for f, own, tot in top_fns[:10]:
                     print(f"    {own:5.1f}% own {tot:5.1f}% total  {f}")
@@ -291,10 +330,26 @@ async def trace(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": NAME + "-trace", "machine": machine_info(), "connections": n}
     with FleetRun("--regions", "us-east", "--gateways-per-region", "1", "--seed-users", str(n + 1)) as fleet:
         consul = fleet.info["consul_url"].removeprefix("http://")
-        gw_args = build_parser().parse_args([
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--instance-id", "gw-trace", "--region", "trace",
-            "--consul", consul, "--data-dir", str(fleet.data_dir), "--log-level", "WARNING",
-        ])
+        gw_args = build_parser().parse_args(
+            [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--instance-id",
+                "gw-trace",
+                "--region",
+                "trace",
+                "--consul",
+                consul,
+                "--data-dir",
+                str(fleet.data_dir),
+                "--log-level",
+                "WARNING",
+            ]
+        )
         gw_args.secret = load_secret(gw_args)
         tracemalloc.start(12)
         gateway = Gateway(gw_args)
@@ -306,7 +361,9 @@ async def trace(args: argparse.Namespace) -> dict[str, Any]:
                 client = lc.clients[0]
                 deadline = time.monotonic() + 30  # the webapp learns of our gateway from Consul
                 while True:
-                    probe = await client.call("connect", tokens=[users[0]["token"]], api_url=fleet.api_url, region="trace")
+                    probe = await client.call(
+                        "connect", tokens=[users[0]["token"]], api_url=fleet.api_url, region="trace"
+                    )
                     if probe["gw"][0] == mine or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.5)
@@ -315,8 +372,14 @@ async def trace(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(2.0)
                 gc.collect()
                 before = tracemalloc.take_snapshot()
-                reply = await client.call("connect", tokens=[u["token"] for u in users[1:]], api_url=fleet.api_url,
-                                          region="trace", concurrency=100, timeout_s=60.0)
+                reply = await client.call(
+                    "connect",
+                    tokens=[u["token"] for u in users[1:]],
+                    api_url=fleet.api_url,
+                    region="trace",
+                    concurrency=100,
+                    timeout_s=60.0,
+                )
                 await asyncio.sleep(5.0)
                 gc.collect()
                 after = tracemalloc.take_snapshot()
@@ -337,12 +400,17 @@ async def trace(args: argparse.Namespace) -> dict[str, Any]:
         by_site[key] = by_site.get(key, 0) + d.size_diff
         area = _area(frames)
         by_area[area] = by_area.get(area, 0) + d.size_diff
-    result.update({
-        "connected": reply["connected"], "gateway_sessions": held,
-        "traced_bytes_per_connection": total / conns,
-        "by_area_bytes_per_connection": {k: v / conns for k, v in sorted(by_area.items(), key=lambda kv: -kv[1])},
-        "top_sites_bytes_per_connection": {k: v / conns for k, v in sorted(by_site.items(), key=lambda kv: -kv[1])[:40]},
-    })
+    result.update(
+        {
+            "connected": reply["connected"],
+            "gateway_sessions": held,
+            "traced_bytes_per_connection": total / conns,
+            "by_area_bytes_per_connection": {k: v / conns for k, v in sorted(by_area.items(), key=lambda kv: -kv[1])},
+            "top_sites_bytes_per_connection": {
+                k: v / conns for k, v in sorted(by_site.items(), key=lambda kv: -kv[1])[:40]
+            },
+        }
+    )
     print(f"traced Python heap per connection: {total / conns:,.0f} B over {held} sessions")
     for k, v in list(result["by_area_bytes_per_connection"].items())[:15]:
         print(f"  {v:8,.0f} B  {k}")
@@ -375,16 +443,29 @@ def render(result: dict[str, Any]) -> str:
         if p["connections"] == 0:
             rows.append([0, mib(p["gateway_rss_bytes"]), "–", "–", "–", "–", "–", "–"])
             continue
-        rows.append([
-            f"{p['connections']:,}", mib(p["gateway_rss_bytes"]),
-            f"{p['bytes_per_connection'] / 1024:.2f}", f"{p['incremental_bytes_per_connection'] / 1024:.2f}",
-            f"{p['gateway_connections']:,}" if p["gateway_connections"] is not None else "?",
-            fmt(p["gateway_cpu_ms_per_connect"], 2), fmt(p.get("gateway_idle_cpu_percent"), 1),
-            "met" if p["goal_met"] else "**missed**",
-        ])
+        rows.append(
+            [
+                f"{p['connections']:,}",
+                mib(p["gateway_rss_bytes"]),
+                f"{p['bytes_per_connection'] / 1024:.2f}",
+                f"{p['incremental_bytes_per_connection'] / 1024:.2f}",
+                f"{p['gateway_connections']:,}" if p["gateway_connections"] is not None else "?",
+                fmt(p["gateway_cpu_ms_per_connect"], 2),
+                fmt(p.get("gateway_idle_cpu_percent"), 1),
+                "met" if p["goal_met"] else "**missed**",
+            ]
+        )
     return md_table(
-        ["connections", "gateway RSS MiB", "KiB per connection", "incremental KiB/conn", "held (gateway /healthz)",
-         "gateway CPU ms per connect", "gateway idle CPU %", "goal ≤16 KiB/conn"],
+        [
+            "connections",
+            "gateway RSS MiB",
+            "KiB per connection",
+            "incremental KiB/conn",
+            "held (gateway /healthz)",
+            "gateway CPU ms per connect",
+            "gateway idle CPU %",
+            "goal ≤16 KiB/conn",
+        ],
         rows,
     )
 
@@ -397,10 +478,21 @@ def plot(result: dict[str, Any], name: str) -> None:
     fig, ax = pyplot.subplots(figsize=(6.5, 4.2))
     ax.plot(x, y, "o-", label="gateway RSS (measured)")
     base = y[0]
-    ax.plot([0, x[-1]], [base, base + x[-1] * GOAL_BYTES_PER_CONN / 2**20], "--", color="grey", label="goal: 16 KiB/connection")
+    ax.plot(
+        [0, x[-1]],
+        [base, base + x[-1] * GOAL_BYTES_PER_CONN / 2**20],
+        "--",
+        color="grey",
+        label="goal: 16 KiB/connection",
+    )
     for p in pts[1:]:
-        ax.annotate(f"{p['bytes_per_connection'] / 1024:.1f} KiB/conn", (p["connections"], p["gateway_rss_bytes"] / 2**20),
-                    textcoords="offset points", xytext=(-30, 8), fontsize=8)
+        ax.annotate(
+            f"{p['bytes_per_connection'] / 1024:.1f} KiB/conn",
+            (p["connections"], p["gateway_rss_bytes"] / 2**20),
+            textcoords="offset points",
+            xytext=(-30, 8),
+            fontsize=8,
+        )
     ax.set_xlabel("idle websocket connections on one gateway")
     ax.set_ylabel("gateway RSS, MiB")
     ax.set_title("rtm gateway memory per connection")

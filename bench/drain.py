@@ -37,7 +37,18 @@ from typing import Any
 import numpy as np
 
 from bench.fleet_events import Api, EvClients, Poster, deliveries, now_us, pct, prom_values
-from bench.harness import diff, FleetRun, fmt, machine_info, md_table, plt, ProcWatch, raise_nofile, run_benchmark, save_figure
+from bench.harness import (
+    FleetRun,
+    ProcWatch,
+    diff,
+    fmt,
+    machine_info,
+    md_table,
+    plt,
+    raise_nofile,
+    run_benchmark,
+    save_figure,
+)
 
 NAME = "drain"
 DRAIN_REGION = "eu-west"
@@ -46,7 +57,9 @@ BUCKET_US = 100_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.drain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--clients", type=int, default=2000, help="clients on the region that is drained")
     p.add_argument("--others", type=int, default=200, help="clients on the other region")
     p.add_argument("--rates", default="500,2000", help="drain rates (sessions/s per gateway), one fleet each")
@@ -99,37 +112,63 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
     regions = [DRAIN_REGION] * args.clients + [OTHER_REGION] * args.others
     gws = {f"{p['host']}:{p['port']}": p for p in fleet.processes("gateway")}
     t = time.monotonic()
-    conn = await ec.connect(fleet.api_url, [u["token"] for u in users], regions, follow_goodbye=True, concurrency=50, timeout_s=30.0)
+    conn = await ec.connect(
+        fleet.api_url, [u["token"] for u in users], regions, follow_goodbye=True, concurrency=50, timeout_s=30.0
+    )
     per_gw = {gws[g]["region"]: conn["gw"].count(g) for g in set(conn["gw"]) if g}
-    out["connect"] = {"connected": conn["connected"], "failed": conn["failed"], "errors": conn["errors"], "per_region": per_gw,
-                      "elapsed_s": time.monotonic() - t}
-    print(f"drain: connected {conn['connected']} in {out['connect']['elapsed_s']:.0f}s ({per_gw}); failed {conn['failed']}", flush=True)
+    out["connect"] = {
+        "connected": conn["connected"],
+        "failed": conn["failed"],
+        "errors": conn["errors"],
+        "per_region": per_gw,
+        "elapsed_s": time.monotonic() - t,
+    }
+    print(
+        f"drain: connected {conn['connected']} in {out['connect']['elapsed_s']:.0f}s ({per_gw}); failed {conn['failed']}",
+        flush=True,
+    )
     if conn["failed"]:
         raise RuntimeError(f"connect failed: {conn['errors']}")
-    on_drained = np.array([i for i, g in enumerate(conn["gw"]) if g and gws[g]["region"] == DRAIN_REGION], dtype=np.int64)
+    on_drained = np.array(
+        [i for i, g in enumerate(conn["gw"]) if g and gws[g]["region"] == DRAIN_REGION], dtype=np.int64
+    )
     everyone = np.arange(len(users), dtype=np.int64)
     members = {0: everyone, 1: everyone}
-    poster_users = users[args.clients:] or users
+    poster_users = users[args.clients :] or users
     poster = Poster(api, [(targets[i % 2], poster_users[i % len(poster_users)]["token"]) for i in range(2)])
     watch = ProcWatch({**fleet.labelled_pids(), **ec.pids(), "poster (bench)": os.getpid()})
     stop = asyncio.Event()
-    post_task = asyncio.ensure_future(poster.run(args.post_rate, args.baseline_s + args.move_timeout_s + args.after_s + 30, stop))
+    post_task = asyncio.ensure_future(
+        poster.run(args.post_rate, args.baseline_s + args.move_timeout_s + args.after_s + 30, stop)
+    )
     try:
         await asyncio.sleep(args.baseline_s)
         moved0 = fleet.scrape("gateway", "rtm_gw_sessions_moved_total")
         cpu0 = watch.cpu()
         t_cmd = now_us()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", "drain", DRAIN_REGION, "--data-dir", str(fleet.data_dir),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            sys.executable,
+            "-m",
+            "services.cli",
+            "drain",
+            DRAIN_REGION,
+            "--data-dir",
+            str(fleet.data_dir),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         cmd_out, _ = await asyncio.wait_for(proc.communicate(), 60)
         t_cmd_done = now_us()
         from services.regions import drained_key
 
         _, kv = fleet_consul(fleet).kv.get(drained_key(DRAIN_REGION))
         t_drain = int(float(kv["Value"]) * 1e6) if kv and kv.get("Value") else t_cmd_done
-        out["drain_command"] = {"output": cmd_out.decode().strip(), "returncode": proc.returncode,
-                                "command_s": (t_cmd_done - t_cmd) / 1e6, "key_written_after_start_s": (t_drain - t_cmd) / 1e6}
+        out["drain_command"] = {
+            "output": cmd_out.decode().strip(),
+            "returncode": proc.returncode,
+            "command_s": (t_cmd_done - t_cmd) / 1e6,
+            "key_written_after_start_s": (t_drain - t_cmd) / 1e6,
+        }
         # until every client on the drained region has moved (bounded)
         deadline = time.monotonic() + args.move_timeout_s
         while time.monotonic() < deadline:
@@ -171,8 +210,17 @@ def fleet_consul(fleet: FleetRun) -> Any:
     return consul.Consul(host=host, port=int(port))
 
 
-def analyze(out: dict[str, Any], poster: Poster, members: dict[int, np.ndarray], rec: dict[str, Any], on_drained: np.ndarray,
-            t_drain: int, t_moved_seen: int, gws: dict[str, Any], conn: dict[str, Any]) -> None:
+def analyze(
+    out: dict[str, Any],
+    poster: Poster,
+    members: dict[int, np.ndarray],
+    rec: dict[str, Any],
+    on_drained: np.ndarray,
+    t_drain: int,
+    t_moved_seen: int,
+    gws: dict[str, Any],
+    conn: dict[str, Any],
+) -> None:
     posts = poster.posts
     d = deliveries(rec["msgs"], posts, members)
     mv = rec["moves"]
@@ -201,7 +249,11 @@ def analyze(out: dict[str, Any], poster: Poster, members: dict[int, np.ndarray],
             peak[label] = int(counts.max())
     post_by_id = {p["id"]: p for p in posts}
     recv = d["recv"]
-    send = np.array([post_by_id[int(x)]["send_us"] for x in recv[:, 1]], dtype=np.int64) if len(recv) else np.zeros(0, np.int64)
+    send = (
+        np.array([post_by_id[int(x)]["send_us"] for x in recv[:, 1]], dtype=np.int64)
+        if len(recv)
+        else np.zeros(0, np.int64)
+    )
     lat = (recv[:, 2] - send) / 1e3 if len(recv) else np.zeros(0)
     end = t_all or t_moved_seen
     before = lat[send < t_drain]
@@ -214,21 +266,36 @@ def analyze(out: dict[str, Any], poster: Poster, members: dict[int, np.ndarray],
         return {"n": int(len(a)), "p50": pct(a, 50), "p99": pct(a, 99), "max": float(a.max()) if len(a) else None}
 
     out["clients_on_drained_region"] = int(len(on_drained))
-    out["moves"] = {"recorded": int(len(mv)), "ok": int(len(ok)), "failed": int(len(failed)),
-                    "not_moved": len(drained_set - moved_conns), "moved_but_not_on_drained": len(moved_conns - drained_set),
-                    "attempts_max": int(mv[:, 5].max()) if len(mv) else 0, "attempts_gt1": int((mv[:, 5] > 1).sum()) if len(mv) else 0,
-                    "target_regions": target_regions}
-    out["first_goodbye_s"] = (int(mv[:, 1][mv[:, 1] > 0].min()) - t_drain) / 1e6 if len(mv) and (mv[:, 1] > 0).any() else None
+    out["moves"] = {
+        "recorded": int(len(mv)),
+        "ok": int(len(ok)),
+        "failed": int(len(failed)),
+        "not_moved": len(drained_set - moved_conns),
+        "moved_but_not_on_drained": len(moved_conns - drained_set),
+        "attempts_max": int(mv[:, 5].max()) if len(mv) else 0,
+        "attempts_gt1": int((mv[:, 5] > 1).sum()) if len(mv) else 0,
+        "target_regions": target_regions,
+    }
+    out["first_goodbye_s"] = (
+        (int(mv[:, 1][mv[:, 1] > 0].min()) - t_drain) / 1e6 if len(mv) and (mv[:, 1] > 0).any() else None
+    )
     out["all_moved_s"] = (t_all - t_drain) / 1e6 if t_all else None
     out["last_goodbye_s"] = (int(mv[:, 1].max()) - t_drain) / 1e6 if len(mv) else None
     gb = mv[:, 1][mv[:, 1] > 0]
-    out["achieved_goodbye_rate_per_s"] = (len(gb) - 1) / ((int(gb.max()) - int(gb.min())) / 1e6) if len(gb) > 1 and gb.max() > gb.min() else None
+    out["achieved_goodbye_rate_per_s"] = (
+        (len(gb) - 1) / ((int(gb.max()) - int(gb.min())) / 1e6) if len(gb) > 1 and gb.max() > gb.min() else None
+    )
     out["away_ms"] = q(away_ms)
     out["reconnect_hist_100ms"] = hist
     out["peak_per_100ms"] = peak
     out["peak_reconnects_per_s"] = peak.get("hello", 0) * 10
     out["mean_reconnects_per_s"] = (len(ok) / ((t_all - int(ok[:, 4].min())) / 1e6)) if len(ok) > 1 and t_all else None
-    out["latency_ms"] = {"before": q(before), "during": q(during), "during_moved_clients": q(during_moved), "during_other_clients": q(during_stayed)}
+    out["latency_ms"] = {
+        "before": q(before),
+        "during": q(during),
+        "during_moved_clients": q(during_moved),
+        "during_other_clients": q(during_stayed),
+    }
     out["deliveries"] = {k: d[k] for k in ("expected", "delivered", "lost", "duplicates", "unexpected", "lost_sample")}
     out["posts"] = {"sent": len(posts), "ok": sum(1 for p in posts if p["ok"]), "errors": poster.errors}
     out["unexpected_closes"] = len(rec["closed"])
@@ -239,7 +306,7 @@ def analyze(out: dict[str, Any], poster: Poster, members: dict[int, np.ndarray],
     hl = {int(r[0]): int(r[4]) for r in mv}
     lost_conns = [int(c) for c in d["lost_conns"]]
     by_att: dict[str, dict[str, int]] = {}
-    for c, a in att.items():
+    for a in att.values():
         row = by_att.setdefault(str(a), {"clients": 0, "clients_with_loss": 0})
         row["clients"] += 1
     for c in lost_conns:
@@ -257,27 +324,56 @@ def analyze(out: dict[str, Any], poster: Poster, members: dict[int, np.ndarray],
             in_gap += 1
     out["lost_sent_while_client_away"] = in_gap
     out["lost_clients"] = len(lost_conns)
-    out["_plot"] = {"hello_s": ((ok[:, 4] - t_drain) / 1e6).tolist() if len(ok) else [],
-                    "send_s": ((send - t_drain) / 1e6)[::max(1, len(send) // 20000)].tolist(),
-                    "lat_ms": lat[::max(1, len(send) // 20000)].tolist()}
+    out["_plot"] = {
+        "hello_s": ((ok[:, 4] - t_drain) / 1e6).tolist() if len(ok) else [],
+        "send_s": ((send - t_drain) / 1e6)[:: max(1, len(send) // 20000)].tolist(),
+        "lat_ms": lat[:: max(1, len(send) // 20000)].tolist(),
+    }
 
 
 def render(result: dict[str, Any]) -> str:
     rows = []
     for r in result["runs"]:
         lat = r["latency_ms"]
-        rows.append([
-            f"{r['drain_rate_per_s']:,.0f}", fmt(r.get("achieved_goodbye_rate_per_s"), 0), f"{r['clients_on_drained_region']:,}", f"{r['moves']['ok']:,} ({r['moves']['failed']} failed)",
-            fmt(r["first_goodbye_s"], 2), fmt(r["all_moved_s"], 2), f"{fmt(r['away_ms']['p50'], 0)} / {fmt(r['away_ms']['p99'], 0)}",
-            f"{r['peak_per_100ms'].get('hello', 0)} ({r['peak_reconnects_per_s']:,}/s)", fmt(r["mean_reconnects_per_s"], 0),
-            f"{fmt(lat['before']['p99'], 1)}", f"{fmt(lat['during']['p50'], 1)} / {fmt(lat['during']['p99'], 1)} / {fmt(lat['during']['max'], 0)}",
-            fmt(lat["during_other_clients"]["p99"], 1),
-            f"{r['deliveries']['lost']} / {r['deliveries']['expected']:,}", r["deliveries"]["duplicates"],
-        ])
-    lines = [md_table(["drain rate /s", "achieved goodbyes/s", "clients on drained region", "moved", "first goodbye s", "all moved s",
-                       "away per client p50 / p99 ms", "peak reconnects per 100 ms", "mean reconnects/s",
-                       "msg p99 before ms", "msg p50 / p99 / max during move ms", "msg p99 during, clients not moved",
-                       "lost / expected", "dup"], rows)]
+        rows.append(
+            [
+                f"{r['drain_rate_per_s']:,.0f}",
+                fmt(r.get("achieved_goodbye_rate_per_s"), 0),
+                f"{r['clients_on_drained_region']:,}",
+                f"{r['moves']['ok']:,} ({r['moves']['failed']} failed)",
+                fmt(r["first_goodbye_s"], 2),
+                fmt(r["all_moved_s"], 2),
+                f"{fmt(r['away_ms']['p50'], 0)} / {fmt(r['away_ms']['p99'], 0)}",
+                f"{r['peak_per_100ms'].get('hello', 0)} ({r['peak_reconnects_per_s']:,}/s)",
+                fmt(r["mean_reconnects_per_s"], 0),
+                f"{fmt(lat['before']['p99'], 1)}",
+                f"{fmt(lat['during']['p50'], 1)} / {fmt(lat['during']['p99'], 1)} / {fmt(lat['during']['max'], 0)}",
+                fmt(lat["during_other_clients"]["p99"], 1),
+                f"{r['deliveries']['lost']} / {r['deliveries']['expected']:,}",
+                r["deliveries"]["duplicates"],
+            ]
+        )
+    lines = [
+        md_table(
+            [
+                "drain rate /s",
+                "achieved goodbyes/s",
+                "clients on drained region",
+                "moved",
+                "first goodbye s",
+                "all moved s",
+                "away per client p50 / p99 ms",
+                "peak reconnects per 100 ms",
+                "mean reconnects/s",
+                "msg p99 before ms",
+                "msg p50 / p99 / max during move ms",
+                "msg p99 during, clients not moved",
+                "lost / expected",
+                "dup",
+            ],
+            rows,
+        )
+    ]
     lines.append("")
     cpu_rows = []
     labels = [k for k in result["runs"][0]["cpu_ms_per_moved_client"]]
@@ -285,23 +381,46 @@ def render(result: dict[str, Any]) -> str:
         vals = [r["cpu_ms_per_moved_client"].get(k) for r in result["runs"]]
         if max((v or 0) for v in vals) < 0.05:
             continue
-        cpu_rows.append([k] + [f"{fmt(v, 2)} ({fmt(r['cpu_s_move_window'].get(k), 2)})" for v, r in zip(vals, result["runs"])])
-    lines += ["CPU ms per moved client in the move window (CPU-seconds in it; messages kept flowing):", "",
-              md_table(["process"] + [f"drain {r['drain_rate_per_s']:,.0f}/s ({fmt(r['all_moved_s'], 1)} s)" for r in result["runs"]], cpu_rows)]
+        cpu_rows.append(
+            [k]
+            + [
+                f"{fmt(v, 2)} ({fmt(r['cpu_s_move_window'].get(k), 2)})"
+                for v, r in zip(vals, result["runs"], strict=False)
+            ]
+        )
+    lines += [
+        "CPU ms per moved client in the move window (CPU-seconds in it; messages kept flowing):",
+        "",
+        md_table(
+            ["process"]
+            + [f"drain {r['drain_rate_per_s']:,.0f}/s ({fmt(r['all_moved_s'], 1)} s)" for r in result["runs"]],
+            cpu_rows,
+        ),
+    ]
     for r in result["runs"]:
         la = r.get("loss_by_attempts", {})
-        lines.append(f"* drain {r['drain_rate_per_s']:,.0f}/s: {r['deliveries']['lost']:,} deliveries lost at {r.get('lost_clients', 0)} clients "
-                     f"({r.get('lost_sent_while_client_away', 0):,} of them sent while that client was away); by reconnect attempts: "
-                     + ", ".join(f"{k} attempt(s): {v['clients_with_loss']} of {v['clients']} clients lost some" for k, v in sorted(la.items()))
-                     + f"; failed reconnect attempts: {r.get('move_errors') or 'none'}; gateway connects: {r.get('gateway_connects')}; "
-                     f"webapp resume records: {r.get('webapp_resumes')}; gateway history fetches: {r.get('gateway_gap_fills')}.")
+        lines.append(
+            f"* drain {r['drain_rate_per_s']:,.0f}/s: {r['deliveries']['lost']:,} deliveries lost at {r.get('lost_clients', 0)} clients "
+            f"({r.get('lost_sent_while_client_away', 0):,} of them sent while that client was away); by reconnect attempts: "
+            + ", ".join(
+                f"{k} attempt(s): {v['clients_with_loss']} of {v['clients']} clients lost some"
+                for k, v in sorted(la.items())
+            )
+            + f"; failed reconnect attempts: {r.get('move_errors') or 'none'}; gateway connects: {r.get('gateway_connects')}; "
+            f"webapp resume records: {r.get('webapp_resumes')}; gateway history fetches: {r.get('gateway_gap_fills')}."
+        )
     cfg = result["config"]
-    lines += ["", f"Load: {cfg['clients']:,} clients on {DRAIN_REGION} + {cfg['others']:,} on {OTHER_REGION}, one gateway per region, "
-                  f"{cfg['post_rate']:g} messages/s alternately to #general and #random (every client is in both: "
-                  f"{cfg['clients'] + cfg['others']:,} deliveries per message). Times from the drain key's write in Consul; "
-                  "reconnect = the client's new hello on the target region (client clock)."]
+    lines += [
+        "",
+        f"Load: {cfg['clients']:,} clients on {DRAIN_REGION} + {cfg['others']:,} on {OTHER_REGION}, one gateway per region, "
+        f"{cfg['post_rate']:g} messages/s alternately to #general and #random (every client is in both: "
+        f"{cfg['clients'] + cfg['others']:,} deliveries per message). Times from the drain key's write in Consul; "
+        "reconnect = the client's new hello on the target region (client clock).",
+    ]
     m = result["machine"]
-    lines.append(f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}, uvloop {m['uvloop']} (shared, noisy); 1-min load average {result['loadavg_1m']['start']:.1f} at start, {result['loadavg_1m']['end']:.1f} at end.")
+    lines.append(
+        f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}, uvloop {m['uvloop']} (shared, noisy); 1-min load average {result['loadavg_1m']['start']:.1f} at start, {result['loadavg_1m']['end']:.1f} at end."
+    )
     return "\n".join(lines)
 
 
@@ -337,13 +456,22 @@ def plot(result: dict[str, Any], name: str) -> None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     nofile = raise_nofile(65536)
-    result: dict[str, Any] = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:], "nofile": nofile,
-                              "config": {k: v for k, v in vars(args).items() if k != "rate_list"}, "runs": []}
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "argv": sys.argv[1:],
+        "nofile": nofile,
+        "config": {k: v for k, v in vars(args).items() if k != "rate_list"},
+        "runs": [],
+    }
     for rate in args.rate_list:
         r = await one_rate(args, rate)
         result["runs"].append(r)
-        print(f"  drain {rate:g}/s: all {r['moves']['ok']} moved in {fmt(r['all_moved_s'], 2)} s, peak {r['peak_per_100ms'].get('hello', 0)} reconnects/100 ms, "
-              f"msg p99 during {fmt(r['latency_ms']['during']['p99'], 1)} ms, lost {r['deliveries']['lost']} dup {r['deliveries']['duplicates']}", flush=True)
+        print(
+            f"  drain {rate:g}/s: all {r['moves']['ok']} moved in {fmt(r['all_moved_s'], 2)} s, peak {r['peak_per_100ms'].get('hello', 0)} reconnects/100 ms, "
+            f"msg p99 during {fmt(r['latency_ms']['during']['p99'], 1)} ms, lost {r['deliveries']['lost']} dup {r['deliveries']['duplicates']}",
+            flush=True,
+        )
     return result
 
 

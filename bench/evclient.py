@@ -158,7 +158,9 @@ class Conn(WSListener):
         self.stage = "rtm.connect"
         for _ in range(5):
             form = {"region": self.region} if self.region else {}
-            async with STATE.http.post(STATE.api_url + "rtm.connect", data=form, headers={"Authorization": f"Bearer {self.token}"}) as resp:
+            async with STATE.http.post(
+                STATE.api_url + "rtm.connect", data=form, headers={"Authorization": f"Bearer {self.token}"}
+            ) as resp:
                 reply = await resp.json(content_type=None)
             if reply.get("ok"):
                 break
@@ -251,8 +253,14 @@ async def connect(req: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(len(tokens))))
     connected = sum(1 for g in gws if g is not None)
-    return {"ok": True, "connected": connected, "failed": len(tokens) - connected, "errors": errors, "gw": gws,
-            "elapsed_s": time.monotonic() - started}
+    return {
+        "ok": True,
+        "connected": connected,
+        "failed": len(tokens) - connected,
+        "errors": errors,
+        "gw": gws,
+        "elapsed_s": time.monotonic() - started,
+    }
 
 
 async def type_loop(senders: list[tuple[int, str]], interval_s: float, duration_s: float, burst: int = 1) -> None:
@@ -291,9 +299,15 @@ async def type_loop(senders: list[tuple[int, str]], interval_s: float, duration_
 
 async def stat(req: dict[str, Any]) -> dict[str, Any]:
     return {
-        "ok": True, "msgs": len(REC.m_conn), "typing": len(REC.t_conn), "typing_sent": len(REC.s_conn),
-        "other": REC.other, "open": REC.open, "moves": len(REC.mv),
-        "moving": sum(1 for c in STATE.conns if c is not None and c.moving), "closed": len(REC.closed),
+        "ok": True,
+        "msgs": len(REC.m_conn),
+        "typing": len(REC.t_conn),
+        "typing_sent": len(REC.s_conn),
+        "other": REC.other,
+        "open": REC.open,
+        "moves": len(REC.mv),
+        "moving": sum(1 for c in STATE.conns if c is not None and c.moving),
+        "closed": len(REC.closed),
     }
 
 
@@ -305,13 +319,26 @@ async def dump(req: dict[str, Any]) -> dict[str, Any]:
     mv = np.array([m[:6] for m in REC.mv], dtype=np.int64).reshape(-1, 6)
     np.savez(
         str(req["path"]),
-        msgs=np.stack([arr(REC.m_conn), arr(REC.m_post), arr(REC.m_recv)], axis=1) if len(REC.m_conn) else np.zeros((0, 3), np.int64),
-        typ=np.stack([arr(REC.t_conn), arr(REC.t_chan), arr(REC.t_user), arr(REC.t_recv)], axis=1) if len(REC.t_conn) else np.zeros((0, 4), np.int64),
-        sent=np.stack([arr(REC.s_conn), arr(REC.s_chan), arr(REC.s_send)], axis=1) if len(REC.s_conn) else np.zeros((0, 3), np.int64),
+        msgs=np.stack([arr(REC.m_conn), arr(REC.m_post), arr(REC.m_recv)], axis=1)
+        if len(REC.m_conn)
+        else np.zeros((0, 3), np.int64),
+        typ=np.stack([arr(REC.t_conn), arr(REC.t_chan), arr(REC.t_user), arr(REC.t_recv)], axis=1)
+        if len(REC.t_conn)
+        else np.zeros((0, 4), np.int64),
+        sent=np.stack([arr(REC.s_conn), arr(REC.s_chan), arr(REC.s_send)], axis=1)
+        if len(REC.s_conn)
+        else np.zeros((0, 3), np.int64),
         moves=mv,
     )
-    reply = {"ok": True, "chan": REC.chan.ids, "user": REC.user.ids, "move_gw": [m[6] for m in REC.mv],
-             "closed": REC.closed, "n_msgs": len(REC.m_conn), "move_errors": REC.move_errors}
+    reply = {
+        "ok": True,
+        "chan": REC.chan.ids,
+        "user": REC.user.ids,
+        "move_gw": [m[6] for m in REC.mv],
+        "closed": REC.closed,
+        "n_msgs": len(REC.m_conn),
+        "move_errors": REC.move_errors,
+    }
     REC.clear()
     return reply
 
@@ -334,7 +361,14 @@ async def quit_all(req: dict[str, Any]) -> dict[str, Any]:
 
 
 async def start_typing(req: dict[str, Any]) -> dict[str, Any]:
-    STATE.spawn(type_loop([(int(a), str(b)) for a, b in req["senders"]], float(req["interval_s"]), float(req["duration_s"]), int(req.get("burst", 1))))
+    STATE.spawn(
+        type_loop(
+            [(int(a), str(b)) for a, b in req["senders"]],
+            float(req["interval_s"]),
+            float(req["duration_s"]),
+            int(req.get("burst", 1)),
+        )
+    )
     return {"ok": True}
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from bench.fleet_events import Api, EvClients, LoggedFleet, Poster, deliveries, med, now_us, pct
-from bench.harness import diff, fmt, machine_info, md_table, plt, ProcWatch, raise_nofile, run_benchmark, save_figure
+from bench.harness import ProcWatch, diff, fmt, machine_info, md_table, plt, raise_nofile, run_benchmark, save_figure
 
 NAME = "failover"
 GOAL_KILL_TO_DELIVERY_S = 2.0
@@ -49,7 +49,9 @@ SLACK_KILL_TO_DELIVERY_S = 20.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.failover", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--clients", type=int, default=48, help="websocket clients (one per user)")
     p.add_argument("--channels", type=int, default=21, help="channels (more are added if a slot has too few)")
     p.add_argument("--members", type=int, default=8, help="members per channel")
@@ -131,7 +133,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-async def body(args: argparse.Namespace, fleet: LoggedFleet, api: Api, ec: EvClients, rnd: random.Random, result: dict[str, Any]) -> None:
+async def body(
+    args: argparse.Namespace, fleet: LoggedFleet, api: Api, ec: EvClients, rnd: random.Random, result: dict[str, Any]
+) -> None:
     users = [u for u in fleet.seed["users"] if not u["is_bot"]][: args.clients]
     ring = fleet.ring()
     slots = sorted(ring.doc.slots)
@@ -150,16 +154,21 @@ async def body(args: argparse.Namespace, fleet: LoggedFleet, api: Api, ec: EvCli
     slot_of = {c: ring.slot_for(c) for c in channels}
     result["channels"] = len(channels)
     result["channels_per_slot"] = {s: sum(1 for c in channels if slot_of[c] == s) for s in slots}
-    print(f"failover: {len(channels)} channels of {args.members}, per slot {result['channels_per_slot']}; connecting ...", flush=True)
+    print(
+        f"failover: {len(channels)} channels of {args.members}, per slot {result['channels_per_slot']}; connecting ...",
+        flush=True,
+    )
     regions = ["us-east", "eu-west"]
-    conn = await ec.connect(fleet.api_url, [u["token"] for u in users], [regions[i % 2] for i in range(len(users))], follow_goodbye=False)
+    conn = await ec.connect(
+        fleet.api_url, [u["token"] for u in users], [regions[i % 2] for i in range(len(users))], follow_goodbye=False
+    )
     result["connect"] = {k: v for k, v in conn.items() if k != "gw"}
     result["connect"]["per_gateway"] = {g: conn["gw"].count(g) for g in set(conn["gw"]) if g}
     if conn["failed"]:
         raise RuntimeError(f"connect failed: {conn['errors']}")
     members = {t: np.array(sorted(g), dtype=np.int64) for t, g in enumerate(groups)}  # conn i = users[i]
     poster_tokens = [users[g[0]]["token"] for g in groups]
-    poster = Poster(api, list(zip(channels, poster_tokens)))
+    poster = Poster(api, list(zip(channels, poster_tokens, strict=False)))
     watch = ProcWatch({**fleet.labelled_pids(), **ec.pids(), "poster (bench)": os.getpid()})
     stop = asyncio.Event()
     max_run_s = 60 + args.repeats * (args.recovery_timeout_s + args.settle_s + 30)
@@ -168,7 +177,9 @@ async def body(args: argparse.Namespace, fleet: LoggedFleet, api: Api, ec: EvCli
     t_run0 = time.monotonic()
 
     def expected_so_far(before_us: int) -> int:
-        return sum(len(members[p["target"]]) for p in poster.posts if p["ok"] and p["ack_us"] and p["ack_us"] < before_us)
+        return sum(
+            len(members[p["target"]]) for p in poster.posts if p["ok"] and p["ack_us"] and p["ack_us"] < before_us
+        )
 
     kills: list[dict[str, Any]] = []
     try:
@@ -187,12 +198,27 @@ async def body(args: argparse.Namespace, fleet: LoggedFleet, api: Api, ec: EvCli
             mark = now_us() - 500_000
             await ec.wait_msgs(expected_so_far(mark), max_s=30.0, idle_s=5.0)
             await asyncio.sleep(args.settle_s)
-            kills.append({"rep": rep, "slot": slot, "killed": owner, "pid": pid, "kill_us": t_kill, "affected": affected,
-                          "recovery": rec, "new_owner": fleet.ring().doc.slots[slot]})
-            print(f"  kill {rep + 1}/{args.repeats}: slot {slot} owner {owner} (pid {pid}) -> {kills[-1]['new_owner']}; "
-                  f"slot re-owned after {fmt(rec.get('slot_owned_s'), 2)} s (poll), back as a spare after {fmt(rec.get('spare_s'), 1)} s", flush=True)
+            kills.append(
+                {
+                    "rep": rep,
+                    "slot": slot,
+                    "killed": owner,
+                    "pid": pid,
+                    "kill_us": t_kill,
+                    "affected": affected,
+                    "recovery": rec,
+                    "new_owner": fleet.ring().doc.slots[slot],
+                }
+            )
+            print(
+                f"  kill {rep + 1}/{args.repeats}: slot {slot} owner {owner} (pid {pid}) -> {kills[-1]['new_owner']}; "
+                f"slot re-owned after {fmt(rec.get('slot_owned_s'), 2)} s (poll), back as a spare after {fmt(rec.get('spare_s'), 1)} s",
+                flush=True,
+            )
             if not rec["ok"]:
-                print("failover: the killed server did not come back as a spare in time; stopping the repeats", flush=True)
+                print(
+                    "failover: the killed server did not come back as a spare in time; stopping the repeats", flush=True
+                )
                 break
     finally:
         stop.set()
@@ -210,12 +236,22 @@ async def body(args: argparse.Namespace, fleet: LoggedFleet, api: Api, ec: EvCli
     result["cpu_s"] = cpu
     result["run_s"] = run_s
     # a killed channel server's CPU is gone with it: only processes alive from start to end
-    result["cpu_us_per_delivery"] = {k: (v * 1e6 / total_deliv if total_deliv else None) for k, v in cpu.items() if v == v}
+    result["cpu_us_per_delivery"] = {
+        k: (v * 1e6 / total_deliv if total_deliv else None) for k, v in cpu.items() if v == v
+    }
     result["post_errors"] = poster.errors
 
 
-def analyze(args: argparse.Namespace, result: dict[str, Any], poster: Poster, members: dict[int, np.ndarray],
-            msgs: np.ndarray, kills: list[dict[str, Any]], logs: list[dict[str, Any]], channels: list[str]) -> None:
+def analyze(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    poster: Poster,
+    members: dict[int, np.ndarray],
+    msgs: np.ndarray,
+    kills: list[dict[str, Any]],
+    logs: list[dict[str, Any]],
+    channels: list[str],
+) -> None:
     posts = poster.posts
     d = deliveries(msgs, posts, members)
     result["totals"] = {k: d[k] for k in ("expected", "delivered", "lost", "duplicates", "unexpected", "lost_sample")}
@@ -224,7 +260,7 @@ def analyze(args: argparse.Namespace, result: dict[str, Any], poster: Poster, me
     recv = d["recv"]
     by_post: dict[int, list[int]] = {}
     first_recv: dict[int, int] = {}
-    for c, pid, t in recv.tolist():
+    for _c, pid, t in recv.tolist():
         by_post.setdefault(pid, []).append(t)
     completion: dict[int, float] = {}
     post_by_id = {p["id"]: p for p in posts}
@@ -233,8 +269,16 @@ def analyze(args: argparse.Namespace, result: dict[str, Any], poster: Poster, me
         first_recv[pid] = min(ts)
         if len(ts) == len(members[p["target"]]):
             completion[pid] = float(max(ts))
-    lat_ms = (recv[:, 2] - np.array([post_by_id[int(x)]["send_us"] for x in recv[:, 1]], dtype=np.int64)) / 1e3 if len(recv) else np.zeros(0)
-    result["latency_ms_all"] = {"p50": pct(lat_ms, 50), "p99": pct(lat_ms, 99), "max": float(lat_ms.max()) if len(lat_ms) else None}
+    lat_ms = (
+        (recv[:, 2] - np.array([post_by_id[int(x)]["send_us"] for x in recv[:, 1]], dtype=np.int64)) / 1e3
+        if len(recv)
+        else np.zeros(0)
+    )
+    result["latency_ms_all"] = {
+        "p50": pct(lat_ms, 50),
+        "p99": pct(lat_ms, 99),
+        "max": float(lat_ms.max()) if len(lat_ms) else None,
+    }
     rows = []
     for i, k in enumerate(kills):
         t0 = k["kill_us"]
@@ -250,52 +294,118 @@ def analyze(args: argparse.Namespace, result: dict[str, Any], poster: Poster, me
         un_ids = {p["id"] for p in un}
         un_lat = [(t - post_by_id[pid]["send_us"]) / 1e3 for _, pid, t in recv.tolist() if pid in un_ids]
         # affected: the worst delivery latency among posts sent in the outage
-        a_lat = [(t - post_by_id[pid]["send_us"]) / 1e3 for _, pid, t in recv.tolist()
-                 if pid in {p["id"] for p in aposts if t0 <= p["send_us"] < t0 + 3_000_000}]
+        a_lat = [
+            (t - post_by_id[pid]["send_us"]) / 1e3
+            for _, pid, t in recv.tolist()
+            if pid in {p["id"] for p in aposts if t0 <= p["send_us"] < t0 + 3_000_000}
+        ]
         # late deliveries after delivery resumed (not explained by the outage itself), and the log around the kill
         resumed = first if first is not None else t0
-        late = [(pid, c, t) for c, pid, t in recv.tolist()
-                if post_by_id[pid]["target"] in aff and t0 <= post_by_id[pid]["send_us"] < t_next
-                and post_by_id[pid]["send_us"] > resumed and t - post_by_id[pid]["send_us"] > 300_000]
+        late = [
+            (pid, c, t)
+            for c, pid, t in recv.tolist()
+            if post_by_id[pid]["target"] in aff
+            and t0 <= post_by_id[pid]["send_us"] < t_next
+            and post_by_id[pid]["send_us"] > resumed
+            and t - post_by_id[pid]["send_us"] > 300_000
+        ]
         gw_of = result.get("_gw_of_conn") or []
-        late_sample = [{"post": pid, "channel": channels[post_by_id[pid]["target"]], "conn": c, "gateway": gw_of[c] if c < len(gw_of) else None,
-                        "sent_after_kill_s": (post_by_id[pid]["send_us"] - t0) / 1e6, "latency_ms": (t - post_by_id[pid]["send_us"]) / 1e3}
-                       for pid, c, t in late[:20]]
-        window = [f"+{e['ts'] - t0 / 1e6:.3f}s [{e['proc']}] {e['msg'][:200]}" for e in logs if t0 / 1e6 - 0.2 <= e["ts"] <= t0 / 1e6 + 4.0][:40]
-        gone = next((e for e in logs if "is gone (probe refused)" in e.get("msg", "") and k["killed"] in e["msg"] and e["ts"] * 1e6 >= t0), None)
-        ring_line = next((e for e in logs if e.get("msg", "").startswith("channel ring v") and "->" in e["msg"] and e["ts"] * 1e6 >= t0), None)
-        ttl_line = next((e for e in logs if "critical" in e.get("msg", "").lower() and k["killed"] in e.get("msg", "") and e["ts"] * 1e6 >= t0), None)
-        rows.append({
-            "rep": k["rep"], "slot": k["slot"], "killed": k["killed"], "new_owner": k["new_owner"],
-            "affected_channels": len(aff),
-            "kill_to_first_post_sent_s": (first_sent - t0) / 1e6 if first_sent else None,
-            "kill_to_delivery_s": (first - t0) / 1e6 if first else None,
-            "kill_to_catch_up_s": (cu - t0) / 1e6 if cu is not None else None,
-            "detected_s": (gone["ts"] * 1e6 - t0) / 1e6 if gone else None,
-            "detected_by": "probe refused" if gone else ("ttl" if ttl_line else "not in log"),
-            "detected_line": f"[{gone['proc']}] {gone['msg']}" if gone else None,
-            "ring_changed_s": (ring_line["ts"] * 1e6 - t0) / 1e6 if ring_line else None,
-            "ring_line": f"[{ring_line['proc']}] {ring_line['msg']}" if ring_line else None,
-            "affected_max_latency_ms": max(a_lat) if a_lat else None,
-            "unaffected_p99_ms": pct(un_lat, 99),
-            "unaffected_max_ms": max(un_lat) if un_lat else None,
-            "back_as_spare_s": k["recovery"].get("spare_s"),
-            "late_deliveries_after_resume": len(late), "late_sample": late_sample, "log_window": window,
-        })
+        late_sample = [
+            {
+                "post": pid,
+                "channel": channels[post_by_id[pid]["target"]],
+                "conn": c,
+                "gateway": gw_of[c] if c < len(gw_of) else None,
+                "sent_after_kill_s": (post_by_id[pid]["send_us"] - t0) / 1e6,
+                "latency_ms": (t - post_by_id[pid]["send_us"]) / 1e3,
+            }
+            for pid, c, t in late[:20]
+        ]
+        window = [
+            f"+{e['ts'] - t0 / 1e6:.3f}s [{e['proc']}] {e['msg'][:200]}"
+            for e in logs
+            if t0 / 1e6 - 0.2 <= e["ts"] <= t0 / 1e6 + 4.0
+        ][:40]
+        gone = next(
+            (
+                e
+                for e in logs
+                if "is gone (probe refused)" in e.get("msg", "") and k["killed"] in e["msg"] and e["ts"] * 1e6 >= t0
+            ),
+            None,
+        )
+        ring_line = next(
+            (
+                e
+                for e in logs
+                if e.get("msg", "").startswith("channel ring v") and "->" in e["msg"] and e["ts"] * 1e6 >= t0
+            ),
+            None,
+        )
+        ttl_line = next(
+            (
+                e
+                for e in logs
+                if "critical" in e.get("msg", "").lower() and k["killed"] in e.get("msg", "") and e["ts"] * 1e6 >= t0
+            ),
+            None,
+        )
+        rows.append(
+            {
+                "rep": k["rep"],
+                "slot": k["slot"],
+                "killed": k["killed"],
+                "new_owner": k["new_owner"],
+                "affected_channels": len(aff),
+                "kill_to_first_post_sent_s": (first_sent - t0) / 1e6 if first_sent else None,
+                "kill_to_delivery_s": (first - t0) / 1e6 if first else None,
+                "kill_to_catch_up_s": (cu - t0) / 1e6 if cu is not None else None,
+                "detected_s": (gone["ts"] * 1e6 - t0) / 1e6 if gone else None,
+                "detected_by": "probe refused" if gone else ("ttl" if ttl_line else "not in log"),
+                "detected_line": f"[{gone['proc']}] {gone['msg']}" if gone else None,
+                "ring_changed_s": (ring_line["ts"] * 1e6 - t0) / 1e6 if ring_line else None,
+                "ring_line": f"[{ring_line['proc']}] {ring_line['msg']}" if ring_line else None,
+                "affected_max_latency_ms": max(a_lat) if a_lat else None,
+                "unaffected_p99_ms": pct(un_lat, 99),
+                "unaffected_max_ms": max(un_lat) if un_lat else None,
+                "back_as_spare_s": k["recovery"].get("spare_s"),
+                "late_deliveries_after_resume": len(late),
+                "late_sample": late_sample,
+                "log_window": window,
+            }
+        )
     result["kills"] = rows
     result["summary"] = {
         "kills": len(rows),
-        "kill_to_delivery_s": {"median": med([r["kill_to_delivery_s"] for r in rows]), "max": max((r["kill_to_delivery_s"] or 0) for r in rows) if rows else None},
-        "kill_to_catch_up_s": {"median": med([r["kill_to_catch_up_s"] for r in rows]), "max": max((r["kill_to_catch_up_s"] or 0) for r in rows) if rows else None},
-        "detected_s": {"median": med([r["detected_s"] for r in rows]), "max": max((r["detected_s"] or 0) for r in rows) if rows else None},
-        "ring_changed_s": {"median": med([r["ring_changed_s"] for r in rows]), "max": max((r["ring_changed_s"] or 0) for r in rows) if rows else None},
+        "kill_to_delivery_s": {
+            "median": med([r["kill_to_delivery_s"] for r in rows]),
+            "max": max((r["kill_to_delivery_s"] or 0) for r in rows) if rows else None,
+        },
+        "kill_to_catch_up_s": {
+            "median": med([r["kill_to_catch_up_s"] for r in rows]),
+            "max": max((r["kill_to_catch_up_s"] or 0) for r in rows) if rows else None,
+        },
+        "detected_s": {
+            "median": med([r["detected_s"] for r in rows]),
+            "max": max((r["detected_s"] or 0) for r in rows) if rows else None,
+        },
+        "ring_changed_s": {
+            "median": med([r["ring_changed_s"] for r in rows]),
+            "max": max((r["ring_changed_s"] or 0) for r in rows) if rows else None,
+        },
         "detected_by": sorted({r["detected_by"] for r in rows}),
         "unaffected_p99_ms_median": med([r["unaffected_p99_ms"] for r in rows]),
-        "lost": result["totals"]["lost"], "duplicates": result["totals"]["duplicates"],
+        "lost": result["totals"]["lost"],
+        "duplicates": result["totals"]["duplicates"],
     }
     s = result["summary"]
-    s["goal_met"] = bool(s["kill_to_delivery_s"]["median"] is not None and s["kill_to_delivery_s"]["median"] < GOAL_KILL_TO_DELIVERY_S
-                         and s["lost"] == 0 and s["duplicates"] == 0 and len(rows) == args.repeats)
+    s["goal_met"] = bool(
+        s["kill_to_delivery_s"]["median"] is not None
+        and s["kill_to_delivery_s"]["median"] < GOAL_KILL_TO_DELIVERY_S
+        and s["lost"] == 0
+        and s["duplicates"] == 0
+        and len(rows) == args.repeats
+    )
     # for the plot: per post, send time and first-delivery latency, affected or not
     result["_plot"] = {
         "send_s": [(p["send_us"] - posts[0]["send_us"]) / 1e6 for p in posts if p["id"] in first_recv],
@@ -307,33 +417,93 @@ def analyze(args: argparse.Namespace, result: dict[str, Any], poster: Poster, me
 def render(result: dict[str, Any]) -> str:
     rows = []
     for r in result["kills"]:
-        rows.append([r["rep"] + 1, r["slot"], r["affected_channels"], fmt(r["detected_s"], 2), fmt(r["ring_changed_s"], 2),
-                     fmt(r["kill_to_delivery_s"], 2), fmt(r["kill_to_catch_up_s"], 2), fmt(r["affected_max_latency_ms"], 0),
-                     fmt(r["unaffected_p99_ms"], 1), r["late_deliveries_after_resume"], r["detected_by"]])
+        rows.append(
+            [
+                r["rep"] + 1,
+                r["slot"],
+                r["affected_channels"],
+                fmt(r["detected_s"], 2),
+                fmt(r["ring_changed_s"], 2),
+                fmt(r["kill_to_delivery_s"], 2),
+                fmt(r["kill_to_catch_up_s"], 2),
+                fmt(r["affected_max_latency_ms"], 0),
+                fmt(r["unaffected_p99_ms"], 1),
+                r["late_deliveries_after_resume"],
+                r["detected_by"],
+            ]
+        )
     s = result["summary"]
     t = result["totals"]
-    lines = [md_table(["kill", "slot", "affected channels", "detected s", "ring changed s", "(a) kill→delivery s",
-                       "(b) kill→full catch-up s", "worst affected latency ms", "unaffected p99 ms",
-                       "late deliveries after resume (>300 ms)", "detected by"], rows), ""]
-    lines.append(md_table(
-        ["kills", "(a) median s", "(a) max s", "(b) median s", "(b) max s", "detection median s", "ring change median s",
-         "lost / expected deliveries", "duplicates", f"goal (a) median < {GOAL_KILL_TO_DELIVERY_S:g} s, 0 lost/dup"],
-        [[s["kills"], fmt(s["kill_to_delivery_s"]["median"], 2), fmt(s["kill_to_delivery_s"]["max"], 2),
-          fmt(s["kill_to_catch_up_s"]["median"], 2), fmt(s["kill_to_catch_up_s"]["max"], 2), fmt(s["detected_s"]["median"], 2),
-          fmt(s["ring_changed_s"]["median"], 2), f"{t['lost']} / {t['expected']:,}", t["duplicates"], "met" if s["goal_met"] else "**missed**"]],
-    ))
+    lines = [
+        md_table(
+            [
+                "kill",
+                "slot",
+                "affected channels",
+                "detected s",
+                "ring changed s",
+                "(a) kill→delivery s",
+                "(b) kill→full catch-up s",
+                "worst affected latency ms",
+                "unaffected p99 ms",
+                "late deliveries after resume (>300 ms)",
+                "detected by",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    lines.append(
+        md_table(
+            [
+                "kills",
+                "(a) median s",
+                "(a) max s",
+                "(b) median s",
+                "(b) max s",
+                "detection median s",
+                "ring change median s",
+                "lost / expected deliveries",
+                "duplicates",
+                f"goal (a) median < {GOAL_KILL_TO_DELIVERY_S:g} s, 0 lost/dup",
+            ],
+            [
+                [
+                    s["kills"],
+                    fmt(s["kill_to_delivery_s"]["median"], 2),
+                    fmt(s["kill_to_delivery_s"]["max"], 2),
+                    fmt(s["kill_to_catch_up_s"]["median"], 2),
+                    fmt(s["kill_to_catch_up_s"]["max"], 2),
+                    fmt(s["detected_s"]["median"], 2),
+                    fmt(s["ring_changed_s"]["median"], 2),
+                    f"{t['lost']} / {t['expected']:,}",
+                    t["duplicates"],
+                    "met" if s["goal_met"] else "**missed**",
+                ]
+            ],
+        )
+    )
     cfg = result["config"]
-    lines += ["", f"Load: {result['connect']['connected']} clients on {len(result['connect']['per_gateway'])} gateways, "
-                  f"{result['channels']} channels of {cfg['members']} (per slot {result['channels_per_slot']}), "
-                  f"{cfg['rate']:g} posts/s round-robin; {t['posts_ok']:,} posts acknowledged, {t['expected']:,} deliveries expected. "
-                  f"Slack's figure for the same: {SLACK_KILL_TO_DELIVERY_S:g} s."]
+    lines += [
+        "",
+        f"Load: {result['connect']['connected']} clients on {len(result['connect']['per_gateway'])} gateways, "
+        f"{result['channels']} channels of {cfg['members']} (per slot {result['channels_per_slot']}), "
+        f"{cfg['rate']:g} posts/s round-robin; {t['posts_ok']:,} posts acknowledged, {t['expected']:,} deliveries expected. "
+        f"Slack's figure for the same: {SLACK_KILL_TO_DELIVERY_S:g} s.",
+    ]
     ex = next((r for r in result["kills"] if r["detected_line"]), None)
     if ex:
         lines.append(f"Detection (fleet log): `{ex['detected_line']}` then `{ex['ring_line']}`.")
     top = sorted(((k, v) for k, v in result["cpu_us_per_delivery"].items() if v), key=lambda kv: -kv[1])[:8]
-    lines.append("CPU µs per delivery over the whole run (failovers included; channel servers that were killed are not counted): " + ", ".join(f"{k} {v:.0f}" for k, v in top) + ".")
+    lines.append(
+        "CPU µs per delivery over the whole run (failovers included; channel servers that were killed are not counted): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in top)
+        + "."
+    )
     m = result["machine"]
-    lines.append(f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}, uvloop {m['uvloop']} (shared, noisy: medians quoted); 1-min load average {result['loadavg_1m']['start']:.1f} at start, {result['loadavg_1m']['end']:.1f} at end.")
+    lines.append(
+        f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}, uvloop {m['uvloop']} (shared, noisy: medians quoted); 1-min load average {result['loadavg_1m']['start']:.1f} at start, {result['loadavg_1m']['end']:.1f} at end."
+    )
     return "\n".join(lines)
 
 
@@ -364,7 +534,9 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.set_title("channel server failover")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"rtm failover, {result['connect']['connected']} clients, {result['config']['rate']:g} posts/s, {result['machine']['nproc']} cores")
+    fig.suptitle(
+        f"rtm failover, {result['connect']['connected']} clients, {result['config']['rate']:g} posts/s, {result['machine']['nproc']} cores"
+    )
     save_figure(fig, name)
 
 

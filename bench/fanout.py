@@ -44,16 +44,16 @@ import numpy as np
 
 from bench.harness import (
     RESULTS_DIR,
-    diff,
     FleetRun,
-    fmt,
     ForeignLoad,
     LoadClients,
+    ProcWatch,
+    diff,
+    fmt,
     machine_info,
     md_table,
     mib,
     plt,
-    ProcWatch,
     pyspy_top,
     raise_nofile,
     run_benchmark,
@@ -76,7 +76,9 @@ class Target:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.fanout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--clients", type=int, default=2000, help="websocket clients (= seeded users = #general members)")
     p.add_argument("--channel-size", type=int, default=20, help="members of each small channel")
     p.add_argument("--small-rates", default="50,100,200,400", help="offered posts/s, small channels")
@@ -84,13 +86,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-s", type=float, default=6.0, help="posting time per step")
     p.add_argument("--repeats", type=int, default=3, help="runs of every step (interleaved); tables quote the median")
     p.add_argument("--client-procs", type=int, default=2, help="load-client processes")
-    p.add_argument("--max-foreign-cores", type=float, default=0.1,
-                   help="re-run a step during which processes outside the benchmark used more CPU than this (shared machine)")
+    p.add_argument(
+        "--max-foreign-cores",
+        type=float,
+        default=0.1,
+        help="re-run a step during which processes outside the benchmark used more CPU than this (shared machine)",
+    )
     p.add_argument("--max-reruns", type=int, default=8, help="re-runs allowed in one run (bounds the time)")
     p.add_argument("--max-inflight", type=int, default=64, help="posts in flight at once")
-    p.add_argument("--profile", default="auto", choices=["auto", "yes", "all", "no"],
-                   help="py-spy a gateway in two extra steps (auto: only if a goal is missed); "
-                        "all: also the admin server, a channel server and the webapp")
+    p.add_argument(
+        "--profile",
+        default="auto",
+        choices=["auto", "yes", "all", "no"],
+        help="py-spy a gateway in two extra steps (auto: only if a goal is missed); "
+        "all: also the admin server, a channel server and the webapp",
+    )
     p.add_argument("--quick", action="store_true", help="short smoke run (200 clients, 2 short steps each)")
     args = p.parse_args(argv)
     if args.quick:
@@ -125,7 +135,9 @@ class Bench:
     # -- setup ---------------------------------------------------------------------------
     async def api(self, method: str, token: str, **fields: Any) -> dict[str, Any]:
         assert self.http is not None
-        async with self.http.post(self.fleet.api_url + method, data=fields, headers={"Authorization": f"Bearer {token}"}) as r:
+        async with self.http.post(
+            self.fleet.api_url + method, data=fields, headers={"Authorization": f"Bearer {token}"}
+        ) as r:
             return dict(await r.json(content_type=None))
 
     async def make_channels(self, users: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -157,7 +169,10 @@ class Bench:
         started = time.monotonic()
         replies = await self.lc.all(
             "connect",
-            per_client=[{"tokens": [u["token"] for u in chunk], "regions": regions[k:] + regions[:k]} for k, chunk in enumerate(chunks)],
+            per_client=[
+                {"tokens": [u["token"] for u in chunk], "regions": regions[k:] + regions[:k]}
+                for k, chunk in enumerate(chunks)
+            ],
             api_url=self.fleet.api_url,
             concurrency=100,
             timeout_s=30.0,
@@ -168,9 +183,9 @@ class Bench:
         self.gw_of_conn = np.full(total, -1, dtype=np.int64)
         offset = 0
         errors: dict[str, int] = {}
-        for chunk, reply in zip(chunks, replies):
+        for chunk, reply in zip(chunks, replies, strict=False):
             self.offsets.append(offset)
-            for i, (user, gw) in enumerate(zip(chunk, reply["gw"])):
+            for i, (user, gw) in enumerate(zip(chunk, reply["gw"], strict=False)):
                 if gw is not None:
                     self.conn_of_user[user["id"]] = offset + i
                     self.gw_of_conn[offset + i] = self.gw_labels.index(gw_ports[gw])
@@ -187,7 +202,9 @@ class Bench:
         }
 
     def members(self, users: list[dict[str, Any]]) -> np.ndarray:
-        return np.array(sorted(self.conn_of_user[u["id"]] for u in users if u["id"] in self.conn_of_user), dtype=np.int64)
+        return np.array(
+            sorted(self.conn_of_user[u["id"]] for u in users if u["id"] in self.conn_of_user), dtype=np.int64
+        )
 
     # -- one step ------------------------------------------------------------------------
     async def post_paced(self, targets: list[Target], rate: float, n_posts: int, max_s: float) -> list[dict[str, Any]]:
@@ -235,7 +252,9 @@ class Bench:
                 continue
             members = targets[post["target"]].members
             if closed:
-                members = np.array([c for c in members if closed.get(int(c), 1 << 62) > post["send_us"]], dtype=np.int64)
+                members = np.array(
+                    [c for c in members if closed.get(int(c), 1 << 62) > post["send_us"]], dtype=np.int64
+                )
             parts.append((np.int64(post["id"]) << KEY_CONN_BITS) | members)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -259,7 +278,7 @@ class Bench:
         paths = [str(self.tmp / f"c{i}.npy") for i in range(len(self.lc.clients))]
         replies = await self.lc.all("dump", per_client=[{"path": p} for p in paths])
         arrays = []
-        for offset, path, reply in zip(self.offsets, paths, replies):
+        for offset, path, reply in zip(self.offsets, paths, replies, strict=False):
             data = np.load(path)
             data[:, 0] += offset
             arrays.append(data)
@@ -267,7 +286,9 @@ class Bench:
                 self.closed[int(k) + offset] = int(v)
         return np.concatenate(arrays) if arrays else np.zeros((0, 4), dtype=np.int64)
 
-    async def step(self, scenario: str, targets: list[Target], rate: float, duration_s: float, record: bool = True) -> dict[str, Any]:
+    async def step(
+        self, scenario: str, targets: list[Target], rate: float, duration_s: float, record: bool = True
+    ) -> dict[str, Any]:
         assert self.watch is not None
         n_posts = max(1, round(rate * duration_s))
         await self.collect()  # drop anything stray
@@ -294,8 +315,16 @@ class Bench:
         return r
 
     def analyze(
-        self, scenario: str, rate: float, posts: list[dict[str, Any]], expected: np.ndarray, rec: np.ndarray,
-        cpu: dict[str, float], peaks: dict[str, int], post_s: float, window_s: float,
+        self,
+        scenario: str,
+        rate: float,
+        posts: list[dict[str, Any]],
+        expected: np.ndarray,
+        rec: np.ndarray,
+        cpu: dict[str, float],
+        peaks: dict[str, int],
+        post_s: float,
+        window_s: float,
     ) -> dict[str, Any]:
         ok = [p for p in posts if p["ok"]]
         ids = {p["id"] for p in posts}
@@ -310,10 +339,16 @@ class Bench:
         lost = int(len(expected) - delivered)
         lat_ms = rec[first[hit], 3] / 1e3
         conns = uniq[hit] & ((1 << KEY_CONN_BITS) - 1)
-        per_gw = np.bincount(self.gw_of_conn[conns], minlength=len(self.gw_labels)) if len(conns) else np.zeros(len(self.gw_labels), int)
+        per_gw = (
+            np.bincount(self.gw_of_conn[conns], minlength=len(self.gw_labels))
+            if len(conns)
+            else np.zeros(len(self.gw_labels), int)
+        )
         recv_us = rec[first[hit], 2]
         send_us = [p["send_us"] for p in ok]
-        delivery_window_s = max(post_s, (int(recv_us.max()) - min(send_us)) / 1e6) if len(recv_us) and send_us else post_s
+        delivery_window_s = (
+            max(post_s, (int(recv_us.max()) - min(send_us)) / 1e6) if len(recv_us) and send_us else post_s
+        )
         http_ms = np.array([p["http_ms"] for p in posts if "http_ms" in p]) if posts else np.zeros(0)
         gw_cpu = {label: cpu.get(label, float("nan")) for label in self.gw_labels}
         gw_cpu_total = sum(gw_cpu.values())
@@ -342,8 +377,11 @@ class Bench:
             "duplicates": duplicates,
             "unexpected": unexpected,
             "latency_ms": {
-                "p50": pct(lat_ms, 50), "p90": pct(lat_ms, 90), "p99": pct(lat_ms, 99),
-                "max": float(lat_ms.max()) if len(lat_ms) else None, "mean": float(lat_ms.mean()) if len(lat_ms) else None,
+                "p50": pct(lat_ms, 50),
+                "p90": pct(lat_ms, 90),
+                "p99": pct(lat_ms, 99),
+                "max": float(lat_ms.max()) if len(lat_ms) else None,
+                "mean": float(lat_ms.mean()) if len(lat_ms) else None,
             },
             "http_post_ms": {"p50": pct(http_ms, 50), "p99": pct(http_ms, 99)},
             "cpu_s": cpu,
@@ -361,12 +399,17 @@ class Bench:
             "gateway_deliveries_per_cpu_s": delivered / gw_cpu_total if gw_cpu_total > 0 else None,
             "gateway_cpu_us_per_delivery": gw_cpu_total * 1e6 / delivered if delivered else None,
             "fleet_cpu_us_per_delivery": (
-                sum(v for k, v in cpu.items() if not k.startswith("load client") and not k.startswith("poster")) * 1e6 / delivered
-                if delivered else None
+                sum(v for k, v in cpu.items() if not k.startswith("load client") and not k.startswith("poster"))
+                * 1e6
+                / delivered
+                if delivered
+                else None
             ),
         }
         eff = result["gateway_deliveries_per_cpu_s"]
-        result["goal_gateway_efficiency_met"] = bool(eff is not None and eff >= GOAL_DELIVERIES_PER_GW_CPU_S and lost == 0)
+        result["goal_gateway_efficiency_met"] = bool(
+            eff is not None and eff >= GOAL_DELIVERIES_PER_GW_CPU_S and lost == 0
+        )
         return result
 
 
@@ -400,14 +443,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-async def bench_body(bench: Bench, args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, result: dict[str, Any]) -> None:
+async def bench_body(
+    bench: Bench, args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, result: dict[str, Any]
+) -> None:
     users = [u for u in fleet.seed["users"] if not u["is_bot"]][: args.clients]
     general = next(c["id"] for c in fleet.seed["channels"] if c["name"] == "general")
     t = time.monotonic()
     groups = await bench.make_channels(users)
     result["channels_created"] = len(groups)
     result["channel_setup_s"] = time.monotonic() - t
-    print(f"fanout: created {len(groups)} channels of {args.channel_size} in {result['channel_setup_s']:.1f}s; connecting ...", flush=True)
+    print(
+        f"fanout: created {len(groups)} channels of {args.channel_size} in {result['channel_setup_s']:.1f}s; connecting ...",
+        flush=True,
+    )
     result["connect"] = await bench.connect(users)
     print(f"fanout: connect: {json.dumps({k: v for k, v in result['connect'].items()})}", flush=True)
     small = [Target(cid, members[0]["token"], bench.members(members)) for cid, members in groups]
@@ -442,7 +490,10 @@ async def bench_body(bench: Bench, args: argparse.Namespace, fleet: FleetRun, lc
                         break
                     reruns_left -= 1
                     discarded.append(r)
-                    print(f"    (others used {r['foreign_cores']:.2f} cores during that step: running it again)", flush=True)
+                    print(
+                        f"    (others used {r['foreign_cores']:.2f} cores during that step: running it again)",
+                        flush=True,
+                    )
                 steps.append(r)
     result["steps"] = steps
     result["discarded_steps"] = discarded
@@ -457,8 +508,14 @@ async def bench_body(bench: Bench, args: argparse.Namespace, fleet: FleetRun, lc
         result["profiles"] = await profile(bench, args, watch, result["summary"], small, big)
 
 
-async def profile(bench: Bench, args: argparse.Namespace, watch: ProcWatch, summary: list[dict[str, Any]],
-                  small: list[Target], big: list[Target]) -> list[dict[str, Any]]:
+async def profile(
+    bench: Bench,
+    args: argparse.Namespace,
+    watch: ProcWatch,
+    summary: list[dict[str, Any]],
+    small: list[Target],
+    big: list[Target],
+) -> list[dict[str, Any]]:
     """py-spy (sampling, non-blocking) on the busiest processes during extra steps; not in the tables."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     loop = asyncio.get_running_loop()
@@ -492,10 +549,16 @@ async def profile(bench: Bench, args: argparse.Namespace, watch: ProcWatch, summ
         for label, out, spy in spies:
             top = await spy
             cpu_us = r["cpu_us_per_delivery"].get(label)
-            profiles.append({
-                "scenario": scenario, "rate": rate, "process": label, "cpu_us_per_delivery_while_profiled": cpu_us,
-                "top": top, "raw": str(out.relative_to(RESULTS_DIR.parent.parent)),
-            })
+            profiles.append(
+                {
+                    "scenario": scenario,
+                    "rate": rate,
+                    "process": label,
+                    "cpu_us_per_delivery_while_profiled": cpu_us,
+                    "top": top,
+                    "raw": str(out.relative_to(RESULTS_DIR.parent.parent)),
+                }
+            )
             print(f"  {label}:")
             for f, own, tot in top[:10]:
                 print(f"    {own:5.1f}% own {tot:5.1f}% total  {f}")
@@ -546,13 +609,18 @@ def aggregate(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_rss_bytes": {k: max(s["peak_rss_bytes"].get(k, 0) for s in g) for k in labels},
             "gateway_cpu_us_per_delivery": med([s["gateway_cpu_us_per_delivery"] for s in g]),
             "gateway_deliveries_per_cpu_s": med([s["gateway_deliveries_per_cpu_s"] for s in g]),
-            "gateways": {gw: {"deliveries_per_cpu_s": med([s["gateways"][gw]["deliveries_per_cpu_s"] for s in g])} for gw in gw_labels},
+            "gateways": {
+                gw: {"deliveries_per_cpu_s": med([s["gateways"][gw]["deliveries_per_cpu_s"] for s in g])}
+                for gw in gw_labels
+            },
             "fleet_cpu_us_per_delivery": med([s["fleet_cpu_us_per_delivery"] for s in g]),
             "foreign_cores": med([s.get("foreign_cores") for s in g]),
             "foreign_cores_max": max((s.get("foreign_cores") or 0.0) for s in g),
         }
         eff = row["gateway_deliveries_per_cpu_s"]
-        row["goal_gateway_efficiency_met"] = bool(eff is not None and eff >= GOAL_DELIVERIES_PER_GW_CPU_S and row["lost"] == 0)
+        row["goal_gateway_efficiency_met"] = bool(
+            eff is not None and eff >= GOAL_DELIVERIES_PER_GW_CPU_S and row["lost"] == 0
+        )
         if key[0] == "small" and first_small:
             first_small = False
             p99 = row["latency_ms"]["p99"]
@@ -569,22 +637,53 @@ def render(result: dict[str, Any]) -> str:
         lat = s["latency_ms"]
         eff = s["gateway_deliveries_per_cpu_s"]
         p99_goal = "–" if "goal_p99_met" not in s else ("met" if s["goal_p99_met"] else "**missed**")
-        rows.append([
-            s["scenario"], f"{s['deliveries_per_post']:.0f}", f"{s['offered_posts_s']:.0f}", fmt(s["achieved_posts_s"]),
-            fmt(s["deliveries_s"], 0), fmt(lat["p50"], 2), fmt(lat["p99"], 2), fmt(s["latency_max_ms"], 1),
-            f"{s['lost']}/{s['expected_deliveries']:,}", s["duplicates"],
-            fmt(s["gateway_cpu_us_per_delivery"], 1), fmt(eff, 0),
-            "met" if s["goal_gateway_efficiency_met"] else "**missed**", p99_goal,
-            f"{fmt(s.get('foreign_cores'), 2)} / {fmt(s.get('foreign_cores_max'), 2)}",
-        ])
-    lines.append(md_table(
-        ["scenario", "deliveries/post", "offered posts/s", "achieved posts/s", "deliveries/s", "p50 ms", "p99 ms", "max ms",
-         "lost/expected", "dup", "gateway CPU µs/delivery", "deliveries per gateway CPU-s", "goal ≥80k/gw-CPU-s, 0 loss",
-         "goal p99 <10 ms (light load)", "others' load, cores (median / max)"],
-        rows,
-    ))
+        rows.append(
+            [
+                s["scenario"],
+                f"{s['deliveries_per_post']:.0f}",
+                f"{s['offered_posts_s']:.0f}",
+                fmt(s["achieved_posts_s"]),
+                fmt(s["deliveries_s"], 0),
+                fmt(lat["p50"], 2),
+                fmt(lat["p99"], 2),
+                fmt(s["latency_max_ms"], 1),
+                f"{s['lost']}/{s['expected_deliveries']:,}",
+                s["duplicates"],
+                fmt(s["gateway_cpu_us_per_delivery"], 1),
+                fmt(eff, 0),
+                "met" if s["goal_gateway_efficiency_met"] else "**missed**",
+                p99_goal,
+                f"{fmt(s.get('foreign_cores'), 2)} / {fmt(s.get('foreign_cores_max'), 2)}",
+            ]
+        )
+    lines.append(
+        md_table(
+            [
+                "scenario",
+                "deliveries/post",
+                "offered posts/s",
+                "achieved posts/s",
+                "deliveries/s",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "lost/expected",
+                "dup",
+                "gateway CPU µs/delivery",
+                "deliveries per gateway CPU-s",
+                "goal ≥80k/gw-CPU-s, 0 loss",
+                "goal p99 <10 ms (light load)",
+                "others' load, cores (median / max)",
+            ],
+            rows,
+        )
+    )
     labels = list(summary[0]["cpu_s"].keys())
-    head = ["process"] + [f"{s['scenario']} {s['offered_posts_s']:.0f}/s" for s in summary] + ["sys share (big, top rate)", "peak RSS MiB", "idle CPU %"]
+    head = (
+        ["process"]
+        + [f"{s['scenario']} {s['offered_posts_s']:.0f}/s" for s in summary]
+        + ["sys share (big, top rate)", "peak RSS MiB", "idle CPU %"]
+    )
     prow = []
     last_big = [s for s in summary if s["scenario"] == "big"][-1:] or summary[-1:]
     for label in labels:
@@ -596,13 +695,28 @@ def render(result: dict[str, Any]) -> str:
         cells.append(mib(result["peak_rss_since_start_bytes"].get(label, 0)))
         cells.append(fmt(result["idle_cpu_percent"].get(label), 1))
         prow.append(cells)
-    prow.append(["**fleet** (all but load clients, poster)"] + [fmt(s["fleet_cpu_us_per_delivery"], 1) for s in summary] + ["", "", ""])
-    lines += ["", "CPU µs per delivery (CPU-seconds in the step), median of the repeats, every process:", "", md_table(head, prow)]
+    prow.append(
+        ["**fleet** (all but load clients, poster)"]
+        + [fmt(s["fleet_cpu_us_per_delivery"], 1) for s in summary]
+        + ["", "", ""]
+    )
+    lines += [
+        "",
+        "CPU µs per delivery (CPU-seconds in the step), median of the repeats, every process:",
+        "",
+        md_table(head, prow),
+    ]
     if result.get("profiles"):
-        lines += ["", "py-spy, top functions by own samples (busy samples only; extra steps, not in the tables above):", ""]
+        lines += [
+            "",
+            "py-spy, top functions by own samples (busy samples only; extra steps, not in the tables above):",
+            "",
+        ]
         for prof in result["profiles"]:
-            lines.append(f"* **{prof['process']}** ({prof['scenario']} channel, {prof['rate']:g} posts/s; raw: `{prof['raw']}`): "
-                         + "; ".join(f"`{f}` {own:.0f}% own / {tot:.0f}% total" for f, own, tot in prof["top"][:6]))
+            lines.append(
+                f"* **{prof['process']}** ({prof['scenario']} channel, {prof['rate']:g} posts/s; raw: `{prof['raw']}`): "
+                + "; ".join(f"`{f}` {own:.0f}% own / {tot:.0f}% total" for f, own, tot in prof["top"][:6])
+            )
     return "\n".join(lines)
 
 

@@ -64,8 +64,14 @@ class LoggedFleet(FleetRun):
         self._log_file = open(self.log_path, "w", buffering=1)  # noqa: SIM115 - closed in stop()
         started = time.monotonic()
         try:
-            self.proc = start("rtm-up", argv, env=self.env, ready_timeout_s=FLEET_READY_TIMEOUT_S,
-                              cwd=str(REPO_ROOT), echo=self._log_file)
+            self.proc = start(
+                "rtm-up",
+                argv,
+                env=self.env,
+                ready_timeout_s=FLEET_READY_TIMEOUT_S,
+                cwd=str(REPO_ROOT),
+                echo=self._log_file,
+            )
         except BaseException:
             self._cleanup_dir()
             self._log_file.close()
@@ -176,24 +182,41 @@ class EvClients(LoadClients):
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    async def connect(self, api_url: str, tokens: list[str], regions: list[str], follow_goodbye: bool,
-                      concurrency: int = 50, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def connect(
+        self,
+        api_url: str,
+        tokens: list[str],
+        regions: list[str],
+        follow_goodbye: bool,
+        concurrency: int = 50,
+        timeout_s: float = 30.0,
+    ) -> dict[str, Any]:
         """Global connection ``i`` is ``tokens[i]``; split into contiguous blocks, one per process."""
         n = len(self.clients)
         size = (len(tokens) + n - 1) // n
         blocks = [(k * size, min(len(tokens), (k + 1) * size)) for k in range(n)]
         self.offsets = [b[0] for b in blocks]
-        replies = await self.all("connect", per_client=[
-            {"tokens": tokens[a:b], "regions": regions[a:b]} for a, b in blocks
-        ], api_url=api_url, follow_goodbye=follow_goodbye, concurrency=concurrency, timeout_s=timeout_s)
+        replies = await self.all(
+            "connect",
+            per_client=[{"tokens": tokens[a:b], "regions": regions[a:b]} for a, b in blocks],
+            api_url=api_url,
+            follow_goodbye=follow_goodbye,
+            concurrency=concurrency,
+            timeout_s=timeout_s,
+        )
         gw: list[str | None] = []
         errors: dict[str, int] = {}
         for r in replies:
             gw += r["gw"]
             for k, v in r["errors"].items():
                 errors[k] = errors.get(k, 0) + v
-        return {"connected": sum(r["connected"] for r in replies), "failed": sum(r["failed"] for r in replies),
-                "errors": errors, "gw": gw, "elapsed_s": max(r["elapsed_s"] for r in replies)}
+        return {
+            "connected": sum(r["connected"] for r in replies),
+            "failed": sum(r["failed"] for r in replies),
+            "errors": errors,
+            "gw": gw,
+            "elapsed_s": max(r["elapsed_s"] for r in replies),
+        }
 
     def proc_of(self, conn: int) -> tuple[int, int]:
         k = max(i for i, off in enumerate(self.offsets) if off <= conn)
@@ -207,12 +230,20 @@ class EvClients(LoadClients):
                     out[k] = out.get(k, 0) + int(v)
         return out
 
-    async def typing(self, senders: list[tuple[int, str]], interval_s: float, duration_s: float, burst: int = 1) -> None:
+    async def typing(
+        self, senders: list[tuple[int, str]], interval_s: float, duration_s: float, burst: int = 1
+    ) -> None:
         per: list[list[tuple[int, str]]] = [[] for _ in self.clients]
         for conn, ch in senders:
             k, local = self.proc_of(conn)
             per[k].append((local, ch))
-        await self.all("typing", per_client=[{"senders": p} for p in per], interval_s=interval_s, duration_s=duration_s, burst=burst)
+        await self.all(
+            "typing",
+            per_client=[{"senders": p} for p in per],
+            interval_s=interval_s,
+            duration_s=duration_s,
+            burst=burst,
+        )
 
     async def dump(self) -> dict[str, Any]:
         """Every process's records, with global connection numbers and channel/user ids as strings."""
@@ -220,7 +251,7 @@ class EvClients(LoadClients):
         replies = await self.all("dump", per_client=[{"path": p} for p in paths])
         msgs, typ, sent, moves, move_gw, closed = [], [], [], [], [], []
         move_errors: dict[str, int] = {}
-        for off, path, reply in zip(self.offsets, paths, replies):
+        for off, path, reply in zip(self.offsets, paths, replies, strict=False):
             data = np.load(path)
             chan = {v: k for k, v in reply["chan"].items()}
             user = {v: k for k, v in reply["user"].items()}
@@ -242,9 +273,12 @@ class EvClients(LoadClients):
             os.unlink(path)
         return {
             "msgs": np.concatenate(msgs) if msgs else np.zeros((0, 3), np.int64),
-            "typ": typ, "sent": sent,
+            "typ": typ,
+            "sent": sent,
             "moves": np.concatenate(moves) if moves else np.zeros((0, 6), np.int64),
-            "move_gw": move_gw, "closed": closed, "move_errors": move_errors,
+            "move_gw": move_gw,
+            "closed": closed,
+            "move_errors": move_errors,
         }
 
     async def wait_msgs(self, expected: int, max_s: float = 30.0, idle_s: float = 3.0) -> int:
@@ -271,14 +305,17 @@ class EvClients(LoadClients):
 class Api:
     def __init__(self, api_url: str, limit: int = 100) -> None:
         self.api_url = api_url
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit),
-                                          timeout=aiohttp.ClientTimeout(total=60))
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=limit), timeout=aiohttp.ClientTimeout(total=60)
+        )
 
     async def close(self) -> None:
         await self.http.close()
 
     async def call(self, method: str, token: str, **fields: Any) -> dict[str, Any]:
-        async with self.http.post(self.api_url + method, data=fields, headers={"Authorization": f"Bearer {token}"}) as r:
+        async with self.http.post(
+            self.api_url + method, data=fields, headers={"Authorization": f"Bearer {token}"}
+        ) as r:
             return dict(await r.json(content_type=None))
 
     async def make_channels(self, groups: list[list[dict[str, Any]]], prefix: str) -> list[str]:
@@ -330,8 +367,9 @@ class Poster:
             post["ack_us"] = now_us()
             self.sem.release()
 
-    async def run(self, rate: float, duration_s: float, stop: asyncio.Event | None = None,
-                  targets: list[int] | None = None) -> None:
+    async def run(
+        self, rate: float, duration_s: float, stop: asyncio.Event | None = None, targets: list[int] | None = None
+    ) -> None:
         """Post at ``rate``/s for ``duration_s`` (or until ``stop``), round-robin over ``targets``."""
         loop = asyncio.get_running_loop()
         idx = targets if targets is not None else list(range(len(self.targets)))
@@ -347,7 +385,14 @@ class Poster:
             await self.sem.acquire()
             pid = next(self.ids)
             send = now_us()
-            post = {"id": pid, "target": idx[i % len(idx)], "send_us": send, "ack_us": 0, "ok": False, "text": f"m{pid}:{send}"}
+            post = {
+                "id": pid,
+                "target": idx[i % len(idx)],
+                "send_us": send,
+                "ack_us": 0,
+                "ok": False,
+                "text": f"m{pid}:{send}",
+            }
             self.posts.append(post)
             task = asyncio.ensure_future(self._one(post))
             self.tasks.add(task)
@@ -358,8 +403,9 @@ class Poster:
             await asyncio.wait(list(self.tasks), timeout=timeout_s)
 
 
-def deliveries(msgs: np.ndarray, posts: list[dict[str, Any]], members: dict[int, np.ndarray],
-               conn_ok: Any = None) -> dict[str, Any]:
+def deliveries(
+    msgs: np.ndarray, posts: list[dict[str, Any]], members: dict[int, np.ndarray], conn_ok: Any = None
+) -> dict[str, Any]:
     """Compare what the clients got with what the webapp acknowledged.
 
     ``members[target]`` are the connections that must get every acked post to
@@ -385,7 +431,10 @@ def deliveries(msgs: np.ndarray, posts: list[dict[str, Any]], members: dict[int,
     got = np.isin(expected, uniq)
     lost_keys = expected[~got]
     return {
-        "expected": int(len(expected)), "delivered": int(hit.sum()), "lost": int(len(lost_keys)), "duplicates": dup,
+        "expected": int(len(expected)),
+        "delivered": int(hit.sum()),
+        "lost": int(len(lost_keys)),
+        "duplicates": dup,
         "unexpected": int((~hit).sum()),
         "lost_sample": [(int(k >> BITS), int(k & ((1 << BITS) - 1))) for k in lost_keys[:20]],
         "lost_conns": np.unique(lost_keys & ((1 << BITS) - 1)),

@@ -28,7 +28,12 @@ import psutil
 from bench.harness import install_uvloop, machine_info, md_table, save_json, save_text
 
 NAME = "floor"
-FRAME = b"\x81\x7e\x00\xb0" + b'{"type":"message","channel":"C0123456789A","user":"U0123456789A","text":"m123456:1700000000000000","ts":"1700000000.000100","team":"T0123456789A","client_msg_id":"x","event_ts":"1"}'[:176]
+FRAME = (
+    b"\x81\x7e\x00\xb0"
+    + b'{"type":"message","channel":"C0123456789A","user":"U0123456789A","text":"m123456:1700000000000000","ts":"1700000000.000100","team":"T0123456789A","client_msg_id":"x","event_ts":"1"}'[
+        :176
+    ]
+)
 
 
 def receiver(port_q: Any, stop_ev: Any) -> None:
@@ -97,9 +102,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "elapsed_s": time.monotonic() - t0,
             }
             rows.append(row)
-            print(f"  {row['rounds_per_s']!s:>8} rounds/s: sender {row['sender_us_per_write']:.1f} µs/write "
-                  f"(user {row['sender_user_us']:.1f}, sys {row['sender_sys_us']:.1f}), receiver {row['receiver_us_per_frame']:.1f} µs/frame", flush=True)
-        return {"benchmark": NAME, "machine": machine_info(), "sockets": args.sockets, "frame_bytes": len(FRAME), "rows": rows}
+            print(
+                f"  {row['rounds_per_s']!s:>8} rounds/s: sender {row['sender_us_per_write']:.1f} µs/write "
+                f"(user {row['sender_user_us']:.1f}, sys {row['sender_sys_us']:.1f}), receiver {row['receiver_us_per_frame']:.1f} µs/frame",
+                flush=True,
+            )
+        return {
+            "benchmark": NAME,
+            "machine": machine_info(),
+            "sockets": args.sockets,
+            "frame_bytes": len(FRAME),
+            "rows": rows,
+        }
     finally:
         for t in transports:
             t.close()
@@ -110,7 +124,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sockets", type=int, default=1000)
     p.add_argument("--rates", default="5,20,0", help="rounds/s (one write to every socket per round); 0 = unpaced")
     p.add_argument("--seconds", type=float, default=8.0)
@@ -126,9 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     save_json(name, result)
     table = md_table(
         ["rounds/s (writes/s)", "sender CPU µs/write", "user", "sys", "receiver CPU µs/frame"],
-        [[f"{r['rounds_per_s']}" + (f" ({r['rounds_per_s'] * args.sockets:,.0f})" if r["rounds_per_s"] != "unpaced" else ""),
-          f"{r['sender_us_per_write']:.1f}", f"{r['sender_user_us']:.1f}", f"{r['sender_sys_us']:.1f}", f"{r['receiver_us_per_frame']:.1f}"]
-         for r in result["rows"]],
+        [
+            [
+                f"{r['rounds_per_s']}"
+                + (f" ({r['rounds_per_s'] * args.sockets:,.0f})" if r["rounds_per_s"] != "unpaced" else ""),
+                f"{r['sender_us_per_write']:.1f}",
+                f"{r['sender_user_us']:.1f}",
+                f"{r['sender_sys_us']:.1f}",
+                f"{r['receiver_us_per_frame']:.1f}",
+            ]
+            for r in result["rows"]
+        ],
     )
     save_text(f"{name}.md", table + "\n")
     print()

@@ -32,8 +32,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -70,8 +71,12 @@ def machine_info() -> dict[str, Any]:
             pkgs[name] = "?"
     commit, dirty = "", []
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout
         dirty = [line[3:] for line in status.splitlines() if line[3:] and not line[3:].startswith("bench/")]
     except (OSError, subprocess.SubprocessError):
         pass
@@ -85,7 +90,7 @@ def machine_info() -> dict[str, Any]:
         "uvloop": uv,
         "packages": pkgs,
         "kernel": platform.release(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
@@ -341,7 +346,9 @@ class ForeignLoad:
     def since(mark: tuple[float, float], now: tuple[float, float]) -> float:
         return max(0.0, (now[0] - mark[0]) - (now[1] - mark[1]))
 
-    async def wait_quiet(self, max_cores: float = 0.15, max_wait_s: float = 60.0, total_budget_s: float = 300.0) -> dict[str, float]:
+    async def wait_quiet(
+        self, max_cores: float = 0.15, max_wait_s: float = 60.0, total_budget_s: float = 300.0
+    ) -> dict[str, float]:
         """Wait (bounded) until others use less than ``max_cores`` over a 1 s window; report what was seen."""
         waited = 0.0
         while True:
@@ -381,9 +388,13 @@ class LoadClient:
         child_env.update(env or {})
         child_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *self.child_args(),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            cwd=str(REPO_ROOT), env=child_env, limit=64 * 1024 * 1024,
+            sys.executable,
+            *self.child_args(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(REPO_ROOT),
+            env=child_env,
+            limit=64 * 1024 * 1024,
         )
 
     @property
@@ -415,7 +426,7 @@ class LoadClient:
                     pass
                 try:
                     await asyncio.wait_for(self.proc.wait(), 15)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             if self.proc.returncode is None:
@@ -447,7 +458,9 @@ class LoadClients:
     def pids(self) -> dict[str, int]:
         return {f"load client {c.index}": c.pid for c in self.clients}
 
-    async def all(self, cmd: str, per_client: list[dict[str, Any]] | None = None, **fields: Any) -> list[dict[str, Any]]:
+    async def all(
+        self, cmd: str, per_client: list[dict[str, Any]] | None = None, **fields: Any
+    ) -> list[dict[str, Any]]:
         calls = []
         for i, c in enumerate(self.clients):
             extra = dict(fields)
@@ -512,8 +525,15 @@ def _without_plot_data(value: Any) -> Any:
     return value
 
 
-def run_benchmark(name: str, args: Any, run: Callable[[Any], Any], render: Callable[[dict[str, Any]], str],
-                  plot: Callable[[dict[str, Any], str], None], *, loadavg: bool = False) -> int:
+def run_benchmark(
+    name: str,
+    args: Any,
+    run: Callable[[Any], Any],
+    render: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], str], None],
+    *,
+    loadavg: bool = False,
+) -> int:
     """The ``main`` of a benchmark: ``run(args)`` on uvloop, timed (``elapsed_s``; with ``loadavg``,
     the 1-minute load average before and after), then :func:`publish` as ``name`` (``-quick`` added)."""
     install_uvloop()
@@ -527,8 +547,12 @@ def run_benchmark(name: str, args: Any, run: Callable[[Any], Any], render: Calla
     return 0
 
 
-def publish(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str],
-            plot: Callable[[dict[str, Any], str], None]) -> None:
+def publish(
+    name: str,
+    result: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], str], None],
+) -> None:
     """Finish a benchmark run: write ``bench/results/<name>.json`` (the result without any
     :data:`PLOT_DATA_KEY` entries, at any depth; written first, so that a failing render or plot
     keeps the run), ``<name>.md`` (``render(result)``) and ``<name>.png`` (``plot(result, name)``),
@@ -576,7 +600,21 @@ def pyspy_top(pid: int, duration_s: int, out_path: Path, native: bool = False) -
     exe = pyspy_available()
     if exe is None:
         return []
-    argv = [exe, "record", "-p", str(pid), "-d", str(duration_s), "-r", "250", "-f", "raw", "-o", str(out_path), "--nonblocking"]
+    argv = [
+        exe,
+        "record",
+        "-p",
+        str(pid),
+        "-d",
+        str(duration_s),
+        "-r",
+        "250",
+        "-f",
+        "raw",
+        "-o",
+        str(out_path),
+        "--nonblocking",
+    ]
     if native:
         argv.append("--native")
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration_s + 60, check=False)

@@ -43,11 +43,22 @@ import sys
 import threading
 import time
 from array import array
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
-from bench.harness import REPO_ROOT, fmt, install_uvloop, machine_info, md_table, plt, publish, save_figure, system_busy_s
+from bench.harness import (
+    REPO_ROOT,
+    fmt,
+    install_uvloop,
+    machine_info,
+    md_table,
+    plt,
+    publish,
+    save_figure,
+    system_busy_s,
+)
 
 NAME = "hops"
 CHANNEL = "C0123456789A"
@@ -196,7 +207,9 @@ async def role_gateway(args: argparse.Namespace) -> None:
     ws_server = await serve(handler, "127.0.0.1", 0, compression=None, ping_interval=None)
     srv = await asyncio.get_running_loop().create_server(lambda: FrameIn(on_message), "127.0.0.1", 0)
     child.commands["clients"] = lambda: {"clients": len(clients)}
-    child.reply({"ready": True, "ws_port": list(ws_server.sockets)[0].getsockname()[1], "port": srv.sockets[0].getsockname()[1]})
+    child.reply(
+        {"ready": True, "ws_port": list(ws_server.sockets)[0].getsockname()[1], "port": srv.sockets[0].getsockname()[1]}
+    )
     await child.done.wait()
     srv.close()
     ws_server.close()
@@ -212,15 +225,32 @@ async def role_webapp(args: argparse.Namespace) -> None:
 
     async def post_message(request: web.Request) -> web.Response:
         nonlocal seq
-        wa = time.perf_counter_ns()  # handler entered: splits the path into its legs (``"wa"``, last field of the event)
+        wa = (
+            time.perf_counter_ns()
+        )  # handler entered: splits the path into its legs (``"wa"``, last field of the event)
         body = await request.json()
         seq += 1
         ts = f"{time.time():.6f}"
-        event = json.dumps({"type": "message", "channel": body["channel"], "user": USER, "text": body["text"],
-                            "ts": ts, "team": TEAM, "event_ts": ts, "wa": wa}, separators=(",", ":")).encode()
+        event = json.dumps(
+            {
+                "type": "message",
+                "channel": body["channel"],
+                "user": USER,
+                "text": body["text"],
+                "ts": ts,
+                "team": TEAM,
+                "event_ts": ts,
+                "wa": wa,
+            },
+            separators=(",", ":"),
+        ).encode()
         resp = web.json_response({"ok": True, "channel": body["channel"], "ts": ts})
         if link.transport is not None:
-            link.transport.write(frame({"op": "pub", "ch": body["channel"], "seq": seq, "json": event, "t0": time.time(), "eid": f"e{seq}"}))
+            link.transport.write(
+                frame(
+                    {"op": "pub", "ch": body["channel"], "seq": seq, "json": event, "t0": time.time(), "eid": f"e{seq}"}
+                )
+            )
         return resp
 
     app = web.Application()
@@ -310,8 +340,14 @@ def child_main(args: argparse.Namespace) -> int:
     import uvloop
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us (closing our stdin)
-    roles = {"gateway": role_gateway, "channel": role_forwarder, "admin": role_forwarder,
-             "webapp": role_webapp, "client": role_client, "timer": role_timer}
+    roles = {
+        "gateway": role_gateway,
+        "channel": role_forwarder,
+        "admin": role_forwarder,
+        "webapp": role_webapp,
+        "client": role_client,
+        "timer": role_timer,
+    }
     uvloop.run(roles[args.role](args))
     return 0
 
@@ -330,7 +366,11 @@ class Proc:
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "bench.hops", "--role", role, *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=str(REPO_ROOT), env=env, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=str(REPO_ROOT),
+            env=env,
+            text=True,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, name=f"{label}-stdout", daemon=True).start()
@@ -421,9 +461,13 @@ class Window:
         steal_s = (steal1 - self.steal0) / os.sysconf("SC_CLK_TCK")
         ours = sum(v for v in cpu.values() if v == v)
         return {
-            "t0_ns": self.t0_ns, "t1_ns": t1_ns, "wall_s": wall,
-            "steal_s": steal_s, "steal_fraction": steal_s / (wall * ncpu),
-            "cpu_s": cpu, "ours_cores": ours / wall,
+            "t0_ns": self.t0_ns,
+            "t1_ns": t1_ns,
+            "wall_s": wall,
+            "steal_s": steal_s,
+            "steal_fraction": steal_s / (wall * ncpu),
+            "cpu_s": cpu,
+            "ours_cores": ours / wall,
             "others_cores": max(0.0, (busy1 - self.busy0) - ours) / wall,
         }
 
@@ -447,7 +491,9 @@ async def measure(args: argparse.Namespace, webapp_port: int, pids: dict[str, in
     next_id = 0
     posts: dict[int, dict[str, Any]] = {}
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
 
         async def one(pid: int, scheduled_ns: int) -> None:
             post = posts[pid]
@@ -499,13 +545,15 @@ async def measure(args: argparse.Namespace, webapp_port: int, pids: dict[str, in
     return {"posts": posts, "steps": steps, "warmup_ids": warm}
 
 
-def analyse(raw: dict[str, Any], client_dump: dict[str, Any], timer_dump: dict[str, Any], nclients: int) -> list[dict[str, Any]]:
+def analyse(
+    raw: dict[str, Any], client_dump: dict[str, Any], timer_dump: dict[str, Any], nclients: int
+) -> list[dict[str, Any]]:
     import numpy as np
 
     posts = raw["posts"]
     recv: dict[int, list[int]] = {}
     webapp_ns: dict[int, int] = {}
-    for pid, t, wa in zip(client_dump["id"], client_dump["recv_ns"], client_dump["webapp_ns"]):
+    for pid, t, wa in zip(client_dump["id"], client_dump["recv_ns"], client_dump["webapp_ns"], strict=False):
         recv.setdefault(pid, []).append(t)
         webapp_ns[pid] = wa
     t_start = np.asarray(timer_dump["start_ns"], dtype=np.int64)
@@ -515,10 +563,16 @@ def analyse(raw: dict[str, Any], client_dump: dict[str, Any], timer_dump: dict[s
         sel = (t_start >= st["t0_ns"]) & (t_start < st["t1_ns"])
         lag_ms = t_lag[sel] / 1e6
         row: dict[str, Any] = {
-            "step": st["step"], "offered_posts_s": st["rate"], "wall_s": st["wall_s"],
-            "timer_lag_ms": pct(lag_ms, (50, 99)) | {"samples": int(sel.sum()), "min": float(lag_ms.min()) if lag_ms.size else None},
-            "steal_fraction": st["steal_fraction"], "steal_s": st["steal_s"],
-            "others_cores": st["others_cores"], "ours_cores": st["ours_cores"], "cpu_s": st["cpu_s"],
+            "step": st["step"],
+            "offered_posts_s": st["rate"],
+            "wall_s": st["wall_s"],
+            "timer_lag_ms": pct(lag_ms, (50, 99))
+            | {"samples": int(sel.sum()), "min": float(lag_ms.min()) if lag_ms.size else None},
+            "steal_fraction": st["steal_fraction"],
+            "steal_s": st["steal_s"],
+            "others_cores": st["others_cores"],
+            "ours_cores": st["ours_cores"],
+            "cpu_s": st["cpu_s"],
         }
         ids = st["ids"]
         if ids:
@@ -540,23 +594,35 @@ def analyse(raw: dict[str, Any], client_dump: dict[str, Any], timer_dump: dict[s
             sends = sorted(posts[i]["send_ns"] for i in ids if "send_ns" in posts[i])
             span_s = (sends[-1] - sends[0]) / 1e9 if len(sends) > 1 else float("nan")
             late_ms = [posts[i]["late_ns"] / 1e6 for i in ids if "late_ns" in posts[i]]
-            row.update({
-                "posts": len(ids), "acknowledged": len(ok), "failed": len(ids) - len(ok),
-                "errors": sorted({posts[i]["error"] for i in ids if "error" in posts[i]})[:5],
-                "achieved_posts_s": (len(sends) - 1) / span_s if span_s == span_s and span_s > 0 else None,
-                "deliveries_expected": len(ok) * nclients, "lost": lost, "duplicates": dup,
-                "http_ms": pct(http_ms, (50, 90, 99)),
-                "e2e_ms": pct(e2e_ms, (50, 90, 99)),
-                "e2e_minus_http_p50_ms": (float(np.median(e2e_ms)) - float(np.median(http_ms))) if e2e_ms and http_ms else None,
-                "legs_ms": {  # from the webapp handler's entry time, carried in the event
-                    "poster_to_webapp_handler": pct(to_webapp, (50, 99)),
-                    "webapp_handler_to_poster_reply": pct(webapp_to_reply, (50, 99)),
-                    "webapp_handler_to_client_frame": pct(webapp_to_client, (50, 99)),
-                },
-                "poster_send_late_ms": pct(late_ms, (50, 99)),
-                "cpu_us_per_post": {k: v * 1e6 / len(ids) for k, v in st["cpu_s"].items()},
-                "path_cpu_us_per_post": sum(v for k, v in st["cpu_s"].items() if k not in ("timer", "poster (bench)") and v == v) * 1e6 / len(ids),
-            })
+            row.update(
+                {
+                    "posts": len(ids),
+                    "acknowledged": len(ok),
+                    "failed": len(ids) - len(ok),
+                    "errors": sorted({posts[i]["error"] for i in ids if "error" in posts[i]})[:5],
+                    "achieved_posts_s": (len(sends) - 1) / span_s if span_s == span_s and span_s > 0 else None,
+                    "deliveries_expected": len(ok) * nclients,
+                    "lost": lost,
+                    "duplicates": dup,
+                    "http_ms": pct(http_ms, (50, 90, 99)),
+                    "e2e_ms": pct(e2e_ms, (50, 90, 99)),
+                    "e2e_minus_http_p50_ms": (float(np.median(e2e_ms)) - float(np.median(http_ms)))
+                    if e2e_ms and http_ms
+                    else None,
+                    "legs_ms": {  # from the webapp handler's entry time, carried in the event
+                        "poster_to_webapp_handler": pct(to_webapp, (50, 99)),
+                        "webapp_handler_to_poster_reply": pct(webapp_to_reply, (50, 99)),
+                        "webapp_handler_to_client_frame": pct(webapp_to_client, (50, 99)),
+                    },
+                    "poster_send_late_ms": pct(late_ms, (50, 99)),
+                    "cpu_us_per_post": {k: v * 1e6 / len(ids) for k, v in st["cpu_s"].items()},
+                    "path_cpu_us_per_post": sum(
+                        v for k, v in st["cpu_s"].items() if k not in ("timer", "poster (bench)") and v == v
+                    )
+                    * 1e6
+                    / len(ids),
+                }
+            )
         rows.append(row)
     return rows
 
@@ -568,26 +634,66 @@ def render(result: dict[str, Any]) -> str:
         lag = f"{fmt(tl['p50'], 2)} / {fmt(tl['p99'], 2)} / {fmt(tl['max'], 1)}"
         common = [lag, f"{r['steal_fraction'] * 100:.1f}%", fmt(r["others_cores"], 2)]
         if r["step"] == "idle":
-            rows.append([f"idle ({r['wall_s']:.0f} s, path up, no posts)", "–", "–", "–", "–", "–", "–", "–", "–", "–", *common, "–"])
+            rows.append(
+                [
+                    f"idle ({r['wall_s']:.0f} s, path up, no posts)",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                    *common,
+                    "–",
+                ]
+            )
             continue
         h, e = r["http_ms"], r["e2e_ms"]
-        rows.append([
-            f"{r['offered_posts_s']:g}", f"{r['acknowledged']:,} ({r['lost']} lost)", fmt(r["achieved_posts_s"], 1),
-            fmt(h["p50"], 2), fmt(h["p99"], 2), fmt(h["max"], 1),
-            fmt(e["p50"], 2), fmt(e["p90"], 2), fmt(e["p99"], 2), fmt(e["max"], 1),
-            *common, fmt(r["path_cpu_us_per_post"], 0),
-        ])
-    lines = [md_table(
-        ["offered posts/s", "posts acknowledged", "achieved posts/s", "HTTP p50 ms", "HTTP p99 ms", "HTTP max ms",
-         "end-to-end p50 ms", "p90 ms", "p99 ms", "max ms", "timer lag p50 / p99 / max ms (10 ms sleeps)",
-         "steal (of wall × cores)", "others' CPU, cores", "path CPU µs/post"],
-        rows,
-    )]
+        rows.append(
+            [
+                f"{r['offered_posts_s']:g}",
+                f"{r['acknowledged']:,} ({r['lost']} lost)",
+                fmt(r["achieved_posts_s"], 1),
+                fmt(h["p50"], 2),
+                fmt(h["p99"], 2),
+                fmt(h["max"], 1),
+                fmt(e["p50"], 2),
+                fmt(e["p90"], 2),
+                fmt(e["p99"], 2),
+                fmt(e["max"], 1),
+                *common,
+                fmt(r["path_cpu_us_per_post"], 0),
+            ]
+        )
+    lines = [
+        md_table(
+            [
+                "offered posts/s",
+                "posts acknowledged",
+                "achieved posts/s",
+                "HTTP p50 ms",
+                "HTTP p99 ms",
+                "HTTP max ms",
+                "end-to-end p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "timer lag p50 / p99 / max ms (10 ms sleeps)",
+                "steal (of wall × cores)",
+                "others' CPU, cores",
+                "path CPU µs/post",
+            ],
+            rows,
+        )
+    ]
     cfg = result["config"]
     lines += [
         "",
         "Path (no rtm code; one process per hop, uvloop, 127.0.0.1): poster (this benchmark, aiohttp client, paced open-loop) "
-        "-HTTP POST-> webapp (aiohttp; prepares `{\"ok\":true}`, writes the event on, returns the reply) "
+        '-HTTP POST-> webapp (aiohttp; prepares `{"ok":true}`, writes the event on, returns the reply) '
         "-TCP, 4-byte length + msgpack map-> admin -> channel (each decodes, re-encodes, writes on) "
         f"-> gateway (websockets {result['machine']['packages'].get('websockets')}, one text frame per client) "
         f"-websocket-> {cfg['clients']} client(s) in a separate process (picows). "
@@ -601,21 +707,40 @@ def render(result: dict[str, Any]) -> str:
     ]
     cpu_rows = [r for r in result["steps"] if r["step"] != "idle"]
     if cpu_rows:
-        legs = [("poster_to_webapp_handler", "request sent -> webapp handler entered"),
-                ("webapp_handler_to_poster_reply", "handler entered -> poster has the reply"),
-                ("webapp_handler_to_client_frame", "handler entered -> client has the frame (4 hops)")]
-        lines += ["", "The legs, split at the webapp handler's entry (its `perf_counter_ns()` travels in the event), p50 / p99 ms:", "",
-                  md_table(["offered posts/s"] + [label for _, label in legs],
-                           [[f"{r['offered_posts_s']:g}"] + [f"{fmt(r['legs_ms'][k]['p50'], 2)} / {fmt(r['legs_ms'][k]['p99'], 2)}" for k, _ in legs]
-                            for r in cpu_rows]), ""]
+        legs = [
+            ("poster_to_webapp_handler", "request sent -> webapp handler entered"),
+            ("webapp_handler_to_poster_reply", "handler entered -> poster has the reply"),
+            ("webapp_handler_to_client_frame", "handler entered -> client has the frame (4 hops)"),
+        ]
+        lines += [
+            "",
+            "The legs, split at the webapp handler's entry (its `perf_counter_ns()` travels in the event), p50 / p99 ms:",
+            "",
+            md_table(
+                ["offered posts/s"] + [label for _, label in legs],
+                [
+                    [f"{r['offered_posts_s']:g}"]
+                    + [f"{fmt(r['legs_ms'][k]['p50'], 2)} / {fmt(r['legs_ms'][k]['p99'], 2)}" for k, _ in legs]
+                    for r in cpu_rows
+                ],
+            ),
+            "",
+        ]
     if cpu_rows:
         labels = [k for k in cpu_rows[0]["cpu_us_per_post"] if k != "timer"]
-        lines.append("CPU µs per post by process: " + "; ".join(
-            f"{r['step']}: " + ", ".join(f"{k} {r['cpu_us_per_post'][k]:.0f}" for k in labels) for r in cpu_rows) + ".")
+        lines.append(
+            "CPU µs per post by process: "
+            + "; ".join(
+                f"{r['step']}: " + ", ".join(f"{k} {r['cpu_us_per_post'][k]:.0f}" for k in labels) for r in cpu_rows
+            )
+            + "."
+        )
     m = result["machine"]
-    lines.append(f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}, uvloop {m['uvloop']}, "
-                 f"aiohttp {m['packages'].get('aiohttp')}, kernel {m['kernel']} (shared, noisy); 1-min load average "
-                 f"{result['loadavg_1m']['start']:.1f} at start, {result['loadavg_1m']['end']:.1f} at end; {m['date']}.")
+    lines.append(
+        f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}, uvloop {m['uvloop']}, "
+        f"aiohttp {m['packages'].get('aiohttp')}, kernel {m['kernel']} (shared, noisy); 1-min load average "
+        f"{result['loadavg_1m']['start']:.1f} at start, {result['loadavg_1m']['end']:.1f} at end; {m['date']}."
+    )
     return "\n".join(lines)
 
 
@@ -648,12 +773,17 @@ def plot(result: dict[str, Any], name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:],
-                              "config": {k: v for k, v in vars(args).items() if k not in ("role", "down", "ws", "interval")}}
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "argv": sys.argv[1:],
+        "config": {k: v for k, v in vars(args).items() if k not in ("role", "down", "ws", "interval")},
+    }
     load0 = os.getloadavg()[0]
     started = time.monotonic()
     procs: list[Proc] = []
     try:
+
         def start(label: str, *extra: str) -> Proc:
             proc = Proc(label, label, *extra)
             procs.append(proc)  # appended before waiting: stopped in the finally even if it never gets ready
@@ -674,7 +804,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pids["poster (bench)"] = os.getpid()
         result["pids"] = pids
         result["startup_s"] = time.monotonic() - started
-        print(f"hops: path up in {result['startup_s']:.1f} s ({', '.join(f'{k} {v}' for k, v in pids.items())}); rates {args.rates}, {args.posts} posts each", flush=True)
+        print(
+            f"hops: path up in {result['startup_s']:.1f} s ({', '.join(f'{k} {v}' for k, v in pids.items())}); rates {args.rates}, {args.posts} posts each",
+            flush=True,
+        )
         raw = asyncio.run(measure(args, webapp.ready["port"], pids))
         client_dump = client.call("dump")
         timer_dump = timer.call("dump")
@@ -689,7 +822,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.hops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.hops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rates", default="20,50,100", help="offered posts/s, comma-separated")
     p.add_argument("--posts", type=int, default=1000, help="posts per rate")
     p.add_argument("--clients", type=int, default=1, help="websocket clients (one delivery per post each)")

@@ -137,10 +137,12 @@ async def connect(req: dict[str, Any]) -> dict[str, Any]:
         idx = base + i
         async with sem:
             try:
-                for attempt in range(RTM_CONNECT_ATTEMPTS):  # as a Slack client does: retry what is retryable
+                for _attempt in range(RTM_CONNECT_ATTEMPTS):  # as a Slack client does: retry what is retryable
                     rgn = regions[idx % len(regions)] if regions else region
                     form = {"region": rgn} if rgn else {}
-                    async with http.post(api_url + "rtm.connect", data=form, headers={"Authorization": f"Bearer {token}"}) as resp:
+                    async with http.post(
+                        api_url + "rtm.connect", data=form, headers={"Authorization": f"Bearer {token}"}
+                    ) as resp:
                         reply = await resp.json(content_type=None)
                     if reply.get("ok"):
                         break

@@ -79,8 +79,9 @@ WINDOW_SETTLE_S = 2.0  # after a storm's last hello, still "during the storm" (i
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.presence", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.presence", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--watchers", type=int, default=40, help="clients watching the subjects (part 1)")
     p.add_argument("--subjects", type=int, default=20, help="users whose presence changes (part 1)")
     p.add_argument("--rounds", type=int, default=5, help="times each subject goes online/offline/away (part 1)")
@@ -193,11 +194,17 @@ async def wait_all(watchers: list[Watcher], user: str, presence: str, t0: float,
         await asyncio.sleep(0.002)
 
 
-async def propagation(args: argparse.Namespace, api: Api, watcher_users: list[dict[str, Any]],
-                      subjects: list[dict[str, Any]]) -> dict[str, Any]:
+async def propagation(
+    args: argparse.Namespace, api: Api, watcher_users: list[dict[str, Any]], subjects: list[dict[str, Any]]
+) -> dict[str, Any]:
     regions = REGIONS
     watchers = [Watcher() for _ in watcher_users]
-    await asyncio.gather(*(w.open(api, u["token"], regions[i % 2]) for i, (w, u) in enumerate(zip(watchers, watcher_users))))
+    await asyncio.gather(
+        *(
+            w.open(api, u["token"], regions[i % 2])
+            for i, (w, u) in enumerate(zip(watchers, watcher_users, strict=False))
+        )
+    )
     ids = [s["id"] for s in subjects]
     for w in watchers:
         await w.ws.send(json.dumps({"type": "presence_sub", "ids": ids}))
@@ -229,12 +236,23 @@ async def propagation(args: argparse.Namespace, api: Api, watcher_users: list[di
     await asyncio.gather(*(w.close() for w in watchers))
     rows = []
     for kind, values in lat.items():
-        rows.append({
-            "kind": kind, "samples": len(values), "missed": expected - len(values),
-            "p50_ms": pct(values, 50), "p99_ms": pct(values, 99), "max_ms": max(values) if values else None,
-        })
-    return {"watchers": len(watchers), "subjects": len(subjects), "rounds": args.rounds, "rows": rows,
-            "samples_ms": {k: v for k, v in lat.items()}}
+        rows.append(
+            {
+                "kind": kind,
+                "samples": len(values),
+                "missed": expected - len(values),
+                "p50_ms": pct(values, 50),
+                "p99_ms": pct(values, 99),
+                "max_ms": max(values) if values else None,
+            }
+        )
+    return {
+        "watchers": len(watchers),
+        "subjects": len(subjects),
+        "rounds": args.rounds,
+        "rows": rows,
+        "samples_ms": {k: v for k, v in lat.items()},
+    }
 
 
 # -- part 2: one presence server's throughput -------------------------------------------------------------
@@ -312,7 +330,7 @@ async def ps_throughput(args: argparse.Namespace, fleet: FleetRun) -> dict[str, 
         if sum(1 for p in final.values() if p == "away") < len(mine):
             try:
                 await asyncio.wait_for(done.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         delivered_s = time.monotonic() - t0
         cpu = diff(watch_cpu.cpu(), cpu0)["ps"]
@@ -325,9 +343,14 @@ async def ps_throughput(args: argparse.Namespace, fleet: FleetRun) -> dict[str, 
         watch.close()
         report.close()
         return {
-            "ps": owner, "users": len(mine), "updates_in": updates, "processed_s": processed_s,
-            "updates_per_s": updates / processed_s, "changes_out": received["n"],
-            "changes_out_per_s": received["n"] / delivered_s, "ps_cpu_s": cpu,
+            "ps": owner,
+            "users": len(mine),
+            "updates_in": updates,
+            "processed_s": processed_s,
+            "updates_per_s": updates / processed_s,
+            "changes_out": received["n"],
+            "changes_out_per_s": received["n"] / delivered_s,
+            "ps_cpu_s": cpu,
             "updates_per_cpu_s": updates / cpu if cpu > 0 else None,
         }
 
@@ -338,22 +361,33 @@ async def ps_throughput(args: argparse.Namespace, fleet: FleetRun) -> dict[str, 
 # -- part 3: the reconnect storm ------------------------------------------------------------------------------
 
 
-async def storm(args: argparse.Namespace, fleet: FleetRun, api: Api, observers: list[dict[str, Any]],
-                storm_users: list[dict[str, Any]], everyone: list[str]) -> dict[str, Any]:
+async def storm(
+    args: argparse.Namespace,
+    fleet: FleetRun,
+    api: Api,
+    observers: list[dict[str, Any]],
+    storm_users: list[dict[str, Any]],
+    everyone: list[str],
+) -> dict[str, Any]:
     owner = observers[0]
     made = await api("conversations.create", owner["token"], name=f"presence-bench-{random.randrange(1 << 30):x}")
     channel = made["channel"]["id"]
     others = [o["id"] for o in observers[1:]]
     for i in range(0, len(others), 30):
-        assert (await api("conversations.invite", owner["token"], channel=channel, users=",".join(others[i : i + 30])))["ok"]
+        assert (await api("conversations.invite", owner["token"], channel=channel, users=",".join(others[i : i + 30])))[
+            "ok"
+        ]
     rng = random.Random(4)
     subs = [json.dumps({"type": "presence_sub", "ids": rng.sample(everyone, args.storm_subs)}) for _ in storm_users]
     addrs = [f"127.0.0.{2 + k}" for k in range(4)]
     tmp = Path(tempfile.mkdtemp(prefix="rtm-presence-bench-"))
     marks: dict[str, float] = {}
     connects: list[dict[str, Any]] = []
-    pids = {f"{p['service']} {p['id']}": int(p["pid"]) for p in fleet.processes()
-            if p["service"] in ("gateway", "presence", "webapp", "channel-server")}
+    pids = {
+        f"{p['service']} {p['id']}": int(p["pid"])
+        for p in fleet.processes()
+        if p["service"] in ("gateway", "presence", "webapp", "channel-server")
+    }
     watch = ProcWatch(pids)
     ps_ports = [int(p["metrics_port"]) for p in fleet.processes("presence")]
     gw_ports = [int(p["metrics_port"]) for p in fleet.processes("gateway")]
@@ -371,8 +405,14 @@ async def storm(args: argparse.Namespace, fleet: FleetRun, api: Api, observers: 
         return out
 
     async with LoadClients(1) as obs_lc:
-        rep = await obs_lc.clients[0].call("connect", api_url=fleet.api_url, tokens=[o["token"] for o in observers],
-                                           concurrency=50, timeout_s=60.0, region=REGIONS[0])
+        rep = await obs_lc.clients[0].call(
+            "connect",
+            api_url=fleet.api_url,
+            tokens=[o["token"] for o in observers],
+            concurrency=50,
+            timeout_s=60.0,
+            region=REGIONS[0],
+        )
         assert rep["failed"] == 0, rep
         posting = asyncio.Event()
         posts: list[int] = []
@@ -411,23 +451,39 @@ async def storm(args: argparse.Namespace, fleet: FleetRun, api: Api, observers: 
                 marks[phase + " start"] = start
                 replies = await storm_lc.all(
                     "connect",
-                    per_client=[{"tokens": [u["token"] for u in storm_users[k::n]], "after_hello": subs[k::n] if with_subs else [],
-                                 "region": REGIONS[k % 2]} for k in range(n)],
-                    api_url=fleet.api_url, local_addrs=addrs, concurrency=max(1, args.concurrency // n), timeout_s=60.0,
+                    per_client=[
+                        {
+                            "tokens": [u["token"] for u in storm_users[k::n]],
+                            "after_hello": subs[k::n] if with_subs else [],
+                            "region": REGIONS[k % 2],
+                        }
+                        for k in range(n)
+                    ],
+                    api_url=fleet.api_url,
+                    local_addrs=addrs,
+                    concurrency=max(1, args.concurrency // n),
+                    timeout_s=60.0,
                 )
                 end = time.time()
                 await asyncio.sleep(WINDOW_SETTLE_S)
                 c1, cpu1 = counters(), watch.cpu()
                 marks[phase + " end"] = end + WINDOW_SETTLE_S
                 stats = await storm_lc.all("stat")
-                connects.append({"phase": phase, "replies": [{k: r[k] for k in ("connected", "failed", "errors")} for r in replies]})
-                phases.append({
-                    "phase": phase, "window": (start, end + WINDOW_SETTLE_S), "connect_s": end - start,
-                    "connected": sum(r["connected"] for r in replies), "failed": sum(r["failed"] for r in replies),
-                    "presence_frames_to_storm_clients": sum(s["other"] for s in stats),
-                    "counters": {k: c1[k] - c0.get(k, 0.0) for k in c1},
-                    "cpu_s": {k: round(v, 2) for k, v in diff(cpu1, cpu0).items()},
-                })
+                connects.append(
+                    {"phase": phase, "replies": [{k: r[k] for k in ("connected", "failed", "errors")} for r in replies]}
+                )
+                phases.append(
+                    {
+                        "phase": phase,
+                        "window": (start, end + WINDOW_SETTLE_S),
+                        "connect_s": end - start,
+                        "connected": sum(r["connected"] for r in replies),
+                        "failed": sum(r["failed"] for r in replies),
+                        "presence_frames_to_storm_clients": sum(s["other"] for s in stats),
+                        "counters": {k: c1[k] - c0.get(k, 0.0) for k in c1},
+                        "cpu_s": {k: round(v, 2) for k, v in diff(cpu1, cpu0).items()},
+                    }
+                )
                 await asyncio.sleep(3.0)
         finally:
             await storm_lc.stop()
@@ -444,8 +500,12 @@ async def storm(args: argparse.Namespace, fleet: FleetRun, api: Api, observers: 
 
     def window(lo: float, hi: float) -> dict[str, Any]:
         sel = lat_ms[(recv_s >= lo) & (recv_s < hi)]
-        return {"deliveries": int(sel.size), "p50_ms": pct(sel, 50), "p99_ms": pct(sel, 99),
-                "max_ms": float(sel.max()) if sel.size else None}
+        return {
+            "deliveries": int(sel.size),
+            "p50_ms": pct(sel, 50),
+            "p99_ms": pct(sel, 99),
+            "max_ms": float(sel.max()) if sel.size else None,
+        }
 
     windows = [{"window": "before (no storm)", **window(marks["baseline_start"], marks["connect storm start"])}]
     for ph in phases:
@@ -453,11 +513,21 @@ async def storm(args: argparse.Namespace, fleet: FleetRun, api: Api, observers: 
     windows.append({"window": "after", **window(marks["after_start"], marks["after_start"] + 5.0)})
     expected = len(posts) * len(observers)
     return {
-        "storm_clients": args.storm, "subs_per_client": args.storm_subs, "observers": len(observers),
-        "post_rate": args.post_rate, "posts": len(posts), "deliveries": int(lat_ms.size), "expected_deliveries": expected,
-        "phases": phases, "windows": windows, "connects": connects,
-        "series": {"recv_s": (recv_s - marks["baseline_start"]).round(3).tolist(), "lat_ms": lat_ms.round(2).tolist(),
-                   "marks": {k: v - marks["baseline_start"] for k, v in marks.items()}},
+        "storm_clients": args.storm,
+        "subs_per_client": args.storm_subs,
+        "observers": len(observers),
+        "post_rate": args.post_rate,
+        "posts": len(posts),
+        "deliveries": int(lat_ms.size),
+        "expected_deliveries": expected,
+        "phases": phases,
+        "windows": windows,
+        "connects": connects,
+        "series": {
+            "recv_s": (recv_s - marks["baseline_start"]).round(3).tolist(),
+            "lat_ms": lat_ms.round(2).tolist(),
+            "marks": {k: v - marks["baseline_start"] for k, v in marks.items()},
+        },
     }
 
 
@@ -467,7 +537,11 @@ async def storm(args: argparse.Namespace, fleet: FleetRun, api: Api, observers: 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_nofile(65536)
     seeded = args.watchers + args.subjects + args.observers + args.storm + 10
-    result: dict[str, Any] = {"machine": machine_info(), "config": dict(vars(args)), "loadavg_at_start": os.getloadavg()}
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "config": dict(vars(args)),
+        "loadavg_at_start": os.getloadavg(),
+    }
     print(f"presence: starting the fleet with {seeded} seeded users ...", flush=True)
     with FleetRun("--seed-users", str(seeded)) as fleet:
         result["fleet_startup_s"] = fleet.startup_s
@@ -480,16 +554,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print("presence: part 1, propagation latency ...", flush=True)
             result["propagation"] = await propagation(args, api, watcher_users, subjects)
             for row in result["propagation"]["rows"]:
-                print(f"  {row['kind']:<12} p50 {fmt(row['p50_ms'], 2)} ms  p99 {fmt(row['p99_ms'], 2)} ms  ({row['samples']} samples)")
+                print(
+                    f"  {row['kind']:<12} p50 {fmt(row['p50_ms'], 2)} ms  p99 {fmt(row['p99_ms'], 2)} ms  ({row['samples']} samples)"
+                )
             print("presence: part 2, presence-server throughput ...", flush=True)
             result["throughput"] = await ps_throughput(args, fleet)
             for row in result["throughput"]["rows"]:
-                print(f"  {row['ps']}: {fmt(row['updates_per_s'], 0)} updates/s in, {fmt(row['changes_out_per_s'], 0)} changes/s out")
+                print(
+                    f"  {row['ps']}: {fmt(row['updates_per_s'], 0)} updates/s in, {fmt(row['changes_out_per_s'], 0)} changes/s out"
+                )
             print(f"presence: part 3, reconnect storm of {args.storm} clients ...", flush=True)
             everyone = [u["id"] for u in users]
             result["storm"] = await storm(args, fleet, api, observers, storm_users, everyone)
             for row in result["storm"]["windows"]:
-                print(f"  {row['window']:<28} p50 {fmt(row['p50_ms'], 1)} ms  p99 {fmt(row['p99_ms'], 1)} ms  max {fmt(row['max_ms'], 1)} ms")
+                print(
+                    f"  {row['window']:<28} p50 {fmt(row['p50_ms'], 1)} ms  p99 {fmt(row['p99_ms'], 1)} ms  max {fmt(row['max_ms'], 1)} ms"
+                )
         finally:
             await api.close()
     return result
@@ -498,42 +578,98 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     m, cfg = result["machine"], result["config"]
     prop, thr, st = result["propagation"], result["throughput"], result["storm"]
-    out = [f"# Presence benchmark\n\n{m['nproc']} cores ({m['cpu_model']}), {m['ram_gib']} GiB, Python {m['python']}, "
-           f"uvloop {m['uvloop']}, {m['date']}. Fleet: `rtm up` defaults (2 gateways, 2 presence servers + spare, "
-           f"3 channel servers + spare, 2 admin servers, webapp, 2 CHARMs), all on this machine "
-           f"(load average {result['loadavg_at_start'][0]:.1f} when the run began).\n"]
-    out.append(f"## Propagation latency\n\n{prop['watchers']} watchers (half on each gateway) subscribed to "
-               f"{prop['subjects']} users; each user went online, away (users.setPresence) and offline "
-               f"{prop['rounds']} times. Latency from the trigger to each watcher's `presence_change`.\n")
-    out.append(md_table(["change", "samples", "p50 ms", "p99 ms", "max ms", "missed"], [
-        [r["kind"], r["samples"], fmt(r["p50_ms"], 2), fmt(r["p99_ms"], 2), fmt(r["max_ms"], 2), r["missed"]]
-        for r in prop["rows"]]))
-    out.append(f"\n\n## Presence-server throughput\n\n{thr['users']:,} synthetic users over both PSs, "
-               f"{thr['cycles']} online+offline cycles each, batches of {thr['batch']}, both PSs driven at once "
-               f"(one watcher gateway subscribed to every user). A PS pushes to a gateway at most every 5 ms and "
-               f"folds a user's changes within that into the latest, so the watcher gets fewer entries than updates.\n")
-    out.append(md_table(["PS", "users", "updates in", "updates/s in", "entries pushed", "PS CPU s", "updates per CPU-s"], [
-        [r["ps"], f"{r['users']:,}", f"{r['updates_in']:,}", fmt(r["updates_per_s"], 0), f"{r['changes_out']:,}",
-         fmt(r["ps_cpu_s"], 2), fmt(r["updates_per_cpu_s"], 0)] for r in thr["rows"]]))
-    out.append(f"\n\n## Message latency during a reconnect storm\n\n{st['storm_clients']:,} clients (distinct users), "
-               f"each sending `presence_sub` for {st['subs_per_client']} random users right after hello, connect at once, "
-               f"then all disconnect and reconnect at once, half on each gateway ({cfg['client_procs']} load-client processes, "
-               f"{cfg['concurrency']} connects in flight). Meanwhile {st['observers']} observers in their own channel "
-               f"(on the us-east gateway) receive {st['post_rate']:g} posts/s; latency from post to receipt; the last "
-               f"storm repeats the reconnect without any `presence_sub`, for comparison. Delivered "
-               f"{st['deliveries']:,} of {st['expected_deliveries']:,} expected.\n")
-    out.append(md_table(["window", "deliveries", "p50 ms", "p99 ms", "max ms"], [
-        [w["window"], f"{w['deliveries']:,}", fmt(w["p50_ms"], 1), fmt(w["p99_ms"], 1), fmt(w["max_ms"], 1)]
-        for w in st["windows"]]))
+    out = [
+        f"# Presence benchmark\n\n{m['nproc']} cores ({m['cpu_model']}), {m['ram_gib']} GiB, Python {m['python']}, "
+        f"uvloop {m['uvloop']}, {m['date']}. Fleet: `rtm up` defaults (2 gateways, 2 presence servers + spare, "
+        f"3 channel servers + spare, 2 admin servers, webapp, 2 CHARMs), all on this machine "
+        f"(load average {result['loadavg_at_start'][0]:.1f} when the run began).\n"
+    ]
+    out.append(
+        f"## Propagation latency\n\n{prop['watchers']} watchers (half on each gateway) subscribed to "
+        f"{prop['subjects']} users; each user went online, away (users.setPresence) and offline "
+        f"{prop['rounds']} times. Latency from the trigger to each watcher's `presence_change`.\n"
+    )
+    out.append(
+        md_table(
+            ["change", "samples", "p50 ms", "p99 ms", "max ms", "missed"],
+            [
+                [r["kind"], r["samples"], fmt(r["p50_ms"], 2), fmt(r["p99_ms"], 2), fmt(r["max_ms"], 2), r["missed"]]
+                for r in prop["rows"]
+            ],
+        )
+    )
+    out.append(
+        f"\n\n## Presence-server throughput\n\n{thr['users']:,} synthetic users over both PSs, "
+        f"{thr['cycles']} online+offline cycles each, batches of {thr['batch']}, both PSs driven at once "
+        f"(one watcher gateway subscribed to every user). A PS pushes to a gateway at most every 5 ms and "
+        f"folds a user's changes within that into the latest, so the watcher gets fewer entries than updates.\n"
+    )
+    out.append(
+        md_table(
+            ["PS", "users", "updates in", "updates/s in", "entries pushed", "PS CPU s", "updates per CPU-s"],
+            [
+                [
+                    r["ps"],
+                    f"{r['users']:,}",
+                    f"{r['updates_in']:,}",
+                    fmt(r["updates_per_s"], 0),
+                    f"{r['changes_out']:,}",
+                    fmt(r["ps_cpu_s"], 2),
+                    fmt(r["updates_per_cpu_s"], 0),
+                ]
+                for r in thr["rows"]
+            ],
+        )
+    )
+    out.append(
+        f"\n\n## Message latency during a reconnect storm\n\n{st['storm_clients']:,} clients (distinct users), "
+        f"each sending `presence_sub` for {st['subs_per_client']} random users right after hello, connect at once, "
+        f"then all disconnect and reconnect at once, half on each gateway ({cfg['client_procs']} load-client processes, "
+        f"{cfg['concurrency']} connects in flight). Meanwhile {st['observers']} observers in their own channel "
+        f"(on the us-east gateway) receive {st['post_rate']:g} posts/s; latency from post to receipt; the last "
+        f"storm repeats the reconnect without any `presence_sub`, for comparison. Delivered "
+        f"{st['deliveries']:,} of {st['expected_deliveries']:,} expected.\n"
+    )
+    out.append(
+        md_table(
+            ["window", "deliveries", "p50 ms", "p99 ms", "max ms"],
+            [
+                [w["window"], f"{w['deliveries']:,}", fmt(w["p50_ms"], 1), fmt(w["p99_ms"], 1), fmt(w["max_ms"], 1)]
+                for w in st["windows"]
+            ],
+        )
+    )
     out.append("\n")
     rows = []
     for ph in st["phases"]:
         c = ph["counters"]
-        rows.append([ph["phase"], f"{ph['connected']:,}", ph["failed"], fmt(ph["connect_s"], 1),
-                     f"{int(c.get('rtm_gw_presence_reports_total', 0)):,}", f"{int(c.get('rtm_ps_updates_in_total', 0)):,}",
-                     f"{int(c.get('rtm_ps_updates_out_total', 0)):,}", f"{int(c.get('rtm_gw_presence_events_out_total', 0)):,}"])
-    out.append(md_table(["storm", "connected", "failed", "seconds", "reports (gw)", "updates in (PS)",
-                         "entries pushed (PS)", "presence_change to clients"], rows))
+        rows.append(
+            [
+                ph["phase"],
+                f"{ph['connected']:,}",
+                ph["failed"],
+                fmt(ph["connect_s"], 1),
+                f"{int(c.get('rtm_gw_presence_reports_total', 0)):,}",
+                f"{int(c.get('rtm_ps_updates_in_total', 0)):,}",
+                f"{int(c.get('rtm_ps_updates_out_total', 0)):,}",
+                f"{int(c.get('rtm_gw_presence_events_out_total', 0)):,}",
+            ]
+        )
+    out.append(
+        md_table(
+            [
+                "storm",
+                "connected",
+                "failed",
+                "seconds",
+                "reports (gw)",
+                "updates in (PS)",
+                "entries pushed (PS)",
+                "presence_change to clients",
+            ],
+            rows,
+        )
+    )
     busiest = []
     for ph in st["phases"]:
         top = sorted(ph["cpu_s"].items(), key=lambda kv: -kv[1])[:4]

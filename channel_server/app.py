@@ -33,8 +33,8 @@ from services.discovery import Discovery, fault_routes
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
-from services.slot_owner import SlotOwner
 from services.ring import CHANNEL_RING_KEY, RingDocument
+from services.slot_owner import SlotOwner
 
 log = logging.getLogger("rtm.channel_server")
 
@@ -50,7 +50,11 @@ class ChannelServer:
         self.gateways: dict[int, PeerConnection] = {}
         self.discovery = Discovery(args.consul)
         self.slots = SlotOwner(
-            self.discovery, self.instance_id, CHANNEL_RING_KEY, role=args.role, ttl_s=args.ttl_s,
+            self.discovery,
+            self.instance_id,
+            CHANNEL_RING_KEY,
+            role=args.role,
+            ttl_s=args.ttl_s,
             on_change=self.on_ring_change,
         )
         self.follower = self.slots.follower
@@ -59,8 +63,12 @@ class ChannelServer:
         events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
         self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
         self.events_out = m.counter("rtm_cs_events_out_total", "Event frames written to gateways")
-        self.duplicates = m.counter("rtm_cs_duplicate_events_total", "Publishes dropped because their seq was already applied")
-        self.not_owner = m.counter("rtm_cs_not_owner_total", "Requests refused because the channel is not owned here", ["op"])
+        self.duplicates = m.counter(
+            "rtm_cs_duplicate_events_total", "Publishes dropped because their seq was already applied"
+        )
+        self.not_owner = m.counter(
+            "rtm_cs_not_owner_total", "Requests refused because the channel is not owned here", ["op"]
+        )
         self.fanout = m.histogram("rtm_cs_fanout_gateways", "Gateways one event was written to", FANOUT_BUCKETS)
         self.pub_latency = m.histogram(
             "rtm_cs_publish_latency_seconds", "From the event's origin to its fan-out here", LATENCY_BUCKETS_S
@@ -70,12 +78,16 @@ class ChannelServer:
         m.gauge("rtm_cs_channels", "Channels with at least one subscribed gateway").set_function(
             lambda: len(self.table.subscribers)
         )
-        m.gauge("rtm_cs_channels_with_history", "Channels holding history").set_function(lambda: len(self.table.history))
+        m.gauge("rtm_cs_channels_with_history", "Channels holding history").set_function(
+            lambda: len(self.table.history)
+        )
         m.gauge("rtm_cs_history_bytes", "Bytes of event frames held in history").set_function(
             lambda: self.table.history_bytes
         )
         m.gauge("rtm_cs_gateways", "Gateways connected").set_function(lambda: len(self.gateways))
-        m.gauge("rtm_cs_subscriptions", "Channel subscriptions held (channel x gateway)").set_function(lambda: sum(mask.bit_count() for mask in self.table.subscribers.values()))
+        m.gauge("rtm_cs_subscriptions", "Channel subscriptions held (channel x gateway)").set_function(
+            lambda: sum(mask.bit_count() for mask in self.table.subscribers.values())
+        )
         m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
             lambda: self.follower.ring.version
         )
@@ -96,7 +108,10 @@ class ChannelServer:
         self.server = await serve(args.host, args.port, self.make_connection)
         self.port = int(self.server.sockets[0].getsockname()[1])
         self.metrics_port, self._stop_metrics = await start_metrics_server(
-            args.host, args.metrics_port, self.metrics, self.health,
+            args.host,
+            args.metrics_port,
+            self.metrics,
+            self.health,
             fault_routes(self.discovery) if args.debug_faults else None,
         )
         self.slots.start()
@@ -240,7 +255,9 @@ class ChannelServer:
         self.events_out.inc(sent)
         self.fanout.observe(sent)
         if seq is not None and log.isEnabledFor(logging.DEBUG):
-            log.debug("fanned out %s to %d gateways", msg.get("eid"), sent, extra={"eid": msg.get("eid"), "channel": channel})
+            log.debug(
+                "fanned out %s to %d gateways", msg.get("eid"), sent, extra={"eid": msg.get("eid"), "channel": channel}
+            )
         self.pub_latency.observe(max(0.0, time.time() - t0))
         return wire.reply_ok(request_id)
 
@@ -270,7 +287,9 @@ def build_parser() -> Parser:
     parser.add("--history-events", DEFAULT_HISTORY_EVENTS, "events of history held per channel")
     parser.add("--role", "active", "registered role tag: active or spare")
     parser.add("--debug-faults", False, "serve POST /debug/consul-partition on the metrics port (tests only)")
-    parser.add("--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off")
+    parser.add(
+        "--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off"
+    )
     return parser
 
 

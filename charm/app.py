@@ -37,7 +37,8 @@ from services.discovery import Discovery, Instance
 from services.errors import ErrorCode
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
-from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY as LEADER_KEY, PRESENCE_RING_KEY, RingDocument
+from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
+from services.ring import CHARM_LEADER_KEY as LEADER_KEY
 
 log = logging.getLogger("rtm.charm")
 
@@ -90,7 +91,7 @@ class RingManager:
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), RECONCILE_INTERVAL_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             watch.cancel()
@@ -156,8 +157,12 @@ class RingManager:
         self.charm.degraded.labels(self.name).set(len(degraded))
         self.charm.ring_version.labels(self.name).set(self.doc.version)
         if degraded:
-            log.error("%s ring v%s DEGRADED: slots %s have no live owner and no spare is left",
-                      self.name, self.doc.version, degraded)
+            log.error(
+                "%s ring v%s DEGRADED: slots %s have no live owner and no spare is left",
+                self.name,
+                self.doc.version,
+                degraded,
+            )
         owners = {o for o in self.doc.slots.values() if o}
         for gone in [o for o in self.probes if o not in owners]:
             self.probes.pop(gone).cancel()
@@ -172,8 +177,10 @@ class RingManager:
         try:
             while True:
                 try:
-                    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S)
-                except (OSError, asyncio.TimeoutError):
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S
+                    )
+                except (TimeoutError, OSError):
                     refused = 1
                 else:
                     await reader.read()  # returns when the peer closes
@@ -183,7 +190,7 @@ class RingManager:
                     await asyncio.sleep(PROBE_RETRY_DELAY_S)
                     try:
                         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S)
-                    except (OSError, asyncio.TimeoutError):
+                    except (TimeoutError, OSError):
                         refused += 1
                         continue
                     writer.close()
@@ -201,7 +208,7 @@ class RingManager:
         connections it was restarted, and may serve as a spare."""
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return
         writer.close()
         if owner in self.dead:
@@ -238,12 +245,18 @@ class Charm:
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
         self.is_leader = m.gauge("rtm_charm_is_leader", "1 while this CHARM leads")
-        self.failovers = m.counter("rtm_charm_failovers_total", "Slots moved to a spare because their owner died", ["ring"])
+        self.failovers = m.counter(
+            "rtm_charm_failovers_total", "Slots moved to a spare because their owner died", ["ring"]
+        )
         for ring in self.managers:  # the series exist at 0, so increase() counts the first failover
             self.failovers.labels(ring)
         self.degraded = m.gauge("rtm_charm_degraded_slots", "Slots with no live owner and no spare", ["ring"])
-        self.ring_version = m.gauge("rtm_charm_ring_version", "Ring version as last read or written by the leader", ["ring"])
-        self.ring_writes = m.counter("rtm_charm_ring_writes_total", "Ring document writes by outcome", ["ring", "outcome"])
+        self.ring_version = m.gauge(
+            "rtm_charm_ring_version", "Ring version as last read or written by the leader", ["ring"]
+        )
+        self.ring_writes = m.counter(
+            "rtm_charm_ring_writes_total", "Ring document writes by outcome", ["ring", "outcome"]
+        )
         self.server: asyncio.Server | None = None
         self.port = 0
         self.address = ""
@@ -255,13 +268,26 @@ class Charm:
         args = self.args
         self.server = await serve(args.host, args.port, self.make_connection)
         self.port = int(self.server.sockets[0].getsockname()[1])
-        metrics_port, self._stop_metrics = await start_metrics_server(args.host, args.metrics_port, self.metrics, self.health)
+        metrics_port, self._stop_metrics = await start_metrics_server(
+            args.host, args.metrics_port, self.metrics, self.health
+        )
         self.address = advertised(args.host, args.advertise_host)
         await self.discovery.register(
-            SERVICE, self.instance_id, self.address, self.port, meta={"metrics_port": str(metrics_port)}, ttl_s=args.ttl_s
+            SERVICE,
+            self.instance_id,
+            self.address,
+            self.port,
+            meta={"metrics_port": str(metrics_port)},
+            ttl_s=args.ttl_s,
         )
         self._tasks.append(asyncio.create_task(self.leadership_loop()))
-        return {"service": SERVICE, "id": self.instance_id, "host": self.address, "port": self.port, "metrics_port": metrics_port}
+        return {
+            "service": SERVICE,
+            "id": self.instance_id,
+            "host": self.address,
+            "port": self.port,
+            "metrics_port": metrics_port,
+        }
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -392,4 +418,3 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(args, "charm", Charm)
-

@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
         return 1
     op = "ring_add_slot" if args.action == "add-slot" else "ring_remove_slot"
     try:
-        reply = asyncio.run(ask_leader(leader["host"], int(leader["port"]), {"op": op, "ring": args.ring, "slot": args.slot}))
+        reply = asyncio.run(
+            ask_leader(leader["host"], int(leader["port"]), {"op": op, "ring": args.ring, "slot": args.slot})
+        )
     except PeerError as exc:
         print(f"rtm ring: {args.action} refused: {exc}", file=sys.stderr)
         return 1

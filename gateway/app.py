@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from websockets.asyncio.server import ServerConnection, serve as ws_serve
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
@@ -135,17 +136,25 @@ class Gateway:
         )
         self.connects = m.counter("rtm_gw_connects_total", "Websocket connection attempts by outcome", ["outcome"])
         self.slow = m.counter("rtm_gw_slow_consumer_disconnects_total", "Clients cut off for not reading")
-        self.gap_fills = m.counter("rtm_gw_gap_fills_total", "History fetches to fill a gap or catch a session up", ["kind"])
+        self.gap_fills = m.counter(
+            "rtm_gw_gap_fills_total", "History fetches to fill a gap or catch a session up", ["kind"]
+        )
         for kind in ("gap", "session"):  # the series exist at 0, so increase() counts the first one
             self.gap_fills.labels(kind)
         self.shared_history_reads = m.counter(
             "rtm_gw_shared_history_reads_total", "History fetches served by a read already in flight for the same range"
         )
-        self.resubscribes = m.counter("rtm_gw_resubscriptions_total", "Channels resubscribed after a reconnect or a ring change")
+        self.resubscribes = m.counter(
+            "rtm_gw_resubscriptions_total", "Channels resubscribed after a reconnect or a ring change"
+        )
         self.client_msgs = m.counter("rtm_gw_client_messages_total", "Frames received from clients", ["type"])
         m.gauge("rtm_gw_connections", "Open client websockets").set_function(lambda: len(self.state.sessions))
-        m.gauge("rtm_gw_channels", "Channels with at least one local socket").set_function(lambda: len(self.state.channels))
-        m.gauge("rtm_gw_subscriptions", "Channel subscriptions of open sockets (socket x channel)").set_function(lambda: sum(map(len, self.state.channels.values())))
+        m.gauge("rtm_gw_channels", "Channels with at least one local socket").set_function(
+            lambda: len(self.state.channels)
+        )
+        m.gauge("rtm_gw_subscriptions", "Channel subscriptions of open sockets (socket x channel)").set_function(
+            lambda: sum(map(len, self.state.channels.values()))
+        )
         m.gauge("rtm_gw_duplicates_dropped", "Events dropped as already delivered").set_function(
             lambda: self.state.stats.duplicates
         )
@@ -173,7 +182,9 @@ class Gateway:
             max_queue=64,
         )
         port = int(next(iter(self.ws_server.sockets)).getsockname()[1])
-        metrics_port, self._stop_metrics = await start_metrics_server(args.host, args.metrics_port, self.metrics, self.health)
+        metrics_port, self._stop_metrics = await start_metrics_server(
+            args.host, args.metrics_port, self.metrics, self.health
+        )
         self.follower.start()
         self.channel_servers.start()
         self.webapp.directory.start()
@@ -185,7 +196,11 @@ class Gateway:
             address,
             port,
             tags=[f"region={args.region}"],
-            meta={"metrics_port": str(metrics_port), "region": args.region, **({"public_url": args.public_url} if args.public_url else {})},
+            meta={
+                "metrics_port": str(metrics_port),
+                "region": args.region,
+                **({"public_url": args.public_url} if args.public_url else {}),
+            },
             ttl_s=args.ttl_s,
         )
         self.region_drain.start()
@@ -289,7 +304,7 @@ class Gateway:
         """
         while True:
             await asyncio.sleep(self.args.ws_ping_interval_s)
-            for count, (sid, ws) in enumerate(list(self.sockets.items()), 1):
+            for count, (_sid, ws) in enumerate(list(self.sockets.items()), 1):
                 if count % KEEPALIVE_BATCH_SOCKETS == 0:
                     await asyncio.sleep(0)  # never hold deliveries up for a whole sweep
                 if ws.state is not State.OPEN or ws.transport.is_closing():
@@ -338,7 +353,9 @@ class Gateway:
     def cut_off(self, client: ClientSocket) -> None:
         """``client`` stopped reading (its backlog passed the bound): close it, 4008."""
         self.slow.inc()
-        log.warning("client %s (sid %s) is not reading: cut off as a slow consumer", client.ws.remote_address, client.sid)
+        log.warning(
+            "client %s (sid %s) is not reading: cut off as a slow consumer", client.ws.remote_address, client.sid
+        )
         self.spawn(client.ws.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and catch up"))
 
     def handle_client_message(self, ws: ServerConnection, session: Session, message: str | bytes) -> None:
@@ -369,7 +386,9 @@ class Gateway:
             self.pending_catch_up.add(channel)
         owner = self.follower.ring.owner_for(channel)
         if owner is None:
-            log.warning("no owner for %s in ring v%s; will subscribe on the next ring", channel, self.follower.ring.version)
+            log.warning(
+                "no owner for %s in ring v%s; will subscribe on the next ring", channel, self.follower.ring.version
+            )
             self.subscribed_at.pop(channel, None)
             return
         self.subscribed_at[channel] = owner
@@ -392,7 +411,9 @@ class Gateway:
                 subs = self.pending_sub.pop(owner, set())
                 if unsubs:
                     try:
-                        await link.request({"op": "unsub", "gw": self.instance_id, "chans": sorted(unsubs)}, SUBSCRIBE_TIMEOUT_S)
+                        await link.request(
+                            {"op": "unsub", "gw": self.instance_id, "chans": sorted(unsubs)}, SUBSCRIBE_TIMEOUT_S
+                        )
                     except (ConnectionLost, RequestTimeout, PeerError) as exc:
                         log.debug("unsub at %s failed: %s (it forgets us when we disconnect)", owner, exc)
                 if subs:
@@ -497,7 +518,6 @@ class Gateway:
     def link_to(self, owner: str) -> PeerLink:
         link = self.links.get(owner)
         if link is None:
-
             connects = itertools.count()
 
             async def resubscribe(conn: PeerConnection) -> None:
@@ -535,7 +555,13 @@ class Gateway:
             (self.transient_in if seq is None else self.persisted_in).inc()
             self.latency.observe(max(0.0, time.time() - float(msg.get("t0", 0.0))))
             if seq is not None and log.isEnabledFor(logging.DEBUG):
-                log.debug("delivered %s:%s to %d sockets", channel, seq, delivered, extra={"eid": f"{channel}:{seq}", "channel": channel})
+                log.debug(
+                    "delivered %s:%s to %d sockets",
+                    channel,
+                    seq,
+                    delivered,
+                    extra={"eid": f"{channel}:{seq}", "channel": channel},
+                )
             if fetch is not None:
                 self.spawn(self.fetch_history(fetch))
             ctl = msg.get("ctl")
@@ -577,15 +603,23 @@ def build_parser() -> Parser:
     parser.add("--secret", "", "secret shared with the webapp (tickets, internal endpoints)")
     parser.add("--data-dir", "./.rtm", "where to find the shared secret when --secret is not given")
     parser.add("--webapp-url", "", "webapp base URL (default: discovered in Consul)")
-    parser.add("--public-url", "", "base URL clients reach this gateway at, behind an edge proxy (e.g. wss://edge:8443/gw/us-east-1); "
-               "registered as Consul meta public_url, rtm.connect then returns <public-url>/ws/<ticket> (default: ws://<advertised host>:<port>)")
+    parser.add(
+        "--public-url",
+        "",
+        "base URL clients reach this gateway at, behind an edge proxy (e.g. wss://edge:8443/gw/us-east-1); "
+        "registered as Consul meta public_url, rtm.connect then returns <public-url>/ws/<ticket> (default: ws://<advertised host>:<port>)",
+    )
     parser.add("--max-client-frame-bytes", MAX_CLIENT_FRAME_BYTES, "largest websocket frame a client may send")
     parser.add("--max-client-buffer-bytes", MAX_CLIENT_BUFFER_BYTES, "unsent bytes per client before it is cut off")
     parser.add("--max-client-buffer-frames", MAX_CLIENT_BUFFER_FRAMES, "unsent frames per client before it is cut off")
     parser.add("--max-connections", DEFAULT_MAX_CONNECTIONS, "client websockets this gateway holds; past it, 1013")
     parser.add("--drain-rate-per-s", DEFAULT_DRAIN_RATE_PER_S, "sessions moved per second when the region is drained")
-    parser.add("--ws-ping-interval-s", WS_PING_INTERVAL_S, "keepalive: ping every client this often; one that has not "
-               "answered the previous ping by the next is closed (1011)")
+    parser.add(
+        "--ws-ping-interval-s",
+        WS_PING_INTERVAL_S,
+        "keepalive: ping every client this often; one that has not "
+        "answered the previous ping by the next is closed (1011)",
+    )
     return parser
 
 

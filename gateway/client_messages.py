@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-from gateway.presence import MAX_QUERY_IDS as MAX_PRESENCE_QUERY_IDS, MAX_SUB_IDS as MAX_PRESENCE_SUB_IDS
+from gateway.presence import MAX_QUERY_IDS as MAX_PRESENCE_QUERY_IDS
+from gateway.presence import MAX_SUB_IDS as MAX_PRESENCE_SUB_IDS
 from gateway.state import Session
 from services.errors import CloseCode, ConnectionLost, PeerError, SendBufferFull
 
@@ -109,7 +110,9 @@ class ClientMessages:
         self.clock = clock  # for the typing and message budgets
         metrics = gateway.metrics
         self.typing = metrics.counter("rtm_gw_typing_total", "Typing indicators from clients by outcome", ["outcome"])
-        self.sends = metrics.counter("rtm_gw_client_sends_total", "Messages sent over websockets by outcome", ["outcome"])
+        self.sends = metrics.counter(
+            "rtm_gw_client_sends_total", "Messages sent over websockets by outcome", ["outcome"]
+        )
         self.buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = weakref.WeakKeyDictionary()
         self.in_flight: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
         self.message_buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = weakref.WeakKeyDictionary()
@@ -141,7 +144,13 @@ class ClientMessages:
         except ValueError:
             gw.client_msgs.labels("invalid").inc()
             gw.metrics.error("client_invalid_json")
-            self.send(session, {"type": "error", "error": {"code": ClientError.INVALID_JSON, "msg": "invalid JSON: expected an object"}})
+            self.send(
+                session,
+                {
+                    "type": "error",
+                    "error": {"code": ClientError.INVALID_JSON, "msg": "invalid JSON: expected an object"},
+                },
+            )
             return
         kind = frame.get("type")
         gw.client_msgs.labels(kind if kind in KNOWN_TYPES else "other").inc()
@@ -192,12 +201,21 @@ class ClientMessages:
         if conn is None or not link.connected:
             self.typing.labels("not_connected").inc()
             return
-        payload = json.dumps({"type": "user_typing", "channel": channel, "user": session.user}, separators=JSON_SEPARATORS)
+        payload = json.dumps(
+            {"type": "user_typing", "channel": channel, "user": session.user}, separators=JSON_SEPARATORS
+        )
         try:
-            conn.send({
-                "op": "pub", "id": next(self._typing_ids), "ch": channel, "seq": None,
-                "json": payload.encode(), "t0": time.time(), "ctl": {"from": session.user},
-            })
+            conn.send(
+                {
+                    "op": "pub",
+                    "id": next(self._typing_ids),
+                    "ch": channel,
+                    "seq": None,
+                    "json": payload.encode(),
+                    "t0": time.time(),
+                    "ctl": {"from": session.user},
+                }
+            )
         except (ConnectionLost, SendBufferFull):
             self.typing.labels("not_connected").inc()
             return
@@ -232,7 +250,9 @@ class ClientMessages:
             bucket = self.message_buckets[session] = TokenBucket(MESSAGE_RATE_PER_S, MESSAGE_BURST, MESSAGE_BURST, now)
         if not bucket.take(now):
             self.sends.labels("rate_limited").inc()
-            self.error(session, frame, ClientError.RATE_LIMITED, "rate limited: about one message per second, with bursts")
+            self.error(
+                session, frame, ClientError.RATE_LIMITED, "rate limited: about one message per second, with bursts"
+            )
             return
         pending = self.in_flight.get(session, 0)
         if pending >= MAX_PENDING_SENDS:

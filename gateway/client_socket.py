@@ -81,7 +81,18 @@ class Cork:
 
 
 class ClientSocket:
-    __slots__ = ("ws", "transport", "sid", "max_bytes", "max_frames", "on_slow", "cork", "queued", "queued_frames", "cut")
+    __slots__ = (
+        "ws",
+        "transport",
+        "sid",
+        "max_bytes",
+        "max_frames",
+        "on_slow",
+        "cork",
+        "queued",
+        "queued_frames",
+        "cut",
+    )
 
     def __init__(
         self, ws: Any, sid: int, max_bytes: int, max_frames: int, on_slow: Callable[[ClientSocket], None], cork: Cork

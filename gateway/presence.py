@@ -225,10 +225,16 @@ class GatewayPresence:
         self.reports = m.counter("rtm_gw_presence_reports_total", "Users reported to presence servers", ["kind"])
         self.updates_in = m.counter("rtm_gw_presence_updates_in_total", "Presence entries pushed by presence servers")
         self.events_out = m.counter("rtm_gw_presence_events_out_total", "presence_change events written to clients")
-        self.sub_ops = m.counter("rtm_gw_presence_subscribe_total", "Users subscribed / unsubscribed at presence servers", ["kind"])
-        self.syncs = m.counter("rtm_gw_presence_syncs_total", "Full re-syncs with a presence server, by reason", ["reason"])
+        self.sub_ops = m.counter(
+            "rtm_gw_presence_subscribe_total", "Users subscribed / unsubscribed at presence servers", ["kind"]
+        )
+        self.syncs = m.counter(
+            "rtm_gw_presence_syncs_total", "Full re-syncs with a presence server, by reason", ["reason"]
+        )
         self.renewals = m.counter("rtm_gw_presence_lease_renewals_total", "Lease renewals by outcome", ["outcome"])
-        self.queries = m.counter("rtm_gw_presence_queries_total", "presence_query ids, by where the answer came from", ["source"])
+        self.queries = m.counter(
+            "rtm_gw_presence_queries_total", "presence_query ids, by where the answer came from", ["source"]
+        )
         m.gauge("rtm_gw_presence_watched_users", "Distinct users watched by this gateway's clients").set_function(
             lambda: len(self.model.watchers)
         )
@@ -312,9 +318,12 @@ class GatewayPresence:
             if owner is not None:
                 by_owner.setdefault(owner, []).append(user)
         replies = await asyncio.gather(
-            *(self.link_to(owner).request(
-                {"op": "query", "users": users, "rv": self.follower.ring.version}, REQUEST_TIMEOUT_S)
-              for owner, users in by_owner.items()),
+            *(
+                self.link_to(owner).request(
+                    {"op": "query", "users": users, "rv": self.follower.ring.version}, REQUEST_TIMEOUT_S
+                )
+                for owner, users in by_owner.items()
+            ),
             return_exceptions=True,
         )
         answer = list(known)
@@ -431,7 +440,9 @@ class GatewayPresence:
             if count:
                 self.sub_ops.labels(kind).inc(count)
 
-    def _send_batches(self, conn: PeerConnection, op: str, owner: str, users: list[str], epoch: int | None = None) -> None:
+    def _send_batches(
+        self, conn: PeerConnection, op: str, owner: str, users: list[str], epoch: int | None = None
+    ) -> None:
         if epoch is None:
             epoch = self.epoch_of.get(owner, 0)
         rv = self.follower.ring.version

@@ -52,9 +52,9 @@ from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, s
 from services.discovery import Discovery, fault_routes
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import ServiceMetrics, start_metrics_server
-from services.slot_owner import SlotOwner
 from services.process import StopFn, run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
+from services.slot_owner import SlotOwner
 
 log = logging.getLogger("rtm.presence")
 
@@ -82,7 +82,11 @@ class PresenceServer:
         self.gateways: dict[str, PeerConnection] = {}  # gateway id -> its connection
         self.discovery = Discovery(args.consul)
         self.slots = SlotOwner(
-            self.discovery, self.instance_id, PRESENCE_RING_KEY, role=args.role, ttl_s=args.ttl_s,
+            self.discovery,
+            self.instance_id,
+            PRESENCE_RING_KEY,
+            role=args.role,
+            ttl_s=args.ttl_s,
             on_change=self.on_ring_change,
         )
         self.follower = self.slots.follower
@@ -102,11 +106,19 @@ class PresenceServer:
         self.subscribes = m.counter("rtm_ps_subscribe_total", "Watch requests from gateways, by kind", ["kind"])
         self.queries = m.counter("rtm_ps_queries_total", "Users asked about, by who asked", ["source"])
         self.not_owner = m.counter("rtm_ps_not_owner_total", "Users refused because they are not owned here", ["op"])
-        self.lease_ops = m.counter("rtm_ps_lease_events_total", "Gateway lease events: granted, renewed, synced, expired, released", ["event"])
+        self.lease_ops = m.counter(
+            "rtm_ps_lease_events_total", "Gateway lease events: granted, renewed, synced, expired, released", ["event"]
+        )
         self.slow_gateways = m.counter("rtm_ps_slow_gateway_disconnects_total", "Gateways cut off for not reading")
-        m.gauge("rtm_ps_online_users", "Users online on at least one gateway").set_function(lambda: self.table.online_users)
-        m.gauge("rtm_ps_users", "Users held (online, manually away, or seen)").set_function(lambda: len(self.table.users))
-        m.gauge("rtm_ps_watched_users", "Users watched by at least one gateway").set_function(lambda: len(self.table.watchers))
+        m.gauge("rtm_ps_online_users", "Users online on at least one gateway").set_function(
+            lambda: self.table.online_users
+        )
+        m.gauge("rtm_ps_users", "Users held (online, manually away, or seen)").set_function(
+            lambda: len(self.table.users)
+        )
+        m.gauge("rtm_ps_watched_users", "Users watched by at least one gateway").set_function(
+            lambda: len(self.table.watchers)
+        )
         m.gauge("rtm_ps_subscriptions", "(user, gateway) watch pairs").set_function(lambda: self.table.subscriptions)
         m.gauge("rtm_ps_leases", "Gateway leases held").set_function(lambda: len(self.table.leases))
         m.gauge("rtm_ps_gateways", "Gateways connected").set_function(lambda: len(self.gateways))
@@ -133,7 +145,10 @@ class PresenceServer:
         self.server = await serve(args.host, args.port, self.make_connection)
         self.port = int(self.server.sockets[0].getsockname()[1])
         self.metrics_port, self._stop_metrics = await start_metrics_server(
-            args.host, args.metrics_port, self.metrics, self.health,
+            args.host,
+            args.metrics_port,
+            self.metrics,
+            self.health,
             fault_routes(self.discovery) if args.debug_faults else None,
         )
         self.slots.start()
@@ -342,7 +357,9 @@ class PresenceServer:
         self._count_changes(before)
         self.push(pushes)
         self.lease_ops.labels("renewed" if known and epoch is None else "granted").inc()
-        return wire.reply_ok(request_id, epoch=current, version=self.follower.ring.version, ttl_s=self.table.lease_ttl_s)
+        return wire.reply_ok(
+            request_id, epoch=current, version=self.follower.ring.version, ttl_s=self.table.lease_ttl_s
+        )
 
     async def handle_query(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         users = [str(u) for u in msg["users"]][:MAX_QUERY_USERS]
@@ -351,7 +368,9 @@ class PresenceServer:
         self.queries.labels("gateway").inc(len(owned))
         if refused:
             self.not_owner.labels("query").inc(len(refused))
-        return wire.reply_ok(request_id, presence=self.table.query(owned), not_owner=refused, version=self.follower.ring.version)
+        return wire.reply_ok(
+            request_id, presence=self.table.query(owned), not_owner=refused, version=self.follower.ring.version
+        )
 
     async def handle_get_presence(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         user = str(msg["user"])
@@ -412,7 +431,9 @@ def build_parser() -> Parser:
     parser.add("--role", "active", "registered role tag: active or spare")
     parser.add("--lease-ttl-s", LEASE_TTL_S, "seconds a gateway's users stay online after its last lease renewal")
     parser.add("--debug-faults", False, "serve POST /debug/consul-partition on the metrics port (tests only)")
-    parser.add("--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off")
+    parser.add(
+        "--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off"
+    )
     return parser
 
 

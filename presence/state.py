@@ -273,7 +273,9 @@ class PresenceTable:
         lease = self.leases.get(gw)
         if lease is None or lease.epoch != epoch:
             return pushes
-        stale = [u for u in lease.online if self.users.get(u) is not None and self.users[u].online.get(gw, epoch) != epoch]
+        stale = [
+            u for u in lease.online if self.users.get(u) is not None and self.users[u].online.get(gw, epoch) != epoch
+        ]
         for user in stale:
             lease.online.discard(user)
             self._set_offline(gw, user, pushes)

@@ -63,7 +63,9 @@ def service_parser(prog: str, description: str, default_port: int) -> Parser:
     parser.add("--port", default_port, "port to serve on (0: any free port)")
     parser.add("--metrics-port", 0, "port for /metrics and /healthz (0: any free port)")
     parser.add("--instance-id", "", "unique instance id (default: generated)")
-    parser.add_argument("--consul", default=consul_default(), help="Consul HTTP address host:port (env RTM_CONSUL or CONSUL_HTTP_ADDR)")
+    parser.add_argument(
+        "--consul", default=consul_default(), help="Consul HTTP address host:port (env RTM_CONSUL or CONSUL_HTTP_ADDR)"
+    )
     parser.add("--ttl-s", DEFAULT_TTL_S, "Consul TTL check period in seconds")
     parser.add("--log-level", "INFO", "log level")
     return parser

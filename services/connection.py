@@ -275,7 +275,9 @@ async def serve(host: str, port: int, factory: ConnectionFactory) -> asyncio.Ser
     return await loop.create_server(factory, host, port, reuse_address=True)
 
 
-async def connect(host: str, port: int, factory: ConnectionFactory, timeout_s: float = CONNECT_TIMEOUT_S) -> PeerConnection:
+async def connect(
+    host: str, port: int, factory: ConnectionFactory, timeout_s: float = CONNECT_TIMEOUT_S
+) -> PeerConnection:
     loop = asyncio.get_running_loop()
     _, protocol = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout_s)
     assert isinstance(protocol, PeerConnection)
@@ -342,7 +344,7 @@ class PeerLink:
     async def wait_connected(self, timeout_s: float) -> PeerConnection:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectionLost(f"link {self.name}: not connected within {timeout_s}s") from None
         assert self.conn is not None
         return self.conn
@@ -360,7 +362,7 @@ class PeerLink:
                 continue
             try:
                 conn = await connect(address[0], address[1], self.factory)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 log.debug("link %s: connect to %s failed: %s", self.name, address, exc)
                 await asyncio.sleep(next(delays))
                 continue

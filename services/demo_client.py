@@ -104,7 +104,9 @@ async def tail(data_dir: str, name: str, max_events: int) -> int:
 async def post(data_dir: str, name: str, channel: str, text: str) -> int:
     seed, fleet = load(data_dir)
     user = find_user(seed, name)
-    reply = await call(fleet["api_url"], user["token"], "chat.postMessage", channel=find_channel(seed, channel), text=text)
+    reply = await call(
+        fleet["api_url"], user["token"], "chat.postMessage", channel=find_channel(seed, channel), text=text
+    )
     if not reply.get("ok"):
         print(f"error: {reply.get('error')}", file=sys.stderr)
         return 1

@@ -26,7 +26,9 @@ InstancesCallback = Callable[[dict[str, Instance]], None]
 class RingFollower:
     """The ring as Consul says it is; ``on_change(old, new)`` on each newer version."""
 
-    def __init__(self, discovery: Discovery, key: str = CHANNEL_RING_KEY, on_change: RingCallback | None = None) -> None:
+    def __init__(
+        self, discovery: Discovery, key: str = CHANNEL_RING_KEY, on_change: RingCallback | None = None
+    ) -> None:
         self.discovery = discovery
         self.key = key
         self.ring = HashRing()

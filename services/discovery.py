@@ -116,7 +116,12 @@ class Discovery:
     ) -> None:
         """Register with a TTL check, mark it passing, and keep it passing."""
         self._registrations[instance_id] = dict(
-            service=service, address=address, port=port, meta=meta or {}, ttl_s=ttl_s, deregister_after_s=deregister_after_s
+            service=service,
+            address=address,
+            port=port,
+            meta=meta or {},
+            ttl_s=ttl_s,
+            deregister_after_s=deregister_after_s,
         )
         check = {
             "CheckID": f"service:{instance_id}",
@@ -144,8 +149,14 @@ class Discovery:
         self._check_partition()
         reg = self._registrations[instance_id]
         await self.register(
-            reg["service"], instance_id, reg["address"], reg["port"], tags=tags, meta=reg["meta"],
-            ttl_s=reg["ttl_s"], deregister_after_s=reg["deregister_after_s"],
+            reg["service"],
+            instance_id,
+            reg["address"],
+            reg["port"],
+            tags=tags,
+            meta=reg["meta"],
+            ttl_s=reg["ttl_s"],
+            deregister_after_s=reg["deregister_after_s"],
         )
 
     async def _ttl_loop(self, instance_id: str, ttl_s: float) -> None:
@@ -174,7 +185,9 @@ class Discovery:
         self._registered.clear()
 
     # -- queries --------------------------------------------------------------
-    async def healthy(self, service: str, index: int | None = None, wait_s: int | None = None) -> tuple[int, list[Instance]]:
+    async def healthy(
+        self, service: str, index: int | None = None, wait_s: int | None = None
+    ) -> tuple[int, list[Instance]]:
         self._check_partition()
         kwargs: dict[str, Any] = {"passing": True}
         if index is not None:

@@ -73,41 +73,147 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
         port = base + 20 + i
         role = "active" if i < args.channel_servers else "spare"
         iid = f"cs-{uuid.uuid4().hex[:6]}"
-        specs.append(ProcessSpec(iid, "channel-server", rtm_argv(
-            "channel-server", *common, "--port", str(port), "--metrics-port", str(port + 100),
-            "--instance-id", iid, "--history-events", str(args.history_events), "--role", role,
-            "--ttl-s", str(args.ttl_s), *(["--debug-faults"] if args.debug_faults else [])), port))
+        specs.append(
+            ProcessSpec(
+                iid,
+                "channel-server",
+                rtm_argv(
+                    "channel-server",
+                    *common,
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(port + 100),
+                    "--instance-id",
+                    iid,
+                    "--history-events",
+                    str(args.history_events),
+                    "--role",
+                    role,
+                    "--ttl-s",
+                    str(args.ttl_s),
+                    *(["--debug-faults"] if args.debug_faults else []),
+                ),
+                port,
+            )
+        )
     for i in range(args.presence_servers + args.presence_spares):
         port = base + 50 + i
         role = "active" if i < args.presence_servers else "spare"
         iid = f"ps-{uuid.uuid4().hex[:6]}"
-        specs.append(ProcessSpec(iid, "presence", rtm_argv(
-            "presence", *common, "--port", str(port), "--metrics-port", str(port + 100), "--instance-id", iid,
-            "--role", role, "--ttl-s", str(args.ttl_s), *(["--debug-faults"] if args.debug_faults else [])), port))
+        specs.append(
+            ProcessSpec(
+                iid,
+                "presence",
+                rtm_argv(
+                    "presence",
+                    *common,
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(port + 100),
+                    "--instance-id",
+                    iid,
+                    "--role",
+                    role,
+                    "--ttl-s",
+                    str(args.ttl_s),
+                    *(["--debug-faults"] if args.debug_faults else []),
+                ),
+                port,
+            )
+        )
     for i in range(args.charms):
         port = base + 30 + i
         iid = f"charm-{i}"
-        specs.append(ProcessSpec(iid, "charm", rtm_argv(
-            "charm", *common, "--port", str(port), "--metrics-port", str(port + 100), "--instance-id", iid,
-            "--channel-slots", str(args.channel_servers), "--presence-slots", str(args.presence_servers)), port))
+        specs.append(
+            ProcessSpec(
+                iid,
+                "charm",
+                rtm_argv(
+                    "charm",
+                    *common,
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(port + 100),
+                    "--instance-id",
+                    iid,
+                    "--channel-slots",
+                    str(args.channel_servers),
+                    "--presence-slots",
+                    str(args.presence_servers),
+                ),
+                port,
+            )
+        )
     for i in range(args.admin_servers):
         port = base + 10 + i
         iid = f"as-{i}"
-        specs.append(ProcessSpec(iid, "admin-server", rtm_argv(
-            "admin-server", *common, "--port", str(port), "--metrics-port", str(port + 100), "--instance-id", iid), port))
+        specs.append(
+            ProcessSpec(
+                iid,
+                "admin-server",
+                rtm_argv(
+                    "admin-server",
+                    *common,
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(port + 100),
+                    "--instance-id",
+                    iid,
+                ),
+                port,
+            )
+        )
     port = base + 1
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
-    specs.append(ProcessSpec("webapp", "webapp", rtm_argv(
-        "webapp", *common, "--port", str(port), "--instance-id", "webapp-0", "--data-dir", str(data_dir),
-        "--region", args.default_region or regions[0]), port))
+    specs.append(
+        ProcessSpec(
+            "webapp",
+            "webapp",
+            rtm_argv(
+                "webapp",
+                *common,
+                "--port",
+                str(port),
+                "--instance-id",
+                "webapp-0",
+                "--data-dir",
+                str(data_dir),
+                "--region",
+                args.default_region or regions[0],
+            ),
+            port,
+        )
+    )
     n = 0
     for region in regions:
         for j in range(args.gateways_per_region):
             port = base + 40 + n
             iid = f"gw-{region}-{j}"
-            specs.append(ProcessSpec(iid, "gateway", rtm_argv(
-                "gateway", *common, "--port", str(port), "--metrics-port", str(port + 100),
-                "--instance-id", iid, "--region", region, "--data-dir", str(data_dir)), port))
+            specs.append(
+                ProcessSpec(
+                    iid,
+                    "gateway",
+                    rtm_argv(
+                        "gateway",
+                        *common,
+                        "--port",
+                        str(port),
+                        "--metrics-port",
+                        str(port + 100),
+                        "--instance-id",
+                        iid,
+                        "--region",
+                        region,
+                        "--data-dir",
+                        str(data_dir),
+                    ),
+                    port,
+                )
+            )
             n += 1
     return specs
 
@@ -165,7 +271,9 @@ class Fleet:
         self.env = {"RTM_SECRET": ensure_secret(self.data_dir)}
         if not self.args.consul:
             host, port = split_host_port(self.consul_addr)
-            spec = ProcessSpec("consul-dev", "consul-dev", rtm_argv("consul-dev", "--host", host, "--port", str(port)), port)
+            spec = ProcessSpec(
+                "consul-dev", "consul-dev", rtm_argv("consul-dev", "--host", host, "--port", str(port)), port
+            )
             self.specs[spec.name] = spec
             self.launch(spec)
         self.seed = self.ensure_seed()
@@ -190,7 +298,9 @@ class Fleet:
             return dict(json.loads(path.read_text()))
         from webapp_stub.seed import seed_demo
 
-        seed = seed_demo(self.data_dir / "webapp.db", users=self.args.seed_users, channels=SEED_CHANNELS, bots=SEED_BOTS)
+        seed = seed_demo(
+            self.data_dir / "webapp.db", users=self.args.seed_users, channels=SEED_CHANNELS, bots=SEED_BOTS
+        )
         path.write_text(json.dumps(seed, indent=2))
         return seed
 
@@ -198,16 +308,18 @@ class Fleet:
         processes = []
         for name, proc in self.running.items():
             ready = proc.ready
-            processes.append({
-                "name": name,
-                "service": ready.get("service", self.specs[name].service),
-                "id": ready.get("id", name),
-                "host": ready.get("host"),
-                "port": ready.get("port"),
-                "metrics_port": ready.get("metrics_port", ready.get("port")),
-                "pid": proc.pid,
-                **({"region": ready["region"]} if "region" in ready else {}),
-            })
+            processes.append(
+                {
+                    "name": name,
+                    "service": ready.get("service", self.specs[name].service),
+                    "id": ready.get("id", name),
+                    "host": ready.get("host"),
+                    "port": ready.get("port"),
+                    "metrics_port": ready.get("metrics_port", ready.get("port")),
+                    "pid": proc.pid,
+                    **({"region": ready["region"]} if "region" in ready else {}),
+                }
+            )
         webapp = next(p for p in processes if p["service"] == "webapp")
         return {
             "webapp_url": f"http://{webapp['host']}:{webapp['port']}",
@@ -234,17 +346,20 @@ class Fleet:
         alice = users[0] if users else {"name": "alice", "token": "?"}
         general = next((c for c in self.seed.get("channels", []) if c["name"] == "general"), {"id": "C?"})
         dd = "" if self.args.data_dir == "./.rtm" else f" --data-dir {self.args.data_dir}"
-        print(f"""
-  Web API:  {info['api_url']}
-  Consul:   {info['consul_url']}
+        print(
+            f"""
+  Web API:  {info["api_url"]}
+  Consul:   {info["consul_url"]}
   Written:  {self.data_dir}/fleet.json, {self.data_dir}/seed.json
 
 Try it (in another terminal):
   rtm tail bob{dd}                              # watch events arrive as bob
   rtm post alice general "hello, fleet"{dd}     # post as alice
-  curl -s {info['api_url']}chat.postMessage -H 'Authorization: Bearer {alice['token']}' \\
-       -d channel={general['id']} -d text=hello
-Ctrl-C stops the fleet.""", flush=True)
+  curl -s {info["api_url"]}chat.postMessage -H 'Authorization: Bearer {alice["token"]}' \\
+       -d channel={general["id"]} -d text=hello
+Ctrl-C stops the fleet.""",
+            flush=True,
+        )
 
     def supervise(self) -> None:
         while not self.stopping.wait(SUPERVISE_INTERVAL_S):
@@ -253,7 +368,11 @@ Ctrl-C stops the fleet.""", flush=True)
                     continue
                 spec = self.specs[name]
                 code = proc.popen.returncode
-                print(f"rtm up: {name} exited with {code}; last output:\n{proc.logs()[-2000:]}", file=sys.stderr, flush=True)
+                print(
+                    f"rtm up: {name} exited with {code}; last output:\n{proc.logs()[-2000:]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 now = time.monotonic()
                 spec.restarts = [t for t in spec.restarts if now - t < 60] + [now]
                 if len(spec.restarts) > MAX_RESTARTS_PER_MINUTE:
@@ -287,8 +406,11 @@ def build_parser() -> Parser:
     parser.add("--data-dir", "./.rtm", "database, secret, fleet.json and seed.json")
     parser.add("--port-base", DEFAULT_PORT_BASE, "every port derives from this")
     parser.add("--host", "127.0.0.1", "address every process binds and registers")
-    parser.add_argument("--consul", default=os.environ.get("RTM_CONSUL", ""),
-                        help="use this Consul (host:port) instead of starting the dev agent")
+    parser.add_argument(
+        "--consul",
+        default=os.environ.get("RTM_CONSUL", ""),
+        help="use this Consul (host:port) instead of starting the dev agent",
+    )
     parser.add("--admin-servers", 2, "admin servers")
     parser.add("--channel-servers", 3, "active channel servers (= slots of the channel ring)")
     parser.add("--spares", 1, "spare channel servers CHARM promotes when an active one fails")
@@ -332,4 +454,3 @@ def main(argv: list[str] | None = None) -> int:
         fleet.down()
         print("rtm up: stopped.", flush=True)
     return 0
-

@@ -30,7 +30,9 @@ class ServiceMetrics:
         self.instance = instance
         self.registry = CollectorRegistry()
         self.errors = self.counter("rtm_errors_total", "Errors by kind (bad input, protocol, peer failures)", ["kind"])
-        self.info = self.gauge("rtm_process_info", "Always 1; labels say which process this is", ["service", "instance"])
+        self.info = self.gauge(
+            "rtm_process_info", "Always 1; labels say which process this is", ["service", "instance"]
+        )
         self.info.labels(service, instance).set(1)
 
     def counter(self, name: str, doc: str, labels: list[str] | None = None) -> Counter:

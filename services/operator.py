@@ -23,8 +23,8 @@ from typing import Any
 
 import consul
 
-from services.config import consul_default, env_default, split_host_port
 from services import regions
+from services.config import consul_default, env_default, split_host_port
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
 
 SERVICES = ("webapp", "admin-server", "channel-server", "gateway", "charm", "presence")
@@ -67,8 +67,13 @@ def status(args: argparse.Namespace) -> int:
             if passing:
                 healthy.setdefault(service, set()).add(svc["ID"])
             tags = ",".join(svc.get("Tags") or [])
-            print(f"  {svc['ID']:<24} {svc['Address']}:{svc['Port']:<6} {'passing' if passing else 'critical':<9} {tags}")
-    for name, key, service in (("channel", CHANNEL_RING_KEY, "channel-server"), ("presence", PRESENCE_RING_KEY, "presence")):
+            print(
+                f"  {svc['ID']:<24} {svc['Address']}:{svc['Port']:<6} {'passing' if passing else 'critical':<9} {tags}"
+            )
+    for name, key, service in (
+        ("channel", CHANNEL_RING_KEY, "channel-server"),
+        ("presence", PRESENCE_RING_KEY, "presence"),
+    ):
         doc = read_ring(client, key)
         if not doc.slots:
             print(f"{name} ring: none yet")

@@ -73,7 +73,7 @@ def run_service(start: StartFn) -> int:
         await stop_requested.wait()
         try:
             await asyncio.wait_for(stop(), timeout=STOP_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("stop did not finish within %ss", STOP_TIMEOUT_S)
             return 1
         return 0

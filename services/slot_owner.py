@@ -98,7 +98,7 @@ class SlotOwner:
             return
         try:
             await asyncio.wait_for(self.refresh_quietly(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def refresh_quietly(self) -> None:

@@ -79,8 +79,12 @@ class TicketVerifier:
         try:
             data = json.loads(payload)
             ticket = Ticket(
-                user=str(data["u"]), team=str(data["t"]), gateway=str(data["g"]),
-                expires_at=float(data["exp"]), nonce=str(data["n"]), resume=str(data.get("r", "")),
+                user=str(data["u"]),
+                team=str(data["t"]),
+                gateway=str(data["g"]),
+                expires_at=float(data["exp"]),
+                nonce=str(data["n"]),
+                resume=str(data.get("r", "")),
             )
         except (ValueError, KeyError, TypeError):
             raise InvalidTicket("malformed ticket payload") from None

@@ -41,7 +41,6 @@ HEADER_BYTES = HEADER.size
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 
 
-
 def encode(message: dict[str, Any]) -> bytes:
     """One frame for ``message`` (length prefix included)."""
     body = msgpack.packb(message, use_bin_type=True)

@@ -204,7 +204,9 @@ class RateLimiter:
         now = self.clock()
         key = (token, method)
         bucket = self._buckets.get(key)
-        tokens = self.capacity if bucket is None else min(self.capacity, bucket[0] + (now - bucket[1]) * self.rate_per_s)
+        tokens = (
+            self.capacity if bucket is None else min(self.capacity, bucket[0] + (now - bucket[1]) * self.rate_per_s)
+        )
         if tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)
             if len(self._buckets) > MAX_RATE_BUCKETS:
@@ -285,7 +287,9 @@ class Call:
         return self.user
 
 
-Handler = Callable[["WebApi", Call], dict[str, Any] | Awaitable[dict[str, Any]]]  # async for the few that ask other services
+Handler = Callable[
+    ["WebApi", Call], dict[str, Any] | Awaitable[dict[str, Any]]
+]  # async for the few that ask other services
 METHODS: dict[str, tuple[Handler, bool]] = {}  # name -> (handler, needs auth)
 
 
@@ -320,16 +324,24 @@ class WebApi:
         self.region = region
         self.clock = clock
         self.limiter = RateLimiter(rate_limit_per_minute)
-        self.requests = metrics.counter("rtm_webapp_requests_total", "Web API requests by method and outcome", ["method", "outcome"])
-        self.latency = metrics.histogram("rtm_webapp_request_seconds", "Web API handling time", LATENCY_BUCKETS_S, ["method"])
+        self.requests = metrics.counter(
+            "rtm_webapp_requests_total", "Web API requests by method and outcome", ["method", "outcome"]
+        )
+        self.latency = metrics.histogram(
+            "rtm_webapp_request_seconds", "Web API handling time", LATENCY_BUCKETS_S, ["method"]
+        )
         # Their labelled children, found once per label set instead of by labels() on every
         # request (which checks the values and takes a lock). Children are never removed.
         self._request_counts: dict[tuple[str, str], Counter] = {}
         self._latencies: dict[str, Histogram] = {}
-        self.posts = metrics.counter("rtm_webapp_posts_total", "Messages persisted (chat.postMessage and websocket sends)")
+        self.posts = metrics.counter(
+            "rtm_webapp_posts_total", "Messages persisted (chat.postMessage and websocket sends)"
+        )
         self.resume = ResumeBook()
         self.resumes = metrics.counter(
-            "rtm_webapp_resumes_total", "Resume records by step: recorded, claimed (rtm.connect), used, expired", ["step"]
+            "rtm_webapp_resumes_total",
+            "Resume records by step: recorded, claimed (rtm.connect), used, expired",
+            ["step"],
         )
         metrics.gauge("rtm_webapp_resume_records", "Resume records waiting for their connection").set_function(
             lambda: len(self.resume)
@@ -524,9 +536,13 @@ class WebApi:
         return self.store.visible_channel(value, call.me)
 
     def publish(self, events: list[Any]) -> None:
-        if log.isEnabledFor(logging.DEBUG):  # follow one event across processes by its eid (README: "Following one message")
+        if log.isEnabledFor(
+            logging.DEBUG
+        ):  # follow one event across processes by its eid (README: "Following one message")
             for event in events:
-                log.debug("committed %s %.200s", event.eid, event.json, extra={"eid": event.eid, "channel": event.channel})
+                log.debug(
+                    "committed %s %.200s", event.eid, event.json, extra={"eid": event.eid, "channel": event.channel}
+                )
         self.handoff.publish(events)
 
 
@@ -756,7 +772,10 @@ def conversations_replies(api: WebApi, call: Call) -> dict[str, Any]:
     if not ts:
         raise ApiError("thread_not_found")
     messages, more, cursor = api.store.replies(
-        channel.id, ts, limit=int_arg(call.args, "limit", DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE), cursor=str_arg(call.args, "cursor")
+        channel.id,
+        ts,
+        limit=int_arg(call.args, "limit", DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE),
+        cursor=str_arg(call.args, "cursor"),
     )
     return paged("messages", messages, cursor, has_more=more)
 

@@ -26,14 +26,12 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from services import logs
+from services import logs, regions
 from services.config import Parser, advertised, instance_id, service_parser
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
-from services import regions
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
-from webapp_stub.presence import PresenceClient
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
@@ -42,6 +40,7 @@ from webapp_stub.handoff import (
     replay_from_mark,
     write_mark,
 )
+from webapp_stub.presence import PresenceClient
 from webapp_stub.store import Store
 
 log = logging.getLogger("rtm.webapp")
@@ -131,16 +130,28 @@ def load_secret(given: str, data_dir: str) -> bytes:
 
 
 def build_parser() -> Parser:
-    parser = service_parser("rtm webapp", "Slack-style Web API with SQLite; hands events to Admin Servers", DEFAULT_PORT)
+    parser = service_parser(
+        "rtm webapp", "Slack-style Web API with SQLite; hands events to Admin Servers", DEFAULT_PORT
+    )
     parser.add("--data-dir", "./.rtm", "directory of webapp.db (and of the secret file if --secret is empty)")
     parser.add("--secret", "", "shared secret for websocket tickets and internal endpoints (empty: <data-dir>/secret)")
-    parser.add("--rate-limit-per-minute", DEFAULT_RATE_LIMIT_PER_MINUTE, "Web API calls per token per method per minute (0: unlimited)")
+    parser.add(
+        "--rate-limit-per-minute",
+        DEFAULT_RATE_LIMIT_PER_MINUTE,
+        "Web API calls per token per method per minute (0: unlimited)",
+    )
     parser.add("--region", "", "region whose gateways rtm.connect prefers (also per request: X-Rtm-Region or region=)")
-    parser.add("--region-map", "", 'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)')
+    parser.add(
+        "--region-map",
+        "",
+        'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)',
+    )
     return parser
 
 
-async def start_webapp(args: argparse.Namespace, *, discovery: DiscoveryLike | None = None) -> tuple[dict[str, Any], StopFn]:
+async def start_webapp(
+    args: argparse.Namespace, *, discovery: DiscoveryLike | None = None
+) -> tuple[dict[str, Any], StopFn]:
     """Serve the webapp; return the ready info and the stop function.
 
     ``discovery`` defaults to Consul at ``args.consul``; tests pass a
@@ -199,8 +210,13 @@ async def start_webapp(args: argparse.Namespace, *, discovery: DiscoveryLike | N
         stack.push_async_callback(stop_load_loop)
 
         api = WebApi(
-            store, handoff, gateways, metrics,
-            secret=secret, rate_limit_per_minute=args.rate_limit_per_minute, region=getattr(args, "region", ""),
+            store,
+            handoff,
+            gateways,
+            metrics,
+            secret=secret,
+            rate_limit_per_minute=args.rate_limit_per_minute,
+            region=getattr(args, "region", ""),
         )
         api.presence = PresenceClient(disc, store.manual_away_users)  # users.get/setPresence (webapp_stub/presence.py)
         api.presence.start()

@@ -113,7 +113,9 @@ class WalCheckpointer:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("checkpointer already started")
-        self._thread = threading.Thread(target=self._run, name=f"rtm-wal-checkpoint:{os.path.basename(self.path)}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"rtm-wal-checkpoint:{os.path.basename(self.path)}", daemon=True
+        )
         self._thread.start()
 
     @property

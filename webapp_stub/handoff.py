@@ -333,15 +333,21 @@ class Handoff:
         self._m_published = self._m_delivered = self._m_retries = self._m_latency = None
         if metrics is not None:
             self._m_published = metrics.counter("rtm_webapp_handoff_events_total", "Events queued for an Admin Server")
-            self._m_delivered = metrics.counter("rtm_webapp_handoff_delivered_total", "Events an Admin Server acknowledged")
-            self._m_retries = metrics.counter("rtm_webapp_handoff_retries_total", "Rewinds: resends from the oldest unacknowledged event")
+            self._m_delivered = metrics.counter(
+                "rtm_webapp_handoff_delivered_total", "Events an Admin Server acknowledged"
+            )
+            self._m_retries = metrics.counter(
+                "rtm_webapp_handoff_retries_total", "Rewinds: resends from the oldest unacknowledged event"
+            )
             self._m_latency = metrics.histogram(
                 "rtm_webapp_handoff_seconds", "From commit to the Admin Server's ok", LATENCY_BUCKETS_S
             )
-            metrics.gauge("rtm_webapp_handoff_queue_depth", "Events not yet acknowledged by an Admin Server").set_function(
-                lambda: len(self.outbox)
+            metrics.gauge(
+                "rtm_webapp_handoff_queue_depth", "Events not yet acknowledged by an Admin Server"
+            ).set_function(lambda: len(self.outbox))
+            metrics.gauge("rtm_webapp_handoff_in_flight", "Pubs awaiting a reply").set_function(
+                lambda: self.outbox.in_flight
             )
-            metrics.gauge("rtm_webapp_handoff_in_flight", "Pubs awaiting a reply").set_function(lambda: self.outbox.in_flight)
 
     # -- producer side ------------------------------------------------------------
     def publish(self, events: Iterable[Event]) -> None:
@@ -371,7 +377,7 @@ class Handoff:
         """Wait until every queued event is acknowledged; False if ``timeout_s`` passed first."""
         try:
             await asyncio.wait_for(self._drained.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -383,7 +389,9 @@ class Handoff:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
         if self.outbox:
-            log.warning("stopping with %d events not handed off (first %s)", len(self.outbox), self.outbox.pending()[0].eid)
+            log.warning(
+                "stopping with %d events not handed off (first %s)", len(self.outbox), self.outbox.pending()[0].eid
+            )
         await self.sender.close()
 
     # -- the loop ----------------------------------------------------------------------
@@ -445,7 +453,9 @@ class Handoff:
             self._m_retries.inc()
         if not self._failing:
             self._failing = True
-            log.warning("hand-off of %s failed (%s); resending from the oldest unacknowledged event", entry.event.eid, exc)
+            log.warning(
+                "hand-off of %s failed (%s); resending from the oldest unacknowledged event", entry.event.eid, exc
+            )
         else:
             log.debug("hand-off of %s failed again: %s", entry.event.eid, exc)
         self.sender.failed(exc)

@@ -72,7 +72,9 @@ class PresenceClient:
             if owner is None:
                 return None
             try:
-                reply = await self.link_to(owner).request({**message, "rv": self.follower.ring.version}, REQUEST_TIMEOUT_S)
+                reply = await self.link_to(owner).request(
+                    {**message, "rv": self.follower.ring.version}, REQUEST_TIMEOUT_S
+                )
                 if user not in reply.get("not_owner", ()):
                     return reply
             except NotOwner:

@@ -54,7 +54,9 @@ def _unique_ids(prefix: str, count: int, taken: set[str]) -> list[str]:
     return ids
 
 
-def seed_demo(store_or_path: Store | str | os.PathLike[str], *, users: int = 5, channels: int = 2, bots: int = 1) -> dict[str, Any]:
+def seed_demo(
+    store_or_path: Store | str | os.PathLike[str], *, users: int = 5, channels: int = 2, bots: int = 1
+) -> dict[str, Any]:
     """Seed (once) and return the seed.json content:
     ``{"team": {id, name, domain}, "users": [{id, name, token, is_bot[, bot_id]}], "channels": [{id, name}]}``.
     """
@@ -100,7 +102,9 @@ def _create(store: Store, users: int, channels: int, bots: int) -> None:
     store.conn.execute(f"PRAGMA cache_size = -{SEED_CACHE_KIB}")
     with store.transaction() as db:
         db.execute("INSERT INTO teams (id, name, domain) VALUES (?, ?, ?)", (team_id, TEAM_NAME, TEAM_DOMAIN))
-        db.executemany("INSERT INTO users (id, team, name, real_name, is_bot, bot_id) VALUES (?, ?, ?, ?, ?, ?)", user_rows)
+        db.executemany(
+            "INSERT INTO users (id, team, name, real_name, is_bot, bot_id) VALUES (?, ?, ?, ?, ?, ?)", user_rows
+        )
         db.executemany("INSERT INTO tokens (token, user) VALUES (?, ?)", token_rows)
         db.executemany(
             "INSERT INTO channels (id, team, name, created, creator, is_private, is_archived) VALUES (?, ?, ?, ?, ?, ?, ?)",

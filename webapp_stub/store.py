@@ -484,7 +484,9 @@ class Store:
             "SELECT seq, json, ctl, created_at FROM events WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?",
             (channel, after_seq, limit + 1),
         ).fetchall()
-        events = [Event(channel, seq, text, None if ctl is None else json.loads(ctl), t0) for seq, text, ctl, t0 in rows]
+        events = [
+            Event(channel, seq, text, None if ctl is None else json.loads(ctl), t0) for seq, text, ctl, t0 in rows
+        ]
         return events[:limit], len(events) > limit
 
     def events_since(self, created_at: float) -> list[Event]:
@@ -749,8 +751,12 @@ class Store:
                 raise ApiError("name_taken") from None
             renamed = replace(channel, name=name)
             info = {
-                "id": channel.id, "name": name, "name_normalized": name, "created": channel.created,
-                "is_channel": not channel.is_private, "is_mpim": False,
+                "id": channel.id,
+                "name": name,
+                "name_normalized": name,
+                "created": channel.created,
+                "is_channel": not channel.is_private,
+                "is_mpim": False,
             }
             if channel.is_private:
                 event = self._append_event(channel.id, {"type": "group_rename", "channel": info})
@@ -853,7 +859,9 @@ class Store:
         joined = self._append_event(channel.id, payload)
         info = channel.to_api(is_member=True)
         kind = "group_joined" if channel.is_private else "channel_joined"
-        own = self._append_event(user.id, {"type": kind, "channel": info}, ctl={"join": channel.id, "since": joined.seq})
+        own = self._append_event(
+            user.id, {"type": kind, "channel": info}, ctl={"join": channel.id, "since": joined.seq}
+        )
         return [joined, own]
 
     def _leave(self, channel: Channel, user: User, actor: User | None = None) -> list[Event]:
@@ -871,7 +879,10 @@ class Store:
                 "team": user.team,
             },
         )
-        payload: dict[str, Any] = {"type": "group_left" if channel.is_private else "channel_left", "channel": channel.id}
+        payload: dict[str, Any] = {
+            "type": "group_left" if channel.is_private else "channel_left",
+            "channel": channel.id,
+        }
         if actor is not None and actor.id != user.id:
             payload["actor_id"] = actor.id
         own = self._append_event(user.id, payload, ctl={"leave": channel.id})
@@ -1018,7 +1029,9 @@ class Store:
                 if parent is None:
                     raise ApiError("thread_not_found")
                 if parent[0] is None:  # the first reply makes the parent a thread root
-                    db.execute("UPDATE messages SET thread_ts = ts WHERE channel = ? AND ts_us = ?", (channel.id, parent_us))
+                    db.execute(
+                        "UPDATE messages SET thread_ts = ts WHERE channel = ? AND ts_us = ?", (channel.id, parent_us)
+                    )
                 thread_ts = parent[0] or thread_ts  # a reply to a reply joins the parent's thread
             subtype = "thread_broadcast" if broadcast and thread_ts is not None else None
             seq, ts_us = self._next_seq(channel.id, with_ts=True)
@@ -1028,8 +1041,21 @@ class Store:
             payload["event_ts"] = ts
             db.execute(
                 f"INSERT INTO messages (channel, seq, {self._MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (channel.id, seq, ts_us, ts, user.id, user.team, text, thread_ts, user.bot_id,
-                 dumps(extra) if extra else None, subtype, None, None),
+                (
+                    channel.id,
+                    seq,
+                    ts_us,
+                    ts,
+                    user.id,
+                    user.team,
+                    text,
+                    thread_ts,
+                    user.bot_id,
+                    dumps(extra) if extra else None,
+                    subtype,
+                    None,
+                    None,
+                ),
             )
             event = self._append_event(channel.id, payload, seq=seq)
         return message, event
@@ -1080,7 +1106,9 @@ class Store:
                 "UPDATE messages SET text = ?, extra = ?, edited_user = ?, edited_ts = ? WHERE channel = ? AND ts_us = ?",
                 (text, dumps(new_extra) if new_extra else None, user.id, event_ts, channel.id, row[0]),
             )
-            message = _message_row((*row[:4], text, row[5], row[6], dumps(new_extra) if new_extra else None, row[8], user.id, event_ts))
+            message = _message_row(
+                (*row[:4], text, row[5], row[6], dumps(new_extra) if new_extra else None, row[8], user.id, event_ts)
+            )
             payload = {
                 "type": "message",
                 "subtype": "message_changed",
@@ -1143,8 +1171,14 @@ class Store:
             seq, ts_us = self._next_seq(target.id, with_ts=True)
             ts = us_to_ts(ts_us)
             payload: dict[str, Any] = {
-                "type": "message", "is_ephemeral": True, "channel": channel.id, "user": sender.id,
-                "text": text, "ts": ts, "team": sender.team, "event_ts": ts,
+                "type": "message",
+                "is_ephemeral": True,
+                "channel": channel.id,
+                "user": sender.id,
+                "text": text,
+                "ts": ts,
+                "team": sender.team,
+                "event_ts": ts,
             }
             if sender.bot_id:
                 payload["bot_id"] = sender.bot_id
@@ -1162,7 +1196,8 @@ class Store:
             row = self._find_message(channel.id, ts)
             try:
                 db.execute(
-                    "INSERT INTO reactions (channel, ts_us, name, user) VALUES (?, ?, ?, ?)", (channel.id, row[0], name, user.id)
+                    "INSERT INTO reactions (channel, ts_us, name, user) VALUES (?, ?, ?, ?)",
+                    (channel.id, row[0], name, user.id),
                 )
             except sqlite3.IntegrityError:
                 raise ApiError("already_reacted") from None
@@ -1296,7 +1331,7 @@ class Store:
         ):
             reactions.setdefault(ts_us, {}).setdefault(name, []).append(user)
         if reactions:
-            for row, message in zip(rows, messages):
+            for row, message in zip(rows, messages, strict=False):
                 found = reactions.get(row[0])
                 if found:
                     message["reactions"] = [{"name": n, "users": u, "count": len(u)} for n, u in found.items()]

@@ -187,17 +187,23 @@ class ConsulDevAgent:
         self._stopping = False
         self.registry = CollectorRegistry()
         self._requests = Counter(
-            "rtm_consul_dev_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"],
+            "rtm_consul_dev_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "code"],
             registry=self.registry,
         )
         self._malformed = Counter(
-            "rtm_consul_dev_malformed_bodies", "Request bodies that failed to decode", ["endpoint"],
+            "rtm_consul_dev_malformed_bodies",
+            "Request bodies that failed to decode",
+            ["endpoint"],
             registry=self.registry,
         )
         self._blocking_gauge = Gauge(
             "rtm_consul_dev_blocking_queries", "Blocking queries waiting right now", registry=self.registry
         )
-        self._index_gauge = Gauge("rtm_consul_dev_raft_index", "The agent's current raft-like index", registry=self.registry)
+        self._index_gauge = Gauge(
+            "rtm_consul_dev_raft_index", "The agent's current raft-like index", registry=self.registry
+        )
         self._index_gauge.set(state.index)
         self._exact: dict[str, Route] = {}
         self._prefixes: list[Route] = []

@@ -1087,7 +1087,11 @@ class ConsulState:
     def agent_services(self) -> dict[str, Json]:
         """``GET /v1/agent/services``: service ID -> AgentService."""
         self._expire()
-        return {s.id: self._agent_service_json(s) for s in sorted(self._services.values(), key=lambda s: s.id) if s.agent_local}
+        return {
+            s.id: self._agent_service_json(s)
+            for s in sorted(self._services.values(), key=lambda s: s.id)
+            if s.agent_local
+        }
 
     def agent_service(self, service_id: str) -> Json | None:
         """``GET /v1/agent/service/<id>``: the AgentService with its ``ContentHash``, or None."""
@@ -1182,7 +1186,14 @@ class ConsulState:
         if s.kind:
             body["Kind"] = s.kind
         body.update(
-            {"ID": s.id, "Service": s.name, "Tags": list(s.tags), "Meta": dict(s.meta), "Port": s.port, "Address": s.address}
+            {
+                "ID": s.id,
+                "Service": s.name,
+                "Tags": list(s.tags),
+                "Meta": dict(s.meta),
+                "Port": s.port,
+                "Address": s.address,
+            }
         )
         if s.tagged_addresses:
             body["TaggedAddresses"] = s.tagged_addresses
@@ -1352,7 +1363,9 @@ class ConsulState:
             names.setdefault(service.name, set()).update(service.tags)
         return index, {name: sorted(tags) for name, tags in sorted(names.items())}
 
-    def catalog_service(self, name: str, *, tags: Sequence[str] = (), node_meta: Sequence[str] = ()) -> tuple[int, list[Json]]:
+    def catalog_service(
+        self, name: str, *, tags: Sequence[str] = (), node_meta: Sequence[str] = ()
+    ) -> tuple[int, list[Json]]:
         """``GET /v1/catalog/service/<name>``: one ServiceNode per instance."""
         self._expire()
         index = self._service_result_index(name, with_checks=False)

@@ -201,7 +201,11 @@ async def test_pushes_both_ways(endpoint: Endpoint) -> None:
         frame = wire.encode_event("C1", 9, b'{"type":"message"}', 1.0)
         server_conn.write(frame)  # a pre-encoded fan-out frame
         assert await within(received.get()) == {
-            "op": "ev", "ch": "C1", "seq": 9, "json": b'{"type":"message"}', "t0": 1.0,
+            "op": "ev",
+            "ch": "C1",
+            "seq": 9,
+            "json": b'{"type":"message"}',
+            "t0": 1.0,
         }
     finally:
         client.close()
@@ -371,7 +375,9 @@ async def test_peer_link_waits_for_a_server_that_is_not_up_yet() -> None:
     async def on_connected(conn: PeerConnection) -> None:
         connects.append(conn)
 
-    link = PeerLink("late", address=lambda: (HOST, port), factory=lambda: PeerConnection(name="c"), on_connected=on_connected)
+    link = PeerLink(
+        "late", address=lambda: (HOST, port), factory=lambda: PeerConnection(name="c"), on_connected=on_connected
+    )
     link.start()
     endpoint = Endpoint()
     try:
@@ -397,7 +403,12 @@ async def test_peer_link_retries_when_on_connected_fails() -> None:
             raise RuntimeError("resubscribe failed")
         ready.set()
 
-    link = PeerLink("flaky", address=lambda: (HOST, endpoint.port), factory=lambda: PeerConnection(name="c"), on_connected=on_connected)
+    link = PeerLink(
+        "flaky",
+        address=lambda: (HOST, endpoint.port),
+        factory=lambda: PeerConnection(name="c"),
+        on_connected=on_connected,
+    )
     link.start()
     try:
         await within(ready.wait())

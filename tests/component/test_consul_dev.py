@@ -69,7 +69,11 @@ def last_check_status(entries: list[dict[str, Any]]) -> str | None:
 # ---- services and TTL checks ---------------------------------------------------------
 def test_service_with_ttl_check_goes_critical_passing_then_expires(c: consul.Consul) -> None:
     assert c.agent.service.register(
-        "web", service_id="web-1", port=8080, tags=["role=active"], meta={"metrics_port": "9100"},
+        "web",
+        service_id="web-1",
+        port=8080,
+        tags=["role=active"],
+        meta={"metrics_port": "9100"},
         check=consul.Check.ttl(TTL_CHECK),
     )
     _, entries = c.health.service("web")

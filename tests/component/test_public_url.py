@@ -18,7 +18,9 @@ SECRET = "public-url-secret"
 
 async def connect_url(tmp_path: Path, gateway: Instance) -> str:
     seed = seed_demo(str(tmp_path), users=1, channels=1, bots=0)
-    args = build_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET])
+    args = build_parser().parse_args(
+        ["--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET]
+    )
     info, stop = await start_webapp(args, discovery=FixedDiscovery({"admin-server": [], "gateway": [gateway]}))
     try:
         async with aiohttp.ClientSession() as http:
@@ -32,15 +34,28 @@ async def connect_url(tmp_path: Path, gateway: Instance) -> str:
 
 
 async def test_rtm_connect_uses_the_registered_public_url(tmp_path: Path) -> None:
-    edge = Instance(id="gw-1", service="gateway", address="127.0.0.3", port=8765, tags=("region=us-east",),
-                    meta={"region": "us-east", "public_url": "wss://edge.example:8443/gw/us-east-1/"})
+    edge = Instance(
+        id="gw-1",
+        service="gateway",
+        address="127.0.0.3",
+        port=8765,
+        tags=("region=us-east",),
+        meta={"region": "us-east", "public_url": "wss://edge.example:8443/gw/us-east-1/"},
+    )
     url = await connect_url(tmp_path, edge)
     assert url.startswith("wss://edge.example:8443/gw/us-east-1/ws/"), url
     assert "/" not in url.removeprefix("wss://edge.example:8443/gw/us-east-1/ws/")
 
 
 async def test_rtm_connect_without_a_public_url_names_the_gateway_itself(tmp_path: Path) -> None:
-    plain = Instance(id="gw-1", service="gateway", address="127.0.0.3", port=8765, tags=("region=us-east",), meta={"region": "us-east"})
+    plain = Instance(
+        id="gw-1",
+        service="gateway",
+        address="127.0.0.3",
+        port=8765,
+        tags=("region=us-east",),
+        meta={"region": "us-east"},
+    )
     assert (await connect_url(tmp_path, plain)).startswith("ws://127.0.0.3:8765/ws/")
 
 

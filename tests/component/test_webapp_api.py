@@ -28,8 +28,8 @@ from services.connection import PeerConnection, serve
 from services.discovery import Instance
 from services.ticket import TicketVerifier
 from tests.support import async_wait_until, free_port
-from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.app import FixedDiscovery, build_parser, start_webapp
+from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
 
 SECRET = "component-secret"
@@ -91,17 +91,29 @@ class Webapp:
     def channel(self, name: str) -> str:
         return next(c["id"] for c in self.seed["channels"] if c["name"] == name)
 
-    async def call(self, method: str, token: str | None = None, *, json_body: Any = None, data: Any = None,
-                   params: Any = None, http: str = "POST", headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    async def call(
+        self,
+        method: str,
+        token: str | None = None,
+        *,
+        json_body: Any = None,
+        data: Any = None,
+        params: Any = None,
+        http: str = "POST",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
         hdrs = dict(headers or {})
         if token:
             hdrs["Authorization"] = f"Bearer {token}"
-        async with self.session.request(http, f"{self.url}/api/{method}", json=json_body, data=data,
-                                        params=params, headers=hdrs) as resp:
+        async with self.session.request(
+            http, f"{self.url}/api/{method}", json=json_body, data=data, params=params, headers=hdrs
+        ) as resp:
             return resp.status, await resp.json()
 
     async def internal(self, path: str, body: Any, secret: str = SECRET) -> tuple[int, dict[str, Any]]:
-        async with self.session.post(f"{self.url}/internal/{path}", json=body, headers={"X-Rtm-Secret": secret}) as resp:
+        async with self.session.post(
+            f"{self.url}/internal/{path}", json=body, headers={"X-Rtm-Secret": secret}
+        ) as resp:
             return resp.status, await resp.json(content_type=None)
 
 
@@ -138,7 +150,9 @@ async def webapp(tmp_path: Path, fake_as: FakeAdminServer) -> AsyncIterator[Weba
 
 async def test_post_reaches_admin_server_with_seq_and_exact_json(webapp: Webapp, fake_as: FakeAdminServer) -> None:
     alice, general = webapp.user("alice"), webapp.channel("general")
-    status, reply = await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": "hello"})
+    status, reply = await webapp.call(
+        "chat.postMessage", alice["token"], json_body={"channel": general, "text": "hello"}
+    )
     assert status == 200 and reply["ok"], reply
     assert reply["channel"] == general and reply["message"]["text"] == "hello" and reply["ts"] == reply["message"]["ts"]
 
@@ -149,8 +163,15 @@ async def test_post_reaches_admin_server_with_seq_and_exact_json(webapp: Webapp,
     pub = fake_as.pubs_for(general)[0]
     assert pub["seq"] == 1 and pub["eid"] == f"{general}:1" and isinstance(pub["t0"], float) and "ctl" not in pub
     event = json.loads(pub["json"])
-    assert event == {"type": "message", "channel": general, "user": alice["id"], "text": "hello",
-                     "ts": reply["ts"], "team": webapp.seed["team"]["id"], "event_ts": reply["ts"]}
+    assert event == {
+        "type": "message",
+        "channel": general,
+        "user": alice["id"],
+        "text": "hello",
+        "ts": reply["ts"],
+        "team": webapp.seed["team"]["id"],
+        "event_ts": reply["ts"],
+    }
     # the bytes the AS got are exactly the stored JSON the gateways' history reads
     _, history = await webapp.internal("history", {"channel": general, "after_seq": 0})
     assert history["events"][0]["json"].encode() == pub["json"] and history["has_more"] is False
@@ -163,19 +184,42 @@ async def test_bad_inputs_get_slack_errors_and_server_keeps_serving(webapp: Weba
         (await webapp.call("auth.test"), "not_authed"),
         (await webapp.call("auth.test", "xoxp-wrong"), "invalid_auth"),
         (await webapp.call("chat.postMessage", alice["token"], json_body={"text": "x"}), "channel_not_found"),
-        (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": "CNOPE", "text": "x"}), "channel_not_found"),
-        (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": "x" * 40_001}), "msg_too_long"),
+        (
+            await webapp.call("chat.postMessage", alice["token"], json_body={"channel": "CNOPE", "text": "x"}),
+            "channel_not_found",
+        ),
+        (
+            await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": "x" * 40_001}),
+            "msg_too_long",
+        ),
         (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general}), "no_text"),
-        (await webapp.call("chat.postMessage", alice["token"], data=b'{"channel": "C1", "text"',
-                           headers={"Content-Type": "application/json"}), "invalid_json"),
-        (await webapp.call("conversations.history", alice["token"], params={"channel": general, "cursor": "%%%"}), "invalid_cursor"),
-        (await webapp.call("conversations.history", alice["token"], params={"channel": general, "limit": "many"}), "invalid_arguments"),
+        (
+            await webapp.call(
+                "chat.postMessage",
+                alice["token"],
+                data=b'{"channel": "C1", "text"',
+                headers={"Content-Type": "application/json"},
+            ),
+            "invalid_json",
+        ),
+        (
+            await webapp.call("conversations.history", alice["token"], params={"channel": general, "cursor": "%%%"}),
+            "invalid_cursor",
+        ),
+        (
+            await webapp.call("conversations.history", alice["token"], params={"channel": general, "limit": "many"}),
+            "invalid_arguments",
+        ),
         (await webapp.call("conversations.create", alice["token"], data={"name": "general"}), "name_taken"),
     ]
     for (status, reply), code in cases:
         assert status == 200 and reply == {"ok": False, "error": code}
-    status, reply = await webapp.call("chat.postMessage", alice["token"], data=b"x" * (5 * 1024 * 1024),
-                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    status, reply = await webapp.call(
+        "chat.postMessage",
+        alice["token"],
+        data=b"x" * (5 * 1024 * 1024),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert status == 413 and reply == {"ok": False, "error": "request_too_large"}
     status, reply = await webapp.call("api.test", data={"foo": "bar"})
     assert reply == {"ok": True, "args": {"foo": "bar"}}
@@ -190,15 +234,25 @@ async def test_bad_inputs_get_slack_errors_and_server_keeps_serving(webapp: Weba
 
 async def test_argument_styles_query_form_json_and_empty_body(webapp: Webapp) -> None:
     alice, general = webapp.user("alice"), webapp.channel("general")
-    status, reply = await webapp.call("chat.postMessage", data={"channel": general, "text": "form", "token": alice["token"]})
+    status, reply = await webapp.call(
+        "chat.postMessage", data={"channel": general, "text": "form", "token": alice["token"]}
+    )
     assert reply["ok"], reply
-    status, reply = await webapp.call("conversations.history", alice["token"], params={"channel": general},
-                                      data=b"", headers={"Content-Type": "application/json"})
+    status, reply = await webapp.call(
+        "conversations.history",
+        alice["token"],
+        params={"channel": general},
+        data=b"",
+        headers={"Content-Type": "application/json"},
+    )
     assert reply["ok"] and reply["messages"][0]["text"] == "form"
-    status, reply = await webapp.call("conversations.info", alice["token"], http="GET",
-                                      params={"channel": general, "include_num_members": "1"})
+    status, reply = await webapp.call(
+        "conversations.info", alice["token"], http="GET", params={"channel": general, "include_num_members": "1"}
+    )
     assert reply["channel"]["num_members"] == 6 and reply["channel"]["is_member"] is True
-    status, reply = await webapp.call("chat.postMessage", alice["token"], params={"channel": "#general", "text": "by name"})
+    status, reply = await webapp.call(
+        "chat.postMessage", alice["token"], params={"channel": "#general", "text": "by name"}
+    )
     assert reply["ok"] and reply["channel"] == general
 
 
@@ -220,7 +274,10 @@ async def test_create_and_join_emit_team_channel_and_user_events(webapp: Webapp,
     created = fake_as.pubs_for(team)[0]
     assert json.loads(created["json"])["type"] == "channel_created" and created["seq"] == 1
     joins = fake_as.pubs_for(cid)
-    assert [json.loads(p["json"])["user"] for p in joins] == [alice["id"], bob["id"]] and [p["seq"] for p in joins] == [1, 2]
+    assert [json.loads(p["json"])["user"] for p in joins] == [alice["id"], bob["id"]] and [p["seq"] for p in joins] == [
+        1,
+        2,
+    ]
     bob_joined = fake_as.pubs_for(bob["id"])[0]
     assert bob_joined["ctl"] == {"join": cid, "since": 2}
     assert json.loads(bob_joined["json"])["channel"]["id"] == cid
@@ -248,7 +305,9 @@ async def test_admin_server_down_then_back_delivers_in_order(webapp: Webapp, fak
     await async_wait_until(first_arrived, what="first pub")
     await fake_as.kill()
     for i in range(1, 21):  # the AS is gone: every post is still ok (durable)
-        _, reply = await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"})
+        _, reply = await webapp.call(
+            "chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}
+        )
         assert reply["ok"], reply
     handoff = webapp.stop.parts["handoff"]
     assert len(handoff) == 20 and len(fake_as.pubs) == 1  # queued, waiting, nothing lost
@@ -268,7 +327,9 @@ async def test_admin_server_dying_with_pubs_in_flight_gets_them_again(webapp: We
     alice, general = webapp.user("alice"), webapp.channel("general")
     fake_as.hold = True
     for i in range(5):
-        assert (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1]["ok"]
+        assert (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[
+            1
+        ]["ok"]
 
     async def all_in_flight() -> bool:
         return len(fake_as.pubs) == 5
@@ -288,17 +349,22 @@ async def test_admin_server_dying_with_pubs_in_flight_gets_them_again(webapp: We
     assert handoff.retries >= 1 and await handoff.flush(5.0)
 
 
-async def test_events_posted_without_an_admin_server_are_handed_off_after_restart(tmp_path: Path, fake_as: FakeAdminServer) -> None:
+async def test_events_posted_without_an_admin_server_are_handed_off_after_restart(
+    tmp_path: Path, fake_as: FakeAdminServer
+) -> None:
     app = await start(tmp_path, fake_as)
     app.discovery.set_instances("admin-server", [])  # no Admin Server at all
     general, alice = app.channel("general"), app.user("alice")
     for i in range(3):
-        assert (await app.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1]["ok"]
+        assert (await app.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1][
+            "ok"
+        ]
     await app.session.close()
     await app.stop()  # does not wait: nobody to flush to; the mark stays below the queued events
     assert fake_as.pubs_for(general) == []
     again = await start(tmp_path, fake_as)
     try:
+
         async def replayed() -> bool:
             return [p["seq"] for p in fake_as.pubs_for(general)] == [1, 2, 3]
 
@@ -308,7 +374,9 @@ async def test_events_posted_without_an_admin_server_are_handed_off_after_restar
         await again.stop()
 
 
-async def test_checkpoints_run_beside_the_event_loop_and_stop_with_the_webapp(tmp_path: Path, fake_as: FakeAdminServer) -> None:
+async def test_checkpoints_run_beside_the_event_loop_and_stop_with_the_webapp(
+    tmp_path: Path, fake_as: FakeAdminServer
+) -> None:
     app = await start(tmp_path, fake_as)
     store = app.stop.parts["store"]
     checkpointer = store.checkpointer
@@ -318,11 +386,16 @@ async def test_checkpoints_run_beside_the_event_loop_and_stop_with_the_webapp(tm
         assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] * 4096 > WAL_CHECKPOINT_BYTES
         general, alice = app.channel("general"), app.user("alice")
         for i in range(5):
-            assert (await app.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1]["ok"]
+            assert (
+                await app.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"})
+            )[1]["ok"]
         async with app.session.get(f"{app.url}/metrics") as resp:
             text = await resp.text()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(text) for s in family.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
         method = ("method", "chat.postMessage")
         assert samples[("rtm_webapp_requests_total", (method, ("outcome", "ok")))] == 5
         assert samples[("rtm_webapp_request_seconds_count", (method,))] == 5
@@ -335,10 +408,12 @@ async def test_checkpoints_run_beside_the_event_loop_and_stop_with_the_webapp(tm
 async def test_rtm_connect_mints_a_ticket_for_a_healthy_gateway(webapp: Webapp) -> None:
     alice = webapp.user("alice")
     _, reply = await webapp.call("rtm.connect", alice["token"])
-    assert reply["ok"] and reply["self"] == {"id": alice["id"], "name": "alice"} and reply["team"] == webapp.seed["team"]
+    assert (
+        reply["ok"] and reply["self"] == {"id": alice["id"], "name": "alice"} and reply["team"] == webapp.seed["team"]
+    )
     prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
     assert reply["url"].startswith(prefix)
-    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(reply["url"][len(prefix):], now_s=time.time())
+    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(reply["url"][len(prefix) :], now_s=time.time())
     assert ticket.user == alice["id"] and ticket.team == webapp.seed["team"]["id"]
     webapp.discovery.set_instances("gateway", [])
     _, reply = await webapp.call("rtm.connect", alice["token"])
@@ -369,7 +444,9 @@ async def test_slack_sdk_clients_unmodified(webapp: Webapp, fake_as: FakeAdminSe
         out: dict[str, Any] = {"auth": client.auth_test().data}
         out["bot_auth"] = WebClient(token=bot["token"], base_url=base_url).auth_test().data
         out["posts"] = [client.chat_postMessage(channel=general, text=f"sdk {i}").data for i in range(7)]
-        out["history"] = [m["text"] for page in client.conversations_history(channel=general, limit=3) for m in page["messages"]]
+        out["history"] = [
+            m["text"] for page in client.conversations_history(channel=general, limit=3) for m in page["messages"]
+        ]
         out["pages"] = len(list(client.conversations_history(channel=general, limit=3)))
         out["users"] = [u["name"] for page in client.users_list(limit=2) for u in page["members"]]
         out["channels"] = [c["name"] for page in client.conversations_list(limit=1) for c in page["channels"]]
@@ -420,12 +497,20 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
 
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.consul_dev", "--host", "127.0.0.1", "--port", str(port),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "services.consul_dev",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     consul_addr = f"127.0.0.1:{port}"
     other = Discovery(consul_addr)
     try:
+
         async def agent_up() -> bool:
             try:
                 await other.healthy("webapp")
@@ -436,15 +521,32 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
         await async_wait_until(agent_up, what="dev consul agent")
         await other.register("admin-server", "as-fake", "127.0.0.1", fake_as.port, ttl_s=3.0)
         seed = seed_demo(str(tmp_path), users=2, channels=2, bots=0)
-        args = build_parser().parse_args(["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET,
-                                          "--consul", consul_addr, "--instance-id", "webapp-consul"])
+        args = build_parser().parse_args(
+            [
+                "--port",
+                "0",
+                "--data-dir",
+                str(tmp_path),
+                "--secret",
+                SECRET,
+                "--consul",
+                consul_addr,
+                "--instance-id",
+                "webapp-consul",
+            ]
+        )
         info, stop = await start_webapp(args)
         try:
             _, instances = await other.healthy("webapp")
-            assert [(i.id, i.port, i.meta.get("metrics_port")) for i in instances] == [("webapp-consul", info["port"], str(info["port"]))]
+            assert [(i.id, i.port, i.meta.get("metrics_port")) for i in instances] == [
+                ("webapp-consul", info["port"], str(info["port"]))
+            ]
             async with aiohttp.ClientSession() as session:
-                async with session.post(f"{info['url']}/api/chat.postMessage", json={"channel": seed["channels"][0]["id"], "text": "via consul"},
-                                        headers={"Authorization": f"Bearer {seed['users'][0]['token']}"}) as resp:
+                async with session.post(
+                    f"{info['url']}/api/chat.postMessage",
+                    json={"channel": seed["channels"][0]["id"], "text": "via consul"},
+                    headers={"Authorization": f"Bearer {seed['users'][0]['token']}"},
+                ) as resp:
                     assert (await resp.json())["ok"]
 
             async def delivered() -> bool:
@@ -591,10 +693,16 @@ async def test_new_methods_reply_in_slacks_shapes(webapp: Webapp, fake_as: FakeA
     assert [c["id"] for c in ims] == [dm]
     posted = await ok("chat.postMessage", a, channel=general, text="v1")
     updated = await ok("chat.update", a, channel=general, ts=posted["ts"], text="v2")
-    assert updated["ts"] == posted["ts"] and updated["text"] == "v2" and updated["message"]["edited"]["user"] == alice["id"]
+    assert (
+        updated["ts"] == posted["ts"]
+        and updated["text"] == "v2"
+        and updated["message"]["edited"]["user"] == alice["id"]
+    )
     await ok("reactions.add", b, channel=general, timestamp=posted["ts"], name="tada")
     got = await ok("reactions.get", a, channel=general, timestamp=posted["ts"])
-    assert got["type"] == "message" and got["message"]["reactions"] == [{"name": "tada", "users": [bob["id"]], "count": 1}]
+    assert got["type"] == "message" and got["message"]["reactions"] == [
+        {"name": "tada", "users": [bob["id"]], "count": 1}
+    ]
     eph = await ok("chat.postEphemeral", a, channel=general, user=bob["id"], text="psst")
     assert set(eph) == {"ok", "message_ts"}
     deleted = await ok("chat.delete", a, channel=general, ts=posted["ts"])
@@ -620,30 +728,41 @@ async def test_new_methods_reply_in_slacks_shapes(webapp: Webapp, fake_as: FakeA
     assert kinds == ["im_created", "manual_presence_change", "channel_left"]
     left_pub = fake_as.pubs_for(alice["id"])[-1]
     assert left_pub["ctl"] == {"leave": webapp.channel("random")}
-    assert [json.loads(p["json"])["type"] for p in fake_as.pubs_for(bob["id"])] == ["im_created", "message"]  # the ephemeral
+    assert [json.loads(p["json"])["type"] for p in fake_as.pubs_for(bob["id"])] == [
+        "im_created",
+        "message",
+    ]  # the ephemeral
 
 
 async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(webapp: Webapp) -> None:
     alice, general = webapp.user("alice"), webapp.channel("general")
     for i in range(4):
-        assert (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[1]["ok"]
+        assert (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[
+            1
+        ]["ok"]
     status, reply = await webapp.internal("resume", {"user": alice["id"], "channels": {general: 1, alice["id"]: 0}})
     assert status == 200 and reply["ok"] and reply["resume"]
     rid = reply["resume"]
     _, connect = await webapp.call("rtm.connect", alice["token"])
     prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
-    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time())
+    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time())
     assert ticket.resume == rid
     # Claimed but not taken (as if that ticket failed): a retry gets the same record again.
     _, connect = await webapp.call("rtm.connect", alice["token"])
-    assert TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time()).resume == rid
+    assert (
+        TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
+        == rid
+    )
     _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})
     seqs = {c["id"]: c["seq"] for c in boot["channels"]}
     assert boot["resumed"] is True and seqs[general] == 1 and seqs[webapp.channel("random")] == 0
     _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})  # used up
     assert boot["resumed"] is False and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 4
     _, connect = await webapp.call("rtm.connect", alice["token"])  # taken: nothing left to claim
-    assert TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix):], now_s=time.time()).resume == ""
+    assert (
+        TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
+        == ""
+    )
     for body, code in (
         ({"user": "UNOBODY", "channels": {}}, "user_not_found"),
         ({"user": alice["id"], "channels": [general]}, "invalid_arguments"),
@@ -666,6 +785,10 @@ async def test_internal_api_test_errors_do_not_become_label_values(webapp: Webap
         assert status == 200 and body["ok"] is False and body["error"] == error, body
     async with webapp.session.get(f"{webapp.url}/metrics") as resp:
         text = await resp.text()
-    outcomes = {s.labels["outcome"] for family in text_string_to_metric_families(text) for s in family.samples
-                if s.name == "rtm_webapp_requests_total" and s.labels.get("method") == "internal.api.test"}
+    outcomes = {
+        s.labels["outcome"]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "rtm_webapp_requests_total" and s.labels.get("method") == "internal.api.test"
+    }
     assert outcomes == {"api_test_error"}

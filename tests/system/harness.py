@@ -136,7 +136,9 @@ class Client:
             self.changed.set()
 
     def messages(self, channel: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("type") == "message" and (channel is None or e.get("channel") == channel)]
+        return [
+            e for e in self.events if e.get("type") == "message" and (channel is None or e.get("channel") == channel)
+        ]
 
     def texts(self, channel: str | None = None) -> list[str]:
         return [str(e.get("text")) for e in self.messages(channel)]
@@ -150,7 +152,7 @@ class Client:
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def wait_texts(self, texts: list[str], channel: str | None = None, timeout_s: float = DEFAULT_WAIT_S) -> None:

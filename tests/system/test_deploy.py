@@ -64,7 +64,14 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rtm.json"
 # Linux); not 127.0.0.x either, which bench/connections.py uses as client source addresses.
 ELSEWHERE = "127.0.1.2"
 # The Consul service names the processes register under (each app's SERVICE).
-SERVICE_MODULES = ("webapp_stub.app", "admin_server.app", "channel_server.app", "gateway.app", "charm.app", "presence.app")
+SERVICE_MODULES = (
+    "webapp_stub.app",
+    "admin_server.app",
+    "channel_server.app",
+    "gateway.app",
+    "charm.app",
+    "presence.app",
+)
 
 
 def registered_names() -> set[str]:
@@ -86,7 +93,8 @@ def compose() -> dict[str, Any]:
 
 def rtm_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
-        name: svc for name, svc in doc["services"].items()
+        name: svc
+        for name, svc in doc["services"].items()
         if (svc.get("build") or {}).get("dockerfile") == "deploy/Dockerfile"
     }
 
@@ -119,7 +127,9 @@ def test_compose_file_is_valid_for_docker_compose() -> None:
     env = {**os.environ, "RTM_SECRET": "ci-secret"}
     if shutil.which("docker-compose"):
         cmd = ["docker-compose", "-f", str(COMPOSE), "config", "-q"]
-    elif shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    elif (
+        shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
         cmd = ["docker", "compose", "-f", str(COMPOSE), "config", "-q"]
     else:
         pytest.skip("no docker-compose binary here: the structural checks below still run")
@@ -174,8 +184,12 @@ def test_compose_structure() -> None:
     assert len(roles["charm/active"]) == 2, roles
     assert len(roles["webapp/active"]) == 1, roles
     assert len(regions) >= 2, regions
-    charm_slots = {(flag(a, "--channel-slots"), flag(a, "--presence-slots"))
-                   for s in rtm.values() for a in rtm_argvs(s) if a[0] == "charm"}
+    charm_slots = {
+        (flag(a, "--channel-slots"), flag(a, "--presence-slots"))
+        for s in rtm.values()
+        for a in rtm_argvs(s)
+        if a[0] == "charm"
+    }
     assert charm_slots == {("3", "2")}, charm_slots
 
     webapp = rtm["webapp"]
@@ -248,11 +262,16 @@ def test_envoy_routes_for_the_webapp_and_every_gateway() -> None:
     assert cert["private_key"]["filename"] == "/etc/envoy/certs/edge.key"
     clusters = {c["name"] for c in doc["static_resources"]["clusters"]}
     assert all(r["route"]["cluster"] in clusters for r in routes)
-    assert not any(r["match"].get("prefix", "").startswith("/internal") for r in routes), "internal endpoints stay inside"
+    assert not any(r["match"].get("prefix", "").startswith("/internal") for r in routes), (
+        "internal endpoints stay inside"
+    )
     api = [r for r in routes if r["match"].get("prefix") == "/api/"]
     assert len(api) == 1 and not api[0]["route"].get("upgrade_configs")
     rtm = rtm_services(compose())
-    assert cluster_endpoint(doc, api[0]["route"]["cluster"]) == ("webapp", int(flag(rtm_argvs(rtm["webapp"])[-1], "--port") or 0))
+    assert cluster_endpoint(doc, api[0]["route"]["cluster"]) == (
+        "webapp",
+        int(flag(rtm_argvs(rtm["webapp"])[-1], "--port") or 0),
+    )
 
     gateways = {name: rtm_argvs(svc)[-1] for name, svc in rtm.items() if rtm_argvs(svc)[-1][0] == "gateway"}
     assert gateways
@@ -288,13 +307,24 @@ def test_envoy_config_matches_envoys_v3_api() -> None:
 def test_gen_cert_makes_a_certificate_and_the_secret(tmp_path: Path) -> None:
     if not shutil.which("openssl"):
         pytest.skip("no openssl here")
-    env = {**os.environ, "CERT_DIR": str(tmp_path / "certs"), "ENV_FILE": str(tmp_path / ".env"), "RTM_EDGE_HOST": "rtm.test"}
+    env = {
+        **os.environ,
+        "CERT_DIR": str(tmp_path / "certs"),
+        "ENV_FILE": str(tmp_path / ".env"),
+        "RTM_EDGE_HOST": "rtm.test",
+    }
     subprocess.run(["sh", str(DEPLOY / "gen-cert.sh")], check=True, env=env, capture_output=True, timeout=60)
     crt, key = tmp_path / "certs" / "edge.crt", tmp_path / "certs" / "edge.key"
-    out = subprocess.run(["openssl", "x509", "-in", str(crt), "-noout", "-subject", "-ext", "subjectAltName"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["openssl", "x509", "-in", str(crt), "-noout", "-subject", "-ext", "subjectAltName"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "rtm.test" in out and "localhost" in out
-    pub_crt = subprocess.run(["openssl", "x509", "-in", str(crt), "-noout", "-pubkey"], check=True, capture_output=True).stdout
+    pub_crt = subprocess.run(
+        ["openssl", "x509", "-in", str(crt), "-noout", "-pubkey"], check=True, capture_output=True
+    ).stdout
     pub_key = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout"], check=True, capture_output=True).stdout
     assert pub_crt == pub_key, "key and certificate do not match"
     secret = (tmp_path / ".env").read_text()
@@ -314,7 +344,8 @@ def test_prometheus_discovers_every_service_through_consul(tmp_path: Path) -> No
     assert [c["server"] for c in sd] == ["consul:8500"]
     assert set(sd[0]["services"]) == registered_names()
     assert any(
-        "__meta_consul_service_metadata_metrics_port" in r.get("source_labels", []) and r.get("target_label") == "__address__"
+        "__meta_consul_service_metadata_metrics_port" in r.get("source_labels", [])
+        and r.get("target_label") == "__address__"
         for r in job["relabel_configs"]
     )
     promtool = shutil.which("promtool")
@@ -338,8 +369,16 @@ def test_grafana_provisioning() -> None:
         if panel.get("targets"):
             assert panel["datasource"]["uid"] in uids, panel["title"]
     titles = " ".join(p["title"].lower() for p in all_panels(dash))
-    for topic in ("deliveries", "latency", "connections per gateway", "channels per channel server",
-                  "ring version", "failovers", "presence", "errors"):
+    for topic in (
+        "deliveries",
+        "latency",
+        "connections per gateway",
+        "channels per channel server",
+        "ring version",
+        "failovers",
+        "presence",
+        "errors",
+    ):
         assert topic in titles, f"the dashboard has no {topic} panel"
 
 
@@ -366,7 +405,14 @@ def dashboard_metrics() -> set[str]:
 def fleet_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     data_dir: Path = tmp_path_factory.mktemp("fleet-elsewhere")
     base = free_port_base(host=ELSEWHERE)  # the later --port-base wins over the one Fleet.up picks on 127.0.0.1
-    handle = Fleet.up(data_dir, "--host", ELSEWHERE, "--port-base", str(base), env={"RTM_LOG_FORMAT": "json", "RTM_LOG_LEVEL": "DEBUG"})
+    handle = Fleet.up(
+        data_dir,
+        "--host",
+        ELSEWHERE,
+        "--port-base",
+        str(base),
+        env={"RTM_LOG_FORMAT": "json", "RTM_LOG_LEVEL": "DEBUG"},
+    )
     try:
         yield handle
     finally:
@@ -441,7 +487,9 @@ async def test_every_dashboard_metric_is_exposed_by_the_fleet(fleet_elsewhere: F
     try:  # presence reports and CHARM's gauges may lag the traffic a little: wait, bounded
         await async_wait_until(covered, what="every dashboard metric")
     except AssertionError:
-        raise AssertionError(f"queried by the dashboard, exposed by no process: {sorted(wanted - await exposed())}") from None
+        raise AssertionError(
+            f"queried by the dashboard, exposed by no process: {sorted(wanted - await exposed())}"
+        ) from None
 
 
 # -- (d) Prometheus' relabelling against what Consul holds -------------------------------------
@@ -459,7 +507,9 @@ def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, st
                 return None
         elif action == "replace":
             if match:
-                replacement = re.sub(r"\$\{(\d+)\}|\$(\d+)", lambda m: f"\\g<{m.group(1) or m.group(2)}>", rule.get("replacement", "$1"))
+                replacement = re.sub(
+                    r"\$\{(\d+)\}|\$(\d+)", lambda m: f"\\g<{m.group(1) or m.group(2)}>", rule.get("replacement", "$1")
+                )
                 labels[rule["target_label"]] = match.expand(replacement)
         else:
             raise AssertionError(f"relabel action {action} not emulated here")
@@ -543,6 +593,8 @@ async def test_one_message_can_be_followed_by_its_eid(fleet_elsewhere: Fleet) ->
         seen = {by_service.get(e["instance"], e["instance"]) for e in entries() if e.get("eid") == eid}
         return seen if {"webapp", "admin-server", "channel-server", "gateway"} <= seen else None
 
-    await async_wait_until(followed, what=f"log lines with eid {eid} from webapp, admin server, channel server, gateway")
+    await async_wait_until(
+        followed, what=f"log lines with eid {eid} from webapp, admin server, channel server, gateway"
+    )
     for entry in entries():
         assert {"ts", "level", "logger", "instance", "msg", "eid"} <= set(entry), entry

@@ -72,7 +72,9 @@ async def run_load_around(fleet: Fleet, clients: list[Client], action: object) -
         client.events.clear()
     load = Load(fleet, [fleet.user(name)["token"] for name in ("eve", "carol", "dave")], [general, random_])
     task = asyncio.create_task(load.run())
-    await asyncio.wait_for(asyncio.shield(asyncio.sleep(LOAD_BEFORE_KILL_S)), LOAD_BEFORE_KILL_S + 1)  # wait-ok: load runs
+    await asyncio.wait_for(
+        asyncio.shield(asyncio.sleep(LOAD_BEFORE_KILL_S)), LOAD_BEFORE_KILL_S + 1
+    )  # wait-ok: load runs
     started = time.monotonic()
     await action()  # type: ignore[operator]
     elapsed = time.monotonic() - started
@@ -139,7 +141,8 @@ async def test_hung_channel_server_and_dead_charm_leader_together(fleet: Fleet, 
     alive to the kernel, so only its lapsing Consul TTL gives it away, and
     ``rtm up`` does not restart it). The standby CHARM must take over and
     promote the spare."""
-    from services.operator import consul_client as _consul, leader_address
+    from services.operator import consul_client as _consul
+    from services.operator import leader_address
 
     general = fleet.channel("general")
     ring = channel_ring(fleet)

@@ -59,9 +59,7 @@ async def test_member_who_joins_later_receives_later_posts(fleet: Fleet) -> None
     assert (await fleet.api("chat.postMessage", alice["token"], channel=channel, text=before))["ok"]
     assert (await fleet.api("conversations.join", eve["token"], channel=channel))["ok"]
     # The join reaches eve's open connection through her user channel, without a reconnect.
-    await eve_client.wait_for(
-        lambda c: any(e.get("type") == "channel_joined" for e in c.events), what="channel_joined"
-    )
+    await eve_client.wait_for(lambda c: any(e.get("type") == "channel_joined" for e in c.events), what="channel_joined")
     after = [unique("after") for _ in range(3)]
     for text in after:
         assert (await fleet.api("chat.postMessage", alice["token"], channel=channel, text=text))["ok"]

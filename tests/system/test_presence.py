@@ -95,7 +95,9 @@ async def test_presence_sub_replaces_the_set_and_batches(fleet: Fleet) -> None:
     await wait_presence(alice, ids["dave"], "active")
     assert seen(alice, ids["bob"]) == ["away"]
     await alice.send({"type": "presence_query", "ids": ["x"] * 501})
-    await alice.wait_for(lambda c: any(e.get("ok") is False or e.get("type") == "error" for e in c.events), what="error")
+    await alice.wait_for(
+        lambda c: any(e.get("ok") is False or e.get("type") == "error" for e in c.events), what="error"
+    )
     for client in (alice, bob, dave):
         await client.close()
 
@@ -139,7 +141,9 @@ async def test_killed_presence_server_is_replaced_and_watchers_stay_right(fleet:
     ring = presence_ring(fleet)
     slot, victim = ring.slot_for(bob["id"]), ring.owner_for(bob["id"])
     # Someone else on the same slot, online but set away by hand: the webapp re-sends that.
-    away = next((u for u in fleet.seed["users"] if u["name"] not in ("alice", "bob") and ring.slot_for(u["id"]) == slot), None)
+    away = next(
+        (u for u in fleet.seed["users"] if u["name"] not in ("alice", "bob") and ring.slot_for(u["id"]) == slot), None
+    )
     alice = await fleet.connect("alice", "eu-west")
     await alice.send({"type": "presence_sub", "ids": [bob["id"]] + ([away["id"]] if away else [])})
     bob_ws = await fleet.connect("bob", "us-east")

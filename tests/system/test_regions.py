@@ -46,7 +46,9 @@ async def clients(fleet: Fleet) -> AsyncIterator[list[Client]]:
 
 
 def rtm(fleet: Fleet, *args: str) -> str:
-    done = subprocess.run(rtm_argv(*args, "--data-dir", str(fleet.data_dir)), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        rtm_argv(*args, "--data-dir", str(fleet.data_dir)), capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -57,7 +59,11 @@ def gateway_port_of(fleet: Fleet, region: str) -> int:
 
 
 async def post_during(fleet: Fleet, action: object, seconds: float = LOAD_DURING_MOVE_S) -> Load:
-    load = Load(fleet, [fleet.user(n)["token"] for n in ("user0005", "user0006", "user0007")], [fleet.channel("general"), fleet.channel("random")])
+    load = Load(
+        fleet,
+        [fleet.user(n)["token"] for n in ("user0005", "user0006", "user0007")],
+        [fleet.channel("general"), fleet.channel("random")],
+    )
     task = asyncio.create_task(load.run())
     await action()  # type: ignore[operator]
     await asyncio.sleep(seconds)  # wait-ok: keep posting while clients move
@@ -120,7 +126,9 @@ async def test_sigterm_gateway_under_load_loses_nothing(fleet: Fleet, clients: l
 
     load = await post_during(fleet, terminate)
     for client in on_victim:
-        await client.wait_for(lambda c: len(c.urls) >= 2, timeout_s=CATCH_UP_TIMEOUT_S, what="a reconnect after goodbye")
+        await client.wait_for(
+            lambda c: len(c.urls) >= 2, timeout_s=CATCH_UP_TIMEOUT_S, what="a reconnect after goodbye"
+        )
     await assert_exactly_once_in_order(clients, load)
 
 

@@ -75,7 +75,11 @@ class Api:
 
 
 async def web_api_scenario(fleet: Fleet, make: Callable[[str], WebClient | AsyncWebClient]) -> None:
-    alice, bob, carol = Api(make(fleet.user("alice")["token"])), Api(make(fleet.user("bob")["token"])), Api(make(fleet.user("carol")["token"]))
+    alice, bob, carol = (
+        Api(make(fleet.user("alice")["token"])),
+        Api(make(fleet.user("bob")["token"])),
+        Api(make(fleet.user("carol")["token"])),
+    )
     bot_user = next(u for u in fleet.seed["users"] if u["is_bot"])
     bot = Api(make(bot_user["token"]))
     ids = {name: fleet.user(name)["id"] for name in ("alice", "bob", "carol", "dave", "eve")}
@@ -99,7 +103,10 @@ async def web_api_scenario(fleet: Fleet, make: Callable[[str], WebClient | Async
     # membership
     await alice("conversations_invite", channel=channel, users=[ids["bob"], ids["carol"]])
     pages = await alice.pages("conversations_members", "members", channel=channel, limit=1)
-    assert sorted(m for page in pages for m in page) == sorted([ids["alice"], ids["bob"], ids["carol"]]) and len(pages) == 3
+    assert (
+        sorted(m for page in pages for m in page) == sorted([ids["alice"], ids["bob"], ids["carol"]])
+        and len(pages) == 3
+    )
     info = (await bob("conversations_info", channel=channel, include_num_members=True))["channel"]
     assert info["is_member"] and info["num_members"] == 3 and info["name"] == f"{tag}-0"
     await alice("conversations_kick", channel=channel, user=ids["carol"])
@@ -128,7 +135,9 @@ async def web_api_scenario(fleet: Fleet, make: Callable[[str], WebClient | Async
     assert [m["text"] for m in thread["messages"]] == ["m0", "r1", "r2"]
     latest = (await alice("conversations_history", channel=channel, limit=1))["messages"][0]
     assert latest["ts"] == shown["ts"] and latest["subtype"] == "thread_broadcast"
-    parent = (await alice("conversations_history", channel=channel, latest=stamps[0], inclusive=True, limit=1))["messages"][0]
+    parent = (await alice("conversations_history", channel=channel, latest=stamps[0], inclusive=True, limit=1))[
+        "messages"
+    ][0]
     assert parent["reply_count"] == 2 and parent["reply_users"] == [ids["bob"], ids["alice"]]
 
     # edit, delete, ephemeral, reactions
@@ -226,7 +235,9 @@ async def test_rate_limit_429_with_retry_after_through_the_sdk(tmp_path: Path) -
         sync_error = await asyncio.to_thread(lambda: _sync_error(base_url, token))
         assert sync_error == (429, "ratelimited", "1")
         # the SDK's own retry handler honours Retry-After and then succeeds
-        patient = AsyncWebClient(token=token, base_url=base_url, retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)])
+        patient = AsyncWebClient(
+            token=token, base_url=base_url, retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)]
+        )
         assert (await patient.auth_test())["ok"]
         assert (await client.users_list())["ok"]  # budgets are per method
     finally:
@@ -273,8 +284,12 @@ class Recorder:
 def rtm_v2(fleet: Fleet, name: str) -> Iterator[tuple[RTMClient, Recorder]]:
     """An rtm_v2 client connected as ``name``; fully stopped afterwards (no reconnects, no threads)."""
     recorder = Recorder()
-    rtm = RTMClient(token=fleet.user(name)["token"], base_url=fleet.api_url, ping_interval=2,
-                    on_message_listeners=[recorder.raw.append])
+    rtm = RTMClient(
+        token=fleet.user(name)["token"],
+        base_url=fleet.api_url,
+        ping_interval=2,
+        on_message_listeners=[recorder.raw.append],
+    )
 
     @rtm.on("*")
     def record(client: RTMClient, event: dict[str, Any]) -> None:
@@ -311,12 +326,16 @@ async def test_rtm_v2_bot_receives_what_others_do_and_follows_membership_live(fl
         await eventually(lambda: got.of("channel_created"), "channel_created on the team channel")
         assert got.of("channel_created")[-1]["channel"]["name"] == name
         await alice.conversations_invite(channel=channel, users=bot_user["id"])
-        await eventually(lambda: [e for e in got.of("channel_joined") if e["channel"]["id"] == channel], "channel_joined")
+        await eventually(
+            lambda: [e for e in got.of("channel_joined") if e["channel"]["id"] == channel], "channel_joined"
+        )
         bob = await fleet.connect("bob")
         try:
             await bob_web.conversations_join(channel=channel)
             await eventually(lambda: got.of("member_joined_channel", channel=channel, user=bob_id), "bob's join")
-            await bob.wait_for(lambda c: any(e.get("type") == "channel_joined" for e in c.events), what="bob's channel_joined")
+            await bob.wait_for(
+                lambda c: any(e.get("type") == "channel_joined" for e in c.events), what="bob's channel_joined"
+            )
 
             posted = await alice.chat_postMessage(channel=channel, text="hello bot")
             await eventually(lambda: "hello bot" in got.texts(channel), "a message")
@@ -330,7 +349,11 @@ async def test_rtm_v2_bot_receives_what_others_do_and_follows_membership_live(fl
             await bob_web.reactions_add(channel=channel, timestamp=posted["ts"], name="eyes")
             await eventually(lambda: got.of("reaction_added", user=bob_id), "reaction_added")
             added = got.of("reaction_added")[0]
-            assert added["reaction"] == "eyes" and added["item"] == {"type": "message", "channel": channel, "ts": posted["ts"]}
+            assert added["reaction"] == "eyes" and added["item"] == {
+                "type": "message",
+                "channel": channel,
+                "ts": posted["ts"],
+            }
             await bob_web.reactions_remove(channel=channel, timestamp=posted["ts"], name="eyes")
             await eventually(lambda: got.of("reaction_removed", user=bob_id), "reaction_removed")
             await alice.chat_delete(channel=channel, ts=reply["ts"])
@@ -341,8 +364,10 @@ async def test_rtm_v2_bot_receives_what_others_do_and_follows_membership_live(fl
             await bob.send({"id": 1, "type": "typing", "channel": channel})
             await eventually(lambda: got.of("user_typing", channel=channel, user=bob_id), "bob typing")
             rtm.send({"id": 1, "type": "typing", "channel": channel})
-            await bob.wait_for(lambda c: any(e.get("type") == "user_typing" and e.get("user") == bot_user["id"] for e in c.events),
-                               what="the bot typing")
+            await bob.wait_for(
+                lambda c: any(e.get("type") == "user_typing" and e.get("user") == bot_user["id"] for e in c.events),
+                what="the bot typing",
+            )
             # the bot's own posts reach others with its bot_id, and are not handed to its own listeners
             await bot_web.chat_postMessage(channel=channel, text="own post")
             rtm.send({"id": 42, "type": "message", "channel": channel, "text": "over the socket"})
@@ -350,7 +375,11 @@ async def test_rtm_v2_bot_receives_what_others_do_and_follows_membership_live(fl
             ack = next(e for e in got.events if e.get("reply_to") == 42)
             assert ack["ok"] is True and ack["text"] == "over the socket" and ack["ts"]
             await bob.wait_texts(["own post", "over the socket"], channel)
-            assert all(m.get("bot_id") == bot_user["bot_id"] for m in bob.messages(channel) if m.get("text") in ("own post", "over the socket"))
+            assert all(
+                m.get("bot_id") == bot_user["bot_id"]
+                for m in bob.messages(channel)
+                if m.get("text") in ("own post", "over the socket")
+            )
             await alice.chat_postMessage(channel=channel, text="marker")
             await eventually(lambda: "marker" in got.texts(channel), "marker")
             assert "own post" not in got.texts(channel) and "over the socket" not in got.texts(channel)
@@ -375,7 +404,10 @@ async def test_rtm_v2_bot_receives_what_others_do_and_follows_membership_live(fl
             await alice.conversations_archive(channel=channel)
             await eventually(lambda: got.of("channel_archive", channel=channel), "channel_archive")
             assert got.of("channel_rename")[-1]["channel"] == {
-                **got.of("channel_rename")[-1]["channel"], "id": channel, "name": f"{name}-b"}
+                **got.of("channel_rename")[-1]["channel"],
+                "id": channel,
+                "name": f"{name}-b",
+            }
             assert len(got.of("hello")) == 1
         finally:
             await bob.close()
@@ -416,8 +448,10 @@ async def test_legacy_rtm_client_receives_events_and_sends_typing(fleet: Fleet) 
         assert next(m for m in messages if m.get("text") == text)["channel"] == general
         asyncio.run_coroutine_threadsafe(client.typing(channel=general), loop).result(DEFAULT_WAIT_S)
         carol_id = fleet.user("carol")["id"]
-        await bob.wait_for(lambda c: any(e.get("type") == "user_typing" and e.get("user") == carol_id for e in c.events),
-                           what="carol typing from the legacy client")
+        await bob.wait_for(
+            lambda c: any(e.get("type") == "user_typing" and e.get("user") == carol_id for e in c.events),
+            what="carol typing from the legacy client",
+        )
     finally:
         await bob.close()
         loop.call_soon_threadsafe(client.stop)

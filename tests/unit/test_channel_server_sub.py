@@ -86,7 +86,9 @@ async def test_a_sub_on_the_same_ring_is_answered_at_once(server: ChannelServer)
     assert reply["not_owner"] == []
 
 
-async def test_a_connection_that_closed_during_the_ring_read_does_not_replace_the_new_one(server: ChannelServer) -> None:
+async def test_a_connection_that_closed_during_the_ring_read_does_not_replace_the_new_one(
+    server: ChannelServer,
+) -> None:
     v1, v2, channel = rings()
     server.follower.apply(v1)
     old, new = Conn(), Conn()

@@ -64,7 +64,12 @@ def test_publish_reports_frame_and_subscriber_mask() -> None:
     assert isinstance(result, Published)
     assert result.mask == 0b11
     assert decode(result.frame) == {
-        "op": "ev", "ch": "C1", "seq": 1, "json": b'{"type":"message"}', "t0": 12.5, "ctl": {"join": "C9", "since": 3},
+        "op": "ev",
+        "ch": "C1",
+        "seq": 1,
+        "json": b'{"type":"message"}',
+        "t0": 12.5,
+        "ctl": {"join": "C9", "since": 3},
     }
     assert result.frame == wire.encode_event("C1", 1, b'{"type":"message"}', 12.5, {"join": "C9", "since": 3})
 

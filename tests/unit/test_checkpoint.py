@@ -158,8 +158,10 @@ def test_the_thread_checkpoints_and_close_stops_it(store: Store) -> None:
         with pytest.raises(RuntimeError):
             ckpt.start()
         post(store, seed, 5)
-        wait_until(lambda: ckpt.last is not None and ckpt.last[1] > 0 and ckpt.last[2] == ckpt.last[1],
-                   what="a background checkpoint of the posted frames")
+        wait_until(
+            lambda: ckpt.last is not None and ckpt.last[1] > 0 and ckpt.last[2] == ckpt.last[1],
+            what="a background checkpoint of the posted frames",
+        )
     finally:
         ckpt.close()
     assert not ckpt.running and checkpoint_threads() == []

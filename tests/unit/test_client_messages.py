@@ -109,8 +109,11 @@ def test_invalid_and_unsupported_frames_get_errors(gw: FakeGateway) -> None:
     handler.handle(FakeWs(gw), session, "[1, 2]")
     handler.handle(FakeWs(gw), session, json.dumps({"id": 4, "type": "dance"}))
     handler.handle(FakeWs(gw), session, json.dumps({"type": "dance"}))
-    assert [e.get("error", {}).get("code") for e in sock.events] == [ClientError.INVALID_JSON, ClientError.UNSUPPORTED_TYPE,
-                                                                     ClientError.UNSUPPORTED_TYPE]
+    assert [e.get("error", {}).get("code") for e in sock.events] == [
+        ClientError.INVALID_JSON,
+        ClientError.UNSUPPORTED_TYPE,
+        ClientError.UNSUPPORTED_TYPE,
+    ]
     assert sock.events[1]["reply_to"] == 4 and sock.events[1]["ok"] is False and sock.events[2]["type"] == "error"
     assert count(gw, "rtm_errors_total", kind="client_unsupported_type") == 2
 
@@ -170,9 +173,13 @@ def test_typing_is_dropped_when_the_link_is_down_or_no_owner(gw: FakeGateway) ->
 
 async def test_message_is_posted_through_the_webapp_and_acknowledged(gw: FakeGateway) -> None:
     handler, session, sock = setup(gw)
-    handler.handle(FakeWs(gw), session, json.dumps({"id": 7, "type": "message", "channel": "C1", "text": "hi", "thread_ts": "1.2"}))
+    handler.handle(
+        FakeWs(gw), session, json.dumps({"id": 7, "type": "message", "channel": "C1", "text": "hi", "thread_ts": "1.2"})
+    )
     await asyncio.gather(*gw.tasks)
-    assert gw.webapp.calls == [("/internal/call/chat.postMessage", {"user": "UA", "channel": "C1", "text": "hi", "thread_ts": "1.2"})]
+    assert gw.webapp.calls == [
+        ("/internal/call/chat.postMessage", {"user": "UA", "channel": "C1", "text": "hi", "thread_ts": "1.2"})
+    ]
     assert sock.events == [{"ok": True, "reply_to": 7, "ts": "1700000000.000100", "text": "hi"}]
 
 
@@ -189,7 +196,11 @@ async def test_message_errors_are_replies_with_codes(gw: FakeGateway) -> None:
     replies = {e["reply_to"]: e for e in sock.events}
     assert replies[1]["error"] == {"code": ClientError.BAD_MESSAGE, "msg": "message text is missing"}
     assert replies[2]["error"]["code"] == ClientError.BAD_MESSAGE
-    assert replies[3] == {"ok": False, "reply_to": 3, "error": {"code": ClientError.SEND_FAILED, "msg": "not_in_channel"}}
+    assert replies[3] == {
+        "ok": False,
+        "reply_to": 3,
+        "error": {"code": ClientError.SEND_FAILED, "msg": "not_in_channel"},
+    }
     assert replies[4]["error"]["code"] == ClientError.SEND_FAILED
     assert handler.in_flight.get(session) is None  # nothing left in flight
 

@@ -37,7 +37,9 @@ class WS:
         self.remote_address = ("127.0.0.1", 1)
 
 
-def client(max_bytes: int = 1000, max_frames: int = 5, cork: Cork | None = None) -> tuple[ClientSocket, Transport, list[Any]]:
+def client(
+    max_bytes: int = 1000, max_frames: int = 5, cork: Cork | None = None
+) -> tuple[ClientSocket, Transport, list[Any]]:
     cut: list[Any] = []
     ws = WS()
     return ClientSocket(ws, 7, max_bytes, max_frames, cut.append, cork or Cork()), ws.transport, cut

@@ -181,11 +181,17 @@ def test_errors_carry_consuls_status_and_text(state: ConsulState) -> None:
     [
         ({"Port": 1}, "Missing service name"),
         ({"Name": "w", "Address": "0.0.0.0"}, "Invalid service address"),
-        ({"Name": "w", "Port": "80"}, "cannot unmarshal string into Go struct field ServiceDefinition.Port of type int"),
+        (
+            {"Name": "w", "Port": "80"},
+            "cannot unmarshal string into Go struct field ServiceDefinition.Port of type int",
+        ),
         ({"Name": "w", "Checks": [{}]}, "Invalid check: TTL must be > 0 for TTL checks"),
         ({"Name": "w", "Checks": [{"TTL": "1x"}]}, 'time: unknown unit "x" in duration "1x"'),
         ({"Name": "w", "Checks": [{"HTTP": "http://x", "Interval": "1s"}]}, "only TTL checks"),
-        ({"Name": "w", "Checks": [{"TTL": "1s", "Status": "ok"}]}, "Status for checks must 'passing', 'warning', 'critical'"),
+        (
+            {"Name": "w", "Checks": [{"TTL": "1s", "Status": "ok"}]},
+            "Status for checks must 'passing', 'warning', 'critical'",
+        ),
         ({"Name": "w", "Meta": {"bad key": "v"}}, "Key contains invalid characters"),
         ({"Name": "w", "Meta": {"consul-x": "v"}}, "Key prefix 'consul-' is reserved"),
         ({"Name": "w", "Weights": {"Passing": 0, "Warning": 1}}, "Invalid Weights: Passing must be greater than 0"),
@@ -328,7 +334,9 @@ def test_acquire_release_and_lock_index(state: ConsulState) -> None:
     assert err.value.status == 500
 
 
-def test_session_ttl_invalidation_releases_the_lock_then_lock_delay_blocks(state: ConsulState, clock: FakeClock) -> None:
+def test_session_ttl_invalidation_releases_the_lock_then_lock_delay_blocks(
+    state: ConsulState, clock: FakeClock
+) -> None:
     holder = state.session_create({"TTL": "10s"})
     other = state.session_create({"LockDelay": "0s"})
     info = state.session_info(holder)[1][0]
@@ -440,14 +448,17 @@ def test_parse_go_duration(text: str, ns: int) -> None:
     assert parse_go_duration_ns(text) == ns
 
 
-@pytest.mark.parametrize(("text", "message"), [("15", "missing unit"), ("", "invalid duration"), ("1y", "unknown unit")])
+@pytest.mark.parametrize(
+    ("text", "message"), [("15", "missing unit"), ("", "invalid duration"), ("1y", "unknown unit")]
+)
 def test_parse_go_duration_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_go_duration_ns(text)
 
 
 @pytest.mark.parametrize(
-    ("ns", "text"), [(10_000_000_000, "10s"), (86_400_000_000_000, "24h0m0s"), (1_500_000_000, "1.5s"), (250_000_000, "250ms")]
+    ("ns", "text"),
+    [(10_000_000_000, "10s"), (86_400_000_000_000, "24h0m0s"), (1_500_000_000, "1.5s"), (250_000_000, "250ms")],
 )
 def test_format_go_duration(ns: int, text: str) -> None:
     assert format_go_duration(ns) == text

@@ -57,7 +57,7 @@ async def test_sessions_catching_up_from_the_same_place_share_one_read(gw: Gatew
     sockets = [Socket() for _ in range(5)]
     sessions = [Session(sid=10 + i, user=f"U{10 + i}", team="T1", write=s.write) for i, s in enumerate(sockets)]
     fetches = [gw.state.attach(s, [("C1", 3)]).fetch[0] for s in sessions]  # each behind the cursor: held
-    assert all(f == Fetch("C1", 3, 8, s) for f, s in zip(fetches, sessions))
+    assert all(f == Fetch("C1", 3, 8, s) for f, s in zip(fetches, sessions, strict=False))
     pending = [asyncio.ensure_future(gw.fetch_history(f)) for f in fetches]
     other = asyncio.ensure_future(gw.fetch_history(Fetch("C1", 5, 8, None)))  # a different range reads apart
     for _ in range(3):

@@ -23,7 +23,9 @@ def events(frames: list[bytes]) -> list[dict[str, Any]]:
 
 
 def test_presence_change_shapes() -> None:
-    assert events(presence_events([("U1", "active")])) == [{"type": "presence_change", "user": "U1", "presence": "active"}]
+    assert events(presence_events([("U1", "active")])) == [
+        {"type": "presence_change", "user": "U1", "presence": "active"}
+    ]
     assert events(presence_events([("U1", "away"), ("U2", "active"), ("U3", "away")])) == [
         {"type": "presence_change", "users": ["U1", "U3"], "presence": "away"},
         {"type": "presence_change", "user": "U2", "presence": "active"},
@@ -128,7 +130,10 @@ async def test_reports_and_watches_are_batched_per_server() -> None:
     presence.subscribe(tabs[0], ["U1", "U2"])
     presence.subscribe(tabs[2], ["U2", "U3"])
     await settle()
-    assert [(m["op"], sorted(m["users"])) for m in conn.sent] == [("online", ["UA", "UB"]), ("psub", ["U1", "U2", "U3"])]
+    assert [(m["op"], sorted(m["users"])) for m in conn.sent] == [
+        ("online", ["UA", "UB"]),
+        ("psub", ["U1", "U2", "U3"]),
+    ]
     assert all(m["epoch"] == 42 and m["gw"] == "gw-test" and m["rv"] == 3 for m in conn.sent)
     conn.sent.clear()
     presence.detached(tabs[1])  # UA's second tab: still online, watched nothing

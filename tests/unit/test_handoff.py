@@ -35,7 +35,14 @@ def events(n: int, channels: tuple[str, ...] = ("C1", "C2", "U1")) -> list[Event
 
 def test_pub_message_shape() -> None:
     plain = pub_message(ev("C1", 3))
-    assert plain == {"op": "pub", "ch": "C1", "seq": 3, "json": b'{"type":"message","n":3}', "t0": 1_700_000_003.0, "eid": "C1:3"}
+    assert plain == {
+        "op": "pub",
+        "ch": "C1",
+        "seq": 3,
+        "json": b'{"type":"message","n":3}',
+        "t0": 1_700_000_003.0,
+        "eid": "C1:3",
+    }
     assert "ctl" not in plain
     assert pub_message(ev("U1", 1, {"join": "C9", "since": 4}))["ctl"] == {"join": "C9", "since": 4}
 
@@ -92,7 +99,7 @@ class FakeSender:
     async def ready(self, timeout_s: float) -> bool:
         try:
             await asyncio.wait_for(self.up.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

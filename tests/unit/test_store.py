@@ -91,8 +91,13 @@ def test_post_gives_gapless_seq_and_increasing_ts(store: Store, demo: dict, cloc
     assert message["ts"] == "1700000000.000005"
     payload = json.loads(event.json)
     assert payload == {
-        "type": "message", "channel": general.id, "user": alice.id, "text": "after clock step back",
-        "ts": message["ts"], "team": alice.team, "event_ts": message["ts"],
+        "type": "message",
+        "channel": general.id,
+        "user": alice.id,
+        "text": "after clock step back",
+        "ts": message["ts"],
+        "team": alice.team,
+        "event_ts": message["ts"],
     }
     assert store.last_seq(general.id) == 6
     # another channel has its own sequence
@@ -128,8 +133,17 @@ def test_create_and_join_events_on_team_user_and_channel(store: Store, demo: dic
     assert ch.name == "projects" and ch.id.startswith("C")
     assert [(e.channel, e.seq) for e in events] == [(alice.team, 1), (ch.id, 1), (alice.id, 1)]
     created, joined, own = (json.loads(e.json) for e in events)
-    assert created == {"type": "channel_created", "channel": {"id": ch.id, "name": "projects", "created": ch.created, "creator": alice.id}}
-    assert joined == {"type": "member_joined_channel", "user": alice.id, "channel": ch.id, "channel_type": "C", "team": alice.team}
+    assert created == {
+        "type": "channel_created",
+        "channel": {"id": ch.id, "name": "projects", "created": ch.created, "creator": alice.id},
+    }
+    assert joined == {
+        "type": "member_joined_channel",
+        "user": alice.id,
+        "channel": ch.id,
+        "channel_type": "C",
+        "team": alice.team,
+    }
     assert own["type"] == "channel_joined" and own["channel"]["id"] == ch.id and own["channel"]["name"] == "projects"
     assert events[2].ctl == {"join": ch.id, "since": 1}
     assert events[0].ctl is None
@@ -297,8 +311,10 @@ def test_leave_invite_kick_emit_membership_events_with_ctl(store: Store, demo: d
     ch, _ = store.create_channel(alice, "crew")
     events = store.invite(ch, alice, [bob, carol])
     assert events_of(events) == [
-        (ch.id, "member_joined_channel", None), (bob.id, "channel_joined", {"join": ch.id, "since": 2}),
-        (ch.id, "member_joined_channel", None), (carol.id, "channel_joined", {"join": ch.id, "since": 3}),
+        (ch.id, "member_joined_channel", None),
+        (bob.id, "channel_joined", {"join": ch.id, "since": 2}),
+        (ch.id, "member_joined_channel", None),
+        (carol.id, "channel_joined", {"join": ch.id, "since": 3}),
     ]
     assert json.loads(events[0].json)["inviter"] == alice.id
     for users, code in (([bob], "already_in_channel"), ([alice], "cant_invite_self")):
@@ -322,8 +338,10 @@ def test_leave_invite_kick_emit_membership_events_with_ctl(store: Store, demo: d
             store.kick(ch, alice, target)
         assert err.value.code == code
     general = channel(store, demo, "general")
-    for call, code in ((lambda: store.leave_channel(general, bob), "cant_leave_general"),
-                       (lambda: store.kick(general, alice, bob), "cant_kick_from_general")):
+    for call, code in (
+        (lambda: store.leave_channel(general, bob), "cant_leave_general"),
+        (lambda: store.kick(general, alice, bob), "cant_kick_from_general"),
+    ):
         with pytest.raises(ApiError) as err:
             call()
         assert err.value.code == code
@@ -352,7 +370,9 @@ def test_rename_and_archive(store: Store, demo: dict) -> None:
         with pytest.raises(ApiError) as err:
             call()
         assert err.value.code == code
-    assert events_of(store.archive_channel(archived, alice, archived=False)) == [(alice.team, "channel_unarchive", None)]
+    assert events_of(store.archive_channel(archived, alice, archived=False)) == [
+        (alice.team, "channel_unarchive", None)
+    ]
     secret, _ = store.create_channel(alice, "hush", is_private=True)
     _, events = store.rename_channel(secret, alice, "hushed")
     assert events_of(events) == [(secret.id, "group_rename", None)]  # private: only its members hear it
@@ -381,14 +401,19 @@ def test_direct_messages_are_private_channels_opened_once(store: Store, demo: di
     assert store.list_conversations(carol, types={"im"}).items == []
     assert [c.id for c in store.list_conversations(carol, types={"mpim"}).items] == [group.id]
     assert dm.to_api(user=bob.id)["is_im"] is True
-    for call, code in ((lambda: store.leave_channel(dm, alice), "method_not_supported_for_channel_type"),
-                       (lambda: store.invite(dm, alice, [carol]), "method_not_supported_for_channel_type")):
+    for call, code in (
+        (lambda: store.leave_channel(dm, alice), "method_not_supported_for_channel_type"),
+        (lambda: store.invite(dm, alice, [carol]), "method_not_supported_for_channel_type"),
+    ):
         with pytest.raises(ApiError) as err:
             call()
         assert err.value.code == code
     with pytest.raises(ApiError) as err:
-        store.open_dm(alice, [user(store, demo, n) for n in ("bob", "carol", "dave", "eve", "rtmbot")] * 2 + [
-            store.create_user(alice.team, f"extra{i}")[0] for i in range(4)])
+        store.open_dm(
+            alice,
+            [user(store, demo, n) for n in ("bob", "carol", "dave", "eve", "rtmbot")] * 2
+            + [store.create_user(alice.team, f"extra{i}")[0] for i in range(4)],
+        )
     assert err.value.code == "too_many_users"
 
 
@@ -426,13 +451,21 @@ def test_reactions_add_remove_and_show_in_history(store: Store, demo: dict) -> N
     message, _ = store.post_message(general, alice, "react to me")
     event = store.add_reaction(general, bob, message["ts"], ":thumbsup:")
     body = json.loads(event.json)
-    assert body == {"type": "reaction_added", "user": bob.id, "reaction": "thumbsup", "item_user": alice.id,
-                    "item": {"type": "message", "channel": general.id, "ts": message["ts"]}, "event_ts": body["event_ts"]}
+    assert body == {
+        "type": "reaction_added",
+        "user": bob.id,
+        "reaction": "thumbsup",
+        "item_user": alice.id,
+        "item": {"type": "message", "channel": general.id, "ts": message["ts"]},
+        "event_ts": body["event_ts"],
+    }
     store.add_reaction(general, alice, message["ts"], "thumbsup")
     store.add_reaction(general, alice, message["ts"], "wave::skin-tone-3")
     shown = store.message(general.id, message["ts"])
-    assert shown["reactions"] == [{"name": "thumbsup", "users": [bob.id, alice.id], "count": 2},
-                                  {"name": "wave::skin-tone-3", "users": [alice.id], "count": 1}]
+    assert shown["reactions"] == [
+        {"name": "thumbsup", "users": [bob.id, alice.id], "count": 2},
+        {"name": "wave::skin-tone-3", "users": [alice.id], "count": 1},
+    ]
     assert store.history(general.id)[0][0]["reactions"] == shown["reactions"]
     for call, code in (
         (lambda: store.add_reaction(general, bob, message["ts"], "thumbsup"), "already_reacted"),
@@ -446,7 +479,11 @@ def test_reactions_add_remove_and_show_in_history(store: Store, demo: dict) -> N
         assert err.value.code == code
     removed = json.loads(store.remove_reaction(general, bob, message["ts"], "thumbsup").json)
     assert removed["type"] == "reaction_removed" and removed["reaction"] == "thumbsup"
-    assert store.message(general.id, message["ts"])["reactions"][0] == {"name": "thumbsup", "users": [alice.id], "count": 1}
+    assert store.message(general.id, message["ts"])["reactions"][0] == {
+        "name": "thumbsup",
+        "users": [alice.id],
+        "count": 1,
+    }
 
 
 def test_thread_summary_and_broadcast_replies(store: Store, demo: dict) -> None:
@@ -459,7 +496,11 @@ def test_thread_summary_and_broadcast_replies(store: Store, demo: dict) -> None:
     assert [m["text"] for m in messages] == ["r2", "parent"]  # the broadcast reply shows in the channel
     root = messages[1]
     assert root["thread_ts"] == parent["ts"] and root["reply_count"] == 2
-    assert root["reply_users"] == [bob.id, alice.id] and root["reply_users_count"] == 2 and root["latest_reply"] == last["ts"]
+    assert (
+        root["reply_users"] == [bob.id, alice.id]
+        and root["reply_users_count"] == 2
+        and root["latest_reply"] == last["ts"]
+    )
     thread, _, _ = store.replies(general.id, parent["ts"])
     assert [m["text"] for m in thread] == ["parent", "r1", "r2"]
 

@@ -169,5 +169,9 @@ def test_encode_event_transient_seq_is_nil() -> None:
 def test_replies() -> None:
     assert wire.reply_ok(3, version=7) == {"op": "ok", "id": 3, "version": 7}
     assert wire.reply_err(4, "not_owner", "moved", version=8) == {
-        "op": "err", "id": 4, "code": "not_owner", "detail": "moved", "version": 8,
+        "op": "err",
+        "id": 4,
+        "code": "not_owner",
+        "detail": "moved",
+        "version": 8,
     }
