@@ -6,7 +6,12 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
+
+from services.certs import FleetCertificates
+from services.identity import PeerIdentity
+from services.tls import WireTrust
 
 T = TypeVar("T")
 
@@ -68,3 +73,22 @@ def free_port_base(span: int = 200, host: str = "127.0.0.1", attempts: int = 50)
             for sock in socks:
                 sock.close()
     raise RuntimeError(f"no free range of {span} ports found")
+
+
+class FleetCA:
+    """A fleet CA in a temporary directory, issuing certificates to tests (see tests/conftest.py)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.certs = FleetCertificates(directory)
+        self.certs.ensure_ca()
+
+    def trust(self, service: str, instance: str = "") -> WireTrust:
+        """Credentials for ``service/instance`` (instance defaults to ``<service>-test``)."""
+        identity = PeerIdentity(service, instance or f"{service}-test")
+        paths = self.certs.ensure(f"{identity.service}-{identity.instance}", identity)
+        return WireTrust.load(paths.ca, paths.cert, paths.key)
+
+    def flags(self, service: str, instance: str) -> list[str]:
+        """The ``--tls-*`` flags of a process started as ``service/instance``."""
+        paths = self.certs.ensure(f"{service}-{instance}", PeerIdentity(service, instance))
+        return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
