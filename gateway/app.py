@@ -40,10 +40,12 @@ from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
 from services.errors import CloseCode, ConnectionLost, NotOwner, PeerError, RequestTimeout
+from services.identity import CHANNEL_SERVER
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import RingDocument
 from services.ticket import InvalidTicket, TicketVerifier
+from services.tls import WireTrust, trust_from_args
 
 log = logging.getLogger("rtm.gateway")
 
@@ -72,25 +74,36 @@ HELLO = b'{"type":"hello"}'
 
 
 class WebappClient:
-    """The webapp's internal endpoints: bootstrap and history."""
+    """The webapp's internal endpoints: bootstrap and history.
 
-    def __init__(self, directory: ServiceDirectory, secret: str, fixed_url: str = "") -> None:
+    They are on the webapp's internal listener (Consul meta ``internal_port``),
+    which admits only fleet certificates of role gateway: the client presents
+    this gateway's certificate (mutual TLS) and checks the server is a webapp.
+    """
+
+    def __init__(self, directory: ServiceDirectory, trust: WireTrust, fixed_url: str = "") -> None:
         self.directory = directory
-        self.secret = secret
+        self.trust = trust
         self.fixed_url = fixed_url.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
 
     def base_url(self) -> str:
         if self.fixed_url:
             return self.fixed_url
+        scheme = "https" if self.trust.enabled else "http"
         for inst in self.directory.instances.values():
-            return f"http://{inst.address}:{inst.port}"
-        raise ConnectionLost("no healthy webapp in Consul")
+            internal_port = inst.meta.get("internal_port")
+            if internal_port:
+                return f"{scheme}://{inst.address}:{internal_port}"
+        raise ConnectionLost("no healthy webapp with an internal_port in Consul")
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if self.session is None:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBAPP_TIMEOUT_S))
-        async with self.session.post(self.base_url() + path, json=body, headers={"X-Rtm-Secret": self.secret}) as resp:
+            connector = aiohttp.TCPConnector(ssl=self.trust.client) if self.trust.enabled else None
+            self.session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=WEBAPP_TIMEOUT_S)
+            )
+        async with self.session.post(self.base_url() + path, json=body) as resp:
             reply: dict[str, Any] = await resp.json(content_type=None)
         if not reply.get("ok"):
             raise PeerError(str(reply.get("error", "webapp_error")), reply)
@@ -109,7 +122,8 @@ class Gateway:
         self.discovery = Discovery(args.consul)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
-        self.webapp = WebappClient(ServiceDirectory(self.discovery, "webapp"), args.secret, args.webapp_url)
+        self.trust = trust_from_args(args, SERVICE)
+        self.webapp = WebappClient(ServiceDirectory(self.discovery, "webapp"), self.trust, args.webapp_url)
         self.verifier = TicketVerifier(args.secret.encode(), self.instance_id)
         self.links: dict[str, PeerLink] = {}
         self.subscribed_at: dict[str, str] = {}  # channel -> channel server instance holding our subscription
@@ -536,6 +550,8 @@ class Gateway:
                     name=f"{self.instance_id}->{owner}", on_push=self.on_push, on_burst=self.on_burst
                 ),
                 on_connected=resubscribe,
+                trust=self.trust,
+                expect=CHANNEL_SERVER,
             )
             link.start()
             self.links[owner] = link
@@ -602,7 +618,7 @@ def build_parser() -> Parser:
     parser.add("--region", "us-east", "region tag of this gateway")
     parser.add("--secret", "", "secret shared with the webapp (tickets, internal endpoints)")
     parser.add("--data-dir", "./.rtm", "where to find the shared secret when --secret is not given")
-    parser.add("--webapp-url", "", "webapp base URL (default: discovered in Consul)")
+    parser.add("--webapp-url", "", "base URL of the webapp's internal listener (default: discovered in Consul)")
     parser.add(
         "--public-url",
         "",

@@ -462,6 +462,8 @@ class GatewayPresence:
                 address=lambda: self.servers.address(owner),
                 factory=lambda: PeerConnection(name=f"{self.gw_id}->{owner}", on_push=self.on_push),
                 on_connected=on_connected,
+                trust=self.gw.trust,
+                expect=PRESENCE_SERVICE,
             )
             link.start()
             self.links[owner] = link

@@ -47,6 +47,7 @@ from typing import Any
 
 from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
 from services import wire
+from services.authz import Authorizer
 from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
 from services.discovery import Discovery, fault_routes
@@ -55,6 +56,7 @@ from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
 from services.slot_owner import SlotOwner
+from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.presence")
 
@@ -99,6 +101,8 @@ class PresenceServer:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.trust = trust_from_args(args, SERVICE)
+        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.updates_in = m.counter("rtm_ps_updates_in_total", "Presence reports received, by kind", ["kind"])
         self.updates_out = m.counter("rtm_ps_updates_out_total", "Presence entries pushed to gateways")
         self.push_frames = m.counter("rtm_ps_push_frames_total", "presence frames written to gateways")
@@ -142,7 +146,13 @@ class PresenceServer:
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         args = self.args
-        self.server = await serve(args.host, args.port, self.make_connection)
+        self.server = await serve(
+            args.host,
+            args.port,
+            self.make_connection,
+            trust=self.trust,
+            on_refused=lambda *_: self.metrics.error("auth"),
+        )
         self.port = int(self.server.sockets[0].getsockname()[1])
         self.metrics_port, self._stop_metrics = await start_metrics_server(
             args.host,
@@ -280,6 +290,10 @@ class PresenceServer:
 
     def handle_push(self, conn: PeerConnection, msg: dict[str, Any]) -> None:
         op = msg["op"]
+        refusal = self.authz.check(conn.identity, msg)  # services/authz.py: the sender's role may send this?
+        if refusal is not None:
+            self.authz.refuse(refusal, None)
+            return
         before = self.table.stats.changes
         if op in ("online", "psub"):
             gw = self._gateway(conn, msg)
@@ -322,6 +336,9 @@ class PresenceServer:
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         op = msg["op"]
         request_id = int(msg["id"])
+        refusal = self.authz.check(conn.identity, msg)  # services/authz.py: the sender's role may send this?
+        if refusal is not None:
+            return self.authz.refuse(refusal, request_id)
         try:
             if op == "lease":
                 return self.handle_lease(conn, request_id, msg)

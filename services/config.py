@@ -13,6 +13,8 @@ import socket
 import uuid
 from typing import Any
 
+from services import tls
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
 # How often a registered process tells Consul it is alive, and how long
@@ -68,6 +70,7 @@ def service_parser(prog: str, description: str, default_port: int) -> Parser:
     )
     parser.add("--ttl-s", DEFAULT_TTL_S, "Consul TTL check period in seconds")
     parser.add("--log-level", "INFO", "log level")
+    tls.add_flags(parser)  # --tls-ca/--tls-cert/--tls-key/--wire-tls: see services/tls.py
     return parser
 
 

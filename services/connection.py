@@ -318,13 +318,14 @@ class TlsGate:
         peername = transport.get_extra_info("peername")
         waiter: asyncio.Future[None] = loop.create_future()
         verify = _Verify(self, peername)
+        assert self.trust.server is not None
         tls = sslproto.SSLProtocol(
             loop,
             verify,
             self.trust.server,
             waiter,
             server_side=True,
-            ssl_handshake_timeout=self.trust.handshake_timeout_s,
+            ssl_handshake_timeout=self.trust.handshake_timeout_s,  # type: ignore[arg-type]  # typeshed says int; floats work
             call_connection_made=True,
         )
         transport.set_protocol(tls)

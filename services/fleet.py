@@ -16,6 +16,14 @@ gateways first, Consul last.
 
 Every port derives from ``--port-base`` (see :func:`plan`), so two fleets run
 side by side with different bases.
+
+Trust (docs/trust.md): on first start ``DATA_DIR/tls/`` gets the fleet CA and
+one certificate and key per process (named by its place in the plan, e.g.
+``channel-server-0``, its instance id inside), plus ``operator`` for the
+``rtm`` commands that talk to CHARM; every file 0600. A restart reuses them,
+and with them the instance ids. Every process gets ``--tls-ca``,
+``--tls-cert`` and ``--tls-key``; ``--wire-tls off`` exists for measurement
+only and is never chosen unless given.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services import regions
+from services import regions, tls
+from services.certs import CertPaths, FleetCertificates
 from services.config import Parser, split_host_port
+from services.identity import OPERATOR, PeerIdentity
 from services.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services.process import announce_ready
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
@@ -47,6 +57,25 @@ MAX_RESTARTS_PER_MINUTE = 5
 SEED_USERS = 5
 SEED_CHANNELS = 2
 SEED_BOTS = 1
+TLS_DIR = "tls"
+OPERATOR_CERT = "operator"  # DATA_DIR/tls/operator.{crt,key}: the `rtm` commands' identity towards CHARM
+OPERATOR_INSTANCE = "rtm-cli"
+
+
+def tls_flags(paths: CertPaths) -> list[str]:
+    return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
+
+
+def credentials(certs: FleetCertificates | None, name: str, service: str, make_id: str) -> tuple[str, list[str]]:
+    """The instance id of the process at ``name`` in the plan and its TLS flags.
+
+    The id is the one in its stored certificate (a restart is the same process),
+    else ``make_id``; without ``certs`` (``--wire-tls off``) there are no flags."""
+    if certs is None:
+        return make_id, ["--wire-tls", tls.WIRE_TLS_OFF]
+    known = certs.existing_identity(name)
+    iid = known.instance if known is not None and known.service == service else make_id
+    return iid, tls_flags(certs.ensure(name, PeerIdentity(service, iid)))
 
 
 @dataclass
@@ -60,11 +89,14 @@ class ProcessSpec:
     restarts: list[float] = field(default_factory=list)
 
 
-def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[ProcessSpec]:
-    """The processes of the fleet with their ports: base+0 Consul, +1 webapp,
+def plan(
+    args: argparse.Namespace, data_dir: Path, consul_addr: str, certs: FleetCertificates | None = None
+) -> list[ProcessSpec]:
+    """The processes of the fleet with their ports: base+0 Consul, +1 webapp (+2 its internal port),
     +10.. admin servers, +20.. channel servers (actives, then spares), +30..
     CHARMs, +40.. gateways, +50.. presence servers (actives, then spares); each
-    process's metrics port is its port + 100."""
+    process's metrics port is its port + 100. ``certs`` issues each its
+    certificate (None: ``--wire-tls off``)."""
     base = args.port_base
     host = args.host
     common = ["--host", host, "--consul", consul_addr]
@@ -72,7 +104,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
     for i in range(args.channel_servers + args.spares):
         port = base + 20 + i
         role = "active" if i < args.channel_servers else "spare"
-        iid = f"cs-{uuid.uuid4().hex[:6]}"
+        iid, creds = credentials(certs, f"channel-server-{i}", "channel-server", f"cs-{uuid.uuid4().hex[:6]}")
         specs.append(
             ProcessSpec(
                 iid,
@@ -80,6 +112,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                 rtm_argv(
                     "channel-server",
                     *common,
+                    *creds,
                     "--port",
                     str(port),
                     "--metrics-port",
@@ -100,7 +133,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
     for i in range(args.presence_servers + args.presence_spares):
         port = base + 50 + i
         role = "active" if i < args.presence_servers else "spare"
-        iid = f"ps-{uuid.uuid4().hex[:6]}"
+        iid, creds = credentials(certs, f"presence-{i}", "presence", f"ps-{uuid.uuid4().hex[:6]}")
         specs.append(
             ProcessSpec(
                 iid,
@@ -108,6 +141,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                 rtm_argv(
                     "presence",
                     *common,
+                    *creds,
                     "--port",
                     str(port),
                     "--metrics-port",
@@ -125,7 +159,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
         )
     for i in range(args.charms):
         port = base + 30 + i
-        iid = f"charm-{i}"
+        iid, creds = credentials(certs, f"charm-{i}", "charm", f"charm-{i}")
         specs.append(
             ProcessSpec(
                 iid,
@@ -133,6 +167,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                 rtm_argv(
                     "charm",
                     *common,
+                    *creds,
                     "--port",
                     str(port),
                     "--metrics-port",
@@ -149,7 +184,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
         )
     for i in range(args.admin_servers):
         port = base + 10 + i
-        iid = f"as-{i}"
+        iid, creds = credentials(certs, f"admin-server-{i}", "admin-server", f"as-{i}")
         specs.append(
             ProcessSpec(
                 iid,
@@ -157,6 +192,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                 rtm_argv(
                     "admin-server",
                     *common,
+                    *creds,
                     "--port",
                     str(port),
                     "--metrics-port",
@@ -169,6 +205,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
         )
     port = base + 1
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    iid, creds = credentials(certs, "webapp-0", "webapp", "webapp-0")
     specs.append(
         ProcessSpec(
             "webapp",
@@ -176,10 +213,13 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
             rtm_argv(
                 "webapp",
                 *common,
+                *creds,
                 "--port",
                 str(port),
+                "--internal-port",
+                str(base + 2),
                 "--instance-id",
-                "webapp-0",
+                iid,
                 "--data-dir",
                 str(data_dir),
                 "--region",
@@ -192,7 +232,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
     for region in regions:
         for j in range(args.gateways_per_region):
             port = base + 40 + n
-            iid = f"gw-{region}-{j}"
+            iid, creds = credentials(certs, f"gw-{region}-{j}", "gateway", f"gw-{region}-{j}")
             specs.append(
                 ProcessSpec(
                     iid,
@@ -200,6 +240,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                     rtm_argv(
                         "gateway",
                         *common,
+                        *creds,
                         "--port",
                         str(port),
                         "--metrics-port",
@@ -278,7 +319,7 @@ class Fleet:
             self.launch(spec)
         self.seed = self.ensure_seed()
         write_region_map(self.consul_addr, [r.strip() for r in self.args.regions.split(",") if r.strip()])
-        specs = plan(self.args, self.data_dir, self.consul_addr)
+        specs = plan(self.args, self.data_dir, self.consul_addr, self.certificates())
         for spec in specs:
             self.specs[spec.name] = spec
         order = ["channel-server", "presence", "charm", "admin-server", "webapp", "gateway"]
@@ -291,6 +332,16 @@ class Fleet:
                     if self.args.presence_servers:
                         wait_for_ring(self.consul_addr, self.args.ready_timeout_s, PRESENCE_RING_KEY)
         self.write_fleet_json()
+
+    def certificates(self) -> FleetCertificates | None:
+        """The fleet CA and the operator's certificate (each process's is made by :func:`plan`)."""
+        if self.args.wire_tls == tls.WIRE_TLS_OFF:
+            print("rtm up: --wire-tls off: the internal wire is PLAINTEXT and unauthenticated", file=sys.stderr)
+            return None
+        certs = FleetCertificates(self.data_dir / TLS_DIR)
+        certs.ensure_ca()
+        certs.ensure(OPERATOR_CERT, PeerIdentity(OPERATOR, OPERATOR_INSTANCE))
+        return certs
 
     def ensure_seed(self) -> dict[str, Any]:
         path = self.data_dir / "seed.json"
@@ -326,6 +377,7 @@ class Fleet:
             "api_url": f"http://{webapp['host']}:{webapp['port']}/api/",
             "consul_url": f"http://{self.consul_addr}",
             "data_dir": str(self.data_dir),
+            "tls_dir": "" if self.args.wire_tls == tls.WIRE_TLS_OFF else str(self.data_dir / TLS_DIR),
             "supervisor_pid": os.getpid(),
             "processes": processes,
         }
@@ -426,6 +478,12 @@ def build_parser() -> Parser:
     parser.add("--seed-users", SEED_USERS, "users in the demo team created on first start")
     parser.add("--ready-timeout-s", 30.0, "seconds each process may take to become ready")
     parser.add("--verbose", False, "copy every process's log lines to this terminal")
+    parser.add(
+        "--wire-tls",
+        tls.WIRE_TLS_ON,
+        "mutual TLS between fleet processes: on, or off (plaintext; measurement and debugging only)",
+        choices=[tls.WIRE_TLS_ON, tls.WIRE_TLS_OFF],
+    )
     return parser
 
 

@@ -193,9 +193,7 @@ def trust_from_args(args: Any, service: str) -> WireTrust:
 class RefusalLog:
     """Whether to log a refused peer now: once per source per interval (sans-I/O, clock passed in)."""
 
-    def __init__(
-        self, interval_s: float = REFUSAL_LOG_INTERVAL_S, max_sources: int = MAX_REFUSAL_LOG_SOURCES
-    ) -> None:
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S, max_sources: int = MAX_REFUSAL_LOG_SOURCES) -> None:
         self.interval_s = interval_s
         self.max_sources = max_sources
         self._last: OrderedDict[str, float] = OrderedDict()

@@ -8,7 +8,11 @@ POST, arguments merged from the query string, a form body and a JSON body
 through ``response_metadata.next_cursor`` ("" on the last page), and HTTP 429
 with ``Retry-After`` when a token exceeds its per-method budget.
 
-Internal endpoints (header ``X-Rtm-Secret``; 403 otherwise):
+Internal endpoints: served on their own listener (``--internal-port``), never
+on the public one, and only to a peer with a fleet client certificate of role
+``gateway`` (mutual TLS, see docs/trust.md); anyone else gets 403
+``{"ok": false, "error": "forbidden"}``, counted as
+``rtm_errors_total{kind="forbidden"}``:
 
 * ``POST /internal/bootstrap`` ``{"user": U, "resume": id?}`` ->
   ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
@@ -32,7 +36,6 @@ outbox before the reply is written, and the reply never waits for them.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import json
 import logging
@@ -49,8 +52,10 @@ from prometheus_client import Counter, Histogram
 
 from services import regions
 from services.discovery import Instance
+from services.identity import GATEWAY, BadIdentity
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.ticket import mint
+from services.tls import transport_identity
 from webapp_stub.handoff import Handoff
 from webapp_stub.presence import PresenceClient
 from webapp_stub.resume import ResumeBook
@@ -68,7 +73,6 @@ from webapp_stub.store import (
 log = logging.getLogger("rtm.webapp.api")
 GATEWAY_LOAD_POLL_S = 1.0  # how often rtm.connect's view of gateway connection counts is refreshed
 
-SECRET_HEADER = "X-Rtm-Secret"
 REGION_HEADER = "X-Rtm-Region"
 DEFAULT_RATE_LIMIT_PER_MINUTE = 6000  # generous: tests and benchmarks must not trip it
 MAX_RATE_BUCKETS = 100_000  # beyond this, full (idle) buckets are forgotten
@@ -321,6 +325,8 @@ class WebApi:
         self.gateways = gateways
         self.metrics = metrics
         self.secret = secret
+        # False only with --wire-tls off (no certificates: nobody is checked, debugging only)
+        self.internal_callers_checked = True
         self.region = region
         self.clock = clock
         self.limiter = RateLimiter(rate_limit_per_minute)
@@ -366,6 +372,11 @@ class WebApi:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.route("*", "/api/{method}", self.handle_api),
+        ]
+
+    def internal_routes(self) -> list[web.RouteDef]:
+        """The gateways' endpoints: for the internal (mutual TLS) listener only."""
+        return [
             web.post("/internal/bootstrap", self.handle_bootstrap),
             web.post("/internal/history", self.handle_history),
             web.post("/internal/resume", self.handle_resume),
@@ -417,16 +428,23 @@ class WebApi:
         return web.json_response(body, status=status, headers=headers)
 
     # -- internal endpoints ----------------------------------------------------------------
-    def _check_secret(self, request: web.Request) -> None:
-        given = request.headers.get(SECRET_HEADER, "").encode()
-        if not self.secret or not hmac.compare_digest(given, self.secret):
-            self.metrics.error("internal_forbidden")
+    def _check_caller(self, request: web.Request) -> None:
+        """Only a gateway (by its verified client certificate) calls the internal endpoints."""
+        if not self.internal_callers_checked:
+            return
+        try:
+            identity = transport_identity(request.transport)
+        except BadIdentity:
+            identity = None
+        if identity is None or identity.role != GATEWAY:
+            self.metrics.error("forbidden")
+            log.warning("forbidden: %s called %s (only gateways may)", identity, request.path)
             raise web.HTTPForbidden(
                 text=json.dumps({"ok": False, "error": "forbidden"}), content_type="application/json"
             )
 
     async def _internal_args(self, request: web.Request) -> Args:
-        self._check_secret(request)
+        self._check_caller(request)
         try:
             data = await request.json() if request.can_read_body else {}
         except ValueError:

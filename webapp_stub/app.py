@@ -5,8 +5,10 @@
 
 Startup: open the store, start the outbox (requeueing what the last run may
 not have handed off, from the store's hand-off mark), watch ``admin-server``
-and ``gateway`` in Consul, serve HTTP (API, internal endpoints, ``/healthz``
-and ``/metrics`` on one port), then register as ``webapp``. Stop runs the
+and ``gateway`` in Consul, serve HTTP (API, ``/healthz`` and ``/metrics`` on
+the public port; the gateways' ``/internal/`` endpoints on their own port,
+``--internal-port``, behind mutual TLS that admits only gateway certificates),
+then register as ``webapp`` (meta ``internal_port`` tells gateways where). Stop runs the
 same steps backwards from an exit stack: deregister, stop accepting, finish
 in-flight requests, stop the watches, flush the outbox for a bounded time,
 write the mark, close the database.
@@ -28,9 +30,11 @@ from aiohttp import web
 
 from services import logs, regions
 from services.config import Parser, advertised, instance_id, service_parser
+from services.connection import serve
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
+from services.tls import trust_from_args
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -140,6 +144,7 @@ def build_parser() -> Parser:
         DEFAULT_RATE_LIMIT_PER_MINUTE,
         "Web API calls per token per method per minute (0: unlimited)",
     )
+    parser.add("--internal-port", 0, "port of the gateways' /internal/ endpoints (mutual TLS; 0: any free port)")
     parser.add("--region", "", "region whose gateways rtm.connect prefers (also per request: X-Rtm-Region or region=)")
     parser.add(
         "--region-map",
@@ -159,6 +164,8 @@ async def start_webapp(
     is not used).
     """
     iid = instance_id(SERVICE, getattr(args, "instance_id", ""))
+    args.instance_id = iid
+    trust = trust_from_args(args, SERVICE)
     os.makedirs(args.data_dir, exist_ok=True)
     secret = load_secret(args.secret, args.data_dir)
     stack = AsyncExitStack()
@@ -167,7 +174,7 @@ async def start_webapp(
         stack.callback(store.close)
         metrics = ServiceMetrics(SERVICE, iid)
 
-        as_link = AdminServerLink()
+        as_link = AdminServerLink(trust)
         handoff = Handoff(as_link, metrics)
         replay_from_mark(store, handoff, time.time())
         handoff.start()
@@ -218,7 +225,10 @@ async def start_webapp(
             rate_limit_per_minute=args.rate_limit_per_minute,
             region=getattr(args, "region", ""),
         )
-        api.presence = PresenceClient(disc, store.manual_away_users)  # users.get/setPresence (webapp_stub/presence.py)
+        api.internal_callers_checked = trust.enabled
+        api.presence = PresenceClient(
+            disc, store.manual_away_users, trust
+        )  # users.get/setPresence (webapp_stub/presence.py)
         api.presence.start()
         stack.push_async_callback(api.presence.close)
 
@@ -242,8 +252,26 @@ async def start_webapp(
         stack.push_async_callback(site.stop)
         port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
+        # The gateways' /internal/ endpoints: their own listener, mutual TLS, gateway certificates only.
+        internal_app = web.Application(client_max_size=MAX_BODY_BYTES)
+        internal_app.add_routes(api.internal_routes())
+        internal_runner = web.AppRunner(internal_app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
+        await internal_runner.setup()
+        stack.push_async_callback(internal_runner.cleanup)
+        assert internal_runner.server is not None
+        internal_server = await serve(
+            args.host,
+            args.internal_port,
+            internal_runner.server,
+            trust=trust,
+            on_refused=lambda *_: metrics.error("auth"),
+        )
+        stack.callback(internal_server.close)
+        internal_port = int(internal_server.sockets[0].getsockname()[1])
+
         address = advertised(args.host, args.advertise_host)
-        await disc.register(SERVICE, iid, address, port, meta={"metrics_port": str(port)}, ttl_s=args.ttl_s)
+        meta = {"metrics_port": str(port), "internal_port": str(internal_port)}
+        await disc.register(SERVICE, iid, address, port, meta=meta, ttl_s=args.ttl_s)
         stack.push_async_callback(disc.deregister)
     except BaseException:
         await stack.aclose()
@@ -254,6 +282,8 @@ async def start_webapp(
         "host": address,
         "port": port,
         "url": f"http://{address}:{port}",
+        "internal_port": internal_port,
+        "internal_url": f"{'https' if trust.enabled else 'http'}://{address}:{internal_port}",
         "data_dir": os.path.abspath(args.data_dir),
     }
     # Exposed for in-process tests (the store, the outbox, the API object).
