@@ -11,6 +11,7 @@ import pytest
 
 from gateway.app import Gateway, build_parser
 from gateway.state import Fetch, Session
+from tests.support import FleetCA
 
 
 class FakeWebapp:
@@ -43,9 +44,10 @@ class Socket:
 
 
 @pytest.fixture
-async def gw() -> AsyncIterator[Gateway]:
+async def gw(fleet_ca: FleetCA) -> AsyncIterator[Gateway]:
     """A gateway that is never started: its state and history reads only."""
-    gateway = Gateway(build_parser().parse_args(["--secret", "s", "--instance-id", "gw-test"]))
+    flags = fleet_ca.flags("gateway", "gw-test")
+    gateway = Gateway(build_parser().parse_args(["--secret", "s", "--instance-id", "gw-test", *flags]))
     yield gateway
     await gateway.discovery.close()
 
