@@ -34,7 +34,7 @@ from services.connection import serve
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
-from services.tls import trust_from_args
+from services.tls import cert_instance, trust_from_args
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -163,7 +163,7 @@ async def start_webapp(
     :class:`FixedDiscovery`. The metrics port is the API port (``--metrics-port``
     is not used).
     """
-    iid = instance_id(SERVICE, getattr(args, "instance_id", ""))
+    iid = instance_id(SERVICE, getattr(args, "instance_id", "") or cert_instance(args))
     args.instance_id = iid
     trust = trust_from_args(args, SERVICE)
     os.makedirs(args.data_dir, exist_ok=True)

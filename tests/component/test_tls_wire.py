@@ -20,7 +20,7 @@ from services.certs import FleetCertificates, issue, make_ca, write_private
 from services.connection import PeerConnection, PeerLink, connect, serve
 from services.errors import NotTrusted
 from services.identity import CHANNEL_SERVER, GATEWAY, PeerIdentity
-from services.tls import WireTrust, client_context, server_context
+from services.tls import WireTrust, client_context
 from tests.support import DEFAULT_WAIT_S, FleetCA
 
 HOST = "127.0.0.1"
@@ -172,7 +172,9 @@ async def test_a_certificate_from_before_a_ca_rotation_is_refused(tmp_path: Path
         with pytest.raises(ssl.SSLError):
             await connect(HOST, server.port, PeerConnection, trust=WireTrust.load(old_ca, old_cert, old_key))
         rotated = certs.paths("gw-1")
-        conn = await connect(HOST, server.port, PeerConnection, trust=WireTrust.load(rotated.ca, rotated.cert, rotated.key))
+        conn = await connect(
+            HOST, server.port, PeerConnection, trust=WireTrust.load(rotated.ca, rotated.cert, rotated.key)
+        )
         assert (await conn.request({"op": "ping"}))["you"] == "gateway/gw-1"
         conn.close()
     finally:

@@ -26,8 +26,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from services import wire
 from services.connection import PeerConnection, serve
 from services.discovery import Instance
+from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
 from services.ticket import TicketVerifier
-from tests.support import async_wait_until, free_port
+from tests.support import FleetCA, async_wait_until, free_port
 from webapp_stub.app import FixedDiscovery, build_parser, start_webapp
 from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
@@ -38,7 +39,8 @@ SECRET = "component-secret"
 class FakeAdminServer:
     """Records every pub and answers ok; can be killed and restarted on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, ca: FleetCA) -> None:
+        self.ca = ca  # the fleet CA of this test: the AS and the webapp get certificates from it
         self.port = free_port()
         self.pubs: list[dict[str, Any]] = []
         self.conns: set[PeerConnection] = set()
@@ -62,7 +64,7 @@ class FakeAdminServer:
         return conn
 
     async def start(self) -> None:
-        self.server = await serve("127.0.0.1", self.port, self.factory)
+        self.server = await serve("127.0.0.1", self.port, self.factory, trust=self.ca.trust(ADMIN_SERVER, "as-fake"))
 
     async def kill(self) -> None:
         assert self.server is not None
@@ -77,7 +79,12 @@ class FakeAdminServer:
 
 
 class Webapp:
-    def __init__(self, url: str, port: int, seed: dict[str, Any], discovery: FixedDiscovery, stop: Any) -> None:
+    def __init__(
+        self, info: dict[str, Any], seed: dict[str, Any], discovery: FixedDiscovery, stop: Any, ca: FleetCA
+    ) -> None:
+        url, port = info["url"], info["port"]
+        self.internal_url = info["internal_url"]
+        self.ca = ca
         self.url = url
         self.port = port
         self.seed = seed
@@ -110,30 +117,33 @@ class Webapp:
         ) as resp:
             return resp.status, await resp.json()
 
-    async def internal(self, path: str, body: Any, secret: str = SECRET) -> tuple[int, dict[str, Any]]:
-        async with self.session.post(
-            f"{self.url}/internal/{path}", json=body, headers={"X-Rtm-Secret": secret}
-        ) as resp:
-            return resp.status, await resp.json(content_type=None)
+    async def internal(self, path: str, body: Any, role: str = GATEWAY) -> tuple[int, dict[str, Any]]:
+        """Call the internal listener with a fleet certificate of ``role`` (a gateway's by default)."""
+        connector = aiohttp.TCPConnector(ssl=self.ca.trust(role, f"{role}-caller").client)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.post(f"{self.internal_url}/internal/{path}", json=body) as resp:
+                return resp.status, await resp.json(content_type=None)
 
 
-GATEWAY = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
+GATEWAY_INSTANCE = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
 
 
 async def start(tmp_path: Path, fake_as: FakeAdminServer, *extra: str) -> Webapp:
     seed = seed_demo(str(tmp_path), users=5, channels=2, bots=1)
+    tls = fake_as.ca.flags(WEBAPP, "webapp-test")
     args = build_parser().parse_args(
-        ["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, "--instance-id", "webapp-test", *extra]
+        ["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, "--instance-id", "webapp-test", *tls, *extra]
     )
-    discovery = FixedDiscovery({"admin-server": [fake_as.instance], "gateway": [GATEWAY]})
+    discovery = FixedDiscovery({"admin-server": [fake_as.instance], "gateway": [GATEWAY_INSTANCE]})
     info, stop = await start_webapp(args, discovery=discovery)
-    assert discovery.registered["webapp-test"]["meta"] == {"metrics_port": str(info["port"])}
-    return Webapp(info["url"], info["port"], seed, discovery, stop)
+    meta = {"metrics_port": str(info["port"]), "internal_port": str(info["internal_port"])}
+    assert discovery.registered["webapp-test"]["meta"] == meta
+    return Webapp(info, seed, discovery, stop, fake_as.ca)
 
 
 @pytest.fixture
-async def fake_as() -> AsyncIterator[FakeAdminServer]:
-    server = FakeAdminServer()
+async def fake_as(fleet_ca: FleetCA) -> AsyncIterator[FakeAdminServer]:
+    server = FakeAdminServer(fleet_ca)
     await server.start()
     yield server
     if server.server is not None:
@@ -289,8 +299,10 @@ async def test_create_and_join_emit_team_channel_and_user_events(webapp: Webapp,
     assert seqs[cid] == 2 and seqs[bob["id"]] == 1 and seqs[team] == 1
     _, hist = await webapp.internal("history", {"channel": bob["id"], "after_seq": 0})
     assert hist["events"][0]["ctl"] == {"join": cid, "since": 2}
-    status, denied = await webapp.internal("bootstrap", {"user": bob["id"]}, secret="wrong")
-    assert status == 403 and denied["ok"] is False
+    status, denied = await webapp.internal("bootstrap", {"user": bob["id"]}, role=ADMIN_SERVER)
+    assert status == 403 and denied == {"ok": False, "error": "forbidden"}
+    async with webapp.session.post(f"{webapp.url}/internal/bootstrap", json={"user": bob["id"]}) as resp:
+        assert resp.status == 404  # the public port does not serve /internal/ at all
     _, missing = await webapp.internal("bootstrap", {"user": "UNOBODY"})
     assert missing == {"ok": False, "error": "user_not_found"}
 
@@ -411,9 +423,9 @@ async def test_rtm_connect_mints_a_ticket_for_a_healthy_gateway(webapp: Webapp) 
     assert (
         reply["ok"] and reply["self"] == {"id": alice["id"], "name": "alice"} and reply["team"] == webapp.seed["team"]
     )
-    prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
     assert reply["url"].startswith(prefix)
-    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(reply["url"][len(prefix) :], now_s=time.time())
+    ticket = TicketVerifier(SECRET.encode(), GATEWAY_INSTANCE.id).verify(reply["url"][len(prefix) :], now_s=time.time())
     assert ticket.user == alice["id"] and ticket.team == webapp.seed["team"]["id"]
     webapp.discovery.set_instances("gateway", [])
     _, reply = await webapp.call("rtm.connect", alice["token"])
@@ -533,6 +545,7 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
                 consul_addr,
                 "--instance-id",
                 "webapp-consul",
+                *fake_as.ca.flags(WEBAPP, "webapp-consul"),
             ]
         )
         info, stop = await start_webapp(args)
@@ -744,13 +757,17 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     assert status == 200 and reply["ok"] and reply["resume"]
     rid = reply["resume"]
     _, connect = await webapp.call("rtm.connect", alice["token"])
-    prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
-    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time())
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+    ticket = TicketVerifier(SECRET.encode(), GATEWAY_INSTANCE.id).verify(
+        connect["url"][len(prefix) :], now_s=time.time()
+    )
     assert ticket.resume == rid
     # Claimed but not taken (as if that ticket failed): a retry gets the same record again.
     _, connect = await webapp.call("rtm.connect", alice["token"])
     assert (
-        TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
+        TicketVerifier(SECRET.encode(), GATEWAY_INSTANCE.id)
+        .verify(connect["url"][len(prefix) :], now_s=time.time())
+        .resume
         == rid
     )
     _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})
@@ -760,7 +777,9 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     assert boot["resumed"] is False and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 4
     _, connect = await webapp.call("rtm.connect", alice["token"])  # taken: nothing left to claim
     assert (
-        TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
+        TicketVerifier(SECRET.encode(), GATEWAY_INSTANCE.id)
+        .verify(connect["url"][len(prefix) :], now_s=time.time())
+        .resume
         == ""
     )
     for body, code in (
@@ -770,7 +789,7 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
         ({"user": alice["id"], "channels": {general: -1}}, "invalid_arguments"),
     ):
         assert (await webapp.internal("resume", body))[1] == {"ok": False, "error": code}
-    status, _ = await webapp.internal("resume", {"user": alice["id"], "channels": {}}, secret="wrong")
+    status, _ = await webapp.internal("resume", {"user": alice["id"], "channels": {}}, role=WEBAPP)
     assert status == 403
     async with webapp.session.get(f"{webapp.url}/metrics") as resp:
         text = await resp.text()
