@@ -19,7 +19,10 @@ from typing import Any
 import aiohttp
 import websockets
 
+from services.certs import FleetCertificates
+from services.identity import PeerIdentity
 from services.launcher import RunningProcess, rtm_argv, start
+from services.tls import WireTrust
 from tests.support import DEFAULT_WAIT_S, free_port_base
 
 FLEET_READY_TIMEOUT_S = 90.0
@@ -45,6 +48,12 @@ class Fleet:
 
     def down(self) -> None:
         self.proc.stop(grace_s=30.0)
+
+    def trust(self, service: str, instance: str) -> WireTrust:
+        """Credentials from this fleet's own CA (DATA_DIR/tls), as a test process that dials servers directly."""
+        certs = FleetCertificates(self.data_dir / "tls")
+        paths = certs.ensure(f"test-{service}-{instance}", PeerIdentity(service, instance))
+        return WireTrust.load(paths.ca, paths.cert, paths.key)
 
     def reload(self) -> None:
         self.info = json.loads((self.data_dir / "fleet.json").read_text())
