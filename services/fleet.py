@@ -369,6 +369,7 @@ class Fleet:
                     "metrics_port": ready.get("metrics_port", ready.get("port")),
                     "pid": proc.pid,
                     **({"region": ready["region"]} if "region" in ready else {}),
+                    **({"internal_port": ready["internal_port"]} if "internal_port" in ready else {}),
                 }
             )
         webapp = next(p for p in processes if p["service"] == "webapp")
