@@ -23,7 +23,6 @@ records the CPU others used meanwhile (``foreign_cores``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import tempfile
