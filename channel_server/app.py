@@ -48,7 +48,7 @@ class ChannelServer:
         self.instance_id = args.instance_id
         self.table = ChannelTable(history_events=args.history_events)
         self.gateways: dict[int, PeerConnection] = {}
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.slots = SlotOwner(
             self.discovery,
             self.instance_id,

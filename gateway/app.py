@@ -106,7 +106,7 @@ class Gateway:
         self.args = args
         self.instance_id = args.instance_id
         self.state = GatewayState()
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
         self.webapp = WebappClient(ServiceDirectory(self.discovery, "webapp"), args.secret, args.webapp_url)

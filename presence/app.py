@@ -80,7 +80,7 @@ class PresenceServer:
         self.instance_id = args.instance_id
         self.table = PresenceTable(lease_ttl_s=args.lease_ttl_s)
         self.gateways: dict[str, PeerConnection] = {}  # gateway id -> its connection
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.slots = SlotOwner(
             self.discovery,
             self.instance_id,

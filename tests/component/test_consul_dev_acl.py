@@ -59,9 +59,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def call(
-    http: aiohttp.ClientSession, method: str, url: str, **kwargs: object
-) -> tuple[int, str, dict[str, str]]:
+async def call(http: aiohttp.ClientSession, method: str, url: str, **kwargs: object) -> tuple[int, str, dict[str, str]]:
     async with http.request(method, url, **kwargs) as resp:  # type: ignore[arg-type]
         return resp.status, await resp.text(), dict(resp.headers)
 

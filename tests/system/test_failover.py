@@ -141,13 +141,12 @@ async def test_hung_channel_server_and_dead_charm_leader_together(fleet: Fleet, 
     alive to the kernel, so only its lapsing Consul TTL gives it away, and
     ``rtm up`` does not restart it). The standby CHARM must take over and
     promote the spare."""
-    from services.operator import consul_client as _consul
-    from services.operator import leader_address
+    from services.operator import fleet_client, leader_address
 
     general = fleet.channel("general")
     ring = channel_ring(fleet)
     slot, victim = ring.slot_for(general), ring.owner_for(general)
-    consul = _consul(fleet.info["consul_url"])
+    consul = fleet_client(fleet.data_dir)
     leader = leader_address(consul)
     assert leader is not None
     hung = process_by_id(fleet, victim)
