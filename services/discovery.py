@@ -327,20 +327,3 @@ class Discovery:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.close()
-
-
-def fault_routes(discovery: Discovery) -> list[Any]:
-    """Test-only HTTP routes (enabled by ``--debug-faults``) that cut this process off from Consul.
-
-    ``POST /debug/consul-partition?on=1`` makes every Consul call fail (the TTL
-    lapses, watches stall) while the process keeps serving its peers;
-    ``on=0`` heals it. Used by the split-brain tests.
-    """
-    from aiohttp import web
-
-    async def partition(request: web.Request) -> web.Response:
-        discovery.partitioned = request.query.get("on", "1") not in ("0", "false")
-        log.warning("fault injection: partitioned from Consul = %s", discovery.partitioned)
-        return web.json_response({"ok": True, "partitioned": discovery.partitioned})
-
-    return [web.post("/debug/consul-partition", partition)]
