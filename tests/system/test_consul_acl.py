@@ -26,7 +26,7 @@ def mode(path: Path) -> int:
 
 def test_secret_files_are_0600_in_a_0700_data_dir(fleet: Fleet) -> None:
     assert mode(fleet.data_dir) == 0o700
-    for name in SECRET_FILES:
+    for name in (*SECRET_FILES, "webapp.db", "webapp.db-wal"):  # the database holds user tokens too
         assert mode(fleet.data_dir / name) == 0o600, name
 
 
