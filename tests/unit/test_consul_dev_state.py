@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.consul_dev.state import (
+from consul_dev.state import (
     DEFAULT_LOCK_DELAY_S,
     DEREGISTER_CRITICAL_MIN_S,
     KV_MAX_VALUE_BYTES,
