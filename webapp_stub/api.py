@@ -470,7 +470,7 @@ class WebApi:
                 raise ApiError("invalid_arguments") from None
             if any(seq < 0 for seq in seqs.values()):
                 raise ApiError("invalid_arguments")
-            body = {"ok": True, "resume": self.resume.add(user_id, seqs)}
+            body: dict[str, Any] = {"ok": True, "resume": self.resume.add(user_id, seqs)}
             self.resumes.labels("recorded").inc()
         except ApiError as exc:
             self.metrics.error(exc.code)
