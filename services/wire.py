@@ -10,7 +10,7 @@ peer that announces a 4 GiB frame costs nothing. After an error the decoder is
 dead: :attr:`FrameDecoder.error` is set and further input is ignored; the I/O
 layer closes the connection and counts the error.
 
-Operations (see README, "The wire"):
+Operations (see docs/design.md, "The wire"):
 
 ========  ===========  =====================================================
 op        direction    fields

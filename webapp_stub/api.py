@@ -538,7 +538,7 @@ class WebApi:
     def publish(self, events: list[Any]) -> None:
         if log.isEnabledFor(
             logging.DEBUG
-        ):  # follow one event across processes by its eid (README: "Following one message")
+        ):  # follow one event across processes by its eid (docs/deploy.md: "Following one message")
             for event in events:
                 log.debug(
                     "committed %s %.200s", event.eid, event.json, extra={"eid": event.eid, "channel": event.channel}
