@@ -24,19 +24,7 @@ from consul_dev.state import (
     format_go_duration,
     parse_go_duration_ns,
 )
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, start_s: float = 1000.0) -> None:
-        self.now_s = start_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
+from tests.support import FakeClock
 
 
 @pytest.fixture
