@@ -77,10 +77,10 @@ def http_json(url: str, method: str = "GET", body: bytes | None = None) -> Any:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from consul_dev.app import ACL_TOKEN_ENV
+    from rtmctl.launcher import rtm_argv, start
     from services.config import CONSUL_TOKEN_ENV
     from services.connection import PeerConnection, connect
-    from services.consul_dev.app import ACL_TOKEN_ENV
-    from services.launcher import rtm_argv, start
     from services.ring import CHANNEL_RING_KEY, RingDocument
     from services.secret_file import new_token
 

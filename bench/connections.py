@@ -53,7 +53,7 @@ from bench.harness import (
     save_json,
     settled_rss,
 )
-from services.operator import consul_token
+from rtmctl.operator import consul_token
 
 NAME = "connections"
 GOAL_BYTES_PER_CONN = 16 * 1024

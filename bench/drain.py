@@ -149,7 +149,7 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "services.cli",
+            "rtmctl.cli",
             "drain",
             DRAIN_REGION,
             "--data-dir",
@@ -204,7 +204,7 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
 
 
 def fleet_consul(fleet: FleetRun) -> Any:
-    from services.operator import fleet_client
+    from rtmctl.operator import fleet_client
 
     return fleet_client(fleet.data_dir)
 

@@ -259,9 +259,9 @@ async def propagation(
 
 
 async def ps_throughput(args: argparse.Namespace, fleet: FleetRun) -> dict[str, Any]:
+    from rtmctl.operator import fleet_client
     from services import wire
     from services.connection import PeerConnection, connect
-    from services.operator import fleet_client
     from services.ring import PRESENCE_RING_KEY, HashRing, RingDocument
 
     _, raw = fleet_client(fleet.data_dir).kv.get(PRESENCE_RING_KEY)

@@ -20,8 +20,8 @@ import consul.aio
 import pytest
 from consul.callback import CB
 
-from services import launcher
-from services.consul_dev.app import ACL_TOKEN_ENV
+from consul_dev.app import ACL_TOKEN_ENV
+from rtmctl import launcher
 from tests.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ ANONYMOUS_SUFFIX = ". The anonymous token is used implicitly when a request does
 @pytest.fixture(scope="module")
 def agent() -> Iterator[launcher.RunningProcess]:
     port = free_port()
-    argv = [sys.executable, "-m", "services.consul_dev", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", str(port)]
     proc = launcher.start("consul-dev-acl", argv, cwd=str(REPO_ROOT), env={ACL_TOKEN_ENV: TOKEN})
     try:
         assert proc.ready["acl"] is True

@@ -7,11 +7,11 @@ import subprocess
 import aiohttp
 import pytest
 
+from rtmctl.launcher import rtm_argv
 from services import debug_faults
 from services.debug_faults import OPERATOR_TOKEN_HEADER
 from services.discovery import Discovery
 from services.errors import DebugFaultsRefused
-from services.launcher import rtm_argv
 from services.metrics import ServiceMetrics, start_metrics_server
 
 OPERATOR_TOKEN = "operator-token-for-tests"

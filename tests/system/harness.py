@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import websockets
 
-from services.launcher import RunningProcess, rtm_argv, start
+from rtmctl.launcher import RunningProcess, rtm_argv, start
 from tests.support import DEFAULT_WAIT_S, free_port_base
 
 FLEET_READY_TIMEOUT_S = 90.0
@@ -170,7 +170,7 @@ class Client:
 
 def consul_client(fleet: Fleet) -> Any:
     """py-consul for the fleet's Consul, with the ACL token ``rtm up`` made (DATA_DIR/consul-acl-token)."""
-    from services.operator import fleet_client
+    from rtmctl.operator import fleet_client
 
     return fleet_client(fleet.data_dir)
 

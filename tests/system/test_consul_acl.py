@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from services.launcher import rtm_argv
+from rtmctl.launcher import rtm_argv
 from services.regions import drained_key
 from services.ring import CHANNEL_RING_KEY
 from tests.system.harness import Fleet, consul_client

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.consul_dev.acl import (
+from consul_dev.acl import (
     ANONYMOUS_TOKEN_ACCESSOR_ID,
     Access,
     AccessControl,
@@ -14,7 +14,7 @@ from services.consul_dev.acl import (
     Resource,
     request_token,
 )
-from services.consul_dev.state import ConsulState
+from consul_dev.state import ConsulState
 
 TOKEN = "0f6c2d1e-management"
 
