@@ -10,7 +10,8 @@ an argument); :class:`FleetCertificates` keeps them in one directory, the way
     DIR/<name>.key  spiffe://rtm/<service>/<instance>
 
 Every file is created with mode 0600 in one step (``os.open(..., 0o600)``
-on a temporary name, then renamed), never chmod-ed afterwards. Keys are
+on a temporary name, then renamed: :mod:`services.secret_file`), never
+chmod-ed afterwards. Keys are
 ECDSA P-256: a handshake signs once per side, and P-256 signs in tens of
 microseconds where RSA-2048 takes a millisecond.
 
@@ -22,7 +23,6 @@ process that loaded the new ``ca.crt``.
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.identity import BadIdentity, PeerIdentity
+from services.secret_file import ensure_private_dir, replace_secret_file
 
 CA_VALID_DAYS = 3650
 CERT_VALID_DAYS = 365
@@ -40,7 +41,6 @@ NOT_BEFORE_SKEW_S = 300
 CA_COMMON_NAME = "rtm fleet CA"
 CA_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
-SECRET_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,16 +157,8 @@ def identity_of(cert_pem: bytes) -> PeerIdentity:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` created with mode 0600 in one step (temp name, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write PEM ``data`` to ``path``, created 0600 in one step (:mod:`services.secret_file`)."""
+    replace_secret_file(path, data.decode("ascii"))
 
 
 class FleetCertificates:
@@ -184,7 +176,7 @@ class FleetCertificates:
 
     def ensure_ca(self) -> Issued:
         """The CA, created on first use (0700 directory, 0600 files), reused after."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(self.dir)
         cert, key = self.ca_path, self.dir / CA_KEY_FILE
         if cert.exists() and key.exists():
             return Issued(cert.read_bytes(), key.read_bytes())

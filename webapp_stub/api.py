@@ -53,6 +53,7 @@ from prometheus_client import Counter, Histogram
 from services import regions
 from services.discovery import Instance
 from services.identity import GATEWAY, BadIdentity
+from services.keys import FleetKeys
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.ticket import mint
 from services.tls import transport_identity
@@ -324,7 +325,7 @@ class WebApi:
         self.handoff = handoff
         self.gateways = gateways
         self.metrics = metrics
-        self.secret = secret
+        self.keys = FleetKeys.from_secret(secret)  # one key per job; the fleet secret itself is not kept
         # False only with --wire-tls off (no certificates: nobody is checked, debugging only)
         self.internal_callers_checked = True
         self.region = region
@@ -488,7 +489,7 @@ class WebApi:
                 raise ApiError("invalid_arguments") from None
             if any(seq < 0 for seq in seqs.values()):
                 raise ApiError("invalid_arguments")
-            body = {"ok": True, "resume": self.resume.add(user_id, seqs)}
+            body: dict[str, Any] = {"ok": True, "resume": self.resume.add(user_id, seqs)}
             self.resumes.labels("recorded").inc()
         except ApiError as exc:
             self.metrics.error(exc.code)
@@ -556,7 +557,7 @@ class WebApi:
     def publish(self, events: list[Any]) -> None:
         if log.isEnabledFor(
             logging.DEBUG
-        ):  # follow one event across processes by its eid (README: "Following one message")
+        ):  # follow one event across processes by its eid (docs/deploy.md: "Following one message")
             for event in events:
                 log.debug(
                     "committed %s %.200s", event.eid, event.json, extra={"eid": event.eid, "channel": event.channel}
@@ -671,7 +672,7 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
     resume = api.resume.claim(user.id)
     if resume:
         api.resumes.labels("claimed").inc()
-    ticket = mint(api.secret, user.id, user.team, gateway.id, api.clock(), resume=resume)
+    ticket = mint(api.keys.ticket_signing, user.id, user.team, gateway.id, api.clock(), resume=resume)
     team = api.store.team(user.team)
     # behind an edge proxy a gateway registers the URL clients reach it at (gateway --public-url)
     base = gateway.meta.get("public_url") or f"ws://{gateway.address}:{gateway.port}"

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from charm.app import RINGS
+from rtmctl.operator import add_consul_token_flag, leader_address, operator_client, read_ring
 from services.config import env_default
 from services.connection import PeerConnection, connect
 from services.errors import NotTrusted, PeerError
 from services.identity import CHARM
-from services.operator import consul_address, consul_client, leader_address, read_ring
 from services.tls import WIRE_TLS_OFF, TrustConfigError, WireTrust
 
 REQUEST_TIMEOUT_S = 10.0
@@ -62,8 +62,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tls-cert", default=env_default("--tls-cert", ""), help="operator certificate")
     parser.add_argument("--tls-key", default=env_default("--tls-key", ""), help="operator key")
     parser.add_argument("--wire-tls", default=env_default("--wire-tls", "on"), choices=["on", "off"])
+    add_consul_token_flag(parser)
     args = parser.parse_args(argv)
-    client = consul_client(consul_address(args.data_dir, args.consul))
+    client = operator_client(args)
     key = RINGS[args.ring][1]
     if args.action == "show":
         doc = read_ring(client, key)
