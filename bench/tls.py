@@ -165,7 +165,7 @@ def med(values: list[float | None]) -> float | None:
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"# bench/tls: what mutual TLS costs ({result['machine'].get('cpu', '?')})", ""]
+    lines = [f"# bench/tls: what mutual TLS costs ({result['machine'].get('cpu_model', '?')})", ""]
     lines += ["| wire | connect + handshake + 1 ping, median ms | p99 ms | CPU µs per connect (both sides) |"]
     lines += ["| --- | --- | --- | --- |"]
     for mode in ("off", "on"):
