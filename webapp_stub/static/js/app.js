@@ -843,7 +843,7 @@ export class App {
     const ws = this.ws;
     reconcile(container, items, {
       key: (m) => (m.ts ? m.ts : `pending-${m.id}`),
-      create: () => h("article", { class: "msg" }),
+      create: () => h("article", { class: "msg", tabindex: "-1" }), // a tap focuses it: its actions show
       sign: (m) =>
         JSON.stringify([
           m.text,
@@ -980,16 +980,16 @@ export class App {
       h(
         "button",
         { "aria-label": "Add reaction", onclick: () => ((this.picker = this.picker === m.ts ? null : m.ts), this.render()) },
-        "☺",
+        "React",
       ),
     ];
     if (!inThread && inTimeline(m)) {
-      actions.push(h("button", { "aria-label": "Reply in thread", onclick: () => this.openThread(channel, m.ts) }, "💬"));
+      actions.push(h("button", { "aria-label": "Reply in thread", onclick: () => this.openThread(channel, m.ts) }, "Reply"));
     }
     if (mine) {
       actions.push(
-        h("button", { "aria-label": "Edit message", onclick: () => ((this.editing = { channel, ts: m.ts }), this.render()) }, "✎"),
-        h("button", { "aria-label": "Delete message", onclick: () => this.remove(channel, m.ts) }, "🗑"),
+        h("button", { "aria-label": "Edit message", onclick: () => ((this.editing = { channel, ts: m.ts }), this.render()) }, "Edit"),
+        h("button", { "aria-label": "Delete message", onclick: () => this.remove(channel, m.ts) }, "Delete"),
       );
     }
     parts.push(h("div", { class: "actions", role: "toolbar", "aria-label": "Message actions" }, actions));

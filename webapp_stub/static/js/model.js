@@ -40,6 +40,7 @@ export class Conversation {
     this.unread = 0;
     this.mentions = 0;
     this.members = null; // ids, when read
+    this.countedReplies = new Set(); // ts of thread replies already added to their parent's reply_count
     this.update(info);
   }
 
@@ -249,12 +250,13 @@ export class Workspace {
     }
     if (message.thread_ts && message.thread_ts !== message.ts) {
       const parent = conv && conv.messages.get(message.thread_ts);
-      if (parent) {
+      if (parent && !conv.countedReplies.has(message.ts)) {
+        conv.countedReplies.add(message.ts); // a reply seen twice (live, then again) counts once
         const users = new Set(parent.reply_users || []);
         users.add(message.user);
         conv.messages.set(parent.ts, {
           ...parent,
-          reply_count: (parent.reply_count || 0) + (this.threadHas(event.channel, message.ts) ? 0 : 1),
+          reply_count: (parent.reply_count || 0) + 1,
           reply_users: [...users],
           latest_reply: message.ts,
         });
