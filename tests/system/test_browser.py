@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from services.launcher import rtm_argv
+from rtmctl.launcher import rtm_argv
 from tests.support import DEFAULT_WAIT_S
 from tests.system.harness import Fleet
 
