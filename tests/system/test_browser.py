@@ -137,7 +137,9 @@ class Person:
         expect(self.page.locator("#conv-title")).to_have_text(f"#{name}")
 
 
-def sign_in(browser: Any, fleet: Fleet, name: str, *, via: str = "picker", viewport: dict[str, int] = DESKTOP) -> Person:
+def sign_in(
+    browser: Any, fleet: Fleet, name: str, *, via: str = "picker", viewport: dict[str, int] = DESKTOP
+) -> Person:
     user = fleet.user(name)
     context = browser.new_context(viewport=viewport)
     page = context.new_page()
@@ -515,9 +517,7 @@ def test_expired_token_and_unreachable_fleet_are_said_in_words(browser: Any, fle
 
 def test_screenshots_desktop_and_phone(browser: Any, fleet: Fleet, alice: Person, bob: Person) -> None:
     general = fleet.channel("general")
-    ts = api(fleet, "chat.postMessage", bob.token, channel=general, text=f"<@{alice.user_id}> the fleet is up 🎉")[
-        "ts"
-    ]
+    ts = api(fleet, "chat.postMessage", bob.token, channel=general, text=f"<@{alice.user_id}> the fleet is up 🎉")["ts"]
     api(fleet, "reactions.add", alice.token, channel=general, timestamp=ts, name="tada")
     api(fleet, "chat.postMessage", alice.token, channel=general, text="replying in a thread", thread_ts=ts)
     expect(alice.page.locator(f'{MSG}[data-ts="{ts}"] .reaction')).to_have_text("🎉 1")

@@ -300,7 +300,9 @@ def test_envoy_serves_the_browser_client_from_the_webapp_and_no_catch_all() -> N
         assert not route["route"].get("upgrade_configs")
     assert not any(r["match"].get("prefix") in ("/", "") for r in routes), "a catch-all would expose /internal/"
     for path in ("/internal/bootstrap", "/metrics", "/healthz"):
-        matched = [r for r in routes if r["match"].get("path") == path or path.startswith(r["match"].get("prefix", "\0"))]
+        matched = [
+            r for r in routes if r["match"].get("path") == path or path.startswith(r["match"].get("prefix", "\0"))
+        ]
         assert not matched, f"{path} must not be routed at the edge"
 
 
