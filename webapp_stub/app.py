@@ -157,14 +157,10 @@ def build_parser() -> Parser:
         MAX_EVENT_BYTES,
         "largest event JSON stored and handed off (bigger posts/edits: msg_too_long)",
     )
-    parser.add(
-        "--max-outbox-events", MAX_QUEUE_EVENTS, "hand-off queue bound: beyond it writes get ratelimited (429)"
-    )
+    parser.add("--max-outbox-events", MAX_QUEUE_EVENTS, "hand-off queue bound: beyond it writes get ratelimited (429)")
     parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
-    parser.add(
-        "--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)"
-    )
+    parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
     parser.add(
         "--region-map",
         "",
@@ -214,9 +210,9 @@ async def start_webapp(
         if store.resume_redrives():
             log.info("redrives interrupted by the last stop are asked for again")
         handoff.start()
-        metrics.gauge(
-            "rtm_deadletter_parked", "Dead letters not delivered (parked or being redriven)"
-        ).set_function(store.parked_count)
+        metrics.gauge("rtm_deadletter_parked", "Dead letters not delivered (parked or being redriven)").set_function(
+            store.parked_count
+        )
 
         async def flush_and_close() -> None:
             # Waiting is pointless with no Admin Server known; the events are durable anyway.

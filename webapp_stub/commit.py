@@ -87,7 +87,9 @@ class GroupCommit:
         self._m_batch = self._m_commit = self._m_failed = None
         if metrics is not None:
             self._m_batch = metrics.histogram(
-                "rtm_webapp_commit_batch_writes", "Writes that committed events, grouped into one commit", BATCH_SIZE_BUCKETS
+                "rtm_webapp_commit_batch_writes",
+                "Writes that committed events, grouped into one commit",
+                BATCH_SIZE_BUCKETS,
             )
             self._m_commit = metrics.histogram(
                 "rtm_webapp_commit_seconds",
