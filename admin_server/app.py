@@ -134,7 +134,7 @@ class AdminServer:
         started = time.monotonic()
         deadline = started + self.args.route_budget_s
         channel = msg["ch"]
-        pub = {k: msg[k] for k in ("ch", "seq", "json", "t0", "ctl", "eid") if k in msg}
+        pub: dict[str, Any] = {k: msg[k] for k in ("ch", "seq", "json", "t0", "ctl", "eid") if k in msg}
         pub["op"] = "pub"
         slot = self.follower.ring.slot_for(channel) or ""
         held = self.held_slots.get(slot)

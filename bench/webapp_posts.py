@@ -32,11 +32,11 @@ from typing import Any
 import aiohttp
 
 from bench.harness import RESULTS_DIR, machine_info, md_table
-from services.launcher import RunningProcess, rtm_argv, start
+from rtmctl.launcher import RunningProcess, rtm_argv, start
 from webapp_stub.seed import seed_demo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BEFORE_TREE = "/work/main"
+DEFAULT_BEFORE_TREE = "/work/main"  # a checkout (or `git archive main` export) of the code to compare against
 READY_TIMEOUT_S = 60.0
 POST_TIMEOUT_S = 30.0
 
@@ -88,7 +88,8 @@ def run_variant(name: str, tree: str, extra: list[str], consul: str, posters: in
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as data_dir:
         seed = seed_demo(Path(data_dir) / "webapp.db", users=posters, channels=2, bots=0)
         env = {**os.environ, "PYTHONPATH": tree}
-        argv = [sys.executable, "-m", "services.cli", "webapp", "--port", "0", "--consul", consul]
+        cli = "rtmctl.cli" if (Path(tree) / "rtmctl" / "cli.py").exists() else "services.cli"  # before the move
+        argv = [sys.executable, "-m", cli, "webapp", "--port", "0", "--consul", consul]
         argv += ["--data-dir", data_dir, "--rate-limit-per-minute", "0", "--instance-id", f"webapp-{name}", *extra]
         proc: RunningProcess = start(f"webapp-{name}", argv, ready_timeout_s=READY_TIMEOUT_S, env=env, cwd=tree)
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
@@ -159,7 +160,7 @@ class ChannelServer:
         left = self.table.drop_gateway(index)
         log.info("gateway %s disconnected (%s); left %d channels", conn.state.get("gw"), reason, left)
 
-    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
+    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         op = msg["op"]
         request_id = int(msg["id"])
         try:

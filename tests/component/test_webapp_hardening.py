@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services import operator, wire
+from rtmctl import operator
+from services import wire
 from services.connection import PeerConnection
 from tests.component.test_webapp_api import FakeAdminServer, Webapp, start
 from tests.support import async_wait_until

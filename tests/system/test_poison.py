@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import rtm_argv
+from rtmctl.launcher import rtm_argv
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import Fleet
 from tests.system.test_bad_input import scrape
