@@ -20,10 +20,10 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -33,6 +33,7 @@ from services.config import Parser, advertised, instance_id, service_parser
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
+from services.secret_file import ensure_secret_file
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
 from webapp_stub.handoff import (
@@ -143,10 +144,7 @@ def load_secret(given: str, data_dir: str) -> bytes:
             return value.encode()
     except FileNotFoundError:
         pass
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(value + "\n")
+    value = ensure_secret_file(Path(path))  # 0600 from its first byte; a racing writer's value wins
     log.info("created a new secret in %s", path)
     return value.encode()
 
@@ -267,7 +265,7 @@ async def start_webapp(
         commits = GroupCommit(store, handoff, metrics, window_s=args.group_commit_window_s)
         stack.callback(commits.close)
 
-        disc: DiscoveryLike = discovery if discovery is not None else Discovery(args.consul)
+        disc: DiscoveryLike = discovery if discovery is not None else Discovery(args.consul, args.consul_token)
         stack.push_async_callback(disc.close)
         gateways = GatewayPicker(regions.parse_map(args.region_map) if args.region_map else None)
         disc.watch_service("admin-server", as_link.set_instances)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -476,6 +477,10 @@ class Store:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self.clock = clock
+        # The database holds every user's token: create it 0600 before SQLite opens it (SQLite
+        # gives its -wal and -shm files the database file's mode).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves. One connection,
         # used only from the event loop's thread, so check_same_thread is moot.
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
