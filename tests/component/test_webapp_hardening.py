@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rtmctl import operator
 from services import wire
 from services.connection import PeerConnection
-from tests.component.test_webapp_api import FakeAdminServer, Webapp, start
+from tests.component.test_webapp_api import KEYS, FakeAdminServer, Webapp, start
 from tests.support import async_wait_until
 
 MIB = 1024 * 1024
@@ -173,7 +173,9 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
     # internal endpoints: the same bodies, Slack codes too
     for body in (b"[" * 200_000, b'{"channel": "\\udc00"}'):
         async with webapp.session.post(
-            f"{webapp.url}/internal/history", data=body, headers={"X-Rtm-Secret": "component-secret", **raw_json}
+            f"{webapp.url}/internal/history",
+            data=body,
+            headers={"X-Rtm-Secret": KEYS.internal_http_credential, **raw_json},
         ) as resp:
             assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_json"})
     _, reply = await webapp.internal("history", {"channel": general, "after_seq": 10**30})
