@@ -322,6 +322,25 @@ def test_envoy_routes_for_the_webapp_and_every_gateway() -> None:
         assert cluster_endpoint(doc, route["route"]["cluster"]) == (name, int(flag(argv, "--port") or 0))
 
 
+def test_envoy_serves_the_browser_client_from_the_webapp_and_no_catch_all() -> None:
+    """The page at /, its files under /client/ and the demo sign-in list go to the webapp;
+    no route matches every path (the webapp's /internal/, /metrics and /healthz stay inside)."""
+    doc = load_yaml(ENVOY)
+    _, routes = edge_routes(doc)
+    api = next(r for r in routes if r["match"].get("prefix") == "/api/")
+    for match in ({"path": "/"}, {"prefix": "/client/"}, {"path": "/demo/users"}):
+        route = next((r for r in routes if r["match"] == match), None)
+        assert route is not None, f"no edge route for the browser client's {match}"
+        assert route["route"]["cluster"] == api["route"]["cluster"]
+        assert not route["route"].get("upgrade_configs")
+    assert not any(r["match"].get("prefix") in ("/", "") for r in routes), "a catch-all would expose /internal/"
+    for path in ("/internal/bootstrap", "/metrics", "/healthz"):
+        matched = [
+            r for r in routes if r["match"].get("path") == path or path.startswith(r["match"].get("prefix", "\0"))
+        ]
+        assert not matched, f"{path} must not be routed at the edge"
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # envoy-data-plane's pydantic validators, at import
 def test_envoy_config_matches_envoys_v3_api() -> None:
     """Every field name and type in envoy.yaml, typed_config extensions included, is Envoy's
