@@ -99,8 +99,28 @@ def registered_names() -> set[str]:
     return {importlib.import_module(m).SERVICE for m in SERVICE_MODULES}
 
 
+class StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping with a key twice (YAML forbids it; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [
+            key.value
+            for key, _ in node.value
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge"
+        ]
+        duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {duplicates}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def test_yaml_loader_refuses_duplicate_keys() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.load("a:\n  b: 1\n  b: 2\n", Loader=StrictLoader)  # noqa: S506
 
 
 def interpolate(value: str) -> str:
