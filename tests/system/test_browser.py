@@ -39,6 +39,9 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+# The screenshots in docs/ are made by test_screenshots_desktop_and_phone; it writes them there
+# only when asked (RTM_UPDATE_SCREENSHOTS=1), so an ordinary run leaves the work tree clean.
+UPDATE_SCREENSHOTS = os.environ.get("RTM_UPDATE_SCREENSHOTS") == "1"
 LIVE_S = 1.0  # the bound: a message sent by one appears for the other within a second
 WAIT_MS = DEFAULT_WAIT_S * 1000
 POLL_MS = 25
@@ -515,7 +518,8 @@ def test_expired_token_and_unreachable_fleet_are_said_in_words(browser: Any, fle
 # -- screenshots for docs/browser.md ------------------------------------------------------------------
 
 
-def test_screenshots_desktop_and_phone(browser: Any, fleet: Fleet, alice: Person, bob: Person) -> None:
+def test_screenshots_desktop_and_phone(browser: Any, fleet: Fleet, alice: Person, bob: Person, tmp_path: Path) -> None:
+    shots = DOCS if UPDATE_SCREENSHOTS else tmp_path
     general = fleet.channel("general")
     ts = api(fleet, "chat.postMessage", bob.token, channel=general, text=f"<@{alice.user_id}> the fleet is up 🎉")["ts"]
     api(fleet, "reactions.add", alice.token, channel=general, timestamp=ts, name="tada")
@@ -525,8 +529,7 @@ def test_screenshots_desktop_and_phone(browser: Any, fleet: Fleet, alice: Person
     expect(alice.page.get_by_role("complementary", name="Thread")).to_contain_text("replying in a thread")
     bob.input.press_sequentially("typing")
     expect(alice.page.locator(".typing")).to_have_text("bob is typing…")
-    DOCS.mkdir(exist_ok=True)
-    alice.page.screenshot(path=str(DOCS / "browser-desktop.png"))
+    alice.page.screenshot(path=str(shots / "browser-desktop.png"))
     alice.page.keyboard.press("Escape")
     bob.input.fill("")
 
@@ -534,9 +537,11 @@ def test_screenshots_desktop_and_phone(browser: Any, fleet: Fleet, alice: Person
     expect(phone.message("the fleet is up")).to_be_visible()
     # on a phone the sidebar is a drawer: its dots are not on screen, so not subscribed
     assert fleet.user("bob")["id"] in phone.displayed_presence_users()
-    phone.page.screenshot(path=str(DOCS / "browser-phone.png"))
+    phone.page.screenshot(path=str(shots / "browser-phone.png"))
     phone.page.get_by_role("button", name="Show conversations").click()
     expect(phone.page.locator("nav")).to_be_visible()
-    phone.page.screenshot(path=str(DOCS / "browser-phone-sidebar.png"))
+    phone.page.screenshot(path=str(shots / "browser-phone-sidebar.png"))
+    for name in ("browser-desktop.png", "browser-phone.png", "browser-phone-sidebar.png"):
+        assert (shots / name).stat().st_size > 10_000, name  # a real picture, not a blank page
     assert not phone.errors, phone.errors
     phone.context.close()
