@@ -56,17 +56,7 @@ class MessageStore(ConversationStore):
             if not self.is_member(channel.id, user.id):
                 raise ApiError("not_in_channel")
             if thread_ts is not None:
-                parent_us = ts_to_us(thread_ts)
-                parent = db.execute(
-                    "SELECT thread_ts FROM messages WHERE channel = ? AND ts_us = ?", (channel.id, parent_us)
-                ).fetchone()
-                if parent is None:
-                    raise ApiError("thread_not_found")
-                if parent[0] is None:  # the first reply makes the parent a thread root
-                    db.execute(
-                        "UPDATE messages SET thread_ts = ts WHERE channel = ? AND ts_us = ?", (channel.id, parent_us)
-                    )
-                thread_ts = parent[0] or thread_ts  # a reply to a reply joins the parent's thread
+                thread_ts = self._thread_root(channel.id, thread_ts)
             subtype = "thread_broadcast" if broadcast and thread_ts is not None else None
             seq, ts_us = self._next_seq(channel.id, with_ts=True)
             ts = us_to_ts(ts_us)
@@ -93,6 +83,21 @@ class MessageStore(ConversationStore):
             )
             event = self._append_event(channel.id, payload, seq=seq)
         return message, event
+
+    def _thread_root(self, channel: str, thread_ts: str) -> str:
+        """The ts of the thread a reply to ``thread_ts`` joins; the first reply makes its parent
+        a thread root (inside the caller's transaction). Raises ``thread_not_found``."""
+        parent_us = ts_to_us(thread_ts)
+        parent = self.conn.execute(
+            "SELECT thread_ts FROM messages WHERE channel = ? AND ts_us = ?", (channel, parent_us)
+        ).fetchone()
+        if parent is None:
+            raise ApiError("thread_not_found")
+        if parent[0] is None:  # the first reply makes the parent a thread root
+            self.conn.execute(
+                "UPDATE messages SET thread_ts = ts WHERE channel = ? AND ts_us = ?", (channel, parent_us)
+            )
+        return str(parent[0] or thread_ts)  # a reply to a reply joins the parent's thread
 
     def _find_message(self, channel: str, ts: Any) -> tuple[Any, ...]:
         """The message row at ``ts``. Raises ``invalid_arguments`` (no ts),
