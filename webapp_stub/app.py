@@ -36,6 +36,7 @@ from services.process import run_main
 from services.secret_file import ensure_secret_file
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
+from webapp_stub.client import BrowserClient
 from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -176,6 +177,12 @@ def build_parser() -> Parser:
         "--region-map",
         "",
         'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)',
+    )
+    parser.add(
+        "--demo",
+        True,
+        "demo mode: /demo/users lists the demo team's people with their tokens for the browser "
+        "client's sign-in picker (--no-demo or RTM_DEMO=0 wherever others can reach the webapp)",
     )
     return parser
 
@@ -361,11 +368,13 @@ class WebappServer:
         }
 
     async def _serve_http(self) -> int:
-        """API, internal endpoints, ``/healthz`` and ``/metrics`` on one port; returns the port."""
+        """API, internal endpoints, ``/healthz``, ``/metrics`` and the browser client on one port; returns the port."""
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes(self.api.routes())
         app.add_routes(InternalEndpoints(self.api).routes())
         app.add_routes(metrics_routes(self.metrics, self.health))
+        # the browser client at / (webapp_stub/client.py, docs/browser.md)
+        app.add_routes(BrowserClient(self.store, self.metrics, demo=getattr(self.args, "demo", True)).routes())
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
