@@ -23,129 +23,18 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from services import wire
-from services.connection import PeerConnection, serve
-from services.discovery import Instance
-from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
-from services.keys import FleetKeys
+from services.identity import ADMIN_SERVER, WEBAPP
 from services.ticket import TicketVerifier
-from tests.support import FleetCA, async_wait_until, free_port
-from webapp_stub.app import FixedDiscovery, build_parser, start_webapp
+from tests.support import async_wait_until, free_port
+from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, SECRET, FakeAdminServer, Webapp, start
+from webapp_stub.app import WebappServer, build_parser
 from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
 
-SECRET = "component-secret"
-KEYS = FleetKeys.from_secret(SECRET.encode())  # the per-job keys the webapp derives from it
-
-
-class FakeAdminServer:
-    """Records every pub and answers ok; can be killed and restarted on the same port."""
-
-    def __init__(self, ca: FleetCA) -> None:
-        self.ca = ca  # the fleet CA of this test: the AS and the webapp get certificates from it
-        self.port = free_port()
-        self.pubs: list[dict[str, Any]] = []
-        self.conns: set[PeerConnection] = set()
-        self.server: asyncio.AbstractServer | None = None
-        self.hold = False  # record pubs but never answer them (a hung or dying AS)
-
-    @property
-    def instance(self) -> Instance:
-        return Instance(id="as-fake", service="admin-server", address="127.0.0.1", port=self.port)
-
-    def on_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | None:
-        if msg["op"] == "pub":
-            self.pubs.append(msg)
-            if self.hold:
-                return None
-        return wire.reply_ok(msg["id"])
-
-    def factory(self) -> PeerConnection:
-        conn = PeerConnection(name="fake-as", on_request=self.on_request, on_close=lambda c, _: self.conns.discard(c))
-        self.conns.add(conn)
-        return conn
-
-    async def start(self) -> None:
-        self.server = await serve("127.0.0.1", self.port, self.factory, trust=self.ca.trust(ADMIN_SERVER, "as-fake"))
-
-    async def kill(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for conn in list(self.conns):
-            conn.abort()
-        await self.server.wait_closed()
-        self.server = None
-
-    def pubs_for(self, channel: str) -> list[dict[str, Any]]:
-        return [p for p in self.pubs if p["ch"] == channel]
-
-
-class Webapp:
-    def __init__(
-        self, info: dict[str, Any], seed: dict[str, Any], discovery: FixedDiscovery, stop: Any, ca: FleetCA
-    ) -> None:
-        url, port = info["url"], info["port"]
-        self.internal_url = info["internal_url"]
-        self.ca = ca
-        self.url = url
-        self.port = port
-        self.seed = seed
-        self.discovery = discovery
-        self.stop = stop
-        self.session = aiohttp.ClientSession()
-
-    def user(self, name: str) -> dict[str, Any]:
-        return next(u for u in self.seed["users"] if u["name"] == name)
-
-    def channel(self, name: str) -> str:
-        return next(c["id"] for c in self.seed["channels"] if c["name"] == name)
-
-    async def call(
-        self,
-        method: str,
-        token: str | None = None,
-        *,
-        json_body: Any = None,
-        data: Any = None,
-        params: Any = None,
-        http: str = "POST",
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, Any]]:
-        hdrs = dict(headers or {})
-        if token:
-            hdrs["Authorization"] = f"Bearer {token}"
-        async with self.session.request(
-            http, f"{self.url}/api/{method}", json=json_body, data=data, params=params, headers=hdrs
-        ) as resp:
-            return resp.status, await resp.json()
-
-    async def internal(self, path: str, body: Any, role: str = GATEWAY) -> tuple[int, dict[str, Any]]:
-        """Call the internal listener with a fleet certificate of ``role`` (a gateway's by default)."""
-        connector = aiohttp.TCPConnector(ssl=self.ca.trust(role, f"{role}-caller").client)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            async with session.post(f"{self.internal_url}/internal/{path}", json=body) as resp:
-                return resp.status, await resp.json(content_type=None)
-
-
-GATEWAY_INSTANCE = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
-
-
-async def start(tmp_path: Path, fake_as: FakeAdminServer, *extra: str) -> Webapp:
-    seed = seed_demo(str(tmp_path), users=5, channels=2, bots=1)
-    tls = fake_as.ca.flags(WEBAPP, "webapp-test")
-    args = build_parser().parse_args(
-        ["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, "--instance-id", "webapp-test", *tls, *extra]
-    )
-    discovery = FixedDiscovery({"admin-server": [fake_as.instance], "gateway": [GATEWAY_INSTANCE]})
-    info, stop = await start_webapp(args, discovery=discovery)
-    meta = {"metrics_port": str(info["port"]), "internal_port": str(info["internal_port"])}
-    assert discovery.registered["webapp-test"]["meta"] == meta
-    return Webapp(info, seed, discovery, stop, fake_as.ca)
-
 
 @pytest.fixture
-async def fake_as(fleet_ca: FleetCA) -> AsyncIterator[FakeAdminServer]:
-    server = FakeAdminServer(fleet_ca)
+async def fake_as() -> AsyncIterator[FakeAdminServer]:
+    server = FakeAdminServer()
     await server.start()
     yield server
     if server.server is not None:
@@ -323,7 +212,7 @@ async def test_admin_server_down_then_back_delivers_in_order(webapp: Webapp, fak
             "chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}
         )
         assert reply["ok"], reply
-    handoff = webapp.stop.parts["handoff"]
+    handoff = webapp.server.handoff
     assert len(handoff) == 20 and len(fake_as.pubs) == 1  # queued, waiting, nothing lost
     await fake_as.start()
 
@@ -359,7 +248,7 @@ async def test_admin_server_dying_with_pubs_in_flight_gets_them_again(webapp: We
 
     await async_wait_until(resent, what="the unacknowledged pubs resent")
     assert [p["seq"] for p in fake_as.pubs[:5]] == [1, 2, 3, 4, 5]
-    handoff = webapp.stop.parts["handoff"]
+    handoff = webapp.server.handoff
     assert handoff.retries >= 1 and await handoff.flush(5.0)
 
 
@@ -392,7 +281,7 @@ async def test_checkpoints_run_beside_the_event_loop_and_stop_with_the_webapp(
     tmp_path: Path, fake_as: FakeAdminServer
 ) -> None:
     app = await start(tmp_path, fake_as)
-    store = app.stop.parts["store"]
+    store = app.server.store
     checkpointer = store.checkpointer
     try:
         assert checkpointer is not None and checkpointer.running
@@ -552,7 +441,8 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
                 *fake_as.ca.flags(WEBAPP, "webapp-consul"),
             ]
         )
-        info, stop = await start_webapp(args)
+        server = WebappServer(args)
+        info = await server.start()
         try:
             _, instances = await other.healthy("webapp")
             assert [(i.id, i.port, i.meta.get("metrics_port")) for i in instances] == [
@@ -571,7 +461,7 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
 
             await async_wait_until(delivered, what="pub via an AS found in Consul")
         finally:
-            await stop()
+            await server.stop()
         _, instances = await other.healthy("webapp")
         assert instances == []  # deregistered on stop
     finally:
