@@ -30,11 +30,11 @@ import logging
 from typing import Any
 
 from charm import state
-from services import wire
+from services import ops, wire
 from services.config import Parser, advertised, service_parser
-from services.connection import PeerConnection, serve
+from services.connection import PeerConnection, PeerLimits, serve
 from services.discovery import Discovery, Instance
-from services.errors import ErrorCode
+from services.errors import BadMessage, ErrorCode
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
@@ -382,22 +382,27 @@ class Charm:
             name=f"{self.instance_id}<-operator",
             on_request=self.handle_request,
             on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+            on_bad_message=self.count_bad_message,
+            limits=PeerLimits.from_args(self.args),
         )
 
+    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
+        self.metrics.error("bad_request" if was_request else "bad_push")
+
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
-        request_id = int(msg["id"])
+        request_id = ops.request_id(msg)
         op = msg["op"]
         if op == "ping":
             return wire.reply_ok(request_id, leader=self.leading)
         if op not in ("ring_add_slot", "ring_remove_slot"):
             self.metrics.error("unknown_op")
-            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
+        record = ops.parse(msg, (ops.RingAddSlot, ops.RingRemoveSlot))  # BadMessage: answered bad_request
+        assert isinstance(record, ops.RingAddSlot | ops.RingRemoveSlot)
         if not self.leading:
             return wire.reply_err(request_id, NOT_LEADER, "ask the leader", leader=self.leader_info)
-        manager = self.managers.get(str(msg.get("ring", "channel")))
-        if manager is None:
-            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"unknown ring {msg.get('ring')!r}")
-        return self.change(request_id, manager, op.removeprefix("ring_"), str(msg.get("slot", "")))
+        manager = self.managers[record.ring]
+        return self.change(request_id, manager, op.removeprefix("ring_"), record.slot or "")
 
     async def change(self, request_id: int, manager: RingManager, op: str, slot: str) -> dict[str, Any]:
         try:

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from charm.app import RINGS
+from services import ops
 from services.connection import PeerConnection, connect
 from services.errors import PeerError
 from services.operator import consul_address, consul_client, leader_address, read_ring
@@ -52,11 +53,13 @@ def main(argv: list[str]) -> int:
     if leader is None:
         print("rtm ring: no CHARM leader right now; try again", file=sys.stderr)
         return 1
-    op = "ring_add_slot" if args.action == "add-slot" else "ring_remove_slot"
+    request = (
+        ops.RingAddSlot(ring=args.ring)
+        if args.action == "add-slot"
+        else ops.RingRemoveSlot(ring=args.ring, slot=args.slot)
+    )
     try:
-        reply = asyncio.run(
-            ask_leader(leader["host"], int(leader["port"]), {"op": op, "ring": args.ring, "slot": args.slot})
-        )
+        reply = asyncio.run(ask_leader(leader["host"], int(leader["port"]), request.to_message()))
     except PeerError as exc:
         print(f"rtm ring: {args.action} refused: {exc}", file=sys.stderr)
         return 1
