@@ -60,6 +60,7 @@ class AdminServer:
         self.held_slots: dict[str, asyncio.Future[None]] = {}
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
         self.retries = m.counter("rtm_as_forward_retries_total", "Forward attempts retried", ["reason"])
         self.given_up = m.counter("rtm_as_forward_unavailable_total", "Publishes answered unavailable after the budget")

@@ -63,6 +63,7 @@ class ChannelServer:
         self.follower = self.slots.follower
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
         self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
         self.events_out = m.counter("rtm_cs_events_out_total", "Event frames written to gateways")

@@ -34,7 +34,7 @@ from services import ops, wire
 from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLimits, serve
 from services.discovery import Discovery, Instance
-from services.errors import BadMessage, ErrorCode
+from services.errors import BadDocument, BadMessage, ErrorCode
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
@@ -77,17 +77,26 @@ class RingManager:
         self.wake = asyncio.Event()
         self.seen = asyncio.Event()  # set once the first health answer arrived
         self.lock = asyncio.Lock()
+        self.reconciles = 0  # reconcile passes run while leading (tests watch it go on)
 
     def alive(self) -> list[state.Candidate]:
         return [state.Candidate(i.id, i.tag("role") == "spare") for i in self.healthy if i.id not in self.dead]
 
     async def run(self) -> None:
-        """Lead this ring until cancelled."""
+        """Lead this ring until cancelled. Nothing read from Consul ends it: a failed
+        reconcile is logged and counted, and the next one comes at the next wake or interval."""
         watch = asyncio.create_task(self.watch_loop())
         try:
             await self.seen.wait()  # decide nothing before we know who is alive
             while True:
-                await self.reconcile()
+                try:
+                    await self.reconcile()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Consul unreachable, a CAS race, a bug: lead on
+                    log.warning("%s ring: reconcile failed: %s; again in %ss", self.name, exc, RECONCILE_INTERVAL_S)
+                    self.charm.metrics.error("reconcile_failed")
+                self.reconciles += 1
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), RECONCILE_INTERVAL_S)
@@ -120,10 +129,31 @@ class RingManager:
                     asyncio.create_task(self.revive_check(owner, live[owner].address, live[owner].port))
                 self.wake.set()
 
+    async def read(self) -> tuple[int, RingDocument, bool]:
+        """(ModifyIndex, the document to decide on, whether Consul's value needs repair).
+
+        A value that is not a ring document, or older than the one we last read
+        or wrote, is logged and counted, and we decide on our last good one; the
+        next write (CAS over the bad value, version above both) repairs the key.
+        With no good document yet, :class:`BadDocument` is raised: nothing is written.
+        """
+        modify_index, raw = await self.charm.discovery.key_modify_index(self.key)
+        try:
+            doc = RingDocument.from_json(raw, self.key)
+            if doc.version < self.doc.version:
+                raise BadDocument(self.key, f"version {doc.version} is older than the applied {self.doc.version}")
+            return modify_index, doc, False
+        except BadDocument as exc:
+            self.charm.metrics.error("bad_kv")
+            if not self.doc.slots:
+                log.error("%s ring: %s; no good ring known yet, writing nothing", self.name, exc)
+                raise
+            log.error("%s ring: %s; deciding on v%s and repairing the key", self.name, exc, self.doc.version)
+            return modify_index, self.doc, True
+
     async def reconcile(self) -> None:
         async with self.lock:
-            modify_index, raw = await self.charm.discovery.key_modify_index(self.key)
-            doc = RingDocument.from_json(raw)
+            modify_index, doc, repair = await self.read()
             alive = self.alive()
             if not doc.slots:
                 new = state.initial(self.prefix, self.slot_count, alive) if alive else None
@@ -131,8 +161,11 @@ class RingManager:
                     new = RingDocument(version=doc.version + 1, slots=new.slots)
             else:
                 new = state.reconcile(doc, alive)
+            if new is None and repair:
+                new = RingDocument(version=doc.version + 1, slots=dict(doc.slots))
             if new is not None:
-                await self.write(doc, new, modify_index, "failover" if doc.slots else "initial")
+                reason = "repair" if repair and new.slots == doc.slots else "failover" if doc.slots else "initial"
+                await self.write(doc, new, modify_index, reason)
             else:
                 self.doc = doc
             self.after_change()
@@ -219,8 +252,10 @@ class RingManager:
     # -- operator changes --------------------------------------------------------
     async def change(self, op: str, slot: str = "") -> RingDocument:
         async with self.lock:
-            modify_index, raw = await self.charm.discovery.key_modify_index(self.key)
-            doc = RingDocument.from_json(raw)
+            try:
+                modify_index, doc, _ = await self.read()
+            except BadDocument as exc:
+                raise state.RingChangeRefused(f"the ring in Consul is unreadable: {exc}") from None
             if op == "add_slot":
                 new = state.add_slot(doc, self.prefix, self.alive())
             else:

@@ -112,6 +112,7 @@ class PresenceServer:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.updates_in = m.counter("rtm_ps_updates_in_total", "Presence reports received, by kind", ["kind"])
         self.updates_out = m.counter("rtm_ps_updates_out_total", "Presence entries pushed to gateways")
         self.push_frames = m.counter("rtm_ps_push_frames_total", "presence frames written to gateways")
