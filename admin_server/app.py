@@ -152,11 +152,12 @@ class AdminServer:
             return wire.reply_err(
                 request_id, ErrorCode.UNAVAILABLE, f"{self.pubs_in_flight} publishes in flight here; retry"
             )
+        self.pubs_in_flight += 1  # counted now: several pubs of one read are all dispatched before any task runs
         return self.forward(request_id, pub)
 
     async def forward(self, request_id: int, record: ops.Publish) -> dict[str, Any]:
-        """Deliver one publish to the channel's owner, retrying within the budget."""
-        self.pubs_in_flight += 1
+        """Deliver one publish to the channel's owner, retrying within the budget
+        (the caller counted it in :attr:`pubs_in_flight`; this uncounts it)."""
         try:
             return await self._forward(request_id, record)
         finally:

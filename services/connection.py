@@ -279,7 +279,7 @@ class PeerConnection(asyncio.Protocol):
 
     def _bad_request(self, request_id: int, exc: BadMessage) -> Message:
         self._count_bad(exc, was_request=True)
-        return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, exc.detail, op=exc.op)
+        return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"{exc.op}: {exc.detail}")
 
     def _count_bad(self, exc: BadMessage, was_request: bool) -> None:
         log.warning("%s: %s from %s (%s)", self.name, exc, self.peer, "refused" if was_request else "dropped")

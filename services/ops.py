@@ -50,7 +50,7 @@ digits, e.g. ``C0A1B2C3D4E``, ``U0A1B2C3D4E``, ``T...``, ``D...``, ``G...``);
 gateway and instance ids :data:`INSTANCE_ID_RE`. ``json`` is bytes, at most
 :data:`MAX_EVENT_JSON_BYTES`, so the ``ev`` frame built from any accepted
 ``pub`` fits the frame limit. ``ctl`` is a map with only the keys of
-:data:`CTL_KEYS`: ``join`` (channel id) with optional ``since`` (int),
+:data:`CTL_CHECKS`: ``join`` (channel id) with optional ``since`` (int),
 ``leave`` (channel id), ``from`` (user id; typing). Unknown top-level
 fields are ignored (a newer peer may add one); unknown ``ctl`` keys are not.
 """
@@ -90,7 +90,6 @@ MAX_T0_S = 2.0**34  # year 2514: beyond is a corrupt clock, not a time
 CHANNEL_ID_RE = re.compile(r"[A-Z][A-Z0-9]{1,31}")
 INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 SLOT_RE = re.compile(r"[a-z]+-[0-9]{1,6}")
-CTL_KEYS = frozenset({"join", "since", "leave", "from"})
 RINGS = ("channel", "presence")
 PRESENCE_VALUES = ("active", "away")
 MANUAL_PRESENCE_VALUES = ("auto", "away")
@@ -197,31 +196,37 @@ def list_of(item: Check, max_items: int) -> Check:
 
 def pair(first: Check, second: Check) -> Check:
     def check(value: Any) -> tuple[Any, Any]:
-        if type(value) is not list or len(value) != 2:
+        if type(value) not in (list, tuple) or len(value) != 2:  # a record's own pairs are tuples
             raise ValueError("must be a pair [a, b]")
         return first(value[0]), second(value[1])
 
     return check
 
 
+CTL_CHECKS: dict[str, Check] = {
+    "join": CHANNEL_ID,
+    "since": integer(0, MAX_SAFE_INT),
+    "leave": CHANNEL_ID,
+    "from": USER_ID,
+}
+
+
 def control(value: Any) -> dict[str, Any]:
     """``ctl``: fleet-internal control data beside the event (see the module docstring)."""
     if type(value) is not dict:
         raise ValueError(f"must be a map, not {type(value).__name__}")
-    unknown = set(value) - CTL_KEYS
+    unknown = [key for key in value if key not in CTL_CHECKS]
     if unknown:
-        raise ValueError(f"unknown keys {sorted(map(str, unknown))[:5]} (known: {sorted(CTL_KEYS)})")
+        raise ValueError(f"unknown keys {sorted(map(str, unknown))[:5]} (known: {sorted(CTL_CHECKS)})")
+    if "since" in value and "join" not in value:
+        raise ValueError("since without join")
     out: dict[str, Any] = {}
-    if "join" in value:
-        out["join"] = CHANNEL_ID(value["join"])
-    if "since" in value:
-        if "join" not in value:
-            raise ValueError("since without join")
-        out["since"] = integer(0, MAX_SAFE_INT)(value["since"])
-    if "leave" in value:
-        out["leave"] = CHANNEL_ID(value["leave"])
-    if "from" in value:
-        out["from"] = USER_ID(value["from"])
+    for key, check in CTL_CHECKS.items():
+        if key in value:
+            try:
+                out[key] = check(value[key])
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
     return out
 
 
