@@ -445,7 +445,9 @@ class Validating(Endpoint):
 
     def __init__(self, **conn_kwargs: Any) -> None:
         self.bad: list[tuple[str, bool]] = []
-        super().__init__(on_bad_message=lambda c, exc, was_request: self.bad.append((exc.op, was_request)), **conn_kwargs)
+        super().__init__(
+            on_bad_message=lambda c, exc, was_request: self.bad.append((exc.op, was_request)), **conn_kwargs
+        )
 
     def handle(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         if msg["op"] == "pub":
