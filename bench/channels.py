@@ -77,8 +77,8 @@ def http_json(url: str, method: str = "GET", body: bytes | None = None) -> Any:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from rtmctl.launcher import rtm_argv, start
     from services.connection import PeerConnection, connect
-    from services.launcher import rtm_argv, start
     from services.ring import CHANNEL_RING_KEY, RingDocument
 
     result: dict[str, Any] = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:]}

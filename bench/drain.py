@@ -149,7 +149,7 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "services.cli",
+            "rtmctl.cli",
             "drain",
             DRAIN_REGION,
             "--data-dir",

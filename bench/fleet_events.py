@@ -57,7 +57,7 @@ class LoggedFleet(FleetRun):
         self._log_file: Any = None
 
     def __enter__(self) -> LoggedFleet:
-        from services.launcher import rtm_argv, start
+        from rtmctl.launcher import rtm_argv, start
 
         base = free_port_base()
         argv = rtm_argv("up", "--data-dir", str(self.data_dir), "--port-base", str(base), *self.args)

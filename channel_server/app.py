@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
@@ -168,7 +169,7 @@ class ChannelServer:
         left = self.table.drop_gateway(index)
         log.info("gateway %s disconnected (%s); left %d channels", conn.state.get("gw"), reason, left)
 
-    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
+    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         """Parse (a :class:`BadMessage` is answered ``bad_request`` by the connection), then act."""
         request_id = ops.request_id(msg)
         if msg["op"] not in SERVED_OPS:

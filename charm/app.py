@@ -388,9 +388,9 @@ class Charm:
         self._set_leading(True)
         leading = [asyncio.create_task(m.run()) for m in self.managers.values()]
         try:
-            index: int | None = None
+            held_index: int | None = None
             while True:  # lead until the lock is no longer ours (our session died with our check)
-                index, data = await client.kv.get(LEADER_KEY, index=index, wait=f"{LEADER_CHECK_S}s")
+                held_index, data = await client.kv.get(LEADER_KEY, index=held_index, wait=f"{LEADER_CHECK_S}s")
                 if data is None or data.get("Session") != session:
                     raise RuntimeError("lost the leader lock")
         finally:

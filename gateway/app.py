@@ -122,7 +122,7 @@ class Gateway:
         # (channel, after_seq, upto_seq) -> the webapp read in flight: a region drain moves
         # hundreds of sessions that stopped at the same place, and they share one read
         self.history_reads: dict[tuple[str, int, int | None], asyncio.Future[list[tuple[int, bytes]]]] = {}
-        self.sockets: dict[int, ServerConnection] = {}
+        self.sockets: dict[int, ClientConnection] = {}
         self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
         self.sids = itertools.count(1)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -269,6 +269,7 @@ class Gateway:
 
     # -- clients ---------------------------------------------------------------------------
     async def handle_client(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, ClientConnection)  # serve(create_connection=ClientConnection)
         admitted = await self.admit(ws)
         if admitted is None:
             return
@@ -424,7 +425,9 @@ class Gateway:
             self.flushing.discard(owner)
 
     async def subscribe_at(self, owner: str, link: PeerLink | PeerConnection, channels: list[str]) -> None:
-        chans = [[ch, self.state.cursor.get(ch, -1)] for ch in channels if self.subscribed_at.get(ch) == owner]
+        chans: list[list[Any]] = [
+            [ch, self.state.cursor.get(ch, -1)] for ch in channels if self.subscribed_at.get(ch) == owner
+        ]
         if not chans:
             return
         try:
@@ -572,7 +575,7 @@ class Gateway:
                 self.spawn(self.fetch_history(fetch))
             if ctl:
                 self.apply_ctl(channel, ctl)
-        else:
+        elif isinstance(record, ops.Moved):
             self.spawn(self.reroute(record.chans))
 
     def on_burst(self, starting: bool) -> None:

@@ -121,7 +121,7 @@ VERSION = integer(0, MAX_SAFE_INT)
 def since_seq(value: Any) -> int:
     if value == LIVE_ONLY and type(value) is int:
         return LIVE_ONLY
-    return integer(0, MAX_SAFE_INT)(value)
+    return int(integer(0, MAX_SAFE_INT)(value))
 
 
 def unix_time(value: Any) -> float:

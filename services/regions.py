@@ -31,7 +31,8 @@ MAX_REGIONS = 256
 
 
 class GatewayLike(Protocol):
-    id: str
+    @property
+    def id(self) -> str: ...
 
     def tag(self, key: str, default: str = "") -> str: ...
 

@@ -31,7 +31,7 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 
 def encode(message: dict[str, Any]) -> bytes:
     """One frame for ``message`` (length prefix included)."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 

@@ -472,7 +472,7 @@ class WebApi:
                 raise ApiError("invalid_arguments") from None
             if any(seq < 0 for seq in seqs.values()):
                 raise ApiError("invalid_arguments")
-            body = {"ok": True, "resume": self.resume.add(user_id, seqs)}
+            body: dict[str, Any] = {"ok": True, "resume": self.resume.add(user_id, seqs)}
             self.resumes.labels("recorded").inc()
         except ApiError as exc:
             self.metrics.error(exc.code)
@@ -540,7 +540,7 @@ class WebApi:
     def publish(self, events: list[Any]) -> None:
         if log.isEnabledFor(
             logging.DEBUG
-        ):  # follow one event across processes by its eid (README: "Following one message")
+        ):  # follow one event across processes by its eid (docs/deploy.md: "Following one message")
             for event in events:
                 log.debug(
                     "committed %s %.200s", event.eid, event.json, extra={"eid": event.eid, "channel": event.channel}

@@ -57,7 +57,18 @@ class DiscoveryLike(Protocol):
 
     consul_ok: bool
 
-    async def register(self, service: str, instance_id: str, address: str, port: int, **kwargs: Any) -> None: ...
+    async def register(
+        self,
+        service: str,
+        instance_id: str,
+        address: str,
+        port: int,
+        *,
+        tags: list[str] | None = None,
+        meta: dict[str, str] | None = None,
+        ttl_s: float,
+        deregister_after_s: float = ...,
+    ) -> None: ...
 
     def watch_service(self, service: str, on_change: Callable[[list[Instance]], Any]) -> Any: ...
 

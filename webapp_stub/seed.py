@@ -63,7 +63,7 @@ def seed_demo(
     if users < 1 or channels < 1 or bots < 0:
         raise ValueError("need at least one user and one channel")
     own = not isinstance(store_or_path, Store)
-    store = Store(os.fspath(store_or_path)) if own else store_or_path
+    store = store_or_path if isinstance(store_or_path, Store) else Store(os.fspath(store_or_path))
     try:
         if store.first_team() is None:
             _create(store, users, channels, bots)
@@ -80,7 +80,9 @@ def _create(store: Store, users: int, channels: int, bots: int) -> None:
     user_ids = _unique_ids("U", users + bots, taken)
     bot_ids = _unique_ids("B", bots, taken)
     channel_ids = _unique_ids("C", channels, taken)
-    user_rows = [(user_ids[i], team_id, user_name(i), user_name(i).capitalize(), 0, None) for i in range(users)]
+    user_rows: list[tuple[str, str, str, str, int, str | None]] = [
+        (user_ids[i], team_id, user_name(i), user_name(i).capitalize(), 0, None) for i in range(users)
+    ]
     user_rows += [(user_ids[users + j], team_id, bot_name(j), "RTM Bot", 1, bot_ids[j]) for j in range(bots)]
     token_rows = [(new_token("xoxb" if row[4] else "xoxp"), row[0]) for row in user_rows]
     channel_rows = [(channel_ids[k], team_id, channel_name(k), now, user_ids[0], 0, 0) for k in range(channels)]

@@ -490,7 +490,7 @@ async def test_slack_sdk_clients_unmodified(webapp: Webapp, fake_as: FakeAdminSe
     assert [p["seq"] for p in fake_as.pubs_for(general)] == list(range(1, 9))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("services.consul_dev") is None, reason="dev Consul agent not present")
+@pytest.mark.skipif(importlib.util.find_spec("consul_dev") is None, reason="dev Consul agent not present")
 async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fake_as: FakeAdminServer) -> None:
     """Through real Discovery against the dev agent: register, find the AS, hand off."""
     from services.discovery import Discovery
@@ -499,7 +499,7 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.consul_dev",
+        "consul_dev",
         "--host",
         "127.0.0.1",
         "--port",

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import websockets
 
-from services.launcher import RunningProcess, rtm_argv, start
+from rtmctl.launcher import RunningProcess, rtm_argv, start
 from tests.support import DEFAULT_WAIT_S, free_port_base
 
 FLEET_READY_TIMEOUT_S = 90.0

@@ -50,7 +50,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cli import COMMANDS
+from rtmctl.cli import COMMANDS
 from tests.support import async_wait_until, free_port_base
 from tests.system.harness import Fleet, consul_client
 

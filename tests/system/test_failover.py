@@ -141,8 +141,8 @@ async def test_hung_channel_server_and_dead_charm_leader_together(fleet: Fleet, 
     alive to the kernel, so only its lapsing Consul TTL gives it away, and
     ``rtm up`` does not restart it). The standby CHARM must take over and
     promote the spare."""
-    from services.operator import consul_client as _consul
-    from services.operator import leader_address
+    from rtmctl.operator import consul_client as _consul
+    from rtmctl.operator import leader_address
 
     general = fleet.channel("general")
     ring = channel_ring(fleet)
@@ -204,7 +204,7 @@ def rtm_cli(fleet: Fleet, *args: str) -> str:
     """Run an ``rtm`` operator command against this fleet; return its output."""
     import subprocess
 
-    from services.launcher import rtm_argv
+    from rtmctl.launcher import rtm_argv
 
     done = subprocess.run(
         rtm_argv(*args, "--data-dir", str(fleet.data_dir)), capture_output=True, text=True, timeout=30, check=False

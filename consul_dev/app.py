@@ -5,7 +5,7 @@ Thin by design: routing (Consul's mux: exact paths and ``/prefix/`` paths,
 options (``dc``, ``stale``/``consistent``, ``index``/``wait`` parsed as
 Consul does, ``filter`` refused plainly), blocking queries, body decoding,
 headers and metrics. Everything Consul-specific about data lives in
-:mod:`services.consul_dev.state`.
+:mod:`consul_dev.state`.
 
 Blocking queries: a query with ``?index=N`` re-runs each time the state's
 index moves (an :class:`asyncio.Event` is swapped and set on every change)
@@ -13,7 +13,7 @@ and answers as soon as its own result index passes N, or at ``wait`` (default
 5 m, at most 10 m, plus up to wait/16 of jitter as Consul adds) with the same
 index. A background loop applies expiries every :data:`EXPIRY_TICK_S`.
 
-Run it as its own process: ``python -m services.consul_dev --host H --port P``
+Run it as its own process: ``python -m consul_dev --host H --port P``
 or ``rtm consul-dev``. Production runs real Consul (``CONSUL_HTTP_ADDR``).
 """
 
@@ -36,7 +36,7 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from services.consul_dev.state import (
+from consul_dev.state import (
     DATACENTER,
     HEALTH_CRITICAL,
     HEALTH_PASSING,

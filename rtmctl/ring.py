@@ -15,10 +15,10 @@ import sys
 from typing import Any
 
 from charm.app import RINGS
+from rtmctl.operator import consul_address, consul_client, leader_address, read_ring
 from services import ops
 from services.connection import PeerConnection, connect
 from services.errors import PeerError
-from services.operator import consul_address, consul_client, leader_address, read_ring
 
 REQUEST_TIMEOUT_S = 10.0
 

@@ -3,7 +3,7 @@
 :class:`ConsulState` holds one node (``rtm-dev`` in ``dc1``) with its agent
 services and TTL checks, the KV store, and sessions. It never awaits, never
 reads a real clock (the clock is injected) and never touches a socket: the
-aiohttp layer in :mod:`services.consul_dev.app` decodes HTTP into calls on it
+aiohttp layer in :mod:`consul_dev.app` decodes HTTP into calls on it
 and encodes what it returns. Every public method first applies whatever expired
 by the clock (TTL checks, critical-service reaping, session TTLs), so the model
 is correct however rarely :meth:`ConsulState.tick` is called.

@@ -3,7 +3,7 @@
 Start order: dev Consul (unless ``--consul`` points at a real one), channel
 servers (actives and a spare), CHARMs (the leader writes the channel ring),
 admin servers, the webapp, gateways. Each process
-is started with :func:`services.launcher.start` and counts as up once it has
+is started with :func:`rtmctl.launcher.start` and counts as up once it has
 printed its ready line (it is registered in Consul and serving by then).
 
 Once everything is up, ``DATA_DIR/fleet.json`` lists every process (service,
@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -34,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services import regions
 from services.config import Parser, split_host_port
 from services.errors import BadDocument
-from services.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services.process import announce_ready
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 
@@ -48,6 +49,7 @@ MAX_RESTARTS_PER_MINUTE = 5
 SEED_USERS = 5
 SEED_CHANNELS = 2
 SEED_BOTS = 1
+SEED_TIMEOUT_S = 120.0  # `rtm seed` of the default team takes well under a second
 
 
 @dataclass
@@ -300,13 +302,23 @@ class Fleet:
         path = self.data_dir / "seed.json"
         if path.exists():
             return dict(json.loads(path.read_text()))
-        from webapp_stub.seed import seed_demo
-
-        seed = seed_demo(
-            self.data_dir / "webapp.db", users=self.args.seed_users, channels=SEED_CHANNELS, bots=SEED_BOTS
+        # Through the webapp's own entry point (`rtm seed`), which writes seed.json:
+        # the tooling starts services, it does not reach into their code.
+        argv = rtm_argv(
+            "seed",
+            "--data-dir",
+            str(self.data_dir),
+            "--users",
+            str(self.args.seed_users),
+            "--channels",
+            str(SEED_CHANNELS),
+            "--bots",
+            str(SEED_BOTS),
         )
-        path.write_text(json.dumps(seed, indent=2))
-        return seed
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=SEED_TIMEOUT_S, check=False)
+        if done.returncode != 0:
+            raise LaunchError(f"rtm seed failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        return dict(json.loads(path.read_text()))
 
     def fleet_info(self) -> dict[str, Any]:
         processes = []
