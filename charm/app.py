@@ -32,7 +32,7 @@ from typing import Any
 from charm import state
 from services import ops, wire
 from services.config import Parser, advertised, service_parser
-from services.connection import PeerConnection, PeerLimits, serve
+from services.connection import KEEPALIVE_FRAME, KEEPALIVE_INTERVAL_S, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery, Instance
 from services.errors import BadDocument, BadMessage, ErrorCode
 from services.metrics import ServiceMetrics, start_metrics_server
@@ -216,7 +216,7 @@ class RingManager:
                 except (TimeoutError, OSError):
                     refused = 1
                 else:
-                    await reader.read()  # returns when the peer closes
+                    await self.hold_open(reader, writer)  # returns when the peer closes
                     writer.close()
                     refused = 0
                 while refused < PROBE_CONFIRM_ATTEMPTS:
@@ -235,6 +235,22 @@ class RingManager:
                     return
         finally:
             self.probes.pop(owner, None)
+
+    async def hold_open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read until the peer closes, sending the wire keepalive whenever we were silent
+        for a keepalive interval, so the peer's idle timeout never takes the probe for a dead peer."""
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + KEEPALIVE_INTERVAL_S
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(64 * 1024), max(0.0, next_ping - loop.time()))
+            except TimeoutError:
+                data = None
+            if data == b"":
+                return
+            if loop.time() >= next_ping:
+                writer.write(KEEPALIVE_FRAME)
+                next_ping = loop.time() + KEEPALIVE_INTERVAL_S
 
     async def revive_check(self, owner: str, host: str, port: int) -> None:
         """A process marked dead is registered and healthy again: if it accepts

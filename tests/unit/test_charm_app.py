@@ -115,3 +115,30 @@ async def test_with_no_good_ring_known_a_bad_value_writes_nothing_and_reconcilin
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_owner_probe_keeps_its_connection_alive_through_the_idle_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.connection import PeerConnection, PeerLimits, serve
+
+    monkeypatch.setattr(charm_app, "KEEPALIVE_INTERVAL_S", 0.05)
+    limits = PeerLimits(idle_timeout_s=0.3, keepalive_interval_s=0.05)
+    accepted: list[PeerConnection] = []
+
+    def factory() -> PeerConnection:
+        accepted.append(PeerConnection(name="owner", limits=limits))
+        return accepted[-1]
+
+    server = await serve("127.0.0.1", 0, factory)
+    ring = manager(FakeKV(None, []))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        held = asyncio.create_task(ring.hold_open(reader, writer))
+        await asyncio.sleep(0.8)  # wait-ok: well past the owner's idle timeout
+        assert not held.done() and accepted[0].is_open
+        accepted[0].close()  # the owner goes away: the probe notices at once
+        await asyncio.wait_for(held, DEFAULT_WAIT_S)
+        writer.close()
+    finally:
+        server.close()
