@@ -277,7 +277,8 @@ class ChannelServer:
             gateway = self.gateways.get(index)
             if gateway is not None:
                 try:
-                    gateway.send(ops.Moved(chans=channels, version=new.version).to_message())
+                    for batch in ops.batches(channels, ops.MAX_SUB_CHANNELS):
+                        gateway.send(ops.Moved(chans=batch, version=new.version).to_message())
                 except (ConnectionLost, SendBufferFull):
                     pass
 

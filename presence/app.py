@@ -248,7 +248,8 @@ class PresenceServer:
             if conn is None:
                 continue  # not connected: it re-syncs (and gets the state) when it is back
             try:
-                conn.send(ops.PresenceChanges(changes=[(u, p) for u, p in changes.items()]).to_message())
+                for batch in ops.batches(list(changes.items()), ops.MAX_PRESENCE_CHANGES):
+                    conn.send(ops.PresenceChanges(changes=batch).to_message())
             except (ConnectionLost, SendBufferFull):
                 continue
             self.updates_out.inc(len(changes))

@@ -42,8 +42,9 @@ Fields (``?`` optional, ``|nil`` may be msgpack nil)::
 
 Ranges: ``seq`` is ``1 <= seq < 2**53`` (nil for a transient event such as
 typing); ``since`` is -1 (live only) or ``0 <= since < 2**53``; versions,
-epochs and ``rv`` are ``0 <= v < 2**53`` (2**53: every value survives a trip
-through a JSON double, as ring documents in Consul do); ``t0`` is a finite
+and ``rv`` are ``0 <= v < 2**53`` (2**53: every value survives a trip
+through a JSON double, as ring documents in Consul do); presence sync
+epochs are ``0 <= e < 2**64`` (gateways start them at ``time.time_ns()``); ``t0`` is a finite
 unix time in ``[0, MAX_T0_S]``. Channel and user ids have the form the
 webapp makes (:data:`CHANNEL_ID_RE`: one capital letter and 1-31 capitals or
 digits, e.g. ``C0A1B2C3D4E``, ``U0A1B2C3D4E``, ``T...``, ``D...``, ``G...``);
@@ -70,7 +71,8 @@ from services.wire import DEFAULT_MAX_FRAME_BYTES
 Message = dict[str, Any]
 
 # -- limits (named, with units; docs/wire.md lists them) ---------------------------------------
-MAX_SAFE_INT = 2**53  # exclusive bound of seqs, versions, epochs: exact in a JSON double
+MAX_SAFE_INT = 2**53  # exclusive bound of seqs and versions: exact in a JSON double
+MAX_EPOCH = 2**64  # exclusive bound of presence sync epochs (msgpack's unsigned 64-bit)
 # Room for everything an ``ev`` frame carries beside the event JSON (op, ch,
 # seq, t0, ctl: well under 1 KiB), so any accepted ``pub`` makes an ``ev`` that fits.
 FRAME_ENVELOPE_RESERVE_BYTES = 64 * 1024
@@ -116,6 +118,9 @@ def integer(low: int, high_exclusive: int) -> Check:
 
 SEQ = integer(1, MAX_SAFE_INT)
 VERSION = integer(0, MAX_SAFE_INT)
+# Gateways number their presence sync epochs from time.time_ns() (unique across
+# restarts), about 1.7e18: any unsigned 64-bit integer, as msgpack carries it.
+EPOCH = integer(0, MAX_EPOCH)
 
 
 def since_seq(value: Any) -> int:
@@ -364,7 +369,7 @@ class Lease(Op):
     DIRECTION = "request"
     SENDERS = "gateway -> presence server"
     SENT_BY = (identity.GATEWAY,)
-    SCHEMA = {"gw": Spec(INSTANCE_ID), "epoch": Spec(VERSION, required=False), "rv": Spec(VERSION, required=False)}
+    SCHEMA = {"gw": Spec(INSTANCE_ID), "epoch": Spec(EPOCH, required=False), "rv": Spec(VERSION, required=False)}
     gw: str
     epoch: int | None = None
     rv: int | None = None
@@ -394,7 +399,7 @@ class Query(Op):
 USER_BATCH_SCHEMA = {
     "gw": Spec(INSTANCE_ID),
     "users": Spec(list_of(USER_ID, MAX_BATCH_USERS)),
-    "epoch": Spec(VERSION, required=False),
+    "epoch": Spec(EPOCH, required=False),
     "rv": Spec(VERSION, required=False),
 }
 
@@ -440,7 +445,7 @@ class Synced(Op):
     DIRECTION = "push"
     SENDERS = "gateway -> presence server"
     SENT_BY = (identity.GATEWAY,)
-    SCHEMA = {"gw": Spec(INSTANCE_ID), "epoch": Spec(VERSION)}
+    SCHEMA = {"gw": Spec(INSTANCE_ID), "epoch": Spec(EPOCH)}
     gw: str
     epoch: int
 
@@ -574,6 +579,11 @@ def parse_as(message: Mapping[str, Any], cls: type[T]) -> T:
     record = parse(message, cls)
     assert isinstance(record, cls)
     return record
+
+
+def batches(items: list[Any], max_items: int) -> list[list[Any]]:
+    """``items`` cut into lists of at most ``max_items``: a sender's side of a list limit."""
+    return [items[i : i + max_items] for i in range(0, len(items), max_items)] or [[]]
 
 
 def request_id(message: Mapping[str, Any]) -> int:

@@ -21,7 +21,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "ev": {"op": "ev", "ch": "C1", "seq": None, "json": b'{"type":"user_typing"}', "t0": 2.0, "ctl": {"from": "U1"}},
     "moved": {"op": "moved", "chans": ["C1"], "version": 4},
     "ping": {"op": "ping"},
-    "lease": {"op": "lease", "gw": "gw-1", "epoch": 99, "rv": 2},
+    "lease": {"op": "lease", "gw": "gw-1", "epoch": 1_765_000_000_000_000_000, "rv": 2},  # time.time_ns()-based
     "release": {"op": "release", "gw": "gw-1"},
     "query": {"op": "query", "users": ["U1", "U2"], "rv": 1},
     "online": {"op": "online", "gw": "gw-1", "users": ["U1"], "epoch": 3, "rv": 1},
@@ -192,3 +192,8 @@ def test_any_map_at_all_parses_or_is_refused_clearly(message: dict[str, Any]) ->
         ops.parse(message)
     except BadMessage:
         pass
+
+
+def test_batches_cut_a_list_to_its_limit() -> None:
+    assert ops.batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    assert ops.batches([], 2) == [[]]
