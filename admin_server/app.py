@@ -50,7 +50,7 @@ class AdminServer:
     def __init__(self, args: Any) -> None:
         self.args = args
         self.instance_id = args.instance_id
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.ring_changed = asyncio.Event()  # wakes publishes that wait for a slot's new owner
         self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)

@@ -117,11 +117,9 @@ class LoggedFleet(FleetRun):
 
     # -- Consul -----------------------------------------------------------------------------
     def consul(self) -> Any:
-        import consul
+        from rtmctl.operator import fleet_client
 
-        hp = self.info["consul_url"].split("://", 1)[1]
-        host, port = hp.rsplit(":", 1)
-        return consul.Consul(host=host, port=int(port))
+        return fleet_client(self.data_dir)
 
     def ring(self) -> Any:
         from services.ring import CHANNEL_RING_KEY, HashRing, RingDocument

@@ -286,7 +286,7 @@ class Charm:
     def __init__(self, args: Any) -> None:
         self.args = args
         self.instance_id = args.instance_id
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.managers = {
             "channel": RingManager(self, "channel", args.channel_slots),
             "presence": RingManager(self, "presence", args.presence_slots),

@@ -1093,6 +1093,23 @@ class ConsulState:
             if s.agent_local
         }
 
+    def agent_service_name(self, service_id: str) -> str | None:
+        """The service name of agent service ``service_id`` (what its ACL rule names), or None."""
+        service = self._services.get(service_id)
+        return service.name if service is not None and service.agent_local else None
+
+    def agent_check_service_name(self, check_id: str) -> str | None:
+        """The service name agent check ``check_id`` belongs to ("" for a node check), or None if unknown.
+
+        Consul checks ``service:write`` on that name, or ``node:write`` on the
+        node for a node check, before it updates or removes the check.
+        """
+        check = self._checks.get(check_id)
+        if check is None or not check.agent_local:
+            return None
+        service = self._services.get(check.service_id) if check.service_id else None
+        return service.name if service is not None else ""
+
     def agent_service(self, service_id: str) -> Json | None:
         """``GET /v1/agent/service/<id>``: the AgentService with its ``ContentHash``, or None."""
         self._expire()

@@ -41,6 +41,7 @@ from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
 from services.errors import CloseCode, ConnectionLost, NotOwner, PeerError, RequestTimeout
+from services.keys import FleetKeys
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import RingDocument
@@ -107,11 +108,14 @@ class Gateway:
         self.args = args
         self.instance_id = args.instance_id
         self.state = GatewayState()
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
-        self.webapp = WebappClient(ServiceDirectory(self.discovery, "webapp"), args.secret, args.webapp_url)
-        self.verifier = TicketVerifier(args.secret.encode(), self.instance_id)
+        keys = FleetKeys.from_secret(args.secret.encode())  # one key per job (services/keys.py)
+        self.webapp = WebappClient(
+            ServiceDirectory(self.discovery, "webapp"), keys.internal_http_credential, args.webapp_url
+        )
+        self.verifier = TicketVerifier(keys.ticket_signing, self.instance_id)
         self.links: dict[str, PeerLink] = {}
         self.subscribed_at: dict[str, str] = {}  # channel -> channel server instance holding our subscription
         self.pending_sub: dict[str, set[str]] = {}

@@ -18,9 +18,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from services.config import Parser
+from services.secret_file import ensure_private_dir, replace_secret_file
 from webapp_stub.store import DB_FILE, DEFAULT_CACHE_PAGES, Store, new_id, new_token
 
 NAMES = ("alice", "bob", "carol", "dave", "eve")
@@ -140,12 +142,9 @@ def describe(store: Store) -> dict[str, Any]:
 
 
 def write_seed_file(data_dir: str, seed: dict[str, Any]) -> str:
+    """Write ``seed.json`` (it holds every user's token: created 0600, replaced atomically)."""
     path = os.path.join(data_dir, SEED_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(seed, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
+    replace_secret_file(Path(path), json.dumps(seed, indent=1) + "\n")
     return path
 
 
@@ -161,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.monotonic()
-    os.makedirs(args.data_dir, exist_ok=True)
+    ensure_private_dir(Path(args.data_dir))
     try:
         seed = seed_demo(args.data_dir, users=args.users, channels=args.channels, bots=args.bots)
     except ValueError as exc:
