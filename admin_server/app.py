@@ -136,7 +136,7 @@ class AdminServer:
         )
 
     def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
-        self.metrics.error("bad_request" if was_request else "bad_push")
+        self.metrics.error(exc.kind if was_request else "bad_push")
 
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         request_id = ops.request_id(msg)

@@ -276,7 +276,7 @@ class PresenceServer:
         )
 
     def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
-        self.metrics.error("bad_request" if was_request else "bad_push")
+        self.metrics.error(exc.kind if was_request else "bad_push")
 
     def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
         gw = conn.state.get("gw")

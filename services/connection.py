@@ -306,7 +306,7 @@ class PeerConnection(asyncio.Protocol):
             op,
         )
         if self.on_bad_message is not None:
-            self.on_bad_message(self, BadMessage(op, "over max_requests_in_flight"), True)
+            self.on_bad_message(self, BadMessage(op, "over max_requests_in_flight", kind="requests_over_cap"), True)
         self.send(wire.reply_err(request_id, ErrorCode.UNAVAILABLE, "too many requests in flight; retry"))
 
     def _apply_backpressure(self) -> None:

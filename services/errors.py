@@ -89,10 +89,11 @@ class BadMessage(RtmError):
     dropped and counted. The connection stays up.
     """
 
-    def __init__(self, op: str, detail: str) -> None:
+    def __init__(self, op: str, detail: str, kind: str = "bad_request") -> None:
         super().__init__(f"bad {op}: {detail}")
         self.op = op
         self.detail = detail
+        self.kind = kind  # what a refused request counts as in rtm_errors_total{kind}
 
 
 class BadDocument(RtmError, ValueError):
