@@ -10,6 +10,7 @@ import pytest
 from services import ops, wire
 from services.connection import PeerConnection, PeerLimits, PeerLink, connect, serve
 from services.errors import (
+    BadMessage,
     ConnectionLost,
     ErrorCode,
     FrameTimeout,
@@ -445,9 +446,12 @@ class Validating(Endpoint):
 
     def __init__(self, **conn_kwargs: Any) -> None:
         self.bad: list[tuple[str, bool]] = []
-        super().__init__(
-            on_bad_message=lambda c, exc, was_request: self.bad.append((exc.op, was_request)), **conn_kwargs
-        )
+        self.kinds: list[str] = []
+        super().__init__(on_bad_message=self.count, **conn_kwargs)
+
+    def count(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
+        self.bad.append((exc.op, was_request))
+        self.kinds.append(exc.kind)
 
     def handle(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         if msg["op"] == "pub":
@@ -522,6 +526,7 @@ async def test_requests_in_flight_are_capped_with_backpressure_then_refusal() ->
         with pytest.raises(PeerError) as info:
             await within(held[2])
         assert info.value.code == ErrorCode.UNAVAILABLE
+        assert endpoint.kinds == ["requests_over_cap"]  # counted, and not as a bad request
         server_side = endpoint.conns[0]
         assert server_side._paused  # at the cap: the server reads no more from this peer
         later = client.begin_request({"op": "echo", "x": "later"}, timeout_s=WAIT_S)
