@@ -35,6 +35,7 @@ from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
 from services.secret_file import ensure_secret_file
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
+from webapp_stub.client import BrowserClient
 from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -175,6 +176,12 @@ def build_parser() -> Parser:
         "",
         'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)',
     )
+    parser.add(
+        "--demo",
+        True,
+        "demo mode: /demo/users lists the demo team's people with their tokens for the browser "
+        "client's sign-in picker (--no-demo or RTM_DEMO=0 wherever others can reach the webapp)",
+    )
     return parser
 
 
@@ -307,6 +314,8 @@ async def start_webapp(
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes(api.routes())
         app.add_routes(metrics_routes(metrics, health))
+        # the browser client at / (webapp_stub/client.py, docs/browser.md)
+        app.add_routes(BrowserClient(store, metrics, demo=getattr(args, "demo", True)).routes())
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
