@@ -57,6 +57,7 @@ from services import regions, tls
 from services.certs import CertPaths, FleetCertificates
 from services.config import CONSUL_TOKEN_ENV, Parser, consul_token_default, split_host_port
 from services.discovery import sync_client
+from services.errors import BadDocument
 from services.identity import OPERATOR, PeerIdentity
 from services.process import announce_ready
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
@@ -290,7 +291,10 @@ def wait_for_ring(consul_addr: str, timeout_s: float, key: str = CHANNEL_RING_KE
     index = None
     while time.monotonic() < deadline:
         index, current = client.kv.get(key, index=index, wait="2s")
-        doc = RingDocument.from_json(current["Value"] if current else None)
+        try:
+            doc = RingDocument.from_json(current["Value"] if current else None, key)
+        except BadDocument:
+            continue  # not a ring (yet): CHARM repairs or writes it
         if doc.slots and all(doc.slots.values()):
             return doc
     raise LaunchError(f"CHARM did not write a complete ring at {key} within {timeout_s}s")
