@@ -9,6 +9,11 @@ Requests served (see :mod:`services.wire`):
   seq > since_seq as ``ev`` pushes, then replies ``{version, not_owner: [...],
   last: {ch: seq}}``. ``since_seq`` -1 subscribes live only.
 * ``unsub`` {gw, chans: [ch, ...]}
+* ``seqs``  {gw, chans: [ch, ...]} -> ``{last: {ch: seq}, missing: [...],
+  not_owner: [...]}``: the gateway's periodic reconciliation. ``last`` is the
+  highest seq applied here, ``missing`` the channels this gateway is not
+  subscribed to here. Answered from memory; at most
+  :data:`MAX_SEQS_CHANNELS` channels a request.
 * ``pub``   {ch, seq, json, t0, ctl?} -> applied and written to every
   subscribed gateway, or ``err not_owner`` with this server's ring version.
 * ``ping``
@@ -40,6 +45,8 @@ log = logging.getLogger("rtm.channel_server")
 
 SERVICE = "channel-server"
 DEFAULT_PORT = 7100
+# Channels one ``seqs`` request may ask about (a gateway batches its audit).
+MAX_SEQS_CHANNELS = 10_000
 
 
 class ChannelServer:
@@ -171,6 +178,8 @@ class ChannelServer:
                 return self.handle_sub(conn, request_id, msg)
             if op == "unsub":
                 return self.handle_unsub(conn, request_id, msg)
+            if op == "seqs":
+                return self.handle_seqs(conn, request_id, msg)
             if op == "ping":
                 return wire.reply_ok(request_id, version=self.follower.ring.version)
         except (KeyError, TypeError, ValueError) as exc:
@@ -226,6 +235,29 @@ class ChannelServer:
         for channel in msg["chans"]:
             self.table.unsubscribe(index, str(channel))
         return wire.reply_ok(request_id)
+
+    def handle_seqs(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        """The gateway's reconciliation: where each channel stands here, and whether it is subscribed."""
+        chans = msg["chans"]
+        if not isinstance(chans, list) or len(chans) > MAX_SEQS_CHANNELS:
+            raise ValueError(f"chans must be a list of at most {MAX_SEQS_CHANNELS} channels")
+        bit = 1 << self._gateway_index(conn, str(msg["gw"]))
+        accepting = not self.slots.is_fenced()
+        last: dict[str, int] = {}
+        missing: list[str] = []
+        refused: list[str] = []
+        for channel in map(str, chans):
+            if not (accepting and self.slots.is_mine(channel)):
+                refused.append(channel)
+                continue
+            known = self.table.last_seq.get(channel)
+            if known is not None:
+                last[channel] = known
+            if not self.table.subscribers.get(channel, 0) & bit:
+                missing.append(channel)
+        return wire.reply_ok(
+            request_id, version=self.follower.ring.version, last=last, missing=missing, not_owner=refused
+        )
 
     def handle_pub(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
         channel = str(msg["ch"])
