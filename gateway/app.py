@@ -803,6 +803,8 @@ class Gateway:
                 )
             if fetch is not None:
                 self.spawn(self.fetch_history(fetch))
+            if self.state.overflowing_channels or self.state.overflowing_sessions:
+                self.check_overflows()
             ctl = msg.get("ctl")
             if ctl:
                 self.apply_ctl(channel, ctl)
