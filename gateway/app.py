@@ -60,6 +60,7 @@ from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
 from services.errors import CloseCode, ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
 from services.identity import CHANNEL_SERVER, WEBAPP
+from services.keys import FleetKeys
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import RingDocument
@@ -132,11 +133,14 @@ class Gateway:
         self.instance_id = args.instance_id
         self.state = GatewayState(args.max_held_events_per_channel, args.max_held_events_per_session)
         self.clock = time.monotonic  # subscription retries and gap budgets
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.channel_servers = ServiceDirectory(self.discovery, CHANNEL_SERVER, on_change=self.on_instances)
-        self.webapp = WebappClient(ServiceDirectory(self.discovery, WEBAPP), args.secret, args.webapp_url)
-        self.verifier = TicketVerifier(args.secret.encode(), self.instance_id)
+        keys = FleetKeys.from_secret(args.secret.encode())  # one key per job (services/keys.py)
+        self.webapp = WebappClient(
+            ServiceDirectory(self.discovery, WEBAPP), keys.internal_http_credential, args.webapp_url
+        )
+        self.verifier = TicketVerifier(keys.ticket_signing, self.instance_id)
         self.links: dict[str, PeerLink] = {}
         # channel -> where it must be subscribed and how far that got (gateway/subscriptions.py)
         self.subs = Subscriptions(self.owner_for)
@@ -149,7 +153,7 @@ class Gateway:
         # (channel, after_seq, upto_seq) -> the webapp read in flight: a region drain moves
         # hundreds of sessions that stopped at the same place, and they share one read
         self.history_reads: dict[tuple[str, int, int | None], asyncio.Future[list[tuple[int, bytes]]]] = {}
-        self.sockets: dict[int, ServerConnection] = {}
+        self.sockets: dict[int, ClientConnection] = {}
         self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
         self.sids = itertools.count(1)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -349,6 +353,7 @@ class Gateway:
             self.limits.release_address(address)
 
     async def serve_client(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, ClientConnection)  # serve(create_connection=ClientConnection)
         admitted = await self.admit(ws)
         if admitted is None:
             return

@@ -54,7 +54,7 @@ class GapBudget:
         self.failures += 1
         if self.failures >= self.max_attempts:
             return None
-        delay = min(HISTORY_RETRY_MAX_S, HISTORY_RETRY_INITIAL_S * 2 ** (self.failures - 1))
+        delay = min(HISTORY_RETRY_MAX_S, HISTORY_RETRY_INITIAL_S * 2.0 ** (self.failures - 1))
         if now_s + delay >= self.deadline_s:
             return None
         return delay

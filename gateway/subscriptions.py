@@ -97,7 +97,7 @@ def _discard(index: dict[str | None, set[str]] | dict[str, set[str]], key: str |
 
 def retry_delay_s(attempts: int) -> float:
     """Backoff before retry number ``attempts`` (1 = the first retry)."""
-    return min(SUB_RETRY_MAX_S, SUB_RETRY_INITIAL_S * 2 ** max(0, attempts - 1))
+    return min(SUB_RETRY_MAX_S, SUB_RETRY_INITIAL_S * 2.0 ** max(0, attempts - 1))
 
 
 class Subscriptions:

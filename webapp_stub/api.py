@@ -8,7 +8,8 @@ POST, arguments merged from the query string, a form body and a JSON body
 through ``response_metadata.next_cursor`` ("" on the last page), and HTTP 429
 with ``Retry-After`` when a token exceeds its per-method budget.
 
-Internal endpoints (header ``X-Rtm-Secret``; 403 otherwise):
+Internal endpoints (header ``X-Rtm-Secret`` carrying the ``internal_http`` key
+derived from the fleet secret, :mod:`services.keys`; 403 otherwise):
 
 * ``POST /internal/bootstrap`` ``{"user": U, "resume": id?}`` ->
   ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
@@ -49,6 +50,7 @@ from prometheus_client import Counter, Histogram
 
 from services import regions
 from services.discovery import Instance
+from services.keys import FleetKeys
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.ticket import mint
 from webapp_stub.handoff import Handoff
@@ -320,7 +322,8 @@ class WebApi:
         self.handoff = handoff
         self.gateways = gateways
         self.metrics = metrics
-        self.secret = secret
+        self.keys = FleetKeys.from_secret(secret)  # one key per job; the fleet secret itself is not kept
+        self._internal_credential = self.keys.internal_http_credential.encode()
         self.region = region
         self.clock = clock
         self.limiter = RateLimiter(rate_limit_per_minute)
@@ -419,7 +422,7 @@ class WebApi:
     # -- internal endpoints ----------------------------------------------------------------
     def _check_secret(self, request: web.Request) -> None:
         given = request.headers.get(SECRET_HEADER, "").encode()
-        if not self.secret or not hmac.compare_digest(given, self.secret):
+        if not hmac.compare_digest(given, self._internal_credential):
             self.metrics.error("internal_forbidden")
             raise web.HTTPForbidden(
                 text=json.dumps({"ok": False, "error": "forbidden"}), content_type="application/json"
@@ -470,7 +473,7 @@ class WebApi:
                 raise ApiError("invalid_arguments") from None
             if any(seq < 0 for seq in seqs.values()):
                 raise ApiError("invalid_arguments")
-            body = {"ok": True, "resume": self.resume.add(user_id, seqs)}
+            body: dict[str, Any] = {"ok": True, "resume": self.resume.add(user_id, seqs)}
             self.resumes.labels("recorded").inc()
         except ApiError as exc:
             self.metrics.error(exc.code)
@@ -538,7 +541,7 @@ class WebApi:
     def publish(self, events: list[Any]) -> None:
         if log.isEnabledFor(
             logging.DEBUG
-        ):  # follow one event across processes by its eid (README: "Following one message")
+        ):  # follow one event across processes by its eid (docs/deploy.md: "Following one message")
             for event in events:
                 log.debug(
                     "committed %s %.200s", event.eid, event.json, extra={"eid": event.eid, "channel": event.channel}
@@ -653,7 +656,7 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
     resume = api.resume.claim(user.id)
     if resume:
         api.resumes.labels("claimed").inc()
-    ticket = mint(api.secret, user.id, user.team, gateway.id, api.clock(), resume=resume)
+    ticket = mint(api.keys.ticket_signing, user.id, user.team, gateway.id, api.clock(), resume=resume)
     team = api.store.team(user.team)
     # behind an edge proxy a gateway registers the URL clients reach it at (gateway --public-url)
     base = gateway.meta.get("public_url") or f"ws://{gateway.address}:{gateway.port}"

@@ -18,10 +18,10 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -31,6 +31,7 @@ from services.config import Parser, advertised, instance_id, service_parser
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
+from services.secret_file import ensure_secret_file
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -57,7 +58,18 @@ class DiscoveryLike(Protocol):
 
     consul_ok: bool
 
-    async def register(self, service: str, instance_id: str, address: str, port: int, **kwargs: Any) -> None: ...
+    async def register(
+        self,
+        service: str,
+        instance_id: str,
+        address: str,
+        port: int,
+        *,
+        tags: list[str] | None = None,
+        meta: dict[str, str] | None = None,
+        ttl_s: float,
+        deregister_after_s: float = ...,
+    ) -> None: ...
 
     def watch_service(self, service: str, on_change: Callable[[list[Instance]], Any]) -> Any: ...
 
@@ -121,10 +133,7 @@ def load_secret(given: str, data_dir: str) -> bytes:
             return value.encode()
     except FileNotFoundError:
         pass
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(value + "\n")
+    value = ensure_secret_file(Path(path))  # 0600 from its first byte; a racing writer's value wins
     log.info("created a new secret in %s", path)
     return value.encode()
 
@@ -194,7 +203,7 @@ async def start_webapp(
 
         stack.push_async_callback(stop_mark_loop)
 
-        disc: DiscoveryLike = discovery if discovery is not None else Discovery(args.consul)
+        disc: DiscoveryLike = discovery if discovery is not None else Discovery(args.consul, args.consul_token)
         stack.push_async_callback(disc.close)
         gateways = GatewayPicker(regions.parse_map(args.region_map) if args.region_map else None)
         disc.watch_service("admin-server", as_link.set_instances)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -397,6 +398,10 @@ class Store:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self.clock = clock
+        # The database holds every user's token: create it 0600 before SQLite opens it (SQLite
+        # gives its -wal and -shm files the database file's mode).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves. One connection,
         # used only from the event loop's thread, so check_same_thread is moot.
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
@@ -637,7 +642,7 @@ class Store:
             raise ApiError("channel_not_found")
         return channel
 
-    def create_channel(self, user: User, name: str, *, is_private: bool = False) -> tuple[Channel, list[Event]]:
+    def create_channel(self, user: User, name: object, *, is_private: bool = False) -> tuple[Channel, list[Event]]:
         """Create ``#name`` with ``user`` as creator and first member.
 
         Events, in commit order: ``channel_created`` on the team channel
@@ -974,13 +979,14 @@ class Store:
             "LEFT JOIN channel_seq s ON s.channel = m.channel WHERE m.user = ?",
             (user.id,),
         ).fetchall()
-        channels = [{"id": user.id, "seq": self.last_seq(user.id)}, {"id": user.team, "seq": self.last_seq(user.team)}]
-        channels += [{"id": ch, "seq": int(seq)} for ch, seq in rows]
+        seqs: list[tuple[str, int]] = [(user.id, self.last_seq(user.id)), (user.team, self.last_seq(user.team))]
+        seqs += [(ch, int(seq)) for ch, seq in rows]
         if resume:
-            for entry in channels:
-                recorded = resume.get(entry["id"])
+            for i, (channel, seq) in enumerate(seqs):
+                recorded = resume.get(channel)
                 if recorded is not None:
-                    entry["seq"] = max(0, min(int(recorded), entry["seq"]))
+                    seqs[i] = (channel, max(0, min(int(recorded), seq)))
+        channels = [{"id": channel, "seq": seq} for channel, seq in seqs]
         return {
             "user": {"id": user.id, "name": user.name},
             "team": team.to_api() if team else {"id": user.team, "name": user.team, "domain": user.team.lower()},
@@ -1380,7 +1386,7 @@ def _message_row(row: tuple[Any, ...]) -> dict[str, Any]:
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def validate_channel_name(name: Any) -> str:
+def validate_channel_name(name: object) -> str:
     """Slack's channel-name rules: lowercase letters, digits, ``-``, ``_``; at most 80 characters."""
     if not isinstance(name, str) or not name.strip():
         raise ApiError("invalid_name_required")
@@ -1398,7 +1404,7 @@ def validate_channel_name(name: Any) -> str:
 _REACTION_NAME = re.compile(r"[a-z0-9_+'-]+(::skin-tone-[2-6])?")
 
 
-def validate_reaction_name(name: Any) -> str:
+def validate_reaction_name(name: object) -> str:
     """A reaction name without its surrounding colons; ``invalid_name`` otherwise."""
     if not isinstance(name, str):
         raise ApiError("invalid_name")

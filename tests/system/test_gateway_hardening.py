@@ -20,8 +20,9 @@ import aiohttp
 import pytest
 import websockets
 
+from rtmctl.launcher import rtm_argv, start
+from services.config import CONSUL_TOKEN_ENV
 from services.errors import CloseCode
-from services.launcher import rtm_argv, start
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import Client, Fleet, Load, channel_ring, consul_client, process_by_id
 
@@ -103,7 +104,8 @@ async def test_a_gateway_started_while_its_channel_server_is_unreachable_deliver
             "--data-dir",
             str(fleet.data_dir),
         )
-        late = await asyncio.to_thread(start, "gw-late-0", argv)
+        token = (fleet.data_dir / "consul-acl-token").read_text().strip()  # the dev agent enforces ACLs
+        late = await asyncio.to_thread(start, "gw-late-0", argv, env={CONSUL_TOKEN_ENV: token})
         late_port = int(late.ready["port"])
         await async_wait_until(lambda: _connect_goes_to(fleet, "late", late_port), what="rtm.connect to use it")
         client = await fleet.connect("carol", region="late")

@@ -7,21 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import FakeClock
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Store, decode_cursor, encode_cursor, ts_to_us, us_to_ts
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture

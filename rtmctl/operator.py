@@ -9,6 +9,11 @@
 * ``rtm drain REGION`` / ``rtm undrain REGION``: set or clear the region's
   drain flag in Consul; its gateways move their clients to the nearest good
   region (see :mod:`gateway.drain`) or take clients again.
+
+Every command sends a Consul ACL token: ``--consul-token``, else
+``RTM_CONSUL_TOKEN`` / ``CONSUL_HTTP_TOKEN`` / ``CONSUL_HTTP_TOKEN_FILE``, else
+the token ``rtm up`` made in ``DATA_DIR/consul-acl-token`` (so nothing more
+needs typing against a local fleet).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 import consul
 
 from services import regions
-from services.config import consul_default, env_default, split_host_port
+from services.config import consul_default, consul_token_default, env_default
+from services.discovery import sync_client
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
 
 SERVICES = ("webapp", "admin-server", "channel-server", "gateway", "charm", "presence")
@@ -39,9 +45,32 @@ def consul_address(data_dir: str, given: str = "") -> str:
     return consul_default()
 
 
-def consul_client(address: str) -> consul.Consul:
-    host, port = split_host_port(address)
-    return consul.Consul(host=host, port=port)
+def consul_token(data_dir: str, given: str = "") -> str:
+    """The token to send: given, else from the environment, else ``DATA_DIR/consul-acl-token``; "" if none."""
+    if given:
+        return given
+    token = consul_token_default()
+    if token:
+        return token
+    path = Path(data_dir) / "consul-acl-token"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    return ""
+
+
+def consul_client(address: str, token: str = "") -> consul.Consul:
+    """A py-consul client for ``address`` that sends ``token``."""
+    return sync_client(address, token)
+
+
+def fleet_client(data_dir: str | Path) -> consul.Consul:
+    """A client for the Consul of the fleet ``rtm up`` runs in ``data_dir``, with that fleet's token."""
+    return consul_client(consul_address(str(data_dir)), consul_token(str(data_dir)))
+
+
+def operator_client(args: argparse.Namespace) -> consul.Consul:
+    """The Consul client an ``rtm`` command uses: address and token from its flags, env or data dir."""
+    return consul_client(consul_address(args.data_dir, args.consul), consul_token(args.data_dir, args.consul_token))
 
 
 def read_ring(client: consul.Consul, key: str) -> RingDocument:
@@ -51,7 +80,7 @@ def read_ring(client: consul.Consul, key: str) -> RingDocument:
 
 def status(args: argparse.Namespace) -> int:
     address = consul_address(args.data_dir, args.consul)
-    client = consul_client(address)
+    client = operator_client(args)
     try:
         _, registered = client.catalog.services()
     except Exception as exc:
@@ -100,7 +129,7 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
     target = args.name
     if args.service in ("channel-server", "presence"):  # a slot name stands for its current owner
         key = CHANNEL_RING_KEY if args.service == "channel-server" else PRESENCE_RING_KEY
-        doc = read_ring(consul_client(consul_address(args.data_dir, args.consul)), key)
+        doc = read_ring(operator_client(args), key)
         target = doc.slots.get(target) or target
     for proc in procs:
         if target in (proc["id"], proc["name"], str(proc["pid"])):
@@ -117,7 +146,7 @@ def kill(args: argparse.Namespace) -> int:
 
 
 def drain(args: argparse.Namespace, on: bool) -> int:
-    client = consul_client(consul_address(args.data_dir, args.consul))
+    client = operator_client(args)
     key = regions.drained_key(args.region)
     if on:
         client.kv.put(key, str(time.time()))
@@ -133,6 +162,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"rtm {command}", description=__doc__)
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"))
     parser.add_argument("--consul", default="", help="Consul host:port (default: from DATA_DIR/fleet.json)")
+    add_consul_token_flag(parser)
     if command in ("drain", "undrain"):
         parser.add_argument("region")
         return drain(parser.parse_args(rest), on=command == "drain")
@@ -141,6 +171,16 @@ def main(argv: list[str]) -> int:
         parser.add_argument("name", help="instance id, ring slot (cs-N, ps-N) or pid")
         return kill(parser.parse_args(rest))
     return status(parser.parse_args(rest))
+
+
+def add_consul_token_flag(parser: argparse.ArgumentParser) -> None:
+    """``--consul-token`` for operator commands (default: env, then DATA_DIR/consul-acl-token)."""
+    parser.add_argument(
+        "--consul-token",
+        default="",
+        help="Consul ACL token (default: RTM_CONSUL_TOKEN, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE, "
+        "then DATA_DIR/consul-acl-token)",
+    )
 
 
 def leader_address(client: consul.Consul) -> dict[str, Any] | None:
