@@ -58,7 +58,15 @@ from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
-from services.errors import CloseCode, ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
+from services.errors import (
+    CloseCode,
+    ConnectionLost,
+    ErrorCode,
+    NotOwner,
+    PeerError,
+    RequestTimeout,
+    SendBufferFull,
+)
 from services.identity import CHANNEL_SERVER, WEBAPP
 from services.keys import FleetKeys
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
@@ -511,10 +519,15 @@ class Gateway:
                         await conn.request(
                             {"op": "unsub", "gw": self.instance_id, "chans": batch.unsubscribe}, SUBSCRIBE_TIMEOUT_S
                         )
-                    except (ConnectionLost, RequestTimeout, PeerError) as exc:
+                    except Exception as exc:  # best effort: the server forgets us when we disconnect
                         log.debug("unsub at %s failed: %s (it forgets us when we disconnect)", owner, exc)
                 if batch.subscribe:
-                    await self.send_sub(batch, conn)
+                    try:
+                        await self.send_sub(batch, conn)
+                    except Exception as exc:  # whatever went wrong, the batch is sent again, never lost
+                        log.exception("sub at %s failed unexpectedly", owner)
+                        self.metrics.error("sub_failed")
+                        self.sub_failed(batch, exc)
         finally:
             self.flushing.discard(owner)
             self.schedule_retry(owner)
@@ -550,25 +563,26 @@ class Gateway:
             self.subs.confirmed(batch, refused=batch.subscribe)
             self.spawn(self.reroute(batch.subscribe))
             return
-        except (ConnectionLost, RequestTimeout, PeerError) as exc:
+        except (ConnectionLost, RequestTimeout, SendBufferFull, PeerError) as exc:
             self.sub_failed(batch, exc)
             return
-        try:
+        try:  # read the whole reply before acting on any of it
             refused = [str(ch) for ch in reply.get("not_owner", [])]
-            catch_ups = self.subs.confirmed(batch, refused)
-            for channel, last_seq in dict(reply.get("last", {})).items():
-                fetch = self.state.expect(str(channel), int(last_seq))
-                if fetch is not None:
-                    self.spawn(self.fetch_history(fetch))
-            for channel in catch_ups:
-                fetch = self.state.catch_up(channel)
-                if fetch is not None:
-                    self.spawn(self.fetch_history(fetch))
-        except (TypeError, ValueError, AttributeError) as exc:  # a malformed reply: send it again
+            last = {str(ch): int(seq) for ch, seq in dict(reply.get("last", {})).items()}
+        except (TypeError, ValueError, AttributeError) as exc:  # a malformed reply: send the sub again
             self.metrics.error("bad_sub_reply")
             log.warning("malformed sub reply from %s: %r", batch.owner, exc)
             self.sub_failed(batch, exc)
             return
+        catch_ups = self.subs.confirmed(batch, refused)
+        for channel, last_seq in last.items():
+            fetch = self.state.expect(channel, last_seq)
+            if fetch is not None:
+                self.spawn(self.fetch_history(fetch))
+        for channel in catch_ups:
+            fetch = self.state.catch_up(channel)
+            if fetch is not None:
+                self.spawn(self.fetch_history(fetch))
         if refused:
             self.spawn(self.reroute(refused))
 

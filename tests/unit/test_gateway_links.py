@@ -211,3 +211,16 @@ async def test_held_events_past_the_bound_end_the_sessions(gw: Gateway) -> None:
     await until(lambda: ws.closed, "the session closed")
     assert ws.closed == [CloseCode.RESYNC] and sock.frames == []
     assert gw.sessions_ended.labels("held_overflow")._value.get() == 1  # type: ignore[attr-defined]
+
+
+async def test_a_sub_that_fails_in_any_way_is_still_sent_again(gw: Gateway) -> None:
+    from services.errors import SendBufferFull
+
+    replies = iter([SendBufferFull(10, 5), RuntimeError("a bug"), {"op": "ok", "not_owner": [], "last": "not a map"}])
+    conn = FakeConn(lambda m: next(replies, None) or ok_sub(m))
+    gw.links[OWNER] = FakeLink(conn)  # type: ignore[assignment]
+    attach(gw, 1, [("C1", 4)])
+    gw.subs.link_up(OWNER)
+    gw.schedule_flush(OWNER)
+    await until(lambda: gw.subs.channels["C1"].phase is Phase.CONFIRMED, "the sub to be confirmed")
+    assert sum(r["op"] == "sub" for r in conn.requests) == 4
