@@ -207,7 +207,7 @@ async def test_held_events_past_the_bound_end_the_sessions(gw: Gateway) -> None:
     fetch = gw.state.deliver("C1", 3, b'{"seq":3}')
     assert fetch is not None
     for n in range(4, 10):
-        gw.on_push(conn, {"op": "ev", "ch": "C1", "seq": n, "json": json.dumps({"seq": n}).encode()})  # type: ignore[arg-type]
+        gw.on_push(conn, {"op": "ev", "ch": "C1", "seq": n, "json": json.dumps({"seq": n}).encode(), "t0": 1.0})  # type: ignore[arg-type]
     await until(lambda: ws.closed, "the session closed")
     assert ws.closed == [CloseCode.RESYNC] and sock.frames == []
     assert gw.sessions_ended.labels("held_overflow")._value.get() == 1  # type: ignore[attr-defined]
