@@ -14,8 +14,8 @@ server            sender role     may send
 ================  ==============  ===============================================
 admin-server      webapp          ``pub``
 channel-server    admin-server    ``pub``
-channel-server    gateway         ``sub``, ``unsub``, transient ``pub`` (seq nil),
-                                  with ``gw`` = its own instance id
+channel-server    gateway         ``sub``, ``unsub``, ``seqs``, transient ``pub``
+                                  (seq nil), with ``gw`` = its own instance id
 presence          gateway         ``lease``, ``release``, ``query``, ``online``,
                                   ``offline``, ``psub``, ``punsub``, ``synced``,
                                   with ``gw`` = its own instance id
@@ -64,7 +64,7 @@ PERMISSIONS: Mapping[str, Mapping[str, frozenset[str]]] = {
     ADMIN_SERVER: {WEBAPP: frozenset({"pub"})},
     CHANNEL_SERVER: {
         ADMIN_SERVER: frozenset({"pub"}),
-        GATEWAY: frozenset({"sub", "unsub", TRANSIENT_PUB}),
+        GATEWAY: frozenset({"sub", "unsub", "seqs", TRANSIENT_PUB}),
     },
     PRESENCE: {
         GATEWAY: GATEWAY_PRESENCE_OPS,

@@ -18,11 +18,11 @@ from services.identity import (
 )
 
 ALL_OPS = ("pub", "sub", "unsub", "ping", "lease", "release", "query", "online", "offline", "psub", "punsub")
-ALL_OPS += ("synced", "get_presence", "set_presence", "ring_add_slot", "ring_remove_slot", "moved", "ev")
+ALL_OPS += ("synced", "get_presence", "set_presence", "ring_add_slot", "ring_remove_slot", "moved", "ev", "seqs")
 ALLOWED = {
     (ADMIN_SERVER, WEBAPP): {"pub"},
     (CHANNEL_SERVER, ADMIN_SERVER): {"pub"},
-    (CHANNEL_SERVER, GATEWAY): {"sub", "unsub", "pub"},  # pub: transient only, below
+    (CHANNEL_SERVER, GATEWAY): {"sub", "unsub", "seqs", "pub"},  # pub: transient only, below
     (PRESENCE, GATEWAY): {"lease", "release", "query", "online", "offline", "psub", "punsub", "synced"},
     (PRESENCE, WEBAPP): {"get_presence", "set_presence"},
     (CHARM, OPERATOR): {"ring_add_slot", "ring_remove_slot"},
@@ -77,3 +77,27 @@ def test_every_server_in_the_table_is_a_service() -> None:
     assert set(PERMISSIONS) <= set(SERVICES)
     for rules in PERMISSIONS.values():
         assert set(rules) <= set(SERVICES)
+
+
+def test_the_table_agrees_with_the_op_tables_senders() -> None:
+    """services/ops.py declares who sends each op; every grant here is one of those, and every
+    server-bound op's sender has a grant somewhere (so a new op cannot be forgotten here)."""
+    import inspect
+
+    from services import ops
+
+    granted: dict[str, set[str]] = {}
+    for rules in PERMISSIONS.values():
+        for role, names in rules.items():
+            for name in names:
+                granted.setdefault(name.split(":")[0], set()).add(role)
+    declared = {
+        cls.OP: set(cls.SENT_BY)
+        for _, cls in inspect.getmembers(ops, inspect.isclass)
+        if issubclass(cls, ops.Op) and cls is not ops.Op and getattr(cls, "OP", None)
+    }
+    for name, roles in granted.items():
+        assert roles <= declared[name], (name, roles, declared[name])
+    server_bound = {n: r for n, r in declared.items() if not r <= {CHANNEL_SERVER, PRESENCE} and n != "ping"}
+    for name, roles in server_bound.items():
+        assert granted.get(name) == roles, (name, granted.get(name), roles)
