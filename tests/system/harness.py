@@ -55,6 +55,12 @@ class Fleet:
         paths = certs.ensure(f"test-{service}-{instance}", PeerIdentity(service, instance))
         return WireTrust.load(paths.ca, paths.cert, paths.key)
 
+    def tls_flags(self, service: str, instance: str) -> list[str]:
+        """``--tls-*`` flags for one more process a test starts itself (a certificate from this fleet's CA)."""
+        certs = FleetCertificates(self.data_dir / "tls")
+        paths = certs.ensure(f"test-{service}-{instance}", PeerIdentity(service, instance))
+        return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
+
     def reload(self) -> None:
         self.info = json.loads((self.data_dir / "fleet.json").read_text())
 
