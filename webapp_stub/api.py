@@ -41,7 +41,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import aiohttp
@@ -66,6 +66,9 @@ from webapp_stub.store import (
     Store,
     User,
 )
+
+if TYPE_CHECKING:
+    from webapp_stub.scheduler import Scheduler
 
 log = logging.getLogger("rtm.webapp.api")
 GATEWAY_LOAD_POLL_S = 1.0  # how often rtm.connect's view of gateway connection counts is refreshed
@@ -351,6 +354,7 @@ class WebApi:
         )
         self.last_seen: dict[str, float] = {}  # user -> last Web API call or gateway connect (presence fallback)
         self.presence: PresenceClient | None = None  # the presence servers (webapp_stub/presence.py), set by app.py
+        self.scheduler: Scheduler | None = None  # due items (webapp_stub/scheduler.py), set by app.py
 
     def count_request(self, method: str, outcome: str) -> None:
         """``rtm_webapp_requests_total{method, outcome}`` += 1."""

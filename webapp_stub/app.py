@@ -32,6 +32,7 @@ from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
 from services.secret_file import ensure_secret_file
+from webapp_stub import bookmarks, pins, reminders, scheduled  # noqa: F401  (their @method and firers register on import)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -42,6 +43,7 @@ from webapp_stub.handoff import (
     write_mark,
 )
 from webapp_stub.presence import PresenceClient
+from webapp_stub.scheduler import DEFAULT_BATCH_MAX, DEFAULT_RATE_PER_S, Scheduler
 from webapp_stub.store import Store
 
 log = logging.getLogger("rtm.webapp")
@@ -155,6 +157,12 @@ def build_parser() -> Parser:
         "",
         'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)',
     )
+    parser.add(
+        "--scheduler-rate-per-s",
+        DEFAULT_RATE_PER_S,
+        "due items (scheduled messages, reminders) fired per second at most: live posts never wait behind a spike",
+    )
+    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per event-loop turn (one transaction)")
     return parser
 
 
@@ -230,6 +238,16 @@ async def start_webapp(
         api.presence = PresenceClient(disc, store.manual_away_users)  # users.get/setPresence (webapp_stub/presence.py)
         api.presence.start()
         stack.push_async_callback(api.presence.close)
+        scheduler = Scheduler(
+            store,
+            api.publish,
+            metrics,
+            rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
+            batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
+        )
+        api.scheduler = scheduler  # scheduled messages and reminders wake it (webapp_stub/scheduler.py)
+        scheduler.start()
+        stack.push_async_callback(scheduler.close)
 
         def health() -> dict[str, Any]:
             return {
