@@ -244,6 +244,7 @@ async def start_webapp(
             metrics,
             rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
             batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
+            outbox_backlog=lambda: len(handoff),
         )
         api.scheduler = scheduler  # scheduled messages and reminders wake it (webapp_stub/scheduler.py)
         scheduler.start()

@@ -5,8 +5,9 @@ A reminder is a row of ``reminders`` and a due item (:mod:`webapp_stub.scheduler
 ``reminder``, lane = the user it is for). When due it arrives the way Slack shows it: a
 message from Slackbot (:data:`SLACKBOT_ID`) in the user's direct message with Slackbot,
 ``"Reminder: <text>."``, posted through :meth:`Store.post_message` in the transaction that
-marks it fired. The DM is opened on first use (``im_created`` on the user's channel, so
-their open connections follow it at once).
+marks it fired. The DM is opened when the reminder is added (``im_created`` on the user's
+channel, so their open connections follow it at once), so that a spike of due reminders
+only posts messages; the firer opens it again if it is gone.
 
 ``time`` (Slack: "the Unix timestamp (up to five years from now), the number of seconds
 until the reminder (if within 24 hours), or a natural language description"): a number
@@ -163,6 +164,12 @@ def reminders_add(api: WebApi, call: Call) -> dict[str, Any]:
             raise ApiError("cannot_add_bot")
     when = parse_time(call.args.get("time"), api.clock())
     rid = new_id("Rm")
+    # The DM with Slackbot is opened now, not when the reminder fires: a spike of due
+    # reminders then only posts messages, into conversations the user's connections follow.
+    with api.store.transaction():
+        ensure_slackbot(api.store, call.me.team)
+    _, _, opened = api.store.open_dm(slackbot(target.team), [target])
+    api.publish(opened)
     with api.store.transaction() as db:
         db.execute(
             "INSERT INTO reminders (id, team, creator, user, text, time) VALUES (?, ?, ?, ?, ?, ?)",

@@ -23,11 +23,14 @@ Guarantees
   the user a reminder is for): one team's or channel's thousand items cannot
   hold another's one behind them (:func:`fair_order`).
 * **Live traffic first.** The scheduler has its own bounded rate
-  (:data:`DEFAULT_RATE_PER_S` items per second, a token bucket) and fires at
-  most :data:`DEFAULT_BATCH_MAX` items per event-loop turn (one transaction);
-  between turns it yields the loop, so a live ``chat.postMessage`` waits for at
-  most one batch, and the outbox never holds more than about one batch of due
-  items ahead of it. A spike of N items takes N / rate seconds to drain.
+  (:data:`DEFAULT_RATE_PER_S` items per second, a token bucket), fires at
+  most :data:`DEFAULT_BATCH_MAX` items per event-loop turn (one transaction),
+  and fires a batch only while the hand-off's outbox holds at most
+  one batch of unacknowledged events. Between turns it yields the
+  loop, so a live ``chat.postMessage`` waits for at most one batch's
+  transaction, and queues in the outbox behind at most about two batches of
+  due items. A spike of N items takes N / rate seconds to drain, or longer
+  when the fleet downstream is slower than that rate.
 
 The ordering and the rate are the sans-I/O :class:`DueQueue`; :class:`Scheduler`
 is the thin asyncio loop that reads due rows, fires batches and publishes.
@@ -49,16 +52,22 @@ from webapp_stub.store import ApiError, Event, Store
 
 log = logging.getLogger("rtm.webapp.scheduler")
 
-# The scheduler's own rate, items per second, and its burst/batch: the most it fires in one
-# event-loop turn (one transaction, one commit). 2,000/s drains the issue's 20,000-item spike in
-# 10 s; a batch of 50 is ~5 ms of the webapp's time here, so a live post waits at most that long.
+# The scheduler's own rate, items per second (an upper bound: the outbox backlog below usually
+# binds first), and its batch: the most it fires in one event-loop turn (one transaction). A batch
+# of 10 holds the event loop for ~1-3 ms here, so a live post arriving meanwhile waits that long;
+# bench/spike.py measured batches of 50 costing live posts' p99 about 100 ms on a loaded machine.
 DEFAULT_RATE_PER_S = 2500.0
-DEFAULT_BATCH_MAX = 50
+DEFAULT_BATCH_MAX = 10
 # How many due rows one read brings into memory; more wait in SQLite for the next read.
 MAX_QUEUED = 50_000
 # The longest the loop sleeps without looking at the table (items written by another process,
 # such as a bulk load, are seen within this); items scheduled through the API wake it at once.
 MAX_IDLE_WAIT_S = 1.0
+# Priority to live traffic: the scheduler adds a batch to the hand-off's outbox only while the
+# outbox holds at most one batch (batch_max) of unacknowledged events, so a live post never queues
+# behind more than about two batches of due items, whatever the fleet's speed; it looks again after
+# OUTBOX_POLL_S.
+OUTBOX_POLL_S = 0.002
 # After an unexpected error in a batch, wait this long before trying again.
 ERROR_BACKOFF_S = 1.0
 TOKEN_EPSILON = 1e-3  # float slack: unix times carry ~2e-7 s of rounding; 50 ms at 100/s is 5 items, not 4.99998
@@ -294,8 +303,12 @@ class Scheduler:
         rate_per_s: float = DEFAULT_RATE_PER_S,
         batch_max: int = DEFAULT_BATCH_MAX,
         clock: Callable[[], float] = time.time,
+        outbox_backlog: Callable[[], int] = lambda: 0,
+        max_outbox_backlog: int | None = None,
     ) -> None:
         self.store = store
+        self.outbox_backlog = outbox_backlog
+        self.max_outbox_backlog = batch_max if max_outbox_backlog is None else max_outbox_backlog
         self.publish = publish
         self.firers = firers if firers is not None else FIRERS
         self.queue = DueQueue(rate_per_s, batch_max)
@@ -312,6 +325,9 @@ class Scheduler:
             "rtm_scheduler_late_seconds", "Delay from an item's due time to its commit", LATE_BUCKETS_S, ["kind"]
         )
         self.batches = metrics.counter("rtm_scheduler_batches_total", "Batches (transactions) the scheduler fired")
+        self.yields = metrics.counter(
+            "rtm_scheduler_outbox_waits_total", "Turns the scheduler waited for the hand-off's outbox to drain"
+        )
         metrics.gauge("rtm_scheduler_queued", "Due items read and waiting for their turn").set_function(
             lambda: len(self.queue)
         )
@@ -337,6 +353,9 @@ class Scheduler:
         now = self.clock()
         if not len(self.queue):
             self.queue.add(due_rows(self.store, now, MAX_QUEUED))
+        if len(self.queue) and self.outbox_backlog() > self.max_outbox_backlog:
+            self.yields.inc()
+            return OUTBOX_POLL_S  # live events first: let the outbox drain
         batch = self.queue.take(now)
         if batch:
             self.fire(batch, now)
