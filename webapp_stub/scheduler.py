@@ -58,8 +58,11 @@ log = logging.getLogger("rtm.webapp.scheduler")
 # bench/spike.py measured batches of 50 costing live posts' p99 about 100 ms on a loaded machine.
 DEFAULT_RATE_PER_S = 2500.0
 DEFAULT_BATCH_MAX = 10
-# How many due rows one read brings into memory; more wait in SQLite for the next read.
-MAX_QUEUED = 50_000
+# How many due rows one read brings into memory (and orders fairly); more wait in SQLite for the
+# next read, when these have fired. The read and the sort run on the event loop: 20,000 rows at
+# once held it ~0.5 s (bench/spike.py); 500 take a few ms. Fairness holds within each read (rows
+# due in the same second come in id order, which is random across channels and teams).
+MAX_QUEUED = 500
 # The longest the loop sleeps without looking at the table (items written by another process,
 # such as a bulk load, are seen within this); items scheduled through the API wake it at once.
 MAX_IDLE_WAIT_S = 1.0
