@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "seed": ("webapp_stub.seed", "create the demo team in a data directory"),
     "tail": ("rtmctl.demo_client", "connect as a seeded user and print events as they arrive"),
     "post": ("rtmctl.demo_client", "post a message as a seeded user"),
-    "status": ("rtmctl.operator", "print the fleet: instances, health, rings, CHARM leader"),
+    "status": ("rtmctl.operator", "print the fleet: instances, health, rings, CHARM leader, dead letters"),
+    "deadletter": ("rtmctl.operator", "list the webapp's dead letters, or redrive one (list | redrive CHANNEL:SEQ)"),
 }
 
 USAGE = "usage: rtm COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    if command in ("tail", "post", "status", "kill", "drain", "undrain"):
+    if command in ("tail", "post", "status", "kill", "drain", "undrain", "deadletter"):
         return int(module.main([command, *rest]))
     return int(module.main(rest))
 

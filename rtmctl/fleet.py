@@ -382,6 +382,7 @@ class Fleet:
         dd = "" if self.args.data_dir == "./.rtm" else f" --data-dir {self.args.data_dir}"
         print(
             f"""
+  Browser:  {info["webapp_url"]}/   (the Slack-like client; docs/browser.md)
   Web API:  {info["api_url"]}
   Consul:   {info["consul_url"]}
   Written:  {self.data_dir}/fleet.json, {self.data_dir}/seed.json

@@ -9,8 +9,15 @@
 * ``rtm drain REGION`` / ``rtm undrain REGION``: set or clear the region's
   drain flag in Consul; its gateways move their clients to the nearest good
   region (see :mod:`gateway.drain`) or take clients again.
+* ``rtm deadletter list`` / ``rtm deadletter redrive CHANNEL:SEQ``: the events
+  the hand-off parked because the fleet refused them for good (see
+  :mod:`webapp_stub.handoff`), and sending one again. Both work on the
+  webapp's SQLite file (``DATA_DIR/webapp.db``, or ``--db``), so they run
+  where that file is and work while the webapp is down; a running webapp
+  picks a redrive request up within a second (``DEADLETTER_POLL_S``).
+  ``rtm status`` lists the dead letters too when it finds the file.
 
-Every command sends a Consul ACL token: ``--consul-token``, else
+Every command that talks to Consul sends an ACL token: ``--consul-token``, else
 ``RTM_CONSUL_TOKEN`` / ``CONSUL_HTTP_TOKEN`` / ``CONSUL_HTTP_TOKEN_FILE``, else
 the token ``rtm up`` made in ``DATA_DIR/consul-acl-token`` (so nothing more
 needs typing against a local fleet).
@@ -32,6 +39,9 @@ from services import regions
 from services.config import consul_default, consul_token_default, env_default
 from services.discovery import sync_client
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
+
+WEBAPP_DB = "webapp.db"  # webapp_stub.store.DB_FILE (not imported: the store pulls in the webapp's code)
+MAX_LISTED_DEAD_LETTERS = 50  # rtm status shows at most this many (rtm deadletter list shows all)
 
 SERVICES = ("webapp", "admin-server", "channel-server", "gateway", "charm", "presence")
 
@@ -118,6 +128,65 @@ def status(args: argparse.Namespace) -> int:
     print(f"drained regions: {', '.join(names) if names else 'none'}")
     info = leader_address(client)
     print(f"CHARM leader: {info['id']} ({info['host']}:{info['port']})" if info else "CHARM leader: none")
+    db = webapp_db(args)
+    if db is not None:
+        print_dead_letters(db, limit=MAX_LISTED_DEAD_LETTERS)
+    return 0
+
+
+def webapp_db(args: argparse.Namespace) -> Path | None:
+    """The webapp's database: ``--db``, else ``DATA_DIR/webapp.db``; None if absent."""
+    path = Path(getattr(args, "db", "") or Path(args.data_dir) / WEBAPP_DB)
+    return path if path.is_file() else None
+
+
+def print_dead_letters(db: Path, limit: int | None = None) -> int:
+    """Print the dead letters not yet delivered; returns how many there are."""
+    from webapp_stub.store import Store
+
+    store = Store(db)
+    try:
+        letters = store.dead_letters()
+    finally:
+        store.close()
+    print(f"dead letters: {len(letters) if letters else 'none'}")
+    for letter in letters[:limit]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.parked_at))
+        print(
+            f"  {letter.eid:<24} {letter.state:<9} {letter.reason:<12} refusals={letter.refusals} "
+            f"redrives={letter.redrives} parked {when}  {letter.detail[:80]}"
+        )
+    if limit is not None and len(letters) > limit:
+        print(f"  ... and {len(letters) - limit} more (rtm deadletter list)")
+    return len(letters)
+
+
+def deadletter(args: argparse.Namespace) -> int:
+    db = webapp_db(args)
+    if db is None:
+        print(f"rtm deadletter: no webapp database at {args.db or Path(args.data_dir) / WEBAPP_DB}")
+        return 1
+    if args.action == "list":
+        print_dead_letters(db)
+        return 0
+    channel, _, seq = (args.id or "").rpartition(":")
+    if not channel or not seq.isdigit():
+        print(f"rtm deadletter: {args.id!r} is not a dead letter id (CHANNEL:SEQ, as rtm deadletter list shows)")
+        return 2
+    from webapp_stub.store import Store
+
+    store = Store(db)
+    try:
+        letter = store.request_redrive(channel, int(seq))
+    finally:
+        store.close()
+    if letter is None:
+        print(f"rtm deadletter: no dead letter {args.id}")
+        return 1
+    if letter.state != "redrive":
+        print(f"rtm deadletter: {args.id} is {letter.state}, not parked; nothing to do")
+        return 1
+    print(f"{args.id} will be sent again by the webapp (within a second if it is running); see rtm deadletter list")
     return 0
 
 
@@ -163,6 +232,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"))
     parser.add_argument("--consul", default="", help="Consul host:port (default: from DATA_DIR/fleet.json)")
     add_consul_token_flag(parser)
+    parser.add_argument("--db", default="", help="the webapp's SQLite file (default: DATA_DIR/webapp.db)")
+    if command == "deadletter":
+        parser.add_argument("action", choices=("list", "redrive"))
+        parser.add_argument("id", nargs="?", default="", help="CHANNEL:SEQ of the dead letter to redrive")
+        return deadletter(parser.parse_args(rest))
     if command in ("drain", "undrain"):
         parser.add_argument("region")
         return drain(parser.parse_args(rest), on=command == "drain")

@@ -111,7 +111,7 @@ def _event(store: Store, channel: Channel, kind: str, bookmark: dict[str, Any]) 
     return store._append_event(channel.id, payload, seq=seq)
 
 
-@method("bookmarks.add")
+@method("bookmarks.add", writes=True)
 def bookmarks_add(api: WebApi, call: Call) -> dict[str, Any]:
     channel = _channel(api, call, writing=True)
     title = _title(call.args.get("title"))
@@ -153,7 +153,7 @@ def bookmarks_add(api: WebApi, call: Call) -> dict[str, Any]:
     return {"bookmark": bookmark}
 
 
-@method("bookmarks.edit")
+@method("bookmarks.edit", writes=True)
 def bookmarks_edit(api: WebApi, call: Call) -> dict[str, Any]:
     channel = _channel(api, call, writing=True)
     store = api.store
@@ -176,7 +176,7 @@ def bookmarks_edit(api: WebApi, call: Call) -> dict[str, Any]:
     return {"bookmark": bookmark}
 
 
-@method("bookmarks.remove")
+@method("bookmarks.remove", writes=True)
 def bookmarks_remove(api: WebApi, call: Call) -> dict[str, Any]:
     channel = _channel(api, call, writing=True)
     store = api.store

@@ -66,7 +66,7 @@ def _pin_event(store: Store, kind: str, channel: Channel, user: User, ts_us: int
     return store._append_event(channel.id, payload, seq=seq)
 
 
-@method("pins.add")
+@method("pins.add", writes=True)
 def pins_add(api: WebApi, call: Call) -> dict[str, Any]:
     channel, ts_us = _target(api, call)
     if channel.is_archived:
@@ -90,7 +90,7 @@ def pins_add(api: WebApi, call: Call) -> dict[str, Any]:
     return {}
 
 
-@method("pins.remove")
+@method("pins.remove", writes=True)
 def pins_remove(api: WebApi, call: Call) -> dict[str, Any]:
     channel, ts_us = _target(api, call)
     store = api.store

@@ -146,7 +146,7 @@ def _mine(api: WebApi, call: Call) -> tuple[Any, ...]:
     return tuple(row)
 
 
-@method("reminders.add")
+@method("reminders.add", writes=True)
 def reminders_add(api: WebApi, call: Call) -> dict[str, Any]:
     text = str_arg(call.args, "text") or ""
     if not text.strip():
@@ -194,7 +194,7 @@ def reminders_info(api: WebApi, call: Call) -> dict[str, Any]:
     return {"reminder": reminder_obj(_mine(api, call))}
 
 
-@method("reminders.complete")
+@method("reminders.complete", writes=True)
 def reminders_complete(api: WebApi, call: Call) -> dict[str, Any]:
     row = _mine(api, call)
     if row[5]:
@@ -205,7 +205,7 @@ def reminders_complete(api: WebApi, call: Call) -> dict[str, Any]:
     return {}
 
 
-@method("reminders.delete")
+@method("reminders.delete", writes=True)
 def reminders_delete(api: WebApi, call: Call) -> dict[str, Any]:
     row = _mine(api, call)
     with api.store.transaction() as db:

@@ -149,7 +149,7 @@ def fire(store: Store, sid: str, now: float) -> list[Event]:
 # -- the Web API -----------------------------------------------------------------------------------
 
 
-@method("chat.scheduleMessage")
+@method("chat.scheduleMessage", writes=True)
 def chat_schedule_message(api: WebApi, call: Call) -> dict[str, Any]:
     """Schedule a message as the caller in ``channel`` at ``post_at`` (unix seconds)."""
     channel = api.channel_arg(call)
@@ -246,7 +246,7 @@ def chat_scheduled_messages_list(api: WebApi, call: Call) -> dict[str, Any]:
     return paged("scheduled_messages", items, cursor)
 
 
-@method("chat.deleteScheduledMessage")
+@method("chat.deleteScheduledMessage", writes=True)
 def chat_delete_scheduled_message(api: WebApi, call: Call) -> dict[str, Any]:
     """Delete one of the caller's pending scheduled messages before it is posted."""
     channel = api.channel_arg(call)

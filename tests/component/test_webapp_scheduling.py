@@ -18,8 +18,8 @@ import pytest
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from tests.component.test_webapp_api import FakeAdminServer, Webapp, start
 from tests.support import async_wait_until
+from tests.webapp_harness import FakeAdminServer, Webapp, start
 from webapp_stub.reminders import SLACKBOT_ID, parse_time
 from webapp_stub.store import ApiError
 
@@ -93,9 +93,13 @@ async def test_schedule_list_delete_and_post_at_its_time_once(webapp: Webapp, fa
     assert [m["text"] for page in pages for m in page] == ["in two seconds", "never", "later"] and len(pages) == 3
 
     # delete one before its time: it never leaves
-    assert await alice("chat_deleteScheduledMessage", channel=general, scheduled_message_id=gone["scheduled_message_id"])
+    assert await alice(
+        "chat_deleteScheduledMessage", channel=general, scheduled_message_id=gone["scheduled_message_id"]
+    )
     assert (
-        await alice.error("chat_deleteScheduledMessage", channel=general, scheduled_message_id=gone["scheduled_message_id"])
+        await alice.error(
+            "chat_deleteScheduledMessage", channel=general, scheduled_message_id=gone["scheduled_message_id"]
+        )
         == "invalid_scheduled_message_id"
     )
 
@@ -111,7 +115,9 @@ async def test_schedule_list_delete_and_post_at_its_time_once(webapp: Webapp, fa
     # posted: it left the list, and cannot be deleted any more
     assert [m["text"] for m in (await alice("chat_scheduledMessages_list"))["scheduled_messages"]] == ["later"]
     assert (
-        await alice.error("chat_deleteScheduledMessage", channel=general, scheduled_message_id=first["scheduled_message_id"])
+        await alice.error(
+            "chat_deleteScheduledMessage", channel=general, scheduled_message_id=first["scheduled_message_id"]
+        )
         == "invalid_scheduled_message_id"
     )
     await asyncio.sleep(1.5)  # past the deleted one's time (3 s): bounded, only to prove a negative
@@ -146,7 +152,9 @@ async def test_schedule_message_errors(webapp: Webapp) -> None:
     # Slack: at most 30 to one channel within 5 minutes
     for i in range(30):
         await alice("chat_scheduleMessage", channel=general, post_at=now + 600 + i, text=f"m{i}")
-    assert await alice.error("chat_scheduleMessage", channel=general, post_at=now + 650, text="x") == "restricted_too_many"
+    assert (
+        await alice.error("chat_scheduleMessage", channel=general, post_at=now + 650, text="x") == "restricted_too_many"
+    )
     assert await alice("chat_scheduleMessage", channel=general, post_at=now + 600 + 301, text="next window")
     # list and delete
     assert await alice.error("chat_scheduledMessages_list", oldest=now + 10, latest=now) == "invalid_arguments"
@@ -158,7 +166,9 @@ async def test_schedule_message_errors(webapp: Webapp) -> None:
         == "invalid_scheduled_message_id"
     )
     assert (
-        await alice.error("chat_deleteScheduledMessage", channel=webapp.channel("random"), scheduled_message_id=mine["id"])
+        await alice.error(
+            "chat_deleteScheduledMessage", channel=webapp.channel("random"), scheduled_message_id=mine["id"]
+        )
         == "invalid_scheduled_message_id"
     )
     assert (

@@ -67,7 +67,7 @@ async def test_scheduled_message_arrives_once_at_its_time(fleet: Fleet) -> None:
     await settle(fleet, bob, general)
     times = arrival(bob, text)
     assert len(times) == 1
-    assert post_at - 0.05 <= times[0] <= post_at + 1.5, (times[0] - post_at)
+    assert post_at - 0.05 <= times[0] <= post_at + 1.5, times[0] - post_at
     await bob.close()
 
 

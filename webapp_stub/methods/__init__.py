@@ -1,0 +1,15 @@
+"""The Slack Web API methods, one module per family; importing this package registers them all.
+
+Each handler is registered with :func:`webapp_stub.api.method` and returns the
+reply's fields besides ``ok``; Slack's error codes are raised as
+:class:`webapp_stub.errors.ApiError` by the handlers and by the store.
+"""
+
+from __future__ import annotations
+
+from webapp_stub import bookmarks, pins, reminders, scheduled
+from webapp_stub.methods import auth, chat, conversations, reactions, rtm, users
+
+# bookmarks, pins, reminders and scheduled messages keep their store access, methods and (for
+# the last two) scheduler firers together, one module per concern (docs/scheduling.md).
+FAMILIES = (auth, chat, conversations, reactions, rtm, users, bookmarks, pins, reminders, scheduled)
