@@ -413,7 +413,9 @@ def render(r: dict[str, Any]) -> str:
     lines = [
         f"Spike: {r['config']['scheduled']:,} scheduled messages + {r['config']['reminders']:,} reminders due at one "
         f"instant; {r['connect']['connected']:,} clients over {r['channels']['count']:,} channels; live posts at "
-        f"{r['config']['bg_rate']:g}/s. Machine: {r['machine'].get('cpu', '')} (shared with other work).",
+        f"{r['config']['bg_rate']:g}/s. Machine: {r['machine'].get('nproc', '?')} × {r['machine'].get('cpu_model', '')}, "
+        f"commit {r['machine'].get('rtm_commit', '?')}, load average {fmt(r.get('loadavg_1m', {}).get('start'))} at the start "
+        "(the machine is shared with other work).",
         "",
         md_table(
             ["measure", "value", "goal"],
