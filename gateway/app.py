@@ -35,6 +35,7 @@ from gateway.client_socket import KEEPALIVE_PING_FRAME, ClientConnection, Client
 from gateway.drain import DEFAULT_DRAIN_RATE_PER_S, Mover, RegionDrain, say_goodbye
 from gateway.presence import GatewayPresence
 from gateway.state import Effects, Fetch, GatewayState, Session, text_frame
+from services import ops
 from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
@@ -132,6 +133,7 @@ class Gateway:
         self.stopping = False
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         events_in = m.counter("rtm_gw_events_in_total", "Events received from channel servers", ["kind"])
         self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
         self.deliveries = m.counter("rtm_gw_deliveries_total", "Event frames written to client sockets")
@@ -540,7 +542,10 @@ class Gateway:
                 f"{self.instance_id}->{owner}",
                 address=lambda: self.channel_servers.address(owner),
                 factory=lambda: PeerConnection(
-                    name=f"{self.instance_id}->{owner}", on_push=self.on_push, on_burst=self.on_burst
+                    name=f"{self.instance_id}->{owner}",
+                    on_push=self.on_push,
+                    on_burst=self.on_burst,
+                    on_bad_message=lambda conn, exc, was_request: self.metrics.error("bad_push"),
                 ),
                 on_connected=resubscribe,
             )
@@ -549,18 +554,19 @@ class Gateway:
         return link
 
     def on_push(self, conn: PeerConnection, msg: dict[str, Any]) -> None:
-        op = msg["op"]
-        if op == "ev":
-            channel = msg["ch"]
-            seq = msg.get("seq")
+        """A push from a channel server, parsed first (services.ops): a bad one raises
+        BadMessage, and the connection drops and counts it; the link stays up."""
+        record = ops.parse(msg, (ops.Event, ops.Moved))
+        if isinstance(record, ops.Event):
+            channel, seq, ctl = record.ch, record.seq, record.ctl
             before = self.state.stats.delivered
-            sender = (msg.get("ctl") or {}).get("from") if seq is None else None  # typing skips its sender
-            fetch = self.state.deliver(channel, seq, msg["json"], exclude_user=sender)
+            sender = (ctl or {}).get("from") if seq is None else None  # typing skips its sender
+            fetch = self.state.deliver(channel, seq, record.json, exclude_user=sender)
             delivered = self.state.stats.delivered - before
             if delivered:
                 self.deliveries.inc(delivered)
             (self.transient_in if seq is None else self.persisted_in).inc()
-            self.latency.observe(max(0.0, time.time() - float(msg.get("t0", 0.0))))
+            self.latency.observe(max(0.0, time.time() - record.t0))
             if seq is not None and log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "delivered %s:%s to %d sockets",
@@ -571,11 +577,10 @@ class Gateway:
                 )
             if fetch is not None:
                 self.spawn(self.fetch_history(fetch))
-            ctl = msg.get("ctl")
             if ctl:
                 self.apply_ctl(channel, ctl)
-        elif op == "moved":
-            self.spawn(self.reroute([str(ch) for ch in msg.get("chans", [])]))
+        elif isinstance(record, ops.Moved):
+            self.spawn(self.reroute(record.chans))
 
     def on_burst(self, starting: bool) -> None:
         """One read from a channel server held several events: write them to each socket at once."""

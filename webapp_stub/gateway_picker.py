@@ -41,7 +41,9 @@ class GatewayPicker:
             log.error("ignoring an unreadable region map in Consul: %r", raw)
 
     def set_drained(self, entries: dict[str, Any]) -> None:
-        self.drained = {key.removeprefix(regions.DRAINED_PREFIX) for key in entries}
+        self.drained, refused = regions.drained_regions(entries)
+        if refused:
+            log.error("ignoring drain flags that name no region: %s", refused[:10])
 
     def pick(self, region: str = "") -> Instance | None:
         region_map = self.consul_map or self.config_map
