@@ -43,19 +43,18 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from gateway.state import Session, text_frame
+from gateway.state import GatewayState, Session, text_frame
 from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
+from services.discovery import Discovery
 from services.errors import ConnectionLost, PeerError, RequestTimeout, SendBufferFull
+from services.metrics import ServiceMetrics
 from services.ops import NotOwnerUsers, PresenceChanges, parse
 from services.ring import PRESENCE_RING_KEY, RingDocument
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("rtm.gateway.presence")
 
@@ -195,10 +194,34 @@ class PresenceWatches:
         return tell
 
 
+class PresenceGateway(Protocol):
+    """What :class:`GatewayPresence` uses of the gateway."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def discovery(self) -> Discovery: ...
+
+    @property
+    def metrics(self) -> ServiceMetrics: ...
+
+    @property
+    def state(self) -> GatewayState: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+
 class GatewayPresence:
     """The gateway's presence links, reports and subscriptions (owned by :class:`gateway.app.Gateway`)."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: PresenceGateway) -> None:
         self.gw = gateway
         self.gw_id = gateway.instance_id
         self.model = PresenceWatches()
@@ -283,8 +306,7 @@ class GatewayPresence:
             return
         if self.gw.stopping:
             return  # its clients move to other gateways; our lease lapses in seconds
-        drain = getattr(self.gw, "region_drain", None)
-        if drain is not None and drain.draining:
+        if self.gw.draining:
             # Moved to another region: it is back there in a moment. Reporting
             # it offline later spares its watchers an away-and-back flap.
             asyncio.get_running_loop().call_later(MOVED_OFFLINE_DELAY_S, self._offline_if_gone, session.user)
