@@ -117,12 +117,18 @@ class Gateway:
         self.region_drain = RegionDrain(self, args.region, args.drain_rate_per_s)
         self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
         self.client_messages = ClientMessages(self)  # ping, typing, message, presence frames
-        self.listener = ClientListener(
-            args=args,
+        self.listener = self._listener(TicketVerifier(keys.ticket_signing, self.instance_id))
+        self._gauges(self.metrics)
+        self._stop_metrics: StopFn | None = None
+
+    def _listener(self, verifier: TicketVerifier) -> ClientListener:
+        """The websocket server, wired to the parts a client's life touches."""
+        return ClientListener(
+            args=self.args,
             state=self.state,
             sockets=self.sockets,
             cork=self.cork,
-            verifier=TicketVerifier(keys.ticket_signing, self.instance_id),
+            verifier=verifier,
             webapp=self.webapp,
             metrics=self.metrics,
             spawn=self.spawn,
@@ -131,8 +137,6 @@ class Gateway:
             presence=self.presence,
             frames=self.client_messages,
         )
-        self._gauges(self.metrics)
-        self._stop_metrics: StopFn | None = None
 
     def _gauges(self, m: ServiceMetrics) -> None:
         m.gauge("rtm_gw_connections", "Open client websockets").set_function(lambda: len(self.state.sessions))

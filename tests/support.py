@@ -296,7 +296,7 @@ class FakePresenceGateway:
 
 class Parts:
     """A gateway's channel links and history wired as :class:`gateway.app.Gateway` wires them,
-    without the gateway: fake links and webapp, no sockets, a fake clock. Sessions it ends are
+    without the gateway: fake links and webapp, no sockets. Sessions it ends are
     only recorded (``ended``): the drain's part is tested with the whole gateway."""
 
     def __init__(self, webapp: Any = None, gap_fill_budget_s: float = 0.6, max_gap_fill_attempts: int = 3) -> None:
@@ -307,7 +307,7 @@ class Parts:
 
         self.metrics = ServiceMetrics("gateway", "gw-test")
         self.state = GatewayState()
-        self.clock = FakeClock()
+        self.clock = time.monotonic  # requeued subs are retried on the event loop's timers
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ended: list[tuple[int, str]] = []
         self.discovery = Discovery("127.0.0.1:8500")  # never reached: no watch is started

@@ -7,7 +7,8 @@ import asyncio
 import json
 from typing import Any
 
-from gateway.presence import FLUSH_INTERVAL_S, GatewayPresence, PresenceWatches, presence_events
+from gateway.presence import FLUSH_INTERVAL_S, GatewayPresence
+from gateway.presence_watches import PresenceWatches, presence_events
 from gateway.state import Session
 from services.ring import RingDocument
 from tests.support import FakeClientGateway, FakeConn, FakeLink, FakePresenceGateway, RecordingPresence, Socket
