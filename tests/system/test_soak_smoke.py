@@ -1,7 +1,8 @@
 """The chaos soak's short mode (``python -m bench.soak --short``) against a real fleet.
 
 About 30 s of mixed traffic from 120 clients while faults are injected every
-few seconds; then every connection's stream is checked against the webapp's
+few seconds (seed 3: a channel server, an admin server and the webapp killed, a
+region drained, a gateway restarted); then every connection's stream is checked against the webapp's
 database. The soak exits 1 unless nothing was lost, duplicated or reordered;
 this test also checks that the run did what it says (faults injected,
 connections checked, events of every kind persisted).
@@ -43,6 +44,9 @@ def test_short_chaos_soak_loses_nothing(tmp_path: Path) -> None:
     assert len(result["faults_by_kind"]) >= 4, result["faults"]
     assert not result["faults_failed"], result["faults_failed"]
     assert verdict["connections"] > verdict["clients"] == 120  # reconnects made new connections
+    # seed 3 deals a drain and a gateway restart (moved connections that must resume exactly) and a webapp kill
+    assert result["sessions_by_start"].get("moved", 0) > 0, result["sessions_by_start"]
+    assert result["sessions_by_start"].get("client_reconnect", 0) > 0, result["sessions_by_start"]
     assert verdict["pairs_by_reason"]["delivered"] > 1000
     kinds = result["events_by_kind"]
     for kind in ("message", "message/message_changed", "message/message_deleted", "reaction_added"):
