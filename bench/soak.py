@@ -115,6 +115,7 @@ HISTORY_WORKERS = 6
 MAX_HISTORY_QUEUE = 20_000
 CLI_TIMEOUT_S = 30.0
 CPU_SAMPLE_S = 2.0
+COUNTER_SCRAPE_S = 5.0
 STAT_POLL_S = 1.0
 
 
@@ -689,6 +690,51 @@ class CpuBook:
         return {k: round(v, 1) for k, v in sorted(out.items())}
 
 
+class CounterBook:
+    """Every non-zero ``rtm_*_total`` counter of every fleet process, scraped from its ``/metrics``
+    every :data:`COUNTER_SCRAPE_S` (a killed process keeps its last scrape), summed per service."""
+
+    def __init__(self, fleet: FleetRun, http: aiohttp.ClientSession) -> None:
+        self.fleet = fleet
+        self.http = http
+        self.last: dict[tuple[str, int], dict[str, float]] = {}
+
+    async def scrape(self) -> None:
+        for p in fleet_processes(self.fleet):
+            if p["service"] == "consul-dev":
+                continue
+            url = f"http://{p['host']}:{p.get('metrics_port') or p['port']}/metrics"
+            try:
+                async with self.http.get(url) as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+            values = {}
+            for line in text.splitlines():
+                if line.startswith("rtm_") and "_total" in line.split(" ", 1)[0]:
+                    name, _, value = line.rpartition(" ")
+                    try:
+                        if float(value):
+                            values[name] = float(value)
+                    except ValueError:
+                        continue
+            self.last[(p["service"], int(p["pid"]))] = values
+
+    async def loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.scrape()
+            try:
+                await asyncio.wait_for(stop.wait(), COUNTER_SCRAPE_S)
+            except TimeoutError:
+                pass
+
+    def by_service(self) -> dict[str, dict[str, float]]:
+        out: dict[str, Counter[str]] = {}
+        for (service, _), values in self.last.items():
+            out.setdefault(service, Counter()).update(values)
+        return {s: dict(sorted(c.items())) for s, c in sorted(out.items())}
+
+
 # -- the run ---------------------------------------------------------------------------------------------
 
 
@@ -789,6 +835,8 @@ async def soak(
     ]
     chaos_task = asyncio.ensure_future(chaos.run(stop_chaos))
     cpu_task = asyncio.ensure_future(cpu.loop(stop_cpu))
+    counters = CounterBook(fleet, http)
+    counters_task = asyncio.ensure_future(counters.loop(stop_cpu))
     progress: list[dict[str, Any]] = []
     duration_s = args.minutes * 60
     try:
@@ -821,6 +869,8 @@ async def soak(
     await history.drain(max(30.0, args.settle_s))
     stop_cpu.set()
     await cpu_task
+    await counters_task
+    await counters.scrape()
     cpu.sample()
 
     tmp = fleet.data_dir / "soak"
@@ -868,6 +918,7 @@ async def soak(
     out["faults_by_kind"] = dict(Counter(f["kind"] for f in chaos.log if f["ok"]))
     out["faults_failed"] = [f for f in chaos.log if not f["ok"]]
     out["cpu_s_by_process"] = cpu.by_label()
+    out["fleet_counters"] = counters.by_service()
     out["progress"] = progress
 
 
@@ -974,6 +1025,7 @@ def render(r: dict[str, Any]) -> str:
         f"- history after fresh reconnects: {v['history']}; reads {r['history_reads']}",
         f"- tail at close (age at close, s): {v['tail_age_s']}",
         f"- connections by start: {r['sessions_by_start']}",
+        f"- fleet counters of note (sum over each process's incarnations): {notable_counters(r.get('fleet_counters', {}))}",
         f"- settle: {r['settle']}; final recovery {r['final_recovery_s']} s; check took {r['check_s']} s",
         f"- machine: {m['nproc']} cores {m['cpu_model']}, Python {m['python']}; commit {m['rtm_commit']}"
         f"{' + uncommitted ' + ', '.join(m['rtm_uncommitted_files']) if m['rtm_uncommitted_files'] else ''}; {m['date']}; seed {r['seed']}",
@@ -981,6 +1033,19 @@ def render(r: dict[str, Any]) -> str:
     if v["examples"]:
         other.append(f"- failure examples: `{json.dumps(v['examples'])[:3000]}`")
     return "\n\n".join([head, kinds, ops, faults_t, reasons, cpu, "\n".join(other)])
+
+
+NOTABLE_COUNTERS = ("resume_failures", "rtm_errors_total", "gap", "deadletter", "history_fetch", "dropped", "slow")
+
+
+def notable_counters(by_service: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The counters a reader of a soak wants first: failures, errors, gaps."""
+    return {
+        f"{service} {name}": value
+        for service, values in by_service.items()
+        for name, value in values.items()
+        if any(word in name for word in NOTABLE_COUNTERS)
+    }
 
 
 def plot(r: dict[str, Any], name: str) -> None:

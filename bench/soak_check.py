@@ -119,6 +119,7 @@ class Verdict:
     failures: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     history: Counter[str] = field(default_factory=Counter)  # how owed events were found in history
+    lost_by_cause: Counter[str] = field(default_factory=Counter)
     unmatched: int = 0
     early: int = 0  # received but created before its fresh segment's websocket opened
     tail_age_s: list[float] = field(default_factory=list)  # per tail event: close time - created
@@ -145,6 +146,7 @@ class Verdict:
             "segments": self.segments,
             "frames_checked": self.received,
             "lost": self.failures["lost"],
+            "lost_by_cause": dict(self.lost_by_cause),
             "duplicated": self.failures["duplicated"],
             "reordered": self.failures["reordered"],
             "lost_from_history": self.failures["lost_from_history"],
@@ -400,8 +402,11 @@ def _check_client(
                     else:
                         v.pairs["lost"] += 1
                         p = c.parsed[idx]
+                        cause = _loss_cause(segments[k], c.changes.get(user, []), c, created)
+                        v.lost_by_cause[cause] += 1
                         v.fail(
                             "lost",
+                            cause=cause,
                             client=client,
                             user=user,
                             channel=ch,
@@ -418,7 +423,9 @@ def _check_client(
                     # when it handles the *_left event of the user channel, before or as it writes it
                     left_at = arrival.get((user, left_seqs[leave_k])) if leave_k < len(left_seqs) else None
                     if left_at is not None and arrival[(ch, seq)] > left_at:
-                        v.fail("delivered_to_non_member", client=client, user=user, channel=ch, seq=seq, after_leave=True)
+                        v.fail(
+                            "delivered_to_non_member", client=client, user=user, channel=ch, seq=seq, after_leave=True
+                        )
                     else:
                         v.pairs["delivered_membership_race"] += 1
                 else:
@@ -448,6 +455,25 @@ def _check_client(
                 v.history["never_reconnected"] += 1
                 continue
             _check_history(v, client, user, ch, seq, c, idx, history.get(segments[nxt][0].sid))
+
+
+MOVE_RACE_S = 5.0  # a session is detached at its old gateway at most this long before its close
+
+
+def _loss_cause(segment: list[Session], changes: list[tuple[int, int]], c: _Channel, created_us: int) -> str:
+    """Why a required event may have been lost, as far as the data tells: ``membership_changed_during_move``
+    when it was created during a move of the connection (from :data:`MOVE_RACE_S` before the old
+    session closed to the new one's hello) and the user joined or left that channel in the same window;
+    ``during_move`` for other losses in a move's window; else ``other``."""
+    for old, new in zip(segment, segment[1:], strict=False):
+        lo, hi = old.t_close_us - int(MOVE_RACE_S * 1e6), new.t_hello_us
+        if lo <= created_us <= hi:
+            for seq, _ in changes:
+                i = bisect_left(c.seqs, seq)
+                if i < len(c.seqs) and c.seqs[i] == seq and lo <= c.created[i] <= hi:
+                    return "membership_changed_during_move"
+            return "during_move"
+    return "other"
 
 
 def _segment_for(ranges: list[tuple[int, int]], seq: int) -> int | None:

@@ -27,7 +27,9 @@ def frames(sid: int, events: list[DbEvent]) -> list[tuple[int, int]]:
 
 
 def run(events, sessions, received, history=None, initial=None):  # type: ignore[no-untyped-def]
-    return check(events, sessions, received, {0: (USER, TEAM)}, {0: initial if initial is not None else {CH}}, history or {})
+    return check(
+        events, sessions, received, {0: (USER, TEAM)}, {0: initial if initial is not None else {CH}}, history or {}
+    )
 
 
 def test_a_complete_stream_passes_and_every_pair_is_accounted() -> None:
@@ -118,3 +120,14 @@ def test_after_a_leave_events_may_race_it_but_not_follow_it() -> None:
     after = frames(1, events[:3]) + frames(1, [left]) + frames(1, [events[3]])
     v = run([*events, left], sess, after)
     assert v.failures["delivered_to_non_member"] == 1 and not v.ok
+
+
+def test_a_loss_while_the_user_joined_during_a_move_is_named_as_such() -> None:
+    events = [msg(1, 1), msg(2, 2), member("member_joined_channel", 3, 5), msg(4, 5.5), msg(5, 8)]
+    old = Session(1, 0, t_ws_us=S // 2, t_hello_us=S // 2 + 1, t_close_us=7 * S)
+    new = Session(2, 0, t_ws_us=7 * S + S // 4, t_hello_us=7 * S + S // 2, start="moved")
+    v = run(events, [old, new], frames(2, [events[4]]), initial=set())  # seq 4 (after the join) never came
+    assert v.failures["lost"] == 1 and v.lost_by_cause == {"membership_changed_during_move": 1}
+    events[2] = member("member_joined_channel", 3, 0.9)  # joined long before the move: any other loss
+    v = run(events, [old, new], frames(1, [events[1]]) + frames(2, [events[4]]), initial=set())
+    assert v.lost_by_cause == {"during_move": 1}
