@@ -684,8 +684,9 @@ class CpuBook:
                 pass
 
     def by_label(self) -> dict[str, float]:
-        out: Counter[str] = Counter()
+        out: dict[str, float] = {}
         for pid, (label, cpu) in self.last.items():
+            out.setdefault(label, 0.0)
             out[label] += cpu - self.first.get(pid, 0.0)
         return {k: round(v, 1) for k, v in sorted(out.items())}
 

@@ -342,13 +342,13 @@ def _check_client(
             continue
         # identical JSON in several channels (``channel_left`` names no user): this client's own
         # user channel, never another user's
-        mine = [(c, s) for c, s in cands if c == user or not c.startswith("U")] or cands
+        mine = [(cc, cs) for cc, cs in cands if cc == user or not cc.startswith("U")] or cands
         ch = mine[0][0]
         prev = last.get(ch, 0)
-        seqs = sorted(s for c, s in mine if c == ch)
+        seqs = sorted(cs for cc, cs in mine if cc == ch)
         seq = next((s for s in seqs if s > prev), seqs[0])  # identical JSON (a re-join): the next one in order
-        k = seg_of[sid]
-        detail = {"client": client, "user": user, "channel": ch, "seq": seq, "sid": sid, "segment": k}
+        sk = seg_of[sid]
+        detail = {"client": client, "user": user, "channel": ch, "seq": seq, "sid": sid, "segment": sk}
         if seq in seen[ch]:
             v.fail("duplicated", **detail)
         elif seq < prev:
@@ -356,16 +356,16 @@ def _check_client(
         seen[ch].add(seq)
         arrival.setdefault((ch, seq), n)
         last[ch] = max(prev, seq)
-        got[ch][k].add(seq)
-        c = chans[ch]
-        i = bisect_left(c.seqs, seq)
-        if i < len(c.seqs) and c.created[i] < segments[k][0].t_ws_us:
+        got[ch][sk].add(seq)
+        fc = chans[ch]
+        i = bisect_left(fc.seqs, seq)
+        if i < len(fc.seqs) and fc.created[i] < segments[sk][0].t_ws_us:
             v.early += 1
 
     # the channels this client is accounted over
     relevant = {user, team} | set(initial)
-    for ch, c in chans.items():
-        if user in c.changes:
+    for ch, chan in chans.items():
+        if user in chan.changes:
             relevant.add(ch)
     t_first = sess[0].t_ws_us
     for ch in sorted(relevant):
@@ -380,8 +380,8 @@ def _check_client(
         left_seqs = own.left.get(ch, []) if own is not None else []
         # per segment: [start, end] in seq space
         ranges = []
-        for k, seg in enumerate(segments):
-            rec = got[ch][k] if ch in got else set()
+        for j, seg in enumerate(segments):
+            rec = got[ch][j] if ch in got else set()
             start = c.first_created_after(seg[0].t_hello_us) if seg[0].t_hello_us else INFINITE_SEQ
             if rec:
                 start = min(start, min(rec))

@@ -114,7 +114,7 @@ class Sess(WSListener):
             REC.sid.append(self.sid)
             REC.key.append(event_key(payload))
         elif kind == WSMsgType.CLOSE:
-            self.close_code = int(frame.get_close_code())
+            self.close_code = int(frame.get_close_code().value)
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench.soak_check import DbEvent, HistoryRead, Session, check, event_key
+from bench.soak_check import DbEvent, HistoryRead, Session, Verdict, check, event_key
 
 USER, TEAM, OTHER = "U1", "T1", "U2"
 CH = "C1"
@@ -26,7 +26,13 @@ def frames(sid: int, events: list[DbEvent]) -> list[tuple[int, int]]:
     return [(sid, event_key(e.json.encode())) for e in events]
 
 
-def run(events, sessions, received, history=None, initial=None):  # type: ignore[no-untyped-def]
+def run(
+    events: list[DbEvent],
+    sessions: list[Session],
+    received: list[tuple[int, int]],
+    history: dict[int, dict[str, HistoryRead]] | None = None,
+    initial: set[str] | None = None,
+) -> Verdict:
     return check(
         events, sessions, received, {0: (USER, TEAM)}, {0: initial if initial is not None else {CH}}, history or {}
     )
