@@ -1062,10 +1062,10 @@ def plot(r: dict[str, Any], name: str) -> None:
     ax.plot(r["events_timeline"], lw=0.8, color="tab:blue", label="events persisted /s")
     colors = pyplot.get_cmap("tab10")
     for f in r["faults"]:
-        k = FAULT_KINDS.index(f["kind"]) if f["kind"] in FAULT_KINDS else 0
+        k = FAULT_KINDS.index(f["kind"]) + 1 if f["kind"] in FAULT_KINDS else 0
         ax.axvline(f["at_s"], color=colors(k), lw=1, alpha=0.8)
     for k, kind in enumerate(FAULT_KINDS):
-        ax.plot([], [], color=colors(k), label=kind)
+        ax.plot([], [], color=colors(k + 1), label=kind)
     ax.set_xlabel("s since traffic started")
     ax.set_ylabel("events/s")
     ax.set_title(f"chaos soak: {r['args']['clients']} clients, lines = faults")

@@ -463,14 +463,17 @@ MOVE_RACE_S = 5.0  # a session is detached at its old gateway at most this long 
 def _loss_cause(segment: list[Session], changes: list[tuple[int, int]], c: _Channel, created_us: int) -> str:
     """Why a required event may have been lost, as far as the data tells: ``membership_changed_during_move``
     when it was created during a move of the connection (from :data:`MOVE_RACE_S` before the old
-    session closed to the new one's hello) and the user joined or left that channel in the same window;
-    ``during_move`` for other losses in a move's window; else ``other``."""
+    session closed to the new one's hello) and the user joined or left that channel from
+    :data:`MOVE_RACE_S` before the close to :data:`MOVE_RACE_S` after the new hello (while the new
+    gateway may still be catching the session up); ``during_move`` for other losses in a move's
+    window; else ``other``."""
+    race_us = int(MOVE_RACE_S * 1e6)
     for old, new in zip(segment, segment[1:], strict=False):
-        lo, hi = old.t_close_us - int(MOVE_RACE_S * 1e6), new.t_hello_us
+        lo, hi = old.t_close_us - race_us, new.t_hello_us
         if lo <= created_us <= hi:
             for seq, _ in changes:
                 i = bisect_left(c.seqs, seq)
-                if i < len(c.seqs) and c.seqs[i] == seq and lo <= c.created[i] <= hi:
+                if i < len(c.seqs) and c.seqs[i] == seq and lo <= c.created[i] <= hi + race_us:
                     return "membership_changed_during_move"
             return "during_move"
     return "other"
