@@ -1,1 +1,1 @@
-"""admin_server"""
+"""Admin servers: the stateless entry from the webapp into the fleet."""

@@ -39,7 +39,7 @@ class AdminServer:
     def __init__(self, args: Any) -> None:
         self.args = args
         self.instance_id = args.instance_id
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.ring_changed = asyncio.Event()  # wakes publishes that wait for a slot's new owner
         self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
@@ -134,7 +134,7 @@ class AdminServer:
         started = time.monotonic()
         deadline = started + self.args.route_budget_s
         channel = msg["ch"]
-        pub = {k: msg[k] for k in ("ch", "seq", "json", "t0", "ctl", "eid") if k in msg}
+        pub: dict[str, Any] = {k: msg[k] for k in ("ch", "seq", "json", "t0", "ctl", "eid") if k in msg}
         pub["op"] = "pub"
         slot = self.follower.ring.slot_for(channel) or ""
         held = self.held_slots.get(slot)

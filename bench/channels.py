@@ -77,19 +77,24 @@ def http_json(url: str, method: str = "GET", body: bytes | None = None) -> Any:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from consul_dev.app import ACL_TOKEN_ENV
+    from rtmctl.launcher import rtm_argv, start
+    from services.config import CONSUL_TOKEN_ENV
     from services.connection import PeerConnection, connect
-    from services.launcher import rtm_argv, start
     from services.ring import CHANNEL_RING_KEY, RingDocument
+    from services.secret_file import new_token
 
     result: dict[str, Any] = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:]}
     result["config"] = {k: v for k, v in vars(args).items()}
     base = free_port_base(span=10)
     consul_addr = f"127.0.0.1:{base}"
-    env = rtm_env()
+    # The dev agent with ACLs on, as rtm up runs it; every process gets the token by env.
+    token = new_token()
+    env = {**rtm_env(), ACL_TOKEN_ENV: token, CONSUL_TOKEN_ENV: token}
     consul = start("consul-dev", rtm_argv("consul-dev", "--host", "127.0.0.1", "--port", str(base)), env=env)
     try:
         ring = RingDocument(version=1, slots={"cs-0": CS_ID})
-        http_json(f"http://{consul_addr}/v1/kv/{CHANNEL_RING_KEY}", "PUT", ring.to_json())
+        http_json(f"http://{consul_addr}/v1/kv/{CHANNEL_RING_KEY}?token={token}", "PUT", ring.to_json())
         cs = start(
             "channel-server",
             rtm_argv(

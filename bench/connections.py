@@ -53,6 +53,7 @@ from bench.harness import (
     save_json,
     settled_rss,
 )
+from rtmctl.operator import consul_token
 
 NAME = "connections"
 GOAL_BYTES_PER_CONN = 16 * 1024
@@ -109,8 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class ConsulWatch:
     """Polls Consul (every 0.5 s) for a passing gateway; adds up the time with none."""
 
-    def __init__(self, consul_url: str) -> None:
+    def __init__(self, consul_url: str, token: str = "") -> None:
         self.url = consul_url.rstrip("/") + "/v1/health/service/gateway?passing=1"
+        self.headers = {"X-Consul-Token": token} if token else {}  # without it, ACLs filter every gateway out
         self.down_s = 0.0
         self.task: asyncio.Task[None] | None = None
 
@@ -123,7 +125,7 @@ class ConsulWatch:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             while True:
                 try:
-                    async with http.get(self.url) as resp:
+                    async with http.get(self.url, headers=self.headers) as resp:
                         passing = len(await resp.json(content_type=None))
                 except Exception:  # noqa: BLE001 - counted as unknown, not as down
                     passing = 1
@@ -219,7 +221,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 chunks = [batch[k::n] for k in range(n)]
                 cpu0 = cpu_seconds(gw_pid)
                 t0 = time.monotonic()
-                watch = ConsulWatch(fleet.info["consul_url"])
+                watch = ConsulWatch(fleet.info["consul_url"], consul_token(str(fleet.data_dir)))
                 watch.start()
                 replies = await lc.all(
                     "connect",
@@ -344,6 +346,8 @@ async def trace(args: argparse.Namespace) -> dict[str, Any]:
                 "trace",
                 "--consul",
                 consul,
+                "--consul-token",
+                consul_token(str(fleet.data_dir)),
                 "--data-dir",
                 str(fleet.data_dir),
                 "--log-level",

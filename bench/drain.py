@@ -149,7 +149,7 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "services.cli",
+            "rtmctl.cli",
             "drain",
             DRAIN_REGION,
             "--data-dir",
@@ -204,10 +204,9 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
 
 
 def fleet_consul(fleet: FleetRun) -> Any:
-    import consul
+    from rtmctl.operator import fleet_client
 
-    host, port = fleet.info["consul_url"].split("://", 1)[1].rsplit(":", 1)
-    return consul.Consul(host=host, port=int(port))
+    return fleet_client(fleet.data_dir)
 
 
 def analyze(

@@ -57,7 +57,7 @@ class LoggedFleet(FleetRun):
         self._log_file: Any = None
 
     def __enter__(self) -> LoggedFleet:
-        from services.launcher import rtm_argv, start
+        from rtmctl.launcher import rtm_argv, start
 
         base = free_port_base()
         argv = rtm_argv("up", "--data-dir", str(self.data_dir), "--port-base", str(base), *self.args)
@@ -117,11 +117,9 @@ class LoggedFleet(FleetRun):
 
     # -- Consul -----------------------------------------------------------------------------
     def consul(self) -> Any:
-        import consul
+        from rtmctl.operator import fleet_client
 
-        hp = self.info["consul_url"].split("://", 1)[1]
-        host, port = hp.rsplit(":", 1)
-        return consul.Consul(host=host, port=int(port))
+        return fleet_client(self.data_dir)
 
     def ring(self) -> Any:
         from services.ring import CHANNEL_RING_KEY, HashRing, RingDocument

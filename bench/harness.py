@@ -152,7 +152,7 @@ class FleetRun:
         self.seed: dict[str, Any] = {}
 
     def __enter__(self) -> FleetRun:
-        from services.launcher import rtm_argv, start
+        from rtmctl.launcher import rtm_argv, start
 
         base = free_port_base()
         argv = rtm_argv("up", "--data-dir", str(self.data_dir), "--port-base", str(base), *self.args)

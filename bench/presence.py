@@ -259,15 +259,12 @@ async def propagation(
 
 
 async def ps_throughput(args: argparse.Namespace, fleet: FleetRun) -> dict[str, Any]:
-    import consul
-
+    from rtmctl.operator import fleet_client
     from services import wire
-    from services.config import split_host_port
     from services.connection import PeerConnection, connect
     from services.ring import PRESENCE_RING_KEY, HashRing, RingDocument
 
-    host, port = split_host_port(fleet.info["consul_url"])
-    _, raw = consul.Consul(host=host, port=port).kv.get(PRESENCE_RING_KEY)
+    _, raw = fleet_client(fleet.data_dir).kv.get(PRESENCE_RING_KEY)
     ring = HashRing(RingDocument.from_json(raw["Value"]))
     procs = {p["id"]: p for p in fleet.processes("presence")}
     users = [f"UBENCH{i:08X}" for i in range(args.ps_users)]

@@ -1,1 +1,1 @@
-"""channel_server"""
+"""Channel servers: own the channels of their ring slot and fan each event out once per gateway."""

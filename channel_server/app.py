@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
-from services import wire
+from services import debug_faults, wire
 from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
-from services.discovery import Discovery, fault_routes
+from services.discovery import Discovery
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
@@ -48,7 +49,7 @@ class ChannelServer:
         self.instance_id = args.instance_id
         self.table = ChannelTable(history_events=args.history_events)
         self.gateways: dict[int, PeerConnection] = {}
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.slots = SlotOwner(
             self.discovery,
             self.instance_id,
@@ -112,7 +113,9 @@ class ChannelServer:
             args.metrics_port,
             self.metrics,
             self.health,
-            fault_routes(self.discovery) if args.debug_faults else None,
+            debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
+            if args.debug_faults
+            else None,
         )
         self.slots.start()
         address = advertised(args.host, args.advertise_host)
@@ -159,7 +162,7 @@ class ChannelServer:
         left = self.table.drop_gateway(index)
         log.info("gateway %s disconnected (%s); left %d channels", conn.state.get("gw"), reason, left)
 
-    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
+    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         op = msg["op"]
         request_id = int(msg["id"])
         try:
@@ -286,7 +289,7 @@ def build_parser() -> Parser:
     parser = service_parser("rtm channel-server", "Run one Channel Server.", DEFAULT_PORT)
     parser.add("--history-events", DEFAULT_HISTORY_EVENTS, "events of history held per channel")
     parser.add("--role", "active", "registered role tag: active or spare")
-    parser.add("--debug-faults", False, "serve POST /debug/consul-partition on the metrics port (tests only)")
+    debug_faults.add_flags(parser)
     parser.add(
         "--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off"
     )
@@ -295,4 +298,5 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug_faults.check_args(args)
     return run_main(args, "cs", ChannelServer)

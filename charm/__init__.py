@@ -1,1 +1,1 @@
-"""CHARM: the leader-elected ring manager (failover is built in the CHARM issue; until then `rtm up` writes the ring document itself)."""
+"""CHARM: the leader-elected ring manager; replaces a failed channel or presence server with a spare."""

@@ -235,7 +235,7 @@ class Charm:
     def __init__(self, args: Any) -> None:
         self.args = args
         self.instance_id = args.instance_id
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.managers = {
             "channel": RingManager(self, "channel", args.channel_slots),
             "presence": RingManager(self, "presence", args.presence_slots),
@@ -353,9 +353,9 @@ class Charm:
         self._set_leading(True)
         leading = [asyncio.create_task(m.run()) for m in self.managers.values()]
         try:
-            index: int | None = None
+            held_index: int | None = None
             while True:  # lead until the lock is no longer ours (our session died with our check)
-                index, data = await client.kv.get(LEADER_KEY, index=index, wait=f"{LEADER_CHECK_S}s")
+                held_index, data = await client.kv.get(LEADER_KEY, index=held_index, wait=f"{LEADER_CHECK_S}s")
                 if data is None or data.get("Session") != session:
                     raise RuntimeError("lost the leader lock")
         finally:

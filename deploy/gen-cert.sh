@@ -3,8 +3,16 @@
 #   deploy/certs/edge.crt, deploy/certs/edge.key  - a self-signed TLS certificate
 #       for the Envoy edge (CN and SAN: $RTM_EDGE_HOST, default localhost; also
 #       localhost and 127.0.0.1), valid 365 days;
-#   deploy/.env                                   - RTM_SECRET (the ticket secret the
-#       webapp and the gateways share), added only if it is not there yet.
+#   deploy/.env (0600, created under umask 077)  - each line added only if it is not there yet:
+#       RTM_SECRET                      the fleet secret the webapp and the gateways share
+#                                       (each job's key is derived from it: services/keys.py);
+#       CONSUL_MANAGEMENT_TOKEN         Consul's initial management token (ACLs, default deny);
+#       CONSUL_AGENT_TOKEN              the Consul agent's own token;
+#       RTM_CONSUL_TOKEN_<SERVICE>      one Consul token per service (WEBAPP, ADMIN_SERVER,
+#                                       CHANNEL_SERVER, PRESENCE, CHARM, GATEWAY), OPERATOR
+#                                       (the rtm CLI) and PROMETHEUS; consul-acl-init creates
+#                                       them with the policies of deploy/consul/policies/;
+#       GRAFANA_ADMIN_PASSWORD          Grafana's admin password (no default).
 # Existing files are kept; --force makes a new certificate.
 # Overrides: CERT_DIR, ENV_FILE, RTM_EDGE_HOST. Needs openssl (1.1.1 or later).
 # For production, mount a real certificate at deploy/certs instead.
@@ -31,8 +39,23 @@ else
     echo "kept $cert_dir/edge.crt (--force makes a new one)"
 fi
 
-if [ ! -f "$env_file" ] || ! grep -q '^RTM_SECRET=' "$env_file"; then
-    umask 077
-    echo "RTM_SECRET=$(openssl rand -hex 32)" >> "$env_file"
-    echo "wrote RTM_SECRET to $env_file"
-fi
+# Secrets and tokens: .env is created 0600 (umask 077 before the first write, never chmod-ed).
+umask 077
+# add NAME VALUE: append NAME=VALUE unless .env has NAME already (a rerun keeps every value).
+add() {
+    if [ ! -f "$env_file" ] || ! grep -q "^$1=" "$env_file"; then
+        echo "$1=$2" >> "$env_file"
+        echo "wrote $1 to $env_file"
+    fi
+}
+# A random UUID (Consul token secrets are UUIDs), from 16 random bytes.
+uuid() {
+    openssl rand -hex 16 | sed 's/^\(.\{8\}\)\(.\{4\}\).\(.\{3\}\)\(.\{4\}\)\(.\{12\}\)$/\1-\2-4\3-\4-\5/'
+}
+add RTM_SECRET "$(openssl rand -hex 32)"
+add CONSUL_MANAGEMENT_TOKEN "$(uuid)"
+add CONSUL_AGENT_TOKEN "$(uuid)"
+for service in WEBAPP ADMIN_SERVER CHANNEL_SERVER PRESENCE CHARM GATEWAY OPERATOR PROMETHEUS; do
+    add "RTM_CONSUL_TOKEN_$service" "$(uuid)"
+done
+add GRAFANA_ADMIN_PASSWORD "$(openssl rand -hex 24)"

@@ -1,1 +1,1 @@
-"""gateway"""
+"""Gateway servers: hold client websockets and fan each event out to them."""

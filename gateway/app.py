@@ -40,6 +40,7 @@ from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
 from services.errors import CloseCode, ConnectionLost, NotOwner, PeerError, RequestTimeout
+from services.keys import FleetKeys
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import RingDocument
@@ -106,11 +107,14 @@ class Gateway:
         self.args = args
         self.instance_id = args.instance_id
         self.state = GatewayState()
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
-        self.webapp = WebappClient(ServiceDirectory(self.discovery, "webapp"), args.secret, args.webapp_url)
-        self.verifier = TicketVerifier(args.secret.encode(), self.instance_id)
+        keys = FleetKeys.from_secret(args.secret.encode())  # one key per job (services/keys.py)
+        self.webapp = WebappClient(
+            ServiceDirectory(self.discovery, "webapp"), keys.internal_http_credential, args.webapp_url
+        )
+        self.verifier = TicketVerifier(keys.ticket_signing, self.instance_id)
         self.links: dict[str, PeerLink] = {}
         self.subscribed_at: dict[str, str] = {}  # channel -> channel server instance holding our subscription
         self.pending_sub: dict[str, set[str]] = {}
@@ -121,7 +125,7 @@ class Gateway:
         # (channel, after_seq, upto_seq) -> the webapp read in flight: a region drain moves
         # hundreds of sessions that stopped at the same place, and they share one read
         self.history_reads: dict[tuple[str, int, int | None], asyncio.Future[list[tuple[int, bytes]]]] = {}
-        self.sockets: dict[int, ServerConnection] = {}
+        self.sockets: dict[int, ClientConnection] = {}
         self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
         self.sids = itertools.count(1)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -267,6 +271,7 @@ class Gateway:
 
     # -- clients ---------------------------------------------------------------------------
     async def handle_client(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, ClientConnection)  # serve(create_connection=ClientConnection)
         admitted = await self.admit(ws)
         if admitted is None:
             return
@@ -422,7 +427,9 @@ class Gateway:
             self.flushing.discard(owner)
 
     async def subscribe_at(self, owner: str, link: PeerLink | PeerConnection, channels: list[str]) -> None:
-        chans = [[ch, self.state.cursor.get(ch, -1)] for ch in channels if self.subscribed_at.get(ch) == owner]
+        chans: list[list[Any]] = [
+            [ch, self.state.cursor.get(ch, -1)] for ch in channels if self.subscribed_at.get(ch) == owner
+        ]
         if not chans:
             return
         try:

@@ -5,7 +5,7 @@ I/O: which local sessions watch which users, reference-counted; which users
 have connections here; what each watched user's presence was last said to
 be), and :class:`GatewayPresence` wires it to the presence servers.
 
-What the gateway does (see README, "Presence"):
+What the gateway does (see docs/design.md, "Presence"):
 
 * It follows the presence ring (``rtm/ring/presence``) and keeps one
   :class:`services.connection.PeerLink` per presence server (PS) in it, and

@@ -1,1 +1,1 @@
-"""Presence servers (built in the presence issue)."""
+"""Presence servers: who is online, for the users their ring slot maps to."""

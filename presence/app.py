@@ -46,10 +46,10 @@ import time
 from typing import Any
 
 from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
-from services import wire
+from services import debug_faults, wire
 from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
-from services.discovery import Discovery, fault_routes
+from services.discovery import Discovery
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
@@ -80,7 +80,7 @@ class PresenceServer:
         self.instance_id = args.instance_id
         self.table = PresenceTable(lease_ttl_s=args.lease_ttl_s)
         self.gateways: dict[str, PeerConnection] = {}  # gateway id -> its connection
-        self.discovery = Discovery(args.consul)
+        self.discovery = Discovery(args.consul, args.consul_token)
         self.slots = SlotOwner(
             self.discovery,
             self.instance_id,
@@ -149,7 +149,9 @@ class PresenceServer:
             args.metrics_port,
             self.metrics,
             self.health,
-            fault_routes(self.discovery) if args.debug_faults else None,
+            debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
+            if args.debug_faults
+            else None,
         )
         self.slots.start()
         self.spawn(self.expire_loop())
@@ -171,7 +173,7 @@ class PresenceServer:
             await self._stop_metrics()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
@@ -430,7 +432,7 @@ def build_parser() -> Parser:
     parser = service_parser("rtm presence", "Run one Presence Server.", DEFAULT_PORT)
     parser.add("--role", "active", "registered role tag: active or spare")
     parser.add("--lease-ttl-s", LEASE_TTL_S, "seconds a gateway's users stay online after its last lease renewal")
-    parser.add("--debug-faults", False, "serve POST /debug/consul-partition on the metrics port (tests only)")
+    debug_faults.add_flags(parser)
     parser.add(
         "--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off"
     )
@@ -439,4 +441,5 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug_faults.check_args(args)
     return run_main(args, "ps", PresenceServer)

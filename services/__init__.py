@@ -1,1 +1,1 @@
-"""rtm's shared library: wire protocol, ring, discovery, config, metrics, process lifecycle, CLI."""
+"""rtm's shared runtime library: wire protocol, connections, ring, discovery, identity, config, metrics, errors, process lifecycle. It imports no service and no tooling."""

@@ -2,7 +2,11 @@
 
 Every flag ``--some-thing`` also reads ``RTM_SOME_THING`` when the flag is not
 given; the flag wins. Consul's address follows Consul's own convention too:
-``--consul`` falls back to ``RTM_CONSUL`` and then ``CONSUL_HTTP_ADDR``.
+``--consul`` falls back to ``RTM_CONSUL`` and then ``CONSUL_HTTP_ADDR``, and
+the Consul ACL token ``--consul-token`` to ``RTM_CONSUL_TOKEN``, then
+``CONSUL_HTTP_TOKEN``, then the file named by ``CONSUL_HTTP_TOKEN_FILE`` (the
+variables Consul's own tools read). Prefer the variables to the flag: a flag's
+value shows in the process list.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
+CONSUL_TOKEN_ENV = "RTM_CONSUL_TOKEN"
+CONSUL_HTTP_TOKEN_ENV = "CONSUL_HTTP_TOKEN"
+CONSUL_HTTP_TOKEN_FILE_ENV = "CONSUL_HTTP_TOKEN_FILE"
 # How often a registered process tells Consul it is alive, and how long
 # Consul waits before it marks the process critical.
 DEFAULT_TTL_S = 3.0
@@ -55,6 +62,19 @@ def consul_default() -> str:
     return os.environ.get("RTM_CONSUL") or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_CONSUL_ADDR
 
 
+def consul_token_default() -> str:
+    """The Consul ACL token from the environment: ``RTM_CONSUL_TOKEN``, ``CONSUL_HTTP_TOKEN``,
+    or the first line of ``CONSUL_HTTP_TOKEN_FILE``; "" (the anonymous token) when none is set."""
+    token = os.environ.get(CONSUL_TOKEN_ENV) or os.environ.get(CONSUL_HTTP_TOKEN_ENV) or ""
+    if token:
+        return token
+    path = os.environ.get(CONSUL_HTTP_TOKEN_FILE_ENV, "")
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().strip()
+    return ""
+
+
 def service_parser(prog: str, description: str, default_port: int) -> Parser:
     """The flags every fleet process shares."""
     parser = Parser(prog=prog, description=description)
@@ -65,6 +85,12 @@ def service_parser(prog: str, description: str, default_port: int) -> Parser:
     parser.add("--instance-id", "", "unique instance id (default: generated)")
     parser.add_argument(
         "--consul", default=consul_default(), help="Consul HTTP address host:port (env RTM_CONSUL or CONSUL_HTTP_ADDR)"
+    )
+    parser.add_argument(
+        "--consul-token",
+        default=consul_token_default(),
+        help=f"Consul ACL token (env {CONSUL_TOKEN_ENV}, {CONSUL_HTTP_TOKEN_ENV} or {CONSUL_HTTP_TOKEN_FILE_ENV}; "
+        "prefer those: a flag shows in the process list)",
     )
     parser.add("--ttl-s", DEFAULT_TTL_S, "Consul TTL check period in seconds")
     parser.add("--log-level", "INFO", "log level")

@@ -350,7 +350,7 @@ class PeerLink:
         return self.conn
 
     async def request(self, message: Message, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Message:
-        conn = self.conn if self.connected else await self.wait_connected(timeout_s)
+        conn = self.conn if self.connected and self.conn is not None else await self.wait_connected(timeout_s)
         return await conn.request(message, timeout_s)
 
     async def _connect_loop(self) -> None:

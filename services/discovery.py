@@ -7,7 +7,10 @@
   service's healthy instances or a KV key with blocking queries
   (``index`` + ``wait``), never tight polling, and call back on every change.
 
-Works the same against real Consul and against the embedded dev agent.
+Works the same against real Consul and against the embedded dev agent, with
+ACLs on: every client built here (:func:`sync_client`, :func:`aio_client`)
+sends the process's Consul ACL token (``--consul-token`` / ``RTM_CONSUL_TOKEN``
+/ ``CONSUL_HTTP_TOKEN``) as ``X-Consul-Token``.
 """
 
 from __future__ import annotations
@@ -75,13 +78,34 @@ async def _call(callback: Callback, value: Any) -> None:
         await result
 
 
+def sync_client(consul_addr: str, token: str = "") -> consul.Consul:
+    """A blocking py-consul client for ``host:port`` that sends ``token`` ("" sends none).
+
+    py-consul lets ``CONSUL_HTTP_TOKEN`` override ``token=``; rtm resolves
+    the token itself (:func:`services.config.consul_token_default`), so the
+    client is told exactly which one to send.
+    """
+    host, port = split_host_port(consul_addr)
+    client = consul.Consul(host=host, port=port, token=token or None)
+    client.token = token or None
+    return client
+
+
+def aio_client(consul_addr: str, token: str = "") -> consul.aio.Consul:
+    """An asyncio py-consul client (one pooled aiohttp session) that sends ``token``; see :func:`sync_client`."""
+    host, port = split_host_port(consul_addr)
+    client = consul.aio.Consul(host=host, port=port, token=token or None)
+    client.token = token or None
+    return client
+
+
 class Discovery:
     """One process's handle on Consul."""
 
-    def __init__(self, consul_addr: str) -> None:
+    def __init__(self, consul_addr: str, token: str = "") -> None:
         host, port = split_host_port(consul_addr)
         self.consul_addr = f"{host}:{port}"
-        self.client = consul.aio.Consul(host=host, port=port)
+        self.client = aio_client(self.consul_addr, token)
         self._registered: list[str] = []
         self._registrations: dict[str, dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -303,20 +327,3 @@ class Discovery:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.close()
-
-
-def fault_routes(discovery: Discovery) -> list[Any]:
-    """Test-only HTTP routes (enabled by ``--debug-faults``) that cut this process off from Consul.
-
-    ``POST /debug/consul-partition?on=1`` makes every Consul call fail (the TTL
-    lapses, watches stall) while the process keeps serving its peers;
-    ``on=0`` heals it. Used by the split-brain tests.
-    """
-    from aiohttp import web
-
-    async def partition(request: web.Request) -> web.Response:
-        discovery.partitioned = request.query.get("on", "1") not in ("0", "false")
-        log.warning("fault injection: partitioned from Consul = %s", discovery.partitioned)
-        return web.json_response({"ok": True, "partitioned": discovery.partitioned})
-
-    return [web.post("/debug/consul-partition", partition)]

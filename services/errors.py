@@ -11,7 +11,8 @@ Class tree::
     ├── SendBufferFull           the bounded send buffer overflowed (slow peer)
     ├── PeerError                the peer answered a request with an error code
     │   └── NotOwner             a channel server does not own the channel
-    └── NoOwner                  the ring has no live owner for a channel
+    ├── NoOwner                  the ring has no live owner for a channel
+    └── DebugFaultsRefused       --debug-faults asked for off loopback or without an operator token
 
 Error codes (``ErrorCode``) travel in ``{"op": "err", "code": ...}`` replies;
 websocket close codes (``CloseCode``) tell a client why it was disconnected.
@@ -103,6 +104,10 @@ class NotOwner(PeerError):
 
 class NoOwner(RtmError):
     """The ring maps the channel to a slot with no live instance."""
+
+
+class DebugFaultsRefused(RtmError):
+    """``--debug-faults`` asked for where it may not run: a non-loopback host, or no operator token."""
 
 
 def error_from_reply(reply: dict[str, Any]) -> PeerError:

@@ -18,7 +18,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from services.launcher import READY_PREFIX
+# The line a process prints once it is registered and serving; launchers wait for it.
+READY_PREFIX = "RTM-READY "
 
 log = logging.getLogger("rtm.process")
 

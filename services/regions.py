@@ -26,7 +26,8 @@ DRAINED_PREFIX = "rtm/regions/drained/"
 
 
 class GatewayLike(Protocol):
-    id: str
+    @property
+    def id(self) -> str: ...
 
     def tag(self, key: str, default: str = "") -> str: ...
 

@@ -10,7 +10,7 @@ peer that announces a 4 GiB frame costs nothing. After an error the decoder is
 dead: :attr:`FrameDecoder.error` is set and further input is ignored; the I/O
 layer closes the connection and counts the error.
 
-Operations (see README, "The wire"):
+Operations (see docs/design.md, "The wire"):
 
 ========  ===========  =====================================================
 op        direction    fields
@@ -43,7 +43,7 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 
 def encode(message: dict[str, Any]) -> bytes:
     """One frame for ``message`` (length prefix included)."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 

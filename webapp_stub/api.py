@@ -8,7 +8,8 @@ POST, arguments merged from the query string, a form body and a JSON body
 through ``response_metadata.next_cursor`` ("" on the last page), and HTTP 429
 with ``Retry-After`` when a token exceeds its per-method budget.
 
-Internal endpoints (header ``X-Rtm-Secret``; 403 otherwise):
+Internal endpoints (header ``X-Rtm-Secret`` carrying the ``internal_http`` key
+derived from the fleet secret, :mod:`services.keys`; 403 otherwise):
 
 * ``POST /internal/bootstrap`` ``{"user": U, "resume": id?}`` ->
   ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
@@ -49,9 +50,12 @@ from prometheus_client import Counter, Histogram
 
 from services import regions
 from services.discovery import Instance
+from services.keys import FleetKeys
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.ticket import mint
+from webapp_stub.commit import GroupCommit
 from webapp_stub.handoff import Handoff
+from webapp_stub.limits import check_attachments, check_blocks
 from webapp_stub.presence import PresenceClient
 from webapp_stub.resume import ResumeBook
 from webapp_stub.store import (
@@ -59,6 +63,7 @@ from webapp_stub.store import (
     DEFAULT_PAGE,
     MAX_HISTORY_PAGE,
     MAX_PAGE,
+    MAX_SQL_INT,
     ApiError,
     Channel,
     Store,
@@ -81,6 +86,12 @@ TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
 # follows 10 minutes of inactivity in its clients; the same figure here.
 PRESENCE_ACTIVE_WINDOW_S = 600.0
 MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
+# Arrays and objects nested in one request's arguments (a message's blocks nest a
+# few levels; see webapp_stub.limits.MAX_CONTENT_DEPTH). Deeper: invalid_json.
+MAX_ARGS_DEPTH = 32
+# What a refused write's 429 tells the caller to wait when the outbox is full:
+# at the hand-off's pace (thousands of events per second) a full outbox drains in well under this.
+OUTBOX_RETRY_AFTER_S = 1
 
 Args = dict[str, Any]
 
@@ -107,7 +118,7 @@ def int_arg(args: Args, name: str, default: int, maximum: int) -> int:
         return default
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 in a JSON body is infinity
         raise ApiError("invalid_arguments") from None
     if number <= 0:
         return default
@@ -131,11 +142,36 @@ def json_arg(args: Args, name: str) -> Any:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError(f"invalid_{name}") from None
+        check_text(value, f"invalid_{name}")
     if not isinstance(value, (list, dict)):
         raise ApiError(f"invalid_{name}")
     return value
+
+
+def check_text(value: Any, code: str, max_depth: int = MAX_ARGS_DEPTH) -> None:
+    """Every string in ``value`` (keys too) is valid Unicode (no lone surrogates, which
+    a JSON ``"\\ud800"`` escape makes and UTF-8 cannot hold), and arrays and objects
+    nest at most ``max_depth`` deep; else ApiError(``code``). Iterative: any depth is safe."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ApiError(code) from None
+        elif isinstance(node, dict):
+            if depth >= max_depth:
+                raise ApiError(code)
+            stack.extend((k, depth) for k in node)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            if depth >= max_depth:
+                raise ApiError(code)
+            stack.extend((v, depth + 1) for v in node)
 
 
 async def read_args(request: web.Request) -> Args:
@@ -144,6 +180,7 @@ async def read_args(request: web.Request) -> Args:
     for key, value in request.query.items():
         args.setdefault(key, value)
     if not request.can_read_body:
+        check_text(args, "invalid_arguments")
         return args
     ctype = request.content_type
     if ctype.startswith("multipart/"):
@@ -152,25 +189,36 @@ async def read_args(request: web.Request) -> Args:
         except ValueError:
             raise ApiError("invalid_form_data") from None
         args.update({k: v for k, v in form.items() if isinstance(v, str)})
+        check_text(args, "invalid_arguments")
         return args
     raw = await request.read()
     if not raw.strip():
+        check_text(args, "invalid_arguments")
         return args
     looks_json = raw.lstrip()[:1] in (b"{", b"[")
     if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded" and looks_json):
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise ApiError("invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError("invalid_json")
-        args.update(data)
+        args.update(parse_json_body(raw))
     else:
         try:
             args.update(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
         except (UnicodeDecodeError, ValueError):
             raise ApiError("invalid_form_data") from None
+    check_text(args, "invalid_arguments")
     return args
+
+
+def parse_json_body(raw: bytes | str) -> Args:
+    """A JSON object body. Raises ``invalid_json``: not JSON, not an object, nested deeper
+    than :data:`MAX_ARGS_DEPTH` (also when deep enough to exhaust the parser's stack), or
+    holding a string that is not valid Unicode."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError("invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError("invalid_json")
+    check_text(data, "invalid_json")
+    return data
 
 
 def bearer_token(request: web.Request, args: Args) -> str | None:
@@ -291,11 +339,16 @@ Handler = Callable[
     ["WebApi", Call], dict[str, Any] | Awaitable[dict[str, Any]]
 ]  # async for the few that ask other services
 METHODS: dict[str, tuple[Handler, bool]] = {}  # name -> (handler, needs auth)
+# Methods that persist events: refused with ``ratelimited`` (before anything is
+# written) while the hand-off outbox is full. See WebApi.check_backpressure.
+WRITES: set[str] = set()
 
 
-def method(name: str, auth: bool = True) -> Callable[[Handler], Handler]:
+def method(name: str, auth: bool = True, writes: bool = False) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         METHODS[name] = (fn, auth)
+        if writes:
+            WRITES.add(name)
         return fn
 
     return register
@@ -320,7 +373,8 @@ class WebApi:
         self.handoff = handoff
         self.gateways = gateways
         self.metrics = metrics
-        self.secret = secret
+        self.keys = FleetKeys.from_secret(secret)  # one key per job; the fleet secret itself is not kept
+        self._internal_credential = self.keys.internal_http_credential.encode()
         self.region = region
         self.clock = clock
         self.limiter = RateLimiter(rate_limit_per_minute)
@@ -346,6 +400,12 @@ class WebApi:
         metrics.gauge("rtm_webapp_resume_records", "Resume records waiting for their connection").set_function(
             lambda: len(self.resume)
         )
+        self.backpressure = metrics.counter(
+            "rtm_webapp_backpressure_total",
+            "Writes refused with ratelimited (HTTP 429) because the hand-off outbox was full",
+        )
+        # Group commit: set by app.py; without it (some tests) every store call commits on its own.
+        self.commits: GroupCommit | None = None
         self.last_seen: dict[str, float] = {}  # user -> last Web API call or gateway connect (presence fallback)
         self.presence: PresenceClient | None = None  # the presence servers (webapp_stub/presence.py), set by app.py
 
@@ -397,8 +457,10 @@ class WebApi:
                 wait_s = self.limiter.retry_after(token, name)
                 if wait_s:
                     raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
+            self.check_backpressure(name)
             result = handler(self, Call(request, args, user))
             body = {"ok": True, **(await result if inspect.isawaitable(result) else result)}
+            await self.durable()
             outcome = "ok"
         except ApiError as exc:
             body, status, headers = {"ok": False, "error": exc.code}, exc.status, exc.headers
@@ -412,14 +474,32 @@ class WebApi:
             log.exception("%s failed", name)
             body, outcome = {"ok": False, "error": "internal_error"}, "internal_error"
             self.metrics.error(outcome)
+        if not body["ok"]:
+            await self.durable()  # what a failed call read may sit in the open batch too
         self.count_request(label, outcome)
         self.observe_latency(label, time.perf_counter() - started)
         return web.json_response(body, status=status, headers=headers)
 
+    def check_backpressure(self, name: str) -> None:
+        """``ratelimited`` (HTTP 429, Retry-After) for a write while the outbox is full.
+
+        Checked before the handler runs, so a refused call persists nothing:
+        the outbox never holds more than its bound plus one call's events, and
+        everything it holds is still delivered.
+        """
+        if name in WRITES and self.handoff.saturated:
+            self.backpressure.inc()
+            raise ApiError("ratelimited", status=429, headers={"Retry-After": str(OUTBOX_RETRY_AFTER_S)})
+
+    async def durable(self) -> None:
+        """Wait until what this request wrote (and read) is committed; see :mod:`webapp_stub.commit`."""
+        if self.commits is not None:
+            await self.commits.durable()
+
     # -- internal endpoints ----------------------------------------------------------------
     def _check_secret(self, request: web.Request) -> None:
         given = request.headers.get(SECRET_HEADER, "").encode()
-        if not self.secret or not hmac.compare_digest(given, self.secret):
+        if not hmac.compare_digest(given, self._internal_credential):
             self.metrics.error("internal_forbidden")
             raise web.HTTPForbidden(
                 text=json.dumps({"ok": False, "error": "forbidden"}), content_type="application/json"
@@ -427,13 +507,9 @@ class WebApi:
 
     async def _internal_args(self, request: web.Request) -> Args:
         self._check_secret(request)
-        try:
-            data = await request.json() if request.can_read_body else {}
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise ApiError("invalid_json")
-        return data
+        if not request.can_read_body:
+            return {}
+        return parse_json_body(await request.read())
 
     async def handle_bootstrap(self, request: web.Request) -> web.Response:
         try:
@@ -451,8 +527,18 @@ class WebApi:
         except ApiError as exc:
             self.metrics.error(exc.code)
             body = {"ok": False, "error": exc.code}
+        except web.HTTPException:
+            raise  # 403 for a wrong secret, 413 for a body over the limit
+        except Exception:
+            body = self._internal_failure("internal.bootstrap")
+        await self.durable()  # the seqs it names are committed
         self.count_request("internal.bootstrap", "ok" if body["ok"] else body["error"])
         return web.json_response(body)
+
+    def _internal_failure(self, name: str) -> dict[str, Any]:
+        log.exception("%s failed", name)
+        self.metrics.error("internal_error")
+        return {"ok": False, "error": "internal_error"}
 
     async def handle_resume(self, request: web.Request) -> web.Response:
         """Record where a connection the fleet is moving stopped (see :mod:`webapp_stub.resume`)."""
@@ -466,15 +552,19 @@ class WebApi:
                 raise ApiError("invalid_arguments")
             try:
                 seqs = {str(ch): int(seq) for ch, seq in channels.items()}
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ApiError("invalid_arguments") from None
-            if any(seq < 0 for seq in seqs.values()):
+            if any(seq < 0 or seq > MAX_SQL_INT for seq in seqs.values()):
                 raise ApiError("invalid_arguments")
-            body = {"ok": True, "resume": self.resume.add(user_id, seqs)}
+            body: dict[str, Any] = {"ok": True, "resume": self.resume.add(user_id, seqs)}
             self.resumes.labels("recorded").inc()
         except ApiError as exc:
             self.metrics.error(exc.code)
             body = {"ok": False, "error": exc.code}
+        except web.HTTPException:
+            raise  # 403 for a wrong secret, 413 for a body over the limit
+        except Exception:
+            body = self._internal_failure("internal.resume")
         self.count_request("internal.resume", "ok" if body["ok"] else body["error"])
         return web.json_response(body)
 
@@ -486,8 +576,10 @@ class WebApi:
                 raise ApiError("channel_not_found")
             try:
                 after_seq = int(args.get("after_seq") or 0)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ApiError("invalid_arguments") from None
+            if not 0 <= after_seq <= MAX_SQL_INT:
+                raise ApiError("invalid_arguments")
             limit = int_arg(args, "limit", INTERNAL_HISTORY_DEFAULT, INTERNAL_HISTORY_MAX)
             events, more = self.store.events_after(channel, after_seq, limit)
             body: dict[str, Any] = {
@@ -498,12 +590,18 @@ class WebApi:
         except ApiError as exc:
             self.metrics.error(exc.code)
             body = {"ok": False, "error": exc.code}
+        except web.HTTPException:
+            raise  # 403 for a wrong secret, 413 for a body over the limit
+        except Exception:
+            body = self._internal_failure("internal.history")
+        await self.durable()  # never hand a gateway an event that is not yet durable
         self.count_request("internal.history", "ok" if body["ok"] else body["error"])
         return web.json_response(body)
 
     async def handle_internal_call(self, request: web.Request) -> web.Response:
         name = request.match_info["method"]
         label = name if name in METHODS else "unknown"
+        status, headers = 200, {}
         try:
             args = await self._internal_args(request)
             entry = METHODS.get(name)
@@ -512,6 +610,7 @@ class WebApi:
             user = self.store.user(str(args.pop("user", "") or ""))
             if user is None:
                 raise ApiError("user_not_found")
+            self.check_backpressure(name)
             result = entry[0](self, Call(request, args, user))
             body = {"ok": True, **(await result if inspect.isawaitable(result) else result)}
         except ApiError as exc:
@@ -519,8 +618,15 @@ class WebApi:
             outcome = exc.code if name != "api.test" else "api_test_error"
             self.metrics.error(outcome)
             body = {"ok": False, "error": exc.code}
+            status = exc.status
+            headers = exc.headers
+        except web.HTTPException:
+            raise
+        except Exception:
+            body, outcome = self._internal_failure(f"internal.{label}"), "internal_error"
+        await self.durable()
         self.count_request(f"internal.{label}", "ok" if body["ok"] else outcome)
-        return web.json_response(body)
+        return web.json_response(body, status=status, headers=headers)
 
     # -- helpers ------------------------------------------------------------------------------
     def channel_arg(self, call: Call, name: str = "channel") -> Channel:
@@ -538,12 +644,15 @@ class WebApi:
     def publish(self, events: list[Any]) -> None:
         if log.isEnabledFor(
             logging.DEBUG
-        ):  # follow one event across processes by its eid (README: "Following one message")
+        ):  # follow one event across processes by its eid (docs/deploy.md: "Following one message")
             for event in events:
                 log.debug(
                     "committed %s %.200s", event.eid, event.json, extra={"eid": event.eid, "channel": event.channel}
                 )
-        self.handoff.publish(events)
+        if self.commits is not None:
+            self.commits.publish(events)  # handed off when their batch commits
+        else:
+            self.handoff.publish(events)
 
 
 # -- methods --------------------------------------------------------------------------------------
@@ -592,14 +701,25 @@ def conversation(api: WebApi, channel: Channel, viewer: User, **extra: Any) -> d
 
 
 def message_content(call: Call) -> tuple[str, dict[str, Any]]:
-    """``text`` and the ``blocks``/``attachments`` of a message argument set."""
+    """``text`` and the ``blocks``/``attachments`` of a message argument set, within
+    Slack's limits (:mod:`webapp_stub.limits`). Raises ``invalid_blocks_format``,
+    ``invalid_blocks``, ``invalid_attachments``, ``too_many_attachments``."""
     text = call.args.get("text")
     text = "" if text is None else str(text)
-    extra = {}
-    for name in ("blocks", "attachments"):
-        value = json_arg(call.args, name)
-        if value:
-            extra[name] = value
+    extra: dict[str, Any] = {}
+    try:
+        blocks = json_arg(call.args, "blocks")
+    except ApiError:
+        raise ApiError("invalid_blocks_format") from None
+    if blocks is not None:
+        blocks = check_blocks(blocks)
+        if blocks:
+            extra["blocks"] = blocks
+    attachments = json_arg(call.args, "attachments")
+    if attachments is not None:
+        attachments = check_attachments(attachments)
+        if attachments:
+            extra["attachments"] = attachments
     return text, extra
 
 
@@ -653,7 +773,7 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
     resume = api.resume.claim(user.id)
     if resume:
         api.resumes.labels("claimed").inc()
-    ticket = mint(api.secret, user.id, user.team, gateway.id, api.clock(), resume=resume)
+    ticket = mint(api.keys.ticket_signing, user.id, user.team, gateway.id, api.clock(), resume=resume)
     team = api.store.team(user.team)
     # behind an edge proxy a gateway registers the URL clients reach it at (gateway --public-url)
     base = gateway.meta.get("public_url") or f"ws://{gateway.address}:{gateway.port}"
@@ -667,7 +787,7 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
 # -- chat ---------------------------------------------------------------------------------------
 
 
-@method("chat.postMessage")
+@method("chat.postMessage", writes=True)
 def chat_post_message(api: WebApi, call: Call) -> dict[str, Any]:
     """Post as the caller; ``channel`` may also be a user id (posts in the DM with them)."""
     target = str_arg(call.args, "channel") or ""
@@ -688,7 +808,7 @@ def chat_post_message(api: WebApi, call: Call) -> dict[str, Any]:
     return {"channel": channel.id, "ts": message["ts"], "message": message}
 
 
-@method("chat.update")
+@method("chat.update", writes=True)
 def chat_update(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
     text, extra = message_content(call)
@@ -699,7 +819,7 @@ def chat_update(api: WebApi, call: Call) -> dict[str, Any]:
     return {"channel": channel.id, "ts": message["ts"], "text": message["text"], "message": message}
 
 
-@method("chat.delete")
+@method("chat.delete", writes=True)
 def chat_delete(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
     ts, event = api.store.delete_message(channel, call.me, call.args.get("ts"))
@@ -707,7 +827,7 @@ def chat_delete(api: WebApi, call: Call) -> dict[str, Any]:
     return {"channel": channel.id, "ts": ts}
 
 
-@method("chat.postEphemeral")
+@method("chat.postEphemeral", writes=True)
 def chat_post_ephemeral(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
     target = user_arg(api, call)
@@ -780,14 +900,14 @@ def conversations_replies(api: WebApi, call: Call) -> dict[str, Any]:
     return paged("messages", messages, cursor, has_more=more)
 
 
-@method("conversations.create")
+@method("conversations.create", writes=True)
 def conversations_create(api: WebApi, call: Call) -> dict[str, Any]:
     channel, events = api.store.create_channel(call.me, call.args.get("name"), is_private=flag(call.args, "is_private"))
     api.publish(events)
     return {"channel": channel.to_api(is_member=True)}
 
 
-@method("conversations.join")
+@method("conversations.join", writes=True)
 def conversations_join(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
     if channel.is_private:
@@ -801,7 +921,7 @@ def conversations_join(api: WebApi, call: Call) -> dict[str, Any]:
     return reply
 
 
-@method("conversations.leave")
+@method("conversations.leave", writes=True)
 def conversations_leave(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
     was_not_in, events = api.store.leave_channel(channel, call.me)
@@ -809,7 +929,7 @@ def conversations_leave(api: WebApi, call: Call) -> dict[str, Any]:
     return {"not_in_channel": True} if was_not_in else {}
 
 
-@method("conversations.invite")
+@method("conversations.invite", writes=True)
 def conversations_invite(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
     users = users_arg(api, call)
@@ -819,7 +939,7 @@ def conversations_invite(api: WebApi, call: Call) -> dict[str, Any]:
     return {"channel": channel.to_api(is_member=True)}
 
 
-@method("conversations.kick")
+@method("conversations.kick", writes=True)
 def conversations_kick(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
     target = user_arg(api, call)
@@ -827,7 +947,7 @@ def conversations_kick(api: WebApi, call: Call) -> dict[str, Any]:
     return {}
 
 
-@method("conversations.rename")
+@method("conversations.rename", writes=True)
 def conversations_rename(api: WebApi, call: Call) -> dict[str, Any]:
     channel = api.channel_arg(call)
     renamed, events = api.store.rename_channel(channel, call.me, call.args.get("name"))
@@ -835,19 +955,19 @@ def conversations_rename(api: WebApi, call: Call) -> dict[str, Any]:
     return {"channel": renamed.to_api(is_member=True)}
 
 
-@method("conversations.archive")
+@method("conversations.archive", writes=True)
 def conversations_archive(api: WebApi, call: Call) -> dict[str, Any]:
     api.publish(api.store.archive_channel(api.channel_arg(call), call.me, archived=True))
     return {}
 
 
-@method("conversations.unarchive")
+@method("conversations.unarchive", writes=True)
 def conversations_unarchive(api: WebApi, call: Call) -> dict[str, Any]:
     api.publish(api.store.archive_channel(api.channel_arg(call), call.me, archived=False))
     return {}
 
 
-@method("conversations.open")
+@method("conversations.open", writes=True)
 def conversations_open(api: WebApi, call: Call) -> dict[str, Any]:
     """Open (creating on first use) the DM with ``users`` (one id) or the group DM
     (several); or reopen ``channel``, a DM the caller is in."""
@@ -901,14 +1021,14 @@ def reaction_target(api: WebApi, call: Call) -> tuple[Channel, str]:
     return channel, ts
 
 
-@method("reactions.add")
+@method("reactions.add", writes=True)
 def reactions_add(api: WebApi, call: Call) -> dict[str, Any]:
     channel, ts = reaction_target(api, call)
     api.publish([api.store.add_reaction(channel, call.me, ts, call.args.get("name"))])
     return {}
 
 
-@method("reactions.remove")
+@method("reactions.remove", writes=True)
 def reactions_remove(api: WebApi, call: Call) -> dict[str, Any]:
     channel, ts = reaction_target(api, call)
     api.publish([api.store.remove_reaction(channel, call.me, ts, call.args.get("name"))])
@@ -966,7 +1086,7 @@ async def users_get_presence(api: WebApi, call: Call) -> dict[str, Any]:
     }
 
 
-@method("users.setPresence")
+@method("users.setPresence", writes=True)
 async def users_set_presence(api: WebApi, call: Call) -> dict[str, Any]:
     """Persisted first (SQLite is the durable copy), then told to the user's presence
     server, which pushes the change to watchers; if it cannot be told now, the webapp

@@ -3,8 +3,10 @@
 ``start_webapp(args)`` wires the parts and returns ``(ready_info, stop)``;
 ``main(argv)`` is ``rtm webapp`` / ``python -m webapp_stub``.
 
-Startup: open the store, start the outbox (requeueing what the last run may
-not have handed off, from the store's hand-off mark), watch ``admin-server``
+Startup: open the store (``synchronous=FULL`` with group commit, see
+:mod:`webapp_stub.commit`), start the outbox (requeueing what the last run may
+not have handed off, from the store's hand-off mark, and the dead letters an
+operator asked to redrive), watch ``admin-server``
 and ``gateway`` in Consul, serve HTTP (API, internal endpoints, ``/healthz``
 and ``/metrics`` on one port), then register as ``webapp``. Stop runs the
 same steps backwards from an exit stack: deregister, stop accepting, finish
@@ -18,30 +20,34 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from services import logs, regions
+from services import logs, regions, wire
 from services.config import Parser, advertised, instance_id, service_parser
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import StopFn, run_service
+from services.secret_file import ensure_secret_file
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
+from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
+    MAX_QUEUE_EVENTS,
+    MAX_REFUSALS,
     AdminServerLink,
     Handoff,
     replay_from_mark,
     write_mark,
 )
 from webapp_stub.presence import PresenceClient
-from webapp_stub.store import Store
+from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
 
 log = logging.getLogger("rtm.webapp")
 
@@ -50,6 +56,12 @@ DEFAULT_PORT = 8080
 SECRET_FILE = "secret"
 # How long in-flight HTTP requests may take to finish when stopping.
 HTTP_SHUTDOWN_TIMEOUT_S = 2.0
+# How often the webapp looks for dead letters an operator asked to redrive
+# (``rtm deadletter redrive`` marks them in the database).
+DEADLETTER_POLL_S = 1.0
+# Room for the msgpack envelope (channel, seq, t0, ctl, ids) around an event's
+# JSON in one wire frame: --max-event-bytes must leave at least this much.
+FRAME_ENVELOPE_BYTES = 64 * 1024
 
 
 class DiscoveryLike(Protocol):
@@ -57,7 +69,18 @@ class DiscoveryLike(Protocol):
 
     consul_ok: bool
 
-    async def register(self, service: str, instance_id: str, address: str, port: int, **kwargs: Any) -> None: ...
+    async def register(
+        self,
+        service: str,
+        instance_id: str,
+        address: str,
+        port: int,
+        *,
+        tags: list[str] | None = None,
+        meta: dict[str, str] | None = None,
+        ttl_s: float,
+        deregister_after_s: float = ...,
+    ) -> None: ...
 
     def watch_service(self, service: str, on_change: Callable[[list[Instance]], Any]) -> Any: ...
 
@@ -121,10 +144,7 @@ def load_secret(given: str, data_dir: str) -> bytes:
             return value.encode()
     except FileNotFoundError:
         pass
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(value + "\n")
+    value = ensure_secret_file(Path(path))  # 0600 from its first byte; a racing writer's value wins
     log.info("created a new secret in %s", path)
     return value.encode()
 
@@ -141,6 +161,15 @@ def build_parser() -> Parser:
         "Web API calls per token per method per minute (0: unlimited)",
     )
     parser.add("--region", "", "region whose gateways rtm.connect prefers (also per request: X-Rtm-Region or region=)")
+    parser.add(
+        "--max-event-bytes",
+        MAX_EVENT_BYTES,
+        "largest event JSON stored and handed off (bigger posts/edits: msg_too_long)",
+    )
+    parser.add("--max-outbox-events", MAX_QUEUE_EVENTS, "hand-off queue bound: beyond it writes get ratelimited (429)")
+    parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
+    parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
+    parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
     parser.add(
         "--region-map",
         "",
@@ -159,18 +188,40 @@ async def start_webapp(
     is not used).
     """
     iid = instance_id(SERVICE, getattr(args, "instance_id", ""))
+    if not 0 < args.max_event_bytes <= wire.DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_BYTES:
+        raise ValueError(
+            f"--max-event-bytes must be between 1 and {wire.DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_BYTES} "
+            f"(the wire frame limit less {FRAME_ENVELOPE_BYTES} bytes of envelope)"
+        )
     os.makedirs(args.data_dir, exist_ok=True)
     secret = load_secret(args.secret, args.data_dir)
     stack = AsyncExitStack()
     try:
-        store = Store(args.data_dir, background_checkpoints=True)  # checkpoints off the event loop
+        store = Store(
+            args.data_dir,
+            background_checkpoints=True,  # checkpoints off the event loop
+            synchronous=args.sqlite_synchronous,
+            max_event_bytes=args.max_event_bytes,
+        )
         stack.callback(store.close)
         metrics = ServiceMetrics(SERVICE, iid)
 
         as_link = AdminServerLink()
-        handoff = Handoff(as_link, metrics)
+        handoff = Handoff(
+            as_link,
+            metrics,
+            dead_letters=store,
+            max_refusals=args.max_refusals,
+            max_event_bytes=args.max_event_bytes,
+            max_queue_events=args.max_outbox_events,
+        )
         replay_from_mark(store, handoff, time.time())
+        if store.resume_redrives():
+            log.info("redrives interrupted by the last stop are asked for again")
         handoff.start()
+        metrics.gauge("rtm_deadletter_parked", "Dead letters not delivered (parked or being redriven)").set_function(
+            store.parked_count
+        )
 
         async def flush_and_close() -> None:
             # Waiting is pointless with no Admin Server known; the events are durable anyway.
@@ -194,7 +245,27 @@ async def start_webapp(
 
         stack.push_async_callback(stop_mark_loop)
 
-        disc: DiscoveryLike = discovery if discovery is not None else Discovery(args.consul)
+        async def redrive_loop() -> None:
+            while True:
+                await asyncio.sleep(DEADLETTER_POLL_S)
+                try:
+                    handoff.redrive(store.take_redrives())
+                except Exception:  # a locked or failing database: try again next time
+                    log.exception("reading redrive requests failed")
+
+        redrive_task = asyncio.create_task(redrive_loop(), name="deadletter-redrive-loop")
+
+        async def stop_redrive_loop() -> None:
+            redrive_task.cancel()
+            await asyncio.gather(redrive_task, return_exceptions=True)
+
+        stack.push_async_callback(stop_redrive_loop)
+        # Group commit: after the loops above, so that at stop it is closed (committing
+        # what is open) before they stop and the outbox flushes.
+        commits = GroupCommit(store, handoff, metrics, window_s=args.group_commit_window_s)
+        stack.callback(commits.close)
+
+        disc: DiscoveryLike = discovery if discovery is not None else Discovery(args.consul, args.consul_token)
         stack.push_async_callback(disc.close)
         gateways = GatewayPicker(regions.parse_map(args.region_map) if args.region_map else None)
         disc.watch_service("admin-server", as_link.set_instances)
@@ -218,6 +289,7 @@ async def start_webapp(
             rate_limit_per_minute=args.rate_limit_per_minute,
             region=getattr(args, "region", ""),
         )
+        api.commits = commits
         api.presence = PresenceClient(disc, store.manual_away_users)  # users.get/setPresence (webapp_stub/presence.py)
         api.presence.start()
         stack.push_async_callback(api.presence.close)
@@ -225,6 +297,7 @@ async def start_webapp(
         def health() -> dict[str, Any]:
             return {
                 "handoff_queue": len(handoff),
+                "dead_letters": store.parked_count(),
                 "admin_server_connected": as_link.link.connected,
                 "admin_servers": len(as_link.instances),
                 "gateways": len(gateways.instances),
@@ -257,7 +330,7 @@ async def start_webapp(
         "data_dir": os.path.abspath(args.data_dir),
     }
     # Exposed for in-process tests (the store, the outbox, the API object).
-    info_objects = {"store": store, "handoff": handoff, "api": api, "discovery": disc}
+    info_objects = {"store": store, "handoff": handoff, "api": api, "discovery": disc, "commits": commits}
     stop_fn = _Stop(stack, info_objects)
     log.info("webapp %s serving on %s:%s (data in %s)", iid, address, port, args.data_dir)
     return info, stop_fn

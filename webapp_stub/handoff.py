@@ -15,12 +15,25 @@ Contract
 --------
 * Never drops, never reorders within a channel: the queue only shrinks from
   its head, and only past acknowledged events.
-* On any failed request (``ConnectionLost``, ``RequestTimeout``, an ``err``
-  reply) the window rewinds: everything from the oldest unacknowledged event
-  is resent, in order, on the next healthy Admin Server, after a backoff.
-  Resending an event that was already applied is harmless: channel servers
-  dedup by ``seq``. Replies that arrive late for an earlier attempt still
-  count as acknowledgements.
+* On a transient failure (``ConnectionLost``, ``RequestTimeout``, no Admin
+  Server, an ``err`` reply whose code is in :data:`TRANSIENT_CODES` such as
+  ``unavailable`` or ``not_owner``) the window rewinds: everything from the
+  oldest unacknowledged event is resent, in order, on the next healthy Admin
+  Server, after a backoff, for as long as it takes. Resending an event that
+  was already applied is harmless: channel servers dedup by ``seq``. Replies
+  that arrive late for an earlier attempt still count as acknowledgements.
+* No head-of-line poison: an ``err`` reply with any other code (``bad_request``,
+  a validation error, ``internal``) refuses *that event*. After
+  :data:`MAX_REFUSALS` identical refusals in a row the event is parked in the
+  store's dead-letter table with its reason (``rtm_deadletter_total{reason}``,
+  logged) and the queue moves on past it. An event whose JSON is larger than
+  ``max_event_bytes`` (so that its frame could break the 4 MiB wire limit) is
+  parked at once with reason ``too_large``, never sent. Per-channel order is
+  kept for everything else; the parked event's seq is a gap that gateways
+  fill from the webapp's history (``/internal/history``), so clients still
+  get it. ``rtm deadletter redrive`` sends a parked event again (it goes to
+  the tail of the queue; a channel server that has applied later seqs of its
+  channel acknowledges it as a duplicate).
 * The Admin Server must forward pubs in the order it receives them (it does:
   it writes each to the owner's connection before reading the next).
 * Without a reachable Admin Server the queue waits; the messages are durable
@@ -28,8 +41,11 @@ Contract
 * Across restarts and crashes: the store keeps a hand-off mark (refreshed
   every :data:`MARK_INTERVAL_S`) below which everything was acknowledged; a
   starting webapp requeues every event from the mark on.
-* The queue is deliberately unbounded: every entry is a durable event the
-  contract forbids dropping; its depth is exported as a metric instead.
+* The queue never drops an entry (each is a durable event), so it is bounded
+  where events are made: while it holds :data:`MAX_QUEUE_EVENTS` or more,
+  :attr:`Handoff.saturated` is true and the Web API refuses new writes with
+  Slack's ``ratelimited`` (HTTP 429, ``Retry-After``) before persisting
+  anything. Restart replay and redrives may go past the bound.
 
 The window logic (:class:`Outbox`) is sans-I/O; :class:`Handoff` drives it with
 a :class:`Sender` (the real one is :class:`AdminServerLink`).
@@ -48,9 +64,9 @@ from typing import Any, Protocol
 
 from services.connection import PeerConnection, PeerLink, backoff_delays
 from services.discovery import Instance
-from services.errors import ConnectionLost, RtmError
+from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError, RtmError
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
-from webapp_stub.store import Event
+from webapp_stub.store import MAX_EVENT_BYTES, Event
 
 log = logging.getLogger("rtm.webapp.handoff")
 
@@ -66,6 +82,51 @@ CONNECT_WAIT_S = 1.0
 RETRY_INITIAL_DELAY_S = 0.05
 RETRY_MAX_DELAY_S = 2.0
 DEFAULT_FLUSH_TIMEOUT_S = 5.0
+# Identical refusals of one event in a row before it is parked as a dead letter.
+# More than one, so that a refusal caused by a peer's passing state (a channel
+# server mid-restart answering oddly) gets a retry, after the usual backoff;
+# few, so that a poison event holds its queue up for well under a second.
+MAX_REFUSALS = 3
+# Beyond this many queued events, writes are refused with ratelimited (HTTP 429).
+# At ~1 KiB of memory per queued event that is ~50 MiB; at the hand-off's pace
+# (tens of thousands of events per second) it drains in about a second once an
+# Admin Server is back. Configurable with rtm webapp --max-outbox-events.
+MAX_QUEUE_EVENTS = 50_000
+# Error codes that say something about the fleet's state or this link, not about
+# the event: the event waits and is retried in order, however long it takes.
+TRANSIENT_CODES = frozenset(
+    {
+        ErrorCode.NOT_OWNER,
+        ErrorCode.NO_OWNER,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.UNKNOWN_OP,  # a peer of another version: every pub would get it
+        "forbidden",  # this webapp's credentials or role, not the event
+        "overloaded",
+        "busy",
+        "ratelimited",
+        "shutting_down",
+    }
+)
+# Refusal reasons used as metric labels; any other code is counted as "other"
+# (a peer must not be able to mint label values) and stored verbatim.
+REFUSAL_LABELS = frozenset({"too_large", "bad_request", "internal", "unencodable"})
+
+
+def refusal_of(exc: BaseException) -> str | None:
+    """The reason ``exc`` refuses its event for good, or None if it is transient.
+
+    An ``err`` reply refuses unless its code is in :data:`TRANSIENT_CODES`; a
+    frame over the wire limit is ``too_large``; an event msgpack cannot encode
+    is ``unencodable``. Connection loss, timeouts and a full send buffer are
+    transient.
+    """
+    if isinstance(exc, PeerError):
+        return None if exc.code in TRANSIENT_CODES else (exc.code or ErrorCode.INTERNAL)[:100]
+    if isinstance(exc, FrameTooLarge):
+        return "too_large"
+    if isinstance(exc, (TypeError, ValueError, OverflowError)):  # raised by the encoder, before any byte left
+        return "unencodable"
+    return None
 
 
 # Restart replay: the outbox lives in memory, so the store keeps a mark, at
@@ -75,6 +136,14 @@ DEFAULT_FLUSH_TIMEOUT_S = 5.0
 HANDOFF_MARK = "handoff"
 MARK_INTERVAL_S = 1.0
 MARK_MARGIN_S = 1.0  # clock slack: events stamped this much before the mark are replayed too
+
+
+class DeadLetterStore(Protocol):
+    """Where parked events go (:class:`webapp_stub.store.Store`)."""
+
+    def park_event(self, event: Event, reason: str, detail: str, refusals: int) -> None: ...
+
+    def resolve_dead_letter(self, channel: str, seq: int) -> None: ...
 
 
 class MarkStore(Protocol):
@@ -124,7 +193,17 @@ class Entry:
     event: Event
     acked: bool = False
     attempts: int = 0
+    redrive: bool = False  # an operator's redrive of a dead letter
+    refusal: str | None = None  # the code of the last refusal in a row of identical ones
+    refusals: int = 0
     _message: dict[str, Any] | None = field(default=None, repr=False)
+
+    def refused(self, reason: str) -> int:
+        """Count one refusal; returns how many identical ones in a row."""
+        if reason != self.refusal:
+            self.refusal, self.refusals = reason, 0
+        self.refusals += 1
+        return self.refusals
 
     @property
     def message(self) -> dict[str, Any]:
@@ -154,8 +233,8 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def append(self, event: Event) -> Entry:
-        entry = Entry(event)
+    def append(self, event: Event, redrive: bool = False) -> Entry:
+        entry = Entry(event, redrive=redrive)
         self._entries.append(entry)
         return entry
 
@@ -181,7 +260,7 @@ class Outbox:
         return out
 
     def ack(self, entry: Entry) -> bool:
-        """Mark ``entry`` delivered (from any epoch); True if it was not yet."""
+        """Mark ``entry`` done, delivered or parked (from any epoch); True if it was not yet."""
         if entry.acked:
             return False
         entry.acked = True
@@ -314,9 +393,20 @@ class Handoff:
         retry_initial_s: float = RETRY_INITIAL_DELAY_S,
         retry_max_s: float = RETRY_MAX_DELAY_S,
         clock: Callable[[], float] = time.time,
+        dead_letters: DeadLetterStore | None = None,
+        max_refusals: int = MAX_REFUSALS,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        max_queue_events: int = MAX_QUEUE_EVENTS,
     ) -> None:
+        if max_refusals < 1:
+            raise ValueError("max_refusals must be at least 1")
         self.sender = sender
         self.outbox = Outbox(max_in_flight)
+        self.dead_letters = dead_letters
+        self.max_refusals = max_refusals
+        self.max_event_bytes = max_event_bytes
+        self.max_queue_events = max_queue_events
+        self.parked = 0
         self.request_timeout_s = request_timeout_s
         self.clock = clock
         self._retry_delays = (retry_initial_s, retry_max_s)
@@ -331,7 +421,17 @@ class Handoff:
         self.delivered = 0
         self.retries = 0
         self._m_published = self._m_delivered = self._m_retries = self._m_latency = None
+        self._m_parked = self._m_refusals = self._m_redriven = None
         if metrics is not None:
+            self._m_parked = metrics.counter(
+                "rtm_deadletter_total", "Events parked in the dead-letter table, by reason", ["reason"]
+            )
+            self._m_refusals = metrics.counter(
+                "rtm_webapp_handoff_refusals_total", "Refusals of an event by the fleet (before parking)", ["reason"]
+            )
+            self._m_redriven = metrics.counter(
+                "rtm_deadletter_redriven_total", "Dead letters an operator sent again, by outcome", ["outcome"]
+            )
             self._m_published = metrics.counter("rtm_webapp_handoff_events_total", "Events queued for an Admin Server")
             self._m_delivered = metrics.counter(
                 "rtm_webapp_handoff_delivered_total", "Events an Admin Server acknowledged"
@@ -364,6 +464,22 @@ class Handoff:
                 self._send_window()  # now, before the caller writes its HTTP reply
             if self.outbox.sendable:
                 self._wake.set()
+
+    def redrive(self, events: Iterable[Event]) -> None:
+        """Queue dead letters an operator asked to send again (at the tail)."""
+        count = 0
+        for event in events:
+            self.outbox.append(event, redrive=True)
+            count += 1
+            log.info("redriving dead letter %s", event.eid, extra={"eid": event.eid, "channel": event.channel})
+        if count:
+            self._drained.clear()
+            self._wake.set()
+
+    @property
+    def saturated(self) -> bool:
+        """True while the queue holds ``max_queue_events`` or more: refuse new writes."""
+        return len(self.outbox) >= self.max_queue_events
 
     def __len__(self) -> int:
         return len(self.outbox)
@@ -413,6 +529,10 @@ class Handoff:
         """Send what the window allows, in queue order; each reply is awaited by a task of its own."""
         epoch = self.outbox.epoch
         for entry in self.outbox.take():
+            size = len(entry.message["json"])
+            if size > self.max_event_bytes:  # never put it on the wire: it could break the frame limit
+                self._park(entry, "too_large", f"event of {size} bytes exceeds the limit of {self.max_event_bytes}")
+                continue
             try:
                 reply = self.sender.send(entry.message, self.request_timeout_s)
             except Exception as exc:  # the link broke as we wrote: the same remedy as a failed reply
@@ -428,8 +548,15 @@ class Handoff:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # RtmError from the peer or the link; anything else is a bug, same remedy
-            if not isinstance(exc, RtmError):
+            reason = refusal_of(exc)
+            if reason is None and not isinstance(exc, RtmError):
                 log.exception("unexpected error handing off %s", entry.event.eid)
+            if reason is not None and not entry.acked:
+                if self._m_refusals is not None:
+                    self._m_refusals.labels(self._label(reason)).inc()
+                if entry.refused(reason) >= self.max_refusals:
+                    self._park(entry, reason, str(exc))
+                    return
             self._on_failure(entry, epoch, exc)
             return
         if self.outbox.ack(entry):
@@ -437,13 +564,59 @@ class Handoff:
             if self._m_delivered is not None and self._m_latency is not None:
                 self._m_delivered.inc()
                 self._m_latency.observe(max(0.0, self.clock() - entry.event.t0))
+            if entry.redrive:
+                self._redriven(entry, "delivered")
             if self._failing:
                 self._failing = False
                 log.info("hand-off recovered (%d queued)", len(self.outbox))
             self._delays = backoff_delays(*self._retry_delays)
-            if not self.outbox:
-                self._drained.set()
-            self._wake.set()
+            self._settled()
+
+    def _settled(self) -> None:
+        """An entry left the queue's head region: wake the loop, and flush() if empty."""
+        if not self.outbox:
+            self._drained.set()
+        self._wake.set()
+
+    @staticmethod
+    def _label(reason: str) -> str:
+        return reason if reason in REFUSAL_LABELS else "other"
+
+    def _park(self, entry: Entry, reason: str, detail: str) -> None:
+        """Take ``entry`` out of the queue into the dead-letter table; the queue moves on."""
+        if not self.outbox.ack(entry):
+            return  # a late reply acknowledged it meanwhile
+        event = entry.event
+        self.parked += 1
+        refusals = max(1, entry.refusals)
+        log.error(
+            "parked %s as a dead letter after %d refusal(s): %s (%s); the queue moves on",
+            event.eid,
+            refusals,
+            reason,
+            detail,
+            extra={"eid": event.eid, "channel": event.channel},
+        )
+        if self._m_parked is not None:
+            self._m_parked.labels(self._label(reason)).inc()
+        if entry.redrive:
+            self._redriven(entry, "parked_again")
+        if self.dead_letters is not None:
+            try:
+                self.dead_letters.park_event(event, reason, detail, refusals)
+            except Exception:  # the event stays in the events table: gateways still fill it from history
+                log.exception("could not record dead letter %s", event.eid)
+        self._settled()
+
+    def _redriven(self, entry: Entry, outcome: str) -> None:
+        if self._m_redriven is not None:
+            self._m_redriven.labels(outcome).inc()
+        if outcome == "delivered" and self.dead_letters is not None:
+            try:
+                self.dead_letters.resolve_dead_letter(entry.event.channel, entry.event.seq)
+            except Exception:
+                log.exception("could not mark dead letter %s delivered", entry.event.eid)
+        log.info("redrive of %s: %s", entry.event.eid, outcome)
 
     def _on_failure(self, entry: Entry, epoch: int, exc: BaseException) -> None:
         if not self.outbox.fail(epoch):

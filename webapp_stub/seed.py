@@ -18,9 +18,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from services.config import Parser
+from services.secret_file import ensure_private_dir, replace_secret_file
 from webapp_stub.store import DB_FILE, DEFAULT_CACHE_PAGES, Store, new_id, new_token
 
 NAMES = ("alice", "bob", "carol", "dave", "eve")
@@ -63,7 +65,7 @@ def seed_demo(
     if users < 1 or channels < 1 or bots < 0:
         raise ValueError("need at least one user and one channel")
     own = not isinstance(store_or_path, Store)
-    store = Store(os.fspath(store_or_path)) if own else store_or_path
+    store = store_or_path if isinstance(store_or_path, Store) else Store(os.fspath(store_or_path))
     try:
         if store.first_team() is None:
             _create(store, users, channels, bots)
@@ -80,7 +82,9 @@ def _create(store: Store, users: int, channels: int, bots: int) -> None:
     user_ids = _unique_ids("U", users + bots, taken)
     bot_ids = _unique_ids("B", bots, taken)
     channel_ids = _unique_ids("C", channels, taken)
-    user_rows = [(user_ids[i], team_id, user_name(i), user_name(i).capitalize(), 0, None) for i in range(users)]
+    user_rows: list[tuple[str, str, str, str, int, str | None]] = [
+        (user_ids[i], team_id, user_name(i), user_name(i).capitalize(), 0, None) for i in range(users)
+    ]
     user_rows += [(user_ids[users + j], team_id, bot_name(j), "RTM Bot", 1, bot_ids[j]) for j in range(bots)]
     token_rows = [(new_token("xoxb" if row[4] else "xoxp"), row[0]) for row in user_rows]
     channel_rows = [(channel_ids[k], team_id, channel_name(k), now, user_ids[0], 0, 0) for k in range(channels)]
@@ -138,12 +142,9 @@ def describe(store: Store) -> dict[str, Any]:
 
 
 def write_seed_file(data_dir: str, seed: dict[str, Any]) -> str:
+    """Write ``seed.json`` (it holds every user's token: created 0600, replaced atomically)."""
     path = os.path.join(data_dir, SEED_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(seed, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
+    replace_secret_file(Path(path), json.dumps(seed, indent=1) + "\n")
     return path
 
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.monotonic()
-    os.makedirs(args.data_dir, exist_ok=True)
+    ensure_private_dir(Path(args.data_dir))
     try:
         seed = seed_demo(args.data_dir, users=args.users, channels=args.channels, bots=args.bots)
     except ValueError as exc:

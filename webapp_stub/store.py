@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -51,6 +52,21 @@ from webapp_stub.checkpoint import WalCheckpointer
 
 DB_FILE = "webapp.db"
 MAX_TEXT_CHARS = 40_000  # Slack's limit for chat.postMessage text
+# The whole client-visible JSON of one event (for an edit: the message and its
+# previous_message) as stored and carried through the fleet. Well under the 4 MiB
+# wire frame (services.wire.DEFAULT_MAX_FRAME_BYTES), leaving room for the msgpack
+# envelope; a larger event is refused where it enters with Slack's ``msg_too_long``.
+# Configurable with ``rtm webapp --max-event-bytes`` (RTM_MAX_EVENT_BYTES).
+MAX_EVENT_BYTES = 1024 * 1024
+# SQLite's durability: FULL fsyncs the WAL at every commit, so a message answered
+# ``ok`` survives a power loss (NORMAL only survives a process crash). Commits are
+# grouped (webapp_stub.commit) so concurrent posts share one fsync.
+SQLITE_SYNCHRONOUS = "FULL"
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+# A Slack ts is seconds.microseconds; its seconds have 10 digits until the year 2286.
+# More than this many digits cannot be a ts (and would overflow SQLite's integers).
+MAX_TS_SECONDS_DIGITS = 12
+MAX_SQL_INT = 2**63 - 1  # SQLite INTEGER; cursors and seqs beyond it are refused
 # Page sizes. Slack recommends 200 and caps most list methods at 1000.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -145,6 +161,18 @@ CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
 CREATE TABLE IF NOT EXISTS marks (
     name TEXT PRIMARY KEY,
     value REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    channel TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    refusals INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    redrives INTEGER NOT NULL DEFAULT 0,
+    parked_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (channel, seq)
 ) WITHOUT ROWID;
 """
 
@@ -305,6 +333,35 @@ class Event:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """An event the fleet refused for good, parked by the hand-off (see webapp_stub.handoff).
+
+    ``state`` is ``parked`` (waiting for an operator), ``redrive`` (an operator
+    asked to send it again; the webapp picks it up within a second),
+    ``redriving`` (back in the outbox) or ``delivered`` (a redrive was
+    acknowledged). ``refusals`` counts the refusals that parked it, over all
+    attempts; ``redrives`` how often an operator sent it again.
+    """
+
+    channel: str
+    seq: int
+    reason: str
+    detail: str
+    refusals: int
+    state: str
+    redrives: int
+    parked_at: float
+    updated_at: float
+
+    @property
+    def eid(self) -> str:
+        return f"{self.channel}:{self.seq}"
+
+
+DEAD_LETTER_STATES = ("parked", "redrive", "redriving", "delivered")
+
+
+@dataclass(frozen=True)
 class Page:
     items: list[Any]
     next_cursor: str  # "" on the last page
@@ -327,7 +384,13 @@ def ts_to_us(ts: str) -> int:
     """``"1700000000.000100"`` -> 1700000000000100. Raises ValueError."""
     text = str(ts).strip()
     whole, _, frac = text.partition(".")
-    if not whole.isdigit() or (frac and not frac.isdigit()) or len(frac) > 6:
+    if (
+        not whole.isascii()
+        or not whole.isdigit()
+        or len(whole) > MAX_TS_SECONDS_DIGITS
+        or (frac and not (frac.isascii() and frac.isdigit()))
+        or len(frac) > 6
+    ):
         raise ValueError(f"bad ts {ts!r}")
     return int(whole) * 1_000_000 + int(frac.ljust(6, "0") or 0)
 
@@ -346,7 +409,7 @@ def decode_cursor(cursor: str | None, kind: str) -> str | None:
         return None
     try:
         text = base64.urlsafe_b64decode(cursor.encode() + b"=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+    except (binascii.Error, UnicodeError, ValueError):
         raise ApiError("invalid_cursor") from None
     got, _, key = text.partition(":")
     if got != kind or not key:
@@ -358,10 +421,12 @@ def _int_cursor(cursor: str | None, kind: str) -> int | None:
     key = decode_cursor(cursor, kind)
     if key is None:
         return None
-    try:
-        return int(key)
-    except ValueError:
-        raise ApiError("invalid_cursor") from None
+    if not key.isascii() or not key.isdigit() or len(key) > 19:
+        raise ApiError("invalid_cursor")
+    number = int(key)
+    if number > MAX_SQL_INT:
+        raise ApiError("invalid_cursor")
+    return number
 
 
 def dumps(obj: Any) -> str:
@@ -381,6 +446,8 @@ class Store:
         *,
         clock: Callable[[], float] = time.time,
         background_checkpoints: bool = False,
+        synchronous: str = SQLITE_SYNCHRONOUS,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         """Open (creating if needed) and migrate the database.
 
@@ -388,7 +455,20 @@ class Store:
         run on a thread of their own (:mod:`webapp_stub.checkpoint`) instead of
         inside whichever commit fills the WAL; :meth:`close` stops that thread.
         Without it (tools, the seed, tests), SQLite checkpoints on commit as usual.
+        ``synchronous`` is SQLite's ``PRAGMA synchronous`` (FULL: durable across a
+        power loss); ``max_event_bytes`` bounds the UTF-8 JSON of every event
+        written (``msg_too_long`` beyond it).
+        Raises ValueError for an unknown ``synchronous`` mode.
         """
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {synchronous!r}")
+        self.max_event_bytes = max_event_bytes
+        # Group commit (webapp_stub.commit): while a batch is open, every
+        # transaction() is a savepoint inside it; ``batch_opener``, when set, is
+        # called by the first write that finds no batch open.
+        self.batch_opener: Callable[[], None] | None = None
+        self._in_batch = False
         path = os.fspath(path)
         if os.path.isdir(path) or not path.endswith(".db"):
             os.makedirs(path, exist_ok=True)
@@ -397,11 +477,15 @@ class Store:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self.clock = clock
+        # The database holds every user's token: create it 0600 before SQLite opens it (SQLite
+        # gives its -wal and -shm files the database file's mode).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves. One connection,
         # used only from the event loop's thread, so check_same_thread is moot.
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
         self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")  # FULL: an ok'd commit survives a power loss
         self.conn.execute("PRAGMA foreign_keys=OFF")
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.executescript(SCHEMA)
@@ -433,7 +517,24 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception."""
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception.
+
+        Inside an open batch (:meth:`begin_batch`) it is a savepoint instead:
+        an exception undoes only this transaction's writes, and they become
+        durable with the batch's :meth:`commit_batch`.
+        """
+        if not self._in_batch and self.batch_opener is not None:
+            self.batch_opener()
+        if self._in_batch:
+            self.conn.execute("SAVEPOINT tx")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK TO tx")
+                self.conn.execute("RELEASE tx")
+                raise
+            self.conn.execute("RELEASE tx")
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -441,6 +542,35 @@ class Store:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    # -- group commit ------------------------------------------------------------------
+    @property
+    def in_batch(self) -> bool:
+        return self._in_batch
+
+    def begin_batch(self) -> None:
+        """Open one transaction that the following :meth:`transaction` calls join."""
+        if self._in_batch:
+            raise RuntimeError("a batch is already open")
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._in_batch = True
+
+    def commit_batch(self) -> None:
+        """Commit the open batch: one COMMIT (with synchronous=FULL, one fsync) for all of it.
+
+        Raises sqlite3.Error if the commit fails; the batch is then rolled back
+        and closed, and nothing in it was written.
+        """
+        if not self._in_batch:
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._in_batch = False
 
     # -- events (must run inside a transaction) --------------------------------------
     def _next_seq(self, channel: str, with_ts: bool = False) -> tuple[int, int]:
@@ -467,6 +597,9 @@ class Store:
         if seq is None:
             seq, _ = self._next_seq(channel)
         text = dumps(payload)
+        # A str holds at most 4 UTF-8 bytes per character: encode only when it may be too long.
+        if len(text) * 4 > self.max_event_bytes and len(text.encode()) > self.max_event_bytes:
+            raise ApiError("msg_too_long")
         now = self.clock()
         self.conn.execute(
             "INSERT INTO events (channel, seq, json, ctl, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -490,12 +623,108 @@ class Store:
         return events[:limit], len(events) > limit
 
     def events_since(self, created_at: float) -> list[Event]:
-        """Every event created at or after ``created_at``, in seq order per channel (restart replay)."""
+        """Every event created at or after ``created_at``, in seq order per channel (restart
+        replay), except dead letters (an operator redrives those)."""
         rows = self.conn.execute(
-            "SELECT channel, seq, json, ctl, created_at FROM events WHERE created_at >= ? ORDER BY channel, seq",
+            "SELECT e.channel, e.seq, e.json, e.ctl, e.created_at FROM events e WHERE e.created_at >= ? "
+            "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.channel = e.channel AND d.seq = e.seq "
+            "AND d.state != 'delivered') ORDER BY e.channel, e.seq",
             (created_at,),
         ).fetchall()
         return [Event(ch, seq, text, None if ctl is None else json.loads(ctl), t0) for ch, seq, text, ctl, t0 in rows]
+
+    # -- dead letters (see webapp_stub.handoff) ----------------------------------------------
+    _DL_COLS = "channel, seq, reason, detail, refusals, state, redrives, parked_at, updated_at"
+
+    def event(self, channel: str, seq: int) -> Event | None:
+        """One stored event, or None."""
+        row = self.conn.execute(
+            "SELECT json, ctl, created_at FROM events WHERE channel = ? AND seq = ?", (channel, seq)
+        ).fetchone()
+        if row is None:
+            return None
+        return Event(channel, seq, row[0], None if row[1] is None else json.loads(row[1]), row[2])
+
+    def park_event(self, event: Event, reason: str, detail: str, refusals: int) -> None:
+        """Record ``event`` as refused for good (state ``parked``); a re-park keeps its redrive count."""
+        now = self.clock()
+        with self.transaction() as db:
+            db.execute(
+                f"INSERT INTO dead_letters ({self._DL_COLS}) VALUES (?, ?, ?, ?, ?, 'parked', 0, ?, ?) "
+                "ON CONFLICT (channel, seq) DO UPDATE SET reason = excluded.reason, detail = excluded.detail, "
+                "refusals = dead_letters.refusals + excluded.refusals, state = 'parked', "
+                "updated_at = excluded.updated_at",
+                (event.channel, event.seq, reason, detail[:500], refusals, now, now),
+            )
+
+    def dead_letters(self, states: tuple[str, ...] = ("parked", "redrive", "redriving")) -> list[DeadLetter]:
+        """Dead letters in the given states, oldest first."""
+        marks = ",".join("?" * len(states))
+        rows = self.conn.execute(
+            f"SELECT {self._DL_COLS} FROM dead_letters WHERE state IN ({marks}) ORDER BY parked_at, channel, seq",
+            states,
+        ).fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    def dead_letter(self, channel: str, seq: int) -> DeadLetter | None:
+        row = self.conn.execute(
+            f"SELECT {self._DL_COLS} FROM dead_letters WHERE channel = ? AND seq = ?", (channel, seq)
+        ).fetchone()
+        return DeadLetter(*row) if row else None
+
+    def request_redrive(self, channel: str, seq: int) -> DeadLetter | None:
+        """Operator: send a parked dead letter again (state ``redrive``). None if there is no
+        such dead letter; the row unchanged if it is not ``parked``."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE dead_letters SET state = 'redrive', updated_at = ? "
+                "WHERE channel = ? AND seq = ? AND state = 'parked'",
+                (self.clock(), channel, seq),
+            )
+        return self.dead_letter(channel, seq)
+
+    def take_redrives(self) -> list[Event]:
+        """The events an operator asked to redrive, now marked ``redriving`` (the webapp's
+        dead-letter loop puts them back in the outbox). A request whose event is gone is
+        marked delivered (nothing left to send)."""
+        wanted = self.conn.execute("SELECT channel, seq FROM dead_letters WHERE state = 'redrive'").fetchall()
+        if not wanted:
+            return []
+        events = []
+        with self.transaction() as db:
+            for channel, seq in wanted:
+                event = self.event(channel, seq)
+                state = "redriving" if event is not None else "delivered"
+                db.execute(
+                    "UPDATE dead_letters SET state = ?, redrives = redrives + 1, updated_at = ? "
+                    "WHERE channel = ? AND seq = ?",
+                    (state, self.clock(), channel, seq),
+                )
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def resume_redrives(self) -> int:
+        """At start: redrives that were in the outbox when the last run stopped are asked for
+        again (state ``redrive``), since restart replay skips dead letters. Returns how many."""
+        with self.transaction() as db:
+            return int(
+                db.execute(
+                    "UPDATE dead_letters SET state = 'redrive', redrives = redrives - 1 WHERE state = 'redriving'"
+                ).rowcount
+            )
+
+    def resolve_dead_letter(self, channel: str, seq: int) -> None:
+        """A redriven dead letter was acknowledged by an Admin Server: state ``delivered``."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE dead_letters SET state = 'delivered', updated_at = ? WHERE channel = ? AND seq = ?",
+                (self.clock(), channel, seq),
+            )
+
+    def parked_count(self) -> int:
+        """Dead letters not delivered (parked or on their way back)."""
+        return int(self.conn.execute("SELECT count(*) FROM dead_letters WHERE state != 'delivered'").fetchone()[0])
 
     def get_mark(self, name: str) -> float | None:
         row = self.conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
@@ -637,7 +866,7 @@ class Store:
             raise ApiError("channel_not_found")
         return channel
 
-    def create_channel(self, user: User, name: str, *, is_private: bool = False) -> tuple[Channel, list[Event]]:
+    def create_channel(self, user: User, name: object, *, is_private: bool = False) -> tuple[Channel, list[Event]]:
         """Create ``#name`` with ``user`` as creator and first member.
 
         Events, in commit order: ``channel_created`` on the team channel
@@ -974,13 +1203,14 @@ class Store:
             "LEFT JOIN channel_seq s ON s.channel = m.channel WHERE m.user = ?",
             (user.id,),
         ).fetchall()
-        channels = [{"id": user.id, "seq": self.last_seq(user.id)}, {"id": user.team, "seq": self.last_seq(user.team)}]
-        channels += [{"id": ch, "seq": int(seq)} for ch, seq in rows]
+        seqs: list[tuple[str, int]] = [(user.id, self.last_seq(user.id)), (user.team, self.last_seq(user.team))]
+        seqs += [(ch, int(seq)) for ch, seq in rows]
         if resume:
-            for entry in channels:
-                recorded = resume.get(entry["id"])
+            for i, (channel, seq) in enumerate(seqs):
+                recorded = resume.get(channel)
                 if recorded is not None:
-                    entry["seq"] = max(0, min(int(recorded), entry["seq"]))
+                    seqs[i] = (channel, max(0, min(int(recorded), seq)))
+        channels = [{"id": channel, "seq": seq} for channel, seq in seqs]
         return {
             "user": {"id": user.id, "name": user.name},
             "team": team.to_api() if team else {"id": user.team, "name": user.team, "domain": user.team.lower()},
@@ -1380,7 +1610,7 @@ def _message_row(row: tuple[Any, ...]) -> dict[str, Any]:
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def validate_channel_name(name: Any) -> str:
+def validate_channel_name(name: object) -> str:
     """Slack's channel-name rules: lowercase letters, digits, ``-``, ``_``; at most 80 characters."""
     if not isinstance(name, str) or not name.strip():
         raise ApiError("invalid_name_required")
@@ -1398,7 +1628,7 @@ def validate_channel_name(name: Any) -> str:
 _REACTION_NAME = re.compile(r"[a-z0-9_+'-]+(::skin-tone-[2-6])?")
 
 
-def validate_reaction_name(name: Any) -> str:
+def validate_reaction_name(name: object) -> str:
     """A reaction name without its surrounding colons; ``invalid_name`` otherwise."""
     if not isinstance(name, str):
         raise ApiError("invalid_name")

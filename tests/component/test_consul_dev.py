@@ -17,7 +17,7 @@ from consul.base import Response
 from consul.callback import CB
 from consul.exceptions import BadRequest, ClientError, ConsulException, NotFound
 
-from services import launcher
+from rtmctl import launcher
 from tests.support import async_wait_until, free_port, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ SESSION_TTL_S = 10  # the minimum Consul (and py-consul) accepts
 @pytest.fixture(scope="module")
 def agent() -> Iterator[launcher.RunningProcess]:
     port = free_port()
-    argv = [sys.executable, "-m", "services.consul_dev", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", str(port)]
     proc = launcher.start("consul-dev", argv, cwd=str(REPO_ROOT))
     try:
         yield proc

@@ -26,6 +26,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from services import wire
 from services.connection import PeerConnection, serve
 from services.discovery import Instance
+from services.keys import FleetKeys
 from services.ticket import TicketVerifier
 from tests.support import async_wait_until, free_port
 from webapp_stub.app import FixedDiscovery, build_parser, start_webapp
@@ -33,6 +34,7 @@ from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
 
 SECRET = "component-secret"
+KEYS = FleetKeys.from_secret(SECRET.encode())  # the per-job keys the webapp derives from it
 
 
 class FakeAdminServer:
@@ -110,7 +112,9 @@ class Webapp:
         ) as resp:
             return resp.status, await resp.json()
 
-    async def internal(self, path: str, body: Any, secret: str = SECRET) -> tuple[int, dict[str, Any]]:
+    async def internal(
+        self, path: str, body: Any, secret: str = KEYS.internal_http_credential
+    ) -> tuple[int, dict[str, Any]]:
         async with self.session.post(
             f"{self.url}/internal/{path}", json=body, headers={"X-Rtm-Secret": secret}
         ) as resp:
@@ -413,7 +417,7 @@ async def test_rtm_connect_mints_a_ticket_for_a_healthy_gateway(webapp: Webapp) 
     )
     prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
     assert reply["url"].startswith(prefix)
-    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(reply["url"][len(prefix) :], now_s=time.time())
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(reply["url"][len(prefix) :], now_s=time.time())
     assert ticket.user == alice["id"] and ticket.team == webapp.seed["team"]["id"]
     webapp.discovery.set_instances("gateway", [])
     _, reply = await webapp.call("rtm.connect", alice["token"])
@@ -490,7 +494,7 @@ async def test_slack_sdk_clients_unmodified(webapp: Webapp, fake_as: FakeAdminSe
     assert [p["seq"] for p in fake_as.pubs_for(general)] == list(range(1, 9))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("services.consul_dev") is None, reason="dev Consul agent not present")
+@pytest.mark.skipif(importlib.util.find_spec("consul_dev") is None, reason="dev Consul agent not present")
 async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fake_as: FakeAdminServer) -> None:
     """Through real Discovery against the dev agent: register, find the AS, hand off."""
     from services.discovery import Discovery
@@ -499,7 +503,7 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.consul_dev",
+        "consul_dev",
         "--host",
         "127.0.0.1",
         "--port",
@@ -745,12 +749,12 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     rid = reply["resume"]
     _, connect = await webapp.call("rtm.connect", alice["token"])
     prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
-    ticket = TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time())
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time())
     assert ticket.resume == rid
     # Claimed but not taken (as if that ticket failed): a retry gets the same record again.
     _, connect = await webapp.call("rtm.connect", alice["token"])
     assert (
-        TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
+        TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
         == rid
     )
     _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})
@@ -760,7 +764,7 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     assert boot["resumed"] is False and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 4
     _, connect = await webapp.call("rtm.connect", alice["token"])  # taken: nothing left to claim
     assert (
-        TicketVerifier(SECRET.encode(), GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
+        TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
         == ""
     )
     for body, code in (

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import websockets
 
-from services.launcher import RunningProcess, rtm_argv, start
+from rtmctl.launcher import RunningProcess, rtm_argv, start
 from tests.support import DEFAULT_WAIT_S, free_port_base
 
 FLEET_READY_TIMEOUT_S = 90.0
@@ -169,12 +169,10 @@ class Client:
 
 
 def consul_client(fleet: Fleet) -> Any:
-    import consul
+    """py-consul for the fleet's Consul, with the ACL token ``rtm up`` made (DATA_DIR/consul-acl-token)."""
+    from rtmctl.operator import fleet_client
 
-    from services.config import split_host_port
-
-    host, port = split_host_port(fleet.info["consul_url"])
-    return consul.Consul(host=host, port=port)
+    return fleet_client(fleet.data_dir)
 
 
 def channel_ring(fleet: Fleet) -> Any:

@@ -19,7 +19,12 @@ Static checks (no processes):
     installed, checks the rest of the file);
   * Grafana provisioning: the datasource uid the dashboard uses, the dashboard path
     the compose file mounts;
-  * gen-cert.sh makes a certificate openssl accepts, and the shared secret.
+  * gen-cert.sh makes a certificate openssl accepts, the shared secret, one Consul token per
+    service, the Consul management and agent tokens and Grafana's password, in a 0600 .env;
+  * Consul ACLs: default deny, the management token from .env, one policy per service
+    (deploy/consul/policies/*.hcl) that lets it write only its own registrations; only CHARM
+    writes the rings, only the operator the drained-regions keys; each rtm container gets
+    only its own token; Prometheus reads Consul with its own.
 
 Running fleet (`rtm up --host 127.0.1.2 --port-base <random>`; 127.0.0.0/8 is all
 loopback on Linux), with JSON logs at DEBUG:
@@ -39,6 +44,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -50,7 +56,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cli import COMMANDS
+from rtmctl.cli import COMMANDS
 from tests.support import async_wait_until, free_port_base
 from tests.system.harness import Fleet, consul_client
 
@@ -59,6 +65,21 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 ENVOY = DEPLOY / "envoy.yaml"
 PROMETHEUS = DEPLOY / "prometheus.yml"
+POLICIES = DEPLOY / "consul" / "policies"
+ACL_INIT = DEPLOY / "consul" / "acl-init.sh"
+GEN_CERT = DEPLOY / "gen-cert.sh"
+# What gen-cert.sh generates into deploy/.env, and compose requires (${VAR:?...}).
+TOKEN_SERVICES = ("WEBAPP", "ADMIN_SERVER", "CHANNEL_SERVER", "PRESENCE", "CHARM", "GATEWAY", "OPERATOR", "PROMETHEUS")
+ENV_VARS = (
+    "RTM_SECRET",
+    "CONSUL_MANAGEMENT_TOKEN",
+    "CONSUL_AGENT_TOKEN",
+    *(f"RTM_CONSUL_TOKEN_{s}" for s in TOKEN_SERVICES),
+    "GRAFANA_ADMIN_PASSWORD",
+)
+UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# One rule per line: `<resource> "<name>" { policy = "<level>" }` (the subset of Consul's HCL the files use).
+RULE_RE = re.compile(r'^(\w+) "([^"]*)" \{ policy = "(read|write|deny|list)" \}$')
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rtm.json"
 # Not the default 127.0.0.1, and loopback without any setup (all of 127.0.0.0/8 is, on
 # Linux); not 127.0.0.x either, which bench/connections.py uses as client source addresses.
@@ -124,7 +145,7 @@ def flag(argv: list[str], name: str) -> str | None:
 
 def test_compose_file_is_valid_for_docker_compose() -> None:
     """`docker-compose config` (Debian's docker-compose package, or the docker compose plugin) accepts it."""
-    env = {**os.environ, "RTM_SECRET": "ci-secret"}
+    env = {**os.environ, **{name: f"ci-{name.lower()}" for name in ENV_VARS}}
     if shutil.which("docker-compose"):
         cmd = ["docker-compose", "-f", str(COMPOSE), "config", "-q"]
     elif (
@@ -145,11 +166,24 @@ def test_compose_structure() -> None:
     """Health checks, restart policies, real Consul, addresses, and the fleet's shape."""
     doc = compose()
     services = doc["services"]
+    one_shot = {
+        dep
+        for svc in services.values()
+        for dep, cond in (svc.get("depends_on") or {}).items()
+        if isinstance(cond, dict) and cond.get("condition") == "service_completed_successfully"
+    }
+    assert one_shot == {"consul-acl-init"}, one_shot
     for name, svc in services.items():
         assert svc.get("restart") in ("always", "unless-stopped", "on-failure"), f"{name}: no restart policy"
+        if name in one_shot:  # a job that runs to completion: what waits on it checks its exit code
+            continue
         check = svc.get("healthcheck") or {}
         assert check.get("test") and not check.get("disable"), f"{name}: no health check"
-    consuls = [n for n, s in services.items() if str(s.get("image", "")).startswith("hashicorp/consul:")]
+    consuls = [
+        n
+        for n, s in services.items()
+        if str(s.get("image", "")).startswith("hashicorp/consul:") and (s.get("command") or [""])[0] == "agent"
+    ]
     assert consuls == ["consul"], consuls
     consul_cmd = services["consul"]["command"]
     assert consul_cmd[0] == "agent" and "-server" in consul_cmd and "-bootstrap-expect=1" in consul_cmd
@@ -163,6 +197,7 @@ def test_compose_structure() -> None:
         env = svc["environment"]
         assert env["CONSUL_HTTP_ADDR"] == env["RTM_CONSUL"] == "consul:8500", name
         assert svc["depends_on"]["consul"]["condition"] == "service_healthy", name
+        assert svc["depends_on"]["consul-acl-init"]["condition"] == "service_completed_successfully", name
         argv = rtm_argvs(svc)[-1]  # the long-running one
         command = argv[0]
         assert flag(argv, "--host") == "0.0.0.0", f"{name} must bind 0.0.0.0 in its container"
@@ -328,9 +363,122 @@ def test_gen_cert_makes_a_certificate_and_the_secret(tmp_path: Path) -> None:
     pub_key = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout"], check=True, capture_output=True).stdout
     assert pub_crt == pub_key, "key and certificate do not match"
     secret = (tmp_path / ".env").read_text()
-    assert re.fullmatch(r"RTM_SECRET=[0-9a-f]{64}\n", secret)
+    assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600, "secrets and tokens: 0600"
+    values = dict(line.split("=", 1) for line in secret.splitlines())
+    assert list(values) == list(ENV_VARS), values.keys()
+    assert re.fullmatch(r"[0-9a-f]{64}", values["RTM_SECRET"])
+    tokens = [v for k, v in values.items() if k.endswith("_TOKEN") or "_TOKEN_" in k]
+    assert len(tokens) == len(TOKEN_SERVICES) + 2 and len(set(tokens)) == len(tokens), "one distinct token each"
+    assert all(re.fullmatch(UUID_RE, t) for t in tokens), tokens
+    assert re.fullmatch(r"[0-9a-f]{48}", values["GRAFANA_ADMIN_PASSWORD"])
     subprocess.run(["sh", str(DEPLOY / "gen-cert.sh")], check=True, env=env, capture_output=True, timeout=60)
-    assert (tmp_path / ".env").read_text() == secret, "a second run keeps the secret"
+    assert (tmp_path / ".env").read_text() == secret, "a second run keeps every secret"
+    # an older .env with only RTM_SECRET gets the rest added, its secret kept
+    (tmp_path / ".env").write_text(f"RTM_SECRET={values['RTM_SECRET']}\n")
+    subprocess.run(["sh", str(DEPLOY / "gen-cert.sh")], check=True, env=env, capture_output=True, timeout=60)
+    again = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
+    assert list(again) == list(ENV_VARS) and again["RTM_SECRET"] == values["RTM_SECRET"]
+
+
+# -- (c') Consul ACLs ---------------------------------------------------------------------------
+
+
+def policy_rules(name: str) -> list[tuple[str, str, str]]:
+    """(resource, name, level) of every rule in deploy/consul/policies/<name>.hcl; any other line fails."""
+    rules = []
+    for line in (POLICIES / f"{name}.hcl").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = RULE_RE.match(line)
+        assert match, f"{name}.hcl: not a rule this check understands: {line!r}"
+        rules.append((match[1], match[2], match[3]))
+    return rules
+
+
+def writes(rules: list[tuple[str, str, str]], resource: str, target: str) -> bool:
+    """Whether ``rules`` give write on ``resource`` ``target`` (exact rule, else the longest prefix rule)."""
+    exact = [lvl for res, name, lvl in rules if res == resource and name == target]
+    if exact:
+        return exact[0] == "write"
+    prefixes = sorted(
+        ((name, lvl) for res, name, lvl in rules if res == f"{resource}_prefix" and target.startswith(name)),
+        key=lambda p: len(p[0]),
+    )
+    return bool(prefixes) and prefixes[-1][1] == "write"
+
+
+def test_consul_runs_with_acls_default_deny_and_the_management_token_from_env() -> None:
+    consul = compose()["services"]["consul"]
+    local = json.loads(consul["environment"]["CONSUL_LOCAL_CONFIG"])
+    acl = local["acl"]
+    assert acl["enabled"] is True and acl["default_policy"] == "deny"
+    assert acl["tokens"]["initial_management"].startswith("${CONSUL_MANAGEMENT_TOKEN:?")
+    assert acl["tokens"]["agent"].startswith("${CONSUL_AGENT_TOKEN:?")
+    init = compose()["services"]["consul-acl-init"]
+    assert init["environment"]["CONSUL_HTTP_TOKEN"].startswith("${CONSUL_MANAGEMENT_TOKEN:?")
+    assert "./consul/policies:/rtm/policies:ro" in init["volumes"]
+    assert init["depends_on"]["consul"]["condition"] == "service_healthy"
+
+
+def test_each_rtm_container_gets_only_its_own_consul_token() -> None:
+    doc = compose()
+    for name, svc in rtm_services(doc).items():
+        command = rtm_argvs(svc)[-1][0]
+        var = "RTM_CONSUL_TOKEN_" + command.replace("-", "_").upper()
+        env = svc["environment"]
+        assert env["CONSUL_HTTP_TOKEN"] == f"${{{var}:?run deploy/gen-cert.sh}}", name
+        others = [v for k, v in env.items() if "TOKEN" in k and k != "CONSUL_HTTP_TOKEN"]
+        assert not others and "CONSUL_MANAGEMENT_TOKEN" not in json.dumps(env), f"{name} sees other tokens"
+    prom = doc["services"]["prometheus"]
+    assert prom["environment"]["PROMETHEUS_CONSUL_TOKEN"].startswith("${RTM_CONSUL_TOKEN_PROMETHEUS:?")
+    assert "umask 077" in prom["command"][0] and "/prometheus/consul-token" in prom["command"][0]
+    scrape = {job["job_name"]: job for job in load_yaml(PROMETHEUS)["scrape_configs"]}
+    for auth in (scrape["rtm"]["consul_sd_configs"][0]["authorization"], scrape["consul"]["authorization"]):
+        assert auth == {"type": "Bearer", "credentials_file": "/prometheus/consul-token"}
+
+
+def test_every_policy_has_a_token_and_every_token_is_generated() -> None:
+    script = ACL_INIT.read_text()
+    policies = sorted(p.stem for p in POLICIES.glob("*.hcl"))
+    token_lines = re.findall(r'^token (\S+) "\$(\w+)"$', script, re.M)
+    assert sorted(name for name, _ in token_lines) == policies
+    generated = GEN_CERT.read_text()
+    init_env = compose()["services"]["consul-acl-init"]["environment"]
+    for _, var in token_lines:
+        assert var in init_env, var
+        assert var in ENV_VARS and (f"add {var} " in generated or var.startswith("RTM_CONSUL_TOKEN_")), var
+    assert "for service in " + " ".join(TOKEN_SERVICES) + ";" in generated
+
+
+def test_policies_let_each_service_write_only_its_own_registrations_and_documents() -> None:
+    services = registered_names()
+    everyone = {p.stem: policy_rules(p.stem) for p in POLICIES.glob("*.hcl")}
+    for name in services:
+        rules = everyone[name]
+        assert writes(rules, "service", name), f"{name} cannot register itself"
+        for other in services - {name}:
+            assert not writes(rules, "service", other), f"{name} may write {other}'s registrations"
+        assert ("service_prefix", "", "read") in rules and ("node_prefix", "", "read") in rules
+        assert ("key_prefix", "rtm/", "read") in rules, f"{name} cannot read the rings"
+    for policy, rules in everyone.items():
+        for ring in ("rtm/ring/channel", "rtm/ring/presence", "rtm/charm/leader"):
+            assert writes(rules, "key", ring) == (policy == "charm"), f"{policy} vs {ring}"
+        for key in ("rtm/regions/drained/us-east", "rtm/regions/map"):
+            assert writes(rules, "key", key) == (policy == "operator"), f"{policy} vs {key}"
+        assert not any(res in ("acl", "operator", "keyring") for res, _, _ in rules), policy
+        blanket = [(res, lvl) for res, name, lvl in rules if name == "" and lvl == "write"]
+        allowed = {"charm": [("session_prefix", "write")], "agent": [("node_prefix", "write")]}
+        assert blanket == allowed.get(policy, []), f"{policy}: write on everything: {blanket}"
+    assert not any(writes(everyone["operator"], "service", s) for s in services), "the operator registers nothing"
+    assert not any(r[2] == "write" for r in everyone["prometheus"]), "Prometheus only reads"
+
+
+def test_grafana_admin_password_is_generated_not_admin() -> None:
+    graf = next(s for s in compose()["services"].values() if str(s.get("image", "")).startswith("grafana/"))
+    password = graf["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?"), password  # no default: compose refuses without it
+    assert ":-" not in password and "admin}" not in password, "no default password"
 
 
 # -- (d) Prometheus and Grafana ----------------------------------------------------------------

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from services.connection import PeerConnection, connect
+from services.debug_faults import OPERATOR_TOKEN_HEADER
 from services.errors import NotOwner
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import REGIONS, Client, Fleet, Load, channel_ring, process_by_id
@@ -141,13 +142,12 @@ async def test_hung_channel_server_and_dead_charm_leader_together(fleet: Fleet, 
     alive to the kernel, so only its lapsing Consul TTL gives it away, and
     ``rtm up`` does not restart it). The standby CHARM must take over and
     promote the spare."""
-    from services.operator import consul_client as _consul
-    from services.operator import leader_address
+    from rtmctl.operator import fleet_client, leader_address
 
     general = fleet.channel("general")
     ring = channel_ring(fleet)
     slot, victim = ring.slot_for(general), ring.owner_for(general)
-    consul = _consul(fleet.info["consul_url"])
+    consul = fleet_client(fleet.data_dir)
     leader = leader_address(consul)
     assert leader is not None
     hung = process_by_id(fleet, victim)
@@ -174,10 +174,18 @@ async def test_partitioned_channel_server_stops_serving_its_old_channels(fleet: 
     slot, victim = ring.slot_for(general), ring.owner_for(general)
     proc = process_by_id(fleet, victim)
     fault_url = f"http://{proc['host']}:{proc['metrics_port']}/debug/consul-partition"
+    # The fault endpoints require the operator token rtm up made (DATA_DIR/operator-token, 0600).
+    operator = {OPERATOR_TOKEN_HEADER: (fleet.data_dir / "operator-token").read_text().strip()}
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {OPERATOR_TOKEN_HEADER: "guess"}):  # without it: refused, nothing changes
+            async with http.post(fault_url, params={"on": "1"}, headers=headers) as resp:
+                assert (resp.status, await resp.json()) == (403, {"ok": False, "error": "forbidden"})
+        async with http.get(f"http://{proc['host']}:{proc['metrics_port']}/healthz") as resp:
+            assert not (await resp.json())["fenced"]
 
     async def partition_and_wait() -> None:
         async with aiohttp.ClientSession() as http:
-            async with http.post(fault_url, params={"on": "1"}) as resp:
+            async with http.post(fault_url, params={"on": "1"}, headers=operator) as resp:
                 assert resp.status == 200
         await wait_ring_change(fleet, ring.version, slot, victim)
         with pytest.raises(NotOwner):  # fenced: its lease lapsed, it may have lost the slot
@@ -185,7 +193,7 @@ async def test_partitioned_channel_server_stops_serving_its_old_channels(fleet: 
 
     load, _ = await run_load_around(fleet, clients, partition_and_wait)
     async with aiohttp.ClientSession() as http:
-        async with http.post(fault_url, params={"on": "0"}) as resp:
+        async with http.post(fault_url, params={"on": "0"}, headers=operator) as resp:
             assert resp.status == 200
 
     async def healed_and_still_refusing() -> bool:
@@ -204,7 +212,7 @@ def rtm_cli(fleet: Fleet, *args: str) -> str:
     """Run an ``rtm`` operator command against this fleet; return its output."""
     import subprocess
 
-    from services.launcher import rtm_argv
+    from rtmctl.launcher import rtm_argv
 
     done = subprocess.run(
         rtm_argv(*args, "--data-dir", str(fleet.data_dir)), capture_output=True, text=True, timeout=30, check=False

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import websockets
 
+from rtmctl.launcher import rtm_argv
 from services.errors import CloseCode
-from services.launcher import rtm_argv
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import REGIONS, Client, Fleet, Load
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_until
+from tests.support import FakeClock, wait_until
 from webapp_stub.checkpoint import WAL_BACKSTOP_FACTOR, WAL_CHECKPOINT_BYTES, WalCheckpointer
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
@@ -21,14 +21,6 @@ from webapp_stub.store import Store
 SMALL_WAL_BYTES = 256 * 1024
 POSTS = 1500
 POSTS_PER_POLL = 10
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def checkpoint_threads() -> list[threading.Thread]:

@@ -9,102 +9,33 @@ from typing import Any
 import pytest
 
 from gateway.client_messages import TYPING_BURST, ClientError, ClientMessages
-from gateway.state import Session, text_frame
+from gateway.state import Session
 from services.errors import PeerError
-from services.metrics import ServiceMetrics
-from tests.unit.test_gateway_state import Socket
-
-
-class FakeConn:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
-
-
-class FakeLink:
-    def __init__(self) -> None:
-        self.conn: FakeConn | None = FakeConn()
-        self.connected = True
-
-
-class FakeRing:
-    def owner_for(self, channel: str) -> str | None:
-        return None if channel == "CORPHAN" else "cs-a"
-
-
-class FakeWebapp:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.error: BaseException | None = None
-
-    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.calls.append((path, body))
-        if self.error is not None:
-            raise self.error
-        return {"ok": True, "ts": "1700000000.000100", "channel": body["channel"]}
-
-
-class FakeGateway:
-    def __init__(self) -> None:
-        self.metrics = ServiceMetrics("gateway", "gw-test")
-        self.client_msgs = self.metrics.counter("rtm_gw_client_messages_total", "frames", ["type"])
-        self.follower = type("Follower", (), {"ring": FakeRing()})()
-        self.link = FakeLink()
-        self.webapp = FakeWebapp()
-        self.tasks: list[asyncio.Task[Any]] = []
-        self.closed: list[Any] = []
-
-    def link_to(self, owner: str) -> FakeLink:
-        assert owner == "cs-a"
-        return self.link
-
-    def spawn(self, coro: Any) -> None:
-        self.tasks.append(asyncio.ensure_future(coro))
-
-    def send_json(self, session: Session, body: dict[str, Any]) -> None:
-        session.write(text_frame(json.dumps(body).encode()))
-
-
-class FakeWs:
-    def __init__(self, gw: FakeGateway) -> None:
-        self.gw = gw
-
-    async def close(self, code: int, reason: str) -> None:
-        self.gw.closed.append(code)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClientGateway, FakeClock, FakeWs, Socket
 
 
 @pytest.fixture
-def gw() -> FakeGateway:
-    return FakeGateway()
+def gw() -> FakeClientGateway:
+    return FakeClientGateway()
 
 
-def setup(gw: FakeGateway, clock: Clock | None = None) -> tuple[ClientMessages, Session, Socket]:
+def setup(gw: FakeClientGateway, clock: FakeClock | None = None) -> tuple[ClientMessages, Session, Socket]:
     sock = Socket()
     session = Session(sid=1, user="UA", team="T1", write=sock.write, channels={"UA", "T1", "C1"})
-    return ClientMessages(gw, clock=clock or Clock()), session, sock
+    return ClientMessages(gw, clock=clock or FakeClock(100.0)), session, sock
 
 
-def count(gw: FakeGateway, name: str, **labels: str) -> float:
+def count(gw: FakeClientGateway, name: str, **labels: str) -> float:
     return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def test_ping_is_answered_with_echoed_fields(gw: FakeGateway) -> None:
+def test_ping_is_answered_with_echoed_fields(gw: FakeClientGateway) -> None:
     handler, session, sock = setup(gw)
     handler.handle(FakeWs(gw), session, json.dumps({"id": 3, "type": "ping", "time": 9}))
     assert sock.events == [{"type": "pong", "reply_to": 3, "time": 9}]
 
 
-def test_invalid_and_unsupported_frames_get_errors(gw: FakeGateway) -> None:
+def test_invalid_and_unsupported_frames_get_errors(gw: FakeClientGateway) -> None:
     handler, session, sock = setup(gw)
     handler.handle(FakeWs(gw), session, "[1, 2]")
     handler.handle(FakeWs(gw), session, json.dumps({"id": 4, "type": "dance"}))
@@ -118,14 +49,14 @@ def test_invalid_and_unsupported_frames_get_errors(gw: FakeGateway) -> None:
     assert count(gw, "rtm_errors_total", kind="client_unsupported_type") == 2
 
 
-async def test_binary_frame_closes_with_1003(gw: FakeGateway) -> None:
+async def test_binary_frame_closes_with_1003(gw: FakeClientGateway) -> None:
     handler, session, _ = setup(gw)
     handler.handle(FakeWs(gw), session, b"\x00")
     await asyncio.gather(*gw.tasks)
     assert gw.closed == [1003]
 
 
-def test_typing_goes_to_the_owner_as_a_transient_pub_from_the_user(gw: FakeGateway) -> None:
+def test_typing_goes_to_the_owner_as_a_transient_pub_from_the_user(gw: FakeClientGateway) -> None:
     handler, session, sock = setup(gw)
     handler.handle(FakeWs(gw), session, json.dumps({"id": 1, "type": "typing", "channel": "C1"}))
     [pub] = gw.link.conn.sent
@@ -136,7 +67,7 @@ def test_typing_goes_to_the_owner_as_a_transient_pub_from_the_user(gw: FakeGatew
     assert count(gw, "rtm_gw_typing_total", outcome="sent") == 1
 
 
-def test_typing_only_for_subscribed_conversations(gw: FakeGateway) -> None:
+def test_typing_only_for_subscribed_conversations(gw: FakeClientGateway) -> None:
     handler, session, _ = setup(gw)
     for channel in ("C2", "UA", "T1", None):
         handler.handle(FakeWs(gw), session, json.dumps({"id": 1, "type": "typing", "channel": channel}))
@@ -144,8 +75,8 @@ def test_typing_only_for_subscribed_conversations(gw: FakeGateway) -> None:
     assert count(gw, "rtm_gw_typing_total", outcome="not_subscribed") == 4
 
 
-def test_typing_is_rate_limited_per_connection_and_refills(gw: FakeGateway) -> None:
-    clock = Clock()
+def test_typing_is_rate_limited_per_connection_and_refills(gw: FakeClientGateway) -> None:
+    clock = FakeClock(100.0)
     handler, session, _ = setup(gw, clock)
     other = Session(sid=2, user="UB", team="T1", write=Socket().write, channels={"C1"})
     frame = json.dumps({"id": 1, "type": "typing", "channel": "C1"})
@@ -160,7 +91,7 @@ def test_typing_is_rate_limited_per_connection_and_refills(gw: FakeGateway) -> N
     assert len(gw.link.conn.sent) == TYPING_BURST + 2
 
 
-def test_typing_is_dropped_when_the_link_is_down_or_no_owner(gw: FakeGateway) -> None:
+def test_typing_is_dropped_when_the_link_is_down_or_no_owner(gw: FakeClientGateway) -> None:
     handler, session, _ = setup(gw)
     session.channels.add("CORPHAN")
     handler.handle(FakeWs(gw), session, json.dumps({"type": "typing", "channel": "CORPHAN"}))
@@ -171,7 +102,7 @@ def test_typing_is_dropped_when_the_link_is_down_or_no_owner(gw: FakeGateway) ->
     assert count(gw, "rtm_gw_typing_total", outcome="not_connected") == 1
 
 
-async def test_message_is_posted_through_the_webapp_and_acknowledged(gw: FakeGateway) -> None:
+async def test_message_is_posted_through_the_webapp_and_acknowledged(gw: FakeClientGateway) -> None:
     handler, session, sock = setup(gw)
     handler.handle(
         FakeWs(gw), session, json.dumps({"id": 7, "type": "message", "channel": "C1", "text": "hi", "thread_ts": "1.2"})
@@ -183,7 +114,7 @@ async def test_message_is_posted_through_the_webapp_and_acknowledged(gw: FakeGat
     assert sock.events == [{"ok": True, "reply_to": 7, "ts": "1700000000.000100", "text": "hi"}]
 
 
-async def test_message_errors_are_replies_with_codes(gw: FakeGateway) -> None:
+async def test_message_errors_are_replies_with_codes(gw: FakeClientGateway) -> None:
     handler, session, sock = setup(gw)
     handler.handle(FakeWs(gw), session, json.dumps({"id": 1, "type": "message", "channel": "C1"}))
     handler.handle(FakeWs(gw), session, json.dumps({"id": 2, "type": "message", "text": "x"}))
@@ -205,7 +136,7 @@ async def test_message_errors_are_replies_with_codes(gw: FakeGateway) -> None:
     assert handler.in_flight.get(session) is None  # nothing left in flight
 
 
-async def test_sends_in_flight_are_bounded_per_connection(gw: FakeGateway) -> None:
+async def test_sends_in_flight_are_bounded_per_connection(gw: FakeClientGateway) -> None:
     from gateway.client_messages import MAX_PENDING_SENDS
 
     handler, session, sock = setup(gw)
@@ -226,10 +157,10 @@ async def test_sends_in_flight_are_bounded_per_connection(gw: FakeGateway) -> No
     assert sum(1 for e in sock.events if e.get("ok")) == MAX_PENDING_SENDS
 
 
-async def test_messages_are_limited_to_about_one_per_second_with_bursts(gw: FakeGateway) -> None:
+async def test_messages_are_limited_to_about_one_per_second_with_bursts(gw: FakeClientGateway) -> None:
     from gateway.client_messages import MESSAGE_BURST
 
-    clock = Clock()
+    clock = FakeClock(100.0)
     handler, session, sock = setup(gw, clock)
     for i in range(MESSAGE_BURST + 1):
         handler.handle(FakeWs(gw), session, json.dumps({"id": i, "type": "message", "channel": "C1", "text": "x"}))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.consul_dev.state import (
+from consul_dev.state import (
     DEFAULT_LOCK_DELAY_S,
     DEREGISTER_CRITICAL_MIN_S,
     KV_MAX_VALUE_BYTES,
@@ -24,19 +24,7 @@ from services.consul_dev.state import (
     format_go_duration,
     parse_go_duration_ns,
 )
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, start_s: float = 1000.0) -> None:
-        self.now_s = start_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
+from tests.support import FakeClock
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from gateway.presence import FLUSH_INTERVAL_S, GatewayPresence, PresenceWatches,
 from gateway.state import Session
 from services.metrics import ServiceMetrics
 from services.ring import RingDocument
-from tests.unit.test_gateway_state import Socket
+from tests.support import FakeClientGateway, Socket
 
 
 def session(sid: int, user: str = "UA") -> Session:
@@ -195,9 +195,8 @@ class RecordingPresence:
 
 def test_client_presence_frames_are_checked_and_handed_over() -> None:
     from gateway.client_messages import ClientError, ClientMessages
-    from tests.unit.test_client_messages import FakeGateway as ClientFakeGateway
 
-    gw = ClientFakeGateway()
+    gw = FakeClientGateway()
     gw.presence = RecordingPresence()  # type: ignore[attr-defined]
     handler = ClientMessages(gw)  # type: ignore[arg-type]
     sock = Socket()

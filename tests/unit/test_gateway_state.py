@@ -3,49 +3,11 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 
 from gateway.state import LIVE_ONLY, Effects, Fetch, GatewayState, Session, text_frame
-
-
-def unframe(frame: bytes) -> bytes:
-    """The payload of one unmasked, final websocket text frame (checked, not trusted)."""
-    assert frame[0] == 0x81, "FIN + text opcode"
-    assert frame[1] & 0x80 == 0, "server frames are unmasked"
-    length = frame[1] & 0x7F
-    offset = 2
-    if length == 126:
-        (length,) = struct.unpack_from(">H", frame, 2)
-        offset = 4
-    elif length == 127:
-        (length,) = struct.unpack_from(">Q", frame, 2)
-        offset = 10
-    payload = frame[offset:]
-    assert len(payload) == length
-    return payload
-
-
-class Socket:
-    """A fake client socket: records what the gateway writes to it."""
-
-    def __init__(self, alive: bool = True) -> None:
-        self.frames: list[bytes] = []
-        self.alive = alive
-
-    def write(self, frame: bytes) -> bool:
-        if not self.alive:
-            return False
-        self.frames.append(frame)
-        return True
-
-    @property
-    def events(self) -> list[dict]:
-        return [json.loads(unframe(frame)) for frame in self.frames]
-
-    def seqs(self, channel: str | None = None) -> list[int | None]:
-        return [e.get("seq") for e in self.events if channel is None or e["ch"] == channel]
+from tests.support import Socket, unframe
 
 
 def ev(channel: str, seq: int | None, **extra: object) -> bytes:

@@ -9,9 +9,18 @@ from typing import Any
 
 import pytest
 
-from services.errors import ConnectionLost, PeerError, RequestTimeout
+from services.errors import ConnectionLost, FrameTooLarge, NoOwner, PeerError, RequestTimeout
 from services.metrics import ServiceMetrics
-from webapp_stub.handoff import HANDOFF_MARK, MARK_MARGIN_S, Handoff, Outbox, pub_message, replay_from_mark, write_mark
+from webapp_stub.handoff import (
+    HANDOFF_MARK,
+    MARK_MARGIN_S,
+    Handoff,
+    Outbox,
+    pub_message,
+    refusal_of,
+    replay_from_mark,
+    write_mark,
+)
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Event, Store
 
@@ -90,6 +99,8 @@ class FakeSender:
         self.sent: list[tuple[int, str]] = []  # (epoch at send time, eid)
         self.applied: list[str] = []
         self.fail_once: dict[str, BaseException] = {}
+        self.refuse: dict[str, BaseException] = {}  # fails every time, until removed
+        self.script: dict[str, list[BaseException]] = {}  # fails with these, in turn, then succeeds
         self.up = asyncio.Event()
         self.up.set()
         self.failures: list[BaseException] = []
@@ -119,7 +130,8 @@ class FakeSender:
             await asyncio.sleep(0)  # wait-ok: let other sends overlap, as on a real pipelined link
             if not self.up.is_set():
                 raise ConnectionLost("down")
-            error = self.fail_once.pop(eid, None)
+            script = self.script.get(eid)
+            error = self.fail_once.pop(eid, None) or self.refuse.get(eid) or (script.pop(0) if script else None)
             if error is not None:
                 raise error
             self.applied.append(eid)
@@ -306,4 +318,190 @@ async def test_restart_replays_from_the_mark(tmp_path: Any, sender: FakeSender) 
     assert await second.flush(5.0)
     assert sender.applied == [e.eid for e in pending]
     await second.close()
+    store.close()
+
+
+# -- dead letters: no head-of-line poison ------------------------------------------------------
+
+
+class FakeDeadLetters:
+    """Records what the hand-off parks and resolves (the store's side is tested in test_store)."""
+
+    def __init__(self) -> None:
+        self.parked: list[tuple[str, str, int]] = []  # (eid, reason, refusals)
+        self.resolved: list[str] = []
+
+    def park_event(self, event: Event, reason: str, detail: str, refusals: int) -> None:
+        self.parked.append((event.eid, reason, refusals))
+
+    def resolve_dead_letter(self, channel: str, seq: int) -> None:
+        self.resolved.append(f"{channel}:{seq}")
+
+
+def fast(**kwargs: Any) -> dict[str, Any]:
+    return {"retry_initial_s": 0.001, "retry_max_s": 0.004, **kwargs}
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (PeerError("bad_request", {"code": "bad_request"}), "bad_request"),
+        (PeerError("internal", {}), "internal"),
+        (PeerError("some_new_validation_code", {}), "some_new_validation_code"),
+        (FrameTooLarge(5_000_000, 4_194_304), "too_large"),
+    ],
+)
+async def test_refused_event_is_parked_and_everything_behind_it_moves_on(
+    sender: FakeSender, error: BaseException, reason: str
+) -> None:
+    metrics = ServiceMetrics("webapp", "test")
+    dead = FakeDeadLetters()
+    handoff = make_handoff(sender, metrics=metrics, max_in_flight=8, dead_letters=dead, max_refusals=3, **fast())
+    batch = events(60)
+    poison = batch[10].eid  # C2:4
+    sender.refuse[poison] = error
+    handoff.start()
+    handoff.publish(batch)
+    assert await handoff.flush(5.0)
+    assert dead.parked == [(poison, reason, 3)]
+    assert [eid for _, eid in sender.sent].count(poison) == 3  # exactly the bounded number of attempts
+    assert set(sender.applied) == {e.eid for e in batch} - {poison}
+    assert sends_in_queue_order(sender.sent)
+    for channel, seqs in per_channel(list(dict.fromkeys(sender.applied))).items():
+        assert seqs == sorted(seqs), channel  # per-channel order kept for everything else
+    assert handoff.parked == 1 and len(handoff) == 0
+    label = reason if reason in ("bad_request", "internal", "too_large") else "other"
+    assert f'rtm_deadletter_total{{reason="{label}"}} 1.0' in metrics.render().decode()
+    await handoff.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionLost("gone"),
+        RequestTimeout("slow"),
+        NoOwner("C2"),
+        PeerError("unavailable", {}),
+        PeerError("not_owner", {}),
+    ],
+)
+async def test_transient_failures_wait_and_retry_in_order_never_park(sender: FakeSender, error: BaseException) -> None:
+    dead = FakeDeadLetters()
+    handoff = make_handoff(sender, max_in_flight=4, dead_letters=dead, max_refusals=2, **fast())
+    batch = events(12)
+    stuck = batch[3].eid
+    sender.refuse[stuck] = error
+    handoff.start()
+    handoff.publish(batch)
+    await asyncio.wait_for(_until(lambda: [eid for _, eid in sender.sent].count(stuck) >= 6), 5.0)
+    assert dead.parked == [] and stuck not in sender.applied
+    assert len(handoff) >= 9  # the head waits: nothing behind it was dropped
+    del sender.refuse[stuck]
+    assert await handoff.flush(5.0)
+    assert set(sender.applied) == {e.eid for e in batch} and dead.parked == []
+    assert sends_in_queue_order(sender.sent)
+    await handoff.close()
+
+
+async def test_a_different_refusal_restarts_the_count(sender: FakeSender) -> None:
+    dead = FakeDeadLetters()
+    handoff = make_handoff(sender, max_in_flight=2, dead_letters=dead, max_refusals=2, **fast())
+    event = ev("C1", 1)
+    # one bad_request, then internal twice: parked on the second identical one (third in all)
+    sender.script[event.eid] = [PeerError("bad_request", {}), PeerError("internal", {}), PeerError("internal", {})]
+    handoff.start()
+    handoff.publish([event])
+    assert await handoff.flush(5.0)
+    assert dead.parked == [(event.eid, "internal", 2)] and len(sender.sent) == 3
+    await handoff.close()
+
+
+async def test_an_event_over_the_size_limit_is_parked_without_being_sent(sender: FakeSender) -> None:
+    dead = FakeDeadLetters()
+    handoff = make_handoff(sender, max_in_flight=4, dead_letters=dead, max_event_bytes=100, **fast())
+    big = Event("C1", 2, '{"type":"message","text":"' + "x" * 200 + '"}', None, 1_700_000_000.0)
+    batch = [ev("C1", 1), big, ev("C1", 3), ev("C2", 1)]
+    handoff.start()
+    handoff.publish(batch)
+    assert await handoff.flush(5.0)
+    assert "C1:2" not in [eid for _, eid in sender.sent]  # never on the wire
+    assert dead.parked == [("C1:2", "too_large", 1)]
+    assert sender.applied == ["C1:1", "C1:3", "C2:1"]
+
+
+async def test_an_event_the_encoder_refuses_is_parked(sender: FakeSender) -> None:
+    dead = FakeDeadLetters()
+    handoff = make_handoff(sender, max_in_flight=4, dead_letters=dead, max_refusals=2, **fast())
+    original = sender.send
+
+    def send(message: dict[str, Any], timeout_s: float) -> Awaitable[None]:
+        if message["eid"] == "C1:1":
+            raise OverflowError("int too big to convert")  # what msgpack raises, before writing anything
+        return original(message, timeout_s)
+
+    sender.send = send  # type: ignore[method-assign]
+    handoff.start()
+    handoff.publish([ev("C1", 1), ev("C1", 2)])
+    assert await handoff.flush(5.0)
+    assert dead.parked == [("C1:1", "unencodable", 2)] and sender.applied == ["C1:2"]
+
+
+async def test_redrive_delivers_a_parked_event_and_resolves_it(sender: FakeSender) -> None:
+    metrics = ServiceMetrics("webapp", "test")
+    dead = FakeDeadLetters()
+    handoff = make_handoff(sender, metrics=metrics, dead_letters=dead, max_refusals=1, **fast())
+    event = ev("C1", 1)
+    sender.refuse[event.eid] = PeerError("bad_request", {})
+    handoff.start()
+    handoff.publish([event, ev("C1", 2)])
+    assert await handoff.flush(5.0)
+    assert dead.parked == [("C1:1", "bad_request", 1)]
+    handoff.redrive([event])  # refused again: parked again
+    assert await handoff.flush(5.0)
+    assert dead.parked[-1] == ("C1:1", "bad_request", 1) and dead.resolved == []
+    del sender.refuse[event.eid]  # the cause is fixed
+    handoff.redrive([event])
+    assert await handoff.flush(5.0)
+    assert dead.resolved == ["C1:1"] and sender.applied == ["C1:2", "C1:1"]
+    text = metrics.render().decode()
+    assert 'rtm_deadletter_redriven_total{outcome="delivered"} 1.0' in text
+    assert 'rtm_deadletter_redriven_total{outcome="parked_again"} 1.0' in text
+    await handoff.close()
+
+
+async def test_saturated_while_the_queue_is_at_its_bound(sender: FakeSender) -> None:
+    handoff = make_handoff(sender, max_queue_events=5, **fast())
+    sender.up.clear()
+    handoff.start()
+    handoff.publish(events(4))
+    assert not handoff.saturated
+    handoff.publish(events(1, ("C9",)))
+    assert handoff.saturated  # the Web API refuses new writes now (429), nothing is dropped here
+    sender.up.set()
+    assert await handoff.flush(5.0)
+    assert not handoff.saturated and len(sender.applied) == 5
+    await handoff.close()
+
+
+def test_refusal_classification() -> None:
+    assert refusal_of(PeerError("bad_request", {})) == "bad_request"
+    assert refusal_of(FrameTooLarge(10, 5)) == "too_large"
+    assert refusal_of(TypeError("can not serialize")) == "unencodable"
+    for transient in ("unavailable", "not_owner", "no_owner", "forbidden", "unknown_op", "overloaded"):
+        assert refusal_of(PeerError(transient, {})) is None, transient
+    for error in (ConnectionLost("x"), RequestTimeout("x"), NoOwner("x"), RuntimeError("x")):
+        assert refusal_of(error) is None
+
+
+async def test_restart_replay_skips_parked_events(tmp_path: Any, sender: FakeSender) -> None:
+    store = Store(str(tmp_path))
+    seed = seed_demo(store)
+    alice, general = store.user(seed["users"][0]["id"]), store.channel(seed["channels"][0]["id"])
+    store.set_mark(HANDOFF_MARK, 0.0)
+    posted = [store.post_message(general, alice, f"m{i}")[1] for i in range(3)]
+    store.park_event(posted[1], "bad_request", "refused", 3)
+    handoff = make_handoff(sender)
+    replay_from_mark(store, handoff, posted[-1].t0)
+    queued = [e.eid for e in handoff.outbox.pending()]
+    assert posted[0].eid in queued and posted[2].eid in queued and posted[1].eid not in queued
     store.close()

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from presence.state import ACTIVE, AWAY, PresenceTable, merge
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 @pytest.fixture

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
+from tests.support import FakeClock
 from webapp_stub.resume import ResumeBook
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_claim_hands_out_the_oldest_record_once_and_take_consumes_it() -> None:
-    book = ResumeBook(ttl_s=120, clock=Clock())
+    book = ResumeBook(ttl_s=120, clock=FakeClock())
     first = book.add("U1", {"C1": 5, "U1": 2})
     second = book.add("U1", {"C1": 7})
     assert first != second and len(book) == 2
@@ -32,7 +25,7 @@ def test_claim_hands_out_the_oldest_record_once_and_take_consumes_it() -> None:
 
 
 def test_records_expire_claimed_or_not() -> None:
-    clock = Clock()
+    clock = FakeClock()
     book = ResumeBook(ttl_s=120, clock=clock)
     claimed = book.add("U1", {"C1": 1})
     book.add("U2", {"C1": 1})
@@ -44,14 +37,14 @@ def test_records_expire_claimed_or_not() -> None:
 
 
 def test_unclaimed_records_can_be_taken_directly_and_are_no_longer_claimable() -> None:
-    book = ResumeBook(clock=Clock())
+    book = ResumeBook(clock=FakeClock())
     rid = book.add("U1", {"C1": 3})
     assert book.take(rid, "U1") == {"C1": 3}
     assert book.claim("U1") == ""
 
 
 def test_bounded_the_oldest_go_first() -> None:
-    book = ResumeBook(max_records=2, clock=Clock())
+    book = ResumeBook(max_records=2, clock=FakeClock())
     oldest = book.add("U1", {})
     book.add("U2", {})
     book.add("U3", {})

@@ -7,21 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import FakeClock
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Store, decode_cursor, encode_cursor, ts_to_us, us_to_ts
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture
@@ -561,3 +554,110 @@ def test_an_older_database_gets_the_new_columns(tmp_path: Path) -> None:
     cols = {row[1] for row in store.conn.execute("PRAGMA table_info(messages)")}
     assert {"subtype", "edited_user", "edited_ts"} <= cols
     store.close()
+
+
+# -- durability, event size, group commit, dead letters (issue 13) ------------------------------------
+
+
+def test_synchronous_full_by_default_and_configurable(tmp_path: Path) -> None:
+    full = Store(str(tmp_path / "a"))
+    assert full.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: an ok'd commit survives power loss
+    full.close()
+    normal = Store(str(tmp_path / "b"), synchronous="normal")
+    assert normal.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    normal.close()
+    with pytest.raises(ValueError):
+        Store(str(tmp_path / "c"), synchronous="FULL; DROP TABLE users")
+
+
+def test_event_size_limit_refuses_post_and_edit_with_msg_too_long(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), max_event_bytes=20_000)
+    demo = seed_demo(store)
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    before = store.last_seq(general.id)
+    blocks = [{"type": "rich_text", "elements": [{"type": "text", "text": "é" * 6000}]}]  # 12 KB of UTF-8
+    message, _ = store.post_message(general, alice, "fits", extra={"blocks": blocks})
+    assert store.last_seq(general.id) == before + 1
+    with pytest.raises(ApiError) as too_big:
+        store.post_message(general, alice, "no", extra={"blocks": blocks * 2})
+    assert too_big.value.code == "msg_too_long"
+    # the edit's event carries the new message and previous_message: 24 KB > 20 KB
+    with pytest.raises(ApiError) as edit:
+        store.update_message(general, alice, message["ts"], "edited", extra={"blocks": blocks})
+    assert edit.value.code == "msg_too_long"
+    assert store.last_seq(general.id) == before + 1  # nothing written, no seq used
+    assert store.message(general.id, message["ts"])["text"] == "fits"
+    store.close()
+
+
+def test_twenty_digit_ts_and_cursors_get_slack_codes(store: Store, demo: dict) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    huge = "99999999999999999999.000000"
+    for call, code in (
+        (lambda: store.history(general.id, oldest=huge), "invalid_ts_oldest"),
+        (lambda: store.history(general.id, latest=huge), "invalid_ts_latest"),
+        (lambda: store.history(general.id, cursor=encode_cursor("ts", "9" * 20)), "invalid_cursor"),
+        (lambda: store.update_message(general, alice, huge, "x"), "invalid_ts"),
+        (lambda: store.post_message(general, alice, "x", thread_ts=huge), "invalid_thread_ts"),
+        (lambda: store.replies(general.id, huge), "thread_not_found"),
+        (lambda: store.list_users(alice.team, cursor=encode_cursor("user", "9" * 20)), "invalid_cursor"),
+    ):
+        with pytest.raises(ApiError) as caught:
+            call()
+        assert caught.value.code == code
+
+
+def test_batch_groups_transactions_and_a_failed_one_rolls_back_alone(store: Store, demo: dict) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    random = channel(store, demo, "random")
+    before = store.last_seq(general.id)
+    store.begin_batch()
+    first = store.post_message(general, alice, "one")[1]
+    with pytest.raises(ApiError):
+        store.post_message(general, alice, "x" * 40_001)  # refused before its savepoint
+    with pytest.raises(ApiError):
+        store.update_message(general, alice, "1.000001", "no such message")  # refused inside: rolled back
+    second = store.post_message(general, alice, "two")[1]
+    other = store.post_message(random, alice, "three")[1]
+    assert store.in_batch
+    # another connection sees nothing until the batch commits
+    peek = Store(store.path)
+    assert peek.last_seq(general.id) == before
+    store.commit_batch()
+    assert peek.last_seq(general.id) == before + 2
+    peek.close()
+    assert [first.seq, second.seq] == [before + 1, before + 2] and other.seq >= 1  # gapless
+    assert not store.in_batch
+
+
+def test_dead_letter_lifecycle(store: Store, demo: dict, clock: FakeClock) -> None:
+    alice, general = user(store, demo, "alice"), channel(store, demo, "general")
+    event = store.post_message(general, alice, "refused downstream")[1]
+    assert store.dead_letters() == [] and store.parked_count() == 0
+    store.park_event(event, "bad_request", "pub needs ch", 3)
+    [letter] = store.dead_letters()
+    assert (letter.eid, letter.reason, letter.refusals, letter.state, letter.redrives) == (
+        event.eid,
+        "bad_request",
+        3,
+        "parked",
+        0,
+    )
+    later = store.post_message(general, alice, "after it")[1]
+    assert [e.eid for e in store.events_since(0.0)] == [later.eid]  # restart replay skips the dead letter
+    assert store.request_redrive("C-none", 1) is None
+    assert store.request_redrive(event.channel, event.seq).state == "redrive"
+    assert store.take_redrives() == [event]
+    assert store.dead_letter(event.channel, event.seq).state == "redriving"
+    assert store.take_redrives() == []
+    # a crash while it was in the outbox: asked for again at the next start
+    assert store.resume_redrives() == 1
+    assert store.take_redrives() == [event]
+    store.park_event(event, "bad_request", "again", 3)  # refused again
+    again = store.dead_letter(event.channel, event.seq)
+    assert (again.state, again.refusals, again.redrives) == ("parked", 6, 1)
+    store.request_redrive(event.channel, event.seq)
+    store.take_redrives()
+    store.resolve_dead_letter(event.channel, event.seq)
+    assert store.dead_letters() == [] and store.parked_count() == 0
+    assert store.dead_letters(("delivered",))[0].redrives == 2

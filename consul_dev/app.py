@@ -5,7 +5,7 @@ Thin by design: routing (Consul's mux: exact paths and ``/prefix/`` paths,
 options (``dc``, ``stale``/``consistent``, ``index``/``wait`` parsed as
 Consul does, ``filter`` refused plainly), blocking queries, body decoding,
 headers and metrics. Everything Consul-specific about data lives in
-:mod:`services.consul_dev.state`.
+:mod:`consul_dev.state`.
 
 Blocking queries: a query with ``?index=N`` re-runs each time the state's
 index moves (an :class:`asyncio.Event` is swapped and set on every change)
@@ -13,7 +13,7 @@ and answers as soon as its own result index passes N, or at ``wait`` (default
 5 m, at most 10 m, plus up to wait/16 of jitter as Consul adds) with the same
 index. A background loop applies expiries every :data:`EXPIRY_TICK_S`.
 
-Run it as its own process: ``python -m services.consul_dev --host H --port P``
+Run it as its own process: ``python -m consul_dev --host H --port P``
 or ``rtm consul-dev``. Production runs real Consul (``CONSUL_HTTP_ADDR``).
 """
 
@@ -36,18 +36,31 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from services.consul_dev.state import (
+from consul_dev.acl import (
+    Access,
+    AccessControl,
+    ACLNotFound,
+    Authorizer,
+    PermissionDenied,
+    Resource,
+    Rule,
+    request_token,
+)
+from consul_dev.state import (
     DATACENTER,
     HEALTH_CRITICAL,
     HEALTH_PASSING,
     HEALTH_WARNING,
     KV_MAX_VALUE_BYTES,
+    NODE_NAME,
     ConsulError,
     ConsulState,
     InvalidRequest,
     NotFound,
     RequestTooLarge,
     ServerError,
+    decode_check_definition,
+    decode_service_definition,
     parse_go_duration_s,
 )
 from services.process import StopFn, run_service
@@ -61,6 +74,8 @@ DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8500  # Consul's HTTP port
 HOST_ENV: Final = "RTM_CONSUL_DEV_HOST"
 PORT_ENV: Final = "RTM_CONSUL_DEV_PORT"
+# The management token; with it set, the agent enforces ACLs with default deny.
+ACL_TOKEN_ENV: Final = "RTM_CONSUL_DEV_ACL_TOKEN"
 
 # How often expiries (TTL checks, session TTLs, reaping) are applied when no
 # request arrives: 100 ms keeps a 1 s test TTL accurate to 10 %.
@@ -76,6 +91,7 @@ SHUTDOWN_TIMEOUT_S: Final = 2.0
 JSON_CONTENT_TYPE: Final = "application/json"
 TEXT_CONTENT_TYPE: Final = "text/plain; charset=utf-8"
 _QUERY_KEY: Final = "rtm_consul_dev.query"
+_AUTHZ_KEY: Final = "rtm_consul_dev.authorizer"
 _UINT64_MAX: Final = 2**64 - 1
 _DIGITS_RE: Final = re.compile(r"[0-9]+")
 _GO_TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
@@ -113,6 +129,8 @@ class Route:
     handler: Handler
     query: bool = False  # parses dc, consistency, index/wait (a catalog/health/kv/session endpoint)
     filterable: bool = False  # Consul accepts ?filter= here; the dev agent refuses it plainly
+    acl: Rule = Rule.CHECK  # how ACLs apply (see consul_dev.acl)
+    empty: Any = None  # FILTER routes: what a token that may read nothing gets
 
 
 class MethodNotAllowed(ConsulError):
@@ -179,8 +197,11 @@ def _bool_param(query: Mapping[str, str], name: str) -> bool:
 class ConsulDevAgent:
     """Serves one :class:`ConsulState` over HTTP as Consul's API does."""
 
-    def __init__(self, state: ConsulState, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, state: ConsulState, *, rng: random.Random | None = None, access: AccessControl | None = None
+    ) -> None:
         self.state = state
+        self.access = access or AccessControl()
         self._rng = rng or random.Random()
         self._changed = asyncio.Event()
         self._published_index = state.index
@@ -196,6 +217,17 @@ class ConsulDevAgent:
             "rtm_consul_dev_malformed_bodies",
             "Request bodies that failed to decode",
             ["endpoint"],
+            registry=self.registry,
+        )
+        self._acl_refusals = Counter(
+            "rtm_consul_dev_acl_refusals",
+            "Requests refused by ACLs (403), by reason: acl_not_found or permission_denied",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._acl_filtered = Counter(
+            "rtm_consul_dev_acl_filtered",
+            "List reads answered empty because the token may read nothing",
             registry=self.registry,
         )
         self._blocking_gauge = Gauge(
@@ -217,39 +249,46 @@ class ConsulDevAgent:
     # ---- wiring -----------------------------------------------------------------
     def _routes(self) -> list[Route]:
         get, put = ("GET",), ("PUT",)
+        filtered, open_ = Rule.FILTER, Rule.OPEN
         return [
             Route("/v1/agent/self", get, self.agent_self),
-            Route("/v1/agent/services", get, self.agent_services, filterable=True),
+            Route("/v1/agent/services", get, self.agent_services, filterable=True, acl=filtered, empty={}),
             Route("/v1/agent/service/register", put, self.agent_service_register),
             Route("/v1/agent/service/deregister/", put, self.agent_service_deregister),
             Route("/v1/agent/service/", get, self.agent_service),
-            Route("/v1/agent/checks", get, self.agent_checks, filterable=True),
+            Route("/v1/agent/checks", get, self.agent_checks, filterable=True, acl=filtered, empty={}),
             Route("/v1/agent/check/register", put, self.agent_check_register),
             Route("/v1/agent/check/deregister/", put, self.agent_check_deregister),
             Route("/v1/agent/check/pass/", put, self.agent_check_pass),
             Route("/v1/agent/check/warn/", put, self.agent_check_warn),
             Route("/v1/agent/check/fail/", put, self.agent_check_fail),
             Route("/v1/agent/check/update/", put, self.agent_check_update),
-            Route("/v1/catalog/datacenters", get, self.catalog_datacenters),
-            Route("/v1/catalog/nodes", get, self.catalog_nodes, query=True, filterable=True),
-            Route("/v1/catalog/node/", get, self.catalog_node, query=True, filterable=True),
-            Route("/v1/catalog/services", get, self.catalog_services, query=True, filterable=True),
-            Route("/v1/catalog/service/", get, self.catalog_service, query=True, filterable=True),
-            Route("/v1/health/service/", get, self.health_service, query=True, filterable=True),
-            Route("/v1/health/checks/", get, self.health_checks, query=True, filterable=True),
-            Route("/v1/health/state/", get, self.health_state, query=True, filterable=True),
-            Route("/v1/health/node/", get, self.health_node, query=True, filterable=True),
+            Route("/v1/catalog/datacenters", get, self.catalog_datacenters, acl=open_),
+            Route("/v1/catalog/nodes", get, self.catalog_nodes, query=True, filterable=True, acl=filtered, empty=[]),
+            Route("/v1/catalog/node/", get, self.catalog_node, query=True, filterable=True, acl=filtered),
+            Route(
+                "/v1/catalog/services", get, self.catalog_services, query=True, filterable=True, acl=filtered, empty={}
+            ),
+            Route(
+                "/v1/catalog/service/", get, self.catalog_service, query=True, filterable=True, acl=filtered, empty=[]
+            ),
+            Route("/v1/health/service/", get, self.health_service, query=True, filterable=True, acl=filtered, empty=[]),
+            Route("/v1/health/checks/", get, self.health_checks, query=True, filterable=True, acl=filtered, empty=[]),
+            Route("/v1/health/state/", get, self.health_state, query=True, filterable=True, acl=filtered, empty=[]),
+            Route("/v1/health/node/", get, self.health_node, query=True, filterable=True, acl=filtered, empty=[]),
             Route("/v1/kv/", ("GET", "PUT", "DELETE"), self.kv, query=True),
             Route("/v1/session/create", put, self.session_create, query=True),
             Route("/v1/session/destroy/", put, self.session_destroy, query=True),
             Route("/v1/session/renew/", put, self.session_renew, query=True),
-            Route("/v1/session/info/", get, self.session_info, query=True),
-            Route("/v1/session/list", get, self.session_list, query=True),
-            Route("/v1/session/node/", get, self.session_node, query=True),
-            Route("/v1/status/leader", get, self.status_leader),
-            Route("/v1/status/peers", get, self.status_peers),
-            Route("/healthz", get, self.healthz),
-            Route("/metrics", get, self.metrics),
+            Route("/v1/session/info/", get, self.session_info, query=True, acl=filtered, empty=[]),
+            Route("/v1/session/list", get, self.session_list, query=True, acl=filtered, empty=[]),
+            Route("/v1/session/node/", get, self.session_node, query=True, acl=filtered, empty=[]),
+            # Consul's Status endpoints resolve no token: open under default deny too.
+            Route("/v1/status/leader", get, self.status_leader, acl=open_),
+            Route("/v1/status/peers", get, self.status_peers, acl=open_),
+            # rtm's own, not Consul's: liveness and the agent's request counters, no Consul data.
+            Route("/healthz", get, self.healthz, acl=open_),
+            Route("/metrics", get, self.metrics, acl=open_),
         ]
 
     def application(self) -> web.Application:
@@ -327,6 +366,10 @@ class ConsulDevAgent:
                 self._malformed.labels(endpoint).inc()
                 log.info("malformed body on %s %s: %s", request.method, request.path, err)
             reply = Reply(err.status, str(err).encode(), TEXT_CONTENT_TYPE)
+            if isinstance(err, (ACLNotFound, PermissionDenied)):
+                reason = "acl_not_found" if isinstance(err, ACLNotFound) else "permission_denied"
+                self._acl_refusals.labels(reason).inc()
+                log.debug("ACL refused %s %s from %s: %s", request.method, request.path, request.remote, err)
             if isinstance(err, MethodNotAllowed):
                 reply.headers["Allow"] = ",".join(err.allowed)
         except Exception:  # a bug in the agent must not stop it serving
@@ -338,6 +381,7 @@ class ConsulDevAgent:
             "X-Consul-Index": str(reply.index if reply.index is not None else max(self.state.index, 1)),
             "X-Consul-KnownLeader": "true",
             "X-Consul-LastContact": "0",
+            "X-Consul-Default-ACL-Policy": self.access.default_policy,
             "Content-Type": reply.content_type,
         }
         if route is not None and route.query:
@@ -364,7 +408,34 @@ class ConsulDevAgent:
             dc = query.get("dc", "")
             if dc and dc != DATACENTER:
                 raise ServerError("No path to datacenter")
-        return await route.handler(request, tail)
+        if route.acl is Rule.OPEN:
+            return await route.handler(request, tail)
+        authz = self.access.resolve(request_token(query, request.headers))
+        request[_AUTHZ_KEY] = authz
+        reply = await route.handler(request, tail)
+        if route.acl is Rule.FILTER and not authz.allow_all and reply.status == 200:
+            # Every item is dropped by the filter; the index (and blocking) is the query's own.
+            self._acl_filtered.inc()
+            filtered = self._json(request, route.empty, index=reply.index)
+            filtered.headers = {k: v for k, v in reply.headers.items() if k != "X-Consul-ContentHash"}
+            return filtered
+        return reply
+
+    @staticmethod
+    def _authz(request: web.Request) -> Authorizer:
+        """The authorizer :meth:`_serve` resolved for this request."""
+        authz: Authorizer = request[_AUTHZ_KEY]
+        return authz
+
+    def _require_check_write(self, request: web.Request, check_id: str) -> None:
+        """``service:write`` on the check's service, or ``node:write`` for a node check (unknown: no-op)."""
+        owner = self.state.agent_check_service_name(check_id)
+        if owner is None:
+            return  # the state answers Consul's 404
+        if owner:
+            self._authz(request).require(Resource.SERVICE, Access.WRITE, owner)
+        else:
+            self._authz(request).require(Resource.NODE, Access.WRITE, NODE_NAME)
 
     def _json(self, request: web.Request, obj: Any, *, index: int | None = None, status: int = 200) -> Reply:
         if "pretty" in request.query:
@@ -393,12 +464,16 @@ class ConsulDevAgent:
 
     # ---- agent ------------------------------------------------------------------
     async def agent_self(self, request: web.Request, tail: str) -> Reply:
+        self._authz(request).require(Resource.AGENT, Access.READ, NODE_NAME)
         return self._json(request, self.state.agent_self())
 
     async def agent_services(self, request: web.Request, tail: str) -> Reply:
         return self._json(request, self.state.agent_services())
 
     async def agent_service(self, request: web.Request, tail: str) -> Reply:
+        name = self.state.agent_service_name(tail)
+        if name is not None:
+            self._authz(request).require(Resource.SERVICE, Access.READ, name)
         body = self.state.agent_service(tail)
         if body is None:
             raise NotFound(f"unknown service ID: {tail}")
@@ -408,12 +483,20 @@ class ConsulDevAgent:
 
     async def agent_service_register(self, request: web.Request, tail: str) -> Reply:
         raw = await self._body_json(request)
+        definition = decode_service_definition(raw)
+        self._authz(request).require(Resource.SERVICE, Access.WRITE, definition.name)
+        existing = self.state.agent_service_name(definition.id)
+        if existing is not None:  # the registration it would overwrite
+            self._authz(request).require(Resource.SERVICE, Access.WRITE, existing)
         flag = request.query.getall("replace-existing-checks", [])
         replace_checks = bool(flag) and flag[0] in ("", "true")
         self.state.register_service(raw, replace_existing_checks=replace_checks)
         return Reply()
 
     async def agent_service_deregister(self, request: web.Request, tail: str) -> Reply:
+        name = self.state.agent_service_name(tail)
+        if name is not None:
+            self._authz(request).require(Resource.SERVICE, Access.WRITE, name)
         self.state.deregister_service(tail)
         return Reply()
 
@@ -421,14 +504,24 @@ class ConsulDevAgent:
         return self._json(request, self.state.agent_checks())
 
     async def agent_check_register(self, request: web.Request, tail: str) -> Reply:
-        self.state.register_check(await self._body_json(request))
+        raw = await self._body_json(request)
+        definition = decode_check_definition(raw)
+        service = self.state.agent_service_name(definition.service_id) if definition.service_id else None
+        if service:
+            self._authz(request).require(Resource.SERVICE, Access.WRITE, service)
+        else:
+            self._authz(request).require(Resource.NODE, Access.WRITE, NODE_NAME)
+        self._require_check_write(request, definition.check_id)
+        self.state.register_check(raw)
         return Reply()
 
     async def agent_check_deregister(self, request: web.Request, tail: str) -> Reply:
+        self._require_check_write(request, tail)
         self.state.deregister_check(tail)
         return Reply()
 
     async def _ttl_update(self, request: web.Request, check_id: str, status: str) -> Reply:
+        self._require_check_write(request, check_id)
         self.state.update_ttl_check(check_id, status, request.query.get("note", ""))
         return Reply()
 
@@ -442,7 +535,9 @@ class ConsulDevAgent:
         return await self._ttl_update(request, tail, HEALTH_CRITICAL)
 
     async def agent_check_update(self, request: web.Request, tail: str) -> Reply:
-        self.state.update_check(tail, await self._body_json(request))
+        raw = await self._body_json(request)
+        self._require_check_write(request, tail)
+        self.state.update_check(tail, raw)
         return Reply()
 
     # ---- catalog and health --------------------------------------------------------
@@ -519,6 +614,7 @@ class ConsulDevAgent:
             cas = _parse_uint(query.get("cas", "")) if "cas" in query else None
             acquire = query.get("acquire", "") if "acquire" in query else None
             release = query.get("release", "") if "release" in query else None
+            self._authz(request).require_bare(Resource.KEY, Access.WRITE, key)
             length = request.content_length or 0
             if length > KV_MAX_VALUE_BYTES:
                 raise RequestTooLarge(
@@ -533,10 +629,21 @@ class ConsulDevAgent:
         if not recurse and key == "":
             raise InvalidRequest("Missing key name")
         cas = _parse_uint(query.get("cas", "")) if "cas" in query else None
+        self._authz(request).require_bare(Resource.KEY, Access.WRITE, key)  # key_prefix write for recurse
         return self._json(request, self.state.kv_delete(key, recurse=recurse, cas=cas))
 
     async def _kv_get(self, request: web.Request, key: str) -> Reply:
         query = request.query
+        authz = self._authz(request)
+        if "keys" in query or "recurse" in query:
+            if not authz.allowed(Resource.KEY, Access.READ, key):
+                # Filtered to nothing: Consul answers a list with no entries 404, at the prefix's index.
+                self._acl_filtered.inc()
+                listing = self.state.kv_keys if "keys" in query else self.state.kv_list
+                index, _ = await self.blocking(request, lambda: (listing(key)[0], None))
+                return Reply(404, b"", TEXT_CONTENT_TYPE, index)
+        elif key != "":
+            authz.require_bare(Resource.KEY, Access.READ, key)
         if "keys" in query:
             separator = query.get("separator", query.get("seperator", ""))  # Consul accepts its old misspelling
             index, keys = await self.blocking(request, lambda: self.state.kv_keys(key, separator))
@@ -559,18 +666,21 @@ class ConsulDevAgent:
 
     # ---- sessions ------------------------------------------------------------------
     async def session_create(self, request: web.Request, tail: str) -> Reply:
+        self._authz(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
         raw = await self._body_json(request) if await request.read() else None
         return self._json(request, {"ID": self.state.session_create(raw)})
 
     async def session_destroy(self, request: web.Request, tail: str) -> Reply:
         if not tail:
             raise InvalidRequest("Missing session")
+        self._authz(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
         self.state.session_destroy(tail)
         return self._json(request, True)
 
     async def session_renew(self, request: web.Request, tail: str) -> Reply:
         if not tail:
             raise InvalidRequest("Missing session")
+        self._authz(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
         return self._json(request, self.state.session_renew(tail))
 
     async def session_info(self, request: web.Request, tail: str) -> Reply:
@@ -603,7 +713,7 @@ class ConsulDevAgent:
         return Reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
 
-async def start_agent(host: str, port: int) -> tuple[dict[str, Any], StopFn]:
+async def start_agent(host: str, port: int, acl_token: str = "") -> tuple[dict[str, Any], StopFn]:
     """Start serving on ``host:port`` (0 picks a free port); return the ready info and ``stop``.
 
     The info is what :func:`services.process.run_service` prints in the ready
@@ -612,7 +722,7 @@ async def start_agent(host: str, port: int) -> tuple[dict[str, Any], StopFn]:
     """
     node_address = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     state = ConsulState(time.monotonic, node_address=node_address)
-    agent = ConsulDevAgent(state)
+    agent = ConsulDevAgent(state, access=AccessControl(acl_token))
     runner = web.AppRunner(agent.application(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -631,19 +741,27 @@ async def start_agent(host: str, port: int) -> tuple[dict[str, Any], StopFn]:
             await ticker
         await runner.cleanup()
 
-    log.info("dev Consul agent serving on http://%s:%d (node %s, dc %s)", host, bound_port, "rtm-dev", DATACENTER)
+    log.info(
+        "dev Consul agent serving on http://%s:%d (node %s, dc %s, ACLs %s)",
+        host,
+        bound_port,
+        NODE_NAME,
+        DATACENTER,
+        "enforced, default deny" if agent.access.enabled else "off",
+    )
     info = {
         "service": SERVICE_NAME,
         "id": SERVICE_NAME,
         "host": host,
         "port": bound_port,
         "url": f"http://{host}:{bound_port}",
+        "acl": agent.access.enabled,
     }
     return info, stop
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``rtm consul-dev [--host H] [--port P]``: run the dev agent until SIGTERM/SIGINT."""
+    """``rtm consul-dev [--host H] [--port P] [--acl-token T]``: run the dev agent until SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(
         prog="rtm consul-dev",
         description="Run the embedded dev Consul agent. Production runs real Consul (CONSUL_HTTP_ADDR).",
@@ -654,8 +772,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port", type=int, default=int(os.environ.get(PORT_ENV, DEFAULT_PORT)), help=f"HTTP port (env {PORT_ENV})"
     )
+    parser.add_argument(
+        "--acl-token",
+        default=os.environ.get(ACL_TOKEN_ENV, ""),
+        help="enforce ACLs with default deny; this is the management token, the only one that may do anything "
+        f"(env {ACL_TOKEN_ENV}, which keeps it out of the process list; rtm up generates one)",
+    )
     args = parser.parse_args(argv)
     from services.logs import configure
 
     configure(SERVICE_NAME)
-    return run_service(lambda: start_agent(args.host, args.port))
+    return run_service(lambda: start_agent(args.host, args.port, args.acl_token))

@@ -3,7 +3,7 @@
 Start order: dev Consul (unless ``--consul`` points at a real one), channel
 servers (actives and a spare), CHARMs (the leader writes the channel ring),
 admin servers, the webapp, gateways. Each process
-is started with :func:`services.launcher.start` and counts as up once it has
+is started with :func:`rtmctl.launcher.start` and counts as up once it has
 printed its ready line (it is registered in Consul and serving by then).
 
 Once everything is up, ``DATA_DIR/fleet.json`` lists every process (service,
@@ -16,6 +16,15 @@ gateways first, Consul last.
 
 Every port derives from ``--port-base`` (see :func:`plan`), so two fleets run
 side by side with different bases.
+
+Secrets (``docs/consul-acl.md``): on first start ``rtm up`` makes, in its data
+directory (0700), each file 0600 from its first byte (:mod:`services.secret_file`)
+and reused on restart: ``secret`` (the fleet secret, from which each job's key
+is derived, :mod:`services.keys`), ``consul-acl-token`` (the dev Consul agent's
+management token: the agent enforces ACLs with default deny and every child
+sends the token), ``operator-token`` (what ``--debug-faults`` endpoints
+require) and ``seed.json`` (user tokens). Children get them through the
+environment, never on their command line.
 """
 
 from __future__ import annotations
@@ -23,8 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -34,11 +43,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consul_dev.app import ACL_TOKEN_ENV
+from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services import regions
-from services.config import Parser, split_host_port
-from services.launcher import LaunchError, RunningProcess, rtm_argv, start
+from services.config import CONSUL_TOKEN_ENV, Parser, consul_token_default, split_host_port
+from services.discovery import sync_client
 from services.process import announce_ready
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
+from services.secret_file import ensure_private_dir, ensure_secret_file
+
+SECRET_FILE = "secret"
+CONSUL_ACL_TOKEN_FILE = "consul-acl-token"
+OPERATOR_TOKEN_FILE = "operator-token"
+OPERATOR_TOKEN_ENV = "RTM_OPERATOR_TOKEN"
+SECRET_ENV = "RTM_SECRET"
 
 DEFAULT_PORT_BASE = 7400
 SUPERVISE_INTERVAL_S = 0.5
@@ -47,6 +65,7 @@ MAX_RESTARTS_PER_MINUTE = 5
 SEED_USERS = 5
 SEED_CHANNELS = 2
 SEED_BOTS = 1
+SEED_TIMEOUT_S = 120.0  # `rtm seed` of the default team takes well under a second
 
 
 @dataclass
@@ -219,19 +238,13 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
 
 
 def ensure_secret(data_dir: Path) -> str:
-    path = data_dir / "secret"
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    """The fleet secret in ``DATA_DIR/secret`` (made 0600 on first start)."""
+    return ensure_secret_file(data_dir / SECRET_FILE)
 
 
-def wait_for_ring(consul_addr: str, timeout_s: float, key: str = CHANNEL_RING_KEY) -> RingDocument:
+def wait_for_ring(consul_addr: str, timeout_s: float, key: str = CHANNEL_RING_KEY, token: str = "") -> RingDocument:
     """Block until CHARM has written the ring at ``key`` (blocking queries, bounded)."""
-    import consul
-
-    host, port = split_host_port(consul_addr)
-    client = consul.Consul(host=host, port=port)
+    client = sync_client(consul_addr, token)
     deadline = time.monotonic() + timeout_s
     index = None
     while time.monotonic() < deadline:
@@ -242,12 +255,9 @@ def wait_for_ring(consul_addr: str, timeout_s: float, key: str = CHANNEL_RING_KE
     raise LaunchError(f"CHARM did not write a complete ring at {key} within {timeout_s}s")
 
 
-def write_region_map(consul_addr: str, region_names: list[str]) -> None:
+def write_region_map(consul_addr: str, region_names: list[str], token: str = "") -> None:
     """Each region falls back to the others in the order given (unless an operator wrote a map)."""
-    import consul
-
-    host, port = split_host_port(consul_addr)
-    client = consul.Consul(host=host, port=port)
+    client = sync_client(consul_addr, token)
     client.kv.put(regions.REGION_MAP_KEY, json.dumps(regions.default_map(region_names)), cas=0)
 
 
@@ -255,7 +265,7 @@ class Fleet:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.data_dir = Path(args.data_dir).resolve()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)
         self.running: dict[str, RunningProcess] = {}
         self.specs: dict[str, ProcessSpec] = {}
         self.consul_addr = args.consul or f"{args.host}:{args.port_base}"
@@ -268,16 +278,28 @@ class Fleet:
         return proc
 
     def up(self) -> None:
-        self.env = {"RTM_SECRET": ensure_secret(self.data_dir)}
+        self.env = {
+            SECRET_ENV: ensure_secret(self.data_dir),
+            OPERATOR_TOKEN_ENV: ensure_secret_file(self.data_dir / OPERATOR_TOKEN_FILE),
+        }
         if not self.args.consul:
+            # The dev agent enforces ACLs with this management token; every child sends it.
+            self.consul_token = ensure_secret_file(self.data_dir / CONSUL_ACL_TOKEN_FILE)
+            self.env[ACL_TOKEN_ENV] = self.consul_token
             host, port = split_host_port(self.consul_addr)
             spec = ProcessSpec(
                 "consul-dev", "consul-dev", rtm_argv("consul-dev", "--host", host, "--port", str(port)), port
             )
             self.specs[spec.name] = spec
-            self.launch(spec)
+        else:  # a real Consul: its operator gave the token (--consul-token / RTM_CONSUL_TOKEN / CONSUL_HTTP_TOKEN)
+            self.consul_token = self.args.consul_token
+        self.env[CONSUL_TOKEN_ENV] = self.consul_token
+        if not self.args.consul:
+            self.launch(self.specs["consul-dev"])
         self.seed = self.ensure_seed()
-        write_region_map(self.consul_addr, [r.strip() for r in self.args.regions.split(",") if r.strip()])
+        write_region_map(
+            self.consul_addr, [r.strip() for r in self.args.regions.split(",") if r.strip()], self.consul_token
+        )
         specs = plan(self.args, self.data_dir, self.consul_addr)
         for spec in specs:
             self.specs[spec.name] = spec
@@ -287,22 +309,34 @@ class Fleet:
                 group = [s for s in specs if s.service == service]
                 list(pool.map(self.launch, group))
                 if service == "charm":
-                    wait_for_ring(self.consul_addr, self.args.ready_timeout_s)
+                    wait_for_ring(self.consul_addr, self.args.ready_timeout_s, token=self.consul_token)
                     if self.args.presence_servers:
-                        wait_for_ring(self.consul_addr, self.args.ready_timeout_s, PRESENCE_RING_KEY)
+                        wait_for_ring(
+                            self.consul_addr, self.args.ready_timeout_s, PRESENCE_RING_KEY, token=self.consul_token
+                        )
         self.write_fleet_json()
 
     def ensure_seed(self) -> dict[str, Any]:
         path = self.data_dir / "seed.json"
         if path.exists():
             return dict(json.loads(path.read_text()))
-        from webapp_stub.seed import seed_demo
-
-        seed = seed_demo(
-            self.data_dir / "webapp.db", users=self.args.seed_users, channels=SEED_CHANNELS, bots=SEED_BOTS
+        # Through the webapp's own entry point (`rtm seed`), which writes seed.json:
+        # the tooling starts services, it does not reach into their code.
+        argv = rtm_argv(
+            "seed",
+            "--data-dir",
+            str(self.data_dir),
+            "--users",
+            str(self.args.seed_users),
+            "--channels",
+            str(SEED_CHANNELS),
+            "--bots",
+            str(SEED_BOTS),
         )
-        path.write_text(json.dumps(seed, indent=2))
-        return seed
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=SEED_TIMEOUT_S, check=False)
+        if done.returncode != 0:
+            raise LaunchError(f"rtm seed failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        return dict(json.loads(path.read_text()))  # rtm seed wrote it 0600: it holds user tokens
 
     def fleet_info(self) -> dict[str, Any]:
         processes = []
@@ -410,6 +444,12 @@ def build_parser() -> Parser:
         "--consul",
         default=os.environ.get("RTM_CONSUL", ""),
         help="use this Consul (host:port) instead of starting the dev agent",
+    )
+    parser.add_argument(
+        "--consul-token",
+        default=consul_token_default(),
+        help="ACL token for the Consul given by --consul (env RTM_CONSUL_TOKEN or CONSUL_HTTP_TOKEN); "
+        "with the dev agent, rtm up makes one in DATA_DIR/consul-acl-token",
     )
     parser.add("--admin-servers", 2, "admin servers")
     parser.add("--channel-servers", 3, "active channel servers (= slots of the channel ring)")

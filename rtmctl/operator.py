@@ -9,6 +9,18 @@
 * ``rtm drain REGION`` / ``rtm undrain REGION``: set or clear the region's
   drain flag in Consul; its gateways move their clients to the nearest good
   region (see :mod:`gateway.drain`) or take clients again.
+* ``rtm deadletter list`` / ``rtm deadletter redrive CHANNEL:SEQ``: the events
+  the hand-off parked because the fleet refused them for good (see
+  :mod:`webapp_stub.handoff`), and sending one again. Both work on the
+  webapp's SQLite file (``DATA_DIR/webapp.db``, or ``--db``), so they run
+  where that file is and work while the webapp is down; a running webapp
+  picks a redrive request up within a second (``DEADLETTER_POLL_S``).
+  ``rtm status`` lists the dead letters too when it finds the file.
+
+Every command that talks to Consul sends an ACL token: ``--consul-token``, else
+``RTM_CONSUL_TOKEN`` / ``CONSUL_HTTP_TOKEN`` / ``CONSUL_HTTP_TOKEN_FILE``, else
+the token ``rtm up`` made in ``DATA_DIR/consul-acl-token`` (so nothing more
+needs typing against a local fleet).
 """
 
 from __future__ import annotations
@@ -24,8 +36,12 @@ from typing import Any
 import consul
 
 from services import regions
-from services.config import consul_default, env_default, split_host_port
+from services.config import consul_default, consul_token_default, env_default
+from services.discovery import sync_client
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
+
+WEBAPP_DB = "webapp.db"  # webapp_stub.store.DB_FILE (not imported: the store pulls in the webapp's code)
+MAX_LISTED_DEAD_LETTERS = 50  # rtm status shows at most this many (rtm deadletter list shows all)
 
 SERVICES = ("webapp", "admin-server", "channel-server", "gateway", "charm", "presence")
 
@@ -39,9 +55,32 @@ def consul_address(data_dir: str, given: str = "") -> str:
     return consul_default()
 
 
-def consul_client(address: str) -> consul.Consul:
-    host, port = split_host_port(address)
-    return consul.Consul(host=host, port=port)
+def consul_token(data_dir: str, given: str = "") -> str:
+    """The token to send: given, else from the environment, else ``DATA_DIR/consul-acl-token``; "" if none."""
+    if given:
+        return given
+    token = consul_token_default()
+    if token:
+        return token
+    path = Path(data_dir) / "consul-acl-token"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    return ""
+
+
+def consul_client(address: str, token: str = "") -> consul.Consul:
+    """A py-consul client for ``address`` that sends ``token``."""
+    return sync_client(address, token)
+
+
+def fleet_client(data_dir: str | Path) -> consul.Consul:
+    """A client for the Consul of the fleet ``rtm up`` runs in ``data_dir``, with that fleet's token."""
+    return consul_client(consul_address(str(data_dir)), consul_token(str(data_dir)))
+
+
+def operator_client(args: argparse.Namespace) -> consul.Consul:
+    """The Consul client an ``rtm`` command uses: address and token from its flags, env or data dir."""
+    return consul_client(consul_address(args.data_dir, args.consul), consul_token(args.data_dir, args.consul_token))
 
 
 def read_ring(client: consul.Consul, key: str) -> RingDocument:
@@ -51,7 +90,7 @@ def read_ring(client: consul.Consul, key: str) -> RingDocument:
 
 def status(args: argparse.Namespace) -> int:
     address = consul_address(args.data_dir, args.consul)
-    client = consul_client(address)
+    client = operator_client(args)
     try:
         _, registered = client.catalog.services()
     except Exception as exc:
@@ -89,6 +128,65 @@ def status(args: argparse.Namespace) -> int:
     print(f"drained regions: {', '.join(names) if names else 'none'}")
     info = leader_address(client)
     print(f"CHARM leader: {info['id']} ({info['host']}:{info['port']})" if info else "CHARM leader: none")
+    db = webapp_db(args)
+    if db is not None:
+        print_dead_letters(db, limit=MAX_LISTED_DEAD_LETTERS)
+    return 0
+
+
+def webapp_db(args: argparse.Namespace) -> Path | None:
+    """The webapp's database: ``--db``, else ``DATA_DIR/webapp.db``; None if absent."""
+    path = Path(getattr(args, "db", "") or Path(args.data_dir) / WEBAPP_DB)
+    return path if path.is_file() else None
+
+
+def print_dead_letters(db: Path, limit: int | None = None) -> int:
+    """Print the dead letters not yet delivered; returns how many there are."""
+    from webapp_stub.store import Store
+
+    store = Store(db)
+    try:
+        letters = store.dead_letters()
+    finally:
+        store.close()
+    print(f"dead letters: {len(letters) if letters else 'none'}")
+    for letter in letters[:limit]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.parked_at))
+        print(
+            f"  {letter.eid:<24} {letter.state:<9} {letter.reason:<12} refusals={letter.refusals} "
+            f"redrives={letter.redrives} parked {when}  {letter.detail[:80]}"
+        )
+    if limit is not None and len(letters) > limit:
+        print(f"  ... and {len(letters) - limit} more (rtm deadletter list)")
+    return len(letters)
+
+
+def deadletter(args: argparse.Namespace) -> int:
+    db = webapp_db(args)
+    if db is None:
+        print(f"rtm deadletter: no webapp database at {args.db or Path(args.data_dir) / WEBAPP_DB}")
+        return 1
+    if args.action == "list":
+        print_dead_letters(db)
+        return 0
+    channel, _, seq = (args.id or "").rpartition(":")
+    if not channel or not seq.isdigit():
+        print(f"rtm deadletter: {args.id!r} is not a dead letter id (CHANNEL:SEQ, as rtm deadletter list shows)")
+        return 2
+    from webapp_stub.store import Store
+
+    store = Store(db)
+    try:
+        letter = store.request_redrive(channel, int(seq))
+    finally:
+        store.close()
+    if letter is None:
+        print(f"rtm deadletter: no dead letter {args.id}")
+        return 1
+    if letter.state != "redrive":
+        print(f"rtm deadletter: {args.id} is {letter.state}, not parked; nothing to do")
+        return 1
+    print(f"{args.id} will be sent again by the webapp (within a second if it is running); see rtm deadletter list")
     return 0
 
 
@@ -100,7 +198,7 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
     target = args.name
     if args.service in ("channel-server", "presence"):  # a slot name stands for its current owner
         key = CHANNEL_RING_KEY if args.service == "channel-server" else PRESENCE_RING_KEY
-        doc = read_ring(consul_client(consul_address(args.data_dir, args.consul)), key)
+        doc = read_ring(operator_client(args), key)
         target = doc.slots.get(target) or target
     for proc in procs:
         if target in (proc["id"], proc["name"], str(proc["pid"])):
@@ -117,7 +215,7 @@ def kill(args: argparse.Namespace) -> int:
 
 
 def drain(args: argparse.Namespace, on: bool) -> int:
-    client = consul_client(consul_address(args.data_dir, args.consul))
+    client = operator_client(args)
     key = regions.drained_key(args.region)
     if on:
         client.kv.put(key, str(time.time()))
@@ -133,6 +231,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"rtm {command}", description=__doc__)
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"))
     parser.add_argument("--consul", default="", help="Consul host:port (default: from DATA_DIR/fleet.json)")
+    add_consul_token_flag(parser)
+    parser.add_argument("--db", default="", help="the webapp's SQLite file (default: DATA_DIR/webapp.db)")
+    if command == "deadletter":
+        parser.add_argument("action", choices=("list", "redrive"))
+        parser.add_argument("id", nargs="?", default="", help="CHANNEL:SEQ of the dead letter to redrive")
+        return deadletter(parser.parse_args(rest))
     if command in ("drain", "undrain"):
         parser.add_argument("region")
         return drain(parser.parse_args(rest), on=command == "drain")
@@ -141,6 +245,16 @@ def main(argv: list[str]) -> int:
         parser.add_argument("name", help="instance id, ring slot (cs-N, ps-N) or pid")
         return kill(parser.parse_args(rest))
     return status(parser.parse_args(rest))
+
+
+def add_consul_token_flag(parser: argparse.ArgumentParser) -> None:
+    """``--consul-token`` for operator commands (default: env, then DATA_DIR/consul-acl-token)."""
+    parser.add_argument(
+        "--consul-token",
+        default="",
+        help="Consul ACL token (default: RTM_CONSUL_TOKEN, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE, "
+        "then DATA_DIR/consul-acl-token)",
+    )
 
 
 def leader_address(client: consul.Consul) -> dict[str, Any] | None:

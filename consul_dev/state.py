@@ -3,7 +3,7 @@
 :class:`ConsulState` holds one node (``rtm-dev`` in ``dc1``) with its agent
 services and TTL checks, the KV store, and sessions. It never awaits, never
 reads a real clock (the clock is injected) and never touches a socket: the
-aiohttp layer in :mod:`services.consul_dev.app` decodes HTTP into calls on it
+aiohttp layer in :mod:`consul_dev.app` decodes HTTP into calls on it
 and encodes what it returns. Every public method first applies whatever expired
 by the clock (TTL checks, critical-service reaping, session TTLs), so the model
 is correct however rarely :meth:`ConsulState.tick` is called.
@@ -1092,6 +1092,23 @@ class ConsulState:
             for s in sorted(self._services.values(), key=lambda s: s.id)
             if s.agent_local
         }
+
+    def agent_service_name(self, service_id: str) -> str | None:
+        """The service name of agent service ``service_id`` (what its ACL rule names), or None."""
+        service = self._services.get(service_id)
+        return service.name if service is not None and service.agent_local else None
+
+    def agent_check_service_name(self, check_id: str) -> str | None:
+        """The service name agent check ``check_id`` belongs to ("" for a node check), or None if unknown.
+
+        Consul checks ``service:write`` on that name, or ``node:write`` on the
+        node for a node check, before it updates or removes the check.
+        """
+        check = self._checks.get(check_id)
+        if check is None or not check.agent_local:
+            return None
+        service = self._services.get(check.service_id) if check.service_id else None
+        return service.name if service is not None else ""
 
     def agent_service(self, service_id: str) -> Json | None:
         """``GET /v1/agent/service/<id>``: the AgentService with its ``ContentHash``, or None."""

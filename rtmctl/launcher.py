@@ -24,7 +24,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-READY_PREFIX = "RTM-READY "
+from services.process import READY_PREFIX
+
 READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 8.0
 LOG_TAIL_LINES = 200
@@ -74,7 +75,7 @@ class RunningProcess:
 
 def rtm_argv(*args: str) -> list[str]:
     """The argv that runs ``rtm ARGS`` with this interpreter (no PATH lookup)."""
-    return [sys.executable, "-m", "services.cli", *args]
+    return [sys.executable, "-m", "rtmctl.cli", *args]
 
 
 def _pump_lines(stream: IO[str], proc: RunningProcess, echo: IO[str] | None) -> None:

@@ -15,9 +15,9 @@ import sys
 from typing import Any
 
 from charm.app import RINGS
+from rtmctl.operator import add_consul_token_flag, leader_address, operator_client, read_ring
 from services.connection import PeerConnection, connect
 from services.errors import PeerError
-from services.operator import consul_address, consul_client, leader_address, read_ring
 
 REQUEST_TIMEOUT_S = 10.0
 
@@ -37,8 +37,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ring", choices=sorted(RINGS), default="channel")
     parser.add_argument("--data-dir", default="./.rtm")
     parser.add_argument("--consul", default="")
+    add_consul_token_flag(parser)
     args = parser.parse_args(argv)
-    client = consul_client(consul_address(args.data_dir, args.consul))
+    client = operator_client(args)
     key = RINGS[args.ring][1]
     if args.action == "show":
         doc = read_ring(client, key)

@@ -10,22 +10,23 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("services.fleet", "start the whole fleet on this machine and supervise it"),
-    "consul-dev": ("services.consul_dev.app", "the embedded dev Consul agent"),
+    "up": ("rtmctl.fleet", "start the whole fleet on this machine and supervise it"),
+    "consul-dev": ("consul_dev.app", "the embedded dev Consul agent"),
     "webapp": ("webapp_stub.app", "the webapp (Slack Web API, SQLite)"),
     "admin-server": ("admin_server.app", "one Admin Server"),
     "channel-server": ("channel_server.app", "one Channel Server"),
     "gateway": ("gateway.app", "one Gateway Server"),
     "charm": ("charm.app", "one CHARM ring manager"),
     "presence": ("presence.app", "one Presence Server"),
-    "ring": ("charm.operator", "show the rings, add or remove a slot (through the CHARM leader)"),
-    "kill": ("services.operator", "SIGKILL one process of a running fleet (demos and tests)"),
-    "drain": ("services.operator", "drain a gateway region: its clients move to the nearest good region"),
-    "undrain": ("services.operator", "let a drained region take clients again"),
+    "ring": ("rtmctl.ring", "show the rings, add or remove a slot (through the CHARM leader)"),
+    "kill": ("rtmctl.operator", "SIGKILL one process of a running fleet (demos and tests)"),
+    "drain": ("rtmctl.operator", "drain a gateway region: its clients move to the nearest good region"),
+    "undrain": ("rtmctl.operator", "let a drained region take clients again"),
     "seed": ("webapp_stub.seed", "create the demo team in a data directory"),
-    "tail": ("services.demo_client", "connect as a seeded user and print events as they arrive"),
-    "post": ("services.demo_client", "post a message as a seeded user"),
-    "status": ("services.operator", "print the fleet: instances, health, rings, CHARM leader"),
+    "tail": ("rtmctl.demo_client", "connect as a seeded user and print events as they arrive"),
+    "post": ("rtmctl.demo_client", "post a message as a seeded user"),
+    "status": ("rtmctl.operator", "print the fleet: instances, health, rings, CHARM leader, dead letters"),
+    "deadletter": ("rtmctl.operator", "list the webapp's dead letters, or redrive one (list | redrive CHANNEL:SEQ)"),
 }
 
 USAGE = "usage: rtm COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    if command in ("tail", "post", "status", "kill", "drain", "undrain"):
+    if command in ("tail", "post", "status", "kill", "drain", "undrain", "deadletter"):
         return int(module.main([command, *rest]))
     return int(module.main(rest))
 

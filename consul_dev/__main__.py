@@ -1,0 +1,3 @@
+from consul_dev.app import main
+
+raise SystemExit(main())

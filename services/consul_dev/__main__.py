@@ -1,3 +1,0 @@
-from services.consul_dev.app import main
-
-raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""Issue 13 at the webapp, over real HTTP and msgpack sockets: Slack's limits where
+messages enter, Web API inputs that used to answer internal_error, outbox
+backpressure (429), dead letters with the ``rtm deadletter`` commands, and group
+commit. The webapp runs in-process (FixedDiscovery) against a fake Admin Server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from rtmctl import operator
+from services import wire
+from services.connection import PeerConnection
+from tests.component.test_webapp_api import KEYS, FakeAdminServer, Webapp, start
+from tests.support import async_wait_until
+
+MIB = 1024 * 1024
+
+
+class RefusingAdminServer(FakeAdminServer):
+    """Answers ``bad_request`` to every pub whose JSON contains :attr:`poison` (while set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.poison: bytes | None = b"POISON"
+        self.refused: list[str] = []
+
+    def on_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | None:
+        if msg["op"] == "pub" and self.poison and self.poison in msg["json"]:
+            self.refused.append(msg["eid"])
+            return wire.reply_err(msg["id"], "bad_request", "refused by the test")
+        return super().on_request(conn, msg)
+
+
+@pytest.fixture
+async def fake_as() -> AsyncIterator[RefusingAdminServer]:
+    server = RefusingAdminServer()
+    await server.start()
+    yield server
+    if server.server is not None:
+        await server.kill()
+
+
+@pytest.fixture
+async def webapp(tmp_path: Path, fake_as: RefusingAdminServer) -> AsyncIterator[Webapp]:
+    app = await start(tmp_path, fake_as, "--max-refusals", "3")
+    yield app
+    await app.session.close()
+    await app.stop()
+
+
+async def metrics(app: Webapp) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with app.session.get(f"{app.url}/metrics") as resp:
+        text = await resp.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in values.items() if n == name and all((k, w) in ls for k, w in labels.items()))
+
+
+def rich_text_blocks(total_chars: int, blocks: int = 50) -> list[dict[str, Any]]:
+    """Blocks whose text is not in text objects (rich_text elements): only the event size bounds them."""
+    per = total_chars // blocks
+    return [{"type": "rich_text", "elements": [{"type": "text", "text": "b" * per}]} for _ in range(blocks)]
+
+
+async def test_the_issue_oversized_post_and_edit_get_clear_errors(webapp: Webapp, fake_as: RefusingAdminServer) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    token = alice["token"]
+    # 2.2 MB of blocks: in one section's text, or spread where only the event size bounds it
+    for blocks, code in (
+        ([{"type": "section", "text": {"type": "mrkdwn", "text": "x" * 2_200_000}}], "invalid_blocks"),
+        (rich_text_blocks(2_200_000), "msg_too_long"),
+        (rich_text_blocks(100, blocks=51), "invalid_blocks"),
+    ):
+        status, reply = await webapp.call("chat.postMessage", token, json_body={"channel": general, "blocks": blocks})
+        assert (status, reply) == (200, {"ok": False, "error": code})
+    status, reply = await webapp.call(
+        "chat.postMessage", token, json_body={"channel": general, "attachments": [{"text": "a"}] * 101}
+    )
+    assert reply == {"ok": False, "error": "too_many_attachments"}
+    status, reply = await webapp.call("chat.postMessage", token, data={"channel": general, "blocks": "[{"})
+    assert reply == {"ok": False, "error": "invalid_blocks_format"}
+    # the same limits on the gateway's send path
+    _, reply = await webapp.internal(
+        "call/chat.postMessage", {"user": alice["id"], "channel": general, "blocks": rich_text_blocks(2_200_000)}
+    )
+    assert reply == {"ok": False, "error": "msg_too_long"}
+
+    # 600 KB is a message; an edit adding 600 KB more makes an event (message + previous_message) too large
+    status, posted = await webapp.call(
+        "chat.postMessage", token, json_body={"channel": general, "text": "big", "blocks": rich_text_blocks(600_000)}
+    )
+    assert posted["ok"], posted
+    status, reply = await webapp.call(
+        "chat.update",
+        token,
+        json_body={"channel": general, "ts": posted["ts"], "blocks": rich_text_blocks(600_000)},
+    )
+    assert reply == {"ok": False, "error": "msg_too_long"}
+    status, after = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "after"})
+    assert after["ok"]
+
+    async def delivered() -> bool:
+        return any(json.loads(p["json"]).get("text") == "after" for p in fake_as.pubs_for(general))
+
+    await async_wait_until(delivered, what="the message after the refusals")
+    assert max(len(p["json"]) for p in fake_as.pubs) <= MIB  # nothing above the event limit was handed off
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="msg_too_long") == 3
+    assert metric(values, "rtm_errors_total", kind="invalid_blocks") == 2
+    assert metric(values, "rtm_errors_total", kind="too_many_attachments") == 1
+
+
+async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webapp) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    token = alice["token"]
+    _, posted = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "target"})
+    huge = "99999999999999999999.000000"
+    raw_json = {"Content-Type": "application/json"}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"method": "conversations.history", "json_body": {"channel": general, "limit": 1e400}}, "invalid_arguments"),
+        ({"method": "conversations.history", "data": {"channel": general, "limit": "1e400"}}, "invalid_arguments"),
+        ({"method": "conversations.history", "data": {"channel": general, "oldest": huge}}, "invalid_ts_oldest"),
+        ({"method": "conversations.history", "data": {"channel": general, "latest": huge}}, "invalid_ts_latest"),
+        (
+            {
+                "method": "conversations.history",
+                "data": {"channel": general, "cursor": "dHM6OTk5OTk5OTk5OTk5OTk5OTk5OTk5"},
+            },
+            "invalid_cursor",
+        ),
+        ({"method": "chat.update", "data": {"channel": general, "ts": huge, "text": "x"}}, "invalid_ts"),
+        ({"method": "chat.delete", "data": {"channel": general, "ts": "9" * 20}}, "invalid_ts"),
+        ({"method": "reactions.add", "data": {"channel": general, "timestamp": huge, "name": "+1"}}, "invalid_ts"),
+        ({"method": "conversations.replies", "data": {"channel": general, "ts": huge}}, "thread_not_found"),
+        (
+            {
+                "method": "chat.postMessage",
+                "data": b'{"channel": "%s", "text": "\\ud800"}' % general.encode(),
+                "headers": raw_json,
+            },
+            "invalid_json",
+        ),
+        ({"method": "chat.postMessage", "data": b"[" * 200_000, "headers": raw_json}, "invalid_json"),
+        (
+            {"method": "chat.postMessage", "data": {"channel": general, "blocks": "[" * 200_000}},
+            "invalid_blocks_format",
+        ),
+        ({"method": "users.list", "data": {"cursor": "dXNlcjo5OTk5OTk5OTk5OTk5OTk5OTk5OTk="}}, "invalid_cursor"),
+    ]
+    for spec, code in cases:
+        name = spec.pop("method")
+        status, reply = await webapp.call(name, token, **spec)
+        assert (status, reply) == (200, {"ok": False, "error": code}), (name, spec)
+    # a lone surrogate percent-encoded in the query string
+    status, reply = await webapp.call("chat.postMessage", token, params=f"channel={general}&text=%ED%A0%80")
+    assert reply["ok"] or reply["error"] != "internal_error"
+    # internal endpoints: the same bodies, Slack codes too
+    for body in (b"[" * 200_000, b'{"channel": "\\udc00"}'):
+        async with webapp.session.post(
+            f"{webapp.url}/internal/history",
+            data=body,
+            headers={"X-Rtm-Secret": KEYS.internal_http_credential, **raw_json},
+        ) as resp:
+            assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_json"})
+    _, reply = await webapp.internal("history", {"channel": general, "after_seq": 10**30})
+    assert reply == {"ok": False, "error": "invalid_arguments"}
+    _, reply = await webapp.internal("resume", {"user": alice["id"], "channels": {general: 1e400}})
+    assert reply == {"ok": False, "error": "invalid_arguments"}
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="internal_error") == 0
+    assert metric(values, "rtm_errors_total", kind="invalid_ts_oldest") == 1
+    _, still = await webapp.call("conversations.history", token, data={"channel": general})
+    assert still["ok"] and posted["ts"] in [m["ts"] for m in still["messages"]]  # and the server serves on
+
+
+async def test_full_outbox_answers_ratelimited_and_persists_nothing(tmp_path: Path) -> None:
+    fake_as = FakeAdminServer()
+    await fake_as.start()
+    app = await start(tmp_path, fake_as, "--max-outbox-events", "3")
+    try:
+        alice, general = app.user("alice"), app.channel("general")
+        await fake_as.kill()  # no Admin Server: the outbox fills
+        texts = []
+        for i in range(10):
+            status, reply = await app.call(
+                "chat.postMessage", alice["token"], json_body={"channel": general, "text": f"q{i}"}
+            )
+            if status == 429:
+                break
+            assert reply["ok"], reply
+            texts.append(f"q{i}")
+        assert status == 429 and reply == {"ok": False, "error": "ratelimited"}
+        assert len(texts) == 3
+        async with app.session.post(
+            f"{app.url}/api/reactions.add",
+            json={"channel": general, "timestamp": "1.000001", "name": "+1"},
+            headers={"Authorization": f"Bearer {alice['token']}"},
+        ) as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+        _, history = await app.call("conversations.history", alice["token"], data={"channel": general})
+        assert [m["text"] for m in history["messages"]] == texts[::-1]  # the refused post was not persisted
+        values = await metrics(app)
+        assert metric(values, "rtm_webapp_backpressure_total") == 2
+        await fake_as.start()  # back: the outbox drains, writes are taken again
+
+        async def accepted() -> bool:
+            status, _ = await app.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": "ok"})
+            return status == 200
+
+        await async_wait_until(accepted, what="the outbox to drain")
+        got = [json.loads(p["json"]).get("text") for p in fake_as.pubs_for(general)]
+        assert [t for t in got if t in texts] == texts  # everything that was answered ok was delivered, in order
+    finally:
+        await app.session.close()
+        await app.stop()
+        if fake_as.server is not None:
+            await fake_as.kill()
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = operator.main(list(argv))
+    return code, out.getvalue()
+
+
+async def test_refused_event_is_dead_lettered_listed_and_redriven(
+    tmp_path: Path, webapp: Webapp, fake_as: RefusingAdminServer
+) -> None:
+    alice, general, random = webapp.user("alice"), webapp.channel("general"), webapp.channel("random")
+    token = alice["token"]
+    texts = ["before", "POISON", "after"]
+    for text in texts:
+        _, reply = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": text})
+        assert reply["ok"]
+    _, other = await webapp.call("chat.postMessage", token, json_body={"channel": random, "text": "elsewhere"})
+
+    def applied(channel: str) -> list[str]:
+        return [json.loads(p["json"])["text"] for p in fake_as.pubs_for(channel)]  # refused pubs are not recorded
+
+    async def moved_on() -> bool:
+        return "after" in applied(general) and "elsewhere" in applied(random)
+
+    await async_wait_until(moved_on, what="the events behind the refused one")
+
+    async def parked() -> bool:
+        return bool(webapp.stop.parts["store"].dead_letters())
+
+    await async_wait_until(parked, what="the refused event to be parked")
+    assert applied(general) == ["before", "after"]
+    poison = fake_as.refused[0]
+    assert fake_as.refused == [poison] * 3  # three identical refusals, then parked
+    code, listing = run_cli("deadletter", "list", "--data-dir", str(tmp_path))
+    assert code == 0 and poison in listing and "bad_request" in listing and "parked" in listing
+    values = await metrics(webapp)
+    assert metric(values, "rtm_deadletter_total", reason="bad_request") == 1
+    assert metric(values, "rtm_deadletter_parked") == 1
+    async with webapp.session.get(f"{webapp.url}/healthz") as resp:
+        assert (await resp.json())["dead_letters"] == 1
+
+    assert run_cli("deadletter", "redrive", "C-nope:1", "--data-dir", str(tmp_path))[0] == 1
+    assert run_cli("deadletter", "redrive", "garbage", "--data-dir", str(tmp_path))[0] == 2
+    fake_as.poison = None  # the cause is fixed downstream
+    code, said = run_cli("deadletter", "redrive", poison, "--data-dir", str(tmp_path))
+    assert code == 0, said
+
+    async def redelivered() -> bool:
+        return "POISON" in applied(general)
+
+    await async_wait_until(redelivered, what="the redriven event")
+
+    async def resolved() -> bool:
+        row = (
+            sqlite3.connect(tmp_path / "webapp.db")
+            .execute("SELECT state FROM dead_letters WHERE channel || ':' || seq = ?", (poison,))
+            .fetchone()
+        )
+        return row == ("delivered",)
+
+    await async_wait_until(resolved, what="the dead letter to be marked delivered")
+    assert "dead letters: none" in run_cli("deadletter", "list", "--data-dir", str(tmp_path))[1]
+    values = await metrics(webapp)
+    assert metric(values, "rtm_deadletter_redriven_total", outcome="delivered") == 1
+    assert other["ok"]
+
+
+async def test_concurrent_posts_share_commits_and_keep_seqs_gapless(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    store = webapp.stop.parts["store"]
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    before = store.last_seq(general)
+    replies = await asyncio.gather(
+        *(
+            webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"c{i}"})
+            for i in range(40)
+        )
+    )
+    assert all(status == 200 and reply["ok"] for status, reply in replies)
+    commits = webapp.stop.parts["commits"]
+    values = await metrics(webapp)
+    batches = metric(values, "rtm_webapp_commit_batch_writes_count")
+    assert 1 <= batches < 40 and commits.batches >= batches  # several posts per commit
+
+    async def all_handed_off() -> bool:
+        return len(fake_as.pubs_for(general)) >= 40
+
+    await async_wait_until(all_handed_off, what="40 pubs")
+    seqs = [p["seq"] for p in fake_as.pubs_for(general)]
+    assert seqs == list(range(before + 1, before + 41))  # gapless, in commit order

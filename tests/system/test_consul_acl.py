@@ -1,0 +1,83 @@
+"""``rtm up`` runs the dev Consul agent with ACLs on (default deny): the fleet works with its token,
+a stranger without it is refused and changes nothing; secret files are 0600, tokens never on a command line."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+from rtmctl.launcher import rtm_argv
+from services.regions import drained_key
+from services.ring import CHANNEL_RING_KEY
+from tests.system.harness import Fleet, consul_client
+
+SECRET_FILES = ("secret", "consul-acl-token", "operator-token", "seed.json")
+CLI_TIMEOUT_S = 60.0
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_secret_files_are_0600_in_a_0700_data_dir(fleet: Fleet) -> None:
+    assert mode(fleet.data_dir) == 0o700
+    for name in (*SECRET_FILES, "webapp.db", "webapp.db-wal"):  # the database holds user tokens too
+        assert mode(fleet.data_dir / name) == 0o600, name
+
+
+def test_no_secret_is_on_any_command_line(fleet: Fleet) -> None:
+    secrets = [(fleet.data_dir / name).read_text().strip() for name in SECRET_FILES[:3]]
+    pids = [fleet.proc.pid] + [p["pid"] for p in fleet.info["processes"]]
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        for secret in secrets:
+            assert secret not in cmdline, pid
+
+
+async def test_a_client_without_the_token_is_refused_while_the_fleet_works(fleet: Fleet) -> None:
+    consul_url = fleet.info["consul_url"]
+    ring_before = consul_client(fleet).kv.get(CHANNEL_RING_KEY)[1]["Value"]
+    async with aiohttp.ClientSession() as http:
+
+        async def call(method: str, path: str, **kwargs: object) -> tuple[int, str]:
+            async with http.request(method, consul_url + path, **kwargs) as resp:  # type: ignore[arg-type]
+                return resp.status, await resp.text()
+
+        assert await call("GET", f"/v1/kv/{CHANNEL_RING_KEY}") == (403, "Permission denied")
+        assert await call("PUT", f"/v1/kv/{CHANNEL_RING_KEY}", data=b'{"version":999}') == (403, "Permission denied")
+        assert await call("PUT", f"/v1/kv/{drained_key('us-east')}", data=b"1") == (403, "Permission denied")
+        status, body = await call("PUT", "/v1/agent/service/register", json={"Name": "webapp", "ID": "fake", "Port": 1})
+        assert status == 403 and body.startswith("Permission denied: anonymous token lacks permission 'service:write'")
+        assert await call("GET", "/v1/health/service/gateway?passing=1") == (200, "[]")  # filtered
+        assert await call("GET", "/v1/catalog/services") == (200, "{}")
+        bad = {"headers": {"X-Consul-Token": str(uuid.uuid4())}}
+        assert await call("GET", "/v1/health/service/gateway", **bad) == (403, "ACL not found")
+
+    # nothing changed, and the fleet (which sends its token) works
+    admin = consul_client(fleet)
+    assert admin.kv.get(CHANNEL_RING_KEY)[1]["Value"] == ring_before
+    assert admin.kv.get(drained_key("us-east"))[1] is None
+    assert "fake" not in admin.agent.services()
+    assert len(admin.health.service("gateway", passing=True)[1]) == 2
+    bob = await fleet.connect("bob")
+    text = f"acl-{uuid.uuid4().hex[:8]}"
+    reply = await fleet.api(
+        "chat.postMessage", fleet.user("alice")["token"], channel=fleet.channel("general"), text=text
+    )
+    assert reply["ok"], reply
+    await bob.wait_texts([text])
+    await bob.close()
+
+
+def test_rtm_status_finds_the_token_with_nothing_more_typed(fleet: Fleet) -> None:
+    argv = rtm_argv("status", "--data-dir", str(fleet.data_dir))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False, env=None)
+    assert done.returncode == 0, done.stderr
+    assert "channel ring v" in done.stdout and "gateway (2)" in done.stdout, done.stdout
+    info = json.loads((fleet.data_dir / "fleet.json").read_text())
+    assert info["consul_url"].startswith("http://")

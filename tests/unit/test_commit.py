@@ -1,0 +1,116 @@
+"""webapp_stub.commit: the writes of one loop turn share one commit; events go out only after it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from webapp_stub.commit import CommitFailed, GroupCommit
+from webapp_stub.seed import seed_demo
+from webapp_stub.store import ApiError, Event, Store
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.published: list[Event] = []
+
+    def publish(self, events: list[Event]) -> None:
+        self.published.extend(events)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = Store(str(tmp_path))
+    yield s
+    s.close()
+
+
+async def test_one_turn_one_commit_and_events_only_after_it(store: Store) -> None:
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink = Sink()
+    commits = GroupCommit(store, sink)
+    before = store.last_seq(general.id)
+
+    async def post(i: int) -> Event:
+        event = store.post_message(general, alice, f"post {i}")[1]
+        commits.publish([event])
+        await commits.durable()
+        return event
+
+    tasks = [asyncio.ensure_future(post(i)) for i in range(20)]
+    await asyncio.sleep(0)  # wait-ok: one loop turn: every task wrote, none committed yet
+    assert store.in_batch and sink.published == []
+    peek = Store(store.path)
+    assert peek.last_seq(general.id) == before  # not visible to anyone else before the commit
+    events = await asyncio.gather(*tasks)
+    assert peek.last_seq(general.id) == before + 20
+    peek.close()
+    assert commits.batches == 1
+    assert [e.seq for e in sink.published] == [before + i for i in range(1, 21)]  # commit order = seq order
+    assert sink.published == list(events)
+    commits.close()
+    assert store.batch_opener is None
+
+
+async def test_failed_write_rolls_back_alone(store: Store) -> None:
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink = Sink()
+    commits = GroupCommit(store, sink)
+    ok = store.post_message(general, alice, "kept")[1]
+    commits.publish([ok])
+    with pytest.raises(ApiError):
+        store.delete_message(general, alice, "1.000001")  # message_not_found, inside the batch
+    await commits.durable()
+    assert sink.published == [ok] and store.events_after(general.id, ok.seq - 1)[0] == [ok]
+    commits.close()
+
+
+class BrokenStore:
+    """A store whose COMMIT fails (disk full), to see what callers get."""
+
+    def __init__(self) -> None:
+        self.batch_opener: Any = None
+        self.in_batch = False
+
+    def begin_batch(self) -> None:
+        self.in_batch = True
+
+    def commit_batch(self) -> None:
+        self.in_batch = False
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def write(self) -> None:
+        if not self.in_batch:
+            self.batch_opener()
+
+
+async def test_a_failed_commit_fails_every_caller_and_hands_off_nothing() -> None:
+    store, sink = BrokenStore(), Sink()
+    commits = GroupCommit(store, sink)  # type: ignore[arg-type]
+    store.write()
+    commits.publish([Event("C1", 1, "{}", None, 0.0)])
+    with pytest.raises(CommitFailed):
+        await commits.durable()
+    assert sink.published == []
+    await commits.durable()  # nothing open: returns at once
+
+
+async def test_window_keeps_the_batch_open_longer(store: Store) -> None:
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    commits = GroupCommit(store, Sink(), window_s=0.05)
+    store.post_message(general, alice, "first")
+    await asyncio.sleep(0)  # wait-ok: one turn passes, the window keeps the batch open
+    assert store.in_batch
+    store.post_message(general, alice, "second")
+    await asyncio.wait_for(commits.durable(), 5.0)
+    assert commits.batches == 1 and not store.in_batch

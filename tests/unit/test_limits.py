@@ -1,0 +1,211 @@
+"""webapp_stub.limits and the Web API's argument parsing: Slack's codes, whatever the input.
+
+The Hypothesis properties say: any value, of any shape, either parses or raises
+ApiError with a Slack error code; no other exception escapes, and no input can
+exhaust the stack.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from webapp_stub.api import Call, check_text, flag, int_arg, json_arg, message_content, parse_json_body, str_arg
+from webapp_stub.limits import MAX_ATTACHMENTS, MAX_BLOCKS, MAX_CONTENT_DEPTH, check_attachments, check_blocks
+from webapp_stub.store import ApiError, decode_cursor, encode_cursor, ts_to_us
+
+SLACK_CODE_CHARS = set("abcdefghijklmnopqrstuvwxyz_")
+
+# Every JSON value: what a JSON body or a form field's JSON can hold.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(st.characters(codec=None)),  # lone surrogates included
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=30,
+)
+arg_values = json_values | st.text() | st.sampled_from(["1e400", "-0", "99999999999999999999", "NaN", "0x10", ""])
+
+
+def section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+
+
+def is_slack_code(code: str) -> bool:
+    return bool(code) and set(code) <= SLACK_CODE_CHARS and code != "internal_error"
+
+
+# -- blocks and attachments ----------------------------------------------------------------------
+
+
+def test_blocks_within_slack_limits_pass() -> None:
+    blocks = [section("x" * 3000)] * MAX_BLOCKS
+    assert check_blocks(blocks) is blocks
+    fields = {"type": "section", "fields": [{"type": "plain_text", "text": "y" * 2000}] * 10}
+    assert check_blocks([fields, {"type": "header", "text": {"type": "plain_text", "text": "h" * 150}}])
+
+
+@pytest.mark.parametrize(
+    ("blocks", "code"),
+    [
+        ("not a list", "invalid_blocks_format"),
+        ({"type": "section"}, "invalid_blocks_format"),
+        ([1, 2], "invalid_blocks_format"),
+        ([{"text": "no type"}], "invalid_blocks_format"),
+        ([section("x")] * (MAX_BLOCKS + 1), "invalid_blocks"),
+        ([section("x" * 3001)], "invalid_blocks"),
+        ([section("x" * 2_200_000)], "invalid_blocks"),  # the issue's 2.2 MB of blocks
+        ([{"type": "section", "fields": [{"type": "mrkdwn", "text": "y" * 2001}]}], "invalid_blocks"),
+        ([{"type": "section", "fields": [{"type": "mrkdwn", "text": "y"}] * 11}], "invalid_blocks"),
+        ([{"type": "header", "text": {"type": "plain_text", "text": "h" * 151}}], "invalid_blocks"),
+        ([{"type": "markdown", "text": "m" * 12_001}], "invalid_blocks"),
+        ([{"type": "divider", "block_id": "b" * 256}], "invalid_blocks"),
+        ([{"type": "context", "elements": [{"type": "plain_text"}]}], "invalid_blocks"),
+        ([{"type": [1], "text": {"type": {"a": 1}, "text": "unhashable types"}}], "invalid_blocks_format"),
+    ],
+)
+def test_blocks_beyond_slack_limits_get_slack_codes(blocks: Any, code: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        check_blocks(blocks)
+    assert caught.value.code == code
+
+
+def test_nesting_is_bounded_without_recursion() -> None:
+    deep: Any = {"type": "rich_text", "elements": []}
+    node = deep
+    for _ in range(100_000):  # far deeper than the interpreter's stack
+        child: dict[str, Any] = {"type": "rich_text_section", "elements": []}
+        node["elements"].append(child)
+        node = child
+    with pytest.raises(ApiError) as caught:
+        check_blocks([deep])
+    assert caught.value.code == "invalid_blocks"
+    shallow: Any = {"type": "rich_text", "elements": []}
+    node = shallow
+    for _ in range(MAX_CONTENT_DEPTH // 2 - 1):
+        child = {"type": "rich_text_section", "elements": []}
+        node["elements"].append(child)
+        node = child
+    assert check_blocks([shallow])
+
+
+def test_attachments_limits() -> None:
+    assert check_attachments([{"text": "a"}] * MAX_ATTACHMENTS)
+    for value, code in (
+        ([{"text": "a"}] * (MAX_ATTACHMENTS + 1), "too_many_attachments"),
+        ("x", "invalid_attachments"),
+        ([1], "invalid_attachments"),
+    ):
+        with pytest.raises(ApiError) as caught:
+            check_attachments(value)
+        assert caught.value.code == code
+
+
+# -- the Web API's argument parsing --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1e400", "invalid_arguments"), (float("inf"), "invalid_arguments"), (float("nan"), "invalid_arguments")],
+)
+def test_int_arg_refuses_what_is_not_an_integer(value: Any, expected: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        int_arg({"limit": value}, "limit", 100, 1000)
+    assert caught.value.code == expected
+
+
+def test_int_arg_clamps_huge_integers() -> None:
+    assert int_arg({"limit": 10**400}, "limit", 100, 1000) == 1000
+    assert int_arg({"limit": "99999999999999999999"}, "limit", 100, 1000) == 1000
+
+
+@pytest.mark.parametrize("ts", ["99999999999999999999.000000", "99999999999999999999", "1.1234567", "١.٢", "²"])
+def test_ts_beyond_any_slack_ts_is_refused(ts: str) -> None:
+    with pytest.raises(ValueError):
+        ts_to_us(ts)
+
+
+def test_cursor_keys_beyond_sqlite_integers_are_invalid() -> None:
+    for key in ("99999999999999999999", "-1", "1.5", "١٢"):
+        with pytest.raises(ApiError) as caught:
+            from webapp_stub.store import _int_cursor
+
+            _int_cursor(encode_cursor("ts", key), "ts")
+        assert caught.value.code == "invalid_cursor"
+    with pytest.raises(ApiError):
+        decode_cursor("\ud800", "ts")
+
+
+def test_json_bodies() -> None:
+    assert parse_json_body(b'{"text": "hi \\u00e9"}') == {"text": "hi \u00e9"}
+    for raw in (b'{"text": "\\ud800"}', b"[" * 100_000, b'{"a":' * 50 + b"1" + b"}" * 50, b"[1]", b"\xff"):
+        with pytest.raises(ApiError) as caught:
+            parse_json_body(raw)
+        assert caught.value.code == "invalid_json"
+
+
+def test_form_blocks_deeply_nested_or_with_surrogates() -> None:
+    for raw in ("[" * 100_000, '[{"type": "section", "text": {"type": "mrkdwn", "text": "\\udc00"}}]'):
+        with pytest.raises(ApiError) as caught:
+            message_content(Call(None, {"blocks": raw}, None))
+        assert caught.value.code == "invalid_blocks_format"
+
+
+def _parse(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except ApiError as exc:
+        assert is_slack_code(exc.code), exc.code
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(value=arg_values)
+def test_any_argument_value_parses_or_gets_a_slack_code(value: Any) -> None:
+    args = {"x": value}
+    _parse(int_arg, args, "x", 100, 1000)
+    _parse(flag, args, "x")
+    _parse(str_arg, args, "x")
+    _parse(json_arg, args, "x")
+    _parse(check_text, args, "invalid_arguments")
+    _parse(message_content, Call(None, {"text": value, "blocks": value, "attachments": value}, None))
+    if isinstance(value, str):
+        try:
+            ts_to_us(value)
+        except ValueError:
+            pass
+        _parse(decode_cursor, value, "ts")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(body=json_values)
+def test_any_json_body_parses_or_gets_invalid_json(body: Any) -> None:
+    try:
+        raw = json.dumps(body)  # surrogates become \\udXXX escapes, as a client would send them
+    except ValueError:  # NaN/Infinity are not JSON; Python writes them anyway, so this never happens
+        return
+    try:
+        parsed = parse_json_body(raw.encode())
+    except ApiError as exc:
+        assert exc.code == "invalid_json"
+        return
+    assert isinstance(parsed, dict)
+    json.dumps(parsed, ensure_ascii=False).encode()  # what passes is valid Unicode throughout
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=json_values)
+def test_any_blocks_value_passes_or_gets_a_block_code(blocks: Any) -> None:
+    try:
+        check_blocks(blocks)
+    except ApiError as exc:
+        assert exc.code in ("invalid_blocks", "invalid_blocks_format")
+    try:
+        check_attachments(blocks)
+    except ApiError as exc:
+        assert exc.code in ("invalid_attachments", "too_many_attachments")
