@@ -70,8 +70,11 @@ from bench.harness import (
     raise_nofile,
 )
 from bench.soak_check import REASONS, DbEvent, HistoryRead, Session, check, event_kind
+from rtmctl.fleet import OPERATOR_TOKEN_FILE
+from rtmctl.launcher import rtm_argv
+from rtmctl.operator import consul_token
+from services.debug_faults import OPERATOR_TOKEN_HEADER
 from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, PRESENCE, WEBAPP
-from services.launcher import rtm_argv
 
 NAME = "soak"
 REGIONS = ("us-east", "eu-west")
@@ -202,23 +205,34 @@ def status_channel_owners(status: str) -> dict[str, str]:
     return owners
 
 
-async def consul_partition(http: aiohttp.ClientSession, proc: dict[str, Any], on: bool) -> dict[str, Any]:
+async def consul_partition(
+    http: aiohttp.ClientSession, fleet: FleetRun, proc: dict[str, Any], on: bool
+) -> dict[str, Any]:
     """Cut ``proc`` (a channel server run with ``--debug-faults``) off from Consul, or heal it.
 
     The one place the soak calls the debug-faults endpoint (``POST /debug/consul-partition?on=1|0``
-    on the process's metrics port); if that endpoint comes to require an operator credential,
-    this is where it goes."""
+    on the process's metrics port, with the operator token ``rtm up`` wrote in the data directory).
+    A refusal (403 without the token) raises: the fault was not injected."""
     url = f"http://{proc['host']}:{proc['metrics_port']}/debug/consul-partition"
-    async with http.post(url, params={"on": "1" if on else "0"}) as resp:
-        return {"status": resp.status, "body": (await resp.text())[:200]}
+    token = (fleet.data_dir / OPERATOR_TOKEN_FILE).read_text().strip()
+    async with http.post(url, params={"on": "1" if on else "0"}, headers={OPERATOR_TOKEN_HEADER: token}) as resp:
+        body = (await resp.text())[:200]
+        if resp.status != 200:
+            raise RuntimeError(f"consul-partition on={on}: HTTP {resp.status} {body}")
+        return {"status": resp.status, "body": body}
 
 
-async def passing_counts(http: aiohttp.ClientSession, consul_url: str) -> dict[str, int]:
-    """Healthy (passing) instances per service, from Consul's HTTP API."""
+async def passing_counts(http: aiohttp.ClientSession, fleet: FleetRun) -> dict[str, int]:
+    """Healthy (passing) instances per service, from Consul's HTTP API (with the fleet's ACL token)."""
     out = {}
+    consul_url = fleet.info["consul_url"]
+    token = consul_token(str(fleet.data_dir))
+    headers = {"X-Consul-Token": token} if token else {}
     for service in (WEBAPP, ADMIN_SERVER, CHANNEL_SERVER, GATEWAY, PRESENCE, CHARM):
         try:
-            async with http.get(f"{consul_url}/v1/health/service/{service}", params={"passing": "1"}) as resp:
+            async with http.get(
+                f"{consul_url}/v1/health/service/{service}", params={"passing": "1"}, headers=headers
+            ) as resp:
                 out[service] = len(await resp.json(content_type=None)) if resp.status == 200 else 0
         except (aiohttp.ClientError, TimeoutError, ValueError):
             out[service] = 0
@@ -560,14 +574,14 @@ class Chaos:
         while time.monotonic() - started < RECOVERY_TIMEOUT_S:
             restarted = not killed_pid or all(int(p["pid"]) != killed_pid for p in fleet_processes(self.fleet))
             if restarted:
-                counts = await passing_counts(self.http, self.fleet.info["consul_url"])
+                counts = await passing_counts(self.http, self.fleet)
                 if all(counts.get(s, 0) >= n for s, n in self.baseline.items()):
                     return time.monotonic() - started
             await asyncio.sleep(RECOVERY_POLL_S)
         return float("nan")
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.baseline = await passing_counts(self.http, self.fleet.info["consul_url"])
+        self.baseline = await passing_counts(self.http, self.fleet)
         while not stop.is_set() and len(self.log) < self.args.max_faults:
             gap = self.args.fault_interval_s * self.rng.uniform(0.5, 1.5)
             try:
@@ -634,11 +648,11 @@ class Chaos:
         owners = status_channel_owners(await self.cli("status"))
         slot = self.rng.choice(sorted(owners))
         proc = next(p for p in self.procs(CHANNEL_SERVER) if p["id"] == owners[slot])
-        on = await consul_partition(self.http, proc, True)
+        on = await consul_partition(self.http, self.fleet, proc, True)
         try:
             await asyncio.sleep(PARTITION_HOLD_S)
         finally:
-            off = await consul_partition(self.http, proc, False)
+            off = await consul_partition(self.http, self.fleet, proc, False)
         return {"target": f"{slot} ({proc['id']})", "hold_s": PARTITION_HOLD_S, "on": on, "off": off}
 
     async def drain_region(self) -> dict[str, Any]:
