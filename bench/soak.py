@@ -176,7 +176,7 @@ def fleet_processes(fleet: FleetRun) -> list[dict[str, Any]]:
     try:
         return list(json.loads((fleet.data_dir / "fleet.json").read_text())["processes"])
     except (OSError, ValueError, KeyError):
-        return fleet.info["processes"]
+        return list(fleet.info["processes"])
 
 
 def status_leader(status: str) -> str:
