@@ -8,6 +8,13 @@ webapp's ordered hand-off retries. Forwarding keeps arrival order: a request
 is written to the owner's connection before the next one is read, and while
 one publish for a slot is retrying (the slot is failing over), later ones for
 that slot queue behind it instead of racing it to the new owner.
+
+Every ``pub`` is parsed into :class:`services.ops.Publish` first (a bad one
+is answered ``err bad_request`` and counted, and forwards nothing). At most
+``--max-pubs-in-flight`` publishes are being forwarded at once; one beyond
+is answered ``err unavailable`` at once (counted in
+``rtm_as_pubs_refused_total``), which the webapp's hand-off treats as
+transient: it backs off and resends, in order.
 """
 
 from __future__ import annotations
@@ -17,12 +24,12 @@ import logging
 import time
 from typing import Any
 
-from services import wire
+from services import ops, wire
 from services.config import Parser, advertised, service_parser
-from services.connection import PeerConnection, PeerLink, backoff_delays, serve
+from services.connection import PeerConnection, PeerLimits, PeerLink, backoff_delays, serve
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
-from services.errors import ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
+from services.errors import BadMessage, ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import RingDocument
@@ -33,6 +40,10 @@ SERVICE = "admin-server"
 DEFAULT_PORT = 7000
 ROUTE_BUDGET_S = 10.0  # how long one publish may wait for a live owner
 FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
+# Publishes being forwarded at once (each is a task while it waits for its
+# channel server). The webapp pipelines 256 per connection; this leaves room
+# for several webapps and bounds the memory a flood of pubs can take.
+MAX_PUBS_IN_FLIGHT = 4096
 
 
 class AdminServer:
@@ -49,10 +60,16 @@ class AdminServer:
         self.held_slots: dict[str, asyncio.Future[None]] = {}
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
         self.retries = m.counter("rtm_as_forward_retries_total", "Forward attempts retried", ["reason"])
         self.given_up = m.counter("rtm_as_forward_unavailable_total", "Publishes answered unavailable after the budget")
         self.latency = m.histogram("rtm_as_forward_seconds", "Time to forward one publish", LATENCY_BUCKETS_S)
+        self.refused = m.counter(
+            "rtm_as_pubs_refused_total", "Publishes answered unavailable because --max-pubs-in-flight were pending"
+        )
+        self.pubs_in_flight = 0
+        m.gauge("rtm_as_pubs_in_flight", "Publishes being forwarded now").set_function(lambda: self.pubs_in_flight)
         m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
             lambda: self.follower.ring.version
         )
@@ -114,28 +131,43 @@ class AdminServer:
             name=f"{self.instance_id}<-webapp",
             on_request=self.handle_request,
             on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+            on_bad_message=self.count_bad_message,
+            limits=PeerLimits.from_args(self.args),
         )
 
+    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
+        self.metrics.error(exc.kind if was_request else "bad_push")
+
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
-        request_id = int(msg["id"])
+        request_id = ops.request_id(msg)
         op = msg["op"]
         if op == "ping":
             return wire.reply_ok(request_id, version=self.follower.ring.version)
         if op != "pub":
             self.metrics.error("unknown_op")
-            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
-        if not isinstance(msg.get("ch"), str) or not isinstance(msg.get("json"), bytes):
-            self.metrics.error("bad_request")
-            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, "pub needs ch (str) and json (bytes)")
-        return self.forward(request_id, msg)
+            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
+        pub = ops.parse_as(msg, ops.Publish)  # BadMessage: the connection answers bad_request
+        if self.pubs_in_flight >= self.args.max_pubs_in_flight:
+            self.refused.inc()
+            return wire.reply_err(
+                request_id, ErrorCode.UNAVAILABLE, f"{self.pubs_in_flight} publishes in flight here; retry"
+            )
+        self.pubs_in_flight += 1  # counted now: several pubs of one read are all dispatched before any task runs
+        return self.forward(request_id, pub)
 
-    async def forward(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
-        """Deliver one publish to the channel's owner, retrying within the budget."""
+    async def forward(self, request_id: int, record: ops.Publish) -> dict[str, Any]:
+        """Deliver one publish to the channel's owner, retrying within the budget
+        (the caller counted it in :attr:`pubs_in_flight`; this uncounts it)."""
+        try:
+            return await self._forward(request_id, record)
+        finally:
+            self.pubs_in_flight -= 1
+
+    async def _forward(self, request_id: int, record: ops.Publish) -> dict[str, Any]:
         started = time.monotonic()
         deadline = started + self.args.route_budget_s
-        channel = msg["ch"]
-        pub: dict[str, Any] = {k: msg[k] for k in ("ch", "seq", "json", "t0", "ctl", "eid") if k in msg}
-        pub["op"] = "pub"
+        channel = record.ch
+        pub = record.to_message()
         slot = self.follower.ring.slot_for(channel) or ""
         held = self.held_slots.get(slot)
         if held is not None:  # the slot is failing over: queue behind the publish that is retrying
@@ -155,9 +187,9 @@ class AdminServer:
                         if log.isEnabledFor(logging.DEBUG):
                             log.debug(
                                 "forwarded %s to %s",
-                                msg.get("eid"),
+                                record.eid,
                                 owner,
-                                extra={"eid": msg.get("eid"), "channel": channel},
+                                extra={"eid": record.eid, "channel": channel},
                             )
                         self.latency.observe(time.monotonic() - started)
                         return wire.reply_ok(request_id, cs=owner, duplicate=bool(reply.get("duplicate")))
@@ -174,7 +206,7 @@ class AdminServer:
                 if time.monotonic() >= deadline:
                     self.given_up.inc()
                     log.warning(
-                        "giving up on %s after %.1fs (%s)", msg.get("eid", channel), self.args.route_budget_s, reason
+                        "giving up on %s after %.1fs (%s)", record.eid or channel, self.args.route_budget_s, reason
                     )
                     return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
                 changed = self.ring_changed
@@ -195,6 +227,7 @@ class AdminServer:
 def build_parser() -> Parser:
     parser = service_parser("rtm admin-server", "Run one Admin Server.", DEFAULT_PORT)
     parser.add("--route-budget-s", ROUTE_BUDGET_S, "seconds a publish may wait for a live channel owner")
+    parser.add("--max-pubs-in-flight", MAX_PUBS_IN_FLIGHT, "publishes forwarded at once; beyond, err unavailable")
     return parser
 
 

@@ -3,12 +3,19 @@
 Wiring only: the model is :class:`channel_server.state.ChannelTable`; this
 module connects it to msgpack sockets, the ring in Consul, and metrics.
 
-Requests served (see :mod:`services.wire`):
+Requests served (declared, with their ranges, in :mod:`services.ops`; each is
+parsed into its record before it touches the table, and a bad one is
+answered ``err bad_request`` and counted):
 
 * ``sub``   {gw, chans: [[ch, since_seq], ...]} -> replays held events with
   seq > since_seq as ``ev`` pushes, then replies ``{version, not_owner: [...],
   last: {ch: seq}}``. ``since_seq`` -1 subscribes live only.
 * ``unsub`` {gw, chans: [ch, ...]}
+* ``seqs``  {gw, chans: [ch, ...]} -> ``{last: {ch: seq}, missing: [...],
+  not_owner: [...]}``: the gateway's periodic reconciliation. ``last`` is the
+  highest seq applied here, ``missing`` the channels this gateway is not
+  subscribed to here. Answered from memory; at most
+  :data:`services.ops.MAX_SEQS_CHANNELS` channels a request.
 * ``pub``   {ch, seq, json, t0, ctl?} -> applied and written to every
   subscribed gateway, or ``err not_owner`` with this server's ring version.
 * ``ping``
@@ -27,11 +34,11 @@ from collections.abc import Awaitable
 from typing import Any
 
 from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
-from services import debug_faults, wire
+from services import debug_faults, ops, wire
 from services.config import Parser, advertised, service_parser
-from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
+from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery
-from services.errors import ConnectionLost, ErrorCode, SendBufferFull
+from services.errors import BadMessage, ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, RingDocument
@@ -41,6 +48,9 @@ log = logging.getLogger("rtm.channel_server")
 
 SERVICE = "channel-server"
 DEFAULT_PORT = 7100
+SERVED_OPS: dict[str, type[ops.Op]] = {
+    cls.OP: cls for cls in (ops.Publish, ops.Subscribe, ops.Unsubscribe, ops.Seqs, ops.Ping)
+}
 
 
 class ChannelServer:
@@ -61,6 +71,7 @@ class ChannelServer:
         self.follower = self.slots.follower
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
         self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
         self.events_out = m.counter("rtm_cs_events_out_total", "Event frames written to gateways")
@@ -149,8 +160,13 @@ class ChannelServer:
             on_request=self.handle_request,
             on_close=self.on_connection_closed,
             on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+            on_bad_message=self.count_bad_message,
             max_send_buffer_bytes=self.args.max_gateway_buffer_bytes,
+            limits=PeerLimits.from_args(self.args),
         )
+
+    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
+        self.metrics.error(exc.kind if was_request else "bad_push")
 
     def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
         index = conn.state.get("gw_index")
@@ -163,24 +179,23 @@ class ChannelServer:
         log.info("gateway %s disconnected (%s); left %d channels", conn.state.get("gw"), reason, left)
 
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
-        op = msg["op"]
-        request_id = int(msg["id"])
-        try:
-            if op == "pub":
-                return self.handle_pub(request_id, msg)
-            if op == "sub":
-                if int(msg.get("rv", 0)) > self.slots.ring_version:
-                    return self.sub_after_refresh(conn, request_id, msg)
-                return self.handle_sub(conn, request_id, msg)
-            if op == "unsub":
-                return self.handle_unsub(conn, request_id, msg)
-            if op == "ping":
-                return wire.reply_ok(request_id, version=self.follower.ring.version)
-        except (KeyError, TypeError, ValueError) as exc:
-            self.metrics.error("bad_request")
-            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"malformed {op}: {exc!r}")
-        self.metrics.error("unknown_op")
-        return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+        """Parse (a :class:`BadMessage` is answered ``bad_request`` by the connection), then act."""
+        request_id = ops.request_id(msg)
+        if msg["op"] not in SERVED_OPS:
+            self.metrics.error("unknown_op")
+            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(msg['op'])[:40]!r}")
+        record = ops.parse(msg, SERVED_OPS[msg["op"]])
+        if isinstance(record, ops.Publish):
+            return self.handle_pub(request_id, record)
+        if isinstance(record, ops.Subscribe):
+            if (record.rv or 0) > self.slots.ring_version:
+                return self.sub_after_refresh(conn, request_id, record)
+            return self.handle_sub(conn, request_id, record)
+        if isinstance(record, ops.Unsubscribe):
+            return self.handle_unsub(conn, request_id, record)
+        if isinstance(record, ops.Seqs):
+            return self.handle_seqs(conn, request_id, record)
+        return wire.reply_ok(request_id, version=self.follower.ring.version)  # ping
 
     def _gateway_index(self, conn: PeerConnection, gateway_id: str) -> int:
         index = conn.state.get("gw_index")
@@ -195,17 +210,16 @@ class ChannelServer:
             self.gateways[index] = conn
         return int(index)
 
-    def handle_sub(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
-        index = self._gateway_index(conn, str(msg["gw"]))
-        accepting = self.slots.accepts(int(msg.get("rv", 0)))
+    def handle_sub(self, conn: PeerConnection, request_id: int, sub: ops.Subscribe) -> dict[str, Any]:
+        index = self._gateway_index(conn, sub.gw)
+        accepting = self.slots.accepts(sub.rv or 0)
         refused: list[str] = []
         last: dict[str, int] = {}
-        for channel, since_seq in msg["chans"]:
-            channel = str(channel)
+        for channel, since_seq in sub.chans:
             if not (accepting and self.slots.is_mine(channel)):
                 refused.append(channel)
                 continue
-            for frame in self.table.subscribe(index, channel, int(since_seq)):
+            for frame in self.table.subscribe(index, channel, since_seq):
                 conn.write(frame)
             known = self.table.last_seq.get(channel)
             if known is not None:
@@ -214,33 +228,49 @@ class ChannelServer:
             self.not_owner.labels("sub").inc(len(refused))
         return wire.reply_ok(request_id, version=self.follower.ring.version, not_owner=refused, last=last)
 
-    async def sub_after_refresh(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+    async def sub_after_refresh(self, conn: PeerConnection, request_id: int, sub: ops.Subscribe) -> dict[str, Any]:
         """A gateway subscribes on a newer ring than ours (typically: we are the spare
         just promoted, and the gateway saw the ring first). Re-read the ring, then
         answer, instead of refusing and making the gateway come back later. Subs are
         idempotent, so answering one after a pub that arrived meanwhile changes nothing."""
-        await self.slots.read_newer_ring(int(msg.get("rv", 0)))
+        await self.slots.read_newer_ring(sub.rv or 0)
         if not conn.is_open:  # gone meanwhile: its gateway may already be back on a new connection
             return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, "connection closed while the ring was re-read")
-        return self.handle_sub(conn, request_id, msg)
+        return self.handle_sub(conn, request_id, sub)
 
-    def handle_unsub(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
-        index = self._gateway_index(conn, str(msg["gw"]))
-        for channel in msg["chans"]:
-            self.table.unsubscribe(index, str(channel))
+    def handle_unsub(self, conn: PeerConnection, request_id: int, unsub: ops.Unsubscribe) -> dict[str, Any]:
+        index = self._gateway_index(conn, unsub.gw)
+        for channel in unsub.chans:
+            self.table.unsubscribe(index, channel)
         return wire.reply_ok(request_id)
 
-    def handle_pub(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
-        channel = str(msg["ch"])
-        if not self.slots.owns(channel, int(msg.get("rv", 0))):
+    def handle_seqs(self, conn: PeerConnection, request_id: int, seqs: ops.Seqs) -> dict[str, Any]:
+        """The gateway's reconciliation: where each channel stands here, and whether it is subscribed."""
+        bit = 1 << self._gateway_index(conn, seqs.gw)
+        accepting = not self.slots.is_fenced()
+        last: dict[str, int] = {}
+        missing: list[str] = []
+        refused: list[str] = []
+        for channel in seqs.chans:
+            if not (accepting and self.slots.is_mine(channel)):
+                refused.append(channel)
+                continue
+            known = self.table.last_seq.get(channel)
+            if known is not None:
+                last[channel] = known
+            if not self.table.subscribers.get(channel, 0) & bit:
+                missing.append(channel)
+        return wire.reply_ok(
+            request_id, version=self.follower.ring.version, last=last, missing=missing, not_owner=refused
+        )
+
+    def handle_pub(self, request_id: int, pub: ops.Publish) -> dict[str, Any]:
+        channel, seq = pub.ch, pub.seq
+        if not self.slots.owns(channel, pub.rv or 0):
             self.not_owner.labels("pub").inc()
             return wire.reply_err(request_id, ErrorCode.NOT_OWNER, channel, version=self.follower.ring.version)
-        seq = msg.get("seq")
-        json_bytes = msg["json"]
-        if not isinstance(json_bytes, bytes):
-            raise TypeError("json must be bytes")
-        t0 = float(msg.get("t0") or time.time())
-        published = self.table.publish(channel, None if seq is None else int(seq), json_bytes, t0, msg.get("ctl"))
+        t0 = pub.t0 or time.time()
+        published = self.table.publish(channel, seq, pub.json, t0, pub.ctl)
         if published is None:
             self.duplicates.inc()
             return wire.reply_ok(request_id, duplicate=True)
@@ -258,9 +288,7 @@ class ChannelServer:
         self.events_out.inc(sent)
         self.fanout.observe(sent)
         if seq is not None and log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "fanned out %s to %d gateways", msg.get("eid"), sent, extra={"eid": msg.get("eid"), "channel": channel}
-            )
+            log.debug("fanned out %s to %d gateways", pub.eid, sent, extra={"eid": pub.eid, "channel": channel})
         self.pub_latency.observe(max(0.0, time.time() - t0))
         return wire.reply_ok(request_id)
 
@@ -280,7 +308,8 @@ class ChannelServer:
             gateway = self.gateways.get(index)
             if gateway is not None:
                 try:
-                    gateway.send({"op": "moved", "chans": channels, "version": new.version})
+                    for batch in ops.batches(channels, ops.MAX_SUB_CHANNELS):
+                        gateway.send(ops.Moved(chans=batch, version=new.version).to_message())
                 except (ConnectionLost, SendBufferFull):
                     pass
 

@@ -5,7 +5,10 @@ Memory is the point of this class (a CS holds millions of channels):
 * ``subscribers``: channel -> an ``int`` bitmask of gateway *indexes*. A
   gateway id gets a small index the first time it subscribes; a mask of one
   or two gateways is a cached small int, so a subscribed channel costs one
-  dict entry and its key string, nothing else.
+  dict entry and its key string, nothing else. A gateway that disconnects
+  frees its index and the lowest free one is handed out next, so indexes
+  (and masks) stay as small as the number of gateways connected at once,
+  however many come and go.
 * ``history``: channel -> a bounded deque of ``(seq, frame)``, allocated only
   when the channel gets its first event. ``frame`` is the complete encoded
   ``ev`` push, so fan-out and replay write the same bytes without re-encoding.
@@ -17,6 +20,7 @@ Transient events (``seq`` None: typing) are fanned out and never stored.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,22 +55,26 @@ class ChannelTable:
         self.history: dict[str, deque[tuple[int, bytes]]] = {}
         self.last_seq: dict[str, int] = {}
         self.gateway_index: dict[str, int] = {}
+        self.free_indexes: list[int] = []  # a heap: the lowest freed index is reused first
         self.history_bytes = 0
 
     # -- gateways -------------------------------------------------------------
     def index_of(self, gateway_id: str) -> int:
         index = self.gateway_index.get(gateway_id)
         if index is None:
-            index = len(self.gateway_index)
+            index = heapq.heappop(self.free_indexes) if self.free_indexes else len(self.gateway_index)
             self.gateway_index[gateway_id] = index
         return index
 
     def drop_gateway(self, index: int) -> int:
-        """Remove a gateway from every channel; return how many channels it left."""
+        """Remove a gateway from every channel and free its index; return how many channels it left."""
         bit = 1 << index
         touched = [ch for ch, mask in self.subscribers.items() if mask & bit]
         for ch in touched:
             self._unset(ch, bit)
+        for gateway_id in [g for g, i in self.gateway_index.items() if i == index]:
+            del self.gateway_index[gateway_id]
+            heapq.heappush(self.free_indexes, index)
         return len(touched)
 
     # -- commands ---------------------------------------------------------------

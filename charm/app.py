@@ -30,11 +30,11 @@ import logging
 from typing import Any
 
 from charm import state
-from services import wire
+from services import ops, wire
 from services.config import Parser, advertised, service_parser
-from services.connection import PeerConnection, serve
+from services.connection import KEEPALIVE_FRAME, KEEPALIVE_INTERVAL_S, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery, Instance
-from services.errors import ErrorCode
+from services.errors import BadDocument, BadMessage, ErrorCode
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
@@ -77,17 +77,26 @@ class RingManager:
         self.wake = asyncio.Event()
         self.seen = asyncio.Event()  # set once the first health answer arrived
         self.lock = asyncio.Lock()
+        self.reconciles = 0  # reconcile passes run while leading (tests watch it go on)
 
     def alive(self) -> list[state.Candidate]:
         return [state.Candidate(i.id, i.tag("role") == "spare") for i in self.healthy if i.id not in self.dead]
 
     async def run(self) -> None:
-        """Lead this ring until cancelled."""
+        """Lead this ring until cancelled. Nothing read from Consul ends it: a failed
+        reconcile is logged and counted, and the next one comes at the next wake or interval."""
         watch = asyncio.create_task(self.watch_loop())
         try:
             await self.seen.wait()  # decide nothing before we know who is alive
             while True:
-                await self.reconcile()
+                try:
+                    await self.reconcile()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Consul unreachable, a CAS race, a bug: lead on
+                    log.warning("%s ring: reconcile failed: %s; again in %ss", self.name, exc, RECONCILE_INTERVAL_S)
+                    self.charm.metrics.error("reconcile_failed")
+                self.reconciles += 1
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), RECONCILE_INTERVAL_S)
@@ -120,10 +129,31 @@ class RingManager:
                     asyncio.create_task(self.revive_check(owner, live[owner].address, live[owner].port))
                 self.wake.set()
 
+    async def read(self) -> tuple[int, RingDocument, bool]:
+        """(ModifyIndex, the document to decide on, whether Consul's value needs repair).
+
+        A value that is not a ring document, or older than the one we last read
+        or wrote, is logged and counted, and we decide on our last good one; the
+        next write (CAS over the bad value, version above both) repairs the key.
+        With no good document yet, :class:`BadDocument` is raised: nothing is written.
+        """
+        modify_index, raw = await self.charm.discovery.key_modify_index(self.key)
+        try:
+            doc = RingDocument.from_json(raw, self.key)
+            if doc.version < self.doc.version:
+                raise BadDocument(self.key, f"version {doc.version} is older than the applied {self.doc.version}")
+            return modify_index, doc, False
+        except BadDocument as exc:
+            self.charm.metrics.error("bad_kv")
+            if not self.doc.slots:
+                log.error("%s ring: %s; no good ring known yet, writing nothing", self.name, exc)
+                raise
+            log.error("%s ring: %s; deciding on v%s and repairing the key", self.name, exc, self.doc.version)
+            return modify_index, self.doc, True
+
     async def reconcile(self) -> None:
         async with self.lock:
-            modify_index, raw = await self.charm.discovery.key_modify_index(self.key)
-            doc = RingDocument.from_json(raw)
+            modify_index, doc, repair = await self.read()
             alive = self.alive()
             if not doc.slots:
                 new = state.initial(self.prefix, self.slot_count, alive) if alive else None
@@ -131,8 +161,11 @@ class RingManager:
                     new = RingDocument(version=doc.version + 1, slots=new.slots)
             else:
                 new = state.reconcile(doc, alive)
+            if new is None and repair:
+                new = RingDocument(version=doc.version + 1, slots=dict(doc.slots))
             if new is not None:
-                await self.write(doc, new, modify_index, "failover" if doc.slots else "initial")
+                reason = "repair" if repair and new.slots == doc.slots else "failover" if doc.slots else "initial"
+                await self.write(doc, new, modify_index, reason)
             else:
                 self.doc = doc
             self.after_change()
@@ -183,7 +216,7 @@ class RingManager:
                 except (TimeoutError, OSError):
                     refused = 1
                 else:
-                    await reader.read()  # returns when the peer closes
+                    await self.hold_open(reader, writer)  # returns when the peer closes
                     writer.close()
                     refused = 0
                 while refused < PROBE_CONFIRM_ATTEMPTS:
@@ -203,6 +236,22 @@ class RingManager:
         finally:
             self.probes.pop(owner, None)
 
+    async def hold_open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read until the peer closes, sending the wire keepalive whenever we were silent
+        for a keepalive interval, so the peer's idle timeout never takes the probe for a dead peer."""
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + KEEPALIVE_INTERVAL_S
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(64 * 1024), max(0.0, next_ping - loop.time()))
+            except TimeoutError:
+                data = None
+            if data == b"":
+                return
+            if loop.time() >= next_ping:
+                writer.write(KEEPALIVE_FRAME)
+                next_ping = loop.time() + KEEPALIVE_INTERVAL_S
+
     async def revive_check(self, owner: str, host: str, port: int) -> None:
         """A process marked dead is registered and healthy again: if it accepts
         connections it was restarted, and may serve as a spare."""
@@ -219,8 +268,10 @@ class RingManager:
     # -- operator changes --------------------------------------------------------
     async def change(self, op: str, slot: str = "") -> RingDocument:
         async with self.lock:
-            modify_index, raw = await self.charm.discovery.key_modify_index(self.key)
-            doc = RingDocument.from_json(raw)
+            try:
+                modify_index, doc, _ = await self.read()
+            except BadDocument as exc:
+                raise state.RingChangeRefused(f"the ring in Consul is unreadable: {exc}") from None
             if op == "add_slot":
                 new = state.add_slot(doc, self.prefix, self.alive())
             else:
@@ -382,22 +433,27 @@ class Charm:
             name=f"{self.instance_id}<-operator",
             on_request=self.handle_request,
             on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+            on_bad_message=self.count_bad_message,
+            limits=PeerLimits.from_args(self.args),
         )
 
+    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
+        self.metrics.error(exc.kind if was_request else "bad_push")
+
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
-        request_id = int(msg["id"])
+        request_id = ops.request_id(msg)
         op = msg["op"]
         if op == "ping":
             return wire.reply_ok(request_id, leader=self.leading)
         if op not in ("ring_add_slot", "ring_remove_slot"):
             self.metrics.error("unknown_op")
-            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
+        record = ops.parse(msg, (ops.RingAddSlot, ops.RingRemoveSlot))  # BadMessage: answered bad_request
+        assert isinstance(record, ops.RingAddSlot | ops.RingRemoveSlot)
         if not self.leading:
             return wire.reply_err(request_id, NOT_LEADER, "ask the leader", leader=self.leader_info)
-        manager = self.managers.get(str(msg.get("ring", "channel")))
-        if manager is None:
-            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"unknown ring {msg.get('ring')!r}")
-        return self.change(request_id, manager, op.removeprefix("ring_"), str(msg.get("slot", "")))
+        manager = self.managers[record.ring]
+        return self.change(request_id, manager, op.removeprefix("ring_"), record.slot or "")
 
     async def change(self, request_id: int, manager: RingManager, op: str, slot: str) -> dict[str, Any]:
         try:

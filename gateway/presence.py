@@ -51,6 +51,7 @@ from gateway.state import Session, text_frame
 from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.errors import ConnectionLost, PeerError, RequestTimeout, SendBufferFull
+from services.ops import NotOwnerUsers, PresenceChanges, parse
 from services.ring import PRESENCE_RING_KEY, RingDocument
 
 if TYPE_CHECKING:
@@ -222,6 +223,7 @@ class GatewayPresence:
         self.lease_ttl_s = DEFAULT_LEASE_TTL_S
         self.renew_task: asyncio.Task[None] | None = None
         m = gateway.metrics
+        self.follower.on_bad_document = lambda exc: m.error("bad_kv")
         self.reports = m.counter("rtm_gw_presence_reports_total", "Users reported to presence servers", ["kind"])
         self.updates_in = m.counter("rtm_gw_presence_updates_in_total", "Presence entries pushed by presence servers")
         self.events_out = m.counter("rtm_gw_presence_events_out_total", "presence_change events written to clients")
@@ -460,7 +462,11 @@ class GatewayPresence:
             link = PeerLink(
                 f"{self.gw_id}->{owner}",
                 address=lambda: self.servers.address(owner),
-                factory=lambda: PeerConnection(name=f"{self.gw_id}->{owner}", on_push=self.on_push),
+                factory=lambda: PeerConnection(
+                    name=f"{self.gw_id}->{owner}",
+                    on_push=self.on_push,
+                    on_bad_message=lambda conn, exc, was_request: self.gw.metrics.error("bad_push"),
+                ),
                 on_connected=on_connected,
             )
             link.start()
@@ -538,14 +544,15 @@ class GatewayPresence:
             await self.resync(owner, "lease_lost")
 
     def on_push(self, conn: PeerConnection, msg: dict[str, Any]) -> None:
-        op = msg["op"]
-        if op == "presence":
-            changes = [(str(u), str(p)) for u, p in msg["changes"]]
+        """A push from a presence server, parsed first (services.ops; a bad one is dropped and counted)."""
+        record = parse(msg, (PresenceChanges, NotOwnerUsers))
+        if isinstance(record, PresenceChanges):
+            changes = record.changes
             self.updates_in.inc(len(changes))
             tell = self.model.apply(changes)
             if tell:
                 self.tell(tell)
-        elif op == "not_owner":
+        else:
             owner = next((o for o, link in self.links.items() if link.conn is conn), None)
             if owner is not None and owner not in self.rerouting:
                 self.rerouting.add(owner)

@@ -5,6 +5,10 @@ Wiring only: the model is :class:`presence.state.PresenceTable`; this module
 connects it to msgpack sockets, the presence ring in Consul
 (``rtm/ring/presence``, managed by CHARM like the channel ring), and metrics.
 
+Every message is parsed into its :mod:`services.ops` record before it
+touches the table: a bad request is answered ``err bad_request``, a bad push
+dropped; both are counted (``rtm_errors_total{kind=bad_request|bad_push}``).
+
 From gateways (every message carries ``gw``, the gateway's instance id; ``rv``
 is the sender's presence ring version):
 
@@ -46,11 +50,11 @@ import time
 from typing import Any
 
 from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
-from services import debug_faults, wire
+from services import debug_faults, ops, wire
 from services.config import Parser, advertised, service_parser
-from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, serve
+from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery
-from services.errors import ConnectionLost, ErrorCode, SendBufferFull
+from services.errors import BadMessage, ConnectionLost, ErrorCode, SendBufferFull
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
@@ -68,7 +72,16 @@ LEASE_SWEEP_INTERVAL_S = 0.25
 # change within milliseconds (a Consul blocking query) and re-report at once;
 # this covers a slow link (re)connect. Queries wait for it too.
 REBUILD_GRACE_S = 1.5
-MAX_QUERY_USERS = 10_000
+PUSHES_SERVED: tuple[type[ops.Op], ...] = (
+    ops.Online,
+    ops.Offline,
+    ops.PresenceSubscribe,
+    ops.PresenceUnsubscribe,
+    ops.Synced,
+)
+REQUESTS_SERVED: dict[str, type[ops.Op]] = {
+    cls.OP: cls for cls in (ops.Lease, ops.Query, ops.GetPresence, ops.SetPresence, ops.Release, ops.Ping)
+}
 # Pushes go out at the end of the loop turn, but at most once per this interval
 # per server: a lone change leaves at once, a storm in fewer, fuller frames.
 PUSH_INTERVAL_S = 0.005
@@ -99,6 +112,7 @@ class PresenceServer:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.updates_in = m.counter("rtm_ps_updates_in_total", "Presence reports received, by kind", ["kind"])
         self.updates_out = m.counter("rtm_ps_updates_out_total", "Presence entries pushed to gateways")
         self.push_frames = m.counter("rtm_ps_push_frames_total", "presence frames written to gateways")
@@ -236,7 +250,8 @@ class PresenceServer:
             if conn is None:
                 continue  # not connected: it re-syncs (and gets the state) when it is back
             try:
-                conn.send({"op": "presence", "changes": [[u, p] for u, p in changes.items()]})
+                for batch in ops.batches(list(changes.items()), ops.MAX_PRESENCE_CHANGES):
+                    conn.send(ops.PresenceChanges(changes=batch).to_message())
             except (ConnectionLost, SendBufferFull):
                 continue
             self.updates_out.inc(len(changes))
@@ -255,8 +270,13 @@ class PresenceServer:
             on_push=self.handle_push,
             on_close=self.on_connection_closed,
             on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
+            on_bad_message=self.count_bad_message,
             max_send_buffer_bytes=self.args.max_gateway_buffer_bytes,
+            limits=PeerLimits.from_args(self.args),
         )
+
+    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
+        self.metrics.error(exc.kind if was_request else "bad_push")
 
     def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
         gw = conn.state.get("gw")
@@ -269,8 +289,7 @@ class PresenceServer:
         # its link for a moment reconnects and re-syncs without a flap.
         log.info("gateway %s disconnected (%s); its lease runs on", gw, reason)
 
-    def _gateway(self, conn: PeerConnection, msg: dict[str, Any]) -> str:
-        gw = str(msg["gw"])
+    def _gateway(self, conn: PeerConnection, gw: str) -> str:
         if conn.state.get("gw") != gw:
             previous = self.gateways.get(gw)
             if previous is not None and previous is not conn:
@@ -281,81 +300,80 @@ class PresenceServer:
         return gw
 
     def handle_push(self, conn: PeerConnection, msg: dict[str, Any]) -> None:
-        op = msg["op"]
-        before = self.table.stats.changes
-        if op in ("online", "psub"):
-            gw = self._gateway(conn, msg)
-            users = [str(u) for u in msg["users"]]
-            epoch = int(msg.get("epoch", 0))
-            owned, refused = self.owned(users, int(msg.get("rv", 0)))
-            if refused:
-                self.not_owner.labels(op).inc(len(refused))
-                try:
-                    conn.send({"op": "not_owner", "users": refused, "version": self.follower.ring.version})
-                except (ConnectionLost, SendBufferFull):
-                    pass
-            if op == "online":
-                self.updates_in.labels("online").inc(len(owned))
-                self.push(self.table.online(gw, owned, epoch))
-            else:
-                self.subscribes.labels("psub").inc(len(owned))
-                state = self.table.subscribe(gw, owned, epoch)
-                if state:
-                    self.push({gw: state})
-        elif op == "offline":
-            gw = self._gateway(conn, msg)
-            users = [str(u) for u in msg["users"]]
-            self.updates_in.labels("offline").inc(len(users))
-            self.push(self.table.offline(gw, users))
-        elif op == "punsub":
-            gw = self._gateway(conn, msg)
-            users = [str(u) for u in msg["users"]]
-            self.subscribes.labels("punsub").inc(len(users))
-            self.table.unsubscribe(gw, users)
-        elif op == "synced":
-            gw = self._gateway(conn, msg)
-            self.lease_ops.labels("synced").inc()
-            self.push(self.table.synced(gw, int(msg["epoch"])))
-        else:
+        """A push from a gateway: parsed first (a :class:`BadMessage` is dropped and counted by the connection)."""
+        if msg["op"] not in {cls.OP for cls in PUSHES_SERVED}:
             self.metrics.error("unknown_op")
-            log.debug("ignoring push %s from %s", op, conn.peer)
+            log.debug("ignoring push %s from %s", str(msg["op"])[:40], conn.peer)
+            return
+        record = ops.parse(msg, PUSHES_SERVED)
+        before = self.table.stats.changes
+        if isinstance(record, ops.Online | ops.PresenceSubscribe):
+            self.report_or_watch(conn, record)
+        elif isinstance(record, ops.Offline):
+            gw = self._gateway(conn, record.gw)
+            self.updates_in.labels("offline").inc(len(record.users))
+            self.push(self.table.offline(gw, record.users))
+        elif isinstance(record, ops.PresenceUnsubscribe):
+            gw = self._gateway(conn, record.gw)
+            self.subscribes.labels("punsub").inc(len(record.users))
+            self.table.unsubscribe(gw, record.users)
+        elif isinstance(record, ops.Synced):
+            gw = self._gateway(conn, record.gw)
+            self.lease_ops.labels("synced").inc()
+            self.push(self.table.synced(gw, record.epoch))
         self._count_changes(before)
 
-    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
-        op = msg["op"]
-        request_id = int(msg["id"])
-        try:
-            if op == "lease":
-                return self.handle_lease(conn, request_id, msg)
-            if op == "query":
-                return self.handle_query(request_id, msg)
-            if op == "get_presence":
-                return self.handle_get_presence(request_id, msg)
-            if op == "set_presence":
-                return self.handle_set_presence(request_id, msg)
-            if op == "release":
-                gw = self._gateway(conn, msg)
-                self.lease_ops.labels("released").inc()
-                before = self.table.stats.changes
-                self.push(self.table.release(gw))
-                self._count_changes(before)
-                return wire.reply_ok(request_id)
-            if op == "ping":
-                return wire.reply_ok(request_id, version=self.follower.ring.version)
-        except (KeyError, TypeError, ValueError) as exc:
-            self.metrics.error("bad_request")
-            return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"malformed {op}: {exc!r}")
-        self.metrics.error("unknown_op")
-        return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+    def report_or_watch(self, conn: PeerConnection, record: ops.Online | ops.PresenceSubscribe) -> None:
+        gw = self._gateway(conn, record.gw)
+        epoch = record.epoch or 0
+        owned, refused = self.owned(record.users, record.rv or 0)
+        if refused:
+            self.not_owner.labels(record.OP).inc(len(refused))
+            try:
+                conn.send(ops.NotOwnerUsers(users=refused, version=self.follower.ring.version).to_message())
+            except (ConnectionLost, SendBufferFull):
+                pass
+        if isinstance(record, ops.Online):
+            self.updates_in.labels("online").inc(len(owned))
+            self.push(self.table.online(gw, owned, epoch))
+        else:
+            self.subscribes.labels("psub").inc(len(owned))
+            state = self.table.subscribe(gw, owned, epoch)
+            if state:
+                self.push({gw: state})
 
-    def handle_lease(self, conn: PeerConnection, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
-        gw = self._gateway(conn, msg)
-        if int(msg.get("rv", 0)) > self.follower.ring.version:
+    def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
+        request_id = ops.request_id(msg)
+        cls = REQUESTS_SERVED.get(msg["op"])
+        if cls is None:
+            self.metrics.error("unknown_op")
+            return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(msg['op'])[:40]!r}")
+        record = ops.parse(msg, cls)  # BadMessage: the connection answers bad_request and counts it
+        if isinstance(record, ops.Lease):
+            return self.handle_lease(conn, request_id, record)
+        if isinstance(record, ops.Query):
+            return self.handle_query(request_id, record)
+        if isinstance(record, ops.GetPresence):
+            return self.handle_get_presence(request_id, record)
+        if isinstance(record, ops.SetPresence):
+            return self.handle_set_presence(request_id, record)
+        if isinstance(record, ops.Release):
+            gw = self._gateway(conn, record.gw)
+            self.lease_ops.labels("released").inc()
+            before = self.table.stats.changes
+            self.push(self.table.release(gw))
+            self._count_changes(before)
+            return wire.reply_ok(request_id)
+        return wire.reply_ok(request_id, version=self.follower.ring.version)  # ping
+
+    def handle_lease(self, conn: PeerConnection, request_id: int, lease: ops.Lease) -> dict[str, Any]:
+        gw = self._gateway(conn, lease.gw)
+        if (lease.rv or 0) > self.follower.ring.version:
             self.spawn(self.slots.refresh_quietly())
-        epoch = msg.get("epoch")
+        epoch = lease.epoch
         known = gw in self.table.leases
         before = self.table.stats.changes
-        current, pushes = self.table.lease(gw, None if epoch is None else int(epoch))
+        current, pushes = self.table.lease(gw, epoch)
         self._count_changes(before)
         self.push(pushes)
         self.lease_ops.labels("renewed" if known and epoch is None else "granted").inc()
@@ -363,10 +381,9 @@ class PresenceServer:
             request_id, epoch=current, version=self.follower.ring.version, ttl_s=self.table.lease_ttl_s
         )
 
-    async def handle_query(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
-        users = [str(u) for u in msg["users"]][:MAX_QUERY_USERS]
+    async def handle_query(self, request_id: int, query: ops.Query) -> dict[str, Any]:
         await self.rebuilt.wait()
-        owned, refused = self.owned(users, int(msg.get("rv", 0)))
+        owned, refused = self.owned(query.users, query.rv or 0)
         self.queries.labels("gateway").inc(len(owned))
         if refused:
             self.not_owner.labels("query").inc(len(refused))
@@ -374,10 +391,10 @@ class PresenceServer:
             request_id, presence=self.table.query(owned), not_owner=refused, version=self.follower.ring.version
         )
 
-    async def handle_get_presence(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
-        user = str(msg["user"])
+    async def handle_get_presence(self, request_id: int, get: ops.GetPresence) -> dict[str, Any]:
+        user = get.user
         await self.rebuilt.wait()
-        owned, _ = self.owned([user], int(msg.get("rv", 0)))
+        owned, _ = self.owned([user], get.rv or 0)
         if not owned:
             self.not_owner.labels("get_presence").inc()
             return wire.reply_err(request_id, ErrorCode.NOT_OWNER, user, version=self.follower.ring.version)
@@ -388,9 +405,9 @@ class PresenceServer:
         last = 0 if changed_at is None else int(time.time() - (time.monotonic() - float(changed_at)))  # type: ignore[arg-type]
         return wire.reply_ok(request_id, last_activity=last, **details)
 
-    def handle_set_presence(self, request_id: int, msg: dict[str, Any]) -> dict[str, Any]:
-        pairs = [(str(u), str(m)) for u, m in msg["users"]]
-        owned, refused = self.owned([u for u, _ in pairs], int(msg.get("rv", 0)))
+    def handle_set_presence(self, request_id: int, set_presence: ops.SetPresence) -> dict[str, Any]:
+        pairs = set_presence.users
+        owned, refused = self.owned([u for u, _ in pairs], set_presence.rv or 0)
         mine = set(owned)
         before = self.table.stats.changes
         for user, manual in pairs:

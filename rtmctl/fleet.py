@@ -48,6 +48,7 @@ from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services import regions
 from services.config import CONSUL_TOKEN_ENV, Parser, consul_token_default, split_host_port
 from services.discovery import sync_client
+from services.errors import BadDocument
 from services.process import announce_ready
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 from services.secret_file import ensure_private_dir, ensure_secret_file
@@ -249,7 +250,10 @@ def wait_for_ring(consul_addr: str, timeout_s: float, key: str = CHANNEL_RING_KE
     index = None
     while time.monotonic() < deadline:
         index, current = client.kv.get(key, index=index, wait="2s")
-        doc = RingDocument.from_json(current["Value"] if current else None)
+        try:
+            doc = RingDocument.from_json(current["Value"] if current else None, key)
+        except BadDocument:
+            continue  # not a ring (yet): CHARM repairs or writes it
         if doc.slots and all(doc.slots.values()):
             return doc
     raise LaunchError(f"CHARM did not write a complete ring at {key} within {timeout_s}s")
@@ -382,6 +386,7 @@ class Fleet:
         dd = "" if self.args.data_dir == "./.rtm" else f" --data-dir {self.args.data_dir}"
         print(
             f"""
+  Browser:  {info["webapp_url"]}/   (the Slack-like client; docs/browser.md)
   Web API:  {info["api_url"]}
   Consul:   {info["consul_url"]}
   Written:  {self.data_dir}/fleet.json, {self.data_dir}/seed.json

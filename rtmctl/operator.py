@@ -38,6 +38,7 @@ import consul
 from services import regions
 from services.config import consul_default, consul_token_default, env_default
 from services.discovery import sync_client
+from services.errors import BadDocument
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
 
 WEBAPP_DB = "webapp.db"  # webapp_stub.store.DB_FILE (not imported: the store pulls in the webapp's code)
@@ -113,7 +114,11 @@ def status(args: argparse.Namespace) -> int:
         ("channel", CHANNEL_RING_KEY, "channel-server"),
         ("presence", PRESENCE_RING_KEY, "presence"),
     ):
-        doc = read_ring(client, key)
+        try:
+            doc = read_ring(client, key)
+        except BadDocument as exc:
+            print(f"{name} ring: UNREADABLE in Consul ({exc}); the fleet keeps its last good ring")
+            continue
         if not doc.slots:
             print(f"{name} ring: none yet")
             continue
@@ -198,7 +203,10 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
     target = args.name
     if args.service in ("channel-server", "presence"):  # a slot name stands for its current owner
         key = CHANNEL_RING_KEY if args.service == "channel-server" else PRESENCE_RING_KEY
-        doc = read_ring(operator_client(args), key)
+        try:
+            doc = read_ring(operator_client(args), key)
+        except BadDocument:
+            doc = RingDocument(version=0, slots={})  # unreadable ring: names only
         target = doc.slots.get(target) or target
     for proc in procs:
         if target in (proc["id"], proc["name"], str(proc["pid"])):

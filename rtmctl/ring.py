@@ -16,6 +16,7 @@ from typing import Any
 
 from charm.app import RINGS
 from rtmctl.operator import add_consul_token_flag, leader_address, operator_client, read_ring
+from services import ops
 from services.connection import PeerConnection, connect
 from services.errors import PeerError
 
@@ -53,11 +54,13 @@ def main(argv: list[str]) -> int:
     if leader is None:
         print("rtm ring: no CHARM leader right now; try again", file=sys.stderr)
         return 1
-    op = "ring_add_slot" if args.action == "add-slot" else "ring_remove_slot"
+    request = (
+        ops.RingAddSlot(ring=args.ring)
+        if args.action == "add-slot"
+        else ops.RingRemoveSlot(ring=args.ring, slot=args.slot)
+    )
     try:
-        reply = asyncio.run(
-            ask_leader(leader["host"], int(leader["port"]), {"op": op, "ring": args.ring, "slot": args.slot})
-        )
+        reply = asyncio.run(ask_leader(leader["host"], int(leader["port"]), request.to_message()))
     except PeerError as exc:
         print(f"rtm ring: {args.action} refused: {exc}", file=sys.stderr)
         return 1

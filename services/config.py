@@ -17,6 +17,8 @@ import socket
 import uuid
 from typing import Any
 
+from services import connection
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
 CONSUL_TOKEN_ENV = "RTM_CONSUL_TOKEN"
@@ -94,7 +96,26 @@ def service_parser(prog: str, description: str, default_port: int) -> Parser:
     )
     parser.add("--ttl-s", DEFAULT_TTL_S, "Consul TTL check period in seconds")
     parser.add("--log-level", "INFO", "log level")
+    add_peer_limit_flags(parser)
     return parser
+
+
+def add_peer_limit_flags(parser: Parser) -> None:
+    """The per-connection limits of msgpack listeners (services.connection.PeerLimits)."""
+    parser.add(
+        "--max-peer-requests-in-flight",
+        connection.MAX_REQUESTS_IN_FLIGHT,
+        "requests of one msgpack peer served at once; at the cap the connection stops reading",
+    )
+    parser.add(
+        "--peer-frame-timeout-s", connection.FRAME_TIMEOUT_S, "seconds a begun msgpack frame may take to complete"
+    )
+    parser.add("--peer-idle-timeout-s", connection.IDLE_TIMEOUT_S, "seconds a msgpack peer may send nothing at all")
+    parser.add(
+        "--peer-keepalive-interval-s",
+        connection.KEEPALIVE_INTERVAL_S,
+        "send a keepalive ping on a msgpack connection silent this long",
+    )
 
 
 def instance_id(prefix: str, given: str) -> str:

@@ -10,6 +10,20 @@
 * :class:`PeerLink` keeps one outbound connection alive: reconnects with
   exponential backoff and full jitter, and runs an ``on_connected`` hook
   (resubscribe, say) after every (re)connect.
+
+Limits on every connection (:class:`PeerLimits`, docs/wire.md "Limits"): the
+frame limit (a bigger length header is refused before anything is
+buffered); a frame begun must be complete within ``frame_timeout_s`` (a
+peer that sends 3 bytes and stalls is cut off); a connection that hears
+nothing for ``idle_timeout_s`` is closed, and each side sends a ``ping``
+push (the keepalive, never dispatched) when it has sent nothing for
+``keepalive_interval_s``; at most ``max_requests_in_flight`` requests of
+one peer are being served at once: at the cap the connection stops reading
+(TCP backpressure) and a request beyond it in the same read is answered
+``err unavailable``. A request or push whose fields break
+:mod:`services.ops` (a :class:`services.errors.BadMessage` from its
+handler) is answered ``err bad_request`` or dropped, and counted through
+``on_bad_message``; the connection stays up.
 """
 
 from __future__ import annotations
@@ -21,12 +35,16 @@ import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from services import wire
 from services.errors import (
+    BadMessage,
     ConnectionLost,
     ErrorCode,
+    FrameTimeout,
+    IdleTimeout,
     MalformedFrame,
     ProtocolError,
     RequestTimeout,
@@ -43,12 +61,51 @@ DEFAULT_MAX_SEND_BUFFER_BYTES = 16 * 1024 * 1024
 CONNECT_TIMEOUT_S = 3.0
 RECONNECT_INITIAL_DELAY_S = 0.05
 RECONNECT_MAX_DELAY_S = 2.0
+# Requests of one peer being served at once (async handlers). The webapp's
+# hand-off pipelines at most 256, so a well-behaved peer never reaches it.
+MAX_REQUESTS_IN_FLIGHT = 1024
+# A frame whose first byte arrived must be complete within this: 4 MiB at
+# 1 MB/s takes 4 s; a peer that sends part of a frame and stalls holds a
+# buffer and a socket for nothing.
+FRAME_TIMEOUT_S = 10.0
+# A connection that hears nothing (no frame, no keepalive) for this long is
+# closed: the peer is gone or stuck. Checked once per keepalive interval.
+IDLE_TIMEOUT_S = 60.0
+# Each side sends a ``ping`` push when it has sent nothing for this long, so
+# a quiet but healthy link is never taken for an idle one.
+KEEPALIVE_INTERVAL_S = 10.0
+KEEPALIVE_FRAME = wire.encode({"op": "ping"})
+
+
+@dataclass(frozen=True)
+class PeerLimits:
+    """Per-connection caps and timeouts (flags ``--max-peer-requests-in-flight``,
+    ``--peer-frame-timeout-s``, ``--peer-idle-timeout-s``, ``--peer-keepalive-interval-s``)."""
+
+    max_requests_in_flight: int = MAX_REQUESTS_IN_FLIGHT
+    frame_timeout_s: float = FRAME_TIMEOUT_S
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    keepalive_interval_s: float = KEEPALIVE_INTERVAL_S
+
+    @classmethod
+    def from_args(cls, args: Any) -> PeerLimits:
+        """From a service's parsed flags (services.config.service_parser adds them)."""
+        return cls(
+            max_requests_in_flight=int(getattr(args, "max_peer_requests_in_flight", MAX_REQUESTS_IN_FLIGHT)),
+            frame_timeout_s=float(getattr(args, "peer_frame_timeout_s", FRAME_TIMEOUT_S)),
+            idle_timeout_s=float(getattr(args, "peer_idle_timeout_s", IDLE_TIMEOUT_S)),
+            keepalive_interval_s=float(getattr(args, "peer_keepalive_interval_s", KEEPALIVE_INTERVAL_S)),
+        )
+
+
+DEFAULT_LIMITS = PeerLimits()
 
 Message = dict[str, Any]
 RequestHandler = Callable[["PeerConnection", Message], "Message | Awaitable[Message] | None"]
 PushHandler = Callable[["PeerConnection", Message], None]
 CloseHandler = Callable[["PeerConnection", "BaseException | None"], None]
 ErrorHandler = Callable[["PeerConnection", BaseException], None]
+BadMessageHandler = Callable[["PeerConnection", BadMessage, bool], None]  # (conn, error, was_request)
 BurstHandler = Callable[[bool], None]
 
 
@@ -74,6 +131,8 @@ class PeerConnection(asyncio.Protocol):
         on_burst: BurstHandler | None = None,
         max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
         max_send_buffer_bytes: int = DEFAULT_MAX_SEND_BUFFER_BYTES,
+        limits: PeerLimits = DEFAULT_LIMITS,
+        on_bad_message: BadMessageHandler | None = None,
     ) -> None:
         self.name = name
         self.on_request = on_request
@@ -94,6 +153,9 @@ class PeerConnection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self.close_reason: BaseException | None = None
         self.state: dict[str, Any] = {}  # owner's per-connection data (e.g. gateway id)
+        self.limits = limits
+        self.on_bad_message = on_bad_message
+        self._init_limits()
 
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,9 +169,12 @@ class PeerConnection(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
+        self._start_keepalive()
 
     def data_received(self, data: bytes) -> None:
+        self._heard = True
         frames = self.decoder.feed(data)
+        self._watch_partial_frame(len(frames))
         burst = self.on_burst is not None and len(frames) > 1
         if burst:
             self.on_burst(True)  # type: ignore[misc]
@@ -135,6 +200,7 @@ class PeerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._stop_limit_timers()
         reason = self.close_reason or exc
         for future in self._pending.values():
             if not future.done():
@@ -162,17 +228,20 @@ class PeerConnection(asyncio.Protocol):
             return
         request_id = frame.get("id")
         if request_id is None:
-            try:
-                self.on_push(self, frame)
-            except Exception as exc:  # a malformed push: drop the peer, keep the server
-                log.warning("%s: bad %s push from %s: %r", self.name, op, self.peer, exc)
-                self._fail(MalformedFrame(f"bad {op} push: {exc!r}"))
+            if op == "ping":
+                return  # the keepalive: hearing it was the point
+            self._dispatch_push(op, frame)
             return
         if not isinstance(request_id, int):
             self._fail(MalformedFrame("request id must be an integer"))
             return
+        if len(self._tasks) >= self.limits.max_requests_in_flight:
+            self._refuse_over_cap(request_id, op)
+            return
         try:
             result = self.on_request(self, frame)
+        except BadMessage as exc:
+            result = self._bad_request(request_id, exc)
         except Exception as exc:  # a handler bug must not kill the connection or the server
             log.exception("%s: handler for %s failed", self.name, op)
             result = wire.reply_err(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -181,18 +250,135 @@ class PeerConnection(asyncio.Protocol):
         if inspect.isawaitable(result):
             task = asyncio.ensure_future(self._finish(request_id, result))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._request_done)
+            self._apply_backpressure()
         else:
             self.send(result)
 
     async def _finish(self, request_id: int, pending: Awaitable[Message]) -> None:
         try:
             reply = await pending
+        except BadMessage as exc:
+            reply = self._bad_request(request_id, exc)
         except Exception as exc:
             log.warning("%s: request %s failed: %s", self.name, request_id, exc)
             reply = wire.reply_err(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if self.is_open:
             self.send(reply)
+
+    # -- validation outcomes (services.ops) -------------------------------------
+    def _dispatch_push(self, op: str, frame: Message) -> None:
+        """A push: a bad one is dropped and counted, never the link."""
+        try:
+            self.on_push(self, frame)
+        except BadMessage as exc:
+            self._count_bad(exc, was_request=False)
+        except Exception as exc:  # a handler bug: log it, drop this push, keep serving the link
+            log.exception("%s: handling %s push from %s failed", self.name, op, self.peer)
+            self._count_bad(BadMessage(op, f"{type(exc).__name__}: {exc}"), was_request=False)
+
+    def _bad_request(self, request_id: int, exc: BadMessage) -> Message:
+        self._count_bad(exc, was_request=True)
+        return wire.reply_err(request_id, ErrorCode.BAD_REQUEST, f"{exc.op}: {exc.detail}")
+
+    def _count_bad(self, exc: BadMessage, was_request: bool) -> None:
+        log.warning("%s: %s from %s (%s)", self.name, exc, self.peer, "refused" if was_request else "dropped")
+        if self.on_bad_message is not None:
+            self.on_bad_message(self, exc, was_request)
+
+    # -- limits: in-flight requests, half-sent frames, idle peers ------------------
+    def _init_limits(self) -> None:
+        self._heard = False
+        self._sent = False
+        self._last_heard = 0.0
+        self._paused = False
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._frame_timer: asyncio.TimerHandle | None = None
+        self._frames_done = 0  # frames completed, to tell a stalled partial frame from a stream of them
+
+    def _refuse_over_cap(self, request_id: int, op: str) -> None:
+        log.warning(
+            "%s: %s has %d requests in flight (cap %d); refusing %s",
+            self.name,
+            self.peer,
+            len(self._tasks),
+            self.limits.max_requests_in_flight,
+            op,
+        )
+        if self.on_bad_message is not None:
+            self.on_bad_message(self, BadMessage(op, "over max_requests_in_flight", kind="requests_over_cap"), True)
+        self.send(wire.reply_err(request_id, ErrorCode.UNAVAILABLE, "too many requests in flight; retry"))
+
+    def _apply_backpressure(self) -> None:
+        if not self._paused and len(self._tasks) >= self.limits.max_requests_in_flight and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._paused and len(self._tasks) < self.limits.max_requests_in_flight and self.is_open:
+            self._paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def _watch_partial_frame(self, completed: int) -> None:
+        """Arm the frame timer while a frame is partly received; disarm it when none is."""
+        self._frames_done += completed
+        if self.decoder.buffered_bytes == 0 or self.decoder.error is not None:
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
+                self._frame_timer = None
+        elif self._frame_timer is None and self.transport is not None:
+            self._frame_timer = asyncio.get_running_loop().call_later(
+                self.limits.frame_timeout_s, self._frame_timed_out, self._frames_done
+            )
+
+    def _frame_timed_out(self, frames_done_when_armed: int) -> None:
+        self._frame_timer = None
+        if self.decoder.buffered_bytes == 0:
+            return
+        if self._frames_done != frames_done_when_armed:  # frames kept completing: a busy stream, not a stall
+            self._frame_timer = asyncio.get_running_loop().call_later(
+                self.limits.frame_timeout_s, self._frame_timed_out, self._frames_done
+            )
+            return
+        self._fail(
+            FrameTimeout(
+                f"a frame begun was not complete after {self.limits.frame_timeout_s}s "
+                f"({self.decoder.buffered_bytes} bytes held)"
+            )
+        )
+
+    def _start_keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        self._keepalive_timer = loop.call_later(self.limits.keepalive_interval_s, self._keepalive_tick)
+
+    def _keepalive_tick(self) -> None:
+        """Once per keepalive interval: close a peer silent for the idle timeout; ping if we were silent."""
+        self._keepalive_timer = None
+        if not self.is_open:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._heard:
+            self._heard = False
+            self._last_heard = now
+        elif now - self._last_heard >= self.limits.idle_timeout_s:
+            self._fail(IdleTimeout(f"nothing received for {now - self._last_heard:.1f}s"))
+            return
+        if not self._sent:
+            try:
+                self.write(KEEPALIVE_FRAME)
+            except (ConnectionLost, SendBufferFull):
+                return
+        self._sent = False
+        self._keepalive_timer = loop.call_later(self.limits.keepalive_interval_s, self._keepalive_tick)
+
+    def _stop_limit_timers(self) -> None:
+        for timer in (self._keepalive_timer, self._frame_timer):
+            if timer is not None:
+                timer.cancel()
+        self._keepalive_timer = self._frame_timer = None
 
     # -- sending ------------------------------------------------------------
     @property
@@ -209,6 +395,7 @@ class PeerConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise ConnectionLost(f"{self.name}: connection to {self.peer} is closed")
         transport.write(frame)
+        self._sent = True
         pending = transport.get_write_buffer_size()
         if pending > self.max_send_buffer_bytes:
             error = SendBufferFull(pending, self.max_send_buffer_bytes)

@@ -15,24 +15,38 @@ import logging
 from collections.abc import Callable
 
 from services.discovery import Discovery, Instance
+from services.errors import BadDocument
 from services.ring import CHANNEL_RING_KEY, HashRing, RingDocument
 
 log = logging.getLogger("rtm.directory")
 
 RingCallback = Callable[[RingDocument, RingDocument], None]
+BadDocumentCallback = Callable[[BadDocument], None]
 InstancesCallback = Callable[[dict[str, Instance]], None]
 
 
 class RingFollower:
-    """The ring as Consul says it is; ``on_change(old, new)`` on each newer version."""
+    """The ring as Consul says it is; ``on_change(old, new)`` on each newer version.
+
+    A value that is not a ring document, or a version older than the one
+    applied, is logged, passed to ``on_bad_document`` (the process counts it
+    as ``rtm_errors_total{kind="bad_kv"}``) and ignored: the last good ring
+    stays. Nothing a value holds can raise out of :meth:`apply_raw`.
+    """
 
     def __init__(
-        self, discovery: Discovery, key: str = CHANNEL_RING_KEY, on_change: RingCallback | None = None
+        self,
+        discovery: Discovery,
+        key: str = CHANNEL_RING_KEY,
+        on_change: RingCallback | None = None,
+        on_bad_document: BadDocumentCallback | None = None,
     ) -> None:
         self.discovery = discovery
         self.key = key
         self.ring = HashRing()
         self.on_change = on_change
+        self.on_bad_document = on_bad_document
+        self.bad_documents = 0
         self._ready = asyncio.Event()
 
     def start(self) -> None:
@@ -40,11 +54,19 @@ class RingFollower:
 
     def apply_raw(self, raw: bytes | None) -> None:
         try:
-            doc = RingDocument.from_json(raw)
-        except (ValueError, TypeError) as exc:
-            log.error("ignoring unreadable ring document at %s: %s", self.key, exc)
+            doc = RingDocument.from_json(raw, self.key)
+            if doc.version < self.ring.version:
+                raise BadDocument(self.key, f"version {doc.version} is older than the applied {self.ring.version}")
+        except BadDocument as exc:
+            self.refuse(exc)
             return
         self.apply(doc)
+
+    def refuse(self, exc: BadDocument) -> None:
+        self.bad_documents += 1
+        log.error("ignoring a bad ring document (keeping v%s): %s", self.ring.version, exc)
+        if self.on_bad_document is not None:
+            self.on_bad_document(exc)
 
     def apply(self, doc: RingDocument) -> None:
         old = self.ring.doc

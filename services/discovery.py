@@ -73,9 +73,16 @@ Callback = Callable[[Any], "None | Awaitable[None]"]
 
 
 async def _call(callback: Callback, value: Any) -> None:
-    result = callback(value)
-    if inspect.isawaitable(result):
-        await result
+    """Run a watch's callback. One that raises is logged and the watch goes on:
+    no value in Consul may end a watch (the callback keeps its last good state)."""
+    try:
+        result = callback(value)
+        if inspect.isawaitable(result):
+            await result
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("a watch callback failed on a new value; the watch goes on")
 
 
 def sync_client(consul_addr: str, token: str = "") -> consul.Consul:

@@ -5,7 +5,11 @@ Class tree::
     RtmError
     ├── ProtocolError            a peer broke the msgpack framing
     │   ├── FrameTooLarge        declared length above the frame limit
-    │   └── MalformedFrame       not msgpack, or not a map with an ``op``
+    │   ├── MalformedFrame       not msgpack, or not a map with an ``op``
+    │   ├── FrameTimeout         a frame begun and not finished in time
+    │   └── IdleTimeout          nothing received for too long
+    ├── BadMessage               a well-framed op whose fields break services.ops
+    ├── BadDocument              a Consul KV document of the wrong shape or version
     ├── ConnectionLost           the TCP connection closed under a request
     ├── RequestTimeout           no reply within the request's deadline
     ├── SendBufferFull           the bounded send buffer overflowed (slow peer)
@@ -49,6 +53,13 @@ class CloseCode(IntEnum):
     INVALID_TICKET = 4001  # missing, forged, expired or reused ticket: do not retry the URL
     BOOTSTRAP_FAILED = 4002  # the webapp could not be reached for the user's channels
     SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect and catch up
+    # The gateway could not deliver this connection's events exactly once in order (a gap it
+    # could not fill within its budget, or more held events than its bound): reconnect
+    # through rtm.connect and catch up. Sent after Slack's goodbye (docs/hardening-gateway.md).
+    RESYNC = 4010
+    # Past the gateway's per-user or per-address connection limit: close another connection
+    # first; retrying at once is refused again (docs/hardening-gateway.md).
+    TOO_MANY_CONNECTIONS = 4029
 
 
 class RtmError(Exception):
@@ -68,6 +79,38 @@ class FrameTooLarge(ProtocolError):
 
 class MalformedFrame(ProtocolError):
     pass
+
+
+class FrameTimeout(ProtocolError):
+    """A peer began a frame and did not finish it within the frame timeout."""
+
+
+class IdleTimeout(ProtocolError):
+    """A peer sent nothing (not even a keepalive) for the idle timeout."""
+
+
+class BadMessage(RtmError):
+    """A frame whose op or fields break the declared table (:mod:`services.ops`).
+
+    A request is answered ``err bad_request`` with :attr:`detail`; a push is
+    dropped and counted. The connection stays up.
+    """
+
+    def __init__(self, op: str, detail: str, kind: str = "bad_request") -> None:
+        super().__init__(f"bad {op}: {detail}")
+        self.op = op
+        self.detail = detail
+        self.kind = kind  # what a refused request counts as in rtm_errors_total{kind}
+
+
+class BadDocument(RtmError, ValueError):
+    """A Consul KV document that is unreadable, of the wrong shape, or not newer
+    than the one applied. It is logged, counted and ignored; the last good one stays."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"{key}: {detail}")
+        self.key = key
+        self.detail = detail
 
 
 class ConnectionLost(RtmError):

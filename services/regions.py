@@ -17,12 +17,17 @@ loaded one; if the region has none, the nearest good region's.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
+
+from services.errors import BadDocument
+from services.kv_document import expect_object, load_json
 
 REGION_MAP_KEY = "rtm/regions/map"
 DRAINED_PREFIX = "rtm/regions/drained/"
+REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # us-east, eu-west-1
+MAX_REGIONS = 256
 
 
 class GatewayLike(Protocol):
@@ -42,10 +47,38 @@ def default_map(regions: Sequence[str]) -> dict[str, list[str]]:
 
 
 def parse_map(raw: bytes | str | None) -> dict[str, list[str]]:
+    """The region map in ``raw`` ({} when absent), or :class:`BadDocument` (a ``ValueError``):
+    an object of at most :data:`MAX_REGIONS` region names, each to a list of region names."""
     if not raw:
         return {}
-    data = json.loads(raw)
-    return {str(k): [str(x) for x in v] for k, v in dict(data).items()}
+    data = expect_object(REGION_MAP_KEY, load_json(REGION_MAP_KEY, raw))
+    if len(data) > MAX_REGIONS:
+        raise BadDocument(REGION_MAP_KEY, f"{len(data)} regions is above MAX_REGIONS ({MAX_REGIONS})")
+    region_map: dict[str, list[str]] = {}
+    for region, fallbacks in data.items():
+        if not REGION_RE.fullmatch(region):
+            raise BadDocument(REGION_MAP_KEY, f"{region[:40]!r} is not a region name")
+        if type(fallbacks) is not list or len(fallbacks) > MAX_REGIONS:
+            raise BadDocument(REGION_MAP_KEY, f"the fallbacks of {region} must be a list of region names")
+        for other in fallbacks:
+            if type(other) is not str or not REGION_RE.fullmatch(other):
+                raise BadDocument(REGION_MAP_KEY, f"fallback {other!r:.40} of {region} is not a region name")
+        region_map[region] = list(fallbacks)
+    return region_map
+
+
+def drained_regions(keys: Iterable[str]) -> tuple[set[str], list[str]]:
+    """(drained regions, refused keys) from the keys under :data:`DRAINED_PREFIX`: a key whose
+    rest is not a region name drains nothing and is returned to be logged and counted."""
+    drained: set[str] = set()
+    refused: list[str] = []
+    for key in keys:
+        region = key.removeprefix(DRAINED_PREFIX) if isinstance(key, str) else ""
+        if REGION_RE.fullmatch(region) and key.startswith(DRAINED_PREFIX):
+            drained.add(region)
+        else:
+            refused.append(str(key)[:100])
+    return drained, refused
 
 
 def preference(region: str, region_map: Mapping[str, Sequence[str]], known: Sequence[str]) -> list[str]:

@@ -12,15 +12,22 @@ The ring document lives in Consul KV (``rtm/ring/channel``, and
 
 ``version`` only ever grows; a ``null`` instance means the slot has no owner
 right now. CHARM's leader is its only writer (with CAS); everyone else reads.
+Readers parse strictly (:meth:`RingDocument.from_json`: an object, an
+integer version in ``[0, 2**53)``, at most :data:`MAX_RING_SLOTS` slots of
+non-empty names, each owned by an instance id or ``null``) and adopt only a
+newer version (:class:`HashRing`); anything else is a
+:class:`services.errors.BadDocument`, logged, counted and ignored.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from uhashring import HashRing as _Ketama
+
+from services.errors import BadDocument
+from services.kv_document import expect_object, expect_version, load_json
 
 CHANNEL_RING_KEY = "rtm/ring/channel"
 PRESENCE_RING_KEY = "rtm/ring/presence"
@@ -29,6 +36,9 @@ CHARM_LEADER_KEY = "rtm/charm/leader"
 # Lookups are cached per key until the version changes; the bound keeps a
 # gateway that sees millions of distinct channels from growing without limit.
 MAX_CACHED_LOOKUPS = 200_000
+MAX_RING_SLOTS = 4096  # a ring with more slots than this is not one CHARM wrote
+MAX_SLOT_NAME_CHARS = 64
+MAX_OWNER_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -42,12 +52,27 @@ class RingDocument:
         return json.dumps({"version": self.version, "slots": self.slots}, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes | str | None) -> RingDocument:
+    def from_json(cls, raw: bytes | str | None, key: str = "ring") -> RingDocument:
+        """The document in ``raw``; an absent or empty value is version 0 with no slots.
+
+        Raises :class:`services.errors.BadDocument` (a ``ValueError``) for anything
+        else that is not a ring document, and nothing else.
+        """
         if not raw:
             return cls(version=0, slots={})
-        data: dict[str, Any] = json.loads(raw)
-        slots = {str(k): (None if v is None else str(v)) for k, v in dict(data.get("slots", {})).items()}
-        return cls(version=int(data.get("version", 0)), slots=slots)
+        data = expect_object(key, load_json(key, raw))
+        version = expect_version(key, data.get("version"))
+        slots = data.get("slots", {})
+        if type(slots) is not dict:
+            raise BadDocument(key, f"slots must be an object, not {type(slots).__name__}")
+        if len(slots) > MAX_RING_SLOTS:
+            raise BadDocument(key, f"{len(slots)} slots is above MAX_RING_SLOTS ({MAX_RING_SLOTS})")
+        for slot, owner in slots.items():
+            if not 0 < len(slot) <= MAX_SLOT_NAME_CHARS:
+                raise BadDocument(key, f"slot name {slot[:40]!r} is empty or too long")
+            if owner is not None and (type(owner) is not str or not 0 < len(owner) <= MAX_OWNER_ID_CHARS):
+                raise BadDocument(key, f"owner of {slot} must be an instance id or null, not {owner!r:.60}")
+        return cls(version=version, slots=dict(slots))
 
     def slots_of(self, instance_id: str) -> list[str]:
         return [slot for slot, owner in self.slots.items() if owner == instance_id]

@@ -10,21 +10,9 @@ peer that announces a 4 GiB frame costs nothing. After an error the decoder is
 dead: :attr:`FrameDecoder.error` is set and further input is ignored; the I/O
 layer closes the connection and counts the error.
 
-Operations (see docs/design.md, "The wire"):
-
-========  ===========  =====================================================
-op        direction    fields
-========  ===========  =====================================================
-pub       W->AS, AS->CS ``ch``, ``seq`` (int, or nil for transient), ``json``
-                        (bytes: the client-visible event), ``t0`` (origin time,
-                        unix seconds), ``eid`` (event id for logs), ``ctl``
-                        (optional control map, e.g. ``{"join": C, "since": n}``)
-sub       GS->CS       ``gw`` (gateway id), ``chans`` [[ch, since_seq|-1], ...]
-unsub     GS->CS       ``gw``, ``chans`` [ch, ...]
-ev        CS->GS push  ``ch``, ``seq``, ``json``, ``t0``, ``ctl`` (optional)
-ping      any          (liveness; replied with ok)
-ok / err  replies      ``id`` and the op's result fields
-========  ===========  =====================================================
+The ops themselves (every ``op``, its fields, types, ranges, who sends it)
+are declared once, in :mod:`services.ops` (and docs/wire.md); handlers parse
+each message into its record there before it touches state.
 """
 
 from __future__ import annotations
@@ -48,7 +36,9 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 def encode_event(channel: str, seq: int | None, json_bytes: bytes, t0: float, ctl: Any = None) -> bytes:
-    """The ``ev`` push frame; built once per event and written to every subscriber.
+    """The ``ev`` push frame (:class:`services.ops.Event`); built once per event and written
+    to every subscriber. Hand-built rather than through the record: it is on the
+    publish path, and a unit test checks the two agree.
 
     ``ctl`` (optional) is fleet-internal control data that travels beside the
     client-visible JSON, e.g. ``{"join": "C9", "since": 12}`` on a user's

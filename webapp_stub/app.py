@@ -1,6 +1,6 @@
 """The webapp process: Web API + SQLite + the hand-off to Admin Servers.
 
-``start_webapp(args)`` wires the parts and returns ``(ready_info, stop)``;
+:class:`WebappServer` wires the parts (``start``/``stop``, like every service);
 ``main(argv)`` is ``rtm webapp`` / ``python -m webapp_stub``.
 
 Startup: open the store (``synchronous=FULL`` with group commit, see
@@ -21,20 +21,22 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from services import logs, regions, wire
+from services import regions, wire
 from services.config import Parser, advertised, instance_id, service_parser
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
-from services.process import StopFn, run_service
+from services.process import run_main
 from services.secret_file import ensure_secret_file
+from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
+from webapp_stub.client import BrowserClient
 from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
@@ -46,6 +48,7 @@ from webapp_stub.handoff import (
     replay_from_mark,
     write_mark,
 )
+from webapp_stub.internal import InternalEndpoints
 from webapp_stub.presence import PresenceClient
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
 
@@ -175,188 +178,211 @@ def build_parser() -> Parser:
         "",
         'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)',
     )
+    parser.add(
+        "--demo",
+        True,
+        "demo mode: /demo/users lists the demo team's people with their tokens for the browser "
+        "client's sign-in picker (--no-demo or RTM_DEMO=0 wherever others can reach the webapp)",
+    )
     return parser
 
 
-async def start_webapp(
-    args: argparse.Namespace, *, discovery: DiscoveryLike | None = None
-) -> tuple[dict[str, Any], StopFn]:
-    """Serve the webapp; return the ready info and the stop function.
+class WebappServer:
+    """The webapp process: its parts started in order by :meth:`start`, torn down in
+    reverse by :meth:`stop` from one exit stack.
 
     ``discovery`` defaults to Consul at ``args.consul``; tests pass a
     :class:`FixedDiscovery`. The metrics port is the API port (``--metrics-port``
-    is not used).
+    is not used). After :meth:`start`, the live parts are attributes (``store``,
+    ``handoff``, ``commits``, ``api``, ``discovery``) for in-process tests.
     """
-    iid = instance_id(SERVICE, getattr(args, "instance_id", ""))
-    if not 0 < args.max_event_bytes <= wire.DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_BYTES:
-        raise ValueError(
-            f"--max-event-bytes must be between 1 and {wire.DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_BYTES} "
-            f"(the wire frame limit less {FRAME_ENVELOPE_BYTES} bytes of envelope)"
-        )
-    os.makedirs(args.data_dir, exist_ok=True)
-    secret = load_secret(args.secret, args.data_dir)
-    stack = AsyncExitStack()
-    try:
-        store = Store(
+
+    store: Store
+    handoff: Handoff
+    as_link: AdminServerLink
+    commits: GroupCommit
+    discovery: DiscoveryLike
+    gateways: GatewayPicker
+    api: WebApi
+    metrics: ServiceMetrics
+
+    def __init__(self, args: argparse.Namespace, *, discovery: DiscoveryLike | None = None) -> None:
+        self.args = args
+        self.instance_id = instance_id(SERVICE, getattr(args, "instance_id", ""))
+        self._given_discovery = discovery
+        self._stack = AsyncExitStack()
+        self._stopped = False
+
+    async def start(self) -> dict[str, Any]:
+        """Serve and register; return the ready info. On any failure, what started is stopped."""
+        args = self.args
+        limit = wire.DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_BYTES
+        if not 0 < args.max_event_bytes <= limit:
+            raise ValueError(
+                f"--max-event-bytes must be between 1 and {limit} "
+                f"(the wire frame limit less {FRAME_ENVELOPE_BYTES} bytes of envelope)"
+            )
+        os.makedirs(args.data_dir, exist_ok=True)
+        secret = load_secret(args.secret, args.data_dir)
+        try:
+            self._open_store()
+            self._start_handoff()
+            self._spawn(self._mark_loop(), "handoff-mark-loop")
+            self._spawn(self._redrive_loop(), "deadletter-redrive-loop")
+            # Group commit: after the loops above, so that at stop it is closed (committing
+            # what is open) before they stop and the outbox flushes.
+            self.commits = GroupCommit(self.store, self.handoff, self.metrics, window_s=args.group_commit_window_s)
+            self._stack.callback(self.commits.close)
+            self._watch_fleet()
+            self._start_api(secret)
+            port = await self._serve_http()
+            address = advertised(args.host, args.advertise_host)
+            await self.discovery.register(
+                SERVICE, self.instance_id, address, port, meta={"metrics_port": str(port)}, ttl_s=args.ttl_s
+            )
+            self._stack.push_async_callback(self.discovery.deregister)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        log.info("webapp %s serving on %s:%s (data in %s)", self.instance_id, address, port, args.data_dir)
+        return {
+            "service": SERVICE,
+            "id": self.instance_id,
+            "host": address,
+            "port": port,
+            "url": f"http://{address}:{port}",
+            "data_dir": os.path.abspath(args.data_dir),
+        }
+
+    async def stop(self) -> None:
+        """Deregister, stop accepting, finish in-flight requests, stop the watches and loops,
+        flush the outbox for a bounded time, write the mark, close the database. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._stack.aclose()
+
+    def _open_store(self) -> None:
+        args = self.args
+        self.store = Store(
             args.data_dir,
             background_checkpoints=True,  # checkpoints off the event loop
             synchronous=args.sqlite_synchronous,
             max_event_bytes=args.max_event_bytes,
         )
-        stack.callback(store.close)
-        metrics = ServiceMetrics(SERVICE, iid)
+        self._stack.callback(self.store.close)
+        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
 
-        as_link = AdminServerLink()
-        handoff = Handoff(
-            as_link,
-            metrics,
+    def _start_handoff(self) -> None:
+        """The outbox, requeueing what the last run may not have handed off (from the mark)
+        and the redrives it was doing; its flush is the stop step after the loops."""
+        args, store = self.args, self.store
+        self.as_link = AdminServerLink()
+        self.handoff = Handoff(
+            self.as_link,
+            self.metrics,
             dead_letters=store,
             max_refusals=args.max_refusals,
             max_event_bytes=args.max_event_bytes,
             max_queue_events=args.max_outbox_events,
         )
-        replay_from_mark(store, handoff, time.time())
+        replay_from_mark(store, self.handoff, time.time())
         if store.resume_redrives():
             log.info("redrives interrupted by the last stop are asked for again")
-        handoff.start()
-        metrics.gauge("rtm_deadletter_parked", "Dead letters not delivered (parked or being redriven)").set_function(
-            store.parked_count
-        )
+        self.handoff.start()
+        self.metrics.gauge(
+            "rtm_deadletter_parked", "Dead letters not delivered (parked or being redriven)"
+        ).set_function(store.parked_count)
+        self._stack.push_async_callback(self._flush_and_close)
 
-        async def flush_and_close() -> None:
-            # Waiting is pointless with no Admin Server known; the events are durable anyway.
-            if len(handoff) and as_link.instances and not await handoff.flush(DEFAULT_FLUSH_TIMEOUT_S):
-                log.warning("outbox not flushed within %ss", DEFAULT_FLUSH_TIMEOUT_S)
-            await handoff.close()
-            write_mark(store, handoff, time.time())
+    async def _flush_and_close(self) -> None:
+        handoff = self.handoff
+        # Waiting is pointless with no Admin Server known; the events are durable anyway.
+        if len(handoff) and self.as_link.instances and not await handoff.flush(DEFAULT_FLUSH_TIMEOUT_S):
+            log.warning("outbox not flushed within %ss", DEFAULT_FLUSH_TIMEOUT_S)
+        await handoff.close()
+        write_mark(self.store, handoff, time.time())
 
-        stack.push_async_callback(flush_and_close)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A background task, cancelled (and awaited) at its place in the stop order."""
+        task = asyncio.create_task(coro, name=name)
 
-        async def mark_loop() -> None:
-            while True:
-                await asyncio.sleep(MARK_INTERVAL_S)
-                write_mark(store, handoff, time.time())
+        async def cancel() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
-        mark_task = asyncio.create_task(mark_loop(), name="handoff-mark-loop")
+        self._stack.push_async_callback(cancel)
 
-        async def stop_mark_loop() -> None:
-            mark_task.cancel()
-            await asyncio.gather(mark_task, return_exceptions=True)
+    async def _mark_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MARK_INTERVAL_S)
+            write_mark(self.store, self.handoff, time.time())
 
-        stack.push_async_callback(stop_mark_loop)
+    async def _redrive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(DEADLETTER_POLL_S)
+            try:
+                self.handoff.redrive(self.store.take_redrives())
+            except Exception:  # a locked or failing database: try again next time
+                log.exception("reading redrive requests failed")
 
-        async def redrive_loop() -> None:
-            while True:
-                await asyncio.sleep(DEADLETTER_POLL_S)
-                try:
-                    handoff.redrive(store.take_redrives())
-                except Exception:  # a locked or failing database: try again next time
-                    log.exception("reading redrive requests failed")
+    def _watch_fleet(self) -> None:
+        """Consul watches: admin servers, gateways, the region map, drained regions; gateway load."""
+        args = self.args
+        given = self._given_discovery
+        self.discovery = given if given is not None else Discovery(args.consul, args.consul_token)
+        self._stack.push_async_callback(self.discovery.close)
+        self.gateways = GatewayPicker(regions.parse_map(args.region_map) if args.region_map else None)
+        self.discovery.watch_service("admin-server", self.as_link.set_instances)
+        self.discovery.watch_service("gateway", self.gateways.set_instances)
+        self.discovery.watch_key(regions.REGION_MAP_KEY, self.gateways.set_region_map)
+        self.discovery.watch_prefix(regions.DRAINED_PREFIX, self.gateways.set_drained)
+        self._spawn(self.gateways.poll_load_loop(), "gateway-load")
 
-        redrive_task = asyncio.create_task(redrive_loop(), name="deadletter-redrive-loop")
-
-        async def stop_redrive_loop() -> None:
-            redrive_task.cancel()
-            await asyncio.gather(redrive_task, return_exceptions=True)
-
-        stack.push_async_callback(stop_redrive_loop)
-        # Group commit: after the loops above, so that at stop it is closed (committing
-        # what is open) before they stop and the outbox flushes.
-        commits = GroupCommit(store, handoff, metrics, window_s=args.group_commit_window_s)
-        stack.callback(commits.close)
-
-        disc: DiscoveryLike = discovery if discovery is not None else Discovery(args.consul, args.consul_token)
-        stack.push_async_callback(disc.close)
-        gateways = GatewayPicker(regions.parse_map(args.region_map) if args.region_map else None)
-        disc.watch_service("admin-server", as_link.set_instances)
-        disc.watch_service("gateway", gateways.set_instances)
-        disc.watch_key(regions.REGION_MAP_KEY, gateways.set_region_map)
-        disc.watch_prefix(regions.DRAINED_PREFIX, gateways.set_drained)
-        load_task = asyncio.create_task(gateways.poll_load_loop(), name="gateway-load")
-
-        async def stop_load_loop() -> None:
-            load_task.cancel()
-            await asyncio.gather(load_task, return_exceptions=True)
-
-        stack.push_async_callback(stop_load_loop)
-
-        api = WebApi(
-            store,
-            handoff,
-            gateways,
-            metrics,
+    def _start_api(self, secret: bytes) -> None:
+        args = self.args
+        self.api = WebApi(
+            self.store,
+            self.handoff,
+            self.gateways,
+            self.metrics,
             secret=secret,
             rate_limit_per_minute=args.rate_limit_per_minute,
             region=getattr(args, "region", ""),
         )
-        api.commits = commits
-        api.presence = PresenceClient(disc, store.manual_away_users)  # users.get/setPresence (webapp_stub/presence.py)
-        api.presence.start()
-        stack.push_async_callback(api.presence.close)
+        self.api.commits = self.commits
+        # users.get/setPresence (webapp_stub/presence.py)
+        presence = PresenceClient(self.discovery, self.store.manual_away_users)
+        self.api.presence = presence
+        presence.start()
+        self._stack.push_async_callback(presence.close)
 
-        def health() -> dict[str, Any]:
-            return {
-                "handoff_queue": len(handoff),
-                "dead_letters": store.parked_count(),
-                "admin_server_connected": as_link.link.connected,
-                "admin_servers": len(as_link.instances),
-                "gateways": len(gateways.instances),
-                "consul": disc.consul_ok,
-            }
+    def health(self) -> dict[str, Any]:
+        return {
+            "handoff_queue": len(self.handoff),
+            "dead_letters": self.store.parked_count(),
+            "admin_server_connected": self.as_link.link.connected,
+            "admin_servers": len(self.as_link.instances),
+            "gateways": len(self.gateways.instances),
+            "consul": self.discovery.consul_ok,
+        }
 
+    async def _serve_http(self) -> int:
+        """API, internal endpoints, ``/healthz``, ``/metrics`` and the browser client on one port; returns the port."""
         app = web.Application(client_max_size=MAX_BODY_BYTES)
-        app.add_routes(api.routes())
-        app.add_routes(metrics_routes(metrics, health))
+        app.add_routes(self.api.routes())
+        app.add_routes(InternalEndpoints(self.api).routes())
+        app.add_routes(metrics_routes(self.metrics, self.health))
+        # the browser client at / (webapp_stub/client.py, docs/browser.md)
+        app.add_routes(BrowserClient(self.store, self.metrics, demo=getattr(self.args, "demo", True)).routes())
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.args.host, self.args.port, reuse_address=True)
         await site.start()
-        stack.push_async_callback(site.stop)
-        port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-
-        address = advertised(args.host, args.advertise_host)
-        await disc.register(SERVICE, iid, address, port, meta={"metrics_port": str(port)}, ttl_s=args.ttl_s)
-        stack.push_async_callback(disc.deregister)
-    except BaseException:
-        await stack.aclose()
-        raise
-    info = {
-        "service": SERVICE,
-        "id": iid,
-        "host": address,
-        "port": port,
-        "url": f"http://{address}:{port}",
-        "data_dir": os.path.abspath(args.data_dir),
-    }
-    # Exposed for in-process tests (the store, the outbox, the API object).
-    info_objects = {"store": store, "handoff": handoff, "api": api, "discovery": disc, "commits": commits}
-    stop_fn = _Stop(stack, info_objects)
-    log.info("webapp %s serving on %s:%s (data in %s)", iid, address, port, args.data_dir)
-    return info, stop_fn
-
-
-class _Stop:
-    """The stop function; its attributes give in-process tests the live parts."""
-
-    def __init__(self, stack: AsyncExitStack, parts: dict[str, Any]) -> None:
-        self._stack = stack
-        self.parts = parts
-        self._done = False
-
-    async def __call__(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        await self._stack.aclose()
+        self._stack.push_async_callback(site.stop)
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.instance_id = instance_id(SERVICE, args.instance_id)
-    logs.configure(args.instance_id, args.log_level)
-    return run_service(lambda: start_webapp(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return run_main(build_parser().parse_args(argv), SERVICE, WebappServer)

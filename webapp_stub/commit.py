@@ -35,7 +35,7 @@ import time
 from typing import Any, Protocol
 
 from services.metrics import ServiceMetrics
-from webapp_stub.store import Event
+from webapp_stub.models import Event
 
 log = logging.getLogger("rtm.webapp.commit")
 

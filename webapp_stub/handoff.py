@@ -66,7 +66,8 @@ from services.connection import PeerConnection, PeerLink, backoff_delays
 from services.discovery import Instance
 from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError, RtmError
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
-from webapp_stub.store import MAX_EVENT_BYTES, Event
+from webapp_stub.database import MAX_EVENT_BYTES
+from webapp_stub.models import Event
 
 log = logging.getLogger("rtm.webapp.handoff")
 

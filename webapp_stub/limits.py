@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from webapp_stub.store import ApiError
+from webapp_stub.errors import ApiError
 
 MAX_BLOCKS = 50  # per message (Slack: "up to 50 blocks in each message")
 MAX_ATTACHMENTS = 100  # per message

@@ -7,12 +7,15 @@ from typing import Any
 
 import pytest
 
-from services import wire
-from services.connection import PeerConnection, PeerLink, connect, serve
+from services import ops, wire
+from services.connection import PeerConnection, PeerLimits, PeerLink, connect, serve
 from services.errors import (
+    BadMessage,
     ConnectionLost,
     ErrorCode,
+    FrameTimeout,
     FrameTooLarge,
+    IdleTimeout,
     MalformedFrame,
     NotOwner,
     PeerError,
@@ -431,5 +434,165 @@ async def test_peer_link_close_closes_the_connection() -> None:
         await within(conn.closed)
         assert not link.connected
         await within(endpoint.closes.get())
+    finally:
+        await endpoint.stop()
+
+
+# -- limits: bad messages, in-flight requests, half-sent frames, idle peers ----------------------
+
+
+class Validating(Endpoint):
+    """An endpoint whose handlers parse through services.ops, counting what it refuses."""
+
+    def __init__(self, **conn_kwargs: Any) -> None:
+        self.bad: list[tuple[str, bool]] = []
+        self.kinds: list[str] = []
+        super().__init__(on_bad_message=self.count, **conn_kwargs)
+
+    def count(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
+        self.bad.append((exc.op, was_request))
+        self.kinds.append(exc.kind)
+
+    def handle(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
+        if msg["op"] == "pub":
+            ops.parse_as(msg, ops.Publish)
+            return wire.reply_ok(msg["id"])
+        if msg["op"] == "hold":
+            return self._hold(msg["id"])
+        return super().handle(conn, msg)
+
+    async def _hold(self, request_id: int) -> dict[str, Any]:
+        await self.release.wait()
+        return wire.reply_ok(request_id)
+
+    release = asyncio.Event()
+
+
+async def test_a_bad_request_is_answered_bad_request_and_the_connection_stays() -> None:
+    endpoint = await Validating().start()
+    try:
+        client = await dial(endpoint.port)
+        with pytest.raises(PeerError) as info:
+            await client.request({"op": "pub", "ch": "C1", "seq": 2**63, "json": b"{}"})
+        assert info.value.code == ErrorCode.BAD_REQUEST and "seq" in info.value.reply["detail"]
+        assert endpoint.bad == [("pub", True)]
+        assert (await client.request({"op": "pub", "ch": "C1", "seq": 1, "json": b"{}"}))["op"] == "ok"
+        assert endpoint.errors.empty() and client.is_open
+        client.close()
+    finally:
+        await endpoint.stop()
+
+
+async def test_a_bad_push_is_dropped_and_counted_and_the_link_stays() -> None:
+    endpoint = await Validating().start()
+    try:
+        bad: list[str] = []
+
+        def on_push(conn: PeerConnection, msg: dict[str, Any]) -> None:
+            record = ops.parse_as(msg, ops.Event)  # what a gateway does with an ev
+            received.append(record.seq)
+
+        received: list[int | None] = []
+        client = await connect(
+            HOST,
+            endpoint.port,
+            lambda: PeerConnection(
+                name="gw", on_push=on_push, on_bad_message=lambda c, exc, was_request: bad.append(exc.detail)
+            ),
+        )
+        server_side = await within(endpoint.accepted.get())
+        server_side.send({"op": "ev", "ch": "C1", "seq": None, "json": b"{}", "t0": 1.0, "ctl": [1]})
+        server_side.send({"op": "ev", "ch": 7, "seq": 1, "json": b"{}", "t0": 1.0})
+        server_side.send({"op": "ev", "ch": "C1", "seq": 2, "json": b"{}", "t0": 1.0})
+        assert (await client.request({"op": "echo", "x": 1}))["echo"] == 1
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.01)  # wait-ok: bounded poll for the push
+        assert received == [2]
+        assert len(bad) == 2 and "ctl" in bad[0] and "ch" in bad[1]
+        assert client.is_open
+        client.close()
+    finally:
+        await endpoint.stop()
+
+
+async def test_requests_in_flight_are_capped_with_backpressure_then_refusal() -> None:
+    Validating.release = asyncio.Event()
+    endpoint = await Validating(limits=PeerLimits(max_requests_in_flight=2)).start()
+    try:
+        client = await dial(endpoint.port)
+        held = [client.begin_request({"op": "hold"}, timeout_s=WAIT_S) for _ in range(3)]  # one read, three requests
+        with pytest.raises(PeerError) as info:
+            await within(held[2])
+        assert info.value.code == ErrorCode.UNAVAILABLE
+        assert endpoint.kinds == ["requests_over_cap"]  # counted, and not as a bad request
+        server_side = endpoint.conns[0]
+        assert server_side._paused  # at the cap: the server reads no more from this peer
+        later = client.begin_request({"op": "echo", "x": "later"}, timeout_s=WAIT_S)
+        await asyncio.sleep(0.05)  # wait-ok: give the paused server a chance to (wrongly) read it
+        assert not later.done()
+        Validating.release.set()
+        for future in held[:2]:
+            assert (await within(future))["op"] == "ok"
+        assert (await within(later))["echo"] == "later"  # reading resumed below the cap
+        client.close()
+    finally:
+        await endpoint.stop()
+
+
+async def test_a_half_sent_frame_is_cut_off_after_the_frame_timeout() -> None:
+    endpoint = await Endpoint(limits=PeerLimits(frame_timeout_s=0.2)).start()
+    try:
+        good = await dial(endpoint.port)
+        reader, writer = await asyncio.open_connection(HOST, endpoint.port)
+        started = asyncio.get_running_loop().time()
+        writer.write(wire.encode({"op": "echo", "x": "y"})[:3])  # 3 bytes of a frame, then nothing
+        await writer.drain()
+        error = await within(endpoint.errors.get())
+        assert isinstance(error, FrameTimeout)
+        assert 0.15 < asyncio.get_running_loop().time() - started < 2.0
+        try:
+            assert await within(reader.read()) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        # A frame sent slowly but steadily is not cut off: its pieces keep completing frames.
+        for _ in range(5):
+            assert (await good.request({"op": "echo", "x": "ok"}))["echo"] == "ok"
+            await asyncio.sleep(0.05)  # wait-ok: spread requests over more than one frame timeout
+        good.close()
+    finally:
+        await endpoint.stop()
+
+
+async def test_a_silent_peer_is_closed_after_the_idle_timeout_and_keepalives_keep_a_quiet_link() -> None:
+    quick = PeerLimits(idle_timeout_s=0.3, keepalive_interval_s=0.05)
+    endpoint = await Endpoint(limits=quick).start()
+    try:
+        quiet = await connect(HOST, endpoint.port, lambda: PeerConnection(name="quiet", limits=quick))
+        reader, writer = await asyncio.open_connection(HOST, endpoint.port)  # connects, never sends
+        error = await within(endpoint.errors.get())
+        assert isinstance(error, IdleTimeout)
+        writer.close()
+        await asyncio.sleep(0.5)  # wait-ok: longer than the idle timeout, with nothing but keepalives
+        assert quiet.is_open
+        assert (await quiet.request({"op": "echo", "x": "still"}))["echo"] == "still"
+        assert endpoint.errors.empty()
+        quiet.close()
+    finally:
+        await endpoint.stop()
+
+
+async def test_a_4_gib_length_header_is_refused_at_once() -> None:
+    endpoint = await Endpoint().start()
+    try:
+        reader, writer = await asyncio.open_connection(HOST, endpoint.port)
+        writer.write(wire.HEADER.pack(0xFFFFFFFF))
+        await writer.drain()
+        error = await within(endpoint.errors.get(), 2.0)
+        assert isinstance(error, FrameTooLarge) and error.length == 0xFFFFFFFF
+        assert endpoint.conns[-1].decoder.buffered_bytes == 0
+        writer.close()
     finally:
         await endpoint.stop()

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.app import build_parser as gateway_parser
 from services.discovery import Instance
-from webapp_stub.app import FixedDiscovery, build_parser, start_webapp
+from webapp_stub.app import FixedDiscovery, WebappServer, build_parser
 from webapp_stub.seed import seed_demo
 
 SECRET = "public-url-secret"
@@ -21,14 +21,15 @@ async def connect_url(tmp_path: Path, gateway: Instance) -> str:
     args = build_parser().parse_args(
         ["--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET]
     )
-    info, stop = await start_webapp(args, discovery=FixedDiscovery({"admin-server": [], "gateway": [gateway]}))
+    server = WebappServer(args, discovery=FixedDiscovery({"admin-server": [], "gateway": [gateway]}))
+    info = await server.start()
     try:
         async with aiohttp.ClientSession() as http:
             headers = {"Authorization": f"Bearer {seed['users'][0]['token']}"}
             async with http.post(f"{info['url']}/api/rtm.connect", headers=headers) as resp:
                 reply = await resp.json()
     finally:
-        await stop()
+        await server.stop()
     assert reply["ok"], reply
     return str(reply["url"])
 

@@ -23,116 +23,12 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from services import wire
-from services.connection import PeerConnection, serve
-from services.discovery import Instance
-from services.keys import FleetKeys
 from services.ticket import TicketVerifier
 from tests.support import async_wait_until, free_port
-from webapp_stub.app import FixedDiscovery, build_parser, start_webapp
+from tests.webapp_harness import GATEWAY, KEYS, SECRET, FakeAdminServer, Webapp, start
+from webapp_stub.app import WebappServer, build_parser
 from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
-
-SECRET = "component-secret"
-KEYS = FleetKeys.from_secret(SECRET.encode())  # the per-job keys the webapp derives from it
-
-
-class FakeAdminServer:
-    """Records every pub and answers ok; can be killed and restarted on the same port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.pubs: list[dict[str, Any]] = []
-        self.conns: set[PeerConnection] = set()
-        self.server: asyncio.AbstractServer | None = None
-        self.hold = False  # record pubs but never answer them (a hung or dying AS)
-
-    @property
-    def instance(self) -> Instance:
-        return Instance(id="as-fake", service="admin-server", address="127.0.0.1", port=self.port)
-
-    def on_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | None:
-        if msg["op"] == "pub":
-            self.pubs.append(msg)
-            if self.hold:
-                return None
-        return wire.reply_ok(msg["id"])
-
-    def factory(self) -> PeerConnection:
-        conn = PeerConnection(name="fake-as", on_request=self.on_request, on_close=lambda c, _: self.conns.discard(c))
-        self.conns.add(conn)
-        return conn
-
-    async def start(self) -> None:
-        self.server = await serve("127.0.0.1", self.port, self.factory)
-
-    async def kill(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for conn in list(self.conns):
-            conn.abort()
-        await self.server.wait_closed()
-        self.server = None
-
-    def pubs_for(self, channel: str) -> list[dict[str, Any]]:
-        return [p for p in self.pubs if p["ch"] == channel]
-
-
-class Webapp:
-    def __init__(self, url: str, port: int, seed: dict[str, Any], discovery: FixedDiscovery, stop: Any) -> None:
-        self.url = url
-        self.port = port
-        self.seed = seed
-        self.discovery = discovery
-        self.stop = stop
-        self.session = aiohttp.ClientSession()
-
-    def user(self, name: str) -> dict[str, Any]:
-        return next(u for u in self.seed["users"] if u["name"] == name)
-
-    def channel(self, name: str) -> str:
-        return next(c["id"] for c in self.seed["channels"] if c["name"] == name)
-
-    async def call(
-        self,
-        method: str,
-        token: str | None = None,
-        *,
-        json_body: Any = None,
-        data: Any = None,
-        params: Any = None,
-        http: str = "POST",
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, Any]]:
-        hdrs = dict(headers or {})
-        if token:
-            hdrs["Authorization"] = f"Bearer {token}"
-        async with self.session.request(
-            http, f"{self.url}/api/{method}", json=json_body, data=data, params=params, headers=hdrs
-        ) as resp:
-            return resp.status, await resp.json()
-
-    async def internal(
-        self, path: str, body: Any, secret: str = KEYS.internal_http_credential
-    ) -> tuple[int, dict[str, Any]]:
-        async with self.session.post(
-            f"{self.url}/internal/{path}", json=body, headers={"X-Rtm-Secret": secret}
-        ) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-
-GATEWAY = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
-
-
-async def start(tmp_path: Path, fake_as: FakeAdminServer, *extra: str) -> Webapp:
-    seed = seed_demo(str(tmp_path), users=5, channels=2, bots=1)
-    args = build_parser().parse_args(
-        ["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, "--instance-id", "webapp-test", *extra]
-    )
-    discovery = FixedDiscovery({"admin-server": [fake_as.instance], "gateway": [GATEWAY]})
-    info, stop = await start_webapp(args, discovery=discovery)
-    assert discovery.registered["webapp-test"]["meta"] == {"metrics_port": str(info["port"])}
-    return Webapp(info["url"], info["port"], seed, discovery, stop)
 
 
 @pytest.fixture
@@ -313,7 +209,7 @@ async def test_admin_server_down_then_back_delivers_in_order(webapp: Webapp, fak
             "chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}
         )
         assert reply["ok"], reply
-    handoff = webapp.stop.parts["handoff"]
+    handoff = webapp.server.handoff
     assert len(handoff) == 20 and len(fake_as.pubs) == 1  # queued, waiting, nothing lost
     await fake_as.start()
 
@@ -349,7 +245,7 @@ async def test_admin_server_dying_with_pubs_in_flight_gets_them_again(webapp: We
 
     await async_wait_until(resent, what="the unacknowledged pubs resent")
     assert [p["seq"] for p in fake_as.pubs[:5]] == [1, 2, 3, 4, 5]
-    handoff = webapp.stop.parts["handoff"]
+    handoff = webapp.server.handoff
     assert handoff.retries >= 1 and await handoff.flush(5.0)
 
 
@@ -382,7 +278,7 @@ async def test_checkpoints_run_beside_the_event_loop_and_stop_with_the_webapp(
     tmp_path: Path, fake_as: FakeAdminServer
 ) -> None:
     app = await start(tmp_path, fake_as)
-    store = app.stop.parts["store"]
+    store = app.server.store
     checkpointer = store.checkpointer
     try:
         assert checkpointer is not None and checkpointer.running
@@ -539,7 +435,8 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
                 "webapp-consul",
             ]
         )
-        info, stop = await start_webapp(args)
+        server = WebappServer(args)
+        info = await server.start()
         try:
             _, instances = await other.healthy("webapp")
             assert [(i.id, i.port, i.meta.get("metrics_port")) for i in instances] == [
@@ -558,7 +455,7 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
 
             await async_wait_until(delivered, what="pub via an AS found in Consul")
         finally:
-            await stop()
+            await server.stop()
         _, instances = await other.healthy("webapp")
         assert instances == []  # deregistered on stop
     finally:

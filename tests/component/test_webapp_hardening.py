@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rtmctl import operator
 from services import wire
 from services.connection import PeerConnection
-from tests.component.test_webapp_api import KEYS, FakeAdminServer, Webapp, start
 from tests.support import async_wait_until
+from tests.webapp_harness import KEYS, FakeAdminServer, Webapp, start
 
 MIB = 1024 * 1024
 
@@ -260,7 +260,7 @@ async def test_refused_event_is_dead_lettered_listed_and_redriven(
     await async_wait_until(moved_on, what="the events behind the refused one")
 
     async def parked() -> bool:
-        return bool(webapp.stop.parts["store"].dead_letters())
+        return bool(webapp.server.store.dead_letters())
 
     await async_wait_until(parked, what="the refused event to be parked")
     assert applied(general) == ["before", "after"]
@@ -302,7 +302,7 @@ async def test_refused_event_is_dead_lettered_listed_and_redriven(
 
 async def test_concurrent_posts_share_commits_and_keep_seqs_gapless(webapp: Webapp, fake_as: FakeAdminServer) -> None:
     alice, general = webapp.user("alice"), webapp.channel("general")
-    store = webapp.stop.parts["store"]
+    store = webapp.server.store
     assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     before = store.last_seq(general)
     replies = await asyncio.gather(
@@ -312,7 +312,7 @@ async def test_concurrent_posts_share_commits_and_keep_seqs_gapless(webapp: Weba
         )
     )
     assert all(status == 200 and reply["ok"] for status, reply in replies)
-    commits = webapp.stop.parts["commits"]
+    commits = webapp.server.commits
     values = await metrics(webapp)
     batches = metric(values, "rtm_webapp_commit_batch_writes_count")
     assert 1 <= batches < 40 and commits.batches >= batches  # several posts per commit

@@ -99,8 +99,28 @@ def registered_names() -> set[str]:
     return {importlib.import_module(m).SERVICE for m in SERVICE_MODULES}
 
 
+class StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping with a key twice (YAML forbids it; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [
+            key.value
+            for key, _ in node.value
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge"
+        ]
+        duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {duplicates}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def test_yaml_loader_refuses_duplicate_keys() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.load("a:\n  b: 1\n  b: 2\n", Loader=StrictLoader)  # noqa: S506
 
 
 def interpolate(value: str) -> str:
@@ -320,6 +340,25 @@ def test_envoy_routes_for_the_webapp_and_every_gateway() -> None:
         assert {"upgrade_type": "websocket"} in route["route"]["upgrade_configs"]
         assert route["route"].get("timeout") in ("0s", 0), "no response timeout on a websocket"
         assert cluster_endpoint(doc, route["route"]["cluster"]) == (name, int(flag(argv, "--port") or 0))
+
+
+def test_envoy_serves_the_browser_client_from_the_webapp_and_no_catch_all() -> None:
+    """The page at /, its files under /client/ and the demo sign-in list go to the webapp;
+    no route matches every path (the webapp's /internal/, /metrics and /healthz stay inside)."""
+    doc = load_yaml(ENVOY)
+    _, routes = edge_routes(doc)
+    api = next(r for r in routes if r["match"].get("prefix") == "/api/")
+    for match in ({"path": "/"}, {"prefix": "/client/"}, {"path": "/demo/users"}):
+        route = next((r for r in routes if r["match"] == match), None)
+        assert route is not None, f"no edge route for the browser client's {match}"
+        assert route["route"]["cluster"] == api["route"]["cluster"]
+        assert not route["route"].get("upgrade_configs")
+    assert not any(r["match"].get("prefix") in ("/", "") for r in routes), "a catch-all would expose /internal/"
+    for path in ("/internal/bootstrap", "/metrics", "/healthz"):
+        matched = [
+            r for r in routes if r["match"].get("path") == path or path.startswith(r["match"].get("prefix", "\0"))
+        ]
+        assert not matched, f"{path} must not be routed at the edge"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # envoy-data-plane's pydantic validators, at import

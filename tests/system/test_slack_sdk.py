@@ -217,7 +217,7 @@ async def test_async_web_client_speaks_every_method(fleet: Fleet) -> None:
 
 async def test_rate_limit_429_with_retry_after_through_the_sdk(tmp_path: Path) -> None:
     """A webapp of our own with a budget of 60 calls a minute (Retry-After: 1 s once spent)."""
-    from tests.component.test_webapp_api import FakeAdminServer, start
+    from tests.webapp_harness import FakeAdminServer, start
 
     fake_as = FakeAdminServer()
     await fake_as.start()

@@ -233,3 +233,21 @@ def test_known_channels() -> None:
     table.subscribe(table.index_of("gw"), "C1", -1)
     table.publish("C2", 1, b"{}", 0.0)
     assert table.known_channels() == {"C1", "C2"}
+
+
+def test_a_disconnected_gateways_index_is_reused_so_masks_stay_small() -> None:
+    table = ChannelTable()
+    a = table.index_of("gw-a")
+    table.subscribe(a, "C1", -1)
+    for n in range(1000):  # gateways come and go (restarts get new instance ids)
+        index = table.index_of(f"gw-{n}")
+        table.subscribe(index, "C1", -1)
+        assert index == 1
+        table.drop_gateway(index)
+    assert table.subscribers["C1"] == 0b1
+    assert max(table.gateway_index.values()) == 0
+    b, c = table.index_of("gw-b"), table.index_of("gw-c")
+    assert (b, c) == (1, 2)
+    table.drop_gateway(a)
+    assert table.index_of("gw-d") == 0  # the lowest free index first
+    assert table.index_of("gw-b") == 1  # a connected gateway keeps its index

@@ -134,9 +134,9 @@ def test_ts_beyond_any_slack_ts_is_refused(ts: str) -> None:
 def test_cursor_keys_beyond_sqlite_integers_are_invalid() -> None:
     for key in ("99999999999999999999", "-1", "1.5", "١٢"):
         with pytest.raises(ApiError) as caught:
-            from webapp_stub.store import _int_cursor
+            from webapp_stub.codecs import int_cursor
 
-            _int_cursor(encode_cursor("ts", key), "ts")
+            int_cursor(encode_cursor("ts", key), "ts")
         assert caught.value.code == "invalid_cursor"
     with pytest.raises(ApiError):
         decode_cursor("\ud800", "ts")

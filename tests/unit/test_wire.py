@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services import wire
 from services.errors import FrameTooLarge, MalformedFrame
@@ -175,3 +177,52 @@ def test_replies() -> None:
         "detail": "moved",
         "version": 8,
     }
+
+
+# -- properties: whatever the bytes and however they are cut, frames or a recorded error ----------
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=2048), st.lists(st.integers(min_value=0, max_value=4096), max_size=8))
+def test_arbitrary_bytes_in_any_chunks_give_frames_or_an_error_never_an_exception(data: bytes, cuts: list[int]) -> None:
+    decoder = wire.FrameDecoder(max_frame_bytes=1024)
+    frames = []
+    for chunk in chunked(data, cuts):
+        frames += decoder.feed(chunk)
+        assert decoder.buffered_bytes <= 1024 + wire.HEADER_BYTES  # never more than one frame is held
+    for frame in frames:
+        assert isinstance(frame, dict) and isinstance(frame["op"], str)
+    if decoder.error is not None:
+        assert decoder.buffered_bytes == 0
+
+
+MESSAGES = st.dictionaries(
+    st.text(max_size=6),
+    st.none() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(max_size=20) | st.binary(max_size=20),
+    max_size=5,
+).map(lambda m: {**m, "op": "x"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(MESSAGES, min_size=1, max_size=6), st.lists(st.integers(min_value=0, max_value=4096), max_size=8))
+def test_valid_frames_in_any_chunks_come_out_whole_and_in_order(
+    messages: list[dict[str, object]], cuts: list[int]
+) -> None:
+    data = b"".join(wire.encode(m) for m in messages)
+    decoder = wire.FrameDecoder()
+    out = []
+    for chunk in chunked(data, cuts):
+        out += decoder.feed(chunk)
+    assert out == messages
+    assert decoder.error is None and decoder.buffered_bytes == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1025, max_value=2**32 - 1), st.binary(max_size=64))
+def test_any_length_header_above_the_limit_is_refused_at_once(length: int, tail: bytes) -> None:
+    decoder = wire.FrameDecoder(max_frame_bytes=1024)
+    assert decoder.feed(wire.HEADER.pack(length) + tail) == []
+    assert isinstance(decoder.error, FrameTooLarge) and decoder.buffered_bytes == 0

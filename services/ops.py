@@ -1,0 +1,610 @@
+"""The one declared table of wire ops: every msgpack message rtm sends, its fields, their ranges.
+
+Every frame is a msgpack map with a string ``op`` (:mod:`services.wire` does
+the framing). Requests also carry an integer ``id`` and get exactly one
+reply, ``ok`` or ``err``; pushes carry no ``id``. Each op below is a typed
+record (a frozen dataclass) with a declared schema; :func:`parse` turns a
+decoded map into its record or raises :class:`services.errors.BadMessage`
+with a detail naming the field, and nothing else. Handlers act on records
+only, so no op touches state before it was checked. Encoders build
+messages from the same records (:meth:`Op.to_message`).
+
+What happens on a violation (docs/wire.md, "Violations"): a request is
+answered ``{"op": "err", "code": "bad_request", "detail": ...}`` and counted
+(``rtm_errors_total{kind="bad_request"}``); a push is dropped and counted
+(``rtm_errors_total{kind="bad_push"}``). Neither closes the connection,
+kills a task or stops a process; later valid messages are served as usual.
+
+Fields (``?`` optional, ``|nil`` may be msgpack nil)::
+
+  op             kind     from -> to            fields
+  -------------  -------  --------------------  ------------------------------------------------
+  pub            request  webapp -> AS, AS -> CS ch, seq|nil, json, t0?, eid?, ctl?, rv?
+                          GS -> CS (typing)
+  sub            request  GS -> CS              gw, chans [[ch, since], ...] (<= MAX_SUB_CHANNELS), rv?
+  unsub          request  GS -> CS              gw, chans [ch, ...] (<= MAX_SUB_CHANNELS)
+  seqs           request  GS -> CS              gw, chans [ch, ...] (<= MAX_SEQS_CHANNELS): reconciliation
+  ev             push     CS -> GS              ch, seq|nil, json, t0, ctl?
+  moved          push     CS -> GS              chans [ch, ...], version
+  ping           request  any -> any            (none); ``ping`` as a push is the keepalive
+  lease          request  GS -> PS              gw, epoch?, rv?
+  release        request  GS -> PS              gw
+  query          request  GS -> PS              users (<= MAX_QUERY_USERS), rv?
+  online/offline push     GS -> PS              gw, users (<= MAX_BATCH_USERS), epoch?, rv?
+  psub/punsub    push     GS -> PS              gw, users (<= MAX_BATCH_USERS), epoch?, rv?
+  synced         push     GS -> PS              gw, epoch
+  presence       push     PS -> GS              changes [[user, "active"|"away"], ...]
+  not_owner      push     PS -> GS              users, version
+  set_presence   request  webapp -> PS          users [[user, "auto"|"away"], ...], rv?
+  get_presence   request  webapp -> PS          user, rv?
+  ring_add_slot  request  operator -> CHARM     ring ("channel"|"presence")
+  ring_remove_slot request operator -> CHARM    ring, slot
+  ok / err       reply    to the requester      id; err: code, detail
+
+Ranges: ``seq`` is ``1 <= seq < 2**53`` (nil for a transient event such as
+typing); ``since`` is -1 (live only) or ``0 <= since < 2**53``; versions,
+and ``rv`` are ``0 <= v < 2**53`` (2**53: every value survives a trip
+through a JSON double, as ring documents in Consul do); presence sync
+epochs are ``0 <= e < 2**64`` (gateways start them at ``time.time_ns()``); ``t0`` is a finite
+unix time in ``[0, MAX_T0_S]``. Channel and user ids have the form the
+webapp makes (:data:`CHANNEL_ID_RE`: one capital letter and 1-31 capitals or
+digits, e.g. ``C0A1B2C3D4E``, ``U0A1B2C3D4E``, ``T...``, ``D...``, ``G...``);
+gateway and instance ids :data:`INSTANCE_ID_RE`. ``json`` is bytes, at most
+:data:`MAX_EVENT_JSON_BYTES`, so the ``ev`` frame built from any accepted
+``pub`` fits the frame limit. ``ctl`` is a map with only the keys of
+:data:`CTL_CHECKS`: ``join`` (channel id) with optional ``since`` (int),
+``leave`` (channel id), ``from`` (user id; typing). Unknown top-level
+fields are ignored (a newer peer may add one); unknown ``ctl`` keys are not.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal, TypeVar
+
+from services import identity
+from services.errors import BadMessage
+from services.wire import DEFAULT_MAX_FRAME_BYTES
+
+Message = dict[str, Any]
+
+# -- limits (named, with units; docs/wire.md lists them) ---------------------------------------
+MAX_SAFE_INT = 2**53  # exclusive bound of seqs and versions: exact in a JSON double
+MAX_EPOCH = 2**64  # exclusive bound of presence sync epochs (msgpack's unsigned 64-bit)
+# Room for everything an ``ev`` frame carries beside the event JSON (op, ch,
+# seq, t0, ctl: well under 1 KiB), so any accepted ``pub`` makes an ``ev`` that fits.
+FRAME_ENVELOPE_RESERVE_BYTES = 64 * 1024
+MAX_EVENT_JSON_BYTES = DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_RESERVE_BYTES
+# Channels in one ``sub``/``unsub``/``moved``. A [ch, since] entry is about 20
+# bytes, so the 4 MiB frame allowed about 200k; a gateway subscribes in
+# batches of at most this many (bench/channels.py uses 10k).
+MAX_SUB_CHANNELS = 100_000
+# Channels one ``seqs`` (the gateway's reconciliation audit) asks about; gateways
+# send batches of 5,000 (gateway/app.py RECONCILE_BATCH_CHANNELS).
+MAX_SEQS_CHANNELS = 10_000
+MAX_BATCH_USERS = 5_000  # users per online/offline/psub/punsub push (gateway/presence.py batches by it)
+MAX_QUERY_USERS = 10_000  # users per presence ``query``
+MAX_PRESENCE_CHANGES = 100_000  # entries in one ``presence`` push (one per watched user of a gateway)
+MAX_ID_CHARS = 32
+MAX_INSTANCE_ID_CHARS = 128
+MAX_EID_CHARS = 128
+MAX_SLOT_CHARS = 64
+MAX_T0_S = 2.0**34  # year 2514: beyond is a corrupt clock, not a time
+CHANNEL_ID_RE = re.compile(r"[A-Z][A-Z0-9]{1,31}")
+INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+SLOT_RE = re.compile(r"[a-z]+-[0-9]{1,6}")
+RINGS = ("channel", "presence")
+PRESENCE_VALUES = ("active", "away")
+MANUAL_PRESENCE_VALUES = ("auto", "away")
+LIVE_ONLY = -1  # a ``sub`` entry's since: no replay
+
+Direction = Literal["request", "push"]
+T = TypeVar("T", bound="Op")
+
+
+# -- field checks: each returns the clean value or raises ValueError with a reason -------------
+Check = Callable[[Any], Any]
+
+
+def integer(low: int, high_exclusive: int) -> Check:
+    def check(value: Any) -> int:
+        if type(value) is not int:  # bool is an int subclass: refused
+            raise ValueError(f"must be an integer, not {type(value).__name__}")
+        if not low <= value < high_exclusive:
+            raise ValueError(f"{value} is outside [{low}, {high_exclusive})")
+        return value
+
+    return check
+
+
+SEQ = integer(1, MAX_SAFE_INT)
+VERSION = integer(0, MAX_SAFE_INT)
+# Gateways number their presence sync epochs from time.time_ns() (unique across
+# restarts), about 1.7e18: any unsigned 64-bit integer, as msgpack carries it.
+EPOCH = integer(0, MAX_EPOCH)
+
+
+def since_seq(value: Any) -> int:
+    if value == LIVE_ONLY and type(value) is int:
+        return LIVE_ONLY
+    return int(integer(0, MAX_SAFE_INT)(value))
+
+
+def unix_time(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise ValueError(f"must be a number, not {type(value).__name__}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_T0_S):
+        raise ValueError(f"{value!r} is not a unix time")
+    return float(value)
+
+
+def text(pattern: re.Pattern[str], what: str) -> Check:
+    def check(value: Any) -> str:
+        if type(value) is not str:
+            raise ValueError(f"must be a string ({what}), not {type(value).__name__}")
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{value[:40]!r} is not {what}")
+        return value
+
+    return check
+
+
+CHANNEL_ID = text(CHANNEL_ID_RE, "a channel id like C0A1B2C3D4E")
+USER_ID = text(CHANNEL_ID_RE, "a user id like U0A1B2C3D4E")
+INSTANCE_ID = text(INSTANCE_ID_RE, "an instance id")
+SLOT = text(SLOT_RE, "a slot name like cs-3")
+
+
+def bounded_str(max_chars: int) -> Check:
+    def check(value: Any) -> str:
+        if type(value) is not str:
+            raise ValueError(f"must be a string, not {type(value).__name__}")
+        if len(value) > max_chars:
+            raise ValueError(f"longer than {max_chars} characters")
+        return value
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: Any) -> str:
+        if type(value) is not str or value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def event_json(value: Any) -> bytes:
+    if type(value) is not bytes:
+        raise ValueError(f"must be bytes (msgpack bin), not {type(value).__name__}")
+    if len(value) > MAX_EVENT_JSON_BYTES:
+        raise ValueError(f"{len(value)} bytes is above MAX_EVENT_JSON_BYTES ({MAX_EVENT_JSON_BYTES})")
+    return value
+
+
+def list_of(item: Check, max_items: int) -> Check:
+    def check(value: Any) -> list[Any]:
+        if type(value) is not list:
+            raise ValueError(f"must be a list, not {type(value).__name__}")
+        if len(value) > max_items:
+            raise ValueError(f"{len(value)} items is above the limit of {max_items}")
+        out = []
+        for i, entry in enumerate(value):
+            try:
+                out.append(item(entry))
+            except ValueError as exc:
+                raise ValueError(f"item {i}: {exc}") from None
+        return out
+
+    return check
+
+
+def pair(first: Check, second: Check) -> Check:
+    def check(value: Any) -> tuple[Any, Any]:
+        if type(value) not in (list, tuple) or len(value) != 2:  # a record's own pairs are tuples
+            raise ValueError("must be a pair [a, b]")
+        return first(value[0]), second(value[1])
+
+    return check
+
+
+CTL_CHECKS: dict[str, Check] = {
+    "join": CHANNEL_ID,
+    "since": integer(0, MAX_SAFE_INT),
+    "leave": CHANNEL_ID,
+    "from": USER_ID,
+}
+
+
+def control(value: Any) -> dict[str, Any]:
+    """``ctl``: fleet-internal control data beside the event (see the module docstring)."""
+    if type(value) is not dict:
+        raise ValueError(f"must be a map, not {type(value).__name__}")
+    unknown = [key for key in value if key not in CTL_CHECKS]
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(map(str, unknown))[:5]} (known: {sorted(CTL_CHECKS)})")
+    if "since" in value and "join" not in value:
+        raise ValueError("since without join")
+    out: dict[str, Any] = {}
+    for key, check in CTL_CHECKS.items():
+        if key in value:
+            try:
+                out[key] = check(value[key])
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+    return out
+
+
+def nullable(check: Check) -> Check:
+    def nullable_check(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return nullable_check
+
+
+# -- the records ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    """One field of an op: its check, and whether it may be absent."""
+
+    check: Check
+    required: bool = True
+
+
+class Op:
+    """Base of every op record. Subclasses declare ``OP``, ``DIRECTION``, ``SENDERS``
+    (prose), ``SENT_BY`` (the services that send it) and ``SCHEMA`` (field name -> :class:`Spec`; the dataclass fields, in order)."""
+
+    OP: ClassVar[str]
+    DIRECTION: ClassVar[Direction]
+    SENDERS: ClassVar[str]
+    SENT_BY: ClassVar[tuple[str, ...]]  # service names (services.identity) that send it
+    SCHEMA: ClassVar[dict[str, Spec]]
+
+    def to_message(self) -> Message:
+        """The map to send (``id`` is added by the connection for requests); absent
+        optional fields (None) are left out."""
+        message: Message = {"op": self.OP}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not None or self.SCHEMA[f.name].required:
+                message[f.name] = value
+        return message
+
+
+@dataclass(frozen=True, slots=True)
+class Publish(Op):
+    OP = "pub"
+    DIRECTION = "request"
+    SENDERS = "webapp -> admin server; admin server -> channel server; gateway -> channel server (typing)"
+    SENT_BY = (identity.WEBAPP, identity.ADMIN_SERVER, identity.GATEWAY)
+    SCHEMA = {
+        "ch": Spec(CHANNEL_ID),
+        "seq": Spec(nullable(SEQ)),
+        "json": Spec(event_json),
+        "t0": Spec(unix_time, required=False),
+        "eid": Spec(bounded_str(MAX_EID_CHARS), required=False),
+        "ctl": Spec(control, required=False),
+        "rv": Spec(VERSION, required=False),
+    }
+    ch: str
+    seq: int | None
+    json: bytes
+    t0: float | None = None
+    eid: str | None = None
+    ctl: dict[str, Any] | None = None
+    rv: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe(Op):
+    OP = "sub"
+    DIRECTION = "request"
+    SENDERS = "gateway -> channel server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = {
+        "gw": Spec(INSTANCE_ID),
+        "chans": Spec(list_of(pair(CHANNEL_ID, since_seq), MAX_SUB_CHANNELS)),
+        "rv": Spec(VERSION, required=False),
+    }
+    gw: str
+    chans: list[tuple[str, int]]
+    rv: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe(Op):
+    OP = "unsub"
+    DIRECTION = "request"
+    SENDERS = "gateway -> channel server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = {"gw": Spec(INSTANCE_ID), "chans": Spec(list_of(CHANNEL_ID, MAX_SUB_CHANNELS))}
+    gw: str
+    chans: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Seqs(Op):
+    """The gateway's reconciliation: where each channel stands at its owner, and whether the
+    gateway is subscribed there (docs/hardening-gateway.md)."""
+
+    OP = "seqs"
+    DIRECTION = "request"
+    SENDERS = "gateway -> channel server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = {"gw": Spec(INSTANCE_ID), "chans": Spec(list_of(CHANNEL_ID, MAX_SEQS_CHANNELS))}
+    gw: str
+    chans: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Event(Op):
+    OP = "ev"
+    DIRECTION = "push"
+    SENDERS = "channel server -> gateway"
+    SENT_BY = (identity.CHANNEL_SERVER,)
+    SCHEMA = {
+        "ch": Spec(CHANNEL_ID),
+        "seq": Spec(nullable(SEQ)),
+        "json": Spec(event_json),
+        "t0": Spec(unix_time),
+        "ctl": Spec(control, required=False),
+    }
+    ch: str
+    seq: int | None
+    json: bytes
+    t0: float
+    ctl: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Moved(Op):
+    OP = "moved"
+    DIRECTION = "push"
+    SENDERS = "channel server -> gateway"
+    SENT_BY = (identity.CHANNEL_SERVER,)
+    SCHEMA = {"chans": Spec(list_of(CHANNEL_ID, MAX_SUB_CHANNELS)), "version": Spec(VERSION)}
+    chans: list[str]
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Op):
+    OP = "ping"
+    DIRECTION = "request"
+    SENDERS = "anyone -> any server (a push ``ping`` is the connection keepalive, never dispatched)"
+    SENT_BY = identity.SERVICES
+    SCHEMA = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Lease(Op):
+    OP = "lease"
+    DIRECTION = "request"
+    SENDERS = "gateway -> presence server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = {"gw": Spec(INSTANCE_ID), "epoch": Spec(EPOCH, required=False), "rv": Spec(VERSION, required=False)}
+    gw: str
+    epoch: int | None = None
+    rv: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Op):
+    OP = "release"
+    DIRECTION = "request"
+    SENDERS = "gateway -> presence server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = {"gw": Spec(INSTANCE_ID)}
+    gw: str
+
+
+@dataclass(frozen=True, slots=True)
+class Query(Op):
+    OP = "query"
+    DIRECTION = "request"
+    SENDERS = "gateway -> presence server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = {"users": Spec(list_of(USER_ID, MAX_QUERY_USERS)), "rv": Spec(VERSION, required=False)}
+    users: list[str]
+    rv: int | None = None
+
+
+USER_BATCH_SCHEMA = {
+    "gw": Spec(INSTANCE_ID),
+    "users": Spec(list_of(USER_ID, MAX_BATCH_USERS)),
+    "epoch": Spec(EPOCH, required=False),
+    "rv": Spec(VERSION, required=False),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UserBatch(Op):
+    """``online``, ``offline``, ``psub``, ``punsub``: one schema, the op says what it means."""
+
+    OP = "online"
+    DIRECTION = "push"
+    SENDERS = "gateway -> presence server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = USER_BATCH_SCHEMA
+    gw: str
+    users: list[str]
+    epoch: int | None = None
+    rv: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Online(UserBatch):
+    OP = "online"
+
+
+@dataclass(frozen=True, slots=True)
+class Offline(UserBatch):
+    OP = "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSubscribe(UserBatch):
+    OP = "psub"
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceUnsubscribe(UserBatch):
+    OP = "punsub"
+
+
+@dataclass(frozen=True, slots=True)
+class Synced(Op):
+    OP = "synced"
+    DIRECTION = "push"
+    SENDERS = "gateway -> presence server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = {"gw": Spec(INSTANCE_ID), "epoch": Spec(EPOCH)}
+    gw: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanges(Op):
+    OP = "presence"
+    DIRECTION = "push"
+    SENDERS = "presence server -> gateway"
+    SENT_BY = (identity.PRESENCE,)
+    SCHEMA = {"changes": Spec(list_of(pair(USER_ID, one_of(*PRESENCE_VALUES)), MAX_PRESENCE_CHANGES))}
+    changes: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class NotOwnerUsers(Op):
+    OP = "not_owner"
+    DIRECTION = "push"
+    SENDERS = "presence server -> gateway"
+    SENT_BY = (identity.PRESENCE,)
+    SCHEMA = {"users": Spec(list_of(USER_ID, MAX_PRESENCE_CHANGES)), "version": Spec(VERSION)}
+    users: list[str]
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetPresence(Op):
+    OP = "set_presence"
+    DIRECTION = "request"
+    SENDERS = "webapp -> presence server"
+    SENT_BY = (identity.WEBAPP,)
+    SCHEMA = {
+        "users": Spec(list_of(pair(USER_ID, one_of(*MANUAL_PRESENCE_VALUES)), MAX_BATCH_USERS)),
+        "rv": Spec(VERSION, required=False),
+    }
+    users: list[tuple[str, str]]
+    rv: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetPresence(Op):
+    OP = "get_presence"
+    DIRECTION = "request"
+    SENDERS = "webapp -> presence server"
+    SENT_BY = (identity.WEBAPP,)
+    SCHEMA = {"user": Spec(USER_ID), "rv": Spec(VERSION, required=False)}
+    user: str
+    rv: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RingAddSlot(Op):
+    OP = "ring_add_slot"
+    DIRECTION = "request"
+    SENDERS = "operator (rtm ring add-slot) -> CHARM leader"
+    SENT_BY = (identity.OPERATOR,)
+    SCHEMA = {"ring": Spec(one_of(*RINGS)), "slot": Spec(bounded_str(MAX_SLOT_CHARS), required=False)}
+    ring: str
+    slot: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RingRemoveSlot(Op):
+    OP = "ring_remove_slot"
+    DIRECTION = "request"
+    SENDERS = "operator (rtm ring remove-slot) -> CHARM leader"
+    SENT_BY = (identity.OPERATOR,)
+    SCHEMA = {"ring": Spec(one_of(*RINGS)), "slot": Spec(SLOT)}
+    ring: str
+    slot: str
+
+
+OPS: dict[str, type[Op]] = {
+    cls.OP: cls
+    for cls in (
+        Publish,
+        Subscribe,
+        Unsubscribe,
+        Seqs,
+        Event,
+        Moved,
+        Ping,
+        Lease,
+        Release,
+        Query,
+        Online,
+        Offline,
+        PresenceSubscribe,
+        PresenceUnsubscribe,
+        Synced,
+        PresenceChanges,
+        NotOwnerUsers,
+        SetPresence,
+        GetPresence,
+        RingAddSlot,
+        RingRemoveSlot,
+    )
+}
+
+
+def parse(message: Mapping[str, Any], expect: type[Op] | tuple[type[Op], ...] | None = None) -> Op:
+    """The record for ``message``, or :class:`BadMessage` (the only exception it raises).
+
+    ``expect`` limits which ops are acceptable here (a channel server takes
+    no ``lease``): any other op is refused as unknown, with the same error type.
+    """
+    op = message.get("op") if isinstance(message, Mapping) else None
+    if type(op) is not str:
+        raise BadMessage("?", "a message must be a map with a string op")
+    cls = OPS.get(op)
+    allowed = expect if isinstance(expect, tuple) else (expect,) if expect is not None else None
+    if cls is None or (allowed is not None and cls not in allowed):
+        raise BadMessage(op[:40], "unknown op here")
+    values: dict[str, Any] = {}
+    for name, spec in cls.SCHEMA.items():
+        value = message.get(name)
+        if value is None and (name not in message or not spec.required):
+            if spec.required and name not in message:
+                raise BadMessage(op, f"{name} is missing")
+            continue
+        try:
+            values[name] = spec.check(value)
+        except ValueError as exc:
+            raise BadMessage(op, f"{name}: {exc}") from None
+        except Exception as exc:  # a check that breaks on some value is a refusal, never a crash
+            raise BadMessage(op, f"{name}: unreadable ({type(exc).__name__})") from None
+    return cls(**values)
+
+
+def parse_as(message: Mapping[str, Any], cls: type[T]) -> T:
+    """:func:`parse` expecting exactly ``cls``."""
+    record = parse(message, cls)
+    assert isinstance(record, cls)
+    return record
+
+
+def batches(items: list[Any], max_items: int) -> list[list[Any]]:
+    """``items`` cut into lists of at most ``max_items``: a sender's side of a list limit."""
+    return [items[i : i + max_items] for i in range(0, len(items), max_items)] or [[]]
+
+
+def request_id(message: Mapping[str, Any]) -> int:
+    """The ``id`` of a request (the connection already checked it is an int)."""
+    return int(message["id"])

@@ -1,0 +1,200 @@
+"""The declared op table: every op parses into its record or refuses with a clear BadMessage."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services import ops, wire
+from services.errors import BadMessage
+
+# One valid example per op: the table must cover every op, and each must round-trip.
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "pub": {"op": "pub", "ch": "C0A1B2C3D4E", "seq": 7, "json": b"{}", "t0": 1.5, "eid": "e7", "ctl": None},
+    "sub": {"op": "sub", "gw": "gw-us-east-0", "chans": [["C1", -1], ["C2", 0], ["C3", 12]], "rv": 3},
+    "unsub": {"op": "unsub", "gw": "gw-us-east-0", "chans": ["C1", "C2"]},
+    "seqs": {"op": "seqs", "gw": "gw-us-east-0", "chans": ["C1", "C2"]},
+    "ev": {"op": "ev", "ch": "C1", "seq": None, "json": b'{"type":"user_typing"}', "t0": 2.0, "ctl": {"from": "U1"}},
+    "moved": {"op": "moved", "chans": ["C1"], "version": 4},
+    "ping": {"op": "ping"},
+    "lease": {"op": "lease", "gw": "gw-1", "epoch": 1_765_000_000_000_000_000, "rv": 2},  # time.time_ns()-based
+    "release": {"op": "release", "gw": "gw-1"},
+    "query": {"op": "query", "users": ["U1", "U2"], "rv": 1},
+    "online": {"op": "online", "gw": "gw-1", "users": ["U1"], "epoch": 3, "rv": 1},
+    "offline": {"op": "offline", "gw": "gw-1", "users": ["U1"], "epoch": 3},
+    "psub": {"op": "psub", "gw": "gw-1", "users": ["U1"], "epoch": 3},
+    "punsub": {"op": "punsub", "gw": "gw-1", "users": ["U1"]},
+    "synced": {"op": "synced", "gw": "gw-1", "epoch": 3},
+    "presence": {"op": "presence", "changes": [["U1", "away"], ["U2", "active"]]},
+    "not_owner": {"op": "not_owner", "users": ["U1"], "version": 2},
+    "set_presence": {"op": "set_presence", "users": [["U1", "auto"], ["U2", "away"]], "rv": 1},
+    "get_presence": {"op": "get_presence", "user": "U1"},
+    "ring_add_slot": {"op": "ring_add_slot", "ring": "channel"},
+    "ring_remove_slot": {"op": "ring_remove_slot", "ring": "presence", "slot": "ps-2"},
+}
+
+
+def test_every_op_has_an_example_and_a_complete_declaration() -> None:
+    assert set(EXAMPLES) == set(ops.OPS)
+    for name, cls in ops.OPS.items():
+        assert cls.OP == name
+        assert cls.DIRECTION in ("request", "push")
+        assert cls.SENT_BY and cls.SENDERS
+        assert [f.name for f in fields(cls)] == list(cls.SCHEMA)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_each_op_round_trips_through_its_record(name: str) -> None:
+    record = ops.parse(EXAMPLES[name])
+    assert isinstance(record, ops.OPS[name])
+    again = ops.parse(msgpack.unpackb(msgpack.packb(record.to_message(), use_bin_type=True), raw=False))
+    assert again == record
+
+
+def test_the_ev_encoder_agrees_with_the_event_record() -> None:
+    frame = wire.encode_event("C1", 5, b"{}", 3.25, {"join": "C9", "since": 2})
+    (decoded,) = wire.FrameDecoder().feed(frame)
+    assert ops.parse_as(decoded, ops.Event) == ops.Event(
+        ch="C1", seq=5, json=b"{}", t0=3.25, ctl={"join": "C9", "since": 2}
+    )
+
+
+def refused(message: dict[str, Any], *words: str) -> BadMessage:
+    with pytest.raises(BadMessage) as info:
+        ops.parse(message)
+    for word in words:
+        assert word in str(info.value), info.value
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"seq": 2**63}, ("seq", "outside")),  # the seq that made a channel server ack everything as a duplicate
+        ({"seq": 2**53}, ("seq", "outside")),
+        ({"seq": 0}, ("seq",)),
+        ({"seq": -5}, ("seq",)),
+        ({"seq": 1.5}, ("seq", "integer")),
+        ({"seq": True}, ("seq", "bool")),
+        ({"seq": None, "ctl": [1, 2]}, ("ctl", "map")),  # the ctl that made every gateway drop its link
+        ({"seq": None, "ctl": "from"}, ("ctl", "map")),
+        ({"ctl": {"evil": 1}}, ("ctl", "unknown")),
+        ({"ctl": {"join": 5}}, ("ctl", "join")),
+        ({"ctl": {"since": 3}}, ("since without join",)),
+        ({"ch": 12345}, ("ch", "int")),  # the int channel
+        ({"ch": "general"}, ("ch", "channel id")),
+        ({"ch": "C" * 40}, ("ch",)),
+        ({"json": "text"}, ("json", "bytes")),
+        ({"json": b"x" * (ops.MAX_EVENT_JSON_BYTES + 1)}, ("json", "MAX_EVENT_JSON_BYTES")),
+        ({"t0": float("nan")}, ("t0",)),
+        ({"t0": float("inf")}, ("t0",)),
+        ({"t0": -1}, ("t0",)),
+        ({"eid": "e" * 1000}, ("eid",)),
+        ({"rv": -1}, ("rv",)),
+    ],
+)
+def test_pub_fields_are_checked(change: dict[str, Any], words: tuple[str, ...]) -> None:
+    refused({**EXAMPLES["pub"], **change}, "bad pub", *words)
+
+
+def test_a_missing_required_field_is_named() -> None:
+    message = dict(EXAMPLES["pub"])
+    del message["seq"]
+    refused(message, "seq is missing")
+
+
+def test_a_transient_pub_has_a_nil_seq() -> None:
+    record = ops.parse_as({**EXAMPLES["pub"], "seq": None, "ctl": {"from": "U1"}}, ops.Publish)
+    assert record.seq is None and record.ctl == {"from": "U1"}
+
+
+def test_sub_with_400k_channels_is_refused_by_name_of_the_limit() -> None:
+    message = {"op": "sub", "gw": "gw-1", "chans": [[f"C{i:X}0", -1] for i in range(400_000)]}
+    refused(message, "chans", str(ops.MAX_SUB_CHANNELS))
+
+
+@pytest.mark.parametrize(
+    "chans",
+    [[["C1"]], [["C1", -2]], [["C1", 2**53]], [[1, 0]], "C1", [["C1", None]], [["C1", 0, 0]]],
+)
+def test_sub_entries_are_pairs_of_channel_and_since(chans: Any) -> None:
+    refused({"op": "sub", "gw": "gw-1", "chans": chans}, "chans")
+
+
+def test_unknown_and_unexpected_ops_are_refused() -> None:
+    refused({"op": "nope"}, "unknown op")
+    refused({"id": 1}, "string op")
+    with pytest.raises(BadMessage, match="unknown op here"):
+        ops.parse(EXAMPLES["lease"], (ops.Publish, ops.Subscribe))
+
+
+def test_unknown_top_level_fields_are_ignored() -> None:
+    assert ops.parse({**EXAMPLES["ping"], "id": 3, "future_field": [1]}) == ops.Ping()
+
+
+def test_presence_values_are_checked() -> None:
+    refused({"op": "presence", "changes": [["U1", "busy"]]}, "changes")
+    refused({"op": "set_presence", "users": [["U1", "active"]]}, "users")
+    refused({"op": "online", "gw": "gw-1", "users": ["U1"] * (ops.MAX_BATCH_USERS + 1)}, "users")
+
+
+def test_ring_ops_are_checked() -> None:
+    refused({"op": "ring_add_slot", "ring": "other"}, "ring")
+    refused({"op": "ring_remove_slot", "ring": "channel", "slot": "../etc"}, "slot")
+
+
+# -- properties: whatever the map, a record or a clear error ------------------------------------
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40)
+    | st.binary(max_size=40)
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def near_valid(name: str) -> st.SearchStrategy[dict[str, Any]]:
+    """The op's valid example with some fields replaced by arbitrary values, some removed."""
+    example = EXAMPLES[name]
+    keys = sorted(k for k in example if k != "op")
+    return st.tuples(
+        st.dictionaries(st.sampled_from(keys), VALUES, max_size=len(keys)) if keys else st.just({}),
+        st.sets(st.sampled_from(keys)) if keys else st.just(set()),
+    ).map(lambda pair: {k: v for k, v in {**example, **pair[0]}.items() if k not in pair[1]})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(EXAMPLES)).flatmap(near_valid))
+def test_any_near_valid_map_parses_or_is_refused_clearly(message: dict[str, Any]) -> None:
+    try:
+        record = ops.parse(message)
+    except BadMessage as exc:
+        assert exc.op and exc.detail
+        return
+    assert isinstance(record, ops.OPS[message["op"]])
+    assert ops.parse(record.to_message()) == record  # what was accepted is clean enough to send again
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8) | st.sampled_from(["op", "ch", "seq"]), VALUES, max_size=6))
+def test_any_map_at_all_parses_or_is_refused_clearly(message: dict[str, Any]) -> None:
+    try:
+        ops.parse(message)
+    except BadMessage:
+        pass
+
+
+def test_batches_cut_a_list_to_its_limit() -> None:
+    assert ops.batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    assert ops.batches([], 2) == [[]]

@@ -1,0 +1,130 @@
+"""The webapp test harness: the webapp in this process on a real port, and a fake Admin Server.
+
+Shared by the component tests of the webapp and the system tests that need a webapp of
+their own (tests import it from here, never from another test module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from services import wire
+from services.connection import PeerConnection, serve
+from services.discovery import Instance
+from services.keys import FleetKeys
+from tests.support import free_port
+from webapp_stub.app import FixedDiscovery, WebappServer, build_parser
+from webapp_stub.seed import seed_demo
+
+SECRET = "component-secret"
+KEYS = FleetKeys.from_secret(SECRET.encode())  # the per-job keys the webapp derives from it
+
+
+class FakeAdminServer:
+    """Records every pub and answers ok; can be killed and restarted on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.pubs: list[dict[str, Any]] = []
+        self.conns: set[PeerConnection] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.hold = False  # record pubs but never answer them (a hung or dying AS)
+
+    @property
+    def instance(self) -> Instance:
+        return Instance(id="as-fake", service="admin-server", address="127.0.0.1", port=self.port)
+
+    def on_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | None:
+        if msg["op"] == "pub":
+            self.pubs.append(msg)
+            if self.hold:
+                return None
+        return wire.reply_ok(msg["id"])
+
+    def factory(self) -> PeerConnection:
+        conn = PeerConnection(name="fake-as", on_request=self.on_request, on_close=lambda c, _: self.conns.discard(c))
+        self.conns.add(conn)
+        return conn
+
+    async def start(self) -> None:
+        self.server = await serve("127.0.0.1", self.port, self.factory)
+
+    async def kill(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for conn in list(self.conns):
+            conn.abort()
+        await self.server.wait_closed()
+        self.server = None
+
+    def pubs_for(self, channel: str) -> list[dict[str, Any]]:
+        return [p for p in self.pubs if p["ch"] == channel]
+
+
+class Webapp:
+    """A webapp started in this process (``server``: its live parts), its seed, and an HTTP session."""
+
+    def __init__(
+        self, url: str, port: int, seed: dict[str, Any], discovery: FixedDiscovery, server: WebappServer
+    ) -> None:
+        self.url = url
+        self.port = port
+        self.seed = seed
+        self.discovery = discovery
+        self.server = server
+        self.session = aiohttp.ClientSession()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    def user(self, name: str) -> dict[str, Any]:
+        return next(u for u in self.seed["users"] if u["name"] == name)
+
+    def channel(self, name: str) -> str:
+        return next(c["id"] for c in self.seed["channels"] if c["name"] == name)
+
+    async def call(
+        self,
+        method: str,
+        token: str | None = None,
+        *,
+        json_body: Any = None,
+        data: Any = None,
+        params: Any = None,
+        http: str = "POST",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        async with self.session.request(
+            http, f"{self.url}/api/{method}", json=json_body, data=data, params=params, headers=hdrs
+        ) as resp:
+            return resp.status, await resp.json()
+
+    async def internal(
+        self, path: str, body: Any, secret: str = KEYS.internal_http_credential
+    ) -> tuple[int, dict[str, Any]]:
+        async with self.session.post(
+            f"{self.url}/internal/{path}", json=body, headers={"X-Rtm-Secret": secret}
+        ) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+GATEWAY = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
+
+
+async def start(tmp_path: Path, fake_as: FakeAdminServer, *extra: str) -> Webapp:
+    seed = seed_demo(str(tmp_path), users=5, channels=2, bots=1)
+    args = build_parser().parse_args(
+        ["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, "--instance-id", "webapp-test", *extra]
+    )
+    discovery = FixedDiscovery({"admin-server": [fake_as.instance], "gateway": [GATEWAY]})
+    server = WebappServer(args, discovery=discovery)
+    info = await server.start()
+    assert discovery.registered["webapp-test"]["meta"] == {"metrics_port": str(info["port"])}
+    return Webapp(info["url"], info["port"], seed, discovery, server)

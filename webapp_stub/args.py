@@ -1,0 +1,158 @@
+"""Web API arguments: reading a request's query, form and JSON body, and typed getters.
+
+Slack's conventions (see SLACK_COMPAT.md): GET or POST, arguments merged from
+the query string, a form body and a JSON body (an empty body is fine whatever
+its content type), the token in ``Authorization: Bearer`` or a ``token``
+argument. Bad input is a Slack error code (:class:`webapp_stub.errors.ApiError`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from webapp_stub.errors import ApiError
+
+TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
+# Arrays and objects nested in one request's arguments (a message's blocks nest a
+# few levels; see webapp_stub.limits.MAX_CONTENT_DEPTH). Deeper: invalid_json.
+MAX_ARGS_DEPTH = 32
+
+Args = dict[str, Any]
+
+
+def flag(args: Args, name: str, default: bool = False) -> bool:
+    """A Slack boolean: JSON true/false, or "1"/"0"/"true"/"false" in forms and queries."""
+    value = args.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value != 0
+    return str(value).strip().lower() in TRUE_STRINGS
+
+
+def int_arg(args: Args, name: str, default: int, maximum: int) -> int:
+    """A positive integer argument, clamped to ``maximum``; missing or 0 means ``default``."""
+    value = args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 in a JSON body is infinity
+        raise ApiError("invalid_arguments") from None
+    if number <= 0:
+        return default
+    return min(number, maximum)
+
+
+def str_arg(args: Args, name: str) -> str | None:
+    value = args.get(name)
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        raise ApiError("invalid_arguments")
+    return str(value)
+
+
+def json_arg(args: Args, name: str) -> Any:
+    """An array/object argument: real JSON in JSON bodies, a JSON string in forms."""
+    value = args.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise ApiError(f"invalid_{name}") from None
+        check_text(value, f"invalid_{name}")
+    if not isinstance(value, (list, dict)):
+        raise ApiError(f"invalid_{name}")
+    return value
+
+
+def check_text(value: Any, code: str, max_depth: int = MAX_ARGS_DEPTH) -> None:
+    """Every string in ``value`` (keys too) is valid Unicode (no lone surrogates, which
+    a JSON ``"\\ud800"`` escape makes and UTF-8 cannot hold), and arrays and objects
+    nest at most ``max_depth`` deep; else ApiError(``code``). Iterative: any depth is safe."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ApiError(code) from None
+        elif isinstance(node, dict):
+            if depth >= max_depth:
+                raise ApiError(code)
+            stack.extend((k, depth) for k in node)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            if depth >= max_depth:
+                raise ApiError(code)
+            stack.extend((v, depth + 1) for v in node)
+
+
+async def read_args(request: web.Request) -> Args:
+    """Query string, then form or JSON body, merged (body wins). Raises ``invalid_json``."""
+    args: Args = {}
+    for key, value in request.query.items():
+        args.setdefault(key, value)
+    if not request.can_read_body:
+        check_text(args, "invalid_arguments")
+        return args
+    ctype = request.content_type
+    if ctype.startswith("multipart/"):
+        try:
+            form = await request.post()
+        except ValueError:
+            raise ApiError("invalid_form_data") from None
+        args.update({k: v for k, v in form.items() if isinstance(v, str)})
+        check_text(args, "invalid_arguments")
+        return args
+    raw = await request.read()
+    if not raw.strip():
+        check_text(args, "invalid_arguments")
+        return args
+    looks_json = raw.lstrip()[:1] in (b"{", b"[")
+    if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded" and looks_json):
+        args.update(parse_json_body(raw))
+    else:
+        try:
+            args.update(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError("invalid_form_data") from None
+    check_text(args, "invalid_arguments")
+    return args
+
+
+def parse_json_body(raw: bytes | str) -> Args:
+    """A JSON object body. Raises ``invalid_json``: not JSON, not an object, nested deeper
+    than :data:`MAX_ARGS_DEPTH` (also when deep enough to exhaust the parser's stack), or
+    holding a string that is not valid Unicode."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError("invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError("invalid_json")
+    check_text(data, "invalid_json")
+    return data
+
+
+def bearer_token(request: web.Request, args: Args) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer " and header[7:].strip():
+        return header[7:].strip()
+    token = args.get("token")
+    return str(token) if token else None
+
+
+def paged(key: str, items: list[Any], next_cursor: str, **extra: Any) -> dict[str, Any]:
+    return {key: items, **extra, "response_metadata": {"next_cursor": next_cursor}}

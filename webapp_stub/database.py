@@ -1,0 +1,204 @@
+"""The webapp's SQLite connection: opening, transactions, group-commit batches, seqs.
+
+The base every part of :class:`webapp_stub.store.Store` builds on. Every
+persisted event gets its channel's next ``seq`` (and, for messages, a ``ts``
+strictly above the channel's last) in the transaction that writes it:
+:meth:`Database._next_seq` and :meth:`Database._append_event` must run inside one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from webapp_stub.checkpoint import WalCheckpointer
+from webapp_stub.codecs import dumps
+from webapp_stub.errors import ApiError
+from webapp_stub.models import Event
+from webapp_stub.schema import migrate
+
+DB_FILE = "webapp.db"
+# The whole client-visible JSON of one event (for an edit: the message and its
+# previous_message) as stored and carried through the fleet. Well under the 4 MiB
+# wire frame (services.wire.DEFAULT_MAX_FRAME_BYTES), leaving room for the msgpack
+# envelope; a larger event is refused where it enters with Slack's ``msg_too_long``.
+# Configurable with ``rtm webapp --max-event-bytes`` (RTM_MAX_EVENT_BYTES).
+MAX_EVENT_BYTES = 1024 * 1024
+# SQLite's durability: FULL fsyncs the WAL at every commit, so a message answered
+# ``ok`` survives a power loss (NORMAL only survives a process crash). Commits are
+# grouped (webapp_stub.commit) so concurrent posts share one fsync.
+SQLITE_SYNCHRONOUS = "FULL"
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+DEFAULT_CACHE_PAGES = -2000  # SQLite's default page cache (negative: KiB)
+
+
+class Database:
+    """The connection to ``<data_dir>/webapp.db`` (or ``path`` if it names a file), its
+    transactions and group-commit batches, and each channel's seq and ts allocation."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        background_checkpoints: bool = False,
+        synchronous: str = SQLITE_SYNCHRONOUS,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
+        """Open (creating if needed) and migrate the database.
+
+        With ``background_checkpoints`` (the webapp process), WAL checkpoints
+        run on a thread of their own (:mod:`webapp_stub.checkpoint`) instead of
+        inside whichever commit fills the WAL; :meth:`close` stops that thread.
+        Without it (tools, the seed, tests), SQLite checkpoints on commit as usual.
+        ``synchronous`` is SQLite's ``PRAGMA synchronous`` (FULL: durable across a
+        power loss); ``max_event_bytes`` bounds the UTF-8 JSON of every event
+        written (``msg_too_long`` beyond it).
+        Raises ValueError for an unknown ``synchronous`` mode.
+        """
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {synchronous!r}")
+        self.max_event_bytes = max_event_bytes
+        # Group commit (webapp_stub.commit): while a batch is open, every
+        # transaction() is a savepoint inside it; ``batch_opener``, when set, is
+        # called by the first write that finds no batch open.
+        self.batch_opener: Callable[[], None] | None = None
+        self._in_batch = False
+        path = os.fspath(path)
+        if os.path.isdir(path) or not path.endswith(".db"):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, DB_FILE)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.clock = clock
+        # The database holds every user's token: create it 0600 before SQLite opens it (SQLite
+        # gives its -wal and -shm files the database file's mode).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves. One connection,
+        # used only from the event loop's thread, so check_same_thread is moot.
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")  # FULL: an ok'd commit survives a power loss
+        self.conn.execute("PRAGMA foreign_keys=OFF")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        migrate(self.conn)
+        self.checkpointer: WalCheckpointer | None = None
+        if background_checkpoints:
+            WalCheckpointer.take_over(self.conn)
+            self.checkpointer = WalCheckpointer(path)
+            self.checkpointer.start()
+
+    def close(self) -> None:
+        """Stop the checkpoint thread, if any, then close the connection.
+
+        Closing the last connection to the file checkpoints the WAL into the
+        database and removes it (SQLite's own behaviour on close).
+        """
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+            self.checkpointer = None
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception.
+
+        Inside an open batch (:meth:`begin_batch`) it is a savepoint instead:
+        an exception undoes only this transaction's writes, and they become
+        durable with the batch's :meth:`commit_batch`.
+        """
+        if not self._in_batch and self.batch_opener is not None:
+            self.batch_opener()
+        if self._in_batch:
+            self.conn.execute("SAVEPOINT tx")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK TO tx")
+                self.conn.execute("RELEASE tx")
+                raise
+            self.conn.execute("RELEASE tx")
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- group commit ------------------------------------------------------------------
+    @property
+    def in_batch(self) -> bool:
+        return self._in_batch
+
+    def begin_batch(self) -> None:
+        """Open one transaction that the following :meth:`transaction` calls join."""
+        if self._in_batch:
+            raise RuntimeError("a batch is already open")
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._in_batch = True
+
+    def commit_batch(self) -> None:
+        """Commit the open batch: one COMMIT (with synchronous=FULL, one fsync) for all of it.
+
+        Raises sqlite3.Error if the commit fails; the batch is then rolled back
+        and closed, and nothing in it was written.
+        """
+        if not self._in_batch:
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._in_batch = False
+
+    # -- events (must run inside a transaction) --------------------------------------
+    def _next_seq(self, channel: str, with_ts: bool = False) -> tuple[int, int]:
+        """Allocate ``channel``'s next seq (and, if asked, its next ts in µs)."""
+        row = self.conn.execute("SELECT last_seq, last_ts_us FROM channel_seq WHERE channel = ?", (channel,)).fetchone()
+        last_seq, last_ts_us = row if row else (0, 0)
+        ts_us = last_ts_us
+        if with_ts:
+            ts_us = max(int(self.clock() * 1_000_000), last_ts_us + 1)
+        seq = last_seq + 1
+        if row:
+            self.conn.execute(
+                "UPDATE channel_seq SET last_seq = ?, last_ts_us = ? WHERE channel = ?", (seq, ts_us, channel)
+            )
+        else:
+            self.conn.execute(
+                "INSERT INTO channel_seq (channel, last_seq, last_ts_us) VALUES (?, ?, ?)", (channel, seq, ts_us)
+            )
+        return seq, ts_us
+
+    def _append_event(
+        self, channel: str, payload: dict[str, Any], ctl: dict[str, Any] | None = None, seq: int | None = None
+    ) -> Event:
+        if seq is None:
+            seq, _ = self._next_seq(channel)
+        text = dumps(payload)
+        # A str holds at most 4 UTF-8 bytes per character: encode only when it may be too long.
+        if len(text) * 4 > self.max_event_bytes and len(text.encode()) > self.max_event_bytes:
+            raise ApiError("msg_too_long")
+        now = self.clock()
+        self.conn.execute(
+            "INSERT INTO events (channel, seq, json, ctl, created_at) VALUES (?, ?, ?, ?, ?)",
+            (channel, seq, text, None if ctl is None else dumps(ctl), now),
+        )
+        return Event(channel, seq, text, ctl, now)
+
+    def last_seq(self, channel: str) -> int:
+        row = self.conn.execute("SELECT last_seq FROM channel_seq WHERE channel = ?", (channel,)).fetchone()
+        return int(row[0]) if row else 0

@@ -1,0 +1,196 @@
+"""The internal endpoints gateways use (never exposed to clients).
+
+Internal endpoints (header ``X-Rtm-Secret`` carrying the ``internal_http`` key
+derived from the fleet secret, :mod:`services.keys`; 403 otherwise):
+
+* ``POST /internal/bootstrap`` ``{"user": U, "resume": id?}`` ->
+  ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
+  "channels": [{"id": C, "seq": last_seq}, ...], "resumed": bool}``
+  (conversations + the user's own channel + the team channel). With a live
+  ``resume`` record of that user, its channels carry the recorded seq instead
+  and ``resumed`` is true (see :mod:`webapp_stub.resume`).
+* ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq}}``
+  -> ``{"ok": true, "resume": id}``: a gateway about to move a connection
+  records where it stopped; the user's next ``rtm.connect`` claims it.
+* ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
+  ``{"ok": true, "events": [{"seq", "json", "ctl", "t0"}, ...], "has_more"}``.
+* ``POST /internal/call/<method>`` ``{"user": U, ...args}`` -> the same reply
+  as ``/api/<method>`` would give that user (for messages sent over the
+  websocket; not rate limited).
+
+Every reply is JSON; a wrong credential is HTTP 403 ``{"ok": false, "error": "forbidden"}``,
+counted as ``rtm_errors_total{kind="internal_forbidden"}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from webapp_stub.api import METHODS, Call, WebApi
+from webapp_stub.args import Args, int_arg, parse_json_body
+from webapp_stub.codecs import MAX_SQL_INT
+from webapp_stub.errors import ApiError
+
+log = logging.getLogger("rtm.webapp.api")
+
+SECRET_HEADER = "X-Rtm-Secret"
+INTERNAL_HISTORY_DEFAULT = 500
+INTERNAL_HISTORY_MAX = 1000
+MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
+
+
+class InternalEndpoints:
+    """``/internal/...``: bootstrap, resume, history and calls on a user's behalf, for gateways.
+
+    Shares the Web API's store, metrics and request accounting (``api``); checks the
+    internal credential (derived from the fleet secret) on every request.
+    """
+
+    def __init__(self, api: WebApi) -> None:
+        self.api = api
+        self._credential = api.keys.internal_http_credential.encode()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/internal/bootstrap", self.handle_bootstrap),
+            web.post("/internal/history", self.handle_history),
+            web.post("/internal/resume", self.handle_resume),
+            web.post("/internal/call/{method}", self.handle_internal_call),
+        ]
+
+    def _check_secret(self, request: web.Request) -> None:
+        given = request.headers.get(SECRET_HEADER, "").encode()
+        if not hmac.compare_digest(given, self._credential):
+            self.api.metrics.error("internal_forbidden")
+            raise web.HTTPForbidden(
+                text=json.dumps({"ok": False, "error": "forbidden"}), content_type="application/json"
+            )
+
+    async def _internal_args(self, request: web.Request) -> Args:
+        self._check_secret(request)
+        if not request.can_read_body:
+            return {}
+        return parse_json_body(await request.read())
+
+    async def handle_bootstrap(self, request: web.Request) -> web.Response:
+        try:
+            args = await self._internal_args(request)
+            user_id = str(args.get("user") or "")
+            rid = args.get("resume")
+            resume = self.api.resume.take(str(rid), user_id) if rid else None
+            if rid:
+                self.api.resumes.labels("used" if resume is not None else "expired").inc()
+            boot = self.api.store.bootstrap(user_id, resume)
+            if boot is None:
+                raise ApiError("user_not_found")
+            self.api.last_seen[user_id] = self.api.clock()
+            body = {"ok": True, **boot, "resumed": resume is not None}
+        except ApiError as exc:
+            self.api.metrics.error(exc.code)
+            body = {"ok": False, "error": exc.code}
+        except web.HTTPException:
+            raise  # 403 for a wrong secret, 413 for a body over the limit
+        except Exception:
+            body = self._internal_failure("internal.bootstrap")
+        await self.api.durable()  # the seqs it names are committed
+        self.api.count_request("internal.bootstrap", "ok" if body["ok"] else body["error"])
+        return web.json_response(body)
+
+    def _internal_failure(self, name: str) -> dict[str, Any]:
+        log.exception("%s failed", name)
+        self.api.metrics.error("internal_error")
+        return {"ok": False, "error": "internal_error"}
+
+    async def handle_resume(self, request: web.Request) -> web.Response:
+        """Record where a connection the fleet is moving stopped (see :mod:`webapp_stub.resume`)."""
+        try:
+            args = await self._internal_args(request)
+            user_id = str(args.get("user") or "")
+            if not user_id or self.api.store.user(user_id) is None:
+                raise ApiError("user_not_found")
+            channels = args.get("channels")
+            if not isinstance(channels, dict) or len(channels) > MAX_RESUME_CHANNELS:
+                raise ApiError("invalid_arguments")
+            try:
+                seqs = {str(ch): int(seq) for ch, seq in channels.items()}
+            except (TypeError, ValueError, OverflowError):
+                raise ApiError("invalid_arguments") from None
+            if any(seq < 0 or seq > MAX_SQL_INT for seq in seqs.values()):
+                raise ApiError("invalid_arguments")
+            body: dict[str, Any] = {"ok": True, "resume": self.api.resume.add(user_id, seqs)}
+            self.api.resumes.labels("recorded").inc()
+        except ApiError as exc:
+            self.api.metrics.error(exc.code)
+            body = {"ok": False, "error": exc.code}
+        except web.HTTPException:
+            raise  # 403 for a wrong secret, 413 for a body over the limit
+        except Exception:
+            body = self._internal_failure("internal.resume")
+        self.api.count_request("internal.resume", "ok" if body["ok"] else body["error"])
+        return web.json_response(body)
+
+    async def handle_history(self, request: web.Request) -> web.Response:
+        try:
+            args = await self._internal_args(request)
+            channel = args.get("channel")
+            if not isinstance(channel, str) or not channel:
+                raise ApiError("channel_not_found")
+            try:
+                after_seq = int(args.get("after_seq") or 0)
+            except (TypeError, ValueError, OverflowError):
+                raise ApiError("invalid_arguments") from None
+            if not 0 <= after_seq <= MAX_SQL_INT:
+                raise ApiError("invalid_arguments")
+            limit = int_arg(args, "limit", INTERNAL_HISTORY_DEFAULT, INTERNAL_HISTORY_MAX)
+            events, more = self.api.store.events_after(channel, after_seq, limit)
+            body: dict[str, Any] = {
+                "ok": True,
+                "events": [{"seq": e.seq, "json": e.json, "ctl": e.ctl, "t0": e.t0} for e in events],
+                "has_more": more,
+            }
+        except ApiError as exc:
+            self.api.metrics.error(exc.code)
+            body = {"ok": False, "error": exc.code}
+        except web.HTTPException:
+            raise  # 403 for a wrong secret, 413 for a body over the limit
+        except Exception:
+            body = self._internal_failure("internal.history")
+        await self.api.durable()  # never hand a gateway an event that is not yet durable
+        self.api.count_request("internal.history", "ok" if body["ok"] else body["error"])
+        return web.json_response(body)
+
+    async def handle_internal_call(self, request: web.Request) -> web.Response:
+        name = request.match_info["method"]
+        label = name if name in METHODS else "unknown"
+        status, headers = 200, {}
+        try:
+            args = await self._internal_args(request)
+            entry = METHODS.get(name)
+            if entry is None:
+                raise ApiError("unknown_method")
+            user = self.api.store.user(str(args.pop("user", "") or ""))
+            if user is None:
+                raise ApiError("user_not_found")
+            self.api.check_backpressure(name)
+            result = entry[0](self.api, Call(request, args, user))
+            body = {"ok": True, **(await result if inspect.isawaitable(result) else result)}
+        except ApiError as exc:
+            # api.test echoes any error it is asked for: keep that out of the label values
+            outcome = exc.code if name != "api.test" else "api_test_error"
+            self.api.metrics.error(outcome)
+            body = {"ok": False, "error": exc.code}
+            status = exc.status
+            headers = exc.headers
+        except web.HTTPException:
+            raise
+        except Exception:
+            body, outcome = self._internal_failure(f"internal.{label}"), "internal_error"
+        await self.api.durable()
+        self.api.count_request(f"internal.{label}", "ok" if body["ok"] else outcome)
+        return web.json_response(body, status=status, headers=headers)

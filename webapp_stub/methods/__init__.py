@@ -1,0 +1,12 @@
+"""The Slack Web API methods, one module per family; importing this package registers them all.
+
+Each handler is registered with :func:`webapp_stub.api.method` and returns the
+reply's fields besides ``ok``; Slack's error codes are raised as
+:class:`webapp_stub.errors.ApiError` by the handlers and by the store.
+"""
+
+from __future__ import annotations
+
+from webapp_stub.methods import auth, chat, conversations, reactions, rtm, users
+
+FAMILIES = (auth, chat, conversations, reactions, rtm, users)

@@ -1,0 +1,38 @@
+"""``api.test`` and ``auth.test``: is the API up, who is this token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webapp_stub.api import (
+    Call,
+    WebApi,
+    method,
+)
+from webapp_stub.errors import ApiError
+
+
+@method("api.test", auth=False)
+def api_test(api: WebApi, call: Call) -> dict[str, Any]:
+    args = {k: v for k, v in call.args.items() if k != "token"}
+    if args.get("error"):
+        raise ApiError(str(args["error"]))
+    return {"args": args} if args else {}
+
+
+@method("auth.test")
+def auth_test(api: WebApi, call: Call) -> dict[str, Any]:
+    user = call.me
+    team = api.store.team(user.team)
+    base = f"{call.request.scheme}://{call.request.host}/" if call.request is not None else "/"
+    reply: dict[str, Any] = {
+        "url": base,
+        "team": team.name if team else user.team,
+        "user": user.name,
+        "team_id": user.team,
+        "user_id": user.id,
+        "is_enterprise_install": False,
+    }
+    if user.bot_id:
+        reply["bot_id"] = user.bot_id
+    return reply

@@ -1,0 +1,67 @@
+"""``chat.*``: post, update, delete, post ephemeral."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webapp_stub.api import (
+    Call,
+    WebApi,
+    message_content,
+    method,
+    user_arg,
+)
+from webapp_stub.args import flag, str_arg
+from webapp_stub.errors import ApiError
+
+
+@method("chat.postMessage", writes=True)
+def chat_post_message(api: WebApi, call: Call) -> dict[str, Any]:
+    """Post as the caller; ``channel`` may also be a user id (posts in the DM with them)."""
+    target = str_arg(call.args, "channel") or ""
+    if target[:1] in ("U", "W") and api.store.user(target) is not None:
+        channel, _, events = api.store.open_dm(call.me, [user_arg(api, call, "channel")])
+        api.publish(events)
+    else:
+        channel = api.channel_arg(call)
+    text, extra = message_content(call)
+    if not text and not extra:
+        raise ApiError("no_text")
+    thread_ts = str_arg(call.args, "thread_ts") or None
+    message, event = api.store.post_message(
+        channel, call.me, text, thread_ts=thread_ts, broadcast=flag(call.args, "reply_broadcast"), extra=extra or None
+    )
+    api.publish([event])
+    api.posts.inc()
+    return {"channel": channel.id, "ts": message["ts"], "message": message}
+
+
+@method("chat.update", writes=True)
+def chat_update(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    text, extra = message_content(call)
+    if not text and not extra:
+        raise ApiError("no_text")
+    message, event = api.store.update_message(channel, call.me, call.args.get("ts"), text, extra=extra or None)
+    api.publish([event])
+    return {"channel": channel.id, "ts": message["ts"], "text": message["text"], "message": message}
+
+
+@method("chat.delete", writes=True)
+def chat_delete(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    ts, event = api.store.delete_message(channel, call.me, call.args.get("ts"))
+    api.publish([event])
+    return {"channel": channel.id, "ts": ts}
+
+
+@method("chat.postEphemeral", writes=True)
+def chat_post_ephemeral(api: WebApi, call: Call) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    target = user_arg(api, call)
+    text, extra = message_content(call)
+    if not text and not extra:
+        raise ApiError("no_text")
+    ts, event = api.store.post_ephemeral(channel, call.me, target, text)
+    api.publish([event])
+    return {"message_ts": ts}

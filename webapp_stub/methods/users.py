@@ -1,0 +1,96 @@
+"""``users.*`` and ``bots.info``: the team's people and bots, and their presence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webapp_stub.api import (
+    Call,
+    WebApi,
+    method,
+    user_arg,
+)
+from webapp_stub.args import int_arg, paged, str_arg
+from webapp_stub.errors import ApiError
+from webapp_stub.models import (
+    MAX_PAGE,
+)
+
+# users.getPresence when no presence server answers: "active" if seen this recently
+# (a Web API call or a gateway connecting the user). Slack's own auto-away
+# follows 10 minutes of inactivity in its clients; the same figure here.
+PRESENCE_ACTIVE_WINDOW_S = 600.0
+
+
+@method("users.list")
+def users_list(api: WebApi, call: Call) -> dict[str, Any]:
+    page = api.store.list_users(
+        call.me.team, limit=int_arg(call.args, "limit", MAX_PAGE, MAX_PAGE), cursor=str_arg(call.args, "cursor")
+    )
+    return paged("members", [u.to_api() for u in page.items], page.next_cursor, cache_ts=int(api.clock()))
+
+
+@method("users.info")
+def users_info(api: WebApi, call: Call) -> dict[str, Any]:
+    return {"user": user_arg(api, call).to_api()}
+
+
+@method("users.getPresence")
+async def users_get_presence(api: WebApi, call: Call) -> dict[str, Any]:
+    """From the presence server that owns the user: ``active`` when they have a
+    connection on some gateway and are not set ``away`` by hand. When no presence
+    server answers, the webapp's own estimate: ``active`` if not set away and seen
+    (a Web API call, or a gateway connecting them) within
+    :data:`PRESENCE_ACTIVE_WINDOW_S`. Details only for oneself, as Slack."""
+    user = user_arg(api, call, default_me=True)
+    found = await api.presence.get(user.id) if api.presence is not None else None
+    if found is not None:
+        presence, online = str(found["presence"]), bool(found["online"])
+        manual_away, last_activity = bool(found["manual_away"]), int(found.get("last_activity") or 0)
+    else:
+        seen = api.last_seen.get(user.id)
+        online = seen is not None and api.clock() - seen < PRESENCE_ACTIVE_WINDOW_S
+        manual_away = user.presence == "away"
+        presence = "active" if online and not manual_away else "away"
+        last_activity = int(seen or 0)
+    if user.id != call.me.id:
+        return {"presence": presence}
+    return {
+        "presence": presence,
+        "online": online,
+        "auto_away": not online and not manual_away,
+        "manual_away": manual_away,
+        "last_activity": last_activity,
+    }
+
+
+@method("users.setPresence", writes=True)
+async def users_set_presence(api: WebApi, call: Call) -> dict[str, Any]:
+    """Persisted first (SQLite is the durable copy), then told to the user's presence
+    server, which pushes the change to watchers; if it cannot be told now, the webapp
+    re-sends every manual away when its link to that server comes back."""
+    presence = str(call.args.get("presence") or "")
+    api.publish(api.store.set_presence(call.me, presence))
+    if api.presence is not None:
+        await api.presence.set_manual(call.me.id, presence)
+    return {}
+
+
+@method("bots.info")
+def bots_info(api: WebApi, call: Call) -> dict[str, Any]:
+    """The bot behind a ``B…`` id (the caller's own when ``bot`` is absent and it is a bot)."""
+    bot_id = str_arg(call.args, "bot") or call.me.bot_id or ""
+    user = api.store.bot(bot_id) if bot_id else None
+    if user is None or user.team != call.me.team:
+        raise ApiError("bot_not_found")
+    return {
+        "bot": {
+            "id": user.bot_id,
+            "deleted": False,
+            "name": user.name,
+            "updated": 0,
+            "app_id": "A" + str(user.bot_id)[1:],
+            "user_id": user.id,
+            "icons": {},
+        }
+    }

@@ -1,0 +1,130 @@
+"""The webapp's SQLite schema and its migrations.
+
+:data:`SCHEMA` creates every table of a new database; :data:`MIGRATIONS` adds
+the columns a database written by an older version lacks, and :data:`INDEXES`
+the indexes over those columns once they exist. :func:`migrate` applies both.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS teams (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    domain TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    name TEXT NOT NULL,
+    real_name TEXT NOT NULL DEFAULT '',
+    is_bot INTEGER NOT NULL DEFAULT 0,
+    bot_id TEXT,
+    presence TEXT NOT NULL DEFAULT 'auto'
+);
+CREATE INDEX IF NOT EXISTS users_team ON users (team);
+CREATE TABLE IF NOT EXISTS tokens (
+    token TEXT PRIMARY KEY,
+    user TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tokens_user ON tokens (user);
+CREATE TABLE IF NOT EXISTS channels (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    creator TEXT NOT NULL,
+    is_private INTEGER NOT NULL DEFAULT 0,
+    is_archived INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'channel',
+    dm_key TEXT,
+    UNIQUE (team, name)
+);
+CREATE TABLE IF NOT EXISTS members (
+    channel TEXT NOT NULL,
+    user TEXT NOT NULL,
+    PRIMARY KEY (channel, user)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_user ON members (user, channel);
+CREATE TABLE IF NOT EXISTS messages (
+    channel TEXT NOT NULL,
+    ts_us INTEGER NOT NULL,
+    ts TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    team TEXT NOT NULL,
+    text TEXT NOT NULL,
+    thread_ts TEXT,
+    bot_id TEXT,
+    extra TEXT,
+    subtype TEXT,
+    edited_user TEXT,
+    edited_ts TEXT,
+    PRIMARY KEY (channel, ts_us)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reactions (
+    channel TEXT NOT NULL,
+    ts_us INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    user TEXT NOT NULL,
+    UNIQUE (channel, ts_us, name, user)
+);
+CREATE TABLE IF NOT EXISTS channel_seq (
+    channel TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    last_ts_us INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    channel TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    ctl TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (channel, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+CREATE TABLE IF NOT EXISTS marks (
+    name TEXT PRIMARY KEY,
+    value REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    channel TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    refusals INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    redrives INTEGER NOT NULL DEFAULT 0,
+    parked_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (channel, seq)
+) WITHOUT ROWID;
+"""
+
+# Columns added after the first release: a database written by an older
+# version gets them (with their defaults) when it is opened.
+MIGRATIONS = (
+    ("users", "presence", "TEXT NOT NULL DEFAULT 'auto'"),
+    ("channels", "kind", "TEXT NOT NULL DEFAULT 'channel'"),
+    ("channels", "dm_key", "TEXT"),
+    ("messages", "subtype", "TEXT"),
+    ("messages", "edited_user", "TEXT"),
+    ("messages", "edited_ts", "TEXT"),
+)
+# Indexes over migrated columns: created once the columns exist.
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS channels_dm_key ON channels (team, dm_key) WHERE dm_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS users_bot ON users (bot_id) WHERE bot_id IS NOT NULL;
+"""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create what is missing: the tables, the columns of :data:`MIGRATIONS`, then their indexes."""
+    conn.executescript(SCHEMA)
+    for table, column, decl in MIGRATIONS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    conn.executescript(INDEXES)

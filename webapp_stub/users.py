@@ -1,0 +1,93 @@
+"""Teams, users (people and bots), their tokens and their manual presence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webapp_stub.codecs import encode_cursor, int_cursor, new_id, new_token
+from webapp_stub.database import Database
+from webapp_stub.errors import ApiError
+from webapp_stub.models import DEFAULT_PAGE, Event, Page, Team, User
+
+PRESENCES = ("auto", "away")  # users.setPresence: "auto" follows activity, "away" is manual
+
+
+class UserStore(Database):
+    """The ``teams``, ``users`` and ``tokens`` tables."""
+
+    def create_team(self, name: str, domain: str) -> Team:
+        team = Team(new_id("T"), name, domain)
+        with self.transaction() as db:
+            db.execute("INSERT INTO teams (id, name, domain) VALUES (?, ?, ?)", (team.id, team.name, team.domain))
+        return team
+
+    def first_team(self) -> Team | None:
+        row = self.conn.execute("SELECT id, name, domain FROM teams ORDER BY rowid LIMIT 1").fetchone()
+        return Team(*row) if row else None
+
+    def team(self, team_id: str) -> Team | None:
+        row = self.conn.execute("SELECT id, name, domain FROM teams WHERE id = ?", (team_id,)).fetchone()
+        return Team(*row) if row else None
+
+    def create_user(self, team: str, name: str, *, real_name: str = "", is_bot: bool = False) -> tuple[User, str]:
+        """A user (or bot user, with a ``B…`` bot id) and a token for it."""
+        user = User(new_id("U"), team, name, real_name or name, is_bot, new_id("B") if is_bot else None)
+        token = new_token("xoxb" if is_bot else "xoxp")
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO users (id, team, name, real_name, is_bot, bot_id) VALUES (?, ?, ?, ?, ?, ?)",
+                (user.id, user.team, user.name, user.real_name, int(user.is_bot), user.bot_id),
+            )
+            db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (token, user.id))
+        return user, token
+
+    _USER_COLS = "id, team, name, real_name, is_bot, bot_id, presence"
+
+    @staticmethod
+    def _user(row: tuple[Any, ...]) -> User:
+        return User(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6])
+
+    def user(self, user_id: str) -> User | None:
+        row = self.conn.execute(f"SELECT {self._USER_COLS} FROM users WHERE id = ?", (user_id,)).fetchone()
+        return self._user(row) if row else None
+
+    def bot(self, bot_id: str) -> User | None:
+        """The bot user whose bot id (``B…``) is ``bot_id``, or None."""
+        row = self.conn.execute(f"SELECT {self._USER_COLS} FROM users WHERE bot_id = ?", (bot_id,)).fetchone()
+        return self._user(row) if row else None
+
+    def set_presence(self, user: User, presence: str) -> list[Event]:
+        """users.setPresence: ``auto`` or ``away``. A change emits ``manual_presence_change``
+        on the user's channel (to all of that user's connections). Raises ``invalid_presence``."""
+        if presence not in PRESENCES:
+            raise ApiError("invalid_presence")
+        with self.transaction() as db:
+            row = db.execute("SELECT presence FROM users WHERE id = ?", (user.id,)).fetchone()
+            if row is None:
+                raise ApiError("user_not_found")
+            if row[0] == presence:
+                return []
+            db.execute("UPDATE users SET presence = ? WHERE id = ?", (presence, user.id))
+            shown = "away" if presence == "away" else "active"
+            return [self._append_event(user.id, {"type": "manual_presence_change", "presence": shown})]
+
+    def manual_away_users(self) -> list[str]:
+        """Ids of every user set ``away`` by hand (re-sent to a presence server that starts empty)."""
+        return [row[0] for row in self.conn.execute("SELECT id FROM users WHERE presence = 'away'")]
+
+    def auth(self, token: str) -> User | None:
+        """The user a token belongs to, or None."""
+        row = self.conn.execute(
+            f"SELECT {self._USER_COLS} FROM users WHERE id = (SELECT user FROM tokens WHERE token = ?)", (token,)
+        ).fetchone()
+        return self._user(row) if row else None
+
+    def list_users(self, team: str, *, limit: int = DEFAULT_PAGE, cursor: str | None = None) -> Page:
+        after = int_cursor(cursor, "user") or 0
+        rows = self.conn.execute(
+            f"SELECT rowid, {self._USER_COLS} FROM users WHERE team = ? AND rowid > ? ORDER BY rowid LIMIT ?",
+            (team, after, limit + 1),
+        ).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([self._user(r[1:]) for r in rows], encode_cursor("user", rows[-1][0]) if more else "")
