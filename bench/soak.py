@@ -120,6 +120,8 @@ CLI_TIMEOUT_S = 30.0
 CPU_SAMPLE_S = 2.0
 COUNTER_SCRAPE_S = 5.0
 STAT_POLL_S = 1.0
+MAX_EXTENSION_S = 90.0  # --min-faults may extend the run by at most this
+SHORT_MIN_FAULTS = 4  # --short: on a slow machine 30 s may hold only 3 faults
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reconnect-rate", type=float, default=1.0, help="client-initiated reconnects per second")
     p.add_argument("--fault-interval-s", type=float, default=20.0, help="mean time between faults")
     p.add_argument("--max-faults", type=int, default=200)
+    p.add_argument(
+        "--min-faults",
+        type=int,
+        default=0,
+        help=f"keep traffic and chaos going past --minutes until this many faults (at most {MAX_EXTENSION_S:.0f} s more)",
+    )
     p.add_argument("--channel-size", type=int, default=20, help="members per soak channel (each user is in two)")
     p.add_argument("--settle-s", type=float, default=90.0, help="bound on the wait for deliveries to settle")
     p.add_argument("--short", action="store_true", help="smoke run: ~40 s, 120 clients, one client process")
@@ -149,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reconnect_rate = min(args.reconnect_rate, 0.5)
         args.fault_interval_s = min(args.fault_interval_s, 3.0)
         args.settle_s = min(args.settle_s, 45.0)
+        args.min_faults = max(args.min_faults, SHORT_MIN_FAULTS)
     return args
 
 
@@ -855,7 +864,9 @@ async def soak(
     progress: list[dict[str, Any]] = []
     duration_s = args.minutes * 60
     try:
-        while time.monotonic() - t0 < duration_s:
+        while time.monotonic() - t0 < duration_s or (
+            len(chaos.log) < args.min_faults and time.monotonic() - t0 < duration_s + MAX_EXTENSION_S
+        ):
             await asyncio.sleep(STAT_POLL_S)
             stats = [await c.call("stat") for c in clients]
             for s in stats:
