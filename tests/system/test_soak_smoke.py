@@ -27,8 +27,9 @@ KNOWN_LOSS_CAUSES = ("membership_changed_during_move",)
 @pytest.mark.timeout(SOAK_TIMEOUT_S + 30)
 def test_short_chaos_soak_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
+    raw = tmp_path / "soak-inputs.pkl"  # on a failure: python -m bench.soak --recheck <this>
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--short", "--seed", "3", "--json", str(out)],
+        [sys.executable, "-m", "bench.soak", "--short", "--seed", "3", "--json", str(out), "--raw", str(raw)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -47,7 +48,7 @@ def test_short_chaos_soak_loses_nothing(tmp_path: Path) -> None:
     summary = {k: verdict[k] for k in ("lost", "duplicated", "reordered", "lost_from_history", "unmatched_frames")}
     summary["delivered_to_non_member"] = verdict["delivered_to_non_member"]
     summary["lost"] -= known
-    detail = f"{summary} {verdict['lost_by_cause']} {json.dumps(verdict['examples'])[:3000]}\n{proc.stdout[-3000:]}"
+    detail = f"inputs kept in {raw}: {summary} {verdict['lost_by_cause']} {json.dumps(verdict['examples'])[:3000]}\n{proc.stdout[-3000:]}"
     assert not any(summary.values()), detail
     assert proc.returncode == (0 if not known else 1), detail
     # the run did what it says: chaos, churn, traffic of every kind, and a real check
