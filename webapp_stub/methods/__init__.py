@@ -7,6 +7,6 @@ reply's fields besides ``ok``; Slack's error codes are raised as
 
 from __future__ import annotations
 
-from webapp_stub.methods import auth, chat, conversations, reactions, rtm, users
+from webapp_stub.methods import apps, auth, chat, conversations, reactions, rtm, team, users
 
-FAMILIES = (auth, chat, conversations, reactions, rtm, users)
+FAMILIES = (apps, auth, chat, conversations, reactions, rtm, team, users)
