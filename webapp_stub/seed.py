@@ -30,8 +30,8 @@ from services.config import Parser
 from services.secret_file import ensure_private_dir, replace_secret_file
 from webapp_stub.apps import APP_TOKEN_SCOPES
 from webapp_stub.codecs import new_id, new_token
-from webapp_stub.models import APP_EVENTS
 from webapp_stub.database import DB_FILE, DEFAULT_CACHE_PAGES
+from webapp_stub.models import APP_EVENTS
 from webapp_stub.store import Store
 
 NAMES = ("alice", "bob", "carol", "dave", "eve")
