@@ -27,8 +27,9 @@ protocol, see SLACK_COMPAT.md):
     watch set; both are answered with ``presence_change`` events.
 
 Anything else gets an error (``reply_to`` when the frame had an ``id``, else
-a ``{"type": "error"}`` event); invalid JSON gets an error event; a binary
-frame closes the socket with 1003. See :class:`ClientError` for the codes.
+a ``{"type": "error"}`` event); invalid JSON, also JSON nested deeper than
+the parser goes (64 KiB of ``[``), gets an error event with code 1 and the
+socket stays open; a binary frame closes the socket with 1003. See :class:`ClientError` for the codes.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class ClientMessages:
             frame = json.loads(message)
             if not isinstance(frame, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes ("[[[[...")
             gw.client_msgs.labels("invalid").inc()
             gw.metrics.error("client_invalid_json")
             self.send(

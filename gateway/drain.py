@@ -84,8 +84,15 @@ class Mover:
         gateway.apply(gateway.state.detach(session))
         return where
 
-    async def finish(self, session: Session, where: dict[str, int], reason: str, slots: asyncio.Semaphore) -> None:
-        """Leave the resume record, then say goodbye."""
+    async def finish(
+        self,
+        session: Session,
+        where: dict[str, int],
+        reason: str,
+        slots: asyncio.Semaphore,
+        code: CloseCode = CloseCode.GOING_AWAY,
+    ) -> None:
+        """Leave the resume record, then say goodbye and close with ``code``."""
         async with slots:
             try:
                 await self.gateway.leave_resume(session, where)
@@ -94,17 +101,17 @@ class Mover:
                 log.warning("resume record for %s not taken: %s", session.user, exc)
             ws = self.gateway.sockets.get(session.sid)
             if ws is not None:
-                await say_goodbye(ws, reason)
+                await say_goodbye(ws, reason, code)
             self.moved.labels(reason).inc()
 
 
-async def say_goodbye(ws: Any, reason: str) -> None:
-    """Slack's goodbye, then a 1001 close (the legacy RTM client ignores goodbye)."""
+async def say_goodbye(ws: Any, reason: str, code: CloseCode = CloseCode.GOING_AWAY) -> None:
+    """Slack's goodbye, then a close with ``code``, 1001 by default (the legacy RTM client ignores goodbye)."""
     try:
         await ws.send(GOODBYE)
     except ConnectionClosed:
         return
-    await ws.close(CloseCode.GOING_AWAY, reason)
+    await ws.close(code, reason)
 
 
 class RegionDrain:
