@@ -44,6 +44,7 @@ from gateway.limits import (
     client_address,
 )
 from gateway.presence import GatewayPresence
+from gateway.socket_mode import SocketMode, is_socket_mode
 from gateway.state import (
     MAX_HELD_EVENTS_PER_CHANNEL,
     MAX_HELD_EVENTS_PER_SESSION,
@@ -222,6 +223,7 @@ class Gateway:
         )
         self.mover = Mover(self)
         self.region_drain = RegionDrain(self, args.drain_rate_per_s)
+        self.socket_mode = SocketMode(self)  # Slack apps' Socket Mode connections (gateway/socket_mode.py)
         self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
         self.ws_server: Any = None
         self._stop_metrics: StopFn | None = None
@@ -264,6 +266,7 @@ class Gateway:
             ttl_s=args.ttl_s,
         )
         self.region_drain.start()
+        self.socket_mode.start()
         self.spawn(self.keepalive_loop())
         self.spawn(self.reconcile_loop())
         log.info("gateway %s (region %s) serving ws://%s:%s", self.instance_id, args.region, address, port)
@@ -364,6 +367,9 @@ class Gateway:
 
     async def serve_client(self, ws: ServerConnection) -> None:
         assert isinstance(ws, ClientConnection)  # serve(create_connection=ClientConnection)
+        if ws.request is not None and is_socket_mode(ws.request.path):  # a Slack app: gateway/socket_mode.py
+            await self.socket_mode.serve(ws)
+            return
         admitted = await self.admit(ws)
         if admitted is None:
             return

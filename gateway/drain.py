@@ -67,7 +67,10 @@ class Mover:
                 break
             for session in batch:
                 where = self.detach(session)  # at once: nothing more reaches it
-                task = asyncio.create_task(self.finish(session, where, reason, slots))
+                if self.gateway.socket_mode.owns(session):  # a Slack app's link: gateway/socket_mode.py
+                    task = asyncio.create_task(self.gateway.socket_mode.move(session, where, reason))
+                else:
+                    task = asyncio.create_task(self.finish(session, where, reason, slots))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             total += len(batch)

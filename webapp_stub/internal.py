@@ -105,6 +105,14 @@ class InternalEndpoints:
                 raise ApiError("user_not_found")
             if app is not None:
                 boot["app"] = app.to_api()
+                boot["private"] = [
+                    row[0]
+                    for row in self.api.store.conn.execute(
+                        "SELECT c.id FROM channels c JOIN members m ON m.channel = c.id "
+                        "WHERE m.user = ? AND c.is_private = 1 AND c.kind = 'channel'",
+                        (user_id,),
+                    )
+                ]
                 boot["carried"] = record.carried if record is not None else []
             else:
                 self.api.last_seen[user_id] = self.api.clock()
