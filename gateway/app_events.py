@@ -84,7 +84,9 @@ def app_events(app: AppProfile, event: dict[str, Any]) -> list[dict[str, Any]]:
         mentioned = isinstance(text, str) and f"<@{app.bot_user}>" in text
         plain = event.get("subtype") in (None, "thread_broadcast")
         if mentioned and plain and event.get("user") != app.bot_user and "app_mention" in app.events:
-            mention = {k: event[k] for k in ("user", "text", "ts", "channel", "event_ts", "team") if k in event}
+            mention: dict[str, Any] = {
+                k: event[k] for k in ("user", "text", "ts", "channel", "event_ts", "team") if k in event
+            }
             if event.get("thread_ts"):
                 mention["thread_ts"] = event["thread_ts"]
             for extra in ("blocks", "attachments"):
