@@ -301,3 +301,38 @@ def test_drained_region_disconnects_the_bolt_app_and_it_loses_nothing(fleet: Fle
     finally:
         handler.close()
         rtm(fleet, "undrain", region)
+
+
+async def test_bad_input_is_refused_and_counted_and_the_connection_keeps_serving(fleet: Fleet) -> None:
+    reply = await fleet.api("apps.connections.open", app_of(fleet)["app_token"])
+    forged = reply["url"].replace("ticket=", "ticket=x")
+    async with websockets.connect(forged) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+    async with websockets.connect(reply["url"]) as ws:  # the real ticket, once
+        assert json.loads(await ws.recv())["type"] == "hello"
+    async with websockets.connect(reply["url"]) as ws:  # and never twice
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+    raw = await RawApp(fleet).open()
+    try:
+        await raw.ws.send("not json")
+        await raw.ws.send(json.dumps({"envelope_id": 7}))
+        await post(fleet, "after-garbage")
+        await async_wait_until(lambda: _true(bool(raw.texts("after-garbage"))), EVENT_TIMEOUT_S, "still served")
+    finally:
+        await raw.close()
+
+
+async def test_an_app_has_at_most_ten_connections(fleet: Fleet) -> None:
+    opened = [await RawApp(fleet).open() for _ in range(10)]
+    try:
+        reply = await fleet.api("apps.connections.open", app_of(fleet)["app_token"])
+        async with websockets.connect(reply["url"]) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4029
+    finally:
+        for raw in opened:
+            await raw.close()
