@@ -112,7 +112,7 @@ class SocketMode:
         path = ws.request.path if ws.request is not None else ""
         query = parse_qs(urlparse(path).query)
         try:
-            ticket = gateway.verifier.verify((query.get("ticket") or [""])[0], time.time())
+            ticket = gateway.listener.verifier.verify((query.get("ticket") or [""])[0], time.time())
             if not ticket.app or (query.get("app_id") or [ticket.app])[0] != ticket.app:
                 raise InvalidTicket("not a Socket Mode ticket")
         except InvalidTicket as exc:
@@ -145,14 +145,14 @@ class SocketMode:
             for channel in boot["channels"]:
                 gateway.apply(gateway.state.join(ticket.user, str(channel["id"]), int(channel.get("seq", 0))))
         link.book.take_over(list(boot.get("carried") or []), now)
-        sid = next(gateway.sids)
+        sid = next(gateway.listener.sids)
         gateway.sockets[sid] = ws  # the keepalive sweep pings it like any client
         client = ClientSocket(
             ws,
             sid,
             gateway.args.max_client_buffer_bytes,
             gateway.args.max_client_buffer_frames,
-            gateway.cut_off,
+            gateway.listener.cut_off,
             gateway.cork,
         )
         link.conns[sid] = client
@@ -186,7 +186,7 @@ class SocketMode:
         gateway = self.gateway
         profile = AppProfile.from_bootstrap(boot)
         book = EnvelopeBook()
-        session = Session(sid=next(gateway.sids), user=profile.bot_user, team=profile.team, write=lambda frame: True)
+        session = Session(sid=next(gateway.listener.sids), user=profile.bot_user, team=profile.team, write=lambda frame: True)
         link = AppLink(profile, session, book)
         session.write = lambda frame: self._on_event(link, frame)
         self.links[profile.id] = link

@@ -83,7 +83,7 @@ MAX_EVENT_JSON_BYTES = DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_RESERVE_BYTES
 # batches of at most this many (bench/channels.py uses 10k).
 MAX_SUB_CHANNELS = 100_000
 # Channels one ``seqs`` (the gateway's reconciliation audit) asks about; gateways
-# send batches of 5,000 (gateway/app.py RECONCILE_BATCH_CHANNELS).
+# send batches of 5,000 (gateway/channel_links.py RECONCILE_BATCH_CHANNELS).
 MAX_SEQS_CHANNELS = 10_000
 MAX_BATCH_USERS = 5_000  # users per online/offline/psub/punsub push (gateway/presence.py batches by it)
 MAX_QUERY_USERS = 10_000  # users per presence ``query``

@@ -56,10 +56,10 @@ class ChannelServerDouble:
 @pytest.fixture
 async def gw() -> AsyncIterator[Gateway]:
     gateway = Gateway(build_parser().parse_args(["--secret", "s", "--instance-id", "gw-test"]))
-    gateway.follower.ring.update(RingDocument(version=1, slots={"cs-0": OWNER}))
+    gateway.channel_links.follower.ring.update(RingDocument(version=1, slots={"cs-0": OWNER}))
     yield gateway
-    gateway.stopping = True
-    await asyncio.gather(*(link.close() for link in gateway.links.values()))
+    gateway.channel_links.stop_retries()
+    await gateway.channel_links.close()
     for task in list(gateway.tasks):
         task.cancel()
     await asyncio.gather(*gateway.tasks, return_exceptions=True)
@@ -80,18 +80,18 @@ class Sock:
 async def test_a_server_unreachable_at_first_still_gets_the_subscription_and_delivers(
     gw: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.app
+    import gateway.channel_links
 
     # Unreachable for longer than a sub may wait: the old gateway gave up on the sub then, and the
     # link's first connect did not resubscribe, so the channel stayed silent for good.
-    monkeypatch.setattr(gateway.app, "SUBSCRIBE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(gateway.channel_links, "SUBSCRIBE_TIMEOUT_S", 0.3)
     port = free_port()
-    gw.channel_servers.address = lambda owner: (HOST, port)  # type: ignore[method-assign]
+    gw.channel_links.channel_servers.address = lambda owner: (HOST, port)  # type: ignore[method-assign]
     sock = Sock()
     session = Session(sid=1, user="U1", team="T1", write=sock.write)
     gw.apply(gw.state.attach(session, [("C1", 4)]))  # nothing listens on the port yet: connects are refused
     await asyncio.sleep(1.0)  # wait-ok: the server stays unreachable for a while (several refused connects)
-    assert not gw.links[OWNER].connected
+    assert not gw.channel_links.links[OWNER].connected
     server = ChannelServerDouble(port)
     await server.start()
     try:
