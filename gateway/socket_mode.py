@@ -32,21 +32,21 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from websockets.exceptions import ConnectionClosed
 
 from gateway.app_events import AppProfile, app_events, event_callback
-from gateway.client_socket import ClientConnection, ClientSocket
+from gateway.client_socket import ClientConnection, ClientSocket, Cork
 from gateway.envelopes import EnvelopeBook, Send
-from gateway.state import Session, _payload_of, text_frame
+from gateway.state import Effects, GatewayState, Session, _payload_of, text_frame
+from gateway.webapp_client import WebappCalls
 from services.errors import CloseCode
+from services.metrics import ServiceMetrics
 from services.ticket import InvalidTicket
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("rtm.gateway.socket_mode")
 
@@ -63,6 +63,29 @@ def is_socket_mode(path: str) -> bool:
     return path.split("?", 1)[0].rstrip("/") == SOCKET_MODE_PATH
 
 
+class AppGateway(Protocol):
+    """What :class:`SocketMode` uses of the gateway (:class:`gateway.app.Gateway`)."""
+
+    instance_id: str
+    args: Any  # the client buffer bounds
+    state: GatewayState
+    sockets: dict[int, ClientConnection]  # sid -> websocket: the keepalive sweep and stop() see app connections too
+    cork: Cork
+    metrics: ServiceMetrics
+    stopping: bool
+
+    @property
+    def webapp(self) -> WebappCalls: ...  # bootstrap and resume records
+
+    listener: Any  # gateway.client_listener.ClientListener: its ticket verifier, sids and slow-consumer cut-off
+    region_drain: Any  # gateway.drain.RegionDrain: .draining
+    mover: Any  # gateway.drain.Mover: its moved and resume_failures counters
+
+    def apply(self, effects: Effects) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+
 @dataclass
 class AppLink:
     profile: AppProfile
@@ -75,7 +98,7 @@ class AppLink:
 class SocketMode:
     """The gateway's Socket Mode connections, per app."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: AppGateway) -> None:
         self.gateway = gateway
         self.links: dict[str, AppLink] = {}  # app id -> link
         self.by_sid: dict[int, AppLink] = {}  # the link's session sid -> link
@@ -186,7 +209,9 @@ class SocketMode:
         gateway = self.gateway
         profile = AppProfile.from_bootstrap(boot)
         book = EnvelopeBook()
-        session = Session(sid=next(gateway.listener.sids), user=profile.bot_user, team=profile.team, write=lambda frame: True)
+        session = Session(
+            sid=next(gateway.listener.sids), user=profile.bot_user, team=profile.team, write=lambda frame: True
+        )
         link = AppLink(profile, session, book)
         session.write = lambda frame: self._on_event(link, frame)
         self.links[profile.id] = link
