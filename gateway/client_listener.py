@@ -28,6 +28,7 @@ from websockets.protocol import State
 from gateway.client_socket import KEEPALIVE_PING_FRAME, ClientConnection, ClientSocket, Cork
 from gateway.drain import say_goodbye
 from gateway.limits import ConnectionLimits, client_address
+from gateway.socket_mode import is_socket_mode
 from gateway.state import Effects, GatewayState, Session
 from gateway.webapp_client import WebappCalls
 from services.errors import CloseCode
@@ -83,6 +84,7 @@ class ClientListener:
         refusing: Callable[[], bool],
         presence: SessionPresence,
         frames: ClientFrames,
+        socket_mode: Callable[[ClientConnection], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.args = args  # the gateway's flags: host, port, client limits, keepalive interval
         self.state = state
@@ -96,6 +98,7 @@ class ClientListener:
         self.refusing = refusing  # the gateway is stopping or its region drained: goodbye to newcomers
         self.presence = presence
         self.frames = frames
+        self.socket_mode = socket_mode  # serves /link/... (Slack apps): gateway/socket_mode.py
         self.limits = ConnectionLimits(args.max_connections_per_user, args.max_connections_per_address)
         self.sids = itertools.count(1)
         self.ws_server: Server | None = None
@@ -158,6 +161,9 @@ class ClientListener:
 
     async def serve_client(self, ws: ServerConnection) -> None:
         assert isinstance(ws, ClientConnection)  # serve(create_connection=ClientConnection)
+        if self.socket_mode is not None and ws.request is not None and is_socket_mode(ws.request.path):
+            await self.socket_mode(ws)  # a Slack app's Socket Mode connection
+            return
         admitted = await self.admit(ws)
         if admitted is None:
             return
