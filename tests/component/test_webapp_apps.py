@@ -15,7 +15,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from services.ticket import TicketVerifier
 from tests.support import async_wait_until
-from tests.webapp_harness import GATEWAY, KEYS, FakeAdminServer, Webapp, start
+from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, FakeAdminServer, Webapp, start
 from webapp_stub.seed import EMAIL_DOMAIN
 
 
@@ -75,10 +75,12 @@ async def test_apps_connections_open_gives_a_ticket_url_on_one_gateway(webapp: W
     (app,) = webapp.seed["apps"]
     reply = (await client(webapp, app["app_token"]).apps_connections_open(app_token=app["app_token"])).data
     url = urlparse(reply["url"])
-    assert url.scheme == "ws" and url.port == GATEWAY.port and url.path == "/link/"
+    assert url.scheme == "ws" and url.port == GATEWAY_INSTANCE.port and url.path == "/link/"
     query = parse_qs(url.query)
     assert query["app_id"] == [app["id"]]
-    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(query["ticket"][0], __import__("time").time())
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id).verify(
+        query["ticket"][0], __import__("time").time()
+    )
     assert ticket.app == app["id"] and ticket.user == app["bot_user_id"]
     again = (await client(webapp, app["app_token"]).apps_connections_open(app_token=app["app_token"])).data
     assert again["url"] != reply["url"]  # a new single-use ticket each time
