@@ -111,7 +111,9 @@ def show(certs: FleetCertificates) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rtm certs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rtm certs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     for action, summary in (
         ("init", "create the fleet CA in DIR (kept if there)"),

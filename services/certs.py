@@ -229,9 +229,7 @@ class FleetCertificates:
         fresh = cert.not_valid_after_utc - renew_within > self._now()
         return fresh and cert.issuer == ca.subject and _signed_by(cert, ca)
 
-    def ensure(
-        self, name: str, identity: PeerIdentity, renew_within: datetime.timedelta | None = None
-    ) -> CertPaths:
+    def ensure(self, name: str, identity: PeerIdentity, renew_within: datetime.timedelta | None = None) -> CertPaths:
         """Credentials for ``identity`` under ``name``: reused when the stored
         certificate names the same identity (and, given ``renew_within``, is
         from the current CA and valid for longer than that), issued (by the
