@@ -31,7 +31,7 @@ from services.connection import PeerConnection, PeerLimits, PeerLink, backoff_de
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
 from services.errors import BadMessage, ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
-from services.identity import CHANNEL_SERVER
+from services.identity import ADMIN_SERVER, CHANNEL_SERVER
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import RingDocument
@@ -39,7 +39,7 @@ from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.admin_server")
 
-SERVICE = "admin-server"
+SERVICE = ADMIN_SERVER
 DEFAULT_PORT = 7000
 ROUTE_BUDGET_S = 10.0  # how long one publish may wait for a live owner
 FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
@@ -56,7 +56,7 @@ class AdminServer:
         self.discovery = Discovery(args.consul, args.consul_token)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.ring_changed = asyncio.Event()  # wakes publishes that wait for a slot's new owner
-        self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
+        self.channel_servers = ServiceDirectory(self.discovery, CHANNEL_SERVER, on_change=self.on_instances)
         self.links: dict[str, PeerLink] = {}
         # Slots whose owner is failing: later publishes for the slot wait here
         # (in arrival order) until the first one gets through or gives up.

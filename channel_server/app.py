@@ -40,6 +40,7 @@ from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery
 from services.errors import BadMessage, ConnectionLost, ErrorCode, SendBufferFull
+from services.identity import CHANNEL_SERVER
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, RingDocument
@@ -48,7 +49,7 @@ from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.channel_server")
 
-SERVICE = "channel-server"
+SERVICE = CHANNEL_SERVER
 DEFAULT_PORT = 7100
 SERVED_OPS: dict[str, type[ops.Op]] = {
     cls.OP: cls for cls in (ops.Publish, ops.Subscribe, ops.Unsubscribe, ops.Seqs, ops.Ping)

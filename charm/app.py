@@ -37,6 +37,7 @@ from services.config import Parser, advertised, service_parser
 from services.connection import KEEPALIVE_FRAME, KEEPALIVE_INTERVAL_S, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery, Instance
 from services.errors import BadDocument, BadMessage, ErrorCode
+from services.identity import CHANNEL_SERVER, CHARM, PRESENCE
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
@@ -45,7 +46,7 @@ from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.charm")
 
-SERVICE = "charm"
+SERVICE = CHARM
 DEFAULT_PORT = 7300
 # The leader's session has no TTL of its own: it is bound to our service's
 # TTL check (and serfHealth), so it dies when we stop passing that check, a
@@ -60,8 +61,8 @@ WRITE_RETRY_DELAY_S = 0.2
 NOT_LEADER = "not_leader"
 
 RINGS = {
-    "channel": ("channel-server", CHANNEL_RING_KEY, "cs"),
-    "presence": ("presence", PRESENCE_RING_KEY, "ps"),
+    "channel": (CHANNEL_SERVER, CHANNEL_RING_KEY, "cs"),
+    "presence": (PRESENCE, PRESENCE_RING_KEY, "ps"),
 }
 
 
@@ -504,4 +505,4 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(args, "charm", Charm)
+    return run_main(args, SERVICE, Charm)

@@ -56,7 +56,7 @@ from services.connection import PeerLink
 from services.directory import ServiceDirectory
 from services.discovery import Discovery
 from services.errors import CloseCode
-from services.identity import WEBAPP
+from services.identity import GATEWAY, WEBAPP
 from services.keys import FleetKeys
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
@@ -65,7 +65,7 @@ from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.gateway")
 
-SERVICE = "gateway"
+SERVICE = GATEWAY
 DEFAULT_PORT = 8765
 RESUME_TIMEOUT_S = 3.0  # leaving one resume record at the webapp when a session moves
 SHUTDOWN_MOVE_BUDGET_S = 5.0  # on SIGTERM, move every session within this (faster than a drain if need be)

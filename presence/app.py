@@ -56,6 +56,7 @@ from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery
 from services.errors import BadMessage, ConnectionLost, ErrorCode, SendBufferFull
+from services.identity import PRESENCE
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
@@ -64,7 +65,7 @@ from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.presence")
 
-SERVICE = "presence"
+SERVICE = PRESENCE
 DEFAULT_PORT = 7500
 # How often expired gateway leases are looked for: a dead gateway's users go
 # away at most this long after its lease ends.

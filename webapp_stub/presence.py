@@ -34,7 +34,7 @@ from services.tls import WireTrust
 
 log = logging.getLogger("rtm.webapp.presence")
 
-PRESENCE_SERVICE = "presence"
+PRESENCE_SERVICE = PRESENCE
 # A PS that just took over a slot answers after its rebuild grace (1.5 s);
 # past this the API answers from the webapp's estimate instead.
 REQUEST_TIMEOUT_S = 2.5
