@@ -42,6 +42,7 @@ from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 from services.ring import CHARM_LEADER_KEY as LEADER_KEY
+from services.tasks import Tasks
 from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.charm")
@@ -77,6 +78,7 @@ class RingManager:
         self.healthy: list[Instance] = []
         self.dead: set[str] = set()  # owners whose probe says the process is gone
         self.probes: dict[str, asyncio.Task[None]] = {}
+        self.checks = Tasks(f"{name} ring")  # revive checks, held until they end
         self.doc = RingDocument(version=0, slots={})
         self.wake = asyncio.Event()
         self.seen = asyncio.Event()  # set once the first health answer arrived
@@ -130,7 +132,7 @@ class RingManager:
                 live = {i.id: i for i in instances}
                 self.dead = {d for d in self.dead if d in live}
                 for owner in self.dead:  # registered again: a restarted process, or still the dead one?
-                    asyncio.create_task(self.revive_check(owner, live[owner].address, live[owner].port))
+                    self.checks.spawn(self.revive_check(owner, live[owner].address, live[owner].port))
                 self.wake.set()
 
     async def read(self) -> tuple[int, RingDocument, bool]:
@@ -334,7 +336,7 @@ class Charm:
         self.server: asyncio.Server | None = None
         self.port = 0
         self.address = ""
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Tasks("charm")
         self._session: str | None = None
         self._stop_metrics: StopFn | None = None
 
@@ -360,7 +362,7 @@ class Charm:
             meta={"metrics_port": str(metrics_port)},
             ttl_s=args.ttl_s,
         )
-        self._tasks.append(asyncio.create_task(self.leadership_loop()))
+        self._tasks.spawn(self.leadership_loop(), "leadership-loop")
         return {
             "service": SERVICE,
             "id": self.instance_id,
@@ -370,9 +372,7 @@ class Charm:
         }
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._session is not None:  # hand leadership over at once
             try:
                 await self.discovery.client.kv.put(LEADER_KEY, "", release=self._session)

@@ -60,6 +60,7 @@ from services.identity import GATEWAY, WEBAPP
 from services.keys import FleetKeys
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
+from services.tasks import Tasks
 from services.ticket import TicketVerifier
 from services.tls import trust_from_args
 
@@ -86,7 +87,7 @@ class Gateway:
         self.webapp = WebappClient(ServiceDirectory(self.discovery, WEBAPP), self.trust, args.webapp_url)
         self.sockets: dict[int, ClientConnection] = {}
         self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = Tasks("gateway")
         self.stopping = False
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         deliveries = self.metrics.counter("rtm_gw_deliveries_total", "Event frames written to client sockets")
@@ -252,9 +253,7 @@ class Gateway:
         self.channel_links.apply(effects)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.spawn(coro)
 
 
 def load_secret(args: Any) -> str:

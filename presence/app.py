@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
@@ -61,6 +62,7 @@ from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
 from services.slot_owner import SlotOwner
+from services.tasks import Tasks
 from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.presence")
@@ -112,7 +114,7 @@ class PresenceServer:
         self.rebuilt = asyncio.Event()
         self.rebuilt.set()
         self.rebuild_task: asyncio.Task[None] | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = Tasks("presence server")
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
         self.trust = trust_from_args(args, SERVICE)
@@ -189,19 +191,14 @@ class PresenceServer:
         await self.discovery.close()
         if self.server is not None:
             self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.cancel_all()
         for conn in list(self.gateways.values()):
             conn.close()
         if self._stop_metrics is not None:
             await self._stop_metrics()
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self.tasks.spawn(coro)
 
     def health(self) -> dict[str, Any]:
         return {
