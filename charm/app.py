@@ -32,18 +32,16 @@ from typing import Any
 
 from charm import state
 from services import ops, wire
-from services.authz import Authorizer
-from services.config import Parser, advertised, service_parser
-from services.connection import KEEPALIVE_FRAME, KEEPALIVE_INTERVAL_S, PeerConnection, PeerLimits, serve
-from services.discovery import Discovery, Instance
-from services.errors import BadDocument, BadMessage, ErrorCode
+from services.config import Parser, service_parser
+from services.connection import KEEPALIVE_FRAME, KEEPALIVE_INTERVAL_S, PeerConnection
+from services.discovery import Instance
+from services.errors import BadDocument, ErrorCode
 from services.identity import CHANNEL_SERVER, CHARM, PRESENCE
-from services.metrics import ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_main
+from services.msgpack_service import MsgpackService
+from services.process import run_main
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 from services.ring import CHARM_LEADER_KEY as LEADER_KEY
 from services.tasks import Tasks
-from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.charm")
 
@@ -305,21 +303,16 @@ class RingManager:
             return new
 
 
-class Charm:
+class Charm(MsgpackService):
     def __init__(self, args: Any) -> None:
-        self.args = args
-        self.instance_id = args.instance_id
-        self.discovery = Discovery(args.consul, args.consul_token)
+        super().__init__(args, SERVICE)
         self.managers = {
             "channel": RingManager(self, "channel", args.channel_slots),
             "presence": RingManager(self, "presence", args.presence_slots),
         }
         self.leading = False
         self.leader_info: dict[str, Any] = {}
-        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
-        self.trust = trust_from_args(args, SERVICE)
-        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.is_leader = m.gauge("rtm_charm_is_leader", "1 while this CHARM leads")
         self.failovers = m.counter(
             "rtm_charm_failovers_total", "Slots moved to a spare because their owner died", ["ring"]
@@ -333,45 +326,14 @@ class Charm:
         self.ring_writes = m.counter(
             "rtm_charm_ring_writes_total", "Ring document writes by outcome", ["ring", "outcome"]
         )
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.address = ""
         self._tasks = Tasks("charm")
         self._session: str | None = None
-        self._stop_metrics: StopFn | None = None
 
-    async def start(self) -> dict[str, Any]:
-        args = self.args
-        self.server = await serve(
-            args.host,
-            args.port,
-            self.make_connection,
-            trust=self.trust,
-            on_refused=lambda *_: self.metrics.error("auth"),
-        )
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        metrics_port, self._stop_metrics = await start_metrics_server(
-            args.host, args.metrics_port, self.metrics, self.health
-        )
-        self.address = advertised(args.host, args.advertise_host)
-        await self.discovery.register(
-            SERVICE,
-            self.instance_id,
-            self.address,
-            self.port,
-            meta={"metrics_port": str(metrics_port)},
-            ttl_s=args.ttl_s,
-        )
+    # -- lifecycle (services/msgpack_service.py: the order) --------------------------------
+    async def started(self) -> None:
         self._tasks.spawn(self.leadership_loop(), "leadership-loop")
-        return {
-            "service": SERVICE,
-            "id": self.instance_id,
-            "host": self.address,
-            "port": self.port,
-            "metrics_port": metrics_port,
-        }
 
-    async def stop(self) -> None:
+    async def stopping(self) -> None:
         await self._tasks.cancel_all()
         if self._session is not None:  # hand leadership over at once
             try:
@@ -379,11 +341,6 @@ class Charm:
                 await self.discovery.client.session.destroy(self._session)
             except Exception as exc:
                 log.warning("releasing leadership failed: %s", exc)
-        await self.discovery.close()
-        if self.server is not None:
-            self.server.close()
-        if self._stop_metrics is not None:
-            await self._stop_metrics()
 
     def health(self) -> dict[str, Any]:
         return {"leader": self.leading, "consul": self.discovery.consul_ok}
@@ -458,16 +415,7 @@ class Charm:
 
     # -- operator requests ------------------------------------------------------------
     def make_connection(self) -> PeerConnection:
-        return PeerConnection(
-            name=f"{self.instance_id}<-operator",
-            on_request=self.handle_request,
-            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
-            on_bad_message=self.count_bad_message,
-            limits=PeerLimits.from_args(self.args),
-        )
-
-    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
-        self.metrics.error(exc.kind if was_request else "bad_push")
+        return self.peer_connection(f"{self.instance_id}<-operator")
 
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         request_id = ops.request_id(msg)
