@@ -156,6 +156,7 @@ class ChannelServer:
             on_bad_message=self.count_bad_message,
             max_send_buffer_bytes=self.args.max_gateway_buffer_bytes,
             limits=PeerLimits.from_args(self.args),
+            coalesce_writes=True,  # the events and replies of one turn leave in one write per peer
         )
 
     def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
