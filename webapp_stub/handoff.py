@@ -539,6 +539,7 @@ class Handoff:
             if size > self.max_event_bytes:  # never put it on the wire: it could break the frame limit
                 self._park(entry, "too_large", f"event of {size} bytes exceeds the limit of {self.max_event_bytes}")
                 continue
+            reply: asyncio.Future[Any]
             try:
                 reply = asyncio.ensure_future(self.sender.send(entry.message, self.request_timeout_s))
             except Exception as exc:  # the link broke as we wrote: the same remedy as a failed reply
