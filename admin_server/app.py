@@ -256,13 +256,24 @@ class AdminServer:
         channel = record.ch
         pub = record.to_message()
         slot = self.follower.ring.slot_for(channel) or ""
-        held = self.held_slots.get(slot)
-        if held is not None:  # the slot is failing over: queue behind the publish that is retrying
-            await asyncio.shield(held)
         delays = backoff_delays()
         retrying: asyncio.Future[None] | None = None
         try:
             while True:
+                held = self.held_slots.get(slot)
+                if held is not None and held is not retrying:
+                    # The slot is failing over: queue behind the publish that is retrying.
+                    # Waiters resume in the order they began to wait (arrival order, or the
+                    # order of their refusals, which the owner answers in order), so they
+                    # are written again in order: none overtakes another.
+                    try:
+                        await asyncio.wait_for(asyncio.shield(held), max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        self.given_up.inc()
+                        return wire.reply_err(
+                            request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: held behind a retry"
+                        )
+                    continue
                 owner = self.follower.ring.owner_for(channel)
                 reason = "no_owner"
                 if owner is not None and owner in self.channel_servers.instances:
@@ -288,7 +299,9 @@ class AdminServer:
                         self.metrics.error("cs_" + exc.code)
                         return wire.reply_err(request_id, exc.code, str(exc))
                 self.retries.labels(reason).inc()
-                if retrying is None and slot not in self.held_slots:
+                if retrying is None:
+                    if slot in self.held_slots:
+                        continue  # another publish of the slot is retrying: queue behind it
                     retrying = self.held_slots[slot] = asyncio.get_running_loop().create_future()
                 if time.monotonic() >= deadline:
                     self.given_up.inc()
