@@ -15,7 +15,8 @@ stdin, each answered by one JSON line on stdout:
   all int64 arrays) to ``path`` (.npy of shape (n, 4)) and clears them.
 * ``quit``: closes every websocket and exits.
 
-A benchmark message's text is ``m<post id>:<send time, unix µs>``; the client
+A benchmark message's text is ``m<post id>:<send time, unix µs>`` (or Slackbot's
+``Reminder: m<post id>:<due time, unix µs>.``, bench/spike.py); the client
 records, per received message frame, (conn, post id, receive µs, receive −
 send µs) without parsing the rest of the JSON. Other frames are only counted.
 """
@@ -35,6 +36,7 @@ from bench.control import control_loop
 
 RTM_CONNECT_ATTEMPTS = 20
 MARK = b'"text":"m'
+REMINDER_MARK = b'"text":"Reminder: m'  # a reminder of text m<id>:<µs> arrives as "Reminder: m<id>:<µs>."
 HELLO = b'{"type":"hello"}'
 
 
@@ -74,6 +76,10 @@ class Client(WSListener):
         if kind == WSMsgType.TEXT:
             payload = frame.get_payload_as_bytes()
             i = payload.find(MARK)
+            start = i + len(MARK)
+            if i < 0:
+                i = payload.find(REMINDER_MARK)
+                start = i + len(REMINDER_MARK)
             if i < 0:
                 if not self.hello.done() and payload == HELLO:
                     REC.open += 1
@@ -82,8 +88,8 @@ class Client(WSListener):
                     REC.other += 1
                 return
             now = time.time_ns() // 1000
-            j = payload.find(b'"', i + 9)
-            body = payload[i + 9 : j]
+            j = payload.find(b'"', start)
+            body = payload[start:j].rstrip(b".")
             k = body.find(b":")
             sent = int(body[k + 1 :])
             REC.conn.append(self.idx)

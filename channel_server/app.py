@@ -11,6 +11,11 @@ answered ``err bad_request`` and counted):
   seq > since_seq as ``ev`` pushes, then replies ``{version, not_owner: [...],
   last: {ch: seq}}``. ``since_seq`` -1 subscribes live only.
 * ``unsub`` {gw, chans: [ch, ...]}
+* ``seqs``  {gw, chans: [ch, ...]} -> ``{last: {ch: seq}, missing: [...],
+  not_owner: [...]}``: the gateway's periodic reconciliation. ``last`` is the
+  highest seq applied here, ``missing`` the channels this gateway is not
+  subscribed to here. Answered from memory; at most
+  :data:`services.ops.MAX_SEQS_CHANNELS` channels a request.
 * ``pub``   {ch, seq, json, t0, ctl?} -> applied and written to every
   subscribed gateway, or ``err not_owner`` with this server's ring version.
 * ``ping``
@@ -43,7 +48,9 @@ log = logging.getLogger("rtm.channel_server")
 
 SERVICE = "channel-server"
 DEFAULT_PORT = 7100
-SERVED_OPS: dict[str, type[ops.Op]] = {cls.OP: cls for cls in (ops.Publish, ops.Subscribe, ops.Unsubscribe, ops.Ping)}
+SERVED_OPS: dict[str, type[ops.Op]] = {
+    cls.OP: cls for cls in (ops.Publish, ops.Subscribe, ops.Unsubscribe, ops.Seqs, ops.Ping)
+}
 
 
 class ChannelServer:
@@ -187,6 +194,8 @@ class ChannelServer:
             return self.handle_sub(conn, request_id, record)
         if isinstance(record, ops.Unsubscribe):
             return self.handle_unsub(conn, request_id, record)
+        if isinstance(record, ops.Seqs):
+            return self.handle_seqs(conn, request_id, record)
         return wire.reply_ok(request_id, version=self.follower.ring.version)  # ping
 
     def _gateway_index(self, conn: PeerConnection, gateway_id: str) -> int:
@@ -235,6 +244,26 @@ class ChannelServer:
         for channel in unsub.chans:
             self.table.unsubscribe(index, channel)
         return wire.reply_ok(request_id)
+
+    def handle_seqs(self, conn: PeerConnection, request_id: int, seqs: ops.Seqs) -> dict[str, Any]:
+        """The gateway's reconciliation: where each channel stands here, and whether it is subscribed."""
+        bit = 1 << self._gateway_index(conn, seqs.gw)
+        accepting = not self.slots.is_fenced()
+        last: dict[str, int] = {}
+        missing: list[str] = []
+        refused: list[str] = []
+        for channel in seqs.chans:
+            if not (accepting and self.slots.is_mine(channel)):
+                refused.append(channel)
+                continue
+            known = self.table.last_seq.get(channel)
+            if known is not None:
+                last[channel] = known
+            if not self.table.subscribers.get(channel, 0) & bit:
+                missing.append(channel)
+        return wire.reply_ok(
+            request_id, version=self.follower.ring.version, last=last, missing=missing, not_owner=refused
+        )
 
     def handle_pub(self, request_id: int, pub: ops.Publish) -> dict[str, Any]:
         channel, seq = pub.ch, pub.seq

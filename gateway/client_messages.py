@@ -27,8 +27,9 @@ protocol, see SLACK_COMPAT.md):
     watch set; both are answered with ``presence_change`` events.
 
 Anything else gets an error (``reply_to`` when the frame had an ``id``, else
-a ``{"type": "error"}`` event); invalid JSON gets an error event; a binary
-frame closes the socket with 1003. See :class:`ClientError` for the codes.
+a ``{"type": "error"}`` event); invalid JSON, also JSON nested deeper than
+the parser goes (64 KiB of ``[``), gets an error event with code 1 and the
+socket stays open; a binary frame closes the socket with 1003. See :class:`ClientError` for the codes.
 """
 
 from __future__ import annotations
@@ -38,20 +39,20 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.presence import MAX_QUERY_IDS as MAX_PRESENCE_QUERY_IDS
 from gateway.presence import MAX_SUB_IDS as MAX_PRESENCE_SUB_IDS
-from gateway.state import Session
+from gateway.state import Session, text_frame
+from gateway.webapp_client import WebappCalls
 from services.errors import CloseCode, ConnectionLost, PeerError, SendBufferFull
+from services.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
-
-    from gateway.app import Gateway
 
 log = logging.getLogger("rtm.gateway.client")
 
@@ -100,15 +101,57 @@ class TokenBucket:
         return False
 
 
+class TypingConnection(Protocol):
+    def send(self, message: dict[str, Any]) -> None: ...
+
+
+class TypingLink(Protocol):
+    """A link to a channel server, as a typing indicator uses it (:class:`services.connection.PeerLink`)."""
+
+    @property
+    def conn(self) -> TypingConnection | None: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+class PresenceFrames(Protocol):
+    """Where ``presence_sub`` and ``presence_query`` go (:class:`gateway.presence.GatewayPresence`)."""
+
+    def subscribe(self, session: Session, ids: list[str]) -> None: ...
+
+    def query(self, session: Session, ids: list[str]) -> None: ...
+
+
+class ClientGateway(Protocol):
+    """What :class:`ClientMessages` uses of the gateway."""
+
+    @property
+    def metrics(self) -> ServiceMetrics: ...
+
+    @property
+    def webapp(self) -> WebappCalls: ...
+
+    @property
+    def presence(self) -> PresenceFrames: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+    def owner_for(self, channel: str) -> str | None: ...
+
+    def link_to(self, owner: str) -> TypingLink: ...
+
+
 class ClientMessages:
     """Handles one gateway's client frames. Per-connection state (typing budget,
     sends in flight) lives in weak maps keyed by the session, so it goes away
     with the connection without a hook in the connection's teardown."""
 
-    def __init__(self, gateway: Gateway, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, gateway: ClientGateway, clock: Callable[[], float] = time.monotonic) -> None:
         self.gw = gateway
         self.clock = clock  # for the typing and message budgets
         metrics = gateway.metrics
+        self.client_msgs = metrics.counter("rtm_gw_client_messages_total", "Frames received from clients", ["type"])
         self.typing = metrics.counter("rtm_gw_typing_total", "Typing indicators from clients by outcome", ["outcome"])
         self.sends = metrics.counter(
             "rtm_gw_client_sends_total", "Messages sent over websockets by outcome", ["outcome"]
@@ -121,19 +164,11 @@ class ClientMessages:
         # matches no pending request and is dropped.
         self._typing_ids = itertools.count(-1, -1)
 
-    @classmethod
-    def of(cls, gateway: Gateway) -> ClientMessages:
-        """The gateway's handler, created on first use."""
-        handler = gateway.__dict__.get("_client_messages")
-        if handler is None:
-            handler = gateway.__dict__["_client_messages"] = cls(gateway)
-        return handler
-
     # -- dispatch ---------------------------------------------------------------------
     def handle(self, ws: ServerConnection, session: Session, message: str | bytes) -> None:
         gw = self.gw
         if isinstance(message, bytes):
-            gw.client_msgs.labels("binary").inc()
+            self.client_msgs.labels("binary").inc()
             gw.metrics.error("client_binary_frame")
             gw.spawn(ws.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported"))
             return
@@ -141,8 +176,8 @@ class ClientMessages:
             frame = json.loads(message)
             if not isinstance(frame, dict):
                 raise ValueError("not an object")
-        except ValueError:
-            gw.client_msgs.labels("invalid").inc()
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes ("[[[[...")
+            self.client_msgs.labels("invalid").inc()
             gw.metrics.error("client_invalid_json")
             self.send(
                 session,
@@ -153,7 +188,7 @@ class ClientMessages:
             )
             return
         kind = frame.get("type")
-        gw.client_msgs.labels(kind if kind in KNOWN_TYPES else "other").inc()
+        self.client_msgs.labels(kind if kind in KNOWN_TYPES else "other").inc()
         if kind == "ping":
             reply = {k: v for k, v in frame.items() if k not in ("type", "id")}
             reply.update(type="pong", reply_to=frame.get("id"))
@@ -169,7 +204,7 @@ class ClientMessages:
             self.error(session, frame, ClientError.UNSUPPORTED_TYPE, f"unsupported message type: {kind!r}")
 
     def send(self, session: Session, body: dict[str, Any]) -> None:
-        self.gw.send_json(session, body)
+        session.write(text_frame(json.dumps(body).encode()))
 
     def error(self, session: Session, frame: dict[str, Any], code: ClientError, msg: str) -> None:
         error = {"code": int(code), "msg": msg}
@@ -192,7 +227,7 @@ class ClientMessages:
         if not bucket.take(now):
             self.typing.labels("rate_limited").inc()
             return
-        owner = self.gw.follower.ring.owner_for(channel)
+        owner = self.gw.owner_for(channel)
         if owner is None:
             self.typing.labels("no_owner").inc()
             return

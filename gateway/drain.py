@@ -21,16 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
 
-from gateway.state import Session
+from gateway.state import Effects, GatewayState, Session
 from services.errors import CloseCode
+from services.metrics import ServiceMetrics
 from services.regions import drained_key
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("rtm.gateway.drain")
 
@@ -40,10 +39,56 @@ MAX_MOVES_IN_FLIGHT = 256  # moves (resume POST + goodbye + close) running at on
 GOODBYE = '{"type":"goodbye"}'
 
 
+class ClosingSocket(Protocol):
+    """What a move does to a client's websocket."""
+
+    async def send(self, message: str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class MovingGateway(Protocol):
+    """What :class:`Mover` uses of the gateway."""
+
+    @property
+    def metrics(self) -> ServiceMetrics: ...
+
+    @property
+    def state(self) -> GatewayState: ...
+
+    @property
+    def sockets(self) -> Mapping[int, ClosingSocket]: ...  # sid -> its websocket
+
+    def apply(self, effects: Effects) -> None: ...
+
+    async def leave_resume(self, session: Session, where: dict[str, int]) -> None: ...
+
+
+class DrainingGateway(Protocol):
+    """What :class:`RegionDrain` uses of the gateway."""
+
+    @property
+    def metrics(self) -> ServiceMetrics: ...
+
+    @property
+    def discovery(self) -> FlagWatcher: ...
+
+    @property
+    def mover(self) -> Mover: ...
+
+    async def retag(self) -> None: ...
+
+
+class FlagWatcher(Protocol):
+    """Consul's KV watch (:class:`services.discovery.Discovery`)."""
+
+    def watch_key(self, key: str, on_change: Callable[[bytes | None], Awaitable[None]]) -> Any: ...
+
+
 class Mover:
     """Moves sessions off this gateway, at most ``rate_per_s`` a second."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: MovingGateway) -> None:
         self.gateway = gateway
         m = gateway.metrics
         self.moved = m.counter("rtm_gw_sessions_moved_total", "Sessions moved off this gateway", ["reason"])
@@ -84,8 +129,15 @@ class Mover:
         gateway.apply(gateway.state.detach(session))
         return where
 
-    async def finish(self, session: Session, where: dict[str, int], reason: str, slots: asyncio.Semaphore) -> None:
-        """Leave the resume record, then say goodbye."""
+    async def finish(
+        self,
+        session: Session,
+        where: dict[str, int],
+        reason: str,
+        slots: asyncio.Semaphore,
+        code: CloseCode = CloseCode.GOING_AWAY,
+    ) -> None:
+        """Leave the resume record, then say goodbye and close with ``code``."""
         async with slots:
             try:
                 await self.gateway.leave_resume(session, where)
@@ -94,24 +146,25 @@ class Mover:
                 log.warning("resume record for %s not taken: %s", session.user, exc)
             ws = self.gateway.sockets.get(session.sid)
             if ws is not None:
-                await say_goodbye(ws, reason)
+                await say_goodbye(ws, reason, code)
             self.moved.labels(reason).inc()
 
 
-async def say_goodbye(ws: Any, reason: str) -> None:
-    """Slack's goodbye, then a 1001 close (the legacy RTM client ignores goodbye)."""
+async def say_goodbye(ws: Any, reason: str, code: CloseCode = CloseCode.GOING_AWAY) -> None:
+    """Slack's goodbye, then a close with ``code``, 1001 by default (the legacy RTM client ignores goodbye)."""
     try:
         await ws.send(GOODBYE)
     except ConnectionClosed:
         return
-    await ws.close(CloseCode.GOING_AWAY, reason)
+    await ws.close(code, reason)
 
 
 class RegionDrain:
     """Follows this gateway's region's drain flag in Consul."""
 
-    def __init__(self, gateway: Gateway, rate_per_s: float) -> None:
+    def __init__(self, gateway: DrainingGateway, region: str, rate_per_s: float) -> None:
         self.gateway = gateway
+        self.region = region
         self.rate_per_s = rate_per_s
         self.draining = False
         self.task: asyncio.Task[None] | None = None
@@ -120,15 +173,16 @@ class RegionDrain:
         )
 
     def start(self) -> None:
-        self.gateway.discovery.watch_key(drained_key(self.gateway.args.region), self.on_flag)
+        self.gateway.discovery.watch_key(drained_key(self.region), self.on_flag)
 
     async def on_flag(self, value: bytes | None) -> None:
         draining = value is not None
         if draining == self.draining:
             return
         self.draining = draining
-        region = self.gateway.args.region
-        log.warning("region %s %s", region, "drained: moving clients away" if draining else "undrained: serving again")
+        log.warning(
+            "region %s %s", self.region, "drained: moving clients away" if draining else "undrained: serving again"
+        )
         try:
             await self.gateway.retag()
         except Exception as exc:

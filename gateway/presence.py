@@ -1,6 +1,6 @@
 """A gateway's side of presence: report who is online here, watch what local clients look at.
 
-Two parts, as elsewhere in rtm: :class:`PresenceWatches` is the model (sans
+Two parts, as elsewhere in rtm: :class:`gateway.presence_watches.PresenceWatches` is the model (sans
 I/O: which local sessions watch which users, reference-counted; which users
 have connections here; what each watched user's presence was last said to
 be), and :class:`GatewayPresence` wires it to the presence servers.
@@ -39,23 +39,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
-from gateway.state import Session, text_frame
+from gateway.presence_watches import PresenceWatches, WatchEffects, presence_events
+from gateway.state import GatewayState, Session, text_frame
 from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
+from services.discovery import Discovery
 from services.errors import ConnectionLost, PeerError, RequestTimeout, SendBufferFull
+from services.metrics import ServiceMetrics
 from services.ops import NotOwnerUsers, PresenceChanges, parse
 from services.ring import PRESENCE_RING_KEY, RingDocument
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("rtm.gateway.presence")
 
@@ -83,122 +81,34 @@ JSON_SEPARATORS = (",", ":")
 MOVED_OFFLINE_DELAY_S = 5.0
 
 
-def presence_events(items: Iterable[tuple[str, str]]) -> list[bytes]:
-    """Slack's ``presence_change`` JSON for (user, presence) pairs: one event per
-    presence value, the ``users`` form when it names several users."""
-    by_presence: dict[str, list[str]] = {}
-    for user, presence in items:
-        by_presence.setdefault(presence, []).append(user)
-    events = []
-    for presence, users in by_presence.items():
-        if len(users) == 1:
-            body: dict[str, Any] = {"type": "presence_change", "user": users[0], "presence": presence}
-        else:
-            body = {"type": "presence_change", "users": users, "presence": presence}
-        events.append(json.dumps(body, separators=JSON_SEPARATORS).encode())
-    return events
+class PresenceGateway(Protocol):
+    """What :class:`GatewayPresence` uses of the gateway."""
 
+    @property
+    def instance_id(self) -> str: ...
 
-@dataclass
-class WatchEffects:
-    subscribe: list[str] = field(default_factory=list)  # first watcher here: psub at the owner
-    unsubscribe: list[str] = field(default_factory=list)  # last watcher gone: punsub
-    answer: list[tuple[str, str]] = field(default_factory=list)  # known already: tell the session now
+    @property
+    def discovery(self) -> Discovery: ...
 
+    @property
+    def metrics(self) -> ServiceMetrics: ...
 
-class PresenceWatches:
-    """Sans-I/O: local online counts and reference-counted watches."""
+    @property
+    def state(self) -> GatewayState: ...
 
-    def __init__(self) -> None:
-        self.online: dict[str, int] = {}  # user -> connections on this gateway
-        self.watching: dict[Session, set[str]] = {}  # session -> the users it watches
-        self.watchers: dict[str, set[Session]] = {}  # user -> sessions watching (the reference count)
-        self.known: dict[str, str] = {}  # watched user -> presence last told to its watchers
-        self.waiting: dict[str, set[Session]] = {}  # watched user -> sessions not answered yet
+    @property
+    def stopping(self) -> bool: ...
 
-    # -- online ------------------------------------------------------------------------------
-    def connect(self, user: str) -> bool:
-        """A connection of ``user`` opened; True if it is their first here."""
-        count = self.online.get(user, 0)
-        self.online[user] = count + 1
-        return count == 0
+    @property
+    def draining(self) -> bool: ...
 
-    def disconnect(self, user: str) -> bool:
-        """A connection of ``user`` closed; True if it was their last here."""
-        count = self.online.get(user, 0)
-        if count <= 1:
-            self.online.pop(user, None)
-            return count == 1
-        self.online[user] = count - 1
-        return False
-
-    # -- watches -----------------------------------------------------------------------------
-    def replace(self, session: Session, users: Iterable[str]) -> WatchEffects:
-        """``presence_sub``: ``session`` now watches exactly ``users``."""
-        effects = WatchEffects()
-        new = set(users)
-        old = self.watching.get(session, set())
-        for user in old - new:
-            self._unwatch(session, user, effects)
-        for user in sorted(new - old):
-            watchers = self.watchers.get(user)
-            if watchers is None:
-                self.watchers[user] = {session}
-                self.waiting.setdefault(user, set()).add(session)
-                effects.subscribe.append(user)
-                continue
-            watchers.add(session)
-            presence = self.known.get(user)
-            if presence is None:  # asked for, not answered yet
-                self.waiting.setdefault(user, set()).add(session)
-            else:
-                effects.answer.append((user, presence))
-        if new:
-            self.watching[session] = new
-        else:
-            self.watching.pop(session, None)
-        return effects
-
-    def drop(self, session: Session) -> WatchEffects:
-        """The session closed."""
-        return self.replace(session, ())
-
-    def _unwatch(self, session: Session, user: str, effects: WatchEffects) -> None:
-        watchers = self.watchers.get(user)
-        if watchers is None:
-            return
-        watchers.discard(session)
-        waiting = self.waiting.get(user)
-        if waiting is not None:
-            waiting.discard(session)
-        if not watchers:
-            del self.watchers[user]
-            self.known.pop(user, None)
-            self.waiting.pop(user, None)
-            effects.unsubscribe.append(user)
-
-    def apply(self, changes: Iterable[tuple[str, str]]) -> dict[Session, list[tuple[str, str]]]:
-        """A PS pushed presence (a change, or the state after a ``psub`` or a
-        re-sync): what to tell which session. Watchers hear of a user when the
-        presence differs from what they were last told; sessions still waiting
-        for a first answer hear it in any case."""
-        tell: dict[Session, list[tuple[str, str]]] = {}
-        for user, presence in changes:
-            watchers = self.watchers.get(user)
-            if not watchers:
-                continue  # unwatched meanwhile
-            waiting = self.waiting.pop(user, ())
-            targets = watchers if self.known.get(user) != presence else waiting
-            self.known[user] = presence
-            for session in targets:
-                tell.setdefault(session, []).append((user, presence))
-        return tell
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
 
 class GatewayPresence:
     """The gateway's presence links, reports and subscriptions (owned by :class:`gateway.app.Gateway`)."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: PresenceGateway) -> None:
         self.gw = gateway
         self.gw_id = gateway.instance_id
         self.model = PresenceWatches()
@@ -268,7 +178,7 @@ class GatewayPresence:
             "presence_links": sum(1 for link in self.links.values() if link.connected),
         }
 
-    # -- hooks from Gateway.handle_client ------------------------------------------------------------
+    # -- hooks from the client listener (gateway/client_listener.py) ------------------------------------------------------------
     def attached(self, session: Session) -> None:
         self.present.add(session.sid)
         if self.model.connect(session.user):
@@ -283,8 +193,7 @@ class GatewayPresence:
             return
         if self.gw.stopping:
             return  # its clients move to other gateways; our lease lapses in seconds
-        drain = getattr(self.gw, "region_drain", None)
-        if drain is not None and drain.draining:
+        if self.gw.draining:
             # Moved to another region: it is back there in a moment. Reporting
             # it offline later spares its watchers an away-and-back flap.
             asyncio.get_running_loop().call_later(MOVED_OFFLINE_DELAY_S, self._offline_if_gone, session.user)

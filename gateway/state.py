@@ -18,6 +18,12 @@ Ordering and no loss, per channel:
   held for that channel and a per-session fetch of (b, cursor] is issued; if
   the gateway is behind (b > cursor), the session gets a *floor* and skips
   events up to b, which it saw in its bootstrap.
+
+Held events are bounded: at most ``max_held_per_channel`` behind a gateway gap
+and ``max_held_per_session`` for a held session. Past either bound nothing
+is dropped here; the channel (or session) is reported by
+:meth:`GatewayState.take_overflows`, and the gateway ends the affected
+sessions with a reconnect close code (see docs/hardening-gateway.md).
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ from websockets.frames import Frame, Opcode
 
 WriteFn = Callable[[bytes], bool]  # returns False when the socket is gone or too slow
 LIVE_ONLY = -1
+# Live events held behind an unfilled gap, per channel (the whole gateway's copy),
+# and per held session while its own catch-up is read: a gap of a busy channel
+# fills within seconds; 10,000 events is minutes of the busiest channel's traffic
+# and, at a few hundred bytes each, a few MB.
+MAX_HELD_EVENTS_PER_CHANNEL = 10_000
+MAX_HELD_EVENTS_PER_SESSION = 10_000
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -79,7 +91,16 @@ class DeliveryStats:
 
 
 class GatewayState:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_held_per_channel: int = MAX_HELD_EVENTS_PER_CHANNEL,
+        max_held_per_session: int = MAX_HELD_EVENTS_PER_SESSION,
+    ) -> None:
+        self.max_held_per_channel = max_held_per_channel
+        self.max_held_per_session = max_held_per_session
+        # Channels and sessions whose held events passed their bound (see take_overflows).
+        self.overflowing_channels: set[str] = set()
+        self.overflowing_sessions: set[Session] = set()
         self.sessions: dict[int, Session] = {}
         self.channels: dict[str, set[Session]] = {}
         self.users: dict[str, set[Session]] = {}
@@ -193,6 +214,8 @@ class GatewayState:
         held = self.gaps.get(channel)
         if held is not None:
             held.append((seq, payload))
+            if len(held) > self.max_held_per_channel:
+                self.overflowing_channels.add(channel)
             return None
         cursor = self.cursor.get(channel, LIVE_ONLY)
         if cursor != LIVE_ONLY and seq <= cursor:
@@ -237,9 +260,22 @@ class GatewayState:
         for index, (seq, payload) in enumerate(pending):
             fetch = self.deliver(channel, seq, payload)
             if fetch is not None:  # still a hole: hold the rest again
-                self.gaps[channel].extend(pending[index + 1 :])
+                held = self.gaps[channel]
+                held.extend(pending[index + 1 :])
+                if len(held) > self.max_held_per_channel:
+                    self.overflowing_channels.add(channel)
                 return fetch
         return None
+
+    def take_overflows(self) -> tuple[list[str], list[Session]]:
+        """Channels and (still attached) sessions whose held events passed their bound since the
+        last call. Their sessions cannot be kept exactly once in order without holding more:
+        the caller ends them with a reconnect close code."""
+        channels = [ch for ch in self.overflowing_channels if ch in self.gaps]
+        sessions = [s for s in self.overflowing_sessions if s.sid in self.sessions]
+        self.overflowing_channels.clear()
+        self.overflowing_sessions.clear()
+        return channels, sessions
 
     def position(self, session: Session) -> dict[str, int]:
         """Per channel, the seq up to which ``session`` has received everything:
@@ -297,6 +333,8 @@ class GatewayState:
         held = session.hold.get(channel)
         if held is not None:
             held.append((seq, _payload_of(frame)))
+            if len(held) > self.max_held_per_session:
+                self.overflowing_sessions.add(session)
             return False
         floor = session.floor.get(channel)
         if floor is not None:

@@ -53,6 +53,13 @@ class CloseCode(IntEnum):
     INVALID_TICKET = 4001  # missing, forged, expired or reused ticket: do not retry the URL
     BOOTSTRAP_FAILED = 4002  # the webapp could not be reached for the user's channels
     SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect and catch up
+    # The gateway could not deliver this connection's events exactly once in order (a gap it
+    # could not fill within its budget, or more held events than its bound): reconnect
+    # through rtm.connect and catch up. Sent after Slack's goodbye (docs/hardening-gateway.md).
+    RESYNC = 4010
+    # Past the gateway's per-user or per-address connection limit: close another connection
+    # first; retrying at once is refused again (docs/hardening-gateway.md).
+    TOO_MANY_CONNECTIONS = 4029
 
 
 class RtmError(Exception):

@@ -23,6 +23,7 @@ Fields (``?`` optional, ``|nil`` may be msgpack nil)::
                           GS -> CS (typing)
   sub            request  GS -> CS              gw, chans [[ch, since], ...] (<= MAX_SUB_CHANNELS), rv?
   unsub          request  GS -> CS              gw, chans [ch, ...] (<= MAX_SUB_CHANNELS)
+  seqs           request  GS -> CS              gw, chans [ch, ...] (<= MAX_SEQS_CHANNELS): reconciliation
   ev             push     CS -> GS              ch, seq|nil, json, t0, ctl?
   moved          push     CS -> GS              chans [ch, ...], version
   ping           request  any -> any            (none); ``ping`` as a push is the keepalive
@@ -81,6 +82,9 @@ MAX_EVENT_JSON_BYTES = DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_RESERVE_BYTES
 # bytes, so the 4 MiB frame allowed about 200k; a gateway subscribes in
 # batches of at most this many (bench/channels.py uses 10k).
 MAX_SUB_CHANNELS = 100_000
+# Channels one ``seqs`` (the gateway's reconciliation audit) asks about; gateways
+# send batches of 5,000 (gateway/channel_links.py RECONCILE_BATCH_CHANNELS).
+MAX_SEQS_CHANNELS = 10_000
 MAX_BATCH_USERS = 5_000  # users per online/offline/psub/punsub push (gateway/presence.py batches by it)
 MAX_QUERY_USERS = 10_000  # users per presence ``query``
 MAX_PRESENCE_CHANGES = 100_000  # entries in one ``presence`` push (one per watched user of a gateway)
@@ -324,6 +328,20 @@ class Unsubscribe(Op):
 
 
 @dataclass(frozen=True, slots=True)
+class Seqs(Op):
+    """The gateway's reconciliation: where each channel stands at its owner, and whether the
+    gateway is subscribed there (docs/hardening-gateway.md)."""
+
+    OP = "seqs"
+    DIRECTION = "request"
+    SENDERS = "gateway -> channel server"
+    SENT_BY = (identity.GATEWAY,)
+    SCHEMA = {"gw": Spec(INSTANCE_ID), "chans": Spec(list_of(CHANNEL_ID, MAX_SEQS_CHANNELS))}
+    gw: str
+    chans: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Event(Op):
     OP = "ev"
     DIRECTION = "push"
@@ -524,6 +542,7 @@ OPS: dict[str, type[Op]] = {
         Publish,
         Subscribe,
         Unsubscribe,
+        Seqs,
         Event,
         Moved,
         Ping,

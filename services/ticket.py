@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections import deque
 from dataclasses import dataclass
 
 from services.errors import RtmError
@@ -58,13 +59,54 @@ def mint(
     return _b64(payload) + "." + _b64(signature)
 
 
+class NonceStore:
+    """The nonces of tickets already used, each kept until its ticket expires.
+
+    Expiry is O(1) amortized: nonces sit in a deque in the order they were
+    used, each with a *forget time* that is its ticket's expiry clamped to be
+    no earlier than the one before it, so the deque is ordered by forget time
+    and :meth:`forget_expired` pops from the front only what is due. Tickets
+    are minted with one TTL, so expiries arrive nearly in order and the clamp
+    keeps a nonce at most a clock skew longer than needed; keeping one longer
+    is safe (its ticket is refused as expired anyway). At most ``max_nonces``
+    are held: past that a verify is refused rather than the store grown.
+    """
+
+    def __init__(self, max_nonces: int = MAX_REMEMBERED_TICKETS) -> None:
+        self.max_nonces = max_nonces
+        self._nonces: set[str] = set()
+        self._by_expiry: deque[tuple[float, str]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._nonces)
+
+    def __contains__(self, nonce: str) -> bool:
+        return nonce in self._nonces
+
+    def forget_expired(self, now_s: float) -> None:
+        """Drop every nonce whose forget time has passed (amortized O(1) per nonce ever added)."""
+        by_expiry = self._by_expiry
+        while by_expiry and by_expiry[0][0] < now_s:
+            self._nonces.discard(by_expiry.popleft()[1])
+
+    def add(self, nonce: str, expires_at: float) -> bool:
+        """Remember ``nonce`` until ``expires_at``; False if it is already known or the store is full."""
+        if nonce in self._nonces or len(self._nonces) >= self.max_nonces:
+            return False
+        if self._by_expiry and self._by_expiry[-1][0] > expires_at:
+            expires_at = self._by_expiry[-1][0]  # keep the deque ordered: forget no earlier than the one before
+        self._nonces.add(nonce)
+        self._by_expiry.append((expires_at, nonce))
+        return True
+
+
 class TicketVerifier:
     """Verifies tickets for one gateway and enforces single use."""
 
-    def __init__(self, secret: bytes, gateway: str) -> None:
+    def __init__(self, secret: bytes, gateway: str, max_nonces: int = MAX_REMEMBERED_TICKETS) -> None:
         self.secret = secret
         self.gateway = gateway
-        self._used: dict[str, float] = {}
+        self._used = NonceStore(max_nonces)
 
     def verify(self, token: str, now_s: float) -> Ticket:
         try:
@@ -92,16 +134,9 @@ class TicketVerifier:
             raise InvalidTicket("ticket expired")
         if ticket.gateway != self.gateway:
             raise InvalidTicket("ticket is for another gateway")
-        self._forget_expired(now_s)
+        self._used.forget_expired(now_s)
         if ticket.nonce in self._used:
             raise InvalidTicket("ticket already used")
-        if len(self._used) >= MAX_REMEMBERED_TICKETS:
+        if not self._used.add(ticket.nonce, ticket.expires_at):
             raise InvalidTicket("too many outstanding tickets")
-        self._used[ticket.nonce] = ticket.expires_at
         return ticket
-
-    def _forget_expired(self, now_s: float) -> None:
-        if len(self._used) < 1024:
-            return
-        for nonce in [n for n, exp in self._used.items() if exp < now_s]:
-            del self._used[nonce]

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from gateway.state import Session, text_frame
+from gateway.state import GatewayState, Session
 from services.metrics import ServiceMetrics
 
 T = TypeVar("T")
 
 # One factor scales every wait for slow machines (like websockets' test suite).
-TIMEOUT_FACTOR = 1.0
+TIMEOUT_FACTOR = float(os.environ.get("RTM_TEST_TIMEOUT_FACTOR", "1"))  # e.g. 3 on a machine shared with other work
 DEFAULT_WAIT_S = 10.0 * TIMEOUT_FACTOR
 POLL_INTERVAL_S = 0.02
 
@@ -131,25 +132,46 @@ class Socket:
 
 
 class FakeConn:
+    """A link's connection that records what is sent over it (typing pubs, presence batches)."""
+
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
+        self.is_open = True
 
     def send(self, message: dict[str, Any]) -> None:
         self.sent.append(message)
 
 
+class ScriptedConn:
+    """A channel-server connection: answers each request with ``answer(request)`` (raised if an exception)."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], Any]) -> None:
+        self.answer = answer
+        self.requests: list[dict[str, Any]] = []
+        self.is_open = True
+
+    async def request(self, message: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+        self.requests.append(message)
+        result = self.answer(message)
+        if isinstance(result, BaseException):
+            raise result
+        return dict(result)
+
+
 class FakeLink:
-    def __init__(self) -> None:
-        self.conn: FakeConn | None = FakeConn()
+    """A connected :class:`services.connection.PeerLink` over a fake connection."""
+
+    def __init__(self, conn: Any = None) -> None:
+        self.conn: Any = FakeConn() if conn is None else conn
         self.connected = True
 
-
-class FakeRing:
-    def owner_for(self, channel: str) -> str | None:
-        return None if channel == "CORPHAN" else "cs-a"
+    async def close(self) -> None:
+        pass
 
 
 class FakeWebapp:
+    """The webapp's internal endpoints as client messages see them: every post is taken."""
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.error: BaseException | None = None
@@ -161,17 +183,72 @@ class FakeWebapp:
         return {"ok": True, "ts": "1700000000.000100", "channel": body["channel"]}
 
 
+class HistoryWebapp:
+    """``/internal/history`` answered by ``history(body)`` (raised if an exception); resume records refused."""
+
+    def __init__(self, history: Callable[[dict[str, Any]], Any]) -> None:
+        self.history = history
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append((path, body))
+        if path == "/internal/history":
+            result = self.history(body)
+            if isinstance(result, BaseException):
+                raise result
+            return dict(result)
+        raise ConnectionError("webapp down")  # resume records are best effort
+
+    async def close(self) -> None:
+        pass
+
+
+class HeldHistoryWebapp:
+    """Answers ``/internal/history`` from ``last_seq`` events of one channel, paged, once ``release`` is set."""
+
+    def __init__(self, channel: str, last_seq: int) -> None:
+        self.events = [{"seq": n, "json": json.dumps({"ch": channel, "seq": n})} for n in range(1, last_seq + 1)]
+        self.calls: list[dict[str, Any]] = []
+        self.release = asyncio.Event()
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert path == "/internal/history"
+        self.calls.append(body)
+        await self.release.wait()
+        after, limit = int(body["after_seq"]), int(body["limit"])
+        later = [e for e in self.events if e["seq"] > after]
+        return {"events": later[:limit], "has_more": len(later) > limit}
+
+    async def close(self) -> None:
+        pass
+
+
+class RecordingPresence:
+    """The gateway's presence as client messages hand frames to it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def subscribe(self, session: Session, ids: list[str]) -> None:
+        self.calls.append(("sub", ids))
+
+    def query(self, session: Session, ids: list[str]) -> None:
+        self.calls.append(("query", ids))
+
+
 class FakeClientGateway:
-    """A stand-in for the gateway as gateway.client_messages sees it."""
+    """A stand-in for the gateway as gateway.client_messages sees it (its ``ClientGateway``)."""
 
     def __init__(self) -> None:
         self.metrics = ServiceMetrics("gateway", "gw-test")
-        self.client_msgs = self.metrics.counter("rtm_gw_client_messages_total", "frames", ["type"])
-        self.follower = type("Follower", (), {"ring": FakeRing()})()
         self.link = FakeLink()
         self.webapp = FakeWebapp()
+        self.presence = RecordingPresence()
         self.tasks: list[asyncio.Task[Any]] = []
         self.closed: list[Any] = []
+
+    def owner_for(self, channel: str) -> str | None:
+        return None if channel == "CORPHAN" else "cs-a"
 
     def link_to(self, owner: str) -> FakeLink:
         assert owner == "cs-a"
@@ -180,9 +257,6 @@ class FakeClientGateway:
     def spawn(self, coro: Any) -> None:
         self.tasks.append(asyncio.ensure_future(coro))
 
-    def send_json(self, session: Session, body: dict[str, Any]) -> None:
-        session.write(text_frame(json.dumps(body).encode()))
-
 
 class FakeWs:
     def __init__(self, gw: FakeClientGateway) -> None:
@@ -190,3 +264,97 @@ class FakeWs:
 
     async def close(self, code: int, reason: str) -> None:
         self.gw.closed.append(code)
+
+
+class RecordingWs:
+    """A client websocket that records what a drain or an ended session sends and how it closes."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.closed: list[int] = []
+
+    async def send(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.closed.append(code)
+
+
+class FakePresenceGateway:
+    """A stand-in for the gateway as gateway.presence sees it (its ``PresenceGateway``)."""
+
+    def __init__(self) -> None:
+        self.instance_id = "gw-test"
+        self.metrics = ServiceMetrics("gateway", "gw-test")
+        self.discovery: Any = None
+        self.stopping = False
+        self.draining = False
+        self.state = GatewayState()
+
+    def spawn(self, coro: Any) -> None:
+        coro.close()
+
+
+class Parts:
+    """A gateway's channel links and history wired as :class:`gateway.app.Gateway` wires them,
+    without the gateway: fake links and webapp, no sockets. Sessions it ends are
+    only recorded (``ended``): the drain's part is tested with the whole gateway."""
+
+    def __init__(self, webapp: Any = None, gap_fill_budget_s: float = 0.6, max_gap_fill_attempts: int = 3) -> None:
+        from gateway.channel_links import ChannelLinks
+        from gateway.client_socket import Cork
+        from gateway.history import History
+        from services.discovery import Discovery
+
+        self.metrics = ServiceMetrics("gateway", "gw-test")
+        self.state = GatewayState()
+        self.clock = time.monotonic  # requeued subs are retried on the event loop's timers
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.ended: list[tuple[int, str]] = []
+        self.discovery = Discovery("127.0.0.1:8500")  # never reached: no watch is started
+        deliveries = self.metrics.counter("rtm_gw_deliveries_total", "frames")
+        self.history = History(
+            state=self.state,
+            webapp=webapp if webapp is not None else HistoryWebapp(lambda body: ConnectionError("down")),
+            metrics=self.metrics,
+            deliveries=deliveries,
+            spawn=self.spawn,
+            apply=lambda effects: self.links.apply(effects),
+            mover=self,
+            end_slots=asyncio.Semaphore(8),
+            clock=self.clock,
+            gap_fill_budget_s=gap_fill_budget_s,
+            max_gap_fill_attempts=max_gap_fill_attempts,
+        )
+        self.links = ChannelLinks(
+            instance_id="gw-test",
+            discovery=self.discovery,
+            state=self.state,
+            history=self.history,
+            metrics=self.metrics,
+            deliveries=deliveries,
+            cork=Cork(),
+            spawn=self.spawn,
+            clock=self.clock,
+            reconcile_interval_s=30.0,
+        )
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def detach(self, session: Session) -> dict[str, int]:  # the history's SessionEnder
+        where = self.state.position(session)
+        self.links.apply(self.state.detach(session))
+        return where
+
+    async def finish(self, session: Session, where: dict[str, int], reason: str, slots: Any, code: int = 1001) -> None:
+        self.ended.append((session.sid, reason))
+
+    async def close(self) -> None:
+        self.links.stop_retries()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.discovery.close()

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import Counter, Histogram
@@ -62,6 +62,9 @@ from webapp_stub.presence import PresenceClient
 from webapp_stub.ratelimit import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_RATE_BUCKETS, RateLimiter
 from webapp_stub.resume import ResumeBook
 from webapp_stub.store import Store
+
+if TYPE_CHECKING:
+    from webapp_stub.scheduler import Scheduler
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_PER_MINUTE",
@@ -186,6 +189,7 @@ class WebApi:
         self.commits: GroupCommit | None = None
         self.last_seen: dict[str, float] = {}  # user -> last Web API call or gateway connect (presence fallback)
         self.presence: PresenceClient | None = None  # the presence servers (webapp_stub/presence.py), set by app.py
+        self.scheduler: Scheduler | None = None  # due items (webapp_stub/scheduler.py), set by app.py
 
     def count_request(self, method: str, outcome: str) -> None:
         """``rtm_webapp_requests_total{method, outcome}`` += 1."""

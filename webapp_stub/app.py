@@ -50,6 +50,7 @@ from webapp_stub.handoff import (
 )
 from webapp_stub.internal import InternalEndpoints
 from webapp_stub.presence import PresenceClient
+from webapp_stub.scheduler import DEFAULT_BATCH_MAX, DEFAULT_RATE_PER_S, Scheduler
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
 
 log = logging.getLogger("rtm.webapp")
@@ -184,6 +185,12 @@ def build_parser() -> Parser:
         "demo mode: /demo/users lists the demo team's people with their tokens for the browser "
         "client's sign-in picker (--no-demo or RTM_DEMO=0 wherever others can reach the webapp)",
     )
+    parser.add(
+        "--scheduler-rate-per-s",
+        DEFAULT_RATE_PER_S,
+        "due items (scheduled messages, reminders) fired per second at most: live posts never wait behind a spike",
+    )
+    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per event-loop turn (one transaction)")
     return parser
 
 
@@ -356,6 +363,18 @@ class WebappServer:
         self.api.presence = presence
         presence.start()
         self._stack.push_async_callback(presence.close)
+        # scheduled messages and reminders (webapp_stub/scheduler.py): fire behind live traffic
+        scheduler = Scheduler(
+            self.store,
+            self.api.publish,
+            self.metrics,
+            rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
+            batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
+            outbox_backlog=lambda: len(self.handoff),
+        )
+        self.api.scheduler = scheduler
+        scheduler.start()
+        self._stack.push_async_callback(scheduler.close)
 
     def health(self) -> dict[str, Any]:
         return {

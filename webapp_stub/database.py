@@ -111,13 +111,16 @@ class Database:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception.
 
-        Inside an open batch (:meth:`begin_batch`) it is a savepoint instead:
-        an exception undoes only this transaction's writes, and they become
-        durable with the batch's :meth:`commit_batch`.
+        Inside an open batch (:meth:`begin_batch`) or another transaction it is a
+        savepoint instead: an exception undoes only this transaction's writes, and
+        they become durable with the batch's :meth:`commit_batch` (or the outer
+        commit). The scheduler fires a due item's ``post_message`` inside the
+        transaction that marks it fired (webapp_stub/scheduler.py).
         """
-        if not self._in_batch and self.batch_opener is not None:
+        nested = self._in_batch or self.conn.in_transaction
+        if not nested and self.batch_opener is not None:
             self.batch_opener()
-        if self._in_batch:
+        if self._in_batch or self.conn.in_transaction:
             self.conn.execute("SAVEPOINT tx")
             try:
                 yield self.conn

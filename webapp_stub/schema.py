@@ -119,6 +119,73 @@ CREATE UNIQUE INDEX IF NOT EXISTS channels_dm_key ON channels (team, dm_key) WHE
 CREATE INDEX IF NOT EXISTS users_bot ON users (bot_id) WHERE bot_id IS NOT NULL;
 """
 
+# Scheduling, bookmarks and pins (issue 16): the tables of webapp_stub/scheduler.py (due_items:
+# what fires when, exactly once), scheduled.py, reminders.py, bookmarks.py and pins.py.
+SCHEDULING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS due_items (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    team TEXT NOT NULL,
+    lane TEXT NOT NULL,
+    due_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    fired_at REAL,
+    error TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS due_items_pending ON due_items (state, due_at);
+CREATE TABLE IF NOT EXISTS scheduled_messages (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    user TEXT NOT NULL,
+    post_at INTEGER NOT NULL,
+    date_created INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    thread_ts TEXT,
+    reply_broadcast INTEGER NOT NULL DEFAULT 0,
+    extra TEXT,
+    state TEXT NOT NULL DEFAULT 'pending',
+    posted_ts TEXT
+);
+CREATE INDEX IF NOT EXISTS scheduled_messages_user ON scheduled_messages (user, state, post_at);
+CREATE INDEX IF NOT EXISTS scheduled_messages_channel ON scheduled_messages (channel, state, post_at);
+CREATE TABLE IF NOT EXISTS reminders (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    creator TEXT NOT NULL,
+    user TEXT NOT NULL,
+    text TEXT NOT NULL,
+    time INTEGER NOT NULL,
+    complete_ts INTEGER NOT NULL DEFAULT 0,
+    fired_ts TEXT
+);
+CREATE INDEX IF NOT EXISTS reminders_user ON reminders (user, time);
+CREATE INDEX IF NOT EXISTS reminders_creator ON reminders (creator, time);
+CREATE TABLE IF NOT EXISTS bookmarks (
+    id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    team TEXT NOT NULL,
+    title TEXT NOT NULL,
+    link TEXT NOT NULL,
+    emoji TEXT,
+    type TEXT NOT NULL,
+    entity_id TEXT,
+    parent_id TEXT,
+    date_created INTEGER NOT NULL,
+    date_updated INTEGER NOT NULL DEFAULT 0,
+    updated_by TEXT NOT NULL,
+    position INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bookmarks_channel ON bookmarks (channel, position);
+CREATE TABLE IF NOT EXISTS pins (
+    channel TEXT NOT NULL,
+    ts_us INTEGER NOT NULL,
+    pinned_by TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    PRIMARY KEY (channel, ts_us)
+) WITHOUT ROWID;
+"""
+
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Create what is missing: the tables, the columns of :data:`MIGRATIONS`, then their indexes."""
@@ -128,3 +195,4 @@ def migrate(conn: sqlite3.Connection) -> None:
         if column not in have:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
     conn.executescript(INDEXES)
+    conn.executescript("BEGIN;" + SCHEDULING_SCHEMA + "COMMIT;")  # one transaction: the schema pages written once

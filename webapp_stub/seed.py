@@ -1,4 +1,4 @@
-"""Demo data: one team, named users, a bot, #general and #random.
+"""Demo data: one team, named users, a bot, Slackbot, #general and #random.
 
 ``seed_demo`` writes straight into the tables in one transaction with
 ``executemany`` (100,000 users in a few seconds) and emits no events: every
@@ -25,6 +25,7 @@ from services.config import Parser
 from services.secret_file import ensure_private_dir, replace_secret_file
 from webapp_stub.codecs import new_id, new_token
 from webapp_stub.database import DB_FILE, DEFAULT_CACHE_PAGES
+from webapp_stub.reminders import SLACKBOT_ID, SLACKBOT_NAME, SLACKBOT_REAL_NAME
 from webapp_stub.store import Store
 
 NAMES = ("alice", "bob", "carol", "dave", "eve")
@@ -89,6 +90,8 @@ def _create(store: Store, users: int, channels: int, bots: int) -> None:
     ]
     user_rows += [(user_ids[users + j], team_id, bot_name(j), "RTM Bot", 1, bot_ids[j]) for j in range(bots)]
     token_rows = [(new_token("xoxb" if row[4] else "xoxp"), row[0]) for row in user_rows]
+    # Slackbot (reminders arrive as its DM messages): no token, in no channel, not in seed.json.
+    user_rows.append((SLACKBOT_ID, team_id, SLACKBOT_NAME, SLACKBOT_REAL_NAME, 0, None))
     channel_rows = [(channel_ids[k], team_id, channel_name(k), now, user_ids[0], 0, 0) for k in range(channels)]
     everyone_everywhere = users + bots <= SMALL_SEED_USERS
     member_rows = []
@@ -128,8 +131,8 @@ def describe(store: Store) -> dict[str, Any]:
     users = []
     rows = store.conn.execute(
         "SELECT u.id, u.name, u.is_bot, u.bot_id, (SELECT t.token FROM tokens t WHERE t.user = u.id LIMIT 1) "
-        "FROM users u WHERE u.team = ? ORDER BY u.rowid",
-        (team.id,),
+        "FROM users u WHERE u.team = ? AND u.id != ? ORDER BY u.rowid",
+        (team.id, SLACKBOT_ID),
     )
     for uid, name, is_bot, bot_id, token in rows:
         entry: dict[str, Any] = {"id": uid, "name": name, "token": token, "is_bot": bool(is_bot)}

@@ -364,7 +364,7 @@ async def test_slack_sdk_clients_unmodified(webapp: Webapp, fake_as: FakeAdminSe
     assert out["bot_auth"]["bot_id"] == bot["bot_id"]
     assert all(p["ok"] for p in out["posts"])
     assert out["history"] == [f"sdk {i}" for i in reversed(range(7))] and out["pages"] == 3
-    assert out["users"] == ["alice", "bob", "carol", "dave", "eve", "rtmbot"]
+    assert out["users"] == ["alice", "bob", "carol", "dave", "eve", "rtmbot", "slackbot"]  # Slack lists Slackbot too
     assert out["channels"] == ["general", "random"]
     assert sorted(out["members"]) == sorted(u["id"] for u in webapp.seed["users"])
     assert out["rtm"]["url"].startswith("ws://127.0.0.1:45678/ws/")
@@ -381,7 +381,7 @@ async def test_slack_sdk_clients_unmodified(webapp: Webapp, fake_as: FakeAdminSe
     users = []
     async for page in await client.users_list(limit=4):
         users += [u["id"] for u in page["members"]]
-    assert len(users) == 6
+    assert len(users) == 7  # the seed's six and Slackbot
 
     async def pubs_arrived() -> bool:
         return len(fake_as.pubs_for(general)) == 8

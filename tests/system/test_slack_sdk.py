@@ -175,7 +175,7 @@ async def web_api_scenario(fleet: Fleet, make: Callable[[str], WebClient | Async
 
     # users, presence, bots
     pages = await alice.pages("users_list", "members", limit=2)
-    assert [u["name"] for page in pages for u in page] == ["alice", "bob", "carol", "dave", "eve", "rtmbot"]
+    assert [u["name"] for page in pages for u in page] == ["alice", "bob", "carol", "dave", "eve", "rtmbot", "slackbot"]
     assert (await alice("users_info", user=bot_user["id"]))["user"]["is_bot"] is True
     assert (await alice("users_getPresence", user=ids["alice"]))["presence"] == "away"  # no RTM connection, as Slack
     await alice("users_setPresence", presence="away")

@@ -111,3 +111,32 @@ async def test_a_connection_that_closed_during_the_ring_read_does_not_replace_th
     late = await delayed
     assert late["op"] == "err"
     assert not new.closed_by_server and server.gateways[new.state["gw_index"]] is new
+
+
+async def test_seqs_reports_last_seqs_and_the_channels_this_gateway_is_not_subscribed_to(
+    server: ChannelServer,
+) -> None:
+    _, v2, channel = rings()
+    server.follower.apply(v2)
+    ring = HashRing()
+    ring.update(v2)
+    other = next(f"D{n}" for n in range(1000) if ring.owner_for(f"D{n}") == "spare-1")
+    foreign = next(f"E{n}" for n in range(1000) if ring.owner_for(f"E{n}") != "spare-1")
+    conn = Conn()
+    assert server.handle_request(conn, {"op": "sub", "id": 1, "gw": "gw-a", "chans": [[channel, 0]]})["op"] == "ok"
+    server.table.publish(channel, 5, b"{}", 0.0)
+    server.table.publish(other, 9, b"{}", 0.0)
+    reply = server.handle_request(conn, {"op": "seqs", "id": 2, "gw": "gw-a", "chans": [channel, other, foreign]})
+    assert reply["op"] == "ok"
+    assert reply["last"] == {channel: 5, other: 9}
+    assert reply["missing"] == [other]  # gw-a never subscribed it: the gateway must resubscribe
+    assert reply["not_owner"] == [foreign]
+
+
+async def test_seqs_refuses_a_malformed_or_oversized_request(server: ChannelServer) -> None:
+    from services.errors import BadMessage
+    from services.ops import MAX_SEQS_CHANNELS
+
+    for chans in ("C1", [f"C{n}" for n in range(MAX_SEQS_CHANNELS + 1)], [1, 2]):
+        with pytest.raises(BadMessage):  # the connection answers it bad_request and stays up
+            server.handle_request(Conn(), {"op": "seqs", "id": 3, "gw": "gw-a", "chans": chans})

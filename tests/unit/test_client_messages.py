@@ -49,6 +49,20 @@ def test_invalid_and_unsupported_frames_get_errors(gw: FakeClientGateway) -> Non
     assert count(gw, "rtm_errors_total", kind="client_unsupported_type") == 2
 
 
+@pytest.mark.parametrize(
+    "frame", ["[" * 65536, '{"a":' * 30000, "[" * 200_000 + "]" * 200_000], ids=["brackets", "objects", "balanced"]
+)
+def test_json_nested_past_the_parser_gets_error_code_1(gw: FakeClientGateway, frame: str) -> None:
+    """64 KiB of ``[`` used to raise RecursionError out of the read loop: a 1011 close."""
+    handler, session, sock = setup(gw)
+    handler.handle(FakeWs(gw), session, frame)
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 5, "type": "ping"}))  # the connection still works
+    assert sock.events[0] == {"type": "error", "error": {"code": 1, "msg": "invalid JSON: expected an object"}}
+    assert sock.events[1] == {"type": "pong", "reply_to": 5}
+    assert count(gw, "rtm_errors_total", kind="client_invalid_json") == 1
+    assert gw.closed == []
+
+
 async def test_binary_frame_closes_with_1003(gw: FakeClientGateway) -> None:
     handler, session, _ = setup(gw)
     handler.handle(FakeWs(gw), session, b"\x00")

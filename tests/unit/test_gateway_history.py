@@ -1,4 +1,6 @@
-"""The gateway's history reads: sessions that catch up from the same place share one webapp read."""
+"""gateway.history: sessions that catch up from the same place share one webapp read, reads page
+through long histories, and a gap that cannot be filled ends its sessions with 4010 (through the
+gateway's own drain) instead of skipping events or holding them for ever."""
 
 from __future__ import annotations
 
@@ -11,72 +13,114 @@ import pytest
 
 from gateway.app import Gateway, build_parser
 from gateway.state import Fetch, Session
-
-
-class FakeWebapp:
-    """Answers /internal/history from a list of events; counts the calls; can hold them."""
-
-    def __init__(self, channel: str, last_seq: int) -> None:
-        self.events = [{"seq": n, "json": json.dumps({"ch": channel, "seq": n})} for n in range(1, last_seq + 1)]
-        self.calls: list[dict[str, Any]] = []
-        self.release = asyncio.Event()
-
-    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        assert path == "/internal/history"
-        self.calls.append(body)
-        await self.release.wait()
-        after, limit = int(body["after_seq"]), int(body["limit"])
-        page = [e for e in self.events if e["seq"] > after][:limit]
-        return {"events": page, "has_more": len([e for e in self.events if e["seq"] > after]) > limit}
-
-    async def close(self) -> None:
-        pass
-
-
-class Socket:
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-
-    def write(self, frame: bytes) -> bool:
-        self.frames.append(frame)
-        return True
+from services.errors import CloseCode
+from tests.support import DEFAULT_WAIT_S, HeldHistoryWebapp, HistoryWebapp, Parts, RecordingWs, Socket
 
 
 @pytest.fixture
-async def gw() -> AsyncIterator[Gateway]:
-    """A gateway that is never started: its state and history reads only."""
-    gateway = Gateway(build_parser().parse_args(["--secret", "s", "--instance-id", "gw-test"]))
-    yield gateway
-    await gateway.discovery.close()
+async def parts() -> AsyncIterator[Parts]:
+    built = Parts()
+    yield built
+    await built.close()
 
 
-async def test_sessions_catching_up_from_the_same_place_share_one_read(gw: Gateway) -> None:
-    webapp = gw.webapp = FakeWebapp("C1", 8)  # type: ignore[assignment]
+async def test_sessions_catching_up_from_the_same_place_share_one_read(parts: Parts) -> None:
+    webapp = parts.history.webapp = HeldHistoryWebapp("C1", 8)
     first = Session(sid=1, user="U1", team="T1", write=Socket().write)
-    gw.state.attach(first, [("C1", 8)])
+    parts.state.attach(first, [("C1", 8)])
     sockets = [Socket() for _ in range(5)]
     sessions = [Session(sid=10 + i, user=f"U{10 + i}", team="T1", write=s.write) for i, s in enumerate(sockets)]
-    fetches = [gw.state.attach(s, [("C1", 3)]).fetch[0] for s in sessions]  # each behind the cursor: held
+    fetches = [parts.state.attach(s, [("C1", 3)]).fetch[0] for s in sessions]  # each behind the cursor: held
     assert all(f == Fetch("C1", 3, 8, s) for f, s in zip(fetches, sessions, strict=False))
-    pending = [asyncio.ensure_future(gw.fetch_history(f)) for f in fetches]
-    other = asyncio.ensure_future(gw.fetch_history(Fetch("C1", 5, 8, None)))  # a different range reads apart
+    history = parts.history
+    pending = [asyncio.ensure_future(history.fetch_history(f)) for f in fetches]
+    other = asyncio.ensure_future(history.fetch_history(Fetch("C1", 5, 8, None)))  # a different range reads apart
     for _ in range(3):
         await asyncio.sleep(0)  # wait-ok: let every fetch reach the webapp or join a read in flight
     assert [c["after_seq"] for c in webapp.calls] == [3, 5]
     webapp.release.set()
     await asyncio.wait_for(asyncio.gather(*pending, other), 5.0)
     for sock in sockets:  # each session got 4..8 once, in order
-        assert [json.loads(f[2:])["seq"] for f in sock.frames] == [4, 5, 6, 7, 8]
-    assert gw.history_reads == {}
-    assert gw.shared_history_reads._value.get() == 4  # type: ignore[attr-defined]
+        assert sock.seqs() == [4, 5, 6, 7, 8]
+    assert history.history_reads == {}
+    assert history.shared_history_reads._value.get() == 4  # type: ignore[attr-defined]
 
 
-async def test_a_read_pages_through_long_histories(gw: Gateway, monkeypatch: Any) -> None:
-    import gateway.app as app
+async def test_a_read_pages_through_long_histories(parts: Parts, monkeypatch: Any) -> None:
+    import gateway.history
 
-    monkeypatch.setattr(app, "HISTORY_PAGE_EVENTS", 3)
-    webapp = gw.webapp = FakeWebapp("C1", 10)  # type: ignore[assignment]
+    monkeypatch.setattr(gateway.history, "HISTORY_PAGE_EVENTS", 3)
+    webapp = parts.history.webapp = HeldHistoryWebapp("C1", 10)
     webapp.release.set()
-    events = await gw.read_history("C1", 2, 9)
+    events = await parts.history.read_history("C1", 2, 9)
     assert [seq for seq, _ in events] == list(range(3, 10))
     assert [c["after_seq"] for c in webapp.calls] == [2, 5, 8]
+
+
+# -- sessions ended with 4010, through the gateway's drain (never started: no sockets) ----------------
+
+
+@pytest.fixture
+async def gw() -> AsyncIterator[Gateway]:
+    args = ["--secret", "s", "--instance-id", "gw-test", "--gap-fill-budget-s", "0.6", "--max-gap-fill-attempts", "3"]
+    gateway = Gateway(build_parser().parse_args(args))
+    yield gateway
+    gateway.channel_links.stop_retries()
+    for task in list(gateway.tasks):
+        task.cancel()
+    await asyncio.gather(*gateway.tasks, return_exceptions=True)
+    await gateway.discovery.close()
+
+
+def attach(gw: Gateway, sid: int, channels: list[tuple[str, int]]) -> tuple[Session, Socket, RecordingWs]:
+    sock, ws = Socket(), RecordingWs()
+    session = Session(sid=sid, user=f"U{sid}", team="T1", write=sock.write)
+    gw.sockets[sid] = ws  # type: ignore[assignment]
+    gw.apply(gw.state.attach(session, channels))
+    return session, sock, ws
+
+
+async def until(predicate: Any, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + DEFAULT_WAIT_S
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)  # wait-ok: bounded poll of the gateway's tasks
+
+
+@pytest.mark.parametrize("failure", ["webapp_down", "malformed_history"])
+async def test_an_unfillable_gap_ends_its_sessions_with_4010_and_holds_nothing(gw: Gateway, failure: str) -> None:
+    if failure == "webapp_down":
+        webapp = HistoryWebapp(lambda body: ConnectionError("webapp down"))
+    else:
+        webapp = HistoryWebapp(lambda body: {"events": [{"no-seq": 1}], "has_more": False})  # a fill that raises
+    gw.history.webapp = webapp
+    gw.webapp = webapp  # type: ignore[assignment]  # resume records
+    s1, sock1, ws1 = attach(gw, 1, [("C1", 3), ("C9", 0)])
+    s2, sock2, ws2 = attach(gw, 2, [("C1", 3)])
+    _, sock3, ws3 = attach(gw, 3, [("C9", 0)])  # not in the gap's channel: untouched
+    fetch = gw.state.deliver("C1", 6, json.dumps({"seq": 6}).encode())  # 4 and 5 never came
+    assert fetch == Fetch("C1", 3, 5)
+    await gw.history.fetch_history(fetch)
+    await until(lambda: ws1.closed and ws2.closed, "both sessions of C1 closed")
+    assert ws1.closed == [CloseCode.RESYNC] and ws2.closed == [CloseCode.RESYNC]
+    assert ws1.sent == ['{"type":"goodbye"}'] and ws3.closed == []
+    assert sock1.frames == [] and sock2.frames == []  # nothing skipped ahead
+    assert "C1" not in gw.state.gaps and "C1" not in gw.state.channels  # held nowhere
+    assert gw.state.sessions.keys() == {3}
+    assert gw.history.sessions_ended.labels("gap_unfilled")._value.get() == 2  # type: ignore[attr-defined]
+    resumes = [body for path, body in webapp.calls if path == "/internal/resume"]
+    assert {tuple(sorted(r["channels"].items())) for r in resumes} == {(("C1", 3), ("C9", 0)), (("C1", 3),)}
+    if failure == "webapp_down":
+        assert len([c for c in webapp.calls if c[0] == "/internal/history"]) <= 3  # --max-gap-fill-attempts
+
+
+async def test_a_held_session_whose_catch_up_fails_is_ended_alone(gw: Gateway) -> None:
+    gw.history.webapp = gw.webapp = HistoryWebapp(lambda body: ConnectionError("webapp down"))  # type: ignore[assignment]
+    _, sock1, ws1 = attach(gw, 1, [("C1", 0)])
+    for n in (1, 2, 3):
+        gw.state.deliver("C1", n, json.dumps({"seq": n}).encode())
+    s2, sock2, ws2 = attach(gw, 2, [("C1", 1)])  # behind: held while (1, 3] is read
+    await until(lambda: ws2.closed, "the held session closed")
+    assert ws2.closed == [CloseCode.RESYNC] and ws1.closed == []
+    assert sock1.seqs() == [1, 2, 3] and sock2.frames == []
+    assert gw.state.sessions.keys() == {1}

@@ -7,11 +7,11 @@ import asyncio
 import json
 from typing import Any
 
-from gateway.presence import FLUSH_INTERVAL_S, GatewayPresence, PresenceWatches, presence_events
+from gateway.presence import FLUSH_INTERVAL_S, GatewayPresence
+from gateway.presence_watches import PresenceWatches, presence_events
 from gateway.state import Session
-from services.metrics import ServiceMetrics
 from services.ring import RingDocument
-from tests.support import FakeClientGateway, Socket
+from tests.support import FakeClientGateway, FakeConn, FakeLink, FakePresenceGateway, RecordingPresence, Socket
 
 
 def session(sid: int, user: str = "UA") -> Session:
@@ -81,40 +81,13 @@ def test_unwatched_while_waiting_is_not_answered() -> None:
 # -- GatewayPresence over fake links -----------------------------------------------------------------
 
 
-class FakeConn:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self.is_open = True
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
-
-
-class FakeLink:
-    def __init__(self) -> None:
-        self.conn = FakeConn()
-        self.connected = True
-
-
-class FakeGateway:
-    def __init__(self) -> None:
-        self.instance_id = "gw-test"
-        self.metrics = ServiceMetrics("gateway", "gw-test")
-        self.discovery: Any = None
-        self.stopping = False
-        self.state = type("State", (), {"sessions": {}})()
-
-    def spawn(self, coro: Any) -> None:
-        coro.close()
-
-
 async def settle() -> None:
     # wait-ok: the flush is timer-driven by design (at most one per interval); two intervals cover it
     await asyncio.sleep(2 * FLUSH_INTERVAL_S)  # wait-ok
 
 
 def presence_with_one_server() -> tuple[GatewayPresence, FakeConn]:
-    presence = GatewayPresence(FakeGateway())  # type: ignore[arg-type]
+    presence = GatewayPresence(FakePresenceGateway())
     presence.follower.ring.update(RingDocument(version=3, slots={"ps-0": "ps-a"}))
     link = FakeLink()
     presence.links["ps-a"] = link  # type: ignore[assignment]
@@ -182,33 +155,22 @@ async def test_a_session_closed_before_attach_changes_nothing() -> None:
 # -- client frames: presence_sub and presence_query reach gateway/presence.py -----------------------
 
 
-class RecordingPresence:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[str]]] = []
-
-    def subscribe(self, session: Session, ids: list[str]) -> None:
-        self.calls.append(("sub", ids))
-
-    def query(self, session: Session, ids: list[str]) -> None:
-        self.calls.append(("query", ids))
-
-
 def test_client_presence_frames_are_checked_and_handed_over() -> None:
     from gateway.client_messages import ClientError, ClientMessages
 
     gw = FakeClientGateway()
-    gw.presence = RecordingPresence()  # type: ignore[attr-defined]
-    handler = ClientMessages(gw)  # type: ignore[arg-type]
+    gw.presence = RecordingPresence()
+    handler = ClientMessages(gw)
     sock = Socket()
     s = Session(1, "UA", "T1", sock.write)
     handler.handle(None, s, json.dumps({"type": "presence_sub", "ids": ["U1", "U2"]}))  # type: ignore[arg-type]
     handler.handle(None, s, json.dumps({"type": "presence_query", "ids": ["U3"]}))  # type: ignore[arg-type]
-    assert gw.presence.calls == [("sub", ["U1", "U2"]), ("query", ["U3"])]  # type: ignore[attr-defined]
+    assert gw.presence.calls == [("sub", ["U1", "U2"]), ("query", ["U3"])]
     handler.handle(None, s, json.dumps({"id": 7, "type": "presence_query", "ids": ["U"] * 501}))  # type: ignore[arg-type]
     handler.handle(None, s, json.dumps({"type": "presence_sub", "ids": "U1"}))  # type: ignore[arg-type]
     assert [e["error"]["code"] for e in sock.events] == [ClientError.BAD_IDS, ClientError.BAD_IDS]
     assert sock.events[0]["reply_to"] == 7 and sock.events[1]["type"] == "error"
-    assert len(gw.presence.calls) == 2  # type: ignore[attr-defined]
+    assert len(gw.presence.calls) == 2
 
 
 async def test_a_big_push_is_written_in_slices_and_in_order() -> None:

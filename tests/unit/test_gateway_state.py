@@ -477,3 +477,56 @@ def test_exclude_user_does_not_touch_persisted_events() -> None:
     state.attach(a1, [("C1", 0)])
     state.deliver("C1", 1, ev("C1", 1), exclude_user="UA")  # ignored for events with a seq
     assert a1_sock.seqs() == [1]
+
+
+# -- held events are bounded ---------------------------------------------------------------
+
+
+def test_a_gap_holding_more_than_its_bound_is_reported_and_nothing_is_dropped_silently() -> None:
+    state = GatewayState(max_held_per_channel=3)
+    s1, sock = session()
+    state.attach(s1, [("C1", 1)])
+    assert deliver(state, "C1", 3)[0] == Fetch("C1", 1, 2)  # a gap: 3 is held
+    deliver(state, "C1", 4, 5)
+    assert state.take_overflows() == ([], [])  # 3 held: at the bound
+    deliver(state, "C1", 6)
+    assert state.take_overflows() == (["C1"], [])
+    assert state.take_overflows() == ([], [])  # reported once
+    assert sock.frames == []  # nothing skipped: the gateway ends the sessions instead (app.py)
+    assert state.position(s1) == {"C1": 1}  # where a reconnect resumes
+
+
+def test_a_held_session_past_its_bound_is_reported() -> None:
+    state = GatewayState(max_held_per_session=2)
+    s1, _ = session()
+    state.attach(s1, [("C1", 0)])
+    deliver(state, "C1", 1, 2, 3)
+    s2, sock2 = session(user="U2")
+    state.attach(s2, [("C1", 1)])  # behind the cursor: held while (1, 3] is read
+    deliver(state, "C1", 4, 5)
+    assert state.take_overflows() == ([], [])
+    deliver(state, "C1", 6)
+    assert state.take_overflows() == ([], [s2])
+    assert sock2.frames == []
+    assert state.position(s2) == {"C1": 1}
+
+
+def test_an_overflow_of_a_session_that_left_is_not_reported() -> None:
+    state = GatewayState(max_held_per_session=1)
+    s1, _ = session()
+    state.attach(s1, [("C1", 0)])
+    deliver(state, "C1", 1, 2)
+    s2, _ = session(user="U2")
+    state.attach(s2, [("C1", 0)])
+    deliver(state, "C1", 3, 4)
+    state.detach(s2)
+    assert state.take_overflows() == ([], [])
+
+
+def test_a_fill_that_leaves_a_hole_counts_what_it_holds_again() -> None:
+    state = GatewayState(max_held_per_channel=2)
+    s1, _ = session()
+    state.attach(s1, [("C1", 1)])
+    deliver(state, "C1", 9)
+    assert state.fill("C1", history("C1", 2, 3) + history("C1", 5, 7)) == Fetch("C1", 3, 4)
+    assert state.take_overflows() == (["C1"], [])  # 5, 6, 7, 9 held again: past 2

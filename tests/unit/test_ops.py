@@ -18,6 +18,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "pub": {"op": "pub", "ch": "C0A1B2C3D4E", "seq": 7, "json": b"{}", "t0": 1.5, "eid": "e7", "ctl": None},
     "sub": {"op": "sub", "gw": "gw-us-east-0", "chans": [["C1", -1], ["C2", 0], ["C3", 12]], "rv": 3},
     "unsub": {"op": "unsub", "gw": "gw-us-east-0", "chans": ["C1", "C2"]},
+    "seqs": {"op": "seqs", "gw": "gw-us-east-0", "chans": ["C1", "C2"]},
     "ev": {"op": "ev", "ch": "C1", "seq": None, "json": b'{"type":"user_typing"}', "t0": 2.0, "ctl": {"from": "U1"}},
     "moved": {"op": "moved", "chans": ["C1"], "version": 4},
     "ping": {"op": "ping"},

@@ -6,10 +6,11 @@ import base64
 import hashlib
 import hmac
 import json
+from collections import deque
 
 import pytest
 
-from services.ticket import TICKET_TTL_S, InvalidTicket, Ticket, TicketVerifier, mint
+from services.ticket import TICKET_TTL_S, InvalidTicket, NonceStore, Ticket, TicketVerifier, mint
 
 SECRET = b"s3cret-for-tests"
 NOW_S = 1_700_000_000.0
@@ -129,3 +130,67 @@ def test_correctly_signed_but_malformed_payload(payload: bytes) -> None:
     token = b64(payload) + "." + b64(hmac.new(SECRET, payload, hashlib.sha256).digest())
     with pytest.raises(InvalidTicket, match="malformed"):
         verifier().verify(token, now_s=NOW_S)
+
+
+# -- the nonce store ---------------------------------------------------------------------
+
+
+def test_nonce_store_forgets_in_expiry_order_and_only_what_is_due() -> None:
+    store = NonceStore()
+    for i in range(5):
+        assert store.add(f"n{i}", NOW_S + i)
+    store.forget_expired(NOW_S + 2.5)
+    assert [n for n in ("n0", "n1", "n2", "n3", "n4") if n in store] == ["n3", "n4"]
+    store.forget_expired(NOW_S + 100)
+    assert len(store) == 0
+
+
+def test_nonce_store_keeps_an_out_of_order_nonce_until_the_one_before_it() -> None:
+    store = NonceStore()
+    store.add("late", NOW_S + 30)
+    store.add("early", NOW_S + 10)  # a clock skew between webapps: expires before the one ahead of it
+    store.forget_expired(NOW_S + 20)
+    assert "early" in store  # kept longer than needed, which is safe: the ticket itself has expired
+    store.forget_expired(NOW_S + 31)
+    assert "early" not in store and "late" not in store
+
+
+def test_nonce_store_refuses_a_known_nonce_and_a_full_store() -> None:
+    store = NonceStore(max_nonces=2)
+    assert store.add("a", NOW_S)
+    assert not store.add("a", NOW_S + 1)
+    assert store.add("b", NOW_S)
+    assert not store.add("c", NOW_S)
+    store.forget_expired(NOW_S + 1)
+    assert store.add("c", NOW_S + 5)
+
+
+def test_a_full_verifier_refuses_until_nonces_expire() -> None:
+    v = TicketVerifier(SECRET, "gw-1", max_nonces=3)
+    for _ in range(3):
+        v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S, ttl_s=5.0), now_s=NOW_S)
+    with pytest.raises(InvalidTicket, match="too many"):
+        v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S), now_s=NOW_S)
+    assert v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S + 6), now_s=NOW_S + 6).user == "U1"
+
+
+def test_verify_touches_only_the_expired_nonces() -> None:
+    """O(1) amortized: a verify with many live nonces pops only what expired (none here)."""
+    v = verifier()
+    for _ in range(5000):
+        v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S), now_s=NOW_S)
+    popped = 0
+    original = v._used._by_expiry
+
+    class Counting(deque):  # type: ignore[type-arg]
+        def popleft(self) -> tuple[float, str]:
+            nonlocal popped
+            popped += 1
+            return super().popleft()  # type: ignore[no-any-return]
+
+    v._used._by_expiry = Counting(original)
+    for _ in range(100):
+        v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S), now_s=NOW_S + 1)
+    assert popped == 0
+    v.verify(mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S + 40), now_s=NOW_S + 40)
+    assert popped == 5100

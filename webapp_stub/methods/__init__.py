@@ -7,6 +7,9 @@ reply's fields besides ``ok``; Slack's error codes are raised as
 
 from __future__ import annotations
 
+from webapp_stub import bookmarks, pins, reminders, scheduled
 from webapp_stub.methods import auth, chat, conversations, reactions, rtm, users
 
-FAMILIES = (auth, chat, conversations, reactions, rtm, users)
+# bookmarks, pins, reminders and scheduled messages keep their store access, methods and (for
+# the last two) scheduler firers together, one module per concern (docs/scheduling.md).
+FAMILIES = (auth, chat, conversations, reactions, rtm, users, bookmarks, pins, reminders, scheduled)

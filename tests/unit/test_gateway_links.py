@@ -1,0 +1,144 @@
+"""gateway.channel_links: the asyncio layer around the subscriptions, as one unit with fake links
+and a fake webapp (tests.support.Parts, no sockets): a failed sub is sent again, reconciliation
+repairs, events pushed over a link fan out, held events past their bound end their sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.state import Session
+from gateway.subscriptions import Phase
+from services.errors import RequestTimeout, SendBufferFull
+from services.ring import RingDocument
+from tests.support import DEFAULT_WAIT_S, FakeLink, HistoryWebapp, Parts, ScriptedConn, Socket
+
+OWNER = "cs-inst-0"
+
+
+def ok_sub(message: dict[str, Any]) -> dict[str, Any]:
+    return {"op": "ok", "not_owner": [], "last": {}}
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[Parts]:
+    built = Parts()
+    built.links.follower.ring.update(RingDocument(version=1, slots={"cs-0": OWNER}))
+    built.links.links[OWNER] = FakeLink(ScriptedConn(ok_sub))  # never connected: no batches
+    yield built
+    await built.close()
+
+
+def attach(parts: Parts, sid: int, channels: list[tuple[str, int]]) -> tuple[Session, Socket]:
+    sock = Socket()
+    session = Session(sid=sid, user=f"U{sid}", team="T1", write=sock.write)
+    parts.links.apply(parts.state.attach(session, channels))
+    return session, sock
+
+
+async def until(predicate: Any, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + DEFAULT_WAIT_S
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)  # wait-ok: bounded poll of the links' tasks
+
+
+def connect(parts: Parts, answer: Any) -> ScriptedConn:
+    """The link to OWNER (re)connects: what its on_connected does, the first connect included."""
+    conn = ScriptedConn(answer)
+    parts.links.links[OWNER] = FakeLink(conn)
+    parts.links.subs.link_up(OWNER)
+    parts.links.schedule_flush(OWNER)
+    return conn
+
+
+async def test_a_timed_out_sub_is_sent_again_until_it_is_answered(parts: Parts) -> None:
+    links = parts.links
+    replies = iter([RequestTimeout("no reply"), RequestTimeout("no reply")])
+    attach(parts, 1, [("C1", 4)])
+    assert links.subs.channels["C1"].phase is Phase.PENDING  # the link has not connected yet
+    conn = connect(parts, lambda m: next(replies, None) or ok_sub(m))
+    await until(lambda: links.subs.channels["C1"].phase is Phase.CONFIRMED, "the sub to be confirmed")
+    subs = [r for r in conn.requests if r["op"] == "sub"]
+    assert len(subs) == 3 and all(r["chans"] == [["C1", 4]] for r in subs)
+    assert links.sub_retries._value.get() == 2  # type: ignore[attr-defined]
+
+
+async def test_a_sub_that_fails_in_any_way_is_still_sent_again(parts: Parts) -> None:
+    replies = iter([SendBufferFull(10, 5), RuntimeError("a bug"), {"op": "ok", "not_owner": [], "last": "not a map"}])
+    attach(parts, 1, [("C1", 4)])
+    conn = connect(parts, lambda m: next(replies, None) or ok_sub(m))
+    await until(lambda: parts.links.subs.channels["C1"].phase is Phase.CONFIRMED, "the sub to be confirmed")
+    assert sum(r["op"] == "sub" for r in conn.requests) == 4
+
+
+async def test_reconciliation_resubscribes_what_the_server_lost_and_fills_what_we_missed(parts: Parts) -> None:
+    links = parts.links
+
+    def answer(message: dict[str, Any]) -> dict[str, Any]:
+        if message["op"] == "seqs":
+            return {"op": "ok", "last": {"C1": 7, "C2": 3}, "missing": ["C2"], "not_owner": []}
+        return ok_sub(message)
+
+    last = {"C1": 7, "C2": 3}  # the webapp's history: C2 has nothing after 3
+
+    def history(body: dict[str, Any]) -> dict[str, Any]:
+        seqs = range(body["after_seq"] + 1, last[body["channel"]] + 1)
+        return {"events": [{"seq": n, "json": json.dumps({"seq": n})} for n in seqs], "has_more": False}
+
+    parts.history.webapp = HistoryWebapp(history)
+    _, sock = attach(parts, 1, [("C1", 5), ("C2", 3)])
+    conn = connect(parts, answer)
+    await until(lambda: links.subs.count(Phase.CONFIRMED) == 2, "both subs confirmed")
+    await links.reconcile(OWNER)
+    await until(lambda: sock.seqs() == [6, 7], "C1's missed events 6 and 7 from the webapp")
+    await until(lambda: sum(r["op"] == "sub" and ["C2", 3] in r["chans"] for r in conn.requests) == 2, "C2 again")
+    assert links.repairs.labels("gap")._value.get() == 1  # type: ignore[attr-defined]
+    assert links.repairs.labels("resubscribe")._value.get() == 1  # type: ignore[attr-defined]
+
+
+async def test_pushed_events_fan_out_in_order(parts: Parts) -> None:
+    conn = ScriptedConn(ok_sub)
+    _, sock1 = attach(parts, 1, [("C1", 0)])
+    _, sock2 = attach(parts, 2, [("C1", 0), ("C2", 0)])
+    for ch, n in (("C1", 1), ("C2", 1), ("C1", 2)):
+        parts.links.on_push(conn, {"op": "ev", "ch": ch, "seq": n, "json": json.dumps({"seq": n}).encode(), "t0": 1.0})  # type: ignore[arg-type]
+    assert sock1.seqs() == [1, 2] and sock2.seqs() == [1, 1, 2]
+    assert parts.links.persisted_in._value.get() == 3  # type: ignore[attr-defined]
+
+
+async def test_a_ring_change_resubscribes_at_the_new_owner(parts: Parts) -> None:
+    links = parts.links
+    attach(parts, 1, [("C1", 4)])
+    connect(parts, ok_sub)
+    await until(lambda: links.subs.channels["C1"].phase is Phase.CONFIRMED, "the sub to be confirmed")
+    new_owner = "cs-inst-1"
+    conn = ScriptedConn(ok_sub)
+    links.links[new_owner] = FakeLink(conn)  # type: ignore[assignment]
+    old = links.follower.ring.doc
+    links.follower.ring.update(RingDocument(version=2, slots={"cs-0": new_owner}))
+    links.on_ring_change(old, links.follower.ring.doc)
+    links.subs.link_up(new_owner)
+    links.schedule_flush(new_owner)
+    await until(lambda: any(r["op"] == "sub" for r in conn.requests), "the sub at the new owner")
+    assert links.resubscribes._value.get() >= 1  # type: ignore[attr-defined]
+
+
+async def test_held_events_past_the_bound_end_the_sessions(parts: Parts) -> None:
+    parts.state.max_held_per_channel = 5
+    parts.history.webapp = HistoryWebapp(lambda body: ConnectionError("slow"))
+    _, sock = attach(parts, 1, [("C1", 1)])
+    conn = ScriptedConn(ok_sub)
+    fetch = parts.state.deliver("C1", 3, b'{"seq":3}')
+    assert fetch is not None
+    for n in range(4, 10):
+        parts.links.on_push(
+            conn, {"op": "ev", "ch": "C1", "seq": n, "json": json.dumps({"seq": n}).encode(), "t0": 1.0}
+        )  # type: ignore[arg-type]
+    await until(lambda: parts.ended, "the session ended")
+    assert parts.ended == [(1, "held_overflow")] and sock.frames == []
+    assert parts.history.sessions_ended.labels("held_overflow")._value.get() == 1  # type: ignore[attr-defined]

@@ -1,0 +1,210 @@
+"""webapp_stub.scheduler: fair order, the bounded rate, exactly-once firing — fake clock, no sockets."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.metrics import ServiceMetrics
+from tests.support import FakeClock
+from webapp_stub.scheduler import (
+    DueItem,
+    DueQueue,
+    FirerRegistry,
+    Scheduler,
+    add_due,
+    cancel_due,
+    fair_order,
+    fire_batch,
+)
+from webapp_stub.seed import seed_demo
+from webapp_stub.store import ApiError, Event, Store
+
+T0 = 1_700_000_000.0
+
+
+def item(iid: str, team: str = "T1", lane: str = "C1", due_at: float = T0) -> DueItem:
+    return DueItem(iid, "test", team, lane, due_at)
+
+
+# -- fair order ----------------------------------------------------------------------------------
+
+
+def test_same_second_round_robins_across_teams_then_lanes() -> None:
+    # team T1 has a busy channel (4 items) and a quiet one; T2 has one item
+    items = [item(f"a{i}", "T1", "C-busy", T0 + i * 0.01) for i in range(4)]
+    items += [item("q", "T1", "C-quiet", T0 + 0.5), item("t2", "T2", "C-other", T0 + 0.9)]
+    order = [i.id for i in fair_order(items)]
+    # T1 and T2 alternate; within T1 its lanes alternate; each lane keeps its own due order
+    assert order == ["a0", "t2", "q", "a1", "a2", "a3"]
+
+
+def test_earlier_seconds_fire_first() -> None:
+    late = [item(f"x{i}", "T1", f"C{i}", T0 + 1) for i in range(3)]
+    early = item("early", "T9", "C9", T0 + 0.99)
+    assert [i.id for i in fair_order([*late, early])][0] == "early"
+
+
+def test_fair_order_keeps_every_item_once() -> None:
+    items = [item(f"i{n}", f"T{n % 3}", f"C{n % 7}", T0 + (n % 5) * 0.3) for n in range(200)]
+    ordered = fair_order(items)
+    assert sorted(i.id for i in ordered) == sorted(i.id for i in items)
+    # due seconds never go backwards
+    seconds = [math.floor(i.due_at) for i in ordered]
+    assert seconds == sorted(seconds)
+
+
+# -- the bounded rate --------------------------------------------------------------------------------
+
+
+def test_queue_hands_out_at_most_a_batch_then_the_rate() -> None:
+    clock = FakeClock(T0)
+    queue = DueQueue(rate_per_s=100.0, batch_max=10)
+    assert queue.add(item(f"i{n}", lane=f"C{n}") for n in range(100)) == 100
+    assert len(queue.take(clock())) == 10  # the burst is one batch
+    assert queue.take(clock()) == []  # bucket empty
+    assert queue.wait_s(clock()) == pytest.approx(0.01)
+    clock.advance(0.05)
+    assert len(queue.take(clock())) == 5  # 100/s for 50 ms
+    clock.advance(10.0)
+    assert len(queue.take(clock())) == 10  # never more than a batch, however long it waited
+    taken = 25
+    for _ in range(100):
+        if not len(queue):
+            break
+        clock.advance(0.1)
+        taken += len(queue.take(clock()))
+    assert taken == 100 and queue.wait_s(clock()) == math.inf
+
+
+def test_queue_ignores_ids_it_already_holds() -> None:
+    queue = DueQueue(rate_per_s=10.0, batch_max=5)
+    assert queue.add([item("a"), item("b")]) == 2
+    assert queue.add([item("a"), item("c")]) == 1
+    assert len(queue) == 3 and "a" in queue
+
+
+def test_queue_refuses_a_rate_or_batch_of_zero() -> None:
+    with pytest.raises(ValueError):
+        DueQueue(rate_per_s=0.0, batch_max=1)
+    with pytest.raises(ValueError):
+        DueQueue(rate_per_s=1.0, batch_max=0)
+
+
+# -- firing, exactly once ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(str(tmp_path), clock=FakeClock(T0))
+    seed_demo(s, users=3, channels=2, bots=0)
+    yield s
+    s.close()
+
+
+def firers_posting_to(store: Store, fail: set[str] | None = None) -> FirerRegistry:
+    """A firer that appends one event on its lane (as a kind's firer would), or fails."""
+    firers = FirerRegistry()
+
+    def fire(s: Store, iid: str, now: float) -> list[Event]:
+        s._append_event("LANE", {"type": "fired", "id": iid})
+        if fail and iid in fail:
+            raise ApiError("not_in_channel")
+        return [s._append_event("LANE", {"type": "fired-again", "id": iid})]
+
+    firers.register("test", fire)
+    return firers
+
+
+def test_fire_batch_claims_each_item_once_and_isolates_failures(store: Store) -> None:
+    with store.transaction():
+        for iid in ("a", "b", "c"):
+            add_due(store, item(iid))
+    firers = firers_posting_to(store, fail={"b"})
+    fired = fire_batch(store, firers, [item("a"), item("b"), item("c")], T0)
+    assert [(i.id, outcome) for i, outcome in fired.outcomes] == [
+        ("a", "posted"),
+        ("b", "failed:not_in_channel"),
+        ("c", "posted"),
+    ]
+    # b's own writes were undone with its savepoint: LANE holds a's and c's two events each
+    events, _ = store.events_after("LANE", 0)
+    assert [e.seq for e in events] == [1, 2, 3, 4] and [e.seq for e in fired.events] == [2, 4]
+    states = dict(store.conn.execute("SELECT id, state FROM due_items").fetchall())
+    assert states == {"a": "fired", "b": "failed", "c": "fired"}
+    # firing again does nothing: nothing is pending any more
+    again = fire_batch(store, firers, [item("a"), item("c")], T0 + 1)
+    assert [o for _, o in again.outcomes] == ["gone", "gone"] and again.events == []
+
+
+def test_a_batch_that_dies_before_commit_leaves_everything_pending(store: Store) -> None:
+    with store.transaction():
+        add_due(store, item("a"))
+    firers = FirerRegistry()
+
+    def crash(s: Store, iid: str, now: float) -> list[Event]:
+        s._append_event("LANE", {"type": "x"})
+        raise KeyboardInterrupt  # the process dies mid-transaction: nothing of it commits
+
+    firers.register("test", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fire_batch(store, firers, [item("a")], T0)
+    assert store.conn.execute("SELECT state FROM due_items").fetchone()[0] == "pending"
+    assert store.last_seq("LANE") == 0
+
+
+def test_cancel_only_touches_pending_items(store: Store) -> None:
+    with store.transaction():
+        add_due(store, item("a"))
+        add_due(store, item("b"))
+    fire_batch(store, firers_posting_to(store), [item("a")], T0)
+    with store.transaction():
+        assert cancel_due(store, "a") is False and cancel_due(store, "b") is True
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, events: list[Event]) -> None:
+        self.events += events
+
+
+def metric(metrics: ServiceMetrics, name: str, **labels: Any) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_scheduler_fires_on_time_at_its_rate_and_counts_late_items(store: Store) -> None:
+    clock = FakeClock(T0)
+    with store.transaction():
+        add_due(store, item("missed", due_at=T0 - 60))  # due while the webapp was down
+        for n in range(30):
+            add_due(store, item(f"i{n}", lane=f"C{n % 3}", due_at=T0 + 10))
+    published = Recorder()
+    metrics = ServiceMetrics("webapp", "test")
+    scheduler = Scheduler(
+        store, published, metrics, firers=firers_posting_to(store), rate_per_s=10.0, batch_max=5, clock=clock
+    )
+    assert scheduler.step() == 0.0  # fired the missed one at once
+    assert [e.json for e in published.events] == ['{"type":"fired-again","id":"missed"}']
+    assert metric(metrics, "rtm_scheduler_fired_total", kind="test", outcome="posted", late="true") == 1
+    wait = scheduler.step()
+    assert wait == 1.0  # the next is 10 s away: the loop looks again within MAX_IDLE_WAIT_S
+    clock.advance(9.5)
+    assert scheduler.step() == pytest.approx(0.5)  # wakes exactly at the due time
+    clock.advance(0.5)
+    scheduler.step()
+    assert len(published.events) == 1 + 5  # one batch
+    for _ in range(100):
+        if len(published.events) == 31:
+            break
+        clock.advance(max(scheduler.step(), 0.01))
+    assert len(published.events) == 31
+    assert clock() - (T0 + 10) == pytest.approx(2.5, abs=0.05)  # 25 more at 10/s after the first batch
+    assert metric(metrics, "rtm_scheduler_fired_total", kind="test", outcome="posted", late="false") == 30
+    assert metric(metrics, "rtm_scheduler_late_seconds_count", kind="test") == 31
