@@ -6,8 +6,15 @@ refreshes the ring and retries, with backoff, for at most
 ``--route-budget-s`` seconds; after that it answers ``unavailable`` and the
 webapp's ordered hand-off retries. Forwarding keeps arrival order: a request
 is written to the owner's connection before the next one is read, and while
-one publish for a slot is retrying (the slot is failing over), later ones for
-that slot queue behind it instead of racing it to the new owner.
+one publish for a slot is retrying (the slot is failing over), the others of
+that slot queue behind it, in order, instead of racing it to the new owner.
+
+The common case has no task per publish (issue 17, docs/publish-path.md):
+when the owner is known, its link is up and no publish of the slot is on the
+slow path, :meth:`AdminServer.forward_now` writes the publish at once and the
+webapp is answered from the reply's callback. Both sides' connections are
+corked, so the publishes of one read leave in one write per channel server
+and their ``ok``s in one write back to the webapp.
 
 Every ``pub`` is parsed into :class:`services.ops.Publish` first (a bad one
 is answered ``err bad_request`` and counted, and forwards nothing). At most
