@@ -33,6 +33,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from services import ops, wire
+from services.authz import Authorizer
 from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLimits, PeerLink, backoff_delays, serve
 from services.directory import RingFollower, ServiceDirectory
@@ -46,9 +47,11 @@ from services.errors import (
     RequestTimeout,
     SendBufferFull,
 )
+from services.identity import CHANNEL_SERVER
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import RingDocument
+from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.admin_server")
 
@@ -78,6 +81,8 @@ class AdminServer:
         self.slow_slots: dict[str, int] = {}
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.trust = trust_from_args(args, SERVICE)
+        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
         self.retries = m.counter("rtm_as_forward_retries_total", "Forward attempts retried", ["reason"])
@@ -96,7 +101,13 @@ class AdminServer:
 
     async def start(self) -> dict[str, Any]:
         args = self.args
-        self.server = await serve(args.host, args.port, self.make_connection)
+        self.server = await serve(
+            args.host,
+            args.port,
+            self.make_connection,
+            trust=self.trust,
+            on_refused=lambda *_: self.metrics.error("auth"),
+        )
         port = int(self.server.sockets[0].getsockname()[1])
         metrics_port, self._stop_metrics = await start_metrics_server(
             args.host, args.metrics_port, self.metrics, self.health
@@ -139,6 +150,8 @@ class AdminServer:
                 f"{self.instance_id}->{cs_id}",
                 address=lambda: self.channel_servers.address(cs_id),
                 factory=lambda: PeerConnection(name=f"{self.instance_id}->{cs_id}", coalesce_writes=True),
+                trust=self.trust,
+                expect=CHANNEL_SERVER,
             )
             link.start()
             self.links[cs_id] = link
@@ -160,6 +173,9 @@ class AdminServer:
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         request_id = ops.request_id(msg)
         op = msg["op"]
+        refusal = self.authz.check(conn.identity, msg)  # services/authz.py: the sender's role may send this?
+        if refusal is not None:
+            return self.authz.refuse(refusal, request_id)
         if op == "ping":
             return wire.reply_ok(request_id, version=self.follower.ring.version)
         if op != "pub":

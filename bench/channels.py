@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from bench.harness import (
@@ -92,6 +95,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     token = new_token()
     env = {**rtm_env(), ACL_TOKEN_ENV: token, CONSUL_TOKEN_ENV: token}
     consul = start("consul-dev", rtm_argv("consul-dev", "--host", "127.0.0.1", "--port", str(base)), env=env)
+    from services.certs import FleetCertificates
+    from services.identity import PeerIdentity
+    from services.tls import WireTrust
+
+    certs = FleetCertificates(Path(tempfile.mkdtemp(prefix="rtm-bench-tls-")))
+    cs_paths = certs.ensure("cs", PeerIdentity("channel-server", CS_ID))
+    gw_paths = certs.ensure("gw", PeerIdentity("gateway", GW_ID))
+    gw_trust = WireTrust.load(gw_paths.ca, gw_paths.cert, gw_paths.key)
     try:
         ring = RingDocument(version=1, slots={"cs-0": CS_ID})
         http_json(f"http://{consul_addr}/v1/kv/{CHANNEL_RING_KEY}?token={token}", "PUT", ring.to_json())
@@ -111,11 +122,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "0",
                 "--consul",
                 consul_addr,
+                "--tls-ca",
+                str(cs_paths.ca),
+                "--tls-cert",
+                str(cs_paths.cert),
+                "--tls-key",
+                str(cs_paths.key),
             ),
             env=env,
         )
         try:
-            result["points"] = await measure(args, cs.pid, base + 1, base + 2, PeerConnection, connect)
+            dial = functools.partial(connect, trust=gw_trust)
+            result["points"] = await measure(args, cs.pid, base + 1, base + 2, PeerConnection, dial)
             result["cs_ready"] = cs.ready
         finally:
             cs.stop()

@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="py-spy a gateway in two extra steps (auto: only if a goal is missed); "
         "all: also the admin server, a channel server and the webapp",
     )
+    p.add_argument(
+        "--wire-tls", choices=["on", "off"], default="on", help="rtm up --wire-tls (off: to measure what TLS costs)"
+    )
     p.add_argument("--quick", action="store_true", help="short smoke run (200 clients, 2 short steps each)")
     args = p.parse_args(argv)
     if args.quick:
@@ -436,7 +439,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = {k: v for k, v in vars(args).items() if k not in ("small", "big")}
     result["config"] = cfg
     print(f"fanout: starting the fleet with {args.clients} seeded users ...", flush=True)
-    with FleetRun("--seed-users", str(args.clients)) as fleet:
+    with FleetRun("--seed-users", str(args.clients), "--wire-tls", args.wire_tls) as fleet:
         result["fleet_startup_s"] = fleet.startup_s
         async with LoadClients(args.client_procs) as lc:
             bench = Bench(args, fleet, lc)

@@ -196,6 +196,17 @@ class FleetRun:
             return self.args[self.args.index(name) + 1]
         return default
 
+    def trust(self, service: str, instance: str) -> Any:
+        """Credentials from this fleet's CA (DATA_DIR/tls) for a benchmark that dials servers directly."""
+        from services.certs import FleetCertificates
+        from services.identity import PeerIdentity
+        from services.tls import WireTrust
+
+        if self._flag("--wire-tls", "on") == "off":
+            return WireTrust.off()
+        paths = FleetCertificates(self.data_dir / "tls").ensure(f"bench-{instance}", PeerIdentity(service, instance))
+        return WireTrust.load(paths.ca, paths.cert, paths.key)
+
     @property
     def api_url(self) -> str:
         return str(self.info["api_url"])

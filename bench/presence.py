@@ -288,8 +288,15 @@ async def ps_throughput(args: argparse.Namespace, fleet: FleetRun) -> dict[str, 
                     done.set()
 
         gw_w, gw_r = f"bench-watch-{owner}", f"bench-report-{owner}"
-        watch = await connect(proc["host"], proc["port"], lambda: PeerConnection(name="bench-watch", on_push=on_push))
-        report = await connect(proc["host"], proc["port"], lambda: PeerConnection(name="bench-report"))
+        watch = await connect(
+            proc["host"],
+            proc["port"],
+            lambda: PeerConnection(name="bench-watch", on_push=on_push),
+            trust=fleet.trust("gateway", gw_w),
+        )
+        report = await connect(
+            proc["host"], proc["port"], lambda: PeerConnection(name="bench-report"), trust=fleet.trust("gateway", gw_r)
+        )
         await watch.request({"op": "lease", "gw": gw_w, "epoch": 1})
         await report.request({"op": "lease", "gw": gw_r, "epoch": 1})
         for i in range(0, len(mine), PS_BATCH):

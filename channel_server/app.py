@@ -35,6 +35,7 @@ from typing import Any
 
 from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
 from services import debug_faults, ops, wire
+from services.authz import Authorizer
 from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery
@@ -43,6 +44,7 @@ from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, 
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, RingDocument
 from services.slot_owner import SlotOwner
+from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.channel_server")
 
@@ -71,6 +73,8 @@ class ChannelServer:
         self.follower = self.slots.follower
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.trust = trust_from_args(args, SERVICE)
+        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
         self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
@@ -117,7 +121,13 @@ class ChannelServer:
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         args = self.args
-        self.server = await serve(args.host, args.port, self.make_connection)
+        self.server = await serve(
+            args.host,
+            args.port,
+            self.make_connection,
+            trust=self.trust,
+            on_refused=lambda *_: self.metrics.error("auth"),
+        )
         self.port = int(self.server.sockets[0].getsockname()[1])
         self.metrics_port, self._stop_metrics = await start_metrics_server(
             args.host,
@@ -186,6 +196,9 @@ class ChannelServer:
         if msg["op"] not in SERVED_OPS:
             self.metrics.error("unknown_op")
             return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(msg['op'])[:40]!r}")
+        refusal = self.authz.check(conn.identity, msg)  # services/authz.py: the sender's role may send this?
+        if refusal is not None:
+            return self.authz.refuse(refusal, request_id)  # type: ignore[return-value]
         record = ops.parse(msg, SERVED_OPS[msg["op"]])
         if isinstance(record, ops.Publish):
             return self.handle_pub(request_id, record)

@@ -27,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from typing import Any
 
 from charm import state
 from services import ops, wire
+from services.authz import Authorizer
 from services.config import Parser, advertised, service_parser
 from services.connection import KEEPALIVE_FRAME, KEEPALIVE_INTERVAL_S, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery, Instance
@@ -39,6 +41,7 @@ from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 from services.ring import CHARM_LEADER_KEY as LEADER_KEY
+from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.charm")
 
@@ -205,14 +208,27 @@ class RingManager:
                 inst = by_id[owner]
                 self.probes[owner] = asyncio.create_task(self.probe(owner, inst.address, inst.port))
 
+    async def dial(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a probe connection: mutual TLS as this CHARM (the owner's server refuses anything else).
+
+        A failed TLS handshake raises :class:`ssl.SSLError`; the process answered,
+        so the probe counts it as alive (a certificate problem is not a death)."""
+        trust = self.charm.trust
+        tls: dict[str, Any] = (
+            {"ssl": trust.client, "ssl_handshake_timeout": trust.handshake_timeout_s} if trust.enabled else {}
+        )
+        return await asyncio.wait_for(asyncio.open_connection(host, port, **tls), PROBE_CONNECT_TIMEOUT_S)
+
     async def probe(self, owner: str, host: str, port: int) -> None:
-        """Hold a TCP connection to ``owner``; when it closes and the port refuses, it is dead."""
+        """Hold a TCP (TLS) connection to ``owner``; when it closes and the port refuses, it is dead."""
         try:
             while True:
                 try:
-                    reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S
-                    )
+                    reader, writer = await self.dial(host, port)
+                except ssl.SSLError as exc:
+                    log.warning("%s owner %s at %s:%s refused our probe's TLS: %s", self.name, owner, host, port, exc)
+                    await asyncio.sleep(PROBE_RETRY_DELAY_S * 10)
+                    continue
                 except (TimeoutError, OSError):
                     refused = 1
                 else:
@@ -222,7 +238,9 @@ class RingManager:
                 while refused < PROBE_CONFIRM_ATTEMPTS:
                     await asyncio.sleep(PROBE_RETRY_DELAY_S)
                     try:
-                        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S)
+                        _, writer = await self.dial(host, port)
+                    except ssl.SSLError:
+                        break  # it answered: alive
                     except (TimeoutError, OSError):
                         refused += 1
                         continue
@@ -246,6 +264,8 @@ class RingManager:
                 data = await asyncio.wait_for(reader.read(64 * 1024), max(0.0, next_ping - loop.time()))
             except TimeoutError:
                 data = None
+            except OSError:  # reset (or a TLS error) by the peer: it is gone, like a close
+                return
             if data == b"":
                 return
             if loop.time() >= next_ping:
@@ -256,7 +276,7 @@ class RingManager:
         """A process marked dead is registered and healthy again: if it accepts
         connections it was restarted, and may serve as a spare."""
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_CONNECT_TIMEOUT_S)
+            _, writer = await self.dial(host, port)
         except (TimeoutError, OSError):
             return
         writer.close()
@@ -295,6 +315,8 @@ class Charm:
         self.leader_info: dict[str, Any] = {}
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.trust = trust_from_args(args, SERVICE)
+        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.is_leader = m.gauge("rtm_charm_is_leader", "1 while this CHARM leads")
         self.failovers = m.counter(
             "rtm_charm_failovers_total", "Slots moved to a spare because their owner died", ["ring"]
@@ -317,7 +339,13 @@ class Charm:
 
     async def start(self) -> dict[str, Any]:
         args = self.args
-        self.server = await serve(args.host, args.port, self.make_connection)
+        self.server = await serve(
+            args.host,
+            args.port,
+            self.make_connection,
+            trust=self.trust,
+            on_refused=lambda *_: self.metrics.error("auth"),
+        )
         self.port = int(self.server.sockets[0].getsockname()[1])
         metrics_port, self._stop_metrics = await start_metrics_server(
             args.host, args.metrics_port, self.metrics, self.health
@@ -443,6 +471,9 @@ class Charm:
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         request_id = ops.request_id(msg)
         op = msg["op"]
+        refusal = self.authz.check(conn.identity, msg)  # services/authz.py: only the operator changes rings
+        if refusal is not None:
+            return self.authz.refuse(refusal, request_id)
         if op == "ping":
             return wire.reply_ok(request_id, leader=self.leading)
         if op not in ("ring_add_slot", "ring_remove_slot"):

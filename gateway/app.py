@@ -60,6 +60,7 @@ from services.keys import FleetKeys
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ticket import TicketVerifier
+from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.gateway")
 
@@ -79,9 +80,9 @@ class Gateway:
         self.clock = time.monotonic  # subscription retries and gap budgets
         self.discovery = Discovery(args.consul, args.consul_token)
         keys = FleetKeys.from_secret(args.secret.encode())  # one key per job (services/keys.py)
-        self.webapp = WebappClient(
-            ServiceDirectory(self.discovery, WEBAPP), keys.internal_http_credential, args.webapp_url
-        )
+        # The webapp's /internal/ endpoints and every channel/presence link: mutual TLS as this gateway.
+        self.trust = trust_from_args(args, SERVICE)
+        self.webapp = WebappClient(ServiceDirectory(self.discovery, WEBAPP), self.trust, args.webapp_url)
         self.sockets: dict[int, ClientConnection] = {}
         self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -113,6 +114,7 @@ class Gateway:
             spawn=self.spawn,
             clock=self.clock,
             reconcile_interval_s=args.reconcile_interval_s,
+            trust=self.trust,
         )
         self.region_drain = RegionDrain(self, args.region, args.drain_rate_per_s)
         self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
@@ -265,7 +267,7 @@ def build_parser() -> Parser:
     parser.add("--region", "us-east", "region tag of this gateway")
     parser.add("--secret", "", "secret shared with the webapp (tickets, internal endpoints)")
     parser.add("--data-dir", "./.rtm", "where to find the shared secret when --secret is not given")
-    parser.add("--webapp-url", "", "webapp base URL (default: discovered in Consul)")
+    parser.add("--webapp-url", "", "base URL of the webapp's internal listener (default: discovered in Consul)")
     parser.add(
         "--public-url",
         "",

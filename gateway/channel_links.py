@@ -35,6 +35,7 @@ from services.errors import ConnectionLost, ErrorCode, NotOwner, PeerError, Requ
 from services.identity import CHANNEL_SERVER
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.ring import RingDocument
+from services.tls import WireTrust
 
 log = logging.getLogger("rtm.gateway")
 
@@ -62,8 +63,10 @@ class ChannelLinks:
         spawn: Spawn,
         clock: Callable[[], float],
         reconcile_interval_s: float,
+        trust: WireTrust,
     ) -> None:
         self.instance_id = instance_id
+        self.trust = trust  # every link dials with mutual TLS as this gateway (docs/trust.md)
         self.state = state
         self.history = history
         self.metrics = metrics
@@ -324,6 +327,8 @@ class ChannelLinks:
                 ),
                 on_connected=connected,
                 on_disconnected=disconnected,
+                trust=self.trust,
+                expect=CHANNEL_SERVER,
             )
             self.links[owner] = link
             link.start()

@@ -54,6 +54,7 @@ from services.errors import ConnectionLost, PeerError, RequestTimeout, SendBuffe
 from services.metrics import ServiceMetrics
 from services.ops import NotOwnerUsers, PresenceChanges, parse
 from services.ring import PRESENCE_RING_KEY, RingDocument
+from services.tls import WireTrust
 
 log = logging.getLogger("rtm.gateway.presence")
 
@@ -101,6 +102,9 @@ class PresenceGateway(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    @property
+    def trust(self) -> WireTrust: ...
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
@@ -377,6 +381,8 @@ class GatewayPresence:
                     on_bad_message=lambda conn, exc, was_request: self.gw.metrics.error("bad_push"),
                 ),
                 on_connected=on_connected,
+                trust=self.gw.trust,
+                expect=PRESENCE_SERVICE,
             )
             link.start()
             self.links[owner] = link

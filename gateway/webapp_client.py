@@ -8,30 +8,43 @@ import aiohttp
 
 from services.directory import ServiceDirectory
 from services.errors import ConnectionLost, PeerError
+from services.tls import WireTrust
 
 WEBAPP_TIMEOUT_S = 5.0
 
 
 class WebappClient:
-    """The webapp's internal endpoints: bootstrap and history."""
+    """The webapp's internal endpoints: bootstrap and history.
 
-    def __init__(self, directory: ServiceDirectory, secret: str, fixed_url: str = "") -> None:
+    They are on the webapp's internal listener (Consul meta ``internal_port``),
+    which admits only fleet certificates of role gateway: the client presents
+    this gateway's certificate (mutual TLS, docs/trust.md).
+    """
+
+    def __init__(self, directory: ServiceDirectory, trust: WireTrust, fixed_url: str = "") -> None:
         self.directory = directory
-        self.secret = secret
+        self.trust = trust
         self.fixed_url = fixed_url.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
 
     def base_url(self) -> str:
         if self.fixed_url:
             return self.fixed_url
+        scheme = "https" if self.trust.enabled else "http"
         for inst in self.directory.instances.values():
-            return f"http://{inst.address}:{inst.port}"
-        raise ConnectionLost("no healthy webapp in Consul")
+            internal_port = inst.meta.get("internal_port")
+            if internal_port:
+                return f"{scheme}://{inst.address}:{internal_port}"
+        raise ConnectionLost("no healthy webapp with an internal_port in Consul")
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if self.session is None:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBAPP_TIMEOUT_S))
-        async with self.session.post(self.base_url() + path, json=body, headers={"X-Rtm-Secret": self.secret}) as resp:
+            client_tls = self.trust.client
+            connector = aiohttp.TCPConnector(ssl=client_tls) if client_tls is not None else None
+            self.session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=WEBAPP_TIMEOUT_S)
+            )
+        async with self.session.post(self.base_url() + path, json=body) as resp:
             reply: dict[str, Any] = await resp.json(content_type=None)
         if not reply.get("ok"):
             raise PeerError(str(reply.get("error", "webapp_error")), reply)

@@ -51,6 +51,7 @@ from typing import Any
 
 from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
 from services import debug_faults, ops, wire
+from services.authz import Authorizer
 from services.config import Parser, advertised, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, PeerLimits, serve
 from services.discovery import Discovery
@@ -59,6 +60,7 @@ from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
 from services.slot_owner import SlotOwner
+from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.presence")
 
@@ -112,6 +114,8 @@ class PresenceServer:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
+        self.trust = trust_from_args(args, SERVICE)
+        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.updates_in = m.counter("rtm_ps_updates_in_total", "Presence reports received, by kind", ["kind"])
         self.updates_out = m.counter("rtm_ps_updates_out_total", "Presence entries pushed to gateways")
@@ -156,7 +160,13 @@ class PresenceServer:
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         args = self.args
-        self.server = await serve(args.host, args.port, self.make_connection)
+        self.server = await serve(
+            args.host,
+            args.port,
+            self.make_connection,
+            trust=self.trust,
+            on_refused=lambda *_: self.metrics.error("auth"),
+        )
         self.port = int(self.server.sockets[0].getsockname()[1])
         self.metrics_port, self._stop_metrics = await start_metrics_server(
             args.host,
@@ -305,6 +315,10 @@ class PresenceServer:
             self.metrics.error("unknown_op")
             log.debug("ignoring push %s from %s", str(msg["op"])[:40], conn.peer)
             return
+        refusal = self.authz.check(conn.identity, msg)  # services/authz.py: the sender's role may send this?
+        if refusal is not None:
+            self.authz.refuse(refusal, None)
+            return
         record = ops.parse(msg, PUSHES_SERVED)
         before = self.table.stats.changes
         if isinstance(record, ops.Online | ops.PresenceSubscribe):
@@ -348,6 +362,9 @@ class PresenceServer:
         if cls is None:
             self.metrics.error("unknown_op")
             return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(msg['op'])[:40]!r}")
+        refusal = self.authz.check(conn.identity, msg)  # services/authz.py: the sender's role may send this?
+        if refusal is not None:
+            return self.authz.refuse(refusal, request_id)
         record = ops.parse(msg, cls)  # BadMessage: the connection answers bad_request and counts it
         if isinstance(record, ops.Lease):
             return self.handle_lease(conn, request_id, record)

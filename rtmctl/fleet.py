@@ -25,6 +25,14 @@ management token: the agent enforces ACLs with default deny and every child
 sends the token), ``operator-token`` (what ``--debug-faults`` endpoints
 require) and ``seed.json`` (user tokens). Children get them through the
 environment, never on their command line.
+
+Trust (docs/trust.md): on first start ``DATA_DIR/tls/`` gets the fleet CA and
+one certificate and key per process (named by its place in the plan, e.g.
+``channel-server-0``, its instance id inside), plus ``operator`` for the
+``rtm`` commands that talk to CHARM; every file 0600. A restart reuses them,
+and with them the instance ids. Every process gets ``--tls-ca``,
+``--tls-cert`` and ``--tls-key``; ``--wire-tls off`` exists for measurement
+only and is never chosen unless given.
 """
 
 from __future__ import annotations
@@ -45,10 +53,12 @@ from typing import Any
 
 from consul_dev.app import ACL_TOKEN_ENV
 from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
-from services import regions
+from services import regions, tls
+from services.certs import CertPaths, FleetCertificates
 from services.config import CONSUL_TOKEN_ENV, Parser, consul_token_default, split_host_port
 from services.discovery import sync_client
 from services.errors import BadDocument
+from services.identity import OPERATOR, PeerIdentity
 from services.process import announce_ready
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 from services.secret_file import ensure_private_dir, ensure_secret_file
@@ -67,6 +77,25 @@ SEED_USERS = 5
 SEED_CHANNELS = 2
 SEED_BOTS = 1
 SEED_TIMEOUT_S = 120.0  # `rtm seed` of the default team takes well under a second
+TLS_DIR = "tls"
+OPERATOR_CERT = "operator"  # DATA_DIR/tls/operator.{crt,key}: the `rtm` commands' identity towards CHARM
+OPERATOR_INSTANCE = "rtm-cli"
+
+
+def tls_flags(paths: CertPaths) -> list[str]:
+    return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
+
+
+def credentials(certs: FleetCertificates | None, name: str, service: str, make_id: str) -> tuple[str, list[str]]:
+    """The instance id of the process at ``name`` in the plan and its TLS flags.
+
+    The id is the one in its stored certificate (a restart is the same process),
+    else ``make_id``; without ``certs`` (``--wire-tls off``) there are no flags."""
+    if certs is None:
+        return make_id, ["--wire-tls", tls.WIRE_TLS_OFF]
+    known = certs.existing_identity(name)
+    iid = known.instance if known is not None and known.service == service else make_id
+    return iid, tls_flags(certs.ensure(name, PeerIdentity(service, iid)))
 
 
 @dataclass
@@ -80,11 +109,14 @@ class ProcessSpec:
     restarts: list[float] = field(default_factory=list)
 
 
-def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[ProcessSpec]:
-    """The processes of the fleet with their ports: base+0 Consul, +1 webapp,
+def plan(
+    args: argparse.Namespace, data_dir: Path, consul_addr: str, certs: FleetCertificates | None = None
+) -> list[ProcessSpec]:
+    """The processes of the fleet with their ports: base+0 Consul, +1 webapp (+2 its internal port),
     +10.. admin servers, +20.. channel servers (actives, then spares), +30..
     CHARMs, +40.. gateways, +50.. presence servers (actives, then spares); each
-    process's metrics port is its port + 100."""
+    process's metrics port is its port + 100. ``certs`` issues each its
+    certificate (None: ``--wire-tls off``)."""
     base = args.port_base
     host = args.host
     common = ["--host", host, "--consul", consul_addr]
@@ -92,7 +124,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
     for i in range(args.channel_servers + args.spares):
         port = base + 20 + i
         role = "active" if i < args.channel_servers else "spare"
-        iid = f"cs-{uuid.uuid4().hex[:6]}"
+        iid, creds = credentials(certs, f"channel-server-{i}", "channel-server", f"cs-{uuid.uuid4().hex[:6]}")
         specs.append(
             ProcessSpec(
                 iid,
@@ -100,6 +132,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                 rtm_argv(
                     "channel-server",
                     *common,
+                    *creds,
                     "--port",
                     str(port),
                     "--metrics-port",
@@ -120,7 +153,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
     for i in range(args.presence_servers + args.presence_spares):
         port = base + 50 + i
         role = "active" if i < args.presence_servers else "spare"
-        iid = f"ps-{uuid.uuid4().hex[:6]}"
+        iid, creds = credentials(certs, f"presence-{i}", "presence", f"ps-{uuid.uuid4().hex[:6]}")
         specs.append(
             ProcessSpec(
                 iid,
@@ -128,6 +161,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                 rtm_argv(
                     "presence",
                     *common,
+                    *creds,
                     "--port",
                     str(port),
                     "--metrics-port",
@@ -145,7 +179,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
         )
     for i in range(args.charms):
         port = base + 30 + i
-        iid = f"charm-{i}"
+        iid, creds = credentials(certs, f"charm-{i}", "charm", f"charm-{i}")
         specs.append(
             ProcessSpec(
                 iid,
@@ -153,6 +187,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                 rtm_argv(
                     "charm",
                     *common,
+                    *creds,
                     "--port",
                     str(port),
                     "--metrics-port",
@@ -169,7 +204,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
         )
     for i in range(args.admin_servers):
         port = base + 10 + i
-        iid = f"as-{i}"
+        iid, creds = credentials(certs, f"admin-server-{i}", "admin-server", f"as-{i}")
         specs.append(
             ProcessSpec(
                 iid,
@@ -177,6 +212,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                 rtm_argv(
                     "admin-server",
                     *common,
+                    *creds,
                     "--port",
                     str(port),
                     "--metrics-port",
@@ -189,6 +225,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
         )
     port = base + 1
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    iid, creds = credentials(certs, "webapp-0", "webapp", "webapp-0")
     specs.append(
         ProcessSpec(
             "webapp",
@@ -196,10 +233,13 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
             rtm_argv(
                 "webapp",
                 *common,
+                *creds,
                 "--port",
                 str(port),
+                "--internal-port",
+                str(base + 2),
                 "--instance-id",
-                "webapp-0",
+                iid,
                 "--data-dir",
                 str(data_dir),
                 "--region",
@@ -212,7 +252,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
     for region in regions:
         for j in range(args.gateways_per_region):
             port = base + 40 + n
-            iid = f"gw-{region}-{j}"
+            iid, creds = credentials(certs, f"gw-{region}-{j}", "gateway", f"gw-{region}-{j}")
             specs.append(
                 ProcessSpec(
                     iid,
@@ -220,6 +260,7 @@ def plan(args: argparse.Namespace, data_dir: Path, consul_addr: str) -> list[Pro
                     rtm_argv(
                         "gateway",
                         *common,
+                        *creds,
                         "--port",
                         str(port),
                         "--metrics-port",
@@ -304,7 +345,7 @@ class Fleet:
         write_region_map(
             self.consul_addr, [r.strip() for r in self.args.regions.split(",") if r.strip()], self.consul_token
         )
-        specs = plan(self.args, self.data_dir, self.consul_addr)
+        specs = plan(self.args, self.data_dir, self.consul_addr, self.certificates())
         for spec in specs:
             self.specs[spec.name] = spec
         order = ["channel-server", "presence", "charm", "admin-server", "webapp", "gateway"]
@@ -319,6 +360,16 @@ class Fleet:
                             self.consul_addr, self.args.ready_timeout_s, PRESENCE_RING_KEY, token=self.consul_token
                         )
         self.write_fleet_json()
+
+    def certificates(self) -> FleetCertificates | None:
+        """The fleet CA and the operator's certificate (each process's is made by :func:`plan`)."""
+        if self.args.wire_tls == tls.WIRE_TLS_OFF:
+            print("rtm up: --wire-tls off: the internal wire is PLAINTEXT and unauthenticated", file=sys.stderr)
+            return None
+        certs = FleetCertificates(self.data_dir / TLS_DIR)
+        certs.ensure_ca()
+        certs.ensure(OPERATOR_CERT, PeerIdentity(OPERATOR, OPERATOR_INSTANCE))
+        return certs
 
     def ensure_seed(self) -> dict[str, Any]:
         path = self.data_dir / "seed.json"
@@ -356,6 +407,7 @@ class Fleet:
                     "metrics_port": ready.get("metrics_port", ready.get("port")),
                     "pid": proc.pid,
                     **({"region": ready["region"]} if "region" in ready else {}),
+                    **({"internal_port": ready["internal_port"]} if "internal_port" in ready else {}),
                 }
             )
         webapp = next(p for p in processes if p["service"] == "webapp")
@@ -364,6 +416,7 @@ class Fleet:
             "api_url": f"http://{webapp['host']}:{webapp['port']}/api/",
             "consul_url": f"http://{self.consul_addr}",
             "data_dir": str(self.data_dir),
+            "tls_dir": "" if self.args.wire_tls == tls.WIRE_TLS_OFF else str(self.data_dir / TLS_DIR),
             "supervisor_pid": os.getpid(),
             "processes": processes,
         }
@@ -471,6 +524,12 @@ def build_parser() -> Parser:
     parser.add("--seed-users", SEED_USERS, "users in the demo team created on first start")
     parser.add("--ready-timeout-s", 30.0, "seconds each process may take to become ready")
     parser.add("--verbose", False, "copy every process's log lines to this terminal")
+    parser.add(
+        "--wire-tls",
+        tls.WIRE_TLS_ON,
+        "mutual TLS between fleet processes: on, or off (plaintext; measurement and debugging only)",
+        choices=[tls.WIRE_TLS_ON, tls.WIRE_TLS_OFF],
+    )
     return parser
 
 

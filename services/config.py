@@ -17,7 +17,7 @@ import socket
 import uuid
 from typing import Any
 
-from services import connection
+from services import connection, tls
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
@@ -97,6 +97,7 @@ def service_parser(prog: str, description: str, default_port: int) -> Parser:
     parser.add("--ttl-s", DEFAULT_TTL_S, "Consul TTL check period in seconds")
     parser.add("--log-level", "INFO", "log level")
     add_peer_limit_flags(parser)
+    tls.add_flags(parser)  # --tls-ca/--tls-cert/--tls-key/--wire-tls: see services/tls.py
     return parser
 
 

@@ -6,7 +6,15 @@
   that lets it overflow is disconnected, never waited for), and a clean
   disconnect on any framing error (logged and counted by the owner's
   ``on_protocol_error``).
-* :func:`serve` accepts connections; :func:`connect` dials one.
+* :func:`serve` accepts connections; :func:`connect` dials one. Both speak
+  mutual TLS with the fleet's CA (a :class:`services.tls.WireTrust`): a server
+  hands a connection to its protocol only after the peer's certificate is
+  verified, and :attr:`PeerConnection.identity` is the identity it names.
+  A peer that fails the handshake (no certificate, another CA, expired, no
+  fleet identity) or does not finish it within the handshake timeout is
+  disconnected and reported to ``on_refused`` (counted as
+  ``rtm_errors_total{kind="auth"}``), and logged at most once per source
+  address per minute.
 * :class:`PeerLink` keeps one outbound connection alive: reconnects with
   exponential backoff and full jitter, and runs an ``on_connected`` hook
   (resubscribe, say) after every (re)connect.
@@ -35,6 +43,9 @@ import itertools
 import logging
 import random
 import socket
+import ssl
+import time
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +58,14 @@ from services.errors import (
     FrameTimeout,
     IdleTimeout,
     MalformedFrame,
+    NotTrusted,
     ProtocolError,
     RequestTimeout,
     SendBufferFull,
     error_from_reply,
 )
+from services.identity import BadIdentity, PeerIdentity
+from services.tls import RefusalLog, WireTrust, transport_identity
 
 log = logging.getLogger("rtm.connection")
 
@@ -161,6 +175,8 @@ class PeerConnection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self.close_reason: BaseException | None = None
         self.state: dict[str, Any] = {}  # owner's per-connection data (e.g. gateway id)
+        # The peer's verified certificate identity (None on a plaintext wire, --wire-tls off).
+        self.identity: PeerIdentity | None = None
         self.limits = limits
         self.on_bad_message = on_bad_message
         self._init_limits()
@@ -177,6 +193,10 @@ class PeerConnection(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
+        try:
+            self.identity = transport_identity(transport)
+        except BadIdentity:  # a server checked it before handing the connection over; a client checks in connect()
+            self.identity = None
         self._start_keepalive()
 
     def data_received(self, data: bytes) -> None:
@@ -518,20 +538,168 @@ class PeerConnection(asyncio.Protocol):
 
 
 ConnectionFactory = Callable[[], PeerConnection]
+RefusedHandler = Callable[[str, BaseException], None]
 
 
-async def serve(host: str, port: int, factory: ConnectionFactory) -> asyncio.Server:
-    """Accept msgpack connections on ``host:port``; ``factory`` builds each protocol."""
+class TlsGate:
+    """The server side of mutual TLS: every accepted TCP connection does its
+    handshake here, and only a verified fleet peer reaches the real protocol.
+
+    The TLS layer is asyncio's own ``SSLProtocol``, attached to the accepted
+    transport by hand rather than through ``create_server(ssl=...)``: that
+    way a failed handshake (which asyncio reports to nobody) reaches
+    :meth:`_refuse`, and it works the same on uvloop (whose server-side
+    ``start_tls`` fails in 0.23). The peer's identity is checked in
+    :class:`_Verify` before any byte reaches the real protocol.
+    """
+
+    def __init__(
+        self, trust: WireTrust, factory: Callable[[], asyncio.BaseProtocol], on_refused: RefusedHandler | None
+    ) -> None:
+        self.trust = trust
+        self.factory = factory
+        self.on_refused = on_refused
+        self.refusal_log = RefusalLog()
+
+    def protocol(self) -> asyncio.BaseProtocol:
+        return _Acceptor(self)
+
+    def accept(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        peername = transport.get_extra_info("peername")
+        waiter: asyncio.Future[None] = loop.create_future()
+        verify = _Verify(self, peername)
+        assert self.trust.server is not None
+        tls = sslproto.SSLProtocol(
+            loop,
+            verify,
+            self.trust.server,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=self.trust.handshake_timeout_s,  # type: ignore[arg-type]  # typeshed says int; floats work
+            call_connection_made=True,
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        waiter.add_done_callback(lambda done: self._handshake_done(done, peername, transport))
+
+    def _handshake_done(self, done: asyncio.Future[None], peername: Any, transport: asyncio.Transport) -> None:
+        exc = done.exception()
+        if exc is not None:
+            transport.abort()
+            self._refuse(peername, exc)
+
+    def _refuse(self, peername: Any, exc: BaseException) -> None:
+        source = str(peername[0]) if peername else "?"
+        if self.on_refused is not None:
+            self.on_refused(source, exc)
+        if self.refusal_log.should_log(source, time.monotonic()):
+            if isinstance(exc, ssl.SSLError):
+                why = f"TLS handshake failed: {exc.reason or exc}"
+            elif isinstance(exc, ConnectionAbortedError):
+                why = f"no TLS handshake within {self.trust.handshake_timeout_s}s"
+            else:
+                why = f"{type(exc).__name__}: {exc}"
+            skipped = self.refusal_log.take_suppressed()
+            more = f" ({skipped} more refusals not logged)" if skipped else ""
+            log.warning("refused %s: %s%s", peername or source, why, more)
+
+
+class _Acceptor(asyncio.Protocol):
+    """The protocol of an accepted TCP connection for the moment before TLS takes it over."""
+
+    def __init__(self, gate: TlsGate) -> None:
+        self.gate = gate
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.gate.accept(transport)  # type: ignore[arg-type]
+
+
+class _Verify(asyncio.Protocol):
+    """Called once the handshake verified the chain: checks the certificate names
+    a fleet identity, then hands the TLS transport to the real protocol (before
+    the first decrypted byte is delivered)."""
+
+    def __init__(self, gate: TlsGate, peername: Any) -> None:
+        self.gate = gate
+        self.peername = peername
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            if transport_identity(transport) is None:
+                raise BadIdentity("no TLS session")
+        except BadIdentity as exc:
+            transport.abort()  # type: ignore[attr-defined]
+            self.gate._refuse(self.peername, exc)
+            return
+        protocol = self.gate.factory()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:  # only after a refusal: dropped
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+async def serve(
+    host: str,
+    port: int,
+    factory: Callable[[], asyncio.BaseProtocol],
+    *,
+    trust: WireTrust,
+    on_refused: RefusedHandler | None = None,
+) -> asyncio.Server:
+    """Accept connections on ``host:port``; ``factory`` builds each protocol.
+
+    With ``trust`` enabled, each connection first passes mutual TLS
+    (:class:`TlsGate`); ``on_refused(source_ip, exc)`` is called for each peer
+    refused. ``factory`` may build any protocol (the webapp serves aiohttp's
+    HTTP protocol through the same gate).
+    """
     loop = asyncio.get_running_loop()
-    return await loop.create_server(factory, host, port, reuse_address=True)
+    if not trust.enabled:
+        return await loop.create_server(factory, host, port, reuse_address=True)
+    gate = TlsGate(trust, factory, on_refused)
+    return await loop.create_server(gate.protocol, host, port, reuse_address=True)
 
 
 async def connect(
-    host: str, port: int, factory: ConnectionFactory, timeout_s: float = CONNECT_TIMEOUT_S
+    host: str,
+    port: int,
+    factory: ConnectionFactory,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+    *,
+    trust: WireTrust,
+    expect: str | None = None,
 ) -> PeerConnection:
+    """Dial ``host:port`` (mutual TLS when ``trust`` is enabled).
+
+    ``expect`` is the service the server must be (its certificate's); a server
+    with another identity is disconnected and :class:`NotTrusted` raised. A
+    failed handshake raises ``ssl.SSLError`` (an ``OSError``).
+    """
     loop = asyncio.get_running_loop()
-    _, protocol = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout_s)
+    if trust.enabled:
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(
+                factory, host, port, ssl=trust.client, ssl_handshake_timeout=trust.handshake_timeout_s
+            ),
+            timeout_s,
+        )
+    else:
+        _, protocol = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout_s)
     assert isinstance(protocol, PeerConnection)
+    if trust.enabled:
+        try:
+            identity = transport_identity(protocol.transport)
+        except BadIdentity as exc:
+            protocol.abort(exc)
+            raise NotTrusted(f"{host}:{port}: {exc}") from exc
+        if identity is None or (expect is not None and identity.service != expect):
+            protocol.abort()
+            raise NotTrusted(f"{host}:{port} is {identity}, expected a {expect}")
     return protocol
 
 
@@ -551,7 +719,8 @@ class PeerLink:
     """A self-healing outbound connection to one peer.
 
     ``address()`` is asked before every attempt, so a link follows a peer that
-    moved. ``on_connected(conn)`` runs after each successful connect, before
+    moved. Every attempt dials with ``trust`` and requires the server to be
+    an ``expect`` (see :func:`connect`). ``on_connected(conn)`` runs after each successful connect, before
     :meth:`request` callers waiting for the link are released.
     """
 
@@ -562,8 +731,13 @@ class PeerLink:
         factory: ConnectionFactory,
         on_connected: Callable[[PeerConnection], Awaitable[None]] | None = None,
         on_disconnected: Callable[[], None] | None = None,
+        *,
+        trust: WireTrust,
+        expect: str | None = None,
     ) -> None:
         self.name = name
+        self.trust = trust
+        self.expect = expect
         self.address = address
         self.factory = factory
         self.on_connected = on_connected
@@ -612,8 +786,8 @@ class PeerLink:
                 await asyncio.sleep(next(delays))
                 continue
             try:
-                conn = await connect(address[0], address[1], self.factory)
-            except (TimeoutError, OSError) as exc:
+                conn = await connect(address[0], address[1], self.factory, trust=self.trust, expect=self.expect)
+            except (TimeoutError, OSError, NotTrusted) as exc:
                 log.debug("link %s: connect to %s failed: %s", self.name, address, exc)
                 await asyncio.sleep(next(delays))
                 continue

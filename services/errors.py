@@ -13,6 +13,7 @@ Class tree::
     ├── ConnectionLost           the TCP connection closed under a request
     ├── RequestTimeout           no reply within the request's deadline
     ├── SendBufferFull           the bounded send buffer overflowed (slow peer)
+    ├── NotTrusted               a TLS peer's certificate names no fleet identity, or the wrong one
     ├── PeerError                the peer answered a request with an error code
     │   └── NotOwner             a channel server does not own the channel
     ├── NoOwner                  the ring has no live owner for a channel
@@ -37,6 +38,7 @@ class ErrorCode:
     NO_OWNER = "no_owner"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    FORBIDDEN = "forbidden"  # the sender's role may not send this op (services/authz.py)
 
 
 class CloseCode(IntEnum):
@@ -126,6 +128,10 @@ class SendBufferFull(RtmError):
         super().__init__(f"send buffer holds {pending_bytes} bytes, limit {limit_bytes}")
         self.pending_bytes = pending_bytes
         self.limit_bytes = limit_bytes
+
+
+class NotTrusted(RtmError):
+    """The peer completed TLS but is not who it must be (no fleet identity, or another service)."""
 
 
 class PeerError(RtmError):

@@ -126,10 +126,11 @@ class Service(Protocol):
 
 def run_main(args: Any, id_prefix: str, make: Callable[[Any], Service]) -> int:
     """The ``main`` of a fleet process: name the instance, set up logs, run ``make(args)``."""
-    from services import logs
+    from services import logs, tls
     from services.config import instance_id
 
-    args.instance_id = instance_id(id_prefix, args.instance_id)
+    # Without --instance-id, a process is who its certificate says it is.
+    args.instance_id = instance_id(id_prefix, args.instance_id or tls.cert_instance(args))
     logs.configure(args.instance_id, args.log_level)
 
     async def start() -> tuple[dict[str, Any], StopFn]:

@@ -10,10 +10,14 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.state import GatewayState, Session
+from services.certs import FleetCertificates
+from services.identity import PeerIdentity
 from services.metrics import ServiceMetrics
+from services.tls import WireTrust
 
 T = TypeVar("T")
 
@@ -266,6 +270,25 @@ class FakeWs:
         self.gw.closed.append(code)
 
 
+class FleetCA:
+    """A fleet CA in a temporary directory, issuing certificates to tests (see tests/conftest.py)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.certs = FleetCertificates(directory)
+        self.certs.ensure_ca()
+
+    def trust(self, service: str, instance: str = "") -> WireTrust:
+        """Credentials for ``service/instance`` (instance defaults to ``<service>-test``)."""
+        identity = PeerIdentity(service, instance or f"{service}-test")
+        paths = self.certs.ensure(f"{identity.service}-{identity.instance}", identity)
+        return WireTrust.load(paths.ca, paths.cert, paths.key)
+
+    def flags(self, service: str, instance: str) -> list[str]:
+        """The ``--tls-*`` flags of a process started as ``service/instance``."""
+        paths = self.certs.ensure(f"{service}-{instance}", PeerIdentity(service, instance))
+        return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
+
+
 class RecordingWs:
     """A client websocket that records what a drain or an ended session sends and how it closes."""
 
@@ -290,6 +313,7 @@ class FakePresenceGateway:
         self.stopping = False
         self.draining = False
         self.state = GatewayState()
+        self.trust = WireTrust.off()  # no links are dialled in these tests
 
     def spawn(self, coro: Any) -> None:
         coro.close()
@@ -337,6 +361,7 @@ class Parts:
             spawn=self.spawn,
             clock=self.clock,
             reconcile_interval_s=30.0,
+            trust=WireTrust.off(),  # fake links only: nothing is dialled
         )
 
     def spawn(self, coro: Any) -> None:

@@ -7,6 +7,7 @@ their own (tests import it from here, never from another test module).
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import aiohttp
 from services import wire
 from services.connection import PeerConnection, serve
 from services.discovery import Instance
+from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
 from services.keys import FleetKeys
-from tests.support import free_port
+from tests.support import FleetCA, free_port
 from webapp_stub.app import FixedDiscovery, WebappServer, build_parser
 from webapp_stub.seed import seed_demo
 
@@ -27,7 +29,9 @@ KEYS = FleetKeys.from_secret(SECRET.encode())  # the per-job keys the webapp der
 class FakeAdminServer:
     """Records every pub and answers ok; can be killed and restarted on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, ca: FleetCA | None = None) -> None:
+        # The fleet CA of this test: the fake AS and the webapp get their certificates from it.
+        self.ca = ca if ca is not None else FleetCA(Path(tempfile.mkdtemp(prefix="rtm-test-ca-")))
         self.port = free_port()
         self.pubs: list[dict[str, Any]] = []
         self.conns: set[PeerConnection] = set()
@@ -47,11 +51,13 @@ class FakeAdminServer:
 
     def factory(self) -> PeerConnection:
         conn = PeerConnection(name="fake-as", on_request=self.on_request, on_close=lambda c, _: self.conns.discard(c))
+        if self.server is None:  # killed while this connection was in its TLS handshake: it dies too
+            asyncio.get_running_loop().call_soon(conn.abort)
         self.conns.add(conn)
         return conn
 
     async def start(self) -> None:
-        self.server = await serve("127.0.0.1", self.port, self.factory)
+        self.server = await serve("127.0.0.1", self.port, self.factory, trust=self.ca.trust(ADMIN_SERVER, "as-fake"))
 
     async def kill(self) -> None:
         assert self.server is not None
@@ -69,10 +75,12 @@ class Webapp:
     """A webapp started in this process (``server``: its live parts), its seed, and an HTTP session."""
 
     def __init__(
-        self, url: str, port: int, seed: dict[str, Any], discovery: FixedDiscovery, server: WebappServer
+        self, info: dict[str, Any], seed: dict[str, Any], discovery: FixedDiscovery, server: WebappServer, ca: FleetCA
     ) -> None:
-        self.url = url
-        self.port = port
+        self.url = info["url"]
+        self.port = info["port"]
+        self.internal_url = info["internal_url"]
+        self.ca = ca
         self.seed = seed
         self.discovery = discovery
         self.server = server
@@ -106,25 +114,26 @@ class Webapp:
         ) as resp:
             return resp.status, await resp.json()
 
-    async def internal(
-        self, path: str, body: Any, secret: str = KEYS.internal_http_credential
-    ) -> tuple[int, dict[str, Any]]:
-        async with self.session.post(
-            f"{self.url}/internal/{path}", json=body, headers={"X-Rtm-Secret": secret}
-        ) as resp:
-            return resp.status, await resp.json(content_type=None)
+    async def internal(self, path: str, body: Any, role: str = GATEWAY) -> tuple[int, dict[str, Any]]:
+        """Call the internal listener with a fleet certificate of ``role`` (a gateway's by default)."""
+        connector = aiohttp.TCPConnector(ssl=self.ca.trust(role, f"{role}-caller").client)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.post(f"{self.internal_url}/internal/{path}", json=body) as resp:
+                return resp.status, await resp.json(content_type=None)
 
 
-GATEWAY = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
+GATEWAY_INSTANCE = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
 
 
 async def start(tmp_path: Path, fake_as: FakeAdminServer, *extra: str) -> Webapp:
     seed = seed_demo(str(tmp_path), users=5, channels=2, bots=1)
+    tls = fake_as.ca.flags(WEBAPP, "webapp-test")
     args = build_parser().parse_args(
-        ["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, "--instance-id", "webapp-test", *extra]
+        ["--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, "--instance-id", "webapp-test", *tls, *extra]
     )
-    discovery = FixedDiscovery({"admin-server": [fake_as.instance], "gateway": [GATEWAY]})
+    discovery = FixedDiscovery({"admin-server": [fake_as.instance], "gateway": [GATEWAY_INSTANCE]})
     server = WebappServer(args, discovery=discovery)
     info = await server.start()
-    assert discovery.registered["webapp-test"]["meta"] == {"metrics_port": str(info["port"])}
-    return Webapp(info["url"], info["port"], seed, discovery, server)
+    meta = {"metrics_port": str(info["port"]), "internal_port": str(info["internal_port"])}
+    assert discovery.registered["webapp-test"]["meta"] == meta
+    return Webapp(info, seed, discovery, server, fake_as.ca)

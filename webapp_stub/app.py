@@ -7,7 +7,7 @@ Startup: open the store (``synchronous=FULL`` with group commit, see
 :mod:`webapp_stub.commit`), start the outbox (requeueing what the last run may
 not have handed off, from the store's hand-off mark, and the dead letters an
 operator asked to redrive), watch ``admin-server``
-and ``gateway`` in Consul, serve HTTP (API, internal endpoints, ``/healthz``
+and ``gateway`` in Consul, serve HTTP (API, ``/healthz``
 and ``/metrics`` on one port), then register as ``webapp``. Stop runs the
 same steps backwards from an exit stack: deregister, stop accepting, finish
 in-flight requests, stop the watches, flush the outbox for a bounded time,
@@ -30,10 +30,12 @@ from aiohttp import web
 
 from services import regions, wire
 from services.config import Parser, advertised, instance_id, service_parser
+from services.connection import serve
 from services.discovery import Discovery, Instance
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import run_main
 from services.secret_file import ensure_secret_file
+from services.tls import cert_instance, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
@@ -164,6 +166,7 @@ def build_parser() -> Parser:
         DEFAULT_RATE_LIMIT_PER_MINUTE,
         "Web API calls per token per method per minute (0: unlimited)",
     )
+    parser.add("--internal-port", 0, "port of the gateways' /internal/ endpoints (mutual TLS; 0: any free port)")
     parser.add("--region", "", "region whose gateways rtm.connect prefers (also per request: X-Rtm-Region or region=)")
     parser.add(
         "--max-event-bytes",
@@ -215,7 +218,10 @@ class WebappServer:
 
     def __init__(self, args: argparse.Namespace, *, discovery: DiscoveryLike | None = None) -> None:
         self.args = args
-        self.instance_id = instance_id(SERVICE, getattr(args, "instance_id", ""))
+        # Without --instance-id, the webapp is who its certificate says it is.
+        self.instance_id = instance_id(SERVICE, getattr(args, "instance_id", "") or cert_instance(args))
+        args.instance_id = self.instance_id
+        self.trust = trust_from_args(args, SERVICE)
         self._given_discovery = discovery
         self._stack = AsyncExitStack()
         self._stopped = False
@@ -243,10 +249,10 @@ class WebappServer:
             self._watch_fleet()
             self._start_api(secret)
             port = await self._serve_http()
+            internal_port = await self._serve_internal()
             address = advertised(args.host, args.advertise_host)
-            await self.discovery.register(
-                SERVICE, self.instance_id, address, port, meta={"metrics_port": str(port)}, ttl_s=args.ttl_s
-            )
+            meta = {"metrics_port": str(port), "internal_port": str(internal_port)}  # gateways find /internal/ there
+            await self.discovery.register(SERVICE, self.instance_id, address, port, meta=meta, ttl_s=args.ttl_s)
             self._stack.push_async_callback(self.discovery.deregister)
         except BaseException:
             await self._stack.aclose()
@@ -258,6 +264,8 @@ class WebappServer:
             "host": address,
             "port": port,
             "url": f"http://{address}:{port}",
+            "internal_port": internal_port,
+            "internal_url": f"{'https' if self.trust.enabled else 'http'}://{address}:{internal_port}",
             "data_dir": os.path.abspath(args.data_dir),
         }
 
@@ -284,7 +292,7 @@ class WebappServer:
         """The outbox, requeueing what the last run may not have handed off (from the mark)
         and the redrives it was doing; its flush is the stop step after the loops."""
         args, store = self.args, self.store
-        self.as_link = AdminServerLink()
+        self.as_link = AdminServerLink(self.trust)
         self.handoff = Handoff(
             self.as_link,
             self.metrics,
@@ -359,7 +367,7 @@ class WebappServer:
         )
         self.api.commits = self.commits
         # users.get/setPresence (webapp_stub/presence.py)
-        presence = PresenceClient(self.discovery, self.store.manual_away_users)
+        presence = PresenceClient(self.discovery, self.store.manual_away_users, self.trust)
         self.api.presence = presence
         presence.start()
         self._stack.push_async_callback(presence.close)
@@ -386,11 +394,30 @@ class WebappServer:
             "consul": self.discovery.consul_ok,
         }
 
+    async def _serve_internal(self) -> int:
+        """The gateways' ``/internal/`` endpoints on a listener of their own, behind the
+        mutual TLS gate (gateway certificates only, docs/trust.md); returns the port."""
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes(InternalEndpoints(self.api, check_callers=self.trust.enabled).routes())
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        assert runner.server is not None
+        server = await serve(
+            self.args.host,
+            self.args.internal_port,
+            runner.server,
+            trust=self.trust,
+            on_refused=lambda *_: self.metrics.error("auth"),
+        )
+        self._stack.callback(server.close)
+        return int(server.sockets[0].getsockname()[1])
+
     async def _serve_http(self) -> int:
-        """API, internal endpoints, ``/healthz``, ``/metrics`` and the browser client on one port; returns the port."""
+        """API, ``/healthz``, ``/metrics`` and the browser client on the public port (never
+        ``/internal/``: that is :meth:`_serve_internal`'s); returns the port."""
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes(self.api.routes())
-        app.add_routes(InternalEndpoints(self.api).routes())
         app.add_routes(metrics_routes(self.metrics, self.health))
         # the browser client at / (webapp_stub/client.py, docs/browser.md)
         app.add_routes(BrowserClient(self.store, self.metrics, demo=getattr(self.args, "demo", True)).routes())

@@ -66,7 +66,9 @@ from typing import Any, Protocol
 from services.connection import PeerConnection, PeerLink, backoff_delays
 from services.discovery import Instance
 from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError, RtmError
+from services.identity import ADMIN_SERVER
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
+from services.tls import WireTrust
 from webapp_stub.database import MAX_EVENT_BYTES
 from webapp_stub.models import Event
 
@@ -313,7 +315,7 @@ class Sender(Protocol):
 class AdminServerLink:
     """One PeerLink to one Admin Server at a time, chosen round-robin from the healthy set."""
 
-    def __init__(self, name: str = "webapp->admin-server") -> None:
+    def __init__(self, trust: WireTrust, name: str = "webapp->admin-server") -> None:
         self.name = name
         self.instances: list[Instance] = []
         self._index = random.randrange(1 << 16)
@@ -323,6 +325,8 @@ class AdminServerLink:
             self._address,
             lambda: PeerConnection(name=name, coalesce_writes=True),  # a commit's pubs leave in one write
             on_connected=self._still_wanted,
+            trust=trust,
+            expect=ADMIN_SERVER,
         )
         self.link.start()
 

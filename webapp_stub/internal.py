@@ -1,7 +1,8 @@
 """The internal endpoints gateways use (never exposed to clients).
 
-Internal endpoints (header ``X-Rtm-Secret`` carrying the ``internal_http`` key
-derived from the fleet secret, :mod:`services.keys`; 403 otherwise):
+Served on their own listener (``--internal-port``), never on the public one,
+and only to a peer with a fleet client certificate of role ``gateway``
+(mutual TLS, see docs/trust.md); anyone else gets 403:
 
 * ``POST /internal/bootstrap`` ``{"user": U, "resume": id?}`` ->
   ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
@@ -18,13 +19,12 @@ derived from the fleet secret, :mod:`services.keys`; 403 otherwise):
   as ``/api/<method>`` would give that user (for messages sent over the
   websocket; not rate limited).
 
-Every reply is JSON; a wrong credential is HTTP 403 ``{"ok": false, "error": "forbidden"}``,
-counted as ``rtm_errors_total{kind="internal_forbidden"}``.
+Every reply is JSON; a caller that is not a gateway is HTTP 403 ``{"ok": false,
+"error": "forbidden"}``, counted as ``rtm_errors_total{kind="forbidden"}``.
 """
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import json
 import logging
@@ -32,6 +32,8 @@ from typing import Any
 
 from aiohttp import web
 
+from services.identity import GATEWAY, BadIdentity
+from services.tls import transport_identity
 from webapp_stub.api import METHODS, Call, WebApi
 from webapp_stub.args import Args, int_arg, parse_json_body
 from webapp_stub.codecs import MAX_SQL_INT
@@ -39,7 +41,6 @@ from webapp_stub.errors import ApiError
 
 log = logging.getLogger("rtm.webapp.api")
 
-SECRET_HEADER = "X-Rtm-Secret"
 INTERNAL_HISTORY_DEFAULT = 500
 INTERNAL_HISTORY_MAX = 1000
 MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
@@ -48,13 +49,14 @@ MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's convers
 class InternalEndpoints:
     """``/internal/...``: bootstrap, resume, history and calls on a user's behalf, for gateways.
 
-    Shares the Web API's store, metrics and request accounting (``api``); checks the
-    internal credential (derived from the fleet secret) on every request.
+    Shares the Web API's store, metrics and request accounting (``api``); checks on
+    every request that the caller's verified client certificate is a gateway's
+    (``check_callers`` False only with ``--wire-tls off``: debugging, nobody checked).
     """
 
-    def __init__(self, api: WebApi) -> None:
+    def __init__(self, api: WebApi, *, check_callers: bool = True) -> None:
         self.api = api
-        self._credential = api.keys.internal_http_credential.encode()
+        self.check_callers = check_callers
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -64,16 +66,23 @@ class InternalEndpoints:
             web.post("/internal/call/{method}", self.handle_internal_call),
         ]
 
-    def _check_secret(self, request: web.Request) -> None:
-        given = request.headers.get(SECRET_HEADER, "").encode()
-        if not hmac.compare_digest(given, self._credential):
-            self.api.metrics.error("internal_forbidden")
+    def _check_caller(self, request: web.Request) -> None:
+        """Only a gateway (by its verified client certificate) calls the internal endpoints."""
+        if not self.check_callers:
+            return
+        try:
+            identity = transport_identity(request.transport)
+        except BadIdentity:
+            identity = None
+        if identity is None or identity.role != GATEWAY:
+            self.api.metrics.error("forbidden")
+            log.warning("forbidden: %s called %s (only gateways may)", identity, request.path)
             raise web.HTTPForbidden(
                 text=json.dumps({"ok": False, "error": "forbidden"}), content_type="application/json"
             )
 
     async def _internal_args(self, request: web.Request) -> Args:
-        self._check_secret(request)
+        self._check_caller(request)
         if not request.can_read_body:
             return {}
         return parse_json_body(await request.read())

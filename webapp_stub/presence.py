@@ -28,7 +28,9 @@ from typing import Any
 from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.errors import ConnectionLost, NotOwner, PeerError, RequestTimeout
+from services.identity import PRESENCE
 from services.ring import PRESENCE_RING_KEY, RingDocument
+from services.tls import WireTrust
 
 log = logging.getLogger("rtm.webapp.presence")
 
@@ -43,7 +45,8 @@ MANUAL_RESEND_ATTEMPTS = 10
 
 
 class PresenceClient:
-    def __init__(self, discovery: Any, away_users: Callable[[], list[str]]) -> None:
+    def __init__(self, discovery: Any, away_users: Callable[[], list[str]], trust: WireTrust) -> None:
+        self.trust = trust
         self.follower = RingFollower(discovery, PRESENCE_RING_KEY, on_change=self.on_ring_change)
         self.servers = ServiceDirectory(discovery, PRESENCE_SERVICE)
         self.away_users = away_users  # every user whose manual presence is away (from the store)
@@ -115,6 +118,8 @@ class PresenceClient:
                 address=lambda: self.servers.address(owner),
                 factory=lambda: PeerConnection(name=f"webapp->{owner}"),
                 on_connected=on_connected,
+                trust=self.trust,
+                expect=PRESENCE,
             )
             link.start()
             self.links[owner] = link

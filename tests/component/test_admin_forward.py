@@ -9,7 +9,9 @@ channel server's address are applied by hand, as the Consul watches would."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,12 +23,18 @@ from channel_server.app import build_parser as channel_parser
 from services.connection import PeerConnection, connect, serve
 from services.discovery import Instance
 from services.ring import RingDocument
-from tests.support import DEFAULT_WAIT_S
+from tests.support import DEFAULT_WAIT_S, FleetCA
 
 HOST = "127.0.0.1"
 NO_CONSUL = "127.0.0.1:1"
 CHANNEL = "C0A1B2C3D4E"
 POSTS = 300
+CA = FleetCA(Path(tempfile.mkdtemp(prefix="rtm-test-ca-")))  # this module's fleet CA
+
+
+async def dial(port: int, service: str, instance: str, **kwargs: Any) -> PeerConnection:
+    """Dial a fleet server as ``service``/``instance``, with that identity's certificate."""
+    return await connect(HOST, port, lambda: PeerConnection(name=instance, **kwargs), trust=CA.trust(service, instance))
 
 
 def pub(seq: int) -> dict[str, Any]:
@@ -36,18 +44,29 @@ def pub(seq: int) -> dict[str, Any]:
 @pytest.fixture
 async def fleet() -> AsyncIterator[tuple[AdminServer, int, ChannelServer, int]]:
     cs = ChannelServer(
-        channel_parser().parse_args(["--instance-id", "cs-test", "--consul", NO_CONSUL, "--ttl-s", "600"])
+        channel_parser().parse_args(
+            [
+                "--instance-id",
+                "cs-test",
+                "--consul",
+                NO_CONSUL,
+                "--ttl-s",
+                "600",
+                *CA.flags("channel-server", "cs-test"),
+            ]
+        )
     )
     cs.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    cs_server = await serve(HOST, 0, cs.make_connection)
+    cs_server = await serve(HOST, 0, cs.make_connection, trust=cs.trust)
     cs_port = int(cs_server.sockets[0].getsockname()[1])
     admin = AdminServer(
         admin_parser().parse_args(
             ["--instance-id", "as-test", "--consul", NO_CONSUL, "--ttl-s", "600", "--route-budget-s", "20"]
+            + CA.flags("admin-server", "as-test")
         )
     )
     admin.channel_servers._apply([Instance("cs-test", "channel-server", HOST, cs_port)])
-    as_server = await serve(HOST, 0, admin.make_connection)
+    as_server = await serve(HOST, 0, admin.make_connection, trust=admin.trust)
     yield admin, int(as_server.sockets[0].getsockname()[1]), cs, cs_port
     as_server.close()
     cs_server.close()
@@ -66,7 +85,7 @@ async def subscribe(cs_port: int) -> tuple[PeerConnection, asyncio.Queue[dict[st
         if message["op"] == "ev":
             pushes.put_nowait(message)
 
-    gateway = await connect(HOST, cs_port, lambda: PeerConnection(name="gw", on_push=on_push))
+    gateway = await dial(cs_port, "gateway", "gw-1", on_push=on_push)
     await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, -1]]})
     return gateway, pushes
 
@@ -87,7 +106,7 @@ async def test_the_fast_path_forwards_in_order_without_a_task_per_publish(
     admin, port, cs, cs_port = fleet
     admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
     gateway, pushes = await subscribe(cs_port)
-    webapp = await connect(HOST, port, lambda: PeerConnection(name="webapp", coalesce_writes=True))
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
     try:
         # The first publish opens the link to the channel server (slow path, once).
         assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["cs"] == "cs-test"
@@ -116,7 +135,7 @@ async def test_publishes_refused_not_owner_retry_in_order_and_later_ones_do_not_
     admin, port, cs, cs_port = fleet
     admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
     gateway, pushes = await subscribe(cs_port)
-    webapp = await connect(HOST, port, lambda: PeerConnection(name="webapp", coalesce_writes=True))
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
     try:
         assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
         cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away

@@ -1,4 +1,9 @@
-"""Component tests for services.connection over real localhost sockets."""
+"""Component tests for services.connection over real localhost sockets.
+
+Framing, requests, buffers and links, on the plaintext wire (``--wire-tls
+off``) so raw sockets can write broken frames; the TLS layer under them has
+its own tests in test_tls_wire.py.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ from services.errors import (
     RequestTimeout,
     SendBufferFull,
 )
+from services.tls import WireTrust
 from tests.support import DEFAULT_WAIT_S, free_port
 
 HOST = "127.0.0.1"
+PLAIN = WireTrust.off()
 WAIT_S = DEFAULT_WAIT_S
 
 
@@ -76,7 +83,7 @@ class Endpoint:
         return conn
 
     async def start(self, port: int = 0) -> Endpoint:
-        self.server = await serve(HOST, port, self.factory)
+        self.server = await serve(HOST, port, self.factory, trust=PLAIN)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -97,7 +104,7 @@ async def endpoint() -> Any:
 
 
 async def dial(port: int, **kwargs: Any) -> PeerConnection:
-    return await connect(HOST, port, lambda: PeerConnection(name="client", **kwargs))
+    return await connect(HOST, port, lambda: PeerConnection(name="client", **kwargs), trust=PLAIN)
 
 
 async def within(awaitable: Any, timeout_s: float = WAIT_S) -> Any:
@@ -345,6 +352,7 @@ async def test_peer_link_reconnects_after_a_server_restart() -> None:
         "test-link",
         address=lambda: (HOST, port),
         factory=lambda: PeerConnection(name="link-client"),
+        trust=PLAIN,
         on_connected=on_connected,
         on_disconnected=lambda: disconnects.append(1),
     )
@@ -379,7 +387,11 @@ async def test_peer_link_waits_for_a_server_that_is_not_up_yet() -> None:
         connects.append(conn)
 
     link = PeerLink(
-        "late", address=lambda: (HOST, port), factory=lambda: PeerConnection(name="c"), on_connected=on_connected
+        "late",
+        address=lambda: (HOST, port),
+        factory=lambda: PeerConnection(name="c"),
+        on_connected=on_connected,
+        trust=PLAIN,
     )
     link.start()
     endpoint = Endpoint()
@@ -410,6 +422,7 @@ async def test_peer_link_retries_when_on_connected_fails() -> None:
         "flaky",
         address=lambda: (HOST, endpoint.port),
         factory=lambda: PeerConnection(name="c"),
+        trust=PLAIN,
         on_connected=on_connected,
     )
     link.start()
@@ -426,7 +439,9 @@ async def test_peer_link_retries_when_on_connected_fails() -> None:
 
 async def test_peer_link_close_closes_the_connection() -> None:
     endpoint = await Endpoint().start()
-    link = PeerLink("closing", address=lambda: (HOST, endpoint.port), factory=lambda: PeerConnection(name="c"))
+    link = PeerLink(
+        "closing", address=lambda: (HOST, endpoint.port), factory=lambda: PeerConnection(name="c"), trust=PLAIN
+    )
     link.start()
     try:
         conn = await link.wait_connected(WAIT_S)
@@ -499,6 +514,7 @@ async def test_a_bad_push_is_dropped_and_counted_and_the_link_stays() -> None:
             lambda: PeerConnection(
                 name="gw", on_push=on_push, on_bad_message=lambda c, exc, was_request: bad.append(exc.detail)
             ),
+            trust=PLAIN,
         )
         server_side = await within(endpoint.accepted.get())
         server_side.send({"op": "ev", "ch": "C1", "seq": None, "json": b"{}", "t0": 1.0, "ctl": [1]})
@@ -570,7 +586,7 @@ async def test_a_silent_peer_is_closed_after_the_idle_timeout_and_keepalives_kee
     quick = PeerLimits(idle_timeout_s=0.3, keepalive_interval_s=0.05)
     endpoint = await Endpoint(limits=quick).start()
     try:
-        quiet = await connect(HOST, endpoint.port, lambda: PeerConnection(name="quiet", limits=quick))
+        quiet = await connect(HOST, endpoint.port, lambda: PeerConnection(name="quiet", limits=quick), trust=PLAIN)
         reader, writer = await asyncio.open_connection(HOST, endpoint.port)  # connects, never sends
         error = await within(endpoint.errors.get())
         assert isinstance(error, IdleTimeout)
@@ -667,7 +683,9 @@ async def test_requests_answered_by_a_future_reply_in_completion_order_and_count
         futures.append(future)
         return future
 
-    server = await serve(HOST, 0, lambda: PeerConnection(name="server", on_request=handle, coalesce_writes=True))
+    server = await serve(
+        HOST, 0, lambda: PeerConnection(name="server", on_request=handle, coalesce_writes=True), trust=PLAIN
+    )
     port = server.sockets[0].getsockname()[1]
     client = await dial(port, coalesce_writes=True)
     try:

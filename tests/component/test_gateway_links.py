@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,10 +18,11 @@ from gateway.state import Session
 from services import wire
 from services.connection import PeerConnection, serve
 from services.ring import RingDocument
-from tests.support import DEFAULT_WAIT_S, free_port
+from tests.support import DEFAULT_WAIT_S, FleetCA, free_port
 
 HOST = "127.0.0.1"
 OWNER = "cs-inst-0"
+CA = FleetCA(Path(tempfile.mkdtemp(prefix="rtm-test-ca-")))  # this module's fleet CA
 
 
 class ChannelServerDouble:
@@ -37,7 +40,7 @@ class ChannelServerDouble:
             self.conns.append(conn)
             return conn
 
-        self.server = await serve(HOST, self.port, factory)
+        self.server = await serve(HOST, self.port, factory, trust=CA.trust("channel-server", OWNER))
 
     def on_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
         if msg["op"] == "sub":
@@ -55,7 +58,8 @@ class ChannelServerDouble:
 
 @pytest.fixture
 async def gw() -> AsyncIterator[Gateway]:
-    gateway = Gateway(build_parser().parse_args(["--secret", "s", "--instance-id", "gw-test"]))
+    flags = CA.flags("gateway", "gw-test")
+    gateway = Gateway(build_parser().parse_args(["--secret", "s", "--instance-id", "gw-test", *flags]))
     gateway.channel_links.follower.ring.update(RingDocument(version=1, slots={"cs-0": OWNER}))
     yield gateway
     gateway.channel_links.stop_retries()

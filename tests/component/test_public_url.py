@@ -10,6 +10,7 @@ import pytest
 
 from gateway.app import build_parser as gateway_parser
 from services.discovery import Instance
+from tests.support import FleetCA
 from webapp_stub.app import FixedDiscovery, WebappServer, build_parser
 from webapp_stub.seed import seed_demo
 
@@ -18,8 +19,9 @@ SECRET = "public-url-secret"
 
 async def connect_url(tmp_path: Path, gateway: Instance) -> str:
     seed = seed_demo(str(tmp_path), users=1, channels=1, bots=0)
+    tls = FleetCA(tmp_path / "tls").flags("webapp", "webapp-public-url")
     args = build_parser().parse_args(
-        ["--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET]
+        ["--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path), "--secret", SECRET, *tls]
     )
     server = WebappServer(args, discovery=FixedDiscovery({"admin-server": [], "gateway": [gateway]}))
     info = await server.start()

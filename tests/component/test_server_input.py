@@ -8,7 +8,9 @@ port); the ring is applied by hand, as the Consul watch would.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,18 +23,24 @@ from services import ops
 from services.connection import PeerConnection, connect, serve
 from services.errors import ErrorCode, PeerError
 from services.ring import RingDocument
-from tests.support import DEFAULT_WAIT_S
+from tests.support import DEFAULT_WAIT_S, FleetCA
 
 HOST = "127.0.0.1"
 NO_CONSUL = "127.0.0.1:1"  # nothing listens there: every Consul call fails at once
 CHANNEL = "C0A1B2C3D4E"
+CA = FleetCA(Path(tempfile.mkdtemp(prefix="rtm-test-ca-")))  # this module's fleet CA
+# Who each dialling name is: its certificate's identity (the gateway "gw" subscribes as gw-1).
+IDENTITIES = {"gw": ("gateway", "gw-1"), "as": ("admin-server", "as-1"), "webapp": ("webapp", "webapp-1")}
 
 
 async def dial(port: int, name: str, pushes: asyncio.Queue[dict[str, Any]] | None = None) -> PeerConnection:
     """Dial a fleet server as a peer. The one place a test connects: it presents
     whatever credentials the fleet's listeners require."""
     on_push = (lambda c, m: pushes.put_nowait(m)) if pushes is not None else (lambda c, m: None)
-    return await connect(HOST, port, lambda: PeerConnection(name=name, on_push=on_push))
+    service, instance = IDENTITIES.get(name, ("gateway", name))
+    return await connect(
+        HOST, port, lambda: PeerConnection(name=name, on_push=on_push), trust=CA.trust(service, instance)
+    )
 
 
 def errors(metrics: Any, kind: str) -> float:
@@ -42,10 +50,20 @@ def errors(metrics: Any, kind: str) -> float:
 @pytest.fixture
 async def channel_server() -> AsyncIterator[tuple[ChannelServer, int]]:
     cs = ChannelServer(
-        channel_parser().parse_args(["--instance-id", "cs-test", "--consul", NO_CONSUL, "--ttl-s", "600"])
+        channel_parser().parse_args(
+            [
+                "--instance-id",
+                "cs-test",
+                "--consul",
+                NO_CONSUL,
+                "--ttl-s",
+                "600",
+                *CA.flags("channel-server", "cs-test"),
+            ]
+        )
     )
     cs.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    server = await serve(HOST, 0, cs.make_connection)
+    server = await serve(HOST, 0, cs.make_connection, trust=cs.trust)
     yield cs, int(server.sockets[0].getsockname()[1])
     server.close()
     for conn in list(cs.gateways.values()):
@@ -138,9 +156,10 @@ async def test_gateway_indexes_are_reused_across_connections(channel_server: tup
 async def admin_server() -> AsyncIterator[tuple[AdminServer, int]]:
     args = admin_parser().parse_args(
         ["--instance-id", "as-test", "--consul", NO_CONSUL, "--route-budget-s", "1.0", "--max-pubs-in-flight", "2"]
+        + CA.flags("admin-server", "as-test")
     )
     admin = AdminServer(args)
-    server = await serve(HOST, 0, admin.make_connection)
+    server = await serve(HOST, 0, admin.make_connection, trust=admin.trust)
     yield admin, int(server.sockets[0].getsockname()[1])
     server.close()
     await admin.discovery.close()

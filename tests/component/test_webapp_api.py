@@ -23,9 +23,10 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from services.identity import ADMIN_SERVER, WEBAPP
 from services.ticket import TicketVerifier
 from tests.support import async_wait_until, free_port
-from tests.webapp_harness import GATEWAY, KEYS, SECRET, FakeAdminServer, Webapp, start
+from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, SECRET, FakeAdminServer, Webapp, start
 from webapp_stub.app import WebappServer, build_parser
 from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
@@ -189,8 +190,10 @@ async def test_create_and_join_emit_team_channel_and_user_events(webapp: Webapp,
     assert seqs[cid] == 2 and seqs[bob["id"]] == 1 and seqs[team] == 1
     _, hist = await webapp.internal("history", {"channel": bob["id"], "after_seq": 0})
     assert hist["events"][0]["ctl"] == {"join": cid, "since": 2}
-    status, denied = await webapp.internal("bootstrap", {"user": bob["id"]}, secret="wrong")
-    assert status == 403 and denied["ok"] is False
+    status, denied = await webapp.internal("bootstrap", {"user": bob["id"]}, role=ADMIN_SERVER)
+    assert status == 403 and denied == {"ok": False, "error": "forbidden"}
+    async with webapp.session.post(f"{webapp.url}/internal/bootstrap", json={"user": bob["id"]}) as resp:
+        assert resp.status == 404  # the public port does not serve /internal/ at all
     _, missing = await webapp.internal("bootstrap", {"user": "UNOBODY"})
     assert missing == {"ok": False, "error": "user_not_found"}
 
@@ -311,9 +314,11 @@ async def test_rtm_connect_mints_a_ticket_for_a_healthy_gateway(webapp: Webapp) 
     assert (
         reply["ok"] and reply["self"] == {"id": alice["id"], "name": "alice"} and reply["team"] == webapp.seed["team"]
     )
-    prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
     assert reply["url"].startswith(prefix)
-    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(reply["url"][len(prefix) :], now_s=time.time())
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id).verify(
+        reply["url"][len(prefix) :], now_s=time.time()
+    )
     assert ticket.user == alice["id"] and ticket.team == webapp.seed["team"]["id"]
     webapp.discovery.set_instances("gateway", [])
     _, reply = await webapp.call("rtm.connect", alice["token"])
@@ -433,6 +438,7 @@ async def test_registers_in_consul_and_watches_admin_servers(tmp_path: Path, fak
                 consul_addr,
                 "--instance-id",
                 "webapp-consul",
+                *fake_as.ca.flags(WEBAPP, "webapp-consul"),
             ]
         )
         server = WebappServer(args)
@@ -645,13 +651,17 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     assert status == 200 and reply["ok"] and reply["resume"]
     rid = reply["resume"]
     _, connect = await webapp.call("rtm.connect", alice["token"])
-    prefix = f"ws://{GATEWAY.address}:{GATEWAY.port}/ws/"
-    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time())
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id).verify(
+        connect["url"][len(prefix) :], now_s=time.time()
+    )
     assert ticket.resume == rid
     # Claimed but not taken (as if that ticket failed): a retry gets the same record again.
     _, connect = await webapp.call("rtm.connect", alice["token"])
     assert (
-        TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
+        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+        .verify(connect["url"][len(prefix) :], now_s=time.time())
+        .resume
         == rid
     )
     _, boot = await webapp.internal("bootstrap", {"user": alice["id"], "resume": rid})
@@ -661,7 +671,9 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     assert boot["resumed"] is False and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 4
     _, connect = await webapp.call("rtm.connect", alice["token"])  # taken: nothing left to claim
     assert (
-        TicketVerifier(KEYS.ticket_signing, GATEWAY.id).verify(connect["url"][len(prefix) :], now_s=time.time()).resume
+        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+        .verify(connect["url"][len(prefix) :], now_s=time.time())
+        .resume
         == ""
     )
     for body, code in (
@@ -671,7 +683,7 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
         ({"user": alice["id"], "channels": {general: -1}}, "invalid_arguments"),
     ):
         assert (await webapp.internal("resume", body))[1] == {"ok": False, "error": code}
-    status, _ = await webapp.internal("resume", {"user": alice["id"], "channels": {}}, secret="wrong")
+    status, _ = await webapp.internal("resume", {"user": alice["id"], "channels": {}}, role=WEBAPP)
     assert status == 403
     async with webapp.session.get(f"{webapp.url}/metrics") as resp:
         text = await resp.text()

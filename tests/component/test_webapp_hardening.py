@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,7 +22,7 @@ from rtmctl import operator
 from services import wire
 from services.connection import PeerConnection
 from tests.support import async_wait_until
-from tests.webapp_harness import KEYS, FakeAdminServer, Webapp, start
+from tests.webapp_harness import FakeAdminServer, Webapp, start
 
 MIB = 1024 * 1024
 
@@ -171,13 +172,11 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
     status, reply = await webapp.call("chat.postMessage", token, params=f"channel={general}&text=%ED%A0%80")
     assert reply["ok"] or reply["error"] != "internal_error"
     # internal endpoints: the same bodies, Slack codes too
-    for body in (b"[" * 200_000, b'{"channel": "\\udc00"}'):
-        async with webapp.session.post(
-            f"{webapp.url}/internal/history",
-            data=body,
-            headers={"X-Rtm-Secret": KEYS.internal_http_credential, **raw_json},
-        ) as resp:
-            assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_json"})
+    gateway_tls = aiohttp.TCPConnector(ssl=webapp.ca.trust("gateway", "gw-hardening").client)
+    async with aiohttp.ClientSession(connector=gateway_tls) as internal:  # a gateway's certificate
+        for body in (b"[" * 200_000, b'{"channel": "\\udc00"}'):
+            async with internal.post(f"{webapp.internal_url}/internal/history", data=body, headers=raw_json) as resp:
+                assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_json"})
     _, reply = await webapp.internal("history", {"channel": general, "after_seq": 10**30})
     assert reply == {"ok": False, "error": "invalid_arguments"}
     _, reply = await webapp.internal("resume", {"user": alice["id"], "channels": {general: 1e400}})

@@ -20,6 +20,9 @@ import aiohttp
 import websockets
 
 from rtmctl.launcher import RunningProcess, rtm_argv, start
+from services.certs import FleetCertificates
+from services.identity import PeerIdentity
+from services.tls import WireTrust
 from tests.support import DEFAULT_WAIT_S, free_port_base
 
 FLEET_READY_TIMEOUT_S = 90.0
@@ -45,6 +48,18 @@ class Fleet:
 
     def down(self) -> None:
         self.proc.stop(grace_s=30.0)
+
+    def trust(self, service: str, instance: str) -> WireTrust:
+        """Credentials from this fleet's own CA (DATA_DIR/tls), as a test process that dials servers directly."""
+        certs = FleetCertificates(self.data_dir / "tls")
+        paths = certs.ensure(f"test-{service}-{instance}", PeerIdentity(service, instance))
+        return WireTrust.load(paths.ca, paths.cert, paths.key)
+
+    def tls_flags(self, service: str, instance: str) -> list[str]:
+        """``--tls-*`` flags for one more process a test starts itself (a certificate from this fleet's CA)."""
+        certs = FleetCertificates(self.data_dir / "tls")
+        paths = certs.ensure(f"test-{service}-{instance}", PeerIdentity(service, instance))
+        return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
 
     def reload(self) -> None:
         self.info = json.loads((self.data_dir / "fleet.json").read_text())

@@ -1,9 +1,10 @@
 """Speaking msgpack to fleet servers as a legitimate peer, for fault tests.
 
 :func:`dial` is the one place system tests open a msgpack connection to a
-fleet process. When the fleet's listeners require mutual TLS, this is the
-only function that must present a certificate (a fleet identity of the
-role the test plays: ``as`` for an admin server, ``gw`` for a gateway).
+fleet process, with a certificate from the fleet's own CA (``DATA_DIR/tls``)
+of the role the test plays: ``as`` an admin server, ``webapp`` the webapp,
+``gw`` a gateway (``gw-stranger``); :func:`open_raw` is a TLS connection as
+that gateway for byte-level faults, so the bytes reach the framing layer.
 """
 
 from __future__ import annotations
@@ -16,20 +17,37 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.connection import PeerConnection, connect
+from services.tls import WireTrust
+from tests.system.harness import Fleet
 
 PushHandler = Callable[[PeerConnection, dict[str, Any]], None]
 
 
-async def dial(proc: dict[str, Any], name: str, on_push: PushHandler | None = None) -> PeerConnection:
+# The identity each peer name dials as.
+PEERS = {
+    "as": ("admin-server", "as-test-peer"),
+    "webapp": ("webapp", "webapp-test-peer"),
+    "gw": ("gateway", "gw-stranger"),
+}
+
+
+def credentials(fleet: Fleet, name: str) -> WireTrust:
+    return fleet.trust(*PEERS[name])
+
+
+async def dial(fleet: Fleet, proc: dict[str, Any], name: str, on_push: PushHandler | None = None) -> PeerConnection:
     """A msgpack connection to fleet process ``proc`` (an entry of fleet.json), as peer ``name``."""
     return await connect(
-        str(proc["host"]), int(proc["port"]), lambda: PeerConnection(name=name, on_push=on_push or ignore)
+        str(proc["host"]),
+        int(proc["port"]),
+        lambda: PeerConnection(name=name, on_push=on_push or ignore),
+        trust=credentials(fleet, name),
     )
 
 
-async def open_raw(proc: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A bare TCP connection to ``proc``'s msgpack port, for byte-level faults (half frames, huge headers)."""
-    return await asyncio.open_connection(str(proc["host"]), int(proc["port"]))
+async def open_raw(fleet: Fleet, proc: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS connection (as a gateway) to ``proc``'s msgpack port, for byte-level faults (half frames, huge headers)."""
+    return await asyncio.open_connection(str(proc["host"]), int(proc["port"]), ssl=credentials(fleet, "gw").client)
 
 
 def ignore(conn: PeerConnection, msg: dict[str, Any]) -> None:

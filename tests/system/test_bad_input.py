@@ -79,12 +79,15 @@ async def test_malformed_json_body(fleet: Fleet) -> None:
 async def test_malformed_msgpack_is_disconnected_and_counted(fleet: Fleet, service: str) -> None:
     proc = fleet.processes(service)[0]
     before = await error_count(proc, "protocol")
+    # A fleet peer with a valid certificate (of a role that may talk to this server) that breaks framing.
+    sender = {"admin-server": ("webapp", "webapp-bad"), "channel-server": ("admin-server", "as-bad")}[service]
+    tls = fleet.trust(*sender).client
     for payload in (
         struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1",  # 0xc1 is never valid msgpack
         struct.pack(">I", 3) + b"\x93\x01\x02",  # valid msgpack, but an array, not a map
         struct.pack(">I", 0xFFFFFFF0),  # declares a frame far over the limit
     ):
-        reader, writer = await asyncio.open_connection(proc["host"], proc["port"])
+        reader, writer = await asyncio.open_connection(proc["host"], proc["port"], ssl=tls)
         writer.write(payload)
         await writer.drain()
         try:

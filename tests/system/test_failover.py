@@ -85,9 +85,11 @@ async def run_load_around(fleet: Fleet, clients: list[Client], action: object) -
     return load, elapsed
 
 
-async def pub_directly(host: str, port: int, channel: str) -> None:
-    """Act as a stale admin server: publish straight to a channel server."""
-    conn = await connect(host, port, lambda: PeerConnection(name="stale-as"))
+async def pub_directly(fleet: Fleet, host: str, port: int, channel: str) -> None:
+    """Act as a stale admin server (with an admin-server certificate): publish straight to a channel server."""
+    conn = await connect(
+        host, port, lambda: PeerConnection(name="stale-as"), trust=fleet.trust("admin-server", "as-stale")
+    )
     try:
         await conn.request({"op": "pub", "ch": channel, "seq": 10**9, "json": b"{}", "t0": time.time(), "rv": 0})
     finally:
@@ -125,7 +127,7 @@ async def test_killed_channel_server_comes_back_as_spare(fleet: Fleet, clients: 
 
     async def refuses() -> bool:
         try:
-            await pub_directly(back["host"], back["port"], general)
+            await pub_directly(fleet, back["host"], back["port"], general)
         except NotOwner:
             return True
         except OSError:
@@ -189,7 +191,7 @@ async def test_partitioned_channel_server_stops_serving_its_old_channels(fleet: 
                 assert resp.status == 200
         await wait_ring_change(fleet, ring.version, slot, victim)
         with pytest.raises(NotOwner):  # fenced: its lease lapsed, it may have lost the slot
-            await pub_directly(proc["host"], proc["port"], general)
+            await pub_directly(fleet, proc["host"], proc["port"], general)
 
     load, _ = await run_load_around(fleet, clients, partition_and_wait)
     async with aiohttp.ClientSession() as http:
@@ -198,7 +200,7 @@ async def test_partitioned_channel_server_stops_serving_its_old_channels(fleet: 
 
     async def healed_and_still_refusing() -> bool:
         with pytest.raises(NotOwner):  # it sees the new ring now: still not the owner
-            await pub_directly(proc["host"], proc["port"], general)
+            await pub_directly(fleet, proc["host"], proc["port"], general)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://{proc['host']}:{proc['metrics_port']}/healthz") as resp:
                 health = await resp.json()

@@ -103,6 +103,7 @@ async def test_a_gateway_started_while_its_channel_server_is_unreachable_deliver
             "late",
             "--data-dir",
             str(fleet.data_dir),
+            *fleet.tls_flags("gateway", "gw-late-0"),
         )
         token = (fleet.data_dir / "consul-acl-token").read_text().strip()  # the dev agent enforces ACLs
         late = await asyncio.to_thread(start, "gw-late-0", argv, env={CONSUL_TOKEN_ENV: token})

@@ -74,7 +74,7 @@ async def test_bad_pubs_are_refused_counted_and_later_events_delivered(fleet: Fl
     general = fleet.channel("general")
     proc = owner_of_general(fleet) if service == "channel-server" else fleet.processes("admin-server")[0]
     before = await error_count(proc, "bad_request")
-    conn = await dial(proc, "as" if service == "channel-server" else "webapp")
+    conn = await dial(fleet, proc, "as" if service == "channel-server" else "webapp")
     try:
         for message in bad_pubs(general):
             with pytest.raises(PeerError) as info:
@@ -92,7 +92,7 @@ async def test_bad_pubs_are_refused_counted_and_later_events_delivered(fleet: Fl
 async def test_a_sub_of_400k_channels_is_refused_and_the_fleet_serves(fleet: Fleet, bob: Client) -> None:
     proc = owner_of_general(fleet)
     before = await error_count(proc, "bad_request")
-    conn = await dial(proc, "gw")
+    conn = await dial(fleet, proc, "gw")
     try:
         chans = [[f"C{i:X}", -1] for i in range(400_000)]
         with pytest.raises(PeerError) as info:
@@ -109,14 +109,14 @@ async def test_a_sub_of_400k_channels_is_refused_and_the_fleet_serves(fleet: Fle
 async def test_a_4_gib_header_is_refused_at_once_and_half_sent_frames_time_out(fleet: Fleet, bob: Client) -> None:
     proc = owner_of_general(fleet)
     protocol_before = await error_count(proc, "protocol")
-    reader, writer = await open_raw(proc)
+    reader, writer = await open_raw(fleet, proc)
     writer.write((2**32 - 1).to_bytes(4, "big"))
     await writer.drain()
     assert await asyncio.wait_for(reader.read(), 2.0) == b""  # closed at once, nothing buffered
     writer.close()
 
     started = time.monotonic()
-    held = [await open_raw(proc) for _ in range(HALF_SENT_CONNECTIONS)]
+    held = [await open_raw(fleet, proc) for _ in range(HALF_SENT_CONNECTIONS)]
     for _, w in held:
         w.write(b"\x00\x00\x01")  # 3 bytes of a 4-byte length header, and then nothing
     await asyncio.gather(*(w.drain() for _, w in held))

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from channel_server.app import ChannelServer, build_parser
+from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP, PeerIdentity
 from services.ring import HashRing, RingDocument
+from tests.support import FleetCA
 
 SLOTS = ("cs-0", "cs-1", "cs-2")
 
@@ -18,7 +20,8 @@ SLOTS = ("cs-0", "cs-1", "cs-2")
 class Conn:
     """Enough of a PeerConnection for handle_request."""
 
-    def __init__(self) -> None:
+    def __init__(self, identity: PeerIdentity = PeerIdentity(GATEWAY, "gw-a")) -> None:  # noqa: B008 - frozen
+        self.identity = identity  # what its certificate said
         self.state: dict[str, Any] = {}
         self.frames: list[bytes] = []
         self.is_open = True
@@ -32,8 +35,9 @@ class Conn:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[ChannelServer]:
-    cs = ChannelServer(build_parser().parse_args(["--instance-id", "spare-1"]))
+async def server(fleet_ca: FleetCA) -> AsyncIterator[ChannelServer]:
+    flags = fleet_ca.flags("channel-server", "spare-1")
+    cs = ChannelServer(build_parser().parse_args(["--instance-id", "spare-1", *flags]))
     yield cs
     await cs.discovery.close()
 
@@ -111,6 +115,43 @@ async def test_a_connection_that_closed_during_the_ring_read_does_not_replace_th
     late = await delayed
     assert late["op"] == "err"
     assert not new.closed_by_server and server.gateways[new.state["gw_index"]] is new
+
+
+def forbidden_count(server: ChannelServer) -> float:
+    return server.metrics.errors.labels("forbidden")._value.get()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("identity", "msg"),
+    [
+        (PeerIdentity(ADMIN_SERVER, "as-0"), {"op": "sub", "gw": "as-0", "chans": [["C1", 0]]}),
+        (PeerIdentity(WEBAPP, "webapp-0"), {"op": "pub", "ch": "C1", "seq": 1, "json": b"{}"}),
+        (PeerIdentity(GATEWAY, "gw-a"), {"op": "pub", "ch": "C1", "seq": 5, "json": b"{}"}),  # only transient
+        (PeerIdentity(GATEWAY, "gw-a"), {"op": "sub", "gw": "gw-b", "chans": [["C1", 0]]}),  # another gateway's id
+        (PeerIdentity(GATEWAY, "gw-a"), {"op": "unsub", "gw": "gw-b", "chans": ["C1"]}),
+        (PeerIdentity("operator", "rtm-cli"), {"op": "unsub", "gw": "rtm-cli", "chans": ["C1"]}),
+    ],
+)
+async def test_a_role_is_refused_each_op_it_may_not_send(
+    server: ChannelServer, identity: PeerIdentity, msg: dict[str, Any]
+) -> None:
+    _, v2, _ = rings()
+    server.follower.apply(v2)
+    before = forbidden_count(server)
+    reply = server.handle_request(Conn(identity), {**msg, "id": 3})
+    assert reply["op"] == "err" and reply["code"] == "forbidden"
+    assert forbidden_count(server) == before + 1
+    assert not server.table.subscribers and not server.table.history and not server.gateways  # nothing changed
+
+
+async def test_a_gateway_may_publish_typing_and_ping(server: ChannelServer) -> None:
+    _, v2, channel = rings()
+    server.follower.apply(v2)
+    gw = Conn()
+    assert server.handle_request(gw, {"op": "ping", "id": 1})["op"] == "ok"
+    reply = server.handle_request(gw, {"op": "pub", "id": 2, "ch": channel, "seq": None, "json": b"{}"})
+    assert reply["op"] == "ok"
+    assert forbidden_count(server) == 0
 
 
 async def test_seqs_reports_last_seqs_and_the_channels_this_gateway_is_not_subscribed_to(

@@ -11,7 +11,7 @@ from charm import app as charm_app
 from charm.app import Charm, RingManager, build_parser
 from services.discovery import Instance
 from services.ring import CHANNEL_RING_KEY, RingDocument
-from tests.support import DEFAULT_WAIT_S
+from tests.support import DEFAULT_WAIT_S, FleetCA
 
 
 class FakeKV:
@@ -52,7 +52,10 @@ GOOD = RingDocument(version=4, slots={"cs-0": "cs-a", "cs-1": "cs-b"})
 
 
 def manager(kv: FakeKV) -> RingManager:
-    charm = Charm(build_parser().parse_args(["--instance-id", "charm-test", "--consul", "127.0.0.1:1"]))
+    # No wire in this test (Consul is a fake, no probes, no server): plaintext flags, no certificates.
+    charm = Charm(
+        build_parser().parse_args(["--instance-id", "charm-test", "--consul", "127.0.0.1:1", "--wire-tls", "off"])
+    )
     asyncio.get_running_loop().create_task(charm.discovery.client.close())  # never used: Consul is the fake
     charm.discovery = kv  # type: ignore[assignment]
     ring = charm.managers["channel"]
@@ -119,6 +122,7 @@ async def test_with_no_good_ring_known_a_bad_value_writes_nothing_and_reconcilin
 
 async def test_the_owner_probe_keeps_its_connection_alive_through_the_idle_timeout(
     monkeypatch: pytest.MonkeyPatch,
+    fleet_ca: FleetCA,
 ) -> None:
     from services.connection import PeerConnection, PeerLimits, serve
 
@@ -130,10 +134,11 @@ async def test_the_owner_probe_keeps_its_connection_alive_through_the_idle_timeo
         accepted.append(PeerConnection(name="owner", limits=limits))
         return accepted[-1]
 
-    server = await serve("127.0.0.1", 0, factory)
+    server = await serve("127.0.0.1", 0, factory, trust=fleet_ca.trust("channel-server", "cs-a"))
     ring = manager(FakeKV(None, []))
+    ring.charm.trust = fleet_ca.trust("charm", "charm-test")  # the probe is a TLS connection as this CHARM
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        reader, writer = await ring.dial("127.0.0.1", server.sockets[0].getsockname()[1])
         held = asyncio.create_task(ring.hold_open(reader, writer))
         await asyncio.sleep(0.8)  # wait-ok: well past the owner's idle timeout
         assert not held.done() and accepted[0].is_open

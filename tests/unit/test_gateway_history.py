@@ -14,7 +14,7 @@ import pytest
 from gateway.app import Gateway, build_parser
 from gateway.state import Fetch, Session
 from services.errors import CloseCode
-from tests.support import DEFAULT_WAIT_S, HeldHistoryWebapp, HistoryWebapp, Parts, RecordingWs, Socket
+from tests.support import DEFAULT_WAIT_S, FleetCA, HeldHistoryWebapp, HistoryWebapp, Parts, RecordingWs, Socket
 
 
 @pytest.fixture
@@ -61,8 +61,9 @@ async def test_a_read_pages_through_long_histories(parts: Parts, monkeypatch: An
 
 
 @pytest.fixture
-async def gw() -> AsyncIterator[Gateway]:
+async def gw(fleet_ca: FleetCA) -> AsyncIterator[Gateway]:
     args = ["--secret", "s", "--instance-id", "gw-test", "--gap-fill-budget-s", "0.6", "--max-gap-fill-attempts", "3"]
+    args += fleet_ca.flags("gateway", "gw-test")
     gateway = Gateway(build_parser().parse_args(args))
     yield gateway
     gateway.channel_links.stop_retries()

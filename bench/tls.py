@@ -1,0 +1,222 @@
+"""What mutual TLS on the internal wire costs (docs/trust.md, "Cost, measured").
+
+Two measurements, each with and without TLS in the same run:
+
+1. **Connect + handshake**, in this process: a fleet server (``serve``) and a
+   client (``connect``) on localhost, ``--connects`` sequential dials each
+   answered by one ``ping``; wall time per dial (median, p99) and this
+   process's CPU per dial (client and server sides together).
+2. **The message path**, through the whole fleet (``rtm up``, once with
+   ``--wire-tls on`` and once ``off``, alternating for ``--repeats``): the
+   fan-out benchmark's steps (bench/fanout.py), reporting the gateways' CPU
+   per delivery (the fan-out path: TLS is on the CS->gateway link, one frame
+   per gateway per event, not per client) and the CPU per posted message of
+   the webapp, the admin servers and the channel servers (the publish path).
+
+The machine is shared: tables quote medians over the repeats, and each step
+records the CPU others used meanwhile (``foreign_cores``).
+
+    python -m bench.tls              # about 4 minutes
+    python -m bench.tls --quick      # about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import fanout
+from bench.harness import machine_info, run_benchmark
+
+NAME = "tls"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__)
+    p.add_argument("--connects", type=int, default=300, help="sequential dials per mode (handshake)")
+    p.add_argument("--clients", type=int, default=200, help="websocket clients of the fan-out runs")
+    p.add_argument("--small-rates", default="100", help="posts/s to small channels")
+    p.add_argument("--big-rates", default="10", help="posts/s to #general")
+    p.add_argument("--step-s", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=2, help="fleet runs per mode, alternating on/off")
+    p.add_argument("--quick", action="store_true", help="one fleet run per mode, shorter steps")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.step_s, args.connects = 1, 4.0, 200
+    return args
+
+
+async def handshakes(mode: str, count: int) -> dict[str, Any]:
+    from services import wire
+    from services.certs import FleetCertificates
+    from services.connection import PeerConnection, connect, serve
+    from services.identity import PeerIdentity
+    from services.tls import WireTrust
+
+    def trust(certs: FleetCertificates, service: str, iid: str) -> WireTrust:
+        if mode == "off":
+            return WireTrust.off()
+        paths = certs.ensure(iid, PeerIdentity(service, iid))
+        return WireTrust.load(paths.ca, paths.cert, paths.key)
+
+    certs = FleetCertificates(Path(tempfile.mkdtemp(prefix="rtm-bench-tls-")))
+    server_trust, client_trust = trust(certs, "channel-server", "cs-b"), trust(certs, "gateway", "gw-b")
+    server = await serve(
+        "127.0.0.1",
+        0,
+        lambda: PeerConnection(on_request=lambda c, m: wire.reply_ok(m["id"])),
+        trust=server_trust,
+    )
+    port = server.sockets[0].getsockname()[1]
+    walls: list[float] = []
+    cpu0 = time.process_time()
+    for _ in range(count):
+        t = time.perf_counter()
+        conn = await connect("127.0.0.1", port, PeerConnection, trust=client_trust)
+        await conn.request({"op": "ping"})
+        walls.append(time.perf_counter() - t)
+        conn.close()
+        await conn.closed
+    cpu = time.process_time() - cpu0
+    server.close()
+    walls.sort()
+    return {
+        "mode": mode,
+        "connects": count,
+        "median_ms": statistics.median(walls) * 1e3,
+        "p99_ms": walls[int(len(walls) * 0.99) - 1] * 1e3,
+        "cpu_us_per_connect": cpu / count * 1e6,
+    }
+
+
+def publish_path(steps: list[dict[str, Any]]) -> dict[str, float | None]:
+    """CPU µs per posted message, per role (webapp, admin servers, channel servers), median over steps."""
+    out: dict[str, float | None] = {}
+    for role, match in (("webapp", "webapp"), ("admin servers", "as-"), ("channel servers", "cs-")):
+        values = []
+        for s in steps:
+            posts = s.get("posts_ok") or 0
+            if posts:
+                cpu = sum(v for k, v in s["cpu_s"].items() if k.startswith(match) and "spare" not in k)
+                values.append(cpu * 1e6 / posts)
+        out[role] = statistics.median(values) if values else None
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:]}
+    result["config"] = dict(vars(args))
+    result["handshake"] = []
+    for mode in ("off", "on", "off", "on"):
+        result["handshake"].append(await handshakes(mode, args.connects))
+        print(f"tls: handshake {result['handshake'][-1]}", flush=True)
+    runs: list[dict[str, Any]] = []
+    for rep in range(args.repeats):
+        for mode in ("on", "off") if rep % 2 == 0 else ("off", "on"):
+            fargs = fanout.parse_args(
+                [
+                    "--clients",
+                    str(args.clients),
+                    "--small-rates",
+                    args.small_rates,
+                    "--big-rates",
+                    args.big_rates,
+                    "--step-s",
+                    str(args.step_s),
+                    "--repeats",
+                    "1",
+                    "--profile",
+                    "no",
+                    "--wire-tls",
+                    mode,
+                ]
+            )
+            r = await fanout.run(fargs)
+            runs.append(
+                {
+                    "mode": mode,
+                    "repeat": rep,
+                    "steps": [
+                        {
+                            "scenario": s["scenario"],
+                            "offered_posts_s": s["offered_posts_s"],
+                            "gateway_cpu_us_per_delivery": s["gateway_cpu_us_per_delivery"],
+                            "lost": s["lost"],
+                            "foreign_cores": s.get("foreign_cores"),
+                            "publish_cpu_us_per_message": publish_path([s]),
+                        }
+                        for s in r["steps"]
+                    ],
+                }
+            )
+            print(f"tls: fleet run {mode}: {runs[-1]}", flush=True)
+    result["runs"] = runs
+    return result
+
+
+def med(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"# bench/tls: what mutual TLS costs ({result['machine'].get('cpu_model', '?')})", ""]
+    lines += ["| wire | connect + handshake + 1 ping, median ms | p99 ms | CPU µs per connect (both sides) |"]
+    lines += ["| --- | --- | --- | --- |"]
+    for mode in ("off", "on"):
+        hs = [h for h in result["handshake"] if h["mode"] == mode]
+        lines.append(
+            f"| {mode} | {med([h['median_ms'] for h in hs]):.3f} | {med([h['p99_ms'] for h in hs]):.3f} "
+            f"| {med([h['cpu_us_per_connect'] for h in hs]):.0f} |"
+        )
+    lines += ["", "| scenario | posts/s | wire | gateway CPU µs/delivery | webapp µs/msg | admin µs/msg | CS µs/msg |"]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
+    keys = sorted({(s["scenario"], s["offered_posts_s"]) for r in result["runs"] for s in r["steps"]})
+    growth = []
+    for scenario, rate in keys:
+        row: dict[str, float | None] = {}
+        for mode in ("off", "on"):
+            steps = [
+                s
+                for r in result["runs"]
+                if r["mode"] == mode
+                for s in r["steps"]
+                if (s["scenario"], s["offered_posts_s"]) == (scenario, rate)
+            ]
+            gw = med([s["gateway_cpu_us_per_delivery"] for s in steps])
+            pub = {
+                k: med([s["publish_cpu_us_per_message"][k] for s in steps])
+                for k in steps[0]["publish_cpu_us_per_message"]
+            }
+            row[mode] = gw
+
+            def f(v: float | None) -> str:
+                return "-" if v is None else f"{v:.1f}"
+
+            lines.append(
+                f"| {scenario} | {rate:g} | {mode} | {f(gw)} | {f(pub['webapp'])} | {f(pub['admin servers'])} "
+                f"| {f(pub['channel servers'])} |"
+            )
+        if row.get("off") and row.get("on"):
+            growth.append((scenario, rate, (row["on"] / row["off"] - 1) * 100))  # type: ignore[operator]
+    lines.append("")
+    for scenario, rate, pct in growth:
+        lines.append(f"- gateway CPU per delivery, {scenario} at {rate:g} posts/s: {pct:+.1f} % with TLS")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], name: str) -> None:
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_benchmark(NAME, parse_args(argv), run, render, plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

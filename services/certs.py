@@ -1,0 +1,230 @@
+"""The fleet's certificate authority and the certificates it issues.
+
+Pure functions make certificates (PEM bytes in, PEM bytes out, the clock is
+an argument); :class:`FleetCertificates` keeps them in one directory, the way
+``rtm up`` and ``deploy/`` use it::
+
+    DIR/ca.crt      the fleet CA (what every process trusts)
+    DIR/ca.key      the CA's private key (only the issuer needs it)
+    DIR/<name>.crt  one certificate per process, its identity as a URI SAN
+    DIR/<name>.key  spiffe://rtm/<service>/<instance>
+
+Every file is created with mode 0600 in one step (``os.open(..., 0o600)``
+on a temporary name, then renamed: :mod:`services.secret_file`), never
+chmod-ed afterwards. Keys are
+ECDSA P-256: a handshake signs once per side, and P-256 signs in tens of
+microseconds where RSA-2048 takes a millisecond.
+
+Rotation (:meth:`FleetCertificates.rotate`) makes a new CA and issues every
+certificate again from it; a certificate of the old CA is refused by every
+process that loaded the new ``ca.crt``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from services.identity import BadIdentity, PeerIdentity
+from services.secret_file import ensure_private_dir, replace_secret_file
+
+CA_VALID_DAYS = 3650
+CERT_VALID_DAYS = 365
+# Certificates start this long before "now": clocks of a fleet's machines differ a little.
+NOT_BEFORE_SKEW_S = 300
+CA_COMMON_NAME = "rtm fleet CA"
+CA_FILE = "ca.crt"
+CA_KEY_FILE = "ca.key"
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A certificate and its private key, PEM-encoded."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CertPaths:
+    """Where one process finds its credentials: the CA to trust, its certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def make_ca(now: datetime.datetime, valid_days: int = CA_VALID_DAYS, common_name: str = CA_COMMON_NAME) -> Issued:
+    """A self-signed fleet CA valid from ``now`` (less the skew) for ``valid_days``."""
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(seconds=NOT_BEFORE_SKEW_S))
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def issue(
+    ca: Issued,
+    identity: PeerIdentity,
+    now: datetime.datetime,
+    valid_days: float = CERT_VALID_DAYS,
+    not_before: datetime.datetime | None = None,
+) -> Issued:
+    """A certificate for ``identity`` signed by ``ca``, usable as TLS client and server.
+
+    The identity is the URI SAN ``spiffe://rtm/<service>/<instance>``; the
+    common name repeats it for humans (``openssl x509 -text``).
+    """
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the fleet CA key must be an EC key")
+    key = _new_key()
+    start = not_before or now - datetime.timedelta(seconds=NOT_BEFORE_SKEW_S)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity))]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri())]), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def identity_of(cert_pem: bytes) -> PeerIdentity:
+    """The fleet identity in a certificate's URI SAN; raises :class:`BadIdentity`."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise BadIdentity("certificate has no subject alternative name") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise BadIdentity(f"certificate must carry exactly one URI SAN, has {len(uris)}")
+    return PeerIdentity.from_uri(uris[0])
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write PEM ``data`` to ``path``, created 0600 in one step (:mod:`services.secret_file`)."""
+    replace_secret_file(path, data.decode("ascii"))
+
+
+class FleetCertificates:
+    """The fleet CA and its certificates in one directory (see the module doc)."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.dir = Path(directory)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.dir / CA_FILE
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.now(datetime.UTC)
+
+    def ensure_ca(self) -> Issued:
+        """The CA, created on first use (0700 directory, 0600 files), reused after."""
+        ensure_private_dir(self.dir)
+        cert, key = self.ca_path, self.dir / CA_KEY_FILE
+        if cert.exists() and key.exists():
+            return Issued(cert.read_bytes(), key.read_bytes())
+        ca = make_ca(self._now())
+        write_private(key, ca.key_pem)
+        write_private(cert, ca.cert_pem)
+        return ca
+
+    def paths(self, name: str) -> CertPaths:
+        return CertPaths(self.ca_path, self.dir / f"{name}.crt", self.dir / f"{name}.key")
+
+    def existing_identity(self, name: str) -> PeerIdentity | None:
+        """The identity of the certificate stored under ``name``, if there is one."""
+        path = self.paths(name).cert
+        if not path.exists():
+            return None
+        try:
+            return identity_of(path.read_bytes())
+        except (BadIdentity, ValueError):
+            return None
+
+    def ensure(self, name: str, identity: PeerIdentity) -> CertPaths:
+        """Credentials for ``identity`` under ``name``: reused when the stored
+        certificate names the same identity, issued (by the CA) otherwise."""
+        paths = self.paths(name)
+        if self.existing_identity(name) == identity and paths.key.exists():
+            return paths
+        issued = issue(self.ensure_ca(), identity, self._now())
+        write_private(paths.key, issued.key_pem)
+        write_private(paths.cert, issued.cert_pem)
+        return paths
+
+    def rotate(self) -> list[str]:
+        """A new CA, and every stored certificate issued again from it (same
+        names, same identities). Returns the names re-issued. Processes pick the
+        new files up when restarted; until then they refuse the new certificates
+        and the new ones refuse them (see docs/trust.md, Rotation)."""
+        names = sorted(p.stem for p in self.dir.glob("*.crt") if p.name != CA_FILE)
+        identities = {n: self.existing_identity(n) for n in names}
+        ca = make_ca(self._now())
+        write_private(self.dir / CA_KEY_FILE, ca.key_pem)
+        write_private(self.ca_path, ca.cert_pem)
+        done = []
+        for name, identity in identities.items():
+            if identity is None:
+                continue
+            issued = issue(ca, identity, self._now())
+            write_private(self.paths(name).key, issued.key_pem)
+            write_private(self.paths(name).cert, issued.cert_pem)
+            done.append(name)
+        return done

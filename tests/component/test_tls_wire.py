@@ -1,0 +1,271 @@
+"""Mutual TLS on the msgpack wire, over real localhost sockets: who gets in, who does not.
+
+Each refused peer gets no reply and a closed connection, and the server
+counts it (``on_refused``) and keeps serving its fleet peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services import wire
+from services.certs import FleetCertificates, issue, make_ca, write_private
+from services.connection import PeerConnection, PeerLink, connect, serve
+from services.errors import NotTrusted
+from services.identity import CHANNEL_SERVER, GATEWAY, PeerIdentity
+from services.tls import WireTrust, client_context
+from tests.support import DEFAULT_WAIT_S, FleetCA
+
+HOST = "127.0.0.1"
+
+
+class Server:
+    """A channel-server-like endpoint that answers ``ping`` with the caller's identity."""
+
+    def __init__(self, trust: WireTrust, handshake_timeout_s: float | None = None) -> None:
+        if handshake_timeout_s is not None:
+            trust = WireTrust(trust.identity, trust.server, trust.client, handshake_timeout_s)
+        self.trust = trust
+        self.refused: asyncio.Queue[tuple[str, BaseException]] = asyncio.Queue()
+        self.requests: list[dict[str, Any]] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    def handle(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
+        self.requests.append(msg)
+        return wire.reply_ok(msg["id"], you=str(conn.identity))
+
+    async def start(self) -> Server:
+        self.server = await serve(
+            HOST,
+            0,
+            lambda: PeerConnection(name="server", on_request=self.handle),
+            trust=self.trust,
+            on_refused=lambda source, exc: self.refused.put_nowait((source, exc)),
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+@pytest.fixture
+async def server(fleet_ca: FleetCA) -> AsyncIterator[Server]:
+    srv = await Server(fleet_ca.trust(CHANNEL_SERVER, "cs-1")).start()
+    yield srv
+    await srv.stop()
+
+
+async def assert_fleet_peer_served(fleet_ca: FleetCA, server: Server) -> None:
+    conn = await connect(HOST, server.port, PeerConnection, trust=fleet_ca.trust(GATEWAY, "gw-1"))
+    try:
+        assert (await conn.request({"op": "ping"}))["you"] == "gateway/gw-1"
+    finally:
+        conn.close()
+
+
+async def assert_refused(server: Server, reader: asyncio.StreamReader) -> BaseException:
+    try:
+        assert await asyncio.wait_for(reader.read(), DEFAULT_WAIT_S) == b""  # closed, nothing answered
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    source, exc = await asyncio.wait_for(server.refused.get(), DEFAULT_WAIT_S)
+    assert source == HOST
+    assert server.requests == []
+    return exc
+
+
+async def test_both_sides_see_the_others_identity(fleet_ca: FleetCA, server: Server) -> None:
+    conn = await connect(
+        HOST, server.port, PeerConnection, trust=fleet_ca.trust(GATEWAY, "gw-1"), expect=CHANNEL_SERVER
+    )
+    try:
+        assert conn.identity == PeerIdentity(CHANNEL_SERVER, "cs-1")
+        assert (await conn.request({"op": "ping"}))["you"] == "gateway/gw-1"
+    finally:
+        conn.close()
+
+
+async def test_a_plaintext_stranger_gets_nothing(fleet_ca: FleetCA, server: Server) -> None:
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    writer.write(wire.encode({"op": "sub", "id": 1, "gw": "gw-1", "chans": [["C1", 0]]}))
+    exc = await assert_refused(server, reader)
+    assert isinstance(exc, ssl.SSLError)
+    writer.close()
+    await assert_fleet_peer_served(fleet_ca, server)
+
+
+async def tls_stranger(server: Server, ca: Path, cert: Path, key: Path) -> tuple[Any, Any]:
+    """Dial with a client that trusts the server but presents ``cert``."""
+    ctx = client_context(ca, cert, key)
+    return await asyncio.open_connection(HOST, server.port, ssl=ctx)
+
+
+def write_pair(tmp: Path, name: str, cert_pem: bytes, key_pem: bytes) -> tuple[Path, Path]:
+    write_private(tmp / f"{name}.crt", cert_pem)
+    write_private(tmp / f"{name}.key", key_pem)
+    return tmp / f"{name}.crt", tmp / f"{name}.key"
+
+
+async def test_no_client_certificate_is_refused(fleet_ca: FleetCA, server: Server) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(fleet_ca.certs.ca_path)
+    reader, writer = await asyncio.open_connection(HOST, server.port, ssl=ctx)
+    writer.write(wire.encode({"op": "ping", "id": 1}))
+    await assert_refused(server, reader)
+    writer.close()
+    await assert_fleet_peer_served(fleet_ca, server)
+
+
+async def test_a_certificate_of_another_ca_is_refused(fleet_ca: FleetCA, server: Server, tmp_path: Path) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    other = issue(make_ca(now), PeerIdentity(GATEWAY, "gw-1"), now)  # same name, wrong CA
+    cert, key = write_pair(tmp_path, "other", other.cert_pem, other.key_pem)
+    reader, writer = await tls_stranger(server, fleet_ca.certs.ca_path, cert, key)
+    writer.write(wire.encode({"op": "ping", "id": 1}))
+    exc = await assert_refused(server, reader)
+    assert "certificate" in str(exc).lower()
+    writer.close()
+    await assert_fleet_peer_served(fleet_ca, server)
+
+
+async def test_an_expired_certificate_is_refused(fleet_ca: FleetCA, server: Server, tmp_path: Path) -> None:
+    ca = fleet_ca.certs.ensure_ca()
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    expired = issue(ca, PeerIdentity(GATEWAY, "gw-1"), long_ago, valid_days=1)
+    cert, key = write_pair(tmp_path, "expired", expired.cert_pem, expired.key_pem)
+    reader, writer = await tls_stranger(server, fleet_ca.certs.ca_path, cert, key)
+    writer.write(wire.encode({"op": "ping", "id": 1}))
+    exc = await assert_refused(server, reader)
+    assert "expired" in str(exc).lower()
+    writer.close()
+
+
+async def test_a_certificate_from_before_a_ca_rotation_is_refused(tmp_path: Path) -> None:
+    certs = FleetCertificates(tmp_path / "tls")
+    old = certs.ensure("gw-1", PeerIdentity(GATEWAY, "gw-1"))
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    old_cert, old_key = write_pair(old_dir, "gw-1", old.cert.read_bytes(), old.key.read_bytes())
+    old_ca, _ = write_pair(old_dir, "ca", certs.ca_path.read_bytes(), b"")
+    certs.ensure("cs-1", PeerIdentity(CHANNEL_SERVER, "cs-1"))
+    certs.rotate()
+    new = certs.paths("cs-1")
+    server = await Server(WireTrust.load(new.ca, new.cert, new.key)).start()
+    try:
+        # The old gateway certificate, presented to a server that loaded the rotated CA.
+        reader, writer = await tls_stranger(server, new.ca, old_cert, old_key)
+        writer.write(wire.encode({"op": "ping", "id": 1}))
+        await assert_refused(server, reader)
+        writer.close()
+        # And a process still on the old CA does not accept the new server either.
+        with pytest.raises(ssl.SSLError):
+            await connect(HOST, server.port, PeerConnection, trust=WireTrust.load(old_ca, old_cert, old_key))
+        rotated = certs.paths("gw-1")
+        conn = await connect(
+            HOST, server.port, PeerConnection, trust=WireTrust.load(rotated.ca, rotated.cert, rotated.key)
+        )
+        assert (await conn.request({"op": "ping"}))["you"] == "gateway/gw-1"
+        conn.close()
+    finally:
+        await server.stop()
+
+
+async def test_a_ca_signed_certificate_without_a_fleet_identity_is_refused(
+    fleet_ca: FleetCA, server: Server, tmp_path: Path
+) -> None:
+    ca = fleet_ca.certs.ensure_ca()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no identity")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    cert_path, key_path = write_pair(tmp_path, "anon", cert.public_bytes(serialization.Encoding.PEM), pem_key)
+    reader, writer = await tls_stranger(server, fleet_ca.certs.ca_path, cert_path, key_path)
+    writer.write(wire.encode({"op": "ping", "id": 1}))
+    exc = await assert_refused(server, reader)
+    assert "URI SAN" in str(exc)
+    writer.close()
+
+
+async def test_a_handshake_that_never_finishes_is_closed(fleet_ca: FleetCA) -> None:
+    server = await Server(fleet_ca.trust(CHANNEL_SERVER, "cs-1"), handshake_timeout_s=0.3).start()
+    try:
+        reader, writer = await asyncio.open_connection(HOST, server.port)  # connects, never says hello
+        exc = await assert_refused(server, reader)
+        assert isinstance(exc, ConnectionError | TimeoutError)
+        writer.close()
+    finally:
+        await server.stop()
+
+
+async def test_a_client_refuses_a_server_of_the_wrong_service(fleet_ca: FleetCA, server: Server) -> None:
+    with pytest.raises(NotTrusted):
+        await connect(HOST, server.port, PeerConnection, trust=fleet_ca.trust(GATEWAY, "gw-1"), expect="presence")
+
+
+async def test_a_peer_link_dials_with_tls(fleet_ca: FleetCA, server: Server) -> None:
+    link = PeerLink(
+        "gw->cs",
+        address=lambda: (HOST, server.port),
+        factory=PeerConnection,
+        trust=fleet_ca.trust(GATEWAY, "gw-1"),
+        expect=CHANNEL_SERVER,
+    )
+    link.start()
+    try:
+        assert (await link.request({"op": "ping"}, DEFAULT_WAIT_S))["you"] == "gateway/gw-1"
+    finally:
+        await link.close()
+
+
+async def test_the_wire_works_on_uvloop_too(fleet_ca: FleetCA) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> str:
+        server = await Server(fleet_ca.trust(CHANNEL_SERVER, "cs-1")).start()
+        try:
+            conn = await connect(HOST, server.port, PeerConnection, trust=fleet_ca.trust(GATEWAY, "gw-1"))
+            reply = await conn.request({"op": "ping"})
+            server.requests.clear()
+            reader, writer = await asyncio.open_connection(HOST, server.port)
+            writer.write(b"garbage")
+            await assert_refused(server, reader)
+            writer.close()
+            conn.close()
+            return str(reply["you"])
+        finally:
+            await server.stop()
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert await asyncio.to_thread(loop.run_until_complete, run()) == "gateway/gw-1"
+    finally:
+        loop.close()

@@ -1,0 +1,103 @@
+"""The role table: every (server, sender role, op) decision, and the gw claim."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.authz import PERMISSIONS, Authorizer
+from services.identity import (
+    ADMIN_SERVER,
+    CHANNEL_SERVER,
+    CHARM,
+    GATEWAY,
+    OPERATOR,
+    PRESENCE,
+    SERVICES,
+    WEBAPP,
+    PeerIdentity,
+)
+
+ALL_OPS = ("pub", "sub", "unsub", "ping", "lease", "release", "query", "online", "offline", "psub", "punsub")
+ALL_OPS += ("synced", "get_presence", "set_presence", "ring_add_slot", "ring_remove_slot", "moved", "ev", "seqs")
+ALLOWED = {
+    (ADMIN_SERVER, WEBAPP): {"pub"},
+    (CHANNEL_SERVER, ADMIN_SERVER): {"pub"},
+    (CHANNEL_SERVER, GATEWAY): {"sub", "unsub", "seqs", "pub"},  # pub: transient only, below
+    (PRESENCE, GATEWAY): {"lease", "release", "query", "online", "offline", "psub", "punsub", "synced"},
+    (PRESENCE, WEBAPP): {"get_presence", "set_presence"},
+    (CHARM, OPERATOR): {"ring_add_slot", "ring_remove_slot"},
+}
+
+
+@pytest.mark.parametrize("server", [ADMIN_SERVER, CHANNEL_SERVER, PRESENCE, CHARM])
+@pytest.mark.parametrize("role", SERVICES)
+def test_the_table_allows_exactly_what_docs_trust_says(server: str, role: str) -> None:
+    authz = Authorizer(server, enforcing=True)
+    me = PeerIdentity(role, "i-1")
+    for op in ALL_OPS:
+        msg = {"op": op, "gw": "i-1", "seq": None}
+        allowed = op == "ping" or op in ALLOWED.get((server, role), set())
+        assert (authz.check(me, msg) is None) == allowed, (server, role, op)
+
+
+def test_a_gateway_publishes_only_transient_events() -> None:
+    authz = Authorizer(CHANNEL_SERVER, enforcing=True)
+    gw = PeerIdentity(GATEWAY, "gw-1")
+    assert authz.check(gw, {"op": "pub", "ch": "C1", "seq": None}) is None
+    assert authz.check(gw, {"op": "pub", "ch": "C1"}) is None
+    refusal = authz.check(gw, {"op": "pub", "ch": "C1", "seq": 7})
+    assert refusal is not None and "transient" in refusal.detail
+    assert authz.check(PeerIdentity(ADMIN_SERVER, "as-0"), {"op": "pub", "seq": 7}) is None
+
+
+@pytest.mark.parametrize("server,op", [(CHANNEL_SERVER, "sub"), (PRESENCE, "online"), (PRESENCE, "release")])
+def test_a_gateway_speaks_only_as_its_own_id(server: str, op: str) -> None:
+    authz = Authorizer(server, enforcing=True)
+    assert authz.check(PeerIdentity(GATEWAY, "gw-1"), {"op": op, "gw": "gw-1"}) is None
+    refusal = authz.check(PeerIdentity(GATEWAY, "gw-1"), {"op": op, "gw": "gw-2"})
+    assert refusal is not None and "gw-2" in refusal.detail
+
+
+def test_refusals_answer_forbidden_and_are_counted() -> None:
+    counted: list[str] = []
+    authz = Authorizer(CHARM, enforcing=True, count=counted.append)
+    refusal = authz.check(PeerIdentity(GATEWAY, "gw-1"), {"op": "ring_add_slot"})
+    assert refusal is not None
+    assert authz.refuse(refusal, 5) == {"op": "err", "id": 5, "code": "forbidden", "detail": refusal.detail}
+    assert authz.refuse(refusal, None) is None  # a push: no reply
+    assert counted == ["forbidden", "forbidden"]
+
+
+def test_no_identity_is_refused_and_off_checks_nothing() -> None:
+    assert Authorizer(ADMIN_SERVER, enforcing=True).check(None, {"op": "ping"}) is not None
+    assert Authorizer(ADMIN_SERVER, enforcing=False).check(None, {"op": "pub"}) is None
+
+
+def test_every_server_in_the_table_is_a_service() -> None:
+    assert set(PERMISSIONS) <= set(SERVICES)
+    for rules in PERMISSIONS.values():
+        assert set(rules) <= set(SERVICES)
+
+
+def test_the_table_agrees_with_the_op_tables_senders() -> None:
+    """services/ops.py declares who sends each op; every grant here is one of those, and every
+    server-bound op's sender has a grant somewhere (so a new op cannot be forgotten here)."""
+    import inspect
+
+    from services import ops
+
+    granted: dict[str, set[str]] = {}
+    for rules in PERMISSIONS.values():
+        for role, names in rules.items():
+            for name in names:
+                granted.setdefault(name.split(":")[0], set()).add(role)
+    declared = {
+        cls.OP: set(cls.SENT_BY)
+        for _, cls in inspect.getmembers(ops, inspect.isclass)
+        if issubclass(cls, ops.Op) and cls is not ops.Op and getattr(cls, "OP", None)
+    }
+    for name, roles in granted.items():
+        assert roles <= declared[name], (name, roles, declared[name])
+    server_bound = {n: r for n, r in declared.items() if not r <= {CHANNEL_SERVER, PRESENCE} and n != "ping"}
+    for name, roles in server_bound.items():
+        assert granted.get(name) == roles, (name, granted.get(name), roles)
