@@ -26,7 +26,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.harness import FLEET_READY_TIMEOUT_S, REPO_ROOT, FleetRun, LoadClient, LoadClients, free_port_base
+from bench.harness import FLEET_READY_TIMEOUT_S, REPO_ROOT, FleetRun, LoadClient, LoadClients
+from rtmctl.ports import free_port_base
 
 
 def now_us() -> int:

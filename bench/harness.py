@@ -22,11 +22,9 @@ import datetime as _dt
 import json
 import os
 import platform
-import random
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from rtmctl.ports import free_port_base
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -109,25 +109,6 @@ def raise_nofile(want: int) -> tuple[int, int]:
     except (ValueError, OSError):
         pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def free_port_base(span: int = 200, host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """A base B such that ports B..B+span all bind now (for ``rtm up --port-base``)."""
-    for _ in range(attempts):
-        base = random.randrange(20000, 32000 - span)  # below the ephemeral range
-        socks = []
-        try:
-            for port in range(base, base + span):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no free range of {span} ports")
 
 
 def rtm_env(**extra: str) -> dict[str, str]:
