@@ -34,16 +34,6 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def pct(a: Any, q: float) -> float | None:
-    a = np.asarray(a, dtype=float)
-    return float(np.percentile(a, q)) if len(a) else None
-
-
-def med(values: list[Any]) -> float | None:
-    vals = [v for v in values if v is not None and v == v]
-    return float(np.median(vals)) if vals else None
-
-
 # -- the fleet, with its log -------------------------------------------------------------------
 
 
