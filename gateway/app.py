@@ -141,6 +141,7 @@ class Gateway:
             presence=self.presence,
             frames=self.client_messages,
             socket_mode=self.socket_mode.serve,
+            socket_mode_admit=self.socket_mode.admit,
         )
 
     def _gauges(self, m: ServiceMetrics) -> None:

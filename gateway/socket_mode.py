@@ -32,12 +32,14 @@ import itertools
 import json
 import logging
 import time
+import weakref
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request
 
 from gateway.app_events import AppProfile, app_events, event_callback
 from gateway.client_socket import ClientConnection, ClientSocket, Cork
@@ -46,7 +48,7 @@ from gateway.state import Effects, GatewayState, Session, _payload_of, text_fram
 from gateway.webapp_client import WebappCalls
 from services.errors import CloseCode
 from services.metrics import ServiceMetrics
-from services.ticket import InvalidTicket
+from services.ticket import InvalidTicket, Ticket
 
 log = logging.getLogger("rtm.gateway.socket_mode")
 
@@ -86,6 +88,27 @@ class AppGateway(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """A Socket Mode connection's verified ticket and its bootstrap, taken before the upgrade."""
+
+    ticket: Ticket
+    boot: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a Socket Mode connection is refused: its connects outcome, error kind and close."""
+
+    outcome: str
+    error: str
+    code: int
+    reason: str
+
+
+Admission = Admitted | Refusal
+
+
 @dataclass
 class AppLink:
     profile: AppProfile
@@ -103,6 +126,9 @@ class SocketMode:
         self.links: dict[str, AppLink] = {}  # app id -> link
         self.by_sid: dict[int, AppLink] = {}  # the link's session sid -> link
         self.ids = itertools.count(1)
+        # outcomes of admit(), taken before the upgrade, until serve() picks them up;
+        # weak, so a handshake that fails after admit() leaves nothing behind
+        self.admissions: weakref.WeakKeyDictionary[ClientConnection, Admission] = weakref.WeakKeyDictionary()
         m = gateway.metrics
         self.envelopes = m.counter(
             "rtm_gw_socket_mode_envelopes_total",
@@ -125,30 +151,32 @@ class SocketMode:
         return session.sid in self.by_sid
 
     # -- connections --------------------------------------------------------------------
-    async def serve(self, ws: ClientConnection) -> None:
-        """One Socket Mode connection, from its ticket to its close."""
+    async def admit(self, ws: ClientConnection, request: Request) -> None:
+        """Before the websocket upgrade: verify the ticket and bootstrap, so the app's
+        channel positions are taken before its SDK sees the connection open.
+
+        slack_sdk's built-in client reports itself connected at the HTTP 101 and does not
+        wait for ``hello``; an event posted in between must still reach the app. Taking
+        the positions only after the 101 (as an RTM connection may, whose clients wait
+        for ``hello``) would put such an event before the link's start: lost.
+        :meth:`serve` uses the outcome kept here (a refusal is still a close code).
+        """
+        self.admissions[ws] = await self._admission(request.path)
+
+    async def _admission(self, path: str) -> Admission:
         gateway = self.gateway
         if gateway.stopping or gateway.region_drain.draining:
-            self.connects.labels("draining").inc()
-            await self._disconnect(ws, "refresh_requested")
-            return
-        path = ws.request.path if ws.request is not None else ""
+            return Refusal("draining", "", 0, "")  # serve() says disconnect itself
         query = parse_qs(urlparse(path).query)
         try:
             ticket = gateway.listener.verifier.verify((query.get("ticket") or [""])[0], time.time())
             if not ticket.app or (query.get("app_id") or [ticket.app])[0] != ticket.app:
                 raise InvalidTicket("not a Socket Mode ticket")
         except InvalidTicket as exc:
-            self.connects.labels("invalid_ticket").inc()
-            gateway.metrics.error("invalid_ticket")
-            await ws.close(CloseCode.INVALID_TICKET, str(exc))
-            return
-        link = self.links.get(ticket.app)
-        if link is not None and len(link.conns) >= MAX_CONNECTIONS_PER_APP:
-            self.connects.labels("too_many").inc()
-            gateway.metrics.error("socket_mode_too_many_connections")
-            await ws.close(CloseCode.TOO_MANY_CONNECTIONS, f"at most {MAX_CONNECTIONS_PER_APP} connections per app")
-            return
+            return Refusal("invalid_ticket", "invalid_ticket", CloseCode.INVALID_TICKET, str(exc))
+        too_many = self._too_many(ticket.app)
+        if too_many is not None:
+            return too_many
         try:
             request: dict[str, Any] = {"user": ticket.user, "app": ticket.app}
             if ticket.resume:
@@ -156,10 +184,44 @@ class SocketMode:
             boot = await gateway.webapp.call("/internal/bootstrap", request)
         except Exception as exc:
             log.warning("bootstrap for app %s failed: %s", ticket.app, exc)
-            self.connects.labels("bootstrap_failed").inc()
-            gateway.metrics.error("bootstrap_failed")
-            await ws.close(CloseCode.BOOTSTRAP_FAILED, "bootstrap failed, call apps.connections.open again")
+            return Refusal(
+                "bootstrap_failed",
+                "bootstrap_failed",
+                CloseCode.BOOTSTRAP_FAILED,
+                "bootstrap failed, call apps.connections.open again",
+            )
+        return Admitted(ticket, boot)
+
+    def _too_many(self, app_id: str) -> Refusal | None:
+        link = self.links.get(app_id)
+        if link is not None and len(link.conns) >= MAX_CONNECTIONS_PER_APP:
+            return Refusal(
+                "too_many",
+                "socket_mode_too_many_connections",
+                CloseCode.TOO_MANY_CONNECTIONS,
+                f"at most {MAX_CONNECTIONS_PER_APP} connections per app",
+            )
+        return None
+
+    async def serve(self, ws: ClientConnection) -> None:
+        """One Socket Mode connection, from its ticket to its close."""
+        gateway = self.gateway
+        admission = self.admissions.pop(ws, None)
+        if admission is None:  # not admitted before the upgrade (no admit hook): do it now
+            admission = await self._admission(ws.request.path if ws.request is not None else "")
+        if isinstance(admission, Admitted) and (gateway.stopping or gateway.region_drain.draining):
+            admission = Refusal("draining", "", 0, "")  # began draining during the upgrade
+        if isinstance(admission, Admitted):
+            admission = self._too_many(admission.ticket.app) or admission  # others connected meanwhile
+        if isinstance(admission, Refusal):
+            self.connects.labels(admission.outcome).inc()
+            if admission.outcome == "draining":
+                await self._disconnect(ws, "refresh_requested")
+                return
+            gateway.metrics.error(admission.error)
+            await ws.close(admission.code, admission.reason)
             return
+        ticket, boot = admission.ticket, admission.boot
         now = time.monotonic()
         link = self.links.get(ticket.app)
         if link is None:
