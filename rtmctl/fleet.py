@@ -533,6 +533,14 @@ def build_parser() -> Parser:
     return parser
 
 
+def say(text: str, *, error: bool = False) -> None:
+    """Print for the operator; a closed terminal or pipe must never stop the fleet's teardown."""
+    try:
+        print(text, file=sys.stderr if error else sys.stdout, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError when whoever read our output is gone
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fleet = Fleet(args)
@@ -542,19 +550,20 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    # Whatever ends this function (a signal, a failed start, a reader of our output that went
+    # away mid-print), the processes started so far are stopped: rtm up leaves none behind.
     try:
-        fleet.up()
-    except (LaunchError, OSError) as exc:
-        print(f"rtm up: failed to start the fleet: {exc}", file=sys.stderr)
-        fleet.down()
-        return 1
-    fleet.print_ready()
-    if not sys.stdout.isatty():  # the machine-readable line, for scripts and tests
-        announce_ready({"service": "fleet", "id": "rtm-up", **fleet.fleet_info()})
-    try:
+        try:
+            fleet.up()
+        except (LaunchError, OSError) as exc:
+            say(f"rtm up: failed to start the fleet: {exc}", error=True)
+            return 1
+        fleet.print_ready()
+        if not sys.stdout.isatty():  # the machine-readable line, for scripts and tests
+            announce_ready({"service": "fleet", "id": "rtm-up", **fleet.fleet_info()})
         fleet.supervise()
+        return 0
     finally:
-        print("\nrtm up: stopping the fleet...", flush=True)
+        say("\nrtm up: stopping the fleet...")
         fleet.down()
-        print("rtm up: stopped.", flush=True)
-    return 0
+        say("rtm up: stopped.")
