@@ -9,10 +9,14 @@ and only to a peer with a fleet client certificate of role ``gateway``
   "channels": [{"id": C, "seq": last_seq}, ...], "resumed": bool}``
   (conversations + the user's own channel + the team channel). With a live
   ``resume`` record of that user, its channels carry the recorded seq instead
-  and ``resumed`` is true (see :mod:`webapp_stub.resume`).
-* ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq}}``
-  -> ``{"ok": true, "resume": id}``: a gateway about to move a connection
-  records where it stopped; the user's next ``rtm.connect`` claims it.
+  and ``resumed`` is true (see :mod:`webapp_stub.resume`); the channels are then
+  the ones the user was in at the record's position, and ``until`` (if any)
+  names, per channel, the seq of a leave the connection is still owed events
+  up to (docs/design.md, "Resume: joins and leaves while away").
+* ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq},
+  "until": {C: leave_seq}?}`` -> ``{"ok": true, "resume": id}``: a gateway about
+  to move a connection records where it stopped (and the leaves it had not
+  reached yet); the user's next ``rtm.connect`` claims it.
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
   ``{"ok": true, "events": [{"seq", "json", "ctl", "t0"}, ...], "has_more"}``.
 * ``POST /internal/call/<method>`` ``{"user": U, ...args}`` -> the same reply
@@ -92,10 +96,11 @@ class InternalEndpoints:
             args = await self._internal_args(request)
             user_id = str(args.get("user") or "")
             rid = args.get("resume")
-            resume = self.api.resume.take(str(rid), user_id) if rid else None
+            record = self.api.resume.take_record(str(rid), user_id) if rid else None
+            resume = record.channels if record is not None else None
             if rid:
                 self.api.resumes.labels("used" if resume is not None else "expired").inc()
-            boot = self.api.store.bootstrap(user_id, resume)
+            boot = self.api.store.bootstrap(user_id, resume, record.until if record is not None else None)
             if boot is None:
                 raise ApiError("user_not_found")
             self.api.last_seen[user_id] = self.api.clock()
@@ -123,16 +128,9 @@ class InternalEndpoints:
             user_id = str(args.get("user") or "")
             if not user_id or self.api.store.user(user_id) is None:
                 raise ApiError("user_not_found")
-            channels = args.get("channels")
-            if not isinstance(channels, dict) or len(channels) > MAX_RESUME_CHANNELS:
-                raise ApiError("invalid_arguments")
-            try:
-                seqs = {str(ch): int(seq) for ch, seq in channels.items()}
-            except (TypeError, ValueError, OverflowError):
-                raise ApiError("invalid_arguments") from None
-            if any(seq < 0 or seq > MAX_SQL_INT for seq in seqs.values()):
-                raise ApiError("invalid_arguments")
-            body: dict[str, Any] = {"ok": True, "resume": self.api.resume.add(user_id, seqs)}
+            seqs = _channel_seqs(args.get("channels"))
+            until = _channel_seqs(args.get("until") or {})
+            body: dict[str, Any] = {"ok": True, "resume": self.api.resume.add(user_id, seqs, until)}
             self.api.resumes.labels("recorded").inc()
         except ApiError as exc:
             self.api.metrics.error(exc.code)
@@ -203,3 +201,16 @@ class InternalEndpoints:
         await self.api.durable()
         self.api.count_request(f"internal.{label}", "ok" if body["ok"] else outcome)
         return web.json_response(body, status=status, headers=headers)
+
+
+def _channel_seqs(value: Any) -> dict[str, int]:
+    """A resume record's ``{channel: seq}`` map, checked; raises ``invalid_arguments``."""
+    if not isinstance(value, dict) or len(value) > MAX_RESUME_CHANNELS:
+        raise ApiError("invalid_arguments")
+    try:
+        seqs = {str(ch): int(seq) for ch, seq in value.items()}
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError("invalid_arguments") from None
+    if any(seq < 0 or seq > MAX_SQL_INT for seq in seqs.values()):
+        raise ApiError("invalid_arguments")
+    return seqs

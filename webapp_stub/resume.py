@@ -29,7 +29,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Long enough for a client to notice goodbye, call rtm.connect (which it may
 # retry with backoff) and reconnect; short enough that a client that never
@@ -46,6 +46,8 @@ class ResumeRecord:
     channels: dict[str, int]  # channel -> last seq the moved connection delivered
     expires_at: float
     claimed: bool = False
+    # channel -> seq of a leave the connection had not yet reached (it is owed the events up to it)
+    until: dict[str, int] = field(default_factory=dict)
 
 
 class ResumeBook:
@@ -66,12 +68,15 @@ class ResumeBook:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, user: str, channels: dict[str, int]) -> str:
-        """Record where a moved connection of ``user`` stopped; returns the record id."""
+    def add(self, user: str, channels: dict[str, int], until: dict[str, int] | None = None) -> str:
+        """Record where a moved connection of ``user`` stopped (and the leaves it had not reached
+        yet, ``until``); returns the record id."""
         self._expire()
         while len(self._records) >= self.max_records:
             self._drop(next(iter(self._records)))
-        record = ResumeRecord(secrets.token_urlsafe(12), user, dict(channels), self.clock() + self.ttl_s)
+        record = ResumeRecord(
+            secrets.token_urlsafe(12), user, dict(channels), self.clock() + self.ttl_s, until=dict(until or {})
+        )
         self._records[record.id] = record
         self._pending.setdefault(user, deque()).append(record.id)
         return record.id
@@ -102,12 +107,17 @@ class ResumeBook:
 
     def take(self, rid: str, user: str) -> dict[str, int] | None:
         """Remove and return the channels of record ``rid`` if it is live and ``user``'s."""
+        record = self.take_record(rid, user)
+        return None if record is None else record.channels
+
+    def take_record(self, rid: str, user: str) -> ResumeRecord | None:
+        """Remove and return record ``rid`` if it is live and ``user``'s."""
         self._expire()
         record = self._records.get(rid)
         if record is None or record.user != user:
             return None
         self._drop(rid)
-        return record.channels
+        return record
 
     def _drop(self, rid: str) -> None:
         record = self._records.pop(rid, None)

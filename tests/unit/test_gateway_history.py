@@ -52,7 +52,8 @@ async def test_a_read_pages_through_long_histories(parts: Parts, monkeypatch: An
     monkeypatch.setattr(gateway.history, "HISTORY_PAGE_EVENTS", 3)
     webapp = parts.history.webapp = HeldHistoryWebapp("C1", 10)
     webapp.release.set()
-    events = await parts.history.read_history("C1", 2, 9)
+    events, ctls = await parts.history.read_history("C1", 2, 9)
+    assert ctls == []
     assert [seq for seq, _ in events] == list(range(3, 10))
     assert [c["after_seq"] for c in webapp.calls] == [2, 5, 8]
 
