@@ -715,3 +715,16 @@ def test_dead_letter_lifecycle(store: Store, demo: dict, clock: FakeClock) -> No
     store.resolve_dead_letter(event.channel, event.seq)
     assert store.dead_letters() == [] and store.parked_count() == 0
     assert store.dead_letters(("delivered",))[0].redrives == 2
+
+
+def test_resumed_bootstrap_keeps_a_leave_the_moved_connection_had_not_reached(store: Store, demo: dict) -> None:
+    """Moved twice: the first gateway saw the leave but had not delivered the channel up to it."""
+    alice, random_ch = user(store, demo, "alice"), channel(store, demo, "random")
+    store.post_message(random_ch, alice, "m1")
+    _, left = store.leave_channel(random_ch, alice)
+    upto = left[0].seq
+    record = {alice.id: store.last_seq(alice.id), random_ch.id: 0, alice.team: 0}  # past the leave
+    boot = store.bootstrap(alice.id, record, {random_ch.id: upto, "CNOTINRECORD": 3})
+    seqs = {c["id"]: c["seq"] for c in boot["channels"]}
+    assert seqs[random_ch.id] == 0 and boot["until"] == {random_ch.id: upto}
+    assert "CNOTINRECORD" not in seqs
