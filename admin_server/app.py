@@ -6,8 +6,15 @@ refreshes the ring and retries, with backoff, for at most
 ``--route-budget-s`` seconds; after that it answers ``unavailable`` and the
 webapp's ordered hand-off retries. Forwarding keeps arrival order: a request
 is written to the owner's connection before the next one is read, and while
-one publish for a slot is retrying (the slot is failing over), later ones for
-that slot queue behind it instead of racing it to the new owner.
+one publish for a slot is retrying (the slot is failing over), the others of
+that slot queue behind it, in order, instead of racing it to the new owner.
+
+The common case has no task per publish (issue 17, docs/publish-path.md):
+when the owner is known, its link is up and no publish of the slot is on the
+slow path, :meth:`AdminServer.forward_now` writes the publish at once and the
+webapp is answered from the reply's callback. Both sides' connections are
+corked, so the publishes of one read leave in one write per channel server
+and their ``ok``s in one write back to the webapp.
 
 Every ``pub`` is parsed into :class:`services.ops.Publish` first (a bad one
 is answered ``err bad_request`` and counted, and forwards nothing). At most
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from services import ops, wire
@@ -30,7 +38,15 @@ from services.config import Parser, advertised, service_parser
 from services.connection import PeerConnection, PeerLimits, PeerLink, backoff_delays, serve
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery, Instance
-from services.errors import BadMessage, ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout
+from services.errors import (
+    BadMessage,
+    ConnectionLost,
+    ErrorCode,
+    NotOwner,
+    PeerError,
+    RequestTimeout,
+    SendBufferFull,
+)
 from services.identity import CHANNEL_SERVER
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
@@ -61,6 +77,8 @@ class AdminServer:
         # Slots whose owner is failing: later publishes for the slot wait here
         # (in arrival order) until the first one gets through or gives up.
         self.held_slots: dict[str, asyncio.Future[None]] = {}
+        # Slots with publishes on the slow path (tasks): later ones of the slot join them there.
+        self.slow_slots: dict[str, int] = {}
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
         self.trust = trust_from_args(args, SERVICE)
@@ -131,7 +149,7 @@ class AdminServer:
             link = PeerLink(
                 f"{self.instance_id}->{cs_id}",
                 address=lambda: self.channel_servers.address(cs_id),
-                factory=lambda: PeerConnection(name=f"{self.instance_id}->{cs_id}"),
+                factory=lambda: PeerConnection(name=f"{self.instance_id}->{cs_id}", coalesce_writes=True),
                 trust=self.trust,
                 expect=CHANNEL_SERVER,
             )
@@ -146,6 +164,7 @@ class AdminServer:
             on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
             on_bad_message=self.count_bad_message,
             limits=PeerLimits.from_args(self.args),
+            coalesce_writes=True,
         )
 
     def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
@@ -169,15 +188,90 @@ class AdminServer:
                 request_id, ErrorCode.UNAVAILABLE, f"{self.pubs_in_flight} publishes in flight here; retry"
             )
         self.pubs_in_flight += 1  # counted now: several pubs of one read are all dispatched before any task runs
+        fast = self.forward_now(request_id, pub)
+        if fast is not None:
+            return fast
         return self.forward(request_id, pub)
 
-    async def forward(self, request_id: int, record: ops.Publish) -> dict[str, Any]:
+    def forward_now(self, request_id: int, record: ops.Publish) -> asyncio.Future[dict[str, Any]] | None:
+        """The common case, without a task: the owner is known and its link is up, so the
+        publish is written to it now (in arrival order) and answered from the reply's
+        callback. None when the slow path must take it: no live owner, no connection yet,
+        or an earlier publish of the same slot still on the slow path (it must not be
+        overtaken). A fast attempt that fails with ``not_owner`` or a lost connection
+        continues on the slow path, with its retries and the route budget."""
+        channel = record.ch
+        ring = self.follower.ring
+        slot = ring.slot_for(channel) or ""
+        if slot in self.slow_slots:
+            return None
+        owner = ring.owner_for(channel)
+        if owner is None or owner not in self.channel_servers.instances:
+            return None
+        link = self.links.get(owner)
+        conn = link.conn if link is not None and link.connected else None
+        if conn is None:
+            return None
+        pub = record.to_message()
+        pub["rv"] = ring.version
+        try:
+            reply = conn.begin_request(pub, timeout_s=FORWARD_TIMEOUT_S)
+        except (ConnectionLost, SendBufferFull):
+            return None
+        started = time.monotonic()
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        reply.add_done_callback(lambda done: self._forwarded(done, answer, request_id, record, owner, started))
+        return answer
+
+    def _forwarded(
+        self,
+        done: asyncio.Future[dict[str, Any]],
+        answer: asyncio.Future[dict[str, Any]],
+        request_id: int,
+        record: ops.Publish,
+        owner: str,
+        started: float,
+    ) -> None:
+        """The owner answered a fast-path publish (see :meth:`forward_now`)."""
+        exc = None if done.cancelled() else done.exception()
+        if isinstance(exc, (NotOwner, ConnectionLost, RequestTimeout)) or done.cancelled():
+            self.retries.labels("not_owner" if isinstance(exc, NotOwner) else "unreachable").inc()
+            retry = asyncio.ensure_future(self.forward(request_id, record))  # uncounts it when done
+            retry.add_done_callback(lambda task: _settle(answer, task))
+            return
+        self.pubs_in_flight -= 1
+        if isinstance(exc, PeerError):
+            self.metrics.error("cs_" + exc.code)
+            answer.set_result(wire.reply_err(request_id, exc.code, str(exc)))
+            return
+        if exc is not None:
+            answer.set_exception(exc)
+            return
+        self.forwarded.inc()
+        self.latency.observe(time.monotonic() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("forwarded %s to %s", record.eid, owner, extra={"eid": record.eid, "channel": record.ch})
+        answer.set_result(wire.reply_ok(request_id, cs=owner, duplicate=bool(done.result().get("duplicate"))))
+
+    def forward(self, request_id: int, record: ops.Publish) -> Awaitable[dict[str, Any]]:
         """Deliver one publish to the channel's owner, retrying within the budget
-        (the caller counted it in :attr:`pubs_in_flight`; this uncounts it)."""
+        (the caller counted it in :attr:`pubs_in_flight`; this uncounts it).
+        From this call until it is answered, later publishes of its slot stay
+        off the fast path, so none overtakes it."""
+        slot = self.follower.ring.slot_for(record.ch) or ""
+        self.slow_slots[slot] = self.slow_slots.get(slot, 0) + 1
+        return self._forward_slow(request_id, record, slot)
+
+    async def _forward_slow(self, request_id: int, record: ops.Publish, slot: str) -> dict[str, Any]:
         try:
             return await self._forward(request_id, record)
         finally:
             self.pubs_in_flight -= 1
+            left = self.slow_slots[slot] - 1
+            if left:
+                self.slow_slots[slot] = left
+            else:
+                del self.slow_slots[slot]
 
     async def _forward(self, request_id: int, record: ops.Publish) -> dict[str, Any]:
         started = time.monotonic()
@@ -185,13 +279,24 @@ class AdminServer:
         channel = record.ch
         pub = record.to_message()
         slot = self.follower.ring.slot_for(channel) or ""
-        held = self.held_slots.get(slot)
-        if held is not None:  # the slot is failing over: queue behind the publish that is retrying
-            await asyncio.shield(held)
         delays = backoff_delays()
         retrying: asyncio.Future[None] | None = None
         try:
             while True:
+                held = self.held_slots.get(slot)
+                if held is not None and held is not retrying:
+                    # The slot is failing over: queue behind the publish that is retrying.
+                    # Waiters resume in the order they began to wait (arrival order, or the
+                    # order of their refusals, which the owner answers in order), so they
+                    # are written again in order: none overtakes another.
+                    try:
+                        await asyncio.wait_for(asyncio.shield(held), max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        self.given_up.inc()
+                        return wire.reply_err(
+                            request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: held behind a retry"
+                        )
+                    continue
                 owner = self.follower.ring.owner_for(channel)
                 reason = "no_owner"
                 if owner is not None and owner in self.channel_servers.instances:
@@ -217,7 +322,9 @@ class AdminServer:
                         self.metrics.error("cs_" + exc.code)
                         return wire.reply_err(request_id, exc.code, str(exc))
                 self.retries.labels(reason).inc()
-                if retrying is None and slot not in self.held_slots:
+                if retrying is None:
+                    if slot in self.held_slots:
+                        continue  # another publish of the slot is retrying: queue behind it
                     retrying = self.held_slots[slot] = asyncio.get_running_loop().create_future()
                 if time.monotonic() >= deadline:
                     self.given_up.inc()
@@ -238,6 +345,18 @@ class AdminServer:
             if retrying is not None:  # release the publishes queued behind this one, in order
                 del self.held_slots[slot]
                 retrying.set_result(None)
+
+
+def _settle(answer: asyncio.Future[dict[str, Any]], task: asyncio.Task[dict[str, Any]]) -> None:
+    """Pass a slow-path task's outcome on to the future the connection waits on."""
+    if answer.done():
+        return
+    if task.cancelled():
+        answer.cancel()
+    elif task.exception() is not None:
+        answer.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        answer.set_result(task.result())
 
 
 def build_parser() -> Parser:

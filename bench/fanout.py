@@ -81,7 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--clients", type=int, default=2000, help="websocket clients (= seeded users = #general members)")
     p.add_argument("--channel-size", type=int, default=20, help="members of each small channel")
-    p.add_argument("--small-rates", default="50,100,200,400", help="offered posts/s, small channels")
+    p.add_argument(
+        "--small-rates",
+        default="50,100,200,400,1000,2000,3000",
+        help="offered posts/s, small channels (issue 17: the peers ladder's 1,000-3,000 msg/s too)",
+    )
     p.add_argument("--big-rates", default="5,10,20,40", help="offered posts/s, #general")
     p.add_argument("--step-s", type=float, default=6.0, help="posting time per step")
     p.add_argument("--repeats", type=int, default=3, help="runs of every step (interleaved); tables quote the median")
@@ -389,6 +393,8 @@ class Bench:
             "http_post_ms": {"p50": pct(http_ms, 50), "p99": pct(http_ms, 99)},
             "cpu_s": cpu,
             "cpu_us_per_delivery": {k: (v * 1e6 / delivered if delivered else None) for k, v in cpu.items()},
+            # the publish path's measure (webapp, admin and channel servers): CPU per message posted
+            "cpu_us_per_post": {k: (v * 1e6 / len(ok) if ok else None) for k, v in cpu.items()},
             "peak_rss_bytes": peaks,
             "gateways": {
                 label: {
@@ -606,6 +612,7 @@ def aggregate(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "post_errors": sum(s["posts_sent"] - s["posts_ok"] for s in g),
             "cpu_s": {k: med([s["cpu_s"][k] for s in g]) for k in labels},
             "cpu_us_per_delivery": {k: med([s["cpu_us_per_delivery"][k] for s in g]) for k in labels},
+            "cpu_us_per_post": {k: med([s.get("cpu_us_per_post", {}).get(k) for s in g]) for k in labels},
             "cpu_system_share": {
                 k: med([s["cpu_system_s"][k] / s["cpu_s"][k] if s["cpu_s"][k] > 0 else None for s in g]) for k in labels
             },
@@ -709,6 +716,26 @@ def render(result: dict[str, Any]) -> str:
         "",
         md_table(head, prow),
     ]
+    small = [s for s in summary if s["scenario"] == "small"]
+    if small:
+        path = [k for k in labels if k == "webapp" or k.startswith("as-") or k.startswith("cs-")]
+        gws = [k for k in labels if k.startswith("gw-")]
+        post_rows = []
+        for label in path + gws:
+            post_rows.append([label] + [fmt(s.get("cpu_us_per_post", {}).get(label), 1) for s in small])
+        post_rows.append(
+            ["**admin servers** (sum)"]
+            + [
+                fmt(sum(s.get("cpu_us_per_post", {}).get(k) or 0.0 for k in labels if k.startswith("as-")), 1)
+                for s in small
+            ]
+        )
+        lines += [
+            "",
+            "The publish path: CPU µs per message posted (small channels), median of the repeats:",
+            "",
+            md_table(["process"] + [f"small {s['offered_posts_s']:.0f}/s" for s in small], post_rows),
+        ]
     if result.get("profiles"):
         lines += [
             "",

@@ -12,17 +12,57 @@
 #                                       CHANNEL_SERVER, PRESENCE, CHARM, GATEWAY), OPERATOR
 #                                       (the rtm CLI) and PROMETHEUS; consul-acl-init creates
 #                                       them with the policies of deploy/consul/policies/;
-#       GRAFANA_ADMIN_PASSWORD          Grafana's admin password (no default).
-# Existing files are kept; --force makes a new certificate.
-# Overrides: CERT_DIR, ENV_FILE, RTM_EDGE_HOST. Needs openssl (1.1.1 or later).
-# For production, mount a real certificate at deploy/certs instead.
+#       GRAFANA_ADMIN_PASSWORD          Grafana's admin password (no default);
+#       RTM_TLS_GID                     the group the rtm containers get (compose group_add) to
+#                                       read their TLS files: 10001 (their own) when this ran as
+#                                       root, else the operator's group (see below);
+#   deploy/tls/ (directory 0700)  - the fleet's internal mutual TLS (docs/trust.md), made with the
+#       project's own code (`rtm certs`, services/certs.py):
+#       ca.crt, ca.key                  the fleet CA (ca.key stays 0600 and its maker's);
+#       <instance>.crt, <instance>.key  one per compose process (FLEET below), naming
+#                                       spiffe://rtm/<service>/<instance>, the process's --instance-id;
+#       operator.crt, operator.key      spiffe://rtm/operator/operator, for `rtm ring` (the
+#                                       compose `operator` service).
+#       Who may read them: the containers run as uid 10001 (deploy/Dockerfile). Run as root
+#       (sudo), the files are 0600 and given to 10001:10001 when created (fchown before the first
+#       byte); run as another user, they are 0640 to that user's own group, which the containers
+#       get through RTM_TLS_GID. Never world-readable. RTM_TLS_ACCESS=owner|group picks the way.
+#       Certificates are kept on a rerun, and issued anew when missing, for another identity or
+#       CA, or expiring within 30 days; --rotate-fleet-ca makes a new CA and issues every
+#       certificate again (then restart every service: docs/deploy.md, "Certificates").
+# Existing files are kept; --force makes a new edge certificate.
+# Overrides: CERT_DIR, ENV_FILE, TLS_DIR, RTM_EDGE_HOST, RTM_CONTAINER_UID (10001), RTM_PYTHON
+# (a Python with the cryptography package; default: the repository's .venv, else python3).
+# Needs openssl (1.1.1 or later).
+# For production, mount a real edge certificate at deploy/certs instead.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
 cert_dir=${CERT_DIR:-$here/certs}
 env_file=${ENV_FILE:-$here/.env}
+tls_dir=${TLS_DIR:-$here/tls}
 host=${RTM_EDGE_HOST:-localhost}
+container_uid=${RTM_CONTAINER_UID:-10001}
 force=no
-[ "${1:-}" = "--force" ] && force=yes
+rotate=no
+for arg in "$@"; do
+    case $arg in
+        --force) force=yes ;;
+        --rotate-fleet-ca) rotate=yes ;;
+        *) echo "usage: $0 [--force] [--rotate-fleet-ca]" >&2; exit 2 ;;
+    esac
+done
+
+# The compose processes and their identities: "<service> <instance id>..." (the instance ids are
+# the compose service names and each one's --instance-id; tests/system/test_deploy.py checks
+# that this list and deploy/docker-compose.yml agree).
+FLEET="webapp webapp-1
+admin-server admin-server-1 admin-server-2
+channel-server channel-server-1 channel-server-2 channel-server-3 channel-server-spare-1
+presence presence-1 presence-2 presence-spare-1
+charm charm-1 charm-2
+gateway gateway-us-east-1 gateway-eu-west-1
+operator operator"
 
 mkdir -p "$cert_dir"
 if [ "$force" = yes ] || [ ! -s "$cert_dir/edge.crt" ] || [ ! -s "$cert_dir/edge.key" ]; then
@@ -59,3 +99,43 @@ for service in WEBAPP ADMIN_SERVER CHANNEL_SERVER PRESENCE CHARM GATEWAY OPERATO
     add "RTM_CONSUL_TOKEN_$service" "$(uuid)"
 done
 add GRAFANA_ADMIN_PASSWORD "$(openssl rand -hex 24)"
+
+# The fleet's CA and certificates, with the project's own code (rtm certs: services/certs.py).
+access=${RTM_TLS_ACCESS:-}
+if [ -z "$access" ]; then
+    if [ "$(id -u)" = 0 ]; then access=owner; else access=group; fi
+fi
+case $access in
+    owner) access_flags="--owner $container_uid:$container_uid"; tls_gid=$container_uid ;;
+    group) access_flags="--group-readable"; tls_gid=$(id -g) ;;
+    *) echo "RTM_TLS_ACCESS must be owner or group, not $access" >&2; exit 2 ;;
+esac
+add RTM_TLS_GID "$tls_gid"
+if ! grep -q "^RTM_TLS_GID=$tls_gid\$" "$env_file"; then
+    echo "$env_file has another RTM_TLS_GID than this run's ($tls_gid): fix it, or remove $tls_dir and rerun" >&2
+    exit 1
+fi
+python=${RTM_PYTHON:-}
+if [ -z "$python" ]; then
+    if [ -x "$repo/.venv/bin/python" ]; then python=$repo/.venv/bin/python; else python=python3; fi
+fi
+if ! "$python" -c "import cryptography" 2>/dev/null; then
+    echo "$python cannot import cryptography: install it (pip install cryptography), or set RTM_PYTHON" >&2
+    exit 1
+fi
+certs() {
+    action=$1
+    shift
+    # $access_flags is unquoted on purpose: one or two words
+    # shellcheck disable=SC2086
+    PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -m rtmctl.cli certs "$action" --dir "$tls_dir" $access_flags "$@"
+}
+if [ "$rotate" = yes ]; then
+    certs rotate
+fi
+certs init
+echo "$FLEET" | while read -r service instances; do
+    # shellcheck disable=SC2086
+    certs issue "$service" $instances
+done
+echo "fleet certificates in $tls_dir ($access: $([ "$access" = owner ] && echo "0600, owner $container_uid" || echo "0640, group $tls_gid"))"

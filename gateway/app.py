@@ -48,6 +48,7 @@ from gateway.gap_budget import GAP_FILL_BUDGET_S, MAX_GAP_FILL_ATTEMPTS
 from gateway.history import History
 from gateway.limits import DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_MAX_CONNECTIONS_PER_USER
 from gateway.presence import GatewayPresence
+from gateway.socket_mode import SocketMode
 from gateway.state import MAX_HELD_EVENTS_PER_CHANNEL, MAX_HELD_EVENTS_PER_SESSION, Effects, GatewayState, Session
 from gateway.webapp_client import WebappClient
 from services.config import Parser, advertised, service_parser
@@ -119,6 +120,7 @@ class Gateway:
         self.region_drain = RegionDrain(self, args.region, args.drain_rate_per_s)
         self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
         self.client_messages = ClientMessages(self)  # ping, typing, message, presence frames
+        self.socket_mode = SocketMode(self)  # Slack apps' Socket Mode connections (gateway/socket_mode.py)
         self.listener = self._listener(TicketVerifier(keys.ticket_signing, self.instance_id))
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None
@@ -138,6 +140,8 @@ class Gateway:
             refusing=lambda: self.stopping or self.region_drain.draining,
             presence=self.presence,
             frames=self.client_messages,
+            socket_mode=self.socket_mode.serve,
+            socket_mode_admit=self.socket_mode.admit,
         )
 
     def _gauges(self, m: ServiceMetrics) -> None:
@@ -177,6 +181,7 @@ class Gateway:
             ttl_s=args.ttl_s,
         )
         self.region_drain.start()
+        self.socket_mode.start()
         log.info("gateway %s (region %s) serving ws://%s:%s", self.instance_id, args.region, address, port)
         return {
             "service": SERVICE,

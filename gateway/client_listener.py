@@ -28,6 +28,7 @@ from websockets.protocol import State
 from gateway.client_socket import KEEPALIVE_PING_FRAME, ClientConnection, ClientSocket, Cork
 from gateway.drain import say_goodbye
 from gateway.limits import ConnectionLimits, client_address
+from gateway.socket_mode import is_socket_mode
 from gateway.state import Effects, GatewayState, Session
 from gateway.webapp_client import WebappCalls
 from services.errors import CloseCode
@@ -83,6 +84,8 @@ class ClientListener:
         refusing: Callable[[], bool],
         presence: SessionPresence,
         frames: ClientFrames,
+        socket_mode: Callable[[ClientConnection], Coroutine[Any, Any, None]] | None = None,
+        socket_mode_admit: Callable[[ClientConnection, Request], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.args = args  # the gateway's flags: host, port, client limits, keepalive interval
         self.state = state
@@ -96,6 +99,8 @@ class ClientListener:
         self.refusing = refusing  # the gateway is stopping or its region drained: goodbye to newcomers
         self.presence = presence
         self.frames = frames
+        self.socket_mode = socket_mode  # serves /link/... (Slack apps): gateway/socket_mode.py
+        self.socket_mode_admit = socket_mode_admit  # ... after admitting them before the upgrade
         self.limits = ConnectionLimits(args.max_connections_per_user, args.max_connections_per_address)
         self.sids = itertools.count(1)
         self.ws_server: Server | None = None
@@ -115,7 +120,7 @@ class ClientListener:
             compression=None,
             ping_interval=None,  # one keepalive loop for all sockets instead of a task each: see keepalive_loop
             create_connection=ClientConnection,
-            process_request=self.refuse_crowded_address,
+            process_request=self.before_upgrade,
             close_timeout=CLOSE_TIMEOUT_S,
             max_queue=64,
         )
@@ -133,6 +138,17 @@ class ClientListener:
         value = request.headers.get(header) if header and request is not None else None
         peer = ws.remote_address[0] if ws.remote_address else ""
         return client_address(str(peer), value)
+
+    async def before_upgrade(self, ws: ServerConnection, request: Request) -> Response | None:
+        """Before the websocket upgrade (the HTTP 101): refuse a crowded address; admit a
+        Socket Mode connection (its ticket and bootstrap: gateway/socket_mode.py ``admit``)."""
+        refused = self.refuse_crowded_address(ws, request)
+        if refused is not None:
+            return refused
+        if self.socket_mode_admit is not None and is_socket_mode(request.path):
+            assert isinstance(ws, ClientConnection)  # serve(create_connection=ClientConnection)
+            await self.socket_mode_admit(ws, request)
+        return None
 
     def refuse_crowded_address(self, ws: ServerConnection, request: Request) -> Response | None:
         """Before the websocket upgrade: HTTP 429 for an address at its connection limit."""
@@ -158,6 +174,9 @@ class ClientListener:
 
     async def serve_client(self, ws: ServerConnection) -> None:
         assert isinstance(ws, ClientConnection)  # serve(create_connection=ClientConnection)
+        if self.socket_mode is not None and ws.request is not None and is_socket_mode(ws.request.path):
+            await self.socket_mode(ws)  # a Slack app's Socket Mode connection
+            return
         admitted = await self.admit(ws)
         if admitted is None:
             return

@@ -61,9 +61,20 @@ class MovingGateway(Protocol):
 
     def apply(self, effects: Effects) -> None: ...
 
+    @property
+    def socket_mode(self) -> AppMover: ...
+
     async def leave_resume(
         self, session: Session, where: dict[str, int], until: dict[str, int] | None = None
     ) -> None: ...
+
+
+class AppMover(Protocol):
+    """Moves a Slack app's link instead of a client session (:class:`gateway.socket_mode.SocketMode`)."""
+
+    def owns(self, session: Session) -> bool: ...
+
+    async def move(self, session: Session, where: dict[str, int], reason: str) -> None: ...
 
 
 class DrainingGateway(Protocol):
@@ -116,7 +127,11 @@ class Mover:
                 break
             for session in batch:
                 where = self.detach(session)  # at once: nothing more reaches it
-                task = asyncio.create_task(self.finish(session, where, reason, slots))
+                if self.gateway.socket_mode.owns(session):  # a Slack app's link: gateway/socket_mode.py
+                    self.pending_leaves.pop(session.sid, None)  # an app's record does not carry them (yet)
+                    task = asyncio.create_task(self.gateway.socket_mode.move(session, where, reason))
+                else:
+                    task = asyncio.create_task(self.finish(session, where, reason, slots))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             total += len(batch)

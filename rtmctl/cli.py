@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("gateway.app", "one Gateway Server"),
     "charm": ("charm.app", "one CHARM ring manager"),
     "presence": ("presence.app", "one Presence Server"),
+    "certs": ("rtmctl.certs", "make the fleet CA and named certificates in a directory (deployments)"),
     "ring": ("rtmctl.ring", "show the rings, add or remove a slot (through the CHARM leader)"),
     "kill": ("rtmctl.operator", "SIGKILL one process of a running fleet (demos and tests)"),
     "drain": ("rtmctl.operator", "drain a gateway region: its clients move to the nearest good region"),

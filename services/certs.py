@@ -11,7 +11,10 @@ an argument); :class:`FleetCertificates` keeps them in one directory, the way
 
 Every file is created with mode 0600 in one step (``os.open(..., 0o600)``
 on a temporary name, then renamed: :mod:`services.secret_file`), never
-chmod-ed afterwards. Keys are
+chmod-ed afterwards. Files meant for a process that runs as another user
+(deploy/'s containers run as uid 10001) can be made with a
+:class:`~services.secret_file.FileAccess` instead: given to that uid (0600),
+or 0640 to a group; the CA key is always 0600 and its maker's. Keys are
 ECDSA P-256: a handshake signs once per side, and P-256 signs in tens of
 microseconds where RSA-2048 takes a millisecond.
 
@@ -27,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.identity import BadIdentity, PeerIdentity
-from services.secret_file import ensure_private_dir, replace_secret_file
+from services.secret_file import PRIVATE, FileAccess, ensure_private_dir, replace_secret_file
 
 CA_VALID_DAYS = 3650
 CERT_VALID_DAYS = 365
@@ -156,16 +160,26 @@ def identity_of(cert_pem: bytes) -> PeerIdentity:
     return PeerIdentity.from_uri(uris[0])
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write PEM ``data`` to ``path``, created 0600 in one step (:mod:`services.secret_file`)."""
-    replace_secret_file(path, data.decode("ascii"))
+def write_private(path: Path, data: bytes, access: FileAccess = PRIVATE) -> None:
+    """Write PEM ``data`` to ``path``, created 0600 (or ``access``) in one step (:mod:`services.secret_file`)."""
+    replace_secret_file(path, data.decode("ascii"), access)
+
+
+def expiry_of(cert_pem: bytes) -> datetime.datetime:
+    """When a certificate stops being valid (UTC)."""
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
 
 
 class FleetCertificates:
-    """The fleet CA and its certificates in one directory (see the module doc)."""
+    """The fleet CA and its certificates in one directory (see the module doc).
 
-    def __init__(self, directory: Path | str) -> None:
+    ``access`` is how ``ca.crt`` and every issued certificate and key are
+    created (default: 0600, this process's user); ``ca.key`` is always 0600.
+    """
+
+    def __init__(self, directory: Path | str, access: FileAccess = PRIVATE) -> None:
         self.dir = Path(directory)
+        self.access = access
 
     @property
     def ca_path(self) -> Path:
@@ -182,7 +196,7 @@ class FleetCertificates:
             return Issued(cert.read_bytes(), key.read_bytes())
         ca = make_ca(self._now())
         write_private(key, ca.key_pem)
-        write_private(cert, ca.cert_pem)
+        write_private(cert, ca.cert_pem, self.access)
         return ca
 
     def paths(self, name: str) -> CertPaths:
@@ -198,15 +212,34 @@ class FleetCertificates:
         except (BadIdentity, ValueError):
             return None
 
-    def ensure(self, name: str, identity: PeerIdentity) -> CertPaths:
-        """Credentials for ``identity`` under ``name``: reused when the stored
-        certificate names the same identity, issued (by the CA) otherwise."""
+    def names(self) -> list[str]:
+        """The names of the stored certificates (not the CA's), sorted."""
+        return sorted(p.stem for p in self.dir.glob("*.crt") if p.name != CA_FILE)
+
+    def is_current(self, name: str, identity: PeerIdentity, renew_within: datetime.timedelta | None = None) -> bool:
+        """Whether ``name`` holds a certificate for ``identity`` with its key, from
+        the current CA and (given ``renew_within``) not expiring within it."""
         paths = self.paths(name)
-        if self.existing_identity(name) == identity and paths.key.exists():
+        if self.existing_identity(name) != identity or not paths.key.exists():
+            return False
+        if renew_within is None:
+            return True
+        cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+        ca = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
+        fresh = cert.not_valid_after_utc - renew_within > self._now()
+        return fresh and cert.issuer == ca.subject and _signed_by(cert, ca)
+
+    def ensure(self, name: str, identity: PeerIdentity, renew_within: datetime.timedelta | None = None) -> CertPaths:
+        """Credentials for ``identity`` under ``name``: reused when the stored
+        certificate names the same identity (and, given ``renew_within``, is
+        from the current CA and valid for longer than that), issued (by the
+        CA) otherwise."""
+        paths = self.paths(name)
+        if self.is_current(name, identity, renew_within):
             return paths
         issued = issue(self.ensure_ca(), identity, self._now())
-        write_private(paths.key, issued.key_pem)
-        write_private(paths.cert, issued.cert_pem)
+        write_private(paths.key, issued.key_pem, self.access)
+        write_private(paths.cert, issued.cert_pem, self.access)
         return paths
 
     def rotate(self) -> list[str]:
@@ -214,17 +247,25 @@ class FleetCertificates:
         names, same identities). Returns the names re-issued. Processes pick the
         new files up when restarted; until then they refuse the new certificates
         and the new ones refuse them (see docs/trust.md, Rotation)."""
-        names = sorted(p.stem for p in self.dir.glob("*.crt") if p.name != CA_FILE)
-        identities = {n: self.existing_identity(n) for n in names}
+        identities = {n: self.existing_identity(n) for n in self.names()}
         ca = make_ca(self._now())
         write_private(self.dir / CA_KEY_FILE, ca.key_pem)
-        write_private(self.ca_path, ca.cert_pem)
+        write_private(self.ca_path, ca.cert_pem, self.access)
         done = []
         for name, identity in identities.items():
             if identity is None:
                 continue
             issued = issue(ca, identity, self._now())
-            write_private(self.paths(name).key, issued.key_pem)
-            write_private(self.paths(name).cert, issued.cert_pem)
+            write_private(self.paths(name).key, issued.key_pem, self.access)
+            write_private(self.paths(name).cert, issued.cert_pem, self.access)
             done.append(name)
         return done
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca``'s key signed ``cert`` (a CA rotated since leaves the old leaves unsigned by it)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

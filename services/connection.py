@@ -37,6 +37,7 @@ handler) is answered ``err bad_request`` or dropped, and counted through
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
@@ -147,8 +148,15 @@ class PeerConnection(asyncio.Protocol):
         max_send_buffer_bytes: int = DEFAULT_MAX_SEND_BUFFER_BYTES,
         limits: PeerLimits = DEFAULT_LIMITS,
         on_bad_message: BadMessageHandler | None = None,
+        coalesce_writes: bool = False,
     ) -> None:
         self.name = name
+        # Corked writes: frames written in one event-loop turn leave in one
+        # transport write (one syscall) at the end of the turn, instead of one each.
+        self.coalesce_writes = coalesce_writes
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._deferred = 0  # requests answered through a future's callback (no task each)
         self.on_request = on_request
         self.on_push = on_push
         # Called with True before and False after dispatching the frames of one read
@@ -255,7 +263,7 @@ class PeerConnection(asyncio.Protocol):
         if not isinstance(request_id, int):
             self._fail(MalformedFrame("request id must be an integer"))
             return
-        if len(self._tasks) >= self.limits.max_requests_in_flight:
+        if self.requests_in_flight >= self.limits.max_requests_in_flight:
             self._refuse_over_cap(request_id, op)
             return
         try:
@@ -267,7 +275,11 @@ class PeerConnection(asyncio.Protocol):
             result = wire.reply_err(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if result is None:
             return
-        if inspect.isawaitable(result):
+        if isinstance(result, asyncio.Future):  # answered from its callback: no task per request
+            self._deferred += 1
+            result.add_done_callback(functools.partial(self._future_done, request_id))
+            self._apply_backpressure()
+        elif inspect.isawaitable(result):
             task = asyncio.ensure_future(self._finish(request_id, result))
             self._tasks.add(task)
             task.add_done_callback(self._request_done)
@@ -285,6 +297,31 @@ class PeerConnection(asyncio.Protocol):
             reply = wire.reply_err(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if self.is_open:
             self.send(reply)
+
+    def _future_done(self, request_id: int, future: asyncio.Future[Message]) -> None:
+        self._deferred -= 1
+        if future.cancelled():
+            reply = wire.reply_err(request_id, ErrorCode.INTERNAL, "cancelled")
+        else:
+            exc = future.exception()
+            if exc is None:
+                reply = future.result()
+            elif isinstance(exc, BadMessage):
+                reply = self._bad_request(request_id, exc)
+            else:
+                log.warning("%s: request %s failed: %s", self.name, request_id, exc)
+                reply = wire.reply_err(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        if self.is_open:
+            try:
+                self.send(reply)
+            except (ConnectionLost, SendBufferFull):
+                return
+        self._resume_if_below_cap()
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests of this peer being served now (tasks and deferred futures)."""
+        return len(self._tasks) + self._deferred
 
     # -- validation outcomes (services.ops) -------------------------------------
     def _dispatch_push(self, op: str, frame: Message) -> None:
@@ -321,7 +358,7 @@ class PeerConnection(asyncio.Protocol):
             "%s: %s has %d requests in flight (cap %d); refusing %s",
             self.name,
             self.peer,
-            len(self._tasks),
+            self.requests_in_flight,
             self.limits.max_requests_in_flight,
             op,
         )
@@ -330,13 +367,20 @@ class PeerConnection(asyncio.Protocol):
         self.send(wire.reply_err(request_id, ErrorCode.UNAVAILABLE, "too many requests in flight; retry"))
 
     def _apply_backpressure(self) -> None:
-        if not self._paused and len(self._tasks) >= self.limits.max_requests_in_flight and self.transport is not None:
+        if (
+            not self._paused
+            and self.requests_in_flight >= self.limits.max_requests_in_flight
+            and self.transport is not None
+        ):
             self._paused = True
             self.transport.pause_reading()
 
     def _request_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._paused and len(self._tasks) < self.limits.max_requests_in_flight and self.is_open:
+        self._resume_if_below_cap()
+
+    def _resume_if_below_cap(self) -> None:
+        if self._paused and self.requests_in_flight < self.limits.max_requests_in_flight and self.is_open:
             self._paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
 
@@ -414,14 +458,32 @@ class PeerConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionLost(f"{self.name}: connection to {self.peer} is closed")
-        transport.write(frame)
         self._sent = True
-        pending = transport.get_write_buffer_size()
+        if self.coalesce_writes:
+            if not self._out:
+                asyncio.get_running_loop().call_soon(self.flush)
+            self._out.append(frame)
+            self._out_bytes += len(frame)
+            pending = transport.get_write_buffer_size() + self._out_bytes
+        else:
+            transport.write(frame)
+            pending = transport.get_write_buffer_size()
         if pending > self.max_send_buffer_bytes:
             error = SendBufferFull(pending, self.max_send_buffer_bytes)
             log.warning("%s: %s is too slow (%s); disconnecting", self.name, self.peer, error)
             self.abort(error)
             raise error
+
+    def flush(self) -> None:
+        """Write the frames corked in this turn (``coalesce_writes``) in one transport write."""
+        out = self._out
+        if not out:
+            return
+        self._out, self._out_bytes = [], 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the connection is gone: its pending requests fail with ConnectionLost
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def send(self, message: Message) -> None:
         self.write(wire.encode(message))
@@ -465,10 +527,12 @@ class PeerConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def abort(self, reason: BaseException | None = None) -> None:
         self.close_reason = reason
+        self._out, self._out_bytes = [], 0
         if self.transport is not None:
             self.transport.abort()
 

@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 from services import identity
@@ -273,10 +273,10 @@ class Op:
         """The map to send (``id`` is added by the connection for requests); absent
         optional fields (None) are left out."""
         message: Message = {"op": self.OP}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if value is not None or self.SCHEMA[f.name].required:
-                message[f.name] = value
+        for name, spec in self.SCHEMA.items():  # the dataclass fields, in order (cheaper than fields())
+            value = getattr(self, name)
+            if value is not None or spec.required:
+                message[name] = value
         return message
 
 

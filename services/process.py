@@ -79,7 +79,39 @@ def run_service(start: StartFn) -> int:
             return 1
         return 0
 
-    return asyncio.run(main())
+    profiler = _start_profiler()
+    try:
+        return asyncio.run(main())
+    finally:
+        if profiler is not None:
+            profiler()
+
+
+# ``RTM_CPROFILE_DIR=/some/dir``: the process runs under cProfile and writes
+# ``<dir>/<service>-<pid>.prof`` when it stops cleanly (docs/publish-path.md).
+# py-spy cannot see the frames of callbacks that uvloop runs, so this is how the
+# publish path was profiled; off unless the variable is set.
+CPROFILE_DIR_ENV = "RTM_CPROFILE_DIR"
+
+
+def _start_profiler() -> Callable[[], None] | None:
+    directory = os.environ.get(CPROFILE_DIR_ENV)
+    if not directory:
+        return None
+    import cProfile
+
+    profiler = cProfile.Profile()
+    name = os.path.basename(sys.argv[0]) if len(sys.argv) < 2 else "-".join(a for a in sys.argv[1:2])
+    path = os.path.join(directory, f"{name}-{os.getpid()}.prof")
+    profiler.enable()
+
+    def stop() -> None:
+        profiler.disable()
+        os.makedirs(directory, exist_ok=True)
+        profiler.dump_stats(path)
+        log.info("cProfile written to %s", path)
+
+    return stop
 
 
 class Service(Protocol):

@@ -12,6 +12,12 @@ the mode is the file's from its first byte (the umask can only remove bits).
   creates it with a fresh value; two processes racing to create it agree on
   one value (the loser reads the winner's).
 
+A :class:`FileAccess` says who may read a file made for another user (the
+deploy/ containers run as uid 10001): its owner (``os.fchown`` on the open
+descriptor, before the first byte is written and before the file gets its
+name; needs root) and its mode (0600, or 0640 for a group-readable file),
+both set at creation, never afterwards.
+
 Which files: the fleet secret, the Consul ACL token, the operator token
 (``DATA_DIR/secret``, ``consul-acl-token``, ``operator-token``), ``seed.json``
 (user tokens); see ``docs/consul-acl.md``, "Secrets hygiene".
@@ -22,11 +28,29 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 SECRET_FILE_MODE = 0o600
 SECRET_DIR_MODE = 0o700
+GROUP_READABLE_FILE_MODE = 0o640
 TOKEN_BYTES = 32  # 256 bits of randomness in every generated secret or token
+
+
+@dataclass(frozen=True, slots=True)
+class FileAccess:
+    """The mode and (optionally) owner a secret file is created with (see the module doc)."""
+
+    mode: int = SECRET_FILE_MODE
+    uid: int | None = None  # None: the creating process's
+    gid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in (SECRET_FILE_MODE, GROUP_READABLE_FILE_MODE):
+            raise ValueError(f"a secret file is 0600 or 0640, not {self.mode:#o}")
+
+
+PRIVATE = FileAccess()
 
 
 def new_token() -> str:
@@ -34,17 +58,29 @@ def new_token() -> str:
     return secrets.token_urlsafe(TOKEN_BYTES)
 
 
-def create_secret_file(path: Path, content: str) -> None:
-    """Create ``path`` with mode 0600 and ``content``; raises FileExistsError if it exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
+def create_secret_file(path: Path, content: str, access: FileAccess = PRIVATE) -> None:
+    """Create ``path`` with mode 0600 (or ``access``) and ``content``; raises FileExistsError if it exists.
+
+    The mode is given to ``os.open`` (the umask can only remove bits: a
+    group-readable file needs a umask without 040); the owner is set on the
+    descriptor before anything is written. Raises PermissionError if
+    ``access`` names an owner and this process may not give files away."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, access.mode)
+    try:
+        if access.uid is not None or access.gid is not None:
+            os.fchown(fd, -1 if access.uid is None else access.uid, -1 if access.gid is None else access.gid)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(content)
 
 
-def replace_secret_file(path: Path, content: str) -> None:
-    """Write ``content`` to ``path`` (mode 0600) atomically, replacing any file there."""
+def replace_secret_file(path: Path, content: str, access: FileAccess = PRIVATE) -> None:
+    """Write ``content`` to ``path`` (mode 0600, or ``access``) atomically, replacing any file there."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    create_secret_file(tmp, content)
+    create_secret_file(tmp, content, access)
     try:
         os.replace(tmp, path)
     except BaseException:

@@ -38,6 +38,7 @@ class Ticket:
     expires_at: float
     nonce: str
     resume: str = ""  # id of a resume record at the webapp: the connection was moved, replay what it missed
+    app: str = ""  # a Socket Mode connection of this app (``A…``; ``user`` is its bot user), else ""
 
 
 def _b64(raw: bytes) -> str:
@@ -49,11 +50,20 @@ def _unb64(text: str) -> bytes:
 
 
 def mint(
-    secret: bytes, user: str, team: str, gateway: str, now_s: float, ttl_s: float = TICKET_TTL_S, resume: str = ""
+    secret: bytes,
+    user: str,
+    team: str,
+    gateway: str,
+    now_s: float,
+    ttl_s: float = TICKET_TTL_S,
+    resume: str = "",
+    app: str = "",
 ) -> str:
     body = {"u": user, "t": team, "g": gateway, "exp": round(now_s + ttl_s, 3), "n": secrets.token_hex(8)}
     if resume:
         body["r"] = resume
+    if app:
+        body["a"] = app
     payload = json.dumps(body, separators=(",", ":")).encode()
     signature = hmac.new(secret, payload, hashlib.sha256).digest()
     return _b64(payload) + "." + _b64(signature)
@@ -127,6 +137,7 @@ class TicketVerifier:
                 expires_at=float(data["exp"]),
                 nonce=str(data["n"]),
                 resume=str(data.get("r", "")),
+                app=str(data.get("a", "")),
             )
         except (ValueError, KeyError, TypeError):
             raise InvalidTicket("malformed ticket payload") from None

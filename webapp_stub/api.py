@@ -229,8 +229,8 @@ class WebApi:
                 if not token:
                     raise ApiError("not_authed")
                 user = self.store.auth(token)
-                if user is None:
-                    raise ApiError("invalid_auth")
+                if user is None:  # an app-level token opens Socket Mode connections and calls nothing else
+                    raise ApiError("not_allowed_token_type" if self.store.app_by_token(token) else "invalid_auth")
                 self.last_seen[user.id] = self.clock()
                 wait_s = self.limiter.retry_after(token, name)
                 if wait_s:
@@ -343,6 +343,8 @@ def conversation(api: WebApi, channel: Channel, viewer: User, **extra: Any) -> d
         return channel.to_api(user=api.store.dm_peer(channel, viewer.id), is_open=True, **extra)
     if "is_member" not in extra:
         extra["is_member"] = api.store.is_member(channel.id, viewer.id)
+    for kind, detail in api.store.details(channel.id).items():
+        extra.setdefault(kind, detail)
     return channel.to_api(**extra)
 
 

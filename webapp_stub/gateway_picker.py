@@ -13,6 +13,7 @@ from services.discovery import Instance
 
 log = logging.getLogger("rtm.webapp.api")
 GATEWAY_LOAD_POLL_S = 1.0  # how often rtm.connect's view of gateway connection counts is refreshed
+MAX_STICKY_KEYS = 100_000  # apps whose gateway is remembered; the oldest is forgotten first
 
 
 class GatewayPicker:
@@ -30,6 +31,7 @@ class GatewayPicker:
         self.consul_map: dict[str, list[str]] = {}
         self.drained: set[str] = set()
         self.load: dict[str, int] = {}
+        self.sticky: dict[str, str] = {}  # app id -> the gateway its Socket Mode connections were given
 
     def set_instances(self, instances: list[Instance]) -> None:
         self.instances = sorted(instances, key=lambda inst: inst.id)
@@ -44,6 +46,27 @@ class GatewayPicker:
         self.drained, refused = regions.drained_regions(entries)
         if refused:
             log.error("ignoring drain flags that name no region: %s", refused[:10])
+
+    def pick_sticky(self, key: str, region: str = "") -> Instance | None:
+        """The gateway ``key`` (an app) was last given, while it is healthy and not draining;
+        else a new pick, remembered. All of an app's Socket Mode connections land on one
+        gateway, which hands each event to exactly one of them (gateway/socket_mode.py)."""
+        region_map = self.consul_map or self.config_map
+        previous = self.sticky.get(key)
+        if previous is not None:
+            usable = regions.choose_gateway(
+                [g for g in self.instances if g.id == previous], "", region_map, self.drained, {}
+            )
+            if usable is not None:
+                self.load[usable.id] = self.load.get(usable.id, 0) + 1
+                return usable  # type: ignore[return-value]
+        chosen = self.pick(region)
+        if chosen is not None:
+            self.sticky.pop(key, None)
+            while len(self.sticky) >= MAX_STICKY_KEYS:
+                self.sticky.pop(next(iter(self.sticky)))
+            self.sticky[key] = chosen.id
+        return chosen
 
     def pick(self, region: str = "") -> Instance | None:
         region_map = self.consul_map or self.config_map

@@ -54,6 +54,7 @@ a :class:`Sender` (the real one is :class:`AdminServerLink`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -322,7 +323,7 @@ class AdminServerLink:
         self.link = PeerLink(
             "admin-server",
             self._address,
-            lambda: PeerConnection(name=name),
+            lambda: PeerConnection(name=name, coalesce_writes=True),  # a commit's pubs leave in one write
             on_connected=self._still_wanted,
             trust=trust,
             expect=ADMIN_SERVER,
@@ -425,7 +426,7 @@ class Handoff:
         self._drained = asyncio.Event()
         self._drained.set()
         self._task: asyncio.Task[None] | None = None
-        self._requests: set[asyncio.Task[None]] = set()
+        self._requests: set[asyncio.Future[Any]] = set()
         self.delivered = 0
         self.retries = 0
         self._m_published = self._m_delivered = self._m_retries = self._m_latency = None
@@ -534,31 +535,32 @@ class Handoff:
             self._send_window()
 
     def _send_window(self) -> None:
-        """Send what the window allows, in queue order; each reply is awaited by a task of its own."""
+        """Send what the window allows, in queue order; each reply is handled by a callback
+        on its future (no task per event)."""
         epoch = self.outbox.epoch
         for entry in self.outbox.take():
             size = len(entry.message["json"])
             if size > self.max_event_bytes:  # never put it on the wire: it could break the frame limit
                 self._park(entry, "too_large", f"event of {size} bytes exceeds the limit of {self.max_event_bytes}")
                 continue
+            reply: asyncio.Future[Any]
             try:
-                reply = self.sender.send(entry.message, self.request_timeout_s)
+                reply = asyncio.ensure_future(self.sender.send(entry.message, self.request_timeout_s))
             except Exception as exc:  # the link broke as we wrote: the same remedy as a failed reply
                 reply = asyncio.get_running_loop().create_future()
                 reply.set_exception(exc)
-            task = asyncio.ensure_future(self._await_reply(entry, epoch, reply))
-            self._requests.add(task)
-            task.add_done_callback(self._requests.discard)
+            self._requests.add(reply)
+            reply.add_done_callback(functools.partial(self._on_reply, entry, epoch))
 
-    async def _await_reply(self, entry: Entry, epoch: int, reply: Awaitable[Any]) -> None:
-        try:
-            await reply
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # RtmError from the peer or the link; anything else is a bug, same remedy
+    def _on_reply(self, entry: Entry, epoch: int, reply: asyncio.Future[Any]) -> None:
+        self._requests.discard(reply)
+        if reply.cancelled():
+            return  # closing
+        exc = reply.exception()
+        if exc is not None:  # RtmError from the peer or the link; anything else is a bug, same remedy
             reason = refusal_of(exc)
             if reason is None and not isinstance(exc, RtmError):
-                log.exception("unexpected error handing off %s", entry.event.eid)
+                log.error("unexpected error handing off %s", entry.event.eid, exc_info=exc)
             if reason is not None and not entry.acked:
                 if self._m_refusals is not None:
                     self._m_refusals.labels(self._label(reason)).inc()
@@ -577,7 +579,7 @@ class Handoff:
             if self._failing:
                 self._failing = False
                 log.info("hand-off recovered (%d queued)", len(self.outbox))
-            self._delays = backoff_delays(*self._retry_delays)
+                self._delays = backoff_delays(*self._retry_delays)
             self._settled()
 
     def _settled(self) -> None:

@@ -12,11 +12,16 @@ and only to a peer with a fleet client certificate of role ``gateway``
   and ``resumed`` is true (see :mod:`webapp_stub.resume`); the channels are then
   the ones the user was in at the record's position, and ``until`` (if any)
   names, per channel, the seq of a leave the connection is still owed events
-  up to (docs/design.md, "Resume: joins and leaves while away").
+  up to (docs/design.md, "Resume: joins and leaves while away"). With ``"app": A``
+  (a Socket Mode connection; ``user`` is the app's bot user) the reply adds
+  ``"app": {id, team, name, bot_user, events}`` and ``"carried"``: the
+  envelopes of the app's resume record (gateway/socket_mode.py).
 * ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq},
   "until": {C: leave_seq}?}`` -> ``{"ok": true, "resume": id}``: a gateway about
   to move a connection records where it stopped (and the leaves it had not
-  reached yet); the user's next ``rtm.connect`` claims it.
+  reached yet); the user's next ``rtm.connect`` claims it. With
+  ``"app": A`` and ``"envelopes": [...]`` the record is the app's, claimed by
+  its next ``apps.connections.open``.
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
   ``{"ok": true, "events": [{"seq", "json", "ctl", "t0"}, ...], "has_more"}``.
 * ``POST /internal/call/<method>`` ``{"user": U, ...args}`` -> the same reply
@@ -47,6 +52,9 @@ log = logging.getLogger("rtm.webapp.api")
 
 INTERNAL_HISTORY_DEFAULT = 500
 INTERNAL_HISTORY_MAX = 1000
+# Unacknowledged Socket Mode envelopes one app's resume record carries (the gateway's
+# per-app bound on envelopes in flight and waiting: gateway/envelopes.py).
+MAX_RESUME_ENVELOPES = 10_000
 MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
 
 
@@ -96,14 +104,31 @@ class InternalEndpoints:
             args = await self._internal_args(request)
             user_id = str(args.get("user") or "")
             rid = args.get("resume")
-            record = self.api.resume.take_record(str(rid), user_id) if rid else None
+            app_id = str(args.get("app") or "")
+            app = self.api.store.app(app_id) if app_id else None
+            if app_id and (app is None or app.bot_user != user_id):
+                raise ApiError("app_not_found")
+            # an app's records are kept under its id, with the envelopes its moved connections had not acknowledged
+            record = self.api.resume.take_record(str(rid), app_id or user_id) if rid else None
             resume = record.channels if record is not None else None
             if rid:
                 self.api.resumes.labels("used" if resume is not None else "expired").inc()
             boot = self.api.store.bootstrap(user_id, resume, record.until if record is not None else None)
             if boot is None:
                 raise ApiError("user_not_found")
-            self.api.last_seen[user_id] = self.api.clock()
+            if app is not None:
+                boot["app"] = app.to_api()
+                boot["private"] = [
+                    row[0]
+                    for row in self.api.store.conn.execute(
+                        "SELECT c.id FROM channels c JOIN members m ON m.channel = c.id "
+                        "WHERE m.user = ? AND c.is_private = 1 AND c.kind = 'channel'",
+                        (user_id,),
+                    )
+                ]
+                boot["carried"] = record.carried if record is not None else []
+            else:
+                self.api.last_seen[user_id] = self.api.clock()
             body = {"ok": True, **boot, "resumed": resume is not None}
         except ApiError as exc:
             self.api.metrics.error(exc.code)
@@ -130,7 +155,16 @@ class InternalEndpoints:
                 raise ApiError("user_not_found")
             seqs = _channel_seqs(args.get("channels"))
             until = _channel_seqs(args.get("until") or {})
-            body: dict[str, Any] = {"ok": True, "resume": self.api.resume.add(user_id, seqs, until)}
+            key, carried = user_id, None
+            if args.get("app"):  # a Socket Mode app's connections: keyed by the app, with its unacknowledged envelopes
+                app = self.api.store.app(str(args["app"]))
+                carried = args.get("envelopes") or []
+                if app is None or app.bot_user != user_id:
+                    raise ApiError("app_not_found")
+                if not isinstance(carried, list) or len(carried) > MAX_RESUME_ENVELOPES:
+                    raise ApiError("invalid_arguments")
+                key = app.id
+            body: dict[str, Any] = {"ok": True, "resume": self.api.resume.add(key, seqs, carried, until)}
             self.api.resumes.labels("recorded").inc()
         except ApiError as exc:
             self.api.metrics.error(exc.code)

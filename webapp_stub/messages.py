@@ -33,6 +33,7 @@ class MessageStore(ConversationStore):
         thread_ts: str | None = None,
         broadcast: bool = False,
         extra: dict[str, Any] | None = None,
+        subtype: str | None = None,
     ) -> tuple[dict[str, Any], Event]:
         """Persist a message and its ``message`` event (one transaction).
 
@@ -57,7 +58,8 @@ class MessageStore(ConversationStore):
                 raise ApiError("not_in_channel")
             if thread_ts is not None:
                 thread_ts = self._thread_root(channel.id, thread_ts)
-            subtype = "thread_broadcast" if broadcast and thread_ts is not None else None
+            if subtype is None and broadcast and thread_ts is not None:
+                subtype = "thread_broadcast"
             seq, ts_us = self._next_seq(channel.id, with_ts=True)
             ts = us_to_ts(ts_us)
             message = _message_obj(user.id, user.team, text, ts, thread_ts, user.bot_id, extra, subtype)

@@ -179,3 +179,43 @@ DEAD_LETTER_STATES = ("parked", "redrive", "redriving", "delivered")
 class Page:
     items: list[Any]
     next_cursor: str  # "" on the last page
+
+
+# The Events API events an app may subscribe to here (its manifest's bot events);
+# message.* name the message events of one conversation type (docs/socket-mode.md).
+APP_EVENTS = (
+    "message.channels",
+    "message.groups",
+    "message.im",
+    "message.mpim",
+    "app_mention",
+    "reaction_added",
+    "reaction_removed",
+    "member_joined_channel",
+    "member_left_channel",
+    "channel_created",
+    "channel_rename",
+    "channel_archive",
+)
+
+
+@dataclass(frozen=True)
+class App:
+    """A Slack app: its bot user, and the events (its manifest's subscriptions) it receives."""
+
+    id: str
+    team: str
+    name: str
+    bot_user: str
+    events: tuple[str, ...]
+    created: int
+
+    def to_api(self) -> dict[str, Any]:
+        """What a gateway needs to serve the app's Socket Mode connections."""
+        return {
+            "id": self.id,
+            "team": self.team,
+            "name": self.name,
+            "bot_user": self.bot_user,
+            "events": list(self.events),
+        }

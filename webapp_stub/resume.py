@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 # Long enough for a client to notice goodbye, call rtm.connect (which it may
 # retry with backoff) and reconnect; short enough that a client that never
@@ -48,6 +49,9 @@ class ResumeRecord:
     claimed: bool = False
     # channel -> seq of a leave the connection had not yet reached (it is owed the events up to it)
     until: dict[str, int] = field(default_factory=dict)
+    # A Socket Mode app's record (``user`` is then the app id) also carries the
+    # envelopes its moved connections had not acknowledged (gateway/socket_mode.py).
+    carried: list[Any] = field(default_factory=list)
 
 
 class ResumeBook:
@@ -68,14 +72,25 @@ class ResumeBook:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, user: str, channels: dict[str, int], until: dict[str, int] | None = None) -> str:
+    def add(
+        self,
+        user: str,
+        channels: dict[str, int],
+        carried: list[Any] | None = None,
+        until: dict[str, int] | None = None,
+    ) -> str:
         """Record where a moved connection of ``user`` stopped (and the leaves it had not reached
         yet, ``until``); returns the record id."""
         self._expire()
         while len(self._records) >= self.max_records:
             self._drop(next(iter(self._records)))
         record = ResumeRecord(
-            secrets.token_urlsafe(12), user, dict(channels), self.clock() + self.ttl_s, until=dict(until or {})
+            secrets.token_urlsafe(12),
+            user,
+            dict(channels),
+            self.clock() + self.ttl_s,
+            carried=list(carried or []),
+            until=dict(until or {}),
         )
         self._records[record.id] = record
         self._pending.setdefault(user, deque()).append(record.id)
@@ -108,7 +123,7 @@ class ResumeBook:
     def take(self, rid: str, user: str) -> dict[str, int] | None:
         """Remove and return the channels of record ``rid`` if it is live and ``user``'s."""
         record = self.take_record(rid, user)
-        return None if record is None else record.channels
+        return record.channels if record is not None else None
 
     def take_record(self, rid: str, user: str) -> ResumeRecord | None:
         """Remove and return record ``rid`` if it is live and ``user``'s."""

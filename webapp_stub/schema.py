@@ -101,6 +101,33 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     updated_at REAL NOT NULL,
     PRIMARY KEY (channel, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS apps (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    name TEXT NOT NULL,
+    bot_user TEXT NOT NULL UNIQUE,
+    events TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS app_tokens (
+    token TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    scopes TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS profiles (
+    user TEXT PRIMARY KEY,
+    email TEXT,
+    fields TEXT NOT NULL DEFAULT '{}'
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS profiles_email ON profiles (email) WHERE email IS NOT NULL;
+CREATE TABLE IF NOT EXISTS channel_details (
+    channel TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    creator TEXT NOT NULL,
+    last_set INTEGER NOT NULL,
+    PRIMARY KEY (channel, kind)
+) WITHOUT ROWID;
 """
 
 # Columns added after the first release: a database written by an older
@@ -112,6 +139,7 @@ MIGRATIONS = (
     ("messages", "subtype", "TEXT"),
     ("messages", "edited_user", "TEXT"),
     ("messages", "edited_ts", "TEXT"),
+    ("members", "last_read", "TEXT"),
 )
 # Indexes over migrated columns: created once the columns exist.
 INDEXES = """

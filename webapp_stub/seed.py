@@ -5,6 +5,11 @@
 channel starts at seq 0. It is idempotent: on a database that already has a
 team it changes nothing and returns what is there.
 
+Apps: the first bot (``rtmbot``) belongs to an app (``A…``, named
+:data:`APP_NAME`) with one app-level token (``xapp-…``, ``connections:write``)
+and the event subscriptions of :data:`APP_MANIFEST`; seed.json lists it under
+``apps`` (docs/socket-mode.md). People get an email, ``<name>@`` :data:`EMAIL_DOMAIN`.
+
 Membership: everyone (bots included) is in #general and #random. Further
 channels (``channel-0002``, ...) hold everyone in small seeds
 (up to :data:`SMALL_SEED_USERS` users); in larger seeds user ``i`` joins only
@@ -23,8 +28,10 @@ from typing import Any
 
 from services.config import Parser
 from services.secret_file import ensure_private_dir, replace_secret_file
+from webapp_stub.apps import APP_TOKEN_SCOPES
 from webapp_stub.codecs import new_id, new_token
 from webapp_stub.database import DB_FILE, DEFAULT_CACHE_PAGES
+from webapp_stub.models import APP_EVENTS
 from webapp_stub.reminders import SLACKBOT_ID, SLACKBOT_NAME, SLACKBOT_REAL_NAME
 from webapp_stub.store import Store
 
@@ -34,6 +41,16 @@ TEAM_NAME = "rtm demo"
 TEAM_DOMAIN = "rtm-demo"
 SMALL_SEED_USERS = 1000
 SEED_FILE = "seed.json"
+EMAIL_DOMAIN = "rtm-demo.example"  # .example: reserved, never a real mailbox
+APP_NAME = "rtmbot"
+# The demo app's manifest: the bot events it subscribes to (webapp_stub.models.APP_EVENTS).
+APP_MANIFEST: dict[str, Any] = {
+    "display_information": {"name": APP_NAME},
+    "settings": {
+        "socket_mode_enabled": True,
+        "event_subscriptions": {"bot_events": list(APP_EVENTS)},
+    },
+}
 SEED_CACHE_KIB = 256 * 1024  # page cache while seeding: random index inserts stay in memory
 
 
@@ -63,7 +80,8 @@ def seed_demo(
     store_or_path: Store | str | os.PathLike[str], *, users: int = 5, channels: int = 2, bots: int = 1
 ) -> dict[str, Any]:
     """Seed (once) and return the seed.json content:
-    ``{"team": {id, name, domain}, "users": [{id, name, token, is_bot[, bot_id]}], "channels": [{id, name}]}``.
+    ``{"team": {id, name, domain}, "users": [{id, name, token, is_bot[, bot_id]}], "channels": [{id, name}],
+    "apps": [{id, name, bot_user_id, bot_id, app_token, scopes, manifest}]}``.
     """
     if users < 1 or channels < 1 or bots < 0:
         raise ValueError("need at least one user and one channel")
@@ -72,6 +90,7 @@ def seed_demo(
     try:
         if store.first_team() is None:
             _create(store, users, channels, bots)
+        _ensure_app(store)
         return describe(store)
     finally:
         if own:
@@ -120,7 +139,20 @@ def _create(store: Store, users: int, channels: int, bots: int) -> None:
             channel_rows,
         )
         db.executemany("INSERT INTO members (channel, user) VALUES (?, ?)", member_rows)
+        db.executemany(
+            "INSERT INTO profiles (user, email, fields) VALUES (?, ?, '{}')",
+            sorted((row[0], f"{row[2]}@{EMAIL_DOMAIN}") for row in user_rows if not row[4]),
+        )
     store.conn.execute(f"PRAGMA cache_size = {DEFAULT_CACHE_PAGES}")
+
+
+def _ensure_app(store: Store) -> None:
+    """The first bot's app, created once (also in a database seeded before apps existed)."""
+    row = store.conn.execute("SELECT id, team FROM users WHERE is_bot = 1 ORDER BY rowid LIMIT 1").fetchone()
+    if row is None or store.app_of_bot(row[0]) is not None:
+        return
+    events = APP_MANIFEST["settings"]["event_subscriptions"]["bot_events"]
+    store.create_app(row[1], row[0], APP_MANIFEST["display_information"]["name"], events)
 
 
 def describe(store: Store) -> dict[str, Any]:
@@ -143,7 +175,30 @@ def describe(store: Store) -> dict[str, Any]:
         {"id": cid, "name": name}
         for cid, name in store.conn.execute("SELECT id, name FROM channels WHERE team = ? ORDER BY rowid", (team.id,))
     ]
-    return {"team": team.to_api(), "users": users, "channels": channels}
+    apps = []
+    for (app_id,) in store.conn.execute("SELECT id FROM apps WHERE team = ? ORDER BY rowid", (team.id,)).fetchall():
+        app = store.app(app_id)
+        bot = store.user(app.bot_user) if app is not None else None
+        if app is None or bot is None:
+            continue
+        apps.append(
+            {
+                "id": app.id,
+                "name": app.name,
+                "bot_user_id": bot.id,
+                "bot_id": bot.bot_id,
+                "app_token": store.app_tokens(app.id)[0],
+                "scopes": list(APP_TOKEN_SCOPES),
+                "manifest": {
+                    "display_information": {"name": app.name},
+                    "settings": {
+                        "socket_mode_enabled": True,
+                        "event_subscriptions": {"bot_events": list(app.events)},
+                    },
+                },
+            }
+        )
+    return {"team": team.to_api(), "users": users, "channels": channels, "apps": apps}
 
 
 def write_seed_file(data_dir: str, seed: dict[str, Any]) -> str:

@@ -46,6 +46,9 @@ transaction as the event it appends and the membership it checks):
   (:class:`ConversationStore`) < :mod:`webapp_stub.messages` (:class:`MessageStore`)
   < :mod:`webapp_stub.reactions` (:class:`ReactionStore`): each uses the one before
   (a post checks membership; a reaction finds its message).
+* :mod:`webapp_stub.channel_details` (:class:`ChannelDetailStore`, topic, purpose,
+  read marks) on top of messages; :mod:`webapp_stub.profiles` (:class:`ProfileStore`)
+  on top of users; :mod:`webapp_stub.apps` (:class:`AppStore`): apps and app-level tokens.
 * :mod:`webapp_stub.models` (records), :mod:`webapp_stub.codecs` (ids, ts,
   cursors, JSON), :mod:`webapp_stub.errors` (:class:`ApiError`).
 
@@ -57,6 +60,8 @@ always offered are still importable from here.
 
 from __future__ import annotations
 
+from webapp_stub.apps import AppStore
+from webapp_stub.channel_details import ChannelDetailStore
 from webapp_stub.codecs import (
     MAX_SQL_INT,
     MAX_TS_SECONDS_DIGITS,
@@ -95,6 +100,7 @@ from webapp_stub.models import (
     Team,
     User,
 )
+from webapp_stub.profiles import ProfileStore
 from webapp_stub.reactions import MAX_REACTION_NAME, ReactionStore, validate_reaction_name
 from webapp_stub.users import PRESENCES
 
@@ -140,7 +146,7 @@ __all__ = [
 ]
 
 
-class Store(ReactionStore, DeadLetterStore):
+class Store(ReactionStore, ChannelDetailStore, ProfileStore, AppStore, DeadLetterStore):
     """All webapp state in ``<data_dir>/webapp.db`` (or ``path`` if it names a file).
 
     Open with ``Store(path, clock=..., background_checkpoints=..., synchronous=...,

@@ -612,3 +612,101 @@ async def test_a_4_gib_length_header_is_refused_at_once() -> None:
         writer.close()
     finally:
         await endpoint.stop()
+
+
+# -- the publish path: corked writes, requests answered from a future's callback -------------
+
+
+class CountingTransport:
+    """Enough of a transport to count writes: each ``write`` is one syscall on a real one."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+async def test_corked_writes_of_one_turn_leave_in_one_write_in_order() -> None:
+    conn = PeerConnection(coalesce_writes=True)
+    transport = CountingTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    frames = [wire.encode_event("C1", seq, b"{}", 1.0) for seq in range(1, 6)]
+    for frame in frames:
+        conn.write(frame)
+    assert transport.writes == []  # corked until the end of this turn
+    await asyncio.sleep(0)  # wait-ok: one loop turn, when the cork is pulled
+    assert transport.writes == [b"".join(frames)]
+    conn.write(frames[0])
+    conn.close()  # closing flushes what is corked first
+    assert transport.writes[-1] == frames[0]
+    conn._stop_limit_timers()
+
+
+async def test_a_corked_connection_still_cuts_off_a_slow_peer() -> None:
+    conn = PeerConnection(coalesce_writes=True, max_send_buffer_bytes=100)
+    transport = CountingTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.write(b"x" * 60)
+    with pytest.raises(SendBufferFull):
+        conn.write(b"x" * 60)  # corked bytes count against the bound
+    assert transport.closing
+    await asyncio.sleep(0)  # wait-ok: the flush finds the connection gone and writes nothing
+    assert transport.writes == []
+    conn._stop_limit_timers()
+
+
+async def test_requests_answered_by_a_future_reply_in_completion_order_and_count_in_flight() -> None:
+    futures: list[asyncio.Future[dict[str, Any]]] = []
+    served: list[PeerConnection] = []
+
+    def handle(conn: PeerConnection, msg: dict[str, Any]) -> Any:
+        served.append(conn)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future.request_id = msg["id"]  # type: ignore[attr-defined]
+        futures.append(future)
+        return future
+
+    server = await serve(
+        HOST, 0, lambda: PeerConnection(name="server", on_request=handle, coalesce_writes=True), trust=PLAIN
+    )
+    port = server.sockets[0].getsockname()[1]
+    client = await dial(port, coalesce_writes=True)
+    try:
+        replies = [client.begin_request({"op": "x"}, timeout_s=WAIT_S) for _ in range(3)]
+        for _ in range(200):
+            if len(futures) == 3:
+                break
+            await asyncio.sleep(0.01)  # wait-ok: polling, bounded, for the server to read the requests
+        assert len(futures) == 3
+        assert served[0].requests_in_flight == 3  # each counts against the cap, with no task
+        futures[2].set_result(wire.reply_ok(futures[2].request_id, n=2))  # type: ignore[attr-defined]
+        futures[0].set_exception(ValueError("bug"))
+        futures[1].set_exception(BadMessage("x", "field: bad"))
+        assert (await within(replies[2]))["n"] == 2
+        with pytest.raises(PeerError) as internal:
+            await within(replies[0])
+        assert internal.value.code == ErrorCode.INTERNAL
+        with pytest.raises(PeerError) as bad:
+            await within(replies[1])
+        assert bad.value.code == ErrorCode.BAD_REQUEST
+        assert served[0].requests_in_flight == 0
+    finally:
+        client.close()
+        server.close()

@@ -21,6 +21,13 @@ Static checks (no processes):
     the compose file mounts;
   * gen-cert.sh makes a certificate openssl accepts, the shared secret, one Consul token per
     service, the Consul management and agent tokens and Grafana's password, in a 0600 .env;
+  * the internal wire's mutual TLS: every rtm process in compose (and the on-demand operator)
+    has RTM_TLS_CA/CERT/KEY pointing at read-only mounts of files gen-cert.sh makes, only its
+    own certificate and key, named by its --instance-id; no identity-bearing service is
+    replicated; the webapp's internal listener is published nowhere and never routed; and
+    gen-cert.sh, run for real, makes certificates that services/tls.py loads for exactly that
+    process, that complete a mutual TLS handshake under the CA, 0600 and owned by the
+    containers' uid (or 0640 to the operator's group), kept on a rerun, new after a rotation;
   * Consul ACLs: default deny, the management token from .env, one policy per service
     (deploy/consul/policies/*.hcl) that lets it write only its own registrations; only CHARM
     writes the rings, only the operator the drained-regions keys; each rtm container gets
@@ -38,6 +45,7 @@ loopback on Linux), with JSON logs at DEBUG:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -46,6 +54,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +66,16 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from rtmctl.cli import COMMANDS
+from services.certs import identity_of
+from services.identity import OPERATOR, PeerIdentity
+from services.tls import (
+    WIRE_TLS_ON,
+    TrustConfigError,
+    client_context,
+    identity_from_peercert,
+    server_context,
+    trust_from_args,
+)
 from tests.support import async_wait_until, free_port_base
 from tests.system.harness import Fleet, consul_client
 
@@ -76,7 +95,11 @@ ENV_VARS = (
     "CONSUL_AGENT_TOKEN",
     *(f"RTM_CONSUL_TOKEN_{s}" for s in TOKEN_SERVICES),
     "GRAFANA_ADMIN_PASSWORD",
+    "RTM_TLS_GID",
 )
+# The containers' user (deploy/Dockerfile: useradd --uid 10001); the TLS files are theirs.
+CONTAINER_UID = 10001
+TLS_MOUNT_DIR = "/etc/rtm/tls"
 UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 # One rule per line: `<resource> "<name>" { policy = "<level>" }` (the subset of Consul's HCL the files use).
 RULE_RE = re.compile(r'^(\w+) "([^"]*)" \{ policy = "(read|write|deny|list)" \}$')
@@ -193,7 +216,11 @@ def test_compose_structure() -> None:
         if isinstance(cond, dict) and cond.get("condition") == "service_completed_successfully"
     }
     assert one_shot == {"consul-acl-init"}, one_shot
+    on_demand = {name for name, svc in services.items() if svc.get("profiles")}
+    assert on_demand == {"operator"}, on_demand  # `docker compose run --rm operator ...`, never started by `up`
     for name, svc in services.items():
+        if name in on_demand:
+            continue
         assert svc.get("restart") in ("always", "unless-stopped", "on-failure"), f"{name}: no restart policy"
         if name in one_shot:  # a job that runs to completion: what waits on it checks its exit code
             continue
@@ -221,15 +248,12 @@ def test_compose_structure() -> None:
         argv = rtm_argvs(svc)[-1]  # the long-running one
         command = argv[0]
         assert flag(argv, "--host") == "0.0.0.0", f"{name} must bind 0.0.0.0 in its container"
-        advertise = flag(argv, "--advertise-host")
-        replicas = (svc.get("deploy") or {}).get("replicas", 1)
-        if advertise is not None:
-            assert advertise == name and replicas == 1, f"{name} advertises {advertise}"
-        else:  # a scalable service: each replica registers its own container hostname and a generated id
-            assert flag(argv, "--instance-id") is None, f"{name}: replicas would share an instance id"
-        count = replicas
+        assert flag(argv, "--advertise-host") == name, f"{name} must advertise its own service name"
+        # one process per service: replicas would run under one certificate and one instance id
+        assert "replicas" not in (svc.get("deploy") or {}) and "scale" not in svc, f"{name} is replicated"
+        assert flag(argv, "--instance-id"), f"{name} needs an explicit --instance-id (its certificate's)"
         role = flag(argv, "--role") or "active"
-        roles.setdefault(f"{command}/{role}", []).extend([name] * count)
+        roles.setdefault(f"{command}/{role}", []).append(name)
         if command == "gateway":
             regions.add(str(flag(argv, "--region")))
             assert env.get("RTM_SECRET"), f"{name} needs the shared secret"
@@ -250,7 +274,8 @@ def test_compose_structure() -> None:
     webapp = rtm["webapp"]
     assert webapp["environment"].get("RTM_SECRET"), "the webapp needs the shared secret"
     data_dir = flag(rtm_argvs(webapp)[-1], "--data-dir")
-    assert any(v.split(":")[1] == data_dir for v in webapp["volumes"]), "the webapp's data dir must be a volume"
+    named = [v for v in webapp["volumes"] if isinstance(v, str)]
+    assert any(v.split(":")[1] == data_dir for v in named), "the webapp's data dir must be a volume"
     assert webapp["volumes"][0].split(":")[0] in (doc.get("volumes") or {}), "a named volume"
 
     edge = next(s for s in services.values() if str(s.get("image", "")).startswith("envoyproxy/envoy:"))
@@ -385,6 +410,7 @@ def test_gen_cert_makes_a_certificate_and_the_secret(tmp_path: Path) -> None:
         **os.environ,
         "CERT_DIR": str(tmp_path / "certs"),
         "ENV_FILE": str(tmp_path / ".env"),
+        "TLS_DIR": str(tmp_path / "tls"),
         "RTM_EDGE_HOST": "rtm.test",
     }
     subprocess.run(["sh", str(DEPLOY / "gen-cert.sh")], check=True, env=env, capture_output=True, timeout=60)
@@ -405,6 +431,7 @@ def test_gen_cert_makes_a_certificate_and_the_secret(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600, "secrets and tokens: 0600"
     values = dict(line.split("=", 1) for line in secret.splitlines())
     assert list(values) == list(ENV_VARS), values.keys()
+    assert values["RTM_TLS_GID"] == str(CONTAINER_UID if os.getuid() == 0 else os.getgid())
     assert re.fullmatch(r"[0-9a-f]{64}", values["RTM_SECRET"])
     tokens = [v for k, v in values.items() if k.endswith("_TOKEN") or "_TOKEN_" in k]
     assert len(tokens) == len(TOKEN_SERVICES) + 2 and len(set(tokens)) == len(tokens), "one distinct token each"
@@ -417,6 +444,229 @@ def test_gen_cert_makes_a_certificate_and_the_secret(tmp_path: Path) -> None:
     subprocess.run(["sh", str(DEPLOY / "gen-cert.sh")], check=True, env=env, capture_output=True, timeout=60)
     again = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
     assert list(again) == list(ENV_VARS) and again["RTM_SECRET"] == values["RTM_SECRET"]
+
+
+# -- (c'') the internal wire's certificates ----------------------------------------------------
+
+
+def tls_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that speak on the internal wire: every rtm process, and the on-demand operator."""
+    found = dict(rtm_services(doc))
+    found.update({n: s for n, s in doc["services"].items() if "RTM_TLS_CERT" in (s.get("environment") or {})})
+    return found
+
+
+def expected_identity(name: str, svc: dict[str, Any]) -> PeerIdentity:
+    """Who the process in ``svc`` is: its command's service and its --instance-id (the operator: "operator")."""
+    if name == "operator":
+        return PeerIdentity(OPERATOR, "operator")
+    argv = rtm_argvs(svc)[-1]
+    return PeerIdentity(argv[0], str(flag(argv, "--instance-id")))
+
+
+def tls_mounts(svc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The service's bind mounts of deploy/tls/ files, by their target in the container."""
+    return {
+        v["target"]: v
+        for v in svc.get("volumes", [])
+        if isinstance(v, dict) and str(v.get("source", "")).startswith("./tls/")
+    }
+
+
+def gen_cert_fleet() -> dict[str, list[str]]:
+    """The FLEET list in gen-cert.sh: service -> instance ids it issues certificates for."""
+    block = re.search(r'^FLEET="(.*?)"$', GEN_CERT.read_text(), re.M | re.S)
+    assert block, "gen-cert.sh has no FLEET list"
+    fleet: dict[str, list[str]] = {}
+    for line in block[1].splitlines():
+        service, *instances = line.split()
+        fleet.setdefault(service, []).extend(instances)
+    return fleet
+
+
+def test_every_fleet_process_has_its_own_certificate_and_key() -> None:
+    """RTM_TLS_CA/CERT/KEY point at read-only mounts of the CA and of this process's own files,
+    named by its --instance-id, which gen-cert.sh issues for exactly that identity."""
+    doc = compose()
+    services = tls_services(doc)
+    assert set(rtm_services(doc)) < set(services), "every rtm process speaks on the wire"
+    fleet = gen_cert_fleet()
+    issued = {PeerIdentity(service, i) for service, instances in fleet.items() for i in instances}
+    seen_files: dict[str, str] = {}
+    identities = []
+    for name, svc in services.items():
+        env = svc["environment"]
+        mounts = tls_mounts(svc)
+        identity = expected_identity(name, svc)
+        identities.append(identity)
+        want = {
+            "RTM_TLS_CA": "./tls/ca.crt",
+            "RTM_TLS_CERT": f"./tls/{identity.instance}.crt",
+            "RTM_TLS_KEY": f"./tls/{identity.instance}.key",
+        }
+        for var, source in want.items():
+            target = env.get(var)
+            assert target and target.startswith(TLS_MOUNT_DIR + "/"), f"{name}: {var} = {target!r}"
+            mount = mounts.get(target)
+            assert mount is not None, f"{name}: {var} points at {target}, which nothing mounts"
+            assert mount["source"] == source, f"{name}: {target} is {mount['source']}, not its own {source}"
+            assert mount["type"] == "bind" and mount.get("read_only") is True, f"{name}: {target} must be read-only"
+            assert mount.get("bind", {}).get("create_host_path") is False, (
+                f"{name}: a missing {source} must stop the container, not become an empty directory"
+            )
+            if var != "RTM_TLS_CA":
+                assert source not in seen_files, f"{name} and {seen_files[source]} share {source}"
+                seen_files[source] = name
+        assert set(mounts) == {env["RTM_TLS_CA"], env["RTM_TLS_CERT"], env["RTM_TLS_KEY"]}, (
+            f"{name} mounts TLS files that are not its own: {sorted(m['source'] for m in mounts.values())}"
+        )
+        assert identity in issued, f"{name} runs as {identity.uri()}, which gen-cert.sh does not issue"
+        assert "replicas" not in (svc.get("deploy") or {}), f"{name}: replicas would share {identity.uri()}"
+        assert svc.get("group_add") == ["${RTM_TLS_GID:?run deploy/gen-cert.sh}"], f"{name}: group_add"
+    assert len(set(identities)) == len(identities), "two services under one identity"
+    assert issued == set(identities), f"gen-cert.sh issues for no service: {issued - set(identities)}"
+    # and nobody else sees the fleet's files (the CA key least of all)
+    for name, svc in doc["services"].items():
+        if name not in services:
+            assert not any("tls" in json.dumps(v) for v in svc.get("volumes", [])), f"{name} mounts TLS files"
+
+
+def test_webapp_internal_listener_stays_inside_the_compose_network() -> None:
+    doc = compose()
+    webapp = rtm_services(doc)["webapp"]
+    internal = flag(rtm_argvs(webapp)[-1], "--internal-port")
+    assert internal and internal != "0", "the gateways find /internal/ on a fixed port"
+    for name, svc in doc["services"].items():
+        published = [str(p) for p in svc.get("ports", [])]
+        assert not any(p.split(":")[-1].split("/")[0] == internal for p in published), f"{name} publishes {internal}"
+    envoy = load_yaml(ENVOY)
+    for cluster in envoy["static_resources"]["clusters"]:
+        if cluster["name"] == "envoy_admin":
+            continue
+        assert cluster_endpoint(envoy, cluster["name"])[1] != int(internal), f"Envoy reaches /internal/ ({cluster})"
+
+
+def handshake(ca: Path, server: tuple[Path, Path], client: tuple[Path, Path]) -> tuple[PeerIdentity, PeerIdentity]:
+    """A mutual TLS handshake in memory with services/tls.py's contexts; the identities each side saw."""
+    import ssl
+
+    server_ctx = server_context(ca, *server)
+    client_ctx = client_context(ca, *client)
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    srv = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    cli = client_ctx.wrap_bio(c_in, c_out, server_side=False)
+    done = {"srv": False, "cli": False}
+    for _ in range(10):  # TLS 1.3: a few flights
+        for side, obj in (("cli", cli), ("srv", srv)):
+            if not done[side]:
+                try:
+                    obj.do_handshake()
+                    done[side] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            break
+    assert all(done.values()), "the handshake did not finish"
+    return identity_from_peercert(cli.getpeercert()), identity_from_peercert(srv.getpeercert())
+
+
+def run_gen_cert(tmp_path: Path, *args: str, access: str = "") -> Path:
+    env = {
+        **os.environ,
+        "CERT_DIR": str(tmp_path / "certs"),
+        "ENV_FILE": str(tmp_path / ".env"),
+        "TLS_DIR": str(tmp_path / "tls"),
+        "RTM_PYTHON": sys.executable,
+    }
+    if access:
+        env["RTM_TLS_ACCESS"] = access
+    result = subprocess.run(["sh", str(GEN_CERT), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp_path / "tls"
+
+
+def test_gen_cert_makes_the_certificates_each_process_starts_with(tmp_path: Path) -> None:
+    """Run for real: each compose process's files load as exactly that process's identity
+    (services/tls.py, as the process does at start), chain to the fleet CA in a real mutual
+    handshake, are 0600 and the containers' (0640 to the operator's group without root);
+    a rerun keeps them; a rotation issues every one anew from a new CA."""
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl here")
+    tls_dir = run_gen_cert(tmp_path)
+    as_root = os.getuid() == 0
+    assert stat.S_IMODE(tls_dir.stat().st_mode) == 0o700
+    ca_key = tls_dir / "ca.key"
+    assert stat.S_IMODE(ca_key.stat().st_mode) == 0o600 and ca_key.stat().st_uid == os.getuid()
+    services = tls_services(compose())
+    files = {name: tls_dir / f"{expected_identity(name, svc).instance}" for name, svc in services.items()}
+    for path in [tls_dir / "ca.crt", *(p.with_suffix(s) for p in files.values() for s in (".crt", ".key"))]:
+        st = path.stat()
+        if as_root:
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, CONTAINER_UID, CONTAINER_UID), path
+        else:
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, os.getgid()), path
+    ca = tls_dir / "ca.crt"
+    webapp = (files["webapp"].with_suffix(".crt"), files["webapp"].with_suffix(".key"))
+    for name, svc in services.items():
+        want = expected_identity(name, svc)
+        cert, key = files[name].with_suffix(".crt"), files[name].with_suffix(".key")
+        assert identity_of(cert.read_bytes()) == want, name
+        # what the process does at start: its certificate must name its service and --instance-id
+        args = argparse.Namespace(
+            wire_tls=WIRE_TLS_ON,
+            tls_ca=str(ca),
+            tls_cert=str(cert),
+            tls_key=str(key),
+            tls_handshake_timeout_s=5.0,
+            instance_id=want.instance,
+        )
+        assert trust_from_args(args, want.service).identity == want, name
+        seen_by_client, seen_by_server = handshake(ca, webapp, (cert, key))
+        assert seen_by_server == want and seen_by_client == identity_of(webapp[0].read_bytes()), name
+    with pytest.raises(TrustConfigError):  # and not under another process's identity
+        trust_from_args(
+            argparse.Namespace(**{**vars(args), "instance_id": "someone-else"}), expected_identity(name, svc).service
+        )
+
+    before = {p.name: p.read_bytes() for p in tls_dir.iterdir()}
+    run_gen_cert(tmp_path)
+    assert {p.name: p.read_bytes() for p in tls_dir.iterdir()} == before, "a rerun keeps every file"
+
+    run_gen_cert(tmp_path, "--rotate-fleet-ca")
+    assert ca.read_bytes() != before["ca.crt"] and ca_key.read_bytes() != before["ca.key"]
+    old_ca = tmp_path / "old-ca.crt"
+    old_ca.write_bytes(before["ca.crt"])
+    for name in services:
+        cert, key = files[name].with_suffix(".crt"), files[name].with_suffix(".key")
+        assert cert.read_bytes() != before[cert.name] and key.read_bytes() != before[key.name], name
+        handshake(ca, webapp, (cert, key))  # under the new CA
+    import ssl
+
+    with pytest.raises(ssl.SSLError):  # a process still trusting the old CA refuses the new certificates
+        handshake(old_ca, webapp, webapp)
+
+
+def test_gen_cert_without_root_makes_files_for_the_operators_group(tmp_path: Path) -> None:
+    """RTM_TLS_ACCESS=group (what a non-root run does): 0640 to the creator's group, which the
+    containers get as RTM_TLS_GID; the CA key stays 0600."""
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl here")
+    tls_dir = run_gen_cert(tmp_path, access="group")
+    env = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
+    assert env["RTM_TLS_GID"] == str(os.getgid())
+    assert stat.S_IMODE((tls_dir / "ca.key").stat().st_mode) == 0o600
+    for path in tls_dir.iterdir():
+        if path.name != "ca.key":
+            st = path.stat()
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, os.getuid(), os.getgid()), path
+    # switching to the other way with the first one's RTM_TLS_GID in .env is refused, not half-done
+    if os.getuid() == 0 and os.getgid() != CONTAINER_UID:
+        env_run = {**os.environ, "CERT_DIR": str(tmp_path / "certs"), "ENV_FILE": str(tmp_path / ".env")}
+        env_run |= {"TLS_DIR": str(tls_dir), "RTM_PYTHON": sys.executable, "RTM_TLS_ACCESS": "owner"}
+        result = subprocess.run(["sh", str(GEN_CERT)], env=env_run, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "RTM_TLS_GID" in result.stderr
 
 
 # -- (c') Consul ACLs ---------------------------------------------------------------------------

@@ -8,8 +8,8 @@ reply's fields besides ``ok``; Slack's error codes are raised as
 from __future__ import annotations
 
 from webapp_stub import bookmarks, pins, reminders, scheduled
-from webapp_stub.methods import auth, chat, conversations, reactions, rtm, users
+from webapp_stub.methods import apps, auth, chat, conversations, reactions, rtm, team, users
 
 # bookmarks, pins, reminders and scheduled messages keep their store access, methods and (for
 # the last two) scheduler firers together, one module per concern (docs/scheduling.md).
-FAMILIES = (auth, chat, conversations, reactions, rtm, users, bookmarks, pins, reminders, scheduled)
+FAMILIES = (apps, auth, chat, conversations, reactions, rtm, team, users, bookmarks, pins, reminders, scheduled)

@@ -65,3 +65,37 @@ def chat_post_ephemeral(api: WebApi, call: Call) -> dict[str, Any]:
     ts, event = api.store.post_ephemeral(channel, call.me, target, text)
     api.publish([event])
     return {"message_ts": ts}
+
+
+@method("chat.meMessage", writes=True)
+def chat_me_message(api: WebApi, call: Call) -> dict[str, Any]:
+    """A ``/me`` message: subtype ``me_message``. Errors as ``chat.postMessage``."""
+    channel = api.channel_arg(call)
+    text = str(call.args.get("text") or "")
+    if not text:
+        raise ApiError("no_text")
+    message, event = api.store.post_message(channel, call.me, text, subtype="me_message")
+    api.publish([event])
+    api.posts.inc()
+    return {"channel": channel.id, "ts": message["ts"]}
+
+
+@method("chat.getPermalink")
+def chat_get_permalink(api: WebApi, call: Call) -> dict[str, Any]:
+    """``<webapp>/archives/<channel>/p<ts without the dot>`` (with ``thread_ts`` and ``cid`` for a reply).
+
+    Raises ``channel_not_found``, ``message_not_found`` (also for a missing or bad ``message_ts``)."""
+    channel = api.channel_arg(call)
+    try:
+        message = api.store.message(channel.id, call.args.get("message_ts"))
+    except ApiError as exc:
+        if exc.code in ("invalid_arguments", "invalid_ts"):
+            raise ApiError("message_not_found") from None
+        raise
+    base = f"{call.request.scheme}://{call.request.host}" if call.request is not None else ""
+    ts = str(message["ts"])
+    link = f"{base}/archives/{channel.id}/p{ts.replace('.', '')}"
+    thread_ts = message.get("thread_ts")
+    if thread_ts and thread_ts != ts:
+        link += f"?thread_ts={thread_ts}&cid={channel.id}"
+    return {"channel": channel.id, "permalink": link}

@@ -187,3 +187,32 @@ def conversations_info(api: WebApi, call: Call) -> dict[str, Any]:
     if flag(call.args, "include_num_members"):
         extra["num_members"] = api.store.member_count(channel.id)
     return {"channel": conversation(api, channel, call.me, **extra)}
+
+
+def _set_detail(api: WebApi, call: Call, kind: str) -> dict[str, Any]:
+    channel = api.channel_arg(call)
+    value = call.args.get(kind)
+    if value is None:
+        raise ApiError("invalid_arguments")
+    api.publish(api.store.set_detail(channel, call.me, kind, str(value)))
+    return {"channel": conversation(api, channel, call.me)}
+
+
+@method("conversations.setTopic", writes=True)
+def conversations_set_topic(api: WebApi, call: Call) -> dict[str, Any]:
+    """Set ``topic`` (at most 250 characters; "" clears it); posts ``channel_topic`` in the channel."""
+    return _set_detail(api, call, "topic")
+
+
+@method("conversations.setPurpose", writes=True)
+def conversations_set_purpose(api: WebApi, call: Call) -> dict[str, Any]:
+    """Set ``purpose`` (at most 250 characters; "" clears it); posts ``channel_purpose`` in the channel."""
+    return _set_detail(api, call, "purpose")
+
+
+@method("conversations.mark", writes=True)
+def conversations_mark(api: WebApi, call: Call) -> dict[str, Any]:
+    """Move the caller's read position to ``ts``; ``channel_marked`` to all of the caller's connections."""
+    channel = api.channel_arg(call)
+    api.publish(api.store.mark(channel, call.me, call.args.get("ts")))
+    return {}

@@ -10,7 +10,7 @@ from webapp_stub.api import (
     method,
     user_arg,
 )
-from webapp_stub.args import int_arg, paged, str_arg
+from webapp_stub.args import int_arg, json_arg, paged, str_arg
 from webapp_stub.errors import ApiError
 from webapp_stub.models import (
     MAX_PAGE,
@@ -83,14 +83,58 @@ def bots_info(api: WebApi, call: Call) -> dict[str, Any]:
     user = api.store.bot(bot_id) if bot_id else None
     if user is None or user.team != call.me.team:
         raise ApiError("bot_not_found")
+    app = api.store.app_of_bot(user.id)
     return {
         "bot": {
             "id": user.bot_id,
             "deleted": False,
-            "name": user.name,
-            "updated": 0,
-            "app_id": "A" + str(user.bot_id)[1:],
+            "name": app.name if app is not None else user.name,
+            "updated": app.created if app is not None else 0,
+            "app_id": app.id if app is not None else "",
             "user_id": user.id,
             "icons": {},
         }
     }
+
+
+@method("users.profile.get")
+def users_profile_get(api: WebApi, call: Call) -> dict[str, Any]:
+    """The profile of ``user`` (default: the caller). Raises ``user_not_found``."""
+    return {"profile": api.store.profile(user_arg(api, call, default_me=True))}
+
+
+@method("users.profile.set", writes=True)
+def users_profile_set(api: WebApi, call: Call) -> dict[str, Any]:
+    """Set fields of the caller's profile, from ``profile`` (a JSON object) or ``name`` + ``value``.
+
+    Only one's own profile (Slack lets admins set others': ``cannot_update_admin_user``
+    here, as nobody is an admin). Raises ``invalid_profile``, ``too_long``,
+    ``invalid_email``, ``email_taken``, ``invalid_emoji``. Emits ``user_change``.
+    """
+    target = str_arg(call.args, "user")
+    if target and target != call.me.id:
+        raise ApiError("cannot_update_admin_user")
+    try:
+        profile = json_arg(call.args, "profile")
+    except ApiError:
+        raise ApiError("invalid_profile") from None
+    name = str_arg(call.args, "name")
+    if profile is None and name:
+        profile = {name: call.args.get("value", "")}
+    if not isinstance(profile, dict):
+        raise ApiError("invalid_profile")
+    updated, events = api.store.set_profile(call.me, profile)
+    api.publish(events)
+    return {"profile": updated}
+
+
+@method("users.lookupByEmail")
+def users_lookup_by_email(api: WebApi, call: Call) -> dict[str, Any]:
+    """The team member with ``email``; Slack's ``users_not_found`` otherwise (``invalid_email`` for none)."""
+    email = str_arg(call.args, "email")
+    if not email:
+        raise ApiError("invalid_email")
+    user = api.store.user_by_email(call.me.team, email)
+    if user is None:
+        raise ApiError("users_not_found")
+    return {"user": api.store.user_object(user)}

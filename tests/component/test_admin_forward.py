@@ -1,0 +1,162 @@
+"""The admin server's forwarding on real sockets (issue 17): the fast path answers from
+futures without a task per publish and keeps arrival order; a publish whose slot has no
+live owner takes the slow path, and later publishes of that slot queue behind it, so a
+channel's events reach its channel server in order when the owner comes.
+
+The admin and channel servers run in this process without Consul; the ring and the
+channel server's address are applied by hand, as the Consul watches would."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from admin_server.app import AdminServer
+from admin_server.app import build_parser as admin_parser
+from channel_server.app import ChannelServer
+from channel_server.app import build_parser as channel_parser
+from services.connection import PeerConnection, connect, serve
+from services.discovery import Instance
+from services.ring import RingDocument
+from tests.support import DEFAULT_WAIT_S, FleetCA
+
+HOST = "127.0.0.1"
+NO_CONSUL = "127.0.0.1:1"
+CHANNEL = "C0A1B2C3D4E"
+POSTS = 300
+CA = FleetCA(Path(tempfile.mkdtemp(prefix="rtm-test-ca-")))  # this module's fleet CA
+
+
+async def dial(port: int, service: str, instance: str, **kwargs: Any) -> PeerConnection:
+    """Dial a fleet server as ``service``/``instance``, with that identity's certificate."""
+    return await connect(HOST, port, lambda: PeerConnection(name=instance, **kwargs), trust=CA.trust(service, instance))
+
+
+def pub(seq: int) -> dict[str, Any]:
+    return {"op": "pub", "ch": CHANNEL, "seq": seq, "json": f'{{"n":{seq}}}'.encode(), "t0": 1.0}
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[tuple[AdminServer, int, ChannelServer, int]]:
+    cs = ChannelServer(
+        channel_parser().parse_args(
+            [
+                "--instance-id",
+                "cs-test",
+                "--consul",
+                NO_CONSUL,
+                "--ttl-s",
+                "600",
+                *CA.flags("channel-server", "cs-test"),
+            ]
+        )
+    )
+    cs.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    cs_server = await serve(HOST, 0, cs.make_connection, trust=cs.trust)
+    cs_port = int(cs_server.sockets[0].getsockname()[1])
+    admin = AdminServer(
+        admin_parser().parse_args(
+            ["--instance-id", "as-test", "--consul", NO_CONSUL, "--ttl-s", "600", "--route-budget-s", "20"]
+            + CA.flags("admin-server", "as-test")
+        )
+    )
+    admin.channel_servers._apply([Instance("cs-test", "channel-server", HOST, cs_port)])
+    as_server = await serve(HOST, 0, admin.make_connection, trust=admin.trust)
+    yield admin, int(as_server.sockets[0].getsockname()[1]), cs, cs_port
+    as_server.close()
+    cs_server.close()
+    for conn in list(cs.gateways.values()):
+        conn.abort()
+    await asyncio.gather(*(link.close() for link in admin.links.values()))
+    await admin.discovery.close()
+    await cs.discovery.close()
+
+
+async def subscribe(cs_port: int) -> tuple[PeerConnection, asyncio.Queue[dict[str, Any]]]:
+    """A gateway subscribed to CHANNEL (live); its ``ev`` pushes go to the queue."""
+    pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def on_push(conn: PeerConnection, message: dict[str, Any]) -> None:
+        if message["op"] == "ev":
+            pushes.put_nowait(message)
+
+    gateway = await dial(cs_port, "gateway", "gw-1", on_push=on_push)
+    await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, -1]]})
+    return gateway, pushes
+
+
+async def seqs(pushes: asyncio.Queue[dict[str, Any]], count: int) -> list[int]:
+    got = []
+    try:
+        for _ in range(count):
+            got.append((await asyncio.wait_for(pushes.get(), DEFAULT_WAIT_S))["seq"])
+    except TimeoutError:
+        pass
+    return got
+
+
+async def test_the_fast_path_forwards_in_order_without_a_task_per_publish(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        # The first publish opens the link to the channel server (slow path, once).
+        assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["cs"] == "cs-test"
+        tasks_before = len(asyncio.all_tasks())
+        replies = [webapp.begin_request(pub(n), timeout_s=DEFAULT_WAIT_S) for n in range(2, POSTS + 1)]
+        served = admin_connections(admin)
+        done = await asyncio.wait_for(asyncio.gather(*replies), DEFAULT_WAIT_S)
+        assert all(r["op"] == "ok" and r["cs"] == "cs-test" for r in done)
+        assert await seqs(pushes, POSTS) == list(range(1, POSTS + 1))
+        gateway.close()
+        assert len(asyncio.all_tasks()) <= tasks_before + 2  # no task per publish
+        assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
+        assert all(conn.requests_in_flight == 0 for conn in served)
+    finally:
+        webapp.close()
+        gateway.close()
+
+
+def admin_connections(admin: AdminServer) -> list[PeerConnection]:
+    return [link.conn for link in admin.links.values() if link.conn is not None]
+
+
+async def test_publishes_refused_not_owner_retry_in_order_and_later_ones_do_not_overtake_them(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
+        cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
+        first = [webapp.begin_request(pub(n), timeout_s=DEFAULT_WAIT_S) for n in range(2, 51)]
+        for _ in range(300):  # bounded: until all were refused not_owner and wait on the slow path
+            if admin.slow_slots.get("cs-0") == 49:
+                break
+            await asyncio.sleep(0.01)  # wait-ok: polling a condition, bounded
+        assert admin.slow_slots == {"cs-0": 49}
+        cs.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # and back, with no state
+        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, -1]]})  # after its `moved`
+        # The owner accepts again and the link is up, but these must not overtake 2..50.
+        later = [webapp.begin_request(pub(n), timeout_s=DEFAULT_WAIT_S) for n in range(51, 101)]
+        await asyncio.sleep(0.05)  # wait-ok: room for a wrong fast path to deliver them first
+        admin.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # wakes the waiting ones
+        done = await asyncio.wait_for(asyncio.gather(*first, *later), DEFAULT_WAIT_S)
+        assert all(r["op"] == "ok" for r in done)
+        # An overtaking 51 would have made 2..50 "duplicates" at the channel server: never delivered.
+        assert await seqs(pushes, 100) == list(range(1, 101))
+        assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
+        assert admin.retries.labels("not_owner")._value.get() >= 49
+    finally:
+        webapp.close()
+        gateway.close()
