@@ -33,29 +33,20 @@ from collections.abc import Awaitable
 from typing import Any
 
 from services import ops, wire
-from services.authz import Authorizer
-from services.config import Parser, advertised, service_parser
-from services.connection import PeerConnection, PeerLimits, PeerLink, backoff_delays, serve
+from services.config import Parser, service_parser
+from services.connection import PeerConnection, PeerLink, backoff_delays
 from services.directory import RingFollower, ServiceDirectory
-from services.discovery import Discovery, Instance
-from services.errors import (
-    BadMessage,
-    ConnectionLost,
-    ErrorCode,
-    NotOwner,
-    PeerError,
-    RequestTimeout,
-    SendBufferFull,
-)
-from services.identity import CHANNEL_SERVER
-from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_main
+from services.discovery import Instance
+from services.errors import ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout, SendBufferFull
+from services.identity import ADMIN_SERVER, CHANNEL_SERVER
+from services.metrics import LATENCY_BUCKETS_S
+from services.msgpack_service import MsgpackService
+from services.process import run_main
 from services.ring import RingDocument
-from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.admin_server")
 
-SERVICE = "admin-server"
+SERVICE = ADMIN_SERVER
 DEFAULT_PORT = 7000
 ROUTE_BUDGET_S = 10.0  # how long one publish may wait for a live owner
 FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
@@ -65,24 +56,19 @@ FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
 MAX_PUBS_IN_FLIGHT = 4096
 
 
-class AdminServer:
+class AdminServer(MsgpackService):
     def __init__(self, args: Any) -> None:
-        self.args = args
-        self.instance_id = args.instance_id
-        self.discovery = Discovery(args.consul, args.consul_token)
+        super().__init__(args, SERVICE)
         self.follower = RingFollower(self.discovery, on_change=self.on_ring_change)
         self.ring_changed = asyncio.Event()  # wakes publishes that wait for a slot's new owner
-        self.channel_servers = ServiceDirectory(self.discovery, "channel-server", on_change=self.on_instances)
+        self.channel_servers = ServiceDirectory(self.discovery, CHANNEL_SERVER, on_change=self.on_instances)
         self.links: dict[str, PeerLink] = {}
         # Slots whose owner is failing: later publishes for the slot wait here
         # (in arrival order) until the first one gets through or gives up.
         self.held_slots: dict[str, asyncio.Future[None]] = {}
         # Slots with publishes on the slow path (tasks): later ones of the slot join them there.
         self.slow_slots: dict[str, int] = {}
-        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
-        self.trust = trust_from_args(args, SERVICE)
-        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
         self.retries = m.counter("rtm_as_forward_retries_total", "Forward attempts retried", ["reason"])
@@ -96,37 +82,14 @@ class AdminServer:
         m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
             lambda: self.follower.ring.version
         )
-        self.server: asyncio.Server | None = None
-        self._stop_metrics: StopFn | None = None
 
-    async def start(self) -> dict[str, Any]:
-        args = self.args
-        self.server = await serve(
-            args.host,
-            args.port,
-            self.make_connection,
-            trust=self.trust,
-            on_refused=lambda *_: self.metrics.error("auth"),
-        )
-        port = int(self.server.sockets[0].getsockname()[1])
-        metrics_port, self._stop_metrics = await start_metrics_server(
-            args.host, args.metrics_port, self.metrics, self.health
-        )
+    # -- lifecycle (services/msgpack_service.py: the order) --------------------------------
+    async def starting(self) -> None:
         self.follower.start()
         self.channel_servers.start()
-        address = advertised(args.host, args.advertise_host)
-        await self.discovery.register(
-            SERVICE, self.instance_id, address, port, meta={"metrics_port": str(metrics_port)}, ttl_s=args.ttl_s
-        )
-        return {"service": SERVICE, "id": self.instance_id, "host": address, "port": port, "metrics_port": metrics_port}
 
-    async def stop(self) -> None:
-        await self.discovery.close()
-        if self.server is not None:
-            self.server.close()
+    async def closing(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
-        if self._stop_metrics is not None:
-            await self._stop_metrics()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -158,17 +121,7 @@ class AdminServer:
         return link
 
     def make_connection(self) -> PeerConnection:
-        return PeerConnection(
-            name=f"{self.instance_id}<-webapp",
-            on_request=self.handle_request,
-            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
-            on_bad_message=self.count_bad_message,
-            limits=PeerLimits.from_args(self.args),
-            coalesce_writes=True,
-        )
-
-    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
-        self.metrics.error(exc.kind if was_request else "bad_push")
+        return self.peer_connection(f"{self.instance_id}<-webapp", coalesce_writes=True)
 
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         request_id = ops.request_id(msg)

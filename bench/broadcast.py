@@ -57,6 +57,7 @@ from bench.harness import (
     save_figure,
     save_text,
 )
+from bench.stats import med, pct
 
 NAME = "broadcast"
 KEY_CONN_BITS = 20  # delivery key = round id << 20 | conn
@@ -364,9 +365,6 @@ class Bench:
         def per(v: float) -> float | None:
             return v * 1e6 / delivered if delivered else None
 
-        def pct(q: float) -> float | None:
-            return float(np.percentile(lat_ms, q)) if len(lat_ms) else None
-
         return {
             "rounds_per_s": rate,
             "rounds": rounds,
@@ -395,7 +393,11 @@ class Bench:
             "clients_us_per_delivery": per(cl_cpu),
             "clients_sys_us_per_delivery": per(cl_sys),
             "controller_us_per_delivery": per(cpu["bench (controller)"]),
-            "latency_ms": {"p50": pct(50), "p99": pct(99), "max": float(lat_ms.max()) if len(lat_ms) else None},
+            "latency_ms": {
+                "p50": pct(lat_ms, 50),
+                "p99": pct(lat_ms, 99),
+                "max": float(lat_ms.max()) if len(lat_ms) else None,
+            },
             "foreign_cores": foreign,
             "quiet_wait": quiet,
         }
@@ -495,10 +497,6 @@ def aggregate(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
             order.append(s["rounds_per_s"])
             groups[s["rounds_per_s"]] = []
         groups[s["rounds_per_s"]].append(s)
-
-    def med(values: list[Any]) -> float | None:
-        vals = [v for v in values if v is not None and v == v]
-        return float(np.median(vals)) if vals else None
 
     out = []
     for rate in order:

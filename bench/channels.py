@@ -30,7 +30,6 @@ from typing import Any
 from bench.harness import (
     cpu_seconds,
     fmt,
-    free_port_base,
     machine_info,
     md_table,
     mib,
@@ -40,6 +39,7 @@ from bench.harness import (
     save_figure,
     settled_rss,
 )
+from rtmctl.ports import free_port_base
 
 NAME = "channels"
 GOAL_BYTES_PER_CHANNEL = 300

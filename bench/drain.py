@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.fleet_events import Api, EvClients, Poster, deliveries, now_us, pct, prom_values
+from bench.fleet_events import Api, EvClients, Poster, deliveries, now_us, prom_values
 from bench.harness import (
     FleetRun,
     ProcWatch,
@@ -49,6 +49,7 @@ from bench.harness import (
     run_benchmark,
     save_figure,
 )
+from bench.stats import pct
 
 NAME = "drain"
 DRAIN_REGION = "eu-west"

@@ -40,12 +40,16 @@ import numpy as np
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench.control import control_loop
+from bench.rtm_connect import RATELIMITED_ONLY, rtm_connect
 
 MARK = b'"text":"m'
 HELLO = b'{"type":"hello"}'
 TYPING = b'"type":"user_typing"'
 GOODBYE = b'"type":"goodbye"'
 RECONNECT_ATTEMPTS = 8
+RTM_CONNECT_ATTEMPTS = 5  # per connection attempt; a move makes up to RECONNECT_ATTEMPTS of those
+RTM_CONNECT_RETRY_DELAY_S = 0.5
+RTM_CONNECT_RETRYABLE = RATELIMITED_ONLY  # anything else fails this attempt (a move retries it with backoff)
 RECONNECT_DEADLINE_S = 150.0
 
 
@@ -156,19 +160,15 @@ class Conn(WSListener):
         """rtm.connect + websocket + hello; returns the hello time (µs)."""
         assert STATE.http is not None
         self.stage = "rtm.connect"
-        for _ in range(5):
-            form = {"region": self.region} if self.region else {}
-            async with STATE.http.post(
-                STATE.api_url + "rtm.connect", data=form, headers={"Authorization": f"Bearer {self.token}"}
-            ) as resp:
-                reply = await resp.json(content_type=None)
-            if reply.get("ok"):
-                break
-            if reply.get("error") != "ratelimited":
-                raise RuntimeError(f"rtm.connect: {reply.get('error')}")
-            await asyncio.sleep(0.5)
-        else:
-            raise RuntimeError("rtm.connect: ratelimited")
+        reply = await rtm_connect(
+            STATE.http,
+            STATE.api_url,
+            self.token,
+            self.region,
+            attempts=RTM_CONNECT_ATTEMPTS,
+            retry_delay_s=RTM_CONNECT_RETRY_DELAY_S,
+            retryable=RTM_CONNECT_RETRYABLE,
+        )
         url = reply["url"]
         self.stage = "websocket handshake"
         self.hello = asyncio.get_running_loop().create_future()

@@ -40,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.fleet_events import Api, EvClients, LoggedFleet, Poster, deliveries, med, now_us, pct
+from bench.fleet_events import Api, EvClients, LoggedFleet, Poster, deliveries, now_us
 from bench.harness import ProcWatch, diff, fmt, machine_info, md_table, plt, raise_nofile, run_benchmark, save_figure
+from bench.stats import med, pct
 
 NAME = "failover"
 GOAL_KILL_TO_DELIVERY_S = 2.0

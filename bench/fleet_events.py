@@ -26,21 +26,11 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.harness import FLEET_READY_TIMEOUT_S, REPO_ROOT, FleetRun, LoadClient, LoadClients, free_port_base
+from bench.harness import FleetRun, LoadClient, LoadClients
 
 
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-def pct(a: Any, q: float) -> float | None:
-    a = np.asarray(a, dtype=float)
-    return float(np.percentile(a, q)) if len(a) else None
-
-
-def med(values: list[Any]) -> float | None:
-    vals = [v for v in values if v is not None and v == v]
-    return float(np.median(vals)) if vals else None
 
 
 # -- the fleet, with its log -------------------------------------------------------------------
@@ -57,28 +47,13 @@ class LoggedFleet(FleetRun):
         self._log_file: Any = None
 
     def __enter__(self) -> LoggedFleet:
-        from rtmctl.launcher import rtm_argv, start
-
-        base = free_port_base()
-        argv = rtm_argv("up", "--data-dir", str(self.data_dir), "--port-base", str(base), *self.args)
         self._log_file = open(self.log_path, "w", buffering=1)  # noqa: SIM115 - closed in stop()
-        started = time.monotonic()
+        self.echo = self._log_file
         try:
-            self.proc = start(
-                "rtm-up",
-                argv,
-                env=self.env,
-                ready_timeout_s=FLEET_READY_TIMEOUT_S,
-                cwd=str(REPO_ROOT),
-                echo=self._log_file,
-            )
+            super().__enter__()
         except BaseException:
-            self._cleanup_dir()
             self._log_file.close()
             raise
-        self.startup_s = time.monotonic() - started
-        self.info = json.loads((self.data_dir / "fleet.json").read_text())
-        self.seed = json.loads((self.data_dir / "seed.json").read_text())
         return self
 
     def stop(self) -> None:

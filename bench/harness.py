@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: the fleet, process accounting, load clients, output.
 
 * :class:`FleetRun` starts ``rtm up`` as a real process tree (exactly as a user
-  does) in a temporary data directory and always stops it.
+  does) in a temporary data directory, through :class:`rtmctl.local_fleet.LocalFleet`
+  (the runner the system tests use too), and always stops it.
 * :class:`ProcWatch` measures CPU-seconds (psutil user+system) and RSS of any
   set of pids, and samples peak RSS in a thread.
 * :class:`LoadClients` runs ``bench.loadclient`` subprocesses (picows +
@@ -22,11 +23,9 @@ import datetime as _dt
 import json
 import os
 import platform
-import random
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,9 +33,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
+
+from rtmctl.local_fleet import LocalFleet
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -111,25 +112,6 @@ def raise_nofile(want: int) -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def free_port_base(span: int = 200, host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """A base B such that ports B..B+span all bind now (for ``rtm up --port-base``)."""
-    for _ in range(attempts):
-        base = random.randrange(20000, 32000 - span)  # below the ephemeral range
-        socks = []
-        try:
-            for port in range(base, base + span):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no free range of {span} ports")
-
-
 def rtm_env(**extra: str) -> dict[str, str]:
     env = {"RTM_RATE_LIMIT_PER_MINUTE": "0", "RTM_LOG_LEVEL": "WARNING"}
     env.update(extra)
@@ -147,24 +129,25 @@ class FleetRun:
         self.env = rtm_env(**(env or {}))
         self.keep_dir = keep_dir
         self.data_dir = Path(tempfile.mkdtemp(prefix="rtm-bench-"))
+        self.echo: IO[str] | None = None  # where the fleet's log lines go after its ready line
         self.proc: Any = None
         self.info: dict[str, Any] = {}
         self.seed: dict[str, Any] = {}
 
     def __enter__(self) -> FleetRun:
-        from rtmctl.launcher import rtm_argv, start
-
-        base = free_port_base()
-        argv = rtm_argv("up", "--data-dir", str(self.data_dir), "--port-base", str(base), *self.args)
-        started = time.monotonic()
         try:
-            self.proc = start("rtm-up", argv, env=self.env, ready_timeout_s=FLEET_READY_TIMEOUT_S, cwd=str(REPO_ROOT))
+            fleet = LocalFleet.up(
+                self.data_dir,
+                *self.args,
+                env=self.env,
+                echo=self.echo,
+                ready_timeout_s=FLEET_READY_TIMEOUT_S,
+                cwd=str(REPO_ROOT),
+            )
         except BaseException:
             self._cleanup_dir()
             raise
-        self.startup_s = time.monotonic() - started
-        self.info = json.loads((self.data_dir / "fleet.json").read_text())
-        self.seed = json.loads((self.data_dir / "seed.json").read_text())
+        self.proc, self.info, self.seed, self.startup_s = fleet.proc, fleet.info, fleet.seed, fleet.startup_s
         return self
 
     def __exit__(self, *exc: Any) -> None:

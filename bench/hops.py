@@ -59,6 +59,7 @@ from bench.harness import (
     save_figure,
     system_busy_s,
 )
+from bench.stats import percentiles
 
 NAME = "hops"
 CHANNEL = "C0123456789A"
@@ -472,17 +473,6 @@ class Window:
         }
 
 
-def pct(values: Any, qs: tuple[float, ...]) -> dict[str, float | None]:
-    import numpy as np
-
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        return {f"p{q:g}": None for q in qs} | {"max": None}
-    out: dict[str, float | None] = {f"p{q:g}": float(np.percentile(arr, q)) for q in qs}
-    out["max"] = float(arr.max())
-    return out
-
-
 async def measure(args: argparse.Namespace, webapp_port: int, pids: dict[str, int]) -> dict[str, Any]:
     import aiohttp
 
@@ -566,7 +556,7 @@ def analyse(
             "step": st["step"],
             "offered_posts_s": st["rate"],
             "wall_s": st["wall_s"],
-            "timer_lag_ms": pct(lag_ms, (50, 99))
+            "timer_lag_ms": percentiles(lag_ms, (50, 99))
             | {"samples": int(sel.sum()), "min": float(lag_ms.min()) if lag_ms.size else None},
             "steal_fraction": st["steal_fraction"],
             "steal_s": st["steal_s"],
@@ -604,17 +594,17 @@ def analyse(
                     "deliveries_expected": len(ok) * nclients,
                     "lost": lost,
                     "duplicates": dup,
-                    "http_ms": pct(http_ms, (50, 90, 99)),
-                    "e2e_ms": pct(e2e_ms, (50, 90, 99)),
+                    "http_ms": percentiles(http_ms, (50, 90, 99)),
+                    "e2e_ms": percentiles(e2e_ms, (50, 90, 99)),
                     "e2e_minus_http_p50_ms": (float(np.median(e2e_ms)) - float(np.median(http_ms)))
                     if e2e_ms and http_ms
                     else None,
                     "legs_ms": {  # from the webapp handler's entry time, carried in the event
-                        "poster_to_webapp_handler": pct(to_webapp, (50, 99)),
-                        "webapp_handler_to_poster_reply": pct(webapp_to_reply, (50, 99)),
-                        "webapp_handler_to_client_frame": pct(webapp_to_client, (50, 99)),
+                        "poster_to_webapp_handler": percentiles(to_webapp, (50, 99)),
+                        "webapp_handler_to_poster_reply": percentiles(webapp_to_reply, (50, 99)),
+                        "webapp_handler_to_client_frame": percentiles(webapp_to_client, (50, 99)),
                     },
-                    "poster_send_late_ms": pct(late_ms, (50, 99)),
+                    "poster_send_late_ms": percentiles(late_ms, (50, 99)),
                     "cpu_us_per_post": {k: v * 1e6 / len(ids) for k, v in st["cpu_s"].items()},
                     "path_cpu_us_per_post": sum(
                         v for k, v in st["cpu_s"].items() if k not in ("timer", "poster (bench)") and v == v

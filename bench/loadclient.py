@@ -33,8 +33,11 @@ import numpy as np
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench.control import control_loop
+from bench.rtm_connect import OVERLOAD, rtm_connect
 
 RTM_CONNECT_ATTEMPTS = 20
+RTM_CONNECT_RETRY_DELAY_S = 1.0
+RTM_CONNECT_RETRYABLE = OVERLOAD  # a server error is a failure to report, not to ride through
 MARK = b'"text":"m'
 REMINDER_MARK = b'"text":"Reminder: m'  # a reminder of text m<id>:<µs> arrives as "Reminder: m<id>:<µs>."
 HELLO = b'{"type":"hello"}'
@@ -139,25 +142,23 @@ async def connect(req: dict[str, Any]) -> dict[str, Any]:
     retries: dict[str, int] = {}
     loop = asyncio.get_running_loop()
 
+    def count_retry(error: str) -> None:
+        retries[error] = retries.get(error, 0) + 1
+
     async def one(i: int, token: str) -> None:
         idx = base + i
         async with sem:
             try:
-                for _attempt in range(RTM_CONNECT_ATTEMPTS):  # as a Slack client does: retry what is retryable
-                    rgn = regions[idx % len(regions)] if regions else region
-                    form = {"region": rgn} if rgn else {}
-                    async with http.post(
-                        api_url + "rtm.connect", data=form, headers={"Authorization": f"Bearer {token}"}
-                    ) as resp:
-                        reply = await resp.json(content_type=None)
-                    if reply.get("ok"):
-                        break
-                    if reply.get("error") not in ("ratelimited", "service_unavailable"):
-                        raise RuntimeError(f"rtm.connect: {reply.get('error')}")
-                    retries[reply["error"]] = retries.get(reply["error"], 0) + 1
-                    await asyncio.sleep(1.0)
-                else:
-                    raise RuntimeError(f"rtm.connect: {reply.get('error')} {RTM_CONNECT_ATTEMPTS} times")
+                reply = await rtm_connect(
+                    http,
+                    api_url,
+                    token,
+                    regions[idx % len(regions)] if regions else region,
+                    attempts=RTM_CONNECT_ATTEMPTS,
+                    retry_delay_s=RTM_CONNECT_RETRY_DELAY_S,
+                    retryable=RTM_CONNECT_RETRYABLE,
+                    on_retry=count_retry,
+                )
                 url = reply["url"]
                 hello: asyncio.Future[None] = loop.create_future()
                 client = Client(idx, hello)

@@ -63,6 +63,7 @@ from bench.harness import (
     save_json,
     save_text,
 )
+from bench.stats import pct
 
 NAME = "presence"
 WAIT_S = 10.0  # any single expected event; a miss is counted, not waited for forever
@@ -103,11 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.out == NAME:
             args.out = NAME + "-quick"
     return args
-
-
-def pct(values: list[float] | np.ndarray, q: float) -> float | None:
-    arr = np.asarray(values, dtype=float)
-    return float(np.percentile(arr, q)) if arr.size else None
 
 
 def http_text(url: str) -> str:

@@ -44,13 +44,16 @@ import numpy as np
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench.control import control_loop
+from bench.rtm_connect import SLACK_RETRYABLE, rtm_connect
 from bench.soak_check import event_key
 
 RECONNECT_ATTEMPTS = 40
 RECONNECT_DEADLINE_S = 180.0
 RECONNECT_BACKOFF_MAX_S = 3.0
 AFTER_CLOSE_DELAY_S = (0.1, 1.5)  # a fresh reconnect after a crash waits a random time in this range
-RTM_CONNECT_RETRYABLE = ("ratelimited", "service_unavailable", "fatal_error", "internal_error")
+RTM_CONNECT_ATTEMPTS = 5  # per session opened; a reconnect makes up to RECONNECT_ATTEMPTS of those
+RTM_CONNECT_RETRY_DELAY_S = 0.5
+RTM_CONNECT_RETRYABLE = SLACK_RETRYABLE
 SID_STRIDE = 100_000_000  # session ids: proc * SID_STRIDE + n (unique across client processes)
 
 HELLO = b'{"type":"hello"}'
@@ -159,19 +162,15 @@ class Client:
     async def open(self, start: str) -> Sess:
         """rtm.connect, websocket, hello: a new session (raises on failure)."""
         assert STATE.http is not None
-        for _ in range(5):
-            form = {"region": self.region} if self.region else {}
-            async with STATE.http.post(
-                STATE.api_url + "rtm.connect", data=form, headers={"Authorization": f"Bearer {self.token}"}
-            ) as resp:
-                reply = await resp.json(content_type=None)
-            if reply.get("ok"):
-                break
-            if reply.get("error") not in RTM_CONNECT_RETRYABLE:
-                raise RuntimeError(f"rtm.connect: {reply.get('error')}")
-            await asyncio.sleep(0.5)
-        else:
-            raise RuntimeError(f"rtm.connect: {reply.get('error')}")
+        reply = await rtm_connect(
+            STATE.http,
+            STATE.api_url,
+            self.token,
+            self.region,
+            attempts=RTM_CONNECT_ATTEMPTS,
+            retry_delay_s=RTM_CONNECT_RETRY_DELAY_S,
+            retryable=RTM_CONNECT_RETRYABLE,
+        )
         url = reply["url"]
         STATE.next_sid += 1
         sess = Sess(self, STATE.proc * SID_STRIDE + STATE.next_sid, start)

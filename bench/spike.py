@@ -54,6 +54,7 @@ from bench.harness import (
     run_benchmark,
     save_figure,
 )
+from bench.stats import pct
 
 NAME = "spike"
 GOAL_LIVE_P99_MS = 50.0
@@ -276,10 +277,6 @@ def loss(expected: np.ndarray, got: np.ndarray) -> dict[str, int]:
         "duplicated": int((counts - 1).sum()),
         "unexpected": int(len(np.setdiff1d(unique, expected))),
     }
-
-
-def pct(values: np.ndarray, q: float) -> float | None:
-    return float(np.percentile(values, q)) if len(values) else None
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

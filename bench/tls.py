@@ -32,6 +32,7 @@ from typing import Any
 
 from bench import fanout
 from bench.harness import machine_info, run_benchmark
+from bench.stats import med
 
 NAME = "tls"
 
@@ -157,11 +158,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"tls: fleet run {mode}: {runs[-1]}", flush=True)
     result["runs"] = runs
     return result
-
-
-def med(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
 
 
 def render(result: dict[str, Any]) -> str:

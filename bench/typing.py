@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.fleet_events import Api, EvClients, Poster, deliveries, med, pct, prom_values
+from bench.fleet_events import Api, EvClients, Poster, deliveries, prom_values
 from bench.harness import (
     FleetRun,
     ProcWatch,
@@ -50,6 +50,7 @@ from bench.harness import (
     run_benchmark,
     save_figure,
 )
+from bench.stats import med, pct
 
 NAME = "typing"
 

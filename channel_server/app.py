@@ -27,41 +27,39 @@ subscribers, who resubscribe at the new owner.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable
 from typing import Any
 
+from aiohttp import web
+
 from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
 from services import debug_faults, ops, wire
-from services.authz import Authorizer
-from services.config import Parser, advertised, service_parser
-from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, PeerLimits, serve
-from services.discovery import Discovery
-from services.errors import BadMessage, ConnectionLost, ErrorCode, SendBufferFull
-from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S, ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_main
+from services.config import Parser, service_parser
+from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection
+from services.errors import ConnectionLost, ErrorCode, SendBufferFull
+from services.identity import CHANNEL_SERVER
+from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S
+from services.msgpack_service import MsgpackService
+from services.process import run_main
 from services.ring import CHANNEL_RING_KEY, RingDocument
 from services.slot_owner import SlotOwner
-from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.channel_server")
 
-SERVICE = "channel-server"
+SERVICE = CHANNEL_SERVER
 DEFAULT_PORT = 7100
 SERVED_OPS: dict[str, type[ops.Op]] = {
     cls.OP: cls for cls in (ops.Publish, ops.Subscribe, ops.Unsubscribe, ops.Seqs, ops.Ping)
 }
 
 
-class ChannelServer:
+class ChannelServer(MsgpackService):
     def __init__(self, args: Any) -> None:
-        self.args = args
-        self.instance_id = args.instance_id
+        super().__init__(args, SERVICE)
         self.table = ChannelTable(history_events=args.history_events)
         self.gateways: dict[int, PeerConnection] = {}
-        self.discovery = Discovery(args.consul, args.consul_token)
         self.slots = SlotOwner(
             self.discovery,
             self.instance_id,
@@ -71,10 +69,7 @@ class ChannelServer:
             on_change=self.on_ring_change,
         )
         self.follower = self.slots.follower
-        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
-        self.trust = trust_from_args(args, SERVICE)
-        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
         self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
@@ -113,45 +108,26 @@ class ChannelServer:
         m.gauge("rtm_cs_fenced", "1 while this server refuses everything because its Consul lease lapsed").set_function(
             lambda: 1 if self.slots.is_fenced() else 0
         )
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.metrics_port = 0
-        self._stop_metrics: StopFn | None = None
 
-    # -- lifecycle ----------------------------------------------------------------
-    async def start(self) -> dict[str, Any]:
+    # -- lifecycle (services/msgpack_service.py: the order) --------------------------------
+    def metrics_routes(self) -> list[web.RouteDef] | None:
         args = self.args
-        self.server = await serve(
-            args.host,
-            args.port,
-            self.make_connection,
-            trust=self.trust,
-            on_refused=lambda *_: self.metrics.error("auth"),
-        )
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        self.metrics_port, self._stop_metrics = await start_metrics_server(
-            args.host,
-            args.metrics_port,
-            self.metrics,
-            self.health,
-            debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
-            if args.debug_faults
-            else None,
-        )
-        self.slots.start()
-        address = advertised(args.host, args.advertise_host)
-        info = await self.slots.register(SERVICE, address, self.port, self.metrics_port)
-        log.info("channel server %s serving on %s:%s", self.instance_id, address, self.port)
-        return info
+        if not args.debug_faults:
+            return None
+        return debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
 
-    async def stop(self) -> None:
-        await self.discovery.close()
-        if self.server is not None:
-            self.server.close()
+    async def starting(self) -> None:
+        self.slots.start()
+
+    async def register(self) -> dict[str, Any]:
+        return await self.slots.register(SERVICE, self.address, self.port, self.metrics_port)
+
+    async def started(self) -> None:
+        log.info("channel server %s serving on %s:%s", self.instance_id, self.address, self.port)
+
+    async def closing(self) -> None:
         for conn in list(self.gateways.values()):
             conn.close()
-        if self._stop_metrics is not None:
-            await self._stop_metrics()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -165,20 +141,13 @@ class ChannelServer:
 
     # -- connections ------------------------------------------------------------------
     def make_connection(self) -> PeerConnection:
-        return PeerConnection(
-            name=f"{self.instance_id}<-peer",
-            on_request=self.handle_request,
+        return self.peer_connection(
+            f"{self.instance_id}<-peer",
             on_close=self.on_connection_closed,
-            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
-            on_bad_message=self.count_bad_message,
             max_send_buffer_bytes=self.args.max_gateway_buffer_bytes,
-            limits=PeerLimits.from_args(self.args),
             # Not corked (coalesce_writes): measured in docs/publish-path.md, corking the
             # channel server's writes to gateways raised 1 room x 2,000's p99 at 10 msg/s.
         )
-
-    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
-        self.metrics.error(exc.kind if was_request else "bad_push")
 
     def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
         index = conn.state.get("gw_index")

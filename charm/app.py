@@ -32,20 +32,20 @@ from typing import Any
 
 from charm import state
 from services import ops, wire
-from services.authz import Authorizer
-from services.config import Parser, advertised, service_parser
-from services.connection import KEEPALIVE_FRAME, KEEPALIVE_INTERVAL_S, PeerConnection, PeerLimits, serve
-from services.discovery import Discovery, Instance
-from services.errors import BadDocument, BadMessage, ErrorCode
-from services.metrics import ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_main
+from services.config import Parser, service_parser
+from services.connection import KEEPALIVE_FRAME, KEEPALIVE_INTERVAL_S, PeerConnection
+from services.discovery import Instance
+from services.errors import BadDocument, ErrorCode
+from services.identity import CHANNEL_SERVER, CHARM, PRESENCE
+from services.msgpack_service import MsgpackService
+from services.process import run_main
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 from services.ring import CHARM_LEADER_KEY as LEADER_KEY
-from services.tls import trust_from_args
+from services.tasks import Tasks
 
 log = logging.getLogger("rtm.charm")
 
-SERVICE = "charm"
+SERVICE = CHARM
 DEFAULT_PORT = 7300
 # The leader's session has no TTL of its own: it is bound to our service's
 # TTL check (and serfHealth), so it dies when we stop passing that check, a
@@ -60,8 +60,8 @@ WRITE_RETRY_DELAY_S = 0.2
 NOT_LEADER = "not_leader"
 
 RINGS = {
-    "channel": ("channel-server", CHANNEL_RING_KEY, "cs"),
-    "presence": ("presence", PRESENCE_RING_KEY, "ps"),
+    "channel": (CHANNEL_SERVER, CHANNEL_RING_KEY, "cs"),
+    "presence": (PRESENCE, PRESENCE_RING_KEY, "ps"),
 }
 
 
@@ -76,6 +76,7 @@ class RingManager:
         self.healthy: list[Instance] = []
         self.dead: set[str] = set()  # owners whose probe says the process is gone
         self.probes: dict[str, asyncio.Task[None]] = {}
+        self.checks = Tasks(f"{name} ring")  # revive checks, held until they end
         self.doc = RingDocument(version=0, slots={})
         self.wake = asyncio.Event()
         self.seen = asyncio.Event()  # set once the first health answer arrived
@@ -129,7 +130,7 @@ class RingManager:
                 live = {i.id: i for i in instances}
                 self.dead = {d for d in self.dead if d in live}
                 for owner in self.dead:  # registered again: a restarted process, or still the dead one?
-                    asyncio.create_task(self.revive_check(owner, live[owner].address, live[owner].port))
+                    self.checks.spawn(self.revive_check(owner, live[owner].address, live[owner].port))
                 self.wake.set()
 
     async def read(self) -> tuple[int, RingDocument, bool]:
@@ -302,21 +303,16 @@ class RingManager:
             return new
 
 
-class Charm:
+class Charm(MsgpackService):
     def __init__(self, args: Any) -> None:
-        self.args = args
-        self.instance_id = args.instance_id
-        self.discovery = Discovery(args.consul, args.consul_token)
+        super().__init__(args, SERVICE)
         self.managers = {
             "channel": RingManager(self, "channel", args.channel_slots),
             "presence": RingManager(self, "presence", args.presence_slots),
         }
         self.leading = False
         self.leader_info: dict[str, Any] = {}
-        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         m = self.metrics
-        self.trust = trust_from_args(args, SERVICE)
-        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.is_leader = m.gauge("rtm_charm_is_leader", "1 while this CHARM leads")
         self.failovers = m.counter(
             "rtm_charm_failovers_total", "Slots moved to a spare because their owner died", ["ring"]
@@ -330,59 +326,21 @@ class Charm:
         self.ring_writes = m.counter(
             "rtm_charm_ring_writes_total", "Ring document writes by outcome", ["ring", "outcome"]
         )
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.address = ""
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Tasks("charm")
         self._session: str | None = None
-        self._stop_metrics: StopFn | None = None
 
-    async def start(self) -> dict[str, Any]:
-        args = self.args
-        self.server = await serve(
-            args.host,
-            args.port,
-            self.make_connection,
-            trust=self.trust,
-            on_refused=lambda *_: self.metrics.error("auth"),
-        )
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        metrics_port, self._stop_metrics = await start_metrics_server(
-            args.host, args.metrics_port, self.metrics, self.health
-        )
-        self.address = advertised(args.host, args.advertise_host)
-        await self.discovery.register(
-            SERVICE,
-            self.instance_id,
-            self.address,
-            self.port,
-            meta={"metrics_port": str(metrics_port)},
-            ttl_s=args.ttl_s,
-        )
-        self._tasks.append(asyncio.create_task(self.leadership_loop()))
-        return {
-            "service": SERVICE,
-            "id": self.instance_id,
-            "host": self.address,
-            "port": self.port,
-            "metrics_port": metrics_port,
-        }
+    # -- lifecycle (services/msgpack_service.py: the order) --------------------------------
+    async def started(self) -> None:
+        self._tasks.spawn(self.leadership_loop(), "leadership-loop")
 
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def stopping(self) -> None:
+        await self._tasks.cancel_all()
         if self._session is not None:  # hand leadership over at once
             try:
                 await self.discovery.client.kv.put(LEADER_KEY, "", release=self._session)
                 await self.discovery.client.session.destroy(self._session)
             except Exception as exc:
                 log.warning("releasing leadership failed: %s", exc)
-        await self.discovery.close()
-        if self.server is not None:
-            self.server.close()
-        if self._stop_metrics is not None:
-            await self._stop_metrics()
 
     def health(self) -> dict[str, Any]:
         return {"leader": self.leading, "consul": self.discovery.consul_ok}
@@ -457,16 +415,7 @@ class Charm:
 
     # -- operator requests ------------------------------------------------------------
     def make_connection(self) -> PeerConnection:
-        return PeerConnection(
-            name=f"{self.instance_id}<-operator",
-            on_request=self.handle_request,
-            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
-            on_bad_message=self.count_bad_message,
-            limits=PeerLimits.from_args(self.args),
-        )
-
-    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
-        self.metrics.error(exc.kind if was_request else "bad_push")
+        return self.peer_connection(f"{self.instance_id}<-operator")
 
     def handle_request(self, conn: PeerConnection, msg: dict[str, Any]) -> Any:
         request_id = ops.request_id(msg)
@@ -504,4 +453,4 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(args, "charm", Charm)
+    return run_main(args, SERVICE, Charm)

@@ -56,16 +56,17 @@ from services.connection import PeerLink
 from services.directory import ServiceDirectory
 from services.discovery import Discovery
 from services.errors import CloseCode
-from services.identity import WEBAPP
+from services.identity import GATEWAY, WEBAPP
 from services.keys import FleetKeys
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
+from services.tasks import Tasks
 from services.ticket import TicketVerifier
 from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.gateway")
 
-SERVICE = "gateway"
+SERVICE = GATEWAY
 DEFAULT_PORT = 8765
 RESUME_TIMEOUT_S = 3.0  # leaving one resume record at the webapp when a session moves
 SHUTDOWN_MOVE_BUDGET_S = 5.0  # on SIGTERM, move every session within this (faster than a drain if need be)
@@ -86,7 +87,7 @@ class Gateway:
         self.webapp = WebappClient(ServiceDirectory(self.discovery, WEBAPP), self.trust, args.webapp_url)
         self.sockets: dict[int, ClientConnection] = {}
         self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = Tasks("gateway")
         self.stopping = False
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         deliveries = self.metrics.counter("rtm_gw_deliveries_total", "Event frames written to client sockets")
@@ -252,9 +253,7 @@ class Gateway:
         self.channel_links.apply(effects)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.spawn(coro)
 
 
 def load_secret(args: Any) -> str:

@@ -51,6 +51,7 @@ from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery
 from services.errors import ConnectionLost, PeerError, RequestTimeout, SendBufferFull
+from services.identity import PRESENCE
 from services.metrics import ServiceMetrics
 from services.ops import NotOwnerUsers, PresenceChanges, parse
 from services.ring import PRESENCE_RING_KEY, RingDocument
@@ -58,7 +59,7 @@ from services.tls import WireTrust
 
 log = logging.getLogger("rtm.gateway.presence")
 
-PRESENCE_SERVICE = "presence"
+PRESENCE_SERVICE = PRESENCE
 MAX_QUERY_IDS = 500  # Slack's limit for presence_query
 # presence_sub has no documented limit in Slack; this bounds what one client
 # can make the gateway watch (a client shows far fewer users at once).

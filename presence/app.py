@@ -47,24 +47,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
+
+from aiohttp import web
 
 from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
 from services import debug_faults, ops, wire
-from services.authz import Authorizer
-from services.config import Parser, advertised, service_parser
-from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection, PeerLimits, serve
-from services.discovery import Discovery
-from services.errors import BadMessage, ConnectionLost, ErrorCode, SendBufferFull
-from services.metrics import ServiceMetrics, start_metrics_server
-from services.process import StopFn, run_main
+from services.config import Parser, service_parser
+from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection
+from services.errors import ConnectionLost, ErrorCode, SendBufferFull
+from services.identity import PRESENCE
+from services.msgpack_service import MsgpackService
+from services.process import run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
 from services.slot_owner import SlotOwner
-from services.tls import trust_from_args
+from services.tasks import Tasks
 
 log = logging.getLogger("rtm.presence")
 
-SERVICE = "presence"
+SERVICE = PRESENCE
 DEFAULT_PORT = 7500
 # How often expired gateway leases are looked for: a dead gateway's users go
 # away at most this long after its lease ends.
@@ -89,13 +91,11 @@ REQUESTS_SERVED: dict[str, type[ops.Op]] = {
 PUSH_INTERVAL_S = 0.005
 
 
-class PresenceServer:
+class PresenceServer(MsgpackService):
     def __init__(self, args: Any) -> None:
-        self.args = args
-        self.instance_id = args.instance_id
+        super().__init__(args, SERVICE)
         self.table = PresenceTable(lease_ttl_s=args.lease_ttl_s)
         self.gateways: dict[str, PeerConnection] = {}  # gateway id -> its connection
-        self.discovery = Discovery(args.consul, args.consul_token)
         self.slots = SlotOwner(
             self.discovery,
             self.instance_id,
@@ -111,11 +111,8 @@ class PresenceServer:
         self.rebuilt = asyncio.Event()
         self.rebuilt.set()
         self.rebuild_task: asyncio.Task[None] | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.metrics = ServiceMetrics(SERVICE, self.instance_id)
+        self.tasks = Tasks("presence server")
         m = self.metrics
-        self.trust = trust_from_args(args, SERVICE)
-        self.authz = Authorizer(SERVICE, enforcing=self.trust.enabled, count=m.error)
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.updates_in = m.counter("rtm_ps_updates_in_total", "Presence reports received, by kind", ["kind"])
         self.updates_out = m.counter("rtm_ps_updates_out_total", "Presence entries pushed to gateways")
@@ -152,55 +149,31 @@ class PresenceServer:
         m.gauge("rtm_ps_fenced", "1 while this server refuses everything because its Consul lease lapsed").set_function(
             lambda: 1 if self.slots.is_fenced() else 0
         )
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.metrics_port = 0
-        self._stop_metrics: StopFn | None = None
 
-    # -- lifecycle ----------------------------------------------------------------
-    async def start(self) -> dict[str, Any]:
+    # -- lifecycle (services/msgpack_service.py: the order) --------------------------------
+    def metrics_routes(self) -> list[web.RouteDef] | None:
         args = self.args
-        self.server = await serve(
-            args.host,
-            args.port,
-            self.make_connection,
-            trust=self.trust,
-            on_refused=lambda *_: self.metrics.error("auth"),
-        )
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        self.metrics_port, self._stop_metrics = await start_metrics_server(
-            args.host,
-            args.metrics_port,
-            self.metrics,
-            self.health,
-            debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
-            if args.debug_faults
-            else None,
-        )
+        if not args.debug_faults:
+            return None
+        return debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
+
+    async def starting(self) -> None:
         self.slots.start()
         self.spawn(self.expire_loop())
-        address = advertised(args.host, args.advertise_host)
-        info = await self.slots.register(SERVICE, address, self.port, self.metrics_port)
-        log.info("presence server %s serving on %s:%s", self.instance_id, address, self.port)
-        return info
 
-    async def stop(self) -> None:
-        await self.discovery.close()
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+    async def register(self) -> dict[str, Any]:
+        return await self.slots.register(SERVICE, self.address, self.port, self.metrics_port)
+
+    async def started(self) -> None:
+        log.info("presence server %s serving on %s:%s", self.instance_id, self.address, self.port)
+
+    async def closing(self) -> None:
+        await self.tasks.cancel_all()
         for conn in list(self.gateways.values()):
             conn.close()
-        if self._stop_metrics is not None:
-            await self._stop_metrics()
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self.tasks.spawn(coro)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -274,19 +247,12 @@ class PresenceServer:
 
     # -- connections ------------------------------------------------------------------------------
     def make_connection(self) -> PeerConnection:
-        return PeerConnection(
-            name=f"{self.instance_id}<-peer",
-            on_request=self.handle_request,
+        return self.peer_connection(
+            f"{self.instance_id}<-peer",
             on_push=self.handle_push,
             on_close=self.on_connection_closed,
-            on_protocol_error=lambda conn, exc: self.metrics.error("protocol"),
-            on_bad_message=self.count_bad_message,
             max_send_buffer_bytes=self.args.max_gateway_buffer_bytes,
-            limits=PeerLimits.from_args(self.args),
         )
-
-    def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
-        self.metrics.error(exc.kind if was_request else "bad_push")
 
     def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
         gw = conn.state.get("gw")

@@ -9,15 +9,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, PRESENCE, WEBAPP
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("rtmctl.fleet", "start the whole fleet on this machine and supervise it"),
     "consul-dev": ("consul_dev.app", "the embedded dev Consul agent"),
-    "webapp": ("webapp_stub.app", "the webapp (Slack Web API, SQLite)"),
-    "admin-server": ("admin_server.app", "one Admin Server"),
-    "channel-server": ("channel_server.app", "one Channel Server"),
-    "gateway": ("gateway.app", "one Gateway Server"),
-    "charm": ("charm.app", "one CHARM ring manager"),
-    "presence": ("presence.app", "one Presence Server"),
+    WEBAPP: ("webapp_stub.app", "the webapp (Slack Web API, SQLite)"),
+    ADMIN_SERVER: ("admin_server.app", "one Admin Server"),
+    CHANNEL_SERVER: ("channel_server.app", "one Channel Server"),
+    GATEWAY: ("gateway.app", "one Gateway Server"),
+    CHARM: ("charm.app", "one CHARM ring manager"),
+    PRESENCE: ("presence.app", "one Presence Server"),
     "certs": ("rtmctl.certs", "make the fleet CA and named certificates in a directory (deployments)"),
     "ring": ("rtmctl.ring", "show the rings, add or remove a slot (through the CHARM leader)"),
     "kill": ("rtmctl.operator", "SIGKILL one process of a running fleet (demos and tests)"),

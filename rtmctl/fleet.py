@@ -58,7 +58,7 @@ from services.certs import CertPaths, FleetCertificates
 from services.config import CONSUL_TOKEN_ENV, Parser, consul_token_default, split_host_port
 from services.discovery import sync_client
 from services.errors import BadDocument
-from services.identity import OPERATOR, PeerIdentity
+from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, OPERATOR, PRESENCE, WEBAPP, PeerIdentity
 from services.process import announce_ready
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
 from services.secret_file import ensure_private_dir, ensure_secret_file
@@ -124,13 +124,13 @@ def plan(
     for i in range(args.channel_servers + args.spares):
         port = base + 20 + i
         role = "active" if i < args.channel_servers else "spare"
-        iid, creds = credentials(certs, f"channel-server-{i}", "channel-server", f"cs-{uuid.uuid4().hex[:6]}")
+        iid, creds = credentials(certs, f"{CHANNEL_SERVER}-{i}", CHANNEL_SERVER, f"cs-{uuid.uuid4().hex[:6]}")
         specs.append(
             ProcessSpec(
                 iid,
-                "channel-server",
+                CHANNEL_SERVER,
                 rtm_argv(
-                    "channel-server",
+                    CHANNEL_SERVER,
                     *common,
                     *creds,
                     "--port",
@@ -153,13 +153,13 @@ def plan(
     for i in range(args.presence_servers + args.presence_spares):
         port = base + 50 + i
         role = "active" if i < args.presence_servers else "spare"
-        iid, creds = credentials(certs, f"presence-{i}", "presence", f"ps-{uuid.uuid4().hex[:6]}")
+        iid, creds = credentials(certs, f"{PRESENCE}-{i}", PRESENCE, f"ps-{uuid.uuid4().hex[:6]}")
         specs.append(
             ProcessSpec(
                 iid,
-                "presence",
+                PRESENCE,
                 rtm_argv(
-                    "presence",
+                    PRESENCE,
                     *common,
                     *creds,
                     "--port",
@@ -179,13 +179,13 @@ def plan(
         )
     for i in range(args.charms):
         port = base + 30 + i
-        iid, creds = credentials(certs, f"charm-{i}", "charm", f"charm-{i}")
+        iid, creds = credentials(certs, f"{CHARM}-{i}", CHARM, f"{CHARM}-{i}")
         specs.append(
             ProcessSpec(
                 iid,
-                "charm",
+                CHARM,
                 rtm_argv(
-                    "charm",
+                    CHARM,
                     *common,
                     *creds,
                     "--port",
@@ -204,13 +204,13 @@ def plan(
         )
     for i in range(args.admin_servers):
         port = base + 10 + i
-        iid, creds = credentials(certs, f"admin-server-{i}", "admin-server", f"as-{i}")
+        iid, creds = credentials(certs, f"{ADMIN_SERVER}-{i}", ADMIN_SERVER, f"as-{i}")
         specs.append(
             ProcessSpec(
                 iid,
-                "admin-server",
+                ADMIN_SERVER,
                 rtm_argv(
-                    "admin-server",
+                    ADMIN_SERVER,
                     *common,
                     *creds,
                     "--port",
@@ -225,13 +225,13 @@ def plan(
         )
     port = base + 1
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
-    iid, creds = credentials(certs, "webapp-0", "webapp", "webapp-0")
+    iid, creds = credentials(certs, f"{WEBAPP}-0", WEBAPP, f"{WEBAPP}-0")
     specs.append(
         ProcessSpec(
-            "webapp",
-            "webapp",
+            WEBAPP,
+            WEBAPP,
             rtm_argv(
-                "webapp",
+                WEBAPP,
                 *common,
                 *creds,
                 "--port",
@@ -252,13 +252,13 @@ def plan(
     for region in regions:
         for j in range(args.gateways_per_region):
             port = base + 40 + n
-            iid, creds = credentials(certs, f"gw-{region}-{j}", "gateway", f"gw-{region}-{j}")
+            iid, creds = credentials(certs, f"gw-{region}-{j}", GATEWAY, f"gw-{region}-{j}")
             specs.append(
                 ProcessSpec(
                     iid,
-                    "gateway",
+                    GATEWAY,
                     rtm_argv(
-                        "gateway",
+                        GATEWAY,
                         *common,
                         *creds,
                         "--port",
@@ -348,12 +348,12 @@ class Fleet:
         specs = plan(self.args, self.data_dir, self.consul_addr, self.certificates())
         for spec in specs:
             self.specs[spec.name] = spec
-        order = ["channel-server", "presence", "charm", "admin-server", "webapp", "gateway"]
+        order = [CHANNEL_SERVER, PRESENCE, CHARM, ADMIN_SERVER, WEBAPP, GATEWAY]
         with ThreadPoolExecutor(max_workers=8) as pool:
             for service in order:
                 group = [s for s in specs if s.service == service]
                 list(pool.map(self.launch, group))
-                if service == "charm":
+                if service == CHARM:
                     wait_for_ring(self.consul_addr, self.args.ready_timeout_s, token=self.consul_token)
                     if self.args.presence_servers:
                         wait_for_ring(
@@ -410,7 +410,7 @@ class Fleet:
                     **({"internal_port": ready["internal_port"]} if "internal_port" in ready else {}),
                 }
             )
-        webapp = next(p for p in processes if p["service"] == "webapp")
+        webapp = next(p for p in processes if p["service"] == WEBAPP)
         return {
             "webapp_url": f"http://{webapp['host']}:{webapp['port']}",
             "api_url": f"http://{webapp['host']}:{webapp['port']}/api/",
@@ -482,7 +482,7 @@ Ctrl-C stops the fleet.""",
 
     def down(self) -> None:
         self.stopping.set()
-        order = ["gateway", "webapp", "admin-server", "charm", "channel-server", "presence", "consul-dev"]
+        order = [GATEWAY, WEBAPP, ADMIN_SERVER, CHARM, CHANNEL_SERVER, PRESENCE, "consul-dev"]
         for service in order:
             group = [p for n, p in self.running.items() if self.specs[n].service == service]
             threads = [threading.Thread(target=p.stop) for p in group]

@@ -39,12 +39,13 @@ from services import regions
 from services.config import consul_default, consul_token_default, env_default
 from services.discovery import sync_client
 from services.errors import BadDocument
+from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, PRESENCE, WEBAPP
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
 
 WEBAPP_DB = "webapp.db"  # webapp_stub.store.DB_FILE (not imported: the store pulls in the webapp's code)
 MAX_LISTED_DEAD_LETTERS = 50  # rtm status shows at most this many (rtm deadletter list shows all)
 
-SERVICES = ("webapp", "admin-server", "channel-server", "gateway", "charm", "presence")
+SERVICES = (WEBAPP, ADMIN_SERVER, CHANNEL_SERVER, GATEWAY, CHARM, PRESENCE)
 
 
 def consul_address(data_dir: str, given: str = "") -> str:
@@ -111,8 +112,8 @@ def status(args: argparse.Namespace) -> int:
                 f"  {svc['ID']:<24} {svc['Address']}:{svc['Port']:<6} {'passing' if passing else 'critical':<9} {tags}"
             )
     for name, key, service in (
-        ("channel", CHANNEL_RING_KEY, "channel-server"),
-        ("presence", PRESENCE_RING_KEY, "presence"),
+        ("channel", CHANNEL_RING_KEY, CHANNEL_SERVER),
+        ("presence", PRESENCE_RING_KEY, PRESENCE),
     ):
         try:
             doc = read_ring(client, key)
@@ -201,8 +202,8 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
     if not procs:
         raise SystemExit(f"rtm kill: no {args.service} in {args.data_dir}/fleet.json")
     target = args.name
-    if args.service in ("channel-server", "presence"):  # a slot name stands for its current owner
-        key = CHANNEL_RING_KEY if args.service == "channel-server" else PRESENCE_RING_KEY
+    if args.service in (CHANNEL_SERVER, PRESENCE):  # a slot name stands for its current owner
+        key = CHANNEL_RING_KEY if args.service == CHANNEL_SERVER else PRESENCE_RING_KEY
         try:
             doc = read_ring(operator_client(args), key)
         except BadDocument:

@@ -19,7 +19,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ import consul.aio
 
 from services.config import DEFAULT_DEREGISTER_AFTER_S, split_host_port
 from services.errors import ConnectionLost
+from services.tasks import Tasks
 
 log = logging.getLogger("rtm.discovery")
 
@@ -115,7 +116,7 @@ class Discovery:
         self.client = aio_client(self.consul_addr, token)
         self._registered: list[str] = []
         self._registrations: dict[str, dict[str, Any]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("discovery")
         self.consul_ok = True  # False while the TTL loop cannot reach Consul
         self.lease_ok_at = time.monotonic()  # when Consul last accepted our TTL pass
         self.on_lease_restored: Callable[[], Awaitable[None]] | None = None
@@ -320,17 +321,11 @@ class Discovery:
 
         return self.spawn(loop(), f"watch-prefix-{prefix}")
 
-    def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return self._tasks.spawn(coro, name)
 
     async def close(self) -> None:
         """Deregister, stop every watch, close the HTTP session."""
         await self.deregister()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         await self.client.close()

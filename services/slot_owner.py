@@ -20,6 +20,7 @@ from typing import Any
 from services.directory import RingFollower
 from services.discovery import Discovery
 from services.ring import RingDocument
+from services.tasks import Tasks
 
 log = logging.getLogger("rtm.slot_owner")
 
@@ -46,7 +47,7 @@ class SlotOwner:
         self.fenced = False
         self.on_change = on_change
         self.follower = RingFollower(discovery, ring_key, on_change=self._ring_changed)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("slot owner")
 
     @property
     def ring_version(self) -> int:
@@ -138,6 +139,4 @@ class SlotOwner:
             log.warning("re-registering as %s failed: %s", role, exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)

@@ -1,12 +1,11 @@
-"""What tests share: free ports, bounded waits, a fake clock, and gateway stand-ins (a recording client
-socket, the gateway as its client-message handler sees it). No test module imports another."""
+"""What tests share: free ports (re-exported from ``rtmctl.ports``, the one free-port helper), bounded
+waits, a fake clock, and gateway stand-ins (a recording client socket, the gateway as its client-message handler sees it). No test module imports another."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.state import GatewayState, Session
+from rtmctl.ports import free_port as free_port  # re-exported: the one free-port helper
+from rtmctl.ports import free_port_base as free_port_base
 from services.certs import FleetCertificates
 from services.identity import PeerIdentity
 from services.metrics import ServiceMetrics
@@ -25,13 +26,6 @@ T = TypeVar("T")
 TIMEOUT_FACTOR = float(os.environ.get("RTM_TEST_TIMEOUT_FACTOR", "1"))  # e.g. 3 on a machine shared with other work
 DEFAULT_WAIT_S = 10.0 * TIMEOUT_FACTOR
 POLL_INTERVAL_S = 0.02
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float = DEFAULT_WAIT_S, what: str = "condition") -> T:
@@ -58,27 +52,6 @@ async def async_wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(POLL_INTERVAL_S)  # wait-ok: bounded poll of a condition
-
-
-def free_port_base(span: int = 200, host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """A base port B such that B..B+span all bind right now (for ``rtm up --port-base``)."""
-    import random
-
-    for _ in range(attempts):
-        base = random.randrange(20000, 60000 - span)
-        socks = []
-        try:
-            for port in range(base, base + span):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no free range of {span} ports found")
 
 
 class FakeClock:

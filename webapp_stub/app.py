@@ -32,6 +32,7 @@ from services import regions, wire
 from services.config import Parser, advertised, instance_id, service_parser
 from services.connection import serve
 from services.discovery import Discovery, Instance
+from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import run_main
 from services.secret_file import ensure_secret_file
@@ -57,7 +58,7 @@ from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
 
 log = logging.getLogger("rtm.webapp")
 
-SERVICE = "webapp"
+SERVICE = WEBAPP
 DEFAULT_PORT = 8080
 SECRET_FILE = "secret"
 # How long in-flight HTTP requests may take to finish when stopping.
@@ -348,8 +349,8 @@ class WebappServer:
         self.discovery = given if given is not None else Discovery(args.consul, args.consul_token)
         self._stack.push_async_callback(self.discovery.close)
         self.gateways = GatewayPicker(regions.parse_map(args.region_map) if args.region_map else None)
-        self.discovery.watch_service("admin-server", self.as_link.set_instances)
-        self.discovery.watch_service("gateway", self.gateways.set_instances)
+        self.discovery.watch_service(ADMIN_SERVER, self.as_link.set_instances)
+        self.discovery.watch_service(GATEWAY, self.gateways.set_instances)
         self.discovery.watch_key(regions.REGION_MAP_KEY, self.gateways.set_region_map)
         self.discovery.watch_prefix(regions.DRAINED_PREFIX, self.gateways.set_drained)
         self._spawn(self.gateways.poll_load_loop(), "gateway-load")

@@ -66,7 +66,7 @@ from typing import Any, Protocol
 from services.connection import PeerConnection, PeerLink, backoff_delays
 from services.discovery import Instance
 from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError, RtmError
-from services.identity import ADMIN_SERVER
+from services.identity import ADMIN_SERVER, WEBAPP
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.tls import WireTrust
 from webapp_stub.database import MAX_EVENT_BYTES
@@ -315,13 +315,13 @@ class Sender(Protocol):
 class AdminServerLink:
     """One PeerLink to one Admin Server at a time, chosen round-robin from the healthy set."""
 
-    def __init__(self, trust: WireTrust, name: str = "webapp->admin-server") -> None:
+    def __init__(self, trust: WireTrust, name: str = f"{WEBAPP}->{ADMIN_SERVER}") -> None:
         self.name = name
         self.instances: list[Instance] = []
         self._index = random.randrange(1 << 16)
         self.current: tuple[str, int] | None = None
         self.link = PeerLink(
-            "admin-server",
+            ADMIN_SERVER,
             self._address,
             lambda: PeerConnection(name=name, coalesce_writes=True),  # a commit's pubs leave in one write
             on_connected=self._still_wanted,

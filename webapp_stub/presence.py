@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from services.connection import PeerConnection, PeerLink
@@ -30,11 +30,12 @@ from services.directory import RingFollower, ServiceDirectory
 from services.errors import ConnectionLost, NotOwner, PeerError, RequestTimeout
 from services.identity import PRESENCE
 from services.ring import PRESENCE_RING_KEY, RingDocument
+from services.tasks import Tasks
 from services.tls import WireTrust
 
 log = logging.getLogger("rtm.webapp.presence")
 
-PRESENCE_SERVICE = "presence"
+PRESENCE_SERVICE = PRESENCE
 # A PS that just took over a slot answers after its rebuild grace (1.5 s);
 # past this the API answers from the webapp's estimate instead.
 REQUEST_TIMEOUT_S = 2.5
@@ -51,16 +52,16 @@ class PresenceClient:
         self.servers = ServiceDirectory(discovery, PRESENCE_SERVICE)
         self.away_users = away_users  # every user whose manual presence is away (from the store)
         self.links: dict[str, PeerLink] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = Tasks("webapp presence client")
 
     def start(self) -> None:
         self.follower.start()
         self.servers.start()
 
     async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, *(link.close() for link in self.links.values()), return_exceptions=True)
+        await asyncio.gather(
+            self.tasks.cancel_all(), *(link.close() for link in self.links.values()), return_exceptions=True
+        )
 
     @property
     def available(self) -> bool:
@@ -164,7 +165,5 @@ class PresenceClient:
                 return
             await self._refresh()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self.tasks.spawn(coro)

@@ -1,8 +1,9 @@
 """System-test harness: the real fleet started by ``rtm up``, and websocket clients.
 
 The fleet runs exactly as a user runs it (``rtm up --data-dir TMP --port-base
-B``), each service a separate OS process; tests read ``fleet.json`` and
-``seed.json`` instead of scraping output, and stop everything at the end.
+B``), each service a separate OS process, through the runner the benchmarks use
+too (:mod:`rtmctl.local_fleet`); tests read ``fleet.json`` and ``seed.json``
+instead of scraping output, and stop everything at the end.
 """
 
 from __future__ import annotations
@@ -14,40 +15,40 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Self
 
 import aiohttp
 import websockets
 
-from rtmctl.launcher import RunningProcess, rtm_argv, start
+from rtmctl.local_fleet import LocalFleet
 from services.certs import FleetCertificates
 from services.identity import PeerIdentity
 from services.tls import WireTrust
-from tests.support import DEFAULT_WAIT_S, free_port_base
+from tests.support import DEFAULT_WAIT_S
 
 FLEET_READY_TIMEOUT_S = 90.0
 REGIONS = ("us-east", "eu-west")  # rtm up's default regions, one gateway each
 
 
 @dataclass
-class Fleet:
-    data_dir: Path
-    proc: RunningProcess
-    info: dict[str, Any]
-    seed: dict[str, Any]
+class Fleet(LocalFleet):
+    """The fleet as a test sees it: :class:`rtmctl.local_fleet.LocalFleet` plus clients and credentials."""
 
     @classmethod
-    def up(cls, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Fleet:
-        base = free_port_base()
-        argv = rtm_argv("up", "--data-dir", str(data_dir), "--port-base", str(base), "--verbose", *extra)
-        # Every process's log lines go to DATA_DIR/fleet.log, to read when a test fails.
-        log_file = open(data_dir / "fleet.log", "w")  # noqa: SIM115 - lives as long as the fleet
-        proc = start("rtm-up", argv, ready_timeout_s=FLEET_READY_TIMEOUT_S, echo=log_file, env=env)
-        seed = json.loads((data_dir / "seed.json").read_text())
-        return cls(data_dir=data_dir, proc=proc, info=proc.ready, seed=seed)
-
-    def down(self) -> None:
-        self.proc.stop(grace_s=30.0)
+    def up(
+        cls,
+        data_dir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        echo: IO[str] | None = None,
+        ready_timeout_s: float = FLEET_READY_TIMEOUT_S,
+        cwd: str | None = None,
+    ) -> Self:
+        """``rtm up --verbose``; every process's log lines go to ``echo``, by default DATA_DIR/fleet.log
+        (to read when a test fails)."""
+        if echo is None:
+            echo = open(data_dir / "fleet.log", "w")  # noqa: SIM115 - lives as long as the fleet
+        return super().up(data_dir, "--verbose", *extra, env=env, echo=echo, ready_timeout_s=ready_timeout_s, cwd=cwd)
 
     def trust(self, service: str, instance: str) -> WireTrust:
         """Credentials from this fleet's own CA (DATA_DIR/tls), as a test process that dials servers directly."""
@@ -60,22 +61,6 @@ class Fleet:
         certs = FleetCertificates(self.data_dir / "tls")
         paths = certs.ensure(f"test-{service}-{instance}", PeerIdentity(service, instance))
         return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
-
-    def reload(self) -> None:
-        self.info = json.loads((self.data_dir / "fleet.json").read_text())
-
-    @property
-    def api_url(self) -> str:
-        return str(self.info["api_url"])
-
-    def processes(self, service: str) -> list[dict[str, Any]]:
-        return [p for p in self.info["processes"] if p["service"] == service]
-
-    def user(self, name: str) -> dict[str, Any]:
-        return next(u for u in self.seed["users"] if u["name"] == name)
-
-    def channel(self, name: str) -> str:
-        return str(next(c["id"] for c in self.seed["channels"] if c["name"] == name))
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
