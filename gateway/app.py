@@ -222,10 +222,9 @@ class Gateway:
             tags.append("role=draining")
         await self.discovery.retag(self.instance_id, tags)
 
-    async def leave_resume(self, session: Session, where: dict[str, int]) -> None:
-        await asyncio.wait_for(
-            self.webapp.call("/internal/resume", {"user": session.user, "channels": where}), RESUME_TIMEOUT_S
-        )
+    async def leave_resume(self, session: Session, where: dict[str, int], until: dict[str, int] | None = None) -> None:
+        record: dict[str, Any] = {"user": session.user, "channels": where, **({"until": until} if until else {})}
+        await asyncio.wait_for(self.webapp.call("/internal/resume", record), RESUME_TIMEOUT_S)
 
     def health(self) -> dict[str, Any]:
         return {

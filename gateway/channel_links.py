@@ -361,7 +361,9 @@ class ChannelLinks:
             if self.state.overflowing_channels or self.state.overflowing_sessions:
                 self.history.check_overflows()
             if ctl:
-                self.history.apply_ctl(channel, ctl)
+                self.history.apply_ctl(channel, ctl, seq)
+            if self.state.departures:
+                self.history.settle()
         elif isinstance(record, ops.Moved):
             self.spawn(self.reroute(record.chans))
 

@@ -180,7 +180,7 @@ class ClientListener:
         admitted = await self.admit(ws)
         if admitted is None:
             return
-        user, team, channels = admitted
+        user, team, channels, until = admitted
         del admitted
         sid = next(self.sids)
         self.sockets[sid] = ws
@@ -192,8 +192,8 @@ class ClientListener:
         try:
             await ws.send(HELLO.decode())
             self.connects.labels("ok").inc()
-            self.apply(self.state.attach(session, channels))
-            del channels  # this coroutine lives as long as the socket: keep its frame small
+            self.apply(self.state.attach(session, channels, until))
+            del channels, until  # this coroutine lives as long as the socket: keep its frame small
             self.presence.attached(session)
             async for message in ws:
                 try:
@@ -234,10 +234,11 @@ class ClientListener:
                 except RuntimeError:  # half-closed (write_eof) in between: it is leaving; the sweep goes on
                     continue
 
-    async def admit(self, ws: ServerConnection) -> tuple[str, str, list[tuple[str, int]]] | None:
+    async def admit(self, ws: ServerConnection) -> tuple[str, str, list[tuple[str, int]], dict[str, int]] | None:
         """Check the gateway takes clients, the ticket is good and its user under the
         per-user limit (counted from here: the caller releases it), then fetch the
-        bootstrap: (user, team, [(channel, seq)]), or None after closing ``ws``."""
+        bootstrap: (user, team, [(channel, seq)], {channel: leave seq still owed up to}),
+        or None after closing ``ws``."""
         if self.refusing():
             self.connects.labels("draining").inc()
             await say_goodbye(ws, "gateway draining: reconnect through rtm.connect")
@@ -263,7 +264,9 @@ class ClientListener:
         try:
             request = {"user": ticket.user, **({"resume": ticket.resume} if ticket.resume else {})}
             boot = await self.webapp.call("/internal/bootstrap", request)
-            return ticket.user, ticket.team, [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]
+            channels = [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]
+            until = {str(ch): int(seq) for ch, seq in (boot.get("until") or {}).items()}
+            return ticket.user, ticket.team, channels, until
         except Exception as exc:
             self.limits.release_user(ticket.user)
             log.warning("bootstrap for %s failed: %s", ticket.user, exc)

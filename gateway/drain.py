@@ -64,7 +64,9 @@ class MovingGateway(Protocol):
     @property
     def socket_mode(self) -> AppMover: ...
 
-    async def leave_resume(self, session: Session, where: dict[str, int]) -> None: ...
+    async def leave_resume(
+        self, session: Session, where: dict[str, int], until: dict[str, int] | None = None
+    ) -> None: ...
 
 
 class AppMover(Protocol):
@@ -104,6 +106,8 @@ class Mover:
         m = gateway.metrics
         self.moved = m.counter("rtm_gw_sessions_moved_total", "Sessions moved off this gateway", ["reason"])
         self.resume_failures = m.counter("rtm_gw_resume_failures_total", "Resume records the webapp did not take")
+        # sid -> leaves a detached session had not reached (channel -> leave seq), until its record is left
+        self.pending_leaves: dict[int, dict[str, int]] = {}
 
     async def move_all(self, rate_per_s: float, reason: str, keep_going: Any = lambda: True) -> int:
         """Move every current session (and any that arrive meanwhile), paced; return how many moved.
@@ -124,6 +128,7 @@ class Mover:
             for session in batch:
                 where = self.detach(session)  # at once: nothing more reaches it
                 if self.gateway.socket_mode.owns(session):  # a Slack app's link: gateway/socket_mode.py
+                    self.pending_leaves.pop(session.sid, None)  # an app's record does not carry them (yet)
                     task = asyncio.create_task(self.gateway.socket_mode.move(session, where, reason))
                 else:
                     task = asyncio.create_task(self.finish(session, where, reason, slots))
@@ -140,6 +145,9 @@ class Mover:
         """Note where ``session`` is in each channel and stop delivering to it, in one step."""
         gateway = self.gateway
         where = gateway.state.position(session)
+        until = gateway.state.pending_leaves(session)
+        if until:
+            self.pending_leaves[session.sid] = until
         gateway.apply(gateway.state.detach(session))
         return where
 
@@ -152,9 +160,10 @@ class Mover:
         code: CloseCode = CloseCode.GOING_AWAY,
     ) -> None:
         """Leave the resume record, then say goodbye and close with ``code``."""
+        until = self.pending_leaves.pop(session.sid, None)
         async with slots:
             try:
-                await self.gateway.leave_resume(session, where)
+                await self.gateway.leave_resume(session, where, until)
             except Exception as exc:  # the client still reconnects; it starts at its new bootstrap
                 self.resume_failures.inc()
                 log.warning("resume record for %s not taken: %s", session.user, exc)

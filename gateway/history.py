@@ -31,6 +31,8 @@ FETCH_RETRY_DELAY_S = 0.5
 HISTORY_CONCURRENCY = 8  # history fetches in flight to the webapp at once (a failover fetches many)
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], None]
+# A history read: the events (seq, json) and, apart, the ``ctl`` of those that carry one (seq, ctl).
+HistoryRead = tuple[list[tuple[int, bytes]], list[tuple[int, dict[str, Any]]]]
 
 
 class SessionEnder(Protocol):
@@ -81,7 +83,7 @@ class History:
         self.history_slots = asyncio.Semaphore(HISTORY_CONCURRENCY)
         # (channel, after_seq, upto_seq) -> the webapp read in flight: a region drain moves
         # hundreds of sessions that stopped at the same place, and they share one read
-        self.history_reads: dict[tuple[str, int, int | None], asyncio.Future[list[tuple[int, bytes]]]] = {}
+        self.history_reads: dict[tuple[str, int, int | None], asyncio.Future[HistoryRead]] = {}
         m = metrics
         self.gap_fills = m.counter(
             "rtm_gw_gap_fills_total", "History fetches to fill a gap or catch a session up", ["kind"]
@@ -123,10 +125,15 @@ class History:
                 reading.add_done_callback(lambda _: self.history_reads.pop(key, None))
             else:
                 self.shared_history_reads.inc()
-            events = await asyncio.shield(reading)
+            events, ctls = await asyncio.shield(reading)
             if fetch.session is not None:
+                # joins and leaves in this session's catch-up are its own (the read may be shared)
+                for seq, ctl in ctls:
+                    self.apply_ctl(fetch.channel, ctl, seq, fetch.session)
                 self.state.fill_session(fetch.session, fetch.channel, events)
                 return
+            for seq, ctl in ctls:
+                self.apply_ctl(fetch.channel, ctl, seq)
             before = self.state.stats.delivered
             again = self.state.fill(fetch.channel, events)
             self.deliveries.inc(self.state.stats.delivered - before)
@@ -140,21 +147,29 @@ class History:
         except Exception as exc:  # the budget is spent, or the fill itself failed: never stay held
             self.end_unfilled(fetch, exc)
         finally:
+            self.settle()
             self.check_overflows()
+
+    def settle(self) -> None:
+        """Sessions that reached the end of a channel they left stop following it."""
+        if self.state.departures:
+            self.apply(self.state.settle())
 
     def new_gap_budget(self) -> GapBudget:
         return GapBudget(self.clock(), self.gap_fill_budget_s, self.max_gap_fill_attempts)
 
     async def read_history(
         self, channel: str, after: int, upto: int | None, budget: GapBudget | None = None
-    ) -> list[tuple[int, bytes]]:
-        """The webapp's history of ``channel`` with after < seq <= upto (None: to the newest), paged.
+    ) -> HistoryRead:
+        """The webapp's history of ``channel`` with after < seq <= upto (None: to the newest), paged,
+        and the ``ctl`` of its events that carry one (applied by the caller, per reader).
 
         Failed reads are retried with backoff within ``budget``; when it is spent this raises
         :class:`GapUnfilled`. It never returns part of the range as if it were all of it.
         """
         budget = budget or self.new_gap_budget()
         events: list[tuple[int, bytes]] = []
+        ctls: list[tuple[int, dict[str, Any]]] = []
         while True:
             try:
                 async with self.history_slots:
@@ -174,10 +189,12 @@ class History:
                 if upto is not None and seq > upto:
                     break
                 events.append((seq, str(event["json"]).encode()))
-                self.apply_ctl(channel, event.get("ctl"))
+                ctl = event.get("ctl")
+                if isinstance(ctl, dict):
+                    ctls.append((seq, ctl))
                 after = seq
             if not reply.get("has_more") or (upto is not None and after >= upto):
-                return events
+                return events, ctls
 
     def end_unfilled(self, fetch: Fetch, exc: BaseException) -> None:
         """A gap could not be filled: end the sessions it holds (4010) instead of skipping events."""
@@ -222,10 +239,21 @@ class History:
             self.sessions_ended.labels(reason).inc()
             self.spawn(self.mover.finish(session, where, reason, self.end_slots, CloseCode.RESYNC))
 
-    def apply_ctl(self, channel: str, ctl: Any) -> None:
+    def apply_ctl(self, channel: str, ctl: Any, seq: int | None = None, session: Session | None = None) -> None:
+        """A join or leave carried by event ``seq`` of user channel ``channel``: for every session of
+        that user whose stream holds the event, or for ``session`` alone (its own catch-up)."""
         if not isinstance(ctl, dict):
             return
         if "join" in ctl:
-            self.apply(self.state.join(channel, str(ctl["join"]), int(ctl.get("since", 0))))
+            joined, since = str(ctl["join"]), int(ctl.get("since", 0))
+            if session is not None:
+                self.apply(self.state.join_session(session, joined, since))
+            else:
+                self.apply(self.state.join(channel, joined, since, at=seq))
         if "leave" in ctl:
-            self.apply(self.state.leave(channel, str(ctl["leave"])))
+            left, upto = str(ctl["leave"]), (int(ctl["upto"]) if "upto" in ctl else None)
+            if session is not None:
+                self.apply(self.state.leave_session(session, left, upto))
+            else:
+                self.apply(self.state.leave(channel, left, upto, at=seq))
+        self.settle()

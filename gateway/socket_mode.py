@@ -279,7 +279,8 @@ class SocketMode:
         self.links[profile.id] = link
         self.by_sid[session.sid] = link
         channels = [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]
-        gateway.apply(gateway.state.attach(session, channels))
+        until = {str(ch): int(seq) for ch, seq in (boot.get("until") or {}).items()}  # leaves still owed up to
+        gateway.apply(gateway.state.attach(session, channels, until))
         return link
 
     def _on_event(self, link: AppLink, frame: bytes) -> bool:

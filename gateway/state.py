@@ -19,6 +19,15 @@ Ordering and no loss, per channel:
   the gateway is behind (b > cursor), the session gets a *floor* and skips
   events up to b, which it saw in its bootstrap.
 
+Joins and leaves (the ``ctl`` of events on the user's own channel) take effect
+at their place in that channel: a session whose bootstrap already reflects one
+(its user channel starts at or past the event's seq, ``at``) ignores it. A join
+starts the session in the channel at the join's ``since``. A leave names
+``upto``, the channel's seq of the leave: the session still gets every event of
+the channel up to it (it may be catching up, or the channel's stream may lag
+the user channel's), none after; then it is gone (:meth:`GatewayState.settle`).
+This is what makes a moved connection's resume exact: see docs/design.md.
+
 Held events are bounded: at most ``max_held_per_channel`` behind a gateway gap
 and ``max_held_per_session`` for a held session. Past either bound nothing
 is dropped here; the channel (or session) is reported by
@@ -60,6 +69,8 @@ class Session:
     floor: dict[str, int] = field(default_factory=dict)  # channel -> skip seqs <= this
     hold: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)  # channel -> held frames
     hold_from: dict[str, int] = field(default_factory=dict)  # channel -> seq the held session has reached
+    until: dict[str, int] = field(default_factory=dict)  # channel -> left: deliver seqs <= this, then leave
+    rejoin: dict[str, int] = field(default_factory=dict)  # channel -> back in before ``until``: skip to this
 
 
 @dataclass
@@ -110,30 +121,83 @@ class GatewayState:
         # on that channel). Fan-out checks only these, so the common case, a channel
         # whose sessions are all level, is one tight loop of writes.
         self.uneven: dict[str, set[Session]] = {}
+        # (session, channel): the session reached its ``until`` in the channel; settle() ends them.
+        self.departures: list[tuple[Session, str]] = []
         self.stats = DeliveryStats()
 
     # -- sessions -----------------------------------------------------------------
-    def attach(self, session: Session, channels: list[tuple[str, int]]) -> Effects:
-        """Add a session watching ``channels`` [(channel, bootstrap_seq)]."""
+    def attach(self, session: Session, channels: list[tuple[str, int]], until: dict[str, int] | None = None) -> Effects:
+        """Add a session watching ``channels`` [(channel, bootstrap_seq)]; ``until``: channels it
+        left while it was being moved, each with the seq of the leave (a resumed session)."""
         self.sessions[session.sid] = session
         self.users.setdefault(session.user, set()).add(session)
         effects = Effects()
         for channel, seq in channels:
             self._join(session, channel, seq, effects)
+        for channel, upto in (until or {}).items():
+            if channel in session.channels:
+                self._leave(session, channel, effects, upto)
         return effects
 
-    def join(self, user: str, channel: str, seq: int) -> Effects:
-        """``user`` joined ``channel`` (whose seq was ``seq`` then): every local session of theirs follows it."""
+    def join(self, user: str, channel: str, seq: int, at: int | None = None) -> Effects:
+        """``user`` joined ``channel`` (whose seq was ``seq`` then): every local session of theirs follows it.
+
+        ``at``: the seq of the join's event on the user's channel; sessions whose stream of that
+        channel starts at or past it (their bootstrap already has the join) are left alone.
+        """
         effects = Effects()
         for session in self.users.get(user, ()):
+            if self._sees(session, at):
+                self._join(session, channel, seq, effects)
+        return effects
+
+    def leave(self, user: str, channel: str, upto: int | None = None, at: int | None = None) -> Effects:
+        """``user`` left ``channel`` at its seq ``upto`` (None: at once): their sessions get the
+        channel's events up to ``upto``, none after. ``at`` as for :meth:`join`."""
+        effects = Effects()
+        for session in list(self.users.get(user, ())):
+            if self._sees(session, at):
+                self._leave(session, channel, effects, upto)
+        return effects
+
+    def join_session(self, session: Session, channel: str, seq: int) -> Effects:
+        """:meth:`join` for one session (a join read in that session's own catch-up)."""
+        effects = Effects()
+        if session.sid in self.sessions:
             self._join(session, channel, seq, effects)
         return effects
 
-    def leave(self, user: str, channel: str) -> Effects:
+    def leave_session(self, session: Session, channel: str, upto: int | None = None) -> Effects:
+        """:meth:`leave` for one session (a leave read in that session's own catch-up)."""
         effects = Effects()
-        for session in list(self.users.get(user, ())):
-            self._leave(session, channel, effects)
+        if session.sid in self.sessions:
+            self._leave(session, channel, effects, upto)
         return effects
+
+    def settle(self) -> Effects:
+        """End the sessions that reached the end of a channel they left (see :meth:`leave`)."""
+        effects = Effects()
+        departures, self.departures = self.departures, []
+        for session, channel in departures:
+            if session.sid in self.sessions and channel in session.until and channel not in session.rejoin:
+                self._leave(session, channel, effects)
+        return effects
+
+    def pending_leaves(self, session: Session) -> dict[str, int]:
+        """Channels ``session`` left but has not yet received up to the leave: channel -> ``upto``.
+        A moved session's resume record carries them (see :meth:`position`)."""
+        return {ch: upto for ch, upto in session.until.items() if ch not in session.rejoin}
+
+    def _sees(self, session: Session, at: int | None) -> bool:
+        """Whether event ``at`` of ``session``'s own user channel is (or will be) in its stream:
+        not when the session's bootstrap started that channel at or past it."""
+        if at is None:
+            return True
+        floor = session.floor.get(session.user)
+        if floor is not None and at <= floor:
+            return False
+        held_from = session.hold_from.get(session.user)
+        return held_from is None or at > held_from
 
     def detach(self, session: Session) -> Effects:
         effects = Effects()
@@ -150,6 +214,9 @@ class GatewayState:
 
     def _join(self, session: Session, channel: str, seq: int, effects: Effects) -> None:
         if channel in session.channels:
+            until = session.until.get(channel)
+            if until is not None and seq >= until:  # back in before it reached its leave
+                session.rejoin[channel] = seq
             return
         session.channels.add(channel)
         watchers = self.channels.get(channel)
@@ -169,11 +236,18 @@ class GatewayState:
             session.floor[channel] = seq
             self._mark_uneven(session, channel)
 
-    def _leave(self, session: Session, channel: str, effects: Effects) -> None:
+    def _leave(self, session: Session, channel: str, effects: Effects, upto: int | None = None) -> None:
+        if upto is not None and channel in session.channels and self._reached(session, channel) < upto:
+            session.until[channel] = upto  # still owed events up to the leave: go when they are out
+            session.rejoin.pop(channel, None)
+            self._mark_uneven(session, channel)
+            return
         session.channels.discard(channel)
         session.floor.pop(channel, None)
         session.hold.pop(channel, None)
         session.hold_from.pop(channel, None)
+        session.until.pop(channel, None)
+        session.rejoin.pop(channel, None)
         self._mark_level(session, channel)
         watchers = self.channels.get(channel)
         if watchers is None:
@@ -187,6 +261,16 @@ class GatewayState:
 
     def _mark_uneven(self, session: Session, channel: str) -> None:
         self.uneven.setdefault(channel, set()).add(session)
+
+    def _reached(self, session: Session, channel: str) -> int:
+        """The seq up to which ``session`` has had (or skipped) everything of ``channel``."""
+        if channel in session.hold:
+            return session.hold_from.get(channel, LIVE_ONLY)
+        return max(session.floor.get(channel, LIVE_ONLY), self.cursor.get(channel, LIVE_ONLY))
+
+    def _level_if_even(self, session: Session, channel: str) -> None:
+        if channel not in session.floor and channel not in session.hold and channel not in session.until:
+            self._mark_level(session, channel)
 
     def _mark_level(self, session: Session, channel: str) -> None:
         """``session`` has neither a floor nor a hold on ``channel`` any more."""
@@ -294,8 +378,7 @@ class GatewayState:
         """A session's catch-up history arrived: send it, then what was held meanwhile."""
         session.hold_from.pop(channel, None)
         held = session.hold.pop(channel, None)
-        if channel not in session.floor:
-            self._mark_level(session, channel)
+        self._level_if_even(session, channel)
         if held is None or session.sid not in self.sessions:
             return
         sent = set()
@@ -303,9 +386,14 @@ class GatewayState:
             if seq in sent:
                 continue
             sent.add(seq)
+            if channel in session.until and not self._before_leave(session, channel, seq):
+                continue
             if not session.write(text_frame(payload)):
                 return
             self.stats.delivered += 1
+        until = session.until.get(channel)
+        if until is not None and channel not in session.rejoin and self.cursor.get(channel, LIVE_ONLY) >= until:
+            self.departures.append((session, channel))
 
     def _write_all(self, watchers: set[Session], channel: str, seq: int | None, frame: bytes) -> None:
         uneven = self.uneven.get(channel) if seq is not None else None
@@ -341,7 +429,27 @@ class GatewayState:
             if seq <= floor:
                 return False
             del session.floor[channel]
-            self._mark_level(session, channel)
+            self._level_if_even(session, channel)
+        if channel in session.until:
+            return self._before_leave(session, channel, seq)
+        return True
+
+    def _before_leave(self, session: Session, channel: str, seq: int) -> bool:
+        """Whether ``session``, which left ``channel`` at ``until``, still takes event ``seq``:
+        yes up to the leave; after it only if it came back (``rejoin``) and ``seq`` is past that."""
+        until = session.until[channel]
+        rejoin = session.rejoin.get(channel)
+        if seq <= until:
+            if seq == until and rejoin is None:
+                self.departures.append((session, channel))
+            return True
+        if rejoin is None:
+            self.departures.append((session, channel))
+            return False
+        if seq <= rejoin:
+            return False
+        del session.until[channel], session.rejoin[channel]
+        self._level_if_even(session, channel)
         return True
 
 

@@ -53,7 +53,8 @@ gateway and instance ids :data:`INSTANCE_ID_RE`. ``json`` is bytes, at most
 :data:`MAX_EVENT_JSON_BYTES`, so the ``ev`` frame built from any accepted
 ``pub`` fits the frame limit. ``ctl`` is a map with only the keys of
 :data:`CTL_CHECKS`: ``join`` (channel id) with optional ``since`` (int),
-``leave`` (channel id), ``from`` (user id; typing). Unknown top-level
+``leave`` (channel id) with optional ``upto`` (int: the channel's seq of the
+leave, up to which the user's connections still get its events), ``from`` (user id; typing). Unknown top-level
 fields are ignored (a newer peer may add one); unknown ``ctl`` keys are not.
 """
 
@@ -216,6 +217,7 @@ CTL_CHECKS: dict[str, Check] = {
     "join": CHANNEL_ID,
     "since": integer(0, MAX_SAFE_INT),
     "leave": CHANNEL_ID,
+    "upto": integer(1, MAX_SAFE_INT),
     "from": USER_ID,
 }
 
@@ -229,6 +231,8 @@ def control(value: Any) -> dict[str, Any]:
         raise ValueError(f"unknown keys {sorted(map(str, unknown))[:5]} (known: {sorted(CTL_CHECKS)})")
     if "since" in value and "join" not in value:
         raise ValueError("since without join")
+    if "upto" in value and "leave" not in value:
+        raise ValueError("upto without leave")
     out: dict[str, Any] = {}
     for key, check in CTL_CHECKS.items():
         if key in value:

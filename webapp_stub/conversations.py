@@ -1,12 +1,13 @@
 """Conversations: channels, membership, direct and group messages, listing, the gateway bootstrap.
 
 Membership changes emit an event on the member's user channel whose ``ctl``
-(``{"join": C, "since": seq}`` / ``{"leave": C}``) makes gateways move that
-user's connections at once.
+(``{"join": C, "since": seq}`` / ``{"leave": C, "upto": seq}``) makes gateways
+move that user's connections: from the channel's ``since``, up to its ``upto``.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import replace
 from typing import Any
@@ -304,7 +305,8 @@ class ConversationStore(UserStore):
     def _leave(self, channel: Channel, user: User, actor: User | None = None) -> list[Event]:
         """Membership row gone, ``member_left_channel`` on the channel, ``channel_left``
         (``group_left`` if private; with ``actor_id`` when kicked) on the user with
-        ``ctl = {"leave": C}``: gateways stop that user's connections receiving C."""
+        ``ctl = {"leave": C, "upto": seq}`` where ``seq`` is the channel's seq of its
+        ``member_left_channel``: gateways stop that user's connections receiving C after it."""
         self.conn.execute("DELETE FROM members WHERE channel = ? AND user = ?", (channel.id, user.id))
         left = self._append_event(
             channel.id,
@@ -322,7 +324,7 @@ class ConversationStore(UserStore):
         }
         if actor is not None and actor.id != user.id:
             payload["actor_id"] = actor.id
-        own = self._append_event(user.id, payload, ctl={"leave": channel.id})
+        own = self._append_event(user.id, payload, ctl={"leave": channel.id, "upto": left.seq})
         return [left, own]
 
     def list_conversations(
@@ -393,7 +395,9 @@ class ConversationStore(UserStore):
         users = [r[0] for r in rows[:limit]]
         return Page(users, encode_cursor("member", users[-1]) if more else "")
 
-    def bootstrap(self, user_id: str, resume: dict[str, int] | None = None) -> dict[str, Any] | None:
+    def bootstrap(
+        self, user_id: str, resume: dict[str, int] | None = None, resume_until: dict[str, int] | None = None
+    ) -> dict[str, Any] | None:
         """What a gateway needs to connect ``user_id``: self, team, and every channel with its last seq.
 
         The channels are the user's conversations plus the user's own channel
@@ -401,6 +405,16 @@ class ConversationStore(UserStore):
         With ``resume`` (channel -> the last seq a moved connection delivered),
         those channels start at the recorded seq instead (never above the
         latest), so the gateway replays what the connection missed.
+
+        When the record names the user's own channel, the gateway replays that
+        channel too, joins and leaves included, and each takes effect at its
+        place (docs/design.md, "Resume: joins and leaves while away"): so the
+        channels are the ones the user was in *at the recorded position*, not
+        now. A channel joined since is left out (the replayed join starts it at
+        the join's seq); a channel left since stays in (the replayed leave ends
+        it at the leave's seq). ``resume_until`` (channel -> seq of a leave the
+        moved connection had not reached yet) are kept too and returned as
+        ``until``.
         """
         user = self.user(user_id)
         if user is None:
@@ -412,7 +426,11 @@ class ConversationStore(UserStore):
             (user.id,),
         ).fetchall()
         seqs: list[tuple[str, int]] = [(user.id, self.last_seq(user.id)), (user.team, self.last_seq(user.team))]
-        seqs += [(ch, int(seq)) for ch, seq in rows]
+        current = [(ch, int(seq)) for ch, seq in rows]
+        until: dict[str, int] = {}
+        if resume and user.id in resume:
+            current, until = self._membership_at_resume(user.id, resume, resume_until or {}, current)
+        seqs += current
         if resume:
             for i, (channel, seq) in enumerate(seqs):
                 recorded = resume.get(channel)
@@ -423,7 +441,31 @@ class ConversationStore(UserStore):
             "user": {"id": user.id, "name": user.name},
             "team": team.to_api() if team else {"id": user.team, "name": user.team, "domain": user.team.lower()},
             "channels": channels,
+            **({"until": until} if until else {}),
         }
+
+    def _membership_at_resume(
+        self, user_id: str, resume: dict[str, int], resume_until: dict[str, int], current: list[tuple[str, int]]
+    ) -> tuple[list[tuple[str, int]], dict[str, int]]:
+        """The user's channels (with their latest seqs) as of the record's position in the user's
+        own channel, from the joins and leaves after it, and the leaves still to be reached."""
+        recorded_at = max(0, min(int(resume[user_id]), self.last_seq(user_id)))
+        first: dict[str, str] = {}  # channel -> the first membership change after the record: join / leave
+        for (text,) in self.conn.execute(
+            "SELECT ctl FROM events WHERE channel = ? AND seq > ? AND ctl IS NOT NULL ORDER BY seq",
+            (user_id, recorded_at),
+        ):
+            ctl = json.loads(text)
+            for kind in ("join", "leave"):
+                if isinstance(ctl, dict) and kind in ctl:
+                    first.setdefault(str(ctl[kind]), kind)
+        until = {ch: int(upto) for ch, upto in resume_until.items() if ch in resume}
+        member_then = [(ch, seq) for ch, seq in current if first.get(ch) != "join" or ch in until]
+        have = {ch for ch, _ in member_then}
+        for channel in sorted({ch for ch, kind in first.items() if kind == "leave"} | set(until)):
+            if channel not in have and channel != user_id:
+                member_then.append((channel, self.last_seq(channel)))
+        return member_then, until
 
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_")

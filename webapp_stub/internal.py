@@ -9,13 +9,17 @@ and only to a peer with a fleet client certificate of role ``gateway``
   "channels": [{"id": C, "seq": last_seq}, ...], "resumed": bool}``
   (conversations + the user's own channel + the team channel). With a live
   ``resume`` record of that user, its channels carry the recorded seq instead
-  and ``resumed`` is true (see :mod:`webapp_stub.resume`). With ``"app": A``
+  and ``resumed`` is true (see :mod:`webapp_stub.resume`); the channels are then
+  the ones the user was in at the record's position, and ``until`` (if any)
+  names, per channel, the seq of a leave the connection is still owed events
+  up to (docs/design.md, "Resume: joins and leaves while away"). With ``"app": A``
   (a Socket Mode connection; ``user`` is the app's bot user) the reply adds
   ``"app": {id, team, name, bot_user, events}`` and ``"carried"``: the
   envelopes of the app's resume record (gateway/socket_mode.py).
-* ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq}}``
-  -> ``{"ok": true, "resume": id}``: a gateway about to move a connection
-  records where it stopped; the user's next ``rtm.connect`` claims it. With
+* ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq},
+  "until": {C: leave_seq}?}`` -> ``{"ok": true, "resume": id}``: a gateway about
+  to move a connection records where it stopped (and the leaves it had not
+  reached yet); the user's next ``rtm.connect`` claims it. With
   ``"app": A`` and ``"envelopes": [...]`` the record is the app's, claimed by
   its next ``apps.connections.open``.
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
@@ -109,7 +113,7 @@ class InternalEndpoints:
             resume = record.channels if record is not None else None
             if rid:
                 self.api.resumes.labels("used" if resume is not None else "expired").inc()
-            boot = self.api.store.bootstrap(user_id, resume)
+            boot = self.api.store.bootstrap(user_id, resume, record.until if record is not None else None)
             if boot is None:
                 raise ApiError("user_not_found")
             if app is not None:
@@ -149,15 +153,8 @@ class InternalEndpoints:
             user_id = str(args.get("user") or "")
             if not user_id or self.api.store.user(user_id) is None:
                 raise ApiError("user_not_found")
-            channels = args.get("channels")
-            if not isinstance(channels, dict) or len(channels) > MAX_RESUME_CHANNELS:
-                raise ApiError("invalid_arguments")
-            try:
-                seqs = {str(ch): int(seq) for ch, seq in channels.items()}
-            except (TypeError, ValueError, OverflowError):
-                raise ApiError("invalid_arguments") from None
-            if any(seq < 0 or seq > MAX_SQL_INT for seq in seqs.values()):
-                raise ApiError("invalid_arguments")
+            seqs = _channel_seqs(args.get("channels"))
+            until = _channel_seqs(args.get("until") or {})
             key, carried = user_id, None
             if args.get("app"):  # a Socket Mode app's connections: keyed by the app, with its unacknowledged envelopes
                 app = self.api.store.app(str(args["app"]))
@@ -167,7 +164,7 @@ class InternalEndpoints:
                 if not isinstance(carried, list) or len(carried) > MAX_RESUME_ENVELOPES:
                     raise ApiError("invalid_arguments")
                 key = app.id
-            body: dict[str, Any] = {"ok": True, "resume": self.api.resume.add(key, seqs, carried)}
+            body: dict[str, Any] = {"ok": True, "resume": self.api.resume.add(key, seqs, carried, until)}
             self.api.resumes.labels("recorded").inc()
         except ApiError as exc:
             self.api.metrics.error(exc.code)
@@ -238,3 +235,16 @@ class InternalEndpoints:
         await self.api.durable()
         self.api.count_request(f"internal.{label}", "ok" if body["ok"] else outcome)
         return web.json_response(body, status=status, headers=headers)
+
+
+def _channel_seqs(value: Any) -> dict[str, int]:
+    """A resume record's ``{channel: seq}`` map, checked; raises ``invalid_arguments``."""
+    if not isinstance(value, dict) or len(value) > MAX_RESUME_CHANNELS:
+        raise ApiError("invalid_arguments")
+    try:
+        seqs = {str(ch): int(seq) for ch, seq in value.items()}
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError("invalid_arguments") from None
+    if any(seq < 0 or seq > MAX_SQL_INT for seq in seqs.values()):
+        raise ApiError("invalid_arguments")
+    return seqs

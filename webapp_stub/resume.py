@@ -47,6 +47,8 @@ class ResumeRecord:
     channels: dict[str, int]  # channel -> last seq the moved connection delivered
     expires_at: float
     claimed: bool = False
+    # channel -> seq of a leave the connection had not yet reached (it is owed the events up to it)
+    until: dict[str, int] = field(default_factory=dict)
     # A Socket Mode app's record (``user`` is then the app id) also carries the
     # envelopes its moved connections had not acknowledged (gateway/socket_mode.py).
     carried: list[Any] = field(default_factory=list)
@@ -70,13 +72,25 @@ class ResumeBook:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, user: str, channels: dict[str, int], carried: list[Any] | None = None) -> str:
-        """Record where a moved connection of ``user`` stopped; returns the record id."""
+    def add(
+        self,
+        user: str,
+        channels: dict[str, int],
+        carried: list[Any] | None = None,
+        until: dict[str, int] | None = None,
+    ) -> str:
+        """Record where a moved connection of ``user`` stopped (and the leaves it had not reached
+        yet, ``until``); returns the record id."""
         self._expire()
         while len(self._records) >= self.max_records:
             self._drop(next(iter(self._records)))
         record = ResumeRecord(
-            secrets.token_urlsafe(12), user, dict(channels), self.clock() + self.ttl_s, carried=list(carried or [])
+            secrets.token_urlsafe(12),
+            user,
+            dict(channels),
+            self.clock() + self.ttl_s,
+            carried=list(carried or []),
+            until=dict(until or {}),
         )
         self._records[record.id] = record
         self._pending.setdefault(user, deque()).append(record.id)

@@ -23,8 +23,8 @@ Guarantees
 * Conversations are channels (``C…``), direct messages (``D…``, kind ``im``)
   and group DMs (``G…``, kind ``mpim``); DMs are private to their members.
   Membership changes emit an event on the member's user channel whose ``ctl``
-  (``{"join": C, "since": seq}`` / ``{"leave": C}``) makes gateways move that
-  user's connections at once.
+  (``{"join": C, "since": seq}`` / ``{"leave": C, "upto": seq}``) makes gateways
+  move that user's connections (from the channel's ``since``, up to its ``upto``).
 * Edits, deletions and reactions are events on the message's channel with
   their own ``seq`` and ``event_ts``; ephemeral messages are events on the
   target user's channel and never enter history.

@@ -197,6 +197,17 @@ async def test_create_and_join_emit_team_channel_and_user_events(webapp: Webapp,
     _, missing = await webapp.internal("bootstrap", {"user": "UNOBODY"})
     assert missing == {"ok": False, "error": "user_not_found"}
 
+    # a resume record with a leave the moved connection had not reached: the bootstrap names it
+    rec = {"user": bob["id"], "channels": {bob["id"]: 1, cid: 1, team: 1}, "until": {cid: 2}}
+    _, recorded = await webapp.internal("resume", rec)
+    assert recorded["ok"]
+    _, resumed = await webapp.internal("bootstrap", {"user": bob["id"], "resume": recorded["resume"]})
+    assert resumed["resumed"] and resumed["until"] == {cid: 2}
+    assert {c["id"]: c["seq"] for c in resumed["channels"]}[cid] == 1
+    for bad in ({cid: -1}, [cid], {cid: "x"}):
+        _, refused = await webapp.internal("resume", {**rec, "until": bad})
+        assert refused == {"ok": False, "error": "invalid_arguments"}
+
 
 async def test_admin_server_down_then_back_delivers_in_order(webapp: Webapp, fake_as: FakeAdminServer) -> None:
     alice, general = webapp.user("alice"), webapp.channel("general")
@@ -634,7 +645,9 @@ async def test_new_methods_reply_in_slacks_shapes(webapp: Webapp, fake_as: FakeA
     kinds = [json.loads(p["json"])["type"] for p in fake_as.pubs_for(alice["id"])]
     assert kinds == ["im_created", "manual_presence_change", "channel_left"]
     left_pub = fake_as.pubs_for(alice["id"])[-1]
-    assert left_pub["ctl"] == {"leave": webapp.channel("random")}
+    random_left = [p for p in fake_as.pubs_for(webapp.channel("random")) if b"member_left_channel" in p["json"]]
+    # the leaver's connections get #random up to its member_left_channel, none after
+    assert left_pub["ctl"] == {"leave": webapp.channel("random"), "upto": random_left[-1]["seq"]}
     assert [json.loads(p["json"])["type"] for p in fake_as.pubs_for(bob["id"])] == [
         "im_created",
         "message",

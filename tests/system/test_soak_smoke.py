@@ -21,7 +21,7 @@ pytest.importorskip("picows", reason="the soak's clients need picows (pip instal
 
 REPO = Path(__file__).resolve().parents[2]
 SOAK_TIMEOUT_S = 240.0
-KNOWN_LOSS_CAUSES = ("membership_changed_during_move",)
+KNOWN_LOSS_CAUSES: tuple[str, ...] = ()  # loss causes tolerated: none
 
 
 @pytest.mark.timeout(SOAK_TIMEOUT_S + 30)
@@ -39,11 +39,8 @@ def test_short_chaos_soak_loses_nothing(tmp_path: Path) -> None:
     assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     verdict = result["verdict"]
-    # KNOWN_GATEWAY_BUG (found by this soak, docs/soak.md "Findings"): a user who joins or leaves a
-    # channel while the fleet moves their connection misses that channel's events between the
-    # membership change and the new bootstrap. Until the gateway/bootstrap fix lands, exactly
-    # those losses are tolerated here (the soak itself still fails on them); delete
-    # KNOWN_LOSS_CAUSES then. Every other loss, any duplicate or reordering fails this test.
+    # No loss is tolerated. (Joins and leaves racing a move of the connection once lost events,
+    # docs/soak.md "Findings"; KNOWN_LOSS_CAUSES stays empty now that they resume exactly.)
     known = sum(n for cause, n in verdict["lost_by_cause"].items() if cause in KNOWN_LOSS_CAUSES)
     summary = {k: verdict[k] for k in ("lost", "duplicated", "reordered", "lost_from_history", "unmatched_frames")}
     summary["delivered_to_non_member"] = verdict["delivered_to_non_member"]

@@ -52,7 +52,8 @@ async def test_a_read_pages_through_long_histories(parts: Parts, monkeypatch: An
     monkeypatch.setattr(gateway.history, "HISTORY_PAGE_EVENTS", 3)
     webapp = parts.history.webapp = HeldHistoryWebapp("C1", 10)
     webapp.release.set()
-    events = await parts.history.read_history("C1", 2, 9)
+    events, ctls = await parts.history.read_history("C1", 2, 9)
+    assert ctls == []
     assert [seq for seq, _ in events] == list(range(3, 10))
     assert [c["after_seq"] for c in webapp.calls] == [2, 5, 8]
 
@@ -125,3 +126,15 @@ async def test_a_held_session_whose_catch_up_fails_is_ended_alone(gw: Gateway) -
     assert ws2.closed == [CloseCode.RESYNC] and ws1.closed == []
     assert sock1.seqs() == [1, 2, 3] and sock2.frames == []
     assert gw.state.sessions.keys() == {1}
+
+
+async def test_a_session_moved_before_it_reached_a_leave_carries_it_in_its_resume_record(gw: Gateway) -> None:
+    webapp = HistoryWebapp(lambda body: {"events": [], "has_more": False})
+    gw.webapp = webapp  # type: ignore[assignment]  # resume records
+    s1, _, ws1 = attach(gw, 1, [("U1", 10), ("C7", 5)])
+    gw.apply(gw.state.leave("U1", "C7", upto=7, at=11))  # C7 has not reached the leave here yet
+    where = gw.mover.detach(s1)
+    await gw.mover.finish(s1, where, "test", asyncio.Semaphore(1))
+    resumes = [body for path, body in webapp.calls if path == "/internal/resume"]
+    assert resumes == [{"user": "U1", "channels": {"U1": 10, "C7": 5}, "until": {"C7": 7}}]
+    assert ws1.closed == [CloseCode.GOING_AWAY] and gw.mover.pending_leaves == {}

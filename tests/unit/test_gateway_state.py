@@ -530,3 +530,105 @@ def test_a_fill_that_leaves_a_hole_counts_what_it_holds_again() -> None:
     deliver(state, "C1", 9)
     assert state.fill("C1", history("C1", 2, 3) + history("C1", 5, 7)) == Fetch("C1", 3, 4)
     assert state.take_overflows() == (["C1"], [])  # 5, 6, 7, 9 held again: past 2
+
+
+# -- a connection the fleet moved: joins and leaves replayed on resume (docs/design.md) ----------
+
+
+def test_resumed_join_replayed_from_the_user_channel_starts_at_its_since() -> None:
+    """Joined while away: the resumed bootstrap leaves the channel out and the user channel's
+    replay joins it at the join's ``since``: the session gets every event after it, once."""
+    state = GatewayState()
+    other, _ = session(user="U2")
+    state.attach(other, [("C5", 85)])
+    deliver(state, "C5", 86, 87)
+    moved, sock = session(user="U1")
+    state.attach(moved, [("U1", 10)])  # the record's position in the user channel
+    effects = state.join("U1", "C5", 85, at=11)  # channel_joined (U1 seq 11), replayed
+    assert effects.fetch == [Fetch("C5", 85, 87, moved)]
+    deliver(state, "C5", 88)
+    state.fill_session(moved, "C5", history("C5", 86, 87))
+    deliver(state, "C5", 89)
+    assert sock.seqs() == [86, 87, 88, 89]
+
+
+def test_a_join_already_reflected_in_a_sessions_bootstrap_is_not_replayed_to_it() -> None:
+    state = GatewayState()
+    fresh, _ = session(user="U1")
+    state.attach(fresh, [("U1", 12), ("C5", 90)])  # its bootstrap came after the join (U1 seq 11)
+    assert not state.join("U1", "C5", 85, at=11)
+    assert not state.leave("U1", "C5", upto=95, at=11)  # an older leave: not this session's business
+    assert fresh.channels == {"U1", "C5"}
+
+
+def test_resumed_leave_delivers_up_to_the_leave_then_stops() -> None:
+    """Left while away: the session follows the channel from the record; the replayed leave
+    names the channel's seq of the leave; events up to it are delivered, none after."""
+    state = GatewayState()
+    moved, sock = session(user="U1")
+    state.attach(moved, [("U1", 10), ("C7", 82)])
+    effects = state.leave("U1", "C7", upto=87, at=11)  # the leave is replayed before C7 caught up
+    assert not effects
+    assert "C7" in moved.channels
+    deliver(state, "C7", 83, 84, 85, 86, 87, 88)
+    assert sock.seqs() == [83, 84, 85, 86, 87]
+    assert state.settle().unsubscribe == ["C7"]
+    assert "C7" not in moved.channels and state.uneven == {}
+    deliver(state, "C7", 89)
+    assert sock.seqs() == [83, 84, 85, 86, 87]
+
+
+def test_leave_during_catch_up_delivers_the_catch_up_up_to_the_leave() -> None:
+    """Left during the catch-up: the session is held in C8 (history in flight) when the leave
+    arrives; the fetched events up to the leave are still delivered, then it stops."""
+    state = GatewayState()
+    other, _ = session(user="U2")
+    state.attach(other, [("C8", 107)])
+    deliver(state, "C8", 108)
+    moved, sock = session(user="U1")
+    effects = state.attach(moved, [("U1", 10), ("C8", 107)])
+    assert effects.fetch == [Fetch("C8", 107, 108, moved)]
+    deliver(state, "C8", 109, 110)  # held meanwhile
+    assert not state.leave("U1", "C8", upto=109, at=11)
+    state.fill_session(moved, "C8", history("C8", 108, 108))
+    assert sock.seqs() == [108, 109]
+    assert not state.settle()  # U2 still watches C8
+    assert "C8" not in moved.channels and state.channels["C8"] == {other}
+    deliver(state, "C8", 111)
+    assert sock.seqs() == [108, 109]
+
+
+def test_leave_already_reached_is_immediate() -> None:
+    state = GatewayState()
+    s1, sock = session(user="U1")
+    state.attach(s1, [("C1", 0)])
+    deliver(state, "C1", 1, 2, 3)
+    assert state.leave("U1", "C1", upto=3).unsubscribe == ["C1"]
+    assert s1.channels == set()
+
+
+def test_rejoin_before_the_leave_was_reached_skips_only_what_happened_in_between() -> None:
+    state = GatewayState()
+    moved, sock = session(user="U1")
+    state.attach(moved, [("U1", 10), ("C7", 5)])
+    state.leave("U1", "C7", upto=7, at=11)
+    state.join("U1", "C7", 9, at=12)  # back in at seq 9 (member_joined_channel)
+    deliver(state, "C7", 6, 7, 8, 9, 10)
+    assert not state.settle()
+    assert sock.seqs() == [6, 7, 10]
+    assert "C7" in moved.channels and state.uneven == {}
+
+
+def test_a_pending_leave_moves_with_the_session() -> None:
+    """Moved again before the leave was reached: the position carries the channel and where it ends."""
+    state = GatewayState()
+    moved, _ = session(user="U1")
+    state.attach(moved, [("U1", 10), ("C7", 5)])
+    state.leave("U1", "C7", upto=7, at=11)
+    assert state.position(moved) == {"U1": 10, "C7": 5}
+    assert state.pending_leaves(moved) == {"C7": 7}
+    again, sock = session(user="U1")
+    state2 = GatewayState()
+    state2.attach(again, [("U1", 11), ("C7", 5)], until={"C7": 7})
+    deliver(state2, "C7", 6, 7, 8)
+    assert sock.seqs() == [6, 7]

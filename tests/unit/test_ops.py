@@ -86,6 +86,8 @@ def refused(message: dict[str, Any], *words: str) -> BadMessage:
         ({"ctl": {"evil": 1}}, ("ctl", "unknown")),
         ({"ctl": {"join": 5}}, ("ctl", "join")),
         ({"ctl": {"since": 3}}, ("since without join",)),
+        ({"ctl": {"upto": 3}}, ("upto without leave",)),
+        ({"ctl": {"leave": "C1A2B3", "upto": 0}}, ("upto",)),
         ({"ch": 12345}, ("ch", "int")),  # the int channel
         ({"ch": "general"}, ("ch", "channel id")),
         ({"ch": "C" * 40}, ("ch",)),

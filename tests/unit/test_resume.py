@@ -51,3 +51,11 @@ def test_bounded_the_oldest_go_first() -> None:
     assert len(book) == 2
     assert book.take(oldest, "U1") is None and book.claim("U1") == ""
     assert book.claim("U2") and book.claim("U3")
+
+
+def test_a_record_keeps_the_leaves_its_connection_had_not_reached() -> None:
+    book = ResumeBook(ttl_s=120, clock=FakeClock())
+    rid = book.add("U1", {"U1": 3, "C1": 5}, until={"C1": 7})
+    record = book.take_record(rid, "U1")
+    assert record is not None and record.channels == {"U1": 3, "C1": 5} and record.until == {"C1": 7}
+    assert book.take_record(rid, "U1") is None

@@ -320,10 +320,17 @@ def test_leave_invite_kick_emit_membership_events_with_ctl(store: Store, demo: d
 
     not_in, events = store.leave_channel(ch, bob)
     assert not not_in
-    assert events_of(events) == [(ch.id, "member_left_channel", None), (bob.id, "channel_left", {"leave": ch.id})]
+    upto = events[0].seq  # the connections of the leaver get the channel up to its member_left_channel
+    assert events_of(events) == [
+        (ch.id, "member_left_channel", None),
+        (bob.id, "channel_left", {"leave": ch.id, "upto": upto}),
+    ]
     assert store.leave_channel(ch, bob) == (True, [])
     events = store.kick(ch, alice, carol)
-    assert events_of(events) == [(ch.id, "member_left_channel", None), (carol.id, "channel_left", {"leave": ch.id})]
+    assert events_of(events) == [
+        (ch.id, "member_left_channel", None),
+        (carol.id, "channel_left", {"leave": ch.id, "upto": events[0].seq}),
+    ]
     assert json.loads(events[1].json)["actor_id"] == alice.id
     assert not store.is_member(ch.id, carol.id)
     for target, code in ((alice, "cant_kick_self"), (carol, "not_in_channel")):
@@ -411,7 +418,7 @@ def test_direct_messages_are_private_channels_opened_once(store: Store, demo: di
 
 
 def test_update_and_delete_only_by_the_author(store: Store, demo: dict) -> None:
-    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "general")
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "random")
     message, _ = store.post_message(general, alice, "first draft")
     updated, event = store.update_message(general, alice, message["ts"], "final")
     body = json.loads(event.json)
@@ -440,7 +447,7 @@ def test_update_and_delete_only_by_the_author(store: Store, demo: dict) -> None:
 
 
 def test_reactions_add_remove_and_show_in_history(store: Store, demo: dict) -> None:
-    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "general")
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "random")
     message, _ = store.post_message(general, alice, "react to me")
     event = store.add_reaction(general, bob, message["ts"], ":thumbsup:")
     body = json.loads(event.json)
@@ -480,7 +487,7 @@ def test_reactions_add_remove_and_show_in_history(store: Store, demo: dict) -> N
 
 
 def test_thread_summary_and_broadcast_replies(store: Store, demo: dict) -> None:
-    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "general")
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "random")
     parent, _ = store.post_message(general, alice, "parent")
     store.post_message(general, bob, "r1", thread_ts=parent["ts"])
     last, event = store.post_message(general, alice, "r2", thread_ts=parent["ts"], broadcast=True)
@@ -499,7 +506,7 @@ def test_thread_summary_and_broadcast_replies(store: Store, demo: dict) -> None:
 
 
 def test_ephemeral_goes_to_the_target_users_channel_not_history(store: Store, demo: dict) -> None:
-    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "general")
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "random")
     ts, event = store.post_ephemeral(general, alice, bob, "only you")
     body = json.loads(event.json)
     assert event.channel == bob.id and body["is_ephemeral"] and body["channel"] == general.id and body["ts"] == ts
@@ -533,6 +540,53 @@ def test_bootstrap_with_a_resume_record_starts_at_the_recorded_seqs(store: Store
     assert seqs[general.id] == 2  # replay 3..5
     assert seqs[random_ch.id] == 0  # never above the latest
     assert "CNOTMINE" not in seqs  # not a channel of the user's any more
+
+
+def _resume_after_join_and_leave(store: Store, demo: dict) -> tuple[dict, dict[str, int], str, str, str]:
+    """alice's connection is moved while it is in #general (at seq 2) and not in a new channel;
+    while it is away she joins the new channel, and leaves #general after two more posts."""
+    alice, bob, general = user(store, demo, "alice"), user(store, demo, "bob"), channel(store, demo, "random")
+    newch, _ = store.create_channel(bob, "newch")
+    for i in range(2):
+        store.post_message(general, bob, f"g{i}")
+    record = {alice.id: store.last_seq(alice.id), general.id: store.last_seq(general.id), alice.team: 0}
+    _, joined = store.join_channel(newch, alice)  # while away: member_joined_channel, channel_joined
+    store.post_message(newch, bob, "n1")  # owed to the moved connection: it joined before
+    store.post_message(general, bob, "g2")  # owed: she is still in #general
+    _, left = store.leave_channel(general, alice)  # member_left_channel, channel_left
+    store.post_message(general, bob, "g3")  # not owed: she left
+    boot = store.bootstrap(alice.id, record)
+    assert json.loads(joined[0].json)["type"] == "member_joined_channel" and left
+    return boot, record, newch.id, general.id, alice.id
+
+
+def test_resumed_bootstrap_leaves_a_channel_joined_while_away_to_the_replayed_join(store: Store, demo: dict) -> None:
+    """Joined while away: the bootstrap must not start the channel at its latest seq (the
+    connection would skip what followed the join); the user channel's replay joins it at the
+    join's ``since``, so it is not in the bootstrap at all."""
+    boot, record, newch, _, alice = _resume_after_join_and_leave(store, demo)
+    seqs = {c["id"]: c["seq"] for c in boot["channels"]}
+    assert newch not in seqs
+    assert seqs[alice] == record[alice]  # the replay of her channel carries the join
+    joins = [e.ctl for e in store.events_after(alice, record[alice])[0] if e.ctl and "join" in e.ctl]
+    assert joins == [{"join": newch, "since": 2}]  # right after her member_joined_channel (bob's is 1)
+
+
+def test_resumed_bootstrap_keeps_a_channel_left_while_away_until_the_replayed_leave(store: Store, demo: dict) -> None:
+    """Left while away: the channel is still followed from the record, and the replayed leave
+    names the channel's seq of the leave, up to which the connection is owed its events."""
+    boot, record, _, general, alice = _resume_after_join_and_leave(store, demo)
+    seqs = {c["id"]: c["seq"] for c in boot["channels"]}
+    assert seqs[general] == record[general]
+    leaves = [e.ctl for e in store.events_after(alice, record[alice])[0] if e.ctl and "leave" in e.ctl]
+    left_at = store.last_seq(general) - 1  # member_left_channel, then g3
+    assert leaves == [{"leave": general, "upto": left_at}]
+
+
+def test_fresh_bootstrap_lists_only_current_channels(store: Store, demo: dict) -> None:
+    _, _, newch, general, alice = _resume_after_join_and_leave(store, demo)
+    seqs = {c["id"]: c["seq"] for c in store.bootstrap(alice)["channels"]}
+    assert seqs[newch] == store.last_seq(newch) and general not in seqs
 
 
 def test_an_older_database_gets_the_new_columns(tmp_path: Path) -> None:
@@ -661,3 +715,16 @@ def test_dead_letter_lifecycle(store: Store, demo: dict, clock: FakeClock) -> No
     store.resolve_dead_letter(event.channel, event.seq)
     assert store.dead_letters() == [] and store.parked_count() == 0
     assert store.dead_letters(("delivered",))[0].redrives == 2
+
+
+def test_resumed_bootstrap_keeps_a_leave_the_moved_connection_had_not_reached(store: Store, demo: dict) -> None:
+    """Moved twice: the first gateway saw the leave but had not delivered the channel up to it."""
+    alice, random_ch = user(store, demo, "alice"), channel(store, demo, "random")
+    store.post_message(random_ch, alice, "m1")
+    _, left = store.leave_channel(random_ch, alice)
+    upto = left[0].seq
+    record = {alice.id: store.last_seq(alice.id), random_ch.id: 0, alice.team: 0}  # past the leave
+    boot = store.bootstrap(alice.id, record, {random_ch.id: upto, "CNOTINRECORD": 3})
+    seqs = {c["id"]: c["seq"] for c in boot["channels"]}
+    assert seqs[random_ch.id] == 0 and boot["until"] == {random_ch.id: upto}
+    assert "CNOTINRECORD" not in seqs
