@@ -120,7 +120,8 @@ async def test_schedule_list_delete_and_post_at_its_time_once(webapp: Webapp, fa
         )
         == "invalid_scheduled_message_id"
     )
-    await asyncio.sleep(1.5)  # past the deleted one's time (3 s): bounded, only to prove a negative
+    # past the deleted one's time (3 s): a bounded wait, only to prove a negative
+    await asyncio.sleep(1.5)  # wait-ok
     assert all(e.get("text") != "never" for e in pub_events(fake_as, general))
     assert [e.get("text") for e in pub_events(fake_as, general)].count("in two seconds") == 1
     text = await metrics_text(webapp)

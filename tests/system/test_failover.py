@@ -73,9 +73,8 @@ async def run_load_around(fleet: Fleet, clients: list[Client], action: object) -
         client.events.clear()
     load = Load(fleet, [fleet.user(name)["token"] for name in ("eve", "carol", "dave")], [general, random_])
     task = asyncio.create_task(load.run())
-    await asyncio.wait_for(
-        asyncio.shield(asyncio.sleep(LOAD_BEFORE_KILL_S)), LOAD_BEFORE_KILL_S + 1
-    )  # wait-ok: load runs
+    # wait-ok: the load runs for a fixed time before the kill
+    await asyncio.wait_for(asyncio.shield(asyncio.sleep(LOAD_BEFORE_KILL_S)), LOAD_BEFORE_KILL_S + 1)  # wait-ok
     started = time.monotonic()
     await action()  # type: ignore[operator]
     elapsed = time.monotonic() - started

@@ -217,7 +217,7 @@ async def test_hello_and_envelope_shape_and_ack_stops_redelivery(fleet: Fleet) -
         assert payload["team_id"] == fleet.seed["team"]["id"] and payload["event_id"].startswith("Ev")
         assert payload["authorizations"][0]["user_id"] == app_info["bot_user_id"]
         assert {"token", "event_time", "event"} <= set(payload)
-        await asyncio.sleep(ACK_TIMEOUT_S * 1.5)  # past the ack deadline: acked, so never again
+        await asyncio.sleep(ACK_TIMEOUT_S * 1.5)  # wait-ok: past the ack deadline; acked, so never again
         assert raw.texts("shape-1") == [("shape-1", 0)]
     finally:
         await raw.close()
@@ -233,7 +233,7 @@ async def test_unacked_envelope_comes_again_with_retry_attempt_1(fleet: Fleet) -
         assert retried[0]["retry_reason"] == "timeout"
         raw.ack = True  # ack the next retry: no more after it
         await async_wait_until(lambda: _true(len(raw.texts("retry-1")) >= 3), EVENT_TIMEOUT_S, "the next retry")
-        await asyncio.sleep(ACK_TIMEOUT_S * 1.5)
+        await asyncio.sleep(ACK_TIMEOUT_S * 1.5)  # wait-ok: past the ack deadline, proving no redelivery
         assert len(raw.texts("retry-1")) == 3
     finally:
         await raw.close()
@@ -253,7 +253,7 @@ async def test_killed_connection_gets_unacked_events_on_the_next_one(fleet: Flee
         await async_wait_until(
             lambda: _true({t for t, _ in second.texts("kill-")} >= want), EVENT_TIMEOUT_S, "every event again"
         )
-        await asyncio.sleep(ACK_TIMEOUT_S * 1.5)
+        await asyncio.sleep(ACK_TIMEOUT_S * 1.5)  # wait-ok: past the ack deadline, proving no redelivery
         counts = [t for t, _ in second.texts("kill-")]
         assert sorted(counts) == sorted(want)  # each once on the acking connection
     finally:
@@ -270,7 +270,7 @@ async def test_two_connections_share_events_without_duplicates(fleet: Fleet) -> 
         await async_wait_until(
             lambda: _true(len(one.texts("share-")) + len(two.texts("share-")) >= 10), EVENT_TIMEOUT_S, "ten"
         )
-        await asyncio.sleep(ACK_TIMEOUT_S * 1.5)
+        await asyncio.sleep(ACK_TIMEOUT_S * 1.5)  # wait-ok: past the ack deadline, proving no redelivery
         got = [t for t, _ in one.texts("share-")] + [t for t, _ in two.texts("share-")]
         assert sorted(got) == sorted(want)
         assert one.texts("share-") and two.texts("share-")  # both took some
