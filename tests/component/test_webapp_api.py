@@ -12,7 +12,6 @@ import importlib.util
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +29,6 @@ from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, SECRET, FakeAdminServer
 from webapp_stub.app import WebappServer, build_parser
 from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
-
-
-@pytest.fixture
-async def fake_as() -> AsyncIterator[FakeAdminServer]:
-    server = FakeAdminServer()
-    await server.start()
-    yield server
-    if server.server is not None:
-        await server.kill()
-
-
-@pytest.fixture
-async def webapp(tmp_path: Path, fake_as: FakeAdminServer) -> AsyncIterator[Webapp]:
-    app = await start(tmp_path, fake_as)
-    yield app
-    await app.session.close()
-    await app.stop()
 
 
 async def test_post_reaches_admin_server_with_seq_and_exact_json(webapp: Webapp, fake_as: FakeAdminServer) -> None:

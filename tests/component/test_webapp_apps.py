@@ -4,8 +4,6 @@ through the official slack_sdk ``AsyncWebClient`` against the webapp on a real p
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -15,25 +13,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from services.ticket import TicketVerifier
 from tests.support import async_wait_until
-from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, FakeAdminServer, Webapp, start
+from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, FakeAdminServer, Webapp
 from webapp_stub.seed import EMAIL_DOMAIN
-
-
-@pytest.fixture
-async def fake_as() -> AsyncIterator[FakeAdminServer]:
-    server = FakeAdminServer()
-    await server.start()
-    yield server
-    if server.server is not None:
-        await server.kill()
-
-
-@pytest.fixture
-async def webapp(tmp_path: Path, fake_as: FakeAdminServer) -> AsyncIterator[Webapp]:
-    app = await start(tmp_path, fake_as)
-    yield app
-    await app.session.close()
-    await app.stop()
 
 
 def client(webapp: Webapp, token: str) -> AsyncWebClient:

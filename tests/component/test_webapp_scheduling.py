@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,26 +17,9 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from tests.support import async_wait_until
-from tests.webapp_harness import FakeAdminServer, Webapp, start
+from tests.webapp_harness import FakeAdminServer, Webapp
 from webapp_stub.reminders import SLACKBOT_ID, parse_time
 from webapp_stub.store import ApiError
-
-
-@pytest.fixture
-async def fake_as() -> AsyncIterator[FakeAdminServer]:
-    server = FakeAdminServer()
-    await server.start()
-    yield server
-    if server.server is not None:
-        await server.kill()
-
-
-@pytest.fixture
-async def webapp(tmp_path: Path, fake_as: FakeAdminServer) -> AsyncIterator[Webapp]:
-    app = await start(tmp_path, fake_as)
-    yield app
-    await app.session.close()
-    await app.stop()
 
 
 class Sdk:
