@@ -728,3 +728,79 @@ def test_resumed_bootstrap_keeps_a_leave_the_moved_connection_had_not_reached(st
     seqs = {c["id"]: c["seq"] for c in boot["channels"]}
     assert seqs[random_ch.id] == 0 and boot["until"] == {random_ch.id: upto}
     assert "CNOTINRECORD" not in seqs
+
+
+# -- the token -> user cache (issue 17): never outlives a change -------------------------------
+def a_token(store: Store, demo: dict, name: str) -> tuple[str, str]:
+    person = next(u for u in demo["users"] if u["name"] == name)
+    return person["token"], person["id"]
+
+
+def test_auth_is_cached_and_a_revoked_token_stops_at_once(store: Store, demo: dict) -> None:
+    token, uid = a_token(store, demo, "alice")
+    assert store.auth(token).id == uid
+    store.conn.execute("UPDATE tokens SET user = user WHERE 0")  # a statement that changes nothing
+    assert token in store._auth_cache  # cached: later lookups do not query
+    assert store.revoke_token(token) is True
+    assert store.auth(token) is None and token not in store._auth_cache
+    assert store.revoke_token(token) is False
+
+
+def test_a_revocation_inside_an_open_batch_is_seen_by_the_next_lookup_of_the_same_batch(
+    store: Store, demo: dict
+) -> None:
+    token, _ = a_token(store, demo, "alice")
+    assert store.auth(token) is not None
+    store.begin_batch()  # group commit: the revocation and the next request share one transaction
+    store.revoke_token(token)
+    assert store.auth(token) is None
+    store.commit_batch()
+    assert store.auth(token) is None
+
+
+def test_any_change_to_a_user_row_reaches_auth_whoever_makes_it(store: Store, demo: dict) -> None:
+    """A writer this module does not know (a deactivation added later, an operator's SQL):
+    the TEMP triggers see every change on this connection."""
+    token, uid = a_token(store, demo, "bob")
+    assert store.auth(token).presence == "auto"
+    store.set_presence(store.auth(token), "away")
+    assert store.auth(token).presence == "away"
+    with store.transaction() as db:
+        db.execute("UPDATE users SET name = 'robert' WHERE id = ?", (uid,))
+    assert store.auth(token).name == "robert"
+    with store.transaction() as db:
+        db.execute("DELETE FROM users WHERE id = ?", (uid,))  # deactivated the hard way
+    assert store.auth(token) is None
+
+
+def test_a_rolled_back_change_leaves_nothing_cached(store: Store, demo: dict) -> None:
+    token, uid = a_token(store, demo, "carol")
+    assert store.auth(token).name == "carol"
+    with pytest.raises(RuntimeError), store.transaction() as db:
+        db.execute("UPDATE users SET name = 'mallory' WHERE id = ?", (uid,))
+        assert store.auth(token).name == "mallory"  # what this transaction sees, not cached
+        raise RuntimeError("rolled back")
+    assert store.auth(token).name == "carol"
+
+
+def test_a_change_from_another_connection_is_seen_within_the_foreign_check_interval(
+    store: Store, demo: dict, clock: FakeClock
+) -> None:
+    import sqlite3
+
+    token, _ = a_token(store, demo, "dave")
+    assert store.auth(token) is not None
+    other = sqlite3.connect(store.path, isolation_level=None)  # another process, as far as SQLite knows
+    try:
+        other.execute("DELETE FROM tokens WHERE token = ?", (token,))
+        clock.advance(store.auth_foreign_check_s / 2)
+        assert store.auth(token) is not None  # within the documented bound, the cache may still answer
+        clock.advance(store.auth_foreign_check_s)
+        assert store.auth(token) is None
+        store.auth_foreign_check_s = 0.0  # exact: checked on every lookup
+        eve, uid = a_token(store, demo, "eve")
+        assert store.auth(eve) is not None
+        other.execute("DELETE FROM users WHERE id = ?", (uid,))
+        assert store.auth(eve) is None
+    finally:
+        other.close()
