@@ -804,3 +804,36 @@ def test_a_change_from_another_connection_is_seen_within_the_foreign_check_inter
         assert store.auth(eve) is None
     finally:
         other.close()
+
+
+# -- the Slack JSON of a post, encoded once (issue 17) ----------------------------------------
+@pytest.mark.parametrize(
+    "text,kwargs",
+    [
+        ("hello", {}),
+        ('quotes " and \\ and ünïcödé 💬 and \u2028', {}),
+        ("in a thread", {"thread": True, "broadcast": True}),
+        ("", {"extra": {"blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "*b*"}}]}}),
+    ],
+)
+def test_a_posts_event_json_and_reply_are_exactly_what_encoding_them_gives(
+    store: Store, demo: dict, text: str, kwargs: dict
+) -> None:
+    from webapp_stub.codecs import dumps
+    from webapp_stub.messages import message_reply_json
+
+    general = channel(store, demo, "general")
+    alice = user(store, demo, "alice")
+    thread_ts = None
+    if kwargs.pop("thread", False):
+        root, _ = store.post_message(general, alice, "root")
+        thread_ts = root["ts"]
+    message, event = store.post_message(
+        general, alice, text, thread_ts=thread_ts, broadcast=kwargs.get("broadcast", False), extra=kwargs.get("extra")
+    )
+    payload = {"type": "message", "channel": general.id, **{k: v for k, v in message.items() if k != "type"}}
+    payload["event_ts"] = message["ts"]
+    assert event.json == dumps(payload)  # byte for byte what encoding the payload gives
+    reply = message_reply_json(general.id, message["ts"], event.json)
+    assert reply == dumps({"ok": True, "channel": general.id, "ts": message["ts"], "message": message})
+    assert message_reply_json("C0OTHER", message["ts"], event.json) is None  # not of that shape: no splice
