@@ -16,6 +16,14 @@ webapp is answered from the reply's callback. Both sides' connections are
 corked, so the publishes of one read leave in one write per channel server
 and their ``ok``s in one write back to the webapp.
 
+The webapp sends its events as ``pubs`` (many in one frame; docs/wire.md,
+"Batched publishes"): :meth:`AdminServer.handle_pubs` forwards the events of
+one ``pubs`` whose owner is live in one ``pubs`` per channel server, and
+answers the webapp once, with a result per event, when the last is settled.
+The rest (no live owner, no link yet, a slot on the slow path, ``not_owner``)
+go on the slow path one by one, in order, as single ``pub``s do. A batch is
+admitted whole under ``--max-pubs-in-flight`` or refused whole.
+
 Every ``pub`` is parsed into :class:`services.ops.Publish` first (a bad one
 is answered ``err bad_request`` and counted, and forwards nothing). At most
 ``--max-pubs-in-flight`` publishes are being forwarded at once; one beyond

@@ -15,6 +15,7 @@ from typing import Any
 from webapp_stub.codecs import decode_cursor, encode_cursor, int_cursor, new_id
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Channel, Event, Page, User
+from webapp_stub.read_cache import MISSING, ReadCache
 from webapp_stub.users import UserStore
 
 MAX_CHANNEL_NAME = 80
@@ -30,9 +31,20 @@ class ConversationStore(UserStore):
     def _channel(row: tuple[Any, ...]) -> Channel:
         return Channel(row[0], row[1], row[2], int(row[3]), row[4], bool(row[5]), bool(row[6]), row[7])
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Every post reads its channel and checks membership: answered from memory, emptied by
+        # any change to the table (webapp_stub/read_cache.py). Misses are cached too.
+        self.channel_cache = ReadCache(self.conn, "channels", ("channels",), self.clock)
+        self.member_cache = ReadCache(self.conn, "members", ("members",), self.clock)
+
     def channel(self, channel_id: str) -> Channel | None:
-        row = self.conn.execute(f"SELECT {self._CHANNEL_COLS} FROM channels WHERE id = ?", (channel_id,)).fetchone()
-        return self._channel(row) if row else None
+        found: Channel | None = self.channel_cache.get(channel_id)
+        if found is MISSING:
+            row = self.conn.execute(f"SELECT {self._CHANNEL_COLS} FROM channels WHERE id = ?", (channel_id,)).fetchone()
+            found = self._channel(row) if row else None
+            self.channel_cache.put(channel_id, found)
+        return found
 
     def channel_by_name(self, team: str, name: str) -> Channel | None:
         row = self.conn.execute(
@@ -51,10 +63,14 @@ class ConversationStore(UserStore):
         return {r[0] for r in rows}
 
     def is_member(self, channel: str, user: str) -> bool:
-        return (
-            self.conn.execute("SELECT 1 FROM members WHERE channel = ? AND user = ?", (channel, user)).fetchone()
-            is not None
-        )
+        key = (channel, user)
+        member: bool = self.member_cache.get(key)
+        if member is MISSING:
+            member = (
+                self.conn.execute("SELECT 1 FROM members WHERE channel = ? AND user = ?", key).fetchone() is not None
+            )
+            self.member_cache.put(key, member)
+        return member
 
     def member_count(self, channel: str) -> int:
         return int(self.conn.execute("SELECT count(*) FROM members WHERE channel = ?", (channel,)).fetchone()[0])

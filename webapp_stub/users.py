@@ -8,55 +8,23 @@ from webapp_stub.codecs import encode_cursor, int_cursor, new_id, new_token
 from webapp_stub.database import Database
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Event, Page, Team, User
+from webapp_stub.read_cache import MISSING, ReadCache
 
 PRESENCES = ("auto", "away")  # users.setPresence: "auto" follows activity, "away" is manual
-# Tokens whose user :meth:`UserStore.auth` keeps in memory (every Web API call authenticates;
-# issue 17). Beyond this many the cache starts over: ~200 bytes each, ~20 MiB at the bound.
-MAX_AUTH_CACHE_TOKENS = 100_000
-# How long a change committed by *another* connection (another process on the same file) may
-# go unseen by the cache: ``PRAGMA data_version`` is read at most this often (reading it costs
-# about as much as the cached lookup itself). The webapp is the only process that writes users
-# and tokens; its own changes invalidate at once, whatever this says. 0: read it on every lookup.
-AUTH_FOREIGN_CHECK_S = 0.1
-# The SQL function the temp triggers on ``users`` and ``tokens`` call on this connection.
-AUTH_CHANGED_FUNCTION = "rtm_auth_changed"
 
 
 class UserStore(Database):
     """The ``teams``, ``users`` and ``tokens`` tables.
 
-    :meth:`auth` answers from a token -> user cache, which can never outlive a change:
-
-    * any INSERT, UPDATE or DELETE on ``users`` or ``tokens`` through this connection,
-      whoever makes it (a revoked token, a deactivated or renamed user, a presence change,
-      code added later), fires a TEMP trigger that empties the cache; until the
-      transaction holding the change has ended (committed or rolled back) nothing is
-      cached, so a rolled-back change cannot leave its values behind;
-    * a change committed by another connection (another process on the same file, such
-      as ``rtm deadletter``) moves SQLite's ``PRAGMA data_version``, read at most every
-      ``auth_foreign_check_s`` (:data:`AUTH_FOREIGN_CHECK_S`): the cache empties.
-
-    Unknown tokens are never cached (each is a query).
+    :meth:`auth` answers from a token -> user cache that never outlives a change to
+    ``users`` or ``tokens`` (:mod:`webapp_stub.read_cache`: a revoked token, a
+    deactivated or renamed user, a presence change, whoever makes it). Unknown tokens
+    are not cached.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._auth_cache: dict[str, User] = {}
-        self._auth_changed = False  # set by the triggers; cleared once no transaction is open
-        self._auth_version = -1
-        self._auth_checked_at = float("-inf")
-        self.auth_foreign_check_s = AUTH_FOREIGN_CHECK_S
-        self.conn.create_function(AUTH_CHANGED_FUNCTION, 0, self._on_auth_change)
-        for table in ("users", "tokens"):
-            for change in ("INSERT", "UPDATE", "DELETE"):
-                self.conn.execute(
-                    f"CREATE TEMP TRIGGER IF NOT EXISTS rtm_auth_{table}_{change.lower()} AFTER {change} "
-                    f"ON main.{table} BEGIN SELECT {AUTH_CHANGED_FUNCTION}(); END"
-                )
-
-    def _on_auth_change(self) -> None:
-        self._auth_cache.clear()
-        self._auth_changed = True
+        self.auth_cache = ReadCache(self.conn, "auth", ("users", "tokens"), self.clock)
 
     def create_team(self, name: str, domain: str) -> Team:
         team = Team(new_id("T"), name, domain)
@@ -120,27 +88,11 @@ class UserStore(Database):
 
     def auth(self, token: str) -> User | None:
         """The user a token belongs to, or None (cached; see the class docstring)."""
-        conn = self.conn
-        cache = self._auth_cache
-        now = self.clock()
-        if abs(now - self._auth_checked_at) >= self.auth_foreign_check_s:
-            self._auth_checked_at = now
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-            if version != self._auth_version:  # another connection committed something
-                cache.clear()
-                self._auth_version = version
-        if self._auth_changed:
-            if conn.in_transaction:  # the change may still be rolled back: do not cache what it shows
-                return self._auth_lookup(token)
-            self._auth_changed = False
-            cache.clear()
-        user = cache.get(token)
-        if user is None:
+        user: User | None = self.auth_cache.get(token)
+        if user is MISSING:
             user = self._auth_lookup(token)
             if user is not None:
-                if len(cache) >= MAX_AUTH_CACHE_TOKENS:
-                    cache.clear()
-                cache[token] = user
+                self.auth_cache.put(token, user)
         return user
 
     def revoke_token(self, token: str) -> bool:

@@ -740,9 +740,9 @@ def test_auth_is_cached_and_a_revoked_token_stops_at_once(store: Store, demo: di
     token, uid = a_token(store, demo, "alice")
     assert store.auth(token).id == uid
     store.conn.execute("UPDATE tokens SET user = user WHERE 0")  # a statement that changes nothing
-    assert token in store._auth_cache  # cached: later lookups do not query
+    assert token in store.auth_cache  # cached: later lookups do not query
     assert store.revoke_token(token) is True
-    assert store.auth(token) is None and token not in store._auth_cache
+    assert store.auth(token) is None and token not in store.auth_cache
     assert store.revoke_token(token) is False
 
 
@@ -793,11 +793,11 @@ def test_a_change_from_another_connection_is_seen_within_the_foreign_check_inter
     other = sqlite3.connect(store.path, isolation_level=None)  # another process, as far as SQLite knows
     try:
         other.execute("DELETE FROM tokens WHERE token = ?", (token,))
-        clock.advance(store.auth_foreign_check_s / 2)
+        clock.advance(store.auth_cache.foreign_check_s / 2)
         assert store.auth(token) is not None  # within the documented bound, the cache may still answer
-        clock.advance(store.auth_foreign_check_s)
+        clock.advance(store.auth_cache.foreign_check_s)
         assert store.auth(token) is None
-        store.auth_foreign_check_s = 0.0  # exact: checked on every lookup
+        store.auth_cache.foreign_check_s = 0.0  # exact: checked on every lookup
         eve, uid = a_token(store, demo, "eve")
         assert store.auth(eve) is not None
         other.execute("DELETE FROM users WHERE id = ?", (uid,))
@@ -837,3 +837,24 @@ def test_a_posts_event_json_and_reply_are_exactly_what_encoding_them_gives(
     reply = message_reply_json(general.id, message["ts"], event.json)
     assert reply == dumps({"ok": True, "channel": general.id, "ts": message["ts"], "message": message})
     assert message_reply_json("C0OTHER", message["ts"], event.json) is None  # not of that shape: no splice
+
+
+def test_channel_and_membership_reads_are_cached_and_follow_every_change(store: Store, demo: dict) -> None:
+    general, bob = channel(store, demo, "general"), user(store, demo, "bob")
+    private, _ = store.create_channel(user(store, demo, "alice"), "secret", is_private=True)
+    assert store.is_member(general.id, bob.id) and not store.is_member(private.id, bob.id)
+    assert (private.id, bob.id) in store.member_cache  # a "no" is cached too
+    store.join_channel(private, bob)
+    assert store.is_member(private.id, bob.id)
+    store.leave_channel(private, bob)
+    assert not store.is_member(private.id, bob.id)
+    assert store.channel(general.id) == general and general.id in store.channel_cache
+    lounge = channel(store, demo, [c["name"] for c in demo["channels"] if c["name"] != "general"][0])
+    store.archive_channel(lounge, bob)
+    assert store.channel(lounge.id).is_archived  # an archive is seen at once
+    with store.transaction() as db:
+        db.execute("UPDATE channels SET name = 'renamed' WHERE id = ?", (general.id,))
+    assert store.channel(general.id).name == "renamed"
+    with store.transaction() as db:
+        db.execute("DELETE FROM members WHERE channel = ? AND user = ?", (general.id, bob.id))
+    assert not store.is_member(general.id, bob.id)
