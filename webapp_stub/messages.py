@@ -358,19 +358,30 @@ def message_event_json(channel: str, ts: str, message: dict[str, Any]) -> str | 
     body = dumps(message)
     if not body.startswith(MESSAGE_PREFIX):
         return None
-    return f'{{"type":"message","channel":{dumps(channel)},{body[len(MESSAGE_PREFIX) : -1]},"event_ts":{dumps(ts)}}}'
+    return (
+        f'{{"type":"message","channel":{_quoted(channel)},{body[len(MESSAGE_PREFIX) : -1]},"event_ts":{_quoted(ts)}}}'
+    )
 
 
 def message_reply_json(channel: str, ts: str, event_json: str) -> str | None:
     """chat.postMessage's whole reply, ``{"ok":true,"channel":C,"ts":ts,"message":{...}}``,
     cut from the event's JSON (:func:`message_event_json`) instead of encoded again; None
     if ``event_json`` is not of that shape."""
-    head = f'{{"type":"message","channel":{dumps(channel)},'
-    tail = f',"event_ts":{dumps(ts)}}}'
+    channel_json, ts_json = _quoted(channel), _quoted(ts)
+    head = f'{{"type":"message","channel":{channel_json},'
+    tail = f',"event_ts":{ts_json}}}'
     if not (event_json.startswith(head) and event_json.endswith(tail)):
         return None
     fields = event_json[len(head) : -len(tail)]
-    return f'{{"ok":true,"channel":{dumps(channel)},"ts":{dumps(ts)},"message":{MESSAGE_PREFIX}{fields}}}}}'
+    return f'{{"ok":true,"channel":{channel_json},"ts":{ts_json},"message":{MESSAGE_PREFIX}{fields}}}}}'
+
+
+def _quoted(value: str) -> str:
+    """``dumps(value)`` for a string; without the encoder for ids and ts strings (letters,
+    digits and dots, which JSON writes as they are)."""
+    if value.isascii() and value.replace(".", "").isalnum():
+        return f'"{value}"'
+    return dumps(value)
 
 
 def _message_obj(
