@@ -46,23 +46,11 @@ from consul_dev.acl import (
     Rule,
     request_token,
 )
-from consul_dev.state import (
-    DATACENTER,
-    HEALTH_CRITICAL,
-    HEALTH_PASSING,
-    HEALTH_WARNING,
-    KV_MAX_VALUE_BYTES,
-    NODE_NAME,
-    ConsulError,
-    ConsulState,
-    InvalidRequest,
-    NotFound,
-    RequestTooLarge,
-    ServerError,
-    decode_check_definition,
-    decode_service_definition,
-    parse_go_duration_s,
-)
+from consul_dev.definitions import decode_check_definition, decode_service_definition
+from consul_dev.errors import ConsulError, InvalidRequest, NotFound, RequestTooLarge, ServerError
+from consul_dev.go_text import parse_go_duration_s
+from consul_dev.node import DATACENTER, HEALTH_CRITICAL, HEALTH_PASSING, HEALTH_WARNING, KV_MAX_VALUE_BYTES, NODE_NAME
+from consul_dev.state import ConsulState
 from services.process import StopFn, run_service
 
 log = logging.getLogger("rtm.consul_dev")
