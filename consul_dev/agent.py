@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consul_dev.definitions import decode_check_definition, decode_service_definition
+from consul_dev.definitions import ServiceDefinition, decode_check_definition, decode_service_definition
 from consul_dev.errors import InvalidRequest, ServerError, ServiceNotRegistered, UnknownCheck, UnknownService
 from consul_dev.go_json import GoDecoder, Json
 from consul_dev.go_text import go_quote
@@ -58,57 +58,57 @@ class AgentState(SessionState):
         now = self._now_s()
         self._begin()
         snapshot = {c.check_id: (c.status, c.output) for c in self._checks.values() if c.agent_local}
-        service = Service(
-            id=definition.id,
-            name=definition.name,
-            tags=list(definition.tags),
-            address=definition.address,
-            port=definition.port,
-            meta=dict(sorted(definition.meta.items())),  # Go encodes map keys sorted
-            weights=dict(definition.weights),
-            enable_tag_override=definition.enable_tag_override,
-            tagged_addresses=dict(definition.tagged_addresses) if definition.tagged_addresses else None,
-            kind=definition.kind,
-        )
-        existing = self._services.get(definition.id)
+        self._put_service(_service_of(definition))
+        kept = self._put_service_checks(definition, snapshot, now)
+        if replace_existing_checks:
+            for check in list(self._checks.values()):
+                if check.service_id == definition.id and check.check_id not in kept:
+                    self._delete_check(check, at_s=now)
+
+    def _put_service(self, service: Service) -> None:
+        """Store ``service``; advance indexes only if it changed. Raises :class:`InvalidRequest` for a reserved ID."""
+        existing = self._services.get(service.id)
         if existing is not None and not existing.agent_local:
-            raise InvalidRequest(f"Service ID {go_quote(definition.id)} is reserved by the agent")
-        if existing is None or not existing.same_definition(service):
-            idx = self._idx()
-            service.create_index = existing.create_index if existing else idx
-            service.modify_index = idx
-            self._services[service.id] = service
-            self._tables.touch(TABLE_SERVICES, idx)
-            if existing is not None and existing.name != service.name:
-                self._touch_service_name(existing.name)
-            self._touch_service_name(service.name)
+            raise InvalidRequest(f"Service ID {go_quote(service.id)} is reserved by the agent")
+        if existing is not None and existing.same_definition(service):
+            return
+        idx = self._idx()
+        service.create_index = existing.create_index if existing else idx
+        service.modify_index = idx
+        self._services[service.id] = service
+        self._tables.touch(TABLE_SERVICES, idx)
+        if existing is not None and existing.name != service.name:
+            self._touch_service_name(existing.name)
+        self._touch_service_name(service.name)
+
+    def _put_service_checks(
+        self, definition: ServiceDefinition, snapshot: dict[str, tuple[str, str]], now: float
+    ) -> set[str]:
+        """Store the checks a service registration names; returns their IDs.
+
+        A check that existed before keeps its status and output (``snapshot``);
+        a new one starts ``critical`` unless it gives ``Status``.
+        """
         kept: set[str] = set()
         for position, check_def in enumerate(definition.checks):
             check_id = check_def.check_id or f"service:{definition.id}"
             if not check_def.check_id and len(definition.checks) > 1:
                 check_id += f":{position + 1}"
             kept.add(check_id)
-            status, output = check_def.status or HEALTH_CRITICAL, ""
-            if check_id in snapshot:
-                status, output = snapshot[check_id]
-            self._put_check(
-                Check(
-                    check_id=check_id,
-                    name=check_def.name or f"Service '{definition.name}' check",
-                    status=status,
-                    notes=check_def.notes,
-                    output=output,
-                    service_id=definition.id,
-                    check_type="ttl",
-                    ttl_ns=check_def.ttl_ns,
-                    deregister_after_ns=check_def.deregister_after_ns,
-                ),
-                now,
+            status, output = snapshot.get(check_id, (check_def.status or HEALTH_CRITICAL, ""))
+            check = Check(
+                check_id=check_id,
+                name=check_def.name or f"Service '{definition.name}' check",
+                status=status,
+                notes=check_def.notes,
+                output=output,
+                service_id=definition.id,
+                check_type="ttl",
+                ttl_ns=check_def.ttl_ns,
+                deregister_after_ns=check_def.deregister_after_ns,
             )
-        if replace_existing_checks:
-            for check in list(self._checks.values()):
-                if check.service_id == definition.id and check.check_id not in kept:
-                    self._delete_check(check, at_s=now)
+            self._put_check(check, now)
+        return kept
 
     def deregister_service(self, service_id: str) -> None:
         """``PUT /v1/agent/service/deregister/<id>``: remove the service and its checks.
@@ -246,3 +246,19 @@ class AgentState(SessionState):
             self._invalidate_sessions_using(check.check_id, at_s=at_s)
 
     # ---- agent views ------------------------------------------------------------
+
+
+def _service_of(definition: ServiceDefinition) -> Service:
+    """The record a validated registration stores."""
+    return Service(
+        id=definition.id,
+        name=definition.name,
+        tags=list(definition.tags),
+        address=definition.address,
+        port=definition.port,
+        meta=dict(sorted(definition.meta.items())),  # Go encodes map keys sorted
+        weights=dict(definition.weights),
+        enable_tag_override=definition.enable_tag_override,
+        tagged_addresses=dict(definition.tagged_addresses) if definition.tagged_addresses else None,
+        kind=definition.kind,
+    )

@@ -130,40 +130,9 @@ def decode_service_definition(raw: Json) -> ServiceDefinition:
     tagged = d.get("TaggedAddresses", "tagged_addresses")
     if tagged is not MISSING and tagged is not None and not isinstance(tagged, dict):
         raise d.fail("TaggedAddresses", tagged, "map[string]structs.ServiceAddress")
-    raw_weights = d.get("Weights")
-    weights: dict[str, int] | None = None
-    if raw_weights is not MISSING and raw_weights is not None:
-        wd = GoDecoder(raw_weights, "Weights")
-        weights = {"Passing": wd.integer("Passing"), "Warning": wd.integer("Warning")}
-    raw_checks: list[Any] = []
-    single = d.get("Check")
-    if isinstance(single, dict) and any(v not in (None, "", 0, False, [], {}) for v in single.values()):
-        raw_checks.append(single)
-    elif single is not MISSING and single is not None and not isinstance(single, dict):
-        raise d.fail("Check", single, "structs.CheckType")
-    many = d.get("Checks")
-    if many is not MISSING and many is not None:
-        if not isinstance(many, list):
-            raise d.fail("Checks", many, "structs.CheckTypes")
-        raw_checks.extend(many)
-
-    if name == "":
-        raise InvalidRequest("Missing service name")
-    if address in _ANY_ADDRESSES:
-        raise InvalidRequest("Invalid service address")
-    if weights is not None:
-        if weights["Passing"] < 1:
-            raise InvalidRequest("Invalid Weights: Passing must be greater than 0")
-        if weights["Warning"] < 0:
-            raise InvalidRequest("Invalid Weights: Warning must be greater or equal than 0")
-    _validate_meta(meta)
-    checks: list[CheckDefinition] = []
-    for raw_check in raw_checks:
-        cd = GoDecoder(raw_check, "CheckType")
-        definition, status = _decode_check_type(cd)
-        if status and status not in VALID_STATUSES:
-            raise InvalidRequest("Status for checks must 'passing', 'warning', 'critical'")
-        checks.append(replace(definition, check_id=cd.string("CheckID")))
+    weights = _decode_weights(d)
+    raw_checks = _raw_service_checks(d)
+    _validate_service(name, address, weights, meta)
     return ServiceDefinition(
         id=service_id or name,
         name=name,
@@ -175,8 +144,55 @@ def decode_service_definition(raw: Json) -> ServiceDefinition:
         enable_tag_override=eto,
         tagged_addresses=tagged if isinstance(tagged, dict) else None,
         kind=kind,
-        checks=tuple(checks),
+        checks=tuple(_service_check(raw_check) for raw_check in raw_checks),
     )
+
+
+def _decode_weights(d: GoDecoder) -> dict[str, int] | None:
+    raw_weights = d.get("Weights")
+    if raw_weights is MISSING or raw_weights is None:
+        return None
+    wd = GoDecoder(raw_weights, "Weights")
+    return {"Passing": wd.integer("Passing"), "Warning": wd.integer("Warning")}
+
+
+def _raw_service_checks(d: GoDecoder) -> list[Any]:
+    """The undecoded checks of a registration: ``Check`` (unless empty) then ``Checks``."""
+    raw_checks: list[Any] = []
+    single = d.get("Check")
+    if isinstance(single, dict) and any(v not in (None, "", 0, False, [], {}) for v in single.values()):
+        raw_checks.append(single)
+    elif single is not MISSING and single is not None and not isinstance(single, dict):
+        raise d.fail("Check", single, "structs.CheckType")
+    many = d.get("Checks")
+    if many is not MISSING and many is not None:
+        if not isinstance(many, list):
+            raise d.fail("Checks", many, "structs.CheckTypes")
+        raw_checks.extend(many)
+    return raw_checks
+
+
+def _validate_service(name: str, address: str, weights: dict[str, int] | None, meta: Mapping[str, str]) -> None:
+    """Consul's ``ServiceDefinition.Validate`` for what rtm's agent keeps; raises :class:`InvalidRequest`."""
+    if name == "":
+        raise InvalidRequest("Missing service name")
+    if address in _ANY_ADDRESSES:
+        raise InvalidRequest("Invalid service address")
+    if weights is not None:
+        if weights["Passing"] < 1:
+            raise InvalidRequest("Invalid Weights: Passing must be greater than 0")
+        if weights["Warning"] < 0:
+            raise InvalidRequest("Invalid Weights: Warning must be greater or equal than 0")
+    _validate_meta(meta)
+
+
+def _service_check(raw_check: Any) -> CheckDefinition:
+    """One check of a service registration, decoded and validated."""
+    cd = GoDecoder(raw_check, "CheckType")
+    definition, status = _decode_check_type(cd)
+    if status and status not in VALID_STATUSES:
+        raise InvalidRequest("Status for checks must 'passing', 'warning', 'critical'")
+    return replace(definition, check_id=cd.string("CheckID"))
 
 
 def decode_check_definition(raw: Json) -> CheckDefinition:

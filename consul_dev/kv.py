@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from consul_dev.errors import InvalidRequest, RequestTooLarge, ServerError
@@ -115,48 +116,45 @@ class KVState(StateStore):
         for an unknown or empty session.
         """
         self._expire()
-        if sum(x is not None for x in (cas, acquire, release)) > 1:
-            raise InvalidRequest("Conflicting flags: only one of cas, acquire and release may be given")
-        if key == "":
-            raise InvalidRequest("Missing key name")
-        if len(value) > KV_MAX_VALUE_BYTES:
-            raise RequestTooLarge(
-                f"Request body({len(value)} bytes) too large, max size: {KV_MAX_VALUE_BYTES} bytes. "
-                "See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
-            )
+        _check_kv_put(key, value, cas, acquire, release)
         now = self._now_s()
         self._begin()
         existing = self._kv.get(key)
         if acquire is not None:
-            if self._lock_delay_until_s.get(key, 0.0) > now:
-                return False
-            if acquire == "":
-                raise ServerError("missing session")
-            if acquire not in self._sessions:
-                raise ServerError(f"invalid session {go_quote(acquire)}")
-            if existing is not None and existing.session not in ("", acquire):
-                return False
-            if existing is None:
-                lock_index = 1
-            elif existing.session == acquire:
-                lock_index = existing.lock_index
-            else:
-                lock_index = existing.lock_index + 1
-            self._kv_set(KVEntry(key, value, flags, acquire, lock_index))
-            return True
+            return self._kv_acquire(KVEntry(key, value, flags, acquire, 0), existing, now)
         if release is not None:
-            if release == "":
-                raise ServerError("missing session")
-            if existing is None or existing.session != release:
-                return False
-            self._kv_set(KVEntry(key, value, flags, "", existing.lock_index))
-            return True
-        if cas is not None:
-            if cas == 0 and existing is not None:
-                return False
-            if cas != 0 and (existing is None or existing.modify_index != cas):
-                return False
+            return self._kv_release(KVEntry(key, value, flags, release, 0), existing)
+        if cas is not None and cas != (existing.modify_index if existing is not None else 0):
+            return False
         self._kv_set(KVEntry(key, value, flags, existing.session if existing else "", 0))
+        return True
+
+    def _kv_acquire(self, entry: KVEntry, existing: KVEntry | None, now: float) -> bool:
+        """Take the lock on ``entry.key`` for ``entry.session``: False while another session holds it or in lock-delay."""
+        if self._lock_delay_until_s.get(entry.key, 0.0) > now:
+            return False
+        if entry.session == "":
+            raise ServerError("missing session")
+        if entry.session not in self._sessions:
+            raise ServerError(f"invalid session {go_quote(entry.session)}")
+        if existing is not None and existing.session not in ("", entry.session):
+            return False
+        if existing is None:
+            entry.lock_index = 1
+        elif existing.session == entry.session:
+            entry.lock_index = existing.lock_index
+        else:
+            entry.lock_index = existing.lock_index + 1  # a new holder
+        self._kv_set(entry)
+        return True
+
+    def _kv_release(self, entry: KVEntry, existing: KVEntry | None) -> bool:
+        """Release the lock ``entry.session`` holds on ``entry.key``: clears Session, keeps LockIndex."""
+        if entry.session == "":
+            raise ServerError("missing session")
+        if existing is None or existing.session != entry.session:
+            return False
+        self._kv_set(replace(entry, session="", lock_index=existing.lock_index))
         return True
 
     def _kv_set(self, entry: KVEntry) -> None:
@@ -205,3 +203,16 @@ class KVState(StateStore):
         return True
 
     # ---- sessions --------------------------------------------------------------
+
+
+def _check_kv_put(key: str, value: bytes, cas: int | None, acquire: str | None, release: str | None) -> None:
+    """What Consul refuses before a KV put touches anything: raises :class:`InvalidRequest`, :class:`RequestTooLarge`."""
+    if sum(x is not None for x in (cas, acquire, release)) > 1:
+        raise InvalidRequest("Conflicting flags: only one of cas, acquire and release may be given")
+    if key == "":
+        raise InvalidRequest("Missing key name")
+    if len(value) > KV_MAX_VALUE_BYTES:
+        raise RequestTooLarge(
+            f"Request body({len(value)} bytes) too large, max size: {KV_MAX_VALUE_BYTES} bytes. "
+            "See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
+        )

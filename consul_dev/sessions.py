@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from consul_dev.errors import ServerError, UnknownSession
@@ -57,79 +57,22 @@ class SessionState(KVState):
         that is missing or critical.
         """
         self._expire()
-        name, node, behavior, ttl = "", NODE_NAME, SESSION_RELEASE, ""
-        lock_delay_ns = int(DEFAULT_LOCK_DELAY_S * NS_PER_S)
-        node_checks: list[str] = [SERF_CHECK_ID]
-        checks: list[str] = [SERF_CHECK_ID]
-        service_checks: list[dict[str, str]] = []
-        if raw is not None:
-            d = GoDecoder(raw, "Session")
-            name = d.string("Name")
-            if d.present("Node"):  # null leaves the default, as in Go
-                node = d.string("Node")
-            if d.present("Behavior"):
-                behavior = d.string("Behavior")
-            ttl = d.string("TTL")
-            if d.present("LockDelay"):
-                lock_delay_ns = d.duration_ns("LockDelay")
-                if lock_delay_ns < LOCK_DELAY_SECONDS_THRESHOLD_NS:
-                    lock_delay_ns *= NS_PER_S
-            if d.get("Checks") is not MISSING:
-                checks = d.string_list("Checks") or []
-            if d.get("NodeChecks") is not MISSING:
-                node_checks = d.string_list("NodeChecks") or []
-            raw_service_checks = d.get("ServiceChecks")
-            if isinstance(raw_service_checks, list):
-                for item in raw_service_checks:
-                    sd = GoDecoder(item, "ServiceCheck")
-                    service_checks.append({"ID": sd.string("ID"), "Namespace": sd.string("Namespace")})
-            elif raw_service_checks not in (MISSING, None):
-                raise d.fail("ServiceChecks", raw_service_checks, "[]structs.ServiceCheck")
-        # Consul's fixupEmptySessionChecks.
-        if not checks:
-            node_checks = []
-        elif checks == [SERF_CHECK_ID]:
-            checks = []
-        elif not node_checks:
-            checks = []
-        if node == "":
-            raise ServerError("Must provide Node")
-        if behavior not in (SESSION_RELEASE, SESSION_DELETE):
-            raise ServerError(f"Invalid Behavior setting '{behavior}'")
-        ttl_ns = 0
-        if ttl:
-            try:
-                ttl_ns = parse_go_duration_ns(ttl)
-            except ValueError as exc:
-                raise ServerError(f"Session TTL '{ttl}' invalid: {exc}") from None
-            low, high = int(SESSION_TTL_MIN_S * NS_PER_S), int(SESSION_TTL_MAX_S * NS_PER_S)
-            if ttl_ns != 0 and not low <= ttl_ns <= high:
-                raise ServerError(
-                    f"Invalid Session TTL '{ttl_ns}', must be between "
-                    f"[{format_go_duration(low)}={format_go_duration(high)}]"
-                )
-        if node != NODE_NAME:
-            raise ServerError("Missing node registration")
-        wanted = list(dict.fromkeys([*node_checks, *checks, *(c["ID"] for c in service_checks)]))
-        for check_id in wanted:
-            check = self._checks.get(check_id)
-            if check is None:
-                raise ServerError(f"Missing check '{check_id}' registration")
-            if check.status == HEALTH_CRITICAL:
-                raise ServerError(f"Check '{check_id}' is in {check.status} state")
+        request = decode_session_request(raw)
+        ttl_ns = _validate_session(request)
+        self._check_session_checks(request)
         self._begin()
         idx = self._idx()
         session = Session(
             id=self._new_id(),
-            name=name,
-            node=node,
-            lock_delay_ns=lock_delay_ns,
-            behavior=behavior,
-            ttl=ttl,
+            name=request.name,
+            node=request.node,
+            lock_delay_ns=request.lock_delay_ns,
+            behavior=request.behavior,
+            ttl=request.ttl,
             ttl_ns=ttl_ns,
-            node_checks=list(dict.fromkeys(node_checks)),
-            service_checks=service_checks,
-            checks=list(dict.fromkeys(checks)),
+            node_checks=list(dict.fromkeys(request.node_checks)),
+            service_checks=request.service_checks,
+            checks=list(dict.fromkeys(request.checks)),
             create_index=idx,
             modify_index=idx,
             deadline_s=self._now_s() + ttl_ns / NS_PER_S if ttl_ns > 0 else None,
@@ -137,6 +80,16 @@ class SessionState(KVState):
         self._sessions[session.id] = session
         self._tables.touch(TABLE_SESSIONS, idx)
         return session.id
+
+    def _check_session_checks(self, request: SessionRequest) -> None:
+        """Every check a new session names must exist and not be critical; raises :class:`ServerError`."""
+        wanted = [*request.node_checks, *request.checks, *(c["ID"] for c in request.service_checks)]
+        for check_id in dict.fromkeys(wanted):
+            check = self._checks.get(check_id)
+            if check is None:
+                raise ServerError(f"Missing check '{check_id}' registration")
+            if check.status == HEALTH_CRITICAL:
+                raise ServerError(f"Check '{check_id}' is in {check.status} state")
 
     def session_destroy(self, session_id: str) -> None:
         """``PUT /v1/session/destroy/<id>``: invalidate the session (a no-op if unknown)."""
@@ -200,3 +153,84 @@ class SessionState(KVState):
         """When the lock-delay on ``key`` ends (clock time), or None if there is none."""
         self._expire()
         return self._lock_delay_until_s.get(key)
+
+
+@dataclass
+class SessionRequest:
+    """A ``/v1/session/create`` body, decoded, with Consul's defaults for what it leaves out."""
+
+    name: str = ""
+    node: str = NODE_NAME
+    behavior: str = SESSION_RELEASE
+    ttl: str = ""
+    lock_delay_ns: int = int(DEFAULT_LOCK_DELAY_S * NS_PER_S)
+    node_checks: list[str] = field(default_factory=lambda: [SERF_CHECK_ID])
+    checks: list[str] = field(default_factory=lambda: [SERF_CHECK_ID])
+    service_checks: list[dict[str, str]] = field(default_factory=list)
+
+
+def decode_session_request(raw: Json | None) -> SessionRequest:
+    """Decode a session body as Go does (``null`` leaves a default); raises :class:`InvalidRequest`."""
+    request = SessionRequest()
+    if raw is not None:
+        d = GoDecoder(raw, "Session")
+        request.name = d.string("Name")
+        if d.present("Node"):  # null leaves the default, as in Go
+            request.node = d.string("Node")
+        if d.present("Behavior"):
+            request.behavior = d.string("Behavior")
+        request.ttl = d.string("TTL")
+        if d.present("LockDelay"):
+            request.lock_delay_ns = d.duration_ns("LockDelay")
+            if request.lock_delay_ns < LOCK_DELAY_SECONDS_THRESHOLD_NS:
+                request.lock_delay_ns *= NS_PER_S
+        if d.get("Checks") is not MISSING:
+            request.checks = d.string_list("Checks") or []
+        if d.get("NodeChecks") is not MISSING:
+            request.node_checks = d.string_list("NodeChecks") or []
+        request.service_checks = _decode_service_checks(d)
+    _fixup_empty_session_checks(request)
+    return request
+
+
+def _decode_service_checks(d: GoDecoder) -> list[dict[str, str]]:
+    raw_service_checks = d.get("ServiceChecks")
+    if isinstance(raw_service_checks, list):
+        service_checks = []
+        for item in raw_service_checks:
+            sd = GoDecoder(item, "ServiceCheck")
+            service_checks.append({"ID": sd.string("ID"), "Namespace": sd.string("Namespace")})
+        return service_checks
+    if raw_service_checks not in (MISSING, None):
+        raise d.fail("ServiceChecks", raw_service_checks, "[]structs.ServiceCheck")
+    return []
+
+
+def _fixup_empty_session_checks(request: SessionRequest) -> None:
+    """Consul's ``fixupEmptySessionChecks``."""
+    if not request.checks:
+        request.node_checks = []
+    elif request.checks == [SERF_CHECK_ID] or not request.node_checks:
+        request.checks = []
+
+
+def _validate_session(request: SessionRequest) -> int:
+    """Consul's checks on a new session, in its order; returns the TTL in ns (0: none). Raises :class:`ServerError`."""
+    if request.node == "":
+        raise ServerError("Must provide Node")
+    if request.behavior not in (SESSION_RELEASE, SESSION_DELETE):
+        raise ServerError(f"Invalid Behavior setting '{request.behavior}'")
+    ttl_ns = 0
+    if request.ttl:
+        try:
+            ttl_ns = parse_go_duration_ns(request.ttl)
+        except ValueError as exc:
+            raise ServerError(f"Session TTL '{request.ttl}' invalid: {exc}") from None
+        low, high = int(SESSION_TTL_MIN_S * NS_PER_S), int(SESSION_TTL_MAX_S * NS_PER_S)
+        if ttl_ns != 0 and not low <= ttl_ns <= high:
+            raise ServerError(
+                f"Invalid Session TTL '{ttl_ns}', must be between [{format_go_duration(low)}={format_go_duration(high)}]"
+            )
+    if request.node != NODE_NAME:
+        raise ServerError("Missing node registration")
+    return ttl_ns
