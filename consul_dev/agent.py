@@ -72,9 +72,7 @@ class AgentState(SessionState):
             raise InvalidRequest(f"Service ID {go_quote(service.id)} is reserved by the agent")
         if existing is not None and existing.same_definition(service):
             return
-        idx = self._idx()
-        service.create_index = existing.create_index if existing else idx
-        service.modify_index = idx
+        idx = self._stamp(service, existing)
         self._services[service.id] = service
         self._tables.touch(TABLE_SERVICES, idx)
         if existing is not None and existing.name != service.name:
@@ -219,9 +217,7 @@ class AgentState(SessionState):
             new.create_index, new.modify_index = existing.create_index, existing.modify_index
             self._checks[new.check_id] = new
             return
-        idx = self._idx()
-        new.create_index = existing.create_index if existing else idx
-        new.modify_index = idx
+        self._stamp(new, existing)
         self._checks[new.check_id] = new
         if existing is not None and existing.service_id != new.service_id:
             self._touch_for_check(existing)

@@ -8,7 +8,7 @@ blocking, errors, headers, metrics) is :class:`~consul_dev.app.ConsulDevAgent`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -43,6 +43,11 @@ class ConsulEndpoints:
     async def blocking(self, request: web.Request, query: Callable[[], tuple[int, T]]) -> tuple[int, T]:
         """Run ``query`` as a blocking query (the agent defines it)."""
         raise NotImplementedError
+
+    async def _blocking_json(self, request: web.Request, query: Callable[[], tuple[int, Any]]) -> Reply:
+        """A read endpoint's reply: ``query`` run as a blocking query, its result as JSON at its index."""
+        index, body = await self.blocking(request, query)
+        return json_reply(request, body, index=index)
 
     def routes(self) -> list[Route]:
         """Every endpoint the agent serves, with its methods and how queries and ACLs apply."""
@@ -183,60 +188,46 @@ class ConsulEndpoints:
 
     async def catalog_nodes(self, request: web.Request, tail: str) -> Reply:
         node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(request, lambda: self.state.catalog_nodes(node_meta=node_meta))
-        return json_reply(request, body, index=index)
+        return await self._blocking_json(request, lambda: self.state.catalog_nodes(node_meta=node_meta))
 
     async def catalog_node(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing node name")
-        index, body = await self.blocking(request, lambda: self.state.catalog_node(tail))
-        return json_reply(request, body, index=index)
+        _require_name(tail, "Missing node name")
+        return await self._blocking_json(request, lambda: self.state.catalog_node(tail))
 
     async def catalog_services(self, request: web.Request, tail: str) -> Reply:
         node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(request, lambda: self.state.catalog_services(node_meta=node_meta))
-        return json_reply(request, body, index=index)
+        return await self._blocking_json(request, lambda: self.state.catalog_services(node_meta=node_meta))
 
     async def catalog_service(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing service name")
+        _require_name(tail, "Missing service name")
         tags = request.query.getall("tag", [])
         node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(
+        return await self._blocking_json(
             request, lambda: self.state.catalog_service(tail, tags=tags, node_meta=node_meta)
         )
-        return json_reply(request, body, index=index)
 
     async def health_service(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing service name")
+        _require_name(tail, "Missing service name")
         passing = bool_param(request.query, "passing")
         tags = request.query.getall("tag", [])
         node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(
+        return await self._blocking_json(
             request, lambda: self.state.health_service(tail, passing=passing, tags=tags, node_meta=node_meta)
         )
-        return json_reply(request, body, index=index)
 
     async def health_checks(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing service name")
+        _require_name(tail, "Missing service name")
         node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(request, lambda: self.state.health_checks(tail, node_meta=node_meta))
-        return json_reply(request, body, index=index)
+        return await self._blocking_json(request, lambda: self.state.health_checks(tail, node_meta=node_meta))
 
     async def health_state(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing check state")
+        _require_name(tail, "Missing check state")
         node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(request, lambda: self.state.health_state(tail, node_meta=node_meta))
-        return json_reply(request, body, index=index)
+        return await self._blocking_json(request, lambda: self.state.health_state(tail, node_meta=node_meta))
 
     async def health_node(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing node name")
-        index, body = await self.blocking(request, lambda: self.state.health_node(tail))
-        return json_reply(request, body, index=index)
+        _require_name(tail, "Missing node name")
+        return await self._blocking_json(request, lambda: self.state.health_node(tail))
 
     # ---- KV -----------------------------------------------------------------------
     async def kv(self, request: web.Request, key: str) -> Reply:
@@ -308,33 +299,26 @@ class ConsulEndpoints:
         return json_reply(request, {"ID": self.state.session_create(raw)})
 
     async def session_destroy(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing session")
+        _require_name(tail, "Missing session")
         authorizer_of(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
         self.state.session_destroy(tail)
         return json_reply(request, True)
 
     async def session_renew(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing session")
+        _require_name(tail, "Missing session")
         authorizer_of(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
         return json_reply(request, self.state.session_renew(tail))
 
     async def session_info(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing session")
-        index, body = await self.blocking(request, lambda: self.state.session_info(tail))
-        return json_reply(request, body, index=index)
+        _require_name(tail, "Missing session")
+        return await self._blocking_json(request, lambda: self.state.session_info(tail))
 
     async def session_list(self, request: web.Request, tail: str) -> Reply:
-        index, body = await self.blocking(request, self.state.session_list)
-        return json_reply(request, body, index=index)
+        return await self._blocking_json(request, self.state.session_list)
 
     async def session_node(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing node name")
-        index, body = await self.blocking(request, lambda: self.state.session_node(tail))
-        return json_reply(request, body, index=index)
+        _require_name(tail, "Missing node name")
+        return await self._blocking_json(request, lambda: self.state.session_node(tail))
 
     # ---- status and rtm's own endpoints ---------------------------------------------
     async def status_leader(self, request: web.Request, tail: str) -> Reply:
@@ -348,3 +332,9 @@ class ConsulEndpoints:
 
     async def metrics(self, request: web.Request, tail: str) -> Reply:
         return Reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+
+def _require_name(tail: str, missing: str) -> None:
+    """The name a prefix route needs after its prefix; Consul's 400 ``missing`` without it."""
+    if not tail:
+        raise InvalidRequest(missing)

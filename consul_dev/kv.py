@@ -161,9 +161,7 @@ class KVState(StateStore):
         existing = self._kv.get(entry.key)
         if existing is not None and existing.same_as(entry):
             return
-        idx = self._idx()
-        entry.create_index = existing.create_index if existing else idx
-        entry.modify_index = idx
+        idx = self._stamp(entry, existing)
         self._kv[entry.key] = entry
         self._tables.touch(TABLE_KVS, idx)
 

@@ -33,33 +33,19 @@ invalidation releases KV locks; a check going critical invalidates sessions):
   check registration, TTL updates;
 * :mod:`consul_dev.catalog` (:class:`~consul_dev.catalog.CatalogState`): agent,
   catalog and health views;
-* this module: :class:`ConsulState`, the node's bootstrap and expiry.
+* this module: :class:`ConsulState`, which applies expiries across them all.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable
-
 from consul_dev.catalog import CatalogState
 from consul_dev.node import (
-    CONSUL_SERVICE_ID,
-    CONSUL_VERSION,
     DEREGISTER_CRITICAL_MIN_S,
     HEALTH_CRITICAL,
-    HEALTH_PASSING,
     NS_PER_S,
-    SERF_CHECK_ID,
-    SERF_CHECK_NAME,
-    SERF_CHECK_OUTPUT,
-    SERVER_RPC_PORT,
-    TABLE_CHECKS,
-    TABLE_NODES,
-    TABLE_SERVICES,
     TOMBSTONE_TTL_S,
     TTL_EXPIRED_OUTPUT,
 )
-from consul_dev.records import Check, Service
 
 
 class ConsulState(CatalogState):
@@ -72,53 +58,6 @@ class ConsulState(CatalogState):
     result compares against (always >= 1); ``result`` is already in the JSON
     shape Consul replies with.
     """
-
-    def __init__(
-        self,
-        now_s: Callable[[], float],
-        *,
-        node_address: str = "127.0.0.1",
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
-    ) -> None:
-        super().__init__(now_s, node_address=node_address, new_id=new_id)
-        self._bootstrap()
-
-    def _bootstrap(self) -> None:
-        self._begin()
-        idx = self._idx()
-        self._tables.touch(TABLE_NODES, idx)
-        serf = Check(
-            check_id=SERF_CHECK_ID,
-            name=SERF_CHECK_NAME,
-            status=HEALTH_PASSING,
-            notes="",
-            output=SERF_CHECK_OUTPUT,
-            service_id="",
-            check_type="",
-            agent_local=False,
-            create_index=idx,
-            modify_index=idx,
-        )
-        self._checks[SERF_CHECK_ID] = serf
-        self._tables.touch(TABLE_CHECKS, idx)
-        consul = Service(
-            id=CONSUL_SERVICE_ID,
-            name=CONSUL_SERVICE_ID,
-            tags=[],
-            address="",
-            port=SERVER_RPC_PORT,
-            meta={"non_voter": "false", "raft_version": "3", "read_replica": "false", "version": CONSUL_VERSION},
-            weights={"Passing": 1, "Warning": 1},
-            enable_tag_override=False,
-            tagged_addresses=None,
-            kind="",
-            agent_local=False,
-            create_index=idx,
-            modify_index=idx,
-        )
-        self._services[CONSUL_SERVICE_ID] = consul
-        self._tables.touch(TABLE_SERVICES, idx)
-        self._service_index[CONSUL_SERVICE_ID] = idx
 
     def tick(self) -> None:
         """Apply everything that has expired by the clock: TTL checks, reaping, session TTLs."""

@@ -13,20 +13,9 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-# The shared library, every service, the dev Consul agent and the operator tooling
-# (the packages mypy checks strictly). bench/ and tests/ are not service code.
-PACKAGES = (
-    "services",
-    "channel_server",
-    "admin_server",
-    "gateway",
-    "presence",
-    "charm",
-    "webapp_stub",
-    "consul_dev",
-    "rtmctl",
-)
+from tests.support import CODE_PACKAGES as PACKAGES  # bench/ and tests/ are not service code
+from tests.support import REPO_ROOT as ROOT
+
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 500
 REASON_MARK = "Why one module"
