@@ -15,7 +15,7 @@ from typing import Any
 from webapp_stub.codecs import decode_cursor, encode_cursor, int_cursor, new_id
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Channel, Event, Page, User
-from webapp_stub.read_cache import MISSING, ReadCache
+from webapp_stub.read_cache import ReadCache
 from webapp_stub.users import UserStore
 
 MAX_CHANNEL_NAME = 80
@@ -32,19 +32,14 @@ class ConversationStore(UserStore):
         return Channel(row[0], row[1], row[2], int(row[3]), row[4], bool(row[5]), bool(row[6]), row[7])
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Every post reads its channel and checks membership: answered from memory, emptied by
-        # any change to the table (webapp_stub/read_cache.py). Misses are cached too.
+        super().__init__(*args, **kwargs)  # every post reads both: webapp_stub/read_cache.py
         self.channel_cache = ReadCache(self.conn, "channels", ("channels",), self.clock)
         self.member_cache = ReadCache(self.conn, "members", ("members",), self.clock)
 
     def channel(self, channel_id: str) -> Channel | None:
-        found: Channel | None = self.channel_cache.get(channel_id)
-        if found is MISSING:
-            row = self.conn.execute(f"SELECT {self._CHANNEL_COLS} FROM channels WHERE id = ?", (channel_id,)).fetchone()
-            found = self._channel(row) if row else None
-            self.channel_cache.put(channel_id, found)
-        return found
+        sql = f"SELECT {self._CHANNEL_COLS} FROM channels WHERE id = ?"
+        row = self.channel_cache.lookup(channel_id, lambda: self.conn.execute(sql, (channel_id,)).fetchone())
+        return self._channel(row) if row else None
 
     def channel_by_name(self, team: str, name: str) -> Channel | None:
         row = self.conn.execute(
@@ -72,14 +67,8 @@ class ConversationStore(UserStore):
         return [row[0] for row in rows]
 
     def is_member(self, channel: str, user: str) -> bool:
-        key = (channel, user)
-        member: bool = self.member_cache.get(key)
-        if member is MISSING:
-            member = (
-                self.conn.execute("SELECT 1 FROM members WHERE channel = ? AND user = ?", key).fetchone() is not None
-            )
-            self.member_cache.put(key, member)
-        return member
+        sql, key = "SELECT 1 FROM members WHERE channel = ? AND user = ?", (channel, user)
+        return bool(self.member_cache.lookup(key, lambda: self.conn.execute(sql, key).fetchone() is not None))
 
     def member_count(self, channel: str) -> int:
         return int(self.conn.execute("SELECT count(*) FROM members WHERE channel = ?", (channel,)).fetchone()[0])

@@ -92,6 +92,15 @@ class ReadCache:
             self._entries.clear()
         return self._entries.get(key, MISSING)
 
+    def lookup(self, key: Hashable, read: Callable[[], Any], keep_none: bool = True) -> Any:
+        """The cached answer for ``key``, else ``read()``'s, kept (a None only if ``keep_none``)."""
+        value = self.get(key)
+        if value is MISSING:
+            value = read()
+            if value is not None or keep_none:
+                self.put(key, value)
+        return value
+
     def put(self, key: Hashable, value: Any) -> None:
         """Keep ``value`` for ``key``, unless a change to the tables is not yet committed."""
         if self._changed and self.conn.in_transaction:

@@ -8,7 +8,7 @@ from webapp_stub.codecs import encode_cursor, int_cursor, new_id, new_token
 from webapp_stub.database import Database
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Event, Page, Team, User
-from webapp_stub.read_cache import MISSING, ReadCache
+from webapp_stub.read_cache import ReadCache
 
 PRESENCES = ("auto", "away")  # users.setPresence: "auto" follows activity, "away" is manual
 
@@ -88,11 +88,7 @@ class UserStore(Database):
 
     def auth(self, token: str) -> User | None:
         """The user a token belongs to, or None (cached; see the class docstring)."""
-        user: User | None = self.auth_cache.get(token)
-        if user is MISSING:
-            user = self._auth_lookup(token)
-            if user is not None:
-                self.auth_cache.put(token, user)
+        user: User | None = self.auth_cache.lookup(token, lambda: self._auth_lookup(token), keep_none=False)
         return user
 
     def revoke_token(self, token: str) -> bool:
