@@ -174,7 +174,7 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
         deadline = time.monotonic() + args.move_timeout_s
         while time.monotonic() < deadline:
             s = await ec.stat()
-            if s["moves"] >= len(on_drained) and s["moving"] == 0:
+            if s["moves"] >= len(on_drained) and s["reconnecting"] == 0:
                 break
             await asyncio.sleep(0.2)
         t_moved_seen = now_us()

@@ -2,7 +2,7 @@
 
 * :class:`LoggedFleet`: :class:`bench.harness.FleetRun` with ``--verbose`` and
   ``RTM_LOG_FORMAT=json``, every fleet log line copied to a file, parsed on demand.
-* :class:`EvClients`: :mod:`bench.evclient` processes (typing, goodbye-following).
+* :class:`EvClients`: :mod:`bench.load_client` processes recording events (typing, goodbye-following).
 * :class:`Poster`: paced ``chat.postMessage`` over HTTP; each text is
   ``m<post id>:<send µs>``; keeps send and acknowledgement times.
 * Consul look-ups (the channel ring, healthy instances), Prometheus scraping,
@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.harness import FleetRun, LoadClient, LoadClients
+from bench.harness import FleetRun, LoadClients
 
 
 def now_us() -> int:
@@ -131,20 +131,14 @@ def prom_values(text: str, name: str) -> dict[str, float]:
 # -- clients ---------------------------------------------------------------------------------------
 
 
-class EvClient(LoadClient):
-    def child_args(self) -> list[str]:
-        return ["-m", "bench.evclient"]
-
-
 class EvClients(LoadClients):
-    """Several :mod:`bench.evclient` processes; connection ``i`` of process ``k`` is global
-    connection ``offsets[k] + i``."""
+    """Several :mod:`bench.load_client` processes recording ``events``; connection ``i`` of process ``k``
+    is global connection ``offsets[k] + i``."""
 
     def __init__(self, count: int) -> None:
-        super().__init__(count)
-        self.clients = [EvClient(i) for i in range(count)]
+        super().__init__(count, records="events")
         self.offsets: list[int] = []
-        self.tmp = Path(tempfile.mkdtemp(prefix="rtm-evclient-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="rtm-evclients-"))
 
     def pids(self) -> dict[str, int]:
         return {f"client proc {c.index}": c.pid for c in self.clients}
@@ -173,7 +167,7 @@ class EvClients(LoadClients):
             "connect",
             per_client=[{"tokens": tokens[a:b], "regions": regions[a:b]} for a, b in blocks],
             api_url=api_url,
-            follow_goodbye=follow_goodbye,
+            reconnect="goodbye" if follow_goodbye else "never",
             concurrency=concurrency,
             timeout_s=timeout_s,
         )
@@ -211,7 +205,7 @@ class EvClients(LoadClients):
             k, local = self.proc_of(conn)
             per[k].append((local, ch))
         await self.all(
-            "typing",
+            "typing_schedule",
             per_client=[{"senders": p} for p in per],
             interval_s=interval_s,
             duration_s=duration_s,

@@ -5,7 +5,7 @@
   (the runner the system tests use too), and always stops it.
 * :class:`ProcWatch` measures CPU-seconds (psutil user+system) and RSS of any
   set of pids, and samples peak RSS in a thread.
-* :class:`LoadClients` runs ``bench.loadclient`` subprocesses (picows +
+* :class:`LoadClients` runs ``bench.load_client`` subprocesses (picows +
   uvloop), each holding many websockets, controlled by JSON lines on stdin.
 * :func:`publish` finishes a benchmark: ``<name>.json``, ``.md`` and ``.png`` in
   ``bench/results/``, the table printed; :func:`md_table`, :func:`save_figure`,
@@ -364,18 +364,20 @@ def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
 
 
 class LoadClient:
-    """One ``bench.loadclient`` subprocess: JSON line requests in, JSON line replies out.
+    """One :mod:`bench.load_client` subprocess recording ``records`` (a :mod:`bench.client_records` kind):
+    JSON line requests in, JSON line replies out.
 
     A subclass drives another child that speaks the same protocol by overriding :meth:`child_args`."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, records: str = "latency") -> None:
         self.index = index
+        self.records = records
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()
 
     def child_args(self) -> list[str]:
         """The child's arguments after ``python``."""
-        return ["-m", "bench.loadclient"]
+        return ["-m", "bench.load_client", "--records", self.records]
 
     async def start(self, env: dict[str, str] | None = None) -> None:
         child_env = dict(os.environ)
@@ -431,8 +433,8 @@ class LoadClient:
 class LoadClients:
     """Several load-client processes; use as an async context manager (always killed)."""
 
-    def __init__(self, count: int) -> None:
-        self.clients = [LoadClient(i) for i in range(count)]
+    def __init__(self, count: int, records: str = "latency") -> None:
+        self.clients = [LoadClient(i, records) for i in range(count)]
 
     async def __aenter__(self) -> LoadClients:
         try:

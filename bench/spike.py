@@ -2,7 +2,7 @@
 
 Starts a fleet with ``rtm up``, seeds C users (default 2,000), makes C/2 channels
 (default 1,000) of two members each through the Web API, and connects one websocket
-per user from load-client processes (:mod:`bench.loadclient`). Then, through the
+per user from load-client processes (:mod:`bench.load_client`). Then, through the
 Web API with many requests in flight, it schedules S messages (``chat.scheduleMessage``,
 default 10,000, spread over the channels, each by one of the channel's members) and
 R reminders (``reminders.add``, default 10,000, spread over the users), all due at one
