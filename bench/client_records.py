@@ -64,8 +64,9 @@ class ReconnectRecord:
     sid: int
 
 
-def int64(a: array[int]) -> np.ndarray[Any, np.dtype[np.int64]]:
-    return np.frombuffer(a, dtype=np.int64).copy() if len(a) else np.zeros(0, dtype=np.int64)
+def columns(*cols: array[int]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Equal-length int64 arrays side by side: shape (n, len(cols)), (0, len(cols)) when empty."""
+    return np.stack([np.frombuffer(c, dtype=np.int64) if len(c) else np.zeros(0, np.int64) for c in cols], axis=1)
 
 
 class Recorder:
@@ -133,13 +134,7 @@ class LatencyRecorder(Recorder):
 
     def dump(self, path: str, sessions: list[Session], reconnect_errors: dict[str, int]) -> dict[str, Any]:
         n = len(self.conn)
-        data = np.empty((n, 4), dtype=np.int64)
-        if n:
-            data[:, 0] = int64(self.conn)
-            data[:, 1] = int64(self.post)
-            data[:, 2] = int64(self.recv)
-            data[:, 3] = int64(self.lat)
-        np.save(path, data)
+        np.save(path, columns(self.conn, self.post, self.recv, self.lat))
         self.clear()
         return {"n": n, "closed": {str(k): v for k, v in self.closed.items()}}
 
@@ -219,9 +214,9 @@ class EventRecorder(Recorder):
         moves = [(m.idx, m.goodbye_us, m.closed_us, m.asked_us, m.hello_us, m.attempts) for m in self.moves]
         np.savez(
             path,
-            msgs=np.stack([int64(self.m_conn), int64(self.m_post), int64(self.m_recv)], axis=1),
-            typ=np.stack([int64(self.t_conn), int64(self.t_chan), int64(self.t_user), int64(self.t_recv)], axis=1),
-            sent=np.stack([int64(self.s_conn), int64(self.s_chan), int64(self.s_send)], axis=1),
+            msgs=columns(self.m_conn, self.m_post, self.m_recv),
+            typ=columns(self.t_conn, self.t_chan, self.t_user, self.t_recv),
+            sent=columns(self.s_conn, self.s_chan, self.s_send),
             moves=np.array(moves, dtype=np.int64).reshape(-1, 6),
         )
         reply = {
@@ -273,11 +268,7 @@ class SessionRecorder(Recorder):
 
     def dump(self, path: str, sessions: list[Session], reconnect_errors: dict[str, int]) -> dict[str, Any]:
         n = len(self.sid)
-        data = np.empty((n, 2), dtype=np.int64)
-        if n:
-            data[:, 0] = int64(self.sid)
-            data[:, 1] = int64(self.key)
-        np.save(path, data)
+        np.save(path, columns(self.sid, self.key))
         rows = [[s.sid, s.idx, s.t_ws_us, s.t_hello_us, s.t_close_us, s.close_code, s.start, s.gw] for s in sessions]
         return {"n": n, "sessions": rows, "types": dict(self.types), "errors": reconnect_errors}
 

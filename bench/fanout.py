@@ -59,6 +59,7 @@ from bench.harness import (
     run_benchmark,
     save_figure,
 )
+from bench.stats import med, pct
 
 NAME = "fanout"
 GOAL_P99_MS = 10.0
@@ -364,9 +365,6 @@ class Bench:
             if not p["ok"]:
                 errors[str(p.get("error"))] = errors.get(str(p.get("error")), 0) + 1
 
-        def pct(a: np.ndarray, q: float) -> float | None:
-            return float(np.percentile(a, q)) if len(a) else None
-
         result = {
             "scenario": scenario,
             "offered_posts_s": rate,
@@ -584,10 +582,6 @@ def aggregate(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
             order.append(key)
             groups[key] = []
         groups[key].append(s)
-
-    def med(values: list[Any]) -> float | None:
-        vals = [v for v in values if v is not None and v == v]
-        return float(np.median(vals)) if vals else None
 
     out = []
     first_small = True
