@@ -23,6 +23,9 @@ A step during which processes outside the benchmark used more than
 
 Role (internal): ``--role server`` is the server child process, controlled by JSON lines on
 stdin like :mod:`bench.load_client` (the clients' processes, given the server's URL).
+
+Why one module over 500 lines: one reference benchmark whose server role and controller must agree
+on the message and the schedule; the clients are bench.load_client's, the statistics bench.stats'.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ the post was sent), CPU-seconds and CPU µs per delivery of every process
     python -m bench.fanout --quick    # smoke run, well under a minute of steps
     python -m bench.fanout --profile all  # py-spy also the admin server, a channel server and the webapp
     python -m bench.fanout --profile no   # no py-spy (by default a gateway is profiled when a goal is missed)
+
+Why one module over 500 lines: one benchmark (scenarios, steps, repeats, the foreign-load guard, the
+report and figure) that bench.tls reuses as a whole; its clients are bench.load_client's, its
+statistics bench.stats'.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@
 Everything here is bounded in time: every wait has a deadline, and every
 process started here is stopped (and, if it does not stop, killed) by the
 code that started it.
+
+Why one module over 500 lines: the benchmarks' shared toolbox (fleet run, process accounting,
+foreign-load guard, load-client driver, publishing), each part small and used together by every
+benchmark; each section below is headed by a ``# --`` line.
 """
 
 from __future__ import annotations

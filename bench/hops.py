@@ -28,6 +28,10 @@ same session: what rtm adds above these numbers is rtm's.
 Every process started here is stopped at the end, also on an error or Ctrl-C;
 the children also exit by themselves when this process's end of their stdin
 closes (so they do not outlive it even if it is killed).
+
+Why one module over 500 lines: the calibration's roles (poster, hops, client, timer) run as child
+processes of this same module so that every hop runs exactly the code the controller describes;
+splitting the roles would let them drift apart.
 """
 
 from __future__ import annotations

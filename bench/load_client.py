@@ -44,6 +44,10 @@ Requests (JSON lines on stdin, one JSON line answered each, :func:`bench.control
 
 Times are unix µs (``time.time_ns() // 1000``): the clock of the benchmark's poster and of the
 webapp on this machine.
+
+Why one module over 500 lines: it is the one process every benchmark's clients run; the connect
+rule, the client and its sessions, and the control commands share the process state and change
+together. What each benchmark records is apart, in bench.client_records.
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ fresh reconnect. Exit status 1 if the check failed.
     python -m bench.soak                       # 10 minutes, 2,000 clients
     python -m bench.soak --minutes 4           # what docs/soak.md reports
     python -m bench.soak --short               # ~40 s smoke run, 120 clients
+
+Why one module over 500 lines: the soak's run (traffic, chaos, counters, settling, the report) is
+one scenario whose parts share the fleet, the clients and the seeded random source; the verdict is
+apart (bench.soak_check, sans-I/O), the clients are bench.load_client's.
 """
 
 from __future__ import annotations
