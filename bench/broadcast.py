@@ -48,6 +48,7 @@ from bench.control import control_loop
 from bench.harness import (
     ForeignLoad,
     LoadClient,
+    LoadClients,
     ProcWatch,
     diff,
     fmt,
@@ -251,35 +252,8 @@ class Bench:
             "elapsed_s": time.monotonic() - started,
         }
 
-    async def stats(self) -> int:
-        return sum(s["frames"] for s in await asyncio.gather(*(c.call("stat") for c in self.clients)))
-
-    async def drain(self, expected: int, max_s: float = 30.0, idle_s: float = 3.0) -> None:
-        """Wait until the clients recorded ``expected`` frames, or nothing new came for ``idle_s``."""
-        deadline = time.monotonic() + max_s
-        last, last_change = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            got = await self.stats()
-            if got >= expected:
-                await asyncio.sleep(0.2)  # a duplicate would arrive right behind
-                return
-            if got != last:
-                last, last_change = got, time.monotonic()
-            elif time.monotonic() - last_change > idle_s:
-                return
-            await asyncio.sleep(0.05)
-
     async def collect(self) -> np.ndarray:
-        paths = [str(self.tmp / f"c{i}.npy") for i in range(len(self.clients))]
-        replies = await asyncio.gather(*(c.call("dump", path=p) for c, p in zip(self.clients, paths, strict=False)))
-        arrays = []
-        for offset, path, reply in zip(self.offsets, paths, replies, strict=False):
-            data = np.load(path)
-            data[:, 0] += offset
-            arrays.append(data)
-            for k, v in reply["closed"].items():
-                self.closed[int(k) + offset] = int(v)
-        return np.concatenate(arrays) if arrays else np.zeros((0, 4), dtype=np.int64)
+        return np.asarray(await LoadClients.of(list(self.clients)).collect(self.offsets, self.tmp, self.closed))
 
     async def step(self, rate: float, duration_s: float, record: bool = True) -> dict[str, Any]:
         assert self.watch is not None and self.foreign is not None
@@ -301,7 +275,7 @@ class Bench:
             else np.array([c for c in self.conns if int(c) not in self.closed], dtype=np.int64)
         )
         expected = rounds * len(live)
-        await self.drain(expected)
+        await LoadClients.of(list(self.clients)).wait_frames(expected)
         t_end = time.monotonic()
         times1 = self.watch.times()
         foreign = self.foreign.since(fmark, self.foreign.mark()) / max(1e-9, t_end - t_start)

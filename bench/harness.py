@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -468,6 +469,93 @@ class LoadClients:
                 extra.update(per_client[i])
             calls.append(c.call(cmd, **extra))
         return list(await asyncio.gather(*calls))
+
+    @classmethod
+    def of(cls, clients: list[LoadClient]) -> LoadClients:
+        """Drive load-client processes made elsewhere (a subclass of :class:`LoadClient`) as one."""
+        group = cls(0)
+        group.clients = list(clients)
+        return group
+
+    async def connect_users(self, fleet: FleetRun, users: list[dict[str, Any]], **fields: Any) -> ConnectedUsers:
+        """Connect ``users`` spread round-robin (process ``k`` gets ``users[k::n]``), the region hints rotated
+        per process so that every gateway gets its share (``rtm.connect`` prefers the caller's region).
+        Process ``k``'s ``i``-th connection is global connection ``offsets[k] + i``."""
+        n = len(self.clients)
+        chunks = [users[k::n] for k in range(n)]
+        regions = sorted({str(p.get("region", "")) for p in fleet.processes("gateway")} - {""})
+        started = time.monotonic()
+        replies = await self.all(
+            "connect",
+            per_client=[
+                {"tokens": [u["token"] for u in chunk], "regions": regions[k:] + regions[:k]}
+                for k, chunk in enumerate(chunks)
+            ],
+            api_url=fleet.api_url,
+            **fields,
+        )
+        out = ConnectedUsers(requested=len(users))
+        offset = 0
+        for chunk, reply in zip(chunks, replies, strict=True):
+            out.offsets.append(offset)
+            for i, (user, gw) in enumerate(zip(chunk, reply["gw"], strict=True)):
+                if gw is not None:
+                    out.conn_of_user[user["id"]] = offset + i
+                    out.gw_of_user[user["id"]] = gw
+            for k, v in reply["errors"].items():
+                out.errors[k] = out.errors.get(k, 0) + v
+            offset += len(chunk)
+        out.elapsed_s = time.monotonic() - started
+        return out
+
+    async def frames(self) -> int:
+        """Message frames the ``latency`` clients recorded since their last dump, every process together."""
+        return sum(int(s["frames"]) for s in await self.all("stat"))
+
+    async def wait_frames(self, expected: int, max_s: float = 30.0, idle_s: float = 3.0) -> int:
+        """Until the clients recorded ``expected`` frames, or nothing new came for ``idle_s`` (at most ``max_s``)."""
+        deadline = time.monotonic() + max_s
+        last, last_change, got = -1, time.monotonic(), 0
+        while time.monotonic() < deadline:
+            got = await self.frames()
+            if got >= expected:
+                await asyncio.sleep(0.2)  # wait-ok: a duplicate would arrive right behind
+                return got
+            if got != last:
+                last, last_change = got, time.monotonic()
+            elif time.monotonic() - last_change > idle_s:
+                return got
+            await asyncio.sleep(0.05)  # wait-ok: bounded poll of the clients' counters
+        return got
+
+    async def collect(self, offsets: list[int], tmp: Path, closed: dict[int, int] | None = None) -> Any:
+        """Every process's ``latency`` records (dumped, so cleared) as one (n, 4) int64 array with global
+        connection numbers (process ``k``'s start at ``offsets[k]``); ``closed`` gets each connection's close µs."""
+        import numpy as np
+
+        paths = [str(tmp / f"c{i}.npy") for i in range(len(self.clients))]
+        replies = await self.all("dump", per_client=[{"path": p} for p in paths])
+        arrays = []
+        for offset, path, reply in zip(offsets, paths, replies, strict=True):
+            data = np.load(path)
+            data[:, 0] += offset
+            arrays.append(data)
+            if closed is not None:
+                for k, v in reply["closed"].items():
+                    closed[int(k) + offset] = int(v)
+        return np.concatenate(arrays) if arrays else np.zeros((0, 4), dtype=np.int64)
+
+
+@dataclass
+class ConnectedUsers:
+    """What :meth:`LoadClients.connect_users` did: who is connected as which global connection, on which gateway."""
+
+    requested: int
+    offsets: list[int] = field(default_factory=list)
+    conn_of_user: dict[str, int] = field(default_factory=dict)
+    gw_of_user: dict[str, str] = field(default_factory=dict)  # host:port
+    errors: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
 
 
 # -- output ------------------------------------------------------------------------------------------

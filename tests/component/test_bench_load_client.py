@@ -3,6 +3,7 @@ rule end to end (rtm.connect, handshake, hello; retried, or not, as the rule say
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -40,7 +41,7 @@ class Webapp:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         greeting = self.greetings.pop(0) if self.greetings else "hello"
-        await ws.send_str('{"type":"%s"}' % greeting)
+        await ws.send_str(json.dumps({"type": greeting}, separators=(",", ":")))
         if greeting == "goodbye":
             await ws.close()
             return ws
