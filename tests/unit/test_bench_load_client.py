@@ -1,7 +1,9 @@
-"""bench/load_client.py's connect rule (ConnectRetry) and bench/client_records.py's frame handlers, without sockets."""
+"""bench/load_client.py's connect rule (ConnectRetry) and bench/client_records.py's frame handlers, without
+sockets; and bench/'s long modules say why they are one."""
 
 from __future__ import annotations
 
+import ast
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +21,7 @@ from bench.load_client import (
     failure_reason,
 )
 from bench.soak_check import event_key
+from tests.support import REPO_ROOT
 
 
 def rule(max_attempts: int = 20, budget_s: float = 1000.0) -> ConnectRetry:
@@ -111,3 +114,15 @@ def test_the_event_recorder_keeps_messages_typing_and_closes() -> None:
     rec.on_closed(sess())
     assert (list(rec.m_post), list(rec.t_chan), rec.closed) == ([9], [0], [(3, 7, 1006)])
     assert rec.stat() == {"msgs": 1, "typing": 1, "typing_sent": 0, "other": 0, "moves": 0, "closed": 1}
+
+
+def test_every_bench_module_over_500_lines_says_why_it_is_one_module() -> None:
+    """Issue 11: a long benchmark module is split where it has a seam, else its docstring says why it has none."""
+    long_without_reason = []
+    for module in sorted((REPO_ROOT / "bench").glob("*.py")):
+        source = module.read_text(encoding="utf-8")
+        docstring = ast.get_docstring(ast.parse(source)) or ""
+        reasons = [p for p in docstring.split("\n\n") if p.strip().startswith("Why one module")]
+        if len(source.splitlines()) > 500 and not reasons:
+            long_without_reason.append(module.name)
+    assert not long_without_reason
