@@ -19,7 +19,6 @@ import re
 import shutil
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +110,13 @@ class LoggedFleet(FleetRun):
         return next(p for p in self.info["processes"] if p["id"] == instance_id)
 
     def metrics(self, instance_id: str) -> str:
-        p = self.process(instance_id)
-        with urllib.request.urlopen(f"http://{p['host']}:{p['metrics_port']}/metrics", timeout=5) as r:
-            return str(r.read().decode())
+        self.reload()  # the instance may have been restarted since
+        return super().metrics(instance_id)
+
+
+def scrape(fleet: FleetRun, service: str, name: str) -> dict[str, dict[str, float]]:
+    """``name``'s samples on every ``service`` process of ``fleet``: {instance id: {labels: value}}."""
+    return {p["id"]: prom_values(fleet.metrics(p["id"]), name) for p in fleet.processes(service)}
 
 
 def prom_values(text: str, name: str) -> dict[str, float]:

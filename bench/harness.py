@@ -202,6 +202,14 @@ class FleetRun:
     def processes(self, service: str | None = None) -> list[dict[str, Any]]:
         return [p for p in self.info["processes"] if service is None or p["service"] == service]
 
+    def metrics(self, instance_id: str) -> str:
+        """The Prometheus text page (``/metrics``) of fleet process ``instance_id``."""
+        import urllib.request
+
+        p = next(p for p in self.info["processes"] if p["id"] == instance_id)
+        with urllib.request.urlopen(f"http://{p['host']}:{p['metrics_port']}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
     def labelled_pids(self) -> dict[str, int]:
         """Every fleet process by a short label (service/instance), plus the rtm up supervisor."""
         out: dict[str, int] = {}
