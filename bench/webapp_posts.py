@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import aiohttp
 import psutil
 
 from bench.harness import RESULTS_DIR, machine_info, md_table
+from bench.stats import pct
 from rtmctl.launcher import RunningProcess, rtm_argv, start
 from webapp_stub.seed import seed_demo
 
@@ -94,13 +94,12 @@ async def load(
         )
         elapsed = time.monotonic() - started
         cpu_used = cpu_s(webapp) - cpu_before
-    latencies.sort()
     return {
         "posts": len(latencies),
         "errors": sum(errors),
         "posts_per_s": len(latencies) / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        "p50_ms": 1000 * (pct(latencies, 50) or 0.0),
+        "p99_ms": 1000 * (pct(latencies, 99) or 0.0),
         "webapp_cpu_us_per_post": 1e6 * cpu_used / max(1, len(latencies)),
     }
 
