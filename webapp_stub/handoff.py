@@ -2,9 +2,12 @@
 
 After a transaction commits, its events are appended here (in commit order,
 which is ``seq`` order per channel) and the HTTP reply goes out without
-waiting for them. They are pipelined as ``pub`` requests over one
+waiting for them. They are pipelined over one
 :class:`services.connection.PeerLink` to an Admin Server, at most
-:data:`MAX_IN_FLIGHT` beyond the oldest unacknowledged event. When the link
+:data:`MAX_IN_FLIGHT` beyond the oldest unacknowledged event, as ``pubs``
+requests (many events in one frame, a result per event: docs/wire.md,
+"Batched publishes"); each event is settled on its own result exactly as if
+it had been its own ``pub``. When the link
 is up and healthy, :meth:`Handoff.publish` writes them at once, so a pub
 leaves before the HTTP reply is built and written (measured: that reply
 work is about 0.6 ms of the webapp's time per post on the development
