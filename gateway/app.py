@@ -251,7 +251,14 @@ class Gateway:
         await self.discovery.retag(self.instance_id, tags)
 
     async def leave_resume(self, session: Session, where: dict[str, int], until: dict[str, int] | None = None) -> None:
-        record: dict[str, Any] = {"user": session.user, "channels": where, **({"until": until} if until else {})}
+        # The webapp refuses the record past ``deadline``: by then we have given up on it and closed
+        # the connection without goodbye (gateway/drain.py), so a late record must not be claimed.
+        record: dict[str, Any] = {
+            "user": session.user,
+            "channels": where,
+            "deadline": time.time() + RESUME_TIMEOUT_S,
+            **({"until": until} if until else {}),
+        }
         await asyncio.wait_for(self.webapp.call("/internal/resume", record), RESUME_TIMEOUT_S)
 
     def health(self) -> dict[str, Any]:

@@ -19,7 +19,11 @@ and only to a peer with a fleet client certificate of role ``gateway``
 * ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq},
   "until": {C: leave_seq}?}`` -> ``{"ok": true, "resume": id}``: a gateway about
   to move a connection records where it stopped (and the leaves it had not
-  reached yet); the user's next ``rtm.connect`` claims it. With
+  reached yet); the user's next ``rtm.connect`` claims it. ``"deadline"``
+  (unix seconds, optional): the gateway gives up waiting for this reply then,
+  and closes the connection without ``goodbye``; a record that arrives later
+  is refused (``resume_expired``, counted as step ``late``), so that it can
+  never be claimed by a later, unrelated connection and replay old events. With
   ``"app": A`` and ``"envelopes": [...]`` the record is the app's, claimed by
   its next ``apps.connections.open``.
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
@@ -37,6 +41,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
+import time
 from typing import Any
 
 from aiohttp import web
@@ -155,6 +161,13 @@ class InternalEndpoints:
                 raise ApiError("user_not_found")
             seqs = _channel_seqs(args.get("channels"))
             until = _channel_seqs(args.get("until") or {})
+            deadline = args.get("deadline")
+            if deadline is not None:
+                if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+                    raise ApiError("invalid_arguments")
+                if time.time() > deadline:  # the gateway has given up on this reply and not said goodbye
+                    self.api.resumes.labels("late").inc()
+                    raise ApiError("resume_expired")
             key, carried = user_id, None
             if args.get("app"):  # a Socket Mode app's connections: keyed by the app, with its unacknowledged envelopes
                 app = self.api.store.app(str(args["app"]))
