@@ -34,6 +34,7 @@ from typing import Any
 
 from gateway.channel_links import RECONCILE_INTERVAL_S, ChannelLinks
 from gateway.client_listener import (
+    BOOTSTRAP_ATTEMPTS,
     DEFAULT_MAX_CONNECTIONS,
     MAX_CLIENT_BUFFER_BYTES,
     MAX_CLIENT_BUFFER_FRAMES,
@@ -347,6 +348,11 @@ def build_parser() -> Parser:
         "--max-held-events-per-session",
         MAX_HELD_EVENTS_PER_SESSION,
         "live events held for a session catching up; past it, the session is ended with 4010",
+    )
+    parser.add(
+        "--bootstrap-attempts",
+        BOOTSTRAP_ATTEMPTS,
+        "times a moved connection's bootstrap is asked of the webapp while it does not answer (same ticket)",
     )
     parser.add(
         "--leave-timeout-s",

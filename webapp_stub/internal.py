@@ -4,7 +4,7 @@ Served on their own listener (``--internal-port``), never on the public one,
 and only to a peer with a fleet client certificate of role ``gateway``
 (mutual TLS, see docs/trust.md); anyone else gets 403:
 
-* ``POST /internal/bootstrap`` ``{"user": U, "resume": id?}`` ->
+* ``POST /internal/bootstrap`` ``{"user": U, "resume": id?, "nonce": ticket nonce?}`` ->
   ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
   "channels": [{"id": C, "seq": last_seq}, ...], "resumed": bool}``
   (conversations + the user's own channel + the team channel). With a live
@@ -61,7 +61,8 @@ INTERNAL_HISTORY_MAX = 1000
 # Unacknowledged Socket Mode envelopes one app's resume record carries (the gateway's
 # per-app bound on envelopes in flight and waiting: gateway/envelopes.py).
 MAX_RESUME_ENVELOPES = 10_000
-MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
+MAX_RESUME_CHANNELS = 100_000
+MAX_NONCE_CHARS = 128  # a ticket's nonce, naming the connection a resume record is taken for  # channels in one resume record (a user's conversations and more)
 
 
 class InternalEndpoints:
@@ -115,7 +116,11 @@ class InternalEndpoints:
             if app_id and (app is None or app.bot_user != user_id):
                 raise ApiError("app_not_found")
             # an app's records are kept under its id, with the envelopes its moved connections had not acknowledged
-            record = self.api.resume.take_record(str(rid), app_id or user_id) if rid else None
+            nonce = args.get("nonce") or ""
+            if not isinstance(nonce, str) or len(nonce) > MAX_NONCE_CHARS:
+                raise ApiError("invalid_arguments")
+            # the ticket's nonce: the same connection's bootstrap, retried, gets the same record again
+            record = self.api.resume.take_record(str(rid), app_id or user_id, holder=nonce) if rid else None
             resume = record.channels if record is not None else None
             if rid:
                 self.api.resumes.labels("used" if resume is not None else "expired").inc()

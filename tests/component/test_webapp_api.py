@@ -709,6 +709,22 @@ async def test_a_resume_record_past_its_deadline_is_refused(webapp: Webapp) -> N
     assert 'rtm_webapp_resumes_total{step="recorded"} 1.0' in text
 
 
+async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record_again(webapp: Webapp) -> None:
+    """A gateway whose bootstrap call timed out after the webapp took the record asks again with the
+    same ticket nonce and gets the same recorded seqs; another ticket does not."""
+    carol, general = webapp.user("carol"), webapp.channel("general")
+    _, recorded = await webapp.internal("resume", {"user": carol["id"], "channels": {general: 0}})
+    rid = recorded["resume"]
+    ask = {"user": carol["id"], "resume": rid, "nonce": "n-1"}
+    for _ in range(2):
+        _, boot = await webapp.internal("bootstrap", ask)
+        assert boot["resumed"] is True and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 0
+    _, other = await webapp.internal("bootstrap", {**ask, "nonce": "n-2"})
+    assert other["resumed"] is False
+    _, bad = await webapp.internal("bootstrap", {**ask, "nonce": ["n-1"]})
+    assert bad == {"ok": False, "error": "invalid_arguments"}
+
+
 async def test_internal_api_test_errors_do_not_become_label_values(webapp: Webapp) -> None:
     alice = webapp.user("alice")
     for error in ("made_up_1", "made_up_2"):
