@@ -32,7 +32,7 @@ from gateway.limits import ConnectionLimits, client_address
 from gateway.socket_mode import is_socket_mode
 from gateway.state import Effects, GatewayState, Session
 from gateway.webapp_client import WebappCalls
-from services.errors import CloseCode
+from services.errors import CloseCode, ResumeLost
 from services.metrics import ServiceMetrics
 from services.ticket import InvalidTicket, Ticket, TicketVerifier
 
@@ -277,6 +277,13 @@ class ClientListener:
             channels = [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]
             until = {str(ch): int(seq) for ch, seq in (boot.get("until") or {}).items()}
             return ticket.user, ticket.team, channels, until
+        except ResumeLost as exc:  # starting it here would skip what it missed since its move, silently
+            self.limits.release_user(ticket.user)
+            log.warning("%s: closing with %d before hello; it catches up from history", exc, CloseCode.RESYNC)
+            self.connects.labels("resume_lost").inc()
+            self.metrics.error("resume_lost")
+            await ws.close(CloseCode.RESYNC, "resume record gone: reconnect and catch up")
+            return None
         except Exception as exc:
             self.limits.release_user(ticket.user)
             log.warning("bootstrap for %s failed: %s", ticket.user, exc)
@@ -294,7 +301,10 @@ class ClientListener:
         attempts = max(1, self.args.bootstrap_attempts) if ticket.resume else 1
         for attempt in range(1, attempts + 1):
             try:
-                return await self.webapp.call("/internal/bootstrap", request)
+                boot = await self.webapp.call("/internal/bootstrap", request)
+                if ticket.resume and not boot.get("resumed"):
+                    raise ResumeLost(f"resume record {ticket.resume} of {ticket.user} is gone")
+                return boot
             except (TimeoutError, OSError, aiohttp.ClientError) as exc:  # no answer: the record may be taken
                 if attempt >= attempts:
                     raise

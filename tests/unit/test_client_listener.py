@@ -11,6 +11,7 @@ import pytest
 
 import gateway.client_listener
 from gateway.app import Gateway, build_parser
+from services.errors import ResumeLost
 from services.ticket import Ticket
 from tests.support import FleetCA
 
@@ -20,8 +21,9 @@ BOOT = {"ok": True, "user": {"id": "U1"}, "team": {"id": "T1"}, "channels": [{"i
 class SlowWebapp:
     """``/internal/bootstrap`` that times out ``failures`` times, then answers."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, resumed: bool = False) -> None:
         self.failures = failures
+        self.resumed = resumed
         self.calls: list[dict[str, Any]] = []
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -30,7 +32,7 @@ class SlowWebapp:
         if self.failures:
             self.failures -= 1
             raise TimeoutError()
-        return BOOT
+        return {**BOOT, "resumed": True} if self.resumed else BOOT
 
     async def close(self) -> None:
         pass
@@ -60,8 +62,8 @@ def retries(gw: Gateway) -> float:
 async def test_a_moved_connections_bootstrap_is_asked_again_with_the_same_nonce(gw: Gateway) -> None:
     """The first call timed out, maybe after the webapp took the resume record: the retry names
     the same record and ticket nonce, so the webapp hands the record out again."""
-    webapp = gw.listener.webapp = SlowWebapp(failures=2)
-    assert await gw.listener.bootstrap(ticket(resume="R1")) == BOOT
+    webapp = gw.listener.webapp = SlowWebapp(failures=2, resumed=True)
+    assert await gw.listener.bootstrap(ticket(resume="R1")) == {**BOOT, "resumed": True}
     assert webapp.calls == [{"user": "U1", "resume": "R1", "nonce": "nonce-1"}] * 3
     assert retries(gw) == 2
 
@@ -78,3 +80,13 @@ async def test_a_fresh_connections_bootstrap_is_not_retried_here(gw: Gateway) ->
     with pytest.raises(TimeoutError):
         await gw.listener.bootstrap(ticket())
     assert webapp.calls == [{"user": "U1"}] and retries(gw) == 0
+
+
+async def test_a_moved_connection_whose_record_is_gone_is_not_started_fresh(gw: Gateway) -> None:
+    """The webapp answered, but without the record (restarted, expired, taken by an earlier attempt):
+    starting the connection at this bootstrap would skip what it missed, so it is refused (4010)."""
+    webapp = gw.listener.webapp = SlowWebapp(failures=0)  # BOOT has no "resumed"
+    with pytest.raises(ResumeLost):
+        await gw.listener.bootstrap(ticket(resume="R1"))
+    assert len(webapp.calls) == 1
+    assert await gw.listener.bootstrap(ticket()) == BOOT  # a fresh connection starts at its bootstrap
