@@ -38,6 +38,11 @@ and ``max_held_per_session`` for a held session. Past either bound nothing
 is dropped here; the channel (or session) is reported by
 :meth:`GatewayState.take_overflows`, and the gateway ends the affected
 sessions with a reconnect close code (see docs/hardening-gateway.md).
+
+Why one module: cursors, gaps, floors, holds and pending leaves together keep one
+invariant (each session gets each channel's events exactly once, in order, and none
+after it left); every command reads and changes several of them at once, so they
+are kept in one class rather than spread over modules that would each hold half of it.
 """
 
 from __future__ import annotations
