@@ -28,7 +28,9 @@ Contract
   client is told to catch up from history, instead of a ticket naming no record
   that would start it silently at a fresh bootstrap and skip what it missed. A
   taken record refused to another holder is not handed out again (the client's
-  next connection is a fresh one).
+  next connection is a fresh one), nor one whose holder :meth:`confirmed
+  <ResumeBook.confirm>` it (its gateway sent ``hello``: the resume happened, and
+  the user's next connections are unrelated to it).
 * Records expire :data:`RESUME_TTL_S` after they were added, claimed or not.
   An expired or unknown record is simply absent: the connection starts at its
   bootstrap like a new one (and reads what it missed with history).
@@ -177,6 +179,17 @@ class ResumeBook:
             self._taken[rid] = (holder, record, self.clock() + self.retake_grace_s)
             self._reclaimable.setdefault(user, []).append(rid)
         return record
+
+    def confirm(self, rid: str, user: str, holder: str) -> bool:
+        """The connection holding taken record ``rid`` got its ``hello``: the record is handed out no
+        more (the holder may still take it again within the grace). False if ``rid`` is not taken
+        by that holder of ``user`` (unknown, past the grace, another's)."""
+        self._expire()
+        taken = self._taken.get(rid)
+        if not holder or taken is None or taken[0] != holder or taken[1].user != user:
+            return False
+        self._not_reclaimable(user, rid)
+        return True
 
     def _not_reclaimable(self, user: str, rid: str) -> None:
         rids = self._reclaimable.get(user)

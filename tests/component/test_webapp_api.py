@@ -730,6 +730,18 @@ async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record
     assert other["resumed"] is False
     _, connect = await webapp.call("rtm.connect", carol["token"])  # refused once: now a fresh connection
     assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
+    # A record whose connection got its hello is confirmed: no later connection is refused for it.
+    _, again = await webapp.internal("resume", {"user": carol["id"], "channels": {general: 0}})
+    held = {"user": carol["id"], "resume": again["resume"], "nonce": "n-3"}
+    assert (await webapp.internal("bootstrap", held))[1]["resumed"] is True
+    assert (await webapp.internal("resume/confirm", {**held, "nonce": "n-4"}))[1] == {"ok": True, "confirmed": False}
+    assert (await webapp.internal("resume/confirm", held))[1] == {"ok": True, "confirmed": True}
+    _, connect = await webapp.call("rtm.connect", carol["token"])
+    assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
+    for bad in ({**held, "nonce": ["n-3"]}, {**held, "resume": ""}, {"user": carol["id"]}):
+        assert (await webapp.internal("resume/confirm", bad))[1] == {"ok": False, "error": "invalid_arguments"}
+    status, _ = await webapp.internal("resume/confirm", held, role=WEBAPP)
+    assert status == 403
     _, bad = await webapp.internal("bootstrap", {**ask, "nonce": ["n-1"]})
     assert bad == {"ok": False, "error": "invalid_arguments"}
 

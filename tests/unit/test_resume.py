@@ -114,3 +114,18 @@ def test_a_taken_record_is_claimable_once_more_so_that_a_failed_bootstrap_fails_
     assert book.claim("U1") == rid2
     clock.advance(60.5)
     assert book.claim("U1") == "" and book._reclaimable == {}
+
+
+def test_a_confirmed_taken_record_is_not_handed_out_again() -> None:
+    """The gateway sent hello to the connection that took the record: the user's next connection (a
+    second device, or the same client later) is unrelated to that move and must not be refused."""
+    book = ResumeBook(clock=FakeClock(), retake_grace_s=60.0)
+    rid = book.add("U1", {"C1": 5})
+    assert book.take_record(rid, "U1", holder="nonce-a") is not None
+    assert not book.confirm(rid, "U1", "nonce-b")  # not its holder
+    assert not book.confirm(rid, "U2", "nonce-a")  # not its user
+    assert not book.confirm("unknown", "U1", "nonce-a")
+    assert book.claim("U1") == rid  # unconfirmed: claimable once more
+    assert book.confirm(rid, "U1", "nonce-a")
+    assert book.claim("U1") == ""
+    assert book.take_record(rid, "U1", holder="nonce-a") is not None  # the holder's own retry still works
