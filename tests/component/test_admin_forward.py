@@ -20,6 +20,7 @@ from admin_server.app import AdminServer
 from admin_server.app import build_parser as admin_parser
 from channel_server.app import ChannelServer
 from channel_server.app import build_parser as channel_parser
+from services import ops
 from services.connection import PeerConnection, connect, serve
 from services.discovery import Instance
 from services.errors import PeerError
@@ -158,6 +159,59 @@ async def test_publishes_refused_not_owner_retry_in_order_and_later_ones_do_not_
         assert await seqs(pushes, 100) == list(range(1, 101))
         assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
         assert admin.retries.labels("not_owner")._value.get() >= 49
+    finally:
+        webapp.close()
+        gateway.close()
+
+
+async def park_on_the_slow_path(admin: AdminServer, cs: ChannelServer, count: int, refusals: int) -> None:
+    """Until ``count`` publishes of CHANNEL are on the admin's slow path and the channel
+    server has refused ``refusals`` publishes: then none of them is still on the wire."""
+    for _ in range(1000):  # bounded: polling a condition
+        if admin.slow_slots.get("cs-0") == count and cs.not_owner.labels("pub")._value.get() >= refusals:
+            return
+        await asyncio.sleep(0.01)  # wait-ok: polling a condition, bounded
+    raise AssertionError(f"slow path {admin.slow_slots}, refusals {cs.not_owner.labels('pub')._value.get()}")
+
+
+async def test_a_publish_arriving_as_a_failover_ends_does_not_overtake_the_ones_queued_behind_it(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """The window when the retrying publish of a slot is acknowledged: the ones queued behind
+    it have not been written again yet. One arriving then must queue behind them, not be
+    written first (the channel server would then drop them as duplicates: silent loss)."""
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
+        cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
+        first = [webapp.begin_request(pub(n), timeout_s=DEFAULT_WAIT_S) for n in (2, 3)]
+        await park_on_the_slow_path(admin, cs, 2, refusals=4)  # each refused on both paths
+        cs.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # and back
+        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, 1]]})  # after its `moved`
+        arrivals: list[asyncio.Future[dict[str, Any]]] = []
+        admin_acknowledged = admin.links["cs-test"].conn
+        assert admin_acknowledged is not None
+        original = admin_acknowledged._dispatch
+
+        def dispatch(frame: dict[str, Any]) -> None:  # the channel server's ok for 2 reaches the admin
+            original(frame)
+            if frame.get("op") == "ok" and not arrivals:
+                admin.pubs_in_flight += 1  # as handle_request counts it
+                arrivals.append(asyncio.ensure_future(admin.forward(0, ops.parse_as(pub(4), ops.Publish))))
+
+        admin_acknowledged._dispatch = dispatch  # type: ignore[method-assign]
+        admin.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # wakes the retrying one
+        done = await asyncio.wait_for(asyncio.gather(*first), DEFAULT_WAIT_S)
+        assert arrivals, "4 did not arrive"
+        late = await asyncio.wait_for(arrivals[0], DEFAULT_WAIT_S)
+        assert [r["op"] for r in done] == ["ok", "ok"] and late["op"] == "ok"
+        assert not any(r.get("duplicate") for r in [*done, late])
+        assert await seqs(pushes, 3) == [2, 3, 4]
+        assert cs.duplicates._value.get() == 0
+        assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
     finally:
         webapp.close()
         gateway.close()
