@@ -313,6 +313,13 @@ def build_parser() -> Parser:
         "base URL clients reach this gateway at, behind an edge proxy (e.g. wss://edge:8443/gw/us-east-1); "
         "registered as Consul meta public_url, rtm.connect then returns <public-url>/ws/<ticket> (default: ws://<advertised host>:<port>)",
     )
+    _add_client_limits(parser)
+    _add_delivery_settings(parser)
+    return parser
+
+
+def _add_client_limits(parser: Parser) -> None:
+    """What one client, user or address may hold on this gateway."""
     parser.add("--max-client-frame-bytes", MAX_CLIENT_FRAME_BYTES, "largest websocket frame a client may send")
     parser.add("--max-client-buffer-bytes", MAX_CLIENT_BUFFER_BYTES, "unsent bytes per client before it is cut off")
     parser.add("--max-client-buffer-frames", MAX_CLIENT_BUFFER_FRAMES, "unsent frames per client before it is cut off")
@@ -333,6 +340,10 @@ def build_parser() -> Parser:
         "behind an edge proxy: the header whose last entry is the client's address (e.g. X-Forwarded-For); "
         "default: the TCP peer",
     )
+
+
+def _add_delivery_settings(parser: Parser) -> None:
+    """Gaps, moves, leaves, reconciliation, drains and keepalive: what keeps delivery whole."""
     parser.add(
         "--gap-fill-budget-s",
         GAP_FILL_BUDGET_S,
@@ -371,7 +382,6 @@ def build_parser() -> Parser:
         "keepalive: ping every client this often; one that has not "
         "answered the previous ping by the next is closed (1011)",
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
