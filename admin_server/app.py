@@ -346,7 +346,7 @@ class AdminServer(MsgpackService):
     @property
     def slow_slots(self) -> dict[str, int]:
         """How many publishes each slot has on the slow path (for tests and diagnostics)."""
-        return {slot: len(lane.turns) for slot, lane in self.slow_lanes.items()}
+        return {slot: len(lane) for slot, lane in self.slow_lanes.items()}
 
     def forward(self, request_id: int, record: ops.Publish) -> Awaitable[dict[str, Any]]:
         """Deliver one publish to the channel's owner, retrying within the budget
@@ -368,7 +368,7 @@ class AdminServer(MsgpackService):
         finally:
             self.pubs_in_flight -= 1
             lane.leave(turn)
-            if not lane.turns and self.slow_lanes.get(slot) is lane:
+            if not lane and self.slow_lanes.get(slot) is lane:
                 del self.slow_lanes[slot]
 
     async def _forward(self, request_id: int, record: ops.Publish, lane: _SlowLane, turn: _Turn) -> dict[str, Any]:
@@ -401,6 +401,7 @@ class AdminServer(MsgpackService):
                     reply_future = link.conn.begin_request(pub, timeout_s=remaining)
                     lane.written(turn)  # on the wire: later ones of the slot may follow it
                     reply = await reply_future
+                    lane.answered(turn)
                     self.forwarded.inc()
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug(
@@ -435,14 +436,17 @@ class AdminServer(MsgpackService):
 
 
 class _Turn:
-    """One publish's place in a :class:`_SlowLane`."""
+    """One publish's place in a :class:`_SlowLane` (a node of its list, in arrival order)."""
 
-    __slots__ = ("on_wire", "refused", "waiter")
+    __slots__ = ("ticket", "on_wire", "refused", "waiter", "prev", "next")
 
-    def __init__(self) -> None:
+    def __init__(self, ticket: int, prev: _Turn | None) -> None:
+        self.ticket = ticket  # arrival order in the lane
         self.on_wire = False  # its latest attempt is written and not yet answered
-        self.refused = False  # an attempt failed: it retries only when it is first in the lane
+        self.refused = False  # an attempt failed: it is written again only as the first of the lane
         self.waiter: asyncio.Future[None] | None = None
+        self.prev = prev
+        self.next: _Turn | None = None
 
 
 class _SlowLane:
@@ -451,30 +455,45 @@ class _SlowLane:
     The rule (docs/publish-path.md, "Ordering on the slow path"): a publish is written
     only when every earlier one of its slot is on the wire ahead of it (written on a
     connection, not yet answered) or answered; a publish that failed an attempt is
-    written again only when every earlier one is answered, so a failing-over slot has
-    one retry in flight, and the others follow it in order once it gets through. No
-    publish overtakes an earlier one, whatever order their tasks wake up in."""
+    written again only when it is the first of the lane, so a failing-over slot has
+    one retry in flight. When a retry gets through, the owner is back: the others
+    count as new again and follow it, pipelined, in order. No publish overtakes an
+    earlier one, whatever order their tasks wake up in. Every step is O(1) but the
+    end of a failover (O(publishes in the lane)) and the frontier's advance over
+    publishes already on the wire."""
 
-    __slots__ = ("turns",)
+    __slots__ = ("head", "tail", "frontier", "size", "tickets")
 
     def __init__(self) -> None:
-        self.turns: dict[_Turn, None] = {}  # insertion order = arrival order
+        self.head: _Turn | None = None
+        self.tail: _Turn | None = None
+        self.frontier: _Turn | None = None  # the first turn not on the wire
+        self.size = 0
+        self.tickets = 0
+
+    def __len__(self) -> int:
+        return self.size
 
     def join(self) -> _Turn:
-        turn = _Turn()
-        self.turns[turn] = None
+        turn = _Turn(self.tickets, self.tail)
+        self.tickets += 1
+        if self.tail is None:
+            self.head = turn
+        else:
+            self.tail.next = turn
+        self.tail = turn
+        self.size += 1
+        if self.frontier is None:
+            self.frontier = turn
         return turn
 
     def is_head(self, turn: _Turn) -> bool:
-        return next(iter(self.turns)) is turn
+        return self.head is turn
 
     def may_write(self, turn: _Turn) -> bool:
-        for earlier in self.turns:
-            if earlier is turn:
-                return True
-            if turn.refused or not earlier.on_wire:
-                return False
-        raise AssertionError("a turn that left its lane")
+        if turn.refused:
+            return self.head is turn
+        return self.frontier is turn  # every earlier one is on the wire (or answered: gone)
 
     async def wait(self, turn: _Turn) -> None:
         """Until something changed in the lane that may make it ``turn``'s turn."""
@@ -486,23 +505,50 @@ class _SlowLane:
 
     def written(self, turn: _Turn) -> None:
         turn.on_wire = True
+        if self.frontier is turn:
+            self._advance(turn.next)
         self._wake()
 
     def refused(self, turn: _Turn) -> None:
         turn.on_wire = False
         turn.refused = True
+        if self.frontier is None or turn.ticket < self.frontier.ticket:
+            self.frontier = turn
+
+    def answered(self, turn: _Turn) -> None:
+        """``turn`` was acknowledged: if it was a retry, the slot's owner is back, and
+        the publishes that failed behind it are written again, pipelined, in order."""
+        if turn.refused:
+            node = self.head
+            while node is not None:
+                node.refused = False
+                node = node.next
 
     def leave(self, turn: _Turn) -> None:
-        del self.turns[turn]
+        if turn.prev is None:
+            self.head = turn.next
+        else:
+            turn.prev.next = turn.next
+        if turn.next is None:
+            self.tail = turn.prev
+        else:
+            turn.next.prev = turn.prev
+        self.size -= 1
+        if self.frontier is turn:
+            self._advance(turn.next)
         self._wake()
+
+    def _advance(self, start: _Turn | None) -> None:
+        node = start
+        while node is not None and node.on_wire:
+            node = node.next
+        self.frontier = node
 
     def _wake(self) -> None:
         """Wake those that may write now: the first turn, and the first not on the wire."""
-        for index, turn in enumerate(self.turns):
-            if (index == 0 or not turn.on_wire) and turn.waiter is not None and not turn.waiter.done():
+        for turn in (self.head, self.frontier):
+            if turn is not None and turn.waiter is not None and not turn.waiter.done():
                 turn.waiter.set_result(None)
-            if not turn.on_wire:
-                return
 
 
 # Error codes a channel server answers for one event of a ``pubs``, used as metric labels

@@ -53,4 +53,32 @@ async def test_waiters_are_woken_when_their_turn_may_have_come() -> None:
     await asyncio.wait_for(waiting_c, 1.0)
     lane.leave(b)
     lane.leave(c)
-    assert not lane.turns
+    assert not lane
+
+
+def test_when_a_retry_gets_through_the_failed_ones_behind_it_follow_pipelined_in_order() -> None:
+    lane = _SlowLane()
+    turns = [lane.join() for _ in range(4)]
+    for turn in turns:
+        lane.written(turn)
+    for turn in turns:
+        lane.refused(turn)  # the slot failed over under all of them
+    head, *rest = turns
+    assert [lane.may_write(t) for t in turns] == [True, False, False, False]
+    lane.written(head)
+    lane.answered(head)  # the retry got through: the owner is back
+    lane.leave(head)
+    for i, turn in enumerate(rest):  # each may write as soon as the ones before it are on the wire
+        assert [lane.may_write(t) for t in rest] == [j == i for j in range(len(rest))]
+        lane.written(turn)
+    assert lane.frontier is None and len(lane) == 3
+
+
+def test_a_publish_that_gives_up_lets_the_next_one_go() -> None:
+    lane = _SlowLane()
+    a, b = lane.join(), lane.join()
+    lane.refused(a)
+    lane.leave(a)  # a gave up (its route budget is spent)
+    assert lane.is_head(b) and lane.may_write(b)
+    lane.leave(b)
+    assert len(lane) == 0 and lane.head is None and lane.tail is None and lane.frontier is None
