@@ -43,6 +43,7 @@ import aiohttp
 import numpy as np
 
 from bench.harness import (
+    RESULTS_DIR,
     FleetRun,
     LoadClients,
     ProcWatch,
@@ -50,6 +51,7 @@ from bench.harness import (
     machine_info,
     md_table,
     plt,
+    pyspy_top,
     raise_nofile,
     run_benchmark,
     save_figure,
@@ -81,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scheduler-rate-per-s", type=float, default=0.0, help="the webapp's flag (0: its default)")
     p.add_argument("--scheduler-batch-max", type=int, default=0, help="the webapp's flag (0: its default)")
     p.add_argument("--quick", action="store_true", help="smoke run: 200 clients, 1,000 + 1,000 due items")
+    p.add_argument("--name", default=NAME, help="results under bench/results/<name>.* (default: spike)")
+    p.add_argument(
+        "--profile-s",
+        type=int,
+        default=0,
+        help="sample the webapp with py-spy for this many seconds from D (raw stacks: bench/results/<name>-webapp.txt)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.clients = min(args.clients, 200)
@@ -328,6 +337,11 @@ async def measure(args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, sp
     poster = asyncio.create_task(spike.live_poster(stop, posts))
     await asyncio.sleep(max(0.0, due - time.time()))
     cpu0 = watch.cpu()
+    profile: asyncio.Future[list[tuple[str, float, float]]] | None = None
+    if args.profile_s:
+        webapp_pid = fleet.labelled_pids()["webapp"]
+        path = RESULTS_DIR / f"{args.name}-webapp.txt"
+        profile = asyncio.ensure_future(asyncio.to_thread(pyspy_top, webapp_pid, args.profile_s, path, idle=True))
     base = await spike.frames()
     # wait until every spike delivery has been counted (the live ones keep coming too)
     deadline = due + SPIKE_WAIT_MAX_S
@@ -342,6 +356,8 @@ async def measure(args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, sp
     stop.set()
     await poster
     await asyncio.sleep(2.0)  # the last live posts' deliveries
+    if profile is not None:
+        out["webapp_profile_top"] = await profile
     rec = await spike.collect()
 
     keys = (rec[:, 1] << KEY_CONN_BITS) | rec[:, 0]
@@ -454,6 +470,15 @@ def render(r: dict[str, Any]) -> str:
         "",
         "Goals: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in r["goals"].items()),
     ]
+    if r.get("webapp_profile_top"):
+        lines += [
+            "",
+            f"The webapp's functions by own time (py-spy, {r['config']['profile_s']} s from D, waits included):",
+            "",
+            md_table(
+                ["function", "own %", "total %"], [[f, fmt(o, 1), fmt(t, 1)] for f, o, t in r["webapp_profile_top"]]
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -488,7 +513,8 @@ def plot(r: dict[str, Any], name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_benchmark(NAME, parse_args(argv), run, render, plot, loadavg=True)
+    args = parse_args(argv)
+    return run_benchmark(args.name, args, run, render, plot, loadavg=True)
 
 
 if __name__ == "__main__":
