@@ -1,4 +1,5 @@
-"""The scheduler: due items (scheduled messages, reminders) fire once, on time, fairly.
+"""The scheduler: due items (scheduled messages, reminders) fire once, on time, fairly,
+and never in front of live traffic.
 
 Every item that must happen at a time lives in SQLite, in ``due_items`` (its
 id, kind, team, lane, due time, state), beside its kind's own row
@@ -18,61 +19,80 @@ Guarantees
   starts again, and is counted with ``late="true"`` in
   ``rtm_scheduler_fired_total``; ``rtm_scheduler_late_seconds`` observes every
   item's delay from its due time to its commit.
-* **Fair.** Items due in the same second fire round-robin across teams and,
-  within a team, across lanes (the conversation a scheduled message posts in,
-  the user a reminder is for): one team's or channel's thousand items cannot
-  hold another's one behind them (:func:`fair_order`).
-* **Live traffic first.** The scheduler has its own bounded rate
-  (:data:`DEFAULT_RATE_PER_S` items per second, a token bucket), fires at
-  most :data:`DEFAULT_BATCH_MAX` items per event-loop turn (one transaction),
-  and fires a batch only while the hand-off's outbox holds at most
-  one batch of unacknowledged events. Between turns it yields the
-  loop, so a live ``chat.postMessage`` waits for at most one batch's
-  transaction, and queues in the outbox behind at most about two batches of
-  due items. A spike of N items takes N / rate seconds to drain, or longer
-  when the fleet downstream is slower than that rate.
+* **Fair, over the whole due set.** Items due in the same second fire
+  round-robin across teams; within a team's turn, across the kinds (scheduled
+  messages, reminders); within a kind's turn, across lanes (the conversation a
+  scheduled message posts in, the user a reminder is for), each lane in due
+  order (:class:`FairQueue`). Every due item is in memory (up to
+  :data:`MAX_QUEUED`), so one team's, kind's or channel's thousand items cannot
+  hold another's one behind them.
+* **Live traffic first.** The scheduler runs on a thread of its own with its
+  own SQLite connection (:func:`open_scheduler_store`): reading and ordering the
+  due set, and each batch's transaction, run off the event loop, and its commits
+  do not fsync (``synchronous=NORMAL``: the next live commit's fsync makes them
+  durable, see docs/scheduling.md). It fires a batch only when no live write is
+  open on the webapp's connection and the hand-off's outbox holds at most
+  ``max_outbox_backlog`` events (:class:`LiveFirst`), at most ``batch_max`` items
+  per transaction, at most ``rate_per_s`` items per second (:class:`DueQueue`).
+* **Hand-off in commit order.** Two connections now write, so the scheduler's
+  committed events and the webapp's are put in the outbox in the order their
+  transactions committed, which keeps each channel's events in ``seq`` order
+  (:class:`PublishOrder`).
 
-The ordering and the rate are the sans-I/O :class:`DueQueue`; :class:`Scheduler`
-is the thin asyncio loop that reads due rows, fires batches and publishes.
+The ordering, the rate, the yield rule and the publishing order are sans-I/O
+classes; :class:`Scheduler` is the thin thread that reads due rows, fires
+batches and hands their events to the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
 from services.metrics import ServiceMetrics
+from webapp_stub.checkpoint import WalCheckpointer
+from webapp_stub.database import MAX_EVENT_BYTES
 from webapp_stub.store import ApiError, Event, Store
 
 log = logging.getLogger("rtm.webapp.scheduler")
 
-# The scheduler's own rate, items per second (an upper bound: the outbox backlog below usually
-# binds first), and its batch: the most it fires in one event-loop turn (one transaction). A batch
-# of 10 holds the event loop for ~1-3 ms here, so a live post arriving meanwhile waits that long;
-# bench/spike.py measured batches of 50 costing live posts' p99 about 100 ms on a loaded machine.
-DEFAULT_RATE_PER_S = 2500.0
-DEFAULT_BATCH_MAX = 10
-# How many due rows one read brings into memory (and orders fairly); more wait in SQLite for the
-# next read, when these have fired. The read and the sort run on the event loop: 20,000 rows at
-# once held it ~0.5 s (bench/spike.py); 500 take a few ms. Fairness holds within each read (rows
-# due in the same second come in id order, which is random across channels and teams).
-MAX_QUEUED = 500
-# The longest the loop sleeps without looking at the table (items written by another process,
+# The scheduler's own rate, items per second: an upper bound (the yield rules below, and the CPU,
+# usually bind first). 20,000 items due at once take at least 4 s at 5,000/s.
+DEFAULT_RATE_PER_S = 5000.0
+# Items per transaction. The transaction holds SQLite's write lock, and a live post that wants to
+# write meanwhile waits for it (measured: ~0.15 ms per item on the scheduler's thread on an idle
+# machine, several times that on a loaded one); with no fsync per commit, small batches cost little.
+DEFAULT_BATCH_MAX = 16
+# Priority to live traffic in the hand-off: the scheduler fires only while the outbox to the Admin
+# Servers holds at most this many unacknowledged events, so a live post's event queues behind at
+# most this many due items' (plus one batch) on its way through the fleet, whatever the fleet's speed.
+DEFAULT_OUTBOX_BACKLOG_MAX = 64
+# The most due items held in memory (in fair order); more wait in SQLite until these have fired.
+# ~300 bytes each: 100,000 are ~30 MiB. Read in chunks of READ_CHUNK rows on the scheduler's thread.
+MAX_QUEUED = 100_000
+READ_CHUNK = 500
+# The longest the thread sleeps without looking at the table (items written by another process,
 # such as a bulk load, are seen within this); items scheduled through the API wake it at once.
 MAX_IDLE_WAIT_S = 1.0
-# Priority to live traffic: the scheduler adds a batch to the hand-off's outbox only while the
-# outbox holds at most one batch (batch_max) of unacknowledged events, so a live post never queues
-# behind more than about two batches of due items, whatever the fleet's speed; it looks again after
-# OUTBOX_POLL_S.
+# While a live write is open on the webapp's connection (a group-commit batch), look again after this.
+LIVE_POLL_S = 0.001
+# While the outbox holds more than the backlog bound, look again after this.
 OUTBOX_POLL_S = 0.002
-# After an unexpected error in a batch, wait this long before trying again.
+# After an unexpected error in a turn, wait this long before trying again.
 ERROR_BACKOFF_S = 1.0
+# How long close() waits for the thread to finish its turn (a transaction waiting for the write lock
+# gives up after SQLite's busy_timeout, 5 s).
+THREAD_JOIN_TIMEOUT_S = 10.0
+# The scheduler's connection does not fsync its commits (see open_scheduler_store).
+SCHEDULER_SYNCHRONOUS = "NORMAL"
 TOKEN_EPSILON = 1e-3  # float slack: unix times carry ~2e-7 s of rounding; 50 ms at 100/s is 5 items, not 4.99998
 LATE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 
@@ -127,35 +147,114 @@ def register_kind(kind: str) -> Callable[[Firer], Firer]:
 
 # -- the sans-I/O core ---------------------------------------------------------------------------
 
+M = TypeVar("M")
+
+
+class Rotation(Generic[M]):
+    """Members by key, served in turn: :meth:`front` is the member whose turn it is;
+    :meth:`rotate` sends it to the back (or drops it, once it has nothing left)."""
+
+    __slots__ = ("members", "turn")
+
+    def __init__(self) -> None:
+        self.members: dict[str, M] = {}
+        self.turn: deque[str] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self.turn)
+
+    def get(self, key: str, make: Callable[[], M]) -> M:
+        """The member ``key``; a new one joins at the back of the turn."""
+        member = self.members.get(key)
+        if member is None:
+            member = self.members[key] = make()
+            self.turn.append(key)
+        return member
+
+    def front(self) -> M:
+        return self.members[self.turn[0]]
+
+    def rotate(self, keep: bool) -> None:
+        key = self.turn.popleft()
+        if keep:
+            self.turn.append(key)
+        else:
+            del self.members[key]
+
+
+Lane = deque[DueItem]
+Kinds = Rotation[Rotation[Lane]]  # a team's kinds, each a rotation of lanes
+Second = Rotation[Kinds]  # one due second's teams
+
+
+class FairQueue:
+    """The whole due set in firing order, built incrementally (each :meth:`add` and :meth:`pop`
+    costs O(1) per item, so a 20,000-item spike is never sorted as a whole).
+
+    Order: by due second; within a second, round-robin over teams, within a team's turn over
+    its kinds, within a kind's turn over its lanes, each lane in the order its items were added
+    (callers add in due order). A team, kind or lane joins the rotation at the back when its
+    first item arrives. Items already queued (by id) are ignored.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, Second] = {}
+        self._heap: list[int] = []
+        self._ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._ids
+
+    def add(self, items: Iterable[DueItem]) -> int:
+        """Queue the items not queued yet; returns how many."""
+        added = 0
+        for item in items:
+            if item.id in self._ids:
+                continue
+            self._ids.add(item.id)
+            added += 1
+            key = math.floor(item.due_at)
+            second = self._seconds.get(key)
+            if second is None:
+                second = self._seconds[key] = Rotation()
+                heapq.heappush(self._heap, key)
+            kinds = second.get(item.team, Rotation)
+            lanes = kinds.get(item.kind, Rotation)
+            lanes.get(item.lane, deque).append(item)
+        return added
+
+    def pop(self) -> DueItem:
+        """The next item to fire. Raises IndexError when empty."""
+        if not self._heap:
+            raise IndexError("pop from an empty FairQueue")
+        key = self._heap[0]
+        second = self._seconds[key]
+        kinds = second.front()
+        lanes = kinds.front()
+        lane = lanes.front()
+        item = lane.popleft()
+        lanes.rotate(bool(lane))
+        kinds.rotate(bool(lanes))
+        second.rotate(bool(kinds))
+        if not second:
+            del self._seconds[key]
+            heapq.heappop(self._heap)
+        self._ids.discard(item.id)
+        return item
+
 
 def fair_order(items: Iterable[DueItem]) -> list[DueItem]:
-    """Items in firing order: by due second; within a second, round-robin over teams (in id
-    order) and, within each team's turn, round-robin over its lanes (in order of their first
-    item), each lane's items in due order."""
-    by_second: dict[int, list[DueItem]] = {}
-    for item in items:
-        by_second.setdefault(math.floor(item.due_at), []).append(item)
-    ordered: list[DueItem] = []
-    for second in sorted(by_second):
-        teams: dict[str, dict[str, deque[DueItem]]] = {}
-        for item in sorted(by_second[second], key=lambda i: (i.due_at, i.id)):
-            teams.setdefault(item.team, {}).setdefault(item.lane, deque()).append(item)
-        lanes_of = {team: deque(lanes.values()) for team, lanes in teams.items()}
-        turn = deque(sorted(lanes_of))
-        while turn:
-            team = turn.popleft()
-            lanes = lanes_of[team]
-            lane = lanes.popleft()
-            ordered.append(lane.popleft())
-            if lane:
-                lanes.append(lane)
-            if lanes:
-                turn.append(team)
-    return ordered
+    """``items`` in :class:`FairQueue` order (added in due order, then id)."""
+    queue = FairQueue()
+    queue.add(sorted(items, key=lambda i: (i.due_at, i.id)))
+    return [queue.pop() for _ in range(len(queue))]
 
 
 class DueQueue:
-    """Due items waiting to fire, in :func:`fair_order`, released at a bounded rate.
+    """Due items waiting to fire, in :class:`FairQueue` order, released at a bounded rate.
 
     A token bucket of ``batch_max`` tokens refilled at ``rate_per_s``: :meth:`take`
     hands out at most ``batch_max`` items, and over any interval at most
@@ -167,8 +266,7 @@ class DueQueue:
             raise ValueError("the scheduler needs a positive rate and batch")
         self.rate_per_s = float(rate_per_s)
         self.batch_max = int(batch_max)
-        self._queue: deque[DueItem] = deque()
-        self._ids: set[str] = set()
+        self._queue = FairQueue()
         self._tokens = float(batch_max)
         self._at: float | None = None
 
@@ -176,16 +274,11 @@ class DueQueue:
         return len(self._queue)
 
     def __contains__(self, item_id: object) -> bool:
-        return item_id in self._ids
+        return item_id in self._queue
 
     def add(self, items: Iterable[DueItem]) -> int:
-        """Queue the items not queued yet (the queue is re-ordered fairly); returns how many."""
-        new = [item for item in items if item.id not in self._ids]
-        if not new:
-            return 0
-        self._ids.update(item.id for item in new)
-        self._queue = deque(fair_order([*self._queue, *new]))
-        return len(new)
+        """Queue the items not queued yet (add them in due order); returns how many."""
+        return self._queue.add(items)
 
     def _refill(self, now: float) -> None:
         if self._at is not None and now > self._at:
@@ -196,17 +289,140 @@ class DueQueue:
         """The next items to fire now: as many as the bucket allows, at most ``batch_max``."""
         self._refill(now)
         count = min(int(self._tokens + TOKEN_EPSILON), self.batch_max, len(self._queue))
-        taken = [self._queue.popleft() for _ in range(count)]
         self._tokens -= count
-        self._ids.difference_update(item.id for item in taken)
-        return taken
+        return [self._queue.pop() for _ in range(count)]
 
     def wait_s(self, now: float) -> float:
         """Seconds until :meth:`take` can hand out an item (inf when the queue is empty)."""
-        if not self._queue:
+        if not len(self._queue):
             return math.inf
         self._refill(now)
         return 0.0 if self._tokens + TOKEN_EPSILON >= 1.0 else (1.0 - self._tokens) / self.rate_per_s
+
+
+class LiveFirst:
+    """The yield-to-live rule: may the scheduler fire a batch now?
+
+    Not while a live write is open on the webapp's connection (a group-commit batch: a
+    ``chat.postMessage`` is being written and will commit on the next loop turn; firing now would
+    make it wait for SQLite's write lock), and not while the hand-off's outbox holds more than
+    ``max_outbox_backlog`` events (a live event would queue behind due items on its way to the
+    Admin Servers). :meth:`hold` answers why not, and for how long to wait before asking again.
+    """
+
+    def __init__(self, max_outbox_backlog: int = DEFAULT_OUTBOX_BACKLOG_MAX) -> None:
+        if max_outbox_backlog < 0:
+            raise ValueError("max_outbox_backlog must not be negative")
+        self.max_outbox_backlog = max_outbox_backlog
+
+    def hold(self, *, live_writing: bool, outbox_backlog: int) -> tuple[str, float] | None:
+        """None: fire. Else (reason, seconds to wait): ``live_write`` or ``outbox``."""
+        if live_writing:
+            return "live_write", LIVE_POLL_S
+        if outbox_backlog > self.max_outbox_backlog:
+            return "outbox", OUTBOX_POLL_S
+        return None
+
+
+class EventSink(Protocol):
+    def publish(self, events: list[Event]) -> None: ...
+
+
+@dataclass(eq=False)
+class Firing:
+    """One scheduler transaction's events, between its commit and the outbox."""
+
+    events: list[Event]
+    top_seq: dict[str, int] = field(default_factory=dict)  # channel -> highest seq it holds
+
+    def precedes(self, event: Event) -> bool:
+        """Did this firing commit before ``event``'s transaction (same channel, lower seq)?"""
+        seq = self.top_seq.get(event.channel)
+        return seq is not None and seq < event.seq
+
+
+class PublishOrder:
+    """Puts committed events in the outbox (``sink``) in the order their transactions committed,
+    across the webapp's connection (the event loop) and the scheduler's (its thread).
+
+    The scheduler's thread :meth:`register`\\ s a transaction's events *before* its COMMIT (while
+    it holds SQLite's write lock, so no later transaction can have committed yet), then asks the
+    loop to :meth:`deliver` them; it :meth:`abort`\\ s them if the COMMIT fails. The loop hands its
+    own committed events to :meth:`publish` (this is the group commit's sink): if a registered
+    firing holds an earlier seq of one of their channels, that firing has committed, so it and every
+    firing registered before it go first. Each channel's events thus reach the outbox in ``seq``
+    order. Thread-safe: :meth:`register` and :meth:`abort` on any thread, the rest on the loop.
+    """
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self._lock = threading.Lock()
+        self._pending: deque[Firing] = deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def register(self, events: list[Event]) -> Firing:
+        firing = Firing(list(events))
+        for event in events:
+            if event.seq > firing.top_seq.get(event.channel, 0):
+                firing.top_seq[event.channel] = event.seq
+        with self._lock:
+            self._pending.append(firing)
+        return firing
+
+    def abort(self, firing: Firing) -> None:
+        with self._lock:
+            if firing in self._pending:
+                self._pending.remove(firing)
+
+    def _take_through(self, last: Firing | None) -> list[Firing]:
+        """Pending firings up to and including ``last`` (the lock is held)."""
+        if last is None or last not in self._pending:
+            return []
+        taken = []
+        while self._pending:
+            firing = self._pending.popleft()
+            taken.append(firing)
+            if firing is last:
+                break
+        return taken
+
+    def deliver(self, firing: Firing) -> None:
+        """``firing`` committed: publish it (and any registered before it) unless done already."""
+        with self._lock:
+            taken = self._take_through(firing)
+        for earlier in taken:
+            self.sink.publish(earlier.events)
+
+    def publish(self, events: list[Event]) -> None:
+        """The loop's committed events, after any firing that committed before them."""
+        taken: list[Firing] = []
+        if self._pending:
+            with self._lock:
+                last = None
+                for firing in self._pending:
+                    if any(firing.precedes(event) for event in events):
+                        last = firing
+                taken = self._take_through(last)
+        for earlier in taken:
+            self.sink.publish(earlier.events)
+        self.sink.publish(events)
+
+    def oldest_t0(self) -> float | None:
+        """When the oldest event not yet in the outbox was created (for the hand-off mark)."""
+        with self._lock:
+            return min((e.t0 for f in self._pending for e in f.events), default=None)
+
+
+class CallSink:
+    """A plain function as an :class:`EventSink` (tests, tools)."""
+
+    def __init__(self, publish: Callable[[list[Event]], None]) -> None:
+        self._publish = publish
+
+    def publish(self, events: list[Event]) -> None:
+        self._publish(events)
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -226,13 +442,21 @@ def cancel_due(store: Store, item_id: str) -> bool:
     return bool(gone)
 
 
-def due_rows(store: Store, now: float, limit: int) -> list[DueItem]:
-    """Pending items due at or before ``now``, earliest first, at most ``limit``."""
-    rows = store.conn.execute(
-        "SELECT id, kind, team, lane, due_at FROM due_items WHERE state = ? AND due_at <= ? ORDER BY due_at LIMIT ?",
-        (STATE_PENDING, now, limit),
-    ).fetchall()
-    return [DueItem(*row) for row in rows]
+def due_rows(store: Store, now: float, limit: int, after: float | None = None) -> Iterable[list[DueItem]]:
+    """Pending items due at or before ``now`` (and after ``after``), earliest first, at most
+    ``limit``, in chunks of :data:`READ_CHUNK` (the sqlite3 module lets other threads run between)."""
+    if limit <= 0:
+        return
+    cursor = store.conn.execute(
+        "SELECT id, kind, team, lane, due_at FROM due_items WHERE state = ? AND due_at <= ? AND due_at > ? "
+        "ORDER BY due_at, id LIMIT ?",
+        (STATE_PENDING, now, -math.inf if after is None else after, limit),
+    )
+    try:
+        while rows := cursor.fetchmany(READ_CHUNK):
+            yield [DueItem(*row) for row in rows]
+    finally:
+        cursor.close()
 
 
 def next_due_at(store: Store) -> float | None:
@@ -246,41 +470,70 @@ class Fired:
 
     events: list[Event]
     outcomes: list[tuple[DueItem, str]]  # "posted", "failed:<code>" or "gone" (deleted, or fired already)
+    firing: Firing | None = None  # its registration with the PublishOrder, when one was given
 
 
-def fire_batch(store: Store, firers: FirerRegistry, items: list[DueItem], now: float) -> Fired:
+def fire_batch(
+    store: Store, firers: FirerRegistry, items: list[DueItem], now: float, order: PublishOrder | None = None
+) -> Fired:
     """Fire ``items`` in one transaction: each is claimed (pending -> fired) and posted in a
-    savepoint of its own, so one that fails (ApiError) is marked failed and the rest go on."""
+    savepoint of its own, so one that fails (ApiError) is marked failed and the rest go on.
+    With ``order``, the committed events are registered with it just before the COMMIT (and
+    the registration withdrawn if the transaction fails); the caller then delivers them."""
     events: list[Event] = []
     outcomes: list[tuple[DueItem, str]] = []
-    with store.transaction() as db:
-        for item in items:
-            try:
-                with store.transaction():
-                    claimed = db.execute(
-                        "UPDATE due_items SET state = ?, fired_at = ? WHERE id = ? AND state = ?",
-                        (STATE_FIRED, now, item.id, STATE_PENDING),
-                    ).rowcount
-                    if not claimed:
-                        outcomes.append((item, "gone"))
-                        continue
-                    firer = firers.get(item.kind)
-                    if firer is None:
-                        raise ApiError("unknown_kind")
-                    posted = firer(store, item.id, now)
-            except ApiError as exc:
-                db.execute(
-                    "UPDATE due_items SET state = ?, fired_at = ?, error = ? WHERE id = ? AND state = ?",
-                    (STATE_FAILED, now, exc.code, item.id, STATE_PENDING),
-                )
-                outcomes.append((item, f"failed:{exc.code}"))
-                continue
-            events += posted
-            outcomes.append((item, "posted"))
-    return Fired(events, outcomes)
+    firing: Firing | None = None
+    try:
+        with store.transaction() as db:
+            for item in items:
+                try:
+                    with store.transaction():
+                        claimed = db.execute(
+                            "UPDATE due_items SET state = ?, fired_at = ? WHERE id = ? AND state = ?",
+                            (STATE_FIRED, now, item.id, STATE_PENDING),
+                        ).rowcount
+                        if not claimed:
+                            outcomes.append((item, "gone"))
+                            continue
+                        firer = firers.get(item.kind)
+                        if firer is None:
+                            raise ApiError("unknown_kind")
+                        posted = firer(store, item.id, now)
+                except ApiError as exc:
+                    db.execute(
+                        "UPDATE due_items SET state = ?, fired_at = ?, error = ? WHERE id = ? AND state = ?",
+                        (STATE_FAILED, now, exc.code, item.id, STATE_PENDING),
+                    )
+                    outcomes.append((item, f"failed:{exc.code}"))
+                    continue
+                events += posted
+                outcomes.append((item, "posted"))
+            if order is not None and events:
+                firing = order.register(events)
+    except BaseException:
+        if firing is not None and order is not None:
+            order.abort(firing)
+        if store.conn.in_transaction:  # a failed COMMIT may leave it open
+            store.conn.execute("ROLLBACK")
+        raise
+    return Fired(events, outcomes, firing)
 
 
-# -- the asyncio loop --------------------------------------------------------------------------------
+def open_scheduler_store(path: str, *, max_event_bytes: int = MAX_EVENT_BYTES) -> Store:
+    """The scheduler's own connection to the webapp's database file ``path``.
+
+    ``synchronous=NORMAL``: its commits are written to the WAL but not fsynced, so a batch
+    holds SQLite's write lock (which live posts wait for) only while it runs, not for an
+    fsync. A process crash (SIGKILL) loses nothing of them; the next live commit's fsync,
+    or the next checkpoint, makes them durable across a power loss (the WAL is synced as a
+    whole). WAL checkpoints stay with the webapp's checkpoint thread.
+    """
+    store = Store(path, synchronous=SCHEDULER_SYNCHRONOUS, max_event_bytes=max_event_bytes)
+    WalCheckpointer.take_over(store.conn)
+    return store
+
+
+# -- the thread ----------------------------------------------------------------------------------
 
 
 class Publisher(Protocol):
@@ -289,17 +542,20 @@ class Publisher(Protocol):
 
 class Scheduler:
     """Fires due items: reads them from SQLite into a :class:`DueQueue`, fires batches at the
-    queue's rate, publishes each batch's events through the hand-off once committed.
+    queue's rate when :class:`LiveFirst` allows, and hands each batch's committed events to
+    ``publish`` through :class:`PublishOrder`.
 
-    ``publish`` is the same function ``chat.postMessage`` hands its events to
-    (:meth:`webapp_stub.api.WebApi.publish`). :meth:`wake` tells the loop that an item was
-    scheduled (it may be due before the loop's next look).
+    ``store`` is the scheduler's own connection (:func:`open_scheduler_store`); ``publish`` the
+    :class:`PublishOrder` that the webapp's group commit also publishes through (or a plain
+    function, in tests). :meth:`start` runs :meth:`step` on a thread of its own and delivers
+    committed batches on the event loop; without it, :meth:`step` runs synchronously (tests).
+    :meth:`wake` tells it that an item was scheduled (it may be due before its next look).
     """
 
     def __init__(
         self,
         store: Store,
-        publish: Publisher,
+        publish: PublishOrder | Publisher,
         metrics: ServiceMetrics,
         *,
         firers: FirerRegistry | None = None,
@@ -307,18 +563,25 @@ class Scheduler:
         batch_max: int = DEFAULT_BATCH_MAX,
         clock: Callable[[], float] = time.time,
         outbox_backlog: Callable[[], int] = lambda: 0,
-        max_outbox_backlog: int | None = None,
+        max_outbox_backlog: int = DEFAULT_OUTBOX_BACKLOG_MAX,
+        live_writing: Callable[[], bool] = lambda: False,
+        owns_store: bool = False,
     ) -> None:
         self.store = store
+        self.owns_store = owns_store
+        self.order = publish if isinstance(publish, PublishOrder) else PublishOrder(CallSink(publish))
         self.outbox_backlog = outbox_backlog
-        self.max_outbox_backlog = batch_max if max_outbox_backlog is None else max_outbox_backlog
-        self.publish = publish
+        self.live_writing = live_writing
+        self.live_first = LiveFirst(max_outbox_backlog)
         self.firers = firers if firers is not None else FIRERS
         self.queue = DueQueue(rate_per_s, batch_max)
         self.clock = clock
         self.started_at = clock()  # items due before this were due while the webapp was down
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._read_upto: float | None = None  # everything due up to this is queued (None: read all again)
+        self._post: Callable[[Callable[[Firing], None], Firing], Any] = lambda fn, arg: fn(arg)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
         self.fired = metrics.counter(
             "rtm_scheduler_fired_total",
             "Due items fired, by kind, outcome (posted, failed, gone) and late (due while the webapp was down)",
@@ -329,7 +592,9 @@ class Scheduler:
         )
         self.batches = metrics.counter("rtm_scheduler_batches_total", "Batches (transactions) the scheduler fired")
         self.yields = metrics.counter(
-            "rtm_scheduler_outbox_waits_total", "Turns the scheduler waited for the hand-off's outbox to drain"
+            "rtm_scheduler_yields_total",
+            "Turns the scheduler waited for live traffic: an open live write, or the hand-off's outbox",
+            ["reason"],
         )
         metrics.gauge("rtm_scheduler_queued", "Due items read and waiting for their turn").set_function(
             lambda: len(self.queue)
@@ -337,44 +602,82 @@ class Scheduler:
         metrics.gauge("rtm_scheduler_rate_per_s", "The scheduler's rate limit, items per second").set(rate_per_s)
         self._metrics = metrics
 
+    # -- on the event loop
     def start(self) -> None:
-        self._task = asyncio.create_task(self.run_loop(), name="scheduler-loop")
+        """Run on a thread of its own; committed batches are delivered on the running loop."""
+        loop = asyncio.get_running_loop()
+        self._post = loop.call_soon_threadsafe
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="rtm-scheduler", daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Stop the thread (after its current turn) and close the scheduler's own store."""
+        self._stopping = True
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, THREAD_JOIN_TIMEOUT_S)
+            if thread.is_alive():
+                log.warning("scheduler thread still busy after %ss", THREAD_JOIN_TIMEOUT_S)
+                return  # it still uses the store: leave it to the process's exit
+        if self.owns_store:
+            self.store.close()
 
     def wake(self) -> None:
         """An item was scheduled or changed: look at the table again now."""
         self._wake.set()
 
-    def step(self) -> float:
-        """One turn: refill the queue if it is empty, fire what the rate allows. Returns how long
-        to wait before the next turn (seconds)."""
-        now = self.clock()
+    # -- on the scheduler's thread
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                wait_s = self.step()
+            except Exception:
+                log.exception("scheduler turn failed")
+                wait_s = ERROR_BACKOFF_S
+            if wait_s > 0 and not self._stopping:
+                self._wake.wait(wait_s)
+
+    def refill(self, now: float) -> int:
+        """Read what fell due since the last read (everything due, when the queue is empty)."""
         if not len(self.queue):
-            self.queue.add(due_rows(self.store, now, MAX_QUEUED))
-        if len(self.queue) and self.outbox_backlog() > self.max_outbox_backlog:
-            self.yields.inc()
-            return OUTBOX_POLL_S  # live events first: let the outbox drain
+            self._read_upto = None
+        added = 0
+        room = MAX_QUEUED - len(self.queue)
+        for chunk in due_rows(self.store, now, room, after=self._read_upto):
+            added += self.queue.add(chunk)
+        # a read that filled the queue may have left items due up to ``now`` behind: read them
+        # all again once the queue has emptied
+        self._read_upto = now if len(self.queue) < MAX_QUEUED else math.inf
+        return added
+
+    def step(self) -> float:
+        """One turn: read newly due items, fire a batch if live traffic and the rate allow.
+        Returns how long to wait before the next turn (seconds)."""
+        now = self.clock()
+        self.refill(now)
+        if not len(self.queue):
+            upcoming = next_due_at(self.store)
+            if upcoming is None:
+                return MAX_IDLE_WAIT_S
+            return min(MAX_IDLE_WAIT_S, max(0.0, upcoming - now))
+        hold = self.live_first.hold(live_writing=self.live_writing(), outbox_backlog=self.outbox_backlog())
+        if hold is not None:
+            self.yields.labels(hold[0]).inc()
+            return hold[1]
         batch = self.queue.take(now)
         if batch:
             self.fire(batch, now)
             return max(0.0, self.queue.wait_s(self.clock())) if len(self.queue) else 0.0
-        if len(self.queue):
-            return self.queue.wait_s(now)
-        upcoming = next_due_at(self.store)
-        if upcoming is None:
-            return MAX_IDLE_WAIT_S
-        return min(MAX_IDLE_WAIT_S, max(0.0, upcoming - now))
+        return self.queue.wait_s(now)
 
     def fire(self, batch: list[DueItem], now: float) -> None:
-        fired = fire_batch(self.store, self.firers, batch, now)
+        fired = fire_batch(self.store, self.firers, batch, now, self.order)
         self.batches.inc()
-        if fired.events:
-            self.publish(fired.events)
+        if fired.firing is not None:
+            self._post(self.order.deliver, fired.firing)
         for item, outcome in fired.outcomes:
             kind_outcome = outcome.partition(":")[0]
             if kind_outcome == "failed":
@@ -384,23 +687,6 @@ class Scheduler:
             self.fired.labels(item.kind, kind_outcome, late).inc()
             if kind_outcome == "posted":
                 self.late.labels(item.kind).observe(max(0.0, now - item.due_at))
-
-    async def run_loop(self) -> None:
-        """Forever: a turn, then sleep until the next is due or :meth:`wake` is called."""
-        while True:
-            self._wake.clear()
-            try:
-                wait_s = self.step()
-            except Exception:
-                log.exception("scheduler turn failed")
-                wait_s = ERROR_BACKOFF_S
-            if wait_s <= 0:
-                await asyncio.sleep(0)  # yield: live requests go between two batches
-                continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
-            except TimeoutError:
-                pass
 
 
 def info(scheduler: Scheduler | None) -> dict[str, Any]:
