@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,14 @@ import pytest
 from services.metrics import ServiceMetrics
 from tests.support import FakeClock
 from webapp_stub.scheduler import (
+    LIVE_POLL_S,
+    OUTBOX_POLL_S,
     DueItem,
     DueQueue,
+    FairQueue,
     FirerRegistry,
+    LiveFirst,
+    PublishOrder,
     Scheduler,
     add_due,
     cancel_due,
@@ -27,8 +33,8 @@ from webapp_stub.store import ApiError, Event, Store
 T0 = 1_700_000_000.0
 
 
-def item(iid: str, team: str = "T1", lane: str = "C1", due_at: float = T0) -> DueItem:
-    return DueItem(iid, "test", team, lane, due_at)
+def item(iid: str, team: str = "T1", lane: str = "C1", due_at: float = T0, kind: str = "test") -> DueItem:
+    return DueItem(iid, kind, team, lane, due_at)
 
 
 # -- fair order ----------------------------------------------------------------------------------
@@ -93,6 +99,113 @@ def test_queue_refuses_a_rate_or_batch_of_zero() -> None:
         DueQueue(rate_per_s=0.0, batch_max=1)
     with pytest.raises(ValueError):
         DueQueue(rate_per_s=1.0, batch_max=0)
+
+
+def test_kinds_interleave_whatever_their_ids() -> None:
+    # the bench's shape: scheduled messages (Q… ids sort first) and reminders due in one second
+    messages = [item(f"Q{n:03d}", lane=f"C{n % 4}", kind="message") for n in range(8)]
+    reminders = [item(f"Rm{n:03d}", lane=f"U{n % 4}", kind="reminder") for n in range(8)]
+    order = fair_order([*reminders, *messages])
+    assert [i.kind for i in order] == ["message", "reminder"] * 8
+    # and each kind goes round its lanes: no lane fires twice before every lane fired once
+    assert [i.lane for i in order if i.kind == "message"][:4] == ["C0", "C1", "C2", "C3"]
+    assert [i.lane for i in order if i.kind == "reminder"][:4] == ["U0", "U1", "U2", "U3"]
+
+
+def test_fairness_spans_the_whole_due_set_not_one_read() -> None:
+    # 1,000 items of a busy channel, then one of a quiet one, added in two reads (as refill does)
+    queue = FairQueue()
+    queue.add(item(f"busy{n:04d}", lane="C-busy") for n in range(1000))
+    queue.add([item("quiet", lane="C-quiet")])
+    first = [queue.pop().id for _ in range(3)]
+    assert first == ["busy0000", "quiet", "busy0001"]
+
+
+def test_fair_queue_pops_teams_kinds_and_lanes_in_turn() -> None:
+    queue = FairQueue()
+    queue.add(
+        [
+            item("t1-m-a1", "T1", "Ca", kind="message"),
+            item("t1-m-a2", "T1", "Ca", kind="message"),
+            item("t1-m-b1", "T1", "Cb", kind="message"),
+            item("t1-r-u1", "T1", "U1", kind="reminder"),
+            item("t2-m-c1", "T2", "Cc", kind="message"),
+        ]
+    )
+    assert queue.add([item("t1-m-a1", "T1", "Ca", kind="message")]) == 0  # already queued
+    order = [queue.pop().id for _ in range(len(queue))]
+    # T1, T2, T1, T1 (T2 is done); within T1: message, reminder, message; messages: Ca, Cb, Ca
+    assert order == ["t1-m-a1", "t2-m-c1", "t1-r-u1", "t1-m-b1", "t1-m-a2"]
+    with pytest.raises(IndexError):
+        queue.pop()
+
+
+def test_a_later_second_waits_for_the_earlier_one_even_if_added_first() -> None:
+    queue = FairQueue()
+    queue.add([item("later", due_at=T0 + 5)])
+    queue.add([item("sooner", due_at=T0 + 1)])
+    assert [queue.pop().id, queue.pop().id] == ["sooner", "later"]
+
+
+# -- live traffic first ----------------------------------------------------------------------------
+
+
+def test_live_first_holds_for_an_open_live_write_then_for_the_outbox() -> None:
+    rule = LiveFirst(max_outbox_backlog=64)
+    assert rule.hold(live_writing=False, outbox_backlog=64) is None
+    assert rule.hold(live_writing=True, outbox_backlog=0) == ("live_write", LIVE_POLL_S)
+    assert rule.hold(live_writing=False, outbox_backlog=65) == ("outbox", OUTBOX_POLL_S)
+    assert rule.hold(live_writing=True, outbox_backlog=65) == ("live_write", LIVE_POLL_S)
+    with pytest.raises(ValueError):
+        LiveFirst(max_outbox_backlog=-1)
+
+
+def ev(channel: str, seq: int) -> Event:
+    return Event(channel, seq, "{}", None, T0 + seq)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def publish(self, events: list[Event]) -> None:
+        self.events += events
+
+
+def test_publish_order_puts_a_firing_before_a_later_live_event_of_its_channel() -> None:
+    sink = Sink()
+    order = PublishOrder(sink)
+    firing = order.register([ev("C1", 5), ev("D9", 1)])  # committed by the scheduler's thread
+    assert order.oldest_t0() == T0 + 1
+    # the loop committed C1's seq 6 before the thread's delivery reached it: 5 goes out first
+    order.publish([ev("C1", 6)])
+    assert [e.eid for e in sink.events] == ["C1:5", "D9:1", "C1:6"]
+    order.deliver(firing)  # the late delivery publishes nothing twice
+    assert len(sink.events) == 3 and len(order) == 0 and order.oldest_t0() is None
+
+
+def test_publish_order_leaves_a_firing_that_committed_after_the_live_event() -> None:
+    sink = Sink()
+    order = PublishOrder(sink)
+    first = order.register([ev("C1", 7)])
+    second = order.register([ev("C2", 3)])
+    order.publish([ev("C1", 6), ev("C3", 1)])  # seq 6 < 7: the loop committed first
+    assert [e.eid for e in sink.events] == ["C1:6", "C3:1"]
+    order.publish([ev("C2", 4)])  # C2's 3 committed before: both firings go first, in order
+    assert [e.eid for e in sink.events] == ["C1:6", "C3:1", "C1:7", "C2:3", "C2:4"]
+    order.deliver(first)
+    order.deliver(second)
+    assert len(sink.events) == 5
+
+
+def test_publish_order_drops_an_aborted_firing() -> None:
+    sink = Sink()
+    order = PublishOrder(sink)
+    firing = order.register([ev("C1", 5)])
+    order.abort(firing)  # its COMMIT failed: seq 5 was never written
+    order.publish([ev("C1", 5)])
+    order.deliver(firing)
+    assert [e.eid for e in sink.events] == ["C1:5"]
 
 
 # -- firing, exactly once ---------------------------------------------------------------------------------
@@ -208,3 +321,88 @@ def test_scheduler_fires_on_time_at_its_rate_and_counts_late_items(store: Store)
     assert clock() - (T0 + 10) == pytest.approx(2.5, abs=0.05)  # 25 more at 10/s after the first batch
     assert metric(metrics, "rtm_scheduler_fired_total", kind="test", outcome="posted", late="false") == 30
     assert metric(metrics, "rtm_scheduler_late_seconds_count", kind="test") == 31
+
+
+def test_scheduler_yields_to_an_open_live_write_and_to_a_full_outbox(store: Store) -> None:
+    clock = FakeClock(T0)
+    with store.transaction():
+        for n in range(4):
+            add_due(store, item(f"i{n}", lane=f"C{n}"))
+    published = Recorder()
+    live = {"writing": True, "backlog": 0}
+    metrics = ServiceMetrics("webapp", "test")
+    scheduler = Scheduler(
+        store,
+        published,
+        metrics,
+        firers=firers_posting_to(store),
+        batch_max=2,
+        clock=clock,
+        live_writing=lambda: live["writing"],
+        outbox_backlog=lambda: live["backlog"],
+        max_outbox_backlog=10,
+    )
+    assert scheduler.step() == LIVE_POLL_S and published.events == []  # a live post is being written
+    live.update(writing=False, backlog=11)
+    assert scheduler.step() == OUTBOX_POLL_S and published.events == []  # live events wait in the outbox
+    live["backlog"] = 10
+    scheduler.step()
+    assert len(published.events) == 2  # one batch, then the rate
+    assert metric(metrics, "rtm_scheduler_yields_total", reason="live_write") == 1
+    assert metric(metrics, "rtm_scheduler_yields_total", reason="outbox") == 1
+    assert len(scheduler.queue) == 2
+
+
+def test_scheduler_delivers_through_the_publish_order_after_commit(store: Store) -> None:
+    with store.transaction():
+        add_due(store, item("a"))
+    sink = Sink()
+    order = PublishOrder(sink)
+    posted: list[tuple[Any, Any]] = []
+    scheduler = Scheduler(
+        store, order, ServiceMetrics("webapp", "test"), firers=firers_posting_to(store), clock=FakeClock(T0)
+    )
+    scheduler._post = lambda fn, arg: posted.append((fn, arg))  # the loop's call_soon_threadsafe
+    scheduler.step()
+    assert sink.events == [] and len(order) == 1  # committed, registered, not yet on the loop
+    assert store.conn.execute("SELECT state FROM due_items").fetchone()[0] == "fired"
+    fn, arg = posted[0]
+    fn(arg)
+    assert [e.json for e in sink.events] == ['{"type":"fired-again","id":"a"}'] and len(order) == 0
+
+
+def test_a_batch_whose_commit_fails_withdraws_its_registration(store: Store) -> None:
+    # a deferred foreign key makes the COMMIT itself fail, after the events were registered
+    store.conn.execute("PRAGMA foreign_keys=ON")
+    store.conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    store.conn.execute("CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    with store.transaction():
+        add_due(store, item("a"))
+    firers = FirerRegistry()
+
+    def orphan(s: Store, iid: str, now: float) -> list[Event]:
+        s.conn.execute("INSERT INTO child (p) VALUES (42)")
+        return [s._append_event("LANE", {"type": "fired", "id": iid})]
+
+    firers.register("test", orphan)
+    sink = Sink()
+    order = PublishOrder(sink)
+    with pytest.raises(sqlite3.IntegrityError):
+        fire_batch(store, firers, [item("a")], T0, order)
+    assert len(order) == 0 and not store.conn.in_transaction
+    assert store.conn.execute("SELECT state FROM due_items").fetchone()[0] == "pending"
+    order.publish([ev("LANE", 1)])  # the seq it had is taken by the next writer, published once
+    assert [e.eid for e in sink.events] == ["LANE:1"]
+
+
+def test_refill_reads_only_what_fell_due_since_the_last_read(store: Store) -> None:
+    clock = FakeClock(T0)
+    with store.transaction():
+        add_due(store, item("now", lane="C1", due_at=T0))
+        add_due(store, item("soon", lane="C2", due_at=T0 + 1))
+    scheduler = Scheduler(
+        store, Recorder(), ServiceMetrics("webapp", "test"), firers=firers_posting_to(store), clock=clock
+    )
+    assert scheduler.refill(T0) == 1
+    assert scheduler.refill(T0) == 0  # nothing new
+    assert scheduler.refill(T0 + 1) == 1 and len(scheduler.queue) == 2
