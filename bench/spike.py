@@ -263,6 +263,20 @@ class Spike:
         if tasks:
             await asyncio.wait(tasks, timeout=30)
 
+    async def scheduler_metrics(self) -> dict[str, float]:
+        """The webapp's ``rtm_scheduler_*`` and group-commit counters at the end of the run."""
+        assert self.http is not None
+        url = self.fleet.api_url.split("/api/")[0] + "/metrics"
+        async with self.http.get(url) as r:
+            text = await r.text()
+        wanted = ("rtm_scheduler_batches_total", "rtm_scheduler_yields_total", "rtm_webapp_commit_seconds_")
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(wanted) and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
     async def frames(self) -> int:
         return sum(s["frames"] for s in await self.lc.all("stat"))
 
@@ -358,6 +372,7 @@ async def measure(args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, sp
     await asyncio.sleep(2.0)  # the last live posts' deliveries
     if profile is not None:
         out["webapp_profile_top"] = await profile
+    out["webapp_scheduler_metrics"] = await spike.scheduler_metrics()
     rec = await spike.collect()
 
     keys = (rec[:, 1] << KEY_CONN_BITS) | rec[:, 0]
@@ -470,6 +485,9 @@ def render(r: dict[str, Any]) -> str:
         "",
         "Goals: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in r["goals"].items()),
     ]
+    if r.get("webapp_scheduler_metrics"):
+        lines += ["", "The webapp's scheduler and group-commit counters at the end:", ""]
+        lines += [f"    {k} {v:g}" for k, v in r["webapp_scheduler_metrics"].items() if "bucket" not in k]
     if r.get("webapp_profile_top"):
         lines += [
             "",

@@ -55,9 +55,9 @@ from webapp_stub.internal import InternalEndpoints
 from webapp_stub.presence import PresenceClient
 from webapp_stub.scheduler import (
     DEFAULT_BATCH_MAX,
+    DEFAULT_DUTY_CYCLE,
     DEFAULT_OUTBOX_BACKLOG_MAX,
     DEFAULT_RATE_PER_S,
-    PublishOrder,
     Scheduler,
     open_scheduler_store,
 )
@@ -201,7 +201,12 @@ def build_parser() -> Parser:
         DEFAULT_RATE_PER_S,
         "due items (scheduled messages, reminders) fired per second at most: live posts never wait behind a spike",
     )
-    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per transaction on the scheduler's thread")
+    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per transaction (one event-loop turn)")
+    parser.add(
+        "--scheduler-duty-cycle",
+        DEFAULT_DUTY_CYCLE,
+        "the most of the event loop's time the scheduler may take (it rests after each batch)",
+    )
     parser.add(
         "--scheduler-outbox-backlog-max",
         DEFAULT_OUTBOX_BACKLOG_MAX,
@@ -238,7 +243,6 @@ class WebappServer:
         self._given_discovery = discovery
         self._stack = AsyncExitStack()
         self._stopped = False
-        self.order: PublishOrder | None = None
 
     async def start(self) -> dict[str, Any]:
         """Serve and register; return the ready info. On any failure, what started is stopped."""
@@ -258,10 +262,7 @@ class WebappServer:
             self._spawn(self._redrive_loop(), "deadletter-redrive-loop")
             # Group commit: after the loops above, so that at stop it is closed (committing
             # what is open) before they stop and the outbox flushes.
-            # Committed events reach the outbox through the PublishOrder: in commit order across the
-            # webapp's connection and the scheduler's (webapp_stub/scheduler.py).
-            self.order = PublishOrder(self.handoff)
-            self.commits = GroupCommit(self.store, self.order, self.metrics, window_s=args.group_commit_window_s)
+            self.commits = GroupCommit(self.store, self.handoff, self.metrics, window_s=args.group_commit_window_s)
             self._stack.callback(self.commits.close)
             self._watch_fleet()
             self._start_api(secret)
@@ -348,9 +349,7 @@ class WebappServer:
     async def _mark_loop(self) -> None:
         while True:
             await asyncio.sleep(MARK_INTERVAL_S)
-            now = time.time()
-            in_flight = self.order.oldest_t0() if self.order is not None else None  # committed, not yet queued
-            write_mark(self.store, self.handoff, now if in_flight is None else min(now, in_flight))
+            write_mark(self.store, self.handoff, time.time())
 
     async def _redrive_loop(self) -> None:
         while True:
@@ -390,19 +389,19 @@ class WebappServer:
         self.api.presence = presence
         presence.start()
         self._stack.push_async_callback(presence.close)
-        # scheduled messages and reminders (webapp_stub/scheduler.py): fired on a thread and a
-        # connection of their own, behind live traffic
+        # scheduled messages and reminders (webapp_stub/scheduler.py): fired through a connection
+        # of their own (no fsync per batch), behind live traffic
         webapp_store = self.store
-        assert self.order is not None  # made with the group commit, before the API
         scheduler = Scheduler(
             open_scheduler_store(webapp_store.path, max_event_bytes=args.max_event_bytes),
-            self.order,
+            self.api.publish,
             self.metrics,
             rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
             batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
             outbox_backlog=lambda: len(self.handoff),
             max_outbox_backlog=getattr(args, "scheduler_outbox_backlog_max", DEFAULT_OUTBOX_BACKLOG_MAX),
             live_writing=lambda: webapp_store.in_batch,
+            duty_cycle=getattr(args, "scheduler_duty_cycle", DEFAULT_DUTY_CYCLE),
             owns_store=True,
         )
         self.api.scheduler = scheduler

@@ -23,25 +23,22 @@ Guarantees
   round-robin across teams; within a team's turn, across the kinds (scheduled
   messages, reminders); within a kind's turn, across lanes (the conversation a
   scheduled message posts in, the user a reminder is for), each lane in due
-  order (:class:`FairQueue`). Every due item is in memory (up to
-  :data:`MAX_QUEUED`), so one team's, kind's or channel's thousand items cannot
-  hold another's one behind them.
-* **Live traffic first.** The scheduler runs on a thread of its own with its
-  own SQLite connection (:func:`open_scheduler_store`): reading and ordering the
-  due set, and each batch's transaction, run off the event loop, and its commits
-  do not fsync (``synchronous=NORMAL``: the next live commit's fsync makes them
-  durable, see docs/scheduling.md). It fires a batch only when no live write is
-  open on the webapp's connection and the hand-off's outbox holds at most
-  ``max_outbox_backlog`` events (:class:`LiveFirst`), at most ``batch_max`` items
-  per transaction, at most ``rate_per_s`` items per second (:class:`DueQueue`).
-* **Hand-off in commit order.** Two connections now write, so the scheduler's
-  committed events and the webapp's are put in the outbox in the order their
-  transactions committed, which keeps each channel's events in ``seq`` order
-  (:class:`PublishOrder`).
+  order (:class:`FairQueue`). The whole due set (up to :data:`MAX_QUEUED`) is
+  read, a chunk per event-loop turn, before the first batch fires, so one
+  team's, kind's or channel's thousand items cannot hold another's one behind them.
+* **Live traffic first.** The scheduler writes through a SQLite connection of
+  its own whose commits do not fsync (:func:`open_scheduler_store`,
+  ``synchronous=NORMAL``; the next live commit's fsync makes them durable), so
+  the event loop never waits for a disk flush on a due item's behalf. It fires
+  a batch only when no live write is open on the webapp's connection and the
+  hand-off's outbox holds at most ``max_outbox_backlog`` events, then rests so
+  that it takes at most ``duty_cycle`` of the event loop (:class:`LiveFirst`);
+  at most ``batch_max`` items per transaction and ``rate_per_s`` per second
+  (:class:`DueQueue`). A live request waits for at most one batch (about
+  ``batch_max`` × 0.2 ms here).
 
-The ordering, the rate, the yield rule and the publishing order are sans-I/O
-classes; :class:`Scheduler` is the thin thread that reads due rows, fires
-batches and hands their events to the event loop.
+The ordering, the rate and the yield rule are sans-I/O classes; :class:`Scheduler` is the
+thin asyncio loop that reads due rows, fires batches and publishes.
 """
 
 from __future__ import annotations
@@ -50,11 +47,10 @@ import asyncio
 import heapq
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from services.metrics import ServiceMetrics
@@ -67,30 +63,32 @@ log = logging.getLogger("rtm.webapp.scheduler")
 # The scheduler's own rate, items per second: an upper bound (the yield rules below, and the CPU,
 # usually bind first). 20,000 items due at once take at least 4 s at 5,000/s.
 DEFAULT_RATE_PER_S = 5000.0
-# Items per transaction. The transaction holds SQLite's write lock, and a live post that wants to
-# write meanwhile waits for it (measured: ~0.15 ms per item on the scheduler's thread on an idle
-# machine, several times that on a loaded one); with no fsync per commit, small batches cost little.
+# Items per transaction, fired in one event-loop turn: a live request that arrives meanwhile waits
+# for it (~0.2 ms per item here, several times that on a loaded machine); with no fsync per commit,
+# small batches cost little.
 DEFAULT_BATCH_MAX = 16
 # Priority to live traffic in the hand-off: the scheduler fires only while the outbox to the Admin
 # Servers holds at most this many unacknowledged events, so a live post's event queues behind at
 # most this many due items' (plus one batch) on its way through the fleet, whatever the fleet's speed.
 DEFAULT_OUTBOX_BACKLOG_MAX = 64
 # The most due items held in memory (in fair order); more wait in SQLite until these have fired.
-# ~300 bytes each: 100,000 are ~30 MiB. Read in chunks of READ_CHUNK rows on the scheduler's thread.
+# ~300 bytes each: 100,000 are ~30 MiB. Read in chunks of READ_CHUNK rows, one per event-loop turn
+# (500 rows take ~1-2 ms: a 20,000-row read at once held the loop 0.5 s).
 MAX_QUEUED = 100_000
 READ_CHUNK = 500
-# The longest the thread sleeps without looking at the table (items written by another process,
+# The longest the scheduler sleeps without looking at the table (items written by another process,
 # such as a bulk load, are seen within this); items scheduled through the API wake it at once.
 MAX_IDLE_WAIT_S = 1.0
+# The most of the event loop's time the scheduler may take while it has a backlog: after a batch
+# that took t seconds it rests t * (1 - duty) / duty, so live requests, the hand-off's replies and
+# the deliveries it publishes always get the rest of the loop.
+DEFAULT_DUTY_CYCLE = 0.5
 # While a live write is open on the webapp's connection (a group-commit batch), look again after this.
 LIVE_POLL_S = 0.001
 # While the outbox holds more than the backlog bound, look again after this.
 OUTBOX_POLL_S = 0.002
 # After an unexpected error in a turn, wait this long before trying again.
 ERROR_BACKOFF_S = 1.0
-# How long close() waits for the thread to finish its turn (a transaction waiting for the write lock
-# gives up after SQLite's busy_timeout, 5 s).
-THREAD_JOIN_TIMEOUT_S = 10.0
 # The scheduler's connection does not fsync its commits (see open_scheduler_store).
 SCHEDULER_SYNCHRONOUS = "NORMAL"
 TOKEN_EPSILON = 1e-3  # float slack: unix times carry ~2e-7 s of rounding; 50 ms at 100/s is 5 items, not 4.99998
@@ -307,13 +305,24 @@ class LiveFirst:
     ``chat.postMessage`` is being written and will commit on the next loop turn; firing now would
     make it wait for SQLite's write lock), and not while the hand-off's outbox holds more than
     ``max_outbox_backlog`` events (a live event would queue behind due items on its way to the
-    Admin Servers). :meth:`hold` answers why not, and for how long to wait before asking again.
+    Admin Servers). :meth:`hold` answers why not, and for how long to wait before asking again;
+    :meth:`rest_s` how long to leave the process to the event loop after a batch.
     """
 
-    def __init__(self, max_outbox_backlog: int = DEFAULT_OUTBOX_BACKLOG_MAX) -> None:
+    def __init__(
+        self, max_outbox_backlog: int = DEFAULT_OUTBOX_BACKLOG_MAX, duty_cycle: float = DEFAULT_DUTY_CYCLE
+    ) -> None:
         if max_outbox_backlog < 0:
             raise ValueError("max_outbox_backlog must not be negative")
+        if not 0 < duty_cycle <= 1:
+            raise ValueError("duty_cycle must be in (0, 1]")
         self.max_outbox_backlog = max_outbox_backlog
+        self.duty_cycle = duty_cycle
+
+    def rest_s(self, busy_s: float) -> float:
+        """How long to rest after a batch that took ``busy_s``: the thread's share of the time
+        stays at most ``duty_cycle``, the rest is the event loop's."""
+        return max(0.0, busy_s) * (1.0 - self.duty_cycle) / self.duty_cycle
 
     def hold(self, *, live_writing: bool, outbox_backlog: int) -> tuple[str, float] | None:
         """None: fire. Else (reason, seconds to wait): ``live_write`` or ``outbox``."""
@@ -322,107 +331,6 @@ class LiveFirst:
         if outbox_backlog > self.max_outbox_backlog:
             return "outbox", OUTBOX_POLL_S
         return None
-
-
-class EventSink(Protocol):
-    def publish(self, events: list[Event]) -> None: ...
-
-
-@dataclass(eq=False)
-class Firing:
-    """One scheduler transaction's events, between its commit and the outbox."""
-
-    events: list[Event]
-    top_seq: dict[str, int] = field(default_factory=dict)  # channel -> highest seq it holds
-
-    def precedes(self, event: Event) -> bool:
-        """Did this firing commit before ``event``'s transaction (same channel, lower seq)?"""
-        seq = self.top_seq.get(event.channel)
-        return seq is not None and seq < event.seq
-
-
-class PublishOrder:
-    """Puts committed events in the outbox (``sink``) in the order their transactions committed,
-    across the webapp's connection (the event loop) and the scheduler's (its thread).
-
-    The scheduler's thread :meth:`register`\\ s a transaction's events *before* its COMMIT (while
-    it holds SQLite's write lock, so no later transaction can have committed yet), then asks the
-    loop to :meth:`deliver` them; it :meth:`abort`\\ s them if the COMMIT fails. The loop hands its
-    own committed events to :meth:`publish` (this is the group commit's sink): if a registered
-    firing holds an earlier seq of one of their channels, that firing has committed, so it and every
-    firing registered before it go first. Each channel's events thus reach the outbox in ``seq``
-    order. Thread-safe: :meth:`register` and :meth:`abort` on any thread, the rest on the loop.
-    """
-
-    def __init__(self, sink: EventSink) -> None:
-        self.sink = sink
-        self._lock = threading.Lock()
-        self._pending: deque[Firing] = deque()
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def register(self, events: list[Event]) -> Firing:
-        firing = Firing(list(events))
-        for event in events:
-            if event.seq > firing.top_seq.get(event.channel, 0):
-                firing.top_seq[event.channel] = event.seq
-        with self._lock:
-            self._pending.append(firing)
-        return firing
-
-    def abort(self, firing: Firing) -> None:
-        with self._lock:
-            if firing in self._pending:
-                self._pending.remove(firing)
-
-    def _take_through(self, last: Firing | None) -> list[Firing]:
-        """Pending firings up to and including ``last`` (the lock is held)."""
-        if last is None or last not in self._pending:
-            return []
-        taken = []
-        while self._pending:
-            firing = self._pending.popleft()
-            taken.append(firing)
-            if firing is last:
-                break
-        return taken
-
-    def deliver(self, firing: Firing) -> None:
-        """``firing`` committed: publish it (and any registered before it) unless done already."""
-        with self._lock:
-            taken = self._take_through(firing)
-        for earlier in taken:
-            self.sink.publish(earlier.events)
-
-    def publish(self, events: list[Event]) -> None:
-        """The loop's committed events, after any firing that committed before them."""
-        taken: list[Firing] = []
-        if self._pending:
-            with self._lock:
-                last = None
-                for firing in self._pending:
-                    if any(firing.precedes(event) for event in events):
-                        last = firing
-                taken = self._take_through(last)
-        for earlier in taken:
-            self.sink.publish(earlier.events)
-        self.sink.publish(events)
-
-    def oldest_t0(self) -> float | None:
-        """When the oldest event not yet in the outbox was created (for the hand-off mark)."""
-        with self._lock:
-            return min((e.t0 for f in self._pending for e in f.events), default=None)
-
-
-class CallSink:
-    """A plain function as an :class:`EventSink` (tests, tools)."""
-
-    def __init__(self, publish: Callable[[list[Event]], None]) -> None:
-        self._publish = publish
-
-    def publish(self, events: list[Event]) -> None:
-        self._publish(events)
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -442,21 +350,15 @@ def cancel_due(store: Store, item_id: str) -> bool:
     return bool(gone)
 
 
-def due_rows(store: Store, now: float, limit: int, after: float | None = None) -> Iterable[list[DueItem]]:
-    """Pending items due at or before ``now`` (and after ``after``), earliest first, at most
-    ``limit``, in chunks of :data:`READ_CHUNK` (the sqlite3 module lets other threads run between)."""
-    if limit <= 0:
-        return
-    cursor = store.conn.execute(
-        "SELECT id, kind, team, lane, due_at FROM due_items WHERE state = ? AND due_at <= ? AND due_at > ? "
-        "ORDER BY due_at, id LIMIT ?",
-        (STATE_PENDING, now, -math.inf if after is None else after, limit),
-    )
-    try:
-        while rows := cursor.fetchmany(READ_CHUNK):
-            yield [DueItem(*row) for row in rows]
-    finally:
-        cursor.close()
+def due_rows(store: Store, now: float, limit: int, after: tuple[float, str] | None = None) -> list[DueItem]:
+    """Pending items due at or before ``now``, in (due time, id) order after ``after``, at most ``limit``."""
+    due_at, item_id = (-math.inf, "") if after is None else after
+    rows = store.conn.execute(
+        "SELECT id, kind, team, lane, due_at FROM due_items WHERE state = ? AND due_at <= ? "
+        "AND (due_at > ? OR (due_at = ? AND id > ?)) ORDER BY due_at, id LIMIT ?",
+        (STATE_PENDING, now, due_at, due_at, item_id, limit),
+    ).fetchall()
+    return [DueItem(*row) for row in rows]
 
 
 def next_due_at(store: Store) -> float | None:
@@ -470,19 +372,15 @@ class Fired:
 
     events: list[Event]
     outcomes: list[tuple[DueItem, str]]  # "posted", "failed:<code>" or "gone" (deleted, or fired already)
-    firing: Firing | None = None  # its registration with the PublishOrder, when one was given
 
 
-def fire_batch(
-    store: Store, firers: FirerRegistry, items: list[DueItem], now: float, order: PublishOrder | None = None
-) -> Fired:
+def fire_batch(store: Store, firers: FirerRegistry, items: list[DueItem], now: float) -> Fired:
     """Fire ``items`` in one transaction: each is claimed (pending -> fired) and posted in a
     savepoint of its own, so one that fails (ApiError) is marked failed and the rest go on.
-    With ``order``, the committed events are registered with it just before the COMMIT (and
-    the registration withdrawn if the transaction fails); the caller then delivers them."""
+    If the transaction fails as a whole (its COMMIT included), nothing of it was written, the
+    connection is left out of any transaction, and the error is raised."""
     events: list[Event] = []
     outcomes: list[tuple[DueItem, str]] = []
-    firing: Firing | None = None
     try:
         with store.transaction() as db:
             for item in items:
@@ -508,15 +406,11 @@ def fire_batch(
                     continue
                 events += posted
                 outcomes.append((item, "posted"))
-            if order is not None and events:
-                firing = order.register(events)
     except BaseException:
-        if firing is not None and order is not None:
-            order.abort(firing)
         if store.conn.in_transaction:  # a failed COMMIT may leave it open
             store.conn.execute("ROLLBACK")
         raise
-    return Fired(events, outcomes, firing)
+    return Fired(events, outcomes)
 
 
 def open_scheduler_store(path: str, *, max_event_bytes: int = MAX_EVENT_BYTES) -> Store:
@@ -533,7 +427,7 @@ def open_scheduler_store(path: str, *, max_event_bytes: int = MAX_EVENT_BYTES) -
     return store
 
 
-# -- the thread ----------------------------------------------------------------------------------
+# -- the asyncio loop ----------------------------------------------------------------------------------
 
 
 class Publisher(Protocol):
@@ -541,21 +435,22 @@ class Publisher(Protocol):
 
 
 class Scheduler:
-    """Fires due items: reads them from SQLite into a :class:`DueQueue`, fires batches at the
-    queue's rate when :class:`LiveFirst` allows, and hands each batch's committed events to
-    ``publish`` through :class:`PublishOrder`.
+    """Fires due items: reads them from SQLite into a :class:`DueQueue` (a chunk per loop turn,
+    the whole due set before the first batch), fires batches at the queue's rate when
+    :class:`LiveFirst` allows, and publishes each batch's events once committed.
 
     ``store`` is the scheduler's own connection (:func:`open_scheduler_store`); ``publish`` the
-    :class:`PublishOrder` that the webapp's group commit also publishes through (or a plain
-    function, in tests). :meth:`start` runs :meth:`step` on a thread of its own and delivers
-    committed batches on the event loop; without it, :meth:`step` runs synchronously (tests).
-    :meth:`wake` tells it that an item was scheduled (it may be due before its next look).
+    function ``chat.postMessage``'s events go through too (the hand-off). Everything runs on
+    the event loop: a batch is never half-way when a live request's handler runs, a live
+    write transaction is never open when a batch begins (``live_writing``), and a batch's
+    events are published in the step that commits them, so the outbox gets every channel's
+    events in commit (``seq``) order. :meth:`wake` tells it that an item was scheduled.
     """
 
     def __init__(
         self,
         store: Store,
-        publish: PublishOrder | Publisher,
+        publish: Publisher,
         metrics: ServiceMetrics,
         *,
         firers: FirerRegistry | None = None,
@@ -565,23 +460,24 @@ class Scheduler:
         outbox_backlog: Callable[[], int] = lambda: 0,
         max_outbox_backlog: int = DEFAULT_OUTBOX_BACKLOG_MAX,
         live_writing: Callable[[], bool] = lambda: False,
+        duty_cycle: float = DEFAULT_DUTY_CYCLE,
         owns_store: bool = False,
     ) -> None:
         self.store = store
         self.owns_store = owns_store
-        self.order = publish if isinstance(publish, PublishOrder) else PublishOrder(CallSink(publish))
+        self.publish = publish
         self.outbox_backlog = outbox_backlog
         self.live_writing = live_writing
-        self.live_first = LiveFirst(max_outbox_backlog)
+        self.live_first = LiveFirst(max_outbox_backlog, duty_cycle)
         self.firers = firers if firers is not None else FIRERS
         self.queue = DueQueue(rate_per_s, batch_max)
         self.clock = clock
         self.started_at = clock()  # items due before this were due while the webapp was down
-        self._read_upto: float | None = None  # everything due up to this is queued (None: read all again)
-        self._post: Callable[[Callable[[Firing], None], Firing], Any] = lambda fn, arg: fn(arg)
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._after: tuple[float, str] | None = None  # the last (due_at, id) read; None: read from the start
+        self._more = False  # the last read filled its chunk: read on before firing
+        self._rescan = False  # an item was scheduled: read from the start (the ids already queued are skipped)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self.fired = metrics.counter(
             "rtm_scheduler_fired_total",
             "Due items fired, by kind, outcome (posted, failed, gone) and late (due while the webapp was down)",
@@ -602,62 +498,45 @@ class Scheduler:
         metrics.gauge("rtm_scheduler_rate_per_s", "The scheduler's rate limit, items per second").set(rate_per_s)
         self._metrics = metrics
 
-    # -- on the event loop
     def start(self) -> None:
-        """Run on a thread of its own; committed batches are delivered on the running loop."""
-        loop = asyncio.get_running_loop()
-        self._post = loop.call_soon_threadsafe
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="rtm-scheduler", daemon=True)
-        self._thread.start()
+        self._task = asyncio.create_task(self.run_loop(), name="scheduler-loop")
 
     async def close(self) -> None:
-        """Stop the thread (after its current turn) and close the scheduler's own store."""
-        self._stopping = True
-        self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            await asyncio.to_thread(thread.join, THREAD_JOIN_TIMEOUT_S)
-            if thread.is_alive():
-                log.warning("scheduler thread still busy after %ss", THREAD_JOIN_TIMEOUT_S)
-                return  # it still uses the store: leave it to the process's exit
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
         if self.owns_store:
             self.store.close()
 
     def wake(self) -> None:
         """An item was scheduled or changed: look at the table again now."""
+        self._rescan = True
         self._wake.set()
 
-    # -- on the scheduler's thread
-    def _run(self) -> None:
-        while not self._stopping:
-            self._wake.clear()
-            try:
-                wait_s = self.step()
-            except Exception:
-                log.exception("scheduler turn failed")
-                wait_s = ERROR_BACKOFF_S
-            if wait_s > 0 and not self._stopping:
-                self._wake.wait(wait_s)
-
     def refill(self, now: float) -> int:
-        """Read what fell due since the last read (everything due, when the queue is empty)."""
-        if not len(self.queue):
-            self._read_upto = None
-        added = 0
-        room = MAX_QUEUED - len(self.queue)
-        for chunk in due_rows(self.store, now, room, after=self._read_upto):
-            added += self.queue.add(chunk)
-        # a read that filled the queue may have left items due up to ``now`` behind: read them
-        # all again once the queue has emptied
-        self._read_upto = now if len(self.queue) < MAX_QUEUED else math.inf
-        return added
+        """Read the next chunk (at most :data:`READ_CHUNK` rows) of items due by ``now`` that are
+        not read yet; returns how many were queued. Reads from the start again when the queue
+        is empty or an item was scheduled (ids already queued are skipped)."""
+        if self._rescan or (not len(self.queue) and not self._more):
+            self._after, self._rescan = None, False
+        limit = min(READ_CHUNK, MAX_QUEUED - len(self.queue))
+        if limit <= 0:
+            self._more = False
+            return 0
+        rows = due_rows(self.store, now, limit, self._after)
+        if rows:
+            self._after = (rows[-1].due_at, rows[-1].id)
+        self._more = len(rows) == limit
+        return self.queue.add(rows)
 
     def step(self) -> float:
-        """One turn: read newly due items, fire a batch if live traffic and the rate allow.
+        """One turn: read newly due items, or fire a batch if live traffic and the rate allow.
         Returns how long to wait before the next turn (seconds)."""
         now = self.clock()
         self.refill(now)
+        if self._more:
+            return 0.0  # the whole due set is read (and ordered) before the first batch fires
         if not len(self.queue):
             upcoming = next_due_at(self.store)
             if upcoming is None:
@@ -669,15 +548,17 @@ class Scheduler:
             return hold[1]
         batch = self.queue.take(now)
         if batch:
+            started = time.perf_counter()
             self.fire(batch, now)
-            return max(0.0, self.queue.wait_s(self.clock())) if len(self.queue) else 0.0
+            rest_s = self.live_first.rest_s(time.perf_counter() - started)
+            return max(rest_s, self.queue.wait_s(self.clock())) if len(self.queue) else rest_s
         return self.queue.wait_s(now)
 
     def fire(self, batch: list[DueItem], now: float) -> None:
-        fired = fire_batch(self.store, self.firers, batch, now, self.order)
+        fired = fire_batch(self.store, self.firers, batch, now)
         self.batches.inc()
-        if fired.firing is not None:
-            self._post(self.order.deliver, fired.firing)
+        if fired.events:
+            self.publish(fired.events)  # committed: to the outbox in this same step
         for item, outcome in fired.outcomes:
             kind_outcome = outcome.partition(":")[0]
             if kind_outcome == "failed":
@@ -687,6 +568,23 @@ class Scheduler:
             self.fired.labels(item.kind, kind_outcome, late).inc()
             if kind_outcome == "posted":
                 self.late.labels(item.kind).observe(max(0.0, now - item.due_at))
+
+    async def run_loop(self) -> None:
+        """Forever: a turn, then sleep until the next is due or :meth:`wake` is called."""
+        while True:
+            self._wake.clear()
+            try:
+                wait_s = self.step()
+            except Exception:
+                log.exception("scheduler turn failed")
+                wait_s = ERROR_BACKOFF_S
+            if wait_s <= 0:
+                await asyncio.sleep(0)  # yield: live requests go between two batches
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
+            except TimeoutError:
+                pass
 
 
 def info(scheduler: Scheduler | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from collections.abc import Iterator
@@ -15,12 +16,12 @@ from tests.support import FakeClock
 from webapp_stub.scheduler import (
     LIVE_POLL_S,
     OUTBOX_POLL_S,
+    READ_CHUNK,
     DueItem,
     DueQueue,
     FairQueue,
     FirerRegistry,
     LiveFirst,
-    PublishOrder,
     Scheduler,
     add_due,
     cancel_due,
@@ -160,52 +161,13 @@ def test_live_first_holds_for_an_open_live_write_then_for_the_outbox() -> None:
         LiveFirst(max_outbox_backlog=-1)
 
 
-def ev(channel: str, seq: int) -> Event:
-    return Event(channel, seq, "{}", None, T0 + seq)
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def publish(self, events: list[Event]) -> None:
-        self.events += events
-
-
-def test_publish_order_puts_a_firing_before_a_later_live_event_of_its_channel() -> None:
-    sink = Sink()
-    order = PublishOrder(sink)
-    firing = order.register([ev("C1", 5), ev("D9", 1)])  # committed by the scheduler's thread
-    assert order.oldest_t0() == T0 + 1
-    # the loop committed C1's seq 6 before the thread's delivery reached it: 5 goes out first
-    order.publish([ev("C1", 6)])
-    assert [e.eid for e in sink.events] == ["C1:5", "D9:1", "C1:6"]
-    order.deliver(firing)  # the late delivery publishes nothing twice
-    assert len(sink.events) == 3 and len(order) == 0 and order.oldest_t0() is None
-
-
-def test_publish_order_leaves_a_firing_that_committed_after_the_live_event() -> None:
-    sink = Sink()
-    order = PublishOrder(sink)
-    first = order.register([ev("C1", 7)])
-    second = order.register([ev("C2", 3)])
-    order.publish([ev("C1", 6), ev("C3", 1)])  # seq 6 < 7: the loop committed first
-    assert [e.eid for e in sink.events] == ["C1:6", "C3:1"]
-    order.publish([ev("C2", 4)])  # C2's 3 committed before: both firings go first, in order
-    assert [e.eid for e in sink.events] == ["C1:6", "C3:1", "C1:7", "C2:3", "C2:4"]
-    order.deliver(first)
-    order.deliver(second)
-    assert len(sink.events) == 5
-
-
-def test_publish_order_drops_an_aborted_firing() -> None:
-    sink = Sink()
-    order = PublishOrder(sink)
-    firing = order.register([ev("C1", 5)])
-    order.abort(firing)  # its COMMIT failed: seq 5 was never written
-    order.publish([ev("C1", 5)])
-    order.deliver(firing)
-    assert [e.eid for e in sink.events] == ["C1:5"]
+def test_live_first_rests_after_a_batch_to_keep_its_duty_cycle() -> None:
+    assert LiveFirst(duty_cycle=0.5).rest_s(0.004) == pytest.approx(0.004)  # half the time
+    assert LiveFirst(duty_cycle=0.25).rest_s(0.002) == pytest.approx(0.006)
+    assert LiveFirst(duty_cycle=1.0).rest_s(0.002) == 0.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            LiveFirst(duty_cycle=bad)
 
 
 # -- firing, exactly once ---------------------------------------------------------------------------------
@@ -301,7 +263,14 @@ def test_scheduler_fires_on_time_at_its_rate_and_counts_late_items(store: Store)
     published = Recorder()
     metrics = ServiceMetrics("webapp", "test")
     scheduler = Scheduler(
-        store, published, metrics, firers=firers_posting_to(store), rate_per_s=10.0, batch_max=5, clock=clock
+        store,
+        published,
+        metrics,
+        firers=firers_posting_to(store),
+        rate_per_s=10.0,
+        batch_max=5,
+        clock=clock,
+        duty_cycle=1.0,  # no rests: the rate alone paces it here
     )
     assert scheduler.step() == 0.0  # fired the missed one at once
     assert [e.json for e in published.events] == ['{"type":"fired-again","id":"missed"}']
@@ -353,25 +322,7 @@ def test_scheduler_yields_to_an_open_live_write_and_to_a_full_outbox(store: Stor
     assert len(scheduler.queue) == 2
 
 
-def test_scheduler_delivers_through_the_publish_order_after_commit(store: Store) -> None:
-    with store.transaction():
-        add_due(store, item("a"))
-    sink = Sink()
-    order = PublishOrder(sink)
-    posted: list[tuple[Any, Any]] = []
-    scheduler = Scheduler(
-        store, order, ServiceMetrics("webapp", "test"), firers=firers_posting_to(store), clock=FakeClock(T0)
-    )
-    scheduler._post = lambda fn, arg: posted.append((fn, arg))  # the loop's call_soon_threadsafe
-    scheduler.step()
-    assert sink.events == [] and len(order) == 1  # committed, registered, not yet on the loop
-    assert store.conn.execute("SELECT state FROM due_items").fetchone()[0] == "fired"
-    fn, arg = posted[0]
-    fn(arg)
-    assert [e.json for e in sink.events] == ['{"type":"fired-again","id":"a"}'] and len(order) == 0
-
-
-def test_a_batch_whose_commit_fails_withdraws_its_registration(store: Store) -> None:
+def test_a_batch_whose_commit_fails_leaves_its_items_pending_and_the_connection_usable(store: Store) -> None:
     # a deferred foreign key makes the COMMIT itself fail, after the events were registered
     store.conn.execute("PRAGMA foreign_keys=ON")
     store.conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
@@ -385,24 +336,31 @@ def test_a_batch_whose_commit_fails_withdraws_its_registration(store: Store) -> 
         return [s._append_event("LANE", {"type": "fired", "id": iid})]
 
     firers.register("test", orphan)
-    sink = Sink()
-    order = PublishOrder(sink)
     with pytest.raises(sqlite3.IntegrityError):
-        fire_batch(store, firers, [item("a")], T0, order)
-    assert len(order) == 0 and not store.conn.in_transaction
+        fire_batch(store, firers, [item("a")], T0)
+    assert not store.conn.in_transaction
     assert store.conn.execute("SELECT state FROM due_items").fetchone()[0] == "pending"
-    order.publish([ev("LANE", 1)])  # the seq it had is taken by the next writer, published once
-    assert [e.eid for e in sink.events] == ["LANE:1"]
+    assert store.last_seq("LANE") == 0
+    store.conn.execute("DELETE FROM child")
+    store.conn.execute("INSERT INTO parent (id) VALUES (42)")
+    assert [o for _, o in fire_batch(store, firers, [item("a")], T0).outcomes] == ["posted"]
 
 
-def test_refill_reads_only_what_fell_due_since_the_last_read(store: Store) -> None:
+def test_the_whole_due_set_is_read_a_chunk_per_turn_before_the_first_batch(store: Store) -> None:
     clock = FakeClock(T0)
     with store.transaction():
-        add_due(store, item("now", lane="C1", due_at=T0))
+        for n in range(READ_CHUNK + 10):
+            add_due(store, item(f"busy{n:04d}", lane="C-busy", kind="message"))
+        add_due(store, item("zz-reminder", lane="U1", kind="reminder"))  # sorts last by id
         add_due(store, item("soon", lane="C2", due_at=T0 + 1))
-    scheduler = Scheduler(
-        store, Recorder(), ServiceMetrics("webapp", "test"), firers=firers_posting_to(store), clock=clock
-    )
-    assert scheduler.refill(T0) == 1
+    published = Recorder()
+    firers = firers_posting_to(store)
+    firers.register("message", firers.get("test"))  # type: ignore[arg-type]
+    firers.register("reminder", firers.get("test"))  # type: ignore[arg-type]
+    scheduler = Scheduler(store, published, ServiceMetrics("webapp", "test"), firers=firers, clock=clock)
+    assert scheduler.step() == 0.0 and published.events == [] and len(scheduler.queue) == READ_CHUNK
+    scheduler.step()  # the rest read, then the first batch: the reminder's turn comes second
+    fired = [json.loads(e.json)["id"] for e in published.events]
+    assert fired[:3] == ["busy0000", "zz-reminder", "busy0001"]
     assert scheduler.refill(T0) == 0  # nothing new
-    assert scheduler.refill(T0 + 1) == 1 and len(scheduler.queue) == 2
+    assert scheduler.refill(T0 + 1) == 1  # what fell due since
