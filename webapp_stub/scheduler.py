@@ -350,14 +350,21 @@ def cancel_due(store: Store, item_id: str) -> bool:
     return bool(gone)
 
 
+DUE_ROWS_SQL = (
+    "SELECT id, kind, team, lane, due_at FROM due_items WHERE state = ? AND due_at <= ? "
+    "AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT ?"
+)
+
+
 def due_rows(store: Store, now: float, limit: int, after: tuple[float, str] | None = None) -> list[DueItem]:
-    """Pending items due at or before ``now``, in (due time, id) order after ``after``, at most ``limit``."""
+    """Pending items due at or before ``now``, in (due time, id) order after ``after``, at most ``limit``.
+
+    The row value ``(due_at, id) > (?, ?)`` is a range on the ``(state, due_at)`` index, whose
+    entries end with the primary key ``id`` (a WITHOUT ROWID table): a read that resumes within
+    one second of 20,000 due items costs microseconds. (Spelled ``due_at > ? OR (due_at = ? AND
+    id > ?)`` it scanned and sorted the whole second, 40 ms a read: bench/spike.py, first run.)"""
     due_at, item_id = (-math.inf, "") if after is None else after
-    rows = store.conn.execute(
-        "SELECT id, kind, team, lane, due_at FROM due_items WHERE state = ? AND due_at <= ? "
-        "AND (due_at > ? OR (due_at = ? AND id > ?)) ORDER BY due_at, id LIMIT ?",
-        (STATE_PENDING, now, due_at, due_at, item_id, limit),
-    ).fetchall()
+    rows = store.conn.execute(DUE_ROWS_SQL, (STATE_PENDING, now, due_at, item_id, limit)).fetchall()
     return [DueItem(*row) for row in rows]
 
 

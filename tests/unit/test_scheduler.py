@@ -14,6 +14,7 @@ import pytest
 from services.metrics import ServiceMetrics
 from tests.support import FakeClock
 from webapp_stub.scheduler import (
+    DUE_ROWS_SQL,
     LIVE_POLL_S,
     OUTBOX_POLL_S,
     READ_CHUNK,
@@ -364,3 +365,11 @@ def test_the_whole_due_set_is_read_a_chunk_per_turn_before_the_first_batch(store
     assert fired[:3] == ["busy0000", "zz-reminder", "busy0001"]
     assert scheduler.refill(T0) == 0  # nothing new
     assert scheduler.refill(T0 + 1) == 1  # what fell due since
+
+
+def test_a_resumed_read_is_an_index_range_not_a_scan_of_the_second(store: Store) -> None:
+    # 20,000 items due in one second: the read that resumes after the last id must not visit them all
+    plan = store.conn.execute("EXPLAIN QUERY PLAN " + DUE_ROWS_SQL, ("pending", T0, T0, "x", 500)).fetchall()
+    detail = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX due_items_pending" in detail and "(due_at,id)>(?,?)" in detail
+    assert "TEMP B-TREE" not in detail  # no sort either
