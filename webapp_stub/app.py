@@ -41,6 +41,12 @@ from webapp_stub import methods  # noqa: F401  (importing it registers every Web
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
 from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
+from webapp_stub.due_queue import (
+    DEFAULT_BATCH_MAX,
+    DEFAULT_DUTY_CYCLE,
+    DEFAULT_OUTBOX_BACKLOG_MAX,
+    DEFAULT_RATE_PER_S,
+)
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
@@ -53,14 +59,7 @@ from webapp_stub.handoff import (
 )
 from webapp_stub.internal import InternalEndpoints
 from webapp_stub.presence import PresenceClient
-from webapp_stub.scheduler import (
-    DEFAULT_BATCH_MAX,
-    DEFAULT_DUTY_CYCLE,
-    DEFAULT_OUTBOX_BACKLOG_MAX,
-    DEFAULT_RATE_PER_S,
-    Scheduler,
-    open_scheduler_store,
-)
+from webapp_stub.scheduler import Scheduler, open_scheduler_store
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
 
 log = logging.getLogger("rtm.webapp")
