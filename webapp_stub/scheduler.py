@@ -23,7 +23,7 @@ Guarantees
   round-robin across teams; within a team's turn, across the kinds (scheduled
   messages, reminders); within a kind's turn, across lanes (the conversation a
   scheduled message posts in, the user a reminder is for), each lane in due
-  order (:class:`FairQueue`). The whole due set (up to :data:`MAX_QUEUED`) is
+  order (:class:`~webapp_stub.due_queue.FairQueue`). The whole due set (up to :data:`MAX_QUEUED`) is
   read, a chunk per event-loop turn, before the first batch fires, so one
   team's, kind's or channel's thousand items cannot hold another's one behind them.
 * **Live traffic first.** The scheduler writes through a SQLite connection of
@@ -32,9 +32,9 @@ Guarantees
   the event loop never waits for a disk flush on a due item's behalf. It fires
   a batch only when no live write is open on the webapp's connection and the
   hand-off's outbox holds at most ``max_outbox_backlog`` events, then rests so
-  that it takes at most ``duty_cycle`` of the event loop (:class:`LiveFirst`);
+  that it takes at most ``duty_cycle`` of the event loop (:class:`~webapp_stub.due_queue.LiveFirst`);
   at most ``batch_max`` items per transaction and ``rate_per_s`` per second
-  (:class:`DueQueue`). A live request waits for at most one batch (about
+  (:class:`~webapp_stub.due_queue.DueQueue`). A live request waits for at most one batch (about
   ``batch_max`` × 0.2 ms here).
 
 The ordering, the rate and the yield rule are the sans-I/O classes of
@@ -269,7 +269,6 @@ class Scheduler:
         self.started_at = clock()  # items due before this were due while the webapp was down
         self._after: tuple[float, str] | None = None  # the last (due_at, id) read; None: read from the start
         self._more = False  # the last read filled its chunk: read on before firing
-        self._rescan = False  # an item was scheduled: read from the start (the ids already queued are skipped)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.fired = metrics.counter(
@@ -304,16 +303,21 @@ class Scheduler:
             self.store.close()
 
     def wake(self) -> None:
-        """An item was scheduled or changed: look at the table again now."""
-        self._rescan = True
+        """An item was scheduled or changed: look at the table again now.
+
+        Its row is read when it falls due, by the read that resumes after the last row read:
+        items scheduled through the API are due in the future. One due earlier than the rows
+        already read (a reminder at a unix time within the current second) is read when the
+        queue has emptied: late by at most the backlog, never lost. (Reading from the start on
+        every wake would, under a stream of API calls, keep the scheduler reading and never firing.)"""
         self._wake.set()
 
     def refill(self, now: float) -> int:
         """Read the next chunk (at most :data:`READ_CHUNK` rows) of items due by ``now`` that are
         not read yet; returns how many were queued. Reads from the start again when the queue
-        is empty or an item was scheduled (ids already queued are skipped)."""
-        if self._rescan or (not len(self.queue) and not self._more):
-            self._after, self._rescan = None, False
+        is empty (ids already queued are skipped)."""
+        if not len(self.queue) and not self._more:
+            self._after = None
         limit = min(READ_CHUNK, MAX_QUEUED - len(self.queue))
         if limit <= 0:
             self._more = False

@@ -234,3 +234,17 @@ def test_a_resumed_read_is_an_index_range_not_a_scan_of_the_second(store: Store)
     detail = " ".join(str(row[-1]) for row in plan)
     assert "USING INDEX due_items_pending" in detail and "(due_at,id)>(?,?)" in detail
     assert "TEMP B-TREE" not in detail  # no sort either
+
+
+def test_a_stream_of_wakes_does_not_keep_the_scheduler_from_firing(store: Store) -> None:
+    with store.transaction():
+        for n in range(READ_CHUNK * 2):
+            add_due(store, item(f"i{n:04d}", lane=f"C{n % 50}"))
+    published = Recorder()
+    scheduler = Scheduler(
+        store, published, ServiceMetrics("webapp", "test"), firers=firers_posting_to(store), clock=FakeClock(T0)
+    )
+    for _ in range(10):
+        scheduler.wake()  # an API call scheduled something, before every turn
+        scheduler.step()
+    assert len(scheduler.queue) + len(published.events) == READ_CHUNK * 2 and published.events
