@@ -23,6 +23,10 @@ spike item delivered within 10 s of D, none lost or duplicated.
 
     python -m bench.spike            # the issue's run: 2,000 clients, 20,000 due items
     python -m bench.spike --quick    # smoke: 200 clients, 2,000 due items
+
+Why one module over 500 lines: one benchmark, read top to bottom as its run goes (arguments,
+channels and clients, the items created ahead of D, the live poster, the wait for the spike,
+the report and plot); its shared parts already live in bench.harness and bench.load_client.
 """
 
 from __future__ import annotations
