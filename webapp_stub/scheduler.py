@@ -64,6 +64,7 @@ from webapp_stub.due_queue import (
     DueQueue,
     LiveFirst,
 )
+from webapp_stub.read_cache import ReadCache
 from webapp_stub.store import ApiError, Event, Store
 
 log = logging.getLogger("rtm.webapp.scheduler")
@@ -218,6 +219,12 @@ def open_scheduler_store(path: str, *, max_event_bytes: int = MAX_EVENT_BYTES) -
     """
     store = Store(path, synchronous=SCHEDULER_SYNCHRONOUS, max_event_bytes=max_event_bytes)
     WalCheckpointer.take_over(store.conn)
+    # Its read caches (token, channel, membership: webapp_stub/read_cache.py) see the webapp
+    # connection's commits by SQLite's data_version, by default at most every 0.1 s. A due item is
+    # checked when it fires (its author still a member, its channel not archived): look every time.
+    for cache in vars(store).values():
+        if isinstance(cache, ReadCache):
+            cache.foreign_check_s = 0.0
     return store
 
 

@@ -21,6 +21,7 @@ from webapp_stub.scheduler import (
     add_due,
     cancel_due,
     fire_batch,
+    open_scheduler_store,
 )
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Event, Store
@@ -248,3 +249,15 @@ def test_a_stream_of_wakes_does_not_keep_the_scheduler_from_firing(store: Store)
         scheduler.wake()  # an API call scheduled something, before every turn
         scheduler.step()
     assert len(scheduler.queue) + len(published.events) == READ_CHUNK * 2 and published.events
+
+
+def test_the_scheduler_connection_sees_a_webapp_commit_at_once(store: Store) -> None:
+    own = open_scheduler_store(store.path)
+    try:
+        channel = next(c for c in store.conn.execute("SELECT channel, user FROM members"))
+        assert own.is_member(*channel)  # cached on the scheduler's connection
+        with store.transaction() as db:  # the webapp's connection: the member leaves
+            db.execute("DELETE FROM members WHERE channel = ? AND user = ?", channel)
+        assert not own.is_member(*channel)  # seen by the next check, not 0.1 s later
+    finally:
+        own.close()
