@@ -61,7 +61,7 @@ from services.keys import FleetKeys
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.tasks import Tasks
-from services.ticket import TicketVerifier
+from services.ticket import INCARNATION_META, TicketVerifier, new_incarnation
 from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.gateway")
@@ -122,7 +122,12 @@ class Gateway:
         self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
         self.client_messages = ClientMessages(self)  # ping, typing, message, presence frames
         self.socket_mode = SocketMode(self)  # Slack apps' Socket Mode connections (gateway/socket_mode.py)
-        self.listener = self._listener(TicketVerifier(keys.ticket_signing, self.instance_id))
+        # This start's incarnation, registered in Consul meta: tickets minted for an earlier
+        # start (whose nonces this process never saw) are refused (services/ticket.py).
+        self.incarnation = new_incarnation()
+        self.listener = self._listener(
+            TicketVerifier(keys.ticket_signing, self.instance_id, incarnation=self.incarnation)
+        )
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None
 
@@ -177,6 +182,7 @@ class Gateway:
             meta={
                 "metrics_port": str(metrics_port),
                 "region": args.region,
+                INCARNATION_META: self.incarnation,
                 **({"public_url": args.public_url} if args.public_url else {}),
             },
             ttl_s=args.ttl_s,

@@ -14,7 +14,12 @@
   fleet identity) or does not finish it within the handshake timeout is
   disconnected and reported to ``on_refused`` (counted as
   ``rtm_errors_total{kind="auth"}``), and logged at most once per source
-  address per minute.
+  address per minute. Each source address may start at most
+  ``--tls-handshake-burst`` handshakes at once and ``--tls-handshake-rate-per-s``
+  after that (successful ones are given back, :class:`services.tls.HandshakeLimiter`);
+  a connection over the limit is closed before any TLS work and reported to
+  ``on_refused`` with :class:`HandshakeRateLimited` (counted as
+  ``rtm_errors_total{kind="handshake_rate"}``).
 * :class:`PeerLink` keeps one outbound connection alive: reconnects with
   exponential backoff and full jitter, and runs an ``on_connected`` hook
   (resubscribe, say) after every (re)connect.
@@ -56,6 +61,7 @@ from services.errors import (
     ConnectionLost,
     ErrorCode,
     FrameTimeout,
+    HandshakeRateLimited,
     IdleTimeout,
     MalformedFrame,
     NotTrusted,
@@ -65,7 +71,7 @@ from services.errors import (
     error_from_reply,
 )
 from services.identity import BadIdentity, PeerIdentity
-from services.tls import RefusalLog, WireTrust, transport_identity
+from services.tls import HandshakeLimiter, RefusalLog, WireTrust, transport_identity
 
 log = logging.getLogger("rtm.connection")
 
@@ -560,6 +566,7 @@ class TlsGate:
         self.factory = factory
         self.on_refused = on_refused
         self.refusal_log = RefusalLog()
+        self.limiter = HandshakeLimiter(trust.handshake_rate_per_s, trust.handshake_burst)
 
     def protocol(self) -> asyncio.BaseProtocol:
         return _Acceptor(self)
@@ -567,6 +574,16 @@ class TlsGate:
     def accept(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
         peername = transport.get_extra_info("peername")
+        source = _source(peername)
+        if not self.limiter.take(source, time.monotonic()):  # before any TLS work: that is what it protects
+            transport.abort()
+            self._refuse(
+                peername,
+                HandshakeRateLimited(
+                    f"over {self.limiter.rate_per_s:g} handshakes/s after a burst of {self.limiter.burst}"
+                ),
+            )
+            return
         waiter: asyncio.Future[None] = loop.create_future()
         verify = _Verify(self, peername)
         assert self.trust.server is not None
@@ -589,13 +606,19 @@ class TlsGate:
             transport.abort()
             self._refuse(peername, exc)
 
+    def verified(self, peername: Any) -> None:
+        """A handshake from ``peername`` succeeded: its source gets its token back."""
+        self.limiter.give_back(_source(peername), time.monotonic())
+
     def _refuse(self, peername: Any, exc: BaseException) -> None:
-        source = str(peername[0]) if peername else "?"
+        source = _source(peername)
         if self.on_refused is not None:
             self.on_refused(source, exc)
         if self.refusal_log.should_log(source, time.monotonic()):
             if isinstance(exc, ssl.SSLError):
                 why = f"TLS handshake failed: {exc.reason or exc}"
+            elif isinstance(exc, HandshakeRateLimited):
+                why = f"too many TLS handshakes from this address ({exc})"
             elif isinstance(exc, ConnectionAbortedError):
                 why = f"no TLS handshake within {self.trust.handshake_timeout_s}s"
             else:
@@ -603,6 +626,11 @@ class TlsGate:
             skipped = self.refusal_log.take_suppressed()
             more = f" ({skipped} more refusals not logged)" if skipped else ""
             log.warning("refused %s: %s%s", peername or source, why, more)
+
+
+def _source(peername: Any) -> str:
+    """The source address of a peer (its IP: the unit of the handshake limit and the refusal log)."""
+    return str(peername[0]) if peername else "?"
 
 
 class _Acceptor(asyncio.Protocol):
@@ -632,6 +660,7 @@ class _Verify(asyncio.Protocol):
             transport.abort()  # type: ignore[attr-defined]
             self.gate._refuse(self.peername, exc)
             return
+        self.gate.verified(self.peername)
         protocol = self.gate.factory()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)

@@ -1,8 +1,17 @@
 """Signed, short-lived, single-use websocket tickets.
 
-``rtm.connect`` mints a ticket naming the user, the team and the gateway it is
-for; the gateway verifies the HMAC, the expiry and the gateway id, and
+``rtm.connect`` mints a ticket naming the user, the team, the gateway it is
+for and that gateway's *incarnation* (a random id the gateway makes at each
+start and registers in Consul meta, :data:`INCARNATION_META`); the gateway
+verifies the HMAC, the expiry, the gateway id and the incarnation, and
 remembers each ticket's nonce until it expires so it cannot be used twice.
+
+The nonces live in the gateway process's memory, so a restart forgets them;
+the incarnation is what keeps a ticket captured before the restart (within its
+TTL) from being replayed on the restarted gateway: that ticket names the
+previous incarnation and is refused. (Keeping the nonces somewhere durable
+would cost a write per connect; binding the ticket to one process lifetime
+costs nothing.)
 The ticket travels in the URL path (the Slack SDK sends no other credential).
 
 Format: ``base64url(json payload) + "." + base64url(hmac_sha256(secret, payload))``.
@@ -26,8 +35,17 @@ TICKET_TTL_S = 30.0
 MAX_REMEMBERED_TICKETS = 1_000_000
 
 
+# The gateway's Consul meta key for its incarnation (read by the webapp when it mints).
+INCARNATION_META = "incarnation"
+
+
 class InvalidTicket(RtmError):
-    """Forged, malformed, expired, for another gateway, or already used."""
+    """Forged, malformed, expired, for another gateway (or an earlier start of it), or already used."""
+
+
+def new_incarnation() -> str:
+    """A gateway process's incarnation: random, made once per start."""
+    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,7 @@ class Ticket:
     nonce: str
     resume: str = ""  # id of a resume record at the webapp: the connection was moved, replay what it missed
     app: str = ""  # a Socket Mode connection of this app (``A…``; ``user`` is its bot user), else ""
+    incarnation: str = ""  # the start of the gateway it was minted for (its Consul meta)
 
 
 def _b64(raw: bytes) -> str:
@@ -58,8 +77,12 @@ def mint(
     ttl_s: float = TICKET_TTL_S,
     resume: str = "",
     app: str = "",
+    incarnation: str = "",
 ) -> str:
+    """A ticket for ``user`` on ``gateway`` (its current ``incarnation``, from its Consul meta)."""
     body = {"u": user, "t": team, "g": gateway, "exp": round(now_s + ttl_s, 3), "n": secrets.token_hex(8)}
+    if incarnation:
+        body["i"] = incarnation
     if resume:
         body["r"] = resume
     if app:
@@ -111,11 +134,18 @@ class NonceStore:
 
 
 class TicketVerifier:
-    """Verifies tickets for one gateway and enforces single use."""
+    """Verifies tickets for one gateway process and enforces single use.
 
-    def __init__(self, secret: bytes, gateway: str, max_nonces: int = MAX_REMEMBERED_TICKETS) -> None:
+    ``incarnation`` is this process's (:func:`new_incarnation`); a ticket minted
+    for another incarnation of the same gateway id (before a restart) is refused.
+    """
+
+    def __init__(
+        self, secret: bytes, gateway: str, max_nonces: int = MAX_REMEMBERED_TICKETS, incarnation: str = ""
+    ) -> None:
         self.secret = secret
         self.gateway = gateway
+        self.incarnation = incarnation
         self._used = NonceStore(max_nonces)
 
     def verify(self, token: str, now_s: float) -> Ticket:
@@ -138,6 +168,7 @@ class TicketVerifier:
                 nonce=str(data["n"]),
                 resume=str(data.get("r", "")),
                 app=str(data.get("a", "")),
+                incarnation=str(data.get("i", "")),
             )
         except (ValueError, KeyError, TypeError):
             raise InvalidTicket("malformed ticket payload") from None
@@ -145,6 +176,8 @@ class TicketVerifier:
             raise InvalidTicket("ticket expired")
         if ticket.gateway != self.gateway:
             raise InvalidTicket("ticket is for another gateway")
+        if ticket.incarnation != self.incarnation:
+            raise InvalidTicket("ticket is for an earlier start of this gateway")
         self._used.forget_expired(now_s)
         if ticket.nonce in self._used:
             raise InvalidTicket("ticket already used")

@@ -7,6 +7,7 @@ counts it (``on_refused``) and keeps serving its fleet peers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import ssl
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import pytest
 from services import wire
 from services.certs import FleetCertificates, issue, make_ca, write_private
 from services.connection import PeerConnection, PeerLink, connect, serve
-from services.errors import NotTrusted
+from services.errors import HandshakeRateLimited, NotTrusted
 from services.identity import CHANNEL_SERVER, GATEWAY, PeerIdentity
 from services.tls import WireTrust, client_context
 from tests.support import DEFAULT_WAIT_S, FleetCA
@@ -29,9 +30,11 @@ HOST = "127.0.0.1"
 class Server:
     """A channel-server-like endpoint that answers ``ping`` with the caller's identity."""
 
-    def __init__(self, trust: WireTrust, handshake_timeout_s: float | None = None) -> None:
-        if handshake_timeout_s is not None:
-            trust = WireTrust(trust.identity, trust.server, trust.client, handshake_timeout_s)
+    def __init__(self, trust: WireTrust, handshake_timeout_s: float | None = None, **limits: Any) -> None:
+        if handshake_timeout_s is not None or limits:
+            trust = dataclasses.replace(
+                trust, handshake_timeout_s=handshake_timeout_s or trust.handshake_timeout_s, **limits
+            )
         self.trust = trust
         self.refused: asyncio.Queue[tuple[str, BaseException]] = asyncio.Queue()
         self.requests: list[dict[str, Any]] = []
@@ -73,13 +76,13 @@ async def assert_fleet_peer_served(fleet_ca: FleetCA, server: Server) -> None:
         conn.close()
 
 
-async def assert_refused(server: Server, reader: asyncio.StreamReader) -> BaseException:
+async def assert_refused(server: Server, reader: asyncio.StreamReader, source_ip: str = HOST) -> BaseException:
     try:
         assert await asyncio.wait_for(reader.read(), DEFAULT_WAIT_S) == b""  # closed, nothing answered
     except (ConnectionResetError, ssl.SSLError):
         pass
     source, exc = await asyncio.wait_for(server.refused.get(), DEFAULT_WAIT_S)
-    assert source == HOST
+    assert source == source_ip
     assert server.requests == []
     return exc
 
@@ -222,6 +225,37 @@ async def test_a_handshake_that_never_finishes_is_closed(fleet_ca: FleetCA) -> N
         exc = await assert_refused(server, reader)
         assert isinstance(exc, ConnectionError | TimeoutError)
         writer.close()
+    finally:
+        await server.stop()
+
+
+async def test_a_source_over_its_handshake_rate_is_closed_before_any_tls_work(fleet_ca: FleetCA) -> None:
+    """A stranger (from 127.0.0.2) spends its burst of handshakes, then is cut off at accept;
+    fleet peers from another address are served meanwhile, and their handshakes are given back."""
+    server = await Server(fleet_ca.trust(CHANNEL_SERVER, "cs-1"), handshake_rate_per_s=0.001, handshake_burst=3).start()
+    stranger_ip = "127.0.0.2"
+    stranger = (stranger_ip, 0)
+    try:
+        for _ in range(3):  # the burst: each gets a real handshake, fails it (plaintext), is refused as auth
+            reader, writer = await asyncio.open_connection(HOST, server.port, local_addr=stranger)
+            writer.write(b"not a ClientHello")
+            assert isinstance(await assert_refused(server, reader, stranger_ip), ssl.SSLError)
+            writer.close()
+        for _ in range(2):  # past it: closed at accept, no handshake, reported as such
+            reader, writer = await asyncio.open_connection(HOST, server.port, local_addr=stranger)
+            exc = await assert_refused(server, reader, stranger_ip)
+            assert isinstance(exc, HandshakeRateLimited)
+            writer.close()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # even a real TLS client from there gets no handshake
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            await asyncio.wait_for(
+                asyncio.open_connection(HOST, server.port, ssl=ctx, local_addr=stranger), DEFAULT_WAIT_S
+            )
+        assert isinstance((await asyncio.wait_for(server.refused.get(), DEFAULT_WAIT_S))[1], HandshakeRateLimited)
+        for _ in range(5):  # a fleet peer (127.0.0.1) dials more often than the burst: all served
+            await assert_fleet_peer_served(fleet_ca, server)
+        assert server.refused.empty()
     finally:
         await server.stop()
 
