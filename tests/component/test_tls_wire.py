@@ -184,6 +184,64 @@ async def test_a_certificate_from_before_a_ca_rotation_is_refused(tmp_path: Path
         await server.stop()
 
 
+def snapshot(certs: FleetCertificates, name: str, into: Path) -> WireTrust:
+    """What a process named ``name`` loads when it (re)starts now: a copy of its files, so
+    later steps of the rotation do not change what it runs with (as a running process)."""
+    into.mkdir(parents=True, exist_ok=True)
+    paths = certs.paths(name)
+    ca, _ = write_pair(into, "ca", paths.ca.read_bytes(), b"")
+    cert, key = write_pair(into, name, paths.cert.read_bytes(), paths.key.read_bytes())
+    return WireTrust.load(ca, cert, key)
+
+
+async def test_a_two_ca_rotation_rolls_without_refusals_then_refuses_the_retired_ca(tmp_path: Path) -> None:
+    """``rtm certs rotate`` three times, each followed by a rolling restart: at every moment of every
+    roll the channel server and the gateway (each restarted in turn, the other still running
+    with the files it started with) accept each other; after the last, a certificate of the
+    retired CA is refused and the retired CA's server is refused by the rolled gateway."""
+    certs = FleetCertificates(tmp_path / "tls")
+    certs.ensure("cs-1", PeerIdentity(CHANNEL_SERVER, "cs-1"))
+    certs.ensure("gw-1", PeerIdentity(GATEWAY, "gw-1"))
+    running = {name: snapshot(certs, name, tmp_path / "run-0" / name) for name in ("cs-1", "gw-1")}
+    retired = dict(running)  # the processes as they ran under the old CA alone
+
+    async def pair_works(server_trust: WireTrust, client_trust: WireTrust) -> None:
+        server = await Server(server_trust).start()
+        try:
+            conn = await connect(HOST, server.port, PeerConnection, trust=client_trust, expect=CHANNEL_SERVER)
+            assert (await conn.request({"op": "ping"}))["you"] == "gateway/gw-1"
+            conn.close()
+        finally:
+            await server.stop()
+
+    phases = []
+    for step in range(3):
+        phase, _ = certs.rotation_step()
+        phases.append(phase)
+        order = ("cs-1", "gw-1") if step % 2 == 0 else ("gw-1", "cs-1")
+        for name in order:  # a rolling restart: one process at a time, checked after each
+            running[name] = snapshot(certs, name, tmp_path / f"run-{step + 1}" / name)
+            await pair_works(running["cs-1"], running["gw-1"])
+    assert phases == ["trusting-both", "reissued", "steady"]
+    assert len(certs.trusted_cas()) == 1
+
+    server = await Server(running["cs-1"]).start()
+    try:  # the retired CA's gateway certificate, presented to the rolled server: refused
+        old_gw = tmp_path / "run-0" / "gw-1"
+        reader, writer = await tls_stranger(server, certs.ca_path, old_gw / "gw-1.crt", old_gw / "gw-1.key")
+        writer.write(wire.encode({"op": "ping", "id": 1}))
+        assert "certificate" in str(await assert_refused(server, reader)).lower()
+        writer.close()
+    finally:
+        await server.stop()
+    old_server = await Server(retired["cs-1"]).start()
+    try:  # and the rolled gateway does not accept a server that still holds a retired-CA certificate
+        with pytest.raises(ssl.SSLError):
+            await connect(HOST, old_server.port, PeerConnection, trust=running["gw-1"])
+    finally:
+        await old_server.stop()
+
+
 async def test_a_ca_signed_certificate_without_a_fleet_identity_is_refused(
     fleet_ca: FleetCA, server: Server, tmp_path: Path
 ) -> None:
