@@ -587,13 +587,13 @@ class TlsGate:
         waiter: asyncio.Future[None] = loop.create_future()
         verify = _Verify(self, peername)
         assert self.trust.server is not None
-        tls = sslproto.SSLProtocol(
+        tls = _ssl_protocol_class(loop)(
             loop,
             verify,
             self.trust.server,
             waiter,
             server_side=True,
-            ssl_handshake_timeout=self.trust.handshake_timeout_s,  # type: ignore[arg-type]  # typeshed says int; floats work
+            ssl_handshake_timeout=self.trust.handshake_timeout_s,
             call_connection_made=True,
         )
         transport.set_protocol(tls)
@@ -626,6 +626,16 @@ class TlsGate:
             skipped = self.refusal_log.take_suppressed()
             more = f" ({skipped} more refusals not logged)" if skipped else ""
             log.warning("refused %s: %s%s", peername or source, why, more)
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The loop's own TLS protocol: uvloop's (Cython, the TLS records handled in C) on a
+    uvloop loop, asyncio's (pure Python) otherwise. Both take the same arguments."""
+    if type(loop).__module__ == "uvloop":
+        import uvloop.loop
+
+        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]  # exported, not in its stubs
+    return sslproto.SSLProtocol
 
 
 def _source(peername: Any) -> str:

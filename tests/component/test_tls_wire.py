@@ -61,6 +61,16 @@ class Server:
         self.server.close()
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test here runs on both loops: the fleet's processes run on uvloop (and its
+    TLS protocol on both sides, services/connection.py), the tests' own default is asyncio."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
+
+
 @pytest.fixture
 async def server(fleet_ca: FleetCA) -> AsyncIterator[Server]:
     srv = await Server(fleet_ca.trust(CHANNEL_SERVER, "cs-1")).start()
