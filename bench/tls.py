@@ -147,6 +147,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             "scenario": s["scenario"],
                             "offered_posts_s": s["offered_posts_s"],
                             "gateway_cpu_us_per_delivery": s["gateway_cpu_us_per_delivery"],
+                            "latency_ms": s.get("latency_ms"),
                             "lost": s["lost"],
                             "foreign_cores": s.get("foreign_cores"),
                             "publish_cpu_us_per_message": publish_path([s]),
@@ -170,8 +171,12 @@ def render(result: dict[str, Any]) -> str:
             f"| {mode} | {med([h['median_ms'] for h in hs]):.3f} | {med([h['p99_ms'] for h in hs]):.3f} "
             f"| {med([h['cpu_us_per_connect'] for h in hs]):.0f} |"
         )
-    lines += ["", "| scenario | posts/s | wire | gateway CPU µs/delivery | webapp µs/msg | admin µs/msg | CS µs/msg |"]
-    lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| scenario | posts/s | wire | gateway CPU µs/delivery | latency p50 / p99 ms | webapp µs/msg | admin µs/msg "
+        "| CS µs/msg |",
+    ]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
     keys = sorted({(s["scenario"], s["offered_posts_s"]) for r in result["runs"] for s in r["steps"]})
     growth = []
     for scenario, rate in keys:
@@ -185,6 +190,8 @@ def render(result: dict[str, Any]) -> str:
                 if (s["scenario"], s["offered_posts_s"]) == (scenario, rate)
             ]
             gw = med([s["gateway_cpu_us_per_delivery"] for s in steps])
+            p50 = med([(s.get("latency_ms") or {}).get("p50") for s in steps])
+            p99 = med([(s.get("latency_ms") or {}).get("p99") for s in steps])
             pub = {
                 k: med([s["publish_cpu_us_per_message"][k] for s in steps])
                 for k in steps[0]["publish_cpu_us_per_message"]
@@ -195,7 +202,8 @@ def render(result: dict[str, Any]) -> str:
                 return "-" if v is None else f"{v:.1f}"
 
             lines.append(
-                f"| {scenario} | {rate:g} | {mode} | {f(gw)} | {f(pub['webapp'])} | {f(pub['admin servers'])} "
+                f"| {scenario} | {rate:g} | {mode} | {f(gw)} | {f(p50)} / {f(p99)} | {f(pub['webapp'])} "
+                f"| {f(pub['admin servers'])} "
                 f"| {f(pub['channel servers'])} |"
             )
         if row.get("off") and row.get("on"):
