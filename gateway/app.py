@@ -126,7 +126,7 @@ class Gateway:
         # start (whose nonces this process never saw) are refused (services/ticket.py).
         self.incarnation = new_incarnation()
         self.listener = self._listener(
-            TicketVerifier(keys.ticket_signing, self.instance_id, incarnation=self.incarnation)
+            TicketVerifier(keys.ticket_signing, self.instance_id, incarnation=self.incarnation, started_at=time.time())
         )
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None

@@ -12,6 +12,15 @@ TTL) from being replayed on the restarted gateway: that ticket names the
 previous incarnation and is refused. (Keeping the nonces somewhere durable
 would cost a write per connect; binding the ticket to one process lifetime
 costs nothing.)
+
+The webapp learns a gateway's incarnation from Consul, so for a moment after a
+restart it may still mint with the previous one. A ticket whose incarnation is
+not the gateway's own is therefore still accepted when it was *issued* (its
+``iat``) after the gateway process started: a ticket captured before the
+restart was issued before it, and stays refused. Across machines this compares
+the webapp's clock with the gateway's: a webapp clock ahead of the gateway's by
+``d`` lets a ticket issued in the last ``d`` before a restart be replayed after
+it (only while the webapp's view is stale is that check needed at all).
 The ticket travels in the URL path (the Slack SDK sends no other credential).
 
 Format: ``base64url(json payload) + "." + base64url(hmac_sha256(secret, payload))``.
@@ -58,6 +67,7 @@ class Ticket:
     resume: str = ""  # id of a resume record at the webapp: the connection was moved, replay what it missed
     app: str = ""  # a Socket Mode connection of this app (``A…``; ``user`` is its bot user), else ""
     incarnation: str = ""  # the start of the gateway it was minted for (its Consul meta)
+    issued_at: float = 0.0  # when the webapp minted it (its clock); 0: not said
 
 
 def _b64(raw: bytes) -> str:
@@ -80,7 +90,14 @@ def mint(
     incarnation: str = "",
 ) -> str:
     """A ticket for ``user`` on ``gateway`` (its current ``incarnation``, from its Consul meta)."""
-    body = {"u": user, "t": team, "g": gateway, "exp": round(now_s + ttl_s, 3), "n": secrets.token_hex(8)}
+    body = {
+        "u": user,
+        "t": team,
+        "g": gateway,
+        "exp": round(now_s + ttl_s, 3),
+        "iat": round(now_s, 3),
+        "n": secrets.token_hex(8),
+    }
     if incarnation:
         body["i"] = incarnation
     if resume:
@@ -136,16 +153,25 @@ class NonceStore:
 class TicketVerifier:
     """Verifies tickets for one gateway process and enforces single use.
 
-    ``incarnation`` is this process's (:func:`new_incarnation`); a ticket minted
-    for another incarnation of the same gateway id (before a restart) is refused.
+    ``incarnation`` is this process's (:func:`new_incarnation`) and
+    ``started_at`` when it started (wall clock): a ticket minted for another
+    incarnation of the same gateway id is refused unless it was issued after
+    ``started_at`` (the webapp had not yet seen the new incarnation; see the
+    module doc).
     """
 
     def __init__(
-        self, secret: bytes, gateway: str, max_nonces: int = MAX_REMEMBERED_TICKETS, incarnation: str = ""
+        self,
+        secret: bytes,
+        gateway: str,
+        max_nonces: int = MAX_REMEMBERED_TICKETS,
+        incarnation: str = "",
+        started_at: float = float("inf"),
     ) -> None:
         self.secret = secret
         self.gateway = gateway
         self.incarnation = incarnation
+        self.started_at = started_at
         self._used = NonceStore(max_nonces)
 
     def verify(self, token: str, now_s: float) -> Ticket:
@@ -169,6 +195,7 @@ class TicketVerifier:
                 resume=str(data.get("r", "")),
                 app=str(data.get("a", "")),
                 incarnation=str(data.get("i", "")),
+                issued_at=float(data.get("iat", 0.0)),
             )
         except (ValueError, KeyError, TypeError):
             raise InvalidTicket("malformed ticket payload") from None
@@ -176,7 +203,7 @@ class TicketVerifier:
             raise InvalidTicket("ticket expired")
         if ticket.gateway != self.gateway:
             raise InvalidTicket("ticket is for another gateway")
-        if ticket.incarnation != self.incarnation:
+        if ticket.incarnation != self.incarnation and ticket.issued_at < self.started_at:
             raise InvalidTicket("ticket is for an earlier start of this gateway")
         self._used.forget_expired(now_s)
         if ticket.nonce in self._used:

@@ -89,6 +89,18 @@ def test_a_ticket_used_before_a_gateway_restart_is_refused_after_it() -> None:
         restarted.verify(token, now_s=NOW_S + 1)  # well within its TTL
 
 
+def test_a_ticket_minted_after_a_restart_on_a_stale_view_is_accepted() -> None:
+    """The webapp still saw the previous incarnation in Consul when it minted: the ticket
+    was issued after this start, so it is not a replay."""
+    started_at = NOW_S
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=started_at + 0.5, incarnation="previous")
+    verifier = TicketVerifier(SECRET, "gw-1", incarnation=new_incarnation(), started_at=started_at)
+    assert verifier.verify(token, now_s=started_at + 1).issued_at == started_at + 0.5
+    replayed = mint(SECRET, "U1", "T1", "gw-1", now_s=started_at - 0.5, incarnation="previous")
+    with pytest.raises(InvalidTicket, match="earlier start"):  # issued before this start: a replay
+        verifier.verify(replayed, now_s=started_at + 1)
+
+
 def test_a_ticket_without_an_incarnation_is_refused_by_a_gateway_that_has_one() -> None:
     token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S)
     with pytest.raises(InvalidTicket, match="earlier start"):
