@@ -6,7 +6,7 @@ holds C websockets (default 2,000) and, at a paced rate of rounds/s, calls
 ``websockets.asyncio.server.broadcast(connections, message)`` with one ~180-byte
 text message (a ``"type":"message"`` event like rtm's). The clients are held by
 separate load-client processes (default 2 x 1,000; picows + uvloop, the frame
-handler of :mod:`bench.loadclient`, which records every message frame), so
+``latency`` recorder of :mod:`bench.load_client`, which records every message frame), so
 the setup mirrors the ``big`` scenario of :mod:`bench.fanout` (2,000 clients in
 2 load-client processes, 5/10/20/40 posts/s, 6 s steps, 3 interleaved repeats,
 medians) with the whole fleet replaced by one ``broadcast()`` per round.
@@ -21,8 +21,11 @@ A step during which processes outside the benchmark used more than
     python -m bench.broadcast            # 2,000 clients, 5/10/20/40 rounds/s, ~2 minutes
     python -m bench.broadcast --quick    # smoke run, ~20 s
 
-Roles (internal): ``--role server`` and ``--role client`` are the child
-processes, controlled by JSON lines on stdin like :mod:`bench.loadclient`.
+Role (internal): ``--role server`` is the server child process, controlled by JSON lines on
+stdin like :mod:`bench.load_client` (the clients' processes, given the server's URL).
+
+Why one module over 500 lines: one reference benchmark whose server role and controller must agree
+on the message and the schedule; the clients are bench.load_client's, the statistics bench.stats'.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from bench.control import control_loop
 from bench.harness import (
     ForeignLoad,
     LoadClient,
+    LoadClients,
     ProcWatch,
     diff,
     fmt,
@@ -62,11 +66,11 @@ from bench.stats import med, pct
 NAME = "broadcast"
 KEY_CONN_BITS = 20  # delivery key = round id << 20 | conn
 MESSAGE_BYTES = 180
-HELLO = '{"type":"hello"}'  # what bench.loadclient.Client waits for before it counts a connection open
+HELLO = '{"type":"hello"}'  # what a bench.load_client client waits for before it counts a connection open
 
 
 def message(round_id: int, send_us: int) -> str:
-    """A ~180-byte message event; its text ``m<id>:<send µs>`` is what bench.loadclient records."""
+    """A ~180-byte message event; its text ``m<id>:<send µs>`` is what bench.load_client records."""
     head = (
         f'{{"type":"message","channel":"C0123456789A","user":"U0123456789A","text":"m{round_id}:{send_us}",'
         f'"ts":"{send_us // 1_000_000}.{send_us % 1_000_000:06d}","team":"T0123456789A","client_msg_id":"'
@@ -133,57 +137,14 @@ async def server_role(ping_interval: float | None) -> None:
         await control_loop({"info": info, "run": run, "quit": quit_})
 
 
-async def client_role() -> None:
-    """picows clients on a plain ws:// URL, with bench.loadclient's frame handler and records."""
-    from picows import ws_connect
-
-    from bench import loadclient as lcm
-
-    loop = asyncio.get_running_loop()
-
-    async def connect(req: dict[str, Any]) -> dict[str, Any]:
-        url, n = str(req["url"]), int(req["n"])
-        sem = asyncio.Semaphore(int(req.get("concurrency", 100)))
-        timeout_s = float(req.get("timeout_s", 30.0))
-        base = len(lcm.STATE.clients)
-        lcm.STATE.clients.extend([None] * n)
-        errors: dict[str, int] = {}
-
-        async def one(i: int) -> None:
-            idx = base + i
-            async with sem:
-                try:
-                    hello: asyncio.Future[None] = loop.create_future()
-                    client = lcm.Client(idx, hello)
-                    await ws_connect(lambda: client, url, websocket_handshake_timeout=timeout_s)
-                    await asyncio.wait_for(hello, timeout_s)
-                    lcm.STATE.clients[idx] = client
-                except Exception as exc:  # noqa: BLE001 - counted and reported
-                    key = type(exc).__name__ + ": " + str(exc)[:80]
-                    errors[key] = errors.get(key, 0) + 1
-
-        started = time.monotonic()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        connected = [base + i for i in range(n) if lcm.STATE.clients[base + i] is not None]
-        return {
-            "ok": True,
-            "connected": len(connected),
-            "conns": connected,
-            "failed": n - len(connected),
-            "errors": errors,
-            "elapsed_s": time.monotonic() - started,
-        }
-
-    await control_loop({"connect": connect, "stat": lcm.stat, "dump": lcm.dump, "quit": lcm.quit_all})
-
-
 # -- the controller --------------------------------------------------------------------------------
 
 CHILD_PIDS: list[int] = []  # every process this run started: killed at exit if still there
 
 
 class Child(LoadClient):
-    """A ``python -m bench.broadcast --role ...`` process, driven like a bench.harness.LoadClient."""
+    """A child process this run started (its pid kept for :func:`kill_leftovers`): the server
+    (``python -m bench.broadcast --role server``) or a load client (``role="client"``)."""
 
     def __init__(self, index: int, role: str, extra: list[str] | None = None) -> None:
         super().__init__(index)
@@ -191,6 +152,8 @@ class Child(LoadClient):
         self.extra = list(extra or [])
 
     def child_args(self) -> list[str]:
+        if self.role == "client":
+            return super().child_args()
         return ["-m", "bench.broadcast", "--role", self.role, *self.extra]
 
     async def start(self, env: dict[str, str] | None = None) -> None:
@@ -219,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.broadcast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--role", choices=["controller", "server", "client"], default="controller", help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["controller", "server"], default="controller", help=argparse.SUPPRESS)
     p.add_argument("--clients", type=int, default=2000, help="websocket clients (all receive every round)")
     p.add_argument("--client-procs", type=int, default=2, help="load-client processes holding them")
     p.add_argument("--rates", default="5,10,20,40", help="rounds/s (one broadcast() to every client per round)")
@@ -289,35 +252,8 @@ class Bench:
             "elapsed_s": time.monotonic() - started,
         }
 
-    async def stats(self) -> int:
-        return sum(s["frames"] for s in await asyncio.gather(*(c.call("stat") for c in self.clients)))
-
-    async def drain(self, expected: int, max_s: float = 30.0, idle_s: float = 3.0) -> None:
-        """Wait until the clients recorded ``expected`` frames, or nothing new came for ``idle_s``."""
-        deadline = time.monotonic() + max_s
-        last, last_change = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            got = await self.stats()
-            if got >= expected:
-                await asyncio.sleep(0.2)  # a duplicate would arrive right behind
-                return
-            if got != last:
-                last, last_change = got, time.monotonic()
-            elif time.monotonic() - last_change > idle_s:
-                return
-            await asyncio.sleep(0.05)
-
     async def collect(self) -> np.ndarray:
-        paths = [str(self.tmp / f"c{i}.npy") for i in range(len(self.clients))]
-        replies = await asyncio.gather(*(c.call("dump", path=p) for c, p in zip(self.clients, paths, strict=False)))
-        arrays = []
-        for offset, path, reply in zip(self.offsets, paths, replies, strict=False):
-            data = np.load(path)
-            data[:, 0] += offset
-            arrays.append(data)
-            for k, v in reply["closed"].items():
-                self.closed[int(k) + offset] = int(v)
-        return np.concatenate(arrays) if arrays else np.zeros((0, 4), dtype=np.int64)
+        return np.asarray(await LoadClients.of(list(self.clients)).collect(self.offsets, self.tmp, self.closed))
 
     async def step(self, rate: float, duration_s: float, record: bool = True) -> dict[str, Any]:
         assert self.watch is not None and self.foreign is not None
@@ -339,7 +275,7 @@ class Bench:
             else np.array([c for c in self.conns if int(c) not in self.closed], dtype=np.int64)
         )
         expected = rounds * len(live)
-        await self.drain(expected)
+        await LoadClients.of(list(self.clients)).wait_frames(expected)
         t_end = time.monotonic()
         times1 = self.watch.times()
         foreign = self.foreign.since(fmark, self.foreign.mark()) / max(1e-9, t_end - t_start)
@@ -580,7 +516,7 @@ def render(result: dict[str, Any]) -> str:
     lines.append(
         "Every column is the median of its own (user and sys need not add up to the total); frames and losses are summed over "
         "the repeats. CPU from psutil (10 ms ticks), from just before the first round until the clients had every frame. "
-        "Load-client CPU is both processes together (picows + bench.loadclient's frame handler)."
+        "Load-client CPU is both processes together (picows + bench.load_client's latency recorder)."
     )
     idle = result.get("idle_cpu_percent", {})
     lines.append(
@@ -649,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us (quit, or EOF on stdin)
         import uvloop
 
-        uvloop.run(server_role(args.ping_interval or None) if args.role == "server" else client_role())
+        uvloop.run(server_role(args.ping_interval or None))
         return 0
     if args.render:
         result = json.loads(Path(args.render).read_text())

@@ -19,6 +19,10 @@ every fleet process inherit it.
 
     python -m bench.connections            # 5k, 10k, 20k connections
     python -m bench.connections --quick    # 500, 1k, 2k
+
+Why one module over 500 lines: one benchmark, read top to bottom as its run goes (arguments, the
+stepped connect, the RSS settling, the tracemalloc trace run, the report); its shared parts already
+live in bench.harness and bench.load_client.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The control loop of the benchmarks' child processes: JSON-line requests on stdin, one JSON-line reply each on stdout.
 
-Used by :mod:`bench.loadclient`, :mod:`bench.evclient` and the ``--role`` processes of
+Used by :mod:`bench.load_client` and the ``--role`` processes of
 :mod:`bench.broadcast` (driven by :class:`bench.harness.LoadClient`). Standard library only:
 it runs inside measured processes, which should not import more than they need.
 """

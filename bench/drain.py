@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.fleet_events import Api, EvClients, Poster, deliveries, now_us, prom_values
+from bench.fleet_events import Api, EvClients, Poster, deliveries, now_us, scrape
 from bench.harness import (
     FleetRun,
     ProcWatch,
@@ -80,22 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class Fleet(FleetRun):
-    def scrape(self, service: str, name: str) -> dict[str, dict[str, float]]:
-        import urllib.request
-
-        out = {}
-        for p in self.processes(service):
-            with urllib.request.urlopen(f"http://{p['host']}:{p['metrics_port']}/metrics", timeout=5) as r:
-                out[p["id"]] = prom_values(r.read().decode(), name)
-        return out
-
-
 async def one_rate(args: argparse.Namespace, rate: float) -> dict[str, Any]:
     n_users = args.clients + args.others
     print(f"drain: rate {rate:g}/s: starting the fleet ({n_users} users) ...", flush=True)
     out: dict[str, Any] = {"drain_rate_per_s": rate}
-    with Fleet("--seed-users", str(n_users), env={"RTM_DRAIN_RATE_PER_S": str(rate)}) as fleet:
+    with FleetRun("--seed-users", str(n_users), env={"RTM_DRAIN_RATE_PER_S": str(rate)}) as fleet:
         out["fleet_startup_s"] = fleet.startup_s
         api = Api(fleet.api_url)
         try:
@@ -106,7 +95,7 @@ async def one_rate(args: argparse.Namespace, rate: float) -> dict[str, Any]:
     return out
 
 
-async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, out: dict[str, Any]) -> None:
+async def body(args: argparse.Namespace, fleet: FleetRun, api: Api, ec: EvClients, out: dict[str, Any]) -> None:
     users = [u for u in fleet.seed["users"] if not u["is_bot"]][: args.clients + args.others]
     chans = {c["name"]: c["id"] for c in fleet.seed["channels"]}
     targets = [chans["general"], chans["random"]]
@@ -144,7 +133,7 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
     )
     try:
         await asyncio.sleep(args.baseline_s)
-        moved0 = fleet.scrape("gateway", "rtm_gw_sessions_moved_total")
+        moved0 = scrape(fleet, "gateway", "rtm_gw_sessions_moved_total")
         cpu0 = watch.cpu()
         t_cmd = now_us()
         proc = await asyncio.create_subprocess_exec(
@@ -174,12 +163,12 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
         deadline = time.monotonic() + args.move_timeout_s
         while time.monotonic() < deadline:
             s = await ec.stat()
-            if s["moves"] >= len(on_drained) and s["moving"] == 0:
+            if s["moves"] >= len(on_drained) and s["reconnecting"] == 0:
                 break
             await asyncio.sleep(0.2)
         t_moved_seen = now_us()
         cpu_move = diff(watch.cpu(), cpu0)
-        moved1 = fleet.scrape("gateway", "rtm_gw_sessions_moved_total")
+        moved1 = scrape(fleet, "gateway", "rtm_gw_sessions_moved_total")
         await asyncio.sleep(args.after_s)
     finally:
         stop.set()
@@ -187,11 +176,11 @@ async def body(args: argparse.Namespace, fleet: Fleet, api: Api, ec: EvClients, 
         await poster.settle()
     exp = sum(len(members[p["target"]]) for p in poster.posts if p["ok"])
     await ec.wait_msgs(exp, max_s=60.0, idle_s=5.0)
-    resume_fail = fleet.scrape("gateway", "rtm_gw_resume_failures_total")
-    connects = fleet.scrape("gateway", "rtm_gw_connects_total")
-    out["gateway_gap_fills"] = fleet.scrape("gateway", "rtm_gw_gap_fills_total")
+    resume_fail = scrape(fleet, "gateway", "rtm_gw_resume_failures_total")
+    connects = scrape(fleet, "gateway", "rtm_gw_connects_total")
+    out["gateway_gap_fills"] = scrape(fleet, "gateway", "rtm_gw_gap_fills_total")
     try:
-        out["webapp_resumes"] = fleet.scrape("webapp", "rtm_webapp_resumes_total")
+        out["webapp_resumes"] = scrape(fleet, "webapp", "rtm_webapp_resumes_total")
     except Exception as exc:  # noqa: BLE001 - diagnostics only
         out["webapp_resumes"] = repr(exc)
     rec = await ec.dump()

@@ -25,6 +25,10 @@ must reach every member exactly once).
 
     python -m bench.failover            # 10 kills, a few minutes
     python -m bench.failover --quick    # 3 kills
+
+Why one module over 500 lines: one benchmark, read top to bottom as its run goes (setup, kills,
+analysis, report); what it shares with typing and drain lives in bench.fleet_events, the clients in
+bench.load_client.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ the post was sent), CPU-seconds and CPU µs per delivery of every process
     python -m bench.fanout --quick    # smoke run, well under a minute of steps
     python -m bench.fanout --profile all  # py-spy also the admin server, a channel server and the webapp
     python -m bench.fanout --profile no   # no py-spy (by default a gateway is profiled when a goal is missed)
+
+Why one module over 500 lines: one benchmark (scenarios, steps, repeats, the foreign-load guard, the
+report and figure) that bench.tls reuses as a whole; its clients are bench.load_client's, its
+statistics bench.stats'.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from bench.harness import (
     run_benchmark,
     save_figure,
 )
+from bench.stats import med, pct
 
 NAME = "fanout"
 GOAL_P99_MS = 10.0
@@ -169,43 +174,20 @@ class Bench:
         return out
 
     async def connect(self, users: list[dict[str, Any]]) -> dict[str, Any]:
-        n = len(self.lc.clients)
-        chunks = [users[k::n] for k in range(n)]
-        # rtm.connect prefers the caller's region: alternate the regions so every gateway gets its share
-        regions = sorted({str(p.get("region", "")) for p in self.fleet.processes("gateway")} - {""})
-        started = time.monotonic()
-        replies = await self.lc.all(
-            "connect",
-            per_client=[
-                {"tokens": [u["token"] for u in chunk], "regions": regions[k:] + regions[:k]}
-                for k, chunk in enumerate(chunks)
-            ],
-            api_url=self.fleet.api_url,
-            concurrency=100,
-            timeout_s=30.0,
-        )
+        got = await self.lc.connect_users(self.fleet, users, concurrency=100, timeout_s=30.0)
+        self.offsets, self.conn_of_user = got.offsets, got.conn_of_user
         gw_ports = {f"{p['host']}:{p['port']}": p["id"] for p in self.fleet.processes("gateway")}
         self.gw_labels = sorted(gw_ports.values())
-        total = sum(len(c) for c in chunks)
-        self.gw_of_conn = np.full(total, -1, dtype=np.int64)
-        offset = 0
-        errors: dict[str, int] = {}
-        for chunk, reply in zip(chunks, replies, strict=False):
-            self.offsets.append(offset)
-            for i, (user, gw) in enumerate(zip(chunk, reply["gw"], strict=False)):
-                if gw is not None:
-                    self.conn_of_user[user["id"]] = offset + i
-                    self.gw_of_conn[offset + i] = self.gw_labels.index(gw_ports[gw])
-            for k, v in reply["errors"].items():
-                errors[k] = errors.get(k, 0) + v
-            offset += len(chunk)
+        self.gw_of_conn = np.full(got.requested, -1, dtype=np.int64)
+        for user, gw in got.gw_of_user.items():
+            self.gw_of_conn[got.conn_of_user[user]] = self.gw_labels.index(gw_ports[gw])
         per_gw = {label: int((self.gw_of_conn == i).sum()) for i, label in enumerate(self.gw_labels)}
         return {
             "connected": len(self.conn_of_user),
-            "failed": total - len(self.conn_of_user),
-            "errors": errors,
+            "failed": got.requested - len(self.conn_of_user),
+            "errors": got.errors,
             "per_gateway": per_gw,
-            "elapsed_s": time.monotonic() - started,
+            "elapsed_s": got.elapsed_s,
         }
 
     def members(self, users: list[dict[str, Any]]) -> np.ndarray:
@@ -265,33 +247,8 @@ class Bench:
             parts.append((np.int64(post["id"]) << KEY_CONN_BITS) | members)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    async def drain(self, expected: int, max_s: float = 30.0, idle_s: float = 3.0) -> None:
-        """Wait until the clients recorded ``expected`` frames, or nothing new came for ``idle_s``."""
-        deadline = time.monotonic() + max_s
-        last, last_change = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            stats = await self.lc.all("stat")
-            got = sum(s["frames"] for s in stats)
-            if got >= expected:
-                await asyncio.sleep(0.2)  # a duplicate would arrive right behind
-                return
-            if got != last:
-                last, last_change = got, time.monotonic()
-            elif time.monotonic() - last_change > idle_s:
-                return
-            await asyncio.sleep(0.05)
-
     async def collect(self) -> np.ndarray:
-        paths = [str(self.tmp / f"c{i}.npy") for i in range(len(self.lc.clients))]
-        replies = await self.lc.all("dump", per_client=[{"path": p} for p in paths])
-        arrays = []
-        for offset, path, reply in zip(self.offsets, paths, replies, strict=False):
-            data = np.load(path)
-            data[:, 0] += offset
-            arrays.append(data)
-            for k, v in reply["closed"].items():
-                self.closed[int(k) + offset] = int(v)
-        return np.concatenate(arrays) if arrays else np.zeros((0, 4), dtype=np.int64)
+        return np.asarray(await self.lc.collect(self.offsets, self.tmp, self.closed))
 
     async def step(
         self, scenario: str, targets: list[Target], rate: float, duration_s: float, record: bool = True
@@ -307,7 +264,7 @@ class Bench:
         posts = await self.post_paced(targets, rate, n_posts, max_s=duration_s * 3 + 10)
         t_posted = time.monotonic()
         expected = self.expected_keys(posts, targets)
-        await self.drain(len(expected))
+        await self.lc.wait_frames(len(expected))
         t_end = time.monotonic()
         times1 = self.watch.times()
         peaks = self.watch.stop_peaks()
@@ -363,9 +320,6 @@ class Bench:
         for p in posts:
             if not p["ok"]:
                 errors[str(p.get("error"))] = errors.get(str(p.get("error")), 0) + 1
-
-        def pct(a: np.ndarray, q: float) -> float | None:
-            return float(np.percentile(a, q)) if len(a) else None
 
         result = {
             "scenario": scenario,
@@ -584,10 +538,6 @@ def aggregate(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
             order.append(key)
             groups[key] = []
         groups[key].append(s)
-
-    def med(values: list[Any]) -> float | None:
-        vals = [v for v in values if v is not None and v == v]
-        return float(np.median(vals)) if vals else None
 
     out = []
     first_small = True

@@ -2,7 +2,7 @@
 
 * :class:`LoggedFleet`: :class:`bench.harness.FleetRun` with ``--verbose`` and
   ``RTM_LOG_FORMAT=json``, every fleet log line copied to a file, parsed on demand.
-* :class:`EvClients`: :mod:`bench.evclient` processes (typing, goodbye-following).
+* :class:`EvClients`: :mod:`bench.load_client` processes recording events (typing, goodbye-following).
 * :class:`Poster`: paced ``chat.postMessage`` over HTTP; each text is
   ``m<post id>:<send µs>``; keeps send and acknowledgement times.
 * Consul look-ups (the channel ring, healthy instances), Prometheus scraping,
@@ -19,14 +19,13 @@ import re
 import shutil
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 
-from bench.harness import FleetRun, LoadClient, LoadClients
+from bench.harness import FleetRun, LoadClients
 
 
 def now_us() -> int:
@@ -111,9 +110,13 @@ class LoggedFleet(FleetRun):
         return next(p for p in self.info["processes"] if p["id"] == instance_id)
 
     def metrics(self, instance_id: str) -> str:
-        p = self.process(instance_id)
-        with urllib.request.urlopen(f"http://{p['host']}:{p['metrics_port']}/metrics", timeout=5) as r:
-            return str(r.read().decode())
+        self.reload()  # the instance may have been restarted since
+        return super().metrics(instance_id)
+
+
+def scrape(fleet: FleetRun, service: str, name: str) -> dict[str, dict[str, float]]:
+    """``name``'s samples on every ``service`` process of ``fleet``: {instance id: {labels: value}}."""
+    return {p["id"]: prom_values(fleet.metrics(p["id"]), name) for p in fleet.processes(service)}
 
 
 def prom_values(text: str, name: str) -> dict[str, float]:
@@ -131,20 +134,14 @@ def prom_values(text: str, name: str) -> dict[str, float]:
 # -- clients ---------------------------------------------------------------------------------------
 
 
-class EvClient(LoadClient):
-    def child_args(self) -> list[str]:
-        return ["-m", "bench.evclient"]
-
-
 class EvClients(LoadClients):
-    """Several :mod:`bench.evclient` processes; connection ``i`` of process ``k`` is global
-    connection ``offsets[k] + i``."""
+    """Several :mod:`bench.load_client` processes recording ``events``; connection ``i`` of process ``k``
+    is global connection ``offsets[k] + i``."""
 
     def __init__(self, count: int) -> None:
-        super().__init__(count)
-        self.clients = [EvClient(i) for i in range(count)]
+        super().__init__(count, records="events")
         self.offsets: list[int] = []
-        self.tmp = Path(tempfile.mkdtemp(prefix="rtm-evclient-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="rtm-evclients-"))
 
     def pids(self) -> dict[str, int]:
         return {f"client proc {c.index}": c.pid for c in self.clients}
@@ -173,7 +170,7 @@ class EvClients(LoadClients):
             "connect",
             per_client=[{"tokens": tokens[a:b], "regions": regions[a:b]} for a, b in blocks],
             api_url=api_url,
-            follow_goodbye=follow_goodbye,
+            reconnect="goodbye" if follow_goodbye else "never",
             concurrency=concurrency,
             timeout_s=timeout_s,
         )
@@ -211,7 +208,7 @@ class EvClients(LoadClients):
             k, local = self.proc_of(conn)
             per[k].append((local, ch))
         await self.all(
-            "typing",
+            "typing_schedule",
             per_client=[{"senders": p} for p in per],
             interval_s=interval_s,
             duration_s=duration_s,

@@ -5,7 +5,7 @@
   (the runner the system tests use too), and always stops it.
 * :class:`ProcWatch` measures CPU-seconds (psutil user+system) and RSS of any
   set of pids, and samples peak RSS in a thread.
-* :class:`LoadClients` runs ``bench.loadclient`` subprocesses (picows +
+* :class:`LoadClients` runs ``bench.load_client`` subprocesses (picows +
   uvloop), each holding many websockets, controlled by JSON lines on stdin.
 * :func:`publish` finishes a benchmark: ``<name>.json``, ``.md`` and ``.png`` in
   ``bench/results/``, the table printed; :func:`md_table`, :func:`save_figure`,
@@ -14,6 +14,10 @@
 Everything here is bounded in time: every wait has a deadline, and every
 process started here is stopped (and, if it does not stop, killed) by the
 code that started it.
+
+Why one module over 500 lines: the benchmarks' shared toolbox (fleet run, process accounting,
+foreign-load guard, load-client driver, publishing), each part small and used together by every
+benchmark; each section below is headed by a ``# --`` line.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -196,6 +201,14 @@ class FleetRun:
 
     def processes(self, service: str | None = None) -> list[dict[str, Any]]:
         return [p for p in self.info["processes"] if service is None or p["service"] == service]
+
+    def metrics(self, instance_id: str) -> str:
+        """The Prometheus text page (``/metrics``) of fleet process ``instance_id``."""
+        import urllib.request
+
+        p = next(p for p in self.info["processes"] if p["id"] == instance_id)
+        with urllib.request.urlopen(f"http://{p['host']}:{p['metrics_port']}/metrics", timeout=5) as r:
+            return str(r.read().decode())
 
     def labelled_pids(self) -> dict[str, int]:
         """Every fleet process by a short label (service/instance), plus the rtm up supervisor."""
@@ -364,18 +377,20 @@ def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
 
 
 class LoadClient:
-    """One ``bench.loadclient`` subprocess: JSON line requests in, JSON line replies out.
+    """One :mod:`bench.load_client` subprocess recording ``records`` (a :mod:`bench.client_records` kind):
+    JSON line requests in, JSON line replies out.
 
     A subclass drives another child that speaks the same protocol by overriding :meth:`child_args`."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, records: str = "latency") -> None:
         self.index = index
+        self.records = records
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()
 
     def child_args(self) -> list[str]:
         """The child's arguments after ``python``."""
-        return ["-m", "bench.loadclient"]
+        return ["-m", "bench.load_client", "--records", self.records]
 
     async def start(self, env: dict[str, str] | None = None) -> None:
         child_env = dict(os.environ)
@@ -431,8 +446,8 @@ class LoadClient:
 class LoadClients:
     """Several load-client processes; use as an async context manager (always killed)."""
 
-    def __init__(self, count: int) -> None:
-        self.clients = [LoadClient(i) for i in range(count)]
+    def __init__(self, count: int, records: str = "latency") -> None:
+        self.clients = [LoadClient(i, records) for i in range(count)]
 
     async def __aenter__(self) -> LoadClients:
         try:
@@ -462,6 +477,93 @@ class LoadClients:
                 extra.update(per_client[i])
             calls.append(c.call(cmd, **extra))
         return list(await asyncio.gather(*calls))
+
+    @classmethod
+    def of(cls, clients: list[LoadClient]) -> LoadClients:
+        """Drive load-client processes made elsewhere (a subclass of :class:`LoadClient`) as one."""
+        group = cls(0)
+        group.clients = list(clients)
+        return group
+
+    async def connect_users(self, fleet: FleetRun, users: list[dict[str, Any]], **fields: Any) -> ConnectedUsers:
+        """Connect ``users`` spread round-robin (process ``k`` gets ``users[k::n]``), the region hints rotated
+        per process so that every gateway gets its share (``rtm.connect`` prefers the caller's region).
+        Process ``k``'s ``i``-th connection is global connection ``offsets[k] + i``."""
+        n = len(self.clients)
+        chunks = [users[k::n] for k in range(n)]
+        regions = sorted({str(p.get("region", "")) for p in fleet.processes("gateway")} - {""})
+        started = time.monotonic()
+        replies = await self.all(
+            "connect",
+            per_client=[
+                {"tokens": [u["token"] for u in chunk], "regions": regions[k:] + regions[:k]}
+                for k, chunk in enumerate(chunks)
+            ],
+            api_url=fleet.api_url,
+            **fields,
+        )
+        out = ConnectedUsers(requested=len(users))
+        offset = 0
+        for chunk, reply in zip(chunks, replies, strict=True):
+            out.offsets.append(offset)
+            for i, (user, gw) in enumerate(zip(chunk, reply["gw"], strict=True)):
+                if gw is not None:
+                    out.conn_of_user[user["id"]] = offset + i
+                    out.gw_of_user[user["id"]] = gw
+            for k, v in reply["errors"].items():
+                out.errors[k] = out.errors.get(k, 0) + v
+            offset += len(chunk)
+        out.elapsed_s = time.monotonic() - started
+        return out
+
+    async def frames(self) -> int:
+        """Message frames the ``latency`` clients recorded since their last dump, every process together."""
+        return sum(int(s["frames"]) for s in await self.all("stat"))
+
+    async def wait_frames(self, expected: int, max_s: float = 30.0, idle_s: float = 3.0) -> int:
+        """Until the clients recorded ``expected`` frames, or nothing new came for ``idle_s`` (at most ``max_s``)."""
+        deadline = time.monotonic() + max_s
+        last, last_change, got = -1, time.monotonic(), 0
+        while time.monotonic() < deadline:
+            got = await self.frames()
+            if got >= expected:
+                await asyncio.sleep(0.2)  # wait-ok: a duplicate would arrive right behind
+                return got
+            if got != last:
+                last, last_change = got, time.monotonic()
+            elif time.monotonic() - last_change > idle_s:
+                return got
+            await asyncio.sleep(0.05)  # wait-ok: bounded poll of the clients' counters
+        return got
+
+    async def collect(self, offsets: list[int], tmp: Path, closed: dict[int, int] | None = None) -> Any:
+        """Every process's ``latency`` records (dumped, so cleared) as one (n, 4) int64 array with global
+        connection numbers (process ``k``'s start at ``offsets[k]``); ``closed`` gets each connection's close µs."""
+        import numpy as np
+
+        paths = [str(tmp / f"c{i}.npy") for i in range(len(self.clients))]
+        replies = await self.all("dump", per_client=[{"path": p} for p in paths])
+        arrays = []
+        for offset, path, reply in zip(offsets, paths, replies, strict=True):
+            data = np.load(path)
+            data[:, 0] += offset
+            arrays.append(data)
+            if closed is not None:
+                for k, v in reply["closed"].items():
+                    closed[int(k) + offset] = int(v)
+        return np.concatenate(arrays) if arrays else np.zeros((0, 4), dtype=np.int64)
+
+
+@dataclass
+class ConnectedUsers:
+    """What :meth:`LoadClients.connect_users` did: who is connected as which global connection, on which gateway."""
+
+    requested: int
+    offsets: list[int] = field(default_factory=list)
+    conn_of_user: dict[str, int] = field(default_factory=dict)
+    gw_of_user: dict[str, str] = field(default_factory=dict)  # host:port
+    errors: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
 
 
 # -- output ------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ with enough seeded users, then three parts:
 
     python -m bench.presence            # 5,000-client storm
     python -m bench.presence --quick    # 500-client storm, fewer rounds
+
+Why one module over 500 lines: one benchmark of three measured phases (propagation, a presence
+server's throughput, connect storms) that share the fleet, the observers and the report; its clients
+are bench.load_client's.
 """
 
 from __future__ import annotations

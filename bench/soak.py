@@ -5,7 +5,7 @@ The fleet is ``rtm up --debug-faults`` as a subprocess (:class:`bench.harness.Fl
 with one seeded user per client. Setup: the demo bot creates ``--clients / --channel-size``
 channels and invites every user into two of them (everyone is also in #general and
 #random). ``--clients`` websockets (one per user) are held by ``--client-procs``
-:mod:`bench.soakclient` processes, regions alternating.
+:mod:`bench.load_client` processes (recording ``sessions``, reconnecting ``always``), regions alternating.
 
 Traffic, for ``--minutes``, at ``--rate`` operations/s (seeded random choice, each
 operation as a random user over the Web API; at most ``MAX_OPS_IN_FLIGHT`` at once,
@@ -36,6 +36,10 @@ fresh reconnect. Exit status 1 if the check failed.
     python -m bench.soak                       # 10 minutes, 2,000 clients
     python -m bench.soak --minutes 4           # what docs/soak.md reports
     python -m bench.soak --short               # ~40 s smoke run, 120 clients
+
+Why one module over 500 lines: the soak's run (traffic, chaos, counters, settling, the report) is
+one scenario whose parts share the fleet, the clients and the seeded random source; the verdict is
+apart (bench.soak_check, sans-I/O), the clients are bench.load_client's.
 """
 
 from __future__ import annotations
@@ -762,11 +766,6 @@ class CounterBook:
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-class SoakClient(LoadClient):
-    def child_args(self) -> list[str]:
-        return ["-m", "bench.soakclient"]
-
-
 def read_events(data_dir: Path) -> list[DbEvent]:
     """Every row of the webapp's ``events`` table (read-only)."""
     conn = sqlite3.connect(f"file:{data_dir / 'webapp.db'}?mode=ro", uri=True, timeout=30)
@@ -792,7 +791,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with aiohttp.ClientSession(
             timeout=timeout, connector=aiohttp.TCPConnector(limit=MAX_OPS_IN_FLIGHT * 2)
         ) as http:
-            clients = [SoakClient(i) for i in range(args.client_procs)]
+            clients = [LoadClient(i, records="sessions") for i in range(args.client_procs)]
             try:
                 for c in clients:
                     await c.start()
@@ -806,7 +805,7 @@ async def soak(
     args: argparse.Namespace,
     fleet: FleetRun,
     http: aiohttp.ClientSession,
-    clients: list[SoakClient],
+    clients: list[LoadClient],
     rng: random.Random,
     out: dict[str, Any],
 ) -> None:
@@ -823,11 +822,10 @@ async def soak(
                 "connect",
                 api_url=fleet.api_url,
                 proc=c.index,
-                clients=[
-                    [i, traffic.users[i]["token"], REGIONS[i % len(REGIONS)]]
-                    for i in range(n)
-                    if traffic.client_of[i] == c.index
-                ],
+                reconnect="always",
+                indices=[i for i in range(n) if traffic.client_of[i] == c.index],
+                tokens=[traffic.users[i]["token"] for i in range(n) if traffic.client_of[i] == c.index],
+                regions=[REGIONS[i % len(REGIONS)] for i in range(n) if traffic.client_of[i] == c.index],
                 concurrency=50,
                 timeout_s=30.0,
             )
@@ -948,7 +946,7 @@ async def soak(
     out["progress"] = progress
 
 
-async def settle_clients(clients: list[SoakClient], history: HistoryReader, max_s: float) -> dict[str, Any]:
+async def settle_clients(clients: list[LoadClient], history: HistoryReader, max_s: float) -> dict[str, Any]:
     """Wait (bounded) until no client is reconnecting and nothing was received for :data:`SETTLE_IDLE_S`."""
     started = time.monotonic()
     last_frames, last_change = -1, time.monotonic()

@@ -45,6 +45,11 @@ in that range must be in the history the client read, unless it was deleted
 before the read (``lost_from_history`` otherwise). Edits, reactions and
 membership events in the range show up as the state history returns and are
 counted, not itemised.
+
+Why one module of ~500 lines: it is the soak's verdict, one sans-I/O pass whose parts (event keys,
+segments of a session, history reads, the per-reason accounting) share one data model and must
+change together; splitting it would spread one definition of "lost" over several files. Its unit
+tests (tests/unit/test_soak_check.py) read it as one.
 """
 
 from __future__ import annotations

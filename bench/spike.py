@@ -2,7 +2,7 @@
 
 Starts a fleet with ``rtm up``, seeds C users (default 2,000), makes C/2 channels
 (default 1,000) of two members each through the Web API, and connects one websocket
-per user from load-client processes (:mod:`bench.loadclient`). Then, through the
+per user from load-client processes (:mod:`bench.load_client`). Then, through the
 Web API with many requests in flight, it schedules S messages (``chat.scheduleMessage``,
 default 10,000, spread over the channels, each by one of the channel's members) and
 R reminders (``reminders.add``, default 10,000, spread over the users), all due at one
@@ -143,30 +143,9 @@ class Spike:
         self.channels = [(r["channel"]["id"], pair) for r, pair in zip(replies, pairs, strict=True)]
 
     async def connect(self, users: list[dict[str, Any]]) -> dict[str, Any]:
-        n = len(self.lc.clients)
-        chunks = [users[k::n] for k in range(n)]
-        regions = sorted({str(p.get("region", "")) for p in self.fleet.processes("gateway")} - {""})
-        started = time.monotonic()
-        replies = await self.lc.all(
-            "connect",
-            per_client=[
-                {"tokens": [u["token"] for u in chunk], "regions": regions[k:] + regions[:k]}
-                for k, chunk in enumerate(chunks)
-            ],
-            api_url=self.fleet.api_url,
-            concurrency=100,
-            timeout_s=30.0,
-        )
-        offset, errors = 0, {}
-        for chunk, reply in zip(chunks, replies, strict=True):
-            self.offsets.append(offset)
-            for i, (user, gw) in enumerate(zip(chunk, reply["gw"], strict=True)):
-                if gw is not None:
-                    self.conn_of_user[user["id"]] = offset + i
-            for k, v in reply["errors"].items():
-                errors[k] = errors.get(k, 0) + v
-            offset += len(chunk)
-        return {"connected": len(self.conn_of_user), "errors": errors, "elapsed_s": time.monotonic() - started}
+        got = await self.lc.connect_users(self.fleet, users, concurrency=100, timeout_s=30.0)
+        self.offsets, self.conn_of_user = got.offsets, got.conn_of_user
+        return {"connected": len(self.conn_of_user), "errors": got.errors, "elapsed_s": got.elapsed_s}
 
     def members(self, channel: int) -> list[int]:
         return [self.conn_of_user[u["id"]] for u in self.channels[channel][1] if u["id"] in self.conn_of_user]
@@ -255,17 +234,10 @@ class Spike:
             await asyncio.wait(tasks, timeout=30)
 
     async def frames(self) -> int:
-        return sum(s["frames"] for s in await self.lc.all("stat"))
+        return await self.lc.frames()
 
     async def collect(self) -> np.ndarray:
-        paths = [str(self.tmp / f"c{i}.npy") for i in range(len(self.lc.clients))]
-        await self.lc.all("dump", per_client=[{"path": p} for p in paths])
-        arrays = []
-        for offset, path in zip(self.offsets, paths, strict=True):
-            data = np.load(path)
-            data[:, 0] += offset
-            arrays.append(data)
-        return np.concatenate(arrays) if arrays else np.zeros((0, 4), dtype=np.int64)
+        return np.asarray(await self.lc.collect(self.offsets, self.tmp))
 
 
 def loss(expected: np.ndarray, got: np.ndarray) -> dict[str, int]:

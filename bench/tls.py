@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 from bench import fanout
 from bench.harness import machine_info, run_benchmark
-from bench.stats import med
+from bench.stats import med, pct
 
 NAME = "tls"
 
@@ -89,12 +88,11 @@ async def handshakes(mode: str, count: int) -> dict[str, Any]:
         await conn.closed
     cpu = time.process_time() - cpu0
     server.close()
-    walls.sort()
     return {
         "mode": mode,
         "connects": count,
-        "median_ms": statistics.median(walls) * 1e3,
-        "p99_ms": walls[int(len(walls) * 0.99) - 1] * 1e3,
+        "median_ms": (pct(walls, 50) or 0.0) * 1e3,
+        "p99_ms": (pct(walls, 99) or 0.0) * 1e3,
         "cpu_us_per_connect": cpu / count * 1e6,
     }
 
@@ -174,7 +172,7 @@ def publish_path(steps: list[dict[str, Any]]) -> dict[str, float | None]:
             if posts:
                 cpu = sum(v for k, v in s["cpu_s"].items() if k.startswith(match) and "spare" not in k)
                 values.append(cpu * 1e6 / posts)
-        out[role] = statistics.median(values) if values else None
+        out[role] = med(values)
     return out
 
 
@@ -296,8 +294,8 @@ def render(result: dict[str, Any]) -> str:
         if row.get("off") and row.get("on"):
             growth.append((scenario, rate, (row["on"] / row["off"] - 1) * 100))  # type: ignore[operator]
     lines.append("")
-    for scenario, rate, pct in growth:
-        lines.append(f"- gateway CPU per delivery, {scenario} at {rate:g} posts/s: {pct:+.1f} % with TLS")
+    for scenario, rate, growth_pct in growth:
+        lines.append(f"- gateway CPU per delivery, {scenario} at {rate:g} posts/s: {growth_pct:+.1f} % with TLS")
     return "\n".join(lines) + "\n"
 
 

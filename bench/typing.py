@@ -84,13 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Fleet(FleetRun):
-    def metrics(self, instance_id: str) -> str:
-        import urllib.request
-
-        p = next(p for p in self.info["processes"] if p["id"] == instance_id)
-        with urllib.request.urlopen(f"http://{p['host']}:{p['metrics_port']}/metrics", timeout=5) as r:
-            return str(r.read().decode())
-
     def typing_counters(self) -> dict[str, float]:
         """Sum over gateways of rtm_gw_typing_total by outcome."""
         out: dict[str, float] = {}

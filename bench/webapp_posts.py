@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from bench.harness import RESULTS_DIR, machine_info, md_table
+from bench.stats import pct
 from rtmctl.launcher import RunningProcess, rtm_argv, start
 from webapp_stub.seed import seed_demo
 
@@ -74,13 +74,12 @@ async def load(api_url: str, seed: dict[str, Any], posters: int, seconds: float)
             *(post_loop(http, url, users[i % len(users)]["token"], channel, until, latencies) for i in range(posters))
         )
         elapsed = time.monotonic() - started
-    latencies.sort()
     return {
         "posts": len(latencies),
         "errors": sum(errors),
         "posts_per_s": len(latencies) / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        "p50_ms": 1000 * (pct(latencies, 50) or 0.0),
+        "p99_ms": 1000 * (pct(latencies, 99) or 0.0),
     }
 
 

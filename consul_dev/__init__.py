@@ -9,7 +9,9 @@ sessions with TTL and lock-delay, and blocking queries (``index`` + ``wait``),
 with the reply shapes, status codes and error texts of Consul's API docs.
 
 Layout: :mod:`consul_dev.state` is the sans-I/O model (no asyncio, an
-injected clock); :mod:`consul_dev.app` is the thin aiohttp layer.
+injected clock), assembled from one module per domain (kv, sessions, agent,
+catalog); :mod:`consul_dev.app` is the thin aiohttp layer, with the handlers
+in :mod:`consul_dev.endpoints`.
 
 Production runs real Consul: point every process at it with
 ``CONSUL_HTTP_ADDR`` (``--consul``), as ``deploy/docker-compose.yml`` does.

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import ClassVar, Final
 
-from consul_dev.state import ConsulError
+from consul_dev.errors import ConsulError
 
 ANONYMOUS_TOKEN_ACCESSOR_ID: Final = "00000000-0000-0000-0000-000000000002"  # acl.AnonymousTokenID
 # The accessor id the dev agent reports for its one management token (real

@@ -5,7 +5,8 @@ Thin by design: routing (Consul's mux: exact paths and ``/prefix/`` paths,
 options (``dc``, ``stale``/``consistent``, ``index``/``wait`` parsed as
 Consul does, ``filter`` refused plainly), blocking queries, body decoding,
 headers and metrics. Everything Consul-specific about data lives in
-:mod:`consul_dev.state`.
+:mod:`consul_dev.state`; the endpoints' handlers are in :mod:`consul_dev.endpoints`,
+Consul's request conventions in :mod:`consul_dev.request`.
 
 Blocking queries: a query with ``?index=N`` re-runs each time the state's
 index moves (an :class:`asyncio.Event` is swapped and set on every change)
@@ -22,47 +23,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
-import re
 import time
-import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from consul_dev.acl import (
-    Access,
-    AccessControl,
-    ACLNotFound,
-    Authorizer,
-    PermissionDenied,
-    Resource,
-    Rule,
-    request_token,
+from consul_dev.acl import AccessControl, ACLNotFound, PermissionDenied, Rule, request_token
+from consul_dev.endpoints import ConsulEndpoints
+from consul_dev.errors import ConsulError, InvalidRequest, ServerError
+from consul_dev.node import DATACENTER, KV_MAX_VALUE_BYTES, NODE_NAME
+from consul_dev.request import (
+    AUTHZ_KEY,
+    DEFAULT_BLOCKING_WAIT_S,
+    QUERY_KEY,
+    TEXT_CONTENT_TYPE,
+    MethodNotAllowed,
+    QueryOptions,
+    Reply,
+    Route,
+    json_reply,
+    parse_query_options,
 )
-from consul_dev.state import (
-    DATACENTER,
-    HEALTH_CRITICAL,
-    HEALTH_PASSING,
-    HEALTH_WARNING,
-    KV_MAX_VALUE_BYTES,
-    NODE_NAME,
-    ConsulError,
-    ConsulState,
-    InvalidRequest,
-    NotFound,
-    RequestTooLarge,
-    ServerError,
-    decode_check_definition,
-    decode_service_definition,
-    parse_go_duration_s,
-)
+from consul_dev.state import ConsulState
 from services.process import StopFn, run_service
 
 log = logging.getLogger("rtm.consul_dev")
@@ -80,121 +67,14 @@ ACL_TOKEN_ENV: Final = "RTM_CONSUL_DEV_ACL_TOKEN"
 # How often expiries (TTL checks, session TTLs, reaping) are applied when no
 # request arrives: 100 ms keeps a 1 s test TTL accurate to 10 %.
 EXPIRY_TICK_S: Final = 0.1
-DEFAULT_BLOCKING_WAIT_S: Final = 300.0  # Consul's default for ?wait
-MAX_BLOCKING_WAIT_S: Final = 600.0  # Consul caps ?wait at 10 minutes
 BLOCKING_JITTER_DIVISOR: Final = 16  # Consul adds up to wait/16 of random jitter
 # Above KV_MAX_VALUE_BYTES so an oversized KV value gets Consul's own 413 text.
 MAX_REQUEST_BODY_BYTES: Final = 4 * KV_MAX_VALUE_BYTES
 # Blocking queries return at once on shutdown, so handlers finish quickly.
 SHUTDOWN_TIMEOUT_S: Final = 2.0
 
-JSON_CONTENT_TYPE: Final = "application/json"
-TEXT_CONTENT_TYPE: Final = "text/plain; charset=utf-8"
-_QUERY_KEY: Final = "rtm_consul_dev.query"
-_AUTHZ_KEY: Final = "rtm_consul_dev.authorizer"
-_UINT64_MAX: Final = 2**64 - 1
-_DIGITS_RE: Final = re.compile(r"[0-9]+")
-_GO_TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_GO_FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
-
-@dataclass(frozen=True)
-class QueryOptions:
-    """``?index`` and ``?wait`` as Consul reads them."""
-
-    min_index: int
-    wait_s: float
-
-
-@dataclass
-class Reply:
-    """One HTTP reply before the Consul headers are added."""
-
-    status: int = 200
-    body: bytes = b""
-    content_type: str = JSON_CONTENT_TYPE
-    index: int | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-Handler = Callable[[web.Request, str], Awaitable[Reply]]
-
-
-@dataclass(frozen=True)
-class Route:
-    """One endpoint: a path (a trailing ``/`` makes it a prefix, as in Go's mux) and its methods."""
-
-    pattern: str
-    methods: tuple[str, ...]
-    handler: Handler
-    query: bool = False  # parses dc, consistency, index/wait (a catalog/health/kv/session endpoint)
-    filterable: bool = False  # Consul accepts ?filter= here; the dev agent refuses it plainly
-    acl: Rule = Rule.CHECK  # how ACLs apply (see consul_dev.acl)
-    empty: Any = None  # FILTER routes: what a token that may read nothing gets
-
-
-class MethodNotAllowed(ConsulError):
-    """405, with the ``Allow`` header listing the route's methods."""
-
-    status = 405
-
-    def __init__(self, method: str, allowed: tuple[str, ...]) -> None:
-        super().__init__(f"method {method} not allowed")
-        self.allowed = allowed
-
-
-def parse_query_options(query: Mapping[str, str]) -> QueryOptions:
-    """Read ``stale``/``consistent``, ``wait`` and ``index`` as Consul's ``parse`` does.
-
-    Raises :class:`InvalidRequest` with Consul's texts ("Invalid wait time",
-    "Invalid index", the stale/consistent conflict). ``wait`` is clamped to
-    10 minutes; zero or negative means the 5 minute default.
-    """
-    if "stale" in query and "consistent" in query:
-        raise InvalidRequest("Cannot specify ?stale with ?consistent, conflicting semantics.")
-    wait_s = DEFAULT_BLOCKING_WAIT_S
-    wait = query.get("wait", "")
-    if wait:
-        try:
-            wait_s = parse_go_duration_s(wait)
-        except ValueError:
-            raise InvalidRequest("Invalid wait time") from None
-    min_index = 0
-    index_text = query.get("index", "")
-    if index_text:
-        if not _DIGITS_RE.fullmatch(index_text) or int(index_text) > _UINT64_MAX:
-            raise InvalidRequest("Invalid index")
-        min_index = int(index_text)
-    if wait_s > MAX_BLOCKING_WAIT_S:
-        wait_s = MAX_BLOCKING_WAIT_S
-    elif wait_s <= 0:
-        wait_s = DEFAULT_BLOCKING_WAIT_S
-    return QueryOptions(min_index=min_index, wait_s=wait_s)
-
-
-def _parse_uint(value: str) -> int:
-    """Go's ``strconv.ParseUint(value, 10, 64)``; its error reaches the client as a 500."""
-    if not _DIGITS_RE.fullmatch(value):
-        raise ServerError(f"strconv.ParseUint: parsing {json.dumps(value)}: invalid syntax")
-    number = int(value)
-    if number > _UINT64_MAX:
-        raise ServerError(f"strconv.ParseUint: parsing {json.dumps(value)}: value out of range")
-    return number
-
-
-def _bool_param(query: Mapping[str, str], name: str) -> bool:
-    """A boolean query flag: absent is False, bare is True, else Go's ParseBool."""
-    if name not in query:
-        return False
-    value = query.get(name, "")
-    if value == "" or value in _GO_TRUE:
-        return True
-    if value in _GO_FALSE:
-        return False
-    raise InvalidRequest(f"Invalid value for ?{name}")
-
-
-class ConsulDevAgent:
+class ConsulDevAgent(ConsulEndpoints):
     """Serves one :class:`ConsulState` over HTTP as Consul's API does."""
 
     def __init__(
@@ -239,7 +119,7 @@ class ConsulDevAgent:
         self._index_gauge.set(state.index)
         self._exact: dict[str, Route] = {}
         self._prefixes: list[Route] = []
-        for route in self._routes():
+        for route in self.routes():
             if route.pattern.endswith("/"):
                 self._prefixes.append(route)
             else:
@@ -247,50 +127,6 @@ class ConsulDevAgent:
         self._prefixes.sort(key=lambda r: len(r.pattern), reverse=True)
 
     # ---- wiring -----------------------------------------------------------------
-    def _routes(self) -> list[Route]:
-        get, put = ("GET",), ("PUT",)
-        filtered, open_ = Rule.FILTER, Rule.OPEN
-        return [
-            Route("/v1/agent/self", get, self.agent_self),
-            Route("/v1/agent/services", get, self.agent_services, filterable=True, acl=filtered, empty={}),
-            Route("/v1/agent/service/register", put, self.agent_service_register),
-            Route("/v1/agent/service/deregister/", put, self.agent_service_deregister),
-            Route("/v1/agent/service/", get, self.agent_service),
-            Route("/v1/agent/checks", get, self.agent_checks, filterable=True, acl=filtered, empty={}),
-            Route("/v1/agent/check/register", put, self.agent_check_register),
-            Route("/v1/agent/check/deregister/", put, self.agent_check_deregister),
-            Route("/v1/agent/check/pass/", put, self.agent_check_pass),
-            Route("/v1/agent/check/warn/", put, self.agent_check_warn),
-            Route("/v1/agent/check/fail/", put, self.agent_check_fail),
-            Route("/v1/agent/check/update/", put, self.agent_check_update),
-            Route("/v1/catalog/datacenters", get, self.catalog_datacenters, acl=open_),
-            Route("/v1/catalog/nodes", get, self.catalog_nodes, query=True, filterable=True, acl=filtered, empty=[]),
-            Route("/v1/catalog/node/", get, self.catalog_node, query=True, filterable=True, acl=filtered),
-            Route(
-                "/v1/catalog/services", get, self.catalog_services, query=True, filterable=True, acl=filtered, empty={}
-            ),
-            Route(
-                "/v1/catalog/service/", get, self.catalog_service, query=True, filterable=True, acl=filtered, empty=[]
-            ),
-            Route("/v1/health/service/", get, self.health_service, query=True, filterable=True, acl=filtered, empty=[]),
-            Route("/v1/health/checks/", get, self.health_checks, query=True, filterable=True, acl=filtered, empty=[]),
-            Route("/v1/health/state/", get, self.health_state, query=True, filterable=True, acl=filtered, empty=[]),
-            Route("/v1/health/node/", get, self.health_node, query=True, filterable=True, acl=filtered, empty=[]),
-            Route("/v1/kv/", ("GET", "PUT", "DELETE"), self.kv, query=True),
-            Route("/v1/session/create", put, self.session_create, query=True),
-            Route("/v1/session/destroy/", put, self.session_destroy, query=True),
-            Route("/v1/session/renew/", put, self.session_renew, query=True),
-            Route("/v1/session/info/", get, self.session_info, query=True, acl=filtered, empty=[]),
-            Route("/v1/session/list", get, self.session_list, query=True, acl=filtered, empty=[]),
-            Route("/v1/session/node/", get, self.session_node, query=True, acl=filtered, empty=[]),
-            # Consul's Status endpoints resolve no token: open under default deny too.
-            Route("/v1/status/leader", get, self.status_leader, acl=open_),
-            Route("/v1/status/peers", get, self.status_peers, acl=open_),
-            # rtm's own, not Consul's: liveness and the agent's request counters, no Consul data.
-            Route("/healthz", get, self.healthz, acl=open_),
-            Route("/metrics", get, self.metrics, acl=open_),
-        ]
-
     def application(self) -> web.Application:
         """An aiohttp application routing every path through :meth:`handle`."""
         app = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
@@ -331,7 +167,7 @@ class ConsulDevAgent:
 
     async def blocking(self, request: web.Request, query: Callable[[], tuple[int, T]]) -> tuple[int, T]:
         """Run ``query``; with ``?index=N`` re-run it on each change until its index passes N or wait ends."""
-        options: QueryOptions = request.get(_QUERY_KEY, QueryOptions(0, DEFAULT_BLOCKING_WAIT_S))
+        options: QueryOptions = request.get(QUERY_KEY, QueryOptions(0, DEFAULT_BLOCKING_WAIT_S))
         index, result = query()
         self.publish()  # the query may have applied expiries
         if options.min_index == 0:
@@ -398,7 +234,7 @@ class ConsulDevAgent:
             raise MethodNotAllowed(request.method, route.methods)
         query = request.query
         if route.query:
-            request[_QUERY_KEY] = parse_query_options(query)
+            request[QUERY_KEY] = parse_query_options(query)
         if route.filterable and query.get("filter", ""):
             raise InvalidRequest(
                 "?filter= expressions are not supported by the rtm dev Consul agent; "
@@ -411,306 +247,15 @@ class ConsulDevAgent:
         if route.acl is Rule.OPEN:
             return await route.handler(request, tail)
         authz = self.access.resolve(request_token(query, request.headers))
-        request[_AUTHZ_KEY] = authz
+        request[AUTHZ_KEY] = authz
         reply = await route.handler(request, tail)
         if route.acl is Rule.FILTER and not authz.allow_all and reply.status == 200:
             # Every item is dropped by the filter; the index (and blocking) is the query's own.
             self._acl_filtered.inc()
-            filtered = self._json(request, route.empty, index=reply.index)
+            filtered = json_reply(request, route.empty, index=reply.index)
             filtered.headers = {k: v for k, v in reply.headers.items() if k != "X-Consul-ContentHash"}
             return filtered
         return reply
-
-    @staticmethod
-    def _authz(request: web.Request) -> Authorizer:
-        """The authorizer :meth:`_serve` resolved for this request."""
-        authz: Authorizer = request[_AUTHZ_KEY]
-        return authz
-
-    def _require_check_write(self, request: web.Request, check_id: str) -> None:
-        """``service:write`` on the check's service, or ``node:write`` for a node check (unknown: no-op)."""
-        owner = self.state.agent_check_service_name(check_id)
-        if owner is None:
-            return  # the state answers Consul's 404
-        if owner:
-            self._authz(request).require(Resource.SERVICE, Access.WRITE, owner)
-        else:
-            self._authz(request).require(Resource.NODE, Access.WRITE, NODE_NAME)
-
-    def _json(self, request: web.Request, obj: Any, *, index: int | None = None, status: int = 200) -> Reply:
-        if "pretty" in request.query:
-            body = json.dumps(obj, indent=4, ensure_ascii=False) + "\n"
-        else:
-            body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-        return Reply(status, body.encode(), JSON_CONTENT_TYPE, index)
-
-    @staticmethod
-    async def _body_json(request: web.Request) -> Any:
-        """Decode the body as Go's json.Decoder does: the first JSON value, EOF when empty."""
-        text = (await request.read()).decode("utf-8", errors="replace").lstrip(" \t\r\n")
-        if not text:
-            raise InvalidRequest("Request decode failed: EOF")
-        try:
-            value, _ = json.JSONDecoder().raw_decode(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"Request decode failed: {exc}") from None
-        return value
-
-    @staticmethod
-    def _conflicting(query: Mapping[str, str], *flags: str) -> None:
-        if sum(flag in query for flag in flags) > 1:
-            items = sorted(query.items(), key=lambda kv: kv[0])  # Go's url.Values.Encode order
-            raise InvalidRequest(f"Conflicting flags: {urllib.parse.urlencode(items)}\n")
-
-    # ---- agent ------------------------------------------------------------------
-    async def agent_self(self, request: web.Request, tail: str) -> Reply:
-        self._authz(request).require(Resource.AGENT, Access.READ, NODE_NAME)
-        return self._json(request, self.state.agent_self())
-
-    async def agent_services(self, request: web.Request, tail: str) -> Reply:
-        return self._json(request, self.state.agent_services())
-
-    async def agent_service(self, request: web.Request, tail: str) -> Reply:
-        name = self.state.agent_service_name(tail)
-        if name is not None:
-            self._authz(request).require(Resource.SERVICE, Access.READ, name)
-        body = self.state.agent_service(tail)
-        if body is None:
-            raise NotFound(f"unknown service ID: {tail}")
-        reply = self._json(request, body)
-        reply.headers["X-Consul-ContentHash"] = body["ContentHash"]
-        return reply
-
-    async def agent_service_register(self, request: web.Request, tail: str) -> Reply:
-        raw = await self._body_json(request)
-        definition = decode_service_definition(raw)
-        self._authz(request).require(Resource.SERVICE, Access.WRITE, definition.name)
-        existing = self.state.agent_service_name(definition.id)
-        if existing is not None:  # the registration it would overwrite
-            self._authz(request).require(Resource.SERVICE, Access.WRITE, existing)
-        flag = request.query.getall("replace-existing-checks", [])
-        replace_checks = bool(flag) and flag[0] in ("", "true")
-        self.state.register_service(raw, replace_existing_checks=replace_checks)
-        return Reply()
-
-    async def agent_service_deregister(self, request: web.Request, tail: str) -> Reply:
-        name = self.state.agent_service_name(tail)
-        if name is not None:
-            self._authz(request).require(Resource.SERVICE, Access.WRITE, name)
-        self.state.deregister_service(tail)
-        return Reply()
-
-    async def agent_checks(self, request: web.Request, tail: str) -> Reply:
-        return self._json(request, self.state.agent_checks())
-
-    async def agent_check_register(self, request: web.Request, tail: str) -> Reply:
-        raw = await self._body_json(request)
-        definition = decode_check_definition(raw)
-        service = self.state.agent_service_name(definition.service_id) if definition.service_id else None
-        if service:
-            self._authz(request).require(Resource.SERVICE, Access.WRITE, service)
-        else:
-            self._authz(request).require(Resource.NODE, Access.WRITE, NODE_NAME)
-        self._require_check_write(request, definition.check_id)
-        self.state.register_check(raw)
-        return Reply()
-
-    async def agent_check_deregister(self, request: web.Request, tail: str) -> Reply:
-        self._require_check_write(request, tail)
-        self.state.deregister_check(tail)
-        return Reply()
-
-    async def _ttl_update(self, request: web.Request, check_id: str, status: str) -> Reply:
-        self._require_check_write(request, check_id)
-        self.state.update_ttl_check(check_id, status, request.query.get("note", ""))
-        return Reply()
-
-    async def agent_check_pass(self, request: web.Request, tail: str) -> Reply:
-        return await self._ttl_update(request, tail, HEALTH_PASSING)
-
-    async def agent_check_warn(self, request: web.Request, tail: str) -> Reply:
-        return await self._ttl_update(request, tail, HEALTH_WARNING)
-
-    async def agent_check_fail(self, request: web.Request, tail: str) -> Reply:
-        return await self._ttl_update(request, tail, HEALTH_CRITICAL)
-
-    async def agent_check_update(self, request: web.Request, tail: str) -> Reply:
-        raw = await self._body_json(request)
-        self._require_check_write(request, tail)
-        self.state.update_check(tail, raw)
-        return Reply()
-
-    # ---- catalog and health --------------------------------------------------------
-    async def catalog_datacenters(self, request: web.Request, tail: str) -> Reply:
-        return self._json(request, [DATACENTER])
-
-    async def catalog_nodes(self, request: web.Request, tail: str) -> Reply:
-        node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(request, lambda: self.state.catalog_nodes(node_meta=node_meta))
-        return self._json(request, body, index=index)
-
-    async def catalog_node(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing node name")
-        index, body = await self.blocking(request, lambda: self.state.catalog_node(tail))
-        return self._json(request, body, index=index)
-
-    async def catalog_services(self, request: web.Request, tail: str) -> Reply:
-        node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(request, lambda: self.state.catalog_services(node_meta=node_meta))
-        return self._json(request, body, index=index)
-
-    async def catalog_service(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing service name")
-        tags = request.query.getall("tag", [])
-        node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(
-            request, lambda: self.state.catalog_service(tail, tags=tags, node_meta=node_meta)
-        )
-        return self._json(request, body, index=index)
-
-    async def health_service(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing service name")
-        passing = _bool_param(request.query, "passing")
-        tags = request.query.getall("tag", [])
-        node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(
-            request, lambda: self.state.health_service(tail, passing=passing, tags=tags, node_meta=node_meta)
-        )
-        return self._json(request, body, index=index)
-
-    async def health_checks(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing service name")
-        node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(request, lambda: self.state.health_checks(tail, node_meta=node_meta))
-        return self._json(request, body, index=index)
-
-    async def health_state(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing check state")
-        node_meta = request.query.getall("node-meta", [])
-        index, body = await self.blocking(request, lambda: self.state.health_state(tail, node_meta=node_meta))
-        return self._json(request, body, index=index)
-
-    async def health_node(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing node name")
-        index, body = await self.blocking(request, lambda: self.state.health_node(tail))
-        return self._json(request, body, index=index)
-
-    # ---- KV -----------------------------------------------------------------------
-    async def kv(self, request: web.Request, key: str) -> Reply:
-        query = request.query
-        if request.method == "GET":
-            return await self._kv_get(request, key)
-        if request.method == "PUT":
-            if key == "":
-                raise InvalidRequest("Missing key name")
-            self._conflicting(query, "cas", "acquire", "release")
-            flags = _parse_uint(query.get("flags", "")) if "flags" in query else 0
-            cas = _parse_uint(query.get("cas", "")) if "cas" in query else None
-            acquire = query.get("acquire", "") if "acquire" in query else None
-            release = query.get("release", "") if "release" in query else None
-            self._authz(request).require_bare(Resource.KEY, Access.WRITE, key)
-            length = request.content_length or 0
-            if length > KV_MAX_VALUE_BYTES:
-                raise RequestTooLarge(
-                    f"Request body({length} bytes) too large, max size: {KV_MAX_VALUE_BYTES} bytes. "
-                    "See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
-                )
-            value = await request.read()
-            done = self.state.kv_put(key, value, flags=flags, cas=cas, acquire=acquire, release=release)
-            return self._json(request, done)
-        self._conflicting(query, "recurse", "cas")
-        recurse = "recurse" in query
-        if not recurse and key == "":
-            raise InvalidRequest("Missing key name")
-        cas = _parse_uint(query.get("cas", "")) if "cas" in query else None
-        self._authz(request).require_bare(Resource.KEY, Access.WRITE, key)  # key_prefix write for recurse
-        return self._json(request, self.state.kv_delete(key, recurse=recurse, cas=cas))
-
-    async def _kv_get(self, request: web.Request, key: str) -> Reply:
-        query = request.query
-        authz = self._authz(request)
-        if "keys" in query or "recurse" in query:
-            if not authz.allowed(Resource.KEY, Access.READ, key):
-                # Filtered to nothing: Consul answers a list with no entries 404, at the prefix's index.
-                self._acl_filtered.inc()
-                listing = self.state.kv_keys if "keys" in query else self.state.kv_list
-                index, _ = await self.blocking(request, lambda: (listing(key)[0], None))
-                return Reply(404, b"", TEXT_CONTENT_TYPE, index)
-        elif key != "":
-            authz.require_bare(Resource.KEY, Access.READ, key)
-        if "keys" in query:
-            separator = query.get("separator", query.get("seperator", ""))  # Consul accepts its old misspelling
-            index, keys = await self.blocking(request, lambda: self.state.kv_keys(key, separator))
-            if keys is None:
-                return Reply(404, b"", TEXT_CONTENT_TYPE, index)
-            return self._json(request, keys, index=index)
-        if "recurse" in query:
-            index, entries = await self.blocking(request, lambda: self.state.kv_list(key))
-        else:
-            if key == "":
-                raise InvalidRequest("Missing key name")
-            index, entries = await self.blocking(request, lambda: self.state.kv_get(key))
-        if not entries:
-            return Reply(404, b"", TEXT_CONTENT_TYPE, index)
-        if "raw" in query and "recurse" not in query:
-            _, value = self.state.kv_raw(key)
-            headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
-            return Reply(200, value or b"", "text/plain", index, headers)
-        return self._json(request, entries, index=index)
-
-    # ---- sessions ------------------------------------------------------------------
-    async def session_create(self, request: web.Request, tail: str) -> Reply:
-        self._authz(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
-        raw = await self._body_json(request) if await request.read() else None
-        return self._json(request, {"ID": self.state.session_create(raw)})
-
-    async def session_destroy(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing session")
-        self._authz(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
-        self.state.session_destroy(tail)
-        return self._json(request, True)
-
-    async def session_renew(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing session")
-        self._authz(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
-        return self._json(request, self.state.session_renew(tail))
-
-    async def session_info(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing session")
-        index, body = await self.blocking(request, lambda: self.state.session_info(tail))
-        return self._json(request, body, index=index)
-
-    async def session_list(self, request: web.Request, tail: str) -> Reply:
-        index, body = await self.blocking(request, self.state.session_list)
-        return self._json(request, body, index=index)
-
-    async def session_node(self, request: web.Request, tail: str) -> Reply:
-        if not tail:
-            raise InvalidRequest("Missing node name")
-        index, body = await self.blocking(request, lambda: self.state.session_node(tail))
-        return self._json(request, body, index=index)
-
-    # ---- status and rtm's own endpoints ---------------------------------------------
-    async def status_leader(self, request: web.Request, tail: str) -> Reply:
-        return self._json(request, self.state.leader())
-
-    async def status_peers(self, request: web.Request, tail: str) -> Reply:
-        return self._json(request, [self.state.leader()])
-
-    async def healthz(self, request: web.Request, tail: str) -> Reply:
-        return self._json(request, {"ok": True})
-
-    async def metrics(self, request: web.Request, tail: str) -> Reply:
-        return Reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
 
 async def start_agent(host: str, port: int, acl_token: str = "") -> tuple[dict[str, Any], StopFn]:

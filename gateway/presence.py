@@ -33,6 +33,14 @@ What the gateway does (see docs/design.md, "Presence"):
   gateway forwards only what differs from what they last saw).
 * A stopping gateway reports nobody offline: its clients are moving to
   another gateway, and its lease lapses in seconds anyway.
+
+Why one module of about 500 lines: the batched reports and watches, the
+links and the re-syncs share one lease epoch per presence server and one
+queue of pending reports. A sync re-reports in its new epoch exactly what the
+pending batches would have sent, and a flush sends in the current epoch of
+the same link; split apart, each half would reach into the other's epochs
+and queues. The sans-I/O model is already its own module
+(:mod:`gateway.presence_watches`).
 """
 
 from __future__ import annotations

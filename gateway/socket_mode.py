@@ -205,6 +205,25 @@ class SocketMode:
 
     async def serve(self, ws: ClientConnection) -> None:
         """One Socket Mode connection, from its ticket to its close."""
+        admission = await self._admission_now(ws)
+        if isinstance(admission, Refusal):
+            await self._refuse(ws, admission)
+            return
+        link, sid = self._attach(ws, admission)
+        self.connects.labels("ok").inc()
+        try:
+            await ws.send(json.dumps(self._hello(link)))
+            self._send(link, link.book.open(sid, time.monotonic()))
+            async for message in ws:
+                self._handle_frame(link, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._detach(link, sid)
+
+    async def _admission_now(self, ws: ClientConnection) -> Admitted | Refusal:
+        """The admission made before the upgrade, checked again: the gateway may have begun draining,
+        or other connections of the app arrived, meanwhile."""
         gateway = self.gateway
         admission = self.admissions.pop(ws, None)
         if admission is None:  # not admitted before the upgrade (no admit hook): do it now
@@ -213,14 +232,20 @@ class SocketMode:
             admission = Refusal("draining", "", 0, "")  # began draining during the upgrade
         if isinstance(admission, Admitted):
             admission = self._too_many(admission.ticket.app) or admission  # others connected meanwhile
-        if isinstance(admission, Refusal):
-            self.connects.labels(admission.outcome).inc()
-            if admission.outcome == "draining":
-                await self._disconnect(ws, "refresh_requested")
-                return
-            gateway.metrics.error(admission.error)
-            await ws.close(admission.code, admission.reason)
+        return admission
+
+    async def _refuse(self, ws: ClientConnection, refusal: Refusal) -> None:
+        """Close a refused connection: a draining gateway asks for a refresh, anything else is an error."""
+        self.connects.labels(refusal.outcome).inc()
+        if refusal.outcome == "draining":
+            await self._disconnect(ws, "refresh_requested")
             return
+        self.gateway.metrics.error(refusal.error)
+        await ws.close(refusal.code, refusal.reason)
+
+    def _attach(self, ws: ClientConnection, admission: Admitted) -> tuple[AppLink, int]:
+        """Add the connection to its app's link (made on the app's first connection here); returns it and the sid."""
+        gateway = self.gateway
         ticket, boot = admission.ticket, admission.boot
         now = time.monotonic()
         link = self.links.get(ticket.app)
@@ -232,7 +257,7 @@ class SocketMode:
         link.book.take_over(list(boot.get("carried") or []), now)
         sid = next(gateway.listener.sids)
         gateway.sockets[sid] = ws  # the keepalive sweep pings it like any client
-        client = ClientSocket(
+        link.conns[sid] = ClientSocket(
             ws,
             sid,
             gateway.args.max_client_buffer_bytes,
@@ -240,32 +265,28 @@ class SocketMode:
             gateway.listener.cut_off,
             gateway.cork,
         )
-        link.conns[sid] = client
         link.idle_since = None
-        self.connects.labels("ok").inc()
-        try:
-            hello = {
-                "type": "hello",
-                "num_connections": len(link.conns),
-                "debug_info": {
-                    "host": gateway.instance_id,
-                    "build_number": BUILD_NUMBER,
-                    "approximate_connection_time": 18060,
-                },
-                "connection_info": {"app_id": link.profile.id},
-            }
-            await ws.send(json.dumps(hello))
-            self._send(link, link.book.open(sid, time.monotonic()))
-            async for message in ws:
-                self._handle_frame(link, message)
-        except ConnectionClosed:
-            pass
-        finally:
-            gateway.sockets.pop(sid, None)
-            link.conns.pop(sid, None)
-            link.book.close(sid)
-            if not link.conns:
-                link.idle_since = time.monotonic()
+        return link, sid
+
+    def _hello(self, link: AppLink) -> dict[str, Any]:
+        return {
+            "type": "hello",
+            "num_connections": len(link.conns),
+            "debug_info": {
+                "host": self.gateway.instance_id,
+                "build_number": BUILD_NUMBER,
+                "approximate_connection_time": 18060,
+            },
+            "connection_info": {"app_id": link.profile.id},
+        }
+
+    def _detach(self, link: AppLink, sid: int) -> None:
+        """The connection closed: the link forgets it (what it had not acknowledged is retried on another, on time)."""
+        self.gateway.sockets.pop(sid, None)
+        link.conns.pop(sid, None)
+        link.book.close(sid)
+        if not link.conns:
+            link.idle_since = time.monotonic()
 
     def _link(self, boot: dict[str, Any], now: float) -> AppLink:
         gateway = self.gateway

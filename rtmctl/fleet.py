@@ -14,7 +14,7 @@ its instance id; if CHARM gave its slot to a spare meanwhile, it comes back as
 a spare). Ctrl-C or SIGTERM stops everything,
 gateways first, Consul last.
 
-Every port derives from ``--port-base`` (see :func:`plan`), so two fleets run
+Every port derives from ``--port-base`` (see :func:`rtmctl.fleet_plan.plan`), so two fleets run
 side by side with different bases.
 
 Secrets (``docs/consul-acl.md``): on first start ``rtm up`` makes, in its data
@@ -45,16 +45,15 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from consul_dev.app import ACL_TOKEN_ENV
+from rtmctl.fleet_plan import CONSUL_PORT_OFFSET, ProcessSpec, plan, regions_of
 from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services import regions, tls
-from services.certs import CertPaths, FleetCertificates
+from services.certs import FleetCertificates
 from services.config import CONSUL_TOKEN_ENV, Parser, consul_token_default, split_host_port
 from services.discovery import sync_client
 from services.errors import BadDocument
@@ -80,203 +79,6 @@ SEED_TIMEOUT_S = 120.0  # `rtm seed` of the default team takes well under a seco
 TLS_DIR = "tls"
 OPERATOR_CERT = "operator"  # DATA_DIR/tls/operator.{crt,key}: the `rtm` commands' identity towards CHARM
 OPERATOR_INSTANCE = "rtm-cli"
-
-
-def tls_flags(paths: CertPaths) -> list[str]:
-    return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
-
-
-def credentials(certs: FleetCertificates | None, name: str, service: str, make_id: str) -> tuple[str, list[str]]:
-    """The instance id of the process at ``name`` in the plan and its TLS flags.
-
-    The id is the one in its stored certificate (a restart is the same process),
-    else ``make_id``; without ``certs`` (``--wire-tls off``) there are no flags."""
-    if certs is None:
-        return make_id, ["--wire-tls", tls.WIRE_TLS_OFF]
-    known = certs.existing_identity(name)
-    iid = known.instance if known is not None and known.service == service else make_id
-    return iid, tls_flags(certs.ensure(name, PeerIdentity(service, iid)))
-
-
-@dataclass
-class ProcessSpec:
-    """How to start one fleet process (kept to restart it the same way)."""
-
-    name: str
-    service: str
-    argv: list[str]
-    port: int
-    restarts: list[float] = field(default_factory=list)
-
-
-def plan(
-    args: argparse.Namespace, data_dir: Path, consul_addr: str, certs: FleetCertificates | None = None
-) -> list[ProcessSpec]:
-    """The processes of the fleet with their ports: base+0 Consul, +1 webapp (+2 its internal port),
-    +10.. admin servers, +20.. channel servers (actives, then spares), +30..
-    CHARMs, +40.. gateways, +50.. presence servers (actives, then spares); each
-    process's metrics port is its port + 100. ``certs`` issues each its
-    certificate (None: ``--wire-tls off``)."""
-    base = args.port_base
-    host = args.host
-    common = ["--host", host, "--consul", consul_addr]
-    specs: list[ProcessSpec] = []
-    for i in range(args.channel_servers + args.spares):
-        port = base + 20 + i
-        role = "active" if i < args.channel_servers else "spare"
-        iid, creds = credentials(certs, f"{CHANNEL_SERVER}-{i}", CHANNEL_SERVER, f"cs-{uuid.uuid4().hex[:6]}")
-        specs.append(
-            ProcessSpec(
-                iid,
-                CHANNEL_SERVER,
-                rtm_argv(
-                    CHANNEL_SERVER,
-                    *common,
-                    *creds,
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(port + 100),
-                    "--instance-id",
-                    iid,
-                    "--history-events",
-                    str(args.history_events),
-                    "--role",
-                    role,
-                    "--ttl-s",
-                    str(args.ttl_s),
-                    *(["--debug-faults"] if args.debug_faults else []),
-                ),
-                port,
-            )
-        )
-    for i in range(args.presence_servers + args.presence_spares):
-        port = base + 50 + i
-        role = "active" if i < args.presence_servers else "spare"
-        iid, creds = credentials(certs, f"{PRESENCE}-{i}", PRESENCE, f"ps-{uuid.uuid4().hex[:6]}")
-        specs.append(
-            ProcessSpec(
-                iid,
-                PRESENCE,
-                rtm_argv(
-                    PRESENCE,
-                    *common,
-                    *creds,
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(port + 100),
-                    "--instance-id",
-                    iid,
-                    "--role",
-                    role,
-                    "--ttl-s",
-                    str(args.ttl_s),
-                    *(["--debug-faults"] if args.debug_faults else []),
-                ),
-                port,
-            )
-        )
-    for i in range(args.charms):
-        port = base + 30 + i
-        iid, creds = credentials(certs, f"{CHARM}-{i}", CHARM, f"{CHARM}-{i}")
-        specs.append(
-            ProcessSpec(
-                iid,
-                CHARM,
-                rtm_argv(
-                    CHARM,
-                    *common,
-                    *creds,
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(port + 100),
-                    "--instance-id",
-                    iid,
-                    "--channel-slots",
-                    str(args.channel_servers),
-                    "--presence-slots",
-                    str(args.presence_servers),
-                ),
-                port,
-            )
-        )
-    for i in range(args.admin_servers):
-        port = base + 10 + i
-        iid, creds = credentials(certs, f"{ADMIN_SERVER}-{i}", ADMIN_SERVER, f"as-{i}")
-        specs.append(
-            ProcessSpec(
-                iid,
-                ADMIN_SERVER,
-                rtm_argv(
-                    ADMIN_SERVER,
-                    *common,
-                    *creds,
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(port + 100),
-                    "--instance-id",
-                    iid,
-                ),
-                port,
-            )
-        )
-    port = base + 1
-    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
-    iid, creds = credentials(certs, f"{WEBAPP}-0", WEBAPP, f"{WEBAPP}-0")
-    specs.append(
-        ProcessSpec(
-            WEBAPP,
-            WEBAPP,
-            rtm_argv(
-                WEBAPP,
-                *common,
-                *creds,
-                "--port",
-                str(port),
-                "--internal-port",
-                str(base + 2),
-                "--instance-id",
-                iid,
-                "--data-dir",
-                str(data_dir),
-                "--region",
-                args.default_region or regions[0],
-            ),
-            port,
-        )
-    )
-    n = 0
-    for region in regions:
-        for j in range(args.gateways_per_region):
-            port = base + 40 + n
-            iid, creds = credentials(certs, f"gw-{region}-{j}", GATEWAY, f"gw-{region}-{j}")
-            specs.append(
-                ProcessSpec(
-                    iid,
-                    GATEWAY,
-                    rtm_argv(
-                        GATEWAY,
-                        *common,
-                        *creds,
-                        "--port",
-                        str(port),
-                        "--metrics-port",
-                        str(port + 100),
-                        "--instance-id",
-                        iid,
-                        "--region",
-                        region,
-                        "--data-dir",
-                        str(data_dir),
-                    ),
-                    port,
-                )
-            )
-            n += 1
-    return specs
 
 
 def ensure_secret(data_dir: Path) -> str:
@@ -313,7 +115,7 @@ class Fleet:
         ensure_private_dir(self.data_dir)
         self.running: dict[str, RunningProcess] = {}
         self.specs: dict[str, ProcessSpec] = {}
-        self.consul_addr = args.consul or f"{args.host}:{args.port_base}"
+        self.consul_addr = args.consul or f"{args.host}:{args.port_base + CONSUL_PORT_OFFSET}"
         self.stopping = threading.Event()
         self.echo = sys.stdout if args.verbose else None
 
@@ -342,9 +144,7 @@ class Fleet:
         if not self.args.consul:
             self.launch(self.specs["consul-dev"])
         self.seed = self.ensure_seed()
-        write_region_map(
-            self.consul_addr, [r.strip() for r in self.args.regions.split(",") if r.strip()], self.consul_token
-        )
+        write_region_map(self.consul_addr, regions_of(self.args), self.consul_token)
         specs = plan(self.args, self.data_dir, self.consul_addr, self.certificates())
         for spec in specs:
             self.specs[spec.name] = spec

@@ -27,6 +27,13 @@ TIMEOUT_FACTOR = float(os.environ.get("RTM_TEST_TIMEOUT_FACTOR", "1"))  # e.g. 3
 DEFAULT_WAIT_S = 10.0 * TIMEOUT_FACTOR
 POLL_INTERVAL_S = 0.02
 
+# The tree, as the tests that check its shape see it (imports, code map, sizes).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LIBRARY_PACKAGE = "services"
+SERVICE_PACKAGES = ("channel_server", "admin_server", "gateway", "presence", "charm", "webapp_stub")
+TOOLING_PACKAGES = ("rtmctl", "consul_dev")
+CODE_PACKAGES = (LIBRARY_PACKAGE, *SERVICE_PACKAGES, *TOOLING_PACKAGES)  # what mypy checks strictly
+
 
 def wait_until(predicate: Callable[[], T], timeout_s: float = DEFAULT_WAIT_S, what: str = "condition") -> T:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout_s``."""

@@ -50,6 +50,15 @@ class ConversationStore(UserStore):
         ).fetchall()
         return {r[0] for r in rows}
 
+    def private_channels_of(self, user: str) -> list[str]:
+        """The private channels (not DMs or group DMs) ``user`` is a member of."""
+        rows = self.conn.execute(
+            "SELECT c.id FROM channels c JOIN members m ON m.channel = c.id "
+            "WHERE m.user = ? AND c.is_private = 1 AND c.kind = 'channel'",
+            (user,),
+        )
+        return [row[0] for row in rows]
+
     def is_member(self, channel: str, user: str) -> bool:
         return (
             self.conn.execute("SELECT 1 FROM members WHERE channel = ? AND user = ?", (channel, user)).fetchone()

@@ -37,6 +37,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -56,6 +57,9 @@ INTERNAL_HISTORY_MAX = 1000
 # per-app bound on envelopes in flight and waiting: gateway/envelopes.py).
 MAX_RESUME_ENVELOPES = 10_000
 MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
+
+# What one internal endpoint does with a request's arguments: its reply's fields besides "ok".
+InternalHandler = Callable[[web.Request, Args], Awaitable[dict[str, Any]]]
 
 
 class InternalEndpoints:
@@ -78,6 +82,57 @@ class InternalEndpoints:
             web.post("/internal/call/{method}", self.handle_internal_call),
         ]
 
+    async def handle_bootstrap(self, request: web.Request) -> web.Response:
+        # durable: the seqs it names are committed
+        return await self._answer(request, "internal.bootstrap", self._bootstrap, durable=True)
+
+    async def handle_resume(self, request: web.Request) -> web.Response:
+        return await self._answer(request, "internal.resume", self._resume, durable=False)
+
+    async def handle_history(self, request: web.Request) -> web.Response:
+        # durable: never hand a gateway an event that is not yet durable
+        return await self._answer(request, "internal.history", self._history, durable=True)
+
+    async def handle_internal_call(self, request: web.Request) -> web.Response:
+        name = request.match_info["method"]
+        label = name if name in METHODS else "unknown"
+        return await self._answer(request, f"internal.{label}", self._call, durable=True)
+
+    async def _answer(
+        self, request: web.Request, name: str, handler: InternalHandler, *, durable: bool
+    ) -> web.Response:
+        """One internal request, the same way for every endpoint.
+
+        The caller is checked and its JSON body read, then ``handler`` answers it. Its
+        :class:`ApiError` becomes ``{"ok": false, "error": code}`` with the error's status
+        and headers, any other exception ``internal_error`` (logged); both are counted in
+        ``rtm_errors_total``. HTTP errors pass through: 403 for a caller that is not a
+        gateway, 413 for a body over the limit. With ``durable`` the reply waits for the
+        current group commit, so nothing it names can be lost. Every request is counted
+        under ``name`` with its outcome.
+        """
+        status, headers = 200, {}
+        try:
+            args = await self._internal_args(request)
+            body = {"ok": True, **(await handler(request, args))}
+            outcome = "ok"
+        except ApiError as exc:
+            # api.test echoes any error it is asked for: keep that out of the label values
+            outcome = "api_test_error" if name == "internal.api.test" else exc.code
+            self.api.metrics.error(outcome)
+            body = {"ok": False, "error": exc.code}
+            status, headers = exc.status, exc.headers
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("%s failed", name)
+            self.api.metrics.error("internal_error")
+            body, outcome = {"ok": False, "error": "internal_error"}, "internal_error"
+        if durable:
+            await self.api.durable()
+        self.api.count_request(name, outcome)
+        return web.json_response(body, status=status, headers=headers)
+
     def _check_caller(self, request: web.Request) -> None:
         """Only a gateway (by its verified client certificate) calls the internal endpoints."""
         if not self.check_callers:
@@ -99,142 +154,80 @@ class InternalEndpoints:
             return {}
         return parse_json_body(await request.read())
 
-    async def handle_bootstrap(self, request: web.Request) -> web.Response:
-        try:
-            args = await self._internal_args(request)
-            user_id = str(args.get("user") or "")
-            rid = args.get("resume")
-            app_id = str(args.get("app") or "")
-            app = self.api.store.app(app_id) if app_id else None
-            if app_id and (app is None or app.bot_user != user_id):
-                raise ApiError("app_not_found")
-            # an app's records are kept under its id, with the envelopes its moved connections had not acknowledged
-            record = self.api.resume.take_record(str(rid), app_id or user_id) if rid else None
-            resume = record.channels if record is not None else None
-            if rid:
-                self.api.resumes.labels("used" if resume is not None else "expired").inc()
-            boot = self.api.store.bootstrap(user_id, resume, record.until if record is not None else None)
-            if boot is None:
-                raise ApiError("user_not_found")
-            if app is not None:
-                boot["app"] = app.to_api()
-                boot["private"] = [
-                    row[0]
-                    for row in self.api.store.conn.execute(
-                        "SELECT c.id FROM channels c JOIN members m ON m.channel = c.id "
-                        "WHERE m.user = ? AND c.is_private = 1 AND c.kind = 'channel'",
-                        (user_id,),
-                    )
-                ]
-                boot["carried"] = record.carried if record is not None else []
-            else:
-                self.api.last_seen[user_id] = self.api.clock()
-            body = {"ok": True, **boot, "resumed": resume is not None}
-        except ApiError as exc:
-            self.api.metrics.error(exc.code)
-            body = {"ok": False, "error": exc.code}
-        except web.HTTPException:
-            raise  # 403 for a wrong secret, 413 for a body over the limit
-        except Exception:
-            body = self._internal_failure("internal.bootstrap")
-        await self.api.durable()  # the seqs it names are committed
-        self.api.count_request("internal.bootstrap", "ok" if body["ok"] else body["error"])
-        return web.json_response(body)
+    async def _bootstrap(self, request: web.Request, args: Args) -> dict[str, Any]:
+        """A user's (or a Socket Mode app's bot user's) channels to connect, resumed where a record says."""
+        user_id = str(args.get("user") or "")
+        rid = args.get("resume")
+        app_id = str(args.get("app") or "")
+        app = self.api.store.app(app_id) if app_id else None
+        if app_id and (app is None or app.bot_user != user_id):
+            raise ApiError("app_not_found")
+        # an app's records are kept under its id, with the envelopes its moved connections had not acknowledged
+        record = self.api.resume.take_record(str(rid), app_id or user_id) if rid else None
+        resume = record.channels if record is not None else None
+        if rid:
+            self.api.resumes.labels("used" if resume is not None else "expired").inc()
+        boot = self.api.store.bootstrap(user_id, resume, record.until if record is not None else None)
+        if boot is None:
+            raise ApiError("user_not_found")
+        if app is not None:
+            boot["app"] = app.to_api()
+            boot["private"] = self.api.store.private_channels_of(user_id)
+            boot["carried"] = record.carried if record is not None else []
+        else:
+            self.api.last_seen[user_id] = self.api.clock()
+        return {**boot, "resumed": resume is not None}
 
-    def _internal_failure(self, name: str) -> dict[str, Any]:
-        log.exception("%s failed", name)
-        self.api.metrics.error("internal_error")
-        return {"ok": False, "error": "internal_error"}
-
-    async def handle_resume(self, request: web.Request) -> web.Response:
+    async def _resume(self, request: web.Request, args: Args) -> dict[str, Any]:
         """Record where a connection the fleet is moving stopped (see :mod:`webapp_stub.resume`)."""
-        try:
-            args = await self._internal_args(request)
-            user_id = str(args.get("user") or "")
-            if not user_id or self.api.store.user(user_id) is None:
-                raise ApiError("user_not_found")
-            seqs = _channel_seqs(args.get("channels"))
-            until = _channel_seqs(args.get("until") or {})
-            key, carried = user_id, None
-            if args.get("app"):  # a Socket Mode app's connections: keyed by the app, with its unacknowledged envelopes
-                app = self.api.store.app(str(args["app"]))
-                carried = args.get("envelopes") or []
-                if app is None or app.bot_user != user_id:
-                    raise ApiError("app_not_found")
-                if not isinstance(carried, list) or len(carried) > MAX_RESUME_ENVELOPES:
-                    raise ApiError("invalid_arguments")
-                key = app.id
-            body: dict[str, Any] = {"ok": True, "resume": self.api.resume.add(key, seqs, carried, until)}
-            self.api.resumes.labels("recorded").inc()
-        except ApiError as exc:
-            self.api.metrics.error(exc.code)
-            body = {"ok": False, "error": exc.code}
-        except web.HTTPException:
-            raise  # 403 for a wrong secret, 413 for a body over the limit
-        except Exception:
-            body = self._internal_failure("internal.resume")
-        self.api.count_request("internal.resume", "ok" if body["ok"] else body["error"])
-        return web.json_response(body)
-
-    async def handle_history(self, request: web.Request) -> web.Response:
-        try:
-            args = await self._internal_args(request)
-            channel = args.get("channel")
-            if not isinstance(channel, str) or not channel:
-                raise ApiError("channel_not_found")
-            try:
-                after_seq = int(args.get("after_seq") or 0)
-            except (TypeError, ValueError, OverflowError):
-                raise ApiError("invalid_arguments") from None
-            if not 0 <= after_seq <= MAX_SQL_INT:
+        user_id = str(args.get("user") or "")
+        if not user_id or self.api.store.user(user_id) is None:
+            raise ApiError("user_not_found")
+        seqs = _channel_seqs(args.get("channels"))
+        until = _channel_seqs(args.get("until") or {})
+        key, carried = user_id, None
+        if args.get("app"):  # a Socket Mode app's connections: keyed by the app, with its unacknowledged envelopes
+            app = self.api.store.app(str(args["app"]))
+            carried = args.get("envelopes") or []
+            if app is None or app.bot_user != user_id:
+                raise ApiError("app_not_found")
+            if not isinstance(carried, list) or len(carried) > MAX_RESUME_ENVELOPES:
                 raise ApiError("invalid_arguments")
-            limit = int_arg(args, "limit", INTERNAL_HISTORY_DEFAULT, INTERNAL_HISTORY_MAX)
-            events, more = self.api.store.events_after(channel, after_seq, limit)
-            body: dict[str, Any] = {
-                "ok": True,
-                "events": [{"seq": e.seq, "json": e.json, "ctl": e.ctl, "t0": e.t0} for e in events],
-                "has_more": more,
-            }
-        except ApiError as exc:
-            self.api.metrics.error(exc.code)
-            body = {"ok": False, "error": exc.code}
-        except web.HTTPException:
-            raise  # 403 for a wrong secret, 413 for a body over the limit
-        except Exception:
-            body = self._internal_failure("internal.history")
-        await self.api.durable()  # never hand a gateway an event that is not yet durable
-        self.api.count_request("internal.history", "ok" if body["ok"] else body["error"])
-        return web.json_response(body)
+            key = app.id
+        body = {"resume": self.api.resume.add(key, seqs, carried, until)}
+        self.api.resumes.labels("recorded").inc()
+        return body
 
-    async def handle_internal_call(self, request: web.Request) -> web.Response:
-        name = request.match_info["method"]
-        label = name if name in METHODS else "unknown"
-        status, headers = 200, {}
+    async def _history(self, request: web.Request, args: Args) -> dict[str, Any]:
+        """A channel's events after a seq, for a gateway's gap fill or shared history read."""
+        channel = args.get("channel")
+        if not isinstance(channel, str) or not channel:
+            raise ApiError("channel_not_found")
         try:
-            args = await self._internal_args(request)
-            entry = METHODS.get(name)
-            if entry is None:
-                raise ApiError("unknown_method")
-            user = self.api.store.user(str(args.pop("user", "") or ""))
-            if user is None:
-                raise ApiError("user_not_found")
-            self.api.check_backpressure(name)
-            result = entry[0](self.api, Call(request, args, user))
-            body = {"ok": True, **(await result if inspect.isawaitable(result) else result)}
-        except ApiError as exc:
-            # api.test echoes any error it is asked for: keep that out of the label values
-            outcome = exc.code if name != "api.test" else "api_test_error"
-            self.api.metrics.error(outcome)
-            body = {"ok": False, "error": exc.code}
-            status = exc.status
-            headers = exc.headers
-        except web.HTTPException:
-            raise
-        except Exception:
-            body, outcome = self._internal_failure(f"internal.{label}"), "internal_error"
-        await self.api.durable()
-        self.api.count_request(f"internal.{label}", "ok" if body["ok"] else outcome)
-        return web.json_response(body, status=status, headers=headers)
+            after_seq = int(args.get("after_seq") or 0)
+        except (TypeError, ValueError, OverflowError):
+            raise ApiError("invalid_arguments") from None
+        if not 0 <= after_seq <= MAX_SQL_INT:
+            raise ApiError("invalid_arguments")
+        limit = int_arg(args, "limit", INTERNAL_HISTORY_DEFAULT, INTERNAL_HISTORY_MAX)
+        events, more = self.api.store.events_after(channel, after_seq, limit)
+        return {
+            "events": [{"seq": e.seq, "json": e.json, "ctl": e.ctl, "t0": e.t0} for e in events],
+            "has_more": more,
+        }
+
+    async def _call(self, request: web.Request, args: Args) -> dict[str, Any]:
+        """A Web API method on a user's behalf (a message sent over the websocket); not rate limited."""
+        name = request.match_info["method"]
+        entry = METHODS.get(name)
+        if entry is None:
+            raise ApiError("unknown_method")
+        user = self.api.store.user(str(args.pop("user", "") or ""))
+        if user is None:
+            raise ApiError("user_not_found")
+        self.api.check_backpressure(name)
+        result = entry[0](self.api, Call(request, args, user))
+        return await result if inspect.isawaitable(result) else result
 
 
 def _channel_seqs(value: Any) -> dict[str, int]:

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import CODE_PACKAGES
+from tests.support import REPO_ROOT as ROOT
+
 CODE_MAP = ROOT / "docs" / "code-map.md"
-PACKAGES = (
-    "services",
-    "channel_server",
-    "admin_server",
-    "gateway",
-    "presence",
-    "charm",
-    "webapp_stub",
-    "consul_dev",
-    "rtmctl",
-    "bench",
-)
+PACKAGES = (*CODE_PACKAGES, "bench")
 
 
 def listed_paths() -> set[str]:

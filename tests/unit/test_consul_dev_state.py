@@ -8,12 +8,7 @@ from typing import Any
 
 import pytest
 
-from consul_dev.state import (
-    DEFAULT_LOCK_DELAY_S,
-    DEREGISTER_CRITICAL_MIN_S,
-    KV_MAX_VALUE_BYTES,
-    MAX_LOCK_DELAY_S,
-    ConsulState,
+from consul_dev.errors import (
     InvalidRequest,
     RequestTooLarge,
     ServerError,
@@ -21,9 +16,10 @@ from consul_dev.state import (
     UnknownCheck,
     UnknownService,
     UnknownSession,
-    format_go_duration,
-    parse_go_duration_ns,
 )
+from consul_dev.go_text import format_go_duration, parse_go_duration_ns
+from consul_dev.node import DEFAULT_LOCK_DELAY_S, DEREGISTER_CRITICAL_MIN_S, KV_MAX_VALUE_BYTES, MAX_LOCK_DELAY_S
+from consul_dev.state import ConsulState
 from tests.support import FakeClock
 
 

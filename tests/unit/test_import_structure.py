@@ -10,11 +10,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-LIBRARY = "services"
-SERVICES = ("channel_server", "admin_server", "gateway", "presence", "charm", "webapp_stub")
-TOOLING = ("rtmctl", "consul_dev")
-PACKAGES = (LIBRARY, *SERVICES, *TOOLING)
+from tests.support import CODE_PACKAGES as PACKAGES
+from tests.support import LIBRARY_PACKAGE as LIBRARY
+from tests.support import REPO_ROOT as ROOT
+from tests.support import SERVICE_PACKAGES as SERVICES
+from tests.support import TOOLING_PACKAGES as TOOLING
 
 
 def module_name(path: Path) -> str:
