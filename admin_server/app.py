@@ -16,6 +16,14 @@ webapp is answered from the reply's callback. Both sides' connections are
 corked, so the publishes of one read leave in one write per channel server
 and their ``ok``s in one write back to the webapp.
 
+The webapp sends its events as ``pubs`` (many in one frame; docs/wire.md,
+"Batched publishes"): :meth:`AdminServer.handle_pubs` forwards the events of
+one ``pubs`` whose owner is live in one ``pubs`` per channel server, and
+answers the webapp once, with a result per event, when the last is settled.
+The rest (no live owner, no link yet, a slot on the slow path, ``not_owner``)
+go on the slow path one by one, in order, as single ``pub``s do. A batch is
+admitted whole under ``--max-pubs-in-flight`` or refused whole.
+
 Every ``pub`` is parsed into :class:`services.ops.Publish` first (a bad one
 is answered ``err bad_request`` and counted, and forwards nothing). At most
 ``--max-pubs-in-flight`` publishes are being forwarded at once; one beyond
@@ -37,7 +45,15 @@ from services.config import Parser, service_parser
 from services.connection import PeerConnection, PeerLink, backoff_delays
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Instance
-from services.errors import ConnectionLost, ErrorCode, NotOwner, PeerError, RequestTimeout, SendBufferFull
+from services.errors import (
+    BadMessage,
+    ConnectionLost,
+    ErrorCode,
+    NotOwner,
+    PeerError,
+    RequestTimeout,
+    SendBufferFull,
+)
 from services.identity import ADMIN_SERVER, CHANNEL_SERVER
 from services.metrics import LATENCY_BUCKETS_S
 from services.msgpack_service import MsgpackService
@@ -131,6 +147,8 @@ class AdminServer(MsgpackService):
             return self.authz.refuse(refusal, request_id)
         if op == "ping":
             return wire.reply_ok(request_id, version=self.follower.ring.version)
+        if op == "pubs":
+            return self.handle_pubs(request_id, ops.parse_as(msg, ops.Publishes))
         if op != "pub":
             self.metrics.error("unknown_op")
             return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
@@ -145,6 +163,126 @@ class AdminServer(MsgpackService):
         if fast is not None:
             return fast
         return self.forward(request_id, pub)
+
+    # -- pubs: many events in one frame -----------------------------------------------------
+    def handle_pubs(self, request_id: int, batch: ops.Publishes) -> dict[str, Any] | asyncio.Future[dict[str, Any]]:
+        """Forward every event of ``batch``, in order; answer once, with a result per event.
+
+        Admission is all or nothing: if the batch does not fit under
+        ``--max-pubs-in-flight`` it is refused whole (``unavailable``, transient), so a
+        resend never finds a later event of a channel applied before an earlier one.
+        A bad item is answered ``bad_request`` alone. The events whose owner is live
+        go to it in one ``pubs`` per channel server (:meth:`_send_group`); the others,
+        and any that a channel server answers ``not_owner``, take the slow path
+        (:meth:`forward`), in order, exactly as single ``pub`` s do.
+        """
+        count = len(batch.evs)
+        if self.pubs_in_flight + count > self.args.max_pubs_in_flight:
+            self.refused.inc(count)
+            return wire.reply_err(
+                request_id, ErrorCode.UNAVAILABLE, f"{self.pubs_in_flight} publishes in flight here; retry"
+            )
+        reply = _BatchReply(request_id, count)
+        ring = self.follower.ring
+        instances = self.channel_servers.instances
+        slow_slots = self.slow_slots
+        groups: dict[str, list[tuple[int, ops.Publish]]] = {}
+        for index, item in enumerate(batch.evs):
+            if isinstance(item, BadMessage):
+                self.metrics.error("bad_request")
+                reply.settle(index, ErrorCode.BAD_REQUEST, item.detail)
+                continue
+            self.pubs_in_flight += 1
+            channel = item.ch
+            owner = None if (ring.slot_for(channel) or "") in slow_slots else ring.owner_for(channel)
+            if owner is not None and owner in instances:
+                group = groups.get(owner)
+                if group is None:
+                    group = groups[owner] = []
+                group.append((index, item))
+                continue
+            self._slow(reply, index, item)
+        for owner, group in groups.items():
+            self._send_group(reply, owner, group, ring.version)
+        return reply.future
+
+    def _slow(self, reply: _BatchReply, index: int, item: ops.Publish) -> None:
+        """One event of a batch on the slow path (:meth:`forward`); its result settles ``index``."""
+        task = asyncio.ensure_future(self.forward(0, item))
+        task.add_done_callback(lambda done: reply.settle_from(index, done))
+
+    def _send_group(self, reply: _BatchReply, owner: str, group: list[tuple[int, ops.Publish]], rv: int) -> None:
+        """The events of one batch that ``owner`` serves, in one ``pubs`` to it."""
+        link = self.links.get(owner)
+        conn = link.conn if link is not None and link.connected else None
+        future: asyncio.Future[dict[str, Any]] | None = None
+        if conn is not None:
+            message = {"op": "pubs", "evs": [ops.publish_item(item) for _, item in group], "rv": rv}
+            try:
+                future = conn.begin_request(message, timeout_s=FORWARD_TIMEOUT_S)
+            except (ConnectionLost, SendBufferFull):
+                future = None
+        if future is None:  # no connection yet: the slow path connects, waits and retries
+            for index, item in group:
+                self._slow(reply, index, item)
+            return
+        started = time.monotonic()
+        future.add_done_callback(lambda done: self._group_answered(done, reply, owner, group, started))
+
+    def _group_answered(
+        self,
+        done: asyncio.Future[dict[str, Any]],
+        reply: _BatchReply,
+        owner: str,
+        group: list[tuple[int, ops.Publish]],
+        started: float,
+    ) -> None:
+        """``owner`` answered a ``pubs``: settle each event, in order; ``not_owner`` ones
+        (and all of them, if the request failed in transit) continue on the slow path."""
+        exc = None if done.cancelled() else done.exception()
+        if exc is not None or done.cancelled():
+            if isinstance(exc, PeerError) and not isinstance(exc, NotOwner) and exc.code != ErrorCode.UNKNOWN_OP:
+                self.metrics.error("cs_" + exc.code)
+                for index, _ in group:
+                    self.pubs_in_flight -= 1
+                    reply.settle(index, exc.code, str(exc))
+                return
+            # Lost, timed out, refused for ownership, or a channel server that predates ``pubs``:
+            # the slow path sends each one as a ``pub``, retrying within the route budget.
+            self.retries.labels("not_owner" if isinstance(exc, NotOwner) else "unreachable").inc(len(group))
+            for index, item in group:
+                self._slow(reply, index, item)  # stays counted in pubs_in_flight; forward() uncounts it
+            return
+        answer = done.result()
+        results = answer.get("res")
+        if type(results) is not list or len(results) != len(group):
+            self.metrics.error("cs_bad_reply")
+            for index, _ in group:
+                self.pubs_in_flight -= 1
+                reply.settle(index, ErrorCode.INTERNAL, f"{owner} answered pubs without a result per event")
+            return
+        details = _details(answer)
+        elapsed = time.monotonic() - started
+        ok = 0
+        for (index, item), result in zip(group, results, strict=True):
+            if result == ErrorCode.NOT_OWNER:
+                self.retries.labels("not_owner").inc()
+                self._slow(reply, index, item)  # stays counted in pubs_in_flight; forward() uncounts it
+                continue
+            self.pubs_in_flight -= 1
+            if result == ops.PUB_OK or result == ops.PUB_DUPLICATE:
+                ok += 1
+                reply.settle(index, result, "")
+            else:
+                code = str(result)[:100]
+                self.metrics.error("cs_" + (code if code in _CS_CODES else "other"))
+                reply.settle(index, code, details.get(index, ""))
+        if ok:
+            self.forwarded.inc(ok)
+            self.latency.observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            for _, item in group:
+                log.debug("forwarded %s to %s", item.eid, owner, extra={"eid": item.eid, "channel": item.ch})
 
     def forward_now(self, request_id: int, record: ops.Publish) -> asyncio.Future[dict[str, Any]] | None:
         """The common case, without a task: the owner is known and its link is up, so the
@@ -298,6 +436,61 @@ class AdminServer(MsgpackService):
             if retrying is not None:  # release the publishes queued behind this one, in order
                 del self.held_slots[slot]
                 retrying.set_result(None)
+
+
+# Error codes a channel server answers for one event of a ``pubs``, used as metric labels
+# (any other code is counted as "other": a peer must not mint label values).
+_CS_CODES = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.INTERNAL, ErrorCode.FORBIDDEN, ErrorCode.UNAVAILABLE})
+
+
+def _details(answer: dict[str, Any]) -> dict[int, str]:
+    """``det`` of a ``pubs`` reply (``[[index, detail], ...]``) as a map; anything malformed is skipped."""
+    out: dict[int, str] = {}
+    entries = answer.get("det")
+    if type(entries) is list:
+        for entry in entries:
+            if type(entry) is list and len(entry) == 2 and type(entry[0]) is int:
+                out[entry[0]] = str(entry[1])[:200]
+    return out
+
+
+class _BatchReply:
+    """The one reply to a ``pubs``: a result per event, sent when the last one is settled."""
+
+    __slots__ = ("request_id", "results", "details", "left", "future")
+
+    def __init__(self, request_id: int, count: int) -> None:
+        self.request_id = request_id
+        self.results: list[str] = [ErrorCode.INTERNAL] * count
+        self.details: list[tuple[int, str]] = []
+        self.left = count
+        self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def settle(self, index: int, result: str, detail: str) -> None:
+        self.results[index] = result
+        if detail:
+            self.details.append((index, detail))
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            reply = wire.reply_ok(self.request_id, res=self.results)
+            if self.details:
+                reply["det"] = self.details
+            self.future.set_result(reply)
+
+    def settle_from(self, index: int, task: asyncio.Future[dict[str, Any]]) -> None:
+        """Settle ``index`` from the reply a slow-path :meth:`AdminServer.forward` made for it."""
+        if task.cancelled():
+            self.settle(index, ErrorCode.UNAVAILABLE, "cancelled")
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.settle(index, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        answer = task.result()
+        if answer.get("op") == "ok":
+            self.settle(index, ops.PUB_DUPLICATE if answer.get("duplicate") else ops.PUB_OK, "")
+        else:
+            self.settle(index, str(answer.get("code") or ErrorCode.INTERNAL), str(answer.get("detail") or ""))
 
 
 def _settle(answer: asyncio.Future[dict[str, Any]], task: asyncio.Task[dict[str, Any]]) -> None:

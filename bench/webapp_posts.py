@@ -12,6 +12,14 @@ posting for ``--seconds``. Variants:
 * ``after-normal``: this tree with ``--sqlite-synchronous NORMAL``: what the
   fsyncs cost.
 
+Each row also gives the webapp process's CPU per post (psutil user+system over
+the measured seconds, divided by the posts answered ``ok``): with no Admin
+Server this is the HTTP, auth, SQLite and JSON work of a post (issue 17).
+``--after-tree`` measures an exported tree instead of this one, and
+``--rounds N`` runs the before/after pair N times, alternating, so that a
+shared machine's load falls on both alike (``--no-normal`` skips
+``after-normal``).
+
 Usage: ``python -m bench.webapp_posts [--posters 32] [--seconds 10]``.
 Writes ``bench/results/webapp-posts.{json,md}``.
 """
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from bench.harness import RESULTS_DIR, machine_info, md_table
 from bench.stats import pct
@@ -60,7 +69,16 @@ async def post_loop(
     return errors
 
 
-async def load(api_url: str, seed: dict[str, Any], posters: int, seconds: float) -> dict[str, Any]:
+def cpu_s(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def load(
+    api_url: str, seed: dict[str, Any], posters: int, seconds: float, webapp: psutil.Process | None = None
+) -> dict[str, Any]:
     users = [u for u in seed["users"] if not u.get("is_bot")]
     channel = seed["channels"][0]["id"]
     latencies: list[float] = []
@@ -69,17 +87,20 @@ async def load(api_url: str, seed: dict[str, Any], posters: int, seconds: float)
         url = api_url + "chat.postMessage"
         await post_loop(http, url, users[0]["token"], channel, time.monotonic() + 1.0, [])  # warm up
         started = time.monotonic()
+        cpu_before = cpu_s(webapp)
         until = started + seconds
         errors = await asyncio.gather(
             *(post_loop(http, url, users[i % len(users)]["token"], channel, until, latencies) for i in range(posters))
         )
         elapsed = time.monotonic() - started
+        cpu_used = cpu_s(webapp) - cpu_before
     return {
         "posts": len(latencies),
         "errors": sum(errors),
         "posts_per_s": len(latencies) / elapsed,
         "p50_ms": 1000 * (pct(latencies, 50) or 0.0),
         "p99_ms": 1000 * (pct(latencies, 99) or 0.0),
+        "webapp_cpu_us_per_post": 1e6 * cpu_used / max(1, len(latencies)),
     }
 
 
@@ -89,11 +110,13 @@ def run_variant(name: str, tree: str, extra: list[str], consul: str, posters: in
         env = {**os.environ, "PYTHONPATH": tree}
         cli = "rtmctl.cli" if (Path(tree) / "rtmctl" / "cli.py").exists() else "services.cli"  # before the move
         argv = [sys.executable, "-m", cli, "webapp", "--port", "0", "--consul", consul]
-        argv += ["--data-dir", data_dir, "--rate-limit-per-minute", "0", "--instance-id", f"webapp-{name}", *extra]
+        argv += ["--data-dir", data_dir, "--rate-limit-per-minute", "0", "--instance-id", f"webapp-{name}"]
+        argv += ["--wire-tls", "off", *extra]  # no Admin Server here: nothing to authenticate
         proc: RunningProcess = start(f"webapp-{name}", argv, ready_timeout_s=READY_TIMEOUT_S, env=env, cwd=tree)
         try:
             api_url = f"http://{proc.ready['host']}:{proc.ready['port']}/api/"
-            result = asyncio.run(load(api_url, seed, posters, seconds))
+            webapp = psutil.Process(proc.pid)
+            result = asyncio.run(load(api_url, seed, posters, seconds, webapp))
         finally:
             proc.stop()
     return {"variant": name, **result}
@@ -104,24 +127,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--posters", type=int, default=32, help="concurrent HTTP posters")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per variant")
     parser.add_argument("--before-tree", default=DEFAULT_BEFORE_TREE, help="source tree of the 'before' webapp")
+    parser.add_argument("--after-tree", default=str(REPO_ROOT), help="source tree of the 'after' webapp")
+    parser.add_argument("--rounds", type=int, default=1, help="before/after pairs, alternating")
+    parser.add_argument("--no-normal", action="store_true", help="skip the after-normal variant")
     args = parser.parse_args(argv)
     consul_proc = start("consul-dev", rtm_argv("consul-dev", "--port", "0"), ready_timeout_s=READY_TIMEOUT_S)
+    rows: list[dict[str, Any]] = []
     try:
         consul = f"{consul_proc.ready['host']}:{consul_proc.ready['port']}"
-        rows = [
-            run_variant("before", args.before_tree, [], consul, args.posters, args.seconds),
-            run_variant("after", str(REPO_ROOT), [], consul, args.posters, args.seconds),
-            run_variant(
-                "after-normal", str(REPO_ROOT), ["--sqlite-synchronous", "NORMAL"], consul, args.posters, args.seconds
-            ),
-        ]
+        for _ in range(args.rounds):
+            rows.append(run_variant("before", args.before_tree, [], consul, args.posters, args.seconds))
+            rows.append(run_variant("after", args.after_tree, [], consul, args.posters, args.seconds))
+        if not args.no_normal:
+            rows.append(
+                run_variant(
+                    "after-normal",
+                    args.after_tree,
+                    ["--sqlite-synchronous", "NORMAL"],
+                    consul,
+                    args.posters,
+                    args.seconds,
+                )
+            )
     finally:
         consul_proc.stop()
     report = {"machine": machine_info(), "posters": args.posters, "seconds": args.seconds, "rows": rows}
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "webapp-posts.json").write_text(json.dumps(report, indent=2))
     table = md_table(
-        ["variant", "posts", "posts/s", "p50 ms", "p99 ms", "errors"],
+        ["variant", "posts", "posts/s", "p50 ms", "p99 ms", "errors", "webapp CPU µs/post"],
         [
             [
                 r["variant"],
@@ -130,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['p50_ms']:.2f}",
                 f"{r['p99_ms']:.2f}",
                 r["errors"],
+                f"{r['webapp_cpu_us_per_post']:.0f}",
             ]
             for r in rows
         ],

@@ -18,6 +18,10 @@ answered ``err bad_request`` and counted):
   :data:`services.ops.MAX_SEQS_CHANNELS` channels a request.
 * ``pub``   {ch, seq, json, t0, ctl?} -> applied and written to every
   subscribed gateway, or ``err not_owner`` with this server's ring version.
+* ``pubs``  {evs: [{ch, seq, json, t0, ctl?}, ...], rv?} -> each event applied as a
+  ``pub`` would be, in order; one ``ok`` with ``res``: a result per event
+  (``ok``, ``duplicate``, ``not_owner``, ``bad_request``), ``version`` when any
+  is ``not_owner``. A bad or foreign event is refused alone (docs/publish-path.md).
 * ``ping``
 
 When the ring moves channels away from this server it forgets them and
@@ -38,7 +42,7 @@ from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_inde
 from services import debug_faults, ops, wire
 from services.config import Parser, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection
-from services.errors import ConnectionLost, ErrorCode, SendBufferFull
+from services.errors import BadMessage, ConnectionLost, ErrorCode, SendBufferFull
 from services.identity import CHANNEL_SERVER
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S
 from services.msgpack_service import MsgpackService
@@ -51,7 +55,7 @@ log = logging.getLogger("rtm.channel_server")
 SERVICE = CHANNEL_SERVER
 DEFAULT_PORT = 7100
 SERVED_OPS: dict[str, type[ops.Op]] = {
-    cls.OP: cls for cls in (ops.Publish, ops.Subscribe, ops.Unsubscribe, ops.Seqs, ops.Ping)
+    cls.OP: cls for cls in (ops.Publish, ops.Publishes, ops.Subscribe, ops.Unsubscribe, ops.Seqs, ops.Ping)
 }
 
 
@@ -171,6 +175,8 @@ class ChannelServer(MsgpackService):
         record = ops.parse(msg, SERVED_OPS[msg["op"]])
         if isinstance(record, ops.Publish):
             return self.handle_pub(request_id, record)
+        if isinstance(record, ops.Publishes):
+            return self.handle_pubs(request_id, record)
         if isinstance(record, ops.Subscribe):
             if (record.rv or 0) > self.slots.ring_version:
                 return self.sub_after_refresh(conn, request_id, record)
@@ -253,15 +259,50 @@ class ChannelServer(MsgpackService):
         )
 
     def handle_pub(self, request_id: int, pub: ops.Publish) -> dict[str, Any]:
+        result = self.apply_pub(pub, pub.rv or 0)
+        if result == ops.PUB_OK:
+            return wire.reply_ok(request_id)
+        if result == ops.PUB_DUPLICATE:
+            return wire.reply_ok(request_id, duplicate=True)
+        return wire.reply_err(request_id, ErrorCode.NOT_OWNER, pub.ch, version=self.follower.ring.version)
+
+    def handle_pubs(self, request_id: int, batch: ops.Publishes) -> dict[str, Any]:
+        """Each event of the batch as :meth:`handle_pub` would, in order; one reply with a
+        result per event. A refused item (bad, or not owned here) changes nothing else."""
+        rv = batch.rv or 0
+        results: list[str] = []
+        details: list[tuple[int, str]] = []
+        refused_owner = False
+        for i, item in enumerate(batch.evs):
+            if isinstance(item, BadMessage):
+                self.metrics.error("bad_request")
+                results.append(ErrorCode.BAD_REQUEST)
+                details.append((i, item.detail))
+                continue
+            result = self.apply_pub(item, rv)
+            if result == ErrorCode.NOT_OWNER:
+                refused_owner = True
+                details.append((i, item.ch))
+            results.append(result)
+        reply = wire.reply_ok(request_id, res=results)
+        if details:
+            reply["det"] = details
+        if refused_owner:
+            reply["version"] = self.follower.ring.version
+        return reply
+
+    def apply_pub(self, pub: ops.Publish, rv: int) -> str:
+        """Apply one event and write it to its subscribed gateways: ``ops.PUB_OK``,
+        ``ops.PUB_DUPLICATE`` (its seq was applied already) or ``ErrorCode.NOT_OWNER``."""
         channel, seq = pub.ch, pub.seq
-        if not self.slots.owns(channel, pub.rv or 0):
+        if not self.slots.owns(channel, rv):
             self.not_owner.labels("pub").inc()
-            return wire.reply_err(request_id, ErrorCode.NOT_OWNER, channel, version=self.follower.ring.version)
+            return ErrorCode.NOT_OWNER
         t0 = pub.t0 or time.time()
         published = self.table.publish(channel, seq, pub.json, t0, pub.ctl)
         if published is None:
             self.duplicates.inc()
-            return wire.reply_ok(request_id, duplicate=True)
+            return ops.PUB_DUPLICATE
         (self.transient_in if seq is None else self.persisted_in).inc()
         sent = 0
         for index in mask_indexes(published.mask):
@@ -278,7 +319,7 @@ class ChannelServer(MsgpackService):
         if seq is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("fanned out %s to %d gateways", pub.eid, sent, extra={"eid": pub.eid, "channel": channel})
         self.pub_latency.observe(max(0.0, time.time() - t0))
-        return wire.reply_ok(request_id)
+        return ops.PUB_OK
 
     # -- ring changes ------------------------------------------------------------------
     def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:

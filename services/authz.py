@@ -12,8 +12,8 @@ The table (also in docs/trust.md):
 ================  ==============  ===============================================
 server            sender role     may send
 ================  ==============  ===============================================
-admin-server      webapp          ``pub``
-channel-server    admin-server    ``pub``
+admin-server      webapp          ``pub``, ``pubs``
+channel-server    admin-server    ``pub``, ``pubs``
 channel-server    gateway         ``sub``, ``unsub``, ``seqs``, transient ``pub``
                                   (seq nil), with ``gw`` = its own instance id
 presence          gateway         ``lease``, ``release``, ``query``, ``online``,
@@ -61,9 +61,9 @@ GATEWAY_PRESENCE_OPS = frozenset({"lease", "release", "query", "online", "offlin
 
 # server service -> sender role -> ops it may send there
 PERMISSIONS: Mapping[str, Mapping[str, frozenset[str]]] = {
-    ADMIN_SERVER: {WEBAPP: frozenset({"pub"})},
+    ADMIN_SERVER: {WEBAPP: frozenset({"pub", "pubs"})},
     CHANNEL_SERVER: {
-        ADMIN_SERVER: frozenset({"pub"}),
+        ADMIN_SERVER: frozenset({"pub", "pubs"}),
         GATEWAY: frozenset({"sub", "unsub", "seqs", TRANSIENT_PUB}),
     },
     PRESENCE: {

@@ -21,6 +21,9 @@ Fields (``?`` optional, ``|nil`` may be msgpack nil)::
   -------------  -------  --------------------  ------------------------------------------------
   pub            request  webapp -> AS, AS -> CS ch, seq|nil, json, t0?, eid?, ctl?, rv?
                           GS -> CS (typing)
+  pubs           request  webapp -> AS, AS -> CS evs [{ch, seq, json, t0?, eid?, ctl?}, ...]
+                                                (<= MAX_PUBS_EVENTS, json <= MAX_PUBS_JSON_BYTES
+                                                in all), rv?; ok: res [code per event]
   sub            request  GS -> CS              gw, chans [[ch, since], ...] (<= MAX_SUB_CHANNELS), rv?
   unsub          request  GS -> CS              gw, chans [ch, ...] (<= MAX_SUB_CHANNELS)
   seqs           request  GS -> CS              gw, chans [ch, ...] (<= MAX_SEQS_CHANNELS): reconciliation
@@ -93,6 +96,18 @@ MAX_ID_CHARS = 32
 MAX_INSTANCE_ID_CHARS = 128
 MAX_EID_CHARS = 128
 MAX_SLOT_CHARS = 64
+# ``pubs``: many events in one frame (issue 17, docs/publish-path.md). At most this many
+# events (the webapp's hand-off window is 256) ...
+MAX_PUBS_EVENTS = 256
+# ... and at most this many bytes of event JSON in all, so that a frame of MAX_PUBS_EVENTS
+# envelopes (each well under 1 KiB besides its json) stays far below the 4 MiB frame limit.
+# A sender cuts its batches before either bound; an event whose own json is larger travels
+# alone as a ``pub``.
+MAX_PUBS_JSON_BYTES = 1024 * 1024
+# The per-event results of a ``pubs`` reply (``res``): applied, or a duplicate of an
+# applied seq; anything else is the error code of that event alone.
+PUB_OK = "ok"
+PUB_DUPLICATE = "duplicate"
 MAX_T0_S = 2.0**34  # year 2514: beyond is a corrupt clock, not a time
 CHANNEL_ID_RE = re.compile(r"[A-Z][A-Z0-9]{1,31}")
 INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -302,6 +317,82 @@ class Publish(Op):
     eid: str | None = None
     ctl: dict[str, Any] | None = None
     rv: int | None = None
+
+
+def publish_items(value: Any) -> tuple[Publish | BadMessage, ...]:
+    """``evs`` of a ``pubs``: each item checked on its own as a ``pub`` (without ``op``,
+    ``id`` or ``rv``). A bad item is kept as its :class:`BadMessage` in its place, so that
+    it is refused alone and the others are served (issue 13: one bad event never refuses
+    or blocks the others); only the list itself (not a list, too many items, too many
+    bytes of JSON in all) refuses the whole frame."""
+    if type(value) is not list:
+        raise ValueError(f"must be a list, not {type(value).__name__}")
+    if not value:
+        raise ValueError("must hold at least one event")
+    if len(value) > MAX_PUBS_EVENTS:
+        raise ValueError(f"{len(value)} events is above MAX_PUBS_EVENTS ({MAX_PUBS_EVENTS})")
+    total = 0
+    out: list[Publish | BadMessage] = []
+    for i, item in enumerate(value):
+        if type(item) is not dict:
+            out.append(BadMessage("pubs", f"evs item {i}: must be a map, not {type(item).__name__}"))
+            continue
+        data = item.get("json")
+        if type(data) is bytes:
+            total += len(data)
+        try:
+            record = _record(Publish, "pubs", item)
+        except BadMessage as exc:
+            out.append(BadMessage("pubs", f"evs item {i}: {exc.detail}"))
+            continue
+        if record.rv is not None:  # the batch's rv is the one that counts: an item's own is dropped
+            record = Publish(record.ch, record.seq, record.json, record.t0, record.eid, record.ctl)
+        out.append(record)
+    if total > MAX_PUBS_JSON_BYTES:
+        raise ValueError(f"{total} bytes of event json is above MAX_PUBS_JSON_BYTES ({MAX_PUBS_JSON_BYTES})")
+    return tuple(out)
+
+
+def publish_item(record: Publish) -> Message:
+    """One entry of a ``pubs``'s ``evs``: the ``pub`` fields of ``record`` without ``op`` and ``rv``."""
+    item: Message = {"ch": record.ch, "seq": record.seq, "json": record.json}
+    if record.t0 is not None:
+        item["t0"] = record.t0
+    if record.eid is not None:
+        item["eid"] = record.eid
+    if record.ctl is not None:
+        item["ctl"] = record.ctl
+    return item
+
+
+@dataclass(frozen=True, slots=True)
+class Publishes(Op):
+    """Many persisted events in one frame (issue 17): ``evs`` in order, answered by one
+    ``ok`` whose ``res`` holds one result per event, in the same order: ``"ok"``,
+    ``"duplicate"`` (that seq was applied already) or the event's own error code
+    (``not_owner``, ``bad_request``, ``unavailable``, ...). ``det`` lists ``[index,
+    detail]`` for the events that failed, and a channel server's ``version`` comes with
+    its ``not_owner`` results."""
+
+    OP = "pubs"
+    DIRECTION = "request"
+    SENDERS = "webapp -> admin server; admin server -> channel server"
+    SENT_BY = (identity.WEBAPP, identity.ADMIN_SERVER)
+    SCHEMA = {"evs": Spec(publish_items), "rv": Spec(VERSION, required=False)}
+    evs: tuple[Publish | BadMessage, ...]
+    rv: int | None = None
+
+    def to_message(self) -> Message:
+        """The map to send; items that are :class:`BadMessage` cannot be sent (ValueError)."""
+        items = []
+        for item in self.evs:
+            if isinstance(item, BadMessage):
+                raise ValueError(f"a pubs cannot carry a refused item: {item}")
+            items.append(publish_item(item))
+        message: Message = {"op": self.OP, "evs": items}
+        if self.rv is not None:
+            message["rv"] = self.rv
+        return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,6 +635,7 @@ OPS: dict[str, type[Op]] = {
     cls.OP: cls
     for cls in (
         Publish,
+        Publishes,
         Subscribe,
         Unsubscribe,
         Seqs,
@@ -581,6 +673,11 @@ def parse(message: Mapping[str, Any], expect: type[Op] | tuple[type[Op], ...] | 
     allowed = expect if isinstance(expect, tuple) else (expect,) if expect is not None else None
     if cls is None or (allowed is not None and cls not in allowed):
         raise BadMessage(op[:40], "unknown op here")
+    return _record(cls, op, message)
+
+
+def _record(cls: type[T], op: str, message: Mapping[str, Any]) -> T:
+    """``cls`` built from ``message``'s fields, each checked by its schema; :class:`BadMessage` otherwise."""
     values: dict[str, Any] = {}
     for name, spec in cls.SCHEMA.items():
         value = message.get(name)

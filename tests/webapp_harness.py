@@ -28,7 +28,8 @@ KEYS = FleetKeys.from_secret(SECRET.encode())  # the per-job keys the webapp der
 
 
 class FakeAdminServer:
-    """Records every pub and answers ok; can be killed and restarted on the same port."""
+    """Records every pub (each event of a ``pubs`` too) and answers ok; can be killed and
+    restarted on the same port."""
 
     def __init__(self, ca: FleetCA | None = None) -> None:
         # The fleet CA of this test: the fake AS and the webapp get their certificates from it.
@@ -48,6 +49,11 @@ class FakeAdminServer:
             self.pubs.append(msg)
             if self.hold:
                 return None
+        if msg["op"] == "pubs":  # the webapp's batches: each event recorded as the pub it stands for
+            self.pubs.extend({"op": "pub", **item} for item in msg["evs"])
+            if self.hold:
+                return None
+            return wire.reply_ok(msg["id"], res=["ok"] * len(msg["evs"]))
         return wire.reply_ok(msg["id"])
 
     def factory(self) -> PeerConnection:

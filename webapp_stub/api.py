@@ -78,6 +78,7 @@ __all__ = [
     "ApiError",
     "Args",
     "Call",
+    "EncodedReply",
     "GatewayPicker",
     "RateLimiter",
     "WebApi",
@@ -116,6 +117,22 @@ class Call:
         assert self.user is not None
         return self.user
 
+
+class EncodedReply(dict[str, Any]):
+    """A handler's reply fields (a dict, as every handler returns) that also carry the whole
+    successful reply already encoded, ``text`` = ``{"ok":true,...}``: :class:`WebApi` sends
+    that text as it is instead of encoding the fields again; any other caller of the handler
+    (``/internal/call``) uses the fields as usual.
+
+    chat.postMessage cuts its reply from the event's JSON (issue 17: the Slack JSON of a
+    post is encoded once)."""
+
+    def __init__(self, fields: dict[str, Any], text: str) -> None:
+        super().__init__(fields)
+        self.text = text
+
+
+OK_BODY: dict[str, Any] = {"ok": True}  # what handle_api checks of an EncodedReply's reply
 
 Handler = Callable[
     ["WebApi", Call], dict[str, Any] | Awaitable[dict[str, Any]]
@@ -217,6 +234,7 @@ class WebApi:
         started = time.perf_counter()
         headers: dict[str, str] = {}
         status = 200
+        encoded: str | None = None
         try:
             entry = METHODS.get(name)
             if entry is None:
@@ -237,7 +255,12 @@ class WebApi:
                     raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
             self.check_backpressure(name)
             result = handler(self, Call(request, args, user))
-            body = {"ok": True, **(await result if inspect.isawaitable(result) else result)}
+            if inspect.isawaitable(result):
+                result = await result
+            if type(result) is EncodedReply:
+                encoded, body = result.text, OK_BODY
+            else:
+                body = {"ok": True, **result}
             await self.durable()
             outcome = "ok"
         except ApiError as exc:
@@ -253,9 +276,12 @@ class WebApi:
             body, outcome = {"ok": False, "error": "internal_error"}, "internal_error"
             self.metrics.error(outcome)
         if not body["ok"]:
+            encoded = None
             await self.durable()  # what a failed call read may sit in the open batch too
         self.count_request(label, outcome)
         self.observe_latency(label, time.perf_counter() - started)
+        if encoded is not None:
+            return web.Response(text=encoded, content_type="application/json")
         return web.json_response(body, status=status, headers=headers)
 
     def check_backpressure(self, name: str) -> None:

@@ -82,6 +82,11 @@ def int_cursor(cursor: str | None, kind: str) -> int | None:
     return number
 
 
+# One encoder for every call: json.dumps with non-default arguments builds a new
+# JSONEncoder each time, which cost about as much as encoding a small event (issue 17).
+_ENCODE = json.JSONEncoder(separators=JSON_SEPARATORS, ensure_ascii=False).encode
+
+
 def dumps(obj: Any) -> str:
     """The one JSON encoding of client-visible events: compact, UTF-8 text."""
-    return json.dumps(obj, separators=JSON_SEPARATORS, ensure_ascii=False)
+    return _ENCODE(obj)

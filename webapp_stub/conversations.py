@@ -15,6 +15,7 @@ from typing import Any
 from webapp_stub.codecs import decode_cursor, encode_cursor, int_cursor, new_id
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Channel, Event, Page, User
+from webapp_stub.read_cache import ReadCache
 from webapp_stub.users import UserStore
 
 MAX_CHANNEL_NAME = 80
@@ -30,8 +31,14 @@ class ConversationStore(UserStore):
     def _channel(row: tuple[Any, ...]) -> Channel:
         return Channel(row[0], row[1], row[2], int(row[3]), row[4], bool(row[5]), bool(row[6]), row[7])
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # every post reads both: webapp_stub/read_cache.py
+        self.channel_cache = ReadCache(self.conn, "channels", ("channels",), self.clock)
+        self.member_cache = ReadCache(self.conn, "members", ("members",), self.clock)
+
     def channel(self, channel_id: str) -> Channel | None:
-        row = self.conn.execute(f"SELECT {self._CHANNEL_COLS} FROM channels WHERE id = ?", (channel_id,)).fetchone()
+        sql = f"SELECT {self._CHANNEL_COLS} FROM channels WHERE id = ?"
+        row = self.channel_cache.lookup(channel_id, lambda: self.conn.execute(sql, (channel_id,)).fetchone())
         return self._channel(row) if row else None
 
     def channel_by_name(self, team: str, name: str) -> Channel | None:
@@ -60,10 +67,8 @@ class ConversationStore(UserStore):
         return [row[0] for row in rows]
 
     def is_member(self, channel: str, user: str) -> bool:
-        return (
-            self.conn.execute("SELECT 1 FROM members WHERE channel = ? AND user = ?", (channel, user)).fetchone()
-            is not None
-        )
+        sql, key = "SELECT 1 FROM members WHERE channel = ? AND user = ?", (channel, user)
+        return bool(self.member_cache.lookup(key, lambda: self.conn.execute(sql, key).fetchone() is not None))
 
     def member_count(self, channel: str) -> int:
         return int(self.conn.execute("SELECT count(*) FROM members WHERE channel = ?", (channel,)).fetchone()[0])

@@ -188,11 +188,19 @@ class Database:
         return 1, now_us
 
     def _append_event(
-        self, channel: str, payload: dict[str, Any], ctl: dict[str, Any] | None = None, seq: int | None = None
+        self,
+        channel: str,
+        payload: dict[str, Any],
+        ctl: dict[str, Any] | None = None,
+        seq: int | None = None,
+        text: str | None = None,
     ) -> Event:
+        """Store one event of ``channel`` (its next seq unless given). ``text``, when given,
+        is ``payload`` already encoded (exactly ``dumps(payload)``): it is not encoded again."""
         if seq is None:
             seq, _ = self._next_seq(channel)
-        text = dumps(payload)
+        if text is None:
+            text = dumps(payload)
         # A str holds at most 4 UTF-8 bytes per character: encode only when it may be too long.
         if len(text) * 4 > self.max_event_bytes and len(text.encode()) > self.max_event_bytes:
             raise ApiError("msg_too_long")

@@ -2,9 +2,12 @@
 
 After a transaction commits, its events are appended here (in commit order,
 which is ``seq`` order per channel) and the HTTP reply goes out without
-waiting for them. They are pipelined as ``pub`` requests over one
+waiting for them. They are pipelined over one
 :class:`services.connection.PeerLink` to an Admin Server, at most
-:data:`MAX_IN_FLIGHT` beyond the oldest unacknowledged event. When the link
+:data:`MAX_IN_FLIGHT` beyond the oldest unacknowledged event, as ``pubs``
+requests (many events in one frame, a result per event: docs/wire.md,
+"Batched publishes"); each event is settled on its own result exactly as if
+it had been its own ``pub``. When the link
 is up and healthy, :meth:`Handoff.publish` writes them at once, so a pub
 leaves before the HTTP reply is built and written (measured: that reply
 work is about 0.6 ms of the webapp's time per post on the development
@@ -63,9 +66,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from services import ops
 from services.connection import PeerConnection, PeerLink, backoff_delays
 from services.discovery import Instance
-from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError, RtmError
+from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError, RtmError, error_from_reply
 from services.identity import ADMIN_SERVER, WEBAPP
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.tls import WireTrust
@@ -175,10 +179,9 @@ def write_mark(store: MarkStore, handoff: Handoff, now: float) -> None:
     store.set_mark(HANDOFF_MARK, (now if oldest is None else min(oldest, now)) - MARK_MARGIN_S)
 
 
-def pub_message(event: Event) -> dict[str, Any]:
-    """The ``pub`` request for one event (``id`` is added by the connection)."""
-    message: dict[str, Any] = {
-        "op": "pub",
+def pub_item(event: Event) -> dict[str, Any]:
+    """The fields of one event as a ``pub`` carries them, and as one entry of a ``pubs``."""
+    item: dict[str, Any] = {
         "ch": event.channel,
         "seq": event.seq,
         "json": event.json.encode(),
@@ -186,8 +189,13 @@ def pub_message(event: Event) -> dict[str, Any]:
         "eid": event.eid,
     }
     if event.ctl is not None:
-        message["ctl"] = event.ctl
-    return message
+        item["ctl"] = event.ctl
+    return item
+
+
+def pub_message(event: Event) -> dict[str, Any]:
+    """The ``pub`` request for one event (``id`` is added by the connection)."""
+    return {"op": "pub", **pub_item(event)}
 
 
 @dataclass(eq=False)
@@ -200,7 +208,7 @@ class Entry:
     redrive: bool = False  # an operator's redrive of a dead letter
     refusal: str | None = None  # the code of the last refusal in a row of identical ones
     refusals: int = 0
-    _message: dict[str, Any] | None = field(default=None, repr=False)
+    _item: dict[str, Any] | None = field(default=None, repr=False)
 
     def refused(self, reason: str) -> int:
         """Count one refusal; returns how many identical ones in a row."""
@@ -210,10 +218,16 @@ class Entry:
         return self.refusals
 
     @property
+    def item(self) -> dict[str, Any]:
+        """The event's fields as a ``pubs`` entry (built once, kept for resends)."""
+        if self._item is None:
+            self._item = pub_item(self.event)
+        return self._item
+
+    @property
     def message(self) -> dict[str, Any]:
-        if self._message is None:
-            self._message = pub_message(self.event)
-        return self._message
+        """The event as a single ``pub`` request."""
+        return {"op": "pub", **self.item}
 
 
 class Outbox:
@@ -406,6 +420,7 @@ class Handoff:
         max_refusals: int = MAX_REFUSALS,
         max_event_bytes: int = MAX_EVENT_BYTES,
         max_queue_events: int = MAX_QUEUE_EVENTS,
+        batching: bool = True,
     ) -> None:
         if max_refusals < 1:
             raise ValueError("max_refusals must be at least 1")
@@ -416,6 +431,9 @@ class Handoff:
         self.max_event_bytes = max_event_bytes
         self.max_queue_events = max_queue_events
         self.parked = 0
+        # Whether to send ``pubs`` batches; cleared for good if the Admin Server answers
+        # ``unknown_op`` to one (a peer of an older version): then one ``pub`` per event.
+        self.batching = batching
         self.request_timeout_s = request_timeout_s
         self.clock = clock
         self._retry_delays = (retry_initial_s, retry_max_s)
@@ -535,28 +553,95 @@ class Handoff:
             self._send_window()
 
     def _send_window(self) -> None:
-        """Send what the window allows, in queue order; each reply is handled by a callback
-        on its future (no task per event)."""
+        """Send what the window allows, in queue order, as ``pubs`` batches of at most
+        ``ops.MAX_PUBS_EVENTS`` events and ``ops.MAX_PUBS_JSON_BYTES`` of JSON (one
+        request, one reply, one result per event); each reply is handled by a callback
+        on its future (no task per request). An event too large for a batch, and every
+        event while the Admin Server does not know ``pubs``, goes as its own ``pub``."""
         epoch = self.outbox.epoch
+        batch: list[Entry] = []
+        batch_bytes = 0
         for entry in self.outbox.take():
-            size = len(entry.message["json"])
+            size = len(entry.item["json"])
             if size > self.max_event_bytes:  # never put it on the wire: it could break the frame limit
                 self._park(entry, "too_large", f"event of {size} bytes exceeds the limit of {self.max_event_bytes}")
                 continue
-            reply: asyncio.Future[Any]
-            try:
-                reply = asyncio.ensure_future(self.sender.send(entry.message, self.request_timeout_s))
-            except Exception as exc:  # the link broke as we wrote: the same remedy as a failed reply
-                reply = asyncio.get_running_loop().create_future()
-                reply.set_exception(exc)
-            self._requests.add(reply)
-            reply.add_done_callback(functools.partial(self._on_reply, entry, epoch))
+            if not self.batching or size > ops.MAX_PUBS_JSON_BYTES:
+                if batch:
+                    self._send_batch(batch, epoch)
+                    batch, batch_bytes = [], 0
+                self._send(entry.message, functools.partial(self._on_reply, entry, epoch))
+                continue
+            if len(batch) >= ops.MAX_PUBS_EVENTS or batch_bytes + size > ops.MAX_PUBS_JSON_BYTES:
+                self._send_batch(batch, epoch)
+                batch, batch_bytes = [], 0
+            batch.append(entry)
+            batch_bytes += size
+        if batch:
+            self._send_batch(batch, epoch)
+
+    def _send_batch(self, entries: list[Entry], epoch: int) -> None:
+        message = {"op": "pubs", "evs": [entry.item for entry in entries]}
+        try:
+            self._send(message, functools.partial(self._on_batch_reply, entries, epoch), raise_refusal=True)
+        except Exception:  # the encoder refused the frame, before any byte left: find the event it was
+            for entry in entries:  # each alone, so that only that one is refused (issue 13)
+                self._send(entry.message, functools.partial(self._on_reply, entry, epoch))
+
+    def _send(
+        self, message: dict[str, Any], on_reply: Callable[[asyncio.Future[Any]], None], raise_refusal: bool = False
+    ) -> None:
+        reply: asyncio.Future[Any]
+        try:
+            reply = asyncio.ensure_future(self.sender.send(message, self.request_timeout_s))
+        except Exception as exc:  # the link broke as we wrote: the same remedy as a failed reply
+            if raise_refusal and refusal_of(exc) is not None:
+                raise
+            reply = asyncio.get_running_loop().create_future()
+            reply.set_exception(exc)
+        self._requests.add(reply)
+        reply.add_done_callback(on_reply)
 
     def _on_reply(self, entry: Entry, epoch: int, reply: asyncio.Future[Any]) -> None:
         self._requests.discard(reply)
         if reply.cancelled():
             return  # closing
+        self._settle(entry, epoch, reply.exception())
+
+    def _on_batch_reply(self, entries: list[Entry], epoch: int, reply: asyncio.Future[Any]) -> None:
+        """One reply for a ``pubs``: each event settled on its own result, in order, exactly
+        as if it had been its own ``pub`` (a refusal counts against that event alone)."""
+        self._requests.discard(reply)
+        if reply.cancelled():
+            return  # closing
         exc = reply.exception()
+        if exc is not None:
+            if isinstance(exc, PeerError) and exc.code == ErrorCode.UNKNOWN_OP and self.batching:
+                log.warning("the admin server does not know pubs (an older version?): sending one pub per event")
+                self.batching = False
+            for entry in entries:
+                self._settle(entry, epoch, exc)
+            return
+        answer = reply.result()
+        results = answer.get("res")
+        if type(results) is not list or len(results) != len(entries):
+            broken = ConnectionLost(f"pubs answered without a result per event ({len(entries)} sent)")
+            for entry in entries:
+                self._settle(entry, epoch, broken)
+            return
+        details: dict[int, str] = {}
+        for pair in answer.get("det") or ():
+            if type(pair) is list and len(pair) == 2 and type(pair[0]) is int:
+                details[pair[0]] = str(pair[1])
+        for index, (entry, result) in enumerate(zip(entries, results, strict=True)):
+            if result == ops.PUB_OK or result == ops.PUB_DUPLICATE:
+                self._settle(entry, epoch, None)
+            else:
+                code = str(result)
+                self._settle(entry, epoch, error_from_reply({"code": code, "detail": details.get(index, "")}))
+
+    def _settle(self, entry: Entry, epoch: int, exc: BaseException | None) -> None:
+        """The outcome of one event's hand-off: ``exc`` None is its ``ok``."""
         if exc is not None:  # RtmError from the peer or the link; anything else is a bug, same remedy
             reason = refusal_of(exc)
             if reason is None and not isinstance(exc, RtmError):

@@ -65,6 +65,7 @@ class MessageStore(ConversationStore):
             message = _message_obj(user.id, user.team, text, ts, thread_ts, user.bot_id, extra, subtype)
             payload = {"type": "message", "channel": channel.id, **{k: v for k, v in message.items() if k != "type"}}
             payload["event_ts"] = ts
+            encoded = message_event_json(channel.id, ts, message)
             db.execute(
                 f"INSERT INTO messages (channel, seq, {self._MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -83,7 +84,7 @@ class MessageStore(ConversationStore):
                     None,
                 ),
             )
-            event = self._append_event(channel.id, payload, seq=seq)
+            event = self._append_event(channel.id, payload, seq=seq, text=encoded)
         return message, event
 
     def _thread_root(self, channel: str, thread_ts: str) -> str:
@@ -340,6 +341,47 @@ def _is_ts(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+MESSAGE_PREFIX = '{"type":"message",'
+
+
+def message_event_json(channel: str, ts: str, message: dict[str, Any]) -> str | None:
+    """The ``message`` event's JSON for ``message`` posted in ``channel``, encoded once:
+    ``{"type":"message","channel":C, <the message's other fields, in order>, "event_ts":ts}``,
+    the exact text ``dumps`` gives for that payload, made from the message's own encoding
+    so that :func:`message_reply_json` can give the message back without encoding it again.
+    None when the message has fields that the splice cannot place (a ``channel`` or
+    ``event_ts`` of its own): the caller encodes the payload as usual."""
+    if "channel" in message or "event_ts" in message:
+        return None
+    body = dumps(message)
+    if not body.startswith(MESSAGE_PREFIX):
+        return None
+    return (
+        f'{{"type":"message","channel":{_quoted(channel)},{body[len(MESSAGE_PREFIX) : -1]},"event_ts":{_quoted(ts)}}}'
+    )
+
+
+def message_reply_json(channel: str, ts: str, event_json: str) -> str | None:
+    """chat.postMessage's whole reply, ``{"ok":true,"channel":C,"ts":ts,"message":{...}}``,
+    cut from the event's JSON (:func:`message_event_json`) instead of encoded again; None
+    if ``event_json`` is not of that shape."""
+    channel_json, ts_json = _quoted(channel), _quoted(ts)
+    head = f'{{"type":"message","channel":{channel_json},'
+    tail = f',"event_ts":{ts_json}}}'
+    if not (event_json.startswith(head) and event_json.endswith(tail)):
+        return None
+    fields = event_json[len(head) : -len(tail)]
+    return f'{{"ok":true,"channel":{channel_json},"ts":{ts_json},"message":{MESSAGE_PREFIX}{fields}}}}}'
+
+
+def _quoted(value: str) -> str:
+    """``dumps(value)`` for a string; without the encoder for ids and ts strings (letters,
+    digits and dots, which JSON writes as they are)."""
+    if value.isascii() and value.replace(".", "").isalnum():
+        return f'"{value}"'
+    return dumps(value)
 
 
 def _message_obj(

@@ -8,12 +8,23 @@ from webapp_stub.codecs import encode_cursor, int_cursor, new_id, new_token
 from webapp_stub.database import Database
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Event, Page, Team, User
+from webapp_stub.read_cache import ReadCache
 
 PRESENCES = ("auto", "away")  # users.setPresence: "auto" follows activity, "away" is manual
 
 
 class UserStore(Database):
-    """The ``teams``, ``users`` and ``tokens`` tables."""
+    """The ``teams``, ``users`` and ``tokens`` tables.
+
+    :meth:`auth` answers from a token -> user cache that never outlives a change to
+    ``users`` or ``tokens`` (:mod:`webapp_stub.read_cache`: a revoked token, a
+    deactivated or renamed user, a presence change, whoever makes it). Unknown tokens
+    are not cached.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.auth_cache = ReadCache(self.conn, "auth", ("users", "tokens"), self.clock)
 
     def create_team(self, name: str, domain: str) -> Team:
         team = Team(new_id("T"), name, domain)
@@ -76,7 +87,16 @@ class UserStore(Database):
         return [row[0] for row in self.conn.execute("SELECT id FROM users WHERE presence = 'away'")]
 
     def auth(self, token: str) -> User | None:
-        """The user a token belongs to, or None."""
+        """The user a token belongs to, or None (cached; see the class docstring)."""
+        user: User | None = self.auth_cache.lookup(token, lambda: self._auth_lookup(token), keep_none=False)
+        return user
+
+    def revoke_token(self, token: str) -> bool:
+        """auth.revoke: the token stops working at once (the cache forgets it); True if it existed."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM tokens WHERE token = ?", (token,)).rowcount > 0
+
+    def _auth_lookup(self, token: str) -> User | None:
         row = self.conn.execute(
             f"SELECT {self._USER_COLS} FROM users WHERE id = (SELECT user FROM tokens WHERE token = ?)", (token,)
         ).fetchone()

@@ -23,6 +23,7 @@ from channel_server.app import build_parser as channel_parser
 from services import wire
 from services.connection import PeerConnection, connect, serve
 from services.discovery import Instance
+from services.errors import PeerError
 from services.ring import RingDocument
 from tests.support import DEFAULT_WAIT_S, FleetCA
 
@@ -208,3 +209,125 @@ class WriteCounter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+# -- pubs: many events in one frame, both hops (issue 17) ------------------------------------
+def item(seq: int, channel: str = CHANNEL) -> dict[str, Any]:
+    return {"ch": channel, "seq": seq, "json": f'{{"n":{seq}}}'.encode(), "t0": 1.0}
+
+
+def pubs(*items: dict[str, Any]) -> dict[str, Any]:
+    return {"op": "pubs", "evs": list(items)}
+
+
+async def test_pubs_are_forwarded_in_one_frame_per_channel_server_in_order(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    seen: list[str] = []
+    original = cs.handle_request
+
+    def recording(conn: PeerConnection, msg: dict[str, Any]) -> Any:
+        seen.append(msg["op"])
+        return original(conn, msg)
+
+    cs.handle_request = recording  # type: ignore[method-assign]
+    try:
+        first = await webapp.request(pubs(item(1)), timeout_s=DEFAULT_WAIT_S)  # opens the link (slow path)
+        assert first["res"] == ["ok"]
+        seen.clear()
+        replies = [
+            webapp.begin_request(pubs(*(item(n) for n in range(start, start + 50))), timeout_s=DEFAULT_WAIT_S)
+            for start in range(2, POSTS, 50)
+        ]
+        done = await asyncio.wait_for(asyncio.gather(*replies), DEFAULT_WAIT_S)
+        assert all(r["op"] == "ok" and r["res"] == ["ok"] * 50 for r in done)
+        assert await seqs(pushes, 1 + 50 * len(replies)) == list(range(1, 2 + 50 * len(replies)))
+        assert seen == ["pubs"] * len(replies)  # one frame per batch on the second hop too
+        dup = await webapp.request(pubs(item(2), item(400)), timeout_s=DEFAULT_WAIT_S)
+        assert dup["res"] == ["duplicate", "ok"]
+        assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
+    finally:
+        webapp.close()
+        gateway.close()
+
+
+async def test_one_bad_event_in_a_batch_is_refused_alone_and_blocks_nothing(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """Issue 13's per-event semantics inside a batch: the bad one gets its own code, the
+    others of the same channel, before and after it, are applied and delivered in order."""
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        await webapp.request(pubs(item(1)), timeout_s=DEFAULT_WAIT_S)
+        errors_before = admin.metrics.errors.labels("bad_request")._value.get()
+        bad = {**item(3), "ctl": {"no_such_key": 1}}
+        reply = await webapp.request(
+            pubs(item(2), bad, "not a map", {**item(4), "ch": "lowercase"}, item(5)), timeout_s=DEFAULT_WAIT_S
+        )
+        assert reply["op"] == "ok"
+        assert reply["res"] == ["ok", "bad_request", "bad_request", "bad_request", "ok"]
+        details = dict(reply["det"])
+        assert "ctl" in details[1] and "map" in details[2] and "ch" in details[3]
+        assert admin.metrics.errors.labels("bad_request")._value.get() == errors_before + 3
+        assert await seqs(pushes, 3) == [1, 2, 5]  # 3 and 4 are gaps the gateways fill from history
+        after = await webapp.request(pubs(item(6)), timeout_s=DEFAULT_WAIT_S)
+        assert after["res"] == ["ok"] and await seqs(pushes, 1) == [6]  # the channel is not blocked
+        assert admin.pubs_in_flight == 0
+    finally:
+        webapp.close()
+        gateway.close()
+
+
+async def test_pubs_refused_not_owner_continue_on_the_slow_path_in_order(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        assert (await webapp.request(pubs(item(1)), timeout_s=DEFAULT_WAIT_S))["res"] == ["ok"]
+        cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
+        first = webapp.begin_request(pubs(*(item(n) for n in range(2, 51))), timeout_s=DEFAULT_WAIT_S)
+        for _ in range(300):  # bounded: until all were refused not_owner and wait on the slow path
+            if admin.slow_slots.get("cs-0") == 49:
+                break
+            await asyncio.sleep(0.01)  # wait-ok: polling a condition, bounded
+        assert admin.slow_slots == {"cs-0": 49}
+        cs.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))
+        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, -1]]})
+        later = webapp.begin_request(pubs(*(item(n) for n in range(51, 101))), timeout_s=DEFAULT_WAIT_S)
+        await asyncio.sleep(0.05)  # wait-ok: room for a wrong fast path to deliver them first
+        admin.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # wakes the waiting ones
+        done = await asyncio.wait_for(asyncio.gather(first, later), DEFAULT_WAIT_S)
+        assert [r["res"] for r in done] == [["ok"] * 49, ["ok"] * 50]
+        assert await seqs(pushes, 100) == list(range(1, 101))
+        assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
+    finally:
+        webapp.close()
+        gateway.close()
+
+
+async def test_a_batch_beyond_the_in_flight_bound_is_refused_whole(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    admin.args.max_pubs_in_flight = 10
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        with pytest.raises(PeerError) as info:
+            await webapp.request(pubs(*(item(n) for n in range(1, 12))), timeout_s=DEFAULT_WAIT_S)
+        assert info.value.code == "unavailable"  # transient: the webapp resends, in order
+        assert admin.pubs_in_flight == 0
+        reply = await webapp.request(pubs(*(item(n) for n in range(1, 11))), timeout_s=DEFAULT_WAIT_S)
+        assert reply["res"] == ["ok"] * 10
+    finally:
+        webapp.close()

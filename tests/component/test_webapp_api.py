@@ -706,3 +706,21 @@ async def test_internal_api_test_errors_do_not_become_label_values(webapp: Webap
         if s.name == "rtm_webapp_requests_total" and s.labels.get("method") == "internal.api.test"
     }
     assert outcomes == {"api_test_error"}
+
+
+async def test_auth_revoke_ends_a_cached_token_at_once(webapp: Webapp) -> None:
+    """Issue 17's token cache: a token that just authenticated (cached) is refused on the
+    very next call after auth.revoke; ``test`` revokes nothing."""
+    bob = webapp.user("bob")
+    for _ in range(2):
+        status, reply = await webapp.call("auth.test", bob["token"])
+        assert status == 200 and reply["ok"] and reply["user_id"] == bob["id"]
+    status, reply = await webapp.call("auth.revoke", bob["token"], json_body={"test": True})
+    assert reply == {"ok": True, "revoked": False}
+    assert (await webapp.call("auth.test", bob["token"]))[1]["ok"]
+    status, reply = await webapp.call("auth.revoke", bob["token"])
+    assert reply == {"ok": True, "revoked": True}
+    status, reply = await webapp.call("auth.test", bob["token"])
+    assert reply == {"ok": False, "error": "invalid_auth"}
+    status, reply = await webapp.call("chat.postMessage", bob["token"], json_body={"channel": "#general", "text": "x"})
+    assert reply == {"ok": False, "error": "invalid_auth"}

@@ -39,6 +39,18 @@ class RefusingAdminServer(FakeAdminServer):
         if msg["op"] == "pub" and self.poison and self.poison in msg["json"]:
             self.refused.append(msg["eid"])
             return wire.reply_err(msg["id"], "bad_request", "refused by the test")
+        if msg["op"] == "pubs":  # a batch: the poisoned events are refused alone, the others taken
+            results = []
+            for item in msg["evs"]:
+                if self.poison and self.poison in item["json"]:
+                    self.refused.append(item["eid"])
+                    results.append("bad_request")
+                else:
+                    self.pubs.append({"op": "pub", **item})
+                    results.append("ok")
+            return wire.reply_ok(
+                msg["id"], res=results, det=[[i, "refused by the test"] for i, r in enumerate(results) if r != "ok"]
+            )
         return super().on_request(conn, msg)
 
 

@@ -19,10 +19,11 @@ from services.identity import (
 
 ALL_OPS = ("pub", "sub", "unsub", "ping", "lease", "release", "query", "online", "offline", "psub", "punsub")
 ALL_OPS += ("synced", "get_presence", "set_presence", "ring_add_slot", "ring_remove_slot", "moved", "ev", "seqs")
+ALL_OPS += ("pubs",)
 ALLOWED = {
-    (ADMIN_SERVER, WEBAPP): {"pub"},
-    (CHANNEL_SERVER, ADMIN_SERVER): {"pub"},
-    (CHANNEL_SERVER, GATEWAY): {"sub", "unsub", "seqs", "pub"},  # pub: transient only, below
+    (ADMIN_SERVER, WEBAPP): {"pub", "pubs"},
+    (CHANNEL_SERVER, ADMIN_SERVER): {"pub", "pubs"},
+    (CHANNEL_SERVER, GATEWAY): {"sub", "unsub", "seqs", "pub"},  # pub: transient only, below; never pubs
     (PRESENCE, GATEWAY): {"lease", "release", "query", "online", "offline", "psub", "punsub", "synced"},
     (PRESENCE, WEBAPP): {"get_presence", "set_presence"},
     (CHARM, OPERATOR): {"ring_add_slot", "ring_remove_slot"},

@@ -16,6 +16,14 @@ from services.errors import BadMessage
 # One valid example per op: the table must cover every op, and each must round-trip.
 EXAMPLES: dict[str, dict[str, Any]] = {
     "pub": {"op": "pub", "ch": "C0A1B2C3D4E", "seq": 7, "json": b"{}", "t0": 1.5, "eid": "e7", "ctl": None},
+    "pubs": {
+        "op": "pubs",
+        "evs": [
+            {"ch": "C0A1B2C3D4E", "seq": 7, "json": b"{}", "t0": 1.5, "eid": "e7"},
+            {"ch": "U0A1B2C3D4E", "seq": 3, "json": b"{}", "t0": 1.5, "ctl": {"join": "C1", "since": 2}},
+        ],
+        "rv": 4,
+    },
     "sub": {"op": "sub", "gw": "gw-us-east-0", "chans": [["C1", -1], ["C2", 0], ["C3", 12]], "rv": 3},
     "unsub": {"op": "unsub", "gw": "gw-us-east-0", "chans": ["C1", "C2"]},
     "seqs": {"op": "seqs", "gw": "gw-us-east-0", "chans": ["C1", "C2"]},
@@ -185,6 +193,10 @@ def test_any_near_valid_map_parses_or_is_refused_clearly(message: dict[str, Any]
         assert exc.op and exc.detail
         return
     assert isinstance(record, ops.OPS[message["op"]])
+    if isinstance(record, ops.Publishes) and any(isinstance(item, BadMessage) for item in record.evs):
+        with pytest.raises(ValueError):  # a refused item is answered alone, never sent on
+            record.to_message()
+        return
     assert ops.parse(record.to_message()) == record  # what was accepted is clean enough to send again
 
 
@@ -200,3 +212,36 @@ def test_any_map_at_all_parses_or_is_refused_clearly(message: dict[str, Any]) ->
 def test_batches_cut_a_list_to_its_limit() -> None:
     assert ops.batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
     assert ops.batches([], 2) == [[]]
+
+
+# -- pubs: many events in one frame (issue 17) ---------------------------------------------------
+def pubs_of(*items: Any) -> dict[str, Any]:
+    return {"op": "pubs", "evs": list(items)}
+
+
+GOOD_ITEM = {"ch": "C1", "seq": 1, "json": b"{}", "t0": 1.0}
+
+
+def test_pubs_refuses_a_bad_item_alone_and_keeps_the_others_in_order() -> None:
+    bad = {"ch": "C1", "seq": 2, "json": b"{}", "ctl": {"nope": 1}}
+    record = ops.parse_as(pubs_of(GOOD_ITEM, bad, "not a map", {**GOOD_ITEM, "seq": 3}), ops.Publishes)
+    first, second, third, fourth = record.evs
+    assert first == ops.Publish(ch="C1", seq=1, json=b"{}", t0=1.0)
+    assert isinstance(second, BadMessage) and "evs item 1" in second.detail and "ctl" in second.detail
+    assert isinstance(third, BadMessage) and "evs item 2" in third.detail and "map" in third.detail
+    assert isinstance(fourth, ops.Publish) and fourth.seq == 3
+
+
+def test_pubs_refuses_the_whole_frame_beyond_its_count_and_byte_bounds() -> None:
+    refused({"op": "pubs", "evs": []}, "evs", "at least one")
+    refused({"op": "pubs", "evs": {"ch": "C1"}}, "evs", "list")
+    refused(pubs_of(*[GOOD_ITEM] * (ops.MAX_PUBS_EVENTS + 1)), "evs", "MAX_PUBS_EVENTS")
+    big = {**GOOD_ITEM, "json": b"x" * (ops.MAX_PUBS_JSON_BYTES // 2 + 1)}
+    refused(pubs_of(big, big), "evs", "MAX_PUBS_JSON_BYTES")
+    assert len(ops.parse_as(pubs_of(*[GOOD_ITEM] * ops.MAX_PUBS_EVENTS), ops.Publishes).evs) == ops.MAX_PUBS_EVENTS
+
+
+def test_an_items_own_rv_is_dropped_the_batch_rv_counts() -> None:
+    record = ops.parse_as({"op": "pubs", "evs": [{**GOOD_ITEM, "rv": 9}], "rv": 2}, ops.Publishes)
+    assert record.rv == 2 and record.evs[0] == ops.Publish(ch="C1", seq=1, json=b"{}", t0=1.0)
+    assert record.to_message() == {"op": "pubs", "evs": [GOOD_ITEM], "rv": 2}

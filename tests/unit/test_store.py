@@ -728,3 +728,133 @@ def test_resumed_bootstrap_keeps_a_leave_the_moved_connection_had_not_reached(st
     seqs = {c["id"]: c["seq"] for c in boot["channels"]}
     assert seqs[random_ch.id] == 0 and boot["until"] == {random_ch.id: upto}
     assert "CNOTINRECORD" not in seqs
+
+
+# -- the token -> user cache (issue 17): never outlives a change -------------------------------
+def a_token(store: Store, demo: dict, name: str) -> tuple[str, str]:
+    person = next(u for u in demo["users"] if u["name"] == name)
+    return person["token"], person["id"]
+
+
+def test_auth_is_cached_and_a_revoked_token_stops_at_once(store: Store, demo: dict) -> None:
+    token, uid = a_token(store, demo, "alice")
+    assert store.auth(token).id == uid
+    store.conn.execute("UPDATE tokens SET user = user WHERE 0")  # a statement that changes nothing
+    assert token in store.auth_cache  # cached: later lookups do not query
+    assert store.revoke_token(token) is True
+    assert store.auth(token) is None and token not in store.auth_cache
+    assert store.revoke_token(token) is False
+
+
+def test_a_revocation_inside_an_open_batch_is_seen_by_the_next_lookup_of_the_same_batch(
+    store: Store, demo: dict
+) -> None:
+    token, _ = a_token(store, demo, "alice")
+    assert store.auth(token) is not None
+    store.begin_batch()  # group commit: the revocation and the next request share one transaction
+    store.revoke_token(token)
+    assert store.auth(token) is None
+    store.commit_batch()
+    assert store.auth(token) is None
+
+
+def test_any_change_to_a_user_row_reaches_auth_whoever_makes_it(store: Store, demo: dict) -> None:
+    """A writer this module does not know (a deactivation added later, an operator's SQL):
+    the TEMP triggers see every change on this connection."""
+    token, uid = a_token(store, demo, "bob")
+    assert store.auth(token).presence == "auto"
+    store.set_presence(store.auth(token), "away")
+    assert store.auth(token).presence == "away"
+    with store.transaction() as db:
+        db.execute("UPDATE users SET name = 'robert' WHERE id = ?", (uid,))
+    assert store.auth(token).name == "robert"
+    with store.transaction() as db:
+        db.execute("DELETE FROM users WHERE id = ?", (uid,))  # deactivated the hard way
+    assert store.auth(token) is None
+
+
+def test_a_rolled_back_change_leaves_nothing_cached(store: Store, demo: dict) -> None:
+    token, uid = a_token(store, demo, "carol")
+    assert store.auth(token).name == "carol"
+    with pytest.raises(RuntimeError), store.transaction() as db:
+        db.execute("UPDATE users SET name = 'mallory' WHERE id = ?", (uid,))
+        assert store.auth(token).name == "mallory"  # what this transaction sees, not cached
+        raise RuntimeError("rolled back")
+    assert store.auth(token).name == "carol"
+
+
+def test_a_change_from_another_connection_is_seen_within_the_foreign_check_interval(
+    store: Store, demo: dict, clock: FakeClock
+) -> None:
+    import sqlite3
+
+    token, _ = a_token(store, demo, "dave")
+    assert store.auth(token) is not None
+    other = sqlite3.connect(store.path, isolation_level=None)  # another process, as far as SQLite knows
+    try:
+        other.execute("DELETE FROM tokens WHERE token = ?", (token,))
+        clock.advance(store.auth_cache.foreign_check_s / 2)
+        assert store.auth(token) is not None  # within the documented bound, the cache may still answer
+        clock.advance(store.auth_cache.foreign_check_s)
+        assert store.auth(token) is None
+        store.auth_cache.foreign_check_s = 0.0  # exact: checked on every lookup
+        eve, uid = a_token(store, demo, "eve")
+        assert store.auth(eve) is not None
+        other.execute("DELETE FROM users WHERE id = ?", (uid,))
+        assert store.auth(eve) is None
+    finally:
+        other.close()
+
+
+# -- the Slack JSON of a post, encoded once (issue 17) ----------------------------------------
+@pytest.mark.parametrize(
+    "text,kwargs",
+    [
+        ("hello", {}),
+        ('quotes " and \\ and ünïcödé 💬 and \u2028', {}),
+        ("in a thread", {"thread": True, "broadcast": True}),
+        ("", {"extra": {"blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "*b*"}}]}}),
+    ],
+)
+def test_a_posts_event_json_and_reply_are_exactly_what_encoding_them_gives(
+    store: Store, demo: dict, text: str, kwargs: dict
+) -> None:
+    from webapp_stub.codecs import dumps
+    from webapp_stub.messages import message_reply_json
+
+    general = channel(store, demo, "general")
+    alice = user(store, demo, "alice")
+    thread_ts = None
+    if kwargs.pop("thread", False):
+        root, _ = store.post_message(general, alice, "root")
+        thread_ts = root["ts"]
+    message, event = store.post_message(
+        general, alice, text, thread_ts=thread_ts, broadcast=kwargs.get("broadcast", False), extra=kwargs.get("extra")
+    )
+    payload = {"type": "message", "channel": general.id, **{k: v for k, v in message.items() if k != "type"}}
+    payload["event_ts"] = message["ts"]
+    assert event.json == dumps(payload)  # byte for byte what encoding the payload gives
+    reply = message_reply_json(general.id, message["ts"], event.json)
+    assert reply == dumps({"ok": True, "channel": general.id, "ts": message["ts"], "message": message})
+    assert message_reply_json("C0OTHER", message["ts"], event.json) is None  # not of that shape: no splice
+
+
+def test_channel_and_membership_reads_are_cached_and_follow_every_change(store: Store, demo: dict) -> None:
+    general, bob = channel(store, demo, "general"), user(store, demo, "bob")
+    private, _ = store.create_channel(user(store, demo, "alice"), "secret", is_private=True)
+    assert store.is_member(general.id, bob.id) and not store.is_member(private.id, bob.id)
+    assert (private.id, bob.id) in store.member_cache  # a "no" is cached too
+    store.join_channel(private, bob)
+    assert store.is_member(private.id, bob.id)
+    store.leave_channel(private, bob)
+    assert not store.is_member(private.id, bob.id)
+    assert store.channel(general.id) == general and general.id in store.channel_cache
+    lounge = channel(store, demo, [c["name"] for c in demo["channels"] if c["name"] != "general"][0])
+    store.archive_channel(lounge, bob)
+    assert store.channel(lounge.id).is_archived  # an archive is seen at once
+    with store.transaction() as db:
+        db.execute("UPDATE channels SET name = 'renamed' WHERE id = ?", (general.id,))
+    assert store.channel(general.id).name == "renamed"
+    with store.transaction() as db:
+        db.execute("DELETE FROM members WHERE channel = ? AND user = ?", (general.id, bob.id))
+    assert not store.is_member(general.id, bob.id)

@@ -1,4 +1,4 @@
-"""``api.test`` and ``auth.test``: is the API up, who is this token."""
+"""``api.test``, ``auth.test`` and ``auth.revoke``: is the API up, who is this token, end it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 from webapp_stub.api import (
     Call,
     WebApi,
+    bearer_token,
+    flag,
     method,
 )
 from webapp_stub.errors import ApiError
@@ -36,3 +38,13 @@ def auth_test(api: WebApi, call: Call) -> dict[str, Any]:
     if user.bot_id:
         reply["bot_id"] = user.bot_id
     return reply
+
+
+@method("auth.revoke")
+def auth_revoke(api: WebApi, call: Call) -> dict[str, Any]:
+    """Revoke the calling token (Slack's ``auth.revoke``); with ``test`` true, only say it would.
+    The next call with it gets ``invalid_auth``: the token cache forgets it at once."""
+    if flag(call.args, "test"):
+        return {"revoked": False}
+    token = bearer_token(call.request, call.args) if call.request is not None else None
+    return {"revoked": bool(token) and api.store.revoke_token(str(token))}

@@ -6,6 +6,7 @@ from typing import Any
 
 from webapp_stub.api import (
     Call,
+    EncodedReply,
     WebApi,
     message_content,
     method,
@@ -13,6 +14,7 @@ from webapp_stub.api import (
 )
 from webapp_stub.args import flag, str_arg
 from webapp_stub.errors import ApiError
+from webapp_stub.messages import message_reply_json
 
 
 @method("chat.postMessage", writes=True)
@@ -33,7 +35,9 @@ def chat_post_message(api: WebApi, call: Call) -> dict[str, Any]:
     )
     api.publish([event])
     api.posts.inc()
-    return {"channel": channel.id, "ts": message["ts"], "message": message}
+    fields = {"channel": channel.id, "ts": message["ts"], "message": message}
+    encoded = message_reply_json(channel.id, message["ts"], event.json)  # the event's JSON, not encoded again
+    return fields if encoded is None else EncodedReply(fields, encoded)
 
 
 @method("chat.update", writes=True)
