@@ -161,6 +161,12 @@ class NoOwner(RtmError):
     """The ring maps the channel to a slot with no live instance."""
 
 
+class ResumeLost(RtmError):
+    """A moved connection's ticket names a resume record the webapp no longer has (the webapp
+    restarted, the record expired, or an earlier attempt's bootstrap took it): the connection
+    cannot resume, and is closed with 4010 so that the client catches up from history."""
+
+
 class DebugFaultsRefused(RtmError):
     """``--debug-faults`` asked for where it may not run: a non-loopback host, or no operator token."""
 

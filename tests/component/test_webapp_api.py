@@ -692,6 +692,45 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
         assert f'rtm_webapp_resumes_total{{step="{step}"}} {count}.0' in text, step
 
 
+async def test_a_resume_record_past_its_deadline_is_refused(webapp: Webapp) -> None:
+    """The gateway gave up on the reply at ``deadline`` and closed the connection without goodbye:
+    a record arriving later must not be kept, or a later connection of the user would claim it
+    and replay events it already had."""
+    bob, general = webapp.user("bob"), webapp.channel("general")
+    record = {"user": bob["id"], "channels": {general: 0}}
+    late = await webapp.internal("resume", {**record, "deadline": time.time() - 0.5})
+    assert late[1] == {"ok": False, "error": "resume_expired"}
+    for bad in ("soon", float("nan"), True, [1]):
+        refused = await webapp.internal("resume", {**record, "deadline": bad})
+        assert refused[1] == {"ok": False, "error": "invalid_arguments"}, bad
+    _, connect = await webapp.call("rtm.connect", bob["token"])  # nothing was recorded to claim
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+    assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
+    in_time = await webapp.internal("resume", {**record, "deadline": time.time() + 30})
+    assert in_time[1]["ok"] and in_time[1]["resume"]
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'rtm_webapp_resumes_total{step="late"} 1.0' in text
+    assert 'rtm_webapp_resumes_total{step="recorded"} 1.0' in text
+
+
+async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record_again(webapp: Webapp) -> None:
+    """A gateway whose bootstrap call timed out after the webapp took the record asks again with the
+    same ticket nonce and gets the same recorded seqs; another ticket does not."""
+    carol, general = webapp.user("carol"), webapp.channel("general")
+    _, recorded = await webapp.internal("resume", {"user": carol["id"], "channels": {general: 0}})
+    rid = recorded["resume"]
+    ask = {"user": carol["id"], "resume": rid, "nonce": "n-1"}
+    for _ in range(2):
+        _, boot = await webapp.internal("bootstrap", ask)
+        assert boot["resumed"] is True and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 0
+    _, other = await webapp.internal("bootstrap", {**ask, "nonce": "n-2"})
+    assert other["resumed"] is False
+    _, bad = await webapp.internal("bootstrap", {**ask, "nonce": ["n-1"]})
+    assert bad == {"ok": False, "error": "invalid_arguments"}
+
+
 async def test_internal_api_test_errors_do_not_become_label_values(webapp: Webapp) -> None:
     alice = webapp.user("alice")
     for error in ("made_up_1", "made_up_2"):
