@@ -139,14 +139,15 @@ class Gateway:
         self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
         self.client_messages = ClientMessages(self)  # ping, typing, message, presence frames
         self.socket_mode = SocketMode(self)  # Slack apps' Socket Mode connections (gateway/socket_mode.py)
-        # This start's incarnation, registered in Consul meta: tickets minted for an earlier
-        # start (whose nonces this process never saw) are refused (services/ticket.py).
-        self.incarnation = new_incarnation()
-        self.listener = self._listener(
-            TicketVerifier(keys.ticket_signing, self.instance_id, incarnation=self.incarnation, started_at=time.time())
-        )
+        self.incarnation = new_incarnation()  # registered in Consul meta (services/ticket.py)
+        self.listener = self._listener(self._verifier(keys.ticket_signing))
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None
+
+    def _verifier(self, secret: bytes) -> TicketVerifier:
+        """Tickets for this process: minted for an earlier start of this gateway id (whose
+        nonces this process never saw) and issued before this one began, they are refused."""
+        return TicketVerifier(secret, self.instance_id, incarnation=self.incarnation, started_at=time.time())
 
     def _listener(self, verifier: TicketVerifier) -> ClientListener:
         """The websocket server, wired to the parts a client's life touches."""

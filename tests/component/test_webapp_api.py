@@ -705,7 +705,7 @@ async def test_a_resume_record_past_its_deadline_is_refused(webapp: Webapp) -> N
         assert refused[1] == {"ok": False, "error": "invalid_arguments"}, bad
     _, connect = await webapp.call("rtm.connect", bob["token"])  # nothing was recorded to claim
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
-    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
     assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
     in_time = await webapp.internal("resume", {**record, "deadline": time.time() + 30})
     assert in_time[1]["ok"] and in_time[1]["resume"]
