@@ -151,6 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short", action="store_true", help="smoke run: ~40 s, 120 clients, one client process")
     p.add_argument("--json", default="", help="write only this JSON file (not bench/results/)")
     p.add_argument("--raw", default="", help="also pickle the check's inputs here (events, connections, frames)")
+    p.add_argument(
+        "--fleet-log",
+        default="",
+        help="write every fleet process's log lines here (rtm up --verbose; for analysing a failure)",
+    )
     p.add_argument("--recheck", default="", help="check a --raw pickle again and print the verdict (no fleet)")
     args = p.parse_args(argv)
     if args.short:
@@ -785,7 +790,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
     }
     print(f"soak: starting the fleet ({args.clients} users) ...", flush=True)
-    with FleetRun("--seed-users", str(args.clients), "--debug-faults") as fleet:
+    fleet_run = FleetRun(
+        "--seed-users", str(args.clients), "--debug-faults", *(["--verbose"] if args.fleet_log else [])
+    )
+    if args.fleet_log:
+        fleet_run.echo = open(args.fleet_log, "w")  # noqa: SIM115 - lives as long as the fleet
+    with fleet_run as fleet:
         out["fleet_startup_s"] = round(fleet.startup_s, 1)
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
         async with aiohttp.ClientSession(

@@ -34,6 +34,7 @@ from typing import Any
 
 from gateway.channel_links import RECONCILE_INTERVAL_S, ChannelLinks
 from gateway.client_listener import (
+    BOOTSTRAP_ATTEMPTS,
     DEFAULT_MAX_CONNECTIONS,
     MAX_CLIENT_BUFFER_BYTES,
     MAX_CLIENT_BUFFER_FRAMES,
@@ -49,7 +50,14 @@ from gateway.history import History
 from gateway.limits import DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_MAX_CONNECTIONS_PER_USER
 from gateway.presence import GatewayPresence
 from gateway.socket_mode import SocketMode
-from gateway.state import MAX_HELD_EVENTS_PER_CHANNEL, MAX_HELD_EVENTS_PER_SESSION, Effects, GatewayState, Session
+from gateway.state import (
+    LEAVE_UPTO_TIMEOUT_S,
+    MAX_HELD_EVENTS_PER_CHANNEL,
+    MAX_HELD_EVENTS_PER_SESSION,
+    Effects,
+    GatewayState,
+    Session,
+)
 from gateway.webapp_client import WebappClient
 from services.config import Parser, advertised, service_parser
 from services.connection import PeerLink
@@ -61,7 +69,7 @@ from services.keys import FleetKeys
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.tasks import Tasks
-from services.ticket import TicketVerifier
+from services.ticket import INCARNATION_META, TicketVerifier, new_incarnation
 from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.gateway")
@@ -70,6 +78,7 @@ SERVICE = GATEWAY
 DEFAULT_PORT = 8765
 RESUME_TIMEOUT_S = 3.0  # leaving one resume record at the webapp when a session moves
 SHUTDOWN_MOVE_BUDGET_S = 5.0  # on SIGTERM, move every session within this (faster than a drain if need be)
+LEAVE_CHECK_INTERVAL_S = 1.0  # how often pending leaves past --leave-timeout-s are forced
 
 
 class Gateway:
@@ -78,8 +87,13 @@ class Gateway:
     def __init__(self, args: Any) -> None:
         self.args = args
         self.instance_id = args.instance_id
-        self.state = GatewayState(args.max_held_events_per_channel, args.max_held_events_per_session)
-        self.clock = time.monotonic  # subscription retries and gap budgets
+        self.clock = time.monotonic  # subscription retries, gap budgets, pending leaves
+        self.state = GatewayState(
+            args.max_held_events_per_channel,
+            args.max_held_events_per_session,
+            clock=self.clock,
+            leave_timeout_s=args.leave_timeout_s,
+        )
         self.discovery = Discovery(args.consul, args.consul_token)
         keys = FleetKeys.from_secret(args.secret.encode())  # one key per job (services/keys.py)
         # The webapp's /internal/ endpoints and every channel/presence link: mutual TLS as this gateway.
@@ -91,6 +105,9 @@ class Gateway:
         self.stopping = False
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
         deliveries = self.metrics.counter("rtm_gw_deliveries_total", "Event frames written to client sockets")
+        self.forced_leaves = self.metrics.counter(
+            "rtm_gw_forced_leaves_total", "Leaves that took effect without their upto event (--leave-timeout-s)"
+        )
         self.mover = Mover(self)
         self.history = History(
             state=self.state,
@@ -122,9 +139,15 @@ class Gateway:
         self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
         self.client_messages = ClientMessages(self)  # ping, typing, message, presence frames
         self.socket_mode = SocketMode(self)  # Slack apps' Socket Mode connections (gateway/socket_mode.py)
-        self.listener = self._listener(TicketVerifier(keys.ticket_signing, self.instance_id))
+        self.incarnation = new_incarnation()  # registered in Consul meta (services/ticket.py)
+        self.listener = self._listener(self._verifier(keys.ticket_signing))
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None
+
+    def _verifier(self, secret: bytes) -> TicketVerifier:
+        """Tickets for this process: minted for an earlier start of this gateway id (whose
+        nonces this process never saw) and issued before this one began, they are refused."""
+        return TicketVerifier(secret, self.instance_id, incarnation=self.incarnation, started_at=time.time())
 
     def _listener(self, verifier: TicketVerifier) -> ClientListener:
         """The websocket server, wired to the parts a client's life touches."""
@@ -177,12 +200,14 @@ class Gateway:
             meta={
                 "metrics_port": str(metrics_port),
                 "region": args.region,
+                INCARNATION_META: self.incarnation,
                 **({"public_url": args.public_url} if args.public_url else {}),
             },
             ttl_s=args.ttl_s,
         )
         self.region_drain.start()
         self.socket_mode.start()
+        self.spawn(self.expire_leaves())
         log.info("gateway %s (region %s) serving ws://%s:%s", self.instance_id, args.region, address, port)
         return {
             "service": SERVICE,
@@ -215,6 +240,17 @@ class Gateway:
         if self._stop_metrics is not None:
             await self._stop_metrics()
 
+    async def expire_leaves(self) -> None:
+        """Every LEAVE_CHECK_INTERVAL_S: leaves whose ``upto`` never arrived take effect anyway."""
+        while not self.stopping:
+            await asyncio.sleep(LEAVE_CHECK_INTERVAL_S)
+            before = self.state.stats.forced_leaves
+            self.apply(self.state.expire_leaves())
+            forced = self.state.stats.forced_leaves - before
+            if forced:
+                self.forced_leaves.inc(forced)
+                log.warning("%d leaves took effect without their upto after %.0f s", forced, self.args.leave_timeout_s)
+
     async def retag(self) -> None:
         """Register again with tags that say whether we take new clients."""
         tags = [f"region={self.args.region}"]
@@ -223,7 +259,14 @@ class Gateway:
         await self.discovery.retag(self.instance_id, tags)
 
     async def leave_resume(self, session: Session, where: dict[str, int], until: dict[str, int] | None = None) -> None:
-        record: dict[str, Any] = {"user": session.user, "channels": where, **({"until": until} if until else {})}
+        # The webapp refuses the record past ``deadline``: by then we have given up on it and closed
+        # the connection without goodbye (gateway/drain.py), so a late record must not be claimed.
+        record: dict[str, Any] = {
+            "user": session.user,
+            "channels": where,
+            "deadline": time.time() + RESUME_TIMEOUT_S,
+            **({"until": until} if until else {}),
+        }
         await asyncio.wait_for(self.webapp.call("/internal/resume", record), RESUME_TIMEOUT_S)
 
     def health(self) -> dict[str, Any]:
@@ -277,6 +320,13 @@ def build_parser() -> Parser:
         "base URL clients reach this gateway at, behind an edge proxy (e.g. wss://edge:8443/gw/us-east-1); "
         "registered as Consul meta public_url, rtm.connect then returns <public-url>/ws/<ticket> (default: ws://<advertised host>:<port>)",
     )
+    _add_client_limits(parser)
+    _add_delivery_settings(parser)
+    return parser
+
+
+def _add_client_limits(parser: Parser) -> None:
+    """What one client, user or address may hold on this gateway."""
     parser.add("--max-client-frame-bytes", MAX_CLIENT_FRAME_BYTES, "largest websocket frame a client may send")
     parser.add("--max-client-buffer-bytes", MAX_CLIENT_BUFFER_BYTES, "unsent bytes per client before it is cut off")
     parser.add("--max-client-buffer-frames", MAX_CLIENT_BUFFER_FRAMES, "unsent frames per client before it is cut off")
@@ -297,6 +347,10 @@ def build_parser() -> Parser:
         "behind an edge proxy: the header whose last entry is the client's address (e.g. X-Forwarded-For); "
         "default: the TCP peer",
     )
+
+
+def _add_delivery_settings(parser: Parser) -> None:
+    """Gaps, moves, leaves, reconciliation, drains and keepalive: what keeps delivery whole."""
     parser.add(
         "--gap-fill-budget-s",
         GAP_FILL_BUDGET_S,
@@ -314,6 +368,16 @@ def build_parser() -> Parser:
         "live events held for a session catching up; past it, the session is ended with 4010",
     )
     parser.add(
+        "--bootstrap-attempts",
+        BOOTSTRAP_ATTEMPTS,
+        "times a moved connection's bootstrap is asked of the webapp while it does not answer (same ticket)",
+    )
+    parser.add(
+        "--leave-timeout-s",
+        LEAVE_UPTO_TIMEOUT_S,
+        "seconds a leave waits for the channel's event of the leave (ctl upto) before it takes effect anyway",
+    )
+    parser.add(
         "--reconcile-interval-s",
         RECONCILE_INTERVAL_S,
         "how often channel servers are asked where our channels stand (seqs) to repair differences",
@@ -325,7 +389,6 @@ def build_parser() -> Parser:
         "keepalive: ping every client this often; one that has not "
         "answered the previous ping by the next is closed (1011)",
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import Any, Protocol
 
+import aiohttp
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
@@ -31,9 +32,9 @@ from gateway.limits import ConnectionLimits, client_address
 from gateway.socket_mode import is_socket_mode
 from gateway.state import Effects, GatewayState, Session
 from gateway.webapp_client import WebappCalls
-from services.errors import CloseCode
+from services.errors import CloseCode, ResumeLost
 from services.metrics import ServiceMetrics
-from services.ticket import InvalidTicket, TicketVerifier
+from services.ticket import InvalidTicket, Ticket, TicketVerifier
 
 log = logging.getLogger("rtm.gateway")
 
@@ -50,6 +51,13 @@ KEEPALIVE_BATCH_SOCKETS = 200
 WS_PING_INTERVAL_S = 20.0
 CONNECTION_LIMIT_RETRY_AFTER_S = 5  # Retry-After of a 429 for an address at its connection limit
 HELLO = b'{"type":"hello"}'
+# A moved connection's bootstrap takes its resume record at the webapp. If the reply does not
+# come back (the webapp is slow: the gateway's call times out), the record may be taken already;
+# the gateway asks again with the same ticket nonce, which gets the same record (webapp_stub/
+# resume.py), instead of closing with 4002 and leaving the client to a fresh bootstrap that would
+# skip what it missed. Fresh connections are not retried here (the client retries rtm.connect).
+BOOTSTRAP_ATTEMPTS = 3
+BOOTSTRAP_RETRY_DELAY_S = 0.5  # times the attempt number
 
 
 class SessionPresence(Protocol):
@@ -108,6 +116,9 @@ class ClientListener:
             "rtm_gw_connects_total", "Websocket connection attempts by outcome", ["outcome"]
         )
         self.slow = metrics.counter("rtm_gw_slow_consumer_disconnects_total", "Clients cut off for not reading")
+        self.bootstrap_retries = metrics.counter(
+            "rtm_gw_bootstrap_retries_total", "Bootstraps of moved connections asked again after no reply"
+        )
 
     async def start(self) -> int:
         """Serve websockets; return the port."""
@@ -262,11 +273,17 @@ class ClientListener:
             await ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user")
             return None
         try:
-            request = {"user": ticket.user, **({"resume": ticket.resume} if ticket.resume else {})}
-            boot = await self.webapp.call("/internal/bootstrap", request)
+            boot = await self.bootstrap(ticket)
             channels = [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]
             until = {str(ch): int(seq) for ch, seq in (boot.get("until") or {}).items()}
             return ticket.user, ticket.team, channels, until
+        except ResumeLost as exc:  # starting it here would skip what it missed since its move, silently
+            self.limits.release_user(ticket.user)
+            log.warning("%s: closing with %d before hello; it catches up from history", exc, CloseCode.RESYNC)
+            self.connects.labels("resume_lost").inc()
+            self.metrics.error("resume_lost")
+            await ws.close(CloseCode.RESYNC, "resume record gone: reconnect and catch up")
+            return None
         except Exception as exc:
             self.limits.release_user(ticket.user)
             log.warning("bootstrap for %s failed: %s", ticket.user, exc)
@@ -274,6 +291,27 @@ class ClientListener:
             self.metrics.error("bootstrap_failed")
             await ws.close(CloseCode.BOOTSTRAP_FAILED, "bootstrap failed, retry rtm.connect")
             return None
+
+    async def bootstrap(self, ticket: Ticket) -> dict[str, Any]:
+        """``/internal/bootstrap`` for ``ticket``; a resumed one is asked up to ``--bootstrap-attempts``
+        times while the webapp does not answer (see :data:`BOOTSTRAP_ATTEMPTS`)."""
+        request: dict[str, Any] = {"user": ticket.user}
+        if ticket.resume:
+            request.update(resume=ticket.resume, nonce=ticket.nonce)
+        attempts = max(1, self.args.bootstrap_attempts) if ticket.resume else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                boot = await self.webapp.call("/internal/bootstrap", request)
+                if ticket.resume and not boot.get("resumed"):
+                    raise ResumeLost(f"resume record {ticket.resume} of {ticket.user} is gone")
+                return boot
+            except (TimeoutError, OSError, aiohttp.ClientError) as exc:  # no answer: the record may be taken
+                if attempt >= attempts:
+                    raise
+                self.bootstrap_retries.inc()
+                log.warning("bootstrap of moved %s: no answer (%r); asking again", ticket.user, exc)
+                await asyncio.sleep(BOOTSTRAP_RETRY_DELAY_S * attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def cut_off(self, client: ClientSocket) -> None:
         """``client`` stopped reading (its backlog passed the bound): close it, 4008."""

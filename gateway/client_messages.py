@@ -217,7 +217,7 @@ class ClientMessages:
     def handle_typing(self, session: Session, frame: dict[str, Any]) -> None:
         """Route a typing indicator to the channel's CS; drop it on any obstacle."""
         channel = frame.get("channel")
-        if not isinstance(channel, str) or channel not in session.channels or channel in (session.user, session.team):
+        if not isinstance(channel, str) or not session.member_of(channel) or channel in (session.user, session.team):
             self.typing.labels("not_subscribed").inc()
             return
         now = self.clock()

@@ -7,6 +7,14 @@ leave that position at the webapp as a resume record, send Slack's
 again; the webapp hands it a ticket naming the record, on a gateway of a good
 region, and that gateway replays what the client missed, exactly once.
 
+If the webapp does not take the resume record (it is down, or too slow to answer
+within ``RESUME_TIMEOUT_S``), the session cannot resume: it gets no ``goodbye``
+(which promises the resume) and is closed with 4010 (``RESYNC``: reconnect and
+catch up), so the client reads what it missed with ``conversations.history``,
+as after any other reconnect. Before, it got ``goodbye`` all the same, its
+next connection started at a fresh bootstrap, and everything between its
+position and that bootstrap was silently skipped (docs/soak.md, Findings).
+
 Sessions are moved at a bounded rate (``--drain-rate-per-s``), so the region
 that receives them sees a steady stream rather than a reconnect storm.
 
@@ -159,17 +167,28 @@ class Mover:
         slots: asyncio.Semaphore,
         code: CloseCode = CloseCode.GOING_AWAY,
     ) -> None:
-        """Leave the resume record, then say goodbye and close with ``code``."""
+        """Leave the resume record, then say goodbye and close with ``code``; if the record was
+        not taken, close with 4010 and no goodbye (the client catches up from history)."""
         until = self.pending_leaves.pop(session.sid, None)
         async with slots:
+            resumable = True
             try:
                 await self.gateway.leave_resume(session, where, until)
-            except Exception as exc:  # the client still reconnects; it starts at its new bootstrap
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the record is not there
+                resumable = False
                 self.resume_failures.inc()
-                log.warning("resume record for %s not taken: %s", session.user, exc)
+                log.warning(
+                    "resume record for %s not taken (%r): closing with %d, no goodbye; it catches up from history",
+                    session.user,
+                    exc,
+                    CloseCode.RESYNC,
+                )
             ws = self.gateway.sockets.get(session.sid)
             if ws is not None:
-                await say_goodbye(ws, reason, code)
+                if resumable:
+                    await say_goodbye(ws, reason, code)
+                else:
+                    await ws.close(CloseCode.RESYNC, "resume record not taken: reconnect and catch up")
             self.moved.labels(reason).inc()
 
 

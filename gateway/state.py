@@ -27,16 +27,28 @@ starts the session in the channel at the join's ``since``. A leave names
 the channel up to it (it may be catching up, or the channel's stream may lag
 the user channel's), none after; then it is gone (:meth:`GatewayState.settle`).
 This is what makes a moved connection's resume exact: see docs/design.md.
+While a leave waits for ``upto`` the session is no longer a member (:meth:`Session.member_of`):
+no transient event of the channel reaches it, and it gets nothing past ``upto``. The wait is
+bounded: if ``upto`` has not reached the session within ``leave_timeout_s``
+(:data:`LEAVE_UPTO_TIMEOUT_S`), the leave takes effect anyway (:meth:`GatewayState.expire_leaves`,
+counted in ``stats.forced_leaves``); see docs/hardening-gateway.md.
 
 Held events are bounded: at most ``max_held_per_channel`` behind a gateway gap
 and ``max_held_per_session`` for a held session. Past either bound nothing
 is dropped here; the channel (or session) is reported by
 :meth:`GatewayState.take_overflows`, and the gateway ends the affected
 sessions with a reconnect close code (see docs/hardening-gateway.md).
+
+Why one module: cursors, gaps, floors, holds and pending leaves together keep one
+invariant (each session gets each channel's events exactly once, in order, and none
+after it left); every command reads and changes several of them at once, so they
+are kept in one class rather than spread over modules that would each hold half of it.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,6 +62,12 @@ LIVE_ONLY = -1
 # and, at a few hundred bytes each, a few MB.
 MAX_HELD_EVENTS_PER_CHANNEL = 10_000
 MAX_HELD_EVENTS_PER_SESSION = 10_000
+# A leave waits for the channel's event ``upto`` (the leave itself) to reach the session. It
+# arrives within milliseconds, or through a gap fill or a catch-up, which end the session
+# with 4010 if they take longer than their budget (--gap-fill-budget-s, 30 s). Past this
+# bound, twice that budget, the leave takes effect without it: a user who left a channel must
+# not stay subscribed to it because one event went missing.
+LEAVE_UPTO_TIMEOUT_S = 60.0
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -71,6 +89,12 @@ class Session:
     hold_from: dict[str, int] = field(default_factory=dict)  # channel -> seq the held session has reached
     until: dict[str, int] = field(default_factory=dict)  # channel -> left: deliver seqs <= this, then leave
     rejoin: dict[str, int] = field(default_factory=dict)  # channel -> back in before ``until``: skip to this
+    leave_by: dict[str, float] = field(default_factory=dict)  # channel -> pending leave: forced at this time
+
+    def member_of(self, channel: str) -> bool:
+        """Whether the user is in ``channel`` for this session: it follows the channel and has
+        not left it (a leave still delivering up to ``upto`` counts as left, unless back in)."""
+        return channel in self.channels and (channel not in self.until or channel in self.rejoin)
 
 
 @dataclass
@@ -99,6 +123,7 @@ class DeliveryStats:
     duplicates: int = 0
     gaps: int = 0
     dropped_sessions: int = 0
+    forced_leaves: int = 0  # pending leaves whose ``upto`` did not arrive within the bound
 
 
 class GatewayState:
@@ -106,9 +131,16 @@ class GatewayState:
         self,
         max_held_per_channel: int = MAX_HELD_EVENTS_PER_CHANNEL,
         max_held_per_session: int = MAX_HELD_EVENTS_PER_SESSION,
+        clock: Callable[[], float] = time.monotonic,
+        leave_timeout_s: float = LEAVE_UPTO_TIMEOUT_S,
     ) -> None:
         self.max_held_per_channel = max_held_per_channel
         self.max_held_per_session = max_held_per_session
+        self.clock = clock
+        self.leave_timeout_s = leave_timeout_s
+        # (deadline, session, channel) of pending leaves, oldest first (one timeout: deadlines
+        # are in order); an entry whose leave was reached or superseded is skipped.
+        self.leave_deadlines: deque[tuple[float, Session, str]] = deque()
         # Channels and sessions whose held events passed their bound (see take_overflows).
         self.overflowing_channels: set[str] = set()
         self.overflowing_sessions: set[Session] = set()
@@ -183,6 +215,19 @@ class GatewayState:
                 self._leave(session, channel, effects)
         return effects
 
+    def expire_leaves(self) -> Effects:
+        """Leaves still waiting for their ``upto`` after ``leave_timeout_s`` take effect now."""
+        effects = Effects()
+        now = self.clock()
+        deadlines = self.leave_deadlines
+        while deadlines and deadlines[0][0] <= now:
+            deadline, session, channel = deadlines.popleft()
+            if session.sid in self.sessions and session.leave_by.get(channel) == deadline:
+                if channel in session.until and channel not in session.rejoin:
+                    self.stats.forced_leaves += 1
+                    self._leave(session, channel, effects)
+        return effects
+
     def pending_leaves(self, session: Session) -> dict[str, int]:
         """Channels ``session`` left but has not yet received up to the leave: channel -> ``upto``.
         A moved session's resume record carries them (see :meth:`position`)."""
@@ -217,6 +262,7 @@ class GatewayState:
             until = session.until.get(channel)
             if until is not None and seq >= until:  # back in before it reached its leave
                 session.rejoin[channel] = seq
+                session.leave_by.pop(channel, None)
             return
         session.channels.add(channel)
         watchers = self.channels.get(channel)
@@ -240,6 +286,8 @@ class GatewayState:
         if upto is not None and channel in session.channels and self._reached(session, channel) < upto:
             session.until[channel] = upto  # still owed events up to the leave: go when they are out
             session.rejoin.pop(channel, None)
+            deadline = session.leave_by[channel] = self.clock() + self.leave_timeout_s
+            self.leave_deadlines.append((deadline, session, channel))
             self._mark_uneven(session, channel)
             return
         session.channels.discard(channel)
@@ -248,6 +296,7 @@ class GatewayState:
         session.hold_from.pop(channel, None)
         session.until.pop(channel, None)
         session.rejoin.pop(channel, None)
+        session.leave_by.pop(channel, None)
         self._mark_level(session, channel)
         watchers = self.channels.get(channel)
         if watchers is None:
@@ -291,8 +340,13 @@ class GatewayState:
         if watchers is None:
             return None
         if seq is None:  # transient: no ordering, no history
-            if exclude_user is not None:
-                watchers = {s for s in watchers if s.user != exclude_user}
+            uneven = self.uneven.get(channel)  # sessions with a pending leave are among these
+            if exclude_user is not None or uneven:
+                watchers = {
+                    s
+                    for s in watchers
+                    if s.user != exclude_user and (uneven is None or s not in uneven or s.member_of(channel))
+                }
             self._write_all(watchers, channel, None, text_frame(payload))
             return None
         held = self.gaps.get(channel)
@@ -449,6 +503,7 @@ class GatewayState:
         if seq <= rejoin:
             return False
         del session.until[channel], session.rejoin[channel]
+        session.leave_by.pop(channel, None)
         self._level_if_even(session, channel)
         return True
 

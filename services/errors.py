@@ -14,6 +14,7 @@ Class tree::
     ├── RequestTimeout           no reply within the request's deadline
     ├── SendBufferFull           the bounded send buffer overflowed (slow peer)
     ├── NotTrusted               a TLS peer's certificate names no fleet identity, or the wrong one
+    ├── HandshakeRateLimited     a source started more TLS handshakes than its rate allows
     ├── PeerError                the peer answered a request with an error code
     │   └── NotOwner             a channel server does not own the channel
     ├── NoOwner                  the ring has no live owner for a channel
@@ -134,6 +135,11 @@ class NotTrusted(RtmError):
     """The peer completed TLS but is not who it must be (no fleet identity, or another service)."""
 
 
+class HandshakeRateLimited(RtmError):
+    """A source address started TLS handshakes faster than ``--tls-handshake-rate-per-s`` allows
+    (after its ``--tls-handshake-burst``): its connection is closed before any TLS work is done."""
+
+
 class PeerError(RtmError):
     """An ``err`` reply: ``code`` is one of :class:`ErrorCode`, ``reply`` the whole map."""
 
@@ -153,6 +159,12 @@ class NotOwner(PeerError):
 
 class NoOwner(RtmError):
     """The ring maps the channel to a slot with no live instance."""
+
+
+class ResumeLost(RtmError):
+    """A moved connection's ticket names a resume record the webapp no longer has (the webapp
+    restarted, the record expired, or an earlier attempt's bootstrap took it): the connection
+    cannot resume, and is closed with 4010 so that the client catches up from history."""
 
 
 class DebugFaultsRefused(RtmError):

@@ -9,6 +9,11 @@ with a detail naming the field, and nothing else. Handlers act on records
 only, so no op touches state before it was checked. Encoders build
 messages from the same records (:meth:`Op.to_message`).
 
+Why one module: it is the fleet's one declared table of ops. Splitting it per service
+would put the two ends of each op (who sends it, who checks it) in different files, and a
+reader checking what may cross the wire, or a reviewer adding an op, should find every
+record, bound and parser side by side, beside the table below.
+
 What happens on a violation (docs/wire.md, "Violations"): a request is
 answered ``{"op": "err", "code": "bad_request", "detail": ...}`` and counted
 (``rtm_errors_total{kind="bad_request"}``); a push is dropped and counted

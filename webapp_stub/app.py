@@ -36,7 +36,7 @@ from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import run_main
 from services.secret_file import ensure_secret_file
-from services.tls import cert_instance, trust_from_args
+from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
@@ -431,7 +431,7 @@ class WebappServer:
             self.args.internal_port,
             runner.server,
             trust=self.trust,
-            on_refused=lambda *_: self.metrics.error("auth"),
+            on_refused=lambda _source, exc: self.metrics.error(refusal_kind(exc)),
         )
         self._stack.callback(server.close)
         return int(server.sockets[0].getsockname()[1])

@@ -14,6 +14,11 @@ work is about 0.6 ms of the webapp's time per post on the development
 machine, which every delivery used to wait for); otherwise a send loop sends
 them when the link allows.
 
+Why one module: the contract below (never drops, never reorders, no head-of-line
+poison) is kept jointly by the sans-I/O window (:class:`Outbox`), the link that sends
+it (:class:`Sender`) and the driver that settles each result (:class:`Handoff`); a
+reader checking a promise should find all three under the promise, not in three files.
+
 Contract
 --------
 * Never drops, never reorders within a channel: the queue only shrinks from
@@ -65,6 +70,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from prometheus_client import Counter, Histogram
 
 from services import ops
 from services.connection import PeerConnection, PeerLink, backoff_delays
@@ -447,34 +454,41 @@ class Handoff:
         self._requests: set[asyncio.Future[Any]] = set()
         self.delivered = 0
         self.retries = 0
-        self._m_published = self._m_delivered = self._m_retries = self._m_latency = None
-        self._m_parked = self._m_refusals = self._m_redriven = None
+        self._m_published: Counter | None = None
+        self._m_delivered: Counter | None = None
+        self._m_retries: Counter | None = None
+        self._m_parked: Counter | None = None
+        self._m_refusals: Counter | None = None
+        self._m_redriven: Counter | None = None
+        self._m_latency: Histogram | None = None
         if metrics is not None:
-            self._m_parked = metrics.counter(
-                "rtm_deadletter_total", "Events parked in the dead-letter table, by reason", ["reason"]
-            )
-            self._m_refusals = metrics.counter(
-                "rtm_webapp_handoff_refusals_total", "Refusals of an event by the fleet (before parking)", ["reason"]
-            )
-            self._m_redriven = metrics.counter(
-                "rtm_deadletter_redriven_total", "Dead letters an operator sent again, by outcome", ["outcome"]
-            )
-            self._m_published = metrics.counter("rtm_webapp_handoff_events_total", "Events queued for an Admin Server")
-            self._m_delivered = metrics.counter(
-                "rtm_webapp_handoff_delivered_total", "Events an Admin Server acknowledged"
-            )
-            self._m_retries = metrics.counter(
-                "rtm_webapp_handoff_retries_total", "Rewinds: resends from the oldest unacknowledged event"
-            )
-            self._m_latency = metrics.histogram(
-                "rtm_webapp_handoff_seconds", "From commit to the Admin Server's ok", LATENCY_BUCKETS_S
-            )
-            metrics.gauge(
-                "rtm_webapp_handoff_queue_depth", "Events not yet acknowledged by an Admin Server"
-            ).set_function(lambda: len(self.outbox))
-            metrics.gauge("rtm_webapp_handoff_in_flight", "Pubs awaiting a reply").set_function(
-                lambda: self.outbox.in_flight
-            )
+            self._register_metrics(metrics)
+
+    def _register_metrics(self, metrics: ServiceMetrics) -> None:
+        """The hand-off's counters, its latency histogram and its queue gauges."""
+        self._m_parked = metrics.counter(
+            "rtm_deadletter_total", "Events parked in the dead-letter table, by reason", ["reason"]
+        )
+        self._m_refusals = metrics.counter(
+            "rtm_webapp_handoff_refusals_total", "Refusals of an event by the fleet (before parking)", ["reason"]
+        )
+        self._m_redriven = metrics.counter(
+            "rtm_deadletter_redriven_total", "Dead letters an operator sent again, by outcome", ["outcome"]
+        )
+        self._m_published = metrics.counter("rtm_webapp_handoff_events_total", "Events queued for an Admin Server")
+        self._m_delivered = metrics.counter("rtm_webapp_handoff_delivered_total", "Events an Admin Server acknowledged")
+        self._m_retries = metrics.counter(
+            "rtm_webapp_handoff_retries_total", "Rewinds: resends from the oldest unacknowledged event"
+        )
+        self._m_latency = metrics.histogram(
+            "rtm_webapp_handoff_seconds", "From commit to the Admin Server's ok", LATENCY_BUCKETS_S
+        )
+        metrics.gauge("rtm_webapp_handoff_queue_depth", "Events not yet acknowledged by an Admin Server").set_function(
+            lambda: len(self.outbox)
+        )
+        metrics.gauge("rtm_webapp_handoff_in_flight", "Pubs awaiting a reply").set_function(
+            lambda: self.outbox.in_flight
+        )
 
     # -- producer side ------------------------------------------------------------
     def publish(self, events: Iterable[Event]) -> None:

@@ -4,7 +4,7 @@ Served on their own listener (``--internal-port``), never on the public one,
 and only to a peer with a fleet client certificate of role ``gateway``
 (mutual TLS, see docs/trust.md); anyone else gets 403:
 
-* ``POST /internal/bootstrap`` ``{"user": U, "resume": id?}`` ->
+* ``POST /internal/bootstrap`` ``{"user": U, "resume": id?, "nonce": ticket nonce?}`` ->
   ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
   "channels": [{"id": C, "seq": last_seq}, ...], "resumed": bool}``
   (conversations + the user's own channel + the team channel). With a live
@@ -19,7 +19,11 @@ and only to a peer with a fleet client certificate of role ``gateway``
 * ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq},
   "until": {C: leave_seq}?}`` -> ``{"ok": true, "resume": id}``: a gateway about
   to move a connection records where it stopped (and the leaves it had not
-  reached yet); the user's next ``rtm.connect`` claims it. With
+  reached yet); the user's next ``rtm.connect`` claims it. ``"deadline"``
+  (unix seconds, optional): the gateway gives up waiting for this reply then,
+  and closes the connection without ``goodbye``; a record that arrives later
+  is refused (``resume_expired``, counted as step ``late``), so that it can
+  never be claimed by a later, unrelated connection and replay old events. With
   ``"app": A`` and ``"envelopes": [...]`` the record is the app's, claimed by
   its next ``apps.connections.open``.
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
@@ -37,6 +41,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,6 +63,7 @@ INTERNAL_HISTORY_MAX = 1000
 # per-app bound on envelopes in flight and waiting: gateway/envelopes.py).
 MAX_RESUME_ENVELOPES = 10_000
 MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
+MAX_NONCE_CHARS = 128  # a ticket's nonce, naming the connection a resume record is taken for
 
 # What one internal endpoint does with a request's arguments: its reply's fields besides "ok".
 InternalHandler = Callable[[web.Request, Args], Awaitable[dict[str, Any]]]
@@ -163,7 +170,11 @@ class InternalEndpoints:
         if app_id and (app is None or app.bot_user != user_id):
             raise ApiError("app_not_found")
         # an app's records are kept under its id, with the envelopes its moved connections had not acknowledged
-        record = self.api.resume.take_record(str(rid), app_id or user_id) if rid else None
+        nonce = args.get("nonce") or ""
+        if not isinstance(nonce, str) or len(nonce) > MAX_NONCE_CHARS:
+            raise ApiError("invalid_arguments")
+        # the ticket's nonce: the same connection's bootstrap, retried, gets the same record again
+        record = self.api.resume.take_record(str(rid), app_id or user_id, holder=nonce) if rid else None
         resume = record.channels if record is not None else None
         if rid:
             self.api.resumes.labels("used" if resume is not None else "expired").inc()
@@ -185,6 +196,7 @@ class InternalEndpoints:
             raise ApiError("user_not_found")
         seqs = _channel_seqs(args.get("channels"))
         until = _channel_seqs(args.get("until") or {})
+        self._check_deadline(args.get("deadline"))
         key, carried = user_id, None
         if args.get("app"):  # a Socket Mode app's connections: keyed by the app, with its unacknowledged envelopes
             app = self.api.store.app(str(args["app"]))
@@ -197,6 +209,16 @@ class InternalEndpoints:
         body = {"resume": self.api.resume.add(key, seqs, carried, until)}
         self.api.resumes.labels("recorded").inc()
         return body
+
+    def _check_deadline(self, deadline: Any) -> None:
+        """A resume record past its ``deadline``: the gateway has given up on it and not said goodbye."""
+        if deadline is None:
+            return
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+            raise ApiError("invalid_arguments")
+        if time.time() > deadline:
+            self.api.resumes.labels("late").inc()
+            raise ApiError("resume_expired")
 
     async def _history(self, request: web.Request, args: Args) -> dict[str, Any]:
         """A channel's events after a seq, for a gateway's gap fill or shared history read."""

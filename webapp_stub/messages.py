@@ -8,6 +8,7 @@ and never enter history.
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from webapp_stub.codecs import dumps, encode_cursor, int_cursor, ts_to_us, us_to_ts
@@ -66,26 +67,42 @@ class MessageStore(ConversationStore):
             payload = {"type": "message", "channel": channel.id, **{k: v for k, v in message.items() if k != "type"}}
             payload["event_ts"] = ts
             encoded = message_event_json(channel.id, ts, message)
-            db.execute(
-                f"INSERT INTO messages (channel, seq, {self._MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    channel.id,
-                    seq,
-                    ts_us,
-                    ts,
-                    user.id,
-                    user.team,
-                    text,
-                    thread_ts,
-                    user.bot_id,
-                    dumps(extra) if extra else None,
-                    subtype,
-                    None,
-                    None,
-                ),
-            )
+            self._insert_message(db, channel.id, seq, ts_us, ts, user, text, thread_ts, extra, subtype)
             event = self._append_event(channel.id, payload, seq=seq, text=encoded)
         return message, event
+
+    def _insert_message(
+        self,
+        db: sqlite3.Connection,
+        channel: str,
+        seq: int,
+        ts_us: int,
+        ts: str,
+        user: User,
+        text: str,
+        thread_ts: str | None,
+        extra: dict[str, Any] | None,
+        subtype: str | None,
+    ) -> None:
+        """The ``messages`` row of a new post (inside the caller's transaction)."""
+        db.execute(
+            f"INSERT INTO messages (channel, seq, {self._MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                channel,
+                seq,
+                ts_us,
+                ts,
+                user.id,
+                user.team,
+                text,
+                thread_ts,
+                user.bot_id,
+                dumps(extra) if extra else None,
+                subtype,
+                None,
+                None,
+            ),
+        )
 
     def _thread_root(self, channel: str, thread_ts: str) -> str:
         """The ts of the thread a reply to ``thread_ts`` joins; the first reply makes its parent

@@ -12,7 +12,12 @@ missed, exactly once.
 
 Contract
 --------
-* A record is used at most once: ``take`` (the bootstrap) removes it.
+* A record is used at most once: ``take`` (the bootstrap) removes it. Only the
+  same *holder* (the ticket nonce of the connection whose bootstrap took it;
+  tickets are single-use, so no other connection has it) may take it again,
+  within :data:`RETAKE_GRACE_S`: a gateway whose bootstrap call timed out after
+  the webapp had taken the record retries it and gets the same answer, instead
+  of a fresh bootstrap that would skip what the moved connection missed.
   ``claim`` hands each record to one ``rtm.connect``, unless every record of
   the user is claimed and not yet taken: then a retry gets the oldest again.
 * Records expire :data:`RESUME_TTL_S` after they were added, claimed or not.
@@ -38,6 +43,9 @@ from typing import Any
 RESUME_TTL_S = 120.0
 # A generous bound: one gateway's connections in a drain.
 MAX_RESUME_RECORDS = 200_000
+# How long the holder of a taken record may take it again (its gateway retrying a
+# bootstrap whose reply it did not get): a few of the gateway's bootstrap attempts.
+RETAKE_GRACE_S = 60.0
 
 
 @dataclass
@@ -62,10 +70,14 @@ class ResumeBook:
         ttl_s: float = RESUME_TTL_S,
         max_records: int = MAX_RESUME_RECORDS,
         clock: Callable[[], float] = time.monotonic,
+        retake_grace_s: float = RETAKE_GRACE_S,
     ) -> None:
         self.ttl_s = ttl_s
         self.max_records = max_records
         self.clock = clock
+        self.retake_grace_s = retake_grace_s
+        # rid -> (holder, record, until): records taken by a holder that may take them again
+        self._taken: OrderedDict[str, tuple[str, ResumeRecord, float]] = OrderedDict()
         self._records: OrderedDict[str, ResumeRecord] = OrderedDict()  # oldest first: expiry order
         self._pending: dict[str, deque[str]] = {}  # user -> record ids not yet taken, oldest first
 
@@ -125,13 +137,21 @@ class ResumeBook:
         record = self.take_record(rid, user)
         return record.channels if record is not None else None
 
-    def take_record(self, rid: str, user: str) -> ResumeRecord | None:
-        """Remove and return record ``rid`` if it is live and ``user``'s."""
+    def take_record(self, rid: str, user: str, holder: str = "") -> ResumeRecord | None:
+        """Remove and return record ``rid`` if it is live and ``user``'s. With ``holder`` (the taking
+        connection's ticket nonce), the same holder may take it again for ``retake_grace_s``."""
         self._expire()
         record = self._records.get(rid)
         if record is None or record.user != user:
+            taken = self._taken.get(rid)
+            if holder and taken is not None and taken[0] == holder and taken[1].user == user:
+                return taken[1]
             return None
         self._drop(rid)
+        if holder:
+            while len(self._taken) >= self.max_records:
+                self._taken.popitem(last=False)
+            self._taken[rid] = (holder, record, self.clock() + self.retake_grace_s)
         return record
 
     def _drop(self, rid: str) -> None:
@@ -149,6 +169,11 @@ class ResumeBook:
 
     def _expire(self) -> None:
         now = self.clock()
+        while self._taken:
+            rid, (_, _, until) = next(iter(self._taken.items()))
+            if until > now:
+                break
+            del self._taken[rid]
         while self._records:
             rid, record = next(iter(self._records.items()))
             if record.expires_at > now:

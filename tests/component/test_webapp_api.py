@@ -23,9 +23,9 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from services.identity import ADMIN_SERVER, WEBAPP
-from services.ticket import TicketVerifier
+from services.ticket import InvalidTicket, TicketVerifier
 from tests.support import async_wait_until, free_port
-from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, SECRET, FakeAdminServer, Webapp, start
+from tests.webapp_harness import GATEWAY_INCARNATION, GATEWAY_INSTANCE, KEYS, SECRET, FakeAdminServer, Webapp, start
 from webapp_stub.app import WebappServer, build_parser
 from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
@@ -309,10 +309,16 @@ async def test_rtm_connect_mints_a_ticket_for_a_healthy_gateway(webapp: Webapp) 
     )
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
     assert reply["url"].startswith(prefix)
-    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id).verify(
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION).verify(
         reply["url"][len(prefix) :], now_s=time.time()
     )
     assert ticket.user == alice["id"] and ticket.team == webapp.seed["team"]["id"]
+    assert ticket.incarnation == GATEWAY_INCARNATION  # bound to the gateway's current start (Consul meta)
+    _, again = await webapp.call("rtm.connect", alice["token"])
+    with pytest.raises(InvalidTicket, match="earlier start"):  # the same gateway id, restarted
+        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation="restarted").verify(
+            again["url"][len(prefix) :], now_s=time.time()
+        )
     webapp.discovery.set_instances("gateway", [])
     _, reply = await webapp.call("rtm.connect", alice["token"])
     assert reply == {"ok": False, "error": "service_unavailable"}
@@ -647,14 +653,14 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     rid = reply["resume"]
     _, connect = await webapp.call("rtm.connect", alice["token"])
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
-    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id).verify(
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION).verify(
         connect["url"][len(prefix) :], now_s=time.time()
     )
     assert ticket.resume == rid
     # Claimed but not taken (as if that ticket failed): a retry gets the same record again.
     _, connect = await webapp.call("rtm.connect", alice["token"])
     assert (
-        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
         .verify(connect["url"][len(prefix) :], now_s=time.time())
         .resume
         == rid
@@ -666,7 +672,7 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     assert boot["resumed"] is False and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 4
     _, connect = await webapp.call("rtm.connect", alice["token"])  # taken: nothing left to claim
     assert (
-        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
         .verify(connect["url"][len(prefix) :], now_s=time.time())
         .resume
         == ""
@@ -684,6 +690,45 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
         text = await resp.text()
     for step, count in (("recorded", 1), ("claimed", 2), ("used", 1), ("expired", 1)):
         assert f'rtm_webapp_resumes_total{{step="{step}"}} {count}.0' in text, step
+
+
+async def test_a_resume_record_past_its_deadline_is_refused(webapp: Webapp) -> None:
+    """The gateway gave up on the reply at ``deadline`` and closed the connection without goodbye:
+    a record arriving later must not be kept, or a later connection of the user would claim it
+    and replay events it already had."""
+    bob, general = webapp.user("bob"), webapp.channel("general")
+    record = {"user": bob["id"], "channels": {general: 0}}
+    late = await webapp.internal("resume", {**record, "deadline": time.time() - 0.5})
+    assert late[1] == {"ok": False, "error": "resume_expired"}
+    for bad in ("soon", float("nan"), True, [1]):
+        refused = await webapp.internal("resume", {**record, "deadline": bad})
+        assert refused[1] == {"ok": False, "error": "invalid_arguments"}, bad
+    _, connect = await webapp.call("rtm.connect", bob["token"])  # nothing was recorded to claim
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
+    assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
+    in_time = await webapp.internal("resume", {**record, "deadline": time.time() + 30})
+    assert in_time[1]["ok"] and in_time[1]["resume"]
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'rtm_webapp_resumes_total{step="late"} 1.0' in text
+    assert 'rtm_webapp_resumes_total{step="recorded"} 1.0' in text
+
+
+async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record_again(webapp: Webapp) -> None:
+    """A gateway whose bootstrap call timed out after the webapp took the record asks again with the
+    same ticket nonce and gets the same recorded seqs; another ticket does not."""
+    carol, general = webapp.user("carol"), webapp.channel("general")
+    _, recorded = await webapp.internal("resume", {"user": carol["id"], "channels": {general: 0}})
+    rid = recorded["resume"]
+    ask = {"user": carol["id"], "resume": rid, "nonce": "n-1"}
+    for _ in range(2):
+        _, boot = await webapp.internal("bootstrap", ask)
+        assert boot["resumed"] is True and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 0
+    _, other = await webapp.internal("bootstrap", {**ask, "nonce": "n-2"})
+    assert other["resumed"] is False
+    _, bad = await webapp.internal("bootstrap", {**ask, "nonce": ["n-1"]})
+    assert bad == {"ok": False, "error": "invalid_arguments"}
 
 
 async def test_internal_api_test_errors_do_not_become_label_values(webapp: Webapp) -> None:

@@ -199,13 +199,14 @@ class Load:
     errors: list[Any] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     max_posts: int = 2000
+    prefix: str = "load-"  # texts are f"{prefix}{n}": a test that runs several loads tells them apart
 
     async def run(self) -> None:
         n = 0
         async with aiohttp.ClientSession() as http:
             while not self.stop.is_set() and n < self.max_posts:
                 channel = self.channels[n % len(self.channels)]
-                text = f"load-{n}"
+                text = f"{self.prefix}{n}"
                 async with http.post(
                     self.fleet.api_url + "chat.postMessage",
                     data={"channel": channel, "text": text},

@@ -89,6 +89,16 @@ def test_typing_only_for_subscribed_conversations(gw: FakeClientGateway) -> None
     assert count(gw, "rtm_gw_typing_total", outcome="not_subscribed") == 4
 
 
+def test_no_typing_into_a_channel_the_user_left(gw: FakeClientGateway) -> None:
+    """A leave still waiting for its ``upto`` (the session follows C1 up to the leave) already
+    ends the user's say in C1: their typing is not sent."""
+    handler, session, _ = setup(gw)
+    session.until["C1"] = 9
+    handler.handle(FakeWs(gw), session, json.dumps({"id": 1, "type": "typing", "channel": "C1"}))
+    assert gw.link.conn.sent == []
+    assert count(gw, "rtm_gw_typing_total", outcome="not_subscribed") == 1
+
+
 def test_typing_is_rate_limited_per_connection_and_refills(gw: FakeClientGateway) -> None:
     clock = FakeClock(100.0)
     handler, session, _ = setup(gw, clock)

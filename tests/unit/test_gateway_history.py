@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from gateway.app import Gateway, build_parser
+from gateway.app import RESUME_TIMEOUT_S, Gateway, build_parser
 from gateway.state import Fetch, Session
 from services.errors import CloseCode
 from tests.support import DEFAULT_WAIT_S, FleetCA, HeldHistoryWebapp, HistoryWebapp, Parts, RecordingWs, Socket
@@ -105,7 +106,7 @@ async def test_an_unfillable_gap_ends_its_sessions_with_4010_and_holds_nothing(g
     await gw.history.fetch_history(fetch)
     await until(lambda: ws1.closed and ws2.closed, "both sessions of C1 closed")
     assert ws1.closed == [CloseCode.RESYNC] and ws2.closed == [CloseCode.RESYNC]
-    assert ws1.sent == ['{"type":"goodbye"}'] and ws3.closed == []
+    assert ws1.sent == [] and ws3.closed == []  # the webapp refused the resume records: no goodbye
     assert sock1.frames == [] and sock2.frames == []  # nothing skipped ahead
     assert "C1" not in gw.state.gaps and "C1" not in gw.state.channels  # held nowhere
     assert gw.state.sessions.keys() == {3}
@@ -129,12 +130,56 @@ async def test_a_held_session_whose_catch_up_fails_is_ended_alone(gw: Gateway) -
 
 
 async def test_a_session_moved_before_it_reached_a_leave_carries_it_in_its_resume_record(gw: Gateway) -> None:
-    webapp = HistoryWebapp(lambda body: {"events": [], "has_more": False})
+    webapp = ResumeWebapp()
     gw.webapp = webapp  # type: ignore[assignment]  # resume records
     s1, _, ws1 = attach(gw, 1, [("U1", 10), ("C7", 5)])
     gw.apply(gw.state.leave("U1", "C7", upto=7, at=11))  # C7 has not reached the leave here yet
     where = gw.mover.detach(s1)
     await gw.mover.finish(s1, where, "test", asyncio.Semaphore(1))
     resumes = [body for path, body in webapp.calls if path == "/internal/resume"]
-    assert resumes == [{"user": "U1", "channels": {"U1": 10, "C7": 5}, "until": {"C7": 7}}]
+    assert [{k: v for k, v in r.items() if k != "deadline"} for r in resumes] == [
+        {"user": "U1", "channels": {"U1": 10, "C7": 5}, "until": {"C7": 7}}
+    ]
+    assert all(time.time() < r["deadline"] <= time.time() + RESUME_TIMEOUT_S for r in resumes)
     assert ws1.closed == [CloseCode.GOING_AWAY] and gw.mover.pending_leaves == {}
+
+
+# -- a move whose resume record the webapp does not take (docs/soak.md, Findings) ------------------
+
+
+class ResumeWebapp:
+    """``/internal/resume`` taken, or failing with ``error`` (a timeout: the webapp too slow to answer)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert path == "/internal/resume"
+        self.calls.append((path, body))
+        if self.error is not None:
+            raise self.error
+        return {"ok": True}
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_moved_session_whose_resume_record_was_taken_gets_goodbye_and_1001(gw: Gateway) -> None:
+    gw.webapp = ResumeWebapp()  # type: ignore[assignment]
+    _, _, ws = attach(gw, 1, [("C1", 3)])
+    assert await gw.mover.move_all(1000.0, "region drained") == 1
+    assert ws.sent == ['{"type":"goodbye"}'] and ws.closed == [CloseCode.GOING_AWAY]
+    assert gw.mover.resume_failures._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_moved_session_whose_resume_record_was_not_taken_gets_no_goodbye(gw: Gateway) -> None:
+    """The webapp did not take the record in time: the new connection would start at a fresh
+    bootstrap, so the client must not be told it resumes (goodbye); 4010 sends it through
+    the normal catch-up instead, and nothing is skipped silently."""
+    gw.webapp = ResumeWebapp(TimeoutError())  # type: ignore[assignment]
+    _, _, ws = attach(gw, 1, [("C1", 3)])
+    assert await gw.mover.move_all(1000.0, "region drained") == 1
+    assert ws.sent == [] and ws.closed == [CloseCode.RESYNC]
+    assert gw.mover.resume_failures._value.get() == 1  # type: ignore[attr-defined]
+    assert gw.state.sessions == {}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gateway.state import LIVE_ONLY, Effects, Fetch, GatewayState, Session, text_frame
-from tests.support import Socket, unframe
+from tests.support import FakeClock, Socket, unframe
 
 
 def ev(channel: str, seq: int | None, **extra: object) -> bytes:
@@ -632,3 +632,141 @@ def test_a_pending_leave_moves_with_the_session() -> None:
     state2.attach(again, [("U1", 11), ("C7", 5)], until={"C7": 7})
     deliver(state2, "C7", 6, 7, 8)
     assert sock.seqs() == [6, 7]
+
+
+# -- a leave whose ``upto`` never arrives is bounded (docs/hardening-gateway.md) ------------------
+
+
+def test_a_pending_leave_takes_effect_after_its_time_bound() -> None:
+    """The channel's event ``upto`` never reaches this gateway: after ``leave_timeout_s`` the
+    session leaves anyway (unsubscribed, counted) and gets nothing of the channel after that."""
+    clock = FakeClock()
+    state = GatewayState(clock=clock, leave_timeout_s=60.0)
+    left, sock = session(user="U1")
+    state.attach(left, [("U1", 10), ("C7", 5)])
+    assert not state.leave("U1", "C7", upto=7, at=11)
+    assert "C7" in left.channels
+    clock.advance(59.9)
+    assert not state.expire_leaves()
+    assert "C7" in left.channels and state.stats.forced_leaves == 0
+    clock.advance(0.2)
+    assert state.expire_leaves().unsubscribe == ["C7"]
+    assert "C7" not in left.channels and left.until == {} and state.uneven == {}
+    assert state.stats.forced_leaves == 1
+    assert state.pending_leaves(left) == {} and "C7" not in state.position(left)
+    deliver(state, "C7", 6, 7, 8)
+    assert sock.seqs() == []
+    assert not state.expire_leaves()
+
+
+def test_a_forced_leave_keeps_the_channel_for_its_other_members() -> None:
+    clock = FakeClock()
+    state = GatewayState(clock=clock, leave_timeout_s=10.0)
+    other, other_sock = session(user="U2")
+    state.attach(other, [("C7", 5)])
+    left, sock = session(user="U1")
+    state.attach(left, [("U1", 10), ("C7", 5)])
+    state.leave("U1", "C7", upto=9, at=11)
+    clock.advance(10.0)
+    assert not state.expire_leaves()  # U2 still watches C7: nothing to unsubscribe
+    assert state.stats.forced_leaves == 1
+    deliver(state, "C7", 6)
+    assert other_sock.seqs() == [6] and sock.seqs() == []
+
+
+def test_a_leave_reached_in_time_is_not_forced_later() -> None:
+    clock = FakeClock()
+    state = GatewayState(clock=clock, leave_timeout_s=10.0)
+    other, _ = session(user="U2")
+    state.attach(other, [("C7", 5)])
+    left, sock = session(user="U1")
+    state.attach(left, [("U1", 10), ("C7", 5)])
+    state.leave("U1", "C7", upto=6, at=11)
+    deliver(state, "C7", 6)
+    state.settle()
+    state.join("U1", "C7", 8, at=12)  # back in later, at seq 8
+    clock.advance(11.0)
+    assert not state.expire_leaves()
+    assert state.stats.forced_leaves == 0 and "C7" in left.channels
+    deliver(state, "C7", 7, 8, 9)
+    assert sock.seqs() == [6, 9]
+
+
+def test_a_rejoin_before_the_bound_cancels_the_forced_leave() -> None:
+    clock = FakeClock()
+    state = GatewayState(clock=clock, leave_timeout_s=10.0)
+    moved, sock = session(user="U1")
+    state.attach(moved, [("U1", 10), ("C7", 5)])
+    state.leave("U1", "C7", upto=7, at=11)
+    state.join("U1", "C7", 9, at=12)
+    clock.advance(30.0)
+    assert not state.expire_leaves()
+    assert "C7" in moved.channels and state.stats.forced_leaves == 0
+    deliver(state, "C7", 6, 7, 8, 9, 10)
+    assert sock.seqs() == [6, 7, 10]
+
+
+def test_a_second_leave_restarts_the_bound() -> None:
+    """Left, back in, left again: the bound counts from the latest leave, not the first."""
+    clock = FakeClock()
+    state = GatewayState(clock=clock, leave_timeout_s=10.0)
+    moved, _ = session(user="U1")
+    state.attach(moved, [("U1", 10), ("C7", 5)])
+    state.leave("U1", "C7", upto=7, at=11)
+    clock.advance(6.0)
+    state.join("U1", "C7", 9, at=12)
+    state.leave("U1", "C7", upto=12, at=13)
+    clock.advance(6.0)
+    assert not state.expire_leaves() and "C7" in moved.channels
+    clock.advance(4.0)
+    state.expire_leaves()
+    assert "C7" not in moved.channels and state.stats.forced_leaves == 1
+
+
+def test_a_resumed_sessions_pending_leave_is_bounded_too() -> None:
+    clock = FakeClock()
+    state = GatewayState(clock=clock, leave_timeout_s=10.0)
+    again, sock = session(user="U1")
+    state.attach(again, [("U1", 11), ("C7", 5)], until={"C7": 7})
+    clock.advance(10.0)
+    assert state.expire_leaves().unsubscribe == ["C7"]
+    assert "C7" not in again.channels
+
+
+def test_a_detached_session_has_nothing_to_force() -> None:
+    clock = FakeClock()
+    state = GatewayState(clock=clock, leave_timeout_s=10.0)
+    left, _ = session(user="U1")
+    state.attach(left, [("U1", 10), ("C7", 5)])
+    state.leave("U1", "C7", upto=7, at=11)
+    state.detach(left)
+    clock.advance(10.0)
+    assert not state.expire_leaves() and state.stats.forced_leaves == 0
+
+
+def test_no_transient_event_reaches_a_session_after_its_leave() -> None:
+    """Typing in a channel the user left never reaches them, even while the leave waits for ``upto``."""
+    state = GatewayState()
+    other, other_sock = session(user="U2")
+    state.attach(other, [("C7", 5)])
+    left, sock = session(user="U1")
+    state.attach(left, [("U1", 10), ("C7", 5)])
+    state.leave("U1", "C7", upto=7, at=11)
+    typing = ev("C7", None, type="user_typing", user="U3")
+    state.deliver("C7", None, typing, exclude_user="U3")
+    assert sock.frames == []
+    assert other_sock.events == [{"ch": "C7", "seq": None, "type": "user_typing", "user": "U3"}]
+    state.join("U1", "C7", 9, at=12)  # back in: typing reaches them again
+    state.deliver("C7", None, typing, exclude_user="U3")
+    assert len(sock.frames) == 1
+
+
+def test_member_of_is_false_while_a_leave_is_pending() -> None:
+    state = GatewayState()
+    left, _ = session(user="U1")
+    state.attach(left, [("U1", 10), ("C7", 5)])
+    assert left.member_of("C7")
+    state.leave("U1", "C7", upto=7, at=11)
+    assert not left.member_of("C7") and "C7" in left.channels
+    state.join("U1", "C7", 9, at=12)
+    assert left.member_of("C7")

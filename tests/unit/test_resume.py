@@ -59,3 +59,30 @@ def test_a_record_keeps_the_leaves_its_connection_had_not_reached() -> None:
     record = book.take_record(rid, "U1")
     assert record is not None and record.channels == {"U1": 3, "C1": 5} and record.until == {"C1": 7}
     assert book.take_record(rid, "U1") is None
+
+
+def test_the_holder_of_a_taken_record_may_take_it_again_within_the_grace() -> None:
+    """A gateway's bootstrap call timed out after the webapp had taken the record: its retry, with
+    the same ticket nonce, gets the same record; no other connection can, and not after the grace."""
+    clock = FakeClock()
+    book = ResumeBook(clock=clock, retake_grace_s=60.0)
+    rid = book.add("U1", {"C1": 5}, until={"C2": 9})
+    assert book.claim("U1") == rid
+    first = book.take_record(rid, "U1", holder="nonce-a")
+    assert first is not None and first.channels == {"C1": 5}
+    assert len(book) == 0 and book.claim("U1") == ""  # gone for everyone else
+    again = book.take_record(rid, "U1", holder="nonce-a")
+    assert again is not None and again.channels == {"C1": 5} and again.until == {"C2": 9}
+    assert book.take_record(rid, "U1", holder="nonce-b") is None  # another connection's ticket
+    assert book.take_record(rid, "U2", holder="nonce-a") is None  # another user
+    assert book.take_record(rid, "U1") is None  # no holder: used once
+    clock.advance(60.5)
+    assert book.take_record(rid, "U1", holder="nonce-a") is None  # past the grace
+
+
+def test_a_record_taken_without_a_holder_is_not_kept() -> None:
+    book = ResumeBook(clock=FakeClock())
+    rid = book.add("U1", {"C1": 5})
+    assert book.take(rid, "U1") == {"C1": 5}
+    assert book.take_record(rid, "U1", holder="") is None
+    assert book._taken == {}

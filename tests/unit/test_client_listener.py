@@ -1,0 +1,92 @@
+"""gateway.client_listener: a moved connection's bootstrap is asked again when the webapp does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import gateway.client_listener
+from gateway.app import Gateway, build_parser
+from services.errors import ResumeLost
+from services.ticket import Ticket
+from tests.support import FleetCA
+
+BOOT = {"ok": True, "user": {"id": "U1"}, "team": {"id": "T1"}, "channels": [{"id": "C1", "seq": 4}]}
+
+
+class SlowWebapp:
+    """``/internal/bootstrap`` that times out ``failures`` times, then answers."""
+
+    def __init__(self, failures: int, resumed: bool = False) -> None:
+        self.failures = failures
+        self.resumed = resumed
+        self.calls: list[dict[str, Any]] = []
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert path == "/internal/bootstrap"
+        self.calls.append(body)
+        if self.failures:
+            self.failures -= 1
+            raise TimeoutError()
+        return {**BOOT, "resumed": True} if self.resumed else BOOT
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def gw(fleet_ca: FleetCA, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
+    monkeypatch.setattr(gateway.client_listener, "BOOTSTRAP_RETRY_DELAY_S", 0.0)
+    args = ["--secret", "s", "--instance-id", "gw-test", *fleet_ca.flags("gateway", "gw-test")]
+    built = Gateway(build_parser().parse_args(args))
+    yield built
+    built.channel_links.stop_retries()
+    for task in list(built.tasks):
+        task.cancel()
+    await asyncio.gather(*built.tasks, return_exceptions=True)
+    await built.discovery.close()
+
+
+def ticket(resume: str = "") -> Ticket:
+    return Ticket("U1", "T1", "gw-test", time.time() + 30, "nonce-1", resume=resume)
+
+
+def retries(gw: Gateway) -> float:
+    return float(gw.listener.bootstrap_retries._value.get())  # type: ignore[attr-defined]
+
+
+async def test_a_moved_connections_bootstrap_is_asked_again_with_the_same_nonce(gw: Gateway) -> None:
+    """The first call timed out, maybe after the webapp took the resume record: the retry names
+    the same record and ticket nonce, so the webapp hands the record out again."""
+    webapp = gw.listener.webapp = SlowWebapp(failures=2, resumed=True)
+    assert await gw.listener.bootstrap(ticket(resume="R1")) == {**BOOT, "resumed": True}
+    assert webapp.calls == [{"user": "U1", "resume": "R1", "nonce": "nonce-1"}] * 3
+    assert retries(gw) == 2
+
+
+async def test_a_moved_connections_bootstrap_gives_up_after_its_attempts(gw: Gateway) -> None:
+    webapp = gw.listener.webapp = SlowWebapp(failures=10)
+    with pytest.raises(TimeoutError):
+        await gw.listener.bootstrap(ticket(resume="R1"))
+    assert len(webapp.calls) == gw.args.bootstrap_attempts == gateway.client_listener.BOOTSTRAP_ATTEMPTS
+
+
+async def test_a_fresh_connections_bootstrap_is_not_retried_here(gw: Gateway) -> None:
+    webapp = gw.listener.webapp = SlowWebapp(failures=1)
+    with pytest.raises(TimeoutError):
+        await gw.listener.bootstrap(ticket())
+    assert webapp.calls == [{"user": "U1"}] and retries(gw) == 0
+
+
+async def test_a_moved_connection_whose_record_is_gone_is_not_started_fresh(gw: Gateway) -> None:
+    """The webapp answered, but without the record (restarted, expired, taken by an earlier attempt):
+    starting the connection at this bootstrap would skip what it missed, so it is refused (4010)."""
+    webapp = gw.listener.webapp = SlowWebapp(failures=0)  # BOOT has no "resumed"
+    with pytest.raises(ResumeLost):
+        await gw.listener.bootstrap(ticket(resume="R1"))
+    assert len(webapp.calls) == 1
+    assert await gw.listener.bootstrap(ticket()) == BOOT  # a fresh connection starts at its bootstrap
