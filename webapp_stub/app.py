@@ -41,6 +41,12 @@ from webapp_stub import methods  # noqa: F401  (importing it registers every Web
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
 from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
+from webapp_stub.due_queue import (
+    DEFAULT_BATCH_MAX,
+    DEFAULT_DUTY_CYCLE,
+    DEFAULT_OUTBOX_BACKLOG_MAX,
+    DEFAULT_RATE_PER_S,
+)
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
@@ -53,7 +59,7 @@ from webapp_stub.handoff import (
 )
 from webapp_stub.internal import InternalEndpoints
 from webapp_stub.presence import PresenceClient
-from webapp_stub.scheduler import DEFAULT_BATCH_MAX, DEFAULT_RATE_PER_S, Scheduler
+from webapp_stub.scheduler import Scheduler, open_scheduler_store
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
 
 log = logging.getLogger("rtm.webapp")
@@ -194,7 +200,17 @@ def build_parser() -> Parser:
         DEFAULT_RATE_PER_S,
         "due items (scheduled messages, reminders) fired per second at most: live posts never wait behind a spike",
     )
-    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per event-loop turn (one transaction)")
+    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per transaction (one event-loop turn)")
+    parser.add(
+        "--scheduler-duty-cycle",
+        DEFAULT_DUTY_CYCLE,
+        "the most of the event loop's time the scheduler may take (it rests after each batch)",
+    )
+    parser.add(
+        "--scheduler-outbox-backlog-max",
+        DEFAULT_OUTBOX_BACKLOG_MAX,
+        "the scheduler fires only while the hand-off's outbox holds at most this many events (live first)",
+    )
     return parser
 
 
@@ -372,14 +388,20 @@ class WebappServer:
         self.api.presence = presence
         presence.start()
         self._stack.push_async_callback(presence.close)
-        # scheduled messages and reminders (webapp_stub/scheduler.py): fire behind live traffic
+        # scheduled messages and reminders (webapp_stub/scheduler.py): fired through a connection
+        # of their own (no fsync per batch), behind live traffic
+        webapp_store = self.store
         scheduler = Scheduler(
-            self.store,
+            open_scheduler_store(webapp_store.path, max_event_bytes=args.max_event_bytes),
             self.api.publish,
             self.metrics,
             rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
             batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
             outbox_backlog=lambda: len(self.handoff),
+            max_outbox_backlog=getattr(args, "scheduler_outbox_backlog_max", DEFAULT_OUTBOX_BACKLOG_MAX),
+            live_writing=lambda: webapp_store.in_batch,
+            duty_cycle=getattr(args, "scheduler_duty_cycle", DEFAULT_DUTY_CYCLE),
+            owns_store=True,
         )
         self.api.scheduler = scheduler
         scheduler.start()
