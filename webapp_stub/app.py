@@ -40,7 +40,7 @@ from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
-from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
+from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit, wal_path_of
 from webapp_stub.due_queue import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUTY_CYCLE,
@@ -58,6 +58,7 @@ from webapp_stub.handoff import (
     write_mark,
 )
 from webapp_stub.internal import InternalEndpoints
+from webapp_stub.models import Event
 from webapp_stub.presence import PresenceClient
 from webapp_stub.scheduler import Scheduler, open_scheduler_store
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
@@ -261,7 +262,13 @@ class WebappServer:
             self._spawn(self._redrive_loop(), "deadletter-redrive-loop")
             # Group commit: after the loops above, so that at stop it is closed (committing
             # what is open) before they stop and the outbox flushes.
-            self.commits = GroupCommit(self.store, self.handoff, self.metrics, window_s=args.group_commit_window_s)
+            self.commits = GroupCommit(
+                self.store,
+                self.handoff,
+                self.metrics,
+                window_s=args.group_commit_window_s,
+                wal_path=wal_path_of(self.store.path),
+            )
             self._stack.callback(self.commits.close)
             self._watch_fleet()
             self._start_api(secret)
@@ -393,7 +400,7 @@ class WebappServer:
         webapp_store = self.store
         scheduler = Scheduler(
             open_scheduler_store(webapp_store.path, max_event_bytes=args.max_event_bytes),
-            self.api.publish,
+            self.publish_fired,
             self.metrics,
             rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
             batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
@@ -406,6 +413,14 @@ class WebappServer:
         self.api.scheduler = scheduler
         scheduler.start()
         self._stack.push_async_callback(scheduler.close)
+
+    def publish_fired(self, events: list[Event]) -> None:
+        """The scheduler's committed events: its connection does not fsync, so they go out once
+        the WAL is synced (webapp_stub/commit.py), never before they would survive a power loss."""
+        if self.commits is not None:
+            self.commits.publish_after_sync(events)
+        else:
+            self.api.publish(events)
 
     def health(self) -> dict[str, Any]:
         return {
