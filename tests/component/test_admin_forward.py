@@ -20,7 +20,7 @@ from admin_server.app import AdminServer
 from admin_server.app import build_parser as admin_parser
 from channel_server.app import ChannelServer
 from channel_server.app import build_parser as channel_parser
-from services import ops
+from services import ops, wire
 from services.connection import PeerConnection, connect, serve
 from services.discovery import Instance
 from services.errors import PeerError
@@ -215,6 +215,53 @@ async def test_a_publish_arriving_as_a_failover_ends_does_not_overtake_the_ones_
     finally:
         webapp.close()
         gateway.close()
+
+
+async def test_a_channel_server_writes_one_turns_events_to_a_gateway_in_one_write(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """--batch-gateway-events (the default): the events of publishes that reach the channel
+    server in one read leave for each gateway in one transport write (one TLS record), in order;
+    with it off, one write each (what the TLS cost of the fan-out path was)."""
+    _, _, cs, cs_port = fleet
+    gateway, pushes = await subscribe(cs_port)
+    (gw_conn,) = cs.gateways.values()
+    assert gw_conn.coalesce_writes
+    writes: list[int] = []
+    transport = gw_conn.transport
+    assert transport is not None
+    gw_conn.transport = WriteCounter(transport, writes)  # type: ignore[assignment]
+    sender = await dial(cs_port, "admin-server", "as-1")
+    try:
+        assert sender.transport is not None
+        batch = 8
+        for round_, start in enumerate((1, 1 + batch)):
+            if round_ == 1:
+                gw_conn.coalesce_writes = False  # --no-batch-gateway-events
+            writes.clear()
+            # One write from the admin server: the channel server reads the publishes in one read.
+            sender.transport.write(b"".join(wire.encode({**pub(n), "id": n}) for n in range(start, start + batch)))
+            assert await seqs(pushes, batch) == list(range(start, start + batch))
+            assert len(writes) == (1 if round_ == 0 else batch), writes
+    finally:
+        gw_conn.transport = transport  # type: ignore[assignment]
+        sender.close()
+        gateway.close()
+
+
+class WriteCounter:
+    """A transport whose writes are counted (everything else is the real one's)."""
+
+    def __init__(self, transport: Any, writes: list[int]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(len(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 # -- pubs: many events in one frame, both hops (issue 17) ------------------------------------
