@@ -7,7 +7,7 @@ refreshes the ring and retries, with backoff, for at most
 webapp's ordered hand-off retries. Forwarding keeps arrival order: a request
 is written to the owner's connection before the next one is read, and while
 one publish for a slot is retrying (the slot is failing over), the others of
-that slot queue behind it, in order, in the slot's :class:`_SlowLane`, instead
+that slot queue behind it, in order, in the slot's :class:`SlowLane`, instead
 of racing it to the new owner (docs/publish-path.md, "Ordering on the slow path").
 
 The common case has no task per publish (issue 17, docs/publish-path.md):
@@ -25,6 +25,12 @@ The rest (no live owner, no link yet, a slot on the slow path, ``not_owner``)
 go on the slow path one by one, in order, as single ``pub``s do. A batch is
 admitted whole under ``--max-pubs-in-flight`` or refused whole.
 
+Why one module: the fast path (:meth:`AdminServer.forward_now`), the batch path and the
+slow path share one ordering rule (the fast path steps aside while a slot has a slow
+lane), one in-flight bound and one set of counters; apart, each would have to reach into
+the others' state. The slow lane's bookkeeping, which needs none of it, is its own module
+(:mod:`admin_server.slow_lane`).
+
 Every ``pub`` is parsed into :class:`services.ops.Publish` first (a bad one
 is answered ``err bad_request`` and counted, and forwards nothing). At most
 ``--max-pubs-in-flight`` publishes are being forwarded at once; one beyond
@@ -41,6 +47,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from admin_server.slow_lane import SlowLane, Turn
 from services import ops, wire
 from services.config import Parser, service_parser
 from services.connection import PeerConnection, PeerLink, backoff_delays
@@ -82,7 +89,7 @@ class AdminServer(MsgpackService):
         self.links: dict[str, PeerLink] = {}
         # Slots with publishes on the slow path (tasks), each slot's in arrival order: later
         # publishes of the slot join them there, and none is written before the earlier ones.
-        self.slow_lanes: dict[str, _SlowLane] = {}
+        self.slow_lanes: dict[str, SlowLane] = {}
         m = self.metrics
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
@@ -352,16 +359,16 @@ class AdminServer(MsgpackService):
         """Deliver one publish to the channel's owner, retrying within the budget
         (the caller counted it in :attr:`pubs_in_flight`; this uncounts it).
         From this call until it is answered, it holds its place in its slot's
-        :class:`_SlowLane`, and later publishes of the slot stay off the fast path,
+        :class:`SlowLane`, and later publishes of the slot stay off the fast path,
         so none overtakes it."""
         slot = self.follower.ring.slot_for(record.ch) or ""
         lane = self.slow_lanes.get(slot)
         if lane is None:
-            lane = self.slow_lanes[slot] = _SlowLane()
+            lane = self.slow_lanes[slot] = SlowLane()
         return self._forward_slow(request_id, record, slot, lane, lane.join())
 
     async def _forward_slow(
-        self, request_id: int, record: ops.Publish, slot: str, lane: _SlowLane, turn: _Turn
+        self, request_id: int, record: ops.Publish, slot: str, lane: SlowLane, turn: Turn
     ) -> dict[str, Any]:
         try:
             return await self._forward(request_id, record, lane, turn)
@@ -371,7 +378,7 @@ class AdminServer(MsgpackService):
             if not lane and self.slow_lanes.get(slot) is lane:
                 del self.slow_lanes[slot]
 
-    async def _forward(self, request_id: int, record: ops.Publish, lane: _SlowLane, turn: _Turn) -> dict[str, Any]:
+    async def _forward(self, request_id: int, record: ops.Publish, lane: SlowLane, turn: Turn) -> dict[str, Any]:
         started = time.monotonic()
         deadline = started + self.args.route_budget_s
         channel = record.ch
@@ -380,14 +387,11 @@ class AdminServer(MsgpackService):
         while True:
             # Wait for this publish's turn in its slot's lane: every earlier one is on the
             # wire ahead of it or answered (and, for a retry, answered: one retry at a time).
-            while not lane.may_write(turn):
-                try:
-                    await asyncio.wait_for(lane.wait(turn), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    self.given_up.inc()
-                    return wire.reply_err(
-                        request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: queued behind a retry"
-                    )
+            if not await self._await_turn(lane, turn, deadline):
+                self.given_up.inc()
+                return wire.reply_err(
+                    request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: queued behind a retry"
+                )
             owner = self.follower.ring.owner_for(channel)
             reason = "no_owner"
             if owner is not None and owner in self.channel_servers.instances:
@@ -424,131 +428,30 @@ class AdminServer(MsgpackService):
                 return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
             if not lane.is_head(turn):
                 continue  # queue behind the earlier ones; the first of the lane backs off and retries
-            changed = self.ring_changed
+            await self._back_off(min(next(delays), max(0.0, deadline - time.monotonic())))
+
+    @staticmethod
+    async def _await_turn(lane: SlowLane, turn: Turn, deadline: float) -> bool:
+        """Until every earlier publish of the slot is on the wire ahead of ``turn`` or answered
+        (and, for a retry, answered: one retry at a time). False when ``deadline`` passed first."""
+        while not lane.may_write(turn):
             try:
-                await self.follower.refresh()
-            except Exception as exc:  # Consul unreachable: keep the old ring, try again
-                log.debug("ring refresh failed: %s", exc)
-            try:  # back off, but go at once when the ring names a new owner
-                await asyncio.wait_for(changed.wait(), min(next(delays), max(0.0, deadline - time.monotonic())))
+                await asyncio.wait_for(lane.wait(turn), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                pass
+                return False
+        return True
 
-
-class _Turn:
-    """One publish's place in a :class:`_SlowLane` (a node of its list, in arrival order)."""
-
-    __slots__ = ("ticket", "on_wire", "refused", "waiter", "prev", "next")
-
-    def __init__(self, ticket: int, prev: _Turn | None) -> None:
-        self.ticket = ticket  # arrival order in the lane
-        self.on_wire = False  # its latest attempt is written and not yet answered
-        self.refused = False  # an attempt failed: it is written again only as the first of the lane
-        self.waiter: asyncio.Future[None] | None = None
-        self.prev = prev
-        self.next: _Turn | None = None
-
-
-class _SlowLane:
-    """The slow-path publishes of one slot, in arrival order, and whose turn it is to write.
-
-    The rule (docs/publish-path.md, "Ordering on the slow path"): a publish is written
-    only when every earlier one of its slot is on the wire ahead of it (written on a
-    connection, not yet answered) or answered; a publish that failed an attempt is
-    written again only when it is the first of the lane, so a failing-over slot has
-    one retry in flight. When a retry gets through, the owner is back: the others
-    count as new again and follow it, pipelined, in order. No publish overtakes an
-    earlier one, whatever order their tasks wake up in. Every step is O(1) but the
-    end of a failover (O(publishes in the lane)) and the frontier's advance over
-    publishes already on the wire."""
-
-    __slots__ = ("head", "tail", "frontier", "size", "tickets")
-
-    def __init__(self) -> None:
-        self.head: _Turn | None = None
-        self.tail: _Turn | None = None
-        self.frontier: _Turn | None = None  # the first turn not on the wire
-        self.size = 0
-        self.tickets = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def join(self) -> _Turn:
-        turn = _Turn(self.tickets, self.tail)
-        self.tickets += 1
-        if self.tail is None:
-            self.head = turn
-        else:
-            self.tail.next = turn
-        self.tail = turn
-        self.size += 1
-        if self.frontier is None:
-            self.frontier = turn
-        return turn
-
-    def is_head(self, turn: _Turn) -> bool:
-        return self.head is turn
-
-    def may_write(self, turn: _Turn) -> bool:
-        if turn.refused:
-            return self.head is turn
-        return self.frontier is turn  # every earlier one is on the wire (or answered: gone)
-
-    async def wait(self, turn: _Turn) -> None:
-        """Until something changed in the lane that may make it ``turn``'s turn."""
-        turn.waiter = asyncio.get_running_loop().create_future()
+    async def _back_off(self, delay_s: float) -> None:
+        """Re-read the ring, then wait ``delay_s``, or less if the ring names a new owner."""
+        changed = self.ring_changed
         try:
-            await turn.waiter
-        finally:
-            turn.waiter = None
-
-    def written(self, turn: _Turn) -> None:
-        turn.on_wire = True
-        if self.frontier is turn:
-            self._advance(turn.next)
-        self._wake()
-
-    def refused(self, turn: _Turn) -> None:
-        turn.on_wire = False
-        turn.refused = True
-        if self.frontier is None or turn.ticket < self.frontier.ticket:
-            self.frontier = turn
-
-    def answered(self, turn: _Turn) -> None:
-        """``turn`` was acknowledged: if it was a retry, the slot's owner is back, and
-        the publishes that failed behind it are written again, pipelined, in order."""
-        if turn.refused:
-            node = self.head
-            while node is not None:
-                node.refused = False
-                node = node.next
-
-    def leave(self, turn: _Turn) -> None:
-        if turn.prev is None:
-            self.head = turn.next
-        else:
-            turn.prev.next = turn.next
-        if turn.next is None:
-            self.tail = turn.prev
-        else:
-            turn.next.prev = turn.prev
-        self.size -= 1
-        if self.frontier is turn:
-            self._advance(turn.next)
-        self._wake()
-
-    def _advance(self, start: _Turn | None) -> None:
-        node = start
-        while node is not None and node.on_wire:
-            node = node.next
-        self.frontier = node
-
-    def _wake(self) -> None:
-        """Wake those that may write now: the first turn, and the first not on the wire."""
-        for turn in (self.head, self.frontier):
-            if turn is not None and turn.waiter is not None and not turn.waiter.done():
-                turn.waiter.set_result(None)
+            await self.follower.refresh()
+        except Exception as exc:  # Consul unreachable: keep the old ring, try again
+            log.debug("ring refresh failed: %s", exc)
+        try:
+            await asyncio.wait_for(changed.wait(), delay_s)
+        except TimeoutError:
+            pass
 
 
 # Error codes a channel server answers for one event of a ``pubs``, used as metric labels

@@ -1,4 +1,4 @@
-"""The admin server's per-slot slow-path lane (admin_server/app.py, ``_SlowLane``): who may
+"""The admin server's per-slot slow-path lane (admin_server/slow_lane.py, ``SlowLane``): who may
 write when, so that no publish of a slot overtakes an earlier one (docs/publish-path.md,
 "Ordering on the slow path")."""
 
@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
-from admin_server.app import _SlowLane
+from admin_server.slow_lane import SlowLane
 
 
 def test_a_new_publish_writes_only_behind_earlier_ones_on_the_wire() -> None:
-    lane = _SlowLane()
+    lane = SlowLane()
     a, b, c = lane.join(), lane.join(), lane.join()
     assert lane.may_write(a) and not lane.may_write(b) and not lane.may_write(c)
     lane.written(a)
@@ -20,7 +20,7 @@ def test_a_new_publish_writes_only_behind_earlier_ones_on_the_wire() -> None:
 
 
 def test_after_a_refusal_nothing_behind_it_is_written_until_it_is_on_the_wire_again() -> None:
-    lane = _SlowLane()
+    lane = SlowLane()
     a, b = lane.join(), lane.join()
     lane.written(a)
     lane.written(b)
@@ -39,7 +39,7 @@ def test_after_a_refusal_nothing_behind_it_is_written_until_it_is_on_the_wire_ag
 
 
 async def test_waiters_are_woken_when_their_turn_may_have_come() -> None:
-    lane = _SlowLane()
+    lane = SlowLane()
     a, b, c = lane.join(), lane.join(), lane.join()
     waiting_b = asyncio.ensure_future(lane.wait(b))
     waiting_c = asyncio.ensure_future(lane.wait(c))
@@ -57,7 +57,7 @@ async def test_waiters_are_woken_when_their_turn_may_have_come() -> None:
 
 
 def test_when_a_retry_gets_through_the_failed_ones_behind_it_follow_pipelined_in_order() -> None:
-    lane = _SlowLane()
+    lane = SlowLane()
     turns = [lane.join() for _ in range(4)]
     for turn in turns:
         lane.written(turn)
@@ -75,7 +75,7 @@ def test_when_a_retry_gets_through_the_failed_ones_behind_it_follow_pipelined_in
 
 
 def test_a_publish_that_gives_up_lets_the_next_one_go() -> None:
-    lane = _SlowLane()
+    lane = SlowLane()
     a, b = lane.join(), lane.join()
     lane.refused(a)
     lane.leave(a)  # a gave up (its route budget is spent)
