@@ -7,7 +7,8 @@ refreshes the ring and retries, with backoff, for at most
 webapp's ordered hand-off retries. Forwarding keeps arrival order: a request
 is written to the owner's connection before the next one is read, and while
 one publish for a slot is retrying (the slot is failing over), the others of
-that slot queue behind it, in order, instead of racing it to the new owner.
+that slot queue behind it, in order, in the slot's :class:`SlowLane`, instead
+of racing it to the new owner (docs/publish-path.md, "Ordering on the slow path").
 
 The common case has no task per publish (issue 17, docs/publish-path.md):
 when the owner is known, its link is up and no publish of the slot is on the
@@ -23,6 +24,12 @@ answers the webapp once, with a result per event, when the last is settled.
 The rest (no live owner, no link yet, a slot on the slow path, ``not_owner``)
 go on the slow path one by one, in order, as single ``pub``s do. A batch is
 admitted whole under ``--max-pubs-in-flight`` or refused whole.
+
+Why one module: the fast path (:meth:`AdminServer.forward_now`), the batch path and the
+slow path share one ordering rule (the fast path steps aside while a slot has a slow
+lane), one in-flight bound and one set of counters; apart, each would have to reach into
+the others' state. The slow lane's bookkeeping, which needs none of it, is its own module
+(:mod:`admin_server.slow_lane`).
 
 Every ``pub`` is parsed into :class:`services.ops.Publish` first (a bad one
 is answered ``err bad_request`` and counted, and forwards nothing). At most
@@ -40,6 +47,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from admin_server.slow_lane import SlowLane, Turn
 from services import ops, wire
 from services.config import Parser, service_parser
 from services.connection import PeerConnection, PeerLink, backoff_delays
@@ -79,11 +87,9 @@ class AdminServer(MsgpackService):
         self.ring_changed = asyncio.Event()  # wakes publishes that wait for a slot's new owner
         self.channel_servers = ServiceDirectory(self.discovery, CHANNEL_SERVER, on_change=self.on_instances)
         self.links: dict[str, PeerLink] = {}
-        # Slots whose owner is failing: later publishes for the slot wait here
-        # (in arrival order) until the first one gets through or gives up.
-        self.held_slots: dict[str, asyncio.Future[None]] = {}
-        # Slots with publishes on the slow path (tasks): later ones of the slot join them there.
-        self.slow_slots: dict[str, int] = {}
+        # Slots with publishes on the slow path (tasks), each slot's in arrival order: later
+        # publishes of the slot join them there, and none is written before the earlier ones.
+        self.slow_lanes: dict[str, SlowLane] = {}
         m = self.metrics
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
@@ -185,7 +191,7 @@ class AdminServer(MsgpackService):
         reply = _BatchReply(request_id, count)
         ring = self.follower.ring
         instances = self.channel_servers.instances
-        slow_slots = self.slow_slots
+        slow_lanes = self.slow_lanes
         groups: dict[str, list[tuple[int, ops.Publish]]] = {}
         for index, item in enumerate(batch.evs):
             if isinstance(item, BadMessage):
@@ -194,7 +200,7 @@ class AdminServer(MsgpackService):
                 continue
             self.pubs_in_flight += 1
             channel = item.ch
-            owner = None if (ring.slot_for(channel) or "") in slow_slots else ring.owner_for(channel)
+            owner = None if (ring.slot_for(channel) or "") in slow_lanes else ring.owner_for(channel)
             if owner is not None and owner in instances:
                 group = groups.get(owner)
                 if group is None:
@@ -294,7 +300,7 @@ class AdminServer(MsgpackService):
         channel = record.ch
         ring = self.follower.ring
         slot = ring.slot_for(channel) or ""
-        if slot in self.slow_slots:
+        if slot in self.slow_lanes:
             return None
         owner = ring.owner_for(channel)
         if owner is None or owner not in self.channel_servers.instances:
@@ -344,98 +350,108 @@ class AdminServer(MsgpackService):
             log.debug("forwarded %s to %s", record.eid, owner, extra={"eid": record.eid, "channel": record.ch})
         answer.set_result(wire.reply_ok(request_id, cs=owner, duplicate=bool(done.result().get("duplicate"))))
 
+    @property
+    def slow_slots(self) -> dict[str, int]:
+        """How many publishes each slot has on the slow path (for tests and diagnostics)."""
+        return {slot: len(lane) for slot, lane in self.slow_lanes.items()}
+
     def forward(self, request_id: int, record: ops.Publish) -> Awaitable[dict[str, Any]]:
         """Deliver one publish to the channel's owner, retrying within the budget
         (the caller counted it in :attr:`pubs_in_flight`; this uncounts it).
-        From this call until it is answered, later publishes of its slot stay
-        off the fast path, so none overtakes it."""
+        From this call until it is answered, it holds its place in its slot's
+        :class:`SlowLane`, and later publishes of the slot stay off the fast path,
+        so none overtakes it."""
         slot = self.follower.ring.slot_for(record.ch) or ""
-        self.slow_slots[slot] = self.slow_slots.get(slot, 0) + 1
-        return self._forward_slow(request_id, record, slot)
+        lane = self.slow_lanes.get(slot)
+        if lane is None:
+            lane = self.slow_lanes[slot] = SlowLane()
+        return self._forward_slow(request_id, record, slot, lane, lane.join())
 
-    async def _forward_slow(self, request_id: int, record: ops.Publish, slot: str) -> dict[str, Any]:
+    async def _forward_slow(
+        self, request_id: int, record: ops.Publish, slot: str, lane: SlowLane, turn: Turn
+    ) -> dict[str, Any]:
         try:
-            return await self._forward(request_id, record)
+            return await self._forward(request_id, record, lane, turn)
         finally:
             self.pubs_in_flight -= 1
-            left = self.slow_slots[slot] - 1
-            if left:
-                self.slow_slots[slot] = left
-            else:
-                del self.slow_slots[slot]
+            lane.leave(turn)
+            if not lane and self.slow_lanes.get(slot) is lane:
+                del self.slow_lanes[slot]
 
-    async def _forward(self, request_id: int, record: ops.Publish) -> dict[str, Any]:
+    async def _forward(self, request_id: int, record: ops.Publish, lane: SlowLane, turn: Turn) -> dict[str, Any]:
         started = time.monotonic()
         deadline = started + self.args.route_budget_s
         channel = record.ch
         pub = record.to_message()
-        slot = self.follower.ring.slot_for(channel) or ""
         delays = backoff_delays()
-        retrying: asyncio.Future[None] | None = None
-        try:
-            while True:
-                held = self.held_slots.get(slot)
-                if held is not None and held is not retrying:
-                    # The slot is failing over: queue behind the publish that is retrying.
-                    # Waiters resume in the order they began to wait (arrival order, or the
-                    # order of their refusals, which the owner answers in order), so they
-                    # are written again in order: none overtakes another.
-                    try:
-                        await asyncio.wait_for(asyncio.shield(held), max(0.0, deadline - time.monotonic()))
-                    except TimeoutError:
-                        self.given_up.inc()
-                        return wire.reply_err(
-                            request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: held behind a retry"
-                        )
-                    continue
-                owner = self.follower.ring.owner_for(channel)
-                reason = "no_owner"
-                if owner is not None and owner in self.channel_servers.instances:
-                    try:
-                        remaining = max(0.05, min(FORWARD_TIMEOUT_S, deadline - time.monotonic()))
-                        pub["rv"] = self.follower.ring.version
-                        reply = await self.link_to(owner).request(pub, timeout_s=remaining)
-                        self.forwarded.inc()
-                        if log.isEnabledFor(logging.DEBUG):
-                            log.debug(
-                                "forwarded %s to %s",
-                                record.eid,
-                                owner,
-                                extra={"eid": record.eid, "channel": channel},
-                            )
-                        self.latency.observe(time.monotonic() - started)
-                        return wire.reply_ok(request_id, cs=owner, duplicate=bool(reply.get("duplicate")))
-                    except NotOwner:
-                        reason = "not_owner"
-                    except (ConnectionLost, RequestTimeout):
-                        reason = "unreachable"
-                    except PeerError as exc:
-                        self.metrics.error("cs_" + exc.code)
-                        return wire.reply_err(request_id, exc.code, str(exc))
-                self.retries.labels(reason).inc()
-                if retrying is None:
-                    if slot in self.held_slots:
-                        continue  # another publish of the slot is retrying: queue behind it
-                    retrying = self.held_slots[slot] = asyncio.get_running_loop().create_future()
-                if time.monotonic() >= deadline:
-                    self.given_up.inc()
-                    log.warning(
-                        "giving up on %s after %.1fs (%s)", record.eid or channel, self.args.route_budget_s, reason
-                    )
-                    return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
-                changed = self.ring_changed
+        while True:
+            # Wait for this publish's turn in its slot's lane: every earlier one is on the
+            # wire ahead of it or answered (and, for a retry, answered: one retry at a time).
+            if not await self._await_turn(lane, turn, deadline):
+                self.given_up.inc()
+                return wire.reply_err(
+                    request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: queued behind a retry"
+                )
+            owner = self.follower.ring.owner_for(channel)
+            reason = "no_owner"
+            if owner is not None and owner in self.channel_servers.instances:
+                link = self.link_to(owner)
+                remaining = max(0.05, min(FORWARD_TIMEOUT_S, deadline - time.monotonic()))
                 try:
-                    await self.follower.refresh()
-                except Exception as exc:  # Consul unreachable: keep the old ring, try again
-                    log.debug("ring refresh failed: %s", exc)
-                try:  # back off, but go at once when the ring names a new owner
-                    await asyncio.wait_for(changed.wait(), min(next(delays), max(0.0, deadline - time.monotonic())))
-                except TimeoutError:
-                    pass
-        finally:
-            if retrying is not None:  # release the publishes queued behind this one, in order
-                del self.held_slots[slot]
-                retrying.set_result(None)
+                    if not link.connected or link.conn is None:
+                        await link.wait_connected(remaining)
+                        continue  # others may have written meanwhile: take the turn again
+                    pub["rv"] = self.follower.ring.version
+                    reply_future = link.conn.begin_request(pub, timeout_s=remaining)
+                    lane.written(turn)  # on the wire: later ones of the slot may follow it
+                    reply = await reply_future
+                    lane.answered(turn)
+                    self.forwarded.inc()
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "forwarded %s to %s", record.eid, owner, extra={"eid": record.eid, "channel": channel}
+                        )
+                    self.latency.observe(time.monotonic() - started)
+                    return wire.reply_ok(request_id, cs=owner, duplicate=bool(reply.get("duplicate")))
+                except NotOwner:
+                    reason = "not_owner"
+                except (ConnectionLost, RequestTimeout, SendBufferFull):
+                    reason = "unreachable"
+                except PeerError as exc:
+                    self.metrics.error("cs_" + exc.code)
+                    return wire.reply_err(request_id, exc.code, str(exc))
+            lane.refused(turn)  # from now on it waits until every earlier one is answered
+            self.retries.labels(reason).inc()
+            if time.monotonic() >= deadline:
+                self.given_up.inc()
+                log.warning("giving up on %s after %.1fs (%s)", record.eid or channel, self.args.route_budget_s, reason)
+                return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
+            if not lane.is_head(turn):
+                continue  # queue behind the earlier ones; the first of the lane backs off and retries
+            await self._back_off(min(next(delays), max(0.0, deadline - time.monotonic())))
+
+    @staticmethod
+    async def _await_turn(lane: SlowLane, turn: Turn, deadline: float) -> bool:
+        """Until every earlier publish of the slot is on the wire ahead of ``turn`` or answered
+        (and, for a retry, answered: one retry at a time). False when ``deadline`` passed first."""
+        while not lane.may_write(turn):
+            try:
+                await asyncio.wait_for(lane.wait(turn), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return False
+        return True
+
+    async def _back_off(self, delay_s: float) -> None:
+        """Re-read the ring, then wait ``delay_s``, or less if the ring names a new owner."""
+        changed = self.ring_changed
+        try:
+            await self.follower.refresh()
+        except Exception as exc:  # Consul unreachable: keep the old ring, try again
+            log.debug("ring refresh failed: %s", exc)
+        try:
+            await asyncio.wait_for(changed.wait(), delay_s)
+        except TimeoutError:
+            pass
 
 
 # Error codes a channel server answers for one event of a ``pubs``, used as metric labels

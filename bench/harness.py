@@ -688,8 +688,11 @@ def pyspy_available() -> str | None:
     return shutil.which("py-spy")
 
 
-def pyspy_top(pid: int, duration_s: int, out_path: Path, native: bool = False) -> list[tuple[str, float, float]]:
-    """Sample ``pid`` with py-spy for ``duration_s``; return the top functions by own and total share.
+def pyspy_top(
+    pid: int, duration_s: int, out_path: Path, native: bool = False, idle: bool = False
+) -> list[tuple[str, float, float]]:
+    """Sample ``pid`` with py-spy for ``duration_s``; return the top functions by own and total share
+    (with ``idle``, of all samples, waits included: where a thread blocks, not only where it computes).
 
     Writes the raw folded stacks to ``out_path``. Returns [(function, self %, total %)].
     """
@@ -713,6 +716,8 @@ def pyspy_top(pid: int, duration_s: int, out_path: Path, native: bool = False) -
     ]
     if native:
         argv.append("--native")
+    if idle:
+        argv.append("--idle")
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration_s + 60, check=False)
     if not out_path.exists():
         return []

@@ -23,6 +23,10 @@ spike item delivered within 10 s of D, none lost or duplicated.
 
     python -m bench.spike            # the issue's run: 2,000 clients, 20,000 due items
     python -m bench.spike --quick    # smoke: 200 clients, 2,000 due items
+
+Why one module over 500 lines: one benchmark, read top to bottom as its run goes (arguments,
+channels and clients, the items created ahead of D, the live poster, the wait for the spike,
+the report and plot); its shared parts already live in bench.harness and bench.load_client.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import aiohttp
 import numpy as np
 
 from bench.harness import (
+    RESULTS_DIR,
     FleetRun,
     LoadClients,
     ProcWatch,
@@ -50,6 +55,7 @@ from bench.harness import (
     machine_info,
     md_table,
     plt,
+    pyspy_top,
     raise_nofile,
     run_benchmark,
     save_figure,
@@ -64,6 +70,9 @@ REMINDER_BASE = 20_000_000
 KEY_CONN_BITS = 20
 SPIKE_WAIT_MAX_S = 120.0  # give up waiting for the spike this long after D
 CREATE_ATTEMPTS = 5
+# D is set this far ahead: the items must all be created before D - before_s. 400/s was too
+# optimistic on a shared machine under load 15 (20,000 items took 70 s).
+CREATE_RATE_FLOOR_PER_S = 200
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +89,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=2, help="load-client processes")
     p.add_argument("--scheduler-rate-per-s", type=float, default=0.0, help="the webapp's flag (0: its default)")
     p.add_argument("--scheduler-batch-max", type=int, default=0, help="the webapp's flag (0: its default)")
+    p.add_argument("--scheduler-duty-cycle", type=float, default=0.0, help="the webapp's flag (0: its default)")
     p.add_argument("--quick", action="store_true", help="smoke run: 200 clients, 1,000 + 1,000 due items")
+    p.add_argument("--name", default=NAME, help="results under bench/results/<name>.* (default: spike)")
+    p.add_argument(
+        "--profile-s",
+        type=int,
+        default=0,
+        help="sample the webapp with py-spy for this many seconds from D (raw stacks: bench/results/<name>-webapp.txt)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.clients = min(args.clients, 200)
@@ -233,6 +250,20 @@ class Spike:
         if tasks:
             await asyncio.wait(tasks, timeout=30)
 
+    async def scheduler_metrics(self) -> dict[str, float]:
+        """The webapp's ``rtm_scheduler_*`` and group-commit counters at the end of the run."""
+        assert self.http is not None
+        url = self.fleet.api_url.split("/api/")[0] + "/metrics"
+        async with self.http.get(url) as r:
+            text = await r.text()
+        wanted = ("rtm_scheduler_batches_total", "rtm_scheduler_yields_total", "rtm_webapp_commit_seconds_")
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(wanted) and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
     async def frames(self) -> int:
         return await self.lc.frames()
 
@@ -260,6 +291,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         env["RTM_SCHEDULER_RATE_PER_S"] = str(args.scheduler_rate_per_s)
     if args.scheduler_batch_max:
         env["RTM_SCHEDULER_BATCH_MAX"] = str(args.scheduler_batch_max)
+    if args.scheduler_duty_cycle:
+        env["RTM_SCHEDULER_DUTY_CYCLE"] = str(args.scheduler_duty_cycle)
     with FleetRun("--seed-users", str(args.clients), env=env) as fleet:
         result["fleet_startup_s"] = fleet.startup_s
         async with LoadClients(args.client_procs) as lc:
@@ -286,7 +319,7 @@ async def measure(args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, sp
     print(f"spike: {len(spike.channels)} channels, {out['connect']['connected']} clients connected", flush=True)
     # D: far enough ahead for the items to be created (measured rate, with margin), on a whole second
     items = args.scheduled + args.reminders
-    due = math.ceil(time.time() + args.before_s + 10 + items / 400)
+    due = math.ceil(time.time() + args.before_s + 10 + items / CREATE_RATE_FLOOR_PER_S)
     out["create"] = await spike.create_items(users, due)
     print(f"spike: created {out['create']['created']} items in {out['create']['elapsed_s']:.1f}s", flush=True)
     if time.time() > due - args.before_s:
@@ -300,6 +333,11 @@ async def measure(args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, sp
     poster = asyncio.create_task(spike.live_poster(stop, posts))
     await asyncio.sleep(max(0.0, due - time.time()))
     cpu0 = watch.cpu()
+    profile: asyncio.Future[list[tuple[str, float, float]]] | None = None
+    if args.profile_s:
+        webapp_pid = fleet.labelled_pids()["webapp"]
+        path = RESULTS_DIR / f"{args.name}-webapp.txt"
+        profile = asyncio.ensure_future(asyncio.to_thread(pyspy_top, webapp_pid, args.profile_s, path, idle=True))
     base = await spike.frames()
     # wait until every spike delivery has been counted (the live ones keep coming too)
     deadline = due + SPIKE_WAIT_MAX_S
@@ -314,6 +352,9 @@ async def measure(args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, sp
     stop.set()
     await poster
     await asyncio.sleep(2.0)  # the last live posts' deliveries
+    if profile is not None:
+        out["webapp_profile_top"] = await profile
+    out["webapp_scheduler_metrics"] = await spike.scheduler_metrics()
     rec = await spike.collect()
 
     keys = (rec[:, 1] << KEY_CONN_BITS) | rec[:, 0]
@@ -426,6 +467,18 @@ def render(r: dict[str, Any]) -> str:
         "",
         "Goals: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in r["goals"].items()),
     ]
+    if r.get("webapp_scheduler_metrics"):
+        lines += ["", "The webapp's scheduler and group-commit counters at the end:", ""]
+        lines += [f"    {k} {v:g}" for k, v in r["webapp_scheduler_metrics"].items() if "bucket" not in k]
+    if r.get("webapp_profile_top"):
+        lines += [
+            "",
+            f"The webapp's functions by own time (py-spy, {r['config']['profile_s']} s from D, waits included):",
+            "",
+            md_table(
+                ["function", "own %", "total %"], [[f, fmt(o, 1), fmt(t, 1)] for f, o, t in r["webapp_profile_top"]]
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -460,7 +513,8 @@ def plot(r: dict[str, Any], name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_benchmark(NAME, parse_args(argv), run, render, plot, loadavg=True)
+    args = parse_args(argv)
+    return run_benchmark(args.name, args, run, render, plot, loadavg=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Two measurements, each with and without TLS in the same run:
    client (``connect``) on localhost, ``--connects`` sequential dials each
    answered by one ``ping``; wall time per dial (median, p99) and this
    process's CPU per dial (client and server sides together).
+3. **The link** (in this process, both ends): CPU per ``ev`` frame on one channel
+   server -> gateway connection, one frame per write or four (a loop turn's events
+   batched into one write, ``--batch-gateway-events``), with and without TLS.
 2. **The message path**, through the whole fleet (``rtm up``, once with
    ``--wire-tls on`` and once ``off``, alternating for ``--repeats``): the
    fan-out benchmark's steps (bench/fanout.py), reporting the gateways' CPU
@@ -23,6 +26,7 @@ records the CPU others used meanwhile (``foreign_cores``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
 import time
@@ -93,6 +97,71 @@ async def handshakes(mode: str, count: int) -> dict[str, Any]:
     }
 
 
+# The link measurement (3.): event frames a channel server writes to one gateway, per write.
+LINK_FRAMES = 20_000
+LINK_BATCHES = (1, 4)  # 1: a write per event (no batching); 4: four events of one loop turn in one write
+LINK_EVENT_JSON_BYTES = 400  # about a message event's client JSON
+
+
+async def link_frames(mode: str, per_write: int, count: int = LINK_FRAMES) -> dict[str, Any]:
+    """CPU per ``ev`` frame on the channel server -> gateway link, both ends in this process:
+    the server side writes ``per_write`` frames per transport write, one write per loop turn
+    (what ``--batch-gateway-events`` does when a turn holds several events), the client side
+    reads and parses them (``on_push``)."""
+    from services import wire
+    from services.certs import FleetCertificates
+    from services.connection import PeerConnection, connect, serve
+    from services.identity import PeerIdentity
+    from services.tls import WireTrust
+
+    def trust(certs: FleetCertificates, service: str, iid: str) -> WireTrust:
+        if mode == "off":
+            return WireTrust.off()
+        paths = certs.ensure(iid, PeerIdentity(service, iid))
+        return WireTrust.load(paths.ca, paths.cert, paths.key)
+
+    certs = FleetCertificates(Path(tempfile.mkdtemp(prefix="rtm-bench-tls-link-")))
+    accepted: list[PeerConnection] = []
+
+    def accept() -> PeerConnection:
+        conn = PeerConnection(on_request=lambda c, m: wire.reply_ok(m["id"]))
+        accepted.append(conn)
+        return conn
+
+    server = await serve("127.0.0.1", 0, accept, trust=trust(certs, "channel-server", "cs-l"))
+    port = server.sockets[0].getsockname()[1]
+    got = 0
+    done = asyncio.get_running_loop().create_future()
+
+    def on_push(conn: PeerConnection, msg: dict[str, Any]) -> None:
+        nonlocal got
+        got += 1
+        if got == count and not done.done():
+            done.set_result(None)
+
+    client = await connect(
+        "127.0.0.1", port, lambda: PeerConnection(on_push=on_push), trust=trust(certs, "gateway", "gw-l")
+    )
+    await client.request({"op": "ping"})  # the server side is connected
+    frame = wire.encode({"op": "ev", "ch": "C0123456789", "seq": 1, "json": b"x" * LINK_EVENT_JSON_BYTES, "t0": 1.0})
+    (conn,) = accepted
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(count // per_write):
+        conn.write(frame * per_write)
+        await asyncio.sleep(0)
+    await asyncio.wait_for(done, 60)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    client.close()
+    server.close()
+    return {
+        "mode": mode,
+        "per_write": per_write,
+        "frames": count,
+        "cpu_us_per_frame": cpu / count * 1e6,
+        "wall_s": wall,
+    }
+
+
 def publish_path(steps: list[dict[str, Any]]) -> dict[str, float | None]:
     """CPU µs per posted message, per role (webapp, admin servers, channel servers), median over steps."""
     out: dict[str, float | None] = {}
@@ -114,6 +183,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for mode in ("off", "on", "off", "on"):
         result["handshake"].append(await handshakes(mode, args.connects))
         print(f"tls: handshake {result['handshake'][-1]}", flush=True)
+    result["link"] = []
+    for _ in range(2):
+        for per_write in LINK_BATCHES:
+            for mode in ("off", "on"):
+                result["link"].append(await link_frames(mode, per_write))
+                print(f"tls: link {result['link'][-1]}", flush=True)
     runs: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         for mode in ("on", "off") if rep % 2 == 0 else ("off", "on"):
@@ -145,6 +220,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             "scenario": s["scenario"],
                             "offered_posts_s": s["offered_posts_s"],
                             "gateway_cpu_us_per_delivery": s["gateway_cpu_us_per_delivery"],
+                            "latency_ms": s.get("latency_ms"),
                             "lost": s["lost"],
                             "foreign_cores": s.get("foreign_cores"),
                             "publish_cpu_us_per_message": publish_path([s]),
@@ -168,8 +244,24 @@ def render(result: dict[str, Any]) -> str:
             f"| {mode} | {med([h['median_ms'] for h in hs]):.3f} | {med([h['p99_ms'] for h in hs]):.3f} "
             f"| {med([h['cpu_us_per_connect'] for h in hs]):.0f} |"
         )
-    lines += ["", "| scenario | posts/s | wire | gateway CPU µs/delivery | webapp µs/msg | admin µs/msg | CS µs/msg |"]
-    lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
+    if result.get("link"):
+        lines += [
+            "",
+            "| event frames per write (CS -> gateway) | wire | CPU µs per frame, both ends |",
+            "| --- | --- | --- |",
+        ]
+        for per_write in LINK_BATCHES:
+            for mode in ("off", "on"):
+                cpu = med(
+                    [x["cpu_us_per_frame"] for x in result["link"] if (x["mode"], x["per_write"]) == (mode, per_write)]
+                )
+                lines.append(f"| {per_write} | {mode} | {'-' if cpu is None else f'{cpu:.2f}'} |")
+    lines += [
+        "",
+        "| scenario | posts/s | wire | gateway CPU µs/delivery | latency p50 / p99 ms | webapp µs/msg | admin µs/msg "
+        "| CS µs/msg |",
+    ]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
     keys = sorted({(s["scenario"], s["offered_posts_s"]) for r in result["runs"] for s in r["steps"]})
     growth = []
     for scenario, rate in keys:
@@ -183,6 +275,8 @@ def render(result: dict[str, Any]) -> str:
                 if (s["scenario"], s["offered_posts_s"]) == (scenario, rate)
             ]
             gw = med([s["gateway_cpu_us_per_delivery"] for s in steps])
+            p50 = med([(s.get("latency_ms") or {}).get("p50") for s in steps])
+            p99 = med([(s.get("latency_ms") or {}).get("p99") for s in steps])
             pub = {
                 k: med([s["publish_cpu_us_per_message"][k] for s in steps])
                 for k in steps[0]["publish_cpu_us_per_message"]
@@ -193,7 +287,8 @@ def render(result: dict[str, Any]) -> str:
                 return "-" if v is None else f"{v:.1f}"
 
             lines.append(
-                f"| {scenario} | {rate:g} | {mode} | {f(gw)} | {f(pub['webapp'])} | {f(pub['admin servers'])} "
+                f"| {scenario} | {rate:g} | {mode} | {f(gw)} | {f(p50)} / {f(p99)} | {f(pub['webapp'])} "
+                f"| {f(pub['admin servers'])} "
                 f"| {f(pub['channel servers'])} |"
             )
         if row.get("off") and row.get("on"):

@@ -149,8 +149,8 @@ class ChannelServer(MsgpackService):
             f"{self.instance_id}<-peer",
             on_close=self.on_connection_closed,
             max_send_buffer_bytes=self.args.max_gateway_buffer_bytes,
-            # Not corked (coalesce_writes): measured in docs/publish-path.md, corking the
-            # channel server's writes to gateways raised 1 room x 2,000's p99 at 10 msg/s.
+            # Not corked here: a gateway's connection is corked once it says it is one
+            # (_gateway_index, --batch-gateway-events); admin servers' replies are not.
         )
 
     def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
@@ -197,6 +197,10 @@ class ChannelServer(MsgpackService):
                 previous.close()
             conn.state["gw_index"] = index
             conn.state["gw"] = gateway_id
+            # Corked: the events (and replies) written to this gateway in one loop turn leave
+            # in one write, so one TLS record, one encryption here and one read and decryption
+            # at the gateway, instead of one per event (docs/trust.md, "Cost, measured").
+            conn.coalesce_writes = self.args.batch_gateway_events
             self.gateways[index] = conn
         return int(index)
 
@@ -346,6 +350,11 @@ def build_parser() -> Parser:
     debug_faults.add_flags(parser)
     parser.add(
         "--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off"
+    )
+    parser.add(
+        "--batch-gateway-events",
+        True,
+        "write the events for one gateway of one loop turn in one write (one TLS record) instead of one each",
     )
     return parser
 

@@ -28,8 +28,11 @@
 #       byte); run as another user, they are 0640 to that user's own group, which the containers
 #       get through RTM_TLS_GID. Never world-readable. RTM_TLS_ACCESS=owner|group picks the way.
 #       Certificates are kept on a rerun, and issued anew when missing, for another identity or
-#       CA, or expiring within 30 days; --rotate-fleet-ca makes a new CA and issues every
-#       certificate again (then restart every service: docs/deploy.md, "Certificates").
+#       CA, or expiring within 30 days; --roll-fleet-ca takes the next step of a rotation with
+#       a two-CA overlap (run it three times, restarting every service after each: begin, reissue,
+#       finish; nothing refuses anything meanwhile); --rotate-fleet-ca makes a new CA and issues every
+#       certificate again at once (a leaked CA key; then restart every service: docs/deploy.md,
+#       "Certificates").
 # Existing files are kept; --force makes a new edge certificate.
 # Overrides: CERT_DIR, ENV_FILE, TLS_DIR, RTM_EDGE_HOST, RTM_CONTAINER_UID (10001), RTM_PYTHON
 # (a Python with the cryptography package; default: the repository's .venv, else python3).
@@ -49,7 +52,8 @@ for arg in "$@"; do
     case $arg in
         --force) force=yes ;;
         --rotate-fleet-ca) rotate=yes ;;
-        *) echo "usage: $0 [--force] [--rotate-fleet-ca]" >&2; exit 2 ;;
+        --roll-fleet-ca) rotate=roll ;;
+        *) echo "usage: $0 [--force] [--rotate-fleet-ca | --roll-fleet-ca]" >&2; exit 2 ;;
     esac
 done
 
@@ -131,6 +135,8 @@ certs() {
     PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -m rtmctl.cli certs "$action" --dir "$tls_dir" $access_flags "$@"
 }
 if [ "$rotate" = yes ]; then
+    certs rotate --immediate
+elif [ "$rotate" = roll ]; then
     certs rotate
 fi
 certs init

@@ -69,7 +69,7 @@ from services.keys import FleetKeys
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn, run_main
 from services.tasks import Tasks
-from services.ticket import TicketVerifier
+from services.ticket import INCARNATION_META, TicketVerifier, new_incarnation
 from services.tls import trust_from_args
 
 log = logging.getLogger("rtm.gateway")
@@ -139,9 +139,15 @@ class Gateway:
         self.presence = GatewayPresence(self)  # presence servers: reports, subscriptions (gateway/presence.py)
         self.client_messages = ClientMessages(self)  # ping, typing, message, presence frames
         self.socket_mode = SocketMode(self)  # Slack apps' Socket Mode connections (gateway/socket_mode.py)
-        self.listener = self._listener(TicketVerifier(keys.ticket_signing, self.instance_id))
+        self.incarnation = new_incarnation()  # registered in Consul meta (services/ticket.py)
+        self.listener = self._listener(self._verifier(keys.ticket_signing))
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None
+
+    def _verifier(self, secret: bytes) -> TicketVerifier:
+        """Tickets for this process: minted for an earlier start of this gateway id (whose
+        nonces this process never saw) and issued before this one began, they are refused."""
+        return TicketVerifier(secret, self.instance_id, incarnation=self.incarnation, started_at=time.time())
 
     def _listener(self, verifier: TicketVerifier) -> ClientListener:
         """The websocket server, wired to the parts a client's life touches."""
@@ -194,6 +200,7 @@ class Gateway:
             meta={
                 "metrics_port": str(metrics_port),
                 "region": args.region,
+                INCARNATION_META: self.incarnation,
                 **({"public_url": args.public_url} if args.public_url else {}),
             },
             ttl_s=args.ttl_s,

@@ -6,8 +6,17 @@ command, which ``deploy/gen-cert.sh`` runs::
 
     rtm certs init   --dir D                       # D/ca.crt, D/ca.key (kept if there)
     rtm certs issue  --dir D SERVICE INSTANCE...   # D/<INSTANCE>.crt, .key: spiffe://rtm/SERVICE/INSTANCE
-    rtm certs rotate --dir D                       # a new CA, every certificate issued again from it
-    rtm certs show   --dir D                       # name, identity, expiry of each
+    rtm certs rotate --dir D                       # the next step of a two-CA rotation (run 3 times)
+    rtm certs rotate --dir D --immediate           # a new CA at once, every certificate issued again
+    rtm certs show   --dir D                       # name, identity, expiry of each; the rotation phase
+
+``rotate`` without ``--immediate`` rolls the fleet to a new CA with an
+overlap, one step per run, each followed by a rolling restart of the fleet
+(services/certs.py's table): *begin* (trust a new CA beside the old), *reissue*
+(every certificate from the new CA), *finish* (the old CA trusted no more). At
+no point do two processes refuse each other; after *finish* a certificate of
+the retired CA is refused. ``--immediate`` is for a leaked CA key: the old CA
+must stop being trusted at once, whatever the gap costs.
 
 It is :class:`services.certs.FleetCertificates` on a command line. Each
 certificate is stored under its instance id, so instance ids are unique
@@ -33,7 +42,7 @@ import os
 import sys
 from pathlib import Path
 
-from services.certs import CA_FILE, CA_KEY_FILE, FleetCertificates, expiry_of
+from services.certs import CA_FILE, CA_KEY_FILE, NEXT_CA_KEY_FILE, NEXT_STEP, FleetCertificates, expiry_of
 from services.identity import SERVICES, BadIdentity, PeerIdentity
 from services.secret_file import GROUP_READABLE_FILE_MODE, PRIVATE, SECRET_FILE_MODE, FileAccess
 
@@ -71,7 +80,8 @@ def identities(service: str, instances: list[str]) -> list[PeerIdentity]:
         raise CertsError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
     found = []
     for instance in instances:
-        if instance in (Path(CA_FILE).stem, Path(CA_KEY_FILE).stem) or instance.startswith("."):
+        reserved = {Path(CA_FILE).stem, Path(CA_KEY_FILE).stem, Path(NEXT_CA_KEY_FILE).stem}
+        if instance in reserved or instance.startswith("."):
             raise CertsError(f"{instance!r} cannot be an instance id here (it names the CA's files)")
         try:
             found.append(PeerIdentity.from_uri(PeerIdentity(service, instance).uri()))
@@ -101,8 +111,32 @@ def issue(certs: FleetCertificates, wanted: list[PeerIdentity], renew_within: da
     return lines
 
 
+# What to do after each rotation step (the phase it left the directory in).
+AFTER_STEP = {
+    "trusting-both": "every process now trusts the old and the new CA: restart the fleet process by process, "
+    "then run `rtm certs rotate` again (reissue)",
+    "reissued": "every certificate is now the new CA's: restart the fleet process by process, "
+    "then run `rtm certs rotate` again (finish)",
+    "steady": "the old CA is trusted no more: restart the fleet process by process; the rotation is then complete",
+}
+
+
+def rotate(certs: FleetCertificates, immediate: bool) -> list[str]:
+    if immediate:
+        return [f"rotated: new {certs.ca_path}", *(f"issued {n}" for n in certs.rotate())]
+    if not certs.ca_path.exists():
+        raise CertsError(f"no fleet CA in {certs.dir}: run `rtm certs init --dir {certs.dir}` first")
+    step = NEXT_STEP[certs.rotation_phase()]
+    phase, issued = certs.rotation_step()
+    return [f"rotation step {step}: now {phase}", *(f"issued {n}" for n in issued), AFTER_STEP[phase]]
+
+
 def show(certs: FleetCertificates) -> list[str]:
-    lines = [f"{CA_FILE}  expires {expiry_of(certs.ca_path.read_bytes()):%Y-%m-%d}"]
+    cas = certs.trusted_cas()
+    lines = [f"{CA_FILE}  expires {expiry_of(pem):%Y-%m-%d}" for pem in cas]
+    phase = certs.rotation_phase()
+    if phase != "steady":
+        lines.append(f"rotation: {phase} (next step: {NEXT_STEP[phase]})")
     for name in certs.names():
         identity = certs.existing_identity(name)
         expires = expiry_of(certs.paths(name).cert.read_bytes())
@@ -118,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action, summary in (
         ("init", "create the fleet CA in DIR (kept if there)"),
         ("issue", "issue (or keep) a certificate per INSTANCE of SERVICE"),
-        ("rotate", "a new CA, and every certificate in DIR issued again from it"),
+        ("rotate", "the next step of a two-CA rotation (or --immediate: a new CA, every certificate anew)"),
         ("show", "list DIR's certificates with identity and expiry"),
     ):
         p = sub.add_parser(action, help=summary)
@@ -129,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--group-readable", action="store_true", help="make the files 0640 to this user's group (not the CA key)"
         )
+        if action == "rotate":
+            p.add_argument(
+                "--immediate",
+                action="store_true",
+                help="a new CA at once, the old one trusted no more (a leaked CA key); default: the next step "
+                "of a two-CA rotation",
+            )
         if action == "issue":
             p.add_argument("service", choices=SERVICES)
             p.add_argument("instances", nargs="+", metavar="INSTANCE")
@@ -157,7 +198,7 @@ def main(argv: list[str]) -> int:
                 wanted = identities(args.service, args.instances)
                 lines = issue(certs, wanted, datetime.timedelta(days=args.renew_within_days))
             else:
-                lines = [f"rotated: new {certs.ca_path}", *(f"issued {n}" for n in certs.rotate())]
+                lines = rotate(certs, args.immediate)
     except CertsError as exc:
         print(f"rtm certs: {exc}", file=sys.stderr)
         return 1

@@ -18,14 +18,35 @@ or 0640 to a group; the CA key is always 0600 and its maker's. Keys are
 ECDSA P-256: a handshake signs once per side, and P-256 signs in tens of
 microseconds where RSA-2048 takes a millisecond.
 
-Rotation (:meth:`FleetCertificates.rotate`) makes a new CA and issues every
-certificate again from it; a certificate of the old CA is refused by every
-process that loaded the new ``ca.crt``.
+``ca.crt`` is a *trust bundle*: one CA, or two during a rotation. Its first
+certificate is the issuing CA (the pair of ``ca.key``); every process trusts
+every certificate in it (OpenSSL loads them all).
+
+Rotation without a moment of mutual refusal (:meth:`FleetCertificates.rotation_step`,
+``rtm certs rotate``) takes three steps, each followed by a rolling restart of
+the fleet (processes read their files at start)::
+
+    phase          ca.crt (trusted)       issuer    leaves from   next step
+    steady         [old]                  old       old           begin: a new CA, trusted beside the old
+    trusting-both  [old, new]             old       old           reissue: every leaf from the new CA
+    reissued       [new, old]             new       new           finish: the old CA is dropped
+    steady         [new]                  new       new
+
+At every point of every roll each pair of processes trusts the other's leaf:
+during the first roll every leaf is still the old CA's, which everyone trusts;
+during the second every process already trusts both; during the third every
+leaf is already the new CA's. After the third, a certificate of the retired CA
+is refused everywhere. The CA's key for the next phase waits in
+``ca-next.key`` (0600) between *begin* and *reissue*.
+
+:meth:`FleetCertificates.rotate` is the all-at-once rotation (a leaked CA key:
+no overlap wanted, the old CA must stop being trusted at once).
 """
 
 from __future__ import annotations
 
 import datetime
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +66,13 @@ NOT_BEFORE_SKEW_S = 300
 CA_COMMON_NAME = "rtm fleet CA"
 CA_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
+NEXT_CA_KEY_FILE = "ca-next.key"  # the new CA's key between a rotation's begin and reissue steps
+
+# Rotation phases (FleetCertificates.rotation_phase), and the step each one takes next.
+STEADY = "steady"
+TRUSTING_BOTH = "trusting-both"
+REISSUED = "reissued"
+NEXT_STEP = {STEADY: "begin", TRUSTING_BOTH: "reissue", REISSUED: "finish"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +103,13 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def make_ca(now: datetime.datetime, valid_days: int = CA_VALID_DAYS, common_name: str = CA_COMMON_NAME) -> Issued:
-    """A self-signed fleet CA valid from ``now`` (less the skew) for ``valid_days``."""
+    """A self-signed fleet CA valid from ``now`` (less the skew) for ``valid_days``.
+
+    Its name is ``common_name`` plus a random tag, so two CAs trusted side by side
+    during a rotation never share a subject (chain building looks issuers up by name).
+    """
     key = _new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} {secrets.token_hex(4)}")])
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -165,6 +197,16 @@ def write_private(path: Path, data: bytes, access: FileAccess = PRIVATE) -> None
     replace_secret_file(path, data.decode("ascii"), access)
 
 
+def first_certificate(pem: bytes) -> bytes:
+    """The first certificate of a PEM bundle (of ``ca.crt``: the issuing CA)."""
+    return x509.load_pem_x509_certificates(pem)[0].public_bytes(serialization.Encoding.PEM)
+
+
+def bundle(*pems: bytes) -> bytes:
+    """Certificates (PEM) as one trust bundle, in order."""
+    return b"".join(pem if pem.endswith(b"\n") else pem + b"\n" for pem in pems)
+
+
 def expiry_of(cert_pem: bytes) -> datetime.datetime:
     """When a certificate stops being valid (UTC)."""
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
@@ -193,7 +235,7 @@ class FleetCertificates:
         ensure_private_dir(self.dir)
         cert, key = self.ca_path, self.dir / CA_KEY_FILE
         if cert.exists() and key.exists():
-            return Issued(cert.read_bytes(), key.read_bytes())
+            return Issued(first_certificate(cert.read_bytes()), key.read_bytes())
         ca = make_ca(self._now())
         write_private(key, ca.key_pem)
         write_private(cert, ca.cert_pem, self.access)
@@ -225,7 +267,7 @@ class FleetCertificates:
         if renew_within is None:
             return True
         cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
-        ca = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
+        ca = x509.load_pem_x509_certificates(self.ca_path.read_bytes())[0]  # the issuing CA
         fresh = cert.not_valid_after_utc - renew_within > self._now()
         return fresh and cert.issuer == ca.subject and _signed_by(cert, ca)
 
@@ -243,16 +285,22 @@ class FleetCertificates:
         return paths
 
     def rotate(self) -> list[str]:
-        """A new CA, and every stored certificate issued again from it (same
-        names, same identities). Returns the names re-issued. Processes pick the
-        new files up when restarted; until then they refuse the new certificates
-        and the new ones refuse them (see docs/trust.md, Rotation)."""
-        identities = {n: self.existing_identity(n) for n in self.names()}
+        """All at once: a new CA, every stored certificate issued again from it
+        (same names, same identities), the old CA trusted no more. Returns the
+        names re-issued. Processes pick the new files up when restarted; until
+        then they refuse the new certificates and the new ones refuse them: for
+        a roll without that, :meth:`rotation_step` (see the module doc)."""
         ca = make_ca(self._now())
+        done = self._reissue_all(ca)
         write_private(self.dir / CA_KEY_FILE, ca.key_pem)
         write_private(self.ca_path, ca.cert_pem, self.access)
+        (self.dir / NEXT_CA_KEY_FILE).unlink(missing_ok=True)
+        return done
+
+    def _reissue_all(self, ca: Issued) -> list[str]:
         done = []
-        for name, identity in identities.items():
+        for name in self.names():
+            identity = self.existing_identity(name)
             if identity is None:
                 continue
             issued = issue(ca, identity, self._now())
@@ -260,6 +308,58 @@ class FleetCertificates:
             write_private(self.paths(name).cert, issued.cert_pem, self.access)
             done.append(name)
         return done
+
+    def trusted_cas(self) -> list[bytes]:
+        """The CA certificates of the trust bundle (PEM), the issuing one first."""
+        return [
+            c.public_bytes(serialization.Encoding.PEM)
+            for c in x509.load_pem_x509_certificates(self.ca_path.read_bytes())
+        ]
+
+    def rotation_phase(self) -> str:
+        """Where a two-CA rotation stands: :data:`STEADY`, :data:`TRUSTING_BOTH` or :data:`REISSUED`."""
+        if (self.dir / NEXT_CA_KEY_FILE).exists():
+            return TRUSTING_BOTH
+        return REISSUED if len(self.trusted_cas()) > 1 else STEADY
+
+    def rotation_step(self) -> tuple[str, list[str]]:
+        """Take the next step of a rotation with a two-CA overlap (the module doc's
+        table); returns (the phase now, the names re-issued). After each step the
+        fleet must be restarted, process by process, before the next.
+
+        Each step writes the file that marks its phase last: a *reissue*
+        interrupted half-way is taken again whole by the next call; a *begin*
+        interrupted before ``ca-next.key`` is written is undone by the next
+        call (a *finish*, back to the old CA alone), after which it can begin again."""
+        phase = self.rotation_phase()
+        cas = self.trusted_cas()
+        if phase == STEADY:  # begin: a new CA beside the old, the old still issues
+            new = make_ca(self._now())
+            write_private(self.ca_path, bundle(cas[0], new.cert_pem), self.access)
+            write_private(self.dir / NEXT_CA_KEY_FILE, new.key_pem)
+            return TRUSTING_BOTH, []
+        if phase == TRUSTING_BOTH:  # reissue: every leaf from the new CA, which now issues
+            key_pem = (self.dir / NEXT_CA_KEY_FILE).read_bytes()
+            new = Issued(_certificate_of_key(cas, key_pem), key_pem)
+            done = self._reissue_all(new)
+            write_private(self.ca_path, bundle(new.cert_pem, *(c for c in cas if c != new.cert_pem)), self.access)
+            write_private(self.dir / CA_KEY_FILE, new.key_pem)
+            (self.dir / NEXT_CA_KEY_FILE).unlink()
+            return REISSUED, done
+        # finish: the old CA is trusted no more
+        write_private(self.ca_path, cas[0], self.access)
+        return STEADY, []
+
+
+def _certificate_of_key(cas: list[bytes], key_pem: bytes) -> bytes:
+    """The CA certificate (of ``cas``) whose public key is ``key_pem``'s."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    want = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for pem in cas:
+        public = x509.load_pem_x509_certificate(pem).public_key()
+        if public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == want:
+            return pem
+    raise ValueError(f"no certificate in the trust bundle belongs to {NEXT_CA_KEY_FILE}")
 
 
 def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

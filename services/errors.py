@@ -14,6 +14,7 @@ Class tree::
     ├── RequestTimeout           no reply within the request's deadline
     ├── SendBufferFull           the bounded send buffer overflowed (slow peer)
     ├── NotTrusted               a TLS peer's certificate names no fleet identity, or the wrong one
+    ├── HandshakeRateLimited     a source started more TLS handshakes than its rate allows
     ├── PeerError                the peer answered a request with an error code
     │   └── NotOwner             a channel server does not own the channel
     ├── NoOwner                  the ring has no live owner for a channel
@@ -132,6 +133,11 @@ class SendBufferFull(RtmError):
 
 class NotTrusted(RtmError):
     """The peer completed TLS but is not who it must be (no fleet identity, or another service)."""
+
+
+class HandshakeRateLimited(RtmError):
+    """A source address started TLS handshakes faster than ``--tls-handshake-rate-per-s`` allows
+    (after its ``--tls-handshake-burst``): its connection is closed before any TLS work is done."""
 
 
 class PeerError(RtmError):

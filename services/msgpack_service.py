@@ -25,7 +25,7 @@ from services.discovery import Discovery
 from services.errors import BadMessage
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn
-from services.tls import trust_from_args
+from services.tls import refusal_kind, trust_from_args
 
 
 class MsgpackService:
@@ -96,7 +96,7 @@ class MsgpackService:
             args.port,
             self.make_connection,
             trust=self.trust,
-            on_refused=lambda *_: self.metrics.error("auth"),
+            on_refused=lambda _source, exc: self.metrics.error(refusal_kind(exc)),
         )
         self.port = int(self.server.sockets[0].getsockname()[1])
         self.metrics_port, self._stop_metrics = await start_metrics_server(

@@ -1,8 +1,26 @@
 """Signed, short-lived, single-use websocket tickets.
 
-``rtm.connect`` mints a ticket naming the user, the team and the gateway it is
-for; the gateway verifies the HMAC, the expiry and the gateway id, and
+``rtm.connect`` mints a ticket naming the user, the team, the gateway it is
+for and that gateway's *incarnation* (a random id the gateway makes at each
+start and registers in Consul meta, :data:`INCARNATION_META`); the gateway
+verifies the HMAC, the expiry, the gateway id and the incarnation, and
 remembers each ticket's nonce until it expires so it cannot be used twice.
+
+The nonces live in the gateway process's memory, so a restart forgets them;
+the incarnation is what keeps a ticket captured before the restart (within its
+TTL) from being replayed on the restarted gateway: that ticket names the
+previous incarnation and is refused. (Keeping the nonces somewhere durable
+would cost a write per connect; binding the ticket to one process lifetime
+costs nothing.)
+
+The webapp learns a gateway's incarnation from Consul, so for a moment after a
+restart it may still mint with the previous one. A ticket whose incarnation is
+not the gateway's own is therefore still accepted when it was *issued* (its
+``iat``) after the gateway process started: a ticket captured before the
+restart was issued before it, and stays refused. Across machines this compares
+the webapp's clock with the gateway's: a webapp clock ahead of the gateway's by
+``d`` lets a ticket issued in the last ``d`` before a restart be replayed after
+it (only while the webapp's view is stale is that check needed at all).
 The ticket travels in the URL path (the Slack SDK sends no other credential).
 
 Format: ``base64url(json payload) + "." + base64url(hmac_sha256(secret, payload))``.
@@ -26,8 +44,17 @@ TICKET_TTL_S = 30.0
 MAX_REMEMBERED_TICKETS = 1_000_000
 
 
+# The gateway's Consul meta key for its incarnation (read by the webapp when it mints).
+INCARNATION_META = "incarnation"
+
+
 class InvalidTicket(RtmError):
-    """Forged, malformed, expired, for another gateway, or already used."""
+    """Forged, malformed, expired, for another gateway (or an earlier start of it), or already used."""
+
+
+def new_incarnation() -> str:
+    """A gateway process's incarnation: random, made once per start."""
+    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,8 @@ class Ticket:
     nonce: str
     resume: str = ""  # id of a resume record at the webapp: the connection was moved, replay what it missed
     app: str = ""  # a Socket Mode connection of this app (``A…``; ``user`` is its bot user), else ""
+    incarnation: str = ""  # the start of the gateway it was minted for (its Consul meta)
+    issued_at: float = 0.0  # when the webapp minted it (its clock); 0: not said
 
 
 def _b64(raw: bytes) -> str:
@@ -58,8 +87,19 @@ def mint(
     ttl_s: float = TICKET_TTL_S,
     resume: str = "",
     app: str = "",
+    incarnation: str = "",
 ) -> str:
-    body = {"u": user, "t": team, "g": gateway, "exp": round(now_s + ttl_s, 3), "n": secrets.token_hex(8)}
+    """A ticket for ``user`` on ``gateway`` (its current ``incarnation``, from its Consul meta)."""
+    body = {
+        "u": user,
+        "t": team,
+        "g": gateway,
+        "exp": round(now_s + ttl_s, 3),
+        "iat": round(now_s, 3),
+        "n": secrets.token_hex(8),
+    }
+    if incarnation:
+        body["i"] = incarnation
     if resume:
         body["r"] = resume
     if app:
@@ -111,11 +151,27 @@ class NonceStore:
 
 
 class TicketVerifier:
-    """Verifies tickets for one gateway and enforces single use."""
+    """Verifies tickets for one gateway process and enforces single use.
 
-    def __init__(self, secret: bytes, gateway: str, max_nonces: int = MAX_REMEMBERED_TICKETS) -> None:
+    ``incarnation`` is this process's (:func:`new_incarnation`) and
+    ``started_at`` when it started (wall clock): a ticket minted for another
+    incarnation of the same gateway id is refused unless it was issued after
+    ``started_at`` (the webapp had not yet seen the new incarnation; see the
+    module doc).
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        gateway: str,
+        max_nonces: int = MAX_REMEMBERED_TICKETS,
+        incarnation: str = "",
+        started_at: float = float("inf"),
+    ) -> None:
         self.secret = secret
         self.gateway = gateway
+        self.incarnation = incarnation
+        self.started_at = started_at
         self._used = NonceStore(max_nonces)
 
     def verify(self, token: str, now_s: float) -> Ticket:
@@ -138,6 +194,8 @@ class TicketVerifier:
                 nonce=str(data["n"]),
                 resume=str(data.get("r", "")),
                 app=str(data.get("a", "")),
+                incarnation=str(data.get("i", "")),
+                issued_at=float(data.get("iat", 0.0)),
             )
         except (ValueError, KeyError, TypeError):
             raise InvalidTicket("malformed ticket payload") from None
@@ -145,6 +203,8 @@ class TicketVerifier:
             raise InvalidTicket("ticket expired")
         if ticket.gateway != self.gateway:
             raise InvalidTicket("ticket is for another gateway")
+        if ticket.incarnation != self.incarnation and ticket.issued_at < self.started_at:
+            raise InvalidTicket("ticket is for an earlier start of this gateway")
         self._used.forget_expired(now_s)
         if ticket.nonce in self._used:
             raise InvalidTicket("ticket already used")

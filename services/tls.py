@@ -21,6 +21,18 @@ in its log at start.
 most once per source address per :data:`REFUSAL_LOG_INTERVAL_S`, so a
 scanner cannot fill the disk (every refusal is still counted in
 ``rtm_errors_total{kind="auth"}``).
+
+:class:`HandshakeLimiter` is the sans-I/O per-source rate limit on TLS
+handshakes: a server-side handshake costs a few milliseconds of CPU (key
+exchange, signature, chain verification) before the server knows whether the
+peer holds a certificate, so without a limit anyone who can reach a port can
+keep a core busy. Each source address has a token bucket
+(``--tls-handshake-burst`` tokens, refilled at ``--tls-handshake-rate-per-s``);
+a handshake takes a token when the TCP connection is accepted and gives it
+back when it succeeds, so verified fleet peers never run their bucket down and
+a source that only fails is held to the rate. A connection from an empty
+bucket is closed before any TLS work, counted as
+``rtm_errors_total{kind="handshake_rate"}`` and logged like a refusal.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.errors import HandshakeRateLimited
 from services.identity import BadIdentity, PeerIdentity
 
 log = logging.getLogger("rtm.tls")
@@ -44,6 +57,16 @@ REFUSAL_LOG_INTERVAL_S = 60.0
 # Sources remembered by the refusal log; the oldest is forgotten past this
 # (then it may be logged once more early: harmless).
 MAX_REFUSAL_LOG_SOURCES = 4096
+# Per-source handshake budget (HandshakeLimiter). The burst covers a legitimate
+# wave of concurrent dials from one address: on one machine (``rtm up``) every
+# process is 127.0.0.1, and a gateway's HTTP client to the webapp opens up to 100
+# connections at once. The rate bounds what a source that never completes a
+# handshake costs: 10/s x ~2 ms of server CPU is about 2 % of a core.
+TLS_HANDSHAKE_RATE_PER_S = 10.0
+TLS_HANDSHAKE_BURST = 256
+# Sources tracked by the limiter; the least recently seen is forgotten past this
+# (it starts again with a full bucket: the bound is on memory, not on attackers).
+MAX_HANDSHAKE_SOURCES = 4096
 WIRE_TLS_ON = "on"
 WIRE_TLS_OFF = "off"
 
@@ -110,6 +133,8 @@ class WireTrust:
     server: ssl.SSLContext | None
     client: ssl.SSLContext | None
     handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S
+    handshake_rate_per_s: float = TLS_HANDSHAKE_RATE_PER_S
+    handshake_burst: int = TLS_HANDSHAKE_BURST
 
     @property
     def enabled(self) -> bool:
@@ -122,7 +147,13 @@ class WireTrust:
 
     @classmethod
     def load(
-        cls, ca: Path | str, cert: Path | str, key: Path | str, handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S
+        cls,
+        ca: Path | str,
+        cert: Path | str,
+        key: Path | str,
+        handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
+        handshake_rate_per_s: float = TLS_HANDSHAKE_RATE_PER_S,
+        handshake_burst: int = TLS_HANDSHAKE_BURST,
     ) -> WireTrust:
         """Load credentials; raises :class:`TrustConfigError` if a file is missing or unusable."""
         paths = [Path(ca), Path(cert), Path(key)]
@@ -133,7 +164,14 @@ class WireTrust:
 
         try:
             identity = identity_of(paths[1].read_bytes())
-            return cls(identity, server_context(*paths), client_context(*paths), handshake_timeout_s)
+            return cls(
+                identity,
+                server_context(*paths),
+                client_context(*paths),
+                handshake_timeout_s,
+                handshake_rate_per_s,
+                handshake_burst,
+            )
         except (BadIdentity, ssl.SSLError, ValueError) as exc:
             raise TrustConfigError(f"unusable TLS credentials ({paths[1]}): {exc}") from exc
 
@@ -150,6 +188,12 @@ def add_flags(parser: Any) -> None:
         choices=[WIRE_TLS_ON, WIRE_TLS_OFF],
     )
     parser.add("--tls-handshake-timeout-s", TLS_HANDSHAKE_TIMEOUT_S, "seconds a peer has to finish its TLS handshake")
+    parser.add(
+        "--tls-handshake-rate-per-s",
+        TLS_HANDSHAKE_RATE_PER_S,
+        "TLS handshakes per second one source address may start once its burst is spent (successful ones are given back)",
+    )
+    parser.add("--tls-handshake-burst", TLS_HANDSHAKE_BURST, "TLS handshakes one source address may start at once")
 
 
 def cert_instance(args: Any) -> str:
@@ -179,7 +223,14 @@ def trust_from_args(args: Any, service: str) -> WireTrust:
             f"{service} needs --tls-ca, --tls-cert and --tls-key (or RTM_TLS_CA, RTM_TLS_CERT, RTM_TLS_KEY); "
             "`rtm up` and deploy/ make them"
         )
-    trust = WireTrust.load(args.tls_ca, args.tls_cert, args.tls_key, args.tls_handshake_timeout_s)
+    trust = WireTrust.load(
+        args.tls_ca,
+        args.tls_cert,
+        args.tls_key,
+        args.tls_handshake_timeout_s,
+        float(getattr(args, "tls_handshake_rate_per_s", TLS_HANDSHAKE_RATE_PER_S)),
+        int(getattr(args, "tls_handshake_burst", TLS_HANDSHAKE_BURST)),
+    )
     assert trust.identity is not None
     instance = getattr(args, "instance_id", "")
     if trust.identity.service != service or (instance and trust.identity.instance != instance):
@@ -213,3 +264,58 @@ class RefusalLog:
     def take_suppressed(self) -> int:
         count, self.suppressed = self.suppressed, 0
         return count
+
+
+def refusal_kind(exc: BaseException) -> str:
+    """The ``rtm_errors_total`` kind of a refused peer: ``handshake_rate`` or ``auth``."""
+    return "handshake_rate" if isinstance(exc, HandshakeRateLimited) else "auth"
+
+
+class HandshakeLimiter:
+    """Per-source token buckets for TLS handshakes (see the module doc; sans-I/O, clock passed in).
+
+    :meth:`take` when a connection is accepted (False: refuse it without any TLS
+    work), :meth:`give_back` when its handshake succeeded.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float = TLS_HANDSHAKE_RATE_PER_S,
+        burst: int = TLS_HANDSHAKE_BURST,
+        max_sources: int = MAX_HANDSHAKE_SOURCES,
+    ) -> None:
+        if rate_per_s < 0 or burst < 1:
+            raise ValueError(f"handshake limit needs rate >= 0 and burst >= 1, got {rate_per_s}, {burst}")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_sources = max_sources
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (tokens, at)
+
+    def _tokens(self, source: str, now: float) -> float:
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            return float(self.burst)
+        tokens, at = bucket
+        return min(float(self.burst), tokens + max(0.0, now - at) * self.rate_per_s)
+
+    def take(self, source: str, now: float) -> bool:
+        """One handshake from ``source`` may start now (a token is taken), or not."""
+        tokens = self._tokens(source, now)
+        if tokens < 1.0:
+            self._buckets[source] = (tokens, now)
+            self._buckets.move_to_end(source)
+            return False
+        self._buckets[source] = (tokens - 1.0, now)
+        self._buckets.move_to_end(source)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return True
+
+    def give_back(self, source: str, now: float) -> None:
+        """A handshake of ``source`` succeeded: its token is returned."""
+        if source in self._buckets:
+            self._buckets[source] = (min(float(self.burst), self._tokens(source, now) + 1.0), now)
+
+    def tokens(self, source: str, now: float) -> float:
+        """Handshakes ``source`` may start now (for tests and health)."""
+        return self._tokens(source, now)

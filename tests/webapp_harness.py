@@ -18,6 +18,7 @@ from services.connection import PeerConnection, serve
 from services.discovery import Instance
 from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
 from services.keys import FleetKeys
+from services.ticket import INCARNATION_META
 from tests.support import FleetCA, free_port
 from webapp_stub.app import FixedDiscovery, WebappServer, build_parser
 from webapp_stub.seed import seed_demo
@@ -128,7 +129,15 @@ class Webapp:
                 return resp.status, await resp.json(content_type=None)
 
 
-GATEWAY_INSTANCE = Instance(id="gw-test-0", service="gateway", address="127.0.0.1", port=45678, tags=("region=test",))
+GATEWAY_INSTANCE = Instance(
+    id="gw-test-0",
+    service="gateway",
+    address="127.0.0.1",
+    port=45678,
+    tags=("region=test",),
+    meta={INCARNATION_META: "inc-test-0"},  # what a gateway registers at start (services/ticket.py)
+)
+GATEWAY_INCARNATION = GATEWAY_INSTANCE.meta[INCARNATION_META]
 
 
 async def start(tmp_path: Path, fake_as: FakeAdminServer, *extra: str) -> Webapp:

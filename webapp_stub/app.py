@@ -36,11 +36,17 @@ from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import run_main
 from services.secret_file import ensure_secret_file
-from services.tls import cert_instance, trust_from_args
+from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
-from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit
+from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit, wal_path_of
+from webapp_stub.due_queue import (
+    DEFAULT_BATCH_MAX,
+    DEFAULT_DUTY_CYCLE,
+    DEFAULT_OUTBOX_BACKLOG_MAX,
+    DEFAULT_RATE_PER_S,
+)
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
@@ -52,8 +58,9 @@ from webapp_stub.handoff import (
     write_mark,
 )
 from webapp_stub.internal import InternalEndpoints
+from webapp_stub.models import Event
 from webapp_stub.presence import PresenceClient
-from webapp_stub.scheduler import DEFAULT_BATCH_MAX, DEFAULT_RATE_PER_S, Scheduler
+from webapp_stub.scheduler import Scheduler, open_scheduler_store
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
 
 log = logging.getLogger("rtm.webapp")
@@ -194,7 +201,17 @@ def build_parser() -> Parser:
         DEFAULT_RATE_PER_S,
         "due items (scheduled messages, reminders) fired per second at most: live posts never wait behind a spike",
     )
-    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per event-loop turn (one transaction)")
+    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per transaction (one event-loop turn)")
+    parser.add(
+        "--scheduler-duty-cycle",
+        DEFAULT_DUTY_CYCLE,
+        "the most of the event loop's time the scheduler may take (it rests after each batch)",
+    )
+    parser.add(
+        "--scheduler-outbox-backlog-max",
+        DEFAULT_OUTBOX_BACKLOG_MAX,
+        "the scheduler fires only while the hand-off's outbox holds at most this many events (live first)",
+    )
     return parser
 
 
@@ -245,7 +262,13 @@ class WebappServer:
             self._spawn(self._redrive_loop(), "deadletter-redrive-loop")
             # Group commit: after the loops above, so that at stop it is closed (committing
             # what is open) before they stop and the outbox flushes.
-            self.commits = GroupCommit(self.store, self.handoff, self.metrics, window_s=args.group_commit_window_s)
+            self.commits = GroupCommit(
+                self.store,
+                self.handoff,
+                self.metrics,
+                window_s=args.group_commit_window_s,
+                wal_path=wal_path_of(self.store.path),
+            )
             self._stack.callback(self.commits.close)
             self._watch_fleet()
             self._start_api(secret)
@@ -372,18 +395,32 @@ class WebappServer:
         self.api.presence = presence
         presence.start()
         self._stack.push_async_callback(presence.close)
-        # scheduled messages and reminders (webapp_stub/scheduler.py): fire behind live traffic
+        # scheduled messages and reminders (webapp_stub/scheduler.py): fired through a connection
+        # of their own (no fsync per batch), behind live traffic
+        webapp_store = self.store
         scheduler = Scheduler(
-            self.store,
-            self.api.publish,
+            open_scheduler_store(webapp_store.path, max_event_bytes=args.max_event_bytes),
+            self.publish_fired,
             self.metrics,
             rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
             batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
             outbox_backlog=lambda: len(self.handoff),
+            max_outbox_backlog=getattr(args, "scheduler_outbox_backlog_max", DEFAULT_OUTBOX_BACKLOG_MAX),
+            live_writing=lambda: webapp_store.in_batch,
+            duty_cycle=getattr(args, "scheduler_duty_cycle", DEFAULT_DUTY_CYCLE),
+            owns_store=True,
         )
         self.api.scheduler = scheduler
         scheduler.start()
         self._stack.push_async_callback(scheduler.close)
+
+    def publish_fired(self, events: list[Event]) -> None:
+        """The scheduler's committed events: its connection does not fsync, so they go out once
+        the WAL is synced (webapp_stub/commit.py), never before they would survive a power loss."""
+        if self.commits is not None:
+            self.commits.publish_after_sync(events)
+        else:
+            self.api.publish(events)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -409,7 +446,7 @@ class WebappServer:
             self.args.internal_port,
             runner.server,
             trust=self.trust,
-            on_refused=lambda *_: self.metrics.error("auth"),
+            on_refused=lambda _source, exc: self.metrics.error(refusal_kind(exc)),
         )
         self._stack.callback(server.close)
         return int(server.sockets[0].getsockname()[1])

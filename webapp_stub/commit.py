@@ -24,14 +24,25 @@ Contract
   ``internal_error``); nothing of it was acknowledged.
 * While a request's handler runs synchronously, nothing else runs, so a batch
   never holds half a request.
+* Events another connection committed *without* an fsync (the scheduler's,
+  ``synchronous=NORMAL``: webapp_stub/scheduler.py) are handed to the outbox
+  only once the WAL is on disk (:meth:`GroupCommit.publish_after_sync`): with
+  the next group commit's fsync, which syncs the whole WAL file and so theirs
+  too, or with an fsync of the WAL run on a thread for them, whichever comes
+  first; and always before the events of any later commit, so each channel's
+  events still reach the outbox in ``seq`` order. A fired scheduled message is
+  never delivered before it would survive a power loss (a delivered-then-lost
+  event's seq would be reused, and gateways would drop the reuse as a duplicate).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from services.metrics import ServiceMetrics
@@ -45,6 +56,26 @@ log = logging.getLogger("rtm.webapp.commit")
 # during it). A positive window trades latency for larger batches.
 GROUP_COMMIT_WINDOW_S = 0.0
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+# After a failed fsync of the WAL for unsynced events, wait this long before trying again.
+WAL_SYNC_RETRY_S = 0.5
+
+
+def fsync_file(path: str) -> None:
+    """fsync ``path`` (the WAL: every frame written to it so far reaches the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def wal_path_of(db_path: str) -> str | None:
+    """The WAL file of the SQLite database at ``db_path`` (None for an in-memory one)."""
+    if not db_path or db_path == ":memory:" or db_path.startswith("file:"):
+        return None
+    return db_path + "-wal"
 
 
 class CommitFailed(Exception):
@@ -76,10 +107,17 @@ class GroupCommit:
         metrics: ServiceMetrics | None = None,
         *,
         window_s: float = GROUP_COMMIT_WINDOW_S,
+        wal_path: str | None = None,
+        sync_wal: Callable[[str], None] = fsync_file,
     ) -> None:
         self.store = store
         self.sink = sink
         self.window_s = window_s
+        self.wal_path = wal_path
+        self._sync_wal = sync_wal
+        self._unsynced: list[tuple[int, list[Event]]] = []  # (serial, events) committed unsynced
+        self._serial = 0
+        self._sync_task: asyncio.Task[None] | None = None
         self._done: asyncio.Future[None] | None = None
         self._events: list[Event] = []
         self._writes = 0
@@ -113,10 +151,44 @@ class GroupCommit:
     def publish(self, events: list[Event]) -> None:
         """Events committed by the open batch go out with it; without a batch, at once."""
         if self._done is None:
+            self._release_unsynced()  # that COMMIT (synchronous=FULL) synced the WAL: earlier ones first
             self.sink.publish(events)
             return
         self._events.extend(events)
         self._writes += 1
+
+    def publish_after_sync(self, events: list[Event]) -> None:
+        """Events that another connection committed without an fsync: to the sink once the
+        WAL is on disk, before any later commit's events (see the module's contract)."""
+        if not events:
+            return
+        if self.wal_path is None:  # nothing to sync (an in-memory or test store)
+            self._release_unsynced()
+            self.sink.publish(events)
+            return
+        self._serial += 1
+        self._unsynced.append((self._serial, events))
+        if self._sync_task is None:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_unsynced())
+
+    def _release_unsynced(self, upto: int | None = None) -> None:
+        """Hand the unsynced events (those up to serial ``upto``; all if None) to the sink, in order."""
+        while self._unsynced and (upto is None or self._unsynced[0][0] <= upto):
+            self.sink.publish(self._unsynced.pop(0)[1])
+
+    async def _sync_unsynced(self) -> None:
+        try:
+            while self._unsynced and self.wal_path is not None:
+                upto = self._serial  # the fsync covers everything committed before it starts
+                try:
+                    await asyncio.to_thread(self._sync_wal, self.wal_path)
+                except OSError as exc:
+                    log.error("fsync of %s failed (%s): unsynced events wait for the next commit", self.wal_path, exc)
+                    await asyncio.sleep(WAL_SYNC_RETRY_S)
+                    continue
+                self._release_unsynced(upto)
+        finally:
+            self._sync_task = None
 
     async def durable(self) -> None:
         """Return once everything written so far is committed. Raises :class:`CommitFailed`."""
@@ -141,6 +213,9 @@ class GroupCommit:
             done.exception()  # retrieved: callers that already left must not log it as unhandled
             return
         self.batches += 1
+        # This COMMIT's fsync synced the whole WAL, so every event committed unsynced before
+        # it is on disk now: they go first (they hold the earlier seqs of their channels).
+        self._release_unsynced()
         if self._m_batch is not None and self._m_commit is not None:
             self._m_batch.observe(max(1, self._writes))
             self._m_commit.observe(time.perf_counter() - started)
@@ -149,6 +224,16 @@ class GroupCommit:
         done.set_result(None)
 
     def close(self) -> None:
-        """Commit whatever is open (at shutdown) and stop grouping."""
+        """Commit whatever is open (at shutdown), sync and hand over what waits for a sync,
+        and stop grouping."""
         self.commit()
+        if self._unsynced and self.wal_path is not None:
+            try:
+                self._sync_wal(self.wal_path)
+            except OSError as exc:  # the restart's replay of committed events delivers them
+                log.error("fsync of %s at close failed: %s", self.wal_path, exc)
+            else:
+                self._release_unsynced()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
         self.store.batch_opener = None

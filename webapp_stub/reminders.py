@@ -34,7 +34,8 @@ import re
 from typing import Any
 
 from webapp_stub.api import Call, WebApi, method, str_arg, user_arg
-from webapp_stub.scheduler import DueItem, add_due, cancel_due, register_kind
+from webapp_stub.due_queue import DueItem
+from webapp_stub.scheduler import add_due, cancel_due, register_kind
 from webapp_stub.store import MAX_TEXT_CHARS, ApiError, Event, Store, User, new_id
 
 KIND = "reminder"

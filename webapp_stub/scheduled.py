@@ -25,7 +25,8 @@ import json
 from typing import Any
 
 from webapp_stub.api import Call, WebApi, flag, int_arg, message_content, method, paged, str_arg
-from webapp_stub.scheduler import DueItem, add_due, cancel_due, register_kind
+from webapp_stub.due_queue import DueItem
+from webapp_stub.scheduler import add_due, cancel_due, register_kind
 from webapp_stub.store import (
     DEFAULT_PAGE,
     MAX_PAGE,

@@ -1,4 +1,5 @@
-"""The scheduler: due items (scheduled messages, reminders) fire once, on time, fairly.
+"""The scheduler: due items (scheduled messages, reminders) fire once, on time, fairly,
+and never in front of live traffic.
 
 Every item that must happen at a time lives in SQLite, in ``due_items`` (its
 id, kind, team, lane, due time, state), beside its kind's own row
@@ -18,22 +19,27 @@ Guarantees
   starts again, and is counted with ``late="true"`` in
   ``rtm_scheduler_fired_total``; ``rtm_scheduler_late_seconds`` observes every
   item's delay from its due time to its commit.
-* **Fair.** Items due in the same second fire round-robin across teams and,
-  within a team, across lanes (the conversation a scheduled message posts in,
-  the user a reminder is for): one team's or channel's thousand items cannot
-  hold another's one behind them (:func:`fair_order`).
-* **Live traffic first.** The scheduler has its own bounded rate
-  (:data:`DEFAULT_RATE_PER_S` items per second, a token bucket), fires at
-  most :data:`DEFAULT_BATCH_MAX` items per event-loop turn (one transaction),
-  and fires a batch only while the hand-off's outbox holds at most
-  one batch of unacknowledged events. Between turns it yields the
-  loop, so a live ``chat.postMessage`` waits for at most one batch's
-  transaction, and queues in the outbox behind at most about two batches of
-  due items. A spike of N items takes N / rate seconds to drain, or longer
-  when the fleet downstream is slower than that rate.
+* **Fair, over the whole due set.** Items due in the same second fire
+  round-robin across teams; within a team's turn, across the kinds (scheduled
+  messages, reminders); within a kind's turn, across lanes (the conversation a
+  scheduled message posts in, the user a reminder is for), each lane in due
+  order (:class:`~webapp_stub.due_queue.FairQueue`). The whole due set (up to :data:`MAX_QUEUED`) is
+  read, a chunk per event-loop turn, before the first batch fires, so one
+  team's, kind's or channel's thousand items cannot hold another's one behind them.
+* **Live traffic first.** The scheduler writes through a SQLite connection of
+  its own whose commits do not fsync (:func:`open_scheduler_store`,
+  ``synchronous=NORMAL``; the next live commit's fsync makes them durable), so
+  the event loop never waits for a disk flush on a due item's behalf. It fires
+  a batch only when no live write is open on the webapp's connection and the
+  hand-off's outbox holds at most ``max_outbox_backlog`` events, then rests so
+  that it takes at most ``duty_cycle`` of the event loop (:class:`~webapp_stub.due_queue.LiveFirst`);
+  at most ``batch_max`` items per transaction and ``rate_per_s`` per second
+  (:class:`~webapp_stub.due_queue.DueQueue`). A live request waits for at most one batch (about
+  ``batch_max`` × 0.2 ms here).
 
-The ordering and the rate are the sans-I/O :class:`DueQueue`; :class:`Scheduler`
-is the thin asyncio loop that reads due rows, fires batches and publishes.
+The ordering, the rate and the yield rule are the sans-I/O classes of
+:mod:`webapp_stub.due_queue`; this module holds the table, the firing transaction and
+:class:`Scheduler`, the thin asyncio loop that reads due rows, fires batches and publishes.
 """
 
 from __future__ import annotations
@@ -42,54 +48,44 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from services.metrics import ServiceMetrics
+from webapp_stub.checkpoint import WalCheckpointer
+from webapp_stub.database import MAX_EVENT_BYTES
+from webapp_stub.due_queue import (
+    DEFAULT_BATCH_MAX,
+    DEFAULT_DUTY_CYCLE,
+    DEFAULT_OUTBOX_BACKLOG_MAX,
+    DEFAULT_RATE_PER_S,
+    DueItem,
+    DueQueue,
+    LiveFirst,
+)
+from webapp_stub.read_cache import ReadCache
 from webapp_stub.store import ApiError, Event, Store
 
 log = logging.getLogger("rtm.webapp.scheduler")
 
-# The scheduler's own rate, items per second (an upper bound: the outbox backlog below usually
-# binds first), and its batch: the most it fires in one event-loop turn (one transaction). A batch
-# of 10 holds the event loop for ~1-3 ms here, so a live post arriving meanwhile waits that long;
-# bench/spike.py measured batches of 50 costing live posts' p99 about 100 ms on a loaded machine.
-DEFAULT_RATE_PER_S = 2500.0
-DEFAULT_BATCH_MAX = 10
-# How many due rows one read brings into memory (and orders fairly); more wait in SQLite for the
-# next read, when these have fired. The read and the sort run on the event loop: 20,000 rows at
-# once held it ~0.5 s (bench/spike.py); 500 take a few ms. Fairness holds within each read (rows
-# due in the same second come in id order, which is random across channels and teams).
-MAX_QUEUED = 500
-# The longest the loop sleeps without looking at the table (items written by another process,
+# The most due items held in memory (in fair order); more wait in SQLite until these have fired.
+# ~300 bytes each: 100,000 are ~30 MiB. Read in chunks of READ_CHUNK rows, one per event-loop turn
+# (500 rows take ~1-2 ms: a 20,000-row read at once held the loop 0.5 s).
+MAX_QUEUED = 100_000
+READ_CHUNK = 500
+# The longest the scheduler sleeps without looking at the table (items written by another process,
 # such as a bulk load, are seen within this); items scheduled through the API wake it at once.
 MAX_IDLE_WAIT_S = 1.0
-# Priority to live traffic: the scheduler adds a batch to the hand-off's outbox only while the
-# outbox holds at most one batch (batch_max) of unacknowledged events, so a live post never queues
-# behind more than about two batches of due items, whatever the fleet's speed; it looks again after
-# OUTBOX_POLL_S.
-OUTBOX_POLL_S = 0.002
-# After an unexpected error in a batch, wait this long before trying again.
+# After an unexpected error in a turn, wait this long before trying again.
 ERROR_BACKOFF_S = 1.0
-TOKEN_EPSILON = 1e-3  # float slack: unix times carry ~2e-7 s of rounding; 50 ms at 100/s is 5 items, not 4.99998
+# The scheduler's connection does not fsync its commits (see open_scheduler_store).
+SCHEDULER_SYNCHRONOUS = "NORMAL"
 LATE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 
 STATE_PENDING = "pending"
 STATE_FIRED = "fired"
 STATE_FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class DueItem:
-    """One item to fire: ``lane`` is the unit of fairness (a conversation, or a user)."""
-
-    id: str
-    kind: str
-    team: str
-    lane: str
-    due_at: float
 
 
 # A kind's firer runs inside the scheduler's transaction, after the claim: it persists what the
@@ -125,90 +121,6 @@ def register_kind(kind: str) -> Callable[[Firer], Firer]:
     return register
 
 
-# -- the sans-I/O core ---------------------------------------------------------------------------
-
-
-def fair_order(items: Iterable[DueItem]) -> list[DueItem]:
-    """Items in firing order: by due second; within a second, round-robin over teams (in id
-    order) and, within each team's turn, round-robin over its lanes (in order of their first
-    item), each lane's items in due order."""
-    by_second: dict[int, list[DueItem]] = {}
-    for item in items:
-        by_second.setdefault(math.floor(item.due_at), []).append(item)
-    ordered: list[DueItem] = []
-    for second in sorted(by_second):
-        teams: dict[str, dict[str, deque[DueItem]]] = {}
-        for item in sorted(by_second[second], key=lambda i: (i.due_at, i.id)):
-            teams.setdefault(item.team, {}).setdefault(item.lane, deque()).append(item)
-        lanes_of = {team: deque(lanes.values()) for team, lanes in teams.items()}
-        turn = deque(sorted(lanes_of))
-        while turn:
-            team = turn.popleft()
-            lanes = lanes_of[team]
-            lane = lanes.popleft()
-            ordered.append(lane.popleft())
-            if lane:
-                lanes.append(lane)
-            if lanes:
-                turn.append(team)
-    return ordered
-
-
-class DueQueue:
-    """Due items waiting to fire, in :func:`fair_order`, released at a bounded rate.
-
-    A token bucket of ``batch_max`` tokens refilled at ``rate_per_s``: :meth:`take`
-    hands out at most ``batch_max`` items, and over any interval at most
-    ``batch_max + rate_per_s * seconds``. Sans I/O: the caller passes ``now``.
-    """
-
-    def __init__(self, rate_per_s: float = DEFAULT_RATE_PER_S, batch_max: int = DEFAULT_BATCH_MAX) -> None:
-        if rate_per_s <= 0 or batch_max < 1:
-            raise ValueError("the scheduler needs a positive rate and batch")
-        self.rate_per_s = float(rate_per_s)
-        self.batch_max = int(batch_max)
-        self._queue: deque[DueItem] = deque()
-        self._ids: set[str] = set()
-        self._tokens = float(batch_max)
-        self._at: float | None = None
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def __contains__(self, item_id: object) -> bool:
-        return item_id in self._ids
-
-    def add(self, items: Iterable[DueItem]) -> int:
-        """Queue the items not queued yet (the queue is re-ordered fairly); returns how many."""
-        new = [item for item in items if item.id not in self._ids]
-        if not new:
-            return 0
-        self._ids.update(item.id for item in new)
-        self._queue = deque(fair_order([*self._queue, *new]))
-        return len(new)
-
-    def _refill(self, now: float) -> None:
-        if self._at is not None and now > self._at:
-            self._tokens = min(float(self.batch_max), self._tokens + (now - self._at) * self.rate_per_s)
-        self._at = now if self._at is None else max(self._at, now)
-
-    def take(self, now: float) -> list[DueItem]:
-        """The next items to fire now: as many as the bucket allows, at most ``batch_max``."""
-        self._refill(now)
-        count = min(int(self._tokens + TOKEN_EPSILON), self.batch_max, len(self._queue))
-        taken = [self._queue.popleft() for _ in range(count)]
-        self._tokens -= count
-        self._ids.difference_update(item.id for item in taken)
-        return taken
-
-    def wait_s(self, now: float) -> float:
-        """Seconds until :meth:`take` can hand out an item (inf when the queue is empty)."""
-        if not self._queue:
-            return math.inf
-        self._refill(now)
-        return 0.0 if self._tokens + TOKEN_EPSILON >= 1.0 else (1.0 - self._tokens) / self.rate_per_s
-
-
 # -- the table -------------------------------------------------------------------------------------
 
 
@@ -226,12 +138,21 @@ def cancel_due(store: Store, item_id: str) -> bool:
     return bool(gone)
 
 
-def due_rows(store: Store, now: float, limit: int) -> list[DueItem]:
-    """Pending items due at or before ``now``, earliest first, at most ``limit``."""
-    rows = store.conn.execute(
-        "SELECT id, kind, team, lane, due_at FROM due_items WHERE state = ? AND due_at <= ? ORDER BY due_at LIMIT ?",
-        (STATE_PENDING, now, limit),
-    ).fetchall()
+DUE_ROWS_SQL = (
+    "SELECT id, kind, team, lane, due_at FROM due_items WHERE state = ? AND due_at <= ? "
+    "AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT ?"
+)
+
+
+def due_rows(store: Store, now: float, limit: int, after: tuple[float, str] | None = None) -> list[DueItem]:
+    """Pending items due at or before ``now``, in (due time, id) order after ``after``, at most ``limit``.
+
+    The row value ``(due_at, id) > (?, ?)`` is a range on the ``(state, due_at)`` index, whose
+    entries end with the primary key ``id`` (a WITHOUT ROWID table): a read that resumes within
+    one second of 20,000 due items costs microseconds. (Spelled ``due_at > ? OR (due_at = ? AND
+    id > ?)`` it scanned and sorted the whole second, 40 ms a read: bench/spike.py, first run.)"""
+    due_at, item_id = (-math.inf, "") if after is None else after
+    rows = store.conn.execute(DUE_ROWS_SQL, (STATE_PENDING, now, due_at, item_id, limit)).fetchall()
     return [DueItem(*row) for row in rows]
 
 
@@ -250,37 +171,64 @@ class Fired:
 
 def fire_batch(store: Store, firers: FirerRegistry, items: list[DueItem], now: float) -> Fired:
     """Fire ``items`` in one transaction: each is claimed (pending -> fired) and posted in a
-    savepoint of its own, so one that fails (ApiError) is marked failed and the rest go on."""
+    savepoint of its own, so one that fails (ApiError) is marked failed and the rest go on.
+    If the transaction fails as a whole (its COMMIT included), nothing of it was written, the
+    connection is left out of any transaction, and the error is raised."""
     events: list[Event] = []
     outcomes: list[tuple[DueItem, str]] = []
-    with store.transaction() as db:
-        for item in items:
-            try:
-                with store.transaction():
-                    claimed = db.execute(
-                        "UPDATE due_items SET state = ?, fired_at = ? WHERE id = ? AND state = ?",
-                        (STATE_FIRED, now, item.id, STATE_PENDING),
-                    ).rowcount
-                    if not claimed:
-                        outcomes.append((item, "gone"))
-                        continue
-                    firer = firers.get(item.kind)
-                    if firer is None:
-                        raise ApiError("unknown_kind")
-                    posted = firer(store, item.id, now)
-            except ApiError as exc:
-                db.execute(
-                    "UPDATE due_items SET state = ?, fired_at = ?, error = ? WHERE id = ? AND state = ?",
-                    (STATE_FAILED, now, exc.code, item.id, STATE_PENDING),
-                )
-                outcomes.append((item, f"failed:{exc.code}"))
-                continue
-            events += posted
-            outcomes.append((item, "posted"))
+    try:
+        with store.transaction() as db:
+            for item in items:
+                try:
+                    with store.transaction():
+                        claimed = db.execute(
+                            "UPDATE due_items SET state = ?, fired_at = ? WHERE id = ? AND state = ?",
+                            (STATE_FIRED, now, item.id, STATE_PENDING),
+                        ).rowcount
+                        if not claimed:
+                            outcomes.append((item, "gone"))
+                            continue
+                        firer = firers.get(item.kind)
+                        if firer is None:
+                            raise ApiError("unknown_kind")
+                        posted = firer(store, item.id, now)
+                except ApiError as exc:
+                    db.execute(
+                        "UPDATE due_items SET state = ?, fired_at = ?, error = ? WHERE id = ? AND state = ?",
+                        (STATE_FAILED, now, exc.code, item.id, STATE_PENDING),
+                    )
+                    outcomes.append((item, f"failed:{exc.code}"))
+                    continue
+                events += posted
+                outcomes.append((item, "posted"))
+    except BaseException:
+        if store.conn.in_transaction:  # a failed COMMIT may leave it open
+            store.conn.execute("ROLLBACK")
+        raise
     return Fired(events, outcomes)
 
 
-# -- the asyncio loop --------------------------------------------------------------------------------
+def open_scheduler_store(path: str, *, max_event_bytes: int = MAX_EVENT_BYTES) -> Store:
+    """The scheduler's own connection to the webapp's database file ``path``.
+
+    ``synchronous=NORMAL``: its commits are written to the WAL but not fsynced, so a batch
+    holds SQLite's write lock (which live posts wait for) only while it runs, not for an
+    fsync. A process crash (SIGKILL) loses nothing of them; the next live commit's fsync,
+    or the next checkpoint, makes them durable across a power loss (the WAL is synced as a
+    whole). WAL checkpoints stay with the webapp's checkpoint thread.
+    """
+    store = Store(path, synchronous=SCHEDULER_SYNCHRONOUS, max_event_bytes=max_event_bytes)
+    WalCheckpointer.take_over(store.conn)
+    # Its read caches (token, channel, membership: webapp_stub/read_cache.py) see the webapp
+    # connection's commits by SQLite's data_version, by default at most every 0.1 s. A due item is
+    # checked when it fires (its author still a member, its channel not archived): look every time.
+    for cache in vars(store).values():
+        if isinstance(cache, ReadCache):
+            cache.foreign_check_s = 0.0
+    return store
+
+
+# -- the asyncio loop ----------------------------------------------------------------------------------
 
 
 class Publisher(Protocol):
@@ -288,12 +236,16 @@ class Publisher(Protocol):
 
 
 class Scheduler:
-    """Fires due items: reads them from SQLite into a :class:`DueQueue`, fires batches at the
-    queue's rate, publishes each batch's events through the hand-off once committed.
+    """Fires due items: reads them from SQLite into a :class:`DueQueue` (a chunk per loop turn,
+    the whole due set before the first batch), fires batches at the queue's rate when
+    :class:`LiveFirst` allows, and publishes each batch's events once committed.
 
-    ``publish`` is the same function ``chat.postMessage`` hands its events to
-    (:meth:`webapp_stub.api.WebApi.publish`). :meth:`wake` tells the loop that an item was
-    scheduled (it may be due before the loop's next look).
+    ``store`` is the scheduler's own connection (:func:`open_scheduler_store`); ``publish`` the
+    function ``chat.postMessage``'s events go through too (the hand-off). Everything runs on
+    the event loop: a batch is never half-way when a live request's handler runs, a live
+    write transaction is never open when a batch begins (``live_writing``), and a batch's
+    events are published in the step that commits them, so the outbox gets every channel's
+    events in commit (``seq``) order. :meth:`wake` tells it that an item was scheduled.
     """
 
     def __init__(
@@ -307,16 +259,23 @@ class Scheduler:
         batch_max: int = DEFAULT_BATCH_MAX,
         clock: Callable[[], float] = time.time,
         outbox_backlog: Callable[[], int] = lambda: 0,
-        max_outbox_backlog: int | None = None,
+        max_outbox_backlog: int = DEFAULT_OUTBOX_BACKLOG_MAX,
+        live_writing: Callable[[], bool] = lambda: False,
+        duty_cycle: float = DEFAULT_DUTY_CYCLE,
+        owns_store: bool = False,
     ) -> None:
         self.store = store
-        self.outbox_backlog = outbox_backlog
-        self.max_outbox_backlog = batch_max if max_outbox_backlog is None else max_outbox_backlog
+        self.owns_store = owns_store
         self.publish = publish
+        self.outbox_backlog = outbox_backlog
+        self.live_writing = live_writing
+        self.live_first = LiveFirst(max_outbox_backlog, duty_cycle)
         self.firers = firers if firers is not None else FIRERS
         self.queue = DueQueue(rate_per_s, batch_max)
         self.clock = clock
         self.started_at = clock()  # items due before this were due while the webapp was down
+        self._after: tuple[float, str] | None = None  # the last (due_at, id) read; None: read from the start
+        self._more = False  # the last read filled its chunk: read on before firing
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.fired = metrics.counter(
@@ -329,7 +288,9 @@ class Scheduler:
         )
         self.batches = metrics.counter("rtm_scheduler_batches_total", "Batches (transactions) the scheduler fired")
         self.yields = metrics.counter(
-            "rtm_scheduler_outbox_waits_total", "Turns the scheduler waited for the hand-off's outbox to drain"
+            "rtm_scheduler_yields_total",
+            "Turns the scheduler waited for live traffic: an open live write, or the hand-off's outbox",
+            ["reason"],
         )
         metrics.gauge("rtm_scheduler_queued", "Due items read and waiting for their turn").set_function(
             lambda: len(self.queue)
@@ -345,36 +306,64 @@ class Scheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self.owns_store:
+            self.store.close()
 
     def wake(self) -> None:
-        """An item was scheduled or changed: look at the table again now."""
+        """An item was scheduled or changed: look at the table again now.
+
+        Its row is read when it falls due, by the read that resumes after the last row read:
+        items scheduled through the API are due in the future. One due earlier than the rows
+        already read (a reminder at a unix time within the current second) is read when the
+        queue has emptied: late by at most the backlog, never lost. (Reading from the start on
+        every wake would, under a stream of API calls, keep the scheduler reading and never firing.)"""
         self._wake.set()
 
+    def refill(self, now: float) -> int:
+        """Read the next chunk (at most :data:`READ_CHUNK` rows) of items due by ``now`` that are
+        not read yet; returns how many were queued. Reads from the start again when the queue
+        is empty (ids already queued are skipped)."""
+        if not len(self.queue) and not self._more:
+            self._after = None
+        limit = min(READ_CHUNK, MAX_QUEUED - len(self.queue))
+        if limit <= 0:
+            self._more = False
+            return 0
+        rows = due_rows(self.store, now, limit, self._after)
+        if rows:
+            self._after = (rows[-1].due_at, rows[-1].id)
+        self._more = len(rows) == limit
+        return self.queue.add(rows)
+
     def step(self) -> float:
-        """One turn: refill the queue if it is empty, fire what the rate allows. Returns how long
-        to wait before the next turn (seconds)."""
+        """One turn: read newly due items, or fire a batch if live traffic and the rate allow.
+        Returns how long to wait before the next turn (seconds)."""
         now = self.clock()
+        self.refill(now)
+        if self._more:
+            return 0.0  # the whole due set is read (and ordered) before the first batch fires
         if not len(self.queue):
-            self.queue.add(due_rows(self.store, now, MAX_QUEUED))
-        if len(self.queue) and self.outbox_backlog() > self.max_outbox_backlog:
-            self.yields.inc()
-            return OUTBOX_POLL_S  # live events first: let the outbox drain
+            upcoming = next_due_at(self.store)
+            if upcoming is None:
+                return MAX_IDLE_WAIT_S
+            return min(MAX_IDLE_WAIT_S, max(0.0, upcoming - now))
+        hold = self.live_first.hold(live_writing=self.live_writing(), outbox_backlog=self.outbox_backlog())
+        if hold is not None:
+            self.yields.labels(hold[0]).inc()
+            return hold[1]
         batch = self.queue.take(now)
         if batch:
+            started = time.perf_counter()
             self.fire(batch, now)
-            return max(0.0, self.queue.wait_s(self.clock())) if len(self.queue) else 0.0
-        if len(self.queue):
-            return self.queue.wait_s(now)
-        upcoming = next_due_at(self.store)
-        if upcoming is None:
-            return MAX_IDLE_WAIT_S
-        return min(MAX_IDLE_WAIT_S, max(0.0, upcoming - now))
+            rest_s = self.live_first.rest_s(time.perf_counter() - started)
+            return max(rest_s, self.queue.wait_s(self.clock())) if len(self.queue) else rest_s
+        return self.queue.wait_s(now)
 
     def fire(self, batch: list[DueItem], now: float) -> None:
         fired = fire_batch(self.store, self.firers, batch, now)
         self.batches.inc()
         if fired.events:
-            self.publish(fired.events)
+            self.publish(fired.events)  # committed: to the outbox in this same step
         for item, outcome in fired.outcomes:
             kind_outcome = outcome.partition(":")[0]
             if kind_outcome == "failed":

@@ -20,6 +20,7 @@ from admin_server.app import AdminServer
 from admin_server.app import build_parser as admin_parser
 from channel_server.app import ChannelServer
 from channel_server.app import build_parser as channel_parser
+from services import ops, wire
 from services.connection import PeerConnection, connect, serve
 from services.discovery import Instance
 from services.errors import PeerError
@@ -130,6 +131,16 @@ def admin_connections(admin: AdminServer) -> list[PeerConnection]:
     return [link.conn for link in admin.links.values() if link.conn is not None]
 
 
+async def park_on_the_slow_path(admin: AdminServer, cs: ChannelServer, count: int, refusals: int) -> None:
+    """Until ``count`` publishes of CHANNEL are on the admin's slow path and the channel
+    server has refused ``refusals`` publishes: then none of them is still on the wire."""
+    for _ in range(1000):  # bounded: polling a condition
+        if admin.slow_slots.get("cs-0") == count and cs.not_owner.labels("pub")._value.get() >= refusals:
+            return
+        await asyncio.sleep(0.01)  # wait-ok: polling a condition, bounded
+    raise AssertionError(f"slow path {admin.slow_slots}, refusals {cs.not_owner.labels('pub')._value.get()}")
+
+
 async def test_publishes_refused_not_owner_retry_in_order_and_later_ones_do_not_overtake_them(
     fleet: tuple[AdminServer, int, ChannelServer, int],
 ) -> None:
@@ -141,13 +152,12 @@ async def test_publishes_refused_not_owner_retry_in_order_and_later_ones_do_not_
         assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
         cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
         first = [webapp.begin_request(pub(n), timeout_s=DEFAULT_WAIT_S) for n in range(2, 51)]
-        for _ in range(300):  # bounded: until all were refused not_owner and wait on the slow path
-            if admin.slow_slots.get("cs-0") == 49:
-                break
-            await asyncio.sleep(0.01)  # wait-ok: polling a condition, bounded
-        assert admin.slow_slots == {"cs-0": 49}
+        # Until all were refused not_owner on both paths: none is on its way to the channel server.
+        await park_on_the_slow_path(admin, cs, 49, refusals=2 * 49)
         cs.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # and back, with no state
-        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, -1]]})  # after its `moved`
+        # After its `moved` the gateway resubscribes from the last seq it has, as a real one does
+        # (the first retry may be applied before this sub: it is replayed, not missed).
+        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, 1]]})
         # The owner accepts again and the link is up, but these must not overtake 2..50.
         later = [webapp.begin_request(pub(n), timeout_s=DEFAULT_WAIT_S) for n in range(51, 101)]
         await asyncio.sleep(0.05)  # wait-ok: room for a wrong fast path to deliver them first
@@ -156,11 +166,102 @@ async def test_publishes_refused_not_owner_retry_in_order_and_later_ones_do_not_
         assert all(r["op"] == "ok" for r in done)
         # An overtaking 51 would have made 2..50 "duplicates" at the channel server: never delivered.
         assert await seqs(pushes, 100) == list(range(1, 101))
+        assert cs.duplicates._value.get() == 0  # none was dropped as already applied
         assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
         assert admin.retries.labels("not_owner")._value.get() >= 49
     finally:
         webapp.close()
         gateway.close()
+
+
+async def test_a_publish_arriving_as_a_failover_ends_does_not_overtake_the_ones_queued_behind_it(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """The window when the retrying publish of a slot is acknowledged: the ones queued behind
+    it have not been written again yet. One arriving then must queue behind them, not be
+    written first (the channel server would then drop them as duplicates: silent loss)."""
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
+        cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
+        first = [webapp.begin_request(pub(n), timeout_s=DEFAULT_WAIT_S) for n in (2, 3)]
+        await park_on_the_slow_path(admin, cs, 2, refusals=4)  # each refused on both paths
+        cs.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # and back
+        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, 1]]})  # after its `moved`
+        arrivals: list[asyncio.Future[dict[str, Any]]] = []
+        admin_acknowledged = admin.links["cs-test"].conn
+        assert admin_acknowledged is not None
+        original = admin_acknowledged._dispatch
+
+        def dispatch(frame: dict[str, Any]) -> None:  # the channel server's ok for 2 reaches the admin
+            original(frame)
+            if frame.get("op") == "ok" and not arrivals:
+                admin.pubs_in_flight += 1  # as handle_request counts it
+                arrivals.append(asyncio.ensure_future(admin.forward(0, ops.parse_as(pub(4), ops.Publish))))
+
+        admin_acknowledged._dispatch = dispatch  # type: ignore[method-assign]
+        admin.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # wakes the retrying one
+        done = await asyncio.wait_for(asyncio.gather(*first), DEFAULT_WAIT_S)
+        assert arrivals, "4 did not arrive"
+        late = await asyncio.wait_for(arrivals[0], DEFAULT_WAIT_S)
+        assert [r["op"] for r in done] == ["ok", "ok"] and late["op"] == "ok"
+        assert not any(r.get("duplicate") for r in [*done, late])
+        assert await seqs(pushes, 4) == [1, 2, 3, 4]
+        assert cs.duplicates._value.get() == 0
+        assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
+    finally:
+        webapp.close()
+        gateway.close()
+
+
+async def test_a_channel_server_writes_one_turns_events_to_a_gateway_in_one_write(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """--batch-gateway-events (the default): the events of publishes that reach the channel
+    server in one read leave for each gateway in one transport write (one TLS record), in order;
+    with it off, one write each (what the TLS cost of the fan-out path was)."""
+    _, _, cs, cs_port = fleet
+    gateway, pushes = await subscribe(cs_port)
+    (gw_conn,) = cs.gateways.values()
+    assert gw_conn.coalesce_writes
+    writes: list[int] = []
+    transport = gw_conn.transport
+    assert transport is not None
+    gw_conn.transport = WriteCounter(transport, writes)  # type: ignore[assignment]
+    sender = await dial(cs_port, "admin-server", "as-1")
+    try:
+        assert sender.transport is not None
+        batch = 8
+        for round_, start in enumerate((1, 1 + batch)):
+            if round_ == 1:
+                gw_conn.coalesce_writes = False  # --no-batch-gateway-events
+            writes.clear()
+            # One write from the admin server: the channel server reads the publishes in one read.
+            sender.transport.write(b"".join(wire.encode({**pub(n), "id": n}) for n in range(start, start + batch)))
+            assert await seqs(pushes, batch) == list(range(start, start + batch))
+            assert len(writes) == (1 if round_ == 0 else batch), writes
+    finally:
+        gw_conn.transport = transport  # type: ignore[assignment]
+        sender.close()
+        gateway.close()
+
+
+class WriteCounter:
+    """A transport whose writes are counted (everything else is the real one's)."""
+
+    def __init__(self, transport: Any, writes: list[int]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(len(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 # -- pubs: many events in one frame, both hops (issue 17) ------------------------------------
@@ -248,19 +349,16 @@ async def test_pubs_refused_not_owner_continue_on_the_slow_path_in_order(
         assert (await webapp.request(pubs(item(1)), timeout_s=DEFAULT_WAIT_S))["res"] == ["ok"]
         cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
         first = webapp.begin_request(pubs(*(item(n) for n in range(2, 51))), timeout_s=DEFAULT_WAIT_S)
-        for _ in range(300):  # bounded: until all were refused not_owner and wait on the slow path
-            if admin.slow_slots.get("cs-0") == 49:
-                break
-            await asyncio.sleep(0.01)  # wait-ok: polling a condition, bounded
-        assert admin.slow_slots == {"cs-0": 49}
+        await park_on_the_slow_path(admin, cs, 49, refusals=2 * 49)  # refused in the pubs, then as pubs
         cs.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))
-        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, -1]]})
+        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, 1]]})  # from its last seq
         later = webapp.begin_request(pubs(*(item(n) for n in range(51, 101))), timeout_s=DEFAULT_WAIT_S)
         await asyncio.sleep(0.05)  # wait-ok: room for a wrong fast path to deliver them first
         admin.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # wakes the waiting ones
         done = await asyncio.wait_for(asyncio.gather(first, later), DEFAULT_WAIT_S)
         assert [r["res"] for r in done] == [["ok"] * 49, ["ok"] * 50]
         assert await seqs(pushes, 100) == list(range(1, 101))
+        assert cs.duplicates._value.get() == 0
         assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
     finally:
         webapp.close()

@@ -7,6 +7,7 @@ counts it (``on_refused``) and keeps serving its fleet peers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import ssl
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import pytest
 from services import wire
 from services.certs import FleetCertificates, issue, make_ca, write_private
 from services.connection import PeerConnection, PeerLink, connect, serve
-from services.errors import NotTrusted
+from services.errors import HandshakeRateLimited, NotTrusted
 from services.identity import CHANNEL_SERVER, GATEWAY, PeerIdentity
 from services.tls import WireTrust, client_context
 from tests.support import DEFAULT_WAIT_S, FleetCA
@@ -29,9 +30,11 @@ HOST = "127.0.0.1"
 class Server:
     """A channel-server-like endpoint that answers ``ping`` with the caller's identity."""
 
-    def __init__(self, trust: WireTrust, handshake_timeout_s: float | None = None) -> None:
-        if handshake_timeout_s is not None:
-            trust = WireTrust(trust.identity, trust.server, trust.client, handshake_timeout_s)
+    def __init__(self, trust: WireTrust, handshake_timeout_s: float | None = None, **limits: Any) -> None:
+        if handshake_timeout_s is not None or limits:
+            trust = dataclasses.replace(
+                trust, handshake_timeout_s=handshake_timeout_s or trust.handshake_timeout_s, **limits
+            )
         self.trust = trust
         self.refused: asyncio.Queue[tuple[str, BaseException]] = asyncio.Queue()
         self.requests: list[dict[str, Any]] = []
@@ -58,6 +61,16 @@ class Server:
         self.server.close()
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test here runs on both loops: the fleet's processes run on uvloop (and its
+    TLS protocol on both sides, services/connection.py), the tests' own default is asyncio."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
+
+
 @pytest.fixture
 async def server(fleet_ca: FleetCA) -> AsyncIterator[Server]:
     srv = await Server(fleet_ca.trust(CHANNEL_SERVER, "cs-1")).start()
@@ -73,13 +86,13 @@ async def assert_fleet_peer_served(fleet_ca: FleetCA, server: Server) -> None:
         conn.close()
 
 
-async def assert_refused(server: Server, reader: asyncio.StreamReader) -> BaseException:
+async def assert_refused(server: Server, reader: asyncio.StreamReader, source_ip: str = HOST) -> BaseException:
     try:
         assert await asyncio.wait_for(reader.read(), DEFAULT_WAIT_S) == b""  # closed, nothing answered
     except (ConnectionResetError, ssl.SSLError):
         pass
     source, exc = await asyncio.wait_for(server.refused.get(), DEFAULT_WAIT_S)
-    assert source == HOST
+    assert source == source_ip
     assert server.requests == []
     return exc
 
@@ -181,6 +194,64 @@ async def test_a_certificate_from_before_a_ca_rotation_is_refused(tmp_path: Path
         await server.stop()
 
 
+def snapshot(certs: FleetCertificates, name: str, into: Path) -> WireTrust:
+    """What a process named ``name`` loads when it (re)starts now: a copy of its files, so
+    later steps of the rotation do not change what it runs with (as a running process)."""
+    into.mkdir(parents=True, exist_ok=True)
+    paths = certs.paths(name)
+    ca, _ = write_pair(into, "ca", paths.ca.read_bytes(), b"")
+    cert, key = write_pair(into, name, paths.cert.read_bytes(), paths.key.read_bytes())
+    return WireTrust.load(ca, cert, key)
+
+
+async def test_a_two_ca_rotation_rolls_without_refusals_then_refuses_the_retired_ca(tmp_path: Path) -> None:
+    """``rtm certs rotate`` three times, each followed by a rolling restart: at every moment of every
+    roll the channel server and the gateway (each restarted in turn, the other still running
+    with the files it started with) accept each other; after the last, a certificate of the
+    retired CA is refused and the retired CA's server is refused by the rolled gateway."""
+    certs = FleetCertificates(tmp_path / "tls")
+    certs.ensure("cs-1", PeerIdentity(CHANNEL_SERVER, "cs-1"))
+    certs.ensure("gw-1", PeerIdentity(GATEWAY, "gw-1"))
+    running = {name: snapshot(certs, name, tmp_path / "run-0" / name) for name in ("cs-1", "gw-1")}
+    retired = dict(running)  # the processes as they ran under the old CA alone
+
+    async def pair_works(server_trust: WireTrust, client_trust: WireTrust) -> None:
+        server = await Server(server_trust).start()
+        try:
+            conn = await connect(HOST, server.port, PeerConnection, trust=client_trust, expect=CHANNEL_SERVER)
+            assert (await conn.request({"op": "ping"}))["you"] == "gateway/gw-1"
+            conn.close()
+        finally:
+            await server.stop()
+
+    phases = []
+    for step in range(3):
+        phase, _ = certs.rotation_step()
+        phases.append(phase)
+        order = ("cs-1", "gw-1") if step % 2 == 0 else ("gw-1", "cs-1")
+        for name in order:  # a rolling restart: one process at a time, checked after each
+            running[name] = snapshot(certs, name, tmp_path / f"run-{step + 1}" / name)
+            await pair_works(running["cs-1"], running["gw-1"])
+    assert phases == ["trusting-both", "reissued", "steady"]
+    assert len(certs.trusted_cas()) == 1
+
+    server = await Server(running["cs-1"]).start()
+    try:  # the retired CA's gateway certificate, presented to the rolled server: refused
+        old_gw = tmp_path / "run-0" / "gw-1"
+        reader, writer = await tls_stranger(server, certs.ca_path, old_gw / "gw-1.crt", old_gw / "gw-1.key")
+        writer.write(wire.encode({"op": "ping", "id": 1}))
+        assert "certificate" in str(await assert_refused(server, reader)).lower()
+        writer.close()
+    finally:
+        await server.stop()
+    old_server = await Server(retired["cs-1"]).start()
+    try:  # and the rolled gateway does not accept a server that still holds a retired-CA certificate
+        with pytest.raises(ssl.SSLError):
+            await connect(HOST, old_server.port, PeerConnection, trust=running["gw-1"])
+    finally:
+        await old_server.stop()
+
+
 async def test_a_ca_signed_certificate_without_a_fleet_identity_is_refused(
     fleet_ca: FleetCA, server: Server, tmp_path: Path
 ) -> None:
@@ -222,6 +293,37 @@ async def test_a_handshake_that_never_finishes_is_closed(fleet_ca: FleetCA) -> N
         exc = await assert_refused(server, reader)
         assert isinstance(exc, ConnectionError | TimeoutError)
         writer.close()
+    finally:
+        await server.stop()
+
+
+async def test_a_source_over_its_handshake_rate_is_closed_before_any_tls_work(fleet_ca: FleetCA) -> None:
+    """A stranger (from 127.0.0.2) spends its burst of handshakes, then is cut off at accept;
+    fleet peers from another address are served meanwhile, and their handshakes are given back."""
+    server = await Server(fleet_ca.trust(CHANNEL_SERVER, "cs-1"), handshake_rate_per_s=0.001, handshake_burst=3).start()
+    stranger_ip = "127.0.0.2"
+    stranger = (stranger_ip, 0)
+    try:
+        for _ in range(3):  # the burst: each gets a real handshake, fails it (plaintext), is refused as auth
+            reader, writer = await asyncio.open_connection(HOST, server.port, local_addr=stranger)
+            writer.write(b"not a ClientHello")
+            assert isinstance(await assert_refused(server, reader, stranger_ip), ssl.SSLError)
+            writer.close()
+        for _ in range(2):  # past it: closed at accept, no handshake, reported as such
+            reader, writer = await asyncio.open_connection(HOST, server.port, local_addr=stranger)
+            exc = await assert_refused(server, reader, stranger_ip)
+            assert isinstance(exc, HandshakeRateLimited)
+            writer.close()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # even a real TLS client from there gets no handshake
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            await asyncio.wait_for(
+                asyncio.open_connection(HOST, server.port, ssl=ctx, local_addr=stranger), DEFAULT_WAIT_S
+            )
+        assert isinstance((await asyncio.wait_for(server.refused.get(), DEFAULT_WAIT_S))[1], HandshakeRateLimited)
+        for _ in range(5):  # a fleet peer (127.0.0.1) dials more often than the burst: all served
+            await assert_fleet_peer_served(fleet_ca, server)
+        assert server.refused.empty()
     finally:
         await server.stop()
 

@@ -23,9 +23,9 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from services.identity import ADMIN_SERVER, WEBAPP
-from services.ticket import TicketVerifier
+from services.ticket import InvalidTicket, TicketVerifier
 from tests.support import async_wait_until, free_port
-from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, SECRET, FakeAdminServer, Webapp, start
+from tests.webapp_harness import GATEWAY_INCARNATION, GATEWAY_INSTANCE, KEYS, SECRET, FakeAdminServer, Webapp, start
 from webapp_stub.app import WebappServer, build_parser
 from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.seed import seed_demo
@@ -309,10 +309,16 @@ async def test_rtm_connect_mints_a_ticket_for_a_healthy_gateway(webapp: Webapp) 
     )
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
     assert reply["url"].startswith(prefix)
-    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id).verify(
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION).verify(
         reply["url"][len(prefix) :], now_s=time.time()
     )
     assert ticket.user == alice["id"] and ticket.team == webapp.seed["team"]["id"]
+    assert ticket.incarnation == GATEWAY_INCARNATION  # bound to the gateway's current start (Consul meta)
+    _, again = await webapp.call("rtm.connect", alice["token"])
+    with pytest.raises(InvalidTicket, match="earlier start"):  # the same gateway id, restarted
+        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation="restarted").verify(
+            again["url"][len(prefix) :], now_s=time.time()
+        )
     webapp.discovery.set_instances("gateway", [])
     _, reply = await webapp.call("rtm.connect", alice["token"])
     assert reply == {"ok": False, "error": "service_unavailable"}
@@ -647,14 +653,14 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     rid = reply["resume"]
     _, connect = await webapp.call("rtm.connect", alice["token"])
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
-    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id).verify(
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION).verify(
         connect["url"][len(prefix) :], now_s=time.time()
     )
     assert ticket.resume == rid
     # Claimed but not taken (as if that ticket failed): a retry gets the same record again.
     _, connect = await webapp.call("rtm.connect", alice["token"])
     assert (
-        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
         .verify(connect["url"][len(prefix) :], now_s=time.time())
         .resume
         == rid
@@ -666,7 +672,7 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     assert boot["resumed"] is False and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 4
     _, connect = await webapp.call("rtm.connect", alice["token"])  # taken: nothing left to claim
     assert (
-        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+        TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
         .verify(connect["url"][len(prefix) :], now_s=time.time())
         .resume
         == ""
@@ -699,7 +705,7 @@ async def test_a_resume_record_past_its_deadline_is_refused(webapp: Webapp) -> N
         assert refused[1] == {"ok": False, "error": "invalid_arguments"}, bad
     _, connect = await webapp.call("rtm.connect", bob["token"])  # nothing was recorded to claim
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
-    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
     assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
     in_time = await webapp.internal("resume", {**record, "deadline": time.time() + 30})
     assert in_time[1]["ok"] and in_time[1]["resume"]

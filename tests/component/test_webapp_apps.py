@@ -13,7 +13,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from services.ticket import TicketVerifier
 from tests.support import async_wait_until
-from tests.webapp_harness import GATEWAY_INSTANCE, KEYS, FakeAdminServer, Webapp
+from tests.webapp_harness import GATEWAY_INCARNATION, GATEWAY_INSTANCE, KEYS, FakeAdminServer, Webapp
 from webapp_stub.seed import EMAIL_DOMAIN
 
 
@@ -59,7 +59,7 @@ async def test_apps_connections_open_gives_a_ticket_url_on_one_gateway(webapp: W
     assert url.scheme == "ws" and url.port == GATEWAY_INSTANCE.port and url.path == "/link/"
     query = parse_qs(url.query)
     assert query["app_id"] == [app["id"]]
-    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id).verify(
+    ticket = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION).verify(
         query["ticket"][0], __import__("time").time()
     )
     assert ticket.app == app["id"] and ticket.user == app["bot_user_id"]

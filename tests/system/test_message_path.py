@@ -4,10 +4,17 @@ webapp -> Admin Server -> Channel Server -> Gateway Server -> websocket."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import signal
+import time
 import uuid
 
-from tests.support import async_wait_until
+import pytest
+import websockets
+
+from services.errors import CloseCode
+from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import REGIONS, Client, Fleet
 
 
@@ -69,12 +76,24 @@ async def test_member_who_joins_later_receives_later_posts(fleet: Fleet) -> None
     await eve_client.close()
 
 
+async def assert_ticket_refused(fleet: Fleet, url: str) -> None:
+    payload = url.rsplit("/", 1)[-1].split(".", 1)[0]
+    expires_at = float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+    assert time.time() < expires_at - 1, "the restart took longer than a ticket lives: the replay proves nothing"
+    ws = await websockets.connect(url, max_size=None)
+    with pytest.raises(websockets.ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), DEFAULT_WAIT_S)  # no hello: closed at once
+    assert ws.close_code == CloseCode.INVALID_TICKET, (ws.close_code, ws.close_reason)
+    assert ws.close_reason is not None and "earlier start" in ws.close_reason
+
+
 async def test_gateway_restart_clients_reconnect_and_receive_later_posts(fleet: Fleet) -> None:
     alice = fleet.user("alice")
     general = fleet.channel("general")
     clients = await connect_on_both_gateways(fleet, ["bob", "carol", "dave"])
     victim_port = clients[0].gateway_port
     victim = next(p for p in fleet.processes("gateway") if p["port"] == victim_port)
+    used_url = clients[0].url  # a ticket the victim accepted (and remembered as used, in its memory only)
     fleet.kill(victim["pid"], signal.SIGKILL)
     on_victim = [c for c in clients if c.gateway_port == victim_port]
     for client in on_victim:
@@ -85,6 +104,9 @@ async def test_gateway_restart_clients_reconnect_and_receive_later_posts(fleet: 
         return any(p["port"] == victim_port and p["pid"] != victim["pid"] for p in fleet.processes("gateway"))
 
     await async_wait_until(restarted, timeout_s=30, what="rtm up to restart the gateway")
+    # Replaying the captured ticket on the restarted gateway (same id, fresh nonce store) is refused,
+    # though it is still within its TTL: it names the gateway's previous start (services/ticket.py).
+    await assert_ticket_refused(fleet, used_url)
     reconnected = []
     for client in clients:
         if client in on_victim:

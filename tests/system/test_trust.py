@@ -13,12 +13,14 @@ import pytest
 from services import wire
 from services.connection import PeerConnection, connect
 from services.errors import PeerError
-from services.tls import WireTrust
+from services.tls import TLS_HANDSHAKE_BURST, WireTrust
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import Fleet
 from tests.system.test_bad_input import error_count, still_delivers
 
 INTERNAL_SERVICES = ("channel-server", "admin-server", "presence", "charm")
+WAVE = 64  # connections opened at once in the handshake-rate test
+MAX_WAVES = (TLS_HANDSHAKE_BURST + 40 * 10) // WAVE + 1  # the burst and 40 s of refill at 10/s
 
 
 def internal_ports(fleet: Fleet) -> list[tuple[str, dict[str, Any], int]]:
@@ -59,6 +61,41 @@ async def test_a_stranger_without_a_certificate_gets_nothing_on_any_internal_por
             return await error_count(proc, "auth") >= before + 2
 
         await async_wait_until(counted, what=f"{service} counts both refusals")
+    await still_delivers(fleet)
+
+
+async def test_a_source_over_its_handshake_rate_is_cut_off_and_counted(fleet: Fleet) -> None:
+    """A stranger (from 127.0.0.3) opens connections and never finishes a handshake: once it holds
+    its burst, its next connection is closed at accept, before any TLS work, and counted as
+    ``handshake_rate``; the fleet's own processes (127.0.0.1) are served as before."""
+    stranger = ("127.0.0.3", 0)
+    cs, webapp = fleet.processes("channel-server")[0], fleet.processes("webapp")[0]
+    for proc, port in ((cs, int(cs["port"])), (webapp, int(webapp["internal_port"]))):
+        before = await error_count(proc, "handshake_rate")
+        held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+        async def counted(proc: dict[str, Any] = proc, before: float = before) -> bool:
+            return await error_count(proc, "handshake_rate") >= before + 1
+
+        try:
+            # Waves of connections that never finish a handshake, each held open, until one is cut
+            # off: more than the burst plus what the rate refills meanwhile (a loaded server accepts
+            # slowly). Bounded: at most MAX_WAVES waves, then one bounded wait for the count.
+            for _wave in range(MAX_WAVES):
+                opened = await asyncio.gather(
+                    *(asyncio.open_connection(proc["host"], port, local_addr=stranger) for _ in range(WAVE)),
+                    return_exceptions=True,
+                )
+                held += [c for c in opened if not isinstance(c, BaseException)]
+                if len(held) >= TLS_HANDSHAKE_BURST and await counted():
+                    break
+            else:
+                await async_wait_until(counted, what=f"{proc['id']} counts connections over the handshake rate")
+            # Nothing is ever answered: over the rate closed at once, the rest at the handshake timeout.
+            assert await hung_up(held[-1][0]) == b""
+        finally:
+            for _, writer in held:
+                writer.close()
     await still_delivers(fleet)
 
 

@@ -58,5 +58,33 @@ def test_rotation_makes_a_new_ca_and_reissues_every_certificate(tmp_path: Path) 
     assert new_cert != old_cert and identity_of(new_cert) == PeerIdentity("channel-server", "cs-abc")
     new_ca = x509.load_pem_x509_certificate(certs.ca_path.read_bytes())
     x509.load_pem_x509_certificate(new_cert).verify_directly_issued_by(new_ca)
-    with pytest.raises(InvalidSignature):
+    with pytest.raises((InvalidSignature, ValueError)):  # ValueError: each CA has its own name
         x509.load_pem_x509_certificate(old_cert).verify_directly_issued_by(new_ca)
+
+
+def test_a_two_ca_rotation_takes_three_steps(tmp_path: Path) -> None:
+    certs = FleetCertificates(tmp_path)
+    certs.ensure("cs-0", PeerIdentity("channel-server", "cs-abc"))
+    old_ca = x509.load_pem_x509_certificate(certs.ca_path.read_bytes())
+    old_leaf = certs.paths("cs-0").cert.read_bytes()
+    assert certs.rotation_phase() == "steady"
+
+    assert certs.rotation_step() == ("trusting-both", [])  # begin: trust both, nothing reissued
+    cas = [x509.load_pem_x509_certificate(pem) for pem in certs.trusted_cas()]
+    assert cas[0] == old_ca and len(cas) == 2 and cas[1].subject != old_ca.subject  # issuer first; names differ
+    assert certs.paths("cs-0").cert.read_bytes() == old_leaf
+    assert stat.S_IMODE((tmp_path / "ca-next.key").stat().st_mode) == 0o600
+    assert certs.is_current("cs-0", PeerIdentity("channel-server", "cs-abc"), datetime.timedelta(days=30))
+    new_ca = cas[1]
+
+    phase, issued = certs.rotation_step()  # reissue: every leaf from the new CA, which issues from now on
+    assert (phase, issued) == ("reissued", ["cs-0"])
+    assert [x509.load_pem_x509_certificate(p) for p in certs.trusted_cas()] == [new_ca, old_ca]
+    x509.load_pem_x509_certificate(certs.paths("cs-0").cert.read_bytes()).verify_directly_issued_by(new_ca)
+    assert not (tmp_path / "ca-next.key").exists()
+    certs.ensure("gw-9", PeerIdentity("gateway", "gw-9"))  # a new process meanwhile: from the new CA
+    x509.load_pem_x509_certificate(certs.paths("gw-9").cert.read_bytes()).verify_directly_issued_by(new_ca)
+
+    assert certs.rotation_step() == ("steady", [])  # finish: the old CA is trusted no more
+    assert [x509.load_pem_x509_certificate(p) for p in certs.trusted_cas()] == [new_ca]
+    assert certs.rotation_phase() == "steady"

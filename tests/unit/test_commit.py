@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from webapp_stub.commit import CommitFailed, GroupCommit
+from tests.support import async_wait_until
+from webapp_stub.commit import CommitFailed, GroupCommit, wal_path_of
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Event, Store
 
@@ -114,3 +116,77 @@ async def test_window_keeps_the_batch_open_longer(store: Store) -> None:
     store.post_message(general, alice, "second")
     await asyncio.wait_for(commits.durable(), 5.0)
     assert commits.batches == 1 and not store.in_batch
+
+
+# -- events committed without an fsync (the scheduler's connection) ------------------------------
+class HeldSync:
+    """A WAL fsync that finishes only when the test says so (it runs on a thread)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[str] = []
+
+    def __call__(self, path: str) -> None:
+        self.calls.append(path)
+        assert self.release.wait(10.0), "the test never released the fsync"
+
+
+async def test_unsynced_events_go_out_only_after_the_wal_is_synced(store: Store) -> None:
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink, sync = Sink(), HeldSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
+    fired = Store(store.path, synchronous="NORMAL")  # the scheduler's connection: commits without fsync
+    event = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
+    commits.publish_after_sync([event])
+    await async_wait_until(lambda: _true(bool(sync.calls)), what="the fsync to start")
+    assert sink.published == []  # committed, not yet on disk: nobody may see it
+    sync.release.set()
+    await async_wait_until(lambda: _true(sink.published == [event]), what="the event after the fsync")
+    assert sync.calls == [store.path + "-wal"]
+    fired.close()
+    commits.close()
+
+
+async def test_a_live_commit_releases_unsynced_events_first_in_seq_order(store: Store) -> None:
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink, sync = Sink(), HeldSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
+    fired = Store(store.path, synchronous="NORMAL")
+    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
+    commits.publish_after_sync([due])
+    live = store.post_message(general, alice, "live, after it")[1]  # the next seq of the channel
+    commits.publish([live])
+    await commits.durable()  # its COMMIT (synchronous=FULL) synced the whole WAL, the due one's too
+    assert [e.seq for e in sink.published] == [due.seq, live.seq] and live.seq == due.seq + 1
+    sync.release.set()  # the thread's fsync finishing later publishes nothing twice
+    await async_wait_until(lambda: _true(commits._sync_task is None), what="the sync task to end")
+    assert sink.published == [due, live]
+    fired.close()
+    commits.close()
+
+
+async def test_unsynced_events_are_synced_for_real(store: Store) -> None:
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink = Sink()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path))  # os.fsync of the real WAL
+    fired = Store(store.path, synchronous="NORMAL")
+    event = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
+    commits.publish_after_sync([event])
+    await async_wait_until(lambda: _true(sink.published == [event]), what="the event after a real fsync")
+    fired.close()
+    commits.close()
+
+
+def test_wal_path_of() -> None:
+    assert wal_path_of("/x/webapp.db") == "/x/webapp.db-wal"
+    assert wal_path_of(":memory:") is None
+
+
+async def _true(value: bool) -> bool:
+    return value

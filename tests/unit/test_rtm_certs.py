@@ -133,7 +133,7 @@ def test_owner_gives_the_files_to_the_containers_uid(tmp_path: Path, capsys: pyt
         st = path.stat()
         want = (0o600, 0, 0) if path.name == "ca.key" else (0o600, CONTAINER_UID, CONTAINER_UID)
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == want, path
-    assert run(capsys, "rotate", "--dir", d, "--owner", owner)[0] == 0
+    assert run(capsys, "rotate", "--dir", d, "--owner", owner, "--immediate")[0] == 0
     for path in (tmp_path / "tls").iterdir():
         assert path.stat().st_uid == (0 if path.name == "ca.key" else CONTAINER_UID), path
 
@@ -156,3 +156,19 @@ def test_file_access_is_0600_or_0640_only(tmp_path: Path) -> None:
         os.umask(old)
     st = path.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_gid, path.read_text()) == (0o640, os.getgid(), "x\n")
+
+
+def test_rotate_takes_one_step_of_a_two_ca_rotation_per_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(tmp_path / "tls")
+    assert run(capsys, "rotate", "--dir", d)[0] == 1  # no CA yet: says what to do
+    assert run(capsys, "init", "--dir", d)[0] == 0
+    assert run(capsys, "issue", "--dir", d, "gateway", "gw-1")[0] == 0
+    code, out, _ = run(capsys, "rotate", "--dir", d)
+    assert code == 0 and "step begin: now trusting-both" in out and "run `rtm certs rotate` again" in out
+    assert "rotation: trusting-both (next step: reissue)" in run(capsys, "show", "--dir", d)[1]
+    code, out, _ = run(capsys, "rotate", "--dir", d)
+    assert code == 0 and "step reissue: now reissued" in out and "issued gw-1" in out
+    code, out, _ = run(capsys, "rotate", "--dir", d)
+    assert code == 0 and "step finish: now steady" in out and "rotation is then complete" in out
+    assert "rotation:" not in run(capsys, "show", "--dir", d)[1]
+    assert run(capsys, "issue", "--dir", d, "gateway", "ca-next")[0] == 1  # the next CA's key file name

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import math
+import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,15 +12,16 @@ import pytest
 
 from services.metrics import ServiceMetrics
 from tests.support import FakeClock
+from webapp_stub.due_queue import LIVE_POLL_S, OUTBOX_POLL_S, DueItem
 from webapp_stub.scheduler import (
-    DueItem,
-    DueQueue,
+    DUE_ROWS_SQL,
+    READ_CHUNK,
     FirerRegistry,
     Scheduler,
     add_due,
     cancel_due,
-    fair_order,
     fire_batch,
+    open_scheduler_store,
 )
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Event, Store
@@ -27,72 +29,8 @@ from webapp_stub.store import ApiError, Event, Store
 T0 = 1_700_000_000.0
 
 
-def item(iid: str, team: str = "T1", lane: str = "C1", due_at: float = T0) -> DueItem:
-    return DueItem(iid, "test", team, lane, due_at)
-
-
-# -- fair order ----------------------------------------------------------------------------------
-
-
-def test_same_second_round_robins_across_teams_then_lanes() -> None:
-    # team T1 has a busy channel (4 items) and a quiet one; T2 has one item
-    items = [item(f"a{i}", "T1", "C-busy", T0 + i * 0.01) for i in range(4)]
-    items += [item("q", "T1", "C-quiet", T0 + 0.5), item("t2", "T2", "C-other", T0 + 0.9)]
-    order = [i.id for i in fair_order(items)]
-    # T1 and T2 alternate; within T1 its lanes alternate; each lane keeps its own due order
-    assert order == ["a0", "t2", "q", "a1", "a2", "a3"]
-
-
-def test_earlier_seconds_fire_first() -> None:
-    late = [item(f"x{i}", "T1", f"C{i}", T0 + 1) for i in range(3)]
-    early = item("early", "T9", "C9", T0 + 0.99)
-    assert [i.id for i in fair_order([*late, early])][0] == "early"
-
-
-def test_fair_order_keeps_every_item_once() -> None:
-    items = [item(f"i{n}", f"T{n % 3}", f"C{n % 7}", T0 + (n % 5) * 0.3) for n in range(200)]
-    ordered = fair_order(items)
-    assert sorted(i.id for i in ordered) == sorted(i.id for i in items)
-    # due seconds never go backwards
-    seconds = [math.floor(i.due_at) for i in ordered]
-    assert seconds == sorted(seconds)
-
-
-# -- the bounded rate --------------------------------------------------------------------------------
-
-
-def test_queue_hands_out_at_most_a_batch_then_the_rate() -> None:
-    clock = FakeClock(T0)
-    queue = DueQueue(rate_per_s=100.0, batch_max=10)
-    assert queue.add(item(f"i{n}", lane=f"C{n}") for n in range(100)) == 100
-    assert len(queue.take(clock())) == 10  # the burst is one batch
-    assert queue.take(clock()) == []  # bucket empty
-    assert queue.wait_s(clock()) == pytest.approx(0.01)
-    clock.advance(0.05)
-    assert len(queue.take(clock())) == 5  # 100/s for 50 ms
-    clock.advance(10.0)
-    assert len(queue.take(clock())) == 10  # never more than a batch, however long it waited
-    taken = 25
-    for _ in range(100):
-        if not len(queue):
-            break
-        clock.advance(0.1)
-        taken += len(queue.take(clock()))
-    assert taken == 100 and queue.wait_s(clock()) == math.inf
-
-
-def test_queue_ignores_ids_it_already_holds() -> None:
-    queue = DueQueue(rate_per_s=10.0, batch_max=5)
-    assert queue.add([item("a"), item("b")]) == 2
-    assert queue.add([item("a"), item("c")]) == 1
-    assert len(queue) == 3 and "a" in queue
-
-
-def test_queue_refuses_a_rate_or_batch_of_zero() -> None:
-    with pytest.raises(ValueError):
-        DueQueue(rate_per_s=0.0, batch_max=1)
-    with pytest.raises(ValueError):
-        DueQueue(rate_per_s=1.0, batch_max=0)
+def item(iid: str, team: str = "T1", lane: str = "C1", due_at: float = T0, kind: str = "test") -> DueItem:
+    return DueItem(iid, kind, team, lane, due_at)
 
 
 # -- firing, exactly once ---------------------------------------------------------------------------------
@@ -188,7 +126,14 @@ def test_scheduler_fires_on_time_at_its_rate_and_counts_late_items(store: Store)
     published = Recorder()
     metrics = ServiceMetrics("webapp", "test")
     scheduler = Scheduler(
-        store, published, metrics, firers=firers_posting_to(store), rate_per_s=10.0, batch_max=5, clock=clock
+        store,
+        published,
+        metrics,
+        firers=firers_posting_to(store),
+        rate_per_s=10.0,
+        batch_max=5,
+        clock=clock,
+        duty_cycle=1.0,  # no rests: the rate alone paces it here
     )
     assert scheduler.step() == 0.0  # fired the missed one at once
     assert [e.json for e in published.events] == ['{"type":"fired-again","id":"missed"}']
@@ -208,3 +153,111 @@ def test_scheduler_fires_on_time_at_its_rate_and_counts_late_items(store: Store)
     assert clock() - (T0 + 10) == pytest.approx(2.5, abs=0.05)  # 25 more at 10/s after the first batch
     assert metric(metrics, "rtm_scheduler_fired_total", kind="test", outcome="posted", late="false") == 30
     assert metric(metrics, "rtm_scheduler_late_seconds_count", kind="test") == 31
+
+
+def test_scheduler_yields_to_an_open_live_write_and_to_a_full_outbox(store: Store) -> None:
+    clock = FakeClock(T0)
+    with store.transaction():
+        for n in range(4):
+            add_due(store, item(f"i{n}", lane=f"C{n}"))
+    published = Recorder()
+    live = {"writing": True, "backlog": 0}
+    metrics = ServiceMetrics("webapp", "test")
+    scheduler = Scheduler(
+        store,
+        published,
+        metrics,
+        firers=firers_posting_to(store),
+        batch_max=2,
+        clock=clock,
+        live_writing=lambda: live["writing"],
+        outbox_backlog=lambda: live["backlog"],
+        max_outbox_backlog=10,
+    )
+    assert scheduler.step() == LIVE_POLL_S and published.events == []  # a live post is being written
+    live.update(writing=False, backlog=11)
+    assert scheduler.step() == OUTBOX_POLL_S and published.events == []  # live events wait in the outbox
+    live["backlog"] = 10
+    scheduler.step()
+    assert len(published.events) == 2  # one batch, then the rate
+    assert metric(metrics, "rtm_scheduler_yields_total", reason="live_write") == 1
+    assert metric(metrics, "rtm_scheduler_yields_total", reason="outbox") == 1
+    assert len(scheduler.queue) == 2
+
+
+def test_a_batch_whose_commit_fails_leaves_its_items_pending_and_the_connection_usable(store: Store) -> None:
+    # a deferred foreign key makes the COMMIT itself fail, after the events were registered
+    store.conn.execute("PRAGMA foreign_keys=ON")
+    store.conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    store.conn.execute("CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    with store.transaction():
+        add_due(store, item("a"))
+    firers = FirerRegistry()
+
+    def orphan(s: Store, iid: str, now: float) -> list[Event]:
+        s.conn.execute("INSERT INTO child (p) VALUES (42)")
+        return [s._append_event("LANE", {"type": "fired", "id": iid})]
+
+    firers.register("test", orphan)
+    with pytest.raises(sqlite3.IntegrityError):
+        fire_batch(store, firers, [item("a")], T0)
+    assert not store.conn.in_transaction
+    assert store.conn.execute("SELECT state FROM due_items").fetchone()[0] == "pending"
+    assert store.last_seq("LANE") == 0
+    store.conn.execute("DELETE FROM child")
+    store.conn.execute("INSERT INTO parent (id) VALUES (42)")
+    assert [o for _, o in fire_batch(store, firers, [item("a")], T0).outcomes] == ["posted"]
+
+
+def test_the_whole_due_set_is_read_a_chunk_per_turn_before_the_first_batch(store: Store) -> None:
+    clock = FakeClock(T0)
+    with store.transaction():
+        for n in range(READ_CHUNK + 10):
+            add_due(store, item(f"busy{n:04d}", lane="C-busy", kind="message"))
+        add_due(store, item("zz-reminder", lane="U1", kind="reminder"))  # sorts last by id
+        add_due(store, item("soon", lane="C2", due_at=T0 + 1))
+    published = Recorder()
+    firers = firers_posting_to(store)
+    firers.register("message", firers.get("test"))  # type: ignore[arg-type]
+    firers.register("reminder", firers.get("test"))  # type: ignore[arg-type]
+    scheduler = Scheduler(store, published, ServiceMetrics("webapp", "test"), firers=firers, clock=clock)
+    assert scheduler.step() == 0.0 and published.events == [] and len(scheduler.queue) == READ_CHUNK
+    scheduler.step()  # the rest read, then the first batch: the reminder's turn comes second
+    fired = [json.loads(e.json)["id"] for e in published.events]
+    assert fired[:3] == ["busy0000", "zz-reminder", "busy0001"]
+    assert scheduler.refill(T0) == 0  # nothing new
+    assert scheduler.refill(T0 + 1) == 1  # what fell due since
+
+
+def test_a_resumed_read_is_an_index_range_not_a_scan_of_the_second(store: Store) -> None:
+    # 20,000 items due in one second: the read that resumes after the last id must not visit them all
+    plan = store.conn.execute("EXPLAIN QUERY PLAN " + DUE_ROWS_SQL, ("pending", T0, T0, "x", 500)).fetchall()
+    detail = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX due_items_pending" in detail and "(due_at,id)>(?,?)" in detail
+    assert "TEMP B-TREE" not in detail  # no sort either
+
+
+def test_a_stream_of_wakes_does_not_keep_the_scheduler_from_firing(store: Store) -> None:
+    with store.transaction():
+        for n in range(READ_CHUNK * 2):
+            add_due(store, item(f"i{n:04d}", lane=f"C{n % 50}"))
+    published = Recorder()
+    scheduler = Scheduler(
+        store, published, ServiceMetrics("webapp", "test"), firers=firers_posting_to(store), clock=FakeClock(T0)
+    )
+    for _ in range(10):
+        scheduler.wake()  # an API call scheduled something, before every turn
+        scheduler.step()
+    assert len(scheduler.queue) + len(published.events) == READ_CHUNK * 2 and published.events
+
+
+def test_the_scheduler_connection_sees_a_webapp_commit_at_once(store: Store) -> None:
+    own = open_scheduler_store(store.path)
+    try:
+        channel = next(c for c in store.conn.execute("SELECT channel, user FROM members"))
+        assert own.is_member(*channel)  # cached on the scheduler's connection
+        with store.transaction() as db:  # the webapp's connection: the member leaves
+            db.execute("DELETE FROM members WHERE channel = ? AND user = ?", channel)
+        assert not own.is_member(*channel)  # seen by the next check, not 0.1 s later
+    finally:
+        own.close()

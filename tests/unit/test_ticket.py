@@ -10,7 +10,15 @@ from collections import deque
 
 import pytest
 
-from services.ticket import TICKET_TTL_S, InvalidTicket, NonceStore, Ticket, TicketVerifier, mint
+from services.ticket import (
+    TICKET_TTL_S,
+    InvalidTicket,
+    NonceStore,
+    Ticket,
+    TicketVerifier,
+    mint,
+    new_incarnation,
+)
 
 SECRET = b"s3cret-for-tests"
 NOW_S = 1_700_000_000.0
@@ -68,6 +76,39 @@ def test_tampered_signature() -> None:
     flipped = b64(bytes([raw[0] ^ 1]) + raw[1:])
     with pytest.raises(InvalidTicket, match="bad signature"):
         verifier().verify(payload + "." + flipped, now_s=NOW_S)
+
+
+def test_a_ticket_used_before_a_gateway_restart_is_refused_after_it() -> None:
+    """Nonces live in the gateway process: a restart forgets them. The ticket names the
+    incarnation (start) it was minted for, so a replay on the restarted process fails."""
+    before = new_incarnation()
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S, incarnation=before)
+    assert TicketVerifier(SECRET, "gw-1", incarnation=before).verify(token, now_s=NOW_S).incarnation == before
+    restarted = TicketVerifier(SECRET, "gw-1", incarnation=new_incarnation())  # same id, fresh nonce store
+    with pytest.raises(InvalidTicket, match="earlier start"):
+        restarted.verify(token, now_s=NOW_S + 1)  # well within its TTL
+
+
+def test_a_ticket_minted_after_a_restart_on_a_stale_view_is_accepted() -> None:
+    """The webapp still saw the previous incarnation in Consul when it minted: the ticket
+    was issued after this start, so it is not a replay."""
+    started_at = NOW_S
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=started_at + 0.5, incarnation="previous")
+    verifier = TicketVerifier(SECRET, "gw-1", incarnation=new_incarnation(), started_at=started_at)
+    assert verifier.verify(token, now_s=started_at + 1).issued_at == started_at + 0.5
+    replayed = mint(SECRET, "U1", "T1", "gw-1", now_s=started_at - 0.5, incarnation="previous")
+    with pytest.raises(InvalidTicket, match="earlier start"):  # issued before this start: a replay
+        verifier.verify(replayed, now_s=started_at + 1)
+
+
+def test_a_ticket_without_an_incarnation_is_refused_by_a_gateway_that_has_one() -> None:
+    token = mint(SECRET, "U1", "T1", "gw-1", now_s=NOW_S)
+    with pytest.raises(InvalidTicket, match="earlier start"):
+        TicketVerifier(SECRET, "gw-1", incarnation=new_incarnation()).verify(token, now_s=NOW_S)
+
+
+def test_incarnations_are_unique_per_start() -> None:
+    assert len({new_incarnation() for _ in range(1000)}) == 1000
 
 
 def test_wrong_gateway() -> None:

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from services.errors import HandshakeRateLimited
 from services.identity import BadIdentity, PeerIdentity
 from services.tls import (
+    HandshakeLimiter,
     RefusalLog,
     TrustConfigError,
     WireTrust,
     cert_instance,
     identity_from_peercert,
+    refusal_kind,
     trust_from_args,
 )
 from tests.support import FleetCA
@@ -50,6 +53,41 @@ def test_refusals_are_logged_once_per_source_per_interval() -> None:
     assert limit.should_log("10.0.0.1", 60.0)  # a minute later: once more
     assert limit.should_log("10.0.0.3", 61.0)  # bounded: 10.0.0.2 is forgotten
     assert len(limit._last) == 2
+
+
+def test_a_source_may_start_its_burst_of_handshakes_then_the_rate() -> None:
+    limiter = HandshakeLimiter(rate_per_s=2.0, burst=3)
+    assert [limiter.take("10.0.0.9", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert not limiter.take("10.0.0.9", 0.4)  # 0.8 of a token: not yet
+    assert limiter.take("10.0.0.9", 0.5) and not limiter.take("10.0.0.9", 0.5)  # one per 1/rate s
+    assert limiter.take("10.0.0.1", 0.5)  # another source: its own bucket
+    assert limiter.tokens("10.0.0.9", 100.0) == 3.0  # refills to the burst, no further
+
+
+def test_successful_handshakes_are_given_back() -> None:
+    limiter = HandshakeLimiter(rate_per_s=0.0, burst=2)  # nothing refills: only give_back does
+    for _ in range(100):  # a fleet peer that dials again and again, always verified
+        assert limiter.take("127.0.0.1", 0.0)
+        limiter.give_back("127.0.0.1", 0.0)
+    assert limiter.take("127.0.0.1", 0.0) and limiter.take("127.0.0.1", 0.0)  # two at once, unfinished
+    assert not limiter.take("127.0.0.1", 0.0)
+    limiter.give_back("127.0.0.1", 0.0)
+    limiter.give_back("127.0.0.1", 0.0)
+    limiter.give_back("127.0.0.1", 0.0)  # never past the burst
+    assert limiter.tokens("127.0.0.1", 0.0) == 2.0
+
+
+def test_the_limiter_remembers_a_bounded_number_of_sources() -> None:
+    limiter = HandshakeLimiter(rate_per_s=0.0, burst=1, max_sources=2)
+    assert limiter.take("a", 0.0) and limiter.take("b", 0.0) and limiter.take("c", 0.0)
+    assert len(limiter._buckets) == 2 and limiter.tokens("a", 0.0) == 1.0  # "a" forgotten: full again
+    with pytest.raises(ValueError):
+        HandshakeLimiter(rate_per_s=1.0, burst=0)
+
+
+def test_refusals_are_counted_by_kind() -> None:
+    assert refusal_kind(HandshakeRateLimited("over")) == "handshake_rate"
+    assert refusal_kind(ConnectionResetError()) == "auth"
 
 
 def args(**given: object) -> argparse.Namespace:

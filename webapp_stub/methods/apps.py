@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.ticket import mint
+from services.ticket import INCARNATION_META, mint
 from webapp_stub.api import Call, WebApi, method
 from webapp_stub.args import bearer_token
 from webapp_stub.errors import ApiError
@@ -49,6 +49,15 @@ def apps_connections_open(api: WebApi, call: Call) -> dict[str, Any]:
     resume = api.resume.claim(app.id)
     if resume:
         api.resumes.labels("claimed").inc()
-    ticket = mint(api.keys.ticket_signing, bot.id, bot.team, gateway.id, api.clock(), resume=resume, app=app.id)
+    ticket = mint(
+        api.keys.ticket_signing,
+        bot.id,
+        bot.team,
+        gateway.id,
+        api.clock(),
+        resume=resume,
+        app=app.id,
+        incarnation=gateway.meta.get(INCARNATION_META, ""),
+    )
     base = gateway.meta.get("public_url") or f"ws://{gateway.address}:{gateway.port}"
     return {"url": f"{base.rstrip('/')}{SOCKET_MODE_PATH}?ticket={ticket}&app_id={app.id}"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.ticket import mint
+from services.ticket import INCARNATION_META, mint
 from webapp_stub.api import (
     Call,
     WebApi,
@@ -29,7 +29,15 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
     resume = api.resume.claim(user.id)
     if resume:
         api.resumes.labels("claimed").inc()
-    ticket = mint(api.keys.ticket_signing, user.id, user.team, gateway.id, api.clock(), resume=resume)
+    ticket = mint(
+        api.keys.ticket_signing,
+        user.id,
+        user.team,
+        gateway.id,
+        api.clock(),
+        resume=resume,
+        incarnation=gateway.meta.get(INCARNATION_META, ""),
+    )
     team = api.store.team(user.team)
     # behind an edge proxy a gateway registers the URL clients reach it at (gateway --public-url)
     base = gateway.meta.get("public_url") or f"ws://{gateway.address}:{gateway.port}"
