@@ -729,7 +729,7 @@ async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record
     # record once more, so that its gateway is told the record is gone (it closes 4010), not a
     # ticket naming nothing that would start the moved connection silently at a fresh bootstrap.
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
-    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id)
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
     _, connect = await webapp.call("rtm.connect", carol["token"])
     assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == rid
     _, other = await webapp.internal("bootstrap", {**ask, "nonce": "n-2"})
