@@ -64,6 +64,7 @@ from bench.harness import (
     system_busy_s,
 )
 from bench.stats import pct, percentiles
+from services.connection import set_nodelay
 
 NAME = "hops"
 CHANNEL = "C0123456789A"
@@ -88,17 +89,6 @@ def frame(message: dict[str, Any]) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def nodelay(transport: asyncio.BaseTransport) -> None:
-    import socket
-
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
 class Link(asyncio.Protocol):
     """The downstream end of a hop: written to, never read."""
 
@@ -106,7 +96,7 @@ class Link(asyncio.Protocol):
         self.transport: Any = None  # uvloop's TCPTransport is not an asyncio.Transport subclass
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        nodelay(transport)
+        set_nodelay(transport)
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -124,7 +114,7 @@ class FrameIn(asyncio.Protocol):
         self.unpackb = msgpack.unpackb
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        nodelay(transport)
+        set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf

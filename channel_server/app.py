@@ -36,8 +36,6 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from aiohttp import web
-
 from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
 from services import debug_faults, ops, wire
 from services.config import Parser, service_parser
@@ -45,10 +43,9 @@ from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection
 from services.errors import BadMessage, ConnectionLost, ErrorCode, SendBufferFull
 from services.identity import CHANNEL_SERVER
 from services.metrics import FANOUT_BUCKETS, LATENCY_BUCKETS_S
-from services.msgpack_service import MsgpackService
+from services.msgpack_service import SlotService
 from services.process import run_main
 from services.ring import CHANNEL_RING_KEY, RingDocument
-from services.slot_owner import SlotOwner
 
 log = logging.getLogger("rtm.channel_server")
 
@@ -59,22 +56,12 @@ SERVED_OPS: dict[str, type[ops.Op]] = {
 }
 
 
-class ChannelServer(MsgpackService):
+class ChannelServer(SlotService):
     def __init__(self, args: Any) -> None:
-        super().__init__(args, SERVICE)
+        super().__init__(args, SERVICE, CHANNEL_RING_KEY, noun="channel server", metric_prefix="rtm_cs", log=log)
         self.table = ChannelTable(history_events=args.history_events)
         self.gateways: dict[int, PeerConnection] = {}
-        self.slots = SlotOwner(
-            self.discovery,
-            self.instance_id,
-            CHANNEL_RING_KEY,
-            role=args.role,
-            ttl_s=args.ttl_s,
-            on_change=self.on_ring_change,
-        )
-        self.follower = self.slots.follower
         m = self.metrics
-        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
         self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
         self.events_out = m.counter("rtm_cs_events_out_total", "Event frames written to gateways")
@@ -103,35 +90,9 @@ class ChannelServer(MsgpackService):
         m.gauge("rtm_cs_subscriptions", "Channel subscriptions held (channel x gateway)").set_function(
             lambda: sum(mask.bit_count() for mask in self.table.subscribers.values())
         )
-        m.gauge("rtm_ring_version", "Version of the channel ring this process acts on").set_function(
-            lambda: self.follower.ring.version
-        )
-        m.gauge("rtm_cs_slots", "Ring slots this channel server owns").set_function(
-            lambda: len(self.follower.ring.doc.slots_of(self.instance_id))
-        )
-        m.gauge("rtm_cs_fenced", "1 while this server refuses everything because its Consul lease lapsed").set_function(
-            lambda: 1 if self.slots.is_fenced() else 0
-        )
+        self.slot_gauges()
 
-    # -- lifecycle (services/msgpack_service.py: the order) --------------------------------
-    def metrics_routes(self) -> list[web.RouteDef] | None:
-        args = self.args
-        if not args.debug_faults:
-            return None
-        return debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
-
-    async def starting(self) -> None:
-        self.slots.start()
-
-    async def register(self) -> dict[str, Any]:
-        return await self.slots.register(SERVICE, self.address, self.port, self.metrics_port)
-
-    async def started(self) -> None:
-        log.info("channel server %s serving on %s:%s", self.instance_id, self.address, self.port)
-
-    async def closing(self) -> None:
-        for conn in list(self.gateways.values()):
-            conn.close()
+    # -- lifecycle: services/msgpack_service.py (SlotService) ---------------------------------
 
     def health(self) -> dict[str, Any]:
         return {

@@ -25,18 +25,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-PASSED_THROUGH = frozenset(
-    {
-        "reaction_added",
-        "reaction_removed",
-        "member_joined_channel",
-        "member_left_channel",
-        "channel_created",
-        "channel_rename",
-        "channel_archive",
-    }
-)
-MESSAGE_EVENTS = {"channel": "message.channels", "group": "message.groups", "im": "message.im", "mpim": "message.mpim"}
+from services.app_event_names import APP_MENTION, MESSAGE_EVENTS, PASSED_THROUGH
+
 # Slack's verification token is a per-app string sent in every payload; deprecated, kept for shape.
 VERIFICATION_TOKEN_PREFIX = "rtm-verification-"
 
@@ -83,7 +73,7 @@ def app_events(app: AppProfile, event: dict[str, Any]) -> list[dict[str, Any]]:
         text = event.get("text")
         mentioned = isinstance(text, str) and f"<@{app.bot_user}>" in text
         plain = event.get("subtype") in (None, "thread_broadcast")
-        if mentioned and plain and event.get("user") != app.bot_user and "app_mention" in app.events:
+        if mentioned and plain and event.get("user") != app.bot_user and APP_MENTION in app.events:
             mention: dict[str, Any] = {
                 k: event[k] for k in ("user", "text", "ts", "channel", "event_ts", "team") if k in event
             }
@@ -92,7 +82,7 @@ def app_events(app: AppProfile, event: dict[str, Any]) -> list[dict[str, Any]]:
             for extra in ("blocks", "attachments"):
                 if extra in event:
                     mention[extra] = event[extra]
-            out.append({"type": "app_mention", **mention})
+            out.append({"type": APP_MENTION, **mention})
         return out
     if kind in PASSED_THROUGH and kind in app.events:
         out_event = dict(event)

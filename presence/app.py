@@ -50,18 +50,15 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from aiohttp import web
-
 from presence.state import LEASE_TTL_S, PresenceTable, Pushes, merge
 from services import debug_faults, ops, wire
 from services.config import Parser, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection
 from services.errors import ConnectionLost, ErrorCode, SendBufferFull
 from services.identity import PRESENCE
-from services.msgpack_service import MsgpackService
+from services.msgpack_service import SlotService
 from services.process import run_main
 from services.ring import PRESENCE_RING_KEY, RingDocument
-from services.slot_owner import SlotOwner
 from services.tasks import Tasks
 
 log = logging.getLogger("rtm.presence")
@@ -91,20 +88,11 @@ REQUESTS_SERVED: dict[str, type[ops.Op]] = {
 PUSH_INTERVAL_S = 0.005
 
 
-class PresenceServer(MsgpackService):
+class PresenceServer(SlotService):
     def __init__(self, args: Any) -> None:
-        super().__init__(args, SERVICE)
+        super().__init__(args, SERVICE, PRESENCE_RING_KEY, noun="presence server", metric_prefix="rtm_ps", log=log)
         self.table = PresenceTable(lease_ttl_s=args.lease_ttl_s)
         self.gateways: dict[str, PeerConnection] = {}  # gateway id -> its connection
-        self.slots = SlotOwner(
-            self.discovery,
-            self.instance_id,
-            PRESENCE_RING_KEY,
-            role=args.role,
-            ttl_s=args.ttl_s,
-            on_change=self.on_ring_change,
-        )
-        self.follower = self.slots.follower
         self.pending: dict[str, dict[str, str]] = {}  # gateway id -> user -> presence, flushed each loop turn
         self.flush_scheduled = False
         self.last_flush = 0.0
@@ -113,7 +101,6 @@ class PresenceServer(MsgpackService):
         self.rebuild_task: asyncio.Task[None] | None = None
         self.tasks = Tasks("presence server")
         m = self.metrics
-        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.updates_in = m.counter("rtm_ps_updates_in_total", "Presence reports received, by kind", ["kind"])
         self.updates_out = m.counter("rtm_ps_updates_out_total", "Presence entries pushed to gateways")
         self.push_frames = m.counter("rtm_ps_push_frames_total", "presence frames written to gateways")
@@ -137,40 +124,19 @@ class PresenceServer(MsgpackService):
         m.gauge("rtm_ps_subscriptions", "(user, gateway) watch pairs").set_function(lambda: self.table.subscriptions)
         m.gauge("rtm_ps_leases", "Gateway leases held").set_function(lambda: len(self.table.leases))
         m.gauge("rtm_ps_gateways", "Gateways connected").set_function(lambda: len(self.gateways))
-        m.gauge("rtm_ring_version", "Version of the presence ring this process acts on").set_function(
-            lambda: self.follower.ring.version
-        )
-        m.gauge("rtm_ps_slots", "Ring slots this presence server owns").set_function(
-            lambda: len(self.follower.ring.doc.slots_of(self.instance_id))
-        )
         m.gauge("rtm_ps_rebuilding", "1 while a newly taken slot is being rebuilt from the gateways").set_function(
             lambda: 1 if self.table.rebuilding else 0
         )
-        m.gauge("rtm_ps_fenced", "1 while this server refuses everything because its Consul lease lapsed").set_function(
-            lambda: 1 if self.slots.is_fenced() else 0
-        )
+        self.slot_gauges()
 
-    # -- lifecycle (services/msgpack_service.py: the order) --------------------------------
-    def metrics_routes(self) -> list[web.RouteDef] | None:
-        args = self.args
-        if not args.debug_faults:
-            return None
-        return debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
-
+    # -- lifecycle: services/msgpack_service.py (SlotService) ---------------------------------
     async def starting(self) -> None:
-        self.slots.start()
+        await super().starting()
         self.spawn(self.expire_loop())
-
-    async def register(self) -> dict[str, Any]:
-        return await self.slots.register(SERVICE, self.address, self.port, self.metrics_port)
-
-    async def started(self) -> None:
-        log.info("presence server %s serving on %s:%s", self.instance_id, self.address, self.port)
 
     async def closing(self) -> None:
         await self.tasks.cancel_all()
-        for conn in list(self.gateways.values()):
-            conn.close()
+        await super().closing()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         return self.tasks.spawn(coro)

@@ -77,6 +77,7 @@ from services.tls_gate import RefusedHandler, TlsGate
 
 log = logging.getLogger("rtm.connection")
 
+
 DEFAULT_REQUEST_TIMEOUT_S = 5.0
 # A peer whose unsent bytes pass this bound is too slow: it is disconnected
 # (and catches up from history when it comes back) rather than buffered for.
@@ -140,6 +141,17 @@ def _refuse_request(conn: PeerConnection, msg: Message) -> Message:
     return wire.reply_err(int(msg["id"]), ErrorCode.UNKNOWN_OP, f"no requests served here ({msg.get('op')})")
 
 
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Turn Nagle off on ``transport``'s socket: frames leave at once (a socket without one, or
+    that refuses the option, is left as it is)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 class PeerConnection(asyncio.Protocol):
     """One msgpack/TCP connection, either side."""
 
@@ -192,12 +204,7 @@ class PeerConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"

@@ -236,6 +236,15 @@ class Discovery:
         value = None if data is None else data.get("Value")
         return int(new_index or 0), value
 
+    async def get_prefix(self, prefix: str, index: int | None = None) -> tuple[int, dict[str, bytes | None]]:
+        """Every key under ``prefix`` and its value; a blocking query when ``index`` is given."""
+        self._check_partition()
+        kwargs: dict[str, Any] = {"recurse": True}
+        if index is not None:
+            kwargs.update(index=index, wait=f"{BLOCKING_WAIT_S}s")
+        new_index, entries = await self.client.kv.get(prefix, **kwargs)
+        return int(new_index), {e["Key"]: e.get("Value") for e in (entries or [])}
+
     async def put_key(self, key: str, value: bytes, cas: int | None = None) -> bool:
         return bool(await self.client.kv.put(key, value, cas=cas))
 
@@ -249,39 +258,37 @@ class Discovery:
     # -- watches ---------------------------------------------------------------
     def watch_service(self, service: str, on_change: Callback) -> asyncio.Task[None]:
         """Call ``on_change(list[Instance])`` now and on every change of the healthy set."""
-
-        async def loop() -> None:
-            index: int | None = None
-            last: list[Instance] | None = None
-            while True:
-                try:
-                    index, instances = await self.healthy(service, index=index)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.debug("watch %s failed: %s", service, exc)
-                    index = None
-                    await asyncio.sleep(WATCH_RETRY_DELAY_S)
-                    continue
-                if instances != last:
-                    last = instances
-                    await _call(on_change, instances)
-
-        return self.spawn(loop(), f"watch-service-{service}")
+        return self._watch(service, f"watch-service-{service}", lambda i: self.healthy(service, index=i), on_change)
 
     def watch_key(self, key: str, on_change: Callback) -> asyncio.Task[None]:
         """Call ``on_change(bytes | None)`` now and whenever the key's value changes."""
+        return self._watch(key, f"watch-key-{key}", lambda i: self.get_key(key, index=i), on_change)
+
+    def watch_prefix(self, prefix: str, on_change: Callback) -> asyncio.Task[None]:
+        """Call ``on_change(dict[key, bytes])`` now and whenever anything under ``prefix`` changes."""
+        return self._watch(f"{prefix}*", f"watch-prefix-{prefix}", lambda i: self.get_prefix(prefix, i), on_change)
+
+    def _watch(
+        self,
+        what: str,
+        task_name: str,
+        read: Callable[[int | None], Awaitable[tuple[int, Any]]],
+        on_change: Callback,
+    ) -> asyncio.Task[None]:
+        """One blocking-query loop: ``read(index)`` returns (new index, value); ``on_change(value)``
+        now and whenever the value differs. A failed read is retried after WATCH_RETRY_DELAY_S
+        with a fresh (non-blocking) query."""
 
         async def loop() -> None:
             index: int | None = None
             last: Any = object()
             while True:
                 try:
-                    new_index, value = await self.get_key(key, index=index)
+                    new_index, value = await read(index)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.debug("watch %s failed: %s", key, exc)
+                    log.debug("watch %s failed: %s", what, exc)
                     index = None
                     await asyncio.sleep(WATCH_RETRY_DELAY_S)
                     continue
@@ -291,35 +298,7 @@ class Discovery:
                     last = value
                     await _call(on_change, value)
 
-        return self.spawn(loop(), f"watch-key-{key}")
-
-    def watch_prefix(self, prefix: str, on_change: Callback) -> asyncio.Task[None]:
-        """Call ``on_change(dict[key, bytes])`` now and whenever anything under ``prefix`` changes."""
-
-        async def loop() -> None:
-            index: int | None = None
-            last: Any = object()
-            while True:
-                try:
-                    self._check_partition()
-                    kwargs: dict[str, Any] = {"recurse": True}
-                    if index is not None:
-                        kwargs.update(index=index, wait=f"{BLOCKING_WAIT_S}s")
-                    new_index, entries = await self.client.kv.get(prefix, **kwargs)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.debug("watch %s* failed: %s", prefix, exc)
-                    index = None
-                    await asyncio.sleep(WATCH_RETRY_DELAY_S)
-                    continue
-                index = int(new_index) if index is None or int(new_index) >= index else None
-                values = {e["Key"]: e.get("Value") for e in (entries or [])}
-                if values != last:
-                    last = values
-                    await _call(on_change, values)
-
-        return self.spawn(loop(), f"watch-prefix-{prefix}")
+        return self.spawn(loop(), task_name)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return self._tasks.spawn(coro, name)

@@ -9,15 +9,22 @@ steps through the hooks below, in this order:
 
 start: listen (msgpack, then metrics) -> ``starting()`` -> ``register()`` -> ``started()``
 stop:  ``stopping()`` -> Consul deregistration -> listener closed -> ``closing()`` -> metrics stopped
+
+:class:`SlotService` adds what the channel and presence servers share on top:
+ring slots held through a :class:`SlotOwner`, the slot gauges, the
+``--debug-faults`` routes and the gateways' connections closed on stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
+from services import debug_faults
 from services.authz import Authorizer
 from services.config import advertised
 from services.connection import PeerConnection, PeerLimits, serve
@@ -25,6 +32,8 @@ from services.discovery import Discovery
 from services.errors import BadMessage
 from services.metrics import ServiceMetrics, start_metrics_server
 from services.process import StopFn
+from services.ring import RingDocument
+from services.slot_owner import SlotOwner
 from services.tls import refusal_kind, trust_from_args
 
 
@@ -134,3 +143,69 @@ class MsgpackService:
 
     def count_bad_message(self, conn: PeerConnection, exc: BadMessage, was_request: bool) -> None:
         self.metrics.error(exc.kind if was_request else "bad_push")
+
+
+class SlotService(MsgpackService):
+    """A :class:`MsgpackService` that owns slots of a ring (channel and presence servers).
+
+    ``noun`` names the server in logs and metric help ("channel server"), its first word the ring;
+    ``metric_prefix`` starts its own gauges (``rtm_cs``). A subclass fills ``gateways`` and
+    answers ring changes in :meth:`on_ring_change`.
+    """
+
+    gateways: Mapping[Any, PeerConnection]
+
+    def __init__(
+        self, args: Any, service: str, ring_key: str, *, noun: str, metric_prefix: str, log: logging.Logger
+    ) -> None:
+        super().__init__(args, service)
+        self.noun = noun
+        self.metric_prefix = metric_prefix
+        self.log = log
+        self.slots = SlotOwner(
+            self.discovery,
+            self.instance_id,
+            ring_key,
+            role=args.role,
+            ttl_s=args.ttl_s,
+            on_change=self.on_ring_change,
+        )
+        self.follower = self.slots.follower
+        self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
+
+    def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
+        """The ring moved: drop or take over what changed owner (the subclass's state)."""
+        raise NotImplementedError
+
+    def slot_gauges(self) -> None:
+        """The ring version, slots held and fenced gauges (call where the subclass lists its gauges)."""
+        m, prefix, ring = self.metrics, self.metric_prefix, self.noun.split()[0]
+        m.gauge("rtm_ring_version", f"Version of the {ring} ring this process acts on").set_function(
+            lambda: self.follower.ring.version
+        )
+        m.gauge(f"{prefix}_slots", f"Ring slots this {self.noun} owns").set_function(
+            lambda: len(self.follower.ring.doc.slots_of(self.instance_id))
+        )
+        m.gauge(
+            f"{prefix}_fenced", "1 while this server refuses everything because its Consul lease lapsed"
+        ).set_function(lambda: 1 if self.slots.is_fenced() else 0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def metrics_routes(self) -> list[web.RouteDef] | None:
+        args = self.args
+        if not args.debug_faults:
+            return None
+        return debug_faults.fault_routes(self.discovery, args.host, args.operator_token, self.metrics)
+
+    async def starting(self) -> None:
+        self.slots.start()
+
+    async def register(self) -> dict[str, Any]:
+        return await self.slots.register(self.service, self.address, self.port, self.metrics_port)
+
+    async def started(self) -> None:
+        self.log.info("%s %s serving on %s:%s", self.noun, self.instance_id, self.address, self.port)
+
+    async def closing(self) -> None:
+        for conn in list(self.gateways.values()):
+            conn.close()

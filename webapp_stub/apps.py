@@ -4,7 +4,7 @@ An app (``A…``) owns one bot user (``xoxb-`` token, in ``users``/``tokens``)
 and any number of app-level tokens (``xapp-…``, scope ``connections:write``),
 which open Socket Mode connections (``apps.connections.open``) and call nothing
 else. Its event subscriptions are a small manifest: names from
-:data:`webapp_stub.models.APP_EVENTS`.
+:data:`services.app_event_names.APP_EVENTS`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import json
 import secrets
 from typing import Any
 
+from services.app_event_names import APP_EVENTS
 from webapp_stub.codecs import new_id
 from webapp_stub.database import Database
 from webapp_stub.errors import ApiError
-from webapp_stub.models import APP_EVENTS, App
+from webapp_stub.models import App
 
 APP_TOKEN_SCOPES = ("connections:write",)
 APP_TOKEN_PREFIX = "xapp-"

@@ -181,24 +181,6 @@ class Page:
     next_cursor: str  # "" on the last page
 
 
-# The Events API events an app may subscribe to here (its manifest's bot events);
-# message.* name the message events of one conversation type (docs/socket-mode.md).
-APP_EVENTS = (
-    "message.channels",
-    "message.groups",
-    "message.im",
-    "message.mpim",
-    "app_mention",
-    "reaction_added",
-    "reaction_removed",
-    "member_joined_channel",
-    "member_left_channel",
-    "channel_created",
-    "channel_rename",
-    "channel_archive",
-)
-
-
 @dataclass(frozen=True)
 class App:
     """A Slack app: its bot user, and the events (its manifest's subscriptions) it receives."""

@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.app_event_names import APP_EVENTS
 from services.config import Parser
 from services.secret_file import ensure_private_dir, replace_secret_file
 from webapp_stub.apps import APP_TOKEN_SCOPES
 from webapp_stub.codecs import new_id, new_token
 from webapp_stub.database import DB_FILE, DEFAULT_CACHE_PAGES
-from webapp_stub.models import APP_EVENTS
 from webapp_stub.reminders import SLACKBOT_ID, SLACKBOT_NAME, SLACKBOT_REAL_NAME
 from webapp_stub.store import Store
 
@@ -43,7 +43,7 @@ SMALL_SEED_USERS = 1000
 SEED_FILE = "seed.json"
 EMAIL_DOMAIN = "rtm-demo.example"  # .example: reserved, never a real mailbox
 APP_NAME = "rtmbot"
-# The demo app's manifest: the bot events it subscribes to (webapp_stub.models.APP_EVENTS).
+# The demo app's manifest: the bot events it subscribes to (services.app_event_names.APP_EVENTS).
 APP_MANIFEST: dict[str, Any] = {
     "display_information": {"name": APP_NAME},
     "settings": {

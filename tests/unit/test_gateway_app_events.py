@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.app_events import AppProfile, app_events, event_callback
-from webapp_stub.models import APP_EVENTS
+from services.app_event_names import APP_EVENTS
 
 APP = AppProfile("A1", "T1", "UBOT", frozenset(APP_EVENTS), {"CPRIV"})
 

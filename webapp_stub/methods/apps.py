@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.ticket import INCARNATION_META, mint
 from webapp_stub.api import Call, WebApi, method
 from webapp_stub.args import bearer_token
 from webapp_stub.errors import ApiError
-from webapp_stub.methods.rtm import REGION_HEADER
+from webapp_stub.methods.rtm import caller_region, gateway_ticket
 
 CONNECTIONS_WRITE = "connections:write"
 SOCKET_MODE_PATH = "/link/"  # Slack's: wss://wss-primary.slack.com/link/?ticket=...&app_id=...
@@ -40,24 +39,6 @@ def apps_connections_open(api: WebApi, call: Call) -> dict[str, Any]:
     bot = api.store.user(app.bot_user)
     if bot is None:
         raise ApiError("invalid_auth")
-    region = str(call.args.get("region") or "")
-    if not region and call.request is not None:
-        region = call.request.headers.get(REGION_HEADER, "")
-    gateway = api.gateways.pick_sticky(app.id, region or api.region)
-    if gateway is None:
-        raise ApiError("service_unavailable")
-    resume = api.resume.claim(app.id)
-    if resume:
-        api.resumes.labels("claimed").inc()
-    ticket = mint(
-        api.keys.ticket_signing,
-        bot.id,
-        bot.team,
-        gateway.id,
-        api.clock(),
-        resume=resume,
-        app=app.id,
-        incarnation=gateway.meta.get(INCARNATION_META, ""),
-    )
-    base = gateway.meta.get("public_url") or f"ws://{gateway.address}:{gateway.port}"
-    return {"url": f"{base.rstrip('/')}{SOCKET_MODE_PATH}?ticket={ticket}&app_id={app.id}"}
+    gateway = api.gateways.pick_sticky(app.id, caller_region(api, call))
+    base, ticket = gateway_ticket(api, gateway, bot, app.id, app=app.id)
+    return {"url": f"{base}{SOCKET_MODE_PATH}?ticket={ticket}&app_id={app.id}"}

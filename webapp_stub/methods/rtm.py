@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.discovery import Instance
 from services.ticket import INCARNATION_META, mint
 from webapp_stub.api import (
     Call,
@@ -11,6 +12,7 @@ from webapp_stub.api import (
     method,
 )
 from webapp_stub.errors import ApiError
+from webapp_stub.models import User
 
 REGION_HEADER = "X-Rtm-Region"
 
@@ -20,13 +22,31 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
     """A signed, single-use ticket URL on a gateway; it names the user's oldest
     pending resume record, if the fleet moved one of their connections."""
     user = call.me
+    base, ticket = gateway_ticket(api, api.gateways.pick(caller_region(api, call)), user, user.id)
+    team = api.store.team(user.team)
+    return {
+        "url": f"{base}/ws/{ticket}",
+        "self": {"id": user.id, "name": user.name},
+        "team": team.to_api() if team else {"id": user.team, "name": user.team, "domain": user.team.lower()},
+    }
+
+
+def caller_region(api: WebApi, call: Call) -> str:
+    """The region the caller asks for (``region`` argument, else the X-Rtm-Region header), else the webapp's own."""
     region = str(call.args.get("region") or "")
     if not region and call.request is not None:
         region = call.request.headers.get(REGION_HEADER, "")
-    gateway = api.gateways.pick(region or api.region)
+    return region or api.region
+
+
+def gateway_ticket(
+    api: WebApi, gateway: Instance | None, user: User, resume_key: str, app: str = ""
+) -> tuple[str, str]:
+    """(the gateway's base URL, a ticket for ``user`` on it naming the oldest resume record
+    under ``resume_key``); ``service_unavailable`` when no gateway was picked."""
     if gateway is None:
         raise ApiError("service_unavailable")
-    resume = api.resume.claim(user.id)
+    resume = api.resume.claim(resume_key)
     if resume:
         api.resumes.labels("claimed").inc()
     ticket = mint(
@@ -36,13 +56,9 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
         gateway.id,
         api.clock(),
         resume=resume,
+        app=app,
         incarnation=gateway.meta.get(INCARNATION_META, ""),
     )
-    team = api.store.team(user.team)
     # behind an edge proxy a gateway registers the URL clients reach it at (gateway --public-url)
     base = gateway.meta.get("public_url") or f"ws://{gateway.address}:{gateway.port}"
-    return {
-        "url": f"{base.rstrip('/')}/ws/{ticket}",
-        "self": {"id": user.id, "name": user.name},
-        "team": team.to_api() if team else {"id": user.team, "name": user.team, "domain": user.team.lower()},
-    }
+    return base.rstrip("/"), ticket
