@@ -23,7 +23,13 @@ benchmark reports both, so riding through an error never hides it.
 ``connect`` (:class:`Reconnect`): ``never`` (a close is recorded; the latency benchmarks), ``goodbye``
 (after ``goodbye`` and the close, connect again at once; any other close is recorded; failover,
 drain, typing) or ``always`` (``goodbye``: at once; any other close: after a random
-``AFTER_CLOSE_DELAY_S``; the soak, whose clients behave as Slack's do).
+``AFTER_CLOSE_DELAY_S``; the soak, whose clients behave as Slack's do). A reconnect after
+``goodbye`` resumes (the fleet moved the connection) as long as its attempts do not fail; after a
+failed attempt (a 4010 before ``hello``: the resume record is gone; or any other failure, which may
+have used the record up) the client goes on as a *fresh* connection (``Session.start``
+``after_failed_move``), which reads what it missed with ``conversations.history`` like Slack's
+clients. Only a ``goodbye`` before ``hello`` (the new gateway is draining too; it took nothing)
+keeps it a move.
 
 Requests (JSON lines on stdin, one JSON line answered each, :func:`bench.control.control_loop`):
 
@@ -82,6 +88,10 @@ QUIT_GRACE_S = 0.2  # after closing every websocket, before the process exits: t
 SID_STRIDE = 100_000_000  # session ids: proc * SID_STRIDE + n (unique across client processes)
 
 HELLO = b'{"type":"hello"}'
+# How a session started (``Session.start``, in the soak's records): after ``goodbye`` (the fleet
+# moved it: it resumes); after a failed attempt of such a move (fresh: it catches up from history).
+MOVED = "moved"
+AFTER_FAILED_MOVE = "after_failed_move"
 GOODBYE = b'"type":"goodbye"'
 
 
@@ -277,6 +287,12 @@ class Client:
                 reason = failure_reason(self.stage, exc)
                 if failures is not None:
                     failures[reason] += 1
+                if start == MOVED and not isinstance(exc, GoodbyeBeforeHello):
+                    # The move's resume may be gone with this attempt (a 4010 before hello says so;
+                    # a bootstrap that failed may have taken the record): go on as a fresh connection,
+                    # which reads what it missed with conversations.history, as Slack's clients do.
+                    # A goodbye before hello (the new gateway drains too) took nothing: still a move.
+                    start = AFTER_FAILED_MOVE
                 wait_s = None if STATE.quitting else rule.after_failure(exc, time.monotonic())
                 if wait_s is None:
                     raise
@@ -292,7 +308,7 @@ class Client:
             return
         mode = STATE.reconnect
         if sess.goodbye_us and mode != Reconnect.NEVER:
-            start, delay_s = "moved", 0.0
+            start, delay_s = MOVED, 0.0
         elif self.want_reconnect:
             start, delay_s = "client_reconnect", 0.0
         elif mode == Reconnect.ALWAYS:
@@ -317,7 +333,7 @@ class Client:
         STATE.recorder.on_reconnect(
             ReconnectRecord(
                 idx=self.idx,
-                start=start,
+                start=sess.start if sess else start,
                 goodbye_us=prev.goodbye_us,
                 closed_us=prev.t_close_us,
                 asked_us=asked_us,

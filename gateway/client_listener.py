@@ -32,7 +32,7 @@ from gateway.limits import ConnectionLimits, client_address
 from gateway.socket_mode import is_socket_mode
 from gateway.state import Effects, GatewayState, Session
 from gateway.webapp_client import WebappCalls
-from services.errors import CloseCode, ResumeLost
+from services.errors import CloseCode, PeerError, ResumeLost
 from services.metrics import ServiceMetrics
 from services.ticket import InvalidTicket, Ticket, TicketVerifier
 
@@ -191,7 +191,7 @@ class ClientListener:
         admitted = await self.admit(ws)
         if admitted is None:
             return
-        user, team, channels, until = admitted
+        user, team, channels, until, ticket = admitted
         del admitted
         sid = next(self.sids)
         self.sockets[sid] = ws
@@ -203,6 +203,9 @@ class ClientListener:
         try:
             await ws.send(HELLO.decode())
             self.connects.labels("ok").inc()
+            if ticket.resume:
+                self.spawn(self.confirm_resume(ticket))
+            del ticket
             self.apply(self.state.attach(session, channels, until))
             del channels, until  # this coroutine lives as long as the socket: keep its frame small
             self.presence.attached(session)
@@ -245,10 +248,12 @@ class ClientListener:
                 except RuntimeError:  # half-closed (write_eof) in between: it is leaving; the sweep goes on
                     continue
 
-    async def admit(self, ws: ServerConnection) -> tuple[str, str, list[tuple[str, int]], dict[str, int]] | None:
+    async def admit(
+        self, ws: ServerConnection
+    ) -> tuple[str, str, list[tuple[str, int]], dict[str, int], Ticket] | None:
         """Check the gateway takes clients, the ticket is good and its user under the
         per-user limit (counted from here: the caller releases it), then fetch the
-        bootstrap: (user, team, [(channel, seq)], {channel: leave seq still owed up to}),
+        bootstrap: (user, team, [(channel, seq)], {channel: leave seq still owed up to}, ticket),
         or None after closing ``ws``."""
         if self.refusing():
             self.connects.labels("draining").inc()
@@ -276,7 +281,7 @@ class ClientListener:
             boot = await self.bootstrap(ticket)
             channels = [(str(c["id"]), int(c.get("seq", 0))) for c in boot["channels"]]
             until = {str(ch): int(seq) for ch, seq in (boot.get("until") or {}).items()}
-            return ticket.user, ticket.team, channels, until
+            return ticket.user, ticket.team, channels, until, ticket
         except ResumeLost as exc:  # starting it here would skip what it missed since its move, silently
             self.limits.release_user(ticket.user)
             log.warning("%s: closing with %d before hello; it catches up from history", exc, CloseCode.RESYNC)
@@ -312,6 +317,21 @@ class ClientListener:
                 log.warning("bootstrap of moved %s: no answer (%r); asking again", ticket.user, exc)
                 await asyncio.sleep(BOOTSTRAP_RETRY_DELAY_S * attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def confirm_resume(self, ticket: Ticket) -> bool:
+        """Tell the webapp that the connection whose bootstrap took ``ticket``'s resume record got its
+        ``hello``, so the record is not handed to the user's next ``rtm.connect`` (which would be
+        refused with 4010; webapp_stub/resume.py). Best effort: without it, one later connection of
+        the user within the record's grace is refused once and reconnects fresh."""
+        try:
+            reply = await self.webapp.call(
+                "/internal/resume/confirm", {"user": ticket.user, "resume": ticket.resume, "nonce": ticket.nonce}
+            )
+        except (TimeoutError, OSError, aiohttp.ClientError, PeerError) as exc:
+            log.info("resume record %s of %s not confirmed: %r", ticket.resume, ticket.user, exc)
+            self.metrics.error("resume_confirm_failed")
+            return False
+        return bool(reply.get("confirmed"))
 
     def cut_off(self, client: ClientSocket) -> None:
         """``client`` stopped reading (its backlog passed the bound): close it, 4008."""

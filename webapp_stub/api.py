@@ -192,7 +192,7 @@ class WebApi:
         self.resume = ResumeBook()
         self.resumes = metrics.counter(
             "rtm_webapp_resumes_total",
-            "Resume records by step: recorded, claimed (rtm.connect), used, expired, late (refused: past its deadline)",
+            "Resume records by step: recorded, claimed (rtm.connect), used, expired, late (refused: past its deadline), confirmed / unconfirmed (the gateway sent hello)",
             ["step"],
         )
         metrics.gauge("rtm_webapp_resume_records", "Resume records waiting for their connection").set_function(

@@ -26,6 +26,10 @@ and only to a peer with a fleet client certificate of role ``gateway``
   never be claimed by a later, unrelated connection and replay old events. With
   ``"app": A`` and ``"envelopes": [...]`` the record is the app's, claimed by
   its next ``apps.connections.open``.
+* ``POST /internal/resume/confirm`` ``{"user": U, "resume": id, "nonce": ticket nonce}`` ->
+  ``{"ok": true, "confirmed": bool}``: the gateway sent ``hello`` to the connection whose
+  bootstrap took that record, so the record is not handed to the user's next ``rtm.connect``
+  (which would be refused with 4010: see :mod:`webapp_stub.resume`).
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
   ``{"ok": true, "events": [{"seq", "json", "ctl", "t0"}, ...], "has_more"}``.
 * ``POST /internal/call/<method>`` ``{"user": U, ...args}`` -> the same reply
@@ -86,6 +90,7 @@ class InternalEndpoints:
             web.post("/internal/bootstrap", self.handle_bootstrap),
             web.post("/internal/history", self.handle_history),
             web.post("/internal/resume", self.handle_resume),
+            web.post("/internal/resume/confirm", self.handle_resume_confirm),
             web.post("/internal/call/{method}", self.handle_internal_call),
         ]
 
@@ -95,6 +100,9 @@ class InternalEndpoints:
 
     async def handle_resume(self, request: web.Request) -> web.Response:
         return await self._answer(request, "internal.resume", self._resume, durable=False)
+
+    async def handle_resume_confirm(self, request: web.Request) -> web.Response:
+        return await self._answer(request, "internal.resume.confirm", self._resume_confirm, durable=False)
 
     async def handle_history(self, request: web.Request) -> web.Response:
         # durable: never hand a gateway an event that is not yet durable
@@ -209,6 +217,17 @@ class InternalEndpoints:
         body = {"resume": self.api.resume.add(key, seqs, carried, until)}
         self.api.resumes.labels("recorded").inc()
         return body
+
+    async def _resume_confirm(self, request: web.Request, args: Args) -> dict[str, Any]:
+        """The connection that took a resume record got its ``hello`` (see :mod:`webapp_stub.resume`)."""
+        user_id, rid, nonce = args.get("user"), args.get("resume"), args.get("nonce")
+        for value in (user_id, rid, nonce):
+            if not isinstance(value, str) or not value or len(value) > MAX_NONCE_CHARS:
+                raise ApiError("invalid_arguments")
+        assert isinstance(user_id, str) and isinstance(rid, str) and isinstance(nonce, str)
+        confirmed = self.api.resume.confirm(rid, user_id, nonce)
+        self.api.resumes.labels("confirmed" if confirmed else "unconfirmed").inc()
+        return {"confirmed": confirmed}
 
     def _check_deadline(self, deadline: Any) -> None:
         """A resume record past its ``deadline``: the gateway has given up on it and not said goodbye."""

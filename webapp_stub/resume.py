@@ -20,6 +20,17 @@ Contract
   of a fresh bootstrap that would skip what the moved connection missed.
   ``claim`` hands each record to one ``rtm.connect``, unless every record of
   the user is claimed and not yet taken: then a retry gets the oldest again.
+* A record taken by a holder stays *claimable once more* within the grace:
+  when its holder's bootstrap failed for good (every attempt of the gateway
+  timed out, or the client went away before ``hello``), the client's next
+  ``rtm.connect`` gets the taken record's id again, so that the new ticket's
+  bootstrap (another holder) is refused and its gateway closes with 4010: the
+  client is told to catch up from history, instead of a ticket naming no record
+  that would start it silently at a fresh bootstrap and skip what it missed. A
+  taken record refused to another holder is not handed out again (the client's
+  next connection is a fresh one), nor one whose holder :meth:`confirmed
+  <ResumeBook.confirm>` it (its gateway sent ``hello``: the resume happened, and
+  the user's next connections are unrelated to it).
 * Records expire :data:`RESUME_TTL_S` after they were added, claimed or not.
   An expired or unknown record is simply absent: the connection starts at its
   bootstrap like a new one (and reads what it missed with history).
@@ -78,6 +89,8 @@ class ResumeBook:
         self.retake_grace_s = retake_grace_s
         # rid -> (holder, record, until): records taken by a holder that may take them again
         self._taken: OrderedDict[str, tuple[str, ResumeRecord, float]] = OrderedDict()
+        # user -> taken record ids that claim may hand out once more (not yet refused to another holder)
+        self._reclaimable: dict[str, list[str]] = {}
         self._records: OrderedDict[str, ResumeRecord] = OrderedDict()  # oldest first: expiry order
         self._pending: dict[str, deque[str]] = {}  # user -> record ids not yet taken, oldest first
 
@@ -115,12 +128,13 @@ class ResumeBook:
         bootstrap has taken yet is handed out again: the ticket that claimed it
         failed (expired, refused, the socket never opened), and the client is
         retrying ``rtm.connect``; without the record it would skip what it
-        missed.
+        missed. With no pending record, a record taken by a bootstrap that may
+        have failed is handed out once more (see the contract above).
         """
         self._expire()
         pending = self._pending.get(user)
         if not pending:
-            return ""
+            return self._taken_once_more(user)
         fallback = ""
         for rid in pending:
             record = self._records.get(rid)
@@ -131,6 +145,14 @@ class ResumeBook:
                 return rid
             fallback = fallback or rid
         return fallback
+
+    def _taken_once_more(self, user: str) -> str:
+        """The oldest record of ``user`` taken by a holder within the grace and not refused to
+        another holder yet, or "": its ticket's bootstrap will be refused (the client resyncs)."""
+        for rid in self._reclaimable.get(user, ()):
+            if rid in self._taken:
+                return rid
+        return ""
 
     def take(self, rid: str, user: str) -> dict[str, int] | None:
         """Remove and return the channels of record ``rid`` if it is live and ``user``'s."""
@@ -144,15 +166,41 @@ class ResumeBook:
         record = self._records.get(rid)
         if record is None or record.user != user:
             taken = self._taken.get(rid)
-            if holder and taken is not None and taken[0] == holder and taken[1].user == user:
-                return taken[1]
+            if taken is not None and taken[1].user == user:
+                if holder and taken[0] == holder:
+                    return taken[1]
+                self._not_reclaimable(user, rid)  # refused to another connection: handed out no more
             return None
         self._drop(rid)
         if holder:
             while len(self._taken) >= self.max_records:
-                self._taken.popitem(last=False)
+                old, (_, old_record, _) = self._taken.popitem(last=False)
+                self._not_reclaimable(old_record.user, old)
             self._taken[rid] = (holder, record, self.clock() + self.retake_grace_s)
+            self._reclaimable.setdefault(user, []).append(rid)
         return record
+
+    def confirm(self, rid: str, user: str, holder: str) -> bool:
+        """The connection holding taken record ``rid`` got its ``hello``: the record is handed out no
+        more (the holder may still take it again within the grace). False if ``rid`` is not taken
+        by that holder of ``user`` (unknown, past the grace, another's)."""
+        self._expire()
+        taken = self._taken.get(rid)
+        if not holder or taken is None or taken[0] != holder or taken[1].user != user:
+            return False
+        self._not_reclaimable(user, rid)
+        return True
+
+    def _not_reclaimable(self, user: str, rid: str) -> None:
+        rids = self._reclaimable.get(user)
+        if rids is None:
+            return
+        try:
+            rids.remove(rid)
+        except ValueError:
+            pass
+        if not rids:
+            del self._reclaimable[user]
 
     def _drop(self, rid: str) -> None:
         record = self._records.pop(rid, None)
@@ -170,10 +218,11 @@ class ResumeBook:
     def _expire(self) -> None:
         now = self.clock()
         while self._taken:
-            rid, (_, _, until) = next(iter(self._taken.items()))
+            rid, (_, taken, until) = next(iter(self._taken.items()))
             if until > now:
                 break
             del self._taken[rid]
+            self._not_reclaimable(taken.user, rid)
         while self._records:
             rid, record = next(iter(self._records.items()))
             if record.expires_at > now:

@@ -725,8 +725,29 @@ async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record
     for _ in range(2):
         _, boot = await webapp.internal("bootstrap", ask)
         assert boot["resumed"] is True and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 0
+    # The gateway's bootstrap then failed for good: the client's next rtm.connect names the taken
+    # record once more, so that its gateway is told the record is gone (it closes 4010), not a
+    # ticket naming nothing that would start the moved connection silently at a fresh bootstrap.
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
+    _, connect = await webapp.call("rtm.connect", carol["token"])
+    assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == rid
     _, other = await webapp.internal("bootstrap", {**ask, "nonce": "n-2"})
     assert other["resumed"] is False
+    _, connect = await webapp.call("rtm.connect", carol["token"])  # refused once: now a fresh connection
+    assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
+    # A record whose connection got its hello is confirmed: no later connection is refused for it.
+    _, again = await webapp.internal("resume", {"user": carol["id"], "channels": {general: 0}})
+    held = {"user": carol["id"], "resume": again["resume"], "nonce": "n-3"}
+    assert (await webapp.internal("bootstrap", held))[1]["resumed"] is True
+    assert (await webapp.internal("resume/confirm", {**held, "nonce": "n-4"}))[1] == {"ok": True, "confirmed": False}
+    assert (await webapp.internal("resume/confirm", held))[1] == {"ok": True, "confirmed": True}
+    _, connect = await webapp.call("rtm.connect", carol["token"])
+    assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
+    for bad in ({**held, "nonce": ["n-3"]}, {**held, "resume": ""}, {"user": carol["id"]}):
+        assert (await webapp.internal("resume/confirm", bad))[1] == {"ok": False, "error": "invalid_arguments"}
+    status, _ = await webapp.internal("resume/confirm", held, role=WEBAPP)
+    assert status == 403
     _, bad = await webapp.internal("bootstrap", {**ask, "nonce": ["n-1"]})
     assert bad == {"ok": False, "error": "invalid_arguments"}
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import ast
 import random
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import bench.load_client
 from bench.client_records import EventRecorder, LatencyRecorder, ReconnectRecord, SessionRecorder
 from bench.load_client import (
+    AFTER_FAILED_MOVE,
     BACKOFF_BASE_S,
     BACKOFF_MAX_S,
     MAX_RETRY_AFTER_S,
+    MOVED,
+    Client,
     ConnectRetry,
     GoodbyeBeforeHello,
     RtmConnectError,
@@ -126,3 +131,39 @@ def test_every_bench_module_over_500_lines_says_why_it_is_one_module() -> None:
         if len(source.splitlines()) > 500 and not reasons:
             long_without_reason.append(module.name)
     assert not long_without_reason
+
+
+@pytest.mark.parametrize(
+    ("failures", "starts"),
+    [
+        # a 4010 before hello: the resume record is gone; the next attempt is a fresh connection
+        ([ConnectionError("closed before hello (code 4010)")], [MOVED, AFTER_FAILED_MOVE]),
+        # any failed attempt may have used the record up (a bootstrap that failed): fresh from then on
+        ([ConnectionError("closed before hello (code 4002)"), TimeoutError()], [MOVED] + [AFTER_FAILED_MOVE] * 2),
+        # the new gateway drains too: it said goodbye before bootstrapping, the move still resumes
+        ([GoodbyeBeforeHello("goodbye before hello (code 1001)")], [MOVED, MOVED]),
+    ],
+)
+async def test_a_moved_reconnect_goes_on_fresh_after_a_failed_attempt(
+    monkeypatch: pytest.MonkeyPatch, failures: list[Exception], starts: list[str]
+) -> None:
+    """A moved client that keeps saying "moved" after its resume was refused would be checked by the
+    soak as resumed while the fleet started it at a fresh bootstrap (and it would never read history)."""
+    monkeypatch.setattr(
+        bench.load_client, "STATE", SimpleNamespace(rng=random.Random(1), max_attempts=5, budget_s=60.0, quitting=False)
+    )
+    monkeypatch.setattr(bench.load_client, "BACKOFF_BASE_S", 0.001)
+    monkeypatch.setattr(bench.load_client, "BACKOFF_MAX_S", 0.001)
+    client = Client(0, "xoxp-1", "us-east")
+    asked: list[str] = []
+    pending = list(failures)
+
+    async def open_once(start: str) -> Any:
+        asked.append(start)
+        if pending:
+            raise pending.pop(0)
+        return SimpleNamespace(start=start)
+
+    monkeypatch.setattr(client, "open_once", open_once)
+    sess = await client.open(MOVED, Counter())
+    assert asked == starts and sess.start == starts[-1]

@@ -25,8 +25,12 @@ class SlowWebapp:
         self.failures = failures
         self.resumed = resumed
         self.calls: list[dict[str, Any]] = []
+        self.confirms: list[dict[str, Any]] = []
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if path == "/internal/resume/confirm":
+            self.confirms.append(body)
+            return {"ok": True, "confirmed": True}
         assert path == "/internal/bootstrap"
         self.calls.append(body)
         if self.failures:
@@ -90,3 +94,19 @@ async def test_a_moved_connection_whose_record_is_gone_is_not_started_fresh(gw: 
         await gw.listener.bootstrap(ticket(resume="R1"))
     assert len(webapp.calls) == 1
     assert await gw.listener.bootstrap(ticket()) == BOOT  # a fresh connection starts at its bootstrap
+
+
+async def test_a_resumed_connection_is_confirmed_to_the_webapp_after_its_hello(gw: Gateway) -> None:
+    """So that its taken record is not handed to the user's next rtm.connect (refused with 4010)."""
+    webapp = gw.listener.webapp = SlowWebapp(failures=0, resumed=True)
+    assert await gw.listener.confirm_resume(ticket(resume="R1"))
+    assert webapp.confirms == [{"user": "U1", "resume": "R1", "nonce": "nonce-1"}]
+
+
+async def test_a_failed_confirmation_is_counted_and_not_raised(gw: Gateway) -> None:
+    class DownWebapp(SlowWebapp):
+        async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            raise TimeoutError()
+
+    gw.listener.webapp = DownWebapp(failures=0)
+    assert not await gw.listener.confirm_resume(ticket(resume="R1"))

@@ -70,7 +70,7 @@ def test_the_holder_of_a_taken_record_may_take_it_again_within_the_grace() -> No
     assert book.claim("U1") == rid
     first = book.take_record(rid, "U1", holder="nonce-a")
     assert first is not None and first.channels == {"C1": 5}
-    assert len(book) == 0 and book.claim("U1") == ""  # gone for everyone else
+    assert len(book) == 0
     again = book.take_record(rid, "U1", holder="nonce-a")
     assert again is not None and again.channels == {"C1": 5} and again.until == {"C2": 9}
     assert book.take_record(rid, "U1", holder="nonce-b") is None  # another connection's ticket
@@ -86,3 +86,46 @@ def test_a_record_taken_without_a_holder_is_not_kept() -> None:
     assert book.take(rid, "U1") == {"C1": 5}
     assert book.take_record(rid, "U1", holder="") is None
     assert book._taken == {}
+
+
+def test_a_taken_record_is_claimable_once_more_so_that_a_failed_bootstrap_fails_loudly() -> None:
+    """The gateway took the record but its bootstrap failed for good (every attempt timed out, or
+    the client left before hello): the client's next rtm.connect names the taken record again, its
+    bootstrap (another ticket) is refused, and the gateway closes with 4010, so the client catches
+    up from history instead of silently starting at a fresh bootstrap. Refused once, it is handed
+    out no more (the client's next connection is fresh)."""
+    clock = FakeClock()
+    book = ResumeBook(clock=clock, retake_grace_s=60.0)
+    rid = book.add("U1", {"C1": 5})
+    assert book.claim("U1") == rid
+    assert book.take_record(rid, "U1", holder="nonce-a") is not None
+    assert book.claim("U2") == ""  # another user's
+    assert book.claim("U1") == rid  # the retry's ticket names it: its bootstrap will be refused
+    assert book.claim("U1") == rid  # until a bootstrap of another ticket was refused
+    assert book.take_record(rid, "U1", holder="nonce-b") is None
+    assert book.claim("U1") == ""  # the 4010 was said: the next connection is fresh
+    assert book.take_record(rid, "U1", holder="nonce-a") is not None  # the holder's own retry still works
+    # a newer record of the user comes first; a taken one stops being claimable after the grace
+    rid2 = book.add("U1", {"C1": 9})
+    assert book.take_record(rid2, "U1", holder="nonce-c") is not None
+    newer = book.add("U1", {"C1": 12})
+    assert book.claim("U1") == newer
+    assert book.take_record(newer, "U1") is not None  # no holder: not kept
+    assert book.claim("U1") == rid2
+    clock.advance(60.5)
+    assert book.claim("U1") == "" and book._reclaimable == {}
+
+
+def test_a_confirmed_taken_record_is_not_handed_out_again() -> None:
+    """The gateway sent hello to the connection that took the record: the user's next connection (a
+    second device, or the same client later) is unrelated to that move and must not be refused."""
+    book = ResumeBook(clock=FakeClock(), retake_grace_s=60.0)
+    rid = book.add("U1", {"C1": 5})
+    assert book.take_record(rid, "U1", holder="nonce-a") is not None
+    assert not book.confirm(rid, "U1", "nonce-b")  # not its holder
+    assert not book.confirm(rid, "U2", "nonce-a")  # not its user
+    assert not book.confirm("unknown", "U1", "nonce-a")
+    assert book.claim("U1") == rid  # unconfirmed: claimable once more
+    assert book.confirm(rid, "U1", "nonce-a")
+    assert book.claim("U1") == ""
+    assert book.take_record(rid, "U1", holder="nonce-a") is not None  # the holder's own retry still works
