@@ -404,7 +404,7 @@ class WebappServer:
             self.metrics,
             rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
             batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
-            outbox_backlog=lambda: len(self.handoff),
+            outbox_backlog=self.scheduler_backlog,
             max_outbox_backlog=getattr(args, "scheduler_outbox_backlog_max", DEFAULT_OUTBOX_BACKLOG_MAX),
             live_writing=lambda: webapp_store.in_batch,
             duty_cycle=getattr(args, "scheduler_duty_cycle", DEFAULT_DUTY_CYCLE),
@@ -413,6 +413,11 @@ class WebappServer:
         self.api.scheduler = scheduler
         scheduler.start()
         self._stack.push_async_callback(scheduler.close)
+
+    def scheduler_backlog(self) -> int:
+        """What the scheduler waits on: events in the outbox and fired events still waiting
+        for their fsync (so a slow disk bounds them too, by --scheduler-outbox-backlog-max)."""
+        return len(self.handoff) + (self.commits.unsynced if self.commits is not None else 0)
 
     def publish_fired(self, events: list[Event]) -> None:
         """The scheduler's committed events: its connection does not fsync, so they go out once

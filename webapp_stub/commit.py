@@ -171,6 +171,12 @@ class GroupCommit:
         if self._sync_task is None:
             self._sync_task = asyncio.get_running_loop().create_task(self._sync_unsynced())
 
+    @property
+    def unsynced(self) -> int:
+        """Events committed without an fsync that wait for one (the scheduler counts them as
+        backlog: it fires no more while they and the outbox exceed its bound)."""
+        return sum(len(events) for _, events in self._unsynced)
+
     def _release_unsynced(self, upto: int | None = None) -> None:
         """Hand the unsynced events (those up to serial ``upto``; all if None) to the sink, in order."""
         while self._unsynced and (upto is None or self._unsynced[0][0] <= upto):

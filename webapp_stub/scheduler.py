@@ -31,7 +31,7 @@ Guarantees
   ``synchronous=NORMAL``; the next live commit's fsync makes them durable), so
   the event loop never waits for a disk flush on a due item's behalf. It fires
   a batch only when no live write is open on the webapp's connection and the
-  hand-off's outbox holds at most ``max_outbox_backlog`` events, then rests so
+  hand-off's outbox (with fired events awaiting their fsync) holds at most ``max_outbox_backlog`` events, then rests so
   that it takes at most ``duty_cycle`` of the event loop (:class:`~webapp_stub.due_queue.LiveFirst`);
   at most ``batch_max`` items per transaction and ``rate_per_s`` per second
   (:class:`~webapp_stub.due_queue.DueQueue`). A live request waits for at most one batch (about

@@ -190,3 +190,22 @@ def test_wal_path_of() -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_unsynced_events_are_counted_until_released(store: Store) -> None:
+    """The scheduler's backlog bound counts them (webapp_stub/app.py ``scheduler_backlog``)."""
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink, sync = Sink(), HeldSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
+    fired = Store(store.path, synchronous="NORMAL")
+    events = [fired.post_message(fired.channel(general.id), fired.user(alice.id), f"due {i}")[1] for i in range(3)]
+    commits.publish_after_sync(events[:2])
+    commits.publish_after_sync(events[2:])
+    assert commits.unsynced == 3
+    sync.release.set()
+    await async_wait_until(lambda: _true(commits.unsynced == 0), what="the fsync to release them")
+    assert sink.published == events
+    fired.close()
+    commits.close()
