@@ -16,8 +16,9 @@ from gateway.state import GatewayState, Session
 from rtmctl.ports import free_port as free_port  # re-exported: the one free-port helper
 from rtmctl.ports import free_port_base as free_port_base
 from services.certs import FleetCertificates
-from services.identity import PeerIdentity
+from services.identity import CHANNEL_SERVER, PeerIdentity
 from services.metrics import ServiceMetrics
+from services.ring import RingDocument
 from services.tls import WireTrust
 
 T = TypeVar("T")
@@ -250,6 +251,9 @@ class FakeWs:
         self.gw.closed.append(code)
 
 
+NO_CONSUL = "127.0.0.1:1"  # nothing listens there: every Consul call fails at once
+
+
 class FleetCA:
     """A fleet CA in a temporary directory, issuing certificates to tests (see tests/conftest.py)."""
 
@@ -262,6 +266,27 @@ class FleetCA:
         identity = PeerIdentity(service, instance or f"{service}-test")
         paths = self.certs.ensure(f"{identity.service}-{identity.instance}", identity)
         return WireTrust.load(paths.ca, paths.cert, paths.key)
+
+    def channel_server(self, instance: str = "cs-test", slot: str = "cs-0") -> Any:
+        """A channel server with this CA's credentials that owns ``slot`` (ring version 1) and
+        has no Consul (every Consul call fails at once): for component tests that serve it."""
+        from channel_server.app import ChannelServer, build_parser
+
+        cs = ChannelServer(
+            build_parser().parse_args(
+                [
+                    "--instance-id",
+                    instance,
+                    "--consul",
+                    NO_CONSUL,
+                    "--ttl-s",
+                    "600",
+                    *self.flags(CHANNEL_SERVER, instance),
+                ]
+            )
+        )
+        cs.follower.apply(RingDocument(version=1, slots={slot: instance}))
+        return cs
 
     def flags(self, service: str, instance: str) -> list[str]:
         """The ``--tls-*`` flags of a process started as ``service/instance``."""

@@ -19,7 +19,6 @@ import pytest
 from admin_server.app import AdminServer
 from admin_server.app import build_parser as admin_parser
 from channel_server.app import ChannelServer
-from channel_server.app import build_parser as channel_parser
 from services import ops, wire
 from services.connection import PeerConnection, connect, serve
 from services.discovery import Instance
@@ -45,20 +44,7 @@ def pub(seq: int) -> dict[str, Any]:
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[tuple[AdminServer, int, ChannelServer, int]]:
-    cs = ChannelServer(
-        channel_parser().parse_args(
-            [
-                "--instance-id",
-                "cs-test",
-                "--consul",
-                NO_CONSUL,
-                "--ttl-s",
-                "600",
-                *CA.flags("channel-server", "cs-test"),
-            ]
-        )
-    )
-    cs.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    cs = CA.channel_server()
     cs_server = await serve(HOST, 0, cs.make_connection, trust=cs.trust)
     cs_port = int(cs_server.sockets[0].getsockname()[1])
     admin = AdminServer(

@@ -18,11 +18,9 @@ import pytest
 from admin_server.app import AdminServer
 from admin_server.app import build_parser as admin_parser
 from channel_server.app import ChannelServer
-from channel_server.app import build_parser as channel_parser
 from services import ops
 from services.connection import PeerConnection, connect, serve
 from services.errors import ErrorCode, PeerError
-from services.ring import RingDocument
 from tests.support import DEFAULT_WAIT_S, FleetCA
 
 HOST = "127.0.0.1"
@@ -49,20 +47,7 @@ def errors(metrics: Any, kind: str) -> float:
 
 @pytest.fixture
 async def channel_server() -> AsyncIterator[tuple[ChannelServer, int]]:
-    cs = ChannelServer(
-        channel_parser().parse_args(
-            [
-                "--instance-id",
-                "cs-test",
-                "--consul",
-                NO_CONSUL,
-                "--ttl-s",
-                "600",
-                *CA.flags("channel-server", "cs-test"),
-            ]
-        )
-    )
-    cs.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    cs = CA.channel_server()
     server = await serve(HOST, 0, cs.make_connection, trust=cs.trust)
     yield cs, int(server.sockets[0].getsockname()[1])
     server.close()
