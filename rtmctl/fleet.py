@@ -45,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,26 @@ def wait_for_ring(consul_addr: str, timeout_s: float, key: str = CHANNEL_RING_KE
         if doc.slots and all(doc.slots.values()):
             return doc
     raise LaunchError(f"CHARM did not write a complete ring at {key} within {timeout_s}s")
+
+
+WEBAPP_SEES_GATEWAYS_POLL_S = 0.05  # how often rtm up asks the webapp's /healthz at startup
+
+
+def wait_for_webapp_gateways(webapp_url: str, gateways: int, timeout_s: float) -> None:
+    """Block until the webapp's Consul watch has seen ``gateways`` gateways (its /healthz), so
+    the first ``rtm.connect`` after "ready" gets a gateway, not ``service_unavailable``."""
+    deadline = time.monotonic() + timeout_s
+    seen = -1
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{webapp_url}/healthz", timeout=2.0) as resp:
+                seen = int(json.loads(resp.read()).get("gateways", 0))
+        except (OSError, ValueError):
+            seen = -1
+        if seen >= gateways:
+            return
+        time.sleep(WEBAPP_SEES_GATEWAYS_POLL_S)  # wait-ok: bounded poll of another process
+    raise LaunchError(f"the webapp saw {max(seen, 0)} of {gateways} gateways within {timeout_s}s")
 
 
 def write_region_map(consul_addr: str, region_names: list[str], token: str = "") -> None:
@@ -159,6 +180,11 @@ class Fleet:
                         wait_for_ring(
                             self.consul_addr, self.args.ready_timeout_s, PRESENCE_RING_KEY, token=self.consul_token
                         )
+        wait_for_webapp_gateways(
+            self.fleet_info()["webapp_url"],
+            sum(1 for s in specs if s.service == GATEWAY),
+            self.args.ready_timeout_s,
+        )
         self.write_fleet_json()
 
     def certificates(self) -> FleetCertificates | None:
