@@ -40,7 +40,7 @@ from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
-from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit, wal_path_of
+from webapp_stub.commit import COMMIT_FSYNC_THREAD, GROUP_COMMIT_WINDOW_S, GroupCommit, wal_path_of
 from webapp_stub.due_queue import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUTY_CYCLE,
@@ -186,6 +186,12 @@ def build_parser() -> Parser:
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
     parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
     parser.add(
+        "--commit-fsync-thread",
+        COMMIT_FSYNC_THREAD,
+        "with --sqlite-synchronous FULL: fsync the WAL after a group commit on a dedicated thread "
+        "(replies and hand-off wait for it; the event loop does not)",
+    )
+    parser.add(
         "--region-map",
         "",
         'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)',
@@ -268,6 +274,9 @@ class WebappServer:
                 self.metrics,
                 window_s=args.group_commit_window_s,
                 wal_path=wal_path_of(self.store.path),
+                # FULL's fsync on the thread, off the loop; NORMAL/OFF asked for no fsync at all
+                fsync_thread=getattr(args, "commit_fsync_thread", COMMIT_FSYNC_THREAD)
+                and args.sqlite_synchronous.upper() in ("FULL", "EXTRA"),
             )
             self._stack.callback(self.commits.close)
             self._watch_fleet()
