@@ -57,6 +57,7 @@ from webapp_stub.handoff import (
     replay_from_mark,
     write_mark,
 )
+from webapp_stub.http_front import HttpFront
 from webapp_stub.internal import InternalEndpoints
 from webapp_stub.models import Event
 from webapp_stub.presence import PresenceClient
@@ -70,6 +71,8 @@ DEFAULT_PORT = 8080
 SECRET_FILE = "secret"
 # How long in-flight HTTP requests may take to finish when stopping.
 HTTP_SHUTDOWN_TIMEOUT_S = 2.0
+# The default of --lean-post-path (issue 17): plain chat.postMessage requests skip aiohttp.
+LEAN_POST_PATH = True
 # How often the webapp looks for dead letters an operator asked to redrive
 # (``rtm deadletter redrive`` marks them in the database).
 DEADLETTER_POLL_S = 1.0
@@ -186,6 +189,12 @@ def build_parser() -> Parser:
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
     parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
     parser.add(
+        "--lean-post-path",
+        LEAN_POST_PATH,
+        "serve plain POST /api/chat.postMessage requests with the lean HTTP/1.1 front "
+        "(everything else still goes to aiohttp on the same port)",
+    )
+    parser.add(
         "--commit-fsync-thread",
         COMMIT_FSYNC_THREAD,
         "with --sqlite-synchronous FULL: fsync the WAL after a group commit on a dedicated thread "
@@ -239,6 +248,7 @@ class WebappServer:
     gateways: GatewayPicker
     api: WebApi
     metrics: ServiceMetrics
+    front: HttpFront | None = None
 
     def __init__(self, args: argparse.Namespace, *, discovery: DiscoveryLike | None = None) -> None:
         self.args = args
@@ -476,10 +486,18 @@ class WebappServer:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, self.args.host, self.args.port, reuse_address=True)
-        await site.start()
-        self._stack.push_async_callback(site.stop)
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        if not getattr(self.args, "lean_post_path", LEAN_POST_PATH):
+            site = web.TCPSite(runner, self.args.host, self.args.port, reuse_address=True)
+            await site.start()
+            self._stack.push_async_callback(site.stop)
+            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        # The lean front reads plain chat.postMessage requests itself and hands every other
+        # connection to aiohttp (webapp_stub/http_front.py, docs/publish-path.md).
+        assert runner.server is not None
+        self.front = HttpFront(self.api, runner.server, max_body_bytes=MAX_BODY_BYTES)
+        port = await self.front.start(self.args.host, self.args.port)
+        self._stack.push_async_callback(self.front.stop)
+        return port
 
 
 def main(argv: list[str] | None = None) -> int:
