@@ -262,18 +262,7 @@ class WebApi:
                 raise ApiError("unknown_method")
             handler, needs_auth = entry
             args = reading if isinstance(reading, dict) else await reading()
-            user = None
-            if needs_auth:
-                token = token_of(args)
-                if not token:
-                    raise ApiError("not_authed")
-                user = self.store.auth(token)
-                if user is None:  # an app-level token opens Socket Mode connections and calls nothing else
-                    raise ApiError("not_allowed_token_type" if self.store.app_by_token(token) else "invalid_auth")
-                self.last_seen[user.id] = self.clock()
-                wait_s = self.limiter.retry_after(token, name)
-                if wait_s:
-                    raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
+            user = self.authenticate(name, token_of(args)) if needs_auth else None
             self.check_backpressure(name)
             result = handler(self, Call(request, args, user))
             if inspect.isawaitable(result):
@@ -302,6 +291,20 @@ class WebApi:
         self.count_request(label, outcome)
         self.observe_latency(label, time.perf_counter() - started)
         return status, headers, body, encoded
+
+    def authenticate(self, name: str, token: str | None) -> User:
+        """The caller of ``name`` by its token, within its rate limit. Raises ``not_authed``,
+        ``invalid_auth``, ``not_allowed_token_type``, ``ratelimited`` (429, Retry-After)."""
+        if not token:
+            raise ApiError("not_authed")
+        user = self.store.auth(token)
+        if user is None:  # an app-level token opens Socket Mode connections and calls nothing else
+            raise ApiError("not_allowed_token_type" if self.store.app_by_token(token) else "invalid_auth")
+        self.last_seen[user.id] = self.clock()
+        wait_s = self.limiter.retry_after(token, name)
+        if wait_s:
+            raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
+        return user
 
     def check_backpressure(self, name: str) -> None:
         """``ratelimited`` (HTTP 429, Retry-After) for a write while the outbox is full.

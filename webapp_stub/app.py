@@ -188,18 +188,8 @@ def build_parser() -> Parser:
     parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
     parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
-    parser.add(
-        "--lean-post-path",
-        LEAN_POST_PATH,
-        "serve plain POST /api/chat.postMessage requests with the lean HTTP/1.1 front "
-        "(everything else still goes to aiohttp on the same port)",
-    )
-    parser.add(
-        "--commit-fsync-thread",
-        COMMIT_FSYNC_THREAD,
-        "with --sqlite-synchronous FULL: fsync the WAL after a group commit on a dedicated thread "
-        "(replies and hand-off wait for it; the event loop does not)",
-    )
+    parser.add("--lean-post-path", LEAN_POST_PATH, "plain POST /api/chat.postMessage without aiohttp (http_front)")
+    parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")
     parser.add(
         "--region-map",
         "",
@@ -486,14 +476,12 @@ class WebappServer:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        if not getattr(self.args, "lean_post_path", LEAN_POST_PATH):
+        if not getattr(self.args, "lean_post_path", LEAN_POST_PATH) or runner.server is None:
             site = web.TCPSite(runner, self.args.host, self.args.port, reuse_address=True)
             await site.start()
             self._stack.push_async_callback(site.stop)
             return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-        # The lean front reads plain chat.postMessage requests itself and hands every other
-        # connection to aiohttp (webapp_stub/http_front.py, docs/publish-path.md).
-        assert runner.server is not None
+        # plain chat.postMessage requests skip aiohttp; other connections go to it (http_front.py)
         self.front = HttpFront(self.api, runner.server, max_body_bytes=MAX_BODY_BYTES)
         port = await self.front.start(self.args.host, self.args.port)
         self._stack.push_async_callback(self.front.stop)
