@@ -76,7 +76,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 WAL_SYNC_RETRY_S = 0.5
 # The default of ``rtm webapp --commit-fsync-thread``: the WAL's fsync of a group commit runs on
 # a dedicated thread instead of inside the COMMIT on the event loop (see the module's contract).
-COMMIT_FSYNC_THREAD = True
+COMMIT_FSYNC_THREAD = False
 COMMIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 
 
