@@ -263,6 +263,7 @@ class Gateway:
         # the connection without goodbye (gateway/drain.py), so a late record must not be claimed.
         record: dict[str, Any] = {
             "user": session.user,
+            "token_id": session.token_id,
             "channels": where,
             "deadline": time.time() + RESUME_TIMEOUT_S,
             **({"until": until} if until else {}),

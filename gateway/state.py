@@ -90,6 +90,7 @@ class Session:
     until: dict[str, int] = field(default_factory=dict)  # channel -> left: deliver seqs <= this, then leave
     rejoin: dict[str, int] = field(default_factory=dict)  # channel -> back in before ``until``: skip to this
     leave_by: dict[str, float] = field(default_factory=dict)  # channel -> pending leave: forced at this time
+    token_id: str = ""  # its ticket's token id: a resume record of it is claimed by that token only
 
     def member_of(self, channel: str) -> bool:
         """Whether the user is in ``channel`` for this session: it follows the channel and has
