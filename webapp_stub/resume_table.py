@@ -21,9 +21,7 @@ from typing import Any
 from webapp_stub.database import Database
 from webapp_stub.resume import ResumeRecord
 
-_COLUMNS = (
-    "id, user, token_id, channels, until, carried, expires_at, claimed, holder, retake_until, reclaimable"
-)
+_COLUMNS = "id, user, token_id, channels, until, carried, expires_at, claimed, holder, retake_until, reclaimable"
 
 
 class ResumeTable:

@@ -726,9 +726,9 @@ async def test_resume_records_are_claimed_by_the_token_whose_connection_moved(we
     assert (await ticket_of(laptop)).resume == records[laptop]
     _, boot = await webapp.internal("bootstrap", {"user": dave["id"], "resume": records[phone], "nonce": "n-p"})
     assert {c["id"]: c["seq"] for c in boot["channels"]}[general] == 3
-    assert (await webapp.internal("resume/confirm", {"user": dave["id"], "resume": records[phone], "nonce": "n-p"}))[
-        1
-    ]["confirmed"]
+    assert (await webapp.internal("resume/confirm", {"user": dave["id"], "resume": records[phone], "nonce": "n-p"}))[1][
+        "confirmed"
+    ]
     assert (await ticket_of(phone)).resume == ""  # the laptop's record stays the laptop's
     assert (await ticket_of(laptop)).resume == records[laptop]
 
