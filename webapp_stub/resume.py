@@ -79,9 +79,11 @@ from webapp_stub.errors import ApiError
 RESUME_TTL_S = 120.0
 # A generous bound: one gateway's connections in a drain.
 MAX_RESUME_RECORDS = 200_000
-# One user's moved connections waiting at once: every device and tab of a person, or the
-# connections of a busy bot. Beyond it the gateway closes the extra ones with 4010.
-MAX_RESUME_RECORDS_PER_USER = 64
+# One user's moved connections waiting at once: a gateway holds at most 50 per user
+# (gateway/limits.py, DEFAULT_MAX_CONNECTIONS_PER_USER), and a drained region moves all of its
+# gateways' at once; this is five gateways' worth. Beyond it the gateway closes the extra ones
+# with 4010 (they catch up from history).
+MAX_RESUME_RECORDS_PER_USER = 256
 # How long the holder of a taken record may take it again (its gateway retrying a
 # bootstrap whose reply it did not get): a few of the gateway's bootstrap attempts.
 RETAKE_GRACE_S = 60.0
