@@ -17,7 +17,6 @@ a connection over the limit is closed before any TLS work and reported to
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 from services.errors import HandshakeRateLimited
 from services.identity import BadIdentity
+from services.source_address import source_of_address
 from services.tls import HandshakeLimiter, RefusalLog, WireTrust, transport_identity
 
 log = logging.getLogger("rtm.connection")
@@ -127,26 +127,12 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     return sslproto.SSLProtocol
 
 
-# An IPv6 source is one /64: a host is routinely given a whole /64 (SLAAC, privacy addresses,
-# RFC 6177), so limiting per address would let one host start a handshake from each of 2**64.
-IPV6_SOURCE_PREFIX_BITS = 64
-
-
 def handshake_source(peername: Any) -> str:
     """The source a peer counts against (the handshake limit, the refusal log): its IPv4
-    address, or the /64 network of its IPv6 address (an IPv4-mapped one counts as IPv4)."""
+    address, or the /64 network of its IPv6 address (services/source_address.py)."""
     if not peername:
         return "?"
-    host = str(peername[0])
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])  # without a zone index (fe80::1%eth0)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, IPV6_SOURCE_PREFIX_BITS), strict=False))
-    return str(address)
+    return source_of_address(str(peername[0]))
 
 
 class _Acceptor(asyncio.Protocol):
