@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -183,6 +184,9 @@ async def link_frames(mode: str, per_write: int, count: int = LINK_FRAMES) -> di
 LADDER_IDLE_S = 20.0  # idle window: 2 keepalive intervals, long enough that 10 ms CPU ticks do not matter
 LADDER_SMALL_RATES = "100,500,1000,2000"  # posts/s to the 20-member channels
 LADDER_BIG_RATES = "10"  # posts/s to #general (all clients)
+# The fit of marginal cost uses the steps at or above this rate: below it every event is a wakeup of
+# its own (105 a second at 100 posts/s) and the cost per delivery is that of a wakeup, not a slope.
+LADDER_FIT_MIN_POSTS_S = 500.0
 STRACE_S = 10.0  # each strace -c window (--strace): not measured, strace slows the traced process
 
 
@@ -249,7 +253,6 @@ def sample_diff(after: dict[str, dict[str, float]], before: dict[str, dict[str, 
 
 async def strace_window(pid: int, seconds: float, out_path: Path) -> str:
     """``strace -c -f`` on ``pid`` for ``seconds``: syscall counts (the summary table), or '' without strace."""
-    import shutil
     import signal
 
     exe = shutil.which("strace")
@@ -278,7 +281,6 @@ PERF_S = 12.0  # each perf record window (--perf)
 async def perf_window(pids: list[int], seconds: float, out_path: Path) -> dict[str, str]:
     """``perf record -e cpu-clock`` (software clock: works in VMs without hardware counters) on
     ``pids`` for ``seconds``; returns ``perf report`` by shared object and by symbol (text), or {}."""
-    import shutil
     import signal
 
     exe = shutil.which("perf")
@@ -382,36 +384,33 @@ async def fleet_ladder(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                         }
                     )
                 if args.strace:
-                    from bench.harness import RESULTS_DIR
-
-                    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+                    tmp = Path(tempfile.mkdtemp(prefix="rtm-bench-tls-strace-"))
                     label = bench.gw_labels[0]
-                    path = RESULTS_DIR / f"tls-strace-{mode}-idle.txt"
-                    out["strace"]["idle"] = await strace_window(gw_pids[label], STRACE_S, path)
-                    path = RESULTS_DIR / f"tls-strace-{mode}-small100.txt"
-                    spy = asyncio.ensure_future(strace_window(gw_pids[label], STRACE_S, path))
+                    out["strace"]["idle"] = await strace_window(gw_pids[label], STRACE_S, tmp / "idle.txt")
+                    spy = asyncio.ensure_future(strace_window(gw_pids[label], STRACE_S, tmp / "small.txt"))
                     await asyncio.sleep(0.5)
                     await bench.step("small", small, 100.0, STRACE_S - 1.0, record=False)
                     out["strace"]["small100"] = await spy
+                    shutil.rmtree(tmp, ignore_errors=True)
                 if args.perf:
-                    from bench.harness import RESULTS_DIR
-
-                    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+                    tmp = Path(tempfile.mkdtemp(prefix="rtm-bench-tls-perf-"))
                     pids = list(gw_pids.values())
-                    out["perf"] = {"idle": await perf_window(pids, PERF_S, RESULTS_DIR / f"tls-perf-{mode}-idle.data")}
-                    spy = asyncio.ensure_future(perf_window(pids, PERF_S, RESULTS_DIR / f"tls-perf-{mode}-small.data"))
+                    out["perf"] = {"idle": await perf_window(pids, PERF_S, tmp / "idle.data")}
+                    spy = asyncio.ensure_future(perf_window(pids, PERF_S, tmp / "small.data"))
                     await asyncio.sleep(0.5)
                     await bench.step("small", small, args.perf_rate, PERF_S - 1.0, record=False)
                     out["perf"]["small"] = await spy
+                    shutil.rmtree(tmp, ignore_errors=True)
             finally:
                 await bench.http.close()
     return out
 
 
 def ladder_fit(runs: list[dict[str, Any]], mode: str) -> dict[str, Any]:
-    """Per gateway: CPU-seconds per second against deliveries per second over the idle point and the
-    small-channel ladder, least squares: ``intercept`` is the fixed cost (CPU %% of a core),
-    ``slope`` the marginal CPU per delivery. Medians over the runs of ``mode``."""
+    """Per gateway: CPU-seconds per second against deliveries per second over the small-channel steps
+    at or above :data:`LADDER_FIT_MIN_POSTS_S`, least squares: ``slope`` is the marginal CPU per
+    delivery at load, ``intercept`` what the line puts at zero deliveries (compare the measured idle
+    point). Medians over the runs of ``mode``."""
     import numpy as np
 
     fits: dict[str, list[tuple[float, float, float, float]]] = {}
@@ -421,7 +420,7 @@ def ladder_fit(runs: list[dict[str, Any]], mode: str) -> dict[str, Any]:
         for label in run["points"][0]["gateways"]:
             xs, ys, ysys = [], [], []
             for p in run["points"]:
-                if p["scenario"] not in ("idle", "small"):
+                if p["scenario"] != "small" or p["offered_posts_s"] < LADDER_FIT_MIN_POSTS_S:
                     continue
                 g = p["gateways"][label]
                 xs.append(p["deliveries"][label] / p["window_s"])
@@ -618,6 +617,19 @@ def ladder_rows(result: dict[str, Any]) -> dict[tuple[str, float, str], dict[str
     return {k: {f: med([v[f] for v in vs]) for f in vs[0]} for k, vs in acc.items()}
 
 
+def perf_share(report: str, needles: tuple[str, ...]) -> float:
+    """The summed percentages of the ``perf report --stdio`` lines that contain one of ``needles``."""
+    total = 0.0
+    for line in report.splitlines():
+        head, _, rest = line.strip().partition("%")
+        if any(n in rest for n in needles):
+            try:
+                total += float(head)
+            except ValueError:
+                continue
+    return total
+
+
 def render_ladder(result: dict[str, Any]) -> list[str]:
     rows = ladder_rows(result)
     order = {"idle": 0, "small": 1, "big": 2}
@@ -645,14 +657,33 @@ def render_ladder(result: dict[str, Any]) -> list[str]:
             f"{f(a)} / {f(b)} | {adds} | {f(off.get('wakeups_s'), 0)} / {f(on.get('wakeups_s'), 0)} | "
             f"{f(off.get('syscalls_s'), 0)} / {f(on.get('syscalls_s'), 0)} |"
         )
+    perf = [(run["mode"], run["perf"]["small"]) for run in result["ladder"] if (run.get("perf") or {}).get("small")]
+    if perf:
+        lines += [
+            "",
+            "perf record (cpu-clock) of both gateways during an extra small-channel step at "
+            f"{result['config'].get('perf_rate', 100):g} posts/s: share of their CPU samples in the TLS libraries "
+            "(libcrypto, libssl, CPython's _ssl), in uvloop's TLS protocol and in glibc's malloc:",
+            "",
+            "| wire | libcrypto + libssl + _ssl | uvloop SSLProtocol | _int_malloc + malloc_consolidate | kernel |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for mode, rep in perf:
+            lines.append(
+                f"| {mode} | {f(perf_share(rep['dso'], ('libcrypto', 'libssl', '_ssl.')), 2)} % "
+                f"| {f(perf_share(rep['dso,sym'], ('SSLProtocol',)), 2)} % "
+                f"| {f(perf_share(rep['dso,sym'], ('] _int_malloc', '] malloc_consolidate')), 2)} % "
+                f"| {f(perf_share(rep['dso'], ('[kernel',)), 1)} % |"
+            )
     fit = result.get("ladder_fit") or {}
     if fit:
         lines += [
             "",
-            "Least-squares fit per gateway over idle and the small-channel ladder (CPU/s = fixed + slope x "
-            "deliveries/s), medians of the runs:",
+            "Least-squares fit per gateway over the small-channel steps at or above "
+            f"{LADDER_FIT_MIN_POSTS_S:g} posts/s (CPU/s = intercept + slope x deliveries/s), medians of the runs "
+            "(the measured idle cost is the table's first row):",
             "",
-            "| gateway | wire | fixed CPU, % of a core | of which system | marginal µs per delivery | of which system |",
+            "| gateway | wire | intercept, % of a core | of which system | marginal µs per delivery | of which system |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for mode in ("off", "on"):
