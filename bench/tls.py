@@ -118,14 +118,18 @@ async def handshakes(mode: str, count: int) -> dict[str, Any]:
 # The link measurement (3.): event frames a channel server writes to one gateway, per write.
 LINK_FRAMES = 20_000
 LINK_BATCHES = (1, 4)  # 1: a write per event (no batching); 4: four events of one loop turn in one write
+# The low-rate link series: one frame per wakeup, this far apart (500 events/s: every one its own read).
+LINK_LOW_RATE_GAP_S = 0.002
+LINK_LOW_RATE_FRAMES = 2_500
 LINK_EVENT_JSON_BYTES = 400  # about a message event's client JSON
 
 
-async def link_frames(mode: str, per_write: int, count: int = LINK_FRAMES) -> dict[str, Any]:
+async def link_frames(mode: str, per_write: int, count: int = LINK_FRAMES, gap_s: float = 0.0) -> dict[str, Any]:
     """CPU per ``ev`` frame on the channel server -> gateway link, both ends in this process:
     the server side writes ``per_write`` frames per transport write, one write per loop turn
     (what ``--batch-gateway-events`` does when a turn holds several events), the client side
-    reads and parses them (``on_push``)."""
+    reads and parses them (``on_push``). With ``gap_s``, the writer sleeps that long between
+    writes, so every frame is a wakeup and a read of its own, as at a low event rate."""
     from services import wire
     from services.certs import FleetCertificates
     from services.connection import PeerConnection, connect, serve
@@ -166,7 +170,7 @@ async def link_frames(mode: str, per_write: int, count: int = LINK_FRAMES) -> di
     cpu0, t0 = time.process_time(), time.perf_counter()
     for _ in range(count // per_write):
         conn.write(frame * per_write)
-        await asyncio.sleep(0)
+        await asyncio.sleep(gap_s)
     await asyncio.wait_for(done, 60)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     client.close()
@@ -176,6 +180,7 @@ async def link_frames(mode: str, per_write: int, count: int = LINK_FRAMES) -> di
         "per_write": per_write,
         "frames": count,
         "cpu_us_per_frame": cpu / count * 1e6,
+        "gap_s": gap_s,
         "wall_s": wall,
     }
 
@@ -475,6 +480,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for mode in ("off", "on"):
                 result["link"].append(await link_frames(mode, per_write))
                 print(f"tls: link {result['link'][-1]}", flush=True)
+        for mode in ("off", "on"):
+            result["link"].append(await link_frames(mode, 1, LINK_LOW_RATE_FRAMES, LINK_LOW_RATE_GAP_S))
+            print(f"tls: link {result['link'][-1]}", flush=True)
     runs: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         for mode in ("on", "off") if rep % 2 == 0 else ("off", "on"):
@@ -539,12 +547,17 @@ def render(result: dict[str, Any]) -> str:
             "| event frames per write (CS -> gateway) | wire | CPU µs per frame, both ends |",
             "| --- | --- | --- |",
         ]
-        for per_write in LINK_BATCHES:
+        for per_write, gap_s in [(n, 0.0) for n in LINK_BATCHES] + [(1, LINK_LOW_RATE_GAP_S)]:
             for mode in ("off", "on"):
                 cpu = med(
-                    [x["cpu_us_per_frame"] for x in result["link"] if (x["mode"], x["per_write"]) == (mode, per_write)]
+                    [
+                        x["cpu_us_per_frame"]
+                        for x in result["link"]
+                        if (x["mode"], x["per_write"], x.get("gap_s", 0.0)) == (mode, per_write, gap_s)
+                    ]
                 )
-                lines.append(f"| {per_write} | {mode} | {'-' if cpu is None else f'{cpu:.2f}'} |")
+                what = f"{per_write}" + (f", one write per {gap_s * 1e3:g} ms" if gap_s else "")
+                lines.append(f"| {what} | {mode} | {'-' if cpu is None else f'{cpu:.2f}'} |")
     if not result["runs"]:
         return "\n".join(lines) + "\n"
     lines += [
