@@ -1,25 +1,34 @@
 """What mutual TLS on the internal wire costs (docs/trust.md, "Cost, measured").
 
-Two measurements, each with and without TLS in the same run:
+Four measurements, each with and without TLS in the same run:
 
-1. **Connect + handshake**, in this process: a fleet server (``serve``) and a
+1. **The ladder** (``--ladder-repeats`` fleets per mode, alternating on/off): one
+   fleet (``rtm up``), ``--clients`` websocket clients connected, then the
+   gateways' CPU (schedstat, nanosecond-exact; user/system, wakeups and read/write
+   syscalls from /proc) while idle for ``--idle-s`` (one websocket ping round), at
+   each rate of ``--ladder-small`` on the 20-member channels and of ``--ladder-big``
+   on #general. Prints CPU per delivery per step, the idle cost, and a
+   least-squares line (marginal CPU per delivery) over the steps at load.
+   ``--perf``: ``perf record`` of both gateways during an extra step (the share
+   of their CPU in the TLS libraries, uvloop's TLS protocol, malloc);
+   ``--strace``: ``strace -c -f`` of a gateway idle and at 100 posts/s.
+2. **Connect + handshake**, in this process: a fleet server (``serve``) and a
    client (``connect``) on localhost, ``--connects`` sequential dials each
    answered by one ``ping``; wall time per dial (median, p99) and this
    process's CPU per dial (client and server sides together).
 3. **The link** (in this process, both ends): CPU per ``ev`` frame on one channel
    server -> gateway connection, one frame per write or four (a loop turn's events
-   batched into one write, ``--batch-gateway-events``), with and without TLS.
-2. **The message path**, through the whole fleet (``rtm up``, once with
-   ``--wire-tls on`` and once ``off``, alternating for ``--repeats``): the
-   fan-out benchmark's steps (bench/fanout.py), reporting the gateways' CPU
-   per delivery (the fan-out path: TLS is on the CS->gateway link, one frame
-   per gateway per event, not per client) and the CPU per posted message of
-   the webapp, the admin servers and the channel servers (the publish path).
+   batched into one write, ``--batch-gateway-events``), and one frame per 2 ms
+   wakeup (a low rate: every record read cold). ``--no-micro`` skips 2 and 3.
+4. **The message path**, through the whole fleet (``--repeats`` fleets per mode,
+   alternating): the fan-out benchmark's steps (bench/fanout.py), reporting the
+   gateways' CPU per delivery and the CPU per posted message of the webapp, the
+   admin servers and the channel servers (the publish path).
 
 The machine is shared: tables quote medians over the repeats, and each step
 records the CPU others used meanwhile (``foreign_cores``).
 
-    python -m bench.tls              # about 4 minutes
+    python -m bench.tls --clients 2000 --repeats 0 --ladder-repeats 2 --no-micro --perf --step-s 15
     python -m bench.tls --quick      # about 2 minutes
 """
 
@@ -68,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.step_s, args.connects = 1, 4.0, 200
+        args.ladder_small, args.idle_s = "100,1000", 10.0
     args.ladder_small = [float(x) for x in args.ladder_small.split(",") if x]
     args.ladder_big = [float(x) for x in args.ladder_big.split(",") if x]
     return args
