@@ -1,4 +1,4 @@
-"""bench.tls's ladder arithmetic: the fit, the per-step rows and the perf report shares (no fleet)."""
+"""bench.tls_ladder arithmetic: the fit, the per-step rows and the perf report shares (no fleet)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bench.tls import ladder_fit, ladder_rows, perf_share, render_ladder
+from bench.tls_ladder import ladder_fit, ladder_rows, perf_share, render_ladder
 
 
 def point(scenario: str, rate: float, deliveries_s: float, cpu_s: float, window_s: float = 10.0) -> dict[str, Any]:
