@@ -99,6 +99,12 @@ IDLE_TIMEOUT_S = 60.0
 # a quiet but healthy link is never taken for an idle one.
 KEEPALIVE_INTERVAL_S = 10.0
 KEEPALIVE_FRAME = wire.encode({"op": "ping"})
+# The connection's own receive buffer: the loop reads (plaintext) or decrypts (TLS) into it,
+# up to this much per read, as uvloop reads 256 KiB per recv. Owning it matters with TLS:
+# for a protocol without one, uvloop's TLS layer calls ``SSLObject.read(256 KiB)``, which
+# allocates a fresh 256 KiB bytes object for every record (an mmap and munmap each, or a
+# consolidating malloc: ~13 µs a record, more than the decryption; docs/trust.md).
+READ_BUFFER_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,13 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
-class PeerConnection(asyncio.Protocol):
-    """One msgpack/TCP connection, either side."""
+class PeerConnection(asyncio.BufferedProtocol):
+    """One msgpack/TCP connection, either side.
+
+    A buffered protocol: the loop reads into this connection's buffer
+    (:meth:`get_buffer`, :data:`READ_BUFFER_BYTES`), and :meth:`buffer_updated`
+    hands what arrived to :meth:`data_received`, which the frame decoder copies.
+    """
 
     def __init__(
         self,
@@ -199,6 +210,7 @@ class PeerConnection(asyncio.Protocol):
         self.identity: PeerIdentity | None = None
         self.limits = limits
         self.on_bad_message = on_bad_message
+        self._read_view: memoryview | None = None
         self._init_limits()
 
     # -- asyncio.Protocol ---------------------------------------------------
@@ -214,7 +226,18 @@ class PeerConnection(asyncio.Protocol):
             self.identity = None
         self._start_keepalive()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._read_view
+        if view is None:  # allocated at the first read: a connection that never reads holds none
+            view = self._read_view = memoryview(bytearray(READ_BUFFER_BYTES))
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._read_view is not None
+        self.data_received(self._read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the peer (the decoder copies them: ``data`` may be the reused read buffer)."""
         self._heard = True
         frames = self.decoder.feed(data)
         self._watch_partial_frame(len(frames))

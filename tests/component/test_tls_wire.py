@@ -18,7 +18,7 @@ import pytest
 
 from services import wire
 from services.certs import FleetCertificates, issue, make_ca, write_private
-from services.connection import PeerConnection, PeerLink, connect, serve
+from services.connection import READ_BUFFER_BYTES, PeerConnection, PeerLink, connect, serve
 from services.errors import HandshakeRateLimited, NotTrusted
 from services.identity import CHANNEL_SERVER, GATEWAY, PeerIdentity
 from services.tls import WireTrust, client_context
@@ -371,3 +371,44 @@ async def test_the_wire_works_on_uvloop_too(fleet_ca: FleetCA) -> None:
         assert await asyncio.to_thread(loop.run_until_complete, run()) == "gateway/gw-1"
     finally:
         loop.close()
+
+
+class _ReadRecorder(PeerConnection):
+    """A server connection that records what type of data each read handed it."""
+
+    seen: list[type] = []
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        _ReadRecorder.seen.append(type(data))
+        super().data_received(data)
+
+
+async def test_tls_reads_land_in_the_connections_own_buffer_whole_and_in_order(fleet_ca: FleetCA) -> None:
+    """The loop's TLS layer decrypts into the connection's reused buffer (a buffered protocol: no
+    256 KiB allocation per record, docs/trust.md), and frames of every size, one bigger than the
+    buffer among them, arrive whole and in order."""
+    _ReadRecorder.seen = []
+    got: list[int] = []
+
+    def handle(conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
+        got.append(len(msg["blob"]))
+        return wire.reply_ok(msg["id"], n=len(msg["blob"]))
+
+    server = await serve(
+        HOST,
+        0,
+        lambda: _ReadRecorder(name="server", on_request=handle),
+        trust=fleet_ca.trust(CHANNEL_SERVER, "cs-1"),
+    )
+    conn = await connect(
+        HOST, server.sockets[0].getsockname()[1], PeerConnection, trust=fleet_ca.trust(GATEWAY, "gw-1")
+    )
+    sizes = [0, 1, 100, 16_000, 16_384, 70_000, READ_BUFFER_BYTES + 12_345, 5] * 3
+    try:
+        replies = await asyncio.gather(*(conn.request({"op": "ping", "blob": b"x" * n}, DEFAULT_WAIT_S) for n in sizes))
+    finally:
+        conn.close()
+        server.close()
+    assert [r["n"] for r in replies] == sizes
+    assert got == sizes
+    assert _ReadRecorder.seen and set(_ReadRecorder.seen) == {memoryview}
