@@ -19,11 +19,11 @@ from typing import Generic, TypeVar
 
 # The scheduler's own rate, items per second: an upper bound (the yield rules below, and the CPU,
 # usually bind first). 20,000 items due at once take at least 4 s at 5,000/s.
-DEFAULT_RATE_PER_S = 5000.0
+DEFAULT_RATE_PER_S = 2500.0
 # Items per transaction, fired in one event-loop turn: a live request that arrives meanwhile waits
 # for it (~0.2 ms per item here, several times that on a loaded machine); with no fsync per commit,
 # small batches cost little.
-DEFAULT_BATCH_MAX = 16
+DEFAULT_BATCH_MAX = 64
 # Priority to live traffic in the hand-off: the scheduler fires only while the outbox to the Admin
 # Servers holds at most this many unacknowledged events, so a live post's event queues behind at
 # most this many due items' (plus one batch) on its way through the fleet, whatever the fleet's speed.
