@@ -331,8 +331,9 @@ async def measure(args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, sp
     stop = asyncio.Event()
     posts: list[dict[str, Any]] = []
     poster = asyncio.create_task(spike.live_poster(stop, posts))
+    cpu_bg0, bg_t0 = watch.cpu(), time.monotonic()
     await asyncio.sleep(max(0.0, due - time.time()))
-    cpu0 = watch.cpu()
+    cpu0, bg_s = watch.cpu(), time.monotonic() - bg_t0
     profile: asyncio.Future[list[tuple[str, float, float]]] | None = None
     if args.profile_s:
         webapp_pid = fleet.labelled_pids()["webapp"]
@@ -401,6 +402,14 @@ async def measure(args: argparse.Namespace, fleet: FleetRun, lc: LoadClients, sp
         },
     }
     out["cpu_during_spike_s"] = {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1}
+    # CPU per fired item: the spike window's CPU less what the live traffic alone cost per second
+    # (measured from the poster's start to D), over the items fired
+    out["cpu_background_per_s"] = {k: round((cpu0[k] - cpu_bg0[k]) / max(bg_s, 1e-9), 4) for k in cpu0}
+    fired = args.scheduled + args.reminders
+    out["cpu_per_item_us"] = {
+        k: round(1e6 * (cpu1[k] - cpu0[k] - out["cpu_background_per_s"][k] * spike_window_s) / max(fired, 1), 1)
+        for k in cpu1
+    }
     out["spike_window_s"] = spike_window_s
     out["goals"] = {
         "live_p99_during_ms<50": (out["live"]["phases"]["during"]["p99_ms"] or 0) < GOAL_LIVE_P99_MS,
@@ -455,12 +464,20 @@ def render(r: dict[str, Any]) -> str:
             ],
         ),
         "",
-        f"CPU-seconds per process from the due instant until the last spike delivery ({fmt(r['spike_window_s'], 1)} s):",
+        f"CPU-seconds per process from the due instant until the last spike delivery ({fmt(r['spike_window_s'], 1)} s); "
+        "the background's cores (live posts alone, from the poster's start to the due instant); and CPU per "
+        "fired item (the window's CPU less the background's, over the items):",
         "",
         md_table(
-            ["process", "CPU s", "cores"],
+            ["process", "CPU s", "cores", "background cores", "µs per item"],
             [
-                [k, fmt(v, 2), fmt(v / max(r["spike_window_s"], 1e-9), 2)]
+                [
+                    k,
+                    fmt(v, 2),
+                    fmt(v / max(r["spike_window_s"], 1e-9), 2),
+                    fmt(r.get("cpu_background_per_s", {}).get(k), 3),
+                    fmt(r.get("cpu_per_item_us", {}).get(k), 0),
+                ]
                 for k, v in sorted(r["cpu_during_spike_s"].items(), key=lambda kv: -kv[1])
             ],
         ),
