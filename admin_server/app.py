@@ -47,6 +47,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from admin_server.given_up import GIVEN_UP_HOLD_S, MAX_GIVEN_UP_CHANNELS, GivenUpChannels
 from admin_server.slow_lane import SlowLane, Turn
 from services import ops, wire
 from services.config import Parser, service_parser
@@ -90,11 +91,18 @@ class AdminServer(MsgpackService):
         # Slots with publishes on the slow path (tasks), each slot's in arrival order: later
         # publishes of the slot join them there, and none is written before the earlier ones.
         self.slow_lanes: dict[str, SlowLane] = {}
+        # Channels with a publish given up: their later publishes are answered unavailable until it
+        # is resent, so the webapp resends them all in order (admin_server/given_up.py)
+        self.given_up_channels = GivenUpChannels(args.given_up_hold_s, args.max_given_up_channels)
         m = self.metrics
         self.follower.on_bad_document = lambda exc: self.metrics.error("bad_kv")
         self.forwarded = m.counter("rtm_as_events_forwarded_total", "Events forwarded to their channel server")
         self.retries = m.counter("rtm_as_forward_retries_total", "Forward attempts retried", ["reason"])
         self.given_up = m.counter("rtm_as_forward_unavailable_total", "Publishes answered unavailable after the budget")
+        self.held_back = m.counter(
+            "rtm_as_pubs_held_behind_given_up_total",
+            "Publishes answered unavailable because an earlier one of their channel was given up",
+        )
         self.latency = m.histogram("rtm_as_forward_seconds", "Time to forward one publish", LATENCY_BUCKETS_S)
         self.refused = m.counter(
             "rtm_as_pubs_refused_total", "Publishes answered unavailable because --max-pubs-in-flight were pending"
@@ -159,6 +167,8 @@ class AdminServer(MsgpackService):
             self.metrics.error("unknown_op")
             return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
         pub = ops.parse_as(msg, ops.Publish)  # BadMessage: the connection answers bad_request
+        if self.given_up_channels.holds(pub.ch, pub.seq, time.monotonic()):
+            return self._held_back(request_id, pub)
         if self.pubs_in_flight >= self.args.max_pubs_in_flight:
             self.refused.inc()
             return wire.reply_err(
@@ -189,6 +199,8 @@ class AdminServer(MsgpackService):
                 request_id, ErrorCode.UNAVAILABLE, f"{self.pubs_in_flight} publishes in flight here; retry"
             )
         reply = _BatchReply(request_id, count)
+        given_up = self.given_up_channels
+        now = time.monotonic()
         ring = self.follower.ring
         instances = self.channel_servers.instances
         slow_lanes = self.slow_lanes
@@ -197,6 +209,10 @@ class AdminServer(MsgpackService):
             if isinstance(item, BadMessage):
                 self.metrics.error("bad_request")
                 reply.settle(index, ErrorCode.BAD_REQUEST, item.detail)
+                continue
+            if given_up.holds(item.ch, item.seq, now):
+                self.held_back.inc()
+                reply.settle(index, ErrorCode.UNAVAILABLE, f"an earlier publish of {item.ch} was given up")
                 continue
             self.pubs_in_flight += 1
             channel = item.ch
@@ -211,6 +227,17 @@ class AdminServer(MsgpackService):
         for owner, group in groups.items():
             self._send_group(reply, owner, group, ring.version)
         return reply.future
+
+    def _held_back(self, request_id: int, pub: ops.Publish) -> dict[str, Any]:
+        self.held_back.inc()
+        return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"an earlier publish of {pub.ch} was given up")
+
+    def _give_up(self, record: ops.Publish, lane: SlowLane, turn: Turn) -> None:
+        """``record`` is answered unavailable: so are the later ones of its channel, waiting in the
+        lane or arriving until it is resent (admin_server/given_up.py)."""
+        self.given_up.inc()
+        lane.abandon_later(turn)
+        self.given_up_channels.give_up(record.ch, record.seq, time.monotonic())
 
     def _slow(self, reply: _BatchReply, index: int, item: ops.Publish) -> None:
         """One event of a batch on the slow path (:meth:`forward`); its result settles ``index``."""
@@ -365,7 +392,7 @@ class AdminServer(MsgpackService):
         lane = self.slow_lanes.get(slot)
         if lane is None:
             lane = self.slow_lanes[slot] = SlowLane()
-        return self._forward_slow(request_id, record, slot, lane, lane.join())
+        return self._forward_slow(request_id, record, slot, lane, lane.join(record.ch))
 
     async def _forward_slow(
         self, request_id: int, record: ops.Publish, slot: str, lane: SlowLane, turn: Turn
@@ -387,11 +414,18 @@ class AdminServer(MsgpackService):
         while True:
             # Wait for this publish's turn in its slot's lane: every earlier one is on the
             # wire ahead of it or answered (and, for a retry, answered: one retry at a time).
+            if turn.abandoned:
+                self.held_back.inc()
+                return wire.reply_err(
+                    request_id, ErrorCode.UNAVAILABLE, f"an earlier publish of {channel} was given up"
+                )
             if not await self._await_turn(lane, turn, deadline):
-                self.given_up.inc()
+                self._give_up(record, lane, turn)
                 return wire.reply_err(
                     request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: queued behind a retry"
                 )
+            if turn.abandoned:
+                continue
             owner = self.follower.ring.owner_for(channel)
             reason = "no_owner"
             if owner is not None and owner in self.channel_servers.instances:
@@ -423,7 +457,7 @@ class AdminServer(MsgpackService):
             lane.refused(turn)  # from now on it waits until every earlier one is answered
             self.retries.labels(reason).inc()
             if time.monotonic() >= deadline:
-                self.given_up.inc()
+                self._give_up(record, lane, turn)
                 log.warning("giving up on %s after %.1fs (%s)", record.eid or channel, self.args.route_budget_s, reason)
                 return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: {reason}")
             if not lane.is_head(turn):
@@ -434,7 +468,7 @@ class AdminServer(MsgpackService):
     async def _await_turn(lane: SlowLane, turn: Turn, deadline: float) -> bool:
         """Until every earlier publish of the slot is on the wire ahead of ``turn`` or answered
         (and, for a retry, answered: one retry at a time). False when ``deadline`` passed first."""
-        while not lane.may_write(turn):
+        while not lane.may_write(turn) and not turn.abandoned:
             try:
                 await asyncio.wait_for(lane.wait(turn), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -525,6 +559,12 @@ def build_parser() -> Parser:
     parser = service_parser("rtm admin-server", "Run one Admin Server.", DEFAULT_PORT)
     parser.add("--route-budget-s", ROUTE_BUDGET_S, "seconds a publish may wait for a live channel owner")
     parser.add("--max-pubs-in-flight", MAX_PUBS_IN_FLIGHT, "publishes forwarded at once; beyond, err unavailable")
+    parser.add(
+        "--given-up-hold-s",
+        GIVEN_UP_HOLD_S,
+        "after a publish is given up, how long later ones of its channel are answered unavailable at most",
+    )
+    parser.add("--max-given-up-channels", MAX_GIVEN_UP_CHANNELS, "channels held behind a given-up publish at once")
     return parser
 
 

@@ -10,10 +10,14 @@ import asyncio
 class Turn:
     """One publish's place in a :class:`SlowLane` (a node of its list, in arrival order)."""
 
-    __slots__ = ("ticket", "on_wire", "refused", "waiter", "prev", "next")
+    __slots__ = ("ticket", "channel", "on_wire", "refused", "abandoned", "waiter", "prev", "next")
 
-    def __init__(self, ticket: int, prev: Turn | None) -> None:
+    def __init__(self, ticket: int, prev: Turn | None, channel: str = "") -> None:
         self.ticket = ticket  # arrival order in the lane
+        self.channel = channel
+        # an earlier publish of its channel was given up: it is answered unavailable too, unwritten,
+        # so that the webapp resends both in order (admin_server/given_up.py)
+        self.abandoned = False
         self.on_wire = False  # its latest attempt is written and not yet answered
         self.refused = False  # an attempt failed: it is written again only as the first of the lane
         self.waiter: asyncio.Future[None] | None = None
@@ -46,8 +50,8 @@ class SlowLane:
     def __len__(self) -> int:
         return self.size
 
-    def join(self) -> Turn:
-        turn = Turn(self.tickets, self.tail)
+    def join(self, channel: str = "") -> Turn:
+        turn = Turn(self.tickets, self.tail, channel)
         self.tickets += 1
         if self.tail is None:
             self.head = turn
@@ -95,6 +99,20 @@ class SlowLane:
             while node is not None:
                 node.refused = False
                 node = node.next
+
+    def abandon_later(self, turn: Turn) -> int:
+        """``turn`` was given up: every later publish of its channel in the lane that is not on
+        the wire is abandoned (and woken to answer so); returns how many."""
+        count = 0
+        node = turn.next
+        while node is not None:
+            if node.channel == turn.channel and not node.on_wire and not node.abandoned:
+                node.abandoned = True
+                count += 1
+                if node.waiter is not None and not node.waiter.done():
+                    node.waiter.set_result(None)
+            node = node.next
+        return count
 
     def leave(self, turn: Turn) -> None:
         if turn.prev is None:

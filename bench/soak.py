@@ -120,6 +120,12 @@ HISTORY_PAGE = 200
 MAX_HISTORY_PAGES = 5
 HISTORY_WORKERS = 6
 MAX_HISTORY_QUEUE = 20_000
+# A history read that fails (the webapp killed by the chaos and restarting, a 429, a timeout) is
+# tried again, at most this many times in all, after a delay that doubles from the first, within
+# a budget: a restart of the webapp takes a few seconds (RECOVERY_TIMEOUT_S bounds it at 60).
+HISTORY_READ_ATTEMPTS = 5
+HISTORY_RETRY_DELAY_S = 1.0
+HISTORY_RETRY_BUDGET_S = 30.0
 CLI_TIMEOUT_S = 30.0
 CPU_SAMPLE_S = 2.0
 COUNTER_SCRAPE_S = 5.0
@@ -498,12 +504,22 @@ class HistoryReader:
     """After each fresh reconnect, the client reads what it missed with ``conversations.history``,
     as Slack's clients do; what it read is kept for :func:`bench.soak_check.check`."""
 
-    def __init__(self, traffic: Traffic) -> None:
+    def __init__(
+        self,
+        traffic: Traffic,
+        workers: int = HISTORY_WORKERS,
+        attempts: int = HISTORY_READ_ATTEMPTS,
+        retry_delay_s: float = HISTORY_RETRY_DELAY_S,
+        retry_budget_s: float = HISTORY_RETRY_BUDGET_S,
+    ) -> None:
         self.traffic = traffic
+        self.attempts = attempts
+        self.retry_delay_s = retry_delay_s
+        self.retry_budget_s = retry_budget_s
         self.queue: asyncio.Queue[tuple[int, int, int, int]] = asyncio.Queue()
         self.reads: dict[int, dict[str, HistoryRead]] = {}
         self.counts: Counter[str] = Counter()
-        self.workers = [asyncio.ensure_future(self.worker()) for _ in range(HISTORY_WORKERS)]
+        self.workers = [asyncio.ensure_future(self.worker()) for _ in range(workers)]
 
     def add(self, fresh: list[list[int]]) -> None:
         for client, sid, closed_us, hello_us in fresh:
@@ -516,12 +532,29 @@ class HistoryReader:
         while True:
             client, sid, closed_us, _ = await self.queue.get()
             try:
-                await self.read(client, sid, closed_us)
+                await self.read_with_retries(client, sid, closed_us)
                 self.counts["read"] += 1
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
                 self.counts["failed: " + type(exc).__name__] += 1
             finally:
                 self.queue.task_done()
+
+    async def read_with_retries(self, client: int, sid: int, closed_us: int) -> None:
+        """:meth:`read`, tried again after a failure (counted as ``retried``) at most
+        ``attempts`` times in all, with doubling delays, within ``retry_budget_s``; the last
+        failure is raised (the worker counts it)."""
+        deadline = time.monotonic() + self.retry_budget_s
+        delay = self.retry_delay_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                await self.read(client, sid, closed_us)
+                return
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                if attempt >= self.attempts or time.monotonic() + delay > deadline:
+                    raise
+            self.counts["retried"] += 1
+            await asyncio.sleep(delay)  # wait-ok: a bounded backoff between attempts of one read
+            delay *= 2
 
     async def read(self, client: int, sid: int, closed_us: int) -> None:
         t = self.traffic

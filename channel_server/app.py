@@ -36,7 +36,8 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from channel_server.state import DEFAULT_HISTORY_EVENTS, ChannelTable, mask_indexes
+from channel_server.pub_fence import MAX_FENCED_CHANNELS_PER_CONNECTION, PubFence
+from channel_server.state import DEFAULT_HISTORY_EVENTS, NO_SEQ, ChannelTable, mask_indexes
 from services import debug_faults, ops, wire
 from services.config import Parser, service_parser
 from services.connection import DEFAULT_MAX_SEND_BUFFER_BYTES, PeerConnection
@@ -61,6 +62,8 @@ class ChannelServer(SlotService):
         super().__init__(args, SERVICE, CHANNEL_RING_KEY, noun="channel server", metric_prefix="rtm_cs", log=log)
         self.table = ChannelTable(history_events=args.history_events)
         self.gateways: dict[int, PeerConnection] = {}
+        # Connections that had a publish refused, and the channels they are held on (channel_server/pub_fence.py)
+        self.fences: dict[PeerConnection, PubFence] = {}
         m = self.metrics
         events_in = m.counter("rtm_cs_events_in_total", "Events published to this channel server", ["kind"])
         self.persisted_in, self.transient_in = events_in.labels("persisted"), events_in.labels("transient")
@@ -70,6 +73,13 @@ class ChannelServer(SlotService):
         )
         self.not_owner = m.counter(
             "rtm_cs_not_owner_total", "Requests refused because the channel is not owned here", ["op"]
+        )
+        self.fenced = m.counter(
+            "rtm_cs_pub_fenced_total",
+            "Publishes refused (not_owner) because an earlier one of the channel was refused on their connection",
+        )
+        self.fence_evictions = m.counter(
+            "rtm_cs_pub_fence_evictions_total", "Refused channels forgotten past --max-fenced-channels-per-connection"
         )
         self.fanout = m.histogram("rtm_cs_fanout_gateways", "Gateways one event was written to", FANOUT_BUCKETS)
         self.pub_latency = m.histogram(
@@ -115,6 +125,7 @@ class ChannelServer(SlotService):
         )
 
     def on_connection_closed(self, conn: PeerConnection, reason: BaseException | None) -> None:
+        self.fences.pop(conn, None)
         index = conn.state.get("gw_index")
         if index is None or self.gateways.get(index) is not conn:
             return
@@ -135,9 +146,9 @@ class ChannelServer(SlotService):
             return self.authz.refuse(refusal, request_id)  # type: ignore[return-value]
         record = ops.parse(msg, SERVED_OPS[msg["op"]])
         if isinstance(record, ops.Publish):
-            return self.handle_pub(request_id, record)
+            return self.handle_pub(request_id, record, conn)
         if isinstance(record, ops.Publishes):
-            return self.handle_pubs(request_id, record)
+            return self.handle_pubs(request_id, record, conn)
         if isinstance(record, ops.Subscribe):
             if (record.rv or 0) > self.slots.ring_version:
                 return self.sub_after_refresh(conn, request_id, record)
@@ -219,15 +230,15 @@ class ChannelServer(SlotService):
             request_id, version=self.follower.ring.version, last=last, missing=missing, not_owner=refused
         )
 
-    def handle_pub(self, request_id: int, pub: ops.Publish) -> dict[str, Any]:
-        result = self.apply_pub(pub, pub.rv or 0)
+    def handle_pub(self, request_id: int, pub: ops.Publish, conn: PeerConnection | None = None) -> dict[str, Any]:
+        result = self.apply_pub(pub, pub.rv or 0, conn)
         if result == ops.PUB_OK:
             return wire.reply_ok(request_id)
         if result == ops.PUB_DUPLICATE:
             return wire.reply_ok(request_id, duplicate=True)
         return wire.reply_err(request_id, ErrorCode.NOT_OWNER, pub.ch, version=self.follower.ring.version)
 
-    def handle_pubs(self, request_id: int, batch: ops.Publishes) -> dict[str, Any]:
+    def handle_pubs(self, request_id: int, batch: ops.Publishes, conn: PeerConnection | None = None) -> dict[str, Any]:
         """Each event of the batch as :meth:`handle_pub` would, in order; one reply with a
         result per event. A refused item (bad, or not owned here) changes nothing else."""
         rv = batch.rv or 0
@@ -240,7 +251,7 @@ class ChannelServer(SlotService):
                 results.append(ErrorCode.BAD_REQUEST)
                 details.append((i, item.detail))
                 continue
-            result = self.apply_pub(item, rv)
+            result = self.apply_pub(item, rv, conn)
             if result == ErrorCode.NOT_OWNER:
                 refused_owner = True
                 details.append((i, item.ch))
@@ -252,12 +263,21 @@ class ChannelServer(SlotService):
             reply["version"] = self.follower.ring.version
         return reply
 
-    def apply_pub(self, pub: ops.Publish, rv: int) -> str:
+    def apply_pub(self, pub: ops.Publish, rv: int, conn: PeerConnection | None = None) -> str:
         """Apply one event and write it to its subscribed gateways: ``ops.PUB_OK``,
-        ``ops.PUB_DUPLICATE`` (its seq was applied already) or ``ErrorCode.NOT_OWNER``."""
+        ``ops.PUB_DUPLICATE`` (its seq was applied already) or ``ErrorCode.NOT_OWNER``
+        (not owned here; or, on ``conn``, an earlier publish of the channel was refused
+        and has not been applied yet: channel_server/pub_fence.py)."""
         channel, seq = pub.ch, pub.seq
+        fence = self.fences.get(conn) if conn is not None and seq is not None else None
+        if fence is not None and fence.holds(channel, seq, self.table.last_seq.get(channel, NO_SEQ)):
+            self.fenced.inc()
+            self.not_owner.labels("pub").inc()
+            return ErrorCode.NOT_OWNER
         if not self.slots.owns(channel, rv):
             self.not_owner.labels("pub").inc()
+            if conn is not None and seq is not None:
+                self._refused(conn, channel, seq)
             return ErrorCode.NOT_OWNER
         t0 = pub.t0 or time.time()
         published = self.table.publish(channel, seq, pub.json, t0, pub.ctl)
@@ -282,8 +302,24 @@ class ChannelServer(SlotService):
         self.pub_latency.observe(max(0.0, time.time() - t0))
         return ops.PUB_OK
 
+    def _refused(self, conn: PeerConnection, channel: str, seq: int) -> None:
+        """``conn``'s publish ``seq`` of ``channel`` was refused: hold its later ones (pub_fence.py)."""
+        fence = self.fences.get(conn)
+        if fence is None:
+            if not conn.is_open:
+                return
+            fence = self.fences[conn] = PubFence(self.args.max_fenced_channels_per_connection)
+        evicted = fence.evictions
+        fence.refuse(channel, seq)
+        if fence.evictions != evicted:
+            self.fence_evictions.inc()
+
     # -- ring changes ------------------------------------------------------------------
     def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
+        if self.fences:
+            gone = {ch for fence in self.fences.values() for ch in fence.refused if not self.slots.is_mine(ch)}
+            for fence in self.fences.values():
+                fence.forget(gone)
         lost = [ch for ch in self.table.known_channels() if not self.slots.is_mine(ch)]
         if not lost:
             return
@@ -308,6 +344,11 @@ def build_parser() -> Parser:
     parser = service_parser("rtm channel-server", "Run one Channel Server.", DEFAULT_PORT)
     parser.add("--history-events", DEFAULT_HISTORY_EVENTS, "events of history held per channel")
     parser.add("--role", "active", "registered role tag: active or spare")
+    parser.add(
+        "--max-fenced-channels-per-connection",
+        MAX_FENCED_CHANNELS_PER_CONNECTION,
+        "channels one connection may have refused publishes held for (channel_server/pub_fence.py)",
+    )
     debug_faults.add_flags(parser)
     parser.add(
         "--max-gateway-buffer-bytes", DEFAULT_MAX_SEND_BUFFER_BYTES, "unsent bytes per gateway before it is cut off"

@@ -54,6 +54,7 @@ from gateway.state import (
     LEAVE_UPTO_TIMEOUT_S,
     MAX_HELD_EVENTS_PER_CHANNEL,
     MAX_HELD_EVENTS_PER_SESSION,
+    MAX_PENDING_LEAVES,
     Effects,
     GatewayState,
     Session,
@@ -93,6 +94,7 @@ class Gateway:
             args.max_held_events_per_session,
             clock=self.clock,
             leave_timeout_s=args.leave_timeout_s,
+            max_pending_leaves=args.max_pending_leaves,
         )
         self.discovery = Discovery(args.consul, args.consul_token)
         keys = FleetKeys.from_secret(args.secret.encode())  # one key per job (services/keys.py)
@@ -263,6 +265,7 @@ class Gateway:
         # the connection without goodbye (gateway/drain.py), so a late record must not be claimed.
         record: dict[str, Any] = {
             "user": session.user,
+            "token_id": session.token_id,
             "channels": where,
             "deadline": time.time() + RESUME_TIMEOUT_S,
             **({"until": until} if until else {}),
@@ -376,6 +379,11 @@ def _add_delivery_settings(parser: Parser) -> None:
         "--leave-timeout-s",
         LEAVE_UPTO_TIMEOUT_S,
         "seconds a leave waits for the channel's event of the leave (ctl upto) before it takes effect anyway",
+    )
+    parser.add(
+        "--max-pending-leaves",
+        MAX_PENDING_LEAVES,
+        "pending-leave deadlines held at once; past it the oldest pending leaves take effect at once",
     )
     parser.add(
         "--reconcile-interval-s",

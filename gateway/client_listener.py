@@ -198,7 +198,7 @@ class ClientListener:
         client = ClientSocket(
             ws, sid, self.args.max_client_buffer_bytes, self.args.max_client_buffer_frames, self.cut_off, self.cork
         )
-        session = Session(sid=sid, user=user, team=team, write=client.write)
+        session = Session(sid=sid, user=user, team=team, write=client.write, token_id=ticket.token_id)
         del client  # the session's write holds it
         try:
             await ws.send(HELLO.decode())

@@ -11,6 +11,8 @@ leaked reconnect loop, a script, an abuser):
   past the first check). Behind an edge proxy every client shares the
   proxy's address; ``--client-address-header X-Forwarded-For`` makes the
   gateway count the address the proxy puts last in that header instead.
+  An IPv6 address counts as its /64 (services/source_address.py): one host
+  holds a whole /64.
 * ``--max-connections-per-user`` (:data:`DEFAULT_MAX_CONNECTIONS_PER_USER`):
   open websockets of one user, across all of their devices and tabs, checked
   once the ticket names the user; refused with close code 4029.
@@ -22,6 +24,8 @@ leaked reconnect loop, a script, an abuser):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from services.source_address import source_of_address
 
 # Slack's clients open one websocket per signed-in workspace per device or tab;
 # a few dozen covers a person with many tabs, while a runaway reconnect loop
@@ -77,10 +81,11 @@ def _release(counts: dict[str, int], key: str) -> None:
 
 
 def client_address(peer: str, header_value: str | None) -> str:
-    """The address to count a client under: the last hop of a proxy's header when one is
-    configured and present (the entry the proxy itself appended), else the TCP peer."""
+    """The source to count a client under: the last hop of a proxy's header when one is
+    configured and present (the entry the proxy itself appended), else the TCP peer; an IPv6
+    address counts as its /64 (services/source_address.py)."""
     if header_value:
         last = header_value.rsplit(",", 1)[-1].strip()
         if last:
-            return last
-    return peer
+            return source_of_address(last)
+    return source_of_address(peer)

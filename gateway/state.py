@@ -68,6 +68,11 @@ MAX_HELD_EVENTS_PER_SESSION = 10_000
 # bound, twice that budget, the leave takes effect without it: a user who left a channel must
 # not stay subscribed to it because one event went missing.
 LEAVE_UPTO_TIMEOUT_S = 60.0
+# Pending-leave deadlines held at once (one per leave still waiting for its ``upto``, and stale
+# ones of leaves reached or superseded until their time comes). A join/leave storm must not grow
+# them for LEAVE_UPTO_TIMEOUT_S: past the bound the stale ones are dropped, and if that is not
+# enough the oldest pending leaves take effect at once (counted in stats.forced_leaves).
+MAX_PENDING_LEAVES = 100_000
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -90,6 +95,7 @@ class Session:
     until: dict[str, int] = field(default_factory=dict)  # channel -> left: deliver seqs <= this, then leave
     rejoin: dict[str, int] = field(default_factory=dict)  # channel -> back in before ``until``: skip to this
     leave_by: dict[str, float] = field(default_factory=dict)  # channel -> pending leave: forced at this time
+    token_id: str = ""  # its ticket's token id: a resume record of it is claimed by that token only
 
     def member_of(self, channel: str) -> bool:
         """Whether the user is in ``channel`` for this session: it follows the channel and has
@@ -133,8 +139,10 @@ class GatewayState:
         max_held_per_session: int = MAX_HELD_EVENTS_PER_SESSION,
         clock: Callable[[], float] = time.monotonic,
         leave_timeout_s: float = LEAVE_UPTO_TIMEOUT_S,
+        max_pending_leaves: int = MAX_PENDING_LEAVES,
     ) -> None:
         self.max_held_per_channel = max_held_per_channel
+        self.max_pending_leaves = max_pending_leaves
         self.max_held_per_session = max_held_per_session
         self.clock = clock
         self.leave_timeout_s = leave_timeout_s
@@ -228,6 +236,26 @@ class GatewayState:
                     self._leave(session, channel, effects)
         return effects
 
+    def _pending(self, entry: tuple[float, Session, str]) -> bool:
+        deadline, session, channel = entry
+        return (
+            session.sid in self.sessions
+            and session.leave_by.get(channel) == deadline
+            and channel in session.until
+            and channel not in session.rejoin
+        )
+
+    def _make_room_for_a_leave(self, effects: Effects) -> None:
+        """:data:`MAX_PENDING_LEAVES` deadlines are held: drop the stale ones, and if at least a
+        quarter of the bound is still pending, force the oldest pending leaves now."""
+        live = deque(entry for entry in self.leave_deadlines if self._pending(entry))
+        self.leave_deadlines = live
+        keep = self.max_pending_leaves * 3 // 4
+        while len(live) > keep:
+            _, session, channel = live.popleft()
+            self.stats.forced_leaves += 1
+            self._leave(session, channel, effects)
+
     def pending_leaves(self, session: Session) -> dict[str, int]:
         """Channels ``session`` left but has not yet received up to the leave: channel -> ``upto``.
         A moved session's resume record carries them (see :meth:`position`)."""
@@ -283,6 +311,8 @@ class GatewayState:
             self._mark_uneven(session, channel)
 
     def _leave(self, session: Session, channel: str, effects: Effects, upto: int | None = None) -> None:
+        if upto is not None and len(self.leave_deadlines) >= self.max_pending_leaves:
+            self._make_room_for_a_leave(effects)
         if upto is not None and channel in session.channels and self._reached(session, channel) < upto:
             session.until[channel] = upto  # still owed events up to the leave: go when they are out
             session.rejoin.pop(channel, None)

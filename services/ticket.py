@@ -68,6 +68,9 @@ class Ticket:
     app: str = ""  # a Socket Mode connection of this app (``A…``; ``user`` is its bot user), else ""
     incarnation: str = ""  # the start of the gateway it was minted for (its Consul meta)
     issued_at: float = 0.0  # when the webapp minted it (its clock); 0: not said
+    # the id of the API token rtm.connect was called with (a hash: webapp_stub.resume.token_id);
+    # the gateway names it in the connection's resume record, so only that token resumes it
+    token_id: str = ""
 
 
 def _b64(raw: bytes) -> str:
@@ -88,6 +91,7 @@ def mint(
     resume: str = "",
     app: str = "",
     incarnation: str = "",
+    token_id: str = "",
 ) -> str:
     """A ticket for ``user`` on ``gateway`` (its current ``incarnation``, from its Consul meta)."""
     body = {
@@ -104,6 +108,8 @@ def mint(
         body["r"] = resume
     if app:
         body["a"] = app
+    if token_id:
+        body["k"] = token_id
     payload = json.dumps(body, separators=(",", ":")).encode()
     signature = hmac.new(secret, payload, hashlib.sha256).digest()
     return _b64(payload) + "." + _b64(signature)
@@ -196,6 +202,7 @@ class TicketVerifier:
                 app=str(data.get("a", "")),
                 incarnation=str(data.get("i", "")),
                 issued_at=float(data.get("iat", 0.0)),
+                token_id=str(data.get("k", "")),
             )
         except (ValueError, KeyError, TypeError):
             raise InvalidTicket("malformed ticket payload") from None

@@ -5,7 +5,8 @@ server it starts (msgpack servers, and the webapp's internal HTTP). A peer that
 fails the handshake (no certificate, another CA, expired, no fleet identity) or
 does not finish it within the handshake timeout is disconnected, reported to
 ``on_refused`` and logged at most once per source address per minute
-(:class:`services.tls.RefusalLog`). Each source address may start at most
+(:class:`services.tls.RefusalLog`). Each source (an IPv4 address, or an IPv6 /64:
+:func:`handshake_source`) may start at most
 ``--tls-handshake-burst`` handshakes at once and ``--tls-handshake-rate-per-s``
 after that (successful ones are given back, :class:`services.tls.HandshakeLimiter`);
 a connection over the limit is closed before any TLS work and reported to
@@ -25,6 +26,7 @@ from typing import Any
 
 from services.errors import HandshakeRateLimited
 from services.identity import BadIdentity
+from services.source_address import source_of_address
 from services.tls import HandshakeLimiter, RefusalLog, WireTrust, transport_identity
 
 log = logging.getLogger("rtm.connection")
@@ -61,7 +63,7 @@ class TlsGate:
     def accept(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
         peername = transport.get_extra_info("peername")
-        source = _source(peername)
+        source = handshake_source(peername)
         if not self.limiter.take(source, time.monotonic()):  # before any TLS work: that is what it protects
             transport.abort()
             self._refuse(
@@ -95,10 +97,10 @@ class TlsGate:
 
     def verified(self, peername: Any) -> None:
         """A handshake from ``peername`` succeeded: its source gets its token back."""
-        self.limiter.give_back(_source(peername), time.monotonic())
+        self.limiter.give_back(handshake_source(peername), time.monotonic())
 
     def _refuse(self, peername: Any, exc: BaseException) -> None:
-        source = _source(peername)
+        source = handshake_source(peername)
         if self.on_refused is not None:
             self.on_refused(source, exc)
         if self.refusal_log.should_log(source, time.monotonic()):
@@ -125,9 +127,12 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     return sslproto.SSLProtocol
 
 
-def _source(peername: Any) -> str:
-    """The source address of a peer (its IP: the unit of the handshake limit and the refusal log)."""
-    return str(peername[0]) if peername else "?"
+def handshake_source(peername: Any) -> str:
+    """The source a peer counts against (the handshake limit, the refusal log): its IPv4
+    address, or the /64 network of its IPv6 address (services/source_address.py)."""
+    if not peername:
+        return "?"
+    return source_of_address(str(peername[0]))
 
 
 class _Acceptor(asyncio.Protocol):

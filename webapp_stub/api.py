@@ -61,6 +61,7 @@ from webapp_stub.models import (
 from webapp_stub.presence import PresenceClient
 from webapp_stub.ratelimit import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_RATE_BUCKETS, RateLimiter
 from webapp_stub.resume import ResumeBook
+from webapp_stub.resume_table import ResumeTable
 from webapp_stub.store import Store
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ class WebApi:
         self.posts = metrics.counter(
             "rtm_webapp_posts_total", "Messages persisted (chat.postMessage and websocket sends)"
         )
-        self.resume = ResumeBook()
+        self.resume = ResumeBook(clock=clock, rows=ResumeTable(store))  # durable: a restart keeps them
         self.resumes = metrics.counter(
             "rtm_webapp_resumes_total",
             "Resume records by step: recorded, claimed (rtm.connect), used, expired, late (refused: past its deadline), confirmed / unconfirmed (the gateway sent hello)",

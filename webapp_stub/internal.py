@@ -16,10 +16,13 @@ and only to a peer with a fleet client certificate of role ``gateway``
   (a Socket Mode connection; ``user`` is the app's bot user) the reply adds
   ``"app": {id, team, name, bot_user, events}`` and ``"carried"``: the
   envelopes of the app's resume record (gateway/socket_mode.py).
-* ``POST /internal/resume`` ``{"user": U, "channels": {C: last_delivered_seq},
+* ``POST /internal/resume`` ``{"user": U, "token_id": T, "channels": {C: last_delivered_seq},
   "until": {C: leave_seq}?}`` -> ``{"ok": true, "resume": id}``: a gateway about
   to move a connection records where it stopped (and the leaves it had not
-  reached yet); the user's next ``rtm.connect`` claims it. ``"deadline"``
+  reached yet); the next ``rtm.connect`` with the token the connection was opened
+  with (``token_id``: its id from the ticket, never the token) claims it. The reply
+  comes once the record is committed to SQLite (it survives a webapp kill).
+  ``too_many_resume_records`` past the per-user or total bound. ``"deadline"``
   (unix seconds, optional): the gateway gives up waiting for this reply then,
   and closes the connection without ``goodbye``; a record that arrives later
   is refused (``resume_expired``, counted as step ``late``), so that it can
@@ -68,6 +71,7 @@ INTERNAL_HISTORY_MAX = 1000
 MAX_RESUME_ENVELOPES = 10_000
 MAX_RESUME_CHANNELS = 100_000  # channels in one resume record (a user's conversations and more)
 MAX_NONCE_CHARS = 128  # a ticket's nonce, naming the connection a resume record is taken for
+MAX_TOKEN_ID_CHARS = 64  # a ticket's token id (webapp_stub.resume.token_id: 32 hex characters)
 
 # What one internal endpoint does with a request's arguments: its reply's fields besides "ok".
 InternalHandler = Callable[[web.Request, Args], Awaitable[dict[str, Any]]]
@@ -99,10 +103,12 @@ class InternalEndpoints:
         return await self._answer(request, "internal.bootstrap", self._bootstrap, durable=True)
 
     async def handle_resume(self, request: web.Request) -> web.Response:
-        return await self._answer(request, "internal.resume", self._resume, durable=False)
+        # durable: the gateway says goodbye once answered, so the record must survive a webapp kill
+        # (its row joins the group commit: a drain's thousands of records share a few fsyncs)
+        return await self._answer(request, "internal.resume", self._resume, durable=True)
 
     async def handle_resume_confirm(self, request: web.Request) -> web.Response:
-        return await self._answer(request, "internal.resume.confirm", self._resume_confirm, durable=False)
+        return await self._answer(request, "internal.resume.confirm", self._resume_confirm, durable=True)
 
     async def handle_history(self, request: web.Request) -> web.Response:
         # durable: never hand a gateway an event that is not yet durable
@@ -205,6 +211,9 @@ class InternalEndpoints:
         seqs = _channel_seqs(args.get("channels"))
         until = _channel_seqs(args.get("until") or {})
         self._check_deadline(args.get("deadline"))
+        tid = args.get("token_id") or ""
+        if not isinstance(tid, str) or len(tid) > MAX_TOKEN_ID_CHARS:
+            raise ApiError("invalid_arguments")
         key, carried = user_id, None
         if args.get("app"):  # a Socket Mode app's connections: keyed by the app, with its unacknowledged envelopes
             app = self.api.store.app(str(args["app"]))
@@ -213,8 +222,10 @@ class InternalEndpoints:
                 raise ApiError("app_not_found")
             if not isinstance(carried, list) or len(carried) > MAX_RESUME_ENVELOPES:
                 raise ApiError("invalid_arguments")
-            key = app.id
-        body = {"resume": self.api.resume.add(key, seqs, carried, until)}
+            key, tid = app.id, ""  # any connection of the app takes over its envelopes
+        elif not tid:  # no rtm.connect could claim it: the client would start fresh, silently
+            raise ApiError("invalid_arguments")
+        body = {"resume": self.api.resume.add(key, seqs, carried, until, token_id=tid)}
         self.api.resumes.labels("recorded").inc()
         return body
 

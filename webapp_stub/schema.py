@@ -215,6 +215,26 @@ CREATE TABLE IF NOT EXISTS pins (
 """
 
 
+# Resume records (webapp_stub/resume.py, resume_table.py): where a connection the fleet moved
+# stopped, until its client reconnects. Keyed by the token's id (a hash), never the token.
+# Rows expire RESUME_TTL_S after they were written; at most MAX_RESUME_RECORDS_PER_USER per user.
+RESUME_SCHEMA = """
+CREATE TABLE IF NOT EXISTS resume_records (
+    id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    channels TEXT NOT NULL,
+    until TEXT NOT NULL,
+    carried TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    claimed INTEGER NOT NULL DEFAULT 0,
+    holder TEXT NOT NULL DEFAULT '',
+    retake_until REAL NOT NULL DEFAULT 0,
+    reclaimable INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Create what is missing: the tables, the columns of :data:`MIGRATIONS`, then their indexes."""
     conn.executescript(SCHEMA)
@@ -224,3 +244,4 @@ def migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
     conn.executescript(INDEXES)
     conn.executescript("BEGIN;" + SCHEDULING_SCHEMA + "COMMIT;")  # one transaction: the schema pages written once
+    conn.executescript(RESUME_SCHEMA)

@@ -367,3 +367,50 @@ async def test_a_batch_beyond_the_in_flight_bound_is_refused_whole(
         assert reply["res"] == ["ok"] * 10
     finally:
         webapp.close()
+
+
+async def outcome(reply: asyncio.Future[dict[str, Any]]) -> str:
+    """ "ok", or the error code the request was answered with."""
+    try:
+        return str((await asyncio.wait_for(reply, DEFAULT_WAIT_S))["op"])
+    except PeerError as exc:
+        return exc.code
+
+
+async def test_a_publish_given_up_fails_the_later_ones_of_its_channel_so_the_resend_keeps_order(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """Publish 2 exhausts its route budget while 3 (its own budget not spent) waits behind it.
+    Before: 3 went out when the owner came back, and the webapp's resend of 2 was then dropped
+    at the channel server as a duplicate (3 > 2 applied): never fanned out, not in its history.
+    Now 3 is answered unavailable with 2, and so is 4, which the webapp had pipelined behind
+    them, until 2 is resent: the resend delivers 2, 3, 4 in order."""
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
+        cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot has no owner here
+        admin.args.route_budget_s = 0.3  # 2's budget runs out soon...
+        second = webapp.begin_request(pub(2), timeout_s=DEFAULT_WAIT_S)
+        await park_on_the_slow_path(admin, cs, 1, refusals=2)
+        admin.args.route_budget_s = 20.0  # ...3's does not
+        third = webapp.begin_request(pub(3), timeout_s=DEFAULT_WAIT_S)
+        await park_on_the_slow_path(admin, cs, 2, refusals=2)
+        assert await outcome(second) == "unavailable"
+        cs.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))  # the owner is back
+        await gateway.request({"op": "sub", "gw": "gw-1", "chans": [[CHANNEL, 1]]})  # after its `moved`
+        admin.follower.apply(RingDocument(version=3, slots={"cs-0": "cs-test"}))
+        assert await outcome(third) == "unavailable"  # not delivered ahead of 2
+        fourth = webapp.begin_request(pub(4), timeout_s=DEFAULT_WAIT_S)  # the webapp had pipelined it behind them
+        assert await outcome(fourth) == "unavailable"
+        resent = [await webapp.request(pub(n), timeout_s=DEFAULT_WAIT_S) for n in (2, 3, 4)]  # the rewind
+        assert [r["op"] for r in resent] == ["ok", "ok", "ok"] and not any(r.get("duplicate") for r in resent)
+        assert await seqs(pushes, 4) == [1, 2, 3, 4]
+        assert cs.duplicates._value.get() == 0
+        assert admin.held_back._value.get() == 2
+        assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
+    finally:
+        webapp.close()
+        gateway.close()

@@ -28,6 +28,7 @@ from tests.support import async_wait_until, free_port
 from tests.webapp_harness import GATEWAY_INCARNATION, GATEWAY_INSTANCE, KEYS, SECRET, FakeAdminServer, Webapp, start
 from webapp_stub.app import WebappServer, build_parser
 from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
+from webapp_stub.resume import token_id
 from webapp_stub.seed import seed_demo
 
 
@@ -180,7 +181,8 @@ async def test_create_and_join_emit_team_channel_and_user_events(webapp: Webapp,
     assert missing == {"ok": False, "error": "user_not_found"}
 
     # a resume record with a leave the moved connection had not reached: the bootstrap names it
-    rec = {"user": bob["id"], "channels": {bob["id"]: 1, cid: 1, team: 1}, "until": {cid: 2}}
+    rec = {"user": bob["id"], "token_id": token_id(bob["token"]), "channels": {bob["id"]: 1, cid: 1, team: 1}}
+    rec["until"] = {cid: 2}
     _, recorded = await webapp.internal("resume", rec)
     assert recorded["ok"]
     _, resumed = await webapp.internal("bootstrap", {"user": bob["id"], "resume": recorded["resume"]})
@@ -648,7 +650,8 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
         assert (await webapp.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": f"m{i}"}))[
             1
         ]["ok"]
-    status, reply = await webapp.internal("resume", {"user": alice["id"], "channels": {general: 1, alice["id"]: 0}})
+    mine = {"user": alice["id"], "token_id": token_id(alice["token"])}
+    status, reply = await webapp.internal("resume", {**mine, "channels": {general: 1, alice["id"]: 0}})
     assert status == 200 and reply["ok"] and reply["resume"]
     rid = reply["resume"]
     _, connect = await webapp.call("rtm.connect", alice["token"])
@@ -679,9 +682,12 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
     )
     for body, code in (
         ({"user": "UNOBODY", "channels": {}}, "user_not_found"),
-        ({"user": alice["id"], "channels": [general]}, "invalid_arguments"),
-        ({"user": alice["id"], "channels": {general: "many"}}, "invalid_arguments"),
-        ({"user": alice["id"], "channels": {general: -1}}, "invalid_arguments"),
+        ({**mine, "channels": [general]}, "invalid_arguments"),
+        ({**mine, "channels": {general: "many"}}, "invalid_arguments"),
+        ({**mine, "channels": {general: -1}}, "invalid_arguments"),
+        ({"user": alice["id"], "channels": {general: 1}}, "invalid_arguments"),  # no token id: none could claim it
+        ({**mine, "token_id": ["x"], "channels": {general: 1}}, "invalid_arguments"),
+        ({**mine, "token_id": "x" * 65, "channels": {general: 1}}, "invalid_arguments"),
     ):
         assert (await webapp.internal("resume", body))[1] == {"ok": False, "error": code}
     status, _ = await webapp.internal("resume", {"user": alice["id"], "channels": {}}, role=WEBAPP)
@@ -692,12 +698,72 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
         assert f'rtm_webapp_resumes_total{{step="{step}"}} {count}.0' in text, step
 
 
+async def test_resume_records_are_claimed_by_the_token_whose_connection_moved(webapp: Webapp) -> None:
+    """Two devices of dave, two tokens, both moved: each device's rtm.connect names its own record
+    (whichever asks first), the ticket carries the token's id (not the token), and a record is
+    never handed to the other device."""
+    dave, general = webapp.user("dave"), webapp.channel("general")
+    laptop, phone = dave["token"], "xoxp-dave-phone-0123456789abcdef"
+    with webapp.server.store.transaction() as db:
+        db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (phone, dave["id"]))
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
+
+    async def ticket_of(token: str) -> Any:
+        _, connect = await webapp.call("rtm.connect", token)
+        return verifier.verify(connect["url"][len(prefix) :], now_s=time.time())
+
+    for i in range(3):
+        assert (await webapp.call("chat.postMessage", laptop, json_body={"channel": general, "text": f"d{i}"}))[1]["ok"]
+    first = await ticket_of(laptop)
+    assert first.token_id == token_id(laptop) and laptop not in json.dumps(first.__dict__)
+    records = {}
+    for token, seq in ((laptop, 1), (phone, 3)):
+        body = {"user": dave["id"], "token_id": (await ticket_of(token)).token_id, "channels": {general: seq}}
+        _, reply = await webapp.internal("resume", body)
+        records[token] = reply["resume"]
+    assert (await ticket_of(phone)).resume == records[phone]  # the phone first: its own, not the older one
+    assert (await ticket_of(laptop)).resume == records[laptop]
+    _, boot = await webapp.internal("bootstrap", {"user": dave["id"], "resume": records[phone], "nonce": "n-p"})
+    assert {c["id"]: c["seq"] for c in boot["channels"]}[general] == 3
+    assert (await webapp.internal("resume/confirm", {"user": dave["id"], "resume": records[phone], "nonce": "n-p"}))[1][
+        "confirmed"
+    ]
+    assert (await ticket_of(phone)).resume == ""  # the laptop's record stays the laptop's
+    assert (await ticket_of(laptop)).resume == records[laptop]
+
+
+async def test_resume_records_survive_a_webapp_restart(tmp_path: Path, fake_as: FakeAdminServer) -> None:
+    """A record answered ok is committed: a new webapp process on the same data dir still hands it
+    to the moved connection's token (the kill -9 case is in tests/system/test_resume_restart.py)."""
+    first = await start(tmp_path, fake_as)
+    try:
+        erin, general = first.user("eve"), first.channel("general")
+        body = {"user": erin["id"], "token_id": token_id(erin["token"]), "channels": {general: 0}}
+        _, reply = await first.internal("resume", body)
+        rid = reply["resume"]
+    finally:
+        await first.session.close()
+        await first.stop()
+    again = await start(tmp_path, fake_as)
+    try:
+        _, connect = await again.call("rtm.connect", erin["token"])
+        prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+        verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
+        assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == rid
+        _, boot = await again.internal("bootstrap", {"user": erin["id"], "resume": rid, "nonce": "n-1"})
+        assert boot["resumed"] is True and {c["id"]: c["seq"] for c in boot["channels"]}[general] == 0
+    finally:
+        await again.session.close()
+        await again.stop()
+
+
 async def test_a_resume_record_past_its_deadline_is_refused(webapp: Webapp) -> None:
     """The gateway gave up on the reply at ``deadline`` and closed the connection without goodbye:
     a record arriving later must not be kept, or a later connection of the user would claim it
     and replay events it already had."""
     bob, general = webapp.user("bob"), webapp.channel("general")
-    record = {"user": bob["id"], "channels": {general: 0}}
+    record = {"user": bob["id"], "token_id": token_id(bob["token"]), "channels": {general: 0}}
     late = await webapp.internal("resume", {**record, "deadline": time.time() - 0.5})
     assert late[1] == {"ok": False, "error": "resume_expired"}
     for bad in ("soon", float("nan"), True, [1]):
@@ -719,7 +785,8 @@ async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record
     """A gateway whose bootstrap call timed out after the webapp took the record asks again with the
     same ticket nonce and gets the same recorded seqs; another ticket does not."""
     carol, general = webapp.user("carol"), webapp.channel("general")
-    _, recorded = await webapp.internal("resume", {"user": carol["id"], "channels": {general: 0}})
+    carols = {"user": carol["id"], "token_id": token_id(carol["token"])}
+    _, recorded = await webapp.internal("resume", {**carols, "channels": {general: 0}})
     rid = recorded["resume"]
     ask = {"user": carol["id"], "resume": rid, "nonce": "n-1"}
     for _ in range(2):
@@ -737,7 +804,7 @@ async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record
     _, connect = await webapp.call("rtm.connect", carol["token"])  # refused once: now a fresh connection
     assert verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume == ""
     # A record whose connection got its hello is confirmed: no later connection is refused for it.
-    _, again = await webapp.internal("resume", {"user": carol["id"], "channels": {general: 0}})
+    _, again = await webapp.internal("resume", {**carols, "channels": {general: 0}})
     held = {"user": carol["id"], "resume": again["resume"], "nonce": "n-3"}
     assert (await webapp.internal("bootstrap", held))[1]["resumed"] is True
     assert (await webapp.internal("resume/confirm", {**held, "nonce": "n-4"}))[1] == {"ok": True, "confirmed": False}

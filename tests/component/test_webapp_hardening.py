@@ -191,7 +191,7 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
                 assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_json"})
     _, reply = await webapp.internal("history", {"channel": general, "after_seq": 10**30})
     assert reply == {"ok": False, "error": "invalid_arguments"}
-    _, reply = await webapp.internal("resume", {"user": alice["id"], "channels": {general: 1e400}})
+    _, reply = await webapp.internal("resume", {"user": alice["id"], "token_id": "t", "channels": {general: 1e400}})
     assert reply == {"ok": False, "error": "invalid_arguments"}
     values = await metrics(webapp)
     assert metric(values, "rtm_errors_total", kind="internal_error") == 0

@@ -82,3 +82,12 @@ def test_a_publish_that_gives_up_lets_the_next_one_go() -> None:
     assert lane.is_head(b) and lane.may_write(b)
     lane.leave(b)
     assert len(lane) == 0 and lane.head is None and lane.tail is None and lane.frontier is None
+
+
+def test_a_given_up_publish_abandons_the_later_ones_of_its_channel_not_on_the_wire() -> None:
+    lane = SlowLane()
+    first, other, later, on_wire = lane.join("C1"), lane.join("C2"), lane.join("C1"), lane.join("C1")
+    on_wire.on_wire = True
+    assert lane.abandon_later(first) == 1
+    assert later.abandoned and not other.abandoned and not on_wire.abandoned and not first.abandoned
+    assert lane.abandon_later(first) == 0  # once

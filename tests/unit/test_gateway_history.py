@@ -133,12 +133,13 @@ async def test_a_session_moved_before_it_reached_a_leave_carries_it_in_its_resum
     webapp = ResumeWebapp()
     gw.webapp = webapp  # type: ignore[assignment]  # resume records
     s1, _, ws1 = attach(gw, 1, [("U1", 10), ("C7", 5)])
+    s1.token_id = "tid-1"  # from its ticket: the record is claimed by that token only
     gw.apply(gw.state.leave("U1", "C7", upto=7, at=11))  # C7 has not reached the leave here yet
     where = gw.mover.detach(s1)
     await gw.mover.finish(s1, where, "test", asyncio.Semaphore(1))
     resumes = [body for path, body in webapp.calls if path == "/internal/resume"]
     assert [{k: v for k, v in r.items() if k != "deadline"} for r in resumes] == [
-        {"user": "U1", "channels": {"U1": 10, "C7": 5}, "until": {"C7": 7}}
+        {"user": "U1", "token_id": "tid-1", "channels": {"U1": 10, "C7": 5}, "until": {"C7": 7}}
     ]
     assert all(time.time() < r["deadline"] <= time.time() + RESUME_TIMEOUT_S for r in resumes)
     assert ws1.closed == [CloseCode.GOING_AWAY] and gw.mover.pending_leaves == {}

@@ -44,3 +44,14 @@ def test_client_address_takes_the_proxys_last_hop() -> None:
     assert client_address("127.0.0.1", "") == "127.0.0.1"
     assert client_address("127.0.0.1", "1.2.3.4, 10.0.0.7") == "10.0.0.7"  # a client cannot forge the last hop
     assert client_address("127.0.0.1", " , ") == "127.0.0.1"
+
+
+def test_client_address_counts_an_ipv6_host_as_its_64() -> None:
+    # One host holds a whole /64: two of its addresses are one source, another /64 is another.
+    assert client_address("2001:db8:1:2::1", None) == "2001:db8:1:2::/64"
+    assert client_address("2001:db8:1:2:ffff::9", None) == "2001:db8:1:2::/64"
+    assert client_address("2001:db8:1:3::1", None) == "2001:db8:1:3::/64"
+    assert client_address("127.0.0.1", "::ffff:10.0.0.7") == "10.0.0.7"  # IPv4-mapped: IPv4
+    limits = ConnectionLimits(max_per_address=1)
+    assert limits.take_address(client_address("2001:db8::1", None))
+    assert not limits.take_address(client_address("2001:db8::2", None))

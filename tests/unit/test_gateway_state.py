@@ -770,3 +770,30 @@ def test_member_of_is_false_while_a_leave_is_pending() -> None:
     assert not left.member_of("C7") and "C7" in left.channels
     state.join("U1", "C7", 9, at=12)
     assert left.member_of("C7")
+
+
+def test_pending_leave_deadlines_are_bounded_in_a_join_leave_storm() -> None:
+    """A user toggling membership of a channel whose events lag: every leave waits for its upto
+    and leaves a deadline; stale ones (the user came back) are dropped past MAX_PENDING_LEAVES,
+    and when the pending ones themselves pass it, the oldest take effect at once (counted)."""
+    state = GatewayState(clock=FakeClock(), leave_timeout_s=60.0, max_pending_leaves=8)
+    toggler, _ = session(user="U1")
+    state.attach(toggler, [("U1", 10), ("C7", 5)])
+    at = 11
+    for n in range(1000):  # leave at upto 7+n (not reached: C7 stands at 5), back in at once
+        state.leave("U1", "C7", upto=7 + 2 * n, at=at)
+        state.join("U1", "C7", 8 + 2 * n, at=at + 1)
+        at += 2
+        assert len(state.leave_deadlines) <= 8
+    assert state.stats.forced_leaves == 0 and "C7" in toggler.channels  # only stale ones were dropped
+    # many sessions with a leave pending each: past the bound the oldest are forced
+    sessions = []
+    for n in range(20):
+        pending, _ = session(user=f"V{n}")
+        state.attach(pending, [(f"V{n}", 10), ("C8", 5)])
+        state.leave(f"V{n}", "C8", upto=9, at=11)
+        sessions.append(pending)
+        assert len(state.leave_deadlines) <= 8
+    assert state.stats.forced_leaves > 0
+    assert all("C8" not in s.channels for s in sessions[: state.stats.forced_leaves])  # the oldest went first
+    assert all("C8" in s.channels for s in sessions[-5:])  # the newest still wait for their upto

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from tests.support import FakeClock
-from webapp_stub.resume import ResumeBook
+from webapp_stub.errors import ApiError
+from webapp_stub.resume import MemoryRows, ResumeBook, token_id
+from webapp_stub.resume_table import ResumeTable
+from webapp_stub.store import Store
 
 
 def test_claim_hands_out_the_oldest_record_once_and_take_consumes_it() -> None:
@@ -43,14 +50,112 @@ def test_unclaimed_records_can_be_taken_directly_and_are_no_longer_claimable() -
     assert book.claim("U1") == ""
 
 
-def test_bounded_the_oldest_go_first() -> None:
+def test_bounded_a_new_record_past_the_bound_is_refused_not_an_older_one_forgotten() -> None:
+    """An older record's client was already told goodbye: forgetting it would start that client
+    fresh, silently. The new one is refused instead (its gateway closes that connection 4010)."""
     book = ResumeBook(max_records=2, clock=FakeClock())
     oldest = book.add("U1", {})
     book.add("U2", {})
-    book.add("U3", {})
-    assert len(book) == 2
-    assert book.take(oldest, "U1") is None and book.claim("U1") == ""
-    assert book.claim("U2") and book.claim("U3")
+    with pytest.raises(ApiError) as refused:
+        book.add("U3", {})
+    assert refused.value.code == "too_many_resume_records" and len(book) == 2
+    assert book.claim("U1") == oldest and book.claim("U2") and book.claim("U3") == ""
+    assert book.take(oldest, "U1") is not None
+    assert book.add("U3", {})  # room again
+
+
+def test_records_per_user_are_bounded() -> None:
+    book = ResumeBook(max_records_per_user=2, clock=FakeClock())
+    book.add("U1", {}, token_id="a")
+    second = book.add("U1", {}, token_id="b")
+    with pytest.raises(ApiError):
+        book.add("U1", {}, token_id="c")
+    assert book.add("U2", {}, token_id="c")  # another user is not held up
+    assert book.take(second, "U1") is not None
+    assert book.add("U1", {}, token_id="c")
+
+
+def test_records_are_per_token_so_one_device_cannot_claim_anothers() -> None:
+    """Two devices of one user, two tokens, both moved by a drain: each rtm.connect gets the
+    record of its own token, whichever reconnects first; a third token gets none."""
+    book = ResumeBook(clock=FakeClock())
+    laptop = book.add("U1", {"C1": 5}, token_id=token_id("xoxp-laptop"))
+    phone = book.add("U1", {"C1": 9}, token_id=token_id("xoxp-phone"))
+    assert book.claim("U1", token_id("xoxp-phone")) == phone  # the phone first: not the laptop's older record
+    assert book.claim("U1", token_id("xoxp-other")) == ""
+    assert book.claim("U1") == ""  # no token id: nothing
+    assert book.claim("U1", token_id("xoxp-laptop")) == laptop
+    assert book.claim("U1", token_id("xoxp-phone")) == phone  # the phone's retry: its own again
+    # a taken record is handed out once more only to its own token
+    assert book.take_record(phone, "U1", holder="n-phone") is not None
+    assert book.claim("U1", token_id("xoxp-phone")) == phone
+    assert book.take_record(laptop, "U1", holder="n-laptop") is not None
+    assert book.claim("U1", token_id("xoxp-laptop")) == laptop
+    assert book.claim("U1", token_id("xoxp-other")) == ""
+
+
+def test_a_token_id_is_a_hash_not_the_token() -> None:
+    tid = token_id("xoxp-0123456789abcdef")
+    assert tid == token_id("xoxp-0123456789abcdef") and tid != token_id("xoxp-0123456789abcdeg")
+    assert "xoxp" not in tid and "0123456789abcdef" not in tid and len(tid) == 32
+
+
+def test_a_book_on_the_same_rows_holds_the_same_records() -> None:
+    """What a restarted webapp sees: pending, claimed and taken records, with their state."""
+    clock, rows = FakeClock(1_700_000_000.0), MemoryRows()
+    book = ResumeBook(clock=clock, rows=rows, retake_grace_s=60.0)
+    pending = book.add("U1", {"C1": 5}, until={"C2": 8}, token_id="t1")
+    claimed = book.add("U1", {"C1": 6}, token_id="t1")
+    assert book.claim("U1", "t1") == pending
+    taken = book.add("U2", {"C1": 7}, token_id="t2")
+    assert book.take_record(taken, "U2", holder="n-2") is not None
+    gone = book.add("U3", {"C1": 1}, token_id="t3")
+    assert book.take(gone, "U3") is not None
+    app = book.add("A1", {"C1": 3}, carried=[{"envelope_id": "e1"}])
+
+    again = ResumeBook(clock=clock, rows=rows, retake_grace_s=60.0)
+    assert len(again) == 3
+    assert again.claim("U1", "t1") == claimed  # the pending one was claimed before the restart
+    assert again.claim("U1", "t1") == pending  # every record claimed: the oldest again
+    record = again.take_record(pending, "U1", holder="n-1")
+    assert record is not None and record.channels == {"C1": 5} and record.until == {"C2": 8}
+    assert again.take_record(taken, "U2", holder="n-2") is not None  # its holder's retry still works
+    assert again.take_record(gone, "U3") is None
+    app_record = again.take_record(app, "A1")
+    assert app_record is not None and app_record.carried == [{"envelope_id": "e1"}]
+    clock.advance(121.0)
+    assert len(ResumeBook(clock=clock, rows=rows)) == 0 and rows.rows == {}  # expired: deleted at load
+
+
+def test_the_sqlite_table_keeps_records_across_a_reopen(tmp_path: Path) -> None:
+    """The webapp's own rows: a record written, the database closed (the process gone) and opened
+    again is still claimable by its token, and its row holds the token's id, not the token."""
+    clock = FakeClock(1_700_000_000.0)
+    store = Store(tmp_path, clock=clock)
+    book = ResumeBook(clock=clock, rows=ResumeTable(store))
+    rid = book.add("U1", {"C1": 5, "U1": 2}, until={"C1": 9}, token_id=token_id("xoxp-secret-token"))
+    other = book.add("U1", {"C1": 4}, token_id=token_id("xoxp-other-token"))
+    assert book.take_record(other, "U1", holder="n-o") is not None
+    store.close()
+    raw = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.name.startswith("webapp.db"))
+    assert b"xoxp-secret-token" not in raw and token_id("xoxp-secret-token").encode() in raw
+
+    store = Store(tmp_path, clock=clock)
+    reopened = ResumeBook(clock=clock, rows=ResumeTable(store))
+    assert reopened.claim("U1", token_id("xoxp-secret-token")) == rid
+    assert reopened.claim("U1", token_id("xoxp-other-token")) == other  # taken, unconfirmed: once more
+    assert reopened.confirm(other, "U1", "n-o")
+    record = reopened.take_record(rid, "U1", holder="n-1")
+    assert record is not None and record.channels == {"C1": 5, "U1": 2} and record.until == {"C1": 9}
+    store.close()
+    store = Store(tmp_path, clock=clock)
+    third = ResumeBook(clock=clock, rows=ResumeTable(store))
+    assert third.claim("U1", token_id("xoxp-other-token")) == ""  # confirmed before the reopen
+    assert third.take_record(rid, "U1", holder="n-1") is not None  # taken, its holder's retry
+    clock.advance(3600)
+    assert len(ResumeBook(clock=clock, rows=ResumeTable(store))) == 0
+    assert store.conn.execute("SELECT count(*) FROM resume_records").fetchone()[0] == 0
+    store.close()
 
 
 def test_a_record_keeps_the_leaves_its_connection_had_not_reached() -> None:

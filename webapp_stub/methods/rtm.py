@@ -11,18 +11,23 @@ from webapp_stub.api import (
     WebApi,
     method,
 )
+from webapp_stub.args import bearer_token
 from webapp_stub.errors import ApiError
 from webapp_stub.models import User
+from webapp_stub.resume import token_id
 
 REGION_HEADER = "X-Rtm-Region"
 
 
 @method("rtm.connect")
 def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
-    """A signed, single-use ticket URL on a gateway; it names the user's oldest
-    pending resume record, if the fleet moved one of their connections."""
+    """A signed, single-use ticket URL on a gateway; it names the oldest pending resume
+    record of the user and this token, if the fleet moved a connection opened with it."""
     user = call.me
-    base, ticket = gateway_ticket(api, api.gateways.pick(caller_region(api, call)), user, user.id)
+    token = bearer_token(call.request, call.args) if call.request is not None else str(call.args.get("token") or "")
+    base, ticket = gateway_ticket(
+        api, api.gateways.pick(caller_region(api, call)), user, user.id, token_id=token_id(token or "")
+    )
     team = api.store.team(user.team)
     return {
         "url": f"{base}/ws/{ticket}",
@@ -40,13 +45,15 @@ def caller_region(api: WebApi, call: Call) -> str:
 
 
 def gateway_ticket(
-    api: WebApi, gateway: Instance | None, user: User, resume_key: str, app: str = ""
+    api: WebApi, gateway: Instance | None, user: User, resume_key: str, app: str = "", token_id: str = ""
 ) -> tuple[str, str]:
     """(the gateway's base URL, a ticket for ``user`` on it naming the oldest resume record
-    under ``resume_key``); ``service_unavailable`` when no gateway was picked."""
+    under ``resume_key`` and ``token_id``, and carrying ``token_id``: the gateway's record of
+    this connection, if the fleet moves it, is keyed by it); ``service_unavailable`` when no
+    gateway was picked."""
     if gateway is None:
         raise ApiError("service_unavailable")
-    resume = api.resume.claim(resume_key)
+    resume = api.resume.claim(resume_key, token_id)
     if resume:
         api.resumes.labels("claimed").inc()
     ticket = mint(
@@ -57,6 +64,7 @@ def gateway_ticket(
         api.clock(),
         resume=resume,
         app=app,
+        token_id=token_id,
         incarnation=gateway.meta.get(INCARNATION_META, ""),
     )
     # behind an edge proxy a gateway registers the URL clients reach it at (gateway --public-url)

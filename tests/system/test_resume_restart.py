@@ -1,0 +1,116 @@
+"""A moved connection resumes across a webapp kill: its resume record is in SQLite, not memory.
+
+The gateway of a drained region saves a connection's resume record at the webapp
+(``POST /internal/resume``), then sends ``goodbye``. If the webapp is killed (-9) before
+the client's next ``rtm.connect`` and ``rtm up`` restarts it, the restarted webapp must
+still hand that record to the client's token, so that the new gateway replays exactly what
+the connection missed: nothing lost, nothing twice. With records kept only in memory, the
+client started at a fresh bootstrap and silently skipped what was posted after its goodbye.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from rtmctl.launcher import rtm_argv
+from services.identity import WEBAPP
+from tests.support import DEFAULT_WAIT_S, async_wait_until
+from tests.system.harness import Fleet
+
+RESTART_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    data_dir: Path = tmp_path_factory.mktemp("resume-restart")
+    handle = Fleet.up(data_dir, "--seed-users", "6")
+    try:
+        yield handle
+    finally:
+        handle.down()
+
+
+def rtm(fleet: Fleet, *args: str) -> None:
+    done = subprocess.run(
+        rtm_argv(*args, "--data-dir", str(fleet.data_dir)), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def webapp_pid(fleet: Fleet) -> int:
+    fleet.reload()
+    [proc] = fleet.processes(WEBAPP)
+    return int(proc["pid"])
+
+
+async def post(fleet: Fleet, token: str, channel: str, texts: list[str]) -> None:
+    for text in texts:
+        reply = await fleet.api("chat.postMessage", token, channel=channel, text=text)
+        assert reply["ok"], reply
+
+
+async def read_until(ws: Any, done: Any, seen: list[dict[str, Any]]) -> None:
+    """Read events from ``ws`` into ``seen`` until ``done(seen)`` (bounded by the caller's timeout)."""
+    while not done(seen):
+        seen.append(json.loads(await ws.recv()))
+
+
+def texts_of(events: list[dict[str, Any]], channel: str) -> list[str]:
+    return [str(e["text"]) for e in events if e.get("type") == "message" and e.get("channel") == channel]
+
+
+async def test_a_connection_moved_by_a_drain_resumes_after_the_webapp_is_killed_and_restarted(fleet: Fleet) -> None:
+    general = fleet.channel("general")
+    alice, poster = fleet.user("alice"), fleet.user("user0005")
+    connect = await fleet.api("rtm.connect", alice["token"], region="eu-west")
+    ws = await websockets.connect(connect["url"], max_size=None)
+    first: list[dict[str, Any]] = []
+    try:
+        assert json.loads(await asyncio.wait_for(ws.recv(), DEFAULT_WAIT_S)) == {"type": "hello"}
+        before = [f"before-{i}" for i in range(5)]
+        await post(fleet, poster["token"], general, before)
+        await asyncio.wait_for(read_until(ws, lambda s: texts_of(s, general) == before, first), DEFAULT_WAIT_S)
+
+        await asyncio.to_thread(rtm, fleet, "drain", "eu-west")  # the gateway saves the record, says goodbye
+        await asyncio.wait_for(read_until(ws, lambda s: s[-1].get("type") == "goodbye", first), DEFAULT_WAIT_S)
+    finally:
+        await ws.close()
+    missed = [f"while-away-{i}" for i in range(5)]
+    await post(fleet, poster["token"], general, missed)  # after the goodbye: only a resume replays them
+
+    old_pid = webapp_pid(fleet)
+    fleet.kill(old_pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        if webapp_pid(fleet) == old_pid:
+            return False
+        try:
+            return bool((await fleet.api("api.test"))["ok"])
+        except OSError:
+            return False
+
+    await async_wait_until(restarted, timeout_s=RESTART_TIMEOUT_S, what="rtm up to restart the killed webapp")
+    after = [f"after-{i}" for i in range(5)]
+    await post(fleet, poster["token"], general, after)
+
+    connect = await fleet.api("rtm.connect", alice["token"], region="eu-west")
+    assert connect["ok"], connect
+    second: list[dict[str, Any]] = []
+    ws = await websockets.connect(connect["url"], max_size=None)
+    try:
+        assert json.loads(await asyncio.wait_for(ws.recv(), DEFAULT_WAIT_S)) == {"type": "hello"}
+        await post(fleet, poster["token"], general, ["last"])  # general's events arrive in seq order: it ends them
+        await asyncio.wait_for(read_until(ws, lambda s: "last" in texts_of(s, general), second), DEFAULT_WAIT_S)
+    finally:
+        await ws.close()
+    assert texts_of(second, general) == [*missed, *after, "last"]  # resumed where it stopped: none lost, none twice
+    await asyncio.to_thread(rtm, fleet, "undrain", "eu-west")
