@@ -10,8 +10,9 @@ Guarantees
 ----------
 * **Exactly once.** An item fires in one transaction that claims it
   (``state`` pending -> fired, which only one claim can do) and persists what it
-  posts (the message, with its channel's next ``seq``, through the same
-  :meth:`Store.post_message` as ``chat.postMessage``). A webapp killed before
+  posts (the message, with its channel's next ``seq``: in bulk for the whole batch,
+  :mod:`webapp_stub.due_posts`, row for row what :meth:`Store.post_message` writes for
+  ``chat.postMessage``; or one by one through that very method). A webapp killed before
   that commit fires it again on restart (nothing of it was written); killed
   after, it does not (it is no longer pending) and the hand-off's restart
   replay (:mod:`webapp_stub.handoff`) delivers the committed message.
@@ -32,10 +33,10 @@ Guarantees
   the event loop never waits for a disk flush on a due item's behalf. It fires
   a batch only when no live write is open on the webapp's connection and the
   hand-off's outbox (with fired events awaiting their fsync) holds at most ``max_outbox_backlog`` events, then rests so
-  that it takes at most ``duty_cycle`` of the event loop (:class:`~webapp_stub.due_queue.LiveFirst`);
+  that it takes at most ``duty_cycle`` of the event loop thread's CPU (:class:`~webapp_stub.due_queue.LiveFirst`);
   at most ``batch_max`` items per transaction and ``rate_per_s`` per second
   (:class:`~webapp_stub.due_queue.DueQueue`). A live request waits for at most one batch (about
-  ``batch_max`` × 0.2 ms here).
+  ``batch_max`` × 0.1 ms of CPU here).
 
 The ordering, the rate and the yield rule are the sans-I/O classes of
 :mod:`webapp_stub.due_queue`; this module holds the table, the firing transaction and
