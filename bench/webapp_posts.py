@@ -70,10 +70,15 @@ async def post_loop(
 
 
 def cpu_s(process: psutil.Process | None) -> float:
+    return sum(cpu_split_s(process))
+
+
+def cpu_split_s(process: psutil.Process | None) -> tuple[float, float]:
+    """(user, system) CPU-seconds of ``process`` so far."""
     if process is None:
-        return 0.0
+        return 0.0, 0.0
     times = process.cpu_times()
-    return float(times.user + times.system)
+    return float(times.user), float(times.system)
 
 
 async def load(
@@ -87,13 +92,15 @@ async def load(
         url = api_url + "chat.postMessage"
         await post_loop(http, url, users[0]["token"], channel, time.monotonic() + 1.0, [])  # warm up
         started = time.monotonic()
-        cpu_before = cpu_s(webapp)
+        user_before, sys_before = cpu_split_s(webapp)
         until = started + seconds
         errors = await asyncio.gather(
             *(post_loop(http, url, users[i % len(users)]["token"], channel, until, latencies) for i in range(posters))
         )
         elapsed = time.monotonic() - started
-        cpu_used = cpu_s(webapp) - cpu_before
+        user_after, sys_after = cpu_split_s(webapp)
+        user_used, sys_used = user_after - user_before, sys_after - sys_before
+        cpu_used = user_used + sys_used
     return {
         "posts": len(latencies),
         "errors": sum(errors),
@@ -101,6 +108,8 @@ async def load(
         "p50_ms": 1000 * (pct(latencies, 50) or 0.0),
         "p99_ms": 1000 * (pct(latencies, 99) or 0.0),
         "webapp_cpu_us_per_post": 1e6 * cpu_used / max(1, len(latencies)),
+        "webapp_sys_share": sys_used / cpu_used if cpu_used > 0 else 0.0,
+        "load_average_1m": os.getloadavg()[0],
     }
 
 
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "webapp-posts.json").write_text(json.dumps(report, indent=2))
     table = md_table(
-        ["variant", "posts", "posts/s", "p50 ms", "p99 ms", "errors", "webapp CPU µs/post"],
+        ["variant", "posts", "posts/s", "p50 ms", "p99 ms", "errors", "webapp CPU µs/post", "of it system", "load avg"],
         [
             [
                 r["variant"],
@@ -165,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['p99_ms']:.2f}",
                 r["errors"],
                 f"{r['webapp_cpu_us_per_post']:.0f}",
+                f"{100 * r['webapp_sys_share']:.0f} %",
+                f"{r['load_average_1m']:.1f}",
             ]
             for r in rows
         ],

@@ -231,6 +231,27 @@ class WebApi:
     # -- /api/<method> -------------------------------------------------------------------
     async def handle_api(self, request: web.Request) -> web.Response:
         name = request.match_info["method"]
+
+        def token_of(args: Args) -> str | None:
+            return bearer_token(request, args)
+
+        status, headers, body, encoded = await self.answer(name, request, lambda: read_args(request), token_of)
+        if encoded is not None:
+            return web.Response(text=encoded, content_type="application/json")
+        return web.json_response(body, status=status, headers=headers)
+
+    async def answer(
+        self,
+        name: str,
+        request: web.Request | None,
+        reading: Args | Callable[[], Awaitable[Args]],
+        token_of: Callable[[Args], str | None],
+    ) -> tuple[int, dict[str, str], dict[str, Any], str | None]:
+        """One Web API call, whatever server read it (aiohttp's, or the lean front of
+        webapp_stub/http_front.py): ``reading`` is its arguments (or reads them: a raising
+        read is answered like any other error), ``token_of`` gives its token.
+        Returns (status, headers, body, encoded): ``encoded``, when not None, is the whole
+        successful reply already encoded (send it instead of encoding ``body``)."""
         label = name if name in METHODS else "unknown"
         started = time.perf_counter()
         headers: dict[str, str] = {}
@@ -241,19 +262,8 @@ class WebApi:
             if entry is None:
                 raise ApiError("unknown_method")
             handler, needs_auth = entry
-            args = await read_args(request)
-            user = None
-            if needs_auth:
-                token = bearer_token(request, args)
-                if not token:
-                    raise ApiError("not_authed")
-                user = self.store.auth(token)
-                if user is None:  # an app-level token opens Socket Mode connections and calls nothing else
-                    raise ApiError("not_allowed_token_type" if self.store.app_by_token(token) else "invalid_auth")
-                self.last_seen[user.id] = self.clock()
-                wait_s = self.limiter.retry_after(token, name)
-                if wait_s:
-                    raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
+            args = reading if isinstance(reading, dict) else await reading()
+            user = self.authenticate(name, token_of(args)) if needs_auth else None
             self.check_backpressure(name)
             result = handler(self, Call(request, args, user))
             if inspect.isawaitable(result):
@@ -281,9 +291,21 @@ class WebApi:
             await self.durable()  # what a failed call read may sit in the open batch too
         self.count_request(label, outcome)
         self.observe_latency(label, time.perf_counter() - started)
-        if encoded is not None:
-            return web.Response(text=encoded, content_type="application/json")
-        return web.json_response(body, status=status, headers=headers)
+        return status, headers, body, encoded
+
+    def authenticate(self, name: str, token: str | None) -> User:
+        """The caller of ``name`` by its token, within its rate limit. Raises ``not_authed``,
+        ``invalid_auth``, ``not_allowed_token_type``, ``ratelimited`` (429, Retry-After)."""
+        if not token:
+            raise ApiError("not_authed")
+        user = self.store.auth(token)
+        if user is None:  # an app-level token opens Socket Mode connections and calls nothing else
+            raise ApiError("not_allowed_token_type" if self.store.app_by_token(token) else "invalid_auth")
+        self.last_seen[user.id] = self.clock()
+        wait_s = self.limiter.retry_after(token, name)
+        if wait_s:
+            raise ApiError("ratelimited", status=429, headers={"Retry-After": str(wait_s)})
+        return user
 
     def check_backpressure(self, name: str) -> None:
         """``ratelimited`` (HTTP 429, Retry-After) for a write while the outbox is full.

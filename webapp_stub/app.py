@@ -40,7 +40,7 @@ from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
-from webapp_stub.commit import GROUP_COMMIT_WINDOW_S, GroupCommit, wal_path_of
+from webapp_stub.commit import COMMIT_FSYNC_THREAD, GROUP_COMMIT_WINDOW_S, GroupCommit, wal_path_of
 from webapp_stub.due_queue import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUTY_CYCLE,
@@ -57,6 +57,7 @@ from webapp_stub.handoff import (
     replay_from_mark,
     write_mark,
 )
+from webapp_stub.http_front import HttpFront
 from webapp_stub.internal import InternalEndpoints
 from webapp_stub.models import Event
 from webapp_stub.presence import PresenceClient
@@ -70,6 +71,8 @@ DEFAULT_PORT = 8080
 SECRET_FILE = "secret"
 # How long in-flight HTTP requests may take to finish when stopping.
 HTTP_SHUTDOWN_TIMEOUT_S = 2.0
+# The default of --lean-post-path (issue 17): plain chat.postMessage requests skip aiohttp.
+LEAN_POST_PATH = True
 # How often the webapp looks for dead letters an operator asked to redrive
 # (``rtm deadletter redrive`` marks them in the database).
 DEADLETTER_POLL_S = 1.0
@@ -185,6 +188,8 @@ def build_parser() -> Parser:
     parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
     parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
+    parser.add("--lean-post-path", LEAN_POST_PATH, "plain POST /api/chat.postMessage without aiohttp (http_front)")
+    parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")
     parser.add(
         "--region-map",
         "",
@@ -233,6 +238,7 @@ class WebappServer:
     gateways: GatewayPicker
     api: WebApi
     metrics: ServiceMetrics
+    front: HttpFront | None = None
 
     def __init__(self, args: argparse.Namespace, *, discovery: DiscoveryLike | None = None) -> None:
         self.args = args
@@ -268,6 +274,9 @@ class WebappServer:
                 self.metrics,
                 window_s=args.group_commit_window_s,
                 wal_path=wal_path_of(self.store.path),
+                # FULL's fsync on the thread, off the loop; NORMAL/OFF asked for no fsync at all
+                fsync_thread=getattr(args, "commit_fsync_thread", COMMIT_FSYNC_THREAD)
+                and args.sqlite_synchronous.upper() in ("FULL", "EXTRA"),
             )
             self._stack.callback(self.commits.close)
             self._watch_fleet()
@@ -467,10 +476,16 @@ class WebappServer:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, self.args.host, self.args.port, reuse_address=True)
-        await site.start()
-        self._stack.push_async_callback(site.stop)
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        if not getattr(self.args, "lean_post_path", LEAN_POST_PATH) or runner.server is None:
+            site = web.TCPSite(runner, self.args.host, self.args.port, reuse_address=True)
+            await site.start()
+            self._stack.push_async_callback(site.stop)
+            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        # plain chat.postMessage requests skip aiohttp; other connections go to it (http_front.py)
+        self.front = HttpFront(self.api, runner.server, max_body_bytes=MAX_BODY_BYTES)
+        port = await self.front.start(self.args.host, self.args.port)
+        self._stack.push_async_callback(self.front.stop)
+        return port
 
 
 def main(argv: list[str] | None = None) -> int:

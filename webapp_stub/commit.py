@@ -33,6 +33,18 @@ Contract
   events still reach the outbox in ``seq`` order. A fired scheduled message is
   never delivered before it would survive a power loss (a delivered-then-lost
   event's seq would be reused, and gateways would drop the reuse as a duplicate).
+* With ``fsync_thread`` (the webapp's default, ``--commit-fsync-thread``): the batch's
+  COMMIT writes it to the WAL without an fsync (``synchronous=NORMAL`` on the writer's
+  connection) and a dedicated thread fsyncs the WAL file, which is what FULL's COMMIT
+  does inline. Everything above still holds, later: the batch's callers are answered and
+  its events handed to the outbox only when an fsync that *started after* its COMMIT has
+  ended, batches strictly in commit order (a queue with one fsync in flight; the next
+  covers every commit made meanwhile), unsynced scheduler events in the same queue. A
+  read (``durable`` with no batch open) waits for the last commit's fsync, so no reply
+  names a seq that is not on disk. Meanwhile the event loop keeps parsing requests and
+  opens the next batch. If the fsync fails, the callers waiting for it get
+  :class:`CommitFailed` (nothing was acknowledged); the events stay queued and go out
+  after a later fsync succeeds (``WAL_SYNC_RETRY_S``).
 """
 
 from __future__ import annotations
@@ -42,7 +54,9 @@ import logging
 import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from services.metrics import ServiceMetrics
@@ -60,6 +74,10 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 # After a failed fsync of the WAL for unsynced events, wait this long before trying again.
 WAL_SYNC_RETRY_S = 0.5
+# The default of ``rtm webapp --commit-fsync-thread``: the WAL's fsync of a group commit runs on
+# a dedicated thread instead of inside the COMMIT on the event loop (see the module's contract).
+COMMIT_FSYNC_THREAD = False
+COMMIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 
 
 def fsync_file(path: str) -> None:
@@ -71,6 +89,34 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
+class WalFsync:
+    """fsync of the WAL through one descriptor kept open: one system call (and one release
+    of the GIL) per sync instead of three. The webapp's connection keeps the WAL file from
+    being deleted while it is open (SQLite removes it only when the last connection closes),
+    so the descriptor always names the live file; after a failure it is opened again."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._path = ""
+
+    def __call__(self, path: str) -> None:
+        fd = self._fd
+        if fd is None or path != self._path:
+            self.close()
+            fd = self._fd = os.open(path, os.O_RDONLY)
+            self._path = path
+        try:
+            os.fsync(fd)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 def wal_path_of(db_path: str) -> str | None:
     """The WAL file of the SQLite database at ``db_path`` (None for an in-memory one)."""
     if not db_path or db_path == ":memory:" or db_path.startswith("file:"):
@@ -79,7 +125,8 @@ def wal_path_of(db_path: str) -> str | None:
 
 
 class CommitFailed(Exception):
-    """The batch holding this request's writes could not be committed; nothing of it was kept."""
+    """The batch holding this request's writes could not be committed (or its fsync failed);
+    nothing of it was acknowledged."""
 
 
 class BatchStore(Protocol):
@@ -92,13 +139,33 @@ class BatchStore(Protocol):
 
     def commit_batch(self) -> None: ...
 
+    def set_synchronous(self, mode: str) -> str: ...
+
 
 class EventSink(Protocol):
     def publish(self, events: list[Event]) -> None: ...
 
 
+class _Unsynced:
+    """Events committed to the WAL without an fsync, and the future of the callers waiting
+    for them (None: nobody waits yet)."""
+
+    __slots__ = ("serial", "events", "done")
+
+    def __init__(self, serial: int, events: list[Event], done: asyncio.Future[None] | None) -> None:
+        self.serial = serial
+        self.events = events
+        self.done = done
+
+
 class GroupCommit:
-    """Opens a batch on the first write of a turn and commits it on the next."""
+    """Opens a batch on the first write of a turn and commits it on the next.
+
+    With ``fsync_thread`` (and a ``wal_path``) the COMMIT runs with ``synchronous=NORMAL``
+    (the batch reaches the WAL, no fsync) and the WAL's fsync runs on a dedicated thread:
+    the batch's callers (:meth:`durable`) and its events wait for that fsync, while the
+    event loop goes on parsing and handling requests. One fsync is in flight at a time; the
+    next one covers every commit made while it ran."""
 
     def __init__(
         self,
@@ -108,21 +175,28 @@ class GroupCommit:
         *,
         window_s: float = GROUP_COMMIT_WINDOW_S,
         wal_path: str | None = None,
-        sync_wal: Callable[[str], None] = fsync_file,
+        sync_wal: Callable[[str], None] | None = None,
+        fsync_thread: bool = False,
     ) -> None:
         self.store = store
         self.sink = sink
         self.window_s = window_s
         self.wal_path = wal_path
-        self._sync_wal = sync_wal
-        self._unsynced: list[tuple[int, list[Event]]] = []  # (serial, events) committed unsynced
+        self._wal_fsync = WalFsync() if sync_wal is None else None
+        self._sync_wal: Callable[[str], None] = self._wal_fsync or sync_wal or fsync_file
+        self.fsync_thread = fsync_thread and wal_path is not None
+        self._unsynced: deque[_Unsynced] = deque()  # committed, not yet known to be on disk, in order
         self._serial = 0
-        self._sync_task: asyncio.Task[None] | None = None
+        self._syncing = False  # an fsync runs on the thread
+        self._retry: asyncio.TimerHandle | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
         self._done: asyncio.Future[None] | None = None
         self._events: list[Event] = []
         self._writes = 0
         self.batches = 0
-        self._m_batch = self._m_commit = self._m_failed = None
+        self.syncs = 0
+        self._m_batch = self._m_commit = self._m_sync = self._m_failed = None
         if metrics is not None:
             self._m_batch = metrics.histogram(
                 "rtm_webapp_commit_batch_writes",
@@ -131,10 +205,21 @@ class GroupCommit:
             )
             self._m_commit = metrics.histogram(
                 "rtm_webapp_commit_seconds",
-                "Time of one group COMMIT (its fsync included)",
-                (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+                "Time of one group COMMIT (its fsync included, unless it runs on the fsync thread)",
+                COMMIT_BUCKETS_S,
             )
-            self._m_failed = metrics.counter("rtm_webapp_commit_failed_total", "Group commits that failed")
+            self._m_sync = metrics.histogram(
+                "rtm_webapp_commit_fsync_seconds",
+                "Time of one fsync of the WAL on the fsync thread (it covers every commit before it)",
+                COMMIT_BUCKETS_S,
+            )
+            self._m_failed = metrics.counter(
+                "rtm_webapp_commit_failed_total", "Group commits (or their WAL fsyncs) that failed"
+            )
+        self._previous_synchronous: str | None = None
+        if self.fsync_thread:
+            # The thread's fsync of the WAL is what FULL's COMMIT would do inline.
+            self._previous_synchronous = store.set_synchronous("NORMAL")
         store.batch_opener = self._open
 
     def _open(self) -> None:
@@ -149,8 +234,12 @@ class GroupCommit:
         self._writes = 0
 
     def publish(self, events: list[Event]) -> None:
-        """Events committed by the open batch go out with it; without a batch, at once."""
+        """Events committed by the open batch go out with it; without a batch, at once
+        (after an fsync of the WAL when the fsync thread is on: that commit did not sync)."""
         if self._done is None:
+            if self.fsync_thread:
+                self.publish_after_sync(events)
+                return
             self._release_unsynced()  # that COMMIT (synchronous=FULL) synced the WAL: earlier ones first
             self.sink.publish(events)
             return
@@ -166,44 +255,94 @@ class GroupCommit:
             self._release_unsynced()
             self.sink.publish(events)
             return
-        self._serial += 1
-        self._unsynced.append((self._serial, events))
-        if self._sync_task is None:
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_unsynced())
+        self._enqueue(events, None)
+        self._kick()
 
     @property
     def unsynced(self) -> int:
         """Events committed without an fsync that wait for one (the scheduler counts them as
-        backlog: it fires no more while they and the outbox exceed its bound)."""
-        return sum(len(events) for _, events in self._unsynced)
+        backlog: it fires no more while they and the outbox exceed its bound). With the fsync
+        thread, the live commits' events waiting for their fsync are counted too."""
+        return sum(len(entry.events) for entry in self._unsynced)
+
+    @property
+    def syncing(self) -> bool:
+        """An fsync of the WAL is running on the thread (or waits to be retried)."""
+        return self._syncing or self._retry is not None
+
+    def _enqueue(self, events: list[Event], done: asyncio.Future[None] | None) -> None:
+        self._serial += 1
+        self._unsynced.append(_Unsynced(self._serial, events, done))
 
     def _release_unsynced(self, upto: int | None = None) -> None:
-        """Hand the unsynced events (those up to serial ``upto``; all if None) to the sink, in order."""
-        while self._unsynced and (upto is None or self._unsynced[0][0] <= upto):
-            self.sink.publish(self._unsynced.pop(0)[1])
+        """Hand the unsynced events (those up to serial ``upto``; all if None) to the sink, in
+        order, and answer whoever waits for them."""
+        while self._unsynced and (upto is None or self._unsynced[0].serial <= upto):
+            entry = self._unsynced.popleft()
+            if entry.events:
+                self.sink.publish(entry.events)
+            if entry.done is not None and not entry.done.done():
+                entry.done.set_result(None)
 
-    async def _sync_unsynced(self) -> None:
-        try:
-            while self._unsynced and self.wal_path is not None:
-                upto = self._serial  # the fsync covers everything committed before it starts
-                try:
-                    await asyncio.to_thread(self._sync_wal, self.wal_path)
-                except OSError as exc:
-                    log.error("fsync of %s failed (%s): unsynced events wait for the next commit", self.wal_path, exc)
-                    await asyncio.sleep(WAL_SYNC_RETRY_S)
-                    continue
-                self._release_unsynced(upto)
-        finally:
-            self._sync_task = None
+    def _kick(self) -> None:
+        """Start an fsync of the WAL for what waits for one, unless one runs (or waits for its
+        retry): its completion starts the next."""
+        if self._closed or self._syncing or self._retry is not None or not self._unsynced:
+            return
+        assert self.wal_path is not None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtm-wal-fsync")
+        upto = self._serial  # the fsync covers everything committed before it starts
+        self._syncing = True
+        started = time.perf_counter()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._sync_wal, self.wal_path)
+        future.add_done_callback(lambda f: self._synced(f, upto, started))
+
+    def _synced(self, future: asyncio.Future[None], upto: int, started: float) -> None:
+        self._syncing = False
+        if self._closed:
+            return
+        exc = None if future.cancelled() else future.exception()
+        if future.cancelled() or exc is not None:
+            log.error("fsync of %s failed (%s): its commits wait for a retry", self.wal_path, exc)
+            if self._m_failed is not None:
+                self._m_failed.inc()
+            # Not known to be on disk: nobody waiting for it is answered ok. The events stay
+            # queued and go out (in order) after a later fsync succeeds.
+            for entry in self._unsynced:
+                if entry.serial > upto:
+                    break
+                if entry.done is not None and not entry.done.done():
+                    entry.done.set_exception(CommitFailed(f"fsync of the WAL failed: {exc}"))
+                    entry.done.exception()  # retrieved: callers that already left must not log it
+                entry.done = None
+            self._retry = asyncio.get_running_loop().call_later(WAL_SYNC_RETRY_S, self._retry_sync)
+            return
+        self.syncs += 1
+        if self._m_sync is not None:
+            self._m_sync.observe(time.perf_counter() - started)
+        self._release_unsynced(upto)
+        self._kick()
+
+    def _retry_sync(self) -> None:
+        self._retry = None
+        self._kick()
 
     async def durable(self) -> None:
-        """Return once everything written so far is committed. Raises :class:`CommitFailed`."""
+        """Return once everything written so far is committed (and, with the fsync thread, on
+        disk). Raises :class:`CommitFailed`."""
         done = self._done
+        if done is None and self.fsync_thread and self._unsynced:
+            last = self._unsynced[-1]
+            if last.done is None:
+                last.done = asyncio.get_running_loop().create_future()
+            done = last.done
         if done is not None:
             await asyncio.shield(done)
 
     def commit(self) -> None:
-        """Commit the open batch now, then hand its events to the sink (idempotent)."""
+        """Commit the open batch now, then hand its events to the sink (idempotent). With the
+        fsync thread the events and the callers wait for the fsync that follows."""
         done, events = self._done, self._events
         if done is None:
             return
@@ -219,12 +358,18 @@ class GroupCommit:
             done.exception()  # retrieved: callers that already left must not log it as unhandled
             return
         self.batches += 1
-        # This COMMIT's fsync synced the whole WAL, so every event committed unsynced before
-        # it is on disk now: they go first (they hold the earlier seqs of their channels).
-        self._release_unsynced()
         if self._m_batch is not None and self._m_commit is not None:
             self._m_batch.observe(max(1, self._writes))
             self._m_commit.observe(time.perf_counter() - started)
+        if self.fsync_thread:
+            # In the WAL, not yet on disk: after the events committed before it (which hold
+            # the earlier seqs of their channels), once an fsync that started after it ends.
+            self._enqueue(events, done)
+            self._kick()
+            return
+        # This COMMIT's fsync synced the whole WAL, so every event committed unsynced before
+        # it is on disk now: they go first (they hold the earlier seqs of their channels).
+        self._release_unsynced()
         if events:
             self.sink.publish(events)
         done.set_result(None)
@@ -232,14 +377,27 @@ class GroupCommit:
     def close(self) -> None:
         """Commit whatever is open (at shutdown), sync and hand over what waits for a sync,
         and stop grouping."""
+        self._closed = True  # no more fsyncs on the thread: the last one runs here
         self.commit()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._unsynced and self.wal_path is not None:
             try:
                 self._sync_wal(self.wal_path)
             except OSError as exc:  # the restart's replay of committed events delivers them
                 log.error("fsync of %s at close failed: %s", self.wal_path, exc)
+                for entry in self._unsynced:
+                    if entry.done is not None and not entry.done.done():
+                        entry.done.set_exception(CommitFailed(f"fsync of the WAL failed: {exc}"))
+                        entry.done.exception()
             else:
                 self._release_unsynced()
-        if self._sync_task is not None:
-            self._sync_task.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        if self._wal_fsync is not None and not self._syncing:
+            self._wal_fsync.close()
+        if self._previous_synchronous is not None:
+            self.store.set_synchronous(self._previous_synchronous)
+            self._previous_synchronous = None
         self.store.batch_opener = None

@@ -138,6 +138,16 @@ class Database:
             raise
         self.conn.execute("COMMIT")
 
+    def set_synchronous(self, mode: str) -> str:
+        """Set ``PRAGMA synchronous`` on this connection; return the mode it had. Group commit
+        with its fsync thread (webapp_stub.commit) sets NORMAL and fsyncs the WAL itself."""
+        mode = mode.upper()
+        if mode not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {mode!r}")
+        previous = SYNCHRONOUS_MODES[int(self.conn.execute("PRAGMA synchronous").fetchone()[0])]
+        self.conn.execute(f"PRAGMA synchronous={mode}")
+        return previous
+
     # -- group commit ------------------------------------------------------------------
     @property
     def in_batch(self) -> bool:

@@ -314,10 +314,24 @@ async def test_refused_event_is_dead_lettered_listed_and_redriven(
     assert other["ok"]
 
 
-async def test_concurrent_posts_share_commits_and_keep_seqs_gapless(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+@pytest.mark.parametrize("fsync_thread", [False, True])
+async def test_concurrent_posts_share_commits_and_keep_seqs_gapless(
+    tmp_path: Path, fake_as: FakeAdminServer, fsync_thread: bool
+) -> None:
+    webapp = await start(tmp_path, fake_as, "--commit-fsync-thread" if fsync_thread else "--no-commit-fsync-thread")
+    try:
+        await _concurrent_posts_share_commits(webapp, fake_as, fsync_thread)
+    finally:
+        await webapp.session.close()
+        await webapp.stop()
+
+
+async def _concurrent_posts_share_commits(webapp: Webapp, fake_as: FakeAdminServer, fsync_thread: bool) -> None:
     alice, general = webapp.user("alice"), webapp.channel("general")
     store = webapp.server.store
-    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert webapp.server.commits.fsync_thread is fsync_thread
+    # FULL durability: FULL's COMMIT fsyncs inline, or NORMAL and the group commit's thread fsyncs the WAL
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == (1 if fsync_thread else 2)
     before = store.last_seq(general)
     replies = await asyncio.gather(
         *(
@@ -337,3 +351,4 @@ async def test_concurrent_posts_share_commits_and_keep_seqs_gapless(webapp: Weba
     await async_wait_until(all_handed_off, what="40 pubs")
     seqs = [p["seq"] for p in fake_as.pubs_for(general)]
     assert seqs == list(range(before + 1, before + 41))  # gapless, in commit order
+    assert commits.syncs >= 1 if fsync_thread else commits.syncs == 0  # the thread's fsyncs

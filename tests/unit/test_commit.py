@@ -163,7 +163,7 @@ async def test_a_live_commit_releases_unsynced_events_first_in_seq_order(store: 
     await commits.durable()  # its COMMIT (synchronous=FULL) synced the whole WAL, the due one's too
     assert [e.seq for e in sink.published] == [due.seq, live.seq] and live.seq == due.seq + 1
     sync.release.set()  # the thread's fsync finishing later publishes nothing twice
-    await async_wait_until(lambda: _true(commits._sync_task is None), what="the sync task to end")
+    await async_wait_until(lambda: _true(not commits.syncing), what="the fsync to end")
     assert sink.published == [due, live]
     fired.close()
     commits.close()
@@ -208,4 +208,138 @@ async def test_unsynced_events_are_counted_until_released(store: Store) -> None:
     await async_wait_until(lambda: _true(commits.unsynced == 0), what="the fsync to release them")
     assert sink.published == events
     fired.close()
+    commits.close()
+
+
+# -- the WAL's fsync on a dedicated thread (fsync_thread=True, the webapp's default) -----------------
+def _team(store: Store) -> tuple[Any, Any]:
+    demo = seed_demo(store)
+    return store.user(demo["users"][0]["id"]), store.channel(demo["channels"][0]["id"])
+
+
+class CountingSync(HeldSync):
+    """A held fsync that can be released one call at a time, or fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next = False
+
+    def __call__(self, path: str) -> None:
+        super().__call__(path)
+        self.release.clear()  # the next call waits for its own release
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(5, "Input/output error")
+
+
+async def test_with_the_fsync_thread_callers_and_events_wait_for_the_fsync_not_the_loop(store: Store) -> None:
+    alice, general = _team(store)
+    sink, sync = Sink(), CountingSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync, fsync_thread=True)
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: the thread fsyncs
+
+    async def post(text: str) -> Event:
+        event = store.post_message(general, alice, text)[1]
+        commits.publish([event])
+        await commits.durable()
+        return event
+
+    first = asyncio.ensure_future(post("first"))
+    await async_wait_until(lambda: _true(len(sync.calls) == 1), what="the first batch's fsync to start")
+    assert commits.batches == 1 and not first.done() and sink.published == []  # committed, not on disk yet
+    peek = Store(store.path)
+    first_seq = peek.last_seq(general.id)  # visible to other connections, but nothing was said about it
+    # The loop is free while the fsync runs: two more batches commit behind it, in order.
+    second = asyncio.ensure_future(post("second"))
+    await async_wait_until(lambda: _true(commits.batches == 2), what="the second batch's commit")
+    third = asyncio.ensure_future(post("third"))
+    await async_wait_until(lambda: _true(commits.batches == 3), what="the third batch's commit")
+    assert len(sync.calls) == 1 and commits.unsynced == 3
+    # A read waits for the fsync of everything committed before it.
+    read = asyncio.ensure_future(commits.durable())
+    sync.release.set()  # the first fsync ends: only the first batch is known to be on disk
+    assert (await first).seq == first_seq
+    await async_wait_until(lambda: _true(len(sync.calls) == 2), what="one fsync for the two batches behind it")
+    assert sink.published == [first.result()]
+    assert not second.done() and not third.done() and not read.done()
+    sync.release.set()
+    events = [await second, await third]
+    await read
+    assert sink.published == [first.result(), *events]
+    assert [e.seq for e in sink.published] == [first_seq, first_seq + 1, first_seq + 2]
+    assert commits.syncs == 2 and commits.unsynced == 0
+    peek.close()
+    commits.close()
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again for what follows
+
+
+async def test_with_the_fsync_thread_a_failed_fsync_fails_its_callers_and_delays_its_events(store: Store) -> None:
+    alice, general = _team(store)
+    sink, sync = Sink(), CountingSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync, fsync_thread=True)
+    sync.fail_next = True
+    sync.release.set()
+    event = store.post_message(general, alice, "lost fsync")[1]
+    commits.publish([event])
+    with pytest.raises(CommitFailed):  # not known to be on disk: not acknowledged
+        await asyncio.wait_for(commits.durable(), 5.0)
+    assert sink.published == [] and commits.unsynced == 1 and commits.syncing
+    reader = asyncio.ensure_future(commits.durable())  # waits for the retry, not failed by the old fsync
+    await async_wait_until(lambda: _true(len(sync.calls) == 2), what="the retried fsync")
+    sync.release.set()
+    await asyncio.wait_for(reader, 5.0)
+    assert sink.published == [event] and commits.unsynced == 0
+    commits.close()
+
+
+async def test_with_the_fsync_thread_scheduler_events_keep_their_place(store: Store) -> None:
+    alice, general = _team(store)
+    sink, sync = Sink(), CountingSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync, fsync_thread=True)
+    fired = Store(store.path, synchronous="NORMAL")  # the scheduler's connection
+    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due")[1]
+    commits.publish_after_sync([due])
+    live = store.post_message(general, alice, "live")[1]
+    commits.publish([live])
+    waiting = asyncio.ensure_future(commits.durable())
+    await async_wait_until(lambda: _true(commits.batches == 1), what="the live commit")
+    sync.release.set()  # the first fsync (started for the due event) does not cover the live commit
+    await async_wait_until(lambda: _true(len(sync.calls) == 2), what="the live commit's own fsync")
+    assert sink.published == [due] and not waiting.done()
+    sync.release.set()
+    await asyncio.wait_for(waiting, 5.0)
+    assert sink.published == [due, live] and live.seq == due.seq + 1
+    fired.close()
+    commits.close()
+
+
+async def test_with_the_fsync_thread_close_syncs_and_hands_over_what_waits(store: Store) -> None:
+    alice, general = _team(store)
+    sink = Sink()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), fsync_thread=True)  # real os.fsync
+    event = store.post_message(general, alice, "at close")[1]
+    commits.publish([event])
+    waiting = asyncio.ensure_future(commits.durable())
+    commits.close()  # commits the open batch and fsyncs on this thread
+    await asyncio.wait_for(waiting, 5.0)
+    assert sink.published == [event] and commits.unsynced == 0
+
+
+async def test_with_the_fsync_thread_real_fsyncs_keep_seq_order(store: Store) -> None:
+    alice, general = _team(store)
+    sink = Sink()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), fsync_thread=True)
+
+    async def post(i: int) -> Event:
+        event = store.post_message(general, alice, f"post {i}")[1]
+        commits.publish([event])
+        await commits.durable()
+        return event
+
+    events = []
+    for _ in range(5):  # batches that overlap fsyncs
+        events += await asyncio.wait_for(asyncio.gather(*(post(i) for i in range(10))), 10.0)
+        await asyncio.sleep(0)  # wait-ok: one turn, so the next round is a new batch
+    assert [e.seq for e in sink.published] == sorted(e.seq for e in events)
+    assert commits.syncs >= 1
     commits.close()

@@ -1,0 +1,122 @@
+"""webapp_stub.http_front: the lean chat.postMessage path's parser, arguments and responses (no sockets)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from webapp_stub.errors import ApiError
+from webapp_stub.http_front import (
+    MAX_HEAD_BYTES,
+    PostRequest,
+    Verdict,
+    encode_response,
+    parse_request,
+    post_args,
+    post_token,
+)
+
+MAX_BODY = 1000
+
+
+def post(body: bytes, *headers: str, target: str = "/api/chat.postMessage", version: str = "HTTP/1.1") -> bytes:
+    lines = [f"POST {target} {version}", "Host: 127.0.0.1", *headers]
+    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def test_a_plain_json_post_is_read_whole_and_what_follows_is_left() -> None:
+    raw = post(b'{"channel":"C1","text":"hi"}', "Content-Type: application/json", "Authorization: Bearer xoxp-1")
+    verdict, request, used = parse_request(raw + b"POST /api/chat", MAX_BODY)
+    assert verdict is Verdict.READY and used == len(raw) and request is not None
+    assert request.headers["authorization"] == "Bearer xoxp-1" and request.keep_alive
+    assert post_args(request) == {"channel": "C1", "text": "hi"}
+    assert post_token(request, {}) == "xoxp-1"
+
+
+def test_every_prefix_of_a_post_asks_for_more() -> None:
+    raw = post(b"channel=C1&text=hi", "Content-Type: application/x-www-form-urlencoded")
+    for n in range(len(raw)):
+        assert parse_request(raw[:n], MAX_BODY)[0] is Verdict.MORE, n
+    assert parse_request(raw, MAX_BODY)[0] is Verdict.READY
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /api/chat.postMessage HTTP/1.1\r\n\r\n",
+        b"POST /api/auth.test HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"POST /api/chat.postMessageX HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        post(b"", version="HTTP/1.0"),
+        post(b"0\r\n\r\n", "Transfer-Encoding: chunked"),
+        post(b"x=1", "Expect: 100-continue"),
+        post(b"--b--", "Content-Type: multipart/form-data; boundary=b"),
+        post(b"", "Content-Length: 0", "Content-Length: 0"),
+        post(b"", "Bad header"),
+        post(b"", "X-Folded : yes"),
+        post(b"", "Content-Length: +3"),
+        b"POST /api/chat.postMessage HTTP/1.1\r\nX: " + b"a" * MAX_HEAD_BYTES,
+        b"\r\nPOST /api/chat.postMessage HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_anything_but_a_plain_post_goes_to_aiohttp(raw: bytes) -> None:
+    assert parse_request(raw, MAX_BODY)[0] is Verdict.DELEGATE
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read() -> None:
+    raw = post(b"", f"Content-Length: {MAX_BODY + 1}")
+    assert parse_request(raw, MAX_BODY)[0] is Verdict.TOO_LARGE
+
+
+def test_connection_close_is_kept() -> None:
+    raw = post(b"channel=C1", "Connection: close")
+    request = parse_request(raw, MAX_BODY)[1]
+    assert request is not None and not request.keep_alive
+
+
+def request(body: bytes, ctype: str | None = None, query: str = "") -> PostRequest:
+    headers = {} if ctype is None else {"content-type": ctype}
+    return PostRequest(query, headers, body, True)
+
+
+def test_arguments_merge_like_read_args() -> None:
+    # query first, the body wins; a form with the token in it; JSON without a content type
+    assert post_args(request(b"text=body", "application/x-www-form-urlencoded", "text=q&channel=C1")) == {
+        "text": "body",
+        "channel": "C1",
+    }
+    assert post_args(request(b'{"text": "j"}')) == {"text": "j"}
+    assert post_args(request(b"  ", "application/json", "channel=C2")) == {"channel": "C2"}
+    form = request(b"token=xoxb-2&channel=C1&text=a+b%21", "application/x-www-form-urlencoded; charset=utf-8")
+    args = post_args(form)
+    assert args == {"token": "xoxb-2", "channel": "C1", "text": "a b!"} and post_token(form, args) == "xoxb-2"
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "code"),
+    [
+        (b"{not json", "application/json", "invalid_json"),
+        (b"[1]", "application/json", "invalid_json"),
+        (b'{"text": "\\ud800"}', "application/json", "invalid_json"),
+        (b"text=\xff", "application/x-www-form-urlencoded", "invalid_form_data"),
+    ],
+)
+def test_bad_bodies_get_slack_errors(body: bytes, ctype: str, code: str) -> None:
+    with pytest.raises(ApiError) as err:
+        post_args(request(body, ctype))
+    assert err.value.code == code
+
+
+def test_responses_are_whole_http_messages() -> None:
+    raw = encode_response(429, {"Retry-After": "1"}, '{"ok":false,"error":"ratelimited"}', keep_alive=False)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 429 Too Many Requests"
+    assert "Retry-After: 1" in lines and "Connection: close" in lines
+    assert f"Content-Length: {len(body)}" in lines and "Content-Type: application/json; charset=utf-8" in lines
+    assert any(line.startswith("Date: ") for line in lines)
+    assert json.loads(body) == {"ok": False, "error": "ratelimited"}
+    text = '{"ok":true,"text":"é"}'
+    assert encode_response(200, {}, text, keep_alive=True).endswith(text.encode())

@@ -1,0 +1,372 @@
+"""A lean HTTP/1.1 front for the Web API's hottest call, ``POST /api/chat.postMessage``.
+
+Issue 17: aiohttp's per-request work (its request and response objects, routing, a
+multidict of headers, the response's header block) was the largest single item of a
+post's CPU after SQLite. The front owns the webapp's public port. On each connection it
+reads the requests itself for as long as they are plain posts: ``POST
+/api/chat.postMessage`` over HTTP/1.1 with a ``Content-Length`` body (form or JSON, the
+token as ``Authorization: Bearer`` or a ``token`` argument: what ``slack_sdk`` sends, keep-alive
+or not), and answers them through the same :meth:`WebApi.answer` as aiohttp does (auth,
+rate limit, backpressure, the handler, group commit, metrics, Slack errors). The first
+request that is anything else (another path or method, chunked, ``Expect``, multipart,
+HTTP/1.0, an oversized or odd head) hands the connection, with everything buffered, to
+aiohttp for good (``transport.set_protocol``), which serves the rest of the API,
+``/metrics``, ``/healthz`` and the browser client exactly as before. A body over
+``MAX_BODY_BYTES`` is refused with 413 ``request_too_large`` and the connection closed,
+as aiohttp does.
+
+Requests of one connection are answered in order, one at a time (a pipelined request
+waits in the buffer, bounded: reading pauses beyond ``MAX_BUFFERED_BYTES``). An idle
+connection is closed after ``KEEPALIVE_TIMEOUT_S`` (aiohttp's default).
+
+Sans-I/O core: :func:`parse_request` (bytes in, a verdict out), :func:`post_args` and
+:func:`encode_response`; :class:`FrontProtocol` and :class:`HttpFront` are the asyncio layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qsl
+
+from webapp_stub.args import Args, check_text, parse_json_body
+from webapp_stub.codecs import dumps
+from webapp_stub.errors import ApiError
+
+if TYPE_CHECKING:
+    from webapp_stub.api import WebApi
+
+log = logging.getLogger("rtm.webapp.front")
+
+# The longest request head (request line and headers) read here; longer ones go to aiohttp
+# (whose own line and field limits are 8,190 bytes, and which answers them with 400/431).
+MAX_HEAD_BYTES = 8190
+# Idle keep-alive connections are closed after this (aiohttp's default keepalive_timeout).
+KEEPALIVE_TIMEOUT_S = 75.0
+# How often idle connections are looked for.
+IDLE_SWEEP_S = 5.0
+# Bytes of pipelined requests buffered while one is answered; beyond it reading pauses.
+MAX_BUFFERED_BYTES = 256 * 1024
+# Waiting for the answers in flight at stop, at most.
+FRONT_SHUTDOWN_TIMEOUT_S = 2.0
+
+METHOD_NAME = "chat.postMessage"
+REQUEST_PREFIX = b"POST /api/chat.postMessage"
+PATH = "/api/chat.postMessage"
+
+
+class Verdict(enum.Enum):
+    MORE = "more"  # not a whole request yet
+    DELEGATE = "delegate"  # not a plain post: aiohttp serves this connection from here on
+    TOO_LARGE = "too_large"  # a body over the limit: 413, then close
+    READY = "ready"  # a whole post
+
+
+class PostRequest:
+    """One parsed ``POST /api/chat.postMessage``: query string, headers (lower-case names), body."""
+
+    __slots__ = ("query", "headers", "body", "keep_alive")
+
+    def __init__(self, query: str, headers: dict[str, str], body: bytes, keep_alive: bool) -> None:
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, PostRequest | None, int]:
+    """Look at the start of ``buf``: (verdict, the request when READY, bytes it took)."""
+    prefix = bytes(buf[: len(REQUEST_PREFIX)])
+    if not REQUEST_PREFIX.startswith(prefix) or (len(buf) > len(REQUEST_PREFIX) and prefix != REQUEST_PREFIX):
+        return Verdict.DELEGATE, None, 0
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return (Verdict.MORE if len(buf) <= MAX_HEAD_BYTES else Verdict.DELEGATE), None, 0
+    if end > MAX_HEAD_BYTES:
+        return Verdict.DELEGATE, None, 0
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1":
+        return Verdict.DELEGATE, None, 0
+    path, _, query = parts[1].partition("?")
+    if path != PATH:
+        return Verdict.DELEGATE, None, 0
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip() or not name.isascii():
+            return Verdict.DELEGATE, None, 0  # obsolete folding, a space before the colon, ...
+        name = name.lower()
+        if name in headers:
+            return Verdict.DELEGATE, None, 0  # duplicates: aiohttp's rules
+        headers[name] = value.strip(" \t")
+    if "transfer-encoding" in headers or "expect" in headers or "upgrade" in headers:
+        return Verdict.DELEGATE, None, 0
+    length_text = headers.get("content-length")
+    if length_text is None or not length_text.isascii() or not length_text.isdigit():
+        return Verdict.DELEGATE, None, 0
+    length = int(length_text)
+    if length > max_body_bytes:
+        return Verdict.TOO_LARGE, None, 0
+    total = end + 4 + length
+    if len(buf) < total:
+        return Verdict.MORE, None, 0
+    if content_type(headers).startswith("multipart/"):
+        return Verdict.DELEGATE, None, 0
+    keep_alive = headers.get("connection", "").lower() != "close"
+    return Verdict.READY, PostRequest(query, headers, bytes(buf[end + 4 : total]), keep_alive), total
+
+
+def content_type(headers: dict[str, str]) -> str:
+    """The media type, lower case, without parameters (aiohttp's ``request.content_type``)."""
+    value = headers.get("content-type")
+    if not value:
+        return "application/octet-stream"
+    return value.partition(";")[0].strip().lower()
+
+
+def post_args(request: PostRequest) -> Args:
+    """The arguments, exactly as :func:`webapp_stub.args.read_args` merges them: the query
+    string, then a form or JSON body (body wins). Raises ``invalid_json``,
+    ``invalid_form_data``, ``invalid_arguments``."""
+    args: Args = {}
+    if request.query:
+        try:
+            for key, value in parse_qsl(request.query, keep_blank_values=True):
+                args.setdefault(key, value)
+        except ValueError:
+            raise ApiError("invalid_arguments") from None
+    raw = request.body
+    if raw.strip():
+        ctype = content_type(request.headers)
+        looks_json = raw.lstrip()[:1] in (b"{", b"[")
+        if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded" and looks_json):
+            args.update(parse_json_body(raw))
+        else:
+            try:
+                args.update(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+            except (UnicodeDecodeError, ValueError):
+                raise ApiError("invalid_form_data") from None
+    check_text(args, "invalid_arguments")
+    return args
+
+
+def post_token(request: PostRequest, args: Args) -> str | None:
+    """``Authorization: Bearer`` first, else the ``token`` argument (webapp_stub.args.bearer_token)."""
+    header = request.headers.get("authorization", "")
+    if header[:7].lower() == "bearer " and header[7:].strip():
+        return header[7:].strip()
+    token = args.get("token")
+    return str(token) if token else None
+
+
+class _Date:
+    """The ``Date`` header's value, formatted once a second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = ""
+
+    def now(self) -> str:
+        second = int(time.time())
+        if second != self.second:
+            self.second, self.value = second, formatdate(second, usegmt=True)
+        return self.value
+
+
+_DATE = _Date()
+
+
+def encode_response(status: int, headers: dict[str, str], text: str, keep_alive: bool) -> bytes:
+    """A whole HTTP/1.1 response with a JSON body."""
+    body = text.encode()
+    head = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+        f"Date: {_DATE.now()}\r\n"
+    ]
+    for name, value in headers.items():
+        head.append(f"{name}: {value}\r\n")
+    if not keep_alive:
+        head.append("Connection: close\r\n")
+    head.append("\r\n")
+    return "".join(head).encode("latin-1") + body
+
+
+async def _raise(exc: ApiError) -> Args:
+    raise exc
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One connection: plain posts here, anything else handed to aiohttp."""
+
+    def __init__(self, front: HttpFront) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.task: asyncio.Task[None] | None = None
+        self.last_active = time.monotonic()
+        self.reading_paused = False
+        self.writing_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        self.front.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.task is None and self.buf:
+            self._next()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.last_active = time.monotonic()
+        if self.task is None:
+            self._next()
+        elif len(self.buf) > MAX_BUFFERED_BYTES and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # close once what is in flight is written (the transport closes itself)
+
+    def _next(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.writing_paused:
+            return
+        verdict, request, used = parse_request(self.buf, self.front.max_body_bytes)
+        if verdict is Verdict.MORE:
+            return
+        if verdict is Verdict.DELEGATE:
+            self._hand_over(transport)
+            return
+        if verdict is Verdict.TOO_LARGE:
+            self.front.api.metrics.error("request_too_large")
+            self.front.api.count_request(METHOD_NAME, "request_too_large")
+            body = dumps({"ok": False, "error": "request_too_large"})
+            transport.write(encode_response(413, {}, body, keep_alive=False))
+            transport.close()
+            return
+        assert request is not None
+        del self.buf[:used]
+        self.task = asyncio.get_running_loop().create_task(self._serve(request, transport))
+
+    async def _serve(self, request: PostRequest, transport: asyncio.Transport) -> None:
+        try:
+            reading: Args | Callable[[], Awaitable[Args]]
+            try:
+                reading = post_args(request)
+            except ApiError as exc:
+                reading = functools.partial(_raise, exc)  # answered like any other error
+            status, headers, body, encoded = await self.front.api.answer(
+                METHOD_NAME, None, reading, lambda args: post_token(request, args)
+            )
+            text = encoded if encoded is not None else dumps(body)
+            transport.write(encode_response(status, headers, text, request.keep_alive))
+        except Exception:  # never leave the connection hanging
+            log.exception("lean post path failed")
+            transport.close()
+            return
+        finally:
+            self.task = None
+            self.last_active = time.monotonic()
+        if not request.keep_alive:
+            transport.close()
+            return
+        if self.reading_paused and len(self.buf) <= MAX_BUFFERED_BYTES:
+            self.reading_paused = False
+            transport.resume_reading()
+        if self.buf:
+            self._next()
+
+    def _hand_over(self, transport: asyncio.Transport) -> None:
+        """aiohttp serves this connection from now on, starting with what is buffered."""
+        self.front.connections.discard(self)
+        self.front.handed_over += 1
+        handler = self.front.fallback()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+        data, self.buf = bytes(self.buf), bytearray()
+        if data:
+            handler.data_received(data)
+
+    def idle_since(self) -> float | None:
+        """When it went idle (no request in flight), None while one is answered."""
+        return None if self.task is not None else self.last_active
+
+
+class HttpFront:
+    """The public port's listener: :class:`FrontProtocol` per connection, aiohttp behind it.
+
+    ``fallback`` makes aiohttp's protocol for a connection handed over (``AppRunner.server``).
+    """
+
+    def __init__(
+        self,
+        api: WebApi,
+        fallback: Callable[[], Any],
+        *,
+        max_body_bytes: int,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+    ) -> None:
+        self.api = api
+        self.fallback = fallback
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.connections: set[FrontProtocol] = set()
+        self.handed_over = 0  # connections given to aiohttp (tests, diagnostics)
+        self._server: asyncio.AbstractServer | None = None
+        self._sweep: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; return the port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: FrontProtocol(self), host, port, reuse_address=True)
+        self._sweep = loop.create_task(self._idle_loop(), name="http-front-idle-loop")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_S)
+            self.close_idle(time.monotonic())
+
+    def close_idle(self, now: float) -> int:
+        """Close the connections idle for longer than the keep-alive timeout; how many."""
+        closed = 0
+        for conn in list(self.connections):
+            since = conn.idle_since()
+            if since is not None and now - since > self.keepalive_timeout_s and conn.transport is not None:
+                conn.transport.close()
+                closed += 1
+        return closed
+
+    async def stop(self, timeout_s: float = FRONT_SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop accepting, let the answers in flight finish (bounded), close the connections."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        if self._server is not None:
+            self._server.close()
+        tasks = [conn.task for conn in self.connections if conn.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        self.connections.clear()
