@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scheduler-rate-per-s", type=float, default=0.0, help="the webapp's flag (0: its default)")
     p.add_argument("--scheduler-batch-max", type=int, default=0, help="the webapp's flag (0: its default)")
     p.add_argument("--scheduler-duty-cycle", type=float, default=0.0, help="the webapp's flag (0: its default)")
+    p.add_argument(
+        "--commit-fsync-thread",
+        action="store_true",
+        help="the webapp's --commit-fsync-thread (group commit's fsync off the loop)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 200 clients, 1,000 + 1,000 due items")
     p.add_argument("--name", default=NAME, help="results under bench/results/<name>.* (default: spike)")
     p.add_argument(
@@ -293,6 +298,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         env["RTM_SCHEDULER_BATCH_MAX"] = str(args.scheduler_batch_max)
     if args.scheduler_duty_cycle:
         env["RTM_SCHEDULER_DUTY_CYCLE"] = str(args.scheduler_duty_cycle)
+    if args.commit_fsync_thread:
+        env["RTM_COMMIT_FSYNC_THREAD"] = "1"
     with FleetRun("--seed-users", str(args.clients), env=env) as fleet:
         result["fleet_startup_s"] = fleet.startup_s
         async with LoadClients(args.client_procs) as lc:
