@@ -210,7 +210,7 @@ def build_parser() -> Parser:
     parser.add(
         "--scheduler-duty-cycle",
         DEFAULT_DUTY_CYCLE,
-        "the most of the event loop's time the scheduler may take (it rests after each batch)",
+        "the most of the event loop's CPU time the scheduler may take (it rests after each batch)",
     )
     parser.add(
         "--scheduler-outbox-backlog-max",

@@ -17,20 +17,25 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-# The scheduler's own rate, items per second: an upper bound (the yield rules below, and the CPU,
-# usually bind first). 20,000 items due at once take at least 4 s at 5,000/s.
-DEFAULT_RATE_PER_S = 5000.0
+# The scheduler's own rate, items per second: 20,000 items due at once fire in 8 s, inside the
+# issue's 10 s with room for the fleet's latency. Firing in bulk costs the webapp ~0.1 ms of CPU per
+# item (webapp_stub/due_posts.py) and the whole fleet ~0.3 ms per item (docs/spike.md): at this
+# rate a spike takes ~0.75 of a core of two, and the fleet keeps the rest for live traffic. A
+# higher rate drains faster only where the cores are there to carry it.
+DEFAULT_RATE_PER_S = 2500.0
 # Items per transaction, fired in one event-loop turn: a live request that arrives meanwhile waits
-# for it (~0.2 ms per item here, several times that on a loaded machine); with no fsync per commit,
-# small batches cost little.
-DEFAULT_BATCH_MAX = 16
+# for it (~0.1 ms of CPU per item here: ~6 ms). A transaction has a fixed cost (~1 ms: its claim,
+# reads and COMMIT writing the pages it dirtied to the WAL) that larger batches spread thinner:
+# 16 items cost ~160 µs each, 64 ~95 µs, 128 ~75 µs.
+DEFAULT_BATCH_MAX = 64
 # Priority to live traffic in the hand-off: the scheduler fires only while the outbox to the Admin
 # Servers holds at most this many unacknowledged events, so a live post's event queues behind at
 # most this many due items' (plus one batch) on its way through the fleet, whatever the fleet's speed.
 DEFAULT_OUTBOX_BACKLOG_MAX = 64
-# The most of the event loop's time the scheduler may take while it has a backlog: after a batch
-# that took t seconds it rests t * (1 - duty) / duty, so live requests, the hand-off's replies and
-# the deliveries it publishes always get the rest of the loop.
+# The most of the event loop's CPU the scheduler may take while it has a backlog: after a batch
+# that took t seconds of the loop thread's CPU it rests t * (1 - duty) / duty, so live requests,
+# the hand-off's replies and the deliveries it publishes always get the rest of the loop. (CPU, not
+# wall time: on a shared machine a batch's wall time is mostly other processes' turns.)
 DEFAULT_DUTY_CYCLE = 0.5
 
 # While a live write is open on the webapp's connection (a group-commit batch), look again after this.
@@ -226,7 +231,7 @@ class LiveFirst:
         self.duty_cycle = duty_cycle
 
     def rest_s(self, busy_s: float) -> float:
-        """How long to rest after a batch that took ``busy_s``: the thread's share of the time
+        """How long to rest after a batch that took ``busy_s`` (of the loop thread's CPU): its share of the time
         stays at most ``duty_cycle``, the rest is the event loop's."""
         return max(0.0, busy_s) * (1.0 - self.duty_cycle) / self.duty_cycle
 

@@ -34,9 +34,10 @@ import re
 from typing import Any
 
 from webapp_stub.api import Call, WebApi, method, str_arg, user_arg
+from webapp_stub.due_posts import DuePost, rows_by_id, users_by_id
 from webapp_stub.due_queue import DueItem
-from webapp_stub.scheduler import add_due, cancel_due, register_kind
-from webapp_stub.store import MAX_TEXT_CHARS, ApiError, Event, Store, User, new_id
+from webapp_stub.scheduler import add_due, cancel_due, register_kind, register_preparer
+from webapp_stub.store import MAX_TEXT_CHARS, ApiError, Channel, Event, Store, User, new_id
 
 KIND = "reminder"
 SLACKBOT_ID = "USLACKBOT"  # Slack's own id for Slackbot, the same in every workspace
@@ -132,9 +133,55 @@ def fire(store: Store, rid: str, now: float) -> list[Event]:
     ensure_slackbot(store, team)
     bot = slackbot(user.team)
     channel, _, events = store.open_dm(bot, [user])
-    message, event = store.post_message(channel, bot, f"Reminder: {text}.")
-    store.conn.execute("UPDATE reminders SET fired_ts = ? WHERE id = ?", (message["ts"], rid))
+    message, event = store.post_message(channel, bot, reminder_text(text))
+    store.conn.execute(FIRED_SQL, (message["ts"], rid))
     return [*events, event]
+
+
+FIRED_SQL = "UPDATE reminders SET fired_ts = ? WHERE id = ?"
+
+
+def dm_key(user_id: str) -> str:
+    """The ``dm_key`` of a user's DM with Slackbot (as :meth:`ConversationStore.open_dm` writes it)."""
+    return ",".join(sorted((SLACKBOT_ID, user_id)))
+
+
+def reminder_text(text: str) -> str:
+    """What Slackbot says for a due reminder."""
+    return f"Reminder: {text}."
+
+
+@register_preparer(KIND)
+def prepare(store: Store, items: list[DueItem]) -> list[DuePost | None]:
+    """The bulk path (:mod:`webapp_stub.due_posts`): what each due reminder posts (Slackbot's
+    message in the user's DM with Slackbot), read in a few statements for the whole batch; None
+    for one that :func:`fire` must post (its DM gone, Slackbot not seeded, the user gone)."""
+    rows = rows_by_id(store, "SELECT id, team, user, text FROM reminders WHERE id IN ({marks})", [i.id for i in items])
+    users = users_by_id(store, [row[2] for row in rows.values()] + [SLACKBOT_ID])
+    keys = {(user.team, dm_key(user.id)) for user in (users.get(row[2]) for row in rows.values()) if user}
+    dms: dict[tuple[str, str], Channel] = {}
+    if keys and SLACKBOT_ID in users:
+        values = ",".join("(?, ?)" for _ in keys)
+        for row in store.conn.execute(
+            f"SELECT c.team, c.dm_key, {', '.join('c.' + col for col in store._CHANNEL_COLS.split(', '))} "
+            f"FROM (VALUES {values}) AS v JOIN channels c ON c.team = v.column1 AND c.dm_key = v.column2 "
+            "WHERE c.dm_key IS NOT NULL",
+            [v for key in keys for v in key],
+        ):
+            dms[(row[0], row[1])] = store._channel(tuple(row[2:]))
+    posts: list[DuePost | None] = []
+    for item in items:
+        row = rows.get(item.id)
+        user = users.get(row[2]) if row is not None else None
+        if row is None or user is None:
+            posts.append(None)
+            continue
+        channel = dms.get((user.team, dm_key(user.id)))
+        if channel is None:
+            posts.append(None)
+            continue
+        posts.append(DuePost(item.id, channel, slackbot(user.team), reminder_text(row[3]), None, FIRED_SQL))
+    return posts
 
 
 def _mine(api: WebApi, call: Call) -> tuple[Any, ...]:

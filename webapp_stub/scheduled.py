@@ -25,8 +25,9 @@ import json
 from typing import Any
 
 from webapp_stub.api import Call, WebApi, flag, int_arg, message_content, method, paged, str_arg
+from webapp_stub.due_posts import DuePost, channels_by_id, loads_extra, rows_by_id, users_by_id
 from webapp_stub.due_queue import DueItem
-from webapp_stub.scheduler import add_due, cancel_due, register_kind
+from webapp_stub.scheduler import add_due, cancel_due, register_kind, register_preparer
 from webapp_stub.store import (
     DEFAULT_PAGE,
     MAX_PAGE,
@@ -141,10 +142,36 @@ def fire(store: Store, sid: str, now: float) -> list[Event]:
         broadcast=bool(broadcast),
         extra=json.loads(extra) if extra else None,
     )
-    store.conn.execute(
-        "UPDATE scheduled_messages SET state = 'posted', posted_ts = ? WHERE id = ?", (message["ts"], sid)
-    )
+    store.conn.execute(POSTED_SQL, (message["ts"], sid))
     return [event]
+
+
+POSTED_SQL = "UPDATE scheduled_messages SET state = 'posted', posted_ts = ? WHERE id = ?"
+
+
+@register_preparer(KIND)
+def prepare(store: Store, items: list[DueItem]) -> list[DuePost | None]:
+    """The bulk path (:mod:`webapp_stub.due_posts`): what each due scheduled message posts,
+    read in three statements for the whole batch; None for one that :func:`fire` must post
+    (a thread reply, a missing channel or author: it raises the precise error)."""
+    rows = rows_by_id(
+        store,
+        "SELECT id, channel, user, text, thread_ts, extra FROM scheduled_messages WHERE id IN ({marks})",
+        [item.id for item in items],
+    )
+    channels = channels_by_id(store, [row[1] for row in rows.values()])
+    authors = users_by_id(store, [row[2] for row in rows.values()])
+    posts: list[DuePost | None] = []
+    for item in items:
+        row = rows.get(item.id)
+        channel = authors_of = None
+        if row is not None and row[4] is None:
+            channel, authors_of = channels.get(row[1]), authors.get(row[2])
+        if row is None or channel is None or authors_of is None:
+            posts.append(None)
+            continue
+        posts.append(DuePost(item.id, channel, authors_of, row[3], loads_extra(row[5]), POSTED_SQL))
+    return posts
 
 
 # -- the Web API -----------------------------------------------------------------------------------

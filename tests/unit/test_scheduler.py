@@ -261,3 +261,24 @@ def test_the_scheduler_connection_sees_a_webapp_commit_at_once(store: Store) -> 
         assert not own.is_member(*channel)  # seen by the next check, not 0.1 s later
     finally:
         own.close()
+
+
+def test_the_duty_cycle_rests_as_long_as_the_batch_took_cpu_not_wall_time(store: Store) -> None:
+    clock = FakeClock(T0)
+    with store.transaction():
+        for n in range(4):
+            add_due(store, item(f"i{n}", lane=f"C{n}"))
+    cpu = iter([10.0, 10.004])  # the batch took 4 ms of the loop thread's CPU (whatever the wall time)
+    scheduler = Scheduler(
+        store,
+        Recorder(),
+        ServiceMetrics("webapp", "test"),
+        firers=firers_posting_to(store),
+        rate_per_s=1e6,
+        batch_max=2,
+        clock=clock,
+        cpu_clock=lambda: next(cpu),
+        duty_cycle=0.5,
+    )
+    assert scheduler.step() == pytest.approx(0.004)  # half the loop's work at most: rest as long as it took
+    assert len(scheduler.queue) == 2
