@@ -93,27 +93,25 @@ def sample_diff(after: dict[str, dict[str, float]], before: dict[str, dict[str, 
     return {label: {k: v - before[label].get(k, 0.0) for k, v in after[label].items()} for label in after}
 
 
-async def strace_window(pid: int, seconds: float, out_path: Path) -> str:
-    """``strace -c -f`` on ``pid`` for ``seconds``: syscall counts (the summary table), or '' without strace."""
+async def sample_for(argv: list[str], seconds: float, stop_timeout_s: float) -> None:
+    """Run a sampling tool (``strace``, ``perf record``) for ``seconds``, then stop it with
+    SIGINT (both write their output on SIGINT) and wait at most ``stop_timeout_s``."""
     import signal
 
-    exe = shutil.which("strace")
-    if exe is None:
-        return ""
     proc = await asyncio.create_subprocess_exec(
-        exe,
-        "-c",
-        "-f",
-        "-p",
-        str(pid),
-        "-o",
-        str(out_path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
     await asyncio.sleep(seconds)
     proc.send_signal(signal.SIGINT)
-    await asyncio.wait_for(proc.wait(), 30)
+    await asyncio.wait_for(proc.wait(), stop_timeout_s)
+
+
+async def strace_window(pid: int, seconds: float, out_path: Path) -> str:
+    """``strace -c -f`` on ``pid`` for ``seconds``: syscall counts (the summary table), or '' without strace."""
+    exe = shutil.which("strace")
+    if exe is None:
+        return ""
+    await sample_for([exe, "-c", "-f", "-p", str(pid), "-o", str(out_path)], seconds, 30)
     return out_path.read_text() if out_path.exists() else ""
 
 
@@ -123,28 +121,11 @@ PERF_S = 12.0  # each perf record window (--perf)
 async def perf_window(pids: list[int], seconds: float, out_path: Path) -> dict[str, str]:
     """``perf record -e cpu-clock`` (software clock: works in VMs without hardware counters) on
     ``pids`` for ``seconds``; returns ``perf report`` by shared object and by symbol (text), or {}."""
-    import signal
-
     exe = shutil.which("perf")
     if exe is None:
         return {}
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        "record",
-        "-e",
-        "cpu-clock",
-        "-F",
-        "1999",
-        "-p",
-        ",".join(str(p) for p in pids),
-        "-o",
-        str(out_path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    await asyncio.sleep(seconds)
-    proc.send_signal(signal.SIGINT)
-    await asyncio.wait_for(proc.wait(), 60)
+    argv = [exe, "record", "-e", "cpu-clock", "-F", "1999", "-p", ",".join(str(p) for p in pids), "-o", str(out_path)]
+    await sample_for(argv, seconds, 60)
     out = {}
     for sort in ("dso", "dso,sym"):
         rep = await asyncio.create_subprocess_exec(

@@ -117,19 +117,25 @@ async def read_args(request: web.Request) -> Args:
         check_text(args, "invalid_arguments")
         return args
     raw = await request.read()
-    if not raw.strip():
-        check_text(args, "invalid_arguments")
-        return args
-    looks_json = raw.lstrip()[:1] in (b"{", b"[")
-    if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded" and looks_json):
-        args.update(parse_json_body(raw))
-    else:
-        try:
-            args.update(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
-        except (UnicodeDecodeError, ValueError):
-            raise ApiError("invalid_form_data") from None
+    args.update(parse_body(raw, ctype))
     check_text(args, "invalid_arguments")
     return args
+
+
+def parse_body(raw: bytes, ctype: str) -> Args:
+    """A request body's arguments: JSON when the content type says so (or, with no form
+    content type, when the body looks like JSON), else a URL-encoded form; an empty body
+    has none. Raises ``invalid_json`` or ``invalid_form_data``. The one body reader of both
+    the aiohttp path (:func:`read_args`) and the lean post front (webapp_stub/http_front.py)."""
+    if not raw.strip():
+        return {}
+    looks_json = raw.lstrip()[:1] in (b"{", b"[")
+    if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded" and looks_json):
+        return parse_json_body(raw)
+    try:
+        return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError("invalid_form_data") from None
 
 
 def parse_json_body(raw: bytes | str) -> Args:

@@ -36,7 +36,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
-from webapp_stub.args import Args, check_text, parse_json_body
+from webapp_stub.args import Args, check_text, parse_body
 from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
 
@@ -143,17 +143,7 @@ def post_args(request: PostRequest) -> Args:
                 args.setdefault(key, value)
         except ValueError:
             raise ApiError("invalid_arguments") from None
-    raw = request.body
-    if raw.strip():
-        ctype = content_type(request.headers)
-        looks_json = raw.lstrip()[:1] in (b"{", b"[")
-        if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded" and looks_json):
-            args.update(parse_json_body(raw))
-        else:
-            try:
-                args.update(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
-            except (UnicodeDecodeError, ValueError):
-                raise ApiError("invalid_form_data") from None
+    args.update(parse_body(request.body, content_type(request.headers)))
     check_text(args, "invalid_arguments")
     return args
 
