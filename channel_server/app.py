@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from channel_server.pub_fence import MAX_FENCED_CHANNELS_PER_CONNECTION, PubFence
+from channel_server.pub_fence import MAX_FENCED_CHANNELS_PER_CONNECTION, PUB_FENCE_HOLD_S, PubFence
 from channel_server.state import DEFAULT_HISTORY_EVENTS, NO_SEQ, ChannelTable, mask_indexes
 from services import debug_faults, ops, wire
 from services.config import Parser, service_parser
@@ -270,14 +270,14 @@ class ChannelServer(SlotService):
         and has not been applied yet: channel_server/pub_fence.py)."""
         channel, seq = pub.ch, pub.seq
         fence = self.fences.get(conn) if conn is not None and seq is not None else None
-        if fence is not None and fence.holds(channel, seq, self.table.last_seq.get(channel, NO_SEQ)):
+        if fence is not None and fence.holds(channel, seq, self.table.last_seq.get(channel, NO_SEQ), time.monotonic()):
             self.fenced.inc()
             self.not_owner.labels("pub").inc()
             return ErrorCode.NOT_OWNER
         if not self.slots.owns(channel, rv):
             self.not_owner.labels("pub").inc()
-            if conn is not None and seq is not None:
-                self._refused(conn, channel, seq)
+            if conn is not None and seq is not None and rv > self.follower.ring.version:
+                self._refused(conn, channel, seq)  # behind the sender: about to own it (pub_fence.py)
             return ErrorCode.NOT_OWNER
         t0 = pub.t0 or time.time()
         published = self.table.publish(channel, seq, pub.json, t0, pub.ctl)
@@ -308,9 +308,11 @@ class ChannelServer(SlotService):
         if fence is None:
             if not conn.is_open:
                 return
-            fence = self.fences[conn] = PubFence(self.args.max_fenced_channels_per_connection)
+            fence = self.fences[conn] = PubFence(
+                self.args.max_fenced_channels_per_connection, self.args.pub_fence_hold_s
+            )
         evicted = fence.evictions
-        fence.refuse(channel, seq)
+        fence.refuse(channel, seq, time.monotonic())
         if fence.evictions != evicted:
             self.fence_evictions.inc()
 
@@ -348,6 +350,11 @@ def build_parser() -> Parser:
         "--max-fenced-channels-per-connection",
         MAX_FENCED_CHANNELS_PER_CONNECTION,
         "channels one connection may have refused publishes held for (channel_server/pub_fence.py)",
+    )
+    parser.add(
+        "--pub-fence-hold-s",
+        PUB_FENCE_HOLD_S,
+        "seconds a refused publish holds its channel's later ones at most (channel_server/pub_fence.py)",
     )
     debug_faults.add_flags(parser)
     parser.add(

@@ -29,6 +29,7 @@ import asyncio
 import enum
 import functools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -54,6 +55,10 @@ KEEPALIVE_TIMEOUT_S = 75.0
 IDLE_SWEEP_S = 5.0
 # Bytes of pipelined requests buffered while one is answered; beyond it reading pauses.
 MAX_BUFFERED_BYTES = 256 * 1024
+# A Content-Length longer than this is refused as too large before int() reads it.
+MAX_CONTENT_LENGTH_DIGITS = 18
+# A header name is an RFC 9110 token; anything else goes to aiohttp, which answers 400.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Waiting for the answers in flight at stop, at most.
 FRONT_SHUTDOWN_TIMEOUT_S = 2.0
 
@@ -91,7 +96,10 @@ def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict,
         return (Verdict.MORE if len(buf) <= MAX_HEAD_BYTES else Verdict.DELEGATE), None, 0
     if end > MAX_HEAD_BYTES:
         return Verdict.DELEGATE, None, 0
-    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    head = bytes(buf[:end])
+    if b"\0" in head or head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        return Verdict.DELEGATE, None, 0  # a bare LF or CR, a NUL: aiohttp answers 400
+    lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] != "HTTP/1.1":
         return Verdict.DELEGATE, None, 0
@@ -101,7 +109,7 @@ def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict,
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or not name.isascii():
+        if not colon or _HEADER_NAME.fullmatch(name) is None:
             return Verdict.DELEGATE, None, 0  # obsolete folding, a space before the colon, ...
         name = name.lower()
         if name in headers:
@@ -112,6 +120,8 @@ def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict,
     length_text = headers.get("content-length")
     if length_text is None or not length_text.isascii() or not length_text.isdigit():
         return Verdict.DELEGATE, None, 0
+    if len(length_text) > MAX_CONTENT_LENGTH_DIGITS:
+        return Verdict.TOO_LARGE, None, 0  # beyond any body limit (and int() of 4,300 digits raises)
     length = int(length_text)
     if length > max_body_bytes:
         return Verdict.TOO_LARGE, None, 0
@@ -220,15 +230,31 @@ class FrontProtocol(asyncio.Protocol):
         self.writing_paused = False
         if self.task is None and self.buf:
             self._next()
+        self._flow()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         self.last_active = time.monotonic()
         if self.task is None:
             self._next()
-        elif len(self.buf) > MAX_BUFFERED_BYTES and not self.reading_paused and self.transport is not None:
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read while the buffer may hold the request being read; pause reading while an answer
+        is pending (a request in flight, or the client not reading its answers) and more than
+        MAX_BUFFERED_BYTES wait behind it. An incomplete request in the buffer is bounded by
+        itself (MAX_HEAD_BYTES and --max-body-bytes: parse_request), so reading it never pauses."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self not in self.front.connections:
+            return  # closed, or aiohttp's now
+        waiting = self.task is not None or self.writing_paused
+        pause = waiting and len(self.buf) > MAX_BUFFERED_BYTES
+        if pause and not self.reading_paused:
             self.reading_paused = True
-            self.transport.pause_reading()
+            transport.pause_reading()
+        elif not pause and self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return None  # close once what is in flight is written (the transport closes itself)
@@ -276,11 +302,9 @@ class FrontProtocol(asyncio.Protocol):
         if not request.keep_alive:
             transport.close()
             return
-        if self.reading_paused and len(self.buf) <= MAX_BUFFERED_BYTES:
-            self.reading_paused = False
-            transport.resume_reading()
         if self.buf:
             self._next()
+        self._flow()
 
     def _hand_over(self, transport: asyncio.Transport) -> None:
         """aiohttp serves this connection from now on, starting with what is buffered."""

@@ -81,23 +81,50 @@ async def test_the_fence_is_per_connection_and_lifts_when_the_refused_seq_is_app
 
 def test_pub_fence_rules() -> None:
     fence = PubFence(max_channels=2)
-    fence.refuse("C1", 5)
-    assert not fence.holds("C1", 4, 3)  # an earlier one still in flight passes
-    assert not fence.holds("C1", 5, 3)  # the refused one, back
-    assert fence.holds("C1", 6, 3)
-    assert fence.holds("C1", 6, -1)  # a channel new here: nothing applied yet
-    assert not fence.holds("C1", None, 3)  # transient
-    assert not fence.holds("C2", 6, 3)  # another channel
-    fence.refuse("C1", 6)
-    fence.refuse("C1", 4)  # lowest 4, highest 6
-    assert not fence.holds("C1", 4, 3)
-    assert fence.holds("C1", 5, 3)  # 4 not applied yet
-    assert not fence.holds("C1", 5, 4)  # in order: the next one
-    assert fence.holds("C1", 7, 5)
-    assert not fence.holds("C1", 7, 6) and len(fence) == 0  # the highest refused applied: lifted
-    fence.refuse("C1", 1)
-    fence.refuse("C2", 1)
-    fence.refuse("C3", 1)  # past the bound: the oldest is forgotten
+    fence.refuse("C1", 5, 0.0)
+    assert not fence.holds("C1", 4, 3, 0.0)  # an earlier one still in flight passes
+    assert not fence.holds("C1", 5, 3, 0.0)  # the refused one, back
+    assert fence.holds("C1", 6, 3, 0.0)
+    assert fence.holds("C1", 6, -1, 0.0)  # a channel new here: nothing applied yet
+    assert not fence.holds("C1", None, 3, 0.0)  # transient
+    assert not fence.holds("C2", 6, 3, 0.0)  # another channel
+    fence.refuse("C1", 6, 0.0)
+    fence.refuse("C1", 4, 0.0)  # lowest 4, highest 6
+    assert not fence.holds("C1", 4, 3, 0.0)
+    assert fence.holds("C1", 5, 3, 0.0)  # 4 not applied yet
+    assert not fence.holds("C1", 5, 4, 0.0)  # in order: the next one
+    assert fence.holds("C1", 7, 5, 0.0)
+    assert not fence.holds("C1", 7, 6, 0.0) and len(fence) == 0  # the highest refused applied: lifted
+    fence.refuse("C1", 1, 0.0)
+    fence.refuse("C2", 1, 0.0)
+    fence.refuse("C3", 1, 0.0)  # past the bound: the oldest is forgotten
     assert fence.evictions == 1 and list(fence.refused) == ["C2", "C3"]
     fence.forget({"C2"})
     assert list(fence.refused) == ["C3"]
+
+
+def test_a_pub_fence_lifts_after_its_hold() -> None:
+    fence = PubFence(hold_s=30.0)
+    fence.refuse("C1", 5, 100.0)
+    assert fence.holds("C1", 6, 3, 129.9)
+    assert not fence.holds("C1", 6, 3, 130.0) and len(fence) == 0  # stale: lifted whatever happened
+
+
+async def test_a_refusal_for_a_slot_moved_away_holds_nothing_when_the_slot_comes_back(server: ChannelServer) -> None:
+    # The slot is ours (v2), then another's (v3); the admin server still acts on v2 and sends
+    # pub 6 here: refused, and its retry goes to the new owner, never here. When v4 gives the
+    # slot back, this connection's later publishes of the channel must be applied, not held
+    # for a pub 6 that will never come back (before: refused for good).
+    _, v2, channel = rings()
+    v3 = v2.with_owner("cs-1", "inst-elsewhere")
+    v4 = v3.with_owner("cs-1", "spare-1")
+    server.follower.apply(v2)
+    server.follower.apply(v3)
+    server.on_ring_change(v2, v3)
+    admin = Conn(PeerIdentity(ADMIN_SERVER, "as-1"))
+    assert server.handle_request(admin, pub(channel, 6, 2, 1))["code"] == "not_owner"
+    assert admin not in server.fences or channel not in server.fences[admin].refused
+    server.follower.apply(v4)
+    server.on_ring_change(v3, v4)
+    assert server.handle_request(admin, pub(channel, 7, 4, 2)) == {"op": "ok", "id": 2}
+    assert server.handle_request(admin, pub(channel, 8, 4, 3)) == {"op": "ok", "id": 3}

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from webapp_stub.errors import ApiError
 from webapp_stub.http_front import (
+    MAX_BUFFERED_BYTES,
     MAX_HEAD_BYTES,
+    FrontProtocol,
     PostRequest,
     Verdict,
     encode_response,
@@ -120,3 +124,103 @@ def test_responses_are_whole_http_messages() -> None:
     assert json.loads(body) == {"ok": False, "error": "ratelimited"}
     text = '{"ok":true,"text":"é"}'
     assert encode_response(200, {}, text, keep_alive=True).endswith(text.encode())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        post(b"", "X-A: a\nContent-Length: 0"),  # a bare LF inside the head
+        post(b"", "X-A: a\rb"),  # a lone CR
+        post(b"", "X-A: a\0b"),  # a NUL
+        post(b"", "Content Length: 0"),  # a name that is not a token
+    ],
+)
+def test_heads_aiohttp_would_refuse_go_to_aiohttp(raw: bytes) -> None:
+    assert parse_request(raw, MAX_BODY)[0] is Verdict.DELEGATE
+
+
+def test_a_content_length_of_thousands_of_digits_is_too_large_not_a_crash() -> None:
+    raw = post(b"", "Content-Length: " + "9" * 5000)
+    assert parse_request(raw, 4 * 1024 * 1024)[0] is Verdict.TOO_LARGE
+
+
+class FlowTransport:
+    """The transport calls FrontProtocol makes, recorded (no socket)."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class BlockingApi:
+    """WebApi.answer that waits until released, so a request stays in flight."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def answer(self, *args: object) -> tuple[int, dict[str, str], dict[str, object], str | None]:
+        await self.release.wait()
+        return 200, {}, {"ok": True}, None
+
+
+def flow_protocol(max_body_bytes: int) -> tuple[FrontProtocol, FlowTransport, BlockingApi]:
+    api = BlockingApi()
+    front = SimpleNamespace(api=api, connections=set(), max_body_bytes=max_body_bytes, handed_over=0)
+    protocol = FrontProtocol(front)  # type: ignore[arg-type]
+    transport = FlowTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport, api
+
+
+async def test_a_client_that_does_not_read_its_answers_stops_being_read() -> None:
+    # Writes paused (the client reads none of its answers): what it keeps sending must not
+    # pile up without bound; before, the buffer grew with every byte (125 MiB in a review).
+    protocol, transport, _ = flow_protocol(MAX_BODY)
+    protocol.pause_writing()
+    for _ in range(1000):  # as a socket delivers: only while reading
+        if not transport.reading:
+            break
+        protocol.data_received(post(b"channel=C1&text=x") * 100)
+    assert not transport.reading
+    assert len(protocol.buf) <= MAX_BUFFERED_BYTES + len(post(b"channel=C1&text=x") * 100)
+
+
+async def test_a_large_pipelined_post_behind_one_in_flight_is_read_whole() -> None:
+    # Post A in flight; post B (over MAX_BUFFERED_BYTES) arrives behind it: reading pauses,
+    # and once A is answered it must resume so B can be read whole (before: paused for good).
+    body = b"channel=C1&text=" + b"x" * (MAX_BUFFERED_BYTES + 100_000)
+    protocol, transport, api = flow_protocol(4 * 1024 * 1024)
+    protocol.data_received(post(b"channel=C1&text=a"))
+    assert protocol.task is not None
+    big = post(body)
+    protocol.data_received(big[: MAX_BUFFERED_BYTES + 1000])
+    assert not transport.reading
+    api.release.set()
+    await asyncio.wait_for(_answered(transport, 1), 5.0)
+    assert transport.reading  # B is incomplete: its bytes are read
+    protocol.data_received(big[MAX_BUFFERED_BYTES + 1000 :])
+    await asyncio.wait_for(_answered(transport, 2), 5.0)
+
+
+async def _answered(transport: FlowTransport, count: int) -> None:
+    for _ in range(500):
+        if len(transport.written) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} answers not written")
