@@ -70,6 +70,7 @@ PATH = "/api/chat.postMessage"
 class Verdict(enum.Enum):
     MORE = "more"  # not a whole request yet
     DELEGATE = "delegate"  # not a plain post: aiohttp serves this connection from here on
+    MALFORMED = "malformed"  # a head aiohttp refuses (bare LF or CR, NUL, a name not a token): counted, then aiohttp
     TOO_LARGE = "too_large"  # a body over the limit: 413, then close
     READY = "ready"  # a whole post
 
@@ -98,7 +99,7 @@ def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict,
         return Verdict.DELEGATE, None, 0
     head = bytes(buf[:end])
     if b"\0" in head or head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
-        return Verdict.DELEGATE, None, 0  # a bare LF or CR, a NUL: aiohttp answers 400
+        return Verdict.MALFORMED, None, 0  # a bare LF or CR, a NUL: aiohttp answers 400
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] != "HTTP/1.1":
@@ -109,8 +110,10 @@ def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict,
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or _HEADER_NAME.fullmatch(name) is None:
+        if not colon or not name or name != name.strip():
             return Verdict.DELEGATE, None, 0  # obsolete folding, a space before the colon, ...
+        if _HEADER_NAME.fullmatch(name) is None:
+            return Verdict.MALFORMED, None, 0  # not a token: aiohttp answers 400
         name = name.lower()
         if name in headers:
             return Verdict.DELEGATE, None, 0  # duplicates: aiohttp's rules
@@ -266,7 +269,9 @@ class FrontProtocol(asyncio.Protocol):
         verdict, request, used = parse_request(self.buf, self.front.max_body_bytes)
         if verdict is Verdict.MORE:
             return
-        if verdict is Verdict.DELEGATE:
+        if verdict is Verdict.DELEGATE or verdict is Verdict.MALFORMED:
+            if verdict is Verdict.MALFORMED:
+                self.front.api.metrics.error("bad_http_head")
             self._hand_over(transport)
             return
         if verdict is Verdict.TOO_LARGE:

@@ -117,3 +117,19 @@ async def test_connection_close_and_idle_connections_are_closed(webapp: Webapp) 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_malformed_head_gets_400_is_counted_and_nothing_else_stops(webapp: Webapp) -> None:
+    general = webapp.channel("general")
+    reader, writer = await asyncio.open_connection("127.0.0.1", webapp.port)
+    # a bare LF inside the head: the front does not read it, aiohttp refuses it
+    writer.write(b"POST /api/chat.postMessage HTTP/1.1\r\nX-A: a\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n")
+    first_line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
+    assert first_line.split(b" ")[1] == b"400"  # aiohttp answers a head it cannot parse as HTTP/1.0
+    writer.close()
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="bad_http_head") == 1
+    status, reply = await webapp.call(
+        "chat.postMessage", webapp.user("alice")["token"], json_body={"channel": general, "text": "still ok"}
+    )
+    assert status == 200 and reply["ok"]
