@@ -1102,7 +1102,17 @@ def render(r: dict[str, Any]) -> str:
     return "\n\n".join([head, kinds, ops, faults_t, reasons, cpu, "\n".join(other)])
 
 
-NOTABLE_COUNTERS = ("resume_failures", "rtm_errors_total", "gap", "deadletter", "history_fetch", "dropped", "slow")
+NOTABLE_COUNTERS = (
+    "resume_failures",
+    "goodbye_missed",
+    "resumes_total",
+    "rtm_errors_total",
+    "gap",
+    "deadletter",
+    "history_fetch",
+    "dropped",
+    "slow",
+)
 
 
 def notable_counters(by_service: dict[str, dict[str, float]]) -> dict[str, float]:

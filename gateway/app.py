@@ -32,6 +32,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from gateway.channel_links import RECONCILE_INTERVAL_S, ChannelLinks
 from gateway.client_listener import (
     BOOTSTRAP_ATTEMPTS,
@@ -64,7 +66,7 @@ from services.config import Parser, advertised, service_parser
 from services.connection import PeerLink
 from services.directory import ServiceDirectory
 from services.discovery import Discovery
-from services.errors import CloseCode
+from services.errors import CloseCode, PeerError
 from services.identity import GATEWAY, WEBAPP
 from services.keys import FleetKeys
 from services.metrics import ServiceMetrics, start_metrics_server
@@ -78,6 +80,10 @@ log = logging.getLogger("rtm.gateway")
 SERVICE = GATEWAY
 DEFAULT_PORT = 8765
 RESUME_TIMEOUT_S = 3.0  # leaving one resume record at the webapp when a session moves
+# Withdrawing a record whose client closed before its goodbye (gateway/drain.py): attempts, and the
+# pause between them (the webapp may be restarting; the record lives RESUME_TTL_S = 120 s there).
+MAX_RESUME_WITHDRAW_ATTEMPTS = 5
+RESUME_WITHDRAW_RETRY_S = 2.0
 SHUTDOWN_MOVE_BUDGET_S = 5.0  # on SIGTERM, move every session within this (faster than a drain if need be)
 LEAVE_CHECK_INTERVAL_S = 1.0  # how often pending leaves past --leave-timeout-s are forced
 
@@ -260,7 +266,7 @@ class Gateway:
             tags.append("role=draining")
         await self.discovery.retag(self.instance_id, tags)
 
-    async def leave_resume(self, session: Session, where: dict[str, int], until: dict[str, int] | None = None) -> None:
+    async def leave_resume(self, session: Session, where: dict[str, int], until: dict[str, int] | None = None) -> str:
         # The webapp refuses the record past ``deadline``: by then we have given up on it and closed
         # the connection without goodbye (gateway/drain.py), so a late record must not be claimed.
         record: dict[str, Any] = {
@@ -270,7 +276,27 @@ class Gateway:
             "deadline": time.time() + RESUME_TIMEOUT_S,
             **({"until": until} if until else {}),
         }
-        await asyncio.wait_for(self.webapp.call("/internal/resume", record), RESUME_TIMEOUT_S)
+        reply = await asyncio.wait_for(self.webapp.call("/internal/resume", record), RESUME_TIMEOUT_S)
+        return str(reply["resume"])
+
+    async def withdraw_resume(self, session: Session, rid: str) -> bool:
+        """Forget resume record ``rid``: its client closed before its goodbye (gateway/drain.py).
+        Retried while the webapp is unreachable, within :data:`MAX_RESUME_WITHDRAW_ATTEMPTS`; True
+        once the webapp answered (withdrawn, or kept because an rtm.connect had claimed it)."""
+        body = {"user": session.user, "resume": rid}
+        for attempt in range(1, MAX_RESUME_WITHDRAW_ATTEMPTS + 1):
+            try:
+                await asyncio.wait_for(self.webapp.call("/internal/resume/withdraw", body), RESUME_TIMEOUT_S)
+                return True
+            except PeerError as exc:  # the webapp answered: retrying cannot change it
+                log.warning("resume record %s of %s not withdrawn: %s", rid, session.user, exc)
+                break
+            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+                log.info("withdrawing resume record %s failed (attempt %d): %r", rid, attempt, exc)
+                if attempt < MAX_RESUME_WITHDRAW_ATTEMPTS:
+                    await asyncio.sleep(RESUME_WITHDRAW_RETRY_S)
+        self.metrics.error("resume_withdraw_failed")
+        return False
 
     def health(self) -> dict[str, Any]:
         return {

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from gateway.state import Effects, GatewayState, Session
 from services.errors import CloseCode
@@ -74,7 +75,9 @@ class MovingGateway(Protocol):
 
     async def leave_resume(
         self, session: Session, where: dict[str, int], until: dict[str, int] | None = None
-    ) -> None: ...
+    ) -> str: ...
+
+    async def withdraw_resume(self, session: Session, rid: str) -> bool: ...
 
 
 class AppMover(Protocol):
@@ -114,6 +117,10 @@ class Mover:
         m = gateway.metrics
         self.moved = m.counter("rtm_gw_sessions_moved_total", "Sessions moved off this gateway", ["reason"])
         self.resume_failures = m.counter("rtm_gw_resume_failures_total", "Resume records the webapp did not take")
+        self.goodbye_missed = m.counter(
+            "rtm_gw_goodbye_missed_total",
+            "Moved sessions whose client closed the socket before its goodbye (their resume record is withdrawn)",
+        )
         # sid -> leaves a detached session had not reached (channel -> leave seq), until its record is left
         self.pending_leaves: dict[int, dict[str, int]] = {}
 
@@ -171,11 +178,10 @@ class Mover:
         not taken, close with 4010 and no goodbye (the client catches up from history)."""
         until = self.pending_leaves.pop(session.sid, None)
         async with slots:
-            resumable = True
+            rid = ""
             try:
-                await self.gateway.leave_resume(session, where, until)
+                rid = await self.gateway.leave_resume(session, where, until)
             except Exception as exc:  # noqa: BLE001 - whatever failed, the record is not there
-                resumable = False
                 self.resume_failures.inc()
                 log.warning(
                     "resume record for %s not taken (%r): closing with %d, no goodbye; it catches up from history",
@@ -184,21 +190,33 @@ class Mover:
                     CloseCode.RESYNC,
                 )
             ws = self.gateway.sockets.get(session.sid)
+            told = False
             if ws is not None:
-                if resumable:
-                    await say_goodbye(ws, reason, code)
+                if rid:
+                    told = await say_goodbye(ws, reason, code)
                 else:
                     await ws.close(CloseCode.RESYNC, "resume record not taken: reconnect and catch up")
+            if rid and not told:
+                # The client closed (or lost) the socket while the record was being left: it never
+                # learns it was moved and reconnects as a fresh connection. Its record, left pending,
+                # would be claimed by its token's next move and replay what it already had.
+                self.goodbye_missed.inc()
+                await self.gateway.withdraw_resume(session, rid)
             self.moved.labels(reason).inc()
 
 
-async def say_goodbye(ws: Any, reason: str, code: CloseCode = CloseCode.GOING_AWAY) -> None:
-    """Slack's goodbye, then a close with ``code``, 1001 by default (the legacy RTM client ignores goodbye)."""
+async def say_goodbye(ws: Any, reason: str, code: CloseCode = CloseCode.GOING_AWAY) -> bool:
+    """Slack's goodbye, then a close with ``code``, 1001 by default (the legacy RTM client ignores
+    goodbye). False if the goodbye could not be sent: the client had closed, or was closing, the
+    socket itself (its close frame had arrived), so it will not act on a goodbye."""
+    if ws.state is not State.OPEN:
+        return False
     try:
         await ws.send(GOODBYE)
     except ConnectionClosed:
-        return
+        return False
     await ws.close(code, reason)
+    return True
 
 
 class RegionDrain:

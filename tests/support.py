@@ -12,6 +12,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
 from gateway.state import GatewayState, Session
 from rtmctl.ports import free_port as free_port  # re-exported: the one free-port helper
 from rtmctl.ports import free_port_base as free_port_base
@@ -300,12 +303,16 @@ class RecordingWs:
     def __init__(self) -> None:
         self.sent: list[str] = []
         self.closed: list[int] = []
+        self.state = State.OPEN  # CLOSING: the client's own close frame has arrived
 
     async def send(self, text: str) -> None:
+        if self.state is not State.OPEN:
+            raise ConnectionClosed(None, None)
         self.sent.append(text)
 
     async def close(self, code: int, reason: str = "") -> None:
         self.closed.append(code)
+        self.state = State.CLOSED
 
 
 class FakePresenceGateway:

@@ -193,7 +193,7 @@ class WebApi:
         self.resume = ResumeBook(clock=clock, rows=ResumeTable(store))  # durable: a restart keeps them
         self.resumes = metrics.counter(
             "rtm_webapp_resumes_total",
-            "Resume records by step: recorded, claimed (rtm.connect), used, expired, late (refused: past its deadline), confirmed / unconfirmed (the gateway sent hello)",
+            "Resume records by step: recorded, claimed (rtm.connect), used, expired, late (refused: past its deadline), confirmed / unconfirmed (the gateway sent hello), withdrawn / kept (its connection closed before goodbye)",
             ["step"],
         )
         metrics.gauge("rtm_webapp_resume_records", "Resume records waiting for their connection").set_function(

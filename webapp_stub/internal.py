@@ -33,6 +33,10 @@ and only to a peer with a fleet client certificate of role ``gateway``
   ``{"ok": true, "confirmed": bool}``: the gateway sent ``hello`` to the connection whose
   bootstrap took that record, so the record is not handed to the user's next ``rtm.connect``
   (which would be refused with 4010: see :mod:`webapp_stub.resume`).
+* ``POST /internal/resume/withdraw`` ``{"user": U, "resume": id}`` -> ``{"ok": true,
+  "withdrawn": bool}``: the connection that record was left for closed before its
+  ``goodbye`` could be sent, so it will start fresh; the record is forgotten unless an
+  ``rtm.connect`` has claimed it already (see :mod:`webapp_stub.resume`).
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
   ``{"ok": true, "events": [{"seq", "json", "ctl", "t0"}, ...], "has_more"}``.
 * ``POST /internal/call/<method>`` ``{"user": U, ...args}`` -> the same reply
@@ -95,6 +99,7 @@ class InternalEndpoints:
             web.post("/internal/history", self.handle_history),
             web.post("/internal/resume", self.handle_resume),
             web.post("/internal/resume/confirm", self.handle_resume_confirm),
+            web.post("/internal/resume/withdraw", self.handle_resume_withdraw),
             web.post("/internal/call/{method}", self.handle_internal_call),
         ]
 
@@ -109,6 +114,10 @@ class InternalEndpoints:
 
     async def handle_resume_confirm(self, request: web.Request) -> web.Response:
         return await self._answer(request, "internal.resume.confirm", self._resume_confirm, durable=True)
+
+    async def handle_resume_withdraw(self, request: web.Request) -> web.Response:
+        # durable: a withdrawn record must not come back with a webapp restart
+        return await self._answer(request, "internal.resume.withdraw", self._resume_withdraw, durable=True)
 
     async def handle_history(self, request: web.Request) -> web.Response:
         # durable: never hand a gateway an event that is not yet durable
@@ -239,6 +248,17 @@ class InternalEndpoints:
         confirmed = self.api.resume.confirm(rid, user_id, nonce)
         self.api.resumes.labels("confirmed" if confirmed else "unconfirmed").inc()
         return {"confirmed": confirmed}
+
+    async def _resume_withdraw(self, request: web.Request, args: Args) -> dict[str, Any]:
+        """The connection a resume record was left for closed before its ``goodbye``."""
+        user_id, rid = args.get("user"), args.get("resume")
+        for value in (user_id, rid):
+            if not isinstance(value, str) or not value or len(value) > MAX_NONCE_CHARS:
+                raise ApiError("invalid_arguments")
+        assert isinstance(user_id, str) and isinstance(rid, str)
+        withdrawn = self.api.resume.withdraw(rid, user_id)
+        self.api.resumes.labels("withdrawn" if withdrawn else "kept").inc()
+        return {"withdrawn": withdrawn}
 
     def _check_deadline(self, deadline: Any) -> None:
         """A resume record past its ``deadline``: the gateway has given up on it and not said goodbye."""

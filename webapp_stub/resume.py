@@ -48,6 +48,14 @@ Contract
   next connection is a fresh one), nor one whose holder :meth:`confirmed
   <ResumeBook.confirm>` it (its gateway sent ``hello``: the resume happened, and
   the user's next connections are unrelated to it).
+* A record whose connection went away before its ``goodbye`` is *withdrawn*
+  (:meth:`ResumeBook.withdraw`): the client closed the socket itself (or lost
+  it) while the gateway was leaving the record, so it never learns it was
+  moved, and its next ``rtm.connect`` may come before the record exists and
+  start fresh. Left pending, the record would be claimed by a *later* move of
+  the same token and replay, from the old position, events that client already
+  had (docs/soak.md, Findings). A record that an ``rtm.connect`` has already
+  claimed stays: that connection resumes from it, which is right for it.
 * Records expire :data:`RESUME_TTL_S` after they were added, claimed or not.
   An expired or unknown record is simply absent: the connection starts at its
   bootstrap like a new one (and reads what it missed with history).
@@ -258,6 +266,18 @@ class ResumeBook:
                 return rid
             fallback = fallback or rid
         return fallback
+
+    def withdraw(self, rid: str, user: str) -> bool:
+        """Forget record ``rid`` of ``user`` if no ``rtm.connect`` has claimed it yet: its connection
+        closed before it was told ``goodbye`` (see the module's contract). False if it is claimed,
+        taken, expired, unknown or another user's; nothing changes then."""
+        self._expire()
+        record = self._records.get(rid)
+        if record is None or record.user != user or record.claimed:
+            return False
+        self._drop(rid)
+        self.rows.drop(rid)
+        return True
 
     def _taken_once_more(self, key: Key) -> str:
         """The oldest record of ``key`` taken by a holder within the grace and not refused to

@@ -781,6 +781,37 @@ async def test_a_resume_record_past_its_deadline_is_refused(webapp: Webapp) -> N
     assert 'rtm_webapp_resumes_total{step="recorded"} 1.0' in text
 
 
+async def test_a_resume_record_whose_client_closed_before_goodbye_is_withdrawn(webapp: Webapp) -> None:
+    """The gateway withdraws the record of a connection that closed before its goodbye: the token's
+    next rtm.connect claims nothing (or its own newer record), never the stale one. A record
+    already claimed is kept; bad input is refused and counted; only gateways may ask."""
+    frank, general = webapp.user("eve"), webapp.channel("general")
+    franks = {"user": frank["id"], "token_id": token_id(frank["token"])}
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
+
+    async def claimed() -> str:
+        _, connect = await webapp.call("rtm.connect", frank["token"])
+        return str(verifier.verify(connect["url"][len(prefix) :], now_s=time.time()).resume)
+
+    _, stale = await webapp.internal("resume", {**franks, "channels": {general: 0}})
+    withdraw = {"user": frank["id"], "resume": stale["resume"]}
+    assert (await webapp.internal("resume/withdraw", withdraw))[1] == {"ok": True, "withdrawn": True}
+    assert await claimed() == ""
+    _, newer = await webapp.internal("resume", {**franks, "channels": {general: 0}})
+    assert await claimed() == newer["resume"]
+    kept = {"user": frank["id"], "resume": newer["resume"]}
+    assert (await webapp.internal("resume/withdraw", kept))[1] == {"ok": True, "withdrawn": False}
+    for bad in ({**kept, "resume": ""}, {**kept, "user": ["x"]}, {"user": frank["id"]}, {**kept, "resume": "r" * 129}):
+        assert (await webapp.internal("resume/withdraw", bad))[1] == {"ok": False, "error": "invalid_arguments"}
+    status, _ = await webapp.internal("resume/withdraw", kept, role=WEBAPP)
+    assert status == 403
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'rtm_webapp_resumes_total{step="withdrawn"} 1.0' in text
+    assert 'rtm_webapp_resumes_total{step="kept"} 1.0' in text
+
+
 async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record_again(webapp: Webapp) -> None:
     """A gateway whose bootstrap call timed out after the webapp took the record asks again with the
     same ticket nonce and gets the same recorded seqs; another ticket does not."""

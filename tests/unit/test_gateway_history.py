@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from websockets.protocol import State
 
 from gateway.app import RESUME_TIMEOUT_S, Gateway, build_parser
 from gateway.state import Fetch, Session
@@ -151,16 +152,21 @@ async def test_a_session_moved_before_it_reached_a_leave_carries_it_in_its_resum
 class ResumeWebapp:
     """``/internal/resume`` taken, or failing with ``error`` (a timeout: the webapp too slow to answer)."""
 
-    def __init__(self, error: BaseException | None = None) -> None:
+    def __init__(self, error: BaseException | None = None, on_resume: Any = None) -> None:
         self.error = error
+        self.on_resume = on_resume  # called while the record is being left (the client closes then)
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        assert path == "/internal/resume"
         self.calls.append((path, body))
+        if path == "/internal/resume/withdraw":
+            return {"ok": True, "withdrawn": True}
+        assert path == "/internal/resume"
+        if self.on_resume is not None:
+            self.on_resume()
         if self.error is not None:
             raise self.error
-        return {"ok": True}
+        return {"ok": True, "resume": f"r{len(self.calls)}"}
 
     async def close(self) -> None:
         pass
@@ -172,6 +178,54 @@ async def test_a_moved_session_whose_resume_record_was_taken_gets_goodbye_and_10
     assert await gw.mover.move_all(1000.0, "region drained") == 1
     assert ws.sent == ['{"type":"goodbye"}'] and ws.closed == [CloseCode.GOING_AWAY]
     assert gw.mover.resume_failures._value.get() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("how", ["socket_gone", "close_frame_arrived"])
+async def test_a_moved_session_whose_client_closed_before_goodbye_has_its_record_withdrawn(
+    gw: Gateway, how: str
+) -> None:
+    """The client closed its socket itself while the record was being left (a reconnect of its
+    own, docs/soak.md, Findings): it never gets the goodbye and starts fresh, so its record is
+    withdrawn; left pending, its token's next move would claim it and replay old events."""
+    sockets = gw.sockets
+
+    def client_closes() -> None:
+        if how == "socket_gone":  # the handler saw the close and forgot the socket
+            sockets.pop(1, None)
+        else:  # its close frame was read: the websocket is closing
+            ws.state = State.CLOSING
+
+    webapp = ResumeWebapp(on_resume=client_closes)
+    gw.webapp = webapp  # type: ignore[assignment]
+    session, _, ws = attach(gw, 1, [("C1", 3)])
+    session.token_id = "tid-1"
+    assert await gw.mover.move_all(1000.0, "region drained") == 1
+    assert ws.sent == []  # no goodbye
+    assert [(p, b) for p, b in webapp.calls if p != "/internal/resume"] == [
+        ("/internal/resume/withdraw", {"user": "U1", "resume": "r1"})
+    ]
+    assert gw.mover.goodbye_missed._value.get() == 1  # type: ignore[attr-defined]
+    assert gw.mover.resume_failures._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_record_whose_withdrawal_fails_is_retried_then_counted(gw: Gateway, monkeypatch: Any) -> None:
+    import gateway.app
+
+    monkeypatch.setattr(gateway.app, "RESUME_WITHDRAW_RETRY_S", 0.0)
+    calls: list[str] = []
+
+    class DownAfterResume:
+        async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            calls.append(path)
+            if path == "/internal/resume":
+                return {"ok": True, "resume": "r1"}
+            raise ConnectionError("webapp down")
+
+    gw.webapp = DownAfterResume()  # type: ignore[assignment]
+    session, _, _ = attach(gw, 1, [("C1", 3)])
+    assert not await gw.withdraw_resume(session, "r1")
+    assert calls == ["/internal/resume/withdraw"] * gateway.app.MAX_RESUME_WITHDRAW_ATTEMPTS
+    assert gw.metrics.errors.labels("resume_withdraw_failed")._value.get() == 1  # type: ignore[attr-defined]
 
 
 async def test_a_moved_session_whose_resume_record_was_not_taken_gets_no_goodbye(gw: Gateway) -> None:

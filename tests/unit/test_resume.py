@@ -234,3 +234,26 @@ def test_a_confirmed_taken_record_is_not_handed_out_again() -> None:
     assert book.confirm(rid, "U1", "nonce-a")
     assert book.claim("U1") == ""
     assert book.take_record(rid, "U1", holder="nonce-a") is not None  # the holder's own retry still works
+
+
+def test_a_record_whose_connection_closed_before_goodbye_is_withdrawn_unless_claimed(tmp_path: Path) -> None:
+    """The client closed its socket itself while its gateway was leaving the record: its next
+    rtm.connect started fresh (the record did not exist yet). Left pending, the record would be
+    claimed by that token's *next* move and replay, from the old position, what the client already
+    had. Withdrawn, the next move claims its own record. One already claimed is kept."""
+    clock = FakeClock(1_700_000_000.0)
+    store = Store(tmp_path, clock=clock)
+    book = ResumeBook(clock=clock, rows=ResumeTable(store))
+    tid = token_id("xoxp-one-device")
+    stale = book.add("U1", {"C1": 3}, token_id=tid)
+    assert not book.withdraw(stale, "U2")  # another user's id: nothing changes
+    assert book.withdraw(stale, "U1")
+    assert not book.withdraw(stale, "U1")  # gone
+    newer = book.add("U1", {"C1": 9}, token_id=tid)
+    assert book.claim("U1", tid) == newer
+    assert not book.withdraw(newer, "U1")  # claimed: the connection holding it resumes from it
+    store.close()
+    store = Store(tmp_path, clock=clock)
+    reopened = ResumeBook(clock=clock, rows=ResumeTable(store))
+    assert len(reopened) == 1 and reopened.claim("U1", tid) == newer  # the withdrawn row is gone too
+    store.close()
