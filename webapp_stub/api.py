@@ -23,12 +23,13 @@ outbox before the reply is written, and the reply never waits for them.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiohttp import web
 from prometheus_client import Counter, Histogram
@@ -49,7 +50,7 @@ from webapp_stub.args import (
     read_args,
     str_arg,
 )
-from webapp_stub.commit import GroupCommit
+from webapp_stub.commit import CommitFailed, GroupCommit
 from webapp_stub.errors import ApiError
 from webapp_stub.gateway_picker import GATEWAY_LOAD_POLL_S, GatewayPicker
 from webapp_stub.handoff import Handoff
@@ -134,6 +135,18 @@ class EncodedReply(dict[str, Any]):
 
 
 OK_BODY: dict[str, Any] = {"ok": True}  # what handle_api checks of an EncodedReply's reply
+# A call's answer: (HTTP status, extra headers, body, the whole body already encoded or None).
+Answer = tuple[int, dict[str, str], dict[str, Any], str | None]
+
+
+class Failure(NamedTuple):
+    """A failed call's answer and its outcome label (:meth:`WebApi.failure`)."""
+
+    body: dict[str, Any]
+    status: int
+    headers: dict[str, str]
+    outcome: str
+
 
 Handler = Callable[
     ["WebApi", Call], dict[str, Any] | Awaitable[dict[str, Any]]
@@ -252,11 +265,7 @@ class WebApi:
         read is answered like any other error), ``token_of`` gives its token.
         Returns (status, headers, body, encoded): ``encoded``, when not None, is the whole
         successful reply already encoded (send it instead of encoding ``body``)."""
-        label = name if name in METHODS else "unknown"
         started = time.perf_counter()
-        headers: dict[str, str] = {}
-        status = 200
-        encoded: str | None = None
         try:
             entry = METHODS.get(name)
             if entry is None:
@@ -268,30 +277,92 @@ class WebApi:
             result = handler(self, Call(request, args, user))
             if inspect.isawaitable(result):
                 result = await result
-            if type(result) is EncodedReply:
-                encoded, body = result.text, OK_BODY
-            else:
-                body = {"ok": True, **result}
             await self.durable()
-            outcome = "ok"
-        except ApiError as exc:
-            body, status, headers = {"ok": False, "error": exc.code}, exc.status, exc.headers
+        except Exception as exc:
+            failed = self.failure(name, exc)
+            await self.durable()  # what a failed call read may sit in the open batch too
+            return self.finish(name, started, failed)
+        return self.finish(name, started, result)
+
+    def answer_now(
+        self,
+        name: str,
+        args: Args | ApiError,
+        token_of: Callable[[Args], str | None],
+        reply: Callable[[Answer], None],
+    ) -> asyncio.Future[Any] | None:
+        """:meth:`answer` without a task (the lean front's posts): runs the call now and calls
+        ``reply`` once it is durable (at once, or from the group commit's callback); returns
+        what ``reply`` waits for, None if it ran. ``args``: an :class:`ApiError` if reading them
+        failed. Same outcomes, metrics, durability; an async handler runs on a task."""
+        started = time.perf_counter()
+        result: dict[str, Any] | Failure
+        try:
+            entry = METHODS.get(name)
+            if entry is None:
+                raise ApiError("unknown_method")
+            if isinstance(args, ApiError):
+                raise args
+            handler, needs_auth = entry
+            user = self.authenticate(name, token_of(args)) if needs_auth else None
+            self.check_backpressure(name)
+            called = handler(self, Call(None, args, user))
+            if inspect.isawaitable(called):
+                task = asyncio.ensure_future(self._finish_async(name, started, called))
+                task.add_done_callback(lambda t: reply(t.result()))
+                return task
+            result = called
+        except Exception as exc:
+            result = self.failure(name, exc)
+        pending = self.commits.pending() if self.commits is not None else None
+        if pending is None:
+            reply(self.finish(name, started, result))
+            return None
+
+        def committed(future: asyncio.Future[None]) -> None:
+            failed = (
+                None if isinstance(result, Failure) else CommitFailed() if future.cancelled() else future.exception()
+            )
+            reply(self.finish(name, started, result if failed is None else self.failure(name, failed)))
+
+        pending.add_done_callback(committed)
+        return pending
+
+    async def _finish_async(self, name: str, started: float, called: Awaitable[dict[str, Any]]) -> Answer:
+        try:
+            result: dict[str, Any] | Failure = await called
+            await self.durable()
+        except Exception as exc:
+            result = self.failure(name, exc)
+            await self.durable()
+        return self.finish(name, started, result)
+
+    def failure(self, name: str, exc: BaseException) -> Failure:
+        """What a call that raised ``exc`` answers (counted in ``rtm_errors_total``)."""
+        if isinstance(exc, ApiError):
             # api.test echoes any error it is asked for: keep that out of the label values
             outcome = exc.code if name != "api.test" else "api_test_error"
-            self.metrics.error(outcome)
-        except web.HTTPRequestEntityTooLarge:
-            body, outcome, status = {"ok": False, "error": "request_too_large"}, "request_too_large", 413
-            self.metrics.error(outcome)
-        except Exception:
-            log.exception("%s failed", name)
-            body, outcome = {"ok": False, "error": "internal_error"}, "internal_error"
-            self.metrics.error(outcome)
-        if not body["ok"]:
-            encoded = None
-            await self.durable()  # what a failed call read may sit in the open batch too
-        self.count_request(label, outcome)
+            failed = Failure({"ok": False, "error": exc.code}, exc.status, exc.headers, outcome)
+        elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+            failed = Failure({"ok": False, "error": "request_too_large"}, 413, {}, "request_too_large")
+        else:
+            log.error("%s failed", name, exc_info=exc)
+            failed = Failure({"ok": False, "error": "internal_error"}, 200, {}, "internal_error")
+        self.metrics.error(failed.outcome)
+        return failed
+
+    def finish(self, name: str, started: float, result: dict[str, Any] | Failure) -> Answer:
+        """Count the call and shape its answer: (status, headers, body, encoded)."""
+        label = name if name in METHODS else "unknown"
+        if isinstance(result, Failure):
+            self.count_request(label, result.outcome)
+            self.observe_latency(label, time.perf_counter() - started)
+            return result.status, result.headers, result.body, None
+        self.count_request(label, "ok")
         self.observe_latency(label, time.perf_counter() - started)
-        return status, headers, body, encoded
+        if type(result) is EncodedReply:
+            return 200, {}, OK_BODY, result.text
+        return 200, {}, {"ok": True, **result}, None
 
     def authenticate(self, name: str, token: str | None) -> User:
         """The caller of ``name`` by its token, within its rate limit. Raises ``not_authed``,

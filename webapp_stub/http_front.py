@@ -31,7 +31,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
@@ -203,18 +203,20 @@ def encode_response(status: int, headers: dict[str, str], text: str, keep_alive:
     return "".join(head).encode("latin-1") + body
 
 
-async def _raise(exc: ApiError) -> Args:
-    raise exc
-
-
 class FrontProtocol(asyncio.Protocol):
-    """One connection: plain posts here, anything else handed to aiohttp."""
+    """One connection: plain posts here, anything else handed to aiohttp.
+
+    No task per post (round 4 of docs/publish-path.md): a post is handled synchronously in
+    :meth:`_next` (:meth:`WebApi.answer_now`) and answered by :meth:`_reply`, at once or from
+    the group commit's completion callback."""
 
     def __init__(self, front: HttpFront) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.task: asyncio.Task[None] | None = None
+        self.busy = False  # a request is being answered
+        self.waiting: asyncio.Future[Any] | None = None  # what its answer waits for (a commit)
+        self.keep_alive = True  # of the request being answered
         self.last_active = time.monotonic()
         self.reading_paused = False
         self.writing_paused = False
@@ -231,14 +233,14 @@ class FrontProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self.task is None and self.buf:
+        if not self.busy and self.buf:
             self._next()
         self._flow()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         self.last_active = time.monotonic()
-        if self.task is None:
+        if not self.busy:
             self._next()
         self._flow()
 
@@ -250,7 +252,7 @@ class FrontProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self not in self.front.connections:
             return  # closed, or aiohttp's now
-        waiting = self.task is not None or self.writing_paused
+        waiting = self.busy or self.writing_paused
         pause = waiting and len(self.buf) > MAX_BUFFERED_BYTES
         if pause and not self.reading_paused:
             self.reading_paused = True
@@ -263,53 +265,71 @@ class FrontProtocol(asyncio.Protocol):
         return None  # close once what is in flight is written (the transport closes itself)
 
     def _next(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing() or self.writing_paused:
-            return
-        verdict, request, used = parse_request(self.buf, self.front.max_body_bytes)
-        if verdict is Verdict.MORE:
-            return
-        if verdict is Verdict.DELEGATE or verdict is Verdict.MALFORMED:
-            if verdict is Verdict.MALFORMED:
-                self.front.api.metrics.error("bad_http_head")
-            self._hand_over(transport)
-            return
-        if verdict is Verdict.TOO_LARGE:
-            self.front.api.metrics.error("request_too_large")
-            self.front.api.count_request(METHOD_NAME, "request_too_large")
-            body = dumps({"ok": False, "error": "request_too_large"})
-            transport.write(encode_response(413, {}, body, keep_alive=False))
-            transport.close()
-            return
-        assert request is not None
-        del self.buf[:used]
-        self.task = asyncio.get_running_loop().create_task(self._serve(request, transport))
-
-    async def _serve(self, request: PostRequest, transport: asyncio.Transport) -> None:
-        try:
-            reading: Args | Callable[[], Awaitable[Args]]
+        """Answer the whole requests in the buffer, one at a time, until one waits for its
+        commit (then :meth:`_reply` goes on) or the buffer holds no whole request."""
+        while True:
+            transport = self.transport
+            if transport is None or transport.is_closing() or self.writing_paused or self.busy:
+                return
+            verdict, request, used = parse_request(self.buf, self.front.max_body_bytes)
+            if verdict is Verdict.MORE:
+                return
+            if verdict is Verdict.DELEGATE or verdict is Verdict.MALFORMED:
+                if verdict is Verdict.MALFORMED:
+                    self.front.api.metrics.error("bad_http_head")
+                self._hand_over(transport)
+                return
+            if verdict is Verdict.TOO_LARGE:
+                self.front.api.metrics.error("request_too_large")
+                self.front.api.count_request(METHOD_NAME, "request_too_large")
+                body = dumps({"ok": False, "error": "request_too_large"})
+                transport.write(encode_response(413, {}, body, keep_alive=False))
+                transport.close()
+                return
+            assert request is not None
+            del self.buf[:used]
+            self.busy, self.keep_alive = True, request.keep_alive
+            args: Args | ApiError
             try:
-                reading = post_args(request)
+                args = post_args(request)
             except ApiError as exc:
-                reading = functools.partial(_raise, exc)  # answered like any other error
-            status, headers, body, encoded = await self.front.api.answer(
-                METHOD_NAME, None, reading, lambda args: post_token(request, args)
-            )
+                args = exc  # answered like any other error
+            try:
+                self.waiting = self.front.api.answer_now(
+                    METHOD_NAME, args, functools.partial(post_token, request), self._reply
+                )
+            except Exception:  # never leave the connection hanging
+                log.exception("lean post path failed")
+                self.busy = False
+                transport.close()
+                return
+            if self.waiting is not None:
+                return  # _reply goes on
+
+    def _reply(self, answer: tuple[int, dict[str, str], dict[str, Any], str | None]) -> None:
+        """Write the answer of the request in flight; go on with the next one if the answer
+        came from a commit's callback (an answer given at once returns to :meth:`_next`)."""
+        transport = self.transport
+        resumed = self.waiting is not None
+        self.busy, self.waiting = False, None
+        self.last_active = time.monotonic()
+        if transport is None:
+            return
+        try:
+            status, headers, body, encoded = answer
             text = encoded if encoded is not None else dumps(body)
-            transport.write(encode_response(status, headers, text, request.keep_alive))
+            transport.write(encode_response(status, headers, text, self.keep_alive))
         except Exception:  # never leave the connection hanging
             log.exception("lean post path failed")
             transport.close()
             return
-        finally:
-            self.task = None
-            self.last_active = time.monotonic()
-        if not request.keep_alive:
+        if not self.keep_alive:
             transport.close()
             return
-        if self.buf:
-            self._next()
-        self._flow()
+        if resumed:
+            if self.buf:
+                self._next()
+            self._flow()
 
     def _hand_over(self, transport: asyncio.Transport) -> None:
         """aiohttp serves this connection from now on, starting with what is buffered."""
@@ -327,7 +347,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def idle_since(self) -> float | None:
         """When it went idle (no request in flight), None while one is answered."""
-        return None if self.task is not None else self.last_active
+        return None if self.busy else self.last_active
 
 
 class HttpFront:
@@ -382,9 +402,9 @@ class HttpFront:
             self._sweep = None
         if self._server is not None:
             self._server.close()
-        tasks = [conn.task for conn in self.connections if conn.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+        waiting = {conn.waiting for conn in self.connections if conn.waiting is not None}
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

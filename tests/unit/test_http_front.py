@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
 
 from tests.support import async_wait_until
+from webapp_stub.api import Answer
 from webapp_stub.errors import ApiError
 from webapp_stub.http_front import (
     MAX_BUFFERED_BYTES,
@@ -170,14 +172,19 @@ class FlowTransport:
 
 
 class BlockingApi:
-    """WebApi.answer that waits until released, so a request stays in flight."""
+    """WebApi.answer_now whose answers wait until released, so a request stays in flight."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
 
-    async def answer(self, *args: object) -> tuple[int, dict[str, str], dict[str, object], str | None]:
-        await self.release.wait()
-        return 200, {}, {"ok": True}, None
+    def answer_now(
+        self, name: str, args: object, token_of: object, reply: Callable[[Answer], None]
+    ) -> asyncio.Future[None]:
+        async def later() -> None:
+            await self.release.wait()
+            reply((200, {}, {"ok": True}, None))
+
+        return asyncio.ensure_future(later())
 
 
 def flow_protocol(max_body_bytes: int) -> tuple[FrontProtocol, FlowTransport, BlockingApi]:
@@ -208,7 +215,7 @@ async def test_a_large_pipelined_post_behind_one_in_flight_is_read_whole() -> No
     body = b"channel=C1&text=" + b"x" * (MAX_BUFFERED_BYTES + 100_000)
     protocol, transport, api = flow_protocol(4 * 1024 * 1024)
     protocol.data_received(post(b"channel=C1&text=a"))
-    assert protocol.task is not None
+    assert protocol.busy and protocol.waiting is not None
     big = post(body)
     protocol.data_received(big[: MAX_BUFFERED_BYTES + 1000])
     assert not transport.reading
