@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import Counter, Histogram
@@ -61,6 +61,7 @@ from webapp_stub.models import (
 )
 from webapp_stub.presence import PresenceClient
 from webapp_stub.ratelimit import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_RATE_BUCKETS, RateLimiter
+from webapp_stub.reply import OK_BODY, Answer, EncodedReply, Failure
 from webapp_stub.resume import ResumeBook
 from webapp_stub.resume_table import ResumeTable
 from webapp_stub.store import Store
@@ -118,34 +119,6 @@ class Call:
     def me(self) -> User:
         assert self.user is not None
         return self.user
-
-
-class EncodedReply(dict[str, Any]):
-    """A handler's reply fields (a dict, as every handler returns) that also carry the whole
-    successful reply already encoded, ``text`` = ``{"ok":true,...}``: :class:`WebApi` sends
-    that text as it is instead of encoding the fields again; any other caller of the handler
-    (``/internal/call``) uses the fields as usual.
-
-    chat.postMessage cuts its reply from the event's JSON (issue 17: the Slack JSON of a
-    post is encoded once)."""
-
-    def __init__(self, fields: dict[str, Any], text: str) -> None:
-        super().__init__(fields)
-        self.text = text
-
-
-OK_BODY: dict[str, Any] = {"ok": True}  # what handle_api checks of an EncodedReply's reply
-# A call's answer: (HTTP status, extra headers, body, the whole body already encoded or None).
-Answer = tuple[int, dict[str, str], dict[str, Any], str | None]
-
-
-class Failure(NamedTuple):
-    """A failed call's answer and its outcome label (:meth:`WebApi.failure`)."""
-
-    body: dict[str, Any]
-    status: int
-    headers: dict[str, str]
-    outcome: str
 
 
 Handler = Callable[
