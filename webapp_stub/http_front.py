@@ -87,8 +87,30 @@ class PostRequest:
         self.keep_alive = keep_alive
 
 
+# The common head, read by two regular expressions instead of a loop over its lines: the
+# request line, then header fields of a token name and a value without CR, LF or NUL. A head
+# of any other shape is read by the loop (:func:`_parse_head`), which gives every verdict.
+_PLAIN_HEAD = re.compile(
+    r"POST /api/chat\.postMessage(?:\?([^ \r\n\0]*))? HTTP/1\.1\r\n((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\0]*\r\n)*)"
+)
+_FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*[^\r\n \t])?[ \t]*\r\n")
+
+
 def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, PostRequest | None, int]:
     """Look at the start of ``buf``: (verdict, the request when READY, bytes it took)."""
+    end = buf.find(b"\r\n\r\n")
+    if 0 <= end <= MAX_HEAD_BYTES:
+        plain = _PLAIN_HEAD.fullmatch(buf[: end + 2].decode("latin-1"))
+        if plain is not None:
+            fields = _FIELD.findall(plain.group(2))
+            headers = {name.lower(): value for name, value in fields}
+            if len(headers) == len(fields):  # no duplicates (else aiohttp's rules, below)
+                return _post_of(buf, end, plain.group(1) or "", headers, max_body_bytes)
+    return _parse_head(buf, max_body_bytes)
+
+
+def _parse_head(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, PostRequest | None, int]:
+    """:func:`parse_request` for any head, line by line."""
     prefix = bytes(buf[: len(REQUEST_PREFIX)])
     if not REQUEST_PREFIX.startswith(prefix) or (len(buf) > len(REQUEST_PREFIX) and prefix != REQUEST_PREFIX):
         return Verdict.DELEGATE, None, 0
@@ -118,6 +140,13 @@ def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict,
         if name in headers:
             return Verdict.DELEGATE, None, 0  # duplicates: aiohttp's rules
         headers[name] = value.strip(" \t")
+    return _post_of(buf, end, query, headers, max_body_bytes)
+
+
+def _post_of(
+    buf: bytes | bytearray, end: int, query: str, headers: dict[str, str], max_body_bytes: int
+) -> tuple[Verdict, PostRequest | None, int]:
+    """The verdict on a post whose head (ending at ``end``) was read: its body's framing."""
     if "transfer-encoding" in headers or "expect" in headers or "upgrade" in headers:
         return Verdict.DELEGATE, None, 0
     length_text = headers.get("content-length")
