@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support import FakeClock
 from webapp_stub.seed import seed_demo
@@ -837,6 +839,23 @@ def test_a_posts_event_json_and_reply_are_exactly_what_encoding_them_gives(
     reply = message_reply_json(general.id, message["ts"], event.json)
     assert reply == dumps({"ok": True, "channel": general.id, "ts": message["ts"], "message": message})
     assert message_reply_json("C0OTHER", message["ts"], event.json) is None  # not of that shape: no splice
+
+
+@settings(max_examples=300)
+@given(
+    text=st.text(st.characters(codec=None)),
+    ids=st.lists(st.text(st.characters(codec=None), max_size=12), min_size=4, max_size=4),
+)
+def test_a_plain_posts_event_json_built_directly_is_what_encoding_it_gives(text: str, ids: list[str]) -> None:
+    # round 4 (docs/publish-path.md): the common post's event JSON is written field by field
+    from webapp_stub.codecs import dumps
+    from webapp_stub.messages import _message_obj, message_event_json
+
+    user_id, team, ts, channel_id = ids
+    message = _message_obj(user_id, team, text, ts, None, None, None)
+    payload = {"type": "message", "channel": channel_id, **{k: v for k, v in message.items() if k != "type"}}
+    payload["event_ts"] = ts
+    assert message_event_json(channel_id, ts, message) == dumps(payload)
 
 
 def test_channel_and_membership_reads_are_cached_and_follow_every_change(store: Store, demo: dict) -> None:
