@@ -287,17 +287,18 @@ class Gateway:
         reply = await asyncio.wait_for(self.webapp.call("/internal/resume", record), self.args.resume_timeout_s)
         return str(reply["resume"])
 
-    async def withdraw_resume(self, session: Session, rid: str) -> bool:
-        """Forget resume record ``rid``: its client closed before its goodbye (gateway/drain.py).
-        Retried while the webapp is unreachable, within :data:`MAX_RESUME_WITHDRAW_ATTEMPTS`; True
-        once the webapp answered (withdrawn, or kept because an rtm.connect had claimed it)."""
-        body = {"user": session.user, "resume": rid}
+    async def withdraw_resume(self, owner: str, rid: str) -> bool:
+        """Forget resume record ``rid`` of ``owner`` (the user, or a Socket Mode app's id): its
+        client closed before its goodbye (gateway/drain.py). Retried while the webapp is
+        unreachable, within :data:`MAX_RESUME_WITHDRAW_ATTEMPTS`; True once the webapp answered
+        (withdrawn, or kept because an rtm.connect had claimed it)."""
+        body = {"user": owner, "resume": rid}
         for attempt in range(1, MAX_RESUME_WITHDRAW_ATTEMPTS + 1):
             try:
                 await asyncio.wait_for(self.webapp.call("/internal/resume/withdraw", body), self.args.resume_timeout_s)
                 return True
             except PeerError as exc:  # the webapp answered: retrying cannot change it
-                log.warning("resume record %s of %s not withdrawn: %s", rid, session.user, exc)
+                log.warning("resume record %s of %s not withdrawn: %s", rid, owner, exc)
                 break
             except (TimeoutError, OSError, aiohttp.ClientError) as exc:
                 log.info("withdrawing resume record %s failed (attempt %d): %r", rid, attempt, exc)
