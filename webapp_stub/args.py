@@ -79,6 +79,23 @@ def check_text(value: Any, code: str, max_depth: int = MAX_ARGS_DEPTH) -> None:
     """Every string in ``value`` (keys too) is valid Unicode (no lone surrogates, which
     a JSON ``"\\ud800"`` escape makes and UTF-8 cannot hold), and arrays and objects
     nest at most ``max_depth`` deep; else ApiError(``code``). Iterative: any depth is safe."""
+    if type(value) is dict and max_depth > 0:
+        try:  # the common shape, a flat object of strings, checked in C
+            joined = "".join(value) + "".join(value.values())
+        except TypeError:
+            pass  # a value that is not a string: walk it all, below
+        else:
+            if not joined.isascii():
+                try:
+                    joined.encode("utf-8")  # a lone surrogate anywhere fails here
+                except UnicodeEncodeError:
+                    raise ApiError(code) from None
+            return
+    walk_text(value, code, max_depth)
+
+
+def walk_text(value: Any, code: str, max_depth: int = MAX_ARGS_DEPTH) -> None:
+    """:func:`check_text`'s walk over every node (what its fast path must agree with)."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         node, depth = stack.pop()

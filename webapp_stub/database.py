@@ -12,8 +12,8 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 from webapp_stub.checkpoint import WalCheckpointer
@@ -35,6 +35,8 @@ MAX_EVENT_BYTES = 1024 * 1024
 SQLITE_SYNCHRONOUS = "FULL"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 DEFAULT_CACHE_PAGES = -2000  # SQLite's default page cache (negative: KiB)
+# Channels whose last seq _next_seq remembers (a hint, checked by the row); beyond, it starts over.
+MAX_CACHED_SEQS = 100_000
 
 
 class Database:
@@ -70,6 +72,8 @@ class Database:
         # called by the first write that finds no batch open.
         self.batch_opener: Callable[[], None] | None = None
         self._in_batch = False
+        # channel -> (last_seq, last_ts_us) this connection last wrote: a hint for _next_seq
+        self._seqs: dict[str, tuple[int, int]] = {}
         path = os.fspath(path)
         if os.path.isdir(path) or not path.endswith(".db"):
             os.makedirs(path, exist_ok=True)
@@ -107,9 +111,9 @@ class Database:
             self.checkpointer = None
         self.conn.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception.
+    def transaction(self) -> Transaction:
+        """``with store.transaction() as db:`` ``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on
+        any exception.
 
         Inside an open batch (:meth:`begin_batch`) or another transaction it is a
         savepoint instead: an exception undoes only this transaction's writes, and
@@ -117,26 +121,7 @@ class Database:
         commit). The scheduler fires a due item's ``post_message`` inside the
         transaction that marks it fired (webapp_stub/scheduler.py).
         """
-        nested = self._in_batch or self.conn.in_transaction
-        if not nested and self.batch_opener is not None:
-            self.batch_opener()
-        if self._in_batch or self.conn.in_transaction:
-            self.conn.execute("SAVEPOINT tx")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK TO tx")
-                self.conn.execute("RELEASE tx")
-                raise
-            self.conn.execute("RELEASE tx")
-            return
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        return Transaction(self)
 
     def set_synchronous(self, mode: str) -> str:
         """Set ``PRAGMA synchronous`` on this connection; return the mode it had. Group commit
@@ -181,9 +166,27 @@ class Database:
     def _next_seq(self, channel: str, with_ts: bool = False) -> tuple[int, int]:
         """Allocate ``channel``'s next seq (and, if asked, its next ts in µs).
 
-        One statement in the common case (the channel has a row): an ``UPDATE ...
-        RETURNING`` (SQLite 3.35+) instead of a read and a write."""
+        One statement: usually an ``UPDATE`` from the values this connection last wrote
+        (:attr:`_seqs`), on the condition that the row still holds them, so the cache is only
+        a hint: a row moved by anyone else (another connection, a rolled-back savepoint or
+        batch) fails the condition and the allocation is read from the row (``UPDATE ...
+        RETURNING``, SQLite 3.35+). Either way the row is written in the caller's
+        transaction, so seqs stay gapless and roll back with it."""
         now_us = int(self.clock() * 1_000_000) if with_ts else 0
+        known = self._seqs.get(channel)
+        if known is not None:
+            last_seq, last_ts_us = known
+            seq, ts_us = last_seq + 1, (max(now_us, last_ts_us + 1) if with_ts else last_ts_us)
+            if (
+                self.conn.execute(
+                    "UPDATE channel_seq SET last_seq = ?, last_ts_us = ? "
+                    "WHERE channel = ? AND last_seq = ? AND last_ts_us = ?",
+                    (seq, ts_us, channel, last_seq, last_ts_us),
+                ).rowcount
+                == 1
+            ):
+                self._seqs[channel] = (seq, ts_us)
+                return seq, ts_us
         row = self.conn.execute(
             "UPDATE channel_seq SET last_seq = last_seq + 1, last_ts_us = "
             "CASE WHEN ? THEN max(?, last_ts_us + 1) ELSE last_ts_us END "
@@ -191,11 +194,16 @@ class Database:
             (int(with_ts), now_us, channel),
         ).fetchone()
         if row is not None:
-            return int(row[0]), int(row[1])
-        self.conn.execute(
-            "INSERT INTO channel_seq (channel, last_seq, last_ts_us) VALUES (?, ?, ?)", (channel, 1, now_us)
-        )
-        return 1, now_us
+            seq, ts_us = int(row[0]), int(row[1])
+        else:
+            self.conn.execute(
+                "INSERT INTO channel_seq (channel, last_seq, last_ts_us) VALUES (?, ?, ?)", (channel, 1, now_us)
+            )
+            seq, ts_us = 1, now_us
+        if len(self._seqs) >= MAX_CACHED_SEQS:
+            self._seqs.clear()
+        self._seqs[channel] = (seq, ts_us)
+        return seq, ts_us
 
     def _append_event(
         self,
@@ -224,3 +232,32 @@ class Database:
     def last_seq(self, channel: str) -> int:
         row = self.conn.execute("SELECT last_seq FROM channel_seq WHERE channel = ?", (channel,)).fetchone()
         return int(row[0]) if row else 0
+
+
+class Transaction:
+    """:meth:`Database.transaction`'s context manager: a plain class (each post enters one, and a
+    generator-based ``@contextmanager`` cost about 3 µs of it; round 4 of docs/publish-path.md)."""
+
+    __slots__ = ("db", "nested")
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.nested = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        db = self.db
+        conn = db.conn
+        if not (db._in_batch or conn.in_transaction) and db.batch_opener is not None:
+            db.batch_opener()
+        self.nested = db._in_batch or conn.in_transaction
+        conn.execute("SAVEPOINT tx" if self.nested else "BEGIN IMMEDIATE")
+        return conn
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        conn = self.db.conn
+        if not self.nested:
+            conn.execute("COMMIT" if kind is None else "ROLLBACK")
+            return
+        if kind is not None:
+            conn.execute("ROLLBACK TO tx")
+        conn.execute("RELEASE tx")

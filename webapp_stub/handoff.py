@@ -71,7 +71,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from services import ops
 from services.connection import PeerConnection, PeerLink, backoff_delays
@@ -82,6 +82,7 @@ from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.tls import WireTrust
 from webapp_stub.database import MAX_EVENT_BYTES
 from webapp_stub.models import Event
+from webapp_stub.tally import TallyCounter, TallyHistogram
 
 log = logging.getLogger("rtm.webapp.handoff")
 
@@ -455,12 +456,12 @@ class Handoff:
         self.delivered = 0
         self.retries = 0
         self._m_published: Counter | None = None
-        self._m_delivered: Counter | None = None
+        self._m_delivered: TallyCounter | None = None
         self._m_retries: Counter | None = None
         self._m_parked: Counter | None = None
         self._m_refusals: Counter | None = None
         self._m_redriven: Counter | None = None
-        self._m_latency: Histogram | None = None
+        self._m_latency: TallyHistogram | None = None
         if metrics is not None:
             self._register_metrics(metrics)
 
@@ -476,12 +477,15 @@ class Handoff:
             "rtm_deadletter_redriven_total", "Dead letters an operator sent again, by outcome", ["outcome"]
         )
         self._m_published = metrics.counter("rtm_webapp_handoff_events_total", "Events queued for an Admin Server")
-        self._m_delivered = metrics.counter("rtm_webapp_handoff_delivered_total", "Events an Admin Server acknowledged")
+        # per event: plain ints, exported on scrape (webapp_stub/tally.py)
+        self._m_delivered = TallyCounter(
+            metrics.registry, "rtm_webapp_handoff_delivered_total", "Events an Admin Server acknowledged"
+        )
         self._m_retries = metrics.counter(
             "rtm_webapp_handoff_retries_total", "Rewinds: resends from the oldest unacknowledged event"
         )
-        self._m_latency = metrics.histogram(
-            "rtm_webapp_handoff_seconds", "From commit to the Admin Server's ok", LATENCY_BUCKETS_S
+        self._m_latency = TallyHistogram(
+            metrics.registry, "rtm_webapp_handoff_seconds", "From commit to the Admin Server's ok", LATENCY_BUCKETS_S
         )
         metrics.gauge("rtm_webapp_handoff_queue_depth", "Events not yet acknowledged by an Admin Server").set_function(
             lambda: len(self.outbox)

@@ -31,7 +31,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
@@ -87,8 +87,30 @@ class PostRequest:
         self.keep_alive = keep_alive
 
 
+# The common head, read by two regular expressions instead of a loop over its lines: the
+# request line, then header fields of a token name and a value without CR, LF or NUL. A head
+# of any other shape is read by the loop (:func:`_parse_head`), which gives every verdict.
+_PLAIN_HEAD = re.compile(
+    r"POST /api/chat\.postMessage(?:\?([^ \r\n\0]*))? HTTP/1\.1\r\n((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\0]*\r\n)*)"
+)
+_FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*[^\r\n \t])?[ \t]*\r\n")
+
+
 def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, PostRequest | None, int]:
     """Look at the start of ``buf``: (verdict, the request when READY, bytes it took)."""
+    end = buf.find(b"\r\n\r\n")
+    if 0 <= end <= MAX_HEAD_BYTES:
+        plain = _PLAIN_HEAD.fullmatch(buf[: end + 2].decode("latin-1"))
+        if plain is not None:
+            fields = _FIELD.findall(plain.group(2))
+            headers = {name.lower(): value for name, value in fields}
+            if len(headers) == len(fields):  # no duplicates (else aiohttp's rules, below)
+                return _post_of(buf, end, plain.group(1) or "", headers, max_body_bytes)
+    return _parse_head(buf, max_body_bytes)
+
+
+def _parse_head(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, PostRequest | None, int]:
+    """:func:`parse_request` for any head, line by line."""
     prefix = bytes(buf[: len(REQUEST_PREFIX)])
     if not REQUEST_PREFIX.startswith(prefix) or (len(buf) > len(REQUEST_PREFIX) and prefix != REQUEST_PREFIX):
         return Verdict.DELEGATE, None, 0
@@ -118,6 +140,13 @@ def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict,
         if name in headers:
             return Verdict.DELEGATE, None, 0  # duplicates: aiohttp's rules
         headers[name] = value.strip(" \t")
+    return _post_of(buf, end, query, headers, max_body_bytes)
+
+
+def _post_of(
+    buf: bytes | bytearray, end: int, query: str, headers: dict[str, str], max_body_bytes: int
+) -> tuple[Verdict, PostRequest | None, int]:
+    """The verdict on a post whose head (ending at ``end``) was read: its body's framing."""
     if "transfer-encoding" in headers or "expect" in headers or "upgrade" in headers:
         return Verdict.DELEGATE, None, 0
     length_text = headers.get("content-length")
@@ -203,18 +232,20 @@ def encode_response(status: int, headers: dict[str, str], text: str, keep_alive:
     return "".join(head).encode("latin-1") + body
 
 
-async def _raise(exc: ApiError) -> Args:
-    raise exc
-
-
 class FrontProtocol(asyncio.Protocol):
-    """One connection: plain posts here, anything else handed to aiohttp."""
+    """One connection: plain posts here, anything else handed to aiohttp.
+
+    No task per post (round 4 of docs/publish-path.md): a post is handled synchronously in
+    :meth:`_next` (:meth:`WebApi.answer_now`) and answered by :meth:`_reply`, at once or from
+    the group commit's completion callback."""
 
     def __init__(self, front: HttpFront) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.task: asyncio.Task[None] | None = None
+        self.busy = False  # a request is being answered
+        self.waiting: asyncio.Future[Any] | None = None  # what its answer waits for (a commit)
+        self.keep_alive = True  # of the request being answered
         self.last_active = time.monotonic()
         self.reading_paused = False
         self.writing_paused = False
@@ -231,14 +262,14 @@ class FrontProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self.task is None and self.buf:
+        if not self.busy and self.buf:
             self._next()
         self._flow()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         self.last_active = time.monotonic()
-        if self.task is None:
+        if not self.busy:
             self._next()
         self._flow()
 
@@ -250,7 +281,7 @@ class FrontProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self not in self.front.connections:
             return  # closed, or aiohttp's now
-        waiting = self.task is not None or self.writing_paused
+        waiting = self.busy or self.writing_paused
         pause = waiting and len(self.buf) > MAX_BUFFERED_BYTES
         if pause and not self.reading_paused:
             self.reading_paused = True
@@ -263,53 +294,71 @@ class FrontProtocol(asyncio.Protocol):
         return None  # close once what is in flight is written (the transport closes itself)
 
     def _next(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing() or self.writing_paused:
-            return
-        verdict, request, used = parse_request(self.buf, self.front.max_body_bytes)
-        if verdict is Verdict.MORE:
-            return
-        if verdict is Verdict.DELEGATE or verdict is Verdict.MALFORMED:
-            if verdict is Verdict.MALFORMED:
-                self.front.api.metrics.error("bad_http_head")
-            self._hand_over(transport)
-            return
-        if verdict is Verdict.TOO_LARGE:
-            self.front.api.metrics.error("request_too_large")
-            self.front.api.count_request(METHOD_NAME, "request_too_large")
-            body = dumps({"ok": False, "error": "request_too_large"})
-            transport.write(encode_response(413, {}, body, keep_alive=False))
-            transport.close()
-            return
-        assert request is not None
-        del self.buf[:used]
-        self.task = asyncio.get_running_loop().create_task(self._serve(request, transport))
-
-    async def _serve(self, request: PostRequest, transport: asyncio.Transport) -> None:
-        try:
-            reading: Args | Callable[[], Awaitable[Args]]
+        """Answer the whole requests in the buffer, one at a time, until one waits for its
+        commit (then :meth:`_reply` goes on) or the buffer holds no whole request."""
+        while True:
+            transport = self.transport
+            if transport is None or transport.is_closing() or self.writing_paused or self.busy:
+                return
+            verdict, request, used = parse_request(self.buf, self.front.max_body_bytes)
+            if verdict is Verdict.MORE:
+                return
+            if verdict is Verdict.DELEGATE or verdict is Verdict.MALFORMED:
+                if verdict is Verdict.MALFORMED:
+                    self.front.api.metrics.error("bad_http_head")
+                self._hand_over(transport)
+                return
+            if verdict is Verdict.TOO_LARGE:
+                self.front.api.metrics.error("request_too_large")
+                self.front.api.count_request(METHOD_NAME, "request_too_large")
+                body = dumps({"ok": False, "error": "request_too_large"})
+                transport.write(encode_response(413, {}, body, keep_alive=False))
+                transport.close()
+                return
+            assert request is not None
+            del self.buf[:used]
+            self.busy, self.keep_alive = True, request.keep_alive
+            args: Args | ApiError
             try:
-                reading = post_args(request)
+                args = post_args(request)
             except ApiError as exc:
-                reading = functools.partial(_raise, exc)  # answered like any other error
-            status, headers, body, encoded = await self.front.api.answer(
-                METHOD_NAME, None, reading, lambda args: post_token(request, args)
-            )
+                args = exc  # answered like any other error
+            try:
+                self.waiting = self.front.api.answer_now(
+                    METHOD_NAME, args, functools.partial(post_token, request), self._reply
+                )
+            except Exception:  # never leave the connection hanging
+                log.exception("lean post path failed")
+                self.busy = False
+                transport.close()
+                return
+            if self.waiting is not None:
+                return  # _reply goes on
+
+    def _reply(self, answer: tuple[int, dict[str, str], dict[str, Any], str | None]) -> None:
+        """Write the answer of the request in flight; go on with the next one if the answer
+        came from a commit's callback (an answer given at once returns to :meth:`_next`)."""
+        transport = self.transport
+        resumed = self.waiting is not None
+        self.busy, self.waiting = False, None
+        self.last_active = time.monotonic()
+        if transport is None:
+            return
+        try:
+            status, headers, body, encoded = answer
             text = encoded if encoded is not None else dumps(body)
-            transport.write(encode_response(status, headers, text, request.keep_alive))
+            transport.write(encode_response(status, headers, text, self.keep_alive))
         except Exception:  # never leave the connection hanging
             log.exception("lean post path failed")
             transport.close()
             return
-        finally:
-            self.task = None
-            self.last_active = time.monotonic()
-        if not request.keep_alive:
+        if not self.keep_alive:
             transport.close()
             return
-        if self.buf:
-            self._next()
-        self._flow()
+        if resumed:
+            if self.buf:
+                self._next()
+            self._flow()
 
     def _hand_over(self, transport: asyncio.Transport) -> None:
         """aiohttp serves this connection from now on, starting with what is buffered."""
@@ -327,7 +376,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def idle_since(self) -> float | None:
         """When it went idle (no request in flight), None while one is answered."""
-        return None if self.task is not None else self.last_active
+        return None if self.busy else self.last_active
 
 
 class HttpFront:
@@ -382,9 +431,9 @@ class HttpFront:
             self._sweep = None
         if self._server is not None:
             self._server.close()
-        tasks = [conn.task for conn in self.connections if conn.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+        waiting = {conn.waiting for conn in self.connections if conn.waiting is not None}
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from webapp_stub.codecs import dumps, encode_cursor, int_cursor, ts_to_us, us_to_ts
@@ -64,9 +65,15 @@ class MessageStore(ConversationStore):
             seq, ts_us = self._next_seq(channel.id, with_ts=True)
             ts = us_to_ts(ts_us)
             message = _message_obj(user.id, user.team, text, ts, thread_ts, user.bot_id, extra, subtype)
-            payload = {"type": "message", "channel": channel.id, **{k: v for k, v in message.items() if k != "type"}}
-            payload["event_ts"] = ts
             encoded = message_event_json(channel.id, ts, message)
+            payload = {}  # not needed when encoded
+            if encoded is None:
+                payload = {
+                    "type": "message",
+                    "channel": channel.id,
+                    **{k: v for k, v in message.items() if k != "type"},
+                }
+                payload["event_ts"] = ts
             self._insert_message(db, channel.id, seq, ts_us, ts, user, text, thread_ts, extra, subtype)
             event = self._append_event(channel.id, payload, seq=seq, text=encoded)
         return message, event
@@ -361,6 +368,9 @@ def _is_ts(value: str) -> bool:
 
 
 MESSAGE_PREFIX = '{"type":"message",'
+_PLAIN_MESSAGE_KEYS = ["type", "user", "text", "ts", "team"]  # what _message_obj makes of a plain post
+# The JSON string encoder that dumps (ensure_ascii=False) uses: the same text, without the encoder object.
+_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def message_event_json(channel: str, ts: str, message: dict[str, Any]) -> str | None:
@@ -370,6 +380,21 @@ def message_event_json(channel: str, ts: str, message: dict[str, Any]) -> str | 
     so that :func:`message_reply_json` can give the message back without encoding it again.
     None when the message has fields that the splice cannot place (a ``channel`` or
     ``event_ts`` of its own): the caller encodes the payload as usual."""
+    if len(message) == 5 and message.get("type") == "message":
+        try:  # the common post: {"type","user","text","ts","team"}, strings, in this order
+            user, text, msg_ts, team = message["user"], message["text"], message["ts"], message["team"]
+            if list(message) == _PLAIN_MESSAGE_KEYS:
+                return (
+                    f'{{"type":"message","channel":{_string(channel)},"user":{_string(user)},"text":{_string(text)},'
+                    f'"ts":{_string(msg_ts)},"team":{_string(team)},"event_ts":{_string(ts)}}}'
+                )
+        except (KeyError, TypeError):
+            pass  # not strings: encode it the general way
+    return spliced_event_json(channel, ts, message)
+
+
+def spliced_event_json(channel: str, ts: str, message: dict[str, Any]) -> str | None:
+    """:func:`message_event_json` for any message: spliced into its own encoding."""
     if "channel" in message or "event_ts" in message:
         return None
     body = dumps(message)

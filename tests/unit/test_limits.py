@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from webapp_stub.api import Call, check_text, flag, int_arg, json_arg, message_content, parse_json_body, str_arg
+from webapp_stub.args import walk_text
 from webapp_stub.limits import MAX_ATTACHMENTS, MAX_BLOCKS, MAX_CONTENT_DEPTH, check_attachments, check_blocks
 from webapp_stub.store import ApiError, decode_cursor, encode_cursor, ts_to_us
 
@@ -209,3 +210,23 @@ def test_any_blocks_value_passes_or_gets_a_block_code(blocks: Any) -> None:
         check_attachments(blocks)
     except ApiError as exc:
         assert exc.code in ("invalid_attachments", "too_many_attachments")
+
+
+def _verdict(check: Any, value: Any, max_depth: int) -> str:
+    try:
+        check(value, "invalid_arguments", max_depth)
+    except ApiError as exc:
+        return exc.code
+    return "ok"
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=st.dictionaries(st.text(st.characters(codec=None), max_size=8), st.text(st.characters(codec=None)))
+    | st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+    | json_values,
+    max_depth=st.integers(0, 3),
+)
+def test_check_texts_fast_path_agrees_with_the_whole_walk(value: Any, max_depth: int) -> None:
+    # check_text answers a flat object of strings in C (round 4 of docs/publish-path.md)
+    assert _verdict(check_text, value, max_depth) == _verdict(walk_text, value, max_depth)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support import FakeClock
 from webapp_stub.seed import seed_demo
@@ -839,6 +841,23 @@ def test_a_posts_event_json_and_reply_are_exactly_what_encoding_them_gives(
     assert message_reply_json("C0OTHER", message["ts"], event.json) is None  # not of that shape: no splice
 
 
+@settings(max_examples=300)
+@given(
+    text=st.text(st.characters(codec=None)),
+    ids=st.lists(st.text(st.characters(codec=None), max_size=12), min_size=4, max_size=4),
+)
+def test_a_plain_posts_event_json_built_directly_is_what_encoding_it_gives(text: str, ids: list[str]) -> None:
+    # round 4 (docs/publish-path.md): the common post's event JSON is written field by field
+    from webapp_stub.codecs import dumps
+    from webapp_stub.messages import _message_obj, message_event_json
+
+    user_id, team, ts, channel_id = ids
+    message = _message_obj(user_id, team, text, ts, None, None, None)
+    payload = {"type": "message", "channel": channel_id, **{k: v for k, v in message.items() if k != "type"}}
+    payload["event_ts"] = ts
+    assert message_event_json(channel_id, ts, message) == dumps(payload)
+
+
 def test_channel_and_membership_reads_are_cached_and_follow_every_change(store: Store, demo: dict) -> None:
     general, bob = channel(store, demo, "general"), user(store, demo, "bob")
     private, _ = store.create_channel(user(store, demo, "alice"), "secret", is_private=True)
@@ -858,3 +877,44 @@ def test_channel_and_membership_reads_are_cached_and_follow_every_change(store: 
     with store.transaction() as db:
         db.execute("DELETE FROM members WHERE channel = ? AND user = ?", (general.id, bob.id))
     assert not store.is_member(general.id, bob.id)
+
+
+# -- the seq hint (round 4, docs/publish-path.md) ------------------------------------------------
+def test_seqs_from_the_hint_stay_gapless_across_rollbacks_and_other_writers(
+    store: Store, demo: dict, clock: FakeClock
+) -> None:
+    general, alice = channel(store, demo, "general"), user(store, demo, "alice")
+    first = store.post_message(general, alice, "one")[1].seq
+    assert store._seqs[general.id][0] == first  # remembered
+    # a savepoint rolled back after its allocation: the hint is ahead of the row
+    store.begin_batch()
+    with pytest.raises(RuntimeError), store.transaction():
+        store.post_message(general, alice, "undone")
+        raise RuntimeError("handler failed after its write")
+    assert store._seqs[general.id][0] == first + 1 and store.last_seq(general.id) == first
+    second = store.post_message(general, alice, "two")[1].seq
+    store.commit_batch()
+    assert second == first + 1  # no gap: the row, not the hint, decided
+    # a whole batch rolled back: the same
+    store.begin_batch()
+    store.post_message(general, alice, "lost")
+    store.conn.execute("ROLLBACK")
+    store._in_batch = False
+    assert store.post_message(general, alice, "three")[1].seq == first + 2
+    # another connection (the scheduler's, another process) moves the row
+    other = Store(store.path, clock=clock)
+    assert other.post_message(general, alice, "elsewhere")[1].seq == first + 3
+    other.close()
+    event = store.post_message(general, alice, "four")[1]
+    assert event.seq == first + 4
+    seqs = [e.seq for e in store.events_after(general.id, 0)[0]]
+    assert seqs == list(range(1, first + 5))
+
+
+def test_ts_from_the_hint_still_rises_when_the_clock_goes_back(store: Store, demo: dict, clock: FakeClock) -> None:
+    general, alice = channel(store, demo, "general"), user(store, demo, "alice")
+    stamps = []
+    for step in (0.0, -5.0, 0.0, 3.0):
+        clock.advance(step)  # -5: the clock went back
+        stamps.append(ts_to_us(store.post_message(general, alice, "x")[0]["ts"]))
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)

@@ -1,0 +1,127 @@
+"""webapp_stub.api: WebApi.answer_now (the lean front's call without a task) answers only once
+its writes are committed, exactly as WebApi.answer does, and counts every outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import webapp_stub.methods  # noqa: F401  (registers the methods)
+from services.metrics import ServiceMetrics
+from webapp_stub.api import Answer, WebApi
+from webapp_stub.commit import CommitFailed, GroupCommit
+from webapp_stub.errors import ApiError
+from webapp_stub.gateway_picker import GatewayPicker
+from webapp_stub.models import Event
+from webapp_stub.seed import seed_demo
+from webapp_stub.store import Store
+
+
+class Outbox:
+    saturated = False
+
+    def __init__(self) -> None:
+        self.published: list[Event] = []
+
+    def publish(self, events: list[Event]) -> None:
+        self.published.extend(events)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(str(tmp_path))
+    yield s
+    s.close()
+
+
+def make_api(store: Store) -> tuple[WebApi, Outbox, dict[str, Any]]:
+    demo = seed_demo(store)
+    outbox = Outbox()
+    api = WebApi(store, outbox, GatewayPicker(None), ServiceMetrics("webapp", "t"), secret=b"s" * 32)  # type: ignore[arg-type]
+    api.commits = GroupCommit(store, outbox)
+    return api, outbox, demo
+
+
+def requests(api: WebApi, outcome: str) -> float:
+    value = api.metrics.registry.get_sample_value(
+        "rtm_webapp_requests_total", {"method": "chat.postMessage", "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def errors(api: WebApi, kind: str) -> float:
+    return api.metrics.registry.get_sample_value("rtm_errors_total", {"kind": kind}) or 0.0
+
+
+async def test_a_post_is_answered_only_after_its_commit(store: Store) -> None:
+    api, outbox, demo = make_api(store)
+    token, channel = demo["users"][0]["token"], demo["channels"][0]["id"]
+    answers: list[Answer] = []
+    waiting = [
+        api.answer_now("chat.postMessage", {"channel": channel, "text": f"hi {i}"}, lambda a: token, answers.append)
+        for i in range(3)
+    ]
+    assert all(w is not None for w in waiting) and answers == []  # one open batch, not committed
+    peek = Store(store.path)
+    assert peek.last_seq(channel) == 0
+    await asyncio.gather(*(w for w in waiting if w is not None))
+    await asyncio.sleep(0)  # wait-ok: the done callbacks run on the next loop turn
+    assert peek.last_seq(channel) == 3  # committed before anyone was answered
+    peek.close()
+    assert [a[0] for a in answers] == [200] * 3
+    replies = [json.loads(a[3] or "") for a in answers]
+    assert [r["ok"] for r in replies] == [True] * 3 and [r["message"]["text"] for r in replies] == [
+        "hi 0",
+        "hi 1",
+        "hi 2",
+    ]
+    assert [e.seq for e in outbox.published] == [1, 2, 3]
+    assert requests(api, "ok") == 3
+
+
+async def test_bad_input_is_answered_at_once_with_slacks_error_and_counted(store: Store) -> None:
+    api, outbox, demo = make_api(store)
+    token, channel = demo["users"][0]["token"], demo["channels"][0]["id"]
+    answers: list[Answer] = []
+    api.answer_now("chat.postMessage", ApiError("invalid_json"), lambda a: token, answers.append)
+    api.answer_now("chat.postMessage", {"channel": channel, "text": "x"}, lambda a: None, answers.append)
+    api.answer_now("chat.postMessage", {"channel": channel, "text": "x"}, lambda a: "xoxp-nope", answers.append)
+    api.answer_now("chat.postMessage", {"channel": "C0NOPE", "text": "x"}, lambda a: token, answers.append)
+    assert [a[2] for a in answers] == [
+        {"ok": False, "error": code} for code in ("invalid_json", "not_authed", "invalid_auth", "channel_not_found")
+    ]
+    for code in ("invalid_json", "not_authed", "invalid_auth", "channel_not_found"):
+        assert requests(api, code) == 1 and errors(api, code) == 1
+    # the same as WebApi.answer gives for the same input
+    same = await api.answer("chat.postMessage", None, {"channel": "C0NOPE", "text": "x"}, lambda a: token)
+    assert same == answers[-1]
+    assert outbox.published == []
+
+
+async def test_a_failed_commit_answers_internal_error_and_publishes_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, outbox, demo = make_api(store)
+    token, channel = demo["users"][0]["token"], demo["channels"][0]["id"]
+    answers: list[Answer] = []
+    waiting = api.answer_now("chat.postMessage", {"channel": channel, "text": "lost"}, lambda a: token, answers.append)
+    assert waiting is not None
+
+    def fail() -> None:
+        store.conn.execute("ROLLBACK")
+        store._in_batch = False
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "commit_batch", fail)
+    with pytest.raises(CommitFailed):
+        await waiting
+    await asyncio.sleep(0)  # wait-ok: the done callback runs on the next loop turn
+    assert answers == [(200, {}, {"ok": False, "error": "internal_error"}, None)]
+    assert requests(api, "internal_error") == 1 and errors(api, "internal_error") == 1
+    assert outbox.published == [] and store.last_seq(channel) == 0
