@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ WINDOW_EVENTS = 256  # the hand-off's MAX_IN_FLIGHT
 SECONDS = 8.0
 REPLY_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 30.0
-PERF_DATA = RESULTS_DIR / "admin-pubs-perf.data"
+PERF_DATA = Path(tempfile.gettempdir()) / "admin-pubs-perf.data"
 PERF_TIMEOUT_S = 120.0
 IDLE_S = 2.0  # the idle window measured before each step
 FLEET_ARGS = (
@@ -155,6 +156,10 @@ def cpu_s(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def system_s(pid: int) -> float:
+    return float(psutil.Process(pid).cpu_times().system)
+
+
 async def measure(fleet: FleetRun, args: argparse.Namespace, profile_out: Path | None) -> list[dict[str, Any]]:
     """One step per ``--batch`` size, in one fleet; each channel's seqs continue across steps."""
     admin = fleet.processes("admin-server")[0]
@@ -180,6 +185,7 @@ async def measure(fleet: FleetRun, args: argparse.Namespace, profile_out: Path |
             driver = Driver(conn, channels, batch, args.window, seqs)
             load_1m = os.getloadavg()[0]
             admin_before = cpu_s(admin_pid)
+            admin_sys_before = system_s(admin_pid)
             cs_before = sum(cpu_s(pid) for pid in channel_pids)
             spy = perf = None
             if args.perf:  # Linux perf: kernel and C time by symbol (py-spy cannot split the loop's C code)
@@ -195,6 +201,7 @@ async def measure(fleet: FleetRun, args: argparse.Namespace, profile_out: Path |
                 await asyncio.sleep(1.0)  # py-spy attaches
             elapsed = await driver.run(rate=args.rate, seconds=args.seconds)
             admin_used = cpu_s(admin_pid) - admin_before
+            admin_sys = system_s(admin_pid) - admin_sys_before
             cs_used = sum(cpu_s(pid) for pid in channel_pids) - cs_before
             top = await spy if spy is not None else []
             if perf is not None:
@@ -208,6 +215,7 @@ async def measure(fleet: FleetRun, args: argparse.Namespace, profile_out: Path |
                     "skipped": driver.skipped,
                     "events_per_s": events / elapsed,
                     "admin_cpu_us_per_event": 1e6 * admin_used / max(1, events),
+                    "admin_system_share": admin_sys / admin_used if admin_used > 0 else 0.0,
                     "cs_cpu_us_per_event": 1e6 * cs_used / max(1, events),
                     "admin_idle_cpu_percent": 100 * idle_used / IDLE_S,
                     "load_average_1m": load_1m,
@@ -230,7 +238,7 @@ def run_variant(
         row = {"variant": name, **step}
         print(
             f"admin-pubs {name}: batch {row['batch']}, {row['events']} events, {row['events_per_s']:.0f}/s, admin "
-            f"{row['admin_cpu_us_per_event']:.1f} µs/event, channel servers {row['cs_cpu_us_per_event']:.1f}, "
+            f"{row['admin_cpu_us_per_event']:.1f} µs/event ({100 * row['admin_system_share']:.0f} % system), channel servers {row['cs_cpu_us_per_event']:.1f}, "
             f"not ok {row['not_ok']}, skipped {row['skipped']}, admin idle {row['admin_idle_cpu_percent']:.1f} % "
             f"of a core, load {row['load_average_1m']:.2f}",
             flush=True,
@@ -287,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["events"],
                 f"{r['events_per_s']:.0f}",
                 f"{r['admin_cpu_us_per_event']:.1f}",
+                f"{100 * r['admin_system_share']:.0f} %",
                 f"{r['cs_cpu_us_per_event']:.1f}",
                 r["not_ok"],
                 f"{r['load_average_1m']:.2f}",

@@ -734,3 +734,110 @@ async def test_requests_with_one_timeout_share_one_deadline_timer_and_each_still
         assert (await client.request({"op": "echo", "x": 1}, timeout_s=0.3))["echo"] == 1
     finally:
         client.close()
+
+
+async def test_a_reply_callback_is_called_once_from_the_read_for_ok_err_timeout_and_loss(endpoint: Endpoint) -> None:
+    # Issue 17: send_request answers without a future, synchronously from the reply's read.
+    client = await dial(endpoint.port)
+    outcomes: dict[str, list[tuple[Any, Any]]] = {"ok": [], "err": [], "late": [], "lost": []}
+    done = asyncio.Event()
+
+    def recorder(key: str) -> Any:
+        def on_reply(reply: dict[str, Any] | None, error: BaseException | None) -> None:
+            outcomes[key].append((reply, error))
+            if key == "late":
+                raise RuntimeError("a bug in the owner's callback")  # logged; the connection goes on
+            done.set()
+
+        return on_reply
+
+    try:
+        client.send_request({"op": "echo", "x": 5}, WAIT_S, recorder("ok"))
+        client.send_request({"op": "sub"}, WAIT_S, recorder("err"))  # answered err not_owner
+        client.send_request({"op": "silent"}, 0.1, recorder("late"))
+        for _ in range(100):  # bounded: until the three are settled
+            if all(outcomes[k] for k in ("ok", "err", "late")):
+                break
+            await asyncio.sleep(0.02)  # wait-ok: polling a condition, bounded
+        ((reply, error),) = outcomes["ok"]
+        assert reply is not None and reply["echo"] == 5 and error is None
+        ((reply, error),) = outcomes["err"]
+        assert reply is None and isinstance(error, NotOwner)
+        ((reply, error),) = outcomes["late"]
+        assert reply is None and isinstance(error, RequestTimeout)
+        assert client.is_open and (await client.request({"op": "echo", "x": 6}))["echo"] == 6
+        server_conn = endpoint.conns[0]
+        done.clear()
+        client.send_request({"op": "silent"}, WAIT_S, recorder("lost"))
+        server_conn.abort()
+        await within(done.wait())
+        ((reply, error),) = outcomes["lost"]
+        assert reply is None and isinstance(error, ConnectionLost)
+        assert client._pending == {}
+    finally:
+        client.close()
+
+
+async def test_a_deferred_reply_counts_in_flight_until_it_is_sent() -> None:
+    responders: list[Any] = []
+
+    def handle(conn: PeerConnection, msg: dict[str, Any]) -> None:
+        responders.append((conn, conn.defer_reply(msg["id"]), msg))
+
+    server = await serve(HOST, 0, lambda: PeerConnection(name="server", on_request=handle), trust=PLAIN)
+    client = await dial(server.sockets[0].getsockname()[1])
+    try:
+        replies = [client.begin_request({"op": "later", "x": n}, timeout_s=WAIT_S) for n in range(3)]
+        for _ in range(100):  # bounded: until the server holds all three
+            if len(responders) == 3:
+                break
+            await asyncio.sleep(0.02)  # wait-ok: polling a condition, bounded
+        conn = responders[0][0]
+        assert conn.requests_in_flight == 3 and not any(r.done() for r in replies)
+        for _, respond, msg in reversed(responders):  # answered in any order, each by its id
+            respond(wire.reply_ok(msg["id"], echo=msg["x"]))
+        assert [(await within(r))["echo"] for r in replies] == [0, 1, 2]
+        assert conn.requests_in_flight == 0
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_corked_writes_made_while_a_read_is_handled_leave_at_the_end_of_that_read() -> None:
+    # A relay (the admin server) writes to another corked connection while reading: the write
+    # leaves when the read's callback ends, not in a later turn of the loop.
+    relay_out: list[PeerConnection] = []
+    seen_after_read: list[int] = []
+
+    def relay(conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any]:
+        out = relay_out[0]
+        out.send({"op": "note", "x": msg["x"]})
+        assert out._out  # corked until the read ends
+        return wire.reply_ok(msg["id"])
+
+    sink = Endpoint()
+    await sink.start()
+    server = await serve(
+        HOST, 0, lambda: PeerConnection(name="relay", on_request=relay, coalesce_writes=True), trust=PLAIN
+    )
+    try:
+        relay_out.append(await dial(sink.port, coalesce_writes=True))
+        client = await dial(server.sockets[0].getsockname()[1])
+        original = PeerConnection.data_received
+
+        def watched(self: PeerConnection, data: Any) -> None:
+            original(self, data)
+            if self.name == "relay":
+                seen_after_read.append(len(relay_out[0]._out))
+
+        PeerConnection.data_received = watched  # type: ignore[method-assign]
+        try:
+            await client.request({"op": "go", "x": 1})
+        finally:
+            PeerConnection.data_received = original  # type: ignore[method-assign]
+        assert seen_after_read and seen_after_read[0] == 0  # flushed inside the read's callback
+        assert (await within(sink.pushes.get()))["x"] == 1
+        client.close()
+    finally:
+        server.close()
+        await sink.stop()
