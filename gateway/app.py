@@ -61,7 +61,7 @@ from gateway.state import (
     GatewayState,
     Session,
 )
-from gateway.webapp_client import WebappClient
+from gateway.webapp_client import WEBAPP_TIMEOUT_S, WebappClient
 from services.config import Parser, advertised, service_parser
 from services.connection import PeerLink
 from services.directory import ServiceDirectory
@@ -106,7 +106,7 @@ class Gateway:
         keys = FleetKeys.from_secret(args.secret.encode())  # one key per job (services/keys.py)
         # The webapp's /internal/ endpoints and every channel/presence link: mutual TLS as this gateway.
         self.trust = trust_from_args(args, SERVICE)
-        self.webapp = WebappClient(ServiceDirectory(self.discovery, WEBAPP), self.trust, args.webapp_url)
+        self.webapp = self._webapp_client(args)
         self.sockets: dict[int, ClientConnection] = {}
         self.cork = Cork()  # held while a burst of events from one read fans out (gateway/client_socket.py)
         self.tasks = Tasks("gateway")
@@ -152,6 +152,11 @@ class Gateway:
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None
 
+    def _webapp_client(self, args: Any) -> WebappClient:
+        """The webapp's internal endpoints, found in Consul (or at ``--webapp-url``)."""
+        webapps = ServiceDirectory(self.discovery, WEBAPP)
+        return WebappClient(webapps, self.trust, args.webapp_url, timeout_s=args.webapp_timeout_s)
+
     def _verifier(self, secret: bytes) -> TicketVerifier:
         """Tickets for this process: minted for an earlier start of this gateway id (whose
         nonces this process never saw) and issued before this one began, they are refused."""
@@ -178,6 +183,9 @@ class Gateway:
 
     def _gauges(self, m: ServiceMetrics) -> None:
         m.gauge("rtm_gw_connections", "Open client websockets").set_function(lambda: len(self.state.sessions))
+        m.gauge(
+            "rtm_gw_sockets", "Client websockets open, sessions being moved (detached, not yet closed) included"
+        ).set_function(lambda: len(self.sockets))
         m.gauge("rtm_gw_channels", "Channels with at least one local socket").set_function(
             lambda: len(self.state.channels)
         )
@@ -273,23 +281,24 @@ class Gateway:
             "user": session.user,
             "token_id": session.token_id,
             "channels": where,
-            "deadline": time.time() + RESUME_TIMEOUT_S,
+            "deadline": time.time() + self.args.resume_timeout_s,
             **({"until": until} if until else {}),
         }
-        reply = await asyncio.wait_for(self.webapp.call("/internal/resume", record), RESUME_TIMEOUT_S)
+        reply = await asyncio.wait_for(self.webapp.call("/internal/resume", record), self.args.resume_timeout_s)
         return str(reply["resume"])
 
-    async def withdraw_resume(self, session: Session, rid: str) -> bool:
-        """Forget resume record ``rid``: its client closed before its goodbye (gateway/drain.py).
-        Retried while the webapp is unreachable, within :data:`MAX_RESUME_WITHDRAW_ATTEMPTS`; True
-        once the webapp answered (withdrawn, or kept because an rtm.connect had claimed it)."""
-        body = {"user": session.user, "resume": rid}
+    async def withdraw_resume(self, owner: str, rid: str) -> bool:
+        """Forget resume record ``rid`` of ``owner`` (the user, or a Socket Mode app's id): its
+        client closed before its goodbye (gateway/drain.py). Retried while the webapp is
+        unreachable, within :data:`MAX_RESUME_WITHDRAW_ATTEMPTS`; True once the webapp answered
+        (withdrawn, or kept because an rtm.connect had claimed it)."""
+        body = {"user": owner, "resume": rid}
         for attempt in range(1, MAX_RESUME_WITHDRAW_ATTEMPTS + 1):
             try:
-                await asyncio.wait_for(self.webapp.call("/internal/resume/withdraw", body), RESUME_TIMEOUT_S)
+                await asyncio.wait_for(self.webapp.call("/internal/resume/withdraw", body), self.args.resume_timeout_s)
                 return True
             except PeerError as exc:  # the webapp answered: retrying cannot change it
-                log.warning("resume record %s of %s not withdrawn: %s", rid, session.user, exc)
+                log.warning("resume record %s of %s not withdrawn: %s", rid, owner, exc)
                 break
             except (TimeoutError, OSError, aiohttp.ClientError) as exc:
                 log.info("withdrawing resume record %s failed (attempt %d): %r", rid, attempt, exc)
@@ -395,6 +404,16 @@ def _add_delivery_settings(parser: Parser) -> None:
         "--max-held-events-per-session",
         MAX_HELD_EVENTS_PER_SESSION,
         "live events held for a session catching up; past it, the session is ended with 4010",
+    )
+    parser.add(
+        "--resume-timeout-s",
+        RESUME_TIMEOUT_S,
+        "seconds a moving session waits for the webapp to take its resume record; past it, 4010 and no goodbye",
+    )
+    parser.add(
+        "--webapp-timeout-s",
+        WEBAPP_TIMEOUT_S,
+        "seconds one call to the webapp's internal endpoints (bootstrap, history, resume) may take",
     )
     parser.add(
         "--bootstrap-attempts",

@@ -77,7 +77,7 @@ class MovingGateway(Protocol):
         self, session: Session, where: dict[str, int], until: dict[str, int] | None = None
     ) -> str: ...
 
-    async def withdraw_resume(self, session: Session, rid: str) -> bool: ...
+    async def withdraw_resume(self, owner: str, rid: str) -> bool: ...
 
 
 class AppMover(Protocol):
@@ -201,7 +201,7 @@ class Mover:
                 # learns it was moved and reconnects as a fresh connection. Its record, left pending,
                 # would be claimed by its token's next move and replay what it already had.
                 self.goodbye_missed.inc()
-                await self.gateway.withdraw_resume(session, rid)
+                await self.gateway.withdraw_resume(session.user, rid)
             self.moved.labels(reason).inc()
 
 

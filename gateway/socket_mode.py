@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlparse
 
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
+from websockets.protocol import State
 
 from gateway.app_events import AppProfile, app_events, event_callback
 from gateway.client_socket import ClientConnection, ClientSocket, Cork
@@ -69,7 +70,7 @@ class AppGateway(Protocol):
     """What :class:`SocketMode` uses of the gateway (:class:`gateway.app.Gateway`)."""
 
     instance_id: str
-    args: Any  # the client buffer bounds
+    args: Any  # the client buffer bounds, --resume-timeout-s
     state: GatewayState
     sockets: dict[int, ClientConnection]  # sid -> websocket: the keepalive sweep and stop() see app connections too
     cork: Cork
@@ -81,9 +82,11 @@ class AppGateway(Protocol):
 
     listener: Any  # gateway.client_listener.ClientListener: its ticket verifier, sids and slow-consumer cut-off
     region_drain: Any  # gateway.drain.RegionDrain: .draining
-    mover: Any  # gateway.drain.Mover: its moved and resume_failures counters
+    mover: Any  # gateway.drain.Mover: its moved, resume_failures and goodbye_missed counters
 
     def apply(self, effects: Effects) -> None: ...
+
+    async def withdraw_resume(self, owner: str, rid: str) -> bool: ...
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
@@ -375,30 +378,43 @@ class SocketMode:
         self._reported.pop(link.profile.id, None)
         self.by_sid.pop(session.sid, None)
         carried = link.book.hand_over(time.monotonic())
+        rid = ""
         try:
-            await asyncio.wait_for(
+            reply = await asyncio.wait_for(
                 self.gateway.webapp.call(
                     "/internal/resume",
                     {"user": session.user, "app": link.profile.id, "channels": where, "envelopes": carried},
                 ),
-                DISCONNECT_GRACE_S * 2,
+                self.gateway.args.resume_timeout_s,
             )
+            rid = str(reply.get("resume") or "")
         except Exception as exc:
             self.gateway.mover.resume_failures.inc()
             log.warning("resume record for app %s not taken: %s", link.profile.id, exc)
         kind = "warning" if self.gateway.stopping else "refresh_requested"
-        await asyncio.gather(*(self._disconnect(c.ws, kind) for c in list(link.conns.values())), return_exceptions=True)
+        told = await asyncio.gather(
+            *(self._disconnect(c.ws, kind) for c in list(link.conns.values())), return_exceptions=True
+        )
+        if rid and not any(t is True for t in told):
+            # Every connection of the app had closed by itself: it reconnects fresh, and the record
+            # left pending would be claimed by the app's next move and replay old events (drain.py).
+            self.gateway.mover.goodbye_missed.inc()
+            await self.gateway.withdraw_resume(link.profile.id, rid)
         self.gateway.mover.moved.labels(reason).inc()
 
-    async def _disconnect(self, ws: Any, reason: str) -> None:
-        """Slack's ``disconnect``, then a 1001 close after a grace (the SDK reconnects first)."""
+    async def _disconnect(self, ws: Any, reason: str) -> bool:
+        """Slack's ``disconnect``, then a 1001 close after a grace (the SDK reconnects first).
+        False if the connection had closed before the ``disconnect`` could be sent."""
+        if ws.state is not State.OPEN:
+            return False
         try:
             await ws.send(
                 json.dumps({"type": "disconnect", "reason": reason, "debug_info": {"host": self.gateway.instance_id}})
             )
         except ConnectionClosed:
-            return
+            return False
         try:
             await asyncio.wait_for(ws.wait_closed(), DISCONNECT_GRACE_S)
         except TimeoutError:
             await ws.close(CloseCode.GOING_AWAY, f"socket mode {reason}")
+        return True

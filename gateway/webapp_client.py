@@ -10,7 +10,7 @@ from services.directory import ServiceDirectory
 from services.errors import ConnectionLost, PeerError
 from services.tls import WireTrust
 
-WEBAPP_TIMEOUT_S = 5.0
+WEBAPP_TIMEOUT_S = 5.0  # one internal call (--webapp-timeout-s)
 
 
 class WebappClient:
@@ -21,8 +21,11 @@ class WebappClient:
     this gateway's certificate (mutual TLS, docs/trust.md).
     """
 
-    def __init__(self, directory: ServiceDirectory, trust: WireTrust, fixed_url: str = "") -> None:
+    def __init__(
+        self, directory: ServiceDirectory, trust: WireTrust, fixed_url: str = "", timeout_s: float = WEBAPP_TIMEOUT_S
+    ) -> None:
         self.directory = directory
+        self.timeout_s = timeout_s
         self.trust = trust
         self.fixed_url = fixed_url.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
@@ -42,7 +45,7 @@ class WebappClient:
             client_tls = self.trust.client
             connector = aiohttp.TCPConnector(ssl=client_tls) if client_tls is not None else None
             self.session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=WEBAPP_TIMEOUT_S)
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
             )
         async with self.session.post(self.base_url() + path, json=body) as resp:
             reply: dict[str, Any] = await resp.json(content_type=None)

@@ -22,7 +22,6 @@ from consul.callback import CB
 
 from consul_dev.app import ACL_TOKEN_ENV
 from rtmctl import launcher
-from tests.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = secrets.token_hex(16)
@@ -31,8 +30,9 @@ ANONYMOUS_SUFFIX = ". The anonymous token is used implicitly when a request does
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[launcher.RunningProcess]:
-    port = free_port()
-    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", str(port)]
+    # port 0: the agent binds a free port itself and says which in its ready line (no race with
+    # another process taking a port picked beforehand)
+    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", "0"]
     proc = launcher.start("consul-dev-acl", argv, cwd=str(REPO_ROOT), env={ACL_TOKEN_ENV: TOKEN})
     try:
         assert proc.ready["acl"] is True

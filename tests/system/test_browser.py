@@ -44,6 +44,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 UPDATE_SCREENSHOTS = os.environ.get("RTM_UPDATE_SCREENSHOTS") == "1"
 LIVE_S = 1.0  # the bound: a message sent by one appears for the other within a second
 WAIT_MS = DEFAULT_WAIT_S * 1000
+expect.set_options(timeout=WAIT_MS)  # every assertion waits as long as the rest of the suite (loaded machines)
 POLL_MS = 25
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}

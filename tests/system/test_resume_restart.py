@@ -1,4 +1,5 @@
-"""A moved connection resumes across a webapp kill: its resume record is in SQLite, not memory.
+"""A moved connection resumes across a webapp kill: its resume record is in SQLite, not memory;
+and a connection its client closed while being moved leaves no record behind to be replayed later.
 
 The gateway of a drained region saves a connection's resume record at the webapp
 (``POST /internal/resume``), then sends ``goodbye``. If the webapp is killed (-9) before
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from rtmctl.launcher import rtm_argv
 from services.identity import WEBAPP
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import Fleet
+from tests.system.peer import metric
 
 RESTART_TIMEOUT_S = 60.0
 
@@ -32,7 +35,10 @@ RESTART_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     data_dir: Path = tmp_path_factory.mktemp("resume-restart")
-    handle = Fleet.up(data_dir, "--seed-users", "6")
+    # Generous resume and webapp-call timeouts: the close-before-goodbye test holds a record's
+    # POST while the webapp is stopped (SIGSTOP), and must not race the gateway's 3 s default.
+    env = {**os.environ, "RTM_RESUME_TIMEOUT_S": "20", "RTM_WEBAPP_TIMEOUT_S": "25"}
+    handle = Fleet.up(data_dir, "--seed-users", "6", env=env)
     try:
         yield handle
     finally:
@@ -114,3 +120,59 @@ async def test_a_connection_moved_by_a_drain_resumes_after_the_webapp_is_killed_
         await ws.close()
     assert texts_of(second, general) == [*missed, *after, "last"]  # resumed where it stopped: none lost, none twice
     await asyncio.to_thread(rtm, fleet, "undrain", "eu-west")
+
+
+async def test_a_connection_closed_by_its_client_during_its_move_leaves_no_record_to_replay_later(fleet: Fleet) -> None:
+    """bob has two tabs with one token, one per region. The eu-west tab is being moved by a drain
+    (its record on its way to the webapp, held here by stopping the webapp) when its client closes
+    it: it never gets the goodbye. The us-east tab is then moved too. Its reconnect must resume
+    from its own record, not the closed tab's older one: before, that stale record stayed pending
+    and was claimed first (oldest), and the tab got everything since the old position again
+    (the smoke soak's duplicates, docs/soak.md, Findings)."""
+    general = fleet.channel("general")
+    poster = fleet.user("user0005")
+    east = await fleet.connect("bob", "us-east", follow_goodbye=True)
+    west = await fleet.connect("bob", "eu-west")
+    [west_gw] = [p for p in fleet.processes("gateway") if p.get("region") == "eu-west"]
+    try:
+        await post(fleet, poster["token"], general, ["one"])
+        await west.wait_texts(["one"], general)
+        await east.wait_texts(["one"], general)
+
+        webapp = webapp_pid(fleet)
+        fleet.kill(webapp, signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(rtm, fleet, "drain", "eu-west")
+
+            async def detached_not_closed() -> bool:
+                return await metric(west_gw, "rtm_gw_connections") == 0 and await metric(west_gw, "rtm_gw_sockets") == 1
+
+            await async_wait_until(detached_not_closed, what="the eu-west tab detached, its record on its way")
+            await west.close()  # the client's own close, before any goodbye
+
+            async def socket_gone() -> bool:
+                return await metric(west_gw, "rtm_gw_sockets") == 0
+
+            await async_wait_until(socket_gone, what="the eu-west gateway to see the client's close")
+        finally:
+            fleet.kill(webapp, signal.SIGCONT)
+
+        async def move_done() -> bool:
+            return await metric(west_gw, "rtm_gw_sessions_moved_total", reason="region drained") == 1
+
+        await async_wait_until(move_done, what="the eu-west tab's move to finish")
+        assert not any(e.get("type") == "goodbye" for e in west.events)  # closed before it could come
+        await post(fleet, poster["token"], general, ["two", "three"])
+        await east.wait_texts(["two", "three"], general)
+
+        await asyncio.to_thread(rtm, fleet, "undrain", "eu-west")
+        await asyncio.to_thread(rtm, fleet, "drain", "us-east")  # the us-east tab moves (goodbye, resume)
+        await east.wait_for(lambda c: len(c.urls) == 2, what="the us-east tab to reconnect")
+        await post(fleet, poster["token"], general, ["four"])
+        await east.wait_texts(["four"], general)
+        assert east.texts(general) == ["one", "two", "three", "four"]  # resumed from its own place: none twice
+        assert await metric(west_gw, "rtm_gw_goodbye_missed_total") == 1
+    finally:
+        await asyncio.to_thread(rtm, fleet, "undrain", "us-east")
+        await asyncio.to_thread(rtm, fleet, "undrain", "eu-west")
+        await east.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from rtmctl.launcher import rtm_argv
 from tests.support import async_wait_until, wait_until
 from tests.system.harness import Fleet
+from tests.system.peer import metric
 
 EVENT_TIMEOUT_S = 45.0  # generous: a loaded 2-core machine runs the fleet, Bolt and its threads
 ACK_TIMEOUT_S = 3.0  # gateway/envelopes.py: Slack's 3 s
@@ -34,7 +37,10 @@ ACK_TIMEOUT_S = 3.0  # gateway/envelopes.py: Slack's 3 s
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     data_dir: Path = tmp_path_factory.mktemp("socket-mode")
-    handle = Fleet.up(data_dir)
+    # Generous resume and webapp-call timeouts: the close-before-disconnect test holds a record's
+    # POST while the webapp is stopped (SIGSTOP), and must not race the gateway's 3 s default.
+    env = {**os.environ, "RTM_RESUME_TIMEOUT_S": "20", "RTM_WEBAPP_TIMEOUT_S": "25"}
+    handle = Fleet.up(data_dir, env=env)
     try:
         yield handle
     finally:
@@ -153,11 +159,13 @@ class RawApp:
         self.ws: Any = None
         self.task: asyncio.Task[None] | None = None
         self.hello: dict[str, Any] = {}
+        self.url = ""
 
     async def open(self) -> RawApp:
         reply = await self.fleet.api("apps.connections.open", app_of(self.fleet)["app_token"])
         assert reply["ok"], reply
-        self.ws = await websockets.connect(reply["url"])
+        self.url = str(reply["url"])
+        self.ws = await websockets.connect(self.url)
         self.hello = json.loads(await self.ws.recv())
         assert self.hello["type"] == "hello", self.hello
         self.task = asyncio.create_task(self._read())
@@ -362,3 +370,49 @@ async def test_an_app_has_at_most_ten_connections(fleet: Fleet) -> None:
     finally:
         for raw in opened:
             await raw.close()
+
+
+async def test_an_app_connection_closed_during_its_move_has_its_record_withdrawn(fleet: Fleet) -> None:
+    """The app's only connection closes by itself while the drain is leaving its record (held
+    here by stopping the webapp): it never gets the ``disconnect``, so the gateway withdraws the
+    record. Left pending, it would be claimed by the app's connection after a *later* move (the
+    oldest record first) and replay what the app had acknowledged since (docs/soak.md, Findings;
+    the RTM twin in tests/system/test_resume_restart.py shows the replay itself)."""
+    first = await RawApp(fleet).open()
+    gw = next(p for p in fleet.processes("gateway") if f":{p['port']}/" in first.url)
+    webapp = next(p for p in fleet.processes("webapp"))
+    region = str(gw["region"])
+    moved_before = await metric(gw, "rtm_gw_sessions_moved_total", reason="region drained")
+    try:
+        os.kill(int(webapp["pid"]), signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(rtm, fleet, "drain", region)
+
+            async def detached_not_closed() -> bool:
+                return await metric(gw, "rtm_gw_connections") == 0 and await metric(gw, "rtm_gw_sockets") == 1
+
+            await async_wait_until(detached_not_closed, EVENT_TIMEOUT_S, "the app's connection detached")
+            await first.close()  # the app's own close, before any disconnect
+
+            async def socket_gone() -> bool:
+                return await metric(gw, "rtm_gw_sockets") == 0
+
+            await async_wait_until(socket_gone, EVENT_TIMEOUT_S, "the gateway to see the app's close")
+        finally:
+            os.kill(int(webapp["pid"]), signal.SIGCONT)
+
+        async def move_done() -> bool:
+            return await metric(gw, "rtm_gw_sessions_moved_total", reason="region drained") > moved_before
+
+        await async_wait_until(move_done, EVENT_TIMEOUT_S, "the move to finish")
+        assert not [f for f in first.frames if f.get("type") == "disconnect"]
+        assert await metric(gw, "rtm_gw_goodbye_missed_total") == 1
+        assert await metric(webapp, "rtm_webapp_resumes_total", step="withdrawn") == 1
+        second = await RawApp(fleet).open()  # a fresh connection in the other region: the app goes on
+        try:
+            await post(fleet, "withdrawn-1")
+            await async_wait_until(lambda: _true(bool(second.texts("withdrawn-1"))), EVENT_TIMEOUT_S, "the envelope")
+        finally:
+            await second.close()
+    finally:
+        await asyncio.to_thread(rtm, fleet, "undrain", region)

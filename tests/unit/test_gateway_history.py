@@ -222,8 +222,8 @@ async def test_a_record_whose_withdrawal_fails_is_retried_then_counted(gw: Gatew
             raise ConnectionError("webapp down")
 
     gw.webapp = DownAfterResume()  # type: ignore[assignment]
-    session, _, _ = attach(gw, 1, [("C1", 3)])
-    assert not await gw.withdraw_resume(session, "r1")
+    attach(gw, 1, [("C1", 3)])
+    assert not await gw.withdraw_resume("U1", "r1")
     assert calls == ["/internal/resume/withdraw"] * gateway.app.MAX_RESUME_WITHDRAW_ATTEMPTS
     assert gw.metrics.errors.labels("resume_withdraw_failed")._value.get() == 1  # type: ignore[attr-defined]
 
