@@ -42,10 +42,9 @@ transient: it backs off and resends, in order.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from admin_server.given_up import GIVEN_UP_HOLD_S, MAX_GIVEN_UP_CHANNELS, GivenUpChannels
@@ -165,7 +164,7 @@ class AdminServer(MsgpackService):
         if op == "ping":
             return wire.reply_ok(request_id, version=self.follower.ring.version)
         if op == "pubs":
-            return self.handle_pubs(request_id, ops.parse_as(msg, ops.Publishes), conn)
+            return self.handle_pubs(request_id, ops.parse_as(msg, ops.Publishes))
         if op != "pub":
             self.metrics.error("unknown_op")
             return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
@@ -184,9 +183,7 @@ class AdminServer(MsgpackService):
         return self.forward(request_id, pub)
 
     # -- pubs: many events in one frame -----------------------------------------------------
-    def handle_pubs(
-        self, request_id: int, batch: ops.Publishes, conn: PeerConnection | None = None
-    ) -> dict[str, Any] | asyncio.Future[dict[str, Any]] | None:
+    def handle_pubs(self, request_id: int, batch: ops.Publishes) -> dict[str, Any] | asyncio.Future[dict[str, Any]]:
         """Forward every event of ``batch``, in order; answer once, with a result per event.
 
         Admission is all or nothing: if the batch does not fit under
@@ -196,11 +193,6 @@ class AdminServer(MsgpackService):
         go to it in one ``pubs`` per channel server (:meth:`_send_group`); the others,
         and any that a channel server answers ``not_owner``, take the slow path
         (:meth:`forward`), in order, exactly as single ``pub`` s do.
-
-        With ``conn`` (the webapp's connection) the reply is deferred on it
-        (:meth:`PeerConnection.defer_reply`: no future, no loop handle) and this returns
-        None; the reply then leaves from the callback that reads the last channel server's
-        answer, at the end of that read. Without, it returns a future of the reply.
         """
         count = len(batch.evs)
         if self.pubs_in_flight + count > self.args.max_pubs_in_flight:
@@ -208,11 +200,7 @@ class AdminServer(MsgpackService):
             return wire.reply_err(
                 request_id, ErrorCode.UNAVAILABLE, f"{self.pubs_in_flight} publishes in flight here; retry"
             )
-        if conn is not None:
-            reply = _BatchReply(request_id, count, conn.defer_reply(request_id))
-        else:
-            future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-            reply = _BatchReply(request_id, count, future.set_result)
+        reply = _BatchReply(request_id, count, self.loop)
         given_up = self.given_up_channels
         now = time.monotonic()
         ring = self.follower.ring
@@ -240,7 +228,7 @@ class AdminServer(MsgpackService):
             self._slow(reply, index, item)
         for owner, group in groups.items():
             self._send_group(reply, owner, group, ring.version)
-        return None if conn is not None else future
+        return reply.future
 
     def _held_back(self, request_id: int, pub: ops.Publish) -> dict[str, Any]:
         self.held_back.inc()
@@ -262,30 +250,32 @@ class AdminServer(MsgpackService):
         """The events of one batch that ``owner`` serves, in one ``pubs`` to it."""
         link = self.links.get(owner)
         conn = link.conn if link is not None and link.connected else None
+        future: asyncio.Future[dict[str, Any]] | None = None
         if conn is not None:
             message = {"op": "pubs", "evs": [ops.publish_item(item) for _, item in group], "rv": rv}
-            answered = functools.partial(self._group_answered, reply, owner, group, time.monotonic())
             try:
-                conn.send_request(message, FORWARD_TIMEOUT_S, answered)  # answered from the reply's read
-                return
+                future = conn.begin_request(message, timeout_s=FORWARD_TIMEOUT_S)
             except (ConnectionLost, SendBufferFull):
-                pass
-        for index, item in group:  # no connection yet: the slow path connects, waits and retries
-            self._slow(reply, index, item)
+                future = None
+        if future is None:  # no connection yet: the slow path connects, waits and retries
+            for index, item in group:
+                self._slow(reply, index, item)
+            return
+        started = time.monotonic()
+        future.add_done_callback(lambda done: self._group_answered(done, reply, owner, group, started))
 
     def _group_answered(
         self,
+        done: asyncio.Future[dict[str, Any]],
         reply: _BatchReply,
         owner: str,
         group: list[tuple[int, ops.Publish]],
         started: float,
-        answer: dict[str, Any] | None,
-        exc: BaseException | None,
     ) -> None:
-        """``owner`` answered a ``pubs`` (``answer``, or failed with ``exc``): settle each event,
-        in order; ``not_owner`` ones (and all of them, if the request failed in transit)
-        continue on the slow path."""
-        if exc is not None or answer is None:
+        """``owner`` answered a ``pubs``: settle each event, in order; ``not_owner`` ones
+        (and all of them, if the request failed in transit) continue on the slow path."""
+        exc = None if done.cancelled() else done.exception()
+        if exc is not None or done.cancelled():
             if isinstance(exc, PeerError) and not isinstance(exc, NotOwner) and exc.code != ErrorCode.UNKNOWN_OP:
                 self.metrics.error("cs_" + exc.code)
                 for index, _ in group:
@@ -298,6 +288,7 @@ class AdminServer(MsgpackService):
             for index, item in group:
                 self._slow(reply, index, item)  # stays counted in pubs_in_flight; forward() uncounts it
             return
+        answer = done.result()
         results = answer.get("res")
         if type(results) is not list or len(results) != len(group):
             self.metrics.error("cs_bad_reply")
@@ -518,26 +509,25 @@ def _details(answer: dict[str, Any]) -> dict[int, str]:
 class _BatchReply:
     """The one reply to a ``pubs``: a result per event, sent when the last one is settled."""
 
-    __slots__ = ("request_id", "results", "details", "left", "deliver")
+    __slots__ = ("request_id", "results", "details", "left", "future")
 
-    def __init__(self, request_id: int, count: int, deliver: Callable[[dict[str, Any]], object]) -> None:
+    def __init__(self, request_id: int, count: int, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
         self.results: list[str] = [ErrorCode.INTERNAL] * count
         self.details: list[tuple[int, str]] = []
         self.left = count
-        self.deliver: Callable[[dict[str, Any]], object] | None = deliver  # called once, with the reply
+        self.future: asyncio.Future[dict[str, Any]] = loop.create_future()
 
     def settle(self, index: int, result: str, detail: str) -> None:
         self.results[index] = result
         if detail:
             self.details.append((index, detail))
         self.left -= 1
-        if self.left == 0 and self.deliver is not None:
+        if self.left == 0 and not self.future.done():
             reply = wire.reply_ok(self.request_id, res=self.results)
             if self.details:
                 reply["det"] = self.details
-            deliver, self.deliver = self.deliver, None
-            deliver(reply)
+            self.future.set_result(reply)
 
     def settle_from(self, index: int, task: asyncio.Future[dict[str, Any]]) -> None:
         """Settle ``index`` from the reply a slow-path :meth:`AdminServer.forward` made for it."""

@@ -188,34 +188,6 @@ CloseHandler = Callable[["PeerConnection", "BaseException | None"], None]
 ErrorHandler = Callable[["PeerConnection", BaseException], None]
 BadMessageHandler = Callable[["PeerConnection", BadMessage, bool], None]  # (conn, error, was_request)
 BurstHandler = Callable[[bool], None]
-# A reply callback (:meth:`PeerConnection.send_request`): (the ``ok`` reply, None) or (None, the error).
-ReplyHandler = Callable[["Message | None", "BaseException | None"], None]
-# Answers one deferred request (:meth:`PeerConnection.defer_reply`).
-Responder = Callable[["Message"], None]
-
-
-class _ReadTurn:
-    """Corked connections written to while a read is being handled: they are flushed when it
-    ends, in the same callback, instead of by a ``call_soon`` each (issue 17: a relay such as
-    the admin server writes to its channel servers while reading the webapp's frame, and to
-    the webapp while reading a channel server's reply; a flush in the same callback saves a
-    loop handle and a further turn of the loop per write)."""
-
-    __slots__ = ("depth", "dirty")
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.dirty: list[PeerConnection] = []
-
-    def end(self) -> None:
-        self.depth -= 1
-        if self.depth == 0 and self.dirty:
-            dirty, self.dirty = self.dirty, []
-            for conn in dirty:
-                conn.flush()
-
-
-_READ_TURN = _ReadTurn()  # one event loop per thread, callbacks never nest: one for the process
 
 
 def _ignore_push(conn: PeerConnection, msg: Message) -> None:
@@ -280,7 +252,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer: str = "?"
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future[Message] | ReplyHandler, RequestDeadlines]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[Message], RequestDeadlines]] = {}
         self._deadlines: dict[float, RequestDeadlines] = {}  # by timeout: one timer each
         self._tasks: set[asyncio.Task[None]] = set()
         # The loop, looked up once: asyncio.get_running_loop() costs a getpid() system call
@@ -327,15 +299,12 @@ class PeerConnection(asyncio.BufferedProtocol):
         burst = self.on_burst is not None and len(frames) > 1
         if burst:
             self.on_burst(True)  # type: ignore[misc]
-        turn = _READ_TURN
-        turn.depth += 1
         try:
             for frame in frames:
                 if not self.is_open:
                     return
                 self._dispatch(frame)
         finally:
-            turn.end()
             if burst:
                 self.on_burst(False)  # type: ignore[misc]
         if self.decoder.error is not None:
@@ -358,9 +327,10 @@ class PeerConnection(asyncio.BufferedProtocol):
             if deadlines.timer is not None:
                 deadlines.timer.cancel()
         self._deadlines.clear()
-        pending, self._pending = self._pending, {}
-        for waiter, _ in pending.values():
-            self._settle(waiter, None, ConnectionLost(f"{self.name}: connection to {self.peer} lost"))
+        for future, _ in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionLost(f"{self.name}: connection to {self.peer} lost"))
+        self._pending.clear()
         if not self.closed.done():
             self.closed.set_result(None)
         if self.on_close is not None:
@@ -376,12 +346,13 @@ class PeerConnection(asyncio.BufferedProtocol):
                 return
             pending = self._pending.pop(reply_id, None)
             if pending is not None:
-                waiter, deadlines = pending
+                future, deadlines = pending
                 deadlines.discard(reply_id)
-                if op == "ok":
-                    self._settle(waiter, frame, None)
-                else:
-                    self._settle(waiter, None, error_from_reply(frame))
+                if not future.done():
+                    if op == "ok":
+                        future.set_result(frame)
+                    else:
+                        future.set_exception(error_from_reply(frame))
             return
         request_id = frame.get("id")
         if request_id is None:
@@ -426,23 +397,6 @@ class PeerConnection(asyncio.BufferedProtocol):
             reply = wire.reply_err(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if self.is_open:
             self.send(reply)
-
-    def defer_reply(self, request_id: int) -> Responder:
-        """For a request handler that will answer later without a future or a task: it returns
-        None (no reply now) and calls the returned function once with the reply. The request
-        counts as in flight until then, as a future's does."""
-        self._deferred += 1
-        self._apply_backpressure()
-        return functools.partial(self._deferred_reply, request_id)
-
-    def _deferred_reply(self, request_id: int, reply: Message) -> None:
-        self._deferred -= 1
-        if self.is_open:
-            try:
-                self.send(reply)
-            except (ConnectionLost, SendBufferFull):
-                return
-        self._resume_if_below_cap()
 
     def _future_done(self, request_id: int, future: asyncio.Future[Message]) -> None:
         self._deferred -= 1
@@ -607,10 +561,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._sent = True
         if self.coalesce_writes:
             if not self._out:
-                if _READ_TURN.depth:
-                    _READ_TURN.dirty.append(self)  # flushed when the read being handled ends
-                else:
-                    self._loop.call_soon(self.flush)
+                self._loop.call_soon(self.flush)
             self._out.append(frame)
             self._out_bytes += len(frame)
             pending = transport.get_write_buffer_size() + self._out_bytes
@@ -648,26 +599,13 @@ class PeerConnection(asyncio.BufferedProtocol):
         reply, :class:`RequestTimeout` after ``timeout_s``, or
         :class:`ConnectionLost`.
         """
-        future: asyncio.Future[Message] = self._loop.create_future()
-        self._request(message, timeout_s, future)
-        return future
-
-    def send_request(self, message: Message, timeout_s: float, on_reply: ReplyHandler) -> None:
-        """:meth:`begin_request` without a future: ``on_reply(reply, None)`` or ``on_reply(None,
-        error)`` is called exactly once, synchronously, from the callback that reads the reply
-        (or times it out, or loses the connection). Saves a future and a loop handle per
-        request, and lets what the callback writes leave at the end of that same read
-        (issue 17: the admin server's forwards). Raises :class:`ConnectionLost` /
-        :class:`SendBufferFull` as :meth:`begin_request` does, without calling ``on_reply``."""
-        self._request(message, timeout_s, on_reply)
-
-    def _request(self, message: Message, timeout_s: float, waiter: asyncio.Future[Message] | ReplyHandler) -> None:
         loop = self._loop
         request_id = next(self._ids)
+        future: asyncio.Future[Message] = loop.create_future()
         deadlines = self._deadlines.get(timeout_s)
         if deadlines is None:
             deadlines = self._deadlines[timeout_s] = RequestDeadlines(timeout_s)
-        self._pending[request_id] = (waiter, deadlines)
+        self._pending[request_id] = (future, deadlines)
         try:
             self.send({**message, "id": request_id})
         except BaseException:
@@ -679,22 +617,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         deadlines.add(request_id, now, message.get("op"))
         if deadlines.timer is None:
             deadlines.timer = loop.call_at(now + timeout_s, self._expire, deadlines)
-
-    def _settle(
-        self, waiter: asyncio.Future[Message] | ReplyHandler, reply: Message | None, error: BaseException | None
-    ) -> None:
-        """Hand a request's outcome to whoever waits for it (a future, or a reply callback)."""
-        if isinstance(waiter, asyncio.Future):
-            if not waiter.done():
-                if error is None:
-                    waiter.set_result(reply)  # type: ignore[arg-type]
-                else:
-                    waiter.set_exception(error)
-            return
-        try:
-            waiter(reply, error)
-        except Exception:  # the owner's bug must not break the connection or the other replies
-            log.exception("%s: reply callback failed", self.name)
+        return future
 
     def _expire(self, deadlines: RequestDeadlines) -> None:
         """The deadline timer of one timeout: time out the requests that are due, rearm for the next."""
@@ -702,11 +625,9 @@ class PeerConnection(asyncio.BufferedProtocol):
         loop = self._loop
         for request_id, op in deadlines.expire(loop.time()):
             pending = self._pending.pop(request_id, None)
-            if pending is not None:
-                self._settle(
-                    pending[0],
-                    None,
-                    RequestTimeout(f"{self.name}: {op} to {self.peer} got no reply in {deadlines.timeout_s}s"),
+            if pending is not None and not pending[0].done():
+                pending[0].set_exception(
+                    RequestTimeout(f"{self.name}: {op} to {self.peer} got no reply in {deadlines.timeout_s}s")
                 )
         due = deadlines.next_due()
         if due is not None:
