@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "events",
             "events/s",
             "admin µs/event",
+            "of it system",
             "channel servers µs/event",
             "not ok",
             "load avg 1m",
