@@ -689,7 +689,13 @@ def pyspy_available() -> str | None:
 
 
 def pyspy_top(
-    pid: int, duration_s: int, out_path: Path, native: bool = False, idle: bool = False
+    pid: int,
+    duration_s: int,
+    out_path: Path,
+    native: bool = False,
+    idle: bool = False,
+    top_n: int = 15,
+    rate_hz: int = 250,
 ) -> list[tuple[str, float, float]]:
     """Sample ``pid`` with py-spy for ``duration_s``; return the top functions by own and total share
     (with ``idle``, of all samples, waits included: where a thread blocks, not only where it computes).
@@ -707,15 +713,16 @@ def pyspy_top(
         "-d",
         str(duration_s),
         "-r",
-        "250",
+        str(rate_hz),
         "-f",
         "raw",
         "-o",
         str(out_path),
-        "--nonblocking",
     ]
-    if native:
+    if native:  # py-spy reads native stacks only while the process is paused for each sample
         argv.append("--native")
+    else:
+        argv.append("--nonblocking")
     if idle:
         argv.append("--idle")
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration_s + 60, check=False)
@@ -740,5 +747,5 @@ def pyspy_top(
             total[f] = total.get(f, 0) + n
     if not samples:
         return []
-    top = sorted(own.items(), key=lambda kv: -kv[1])[:15]
+    top = sorted(own.items(), key=lambda kv: -kv[1])[:top_n]
     return [(f, 100.0 * n / samples, 100.0 * total.get(f, 0) / samples) for f, n in top]

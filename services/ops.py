@@ -345,6 +345,10 @@ def publish_items(value: Any) -> tuple[Publish | BadMessage, ...]:
         data = item.get("json")
         if type(data) is bytes:
             total += len(data)
+        fast = _plain_publish(item)
+        if fast is not None:
+            out.append(fast)
+            continue
         try:
             record = _record(Publish, "pubs", item)
         except BadMessage as exc:
@@ -356,6 +360,50 @@ def publish_items(value: Any) -> tuple[Publish | BadMessage, ...]:
     if total > MAX_PUBS_JSON_BYTES:
         raise ValueError(f"{total} bytes of event json is above MAX_PUBS_JSON_BYTES ({MAX_PUBS_JSON_BYTES})")
     return tuple(out)
+
+
+def _plain_publish(item: dict[str, Any]) -> Publish | None:
+    """The record of a ``pubs`` item in the shape every webapp sends (a channel id, a seq,
+    the json, and a float ``t0`` and a short ``eid`` or neither; no ``ctl``, no ``rv``),
+    checked in one expression instead of field by field; None for anything else, which
+    :func:`_record` then checks (and refuses with its reason). It accepts nothing that
+    :func:`_record` refuses and builds the same record (tests/unit/test_ops.py holds the two
+    together): ~0.6 µs an event instead of ~4 (issue 17)."""
+    ch = item.get("ch")
+    seq = item.get("seq")
+    data = item.get("json")
+    t0 = item.get("t0")
+    eid = item.get("eid")
+    if (
+        type(ch) is str
+        and type(seq) is int
+        and 1 <= seq < MAX_SAFE_INT
+        and type(data) is bytes
+        and len(data) <= MAX_EVENT_JSON_BYTES
+        and (t0 is None or (type(t0) is float and 0.0 <= t0 <= MAX_T0_S))  # NaN and inf fail the range
+        and (eid is None or (type(eid) is str and len(eid) <= MAX_EID_CHARS))
+        and item.get("ctl") is None
+        and item.get("rv") is None
+        and (ch in _checked_channel_ids or _check_channel_id(ch))
+    ):
+        return Publish(ch, seq, data, t0, eid)
+    return None
+
+
+# Channel ids that passed CHANNEL_ID_RE, so that a channel's next events skip the regex
+# (a set lookup instead of a match). At most this many, then it starts over.
+MAX_CHECKED_CHANNEL_IDS = 100_000
+_checked_channel_ids: set[str] = set()
+
+
+def _check_channel_id(ch: str) -> bool:
+    """Whether ``ch`` is a channel id (remembered if it is)."""
+    if CHANNEL_ID_RE.fullmatch(ch) is None:
+        return False
+    if len(_checked_channel_ids) >= MAX_CHECKED_CHANNEL_IDS:
+        _checked_channel_ids.clear()
+    _checked_channel_ids.add(ch)
+    return True
 
 
 def publish_item(record: Publish) -> Message:

@@ -245,3 +245,57 @@ def test_an_items_own_rv_is_dropped_the_batch_rv_counts() -> None:
     record = ops.parse_as({"op": "pubs", "evs": [{**GOOD_ITEM, "rv": 9}], "rv": 2}, ops.Publishes)
     assert record.rv == 2 and record.evs[0] == ops.Publish(ch="C1", seq=1, json=b"{}", t0=1.0)
     assert record.to_message() == {"op": "pubs", "evs": [GOOD_ITEM], "rv": 2}
+
+
+def _full_check(item: dict[str, Any]) -> ops.Publish | BadMessage:
+    """What ``pubs`` made of an item before its fast check (field by field, every spec)."""
+    try:
+        record = ops._record(ops.Publish, "pubs", item)
+    except BadMessage as exc:
+        return exc
+    return ops.Publish(record.ch, record.seq, record.json, record.t0, record.eid, record.ctl)
+
+
+NEAR_ITEM_VALUES = {
+    "ch": st.sampled_from(["C0A1B2C3D4E", "C1", "c1", "C", "C" * 33, "", "C1\n", 5, None, b"C1"]),
+    "seq": st.one_of(st.sampled_from([1, 0, -1, 2**53 - 1, 2**53, True, None, 1.0, "1"]), st.integers(-10, 2**60)),
+    "json": st.sampled_from([b"{}", b"", b"x" * (ops.MAX_EVENT_JSON_BYTES + 1), "{}", None, bytearray(b"{}")]),
+    "t0": st.one_of(
+        st.sampled_from(
+            [1.5, 0.0, -0.0, -1.0, float("nan"), float("inf"), ops.MAX_T0_S, ops.MAX_T0_S * 2, 3, None, "1"]
+        ),
+        st.floats(),
+    ),
+    "eid": st.sampled_from(["e1", "", "x" * ops.MAX_EID_CHARS, "x" * (ops.MAX_EID_CHARS + 1), 7, None]),
+    "ctl": st.sampled_from([None, {"join": "C1"}, {"nope": 1}, 3]),
+    "rv": st.sampled_from([None, 2, -1, "x"]),
+    "extra": st.sampled_from([1, None]),
+}
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.fixed_dictionaries({}, optional=NEAR_ITEM_VALUES))
+def test_the_fast_item_check_accepts_exactly_what_the_full_check_accepts(item: dict[str, Any]) -> None:
+    # Issue 17: pubs items in the webapp's shape skip the field-by-field check; anything the
+    # fast check takes must be what the full check takes, with the same record.
+    fast = ops._plain_publish(item)
+    full = _full_check(item)
+    if fast is not None:
+        assert fast == full, (item, fast, full)
+    data = item.get("json")
+    if type(data) is bytes and len(data) > ops.MAX_PUBS_JSON_BYTES:
+        return  # the whole frame is refused (its byte bound) before any item counts
+    (parsed,) = ops.publish_items([item])
+    if isinstance(full, BadMessage):
+        assert isinstance(parsed, BadMessage) and full.detail in parsed.detail
+    else:
+        assert parsed == full
+
+
+def test_the_webapps_item_shape_takes_the_fast_check_and_a_known_channel_skips_the_regex() -> None:
+    item = {"ch": "C0A1B2C3D4E", "seq": 7, "json": b"{}", "t0": 1.5, "eid": "e7"}
+    assert ops._plain_publish(item) == ops.Publish("C0A1B2C3D4E", 7, b"{}", 1.5, "e7")
+    assert "C0A1B2C3D4E" in ops._checked_channel_ids
+    assert ops._plain_publish({**item, "ch": "c0a1"}) is None  # not remembered: checked again each time
+    assert "c0a1" not in ops._checked_channel_ids
+    assert ops._plain_publish({**item, "ctl": {"join": "C1"}}) is None  # other shapes: the full check
