@@ -109,6 +109,9 @@ READ_BUFFER_BYTES = 256 * 1024
 # A deadline timer may fire up to this much early (the loop's timers have millisecond
 # resolution): requests due within it are timed out then, rather than rearming for them.
 DEADLINE_SLACK_S = 0.001
+# Empty timeout groups (RequestDeadlines) a connection keeps, each with its timer armed, so that the
+# next request with that timeout needs no new timer; past it an emptied group is dropped at once.
+MAX_IDLE_TIMEOUT_GROUPS = 8
 
 
 class RequestDeadlines:
@@ -348,6 +351,8 @@ class PeerConnection(asyncio.BufferedProtocol):
             if pending is not None:
                 future, deadlines = pending
                 deadlines.discard(reply_id)
+                if not deadlines and len(self._deadlines) > MAX_IDLE_TIMEOUT_GROUPS:
+                    self._drop_deadlines(deadlines)
                 if not future.done():
                     if op == "ok":
                         future.set_result(frame)
@@ -632,7 +637,17 @@ class PeerConnection(asyncio.BufferedProtocol):
         due = deadlines.next_due()
         if due is not None:
             deadlines.timer = loop.call_at(due, self._expire, deadlines)
-        elif self._deadlines.get(deadlines.timeout_s) is deadlines:
+        else:
+            self._drop_deadlines(deadlines)
+
+    def _drop_deadlines(self, deadlines: RequestDeadlines) -> None:
+        """Forget an empty timeout group (and its timer). Groups stay while they are few: callers
+        that pass a computed timeout (a remaining budget) make one per request, and each would
+        otherwise live, with its timer, until its timeout even when its request was answered."""
+        if deadlines.timer is not None:
+            deadlines.timer.cancel()
+            deadlines.timer = None
+        if self._deadlines.get(deadlines.timeout_s) is deadlines:
             del self._deadlines[deadlines.timeout_s]
 
     async def request(self, message: Message, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Message:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services import ops, wire
-from services.connection import PeerConnection, PeerLimits, PeerLink, connect, serve
+from services.connection import MAX_IDLE_TIMEOUT_GROUPS, PeerConnection, PeerLimits, PeerLink, connect, serve
 from services.errors import (
     BadMessage,
     ConnectionLost,
@@ -732,5 +732,18 @@ async def test_requests_with_one_timeout_share_one_deadline_timer_and_each_still
             await within(silent)
         assert client._pending == {} and client._deadlines == {}
         assert (await client.request({"op": "echo", "x": 1}, timeout_s=0.3))["echo"] == 1
+    finally:
+        client.close()
+
+
+async def test_answered_requests_with_computed_timeouts_leave_no_timers_behind(endpoint: Endpoint) -> None:
+    # A caller that passes a remaining budget (admin_server's routed publish) makes one timeout group
+    # per request; once answered, those groups (and their timers) go at once beyond a few kept ones.
+    client = await dial(endpoint.port)
+    try:
+        for n in range(200):
+            assert (await within(client.begin_request({"op": "echo", "x": n}, timeout_s=5.0 + n / 1000)))["echo"] == n
+        assert len(client._deadlines) <= MAX_IDLE_TIMEOUT_GROUPS + 1
+        assert client._pending == {}
     finally:
         client.close()
