@@ -235,6 +235,17 @@ class _Channel:
         return self.seqs[i] if i < len(self.seqs) else INFINITE_SEQ
 
 
+def _member_at(changes: list[tuple[int, int]], initially: bool, seq: int) -> bool:
+    """Whether the user of ``changes`` (in seq order) was in the channel when event ``seq`` was
+    made (its own join or leave event counts as in)."""
+    member = initially
+    for at, change in changes:
+        if at >= seq:
+            return member or at == seq
+        member = change == 1
+    return member
+
+
 def _membership(changes: list[tuple[int, int]], initially: bool, seqs: list[int]) -> list[tuple[str, int]]:
     """Per event of the channel: (``member``, -1), (``race``, -1) for the join or leave event itself,
     (``after_leave``, k) after the user's k-th leave (0-based), or (``no``, -1)."""
@@ -351,7 +362,13 @@ def _check_client(
         ch = mine[0][0]
         prev = last.get(ch, 0)
         seqs = sorted(cs for cc, cs in mine if cc == ch)
-        seq = next((s for s in seqs if s > prev), seqs[0])  # identical JSON (a re-join): the next one in order
+        # identical JSON (a user's second leave of a channel is byte for byte its first): the next one
+        # in order at which this user was in the channel, else the next one in order
+        later = [s for s in seqs if s > prev] or seqs[:1]
+        if len(later) > 1 and ch not in (user, team):
+            changes = chans[ch].changes.get(user, [])
+            later = [s for s in later if _member_at(changes, ch in initial, s)] or later
+        seq = later[0]
         sk = seg_of[sid]
         detail = {"client": client, "user": user, "channel": ch, "seq": seq, "sid": sid, "segment": sk}
         if seq in seen[ch]:

@@ -137,3 +137,19 @@ def test_a_loss_while_the_user_joined_during_a_move_is_named_as_such() -> None:
     events[2] = member("member_joined_channel", 3, 0.9)  # joined long before the move: any other loss
     v = run(events, [old, new], frames(1, [events[1]]) + frames(2, [events[4]]), initial=set())
     assert v.lost_by_cause == {"during_move": 1}
+
+
+def test_a_leave_identical_to_an_earlier_one_is_matched_where_the_user_was_a_member() -> None:
+    """Another user's second leave of the channel is byte for byte its first (Slack's
+    member_left_channel has no ts). Our user joined between the two: the frame it got is the
+    second, not a delivery to a non-member plus a loss (the smoke soak's false failure)."""
+    first_leave = member("member_left_channel", 2, 2, user=OTHER)
+    events = [msg(1, 1), first_leave, member("member_joined_channel", 3, 3, user=OTHER)]
+    events += [member("member_joined_channel", 4, 4), member("member_left_channel", 5, 5, user=OTHER), msg(6, 6)]
+    assert events[1].json == events[4].json
+    sess = [Session(1, 0, t_ws_us=S // 2, t_hello_us=S // 2 + 1)]
+    # it starts in the channel after its join (the join itself comes on its own user channel)
+    v = run(events, sess, frames(1, events[4:]), initial=set())  # the second leave, seq 6
+    assert v.ok, v.as_dict()
+    v = run(events, sess, frames(1, events[5:]), initial=set())  # the second leave lost
+    assert v.failures["lost"] == 1 and v.examples["lost"][0]["seq"] == 5
