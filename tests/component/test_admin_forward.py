@@ -78,6 +78,17 @@ async def subscribe(cs_port: int) -> tuple[PeerConnection, asyncio.Queue[dict[st
     return gateway, pushes
 
 
+async def routed_to_cs_test(
+    admin: AdminServer, port: int, cs_port: int
+) -> tuple[PeerConnection, asyncio.Queue[dict[str, Any]], PeerConnection]:
+    """Slot cs-0 routed to the test's channel server, a gateway subscribed there and a webapp
+    dialled into the admin server: (gateway, its pushes, webapp)."""
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    gateway, pushes = await subscribe(cs_port)
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    return gateway, pushes, webapp
+
+
 async def seqs(pushes: asyncio.Queue[dict[str, Any]], count: int) -> list[int]:
     got = []
     try:
@@ -92,9 +103,7 @@ async def test_the_fast_path_forwards_in_order_without_a_task_per_publish(
     fleet: tuple[AdminServer, int, ChannelServer, int],
 ) -> None:
     admin, port, cs, cs_port = fleet
-    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    gateway, pushes = await subscribe(cs_port)
-    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    gateway, pushes, webapp = await routed_to_cs_test(admin, port, cs_port)
     try:
         # The first publish opens the link to the channel server (slow path, once).
         assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["cs"] == "cs-test"
@@ -131,9 +140,7 @@ async def test_publishes_refused_not_owner_retry_in_order_and_later_ones_do_not_
     fleet: tuple[AdminServer, int, ChannelServer, int],
 ) -> None:
     admin, port, cs, cs_port = fleet
-    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    gateway, pushes = await subscribe(cs_port)
-    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    gateway, pushes, webapp = await routed_to_cs_test(admin, port, cs_port)
     try:
         assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
         cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
@@ -167,9 +174,7 @@ async def test_a_publish_arriving_as_a_failover_ends_does_not_overtake_the_ones_
     it have not been written again yet. One arriving then must queue behind them, not be
     written first (the channel server would then drop them as duplicates: silent loss)."""
     admin, port, cs, cs_port = fleet
-    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    gateway, pushes = await subscribe(cs_port)
-    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    gateway, pushes, webapp = await routed_to_cs_test(admin, port, cs_port)
     try:
         assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
         cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
@@ -263,9 +268,7 @@ async def test_pubs_are_forwarded_in_one_frame_per_channel_server_in_order(
     fleet: tuple[AdminServer, int, ChannelServer, int],
 ) -> None:
     admin, port, cs, cs_port = fleet
-    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    gateway, pushes = await subscribe(cs_port)
-    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    gateway, pushes, webapp = await routed_to_cs_test(admin, port, cs_port)
     seen: list[str] = []
     original = cs.handle_request
 
@@ -300,9 +303,7 @@ async def test_one_bad_event_in_a_batch_is_refused_alone_and_blocks_nothing(
     """Issue 13's per-event semantics inside a batch: the bad one gets its own code, the
     others of the same channel, before and after it, are applied and delivered in order."""
     admin, port, cs, cs_port = fleet
-    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    gateway, pushes = await subscribe(cs_port)
-    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    gateway, pushes, webapp = await routed_to_cs_test(admin, port, cs_port)
     try:
         await webapp.request(pubs(item(1)), timeout_s=DEFAULT_WAIT_S)
         errors_before = admin.metrics.errors.labels("bad_request")._value.get()
@@ -328,9 +329,7 @@ async def test_pubs_refused_not_owner_continue_on_the_slow_path_in_order(
     fleet: tuple[AdminServer, int, ChannelServer, int],
 ) -> None:
     admin, port, cs, cs_port = fleet
-    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    gateway, pushes = await subscribe(cs_port)
-    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    gateway, pushes, webapp = await routed_to_cs_test(admin, port, cs_port)
     try:
         assert (await webapp.request(pubs(item(1)), timeout_s=DEFAULT_WAIT_S))["res"] == ["ok"]
         cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot moves away
@@ -386,9 +385,7 @@ async def test_a_publish_given_up_fails_the_later_ones_of_its_channel_so_the_res
     Now 3 is answered unavailable with 2, and so is 4, which the webapp had pipelined behind
     them, until 2 is resent: the resend delivers 2, 3, 4 in order."""
     admin, port, cs, cs_port = fleet
-    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
-    gateway, pushes = await subscribe(cs_port)
-    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    gateway, pushes, webapp = await routed_to_cs_test(admin, port, cs_port)
     try:
         assert (await webapp.request(pub(1), timeout_s=DEFAULT_WAIT_S))["op"] == "ok"  # the link is up
         cs.follower.apply(RingDocument(version=2, slots={"cs-0": "cs-other"}))  # the slot has no owner here

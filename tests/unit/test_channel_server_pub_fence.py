@@ -9,25 +9,17 @@ server answered the webapp ``ok`` for it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
-import pytest
 
-from channel_server.app import ChannelServer, build_parser
+from channel_server.app import ChannelServer
 from channel_server.pub_fence import PubFence
 from services.identity import ADMIN_SERVER, GATEWAY, PeerIdentity
-from tests.support import FleetCA
+from tests.unit import test_channel_server_sub
 from tests.unit.test_channel_server_sub import Conn, rings
 
-
-@pytest.fixture
-async def server(fleet_ca: FleetCA) -> AsyncIterator[ChannelServer]:
-    flags = fleet_ca.flags("channel-server", "spare-1")
-    cs = ChannelServer(build_parser().parse_args(["--instance-id", "spare-1", *flags]))
-    yield cs
-    await cs.discovery.close()
+server = test_channel_server_sub.server  # the same channel-server fixture
 
 
 def pub(channel: str, seq: int, rv: int, request_id: int) -> dict[str, Any]:
