@@ -409,11 +409,13 @@ def _add_delivery_settings(parser: Parser) -> None:
         "--resume-timeout-s",
         RESUME_TIMEOUT_S,
         "seconds a moving session waits for the webapp to take its resume record; past it, 4010 and no goodbye",
+        above=0.0,
     )
     parser.add(
         "--webapp-timeout-s",
         WEBAPP_TIMEOUT_S,
         "seconds one call to the webapp's internal endpoints (bootstrap, history, resume) may take",
+        above=0.0,
     )
     parser.add(
         "--bootstrap-attempts",

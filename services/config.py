@@ -51,13 +51,32 @@ def env_default(flag: str, default: Any) -> Any:
 class Parser(argparse.ArgumentParser):
     """argparse where ``add(flag, default, help)`` wires the RTM_* fallback."""
 
-    def add(self, flag: str, default: Any, help: str, **kwargs: Any) -> None:
+    def add(self, flag: str, default: Any, help: str, *, above: float | None = None, **kwargs: Any) -> None:
+        """``above``: a number the flag's value must exceed (a timeout of 0 s would never wait);
+        a value at or below it, given or from the environment, is refused with a clear error."""
         value = env_default(flag, default)
         if isinstance(default, bool):
             self.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help, **kwargs)
             return
         kind = type(default) if default is not None else str
+        if above is not None:
+            if not value > above:
+                raise SystemExit(f"{env_name(flag)}={value}: {flag} must be above {above}")
+            kind = _above(kind, above)
         self.add_argument(flag, type=kind, default=value, help=f"{help} (env {env_name(flag)})", **kwargs)
+
+
+def _above(kind: Any, limit: float) -> Any:
+    """An argparse type: ``kind`` of the text, refused unless above ``limit``."""
+
+    def convert(text: str) -> Any:
+        value = kind(text)
+        if not value > limit:
+            raise argparse.ArgumentTypeError(f"must be above {limit}, not {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" errors
+    return convert
 
 
 def consul_default() -> str:

@@ -1,0 +1,31 @@
+"""services.config: flags with a lower bound refuse values at or below it, given or from RTM_*."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.app import RESUME_TIMEOUT_S
+from gateway.app import build_parser as gateway_parser
+
+
+@pytest.mark.parametrize("flag", ["--resume-timeout-s", "--webapp-timeout-s"])
+@pytest.mark.parametrize("bad", ["0", "-1", "nan"])
+def test_a_timeout_flag_at_or_below_zero_is_refused_with_a_clear_error(
+    flag: str, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        gateway_parser().parse_args([flag, bad])
+    assert refused.value.code == 2
+    assert f"argument {flag}: must be above 0.0, not {bad}" in capsys.readouterr().err
+
+
+def test_a_timeout_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTM_RESUME_TIMEOUT_S", "0")
+    with pytest.raises(SystemExit) as refused:
+        gateway_parser()
+    assert str(refused.value) == "RTM_RESUME_TIMEOUT_S=0.0: --resume-timeout-s must be above 0.0"
+
+
+def test_good_values_pass_and_the_default_stands() -> None:
+    args = gateway_parser().parse_args(["--webapp-timeout-s", "12.5"])
+    assert args.webapp_timeout_s == 12.5 and args.resume_timeout_s == RESUME_TIMEOUT_S
