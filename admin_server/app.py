@@ -81,6 +81,11 @@ FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
 MAX_PUBS_IN_FLIGHT = 4096
 
 
+def held_back_detail(channel: str) -> str:
+    """The error detail of a publish held back behind a given-up one (admin_server/given_up.py)."""
+    return f"an earlier publish of {channel} was given up"
+
+
 class AdminServer(MsgpackService):
     def __init__(self, args: Any) -> None:
         super().__init__(args, SERVICE)
@@ -170,7 +175,7 @@ class AdminServer(MsgpackService):
             return wire.reply_err(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
         pub = ops.parse_as(msg, ops.Publish)  # BadMessage: the connection answers bad_request
         if self.given_up_channels.holds(pub.ch, pub.seq, time.monotonic()):
-            return self._held_back(request_id, pub)
+            return self._held_back(request_id, pub.ch)
         if self.pubs_in_flight >= self.args.max_pubs_in_flight:
             self.refused.inc()
             return wire.reply_err(
@@ -214,7 +219,7 @@ class AdminServer(MsgpackService):
                 continue
             if given_up.holds(item.ch, item.seq, now):
                 self.held_back.inc()
-                reply.settle(index, ErrorCode.UNAVAILABLE, f"an earlier publish of {item.ch} was given up")
+                reply.settle(index, ErrorCode.UNAVAILABLE, held_back_detail(item.ch))
                 continue
             self.pubs_in_flight += 1
             channel = item.ch
@@ -230,9 +235,10 @@ class AdminServer(MsgpackService):
             self._send_group(reply, owner, group, ring.version)
         return reply.future
 
-    def _held_back(self, request_id: int, pub: ops.Publish) -> dict[str, Any]:
+    def _held_back(self, request_id: int, channel: str) -> dict[str, Any]:
+        """The answer to a publish held back behind a given-up one of its channel (counted)."""
         self.held_back.inc()
-        return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, f"an earlier publish of {pub.ch} was given up")
+        return wire.reply_err(request_id, ErrorCode.UNAVAILABLE, held_back_detail(channel))
 
     def _give_up(self, record: ops.Publish, lane: SlowLane, turn: Turn) -> None:
         """``record`` is answered unavailable: so are the later ones of its channel, waiting in the
@@ -417,10 +423,7 @@ class AdminServer(MsgpackService):
             # Wait for this publish's turn in its slot's lane: every earlier one is on the
             # wire ahead of it or answered (and, for a retry, answered: one retry at a time).
             if turn.abandoned:
-                self.held_back.inc()
-                return wire.reply_err(
-                    request_id, ErrorCode.UNAVAILABLE, f"an earlier publish of {channel} was given up"
-                )
+                return self._held_back(request_id, channel)
             if not await self._await_turn(lane, turn, deadline):
                 self._give_up(record, lane, turn)
                 return wire.reply_err(
@@ -565,8 +568,11 @@ def build_parser() -> Parser:
         "--given-up-hold-s",
         GIVEN_UP_HOLD_S,
         "after a publish is given up, how long later ones of its channel are answered unavailable at most",
+        above=0.0,
     )
-    parser.add("--max-given-up-channels", MAX_GIVEN_UP_CHANNELS, "channels held behind a given-up publish at once")
+    parser.add(
+        "--max-given-up-channels", MAX_GIVEN_UP_CHANNELS, "channels held behind a given-up publish at once", above=0
+    )
     return parser
 
 

@@ -230,7 +230,7 @@ class ChannelServer(SlotService):
             request_id, version=self.follower.ring.version, last=last, missing=missing, not_owner=refused
         )
 
-    def handle_pub(self, request_id: int, pub: ops.Publish, conn: PeerConnection | None = None) -> dict[str, Any]:
+    def handle_pub(self, request_id: int, pub: ops.Publish, conn: PeerConnection) -> dict[str, Any]:
         result = self.apply_pub(pub, pub.rv or 0, conn)
         if result == ops.PUB_OK:
             return wire.reply_ok(request_id)
@@ -238,7 +238,7 @@ class ChannelServer(SlotService):
             return wire.reply_ok(request_id, duplicate=True)
         return wire.reply_err(request_id, ErrorCode.NOT_OWNER, pub.ch, version=self.follower.ring.version)
 
-    def handle_pubs(self, request_id: int, batch: ops.Publishes, conn: PeerConnection | None = None) -> dict[str, Any]:
+    def handle_pubs(self, request_id: int, batch: ops.Publishes, conn: PeerConnection) -> dict[str, Any]:
         """Each event of the batch as :meth:`handle_pub` would, in order; one reply with a
         result per event. A refused item (bad, or not owned here) changes nothing else."""
         rv = batch.rv or 0
@@ -263,20 +263,20 @@ class ChannelServer(SlotService):
             reply["version"] = self.follower.ring.version
         return reply
 
-    def apply_pub(self, pub: ops.Publish, rv: int, conn: PeerConnection | None = None) -> str:
+    def apply_pub(self, pub: ops.Publish, rv: int, conn: PeerConnection) -> str:
         """Apply one event and write it to its subscribed gateways: ``ops.PUB_OK``,
         ``ops.PUB_DUPLICATE`` (its seq was applied already) or ``ErrorCode.NOT_OWNER``
         (not owned here; or, on ``conn``, an earlier publish of the channel was refused
         and has not been applied yet: channel_server/pub_fence.py)."""
         channel, seq = pub.ch, pub.seq
-        fence = self.fences.get(conn) if conn is not None and seq is not None else None
+        fence = self.fences.get(conn) if seq is not None else None
         if fence is not None and fence.holds(channel, seq, self.table.last_seq.get(channel, NO_SEQ), time.monotonic()):
             self.fenced.inc()
             self.not_owner.labels("pub").inc()
             return ErrorCode.NOT_OWNER
         if not self.slots.owns(channel, rv):
             self.not_owner.labels("pub").inc()
-            if conn is not None and seq is not None and rv > self.follower.ring.version:
+            if seq is not None and rv > self.follower.ring.version:
                 self._refused(conn, channel, seq)  # behind the sender: about to own it (pub_fence.py)
             return ErrorCode.NOT_OWNER
         t0 = pub.t0 or time.time()
@@ -350,11 +350,13 @@ def build_parser() -> Parser:
         "--max-fenced-channels-per-connection",
         MAX_FENCED_CHANNELS_PER_CONNECTION,
         "channels one connection may have refused publishes held for (channel_server/pub_fence.py)",
+        above=0,
     )
     parser.add(
         "--pub-fence-hold-s",
         PUB_FENCE_HOLD_S,
         "seconds a refused publish holds its channel's later ones at most (channel_server/pub_fence.py)",
+        above=0.0,
     )
     debug_faults.add_flags(parser)
     parser.add(

@@ -431,6 +431,7 @@ def _add_delivery_settings(parser: Parser) -> None:
         "--max-pending-leaves",
         MAX_PENDING_LEAVES,
         "pending-leave deadlines held at once; past it the oldest pending leaves take effect at once",
+        above=0,
     )
     parser.add(
         "--reconcile-interval-s",

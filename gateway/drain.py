@@ -196,13 +196,14 @@ class Mover:
                     told = await say_goodbye(ws, reason, code)
                 else:
                     await ws.close(CloseCode.RESYNC, "resume record not taken: reconnect and catch up")
-            if rid and not told:
-                # The client closed (or lost) the socket while the record was being left: it never
-                # learns it was moved and reconnects as a fresh connection. Its record, left pending,
-                # would be claimed by its token's next move and replay what it already had.
-                self.goodbye_missed.inc()
-                await self.gateway.withdraw_resume(session.user, rid)
             self.moved.labels(reason).inc()
+        if rid and not told:
+            # The client closed (or lost) the socket while the record was being left: it never
+            # learns it was moved and reconnects as a fresh connection. Its record, left pending,
+            # would be claimed by its token's next move and replay what it already had. (Outside
+            # the slot: the withdrawal's retries must not hold up other sessions' moves.)
+            self.goodbye_missed.inc()
+            await self.gateway.withdraw_resume(session.user, rid)
 
 
 async def say_goodbye(ws: Any, reason: str, code: CloseCode = CloseCode.GOING_AWAY) -> bool:

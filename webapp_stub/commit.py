@@ -80,15 +80,6 @@ COMMIT_FSYNC_THREAD = False
 COMMIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 
 
-def fsync_file(path: str) -> None:
-    """fsync ``path`` (the WAL: every frame written to it so far reaches the disk)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class WalFsync:
     """fsync of the WAL through one descriptor kept open: one system call (and one release
     of the GIL) per sync instead of three. The webapp's connection keeps the WAL file from
@@ -182,8 +173,10 @@ class GroupCommit:
         self.sink = sink
         self.window_s = window_s
         self.wal_path = wal_path
-        self._wal_fsync = WalFsync() if sync_wal is None else None
-        self._sync_wal: Callable[[str], None] = self._wal_fsync or sync_wal or fsync_file
+        self._wal_fsync: WalFsync | None = None  # ours, closed with us; not a sync_wal we were given
+        if sync_wal is None:
+            sync_wal = self._wal_fsync = WalFsync()
+        self._sync_wal: Callable[[str], None] = sync_wal
         self.fsync_thread = fsync_thread and wal_path is not None
         self._unsynced: deque[_Unsynced] = deque()  # committed, not yet known to be on disk, in order
         self._serial = 0

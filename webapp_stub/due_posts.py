@@ -146,19 +146,18 @@ def allocate(store: MessageStore, counts: dict[str, int], now_us: int) -> dict[s
     return first
 
 
-def post_due_messages(store: MessageStore, posts: list[DuePost]) -> tuple[list[Event], list[str]]:
+def post_due_messages(store: MessageStore, posts: list[DuePost]) -> list[Event]:
     """Persist ``posts`` (all :func:`postable`) and their ``message`` events, in this order.
-    Returns the events (in the order of ``posts``: each channel's in seq order) and each
-    post's ts. Inside the caller's transaction."""
+    Returns the events (in the order of ``posts``: each channel's in seq order). Inside the
+    caller's transaction."""
     if not posts:
-        return [], []
+        return []
     now = store.clock()
     counts: dict[str, int] = {}
     for post in posts:
         counts[post.channel.id] = counts.get(post.channel.id, 0) + 1
     next_of = allocate(store, counts, int(now * 1_000_000))
     events: list[Event] = []
-    stamps: list[str] = []
     message_rows: list[tuple[Any, ...]] = []
     event_rows: list[tuple[Any, ...]] = []
     done: dict[str, list[tuple[str, str]]] = {}
@@ -192,7 +191,6 @@ def post_due_messages(store: MessageStore, posts: list[DuePost]) -> tuple[list[E
         )
         event_rows.append((cid, seq, encoded, None, now))
         events.append(Event(cid, seq, encoded, None, now))
-        stamps.append(ts)
         done.setdefault(post.done_sql, []).append((ts, post.item_id))
     conn = store.conn
     conn.executemany(
@@ -202,7 +200,7 @@ def post_due_messages(store: MessageStore, posts: list[DuePost]) -> tuple[list[E
     conn.executemany("INSERT INTO events (channel, seq, json, ctl, created_at) VALUES (?, ?, ?, ?, ?)", event_rows)
     for sql, rows in done.items():
         conn.executemany(sql, rows)
-    return events, stamps
+    return events
 
 
 def loads_extra(extra: str | None) -> dict[str, Any] | None:

@@ -257,7 +257,7 @@ def fire_batch(store: Store, firers: FirerRegistry, items: list[DueItem], now: f
                     outcome[item.id] = f"failed:{exc.code}"
                     continue
                 outcome[item.id] = "posted"
-            posted, _ = post_due_messages(store, bulk)
+            posted = post_due_messages(store, bulk)
             events += posted
             for post in bulk:
                 outcome[post.item_id] = "posted"

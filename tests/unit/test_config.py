@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from gateway.app import RESUME_TIMEOUT_S
@@ -29,3 +31,21 @@ def test_a_timeout_from_the_environment_is_checked_too(monkeypatch: pytest.Monke
 def test_good_values_pass_and_the_default_stands() -> None:
     args = gateway_parser().parse_args(["--webapp-timeout-s", "12.5"])
     assert args.webapp_timeout_s == 12.5 and args.resume_timeout_s == RESUME_TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    ("service", "flag"),
+    [
+        ("admin_server", "--given-up-hold-s"),
+        ("admin_server", "--max-given-up-channels"),
+        ("channel_server", "--pub-fence-hold-s"),
+        ("channel_server", "--max-fenced-channels-per-connection"),
+        ("gateway", "--max-pending-leaves"),
+    ],
+)
+def test_holds_and_bounds_refuse_zero(service: str, flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """0 would raise KeyError at the first held channel (an empty bound evicting) or turn a hold off."""
+    build = importlib.import_module(f"{service}.app").build_parser
+    with pytest.raises(SystemExit):
+        build().parse_args([flag, "0"])
+    assert f"argument {flag}: must be above 0" in capsys.readouterr().err
