@@ -58,13 +58,14 @@ MAX_BUFFERED_BYTES = 256 * 1024
 # A Content-Length longer than this is refused as too large before int() reads it.
 MAX_CONTENT_LENGTH_DIGITS = 18
 # A header name is an RFC 9110 token; anything else goes to aiohttp, which answers 400.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_HEADER_NAME = re.compile(_TOKEN)
 # Waiting for the answers in flight at stop, at most.
 FRONT_SHUTDOWN_TIMEOUT_S = 2.0
 
 METHOD_NAME = "chat.postMessage"
-REQUEST_PREFIX = b"POST /api/chat.postMessage"
-PATH = "/api/chat.postMessage"
+PATH = "/api/" + METHOD_NAME
+REQUEST_PREFIX = f"POST {PATH}".encode()
 
 
 class Verdict(enum.Enum):
@@ -91,9 +92,9 @@ class PostRequest:
 # request line, then header fields of a token name and a value without CR, LF or NUL. A head
 # of any other shape is read by the loop (:func:`_parse_head`), which gives every verdict.
 _PLAIN_HEAD = re.compile(
-    r"POST /api/chat\.postMessage(?:\?([^ \r\n\0]*))? HTTP/1\.1\r\n((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\0]*\r\n)*)"
+    "POST " + re.escape(PATH) + r"(?:\?([^ \r\n\0]*))? HTTP/1\.1\r\n((?:" + _TOKEN + r":[^\r\n\0]*\r\n)*)"
 )
-_FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*[^\r\n \t])?[ \t]*\r\n")
+_FIELD = re.compile("(" + _TOKEN + r"):[ \t]*([^\r\n]*[^\r\n \t])?[ \t]*\r\n")
 
 
 def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, PostRequest | None, int]:
