@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from webapp_stub.codecs import dumps, us_to_ts
-from webapp_stub.messages import MAX_TEXT_CHARS, MessageStore, _message_obj, message_event_json
+from webapp_stub.messages import MAX_TEXT_CHARS, MessageStore, _message_obj, message_event_text
 from webapp_stub.models import Channel, Event, User
 
 # The most characters a message's JSON event may add around its text and extra: ids, ts, user,
@@ -167,11 +167,7 @@ def post_due_messages(store: MessageStore, posts: list[DuePost]) -> list[Event]:
         next_of[cid] = (seq + 1, ts_us + 1)
         ts = us_to_ts(ts_us)
         message = _message_obj(author.id, author.team, post.text, ts, None, author.bot_id, post.extra)
-        encoded = message_event_json(cid, ts, message)
-        if encoded is None:  # fields the splice cannot place: encode the payload as post_message does
-            payload = {"type": "message", "channel": cid, **{k: v for k, v in message.items() if k != "type"}}
-            payload["event_ts"] = ts
-            encoded = dumps(payload)
+        encoded = message_event_text(cid, ts, message)
         message_rows.append(
             (
                 cid,

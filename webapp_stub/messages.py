@@ -65,17 +65,9 @@ class MessageStore(ConversationStore):
             seq, ts_us = self._next_seq(channel.id, with_ts=True)
             ts = us_to_ts(ts_us)
             message = _message_obj(user.id, user.team, text, ts, thread_ts, user.bot_id, extra, subtype)
-            encoded = message_event_json(channel.id, ts, message)
-            payload = {}  # not needed when encoded
-            if encoded is None:
-                payload = {
-                    "type": "message",
-                    "channel": channel.id,
-                    **{k: v for k, v in message.items() if k != "type"},
-                }
-                payload["event_ts"] = ts
+            encoded = message_event_text(channel.id, ts, message)
             self._insert_message(db, channel.id, seq, ts_us, ts, user, text, thread_ts, extra, subtype)
-            event = self._append_event(channel.id, payload, seq=seq, text=encoded)
+            event = self._append_event(channel.id, {}, seq=seq, text=encoded)
         return message, event
 
     def _insert_message(
@@ -391,6 +383,17 @@ def message_event_json(channel: str, ts: str, message: dict[str, Any]) -> str | 
         except (KeyError, TypeError):
             pass  # not strings: encode it the general way
     return spliced_event_json(channel, ts, message)
+
+
+def message_event_text(channel: str, ts: str, message: dict[str, Any]) -> str:
+    """The ``message`` event's JSON for ``message`` posted in ``channel``: :func:`message_event_json`,
+    or, for a message it cannot splice, its payload encoded the general way (the same text)."""
+    encoded = message_event_json(channel, ts, message)
+    if encoded is not None:
+        return encoded
+    payload = {"type": "message", "channel": channel, **{k: v for k, v in message.items() if k != "type"}}
+    payload["event_ts"] = ts
+    return dumps(payload)
 
 
 def spliced_event_json(channel: str, ts: str, message: dict[str, Any]) -> str | None:
