@@ -170,9 +170,13 @@ def parse_json_body(raw: bytes | str) -> Args:
 
 
 def bearer_token(request: web.Request, args: Args) -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer " and header[7:].strip():
-        return header[7:].strip()
+    return token_of(request.headers.get("Authorization", ""), args)
+
+
+def token_of(authorization: str, args: Args) -> str | None:
+    """The token of a Web API call: ``Authorization: Bearer`` first, else the ``token`` argument."""
+    if authorization[:7].lower() == "bearer " and authorization[7:].strip():
+        return authorization[7:].strip()
     token = args.get("token")
     return str(token) if token else None
 

@@ -37,7 +37,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
-from webapp_stub.args import Args, check_text, parse_body
+from webapp_stub.args import Args, check_text, parse_body, token_of
 from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
 
@@ -192,12 +192,8 @@ def post_args(request: PostRequest) -> Args:
 
 
 def post_token(request: PostRequest, args: Args) -> str | None:
-    """``Authorization: Bearer`` first, else the ``token`` argument (webapp_stub.args.bearer_token)."""
-    header = request.headers.get("authorization", "")
-    if header[:7].lower() == "bearer " and header[7:].strip():
-        return header[7:].strip()
-    token = args.get("token")
-    return str(token) if token else None
+    """``Authorization: Bearer`` first, else the ``token`` argument (as for every Web API call)."""
+    return token_of(request.headers.get("authorization", ""), args)
 
 
 class _Date:
