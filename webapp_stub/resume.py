@@ -141,6 +141,11 @@ class ResumeRows(Protocol):
         """Store ``record`` as it is now (insert or replace)."""
         ...
 
+    def mark(self, record: ResumeRecord) -> None:
+        """Store ``record``'s state (claimed, holder, retake_until, reclaimable); the rest of it
+        is as :meth:`put` stored it (its channels are not written again)."""
+        ...
+
     def drop(self, rid: str) -> None:
         """Forget record ``rid`` (no error if it is not stored)."""
         ...
@@ -157,6 +162,9 @@ class MemoryRows:
 
     def put(self, record: ResumeRecord) -> None:
         self.rows[record.id] = ResumeRecord(**{**record.__dict__})
+
+    def mark(self, record: ResumeRecord) -> None:
+        self.put(record)
 
     def drop(self, rid: str) -> None:
         self.rows.pop(rid, None)
@@ -262,7 +270,7 @@ class ResumeBook:
                 continue
             if not record.claimed:
                 record.claimed = True
-                self.rows.put(record)
+                self.rows.mark(record)
                 return rid
             fallback = fallback or rid
         return fallback
@@ -314,7 +322,7 @@ class ResumeBook:
         record.holder, record.retake_until, record.reclaimable = holder, self.clock() + self.retake_grace_s, True
         self._taken[rid] = record
         self._reclaimable.setdefault(record.key, []).append(rid)
-        self.rows.put(record)
+        self.rows.mark(record)
         return record
 
     def confirm(self, rid: str, user: str, holder: str) -> bool:
@@ -337,7 +345,7 @@ class ResumeBook:
         if record.reclaimable:
             record.reclaimable = False
             if record.id in self._taken:
-                self.rows.put(record)
+                self.rows.mark(record)
 
     def _forget_taken(self, record: ResumeRecord) -> None:
         record.reclaimable = False  # gone: nothing to write but its removal

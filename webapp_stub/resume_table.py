@@ -53,6 +53,13 @@ class ResumeTable:
                 ),
             )
 
+    def mark(self, record: ResumeRecord) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE resume_records SET claimed = ?, holder = ?, retake_until = ?, reclaimable = ? WHERE id = ?",
+                (int(record.claimed), record.holder, record.retake_until, int(record.reclaimable), record.id),
+            )
+
     def drop(self, rid: str) -> None:
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM resume_records WHERE id = ?", (rid,))
