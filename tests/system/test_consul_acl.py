@@ -20,6 +20,14 @@ SECRET_FILES = ("secret", "consul-acl-token", "operator-token", "seed.json")
 CLI_TIMEOUT_S = 60.0
 
 
+def denied(permission: str, name: str) -> str:
+    """Consul's (>= 1.12) answer to the anonymous token under default deny."""
+    return (
+        f"Permission denied: anonymous token lacks permission '{permission}' on \"{name}\". "
+        "The anonymous token is used implicitly when a request does not specify a token."
+    )
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -48,9 +56,11 @@ async def test_a_client_without_the_token_is_refused_while_the_fleet_works(fleet
             async with http.request(method, consul_url + path, **kwargs) as resp:  # type: ignore[arg-type]
                 return resp.status, await resp.text()
 
-        assert await call("GET", f"/v1/kv/{CHANNEL_RING_KEY}") == (403, "Permission denied")
-        assert await call("PUT", f"/v1/kv/{CHANNEL_RING_KEY}", data=b'{"version":999}') == (403, "Permission denied")
-        assert await call("PUT", f"/v1/kv/{drained_key('us-east')}", data=b"1") == (403, "Permission denied")
+        assert await call("GET", f"/v1/kv/{CHANNEL_RING_KEY}") == (403, denied("key:read", CHANNEL_RING_KEY))
+        ring_write = (403, denied("key:write", CHANNEL_RING_KEY))
+        assert await call("PUT", f"/v1/kv/{CHANNEL_RING_KEY}", data=b'{"version":999}') == ring_write
+        drained = drained_key("us-east")
+        assert await call("PUT", f"/v1/kv/{drained}", data=b"1") == (403, denied("key:write", drained))
         status, body = await call("PUT", "/v1/agent/service/register", json={"Name": "webapp", "ID": "fake", "Port": 1})
         assert status == 403 and body.startswith("Permission denied: anonymous token lacks permission 'service:write'")
         assert await call("GET", "/v1/health/service/gateway?passing=1") == (200, "[]")  # filtered
