@@ -274,9 +274,7 @@ async def test_sessions_and_locks_without_the_token_are_refused_and_change_nothi
     assert admin.session.destroy(session)
 
 
-async def test_blocking_queries_without_the_token(
-    base: str, http: aiohttp.ClientSession, admin: consul.Consul
-) -> None:
+async def test_blocking_queries_without_the_token(base: str, http: aiohttp.ClientSession, admin: consul.Consul) -> None:
     """A watch as the fleet runs it (``?index=N&wait=...``): an unknown token, or a single key
     the anonymous token may not read, is refused at once (Consul resolves the token before it
     blocks, and checks the key on the query's first run); a filtered list blocks as usual and

@@ -389,7 +389,10 @@ async def test_every_role_is_refused_every_op_it_may_not_send_on_every_server(fl
         after = await health(proc)
         for field in ("gateways", "leases", "ring_version"):
             assert after.get(field) == health_before.get(field), (service, field, health_before, after)
-    assert rings_before == [channel_ring(fleet).version, consul_client(fleet).kv.get(PRESENCE_RING_KEY)[1]["ModifyIndex"]]
+    assert rings_before == [
+        channel_ring(fleet).version,
+        consul_client(fleet).kv.get(PRESENCE_RING_KEY)[1]["ModifyIndex"],
+    ]
     await still_delivers(fleet)
     assert not any("forged" in str(e.get("text", "")) for e in client.events), client.events
     await client.close()
@@ -427,7 +430,11 @@ async def test_the_readmes_commands_need_nothing_more_typed(fleet: Fleet, tmp_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith("RTM_") and not k.startswith("CONSUL_")}
     text = f"readme-{uuid.uuid4().hex[:8]}"
     tail = await asyncio.create_subprocess_exec(
-        *rtm_argv("tail", "bob"), cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *rtm_argv("tail", "bob"),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         assert tail.stdout is not None

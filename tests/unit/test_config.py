@@ -62,7 +62,9 @@ def test_holds_and_bounds_refuse_zero(service: str, flag: str, capsys: pytest.Ca
         ({"CONSUL_HTTP_TOKEN": "from-consul-env", "CONSUL_HTTP_TOKEN_FILE": "FILE"}, "from-consul-env"),
     ],
 )
-@pytest.mark.parametrize("service", ["channel_server.app", "gateway.app", "webapp_stub.app", "charm.app", "presence.app", "admin_server.app"])
+@pytest.mark.parametrize(
+    "service", ["channel_server.app", "gateway.app", "webapp_stub.app", "charm.app", "presence.app", "admin_server.app"]
+)
 def test_every_fleet_process_reads_its_consul_token_where_consuls_tools_do(
     service: str, env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

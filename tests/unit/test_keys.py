@@ -8,9 +8,9 @@ import hmac
 import pytest
 
 from services.keys import HKDF_SALT, KEY_BYTES, TICKET_SIGNING_INFO, FleetKeys, derive_key
+from services.ticket import InvalidTicket, TicketVerifier, mint
 
 OTHER_JOB_INFO = b"rtm/v1 some other job"  # what another job's key would be derived under
-from services.ticket import InvalidTicket, TicketVerifier, mint
 
 
 def rfc5869_hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
