@@ -249,7 +249,7 @@ async def test_sessions_and_locks_without_the_token_are_refused_and_change_nothi
     before the token is checked (Consul's Session.Apply and Session.Renew), so it gets the
     state's answer; the session and the lock are untouched."""
     session = admin.session.create(ttl=30)
-    lock = "rtm/charm/leader"
+    lock = "rtm/charm/leader-audit"  # not rtm/charm/leader: a test above released it, its lock-delay runs
     assert admin.kv.put(lock, "me", acquire=session)
     before = acl_refusals(admin, "permission_denied")
     write_session = (403, denied("session:write", "rtm-dev"))
