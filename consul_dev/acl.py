@@ -9,12 +9,13 @@ request, and then:
   tokens (all of them but ``/v1/status/*`` and ``/v1/catalog/datacenters``);
 * no token: the *anonymous* token, which under default deny has no rights:
 
-  - endpoints that name one object answer 403 ``Permission denied``: the
-    bare text from the KV and session endpoints (``acl.ErrPermissionDenied``),
-    the detailed text from the agent endpoints
-    (``Permission denied: anonymous token lacks permission 'service:write' on
-    "web". The anonymous token is used implicitly when a request does not
-    specify a token.``);
+  - endpoints that name one object answer 403 with the detailed text Consul
+    sends since 1.12 (deploy/ runs 1.19), KV, session and agent endpoints
+    alike (``Permission denied: anonymous token lacks permission 'key:read' on
+    "rtm/ring/channel". The anonymous token is used implicitly when a request
+    does not specify a token.``; ``service:write``, ``session:write``,
+    ``agent:read``, ... as the endpoint needs); before 1.12 the KV and session
+    endpoints sent a bare ``Permission denied``;
   - list endpoints (health, catalog, agent services/checks, session lists,
     KV ``recurse``/``keys``) are *filtered*: 200 with what the token may see,
     which is nothing (``[]``, ``{}``; KV lists then answer 404 as for no keys).
@@ -106,7 +107,12 @@ class Authorizer:
         return self.allow_all
 
     def require(self, resource: Resource, access: Access, name: str) -> None:
-        """Raise the detailed :class:`PermissionDenied` the agent endpoints answer."""
+        """Raise the :class:`PermissionDenied` every endpoint that names one object answers.
+
+        Consul's ``acl.PermissionDeniedByACL`` text (``acl/errors.go``), which since Consul
+        1.12 the KV and session endpoints send too (``KeyReadAllowed``, ``KeyWriteAllowed``,
+        ``KeyWritePrefixAllowed``, ``SessionWriteAllowed``); ``name`` empty: no ``on "..."``.
+        """
         if self.allowed(resource, access, name):
             return
         who = "anonymous token" if self.anonymous else f"token with AccessorID '{self.accessor_id}'"
@@ -116,11 +122,6 @@ class Authorizer:
         if self.anonymous:
             text += _ANONYMOUS_SUFFIX
         raise PermissionDenied(text)
-
-    def require_bare(self, resource: Resource, access: Access, name: str) -> None:
-        """Raise the bare ``Permission denied`` the KV and session endpoints answer."""
-        if not self.allowed(resource, access, name):
-            raise PermissionDenied(PERMISSION_DENIED_TEXT)
 
 
 ALLOW_ALL: Final = Authorizer(MANAGEMENT_ACCESSOR_ID, allow_all=True)

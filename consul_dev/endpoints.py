@@ -242,13 +242,13 @@ class ConsulEndpoints:
             cas = parse_uint(query.get("cas", "")) if "cas" in query else None
             acquire = query.get("acquire", "") if "acquire" in query else None
             release = query.get("release", "") if "release" in query else None
-            authorizer_of(request).require_bare(Resource.KEY, Access.WRITE, key)
             length = request.content_length or 0
-            if length > KV_MAX_VALUE_BYTES:
+            if length > KV_MAX_VALUE_BYTES:  # the HTTP layer's check, before the RPC that resolves ACLs
                 raise RequestTooLarge(
                     f"Request body({length} bytes) too large, max size: {KV_MAX_VALUE_BYTES} bytes. "
                     "See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
                 )
+            authorizer_of(request).require(Resource.KEY, Access.WRITE, key)
             value = await request.read()
             done = self.state.kv_put(key, value, flags=flags, cas=cas, acquire=acquire, release=release)
             return json_reply(request, done)
@@ -257,7 +257,7 @@ class ConsulEndpoints:
         if not recurse and key == "":
             raise InvalidRequest("Missing key name")
         cas = parse_uint(query.get("cas", "")) if "cas" in query else None
-        authorizer_of(request).require_bare(Resource.KEY, Access.WRITE, key)  # key_prefix write for recurse
+        authorizer_of(request).require(Resource.KEY, Access.WRITE, key)  # KeyWritePrefixAllowed for recurse
         return json_reply(request, self.state.kv_delete(key, recurse=recurse, cas=cas))
 
     async def _kv_get(self, request: web.Request, key: str) -> Reply:
@@ -271,7 +271,7 @@ class ConsulEndpoints:
                 index, _ = await self.blocking(request, lambda: (listing(key)[0], None))
                 return Reply(404, b"", TEXT_CONTENT_TYPE, index)
         elif key != "":
-            authz.require_bare(Resource.KEY, Access.READ, key)
+            authz.require(Resource.KEY, Access.READ, key)
         if "keys" in query:
             separator = query.get("separator", query.get("seperator", ""))  # Consul accepts its old misspelling
             index, keys = await self.blocking(request, lambda: self.state.kv_keys(key, separator))
@@ -293,20 +293,30 @@ class ConsulEndpoints:
         return json_reply(request, entries, index=index)
 
     # ---- sessions ------------------------------------------------------------------
+    def _require_session_write(self, request: web.Request, session_id: str) -> None:
+        """``session:write`` on the node of an existing session; nothing for an unknown one.
+
+        As Consul's ``Session.Apply`` (destroy) and ``Session.Renew``: the session is looked
+        up first, so an unknown id gets the state's answer (destroy: ``true``, renew: 404),
+        not a refusal, whatever the (resolved) token.
+        """
+        if self.state.session_info(session_id)[1]:
+            authorizer_of(request).require(Resource.SESSION, Access.WRITE, NODE_NAME)
+
     async def session_create(self, request: web.Request, tail: str) -> Reply:
-        authorizer_of(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
+        authorizer_of(request).require(Resource.SESSION, Access.WRITE, NODE_NAME)
         raw = await read_json_body(request) if await request.read() else None
         return json_reply(request, {"ID": self.state.session_create(raw)})
 
     async def session_destroy(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing session")
-        authorizer_of(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
+        self._require_session_write(request, tail)
         self.state.session_destroy(tail)
         return json_reply(request, True)
 
     async def session_renew(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing session")
-        authorizer_of(request).require_bare(Resource.SESSION, Access.WRITE, NODE_NAME)
+        self._require_session_write(request, tail)
         return json_reply(request, self.state.session_renew(tail))
 
     async def session_info(self, request: web.Request, tail: str) -> Reply:

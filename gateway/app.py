@@ -349,7 +349,7 @@ def load_secret(args: Any) -> str:
 def build_parser() -> Parser:
     parser = service_parser("rtm gateway", "Run one Gateway Server.", DEFAULT_PORT)
     parser.add("--region", "us-east", "region tag of this gateway")
-    parser.add("--secret", "", "secret shared with the webapp (tickets, internal endpoints)")
+    parser.add("--secret", "", "fleet secret shared with the webapp (the websocket tickets' key is derived from it)")
     parser.add("--data-dir", "./.rtm", "where to find the shared secret when --secret is not given")
     parser.add("--webapp-url", "", "base URL of the webapp's internal listener (default: discovered in Consul)")
     parser.add(

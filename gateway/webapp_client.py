@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.tracing import Trace
 
 from services.directory import ServiceDirectory
 from services.errors import ConnectionLost, PeerError
-from services.tls import WireTrust
+from services.identity import WEBAPP, BadIdentity
+from services.tls import WireTrust, transport_identity
+
+log = logging.getLogger("rtm.gateway.webapp")
 
 WEBAPP_TIMEOUT_S = 5.0  # one internal call (--webapp-timeout-s)
+
+
+class WebappConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, handing out a TLS connection only to a server whose fleet
+    certificate is a webapp's.
+
+    The TLS context checks the chain (the fleet CA) and the validity; which *service* the
+    server is, it cannot: without this check any fleet process's certificate would do, so a
+    stolen key of another role plus a webapp registration in Consul would receive the
+    gateways' bootstraps and could answer them (docs/trust.md, as :func:`services.connection.connect`
+    does with ``expect``). A connection to another service is closed before any request is
+    written on it and fails as an :class:`aiohttp.ClientConnectionError`.
+    """
+
+    async def _create_connection(
+        self, req: aiohttp.ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        proto = await super()._create_connection(req, traces, timeout)
+        try:
+            identity = transport_identity(proto.transport)
+        except BadIdentity:
+            identity = None
+        if identity is None or identity.service != WEBAPP:
+            proto.close()
+            log.warning("refused %s:%s as the webapp: it is %s", req.url.host, req.url.port, identity)
+            raise aiohttp.ClientConnectionError(f"{req.url.host}:{req.url.port} is {identity}, expected a {WEBAPP}")
+        return proto
 
 
 class WebappClient:
@@ -18,7 +51,8 @@ class WebappClient:
 
     They are on the webapp's internal listener (Consul meta ``internal_port``),
     which admits only fleet certificates of role gateway: the client presents
-    this gateway's certificate (mutual TLS, docs/trust.md).
+    this gateway's certificate (mutual TLS, docs/trust.md), and talks only to a
+    server whose certificate is a webapp's (:class:`WebappConnector`).
     """
 
     def __init__(
@@ -43,7 +77,7 @@ class WebappClient:
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if self.session is None:
             client_tls = self.trust.client
-            connector = aiohttp.TCPConnector(ssl=client_tls) if client_tls is not None else None
+            connector = WebappConnector(ssl=client_tls) if client_tls is not None else None
             self.session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
             )

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from consul_dev.app import ACL_TOKEN_ENV
-from rtmctl.fleet_plan import CONSUL_PORT_OFFSET, ProcessSpec, plan, regions_of
+from rtmctl.fleet_plan import CONSUL_PORT_OFFSET, RENEW_WITHIN, ProcessSpec, plan, regions_of
 from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services import regions, tls
 from services.certs import FleetCertificates
@@ -68,6 +68,13 @@ CONSUL_ACL_TOKEN_FILE = "consul-acl-token"
 OPERATOR_TOKEN_FILE = "operator-token"
 OPERATOR_TOKEN_ENV = "RTM_OPERATOR_TOKEN"
 SECRET_ENV = "RTM_SECRET"
+# Each child gets only the secrets its job needs (as deploy/ gives each container its own): the fleet
+# secret where the tickets' key is derived (the webapp mints, gateways verify), the operator token
+# where --debug-faults would serve, the dev agent's management token as the agent's own --acl-token
+# only to the agent (every process still sends it as its Consul token: the dev agent knows no other).
+FLEET_SECRET_HOLDERS = frozenset({WEBAPP, GATEWAY})
+DEBUG_FAULTS_SERVERS = frozenset({CHANNEL_SERVER, PRESENCE})
+CONSUL_DEV = "consul-dev"
 
 DEFAULT_PORT_BASE = 7400
 SUPERVISE_INTERVAL_S = 0.5
@@ -141,9 +148,21 @@ class Fleet:
         self.echo = sys.stdout if args.verbose else None
 
     def launch(self, spec: ProcessSpec) -> RunningProcess:
-        proc = start(spec.name, spec.argv, env=self.env, echo=self.echo, ready_timeout_s=self.args.ready_timeout_s)
+        env = self.child_env(spec.service)
+        proc = start(spec.name, spec.argv, env=env, echo=self.echo, ready_timeout_s=self.args.ready_timeout_s)
         self.running[spec.name] = proc
         return proc
+
+    def child_env(self, service: str) -> dict[str, str]:
+        """The secrets a child of ``service`` is started with (see :data:`FLEET_SECRET_HOLDERS`)."""
+        env = dict(self.env)
+        if service not in FLEET_SECRET_HOLDERS:
+            env.pop(SECRET_ENV, None)
+        if not (self.args.debug_faults and service in DEBUG_FAULTS_SERVERS):
+            env.pop(OPERATOR_TOKEN_ENV, None)
+        if service != CONSUL_DEV:
+            env.pop(ACL_TOKEN_ENV, None)
+        return env
 
     def up(self) -> None:
         self.env = {
@@ -156,7 +175,7 @@ class Fleet:
             self.env[ACL_TOKEN_ENV] = self.consul_token
             host, port = split_host_port(self.consul_addr)
             spec = ProcessSpec(
-                "consul-dev", "consul-dev", rtm_argv("consul-dev", "--host", host, "--port", str(port)), port
+                CONSUL_DEV, CONSUL_DEV, rtm_argv("consul-dev", "--host", host, "--port", str(port)), port
             )
             self.specs[spec.name] = spec
         else:  # a real Consul: its operator gave the token (--consul-token / RTM_CONSUL_TOKEN / CONSUL_HTTP_TOKEN)
@@ -194,7 +213,7 @@ class Fleet:
             return None
         certs = FleetCertificates(self.data_dir / TLS_DIR)
         certs.ensure_ca()
-        certs.ensure(OPERATOR_CERT, PeerIdentity(OPERATOR, OPERATOR_INSTANCE))
+        certs.ensure(OPERATOR_CERT, PeerIdentity(OPERATOR, OPERATOR_INSTANCE), RENEW_WITHIN)
         return certs
 
     def ensure_seed(self) -> dict[str, Any]:

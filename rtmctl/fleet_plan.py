@@ -10,10 +10,12 @@ process's identity kept across restarts by its stored certificate.
 from __future__ import annotations
 
 import argparse
+import datetime
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rtmctl.certs import RENEW_WITHIN_DAYS
 from rtmctl.launcher import rtm_argv
 from services import tls
 from services.certs import CertPaths, FleetCertificates
@@ -24,16 +26,24 @@ def tls_flags(paths: CertPaths) -> list[str]:
     return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
 
 
+# A stored certificate that expires within this is issued anew (same identity) when `rtm up` starts:
+# a data directory older than a certificate's year must not start a fleet that refuses itself.
+RENEW_WITHIN = datetime.timedelta(days=RENEW_WITHIN_DAYS)
+
+
 def credentials(certs: FleetCertificates | None, name: str, service: str, make_id: str) -> tuple[str, list[str]]:
     """The instance id of the process at ``name`` in the plan and its TLS flags.
 
     The id is the one in its stored certificate (a restart is the same process),
-    else ``make_id``; without ``certs`` (``--wire-tls off``) there are no flags."""
+    else ``make_id``; the certificate is reused unless it expires within
+    :data:`RENEW_WITHIN` or is not from the issuing CA (then issued anew, same
+    identity: a rotation's steps leave every leaf from the issuing CA, so a roll
+    is not disturbed); without ``certs`` (``--wire-tls off``) there are no flags."""
     if certs is None:
         return make_id, ["--wire-tls", tls.WIRE_TLS_OFF]
     known = certs.existing_identity(name)
     iid = known.instance if known is not None and known.service == service else make_id
-    return iid, tls_flags(certs.ensure(name, PeerIdentity(service, iid)))
+    return iid, tls_flags(certs.ensure(name, PeerIdentity(service, iid), RENEW_WITHIN))
 
 
 @dataclass

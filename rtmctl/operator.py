@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,20 @@ def drain(args: argparse.Namespace, on: bool) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """``rtm status|kill|drain|undrain|deadletter``; a request Consul's ACLs refuse is a clear error, exit 1."""
+    try:
+        return _run(argv)
+    except (consul.ACLPermissionDenied, consul.ACLDisabled) as exc:
+        print(
+            f"rtm {argv[0]}: Consul refused the request ({exc}); give the fleet's Consul ACL token "
+            "(--consul-token, RTM_CONSUL_TOKEN, CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE; "
+            "against `rtm up`'s own Consul it is read from DATA_DIR/consul-acl-token)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     parser = argparse.ArgumentParser(prog=f"rtm {command}", description=__doc__)
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"))

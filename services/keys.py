@@ -10,11 +10,15 @@ say) neither is nor reveals the key of another, and a value made for one job
 | key | info label | who holds it | used for |
 | --- | --- | --- | --- |
 | ``ticket_signing`` | ``rtm/v1 websocket ticket signing`` | webapp (mints), gateways (verify) | HMAC-SHA256 of websocket tickets (:mod:`services.ticket`) |
-| ``internal_http`` | ``rtm/v1 internal http credential`` | webapp (checks), gateways (send) | the ``X-Rtm-Secret`` credential of ``/internal/`` (while that route still takes a header credential) |
 
-What is not derived here, and why: the Consul ACL token and the operator token
-(``--debug-faults``) are generated apart (``rtm up``, ``deploy/gen-cert.sh``):
-they are handed to processes that must not hold the fleet secret. Resume
+What is not derived here, and why: the gateways' calls to the webapp's
+``/internal/`` endpoints carry no shared secret any more (they were an
+``X-Rtm-Secret`` header, then a key of its own from this module): they go
+over mutual TLS with each process's own certificate and key (docs/trust.md),
+generated apart. The Consul ACL tokens and the operator token
+(``--debug-faults``) are generated apart too (``rtm up``,
+``deploy/gen-cert.sh``): they are handed to processes that must not hold the
+fleet secret. Resume
 records need no key: their ids are random (96 bits) and travel inside the
 signed ticket.
 
@@ -33,7 +37,6 @@ KEY_BYTES = 32  # SHA-256's output: a full-strength HMAC-SHA256 key
 # secret from any other use of the same bytes).
 HKDF_SALT = b"rtm fleet secret"
 TICKET_SIGNING_INFO = b"rtm/v1 websocket ticket signing"
-INTERNAL_HTTP_INFO = b"rtm/v1 internal http credential"
 
 
 def derive_key(fleet_secret: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
@@ -52,16 +55,7 @@ class FleetKeys:
     """The per-job keys of one fleet secret."""
 
     ticket_signing: bytes
-    internal_http: bytes
 
     @classmethod
     def from_secret(cls, fleet_secret: bytes) -> FleetKeys:
-        return cls(
-            ticket_signing=derive_key(fleet_secret, TICKET_SIGNING_INFO),
-            internal_http=derive_key(fleet_secret, INTERNAL_HTTP_INFO),
-        )
-
-    @property
-    def internal_http_credential(self) -> str:
-        """What a gateway sends in ``X-Rtm-Secret`` (hex of :attr:`internal_http`)."""
-        return self.internal_http.hex()
+        return cls(ticket_signing=derive_key(fleet_secret, TICKET_SIGNING_INFO))

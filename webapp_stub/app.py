@@ -171,7 +171,7 @@ def build_parser() -> Parser:
         "rtm webapp", "Slack-style Web API with SQLite; hands events to Admin Servers", DEFAULT_PORT
     )
     parser.add("--data-dir", "./.rtm", "directory of webapp.db (and of the secret file if --secret is empty)")
-    parser.add("--secret", "", "shared secret for websocket tickets and internal endpoints (empty: <data-dir>/secret)")
+    parser.add("--secret", "", "fleet secret: the websocket tickets' key is derived from it (empty: <data-dir>/secret)")
     parser.add(
         "--rate-limit-per-minute",
         DEFAULT_RATE_LIMIT_PER_MINUTE,

@@ -60,7 +60,7 @@ from typing import Any
 from aiohttp import web
 
 from services.identity import GATEWAY, BadIdentity
-from services.tls import transport_identity
+from services.tls import RefusalLog, transport_identity
 from webapp_stub.api import METHODS, Call, WebApi
 from webapp_stub.args import Args, int_arg, parse_json_body
 from webapp_stub.codecs import MAX_SQL_INT
@@ -92,6 +92,7 @@ class InternalEndpoints:
     def __init__(self, api: WebApi, *, check_callers: bool = True) -> None:
         self.api = api
         self.check_callers = check_callers
+        self.refusal_log = RefusalLog()  # a refused caller is logged at most once a minute, counted always
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -173,7 +174,8 @@ class InternalEndpoints:
             identity = None
         if identity is None or identity.role != GATEWAY:
             self.api.metrics.error("forbidden")
-            log.warning("forbidden: %s called %s (only gateways may)", identity, request.path)
+            if self.refusal_log.should_log(str(identity), time.monotonic()):
+                log.warning("forbidden: %s called %s (only gateways may)", identity, request.path)
             raise web.HTTPForbidden(
                 text=json.dumps({"ok": False, "error": "forbidden"}), content_type="application/json"
             )

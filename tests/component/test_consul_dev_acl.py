@@ -9,7 +9,10 @@ empty lists for health/catalog reads; ``/v1/status/leader`` stays open.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,10 +24,16 @@ import pytest
 from consul.callback import CB
 
 from consul_dev.app import ACL_TOKEN_ENV
+from consul_dev.node import KV_MAX_VALUE_BYTES
 from rtmctl import launcher
+from services.config import CONSUL_HTTP_TOKEN_ENV, CONSUL_HTTP_TOKEN_FILE_ENV, CONSUL_TOKEN_ENV
+from services.regions import drained_key
+from tests.support import DEFAULT_WAIT_S, async_wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = secrets.token_hex(16)
+CONSUL_HTTP_TOKEN_ENVS = (CONSUL_HTTP_TOKEN_ENV, CONSUL_HTTP_TOKEN_FILE_ENV)
+CLI_TIMEOUT_S = 60.0
 ANONYMOUS_SUFFIX = ". The anonymous token is used implicitly when a request does not specify a token."
 
 
@@ -131,11 +140,14 @@ async def test_anonymous_requests_get_real_consuls_answers(
     admin.kv.put("rtm/ring/channel", '{"version": 1}')
     before = acl_refusals(admin, "permission_denied")
 
-    # KV and sessions: the bare text of acl.ErrPermissionDenied
-    assert (await call(http, "GET", f"{base}/v1/kv/rtm/ring/channel"))[:2] == (403, "Permission denied")
-    assert (await call(http, "PUT", f"{base}/v1/kv/rtm/ring/channel", data=b"x"))[:2] == (403, "Permission denied")
-    assert (await call(http, "DELETE", f"{base}/v1/kv/rtm?recurse"))[:2] == (403, "Permission denied")
-    assert (await call(http, "PUT", f"{base}/v1/session/create"))[:2] == (403, "Permission denied")
+    # KV and sessions: the detailed text (Consul >= 1.12: KeyReadAllowed, KeyWriteAllowed,
+    # KeyWritePrefixAllowed, SessionWriteAllowed; deploy/ runs 1.19)
+    ring = "rtm/ring/channel"
+    assert (await call(http, "GET", f"{base}/v1/kv/{ring}"))[:2] == (403, denied("key:read", ring))
+    assert (await call(http, "PUT", f"{base}/v1/kv/{ring}", data=b"x"))[:2] == (403, denied("key:write", ring))
+    assert (await call(http, "DELETE", f"{base}/v1/kv/rtm?recurse"))[:2] == (403, denied("key:write", "rtm"))
+    status, body, _ = await call(http, "PUT", f"{base}/v1/session/create")
+    assert (status, body) == (403, denied("session:write", "rtm-dev"))
     # KV lists are filtered to nothing: 404, as for no keys
     assert (await call(http, "GET", f"{base}/v1/kv/rtm/?recurse"))[:2] == (404, "")
     assert (await call(http, "GET", f"{base}/v1/kv/rtm/?keys"))[:2] == (404, "")
@@ -184,17 +196,32 @@ async def test_an_unknown_token_gets_acl_not_found_everywhere(
     base: str, http: aiohttp.ClientSession, admin: consul.Consul, how: dict[str, dict[str, str]]
 ) -> None:
     before = acl_refusals(admin, "acl_not_found")
-    for method, path in [
+    paths = [  # every endpoint the fleet uses (services/discovery.py, charm/, rtmctl/operator.py)
         ("GET", "/v1/kv/rtm/ring/channel"),
+        ("GET", "/v1/kv/rtm/regions/drained/?recurse"),
+        ("GET", "/v1/kv/rtm/?keys"),
         ("PUT", "/v1/kv/rtm/ring/channel"),
+        ("PUT", "/v1/kv/rtm/ring/channel?cas=1"),
+        ("PUT", "/v1/kv/rtm/charm/leader?acquire=5e1a7a0e-0000-4000-8000-000000000000"),
+        ("DELETE", "/v1/kv/rtm/regions/drained/us-east"),
         ("GET", "/v1/health/service/web"),
+        ("GET", "/v1/health/service/web?passing=1&index=1&wait=60s"),
         ("GET", "/v1/catalog/services"),
         ("GET", "/v1/agent/self"),
+        ("GET", "/v1/agent/services"),
+        ("PUT", "/v1/agent/service/register"),  # with a valid body (below): Consul decodes it first
+        ("PUT", "/v1/agent/service/deregister/web-1"),
+        ("PUT", "/v1/agent/check/pass/service:web-1"),
         ("PUT", "/v1/session/create"),
-    ]:
-        status, body, _ = await call(http, method, base + path, **how)
+        ("PUT", "/v1/session/renew/5e1a7a0e-0000-4000-8000-000000000000"),
+        ("PUT", "/v1/session/destroy/5e1a7a0e-0000-4000-8000-000000000000"),
+        ("GET", "/v1/session/info/5e1a7a0e-0000-4000-8000-000000000000"),
+    ]
+    for method, path in paths:
+        body_of = {"json": {"Name": "web", "ID": "web-2"}} if path.endswith("/register") else {}
+        status, body, _ = await asyncio.wait_for(call(http, method, base + path, **how, **body_of), DEFAULT_WAIT_S)
         assert (status, body) == (403, "ACL not found"), path
-    assert acl_refusals(admin, "acl_not_found") == before + 6
+    assert acl_refusals(admin, "acl_not_found") == before + len(paths)
 
 
 async def test_the_token_works_in_every_place_consul_reads_it(base: str, http: aiohttp.ClientSession) -> None:
@@ -212,3 +239,118 @@ async def test_the_token_works_in_every_place_consul_reads_it(base: str, http: a
         http, "GET", f"{base}/v1/kv/rtm/probe", params={"token": "wrong"}, headers={"X-Consul-Token": TOKEN}
     )
     assert (status, body) == (403, "ACL not found")
+
+
+async def test_sessions_and_locks_without_the_token_are_refused_and_change_nothing(
+    base: str, http: aiohttp.ClientSession, admin: consul.Consul
+) -> None:
+    """CHARM's leader lock (a session and an ``acquire``) as a stranger would attack it: renew,
+    destroy, take or release it. Refused with Consul's texts; an unknown session is looked up
+    before the token is checked (Consul's Session.Apply and Session.Renew), so it gets the
+    state's answer; the session and the lock are untouched."""
+    session = admin.session.create(ttl=30)
+    lock = "rtm/charm/leader-audit"  # not rtm/charm/leader: a test above released it, its lock-delay runs
+    assert admin.kv.put(lock, "me", acquire=session)
+    before = acl_refusals(admin, "permission_denied")
+    write_session = (403, denied("session:write", "rtm-dev"))
+    assert (await call(http, "PUT", f"{base}/v1/session/renew/{session}"))[:2] == write_session
+    assert (await call(http, "PUT", f"{base}/v1/session/destroy/{session}"))[:2] == write_session
+    for flag in ("acquire", "release"):
+        status, body, _ = await call(http, "PUT", f"{base}/v1/kv/{lock}?{flag}={session}", data=b"thief")
+        assert (status, body) == (403, denied("key:write", lock)), flag
+    assert (await call(http, "GET", f"{base}/v1/session/info/{session}"))[:2] == (200, "[]")  # filtered
+    assert acl_refusals(admin, "permission_denied") == before + 4
+    unknown = "5e1a7a0e-0000-4000-8000-000000000000"
+    assert (await call(http, "PUT", f"{base}/v1/session/renew/{unknown}"))[:2] == (
+        404,
+        f"Session id '{unknown}' not found",
+    )
+    assert (await call(http, "PUT", f"{base}/v1/session/destroy/{unknown}"))[:2] == (200, "true")
+    wrong = {"headers": {"X-Consul-Token": "not-the-token"}}
+    assert (await call(http, "PUT", f"{base}/v1/session/renew/{unknown}", **wrong))[:2] == (403, "ACL not found")
+    # nothing changed: the session lives and still holds the lock
+    assert admin.session.info(session)[1]["ID"] == session
+    assert admin.kv.get(lock)[1]["Session"] == session
+    assert admin.session.destroy(session)
+
+
+async def test_blocking_queries_without_the_token(base: str, http: aiohttp.ClientSession, admin: consul.Consul) -> None:
+    """A watch as the fleet runs it (``?index=N&wait=...``): an unknown token, or a single key
+    the anonymous token may not read, is refused at once (Consul resolves the token before it
+    blocks, and checks the key on the query's first run); a filtered list blocks as usual and
+    wakes on a change, with nothing in it."""
+    admin.agent.service.register("watched", service_id="watched-1", check=consul.Check.ttl("30s"))
+    admin.kv.put("rtm/ring/channel", '{"version": 1}')
+    status, _, headers = await call(http, "GET", f"{base}/v1/health/service/watched", params={"token": TOKEN})
+    index = int(headers["X-Consul-Index"])
+    blocking = {"index": str(index), "wait": "60s"}  # far longer than the bound on each answer below
+    wrong = {"X-Consul-Token": "not-the-token"}
+    answer = call(http, "GET", f"{base}/v1/health/service/watched", params=blocking, headers=wrong)
+    assert (await asyncio.wait_for(answer, DEFAULT_WAIT_S))[:2] == (403, "ACL not found")
+    answer = call(http, "GET", f"{base}/v1/kv/rtm/ring/channel", params=blocking)
+    assert (await asyncio.wait_for(answer, DEFAULT_WAIT_S))[:2] == (403, denied("key:read", "rtm/ring/channel"))
+    # the anonymous token's filtered watch: it blocks until the index moves, then answers nothing
+    watch = asyncio.ensure_future(call(http, "GET", f"{base}/v1/health/service/watched", params=blocking))
+
+    async def waiting() -> bool:
+        return blocking_queries(admin) >= 1
+
+    await async_wait_until(waiting, what="the anonymous watch is blocking")
+    assert not watch.done()
+    admin.agent.service.register("watched", service_id="watched-2", check=consul.Check.ttl("30s"))
+    status, body, headers = await asyncio.wait_for(watch, DEFAULT_WAIT_S)
+    assert (status, body) == (200, "[]")
+    assert int(headers["X-Consul-Index"]) > index
+    for service_id in ("watched-1", "watched-2"):
+        admin.agent.service.deregister(service_id)
+
+
+async def test_an_oversized_kv_put_is_413_before_the_token_is_checked(base: str, http: aiohttp.ClientSession) -> None:
+    """Consul's HTTP layer checks the body's size before the RPC that resolves the token."""
+    status, body, _ = await call(http, "PUT", f"{base}/v1/kv/rtm/big", data=b"x" * (KV_MAX_VALUE_BYTES + 1))
+    assert status == 413 and body.startswith("Request body("), body
+
+
+def blocking_queries(admin: consul.Consul) -> float:
+    text = admin.http.get(lambda r: r.body, "/metrics")
+    for line in str(text).splitlines():
+        if line.startswith("rtm_consul_dev_blocking_queries "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_rtm_commands_read_the_token_where_consuls_own_tools_do(
+    agent: launcher.RunningProcess, admin: consul.Consul, tmp_path: Path
+) -> None:
+    """``CONSUL_HTTP_TOKEN`` and ``CONSUL_HTTP_TOKEN_FILE`` (as Consul's CLI reads them), after
+    ``RTM_CONSUL_TOKEN``; without a token, or with a wrong one, a real ``rtm drain`` process is
+    refused with a clear error, exit 1, and writes nothing."""
+    address = f"127.0.0.1:{agent.ready['port']}"
+    clean = {k: v for k, v in os.environ.items() if k not in (CONSUL_TOKEN_ENV, *CONSUL_HTTP_TOKEN_ENVS)}
+    token_file = tmp_path / "consul-token"
+    token_file.write_text(TOKEN + "\n")  # a test's own token for a throwaway agent
+
+    def drain(region: str, **env: str) -> subprocess.CompletedProcess[str]:
+        argv = launcher.rtm_argv("drain", region, "--consul", address, "--data-dir", str(tmp_path / "no-fleet"))
+        return subprocess.run(
+            argv, env={**clean, **env}, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False
+        )
+
+    for region, env in (
+        ("r-none", {}),
+        ("r-wrong", {"CONSUL_HTTP_TOKEN": "not-the-token"}),
+        ("r-rtm-wins", {"RTM_CONSUL_TOKEN": "not-the-token", "CONSUL_HTTP_TOKEN": TOKEN}),
+    ):
+        done = drain(region, **env)
+        assert done.returncode == 1, (region, done.stderr)
+        assert "Consul refused the request" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert admin.kv.get(drained_key(region))[1] is None, region
+    for region, env in (
+        ("r-http-token", {"CONSUL_HTTP_TOKEN": TOKEN}),
+        ("r-token-file", {"CONSUL_HTTP_TOKEN_FILE": str(token_file)}),
+        ("r-rtm-token", {"RTM_CONSUL_TOKEN": TOKEN, "CONSUL_HTTP_TOKEN": "not-the-token"}),
+    ):
+        done = drain(region, **env)
+        assert done.returncode == 0, (region, done.stderr)
+        assert admin.kv.get(drained_key(region))[1] is not None, region
+        admin.kv.delete(drained_key(region))

@@ -17,7 +17,16 @@ from services.ring import CHANNEL_RING_KEY
 from tests.system.harness import Fleet, consul_client
 
 SECRET_FILES = ("secret", "consul-acl-token", "operator-token", "seed.json")
+NOT_SECRET_FILES = ("fleet.json", "fleet.log")  # addresses and pids; the test harness's copy of the fleet's log
 CLI_TIMEOUT_S = 60.0
+
+
+def denied(permission: str, name: str) -> str:
+    """Consul's (>= 1.12) answer to the anonymous token under default deny."""
+    return (
+        f"Permission denied: anonymous token lacks permission '{permission}' on \"{name}\". "
+        "The anonymous token is used implicitly when a request does not specify a token."
+    )
 
 
 def mode(path: Path) -> int:
@@ -30,6 +39,20 @@ def test_secret_files_are_0600_in_a_0700_data_dir(fleet: Fleet) -> None:
         assert mode(fleet.data_dir / name) == 0o600, name
 
 
+def test_every_file_rtm_up_makes_is_0600_and_every_directory_0700(fleet: Fleet) -> None:
+    """Not only the files named above: anything that appears in DATA_DIR (the TLS directory, its
+    keys and certificates, the database's companions) is private, but for what is known to hold no
+    secret."""
+    seen = set()
+    for path in fleet.data_dir.rglob("*"):
+        seen.add(str(path.relative_to(fleet.data_dir)))
+        if path.is_dir():
+            assert mode(path) == 0o700, path
+        elif path.name not in NOT_SECRET_FILES:
+            assert mode(path) == 0o600, path
+    assert {"tls", "tls/ca.key", "tls/operator.key"} <= seen, seen
+
+
 def test_no_secret_is_on_any_command_line(fleet: Fleet) -> None:
     secrets = [(fleet.data_dir / name).read_text().strip() for name in SECRET_FILES[:3]]
     pids = [fleet.proc.pid] + [p["pid"] for p in fleet.info["processes"]]
@@ -37,6 +60,27 @@ def test_no_secret_is_on_any_command_line(fleet: Fleet) -> None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         for secret in secrets:
             assert secret not in cmdline, pid
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def test_each_process_is_started_with_only_the_secrets_its_job_needs(fleet: Fleet) -> None:
+    """The fleet secret only in the webapp and the gateways (the tickets' key), the operator token
+    nowhere (no --debug-faults), the dev agent's own --acl-token only in the agent; every process
+    sends its Consul token (the dev agent's one token, docs/consul-acl.md)."""
+    secret = (fleet.data_dir / "secret").read_text().strip()
+    operator = (fleet.data_dir / "operator-token").read_text().strip()
+    token = (fleet.data_dir / "consul-acl-token").read_text().strip()
+    for proc in fleet.info["processes"]:
+        values = environ(int(proc["pid"]))
+        holds = set(values.values())
+        assert (secret in holds) == (proc["service"] in ("webapp", "gateway")), proc["name"]
+        assert operator not in holds, proc["name"]
+        assert (values.get("RTM_CONSUL_DEV_ACL_TOKEN") == token) == (proc["service"] == "consul-dev"), proc["name"]
+        assert values.get("RTM_CONSUL_TOKEN") == token, proc["name"]
 
 
 async def test_a_client_without_the_token_is_refused_while_the_fleet_works(fleet: Fleet) -> None:
@@ -48,9 +92,11 @@ async def test_a_client_without_the_token_is_refused_while_the_fleet_works(fleet
             async with http.request(method, consul_url + path, **kwargs) as resp:  # type: ignore[arg-type]
                 return resp.status, await resp.text()
 
-        assert await call("GET", f"/v1/kv/{CHANNEL_RING_KEY}") == (403, "Permission denied")
-        assert await call("PUT", f"/v1/kv/{CHANNEL_RING_KEY}", data=b'{"version":999}') == (403, "Permission denied")
-        assert await call("PUT", f"/v1/kv/{drained_key('us-east')}", data=b"1") == (403, "Permission denied")
+        assert await call("GET", f"/v1/kv/{CHANNEL_RING_KEY}") == (403, denied("key:read", CHANNEL_RING_KEY))
+        ring_write = (403, denied("key:write", CHANNEL_RING_KEY))
+        assert await call("PUT", f"/v1/kv/{CHANNEL_RING_KEY}", data=b'{"version":999}') == ring_write
+        drained = drained_key("us-east")
+        assert await call("PUT", f"/v1/kv/{drained}", data=b"1") == (403, denied("key:write", drained))
         status, body = await call("PUT", "/v1/agent/service/register", json={"Name": "webapp", "ID": "fake", "Port": 1})
         assert status == 403 and body.startswith("Permission denied: anonymous token lacks permission 'service:write'")
         assert await call("GET", "/v1/health/service/gateway?passing=1") == (200, "[]")  # filtered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,31 @@ def test_holds_and_bounds_refuse_zero(service: str, flag: str, capsys: pytest.Ca
     with pytest.raises(SystemExit):
         build().parse_args([flag, "0"])
     assert f"argument {flag}: must be above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, ""),
+        ({"CONSUL_HTTP_TOKEN": "from-consul-env"}, "from-consul-env"),
+        ({"RTM_CONSUL_TOKEN": "from-rtm-env", "CONSUL_HTTP_TOKEN": "from-consul-env"}, "from-rtm-env"),
+        ({"CONSUL_HTTP_TOKEN_FILE": "FILE"}, "from-file"),
+        ({"CONSUL_HTTP_TOKEN": "from-consul-env", "CONSUL_HTTP_TOKEN_FILE": "FILE"}, "from-consul-env"),
+    ],
+)
+@pytest.mark.parametrize(
+    "service", ["channel_server.app", "gateway.app", "webapp_stub.app", "charm.app", "presence.app", "admin_server.app"]
+)
+def test_every_fleet_process_reads_its_consul_token_where_consuls_tools_do(
+    service: str, env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``--consul-token`` defaults to RTM_CONSUL_TOKEN, then CONSUL_HTTP_TOKEN, then the first line
+    of CONSUL_HTTP_TOKEN_FILE (as Consul's own CLI reads them); the flag wins over all."""
+    for name in ("RTM_CONSUL_TOKEN", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "token").write_text("from-file\nsecond line is ignored\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / "token") if value == "FILE" else value)
+    build_parser = importlib.import_module(service).build_parser
+    assert build_parser().parse_args([]).consul_token == expected
+    assert build_parser().parse_args(["--consul-token", "from-flag"]).consul_token == "from-flag"

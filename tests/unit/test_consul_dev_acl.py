@@ -34,7 +34,7 @@ def test_the_management_token_may_do_everything() -> None:
         for level in Access:
             assert authz.allowed(resource, level, "x")
     authz.require(Resource.SERVICE, Access.WRITE, "webapp")
-    authz.require_bare(Resource.KEY, Access.WRITE, "rtm/ring/channel")
+    authz.require(Resource.KEY, Access.WRITE, "rtm/ring/channel")
 
 
 @pytest.mark.parametrize("token", ["wrong", TOKEN + "x", TOKEN[:-1], " " + TOKEN])
@@ -55,9 +55,19 @@ def test_no_token_is_the_anonymous_token_with_no_rights_under_default_deny() -> 
         "Permission denied: anonymous token lacks permission 'service:write' on \"webapp\". "
         "The anonymous token is used implicitly when a request does not specify a token."
     )
+    # KV and sessions name what is missing too (Consul >= 1.12: KeyReadAllowed, SessionWriteAllowed)
     with pytest.raises(PermissionDenied) as err:
-        authz.require_bare(Resource.KEY, Access.READ, "rtm/ring/channel")
-    assert str(err.value) == "Permission denied"
+        authz.require(Resource.KEY, Access.READ, "rtm/ring/channel")
+    assert str(err.value) == (
+        "Permission denied: anonymous token lacks permission 'key:read' on \"rtm/ring/channel\". "
+        "The anonymous token is used implicitly when a request does not specify a token."
+    )
+    with pytest.raises(PermissionDenied) as err:  # a delete of the whole tree names no key
+        authz.require(Resource.KEY, Access.WRITE, "")
+    assert str(err.value) == (
+        "Permission denied: anonymous token lacks permission 'key:write'. "
+        "The anonymous token is used implicitly when a request does not specify a token."
+    )
 
 
 def test_a_named_token_lacking_rights_names_its_accessor() -> None:

@@ -7,8 +7,10 @@ import hmac
 
 import pytest
 
-from services.keys import HKDF_SALT, INTERNAL_HTTP_INFO, KEY_BYTES, TICKET_SIGNING_INFO, FleetKeys, derive_key
+from services.keys import HKDF_SALT, KEY_BYTES, TICKET_SIGNING_INFO, FleetKeys, derive_key
 from services.ticket import InvalidTicket, TicketVerifier, mint
+
+OTHER_JOB_INFO = b"rtm/v1 some other job"  # what another job's key would be derived under
 
 
 def rfc5869_hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
@@ -34,9 +36,9 @@ def test_keys_are_hkdf_of_the_fleet_secret_with_distinct_labels() -> None:
     secret = b"fleet-secret"
     keys = FleetKeys.from_secret(secret)
     assert keys.ticket_signing == rfc5869_hkdf_sha256(secret, HKDF_SALT, TICKET_SIGNING_INFO, KEY_BYTES)
-    assert keys.internal_http == rfc5869_hkdf_sha256(secret, HKDF_SALT, INTERNAL_HTTP_INFO, KEY_BYTES)
-    assert len({keys.ticket_signing, keys.internal_http, secret}) == 3
-    assert keys.internal_http_credential == keys.internal_http.hex()
+    other_job = derive_key(secret, OTHER_JOB_INFO)
+    assert other_job == rfc5869_hkdf_sha256(secret, HKDF_SALT, OTHER_JOB_INFO, KEY_BYTES)
+    assert len({keys.ticket_signing, other_job, secret}) == 3
     assert FleetKeys.from_secret(b"other-secret").ticket_signing != keys.ticket_signing
 
 
@@ -49,6 +51,7 @@ def test_a_ticket_signed_with_the_fleet_secret_or_another_jobs_key_is_refused() 
     keys = FleetKeys.from_secret(b"fleet-secret")
     verifier = TicketVerifier(keys.ticket_signing, "gw-1")
     verifier.verify(mint(keys.ticket_signing, "U1", "T1", "gw-1", now_s=100.0), now_s=100.0)
-    for wrong in (b"fleet-secret", keys.internal_http, keys.internal_http_credential.encode()):
+    other_job = derive_key(b"fleet-secret", OTHER_JOB_INFO)
+    for wrong in (b"fleet-secret", other_job, other_job.hex().encode()):
         with pytest.raises(InvalidTicket, match="bad signature"):
             verifier.verify(mint(wrong, "U1", "T1", "gw-1", now_s=100.0), now_s=100.0)
