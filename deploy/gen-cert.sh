@@ -72,12 +72,12 @@ mkdir -p "$cert_dir"
 if [ "$force" = yes ] || [ ! -s "$cert_dir/edge.crt" ] || [ ! -s "$cert_dir/edge.key" ]; then
     san="DNS:localhost,IP:127.0.0.1"
     [ "$host" = localhost ] || san="DNS:$host,$san"
-    openssl req -x509 -newkey rsa:2048 -sha256 -days 365 -nodes \
+    # Created 0600 in one step (umask in a subshell, never chmod-ed): Envoy reads them as their
+    # owner, because the edge container runs Envoy under this user's uid and gid (ENVOY_UID and
+    # ENVOY_GID from RTM_EDGE_UID/RTM_EDGE_GID below; the envoy image's entrypoint honours them).
+    (umask 077 && openssl req -x509 -newkey rsa:2048 -sha256 -days 365 -nodes \
         -keyout "$cert_dir/edge.key" -out "$cert_dir/edge.crt" \
-        -subj "/CN=$host" -addext "subjectAltName=$san"
-    # Envoy runs as an unprivileged user (uid 101) in its container and must read
-    # the key: this self-signed development key is readable by all.
-    chmod 644 "$cert_dir/edge.key" "$cert_dir/edge.crt"
+        -subj "/CN=$host" -addext "subjectAltName=$san")
     echo "wrote $cert_dir/edge.crt and edge.key (CN=$host, SAN $san)"
 else
     echo "kept $cert_dir/edge.crt (--force makes a new one)"
@@ -103,6 +103,9 @@ for service in WEBAPP ADMIN_SERVER CHANNEL_SERVER PRESENCE CHARM GATEWAY OPERATO
     add "RTM_CONSUL_TOKEN_$service" "$(uuid)"
 done
 add GRAFANA_ADMIN_PASSWORD "$(openssl rand -hex 24)"
+# Envoy runs as the owner of deploy/certs/edge.key (0600), so no key is readable by others.
+add RTM_EDGE_UID "$(id -u)"
+add RTM_EDGE_GID "$(id -g)"
 
 # The fleet's CA and certificates, with the project's own code (rtm certs: services/certs.py).
 access=${RTM_TLS_ACCESS:-}

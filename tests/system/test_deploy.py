@@ -95,6 +95,8 @@ ENV_VARS = (
     "CONSUL_AGENT_TOKEN",
     *(f"RTM_CONSUL_TOKEN_{s}" for s in TOKEN_SERVICES),
     "GRAFANA_ADMIN_PASSWORD",
+    "RTM_EDGE_UID",
+    "RTM_EDGE_GID",
     "RTM_TLS_GID",
 )
 # The containers' user (deploy/Dockerfile: useradd --uid 10001); the TLS files are theirs.
@@ -427,11 +429,14 @@ def test_gen_cert_makes_a_certificate_and_the_secret(tmp_path: Path) -> None:
     ).stdout
     pub_key = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout"], check=True, capture_output=True).stdout
     assert pub_crt == pub_key, "key and certificate do not match"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600, "the edge key is readable by others"
     secret = (tmp_path / ".env").read_text()
     assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600, "secrets and tokens: 0600"
     values = dict(line.split("=", 1) for line in secret.splitlines())
     assert list(values) == list(ENV_VARS), values.keys()
     assert values["RTM_TLS_GID"] == str(CONTAINER_UID if os.getuid() == 0 else os.getgid())
+    # Envoy runs as the edge key's owner (the key stays 0600): its uid and gid
+    assert (values["RTM_EDGE_UID"], values["RTM_EDGE_GID"]) == (str(key.stat().st_uid), str(key.stat().st_gid))
     assert re.fullmatch(r"[0-9a-f]{64}", values["RTM_SECRET"])
     tokens = [v for k, v in values.items() if k.endswith("_TOKEN") or "_TOKEN_" in k]
     assert len(tokens) == len(TOKEN_SERVICES) + 2 and len(set(tokens)) == len(tokens), "one distinct token each"
