@@ -114,6 +114,10 @@ class Call:
     request: web.Request | None
     args: Args
     user: User | None  # None only for methods without auth
+    # The call's token, read once where it was dispatched (``Authorization: Bearer``, else the
+    # ``token`` argument): the one :meth:`WebApi.authenticate` checked for a method with auth;
+    # a method without (``apps.connections.open``) checks it itself. None: the call had none.
+    token: str | None = None
 
     @property
     def me(self) -> User:
@@ -303,9 +307,10 @@ class WebApi:
         if isinstance(args, Exception):
             raise args
         handler, needs_auth = entry
-        user = self.authenticate(name, token_of(args)) if needs_auth else None
+        token = token_of(args)
+        user = self.authenticate(name, token) if needs_auth else None
         self.check_backpressure(name)
-        return handler(self, Call(request, args, user))
+        return handler(self, Call(request, args, user, token))
 
     async def _settle(
         self, name: str, started: float, called: dict[str, Any] | Failure | Awaitable[dict[str, Any]]
