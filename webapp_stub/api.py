@@ -114,6 +114,10 @@ class Call:
     request: web.Request | None
     args: Args
     user: User | None  # None only for methods without auth
+    # The call's token, read once where it was dispatched (``Authorization: Bearer``, else the
+    # ``token`` argument): the one :meth:`WebApi.authenticate` checked for a method with auth;
+    # a method without (``apps.connections.open``) checks it itself. None: the call had none.
+    token: str | None = None
 
     @property
     def me(self) -> User:
@@ -227,30 +231,27 @@ class WebApi:
         request: web.Request | None,
         reading: Args | Callable[[], Awaitable[Args]],
         token_of: Callable[[Args], str | None],
-    ) -> tuple[int, dict[str, str], dict[str, Any], str | None]:
+    ) -> Answer:
         """One Web API call, whatever server read it (aiohttp's, or the lean front of
         webapp_stub/http_front.py): ``reading`` is its arguments (or reads them: a raising
         read is answered like any other error), ``token_of`` gives its token.
         Returns (status, headers, body, encoded): ``encoded``, when not None, is the whole
         successful reply already encoded (send it instead of encoding ``body``)."""
         started = time.perf_counter()
+        args: Args | Exception = {}
+        if isinstance(reading, dict):
+            args = reading
+        elif name in METHODS:  # an unknown method's body is not read: unknown_method at once
+            try:
+                args = await reading()
+            except Exception as exc:  # answered by _start, after the method's lookup
+                args = exc
+        called: dict[str, Any] | Failure | Awaitable[dict[str, Any]]
         try:
-            entry = METHODS.get(name)
-            if entry is None:
-                raise ApiError("unknown_method")
-            handler, needs_auth = entry
-            args = reading if isinstance(reading, dict) else await reading()
-            user = self.authenticate(name, token_of(args)) if needs_auth else None
-            self.check_backpressure(name)
-            result = handler(self, Call(request, args, user))
-            if inspect.isawaitable(result):
-                result = await result
-            await self.durable()
+            called = self._start(name, request, args, token_of)
         except Exception as exc:
-            failed = self.failure(name, exc)
-            await self.durable()  # what a failed call read may sit in the open batch too
-            return self.finish(name, started, failed)
-        return self.finish(name, started, result)
+            called = self.failure(name, exc)
+        return await self._settle(name, started, called)
 
     def answer_now(
         self,
@@ -266,17 +267,9 @@ class WebApi:
         started = time.perf_counter()
         result: dict[str, Any] | Failure
         try:
-            entry = METHODS.get(name)
-            if entry is None:
-                raise ApiError("unknown_method")
-            if isinstance(args, ApiError):
-                raise args
-            handler, needs_auth = entry
-            user = self.authenticate(name, token_of(args)) if needs_auth else None
-            self.check_backpressure(name)
-            called = handler(self, Call(None, args, user))
+            called = self._start(name, None, args, token_of)
             if inspect.isawaitable(called):
-                task = asyncio.ensure_future(self._finish_async(name, started, called))
+                task = asyncio.ensure_future(self._settle(name, started, called))
                 task.add_done_callback(lambda t: reply(t.result()))
                 return task
             result = called
@@ -296,13 +289,46 @@ class WebApi:
         pending.add_done_callback(committed)
         return pending
 
-    async def _finish_async(self, name: str, started: float, called: Awaitable[dict[str, Any]]) -> Answer:
-        try:
-            result: dict[str, Any] | Failure = await called
-            await self.durable()
-        except Exception as exc:
-            result = self.failure(name, exc)
-            await self.durable()
+    def _start(
+        self,
+        name: str,
+        request: web.Request | None,
+        args: Args | Exception,
+        token_of: Callable[[Args], str | None],
+    ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
+        """The steps :meth:`answer` and :meth:`answer_now` share, in this order: the method
+        (``unknown_method``), its arguments (``args``: the exception reading them raised, raised
+        here), the caller (:meth:`authenticate`, if the method needs it), backpressure
+        (:meth:`check_backpressure`), then the handler. Returns the handler's result (an
+        awaitable for an async handler); raises what any step raises."""
+        entry = METHODS.get(name)
+        if entry is None:
+            raise ApiError("unknown_method")
+        if isinstance(args, Exception):
+            raise args
+        handler, needs_auth = entry
+        token = token_of(args)
+        user = self.authenticate(name, token) if needs_auth else None
+        self.check_backpressure(name)
+        return handler(self, Call(request, args, user, token))
+
+    async def _settle(
+        self, name: str, started: float, called: dict[str, Any] | Failure | Awaitable[dict[str, Any]]
+    ) -> Answer:
+        """The answer of a call :meth:`_start` began (its result, its failure, or what to await
+        for its result), once what it wrote (and read) is durable."""
+        result: dict[str, Any] | Failure
+        if isinstance(called, Failure):
+            result = called
+        else:
+            try:
+                result = await called if inspect.isawaitable(called) else called
+                await self.durable()
+            except Exception as exc:
+                result = self.failure(name, exc)
+            else:
+                return self.finish(name, started, result)
+        await self.durable()  # what a failed call read may sit in the open batch too
         return self.finish(name, started, result)
 
     def failure(self, name: str, exc: BaseException) -> Failure:

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from webapp_stub.codecs import dumps, us_to_ts
+from webapp_stub.codecs import us_to_ts
 from webapp_stub.messages import MAX_TEXT_CHARS, MessageStore, _message_obj, message_event_text
 from webapp_stub.models import Channel, Event, User
 
@@ -49,14 +49,17 @@ MAX_ROWS_PER_STATEMENT = 4000
 class DuePost:
     """A message one due item posts, as its kind's preparer read it.
 
-    ``done_sql`` is the kind's own follow-up, run with ``(ts, item_id)`` once the message
-    has its ts (``UPDATE scheduled_messages SET state = 'posted', posted_ts = ? WHERE id = ?``)."""
+    ``extra_json`` is its blocks and attachments as stored (the JSON text of an object that
+    :func:`~webapp_stub.codecs.dumps` wrote, the ``extra`` column), None without: decoded once,
+    for the event, and written to the message's row as it is (the same text ``dumps`` would
+    write again). ``done_sql`` is the kind's own follow-up, run with ``(ts, item_id)`` once
+    the message has its ts (``UPDATE scheduled_messages SET state = 'posted', posted_ts = ? WHERE id = ?``)."""
 
     item_id: str
     channel: Channel
     author: User
     text: str
-    extra: dict[str, Any] | None
+    extra_json: str | None
     done_sql: str
 
 
@@ -108,7 +111,7 @@ def postable(store: MessageStore, posts: list[DuePost]) -> list[bool]:
     members = memberships(store, [(p.channel.id, p.author.id) for p in posts])
     verdicts = []
     for post in posts:
-        size = len(post.text) + (len(dumps(post.extra)) if post.extra else 0)
+        size = len(post.text) + (len(post.extra_json) if post.extra_json else 0)
         verdicts.append(
             not post.channel.is_archived
             and (post.channel.id, post.author.id) in members
@@ -166,7 +169,8 @@ def post_due_messages(store: MessageStore, posts: list[DuePost]) -> list[Event]:
         seq, ts_us = next_of[cid]
         next_of[cid] = (seq + 1, ts_us + 1)
         ts = us_to_ts(ts_us)
-        message = _message_obj(author.id, author.team, post.text, ts, None, author.bot_id, post.extra)
+        extra = loads_extra(post.extra_json)
+        message = _message_obj(author.id, author.team, post.text, ts, None, author.bot_id, extra)
         encoded = message_event_text(cid, ts, message)
         message_rows.append(
             (
@@ -179,7 +183,7 @@ def post_due_messages(store: MessageStore, posts: list[DuePost]) -> list[Event]:
                 post.text,
                 None,
                 author.bot_id,
-                dumps(post.extra) if post.extra else None,
+                post.extra_json if extra else None,
                 None,
                 None,
                 None,

@@ -62,7 +62,7 @@ from aiohttp import web
 from services.identity import GATEWAY, BadIdentity
 from services.tls import RefusalLog, transport_identity
 from webapp_stub.api import METHODS, Call, WebApi
-from webapp_stub.args import Args, int_arg, parse_json_body
+from webapp_stub.args import Args, bearer_token, int_arg, parse_json_body
 from webapp_stub.codecs import MAX_SQL_INT
 from webapp_stub.errors import ApiError
 
@@ -300,7 +300,7 @@ class InternalEndpoints:
         if user is None:
             raise ApiError("user_not_found")
         self.api.check_backpressure(name)
-        result = entry[0](self.api, Call(request, args, user))
+        result = entry[0](self.api, Call(request, args, user, bearer_token(request, args)))
         return await result if inspect.isawaitable(result) else result
 
 

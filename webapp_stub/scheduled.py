@@ -21,7 +21,6 @@ id that is unknown, not the caller's, in another channel, or already posted.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from webapp_stub.api import Call, WebApi, flag, int_arg, message_content, method, paged, str_arg
@@ -140,7 +139,7 @@ def fire(store: Store, sid: str, now: float) -> list[Event]:
         text,
         thread_ts=thread_ts,
         broadcast=bool(broadcast),
-        extra=json.loads(extra) if extra else None,
+        extra=loads_extra(extra),
     )
     store.conn.execute(POSTED_SQL, (message["ts"], sid))
     return [event]
@@ -170,7 +169,7 @@ def prepare(store: Store, items: list[DueItem]) -> list[DuePost | None]:
         if row is None or channel is None or authors_of is None:
             posts.append(None)
             continue
-        posts.append(DuePost(item.id, channel, authors_of, row[3], loads_extra(row[5]), POSTED_SQL))
+        posts.append(DuePost(item.id, channel, authors_of, row[3], row[5], POSTED_SQL))
     return posts
 
 

@@ -125,3 +125,56 @@ async def test_a_failed_commit_answers_internal_error_and_publishes_nothing(
     assert answers == [(200, {}, {"ok": False, "error": "internal_error"}, None)]
     assert requests(api, "internal_error") == 1 and errors(api, "internal_error") == 1
     assert outbox.published == [] and store.last_seq(channel) == 0
+
+
+async def test_an_async_method_through_answer_now_answers_as_answer_does_once_committed(store: Store) -> None:
+    """answer_now's task for an async handler (users.setPresence): the same answers as answer,
+    success and failure, the write committed before the answer, every outcome counted."""
+    api, outbox, demo = make_api(store)
+    alice, bob = demo["users"][0], demo["users"][1]
+    answers: list[Answer] = []
+    waiting = api.answer_now("users.setPresence", {"presence": "away"}, lambda a: alice["token"], answers.append)
+    assert isinstance(waiting, asyncio.Task) and answers == []
+    await waiting
+    await asyncio.sleep(0)  # wait-ok: the done callback runs on the next loop turn
+    peek = Store(store.path)
+    assert peek.conn.execute("SELECT presence FROM users WHERE id = ?", (alice["id"],)).fetchone()[0] == "away"
+    peek.close()
+    same = await api.answer("users.setPresence", None, {"presence": "away"}, lambda a: bob["token"])
+    assert answers == [same] == [(200, {}, {"ok": True}, None)]
+    failed = api.answer_now("users.setPresence", {"presence": "asleep"}, lambda a: alice["token"], answers.append)
+    assert failed is not None
+    await failed
+    await asyncio.sleep(0)  # wait-ok: the done callback runs on the next loop turn
+    same = await api.answer("users.setPresence", None, {"presence": "asleep"}, lambda a: bob["token"])
+    assert answers[1:] == [same] == [(200, {}, {"ok": False, "error": "invalid_presence"}, None)]
+    counted = api.metrics.registry.get_sample_value
+    assert counted("rtm_webapp_requests_total", {"method": "users.setPresence", "outcome": "ok"}) == 2
+    assert counted("rtm_webapp_requests_total", {"method": "users.setPresence", "outcome": "invalid_presence"}) == 2
+    assert [json.loads(e.json)["type"] for e in outbox.published] == ["manual_presence_change"] * 2
+
+
+async def test_an_unknown_method_is_refused_before_its_arguments_are_read(store: Store) -> None:
+    """unknown_method whatever the body (answer never reads it); a known method's unreadable
+    arguments are its error, before auth; answer_now agrees."""
+    api, _, demo = make_api(store)
+    token = demo["users"][0]["token"]
+    reads: list[str] = []
+
+    async def unreadable() -> dict[str, Any]:
+        reads.append("read")
+        raise ApiError("invalid_json")
+
+    unknown = await api.answer("no.such.method", None, unreadable, lambda a: token)
+    assert unknown[2] == {"ok": False, "error": "unknown_method"} and reads == []
+    assert (await api.answer("chat.postMessage", None, unreadable, lambda a: None))[2] == {
+        "ok": False,
+        "error": "invalid_json",
+    }
+    assert reads == ["read"]
+    answers: list[Answer] = []
+    api.answer_now("no.such.method", ApiError("invalid_json"), lambda a: token, answers.append)
+    api.answer_now("chat.postMessage", ApiError("invalid_json"), lambda a: None, answers.append)
+    assert [a[2]["error"] for a in answers] == ["unknown_method", "invalid_json"]
+    counted = api.metrics.registry.get_sample_value
+    assert counted("rtm_webapp_requests_total", {"method": "unknown", "outcome": "unknown_method"}) == 2

@@ -3,6 +3,7 @@ through post_message writes; what it cannot post without a doubt goes the one-by
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +194,46 @@ def test_a_claim_is_a_primary_key_lookup_and_claims_each_item_once(stores: tuple
     assert [o for _, o in first.outcomes] == ["posted"] * 5
     assert [o for _, o in again.outcomes] == ["gone"] * 5 + ["posted"] * 2
     assert len(again.events) == 2
+
+
+def test_blocks_and_attachments_are_written_and_delivered_as_post_message_writes_them(data_dir: Path) -> None:
+    """The bulk path writes a scheduled message's stored blocks as they are and decodes them once
+    for the event: the same row and event bytes as post_message's, for text JSON escapes,
+    non-ASCII, numbers and nesting; the delivered event carries the blocks given."""
+    blocks = [
+        {
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": 'a "quote" \\ back\nline \u2028 \u00e9\u2603 \U0001f600'},
+        },
+        {"type": "context", "elements": [{"type": "plain_text", "text": "", "emoji": True}], "n": [1, -0.5, 1e-07]},
+    ]
+    attachments = [{"fallback": "f", "color": "#36a64f", "fields": [{"title": "t", "value": "\t", "short": False}]}]
+    store = Store(str(data_dir), clock=FakeClock(T0))
+    author = store.conn.execute("SELECT user, channel FROM members ORDER BY user, channel LIMIT 1").fetchone()
+    user = store.user(author[0])
+    assert user is not None
+    scheduled.schedule(
+        store,
+        author[1],
+        user.team,
+        user.id,
+        int(DUE),
+        "",
+        thread_ts=None,
+        reply_broadcast=False,
+        extra={"blocks": blocks, "attachments": attachments},
+    )
+    store.close()
+    bulk, alone = copy_of(data_dir, "bulk"), copy_of(data_dir, "alone")
+    try:
+        items = fair_order(due_rows(bulk, DUE, 1000))
+        fired_bulk = fire_batch(bulk, FIRERS, items, DUE + 1)
+        fired_alone = fire_batch(alone, one_by_one(), items, DUE + 1)
+        assert [o for _, o in fired_bulk.outcomes] == ["posted"] * len(items)
+        assert dump(bulk) == dump(alone)
+        assert fired_bulk.events == fired_alone.events
+        delivered = [json.loads(e.json) for e in fired_bulk.events if '"attachments"' in e.json]
+        assert [(e["blocks"], e["attachments"], e["text"]) for e in delivered] == [(blocks, attachments, "")]
+    finally:
+        bulk.close()
+        alone.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from webapp_stub.api import Call, WebApi, method
-from webapp_stub.args import bearer_token
 from webapp_stub.errors import ApiError
 from webapp_stub.methods.rtm import caller_region, gateway_ticket
 
@@ -24,7 +23,7 @@ def apps_connections_open(api: WebApi, call: Call) -> dict[str, Any]:
     if the fleet moved its connections (the envelopes they had not acknowledged ride
     along: gateway/socket_mode.py).
     """
-    token = bearer_token(call.request, call.args) if call.request is not None else str(call.args.get("token") or "")
+    token = call.token
     if not token:
         raise ApiError("not_authed")
     found = api.store.app_by_token(token)

@@ -7,7 +7,6 @@ from typing import Any
 from webapp_stub.api import (
     Call,
     WebApi,
-    bearer_token,
     flag,
     method,
 )
@@ -46,5 +45,4 @@ def auth_revoke(api: WebApi, call: Call) -> dict[str, Any]:
     The next call with it gets ``invalid_auth``: the token cache forgets it at once."""
     if flag(call.args, "test"):
         return {"revoked": False}
-    token = bearer_token(call.request, call.args) if call.request is not None else None
-    return {"revoked": bool(token) and api.store.revoke_token(str(token))}
+    return {"revoked": bool(call.token) and api.store.revoke_token(str(call.token))}

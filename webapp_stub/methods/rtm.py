@@ -11,7 +11,6 @@ from webapp_stub.api import (
     WebApi,
     method,
 )
-from webapp_stub.args import bearer_token
 from webapp_stub.errors import ApiError
 from webapp_stub.models import User
 from webapp_stub.resume import token_id
@@ -24,9 +23,8 @@ def rtm_connect(api: WebApi, call: Call) -> dict[str, Any]:
     """A signed, single-use ticket URL on a gateway; it names the oldest pending resume
     record of the user and this token, if the fleet moved a connection opened with it."""
     user = call.me
-    token = bearer_token(call.request, call.args) if call.request is not None else str(call.args.get("token") or "")
     base, ticket = gateway_ticket(
-        api, api.gateways.pick(caller_region(api, call)), user, user.id, token_id=token_id(token or "")
+        api, api.gateways.pick(caller_region(api, call)), user, user.id, token_id=token_id(call.token or "")
     )
     team = api.store.team(user.team)
     return {
