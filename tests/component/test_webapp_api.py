@@ -850,20 +850,41 @@ async def test_a_bootstrap_retried_with_its_tickets_nonce_gets_the_resume_record
     assert bad == {"ok": False, "error": "invalid_arguments"}
 
 
-async def test_internal_api_test_errors_do_not_become_label_values(webapp: Webapp) -> None:
-    alice = webapp.user("alice")
+async def test_internal_call_runs_only_what_a_websocket_client_may_send(webapp: Webapp) -> None:
+    """A gateway speaks for its users only as far as RTM lets them: ``auth.revoke`` (or any
+    method but ``chat.postMessage``) over /internal/call is 403 ``forbidden``, counted, and
+    changes nothing; an unknown method is ``unknown_method``; neither becomes a label value."""
+    alice, bob = webapp.user("alice"), webapp.user("bob")
+    status, body = await webapp.internal("call/auth.revoke", {"user": bob["id"], "token": bob["token"]})
+    assert status == 403 and body == {"ok": False, "error": "forbidden"}
+    status, reply = await webapp.call("auth.test", bob["token"])
+    assert status == 200 and reply["ok"], "a refused call revoked the token"
     for error in ("made_up_1", "made_up_2"):
         status, body = await webapp.internal("call/api.test", {"user": alice["id"], "error": error})
-        assert status == 200 and body["ok"] is False and body["error"] == error, body
+        assert status == 403 and body == {"ok": False, "error": "forbidden"}
+    status, body = await webapp.internal("call/made.up", {"user": alice["id"]})
+    assert body == {"ok": False, "error": "unknown_method"}
+    status, posted = await webapp.internal(
+        "call/chat.postMessage", {"user": alice["id"], "channel": webapp.channel("general"), "text": "hi"}
+    )
+    assert status == 200 and posted["ok"], posted
     async with webapp.session.get(f"{webapp.url}/metrics") as resp:
         text = await resp.text()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     outcomes = {
-        s.labels["outcome"]
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "rtm_webapp_requests_total" and s.labels.get("method") == "internal.api.test"
+        (s.labels["method"], s.labels["outcome"])
+        for s in samples
+        if s.name == "rtm_webapp_requests_total" and s.labels.get("method", "").startswith("internal.")
     }
-    assert outcomes == {"api_test_error"}
+    assert {
+        ("internal.auth.revoke", "forbidden"),
+        ("internal.api.test", "forbidden"),
+        ("internal.unknown", "unknown_method"),
+        ("internal.chat.postMessage", "ok"),
+    } <= outcomes
+    assert not any("made_up" in outcome for _, outcome in outcomes)
+    forbidden = [s for s in samples if s.name == "rtm_errors_total" and s.labels.get("kind") == "forbidden"]
+    assert forbidden and forbidden[0].value >= 3
 
 
 async def test_auth_revoke_ends_a_cached_token_at_once(webapp: Webapp) -> None:
