@@ -69,6 +69,11 @@ log = logging.getLogger("rtm.webapp.commit")
 # (and, while a commit's fsync blocks the loop, every request that arrived
 # during it). A positive window trades latency for larger batches.
 GROUP_COMMIT_WINDOW_S = 0.0
+# The least time from one commit's start to the next's. A batch opened sooner than this after
+# the last commit stays open until it has passed (so, under load, commits come at most this
+# often and each carries more posts); one opened later commits at the next turn as before, so
+# a post at light load waits for nothing. 0: every turn may commit.
+MIN_COMMIT_INTERVAL_S = 0.0
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -165,6 +170,7 @@ class GroupCommit:
         metrics: ServiceMetrics | None = None,
         *,
         window_s: float = GROUP_COMMIT_WINDOW_S,
+        min_interval_s: float = MIN_COMMIT_INTERVAL_S,
         wal_path: str | None = None,
         sync_wal: Callable[[str], None] | None = None,
         fsync_thread: bool = False,
@@ -172,6 +178,8 @@ class GroupCommit:
         self.store = store
         self.sink = sink
         self.window_s = window_s
+        self.min_interval_s = min_interval_s
+        self._last_commit_at = -float("inf")  # the loop's time at the last commit's start
         self.wal_path = wal_path
         self._wal_fsync: WalFsync | None = None  # ours, closed with us; not a sync_wal we were given
         if sync_wal is None:
@@ -220,8 +228,11 @@ class GroupCommit:
         self.store.begin_batch()
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        if self.window_s > 0:
-            loop.call_later(self.window_s, self.commit)
+        delay = self.window_s
+        if self.min_interval_s > 0:
+            delay = max(delay, self._last_commit_at + self.min_interval_s - loop.time())
+        if delay > 0:
+            loop.call_later(delay, self.commit)
         else:
             loop.call_soon(self.commit)
         self._writes = 0
@@ -347,6 +358,8 @@ class GroupCommit:
         if done is None:
             return
         self._done, self._events = None, []
+        if self.min_interval_s > 0:
+            self._last_commit_at = asyncio.get_running_loop().time()
         started = time.perf_counter()
         try:
             self.store.commit_batch()
