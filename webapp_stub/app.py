@@ -197,7 +197,8 @@ def build_parser() -> Parser:
     parser.add(
         "--min-commit-interval-s",
         MIN_COMMIT_INTERVAL_S,
-        "least time between two group commits' starts (under load: fewer, larger commits; 0: any turn)",
+        "least time between two group commits' starts under load (fewer, larger commits; 0: off)",
+        at_least=0.0,
     )
     parser.add("--lean-post-path", LEAN_POST_PATH, "plain POST /api/chat.postMessage without aiohttp (http_front)")
     parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")

@@ -69,11 +69,17 @@ log = logging.getLogger("rtm.webapp.commit")
 # (and, while a commit's fsync blocks the loop, every request that arrived
 # during it). A positive window trades latency for larger batches.
 GROUP_COMMIT_WINDOW_S = 0.0
-# The least time from one commit's start to the next's. A batch opened sooner than this after
-# the last commit stays open until it has passed (so, under load, commits come at most this
-# often and each carries more posts); one opened later commits at the next turn as before, so
-# a post at light load waits for nothing. 0: every turn may commit.
-MIN_COMMIT_INTERVAL_S = 0.0
+# The least time from one commit's start to the next's, under load. A batch opened sooner than
+# this after a commit that carried at least PACED_AFTER_BATCH_WRITES writes stays open until the
+# interval has passed: commits then come at most this often and each carries more posts, and
+# what a commit costs (the COMMIT and its fsync, the hand-off's `pubs` and the admin and channel
+# servers' work per `pubs`, each a wake-up of another process) is shared by more posts. A batch
+# opened later, or after a commit of a lone write (light load), commits at the next turn as
+# before: a post at light load waits for nothing. 0: every turn may commit.
+MIN_COMMIT_INTERVAL_S = 0.005
+# The interval holds a batch only after a commit with at least this many writes: the sign of load
+# (at light load a loop turn holds one post).
+PACED_AFTER_BATCH_WRITES = 2
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -180,6 +186,7 @@ class GroupCommit:
         self.window_s = window_s
         self.min_interval_s = min_interval_s
         self._last_commit_at = -float("inf")  # the loop's time at the last commit's start
+        self._last_commit_writes = 0  # writes that the last commit carried
         self.wal_path = wal_path
         self._wal_fsync: WalFsync | None = None  # ours, closed with us; not a sync_wal we were given
         if sync_wal is None:
@@ -229,7 +236,7 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         delay = self.window_s
-        if self.min_interval_s > 0:
+        if self.min_interval_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES:
             delay = max(delay, self._last_commit_at + self.min_interval_s - loop.time())
         if delay > 0:
             loop.call_later(delay, self.commit)
@@ -360,6 +367,7 @@ class GroupCommit:
         self._done, self._events = None, []
         if self.min_interval_s > 0:
             self._last_commit_at = asyncio.get_running_loop().time()
+            self._last_commit_writes = self._writes
         started = time.perf_counter()
         try:
             self.store.commit_batch()
