@@ -59,6 +59,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from services.config import Parser
 from services.metrics import ServiceMetrics
 from webapp_stub.models import Event
 
@@ -117,6 +118,18 @@ class WalFsync:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+def add_commit_flags(parser: Parser) -> None:
+    """The webapp's flags of its group commit."""
+    parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
+    parser.add(
+        "--min-commit-interval-s",
+        MIN_COMMIT_INTERVAL_S,
+        "least time between two group commits' starts under load (fewer, larger commits; 0: off)",
+        at_least=0.0,
+    )
+    parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")
 
 
 def wal_path_of(db_path: str) -> str | None:
