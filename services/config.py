@@ -51,28 +51,53 @@ def env_default(flag: str, default: Any) -> Any:
 class Parser(argparse.ArgumentParser):
     """argparse where ``add(flag, default, help)`` wires the RTM_* fallback."""
 
-    def add(self, flag: str, default: Any, help: str, *, above: float | None = None, **kwargs: Any) -> None:
+    def add(
+        self,
+        flag: str,
+        default: Any,
+        help: str,
+        *,
+        above: float | None = None,
+        at_least: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         """``above``: a number the flag's value must exceed (a timeout of 0 s would never wait);
-        a value at or below it, given or from the environment, is refused with a clear error."""
+        ``at_least``: one it must reach (an interval where 0 means "off"). A value out of
+        bounds, given or from the environment, is refused with a clear error."""
         value = env_default(flag, default)
         if isinstance(default, bool):
             self.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help, **kwargs)
             return
         kind = type(default) if default is not None else str
-        if above is not None:
-            if not value > above:
-                raise SystemExit(f"{env_name(flag)}={value}: {flag} must be above {above}")
-            kind = _above(kind, above)
+        for limit, inclusive in ((above, False), (at_least, True)):
+            if limit is not None:
+                bound = _Bound(limit, inclusive)
+                if not bound.holds(value):
+                    raise SystemExit(f"{env_name(flag)}={value}: {flag} must be {bound}")
+                kind = _bounded(kind, bound)
         self.add_argument(flag, type=kind, default=value, help=f"{help} (env {env_name(flag)})", **kwargs)
 
 
-def _above(kind: Any, limit: float) -> Any:
-    """An argparse type: ``kind`` of the text, refused unless above ``limit``."""
+class _Bound:
+    """A lower bound of a flag's value: ``above limit``, or ``at least limit`` (inclusive)."""
+
+    def __init__(self, limit: float, inclusive: bool) -> None:
+        self.limit, self.inclusive = limit, inclusive
+
+    def holds(self, value: Any) -> bool:
+        return bool(value >= self.limit if self.inclusive else value > self.limit)  # NaN holds neither
+
+    def __str__(self) -> str:
+        return f"{'at least' if self.inclusive else 'above'} {self.limit}"
+
+
+def _bounded(kind: Any, bound: _Bound) -> Any:
+    """An argparse type: ``kind`` of the text, refused unless within ``bound``."""
 
     def convert(text: str) -> Any:
         value = kind(text)
-        if not value > limit:
-            raise argparse.ArgumentTypeError(f"must be above {limit}, not {text}")
+        if not bound.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
         return value
 
     convert.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" errors

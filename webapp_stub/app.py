@@ -40,7 +40,7 @@ from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
-from webapp_stub.commit import COMMIT_FSYNC_THREAD, GROUP_COMMIT_WINDOW_S, GroupCommit, wal_path_of
+from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, wal_path_of
 from webapp_stub.due_queue import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUTY_CYCLE,
@@ -187,9 +187,8 @@ def build_parser() -> Parser:
     parser.add("--max-outbox-events", MAX_QUEUE_EVENTS, "hand-off queue bound: beyond it writes get ratelimited (429)")
     parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
-    parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
+    add_commit_flags(parser)
     parser.add("--lean-post-path", LEAN_POST_PATH, "plain POST /api/chat.postMessage without aiohttp (http_front)")
-    parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")
     parser.add(
         "--region-map",
         "",
@@ -273,6 +272,7 @@ class WebappServer:
                 self.handoff,
                 self.metrics,
                 window_s=args.group_commit_window_s,
+                min_interval_s=args.min_commit_interval_s,
                 wal_path=wal_path_of(self.store.path),
                 # FULL's fsync on the thread, off the loop; NORMAL/OFF asked for no fsync at all
                 fsync_thread=getattr(args, "commit_fsync_thread", COMMIT_FSYNC_THREAD)

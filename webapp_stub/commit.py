@@ -59,6 +59,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from services.config import Parser
 from services.metrics import ServiceMetrics
 from webapp_stub.models import Event
 
@@ -69,6 +70,17 @@ log = logging.getLogger("rtm.webapp.commit")
 # (and, while a commit's fsync blocks the loop, every request that arrived
 # during it). A positive window trades latency for larger batches.
 GROUP_COMMIT_WINDOW_S = 0.0
+# The least time from one commit's start to the next's, under load. A batch opened sooner than
+# this after a commit that carried at least PACED_AFTER_BATCH_WRITES writes stays open until the
+# interval has passed: commits then come at most this often and each carries more posts, and
+# what a commit costs (the COMMIT and its fsync, the hand-off's `pubs` and the admin and channel
+# servers' work per `pubs`, each a wake-up of another process) is shared by more posts. A batch
+# opened later, or after a commit of a lone write (light load), commits at the next turn as
+# before: a post at light load waits for nothing. 0: every turn may commit.
+MIN_COMMIT_INTERVAL_S = 0.005
+# The interval holds a batch only after a commit with at least this many writes: the sign of load
+# (at light load a loop turn holds one post).
+PACED_AFTER_BATCH_WRITES = 2
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -106,6 +118,18 @@ class WalFsync:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+def add_commit_flags(parser: Parser) -> None:
+    """The webapp's flags of its group commit."""
+    parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
+    parser.add(
+        "--min-commit-interval-s",
+        MIN_COMMIT_INTERVAL_S,
+        "least time between two group commits' starts under load (fewer, larger commits; 0: off)",
+        at_least=0.0,
+    )
+    parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")
 
 
 def wal_path_of(db_path: str) -> str | None:
@@ -165,6 +189,7 @@ class GroupCommit:
         metrics: ServiceMetrics | None = None,
         *,
         window_s: float = GROUP_COMMIT_WINDOW_S,
+        min_interval_s: float = MIN_COMMIT_INTERVAL_S,
         wal_path: str | None = None,
         sync_wal: Callable[[str], None] | None = None,
         fsync_thread: bool = False,
@@ -172,6 +197,9 @@ class GroupCommit:
         self.store = store
         self.sink = sink
         self.window_s = window_s
+        self.min_interval_s = min_interval_s
+        self._last_commit_at = -float("inf")  # the loop's time at the last commit's start
+        self._last_commit_writes = 0  # writes that the last commit carried
         self.wal_path = wal_path
         self._wal_fsync: WalFsync | None = None  # ours, closed with us; not a sync_wal we were given
         if sync_wal is None:
@@ -220,8 +248,11 @@ class GroupCommit:
         self.store.begin_batch()
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        if self.window_s > 0:
-            loop.call_later(self.window_s, self.commit)
+        delay = self.window_s
+        if self.min_interval_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES:
+            delay = max(delay, self._last_commit_at + self.min_interval_s - loop.time())
+        if delay > 0:
+            loop.call_later(delay, self.commit)
         else:
             loop.call_soon(self.commit)
         self._writes = 0
@@ -347,6 +378,9 @@ class GroupCommit:
         if done is None:
             return
         self._done, self._events = None, []
+        if self.min_interval_s > 0:
+            self._last_commit_at = asyncio.get_running_loop().time()
+            self._last_commit_writes = self._writes
         started = time.perf_counter()
         try:
             self.store.commit_batch()

@@ -118,6 +118,55 @@ async def test_window_keeps_the_batch_open_longer(store: Store) -> None:
     assert commits.batches == 1 and not store.in_batch
 
 
+async def test_under_load_a_batch_opened_within_the_min_interval_waits_for_it(store: Store) -> None:
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    loop = asyncio.get_running_loop()
+    interval_s = 0.2
+    commits = GroupCommit(store, Sink(), min_interval_s=interval_s)
+
+    def post(text: str) -> None:  # as the Web API does: the write, then its events to the batch
+        commits.publish([store.post_message(general, alice, text)[1]])
+
+    # A batch of two writes (load): it commits at the next turn, nothing committed before it.
+    post("first")
+    post("second")
+    await asyncio.sleep(0)  # wait-ok: exactly one turn
+    assert commits.batches == 1 and not store.in_batch
+    first_at = loop.time()
+    # Opened right after that commit: it stays open across turns until the interval has passed.
+    post("third")
+    for _ in range(3):
+        await asyncio.sleep(0)  # wait-ok: turns pass, the interval keeps the batch open
+    assert store.in_batch and commits.batches == 1
+    post("fourth")  # joins the same batch
+    await asyncio.wait_for(commits.durable(), 5.0)
+    assert commits.batches == 2 and not store.in_batch
+    assert loop.time() - first_at >= interval_s - 0.01  # the loop's clock: ms resolution under uvloop
+    # Opened once the interval has passed since the last commit: commits at the next turn again.
+    await asyncio.wait_for(asyncio.sleep(interval_s), 5.0)  # wait-ok: the interval itself is the subject
+    post("fifth")
+    await asyncio.sleep(0)  # wait-ok: exactly one turn
+    assert commits.batches == 3 and not store.in_batch
+
+
+async def test_after_a_lone_write_the_next_batch_commits_at_once(store: Store) -> None:
+    """Light load: a commit of one write is no sign of load, so the next post waits for nothing."""
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    commits = GroupCommit(store, Sink(), min_interval_s=10.0)
+
+    def post(text: str) -> None:
+        commits.publish([store.post_message(general, alice, text)[1]])
+
+    for n in range(3):
+        post(f"post {n}")
+        await asyncio.sleep(0)  # wait-ok: exactly one turn
+        assert commits.batches == n + 1 and not store.in_batch
+
+
 # -- events committed without an fsync (the scheduler's connection) ------------------------------
 class HeldSync:
     """A WAL fsync that finishes only when the test says so (it runs on a thread)."""

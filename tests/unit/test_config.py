@@ -78,3 +78,21 @@ def test_every_fleet_process_reads_its_consul_token_where_consuls_tools_do(
     build_parser = importlib.import_module(service).build_parser
     assert build_parser().parse_args([]).consul_token == expected
     assert build_parser().parse_args(["--consul-token", "from-flag"]).consul_token == "from-flag"
+
+
+@pytest.mark.parametrize("bad", ["-0.001", "nan"])
+def test_an_interval_where_zero_means_off_accepts_zero_and_refuses_below(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build = importlib.import_module("webapp_stub.app").build_parser
+    assert build().parse_args(["--min-commit-interval-s", "0"]).min_commit_interval_s == 0.0
+    with pytest.raises(SystemExit):
+        build().parse_args(["--min-commit-interval-s", bad])
+    assert f"argument --min-commit-interval-s: must be at least 0.0, not {bad}" in capsys.readouterr().err
+
+
+def test_an_interval_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTM_MIN_COMMIT_INTERVAL_S", "-1")
+    with pytest.raises(SystemExit) as refused:
+        importlib.import_module("webapp_stub.app").build_parser()
+    assert str(refused.value) == "RTM_MIN_COMMIT_INTERVAL_S=-1.0: --min-commit-interval-s must be at least 0.0"

@@ -1,0 +1,196 @@
+"""What the webapp's commit pacing saves on the publish path (issue 17, docs/publish-path.md).
+
+For each ``--intervals`` value, starts a fleet (``rtm up``, mutual TLS on, 200 seeded users, no
+websocket clients) with ``RTM_MIN_COMMIT_INTERVAL_S`` set to it, creates ``--channels`` channels,
+and posts ``chat.postMessage`` over HTTP at each of ``--rates`` posts per second, paced, for
+``--seconds`` each (at most ``--max-inflight`` unanswered). Per step it reports the webapp's and
+the admin servers' CPU µs per post (psutil user+system over the step), the group commits per
+second and posts per commit (the webapp's ``rtm_webapp_commit_batch_writes`` histogram), and the
+posts' HTTP latency p50/p99. ``--rounds N`` alternates the intervals ``N`` times, so the machine's
+load falls on each alike; tables quote medians. No websocket clients: the fan-out's cost does not
+depend on the interval, and leaving it out keeps the machine's noise off the publish path.
+
+    python -m bench.commit_pacing --intervals 0,0.005 --rates 100,500,1000,2000 --rounds 2
+
+Writes ``bench/results/commit-pacing.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import aiohttp
+import psutil
+
+from bench.harness import RESULTS_DIR, FleetRun, install_uvloop, machine_info, md_table
+from bench.stats import pct
+
+SEED_USERS = 200
+CHANNELS = 10
+SECONDS = 8.0
+MAX_INFLIGHT = 256
+POST_TIMEOUT_S = 60.0
+WARM_RATE_PER_S = 200.0
+WARM_SECONDS = 2.0
+TEXT_PAD = "x" * 150  # with its id, about the peers' 200-byte message
+
+
+def metric_total(page: str, name: str) -> float:
+    """The sum of every sample of ``name`` (all label sets) in a Prometheus text page."""
+    total = 0.0
+    for line in page.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Poster:
+    def __init__(self, fleet: FleetRun, http: aiohttp.ClientSession, token: str, max_inflight: int) -> None:
+        self.fleet, self.http, self.token = fleet, http, token
+        self.max_inflight = max_inflight
+        self.channels: list[str] = []
+        webapp = fleet.processes("webapp")[0]
+        self.webapp_id = webapp["id"]
+        self.procs = {"webapp": psutil.Process(int(webapp["pid"]))}
+        for admin in fleet.processes("admin-server"):
+            self.procs[admin["id"]] = psutil.Process(int(admin["pid"]))
+
+    async def call(self, method: str, **fields: Any) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with self.http.post(self.fleet.api_url + method, data=fields, headers=headers) as r:
+            reply = dict(await r.json(content_type=None))
+        if not reply.get("ok"):
+            raise RuntimeError(f"{method}: {reply}")
+        return reply
+
+    def cpu_s(self) -> dict[str, float]:
+        return {label: sum(p.cpu_times()[:2]) for label, p in self.procs.items()}
+
+    async def step(self, rate: float, seconds: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.max_inflight)
+        latencies: list[float] = []
+        failed = 0
+
+        async def one(i: int) -> None:
+            nonlocal failed
+            try:
+                started = time.perf_counter()
+                await self.call(
+                    "chat.postMessage", channel=self.channels[i % len(self.channels)], text=f"m{i} {TEXT_PAD}"
+                )
+                latencies.append(time.perf_counter() - started)
+            except Exception:  # noqa: BLE001 - counted
+                failed += 1
+            finally:
+                slots.release()
+
+        page0, cpu0, load0 = self.fleet.metrics(self.webapp_id), self.cpu_s(), os.getloadavg()[0]
+        tasks = []
+        t0 = loop.time()
+        for i in range(max(1, round(rate * seconds))):
+            delay = t0 + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.wait(tasks, timeout=POST_TIMEOUT_S)
+        elapsed = loop.time() - t0
+        cpu1, page1 = self.cpu_s(), self.fleet.metrics(self.webapp_id)
+        posts = max(1, len(latencies))
+        commits = metric_total(page1, "rtm_webapp_commit_batch_writes_count") - metric_total(
+            page0, "rtm_webapp_commit_batch_writes_count"
+        )
+        return {
+            "rate": rate,
+            "achieved_posts_s": len(latencies) / elapsed,
+            "failed": failed,
+            "commits_per_s": commits / elapsed,
+            "posts_per_commit": len(latencies) / max(1.0, commits),
+            "webapp_us_per_post": 1e6 * (cpu1["webapp"] - cpu0["webapp"]) / posts,
+            "admin_us_per_post": 1e6 * sum(cpu1[k] - cpu0[k] for k in cpu1 if k != "webapp") / posts,
+            "p50_ms": 1e3 * (pct(latencies, 50) or 0.0),
+            "p99_ms": 1e3 * (pct(latencies, 99) or 0.0),
+            "load_average_1m": load0,
+        }
+
+
+async def run_interval(interval_s: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    env = {"RTM_MIN_COMMIT_INTERVAL_S": interval_s}
+    with FleetRun("--seed-users", str(SEED_USERS), env=env) as fleet:
+        user = next(u for u in fleet.seed["users"] if not u["is_bot"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.max_inflight)) as http:
+            poster = Poster(fleet, http, user["token"], args.max_inflight)
+            for n in range(args.channels):
+                poster.channels.append((await poster.call("conversations.create", name=f"pacing-{n}"))["channel"]["id"])
+            await poster.step(WARM_RATE_PER_S, WARM_SECONDS)
+            for rate in args.rates:
+                row = {"interval_s": float(interval_s), **await poster.step(rate, args.seconds)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+COLUMNS = (
+    ("webapp_us_per_post", "webapp µs/post"),
+    ("admin_us_per_post", "admin µs/post"),
+    ("posts_per_commit", "posts/commit"),
+    ("commits_per_s", "commits/s"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("achieved_posts_s", "posts/s"),
+)
+
+
+def render(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    out = [
+        f"# bench/commit_pacing ({machine.get('cpu_model', '')}, {machine.get('nproc')} CPUs, {machine.get('date')}, commit {machine.get('rtm_commit')})",
+        "",
+    ]
+    out.append("Medians over the rounds, per commit interval and offered rate:")
+    out.append("")
+    table = []
+    for interval in sorted({r["interval_s"] for r in rows}):
+        for rate in sorted({r["rate"] for r in rows}):
+            mine = [r for r in rows if r["interval_s"] == interval and r["rate"] == rate]
+            cells = [f"{statistics.median(r[key] for r in mine):.1f}" for key, _ in COLUMNS]
+            table.append([f"{interval * 1000:g} ms", f"{rate:g}", *cells, sum(r["failed"] for r in mine)])
+    out.append(md_table(["interval", "offered posts/s", *(label for _, label in COLUMNS), "failed"], table))
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--intervals", default="0,0.005", help="values of RTM_MIN_COMMIT_INTERVAL_S, seconds")
+    parser.add_argument("--rates", default="100,500,1000,2000", help="offered posts per second, one step each")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="posting time per step")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the intervals, alternating")
+    parser.add_argument("--channels", type=int, default=CHANNELS, help="channels the posts go to, in turn")
+    parser.add_argument("--max-inflight", type=int, default=MAX_INFLIGHT, help="unanswered posts at most")
+    args = parser.parse_args(argv)
+    args.rates = [float(r) for r in args.rates.split(",") if r]
+    intervals = [i for i in args.intervals.split(",") if i]
+    install_uvloop()
+    rows: list[dict[str, Any]] = []
+    for _ in range(args.rounds):
+        for interval in intervals:
+            rows += asyncio.run(run_interval(interval, args))
+    machine = machine_info()
+    report = {"benchmark": "commit_pacing", "machine": machine, "argv": argv, "rows": rows}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "commit-pacing.json").write_text(json.dumps(report, indent=2))
+    text = render(rows, machine)
+    (RESULTS_DIR / "commit-pacing.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
