@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from consul_dev.app import ACL_TOKEN_ENV
+from consul_dev.app import SERVICE_NAME as CONSUL_DEV
 from rtmctl.fleet_plan import CONSUL_PORT_OFFSET, RENEW_WITHIN, ProcessSpec, plan, regions_of
 from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services import regions, tls
@@ -74,7 +75,9 @@ SECRET_ENV = "RTM_SECRET"
 # only to the agent (every process still sends it as its Consul token: the dev agent knows no other).
 FLEET_SECRET_HOLDERS = frozenset({WEBAPP, GATEWAY})
 DEBUG_FAULTS_SERVERS = frozenset({CHANNEL_SERVER, PRESENCE})
-CONSUL_DEV = "consul-dev"
+# The secrets that rtm up hands out: a child never inherits one it was not given from rtm up's own
+# environment (an operator's shell may export them, e.g. after sourcing deploy/.env).
+FLEET_SECRET_ENVS = (SECRET_ENV, OPERATOR_TOKEN_ENV, ACL_TOKEN_ENV)
 
 DEFAULT_PORT_BASE = 7400
 SUPERVISE_INTERVAL_S = 0.5
@@ -149,7 +152,10 @@ class Fleet:
 
     def launch(self, spec: ProcessSpec) -> RunningProcess:
         env = self.child_env(spec.service)
-        proc = start(spec.name, spec.argv, env=env, echo=self.echo, ready_timeout_s=self.args.ready_timeout_s)
+        unset = [name for name in FLEET_SECRET_ENVS if name not in env]  # not from our own environment either
+        proc = start(
+            spec.name, spec.argv, env=env, unset=unset, echo=self.echo, ready_timeout_s=self.args.ready_timeout_s
+        )
         self.running[spec.name] = proc
         return proc
 
@@ -182,7 +188,7 @@ class Fleet:
             self.consul_token = self.args.consul_token
         self.env[CONSUL_TOKEN_ENV] = self.consul_token
         if not self.args.consul:
-            self.launch(self.specs["consul-dev"])
+            self.launch(self.specs[CONSUL_DEV])
         self.seed = self.ensure_seed()
         write_region_map(self.consul_addr, regions_of(self.args), self.consul_token)
         specs = plan(self.args, self.data_dir, self.consul_addr, self.certificates())

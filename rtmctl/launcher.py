@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -89,11 +90,24 @@ def _pump_lines(stream: IO[str], proc: RunningProcess, echo: IO[str] | None) -> 
                 return
 
 
+def child_environment(env: dict[str, str] | None, unset: Iterable[str] = ()) -> dict[str, str]:
+    """A child's environment: ours, with ``env`` on top and the names in ``unset`` removed (the
+    secrets a child must not inherit from whoever started us, whatever their shell exported)."""
+    child_env = dict(os.environ)
+    child_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        child_env.update(env)
+    for name in unset:
+        child_env.pop(name, None)
+    return child_env
+
+
 def start(
     name: str,
     argv: list[str],
     *,
     env: dict[str, str] | None = None,
+    unset: Iterable[str] = (),
     ready_timeout_s: float = READY_TIMEOUT_S,
     echo: IO[str] | None = None,
     cwd: str | None = None,
@@ -103,10 +117,7 @@ def start(
     stderr is merged into stdout. With ``echo`` set, every output line after
     the ready line is copied there, prefixed with ``[name]``.
     """
-    child_env = dict(os.environ)
-    child_env["PYTHONUNBUFFERED"] = "1"
-    if env:
-        child_env.update(env)
+    child_env = child_environment(env, unset)
     popen = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,

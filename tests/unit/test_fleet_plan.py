@@ -59,3 +59,19 @@ def test_a_certificate_valid_beyond_the_renewal_window_is_kept(tmp_path: Path) -
     kept = stored(certs, now - datetime.timedelta(days=100), 365)
     credentials(certs, NAME, CHANNEL_SERVER, "cs-new")
     assert certs.paths(NAME).cert.read_bytes() == kept
+
+
+def test_a_child_inherits_no_fleet_secret_it_was_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator's shell may export the fleet's secrets (e.g. after sourcing deploy/.env): a
+    child of rtm up gets only those rtm up gives it, never one from rtm up's own environment."""
+    from rtmctl.fleet import FLEET_SECRET_ENVS
+    from rtmctl.launcher import child_environment
+
+    for name in FLEET_SECRET_ENVS:
+        monkeypatch.setenv(name, "stray-" + name)
+    monkeypatch.setenv("RTM_LOG_LEVEL", "DEBUG")  # anything else is inherited as before
+    given = {FLEET_SECRET_ENVS[0]: "given"}
+    env = child_environment(given, [n for n in FLEET_SECRET_ENVS if n not in given])
+    assert env[FLEET_SECRET_ENVS[0]] == "given"
+    assert not any(value.startswith("stray-") for value in env.values())
+    assert env["RTM_LOG_LEVEL"] == "DEBUG" and env["PYTHONUNBUFFERED"] == "1"
