@@ -46,6 +46,7 @@ env_file=${ENV_FILE:-$here/.env}
 tls_dir=${TLS_DIR:-$here/tls}
 host=${RTM_EDGE_HOST:-localhost}
 container_uid=${RTM_CONTAINER_UID:-10001}
+envoy_uid=101  # the envoy image's unprivileged user (and group)
 force=no
 rotate=no
 for arg in "$@"; do
@@ -72,15 +73,20 @@ mkdir -p "$cert_dir"
 if [ "$force" = yes ] || [ ! -s "$cert_dir/edge.crt" ] || [ ! -s "$cert_dir/edge.key" ]; then
     san="DNS:localhost,IP:127.0.0.1"
     [ "$host" = localhost ] || san="DNS:$host,$san"
-    # Created 0600 in one step (umask in a subshell, never chmod-ed): Envoy reads them as their
-    # owner, because the edge container runs Envoy under this user's uid and gid (ENVOY_UID and
-    # ENVOY_GID from RTM_EDGE_UID/RTM_EDGE_GID below; the envoy image's entrypoint honours them).
+    # Created 0600 in one step (umask in a subshell, never chmod-ed) and read by their owner only:
+    # the edge container runs Envoy as RTM_EDGE_UID:RTM_EDGE_GID (compose `user:`, below). Run as
+    # root, the files go to the envoy image's own unprivileged user (uid 101), never root.
     (umask 077 && openssl req -x509 -newkey rsa:2048 -sha256 -days 365 -nodes \
         -keyout "$cert_dir/edge.key" -out "$cert_dir/edge.crt" \
         -subj "/CN=$host" -addext "subjectAltName=$san")
+    if [ "$(id -u)" = 0 ]; then chown "$envoy_uid:$envoy_uid" "$cert_dir/edge.key" "$cert_dir/edge.crt"; fi
     echo "wrote $cert_dir/edge.crt and edge.key (CN=$host, SAN $san)"
 else
     echo "kept $cert_dir/edge.crt (--force makes a new one)"
+    case $(ls -l "$cert_dir/edge.key") in
+        -rw-------*) ;;
+        *) echo "warning: $cert_dir/edge.key is readable by others (made by an older gen-cert.sh): run with --force" >&2 ;;
+    esac
 fi
 
 # Secrets and tokens: .env is created 0600 (umask 077 before the first write, never chmod-ed).
@@ -103,9 +109,10 @@ for service in WEBAPP ADMIN_SERVER CHANNEL_SERVER PRESENCE CHARM GATEWAY OPERATO
     add "RTM_CONSUL_TOKEN_$service" "$(uuid)"
 done
 add GRAFANA_ADMIN_PASSWORD "$(openssl rand -hex 24)"
-# Envoy runs as the owner of deploy/certs/edge.key (0600), so no key is readable by others.
-add RTM_EDGE_UID "$(id -u)"
-add RTM_EDGE_GID "$(id -g)"
+# Envoy runs as the owner of deploy/certs/edge.key (0600): this user, or uid 101 when run as root.
+if [ "$(id -u)" = 0 ]; then edge_uid=$envoy_uid edge_gid=$envoy_uid; else edge_uid=$(id -u) edge_gid=$(id -g); fi
+add RTM_EDGE_UID "$edge_uid"
+add RTM_EDGE_GID "$edge_gid"
 
 # The fleet's CA and certificates, with the project's own code (rtm certs: services/certs.py).
 access=${RTM_TLS_ACCESS:-}

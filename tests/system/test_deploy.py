@@ -435,8 +435,9 @@ def test_gen_cert_makes_a_certificate_and_the_secret(tmp_path: Path) -> None:
     values = dict(line.split("=", 1) for line in secret.splitlines())
     assert list(values) == list(ENV_VARS), values.keys()
     assert values["RTM_TLS_GID"] == str(CONTAINER_UID if os.getuid() == 0 else os.getgid())
-    # Envoy runs as the edge key's owner (the key stays 0600): its uid and gid
+    # Envoy runs as the edge key's owner (the key stays 0600), never as root
     assert (values["RTM_EDGE_UID"], values["RTM_EDGE_GID"]) == (str(key.stat().st_uid), str(key.stat().st_gid))
+    assert values["RTM_EDGE_UID"] != "0" and values["RTM_EDGE_GID"] != "0"
     assert re.fullmatch(r"[0-9a-f]{64}", values["RTM_SECRET"])
     tokens = [v for k, v in values.items() if k.endswith("_TOKEN") or "_TOKEN_" in k]
     assert len(tokens) == len(TOKEN_SERVICES) + 2 and len(set(tokens)) == len(tokens), "one distinct token each"
