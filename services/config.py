@@ -12,6 +12,7 @@ value shows in the process list.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import uuid
@@ -59,19 +60,21 @@ class Parser(argparse.ArgumentParser):
         *,
         above: float | None = None,
         at_least: float | None = None,
+        at_most: float | None = None,
         **kwargs: Any,
     ) -> None:
         """``above``: a number the flag's value must exceed (a timeout of 0 s would never wait);
-        ``at_least``: one it must reach (an interval where 0 means "off"). A value out of
-        bounds, given or from the environment, is refused with a clear error."""
+        ``at_least``: one it must reach (an interval where 0 means "off"); ``at_most``: one it
+        must not pass. A bounded value must be finite. A value out of bounds, given or from the
+        environment, is refused with a clear error."""
         value = env_default(flag, default)
         if isinstance(default, bool):
             self.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help, **kwargs)
             return
         kind = type(default) if default is not None else str
-        for limit, inclusive in ((above, False), (at_least, True)):
+        for limit, relation in ((above, "above"), (at_least, "at least"), (at_most, "at most")):
             if limit is not None:
-                bound = _Bound(limit, inclusive)
+                bound = _Bound(limit, relation)
                 if not bound.holds(value):
                     raise SystemExit(f"{env_name(flag)}={value}: {flag} must be {bound}")
                 kind = _bounded(kind, bound)
@@ -79,16 +82,23 @@ class Parser(argparse.ArgumentParser):
 
 
 class _Bound:
-    """A lower bound of a flag's value: ``above limit``, or ``at least limit`` (inclusive)."""
+    """A bound of a flag's value: ``above``, ``at least`` or ``at most`` ``limit``; NaN and the
+    infinities hold none (an interval of inf would never end)."""
 
-    def __init__(self, limit: float, inclusive: bool) -> None:
-        self.limit, self.inclusive = limit, inclusive
+    def __init__(self, limit: float, relation: str) -> None:
+        self.limit, self.relation = limit, relation
 
     def holds(self, value: Any) -> bool:
-        return bool(value >= self.limit if self.inclusive else value > self.limit)  # NaN holds neither
+        if not math.isfinite(value):
+            return False
+        if self.relation == "above":
+            return bool(value > self.limit)
+        if self.relation == "at least":
+            return bool(value >= self.limit)
+        return bool(value <= self.limit)
 
     def __str__(self) -> str:
-        return f"{'at least' if self.inclusive else 'above'} {self.limit}"
+        return f"{self.relation} {self.limit}"
 
 
 def _bounded(kind: Any, bound: _Bound) -> Any:

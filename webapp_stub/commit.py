@@ -6,7 +6,9 @@ would cap the webapp at the disk's fsync rate; instead, :class:`GroupCommit`
 makes the first write of a loop turn open a transaction (the store's
 :meth:`~webapp_stub.store.Store.begin_batch`), every other write of that turn
 joins it as a savepoint, and a callback scheduled for the next turn (or
-:data:`GROUP_COMMIT_WINDOW_S` later) commits them all at once.
+:data:`GROUP_COMMIT_WINDOW_S` later) commits them all at once. Under load the
+commits are paced: after a commit of two or more writes, the next one waits until
+:data:`MIN_COMMIT_INTERVAL_S` has passed since that commit began (see there).
 
 Contract
 --------
@@ -72,15 +74,18 @@ log = logging.getLogger("rtm.webapp.commit")
 GROUP_COMMIT_WINDOW_S = 0.0
 # The least time from one commit's start to the next's, under load. A batch opened sooner than
 # this after a commit that carried at least PACED_AFTER_BATCH_WRITES writes stays open until the
-# interval has passed: commits then come at most this often and each carries more posts, and
+# interval has passed: while the load lasts, commits come at most this often and each carries more posts, and
 # what a commit costs (the COMMIT and its fsync, the hand-off's `pubs` and the admin and channel
-# servers' work per `pubs`, each a wake-up of another process) is shared by more posts. A batch
+# servers' work per `pubs`, each a wake-up of another process) is shared by more posts. Reads that
+# wait for durability (``durable()`` with a batch open) wait for the held batch too. A batch
 # opened later, or after a commit of a lone write (light load), commits at the next turn as
 # before: a post at light load waits for nothing. 0: every turn may commit.
 MIN_COMMIT_INTERVAL_S = 0.005
 # The interval holds a batch only after a commit with at least this many writes: the sign of load
 # (at light load a loop turn holds one post).
 PACED_AFTER_BATCH_WRITES = 2
+# The largest --min-commit-interval-s accepted: every post under load may wait this long.
+MAX_COMMIT_INTERVAL_S = 1.0
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -128,6 +133,7 @@ def add_commit_flags(parser: Parser) -> None:
         MIN_COMMIT_INTERVAL_S,
         "least time between two group commits' starts under load (fewer, larger commits; 0: off)",
         at_least=0.0,
+        at_most=MAX_COMMIT_INTERVAL_S,
     )
     parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")
 
@@ -174,7 +180,8 @@ class _Unsynced:
 
 
 class GroupCommit:
-    """Opens a batch on the first write of a turn and commits it on the next.
+    """Opens a batch on the first write of a turn and commits it on the next (under load, no
+    sooner than ``min_interval_s`` after the last commit began).
 
     With ``fsync_thread`` (and a ``wal_path``) the COMMIT runs with ``synchronous=NORMAL``
     (the batch reaches the WAL, no fsync) and the WAL's fsync runs on a dedicated thread:
@@ -198,7 +205,7 @@ class GroupCommit:
         self.sink = sink
         self.window_s = window_s
         self.min_interval_s = min_interval_s
-        self._last_commit_at = -float("inf")  # the loop's time at the last commit's start
+        self._last_commit_at = -float("inf")  # time.monotonic() at the last commit's start
         self._last_commit_writes = 0  # writes that the last commit carried
         self.wal_path = wal_path
         self._wal_fsync: WalFsync | None = None  # ours, closed with us; not a sync_wal we were given
@@ -250,7 +257,7 @@ class GroupCommit:
         self._done = loop.create_future()
         delay = self.window_s
         if self.min_interval_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES:
-            delay = max(delay, self._last_commit_at + self.min_interval_s - loop.time())
+            delay = max(delay, self._last_commit_at + self.min_interval_s - time.monotonic())
         if delay > 0:
             loop.call_later(delay, self.commit)
         else:
@@ -379,7 +386,7 @@ class GroupCommit:
             return
         self._done, self._events = None, []
         if self.min_interval_s > 0:
-            self._last_commit_at = asyncio.get_running_loop().time()
+            self._last_commit_at = time.monotonic()  # no loop needed: close() may commit without one
             self._last_commit_writes = self._writes
         started = time.perf_counter()
         try:

@@ -80,15 +80,21 @@ def test_every_fleet_process_reads_its_consul_token_where_consuls_tools_do(
     assert build_parser().parse_args(["--consul-token", "from-flag"]).consul_token == "from-flag"
 
 
-@pytest.mark.parametrize("bad", ["-0.001", "nan"])
-def test_an_interval_where_zero_means_off_accepts_zero_and_refuses_below(
-    bad: str, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("bad", "bound"),
+    [("-0.001", "at least 0.0"), ("nan", "at least 0.0"), ("inf", "at least 0.0"), ("5", "at most 1.0")],
+)
+def test_an_interval_where_zero_means_off_accepts_zero_and_refuses_out_of_bounds(
+    bad: str, bound: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """0 turns pacing off; below 0, NaN, inf (every batch open for ever) and 5 (seconds where
+    milliseconds were meant) are refused."""
     build = importlib.import_module("webapp_stub.app").build_parser
     assert build().parse_args(["--min-commit-interval-s", "0"]).min_commit_interval_s == 0.0
+    assert build().parse_args(["--min-commit-interval-s", "1"]).min_commit_interval_s == 1.0
     with pytest.raises(SystemExit):
         build().parse_args(["--min-commit-interval-s", bad])
-    assert f"argument --min-commit-interval-s: must be at least 0.0, not {bad}" in capsys.readouterr().err
+    assert f"argument --min-commit-interval-s: must be {bound}, not {bad}" in capsys.readouterr().err
 
 
 def test_an_interval_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
