@@ -270,7 +270,17 @@ class WebApi:
             called = self._start(name, None, args, token_of)
             if inspect.isawaitable(called):
                 task = asyncio.ensure_future(self._settle(name, started, called))
-                task.add_done_callback(lambda t: reply(t.result()))
+
+                def settled(t: asyncio.Future[Answer]) -> None:
+                    # _settle answers every failure, but its last durable() may still raise
+                    # (CommitFailed while fsyncs fail): the caller is answered all the same
+                    exc = None if t.cancelled() else t.exception()
+                    if t.cancelled() or exc is not None:
+                        reply(self.finish(name, started, self.failure(name, exc or CommitFailed())))
+                    else:
+                        reply(t.result())
+
+                task.add_done_callback(settled)
                 return task
             result = called
         except Exception as exc:

@@ -154,6 +154,32 @@ async def test_an_async_method_through_answer_now_answers_as_answer_does_once_co
     assert [json.loads(e.json)["type"] for e in outbox.published] == ["manual_presence_change"] * 2
 
 
+async def test_an_async_call_is_answered_even_when_the_commit_it_waits_for_fails(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async call that failed waits for the batch it shares with another write; when that
+    commit fails too, answer_now's caller still gets its one answer (internal_error)."""
+    api, _, demo = make_api(store)
+    assert api.commits is not None
+    api.commits.window_s = 0.05  # the batch stays open until the async call waits for it
+    alice, channel = demo["users"][0], demo["channels"][0]["id"]
+    answers: list[Answer] = []
+    posted = api.answer_now("chat.postMessage", {"channel": channel, "text": "x"}, lambda a: alice["token"], [].append)
+    assert posted is not None  # a batch is open
+    failed = api.answer_now("users.setPresence", {"presence": "asleep"}, lambda a: alice["token"], answers.append)
+    assert isinstance(failed, asyncio.Task)
+
+    def fail() -> None:
+        store.conn.execute("ROLLBACK")
+        store._in_batch = False
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "commit_batch", fail)
+    await asyncio.wait({failed}, timeout=5.0)
+    await asyncio.sleep(0)  # wait-ok: the done callback runs on the next loop turn
+    assert answers == [(200, {}, {"ok": False, "error": "internal_error"}, None)]
+
+
 async def test_an_unknown_method_is_refused_before_its_arguments_are_read(store: Store) -> None:
     """unknown_method whatever the body (answer never reads it); a known method's unreadable
     arguments are its error, before auth; answer_now agrees."""
