@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -183,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         for interval in intervals:
             rows += asyncio.run(run_interval(interval, args))
     machine = machine_info()
-    report = {"benchmark": "commit_pacing", "machine": machine, "argv": argv, "rows": rows}
+    report = {
+        "benchmark": "commit_pacing",
+        "machine": machine,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "rows": rows,
+    }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "commit-pacing.json").write_text(json.dumps(report, indent=2))
     text = render(rows, machine)
