@@ -271,14 +271,9 @@ class WebApi:
             if inspect.isawaitable(called):
                 task = asyncio.ensure_future(self._settle(name, started, called))
 
-                def settled(t: asyncio.Future[Answer]) -> None:
-                    # _settle answers every failure, but its last durable() may still raise
-                    # (CommitFailed while fsyncs fail): the caller is answered all the same
-                    exc = None if t.cancelled() else t.exception()
-                    if t.cancelled() or exc is not None:
-                        reply(self.finish(name, started, self.failure(name, exc or CommitFailed())))
-                    else:
-                        reply(t.result())
+                def settled(t: asyncio.Future[Answer]) -> None:  # _settle's last durable() may raise
+                    failed = CommitFailed() if t.cancelled() else t.exception()
+                    reply(t.result() if failed is None else self.finish(name, started, self.failure(name, failed)))
 
                 task.add_done_callback(settled)
                 return task
