@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Protocol
 
 import aiohttp
@@ -12,7 +13,7 @@ from aiohttp.tracing import Trace
 from services.directory import ServiceDirectory
 from services.errors import ConnectionLost, PeerError
 from services.identity import WEBAPP, BadIdentity
-from services.tls import WireTrust, transport_identity
+from services.tls import RefusalLog, WireTrust, transport_identity
 
 log = logging.getLogger("rtm.gateway.webapp")
 
@@ -31,6 +32,10 @@ class WebappConnector(aiohttp.TCPConnector):
     written on it and fails as an :class:`aiohttp.ClientConnectionError`.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusal_log = RefusalLog()  # a refused server is logged at most once a minute
+
     async def _create_connection(
         self, req: aiohttp.ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
     ) -> ResponseHandler:
@@ -41,7 +46,11 @@ class WebappConnector(aiohttp.TCPConnector):
             identity = None
         if identity is None or identity.service != WEBAPP:
             proto.close()
-            log.warning("refused %s:%s as the webapp: it is %s", req.url.host, req.url.port, identity)
+            source = f"{req.url.host}:{req.url.port}"
+            if self.refusal_log.should_log(source, time.monotonic()):
+                skipped = self.refusal_log.take_suppressed()
+                more = f" ({skipped} more refusals not logged)" if skipped else ""
+                log.warning("refused %s as the webapp: it is %s%s", source, identity, more)
             raise aiohttp.ClientConnectionError(f"{req.url.host}:{req.url.port} is {identity}, expected a {WEBAPP}")
         return proto
 

@@ -177,7 +177,9 @@ class InternalEndpoints:
         if identity is None or identity.role != GATEWAY:
             self.api.metrics.error("forbidden")
             if self.refusal_log.should_log(str(identity), time.monotonic()):
-                log.warning("forbidden: %s called %s (only gateways may)", identity, request.path)
+                skipped = self.refusal_log.take_suppressed()
+                more = f" ({skipped} more refusals not logged)" if skipped else ""
+                log.warning("forbidden: %s called %s (only gateways may)%s", identity, request.path, more)
             raise web.HTTPForbidden(
                 text=json.dumps({"ok": False, "error": "forbidden"}), content_type="application/json"
             )

@@ -8,6 +8,7 @@ the webapp's own certificate is served as before.
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -100,3 +101,19 @@ async def test_a_webapp_certificate_of_another_ca_gets_no_request(
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             await bootstrap(fleet_ca, directory, server)
         assert server.requests == 0
+
+
+async def test_a_refused_server_is_logged_once_a_minute_and_refused_every_time(
+    fleet_ca: FleetCA, directory: ServiceDirectory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with InternalServer(fleet_ca.trust(CHANNEL_SERVER, "cs-impostor")) as server:
+        client = WebappClient(directory, fleet_ca.trust(GATEWAY, "gw-1"), f"https://{HOST}:{server.port}")
+        try:
+            with caplog.at_level(logging.WARNING, logger="rtm"):
+                for _ in range(3):
+                    with pytest.raises(aiohttp.ClientConnectionError, match=f"expected a {WEBAPP}"):
+                        await client.call("/internal/bootstrap", {"user": "U1"})
+        finally:
+            await client.close()
+        assert server.requests == 0
+    assert len([r for r in caplog.records if "as the webapp" in r.getMessage()]) == 1
