@@ -260,10 +260,9 @@ class WebApi:
         token_of: Callable[[Args], str | None],
         reply: Callable[[Answer], None],
     ) -> asyncio.Future[Any] | None:
-        """:meth:`answer` without a task (the lean front's posts): runs the call now and calls
-        ``reply`` once it is durable (at once, or from the group commit's callback); returns
-        what ``reply`` waits for, None if it ran. ``args``: an :class:`ApiError` if reading them
-        failed. Same outcomes, metrics, durability; an async handler runs on a task."""
+        """:meth:`answer` without a task (the lean front's posts): ``reply`` is called once the call
+        is durable (at once, or from the commit's callback); returns what it waits for, else None.
+        ``args``: an :class:`ApiError` if reading them failed. An async handler runs on a task."""
         started = time.perf_counter()
         result: dict[str, Any] | Failure
         try:
@@ -271,7 +270,7 @@ class WebApi:
             if inspect.isawaitable(called):
                 task = asyncio.ensure_future(self._settle(name, started, called))
 
-                def settled(t: asyncio.Future[Answer]) -> None:  # _settle's last durable() may raise
+                def settled(t: asyncio.Future[Answer]) -> None:  # cancelled (at stop): answered too
                     failed = CommitFailed() if t.cancelled() else t.exception()
                     reply(t.result() if failed is None else self.finish(name, started, self.failure(name, failed)))
 
@@ -301,11 +300,9 @@ class WebApi:
         args: Args | Exception,
         token_of: Callable[[Args], str | None],
     ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
-        """The steps :meth:`answer` and :meth:`answer_now` share, in this order: the method
-        (``unknown_method``), its arguments (``args``: the exception reading them raised, raised
-        here), the caller (:meth:`authenticate`, if the method needs it), backpressure
-        (:meth:`check_backpressure`), then the handler. Returns the handler's result (an
-        awaitable for an async handler); raises what any step raises."""
+        """What :meth:`answer` and :meth:`answer_now` share, in order: the method, its ``args``
+        (or the exception reading them raised), :meth:`authenticate`, :meth:`check_backpressure`,
+        the handler. Returns its result (awaitable if async); raises what any step raises."""
         entry = METHODS.get(name)
         if entry is None:
             raise ApiError("unknown_method")
@@ -333,7 +330,10 @@ class WebApi:
                 result = self.failure(name, exc)
             else:
                 return self.finish(name, started, result)
-        await self.durable()  # what a failed call read may sit in the open batch too
+        try:
+            await self.durable()  # what a failed call read may sit in the open batch too
+        except CommitFailed as exc:  # answered all the same (not raised out: aiohttp's 500)
+            result = self.failure(name, exc)
         return self.finish(name, started, result)
 
     def failure(self, name: str, exc: BaseException) -> Failure:

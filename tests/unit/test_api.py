@@ -179,6 +179,16 @@ async def test_an_async_call_is_answered_even_when_the_commit_it_waits_for_fails
     await asyncio.sleep(0)  # wait-ok: the done callback runs on the next loop turn
     assert answers == [(200, {}, {"ok": False, "error": "internal_error"}, None)]
 
+    # aiohttp's path (WebApi.answer) answers the same instead of raising out (an HTTP 500)
+    monkeypatch.undo()
+    posted = api.answer_now("chat.postMessage", {"channel": channel, "text": "y"}, lambda a: alice["token"], [].append)
+    assert posted is not None
+    monkeypatch.setattr(store, "commit_batch", fail)
+    answered = await asyncio.wait_for(
+        api.answer("users.setPresence", None, {"presence": "asleep"}, lambda a: alice["token"]), 5.0
+    )
+    assert answered == (200, {}, {"ok": False, "error": "internal_error"}, None)
+
 
 async def test_an_unknown_method_is_refused_before_its_arguments_are_read(store: Store) -> None:
     """unknown_method whatever the body (answer never reads it); a known method's unreadable
