@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl
 from webapp_stub.args import Args, check_text, parse_body, token_of
 from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
+from webapp_stub.reply import Answer
 
 if TYPE_CHECKING:
     from webapp_stub.api import WebApi
@@ -332,7 +333,7 @@ class FrontProtocol(asyncio.Protocol):
             if self.waiting is not None:
                 return  # _reply goes on
 
-    def _reply(self, answer: tuple[int, dict[str, str], dict[str, Any], str | None]) -> None:
+    def _reply(self, answer: Answer) -> None:
         """Write the answer of the request in flight; go on with the next one if the answer
         came from a commit's callback (an answer given at once returns to :meth:`_next`)."""
         transport = self.transport
