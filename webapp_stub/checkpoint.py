@@ -47,9 +47,10 @@ log = logging.getLogger("rtm.webapp.checkpoint")
 # Checkpoint as soon as the WAL file is larger than this. Every complete
 # checkpoint costs the writer one fsync (of the restarted WAL's header) on its
 # next commit, so this sets how often that happens: a chat.postMessage writes
-# about 23 KiB of WAL (5-6 pages), so 16 MiB is one such stall per ~700 posts.
+# about 10 KiB of WAL over 100 channels (since messages and events are appended: schema.py), so
+# 16 MiB is one such stall per ~1,700 posts.
 # (SQLite's own bound, 1,000 pages or 4 MiB, meant a two-fsync checkpoint in
-# one commit and the header fsync in the next, every ~180 posts.) A longer WAL
+# one commit and the header fsync in the next, every ~180 posts then.) A longer WAL
 # costs little: page lookups in it are hashed, and crash recovery reads it
 # once. Also the size the WAL file is cut back to when the writer restarts it
 # (PRAGMA journal_size_limit), so a burst leaves no large file behind.

@@ -172,7 +172,9 @@ def test_what_the_bulk_path_cannot_post_fails_with_the_precise_error_or_goes_one
     errors = dict(store.conn.execute("SELECT id, error FROM due_items WHERE state = 'failed'").fetchall())
     assert set(errors.values()) == {"is_archived", "not_in_channel"}
     reply = store.conn.execute("SELECT posted_ts FROM scheduled_messages WHERE id = ?", (threaded.id,)).fetchone()[0]
-    thread = store.conn.execute("SELECT thread_ts FROM messages WHERE ts = ?", (reply,)).fetchone()[0]
+    thread = store.conn.execute(
+        "SELECT thread_ts FROM messages WHERE channel = ? AND ts = ?", (other_channel, reply)
+    ).fetchone()[0]
     assert thread == parent["ts"]
     assert any('"type":"im_created"' in e.json for e in fired.events)  # the reopened DM
     # each channel's events, as handed to the outbox, in seq order

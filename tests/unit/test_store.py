@@ -612,6 +612,69 @@ def test_an_older_database_gets_the_new_columns(tmp_path: Path) -> None:
     store.close()
 
 
+OLD_CLUSTERED_TABLES = """
+CREATE TABLE messages (channel TEXT NOT NULL, ts_us INTEGER NOT NULL, ts TEXT NOT NULL, seq INTEGER NOT NULL,
+    user TEXT NOT NULL, team TEXT NOT NULL, text TEXT NOT NULL, thread_ts TEXT, bot_id TEXT, extra TEXT,
+    PRIMARY KEY (channel, ts_us)) WITHOUT ROWID;
+CREATE TABLE events (channel TEXT NOT NULL, seq INTEGER NOT NULL, json TEXT NOT NULL, ctl TEXT,
+    created_at REAL NOT NULL, PRIMARY KEY (channel, seq)) WITHOUT ROWID;
+CREATE INDEX events_created ON events (created_at);
+"""
+
+
+def test_an_older_database_with_clustered_messages_and_events_is_rebuilt_with_every_row(tmp_path: Path) -> None:
+    """Round 6 of docs/publish-path.md: messages and events became rowid tables with their key as a
+    unique index. A database written before (both tables WITHOUT ROWID, and messages still without
+    the columns added later) keeps every row, its history and event log read the same, and posts go
+    on gapless."""
+    import sqlite3
+
+    clock = FakeClock(1_700_000_000.0)
+    store = Store(str(tmp_path), clock=clock)
+    demo = seed_demo(store, users=3, channels=2, bots=0)
+    alice = user(store, demo, "alice")
+    general, random_ = channel(store, demo, "general"), channel(store, demo, "random")
+    for n in range(30):
+        clock.advance(1)
+        store.post_message(general if n % 3 else random_, alice, f"m{n}")
+    history = {c.id: store.history(c.id, limit=100)[0] for c in (general, random_)}
+    events = {c.id: store.events_after(c.id, 0)[0] for c in (general, random_)}
+    store.close()
+    # the older version's tables, with the same rows
+    db = sqlite3.connect(tmp_path / "webapp.db", isolation_level=None)
+    db.execute("BEGIN")
+    db.execute("ALTER TABLE messages RENAME TO messages_now")
+    db.execute("ALTER TABLE events RENAME TO events_now")
+    db.execute("DROP INDEX events_created")
+    for statement in OLD_CLUSTERED_TABLES.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    old_columns = "channel, ts_us, ts, seq, user, team, text, thread_ts, bot_id, extra"
+    db.execute(f"INSERT INTO messages ({old_columns}) SELECT {old_columns} FROM messages_now")
+    db.execute("INSERT INTO events SELECT channel, seq, json, ctl, created_at FROM events_now")
+    db.execute("DROP TABLE messages_now")
+    db.execute("DROP TABLE events_now")
+    db.execute("COMMIT")
+    db.close()
+
+    store = Store(str(tmp_path), clock=clock)
+    tables = dict(store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    assert "WITHOUT ROWID" not in tables["messages"] and "WITHOUT ROWID" not in tables["events"]
+    assert not any(name.endswith("__rowid") for name in tables)
+    indexes = {row[0] for row in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"messages_key", "events_key", "events_created"} <= indexes
+    assert {c.id: store.history(c.id, limit=100)[0] for c in (general, random_)} == history
+    assert {c.id: store.events_after(c.id, 0)[0] for c in (general, random_)} == events
+    clock.advance(1)
+    _, event = store.post_message(general, alice, "after the rebuild")
+    assert event.seq == events[general.id][-1].seq + 1
+    with pytest.raises(sqlite3.IntegrityError, match="messages.channel, messages.ts_us"):  # still a key
+        key = "channel, ts_us, ts, seq, user, team, text"
+        store.conn.execute(f"INSERT INTO messages ({key}) SELECT {key} FROM messages WHERE channel = ?", (general.id,))
+    store.close()
+    Store(str(tmp_path), clock=clock).close()  # opening it again changes nothing
+
+
 # -- durability, event size, group commit, dead letters (issue 13) ------------------------------------
 
 
@@ -918,3 +981,12 @@ def test_ts_from_the_hint_still_rises_when_the_clock_goes_back(store: Store, dem
         clock.advance(step)  # -5: the clock went back
         stamps.append(ts_to_us(store.post_message(general, alice, "x")[0]["ts"]))
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+
+
+def test_the_restart_replay_reads_only_recent_events_through_their_index(store: Store) -> None:
+    """events_since (the hand-off's replay at start) must not scan the whole event log: SQLite's
+    planner, left alone, scans it in key order rather than sort the recent events."""
+    from webapp_stub.events import EVENTS_SINCE_SQL
+
+    plan = [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + EVENTS_SINCE_SQL, (0.0,))]
+    assert any("USING INDEX events_created" in step for step in plan), plan
