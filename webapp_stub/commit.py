@@ -296,6 +296,17 @@ class GroupCommit:
         thread, the live commits' events waiting for their fsync are counted too."""
         return sum(len(entry.events) for entry in self._unsynced)
 
+    def oldest_t0(self) -> float | None:
+        """The oldest ``t0`` of the events not yet handed to the sink (the open batch's, and those
+        waiting for an fsync); None if none. The hand-off mark stays below it (webapp_stub/handoff.py,
+        ``write_mark``): these events are not in the outbox yet, and some are committed already."""
+        oldest: float | None = None
+        for events in (self._events, *(entry.events for entry in self._unsynced)):
+            for event in events:
+                if oldest is None or event.t0 < oldest:
+                    oldest = event.t0
+        return oldest
+
     @property
     def syncing(self) -> bool:
         """An fsync of the WAL is running on the thread (or waits to be retried)."""
