@@ -34,7 +34,9 @@ Contract
   first; and always before the events of any later commit, so each channel's
   events still reach the outbox in ``seq`` order. A fired scheduled message is
   never delivered before it would survive a power loss (a delivered-then-lost
-  event's seq would be reused, and gateways would drop the reuse as a duplicate).
+  event's seq would be reused, and gateways would drop the reuse as a duplicate),
+  nor named by a read: ``durable`` with no batch open waits for their fsync too (a
+  bootstrap's seqs, a gateway's history fill).
 * With ``fsync_thread`` (the webapp's default, ``--commit-fsync-thread``): the batch's
   COMMIT writes it to the WAL without an fsync (``synchronous=NORMAL`` on the writer's
   connection) and a dedicated thread fsyncs the WAL file, which is what FULL's COMMIT
@@ -375,7 +377,10 @@ class GroupCommit:
         the fsync thread, on disk), with :class:`CommitFailed` if that failed; None if nothing
         waits. For callers that wait by callback (the lean post front) instead of :meth:`durable`."""
         done = self._done
-        if done is None and self.fsync_thread and self._unsynced:
+        # Without a batch open, a read waits for the events committed before it that are not on
+        # disk yet: the fsync thread's commits, and the scheduler's (without the fsync thread too),
+        # so that no reply names a seq a power loss could take back and a later post reuse.
+        if done is None and self._unsynced:
             last = self._unsynced[-1]
             if last.done is None:
                 last.done = asyncio.get_running_loop().create_future()
