@@ -284,6 +284,35 @@ async def test_a_read_waits_for_unsynced_scheduler_events(store: Store) -> None:
     commits.close()
 
 
+async def test_a_batch_rolled_back_by_sqlite_takes_no_later_write_alone(store: Store) -> None:
+    """After SQLITE_FULL or SQLITE_IOERR SQLite may roll the whole transaction back by itself. The
+    batch's later writes must not then run as savepoints outside any transaction (each released
+    = committed on its own) while the batch's COMMIT fails and drops their events: committed
+    messages, answered internal_error, never handed off."""
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink = Sink()
+    commits = GroupCommit(store, sink)
+    before = store.last_seq(general.id)
+    first = store.post_message(general, alice, "first")[1]
+    commits.publish([first])
+    store.conn.execute("ROLLBACK")  # what SQLite does on its own after some I/O errors mid-transaction
+    with pytest.raises(sqlite3.OperationalError):
+        store.post_message(general, alice, "second")
+    with pytest.raises(CommitFailed):
+        await commits.durable()
+    assert sink.published == []
+    peek = Store(store.path)
+    assert peek.last_seq(general.id) == before  # nothing of the lost batch is in the database
+    peek.close()
+    after = store.post_message(general, alice, "after")[1]  # the next batch works as usual
+    commits.publish([after])
+    await commits.durable()
+    assert sink.published == [after] and after.seq == before + 1
+    commits.close()
+
+
 # -- the WAL's fsync on a dedicated thread (fsync_thread=True, the webapp's default) -----------------
 def _team(store: Store) -> tuple[Any, Any]:
     demo = seed_demo(store)
