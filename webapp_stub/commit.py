@@ -74,6 +74,8 @@ log = logging.getLogger("rtm.webapp.commit")
 # (and, while a commit's fsync blocks the loop, every request that arrived
 # during it). A positive window trades latency for larger batches.
 GROUP_COMMIT_WINDOW_S = 0.0
+# The largest --group-commit-window-s accepted: every post may wait this long.
+MAX_GROUP_COMMIT_WINDOW_S = 1.0
 # The least time from one commit's start to the next's, under load. A batch opened sooner than
 # this after a commit that carried at least PACED_AFTER_BATCH_WRITES writes stays open until the
 # interval has passed: while the load lasts, commits come at most this often and each carries more posts, and
@@ -129,7 +131,13 @@ class WalFsync:
 
 def add_commit_flags(parser: Parser) -> None:
     """The webapp's flags of its group commit."""
-    parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
+    parser.add(
+        "--group-commit-window-s",
+        GROUP_COMMIT_WINDOW_S,
+        "how long a write batch stays open (0: one loop turn)",
+        at_least=0.0,
+        at_most=MAX_GROUP_COMMIT_WINDOW_S,  # inf (or NaN) would hold the first batch, and every post, for good
+    )
     parser.add(
         "--min-commit-interval-s",
         MIN_COMMIT_INTERVAL_S,
