@@ -358,12 +358,32 @@ async def test_a_batch_beyond_the_in_flight_bound_is_refused_whole(
     admin.args.max_pubs_in_flight = 10
     webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
     try:
+        admin.pubs_in_flight = 1  # another publish being forwarded
         with pytest.raises(PeerError) as info:
-            await webapp.request(pubs(*(item(n) for n in range(1, 12))), timeout_s=DEFAULT_WAIT_S)
+            await webapp.request(pubs(*(item(n) for n in range(1, 11))), timeout_s=DEFAULT_WAIT_S)
         assert info.value.code == "unavailable"  # transient: the webapp resends, in order
-        assert admin.pubs_in_flight == 0
+        assert admin.pubs_in_flight == 1
+        admin.pubs_in_flight = 0
         reply = await webapp.request(pubs(*(item(n) for n in range(1, 11))), timeout_s=DEFAULT_WAIT_S)
         assert reply["res"] == ["ok"] * 10
+    finally:
+        webapp.close()
+
+
+async def test_a_batch_larger_than_the_whole_bound_is_admitted_when_nothing_else_is_in_flight(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """--max-pubs-in-flight below the webapp's batch (up to ops.MAX_PUBS_EVENTS events): refused
+    whole every time, the webapp's resend (the same batch, from its oldest unacknowledged event)
+    would never pass, and the hand-off would stall for good behind it."""
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    admin.args.max_pubs_in_flight = 10
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        reply = await webapp.request(pubs(*(item(n) for n in range(1, 12))), timeout_s=DEFAULT_WAIT_S)
+        assert reply["res"] == ["ok"] * 11
+        assert admin.pubs_in_flight == 0
     finally:
         webapp.close()
 
