@@ -306,10 +306,10 @@ class AdminServer(MsgpackService):
                 self.pubs_in_flight -= 1
                 reply.settle(index, ErrorCode.INTERNAL, f"{owner} answered pubs without a result per event")
             return
-        details = _details(answer)
+        details = _details(answer)  # by position in the group's pubs, not in the webapp's batch
         elapsed = time.monotonic() - started
         ok = 0
-        for (index, item), result in zip(group, results, strict=True):
+        for position, ((index, item), result) in enumerate(zip(group, results, strict=True)):
             if result == ErrorCode.NOT_OWNER:
                 self.retries.labels("not_owner").inc()
                 self._slow(reply, index, item)  # stays counted in pubs_in_flight; forward() uncounts it
@@ -321,7 +321,7 @@ class AdminServer(MsgpackService):
             else:
                 code = str(result)[:100]
                 self.metrics.error("cs_" + (code if code in _CS_CODES else "other"))
-                reply.settle(index, code, details.get(index, ""))
+                reply.settle(index, code, details.get(position, ""))
         if ok:
             self.forwarded.inc(ok)
             self.latency.observe(elapsed)
