@@ -23,7 +23,8 @@ one ``pubs`` whose owner is live in one ``pubs`` per channel server, and
 answers the webapp once, with a result per event, when the last is settled.
 The rest (no live owner, no link yet, a slot on the slow path, ``not_owner``)
 go on the slow path one by one, in order, as single ``pub``s do. A batch is
-admitted whole under ``--max-pubs-in-flight`` or refused whole.
+admitted whole under ``--max-pubs-in-flight`` (or whatever its size when nothing else is
+in flight) or refused whole.
 
 Why one module: the fast path (:meth:`AdminServer.forward_now`), the batch path and the
 slow path share one ordering rule (the fast path steps aside while a slot has a slow
@@ -193,14 +194,17 @@ class AdminServer(MsgpackService):
 
         Admission is all or nothing: if the batch does not fit under
         ``--max-pubs-in-flight`` it is refused whole (``unavailable``, transient), so a
-        resend never finds a later event of a channel applied before an earlier one.
+        resend never finds a later event of a channel applied before an earlier one; with
+        nothing else in flight it is admitted whatever its size.
         A bad item is answered ``bad_request`` alone. The events whose owner is live
         go to it in one ``pubs`` per channel server (:meth:`_send_group`); the others,
         and any that a channel server answers ``not_owner``, take the slow path
         (:meth:`forward`), in order, exactly as single ``pub`` s do.
         """
         count = len(batch.evs)
-        if self.pubs_in_flight + count > self.args.max_pubs_in_flight:
+        # With nothing else in flight a batch is admitted whatever its size (at most ops.MAX_PUBS_EVENTS):
+        # under a bound below one batch, the webapp's resend of the same batch would be refused for ever.
+        if self.pubs_in_flight and self.pubs_in_flight + count > self.args.max_pubs_in_flight:
             self.refused.inc(count)
             return wire.reply_err(
                 request_id, ErrorCode.UNAVAILABLE, f"{self.pubs_in_flight} publishes in flight here; retry"
@@ -302,10 +306,10 @@ class AdminServer(MsgpackService):
                 self.pubs_in_flight -= 1
                 reply.settle(index, ErrorCode.INTERNAL, f"{owner} answered pubs without a result per event")
             return
-        details = _details(answer)
+        details = _details(answer)  # by position in the group's pubs, not in the webapp's batch
         elapsed = time.monotonic() - started
         ok = 0
-        for (index, item), result in zip(group, results, strict=True):
+        for position, ((index, item), result) in enumerate(zip(group, results, strict=True)):
             if result == ErrorCode.NOT_OWNER:
                 self.retries.labels("not_owner").inc()
                 self._slow(reply, index, item)  # stays counted in pubs_in_flight; forward() uncounts it
@@ -317,7 +321,7 @@ class AdminServer(MsgpackService):
             else:
                 code = str(result)[:100]
                 self.metrics.error("cs_" + (code if code in _CS_CODES else "other"))
-                reply.settle(index, code, details.get(index, ""))
+                reply.settle(index, code, details.get(position, ""))
         if ok:
             self.forwarded.inc(ok)
             self.latency.observe(elapsed)

@@ -15,7 +15,8 @@ server            sender role     may send
 admin-server      webapp          ``pub``, ``pubs``
 channel-server    admin-server    ``pub``, ``pubs``
 channel-server    gateway         ``sub``, ``unsub``, ``seqs``, transient ``pub``
-                                  (seq nil), with ``gw`` = its own instance id
+                                  (seq nil, ``ctl`` at most ``from``), with ``gw``
+                                  = its own instance id
 presence          gateway         ``lease``, ``release``, ``query``, ``online``,
                                   ``offline``, ``psub``, ``punsub``, ``synced``,
                                   with ``gw`` = its own instance id
@@ -57,6 +58,8 @@ log = logging.getLogger("rtm.authz")
 ANY_ROLE_OPS = frozenset({"ping"})
 # A gateway's ``pub`` to a channel server is allowed only transient (no seq): typing.
 TRANSIENT_PUB = "pub:transient"
+# The ctl keys a gateway's transient pub may carry: the typing user's id, whose own sockets skip it.
+GATEWAY_CTL_KEYS = frozenset({"from"})
 GATEWAY_PRESENCE_OPS = frozenset({"lease", "release", "query", "online", "offline", "psub", "punsub", "synced"})
 
 # server service -> sender role -> ops it may send there
@@ -113,6 +116,11 @@ class Authorizer:
         if op == "pub" and identity.role == GATEWAY:
             if msg.get("seq") is not None:
                 return Refusal(op, str(identity), "a gateway may publish only transient events (seq nil)")
+            ctl = msg.get("ctl")
+            if ctl is not None and (not isinstance(ctl, dict) or not set(ctl) <= GATEWAY_CTL_KEYS):
+                # join/leave in a ctl make every gateway holding the channel subscribe (or drop) the
+                # user's connections: the webapp's word (a persisted event), never a gateway's
+                return Refusal(op, str(identity), "a gateway's transient event may carry only ctl.from")
             wanted = TRANSIENT_PUB
         if wanted not in allowed:
             return Refusal(op, str(identity), f"{identity.role} may not send {op} to a {self.service}")

@@ -48,6 +48,9 @@ class SlotOwner:
         self.on_change = on_change
         self.follower = RingFollower(discovery, ring_key, on_change=self._ring_changed)
         self._tasks = Tasks("slot owner")
+        # A re-read of the ring that :meth:`accepts` started is running: a burst of requests on a
+        # newer ring (every pub of a batch, every retry of the admin server's slow lane) asks once.
+        self._refreshing = False
 
     @property
     def ring_version(self) -> int:
@@ -61,7 +64,9 @@ class SlotOwner:
     def accepts(self, peer_version: int = 0) -> bool:
         """False while fenced, or while a peer acts on a newer ring than ours (we re-read it)."""
         if peer_version > self.follower.ring.version:
-            self._spawn(self.refresh_quietly())
+            if not self._refreshing:  # one re-read at a time, however many requests ask meanwhile
+                self._refreshing = True
+                self._spawn(self._refresh_for_peer())
             return False
         return not self.is_fenced()
 
@@ -101,6 +106,13 @@ class SlotOwner:
             await asyncio.wait_for(self.refresh_quietly(), timeout_s)
         except TimeoutError:
             pass
+
+    async def _refresh_for_peer(self) -> None:
+        """:meth:`accepts`' re-read of the ring (a publish or sub on a newer one)."""
+        try:
+            await self.refresh_quietly()
+        finally:
+            self._refreshing = False
 
     async def refresh_quietly(self) -> None:
         try:

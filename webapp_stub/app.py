@@ -349,7 +349,7 @@ class WebappServer:
         if len(handoff) and self.as_link.instances and not await handoff.flush(DEFAULT_FLUSH_TIMEOUT_S):
             log.warning("outbox not flushed within %ss", DEFAULT_FLUSH_TIMEOUT_S)
         await handoff.close()
-        write_mark(self.store, handoff, time.time())
+        write_mark(self.store, handoff, time.time(), self._held_t0())
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A background task, cancelled (and awaited) at its place in the stop order."""
@@ -364,7 +364,12 @@ class WebappServer:
     async def _mark_loop(self) -> None:
         while True:
             await asyncio.sleep(MARK_INTERVAL_S)
-            write_mark(self.store, self.handoff, time.time())
+            write_mark(self.store, self.handoff, time.time(), self._held_t0())
+
+    def _held_t0(self) -> float | None:
+        """The oldest event the group commit holds back from the outbox (the mark stays below it)."""
+        commits: GroupCommit | None = getattr(self, "commits", None)  # None before start() made it
+        return commits.oldest_t0() if commits is not None else None
 
     async def _redrive_loop(self) -> None:
         while True:

@@ -34,7 +34,9 @@ Contract
   first; and always before the events of any later commit, so each channel's
   events still reach the outbox in ``seq`` order. A fired scheduled message is
   never delivered before it would survive a power loss (a delivered-then-lost
-  event's seq would be reused, and gateways would drop the reuse as a duplicate).
+  event's seq would be reused, and gateways would drop the reuse as a duplicate),
+  nor named by a read: ``durable`` with no batch open waits for their fsync too (a
+  bootstrap's seqs, a gateway's history fill).
 * With ``fsync_thread`` (the webapp's default, ``--commit-fsync-thread``): the batch's
   COMMIT writes it to the WAL without an fsync (``synchronous=NORMAL`` on the writer's
   connection) and a dedicated thread fsyncs the WAL file, which is what FULL's COMMIT
@@ -72,6 +74,8 @@ log = logging.getLogger("rtm.webapp.commit")
 # (and, while a commit's fsync blocks the loop, every request that arrived
 # during it). A positive window trades latency for larger batches.
 GROUP_COMMIT_WINDOW_S = 0.0
+# The largest --group-commit-window-s accepted: every post may wait this long.
+MAX_GROUP_COMMIT_WINDOW_S = 1.0
 # The least time from one commit's start to the next's, under load. A batch opened sooner than
 # this after a commit that carried at least PACED_AFTER_BATCH_WRITES writes stays open until the
 # interval has passed: while the load lasts, commits come at most this often and each carries more posts, and
@@ -127,7 +131,13 @@ class WalFsync:
 
 def add_commit_flags(parser: Parser) -> None:
     """The webapp's flags of its group commit."""
-    parser.add("--group-commit-window-s", GROUP_COMMIT_WINDOW_S, "how long a write batch stays open (0: one loop turn)")
+    parser.add(
+        "--group-commit-window-s",
+        GROUP_COMMIT_WINDOW_S,
+        "how long a write batch stays open (0: one loop turn)",
+        at_least=0.0,
+        at_most=MAX_GROUP_COMMIT_WINDOW_S,  # inf (or NaN) would hold the first batch, and every post, for good
+    )
     parser.add(
         "--min-commit-interval-s",
         MIN_COMMIT_INTERVAL_S,
@@ -296,6 +306,17 @@ class GroupCommit:
         thread, the live commits' events waiting for their fsync are counted too."""
         return sum(len(entry.events) for entry in self._unsynced)
 
+    def oldest_t0(self) -> float | None:
+        """The oldest ``t0`` of the events not yet handed to the sink (the open batch's, and those
+        waiting for an fsync); None if none. The hand-off mark stays below it (webapp_stub/handoff.py,
+        ``write_mark``): these events are not in the outbox yet, and some are committed already."""
+        oldest: float | None = None
+        for events in (self._events, *(entry.events for entry in self._unsynced)):
+            for event in events:
+                if oldest is None or event.t0 < oldest:
+                    oldest = event.t0
+        return oldest
+
     @property
     def syncing(self) -> bool:
         """An fsync of the WAL is running on the thread (or waits to be retried)."""
@@ -364,7 +385,10 @@ class GroupCommit:
         the fsync thread, on disk), with :class:`CommitFailed` if that failed; None if nothing
         waits. For callers that wait by callback (the lean post front) instead of :meth:`durable`."""
         done = self._done
-        if done is None and self.fsync_thread and self._unsynced:
+        # Without a batch open, a read waits for the events committed before it that are not on
+        # disk yet: the fsync thread's commits, and the scheduler's (without the fsync thread too),
+        # so that no reply names a seq a power loss could take back and a later post reuse.
+        if done is None and self._unsynced:
             last = self._unsynced[-1]
             if last.done is None:
                 last.done = asyncio.get_running_loop().create_future()

@@ -247,6 +247,11 @@ class Transaction:
     def __enter__(self) -> sqlite3.Connection:
         db = self.db
         conn = db.conn
+        if db._in_batch and not conn.in_transaction:
+            # SQLite rolled the batch back by itself (it may, after SQLITE_FULL or SQLITE_IOERR): a
+            # savepoint now would be a transaction of its own, committed at its release while the
+            # batch's COMMIT fails and drops its events. Fail this write; the batch fails whole.
+            raise sqlite3.OperationalError("the group commit's transaction was rolled back by SQLite")
         if not (db._in_batch or conn.in_transaction) and db.batch_opener is not None:
             db.batch_opener()
         self.nested = db._in_batch or conn.in_transaction

@@ -47,8 +47,10 @@ Contract
 * Without a reachable Admin Server the queue waits; the messages are durable
   in SQLite already and their HTTP callers got ``ok``.
 * Across restarts and crashes: the store keeps a hand-off mark (refreshed
-  every :data:`MARK_INTERVAL_S`) below which everything was acknowledged; a
-  starting webapp requeues every event from the mark on.
+  every :data:`MARK_INTERVAL_S`) below which everything was acknowledged (and
+  below every event the group commit still holds back from this queue: its open
+  batch's, and those committed but waiting for an fsync); a starting webapp
+  requeues every event from the mark on.
 * The queue never drops an entry (each is a durable event), so it is bounded
   where events are made: while it holds :data:`MAX_QUEUE_EVENTS` or more,
   :attr:`Handoff.saturated` is true and the Web API refuses new writes with
@@ -181,10 +183,18 @@ def replay_from_mark(store: MarkStore, handoff: Handoff, now: float) -> int:
     return len(events)
 
 
-def write_mark(store: MarkStore, handoff: Handoff, now: float) -> None:
-    """Record that everything before the oldest queued event (or ``now``) was acknowledged."""
+def write_mark(store: MarkStore, handoff: Handoff, now: float, held_t0: float | None = None) -> None:
+    """Record that everything before the oldest queued event (or ``now``) was acknowledged.
+
+    ``held_t0``: the oldest ``t0`` of the events committed but not yet queued here (a group
+    commit's events waiting for their batch's commit or their fsync: webapp_stub/commit.py,
+    :meth:`~webapp_stub.commit.GroupCommit.oldest_t0`); the mark stays below them too, or a
+    crash before they reach the outbox would leave them out of the restart's replay."""
     oldest = handoff.outbox.oldest_t0()
-    store.set_mark(HANDOFF_MARK, (now if oldest is None else min(oldest, now)) - MARK_MARGIN_S)
+    for t0 in (oldest, held_t0):
+        if t0 is not None:
+            now = min(now, t0)
+    store.set_mark(HANDOFF_MARK, now - MARK_MARGIN_S)
 
 
 def pub_item(event: Event) -> dict[str, Any]:

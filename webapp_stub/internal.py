@@ -67,6 +67,7 @@ from services.tls import RefusalLog, transport_identity
 from webapp_stub.api import METHODS, Call, WebApi
 from webapp_stub.args import Args, int_arg, parse_json_body
 from webapp_stub.codecs import MAX_SQL_INT
+from webapp_stub.commit import CommitFailed
 from webapp_stub.errors import ApiError
 
 log = logging.getLogger("rtm.webapp.api")
@@ -162,7 +163,11 @@ class InternalEndpoints:
             self.api.metrics.error("internal_error")
             body, outcome = {"ok": False, "error": "internal_error"}, "internal_error"
         if durable:
-            await self.api.durable()
+            try:
+                await self.api.durable()
+            except CommitFailed as exc:  # answered like any failure (not raised out: aiohttp's bare 500)
+                failed = self.api.failure(name, exc)
+                body, outcome, status, headers = failed.body, failed.outcome, failed.status, failed.headers
         self.api.count_request(name, outcome)
         return web.json_response(body, status=status, headers=headers)
 

@@ -325,6 +325,33 @@ async def test_one_bad_event_in_a_batch_is_refused_alone_and_blocks_nothing(
         gateway.close()
 
 
+async def test_a_channel_servers_detail_reaches_the_event_it_was_given_for(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """A channel server's ``det`` indexes its own ``pubs`` (the events of the batch it serves),
+    not the webapp's batch: after a bad item the admin server kept, the two differ."""
+    admin, port, cs, cs_port = fleet
+    gateway, pushes, webapp = await routed_to_cs_test(admin, port, cs_port)
+    original = cs.handle_request
+
+    def refusing(conn: PeerConnection, msg: dict[str, Any]) -> Any:
+        if msg["op"] == "pubs" and len(msg["evs"]) == 2:  # the group of the batch below
+            return wire.reply_ok(msg["id"], res=["ok", "internal"], det=[[1, "the disk is on fire"]])
+        return original(conn, msg)
+
+    cs.handle_request = refusing  # type: ignore[method-assign]
+    try:
+        await webapp.request(pubs(item(1)), timeout_s=DEFAULT_WAIT_S)  # opens the link (slow path)
+        reply = await webapp.request(pubs("not a map", item(2), item(3)), timeout_s=DEFAULT_WAIT_S)
+        assert reply["res"] == ["bad_request", "ok", "internal"]
+        assert dict(reply["det"])[2] == "the disk is on fire"
+        assert admin.pubs_in_flight == 0
+    finally:
+        cs.handle_request = original  # type: ignore[method-assign]
+        webapp.close()
+        gateway.close()
+
+
 async def test_pubs_refused_not_owner_continue_on_the_slow_path_in_order(
     fleet: tuple[AdminServer, int, ChannelServer, int],
 ) -> None:
@@ -358,12 +385,32 @@ async def test_a_batch_beyond_the_in_flight_bound_is_refused_whole(
     admin.args.max_pubs_in_flight = 10
     webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
     try:
+        admin.pubs_in_flight = 1  # another publish being forwarded
         with pytest.raises(PeerError) as info:
-            await webapp.request(pubs(*(item(n) for n in range(1, 12))), timeout_s=DEFAULT_WAIT_S)
+            await webapp.request(pubs(*(item(n) for n in range(1, 11))), timeout_s=DEFAULT_WAIT_S)
         assert info.value.code == "unavailable"  # transient: the webapp resends, in order
-        assert admin.pubs_in_flight == 0
+        assert admin.pubs_in_flight == 1
+        admin.pubs_in_flight = 0
         reply = await webapp.request(pubs(*(item(n) for n in range(1, 11))), timeout_s=DEFAULT_WAIT_S)
         assert reply["res"] == ["ok"] * 10
+    finally:
+        webapp.close()
+
+
+async def test_a_batch_larger_than_the_whole_bound_is_admitted_when_nothing_else_is_in_flight(
+    fleet: tuple[AdminServer, int, ChannelServer, int],
+) -> None:
+    """--max-pubs-in-flight below the webapp's batch (up to ops.MAX_PUBS_EVENTS events): refused
+    whole every time, the webapp's resend (the same batch, from its oldest unacknowledged event)
+    would never pass, and the hand-off would stall for good behind it."""
+    admin, port, cs, cs_port = fleet
+    admin.follower.apply(RingDocument(version=1, slots={"cs-0": "cs-test"}))
+    admin.args.max_pubs_in_flight = 10
+    webapp = await dial(port, "webapp", "webapp-1", coalesce_writes=True)
+    try:
+        reply = await webapp.request(pubs(*(item(n) for n in range(1, 12))), timeout_s=DEFAULT_WAIT_S)
+        assert reply["res"] == ["ok"] * 11
+        assert admin.pubs_in_flight == 0
     finally:
         webapp.close()
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 import webapp_stub.methods  # noqa: F401  (registers the methods)
 from services.metrics import ServiceMetrics
@@ -18,6 +20,7 @@ from webapp_stub.api import Answer, WebApi
 from webapp_stub.commit import CommitFailed, GroupCommit
 from webapp_stub.errors import ApiError
 from webapp_stub.gateway_picker import GatewayPicker
+from webapp_stub.internal import InternalEndpoints
 from webapp_stub.models import Event
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
@@ -214,3 +217,31 @@ async def test_an_unknown_method_is_refused_before_its_arguments_are_read(store:
     assert [a[2]["error"] for a in answers] == ["unknown_method", "invalid_json"]
     counted = api.metrics.registry.get_sample_value
     assert counted("rtm_webapp_requests_total", {"method": "unknown", "outcome": "unknown_method"}) == 2
+
+
+# -- /internal/ (webapp_stub/internal.py): the same answer for a failed commit ----------------
+async def test_a_failed_commit_is_answered_internal_error_not_a_bare_500(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, outbox, demo = make_api(store)
+    alice, channel = demo["users"][0]["id"], demo["channels"][0]["id"]
+    app = web.Application()
+    app.add_routes(InternalEndpoints(api, check_callers=False).routes())
+
+    def fail() -> None:
+        store.conn.execute("ROLLBACK")
+        store._in_batch = False
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        monkeypatch.setattr(store, "commit_batch", fail)
+        reply = await client.post(
+            "/internal/call/chat.postMessage", json={"user": alice, "channel": channel, "text": "x"}
+        )
+        assert reply.status == 200
+        assert await reply.json() == {"ok": False, "error": "internal_error"}
+    assert errors(api, "internal_error") == 1
+    assert api.metrics.registry.get_sample_value(
+        "rtm_webapp_requests_total", {"method": "internal.chat.postMessage", "outcome": "internal_error"}
+    )
+    assert outbox.published == [] and store.last_seq(channel) == 0

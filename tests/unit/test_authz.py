@@ -51,6 +51,21 @@ def test_a_gateway_publishes_only_transient_events() -> None:
     assert authz.check(PeerIdentity(ADMIN_SERVER, "as-0"), {"op": "pub", "seq": 7}) is None
 
 
+def test_a_gateways_transient_event_carries_no_join_or_leave() -> None:
+    """A join or leave in ``ctl`` on a user's channel makes every gateway holding it subscribe that
+    user's connections to the named channel (gateway/history.py ``apply_ctl``): with a transient
+    pub, one gateway's certificate could have every other gateway stream a private channel to
+    any user. Only the webapp's persisted events carry them; a gateway's typing carries ``from``."""
+    authz = Authorizer(CHANNEL_SERVER, enforcing=True)
+    gw = PeerIdentity(GATEWAY, "gw-1")
+    assert authz.check(gw, {"op": "pub", "ch": "C1", "seq": None, "ctl": {"from": "U1"}}) is None
+    for ctl in ({"join": "C9", "since": 0}, {"leave": "C9"}, {"from": "U1", "join": "C9"}, "x"):
+        refusal = authz.check(gw, {"op": "pub", "ch": "U1", "seq": None, "ctl": ctl})
+        assert refusal is not None and "ctl" in refusal.detail, ctl
+    admin = PeerIdentity(ADMIN_SERVER, "as-0")
+    assert authz.check(admin, {"op": "pub", "ch": "U1", "seq": 3, "ctl": {"join": "C9", "since": 0}}) is None
+
+
 @pytest.mark.parametrize("server,op", [(CHANNEL_SERVER, "sub"), (PRESENCE, "online"), (PRESENCE, "release")])
 def test_a_gateway_speaks_only_as_its_own_id(server: str, op: str) -> None:
     authz = Authorizer(server, enforcing=True)

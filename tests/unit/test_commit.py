@@ -260,6 +260,59 @@ async def test_unsynced_events_are_counted_until_released(store: Store) -> None:
     commits.close()
 
 
+async def test_a_read_waits_for_unsynced_scheduler_events(store: Store) -> None:
+    """Without the fsync thread too: a read (a bootstrap's seqs, a gateway's history fill) must not
+    name a fired event before it is on disk. A power loss would take it back, the channel's next
+    post would reuse its seq, and a gateway that started past it would drop that post as a duplicate."""
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink, sync = Sink(), HeldSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
+    fired = Store(store.path, synchronous="NORMAL")
+    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
+    commits.publish_after_sync([due])
+    assert store.last_seq(general.id) == due.seq  # visible to the webapp's connection at once
+    read = asyncio.ensure_future(commits.durable())
+    await asyncio.sleep(0)  # wait-ok: one turn, for the read to run up to its wait
+    await async_wait_until(lambda: _true(bool(sync.calls)), what="the fsync to start")
+    assert not read.done()  # not on disk yet: the reply naming it waits
+    sync.release.set()
+    await asyncio.wait_for(read, 10.0)
+    assert sink.published == [due]
+    fired.close()
+    commits.close()
+
+
+async def test_a_batch_rolled_back_by_sqlite_takes_no_later_write_alone(store: Store) -> None:
+    """After SQLITE_FULL or SQLITE_IOERR SQLite may roll the whole transaction back by itself. The
+    batch's later writes must not then run as savepoints outside any transaction (each released
+    = committed on its own) while the batch's COMMIT fails and drops their events: committed
+    messages, answered internal_error, never handed off."""
+    demo = seed_demo(store)
+    alice = store.user(demo["users"][0]["id"])
+    general = store.channel(demo["channels"][0]["id"])
+    sink = Sink()
+    commits = GroupCommit(store, sink)
+    before = store.last_seq(general.id)
+    first = store.post_message(general, alice, "first")[1]
+    commits.publish([first])
+    store.conn.execute("ROLLBACK")  # what SQLite does on its own after some I/O errors mid-transaction
+    with pytest.raises(sqlite3.OperationalError):
+        store.post_message(general, alice, "second")
+    with pytest.raises(CommitFailed):
+        await commits.durable()
+    assert sink.published == []
+    peek = Store(store.path)
+    assert peek.last_seq(general.id) == before  # nothing of the lost batch is in the database
+    peek.close()
+    after = store.post_message(general, alice, "after")[1]  # the next batch works as usual
+    commits.publish([after])
+    await commits.durable()
+    assert sink.published == [after] and after.seq == before + 1
+    commits.close()
+
+
 # -- the WAL's fsync on a dedicated thread (fsync_thread=True, the webapp's default) -----------------
 def _team(store: Store) -> tuple[Any, Any]:
     demo = seed_demo(store)

@@ -97,6 +97,17 @@ def test_an_interval_where_zero_means_off_accepts_zero_and_refuses_out_of_bounds
     assert f"argument --min-commit-interval-s: must be {bound}, not {bad}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("bad", "bound"), [("inf", "at least 0.0"), ("nan", "at least 0.0"), ("5", "at most 1.0")])
+def test_the_group_commit_window_is_bounded(bad: str, bound: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A window of inf (or NaN) would keep the first batch open for ever: every post, and every read
+    that waits for durability, would hang; 5 (seconds where milliseconds were meant) is refused too."""
+    build = importlib.import_module("webapp_stub.app").build_parser
+    assert build().parse_args(["--group-commit-window-s", "0.002"]).group_commit_window_s == 0.002
+    with pytest.raises(SystemExit):
+        build().parse_args(["--group-commit-window-s", bad])
+    assert f"argument --group-commit-window-s: must be {bound}, not {bad}" in capsys.readouterr().err
+
+
 def test_an_interval_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RTM_MIN_COMMIT_INTERVAL_S", "-1")
     with pytest.raises(SystemExit) as refused:

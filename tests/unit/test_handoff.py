@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import defaultdict
 from collections.abc import Awaitable
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from services.errors import ConnectionLost, FrameTooLarge, NoOwner, PeerError, RequestTimeout
 from services.metrics import ServiceMetrics
+from webapp_stub.commit import GroupCommit, wal_path_of
 from webapp_stub.handoff import (
     HANDOFF_MARK,
     MARK_MARGIN_S,
@@ -373,6 +375,45 @@ async def test_restart_replays_from_the_mark(tmp_path: Any, sender: FakeSender) 
     assert sender.applied == [e.eid for e in pending]
     await second.close()
     store.close()
+
+
+async def test_the_mark_stays_below_committed_events_that_wait_for_their_fsync(
+    tmp_path: Any, sender: FakeSender
+) -> None:
+    """A fired scheduled message is committed (no fsync) and waits for the WAL's fsync before it
+    joins the outbox; a slow disk holds it there past the mark's interval. The mark must not pass
+    it: a crash then (its commit survives in the WAL) would leave it out of the restart's replay,
+    committed, marked fired, and never handed off."""
+    now = [1_700_000_000.0]
+    store = Store(str(tmp_path), clock=lambda: now[0])
+    seed = seed_demo(store)
+    alice, general = seed["users"][0]["id"], seed["channels"][0]["id"]
+    first = make_handoff(sender)
+    replay_from_mark(store, first, now[0])
+    now[0] += 60
+    write_mark(store, first, now[0])  # empty outbox: everything so far was acknowledged
+    sync = threading.Event()
+    commits = GroupCommit(store, first, wal_path=wal_path_of(store.path), sync_wal=lambda path: _held(sync))
+    fired = Store(store.path, synchronous="NORMAL", clock=lambda: now[0])  # the scheduler's connection
+    due = fired.post_message(fired.channel(general), fired.user(alice), "due now")[1]
+    commits.publish_after_sync([due])  # on its way to the outbox once the WAL is on disk
+    assert not first.outbox and commits.oldest_t0() == due.t0
+    now[0] += 60  # the fsync is slow; the mark loop runs meanwhile
+    write_mark(store, first, now[0], commits.oldest_t0())
+    assert store.get_mark(HANDOFF_MARK) == due.t0 - MARK_MARGIN_S
+
+    # The process dies here, before the fsync ends; the restart replays from the mark.
+    second = make_handoff(sender)
+    replay_from_mark(store, second, now[0])
+    assert [e.eid for e in second.outbox.pending()] == [due.eid]
+    sync.set()
+    commits.close()
+    fired.close()
+    store.close()
+
+
+def _held(release: threading.Event) -> None:
+    assert release.wait(10.0), "the test never released the fsync"
 
 
 # -- dead letters: no head-of-line poison ------------------------------------------------------
