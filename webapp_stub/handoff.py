@@ -80,7 +80,7 @@ from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError,
 from services.identity import ADMIN_SERVER, WEBAPP
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.tls import WireTrust
-from webapp_stub.database import MAX_EVENT_BYTES
+from webapp_stub.database import MAX_EVENT_BYTES, EventClock
 from webapp_stub.models import Event
 from webapp_stub.tally import TallyCounter, TallyHistogram
 
@@ -163,6 +163,8 @@ class DeadLetterStore(Protocol):
 
 
 class MarkStore(Protocol):
+    event_clock: EventClock
+
     def get_mark(self, name: str) -> float | None: ...
 
     def set_mark(self, name: str, value: float) -> None: ...
@@ -182,7 +184,10 @@ def replay_from_mark(store: MarkStore, handoff: Handoff, now: float) -> int:
 
 
 def write_mark(store: MarkStore, handoff: Handoff, now: float) -> None:
-    """Record that everything before the oldest queued event (or ``now``) was acknowledged."""
+    """Record that everything before the oldest queued event (or ``now``) was acknowledged; and
+    from here on stamp events at ``now`` or later, so none falls below the mark if the wall clock
+    steps back (webapp_stub/database.py, :class:`EventClock`)."""
+    store.event_clock.hold_at_least(now)
     oldest = handoff.outbox.oldest_t0()
     store.set_mark(HANDOFF_MARK, (now if oldest is None else min(oldest, now)) - MARK_MARGIN_S)
 
