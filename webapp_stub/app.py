@@ -413,7 +413,9 @@ class WebappServer:
         # of their own (no fsync per batch), behind live traffic
         webapp_store = self.store
         scheduler = Scheduler(
-            open_scheduler_store(webapp_store.path, max_event_bytes=args.max_event_bytes),
+            open_scheduler_store(
+                webapp_store.path, max_event_bytes=args.max_event_bytes, event_clock=webapp_store.event_clock
+            ),
             self.publish_fired,
             self.metrics,
             rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),

@@ -39,6 +39,36 @@ DEFAULT_CACHE_PAGES = -2000  # SQLite's default page cache (negative: KiB)
 MAX_CACHED_SEQS = 100_000
 
 
+class EventClock:
+    """The time that stamps events (their ``created_at``): the wall clock, but never below a time
+    already given out or held (:meth:`hold_at_least`).
+
+    The hand-off's restart replay (webapp_stub/handoff.py, ``replay_from_mark``) requeues every
+    event created at or after its mark. A wall clock stepped back by more than the mark's margin
+    would stamp new events below a mark already written, and a crash before their hand-off would
+    leave them out of the replay: committed, answered ``ok``, and never sent to a gateway. So a
+    mark holds this clock at its time, and the events after it are stamped at least that. One is
+    shared by every connection that writes events (the webapp's and the scheduler's)."""
+
+    __slots__ = ("_source", "_floor")
+
+    def __init__(self, source: Callable[[], float] = time.time) -> None:
+        self._source = source
+        self._floor = float("-inf")
+
+    def __call__(self) -> float:
+        now = self._source()
+        if now < self._floor:
+            return self._floor
+        self._floor = now
+        return now
+
+    def hold_at_least(self, floor: float) -> None:
+        """Never give out less than ``floor`` from now on."""
+        if floor > self._floor:
+            self._floor = floor
+
+
 class Database:
     """The connection to ``<data_dir>/webapp.db`` (or ``path`` if it names a file), its
     transactions and group-commit batches, and each channel's seq and ts allocation."""
@@ -48,6 +78,7 @@ class Database:
         path: str | os.PathLike[str],
         *,
         clock: Callable[[], float] = time.time,
+        event_clock: EventClock | None = None,
         background_checkpoints: bool = False,
         synchronous: str = SQLITE_SYNCHRONOUS,
         max_event_bytes: int = MAX_EVENT_BYTES,
@@ -60,7 +91,7 @@ class Database:
         Without it (tools, the seed, tests), SQLite checkpoints on commit as usual.
         ``synchronous`` is SQLite's ``PRAGMA synchronous`` (FULL: durable across a
         power loss); ``max_event_bytes`` bounds the UTF-8 JSON of every event
-        written (``msg_too_long`` beyond it).
+        written (``msg_too_long`` beyond it). ``event_clock`` stamps events (:class:`EventClock`).
         Raises ValueError for an unknown ``synchronous`` mode.
         """
         synchronous = synchronous.upper()
@@ -82,6 +113,7 @@ class Database:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self.clock = clock
+        self.event_clock = EventClock(clock) if event_clock is None else event_clock
         # The database holds every user's token: create it 0600 before SQLite opens it (SQLite
         # gives its -wal and -shm files the database file's mode).
         with contextlib.suppress(FileExistsError):
@@ -94,6 +126,8 @@ class Database:
         self.conn.execute("PRAGMA foreign_keys=OFF")
         self.conn.execute("PRAGMA busy_timeout=5000")
         migrate(self.conn)
+        newest = self.conn.execute("SELECT max(created_at) FROM events").fetchone()[0]  # a restart goes on from it
+        self.event_clock.hold_at_least(float("-inf") if newest is None else float(newest))
         self.checkpointer: WalCheckpointer | None = None
         if background_checkpoints:
             WalCheckpointer.take_over(self.conn)
@@ -222,7 +256,7 @@ class Database:
         # A str holds at most 4 UTF-8 bytes per character: encode only when it may be too long.
         if len(text) * 4 > self.max_event_bytes and len(text.encode()) > self.max_event_bytes:
             raise ApiError("msg_too_long")
-        now = self.clock()
+        now = self.event_clock()
         self.conn.execute(
             "INSERT INTO events (channel, seq, json, ctl, created_at) VALUES (?, ?, ?, ?, ?)",
             (channel, seq, text, None if ctl is None else dumps(ctl), now),

@@ -155,7 +155,7 @@ def post_due_messages(store: MessageStore, posts: list[DuePost]) -> list[Event]:
     caller's transaction."""
     if not posts:
         return []
-    now = store.clock()
+    now = store.event_clock()
     counts: dict[str, int] = {}
     for post in posts:
         counts[post.channel.id] = counts.get(post.channel.id, 0) + 1

@@ -82,7 +82,7 @@ from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError,
 from services.identity import ADMIN_SERVER, WEBAPP
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.tls import WireTrust
-from webapp_stub.database import MAX_EVENT_BYTES
+from webapp_stub.database import MAX_EVENT_BYTES, EventClock
 from webapp_stub.models import Event
 from webapp_stub.tally import TallyCounter, TallyHistogram
 
@@ -165,6 +165,8 @@ class DeadLetterStore(Protocol):
 
 
 class MarkStore(Protocol):
+    event_clock: EventClock
+
     def get_mark(self, name: str) -> float | None: ...
 
     def set_mark(self, name: str, value: float) -> None: ...
@@ -184,12 +186,15 @@ def replay_from_mark(store: MarkStore, handoff: Handoff, now: float) -> int:
 
 
 def write_mark(store: MarkStore, handoff: Handoff, now: float, held_t0: float | None = None) -> None:
-    """Record that everything before the oldest queued event (or ``now``) was acknowledged.
+    """Record that everything before the oldest queued event (or ``now``) was acknowledged; and
+    from here on stamp events at ``now`` or later, so none falls below the mark if the wall clock
+    steps back (webapp_stub/database.py, :class:`EventClock`).
 
     ``held_t0``: the oldest ``t0`` of the events committed but not yet queued here (a group
     commit's events waiting for their batch's commit or their fsync: webapp_stub/commit.py,
     :meth:`~webapp_stub.commit.GroupCommit.oldest_t0`); the mark stays below them too, or a
     crash before they reach the outbox would leave them out of the restart's replay."""
+    store.event_clock.hold_at_least(now)
     oldest = handoff.outbox.oldest_t0()
     for t0 in (oldest, held_t0):
         if t0 is not None:

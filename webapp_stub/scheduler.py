@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 from services.metrics import ServiceMetrics
 from webapp_stub.checkpoint import WalCheckpointer
-from webapp_stub.database import MAX_EVENT_BYTES
+from webapp_stub.database import MAX_EVENT_BYTES, EventClock
 from webapp_stub.due_posts import DuePost, chunks, post_due_messages, postable
 from webapp_stub.due_queue import (
     DEFAULT_BATCH_MAX,
@@ -268,16 +268,19 @@ def fire_batch(store: Store, firers: FirerRegistry, items: list[DueItem], now: f
     return Fired(events, [(item, outcome.get(item.id, "gone")) for item in items])
 
 
-def open_scheduler_store(path: str, *, max_event_bytes: int = MAX_EVENT_BYTES) -> Store:
+def open_scheduler_store(
+    path: str, *, max_event_bytes: int = MAX_EVENT_BYTES, event_clock: EventClock | None = None
+) -> Store:
     """The scheduler's own connection to the webapp's database file ``path``.
 
     ``synchronous=NORMAL``: its commits are written to the WAL but not fsynced, so a batch
     holds SQLite's write lock (which live posts wait for) only while it runs, not for an
     fsync. A process crash (SIGKILL) loses nothing of them; the next live commit's fsync,
     or the next checkpoint, makes them durable across a power loss (the WAL is synced as a
-    whole). WAL checkpoints stay with the webapp's checkpoint thread.
+    whole). WAL checkpoints stay with the webapp's checkpoint thread. ``event_clock`` is the
+    webapp's connection's, so the hand-off mark holds the scheduler's events' stamps too.
     """
-    store = Store(path, synchronous=SCHEDULER_SYNCHRONOUS, max_event_bytes=max_event_bytes)
+    store = Store(path, synchronous=SCHEDULER_SYNCHRONOUS, max_event_bytes=max_event_bytes, event_clock=event_clock)
     WalCheckpointer.take_over(store.conn)
     # Its read caches (token, channel, membership: webapp_stub/read_cache.py) see the webapp
     # connection's commits by SQLite's data_version, by default at most every 0.1 s. A due item is

@@ -13,6 +13,7 @@ import pytest
 from services.errors import ConnectionLost, FrameTooLarge, NoOwner, PeerError, RequestTimeout
 from services.metrics import ServiceMetrics
 from webapp_stub.commit import GroupCommit, wal_path_of
+from webapp_stub.database import EventClock
 from webapp_stub.handoff import (
     HANDOFF_MARK,
     MARK_MARGIN_S,
@@ -414,6 +415,56 @@ async def test_the_mark_stays_below_committed_events_that_wait_for_their_fsync(
 
 def _held(release: threading.Event) -> None:
     assert release.wait(10.0), "the test never released the fsync"
+
+
+async def test_events_written_after_a_mark_are_replayed_even_when_the_wall_clock_steps_back(
+    tmp_path: Any, sender: FakeSender
+) -> None:
+    """A wall clock stepped back by more than MARK_MARGIN_S after a mark must not stamp new events
+    below it: a crash before their hand-off would leave them out of the replay (committed,
+    answered ok, never sent). Events of the scheduler's connection share the webapp's clock."""
+    now = [1_700_000_000.0]
+    store = Store(str(tmp_path), clock=lambda: now[0])
+    scheduler_store = Store(str(tmp_path), clock=lambda: now[0], event_clock=store.event_clock)
+    seed = seed_demo(store)
+    alice, general = store.user(seed["users"][0]["id"]), store.channel(seed["channels"][0]["id"])
+    first = make_handoff(sender)
+    replay_from_mark(store, first, now[0])
+    store.post_message(general, alice, "acknowledged")
+    now[0] += 60
+    write_mark(store, first, now[0])  # empty outbox: everything so far was acknowledged
+    now[0] -= 30  # NTP steps the clock back, by more than MARK_MARGIN_S
+    pending = [store.post_message(general, alice, "after the step")[1]]
+    pending.append(scheduler_store.post_message(general, alice, "scheduled, after the step")[1])
+    first.publish(pending)  # never sent: the process "crashes" here
+    mark = store.get_mark(HANDOFF_MARK)
+    assert mark is not None and all(e.t0 >= mark for e in pending)
+
+    second = make_handoff(sender)
+    assert replay_from_mark(store, second, now[0]) == 2
+    assert [e.eid for e in second.outbox.pending()] == [e.eid for e in pending]
+    await second.close()
+    scheduler_store.close()
+    store.close()
+    # a restart goes on from the newest event stamped, not from the stepped-back clock
+    reopened = Store(str(tmp_path), clock=lambda: now[0])
+    assert reopened.event_clock() == max(e.t0 for e in pending)
+    reopened.close()
+
+
+def test_the_event_clock_never_goes_back_and_holds_what_it_is_told() -> None:
+    now = [100.0]
+    clock = EventClock(lambda: now[0])
+    assert clock() == 100.0
+    now[0] = 90.0
+    assert clock() == 100.0
+    clock.hold_at_least(120.0)
+    assert clock() == 120.0
+    now[0] = 130.0
+    assert clock() == 130.0
+    clock.hold_at_least(110.0)  # below what it gave: no change
+    now[0] = 125.0
+    assert clock() == 130.0
 
 
 # -- dead letters: no head-of-line poison ------------------------------------------------------
