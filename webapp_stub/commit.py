@@ -37,7 +37,7 @@ Contract
   event's seq would be reused, and gateways would drop the reuse as a duplicate),
   nor named by a read: ``durable`` with no batch open waits for their fsync too (a
   bootstrap's seqs, a gateway's history fill).
-* With ``fsync_thread`` (the webapp's default, ``--commit-fsync-thread``): the batch's
+* With ``fsync_thread`` (``--commit-fsync-thread``, off by default: :data:`COMMIT_FSYNC_THREAD`): the batch's
   COMMIT writes it to the WAL without an fsync (``synchronous=NORMAL`` on the writer's
   connection) and a dedicated thread fsyncs the WAL file, which is what FULL's COMMIT
   does inline. Everything above still holds, later: the batch's callers are answered and
@@ -434,10 +434,14 @@ class GroupCommit:
             return
         # This COMMIT's fsync synced the whole WAL, so every event committed unsynced before
         # it is on disk now: they go first (they hold the earlier seqs of their channels).
-        self._release_unsynced()
-        if events:
-            self.sink.publish(events)
-        done.set_result(None)
+        try:
+            self._release_unsynced()
+            if events:
+                self.sink.publish(events)
+        finally:
+            # Committed and on disk whatever the sink did: a sink that raised must not leave
+            # this batch's callers waiting for ever (the error goes on to the loop's handler).
+            done.set_result(None)
 
     def close(self) -> None:
         """Commit whatever is open (at shutdown), sync and hand over what waits for a sync,

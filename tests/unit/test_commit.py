@@ -94,6 +94,30 @@ class BrokenStore:
             self.batch_opener()
 
 
+async def test_a_sink_that_raises_leaves_no_caller_of_its_batch_waiting(store: Store) -> None:
+    """The batch is committed (on disk) whatever the hand-off does with its events: a sink that
+    raises must not leave the batch's callers waiting for ever."""
+    demo = seed_demo(store)
+    alice, general = store.user(demo["users"][0]["id"]), store.channel(demo["channels"][0]["id"])
+
+    class Raising(Sink):
+        def publish(self, events: list[Event]) -> None:
+            raise RuntimeError("the sink broke")
+
+    commits = GroupCommit(store, Raising())
+    event = store.post_message(general, alice, "committed anyway")[1]
+    commits.publish([event])
+    waiting = commits.pending()  # what every caller of this batch awaits
+    assert waiting is not None and not waiting.done()
+    with pytest.raises(RuntimeError, match="the sink broke"):
+        commits.commit()
+    assert waiting.done() and waiting.exception() is None
+    peek = Store(store.path)
+    assert peek.last_seq(general.id) == event.seq
+    peek.close()
+    commits.close()
+
+
 async def test_a_failed_commit_fails_every_caller_and_hands_off_nothing() -> None:
     store, sink = BrokenStore(), Sink()
     commits = GroupCommit(store, sink)  # type: ignore[arg-type]
@@ -313,7 +337,7 @@ async def test_a_batch_rolled_back_by_sqlite_takes_no_later_write_alone(store: S
     commits.close()
 
 
-# -- the WAL's fsync on a dedicated thread (fsync_thread=True, the webapp's default) -----------------
+# -- the WAL's fsync on a dedicated thread (fsync_thread=True, --commit-fsync-thread; off by default) --
 def _team(store: Store) -> tuple[Any, Any]:
     demo = seed_demo(store)
     return store.user(demo["users"][0]["id"]), store.channel(demo["channels"][0]["id"])
