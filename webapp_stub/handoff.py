@@ -581,9 +581,13 @@ class Handoff:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if not await self.sender.ready(CONNECT_WAIT_S):
-                continue
-            self._send_window()
+            try:
+                if not await self.sender.ready(CONNECT_WAIT_S):
+                    continue
+                self._send_window()
+            except Exception:  # never let the one task that resends die: log it, back off, go on
+                log.exception("hand-off: sending failed unexpectedly; retrying after a backoff")
+                self._retry_pending = True
 
     def _send_window(self) -> None:
         """Send what the window allows, in queue order, as ``pubs`` batches of at most

@@ -467,6 +467,30 @@ def test_the_event_clock_never_goes_back_and_holds_what_it_is_told() -> None:
     assert clock() == 130.0
 
 
+async def test_the_send_loop_outlives_an_unexpected_error(sender: FakeSender) -> None:
+    """The one task that resends must not die of an error nobody foresaw: it backs off and goes on."""
+    handoff = make_handoff(sender)
+    broken = [True]
+    ready = sender.ready
+
+    async def ready_once_broken(timeout_s: float) -> bool:
+        if broken[0]:
+            broken[0] = False
+            raise RuntimeError("unforeseen")
+        return await ready(timeout_s)
+
+    sender.ready = ready_once_broken  # type: ignore[method-assign]
+    sender.up.clear()  # down: publish() leaves the events to the loop
+    handoff.start()
+    batch = events(5)
+    handoff.publish(batch)
+    sender.up.set()
+    assert await handoff.flush(5.0)
+    assert not broken[0]
+    assert sender.applied == [e.eid for e in batch]
+    await handoff.close()
+
+
 # -- dead letters: no head-of-line poison ------------------------------------------------------
 
 
