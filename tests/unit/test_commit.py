@@ -469,3 +469,30 @@ async def test_with_the_fsync_thread_real_fsyncs_keep_seq_order(store: Store) ->
     assert [e.seq for e in sink.published] == sorted(e.seq for e in events)
     assert commits.syncs >= 1
     commits.close()
+
+
+async def test_with_the_fsync_thread_a_sink_that_raises_leaves_no_caller_waiting(store: Store) -> None:
+    """As without the thread: the batch is committed and on disk whatever the hand-off does with
+    its events, so its callers are answered (with the thread they are answered by the fsync's
+    release of what waited for it, not by the commit)."""
+    alice, general = _team(store)
+
+    class Raising(Sink):
+        def publish(self, events: list[Event]) -> None:
+            raise RuntimeError("the sink broke")
+
+    sync = HeldSync()
+    commits = GroupCommit(store, Raising(), wal_path=wal_path_of(store.path), sync_wal=sync, fsync_thread=True)
+    waiting = []
+    for text in ("first", "second"):  # two batches, both covered by one fsync
+        commits.publish([store.post_message(general, alice, text)[1]])
+        batch = commits.pending()  # what every caller of this batch awaits
+        assert batch is not None
+        waiting.append(batch)
+        commits.commit()
+    sync.release.set()
+    for batch in waiting:
+        await asyncio.wait_for(asyncio.shield(batch), 10.0)
+        assert batch.exception() is None
+    assert commits.unsynced == 0
+    commits.close()
