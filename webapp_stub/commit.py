@@ -439,7 +439,14 @@ class GroupCommit:
         # This COMMIT's fsync synced the whole WAL, so every event committed unsynced before
         # it is on disk now: they go first (they hold the earlier seqs of their channels).
         try:
-            self._release_unsynced()
+            try:
+                self._release_unsynced()
+            except BaseException:
+                # The sink raised on earlier events: this batch's wait behind what is left (in
+                # order, below the hand-off mark) for the next release, instead of being dropped.
+                self._enqueue(events, None)
+                self._kick()
+                raise
             if events:
                 self.sink.publish(events)
         finally:
