@@ -331,10 +331,12 @@ class GroupCommit:
         order, and answer whoever waits for them."""
         while self._unsynced and (upto is None or self._unsynced[0].serial <= upto):
             entry = self._unsynced.popleft()
-            if entry.events:
-                self.sink.publish(entry.events)
-            if entry.done is not None and not entry.done.done():
-                entry.done.set_result(None)
+            try:
+                if entry.events:
+                    self.sink.publish(entry.events)
+            finally:  # on disk whatever the sink did (as in commit()): nobody waits for ever
+                if entry.done is not None and not entry.done.done():
+                    entry.done.set_result(None)
 
     def _kick(self) -> None:
         """Start an fsync of the WAL for what waits for one, unless one runs (or waits for its
@@ -373,8 +375,10 @@ class GroupCommit:
         self.syncs += 1
         if self._m_sync is not None:
             self._m_sync.observe(time.perf_counter() - started)
-        self._release_unsynced(upto)
-        self._kick()
+        try:
+            self._release_unsynced(upto)
+        finally:  # a sink that raised must not stop what is queued behind (its callers wait)
+            self._kick()
 
     def _retry_sync(self) -> None:
         self._retry = None
@@ -435,7 +439,14 @@ class GroupCommit:
         # This COMMIT's fsync synced the whole WAL, so every event committed unsynced before
         # it is on disk now: they go first (they hold the earlier seqs of their channels).
         try:
-            self._release_unsynced()
+            try:
+                self._release_unsynced()
+            except BaseException:
+                # The sink raised on earlier events: this batch's wait behind what is left (in
+                # order, below the hand-off mark) for the next release, instead of being dropped.
+                self._enqueue(events, None)
+                self._kick()
+                raise
             if events:
                 self.sink.publish(events)
         finally:

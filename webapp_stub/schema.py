@@ -275,13 +275,15 @@ def migrate(conn: sqlite3.Connection) -> None:
 def _rebuild_clustered(conn: sqlite3.Connection, table: str) -> None:
     """Rebuild ``table`` as the rowid table of :data:`APPEND_TABLES` if it is still clustered
     (``WITHOUT ROWID``): every row copied, in one transaction, so a crash leaves the old table."""
-    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
-    if row is None or "WITHOUT ROWID" not in row[0].upper():
+    if not _clustered(conn, table):
         return
     columns = ", ".join(line.split()[0] for line in APPEND_TABLES[table][0].split("\n"))
     staging = f"{table}__rowid"
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if not _clustered(conn, table):  # another connection rebuilt it while we waited for the lock
+            conn.execute("ROLLBACK")
+            return
         conn.execute(f"DROP TABLE IF EXISTS {staging}")
         conn.execute(_append_table_sql(staging, table))
         conn.execute(f"INSERT INTO {staging} ({columns}) SELECT {columns} FROM {table}")
@@ -291,3 +293,9 @@ def _rebuild_clustered(conn: sqlite3.Connection, table: str) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _clustered(conn: sqlite3.Connection, table: str) -> bool:
+    """``table`` exists and is still ``WITHOUT ROWID``."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    return row is not None and "WITHOUT ROWID" in row[0].upper()

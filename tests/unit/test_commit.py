@@ -469,3 +469,61 @@ async def test_with_the_fsync_thread_real_fsyncs_keep_seq_order(store: Store) ->
     assert [e.seq for e in sink.published] == sorted(e.seq for e in events)
     assert commits.syncs >= 1
     commits.close()
+
+
+async def test_with_the_fsync_thread_a_sink_that_raises_leaves_no_caller_waiting(store: Store) -> None:
+    """As without the thread: the batch is committed and on disk whatever the hand-off does with
+    its events, so its callers are answered (with the thread they are answered by the fsync's
+    release of what waited for it, not by the commit)."""
+    alice, general = _team(store)
+
+    class Raising(Sink):
+        def publish(self, events: list[Event]) -> None:
+            raise RuntimeError("the sink broke")
+
+    sync = HeldSync()
+    commits = GroupCommit(store, Raising(), wal_path=wal_path_of(store.path), sync_wal=sync, fsync_thread=True)
+    waiting = []
+    for text in ("first", "second"):  # two batches, both covered by one fsync
+        commits.publish([store.post_message(general, alice, text)[1]])
+        batch = commits.pending()  # what every caller of this batch awaits
+        assert batch is not None
+        waiting.append(batch)
+        commits.commit()
+    sync.release.set()
+    for batch in waiting:
+        await asyncio.wait_for(asyncio.shield(batch), 10.0)
+        assert batch.exception() is None
+    assert commits.unsynced == 0
+    commits.close()
+
+
+async def test_a_sink_that_raises_on_earlier_events_loses_no_later_batch(store: Store) -> None:
+    """The sink raises on the scheduler's events released ahead of a batch (queued, then its send
+    failed, as the hand-off's publish may): the batch's events must still reach it, after them, and
+    stay below the hand-off mark (GroupCommit.oldest_t0) until then; dropped, they were committed,
+    answered ok, and never handed off, not even by a restart's replay."""
+    alice, general = _team(store)
+
+    class RaisingOnce(Sink):
+        def publish(self, events: list[Event]) -> None:
+            super().publish(events)
+            if len(self.published) == len(events):
+                raise RuntimeError("the sink broke once")
+
+    sink, sync = RaisingOnce(), HeldSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
+    fired = Store(store.path, synchronous="NORMAL")
+    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
+    commits.publish_after_sync([due])
+    event = store.post_message(general, alice, "live")[1]
+    commits.publish([event])
+    with pytest.raises(RuntimeError, match="the sink broke once"):
+        commits.commit()  # its COMMIT synced the WAL: the fired event goes first, and the sink raises
+    held = commits.oldest_t0()
+    assert event in sink.published or (held is not None and held <= event.t0)
+    sync.release.set()
+    await async_wait_until(lambda: _true(event in sink.published), what="the live batch's event handed off")
+    assert sink.published == [due, event]
+    fired.close()
+    commits.close()

@@ -675,6 +675,56 @@ def test_an_older_database_with_clustered_messages_and_events_is_rebuilt_with_ev
     Store(str(tmp_path), clock=clock).close()  # opening it again changes nothing
 
 
+def test_a_clustered_table_rebuilt_by_another_connection_meanwhile_is_not_rebuilt_again(tmp_path: Path) -> None:
+    """Two processes open an older database at once (a webapp starting, ``rtm deadletter list``): the
+    one that saw the clustered table before the other's rebuild committed must not rebuild it again
+    once it has the write lock, dropping the indexes the first made (the hand-off's replay names
+    events_created) and copying every row a second time."""
+    import sqlite3
+    import threading
+
+    from webapp_stub.schema import _rebuild_clustered
+
+    path = tmp_path / "webapp.db"
+    first = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    first.execute("PRAGMA journal_mode=WAL")
+    first.executescript(OLD_CLUSTERED_TABLES)
+    first.execute("INSERT INTO events VALUES ('C1', 1, '{}', NULL, 1.0)")
+    second = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    second.execute("PRAGMA busy_timeout=10000")
+    waiting = threading.Event()
+    second.set_trace_callback(lambda sql: waiting.set() if sql.startswith("BEGIN IMMEDIATE") else None)
+    first.execute("BEGIN IMMEDIATE")  # the first connection's rebuild has the write lock
+    rebuild = threading.Thread(target=_rebuild_clustered, args=(second, "events"))
+    rebuild.start()
+    assert waiting.wait(10.0)  # the second saw the clustered table and waits for the lock
+    _rebuild_clustered_in(first, "events")
+    first.execute("CREATE UNIQUE INDEX events_key ON events (channel, seq)")
+    first.execute("CREATE INDEX events_created ON events (created_at)")
+    first.execute("COMMIT")
+    rebuild.join(15.0)
+    assert not rebuild.is_alive()
+    indexes = {row[0] for row in first.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"events_key", "events_created"} <= indexes
+    assert first.execute("SELECT id, channel, seq FROM events").fetchall() == [(1, "C1", 1)]
+    first.close()
+    second.close()
+
+
+def _rebuild_clustered_in(conn: object, table: str) -> None:
+    """What webapp_stub.schema._rebuild_clustered does, inside the caller's open transaction."""
+    import sqlite3
+
+    from webapp_stub.schema import APPEND_TABLES, _append_table_sql
+
+    assert isinstance(conn, sqlite3.Connection)
+    columns = ", ".join(line.split()[0] for line in APPEND_TABLES[table][0].split("\n"))
+    conn.execute(_append_table_sql(f"{table}__rowid", table))
+    conn.execute(f"INSERT INTO {table}__rowid ({columns}) SELECT {columns} FROM {table}")
+    conn.execute(f"DROP TABLE {table}")
+    conn.execute(f"ALTER TABLE {table}__rowid RENAME TO {table}")
+
+
 # -- durability, event size, group commit, dead letters (issue 13) ------------------------------------
 
 
