@@ -281,7 +281,12 @@ class GroupCommit:
             if self.fsync_thread:
                 self.publish_after_sync(events)
                 return
-            self._release_unsynced()  # that COMMIT (synchronous=FULL) synced the WAL: earlier ones first
+            try:
+                self._release_unsynced()  # that COMMIT (synchronous=FULL) synced the WAL: earlier ones first
+            except BaseException:
+                self._enqueue(events, None)  # behind what is left, as in commit(): never dropped
+                self._kick()
+                raise
             self.sink.publish(events)
             return
         self._events.extend(events)

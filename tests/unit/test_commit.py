@@ -498,6 +498,37 @@ async def test_with_the_fsync_thread_a_sink_that_raises_leaves_no_caller_waiting
     commits.close()
 
 
+async def test_a_sink_that_raises_on_earlier_events_loses_no_event_published_outside_a_batch(
+    store: Store,
+) -> None:
+    """The same as below for events committed outside any batch (publish() with none open)."""
+    alice, general = _team(store)
+
+    class RaisingOnce(Sink):
+        def publish(self, events: list[Event]) -> None:
+            super().publish(events)
+            if len(self.published) == len(events):
+                raise RuntimeError("the sink broke once")
+
+    sink, sync = RaisingOnce(), HeldSync()
+    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
+    fired = Store(store.path, synchronous="NORMAL")
+    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
+    commits.publish_after_sync([due])
+    alone = Store(store.path)  # a write committed by itself (synchronous=FULL), no batch open
+    event = alone.post_message(alone.channel(general.id), alone.user(alice.id), "committed alone")[1]
+    with pytest.raises(RuntimeError, match="the sink broke once"):
+        commits.publish([event])
+    held = commits.oldest_t0()
+    assert event in sink.published or (held is not None and held <= event.t0)
+    sync.release.set()
+    await async_wait_until(lambda: _true(event in sink.published), what="the event handed off")
+    assert sink.published == [due, event]
+    alone.close()
+    fired.close()
+    commits.close()
+
+
 async def test_a_sink_that_raises_on_earlier_events_loses_no_later_batch(store: Store) -> None:
     """The sink raises on the scheduler's events released ahead of a batch (queued, then its send
     failed, as the hand-off's publish may): the batch's events must still reach it, after them, and
