@@ -281,13 +281,7 @@ class GroupCommit:
             if self.fsync_thread:
                 self.publish_after_sync(events)
                 return
-            try:
-                self._release_unsynced()  # that COMMIT (synchronous=FULL) synced the WAL: earlier ones first
-            except BaseException:
-                self._enqueue(events, None)  # behind what is left, as in commit(): never dropped
-                self._kick()
-                raise
-            self.sink.publish(events)
+            self._hand_over(events)  # that COMMIT (synchronous=FULL) synced the WAL
             return
         self._events.extend(events)
         self._writes += 1
@@ -342,6 +336,20 @@ class GroupCommit:
             finally:  # on disk whatever the sink did (as in commit()): nobody waits for ever
                 if entry.done is not None and not entry.done.done():
                     entry.done.set_result(None)
+
+    def _hand_over(self, events: list[Event]) -> None:
+        """After a COMMIT whose fsync synced the whole WAL: every event committed unsynced before
+        it is on disk now and goes first (they hold the earlier seqs of their channels), then
+        ``events``. If the sink raises on the earlier ones, ``events`` wait behind what is left
+        (in order, below the hand-off mark) for the next release, instead of being dropped."""
+        try:
+            self._release_unsynced()
+        except BaseException:
+            self._enqueue(events, None)
+            self._kick()
+            raise
+        if events:
+            self.sink.publish(events)
 
     def _kick(self) -> None:
         """Start an fsync of the WAL for what waits for one, unless one runs (or waits for its
@@ -441,19 +449,8 @@ class GroupCommit:
             self._enqueue(events, done)
             self._kick()
             return
-        # This COMMIT's fsync synced the whole WAL, so every event committed unsynced before
-        # it is on disk now: they go first (they hold the earlier seqs of their channels).
         try:
-            try:
-                self._release_unsynced()
-            except BaseException:
-                # The sink raised on earlier events: this batch's wait behind what is left (in
-                # order, below the hand-off mark) for the next release, instead of being dropped.
-                self._enqueue(events, None)
-                self._kick()
-                raise
-            if events:
-                self.sink.publish(events)
+            self._hand_over(events)
         finally:
             # Committed and on disk whatever the sink did: a sink that raised must not leave
             # this batch's callers waiting for ever (the error goes on to the loop's handler).
