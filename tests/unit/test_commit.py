@@ -24,6 +24,22 @@ class Sink:
         self.published.extend(events)
 
 
+class RaisingSink(Sink):
+    """A sink that raises on every publish (the hand-off failing unexpectedly)."""
+
+    def publish(self, events: list[Event]) -> None:
+        raise RuntimeError("the sink broke")
+
+
+class RaisingOnceSink(Sink):
+    """A sink that takes the first events it is given, then raises once."""
+
+    def publish(self, events: list[Event]) -> None:
+        super().publish(events)
+        if len(self.published) == len(events):
+            raise RuntimeError("the sink broke once")
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
     s = Store(str(tmp_path))
@@ -32,9 +48,7 @@ def store(tmp_path: Path) -> Any:
 
 
 async def test_one_turn_one_commit_and_events_only_after_it(store: Store) -> None:
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     sink = Sink()
     commits = GroupCommit(store, sink)
     before = store.last_seq(general.id)
@@ -61,9 +75,7 @@ async def test_one_turn_one_commit_and_events_only_after_it(store: Store) -> Non
 
 
 async def test_failed_write_rolls_back_alone(store: Store) -> None:
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     sink = Sink()
     commits = GroupCommit(store, sink)
     ok = store.post_message(general, alice, "kept")[1]
@@ -99,12 +111,7 @@ async def test_a_sink_that_raises_leaves_no_caller_of_its_batch_waiting(store: S
     raises must not leave the batch's callers waiting for ever."""
     demo = seed_demo(store)
     alice, general = store.user(demo["users"][0]["id"]), store.channel(demo["channels"][0]["id"])
-
-    class Raising(Sink):
-        def publish(self, events: list[Event]) -> None:
-            raise RuntimeError("the sink broke")
-
-    commits = GroupCommit(store, Raising())
+    commits = GroupCommit(store, RaisingSink())
     event = store.post_message(general, alice, "committed anyway")[1]
     commits.publish([event])
     waiting = commits.pending()  # what every caller of this batch awaits
@@ -130,9 +137,7 @@ async def test_a_failed_commit_fails_every_caller_and_hands_off_nothing() -> Non
 
 
 async def test_window_keeps_the_batch_open_longer(store: Store) -> None:
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     commits = GroupCommit(store, Sink(), window_s=0.05)
     store.post_message(general, alice, "first")
     await asyncio.sleep(0)  # wait-ok: one turn passes, the window keeps the batch open
@@ -143,9 +148,7 @@ async def test_window_keeps_the_batch_open_longer(store: Store) -> None:
 
 
 async def test_under_load_a_batch_opened_within_the_min_interval_waits_for_it(store: Store) -> None:
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     loop = asyncio.get_running_loop()
     interval_s = 0.2
     commits = GroupCommit(store, Sink(), min_interval_s=interval_s)
@@ -177,9 +180,7 @@ async def test_under_load_a_batch_opened_within_the_min_interval_waits_for_it(st
 
 async def test_after_a_lone_write_the_next_batch_commits_at_once(store: Store) -> None:
     """Light load: a commit of one write is no sign of load, so the next post waits for nothing."""
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     commits = GroupCommit(store, Sink(), min_interval_s=10.0)
 
     def post(text: str) -> None:
@@ -205,9 +206,7 @@ class HeldSync:
 
 
 async def test_unsynced_events_go_out_only_after_the_wal_is_synced(store: Store) -> None:
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     sink, sync = Sink(), HeldSync()
     commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
     fired = Store(store.path, synchronous="NORMAL")  # the scheduler's connection: commits without fsync
@@ -223,14 +222,10 @@ async def test_unsynced_events_go_out_only_after_the_wal_is_synced(store: Store)
 
 
 async def test_a_live_commit_releases_unsynced_events_first_in_seq_order(store: Store) -> None:
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     sink, sync = Sink(), HeldSync()
     commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
-    fired = Store(store.path, synchronous="NORMAL")
-    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
-    commits.publish_after_sync([due])
+    fired, due = _fired_unsynced(store, commits, alice, general)
     live = store.post_message(general, alice, "live, after it")[1]  # the next seq of the channel
     commits.publish([live])
     await commits.durable()  # its COMMIT (synchronous=FULL) synced the whole WAL, the due one's too
@@ -243,9 +238,7 @@ async def test_a_live_commit_releases_unsynced_events_first_in_seq_order(store: 
 
 
 async def test_unsynced_events_are_synced_for_real(store: Store) -> None:
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     sink = Sink()
     commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path))  # os.fsync of the real WAL
     fired = Store(store.path, synchronous="NORMAL")
@@ -267,9 +260,7 @@ async def _true(value: bool) -> bool:
 
 async def test_unsynced_events_are_counted_until_released(store: Store) -> None:
     """The scheduler's backlog bound counts them (webapp_stub/app.py ``scheduler_backlog``)."""
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     sink, sync = Sink(), HeldSync()
     commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
     fired = Store(store.path, synchronous="NORMAL")
@@ -288,14 +279,10 @@ async def test_a_read_waits_for_unsynced_scheduler_events(store: Store) -> None:
     """Without the fsync thread too: a read (a bootstrap's seqs, a gateway's history fill) must not
     name a fired event before it is on disk. A power loss would take it back, the channel's next
     post would reuse its seq, and a gateway that started past it would drop that post as a duplicate."""
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     sink, sync = Sink(), HeldSync()
     commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
-    fired = Store(store.path, synchronous="NORMAL")
-    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
-    commits.publish_after_sync([due])
+    fired, due = _fired_unsynced(store, commits, alice, general)
     assert store.last_seq(general.id) == due.seq  # visible to the webapp's connection at once
     read = asyncio.ensure_future(commits.durable())
     await asyncio.sleep(0)  # wait-ok: one turn, for the read to run up to its wait
@@ -313,9 +300,7 @@ async def test_a_batch_rolled_back_by_sqlite_takes_no_later_write_alone(store: S
     batch's later writes must not then run as savepoints outside any transaction (each released
     = committed on its own) while the batch's COMMIT fails and drops their events: committed
     messages, answered internal_error, never handed off."""
-    demo = seed_demo(store)
-    alice = store.user(demo["users"][0]["id"])
-    general = store.channel(demo["channels"][0]["id"])
+    alice, general = _team(store)
     sink = Sink()
     commits = GroupCommit(store, sink)
     before = store.last_seq(general.id)
@@ -338,6 +323,15 @@ async def test_a_batch_rolled_back_by_sqlite_takes_no_later_write_alone(store: S
 
 
 # -- the WAL's fsync on a dedicated thread (fsync_thread=True, --commit-fsync-thread; off by default) --
+def _fired_unsynced(store: Store, commits: GroupCommit, alice: Any, general: Any) -> tuple[Store, Event]:
+    """The scheduler's connection (its commits do not fsync) and one message it committed, handed
+    to ``commits`` to go out once the WAL is on disk."""
+    fired = Store(store.path, synchronous="NORMAL")
+    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
+    commits.publish_after_sync([due])
+    return fired, due
+
+
 def _team(store: Store) -> tuple[Any, Any]:
     demo = seed_demo(store)
     return store.user(demo["users"][0]["id"]), store.channel(demo["channels"][0]["id"])
@@ -476,13 +470,8 @@ async def test_with_the_fsync_thread_a_sink_that_raises_leaves_no_caller_waiting
     its events, so its callers are answered (with the thread they are answered by the fsync's
     release of what waited for it, not by the commit)."""
     alice, general = _team(store)
-
-    class Raising(Sink):
-        def publish(self, events: list[Event]) -> None:
-            raise RuntimeError("the sink broke")
-
     sync = HeldSync()
-    commits = GroupCommit(store, Raising(), wal_path=wal_path_of(store.path), sync_wal=sync, fsync_thread=True)
+    commits = GroupCommit(store, RaisingSink(), wal_path=wal_path_of(store.path), sync_wal=sync, fsync_thread=True)
     waiting = []
     for text in ("first", "second"):  # two batches, both covered by one fsync
         commits.publish([store.post_message(general, alice, text)[1]])
@@ -498,63 +487,32 @@ async def test_with_the_fsync_thread_a_sink_that_raises_leaves_no_caller_waiting
     commits.close()
 
 
-async def test_a_sink_that_raises_on_earlier_events_loses_no_event_published_outside_a_batch(
-    store: Store,
-) -> None:
-    """The same as below for events committed outside any batch (publish() with none open)."""
-    alice, general = _team(store)
-
-    class RaisingOnce(Sink):
-        def publish(self, events: list[Event]) -> None:
-            super().publish(events)
-            if len(self.published) == len(events):
-                raise RuntimeError("the sink broke once")
-
-    sink, sync = RaisingOnce(), HeldSync()
-    commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
-    fired = Store(store.path, synchronous="NORMAL")
-    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
-    commits.publish_after_sync([due])
-    alone = Store(store.path)  # a write committed by itself (synchronous=FULL), no batch open
-    event = alone.post_message(alone.channel(general.id), alone.user(alice.id), "committed alone")[1]
-    with pytest.raises(RuntimeError, match="the sink broke once"):
-        commits.publish([event])
-    held = commits.oldest_t0()
-    assert event in sink.published or (held is not None and held <= event.t0)
-    sync.release.set()
-    await async_wait_until(lambda: _true(event in sink.published), what="the event handed off")
-    assert sink.published == [due, event]
-    alone.close()
-    fired.close()
-    commits.close()
-
-
-async def test_a_sink_that_raises_on_earlier_events_loses_no_later_batch(store: Store) -> None:
-    """The sink raises on the scheduler's events released ahead of a batch (queued, then its send
-    failed, as the hand-off's publish may): the batch's events must still reach it, after them, and
-    stay below the hand-off mark (GroupCommit.oldest_t0) until then; dropped, they were committed,
+@pytest.mark.parametrize("committed", ["in_a_batch", "alone"])
+async def test_a_sink_that_raises_on_earlier_events_loses_no_later_event(store: Store, committed: str) -> None:
+    """The sink raises on the scheduler's events released ahead of later ones (queued, then its
+    send failed, as the hand-off's publish may), after a batch's COMMIT or a write committed alone
+    (publish() with no batch open): the later events must still reach it, after them, and stay
+    below the hand-off mark (GroupCommit.oldest_t0) until then; dropped, they were committed,
     answered ok, and never handed off, not even by a restart's replay."""
     alice, general = _team(store)
-
-    class RaisingOnce(Sink):
-        def publish(self, events: list[Event]) -> None:
-            super().publish(events)
-            if len(self.published) == len(events):
-                raise RuntimeError("the sink broke once")
-
-    sink, sync = RaisingOnce(), HeldSync()
+    sink, sync = RaisingOnceSink(), HeldSync()
     commits = GroupCommit(store, sink, wal_path=wal_path_of(store.path), sync_wal=sync)
-    fired = Store(store.path, synchronous="NORMAL")
-    due = fired.post_message(fired.channel(general.id), fired.user(alice.id), "due now")[1]
-    commits.publish_after_sync([due])
-    event = store.post_message(general, alice, "live")[1]
-    commits.publish([event])
-    with pytest.raises(RuntimeError, match="the sink broke once"):
-        commits.commit()  # its COMMIT synced the WAL: the fired event goes first, and the sink raises
+    fired, due = _fired_unsynced(store, commits, alice, general)
+    if committed == "in_a_batch":
+        event = store.post_message(general, alice, "live")[1]
+        commits.publish([event])
+        with pytest.raises(RuntimeError, match="the sink broke once"):
+            commits.commit()  # its COMMIT synced the WAL: the fired event goes first, and the sink raises
+    else:
+        alone = Store(store.path)  # a write committed by itself (synchronous=FULL), no batch open
+        event = alone.post_message(alone.channel(general.id), alone.user(alice.id), "committed alone")[1]
+        alone.close()
+        with pytest.raises(RuntimeError, match="the sink broke once"):
+            commits.publish([event])
     held = commits.oldest_t0()
     assert event in sink.published or (held is not None and held <= event.t0)
     sync.release.set()
-    await async_wait_until(lambda: _true(event in sink.published), what="the live batch's event handed off")
+    await async_wait_until(lambda: _true(event in sink.published), what="the later event handed off")
     assert sink.published == [due, event]
     fired.close()
     commits.close()
