@@ -14,7 +14,7 @@ are posted), for each layout:
 
 It reports CPU µs per post (``time.process_time``, this process only: SQLite runs in it) for
 each statement, for the COMMIT (its WAL writes and fsync), and the WAL bytes written per post
-(the WAL is checkpointed with TRUNCATE past 16 MiB, as the webapp's checkpointer keeps it).
+(the WAL is checkpointed with TRUNCATE past the webapp's ``WAL_CHECKPOINT_BYTES``).
 ``--rounds N`` alternates the layouts; tables quote each round and the median.
 
     python -m bench.store_layout --posts 30000 --batch 10 --channels 100 --rounds 2
@@ -34,11 +34,10 @@ import statistics
 import time
 from pathlib import Path
 
+from webapp_stub.checkpoint import WAL_CHECKPOINT_BYTES
 from webapp_stub.schema import migrate
 
 RESULTS = Path(__file__).parent / "results"
-# The WAL is checkpointed (TRUNCATE) once it grows past this, as webapp_stub/checkpoint.py does.
-WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
 TEXT_CHARS = 200  # the peers' payload size
 CLUSTERED = """
 CREATE TABLE messages (channel TEXT NOT NULL, ts_us INTEGER NOT NULL, ts TEXT NOT NULL, seq INTEGER NOT NULL,

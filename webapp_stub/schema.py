@@ -9,8 +9,9 @@ rowid tables, so that a row is appended where the last one went, with their key
 (``channel, ts_us`` and ``channel, seq``) a unique index beside them. Clustered by channel (a
 ``WITHOUT ROWID`` table keyed by that key, as before), every post inserted its whole row into
 the middle of a B-tree and dirtied a page of its own in each table: measured on this project's
-2-core VM, 72 µs of SQLite CPU and 21 KiB of WAL per post in group commits of ten posts over
-100 channels, against 40 µs and 9 KiB appended (docs/publish-path.md, round 6). A database
+2-core VM, 80.6 µs of SQLite CPU and 20.4 KiB of WAL per post in group commits of ten posts
+over 100 channels, against 50.4 µs and 10.2 KiB appended (``bench/store_layout.py``;
+docs/publish-path.md, round 6). A database
 written by an older version has them clustered; :func:`migrate` rebuilds them once, in one
 transaction, when it is opened.
 """
