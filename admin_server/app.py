@@ -76,6 +76,11 @@ SERVICE = ADMIN_SERVER
 DEFAULT_PORT = 7000
 ROUTE_BUDGET_S = 10.0  # how long one publish may wait for a live owner
 FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
+# How long a ring barrier may hold a slot (docs/publish-path.md, "The ring barrier"). The
+# fast-path publishes it waits for were written before it with FORWARD_TIMEOUT_S each, so they
+# are answered, lost or timed out (and retried ahead of it, in order) sooner; this bound only
+# matters when it is set below --forward-timeout-s, trading order for latency at a ring change.
+RING_BARRIER_S = 2 * FORWARD_TIMEOUT_S
 # Publishes being forwarded at once (each is a task while it waits for its
 # channel server). The webapp pipelines 256 per connection; this leaves room
 # for several webapps and bounds the memory a flood of pubs can take.
@@ -97,6 +102,11 @@ class AdminServer(MsgpackService):
         # Slots with publishes on the slow path (tasks), each slot's in arrival order: later
         # publishes of the slot join them there, and none is written before the earlier ones.
         self.slow_lanes: dict[str, SlowLane] = {}
+        # Fast-path publishes written and not yet answered, per slot: a slot whose owner changes
+        # while some are in flight is held behind them (a barrier in its lane) until they are
+        # answered, so none of its later publishes overtakes them at the new owner.
+        self.fast_in_flight: dict[str, int] = {}
+        self.forward_timeout_s: float = args.forward_timeout_s
         # Channels with a publish given up: their later publishes are answered unavailable until it
         # is resent, so the webapp resends them all in order (admin_server/given_up.py)
         self.given_up_channels = GivenUpChannels(args.given_up_hold_s, args.max_given_up_channels)
@@ -112,6 +122,13 @@ class AdminServer(MsgpackService):
         self.latency = m.histogram("rtm_as_forward_seconds", "Time to forward one publish", LATENCY_BUCKETS_S)
         self.refused = m.counter(
             "rtm_as_pubs_refused_total", "Publishes answered unavailable because --max-pubs-in-flight were pending"
+        )
+        self.barriers = m.counter(
+            "rtm_as_ring_barriers_total",
+            "Slots held behind fast-path publishes in flight to a previous owner (or before a slow lane)",
+        )
+        self.barriers_expired = m.counter(
+            "rtm_as_ring_barriers_expired_total", "Ring barriers released by --ring-barrier-s, not by the answers"
         )
         self.pubs_in_flight = 0
         # Looked up once: asyncio.get_running_loop() costs a getpid() system call per call (Python 3.11)
@@ -137,8 +154,69 @@ class AdminServer(MsgpackService):
         }
 
     def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
+        """Wake the publishes waiting for an owner, and hold each slot that changed owner while
+        fast-path publishes are in flight to the previous one (docs/publish-path.md, "The ring
+        barrier"): its later publishes must not reach the new owner ahead of them."""
+        for slot in self.fast_in_flight:
+            if old.slots.get(slot) != new.slots.get(slot):
+                self._hold(slot)
         self.ring_changed.set()
         self.ring_changed = asyncio.Event()
+
+    # -- the ring barrier --------------------------------------------------------------------
+    def _lane(self, slot: str) -> SlowLane:
+        """``slot``'s slow lane, made if it has none; a new lane is held behind the slot's fast-path
+        publishes in flight (they were written before it: nothing in it may overtake them)."""
+        lane = self.slow_lanes.get(slot)
+        if lane is None:
+            lane = self.slow_lanes[slot] = SlowLane()
+            if slot in self.fast_in_flight:
+                self._hold_lane(slot, lane)
+        return lane
+
+    def _hold(self, slot: str) -> None:
+        lane = self.slow_lanes.get(slot)
+        if lane is None:
+            self._lane(slot)  # held: the slot has fast-path publishes in flight
+        elif lane.barrier is None:
+            self._hold_lane(slot, lane)
+
+    def _hold_lane(self, slot: str, lane: SlowLane) -> None:
+        lane.hold()
+        lane.barrier_timer = self.loop.call_later(self.args.ring_barrier_s, self._barrier_expired, slot, lane)
+        self.barriers.inc()
+
+    def _barrier_expired(self, slot: str, lane: SlowLane) -> None:
+        """--ring-barrier-s passed before the fast-path publishes it waited for were all answered:
+        the slot's later publishes go now (those still in flight, if retried, follow them)."""
+        lane.barrier_timer = None
+        if lane.barrier is None:
+            return
+        self.barriers_expired.inc()
+        log.warning(
+            "ring barrier of %s expired after %.1fs with %d fast-path publishes unanswered",
+            slot,
+            self.args.ring_barrier_s,
+            self.fast_in_flight.get(slot, 0),
+        )
+        self._release(slot, lane)
+
+    def _release(self, slot: str, lane: SlowLane) -> None:
+        lane.release()
+        if not lane and self.slow_lanes.get(slot) is lane:
+            del self.slow_lanes[slot]
+
+    def _fast_answered(self, slot: str) -> None:
+        """A fast-path publish of ``slot`` was answered (its retry, if any, already joined the lane):
+        the last one in flight releases the slot's barrier."""
+        left = self.fast_in_flight[slot] - 1
+        if left:
+            self.fast_in_flight[slot] = left
+            return
+        del self.fast_in_flight[slot]
+        lane = self.slow_lanes.get(slot)
+        if lane is not None and lane.barrier is not None:
+            self._release(slot, lane)
 
     def on_instances(self, instances: dict[str, Instance]) -> None:
         for gone in [iid for iid in self.links if iid not in instances]:
@@ -215,7 +293,7 @@ class AdminServer(MsgpackService):
         ring = self.follower.ring
         instances = self.channel_servers.instances
         slow_lanes = self.slow_lanes
-        groups: dict[str, list[tuple[int, ops.Publish]]] = {}
+        groups: dict[str, list[tuple[int, ops.Publish, str]]] = {}
         for index, item in enumerate(batch.evs):
             if isinstance(item, BadMessage):
                 self.metrics.error("bad_request")
@@ -227,12 +305,13 @@ class AdminServer(MsgpackService):
                 continue
             self.pubs_in_flight += 1
             channel = item.ch
-            owner = None if (ring.slot_for(channel) or "") in slow_lanes else ring.owner_for(channel)
+            slot = ring.slot_for(channel) or ""
+            owner = None if slot in slow_lanes else ring.owner_for(channel)
             if owner is not None and owner in instances:
                 group = groups.get(owner)
                 if group is None:
                     group = groups[owner] = []
-                group.append((index, item))
+                group.append((index, item, slot))
                 continue
             self._slow(reply, index, item)
         for owner, group in groups.items():
@@ -251,26 +330,30 @@ class AdminServer(MsgpackService):
         lane.abandon_later(turn)
         self.given_up_channels.give_up(record.ch, record.seq, time.monotonic())
 
-    def _slow(self, reply: _BatchReply, index: int, item: ops.Publish) -> None:
-        """One event of a batch on the slow path (:meth:`forward`); its result settles ``index``."""
-        task = asyncio.ensure_future(self.forward(0, item))
+    def _slow(self, reply: _BatchReply, index: int, item: ops.Publish, retry: bool = False) -> None:
+        """One event of a batch on the slow path (:meth:`forward`); its result settles ``index``.
+        ``retry``: a fast-path attempt of it failed (it goes ahead of the slot's barrier)."""
+        task = asyncio.ensure_future(self.forward(0, item, retry))
         task.add_done_callback(lambda done: reply.settle_from(index, done))
 
-    def _send_group(self, reply: _BatchReply, owner: str, group: list[tuple[int, ops.Publish]], rv: int) -> None:
+    def _send_group(self, reply: _BatchReply, owner: str, group: list[tuple[int, ops.Publish, str]], rv: int) -> None:
         """The events of one batch that ``owner`` serves, in one ``pubs`` to it."""
         link = self.links.get(owner)
         conn = link.conn if link is not None and link.connected else None
         future: asyncio.Future[dict[str, Any]] | None = None
         if conn is not None:
-            message = {"op": "pubs", "evs": [ops.publish_item(item) for _, item in group], "rv": rv}
+            message = {"op": "pubs", "evs": [ops.publish_item(item) for _, item, _ in group], "rv": rv}
             try:
-                future = conn.begin_request(message, timeout_s=FORWARD_TIMEOUT_S)
+                future = conn.begin_request(message, timeout_s=self.forward_timeout_s)
             except (ConnectionLost, SendBufferFull):
                 future = None
         if future is None:  # no connection yet: the slow path connects, waits and retries
-            for index, item in group:
+            for index, item, _ in group:
                 self._slow(reply, index, item)
             return
+        fast_in_flight = self.fast_in_flight
+        for _, _, slot in group:
+            fast_in_flight[slot] = fast_in_flight.get(slot, 0) + 1
         started = time.monotonic()
         future.add_done_callback(lambda done: self._group_answered(done, reply, owner, group, started))
 
@@ -279,40 +362,55 @@ class AdminServer(MsgpackService):
         done: asyncio.Future[dict[str, Any]],
         reply: _BatchReply,
         owner: str,
-        group: list[tuple[int, ops.Publish]],
+        group: list[tuple[int, ops.Publish, str]],
         started: float,
     ) -> None:
         """``owner`` answered a ``pubs``: settle each event, in order; ``not_owner`` ones
-        (and all of them, if the request failed in transit) continue on the slow path."""
+        (and all of them, if the request failed in transit) continue on the slow path, ahead
+        of their slot's barrier; then the slots' fast-path counts drop (which may release it)."""
+        try:
+            self._settle_group(done, reply, owner, group, started)
+        finally:
+            for _, _, slot in group:
+                self._fast_answered(slot)
+
+    def _settle_group(
+        self,
+        done: asyncio.Future[dict[str, Any]],
+        reply: _BatchReply,
+        owner: str,
+        group: list[tuple[int, ops.Publish, str]],
+        started: float,
+    ) -> None:
         exc = None if done.cancelled() else done.exception()
         if exc is not None or done.cancelled():
             if isinstance(exc, PeerError) and not isinstance(exc, NotOwner) and exc.code != ErrorCode.UNKNOWN_OP:
                 self.metrics.error("cs_" + exc.code)
-                for index, _ in group:
+                for index, _, _ in group:
                     self.pubs_in_flight -= 1
                     reply.settle(index, exc.code, str(exc))
                 return
             # Lost, timed out, refused for ownership, or a channel server that predates ``pubs``:
             # the slow path sends each one as a ``pub``, retrying within the route budget.
             self.retries.labels("not_owner" if isinstance(exc, NotOwner) else "unreachable").inc(len(group))
-            for index, item in group:
-                self._slow(reply, index, item)  # stays counted in pubs_in_flight; forward() uncounts it
+            for index, item, _ in group:
+                self._slow(reply, index, item, retry=True)  # stays counted in pubs_in_flight; forward() uncounts it
             return
         answer = done.result()
         results = answer.get("res")
         if type(results) is not list or len(results) != len(group):
             self.metrics.error("cs_bad_reply")
-            for index, _ in group:
+            for index, _, _ in group:
                 self.pubs_in_flight -= 1
                 reply.settle(index, ErrorCode.INTERNAL, f"{owner} answered pubs without a result per event")
             return
         details = _details(answer)  # by position in the group's pubs, not in the webapp's batch
         elapsed = time.monotonic() - started
         ok = 0
-        for position, ((index, item), result) in enumerate(zip(group, results, strict=True)):
+        for position, ((index, item, _), result) in enumerate(zip(group, results, strict=True)):
             if result == ErrorCode.NOT_OWNER:
                 self.retries.labels("not_owner").inc()
-                self._slow(reply, index, item)  # stays counted in pubs_in_flight; forward() uncounts it
+                self._slow(reply, index, item, retry=True)  # stays counted in pubs_in_flight; forward() uncounts it
                 continue
             self.pubs_in_flight -= 1
             if result == ops.PUB_OK or result == ops.PUB_DUPLICATE:
@@ -326,7 +424,7 @@ class AdminServer(MsgpackService):
             self.forwarded.inc(ok)
             self.latency.observe(elapsed)
         if log.isEnabledFor(logging.DEBUG):
-            for _, item in group:
+            for _, item, _ in group:
                 log.debug("forwarded %s to %s", item.eid, owner, extra={"eid": item.eid, "channel": item.ch})
 
     def forward_now(self, request_id: int, record: ops.Publish) -> asyncio.Future[dict[str, Any]] | None:
@@ -351,12 +449,13 @@ class AdminServer(MsgpackService):
         pub = record.to_message()
         pub["rv"] = ring.version
         try:
-            reply = conn.begin_request(pub, timeout_s=FORWARD_TIMEOUT_S)
+            reply = conn.begin_request(pub, timeout_s=self.forward_timeout_s)
         except (ConnectionLost, SendBufferFull):
             return None
+        self.fast_in_flight[slot] = self.fast_in_flight.get(slot, 0) + 1
         started = time.monotonic()
         answer: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        reply.add_done_callback(lambda done: self._forwarded(done, answer, request_id, record, owner, started))
+        reply.add_done_callback(lambda done: self._forwarded(done, answer, request_id, record, owner, slot, started))
         return answer
 
     def _forwarded(
@@ -366,15 +465,18 @@ class AdminServer(MsgpackService):
         request_id: int,
         record: ops.Publish,
         owner: str,
+        slot: str,
         started: float,
     ) -> None:
         """The owner answered a fast-path publish (see :meth:`forward_now`)."""
         exc = None if done.cancelled() else done.exception()
         if isinstance(exc, (NotOwner, ConnectionLost, RequestTimeout)) or done.cancelled():
             self.retries.labels("not_owner" if isinstance(exc, NotOwner) else "unreachable").inc()
-            retry = asyncio.ensure_future(self.forward(request_id, record))  # uncounts it when done
+            retry = asyncio.ensure_future(self.forward(request_id, record, True))  # uncounts it when done
             retry.add_done_callback(lambda task: _settle(answer, task))
+            self._fast_answered(slot)  # after its retry took its place ahead of the barrier
             return
+        self._fast_answered(slot)
         self.pubs_in_flight -= 1
         if isinstance(exc, PeerError):
             self.metrics.error("cs_" + exc.code)
@@ -391,20 +493,21 @@ class AdminServer(MsgpackService):
 
     @property
     def slow_slots(self) -> dict[str, int]:
-        """How many publishes each slot has on the slow path (for tests and diagnostics)."""
-        return {slot: len(lane) for slot, lane in self.slow_lanes.items()}
+        """How many publishes each slot has on the slow path (for tests and diagnostics); a slot
+        held by a ring barrier with none is listed with 0."""
+        return {slot: lane.publishes for slot, lane in self.slow_lanes.items()}
 
-    def forward(self, request_id: int, record: ops.Publish) -> Awaitable[dict[str, Any]]:
+    def forward(self, request_id: int, record: ops.Publish, retry: bool = False) -> Awaitable[dict[str, Any]]:
         """Deliver one publish to the channel's owner, retrying within the budget
         (the caller counted it in :attr:`pubs_in_flight`; this uncounts it).
         From this call until it is answered, it holds its place in its slot's
         :class:`SlowLane`, and later publishes of the slot stay off the fast path,
-        so none overtakes it."""
+        so none overtakes it. ``retry``: its fast-path attempt failed, so it takes its
+        place ahead of the slot's barrier (the publishes behind it arrived after it)."""
         slot = self.follower.ring.slot_for(record.ch) or ""
-        lane = self.slow_lanes.get(slot)
-        if lane is None:
-            lane = self.slow_lanes[slot] = SlowLane()
-        return self._forward_slow(request_id, record, slot, lane, lane.join(record.ch))
+        lane = self._lane(slot)
+        turn = lane.join_ahead_of_barrier(record.ch) if retry else lane.join(record.ch)
+        return self._forward_slow(request_id, record, slot, lane, turn)
 
     async def _forward_slow(
         self, request_id: int, record: ops.Publish, slot: str, lane: SlowLane, turn: Turn
@@ -437,15 +540,25 @@ class AdminServer(MsgpackService):
                 continue
             owner = self.follower.ring.owner_for(channel)
             reason = "no_owner"
+            if owner is not None and turn.prev is not None and turn.prev.sent_to != owner:
+                # The earlier ones (all on the wire: it is this one's turn) went to the slot's previous
+                # owner: not past them to the new one (docs/publish-path.md, "The ring barrier").
+                if not await self._await_wake(lane, turn, deadline):
+                    self._give_up(record, lane, turn)
+                    return wire.reply_err(
+                        request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: queued behind a retry"
+                    )
+                continue
             if owner is not None and owner in self.channel_servers.instances:
                 link = self.link_to(owner)
-                remaining = max(0.05, min(FORWARD_TIMEOUT_S, deadline - time.monotonic()))
+                remaining = max(0.05, min(self.forward_timeout_s, deadline - time.monotonic()))
                 try:
                     if not link.connected or link.conn is None:
                         await link.wait_connected(remaining)
                         continue  # others may have written meanwhile: take the turn again
                     pub["rv"] = self.follower.ring.version
                     reply_future = link.conn.begin_request(pub, timeout_s=remaining)
+                    turn.sent_to = owner
                     lane.written(turn)  # on the wire: later ones of the slot may follow it
                     reply = await reply_future
                     lane.answered(turn)
@@ -482,6 +595,16 @@ class AdminServer(MsgpackService):
                 await asyncio.wait_for(lane.wait(turn), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 return False
+        return True
+
+    @staticmethod
+    async def _await_wake(lane: SlowLane, turn: Turn, deadline: float) -> bool:
+        """Until the lane wakes ``turn`` (an earlier publish was answered or moved); False when
+        ``deadline`` passed first."""
+        try:
+            await asyncio.wait_for(lane.wait(turn), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return False
         return True
 
     async def _back_off(self, delay_s: float) -> None:
@@ -568,6 +691,15 @@ def build_parser() -> Parser:
     parser = service_parser("rtm admin-server", "Run one Admin Server.", DEFAULT_PORT)
     parser.add("--route-budget-s", ROUTE_BUDGET_S, "seconds a publish may wait for a live channel owner")
     parser.add("--max-pubs-in-flight", MAX_PUBS_IN_FLIGHT, "publishes forwarded at once; beyond, err unavailable")
+    parser.add(
+        "--forward-timeout-s", FORWARD_TIMEOUT_S, "seconds one attempt at the owning channel server may take", above=0.0
+    )
+    parser.add(
+        "--ring-barrier-s",
+        RING_BARRIER_S,
+        "after a slot changes owner, how long its later publishes may wait at most for those in flight to the old one",
+        above=0.0,
+    )
     parser.add(
         "--given-up-hold-s",
         GIVEN_UP_HOLD_S,

@@ -1,16 +1,29 @@
 """The admin server's slow path for one ring slot: its publishes in arrival order, and whose
 turn it is to write (sans-I/O but for the wait: plain state, unit-tested in
-tests/unit/test_admin_slow_lane.py; used by :mod:`admin_server.app`)."""
+tests/unit/test_admin_slow_lane.py; used by :mod:`admin_server.app`).
+
+A lane may also hold a *barrier* (docs/publish-path.md, "The ring barrier"): a placeholder
+turn that is never written, so nothing behind it is written either, while fast-path
+publishes of the slot written before the lane existed are still unanswered. Those that must
+be retried join the lane just ahead of the barrier (:meth:`SlowLane.join_ahead_of_barrier`),
+in the order they are answered, so they keep their place ahead of every publish that
+arrived after them; when the last is answered, the barrier leaves (:meth:`SlowLane.release`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 
+# Arrival order: each joining turn's ticket is this much above the one before, so that the
+# turns joined ahead of a barrier (retries of publishes that came before it) fit between
+# the ticket of the turn before the barrier and the barrier's own, in order.
+_TICKET_STRIDE = 1 << 32
+
 
 class Turn:
     """One publish's place in a :class:`SlowLane` (a node of its list, in arrival order)."""
 
-    __slots__ = ("ticket", "channel", "on_wire", "refused", "abandoned", "waiter", "prev", "next")
+    __slots__ = ("ticket", "channel", "on_wire", "refused", "abandoned", "sent_to", "waiter", "prev", "next")
 
     def __init__(self, ticket: int, prev: Turn | None, channel: str = "") -> None:
         self.ticket = ticket  # arrival order in the lane
@@ -20,6 +33,7 @@ class Turn:
         self.abandoned = False
         self.on_wire = False  # its latest attempt is written and not yet answered
         self.refused = False  # an attempt failed: it is written again only as the first of the lane
+        self.sent_to = ""  # the channel server its latest attempt was written to
         self.waiter: asyncio.Future[None] | None = None
         self.prev = prev
         self.next: Turn | None = None
@@ -38,21 +52,30 @@ class SlowLane:
     end of a failover (O(publishes in the lane)) and the frontier's advance over
     publishes already on the wire."""
 
-    __slots__ = ("head", "tail", "frontier", "size", "tickets")
+    __slots__ = ("head", "tail", "frontier", "size", "tickets", "barrier", "barrier_timer", "ahead_of_barrier")
 
     def __init__(self) -> None:
         self.head: Turn | None = None
         self.tail: Turn | None = None
-        self.frontier: Turn | None = None  # the first turn not on the wire
-        self.size = 0
+        # The first turn not on the wire (every turn before it is on the wire)
+        self.frontier: Turn | None = None
+        self.size = 0  # turns, the barrier included
         self.tickets = 0
+        self.barrier: Turn | None = None
+        self.ahead_of_barrier = 0  # turns joined ahead of it
+        self.barrier_timer: asyncio.TimerHandle | None = None  # its expiry (the caller arms it)
 
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def publishes(self) -> int:
+        """The publishes in the lane (its turns but the barrier)."""
+        return self.size - (self.barrier is not None)
+
     def join(self, channel: str = "") -> Turn:
         turn = Turn(self.tickets, self.tail, channel)
-        self.tickets += 1
+        self.tickets += _TICKET_STRIDE
         if self.tail is None:
             self.head = turn
         else:
@@ -62,6 +85,46 @@ class SlowLane:
         if self.frontier is None:
             self.frontier = turn
         return turn
+
+    def hold(self) -> Turn:
+        """Put a barrier at the end of the lane: no turn that joins after it is written until it
+        is :meth:`release` d. Publishes that must go ahead of it join with
+        :meth:`join_ahead_of_barrier`."""
+        if self.barrier is None:
+            self.barrier = self.join()
+            self.ahead_of_barrier = 0
+        return self.barrier
+
+    def join_ahead_of_barrier(self, channel: str = "") -> Turn:
+        """A turn just ahead of the barrier (behind the turns already there); at the end when
+        there is none."""
+        barrier = self.barrier
+        if barrier is None:
+            return self.join(channel)
+        self.ahead_of_barrier += 1  # below _TICKET_STRIDE: --max-pubs-in-flight bounds the lane
+        turn = Turn(barrier.ticket - _TICKET_STRIDE + self.ahead_of_barrier, barrier.prev, channel)
+        turn.next = barrier
+        if barrier.prev is None:
+            self.head = turn
+        else:
+            barrier.prev.next = turn
+        barrier.prev = turn
+        self.size += 1
+        if self.frontier is barrier:  # every turn before it is on the wire: the new one is the first not
+            self.frontier = turn
+            self._wake()
+        return turn
+
+    def release(self) -> None:
+        """Remove the barrier (and cancel its expiry): the turns behind it may be written in order."""
+        barrier = self.barrier
+        if barrier is None:
+            return
+        self.barrier = None
+        if self.barrier_timer is not None:
+            self.barrier_timer.cancel()
+            self.barrier_timer = None
+        self.leave(barrier)
 
     def is_head(self, turn: Turn) -> bool:
         return self.head is turn

@@ -91,3 +91,74 @@ def test_a_given_up_publish_abandons_the_later_ones_of_its_channel_not_on_the_wi
     assert lane.abandon_later(first) == 1
     assert later.abandoned and not other.abandoned and not on_wire.abandoned and not first.abandoned
     assert lane.abandon_later(first) == 0  # once
+
+
+# -- the ring barrier (docs/publish-path.md, "The ring barrier") ------------------------------
+def test_nothing_behind_a_barrier_is_written_until_it_is_released() -> None:
+    lane = SlowLane()
+    barrier = lane.hold()
+    assert lane.hold() is barrier  # one at a time
+    later = lane.join("C1")
+    assert not lane.may_write(later) and lane.publishes == 1 and len(lane) == 2
+    lane.release()
+    assert lane.barrier is None and lane.may_write(later) and lane.is_head(later) and len(lane) == 1
+
+
+def test_retries_join_ahead_of_the_barrier_in_the_order_they_come_and_go_first() -> None:
+    """Fast-path publishes 5 and 6 were in flight when the slot was held; 7 arrived after. 5 and
+    6, refused, join ahead of the barrier and are written before 7, pipelined."""
+    lane = SlowLane()
+    lane.hold()
+    seven = lane.join("C1")
+    five = lane.join_ahead_of_barrier("C1")
+    assert lane.may_write(five) and not lane.may_write(seven)
+    lane.written(five)
+    six = lane.join_ahead_of_barrier("C1")  # behind five (on the wire), ahead of the barrier
+    assert lane.may_write(six) and not lane.may_write(seven)
+    lane.written(six)
+    assert not lane.may_write(seven)  # still held: another fast-path publish may come back
+    lane.release()
+    assert lane.may_write(seven)
+    order = []
+    node = lane.head
+    while node is not None:
+        order.append(node)
+        node = node.next
+    assert order == [five, six, seven] and five.ticket < six.ticket < seven.ticket
+
+
+def test_a_refused_retry_ahead_of_the_barrier_becomes_the_frontier_again() -> None:
+    lane = SlowLane()
+    earlier = lane.join("C1")
+    lane.written(earlier)
+    lane.hold()
+    later = lane.join("C1")
+    retry = lane.join_ahead_of_barrier("C1")
+    lane.written(retry)
+    lane.refused(earlier)  # failed over: the first of the lane retries first, then the others
+    lane.refused(retry)
+    assert lane.frontier is earlier and lane.may_write(earlier) and not lane.may_write(retry)
+    lane.release()
+    lane.written(earlier)
+    lane.answered(earlier)
+    lane.leave(earlier)
+    assert lane.may_write(retry) and not lane.may_write(later)
+    lane.written(retry)
+    assert lane.may_write(later)
+
+
+def test_a_lane_with_only_a_barrier_is_not_empty() -> None:
+    lane = SlowLane()
+    lane.hold()
+    assert lane and lane.publishes == 0
+    lane.release()
+    assert not lane and lane.head is None and lane.tail is None and lane.frontier is None
+
+
+async def test_releasing_a_barrier_cancels_its_expiry() -> None:
+    lane = SlowLane()
+    lane.hold()
+    timer = lane.barrier_timer = asyncio.get_running_loop().call_later(3600.0, lambda: None)
+    lane.release()
+    assert timer.cancelled() and lane.barrier_timer is None
+    lane.release()  # nothing held: nothing to do
