@@ -9,6 +9,10 @@ is written to the owner's connection before the next one is read, and while
 one publish for a slot is retrying (the slot is failing over), the others of
 that slot queue behind it, in order, in the slot's :class:`SlowLane`, instead
 of racing it to the new owner (docs/publish-path.md, "Ordering on the slow path").
+When the ring gives a slot to another owner while fast-path publishes of it are
+in flight to the old one, the slot's later publishes wait behind a barrier in
+its lane until those are answered, and the ones refused there are retried ahead
+of them (docs/wire.md, "Publishes refused mid-stream": the ring barrier).
 
 The common case has no task per publish (issue 17, docs/publish-path.md):
 when the owner is known, its link is up and no publish of the slot is on the
@@ -76,7 +80,7 @@ SERVICE = ADMIN_SERVER
 DEFAULT_PORT = 7000
 ROUTE_BUDGET_S = 10.0  # how long one publish may wait for a live owner
 FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
-# How long a ring barrier may hold a slot (docs/publish-path.md, "The ring barrier"). The
+# How long a ring barrier may hold a slot (docs/wire.md, "Publishes refused mid-stream"). The
 # fast-path publishes it waits for were written before it with FORWARD_TIMEOUT_S each, so they
 # are answered, lost or timed out (and retried ahead of it, in order) sooner; this bound only
 # matters when it is set below --forward-timeout-s, trading order for latency at a ring change.
@@ -155,8 +159,8 @@ class AdminServer(MsgpackService):
 
     def on_ring_change(self, old: RingDocument, new: RingDocument) -> None:
         """Wake the publishes waiting for an owner, and hold each slot that changed owner while
-        fast-path publishes are in flight to the previous one (docs/publish-path.md, "The ring
-        barrier"): its later publishes must not reach the new owner ahead of them."""
+        fast-path publishes are in flight to the previous one (the ring barrier: docs/wire.md,
+        "Publishes refused mid-stream"): its later publishes must not reach the new owner first."""
         for slot in self.fast_in_flight:
             if old.slots.get(slot) != new.slots.get(slot):
                 self._hold(slot)
@@ -542,7 +546,7 @@ class AdminServer(MsgpackService):
             reason = "no_owner"
             if owner is not None and turn.prev is not None and turn.prev.sent_to != owner:
                 # The earlier ones (all on the wire: it is this one's turn) went to the slot's previous
-                # owner: not past them to the new one (docs/publish-path.md, "The ring barrier").
+                # owner: not past them to the new one (docs/wire.md, "Publishes refused mid-stream").
                 if not await self._await_wake(lane, turn, deadline):
                     self._give_up(record, lane, turn)
                     return wire.reply_err(
@@ -555,6 +559,8 @@ class AdminServer(MsgpackService):
                 try:
                     if not link.connected or link.conn is None:
                         await link.wait_connected(remaining)
+                        if not link.connected:  # ready, but its connection is closed (the link too, at exit)
+                            raise ConnectionLost(f"link to {owner} is not connected")
                         continue  # others may have written meanwhile: take the turn again
                     pub["rv"] = self.follower.ring.version
                     reply_future = link.conn.begin_request(pub, timeout_s=remaining)

@@ -2,7 +2,7 @@
 turn it is to write (sans-I/O but for the wait: plain state, unit-tested in
 tests/unit/test_admin_slow_lane.py; used by :mod:`admin_server.app`).
 
-A lane may also hold a *barrier* (docs/publish-path.md, "The ring barrier"): a placeholder
+A lane may also hold a *barrier* (docs/wire.md, "Publishes refused mid-stream"): a placeholder
 turn that is never written, so nothing behind it is written either, while fast-path
 publishes of the slot written before the lane existed are still unanswered. Those that must
 be retried join the lane just ahead of the barrier (:meth:`SlowLane.join_ahead_of_barrier`),

@@ -1,4 +1,4 @@
-"""The admin server's ring barrier (docs/publish-path.md, "The ring barrier"), on real sockets.
+"""The admin server's ring barrier (docs/wire.md, "Publishes refused mid-stream"), on real sockets.
 
 Event 2 of a channel is in flight to its slot's old owner when the ring gives the slot to a
 new owner; event 3 arrives. Before the barrier, 3 went straight to the new owner, which
@@ -264,3 +264,18 @@ async def test_a_slow_path_publish_on_the_wire_to_the_old_owner_is_not_overtaken
         assert admin.pubs_in_flight == 0 and admin.slow_slots == {}
     finally:
         webapp.close()
+
+
+async def test_a_slow_path_publish_whose_link_is_closed_backs_off_and_gives_up_in_its_budget(fleet: Fleet) -> None:
+    """A closed link stays "ready" with a closed connection (at exit, closing() closes the links).
+    The slow path took its wait_connected() for a connection and looped without awaiting anything
+    or checking its budget: a busy loop that a cancel could not stop (wait_for swallowed it)."""
+    admin = fleet.admin
+    fleet.change_the_ring()
+    await admin.links["cs-new"].close()
+    admin.args.route_budget_s = 0.3
+    admin.pubs_in_flight += 1  # as handle_request counts it
+    reply = await asyncio.wait_for(admin.forward(0, ops.parse_as(request(2, False), ops.Publish)), DEFAULT_WAIT_S)
+    assert reply["op"] == "err" and reply["code"] == "unavailable"
+    assert admin.retries.labels("unreachable")._value.get() >= 1
+    assert admin.pubs_in_flight == 0 and admin.slow_slots == {}

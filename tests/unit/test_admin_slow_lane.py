@@ -93,7 +93,7 @@ def test_a_given_up_publish_abandons_the_later_ones_of_its_channel_not_on_the_wi
     assert lane.abandon_later(first) == 0  # once
 
 
-# -- the ring barrier (docs/publish-path.md, "The ring barrier") ------------------------------
+# -- the ring barrier (docs/wire.md, "Publishes refused mid-stream") ------------------------------
 def test_nothing_behind_a_barrier_is_written_until_it_is_released() -> None:
     lane = SlowLane()
     barrier = lane.hold()
