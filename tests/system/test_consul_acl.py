@@ -11,12 +11,13 @@ from pathlib import Path
 
 import aiohttp
 
+from rtmctl.consul_roles import ROLES, SERVICE_ROLES, TOKENS_FILE
 from rtmctl.launcher import rtm_argv
 from services.regions import drained_key
 from services.ring import CHANNEL_RING_KEY
 from tests.system.harness import Fleet, consul_client
 
-SECRET_FILES = ("secret", "consul-acl-token", "operator-token", "seed.json")
+SECRET_FILES = ("secret", "consul-acl-token", "operator-token", "seed.json", "consul-acl-tokens.json")
 NOT_SECRET_FILES = ("fleet.json", "fleet.log")  # addresses and pids; the test harness's copy of the fleet's log
 CLI_TIMEOUT_S = 60.0
 
@@ -55,6 +56,7 @@ def test_every_file_rtm_up_makes_is_0600_and_every_directory_0700(fleet: Fleet) 
 
 def test_no_secret_is_on_any_command_line(fleet: Fleet) -> None:
     secrets = [(fleet.data_dir / name).read_text().strip() for name in SECRET_FILES[:3]]
+    secrets += list(role_tokens(fleet).values())
     pids = [fleet.proc.pid] + [p["pid"] for p in fleet.info["processes"]]
     for pid in pids:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -67,20 +69,41 @@ def environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
 
+def role_tokens(fleet: Fleet) -> dict[str, str]:
+    """Each role's Consul token (role -> SecretID), from the dev agent's tokens file."""
+    doc = json.loads((fleet.data_dir / TOKENS_FILE).read_text())
+    return {body["Description"].removeprefix("rtm "): secret for secret, body in doc.items()}
+
+
 def test_each_process_is_started_with_only_the_secrets_its_job_needs(fleet: Fleet) -> None:
     """The fleet secret only in the webapp and the gateways (the tickets' key), the operator token
-    nowhere (no --debug-faults), the dev agent's own --acl-token only in the agent; every process
-    sends its Consul token (the dev agent's one token, docs/consul-acl.md)."""
+    nowhere (no --debug-faults), the dev agent's management token and tokens file only in the
+    agent; every other process sends its own role's Consul token, never the management token or
+    another role's (docs/consul-acl.md)."""
     secret = (fleet.data_dir / "secret").read_text().strip()
     operator = (fleet.data_dir / "operator-token").read_text().strip()
-    token = (fleet.data_dir / "consul-acl-token").read_text().strip()
+    management = (fleet.data_dir / "consul-acl-token").read_text().strip()
+    tokens = role_tokens(fleet)
+    assert set(tokens) == set(ROLES) and len(set(tokens.values())) == len(ROLES)
+    services = set()
     for proc in fleet.info["processes"]:
         values = environ(int(proc["pid"]))
         holds = set(values.values())
-        assert (secret in holds) == (proc["service"] in ("webapp", "gateway")), proc["name"]
+        service = proc["service"]
+        services.add(service)
+        assert (secret in holds) == (service in ("webapp", "gateway")), proc["name"]
         assert operator not in holds, proc["name"]
-        assert (values.get("RTM_CONSUL_DEV_ACL_TOKEN") == token) == (proc["service"] == "consul-dev"), proc["name"]
-        assert values.get("RTM_CONSUL_TOKEN") == token, proc["name"]
+        agent = service == "consul-dev"
+        assert (values.get("RTM_CONSUL_DEV_ACL_TOKEN") == management) == agent, proc["name"]
+        assert (management in holds) == agent, proc["name"]
+        assert ("RTM_CONSUL_DEV_ACL_TOKENS_FILE" in values) == agent, proc["name"]
+        others = {token for role, token in tokens.items() if role != service}
+        assert not holds & others, proc["name"]
+        if agent:
+            assert "RTM_CONSUL_TOKEN" not in values
+        else:
+            assert values.get("RTM_CONSUL_TOKEN") == tokens[service], proc["name"]
+    assert services == {*SERVICE_ROLES, "consul-dev"}
 
 
 async def test_a_client_without_the_token_is_refused_while_the_fleet_works(fleet: Fleet) -> None:
