@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--acl-token",
         default=os.environ.get(ACL_TOKEN_ENV, ""),
-        help="enforce ACLs with default deny; this is the management token, the only one that may do anything "
-        f"(env {ACL_TOKEN_ENV}, which keeps it out of the process list; rtm up generates one)",
+        help="enforce ACLs with default deny; this is the management token, which may do everything "
+        f"(env {ACL_TOKEN_ENV}, which keeps it out of the process list; rtm up generates one and gives it to no "
+        "other process)",
     )
     parser.add_argument(
         "--acl-tokens-file",
