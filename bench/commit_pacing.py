@@ -1,16 +1,19 @@
 """What the webapp's commit pacing saves on the publish path (issue 17, docs/publish-path.md).
 
-For each ``--intervals`` value, starts a fleet (``rtm up``, mutual TLS on, 200 seeded users, no
-websocket clients) with ``RTM_MIN_COMMIT_INTERVAL_S`` set to it, creates ``--channels`` channels,
+For each ``--intervals`` value and each ``--naps`` value, starts a fleet (``rtm up``, mutual TLS on,
+200 seeded users, no websocket clients) with ``RTM_MIN_COMMIT_INTERVAL_S`` and ``RTM_COMMIT_NAP_S``
+set to them, creates ``--channels`` channels,
 and posts ``chat.postMessage`` over HTTP at each of ``--rates`` posts per second, paced, for
 ``--seconds`` each (at most ``--max-inflight`` unanswered). Per step it reports the webapp's and
 the admin servers' CPU µs per post (psutil user+system over the step), the group commits per
-second and posts per commit (the webapp's ``rtm_webapp_commit_batch_writes`` histogram), and the
+second and posts per commit (the webapp's ``rtm_webapp_commit_batch_writes`` histogram), the
+webapp's event-loop thread's wake-ups (voluntary context switches) and preemptions per post, and the
 posts' HTTP latency p50/p99. ``--rounds N`` alternates the intervals ``N`` times, so the machine's
 load falls on each alike; tables quote medians. No websocket clients: the fan-out's cost does not
 depend on the interval, and leaving it out keeps the machine's noise off the publish path.
 
     python -m bench.commit_pacing --intervals 0,0.005 --rates 100,500,1000,2000 --rounds 2
+    python -m bench.commit_pacing --intervals 0.005 --naps 0,0.004 --rates 500,1000,2000 --rounds 3
 
 Writes ``bench/results/commit-pacing.{json,md}``.
 """
@@ -93,6 +96,7 @@ class Poster:
                 slots.release()
 
         page0, cpu0, load0 = self.fleet.metrics(self.webapp_id), self.cpu_s(), os.getloadavg()[0]
+        switches0 = self.procs["webapp"].num_ctx_switches()
         tasks = []
         t0 = loop.time()
         for i in range(max(1, round(rate * seconds))):
@@ -104,6 +108,7 @@ class Poster:
         await asyncio.wait(tasks, timeout=POST_TIMEOUT_S)
         elapsed = loop.time() - t0
         cpu1, page1 = self.cpu_s(), self.fleet.metrics(self.webapp_id)
+        switches1 = self.procs["webapp"].num_ctx_switches()
         posts = max(1, len(latencies))
         commits = metric_total(page1, "rtm_webapp_commit_batch_writes_count") - metric_total(
             page0, "rtm_webapp_commit_batch_writes_count"
@@ -115,6 +120,8 @@ class Poster:
             "commits_per_s": commits / elapsed,
             "posts_per_commit": len(latencies) / max(1.0, commits),
             "webapp_us_per_post": 1e6 * (cpu1["webapp"] - cpu0["webapp"]) / posts,
+            "webapp_wakeups_per_post": (switches1.voluntary - switches0.voluntary) / posts,
+            "webapp_preempted_per_post": (switches1.involuntary - switches0.involuntary) / posts,
             "admin_us_per_post": 1e6 * sum(cpu1[k] - cpu0[k] for k in cpu1 if k != "webapp") / posts,
             "p50_ms": 1e3 * (pct(latencies, 50) or 0.0),
             "p99_ms": 1e3 * (pct(latencies, 99) or 0.0),
@@ -122,9 +129,9 @@ class Poster:
         }
 
 
-async def run_interval(interval_s: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run_interval(interval_s: str, nap_s: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    env = {"RTM_MIN_COMMIT_INTERVAL_S": interval_s}
+    env = {"RTM_MIN_COMMIT_INTERVAL_S": interval_s, "RTM_COMMIT_NAP_S": nap_s}
     with FleetRun("--seed-users", str(SEED_USERS), env=env) as fleet:
         user = next(u for u in fleet.seed["users"] if not u["is_bot"])
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.max_inflight)) as http:
@@ -133,7 +140,7 @@ async def run_interval(interval_s: str, args: argparse.Namespace) -> list[dict[s
                 poster.channels.append((await poster.call("conversations.create", name=f"pacing-{n}"))["channel"]["id"])
             await poster.step(WARM_RATE_PER_S, WARM_SECONDS)
             for rate in args.rates:
-                row = {"interval_s": float(interval_s), **await poster.step(rate, args.seconds)}
+                row = {"interval_s": float(interval_s), "nap_s": float(nap_s), **await poster.step(rate, args.seconds)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
@@ -141,6 +148,7 @@ async def run_interval(interval_s: str, args: argparse.Namespace) -> list[dict[s
 
 COLUMNS = (
     ("webapp_us_per_post", "webapp µs/post"),
+    ("webapp_wakeups_per_post", "webapp wake-ups/post"),
     ("admin_us_per_post", "admin µs/post"),
     ("posts_per_commit", "posts/commit"),
     ("commits_per_s", "commits/s"),
@@ -155,34 +163,40 @@ def render(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         f"# bench/commit_pacing ({machine.get('cpu_model', '')}, {machine.get('nproc')} CPUs, {machine.get('date')}, commit {machine.get('rtm_commit')})",
         "",
     ]
-    out.append("Medians over the rounds, per commit interval and offered rate:")
+    out.append("Medians over the rounds, per commit interval, nap and offered rate:")
     out.append("")
     table = []
-    for interval in sorted({r["interval_s"] for r in rows}):
+    for interval, nap in sorted({(r["interval_s"], r.get("nap_s", 0.0)) for r in rows}):
         for rate in sorted({r["rate"] for r in rows}):
-            mine = [r for r in rows if r["interval_s"] == interval and r["rate"] == rate]
-            cells = [f"{statistics.median(r[key] for r in mine):.1f}" for key, _ in COLUMNS]
-            table.append([f"{interval * 1000:g} ms", f"{rate:g}", *cells, sum(r["failed"] for r in mine)])
-    out.append(md_table(["interval", "offered posts/s", *(label for _, label in COLUMNS), "failed"], table))
+            mine = [r for r in rows if (r["interval_s"], r.get("nap_s", 0.0)) == (interval, nap) and r["rate"] == rate]
+            if not mine:
+                continue
+            cells = [f"{statistics.median(r[key] for r in mine):.2f}" for key, _ in COLUMNS]
+            when = [f"{interval * 1000:g} ms", f"{nap * 1000:g} ms", f"{rate:g}"]
+            table.append([*when, *cells, sum(r["failed"] for r in mine)])
+    out.append(md_table(["interval", "nap", "offered posts/s", *(label for _, label in COLUMNS), "failed"], table))
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--intervals", default="0,0.005", help="values of RTM_MIN_COMMIT_INTERVAL_S, seconds")
+    parser.add_argument("--naps", default="0.004", help="values of RTM_COMMIT_NAP_S, seconds")
     parser.add_argument("--rates", default="100,500,1000,2000", help="offered posts per second, one step each")
     parser.add_argument("--seconds", type=float, default=SECONDS, help="posting time per step")
-    parser.add_argument("--rounds", type=int, default=1, help="passes over the intervals, alternating")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the intervals and naps, alternating")
     parser.add_argument("--channels", type=int, default=CHANNELS, help="channels the posts go to, in turn")
     parser.add_argument("--max-inflight", type=int, default=MAX_INFLIGHT, help="unanswered posts at most")
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r]
     intervals = [i for i in args.intervals.split(",") if i]
+    naps = [n for n in args.naps.split(",") if n]
     install_uvloop()
     rows: list[dict[str, Any]] = []
     for _ in range(args.rounds):
         for interval in intervals:
-            rows += asyncio.run(run_interval(interval, args))
+            for nap in naps:
+                rows += asyncio.run(run_interval(interval, nap, args))
     machine = machine_info()
     report = {
         "benchmark": "commit_pacing",

@@ -33,6 +33,7 @@ import json
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from bench.harness import (
@@ -57,7 +58,9 @@ from bench.harness import (
     save_json,
     settled_rss,
 )
+from rtmctl.consul_roles import role_token
 from rtmctl.operator import consul_token
+from services.identity import GATEWAY
 
 NAME = "connections"
 GOAL_BYTES_PER_CONN = 16 * 1024
@@ -351,7 +354,7 @@ async def trace(args: argparse.Namespace) -> dict[str, Any]:
                 "--consul",
                 consul,
                 "--consul-token",
-                consul_token(str(fleet.data_dir)),
+                role_token(Path(fleet.data_dir), GATEWAY),  # a gateway registers as one: the gateway's token
                 "--data-dir",
                 str(fleet.data_dir),
                 "--log-level",

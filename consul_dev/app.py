@@ -27,17 +27,28 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from consul_dev.acl import AccessControl, ACLNotFound, PermissionDenied, Rule, request_token
+from consul_dev.acl import (
+    AccessControl,
+    ACLNotFound,
+    PermissionDenied,
+    Rule,
+    RulesError,
+    Token,
+    parse_token_file,
+    request_token,
+)
 from consul_dev.endpoints import ConsulEndpoints
 from consul_dev.errors import ConsulError, InvalidRequest, ServerError
 from consul_dev.node import DATACENTER, KV_MAX_VALUE_BYTES, NODE_NAME
 from consul_dev.request import (
+    ACL_FILTERED_KEY,
     AUTHZ_KEY,
     DEFAULT_BLOCKING_WAIT_S,
     QUERY_KEY,
@@ -46,7 +57,6 @@ from consul_dev.request import (
     QueryOptions,
     Reply,
     Route,
-    json_reply,
     parse_query_options,
 )
 from consul_dev.state import ConsulState
@@ -61,8 +71,10 @@ DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8500  # Consul's HTTP port
 HOST_ENV: Final = "RTM_CONSUL_DEV_HOST"
 PORT_ENV: Final = "RTM_CONSUL_DEV_PORT"
-# The management token; with it set, the agent enforces ACLs with default deny.
+# The management token; with it (or a tokens file) set, the agent enforces ACLs with default deny.
 ACL_TOKEN_ENV: Final = "RTM_CONSUL_DEV_ACL_TOKEN"
+# The tokens with rules (consul_dev.acl.parse_token_file): SecretID -> AccessorID, Description, Rules.
+ACL_TOKENS_FILE_ENV: Final = "RTM_CONSUL_DEV_ACL_TOKENS_FILE"
 
 # How often expiries (TTL checks, session TTLs, reaping) are applied when no
 # request arrives: 100 ms keeps a 1 s test TTL accurate to 10 %.
@@ -107,7 +119,7 @@ class ConsulDevAgent(ConsulEndpoints):
         )
         self._acl_filtered = Counter(
             "rtm_consul_dev_acl_filtered",
-            "List reads answered empty because the token may read nothing",
+            "List reads from which ACLs removed entries the token may not read",
             registry=self.registry,
         )
         self._blocking_gauge = Gauge(
@@ -249,17 +261,19 @@ class ConsulDevAgent(ConsulEndpoints):
         authz = self.access.resolve(request_token(query, request.headers))
         request[AUTHZ_KEY] = authz
         reply = await route.handler(request, tail)
-        if route.acl is Rule.FILTER and not authz.allow_all and reply.status == 200:
-            # Every item is dropped by the filter; the index (and blocking) is the query's own.
-            self._acl_filtered.inc()
-            filtered = json_reply(request, route.empty, index=reply.index)
-            filtered.headers = {k: v for k, v in reply.headers.items() if k != "X-Consul-ContentHash"}
-            return filtered
+        if route.acl is Rule.FILTER and reply.status == 200 and not request.get(ACL_FILTERED_KEY):
+            # A list handler that forgot its ACL filter would leak what the token may not read.
+            raise ServerError(f"{route.pattern}: the rtm dev agent answered a list without filtering it by ACLs")
         return reply
 
 
-async def start_agent(host: str, port: int, acl_token: str = "") -> tuple[dict[str, Any], StopFn]:
+async def start_agent(
+    host: str, port: int, acl_token: str = "", acl_tokens: Mapping[str, Token] | None = None
+) -> tuple[dict[str, Any], StopFn]:
     """Start serving on ``host:port`` (0 picks a free port); return the ready info and ``stop``.
+
+    ``acl_token`` is the management token, ``acl_tokens`` the tokens with rules; with
+    either, ACLs are enforced with default deny.
 
     The info is what :func:`services.process.run_service` prints in the ready
     line. ``stop`` answers pending blocking queries, stops the expiry loop and
@@ -267,7 +281,7 @@ async def start_agent(host: str, port: int, acl_token: str = "") -> tuple[dict[s
     """
     node_address = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     state = ConsulState(time.monotonic, node_address=node_address)
-    agent = ConsulDevAgent(state, access=AccessControl(acl_token))
+    agent = ConsulDevAgent(state, access=AccessControl(acl_token, acl_tokens))
     runner = web.AppRunner(agent.application(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -292,7 +306,7 @@ async def start_agent(host: str, port: int, acl_token: str = "") -> tuple[dict[s
         bound_port,
         NODE_NAME,
         DATACENTER,
-        "enforced, default deny" if agent.access.enabled else "off",
+        f"enforced, default deny, {len(acl_tokens or {})} token(s) with rules" if agent.access.enabled else "off",
     )
     info = {
         "service": SERVICE_NAME,
@@ -306,7 +320,7 @@ async def start_agent(host: str, port: int, acl_token: str = "") -> tuple[dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``rtm consul-dev [--host H] [--port P] [--acl-token T]``: run the dev agent until SIGTERM/SIGINT."""
+    """``rtm consul-dev [--host H] [--port P] [--acl-token T] [--acl-tokens-file PATH]``: run until SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(
         prog="rtm consul-dev",
         description="Run the embedded dev Consul agent. Production runs real Consul (CONSUL_HTTP_ADDR).",
@@ -320,11 +334,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--acl-token",
         default=os.environ.get(ACL_TOKEN_ENV, ""),
-        help="enforce ACLs with default deny; this is the management token, the only one that may do anything "
-        f"(env {ACL_TOKEN_ENV}, which keeps it out of the process list; rtm up generates one)",
+        help="enforce ACLs with default deny; this is the management token, which may do everything "
+        f"(env {ACL_TOKEN_ENV}, which keeps it out of the process list; rtm up generates one and gives it to no "
+        "other process)",
+    )
+    parser.add_argument(
+        "--acl-tokens-file",
+        default=os.environ.get(ACL_TOKENS_FILE_ENV, ""),
+        help="enforce ACLs with default deny; the tokens with rules, a JSON object SecretID -> "
+        '{"AccessorID", "Description", "Rules"} with Consul\'s JSON rule syntax (keep it 0600; '
+        f"env {ACL_TOKENS_FILE_ENV}; rtm up writes DATA_DIR/consul-acl-tokens.json, one token per role)",
     )
     args = parser.parse_args(argv)
+    tokens: dict[str, Token] = {}
+    if args.acl_tokens_file:
+        try:
+            tokens = parse_token_file(Path(args.acl_tokens_file).read_text(encoding="utf-8"))
+        except (OSError, RulesError) as exc:
+            parser.error(f"--acl-tokens-file {args.acl_tokens_file}: {exc}")
     from services.logs import configure
 
     configure(SERVICE_NAME)
-    return run_service(lambda: start_agent(args.host, args.port, args.acl_token))
+    return run_service(lambda: start_agent(args.host, args.port, args.acl_token, tokens))

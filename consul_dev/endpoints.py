@@ -13,11 +13,15 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from consul_dev import acl_filter
 from consul_dev.acl import Access, Resource, Rule
+from consul_dev.acl_filter import ACLFilter
 from consul_dev.definitions import decode_check_definition, decode_service_definition
 from consul_dev.errors import InvalidRequest, NotFound, RequestTooLarge
 from consul_dev.node import DATACENTER, HEALTH_CRITICAL, HEALTH_PASSING, HEALTH_WARNING, KV_MAX_VALUE_BYTES, NODE_NAME
 from consul_dev.request import (
+    ACL_FILTERED_KEY,
+    FILTERED_BY_ACLS_HEADER,
     TEXT_CONTENT_TYPE,
     Reply,
     Route,
@@ -44,10 +48,33 @@ class ConsulEndpoints:
         """Run ``query`` as a blocking query (the agent defines it)."""
         raise NotImplementedError
 
-    async def _blocking_json(self, request: web.Request, query: Callable[[], tuple[int, Any]]) -> Reply:
-        """A read endpoint's reply: ``query`` run as a blocking query, its result as JSON at its index."""
+    async def _blocking_json(self, request: web.Request, query: Callable[[], tuple[int, Any]], acl: ACLFilter) -> Reply:
+        """A list endpoint's reply: ``query`` run as a blocking query, its result filtered by
+        ``acl`` for the request's token, as JSON at the query's index."""
         index, body = await self.blocking(request, query)
-        return json_reply(request, body, index=index)
+        return self._filtered_json(request, body, acl, index=index)
+
+    def _acl_filter(self, request: web.Request, body: T, acl: ACLFilter) -> tuple[T, dict[str, str]]:
+        """``body`` without what the token may not read, and the headers that say so.
+
+        ``X-Consul-Results-Filtered-By-ACLs: true`` when something was removed, but
+        not for the anonymous token (Consul masks it: ``maskResultsFilteredByACLs``).
+        """
+        request[ACL_FILTERED_KEY] = True
+        authz = authorizer_of(request)
+        if authz.allow_all:
+            return body, {}
+        kept, removed = acl(authz, body)
+        if not removed:
+            return kept, {}
+        self._acl_filtered.inc()
+        return kept, {} if authz.anonymous else {FILTERED_BY_ACLS_HEADER: "true"}
+
+    def _filtered_json(self, request: web.Request, body: Any, acl: ACLFilter, *, index: int | None = None) -> Reply:
+        kept, headers = self._acl_filter(request, body, acl)
+        reply = json_reply(request, kept, index=index)
+        reply.headers.update(headers)
+        return reply
 
     def routes(self) -> list[Route]:
         """Every endpoint the agent serves, with its methods and how queries and ACLs apply."""
@@ -55,11 +82,11 @@ class ConsulEndpoints:
         filtered, open_ = Rule.FILTER, Rule.OPEN
         return [
             Route("/v1/agent/self", get, self.agent_self),
-            Route("/v1/agent/services", get, self.agent_services, filterable=True, acl=filtered, empty={}),
+            Route("/v1/agent/services", get, self.agent_services, filterable=True, acl=filtered),
             Route("/v1/agent/service/register", put, self.agent_service_register),
             Route("/v1/agent/service/deregister/", put, self.agent_service_deregister),
             Route("/v1/agent/service/", get, self.agent_service),
-            Route("/v1/agent/checks", get, self.agent_checks, filterable=True, acl=filtered, empty={}),
+            Route("/v1/agent/checks", get, self.agent_checks, filterable=True, acl=filtered),
             Route("/v1/agent/check/register", put, self.agent_check_register),
             Route("/v1/agent/check/deregister/", put, self.agent_check_deregister),
             Route("/v1/agent/check/pass/", put, self.agent_check_pass),
@@ -67,25 +94,21 @@ class ConsulEndpoints:
             Route("/v1/agent/check/fail/", put, self.agent_check_fail),
             Route("/v1/agent/check/update/", put, self.agent_check_update),
             Route("/v1/catalog/datacenters", get, self.catalog_datacenters, acl=open_),
-            Route("/v1/catalog/nodes", get, self.catalog_nodes, query=True, filterable=True, acl=filtered, empty=[]),
+            Route("/v1/catalog/nodes", get, self.catalog_nodes, query=True, filterable=True, acl=filtered),
             Route("/v1/catalog/node/", get, self.catalog_node, query=True, filterable=True, acl=filtered),
-            Route(
-                "/v1/catalog/services", get, self.catalog_services, query=True, filterable=True, acl=filtered, empty={}
-            ),
-            Route(
-                "/v1/catalog/service/", get, self.catalog_service, query=True, filterable=True, acl=filtered, empty=[]
-            ),
-            Route("/v1/health/service/", get, self.health_service, query=True, filterable=True, acl=filtered, empty=[]),
-            Route("/v1/health/checks/", get, self.health_checks, query=True, filterable=True, acl=filtered, empty=[]),
-            Route("/v1/health/state/", get, self.health_state, query=True, filterable=True, acl=filtered, empty=[]),
-            Route("/v1/health/node/", get, self.health_node, query=True, filterable=True, acl=filtered, empty=[]),
+            Route("/v1/catalog/services", get, self.catalog_services, query=True, filterable=True, acl=filtered),
+            Route("/v1/catalog/service/", get, self.catalog_service, query=True, filterable=True, acl=filtered),
+            Route("/v1/health/service/", get, self.health_service, query=True, filterable=True, acl=filtered),
+            Route("/v1/health/checks/", get, self.health_checks, query=True, filterable=True, acl=filtered),
+            Route("/v1/health/state/", get, self.health_state, query=True, filterable=True, acl=filtered),
+            Route("/v1/health/node/", get, self.health_node, query=True, filterable=True, acl=filtered),
             Route("/v1/kv/", ("GET", "PUT", "DELETE"), self.kv, query=True),
             Route("/v1/session/create", put, self.session_create, query=True),
             Route("/v1/session/destroy/", put, self.session_destroy, query=True),
             Route("/v1/session/renew/", put, self.session_renew, query=True),
-            Route("/v1/session/info/", get, self.session_info, query=True, acl=filtered, empty=[]),
-            Route("/v1/session/list", get, self.session_list, query=True, acl=filtered, empty=[]),
-            Route("/v1/session/node/", get, self.session_node, query=True, acl=filtered, empty=[]),
+            Route("/v1/session/info/", get, self.session_info, query=True, acl=filtered),
+            Route("/v1/session/list", get, self.session_list, query=True, acl=filtered),
+            Route("/v1/session/node/", get, self.session_node, query=True, acl=filtered),
             # Consul's Status endpoints resolve no token: open under default deny too.
             Route("/v1/status/leader", get, self.status_leader, acl=open_),
             Route("/v1/status/peers", get, self.status_peers, acl=open_),
@@ -110,7 +133,7 @@ class ConsulEndpoints:
         return json_reply(request, self.state.agent_self())
 
     async def agent_services(self, request: web.Request, tail: str) -> Reply:
-        return json_reply(request, self.state.agent_services())
+        return self._filtered_json(request, self.state.agent_services(), acl_filter.agent_services)
 
     async def agent_service(self, request: web.Request, tail: str) -> Reply:
         name = self.state.agent_service_name(tail)
@@ -143,7 +166,7 @@ class ConsulEndpoints:
         return Reply()
 
     async def agent_checks(self, request: web.Request, tail: str) -> Reply:
-        return json_reply(request, self.state.agent_checks())
+        return self._filtered_json(request, self.state.agent_checks(), acl_filter.agent_checks)
 
     async def agent_check_register(self, request: web.Request, tail: str) -> Reply:
         raw = await read_json_body(request)
@@ -188,22 +211,26 @@ class ConsulEndpoints:
 
     async def catalog_nodes(self, request: web.Request, tail: str) -> Reply:
         node_meta = request.query.getall("node-meta", [])
-        return await self._blocking_json(request, lambda: self.state.catalog_nodes(node_meta=node_meta))
+        return await self._blocking_json(
+            request, lambda: self.state.catalog_nodes(node_meta=node_meta), acl_filter.nodes
+        )
 
     async def catalog_node(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing node name")
-        return await self._blocking_json(request, lambda: self.state.catalog_node(tail))
+        return await self._blocking_json(request, lambda: self.state.catalog_node(tail), acl_filter.node_services)
 
     async def catalog_services(self, request: web.Request, tail: str) -> Reply:
         node_meta = request.query.getall("node-meta", [])
-        return await self._blocking_json(request, lambda: self.state.catalog_services(node_meta=node_meta))
+        return await self._blocking_json(
+            request, lambda: self.state.catalog_services(node_meta=node_meta), acl_filter.service_names
+        )
 
     async def catalog_service(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing service name")
         tags = request.query.getall("tag", [])
         node_meta = request.query.getall("node-meta", [])
         return await self._blocking_json(
-            request, lambda: self.state.catalog_service(tail, tags=tags, node_meta=node_meta)
+            request, lambda: self.state.catalog_service(tail, tags=tags, node_meta=node_meta), acl_filter.service_nodes
         )
 
     async def health_service(self, request: web.Request, tail: str) -> Reply:
@@ -212,22 +239,28 @@ class ConsulEndpoints:
         tags = request.query.getall("tag", [])
         node_meta = request.query.getall("node-meta", [])
         return await self._blocking_json(
-            request, lambda: self.state.health_service(tail, passing=passing, tags=tags, node_meta=node_meta)
+            request,
+            lambda: self.state.health_service(tail, passing=passing, tags=tags, node_meta=node_meta),
+            acl_filter.check_service_nodes,
         )
 
     async def health_checks(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing service name")
         node_meta = request.query.getall("node-meta", [])
-        return await self._blocking_json(request, lambda: self.state.health_checks(tail, node_meta=node_meta))
+        return await self._blocking_json(
+            request, lambda: self.state.health_checks(tail, node_meta=node_meta), acl_filter.health_checks
+        )
 
     async def health_state(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing check state")
         node_meta = request.query.getall("node-meta", [])
-        return await self._blocking_json(request, lambda: self.state.health_state(tail, node_meta=node_meta))
+        return await self._blocking_json(
+            request, lambda: self.state.health_state(tail, node_meta=node_meta), acl_filter.health_checks
+        )
 
     async def health_node(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing node name")
-        return await self._blocking_json(request, lambda: self.state.health_node(tail))
+        return await self._blocking_json(request, lambda: self.state.health_node(tail), acl_filter.health_checks)
 
     # ---- KV -----------------------------------------------------------------------
     async def kv(self, request: web.Request, key: str) -> Reply:
@@ -257,36 +290,39 @@ class ConsulEndpoints:
         if not recurse and key == "":
             raise InvalidRequest("Missing key name")
         cas = parse_uint(query.get("cas", "")) if "cas" in query else None
-        authorizer_of(request).require(Resource.KEY, Access.WRITE, key)  # KeyWritePrefixAllowed for recurse
+        if recurse:  # KeyWritePrefix: write on the prefix and on every rule under it
+            authorizer_of(request).require_key_write_prefix(key)
+        else:
+            authorizer_of(request).require(Resource.KEY, Access.WRITE, key)
         return json_reply(request, self.state.kv_delete(key, recurse=recurse, cas=cas))
 
     async def _kv_get(self, request: web.Request, key: str) -> Reply:
         query = request.query
-        authz = authorizer_of(request)
-        if "keys" in query or "recurse" in query:
-            if not authz.allowed(Resource.KEY, Access.READ, key):
-                # Filtered to nothing: Consul answers a list with no entries 404, at the prefix's index.
-                self._acl_filtered.inc()
-                listing = self.state.kv_keys if "keys" in query else self.state.kv_list
-                index, _ = await self.blocking(request, lambda: (listing(key)[0], None))
-                return Reply(404, b"", TEXT_CONTENT_TYPE, index)
-        elif key != "":
-            authz.require(Resource.KEY, Access.READ, key)
         if "keys" in query:
+            # A list is filtered key by key (FilterKeys), not refused; nothing left is 404 as for no keys.
             separator = query.get("separator", query.get("seperator", ""))  # Consul accepts its old misspelling
             index, keys = await self.blocking(request, lambda: self.state.kv_keys(key, separator))
-            if keys is None:
-                return Reply(404, b"", TEXT_CONTENT_TYPE, index)
-            return json_reply(request, keys, index=index)
+            kept, headers = self._acl_filter(request, keys or [], acl_filter.kv_keys)
+            if not kept:
+                return Reply(404, b"", TEXT_CONTENT_TYPE, index, headers)
+            reply = json_reply(request, kept, index=index)
+            reply.headers.update(headers)
+            return reply
         if "recurse" in query:
             index, entries = await self.blocking(request, lambda: self.state.kv_list(key))
-        else:
-            if key == "":
-                raise InvalidRequest("Missing key name")
-            index, entries = await self.blocking(request, lambda: self.state.kv_get(key))
+            kept, headers = self._acl_filter(request, entries, acl_filter.kv_entries)
+            if not kept:
+                return Reply(404, b"", TEXT_CONTENT_TYPE, index, headers)
+            reply = json_reply(request, kept, index=index)
+            reply.headers.update(headers)
+            return reply
+        if key == "":
+            raise InvalidRequest("Missing key name")
+        authorizer_of(request).require(Resource.KEY, Access.READ, key)  # before blocking, as Consul's Get
+        index, entries = await self.blocking(request, lambda: self.state.kv_get(key))
         if not entries:
             return Reply(404, b"", TEXT_CONTENT_TYPE, index)
-        if "raw" in query and "recurse" not in query:
+        if "raw" in query:
             _, value = self.state.kv_raw(key)
             headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
             return Reply(200, value or b"", "text/plain", index, headers)
@@ -321,14 +357,14 @@ class ConsulEndpoints:
 
     async def session_info(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing session")
-        return await self._blocking_json(request, lambda: self.state.session_info(tail))
+        return await self._blocking_json(request, lambda: self.state.session_info(tail), acl_filter.sessions)
 
     async def session_list(self, request: web.Request, tail: str) -> Reply:
-        return await self._blocking_json(request, self.state.session_list)
+        return await self._blocking_json(request, self.state.session_list, acl_filter.sessions)
 
     async def session_node(self, request: web.Request, tail: str) -> Reply:
         _require_name(tail, "Missing node name")
-        return await self._blocking_json(request, lambda: self.state.session_node(tail))
+        return await self._blocking_json(request, lambda: self.state.session_node(tail), acl_filter.sessions)
 
     # ---- status and rtm's own endpoints ---------------------------------------------
     async def status_leader(self, request: web.Request, tail: str) -> Reply:

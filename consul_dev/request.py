@@ -28,6 +28,8 @@ JSON_CONTENT_TYPE: Final = "application/json"
 TEXT_CONTENT_TYPE: Final = "text/plain; charset=utf-8"
 QUERY_KEY: Final = "rtm_consul_dev.query"  # the request's QueryOptions (query routes)
 AUTHZ_KEY: Final = "rtm_consul_dev.authorizer"  # the request's Authorizer (routes under ACLs)
+ACL_FILTERED_KEY: Final = "rtm_consul_dev.acl_filtered"  # set once a FILTER route's handler filtered its answer
+FILTERED_BY_ACLS_HEADER: Final = "X-Consul-Results-Filtered-By-ACLs"
 _UINT64_MAX: Final = 2**64 - 1
 _DIGITS_RE: Final = re.compile(r"[0-9]+")
 _GO_TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
@@ -65,8 +67,7 @@ class Route:
     handler: Handler
     query: bool = False  # parses dc, consistency, index/wait (a catalog/health/kv/session endpoint)
     filterable: bool = False  # Consul accepts ?filter= here; the dev agent refuses it plainly
-    acl: Rule = Rule.CHECK  # how ACLs apply (see consul_dev.acl)
-    empty: Any = None  # FILTER routes: what a token that may read nothing gets
+    acl: Rule = Rule.CHECK  # how ACLs apply (see consul_dev.acl); FILTER handlers use consul_dev.acl_filter
 
 
 class MethodNotAllowed(ConsulError):

@@ -21,8 +21,10 @@ Secrets (``docs/consul-acl.md``): on first start ``rtm up`` makes, in its data
 directory (0700), each file 0600 from its first byte (:mod:`services.secret_file`)
 and reused on restart: ``secret`` (the fleet secret, from which each job's key
 is derived, :mod:`services.keys`), ``consul-acl-token`` (the dev Consul agent's
-management token: the agent enforces ACLs with default deny and every child
-sends the token), ``operator-token`` (what ``--debug-faults`` endpoints
+management token, which only the agent holds), ``consul-acl-tokens.json`` (one
+Consul token per role with that role's rules, :mod:`rtmctl.consul_roles`: each
+child sends only its own role's; ``rtm up`` and the ``rtm`` commands the
+operator's), ``operator-token`` (what ``--debug-faults`` endpoints
 require) and ``seed.json`` (user tokens). Children get them through the
 environment, never on their command line.
 
@@ -50,13 +52,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from consul_dev.app import ACL_TOKEN_ENV
+from consul_dev.app import ACL_TOKEN_ENV, ACL_TOKENS_FILE_ENV
 from consul_dev.app import SERVICE_NAME as CONSUL_DEV
+from rtmctl.consul_roles import TOKENS_FILE, TokensFileError, ensure_role_tokens
 from rtmctl.fleet_plan import CONSUL_PORT_OFFSET, RENEW_WITHIN, ProcessSpec, plan, regions_of
 from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services import regions, tls
 from services.certs import FleetCertificates
-from services.config import CONSUL_TOKEN_ENV, Parser, consul_token_default, split_host_port
+from services.config import (
+    CONSUL_HTTP_TOKEN_ENV,
+    CONSUL_HTTP_TOKEN_FILE_ENV,
+    CONSUL_TOKEN_ENV,
+    Parser,
+    consul_token_default,
+    split_host_port,
+)
 from services.discovery import sync_client
 from services.errors import BadDocument
 from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, OPERATOR, PRESENCE, WEBAPP, PeerIdentity
@@ -71,13 +81,23 @@ OPERATOR_TOKEN_ENV = "RTM_OPERATOR_TOKEN"
 SECRET_ENV = "RTM_SECRET"
 # Each child gets only the secrets its job needs (as deploy/ gives each container its own): the fleet
 # secret where the tickets' key is derived (the webapp mints, gateways verify), the operator token
-# where --debug-faults would serve, the dev agent's management token as the agent's own --acl-token
-# only to the agent (every process still sends it as its Consul token: the dev agent knows no other).
+# where --debug-faults would serve, the dev agent's management token (its own --acl-token) and the
+# path of its tokens file only to the agent, and to every other child its own role's Consul token
+# (rtmctl.consul_roles), never another's.
 FLEET_SECRET_HOLDERS = frozenset({WEBAPP, GATEWAY})
 DEBUG_FAULTS_SERVERS = frozenset({CHANNEL_SERVER, PRESENCE})
 # The secrets that rtm up hands out: a child never inherits one it was not given from rtm up's own
-# environment (an operator's shell may export them, e.g. after sourcing deploy/.env).
-FLEET_SECRET_ENVS = (SECRET_ENV, OPERATOR_TOKEN_ENV, ACL_TOKEN_ENV)
+# environment (an operator's shell may export them, e.g. after sourcing deploy/.env); nor a Consul
+# token of Consul's own tools (CONSUL_HTTP_TOKEN*), which it would read if RTM_CONSUL_TOKEN were unset.
+FLEET_SECRET_ENVS = (
+    SECRET_ENV,
+    OPERATOR_TOKEN_ENV,
+    ACL_TOKEN_ENV,
+    ACL_TOKENS_FILE_ENV,
+    CONSUL_TOKEN_ENV,
+    CONSUL_HTTP_TOKEN_ENV,
+    CONSUL_HTTP_TOKEN_FILE_ENV,
+)
 
 DEFAULT_PORT_BASE = 7400
 SUPERVISE_INTERVAL_S = 0.5
@@ -149,6 +169,7 @@ class Fleet:
         self.consul_addr = args.consul or f"{args.host}:{args.port_base + CONSUL_PORT_OFFSET}"
         self.stopping = threading.Event()
         self.echo = sys.stdout if args.verbose else None
+        self.role_tokens: dict[str, str] = {}  # role -> its Consul token (the dev agent only)
 
     def launch(self, spec: ProcessSpec) -> RunningProcess:
         env = self.child_env(spec.service)
@@ -168,6 +189,11 @@ class Fleet:
             env.pop(OPERATOR_TOKEN_ENV, None)
         if service != CONSUL_DEV:
             env.pop(ACL_TOKEN_ENV, None)
+            env.pop(ACL_TOKENS_FILE_ENV, None)
+        if self.role_tokens:  # the dev agent: each role's own token; the agent itself sends none
+            env.pop(CONSUL_TOKEN_ENV, None)
+            if service in self.role_tokens:
+                env[CONSUL_TOKEN_ENV] = self.role_tokens[service]
         return env
 
     def up(self) -> None:
@@ -176,9 +202,13 @@ class Fleet:
             OPERATOR_TOKEN_ENV: ensure_secret_file(self.data_dir / OPERATOR_TOKEN_FILE),
         }
         if not self.args.consul:
-            # The dev agent enforces ACLs with this management token; every child sends it.
-            self.consul_token = ensure_secret_file(self.data_dir / CONSUL_ACL_TOKEN_FILE)
-            self.env[ACL_TOKEN_ENV] = self.consul_token
+            # The dev agent enforces ACLs (default deny): a management token that only the agent
+            # holds, and one token per role whose rules are deploy/'s policies; each child gets
+            # its own role's. rtm up itself acts as the operator (it writes the region map).
+            self.env[ACL_TOKEN_ENV] = ensure_secret_file(self.data_dir / CONSUL_ACL_TOKEN_FILE)
+            self.env[ACL_TOKENS_FILE_ENV] = str(self.data_dir / TOKENS_FILE)
+            self.role_tokens = ensure_role_tokens(self.data_dir)
+            self.consul_token = self.role_tokens[OPERATOR]
             host, port = split_host_port(self.consul_addr)
             spec = ProcessSpec(
                 CONSUL_DEV, CONSUL_DEV, rtm_argv("consul-dev", "--host", host, "--port", str(port)), port
@@ -357,8 +387,9 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--consul-token",
         default=consul_token_default(),
-        help="ACL token for the Consul given by --consul (env RTM_CONSUL_TOKEN or CONSUL_HTTP_TOKEN); "
-        "with the dev agent, rtm up makes one in DATA_DIR/consul-acl-token",
+        help="ACL token for the Consul given by --consul (env RTM_CONSUL_TOKEN or CONSUL_HTTP_TOKEN), "
+        "given to every process; with the dev agent, rtm up makes one token per role in "
+        "DATA_DIR/consul-acl-tokens.json and gives each process its own",
     )
     parser.add("--admin-servers", 2, "admin servers")
     parser.add("--channel-servers", 3, "active channel servers (= slots of the channel ring)")
@@ -406,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             fleet.up()
-        except (LaunchError, OSError) as exc:
+        except (LaunchError, OSError, TokensFileError) as exc:
             say(f"rtm up: failed to start the fleet: {exc}", error=True)
             return 1
         fleet.print_ready()

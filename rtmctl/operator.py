@@ -19,8 +19,10 @@
 
 Every command that talks to Consul sends an ACL token: ``--consul-token``, else
 ``RTM_CONSUL_TOKEN`` / ``CONSUL_HTTP_TOKEN`` / ``CONSUL_HTTP_TOKEN_FILE``, else
-the token ``rtm up`` made in ``DATA_DIR/consul-acl-token`` (so nothing more
-needs typing against a local fleet).
+the operator's token that ``rtm up`` made in ``DATA_DIR/consul-acl-tokens.json``
+(so nothing more needs typing against a local fleet). It has the operator's
+rights only (:mod:`rtmctl.consul_roles`): read the fleet, write the
+drained-regions flags and the region map.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from typing import Any
 
 import consul
 
+from rtmctl.consul_roles import TokensFileError, role_token
 from services import regions
 from services.config import consul_default, consul_token_default, env_default
 from services.discovery import sync_client
 from services.errors import BadDocument
-from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, PRESENCE, WEBAPP
+from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, OPERATOR, PRESENCE, WEBAPP
 from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
 
 WEBAPP_DB = "webapp.db"  # webapp_stub.store.DB_FILE (not imported: the store pulls in the webapp's code)
@@ -59,16 +62,11 @@ def consul_address(data_dir: str, given: str = "") -> str:
 
 
 def consul_token(data_dir: str, given: str = "") -> str:
-    """The token to send: given, else from the environment, else ``DATA_DIR/consul-acl-token``; "" if none."""
+    """The token to send: given, else from the environment, else the operator's token in
+    ``DATA_DIR/consul-acl-tokens.json``; "" if none."""
     if given:
         return given
-    token = consul_token_default()
-    if token:
-        return token
-    path = Path(data_dir) / "consul-acl-token"
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    return ""
+    return consul_token_default() or role_token(Path(data_dir), OPERATOR)
 
 
 def consul_client(address: str, token: str = "") -> consul.Consul:
@@ -244,9 +242,12 @@ def main(argv: list[str]) -> int:
         print(
             f"rtm {argv[0]}: Consul refused the request ({exc}); give the fleet's Consul ACL token "
             "(--consul-token, RTM_CONSUL_TOKEN, CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE; "
-            "against `rtm up`'s own Consul it is read from DATA_DIR/consul-acl-token)",
+            "against `rtm up`'s own Consul the operator's is read from DATA_DIR/consul-acl-tokens.json)",
             file=sys.stderr,
         )
+        return 1
+    except TokensFileError as exc:
+        print(f"rtm {argv[0]}: {exc}", file=sys.stderr)
         return 1
 
 
@@ -272,12 +273,12 @@ def _run(argv: list[str]) -> int:
 
 
 def add_consul_token_flag(parser: argparse.ArgumentParser) -> None:
-    """``--consul-token`` for operator commands (default: env, then DATA_DIR/consul-acl-token)."""
+    """``--consul-token`` for operator commands (default: env, then the operator's in DATA_DIR/consul-acl-tokens.json)."""
     parser.add_argument(
         "--consul-token",
         default="",
         help="Consul ACL token (default: RTM_CONSUL_TOKEN, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE, "
-        "then DATA_DIR/consul-acl-token)",
+        "then the operator's token in DATA_DIR/consul-acl-tokens.json)",
     )
 
 

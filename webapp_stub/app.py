@@ -40,7 +40,7 @@ from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
-from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, wal_path_of
+from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags
 from webapp_stub.due_queue import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUTY_CYCLE,
@@ -63,6 +63,7 @@ from webapp_stub.models import Event
 from webapp_stub.presence import PresenceClient
 from webapp_stub.scheduler import Scheduler, open_scheduler_store
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
+from webapp_stub.wal_fsync import wal_path_of
 
 log = logging.getLogger("rtm.webapp")
 
@@ -265,14 +266,14 @@ class WebappServer:
             self._start_handoff()
             self._spawn(self._mark_loop(), "handoff-mark-loop")
             self._spawn(self._redrive_loop(), "deadletter-redrive-loop")
-            # Group commit: after the loops above, so that at stop it is closed (committing
-            # what is open) before they stop and the outbox flushes.
+            # Group commit: after the loops above, so it closes (commits) before they stop and the outbox flushes.
             self.commits = GroupCommit(
                 self.store,
                 self.handoff,
                 self.metrics,
                 window_s=args.group_commit_window_s,
                 min_interval_s=args.min_commit_interval_s,
+                nap_s=args.commit_nap_s,
                 wal_path=wal_path_of(self.store.path),
                 # FULL's fsync on the thread, off the loop; NORMAL/OFF asked for no fsync at all
                 fsync_thread=getattr(args, "commit_fsync_thread", COMMIT_FSYNC_THREAD)

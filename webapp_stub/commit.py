@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import time
 from collections import deque
@@ -63,9 +62,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from prometheus_client import Counter, Histogram
+
 from services.config import Parser
 from services.metrics import ServiceMetrics
 from webapp_stub.models import Event
+from webapp_stub.wal_fsync import WalFsync
 
 log = logging.getLogger("rtm.webapp.commit")
 
@@ -90,6 +92,17 @@ MIN_COMMIT_INTERVAL_S = 0.005
 PACED_AFTER_BATCH_WRITES = 2
 # The largest --min-commit-interval-s accepted: every post under load may wait this long.
 MAX_COMMIT_INTERVAL_S = 1.0
+# Under load, after a paced commit (one that carried PACED_AFTER_BATCH_WRITES or more), the event
+# loop naps, reading nothing, until the next commit is due, at most this long. The posts that
+# arrive meanwhile wait in the kernel's socket buffers, as their batch would have waited for the
+# interval anyway, and are read in one wake-up of the process instead of one each: the wake-ups
+# (and the cold caches each brings on a shared machine) were much of a post's CPU under load
+# (docs/publish-path.md, round 7). It never holds a post past the commit it would have joined; it
+# delays the webapp's other work (history reads, the hand-off's replies) by at most this long, and
+# only under load. Off with the fsync thread, and at saturation (no time is left to nap). 0: off.
+COMMIT_NAP_S = 0.004
+# The largest --commit-nap-s accepted: the longest the webapp's event loop may be unresponsive.
+MAX_COMMIT_NAP_S = 0.05
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -99,34 +112,6 @@ WAL_SYNC_RETRY_S = 0.5
 # a dedicated thread instead of inside the COMMIT on the event loop (see the module's contract).
 COMMIT_FSYNC_THREAD = False
 COMMIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
-
-
-class WalFsync:
-    """fsync of the WAL through one descriptor kept open: one system call (and one release
-    of the GIL) per sync instead of three. The webapp's connection keeps the WAL file from
-    being deleted while it is open (SQLite removes it only when the last connection closes),
-    so the descriptor always names the live file; after a failure it is opened again."""
-
-    def __init__(self) -> None:
-        self._fd: int | None = None
-        self._path = ""
-
-    def __call__(self, path: str) -> None:
-        fd = self._fd
-        if fd is None or path != self._path:
-            self.close()
-            fd = self._fd = os.open(path, os.O_RDONLY)
-            self._path = path
-        try:
-            os.fsync(fd)
-        except OSError:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
 
 
 def add_commit_flags(parser: Parser) -> None:
@@ -145,14 +130,14 @@ def add_commit_flags(parser: Parser) -> None:
         at_least=0.0,
         at_most=MAX_COMMIT_INTERVAL_S,
     )
+    parser.add(
+        "--commit-nap-s",
+        COMMIT_NAP_S,
+        "under load, the loop sleeps after a paced commit until the next is due, at most this long (0: off)",
+        at_least=0.0,
+        at_most=MAX_COMMIT_NAP_S,
+    )
     parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")
-
-
-def wal_path_of(db_path: str) -> str | None:
-    """The WAL file of the SQLite database at ``db_path`` (None for an in-memory one)."""
-    if not db_path or db_path == ":memory:" or db_path.startswith("file:"):
-        return None
-    return db_path + "-wal"
 
 
 class CommitFailed(Exception):
@@ -207,6 +192,8 @@ class GroupCommit:
         *,
         window_s: float = GROUP_COMMIT_WINDOW_S,
         min_interval_s: float = MIN_COMMIT_INTERVAL_S,
+        nap_s: float = COMMIT_NAP_S,
+        sleep: Callable[[float], None] = time.sleep,
         wal_path: str | None = None,
         sync_wal: Callable[[str], None] | None = None,
         fsync_thread: bool = False,
@@ -215,6 +202,9 @@ class GroupCommit:
         self.sink = sink
         self.window_s = window_s
         self.min_interval_s = min_interval_s
+        self.nap_s = nap_s if min_interval_s > 0 and not fsync_thread else 0.0
+        self._sleep = sleep
+        self.naps = 0
         self._last_commit_at = -float("inf")  # time.monotonic() at the last commit's start
         self._last_commit_writes = 0  # writes that the last commit carried
         self.wal_path = wal_path
@@ -234,31 +224,41 @@ class GroupCommit:
         self._writes = 0
         self.batches = 0
         self.syncs = 0
-        self._m_batch = self._m_commit = self._m_sync = self._m_failed = None
+        self._m_batch: Histogram | None = None
+        self._m_commit: Histogram | None = None
+        self._m_sync: Histogram | None = None
+        self._m_failed: Counter | None = None
+        self._m_nap: Counter | None = None
         if metrics is not None:
-            self._m_batch = metrics.histogram(
-                "rtm_webapp_commit_batch_writes",
-                "Writes that committed events, grouped into one commit",
-                BATCH_SIZE_BUCKETS,
-            )
-            self._m_commit = metrics.histogram(
-                "rtm_webapp_commit_seconds",
-                "Time of one group COMMIT (its fsync included, unless it runs on the fsync thread)",
-                COMMIT_BUCKETS_S,
-            )
-            self._m_sync = metrics.histogram(
-                "rtm_webapp_commit_fsync_seconds",
-                "Time of one fsync of the WAL on the fsync thread (it covers every commit before it)",
-                COMMIT_BUCKETS_S,
-            )
-            self._m_failed = metrics.counter(
-                "rtm_webapp_commit_failed_total", "Group commits (or their WAL fsyncs) that failed"
-            )
+            self._register_metrics(metrics)
         self._previous_synchronous: str | None = None
         if self.fsync_thread:
             # The thread's fsync of the WAL is what FULL's COMMIT would do inline.
             self._previous_synchronous = store.set_synchronous("NORMAL")
         store.batch_opener = self._open
+
+    def _register_metrics(self, metrics: ServiceMetrics) -> None:
+        self._m_batch = metrics.histogram(
+            "rtm_webapp_commit_batch_writes",
+            "Writes that committed events, grouped into one commit",
+            BATCH_SIZE_BUCKETS,
+        )
+        self._m_commit = metrics.histogram(
+            "rtm_webapp_commit_seconds",
+            "Time of one group COMMIT (its fsync included, unless it runs on the fsync thread)",
+            COMMIT_BUCKETS_S,
+        )
+        self._m_sync = metrics.histogram(
+            "rtm_webapp_commit_fsync_seconds",
+            "Time of one fsync of the WAL on the fsync thread (it covers every commit before it)",
+            COMMIT_BUCKETS_S,
+        )
+        self._m_failed = metrics.counter(
+            "rtm_webapp_commit_failed_total", "Group commits (or their WAL fsyncs) that failed"
+        )
+        self._m_nap = metrics.counter(
+            "rtm_webapp_commit_nap_seconds_total", "Time the event loop napped after paced commits (--commit-nap-s)"
+        )
 
     def _open(self) -> None:
         """Store.transaction() found no batch open: open one and schedule its commit."""
@@ -455,6 +455,19 @@ class GroupCommit:
             # Committed and on disk whatever the sink did: a sink that raised must not leave
             # this batch's callers waiting for ever (the error goes on to the loop's handler).
             done.set_result(None)
+        if self.nap_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES and not self._closed:
+            # After the callbacks scheduled so far: the replies and the hand-off's writes go out first.
+            asyncio.get_running_loop().call_soon(self._nap)
+
+    def _nap(self) -> None:
+        """Sleep, reading nothing, until the next commit is due, at most ``nap_s`` (:data:`COMMIT_NAP_S`)."""
+        nap_s = min(self._last_commit_at + self.min_interval_s - time.monotonic(), self.nap_s)
+        if nap_s <= 0 or self._closed:
+            return
+        self._sleep(nap_s)
+        self.naps += 1
+        if self._m_nap is not None:
+            self._m_nap.inc(nap_s)
 
     def close(self) -> None:
         """Commit whatever is open (at shutdown), sync and hand over what waits for a sync,

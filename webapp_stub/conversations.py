@@ -15,7 +15,6 @@ from typing import Any
 from webapp_stub.codecs import decode_cursor, encode_cursor, int_cursor, new_id
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Channel, Event, Page, User
-from webapp_stub.read_cache import ReadCache
 from webapp_stub.users import UserStore
 
 MAX_CHANNEL_NAME = 80
@@ -33,8 +32,8 @@ class ConversationStore(UserStore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # every post reads both: webapp_stub/read_cache.py
-        self.channel_cache = ReadCache(self.conn, "channels", ("channels",), self.clock)
-        self.member_cache = ReadCache(self.conn, "members", ("members",), self.clock)
+        self.channel_cache = self.read_cache("channels", ("channels",))
+        self.member_cache = self.read_cache("members", ("members",))
 
     def channel(self, channel_id: str) -> Channel | None:
         sql = f"SELECT {self._CHANNEL_COLS} FROM channels WHERE id = ?"

@@ -20,6 +20,7 @@ from webapp_stub.checkpoint import WalCheckpointer
 from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
 from webapp_stub.models import Event
+from webapp_stub.read_cache import ReadCache
 from webapp_stub.schema import migrate
 
 DB_FILE = "webapp.db"
@@ -103,8 +104,8 @@ class Database:
         # called by the first write that finds no batch open.
         self.batch_opener: Callable[[], None] | None = None
         self._in_batch = False
-        # channel -> (last_seq, last_ts_us) this connection last wrote: a hint for _next_seq
-        self._seqs: dict[str, tuple[int, int]] = {}
+        self._seqs: dict[str, tuple[int, int]] = {}  # channel -> (last_seq, last_ts_us) written: _next_seq's hint
+        self._read_caches: list[ReadCache] = []  # told when a transaction ends (read_cache())
         path = os.fspath(path)
         if os.path.isdir(path) or not path.endswith(".db"):
             os.makedirs(path, exist_ok=True)
@@ -195,6 +196,19 @@ class Database:
             raise
         finally:
             self._in_batch = False
+            self.transaction_ended()
+
+    def read_cache(self, name: str, tables: tuple[str, ...]) -> ReadCache:
+        """A :class:`ReadCache` of answers about ``tables`` on this connection, told when each
+        of its transactions ends."""
+        cache = ReadCache(self.conn, name, tables, self.clock)
+        self._read_caches.append(cache)
+        return cache
+
+    def transaction_ended(self) -> None:
+        """Tell the read caches that the connection's transaction committed or rolled back."""
+        for cache in self._read_caches:
+            cache.transaction_ended()
 
     # -- events (must run inside a transaction) --------------------------------------
     def _next_seq(self, channel: str, with_ts: bool = False) -> tuple[int, int]:
@@ -295,7 +309,10 @@ class Transaction:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         conn = self.db.conn
         if not self.nested:
-            conn.execute("COMMIT" if kind is None else "ROLLBACK")
+            try:
+                conn.execute("COMMIT" if kind is None else "ROLLBACK")
+            finally:
+                self.db.transaction_ended()
             return
         if kind is not None:
             conn.execute("ROLLBACK TO tx")

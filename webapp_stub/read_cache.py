@@ -14,6 +14,10 @@ whoever makes it:
 * Until the transaction that made the change has ended (committed or rolled
   back), nothing is cached: what a transaction sees may still be rolled back
   (a savepoint of the group commit, a failed batch), so it must not be kept.
+  The store tells its caches when a transaction ends (:meth:`ReadCache.transaction_ended`,
+  from ``Database``'s commit and rollback); a cache that had to find it out by itself, on a
+  lookup outside any transaction, never would under load, where every post reads inside
+  the open group commit: one membership change turned that cache off for good.
 * A change committed by another connection (another process on the same
   file) moves SQLite's ``PRAGMA data_version``, read at most every
   ``foreign_check_s`` (:data:`FOREIGN_CHECK_S`; 0: on every lookup): the
@@ -75,6 +79,13 @@ class ReadCache:
     def _on_change(self) -> None:
         self._entries.clear()
         self._changed = True
+
+    def transaction_ended(self) -> None:
+        """The connection's transaction has just committed or rolled back: a change it made
+        is settled, so answers may be kept again (what was kept before it is gone)."""
+        if self._changed and not self.conn.in_transaction:
+            self._changed = False
+            self._entries.clear()
 
     def get(self, key: Hashable) -> Any:
         """The cached answer for ``key``, or :data:`MISSING` (then read it and :meth:`put` it)."""

@@ -264,6 +264,7 @@ def fire_batch(store: Store, firers: FirerRegistry, items: list[DueItem], now: f
     except BaseException:
         if store.conn.in_transaction:  # a failed COMMIT may leave it open
             store.conn.execute("ROLLBACK")
+            store.transaction_ended()
         raise
     return Fired(events, [(item, outcome.get(item.id, "gone")) for item in items])
 

@@ -8,7 +8,6 @@ from webapp_stub.codecs import encode_cursor, int_cursor, new_id, new_token
 from webapp_stub.database import Database
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Event, Page, Team, User
-from webapp_stub.read_cache import ReadCache
 
 PRESENCES = ("auto", "away")  # users.setPresence: "auto" follows activity, "away" is manual
 
@@ -24,7 +23,7 @@ class UserStore(Database):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.auth_cache = ReadCache(self.conn, "auth", ("users", "tokens"), self.clock)
+        self.auth_cache = self.read_cache("auth", ("users", "tokens"))
 
     def create_team(self, name: str, domain: str) -> Team:
         team = Team(new_id("T"), name, domain)

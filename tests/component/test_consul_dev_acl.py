@@ -10,6 +10,7 @@ empty lists for health/catalog reads; ``/v1/status/leader`` stays open.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import subprocess
@@ -354,3 +355,108 @@ def test_rtm_commands_read_the_token_where_consuls_own_tools_do(
         assert done.returncode == 0, (region, done.stderr)
         assert admin.kv.get(drained_key(region))[1] is not None, region
         admin.kv.delete(drained_key(region))
+
+
+# -- tokens with rules (--acl-tokens-file) -------------------------------------------------------
+
+GW_SECRET = secrets.token_hex(16)
+GW_ACCESSOR = "6a1f0c3e-0000-4000-8000-00000000a11e"
+READ = {"policy": "read"}
+ROLE_TOKENS = {
+    GW_SECRET: {
+        "AccessorID": GW_ACCESSOR,
+        "Description": "rtm gateway",
+        "Rules": {
+            "service": {"gateway": {"policy": "write"}},
+            "node_prefix": {"": READ},
+            "key_prefix": {"rtm/": READ},
+        },
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def roles_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.RunningProcess]:
+    """An agent with a management token and one token with rules, from a tokens file."""
+    path = tmp_path_factory.mktemp("acl") / "tokens.json"
+    path.write_text(json.dumps(ROLE_TOKENS))
+    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", "0", "--acl-tokens-file", str(path)]
+    proc = launcher.start("consul-dev-roles", argv, cwd=str(REPO_ROOT), env={ACL_TOKEN_ENV: TOKEN})
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def partial_denied(permission: str, name: str) -> str:
+    return f"Permission denied: token with AccessorID '{GW_ACCESSOR}' lacks permission '{permission}' on \"{name}\""
+
+
+async def test_a_token_with_rules_gets_filtered_lists_and_named_refusals(
+    roles_agent: launcher.RunningProcess, http: aiohttp.ClientSession
+) -> None:
+    base = f"http://127.0.0.1:{roles_agent.ready['port']}"
+    admin = consul.Consul(host="127.0.0.1", port=roles_agent.ready["port"], token=TOKEN)
+    admin.token = TOKEN
+    gw = {"headers": {"X-Consul-Token": GW_SECRET}}
+    for name in ("gateway", "webapp"):
+        assert admin.agent.service.register(name, service_id=f"{name}-1", check=consul.Check.ttl("30s"))
+    assert admin.kv.put("rtm/ring/channel", "{}") and admin.kv.put("private/x", "y")
+    # lists: what the token may read, and the header that says something was left out
+    status, body, headers = await call(http, "GET", f"{base}/v1/catalog/services", **gw)
+    assert status == 200 and json.loads(body) == {"gateway": []}
+    assert headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+    status, body, headers = await call(http, "GET", f"{base}/v1/health/service/webapp", **gw)
+    assert (status, body, headers["X-Consul-Results-Filtered-By-ACLs"]) == (200, "[]", "true")
+    status, body, headers = await call(http, "GET", f"{base}/v1/health/service/gateway", **gw)
+    assert status == 200 and [e["Service"]["ID"] for e in json.loads(body)] == ["gateway-1"]
+    assert "X-Consul-Results-Filtered-By-ACLs" not in headers  # nothing was removed
+    status, body, headers = await call(http, "GET", f"{base}/v1/agent/services", **gw)
+    assert list(json.loads(body)) == ["gateway-1"] and headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+    status, body, headers = await call(http, "GET", f"{base}/v1/kv/?recurse", **gw)
+    assert [e["Key"] for e in json.loads(body)] == ["rtm/ring/channel"]
+    assert headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+    status, body, headers = await call(http, "GET", f"{base}/v1/kv/private/?keys", **gw)
+    assert (status, headers["X-Consul-Results-Filtered-By-ACLs"]) == (404, "true")  # nothing left: 404
+    # one object: a refusal that names the token
+    assert (await call(http, "GET", f"{base}/v1/kv/private/x", **gw))[:2] == (
+        403,
+        partial_denied("key:read", "private/x"),
+    )
+    assert (await call(http, "PUT", f"{base}/v1/kv/rtm/ring/channel", data=b"{}", **gw))[:2] == (
+        403,
+        partial_denied("key:write", "rtm/ring/channel"),
+    )
+    assert (await call(http, "DELETE", f"{base}/v1/kv/rtm/?recurse", **gw))[:2] == (
+        403,
+        partial_denied("key:write", "rtm/"),
+    )
+    assert (await call(http, "PUT", f"{base}/v1/agent/service/deregister/webapp-1", **gw))[:2] == (
+        403,
+        partial_denied("service:write", "webapp"),
+    )
+    # its own: allowed
+    assert (await call(http, "PUT", f"{base}/v1/agent/check/pass/service:gateway-1", **gw))[0] == 200
+    # py-consul with the token raises Consul's permission error
+    client = consul.Consul(host="127.0.0.1", port=roles_agent.ready["port"], token=GW_SECRET)
+    client.token = GW_SECRET
+    with pytest.raises(consul.ACLPermissionDenied):
+        client.kv.put("rtm/ring/channel", "{}")
+    # nothing changed
+    assert admin.kv.get("rtm/ring/channel")[1]["Value"] == b"{}"
+    assert "webapp-1" in admin.agent.services()
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [("{", "not JSON"), (json.dumps({"s": {"AccessorID": "a", "Rules": {"acl": "write"}}}), "unsupported rule block")],
+)
+def test_the_agent_refuses_to_start_with_a_bad_tokens_file(tmp_path: Path, content: str, error: str) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(content)
+    argv = [sys.executable, "-m", "consul_dev", "--port", "0", "--acl-tokens-file", str(path)]
+    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+    assert done.returncode == 2 and error in done.stderr and "Traceback" not in done.stderr, done.stderr
+    missing = [*argv[:-1], str(tmp_path / "missing.json")]
+    done = subprocess.run(missing, cwd=REPO_ROOT, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+    assert done.returncode == 2 and "missing.json" in done.stderr, done.stderr

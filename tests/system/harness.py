@@ -169,10 +169,14 @@ class Client:
 
 
 def consul_client(fleet: Fleet) -> Any:
-    """py-consul for the fleet's Consul, with the ACL token ``rtm up`` made (DATA_DIR/consul-acl-token)."""
-    from rtmctl.operator import fleet_client
+    """py-consul for the fleet's Consul, with the dev agent's management token ``rtm up`` made
+    (DATA_DIR/consul-acl-token; no fleet process holds it): tests also write what no role may
+    (a malformed ring, for one). ``rtmctl.operator.fleet_client`` is the operator's."""
+    from rtmctl.operator import consul_address
+    from rtmctl.operator import consul_client as client_for
 
-    return fleet_client(fleet.data_dir)
+    token = (fleet.data_dir / "consul-acl-token").read_text(encoding="utf-8").strip()
+    return client_for(consul_address(str(fleet.data_dir)), token)
 
 
 def channel_ring(fleet: Fleet) -> Any:

@@ -3,6 +3,7 @@ a stranger without it is refused and changes nothing; secret files are 0600, tok
 
 from __future__ import annotations
 
+import base64
 import json
 import stat
 import subprocess
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import aiohttp
 
+from rtmctl.consul_roles import ROLES, SERVICE_ROLES, TOKENS_FILE
 from rtmctl.launcher import rtm_argv
 from services.regions import drained_key
 from services.ring import CHANNEL_RING_KEY
 from tests.system.harness import Fleet, consul_client
 
-SECRET_FILES = ("secret", "consul-acl-token", "operator-token", "seed.json")
+SECRET_FILES = ("secret", "consul-acl-token", "operator-token", "seed.json", "consul-acl-tokens.json")
 NOT_SECRET_FILES = ("fleet.json", "fleet.log")  # addresses and pids; the test harness's copy of the fleet's log
 CLI_TIMEOUT_S = 60.0
 
@@ -55,6 +57,7 @@ def test_every_file_rtm_up_makes_is_0600_and_every_directory_0700(fleet: Fleet) 
 
 def test_no_secret_is_on_any_command_line(fleet: Fleet) -> None:
     secrets = [(fleet.data_dir / name).read_text().strip() for name in SECRET_FILES[:3]]
+    secrets += list(role_tokens(fleet).values())
     pids = [fleet.proc.pid] + [p["pid"] for p in fleet.info["processes"]]
     for pid in pids:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -67,20 +70,41 @@ def environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
 
+def role_tokens(fleet: Fleet) -> dict[str, str]:
+    """Each role's Consul token (role -> SecretID), from the dev agent's tokens file."""
+    doc = json.loads((fleet.data_dir / TOKENS_FILE).read_text())
+    return {body["Description"].removeprefix("rtm "): secret for secret, body in doc.items()}
+
+
 def test_each_process_is_started_with_only_the_secrets_its_job_needs(fleet: Fleet) -> None:
     """The fleet secret only in the webapp and the gateways (the tickets' key), the operator token
-    nowhere (no --debug-faults), the dev agent's own --acl-token only in the agent; every process
-    sends its Consul token (the dev agent's one token, docs/consul-acl.md)."""
+    nowhere (no --debug-faults), the dev agent's management token and tokens file only in the
+    agent; every other process sends its own role's Consul token, never the management token or
+    another role's (docs/consul-acl.md)."""
     secret = (fleet.data_dir / "secret").read_text().strip()
     operator = (fleet.data_dir / "operator-token").read_text().strip()
-    token = (fleet.data_dir / "consul-acl-token").read_text().strip()
+    management = (fleet.data_dir / "consul-acl-token").read_text().strip()
+    tokens = role_tokens(fleet)
+    assert set(tokens) == set(ROLES) and len(set(tokens.values())) == len(ROLES)
+    services = set()
     for proc in fleet.info["processes"]:
         values = environ(int(proc["pid"]))
         holds = set(values.values())
-        assert (secret in holds) == (proc["service"] in ("webapp", "gateway")), proc["name"]
+        service = proc["service"]
+        services.add(service)
+        assert (secret in holds) == (service in ("webapp", "gateway")), proc["name"]
         assert operator not in holds, proc["name"]
-        assert (values.get("RTM_CONSUL_DEV_ACL_TOKEN") == token) == (proc["service"] == "consul-dev"), proc["name"]
-        assert values.get("RTM_CONSUL_TOKEN") == token, proc["name"]
+        agent = service == "consul-dev"
+        assert (values.get("RTM_CONSUL_DEV_ACL_TOKEN") == management) == agent, proc["name"]
+        assert (management in holds) == agent, proc["name"]
+        assert ("RTM_CONSUL_DEV_ACL_TOKENS_FILE" in values) == agent, proc["name"]
+        others = {token for role, token in tokens.items() if role != service}
+        assert not holds & others, proc["name"]
+        if agent:
+            assert "RTM_CONSUL_TOKEN" not in values
+        else:
+            assert values.get("RTM_CONSUL_TOKEN") == tokens[service], proc["name"]
+    assert services == {*SERVICE_ROLES, "consul-dev"}
 
 
 async def test_a_client_without_the_token_is_refused_while_the_fleet_works(fleet: Fleet) -> None:
@@ -127,3 +151,136 @@ def test_rtm_status_finds_the_token_with_nothing_more_typed(fleet: Fleet) -> Non
     assert "channel ring v" in done.stdout and "gateway (2)" in done.stdout, done.stdout
     info = json.loads((fleet.data_dir / "fleet.json").read_text())
     assert info["consul_url"].startswith("http://")
+
+
+def accessor_of(fleet: Fleet, role: str) -> str:
+    doc = json.loads((fleet.data_dir / TOKENS_FILE).read_text())
+    return str(next(body["AccessorID"] for body in doc.values() if body["Description"] == f"rtm {role}"))
+
+
+def refused(fleet: Fleet, role: str, permission: str, name: str) -> tuple[int, str]:
+    """What the dev agent answers a known token that lacks a rule (Consul's PermissionDeniedByACL)."""
+    text = f"Permission denied: token with AccessorID '{accessor_of(fleet, role)}' lacks permission '{permission}'"
+    return 403, f'{text} on "{name}"'
+
+
+async def agent_refusals(http: aiohttp.ClientSession, consul_url: str) -> float:
+    async with http.get(f"{consul_url}/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith('rtm_consul_dev_acl_refusals_total{reason="permission_denied"}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_each_roles_token_may_do_its_job_and_nothing_more(fleet: Fleet) -> None:
+    """The gateway's token (any non-CHARM process's, as deploy/'s policies) reads the fleet but
+    cannot rewrite the ring, drain a region, register as or deregister another service, or take
+    a session; CHARM's writes the rings; the operator's drains and writes the region map but
+    touches no ring and registers nothing. Each refusal is Consul's 403, counted, and changes nothing."""
+    consul_url = fleet.info["consul_url"]
+    tokens = role_tokens(fleet)
+    admin = consul_client(fleet)
+    ring_before = admin.kv.get(CHANNEL_RING_KEY)[1]
+    webapp_id = next(p["id"] for p in fleet.processes("webapp"))
+    async with aiohttp.ClientSession() as http:
+
+        async def call(role: str, method: str, path: str, **kwargs: object) -> tuple[int, str]:
+            headers = {"X-Consul-Token": tokens[role]}
+            async with http.request(method, consul_url + path, headers=headers, **kwargs) as resp:  # type: ignore[arg-type]
+                return resp.status, await resp.text()
+
+        before = await agent_refusals(http, consul_url)
+        # the gateway: reads what every process reads ...
+        status, body = await call("gateway", "GET", f"/v1/kv/{CHANNEL_RING_KEY}")
+        assert status == 200 and b64(json.loads(body)[0]) == ring_before["Value"]
+        status, body = await call("gateway", "GET", "/v1/health/service/webapp?passing=1")
+        assert status == 200 and [e["Service"]["ID"] for e in json.loads(body)] == [webapp_id]
+        # ... and writes nothing of anyone else's
+        ring = CHANNEL_RING_KEY
+        assert await call("gateway", "PUT", f"/v1/kv/{ring}", data=b'{"version":999}') == refused(
+            fleet, "gateway", "key:write", ring
+        )
+        assert await call("gateway", "DELETE", f"/v1/kv/{ring}") == refused(fleet, "gateway", "key:write", ring)
+        drained = drained_key("us-east")
+        assert await call("gateway", "PUT", f"/v1/kv/{drained}", data=b"1") == refused(
+            fleet, "gateway", "key:write", drained
+        )
+        leader = "rtm/charm/leader"
+        assert await call("gateway", "PUT", f"/v1/kv/{leader}", data=b"me") == refused(
+            fleet, "gateway", "key:write", leader
+        )
+        assert await call("gateway", "PUT", f"/v1/agent/service/deregister/{webapp_id}") == refused(
+            fleet, "gateway", "service:write", "webapp"
+        )
+        fake = {"Name": "webapp", "ID": "fake-webapp", "Port": 1}
+        assert await call("gateway", "PUT", "/v1/agent/service/register", json=fake) == refused(
+            fleet, "gateway", "service:write", "webapp"
+        )
+        assert await call("gateway", "PUT", f"/v1/agent/check/pass/service:{webapp_id}") == refused(
+            fleet, "gateway", "service:write", "webapp"
+        )
+        assert await call("gateway", "PUT", "/v1/session/create", json={}) == refused(
+            fleet, "gateway", "session:write", "rtm-dev"
+        )
+        assert await agent_refusals(http, consul_url) == before + 8
+
+        # the operator: drains (and undrains) a region, writes the map; no ring, no registration
+        probe = drained_key("acl-probe")  # a region no gateway serves: nothing moves
+        assert await call("operator", "PUT", f"/v1/kv/{probe}", data=b"1") == (200, "true")
+        assert await call("operator", "DELETE", f"/v1/kv/{probe}") == (200, "true")
+        status, body = await call("operator", "GET", "/v1/kv/rtm/regions/map")
+        region_map = json.loads(body)[0]
+        cas = f"?cas={region_map['ModifyIndex']}"
+        assert await call("operator", "PUT", f"/v1/kv/rtm/regions/map{cas}", data=b64(region_map)) == (200, "true")
+        assert await call("operator", "PUT", f"/v1/kv/{ring}", data=b"{}") == refused(
+            fleet, "operator", "key:write", ring
+        )
+        assert await call("operator", "PUT", "/v1/agent/service/register", json=fake) == refused(
+            fleet, "operator", "service:write", "webapp"
+        )
+
+        # CHARM: writes the rings (here a scratch key under them, which no process watches)
+        scratch = "rtm/ring/acl-probe"
+        assert await call("charm", "PUT", f"/v1/kv/{scratch}", data=b"x") == (200, "true")
+        assert await call("charm", "DELETE", f"/v1/kv/{scratch}") == (200, "true")
+        assert await call("charm", "PUT", f"/v1/kv/{drained}", data=b"1") == refused(
+            fleet, "charm", "key:write", drained
+        )
+
+        # a list holds only what the token may read, and says it was filtered
+        assert admin.kv.put("outside-rtm/acl-probe", "x")
+        try:
+            async with http.get(f"{consul_url}/v1/kv/?keys", headers={"X-Consul-Token": tokens["gateway"]}) as resp:
+                keys = await resp.json()
+                assert resp.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true"
+            assert CHANNEL_RING_KEY in keys and "outside-rtm/acl-probe" not in keys
+        finally:
+            admin.kv.delete("outside-rtm/acl-probe")
+
+    # nothing a refusal touched changed, and the fleet works
+    assert admin.kv.get(CHANNEL_RING_KEY)[1]["Value"] == ring_before["Value"]
+    assert admin.kv.get(drained_key("us-east"))[1] is None
+    assert webapp_id in admin.agent.services() and "fake-webapp" not in admin.agent.services()
+    assert len(admin.health.service("webapp", passing=True)[1]) == 1
+    bob = await fleet.connect("bob")
+    text = f"roles-{uuid.uuid4().hex[:8]}"
+    reply = await fleet.api(
+        "chat.postMessage", fleet.user("alice")["token"], channel=fleet.channel("general"), text=text
+    )
+    assert reply["ok"], reply
+    await bob.wait_texts([text])
+    await bob.close()
+
+
+def b64(entry: dict[str, object]) -> bytes:
+    """The raw value of a KV entry as Consul's JSON gives it (base64)."""
+    return base64.b64decode(str(entry["Value"]))
+
+
+def test_rtm_drain_and_undrain_work_with_the_operators_token_and_nothing_typed(fleet: Fleet) -> None:
+    admin = consul_client(fleet)
+    for command in ("drain", "undrain"):
+        argv = rtm_argv(command, "acl-probe", "--data-dir", str(fleet.data_dir))
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+        assert done.returncode == 0, done.stderr
+        assert (admin.kv.get(drained_key("acl-probe"))[1] is not None) == (command == "drain")

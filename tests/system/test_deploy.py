@@ -1041,3 +1041,15 @@ async def test_one_message_can_be_followed_by_its_eid(fleet_elsewhere: Fleet) ->
     )
     for entry in entries():
         assert {"ts", "level", "logger", "instance", "msg", "eid"} <= set(entry), entry
+
+
+def test_rtm_ups_dev_agent_gives_each_role_deploys_rules() -> None:
+    """``rtm up``'s per-role tokens (rtmctl.consul_roles) carry exactly the rules of
+    deploy/consul/policies/<role>.hcl, so the dev agent and real Consul enforce the same thing."""
+    from rtmctl.consul_roles import ROLES, role_rules
+
+    for role in ROLES:
+        from_hcl: dict[str, dict[str, dict[str, str]]] = {}
+        for resource, name, level in policy_rules(role):
+            from_hcl.setdefault(resource, {})[name] = {"policy": level}
+        assert role_rules(role) == from_hcl, role

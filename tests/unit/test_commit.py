@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from tests.support import async_wait_until
-from webapp_stub.commit import CommitFailed, GroupCommit, wal_path_of
+from webapp_stub.commit import CommitFailed, GroupCommit
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Event, Store
+from webapp_stub.wal_fsync import wal_path_of
 
 
 class Sink:
@@ -190,6 +191,70 @@ async def test_after_a_lone_write_the_next_batch_commits_at_once(store: Store) -
         post(f"post {n}")
         await asyncio.sleep(0)  # wait-ok: exactly one turn
         assert commits.batches == n + 1 and not store.in_batch
+
+
+class Naps:
+    """A fake sleep that records each nap, and what had gone out before it."""
+
+    def __init__(self, sink: Sink | None = None) -> None:
+        self.naps: list[float] = []
+        self.published_before: list[int] = []
+        self.sink = sink
+
+    def __call__(self, seconds: float) -> None:
+        self.naps.append(seconds)
+        self.published_before.append(len(self.sink.published) if self.sink else 0)
+
+
+async def test_under_load_the_loop_naps_after_a_commit_until_the_next_is_due(store: Store) -> None:
+    alice, general = _team(store)
+    sink = Sink()
+    naps = Naps(sink=sink)
+    commits = GroupCommit(store, sink, min_interval_s=0.2, nap_s=0.05, sleep=naps)
+    answered: list[bool] = []
+
+    def post(text: str) -> None:
+        commits.publish([store.post_message(general, alice, text)[1]])
+
+    post("first")
+    post("second")  # two writes in one turn: load
+    done = commits.pending()
+    assert done is not None
+    done.add_done_callback(lambda f: answered.append(not naps.naps))  # the reply is written before any nap
+    for _ in range(3):
+        await asyncio.sleep(0)  # wait-ok: the commit's turn, then the nap's
+    assert commits.batches == 1 and answered == [True]
+    assert len(naps.naps) == 1 and 0 < naps.naps[0] <= 0.05  # at most nap_s, however long the interval
+    assert naps.published_before == [2]  # its events were handed over before the nap
+    # A lone write's commit is no sign of load: no nap after it.
+    await asyncio.wait_for(asyncio.sleep(0.2), 5.0)  # wait-ok: past the interval, so the next commits at once
+    post("third")
+    for _ in range(3):
+        await asyncio.sleep(0)  # wait-ok: turns pass
+    assert commits.batches == 2 and commits.naps == 1 and len(naps.naps) == 1
+
+
+@pytest.mark.parametrize("setting", ["nap off", "pacing off", "fsync thread", "no time left"])
+async def test_no_nap_when_off_or_when_no_time_is_left(store: Store, setting: str) -> None:
+    alice, general = _team(store)
+    naps = Naps()
+    options: dict[str, Any] = {"min_interval_s": 0.2, "nap_s": 0.05, "sleep": naps}
+    if setting == "nap off":
+        options["nap_s"] = 0.0
+    elif setting == "pacing off":
+        options["min_interval_s"] = 0.0
+    elif setting == "fsync thread":
+        options.update(wal_path=wal_path_of(store.path), sync_wal=lambda path: None, fsync_thread=True)
+    else:  # saturated: the next commit is already due when the nap would start
+        options["min_interval_s"] = 1e-9
+    commits = GroupCommit(store, Sink(), **options)
+    for text in ("first", "second"):
+        commits.publish([store.post_message(general, alice, text)[1]])
+    await asyncio.wait_for(commits.durable(), 5.0)
+    for _ in range(3):
+        await asyncio.sleep(0)  # wait-ok: the turn a nap would run in
+    assert commits.batches == 1 and naps.naps == [] and commits.naps == 0
+    commits.close()
 
 
 # -- events committed without an fsync (the scheduler's connection) ------------------------------

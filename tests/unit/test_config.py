@@ -108,6 +108,18 @@ def test_the_group_commit_window_is_bounded(bad: str, bound: str, capsys: pytest
     assert f"argument --group-commit-window-s: must be {bound}, not {bad}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("bad", "bound"), [("inf", "at least 0.0"), ("nan", "at least 0.0"), ("0.5", "at most 0.05")])
+def test_the_commit_nap_is_bounded(bad: str, bound: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The nap is the longest the webapp's loop may be unresponsive under load: 0 turns it off, and
+    inf, NaN or half a second (seconds where milliseconds were meant) are refused."""
+    build = importlib.import_module("webapp_stub.app").build_parser
+    assert build().parse_args([]).commit_nap_s == 0.004
+    assert build().parse_args(["--commit-nap-s", "0"]).commit_nap_s == 0.0
+    with pytest.raises(SystemExit):
+        build().parse_args(["--commit-nap-s", bad])
+    assert f"argument --commit-nap-s: must be {bound}, not {bad}" in capsys.readouterr().err
+
+
 def test_an_interval_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RTM_MIN_COMMIT_INTERVAL_S", "-1")
     with pytest.raises(SystemExit) as refused:

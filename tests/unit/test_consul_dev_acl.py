@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from consul_dev.acl import (
+    ANONYMOUS_DENY,
     ANONYMOUS_TOKEN_ACCESSOR_ID,
     Access,
     AccessControl,
@@ -12,6 +15,8 @@ from consul_dev.acl import (
     Authorizer,
     PermissionDenied,
     Resource,
+    RulesError,
+    parse_token_file,
     request_token,
 )
 from consul_dev.state import ConsulState
@@ -110,3 +115,61 @@ def test_state_names_what_a_service_or_check_acl_rule_applies_to() -> None:
     assert state.agent_check_service_name("service:gw-1") == "gateway"
     assert state.agent_check_service_name("disk") == ""  # a node check: node:write
     assert state.agent_check_service_name("nope") is None
+
+
+def rules_token(accessor: str, rules: object, description: str = "rtm gateway") -> dict[str, object]:
+    return {"AccessorID": accessor, "Description": description, "Rules": rules}
+
+
+GATEWAY_RULES = {
+    "service": {"gateway": {"policy": "write"}},
+    "service_prefix": {"": {"policy": "read"}},
+    "key_prefix": {"rtm/": {"policy": "read"}},
+}
+
+
+def test_a_token_with_rules_may_do_what_they_grant_and_is_named_when_refused() -> None:
+    tokens = parse_token_file(json.dumps({"gw-secret": rules_token("acc-gw", GATEWAY_RULES)}))
+    access = AccessControl("", tokens)
+    assert access.enabled and access.default_policy == "deny"  # a tokens file alone turns ACLs on
+    authz = access.resolve("gw-secret")
+    assert not authz.anonymous and authz.accessor_id == "acc-gw"
+    authz.require(Resource.SERVICE, Access.WRITE, "gateway")
+    authz.require(Resource.KEY, Access.READ, "rtm/ring/channel")
+    with pytest.raises(PermissionDenied) as err:
+        authz.require(Resource.KEY, Access.WRITE, "rtm/ring/channel")
+    assert str(err.value) == (
+        "Permission denied: token with AccessorID 'acc-gw' lacks permission 'key:write' on \"rtm/ring/channel\""
+    )
+    with pytest.raises(PermissionDenied, match="'key:write' on \"rtm/\""):
+        authz.require_key_write_prefix("rtm/")
+    with pytest.raises(ACLNotFound):
+        access.resolve("gw-secret ")
+    assert access.resolve("") is ANONYMOUS_DENY
+
+
+def test_management_token_and_tokens_with_rules_together() -> None:
+    tokens = parse_token_file(json.dumps({"gw": rules_token("acc-gw", json.dumps(GATEWAY_RULES))}))  # Rules as text
+    access = AccessControl(TOKEN, tokens)
+    assert access.resolve(TOKEN).allow_all
+    assert not access.resolve("gw").allowed(Resource.SERVICE, Access.WRITE, "webapp")
+
+
+@pytest.mark.parametrize(
+    ("doc", "error"),
+    [
+        ("not json", "not JSON"),
+        ("[]", "must be a JSON object"),
+        (json.dumps({"": rules_token("a", {})}), "SecretID must be non-empty"),
+        (json.dumps({" s": rules_token("a", {})}), "without surrounding spaces"),
+        (json.dumps({"s": {"Rules": {}}}), "AccessorID string"),
+        (json.dumps({"s": rules_token("a", {}), "t": rules_token("a", {})}), "used twice"),
+        (json.dumps({"s": rules_token(ANONYMOUS_TOKEN_ACCESSOR_ID, {})}), "reserved"),
+        (json.dumps({"s": rules_token("a", {}, description=3)}), "Description must be a string"),  # type: ignore[arg-type]
+        (json.dumps({"s": rules_token("a", 'key "" { policy = "read" }')}), "does not parse HCL"),
+        (json.dumps({"s": rules_token("a", {"key": {"x": {"policy": "all"}}})}), "token a: key 'x': invalid"),
+    ],
+)
+def test_a_bad_tokens_file_is_refused_with_what_is_wrong(doc: str, error: str) -> None:
+    with pytest.raises(RulesError, match=error):
+        parse_token_file(doc)

@@ -12,7 +12,7 @@ import pytest
 
 from services.errors import ConnectionLost, FrameTooLarge, NoOwner, PeerError, RequestTimeout
 from services.metrics import ServiceMetrics
-from webapp_stub.commit import GroupCommit, wal_path_of
+from webapp_stub.commit import GroupCommit
 from webapp_stub.database import EventClock
 from webapp_stub.handoff import (
     HANDOFF_MARK,
@@ -26,6 +26,7 @@ from webapp_stub.handoff import (
 )
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Event, Store
+from webapp_stub.wal_fsync import wal_path_of
 
 
 def ev(channel: str, seq: int, ctl: dict[str, Any] | None = None) -> Event:

@@ -46,6 +46,26 @@ def test_nothing_is_kept_while_a_change_may_still_be_rolled_back(conn: sqlite3.C
     assert cache.get("a") == "1"
 
 
+def test_a_transaction_that_ended_lets_answers_be_kept_again_inside_the_next(conn: sqlite3.Connection) -> None:
+    cache = ReadCache(conn, "t", ("t",), FakeClock(), foreign_check_s=10.0)
+    conn.execute("BEGIN")
+    conn.execute("UPDATE t SET v = '2'")
+    conn.execute("COMMIT")
+    cache.transaction_ended()
+    conn.execute("BEGIN")  # the next transaction reads before anything else changes the table
+    cache.put("a", "2")
+    assert cache.get("a") == "2"
+    conn.execute("UPDATE t SET v = '3'")  # a change in it: dropped, and nothing kept until it ends
+    assert cache.get("a") is MISSING
+    cache.transaction_ended()  # told too early (still open): changes nothing
+    cache.put("a", "3")
+    assert cache.get("a") is MISSING
+    conn.execute("ROLLBACK")
+    cache.transaction_ended()
+    cache.put("a", "2")
+    assert cache.get("a") == "2"
+
+
 def test_another_connections_commit_is_seen_within_foreign_check_s(conn: sqlite3.Connection, tmp_path: Path) -> None:
     clock = FakeClock()
     cache = ReadCache(conn, "t", ("t",), clock, foreign_check_s=0.1)

@@ -992,6 +992,29 @@ def test_channel_and_membership_reads_are_cached_and_follow_every_change(store: 
     assert not store.is_member(general.id, bob.id)
 
 
+def test_reads_inside_the_group_commit_are_cached_again_once_a_change_is_committed(store: Store, demo: dict) -> None:
+    # Under load every post reads inside the open batch. A membership change used to turn the
+    # cache off until a read came outside any transaction, which under load never did.
+    general, bob = channel(store, demo, "general"), user(store, demo, "bob")
+    private, _ = store.create_channel(user(store, demo, "alice"), "secret", is_private=True)
+    store.begin_batch()
+    store.join_channel(private, bob)  # the change, in the batch
+    assert store.is_member(private.id, bob.id) and (private.id, bob.id) not in store.member_cache
+    store.commit_batch()
+    for _ in range(2):  # the batches after it, as a loaded webapp runs them
+        store.begin_batch()
+        assert store.is_member(private.id, bob.id) and store.is_member(general.id, bob.id)
+        assert store.channel(general.id) == general
+        store.commit_batch()
+    assert (private.id, bob.id) in store.member_cache and (general.id, bob.id) in store.member_cache
+    store.begin_batch()
+    store.leave_channel(private, bob)
+    store.conn.execute("ROLLBACK")  # a batch that SQLite (or a failure) rolled back
+    store._in_batch = False
+    store.transaction_ended()
+    assert store.is_member(private.id, bob.id)  # the leave never happened: read again, right
+
+
 # -- the seq hint (round 4, docs/publish-path.md) ------------------------------------------------
 def test_seqs_from_the_hint_stay_gapless_across_rollbacks_and_other_writers(
     store: Store, demo: dict, clock: FakeClock
