@@ -536,22 +536,15 @@ class AdminServer(MsgpackService):
             if turn.abandoned:
                 return self._held_back(request_id, channel)
             if not await self._await_turn(lane, turn, deadline):
-                self._give_up(record, lane, turn)
-                return wire.reply_err(
-                    request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: queued behind a retry"
-                )
+                return self._queued_too_long(request_id, record, lane, turn)
             if turn.abandoned:
                 continue
             owner = self.follower.ring.owner_for(channel)
             reason = "no_owner"
             if owner is not None and turn.prev is not None and turn.prev.sent_to != owner:
-                # The earlier ones (all on the wire: it is this one's turn) went to the slot's previous
-                # owner: not past them to the new one (docs/wire.md, "Publishes refused mid-stream").
+                # The earlier ones (all on the wire) went to the previous owner: not past them (ring barrier)
                 if not await self._await_wake(lane, turn, deadline):
-                    self._give_up(record, lane, turn)
-                    return wire.reply_err(
-                        request_id, ErrorCode.UNAVAILABLE, f"no live owner for {channel}: queued behind a retry"
-                    )
+                    return self._queued_too_long(request_id, record, lane, turn)
                 continue
             if owner is not None and owner in self.channel_servers.instances:
                 link = self.link_to(owner)
@@ -591,6 +584,13 @@ class AdminServer(MsgpackService):
             if not lane.is_head(turn):
                 continue  # queue behind the earlier ones; the first of the lane backs off and retries
             await self._back_off(min(next(delays), max(0.0, deadline - time.monotonic())))
+
+    def _queued_too_long(self, request_id: int, record: ops.Publish, lane: SlowLane, turn: Turn) -> dict[str, Any]:
+        """The route budget of a publish waiting for its turn ran out: it is given up."""
+        self._give_up(record, lane, turn)
+        return wire.reply_err(
+            request_id, ErrorCode.UNAVAILABLE, f"no live owner for {record.ch}: queued behind a retry"
+        )
 
     @staticmethod
     async def _await_turn(lane: SlowLane, turn: Turn, deadline: float) -> bool:
