@@ -42,7 +42,17 @@ MAX_INFLIGHT = 256
 POST_TIMEOUT_S = 60.0
 WARM_RATE_PER_S = 200.0
 WARM_SECONDS = 2.0
+SLOW_COMMIT_LE = "0.02"  # a commit slower than this (a bucket of rtm_webapp_commit_seconds) is counted as slow
 TEXT_PAD = "x" * 150  # with its id, about the peers' 200-byte message
+
+
+def bucket_count(page: str, name: str, le: str) -> float:
+    """The count of one histogram bucket (``le``, as the page writes it), all other labels summed."""
+    total = 0.0
+    for line in page.splitlines():
+        if line.startswith(name + "_bucket{") and f'le="{le}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def metric_total(page: str, name: str) -> float:
@@ -113,8 +123,19 @@ class Poster:
         commits = metric_total(page1, "rtm_webapp_commit_batch_writes_count") - metric_total(
             page0, "rtm_webapp_commit_batch_writes_count"
         )
+        slow = metric_total(page1, "rtm_webapp_commit_seconds_count") - metric_total(
+            page0, "rtm_webapp_commit_seconds_count"
+        )
+        slow -= bucket_count(page1, "rtm_webapp_commit_seconds", SLOW_COMMIT_LE) - bucket_count(
+            page0, "rtm_webapp_commit_seconds", SLOW_COMMIT_LE
+        )
+        napped = metric_total(page1, "rtm_webapp_commit_nap_seconds_total") - metric_total(
+            page0, "rtm_webapp_commit_nap_seconds_total"
+        )
         return {
             "rate": rate,
+            "slow_commits_per_s": slow / elapsed,
+            "napped_share": napped / elapsed,
             "achieved_posts_s": len(latencies) / elapsed,
             "failed": failed,
             "commits_per_s": commits / elapsed,
@@ -149,9 +170,11 @@ async def run_interval(interval_s: str, nap_s: str, args: argparse.Namespace) ->
 COLUMNS = (
     ("webapp_us_per_post", "webapp µs/post"),
     ("webapp_wakeups_per_post", "webapp wake-ups/post"),
+    ("napped_share", "time napped"),
     ("admin_us_per_post", "admin µs/post"),
     ("posts_per_commit", "posts/commit"),
     ("commits_per_s", "commits/s"),
+    ("slow_commits_per_s", "commits > 20 ms /s"),
     ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"),
     ("achieved_posts_s", "posts/s"),
