@@ -103,6 +103,12 @@ MAX_COMMIT_INTERVAL_S = 1.0
 COMMIT_NAP_S = 0.004
 # The largest --commit-nap-s accepted: the longest the webapp's event loop may be unresponsive.
 MAX_COMMIT_NAP_S = 0.05
+# Loop turns the nap waits after its commit's own callbacks, so that the batch's callers are
+# answered before it: a coroutine awaiting durable() resumes one turn after them (through
+# asyncio.shield's callback; an aiohttp handler, an /internal/ read), and a reply written from
+# that task's done-callback (WebApi._settle) one turn later again. The lean post front answers
+# from the commit's own callbacks, with no turn needed.
+NAP_AFTER_TURNS = 2
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -456,8 +462,17 @@ class GroupCommit:
             # this batch's callers waiting for ever (the error goes on to the loop's handler).
             done.set_result(None)
         if self.nap_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES and not self._closed:
-            # After the callbacks scheduled so far: the replies and the hand-off's writes go out first.
-            asyncio.get_running_loop().call_soon(self._nap)
+            # After the callbacks scheduled so far and NAP_AFTER_TURNS more turns: the replies (also
+            # those of callers that await durable()) and the hand-off's writes go out first.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._nap_after, loop, NAP_AFTER_TURNS)
+
+    def _nap_after(self, loop: asyncio.AbstractEventLoop, turns: int) -> None:
+        """:meth:`_nap` after ``turns`` more turns of the loop (:data:`NAP_AFTER_TURNS`)."""
+        if turns > 0:
+            loop.call_soon(self._nap_after, loop, turns - 1)
+            return
+        self._nap()
 
     def _nap(self) -> None:
         """Sleep, reading nothing, until the next commit is due, at most ``nap_s`` (:data:`COMMIT_NAP_S`)."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support import async_wait_until
-from webapp_stub.commit import CommitFailed, GroupCommit
+from webapp_stub.commit import NAP_AFTER_TURNS, CommitFailed, GroupCommit
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Event, Store
 from webapp_stub.wal_fsync import wal_path_of
@@ -221,17 +221,43 @@ async def test_under_load_the_loop_naps_after_a_commit_until_the_next_is_due(sto
     done = commits.pending()
     assert done is not None
     done.add_done_callback(lambda f: answered.append(not naps.naps))  # the reply is written before any nap
-    for _ in range(3):
-        await asyncio.sleep(0)  # wait-ok: the commit's turn, then the nap's
+    for _ in range(NAP_AFTER_TURNS + 3):
+        await asyncio.sleep(0)  # wait-ok: the commit's turn, the turns the nap waits, then the nap's
     assert commits.batches == 1 and answered == [True]
     assert len(naps.naps) == 1 and 0 < naps.naps[0] <= 0.05  # at most nap_s, however long the interval
     assert naps.published_before == [2]  # its events were handed over before the nap
     # A lone write's commit is no sign of load: no nap after it.
     await asyncio.wait_for(asyncio.sleep(0.2), 5.0)  # wait-ok: past the interval, so the next commits at once
     post("third")
-    for _ in range(3):
-        await asyncio.sleep(0)  # wait-ok: turns pass
+    for _ in range(NAP_AFTER_TURNS + 3):
+        await asyncio.sleep(0)  # wait-ok: turns pass, as many as a nap would wait
     assert commits.batches == 2 and commits.naps == 1 and len(naps.naps) == 1
+
+
+async def test_callers_that_await_durable_are_answered_before_the_nap(store: Store) -> None:
+    """An aiohttp handler or an /internal/ read awaits durable() (through asyncio.shield: one more
+    turn than the commit's own callbacks), and WebApi._settle writes its reply from its task's
+    done-callback (one more again): both are answered before the loop naps, not after it."""
+    alice, general = _team(store)
+    naps = Naps()
+    commits = GroupCommit(store, Sink(), min_interval_s=0.2, nap_s=0.05, sleep=naps)
+    answered: list[tuple[str, int]] = []
+
+    async def handler(text: str) -> str:
+        commits.publish([store.post_message(general, alice, text)[1]])
+        await commits.durable()
+        answered.append(("resumed", len(naps.naps)))
+        return text
+
+    settled = asyncio.ensure_future(handler("first"))
+    settled.add_done_callback(lambda t: answered.append(("done-callback", len(naps.naps))))
+    awaited = asyncio.ensure_future(handler("second"))  # two writes in one turn: load
+    await asyncio.wait_for(asyncio.gather(settled, awaited), 5.0)
+    for _ in range(NAP_AFTER_TURNS + 3):
+        await asyncio.sleep(0)  # wait-ok: past the turn the nap runs in
+    assert commits.batches == 1 and len(naps.naps) == 1  # one commit, one nap ...
+    assert sorted(answered) == [("done-callback", 0), ("resumed", 0), ("resumed", 0)]  # ... after every answer
+    commits.close()
 
 
 @pytest.mark.parametrize("setting", ["nap off", "pacing off", "fsync thread", "no time left"])
@@ -251,8 +277,8 @@ async def test_no_nap_when_off_or_when_no_time_is_left(store: Store, setting: st
     for text in ("first", "second"):
         commits.publish([store.post_message(general, alice, text)[1]])
     await asyncio.wait_for(commits.durable(), 5.0)
-    for _ in range(3):
-        await asyncio.sleep(0)  # wait-ok: the turn a nap would run in
+    for _ in range(NAP_AFTER_TURNS + 3):
+        await asyncio.sleep(0)  # wait-ok: past the turn a nap would run in
     assert commits.batches == 1 and naps.naps == [] and commits.naps == 0
     commits.close()
 
