@@ -27,8 +27,9 @@ What a rule grants (``enforce``): ``write`` grants read and write; ``read``
 (and ``list``) grant read only; ``deny`` grants nothing. No rule: the default
 policy, which for the dev agent is always ``deny``.
 
-``KeyWritePrefix`` (a recursive KV delete) needs more: the prefix's own rule
-must grant write **and** no rule for a key or prefix under it may grant less
+``KeyWritePrefix`` (a recursive KV delete) needs more: the longest *prefix*
+rule on the prefix must grant write (an exact ``key`` rule on the same name
+does not count) **and** no rule for a key or prefix under it may grant less
 (``policyAuthorizer.KeyWritePrefix``).
 
 Bad rules raise :class:`RulesError` (the agent refuses to start with them).
@@ -109,6 +110,10 @@ class RuleSet:
         exact = self.exact.get(resource, {}).get(name)
         if exact is not None:
             return exact
+        return self.prefix_level_for(resource, name)
+
+    def prefix_level_for(self, resource: Resource, name: str) -> Level | None:
+        """The longest prefix rule that ``name`` starts with (exact rules aside); None if none."""
         best: tuple[int, Level] | None = None
         for segment, level in self.prefix.get(resource, {}).items():
             if name.startswith(segment) and (best is None or len(segment) > best[0]):
@@ -121,8 +126,11 @@ class RuleSet:
         return level is not None and grants(level, access)
 
     def allows_key_write_prefix(self, prefix: str) -> bool:
-        """``KeyWritePrefix``: write on ``prefix`` itself and on every rule under it."""
-        if not self.allows(Resource.KEY, Access.WRITE, prefix):
+        """``KeyWritePrefix``: the longest *prefix* rule on ``prefix`` grants write (an exact rule
+        for the key named ``prefix`` does not count: it covers that one key, and a recursive delete
+        takes every key that starts with it), and so does every rule under it."""
+        level = self.prefix_level_for(Resource.KEY, prefix)
+        if level is None or not grants(level, Access.WRITE):
             return False
         under = [
             level

@@ -7,6 +7,10 @@ from typing import Any
 import pytest
 
 from consul_dev.acl_rules import Access, Level, Resource, RulesError, RuleSet, grants, parse_rules
+from rtmctl.consul_roles import role_rules
+from services.identity import CHARM, OPERATOR
+from services.regions import REGION_MAP_KEY
+from services.ring import CHARM_LEADER_KEY
 
 KEY, SERVICE, SESSION, NODE = Resource.KEY, Resource.SERVICE, Resource.SESSION, Resource.NODE
 R, W = Access.READ, Access.WRITE
@@ -76,6 +80,22 @@ def test_key_write_prefix_needs_write_on_every_rule_under_the_prefix() -> None:
     assert not rules.allows_key_write_prefix("")  # "" is only read
     charm = parse_rules({"key_prefix": {"rtm/": {"policy": "read"}, "rtm/ring/": {"policy": "write"}}})
     assert charm.allows_key_write_prefix("rtm/ring/") and not charm.allows_key_write_prefix("rtm/")
+
+
+def test_key_write_prefix_takes_no_exact_rule_for_the_prefix() -> None:
+    """Consul's KeyWritePrefix reads the longest *prefix* rule on the path only: an exact rule
+    covers its one key, while a recursive delete of that name takes every key starting with it."""
+    operator = parse_rules(role_rules(OPERATOR))  # key_prefix "rtm/" read, key "rtm/regions/map" write
+    assert operator.allows(KEY, W, REGION_MAP_KEY)  # the key itself: written, deleted
+    assert not operator.allows(KEY, W, REGION_MAP_KEY + "-old")
+    assert not operator.allows_key_write_prefix(REGION_MAP_KEY)  # would delete rtm/regions/map-old too
+    charm = parse_rules(role_rules(CHARM))
+    assert charm.allows(KEY, W, CHARM_LEADER_KEY) and not charm.allows_key_write_prefix(CHARM_LEADER_KEY)
+    assert charm.allows_key_write_prefix("rtm/ring/")  # a prefix rule of its own: as before
+    # an exact write beside a prefix write on the same name: the prefix rule decides
+    assert parse_rules(
+        {"key_prefix": {"a": {"policy": "write"}}, "key": {"a": {"policy": "write"}}}
+    ).allows_key_write_prefix("a")
 
 
 @pytest.mark.parametrize(
