@@ -18,7 +18,8 @@ request, and then:
     endpoints sent a bare ``Permission denied``;
   - list endpoints (health, catalog, agent services/checks, session lists,
     KV ``recurse``/``keys``) are *filtered*: 200 with what the token may see,
-    which is nothing (``[]``, ``{}``; KV lists then answer 404 as for no keys).
+    which is nothing (``[]``, ``{}``; KV lists then answer 404 as for no keys, but
+    ``?keys`` at the root an empty list, as Consul's ``KVSGetKeys``).
     The ``X-Consul-Results-Filtered-By-ACLs`` header is masked for the
     anonymous token, so it is not sent.
 

@@ -299,11 +299,12 @@ class ConsulEndpoints:
     async def _kv_get(self, request: web.Request, key: str) -> Reply:
         query = request.query
         if "keys" in query:
-            # A list is filtered key by key (FilterKeys), not refused; nothing left is 404 as for no keys.
+            # A list is filtered key by key (FilterKeys), not refused; nothing left is 404 as for no keys,
+            # but at the root, where Consul's KVSGetKeys answers an empty list instead.
             separator = query.get("separator", query.get("seperator", ""))  # Consul accepts its old misspelling
             index, keys = await self.blocking(request, lambda: self.state.kv_keys(key, separator))
             kept, headers = self._acl_filter(request, keys or [], acl_filter.kv_keys)
-            if not kept:
+            if not kept and key != "":
                 return Reply(404, b"", TEXT_CONTENT_TYPE, index, headers)
             reply = json_reply(request, kept, index=index)
             reply.headers.update(headers)

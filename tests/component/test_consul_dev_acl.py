@@ -152,6 +152,9 @@ async def test_anonymous_requests_get_real_consuls_answers(
     # KV lists are filtered to nothing: 404, as for no keys
     assert (await call(http, "GET", f"{base}/v1/kv/rtm/?recurse"))[:2] == (404, "")
     assert (await call(http, "GET", f"{base}/v1/kv/rtm/?keys"))[:2] == (404, "")
+    # but not at the root, where Consul's KVSGetKeys answers an empty list (never 404)
+    status, body, headers = await call(http, "GET", f"{base}/v1/kv/?keys")
+    assert (status, body) == (200, "[]") and "X-Consul-Results-Filtered-By-ACLs" not in headers
 
     # agent endpoints: the detailed text naming the anonymous token
     status, body, _ = await call(http, "GET", f"{base}/v1/agent/self")
