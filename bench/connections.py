@@ -60,7 +60,8 @@ from bench.harness import (
 )
 from rtmctl.consul_roles import role_token
 from rtmctl.operator import consul_token
-from services.identity import GATEWAY
+from services.certs import FleetCertificates
+from services.identity import GATEWAY, PeerIdentity
 
 NAME = "connections"
 GOAL_BYTES_PER_CONN = 16 * 1024
@@ -321,6 +322,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def trace_gateway_tls(data_dir: Path) -> list[str]:
+    """``--tls-*`` flags for the traced gateway: a gateway certificate from the fleet's own CA."""
+    paths = FleetCertificates(data_dir / "tls").ensure("bench-gw-trace", PeerIdentity(GATEWAY, "gw-trace"))
+    return ["--tls-ca", str(paths.ca), "--tls-cert", str(paths.cert), "--tls-key", str(paths.key)]
+
+
 async def trace(args: argparse.Namespace) -> dict[str, Any]:
     """Where a connection's memory goes: the gateway's own code run in THIS process under tracemalloc.
 
@@ -359,6 +366,7 @@ async def trace(args: argparse.Namespace) -> dict[str, Any]:
                 str(fleet.data_dir),
                 "--log-level",
                 "WARNING",
+                *trace_gateway_tls(Path(fleet.data_dir)),
             ]
         )
         gw_args.secret = load_secret(gw_args)
