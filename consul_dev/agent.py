@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from consul_dev.definitions import ServiceDefinition, decode_check_definition, decode_service_definition
+from consul_dev.definitions import (
+    ServiceDefinition,
+    decode_check_definition,
+    decode_service_definition,
+    service_check_ids,
+)
 from consul_dev.errors import InvalidRequest, ServerError, ServiceNotRegistered, UnknownCheck, UnknownService
 from consul_dev.go_json import GoDecoder, Json
 from consul_dev.go_text import go_quote
@@ -88,10 +93,7 @@ class AgentState(SessionState):
         a new one starts ``critical`` unless it gives ``Status``.
         """
         kept: set[str] = set()
-        for position, check_def in enumerate(definition.checks):
-            check_id = check_def.check_id or f"service:{definition.id}"
-            if not check_def.check_id and len(definition.checks) > 1:
-                check_id += f":{position + 1}"
+        for check_id, check_def in zip(service_check_ids(definition), definition.checks, strict=True):
             kept.add(check_id)
             status, output = snapshot.get(check_id, (check_def.status or HEALTH_CRITICAL, ""))
             check = Check(

@@ -212,3 +212,15 @@ def decode_check_definition(raw: Json) -> CheckDefinition:
         raise InvalidRequest("Bad check status")
     definition, _ = _decode_check_type(d)
     return replace(definition, check_id=check_id or name, service_id=service_id)
+
+
+def service_check_ids(definition: ServiceDefinition) -> list[str]:
+    """The IDs of the checks a service registration names, as Consul gives them: its own
+    ``CheckID``, else ``service:<id>`` (``:<n>`` after it when there are several)."""
+    ids = []
+    for position, check_def in enumerate(definition.checks):
+        check_id = check_def.check_id or f"service:{definition.id}"
+        if not check_def.check_id and len(definition.checks) > 1:
+            check_id += f":{position + 1}"
+        ids.append(check_id)
+    return ids

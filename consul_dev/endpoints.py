@@ -16,9 +16,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from consul_dev import acl_filter
 from consul_dev.acl import Access, Resource, Rule
 from consul_dev.acl_filter import ACLFilter
-from consul_dev.definitions import decode_check_definition, decode_service_definition
+from consul_dev.definitions import decode_check_definition, decode_service_definition, service_check_ids
 from consul_dev.errors import InvalidRequest, NotFound, RequestTooLarge
-from consul_dev.node import DATACENTER, HEALTH_CRITICAL, HEALTH_PASSING, HEALTH_WARNING, KV_MAX_VALUE_BYTES, NODE_NAME
+from consul_dev.node import (
+    DATACENTER,
+    HEALTH_CRITICAL,
+    HEALTH_PASSING,
+    HEALTH_WARNING,
+    KV_MAX_VALUE_BYTES,
+    NODE_NAME,
+    SERF_CHECK_ID,
+)
 from consul_dev.request import (
     ACL_FILTERED_KEY,
     FILTERED_BY_ACLS_HEADER,
@@ -153,6 +161,10 @@ class ConsulEndpoints:
         existing = self.state.agent_service_name(definition.id)
         if existing is not None:  # the registration it would overwrite
             authorizer_of(request).require(Resource.SERVICE, Access.WRITE, existing)
+        for check_id in service_check_ids(definition):  # a check it would take from another service or the node
+            if check_id == SERF_CHECK_ID:  # the node's own (sessions hang on it): node:write
+                authorizer_of(request).require(Resource.NODE, Access.WRITE, NODE_NAME)
+            self._require_check_write(request, check_id)
         flag = request.query.getall("replace-existing-checks", [])
         replace_checks = bool(flag) and flag[0] in ("", "true")
         self.state.register_service(raw, replace_existing_checks=replace_checks)

@@ -25,7 +25,7 @@ import pytest
 from consul.callback import CB
 
 from consul_dev.app import ACL_TOKEN_ENV
-from consul_dev.node import KV_MAX_VALUE_BYTES
+from consul_dev.node import KV_MAX_VALUE_BYTES, NODE_NAME
 from rtmctl import launcher
 from services.config import CONSUL_HTTP_TOKEN_ENV, CONSUL_HTTP_TOKEN_FILE_ENV, CONSUL_TOKEN_ENV
 from services.regions import drained_key
@@ -448,6 +448,30 @@ async def test_a_token_with_rules_gets_filtered_lists_and_named_refusals(
     # nothing changed
     assert admin.kv.get("rtm/ring/channel")[1]["Value"] == b"{}"
     assert "webapp-1" in admin.agent.services()
+
+
+async def test_a_registration_cannot_take_another_services_check(
+    roles_agent: launcher.RunningProcess, http: aiohttp.ClientSession
+) -> None:
+    """A service registration names its checks: a gateway's token that names a webapp's check (or
+    the node's) would move it to a gateway and stop the webapp's own passes. Refused; stricter than
+    Consul, whose service registration vets only the service (docs/consul-acl.md)."""
+    base = f"http://127.0.0.1:{roles_agent.ready['port']}"
+    admin = consul.Consul(host="127.0.0.1", port=roles_agent.ready["port"], token=TOKEN)
+    admin.token = TOKEN
+    gw = {"headers": {"X-Consul-Token": GW_SECRET}}
+    assert admin.agent.service.register("webapp", service_id="webapp-2", check=consul.Check.ttl("30s"))
+    for taken in ("service:webapp-2", "serfHealth"):
+        body = json.dumps({"Name": "gateway", "ID": "gateway-x", "Checks": [{"CheckID": taken, "TTL": "30s"}]})
+        status, text, _ = await call(http, "PUT", f"{base}/v1/agent/service/register", data=body.encode(), **gw)
+        permission = ("service:write", "webapp") if taken.startswith("service:") else ("node:write", NODE_NAME)
+        assert (status, text) == (403, partial_denied(*permission)), taken
+    checks = admin.agent.checks()
+    assert checks["service:webapp-2"]["ServiceID"] == "webapp-2" and "gateway-x" not in admin.agent.services()
+    # its own checks, new or its own: allowed
+    body = json.dumps({"Name": "gateway", "ID": "gateway-x", "Checks": [{"CheckID": "gw-x-ttl", "TTL": "30s"}]})
+    assert (await call(http, "PUT", f"{base}/v1/agent/service/register", data=body.encode(), **gw))[0] == 200
+    assert (await call(http, "PUT", f"{base}/v1/agent/service/register", data=body.encode(), **gw))[0] == 200
 
 
 @pytest.mark.parametrize(
