@@ -111,6 +111,13 @@ class AdminServer(MsgpackService):
         # answered, so none of its later publishes overtakes them at the new owner.
         self.fast_in_flight: dict[str, int] = {}
         self.forward_timeout_s: float = args.forward_timeout_s
+        if args.ring_barrier_s < args.forward_timeout_s:  # allowed (docs/wire.md): order traded for latency
+            log.warning(
+                "--ring-barrier-s %g is below --forward-timeout-s %g: after a ring change, a slot's later "
+                "publishes may overtake ones still in flight to its old owner",
+                args.ring_barrier_s,
+                args.forward_timeout_s,
+            )
         # Channels with a publish given up: their later publishes are answered unavailable until it
         # is resent, so the webapp resends them all in order (admin_server/given_up.py)
         self.given_up_channels = GivenUpChannels(args.given_up_hold_s, args.max_given_up_channels)

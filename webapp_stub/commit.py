@@ -49,6 +49,11 @@ Contract
   opens the next batch. If the fsync fails, the callers waiting for it get
   :class:`CommitFailed` (nothing was acknowledged); the events stay queued and go out
   after a later fsync succeeds (``WAL_SYNC_RETRY_S``).
+
+Why one module over 500 lines: one state machine over one transaction. When a batch opens, when
+it commits (pacing), when its events and callers are released (inline, after the fsync thread, after
+the scheduler's unsynced events) and when the loop may nap all read and write the same few fields,
+and each of the contract's points above is kept by their order; split, they would have to share them.
 """
 
 from __future__ import annotations

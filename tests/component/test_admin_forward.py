@@ -9,6 +9,7 @@ channel server's address are applied by hand, as the Consul watches would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -458,3 +459,22 @@ async def test_a_publish_given_up_fails_the_later_ones_of_its_channel_so_the_res
     finally:
         webapp.close()
         gateway.close()
+
+
+async def test_a_ring_barrier_shorter_than_the_forward_timeout_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Allowed (it trades order for latency at a ring change), but said at start: raising
+    --forward-timeout-s alone would otherwise turn barriers into a silent reordering."""
+
+    def admin(*flags: str) -> AdminServer:
+        base = ["--instance-id", "as-test", "--consul", NO_CONSUL, *CA.flags("admin-server", "as-test")]
+        return AdminServer(admin_parser().parse_args(base + list(flags)))
+
+    with caplog.at_level(logging.WARNING, logger="rtm"):
+        for server in (admin(), admin("--forward-timeout-s", "3", "--ring-barrier-s", "6")):
+            await server.discovery.close()
+        assert "--ring-barrier-s" not in caplog.text
+        server = admin("--forward-timeout-s", "5")
+        await server.discovery.close()
+    assert "--ring-barrier-s 4 is below --forward-timeout-s 5" in caplog.text
