@@ -311,6 +311,10 @@ class Transaction:
         if not self.nested:
             try:
                 conn.execute("COMMIT" if kind is None else "ROLLBACK")
+            except sqlite3.Error:
+                if conn.in_transaction:  # a failed COMMIT leaves it open: later writes would join it, uncommitted
+                    conn.execute("ROLLBACK")
+                raise
             finally:
                 self.db.transaction_ended()
             return

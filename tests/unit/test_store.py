@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -1013,6 +1014,20 @@ def test_reads_inside_the_group_commit_are_cached_again_once_a_change_is_committ
     store._in_batch = False
     store.transaction_ended()
     assert store.is_member(private.id, bob.id)  # the leave never happened: read again, right
+
+
+def test_a_transaction_whose_commit_fails_is_rolled_back_not_left_open(store: Store, demo: dict) -> None:
+    # Left open, the next transaction() would be a savepoint inside it, released but never committed.
+    store.conn.execute("PRAGMA foreign_keys=ON")
+    store.conn.execute("CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY)")
+    store.conn.execute("CREATE TEMP TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError), store.transaction() as db:  # fails at its COMMIT
+        db.execute("INSERT INTO child VALUES (1)")
+    assert not store.conn.in_transaction
+    with store.transaction() as db:
+        db.execute("INSERT INTO parent VALUES (7)")
+    assert not store.conn.in_transaction
+    assert store.conn.execute("SELECT count(*) FROM child").fetchone()[0] == 0
 
 
 # -- the seq hint (round 4, docs/publish-path.md) ------------------------------------------------
