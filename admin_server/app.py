@@ -604,9 +604,7 @@ class AdminServer(MsgpackService):
         """Until every earlier publish of the slot is on the wire ahead of ``turn`` or answered
         (and, for a retry, answered: one retry at a time). False when ``deadline`` passed first."""
         while not lane.may_write(turn) and not turn.abandoned:
-            try:
-                await asyncio.wait_for(lane.wait(turn), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            if not await AdminServer._await_wake(lane, turn, deadline):
                 return False
         return True
 

@@ -76,15 +76,23 @@ class SlowLane:
     def join(self, channel: str = "") -> Turn:
         turn = Turn(self.tickets, self.tail, channel)
         self.tickets += _TICKET_STRIDE
-        if self.tail is None:
-            self.head = turn
-        else:
-            self.tail.next = turn
-        self.tail = turn
-        self.size += 1
+        self._link(turn, None)
         if self.frontier is None:
             self.frontier = turn
         return turn
+
+    def _link(self, turn: Turn, before: Turn | None) -> None:
+        """Put ``turn`` (its ``prev`` already set) in the list just before ``before``; at the end when None."""
+        turn.next = before
+        if turn.prev is None:
+            self.head = turn
+        else:
+            turn.prev.next = turn
+        if before is None:
+            self.tail = turn
+        else:
+            before.prev = turn
+        self.size += 1
 
     def hold(self) -> Turn:
         """Put a barrier at the end of the lane: no turn that joins after it is written until it
@@ -103,13 +111,7 @@ class SlowLane:
             return self.join(channel)
         self.ahead_of_barrier += 1  # below _TICKET_STRIDE: --max-pubs-in-flight bounds the lane
         turn = Turn(barrier.ticket - _TICKET_STRIDE + self.ahead_of_barrier, barrier.prev, channel)
-        turn.next = barrier
-        if barrier.prev is None:
-            self.head = turn
-        else:
-            barrier.prev.next = turn
-        barrier.prev = turn
-        self.size += 1
+        self._link(turn, barrier)
         if self.frontier is barrier:  # every turn before it is on the wire: the new one is the first not
             self.frontier = turn
             self._wake()
