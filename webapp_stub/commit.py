@@ -213,7 +213,6 @@ class GroupCommit:
         self.sink = sink
         self.window_s = window_s
         self.min_interval_s = min_interval_s
-        self.nap_s = nap_s if min_interval_s > 0 and not fsync_thread else 0.0
         self._sleep = sleep
         self.naps = 0
         self._last_commit_at = -float("inf")  # time.monotonic() at the last commit's start
@@ -224,6 +223,9 @@ class GroupCommit:
             sync_wal = self._wal_fsync = WalFsync()
         self._sync_wal: Callable[[str], None] = sync_wal
         self.fsync_thread = fsync_thread and wal_path is not None
+        self.nap_s = (
+            nap_s if min_interval_s > 0 and not self.fsync_thread else 0.0
+        )  # the thread's completions come on the loop
         self._unsynced: deque[_Unsynced] = deque()  # committed, not yet known to be on disk, in order
         self._serial = 0
         self._syncing = False  # an fsync runs on the thread
