@@ -85,6 +85,10 @@ FORWARD_TIMEOUT_S = 2.0  # one attempt at the owning channel server
 # are answered, lost or timed out (and retried ahead of it, in order) sooner; this bound only
 # matters when it is set below --forward-timeout-s, trading order for latency at a ring change.
 RING_BARRIER_S = 2 * FORWARD_TIMEOUT_S
+# The largest --forward-timeout-s and --ring-barrier-s accepted: how long an unanswered publish
+# (and, behind a barrier, its slot's later ones) may be held at most.
+MAX_FORWARD_TIMEOUT_S = 60.0
+MAX_RING_BARRIER_S = 60.0
 # Publishes being forwarded at once (each is a task while it waits for its
 # channel server). The webapp pipelines 256 per connection; this leaves room
 # for several webapps and bounds the memory a flood of pubs can take.
@@ -703,13 +707,18 @@ def build_parser() -> Parser:
     parser.add("--route-budget-s", ROUTE_BUDGET_S, "seconds a publish may wait for a live channel owner")
     parser.add("--max-pubs-in-flight", MAX_PUBS_IN_FLIGHT, "publishes forwarded at once; beyond, err unavailable")
     parser.add(
-        "--forward-timeout-s", FORWARD_TIMEOUT_S, "seconds one attempt at the owning channel server may take", above=0.0
+        "--forward-timeout-s",
+        FORWARD_TIMEOUT_S,
+        "seconds one attempt at the owning channel server may take",
+        above=0.0,
+        at_most=MAX_FORWARD_TIMEOUT_S,
     )
     parser.add(
         "--ring-barrier-s",
         RING_BARRIER_S,
         "after a slot changes owner, how long its later publishes may wait at most for those in flight to the old one",
         above=0.0,
+        at_most=MAX_RING_BARRIER_S,
     )
     parser.add(
         "--given-up-hold-s",

@@ -80,44 +80,49 @@ def test_every_fleet_process_reads_its_consul_token_where_consuls_tools_do(
     assert build_parser().parse_args(["--consul-token", "from-flag"]).consul_token == "from-flag"
 
 
-@pytest.mark.parametrize(
-    ("bad", "bound"),
-    [("-0.001", "at least 0.0"), ("nan", "at least 0.0"), ("inf", "at least 0.0"), ("5", "at most 1.0")],
-)
-def test_an_interval_where_zero_means_off_accepts_zero_and_refuses_out_of_bounds(
-    bad: str, bound: str, capsys: pytest.CaptureFixture[str]
+# Bounded flags: (the process, the flag, values it takes, a value out of bounds, the bound named).
+# -0.001 or NaN: below what the flag means; inf: a wait that never ends (every batch open, every
+# post or slot held for ever); 5 or 0.5 where milliseconds were meant.
+WEBAPP, ADMIN = "webapp_stub.app", "admin_server.app"
+BOUNDED_FLAGS = [
+    (WEBAPP, "--min-commit-interval-s", {"0": 0.0, "1": 1.0}, "-0.001", "at least 0.0"),
+    (WEBAPP, "--min-commit-interval-s", {}, "nan", "at least 0.0"),
+    (WEBAPP, "--min-commit-interval-s", {}, "inf", "at least 0.0"),
+    (WEBAPP, "--min-commit-interval-s", {}, "5", "at most 1.0"),
+    (WEBAPP, "--group-commit-window-s", {"0.002": 0.002}, "inf", "at least 0.0"),
+    (WEBAPP, "--group-commit-window-s", {}, "nan", "at least 0.0"),
+    (WEBAPP, "--group-commit-window-s", {}, "5", "at most 1.0"),
+    # the nap: the longest the webapp's loop may be unresponsive under load (0: off)
+    (WEBAPP, "--commit-nap-s", {"0": 0.0}, "inf", "at least 0.0"),
+    (WEBAPP, "--commit-nap-s", {}, "nan", "at least 0.0"),
+    (WEBAPP, "--commit-nap-s", {}, "0.5", "at most 0.05"),
+    # how long an unanswered publish, and a slot behind a ring barrier, may be held
+    (ADMIN, "--forward-timeout-s", {"60": 60.0}, "0", "above 0.0"),
+    (ADMIN, "--forward-timeout-s", {}, "nan", "above 0.0"),
+    (ADMIN, "--forward-timeout-s", {}, "3600", "at most 60.0"),
+    (ADMIN, "--ring-barrier-s", {"0.3": 0.3}, "0", "above 0.0"),
+    (ADMIN, "--ring-barrier-s", {}, "inf", "above 0.0"),
+    (ADMIN, "--ring-barrier-s", {}, "3600", "at most 60.0"),
+]
+
+
+@pytest.mark.parametrize(("module", "flag", "takes", "bad", "bound"), BOUNDED_FLAGS)
+def test_a_bounded_flag_takes_its_range_and_refuses_the_rest(
+    module: str, flag: str, takes: dict[str, float], bad: str, bound: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """0 turns pacing off; below 0, NaN, inf (every batch open for ever) and 5 (seconds where
-    milliseconds were meant) are refused."""
-    build = importlib.import_module("webapp_stub.app").build_parser
-    assert build().parse_args(["--min-commit-interval-s", "0"]).min_commit_interval_s == 0.0
-    assert build().parse_args(["--min-commit-interval-s", "1"]).min_commit_interval_s == 1.0
+    build = importlib.import_module(module).build_parser
+    dest = flag.removeprefix("--").replace("-", "_")
+    for text, value in takes.items():
+        assert getattr(build().parse_args([flag, text]), dest) == value
     with pytest.raises(SystemExit):
-        build().parse_args(["--min-commit-interval-s", bad])
-    assert f"argument --min-commit-interval-s: must be {bound}, not {bad}" in capsys.readouterr().err
+        build().parse_args([flag, bad])
+    assert f"argument {flag}: must be {bound}, not {bad}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("bad", "bound"), [("inf", "at least 0.0"), ("nan", "at least 0.0"), ("5", "at most 1.0")])
-def test_the_group_commit_window_is_bounded(bad: str, bound: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """A window of inf (or NaN) would keep the first batch open for ever: every post, and every read
-    that waits for durability, would hang; 5 (seconds where milliseconds were meant) is refused too."""
-    build = importlib.import_module("webapp_stub.app").build_parser
-    assert build().parse_args(["--group-commit-window-s", "0.002"]).group_commit_window_s == 0.002
-    with pytest.raises(SystemExit):
-        build().parse_args(["--group-commit-window-s", bad])
-    assert f"argument --group-commit-window-s: must be {bound}, not {bad}" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("bad", "bound"), [("inf", "at least 0.0"), ("nan", "at least 0.0"), ("0.5", "at most 0.05")])
-def test_the_commit_nap_is_bounded(bad: str, bound: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """The nap is the longest the webapp's loop may be unresponsive under load: 0 turns it off, and
-    inf, NaN or half a second (seconds where milliseconds were meant) are refused."""
-    build = importlib.import_module("webapp_stub.app").build_parser
-    assert build().parse_args([]).commit_nap_s == 0.004
-    assert build().parse_args(["--commit-nap-s", "0"]).commit_nap_s == 0.0
-    with pytest.raises(SystemExit):
-        build().parse_args(["--commit-nap-s", bad])
-    assert f"argument --commit-nap-s: must be {bound}, not {bad}" in capsys.readouterr().err
+def test_the_defaults_of_the_commit_nap_and_the_ring_barrier() -> None:
+    assert importlib.import_module(WEBAPP).build_parser().parse_args([]).commit_nap_s == 0.004
+    admin = importlib.import_module(ADMIN).build_parser().parse_args([])
+    assert (admin.forward_timeout_s, admin.ring_barrier_s) == (2.0, 4.0)
 
 
 def test_an_interval_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
