@@ -107,6 +107,18 @@ def test_each_process_is_started_with_only_the_secrets_its_job_needs(fleet: Flee
     assert services == {*SERVICE_ROLES, "consul-dev"}
 
 
+async def assert_the_fleet_delivers(fleet: Fleet, tag: str) -> None:
+    """alice's post to #general reaches bob's connection: the fleet, with its own tokens, works."""
+    bob = await fleet.connect("bob")
+    text = f"{tag}-{uuid.uuid4().hex[:8]}"
+    reply = await fleet.api(
+        "chat.postMessage", fleet.user("alice")["token"], channel=fleet.channel("general"), text=text
+    )
+    assert reply["ok"], reply
+    await bob.wait_texts([text])
+    await bob.close()
+
+
 async def test_a_client_without_the_token_is_refused_while_the_fleet_works(fleet: Fleet) -> None:
     consul_url = fleet.info["consul_url"]
     ring_before = consul_client(fleet).kv.get(CHANNEL_RING_KEY)[1]["Value"]
@@ -134,14 +146,7 @@ async def test_a_client_without_the_token_is_refused_while_the_fleet_works(fleet
     assert admin.kv.get(drained_key("us-east"))[1] is None
     assert "fake" not in admin.agent.services()
     assert len(admin.health.service("gateway", passing=True)[1]) == 2
-    bob = await fleet.connect("bob")
-    text = f"acl-{uuid.uuid4().hex[:8]}"
-    reply = await fleet.api(
-        "chat.postMessage", fleet.user("alice")["token"], channel=fleet.channel("general"), text=text
-    )
-    assert reply["ok"], reply
-    await bob.wait_texts([text])
-    await bob.close()
+    await assert_the_fleet_delivers(fleet, "acl")
 
 
 def test_rtm_status_finds_the_token_with_nothing_more_typed(fleet: Fleet) -> None:
@@ -262,14 +267,7 @@ async def test_each_roles_token_may_do_its_job_and_nothing_more(fleet: Fleet) ->
     assert admin.kv.get(drained_key("us-east"))[1] is None
     assert webapp_id in admin.agent.services() and "fake-webapp" not in admin.agent.services()
     assert len(admin.health.service("webapp", passing=True)[1]) == 1
-    bob = await fleet.connect("bob")
-    text = f"roles-{uuid.uuid4().hex[:8]}"
-    reply = await fleet.api(
-        "chat.postMessage", fleet.user("alice")["token"], channel=fleet.channel("general"), text=text
-    )
-    assert reply["ok"], reply
-    await bob.wait_texts([text])
-    await bob.close()
+    await assert_the_fleet_delivers(fleet, "roles")
 
 
 def b64(entry: dict[str, object]) -> bytes:
