@@ -1,19 +1,22 @@
 """What the webapp's commit pacing saves on the publish path (issue 17, docs/publish-path.md).
 
-For each ``--intervals`` value and each ``--naps`` value, starts a fleet (``rtm up``, mutual TLS on,
-200 seeded users, no websocket clients) with ``RTM_MIN_COMMIT_INTERVAL_S`` and ``RTM_COMMIT_NAP_S``
-set to them, creates ``--channels`` channels,
+For each ``--intervals``, ``--caps`` and ``--naps`` value, starts a fleet (``rtm up``, mutual TLS
+on, 200 seeded users, no websocket clients) with ``RTM_MIN_COMMIT_INTERVAL_S``,
+``RTM_COMMIT_INTERVAL_CAP_S`` (the paced interval grows with the rate of posts up to it:
+webapp_stub/commit_pacer.py; a cap at the interval keeps it fixed) and ``RTM_COMMIT_NAP_S`` set to
+them, creates ``--channels`` channels,
 and posts ``chat.postMessage`` over HTTP at each of ``--rates`` posts per second, paced, for
 ``--seconds`` each (at most ``--max-inflight`` unanswered). Per step it reports the webapp's and
 the admin servers' CPU µs per post (psutil user+system over the step), the group commits per
 second and posts per commit (the webapp's ``rtm_webapp_commit_batch_writes`` histogram), the
 webapp's event-loop thread's wake-ups (voluntary context switches) and preemptions per post, and the
-posts' HTTP latency p50/p99. ``--rounds N`` alternates the intervals ``N`` times, so the machine's
+posts' HTTP latency p50/p99. ``--rounds N`` alternates the settings ``N`` times, so the machine's
 load falls on each alike; tables quote medians. No websocket clients: the fan-out's cost does not
 depend on the interval, and leaving it out keeps the machine's noise off the publish path.
 
     python -m bench.commit_pacing --intervals 0,0.005 --rates 100,500,1000,2000 --rounds 2
     python -m bench.commit_pacing --intervals 0.005 --naps 0,0.004 --rates 500,1000,2000 --rounds 3
+    python -m bench.commit_pacing --intervals 0.005 --caps 0.005,0.02 --rates 1000,2000,3000 --rounds 2
 
 Writes ``bench/results/commit-pacing.{json,md}``.
 """
@@ -150,9 +153,9 @@ class Poster:
         }
 
 
-async def run_interval(interval_s: str, nap_s: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run_interval(interval_s: str, cap_s: str, nap_s: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    env = {"RTM_MIN_COMMIT_INTERVAL_S": interval_s, "RTM_COMMIT_NAP_S": nap_s}
+    env = {"RTM_MIN_COMMIT_INTERVAL_S": interval_s, "RTM_COMMIT_INTERVAL_CAP_S": cap_s, "RTM_COMMIT_NAP_S": nap_s}
     with FleetRun("--seed-users", str(SEED_USERS), env=env) as fleet:
         user = next(u for u in fleet.seed["users"] if not u["is_bot"])
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.max_inflight)) as http:
@@ -161,7 +164,8 @@ async def run_interval(interval_s: str, nap_s: str, args: argparse.Namespace) ->
                 poster.channels.append((await poster.call("conversations.create", name=f"pacing-{n}"))["channel"]["id"])
             await poster.step(WARM_RATE_PER_S, WARM_SECONDS)
             for rate in args.rates:
-                row = {"interval_s": float(interval_s), "nap_s": float(nap_s), **await poster.step(rate, args.seconds)}
+                setting = {"interval_s": float(interval_s), "cap_s": float(cap_s), "nap_s": float(nap_s)}
+                row = {**setting, **await poster.step(rate, args.seconds)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
@@ -181,29 +185,36 @@ COLUMNS = (
 )
 
 
+def setting_of(row: dict[str, Any]) -> tuple[float, float, float]:
+    """A row's minimum interval, cap and nap (rows of older runs: a fixed interval)."""
+    return row["interval_s"], row.get("cap_s", row["interval_s"]), row.get("nap_s", 0.0)
+
+
 def render(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     out = [
         f"# bench/commit_pacing ({machine.get('cpu_model', '')}, {machine.get('nproc')} CPUs, {machine.get('date')}, commit {machine.get('rtm_commit')})",
         "",
     ]
-    out.append("Medians over the rounds, per commit interval, nap and offered rate:")
+    out.append("Medians over the rounds, per commit interval (its minimum, its cap), nap and offered rate:")
     out.append("")
     table = []
-    for interval, nap in sorted({(r["interval_s"], r.get("nap_s", 0.0)) for r in rows}):
+    for setting in sorted({setting_of(r) for r in rows}):
         for rate in sorted({r["rate"] for r in rows}):
-            mine = [r for r in rows if (r["interval_s"], r.get("nap_s", 0.0)) == (interval, nap) and r["rate"] == rate]
+            mine = [r for r in rows if setting_of(r) == setting and r["rate"] == rate]
             if not mine:
                 continue
             cells = [f"{statistics.median(r[key] for r in mine):.2f}" for key, _ in COLUMNS]
-            when = [f"{interval * 1000:g} ms", f"{nap * 1000:g} ms", f"{rate:g}"]
-            table.append([*when, *cells, sum(r["failed"] for r in mine)])
-    out.append(md_table(["interval", "nap", "offered posts/s", *(label for _, label in COLUMNS), "failed"], table))
+            when = [f"{value * 1000:g} ms" for value in setting]
+            table.append([*when, f"{rate:g}", *cells, sum(r["failed"] for r in mine)])
+    head = ["interval", "cap", "nap", "offered posts/s", *(label for _, label in COLUMNS), "failed"]
+    out.append(md_table(head, table))
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--intervals", default="0,0.005", help="values of RTM_MIN_COMMIT_INTERVAL_S, seconds")
+    parser.add_argument("--caps", default="0.02", help="values of RTM_COMMIT_INTERVAL_CAP_S, seconds")
     parser.add_argument("--naps", default="0.004", help="values of RTM_COMMIT_NAP_S, seconds")
     parser.add_argument("--rates", default="100,500,1000,2000", help="offered posts per second, one step each")
     parser.add_argument("--seconds", type=float, default=SECONDS, help="posting time per step")
@@ -213,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r]
     intervals = [i for i in args.intervals.split(",") if i]
+    caps = [c for c in args.caps.split(",") if c]
     naps = [n for n in args.naps.split(",") if n]
     install_uvloop()
     rows: list[dict[str, Any]] = []
     for _ in range(args.rounds):
         for interval in intervals:
-            for nap in naps:
-                rows += asyncio.run(run_interval(interval, nap, args))
+            for cap in caps:
+                for nap in naps:
+                    rows += asyncio.run(run_interval(interval, cap, nap, args))
     machine = machine_info()
     report = {
         "benchmark": "commit_pacing",

@@ -40,7 +40,7 @@ from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
-from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags
+from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
 from webapp_stub.due_queue import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUTY_CYCLE,
@@ -272,8 +272,7 @@ class WebappServer:
                 self.handoff,
                 self.metrics,
                 window_s=args.group_commit_window_s,
-                min_interval_s=args.min_commit_interval_s,
-                nap_s=args.commit_nap_s,
+                **pacing_options(args),
                 wal_path=wal_path_of(self.store.path),
                 # FULL's fsync on the thread, off the loop; NORMAL/OFF asked for no fsync at all
                 fsync_thread=getattr(args, "commit_fsync_thread", COMMIT_FSYNC_THREAD)

@@ -8,7 +8,9 @@ makes the first write of a loop turn open a transaction (the store's
 joins it as a savepoint, and a callback scheduled for the next turn (or
 :data:`GROUP_COMMIT_WINDOW_S` later) commits them all at once. Under load the
 commits are paced: after a commit of two or more writes, the next one waits until
-:data:`MIN_COMMIT_INTERVAL_S` has passed since that commit began (see there).
+the paced interval has passed since that commit began: :data:`MIN_COMMIT_INTERVAL_S`, growing
+with the rate of writes up to :data:`~webapp_stub.commit_pacer.COMMIT_INTERVAL_CAP_S`
+(:class:`~webapp_stub.commit_pacer.CommitPacer`).
 
 Contract
 --------
@@ -71,6 +73,7 @@ from prometheus_client import Counter, Histogram
 
 from services.config import Parser
 from services.metrics import ServiceMetrics
+from webapp_stub.commit_pacer import COMMIT_INTERVAL_CAP_S, COMMIT_PACING_BASE_RATE_PER_S, CommitPacer
 from webapp_stub.models import Event
 from webapp_stub.wal_fsync import WalFsync
 
@@ -83,9 +86,11 @@ log = logging.getLogger("rtm.webapp.commit")
 GROUP_COMMIT_WINDOW_S = 0.0
 # The largest --group-commit-window-s accepted: every post may wait this long.
 MAX_GROUP_COMMIT_WINDOW_S = 1.0
-# The least time from one commit's start to the next's, under load. A batch opened sooner than
-# this after a commit that carried at least PACED_AFTER_BATCH_WRITES writes stays open until the
-# interval has passed: while the load lasts, commits come at most this often and each carries more posts, and
+# The least time from one commit's start to the next's, under load (and the paced interval while
+# the rate of writes is at most COMMIT_PACING_BASE_RATE_PER_S; above, it grows with the rate up to
+# COMMIT_INTERVAL_CAP_S: webapp_stub/commit_pacer.py). A batch opened sooner than the paced
+# interval after a commit that carried at least PACED_AFTER_BATCH_WRITES writes stays open until
+# the interval has passed: while the load lasts, commits come at most this often and each carries more posts, and
 # what a commit costs (the COMMIT and its fsync, the hand-off's `pubs` and the admin and channel
 # servers' work per `pubs`, each a wake-up of another process) is shared by more posts. Reads that
 # wait for durability (``durable()`` with a batch open) wait for the held batch too. A batch
@@ -95,8 +100,11 @@ MIN_COMMIT_INTERVAL_S = 0.005
 # The interval holds a batch only after a commit with at least this many writes: the sign of load
 # (at light load a loop turn holds one post).
 PACED_AFTER_BATCH_WRITES = 2
-# The largest --min-commit-interval-s accepted: every post under load may wait this long.
+# The largest --min-commit-interval-s and --commit-interval-cap-s accepted: every post under load
+# may wait this long.
 MAX_COMMIT_INTERVAL_S = 1.0
+# The largest --commit-pacing-base-rate-per-s accepted.
+MAX_COMMIT_PACING_BASE_RATE_PER_S = 1_000_000.0
 # Under load, after a paced commit (one that carried PACED_AFTER_BATCH_WRITES or more), the event
 # loop naps, reading nothing, until the next commit is due, at most this long. The posts that
 # arrive meanwhile wait in the kernel's socket buffers, as their batch would have waited for the
@@ -142,6 +150,20 @@ def add_commit_flags(parser: Parser) -> None:
         at_most=MAX_COMMIT_INTERVAL_S,
     )
     parser.add(
+        "--commit-interval-cap-s",
+        COMMIT_INTERVAL_CAP_S,
+        "the longest paced commit interval, reached as the rate of writes grows (commit_pacer.py)",
+        at_least=0.0,
+        at_most=MAX_COMMIT_INTERVAL_S,
+    )
+    parser.add(
+        "--commit-pacing-base-rate-per-s",
+        COMMIT_PACING_BASE_RATE_PER_S,
+        "writes per second above which the paced commit interval grows past its minimum",
+        above=0.0,
+        at_most=MAX_COMMIT_PACING_BASE_RATE_PER_S,
+    )
+    parser.add(
         "--commit-nap-s",
         COMMIT_NAP_S,
         "under load, the loop sleeps after a paced commit until the next is due, at most this long (0: off)",
@@ -149,6 +171,16 @@ def add_commit_flags(parser: Parser) -> None:
         at_most=MAX_COMMIT_NAP_S,
     )
     parser.add("--commit-fsync-thread", COMMIT_FSYNC_THREAD, "FULL's WAL fsync on a thread, off the loop (commit.py)")
+
+
+def pacing_options(args: Any) -> dict[str, Any]:
+    """:class:`GroupCommit`'s pacing, from the flags :func:`add_commit_flags` added."""
+    return {
+        "min_interval_s": args.min_commit_interval_s,
+        "interval_cap_s": args.commit_interval_cap_s,
+        "pacing_base_rate_per_s": args.commit_pacing_base_rate_per_s,
+        "nap_s": args.commit_nap_s,
+    }
 
 
 class CommitFailed(Exception):
@@ -203,6 +235,8 @@ class GroupCommit:
         *,
         window_s: float = GROUP_COMMIT_WINDOW_S,
         min_interval_s: float = MIN_COMMIT_INTERVAL_S,
+        interval_cap_s: float = COMMIT_INTERVAL_CAP_S,
+        pacing_base_rate_per_s: float = COMMIT_PACING_BASE_RATE_PER_S,
         nap_s: float = COMMIT_NAP_S,
         sleep: Callable[[float], None] = time.sleep,
         wal_path: str | None = None,
@@ -213,6 +247,7 @@ class GroupCommit:
         self.sink = sink
         self.window_s = window_s
         self.min_interval_s = min_interval_s
+        self.pacer = CommitPacer(min_interval_s, interval_cap_s, pacing_base_rate_per_s)
         self._sleep = sleep
         self.naps = 0
         self._last_commit_at = -float("inf")  # time.monotonic() at the last commit's start
@@ -269,6 +304,13 @@ class GroupCommit:
         self._m_failed = metrics.counter(
             "rtm_webapp_commit_failed_total", "Group commits (or their WAL fsyncs) that failed"
         )
+        metrics.gauge(
+            "rtm_webapp_commit_interval_seconds",
+            "The paced commit interval now: --min-commit-interval-s, growing with the rate of writes (commit_pacer.py)",
+        ).set_function(lambda: self.pacer.interval_s)
+        metrics.gauge(
+            "rtm_webapp_commit_writes_per_second", "The rate of writes the commit pacing follows (a moving mean)"
+        ).set_function(lambda: self.pacer.rate_per_s)
         self._m_nap = metrics.counter(
             "rtm_webapp_commit_nap_seconds_total", "Time the event loop napped after paced commits (--commit-nap-s)"
         )
@@ -280,7 +322,7 @@ class GroupCommit:
         self._done = loop.create_future()
         delay = self.window_s
         if self.min_interval_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES:
-            delay = max(delay, self._last_commit_at + self.min_interval_s - time.monotonic())
+            delay = max(delay, self._last_commit_at + self.pacer.interval_s - time.monotonic())
         if delay > 0:
             loop.call_later(delay, self.commit)
         else:
@@ -442,6 +484,7 @@ class GroupCommit:
         if self.min_interval_s > 0:
             self._last_commit_at = time.monotonic()  # no loop needed: close() may commit without one
             self._last_commit_writes = self._writes
+            self.pacer.committed(self._last_commit_at, self._writes)
         started = time.perf_counter()
         try:
             self.store.commit_batch()
@@ -483,7 +526,7 @@ class GroupCommit:
 
     def _nap(self) -> None:
         """Sleep, reading nothing, until the next commit is due, at most ``nap_s`` (:data:`COMMIT_NAP_S`)."""
-        nap_s = min(self._last_commit_at + self.min_interval_s - time.monotonic(), self.nap_s)
+        nap_s = min(self._last_commit_at + self.pacer.interval_s - time.monotonic(), self.nap_s)
         if nap_s <= 0 or self._closed:
             return
         self._sleep(nap_s)

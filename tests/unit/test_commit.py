@@ -179,6 +179,28 @@ async def test_under_load_a_batch_opened_within_the_min_interval_waits_for_it(st
     assert commits.batches == 3 and not store.in_batch
 
 
+async def test_under_more_load_the_paced_interval_grows_to_its_cap(store: Store) -> None:
+    """The interval follows the rate of writes (webapp_stub/commit_pacer.py): with a base rate of
+    one write in 1,000 s, two commits of two writes (however far apart, within seconds) take it to
+    the cap."""
+    alice, general = _team(store)
+    loop = asyncio.get_running_loop()
+    commits = GroupCommit(store, Sink(), min_interval_s=0.02, interval_cap_s=0.3, pacing_base_rate_per_s=0.001)
+
+    def post(text: str) -> None:
+        commits.publish([store.post_message(general, alice, text)[1]])
+
+    for n in range(2):  # two commits of two writes each: load, at 100 writes per second
+        post(f"first {n}")
+        post(f"second {n}")
+        await asyncio.wait_for(commits.durable(), 5.0)
+    assert commits.batches == 2 and commits.pacer.interval_s == 0.3
+    second_at = loop.time()
+    post("third")  # opened right after the second commit: held for the cap, not the minimum
+    await asyncio.wait_for(commits.durable(), 5.0)
+    assert commits.batches == 3 and loop.time() - second_at >= 0.3 - 0.01  # uvloop's clock: ms resolution
+
+
 async def test_after_a_lone_write_the_next_batch_commits_at_once(store: Store) -> None:
     """Light load: a commit of one write is no sign of load, so the next post waits for nothing."""
     alice, general = _team(store)

@@ -92,6 +92,13 @@ BOUNDED_FLAGS = [
     (WEBAPP, "--group-commit-window-s", {"0.002": 0.002}, "inf", "at least 0.0"),
     (WEBAPP, "--group-commit-window-s", {}, "nan", "at least 0.0"),
     (WEBAPP, "--group-commit-window-s", {}, "5", "at most 1.0"),
+    # the paced interval's cap (every post under load may wait this long) and the rate it grows from
+    (WEBAPP, "--commit-interval-cap-s", {"0": 0.0, "0.05": 0.05}, "-1", "at least 0.0"),
+    (WEBAPP, "--commit-interval-cap-s", {}, "nan", "at least 0.0"),
+    (WEBAPP, "--commit-interval-cap-s", {}, "20", "at most 1.0"),
+    (WEBAPP, "--commit-pacing-base-rate-per-s", {"2000": 2000.0}, "0", "above 0.0"),
+    (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "inf", "above 0.0"),
+    (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "1e9", "at most 1000000.0"),
     # the nap: the longest the webapp's loop may be unresponsive under load (0: off)
     (WEBAPP, "--commit-nap-s", {"0": 0.0}, "inf", "at least 0.0"),
     (WEBAPP, "--commit-nap-s", {}, "nan", "at least 0.0"),
@@ -119,8 +126,13 @@ def test_a_bounded_flag_takes_its_range_and_refuses_the_rest(
     assert f"argument {flag}: must be {bound}, not {bad}" in capsys.readouterr().err
 
 
-def test_the_defaults_of_the_commit_nap_and_the_ring_barrier() -> None:
-    assert importlib.import_module(WEBAPP).build_parser().parse_args([]).commit_nap_s == 0.004
+def test_the_defaults_of_the_commit_pacing_and_the_ring_barrier() -> None:
+    webapp = importlib.import_module(WEBAPP).build_parser().parse_args([])
+    assert (webapp.commit_nap_s, webapp.commit_interval_cap_s, webapp.commit_pacing_base_rate_per_s) == (
+        0.004,
+        0.02,
+        500.0,
+    )
     admin = importlib.import_module(ADMIN).build_parser().parse_args([])
     assert (admin.forward_timeout_s, admin.ring_barrier_s) == (2.0, 4.0)
 
