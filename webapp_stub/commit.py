@@ -270,6 +270,9 @@ class GroupCommit:
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._done: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the open batch's commit, when held (window, pacing)
+        self._full = False  # the open batch was filled (fill()): it commits at once, and no nap follows
+        self.fills = 0
         self._events: list[Event] = []
         self._writes = 0
         self.batches = 0
@@ -326,10 +329,26 @@ class GroupCommit:
         if self.min_interval_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES:
             delay = max(delay, self._last_commit_at + self.pacer.interval_s - time.monotonic())
         if delay > 0:
-            loop.call_later(delay, self.commit)
+            self._timer = loop.call_later(delay, self.commit)
         else:
             loop.call_soon(self.commit)
         self._writes = 0
+
+    def fill(self) -> None:
+        """Every client that could add to the open batch waits for it (each of the lean front's
+        connections holds a request in it, HttpFront.request_waits): holding it longer gathers
+        nothing and only delays them, so it commits at the next turn, and the loop does not nap after
+        it (such clients send again as soon as they are answered). Clients that keep a fixed number of
+        requests in flight would otherwise get at most that many posts per interval: pacing would cap
+        their rate instead of sharing commits (docs/publish-path.md, round 8)."""
+        if self._done is None or self._full:
+            return
+        self._full = True
+        self.fills += 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            asyncio.get_running_loop().call_soon(self.commit)
 
     def publish(self, events: list[Event]) -> None:
         """Events committed by the open batch go out with it; without a batch, at once
@@ -483,6 +502,10 @@ class GroupCommit:
         if done is None:
             return
         self._done, self._events = None, []
+        full, self._full = self._full, False
+        if self._timer is not None:  # committed before its time (close(), fill())
+            self._timer.cancel()
+            self._timer = None
         if self.min_interval_s > 0:
             self._last_commit_at = time.monotonic()  # no loop needed: close() may commit without one
             self._last_commit_writes = self._writes
@@ -513,7 +536,7 @@ class GroupCommit:
             # Committed and on disk whatever the sink did: a sink that raised must not leave
             # this batch's callers waiting for ever (the error goes on to the loop's handler).
             done.set_result(None)
-        if self.nap_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES and not self._closed:
+        if self.nap_s > 0 and self._last_commit_writes >= PACED_AFTER_BATCH_WRITES and not full and not self._closed:
             # After the callbacks scheduled so far and NAP_AFTER_TURNS more turns: the replies (also
             # those of callers that await durable()) and the hand-off's writes go out first.
             loop = asyncio.get_running_loop()

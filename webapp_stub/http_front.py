@@ -243,6 +243,7 @@ class FrontProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.busy = False  # a request is being answered
         self.waiting: asyncio.Future[Any] | None = None  # what its answer waits for (a commit)
+        self.counted_waiting = False  # counted in HttpFront.waiting
         self.keep_alive = True  # of the request being answered
         self.last_active = time.monotonic()
         self.reading_paused = False
@@ -254,6 +255,13 @@ class FrontProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        """No longer counted in HttpFront.waiting (answered, or gone while its answer waits)."""
+        if self.counted_waiting:
+            self.counted_waiting = False
+            self.front.waiting -= 1
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -331,6 +339,8 @@ class FrontProtocol(asyncio.Protocol):
                 transport.close()
                 return
             if self.waiting is not None:
+                self.counted_waiting = True
+                self.front.request_waits()
                 return  # _reply goes on
 
     def _reply(self, answer: Answer) -> None:
@@ -339,6 +349,7 @@ class FrontProtocol(asyncio.Protocol):
         transport = self.transport
         resumed = self.waiting is not None
         self.busy, self.waiting = False, None
+        self._stop_waiting()
         self.last_active = time.monotonic()
         if transport is None:
             return
@@ -397,8 +408,18 @@ class HttpFront:
         self.keepalive_timeout_s = keepalive_timeout_s
         self.connections: set[FrontProtocol] = set()
         self.handed_over = 0  # connections given to aiohttp (tests, diagnostics)
+        self.waiting = 0  # connections whose request waits for its answer (a commit, an async call)
         self._server: asyncio.AbstractServer | None = None
         self._sweep: asyncio.Task[None] | None = None
+
+    def request_waits(self) -> None:
+        """One more connection's request waits for its answer. When every connection's does, no
+        more posts can join the open batch from them: it commits at the next turn
+        (:meth:`webapp_stub.commit.GroupCommit.fill`)."""
+        self.waiting += 1
+        commits = self.api.commits
+        if commits is not None and self.waiting >= len(self.connections):
+            commits.fill()
 
     async def start(self, host: str, port: int) -> int:
         """Listen; return the port."""

@@ -282,6 +282,40 @@ async def test_callers_that_await_durable_are_answered_before_the_nap(store: Sto
     commits.close()
 
 
+async def test_a_filled_batch_commits_at_the_next_turn_and_no_nap_follows(store: Store) -> None:
+    """fill(): every client that could add to the batch waits in it (HttpFront.request_waits)."""
+    alice, general = _team(store)
+    naps = Naps()
+    commits = GroupCommit(store, Sink(), min_interval_s=10.0, nap_s=0.05, sleep=naps)
+
+    def post(text: str) -> None:
+        commits.publish([store.post_message(general, alice, text)[1]])
+
+    commits.fill()  # no batch open: nothing to do
+    post("first")
+    post("second")  # load: the next batch is held for the interval (10 s), and a nap follows
+    for _ in range(NAP_AFTER_TURNS + 3):
+        await asyncio.sleep(0)  # wait-ok: the commit's turn, the turns the nap waits, then the nap's
+    assert commits.batches == 1 and len(naps.naps) == 1
+    post("third")
+    post("fourth")
+    for _ in range(3):
+        await asyncio.sleep(0)  # wait-ok: turns pass, the interval holds the batch
+    assert store.in_batch and commits.batches == 1
+    commits.fill()
+    commits.fill()  # once is enough
+    await asyncio.sleep(0)  # wait-ok: exactly one turn
+    assert commits.batches == 2 and commits.fills == 1 and not store.in_batch
+    for _ in range(NAP_AFTER_TURNS + 3):
+        await asyncio.sleep(0)  # wait-ok: as many turns as a nap would wait
+    assert len(naps.naps) == 1  # none after the filled commit
+    post("fifth")  # the next batch is held again: the fill was that batch's alone
+    for _ in range(3):
+        await asyncio.sleep(0)  # wait-ok: turns pass, the interval holds the batch
+    assert store.in_batch and commits.batches == 2
+    commits.close()
+
+
 @pytest.mark.parametrize("setting", ["nap off", "pacing off", "fsync thread", "no time left"])
 async def test_no_nap_when_off_or_when_no_time_is_left(store: Store, setting: str) -> None:
     alice, general = _team(store)

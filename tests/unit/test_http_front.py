@@ -6,7 +6,6 @@ import asyncio
 import json
 import random
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +16,7 @@ from webapp_stub.http_front import (
     MAX_BUFFERED_BYTES,
     MAX_HEAD_BYTES,
     FrontProtocol,
+    HttpFront,
     PostRequest,
     Verdict,
     _parse_head,
@@ -178,6 +178,7 @@ class BlockingApi:
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.commits: Filled | None = None
 
     def answer_now(
         self, name: str, args: object, token_of: object, reply: Callable[[Answer], None]
@@ -189,10 +190,20 @@ class BlockingApi:
         return asyncio.ensure_future(later())
 
 
+class Filled:
+    """The group commit's fill(), counted."""
+
+    def __init__(self) -> None:
+        self.fills = 0
+
+    def fill(self) -> None:
+        self.fills += 1
+
+
 def flow_protocol(max_body_bytes: int) -> tuple[FrontProtocol, FlowTransport, BlockingApi]:
     api = BlockingApi()
-    front = SimpleNamespace(api=api, connections=set(), max_body_bytes=max_body_bytes, handed_over=0)
-    protocol = FrontProtocol(front)  # type: ignore[arg-type]
+    front = HttpFront(api, lambda: None, max_body_bytes=max_body_bytes)  # type: ignore[arg-type]
+    protocol = FrontProtocol(front)
     transport = FlowTransport()
     protocol.connection_made(transport)  # type: ignore[arg-type]
     return protocol, transport, api
@@ -292,3 +303,29 @@ def test_the_regular_expression_reading_agrees_with_the_line_by_line_reading() -
         for cut in (len(raw), len(raw) - 3):
             buf = bytearray(raw[:cut])
             assert _seen(parse_request(buf, MAX_BODY)) == _seen(_parse_head(buf, MAX_BODY)), raw
+
+
+async def test_when_every_connection_waits_for_its_commit_the_batch_is_filled() -> None:
+    """A client that keeps a fixed number of requests in flight adds nothing more to the open batch
+    once all of them wait in it: the front tells the group commit (GroupCommit.fill), so pacing
+    does not cap such a client's rate (docs/publish-path.md, round 8)."""
+    api = BlockingApi()
+    api.commits = Filled()
+    front = HttpFront(api, lambda: None, max_body_bytes=MAX_BODY)  # type: ignore[arg-type]
+    protocols, transports = [], []
+    for _ in range(3):
+        protocol, transport = FrontProtocol(front), FlowTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocols.append(protocol)
+        transports.append(transport)
+    protocols[0].data_received(post(b"channel=C1&text=a"))
+    protocols[1].data_received(post(b"channel=C1&text=b"))
+    assert front.waiting == 2 and api.commits.fills == 0  # one connection is idle: it may still post
+    protocols[2].connection_lost(None)  # the idle one goes: every connection left waits
+    protocols[0].data_received(post(b"channel=C1&text=c"))  # pipelined behind a: not a new waiter
+    assert front.waiting == 2 and api.commits.fills == 0
+    protocols[1].connection_lost(None)  # gone while its answer waits: no longer counted
+    assert front.waiting == 1
+    api.release.set()
+    await _answered(transports[0], 2)  # a, then c: c waited alone, every connection's request
+    assert front.waiting == 0 and api.commits.fills == 1
