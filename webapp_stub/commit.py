@@ -113,7 +113,9 @@ MAX_COMMIT_PACING_BASE_RATE_PER_S = 1_000_000.0
 # (docs/publish-path.md, round 7). It never holds a post past the commit it would have joined; it
 # delays the webapp's other work (history reads, the hand-off's replies) by at most this long, and
 # only under load. Off with the fsync thread, and at saturation (no time is left to nap). 0: off.
-COMMIT_NAP_S = 0.004
+# 8 ms: under half of the paced interval's cap (commit_pacer.COMMIT_INTERVAL_CAP_S, 20 ms); round 8
+# of docs/publish-path.md measured 4, 9 and 16 ms there.
+COMMIT_NAP_S = 0.008
 # The largest --commit-nap-s accepted: the longest the webapp's event loop may be unresponsive.
 MAX_COMMIT_NAP_S = 0.05
 # Loop turns the nap waits after its commit's own callbacks, so that the batch's callers are

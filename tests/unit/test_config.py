@@ -129,7 +129,7 @@ def test_a_bounded_flag_takes_its_range_and_refuses_the_rest(
 def test_the_defaults_of_the_commit_pacing_and_the_ring_barrier() -> None:
     webapp = importlib.import_module(WEBAPP).build_parser().parse_args([])
     assert (webapp.commit_nap_s, webapp.commit_interval_cap_s, webapp.commit_pacing_base_rate_per_s) == (
-        0.004,
+        0.008,
         0.02,
         500.0,
     )
