@@ -155,18 +155,12 @@ class ConversationStore(UserStore):
         return events
 
     def leave_channel(self, channel: Channel, user: User) -> tuple[bool, list[Event]]:
-        """conversations.leave: returns (was_not_in, events).
-
-        Raises ``method_not_supported_for_channel_type`` (direct messages),
-        ``cant_leave_general`` and ``is_archived`` (an archived channel's members are frozen,
-        as in Slack's docs for this method).
-        """
+        """conversations.leave: returns (was_not_in, events). Raises ``is_archived``,
+        ``method_not_supported_for_channel_type`` (direct messages), ``cant_leave_general``."""
         if channel.is_im:
             raise ApiError("method_not_supported_for_channel_type")
-        if channel.is_general:
-            raise ApiError("cant_leave_general")
-        if channel.is_archived:
-            raise ApiError("is_archived")
+        if channel.is_general or channel.is_archived:
+            raise ApiError("cant_leave_general" if channel.is_general else "is_archived")
         with self.transaction():
             if not self.is_member(channel.id, user.id):
                 return True, []
@@ -176,8 +170,7 @@ class ConversationStore(UserStore):
     def kick(self, channel: Channel, kicker: User, target: User) -> list[Event]:
         """conversations.kick: remove ``target``. Raises ``method_not_supported_for_channel_type``,
         ``cant_kick_self``, ``cant_kick_from_general``, ``is_archived``, ``not_in_channel`` (the
-        kicker, as :meth:`invite` answers an inviter who is not in: a user who can see a public
-        channel but is not in it removes nobody from it; or the target)."""
+        kicker, as :meth:`invite` answers an outsider; or the target)."""
         if channel.kind != "channel":
             raise ApiError("method_not_supported_for_channel_type")
         if target.id == kicker.id:
@@ -187,9 +180,7 @@ class ConversationStore(UserStore):
         if channel.is_archived:
             raise ApiError("is_archived")
         with self.transaction():
-            if not self.is_member(channel.id, kicker.id):
-                raise ApiError("not_in_channel")
-            if not self.is_member(channel.id, target.id):
+            if not self.is_member(channel.id, kicker.id) or not self.is_member(channel.id, target.id):
                 raise ApiError("not_in_channel")
             return self._leave(channel, target, actor=kicker)
 
