@@ -17,6 +17,13 @@ into the Events API events of the app's manifest, each wrapped in Slack's
   ``channel_archive`` -> the same event, if subscribed.
 * everything else (typing, presence, the bot's own ``channel_joined`` and
   the like, ephemeral messages) -> nothing.
+
+Which channels are private the profile learns at connect (the bootstrap's
+``private``) and from each ``group_joined`` on the bot's own channel (the bot
+invited to, or creating, a private channel while its app is connected): without
+the latter such a channel's messages would go out as ``channel_type`` ``channel``,
+to an app that subscribed to ``message.channels`` only (docs/authz-review.md).
+That record is the one thing :func:`app_events` changes; it is otherwise pure.
 """
 
 from __future__ import annotations
@@ -52,6 +59,13 @@ class AppProfile:
             {str(c) for c in boot.get("private", [])},
         )
 
+    def learn(self, event: dict[str, Any]) -> None:
+        """Note a private channel the bot joined (``group_joined`` on its own channel)."""
+        if event.get("type") == "group_joined":
+            channel = event.get("channel")
+            if isinstance(channel, dict) and isinstance(channel.get("id"), str):
+                self.private.add(channel["id"])
+
     def channel_type(self, channel: str) -> str:
         if channel.startswith("D"):
             return "im"
@@ -62,6 +76,7 @@ class AppProfile:
 
 def app_events(app: AppProfile, event: dict[str, Any]) -> list[dict[str, Any]]:
     """The Events API events ``event`` (an RTM event the bot's connection received) gives ``app``."""
+    app.learn(event)
     kind = event.get("type")
     if kind == "message":
         if event.get("is_ephemeral") or not isinstance(event.get("channel"), str):

@@ -155,15 +155,12 @@ class ConversationStore(UserStore):
         return events
 
     def leave_channel(self, channel: Channel, user: User) -> tuple[bool, list[Event]]:
-        """conversations.leave: returns (was_not_in, events).
-
-        Raises ``method_not_supported_for_channel_type`` (direct messages) and
-        ``cant_leave_general``.
-        """
+        """conversations.leave: returns (was_not_in, events). Raises ``is_archived``,
+        ``method_not_supported_for_channel_type`` (direct messages), ``cant_leave_general``."""
         if channel.is_im:
             raise ApiError("method_not_supported_for_channel_type")
-        if channel.is_general:
-            raise ApiError("cant_leave_general")
+        if channel.is_general or channel.is_archived:
+            raise ApiError("cant_leave_general" if channel.is_general else "is_archived")
         with self.transaction():
             if not self.is_member(channel.id, user.id):
                 return True, []
@@ -172,15 +169,18 @@ class ConversationStore(UserStore):
 
     def kick(self, channel: Channel, kicker: User, target: User) -> list[Event]:
         """conversations.kick: remove ``target``. Raises ``method_not_supported_for_channel_type``,
-        ``cant_kick_self``, ``cant_kick_from_general``, ``not_in_channel`` (the target)."""
+        ``cant_kick_self``, ``cant_kick_from_general``, ``is_archived``, ``not_in_channel`` (the
+        kicker, as :meth:`invite` answers an outsider; or the target)."""
         if channel.kind != "channel":
             raise ApiError("method_not_supported_for_channel_type")
         if target.id == kicker.id:
             raise ApiError("cant_kick_self")
         if channel.is_general:
             raise ApiError("cant_kick_from_general")
+        if channel.is_archived:
+            raise ApiError("is_archived")
         with self.transaction():
-            if not self.is_member(channel.id, target.id):
+            if not self.is_member(channel.id, kicker.id) or not self.is_member(channel.id, target.id):
                 raise ApiError("not_in_channel")
             return self._leave(channel, target, actor=kicker)
 

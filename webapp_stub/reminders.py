@@ -4,7 +4,7 @@ that delivers them as Slackbot.
 A reminder is a row of ``reminders`` and a due item (:mod:`webapp_stub.scheduler`, kind
 ``reminder``, lane = the user it is for). When due it arrives the way Slack shows it: a
 message from Slackbot (:data:`SLACKBOT_ID`) in the user's direct message with Slackbot,
-``"Reminder: <text>."``, posted through :meth:`Store.post_message` in the transaction that
+``"Reminder: <text>."`` (``"Reminder from <@creator>: <text>."`` for one another user set), posted through :meth:`Store.post_message` in the transaction that
 marks it fired. The DM is opened when the reminder is added (``im_created`` on the user's
 channel, so their open connections follow it at once), so that a spike of due reminders
 only posts messages; the firer opens it again if it is gone.
@@ -123,17 +123,17 @@ def ensure_slackbot(store: Store, team: str) -> None:
 @register_kind(KIND)
 def fire(store: Store, rid: str, now: float) -> list[Event]:
     """Deliver reminder ``rid`` as Slackbot's message in the user's DM with Slackbot."""
-    row = store.conn.execute("SELECT team, user, text FROM reminders WHERE id = ?", (rid,)).fetchone()
+    row = store.conn.execute("SELECT team, user, text, creator FROM reminders WHERE id = ?", (rid,)).fetchone()
     if row is None:
         raise ApiError("not_found")
-    team, user_id, text = row
+    team, user_id, text, creator = row
     user = store.user(user_id)
     if user is None:
         raise ApiError("user_not_found")
     ensure_slackbot(store, team)
     bot = slackbot(user.team)
     channel, _, events = store.open_dm(bot, [user])
-    message, event = store.post_message(channel, bot, reminder_text(text))
+    message, event = store.post_message(channel, bot, reminder_text(text, creator, user.id))
     store.conn.execute(FIRED_SQL, (message["ts"], rid))
     return [*events, event]
 
@@ -146,8 +146,12 @@ def dm_key(user_id: str) -> str:
     return ",".join(sorted((SLACKBOT_ID, user_id)))
 
 
-def reminder_text(text: str) -> str:
-    """What Slackbot says for a due reminder."""
+def reminder_text(text: str, creator: str = "", user: str = "") -> str:
+    """What Slackbot says for a due reminder: ``Reminder: <text>.``, or for one that ``creator`` set
+    for another ``user``, ``Reminder from <@creator>: <text>.`` (as Slack's says who asked): Slackbot
+    never passes one user's words to another as its own (docs/authz-review.md)."""
+    if creator and creator != user:
+        return f"Reminder from <@{creator}>: {text}."
     return f"Reminder: {text}."
 
 
@@ -156,7 +160,9 @@ def prepare(store: Store, items: list[DueItem]) -> list[DuePost | None]:
     """The bulk path (:mod:`webapp_stub.due_posts`): what each due reminder posts (Slackbot's
     message in the user's DM with Slackbot), read in a few statements for the whole batch; None
     for one that :func:`fire` must post (its DM gone, Slackbot not seeded, the user gone)."""
-    rows = rows_by_id(store, "SELECT id, team, user, text FROM reminders WHERE id IN ({marks})", [i.id for i in items])
+    rows = rows_by_id(
+        store, "SELECT id, team, user, text, creator FROM reminders WHERE id IN ({marks})", [i.id for i in items]
+    )
     users = users_by_id(store, [row[2] for row in rows.values()] + [SLACKBOT_ID])
     keys = {(user.team, dm_key(user.id)) for user in (users.get(row[2]) for row in rows.values()) if user}
     dms: dict[tuple[str, str], Channel] = {}
@@ -180,7 +186,8 @@ def prepare(store: Store, items: list[DueItem]) -> list[DuePost | None]:
         if channel is None:
             posts.append(None)
             continue
-        posts.append(DuePost(item.id, channel, slackbot(user.team), reminder_text(row[3]), None, FIRED_SQL))
+        text = reminder_text(row[3], row[4], user.id)
+        posts.append(DuePost(item.id, channel, slackbot(user.team), text, None, FIRED_SQL))
     return posts
 
 

@@ -9,6 +9,7 @@ import json
 import signal
 import time
 import uuid
+from typing import Any
 
 import pytest
 import websockets
@@ -85,6 +86,64 @@ async def assert_ticket_refused(fleet: Fleet, url: str) -> None:
         await asyncio.wait_for(ws.recv(), DEFAULT_WAIT_S)  # no hello: closed at once
     assert ws.close_code == CloseCode.INVALID_TICKET, (ws.close_code, ws.close_reason)
     assert ws.close_reason is not None and "earlier start" in ws.close_reason
+
+
+async def handled(client: Client, frame_id: int) -> None:
+    """Ping and wait for the pong: the gateway has handled every frame ``client`` sent before."""
+    await client.send({"id": frame_id, "type": "ping"})
+    await client.wait_for(lambda c: any(e.get("reply_to") == frame_id for e in c.events), what="the pong")
+
+
+async def test_a_kicked_member_gets_nothing_of_the_channel_after_and_outsiders_typing_reaches_nobody(
+    fleet: Fleet,
+) -> None:
+    """Authz over the websocket (docs/authz-review.md): after ``conversations.kick`` the kicked
+    user's connection gets ``channel_left`` and none of the channel's later posts; its typing
+    there, and the typing of a user never in the channel, reach nobody. Bob, dave and carol share
+    a gateway, so bob's and carol's typing (handled first: their pongs) would reach the channel
+    server ahead of dave's on the same link: alice's seeing dave's proves theirs went nowhere."""
+    alice, bob, dave = fleet.user("alice"), fleet.user("bob"), fleet.user("dave")
+    created = await fleet.api("conversations.create", alice["token"], name=unique("kick"), is_private="true")
+    assert created["ok"], created
+    channel = created["channel"]["id"]
+    invited = await fleet.api(
+        "conversations.invite", alice["token"], channel=channel, users=f"{bob['id']},{dave['id']}"
+    )
+    assert invited["ok"], invited
+    watcher = await fleet.connect("alice", REGIONS[0])
+    kicked, member, outsider = [await fleet.connect(name, REGIONS[1]) for name in ("bob", "dave", "carol")]
+    assert kicked.gateway_port == member.gateway_port == outsider.gateway_port != watcher.gateway_port
+    before = unique("before")
+    assert (await fleet.api("chat.postMessage", alice["token"], channel=channel, text=before))["ok"]
+    await kicked.wait_texts([before], channel)
+    assert (await fleet.api("conversations.kick", alice["token"], channel=channel, user=bob["id"]))["ok"]
+    await kicked.wait_for(
+        lambda c: any(e.get("type") == "group_left" and e.get("channel") == channel for e in c.events),
+        what="group_left",
+    )
+    after = [unique("after") for _ in range(3)]
+    for text in after:
+        assert (await fleet.api("chat.postMessage", alice["token"], channel=channel, text=text))["ok"]
+    await member.wait_texts(after, channel)
+    general, marker = fleet.channel("general"), unique("marker")
+    assert (await fleet.api("chat.postMessage", alice["token"], channel=general, text=marker))["ok"]
+    await kicked.wait_texts([marker], general)  # after the channel's posts on the same gateway
+    assert kicked.texts(channel) == [before], "the kicked user got posts after the kick"
+
+    await kicked.send({"type": "typing", "channel": channel})
+    await handled(kicked, 101)
+    await outsider.send({"type": "typing", "channel": channel})
+    await handled(outsider, 102)
+    await member.send({"type": "typing", "channel": channel})
+
+    def typing_from(user: str) -> Any:
+        return lambda c: any(e.get("type") == "user_typing" and e.get("user") == user for e in c.events)
+
+    await watcher.wait_for(typing_from(dave["id"]), what="dave's typing")
+    typists = {e.get("user") for e in watcher.events if e.get("type") == "user_typing"}
+    assert typists == {dave["id"]}, typists
+    for client in (watcher, kicked, member, outsider):
+        await client.close()
 
 
 async def test_gateway_restart_clients_reconnect_and_receive_later_posts(fleet: Fleet) -> None:

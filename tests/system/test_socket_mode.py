@@ -416,3 +416,29 @@ async def test_an_app_connection_closed_during_its_move_has_its_record_withdrawn
             await second.close()
     finally:
         await asyncio.to_thread(rtm, fleet, "undrain", region)
+
+
+async def test_a_private_channel_the_bot_joins_while_connected_reaches_the_app_as_a_group(fleet: Fleet) -> None:
+    """The bot invited to a private channel while its app is connected: that channel's messages
+    reach the app as ``channel_type`` ``group`` (``message.groups``), not ``channel``
+    (``message.channels``), which an app that asked for public channels' messages only would get
+    too. The gateway learnt the bot's private channels at connect only (docs/authz-review.md)."""
+    raw = await RawApp(fleet).open()
+    try:
+        alice = str(fleet.user("alice")["token"])
+        created = await fleet.api("conversations.create", alice, name=f"bot-secret-{os.getpid()}", is_private="true")
+        assert created["ok"], created
+        channel = created["channel"]["id"]
+        invited = await fleet.api("conversations.invite", alice, channel=channel, users=app_of(fleet)["bot_user_id"])
+        assert invited["ok"], invited
+        posted = await fleet.api("chat.postMessage", alice, channel=channel, text="group-only-1")
+        assert posted["ok"], posted
+        await async_wait_until(lambda: _true(bool(raw.texts("group-only-1"))), EVENT_TIMEOUT_S, "the envelope")
+        (event,) = [
+            f["payload"]["event"]
+            for f in raw.frames
+            if f.get("type") == "events_api" and f["payload"]["event"].get("text") == "group-only-1"
+        ]
+        assert event["channel"] == channel and event["channel_type"] == "group"
+    finally:
+        await raw.close()

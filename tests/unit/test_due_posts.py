@@ -31,14 +31,14 @@ def one_by_one() -> FirerRegistry:
     return firers
 
 
-def add_reminder(store: Store, user: User, rid: str, text: str) -> None:
+def add_reminder(store: Store, user: User, rid: str, text: str, creator: User | None = None) -> None:
     with store.transaction():
         reminders.ensure_slackbot(store, user.team)
     store.open_dm(reminders.slackbot(user.team), [user])
     with store.transaction() as db:
         db.execute(
             "INSERT INTO reminders (id, team, creator, user, text, time) VALUES (?, ?, ?, ?, ?, ?)",
-            (rid, user.team, user.id, user.id, text, int(DUE)),
+            (rid, user.team, (creator or user).id, user.id, text, int(DUE)),
         )
         add_due(store, DueItem(rid, reminders.KIND, user.team, user.id, DUE))
 
@@ -239,3 +239,21 @@ def test_blocks_and_attachments_are_written_and_delivered_as_post_message_writes
     finally:
         bulk.close()
         alone.close()
+
+
+def test_a_reminder_set_by_another_user_says_who_set_it_on_both_paths(tmp_path: Path) -> None:
+    """Slackbot's message for a reminder someone else set names them (``reminders.add`` with
+    ``user``): without it any user made Slackbot say any text, unattributed, in anyone's DM
+    with Slackbot (docs/authz-review.md). One's own reminder reads as before."""
+    for n, firers in enumerate((FIRERS, one_by_one())):
+        store = Store(str(tmp_path / str(n)), clock=FakeClock(T0))
+        seed = seed_demo(store, users=2, channels=1, bots=0)
+        alice, bob = (store.user(u["id"]) for u in seed["users"])
+        assert alice is not None and bob is not None
+        add_reminder(store, bob, "Rm0001", "wire the money to account 42", creator=alice)
+        add_reminder(store, bob, "Rm0002", "water the plants")
+        fired = fire_batch(store, firers, fair_order(due_rows(store, DUE, 10)), DUE + 1)
+        assert [o for _, o in fired.outcomes] == ["posted", "posted"]
+        texts = sorted(json.loads(e.json)["text"] for e in fired.events if '"type":"message"' in e.json)
+        assert texts == [f"Reminder from <@{alice.id}>: wire the money to account 42.", "Reminder: water the plants."]
+        store.close()

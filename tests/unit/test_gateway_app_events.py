@@ -39,3 +39,21 @@ def test_event_callback_shape() -> None:
     assert body["authorizations"] == [
         {"enterprise_id": None, "team_id": "T1", "user_id": "UBOT", "is_bot": True, "is_enterprise_install": False}
     ]
+
+
+def test_a_private_channel_the_bot_joins_after_connecting_is_a_group_not_a_channel() -> None:
+    """The bot invited to a private channel while its app is connected: that channel's messages
+    are ``message.groups`` (``channel_type`` ``group``), never ``message.channels``, so an app
+    that subscribed to public channels' messages only does not receive a private channel's."""
+    public_only = AppProfile("A1", "T1", "UBOT", frozenset({"message.channels", "member_joined_channel"}))
+    joined = {"type": "group_joined", "channel": {"id": "CLATER", "is_private": True, "is_channel": False}}
+    assert app_events(public_only, joined) == []
+    message = {"type": "message", "channel": "CLATER", "user": "U1", "text": "secret", "ts": "1.000001"}
+    assert app_events(public_only, message) == []
+    (member,) = app_events(public_only, {"type": "member_joined_channel", "user": "U2", "channel": "CLATER"})
+    assert member["channel_type"] == "G"
+    assert app_events(APP, {"type": "group_joined", "channel": {"id": "CLATER2"}}) == []
+    (seen,) = app_events(APP, {**message, "channel": "CLATER2"})
+    assert seen["channel_type"] == "group"
+    (public,) = app_events(public_only, {**message, "channel": "CPUBLIC"})  # a public channel's still arrive
+    assert public["channel_type"] == "channel"

@@ -340,6 +340,9 @@ def test_leave_invite_kick_emit_membership_events_with_ctl(store: Store, demo: d
         with pytest.raises(ApiError) as err:
             store.kick(ch, alice, target)
         assert err.value.code == code
+    with pytest.raises(ApiError) as err:  # an outsider (bob left) kicks nobody, even from a public channel
+        store.kick(ch, bob, alice)
+    assert err.value.code == "not_in_channel" and store.is_member(ch.id, alice.id)
     general = channel(store, demo, "general")
     for call, code in (
         (lambda: store.leave_channel(general, bob), "cant_leave_general"),
@@ -367,6 +370,8 @@ def test_rename_and_archive(store: Store, demo: dict) -> None:
     for call, code in (
         (lambda: store.post_message(archived, alice, "x"), "is_archived"),
         (lambda: store.join_channel(archived, bob), "is_archived"),
+        (lambda: store.leave_channel(archived, alice), "is_archived"),
+        (lambda: store.kick(archived, alice, bob), "is_archived"),
         (lambda: store.archive_channel(archived, alice), "already_archived"),
         (lambda: store.archive_channel(channel(store, demo, "general"), alice), "cant_archive_general"),
     ):
