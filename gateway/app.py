@@ -125,6 +125,7 @@ class Gateway:
             spawn=self.spawn,
             apply=self.apply,
             mover=self.mover,
+            end_revoked=self.end_revoked,
             end_slots=asyncio.Semaphore(MAX_MOVES_IN_FLIGHT),  # sessions being ended (resume + goodbye) at once
             clock=self.clock,
             gap_fill_budget_s=args.gap_fill_budget_s,
@@ -151,6 +152,11 @@ class Gateway:
         self.listener = self._listener(self._verifier(keys.ticket_signing))
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None
+
+    def end_revoked(self, sessions: list[Session]) -> None:
+        """Close ``sessions``, whose token was revoked (the history reads the revoke; the listener
+        holds the sockets)."""
+        self.listener.end_revoked(sessions)
 
     def _webapp_client(self, args: Any) -> WebappClient:
         """The webapp's internal endpoints, found in Consul (or at ``--webapp-url``)."""

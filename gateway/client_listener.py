@@ -51,6 +51,9 @@ KEEPALIVE_BATCH_SOCKETS = 200
 WS_PING_INTERVAL_S = 20.0
 CONNECTION_LIMIT_RETRY_AFTER_S = 5  # Retry-After of a 429 for an address at its connection limit
 HELLO = b'{"type":"hello"}'
+# The close reason of 4003, and the webapp's error for a bootstrap of a revoked token: Slack's
+# error code for a revoked token (what the client's next rtm.connect with it is told, as invalid_auth).
+TOKEN_REVOKED_REASON = "token_revoked"
 # A moved connection's bootstrap takes its resume record at the webapp. If the reply does not
 # come back (the webapp is slow: the gateway's call times out), the record may be taken already;
 # the gateway asks again with the same ticket nonce, which gets the same record (webapp_stub/
@@ -116,6 +119,9 @@ class ClientListener:
             "rtm_gw_connects_total", "Websocket connection attempts by outcome", ["outcome"]
         )
         self.slow = metrics.counter("rtm_gw_slow_consumer_disconnects_total", "Clients cut off for not reading")
+        self.revoked = metrics.counter(
+            "rtm_gw_revoked_connections_total", "Connections closed (4003) because their token was revoked"
+        )
         self.bootstrap_retries = metrics.counter(
             "rtm_gw_bootstrap_retries_total", "Bootstraps of moved connections asked again after no reply"
         )
@@ -291,6 +297,12 @@ class ClientListener:
             return None
         except Exception as exc:
             self.limits.release_user(ticket.user)
+            if isinstance(exc, PeerError) and exc.code == TOKEN_REVOKED_REASON:  # minted before auth.revoke
+                log.info("ticket of %s: its token was revoked; closing with %d", ticket.user, CloseCode.TOKEN_REVOKED)
+                self.connects.labels("token_revoked").inc()
+                self.metrics.error("token_revoked")
+                await ws.close(CloseCode.TOKEN_REVOKED, TOKEN_REVOKED_REASON)
+                return None
             log.warning("bootstrap for %s failed: %s", ticket.user, exc)
             self.connects.labels("bootstrap_failed").inc()
             self.metrics.error("bootstrap_failed")
@@ -301,6 +313,8 @@ class ClientListener:
         """``/internal/bootstrap`` for ``ticket``; a resumed one is asked up to ``--bootstrap-attempts``
         times while the webapp does not answer (see :data:`BOOTSTRAP_ATTEMPTS`)."""
         request: dict[str, Any] = {"user": ticket.user}
+        if ticket.token_id:  # the webapp refuses a ticket whose token was revoked since (token_revoked)
+            request["token_id"] = ticket.token_id
         if ticket.resume:
             request.update(resume=ticket.resume, nonce=ticket.nonce)
         attempts = max(1, self.args.bootstrap_attempts) if ticket.resume else 1
@@ -332,6 +346,22 @@ class ClientListener:
             self.metrics.error("resume_confirm_failed")
             return False
         return bool(reply.get("confirmed"))
+
+    def end_revoked(self, sessions: list[Session]) -> None:
+        """The token ``sessions`` were opened with was revoked: they get nothing more from now on
+        (detached from the state at once), and their sockets close with 4003 ``TOKEN_REVOKED``.
+        The user's other connections are untouched (see :meth:`GatewayState.revoked`)."""
+        for session in sessions:
+            if session.sid not in self.state.sessions:
+                continue
+            self.apply(self.state.detach(session))
+            self.revoked.inc()
+            log.info(
+                "token of %s (sid %s) revoked: closing with %d", session.user, session.sid, CloseCode.TOKEN_REVOKED
+            )
+            ws = self.sockets.get(session.sid)
+            if ws is not None:
+                self.spawn(ws.close(CloseCode.TOKEN_REVOKED, TOKEN_REVOKED_REASON))
 
     def cut_off(self, client: ClientSocket) -> None:
         """``client`` stopped reading (its backlog passed the bound): close it, 4008."""

@@ -23,6 +23,7 @@ from gateway.state import Effects, Fetch, GatewayState, Session
 from gateway.webapp_client import WebappCalls
 from services.errors import CloseCode
 from services.metrics import ServiceMetrics
+from services.ops import REVOKE_CTL
 
 log = logging.getLogger("rtm.gateway")
 
@@ -63,6 +64,7 @@ class History:
         spawn: Spawn,
         apply: Callable[[Effects], None],
         mover: SessionEnder,
+        end_revoked: Callable[[list[Session]], None],
         end_slots: asyncio.Semaphore,
         clock: Callable[[], float],
         gap_fill_budget_s: float,
@@ -75,6 +77,7 @@ class History:
         self.spawn = spawn
         self.apply = apply  # effects of a join/leave read from history
         self.mover = mover
+        self.end_revoked = end_revoked  # closes sessions whose token was revoked (4003)
         self.end_slots = end_slots  # sessions being ended (resume + goodbye) at once
         self.clock = clock
         self.gap_fill_budget_s = gap_fill_budget_s
@@ -240,10 +243,18 @@ class History:
             self.spawn(self.mover.finish(session, where, reason, self.end_slots, CloseCode.RESYNC))
 
     def apply_ctl(self, channel: str, ctl: Any, seq: int | None = None, session: Session | None = None) -> None:
-        """A join or leave carried by event ``seq`` of user channel ``channel``: for every session of
-        that user whose stream holds the event, or for ``session`` alone (its own catch-up)."""
+        """A join, leave or token revoke carried by event ``seq`` of user channel ``channel``: for every
+        session of that user whose stream holds the event, or for ``session`` alone (its own catch-up)."""
         if not isinstance(ctl, dict):
             return
+        if REVOKE_CTL in ctl:
+            tid = str(ctl[REVOKE_CTL])
+            if session is not None:
+                revoked = [session] if self.state.revoked_session(session, tid) else []
+            else:
+                revoked = self.state.revoked(channel, tid, at=seq)
+            if revoked:
+                self.end_revoked(revoked)
         if "join" in ctl:
             joined, since = str(ctl["join"]), int(ctl.get("since", 0))
             if session is not None:

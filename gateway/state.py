@@ -27,6 +27,9 @@ starts the session in the channel at the join's ``since``. A leave names
 the channel up to it (it may be catching up, or the channel's stream may lag
 the user channel's), none after; then it is gone (:meth:`GatewayState.settle`).
 This is what makes a moved connection's resume exact: see docs/design.md.
+A revoke (``ctl = {"revoke": token id}``) names the sessions of the user opened with that
+token, at its place in the user channel the same way (:meth:`GatewayState.revoked`); the
+caller closes them (docs/authz-review.md, finding 7).
 While a leave waits for ``upto`` the session is no longer a member (:meth:`Session.member_of`):
 no transient event of the channel reaches it, and it gets nothing past ``upto``. The wait is
 bounded: if ``upto`` has not reached the session within ``leave_timeout_s``
@@ -199,6 +202,20 @@ class GatewayState:
             if self._sees(session, at):
                 self._leave(session, channel, effects, upto)
         return effects
+
+    def revoked(self, user: str, token_id: str, at: int | None = None) -> list[Session]:
+        """The token of ``token_id`` was revoked (``auth.revoke``; event ``at`` of ``user``'s channel):
+        the local sessions of ``user`` opened with it, which the caller closes. Their ``at`` as for
+        :meth:`join`: a session whose bootstrap came after the revoke cannot exist (the webapp
+        refuses it), so one that does not see the event was not opened with the token. Sessions of
+        the user opened with another token, and those without a token id (Socket Mode), stay."""
+        if not token_id:
+            return []
+        return [s for s in self.users.get(user, ()) if s.token_id == token_id and self._sees(s, at)]
+
+    def revoked_session(self, session: Session, token_id: str) -> bool:
+        """:meth:`revoked` for one session (a revoke read in that session's own catch-up)."""
+        return bool(token_id) and session.sid in self.sessions and session.token_id == token_id
 
     def join_session(self, session: Session, channel: str, seq: int) -> Effects:
         """:meth:`join` for one session (a join read in that session's own catch-up)."""

@@ -55,6 +55,9 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013  # gateway at --max-connections: reconnect through rtm.connect
     INVALID_TICKET = 4001  # missing, forged, expired or reused ticket: do not retry the URL
     BOOTSTRAP_FAILED = 4002  # the webapp could not be reached for the user's channels
+    # The token the connection was opened with was revoked (auth.revoke): do not reconnect with
+    # it (rtm.connect answers invalid_auth); after the ``tokens_revoked`` event (docs/authz-review.md).
+    TOKEN_REVOKED = 4003
     SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect and catch up
     # The gateway could not deliver this connection's events exactly once in order (a gap it
     # could not fill within its budget, or more held events than its bound): reconnect

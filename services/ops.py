@@ -62,7 +62,9 @@ gateway and instance ids :data:`INSTANCE_ID_RE`. ``json`` is bytes, at most
 ``pub`` fits the frame limit. ``ctl`` is a map with only the keys of
 :data:`CTL_CHECKS`: ``join`` (channel id) with optional ``since`` (int),
 ``leave`` (channel id) with optional ``upto`` (int: the channel's seq of the
-leave, up to which the user's connections still get its events), ``from`` (user id; typing). Unknown top-level
+leave, up to which the user's connections still get its events), ``from`` (user id; typing),
+``revoke`` (a token id, :data:`TOKEN_ID_RE`: ``auth.revoke`` ended that token, and gateways close
+the user's connections opened with it). Unknown top-level
 fields are ignored (a newer peer may add one); unknown ``ctl`` keys are not.
 """
 
@@ -173,7 +175,13 @@ def text(pattern: re.Pattern[str], what: str) -> Check:
     return check
 
 
+# A token's id (webapp_stub/resume.py, token_id: 32 hex characters of a SHA-256), never a token.
+TOKEN_ID_RE = re.compile(r"[0-9a-f]{32}")
+# The ``ctl`` key of the user-channel event of ``auth.revoke``: its value is the revoked token's id.
+REVOKE_CTL = "revoke"
+
 CHANNEL_ID = text(CHANNEL_ID_RE, "a channel id like C0A1B2C3D4E")
+TOKEN_ID = text(TOKEN_ID_RE, "a token id of 32 hex characters")
 USER_ID = text(CHANNEL_ID_RE, "a user id like U0A1B2C3D4E")
 INSTANCE_ID = text(INSTANCE_ID_RE, "an instance id")
 SLOT = text(SLOT_RE, "a slot name like cs-3")
@@ -239,6 +247,7 @@ CTL_CHECKS: dict[str, Check] = {
     "leave": CHANNEL_ID,
     "upto": integer(1, MAX_SAFE_INT),
     "from": USER_ID,
+    REVOKE_CTL: TOKEN_ID,
 }
 
 

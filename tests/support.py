@@ -347,6 +347,7 @@ class Parts:
         self.clock = time.monotonic  # requeued subs are retried on the event loop's timers
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ended: list[tuple[int, str]] = []
+        self.revoked: list[int] = []  # sids the history asked to close for a revoked token
         self.discovery = Discovery("127.0.0.1:8500")  # never reached: no watch is started
         deliveries = self.metrics.counter("rtm_gw_deliveries_total", "frames")
         self.history = History(
@@ -357,6 +358,7 @@ class Parts:
             spawn=self.spawn,
             apply=lambda effects: self.links.apply(effects),
             mover=self,
+            end_revoked=lambda sessions: self.revoked.extend(s.sid for s in sessions),
             end_slots=asyncio.Semaphore(8),
             clock=self.clock,
             gap_fill_budget_s=gap_fill_budget_s,

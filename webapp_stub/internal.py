@@ -4,7 +4,7 @@ Served on their own listener (``--internal-port``), never on the public one,
 and only to a peer with a fleet client certificate of role ``gateway``
 (mutual TLS, see docs/trust.md); anyone else gets 403:
 
-* ``POST /internal/bootstrap`` ``{"user": U, "resume": id?, "nonce": ticket nonce?}`` ->
+* ``POST /internal/bootstrap`` ``{"user": U, "resume": id?, "nonce": ticket nonce?, "token_id": T?}`` ->
   ``{"ok": true, "user": {id, name}, "team": {id, name, domain},
   "channels": [{"id": C, "seq": last_seq}, ...], "resumed": bool}``
   (conversations + the user's own channel + the team channel). With a live
@@ -15,7 +15,9 @@ and only to a peer with a fleet client certificate of role ``gateway``
   up to (docs/design.md, "Resume: joins and leaves while away"). With ``"app": A``
   (a Socket Mode connection; ``user`` is the app's bot user) the reply adds
   ``"app": {id, team, name, bot_user, events}`` and ``"carried"``: the
-  envelopes of the app's resume record (gateway/socket_mode.py).
+  envelopes of the app's resume record (gateway/socket_mode.py). With ``token_id`` (the
+  ticket's: an ``rtm.connect`` connection), ``token_revoked`` if the user no longer holds that
+  token: the ticket was minted before ``auth.revoke``, and the gateway closes with 4003.
 * ``POST /internal/resume`` ``{"user": U, "token_id": T, "channels": {C: last_delivered_seq},
   "until": {C: leave_seq}?}`` -> ``{"ok": true, "resume": id}``: a gateway about
   to move a connection records where it stopped (and the leaves it had not
@@ -207,6 +209,12 @@ class InternalEndpoints:
         nonce = args.get("nonce") or ""
         if not isinstance(nonce, str) or len(nonce) > MAX_NONCE_CHARS:
             raise ApiError("invalid_arguments")
+        tid = args.get("token_id") or ""
+        if not isinstance(tid, str) or len(tid) > MAX_TOKEN_ID_CHARS:
+            raise ApiError("invalid_arguments")
+        if tid and not self.api.store.token_is_live(user_id, tid):  # a ticket minted before auth.revoke
+            self.api.metrics.error("token_revoked")
+            raise ApiError("token_revoked")
         # the ticket's nonce: the same connection's bootstrap, retried, gets the same record again
         record = self.api.resume.take_record(str(rid), app_id or user_id, holder=nonce) if rid else None
         resume = record.channels if record is not None else None

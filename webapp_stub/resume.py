@@ -56,6 +56,9 @@ Contract
   the same token and replay, from the old position, events that client already
   had (docs/soak.md, Findings). A record that an ``rtm.connect`` has already
   claimed stays: that connection resumes from it, which is right for it.
+* A revoked token's records are gone at once (:meth:`ResumeBook.revoke`, called by
+  ``auth.revoke``), pending, claimed and taken alike: its ``rtm.connect`` answers
+  ``invalid_auth``, and a ticket minted before the revoke is refused at the bootstrap.
 * Records expire :data:`RESUME_TTL_S` after they were added, claimed or not.
   An expired or unknown record is simply absent: the connection starts at its
   bootstrap like a new one (and reads what it missed with history).
@@ -286,6 +289,22 @@ class ResumeBook:
         self._drop(rid)
         self.rows.drop(rid)
         return True
+
+    def revoke(self, user: str, token_id: str) -> int:
+        """The token of ``token_id`` was revoked (``auth.revoke``): forget every record of ``user`` and
+        that token, pending, claimed or taken, so that no ticket minted before the revoke resumes from
+        one (the bootstrap refuses such a ticket anyway: ``token_revoked``). Returns how many."""
+        self._expire()
+        key = (user, token_id)
+        rids = list(self._pending.get(key, ()))
+        for rid in rids:
+            self._drop(rid)
+            self.rows.drop(rid)
+        taken = [record for record in self._taken.values() if record.key == key]
+        for record in taken:
+            del self._taken[record.id]
+            self._forget_taken(record)
+        return len(rids) + len(taken)
 
     def _taken_once_more(self, key: Key) -> str:
         """The oldest record of ``key`` taken by a holder within the grace and not refused to

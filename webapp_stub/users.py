@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.ops import REVOKE_CTL
 from webapp_stub.codecs import encode_cursor, int_cursor, new_id, new_token
 from webapp_stub.database import Database
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_PAGE, Event, Page, Team, User
+from webapp_stub.resume import token_id
 
 PRESENCES = ("auto", "away")  # users.setPresence: "auto" follows activity, "away" is manual
 
@@ -90,10 +92,29 @@ class UserStore(Database):
         user: User | None = self.auth_cache.lookup(token, lambda: self._auth_lookup(token), keep_none=False)
         return user
 
-    def revoke_token(self, token: str) -> bool:
-        """auth.revoke: the token stops working at once (the cache forgets it); True if it existed."""
+    def revoke_token(self, token: str) -> list[Event]:
+        """auth.revoke: the token stops working at once for the Web API (the cache forgets it), and
+        its open websockets are ended: the token's user channel gets Slack's ``tokens_revoked``
+        event with ``ctl = {"revoke": T}`` (T: the token's :func:`~webapp_stub.resume.token_id`,
+        never the token), on which every gateway closes that user's connections opened with it
+        (gateway/state.py, :meth:`GatewayState.revoked`). Returns that event; none if the token
+        did not exist. Deletion and event are one transaction: no event without the revoke."""
         with self.transaction() as db:
-            return db.execute("DELETE FROM tokens WHERE token = ?", (token,)).rowcount > 0
+            row = db.execute(
+                "SELECT u.id, u.is_bot FROM tokens t JOIN users u ON u.id = t.user WHERE t.token = ?", (token,)
+            ).fetchone()
+            if row is None or db.execute("DELETE FROM tokens WHERE token = ?", (token,)).rowcount == 0:
+                return []
+            user_id, is_bot = str(row[0]), bool(row[1])
+            # Slack's shape (docs.slack.dev/reference/events/tokens_revoked): user ids, never tokens
+            payload = {"type": "tokens_revoked", "tokens": {"bot" if is_bot else "oauth": [user_id]}}
+            return [self._append_event(user_id, payload, ctl={REVOKE_CTL: token_id(token)})]
+
+    def token_is_live(self, user_id: str, tid: str) -> bool:
+        """Whether ``user_id`` still holds a token whose :func:`~webapp_stub.resume.token_id` is ``tid``
+        (a gateway's bootstrap of a ticket minted before its token was revoked is refused)."""
+        rows = self.conn.execute("SELECT token FROM tokens WHERE user = ?", (user_id,)).fetchall()
+        return any(token_id(str(row[0])) == tid for row in rows)
 
     def _auth_lookup(self, token: str) -> User | None:
         row = self.conn.execute(

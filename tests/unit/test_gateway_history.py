@@ -238,3 +238,28 @@ async def test_a_moved_session_whose_resume_record_was_not_taken_gets_no_goodbye
     assert ws.sent == [] and ws.closed == [CloseCode.RESYNC]
     assert gw.mover.resume_failures._value.get() == 1  # type: ignore[attr-defined]
     assert gw.state.sessions == {}
+
+
+async def test_a_revoke_read_in_a_sessions_own_catch_up_ends_that_session(parts: Parts) -> None:
+    """A session that attached behind its user channel's cursor catches up from history; the revoke
+    of its token is among what it reads: it is ended (end_revoked), after the events before it.
+    A session of the user's other token, catching up the same way, is not."""
+    leaked, own = "a" * 32, "b" * 32
+    revoke = json.dumps({"type": "tokens_revoked", "tokens": {"oauth": ["U1"]}})
+    events = [
+        {"seq": 5, "json": json.dumps({"type": "message", "seq": 5})},
+        {"seq": 6, "json": revoke, "ctl": {"revoke": leaked}},
+    ]
+    parts.history.webapp = HistoryWebapp(lambda body: {"ok": True, "events": events, "has_more": False})
+    first = Session(sid=1, user="U1", team="T1", write=Socket().write)
+    parts.state.attach(first, [("U1", 4)])
+    parts.state.deliver("U1", 5, b'{"seq":5}')
+    parts.state.deliver("U1", 6, revoke.encode())  # the gateway's cursor is past the revoke
+    socks = {tid: Socket() for tid in (leaked, own)}
+    for sid, tid in ((2, leaked), (3, own)):
+        late = Session(sid=sid, user="U1", team="T1", write=socks[tid].write, token_id=tid)
+        fetch = parts.state.attach(late, [("U1", 4)]).fetch[0]  # behind the cursor: held, caught up
+        await asyncio.wait_for(parts.history.fetch_history(fetch), DEFAULT_WAIT_S)
+    assert parts.revoked == [2]
+    assert [e["type"] for e in socks[leaked].events] == ["message", "tokens_revoked"]
+    assert [e["type"] for e in socks[own].events] == ["message", "tokens_revoked"]

@@ -142,3 +142,26 @@ async def test_held_events_past_the_bound_end_the_sessions(parts: Parts) -> None
     await until(lambda: parts.ended, "the session ended")
     assert parts.ended == [(1, "held_overflow")] and sock.frames == []
     assert parts.history.sessions_ended.labels("held_overflow")._value.get() == 1  # type: ignore[attr-defined]
+
+
+async def test_a_revoke_on_the_user_channel_ends_that_tokens_sessions_and_no_other(parts: Parts) -> None:
+    """auth.revoke's event on U1's channel (ctl revoke = the token's id): U1's session opened with that
+    token gets the ``tokens_revoked`` event and is closed (end_revoked); U1's session of another token
+    keeps receiving, also the later events of a shared channel."""
+    conn = ScriptedConn(ok_sub)
+    leaked, own = "a" * 32, "b" * 32
+    thief_sock, mine_sock = Socket(), Socket()
+    thief = Session(sid=1, user="U1", team="T1", write=thief_sock.write, token_id=leaked)
+    mine = Session(sid=2, user="U1", team="T1", write=mine_sock.write, token_id=own)
+    for session in (thief, mine):
+        parts.links.apply(parts.state.attach(session, [("U1", 4), ("C1", 0)]))
+    revoke = json.dumps({"type": "tokens_revoked", "tokens": {"oauth": ["U1"]}}).encode()
+    parts.links.on_push(conn, {"op": "ev", "ch": "U1", "seq": 5, "json": revoke, "t0": 1.0, "ctl": {"revoke": leaked}})  # type: ignore[arg-type]
+    assert parts.revoked == [1]
+    assert [e["type"] for e in thief_sock.events] == ["tokens_revoked"]  # then it is closed
+    parts.links.on_push(
+        conn, {"op": "ev", "ch": "U1", "seq": 6, "json": revoke, "t0": 1.0, "ctl": {"revoke": "c" * 32}}
+    )  # type: ignore[arg-type]
+    assert parts.revoked == [1]  # another token of U1: nobody here
+    parts.links.on_push(conn, {"op": "ev", "ch": "C1", "seq": 1, "json": b'{"type":"message"}', "t0": 1.0})  # type: ignore[arg-type]
+    assert [e["type"] for e in mine_sock.events] == ["tokens_revoked", "tokens_revoked", "message"]

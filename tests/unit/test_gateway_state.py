@@ -797,3 +797,45 @@ def test_pending_leave_deadlines_are_bounded_in_a_join_leave_storm() -> None:
     assert state.stats.forced_leaves > 0
     assert all("C8" not in s.channels for s in sessions[: state.stats.forced_leaves])  # the oldest went first
     assert all("C8" in s.channels for s in sessions[-5:])  # the newest still wait for their upto
+
+
+# -- revoked tokens --------------------------------------------------------------------
+
+
+def test_a_revoke_names_the_users_sessions_of_that_token_only() -> None:
+    """auth.revoke of one token (event 11 of U1's channel): the sessions of U1 opened with it, whose
+    stream holds the event; U1's other token, another user with the same token id (impossible,
+    but not this revoke's business) and a Socket Mode session (no token id) are left alone."""
+    state = GatewayState()
+    thief, _ = session(user="U1")
+    thief.token_id = "a" * 32
+    second, _ = session(user="U1")
+    second.token_id = "a" * 32
+    own, _ = session(user="U1")
+    own.token_id = "b" * 32
+    app, _ = session(user="U1")
+    stranger, _ = session(user="U2")
+    stranger.token_id = "a" * 32
+    for s in (thief, second, own, app):
+        state.attach(s, [("U1", 10), ("C5", 3)])
+    state.attach(stranger, [("U2", 4)])
+    assert set(state.revoked("U1", "a" * 32, at=11)) == {thief, second}
+    assert state.revoked("U1", "", at=11) == []  # no token id: nothing (a Socket Mode session has none)
+    assert state.revoked("U9", "a" * 32, at=11) == []
+    assert state.revoked_session(thief, "a" * 32) and not state.revoked_session(own, "a" * 32)
+    state.detach(thief)
+    assert not state.revoked_session(thief, "a" * 32)  # gone already: nothing to close
+
+
+def test_a_revoke_before_a_sessions_bootstrap_is_not_its_business() -> None:
+    """A session whose user channel starts at or past the revoke's event did not see it: it was
+    bootstrapped after the revoke, which the webapp refuses for that token, so it holds another."""
+    state = GatewayState()
+    earlier, _ = session(user="U1")
+    earlier.token_id = "b" * 32
+    state.attach(earlier, [("U1", 10)])  # the gateway's stream of U1 is at 10
+    later, _ = session(user="U1")
+    later.token_id = "a" * 32
+    state.attach(later, [("U1", 12)])  # bootstrapped at 12: it skips up to 12 (a floor)
+    assert state.revoked("U1", "a" * 32, at=11) == []
+    assert state.revoked("U1", "a" * 32, at=13) == [later]

@@ -96,6 +96,8 @@ def refused(message: dict[str, Any], *words: str) -> BadMessage:
         ({"ctl": {"since": 3}}, ("since without join",)),
         ({"ctl": {"upto": 3}}, ("upto without leave",)),
         ({"ctl": {"leave": "C1A2B3", "upto": 0}}, ("upto",)),
+        ({"ctl": {"revoke": "xoxp-a-token-not-its-id"}}, ("revoke", "token id")),  # never the token itself
+        ({"ctl": {"revoke": "A" * 32}}, ("revoke", "token id")),
         ({"ch": 12345}, ("ch", "int")),  # the int channel
         ({"ch": "general"}, ("ch", "channel id")),
         ({"ch": "C" * 40}, ("ch",)),
@@ -110,6 +112,13 @@ def refused(message: dict[str, Any], *words: str) -> BadMessage:
 )
 def test_pub_fields_are_checked(change: dict[str, Any], words: tuple[str, ...]) -> None:
     refused({**EXAMPLES["pub"], **change}, "bad pub", *words)
+
+
+def test_a_revoke_ctl_carries_a_token_id() -> None:
+    """auth.revoke's user-channel event passes every hop's check (else it would be dead-lettered)."""
+    tid = "0123456789abcdef" * 2
+    record = ops.parse_as({**EXAMPLES["pub"], "ch": "U0A1B2C3D4E", "ctl": {ops.REVOKE_CTL: tid}}, ops.Publish)
+    assert record.ctl == {"revoke": tid}
 
 
 def test_a_missing_required_field_is_named() -> None:

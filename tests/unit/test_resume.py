@@ -94,6 +94,29 @@ def test_records_are_per_token_so_one_device_cannot_claim_anothers() -> None:
     assert book.claim("U1", token_id("xoxp-other")) == ""
 
 
+def test_a_revoked_tokens_records_are_gone_pending_claimed_and_taken() -> None:
+    """auth.revoke: no record of that user and token can be claimed or taken any more (a ticket
+    minted before the revoke names one in vain), durably; other tokens' and users' stay."""
+    rows = MemoryRows()
+    book = ResumeBook(clock=FakeClock(), rows=rows)
+    leaked, own = token_id("xoxp-leaked"), token_id("xoxp-own")
+    pending = book.add("U1", {"C1": 5}, token_id=leaked)
+    claimed = book.add("U1", {"C1": 6}, token_id=leaked)
+    taken = book.add("U1", {"C1": 7}, token_id=leaked)
+    kept = book.add("U1", {"C1": 8}, token_id=own)
+    other = book.add("U2", {"C1": 9}, token_id=leaked)
+    assert book.claim("U1", leaked) == pending and book.claim("U1", leaked) == claimed
+    assert book.take_record(taken, "U1", holder="nonce-t") is not None
+    assert book.revoke("U1", leaked) == 3
+    assert book.claim("U1", leaked) == ""
+    for rid in (pending, claimed):
+        assert book.take_record(rid, "U1", holder="nonce-x") is None
+    assert book.take_record(taken, "U1", holder="nonce-t") is None  # not even its holder's retry
+    assert set(rows.rows) == {kept, other}  # forgotten durably: a restarted webapp has them no more
+    assert book.claim("U1", own) == kept and book.claim("U2", leaked) == other
+    assert book.revoke("U1", leaked) == 0
+
+
 def test_a_token_id_is_a_hash_not_the_token() -> None:
     tid = token_id("xoxp-0123456789abcdef")
     assert tid == token_id("xoxp-0123456789abcdef") and tid != token_id("xoxp-0123456789abcdeg")

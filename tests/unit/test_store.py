@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support import FakeClock
+from webapp_stub.resume import token_id
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Store, decode_cursor, encode_cursor, ts_to_us, us_to_ts
 
@@ -862,9 +863,28 @@ def test_auth_is_cached_and_a_revoked_token_stops_at_once(store: Store, demo: di
     assert store.auth(token).id == uid
     store.conn.execute("UPDATE tokens SET user = user WHERE 0")  # a statement that changes nothing
     assert token in store.auth_cache  # cached: later lookups do not query
-    assert store.revoke_token(token) is True
+    assert store.revoke_token(token)
     assert store.auth(token) is None and token not in store.auth_cache
-    assert store.revoke_token(token) is False
+    assert store.revoke_token(token) == []
+
+
+def test_a_revocation_emits_tokens_revoked_on_the_users_channel_naming_the_token_id(store: Store, demo: dict) -> None:
+    """The event every gateway holding the user's connections reads (ctl revoke = the token's id,
+    never the token), in the revoke's transaction; the user's other tokens stay live."""
+    token, uid = a_token(store, demo, "alice")
+    phone = "xoxp-alice-phone-0123456789abcdef"
+    with store.transaction() as db:
+        db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (phone, uid))
+    before = store.last_seq(uid)
+    events = store.revoke_token(token)
+    assert events_of(events) == [(uid, "tokens_revoked", {"revoke": token_id(token)})]
+    assert json.loads(events[0].json) == {"type": "tokens_revoked", "tokens": {"oauth": [uid]}}
+    assert events[0].seq == before + 1 and token not in events[0].json
+    assert store.events_after(uid, before, 10)[0][0].ctl == {"revoke": token_id(token)}  # durable, as sent
+    assert not store.token_is_live(uid, token_id(token)) and store.token_is_live(uid, token_id(phone))
+    assert not store.token_is_live("U0NOBODY", token_id(phone))
+    bot = next(u for u in demo["users"] if u.get("is_bot"))
+    assert json.loads(store.revoke_token(bot["token"])[0].json)["tokens"] == {"bot": [bot["id"]]}
 
 
 def test_a_revocation_inside_an_open_batch_is_seen_by_the_next_lookup_of_the_same_batch(

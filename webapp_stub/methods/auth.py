@@ -11,6 +11,7 @@ from webapp_stub.api import (
     method,
 )
 from webapp_stub.errors import ApiError
+from webapp_stub.resume import token_id
 
 
 @method("api.test", auth=False)
@@ -39,10 +40,18 @@ def auth_test(api: WebApi, call: Call) -> dict[str, Any]:
     return reply
 
 
+# Not ``writes=True``: a user ending a leaked token is never told ``ratelimited`` because the
+# hand-off outbox is full; the one event it adds per token is bounded by the tokens there are.
 @method("auth.revoke")
 def auth_revoke(api: WebApi, call: Call) -> dict[str, Any]:
     """Revoke the calling token (Slack's ``auth.revoke``); with ``test`` true, only say it would.
-    The next call with it gets ``invalid_auth``: the token cache forgets it at once."""
-    if flag(call.args, "test"):
+    The next call with it gets ``invalid_auth``: the token cache forgets it at once. Its open
+    websockets are closed (4003, after a ``tokens_revoked`` event) by the gateways that hold them,
+    on the event this publishes on the user's channel; its resume records are forgotten."""
+    if flag(call.args, "test") or not call.token:
         return {"revoked": False}
-    return {"revoked": bool(call.token) and api.store.revoke_token(str(call.token))}
+    events = api.store.revoke_token(str(call.token))
+    if events:
+        api.resume.revoke(call.me.id, token_id(str(call.token)))
+        api.publish(events)
+    return {"revoked": bool(events)}
