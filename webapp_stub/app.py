@@ -38,7 +38,7 @@ from services.process import run_main
 from services.secret_file import ensure_secret_file
 from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
-from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
+from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, REVOKE_FANOUT_WAIT_S, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
 from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
 from webapp_stub.due_queue import (
@@ -186,6 +186,12 @@ def build_parser() -> Parser:
         "largest event JSON stored and handed off (bigger posts/edits: msg_too_long)",
     )
     parser.add("--max-outbox-events", MAX_QUEUE_EVENTS, "hand-off queue bound: beyond it writes get ratelimited (429)")
+    parser.add(
+        "--revoke-fanout-wait-s",
+        REVOKE_FANOUT_WAIT_S,
+        "seconds auth.revoke waits for its event to reach the gateways before it replies",
+        above=0,
+    )
     parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
     add_commit_flags(parser)
@@ -404,6 +410,7 @@ class WebappServer:
             region=getattr(args, "region", ""),
         )
         self.api.commits = self.commits
+        self.api.revoke_fanout_wait_s = args.revoke_fanout_wait_s
         # users.get/setPresence (webapp_stub/presence.py)
         presence = PresenceClient(self.discovery, self.store.manual_away_users, self.trust)
         self.api.presence = presence

@@ -468,6 +468,8 @@ class Handoff:
         self._drained.set()
         self._task: asyncio.Task[None] | None = None
         self._requests: set[asyncio.Future[Any]] = set()
+        # (channel, seq) -> futures of callers waiting for that event to leave the queue (see settled)
+        self._waiters: dict[tuple[str, int], list[asyncio.Future[None]]] = {}
         self.delivered = 0
         self.retries = 0
         self._m_published: Counter | None = None
@@ -524,6 +526,36 @@ class Handoff:
                 self._send_window()  # now, before the caller writes its HTTP reply
             if self.outbox.sendable:
                 self._wake.set()
+
+    async def settled(self, event: Event, timeout_s: float) -> bool:
+        """Wait, at most ``timeout_s``, until ``event`` (published, or to be published when its batch
+        commits) has left the queue: acknowledged by an Admin Server (whose channel server has written
+        it to every subscribed gateway before it answers), or parked. True if it did in time.
+
+        For the rare reply that must not overtake its event's fan-out (``auth.revoke``: a post made
+        after its reply must not reach the revoked connections first); posts never wait here. A
+        waiter is dropped when it is done or gives up, so they are bounded by the callers waiting."""
+        key = (event.channel, event.seq)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiting = self._waiters.get(key)
+            if waiting is not None and waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
+                    del self._waiters[key]
+
+    def _release_waiters(self, event: Event) -> None:
+        if not self._waiters:
+            return
+        for waiter in self._waiters.pop((event.channel, event.seq), ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def redrive(self, events: Iterable[Event]) -> None:
         """Queue dead letters an operator asked to send again (at the tail)."""
@@ -692,6 +724,7 @@ class Handoff:
             self._on_failure(entry, epoch, exc)
             return
         if self.outbox.ack(entry):
+            self._release_waiters(entry.event)
             self.delivered += 1
             if self._m_delivered is not None and self._m_latency is not None:
                 self._m_delivered.inc()
@@ -719,6 +752,7 @@ class Handoff:
         if not self.outbox.ack(entry):
             return  # a late reply acknowledged it meanwhile
         event = entry.event
+        self._release_waiters(event)
         self.parked += 1
         refusals = max(1, entry.refusals)
         log.error(

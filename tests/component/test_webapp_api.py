@@ -733,6 +733,51 @@ async def test_resume_records_are_claimed_by_the_token_whose_connection_moved(we
     assert (await ticket_of(laptop)).resume == records[laptop]
 
 
+async def test_auth_revoke_publishes_the_revoke_and_refuses_the_tokens_tickets_and_records(
+    webapp: Webapp, fake_as: FakeAdminServer
+) -> None:
+    """Finding 7 (docs/authz-review.md), the webapp's part: auth.revoke publishes ``tokens_revoked``
+    on the user's channel with ``ctl = {"revoke": token id}`` (a pub every hop accepts); a ticket
+    minted before the revoke is refused at the bootstrap (``token_revoked``: the gateway closes
+    with 4003), with or without the resume record it names, which is gone; the user's other token
+    still connects, and a bootstrap without a token id (Socket Mode) is unchanged."""
+    dave = webapp.user("dave")
+    leaked, phone = dave["token"], "xoxp-dave-phone-fedcba9876543210"
+    with webapp.server.store.transaction() as db:
+        db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (phone, dave["id"]))
+    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
+    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
+
+    async def ticket_of(token: str) -> Any:
+        _, connect = await webapp.call("rtm.connect", token)
+        return verifier.verify(connect["url"][len(prefix) :], now_s=time.time())
+
+    body = {"user": dave["id"], "token_id": token_id(leaked), "channels": {webapp.channel("general"): 0}}
+    rid = (await webapp.internal("resume", body))[1]["resume"]
+    minted = await ticket_of(leaked)  # before the revoke: names the record
+    assert minted.resume == rid and minted.token_id == token_id(leaked)
+    assert (await webapp.call("auth.revoke", leaked))[1] == {"ok": True, "revoked": True}
+
+    async def arrived() -> bool:
+        return bool(fake_as.pubs_for(dave["id"]))
+
+    await async_wait_until(arrived, what="the revoke's pub at the fake AS")
+    pub = fake_as.pubs_for(dave["id"])[-1]
+    assert pub["ctl"] == {"revoke": token_id(leaked)} and leaked.encode() not in pub["json"]
+    assert json.loads(pub["json"]) == {"type": "tokens_revoked", "tokens": {"oauth": [dave["id"]]}}
+    boot = {"user": dave["id"], "token_id": minted.token_id}
+    for extra in ({"resume": rid, "nonce": minted.nonce}, {}):
+        status, reply = await webapp.internal("bootstrap", {**boot, **extra})
+        assert reply == {"ok": False, "error": "token_revoked"}, extra
+    assert rid not in {r.id for r in webapp.server.api.resume._records.values()}
+    assert (await webapp.call("rtm.connect", leaked))[1] == {"ok": False, "error": "invalid_auth"}
+    fresh = await ticket_of(phone)
+    assert (await webapp.internal("bootstrap", {"user": dave["id"], "token_id": fresh.token_id}))[1]["ok"]
+    assert (await webapp.internal("bootstrap", {"user": dave["id"]}))[1]["ok"]  # no token id: not checked
+    status, reply = await webapp.internal("bootstrap", {"user": dave["id"], "token_id": ["x"]})
+    assert reply == {"ok": False, "error": "invalid_arguments"}
+
+
 async def test_resume_records_survive_a_webapp_restart(tmp_path: Path, fake_as: FakeAdminServer) -> None:
     """A record answered ok is committed: a new webapp process on the same data dir still hands it
     to the moved connection's token (the kill -9 case is in tests/system/test_resume_restart.py)."""

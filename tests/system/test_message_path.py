@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import signal
+import sqlite3
 import time
 import uuid
 from typing import Any
@@ -181,3 +182,45 @@ async def test_gateway_restart_clients_reconnect_and_receive_later_posts(fleet: 
         got = [t for t in client.texts(general) if t in texts]
         assert got == texts
         await client.close()
+
+
+async def test_auth_revoke_closes_the_tokens_open_connections_on_every_gateway_and_no_other(fleet: Fleet) -> None:
+    """Finding 7 (docs/authz-review.md), the real fleet: carol holds two more tokens (a leaked one,
+    open on both regions' gateways, and her phone's, open beside it). ``auth.revoke`` of the leaked
+    token closes both of its connections with 4003 after the ``tokens_revoked`` event, and they get
+    none of the posts that follow the revoke's reply; the phone's connection keeps receiving; the
+    leaked token can no longer ``rtm.connect``."""
+    carol, alice, general = fleet.user("carol"), fleet.user("alice"), fleet.channel("general")
+    leaked, phone = f"xoxp-carol-leaked-{uuid.uuid4().hex}", f"xoxp-carol-phone-{uuid.uuid4().hex}"
+    db = sqlite3.connect(fleet.data_dir / "webapp.db", timeout=DEFAULT_WAIT_S)
+    try:
+        with db:
+            db.executemany(
+                "INSERT INTO tokens (token, user) VALUES (?, ?)", [(leaked, carol["id"]), (phone, carol["id"])]
+            )
+    finally:
+        db.close()
+    thieves = [Client(fleet, "carol", leaked, region=region) for region in REGIONS]
+    kept = Client(fleet, "carol", phone, region=REGIONS[1])
+    for client in (*thieves, kept):
+        await client.open()
+    assert thieves[0].gateway_port != thieves[1].gateway_port == kept.gateway_port
+    before = unique("before")
+    assert (await fleet.api("chat.postMessage", alice["token"], channel=general, text=before))["ok"]
+    for client in (*thieves, kept):
+        await client.wait_texts([before], general)
+
+    assert await fleet.api("auth.revoke", leaked) == {"ok": True, "revoked": True}
+    after = [unique("after") for _ in range(3)]
+    for text in after:  # at once: no wait for the closes
+        assert (await fleet.api("chat.postMessage", alice["token"], channel=general, text=text))["ok"]
+    await kept.wait_texts(after, general)
+    for thief in thieves:
+        await asyncio.wait_for(thief.closed.wait(), DEFAULT_WAIT_S)
+        assert thief.close_code == CloseCode.TOKEN_REVOKED, thief.close_code
+        assert thief.ws.close_reason == "token_revoked"
+        assert {"type": "tokens_revoked", "tokens": {"oauth": [carol["id"]]}} in thief.events
+        assert not set(after) & set(thief.texts(general)), "a revoked connection got posts after the revoke"
+    assert not kept.closed.is_set() and any(e.get("type") == "tokens_revoked" for e in kept.events)
+    assert await fleet.api("rtm.connect", leaked) == {"ok": False, "error": "invalid_auth"}
+    await kept.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from webapp_stub.api import (
@@ -12,6 +13,8 @@ from webapp_stub.api import (
 )
 from webapp_stub.errors import ApiError
 from webapp_stub.resume import token_id
+
+log = logging.getLogger("rtm.webapp.api")
 
 
 @method("api.test", auth=False)
@@ -43,15 +46,20 @@ def auth_test(api: WebApi, call: Call) -> dict[str, Any]:
 # Not ``writes=True``: a user ending a leaked token is never told ``ratelimited`` because the
 # hand-off outbox is full; the one event it adds per token is bounded by the tokens there are.
 @method("auth.revoke")
-def auth_revoke(api: WebApi, call: Call) -> dict[str, Any]:
+async def auth_revoke(api: WebApi, call: Call) -> dict[str, Any]:
     """Revoke the calling token (Slack's ``auth.revoke``); with ``test`` true, only say it would.
     The next call with it gets ``invalid_auth``: the token cache forgets it at once. Its open
     websockets are closed (4003, after a ``tokens_revoked`` event) by the gateways that hold them,
-    on the event this publishes on the user's channel; its resume records are forgotten."""
+    on the event this publishes on the user's channel; its resume records are forgotten. The reply
+    waits (``--revoke-fanout-wait-s``) until that event was written to the gateways, so that what
+    the user posts after it does not reach a revoked connection first (docs/authz-review.md)."""
     if flag(call.args, "test") or not call.token:
         return {"revoked": False}
     events = api.store.revoke_token(str(call.token))
     if events:
         api.resume.revoke(call.me.id, token_id(str(call.token)))
         api.publish(events)
+        if not await api.handoff.settled(events[0], api.revoke_fanout_wait_s):
+            log.warning("auth.revoke of a token of %s: its event not fanned out yet; replying", call.me.id)
+            api.metrics.error("revoke_fanout_late")
     return {"revoked": bool(events)}
