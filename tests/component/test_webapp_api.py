@@ -778,6 +778,22 @@ async def test_auth_revoke_publishes_the_revoke_and_refuses_the_tokens_tickets_a
     assert reply == {"ok": False, "error": "invalid_arguments"}
 
 
+async def test_auth_revoke_replies_after_its_bound_when_the_fleet_does_not_take_its_event(
+    webapp: Webapp, fake_as: FakeAdminServer
+) -> None:
+    """An Admin Server that never answers: auth.revoke still replies (revoked, durable) once
+    --revoke-fanout-wait-s has passed, counted; the event waits in the hand-off for the fleet."""
+    webapp.server.api.revoke_fanout_wait_s = 0.2
+    fake_as.hold = True
+    eve = webapp.user("eve")
+    started = time.monotonic()
+    assert (await webapp.call("auth.revoke", eve["token"]))[1] == {"ok": True, "revoked": True}
+    assert time.monotonic() - started >= 0.2
+    assert (await webapp.call("auth.test", eve["token"]))[1] == {"ok": False, "error": "invalid_auth"}
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        assert 'rtm_errors_total{kind="revoke_fanout_late"} 1.0' in await resp.text()
+
+
 async def test_resume_records_survive_a_webapp_restart(tmp_path: Path, fake_as: FakeAdminServer) -> None:
     """A record answered ok is committed: a new webapp process on the same data dir still hands it
     to the moved connection's token (the kill -9 case is in tests/system/test_resume_restart.py)."""

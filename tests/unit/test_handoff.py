@@ -676,3 +676,27 @@ async def test_restart_replay_skips_parked_events(tmp_path: Any, sender: FakeSen
     queued = [e.eid for e in handoff.outbox.pending()]
     assert posted[0].eid in queued and posted[2].eid in queued and posted[1].eid not in queued
     store.close()
+
+
+async def test_settled_waits_for_the_events_acknowledgement_or_parking_within_its_bound(sender: FakeSender) -> None:
+    """auth.revoke's wait (Handoff.settled): done once the event is acknowledged, not before; an event
+    parked as a dead letter settles too; one never published gives up at the bound; no waiter stays."""
+    dead = FakeDeadLetters()
+    handoff = make_handoff(sender, dead_letters=dead, max_refusals=1, **fast())
+    revoke, poison, never = ev("U1", 1, ctl={"revoke": "a" * 32}), ev("C2", 1), ev("C3", 1)
+    sender.up.clear()  # down: nothing is acknowledged yet
+    handoff.start()
+    waiting = asyncio.ensure_future(handoff.settled(revoke, 5.0))
+    handoff.publish([revoke])
+    for _ in range(3):
+        await asyncio.sleep(0)  # wait-ok: the waiter must still be waiting while the link is down
+    assert not waiting.done() and revoke.eid not in sender.applied
+    sender.up.set()
+    assert await asyncio.wait_for(waiting, 5.0) is True and revoke.eid in sender.applied
+    sender.refuse[poison.eid] = PeerError("bad_request", {})
+    parked = asyncio.ensure_future(handoff.settled(poison, 5.0))
+    handoff.publish([poison])
+    assert await asyncio.wait_for(parked, 5.0) is True and dead.parked[0][0] == poison.eid
+    assert await handoff.settled(never, 0.05) is False
+    assert handoff._waiters == {}
+    await handoff.close()
