@@ -62,7 +62,7 @@ from gateway.state import (
     Session,
 )
 from gateway.webapp_client import WEBAPP_TIMEOUT_S, WebappClient
-from services.config import Parser, advertised, service_parser
+from services.config import Parser, add_listen_backlog_flag, advertised, service_parser
 from services.connection import PeerLink
 from services.directory import ServiceDirectory
 from services.discovery import Discovery
@@ -355,6 +355,7 @@ def load_secret(args: Any) -> str:
 def build_parser() -> Parser:
     parser = service_parser("rtm gateway", "Run one Gateway Server.", DEFAULT_PORT)
     parser.add("--region", "us-east", "region tag of this gateway")
+    add_listen_backlog_flag(parser)
     parser.add("--secret", "", "fleet secret shared with the webapp (the websocket tickets' key is derived from it)")
     parser.add("--data-dir", "./.rtm", "where to find the shared secret when --secret is not given")
     parser.add("--webapp-url", "", "base URL of the webapp's internal listener (default: discovered in Consul)")

@@ -140,6 +140,7 @@ class ClientListener:
             process_request=self.before_upgrade,
             close_timeout=CLOSE_TIMEOUT_S,
             max_queue=64,
+            backlog=args.listen_backlog,
         )
         self.spawn(self.keepalive_loop())
         return int(next(iter(self.ws_server.sockets)).getsockname()[1])

@@ -28,6 +28,14 @@ CONSUL_HTTP_TOKEN_FILE_ENV = "CONSUL_HTTP_TOKEN_FILE"
 # How often a registered process tells Consul it is alive, and how long
 # Consul waits before it marks the process critical.
 DEFAULT_TTL_S = 3.0
+# Connections the kernel holds for accept() on a client-facing listener (the gateway's websocket
+# port, the webapp's HTTP port): --listen-backlog. asyncio's default is 100, and when 2,000 clients
+# (re)connected at once (a gateway restart, a drained region, the peers' load generator) the kernel
+# dropped the connections beyond it (TcpExtListenOverflows), and each such client retried after 1 s,
+# then 3 s. The kernel caps it at net.core.somaxconn (4,096 on current kernels).
+LISTEN_BACKLOG = 1024
+MAX_LISTEN_BACKLOG = 65535
+
 DEFAULT_DEREGISTER_AFTER_S = 60.0
 
 
@@ -153,6 +161,17 @@ def service_parser(prog: str, description: str, default_port: int) -> Parser:
     add_peer_limit_flags(parser)
     tls.add_flags(parser)  # --tls-ca/--tls-cert/--tls-key/--wire-tls: see services/tls.py
     return parser
+
+
+def add_listen_backlog_flag(parser: Parser) -> None:
+    """``--listen-backlog`` of a process with a client-facing listener (:data:`LISTEN_BACKLOG`)."""
+    parser.add(
+        "--listen-backlog",
+        LISTEN_BACKLOG,
+        "connections the kernel queues for accept() on the client-facing port (capped by net.core.somaxconn)",
+        above=0,
+        at_most=MAX_LISTEN_BACKLOG,
+    )
 
 
 def add_peer_limit_flags(parser: Parser) -> None:

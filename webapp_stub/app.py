@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from services import regions, wire
-from services.config import Parser, advertised, instance_id, service_parser
+from services.config import Parser, add_listen_backlog_flag, advertised, instance_id, service_parser
 from services.connection import serve
 from services.discovery import Discovery, Instance
 from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
@@ -180,11 +180,7 @@ def build_parser() -> Parser:
     )
     parser.add("--internal-port", 0, "port of the gateways' /internal/ endpoints (mutual TLS; 0: any free port)")
     parser.add("--region", "", "region whose gateways rtm.connect prefers (also per request: X-Rtm-Region or region=)")
-    parser.add(
-        "--max-event-bytes",
-        MAX_EVENT_BYTES,
-        "largest event JSON stored and handed off (bigger posts/edits: msg_too_long)",
-    )
+    parser.add("--max-event-bytes", MAX_EVENT_BYTES, "largest event JSON stored and handed off (bigger: msg_too_long)")
     parser.add("--max-outbox-events", MAX_QUEUE_EVENTS, "hand-off queue bound: beyond it writes get ratelimited (429)")
     parser.add(
         "--revoke-fanout-wait-s",
@@ -195,6 +191,7 @@ def build_parser() -> Parser:
     parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
     add_commit_flags(parser)
+    add_listen_backlog_flag(parser)
     parser.add("--lean-post-path", LEAN_POST_PATH, "plain POST /api/chat.postMessage without aiohttp (http_front)")
     parser.add(
         "--region-map",
@@ -490,14 +487,15 @@ class WebappServer:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        if not getattr(self.args, "lean_post_path", LEAN_POST_PATH) or runner.server is None:
-            site = web.TCPSite(runner, self.args.host, self.args.port, reuse_address=True)
+        args = self.args
+        if not getattr(args, "lean_post_path", LEAN_POST_PATH) or runner.server is None:
+            site = web.TCPSite(runner, args.host, args.port, reuse_address=True, backlog=args.listen_backlog)
             await site.start()
             self._stack.push_async_callback(site.stop)
             return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         # plain chat.postMessage requests skip aiohttp; other connections go to it (http_front.py)
         self.front = HttpFront(self.api, runner.server, max_body_bytes=MAX_BODY_BYTES)
-        port = await self.front.start(self.args.host, self.args.port)
+        port = await self.front.start(args.host, args.port, backlog=args.listen_backlog)
         self._stack.push_async_callback(self.front.stop)
         return port
 

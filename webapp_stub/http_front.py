@@ -37,6 +37,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
+from services.config import LISTEN_BACKLOG
 from webapp_stub.args import Args, check_text, parse_body, token_of
 from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
@@ -421,10 +422,12 @@ class HttpFront:
         if commits is not None and self.waiting >= len(self.connections):
             commits.fill()
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, backlog: int = LISTEN_BACKLOG) -> int:
         """Listen; return the port."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: FrontProtocol(self), host, port, reuse_address=True)
+        self._server = await loop.create_server(
+            lambda: FrontProtocol(self), host, port, reuse_address=True, backlog=backlog
+        )
         self._sweep = loop.create_task(self._idle_loop(), name="http-front-idle-loop")
         return int(self._server.sockets[0].getsockname()[1])
 

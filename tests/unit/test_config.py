@@ -99,6 +99,9 @@ BOUNDED_FLAGS = [
     (WEBAPP, "--commit-pacing-base-rate-per-s", {"2000": 2000.0}, "0", "above 0.0"),
     (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "inf", "above 0.0"),
     (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "1e9", "at most 1000000.0"),
+    # the kernel's accept queue of the client-facing listeners
+    (WEBAPP, "--listen-backlog", {"4096": 4096}, "0", "above 0"),
+    ("gateway.app", "--listen-backlog", {"1": 1}, "70000", "at most 65535"),
     # the nap: the longest the webapp's loop may be unresponsive under load (0: off)
     (WEBAPP, "--commit-nap-s", {"0": 0.0}, "inf", "at least 0.0"),
     (WEBAPP, "--commit-nap-s", {}, "nan", "at least 0.0"),

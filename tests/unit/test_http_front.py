@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
+import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -329,3 +331,18 @@ async def test_when_every_connection_waits_for_its_commit_the_batch_is_filled() 
     api.release.set()
     await _answered(transports[0], 2)  # a, then c: c waited alone, every connection's request
     assert front.waiting == 0 and api.commits.fills == 1
+
+
+async def test_the_front_listens_with_the_backlog_it_is_given() -> None:
+    """--listen-backlog (services/config.py: asyncio's 100 overflowed when 2,000 clients connected
+    at once). The kernel shows a listener's backlog as its Send-Q in ``ss -ltn``."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("no ss (iproute2) to read a listener's backlog with")
+    front = HttpFront(BlockingApi(), lambda: None, max_body_bytes=MAX_BODY)  # type: ignore[arg-type]
+    port = await front.start("127.0.0.1", 0, backlog=777)
+    try:
+        shown = subprocess.run([ss, "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10)
+        assert [line.split()[2] for line in shown.stdout.splitlines()] == ["777"]
+    finally:
+        await front.stop()
