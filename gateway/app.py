@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client import Counter
 
 from gateway.channel_links import RECONCILE_INTERVAL_S, ChannelLinks
 from gateway.client_listener import (
@@ -117,20 +118,7 @@ class Gateway:
             "rtm_gw_forced_leaves_total", "Leaves that took effect without their upto event (--leave-timeout-s)"
         )
         self.mover = Mover(self)
-        self.history = History(
-            state=self.state,
-            webapp=self.webapp,
-            metrics=self.metrics,
-            deliveries=deliveries,
-            spawn=self.spawn,
-            apply=self.apply,
-            mover=self.mover,
-            end_revoked=self.end_revoked,
-            end_slots=asyncio.Semaphore(MAX_MOVES_IN_FLIGHT),  # sessions being ended (resume + goodbye) at once
-            clock=self.clock,
-            gap_fill_budget_s=args.gap_fill_budget_s,
-            max_gap_fill_attempts=args.max_gap_fill_attempts,
-        )
+        self.history = self._history(deliveries)
         self.channel_links = ChannelLinks(
             instance_id=self.instance_id,
             discovery=self.discovery,
@@ -152,6 +140,23 @@ class Gateway:
         self.listener = self._listener(self._verifier(keys.ticket_signing))
         self._gauges(self.metrics)
         self._stop_metrics: StopFn | None = None
+
+    def _history(self, deliveries: Counter) -> History:
+        """Gap fills and catch-ups from the webapp's history, wired to what ends sessions."""
+        return History(
+            state=self.state,
+            webapp=self.webapp,
+            metrics=self.metrics,
+            deliveries=deliveries,
+            spawn=self.spawn,
+            apply=self.apply,
+            mover=self.mover,
+            end_revoked=self.end_revoked,
+            end_slots=asyncio.Semaphore(MAX_MOVES_IN_FLIGHT),  # sessions being ended (resume + goodbye) at once
+            clock=self.clock,
+            gap_fill_budget_s=self.args.gap_fill_budget_s,
+            max_gap_fill_attempts=self.args.max_gap_fill_attempts,
+        )
 
     def end_revoked(self, sessions: list[Session]) -> None:
         """Close ``sessions``, whose token was revoked (the history reads the revoke; the listener

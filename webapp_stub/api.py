@@ -132,10 +132,6 @@ METHODS: dict[str, tuple[Handler, bool]] = {}  # name -> (handler, needs auth)
 # Methods that persist events: refused with ``ratelimited`` (before anything is
 # written) while the hand-off outbox is full. See WebApi.check_backpressure.
 WRITES: set[str] = set()
-# auth.revoke replies once the channel servers have written its event to the gateways (so that a
-# post made after the reply cannot reach a revoked connection first), or after this long: a fleet
-# that cannot take the event now gets it from the hand-off later, and the reply says revoked.
-REVOKE_FANOUT_WAIT_S = 2.0
 
 
 def method(name: str, auth: bool = True, writes: bool = False) -> Callable[[Handler], Handler]:
@@ -169,8 +165,6 @@ class WebApi:
         self.metrics = metrics
         self.keys = FleetKeys.from_secret(secret)  # one key per job; the fleet secret itself is not kept
         self.region = region
-        # auth.revoke waits this long for its event's fan-out before it replies (methods/auth.py)
-        self.revoke_fanout_wait_s = REVOKE_FANOUT_WAIT_S
         self.clock = clock
         self.limiter = RateLimiter(rate_limit_per_minute)
         # Per-request metrics in plain ints, exported on scrape (webapp_stub/tally.py): three
@@ -205,6 +199,7 @@ class WebApi:
         self.last_seen: dict[str, float] = {}  # user -> last Web API call or gateway connect (presence fallback)
         self.presence: PresenceClient | None = None  # the presence servers (webapp_stub/presence.py), set by app.py
         self.scheduler: Scheduler | None = None  # due items (webapp_stub/scheduler.py), set by app.py
+        self.revoke_fanout_wait_s: float | None = None  # --revoke-fanout-wait-s (methods/auth.py), set by app.py
 
     def count_request(self, method: str, outcome: str) -> None:
         """``rtm_webapp_requests_total{method, outcome}`` += 1."""
@@ -215,9 +210,7 @@ class WebApi:
         self.latency.observe(seconds, method)
 
     def routes(self) -> list[web.RouteDef]:
-        return [
-            web.route("*", "/api/{method}", self.handle_api),
-        ]
+        return [web.route("*", "/api/{method}", self.handle_api)]
 
     # -- /api/<method> -------------------------------------------------------------------
     async def handle_api(self, request: web.Request) -> web.Response:

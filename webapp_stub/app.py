@@ -38,7 +38,7 @@ from services.process import run_main
 from services.secret_file import ensure_secret_file
 from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
-from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, REVOKE_FANOUT_WAIT_S, GatewayPicker, WebApi
+from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
 from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
 from webapp_stub.due_queue import (
@@ -59,6 +59,7 @@ from webapp_stub.handoff import (
 )
 from webapp_stub.http_front import HttpFront
 from webapp_stub.internal import InternalEndpoints
+from webapp_stub.methods.auth import REVOKE_FANOUT_WAIT_S
 from webapp_stub.models import Event
 from webapp_stub.presence import PresenceClient
 from webapp_stub.scheduler import Scheduler, open_scheduler_store
@@ -182,12 +183,7 @@ def build_parser() -> Parser:
     parser.add("--region", "", "region whose gateways rtm.connect prefers (also per request: X-Rtm-Region or region=)")
     parser.add("--max-event-bytes", MAX_EVENT_BYTES, "largest event JSON stored and handed off (bigger: msg_too_long)")
     parser.add("--max-outbox-events", MAX_QUEUE_EVENTS, "hand-off queue bound: beyond it writes get ratelimited (429)")
-    parser.add(
-        "--revoke-fanout-wait-s",
-        REVOKE_FANOUT_WAIT_S,
-        "seconds auth.revoke waits for its event to reach the gateways before it replies",
-        above=0,
-    )
+    parser.add("--revoke-fanout-wait-s", REVOKE_FANOUT_WAIT_S, "auth.revoke's wait for its event's fan-out", above=0)
     parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
     add_commit_flags(parser)

@@ -16,6 +16,11 @@ from webapp_stub.resume import token_id
 
 log = logging.getLogger("rtm.webapp.api")
 
+# auth.revoke replies once the channel servers have written its event to the gateways (so that a
+# post made after the reply cannot reach a revoked connection first), or after this long: a fleet
+# that cannot take the event now gets it from the hand-off later, and the reply says revoked.
+REVOKE_FANOUT_WAIT_S = 2.0
+
 
 @method("api.test", auth=False)
 def api_test(api: WebApi, call: Call) -> dict[str, Any]:
@@ -59,7 +64,7 @@ async def auth_revoke(api: WebApi, call: Call) -> dict[str, Any]:
     if events:
         api.resume.revoke(call.me.id, token_id(str(call.token)))
         api.publish(events)
-        if not await api.handoff.settled(events[0], api.revoke_fanout_wait_s):
+        if not await api.handoff.settled(events[0], api.revoke_fanout_wait_s or REVOKE_FANOUT_WAIT_S):
             log.warning("auth.revoke of a token of %s: its event not fanned out yet; replying", call.me.id)
             api.metrics.error("revoke_fanout_late")
     return {"revoked": bool(events)}
