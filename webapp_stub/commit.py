@@ -282,6 +282,7 @@ class GroupCommit:
         self._m_sync: Histogram | None = None
         self._m_failed: Counter | None = None
         self._m_nap: Counter | None = None
+        self._m_filled: Counter | None = None
         if metrics is not None:
             self._register_metrics(metrics)
         self._previous_synchronous: str | None = None
@@ -316,6 +317,10 @@ class GroupCommit:
         metrics.gauge(
             "rtm_webapp_commit_writes_per_second", "The rate of writes the commit pacing follows (a moving mean)"
         ).set_function(lambda: self.pacer.rate_per_s)
+        self._m_filled = metrics.counter(
+            "rtm_webapp_commit_filled_total",
+            "Held batches committed early: every lean-front connection waited in it (GroupCommit.fill)",
+        )
         self._m_nap = metrics.counter(
             "rtm_webapp_commit_nap_seconds_total", "Time the event loop napped after paced commits (--commit-nap-s)"
         )
@@ -344,8 +349,10 @@ class GroupCommit:
         if self._done is None or self._full:
             return
         self._full = True
-        self.fills += 1
         if self._timer is not None:
+            self.fills += 1
+            if self._m_filled is not None:
+                self._m_filled.inc()
             self._timer.cancel()
             self._timer = None
             asyncio.get_running_loop().call_soon(self.commit)
