@@ -229,6 +229,14 @@ class GroupCommit:
     event loop goes on parsing and handling requests. One fsync is in flight at a time; the
     next one covers every commit made while it ran."""
 
+    # Its metrics, when a ServiceMetrics is given (_register_metrics).
+    _m_batch: Histogram | None = None
+    _m_commit: Histogram | None = None
+    _m_sync: Histogram | None = None
+    _m_failed: Counter | None = None
+    _m_nap: Counter | None = None
+    _m_filled: Counter | None = None
+
     def __init__(
         self,
         store: BatchStore,
@@ -277,12 +285,6 @@ class GroupCommit:
         self._writes = 0
         self.batches = 0
         self.syncs = 0
-        self._m_batch: Histogram | None = None
-        self._m_commit: Histogram | None = None
-        self._m_sync: Histogram | None = None
-        self._m_failed: Counter | None = None
-        self._m_nap: Counter | None = None
-        self._m_filled: Counter | None = None
         if metrics is not None:
             self._register_metrics(metrics)
         self._previous_synchronous: str | None = None
