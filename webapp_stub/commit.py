@@ -221,7 +221,8 @@ class _Unsynced:
 
 class GroupCommit:
     """Opens a batch on the first write of a turn and commits it on the next (under load, no
-    sooner than ``min_interval_s`` after the last commit began).
+    sooner than the paced interval after the last commit began: :attr:`pacer`; at once when
+    every client that could add to it waits in it: :meth:`fill`).
 
     With ``fsync_thread`` (and a ``wal_path``) the COMMIT runs with ``synchronous=NORMAL``
     (the batch reaches the WAL, no fsync) and the WAL's fsync runs on a dedicated thread:
