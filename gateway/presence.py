@@ -26,6 +26,11 @@ What the gateway does (see docs/design.md, "Presence"):
   several of a session's users changed to the same presence at once.
 * ``presence_query`` (at most :data:`MAX_QUERY_IDS` ids) is answered with
   ``presence_change`` from what the gateway knows, else from the PSs.
+* Teams (docs/authz-review.md, finding 5): ``online`` reports carry each user's
+  team (the session's, from its bootstrap); the PSs say each user's team beside
+  its presence, and a session is told only of users of its own team: one of
+  another team is answered ``away`` and never pushed
+  (:mod:`gateway.presence_watches`; ``rtm_gw_presence_withheld_total``).
 * Failover: when a link (re)connects, or the ring changes, the gateway
   re-syncs with that PS: a new lease epoch, every local online user it owns,
   every watched user it owns, then ``synced``. A new PS thus rebuilds within
@@ -53,15 +58,15 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from gateway.presence_watches import PresenceWatches, WatchEffects, presence_events
+from gateway.presence_watches import PresenceWatches, WatchEffects, presence_events, shown
 from gateway.state import GatewayState, Session, text_frame
 from services.connection import PeerConnection, PeerLink
 from services.directory import RingFollower, ServiceDirectory
 from services.discovery import Discovery
-from services.errors import ConnectionLost, PeerError, RequestTimeout, SendBufferFull
+from services.errors import BadMessage, ConnectionLost, PeerError, RequestTimeout, SendBufferFull
 from services.identity import PRESENCE
 from services.metrics import ServiceMetrics
-from services.ops import NotOwnerUsers, PresenceChanges, parse
+from services.ops import NotOwnerUsers, PresenceChanges, parse, query_answer
 from services.ring import PRESENCE_RING_KEY, RingDocument
 from services.tls import WireTrust
 
@@ -160,6 +165,10 @@ class GatewayPresence:
         self.queries = m.counter(
             "rtm_gw_presence_queries_total", "presence_query ids, by where the answer came from", ["source"]
         )
+        self.withheld = m.counter(
+            "rtm_gw_presence_withheld_total",
+            "Presence entries answered away to, or not pushed to, a session of another team than the user's",
+        )
         m.gauge("rtm_gw_presence_watched_users", "Distinct users watched by this gateway's clients").set_function(
             lambda: len(self.model.watchers)
         )
@@ -194,7 +203,7 @@ class GatewayPresence:
     # -- hooks from the client listener (gateway/client_listener.py) ------------------------------------------------------------
     def attached(self, session: Session) -> None:
         self.present.add(session.sid)
-        if self.model.connect(session.user):
+        if self.model.connect(session.user, session.team):
             self.queue_report(session.user, True)
 
     def detached(self, session: Session) -> None:
@@ -220,14 +229,23 @@ class GatewayPresence:
     # -- client frames (from gateway/client_messages.py) ------------------------------------------------
     def subscribe(self, session: Session, ids: list[str]) -> None:
         """``presence_sub``: replace the session's set; answer the users added."""
+        before = self.model.withheld
         effects = self.model.replace(session, ids)
+        self._count_withheld(before)
         self.queue_watch(effects)
         if effects.answer:
             self.tell({session: effects.answer})
 
+    def _count_withheld(self, before: int) -> None:
+        if self.model.withheld != before:
+            self.withheld.inc(self.model.withheld - before)
+
     def query(self, session: Session, ids: list[str]) -> None:
-        """``presence_query``: answer from what we know, ask the PSs for the rest."""
-        known = [(u, self.model.known[u]) for u in ids if u in self.model.known]
+        """``presence_query``: answer from what we know, ask the PSs for the rest
+        (a user of another team than the session's is answered ``away``)."""
+        before = self.model.withheld
+        known = [(u, p) for u in ids if (p := self.model.presence_for(session, u)) is not None]
+        self._count_withheld(before)
         unknown = [u for u in dict.fromkeys(ids) if u not in self.model.known]
         self.queries.labels("gateway").inc(len(known))
         if not unknown:
@@ -256,9 +274,18 @@ class GatewayPresence:
                 log.info("presence_query: a presence server did not answer: %s", reply)
                 self.queries.labels("failed").inc()
                 continue
-            found = [(str(u), str(p)) for u, p in reply.get("presence", [])]
+            try:
+                found = query_answer(reply)
+            except BadMessage as exc:
+                log.warning("presence_query: a presence server's answer is out of shape: %s", exc)
+                self.gw.metrics.error("ps_bad_reply")
+                continue
             self.queries.labels("server").inc(len(found))
-            answer.extend(found)
+            for user, presence, team in found:
+                told = shown(session.team, presence, team)
+                if told != presence:
+                    self.withheld.inc()
+                answer.append((user, told))
         if answer and session.sid in self.gw.state.sessions:
             self.tell({session: answer})
 
@@ -370,8 +397,13 @@ class GatewayPresence:
         if epoch is None:
             epoch = self.epoch_of.get(owner, 0)
         rv = self.follower.ring.version
+        teams = self.model.online_team
         for i in range(0, len(users), MAX_BATCH_USERS):
-            conn.send({"op": op, "gw": self.gw_id, "users": users[i : i + MAX_BATCH_USERS], "epoch": epoch, "rv": rv})
+            batch = users[i : i + MAX_BATCH_USERS]
+            message = {"op": op, "gw": self.gw_id, "users": batch, "epoch": epoch, "rv": rv}
+            if op == "online":  # each user's team: the PS says it beside their presence (finding 5)
+                message["teams"] = [teams.get(user) for user in batch]
+            conn.send(message)
 
     # -- links and syncs ------------------------------------------------------------------------------------
     def link_to(self, owner: str) -> PeerLink:
@@ -473,7 +505,9 @@ class GatewayPresence:
         if isinstance(record, PresenceChanges):
             changes = record.changes
             self.updates_in.inc(len(changes))
-            tell = self.model.apply(changes)
+            before = self.model.withheld
+            tell = self.model.apply(changes, record.teams)
+            self._count_withheld(before)
             if tell:
                 self.tell(tell)
         else:

@@ -1,17 +1,33 @@
 """A gateway's presence model, sans I/O: which local sessions watch which users (reference-counted),
 which users have connections here, what each watched user's presence was last said to be; and
-Slack's ``presence_change`` events. :mod:`gateway.presence` wires it to the presence servers."""
+Slack's ``presence_change`` events. :mod:`gateway.presence` wires it to the presence servers.
+
+Teams (docs/authz-review.md, finding 5): a session sees the presence of the users of its own
+team only, as Slack answers only about users the caller can see. The presence servers say each
+user's team beside its presence (they learn it from the gateways' ``online`` reports, which
+carry the team of each session's user); a user of another team is answered ``away``, as a user
+nobody knows is, and its changes are not pushed to that session. A user whose team no server
+has said (never reported online with a team: away anyway, unless reported by a gateway older
+than the rule, during a rolling upgrade) is shown to everyone, as before the rule.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.state import Session
 
 JSON_SEPARATORS = (",", ":")
+AWAY = "away"  # what a session is told of a user it may not see: what a user nobody knows is
+
+
+def shown(viewer_team: str, presence: str, team: str | None) -> str:
+    """The presence a session of ``viewer_team`` is told for a user of ``team``: the user's own
+    when the teams match or the user's team is not known, else ``away``."""
+    return presence if team is None or team == viewer_team else AWAY
 
 
 def presence_events(items: Iterable[tuple[str, str]]) -> list[bytes]:
@@ -42,16 +58,20 @@ class PresenceWatches:
 
     def __init__(self) -> None:
         self.online: dict[str, int] = {}  # user -> connections on this gateway
+        self.online_team: dict[str, str] = {}  # user with connections here -> their team (from the bootstrap)
         self.watching: dict[Session, set[str]] = {}  # session -> the users it watches
         self.watchers: dict[str, set[Session]] = {}  # user -> sessions watching (the reference count)
         self.known: dict[str, str] = {}  # watched user -> presence last told to its watchers
         self.waiting: dict[str, set[Session]] = {}  # watched user -> sessions not answered yet
+        self.team: dict[str, str] = {}  # watched user -> team, as a presence server said it
+        self.withheld = 0  # entries answered away to, or not pushed to, a session of another team
 
     # -- online ------------------------------------------------------------------------------
-    def connect(self, user: str) -> bool:
-        """A connection of ``user`` opened; True if it is their first here."""
+    def connect(self, user: str, team: str) -> bool:
+        """A connection of ``user`` (of ``team``) opened; True if it is their first here."""
         count = self.online.get(user, 0)
         self.online[user] = count + 1
+        self.online_team[user] = team
         return count == 0
 
     def disconnect(self, user: str) -> bool:
@@ -59,6 +79,7 @@ class PresenceWatches:
         count = self.online.get(user, 0)
         if count <= 1:
             self.online.pop(user, None)
+            self.online_team.pop(user, None)
             return count == 1
         self.online[user] = count - 1
         return False
@@ -79,7 +100,7 @@ class PresenceWatches:
                 effects.subscribe.append(user)
                 continue
             watchers.add(session)
-            presence = self.known.get(user)
+            presence = self.presence_for(session, user)
             if presence is None:  # asked for, not answered yet
                 self.waiting.setdefault(user, set()).add(session)
             else:
@@ -106,21 +127,48 @@ class PresenceWatches:
             del self.watchers[user]
             self.known.pop(user, None)
             self.waiting.pop(user, None)
+            self.team.pop(user, None)
             effects.unsubscribe.append(user)
 
-    def apply(self, changes: Iterable[tuple[str, str]]) -> dict[Session, list[tuple[str, str]]]:
+    def presence_for(self, session: Session, user: str) -> str | None:
+        """What ``session`` is told of ``user`` from what this gateway knows (None: not known
+        yet): its presence, or ``away`` for a user of another team (:func:`shown`)."""
+        presence = self.known.get(user)
+        if presence is None:
+            return None
+        team = self.team.get(user)
+        if team is None or team == session.team:
+            return presence
+        self.withheld += 1
+        return AWAY
+
+    def apply(
+        self, changes: Iterable[tuple[str, str]], teams: Sequence[str | None] | None = None
+    ) -> dict[Session, list[tuple[str, str]]]:
         """A PS pushed presence (a change, or the state after a ``psub`` or a
-        re-sync): what to tell which session. Watchers hear of a user when the
-        presence differs from what they were last told; sessions still waiting
-        for a first answer hear it in any case."""
+        re-sync), with each user's team (``teams``, in order; None: not said):
+        what to tell which session. Watchers hear of a user when the presence
+        differs from what they were last told; sessions still waiting for a first
+        answer hear it in any case. A session of another team than the user's is
+        answered ``away`` once, and hears nothing after."""
         tell: dict[Session, list[tuple[str, str]]] = {}
-        for user, presence in changes:
+        for i, (user, presence) in enumerate(changes):
             watchers = self.watchers.get(user)
             if not watchers:
                 continue  # unwatched meanwhile
+            team = None if teams is None else teams[i]
+            if team is not None:
+                self.team[user] = team
+            else:
+                team = self.team.get(user)
             waiting = self.waiting.pop(user, ())
             targets = watchers if self.known.get(user) != presence else waiting
             self.known[user] = presence
             for session in targets:
-                tell.setdefault(session, []).append((user, presence))
+                if team is None or team == session.team:
+                    tell.setdefault(session, []).append((user, presence))
+                    continue
+                self.withheld += 1
+                if session in waiting:  # its first answer: as for a user nobody knows
+                    tell.setdefault(session, []).append((user, AWAY))
         return tell

@@ -16,12 +16,15 @@ is the sender's presence ring version):
   renew the gateway's lease (:data:`presence.state.LEASE_TTL_S`); with
   ``epoch`` it starts a sync (the gateway re-reports everything next).
 * ``online`` / ``offline`` push {gw, users, epoch}: the gateway's first
-  connection of each user opened / its last one closed.
+  connection of each user opened / its last one closed; ``online`` carries
+  ``teams`` (each user's team; an older gateway leaves it out, counted in
+  ``rtm_ps_online_without_team_total``).
 * ``psub`` push {gw, users, epoch}: watch these users; answered with a
   ``presence`` push of their current state. ``punsub`` push {gw, users}.
 * ``synced`` push {gw, epoch}: the sync is complete (see the state module).
 * ``release`` request {gw}: the gateway is gone; drop its users now.
-* ``query`` request {users} -> ``{presence: [[user, presence], ...], not_owner: [...]}``.
+* ``query`` request {users} -> ``{presence: [[user, presence], ...], teams: [team|nil, ...],
+  not_owner: [...]}``.
 
 From the webapp:
 
@@ -31,8 +34,10 @@ From the webapp:
 * ``get_presence`` request {user} -> ``{presence, online, manual_away,
   last_activity}`` (``users.getPresence``).
 
-Pushes to gateways: ``{"op": "presence", "changes": [[user, presence], ...]}``
-(batched per event-loop turn, one frame per gateway), and ``{"op":
+Pushes to gateways: ``{"op": "presence", "changes": [[user, presence], ...], "teams":
+[team|nil, ...]}`` (batched per event-loop turn, one frame per gateway; the teams let
+the gateway show each user only to sessions of the user's team, docs/authz-review.md
+finding 5), and ``{"op":
 "not_owner", "users": [...], "version": v}`` for reports of users this server
 does not own in its ring version; the gateway re-reads the ring and re-syncs.
 
@@ -86,6 +91,10 @@ REQUESTS_SERVED: dict[str, type[ops.Op]] = {
 # Pushes go out at the end of the loop turn, but at most once per this interval
 # per server: a lone change leaves at once, a storm in fewer, fuller frames.
 PUSH_INTERVAL_S = 0.005
+# Entries per ``presence`` frame: half the schema's MAX_PRESENCE_CHANGES, so that a frame of
+# them with their teams (about 32 bytes an entry with rtm's 11-character ids) stays well under
+# the 4 MiB frame limit. Only a rebuild or a re-sync pushes this many to one gateway.
+MAX_PUSH_CHANGES = ops.MAX_PRESENCE_CHANGES // 2
 
 
 class PresenceServer(SlotService):
@@ -107,6 +116,10 @@ class PresenceServer(SlotService):
         self.changes = m.counter("rtm_ps_changes_total", "Changes of a user's effective presence")
         self.subscribes = m.counter("rtm_ps_subscribe_total", "Watch requests from gateways, by kind", ["kind"])
         self.queries = m.counter("rtm_ps_queries_total", "Users asked about, by who asked", ["source"])
+        self.teamless = m.counter(
+            "rtm_ps_online_without_team_total",
+            "Users reported online without their team (a gateway older than the team field: shown to every team)",
+        )
         self.not_owner = m.counter("rtm_ps_not_owner_total", "Users refused because they are not owned here", ["op"])
         self.lease_ops = m.counter(
             "rtm_ps_lease_events_total", "Gateway lease events: granted, renewed, synced, expired, released", ["event"]
@@ -198,9 +211,11 @@ class PresenceServer(SlotService):
             conn = self.gateways.get(gw)
             if conn is None:
                 continue  # not connected: it re-syncs (and gets the state) when it is back
+            team_of = self.table.team_of
             try:
-                for batch in ops.batches(list(changes.items()), ops.MAX_PRESENCE_CHANGES):
-                    conn.send(ops.PresenceChanges(changes=batch).to_message())
+                for batch in ops.batches(list(changes.items()), MAX_PUSH_CHANGES):
+                    teams = [team_of(user) for user, _ in batch]
+                    conn.send(ops.PresenceChanges(changes=batch, teams=teams).to_message())
             except (ConnectionLost, SendBufferFull):
                 continue
             self.updates_out.inc(len(changes))
@@ -281,7 +296,12 @@ class PresenceServer(SlotService):
                 pass
         if isinstance(record, ops.Online):
             self.updates_in.labels("online").inc(len(owned))
-            self.push(self.table.online(gw, owned, epoch))
+            if record.teams is None:
+                self.teamless.inc(len(owned))
+                teams = None
+            else:
+                teams = dict(zip(record.users, record.teams, strict=True))  # same length: ops checked it
+            self.push(self.table.online(gw, owned, epoch, teams))
         else:
             self.subscribes.labels("psub").inc(len(owned))
             state = self.table.subscribe(gw, owned, epoch)
@@ -337,7 +357,11 @@ class PresenceServer(SlotService):
         if refused:
             self.not_owner.labels("query").inc(len(refused))
         return wire.reply_ok(
-            request_id, presence=self.table.query(owned), not_owner=refused, version=self.follower.ring.version
+            request_id,
+            presence=self.table.query(owned),
+            teams=[self.table.team_of(user) for user in owned],
+            not_owner=refused,
+            version=self.follower.ring.version,
         )
 
     async def handle_get_presence(self, request_id: int, get: ops.GetPresence) -> dict[str, Any]:

@@ -32,13 +32,20 @@ see a user flap to away and back while the reports arrive);
 :meth:`PresenceTable.end_rebuild` then pushes every watched user's state once,
 and gateways forward only what differs from what their clients last saw.
 
+Teams (docs/authz-review.md, finding 5): each user's team, as the gateway that reported
+the user online said it (:meth:`PresenceTable.online` with ``teams``). The table keeps it
+and says it (:meth:`PresenceTable.team_of`); it decides nothing with it: gateways show a
+user's presence only to sessions of the user's team, with the team the pushes and query
+answers carry. A user no gateway reported with a team (never online, or reported by a
+gateway older than the field) has none (None).
+
 The clock is injected (``time.monotonic`` by default); tests use a fake one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 ACTIVE = "active"
@@ -61,6 +68,7 @@ class UserPresence:
     online: dict[str, int] = field(default_factory=dict)  # gateway id -> epoch of its report
     manual: str = AUTO
     changed_at: float = 0.0  # clock time of the last change of effective presence
+    team: str | None = None  # the user's team, as a gateway reported it; None: not said yet
 
     @property
     def presence(self) -> str:
@@ -99,6 +107,11 @@ class PresenceTable:
 
     def query(self, users: Iterable[str]) -> list[list[str]]:
         return [[u, self.presence_of(u)] for u in users]
+
+    def team_of(self, user: str) -> str | None:
+        """The user's team as a gateway reported it, or None (never reported with one)."""
+        entry = self.users.get(user)
+        return None if entry is None else entry.team
 
     def details(self, user: str) -> dict[str, object]:
         """What ``users.getPresence`` shows for ``user``."""
@@ -180,7 +193,11 @@ class PresenceTable:
             self._unwatch(gw, user)
 
     # -- reports -------------------------------------------------------------------------------
-    def online(self, gw: str, users: Iterable[str], epoch: int = NO_EPOCH) -> Pushes:
+    def online(
+        self, gw: str, users: Iterable[str], epoch: int = NO_EPOCH, teams: Mapping[str, str | None] | None = None
+    ) -> Pushes:
+        """``gw`` has a connection of each of ``users``; ``teams`` (user -> team) says their
+        teams (a user's team never changes, so a missing or None team keeps the one known)."""
         lease = self._lease(gw)
         pushes: Pushes = {}
         now = self.clock()
@@ -188,6 +205,10 @@ class PresenceTable:
             entry = self.users.get(user)
             if entry is None:
                 entry = self.users[user] = UserPresence()
+            if teams is not None:
+                team = teams.get(user)
+                if team is not None:
+                    entry.team = team
             before = entry.presence
             entry.online[gw] = epoch
             lease.online.add(user)

@@ -37,11 +37,16 @@ Fields (``?`` optional, ``|nil`` may be msgpack nil)::
   ping           request  any -> any            (none); ``ping`` as a push is the keepalive
   lease          request  GS -> PS              gw, epoch?, rv?
   release        request  GS -> PS              gw
-  query          request  GS -> PS              users (<= MAX_QUERY_USERS), rv?
-  online/offline push     GS -> PS              gw, users (<= MAX_BATCH_USERS), epoch?, rv?
+  query          request  GS -> PS              users (<= MAX_QUERY_USERS), rv?; ok: presence
+                                                [[user, presence], ...], teams? (one per entry),
+                                                not_owner [user, ...] (:func:`query_answer`)
+  online         push     GS -> PS              gw, users (<= MAX_BATCH_USERS), epoch?, rv?, teams?
+                                                (teams: [team|nil, ...], one per user)
+  offline        push     GS -> PS              gw, users (<= MAX_BATCH_USERS), epoch?, rv?
   psub/punsub    push     GS -> PS              gw, users (<= MAX_BATCH_USERS), epoch?, rv?
   synced         push     GS -> PS              gw, epoch
-  presence       push     PS -> GS              changes [[user, "active"|"away"], ...]
+  presence       push     PS -> GS              changes [[user, "active"|"away"], ...], teams?
+                                                (teams: [team|nil, ...], one per change)
   not_owner      push     PS -> GS              users, version
   set_presence   request  webapp -> PS          users [[user, "auto"|"away"], ...], rv?
   get_presence   request  webapp -> PS          user, rv?
@@ -66,6 +71,13 @@ leave, up to which the user's connections still get its events), ``from`` (user 
 ``revoke`` (a token id, :data:`TOKEN_ID_RE`: ``auth.revoke`` ended that token, and gateways close
 the user's connections opened with it). Unknown top-level
 fields are ignored (a newer peer may add one); unknown ``ctl`` keys are not.
+
+``teams`` (presence; docs/authz-review.md, finding 5): the team of each user of an
+``online`` batch, of each entry of a ``presence`` push and of a ``query`` answer, in the
+same order and of the same length as the list it goes with (a record whose lists differ
+in length is refused); nil where the team is not known (a user reported online by a
+gateway older than the field). Gateways show a user's presence only to sessions of the
+user's own team. Optional both ways: an older peer leaves it out, or ignores it.
 """
 
 from __future__ import annotations
@@ -183,6 +195,7 @@ REVOKE_CTL = "revoke"
 CHANNEL_ID = text(CHANNEL_ID_RE, "a channel id like C0A1B2C3D4E")
 TOKEN_ID = text(TOKEN_ID_RE, "a token id of 32 hex characters")
 USER_ID = text(CHANNEL_ID_RE, "a user id like U0A1B2C3D4E")
+TEAM_ID = text(CHANNEL_ID_RE, "a team id like T0A1B2C3D4E")
 INSTANCE_ID = text(INSTANCE_ID_RE, "an instance id")
 SLOT = text(SLOT_RE, "a slot name like cs-3")
 
@@ -297,6 +310,9 @@ class Op:
     SENDERS: ClassVar[str]
     SENT_BY: ClassVar[tuple[str, ...]]  # service names (services.identity) that send it
     SCHEMA: ClassVar[dict[str, Spec]]
+
+    def check_fields(self) -> None:
+        """Rules across fields (each field was checked alone already); raises ValueError."""
 
     def to_message(self) -> Message:
         """The map to send (``id`` is added by the connection for requests); absent
@@ -594,9 +610,22 @@ class UserBatch(Op):
     rv: int | None = None
 
 
+def teams_beside(teams: list[str | None] | None, items: list[Any], of: str) -> None:
+    """``teams``, when present, has one entry per item of ``of``; raises ValueError."""
+    if teams is not None and len(teams) != len(items):
+        raise ValueError(f"teams: {len(teams)} entries for {len(items)} {of}")
+
+
 @dataclass(frozen=True, slots=True)
 class Online(UserBatch):
+    """``teams``: each user's team, in order (docs/authz-review.md, finding 5); absent from older gateways."""
+
     OP = "online"
+    SCHEMA = {**USER_BATCH_SCHEMA, "teams": Spec(list_of(nullable(TEAM_ID), MAX_BATCH_USERS), required=False)}
+    teams: list[str | None] | None = None
+
+    def check_fields(self) -> None:
+        teams_beside(self.teams, self.users, "users")
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,8 +660,15 @@ class PresenceChanges(Op):
     DIRECTION = "push"
     SENDERS = "presence server -> gateway"
     SENT_BY = (identity.PRESENCE,)
-    SCHEMA = {"changes": Spec(list_of(pair(USER_ID, one_of(*PRESENCE_VALUES)), MAX_PRESENCE_CHANGES))}
+    SCHEMA = {
+        "changes": Spec(list_of(pair(USER_ID, one_of(*PRESENCE_VALUES)), MAX_PRESENCE_CHANGES)),
+        "teams": Spec(list_of(nullable(TEAM_ID), MAX_PRESENCE_CHANGES), required=False),
+    }
     changes: list[tuple[str, str]]
+    teams: list[str | None] | None = None  # each changed user's team, in order; absent from older servers
+
+    def check_fields(self) -> None:
+        teams_beside(self.teams, self.changes, "changes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -753,7 +789,31 @@ def _record(cls: type[T], op: str, message: Mapping[str, Any]) -> T:
             raise BadMessage(op, f"{name}: {exc}") from None
         except Exception as exc:  # a check that breaks on some value is a refusal, never a crash
             raise BadMessage(op, f"{name}: unreadable ({type(exc).__name__})") from None
-    return cls(**values)
+    record = cls(**values)
+    try:
+        record.check_fields()
+    except ValueError as exc:
+        raise BadMessage(op, str(exc)) from None
+    return record
+
+
+QUERY_ANSWER = list_of(pair(USER_ID, one_of(*PRESENCE_VALUES)), MAX_QUERY_USERS)
+QUERY_TEAMS = list_of(nullable(TEAM_ID), MAX_QUERY_USERS)
+
+
+def query_answer(reply: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
+    """The ``ok`` reply to a presence ``query``, checked: ``(user, presence, team)`` per entry,
+    team None where the server did not say (an older server, or a user of unknown team).
+    Raises :class:`BadMessage` (op ``query``) for a reply out of shape."""
+    try:
+        answer: list[tuple[str, str]] = QUERY_ANSWER(reply.get("presence", []))
+        teams: list[str | None] | None = None if reply.get("teams") is None else QUERY_TEAMS(reply["teams"])
+        teams_beside(teams, answer, "entries")
+    except ValueError as exc:
+        raise BadMessage("query", f"reply: {exc}") from None
+    if teams is None:
+        return [(user, presence, None) for user, presence in answer]
+    return [(user, presence, team) for (user, presence), team in zip(answer, teams, strict=True)]
 
 
 def parse_as(message: Mapping[str, Any], cls: type[T]) -> T:

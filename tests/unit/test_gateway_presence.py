@@ -34,11 +34,12 @@ def test_presence_change_shapes() -> None:
 
 def test_online_counts_report_first_and_last_connection_only() -> None:
     model = PresenceWatches()
-    assert model.connect("U1") is True
-    assert model.connect("U1") is False
+    assert model.connect("U1", "T1") is True
+    assert model.connect("U1", "T1") is False
+    assert model.online_team == {"U1": "T1"}  # what its online report says of its team
     assert model.disconnect("U1") is False
     assert model.disconnect("U1") is True
-    assert model.disconnect("U1") is False and model.online == {}
+    assert model.disconnect("U1") is False and model.online == {} and model.online_team == {}
 
 
 def test_watches_are_reference_counted() -> None:
