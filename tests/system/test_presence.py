@@ -1,9 +1,11 @@
 """Presence end to end, through real processes started by ``rtm up``: gateways report
 who is online to the presence servers (PS) and forward ``presence_change`` only to
-the clients that subscribed; leases, and CHARM's failover of a PS."""
+the clients that subscribed, and only of users of their own team; leases, and CHARM's
+failover of a PS."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +14,16 @@ from typing import Any
 import pytest
 
 from presence.state import LEASE_TTL_S
+from rtmctl.fleet import SEED_BOTS, SEED_CHANNELS
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import Client, Fleet, consul_client, process_by_id
+from webapp_stub.seed import SEED_FILE, seed_demo
+from webapp_stub.store import Store
 
 FAILOVER_TIMEOUT_S = 30.0
+SEED_USERS = 6
+OTHER_TEAM_FILE = "other_team.json"  # a second team's users (not in seed.json: the tests there are one team's)
+OTHER_TEAM_USERS = ("mallory", "trudy")
 # A dead gateway's users go away within its lease; the PS sweeps leases every
 # 0.25 s and the push takes milliseconds.
 LEASE_MARGIN_S = 1.5
@@ -24,7 +32,19 @@ LEASE_MARGIN_S = 1.5
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     data_dir: Path = tmp_path_factory.mktemp("presence")
-    handle = Fleet.up(data_dir, "--seed-users", "6")
+    # The demo team as `rtm seed` makes it, and a second team beside it, before the fleet starts.
+    store = Store(data_dir)
+    seed = seed_demo(store, users=SEED_USERS, channels=SEED_CHANNELS, bots=SEED_BOTS)
+    other = store.create_team("Elsewhere", "elsewhere")
+    others = []
+    for name in OTHER_TEAM_USERS:
+        user, token = store.create_user(other.id, name)
+        others.append({"id": user.id, "name": name, "token": token, "team": other.id})
+    store.close()
+    for name, content in ((SEED_FILE, seed), (OTHER_TEAM_FILE, others)):
+        (data_dir / name).write_text(json.dumps(content))
+        (data_dir / name).chmod(0o600)  # user tokens, as rtm seed writes them
+    handle = Fleet.up(data_dir, "--seed-users", str(SEED_USERS))
     try:
         yield handle
     finally:
@@ -45,6 +65,19 @@ def seen(client: Client, user: str, since: int = 0) -> list[str]:
         if e.get("type") == "presence_change" and (e.get("user") == user or user in e.get("users", ())):
             out.append(str(e["presence"]))
     return out
+
+
+async def connect_other(fleet: Fleet, name: str, region: str) -> Client:
+    """Connect as a user of the second team."""
+    other = json.loads((fleet.data_dir / OTHER_TEAM_FILE).read_text())
+    user = next(u for u in other if u["name"] == name)
+    client = Client(fleet, name, user["token"], region=region)
+    await client.open()
+    return client
+
+
+def other_user(fleet: Fleet, name: str) -> dict[str, Any]:
+    return dict(next(u for u in json.loads((fleet.data_dir / OTHER_TEAM_FILE).read_text()) if u["name"] == name))
 
 
 async def wait_presence(client: Client, user: str, presence: str, timeout_s: float = DEFAULT_WAIT_S) -> None:
@@ -78,6 +111,41 @@ async def test_watchers_see_connects_and_last_disconnects_and_nobody_else(fleet:
     assert seen(carol, bob_id) == []
     assert seen(alice, bob_id) == ["away", "active", "active", "away"]
     for client in (alice, carol):
+        await client.close()
+
+
+async def test_presence_stays_inside_a_team(fleet: Fleet) -> None:
+    """A user of another team is answered away, by presence_sub and presence_query, whether the
+    gateway knows the user's presence already or asks a presence server, and hears nothing when
+    that user comes and goes; users of one team see each other as before, in both teams."""
+    bob_id, dave_id = fleet.user("bob")["id"], fleet.user("dave")["id"]
+    mallory_id = other_user(fleet, "mallory")["id"]
+    alice = await fleet.connect("alice", "eu-west")
+    await alice.send({"type": "presence_sub", "ids": [bob_id, mallory_id]})
+    await wait_presence(alice, bob_id, "away")
+    bob = await fleet.connect("bob", "us-east")
+    dave = await fleet.connect("dave", "us-east")
+    await wait_presence(alice, bob_id, "active")
+    mallory = await connect_other(fleet, "mallory", "eu-west")  # the gateway alice is on: it knows bob
+    trudy = await connect_other(fleet, "trudy", "us-east")
+    await trudy.send({"type": "presence_sub", "ids": [mallory_id]})
+    await wait_presence(trudy, mallory_id, "active")  # the other team sees itself
+    await mallory.send({"type": "presence_sub", "ids": [bob_id]})
+    await wait_presence(mallory, bob_id, "away")  # answered from what the gateway knows
+    assert await query(mallory, bob_id) == "away"
+    assert await query(mallory, dave_id) == "away"  # watched by nobody on this gateway: a PS answers
+    assert await query(alice, dave_id) == "active"
+    assert await query(alice, mallory_id) == "away"  # mallory is online, in another team
+    tab = await fleet.connect("bob", "eu-west")
+    await tab.close()
+    await bob.close()
+    await wait_presence(alice, bob_id, "away")
+    assert await query(mallory, bob_id) == "away"  # a barrier: every push about bob came before it
+    assert seen(mallory, bob_id) == ["away", "away", "away"]  # the sub's answer and two queries: no push
+    assert seen(alice, mallory_id) == ["away", "away"]  # the sub's answer and the query
+    await mallory.close()
+    await wait_presence(trudy, mallory_id, "away")
+    for client in (alice, dave, trudy):
         await client.close()
 
 

@@ -14,8 +14,8 @@ from services.ring import RingDocument
 from tests.support import FakeClientGateway, FakeConn, FakeLink, FakePresenceGateway, RecordingPresence, Socket
 
 
-def session(sid: int, user: str = "UA") -> Session:
-    return Session(sid=sid, user=user, team="T1", write=Socket().write)
+def session(sid: int, user: str = "UA", team: str = "T1") -> Session:
+    return Session(sid=sid, user=user, team=team, write=Socket().write)
 
 
 def events(frames: list[bytes]) -> list[dict[str, Any]]:
@@ -79,6 +79,40 @@ def test_unwatched_while_waiting_is_not_answered() -> None:
     assert model.apply([("U1", "active")]) == {}
 
 
+def test_a_session_is_told_only_of_its_own_teams_users() -> None:
+    """Finding 5 (docs/authz-review.md): a user of another team is answered away, at once or
+    when the PS answers, and that session hears none of the user's changes; its own team's
+    watchers hear them as before."""
+    model = PresenceWatches()
+    mine, theirs = session(1, team="T1"), session(2, team="T2")
+    model.replace(mine, ["U1"])
+    model.replace(theirs, ["U1"])
+    assert model.apply([("U1", "active")], ["T1"]) == {mine: [("U1", "active")], theirs: [("U1", "away")]}
+    assert model.apply([("U1", "away")], ["T1"]) == {mine: [("U1", "away")]}
+    assert model.apply([("U1", "active")], [None]) == {mine: [("U1", "active")]}  # the team stays known
+    later = session(3, team="T2")
+    assert model.replace(later, ["U1"]).answer == [("U1", "away")]  # from what the gateway knows
+    teammate = session(4, team="T1")
+    assert model.replace(teammate, ["U1"]).answer == [("U1", "active")]
+    assert model.presence_for(theirs, "U1") == "away" and model.presence_for(mine, "U1") == "active"
+    assert model.withheld == 5
+    for gone in (mine, theirs, later):
+        model.drop(gone)
+    assert model.drop(teammate).unsubscribe == ["U1"] and model.team == {}  # forgotten with the last watch
+
+
+def test_a_user_whose_team_no_server_said_is_shown_to_every_team() -> None:
+    """A rolling upgrade: a PS older than the team field (no ``teams``), or a user reported
+    online by an older gateway (nil team), is shown as before the rule, to every team."""
+    model = PresenceWatches()
+    a, b = session(1, team="T1"), session(2, team="T2")
+    model.replace(a, ["U1", "U2"])
+    model.replace(b, ["U1", "U2"])
+    assert model.apply([("U1", "active")]) == {a: [("U1", "active")], b: [("U1", "active")]}
+    assert model.apply([("U2", "active")], [None]) == {a: [("U2", "active")], b: [("U2", "active")]}
+    assert model.withheld == 0
+
+
 # -- GatewayPresence over fake links -----------------------------------------------------------------
 
 
@@ -109,6 +143,7 @@ async def test_reports_and_watches_are_batched_per_server() -> None:
         ("psub", ["U1", "U2", "U3"]),
     ]
     assert all(m["epoch"] == 42 and m["gw"] == "gw-test" and m["rv"] == 3 for m in conn.sent)
+    assert conn.sent[0]["teams"] == ["T1", "T1"] and "teams" not in conn.sent[1]  # each online user's team
     conn.sent.clear()
     presence.detached(tabs[1])  # UA's second tab: still online, watched nothing
     await settle()
@@ -191,3 +226,68 @@ async def test_a_big_push_is_written_in_slices_and_in_order() -> None:
     for _ in range(4):
         await asyncio.sleep(0)  # wait-ok: event-loop turns, counted
     assert all([e["presence"] for e in sock.events] == ["active", "away"] for sock in sockets)
+
+
+class SyncConn(FakeConn):
+    """A presence server's connection that grants leases and answers queries from ``answers``."""
+
+    def __init__(self, answers: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.answers = answers or {}
+
+    async def request(self, message: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+        if message["op"] == "query":
+            return dict(self.answers)
+        return {"epoch": message.get("epoch", 0), "ttl_s": 5.0}
+
+
+class QueryLink(FakeLink):
+    async def request(self, message: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+        return await self.conn.request(message, timeout_s)  # type: ignore[no-any-return]
+
+
+async def test_a_resync_reports_each_online_users_team() -> None:
+    presence, _ = presence_with_one_server()
+    presence.attached(session(1, "UA", team="T1"))
+    presence.attached(session(2, "UB", team="T2"))
+    conn = SyncConn()
+    await presence.sync("ps-a", conn, "connect")  # type: ignore[arg-type]
+    online = next(m for m in conn.sent if m["op"] == "online")
+    assert dict(zip(online["users"], online["teams"], strict=True)) == {"UA": "T1", "UB": "T2"}
+
+
+async def test_pushes_and_queries_tell_a_session_of_another_team_away() -> None:
+    presence, _ = presence_with_one_server()
+    answers = {"presence": [["U1", "active"], ["U2", "active"]], "teams": ["T1", None], "not_owner": []}
+    presence.links["ps-a"] = QueryLink(SyncConn(answers))  # type: ignore[assignment]
+    sockets = {1: Socket(), 2: Socket()}
+    mine, theirs = Session(1, "UA", "T1", sockets[1].write), Session(2, "UB", "T2", sockets[2].write)
+    for s in (mine, theirs):
+        presence.gw.state.sessions[s.sid] = s
+        presence.attached(s)
+        presence.subscribe(s, ["U3"])
+    conn = presence.links["ps-a"].conn
+    presence.on_push(conn, {"op": "presence", "changes": [["U3", "away"]], "teams": ["T1"]})  # type: ignore[arg-type]
+    presence.on_push(conn, {"op": "presence", "changes": [["U3", "active"]], "teams": ["T1"]})  # type: ignore[arg-type]
+    assert [e["presence"] for e in sockets[1].events] == ["away", "active"]
+    assert [e["presence"] for e in sockets[2].events] == ["away"]  # the answer to its sub; no push after
+    for s in (mine, theirs):
+        await presence._query(s, [], ["U1", "U2"])
+        presence.query(s, ["U3"])  # known here: answered at once
+    told = [(e.get("users") or [e["user"]], e["presence"]) for e in sockets[2].events[1:]]
+    assert told == [(["U1"], "away"), (["U2"], "active"), (["U3"], "away")]  # U2: team not said (older PS)
+    assert [e["presence"] for e in sockets[1].events[2:]] == ["active", "active"]
+    assert presence.withheld._value.get() == 4  # the sub's answer, the push, the queries of U1 and U3
+
+
+async def test_a_query_answer_out_of_shape_is_counted_and_answers_nothing() -> None:
+    presence, _ = presence_with_one_server()
+    bad = {"presence": [["U1", "active"]], "teams": ["T1", "T2"]}
+    presence.links["ps-a"] = QueryLink(SyncConn(bad))  # type: ignore[assignment]
+    sock = Socket()
+    s = Session(1, "UA", "T2", sock.write)
+    presence.gw.state.sessions[s.sid] = s
+    presence.attached(s)
+    await presence._query(s, [], ["U1"])
+    assert sock.events == []
+    assert presence.gw.metrics.errors.labels("ps_bad_reply")._value.get() == 1

@@ -33,12 +33,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "lease": {"op": "lease", "gw": "gw-1", "epoch": 1_765_000_000_000_000_000, "rv": 2},  # time.time_ns()-based
     "release": {"op": "release", "gw": "gw-1"},
     "query": {"op": "query", "users": ["U1", "U2"], "rv": 1},
-    "online": {"op": "online", "gw": "gw-1", "users": ["U1"], "epoch": 3, "rv": 1},
+    "online": {"op": "online", "gw": "gw-1", "users": ["U1", "U2"], "epoch": 3, "rv": 1, "teams": ["T1", None]},
     "offline": {"op": "offline", "gw": "gw-1", "users": ["U1"], "epoch": 3},
     "psub": {"op": "psub", "gw": "gw-1", "users": ["U1"], "epoch": 3},
     "punsub": {"op": "punsub", "gw": "gw-1", "users": ["U1"]},
     "synced": {"op": "synced", "gw": "gw-1", "epoch": 3},
-    "presence": {"op": "presence", "changes": [["U1", "away"], ["U2", "active"]]},
+    "presence": {"op": "presence", "changes": [["U1", "away"], ["U2", "active"]], "teams": ["T1", None]},
     "not_owner": {"op": "not_owner", "users": ["U1"], "version": 2},
     "set_presence": {"op": "set_presence", "users": [["U1", "auto"], ["U2", "away"]], "rv": 1},
     "get_presence": {"op": "get_presence", "user": "U1"},
@@ -160,6 +160,35 @@ def test_presence_values_are_checked() -> None:
     refused({"op": "presence", "changes": [["U1", "busy"]]}, "changes")
     refused({"op": "set_presence", "users": [["U1", "active"]]}, "users")
     refused({"op": "online", "gw": "gw-1", "users": ["U1"] * (ops.MAX_BATCH_USERS + 1)}, "users")
+
+
+def test_presence_teams_go_one_per_user_or_change_and_may_be_absent() -> None:
+    """Finding 5 (docs/authz-review.md): ``teams`` beside ``online`` users and ``presence``
+    changes, of the same length, team ids or nil; an older peer's message without it parses."""
+    online = ops.parse_as(EXAMPLES["online"], ops.Online)
+    assert online.teams == ["T1", None]
+    assert ops.parse_as({**EXAMPLES["online"], "teams": None}, ops.Online).teams is None
+    old = {k: v for k, v in EXAMPLES["presence"].items() if k != "teams"}
+    assert ops.parse_as(old, ops.PresenceChanges).teams is None
+    refused({**EXAMPLES["online"], "teams": ["T1"]}, "1 entries for 2 users")
+    refused({**EXAMPLES["presence"], "teams": ["T1", None, "T2"]}, "3 entries for 2 changes")
+    refused({**EXAMPLES["online"], "teams": ["T1", "../x"]}, "teams")
+    refused({**EXAMPLES["presence"], "teams": "T1"}, "teams")
+    refused({**EXAMPLES["online"], "teams": ["T1"] * (ops.MAX_BATCH_USERS + 1)}, "teams")
+
+
+def test_a_query_answer_is_checked_with_its_teams() -> None:
+    answer = {"presence": [["U1", "active"], ["U2", "away"]], "teams": ["T1", None], "not_owner": []}
+    assert ops.query_answer(answer) == [("U1", "active", "T1"), ("U2", "away", None)]
+    assert ops.query_answer({"presence": [["U1", "active"]]}) == [("U1", "active", None)]  # an older server
+    for bad in (
+        {**answer, "teams": ["T1"]},
+        {**answer, "teams": [1, 2]},
+        {**answer, "presence": [["U1", "busy"], ["U2", "away"]]},
+        {**answer, "presence": "U1"},
+    ):
+        with pytest.raises(BadMessage, match="query"):
+            ops.query_answer(bad)
 
 
 def test_ring_ops_are_checked() -> None:

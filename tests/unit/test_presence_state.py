@@ -154,3 +154,18 @@ def test_merge_keeps_the_last_presence_per_user() -> None:
     merge(pending, {"gw": [["U1", ACTIVE]]})
     merge(pending, {"gw": [["U1", AWAY], ["U2", ACTIVE]], "gw2": [["U1", AWAY]]})
     assert pending == {"gw": {"U1": AWAY, "U2": ACTIVE}, "gw2": {"U1": AWAY}}
+
+
+def test_a_users_team_is_kept_from_the_online_report(table: PresenceTable) -> None:
+    """Finding 5 (docs/authz-review.md): the table keeps each user's team as the gateway
+    reported it, to say beside their presence; a report without one keeps what is known."""
+    assert table.online("gw-a", ["U1", "U2"], teams={"U1": "T1", "U2": None}) == {}
+    assert (table.team_of("U1"), table.team_of("U2"), table.team_of("U9")) == ("T1", None, None)
+    table.offline("gw-a", ["U1"])
+    table.online("gw-b", ["U1"])  # a gateway older than the field: the team stays known
+    table.set_manual("U1", "away")
+    assert table.team_of("U1") == "T1"
+    table.set_manual("U3", "away")  # set away by hand, never online: no team
+    assert table.team_of("U3") is None
+    table.forget(lambda user: user != "U1")
+    assert table.team_of("U1") is None
