@@ -268,6 +268,7 @@ async def ps_throughput(args: argparse.Namespace, fleet: FleetRun) -> dict[str, 
     ring = HashRing(RingDocument.from_json(raw["Value"]))
     procs = {p["id"]: p for p in fleet.processes("presence")}
     users = [f"UBENCH{i:08X}" for i in range(args.ps_users)]
+    bench_team = "TBENCH0001"  # one team for every bench user
     by_owner: dict[str, list[str]] = {}
     for u in users:
         by_owner.setdefault(str(ring.owner_for(u)), []).append(u)
@@ -315,7 +316,11 @@ async def ps_throughput(args: argparse.Namespace, fleet: FleetRun) -> dict[str, 
         for _ in range(args.ps_cycles):
             for op in ("online", "offline"):
                 for i in range(0, len(mine), PS_BATCH):
-                    frames.append(wire.encode({"op": op, "gw": gw_r, "users": mine[i : i + PS_BATCH], "epoch": 1}))
+                    batch = mine[i : i + PS_BATCH]
+                    frame = {"op": op, "gw": gw_r, "users": batch, "epoch": 1}
+                    if op == "online":  # as a gateway reports: each user's team (docs/authz-review.md, finding 5)
+                        frame["teams"] = [bench_team] * len(batch)
+                    frames.append(wire.encode(frame))
         updates = args.ps_cycles * 2 * len(mine)
         await asyncio.sleep(0.5)
         received["n"] = 0
