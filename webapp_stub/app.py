@@ -41,12 +41,6 @@ from webapp_stub import methods  # noqa: F401  (importing it registers every Web
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
 from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
-from webapp_stub.due_queue import (
-    DEFAULT_BATCH_MAX,
-    DEFAULT_DUTY_CYCLE,
-    DEFAULT_OUTBOX_BACKLOG_MAX,
-    DEFAULT_RATE_PER_S,
-)
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
@@ -59,10 +53,10 @@ from webapp_stub.handoff import (
 )
 from webapp_stub.http_front import HttpFront
 from webapp_stub.internal import InternalEndpoints
-from webapp_stub.methods.auth import REVOKE_FANOUT_WAIT_S
+from webapp_stub.methods.auth import MAX_REVOKE_FANOUT_WAIT_S, REVOKE_FANOUT_WAIT_S
 from webapp_stub.models import Event
 from webapp_stub.presence import PresenceClient
-from webapp_stub.scheduler import Scheduler, open_scheduler_store
+from webapp_stub.scheduler import Scheduler, add_scheduler_flags, open_scheduler_store, scheduler_options
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
 from webapp_stub.wal_fsync import wal_path_of
 
@@ -183,7 +177,13 @@ def build_parser() -> Parser:
     parser.add("--region", "", "region whose gateways rtm.connect prefers (also per request: X-Rtm-Region or region=)")
     parser.add("--max-event-bytes", MAX_EVENT_BYTES, "largest event JSON stored and handed off (bigger: msg_too_long)")
     parser.add("--max-outbox-events", MAX_QUEUE_EVENTS, "hand-off queue bound: beyond it writes get ratelimited (429)")
-    parser.add("--revoke-fanout-wait-s", REVOKE_FANOUT_WAIT_S, "auth.revoke's wait for its event's fan-out", above=0)
+    parser.add(
+        "--revoke-fanout-wait-s",
+        REVOKE_FANOUT_WAIT_S,
+        "auth.revoke's wait for its event's fan-out",
+        above=0,
+        at_most=MAX_REVOKE_FANOUT_WAIT_S,
+    )
     parser.add("--max-refusals", MAX_REFUSALS, "identical refusals of one event before it is parked as a dead letter")
     parser.add("--sqlite-synchronous", SQLITE_SYNCHRONOUS, "SQLite PRAGMA synchronous (FULL: survives power loss)")
     add_commit_flags(parser)
@@ -200,22 +200,7 @@ def build_parser() -> Parser:
         "demo mode: /demo/users lists the demo team's people with their tokens for the browser "
         "client's sign-in picker (--no-demo or RTM_DEMO=0 wherever others can reach the webapp)",
     )
-    parser.add(
-        "--scheduler-rate-per-s",
-        DEFAULT_RATE_PER_S,
-        "due items (scheduled messages, reminders) fired per second at most: live posts never wait behind a spike",
-    )
-    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per transaction (one event-loop turn)")
-    parser.add(
-        "--scheduler-duty-cycle",
-        DEFAULT_DUTY_CYCLE,
-        "the most of the event loop's CPU time the scheduler may take (it rests after each batch)",
-    )
-    parser.add(
-        "--scheduler-outbox-backlog-max",
-        DEFAULT_OUTBOX_BACKLOG_MAX,
-        "the scheduler fires only while the hand-off's outbox holds at most this many events (live first)",
-    )
+    add_scheduler_flags(parser)
     return parser
 
 
@@ -418,13 +403,10 @@ class WebappServer:
             ),
             self.publish_fired,
             self.metrics,
-            rate_per_s=getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
-            batch_max=getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
             outbox_backlog=self.scheduler_backlog,
-            max_outbox_backlog=getattr(args, "scheduler_outbox_backlog_max", DEFAULT_OUTBOX_BACKLOG_MAX),
             live_writing=lambda: webapp_store.in_batch,
-            duty_cycle=getattr(args, "scheduler_duty_cycle", DEFAULT_DUTY_CYCLE),
             owns_store=True,
+            **scheduler_options(args),
         )
         self.api.scheduler = scheduler
         scheduler.start()

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.config import Parser
 from services.metrics import ServiceMetrics
 from webapp_stub.checkpoint import WalCheckpointer
 from webapp_stub.database import MAX_EVENT_BYTES, EventClock
@@ -97,6 +98,27 @@ Firer = Callable[[Store, str, float], list[Event]]
 # A kind's preparer (optional) reads a whole batch of its items in a few statements and says what
 # each posts (webapp_stub/due_posts.py, the bulk path), or None for one its firer must fire alone.
 Preparer = Callable[[Store, list[DueItem]], list[DuePost | None]]
+
+
+def add_scheduler_flags(parser: Parser) -> None:
+    """The webapp's flags of the scheduler (their defaults: webapp_stub/due_queue.py)."""
+    say = "due items (scheduled messages, reminders) fired per second at most: live posts never wait behind a spike"
+    parser.add("--scheduler-rate-per-s", DEFAULT_RATE_PER_S, say)
+    parser.add("--scheduler-batch-max", DEFAULT_BATCH_MAX, "due items fired per transaction (one event-loop turn)")
+    say = "the most of the event loop's CPU time the scheduler may take (it rests after each batch)"
+    parser.add("--scheduler-duty-cycle", DEFAULT_DUTY_CYCLE, say)
+    say = "the scheduler fires only while the hand-off's outbox holds at most this many events (live first)"
+    parser.add("--scheduler-outbox-backlog-max", DEFAULT_OUTBOX_BACKLOG_MAX, say)
+
+
+def scheduler_options(args: Any) -> dict[str, Any]:
+    """:class:`Scheduler`'s limits, from the flags :func:`add_scheduler_flags` added."""
+    return {
+        "rate_per_s": getattr(args, "scheduler_rate_per_s", DEFAULT_RATE_PER_S),
+        "batch_max": getattr(args, "scheduler_batch_max", DEFAULT_BATCH_MAX),
+        "max_outbox_backlog": getattr(args, "scheduler_outbox_backlog_max", DEFAULT_OUTBOX_BACKLOG_MAX),
+        "duty_cycle": getattr(args, "scheduler_duty_cycle", DEFAULT_DUTY_CYCLE),
+    }
 
 
 class FirerRegistry:

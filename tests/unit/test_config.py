@@ -99,6 +99,10 @@ BOUNDED_FLAGS = [
     (WEBAPP, "--commit-pacing-base-rate-per-s", {"2000": 2000.0}, "0", "above 0.0"),
     (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "inf", "above 0.0"),
     (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "1e9", "at most 1000000.0"),
+    # how long auth.revoke may wait for its event's fan-out before it answers
+    (WEBAPP, "--revoke-fanout-wait-s", {"0.5": 0.5, "60": 60.0}, "0", "above 0"),
+    (WEBAPP, "--revoke-fanout-wait-s", {}, "nan", "above 0"),
+    (WEBAPP, "--revoke-fanout-wait-s", {}, "3600", "at most 60.0"),
     # the kernel's accept queue of the client-facing listeners
     (WEBAPP, "--listen-backlog", {"4096": 4096}, "0", "above 0"),
     ("gateway.app", "--listen-backlog", {"1": 1}, "70000", "at most 65535"),

@@ -20,6 +20,8 @@ log = logging.getLogger("rtm.webapp.api")
 # post made after the reply cannot reach a revoked connection first), or after this long: a fleet
 # that cannot take the event now gets it from the hand-off later, and the reply says revoked.
 REVOKE_FANOUT_WAIT_S = 2.0
+# The largest --revoke-fanout-wait-s accepted: an auth.revoke call may be held this long.
+MAX_REVOKE_FANOUT_WAIT_S = 60.0
 
 
 @method("api.test", auth=False)
