@@ -527,28 +527,41 @@ class Handoff:
             if self.outbox.sendable:
                 self._wake.set()
 
-    async def settled(self, event: Event, timeout_s: float) -> bool:
+    def settled(self, event: Event, timeout_s: float) -> asyncio.Future[bool]:
         """Wait, at most ``timeout_s``, until ``event`` (published, or to be published when its batch
         commits) has left the queue: acknowledged by an Admin Server (whose channel server has written
-        it to every subscribed gateway before it answers), or parked. True if it did in time.
+        it to every subscribed gateway before it answers), or parked. The task it returns gives True
+        if it did in time.
+
+        The wait is registered at once, when this is called, not when the task first runs: the
+        caller may first wait for the event's commit (``auth.revoke``), and the event may leave the
+        queue before the caller awaits the task. Cancelling the task drops the wait.
 
         For the rare reply that must not overtake its event's fan-out (``auth.revoke``: a post made
         after its reply must not reach the revoked connections first); posts never wait here. A
-        waiter is dropped when it is done or gives up, so they are bounded by the callers waiting."""
+        waiter is dropped when its task ends (done, given up or cancelled, even before it ran), so
+        they are bounded by the callers waiting."""
         key = (event.channel, event.seq)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(waiter)
+        task = asyncio.ensure_future(self._settling(waiter, timeout_s))
+        task.add_done_callback(lambda _: self._drop_waiter(key, waiter))
+        return task
+
+    @staticmethod
+    async def _settling(waiter: asyncio.Future[None], timeout_s: float) -> bool:
         try:
             await asyncio.wait_for(waiter, timeout_s)
-            return True
         except TimeoutError:
             return False
-        finally:
-            waiting = self._waiters.get(key)
-            if waiting is not None and waiter in waiting:
-                waiting.remove(waiter)
-                if not waiting:
-                    del self._waiters[key]
+        return True
+
+    def _drop_waiter(self, key: tuple[str, int], waiter: asyncio.Future[None]) -> None:
+        waiting = self._waiters.get(key)
+        if waiting is not None and waiter in waiting:
+            waiting.remove(waiter)
+            if not waiting:
+                del self._waiters[key]
 
     def _release_waiters(self, event: Event) -> None:
         if not self._waiters:

@@ -16,12 +16,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import webapp_stub.methods  # noqa: F401  (registers the methods)
 from services.metrics import ServiceMetrics
+from tests.support import async_wait_until
 from webapp_stub.api import Answer, WebApi
 from webapp_stub.commit import CommitFailed, GroupCommit
 from webapp_stub.errors import ApiError
 from webapp_stub.gateway_picker import GatewayPicker
+from webapp_stub.handoff import Handoff
 from webapp_stub.internal import InternalEndpoints
 from webapp_stub.models import Event
+from webapp_stub.resume import token_id
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
 
@@ -245,3 +248,57 @@ async def test_a_failed_commit_is_answered_internal_error_not_a_bare_500(
         "rtm_webapp_requests_total", {"method": "internal.chat.postMessage", "outcome": "internal_error"}
     )
     assert outbox.published == [] and store.last_seq(channel) == 0
+
+
+class UnusedSender:
+    """The hand-off's sender in a test whose Handoff is never started: nothing is sent."""
+
+    connected = False
+
+    async def ready(self, timeout_s: float) -> bool:
+        return False
+
+    def send(self, message: dict[str, Any], timeout_s: float) -> Any:
+        raise AssertionError("the hand-off was not started")
+
+    def failed(self, error: BaseException) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_auth_revoke_whose_commit_fails_is_answered_internal_error_and_the_token_still_works(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auth.revoke's DELETE rides in a group commit like any write: if that commit fails the token
+    was never revoked, so the caller (ending a leaked token) must hear internal_error, never
+    ``"revoked": true`` (commit.py's contract: nothing of a failed batch is acknowledged); the
+    token's resume records stay, and no fan-out waiter is left behind."""
+    demo = seed_demo(store)
+    handoff = Handoff(UnusedSender())
+    api = WebApi(store, handoff, GatewayPicker(None), ServiceMetrics("webapp", "t"), secret=b"s" * 32)
+    api.commits = GroupCommit(store, handoff)
+    api.revoke_fanout_wait_s = 0.2  # the event never reaches the (unstarted) hand-off's admin server
+    dave = demo["users"][0]
+    rid = api.resume.add(dave["id"], {demo["channels"][0]["id"]: 0}, token_id=token_id(dave["token"]))
+    await api.durable()  # the record's row is committed before commits start failing
+
+    def fail() -> None:
+        store.conn.execute("ROLLBACK")
+        store._in_batch = False
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "commit_batch", fail)
+    answered = await asyncio.wait_for(api.answer("auth.revoke", None, {}, lambda a: dave["token"]), 5.0)
+    assert answered[2] == {"ok": False, "error": "internal_error"}
+    monkeypatch.undo()
+    user = store.auth(dave["token"])
+    assert user is not None and user.id == dave["id"]  # the DELETE was rolled back: the token works
+    assert rid in {r.id for r in api.resume._records.values()}
+    assert handoff.outbox.pending() == []  # the rolled-back event was never handed off
+
+    async def no_waiter_left() -> bool:  # the cancelled wait's task ends on a later loop turn
+        return handoff._waiters == {}
+
+    await async_wait_until(no_waiter_left, what="auth.revoke's fan-out waiter dropped")

@@ -700,3 +700,22 @@ async def test_settled_waits_for_the_events_acknowledgement_or_parking_within_it
     assert await handoff.settled(never, 0.05) is False
     assert handoff._waiters == {}
     await handoff.close()
+
+
+async def test_settled_watches_from_the_call_and_a_cancelled_wait_leaves_no_waiter(sender: FakeSender) -> None:
+    """auth.revoke first waits for its event's commit, then for the fan-out: the wait must count an
+    acknowledgement that came in between (registered when settled() is called, not when its task
+    first runs), and a wait cancelled before it ran (the commit failed) must leave no waiter."""
+    handoff = make_handoff(sender)
+    revoke, failed = ev("U1", 1, ctl={"revoke": "a" * 32}), ev("U2", 1, ctl={"revoke": "b" * 32})
+    handoff.start()
+    fanned_out = handoff.settled(revoke, 5.0)
+    handoff.publish([revoke])
+    handoff._release_waiters(revoke)  # as an acknowledgement does, before anyone awaited the wait
+    assert await asyncio.wait_for(fanned_out, 5.0) is True
+    cancelled = handoff.settled(failed, 5.0)
+    cancelled.cancel()  # before its task ran
+    await asyncio.wait({cancelled}, timeout=5.0)
+    await asyncio.sleep(0)  # wait-ok: the task's done callbacks run on the next loop turn
+    assert handoff._waiters == {}
+    await handoff.close()

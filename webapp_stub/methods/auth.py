@@ -64,9 +64,18 @@ async def auth_revoke(api: WebApi, call: Call) -> dict[str, Any]:
         return {"revoked": False}
     events = api.store.revoke_token(str(call.token))
     if events:
-        api.resume.revoke(call.me.id, token_id(str(call.token)))
         api.publish(events)
-        if not await api.handoff.settled(events[0], api.revoke_fanout_wait_s or REVOKE_FANOUT_WAIT_S):
+        # watched from now: the event may be fanned out before its commit's callers resume
+        fanned_out = api.handoff.settled(events[0], api.revoke_fanout_wait_s or REVOKE_FANOUT_WAIT_S)
+        try:
+            # The revoke's own batch: if its commit fails the token was never revoked (the DELETE
+            # rolled back): CommitFailed, answered internal_error, never "revoked": true.
+            await api.durable()
+        except BaseException:
+            fanned_out.cancel()
+            raise
+        api.resume.revoke(call.me.id, token_id(str(call.token)))
+        if not await fanned_out:
             log.warning("auth.revoke of a token of %s: its event not fanned out yet; replying", call.me.id)
             api.metrics.error("revoke_fanout_late")
     return {"revoked": bool(events)}
