@@ -257,6 +257,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
         self._stop_waiting()
+        self.front.fill_if_every_connection_waits()  # it may have been the last one that could post
 
     def _stop_waiting(self) -> None:
         """No longer counted in HttpFront.waiting (answered, or gone while its answer waits)."""
@@ -374,6 +375,7 @@ class FrontProtocol(asyncio.Protocol):
         """aiohttp serves this connection from now on, starting with what is buffered."""
         self.front.connections.discard(self)
         self.front.handed_over += 1
+        self.front.fill_if_every_connection_waits()
         handler = self.front.fallback()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -418,8 +420,15 @@ class HttpFront:
         more posts can join the open batch from them: it commits at the next turn
         (:meth:`webapp_stub.commit.GroupCommit.fill`)."""
         self.waiting += 1
+        self.fill_if_every_connection_waits()
+
+    def fill_if_every_connection_waits(self) -> None:
+        """:meth:`GroupCommit.fill <webapp_stub.commit.GroupCommit.fill>` when at least one
+        connection's request waits and every connection's does: when one more starts waiting, and
+        when one that did not goes (closed, or handed to aiohttp), which would otherwise leave the
+        batch held for the paced interval with nobody left to add to it."""
         commits = self.api.commits
-        if commits is not None and self.waiting >= len(self.connections):
+        if commits is not None and self.waiting > 0 and self.waiting >= len(self.connections):
             commits.fill()
 
     async def start(self, host: str, port: int, backlog: int = LISTEN_BACKLOG) -> int:

@@ -324,13 +324,58 @@ async def test_when_every_connection_waits_for_its_commit_the_batch_is_filled() 
     protocols[1].data_received(post(b"channel=C1&text=b"))
     assert front.waiting == 2 and api.commits.fills == 0  # one connection is idle: it may still post
     protocols[2].connection_lost(None)  # the idle one goes: every connection left waits
+    assert front.waiting == 2 and api.commits.fills == 1
     protocols[0].data_received(post(b"channel=C1&text=c"))  # pipelined behind a: not a new waiter
-    assert front.waiting == 2 and api.commits.fills == 0
+    assert front.waiting == 2 and api.commits.fills == 1
     protocols[1].connection_lost(None)  # gone while its answer waits: no longer counted
-    assert front.waiting == 1
+    assert front.waiting == 1 and api.commits.fills == 2  # (the real fill() is once per batch)
     api.release.set()
     await _answered(transports[0], 2)  # a, then c: c waited alone, every connection's request
-    assert front.waiting == 0 and api.commits.fills == 1
+    assert front.waiting == 0 and api.commits.fills == 3
+
+
+class Fallback:
+    """aiohttp's protocol for a connection handed over, reduced to what the front calls."""
+
+    def connection_made(self, transport: object) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+
+class HandedTransport(FlowTransport):
+    def set_protocol(self, protocol: object) -> None:
+        pass
+
+
+async def test_when_the_last_connection_that_could_post_goes_the_batch_is_filled() -> None:
+    """The connections left all wait in the open batch once the one idle connection closes, or
+    is handed to aiohttp (another call): nobody on the lean front can add to the batch, so it is
+    filled then, not held for the rest of the paced interval (review10)."""
+    for goes in ("closed", "handed over"):
+        api = BlockingApi()
+        api.commits = Filled()
+        front = HttpFront(api, Fallback, max_body_bytes=MAX_BODY)  # type: ignore[arg-type]
+        protocols, transports = [], []
+        for _ in range(3):
+            protocol, transport = FrontProtocol(front), HandedTransport()
+            protocol.connection_made(transport)  # type: ignore[arg-type]
+            protocols.append(protocol)
+            transports.append(transport)
+        protocols[0].data_received(post(b"channel=C1&text=a"))
+        protocols[1].data_received(post(b"channel=C1&text=b"))
+        assert front.waiting == 2 and api.commits.fills == 0, goes
+        if goes == "closed":
+            protocols[2].connection_lost(None)
+        else:
+            protocols[2].data_received(b"GET /api/auth.test HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert front.handed_over == 1
+        assert front.waiting == 2 and api.commits.fills == 1, goes
+        api.release.set()
+        await _answered(transports[0], 1)
+        await _answered(transports[1], 1)
+        assert front.waiting == 0, goes
 
 
 async def test_the_front_listens_with_the_backlog_it_is_given() -> None:
