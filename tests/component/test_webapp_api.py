@@ -12,6 +12,7 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -698,14 +699,14 @@ async def test_resume_record_flows_from_gateway_to_rtm_connect_to_bootstrap(weba
         assert f'rtm_webapp_resumes_total{{step="{step}"}} {count}.0' in text, step
 
 
-async def test_resume_records_are_claimed_by_the_token_whose_connection_moved(webapp: Webapp) -> None:
-    """Two devices of dave, two tokens, both moved: each device's rtm.connect names its own record
-    (whichever asks first), the ticket carries the token's id (not the token), and a record is
-    never handed to the other device."""
-    dave, general = webapp.user("dave"), webapp.channel("general")
-    laptop, phone = dave["token"], "xoxp-dave-phone-0123456789abcdef"
+def add_token(webapp: Webapp, user_id: str, token: str) -> None:
+    """A second token of ``user_id`` (a second device), written to the store directly."""
     with webapp.server.store.transaction() as db:
-        db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (phone, dave["id"]))
+        db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (token, user_id))
+
+
+def ticket_reader(webapp: Webapp) -> Callable[[str], Awaitable[Any]]:
+    """The ticket inside the URL that ``rtm.connect`` answers a token with, verified."""
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
     verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
 
@@ -713,6 +714,17 @@ async def test_resume_records_are_claimed_by_the_token_whose_connection_moved(we
         _, connect = await webapp.call("rtm.connect", token)
         return verifier.verify(connect["url"][len(prefix) :], now_s=time.time())
 
+    return ticket_of
+
+
+async def test_resume_records_are_claimed_by_the_token_whose_connection_moved(webapp: Webapp) -> None:
+    """Two devices of dave, two tokens, both moved: each device's rtm.connect names its own record
+    (whichever asks first), the ticket carries the token's id (not the token), and a record is
+    never handed to the other device."""
+    dave, general = webapp.user("dave"), webapp.channel("general")
+    laptop, phone = dave["token"], "xoxp-dave-phone-0123456789abcdef"
+    add_token(webapp, dave["id"], phone)
+    ticket_of = ticket_reader(webapp)
     for i in range(3):
         assert (await webapp.call("chat.postMessage", laptop, json_body={"channel": general, "text": f"d{i}"}))[1]["ok"]
     first = await ticket_of(laptop)
@@ -743,15 +755,8 @@ async def test_auth_revoke_publishes_the_revoke_and_refuses_the_tokens_tickets_a
     still connects, and a bootstrap without a token id (Socket Mode) is unchanged."""
     dave = webapp.user("dave")
     leaked, phone = dave["token"], "xoxp-dave-phone-fedcba9876543210"
-    with webapp.server.store.transaction() as db:
-        db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (phone, dave["id"]))
-    prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
-    verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)
-
-    async def ticket_of(token: str) -> Any:
-        _, connect = await webapp.call("rtm.connect", token)
-        return verifier.verify(connect["url"][len(prefix) :], now_s=time.time())
-
+    add_token(webapp, dave["id"], phone)
+    ticket_of = ticket_reader(webapp)
     body = {"user": dave["id"], "token_id": token_id(leaked), "channels": {webapp.channel("general"): 0}}
     rid = (await webapp.internal("resume", body))[1]["resume"]
     minted = await ticket_of(leaked)  # before the revoke: names the record
