@@ -21,11 +21,15 @@ nothing: a commit of one write is not paced.
 
 The rate is an exponentially weighted mean of each commit's writes over the time since the one
 before it, that time taken as at least ``min_interval_s``: commits of one write in consecutive
-loop turns (a coincidence at light load) never look like load. Time comes in as an argument;
-no clock is read here.
+loop turns (a coincidence at light load) never look like load. The newest commit weighs at least
+:data:`RATE_WEIGHT`, and more the longer it came after the one before (:data:`RATE_TIME_CONSTANT_S`):
+after a pause the load of before is forgotten, not carried into the next burst. Time comes in as
+an argument; no clock is read here.
 """
 
 from __future__ import annotations
+
+import math
 
 # Writes per second up to which the paced commit interval is its minimum (--min-commit-interval-s);
 # above, the interval grows in proportion to the rate, up to COMMIT_INTERVAL_CAP_S.
@@ -36,6 +40,10 @@ COMMIT_INTERVAL_CAP_S = 0.02
 # The weight of the newest commit in the rate's moving mean: about the last 1/RATE_WEIGHT commits
 # count (a quarter of a second at 2,000 writes per second and a 20 ms interval).
 RATE_WEIGHT = 0.2
+# The rate forgets with time too: a commit that comes ``gap`` after the one before weighs at least
+# 1 - exp(-gap / RATE_TIME_CONSTANT_S), so after a pause of a second the rate is the new commit's
+# alone (a review found a burst's 20 ms interval held the first batches after a long pause).
+RATE_TIME_CONSTANT_S = 0.1
 
 
 class CommitPacer:
@@ -59,7 +67,8 @@ class CommitPacer:
         """A commit that began at ``at`` carried ``writes`` writes."""
         if self._last_at is not None and self.min_interval_s > 0:
             gap_s = max(at - self._last_at, self.min_interval_s)
-            self.rate_per_s += RATE_WEIGHT * (writes / gap_s - self.rate_per_s)
+            weight = max(RATE_WEIGHT, -math.expm1(-gap_s / RATE_TIME_CONSTANT_S))
+            self.rate_per_s += weight * (writes / gap_s - self.rate_per_s)
         self._last_at = at
 
     @property

@@ -69,3 +69,22 @@ def test_the_base_rate_and_the_cap_are_the_callers() -> None:
     pacer = CommitPacer(0.004, max_interval_s=0.1, base_rate_per_s=100.0)
     steady(pacer, 1_000)
     assert pacer.interval_s == pytest.approx(0.04, rel=0.03)
+
+
+def test_after_a_pause_the_load_of_before_is_forgotten() -> None:
+    """A burst at 2,000 writes per second (20 ms), then a second of silence: the next commit's
+    rate is its own, and the next paced batch waits the minimum, not the burst's 20 ms."""
+    pacer = CommitPacer(0.005)
+    at = steady(pacer, 2_000)
+    assert pacer.interval_s == pytest.approx(0.02, rel=0.03)
+    pacer.committed(at + 1.0, 2)
+    assert pacer.rate_per_s < 3.0 and pacer.interval_s == 0.005
+
+
+def test_at_a_steady_rate_a_commit_weighs_no_more_than_the_time_it_covers() -> None:
+    """A commit 10 ms after the one before weighs RATE_WEIGHT, a fifth (the time alone would give
+    it 1 - e^-0.1, a tenth): one commit twice as full moves the interval a fifth of the way."""
+    pacer = CommitPacer(0.005)
+    at = steady(pacer, 1_000)  # 10 ms
+    pacer.committed(at, 20)  # 2,000 writes per second over this 10 ms
+    assert 0.011 < pacer.interval_s < 0.013
