@@ -59,9 +59,12 @@ def describe(event: dict[str, Any], names: dict[str, str], channels: dict[str, s
     kind = event.get("type", "?")
     if kind == "hello":
         return "hello                  (the gateway is ready; events follow)"
-    channel = channels.get(str(event.get("channel")), str(event.get("channel", "")))
+    where = event.get("channel")
+    if isinstance(where, dict):  # channel_joined, im_created, group_joined: the channel object
+        where = where.get("name") or where.get("id")
+    channel = "#" + channels.get(str(where), str(where)) if where else "-"  # tokens_revoked: no channel
     who = names.get(str(event.get("user")), str(event.get("user", "")))
-    line = f"{kind:<22} #{channel:<12} {who:<8}"
+    line = f"{kind:<22} {channel:<13} {who:<8}"
     if "text" in event:
         line += f" {event['text']}"
     ts = event.get("ts")
