@@ -11,7 +11,8 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.errors import CloseCode
+from services.connection import PeerConnection, connect
+from services.errors import CloseCode, PeerError
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import Fleet
 
@@ -140,4 +141,38 @@ async def test_binary_websocket_frame_closes_with_1003(fleet: Fleet) -> None:
     await client.send(b"\x00\x01")
     await asyncio.wait_for(client.closed.wait(), DEFAULT_WAIT_S)
     assert client.close_code == CloseCode.UNSUPPORTED_DATA
+    await still_delivers(fleet)
+
+
+async def test_presence_teams_and_revoke_ctl_out_of_shape_are_refused_counted_and_stop_nothing(fleet: Fleet) -> None:
+    """The fields session 10 added, each sent out of shape by the role that may send them: a
+    presence server drops an ``online`` whose ``teams`` do not go one per user or are not team ids
+    (``bad_push``), an admin server refuses a ``pub`` whose ``revoke`` ctl is not a token id
+    (``bad_request``); the connection stays, nothing is registered, and the fleet goes on serving
+    (presence answers, posts are delivered)."""
+    ps, admin = fleet.processes("presence")[0], fleet.processes("admin-server")[0]
+    bob = fleet.user("bob")["id"]
+    pushes_before, requests_before = await error_count(ps, "bad_push"), await error_count(admin, "bad_request")
+    gw = await connect(ps["host"], int(ps["port"]), PeerConnection, trust=fleet.trust("gateway", "gw-bad-teams"))
+    try:
+        before = await gw.request({"op": "query", "users": [bob]}, DEFAULT_WAIT_S)
+        for teams in (["T0A1B2C3D4E", "T0A1B2C3D4E"], ["not a team id"], [7]):
+            gw.send({"op": "online", "gw": "gw-bad-teams", "users": [bob], "epoch": 1, "teams": teams})
+        assert (await gw.request({"op": "ping"}, DEFAULT_WAIT_S))["op"] == "ok"  # the pushes were handled
+        after = await gw.request({"op": "query", "users": [bob]}, DEFAULT_WAIT_S)
+        assert (after["presence"], after["teams"]) == (before["presence"], before["teams"])  # nothing registered
+    finally:
+        gw.close()
+    webapp = await connect(admin["host"], int(admin["port"]), PeerConnection, trust=fleet.trust("webapp", "webapp-bad"))
+    try:
+        for token_id in ("not-a-token-id", "A" * 32, 7):
+            pub = {"op": "pub", "ch": bob, "seq": 10**9, "json": b"{}", "t0": 0.0, "ctl": {"revoke": token_id}}
+            with pytest.raises(PeerError) as refused:
+                await webapp.request(pub, DEFAULT_WAIT_S)
+            assert refused.value.code == "bad_request" and "revoke" in str(refused.value.reply.get("detail")), token_id
+        assert webapp.is_open
+    finally:
+        webapp.close()
+    assert await error_count(ps, "bad_push") == pushes_before + 3
+    assert await error_count(admin, "bad_request") == requests_before + 3
     await still_delivers(fleet)
