@@ -779,8 +779,10 @@ async def test_auth_revoke_publishes_the_revoke_and_refuses_the_tokens_tickets_a
     fresh = await ticket_of(phone)
     assert (await webapp.internal("bootstrap", {"user": dave["id"], "token_id": fresh.token_id}))[1]["ok"]
     assert (await webapp.internal("bootstrap", {"user": dave["id"]}))[1]["ok"]  # no token id: not checked
-    status, reply = await webapp.internal("bootstrap", {"user": dave["id"], "token_id": ["x"]})
-    assert reply == {"ok": False, "error": "invalid_arguments"}
+    for bad in (["x"], "x" * 65):  # not a string; longer than any token id
+        status, reply = await webapp.internal("bootstrap", {"user": dave["id"], "token_id": bad})
+        assert reply == {"ok": False, "error": "invalid_arguments"}, bad
+    assert (await webapp.internal("bootstrap", {"user": dave["id"], "token_id": fresh.token_id}))[1]["ok"]
 
 
 async def test_auth_revoke_replies_after_its_bound_when_the_fleet_does_not_take_its_event(
