@@ -307,33 +307,6 @@ def test_the_regular_expression_reading_agrees_with_the_line_by_line_reading() -
             assert _seen(parse_request(buf, MAX_BODY)) == _seen(_parse_head(buf, MAX_BODY)), raw
 
 
-async def test_when_every_connection_waits_for_its_commit_the_batch_is_filled() -> None:
-    """A client that keeps a fixed number of requests in flight adds nothing more to the open batch
-    once all of them wait in it: the front tells the group commit (GroupCommit.fill), so pacing
-    does not cap such a client's rate (docs/publish-path.md, round 8)."""
-    api = BlockingApi()
-    api.commits = Filled()
-    front = HttpFront(api, lambda: None, max_body_bytes=MAX_BODY)  # type: ignore[arg-type]
-    protocols, transports = [], []
-    for _ in range(3):
-        protocol, transport = FrontProtocol(front), FlowTransport()
-        protocol.connection_made(transport)  # type: ignore[arg-type]
-        protocols.append(protocol)
-        transports.append(transport)
-    protocols[0].data_received(post(b"channel=C1&text=a"))
-    protocols[1].data_received(post(b"channel=C1&text=b"))
-    assert front.waiting == 2 and api.commits.fills == 0  # one connection is idle: it may still post
-    protocols[2].connection_lost(None)  # the idle one goes: every connection left waits
-    assert front.waiting == 2 and api.commits.fills == 1
-    protocols[0].data_received(post(b"channel=C1&text=c"))  # pipelined behind a: not a new waiter
-    assert front.waiting == 2 and api.commits.fills == 1
-    protocols[1].connection_lost(None)  # gone while its answer waits: no longer counted
-    assert front.waiting == 1 and api.commits.fills == 2  # (the real fill() is once per batch)
-    api.release.set()
-    await _answered(transports[0], 2)  # a, then c: c waited alone, every connection's request
-    assert front.waiting == 0 and api.commits.fills == 3
-
-
 class Fallback:
     """aiohttp's protocol for a connection handed over, reduced to what the front calls."""
 
@@ -349,20 +322,46 @@ class HandedTransport(FlowTransport):
         pass
 
 
+def waiting_front(connections: int) -> tuple[HttpFront, BlockingApi, list[FrontProtocol], list[HandedTransport]]:
+    """A lean front over a :class:`BlockingApi` whose group commit counts its fills, with
+    ``connections`` connections made."""
+    api = BlockingApi()
+    api.commits = Filled()
+    front = HttpFront(api, Fallback, max_body_bytes=MAX_BODY)  # type: ignore[arg-type]
+    protocols, transports = [], []
+    for _ in range(connections):
+        protocol, transport = FrontProtocol(front), HandedTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocols.append(protocol)
+        transports.append(transport)
+    return front, api, protocols, transports
+
+
+async def test_when_every_connection_waits_for_its_commit_the_batch_is_filled() -> None:
+    """A client that keeps a fixed number of requests in flight adds nothing more to the open batch
+    once all of them wait in it: the front tells the group commit (GroupCommit.fill), so pacing
+    does not cap such a client's rate (docs/publish-path.md, round 8)."""
+    front, api, protocols, transports = waiting_front(3)
+    protocols[0].data_received(post(b"channel=C1&text=a"))
+    protocols[1].data_received(post(b"channel=C1&text=b"))
+    assert front.waiting == 2 and api.commits.fills == 0  # one connection is idle: it may still post
+    protocols[2].connection_lost(None)  # the idle one goes: every connection left waits
+    assert front.waiting == 2 and api.commits.fills == 1
+    protocols[0].data_received(post(b"channel=C1&text=c"))  # pipelined behind a: not a new waiter
+    assert front.waiting == 2 and api.commits.fills == 1
+    protocols[1].connection_lost(None)  # gone while its answer waits: no longer counted
+    assert front.waiting == 1 and api.commits.fills == 2  # (the real fill() is once per batch)
+    api.release.set()
+    await _answered(transports[0], 2)  # a, then c: c waited alone, every connection's request
+    assert front.waiting == 0 and api.commits.fills == 3
+
+
 async def test_when_the_last_connection_that_could_post_goes_the_batch_is_filled() -> None:
     """The connections left all wait in the open batch once the one idle connection closes, or
     is handed to aiohttp (another call): nobody on the lean front can add to the batch, so it is
     filled then, not held for the rest of the paced interval (review10)."""
     for goes in ("closed", "handed over"):
-        api = BlockingApi()
-        api.commits = Filled()
-        front = HttpFront(api, Fallback, max_body_bytes=MAX_BODY)  # type: ignore[arg-type]
-        protocols, transports = [], []
-        for _ in range(3):
-            protocol, transport = FrontProtocol(front), HandedTransport()
-            protocol.connection_made(transport)  # type: ignore[arg-type]
-            protocols.append(protocol)
-            transports.append(transport)
+        front, api, protocols, transports = waiting_front(3)
         protocols[0].data_received(post(b"channel=C1&text=a"))
         protocols[1].data_received(post(b"channel=C1&text=b"))
         assert front.waiting == 2 and api.commits.fills == 0, goes
