@@ -24,10 +24,16 @@ JSON_SEPARATORS = (",", ":")
 AWAY = "away"  # what a session is told of a user it may not see: what a user nobody knows is
 
 
+def visible(viewer_team: str, team: str | None) -> bool:
+    """Whether a session of ``viewer_team`` may see the presence of a user of ``team``: the same
+    team, or a team not known (a user reported by a gateway older than the rule)."""
+    return team is None or team == viewer_team
+
+
 def shown(viewer_team: str, presence: str, team: str | None) -> str:
     """The presence a session of ``viewer_team`` is told for a user of ``team``: the user's own
-    when the teams match or the user's team is not known, else ``away``."""
-    return presence if team is None or team == viewer_team else AWAY
+    when :func:`visible`, else ``away``."""
+    return presence if visible(viewer_team, team) else AWAY
 
 
 def presence_events(items: Iterable[tuple[str, str]]) -> list[bytes]:
@@ -136,8 +142,7 @@ class PresenceWatches:
         presence = self.known.get(user)
         if presence is None:
             return None
-        team = self.team.get(user)
-        if team is None or team == session.team:
+        if visible(session.team, self.team.get(user)):
             return presence
         self.withheld += 1
         return AWAY
@@ -165,7 +170,7 @@ class PresenceWatches:
             targets = watchers if self.known.get(user) != presence else waiting
             self.known[user] = presence
             for session in targets:
-                if team is None or team == session.team:
+                if visible(session.team, team):
                     tell.setdefault(session, []).append((user, presence))
                     continue
                 self.withheld += 1
