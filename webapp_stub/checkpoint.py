@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -52,8 +53,7 @@ log = logging.getLogger("rtm.webapp.checkpoint")
 # (SQLite's own bound, 1,000 pages or 4 MiB, meant a two-fsync checkpoint in
 # one commit and the header fsync in the next, every ~180 posts then.) A longer WAL
 # costs little: page lookups in it are hashed, and crash recovery reads it
-# once. Also the size the WAL file is cut back to when the writer restarts it
-# (PRAGMA journal_size_limit), so a burst leaves no large file behind.
+# once.
 WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
 # And at least this often when the WAL is below that size (with nothing to
 # copy, a checkpoint is a few microseconds of locking): a quiet webapp's
@@ -63,10 +63,41 @@ WAL_CHECKPOINT_INTERVAL_S = 60.0
 # between two looks overshoot the bound: ~2 MiB at 1,000 posts/s.
 WAL_CHECKPOINT_POLL_S = 0.1
 # The writer's own checkpoint (SQLite's wal_autocheckpoint) stays on at this many times
-# WAL_CHECKPOINT_BYTES, as a backstop for a load the thread cannot keep up with.
+# WAL_CHECKPOINT_BYTES, as a backstop for a load the thread cannot keep up with. That is also
+# the size the WAL file is cut back to when the writer restarts it (PRAGMA journal_size_limit), so
+# a burst leaves no larger file behind. Not WAL_CHECKPOINT_BYTES: the thread's checkpoint catches
+# the writer only now and then, so under load the WAL grows well past it before it restarts (16 to
+# 29-52 MiB at 2,000 posts/s), and every frame written past the size it was cut back to went to a
+# newly allocated block, which the kernel zeroes first: 3 % of the webapp's CPU (docs/publish-path.md,
+# round 9).
 WAL_BACKSTOP_FACTOR = 4
+# The WAL's file format (https://www.sqlite.org/walformat.html): its header, each frame's header
+# before its page, and the wal-index header at the start of the -shm file (which holds it twice).
+WAL_HEADER_BYTES = 32
+WAL_FRAME_HEADER_BYTES = 24
+WAL_INDEX_HEADER_BYTES = 48
 # close() waits this long for a checkpoint in progress before giving up on the thread.
 WAL_CHECKPOINT_JOIN_TIMEOUT_S = 10.0
+
+
+def wal_index_bytes(shm_path: str) -> int | None:
+    """The size of the WAL's valid frames (with its 32-byte header), from the wal-index header at
+    the start of the ``-shm`` file (https://www.sqlite.org/walformat.html, "The WAL-Index Header":
+    two copies of 48 bytes in native byte order; ``szPage`` at byte 14, ``mxFrame`` at byte 16).
+    None when there is no such file, its header is not initialized, or the two copies differ (the
+    writer was changing it as it was read): the caller then goes by the file's size."""
+    try:
+        with open(shm_path, "rb") as shm:
+            head = shm.read(2 * WAL_INDEX_HEADER_BYTES)
+    except OSError:
+        return None
+    if len(head) < 2 * WAL_INDEX_HEADER_BYTES or head[:WAL_INDEX_HEADER_BYTES] != head[WAL_INDEX_HEADER_BYTES:]:
+        return None
+    _version, _unused, _change, is_init, _big_endian, page_size, max_frame = struct.unpack_from("=IIIBBHI", head)
+    if not is_init:
+        return None
+    page_bytes = 65536 if page_size == 1 else int(page_size)  # the format's way to say 64 KiB in 16 bits
+    return WAL_HEADER_BYTES + int(max_frame) * (WAL_FRAME_HEADER_BYTES + page_bytes)
 
 
 class WalCheckpointer:
@@ -107,8 +138,9 @@ class WalCheckpointer:
         the thread keeps up, and it caps the WAL when the thread cannot.
         """
         page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        conn.execute(f"PRAGMA wal_autocheckpoint={max(1, WAL_BACKSTOP_FACTOR * int(wal_bytes) // page_size)}")
-        conn.execute(f"PRAGMA journal_size_limit={int(wal_bytes)}")
+        backstop_bytes = WAL_BACKSTOP_FACTOR * int(wal_bytes)
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(1, backstop_bytes // page_size)}")
+        conn.execute(f"PRAGMA journal_size_limit={backstop_bytes}")
 
     # -- the thread -------------------------------------------------------------------
     def start(self) -> None:
@@ -143,16 +175,24 @@ class WalCheckpointer:
 
     # -- one step ------------------------------------------------------------------------
     def wal_size(self) -> int:
+        """The bytes of the WAL written since it last started over: the frames that the
+        wal-index header in ``-shm`` counts, else (no readable header) the file's size.
+
+        Not the file's size: a restart writes over the file from its beginning and leaves its
+        length (up to ``journal_size_limit``), so that length says nothing of what the WAL holds."""
+        frames_bytes = wal_index_bytes(self.wal_path[: -len("-wal")] + "-shm")
+        if frames_bytes is not None:
+            return frames_bytes
         try:
             return os.path.getsize(self.wal_path)
         except FileNotFoundError:
             return 0
 
     def due(self, now: float, wal_size: int) -> bool:
-        """Whether to checkpoint now: the WAL file is past the bound, or the interval is up.
+        """Whether to checkpoint now: the WAL holds more than the bound, or the interval is up.
 
-        The file stays past the bound after a complete checkpoint until the
-        writer's next commit restarts (and truncates) it; the polls in between
+        The WAL stays past the bound after a complete checkpoint until the
+        writer's next commit restarts it; the polls in between
         run checkpoints with nothing to copy, which cost no fsync.
         """
         return wal_size > self.wal_bytes or now >= self._next_at

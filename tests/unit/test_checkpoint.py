@@ -7,6 +7,7 @@ two start the real thread and check that closing stops it.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,8 +65,51 @@ def test_take_over_sets_the_writer_pragmas(tmp_path: Path) -> None:
     WalCheckpointer.take_over(s.conn)
     # only a backstop, far past the thread's bound
     assert pragma(s, "wal_autocheckpoint") == WAL_BACKSTOP_FACTOR * WAL_CHECKPOINT_BYTES // pragma(s, "page_size")
-    assert pragma(s, "journal_size_limit") == WAL_CHECKPOINT_BYTES
+    # and the WAL file is cut back to that backstop, not to the thread's bound (see the next test)
+    assert pragma(s, "journal_size_limit") == WAL_BACKSTOP_FACTOR * WAL_CHECKPOINT_BYTES
     s.close()
+
+
+def test_a_restarted_wal_keeps_its_file_up_to_the_backstop(store: Store) -> None:
+    """Under load the thread's checkpoint catches the writer only now and then, so the WAL grows
+    past the thread's bound before it restarts. The restart must not cut the file back to that
+    bound: every frame written past where it was cut would go to a new block (docs/publish-path.md,
+    round 9). What the WAL holds is read from the wal-index, not from the file's length."""
+    seed = seed_demo(store)
+    ckpt = WalCheckpointer(store.path, wal_bytes=SMALL_WAL_BYTES)
+    for _ in range(200):  # bounded: about 2 KiB of WAL per post
+        if ckpt.wal_size() > 2 * SMALL_WAL_BYTES:
+            break
+        post(store, seed, POSTS_PER_POLL)
+    grown = os.path.getsize(ckpt.wal_path)
+    assert ckpt.wal_size() == grown  # the frames, as the wal-index counts them, fill the file
+    assert 2 * SMALL_WAL_BYTES < grown <= WAL_BACKSTOP_FACTOR * SMALL_WAL_BYTES
+    busy, frames, copied = ckpt.checkpoint()  # type: ignore[misc]
+    assert busy == 0 and copied == frames > 0
+    post(store, seed, 1)  # the next commit starts the WAL over
+    assert ckpt.wal_size() < SMALL_WAL_BYTES  # it did start over
+    assert os.path.getsize(ckpt.wal_path) == grown  # and its file kept its blocks
+    ckpt.close()
+
+
+def test_without_a_readable_wal_index_the_wal_is_its_files_size(tmp_path: Path) -> None:
+    wal = tmp_path / "x.db-wal"
+    wal.write_bytes(b"w" * 5000)
+    ckpt = WalCheckpointer(str(tmp_path / "x.db"))
+    assert ckpt.wal_size() == 5000  # no -shm file
+    (tmp_path / "x.db-shm").write_bytes(b"\0" * 96)  # a header not initialized
+    assert ckpt.wal_size() == 5000
+    torn = bytearray(96)
+    torn[12], torn[60] = 1, 2  # initialized, but the two copies differ
+    (tmp_path / "x.db-shm").write_bytes(bytes(torn))
+    assert ckpt.wal_size() == 5000
+    whole = bytearray(96)
+    for copy in (0, 48):
+        whole[copy + 12] = 1
+        whole[copy + 14 : copy + 16] = (1).to_bytes(2, sys.byteorder)  # 1 means 64 KiB pages
+        whole[copy + 16 : copy + 20] = (3).to_bytes(4, sys.byteorder)
+    (tmp_path / "x.db-shm").write_bytes(bytes(whole))
+    assert ckpt.wal_size() == 32 + 3 * (24 + 65536)
 
 
 def test_checkpoint_copies_every_frame_and_the_writer_then_restarts_the_wal(store: Store) -> None:
