@@ -41,6 +41,7 @@ from webapp_stub import methods  # noqa: F401  (importing it registers every Web
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.client import BrowserClient
 from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
+from webapp_stub.commit_pacer import handoff_interval_s
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
@@ -305,6 +306,13 @@ class WebappServer:
         self._stack.callback(self.store.close)
         self.metrics = ServiceMetrics(SERVICE, self.instance_id)
 
+    def _handoff_interval_s(self) -> float:
+        """The hand-off's pacing now: from the rate of writes that the group commit measures."""
+        commits: GroupCommit | None = getattr(self, "commits", None)  # None before start() made it
+        rate_per_s = commits.pacer.rate_per_s if commits is not None else 0.0
+        args = self.args
+        return handoff_interval_s(rate_per_s, args.handoff_pacing_base_rate_per_s, args.handoff_interval_cap_s)
+
     def _start_handoff(self) -> None:
         """The outbox, requeueing what the last run may not have handed off (from the mark)
         and the redrives it was doing; its flush is the stop step after the loops."""
@@ -317,6 +325,7 @@ class WebappServer:
             max_refusals=args.max_refusals,
             max_event_bytes=args.max_event_bytes,
             max_queue_events=args.max_outbox_events,
+            interval_s=self._handoff_interval_s,
         )
         replay_from_mark(store, self.handoff, time.time())
         if store.resume_redrives():

@@ -73,7 +73,13 @@ from prometheus_client import Counter, Histogram
 
 from services.config import Parser
 from services.metrics import ServiceMetrics
-from webapp_stub.commit_pacer import COMMIT_INTERVAL_CAP_S, COMMIT_PACING_BASE_RATE_PER_S, CommitPacer
+from webapp_stub.commit_pacer import (
+    COMMIT_INTERVAL_CAP_S,
+    COMMIT_PACING_BASE_RATE_PER_S,
+    HANDOFF_INTERVAL_CAP_S,
+    HANDOFF_PACING_BASE_RATE_PER_S,
+    CommitPacer,
+)
 from webapp_stub.models import Event
 from webapp_stub.wal_fsync import WalFsync
 
@@ -100,10 +106,10 @@ MIN_COMMIT_INTERVAL_S = 0.005
 # The interval holds a batch only after a commit with at least this many writes: the sign of load
 # (at light load a loop turn holds one post).
 PACED_AFTER_BATCH_WRITES = 2
-# The largest --min-commit-interval-s and --commit-interval-cap-s accepted: every post under load
-# may wait this long.
+# The largest --min-commit-interval-s, --commit-interval-cap-s and --handoff-interval-cap-s accepted:
+# every post (or delivery) under load may wait this long.
 MAX_COMMIT_INTERVAL_S = 1.0
-# The largest --commit-pacing-base-rate-per-s accepted.
+# The largest --commit-pacing-base-rate-per-s and --handoff-pacing-base-rate-per-s accepted.
 MAX_COMMIT_PACING_BASE_RATE_PER_S = 1_000_000.0
 # Under load, after a paced commit (one that carried PACED_AFTER_BATCH_WRITES or more), the event
 # loop naps, reading nothing, until the next commit is due, at most this long. The posts that
@@ -162,6 +168,20 @@ def add_commit_flags(parser: Parser) -> None:
         "--commit-pacing-base-rate-per-s",
         COMMIT_PACING_BASE_RATE_PER_S,
         "writes per second above which the paced commit interval grows past its minimum",
+        above=0.0,
+        at_most=MAX_COMMIT_PACING_BASE_RATE_PER_S,
+    )
+    parser.add(
+        "--handoff-interval-cap-s",
+        HANDOFF_INTERVAL_CAP_S,
+        "under load the hand-off sends at most once per interval, growing with the rate of writes to this (0: off)",
+        at_least=0.0,
+        at_most=MAX_COMMIT_INTERVAL_S,
+    )
+    parser.add(
+        "--handoff-pacing-base-rate-per-s",
+        HANDOFF_PACING_BASE_RATE_PER_S,
+        "writes per second above which the hand-off is paced (commit_pacer.py)",
         above=0.0,
         at_most=MAX_COMMIT_PACING_BASE_RATE_PER_S,
     )

@@ -1,4 +1,5 @@
-"""When the next group commit may start: the interval follows the load (sans-I/O).
+"""When the next group commit may start, and the next hand-off may go: both follow the load
+(sans-I/O).
 
 Every group commit costs the fleet about the same whatever it carries: the COMMIT and its fsync,
 the hand-off's ``pubs`` frame, and the admin server's reads and writes to each channel server,
@@ -25,6 +26,16 @@ loop turns (a coincidence at light load) never look like load. The newest commit
 :data:`RATE_WEIGHT`, and more the longer it came after the one before (:data:`RATE_TIME_CONSTANT_S`):
 after a pause the load of before is forgotten, not carried into the next burst. Time comes in as
 an argument; no clock is read here.
+
+The hand-off is paced by the same rate (:func:`handoff_interval_s`, round 9 of
+docs/publish-path.md). A client that waits for each answer caps a commit at its connections (32
+posts for the peers' generator, however long the interval), but the hand-off is not on its path:
+its ``pubs`` may carry several commits' events, and the admin server's cost, about 350 µs per
+``pubs`` besides 6-7 µs per event, falls with it. Above
+:data:`HANDOFF_PACING_BASE_RATE_PER_S` (1,000) writes per second, the hand-off sends at most once
+per interval, which grows in proportion to the rate above that base, up to
+:data:`HANDOFF_INTERVAL_CAP_S` (30 ms) at twice it; at or below the base it sends at once. So only
+delivery waits, by at most the cap and only under load; the HTTP answer never does.
 """
 
 from __future__ import annotations
@@ -44,6 +55,22 @@ RATE_WEIGHT = 0.2
 # 1 - exp(-gap / RATE_TIME_CONSTANT_S), so after a pause of a second the rate is the new commit's
 # alone (a review found a burst's 20 ms interval held the first batches after a long pause).
 RATE_TIME_CONSTANT_S = 0.1
+
+# Writes per second above which the hand-off is paced (--handoff-pacing-base-rate-per-s): at or
+# below, it sends as soon as a commit is done.
+HANDOFF_PACING_BASE_RATE_PER_S = 1000.0
+# The longest the hand-off holds its events under load (--handoff-interval-cap-s; 0: never), reached
+# at twice the base rate: about two of the commits that a 32-connection client fills at 2,000 posts
+# per second. Every delivery under that load may wait this much longer.
+HANDOFF_INTERVAL_CAP_S = 0.03
+
+
+def handoff_interval_s(rate_per_s: float, base_rate_per_s: float, cap_s: float) -> float:
+    """The least time between two sends of the hand-off at ``rate_per_s`` writes per second: 0 up
+    to ``base_rate_per_s``, growing in proportion above it, ``cap_s`` from twice it on."""
+    if cap_s <= 0 or rate_per_s <= base_rate_per_s:
+        return 0.0
+    return cap_s * min(1.0, (rate_per_s - base_rate_per_s) / base_rate_per_s)
 
 
 class CommitPacer:

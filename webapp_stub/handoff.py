@@ -12,7 +12,10 @@ is up and healthy, :meth:`Handoff.publish` writes them at once, so a pub
 leaves before the HTTP reply is built and written (measured: that reply
 work is about 0.6 ms of the webapp's time per post on the development
 machine, which every delivery used to wait for); otherwise a send loop sends
-them when the link allows.
+them when the link allows. Under load the sends are paced (``interval_s``, from
+:func:`webapp_stub.commit_pacer.handoff_interval_s`): a send waits until the interval has
+passed since the last one, and then carries everything published meanwhile, so one ``pubs``
+holds several commits' events and the admin server's cost per ``pubs`` is shared by more.
 
 Why one module: the contract below (never drops, never reorders, no head-of-line
 poison) is kept jointly by the sans-I/O window (:class:`Outbox`), the link that sends
@@ -66,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -444,6 +448,7 @@ class Handoff:
         max_event_bytes: int = MAX_EVENT_BYTES,
         max_queue_events: int = MAX_QUEUE_EVENTS,
         batching: bool = True,
+        interval_s: Callable[[], float] | None = None,
     ) -> None:
         if max_refusals < 1:
             raise ValueError("max_refusals must be at least 1")
@@ -459,6 +464,10 @@ class Handoff:
         self.batching = batching
         self.request_timeout_s = request_timeout_s
         self.clock = clock
+        # The least time from one send to the next, now: under load the events of several commits
+        # go in one ``pubs`` (commit_pacer.handoff_interval_s); 0 (the default): each at once.
+        self.interval_s: Callable[[], float] = interval_s or (lambda: 0.0)
+        self._last_sent_at = -math.inf  # time.monotonic() of the last send
         self._retry_delays = (retry_initial_s, retry_max_s)
         self._delays = backoff_delays(*self._retry_delays)
         self._retry_pending = False
@@ -510,6 +519,9 @@ class Handoff:
         metrics.gauge("rtm_webapp_handoff_in_flight", "Pubs awaiting a reply").set_function(
             lambda: self.outbox.in_flight
         )
+        metrics.gauge(
+            "rtm_webapp_handoff_interval_seconds", "The least time between two sends now (paced under load)"
+        ).set_function(self.interval_s)
 
     # -- producer side ------------------------------------------------------------
     def publish(self, events: Iterable[Event]) -> None:
@@ -522,7 +534,7 @@ class Handoff:
             if self._m_published is not None:
                 self._m_published.inc(count)
             self._drained.clear()
-            if self._task is not None and not self._failing and self.sender.connected:
+            if self._task is not None and not self._failing and self.sender.connected and self._held_s() <= 0:
                 self._send_window()  # now, before the caller writes its HTTP reply
             if self.outbox.sendable:
                 self._wake.set()
@@ -626,6 +638,10 @@ class Handoff:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            held_s = self._held_s()
+            if held_s > 0:  # paced: what is published meanwhile goes in the same pubs
+                await asyncio.sleep(held_s)
+                continue
             try:
                 if not await self.sender.ready(CONNECT_WAIT_S):
                     continue
@@ -633,6 +649,10 @@ class Handoff:
             except Exception:  # never let the one task that resends die: log it, back off, go on
                 log.exception("hand-off: sending failed unexpectedly; retrying after a backoff")
                 self._retry_pending = True
+
+    def _held_s(self) -> float:
+        """How much longer the next send waits (the hand-off's pacing); 0 or less: none."""
+        return self._last_sent_at + self.interval_s() - time.monotonic()
 
     def _send_window(self) -> None:
         """Send what the window allows, in queue order, as ``pubs`` batches of at most
@@ -643,7 +663,10 @@ class Handoff:
         epoch = self.outbox.epoch
         batch: list[Entry] = []
         batch_bytes = 0
-        for entry in self.outbox.take():
+        entries = self.outbox.take()
+        if entries:
+            self._last_sent_at = time.monotonic()
+        for entry in entries:
             size = len(entry.item["json"])
             if size > self.max_event_bytes:  # never put it on the wire: it could break the frame limit
                 self._park(entry, "too_large", f"event of {size} bytes exceeds the limit of {self.max_event_bytes}")

@@ -1,10 +1,18 @@
-"""The paced commit interval follows the rate of writes (webapp_stub/commit_pacer.py): no clock, no loop."""
+"""The paced commit interval, and the hand-off's, follow the rate of writes (webapp_stub/commit_pacer.py):
+no clock, no loop."""
 
 from __future__ import annotations
 
 import pytest
 
-from webapp_stub.commit_pacer import COMMIT_INTERVAL_CAP_S, COMMIT_PACING_BASE_RATE_PER_S, CommitPacer
+from webapp_stub.commit_pacer import (
+    COMMIT_INTERVAL_CAP_S,
+    COMMIT_PACING_BASE_RATE_PER_S,
+    HANDOFF_INTERVAL_CAP_S,
+    HANDOFF_PACING_BASE_RATE_PER_S,
+    CommitPacer,
+    handoff_interval_s,
+)
 
 
 def steady(pacer: CommitPacer, rate_per_s: float, commits: int = 60) -> float:
@@ -88,3 +96,18 @@ def test_at_a_steady_rate_a_commit_weighs_no_more_than_the_time_it_covers() -> N
     at = steady(pacer, 1_000)  # 10 ms
     pacer.committed(at, 20)  # 2,000 writes per second over this 10 ms
     assert 0.011 < pacer.interval_s < 0.013
+
+
+@pytest.mark.parametrize(
+    ("rate_per_s", "interval_s"),
+    [(0, 0.0), (500, 0.0), (1_000, 0.0), (1_250, 0.0075), (1_500, 0.015), (2_000, 0.03), (3_000, 0.03), (1e6, 0.03)],
+)
+def test_the_handoff_is_paced_only_above_its_base_rate_up_to_its_cap(rate_per_s: float, interval_s: float) -> None:
+    assert (HANDOFF_PACING_BASE_RATE_PER_S, HANDOFF_INTERVAL_CAP_S) == (1000.0, 0.03)
+    got = handoff_interval_s(rate_per_s, HANDOFF_PACING_BASE_RATE_PER_S, HANDOFF_INTERVAL_CAP_S)
+    assert got == pytest.approx(interval_s)
+
+
+def test_the_handoff_pacing_is_off_with_a_cap_of_zero_and_its_base_is_the_callers() -> None:
+    assert handoff_interval_s(5_000, 1_000, 0.0) == 0.0
+    assert handoff_interval_s(3_000, 2_000, 0.04) == pytest.approx(0.02)

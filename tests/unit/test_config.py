@@ -99,6 +99,10 @@ BOUNDED_FLAGS = [
     (WEBAPP, "--commit-pacing-base-rate-per-s", {"2000": 2000.0}, "0", "above 0.0"),
     (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "inf", "above 0.0"),
     (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "1e9", "at most 1000000.0"),
+    (WEBAPP, "--handoff-interval-cap-s", {"0": 0.0, "0.05": 0.05}, "-0.01", "at least 0.0"),
+    (WEBAPP, "--handoff-interval-cap-s", {}, "2", "at most 1.0"),
+    (WEBAPP, "--handoff-pacing-base-rate-per-s", {"2000": 2000.0}, "0", "above 0.0"),
+    (WEBAPP, "--handoff-pacing-base-rate-per-s", {}, "1e9", "at most 1000000.0"),
     # how long auth.revoke may wait for its event's fan-out before it answers
     (WEBAPP, "--revoke-fanout-wait-s", {"0.5": 0.5, "60": 60.0}, "0", "above 0"),
     (WEBAPP, "--revoke-fanout-wait-s", {}, "nan", "above 0"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Awaitable
 from typing import Any
@@ -309,6 +310,29 @@ async def test_publish_writes_at_once_when_the_link_is_up(sender: FakeSender) ->
     assert [eid for _, eid in sender.sent] == [e.eid for e in batch[:3]]
     handoff.publish(batch[3:])
     assert len(sender.sent) == 4  # the window (4) is full: the rest waits for acknowledgements
+    assert await handoff.flush(5.0)
+    assert sender.applied == [e.eid for e in batch]
+    assert sends_in_queue_order(sender.sent)
+    await handoff.close()
+
+
+async def test_paced_what_is_published_within_the_interval_goes_out_together(sender: FakeSender) -> None:
+    """Under load (commit_pacer.handoff_interval_s) a send waits until the interval has passed since
+    the last one, and takes everything published meanwhile: several commits in one pubs."""
+    hold_s = 0.3
+    handoff = make_handoff(sender, interval_s=lambda: hold_s)
+    handoff.start()
+    batch = events(9)
+    started = time.monotonic()
+    handoff.publish(batch[:3])
+    assert len(sender.sent) == 3  # nothing was sent before: at once
+    handoff.publish(batch[3:6])
+    handoff.publish(batch[6:])
+    assert len(sender.sent) == 3  # held, not written by publish
+    await asyncio.wait_for(_until(lambda: len(sender.sent) == 9), 5.0)
+    assert time.monotonic() - started >= hold_s
+    if BATCHING:
+        assert sender.batches == [3, 6]  # the two later publishes in one pubs
     assert await handoff.flush(5.0)
     assert sender.applied == [e.eid for e in batch]
     assert sends_in_queue_order(sender.sent)
