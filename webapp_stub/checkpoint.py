@@ -24,7 +24,10 @@ starts the WAL over from its beginning and SQLite syncs the new WAL header
 before writing frames behind it (crash safety; not configurable short of
 ``synchronous=OFF``). So checkpoints are driven by size rather than by a
 short timer: the fewer times the WAL starts over, the fewer of those stalls;
-see :data:`WAL_CHECKPOINT_BYTES`.
+see :data:`WAL_CHECKPOINT_BYTES`. A WAL that starts over keeps its file (up to
+the backstop, :data:`WAL_BACKSTOP_FACTOR`), so that its frames overwrite blocks
+already allocated; past the bound, the file's length then says nothing of what
+the WAL holds, and checkpoints come at most every :data:`WAL_CHECKPOINT_MIN_GAP_S`.
 
 Contract: :meth:`start` once, :meth:`close` once (idempotent); after
 :meth:`close` returns the thread has stopped and its connection is closed.
@@ -36,9 +39,9 @@ call it without starting the thread).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -71,33 +74,16 @@ WAL_CHECKPOINT_POLL_S = 0.1
 # newly allocated block, which the kernel zeroes first: 3 % of the webapp's CPU (docs/publish-path.md,
 # round 9).
 WAL_BACKSTOP_FACTOR = 4
-# The WAL's file format (https://www.sqlite.org/walformat.html): its header, each frame's header
-# before its page, and the wal-index header at the start of the -shm file (which holds it twice).
-WAL_HEADER_BYTES = 32
-WAL_FRAME_HEADER_BYTES = 24
-WAL_INDEX_HEADER_BYTES = 48
+# While the WAL file is past the bound, checkpoint at most this often. The file keeps its length
+# when the WAL starts over (up to the backstop, above), so past the bound its length no longer says
+# how much the WAL holds: about what this long brings (6 MiB at 2,000 posts/s). Not read from the
+# wal-index in the -shm file: opening and closing any descriptor of a file that SQLite locks drops
+# the whole process's POSIX locks on it (https://www.sqlite.org/howtocorrupt.html, 2.2); a first
+# version did, and another process's connection re-initialized the -shm under the writer's map,
+# which killed the webapp with SIGBUS in a system test.
+WAL_CHECKPOINT_MIN_GAP_S = 0.5
 # close() waits this long for a checkpoint in progress before giving up on the thread.
 WAL_CHECKPOINT_JOIN_TIMEOUT_S = 10.0
-
-
-def wal_index_bytes(shm_path: str) -> int | None:
-    """The size of the WAL's valid frames (with its 32-byte header), from the wal-index header at
-    the start of the ``-shm`` file (https://www.sqlite.org/walformat.html, "The WAL-Index Header":
-    two copies of 48 bytes in native byte order; ``szPage`` at byte 14, ``mxFrame`` at byte 16).
-    None when there is no such file, its header is not initialized, or the two copies differ (the
-    writer was changing it as it was read): the caller then goes by the file's size."""
-    try:
-        with open(shm_path, "rb") as shm:
-            head = shm.read(2 * WAL_INDEX_HEADER_BYTES)
-    except OSError:
-        return None
-    if len(head) < 2 * WAL_INDEX_HEADER_BYTES or head[:WAL_INDEX_HEADER_BYTES] != head[WAL_INDEX_HEADER_BYTES:]:
-        return None
-    _version, _unused, _change, is_init, _big_endian, page_size, max_frame = struct.unpack_from("=IIIBBHI", head)
-    if not is_init:
-        return None
-    page_bytes = 65536 if page_size == 1 else int(page_size)  # the format's way to say 64 KiB in 16 bits
-    return WAL_HEADER_BYTES + int(max_frame) * (WAL_FRAME_HEADER_BYTES + page_bytes)
 
 
 class WalCheckpointer:
@@ -110,6 +96,7 @@ class WalCheckpointer:
         interval_s: float = WAL_CHECKPOINT_INTERVAL_S,
         poll_s: float = WAL_CHECKPOINT_POLL_S,
         wal_bytes: int = WAL_CHECKPOINT_BYTES,
+        min_gap_s: float = WAL_CHECKPOINT_MIN_GAP_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
@@ -117,11 +104,13 @@ class WalCheckpointer:
         self.interval_s = interval_s
         self.poll_s = poll_s
         self.wal_bytes = wal_bytes
+        self.min_gap_s = min_gap_s
         self.clock = clock
         self.checkpoints = 0  # checkpoints run (successful or not)
         self.failures = 0
         self.last: tuple[int, int, int] | None = None  # (busy, WAL frames, frames checkpointed) of the last one
         self._next_at = clock() + interval_s
+        self._last_at = -math.inf  # when the last checkpoint ran
         self._conn: sqlite3.Connection | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,27 +164,20 @@ class WalCheckpointer:
 
     # -- one step ------------------------------------------------------------------------
     def wal_size(self) -> int:
-        """The bytes of the WAL written since it last started over: the frames that the
-        wal-index header in ``-shm`` counts, else (no readable header) the file's size.
-
-        Not the file's size: a restart writes over the file from its beginning and leaves its
-        length (up to ``journal_size_limit``), so that length says nothing of what the WAL holds."""
-        frames_bytes = wal_index_bytes(self.wal_path[: -len("-wal")] + "-shm")
-        if frames_bytes is not None:
-            return frames_bytes
         try:
             return os.path.getsize(self.wal_path)
         except FileNotFoundError:
             return 0
 
     def due(self, now: float, wal_size: int) -> bool:
-        """Whether to checkpoint now: the WAL holds more than the bound, or the interval is up.
+        """Whether to checkpoint now: the WAL file is past the bound and the last checkpoint is
+        :data:`WAL_CHECKPOINT_MIN_GAP_S` old, or the interval is up.
 
-        The WAL stays past the bound after a complete checkpoint until the
-        writer's next commit restarts it; the polls in between
-        run checkpoints with nothing to copy, which cost no fsync.
+        The file stays past the bound once it has grown past it (the writer restarts the WAL
+        over its old frames, not on a shorter file), so past it the checkpoints follow the clock:
+        with nothing new to copy one costs no fsync, else it copies what the gap brought.
         """
-        return wal_size > self.wal_bytes or now >= self._next_at
+        return (wal_size > self.wal_bytes and now >= self._last_at + self.min_gap_s) or now >= self._next_at
 
     def poll(self) -> bool:
         """Checkpoint if :meth:`due`; returns whether it did."""
@@ -208,7 +190,8 @@ class WalCheckpointer:
     def checkpoint(self) -> tuple[int, int, int] | None:
         """One ``PRAGMA wal_checkpoint(PASSIVE)``: (busy, WAL frames, frames copied), None if it failed."""
         self.checkpoints += 1
-        self._next_at = self.clock() + self.interval_s
+        self._last_at = self.clock()
+        self._next_at = self._last_at + self.interval_s
         try:
             if self._conn is None:
                 # Used by one thread at a time: the checkpoint thread, or a test calling poll().
