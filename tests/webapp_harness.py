@@ -36,6 +36,7 @@ class FakeAdminServer:
         self.ca = ca if ca is not None else FleetCA(Path(tempfile.mkdtemp(prefix="rtm-test-ca-")))
         self.port = free_port()
         self.pubs: list[dict[str, Any]] = []
+        self.batches: list[list[str]] = []  # the eids of each request, in order (a pub is a batch of one)
         self.conns: set[PeerConnection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.hold = False  # record pubs but never answer them (a hung or dying AS)
@@ -47,10 +48,12 @@ class FakeAdminServer:
     def on_request(self, conn: PeerConnection, msg: dict[str, Any]) -> dict[str, Any] | None:
         if msg["op"] == "pub":
             self.pubs.append(msg)
+            self.batches.append([msg["eid"]])
             if self.hold:
                 return None
         if msg["op"] == "pubs":  # the webapp's batches: each event recorded as the pub it stands for
             self.pubs.extend({"op": "pub", **item} for item in msg["evs"])
+            self.batches.append([item["eid"] for item in msg["evs"]])
             if self.hold:
                 return None
             return wire.reply_ok(msg["id"], res=["ok"] * len(msg["evs"]))

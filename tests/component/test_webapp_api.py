@@ -971,3 +971,45 @@ async def test_auth_revoke_ends_a_cached_token_at_once(webapp: Webapp) -> None:
     assert reply == {"ok": False, "error": "invalid_auth"}
     status, reply = await webapp.call("chat.postMessage", bob["token"], json_body={"channel": "#general", "text": "x"})
     assert reply == {"ok": False, "error": "invalid_auth"}
+
+
+async def test_under_load_one_pubs_carries_the_events_of_several_commits(
+    tmp_path: Path, fake_as: FakeAdminServer
+) -> None:
+    """The hand-off's pacing, wired to the group commit's rate of writes (commit_pacer.handoff_interval_s).
+    A base rate far below anything (0.001 writes/s) paces from the second commit on, at the cap: a
+    post sent while the hand-off is held goes out with the ones after it, in one ``pubs``."""
+    cap_s = 0.5
+    app = await start(
+        tmp_path, fake_as, "--handoff-pacing-base-rate-per-s", "0.001", "--handoff-interval-cap-s", str(cap_s)
+    )
+    try:
+        alice, general = app.user("alice"), app.channel("general")
+        assert app.server.handoff.interval_s() == 0.0  # no commit yet: no rate, no pacing
+
+        async def post(text: str) -> None:
+            _, reply = await app.call("chat.postMessage", alice["token"], json_body={"channel": general, "text": text})
+            assert reply["ok"], reply
+
+        await post("first")  # one commit: no rate measured yet, so it goes at once
+
+        async def first_arrived() -> bool:
+            return len(fake_as.pubs_for(general)) == 1
+
+        await async_wait_until(first_arrived, what="the first post at the fake AS")
+        sent_before = len(fake_as.batches)
+        await post("second")  # a second commit: a rate, far past the base, so the cap; held
+        await post("third")
+        assert app.server.handoff.interval_s() == cap_s
+        assert len(fake_as.pubs_for(general)) == 1  # both answered, neither handed off yet
+
+        async def both_arrived() -> bool:
+            return len(fake_as.pubs_for(general)) == 3
+
+        await async_wait_until(both_arrived, what="the held posts at the fake AS")
+        assert fake_as.batches[sent_before:] == [[f"{general}:2", f"{general}:3"]]  # one pubs for both
+        metrics = await app.session.get(f"{app.url}/metrics")
+        assert f"rtm_webapp_handoff_interval_seconds {cap_s}" in await metrics.text()
+    finally:
+        await app.session.close()
+        await app.stop()
