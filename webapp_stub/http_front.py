@@ -286,6 +286,8 @@ class FrontProtocol(asyncio.Protocol):
         is pending (a request in flight, or the client not reading its answers) and more than
         MAX_BUFFERED_BYTES wait behind it. An incomplete request in the buffer is bounded by
         itself (MAX_HEAD_BYTES and --max-body-bytes: parse_request), so reading it never pauses."""
+        if not self.reading_paused and len(self.buf) <= MAX_BUFFERED_BYTES:
+            return  # reading, with no cause to pause: nearly always (twice per post)
         transport = self.transport
         if transport is None or transport.is_closing() or self not in self.front.connections:
             return  # closed, or aiohttp's now
