@@ -326,6 +326,7 @@ class WebappServer:
             max_event_bytes=args.max_event_bytes,
             max_queue_events=args.max_outbox_events,
             interval_s=self._handoff_interval_s,
+            batch_events=args.handoff_batch_events,
         )
         replay_from_mark(store, self.handoff, time.time())
         if store.resume_redrives():

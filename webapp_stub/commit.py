@@ -71,11 +71,13 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Histogram
 
+from services import ops
 from services.config import Parser
 from services.metrics import ServiceMetrics
 from webapp_stub.commit_pacer import (
     COMMIT_INTERVAL_CAP_S,
     COMMIT_PACING_BASE_RATE_PER_S,
+    HANDOFF_BATCH_EVENTS,
     HANDOFF_INTERVAL_CAP_S,
     HANDOFF_PACING_BASE_RATE_PER_S,
     CommitPacer,
@@ -109,6 +111,8 @@ PACED_AFTER_BATCH_WRITES = 2
 # The largest --min-commit-interval-s, --commit-interval-cap-s and --handoff-interval-cap-s accepted:
 # every post (or delivery) under load may wait this long.
 MAX_COMMIT_INTERVAL_S = 1.0
+# The largest --handoff-batch-events accepted: a pubs carries at most this many (ops.MAX_PUBS_EVENTS).
+MAX_HANDOFF_BATCH_EVENTS = ops.MAX_PUBS_EVENTS
 # The largest --commit-pacing-base-rate-per-s and --handoff-pacing-base-rate-per-s accepted.
 MAX_COMMIT_PACING_BASE_RATE_PER_S = 1_000_000.0
 # Under load, after a paced commit (one that carried PACED_AFTER_BATCH_WRITES or more), the event
@@ -177,6 +181,13 @@ def add_commit_flags(parser: Parser) -> None:
         "under load the hand-off sends at most once per interval, growing with the rate of writes to this (0: off)",
         at_least=0.0,
         at_most=MAX_COMMIT_INTERVAL_S,
+    )
+    parser.add(
+        "--handoff-batch-events",
+        HANDOFF_BATCH_EVENTS,
+        "a paced hand-off sends at once when this many events wait",
+        at_least=1,
+        at_most=MAX_HANDOFF_BATCH_EVENTS,
     )
     parser.add(
         "--handoff-pacing-base-rate-per-s",

@@ -86,6 +86,7 @@ from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError,
 from services.identity import ADMIN_SERVER, WEBAPP
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.tls import WireTrust
+from webapp_stub.commit_pacer import HANDOFF_BATCH_EVENTS
 from webapp_stub.database import MAX_EVENT_BYTES, EventClock
 from webapp_stub.models import Event
 from webapp_stub.tally import TallyCounter, TallyHistogram
@@ -289,6 +290,11 @@ class Outbox:
         return self._sent < min(len(self._entries), self.max_in_flight)
 
     @property
+    def unsent(self) -> int:
+        """Entries not sent in this epoch (beyond the window or not yet taken)."""
+        return len(self._entries) - self._sent
+
+    @property
     def in_flight(self) -> int:
         return sum(1 for i in range(self._sent) if not self._entries[i].acked)
 
@@ -449,6 +455,7 @@ class Handoff:
         max_queue_events: int = MAX_QUEUE_EVENTS,
         batching: bool = True,
         interval_s: Callable[[], float] | None = None,
+        batch_events: int = HANDOFF_BATCH_EVENTS,
     ) -> None:
         if max_refusals < 1:
             raise ValueError("max_refusals must be at least 1")
@@ -467,6 +474,7 @@ class Handoff:
         # The least time from one send to the next, now: under load the events of several commits
         # go in one ``pubs`` (commit_pacer.handoff_interval_s); 0 (the default): each at once.
         self.interval_s: Callable[[], float] = interval_s or (lambda: 0.0)
+        self.batch_events = batch_events  # a held send goes at once when this many events wait
         self._last_sent_at = -math.inf  # time.monotonic() of the last send
         self._retry_delays = (retry_initial_s, retry_max_s)
         self._delays = backoff_delays(*self._retry_delays)
@@ -534,7 +542,7 @@ class Handoff:
             if self._m_published is not None:
                 self._m_published.inc(count)
             self._drained.clear()
-            if self._task is not None and not self._failing and self.sender.connected and self._held_s() <= 0:
+            if self._task is not None and not self._failing and self.sender.connected and not self._held():
                 self._send_window()  # now, before the caller writes its HTTP reply
             if self.outbox.sendable:
                 self._wake.set()
@@ -638,9 +646,8 @@ class Handoff:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            held_s = self._held_s()
-            if held_s > 0:  # paced: what is published meanwhile goes in the same pubs
-                await asyncio.sleep(held_s)
+            if self._held():  # paced: what is published meanwhile goes in the same pubs
+                await asyncio.sleep(self._held_s())
                 continue
             try:
                 if not await self.sender.ready(CONNECT_WAIT_S):
@@ -653,6 +660,10 @@ class Handoff:
     def _held_s(self) -> float:
         """How much longer the next send waits (the hand-off's pacing); 0 or less: none."""
         return self._last_sent_at + self.interval_s() - time.monotonic()
+
+    def _held(self) -> bool:
+        """Whether the next send waits: its interval is not up, and fewer than ``batch_events`` wait."""
+        return self.outbox.unsent < self.batch_events and self._held_s() > 0
 
     def _send_window(self) -> None:
         """Send what the window allows, in queue order, as ``pubs`` batches of at most

@@ -101,6 +101,8 @@ BOUNDED_FLAGS = [
     (WEBAPP, "--commit-pacing-base-rate-per-s", {}, "1e9", "at most 1000000.0"),
     (WEBAPP, "--handoff-interval-cap-s", {"0": 0.0, "0.05": 0.05}, "-0.01", "at least 0.0"),
     (WEBAPP, "--handoff-interval-cap-s", {}, "2", "at most 1.0"),
+    (WEBAPP, "--handoff-batch-events", {"1": 1, "256": 256}, "0", "at least 1"),
+    (WEBAPP, "--handoff-batch-events", {}, "257", "at most 256"),
     (WEBAPP, "--handoff-pacing-base-rate-per-s", {"2000": 2000.0}, "0", "above 0.0"),
     (WEBAPP, "--handoff-pacing-base-rate-per-s", {}, "1e9", "at most 1000000.0"),
     # how long auth.revoke may wait for its event's fan-out before it answers

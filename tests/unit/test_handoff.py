@@ -339,6 +339,25 @@ async def test_paced_what_is_published_within_the_interval_goes_out_together(sen
     await handoff.close()
 
 
+async def test_paced_a_held_send_goes_at_once_when_enough_events_wait(sender: FakeSender) -> None:
+    """However long the interval, a held send goes as soon as ``batch_events`` events wait: past
+    that size a pubs gains little from waiting (commit_pacer.HANDOFF_BATCH_EVENTS)."""
+    handoff = make_handoff(sender, interval_s=lambda: 3600.0, batch_events=5)
+    handoff.start()
+    batch = events(8)
+    handoff.publish(batch[:3])
+    assert len(sender.sent) == 3  # nothing was sent before: at once
+    handoff.publish(batch[3:5])
+    assert len(sender.sent) == 3  # 2 wait, fewer than 5: held
+    handoff.publish(batch[5:8])
+    assert len(sender.sent) == 8  # 5 wait: sent by publish itself, not after the hour
+    if BATCHING:
+        assert sender.batches == [3, 5]
+    assert await handoff.flush(5.0)
+    assert sender.applied == [e.eid for e in batch]
+    await handoff.close()
+
+
 async def test_publish_while_down_or_failing_leaves_sending_to_the_loop(sender: FakeSender) -> None:
     handoff = make_handoff(sender, max_in_flight=8, retry_initial_s=0.05, retry_max_s=0.05)
     handoff.start()
