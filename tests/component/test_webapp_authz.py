@@ -190,3 +190,48 @@ async def test_an_archived_channel_refuses_writes_and_membership_changes(webapp:
     assert sorted(members) == sorted([alice["id"], bob["id"]])
     history = (await ok(webapp, "conversations.history", bob["token"], channel=old))["messages"]
     assert [m["text"] for m in history] == ["last words"]
+
+
+async def test_a_bot_reads_the_messages_only_of_conversations_it_is_in(webapp: Webapp) -> None:
+    """Finding 6: Slack's conversations.history, per token type: "Bot token: any conversation
+    the relevant bot is a member of. User token: ... all public conversations". A bot token
+    reading a public channel it is not in is ``not_in_channel`` (history and replies); once the
+    bot joins (or is invited) it reads; a user not in the channel still reads it. A private
+    channel the bot is not in stays ``channel_not_found``, as for anyone not in it."""
+    alice, carol = webapp.user("alice"), webapp.user("carol")
+    bot = next(u for u in webapp.seed["users"] if u["is_bot"])
+    lobby = (await ok(webapp, "conversations.create", alice["token"], name="lobby"))["channel"]["id"]
+    porch = (await ok(webapp, "conversations.create", alice["token"], name="porch"))["channel"]["id"]
+    vault = (await ok(webapp, "conversations.create", alice["token"], name="vault", is_private=True))["channel"]["id"]
+    threads = {}
+    for channel in (lobby, porch, vault):
+        ts = (await ok(webapp, "chat.postMessage", alice["token"], channel=channel, text="root"))["ts"]
+        await ok(webapp, "chat.postMessage", alice["token"], channel=channel, text="reply", thread_ts=ts)
+        threads[channel] = ts
+
+    async def reads(token: str, channel: str) -> tuple[str | None, str | None]:
+        return (
+            await error_of(webapp, "conversations.history", token, channel=channel),
+            await error_of(webapp, "conversations.replies", token, channel=channel, ts=threads[channel]),
+        )
+
+    assert await reads(bot["token"], lobby) == ("not_in_channel", "not_in_channel")
+    assert await reads(bot["token"], porch) == ("not_in_channel", "not_in_channel")
+    assert await reads(bot["token"], vault) == ("channel_not_found", "channel_not_found")
+    assert await reads(carol["token"], lobby) == (None, None)  # a user token reads every public channel
+    replies = (await ok(webapp, "conversations.replies", carol["token"], channel=lobby, ts=threads[lobby]))["messages"]
+    assert [m["text"] for m in replies] == ["root", "reply"]
+
+    await ok(webapp, "conversations.join", bot["token"], channel=lobby)  # as a Slack app does (channels:join)
+    await ok(webapp, "conversations.invite", alice["token"], channel=porch, users=bot["id"])
+    for channel in (lobby, porch):
+        assert await reads(bot["token"], channel) == (None, None)
+        history = (await ok(webapp, "conversations.history", bot["token"], channel=channel))["messages"]
+        assert "root" in [m["text"] for m in history]
+    await ok(webapp, "conversations.leave", bot["token"], channel=lobby)
+    assert await reads(bot["token"], lobby) == ("not_in_channel", "not_in_channel")  # membership, read live
+
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'rtm_webapp_requests_total{method="conversations.history",outcome="not_in_channel"} 3.0' in text
+    assert 'rtm_webapp_requests_total{method="conversations.replies",outcome="not_in_channel"} 3.0' in text

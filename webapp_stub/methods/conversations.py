@@ -20,6 +20,7 @@ from webapp_stub.models import (
     DEFAULT_PAGE,
     MAX_HISTORY_PAGE,
     MAX_PAGE,
+    Channel,
 )
 
 
@@ -52,9 +53,22 @@ def users_conversations(api: WebApi, call: Call) -> dict[str, Any]:
     return paged("channels", [conversation(api, c, call.me) for c in page.items], page.next_cursor)
 
 
+def readable_channel(api: WebApi, call: Call) -> Channel:
+    """The conversation whose messages the caller reads (``conversations.history``/``.replies``):
+    one it may see (:meth:`WebApi.channel_arg`; a private channel, DM or group DM only as a
+    member, else ``channel_not_found``) and, for a bot token, one its bot is a member of, else
+    ``not_in_channel``. Slack's conversations.history, per token type: "Bot token: any
+    conversation the relevant bot is a member of. User token: any private conversation the
+    user is a member of, and all public conversations" (docs/authz-review.md, finding 6)."""
+    channel = api.channel_arg(call)
+    if call.me.is_bot and not api.store.is_member(channel.id, call.me.id):
+        raise ApiError("not_in_channel")
+    return channel
+
+
 @method("conversations.history")
 def conversations_history(api: WebApi, call: Call) -> dict[str, Any]:
-    channel = api.channel_arg(call)
+    channel = readable_channel(api, call)
     messages, more, cursor = api.store.history(
         channel.id,
         limit=int_arg(call.args, "limit", DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE),
@@ -68,7 +82,7 @@ def conversations_history(api: WebApi, call: Call) -> dict[str, Any]:
 
 @method("conversations.replies")
 def conversations_replies(api: WebApi, call: Call) -> dict[str, Any]:
-    channel = api.channel_arg(call)
+    channel = readable_channel(api, call)
     ts = str_arg(call.args, "ts")
     if not ts:
         raise ApiError("thread_not_found")
