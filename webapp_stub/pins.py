@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from webapp_stub.api import Call, WebApi, method, str_arg
+from webapp_stub.methods.conversations import readable_channel
 from webapp_stub.store import ApiError, Channel, Event, Store, User, ts_to_us, us_to_ts
 
 MAX_PINS_PER_CHANNEL = 100  # the most pins one conversation holds (Slack's limit on free plans)
@@ -112,7 +113,7 @@ def pins_remove(api: WebApi, call: Call) -> dict[str, Any]:
 
 @method("pins.list")
 def pins_list(api: WebApi, call: Call) -> dict[str, Any]:
-    channel = api.channel_arg(call)
+    channel = readable_channel(api, call)
     rows = api.store.conn.execute(
         "SELECT ts_us, pinned_by, created FROM pins WHERE channel = ? ORDER BY created DESC, ts_us DESC", (channel.id,)
     ).fetchall()

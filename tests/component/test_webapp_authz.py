@@ -209,27 +209,32 @@ async def test_a_bot_reads_the_messages_only_of_conversations_it_is_in(webapp: W
         await ok(webapp, "chat.postMessage", alice["token"], channel=channel, text="reply", thread_ts=ts)
         threads[channel] = ts
 
-    async def reads(token: str, channel: str) -> tuple[str | None, str | None]:
+        await ok(webapp, "pins.add", alice["token"], channel=channel, timestamp=ts)
+
+    async def reads(token: str, channel: str) -> tuple[str | None, ...]:
         return (
             await error_of(webapp, "conversations.history", token, channel=channel),
             await error_of(webapp, "conversations.replies", token, channel=channel, ts=threads[channel]),
+            # a message's reactions come with the message, and pins with the pinned messages (review11)
+            await error_of(webapp, "reactions.get", token, channel=channel, timestamp=threads[channel]),
+            await error_of(webapp, "pins.list", token, channel=channel),
         )
 
-    assert await reads(bot["token"], lobby) == ("not_in_channel", "not_in_channel")
-    assert await reads(bot["token"], porch) == ("not_in_channel", "not_in_channel")
-    assert await reads(bot["token"], vault) == ("channel_not_found", "channel_not_found")
-    assert await reads(carol["token"], lobby) == (None, None)  # a user token reads every public channel
+    assert await reads(bot["token"], lobby) == ("not_in_channel",) * 4
+    assert await reads(bot["token"], porch) == ("not_in_channel",) * 4
+    assert await reads(bot["token"], vault) == ("channel_not_found",) * 4
+    assert await reads(carol["token"], lobby) == (None,) * 4  # a user token reads every public channel
     replies = (await ok(webapp, "conversations.replies", carol["token"], channel=lobby, ts=threads[lobby]))["messages"]
     assert [m["text"] for m in replies] == ["root", "reply"]
 
     await ok(webapp, "conversations.join", bot["token"], channel=lobby)  # as a Slack app does (channels:join)
     await ok(webapp, "conversations.invite", alice["token"], channel=porch, users=bot["id"])
     for channel in (lobby, porch):
-        assert await reads(bot["token"], channel) == (None, None)
+        assert await reads(bot["token"], channel) == (None,) * 4
         history = (await ok(webapp, "conversations.history", bot["token"], channel=channel))["messages"]
         assert "root" in [m["text"] for m in history]
     await ok(webapp, "conversations.leave", bot["token"], channel=lobby)
-    assert await reads(bot["token"], lobby) == ("not_in_channel", "not_in_channel")  # membership, read live
+    assert await reads(bot["token"], lobby) == ("not_in_channel",) * 4  # membership, read live
 
     async with webapp.session.get(f"{webapp.url}/metrics") as resp:
         text = await resp.text()

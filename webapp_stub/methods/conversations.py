@@ -61,9 +61,18 @@ def readable_channel(api: WebApi, call: Call) -> Channel:
     conversation the relevant bot is a member of. User token: any private conversation the
     user is a member of, and all public conversations" (docs/authz-review.md, finding 6)."""
     channel = api.channel_arg(call)
+    check_reader(api, call, channel)
+    return channel
+
+
+def check_reader(api: WebApi, call: Call, channel: Channel) -> None:
+    """``not_in_channel`` for a bot token that is not a member of ``channel``, which the caller may
+    see: what a bot reads of a conversation (its history, a thread, a message's reactions, its pins)
+    it reads only as a member. Slack's scopes say so: channels:history "in public channels that your
+    Slack app has been added to"; reactions:read and pins:read the same (docs/authz-review.md,
+    finding 6)."""
     if call.me.is_bot and not api.store.is_member(channel.id, call.me.id):
         raise ApiError("not_in_channel")
-    return channel
 
 
 @method("conversations.history")

@@ -11,6 +11,7 @@ from webapp_stub.api import (
 )
 from webapp_stub.args import str_arg
 from webapp_stub.errors import ApiError
+from webapp_stub.methods.conversations import check_reader
 from webapp_stub.models import (
     Channel,
 )
@@ -43,4 +44,5 @@ def reactions_remove(api: WebApi, call: Call) -> dict[str, Any]:
 @method("reactions.get")
 def reactions_get(api: WebApi, call: Call) -> dict[str, Any]:
     channel, ts = reaction_target(api, call)
+    check_reader(api, call, channel)
     return {"type": "message", "channel": channel.id, "message": api.store.message(channel.id, ts)}
