@@ -76,14 +76,40 @@ WAL_CHECKPOINT_POLL_S = 0.1
 WAL_BACKSTOP_FACTOR = 4
 # While the WAL file is past the bound, checkpoint at most this often. The file keeps its length
 # when the WAL starts over (up to the backstop, above), so past the bound its length no longer says
-# how much the WAL holds: about what this long brings (6 MiB at 2,000 posts/s). Not read from the
+# how much the WAL holds; each checkpoint's own report does (next_checkpoint_gap_s): while the
+# checkpoints do not catch the writer, one every this long (6 MiB at 2,000 posts/s). Not read from the
 # wal-index in the -shm file: opening and closing any descriptor of a file that SQLite locks drops
 # the whole process's POSIX locks on it (https://www.sqlite.org/howtocorrupt.html, 2.2); a first
 # version did, and another process's connection re-initialized the -shm under the writer's map,
 # which killed the webapp with SIGBUS in a system test.
 WAL_CHECKPOINT_MIN_GAP_S = 0.5
+# A WAL frame's header (before its page), and a frame's size at SQLite's default page size.
+WAL_FRAME_HEADER_BYTES = 24
+WAL_FRAME_BYTES_DEFAULT = WAL_FRAME_HEADER_BYTES + 4096
 # close() waits this long for a checkpoint in progress before giving up on the thread.
 WAL_CHECKPOINT_JOIN_TIMEOUT_S = 10.0
+
+
+def next_checkpoint_gap_s(
+    last: tuple[int, int, int] | None, since_s: float, bound_frames: int, min_gap_s: float, max_gap_s: float
+) -> float:
+    """Past the bound, how long after a checkpoint the next one is due, from what it reported
+    (``last``: busy, WAL frames, frames copied; None if it failed) ``since_s`` after the one before.
+
+    One that did not catch the writer (busy, or frames left to copy): ``min_gap_s``, the WAL keeps
+    growing. One that did: the writer starts the WAL over at its next commit, so the frames it saw
+    were written in about ``since_s``, and the next is due when as many again reach the bound
+    (``bound_frames``), within ``[min_gap_s, max_gap_s]``. Each start over costs the writer an
+    fsync in its commit (the module's docstring); after a burst has left the file past the bound,
+    a light load must not start the WAL over every ``min_gap_s`` (review11)."""
+    if last is None or not math.isfinite(since_s):
+        return min_gap_s
+    busy, frames, copied = last
+    if busy or copied < frames:
+        return min_gap_s
+    if frames <= 0:
+        return max_gap_s
+    return min(max(since_s * bound_frames / frames, min_gap_s), max_gap_s)
 
 
 class WalCheckpointer:
@@ -111,6 +137,10 @@ class WalCheckpointer:
         self.last: tuple[int, int, int] | None = None  # (busy, WAL frames, frames checkpointed) of the last one
         self._next_at = clock() + interval_s
         self._last_at = -math.inf  # when the last checkpoint ran
+        self._past_bound_at = -math.inf  # when the next is due while the file is past the bound
+        self._frame_bytes = (
+            WAL_FRAME_BYTES_DEFAULT  # a WAL frame: its header and a page (the page size read on connect)
+        )
         self._conn: sqlite3.Connection | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -170,14 +200,15 @@ class WalCheckpointer:
             return 0
 
     def due(self, now: float, wal_size: int) -> bool:
-        """Whether to checkpoint now: the WAL file is past the bound and the last checkpoint is
-        :data:`WAL_CHECKPOINT_MIN_GAP_S` old, or the interval is up.
+        """Whether to checkpoint now: the WAL file is past the bound and the time
+        :func:`next_checkpoint_gap_s` gave after the last checkpoint is up, or the interval is up.
 
         The file stays past the bound once it has grown past it (the writer restarts the WAL
-        over its old frames, not on a shorter file), so past it the checkpoints follow the clock:
-        with nothing new to copy one costs no fsync, else it copies what the gap brought.
+        over its old frames, not on a shorter file), so past it the checkpoints follow what the
+        last one saw: at least :data:`WAL_CHECKPOINT_MIN_GAP_S` apart while the writer outruns
+        them, further apart as the load falls.
         """
-        return (wal_size > self.wal_bytes and now >= self._last_at + self.min_gap_s) or now >= self._next_at
+        return (wal_size > self.wal_bytes and now >= self._past_bound_at) or now >= self._next_at
 
     def poll(self) -> bool:
         """Checkpoint if :meth:`due`; returns whether it did."""
@@ -190,18 +221,25 @@ class WalCheckpointer:
     def checkpoint(self) -> tuple[int, int, int] | None:
         """One ``PRAGMA wal_checkpoint(PASSIVE)``: (busy, WAL frames, frames copied), None if it failed."""
         self.checkpoints += 1
-        self._last_at = self.clock()
-        self._next_at = self._last_at + self.interval_s
+        now = self.clock()
+        since_s, self._last_at = now - self._last_at, now
+        self._next_at = now + self.interval_s
+        self._past_bound_at = now + self.min_gap_s
         try:
             if self._conn is None:
                 # Used by one thread at a time: the checkpoint thread, or a test calling poll().
                 self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                self._frame_bytes = WAL_FRAME_HEADER_BYTES + int(self._conn.execute("PRAGMA page_size").fetchone()[0])
             row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]  # fetchall: no statement left open
         except sqlite3.Error as exc:
             self.failures += 1
             log.warning("WAL checkpoint of %s failed (retried when next due): %s", self.path, exc)
             return None
         self.last = (int(row[0]), int(row[1]), int(row[2]))
+        bound_frames = max(1, self.wal_bytes // self._frame_bytes)
+        self._past_bound_at = now + next_checkpoint_gap_s(
+            self.last, since_s, bound_frames, self.min_gap_s, self.interval_s
+        )
         return self.last
 
     def _close_conn(self) -> None:

@@ -80,6 +80,7 @@ from webapp_stub.commit_pacer import (
     HANDOFF_BATCH_EVENTS,
     HANDOFF_INTERVAL_CAP_S,
     HANDOFF_PACING_BASE_RATE_PER_S,
+    MAX_HANDOFF_INTERVAL_S,
     CommitPacer,
 )
 from webapp_stub.models import Event
@@ -178,9 +179,10 @@ def add_commit_flags(parser: Parser) -> None:
     parser.add(
         "--handoff-interval-cap-s",
         HANDOFF_INTERVAL_CAP_S,
-        "under load the hand-off sends at most once per interval, growing with the rate of writes to this (0: off)",
+        "under load the hand-off sends at most once per interval, growing with the rate of writes to this "
+        "(0: off; the rate is measured only while commits are paced, --min-commit-interval-s above 0)",
         at_least=0.0,
-        at_most=MAX_COMMIT_INTERVAL_S,
+        at_most=MAX_HANDOFF_INTERVAL_S,
     )
     parser.add(
         "--handoff-batch-events",

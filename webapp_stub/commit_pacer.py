@@ -64,6 +64,9 @@ HANDOFF_PACING_BASE_RATE_PER_S = 1000.0
 # at twice the base rate: about two of the commits that a 32-connection client fills at 2,000 posts
 # per second. Every delivery under that load may wait this much longer.
 HANDOFF_INTERVAL_CAP_S = 0.03
+# The longest hold the hand-off accepts from its interval, whatever computes it (and the largest
+# --handoff-interval-cap-s): every delivery under load may wait this long.
+MAX_HANDOFF_INTERVAL_S = 1.0
 # A held send goes at once when this many events wait (--handoff-batch-events): one pubs of them
 # costs the admin server about 350 µs besides 6-7 µs per event, so past 48 waiting longer saves
 # under 7.5 µs per event. Where commits are this large, the hand-off never waits; a 32-connection

@@ -86,7 +86,7 @@ from services.errors import ConnectionLost, ErrorCode, FrameTooLarge, PeerError,
 from services.identity import ADMIN_SERVER, WEBAPP
 from services.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from services.tls import WireTrust
-from webapp_stub.commit_pacer import HANDOFF_BATCH_EVENTS
+from webapp_stub.commit_pacer import HANDOFF_BATCH_EVENTS, MAX_HANDOFF_INTERVAL_S
 from webapp_stub.database import MAX_EVENT_BYTES, EventClock
 from webapp_stub.models import Event
 from webapp_stub.tally import TallyCounter, TallyHistogram
@@ -476,6 +476,7 @@ class Handoff:
         self.interval_s: Callable[[], float] = interval_s or (lambda: 0.0)
         self.batch_events = batch_events  # a held send goes at once when this many events wait
         self._last_sent_at = -math.inf  # time.monotonic() of the last send
+        self._interval_failed = False  # logged once
         self._retry_delays = (retry_initial_s, retry_max_s)
         self._delays = backoff_delays(*self._retry_delays)
         self._retry_pending = False
@@ -658,8 +659,19 @@ class Handoff:
                 self._retry_pending = True
 
     def _held_s(self) -> float:
-        """How much longer the next send waits (the hand-off's pacing); 0 or less: none."""
-        return self._last_sent_at + self.interval_s() - time.monotonic()
+        """How much longer the next send waits (the hand-off's pacing); 0 or less: none. An interval
+        that is not a number from 0 to MAX_HANDOFF_INTERVAL_S, or that fails, holds nothing past
+        that bound: the pacing must never stop the one task that sends (review11)."""
+        try:
+            interval_s = float(self.interval_s())
+        except Exception:
+            if not self._interval_failed:
+                self._interval_failed = True
+                log.exception("hand-off: its interval failed; sending without pacing")
+            interval_s = 0.0
+        if not interval_s > 0.0:  # also NaN
+            return -1.0
+        return self._last_sent_at + min(interval_s, MAX_HANDOFF_INTERVAL_S) - time.monotonic()
 
     def _held(self) -> bool:
         """Whether the next send waits: its interval is not up, and fewer than ``batch_events`` wait."""

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.support import FakeClock, wait_until
-from webapp_stub.checkpoint import WAL_BACKSTOP_FACTOR, WAL_CHECKPOINT_BYTES, WAL_CHECKPOINT_POLL_S, WalCheckpointer
+from webapp_stub.checkpoint import (
+    WAL_BACKSTOP_FACTOR,
+    WAL_CHECKPOINT_BYTES,
+    WAL_CHECKPOINT_POLL_S,
+    WalCheckpointer,
+    next_checkpoint_gap_s,
+)
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
 
@@ -215,3 +221,47 @@ def test_store_with_background_checkpoints_stops_them_on_close_and_keeps_its_dat
     _, event = again.post_message(general, again.user(seed["users"][0]["id"]), "after reopen")
     assert event.seq == last_seq + 1
     again.close()
+
+
+@pytest.mark.parametrize(
+    ("last", "since_s", "gap_s"),
+    [
+        (None, 1.0, 0.5),  # failed: try again soon
+        ((0, 100, 100), float("inf"), 0.5),  # the first: nothing to measure a rate over
+        ((1, 100, 100), 1.0, 0.5),  # busy: the writer is ahead
+        ((0, 100, 60), 1.0, 0.5),  # frames left to copy: the writer is ahead
+        ((0, 0, 0), 1.0, 60.0),  # nothing written since: the interval
+        ((0, 1000, 1000), 1.0, 4.0),  # 1,000 frames a second: the bound's 4,000 in 4 s
+        ((0, 4000, 4000), 0.5, 0.5),  # as fast as the bound in the gap: the gap
+        ((0, 10, 10), 1.0, 60.0),  # a light load: at most the interval
+    ],
+)
+def test_past_the_bound_the_next_checkpoint_follows_what_the_last_one_saw(
+    last: tuple[int, int, int] | None, since_s: float, gap_s: float
+) -> None:
+    assert next_checkpoint_gap_s(last, since_s, 4000, 0.5, 60.0) == pytest.approx(gap_s)
+
+
+def test_after_a_burst_a_light_load_does_not_start_the_wal_over_every_gap(store: Store) -> None:
+    """review11: once a burst has left the file past the bound, its length says nothing; had
+    the checkpoints then come every WAL_CHECKPOINT_MIN_GAP_S, each would have let the writer start
+    the WAL over, an fsync in its commit, at any load."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    for _ in range(200):  # bounded: the burst
+        if ckpt.wal_size() > 2 * SMALL_WAL_BYTES:
+            break
+        post(store, seed, POSTS_PER_POLL)
+    assert ckpt.poll()  # past the bound: the burst is copied back
+    post(store, seed, 1)  # the WAL starts over; its file stays past the bound
+    clock.now += ckpt.min_gap_s
+    assert ckpt.poll()  # it saw the burst: due again after the least gap...
+    light = ckpt.last
+    assert light is not None and light[0] == 0 and 0 < light[1] < SMALL_WAL_BYTES // 4096 // 4
+    post(store, seed, 1)
+    clock.now += ckpt.min_gap_s
+    assert ckpt.wal_size() > SMALL_WAL_BYTES and not ckpt.poll()  # ...but after a light one, not so soon
+    clock.now += 60.0
+    assert ckpt.poll()  # the interval, at the latest
+    ckpt.close()

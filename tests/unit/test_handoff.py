@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import webapp_stub.handoff as handoff_module
 from services.errors import ConnectionLost, FrameTooLarge, NoOwner, PeerError, RequestTimeout
 from services.metrics import ServiceMetrics
 from webapp_stub.commit import GroupCommit
@@ -355,6 +356,37 @@ async def test_paced_a_held_send_goes_at_once_when_enough_events_wait(sender: Fa
         assert sender.batches == [3, 5]
     assert await handoff.flush(5.0)
     assert sender.applied == [e.eid for e in batch]
+    await handoff.close()
+
+
+@pytest.mark.parametrize("interval", [float("nan"), -1.0, "fails"])
+async def test_an_interval_that_fails_or_is_not_a_hold_paces_nothing(sender: FakeSender, interval: Any) -> None:
+    def interval_s() -> float:
+        if interval == "fails":
+            raise RuntimeError("no rate")
+        return float(interval)
+
+    handoff = make_handoff(sender, interval_s=interval_s)
+    handoff.start()
+    batch = events(4)
+    handoff.publish(batch[:2])
+    handoff.publish(batch[2:])  # not held: sent by publish, as without pacing
+    assert len(sender.sent) == 4
+    assert await handoff.flush(5.0)
+    await handoff.close()
+
+
+async def test_an_endless_interval_holds_no_longer_than_its_bound(
+    sender: FakeSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handoff_module, "MAX_HANDOFF_INTERVAL_S", 0.2)  # the bound, made short for the test
+    handoff = make_handoff(sender, interval_s=lambda: float("inf"))
+    handoff.start()
+    batch = events(2)
+    handoff.publish(batch[:1])
+    handoff.publish(batch[1:])
+    assert len(sender.sent) == 1  # held...
+    assert await handoff.flush(5.0)  # ...and sent within the bound, not never
     await handoff.close()
 
 
