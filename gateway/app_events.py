@@ -15,6 +15,12 @@ into the Events API events of the app's manifest, each wrapped in Slack's
 * ``reaction_added``, ``reaction_removed``, ``member_joined_channel``,
   ``member_left_channel``, ``channel_created``, ``channel_rename``,
   ``channel_archive`` -> the same event, if subscribed.
+* ``tokens_revoked`` naming the bot among ``tokens.bot`` (``auth.revoke`` of a
+  bot token: the webapp's event on the bot's user channel, docs/authz-review.md
+  finding 7) -> Slack's ``tokens_revoked`` ``{"tokens": {"bot": [bot user]}}``,
+  if subscribed (Slack sends it "if it is subscribed"). It is built anew from the
+  bot's id: nothing else of the fleet's event reaches the app (its ``ctl``, the
+  revoked token's id, travels beside the event's JSON and is never in it).
 * everything else (typing, presence, the bot's own ``channel_joined`` and
   the like, ephemeral messages) -> nothing.
 
@@ -32,7 +38,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.app_event_names import APP_MENTION, MESSAGE_EVENTS, PASSED_THROUGH
+from services.app_event_names import APP_MENTION, MESSAGE_EVENTS, PASSED_THROUGH, TOKENS_REVOKED
 
 # Slack's verification token is a per-app string sent in every payload; deprecated, kept for shape.
 VERIFICATION_TOKEN_PREFIX = "rtm-verification-"
@@ -99,12 +105,23 @@ def app_events(app: AppProfile, event: dict[str, Any]) -> list[dict[str, Any]]:
                     mention[extra] = event[extra]
             out.append({"type": APP_MENTION, **mention})
         return out
+    if kind == TOKENS_REVOKED:
+        return _tokens_revoked(app, event)
     if kind in PASSED_THROUGH and kind in app.events:
         out_event = dict(event)
         if kind in ("member_joined_channel", "member_left_channel") and isinstance(event.get("channel"), str):
             out_event.setdefault("channel_type", "G" if app.channel_type(event["channel"]) != "channel" else "C")
         return [out_event]
     return []
+
+
+def _tokens_revoked(app: AppProfile, event: dict[str, Any]) -> list[dict[str, Any]]:
+    """Slack's ``tokens_revoked`` when the revoked token is the app's bot's, if the app subscribed."""
+    tokens = event.get("tokens")
+    bots = tokens.get("bot") if isinstance(tokens, dict) else None
+    if TOKENS_REVOKED not in app.events or not isinstance(bots, list) or app.bot_user not in bots:
+        return []
+    return [{"type": TOKENS_REVOKED, "tokens": {"bot": [app.bot_user]}}]
 
 
 def event_callback(app: AppProfile, event: dict[str, Any], now: float) -> dict[str, Any]:

@@ -20,4 +20,7 @@ PASSED_THROUGH = (
     "channel_rename",
     "channel_archive",
 )
-APP_EVENTS = (*MESSAGE_EVENTS.values(), APP_MENTION, *PASSED_THROUGH)
+# The app's own bot token revoked (auth.revoke): Slack sends it "if it is subscribed"
+# (docs.slack.dev/reference/events/tokens_revoked), so it is a subscription like the others.
+TOKENS_REVOKED = "tokens_revoked"
+APP_EVENTS = (*MESSAGE_EVENTS.values(), APP_MENTION, *PASSED_THROUGH, TOKENS_REVOKED)

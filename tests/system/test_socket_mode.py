@@ -7,11 +7,14 @@ The fleet is ``rtm up`` (tests/system/harness.py); the app is the seed's (``seed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,11 @@ from slack_sdk import WebClient
 from slack_sdk.web.async_client import AsyncWebClient
 
 from rtmctl.launcher import rtm_argv
+from services.errors import CloseCode
 from tests.support import async_wait_until, wait_until
-from tests.system.harness import Fleet
+from tests.system.harness import Client, Fleet
 from tests.system.peer import metric
+from webapp_stub.resume import token_id
 
 EVENT_TIMEOUT_S = 45.0  # generous: a loaded 2-core machine runs the fleet, Bolt and its threads
 ACK_TIMEOUT_S = 3.0  # gateway/envelopes.py: Slack's 3 s
@@ -441,4 +446,39 @@ async def test_a_private_channel_the_bot_joins_while_connected_reaches_the_app_a
         ]
         assert event["channel"] == channel and event["channel_type"] == "group"
     finally:
+        await raw.close()
+
+
+async def test_revoking_the_bots_token_tells_the_app_tokens_revoked_and_keeps_its_connection(fleet: Fleet) -> None:
+    """auth.revoke of a bot token of the app's bot (a second one, so the seed's stays for the other
+    tests): the app's Socket Mode connection gets Slack's ``tokens_revoked`` (the bot's user id, no
+    token, no ctl) as an ``events_api`` envelope and stays open, serving the next events; the bot's
+    RTM connection of that token, on the same gateway, is closed with 4003 (docs/socket-mode.md)."""
+    bot = str(app_of(fleet)["bot_user_id"])
+    leaked = f"xoxb-rtmbot-leaked-{uuid.uuid4().hex}"
+    with contextlib.closing(sqlite3.connect(fleet.data_dir / "webapp.db", timeout=EVENT_TIMEOUT_S)) as db, db:
+        db.execute("INSERT INTO tokens (token, user) VALUES (?, ?)", (leaked, bot))
+    raw = await RawApp(fleet).open()
+    gw = next(p for p in fleet.processes("gateway") if f":{p['port']}/" in raw.url)
+    bot_rtm = Client(fleet, "rtmbot", leaked, region=str(gw["region"]))
+    await bot_rtm.open()
+    try:
+        assert bot_rtm.gateway_port == int(gw["port"])  # the revoke is applied where the app is
+        assert await fleet.api("auth.revoke", leaked) == {"ok": True, "revoked": True}
+
+        def revoked() -> list[dict[str, Any]]:
+            return [f for f in raw.frames if f.get("payload", {}).get("event", {}).get("type") == "tokens_revoked"]
+
+        await async_wait_until(lambda: _true(bool(revoked())), EVENT_TIMEOUT_S, "tokens_revoked")
+        (frame,) = revoked()
+        assert frame["type"] == "events_api" and frame["retry_attempt"] == 0
+        assert frame["payload"]["event"] == {"type": "tokens_revoked", "tokens": {"bot": [bot]}}
+        assert leaked not in json.dumps(raw.frames) and token_id(leaked) not in json.dumps(raw.frames)
+        await asyncio.wait_for(bot_rtm.closed.wait(), EVENT_TIMEOUT_S)
+        assert bot_rtm.close_code == CloseCode.TOKEN_REVOKED
+        await post(fleet, "after-revoke")
+        await async_wait_until(lambda: _true(bool(raw.texts("after-revoke"))), EVENT_TIMEOUT_S, "the next event")
+        assert raw.ws.close_code is None and raw.task is not None and not raw.task.done()  # still open
+    finally:
+        await bot_rtm.close()
         await raw.close()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from gateway.app_events import AppProfile, app_events, event_callback
+from gateway.envelopes import EnvelopeBook
 from services.app_event_names import APP_EVENTS
 
 APP = AppProfile("A1", "T1", "UBOT", frozenset(APP_EVENTS), {"CPRIV"})
@@ -57,3 +60,31 @@ def test_a_private_channel_the_bot_joins_after_connecting_is_a_group_not_a_chann
     assert seen["channel_type"] == "group"
     (public,) = app_events(public_only, {**message, "channel": "CPUBLIC"})  # a public channel's still arrive
     assert public["channel_type"] == "channel"
+
+
+def test_a_revoke_of_the_bots_token_is_slacks_tokens_revoked_if_subscribed_and_nothing_more() -> None:
+    """auth.revoke of the app's bot token: the webapp's event on the bot's user channel becomes
+    Slack's ``tokens_revoked`` (docs.slack.dev/reference/events/tokens_revoked: user ids, never
+    tokens), in an ``event_callback`` and an ``events_api`` envelope like any other event; Slack
+    sends it "if it is subscribed", so an app without the subscription gets nothing."""
+    revoke = {"type": "tokens_revoked", "tokens": {"bot": ["UBOT"]}}
+    (event,) = app_events(APP, revoke)
+    assert event == {"type": "tokens_revoked", "tokens": {"bot": ["UBOT"]}}
+    # rebuilt from the bot's id: whatever else an event carried never reaches the app
+    leaky = {**revoke, "ctl": {"revoke": "a" * 32}, "token": "xoxb-secret", "tokens": {"bot": ["UBOT"], "x": ["y"]}}
+    assert app_events(APP, leaky) == [event]
+    unsubscribed = AppProfile("A1", "T1", "UBOT", frozenset(e for e in APP_EVENTS if e != "tokens_revoked"))
+    assert app_events(unsubscribed, revoke) == []
+    assert app_events(APP, {"type": "tokens_revoked", "tokens": {"bot": ["U2"]}}) == []  # not this app's bot
+    assert app_events(APP, {"type": "tokens_revoked", "tokens": {"oauth": ["UBOT"]}}) == []
+    assert app_events(APP, {"type": "tokens_revoked", "tokens": "UBOT"}) == []  # out of shape: nothing
+    book = EnvelopeBook()
+    book.open(1, 0.0)
+    (send,) = book.add(event_callback(APP, event, 5.0), 0.0)
+    frame = json.loads(send.text())
+    assert frame["type"] == "events_api" and frame["retry_attempt"] == 0 and frame["envelope_id"]
+    payload = frame["payload"]
+    assert payload["type"] == "event_callback" and payload["api_app_id"] == "A1" and payload["team_id"] == "T1"
+    assert payload["event"] == {"type": "tokens_revoked", "tokens": {"bot": ["UBOT"]}}
+    assert payload["event_time"] == 5 and payload["authorizations"][0]["user_id"] == "UBOT"
+    assert set(payload) == set(event_callback(APP, event, 5.0))  # the same fields as every event's, no ctl

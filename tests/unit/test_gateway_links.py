@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-from gateway.state import Session
+from gateway.app_events import AppProfile, app_events
+from gateway.state import Session, _payload_of
 from gateway.subscriptions import Phase
+from services.app_event_names import APP_EVENTS
 from services.errors import RequestTimeout, SendBufferFull
 from services.ring import RingDocument
 from tests.support import DEFAULT_WAIT_S, FakeLink, HistoryWebapp, Parts, ScriptedConn, Socket
@@ -165,3 +167,33 @@ async def test_a_revoke_on_the_user_channel_ends_that_tokens_sessions_and_no_oth
     assert parts.revoked == [1]  # another token of U1: nobody here
     parts.links.on_push(conn, {"op": "ev", "ch": "C1", "seq": 1, "json": b'{"type":"message"}', "t0": 1.0})  # type: ignore[arg-type]
     assert [e["type"] for e in mine_sock.events] == ["tokens_revoked", "tokens_revoked", "message"]
+
+
+async def test_a_revoke_of_an_apps_bot_token_ends_the_bots_rtm_session_and_tells_the_app(parts: Parts) -> None:
+    """auth.revoke of an app's bot token (ctl revoke = its id) on the bot's user channel: the bot's RTM
+    session of that token is ended; the app's Socket Mode session of the same bot user (opened with
+    the app-level token: no token id) is not, its app gets Slack's ``tokens_revoked`` (and nothing
+    of the ctl), and it keeps receiving the bot's events (docs/socket-mode.md)."""
+    conn = ScriptedConn(ok_sub)
+    leaked = "a" * 32
+    profile = AppProfile("A1", "T1", "UBOT", frozenset(APP_EVENTS))
+    told: list[dict[str, Any]] = []
+
+    def app_write(frame: bytes) -> bool:  # what gateway/socket_mode.py's session write maps
+        told.extend(app_events(profile, json.loads(_payload_of(frame))))
+        return True
+
+    app = Session(sid=1, user="UBOT", team="T1", write=app_write)
+    rtm_sock = Socket()
+    rtm = Session(sid=2, user="UBOT", team="T1", write=rtm_sock.write, token_id=leaked)
+    for session in (app, rtm):
+        parts.links.apply(parts.state.attach(session, [("UBOT", 4), ("C1", 0)]))
+    revoke = json.dumps({"type": "tokens_revoked", "tokens": {"bot": ["UBOT"]}}).encode()
+    parts.links.on_push(
+        conn, {"op": "ev", "ch": "UBOT", "seq": 5, "json": revoke, "t0": 1.0, "ctl": {"revoke": leaked}}
+    )  # type: ignore[arg-type]
+    assert parts.revoked == [2]  # the RTM session only
+    assert told == [{"type": "tokens_revoked", "tokens": {"bot": ["UBOT"]}}]
+    message = json.dumps({"type": "message", "channel": "C1", "user": "U1", "text": "after", "ts": "1.2"}).encode()
+    parts.links.on_push(conn, {"op": "ev", "ch": "C1", "seq": 1, "json": message, "t0": 1.0})  # type: ignore[arg-type]
+    assert [e["type"] for e in told] == ["tokens_revoked", "message"] and app.sid in parts.state.sessions
