@@ -69,7 +69,8 @@ def check_reader(api: WebApi, call: Call, channel: Channel) -> None:
     """``not_in_channel`` for a bot token that is not a member of ``channel``, which the caller may
     see: what a bot reads of a conversation (its history, a thread, a message's reactions, its pins)
     it reads only as a member. Slack's scopes say so: channels:history "in public channels that your
-    Slack app has been added to"; reactions:read and pins:read the same (docs/authz-review.md,
+    Slack app has been added to", reactions:read "in channels and conversations that your Slack app
+    has been added to"; pins.list returns the pinned messages, so the same (docs/authz-review.md,
     finding 6)."""
     if call.me.is_bot and not api.store.is_member(channel.id, call.me.id):
         raise ApiError("not_in_channel")
