@@ -218,23 +218,25 @@ async def test_a_bot_reads_the_messages_only_of_conversations_it_is_in(webapp: W
             # a message's reactions come with the message, and pins with the pinned messages (review11)
             await error_of(webapp, "reactions.get", token, channel=channel, timestamp=threads[channel]),
             await error_of(webapp, "pins.list", token, channel=channel),
+            # a permalink would tell whether a ts exists there (session 12)
+            await error_of(webapp, "chat.getPermalink", token, channel=channel, message_ts=threads[channel]),
         )
 
-    assert await reads(bot["token"], lobby) == ("not_in_channel",) * 4
-    assert await reads(bot["token"], porch) == ("not_in_channel",) * 4
-    assert await reads(bot["token"], vault) == ("channel_not_found",) * 4
-    assert await reads(carol["token"], lobby) == (None,) * 4  # a user token reads every public channel
+    assert await reads(bot["token"], lobby) == ("not_in_channel",) * 5
+    assert await reads(bot["token"], porch) == ("not_in_channel",) * 5
+    assert await reads(bot["token"], vault) == ("channel_not_found",) * 5
+    assert await reads(carol["token"], lobby) == (None,) * 5  # a user token reads every public channel
     replies = (await ok(webapp, "conversations.replies", carol["token"], channel=lobby, ts=threads[lobby]))["messages"]
     assert [m["text"] for m in replies] == ["root", "reply"]
 
     await ok(webapp, "conversations.join", bot["token"], channel=lobby)  # as a Slack app does (channels:join)
     await ok(webapp, "conversations.invite", alice["token"], channel=porch, users=bot["id"])
     for channel in (lobby, porch):
-        assert await reads(bot["token"], channel) == (None,) * 4
+        assert await reads(bot["token"], channel) == (None,) * 5
         history = (await ok(webapp, "conversations.history", bot["token"], channel=channel))["messages"]
         assert "root" in [m["text"] for m in history]
     await ok(webapp, "conversations.leave", bot["token"], channel=lobby)
-    assert await reads(bot["token"], lobby) == ("not_in_channel",) * 4  # membership, read live
+    assert await reads(bot["token"], lobby) == ("not_in_channel",) * 5  # membership, read live
 
     async with webapp.session.get(f"{webapp.url}/metrics") as resp:
         text = await resp.text()

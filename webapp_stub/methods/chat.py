@@ -15,6 +15,7 @@ from webapp_stub.api import (
 from webapp_stub.args import flag, str_arg
 from webapp_stub.errors import ApiError
 from webapp_stub.messages import message_reply_json
+from webapp_stub.methods.conversations import check_reader
 
 
 @method("chat.postMessage", writes=True)
@@ -88,8 +89,11 @@ def chat_me_message(api: WebApi, call: Call) -> dict[str, Any]:
 def chat_get_permalink(api: WebApi, call: Call) -> dict[str, Any]:
     """``<webapp>/archives/<channel>/p<ts without the dot>`` (with ``thread_ts`` and ``cid`` for a reply).
 
-    Raises ``channel_not_found``, ``message_not_found`` (also for a missing or bad ``message_ts``)."""
+    Raises ``channel_not_found``, ``message_not_found`` (also for a missing or bad ``message_ts``),
+    and ``not_in_channel`` for a bot outside the channel, which would otherwise learn whether a
+    ``ts`` exists there (it reads that channel's messages only as a member: ``check_reader``)."""
     channel = api.channel_arg(call)
+    check_reader(api, call, channel)
     try:
         message = api.store.message(channel.id, call.args.get("message_ts"))
     except ApiError as exc:
