@@ -10,14 +10,20 @@ are posted), for each layout:
   seq)``, as rtm stored them before round 6: each row goes into the middle of its table's
   B-tree, in a page of its own channel;
 * ``appended``: rtm's schema now (``webapp_stub.schema``): rowid tables, so rows are appended,
-  with the key as a unique index beside them.
+  with the key as a unique index beside them;
+
+and for each of ``--page-sizes`` (round 10: a post writes into the tail of its channel's entries in
+both keys, so a commit to many channels writes about two whole pages per post; rtm creates its
+databases with ``webapp_stub.database.SQLITE_PAGE_SIZE_BYTES``).
 
 It reports CPU µs per post (``time.process_time``, this process only: SQLite runs in it) for
-each statement, for the COMMIT (its WAL writes and fsync), and the WAL bytes written per post
-(the WAL is checkpointed with TRUNCATE past the webapp's ``WAL_CHECKPOINT_BYTES``).
+each statement, for the COMMIT (its WAL writes and fsync), for the checkpoints (the WAL is
+checkpointed with TRUNCATE past the webapp's ``WAL_CHECKPOINT_BYTES``, and once at the end), and the
+WAL bytes written per post.
 ``--rounds N`` alternates the layouts; tables quote each round and the median.
 
     python -m bench.store_layout --posts 30000 --batch 10 --channels 100 --rounds 2
+    python -m bench.store_layout --layouts appended --page-sizes 4096,1024 --batch 30 --rounds 3
 
 Writes ``bench/results/store-layout.{json,md}``. The database goes to ``--dir`` (default: the
 current directory's ``.store-layout/``, so on the disk the webapp would use) and is removed after.
@@ -55,11 +61,12 @@ MESSAGE_SQL = (
 )
 EVENT_SQL = "INSERT INTO events (channel, seq, json, ctl, created_at) VALUES (?, ?, ?, ?, ?)"
 SEQ_SQL = "UPDATE channel_seq SET last_seq = ?, last_ts_us = ? WHERE channel = ?"
-PARTS = ("seq", "message", "event", "savepoints", "commit")
+PARTS = ("seq", "message", "event", "savepoints", "commit", "checkpoint")
 
 
-def open_database(path: Path, layout: str) -> sqlite3.Connection:
+def open_database(path: Path, layout: str, page_size: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size={page_size}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -70,12 +77,12 @@ def open_database(path: Path, layout: str) -> sqlite3.Connection:
     return conn
 
 
-def run(layout: str, directory: Path, posts: int, batch: int, channels: int) -> dict[str, float]:
-    """One layout: CPU µs per post by part, and WAL bytes per post."""
+def run(layout: str, page_size: int, directory: Path, posts: int, batch: int, channels: int) -> dict[str, float]:
+    """One layout and page size: CPU µs per post by part, and WAL bytes per post."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     path = directory / "webapp.db"
-    conn = open_database(path, layout)
+    conn = open_database(path, layout, page_size)
     names = [f"C{n:08d}" for n in range(channels)]
     conn.executemany("INSERT INTO channel_seq VALUES (?, 0, 0)", [(name,) for name in names])
     text = "x" * TEXT_CHARS
@@ -115,8 +122,13 @@ def run(layout: str, directory: Path, posts: int, batch: int, channels: int) -> 
         size = os.path.getsize(f"{path}-wal")
         if size > WAL_CHECKPOINT_BYTES:
             wal_bytes += size
+            t0 = clock()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            cpu["checkpoint"] += clock() - t0
     wal_bytes += os.path.getsize(f"{path}-wal")
+    t0 = clock()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # what is left is copied back too
+    cpu["checkpoint"] += clock() - t0
     conn.close()
     shutil.rmtree(directory, ignore_errors=True)
     result = {part: seconds / posts * 1e6 for part, seconds in cpu.items()}
@@ -132,16 +144,23 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=100, help="channels the posts go to, in turn")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the layouts, alternating")
     parser.add_argument("--dir", type=Path, default=Path(".store-layout"), help="where the database is made")
+    parser.add_argument("--layouts", default="clustered,appended", help="of clustered, appended")
+    parser.add_argument("--page-sizes", default="4096,1024", help="SQLite page sizes, bytes")
     args = parser.parse_args()
-    rows: dict[str, list[dict[str, float]]] = {"clustered": [], "appended": []}
+    configs = [(layout, int(size)) for layout in args.layouts.split(",") for size in args.page_sizes.split(",") if size]
+    rows: dict[str, list[dict[str, float]]] = {f"{layout}, {size} B pages": [] for layout, size in configs}
     for round_ in range(args.rounds):
-        for layout in rows:
-            result = run(layout, args.dir, args.posts, args.batch, args.channels)
-            rows[layout].append(result)
-            print(f"round {round_ + 1} {layout:9s} " + " ".join(f"{k} {v:.1f}" for k, v in result.items()), flush=True)
+        for layout, size in configs:
+            result = run(layout, size, args.dir, args.posts, args.batch, args.channels)
+            rows[f"{layout}, {size} B pages"].append(result)
+            print(
+                f"round {round_ + 1} {layout:9s} {size:5d} " + " ".join(f"{k} {v:.1f}" for k, v in result.items()),
+                flush=True,
+            )
     lines = [
         f"`python -m bench.store_layout --posts {args.posts} --batch {args.batch} --channels {args.channels}"
-        f" --rounds {args.rounds}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},"
+        f" --layouts {args.layouts} --page-sizes {args.page_sizes} --rounds {args.rounds}`,"
+        f" {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},"
         f" load average {os.getloadavg()[0]:.1f}. CPU µs per post (each round → median):",
         "",
         "| layout | " + " | ".join(PARTS) + " | total | WAL bytes per post |",

@@ -282,7 +282,8 @@ async def test_checkpoints_run_beside_the_event_loop_and_stop_with_the_webapp(
     try:
         assert checkpointer is not None and checkpointer.running
         # no checkpoint inside a commit but the backstop, far past the thread's bound
-        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] * 4096 > WAL_CHECKPOINT_BYTES
+        page_bytes = store.conn.execute("PRAGMA page_size").fetchone()[0]
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] * page_bytes > WAL_CHECKPOINT_BYTES
         general, alice = app.channel("general"), app.user("alice")
         for i in range(5):
             assert (

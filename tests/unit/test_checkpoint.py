@@ -129,7 +129,7 @@ def test_poll_checkpoints_past_the_bound_and_on_the_interval(store: Store) -> No
     clock = FakeClock()
     ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
     assert not ckpt.poll()  # below the bound, interval not up
-    post(store, seed, 30)
+    post(store, seed, 60)  # 1 KiB pages: 30 posts wrote about 250 KiB of WAL here
     assert ckpt.wal_size() > SMALL_WAL_BYTES
     assert ckpt.poll() and ckpt.checkpoints == 1 and ckpt.last is not None and ckpt.last[2] == ckpt.last[1] > 0
     post(store, seed, 1)  # restarts the WAL, which keeps its file

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support import FakeClock
+from webapp_stub.database import SQLITE_PAGE_SIZE_BYTES
 from webapp_stub.resume import token_id
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Store, decode_cursor, encode_cursor, ts_to_us, us_to_ts
@@ -274,6 +275,29 @@ def test_ts_and_cursor_helpers() -> None:
             ts_to_us(bad)
     assert decode_cursor(encode_cursor("user", 42), "user") == "42"
     assert decode_cursor("", "user") is None
+
+
+def test_a_new_database_gets_small_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """Round 10 of docs/publish-path.md: a database file created by the store has 1 KiB pages; one
+    created before (SQLite's 4 KiB) keeps them, and is read and written as before."""
+    new = Store(str(tmp_path / "new"))
+    assert new.conn.execute("PRAGMA page_size").fetchone()[0] == SQLITE_PAGE_SIZE_BYTES == 1024
+    new.close()
+    old_path = tmp_path / "old" / "webapp.db"
+    old_path.parent.mkdir()
+    conn = sqlite3.connect(old_path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE made_before (x INTEGER)")  # the file exists, with SQLite's default pages
+    conn.close()
+    old = Store(str(old_path))
+    seed = seed_demo(old, users=2, channels=1, bots=0)
+    general, alice = old.channel(seed["channels"][0]["id"]), old.user(seed["users"][0]["id"])
+    old.post_message(general, alice, "x" * 3000)  # larger than a page of either size
+    assert old.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    old.close()
+    reopened = Store(str(old_path))
+    assert reopened.history(general.id)[0][0]["text"] == "x" * 3000
+    reopened.close()
 
 
 def test_state_survives_reopen(tmp_path: Path) -> None:
