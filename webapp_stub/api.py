@@ -470,8 +470,7 @@ def message_content(call: Call) -> tuple[str, dict[str, Any]]:
     """``text`` and the ``blocks``/``attachments`` of a message argument set, within
     Slack's limits (:mod:`webapp_stub.limits`). Raises ``invalid_blocks_format``,
     ``invalid_blocks``, ``invalid_attachments``, ``too_many_attachments``."""
-    text = call.args.get("text")
-    text = "" if text is None else str(text)
+    text = str_arg(call.args, "text") or ""  # an object or array: invalid_arguments, not its repr
     extra: dict[str, Any] = {}
     try:
         blocks = json_arg(call.args, "blocks")

@@ -200,6 +200,29 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
     assert still["ok"] and posted["ts"] in [m["ts"] for m in still["messages"]]  # and the server serves on
 
 
+async def test_text_that_is_an_object_or_array_is_invalid_arguments_not_its_repr(webapp: Webapp) -> None:
+    """A JSON body's ``text`` (or ``topic``) must be a string: an object or array used to be stored
+    and fanned out as its Python repr (``"{'a': 1}"``)."""
+    alice, bob, general = webapp.user("alice"), webapp.user("bob"), webapp.channel("general")
+    token = alice["token"]
+    _, posted = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "kept"})
+    for bad in ({"a": 1}, [1, 2]):
+        for name, body in (
+            ("chat.postMessage", {"channel": general, "text": bad}),
+            ("chat.update", {"channel": general, "ts": posted["ts"], "text": bad}),
+            ("chat.meMessage", {"channel": general, "text": bad}),
+            ("chat.postEphemeral", {"channel": general, "user": bob["id"], "text": bad}),
+            ("conversations.setTopic", {"channel": general, "topic": bad}),
+            ("conversations.setPurpose", {"channel": general, "purpose": bad}),
+        ):
+            status, reply = await webapp.call(name, token, json_body=body)
+            assert (status, reply) == (200, {"ok": False, "error": "invalid_arguments"}), (name, bad)
+    _, history = await webapp.call("conversations.history", token, data={"channel": general})
+    assert [m["text"] for m in history["messages"]][0] == "kept"
+    _, number = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": 5})
+    assert number["ok"] and number["message"]["text"] == "5"  # a number is still taken as its text
+
+
 async def test_full_outbox_answers_ratelimited_and_persists_nothing(tmp_path: Path) -> None:
     fake_as = FakeAdminServer()
     await fake_as.start()
