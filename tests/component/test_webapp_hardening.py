@@ -223,6 +223,27 @@ async def test_text_that_is_an_object_or_array_is_invalid_arguments_not_its_repr
     assert number["ok"] and number["message"]["text"] == "5"  # a number is still taken as its text
 
 
+async def test_a_declared_oversized_body_is_refused_at_once(webapp: Webapp) -> None:
+    """A Content-Length above the limit is answered 413 ``request_too_large`` without waiting for
+    a body that may never come (it used to hold the request until the client gave up)."""
+    host, port = webapp.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        f"Authorization: Bearer {webapp.user('alice')['token']}\r\nContent-Length: {30 * MIB}\r\n\r\nx=1"
+    )
+    writer.write(head.encode())
+    try:
+        answer = await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 413 " in status_line, answer
+    assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {"ok": False, "error": "request_too_large"}
+    _, still = await webapp.call("auth.test", webapp.user("alice")["token"])
+    assert still["ok"]
+
+
 async def test_full_outbox_answers_ratelimited_and_persists_nothing(tmp_path: Path) -> None:
     fake_as = FakeAdminServer()
     await fake_as.start()
