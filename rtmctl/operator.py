@@ -96,6 +96,8 @@ def status(args: argparse.Namespace) -> int:
         _, registered = client.catalog.services()
     except Exception as exc:
         print(f"rtm status: cannot reach Consul at {address}: {exc}")
+        if not args.consul and not (Path(args.data_dir) / "fleet.json").exists():
+            print(f"  (no {Path(args.data_dir) / 'fleet.json'}: give the --data-dir that `rtm up` was started with)")
         return 1
     healthy: dict[str, set[str]] = {}
     for service in [s for s in SERVICES if s in registered] + sorted(set(registered) - set(SERVICES) - {"consul"}):
