@@ -243,6 +243,8 @@ class WebApi:
         elif name in METHODS:  # an unknown method's body is not read: unknown_method at once
             try:
                 args = await reading()
+            except ConnectionResetError:  # the client hung up before its body came: not our failure
+                args = ApiError("client_gone")
             except Exception as exc:  # answered by _start, after the method's lookup
                 args = exc
         called: dict[str, Any] | Failure | Awaitable[dict[str, Any]]

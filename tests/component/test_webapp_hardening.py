@@ -244,6 +244,22 @@ async def test_a_declared_oversized_body_is_refused_at_once(webapp: Webapp) -> N
     assert still["ok"]
 
 
+async def test_a_client_hanging_up_mid_body_is_counted_as_gone_not_internal_error(webapp: Webapp) -> None:
+    """A client that closes before its body arrives used to be logged as a failure with a traceback
+    and counted as ``internal_error``."""
+    host, port = webapp.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx=1")
+    await writer.drain()
+    writer.close()
+
+    async def counted() -> bool:
+        return metric(await metrics(webapp), "rtm_errors_total", kind="client_gone") == 1
+
+    await async_wait_until(counted, what="the hang-up counted")
+    assert metric(await metrics(webapp), "rtm_errors_total", kind="internal_error") == 0
+
+
 async def test_full_outbox_answers_ratelimited_and_persists_nothing(tmp_path: Path) -> None:
     fake_as = FakeAdminServer()
     await fake_as.start()
