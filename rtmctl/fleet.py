@@ -159,6 +159,28 @@ def write_region_map(consul_addr: str, region_names: list[str], token: str = "")
     client.kv.put(regions.REGION_MAP_KEY, json.dumps(regions.default_map(region_names)), cas=0)
 
 
+def running_supervisor(data_dir: Path) -> int | None:
+    """The pid of the ``rtm up`` that wrote ``DATA_DIR/fleet.json``, if that process still runs
+    (an ``rtm ... up`` command line, where ``/proc`` shows it: a reused pid is not taken for it)."""
+    try:
+        pid = int(json.loads((data_dir / "fleet.json").read_text())["supervisor_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, someone else's
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return pid
+    return pid if "up" in (a.decode(errors="replace") for a in argv) and any(b"rtm" in a for a in argv) else None
+
+
 class Fleet:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -197,6 +219,12 @@ class Fleet:
         return env
 
     def up(self) -> None:
+        running = running_supervisor(self.data_dir)
+        if running is not None:  # a second fleet would share its database and overwrite its fleet.json
+            raise LaunchError(
+                f"a fleet from {self.data_dir} is already running (rtm up, pid {running}): "
+                "stop it first (Ctrl-C there, or SIGTERM to that pid), or give another --data-dir"
+            )
         self.env = {
             SECRET_ENV: ensure_secret(self.data_dir),
             OPERATOR_TOKEN_ENV: ensure_secret_file(self.data_dir / OPERATOR_TOKEN_FILE),

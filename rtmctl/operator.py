@@ -96,6 +96,8 @@ def status(args: argparse.Namespace) -> int:
         _, registered = client.catalog.services()
     except Exception as exc:
         print(f"rtm status: cannot reach Consul at {address}: {exc}")
+        if not args.consul and not (Path(args.data_dir) / "fleet.json").exists():
+            print(f"  (no {Path(args.data_dir) / 'fleet.json'}: give the --data-dir that `rtm up` was started with)")
         return 1
     healthy: dict[str, set[str]] = {}
     for service in [s for s in SERVICES if s in registered] + sorted(set(registered) - set(SERVICES) - {"consul"}):
@@ -222,10 +224,29 @@ def kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def known_regions(client: consul.Consul) -> set[str]:
+    """The regions the fleet knows: those of the region map in Consul KV and the ``region=`` tags of
+    registered gateways (empty when there is neither, e.g. before the fleet's first start)."""
+    _, raw = client.kv.get(regions.REGION_MAP_KEY)
+    try:
+        region_map = regions.parse_map(raw["Value"] if raw else None)
+    except ValueError:  # BadDocument: the gateways' tags still name the regions
+        region_map = {}
+    known = set(region_map).union(*region_map.values())
+    _, entries = client.health.service(GATEWAY)
+    for entry in entries:
+        known.update(t.removeprefix("region=") for t in entry["Service"].get("Tags") or [] if t.startswith("region="))
+    return known
+
+
 def drain(args: argparse.Namespace, on: bool) -> int:
     client = operator_client(args)
     key = regions.drained_key(args.region)
     if on:
+        known = known_regions(client)
+        if known and args.region not in known:  # a typo would drain nothing and say it had
+            print(f"rtm drain: no region {args.region!r}; known: {', '.join(sorted(known))}", file=sys.stderr)
+            return 1
         client.kv.put(key, str(time.time()))
         print(f"region {args.region} drained: its gateways move their clients to the nearest good region")
     else:

@@ -243,6 +243,8 @@ class WebApi:
         elif name in METHODS:  # an unknown method's body is not read: unknown_method at once
             try:
                 args = await reading()
+            except ConnectionResetError:  # the client hung up before its body came: not our failure
+                args = ApiError("client_gone")
             except Exception as exc:  # answered by _start, after the method's lookup
                 args = exc
         called: dict[str, Any] | Failure | Awaitable[dict[str, Any]]
@@ -470,8 +472,7 @@ def message_content(call: Call) -> tuple[str, dict[str, Any]]:
     """``text`` and the ``blocks``/``attachments`` of a message argument set, within
     Slack's limits (:mod:`webapp_stub.limits`). Raises ``invalid_blocks_format``,
     ``invalid_blocks``, ``invalid_attachments``, ``too_many_attachments``."""
-    text = call.args.get("text")
-    text = "" if text is None else str(text)
+    text = str_arg(call.args, "text") or ""  # an object or array: invalid_arguments, not its repr
     extra: dict[str, Any] = {}
     try:
         blocks = json_arg(call.args, "blocks")

@@ -124,6 +124,9 @@ async def read_args(request: web.Request) -> Args:
     if not request.can_read_body:
         check_text(args, "invalid_arguments")
         return args
+    declared = request.content_length
+    if declared is not None and declared > request.client_max_size:  # at once, not after waiting for it
+        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=declared)
     ctype = request.content_type
     if ctype.startswith("multipart/"):
         try:

@@ -28,7 +28,7 @@ from consul_dev.app import ACL_TOKEN_ENV
 from consul_dev.node import KV_MAX_VALUE_BYTES, NODE_NAME
 from rtmctl import launcher
 from services.config import CONSUL_HTTP_TOKEN_ENV, CONSUL_HTTP_TOKEN_FILE_ENV, CONSUL_TOKEN_ENV
-from services.regions import drained_key
+from services.regions import REGION_MAP_KEY, drained_key
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -358,6 +358,28 @@ def test_rtm_commands_read_the_token_where_consuls_own_tools_do(
         assert done.returncode == 0, (region, done.stderr)
         assert admin.kv.get(drained_key(region))[1] is not None, region
         admin.kv.delete(drained_key(region))
+
+
+def test_rtm_drain_refuses_a_region_the_fleet_does_not_know(
+    agent: launcher.RunningProcess, admin: consul.Consul, tmp_path: Path
+) -> None:
+    """A mistyped region used to be "drained" (a flag nobody reads) with exit 0; with a region map
+    in Consul, ``rtm drain`` names the known regions and writes nothing."""
+    address = f"127.0.0.1:{agent.ready['port']}"
+    env = {**{k: v for k, v in os.environ.items() if k not in CONSUL_HTTP_TOKEN_ENVS}, CONSUL_TOKEN_ENV: TOKEN}
+    admin.kv.put(REGION_MAP_KEY, json.dumps({"us-east": ["eu-west"], "eu-west": ["us-east"]}))
+    try:
+        for region, code, said in (
+            ("us-eats", 1, "rtm drain: no region 'us-eats'; known: eu-west, us-east"),
+            ("eu-west", 0, ""),
+        ):
+            argv = launcher.rtm_argv("drain", region, "--consul", address, "--data-dir", str(tmp_path / "no-fleet"))
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+            assert (done.returncode, done.stderr.strip()) == (code, said), region
+            assert (admin.kv.get(drained_key(region))[1] is not None) == (code == 0), region
+    finally:
+        admin.kv.delete(drained_key("eu-west"))
+        admin.kv.delete(REGION_MAP_KEY)
 
 
 # -- tokens with rules (--acl-tokens-file) -------------------------------------------------------

@@ -200,6 +200,66 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
     assert still["ok"] and posted["ts"] in [m["ts"] for m in still["messages"]]  # and the server serves on
 
 
+async def test_text_that_is_an_object_or_array_is_invalid_arguments_not_its_repr(webapp: Webapp) -> None:
+    """A JSON body's ``text`` (or ``topic``) must be a string: an object or array used to be stored
+    and fanned out as its Python repr (``"{'a': 1}"``)."""
+    alice, bob, general = webapp.user("alice"), webapp.user("bob"), webapp.channel("general")
+    token = alice["token"]
+    _, posted = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "kept"})
+    for bad in ({"a": 1}, [1, 2]):
+        for name, body in (
+            ("chat.postMessage", {"channel": general, "text": bad}),
+            ("chat.update", {"channel": general, "ts": posted["ts"], "text": bad}),
+            ("chat.meMessage", {"channel": general, "text": bad}),
+            ("chat.postEphemeral", {"channel": general, "user": bob["id"], "text": bad}),
+            ("conversations.setTopic", {"channel": general, "topic": bad}),
+            ("conversations.setPurpose", {"channel": general, "purpose": bad}),
+        ):
+            status, reply = await webapp.call(name, token, json_body=body)
+            assert (status, reply) == (200, {"ok": False, "error": "invalid_arguments"}), (name, bad)
+    _, history = await webapp.call("conversations.history", token, data={"channel": general})
+    assert [m["text"] for m in history["messages"]][0] == "kept"
+    _, number = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": 5})
+    assert number["ok"] and number["message"]["text"] == "5"  # a number is still taken as its text
+
+
+async def test_a_declared_oversized_body_is_refused_at_once(webapp: Webapp) -> None:
+    """A Content-Length above the limit is answered 413 ``request_too_large`` without waiting for
+    a body that may never come (it used to hold the request until the client gave up)."""
+    host, port = webapp.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        f"Authorization: Bearer {webapp.user('alice')['token']}\r\nContent-Length: {30 * MIB}\r\n\r\nx=1"
+    )
+    writer.write(head.encode())
+    try:
+        answer = await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 413 " in status_line, answer
+    assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {"ok": False, "error": "request_too_large"}
+    _, still = await webapp.call("auth.test", webapp.user("alice")["token"])
+    assert still["ok"]
+
+
+async def test_a_client_hanging_up_mid_body_is_counted_as_gone_not_internal_error(webapp: Webapp) -> None:
+    """A client that closes before its body arrives used to be logged as a failure with a traceback
+    and counted as ``internal_error``."""
+    host, port = webapp.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx=1")
+    await writer.drain()
+    writer.close()
+
+    async def counted() -> bool:
+        return metric(await metrics(webapp), "rtm_errors_total", kind="client_gone") == 1
+
+    await async_wait_until(counted, what="the hang-up counted")
+    assert metric(await metrics(webapp), "rtm_errors_total", kind="internal_error") == 0
+
+
 async def test_full_outbox_answers_ratelimited_and_persists_nothing(tmp_path: Path) -> None:
     fake_as = FakeAdminServer()
     await fake_as.start()

@@ -76,7 +76,7 @@ def chat_post_ephemeral(api: WebApi, call: Call) -> dict[str, Any]:
 def chat_me_message(api: WebApi, call: Call) -> dict[str, Any]:
     """A ``/me`` message: subtype ``me_message``. Errors as ``chat.postMessage``."""
     channel = api.channel_arg(call)
-    text = str(call.args.get("text") or "")
+    text = str_arg(call.args, "text") or ""
     if not text:
         raise ApiError("no_text")
     message, event = api.store.post_message(channel, call.me, text, subtype="me_message")

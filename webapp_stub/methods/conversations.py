@@ -215,10 +215,10 @@ def conversations_info(api: WebApi, call: Call) -> dict[str, Any]:
 
 def _set_detail(api: WebApi, call: Call, kind: str) -> dict[str, Any]:
     channel = api.channel_arg(call)
-    value = call.args.get(kind)
+    value = str_arg(call.args, kind)  # an object or array: invalid_arguments
     if value is None:
         raise ApiError("invalid_arguments")
-    api.publish(api.store.set_detail(channel, call.me, kind, str(value)))
+    api.publish(api.store.set_detail(channel, call.me, kind, value))
     return {"channel": conversation(api, channel, call.me)}
 
 
