@@ -11,6 +11,7 @@ request (reading it, writing the answer on a socket) and the event loop's wake-u
 fleet's benchmarks include (docs/publish-path.md, round 8). Rate limits are off.
 
     python -m bench.lean_post --batches 10,40,200 --posts 20000 --rounds 3
+    python -m bench.lean_post --batches 30 --channels 100 --posts 40000 --rounds 3
 
 Writes ``bench/results/lean-post.{json,md}``.
 """
@@ -38,6 +39,7 @@ from webapp_stub.store import Store
 
 POSTS = 20_000
 BATCHES = "10,40,200"
+CHANNELS = 2  # the demo team's
 TEXT_BYTES = 160  # with its id and the form's other fields, about the peers' 200-byte message
 
 
@@ -86,11 +88,12 @@ def requests(token: str, channels: list[str], count: int) -> list[bytes]:
     return out
 
 
-async def one_run(posts: int, batch: int) -> dict[str, Any]:
-    """``posts`` posts through ``batch`` connections, one commit per ``batch`` posts."""
+async def one_run(posts: int, batch: int, channels: int) -> dict[str, Any]:
+    """``posts`` posts through ``batch`` connections to ``channels`` channels in turn, one commit
+    per ``batch`` posts."""
     with tempfile.TemporaryDirectory(prefix="rtm-lean-post-") as data_dir:
-        store = Store(data_dir)
-        demo = seed_demo(store)
+        store = Store(data_dir, background_checkpoints=True)  # as the webapp: WAL checkpoints on their thread
+        demo = seed_demo(store, channels=channels)
         outbox = CountingOutbox()
         api = WebApi(store, outbox, GatewayPicker(None), ServiceMetrics("webapp", "bench"), secret=b"s" * 32)  # type: ignore[arg-type]
         api.commits = GroupCommit(store, outbox, min_interval_s=0.0)
@@ -127,10 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="passes over the steps, alternating; tables quote medians"
     )
+    parser.add_argument(
+        "--channels", type=int, default=CHANNELS, help="channels the posts go to, in turn (the peers' rooms: 100)"
+    )
     args = parser.parse_args(argv)
     install_uvloop()
     batches = [int(b) for b in args.batches.split(",") if b]
-    rows = [asyncio.run(one_run(args.posts, batch)) for _ in range(args.rounds) for batch in batches]
+    rows = [asyncio.run(one_run(args.posts, batch, args.channels)) for _ in range(args.rounds) for batch in batches]
     machine = machine_info()
     table = []
     for batch in batches:
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         table.append([batch, f"{median:.1f}", each, sum(r["failed"] for r in mine)])
     text = (
         f"# bench/lean_post ({machine.get('cpu_model', '')}, {machine.get('nproc')} CPUs, {machine.get('date')}, "
-        f"commit {machine.get('rtm_commit')})\n\nCPU µs per post in-process (no sockets), per commit size:\n\n"
+        f"commit {machine.get('rtm_commit')})\n\nCPU µs per post in-process (no sockets), {args.channels} channels, per commit size:\n\n"
         + md_table(["posts per commit", "µs/post (median)", "each round", "failed"], table)
         + "\n"
     )

@@ -39,9 +39,10 @@ DEFAULT_CACHE_PAGES = -2000  # SQLite's default page cache (negative: KiB)
 # The page size of a database file created here (SQLite's default is 4,096). A post writes into
 # the tail of its channel's entries in two indexes (messages by ts, events by seq), so a commit of
 # posts to many channels writes about two whole pages per post to the WAL, and the checkpoint
-# copies them again: 1 KiB pages write 2.5 x fewer WAL bytes per post (11.2 -> 4.5 KiB at 100
-# channels, 200-byte posts) for about 7 us less CPU per post (docs/publish-path.md, round 10).
-# SQLite fixes the size when the file is created: an existing database keeps its own.
+# copies them again. With 1 KiB pages the webapp wrote 2.1 x fewer bytes to disk per post in the
+# fleet (13.4 -> 6.3 KiB at 2,000 posts/s to 100 channels), for the same CPU within the noise
+# (docs/publish-path.md, round 10). SQLite fixes the size when the file is created: an existing
+# database keeps its own.
 SQLITE_PAGE_SIZE_BYTES = 1024
 # Channels whose last seq _next_seq remembers (a hint, checked by the row); beyond, it starts over.
 MAX_CACHED_SEQS = 100_000
