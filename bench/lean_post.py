@@ -69,6 +69,9 @@ class CountingTransport:
     def is_closing(self) -> bool:
         return False
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50_000) if name == "peername" else default
+
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...

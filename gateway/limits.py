@@ -17,15 +17,21 @@ leaked reconnect loop, a script, an abuser):
   open websockets of one user, across all of their devices and tabs, checked
   once the ticket names the user; refused with close code 4029.
 
-0 turns a limit off. :class:`ConnectionLimits` only counts; the gateway
+0 turns a limit off. :class:`ConnectionLimits` (services/connection_limits.py) only counts; the gateway
 (:mod:`gateway.app`) refuses and releases.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from services.connection_limits import ConnectionLimits
 from services.source_address import source_of_address
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS_PER_ADDRESS",
+    "DEFAULT_MAX_CONNECTIONS_PER_USER",
+    "ConnectionLimits",
+    "client_address",
+]
 
 # Slack's clients open one websocket per signed-in workspace per device or tab;
 # a few dozen covers a person with many tabs, while a runaway reconnect loop
@@ -35,49 +41,6 @@ DEFAULT_MAX_CONNECTIONS_PER_USER = 50
 # (bench/connections.py opens 5,000 per 127.0.0.x source address): generous,
 # but far below --max-connections, so one address cannot fill a gateway.
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 10_000
-
-
-@dataclass
-class ConnectionLimits:
-    """Counts of open connections per user and per address, against their limits (0: no limit)."""
-
-    max_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER
-    max_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
-    users: dict[str, int] = field(default_factory=dict)
-    addresses: dict[str, int] = field(default_factory=dict)
-
-    def address_full(self, address: str) -> bool:
-        """Whether one more connection from ``address`` would pass its limit (nothing counted)."""
-        return 0 < self.max_per_address <= self.addresses.get(address, 0)
-
-    def take_address(self, address: str) -> bool:
-        """Count a connection from ``address``; False (and nothing counted) when it is at its limit."""
-        if self.address_full(address):
-            return False
-        self.addresses[address] = self.addresses.get(address, 0) + 1
-        return True
-
-    def take_user(self, user: str) -> bool:
-        """Count a connection of ``user``; False (and nothing counted) when they are at their limit."""
-        held = self.users.get(user, 0)
-        if 0 < self.max_per_user <= held:
-            return False
-        self.users[user] = held + 1
-        return True
-
-    def release_address(self, address: str) -> None:
-        _release(self.addresses, address)
-
-    def release_user(self, user: str) -> None:
-        _release(self.users, user)
-
-
-def _release(counts: dict[str, int], key: str) -> None:
-    held = counts.get(key, 0)
-    if held <= 1:
-        counts.pop(key, None)
-    else:
-        counts[key] = held - 1
 
 
 def client_address(peer: str, header_value: str | None) -> str:

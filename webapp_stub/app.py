@@ -39,6 +39,7 @@ from services.secret_file import ensure_secret_file
 from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
+from webapp_stub.args import REQUEST_TIMEOUT_KEY
 from webapp_stub.client import BrowserClient
 from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
 from webapp_stub.commit_pacer import handoff_interval_s
@@ -52,7 +53,8 @@ from webapp_stub.handoff import (
     replay_from_mark,
     write_mark,
 )
-from webapp_stub.http_front import HttpFront
+from webapp_stub.http_front import KEEPALIVE_TIMEOUT_S, HttpFront
+from webapp_stub.http_limits import add_http_limit_flags
 from webapp_stub.internal import InternalEndpoints
 from webapp_stub.methods.auth import MAX_REVOKE_FANOUT_WAIT_S, REVOKE_FANOUT_WAIT_S
 from webapp_stub.models import Event
@@ -190,6 +192,7 @@ def build_parser() -> Parser:
     add_commit_flags(parser)
     add_listen_backlog_flag(parser)
     parser.add("--lean-post-path", LEAN_POST_PATH, "plain POST /api/chat.postMessage without aiohttp (http_front)")
+    add_http_limit_flags(parser)
     parser.add(
         "--region-map",
         "",
@@ -472,17 +475,18 @@ class WebappServer:
         app.add_routes(metrics_routes(self.metrics, self.health))
         # the browser client at / (webapp_stub/client.py, docs/browser.md)
         app.add_routes(BrowserClient(self.store, self.metrics, demo=getattr(self.args, "demo", True)).routes())
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
+        args = self.args
+        app[REQUEST_TIMEOUT_KEY] = args.http_request_timeout_s  # a body's arrival (read_args)
+        # keepalive_timeout: aiohttp's default is an hour; it also bounds a head's arrival there
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+        )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        args = self.args
-        if not getattr(args, "lean_post_path", LEAN_POST_PATH) or runner.server is None:
-            site = web.TCPSite(runner, args.host, args.port, reuse_address=True, backlog=args.listen_backlog)
-            await site.start()
-            self._stack.push_async_callback(site.stop)
-            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-        # plain chat.postMessage requests skip aiohttp; other connections go to it (http_front.py)
-        self.front = HttpFront(self.api, runner.server, max_body_bytes=MAX_BODY_BYTES)
+        assert runner.server is not None
+        # plain chat.postMessage requests skip aiohttp; other connections go to it (http_front.py),
+        # all of them inside the front's limits
+        self.front = HttpFront.from_args(self.api, runner.server, args, max_body_bytes=MAX_BODY_BYTES)
         port = await self.front.start(args.host, args.port, backlog=args.listen_backlog)
         self._stack.push_async_callback(self.front.stop)
         return port

@@ -8,6 +8,7 @@ argument. Bad input is a Slack error code (:class:`webapp_stub.errors.ApiError`)
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 from urllib.parse import parse_qsl
@@ -22,6 +23,11 @@ TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
 MAX_ARGS_DEPTH = 32
 
 Args = dict[str, Any]
+# The longest a request may take to arrive (--http-request-timeout-s, webapp_stub/http_front.py):
+# the lean front times a request from its first byte; aiohttp's requests, their body from when it
+# is read (their head: the keep-alive timeout). Past it: request_timeout.
+HTTP_REQUEST_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_KEY = web.AppKey("http_request_timeout_s", float)
 
 
 def flag(args: Args, name: str, default: bool = False) -> bool:
@@ -128,15 +134,20 @@ async def read_args(request: web.Request) -> Args:
     if declared is not None and declared > request.client_max_size:  # at once, not after waiting for it
         raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=declared)
     ctype = request.content_type
+    try:
+        async with asyncio.timeout(request.app.get(REQUEST_TIMEOUT_KEY, HTTP_REQUEST_TIMEOUT_S)):
+            if ctype.startswith("multipart/"):
+                form = await request.post()
+            else:
+                raw = await request.read()
+    except TimeoutError:  # a body sent a byte at a time holds no connection for longer
+        raise ApiError("request_timeout") from None
+    except ValueError:
+        raise ApiError("invalid_form_data") from None
     if ctype.startswith("multipart/"):
-        try:
-            form = await request.post()
-        except ValueError:
-            raise ApiError("invalid_form_data") from None
         args.update({k: v for k, v in form.items() if isinstance(v, str)})
         check_text(args, "invalid_arguments")
         return args
-    raw = await request.read()
     args.update(parse_body(raw, ctype))
     check_text(args, "invalid_arguments")
     return args

@@ -19,28 +19,32 @@ Requests of one connection are answered in order, one at a time (a pipelined req
 waits in the buffer, bounded: reading pauses beyond ``MAX_BUFFERED_BYTES``). An idle
 connection is closed after ``KEEPALIVE_TIMEOUT_S`` (aiohttp's default).
 
-Sans-I/O core: :func:`parse_request` (bytes in, a verdict out), :func:`post_args` and
-:func:`encode_response`; :class:`FrontProtocol` and :class:`HttpFront` are the asyncio layer.
+The front also holds the port's limits (webapp_stub/http_limits.py) for every connection,
+aiohttp's included: connections at once and per client address (past either: 503
+``too_many_connections``), and a request that has not wholly arrived ``--http-request-timeout-s``
+after its first byte (one sent a byte at a time) is answered 408 ``request_timeout`` and closed.
+With ``--no-lean-post-path`` every connection goes to aiohttp at once, inside the same limits.
+
+Sans-I/O core: webapp_stub/http_codec.py (:func:`parse_request`: bytes in, a verdict out;
+:func:`post_args`, :func:`encode_response`); :class:`FrontProtocol` and :class:`HttpFront` here
+are the asyncio layer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import logging
-import re
 import time
 from collections.abc import Callable
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import parse_qsl
 
 from services.config import LISTEN_BACKLOG
-from webapp_stub.args import Args, check_text, parse_body, token_of
+from webapp_stub.args import HTTP_REQUEST_TIMEOUT_S, Args
 from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
+from webapp_stub.http_codec import METHOD_NAME, Verdict, encode_response, parse_request, post_args, post_token
+from webapp_stub.http_limits import MAX_HTTP_CONNECTIONS, MAX_HTTP_CONNECTIONS_PER_ADDRESS, PortLimits, client_source
 from webapp_stub.reply import Answer
 
 if TYPE_CHECKING:
@@ -48,187 +52,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rtm.webapp.front")
 
-# The longest request head (request line and headers) read here; longer ones go to aiohttp
-# (whose own line and field limits are 8,190 bytes, and which answers them with 400/431).
-MAX_HEAD_BYTES = 8190
 # Idle keep-alive connections are closed after this (aiohttp's default keepalive_timeout).
 KEEPALIVE_TIMEOUT_S = 75.0
 # How often idle connections are looked for.
 IDLE_SWEEP_S = 5.0
 # Bytes of pipelined requests buffered while one is answered; beyond it reading pauses.
 MAX_BUFFERED_BYTES = 256 * 1024
-# A Content-Length longer than this is refused as too large before int() reads it.
-MAX_CONTENT_LENGTH_DIGITS = 18
-# A header name is an RFC 9110 token; anything else goes to aiohttp, which answers 400.
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_HEADER_NAME = re.compile(_TOKEN)
 # Waiting for the answers in flight at stop, at most.
 FRONT_SHUTDOWN_TIMEOUT_S = 2.0
 
-METHOD_NAME = "chat.postMessage"
-PATH = "/api/" + METHOD_NAME
-REQUEST_PREFIX = f"POST {PATH}".encode()
 
-
-class Verdict(enum.Enum):
-    MORE = "more"  # not a whole request yet
-    DELEGATE = "delegate"  # not a plain post: aiohttp serves this connection from here on
-    MALFORMED = "malformed"  # a head aiohttp refuses (bare LF or CR, NUL, a name not a token): counted, then aiohttp
-    TOO_LARGE = "too_large"  # a body over the limit: 413, then close
-    READY = "ready"  # a whole post
-
-
-class PostRequest:
-    """One parsed ``POST /api/chat.postMessage``: query string, headers (lower-case names), body."""
-
-    __slots__ = ("query", "headers", "body", "keep_alive")
-
-    def __init__(self, query: str, headers: dict[str, str], body: bytes, keep_alive: bool) -> None:
-        self.query = query
-        self.headers = headers
-        self.body = body
-        self.keep_alive = keep_alive
-
-
-# The common head, read by two regular expressions instead of a loop over its lines: the
-# request line, then header fields of a token name and a value without CR, LF or NUL. A head
-# of any other shape is read by the loop (:func:`_parse_head`), which gives every verdict.
-_PLAIN_HEAD = re.compile(
-    "POST " + re.escape(PATH) + r"(?:\?([^ \r\n\0]*))? HTTP/1\.1\r\n((?:" + _TOKEN + r":[^\r\n\0]*\r\n)*)"
-)
-_FIELD = re.compile("(" + _TOKEN + r"):[ \t]*([^\r\n]*[^\r\n \t])?[ \t]*\r\n")
-
-
-def parse_request(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, PostRequest | None, int]:
-    """Look at the start of ``buf``: (verdict, the request when READY, bytes it took)."""
-    end = buf.find(b"\r\n\r\n")
-    if 0 <= end <= MAX_HEAD_BYTES:
-        plain = _PLAIN_HEAD.fullmatch(buf[: end + 2].decode("latin-1"))
-        if plain is not None:
-            fields = _FIELD.findall(plain.group(2))
-            headers = {name.lower(): value for name, value in fields}
-            if len(headers) == len(fields):  # no duplicates (else aiohttp's rules, below)
-                return _post_of(buf, end, plain.group(1) or "", headers, max_body_bytes)
-    return _parse_head(buf, max_body_bytes)
-
-
-def _parse_head(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, PostRequest | None, int]:
-    """:func:`parse_request` for any head, line by line."""
-    prefix = bytes(buf[: len(REQUEST_PREFIX)])
-    if not REQUEST_PREFIX.startswith(prefix) or (len(buf) > len(REQUEST_PREFIX) and prefix != REQUEST_PREFIX):
-        return Verdict.DELEGATE, None, 0
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return (Verdict.MORE if len(buf) <= MAX_HEAD_BYTES else Verdict.DELEGATE), None, 0
-    if end > MAX_HEAD_BYTES:
-        return Verdict.DELEGATE, None, 0
-    head = bytes(buf[:end])
-    if b"\0" in head or head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
-        return Verdict.MALFORMED, None, 0  # a bare LF or CR, a NUL: aiohttp answers 400
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1":
-        return Verdict.DELEGATE, None, 0
-    path, _, query = parts[1].partition("?")
-    if path != PATH:
-        return Verdict.DELEGATE, None, 0
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            return Verdict.DELEGATE, None, 0  # obsolete folding, a space before the colon, ...
-        if _HEADER_NAME.fullmatch(name) is None:
-            return Verdict.MALFORMED, None, 0  # not a token: aiohttp answers 400
-        name = name.lower()
-        if name in headers:
-            return Verdict.DELEGATE, None, 0  # duplicates: aiohttp's rules
-        headers[name] = value.strip(" \t")
-    return _post_of(buf, end, query, headers, max_body_bytes)
-
-
-def _post_of(
-    buf: bytes | bytearray, end: int, query: str, headers: dict[str, str], max_body_bytes: int
-) -> tuple[Verdict, PostRequest | None, int]:
-    """The verdict on a post whose head (ending at ``end``) was read: its body's framing."""
-    if "transfer-encoding" in headers or "expect" in headers or "upgrade" in headers:
-        return Verdict.DELEGATE, None, 0
-    length_text = headers.get("content-length")
-    if length_text is None or not length_text.isascii() or not length_text.isdigit():
-        return Verdict.DELEGATE, None, 0
-    if len(length_text) > MAX_CONTENT_LENGTH_DIGITS:
-        return Verdict.TOO_LARGE, None, 0  # beyond any body limit (and int() of 4,300 digits raises)
-    length = int(length_text)
-    if length > max_body_bytes:
-        return Verdict.TOO_LARGE, None, 0
-    total = end + 4 + length
-    if len(buf) < total:
-        return Verdict.MORE, None, 0
-    if content_type(headers).startswith("multipart/"):
-        return Verdict.DELEGATE, None, 0
-    keep_alive = headers.get("connection", "").lower() != "close"
-    return Verdict.READY, PostRequest(query, headers, bytes(buf[end + 4 : total]), keep_alive), total
-
-
-def content_type(headers: dict[str, str]) -> str:
-    """The media type, lower case, without parameters (aiohttp's ``request.content_type``)."""
-    value = headers.get("content-type")
-    if not value:
-        return "application/octet-stream"
-    return value.partition(";")[0].strip().lower()
-
-
-def post_args(request: PostRequest) -> Args:
-    """The arguments, exactly as :func:`webapp_stub.args.read_args` merges them: the query
-    string, then a form or JSON body (body wins). Raises ``invalid_json``,
-    ``invalid_form_data``, ``invalid_arguments``."""
-    args: Args = {}
-    if request.query:
-        try:
-            for key, value in parse_qsl(request.query, keep_blank_values=True):
-                args.setdefault(key, value)
-        except ValueError:
-            raise ApiError("invalid_arguments") from None
-    args.update(parse_body(request.body, content_type(request.headers)))
-    check_text(args, "invalid_arguments")
-    return args
-
-
-def post_token(request: PostRequest, args: Args) -> str | None:
-    """``Authorization: Bearer`` first, else the ``token`` argument (as for every Web API call)."""
-    return token_of(request.headers.get("authorization", ""), args)
-
-
-class _Date:
-    """The ``Date`` header's value, formatted once a second."""
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.value = ""
-
-    def now(self) -> str:
-        second = int(time.time())
-        if second != self.second:
-            self.second, self.value = second, formatdate(second, usegmt=True)
-        return self.value
-
-
-_DATE = _Date()
-
-
-def encode_response(status: int, headers: dict[str, str], text: str, keep_alive: bool) -> bytes:
-    """A whole HTTP/1.1 response with a JSON body."""
-    body = text.encode()
-    head = [
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-        f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-        f"Date: {_DATE.now()}\r\n"
-    ]
-    for name, value in headers.items():
-        head.append(f"{name}: {value}\r\n")
-    if not keep_alive:
-        head.append("Connection: close\r\n")
-    head.append("\r\n")
-    return "".join(head).encode("latin-1") + body
+def _error_body(code: str) -> str:
+    return dumps({"ok": False, "error": code})
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -249,13 +84,24 @@ class FrontProtocol(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.reading_paused = False
         self.writing_paused = False
+        self.address = ""  # the source its client counts under (http_limits.client_source)
+        self.admitted = False  # counted in HttpFront.limits
+        self.request_started: float | None = None  # when the request now arriving sent its first byte
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        self.address = client_source(transport.get_extra_info("peername"))
+        if not self.front.admit(self):
+            return  # answered 503 and closed
         self.front.connections.add(self)
+        if not self.front.lean:
+            self._hand_over(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.front.release(self.address)
         self._stop_waiting()
         self.front.fill_if_every_connection_waits()  # it may have been the last one that could post
 
@@ -275,6 +121,8 @@ class FrontProtocol(asyncio.Protocol):
         self._flow()
 
     def data_received(self, data: bytes) -> None:
+        if not self.buf:
+            self.request_started = time.monotonic()
         self.buf += data
         self.last_active = time.monotonic()
         if not self.busy:
@@ -321,12 +169,13 @@ class FrontProtocol(asyncio.Protocol):
             if verdict is Verdict.TOO_LARGE:
                 self.front.api.metrics.error("request_too_large")
                 self.front.api.count_request(METHOD_NAME, "request_too_large")
-                body = dumps({"ok": False, "error": "request_too_large"})
+                body = _error_body("request_too_large")
                 transport.write(encode_response(413, {}, body, keep_alive=False))
                 transport.close()
                 return
             assert request is not None
             del self.buf[:used]
+            self.request_started = time.monotonic() if self.buf else None
             self.busy, self.keep_alive = True, request.keep_alive
             args: Args | ApiError
             try:
@@ -377,6 +226,8 @@ class FrontProtocol(asyncio.Protocol):
         """aiohttp serves this connection from now on, starting with what is buffered."""
         self.front.connections.discard(self)
         self.front.handed_over += 1
+        self.front.handed[transport] = self.address  # still counted in the limits (HttpFront.prune)
+        self.admitted = False
         self.front.fill_if_every_connection_waits()
         handler = self.front.fallback()
         transport.set_protocol(handler)
@@ -392,11 +243,18 @@ class FrontProtocol(asyncio.Protocol):
         """When it went idle (no request in flight), None while one is answered."""
         return None if self.busy else self.last_active
 
+    def arriving_since(self) -> float | None:
+        """When the request still arriving (not wholly read, not being answered) began, else None."""
+        return None if self.busy or not self.buf else self.request_started
+
 
 class HttpFront:
     """The public port's listener: :class:`FrontProtocol` per connection, aiohttp behind it.
 
-    ``fallback`` makes aiohttp's protocol for a connection handed over (``AppRunner.server``).
+    ``fallback`` makes aiohttp's protocol for a connection handed over (``AppRunner.server``);
+    ``lean=False`` hands every connection over at once. ``max_connections`` and
+    ``max_connections_per_address`` (0: no limit) bound the connections open at once, aiohttp's
+    included; ``request_timeout_s`` bounds a request's arrival here (module docstring).
     """
 
     def __init__(
@@ -406,16 +264,63 @@ class HttpFront:
         *,
         max_body_bytes: int,
         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+        lean: bool = True,
+        max_connections: int = MAX_HTTP_CONNECTIONS,
+        max_connections_per_address: int = MAX_HTTP_CONNECTIONS_PER_ADDRESS,
+        request_timeout_s: float = HTTP_REQUEST_TIMEOUT_S,
     ) -> None:
         self.api = api
         self.fallback = fallback
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.lean = lean
+        self.limits = PortLimits(max_connections, max_connections_per_address)
+        self.request_timeout_s = request_timeout_s
+        self.sweep_s = min(IDLE_SWEEP_S, keepalive_timeout_s / 2, request_timeout_s / 2)
         self.connections: set[FrontProtocol] = set()
+        self.handed: dict[asyncio.BaseTransport, str] = {}  # aiohttp's connections -> their source
         self.handed_over = 0  # connections given to aiohttp (tests, diagnostics)
         self.waiting = 0  # connections whose request waits for its answer (a commit, an async call)
         self._server: asyncio.AbstractServer | None = None
         self._sweep: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_args(cls, api: WebApi, fallback: Callable[[], Any], args: Any, *, max_body_bytes: int) -> HttpFront:
+        """The front of ``rtm webapp``'s flags (``--lean-post-path`` and http_limits' flags)."""
+        return cls(
+            api,
+            fallback,
+            max_body_bytes=max_body_bytes,
+            lean=args.lean_post_path,
+            max_connections=args.max_http_connections,
+            max_connections_per_address=args.max_http_connections_per_address,
+            request_timeout_s=args.http_request_timeout_s,
+        )
+
+    def admit(self, conn: FrontProtocol) -> bool:
+        """Count a new connection against the limits; past one, answer it 503
+        ``too_many_connections``, close it and return False."""
+        if not self.limits.take(conn.address):
+            self.prune()  # aiohttp's closed connections are only found by looking
+            if not self.limits.take(conn.address):
+                self.api.metrics.error("too_many_connections")
+                assert conn.transport is not None
+                conn.transport.write(encode_response(503, {}, _error_body("too_many_connections"), keep_alive=False))
+                conn.transport.close()
+                return False
+        conn.admitted = True
+        return True
+
+    def release(self, source: str) -> None:
+        """A counted connection from ``source`` is gone."""
+        self.limits.release(source)
+
+    def prune(self) -> None:
+        """Stop counting the connections aiohttp served that have closed since."""
+        for transport, source in list(self.handed.items()):
+            if transport.is_closing():
+                del self.handed[transport]
+                self.limits.release(source)
 
     def request_waits(self) -> None:
         """One more connection's request waits for its answer. When every connection's does, no
@@ -444,15 +349,27 @@ class HttpFront:
 
     async def _idle_loop(self) -> None:
         while True:
-            await asyncio.sleep(IDLE_SWEEP_S)
+            await asyncio.sleep(self.sweep_s)
             self.close_idle(time.monotonic())
+            self.prune()
 
     def close_idle(self, now: float) -> int:
-        """Close the connections idle for longer than the keep-alive timeout; how many."""
+        """Close the connections idle for longer than the keep-alive timeout, and answer 408
+        ``request_timeout`` and close those whose request has been arriving for longer than
+        the request timeout; how many were closed."""
         closed = 0
         for conn in list(self.connections):
+            if conn.transport is None:
+                continue
+            arriving = conn.arriving_since()
+            if arriving is not None and now - arriving > self.request_timeout_s:
+                self.api.metrics.error("request_timeout")
+                conn.transport.write(encode_response(408, {}, _error_body("request_timeout"), keep_alive=False))
+                conn.transport.close()
+                closed += 1
+                continue
             since = conn.idle_since()
-            if since is not None and now - since > self.keepalive_timeout_s and conn.transport is not None:
+            if since is not None and now - since > self.keepalive_timeout_s:
                 conn.transport.close()
                 closed += 1
         return closed

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from tests.component.test_webapp_hardening import metric, metrics
 from tests.support import async_wait_until
-from tests.webapp_harness import FakeAdminServer, Webapp
+from tests.webapp_harness import FakeAdminServer, Webapp, start
 from webapp_stub.api import MAX_BODY_BYTES
 
 READ_TIMEOUT_S = 10.0
@@ -133,3 +134,56 @@ async def test_a_malformed_head_gets_400_is_counted_and_nothing_else_stops(webap
         "chat.postMessage", webapp.user("alice")["token"], json_body={"channel": general, "text": "still ok"}
     )
     assert status == 200 and reply["ok"]
+
+
+async def test_slow_requests_and_too_many_connections_are_refused_and_everyone_else_served(
+    tmp_path: Path, fake_as: FakeAdminServer
+) -> None:
+    """Session 12 (webapp_stub/http_limits.py): a body sent a byte at a time to an aiohttp method
+    is answered ``request_timeout``; a head that never ends on the lean path, 408
+    ``request_timeout`` and closed; past the per-address limit, 503 ``too_many_connections``;
+    each counted, and a post still goes through."""
+    app = await start(tmp_path, fake_as, "--http-request-timeout-s", "0.5", "--max-http-connections-per-address", "4")
+    front = app.server.front
+    assert front is not None
+    alice, general = app.user("alice"), app.channel("general")
+    try:
+        slow_reader, slow_body = await asyncio.open_connection("127.0.0.1", app.port)
+        slow_body.write(
+            f"POST /api/auth.test HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice['token']}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nx=1".encode()
+        )
+        status, _, body = await read_response(slow_reader)
+        assert (status, body) == (200, {"ok": False, "error": "request_timeout"})  # a Slack error, as any
+        slow_body.close()
+
+        head_reader, slow_head = await asyncio.open_connection("127.0.0.1", app.port)
+        slow_head.write(b"POST /api/chat.postMessage HTTP/1.1\r\nHost: x\r\n")
+        status, _, body = await read_response(head_reader)
+        assert (status, body) == (408, {"ok": False, "error": "request_timeout"})
+        assert await asyncio.wait_for(head_reader.read(), READ_TIMEOUT_S) == b""
+        slow_head.close()
+
+        async def released() -> bool:
+            front.prune()
+            return front.limits.per_address.addresses.get("127.0.0.1", 0) == 0
+
+        await async_wait_until(released, what="the slow connections released")
+        held = [await asyncio.open_connection("127.0.0.1", app.port) for _ in range(4)]
+        refused_reader, refused_writer = await asyncio.open_connection("127.0.0.1", app.port)
+        status, _, body = await read_response(refused_reader)
+        assert (status, body) == (503, {"ok": False, "error": "too_many_connections"})
+        refused_writer.close()
+        poster_reader, poster = held[0]
+        poster.write(post(alice["token"], {"channel": general, "text": "still served"}))
+        status, _, body = await read_response(poster_reader)
+        assert status == 200 and body["ok"]
+        for _, writer in held:
+            writer.close()
+        await async_wait_until(released, what="the held connections released")
+        values = await metrics(app)
+        assert metric(values, "rtm_errors_total", kind="request_timeout") == 2
+        assert metric(values, "rtm_errors_total", kind="too_many_connections") == 1
+    finally:
+        await app.session.close()
+        await app.stop()

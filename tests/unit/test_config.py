@@ -109,6 +109,12 @@ BOUNDED_FLAGS = [
     (WEBAPP, "--revoke-fanout-wait-s", {"0.5": 0.5, "60": 60.0}, "0", "above 0"),
     (WEBAPP, "--revoke-fanout-wait-s", {}, "nan", "above 0"),
     (WEBAPP, "--revoke-fanout-wait-s", {}, "3600", "at most 60.0"),
+    # the public port's limits (webapp_stub/http_limits.py): connections, and a request's arrival
+    (WEBAPP, "--max-http-connections", {"0": 0, "20000": 20000}, "-1", "at least 0"),
+    (WEBAPP, "--max-http-connections-per-address", {"0": 0, "8": 8}, "2000000", "at most 1000000"),
+    (WEBAPP, "--http-request-timeout-s", {"0.5": 0.5, "60": 60.0}, "0", "above 0.0"),
+    (WEBAPP, "--http-request-timeout-s", {}, "nan", "above 0.0"),
+    (WEBAPP, "--http-request-timeout-s", {}, "7200", "at most 3600.0"),
     # the kernel's accept queue of the client-facing listeners
     (WEBAPP, "--listen-backlog", {"4096": 4096}, "0", "above 0"),
     ("gateway.app", "--listen-backlog", {"1": 1}, "70000", "at most 65535"),

@@ -14,11 +14,8 @@ import pytest
 from tests.support import async_wait_until
 from webapp_stub.api import Answer
 from webapp_stub.errors import ApiError
-from webapp_stub.http_front import (
-    MAX_BUFFERED_BYTES,
+from webapp_stub.http_codec import (
     MAX_HEAD_BYTES,
-    FrontProtocol,
-    HttpFront,
     PostRequest,
     Verdict,
     _parse_head,
@@ -27,6 +24,7 @@ from webapp_stub.http_front import (
     post_args,
     post_token,
 )
+from webapp_stub.http_front import MAX_BUFFERED_BYTES, FrontProtocol, HttpFront
 
 MAX_BODY = 1000
 
@@ -154,10 +152,11 @@ def test_a_content_length_of_thousands_of_digits_is_too_large_not_a_crash() -> N
 class FlowTransport:
     """The transport calls FrontProtocol makes, recorded (no socket)."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "127.0.0.1") -> None:
         self.reading = True
         self.written: list[bytes] = []
         self.closed = False
+        self.peer = peer
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -168,11 +167,24 @@ class FlowTransport:
     def is_closing(self) -> bool:
         return self.closed
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return (self.peer, 50_000) if name == "peername" else default
+
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
     def close(self) -> None:
         self.closed = True
+
+
+class ErrorsSeen:
+    """ServiceMetrics.error, recorded."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+
+    def error(self, kind: str) -> None:
+        self.kinds.append(kind)
 
 
 class BlockingApi:
@@ -181,6 +193,7 @@ class BlockingApi:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.commits: Filled | None = None
+        self.metrics = ErrorsSeen()
 
     def answer_now(
         self, name: str, args: object, token_of: object, reply: Callable[[Answer], None]
