@@ -7,6 +7,7 @@ Each subcommand hands its remaining arguments to the module that owns it, so
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, PRESENCE, WEBAPP
@@ -47,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    if command in ("tail", "post", "status", "kill", "drain", "undrain", "deadletter"):
-        return int(module.main([command, *rest]))
-    return int(module.main(rest))
+    try:
+        if command in ("tail", "post", "status", "kill", "drain", "undrain", "deadletter"):
+            return int(module.main([command, *rest]))
+        return int(module.main(rest))
+    except BrokenPipeError:  # `rtm status | head`: the reader is gone; leave quietly (Python's signal docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
     try:
         reply = asyncio.run(ask_leader(leader["host"], int(leader["port"]), request.to_message(), trust))
     except PeerError as exc:
-        print(f"rtm ring: {args.action} refused: {exc}", file=sys.stderr)
+        print(f"rtm ring: {args.action} {exc}", file=sys.stderr)  # exc: "<code>: <detail>", e.g. "refused: ..."
         return 1
     except (OSError, NotTrusted) as exc:
         print(f"rtm ring: cannot reach the CHARM leader over TLS: {exc}", file=sys.stderr)
