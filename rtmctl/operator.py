@@ -273,8 +273,10 @@ def main(argv: list[str]) -> int:
 
 
 def _run(argv: list[str]) -> int:
+    from rtmctl.cli import COMMANDS  # its one-line summaries (the module's docstring covers every command)
+
     command, rest = argv[0], argv[1:]
-    parser = argparse.ArgumentParser(prog=f"rtm {command}", description=__doc__)
+    parser = argparse.ArgumentParser(prog=f"rtm {command}", description=COMMANDS[command][1])
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"))
     parser.add_argument("--consul", default="", help="Consul host:port (default: from DATA_DIR/fleet.json)")
     add_consul_token_flag(parser)
