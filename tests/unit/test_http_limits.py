@@ -151,3 +151,8 @@ async def test_an_aiohttp_connection_closed_with_unwritten_answers_counts_until_
     http.prune(76.0)
     assert http.limits.open == 0 and blocked_transport.aborted and not http.handed and not http.stalled
     assert api.metrics.kinds == ["client_not_reading", "client_not_reading"]
+
+
+def test_an_ipv4_peer_and_an_ipv4_mapped_one_count_alike() -> None:
+    assert client_source(("127.0.0.1", 5000)) == client_source(("::ffff:127.0.0.1", 5000, 0, 0)) == "127.0.0.1"
+    assert client_source(("fe80::1%eth0", 5000, 0, 2)) == "fe80::/64"
