@@ -58,6 +58,9 @@ KEEPALIVE_TIMEOUT_S = 75.0
 IDLE_SWEEP_S = 5.0
 # Bytes of pipelined requests buffered while one is answered; beyond it reading pauses.
 MAX_BUFFERED_BYTES = 256 * 1024
+# A refused connection looks for aiohttp's closed ones (HttpFront.prune: a pass over all of them,
+# 2 ms at 10,000) at most this often: a flood of connections at the limit cannot spend the loop on it.
+PRUNE_ON_REFUSAL_S = 0.1
 # Waiting for the answers in flight at stop, at most.
 FRONT_SHUTDOWN_TIMEOUT_S = 2.0
 
@@ -285,6 +288,7 @@ class HttpFront:
         self.waiting = 0  # connections whose request waits for its answer (a commit, an async call)
         # transports with unwritten answers -> (how many bytes, since when): a client not reading
         self.stalled: dict[asyncio.Transport, tuple[int, float]] = {}
+        self._pruned_at = float("-inf")
         self._server: asyncio.AbstractServer | None = None
         self._sweep: asyncio.Task[None] | None = None
 
@@ -305,7 +309,9 @@ class HttpFront:
         """Count a new connection against the limits; past one, answer it 503
         ``too_many_connections``, close it and return False."""
         if not self.limits.take(conn.address):
-            self.prune()  # aiohttp's closed connections are only found by looking
+            now = time.monotonic()
+            if now - self._pruned_at >= PRUNE_ON_REFUSAL_S:
+                self.prune(now)  # aiohttp's closed connections are only found by looking
             if not self.limits.take(conn.address):
                 self.api.metrics.error("too_many_connections")
                 assert conn.transport is not None
@@ -326,6 +332,7 @@ class HttpFront:
         aborted when its unwritten answers have not moved for the keep-alive timeout (aiohttp waits
         for a client that never reads for ever)."""
         now = time.monotonic() if now is None else now
+        self._pruned_at = now
         for transport, source in list(self.handed.items()):
             closing = transport.is_closing()
             if closing and not transport.get_write_buffer_size():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.unit.test_http_front import MAX_BODY, BlockingApi, Fallback, HandedTransport, post
-from webapp_stub.http_front import FrontProtocol, HttpFront
+from webapp_stub.http_front import PRUNE_ON_REFUSAL_S, FrontProtocol, HttpFront
 from webapp_stub.http_limits import PortLimits, client_source
 
 
@@ -75,6 +75,7 @@ async def test_connections_handed_to_aiohttp_count_until_they_close() -> None:
     _, second = connect(http)
     assert refused(second)
     handed.closed = True  # aiohttp closed it: the next look finds it gone
+    http._pruned_at -= PRUNE_ON_REFUSAL_S  # a refusal looks at most every PRUNE_ON_REFUSAL_S
     _, third = connect(http)
     assert not third.closed and not http.handed
 
@@ -156,3 +157,17 @@ async def test_an_aiohttp_connection_closed_with_unwritten_answers_counts_until_
 def test_an_ipv4_peer_and_an_ipv4_mapped_one_count_alike() -> None:
     assert client_source(("127.0.0.1", 5000)) == client_source(("::ffff:127.0.0.1", 5000, 0, 0)) == "127.0.0.1"
     assert client_source(("fe80::1%eth0", 5000, 0, 2)) == "fe80::/64"
+
+
+async def test_a_flood_of_refused_connections_looks_through_aiohttp_s_at_most_so_often(monkeypatch) -> None:
+    """Review 12: each refused connection passed over every connection aiohttp held (2 ms at
+    10,000), so connecting at the limit in a loop could spend the webapp's event loop on it."""
+    http, _ = front(max_connections=1, max_connections_per_address=0)
+    protocol, _ = connect(http)
+    protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    passes = []
+    real = http.prune
+    monkeypatch.setattr(http, "prune", lambda now=None: (passes.append(now), real(now)))
+    for _ in range(100):
+        assert refused(connect(http)[1])
+    assert len(passes) == 1
