@@ -58,6 +58,9 @@ KEEPALIVE_TIMEOUT_S = 75.0
 IDLE_SWEEP_S = 5.0
 # Bytes of pipelined requests buffered while one is answered; beyond it reading pauses.
 MAX_BUFFERED_BYTES = 256 * 1024
+# A refused connection looks for aiohttp's closed ones (HttpFront.prune: a pass over all of them,
+# 2 ms at 10,000) at most this often: a flood of connections at the limit cannot spend the loop on it.
+PRUNE_ON_REFUSAL_S = 0.1
 # Waiting for the answers in flight at stop, at most.
 FRONT_SHUTDOWN_TIMEOUT_S = 2.0
 
@@ -99,6 +102,8 @@ class FrontProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
+        if self.transport is not None:
+            self.front.stalled.pop(self.transport, None)
         if self.admitted:
             self.admitted = False
             self.front.release(self.address)
@@ -278,9 +283,12 @@ class HttpFront:
         self.request_timeout_s = request_timeout_s
         self.sweep_s = min(IDLE_SWEEP_S, keepalive_timeout_s / 2, request_timeout_s / 2)
         self.connections: set[FrontProtocol] = set()
-        self.handed: dict[asyncio.BaseTransport, str] = {}  # aiohttp's connections -> their source
+        self.handed: dict[asyncio.Transport, str] = {}  # aiohttp's connections -> their source
         self.handed_over = 0  # connections given to aiohttp (tests, diagnostics)
         self.waiting = 0  # connections whose request waits for its answer (a commit, an async call)
+        # transports with unwritten answers -> (how many bytes, since when): a client not reading
+        self.stalled: dict[asyncio.Transport, tuple[int, float]] = {}
+        self._pruned_at = float("-inf")
         self._server: asyncio.AbstractServer | None = None
         self._sweep: asyncio.Task[None] | None = None
 
@@ -301,7 +309,9 @@ class HttpFront:
         """Count a new connection against the limits; past one, answer it 503
         ``too_many_connections``, close it and return False."""
         if not self.limits.take(conn.address):
-            self.prune()  # aiohttp's closed connections are only found by looking
+            now = time.monotonic()
+            if now - self._pruned_at >= PRUNE_ON_REFUSAL_S:
+                self.prune(now)  # aiohttp's closed connections are only found by looking
             if not self.limits.take(conn.address):
                 self.api.metrics.error("too_many_connections")
                 assert conn.transport is not None
@@ -315,12 +325,38 @@ class HttpFront:
         """A counted connection from ``source`` is gone."""
         self.limits.release(source)
 
-    def prune(self) -> None:
-        """Stop counting the connections aiohttp served that have closed since."""
+    def prune(self, now: float | None = None) -> None:
+        """Stop counting the connections aiohttp served that have closed since. One closed with
+        answers still unwritten stays counted (its socket is open) until they are written, or is
+        aborted when they have not moved for the request timeout; one aiohttp still serves is
+        aborted when its unwritten answers have not moved for the keep-alive timeout (aiohttp waits
+        for a client that never reads for ever)."""
+        now = time.monotonic() if now is None else now
+        self._pruned_at = now
         for transport, source in list(self.handed.items()):
-            if transport.is_closing():
-                del self.handed[transport]
-                self.limits.release(source)
+            closing = transport.is_closing()
+            if closing and not transport.get_write_buffer_size():
+                pass  # gone, or its last bytes with the kernel
+            elif self._stalled(transport, now, self.request_timeout_s if closing else self.keepalive_timeout_s):
+                self.api.metrics.error("client_not_reading")
+                transport.abort()
+            else:
+                continue
+            del self.handed[transport]
+            self.stalled.pop(transport, None)
+            self.limits.release(source)
+
+    def _stalled(self, transport: asyncio.Transport, now: float, limit_s: float) -> bool:
+        """Whether ``transport``'s unwritten bytes have not moved for longer than ``limit_s``."""
+        size = transport.get_write_buffer_size()
+        if not size:
+            self.stalled.pop(transport, None)
+            return False
+        seen = self.stalled.get(transport)
+        if seen is None or seen[0] != size:
+            self.stalled[transport] = (size, now)
+            return False
+        return now - seen[1] > limit_s
 
     def request_waits(self) -> None:
         """One more connection's request waits for its answer. When every connection's does, no
@@ -350,8 +386,9 @@ class HttpFront:
     async def _idle_loop(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_s)
-            self.close_idle(time.monotonic())
-            self.prune()
+            now = time.monotonic()
+            self.close_idle(now)
+            self.prune(now)
 
     def close_idle(self, now: float) -> int:
         """Close the connections idle for longer than the keep-alive timeout, and answer 408
@@ -360,6 +397,12 @@ class HttpFront:
         closed = 0
         for conn in list(self.connections):
             if conn.transport is None:
+                continue
+            if conn.transport.is_closing():  # closed: not answered again; aborted if its client does not read
+                if self._stalled(conn.transport, now, self.request_timeout_s):
+                    self.api.metrics.error("client_not_reading")
+                    conn.transport.abort()
+                    closed += 1
                 continue
             arriving = conn.arriving_since()
             if arriving is not None and now - arriving > self.request_timeout_s:

@@ -56,7 +56,10 @@ def add_http_limit_flags(parser: Parser) -> None:
 def client_source(peername: object) -> str:
     """The source a connection counts under: its peer's address (an IPv6 one as its /64)."""
     if isinstance(peername, tuple) and peername:
-        return source_of_address(str(peername[0]))
+        host = str(peername[0])
+        # an IPv4 peer is its own source, already canonical (inet_ntop): no parse per connection,
+        # which is per post for a client that does not keep connections alive (slack_sdk's WebClient)
+        return host if ":" not in host else source_of_address(host)
     return ""
 
 

@@ -156,6 +156,8 @@ class FlowTransport:
         self.reading = True
         self.written: list[bytes] = []
         self.closed = False
+        self.aborted = False
+        self.unwritten = 0  # bytes a client that does not read leaves in the transport
         self.peer = peer
 
     def pause_reading(self) -> None:
@@ -175,6 +177,12 @@ class FlowTransport:
 
     def close(self) -> None:
         self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return self.unwritten
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
 
 
 class ErrorsSeen:

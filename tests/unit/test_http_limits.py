@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.unit.test_http_front import MAX_BODY, BlockingApi, Fallback, HandedTransport, post
-from webapp_stub.http_front import FrontProtocol, HttpFront
+from webapp_stub.http_front import PRUNE_ON_REFUSAL_S, FrontProtocol, HttpFront
 from webapp_stub.http_limits import PortLimits, client_source
 
 
@@ -75,6 +75,7 @@ async def test_connections_handed_to_aiohttp_count_until_they_close() -> None:
     _, second = connect(http)
     assert refused(second)
     handed.closed = True  # aiohttp closed it: the next look finds it gone
+    http._pruned_at -= PRUNE_ON_REFUSAL_S  # a refusal looks at most every PRUNE_ON_REFUSAL_S
     _, third = connect(http)
     assert not third.closed and not http.handed
 
@@ -113,3 +114,60 @@ async def test_a_request_being_answered_is_not_timed_nor_one_that_came_whole() -
     assert idle.arriving_since() is None
     assert http.close_idle(idle.last_active + 60.0) == 0 and not idle_transport.closed  # idle: keep-alive's
     assert http.close_idle(idle.last_active + 76.0) == 1 and idle_transport.closed
+
+
+async def test_a_closed_connection_whose_client_does_not_read_is_aborted_not_answered_again() -> None:
+    """Review 12: a connection closed (408, keep-alive) with answers its client never reads stayed
+    open and counted for ever (close() waits for them), and each sweep wrote it another 408."""
+    http, api = front(request_timeout_s=10.0, keepalive_timeout_s=75.0)
+    protocol, transport = connect(http)
+    protocol.data_received(post(b"channel=C1&text=slow")[:5])
+    started = protocol.request_started
+    assert started is not None
+    transport.unwritten = 4096  # answers the client has not read
+    assert http.close_idle(started + 10.5) == 1 and transport.closed and not transport.aborted
+    assert http.close_idle(started + 15.0) == 0 and not transport.aborted
+    assert http.close_idle(started + 21.0) == 0 and not transport.aborted  # the first look at it closing: 15 s
+    assert http.close_idle(started + 26.0) == 1 and transport.aborted
+    assert len(transport.written) == 1 and api.metrics.kinds == ["request_timeout", "client_not_reading"]
+    protocol.connection_lost(None)
+    assert http.limits.open == 0 and not http.stalled
+
+
+async def test_an_aiohttp_connection_closed_with_unwritten_answers_counts_until_they_go() -> None:
+    """Review 12: one aiohttp closed with answers unwritten was released at once while its socket
+    stayed open (no limit on such sockets); one aiohttp blocks on (a client never reading) was
+    counted for ever."""
+    http, api = front(max_connections=0, max_connections_per_address=0, request_timeout_s=10.0)
+    closing, closing_transport = connect(http)
+    closing.data_received(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    blocked, blocked_transport = connect(http)
+    blocked.data_received(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    closing_transport.closed, closing_transport.unwritten = True, 100
+    blocked_transport.unwritten = 70_000
+    http.prune(0.0)
+    assert http.limits.open == 2
+    http.prune(11.0)
+    assert http.limits.open == 1 and closing_transport.aborted and not blocked_transport.aborted
+    http.prune(76.0)
+    assert http.limits.open == 0 and blocked_transport.aborted and not http.handed and not http.stalled
+    assert api.metrics.kinds == ["client_not_reading", "client_not_reading"]
+
+
+def test_an_ipv4_peer_and_an_ipv4_mapped_one_count_alike() -> None:
+    assert client_source(("127.0.0.1", 5000)) == client_source(("::ffff:127.0.0.1", 5000, 0, 0)) == "127.0.0.1"
+    assert client_source(("fe80::1%eth0", 5000, 0, 2)) == "fe80::/64"
+
+
+async def test_a_flood_of_refused_connections_looks_through_aiohttp_s_at_most_so_often(monkeypatch) -> None:
+    """Review 12: each refused connection passed over every connection aiohttp held (2 ms at
+    10,000), so connecting at the limit in a loop could spend the webapp's event loop on it."""
+    http, _ = front(max_connections=1, max_connections_per_address=0)
+    protocol, _ = connect(http)
+    protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    passes = []
+    real = http.prune
+    monkeypatch.setattr(http, "prune", lambda now=None: (passes.append(now), real(now)))
+    for _ in range(100):
+        assert refused(connect(http)[1])
+    assert len(passes) == 1
