@@ -55,6 +55,7 @@ from typing import Any
 from consul_dev.app import ACL_TOKEN_ENV, ACL_TOKENS_FILE_ENV
 from consul_dev.app import SERVICE_NAME as CONSUL_DEV
 from rtmctl.consul_roles import TOKENS_FILE, TokensFileError, ensure_role_tokens
+from rtmctl.fleet_lock import hold_data_dir
 from rtmctl.fleet_plan import CONSUL_PORT_OFFSET, RENEW_WITHIN, ProcessSpec, plan, regions_of
 from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
 from services import regions, tls
@@ -159,28 +160,6 @@ def write_region_map(consul_addr: str, region_names: list[str], token: str = "")
     client.kv.put(regions.REGION_MAP_KEY, json.dumps(regions.default_map(region_names)), cas=0)
 
 
-def running_supervisor(data_dir: Path) -> int | None:
-    """The pid of the ``rtm up`` that wrote ``DATA_DIR/fleet.json``, if that process still runs
-    (an ``rtm ... up`` command line, where ``/proc`` shows it: a reused pid is not taken for it)."""
-    try:
-        pid = int(json.loads((data_dir / "fleet.json").read_text())["supervisor_pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, someone else's
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return pid
-    return pid if "up" in (a.decode(errors="replace") for a in argv) and any(b"rtm" in a for a in argv) else None
-
-
 class Fleet:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -192,12 +171,19 @@ class Fleet:
         self.stopping = threading.Event()
         self.echo = sys.stdout if args.verbose else None
         self.role_tokens: dict[str, str] = {}  # role -> its Consul token (the dev agent only)
+        self.lock_fd: int | None = None  # DATA_DIR/rtm-up.lock, held from up() on (hold_data_dir)
 
     def launch(self, spec: ProcessSpec) -> RunningProcess:
         env = self.child_env(spec.service)
         unset = [name for name in FLEET_SECRET_ENVS if name not in env]  # not from our own environment either
         proc = start(
-            spec.name, spec.argv, env=env, unset=unset, echo=self.echo, ready_timeout_s=self.args.ready_timeout_s
+            spec.name,
+            spec.argv,
+            env=env,
+            unset=unset,
+            echo=self.echo,
+            ready_timeout_s=self.args.ready_timeout_s,
+            pass_fds=() if self.lock_fd is None else (self.lock_fd,),  # the fleet holds its directory
         )
         self.running[spec.name] = proc
         return proc
@@ -219,12 +205,7 @@ class Fleet:
         return env
 
     def up(self) -> None:
-        running = running_supervisor(self.data_dir)
-        if running is not None:  # a second fleet would share its database and overwrite its fleet.json
-            raise LaunchError(
-                f"a fleet from {self.data_dir} is already running (rtm up, pid {running}): "
-                "stop it first (Ctrl-C there, or SIGTERM to that pid), or give another --data-dir"
-            )
+        self.lock_fd = hold_data_dir(self.data_dir)  # a second fleet would share its database
         self.env = {
             SECRET_ENV: ensure_secret(self.data_dir),
             OPERATOR_TOKEN_ENV: ensure_secret_file(self.data_dir / OPERATOR_TOKEN_FILE),

@@ -111,6 +111,7 @@ def start(
     ready_timeout_s: float = READY_TIMEOUT_S,
     echo: IO[str] | None = None,
     cwd: str | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> RunningProcess:
     """Start ``argv`` and block until its ready line; raise :class:`LaunchError` if none.
 
@@ -128,6 +129,7 @@ def start(
         env=child_env,
         cwd=cwd,
         start_new_session=True,  # Ctrl-C at a terminal reaches the supervisor only
+        pass_fds=pass_fds,
     )
     proc = RunningProcess(name=name, argv=argv, popen=popen)
     assert popen.stdout is not None

@@ -249,8 +249,10 @@ class FrontProtocol(asyncio.Protocol):
         return None if self.busy else self.last_active
 
     def arriving_since(self) -> float | None:
-        """When the request still arriving (not wholly read, not being answered) began, else None."""
-        return None if self.busy or not self.buf else self.request_started
+        """When the request still arriving (not wholly read, not being answered) began, else None;
+        None too while its client does not read its answers (what waits in the buffer may have
+        arrived whole: the keep-alive timeout ends such a connection, not a 408)."""
+        return None if self.busy or self.writing_paused or not self.buf else self.request_started
 
 
 class HttpFront:

@@ -4,11 +4,15 @@ a second fleet would share its SQLite database and overwrite its fleet.json, orp
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from rtmctl.fleet import running_supervisor
+import pytest
+
+from rtmctl.fleet_lock import hold_data_dir, running_supervisor
+from rtmctl.launcher import LaunchError
 
 SLEEP = "import time; time.sleep(60)"
 
@@ -34,3 +38,21 @@ def test_a_live_rtm_up_is_found_and_anything_else_is_not(tmp_path: Path) -> None
             proc.wait()
     write_fleet_json(tmp_path, up.pid)  # gone: a stale fleet.json does not block a new start
     assert running_supervisor(tmp_path) is None
+
+
+def test_the_data_directory_is_held_by_rtm_up_and_by_the_fleet_it_started(tmp_path: Path) -> None:
+    """rtm up locks DATA_DIR/rtm-up.lock before anything else (two starts racing both passed the
+    fleet.json check, which is written once the fleet is up), and its children inherit the lock:
+    a fleet whose supervisor was SIGKILLed still holds the directory."""
+    fd = hold_data_dir(tmp_path)
+    with pytest.raises(LaunchError, match="already running"):
+        hold_data_dir(tmp_path)  # a second rtm up
+    child = subprocess.Popen([sys.executable, "-c", SLEEP], pass_fds=(fd,))  # as Fleet.launch starts one
+    try:
+        os.close(fd)  # the supervisor is gone
+        with pytest.raises(LaunchError, match="already running"):
+            hold_data_dir(tmp_path)
+    finally:
+        child.kill()
+        child.wait()
+    os.close(hold_data_dir(tmp_path))  # nobody holds it any more
