@@ -171,3 +171,15 @@ async def test_a_flood_of_refused_connections_looks_through_aiohttp_s_at_most_so
     for _ in range(100):
         assert refused(connect(http)[1])
     assert len(passes) == 1
+
+
+async def test_a_client_that_does_not_read_its_answers_is_left_to_the_keepalive_timeout() -> None:
+    """What waits behind answers its client does not read may have arrived whole: no 408 for it
+    (review12); the keep-alive timeout ends the connection."""
+    http, api = front(request_timeout_s=10.0, keepalive_timeout_s=75.0)
+    protocol, transport = connect(http)
+    protocol.pause_writing()
+    protocol.data_received(post(b"channel=C1&text=a")[:10])
+    assert protocol.arriving_since() is None
+    assert http.close_idle(protocol.last_active + 30.0) == 0 and not transport.closed
+    assert http.close_idle(protocol.last_active + 76.0) == 1 and transport.closed and not api.metrics.kinds
