@@ -277,8 +277,13 @@ def b64(entry: dict[str, object]) -> bytes:
 
 def test_rtm_drain_and_undrain_work_with_the_operators_token_and_nothing_typed(fleet: Fleet) -> None:
     admin = consul_client(fleet)
-    for command in ("drain", "undrain"):
-        argv = rtm_argv(command, "acl-probe", "--data-dir", str(fleet.data_dir))
+    for command in ("drain", "undrain"):  # a region of the fleet (nobody is connected to move)
+        argv = rtm_argv(command, "eu-west", "--data-dir", str(fleet.data_dir))
         done = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
         assert done.returncode == 0, done.stderr
-        assert (admin.kv.get(drained_key("acl-probe"))[1] is not None) == (command == "drain")
+        assert (admin.kv.get(drained_key("eu-west"))[1] is not None) == (command == "drain")
+    # a region the fleet does not know (a typo) is refused, and nothing is written
+    argv = rtm_argv("drain", "acl-probe", "--data-dir", str(fleet.data_dir))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+    assert done.returncode == 1 and "no region 'acl-probe'" in done.stderr
+    assert admin.kv.get(drained_key("acl-probe"))[1] is None
