@@ -30,6 +30,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,7 @@ class FleetRun:
         self.proc: Any = None
         self.info: dict[str, Any] = {}
         self.seed: dict[str, Any] = {}
+        self._sigterm: Any = None  # the SIGTERM handler before this run's (see _stop_on_sigterm)
 
     def __enter__(self) -> FleetRun:
         try:
@@ -153,12 +155,30 @@ class FleetRun:
             self._cleanup_dir()
             raise
         self.proc, self.info, self.seed, self.startup_s = fleet.proc, fleet.info, fleet.seed, fleet.startup_s
+        self._stop_on_sigterm()
         return self
+
+    def _stop_on_sigterm(self) -> None:
+        """A benchmark stopped with SIGTERM (``kill``, a timeout) leaves by an exception, so
+        ``__exit__`` stops the fleet; before, the benchmark died and its whole fleet ran on. Only
+        in the main thread and over the default handler, which is put back by :meth:`stop`."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+
+        def leave(signum: int, _frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        self._sigterm = signal.signal(signal.SIGTERM, leave)
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
     def stop(self) -> None:
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
         pids = [int(p["pid"]) for p in self.info.get("processes", [])]
         if self.proc is not None:
             try:
