@@ -154,6 +154,12 @@ async def test_profiles_and_lookup_by_email(webapp: Webapp, fake_as: FakeAdminSe
     assert (await client(webapp, bob["token"]).users_profile_get(user=alice["id"])).data["profile"]["title"] == (
         "engineer"
     )
+    # users.info and users.list carry the stored profile too (session 12's walkthrough: no email there)
+    seen = (await client(webapp, bob["token"]).users_info(user=alice["id"])).data["user"]["profile"]
+    assert seen["title"] == "engineer" and seen["email"] == f"alice@{EMAIL_DOMAIN}" and seen["status_text"] == "lunch"
+    members = (await client(webapp, bob["token"]).users_list()).data["members"]
+    listed = next(m for m in members if m["id"] == alice["id"])["profile"]
+    assert listed["title"] == "engineer" and listed["email"] == f"alice@{EMAIL_DOMAIN}"
     await async_wait_until(lambda: _async(len(events_of(fake_as, team)) >= 2), what="user_change")
     change = events_of(fake_as, team)[-1]
     assert change["type"] == "user_change" and change["user"]["id"] == alice["id"]

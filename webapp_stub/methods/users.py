@@ -27,12 +27,15 @@ def users_list(api: WebApi, call: Call) -> dict[str, Any]:
     page = api.store.list_users(
         call.me.team, limit=int_arg(call.args, "limit", MAX_PAGE, MAX_PAGE), cursor=str_arg(call.args, "cursor")
     )
-    return paged("members", [u.to_api() for u in page.items], page.next_cursor, cache_ts=int(api.clock()))
+    # each with the stored profile (title, status, email, ...), as users.info: one read per user
+    members = [api.store.user_object(u) for u in page.items]
+    return paged("members", members, page.next_cursor, cache_ts=int(api.clock()))
 
 
 @method("users.info")
 def users_info(api: WebApi, call: Call) -> dict[str, Any]:
-    return {"user": user_arg(api, call).to_api()}
+    """Slack's user object with the stored profile (``users.profile.set``'s fields, the email)."""
+    return {"user": api.store.user_object(user_arg(api, call))}
 
 
 @method("users.getPresence")
