@@ -14,7 +14,7 @@ import pytest
 from rtmctl.fleet_lock import hold_data_dir, running_supervisor
 from rtmctl.launcher import LaunchError
 
-SLEEP = "import time; time.sleep(60)"
+SLEEP = "import time; time.sleep(60)"  # wait-ok: the child process only has to stay alive
 
 
 def write_fleet_json(data_dir: Path, pid: int) -> None:
