@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bench.harness import RESULTS_DIR, FleetRun, install_uvloop, machine_info, md_table
+from bench.harness import RESULTS_DIR, FleetRun, install_uvloop, machine_info, md_table, paced_requests
 from bench.stats import pct
 
 SEED_USERS = 200
@@ -90,7 +90,6 @@ class Poster:
         return {label: sum(p.cpu_times()[:2]) for label, p in self.procs.items()}
 
     async def step(self, rate: float, seconds: float) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(self.max_inflight)
         latencies: list[float] = []
         failed = 0
@@ -110,16 +109,7 @@ class Poster:
 
         page0, cpu0, load0 = self.fleet.metrics(self.webapp_id), self.cpu_s(), os.getloadavg()[0]
         switches0 = self.procs["webapp"].num_ctx_switches()
-        tasks = []
-        t0 = loop.time()
-        for i in range(max(1, round(rate * seconds))):
-            delay = t0 + i / rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await slots.acquire()
-            tasks.append(asyncio.ensure_future(one(i)))
-        await asyncio.wait(tasks, timeout=POST_TIMEOUT_S)
-        elapsed = loop.time() - t0
+        elapsed = await paced_requests(rate, seconds, slots, one, POST_TIMEOUT_S)
         cpu1, page1 = self.cpu_s(), self.fleet.metrics(self.webapp_id)
         switches1 = self.procs["webapp"].num_ctx_switches()
         posts = max(1, len(latencies))

@@ -589,6 +589,25 @@ class ConnectedUsers:
 # -- output ------------------------------------------------------------------------------------------
 
 
+async def paced_requests(
+    rate: float, seconds: float, slots: asyncio.Semaphore, one: Callable[[int], Any], timeout_s: float
+) -> float:
+    """Start ``one(i)`` (a coroutine that releases a slot when done) at ``t0 + i / rate`` for
+    ``seconds``, each once a slot is free (the client's unanswered requests at most); wait for them
+    all, at most ``timeout_s``; returns the seconds from the first start to then."""
+    loop = asyncio.get_running_loop()
+    tasks = []
+    t0 = loop.time()
+    for i in range(max(1, round(rate * seconds))):
+        delay = t0 + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await slots.acquire()
+        tasks.append(asyncio.ensure_future(one(i)))
+    await asyncio.wait(tasks, timeout=timeout_s)
+    return loop.time() - t0
+
+
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|")

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bench.harness import install_uvloop, machine_info, md_table, save_json, save_text
+from bench.harness import install_uvloop, machine_info, md_table, paced_requests, save_json, save_text
 from bench.stats import pct
 
 NAME = "http-floor"
@@ -122,7 +122,6 @@ def serve(mode: str, hold_ms: float, port_q: Any) -> None:
 async def step(port: int, server: psutil.Process, rate: float, seconds: float, max_inflight: int) -> dict[str, Any]:
     """Post at ``rate`` for ``seconds``: the server's CPU µs per request, the client's latency."""
     url = f"http://127.0.0.1:{port}/api/chat.postMessage"
-    loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(max_inflight)
     latencies: list[float] = []
     connector = aiohttp.TCPConnector(limit=max_inflight)
@@ -142,17 +141,8 @@ async def step(port: int, server: psutil.Process, rate: float, seconds: float, m
             await slots.acquire()
             await one(i)
         cpu0 = sum(server.cpu_times()[:2])
-        tasks = []
-        t0 = loop.time()
         latencies.clear()
-        for i in range(max(1, round(rate * seconds))):
-            delay = t0 + i / rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await slots.acquire()
-            tasks.append(asyncio.ensure_future(one(i)))
-        await asyncio.wait(tasks, timeout=REPLY_TIMEOUT_S)
-        elapsed = loop.time() - t0
+        elapsed = await paced_requests(rate, seconds, slots, one, REPLY_TIMEOUT_S)
         cpu1 = sum(server.cpu_times()[:2])
     done = max(1, len(latencies))
     return {
