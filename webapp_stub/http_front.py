@@ -65,8 +65,14 @@ PRUNE_ON_REFUSAL_S = 0.1
 FRONT_SHUTDOWN_TIMEOUT_S = 2.0
 
 
-def _error_body(code: str) -> str:
-    return dumps({"ok": False, "error": code})
+def refuse(api: WebApi, transport: asyncio.BaseTransport, status: int, code: str) -> None:
+    """Count ``code``, answer it as Slack's error with ``status`` and close the connection (413,
+    408, 503: the front's own refusals)."""
+    api.metrics.error(code)
+    cast(asyncio.Transport, transport).write(
+        encode_response(status, {}, dumps({"ok": False, "error": code}), keep_alive=False)
+    )
+    transport.close()
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -106,7 +112,7 @@ class FrontProtocol(asyncio.Protocol):
             self.front.stalled.pop(self.transport, None)
         if self.admitted:
             self.admitted = False
-            self.front.release(self.address)
+            self.front.limits.release(self.address)
         self._stop_waiting()
         self.front.fill_if_every_connection_waits()  # it may have been the last one that could post
 
@@ -126,10 +132,10 @@ class FrontProtocol(asyncio.Protocol):
         self._flow()
 
     def data_received(self, data: bytes) -> None:
-        if not self.buf:
-            self.request_started = time.monotonic()
-        self.buf += data
         self.last_active = time.monotonic()
+        if not self.buf:
+            self.request_started = self.last_active
+        self.buf += data
         if not self.busy:
             self._next()
         self._flow()
@@ -172,11 +178,8 @@ class FrontProtocol(asyncio.Protocol):
                 self._hand_over(transport)
                 return
             if verdict is Verdict.TOO_LARGE:
-                self.front.api.metrics.error("request_too_large")
                 self.front.api.count_request(METHOD_NAME, "request_too_large")
-                body = _error_body("request_too_large")
-                transport.write(encode_response(413, {}, body, keep_alive=False))
-                transport.close()
+                refuse(self.front.api, transport, 413, "request_too_large")
                 return
             assert request is not None
             del self.buf[:used]
@@ -315,17 +318,11 @@ class HttpFront:
             if now - self._pruned_at >= PRUNE_ON_REFUSAL_S:
                 self.prune(now)  # aiohttp's closed connections are only found by looking
             if not self.limits.take(conn.address):
-                self.api.metrics.error("too_many_connections")
                 assert conn.transport is not None
-                conn.transport.write(encode_response(503, {}, _error_body("too_many_connections"), keep_alive=False))
-                conn.transport.close()
+                refuse(self.api, conn.transport, 503, "too_many_connections")
                 return False
         conn.admitted = True
         return True
-
-    def release(self, source: str) -> None:
-        """A counted connection from ``source`` is gone."""
-        self.limits.release(source)
 
     def prune(self, now: float | None = None) -> None:
         """Stop counting the connections aiohttp served that have closed since. One closed with
@@ -408,9 +405,7 @@ class HttpFront:
                 continue
             arriving = conn.arriving_since()
             if arriving is not None and now - arriving > self.request_timeout_s:
-                self.api.metrics.error("request_timeout")
-                conn.transport.write(encode_response(408, {}, _error_body("request_timeout"), keep_alive=False))
-                conn.transport.close()
+                refuse(self.api, conn.transport, 408, "request_timeout")
                 closed += 1
                 continue
             since = conn.idle_since()
