@@ -138,17 +138,13 @@ async def read_args(request: web.Request) -> Args:
         async with asyncio.timeout(request.app.get(REQUEST_TIMEOUT_KEY, HTTP_REQUEST_TIMEOUT_S)):
             if ctype.startswith("multipart/"):
                 form = await request.post()
+                args.update({k: v for k, v in form.items() if isinstance(v, str)})
             else:
-                raw = await request.read()
+                args.update(parse_body(await request.read(), ctype))
     except TimeoutError:  # a body sent a byte at a time holds no connection for longer
         raise ApiError("request_timeout") from None
-    except ValueError:
+    except ValueError:  # aiohttp's multipart parser; parse_body raises ApiError, not ValueError
         raise ApiError("invalid_form_data") from None
-    if ctype.startswith("multipart/"):
-        args.update({k: v for k, v in form.items() if isinstance(v, str)})
-        check_text(args, "invalid_arguments")
-        return args
-    args.update(parse_body(raw, ctype))
     check_text(args, "invalid_arguments")
     return args
 
