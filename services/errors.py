@@ -72,6 +72,14 @@ class RtmError(Exception):
     """Base class of every rtm error."""
 
 
+class ConfigError(RtmError, ValueError):
+    """A flag or ``RTM_*`` value a process cannot start with. ``run_main`` prints it as one line,
+    without a traceback, and the process exits with :data:`CONFIG_ERROR_EXIT_CODE`."""
+
+
+CONFIG_ERROR_EXIT_CODE = 2  # as argparse exits for a bad flag
+
+
 class ProtocolError(RtmError):
     """A peer broke the wire protocol; the connection is closed."""
 

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from services.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+
 # The line a process prints once it is registered and serving; launchers wait for it.
 READY_PREFIX = "RTM-READY "
 
@@ -137,4 +139,8 @@ def run_main(args: Any, id_prefix: str, make: Callable[[Any], Service]) -> int:
         service = make(args)
         return await service.start(), service.stop
 
-    return run_service(start)
+    try:
+        return run_service(start)
+    except ConfigError as exc:  # a bad flag: said in one line, as argparse says its own
+        print(f"rtm {id_prefix}: {exc}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.errors import HandshakeRateLimited
+from services.errors import ConfigError, HandshakeRateLimited
 from services.identity import BadIdentity, PeerIdentity
 
 log = logging.getLogger("rtm.tls")
@@ -71,7 +71,7 @@ WIRE_TLS_ON = "on"
 WIRE_TLS_OFF = "off"
 
 
-class TrustConfigError(ValueError):
+class TrustConfigError(ConfigError):
     """The TLS flags do not describe usable credentials (missing file, wrong identity)."""
 
 
