@@ -8,14 +8,13 @@ POST, arguments merged from the query string, a form body and a JSON body
 through ``response_metadata.next_cursor`` ("" on the last page), and HTTP 429
 with ``Retry-After`` when a token exceeds its per-method budget.
 
-This module is the dispatch: the ``@method`` registry, :class:`Call`,
-:class:`WebApi` (auth, rate limit, backpressure, metrics, the reply) and the
-helpers method handlers share to resolve arguments into users and channels. The
-methods themselves are in :mod:`webapp_stub.methods` by family (importing that
-package registers them); argument parsing in :mod:`webapp_stub.args`, rate limits
-in :mod:`webapp_stub.ratelimit`, the gateway choice in
-:mod:`webapp_stub.gateway_picker`, and ``/internal/...`` in :mod:`webapp_stub.internal`.
-The argument helpers, :class:`RateLimiter` and :class:`GatewayPicker` stay importable from here.
+This module is the dispatch: the ``@method`` registry, :class:`Call`, :class:`WebApi` (auth, rate
+limit, backpressure, metrics, the reply) and the helpers method handlers share to resolve arguments
+into users and channels. The methods themselves are in :mod:`webapp_stub.methods` by family
+(importing that package registers them); argument parsing in :mod:`webapp_stub.args`, rate limits in
+:mod:`webapp_stub.ratelimit`, the gateway choice in :mod:`webapp_stub.gateway_picker`, and
+``/internal/...`` in :mod:`webapp_stub.internal`. The argument helpers, :class:`RateLimiter` and
+:class:`GatewayPicker` stay importable from here.
 
 Every store call is synchronous and short; events it commits are handed to the
 outbox before the reply is written, and the reply never waits for them.
@@ -165,6 +164,7 @@ class WebApi:
         self.metrics = metrics
         self.keys = FleetKeys.from_secret(secret)  # one key per job; the fleet secret itself is not kept
         self.region = region
+        self.public_url = ""  # --public-url (client.py: public_base_url), set by app.py; "": the request's own
         self.clock = clock
         self.limiter = RateLimiter(rate_limit_per_minute)
         # Per-request metrics in plain ints, exported on scrape (webapp_stub/tally.py): three

@@ -32,6 +32,7 @@ from services import regions, wire
 from services.config import Parser, add_listen_backlog_flag, advertised, instance_id, service_parser
 from services.connection import serve
 from services.discovery import Discovery, Instance
+from services.errors import ConfigError
 from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP
 from services.metrics import ServiceMetrics, metrics_routes
 from services.process import run_main
@@ -40,7 +41,7 @@ from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
 from webapp_stub.args import REQUEST_TIMEOUT_KEY
-from webapp_stub.client import BrowserClient
+from webapp_stub.client import BrowserClient, add_browser_client_flags, public_base_url
 from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
 from webapp_stub.commit_pacer import handoff_interval_s
 from webapp_stub.handoff import (
@@ -198,12 +199,7 @@ def build_parser() -> Parser:
         "",
         'fallback order per region as JSON, e.g. {"us-east": ["eu-west"]} (Consul\'s rtm/regions/map wins)',
     )
-    parser.add(
-        "--demo",
-        True,
-        "demo mode: /demo/users lists the demo team's people with their tokens for the browser "
-        "client's sign-in picker (--no-demo or RTM_DEMO=0 wherever others can reach the webapp)",
-    )
+    add_browser_client_flags(parser)
     add_scheduler_flags(parser)
     return parser
 
@@ -237,16 +233,18 @@ class WebappServer:
         self._given_discovery = discovery
         self._stack = AsyncExitStack()
         self._stopped = False
+        self.public_url = ""  # --public-url, checked in start()
 
     async def start(self) -> dict[str, Any]:
         """Serve and register; return the ready info. On any failure, what started is stopped."""
         args = self.args
         limit = wire.DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_BYTES
         if not 0 < args.max_event_bytes <= limit:
-            raise ValueError(
+            raise ConfigError(
                 f"--max-event-bytes must be between 1 and {limit} "
                 f"(the wire frame limit less {FRAME_ENVELOPE_BYTES} bytes of envelope)"
             )
+        self.public_url = public_base_url(getattr(args, "public_url", ""))
         os.makedirs(args.data_dir, exist_ok=True)
         secret = load_secret(args.secret, args.data_dir)
         try:
@@ -401,6 +399,7 @@ class WebappServer:
             region=getattr(args, "region", ""),
         )
         self.api.commits = self.commits
+        self.api.public_url = self.public_url
         self.api.revoke_fanout_wait_s = args.revoke_fanout_wait_s
         # users.get/setPresence (webapp_stub/presence.py)
         presence = PresenceClient(self.discovery, self.store.manual_away_users, self.trust)

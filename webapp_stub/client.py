@@ -18,21 +18,34 @@ answers 404 ``demo_mode_off``). Anyone who can reach the webapp in demo mode
 can sign in as any listed person: that is the point of a demo, and the reason
 it must be off wherever the webapp is reachable by people who should not be
 each other (docs/browser.md, "The demo picker").
+
+``GET /archives/<channel>/p<ts digits>`` (what ``chat.getPermalink`` answers) is the
+same page: the page reads its own path, opens that conversation at that message
+(and its thread, with ``?thread_ts=``), then puts ``/`` back in the address bar. A
+path of any other shape is 404.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from services.config import Parser
+from services.errors import ConfigError
 from services.metrics import ServiceMetrics
 from webapp_stub.store import Store
 
 STATIC_DIR = Path(__file__).parent / "static"
 CLIENT_PREFIX = "/client/"
 DEMO_USERS_PATH = "/demo/users"
+PERMALINK_PATH = "/archives/{channel}/{message}"
+# chat.getPermalink's shape: a conversation id, then ``p`` and the message ts without its dot.
+PERMALINK_CHANNEL = re.compile(r"[CDG][A-Z0-9]{1,39}")
+PERMALINK_MESSAGE = re.compile(r"p[0-9]{16}")
 # The picker shows the team's first people; a seed of thousands lists this many.
 MAX_DEMO_USERS = 50
 CONTENT_TYPES = {
@@ -54,6 +67,39 @@ SECURITY_HEADERS = {
     # the page is small and changes with the code: always revalidate
     "Cache-Control": "no-cache",
 }
+
+
+def add_browser_client_flags(parser: Parser) -> None:
+    """The webapp's flags of the page and its links."""
+    parser.add(
+        "--demo",
+        True,
+        "demo mode: /demo/users lists the demo team's people with their tokens for the browser "
+        "client's sign-in picker (--no-demo or RTM_DEMO=0 wherever others can reach the webapp)",
+    )
+    parser.add(
+        "--public-url",
+        "",
+        "scheme and host people reach the webapp at behind an edge proxy (e.g. https://edge:8443); "
+        "chat.getPermalink's links start with it (default: the request's own scheme and Host)",
+    )
+
+
+def public_base_url(value: str) -> str:
+    """``--public-url``: the scheme and host (and port) people reach the webapp at, behind an edge
+    proxy, without a trailing slash; permalinks start with it. Raises ``ConfigError`` for anything
+    else (a path would move the page away from its files under ``/client/``)."""
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    try:
+        port_ok = parts.port is None or parts.port > 0  # .port raises ValueError when out of range
+    except ValueError:
+        port_ok = False
+    extra = parts.query or parts.fragment or parts.username is not None or parts.path not in ("", "/")
+    if parts.scheme not in ("http", "https") or not parts.hostname or extra or not port_ok:
+        raise ConfigError(f"--public-url must be http(s)://host[:port], not {value!r}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def static_files(root: Path = STATIC_DIR) -> dict[str, Path]:
@@ -94,6 +140,7 @@ class BrowserClient:
             web.get("/", self.handle_index),
             web.get(CLIENT_PREFIX + "{path:.+}", self.handle_file),
             web.get(DEMO_USERS_PATH, self.handle_demo_users),
+            web.get(PERMALINK_PATH, self.handle_permalink),
         ]
 
     def _file(self, name: str) -> web.StreamResponse:
@@ -103,6 +150,16 @@ class BrowserClient:
 
     async def handle_index(self, request: web.Request) -> web.StreamResponse:
         self.requests.labels("index", "ok").inc()
+        return self._file("index.html")
+
+    async def handle_permalink(self, request: web.Request) -> web.StreamResponse:
+        """A permalink opens the page, which finds its message (module docstring)."""
+        channel, message = request.match_info["channel"], request.match_info["message"]
+        if not (PERMALINK_CHANNEL.fullmatch(channel) and PERMALINK_MESSAGE.fullmatch(message)):
+            self.requests.labels("permalink", "not_found").inc()
+            self.metrics.error("client_file_not_found")
+            return web.json_response({"ok": False, "error": "not_found"}, status=404, headers=SECURITY_HEADERS)
+        self.requests.labels("permalink", "ok").inc()
         return self._file("index.html")
 
     async def handle_file(self, request: web.Request) -> web.StreamResponse:

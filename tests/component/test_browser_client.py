@@ -3,6 +3,7 @@ files and nothing else, the security headers, and the demo sign-in list only in 
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from rtmctl.launcher import child_environment, rtm_argv
+from services.errors import CONFIG_ERROR_EXIT_CODE
 from services.metrics import ServiceMetrics
+from tests.support import DEFAULT_WAIT_S
 from webapp_stub.client import CONTENT_SECURITY_POLICY, MAX_DEMO_USERS, BrowserClient, static_files
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
@@ -100,6 +104,29 @@ async def test_nothing_outside_the_static_files_is_served(serve: Serve, path: st
     assert refused == counter(metrics, "rtm_errors_total", kind="client_file_not_found")
 
 
+async def test_a_permalink_opens_the_page_and_any_other_archives_path_is_not_found(serve: Serve) -> None:
+    base, metrics, _ = await serve(False)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as resp:
+            page = await resp.read()
+        async with http.get(base + "/archives/C0A1B2C3D4E/p1700000000000100?thread_ts=1700000000.000050") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+            assert await resp.read() == page
+        for path in (
+            "/archives/C0A1B2C3D4E/p170000000000010",  # a digit short
+            "/archives/C0A1B2C3D4E/1700000000.000100",
+            "/archives/../p1700000000000100",
+            "/archives/c0a1/p1700000000000100",
+            "/archives/U0A1B2C3D4E/p1700000000000100",
+        ):
+            async with http.get(base + path) as resp:
+                assert resp.status == 404, path
+    assert counter(metrics, "rtm_webapp_client_requests_total", route="permalink", outcome="ok") == 1
+    # aiohttp normalises "/archives/../p…" before routing; the other four reach the handler
+    assert counter(metrics, "rtm_webapp_client_requests_total", route="permalink", outcome="not_found") == 4
+
+
 async def test_demo_users_list_people_with_tokens_only_in_demo_mode(serve: Serve) -> None:
     base, metrics, seed = await serve(True)
     async with aiohttp.ClientSession() as http:
@@ -122,3 +149,19 @@ async def test_demo_users_list_people_with_tokens_only_in_demo_mode(serve: Serve
         async with http.get(base + "/") as resp:
             assert resp.status == 200  # the page itself is served either way: sign-in by token
     assert counter(metrics, "rtm_errors_total", kind="demo_mode_off") == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--wire-tls", "off", "--public-url", "https://edge/rtm"], "--public-url must be http(s)://host[:port]"),
+        ([], "webapp needs --tls-ca, --tls-cert and --tls-key"),  # TrustConfigError is a ConfigError too
+    ],
+)
+def test_a_flag_the_webapp_cannot_start_with_is_said_in_one_line(tmp_path: Path, flags: list[str], said: str) -> None:
+    argv = rtm_argv("webapp", "--data-dir", str(tmp_path), "--port", "0", *flags)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=DEFAULT_WAIT_S, env=child_environment(None))
+    assert done.returncode == CONFIG_ERROR_EXIT_CODE
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rtm webapp: {said}"), done.stderr
+    assert "Traceback" not in done.stderr

@@ -129,6 +129,9 @@ async def test_permalink_and_me_message(webapp: Webapp, fake_as: FakeAdminServer
     reply = (await web.chat_postMessage(channel=general, text="reply", thread_ts=posted["ts"])).data
     link = (await web.chat_getPermalink(channel=general, message_ts=reply["ts"])).data
     assert link["permalink"].endswith(f"?thread_ts={posted['ts']}&cid={general}")
+    webapp.server.api.public_url = "https://edge.example:8443"  # --public-url, behind an edge proxy
+    link = (await web.chat_getPermalink(channel=general, message_ts=posted["ts"])).data
+    assert link["permalink"] == f"https://edge.example:8443/archives/{general}/p{posted['ts'].replace('.', '')}"
     assert await error_of(web.chat_getPermalink(channel=general, message_ts="1.000001")) == "message_not_found"
     assert await error_of(web.chat_getPermalink(channel="CNOPE", message_ts=posted["ts"])) == "channel_not_found"
     me = (await web.chat_meMessage(channel=general, text="waves")).data

@@ -455,6 +455,40 @@ def test_create_leave_join_and_scroll_back_through_history(fleet: Fleet, alice: 
     bob.open_channel("general")
 
 
+def test_a_permalink_opens_its_message_far_back_and_a_replys_thread(browser: Any, fleet: Fleet, alice: Person) -> None:
+    name = unique("linked")
+    channel = api(fleet, "conversations.create", alice.token, name=name)["channel"]["id"]
+    posted = [
+        api(fleet, "chat.postMessage", alice.token, channel=channel, text=f"{name} m-{i:03d}")["ts"] for i in range(70)
+    ]
+    reply = api(fleet, "chat.postMessage", alice.token, channel=channel, text=f"{name} reply", thread_ts=posted[5])
+    reader = sign_in(browser, fleet, "alice")  # a tab of its own: the module's pages stay as they are
+    try:
+        page = reader.page
+        # m-003 is past the first page (50): the page reads back until it finds it
+        page.goto(api(fleet, "chat.getPermalink", alice.token, channel=channel, message_ts=posted[3])["permalink"])
+        expect(page.locator("#conv-title")).to_have_text(f"#{name}")
+        linked = page.locator(".main article.msg.linked")
+        expect(linked).to_contain_text(f"{name} m-003")
+        expect(linked).to_be_in_viewport()
+        assert urllib.parse.urlsplit(page.url).path == "/"  # a reload opens the page as usual
+        # a reply's link opens its thread, the reply shown
+        link = api(fleet, "chat.getPermalink", alice.token, channel=channel, message_ts=reply["ts"])["permalink"]
+        assert f"thread_ts={posted[5]}" in link
+        page.goto(link)
+        expect(page.get_by_role("complementary", name="Thread").locator("article.msg.linked")).to_contain_text(
+            f"{name} reply"
+        )
+        # a link to a conversation one is not in opens the page with a word, not a blank
+        bobs = api(fleet, "conversations.create", fleet.user("bob")["token"], name=unique("bobs"), is_private="true")
+        page.goto(f"{fleet.info['webapp_url']}/archives/{bobs['channel']['id']}/p{posted[0].replace('.', '')}")
+        expect(page.get_by_role("alert")).to_contain_text("a conversation you are not in")
+        expect(page.locator("#conv-title")).to_have_text(f"#{name}")  # where the tab was
+        assert not reader.errors, reader.errors
+    finally:
+        reader.context.close()
+
+
 # -- failures -----------------------------------------------------------------------------------------
 
 

@@ -354,6 +354,9 @@ def test_envoy_routes_for_the_webapp_and_every_gateway() -> None:
         "webapp",
         int(flag(rtm_argvs(rtm["webapp"])[-1], "--port") or 0),
     )
+    # the webapp's permalinks name the edge too (https where the gateways' links are wss)
+    webapp_public = str(flag(rtm_argvs(rtm["webapp"])[-1], "--public-url"))
+    assert webapp_public.startswith("https://"), f"permalinks must name the edge's TLS URL, not {webapp_public}"
 
     gateways = {name: rtm_argvs(svc)[-1] for name, svc in rtm.items() if rtm_argvs(svc)[-1][0] == "gateway"}
     assert gateways
@@ -370,12 +373,12 @@ def test_envoy_routes_for_the_webapp_and_every_gateway() -> None:
 
 
 def test_envoy_serves_the_browser_client_from_the_webapp_and_no_catch_all() -> None:
-    """The page at /, its files under /client/ and the demo sign-in list go to the webapp;
+    """The page at /, its files under /client/, the demo sign-in list and permalinks go to the webapp;
     no route matches every path (the webapp's /internal/, /metrics and /healthz stay inside)."""
     doc = load_yaml(ENVOY)
     _, routes = edge_routes(doc)
     api = next(r for r in routes if r["match"].get("prefix") == "/api/")
-    for match in ({"path": "/"}, {"prefix": "/client/"}, {"path": "/demo/users"}):
+    for match in ({"path": "/"}, {"prefix": "/client/"}, {"path": "/demo/users"}, {"prefix": "/archives/"}):
         route = next((r for r in routes if r["match"] == match), None)
         assert route is not None, f"no edge route for the browser client's {match}"
         assert route["route"]["cluster"] == api["route"]["cluster"]

@@ -100,7 +100,7 @@ def chat_get_permalink(api: WebApi, call: Call) -> dict[str, Any]:
         if exc.code in ("invalid_arguments", "invalid_ts"):
             raise ApiError("message_not_found") from None
         raise
-    base = f"{call.request.scheme}://{call.request.host}" if call.request is not None else ""
+    base = api.public_url or (f"{call.request.scheme}://{call.request.host}" if call.request is not None else "")
     ts = str(message["ts"])
     link = f"{base}/archives/{channel.id}/p{ts.replace('.', '')}"
     thread_ts = message.get("thread_ts")

@@ -4,7 +4,7 @@
 
 import { ApiError, WebApi, sleep } from "./api.js";
 import { describeError, errorCode, isAuthError } from "./errors.js";
-import { Workspace, compareTs, inTimeline, mentions, maxTs } from "./model.js";
+import { Workspace, compareTs, inTimeline, mentions, maxTs, permalinkTarget } from "./model.js";
 import { RtmConnection, backoffDelayMs } from "./rtm.js";
 import { PICKER_REACTIONS, displayed, emoji, formatText, formatTime, h, presenceDot, reconcile } from "./view.js";
 
@@ -19,6 +19,7 @@ export const LOAD_OLDER_WITHIN_PX = 120; // scrolled this close to the top: read
 export const STICK_TO_BOTTOM_PX = 60;
 export const TYPING_SEND_INTERVAL_MS = 3000; // Slack's clients send user_typing every few seconds; the gateway allows 1/s
 export const MAX_PRESENCE_IDS = 500;
+export const PERMALINK_MAX_PAGES = 20; // a permalink's message is looked for this many older pages back
 export const BOOT_RETRY_MAX = 8; // the first retries' backoff grows, then stays at the cap
 const PHONE = window.matchMedia("(max-width: 760px)");
 
@@ -34,6 +35,7 @@ export class App {
     this.unreachable = false;
     this.editing = null; // {channel, ts}
     this.picker = null; // ts whose reaction picker is open
+    this.linkedTs = null; // the message a permalink opened, shown highlighted
     this.panel = ""; // "", "thread" or "members"
     this.presenceKey = null;
     this.lastTypingSent = new Map();
@@ -79,11 +81,14 @@ export class App {
       return this.boot(attempt + 1);
     }
     this.buildShell();
+    const link = permalinkTarget(location.pathname, location.search);
+    if (link) history.replaceState(null, "", "/"); // opened once; a reload opens the conversation as usual
     const saved = sessionStorage.getItem(OPEN_KEY);
     const members = this.ws.memberConversations();
     const first =
       members.find((c) => c.id === saved) || members.find((c) => c.isGeneral) || members.find((c) => !c.isIm) || members[0];
-    if (first) this.openConversation(first.id);
+    if (link) this.openPermalink(link, first);
+    else if (first) this.openConversation(first.id);
     this.rtm = new RtmConnection(this.api, {
       onEvent: (event) => this.onEvent(event),
       onHello: () => this.onHello(),
@@ -356,6 +361,38 @@ export class App {
       this.showBanner(describeError(error.code), "error");
     }
     this.render();
+  }
+
+  // A permalink (chat.getPermalink) opens its conversation at its message: older pages are read
+  // until the message is there (at most PERMALINK_MAX_PAGES), which is then shown highlighted;
+  // a reply's link also opens its thread.
+  async openPermalink(link, fallback) {
+    const conv = this.ws.memberConversations().find((c) => c.id === link.channel);
+    if (!conv) {
+      if (fallback) this.openConversation(fallback.id);
+      this.showBanner("That link is to a conversation you are not in, or that does not exist.", "error");
+      return;
+    }
+    const timelineTs = link.threadTs || link.ts;
+    this.linkedTs = timelineTs;
+    await this.openConversation(conv.id);
+    for (let page = 0; page < PERMALINK_MAX_PAGES && !conv.messages.has(timelineTs) && conv.hasMore; page++) {
+      if (this.loadingOlder) await sleep(100); // the page's own scroll is reading one
+      else await this.loadOlder(conv);
+    }
+    if (!conv.messages.has(timelineTs)) {
+      this.linkedTs = null;
+      this.showBanner("That message was not found: it was deleted, or is too far back.", "error");
+      return;
+    }
+    this.stickToBottom = false;
+    this.renderNow();
+    const article = this.el.list.querySelector(`article[data-ts="${timelineTs}"]`);
+    if (article) article.scrollIntoView({ block: "center" });
+    if (link.threadTs) {
+      this.linkedTs = link.ts;
+      await this.openThread(link.channel, link.threadTs);
+    }
   }
 
   async loadLatest(conv) {
@@ -857,6 +894,7 @@ export class App {
           this.editing && this.editing.ts === m.ts,
           this.picker === m.ts && !!m.ts,
           inThread,
+          this.linkedTs === m.ts,
         ]),
       fill: (article, m) => this.fillMessage(article, channel, m, inThread),
     });
@@ -869,6 +907,7 @@ export class App {
     const name = m.bot_id && !ws.users.has(user) ? "bot" : ws.userName(user);
     const mine = user === ws.self.id;
     article.className = mentions(m.text, ws.self.id) ? "msg mentions-me" : "msg";
+    if (m.ts && m.ts === this.linkedTs) article.classList.add("linked");
     if (pending) article.dataset.state = m.state;
     else {
       delete article.dataset.state;

@@ -24,6 +24,17 @@ export function inTimeline(message) {
   return !message.thread_ts || message.thread_ts === message.ts || message.subtype === "thread_broadcast";
 }
 
+/** A permalink's target (chat.getPermalink: ``/archives/<channel>/p<ts digits>``, and
+ * ``?thread_ts=`` for a reply), or null for any other path. */
+export function permalinkTarget(pathname, search) {
+  const match = /^\/archives\/([CDG][A-Z0-9]{1,39})\/p([0-9]{10})([0-9]{6})$/.exec(pathname);
+  if (!match) return null;
+  const threadTs = new URLSearchParams(search).get("thread_ts");
+  const ts = `${match[2]}.${match[3]}`;
+  const isTs = (value) => typeof value === "string" && /^[0-9]{10}\.[0-9]{6}$/.test(value);
+  return { channel: match[1], ts, threadTs: isTs(threadTs) && threadTs !== ts ? threadTs : null };
+}
+
 export function mentions(text, userId) {
   return typeof text === "string" && text.includes(`<@${userId}>`);
 }
