@@ -135,7 +135,9 @@ class Follower:
             on_disk = None
         if follow_action(opened, position, on_disk) is FollowAction.REOPEN:
             self.close()
-            self.partial = b""
+            if self.partial:  # the old file ended without a newline: its last line, as it is
+                lines.append(self.partial + b"\n")
+                self.partial = b""
             try:
                 self.file = open(self.path, "rb")  # noqa: SIM115 - held while following
             except FileNotFoundError:
