@@ -68,14 +68,17 @@ class RunningProcess:
         self.popen.wait(timeout=STOP_GRACE_S)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> int:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL. Returns the exit code."""
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL. Returns the exit code, once the output is
+        read to its end (bounded: :data:`OUTPUT_DRAIN_WAIT_S`), so the log file holds the last line."""
         if self.alive():
             try:
                 self.popen.send_signal(signal.SIGTERM)
-                return self.popen.wait(timeout=grace_s)
+                self.popen.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
-        return self.popen.wait(timeout=grace_s)
+        code = self.popen.wait(timeout=grace_s)
+        self.wait_output()
+        return code
 
     def logs(self) -> str:
         return "".join(self.log_tail)
@@ -121,6 +124,27 @@ def _pump_lines(stream: IO[str], proc: RunningProcess, echo: IO[str] | None) -> 
                 echo.flush()
             except (OSError, ValueError):  # echo closed during shutdown: keep draining the pipe
                 echo = None
+
+
+def _read_output(
+    proc: RunningProcess, echo: IO[str] | None, ready_box: list[dict[str, Any]], got_ready: threading.Event
+) -> None:
+    """The pump: read the child's output to its end; the ready line goes into ``ready_box``."""
+    stdout = proc.popen.stdout
+    assert stdout is not None
+    try:
+        for line in stdout:
+            proc.record(line)
+            if line.startswith(READY_PREFIX) and not ready_box:
+                ready_box.append(json.loads(line[len(READY_PREFIX) :]))
+                got_ready.set()
+                break
+        else:
+            got_ready.set()  # EOF: the process exited
+            return
+        _pump_lines(stdout, proc, echo)
+    finally:
+        proc.output_ended()
 
 
 def child_environment(env: dict[str, str] | None, unset: Iterable[str] = ()) -> dict[str, str]:
@@ -173,25 +197,11 @@ def start(
     if log_file is not None:
         log_file.open()
         proc.note(f"started (pid {popen.pid})")
-    assert popen.stdout is not None
     ready_box: list[dict[str, Any]] = []
     got_ready = threading.Event()
 
     def reader() -> None:
-        assert popen.stdout is not None
-        try:
-            for line in popen.stdout:
-                proc.record(line)
-                if line.startswith(READY_PREFIX) and not ready_box:
-                    ready_box.append(json.loads(line[len(READY_PREFIX) :]))
-                    got_ready.set()
-                    break
-            else:
-                got_ready.set()  # EOF: the process exited
-                return
-            _pump_lines(popen.stdout, proc, echo)
-        finally:
-            proc.output_ended()
+        _read_output(proc, echo, ready_box, got_ready)
 
     thread = threading.Thread(target=reader, name=f"pump-{name}", daemon=True)
     thread.start()

@@ -158,3 +158,11 @@ def test_a_failing_file_never_stops_the_pump(tmp_path: Path) -> None:
     assert proc.log_tail[-1] == f"line {lines - 1:05d} of the child, padded to thirty\n"
     assert len(warnings) == 1 and log.failed
     assert os.path.realpath(path) == "/dev/full"
+
+
+def test_a_stopped_process_has_its_end_in_its_file_when_stop_returns(tmp_path: Path) -> None:
+    path = tmp_path / "demo.log"
+    code = f"{READY}; import time; time.sleep(60)"  # wait-ok: the child only has to stay alive until stopped
+    proc = start("demo", child(code), log_file=ProcessLogFile(path), ready_timeout_s=DEFAULT_WAIT_S)
+    assert proc.stop(grace_s=DEFAULT_WAIT_S) == -15
+    assert path.read_text().endswith(f"{LAUNCHER_LOGGER}: output ended; exited with -15\n")
