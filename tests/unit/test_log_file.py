@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rtmctl.launcher import LaunchError, start
-from rtmctl.log_file import LAUNCHER_LOGGER, ProcessLogFile, Rotation, launcher_line, previous_path
+from rtmctl.log_file import LAUNCHER_LOGGER, LOG_FILE_MAX_BYTES, ProcessLogFile, Rotation, launcher_line, previous_path
 from services.process import READY_PREFIX
 from tests.support import DEFAULT_WAIT_S
 
@@ -166,3 +166,15 @@ def test_a_stopped_process_has_its_end_in_its_file_when_stop_returns(tmp_path: P
     proc = start("demo", child(code), log_file=ProcessLogFile(path), ready_timeout_s=DEFAULT_WAIT_S)
     assert proc.stop(grace_s=DEFAULT_WAIT_S) == -15
     assert path.read_text().endswith(f"{LAUNCHER_LOGGER}: output ended; exited with -15\n")
+
+
+def test_rtm_up_gives_each_process_its_file_unless_told_not_to(tmp_path: Path) -> None:
+    from rtmctl.fleet import Fleet, build_parser
+
+    fleet = Fleet(build_parser().parse_args(["--data-dir", str(tmp_path)]))
+    log = fleet.log_file("webapp")
+    assert log is not None and log.path == tmp_path.resolve() / "logs" / "webapp.log"
+    assert log.rotation.max_bytes == LOG_FILE_MAX_BYTES == 16 * 1024 * 1024
+    assert f"{tmp_path.resolve()}/logs/<name>.log" in fleet.logs_where()
+    off = Fleet(build_parser().parse_args(["--data-dir", str(tmp_path), "--log-file-max-bytes", "0"]))
+    assert off.log_file("webapp") is None and "no file" in off.logs_where()
