@@ -14,6 +14,10 @@ its instance id; if CHARM gave its slot to a spare meanwhile, it comes back as
 a spare). Ctrl-C or SIGTERM stops everything,
 gateways first, Consul last.
 
+Each process's output goes to ``DATA_DIR/logs/<name>.log`` (its name in ``fleet.json``; a restarted
+process appends), bounded by ``--log-file-max-bytes`` with one previous file kept
+(:mod:`rtmctl.log_file`); ``rtm logs`` reads them (:mod:`rtmctl.logs`).
+
 Every port derives from ``--port-base`` (see :func:`rtmctl.fleet_plan.plan`), so two fleets run
 side by side with different bases.
 
@@ -58,6 +62,7 @@ from rtmctl.consul_roles import TOKENS_FILE, TokensFileError, ensure_role_tokens
 from rtmctl.fleet_lock import hold_data_dir
 from rtmctl.fleet_plan import CONSUL_PORT_OFFSET, RENEW_WITHIN, ProcessSpec, plan, regions_of
 from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
+from rtmctl.log_file import LOG_FILE_MAX_BYTES, LOG_FILE_MAX_BYTES_LIMIT, ProcessLogFile, log_dir, log_path
 from services import regions, tls
 from services.certs import FleetCertificates
 from services.config import (
@@ -170,6 +175,7 @@ class Fleet:
         self.consul_addr = args.consul or f"{args.host}:{args.port_base + CONSUL_PORT_OFFSET}"
         self.stopping = threading.Event()
         self.echo = sys.stdout if args.verbose else None
+        self.log_dir = log_dir(self.data_dir) if args.log_file_max_bytes else None  # None: no log files
         self.role_tokens: dict[str, str] = {}  # role -> its Consul token (the dev agent only)
         self.lock_fd: int | None = None  # DATA_DIR/rtm-up.lock, held from up() on (hold_data_dir)
 
@@ -184,9 +190,16 @@ class Fleet:
             echo=self.echo,
             ready_timeout_s=self.args.ready_timeout_s,
             pass_fds=() if self.lock_fd is None else (self.lock_fd,),  # the fleet holds its directory
+            log_file=self.log_file(spec.name),
         )
         self.running[spec.name] = proc
         return proc
+
+    def log_file(self, name: str) -> ProcessLogFile | None:
+        """Where the process ``name``'s output goes (appended to; None with --log-file-max-bytes 0)."""
+        if self.log_dir is None:
+            return None
+        return ProcessLogFile(log_path(self.log_dir, name), self.args.log_file_max_bytes)
 
     def child_env(self, service: str) -> dict[str, str]:
         """The secrets a child of ``service`` is started with (see :data:`FLEET_SECRET_HOLDERS`)."""
@@ -307,6 +320,7 @@ class Fleet:
             "consul_url": f"http://{self.consul_addr}",
             "data_dir": str(self.data_dir),
             "tls_dir": "" if self.args.wire_tls == tls.WIRE_TLS_OFF else str(self.data_dir / TLS_DIR),
+            "log_dir": "" if self.log_dir is None else str(self.log_dir),
             "supervisor_pid": os.getpid(),
             "processes": processes,
         }
@@ -326,13 +340,14 @@ class Fleet:
         users = self.seed.get("users", [])
         alice = users[0] if users else {"name": "alice", "token": "?"}
         general = next((c for c in self.seed.get("channels", []) if c["name"] == "general"), {"id": "C?"})
-        dd = "" if self.args.data_dir == "./.rtm" else f" --data-dir {self.args.data_dir}"
+        dd = self.dd_flag()
         print(
             f"""
   Browser:  {info["webapp_url"]}/   (the Slack-like client; docs/browser.md)
   Web API:  {info["api_url"]}
   Consul:   {info["consul_url"]}
   Written:  {self.data_dir}/fleet.json, {self.data_dir}/seed.json
+  Logs:     {self.logs_where()}
 
 Try it (in another terminal):
   rtm tail bob{dd}                              # watch events arrive as bob
@@ -343,6 +358,15 @@ Ctrl-C stops the fleet.""",
             flush=True,
         )
 
+    def logs_where(self) -> str:
+        if self.log_dir is None:
+            return "to no file (--log-file-max-bytes 0); --verbose copies them here"
+        return f"{self.log_dir}/<name>.log   (rtm logs [NAME] [-f]{self.dd_flag()})"
+
+    def dd_flag(self) -> str:
+        """The ``--data-dir`` an ``rtm`` command needs to find this fleet ("" for the default)."""
+        return "" if self.args.data_dir == "./.rtm" else f" --data-dir {self.args.data_dir}"
+
     def supervise(self) -> None:
         while not self.stopping.wait(SUPERVISE_INTERVAL_S):
             for name, proc in list(self.running.items()):
@@ -350,8 +374,10 @@ Ctrl-C stops the fleet.""",
                     continue
                 spec = self.specs[name]
                 code = proc.popen.returncode
+                proc.wait_output()  # its last lines read (and in its log file) before we print them
+                where = "" if proc.log_file is None else f" (all of it: {proc.log_file.path})"
                 print(
-                    f"rtm up: {name} exited with {code}; last output:\n{proc.logs()[-2000:]}",
+                    f"rtm up: {name} exited with {code}; last output{where}:\n{proc.logs()[-2000:]}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -415,6 +441,13 @@ def build_parser() -> Parser:
     parser.add("--seed-users", SEED_USERS, "users in the demo team created on first start")
     parser.add("--ready-timeout-s", 30.0, "seconds each process may take to become ready")
     parser.add("--verbose", False, "copy every process's log lines to this terminal")
+    parser.add(
+        "--log-file-max-bytes",
+        LOG_FILE_MAX_BYTES,
+        "each process's output goes to DATA_DIR/logs/NAME.log, renamed NAME.log.1 at this size (0: no files)",
+        at_least=0,
+        at_most=LOG_FILE_MAX_BYTES_LIMIT,
+    )
     parser.add(
         "--wire-tls",
         tls.WIRE_TLS_ON,

@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+LOG_FORMAT_ENV = "RTM_LOG_FORMAT"  # "json": one JSON object per line (else plain lines)
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, instance: str) -> None:
@@ -33,7 +35,7 @@ class JsonFormatter(logging.Formatter):
 def configure(instance: str, level: str = "INFO") -> None:
     """Configure the root logger for a process named ``instance`` (stderr)."""
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("RTM_LOG_FORMAT", "").lower() == "json":
+    if os.environ.get(LOG_FORMAT_ENV, "").lower() == "json":
         handler.setFormatter(JsonFormatter(instance))
     else:
         fmt = logging.Formatter(f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s")

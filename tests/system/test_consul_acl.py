@@ -52,7 +52,7 @@ def test_every_file_rtm_up_makes_is_0600_and_every_directory_0700(fleet: Fleet) 
             assert mode(path) == 0o700, path
         elif path.name not in NOT_SECRET_FILES:
             assert mode(path) == 0o600, path
-    assert {"tls", "tls/ca.key", "tls/operator.key"} <= seen, seen
+    assert {"tls", "tls/ca.key", "tls/operator.key", "logs", "logs/webapp.log", "logs/consul-dev.log"} <= seen, seen
 
 
 def test_no_secret_is_on_any_command_line(fleet: Fleet) -> None:
@@ -287,3 +287,27 @@ def test_rtm_drain_and_undrain_work_with_the_operators_token_and_nothing_typed(f
     done = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
     assert done.returncode == 1 and "no region 'acl-probe'" in done.stderr
     assert admin.kv.get(drained_key("acl-probe"))[1] is None
+
+
+async def test_no_secret_token_or_ticket_is_in_any_log_file(fleet: Fleet) -> None:
+    """Each process's output goes to DATA_DIR/logs/ (rtmctl/log_file.py): after a user connected
+    (a signed ticket in the websocket URL), posted, and a call with a wrong token was refused, no
+    file there holds the fleet secret, the operator or a Consul token, a user's token or the ticket."""
+    alice = await fleet.connect("alice")
+    try:
+        general = fleet.channel("general")
+        assert (await fleet.api("chat.postMessage", alice.token, channel=general, text="log probe"))["ok"]
+        await alice.wait_texts(["log probe"], general)
+        assert (await fleet.api("auth.test", "xoxp-not-a-token"))["ok"] is False
+    finally:
+        await alice.close()
+    secrets = [(fleet.data_dir / name).read_text().strip() for name in SECRET_FILES[:3]]
+    secrets += list(role_tokens(fleet).values()) + [u["token"] for u in fleet.seed["users"]]
+    ticket = alice.url.rpartition("/ws/")[2]  # wss://gateway/ws/TICKET
+    assert ticket and all(secrets)
+    logs = sorted((fleet.data_dir / "logs").glob("*.log*"))
+    assert len(logs) >= 10
+    for path in logs:
+        text = path.read_text()
+        for secret in [*secrets, ticket]:
+            assert secret not in text, path

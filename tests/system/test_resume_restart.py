@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import websockets
 
 from rtmctl.launcher import rtm_argv
 from services.identity import WEBAPP
+from services.process import READY_PREFIX
 from tests.support import DEFAULT_WAIT_S, async_wait_until
 from tests.system.harness import Fleet
 from tests.system.peer import metric
@@ -56,6 +58,29 @@ def webapp_pid(fleet: Fleet) -> int:
     fleet.reload()
     [proc] = fleet.processes(WEBAPP)
     return int(proc["pid"])
+
+
+def assert_both_runs_in_the_log_file(fleet: Fleet, old_pid: int, new_pid: int) -> None:
+    """The restarted webapp appended to its log file (DATA_DIR/logs/webapp.log, 0600): the killed
+    run's ready line and its end, then the new run's; and ``rtm logs webapp -n 5`` prints its tail."""
+    path = Path(fleet.info["log_dir"]) / "webapp.log"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = path.read_text()
+    ready = [json.loads(line.removeprefix(READY_PREFIX)) for line in text.splitlines() if line.startswith(READY_PREFIX)]
+    assert [r["pid"] for r in ready][-2:] == [old_pid, new_pid]
+    assert "rtm.launcher: output ended; exited with -9\n" in text
+    assert (
+        text.index(f"started (pid {old_pid})") < text.index("exited with -9") < text.index(f"started (pid {new_pid})")
+    )
+    done = subprocess.run(
+        rtm_argv("logs", "webapp", "-n", "5", "--data-dir", str(fleet.data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout.splitlines()
+    assert len(shown) == 5 and all(line in text.splitlines() for line in shown), shown
 
 
 async def post(fleet: Fleet, token: str, channel: str, texts: list[str]) -> None:
@@ -105,6 +130,7 @@ async def test_a_connection_moved_by_a_drain_resumes_after_the_webapp_is_killed_
             return False
 
     await async_wait_until(restarted, timeout_s=RESTART_TIMEOUT_S, what="rtm up to restart the killed webapp")
+    assert_both_runs_in_the_log_file(fleet, old_pid, webapp_pid(fleet))
     after = [f"after-{i}" for i in range(5)]
     await post(fleet, poster["token"], general, after)
 

@@ -129,6 +129,9 @@ BOUNDED_FLAGS = [
     (ADMIN, "--ring-barrier-s", {"0.3": 0.3}, "0", "above 0.0"),
     (ADMIN, "--ring-barrier-s", {}, "inf", "above 0.0"),
     (ADMIN, "--ring-barrier-s", {}, "3600", "at most 60.0"),
+    # each process's log file under rtm up (0: none), rotated at this size
+    ("rtmctl.fleet", "--log-file-max-bytes", {"0": 0, "16777216": 16 * 1024 * 1024}, "-1", "at least 0"),
+    ("rtmctl.fleet", "--log-file-max-bytes", {}, "2000000000", "at most 1073741824"),
 ]
 
 
