@@ -57,9 +57,13 @@ def int_arg(args: Args, name: str, default: int, maximum: int) -> int:
 
 
 def str_arg(args: Args, name: str) -> str | None:
+    """A string argument; a JSON number is taken as its text, a JSON boolean as ``true``/``false``
+    (as a form would carry it, never Python's ``True``); an array or object: ``invalid_arguments``."""
     value = args.get(name)
     if value is None:
         return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, (dict, list)):
         raise ApiError("invalid_arguments")
     return str(value)

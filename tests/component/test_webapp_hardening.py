@@ -223,6 +223,22 @@ async def test_text_that_is_an_object_or_array_is_invalid_arguments_not_its_repr
     assert number["ok"] and number["message"]["text"] == "5"  # a number is still taken as its text
 
 
+async def test_a_json_boolean_is_stored_as_true_or_false_not_its_python_repr(webapp: Webapp) -> None:
+    """A JSON body's ``true`` where a string goes used to be stored and fanned out as Python's
+    ``"True"``; it is now the text a form would carry, ``"true"`` (a number stays its text)."""
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    token = alice["token"]
+    _, posted = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": True})
+    assert posted["ok"] and posted["message"]["text"] == "true", posted
+    _, topic = await webapp.call("conversations.setTopic", token, json_body={"channel": general, "topic": False})
+    assert topic["ok"] and topic["channel"]["topic"]["value"] == "false", topic
+    _, reminder = await webapp.call("reminders.add", token, json_body={"text": True, "time": "in 5 minutes"})
+    assert reminder["ok"] and reminder["reminder"]["text"] == "true", reminder
+    _, history = await webapp.call("conversations.history", token, data={"channel": general})
+    stored = [m["text"] for m in history["messages"]]
+    assert "true" in stored and not any("True" in text or "False" in text for text in stored), stored
+
+
 async def test_a_declared_oversized_body_is_refused_at_once(webapp: Webapp) -> None:
     """A Content-Length above the limit is answered 413 ``request_too_large`` without waiting for
     a body that may never come (it used to hold the request until the client gave up)."""
