@@ -147,8 +147,13 @@ async def read_args(request: web.Request) -> Args:
                 args.update(parse_body(await request.read(), ctype))
     except TimeoutError:  # a body sent a byte at a time holds no connection for longer
         raise ApiError("request_timeout") from None
-    except ValueError:  # aiohttp's multipart parser; parse_body raises ApiError, not ValueError
-        raise ApiError("invalid_form_data") from None
+    except web.RequestPayloadError:  # a body its Content-Encoding does not decode (gzip that is not)
+        request.protocol.close()  # the connection's parser gave up on it: answer, then close
+        request.content.feed_eof()  # else aiohttp reads the rest after the answer, raises, logs a traceback
+        code = "invalid_json" if ctype == "application/json" else "invalid_form_data"
+        raise ApiError(code, headers={"Connection": "close"}) from None
+    except (ValueError, LookupError):  # aiohttp's multipart parser (LookupError: a part's unknown
+        raise ApiError("invalid_form_data") from None  # charset); parse_body raises ApiError, not these
     check_text(args, "invalid_arguments")
     return args
 

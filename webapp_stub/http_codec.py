@@ -115,6 +115,8 @@ def _post_of(
     """The verdict on a post whose head (ending at ``end``) was read: its body's framing."""
     if "transfer-encoding" in headers or "expect" in headers or "upgrade" in headers:
         return Verdict.DELEGATE, None, 0
+    if "content-encoding" in headers:  # a gzip or deflate body: aiohttp decodes it (this front would read it raw)
+        return Verdict.DELEGATE, None, 0
     length_text = headers.get("content-length")
     if length_text is None or not length_text.isascii() or not length_text.isdigit():
         return Verdict.DELEGATE, None, 0

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import io
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -237,6 +239,60 @@ async def test_a_json_boolean_is_stored_as_true_or_false_not_its_python_repr(web
     _, history = await webapp.call("conversations.history", token, data={"channel": general})
     stored = [m["text"] for m in history["messages"]]
     assert "true" in stored and not any("True" in text or "False" in text for text in stored), stored
+
+
+async def raw_request(app: Webapp, request: bytes) -> bytes:
+    """Send one request on a new connection; everything the webapp sends until it closes it."""
+    host, port = app.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)  # to EOF: the webapp closes the connection
+    finally:
+        writer.close()
+
+
+async def test_bodies_that_do_not_decode_are_slack_errors_not_internal_error(
+    webapp: Webapp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body whose Content-Encoding does not decode (gzip that is not), or a multipart part in an
+    unknown charset, used to answer internal_error with a traceback logged (two for the body: the
+    webapp's, then aiohttp's when it read the rest after the answer); and the lean post front read a
+    gzip body as if it were plain. Now: Slack's codes, counted, the connection closed after a body that
+    did not decode (its parser gave up), and a real gzip post is posted."""
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    auth = f"Authorization: Bearer {alice['token']}\r\n"
+    not_gzip = (
+        f"POST /api/auth.test HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\n"
+        "Content-Encoding: gzip\r\nContent-Length: 3\r\n\r\nx=1"
+    )
+    with caplog.at_level(logging.WARNING):
+        answer = await raw_request(webapp, not_gzip.encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0] and b"Connection: close" in head, answer
+        assert json.loads(body) == {"ok": False, "error": "invalid_form_data"}
+        part = (
+            b'--zz\r\nContent-Disposition: form-data; name="text"\r\nContent-Type: text/plain; charset=bogus\r\n\r\nhi'
+        )
+        status, reply = await webapp.call(
+            "auth.test",
+            alice["token"],
+            data=part + b"\r\n--zz--\r\n",
+            headers={"Content-Type": "multipart/form-data; boundary=zz"},
+        )
+        assert (status, reply) == (200, {"ok": False, "error": "invalid_form_data"})
+        zipped = gzip.compress(f"channel={general}&text=zipped".encode())
+        post = (  # on a new connection: the lean front's (the session's was handed to aiohttp above)
+            f"POST /api/chat.postMessage HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Encoding: gzip\r\n"
+            f"Content-Length: {len(zipped)}\r\n\r\n"
+        )
+        reply = json.loads((await raw_request(webapp, post.encode() + zipped)).partition(b"\r\n\r\n")[2])
+        assert reply["ok"] and reply["message"]["text"] == "zipped", reply
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="invalid_form_data") == 2
+    assert metric(values, "rtm_errors_total", kind="internal_error") == 0
 
 
 async def test_a_declared_oversized_body_is_refused_at_once(webapp: Webapp) -> None:

@@ -61,6 +61,7 @@ def test_every_prefix_of_a_post_asks_for_more() -> None:
         post(b"", version="HTTP/1.0"),
         post(b"0\r\n\r\n", "Transfer-Encoding: chunked"),
         post(b"x=1", "Expect: 100-continue"),
+        post(b"x=1", "Content-Encoding: gzip"),
         post(b"--b--", "Content-Type: multipart/form-data; boundary=b"),
         post(b"", "Content-Length: 0", "Content-Length: 0"),
         post(b"", "Bad header"),
