@@ -36,7 +36,7 @@ REQUEST_PREFIX = f"POST {PATH}".encode()
 class Verdict(enum.Enum):
     MORE = "more"  # not a whole request yet
     DELEGATE = "delegate"  # not a plain post: aiohttp serves this connection from here on
-    MALFORMED = "malformed"  # a head aiohttp refuses (bare LF or CR, NUL, a name not a token): counted, then aiohttp
+    MALFORMED = "malformed"  # a head aiohttp refuses (bare LF or CR, NUL, a name not a token): aiohttp's 400
     TOO_LARGE = "too_large"  # a body over the limit: 413, then close
     READY = "ready"  # a whole post
 

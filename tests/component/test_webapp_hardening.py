@@ -295,6 +295,32 @@ async def test_bodies_that_do_not_decode_are_slack_errors_not_internal_error(
     assert metric(values, "rtm_errors_total", kind="internal_error") == 0
 
 
+async def test_malformed_http_is_refused_and_counted_without_a_traceback(
+    webapp: Webapp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp answers a request it cannot parse with 400, but logged each at ERROR with a traceback:
+    any client could fill the log with them. Now each is counted as ``bad_http_request``, one line
+    at debug."""
+    token = webapp.user("alice")["token"]
+    heads = [
+        "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nx=1ab",
+        "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+        "POST /api/chat.postMessage HTTP/1.1\r\nHost: x\x00y\r\nContent-Length: 3\r\n\r\nx=1",  # the lean front's
+        f"POST /api/auth.test HTTP/1.1\r\nHost: x\r\nX: {'a' * 9000}\r\n\r\n",
+        f"POST /api/auth.test?token={token} HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 3\r\n\r\nx=1",
+    ]
+    with caplog.at_level(logging.INFO):
+        for head in heads:
+            answer = await raw_request(webapp, head.encode())
+            assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"400", (head[:60], answer)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO or r.exc_info], caplog.text
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="bad_http_request") == len(heads)
+    _, still = await webapp.call("auth.test", token)
+    assert still["ok"]
+
+
 async def test_a_declared_oversized_body_is_refused_at_once(webapp: Webapp) -> None:
     """A Content-Length above the limit is answered 413 ``request_too_large`` without waiting for
     a body that may never come (it used to hold the request until the client gave up)."""
