@@ -23,6 +23,25 @@ TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
 MAX_ARGS_DEPTH = 32
 
 Args = dict[str, Any]
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# One decoder for every body and JSON argument (json.loads with an argument builds a new one per
+# call): NaN, Infinity and -Infinity, which Python reads but JSON does not have, are refused, so
+# they are never stored, echoed or fanned out to clients as invalid JSON.
+_DECODE = json.JSONDecoder(parse_constant=_not_json).decode
+
+
+def loads(raw: bytes | str) -> Any:
+    """:func:`json.loads` (bytes in any of JSON's encodings) without NaN or Infinity. Raises ValueError."""
+    if not isinstance(raw, str):
+        raw = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    return _DECODE(raw)
+
+
 # The longest a request may take to arrive (--http-request-timeout-s, webapp_stub/http_front.py):
 # the lean front times a request from its first byte; aiohttp's requests, their body from when it
 # is read (their head: the keep-alive timeout). Past it: request_timeout.
@@ -76,7 +95,7 @@ def json_arg(args: Args, name: str) -> Any:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = loads(value)
         except (ValueError, RecursionError):
             raise ApiError(f"invalid_{name}") from None
         check_text(value, f"invalid_{name}")
@@ -175,11 +194,11 @@ def parse_body(raw: bytes, ctype: str) -> Args:
 
 
 def parse_json_body(raw: bytes | str) -> Args:
-    """A JSON object body. Raises ``invalid_json``: not JSON, not an object, nested deeper
-    than :data:`MAX_ARGS_DEPTH` (also when deep enough to exhaust the parser's stack), or
-    holding a string that is not valid Unicode."""
+    """A JSON object body. Raises ``invalid_json``: not JSON (``NaN`` and ``Infinity`` are not), not
+    an object, nested deeper than :data:`MAX_ARGS_DEPTH` (also when deep enough to exhaust the
+    parser's stack), or holding a string that is not valid Unicode."""
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ApiError("invalid_json") from None
     if not isinstance(data, dict):

@@ -148,7 +148,12 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
     huge = "99999999999999999999.000000"
     raw_json = {"Content-Type": "application/json"}
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"method": "conversations.history", "json_body": {"channel": general, "limit": 1e400}}, "invalid_arguments"),
+        (  # a JSON number beyond a double: Python reads it as infinity
+            {"method": "conversations.history", "data": b'{"channel": "%s", "limit": 1e400}' % general.encode()},
+            "invalid_arguments",
+        ),
+        # ... which json.dumps writes as Infinity, not JSON
+        ({"method": "conversations.history", "json_body": {"channel": general, "limit": 1e400}}, "invalid_json"),
         ({"method": "conversations.history", "data": {"channel": general, "limit": "1e400"}}, "invalid_arguments"),
         ({"method": "conversations.history", "data": {"channel": general, "oldest": huge}}, "invalid_ts_oldest"),
         ({"method": "conversations.history", "data": {"channel": general, "latest": huge}}, "invalid_ts_latest"),
@@ -191,9 +196,13 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
         for body in (b"[" * 200_000, b'{"channel": "\\udc00"}'):
             async with internal.post(f"{webapp.internal_url}/internal/history", data=body, headers=raw_json) as resp:
                 assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_json"})
+        resume = b'{"user": "%s", "token_id": "t", "channels": {"%s": 1e400}}' % (
+            alice["id"].encode(),
+            general.encode(),
+        )
+        async with internal.post(f"{webapp.internal_url}/internal/resume", data=resume, headers=raw_json) as resp:
+            assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_arguments"})
     _, reply = await webapp.internal("history", {"channel": general, "after_seq": 10**30})
-    assert reply == {"ok": False, "error": "invalid_arguments"}
-    _, reply = await webapp.internal("resume", {"user": alice["id"], "token_id": "t", "channels": {general: 1e400}})
     assert reply == {"ok": False, "error": "invalid_arguments"}
     values = await metrics(webapp)
     assert metric(values, "rtm_errors_total", kind="internal_error") == 0
@@ -239,6 +248,45 @@ async def test_a_json_boolean_is_stored_as_true_or_false_not_its_python_repr(web
     _, history = await webapp.call("conversations.history", token, data={"channel": general})
     stored = [m["text"] for m in history["messages"]]
     assert "true" in stored and not any("True" in text or "False" in text for text in stored), stored
+
+
+async def test_nan_and_infinity_are_refused_not_fanned_out_as_invalid_json(
+    webapp: Webapp, fake_as: RefusingAdminServer
+) -> None:
+    """Python's JSON reader takes ``NaN`` and ``Infinity`` (and reads ``1e400`` as infinity); they
+    used to be stored, answered and handed off as ``NaN``/``Infinity``, which no JSON parser of a
+    client reads. Now ``invalid_json`` (``invalid_blocks``/``invalid_attachments`` for 1e400)."""
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    token, raw_json = alice["token"], {"Content-Type": "application/json"}
+    _, posted = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "target"})
+    message = f'"channel": "{general}", "ts": "{posted["ts"]}"'
+    cases = [
+        ('"text": "t", "blocks": [{"type": "divider", "x": NaN}]', "invalid_json"),
+        ('"text": "t", "attachments": [{"text": "a", "x": -Infinity}]', "invalid_json"),
+        ('"text": NaN', "invalid_json"),
+        ('"text": "t", "blocks": [{"type": "divider", "x": 1e400}]', "invalid_blocks"),
+        ('"text": "t", "attachments": [{"text": "a", "x": 1e400}]', "invalid_attachments"),
+    ]
+    for fields, code in cases:
+        body = f"{{{message}, {fields}}}"
+        status, reply = await webapp.call("chat.update", token, data=body.encode(), headers=raw_json)  # aiohttp's
+        assert (status, reply) == (200, {"ok": False, "error": code}), body
+        # a post on a new connection, which the lean post front reads
+        head = f"POST /api/chat.postMessage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        head += f"Content-Type: application/json\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        answer = await raw_request(webapp, head.encode() + body.encode())
+        assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"ok": False, "error": code}, body
+    _, after = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "after"})
+    assert after["ok"]
+
+    async def delivered() -> bool:
+        return any(json.loads(p["json"]).get("text") == "after" for p in fake_as.pubs_for(general))
+
+    await async_wait_until(delivered, what="the message after the refusals")
+    assert not [p for p in fake_as.pubs if b"NaN" in p["json"] or b"Infinity" in p["json"]]
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="invalid_json") == 6
+    assert metric(values, "rtm_errors_total", kind="internal_error") == 0
 
 
 async def raw_request(app: Webapp, request: bytes) -> bytes:
