@@ -171,8 +171,10 @@ async def read_args(request: web.Request) -> Args:
         request.content.feed_eof()  # else aiohttp reads the rest after the answer, raises, logs a traceback
         code = "invalid_json" if ctype == "application/json" else "invalid_form_data"
         raise ApiError(code, headers={"Connection": "close"}) from None
-    except (ValueError, LookupError):  # aiohttp's multipart parser (LookupError: a part's unknown
-        raise ApiError("invalid_form_data") from None  # charset); parse_body raises ApiError, not these
+    except ValueError:  # aiohttp's multipart parser; parse_body raises ApiError, not ValueError
+        raise ApiError("invalid_form_data") from None
+    except LookupError:  # a multipart part in a charset Python does not know (Slack's code for a bad charset)
+        raise ApiError("invalid_charset") from None
     check_text(args, "invalid_arguments")
     return args
 
