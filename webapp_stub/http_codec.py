@@ -82,6 +82,8 @@ def _parse_head(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, P
         return Verdict.DELEGATE, None, 0
     end = buf.find(b"\r\n\r\n")
     if end < 0:
+        if b"\0" in buf or buf.count(b"\n") != buf.count(b"\r\n"):
+            return Verdict.MALFORMED, None, 0  # a head with a bare LF never ends in CRLF CRLF: aiohttp's 400 now
         return (Verdict.MORE if len(buf) <= MAX_HEAD_BYTES else Verdict.DELEGATE), None, 0
     if end > MAX_HEAD_BYTES:
         return Verdict.DELEGATE, None, 0

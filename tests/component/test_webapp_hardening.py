@@ -349,13 +349,14 @@ async def test_malformed_http_is_refused_and_counted_without_a_traceback(
 ) -> None:
     """aiohttp answers a request it cannot parse with 400, but logged each at ERROR with a traceback:
     any client could fill the log with them. Now each is counted as ``bad_http_request``, one line
-    at debug."""
+    at debug. (A post with bare LF line endings was held by the lean front until its request timeout.)"""
     token = webapp.user("alice")["token"]
     heads = [
         "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nx=1ab",
         "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
         "POST /api/chat.postMessage HTTP/1.1\r\nHost: x\x00y\r\nContent-Length: 3\r\n\r\nx=1",  # the lean front's
+        "POST /api/chat.postMessage HTTP/1.1\nHost: x\nContent-Length: 3\n\nx=1",  # waited for the request timeout
         f"POST /api/auth.test HTTP/1.1\r\nHost: x\r\nX: {'a' * 9000}\r\n\r\n",
         f"POST /api/auth.test?token={token} HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 3\r\n\r\nx=1",
     ]

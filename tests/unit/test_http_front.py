@@ -139,6 +139,11 @@ def test_responses_are_whole_http_messages() -> None:
         post(b"", "X-A: a\rb"),  # a lone CR
         post(b"", "X-A: a\0b"),  # a NUL
         post(b"", "Content Length: 0"),  # a name that is not a token
+        # bare LFs throughout: the head never ends in CRLF CRLF, so waiting for more would hold the
+        # connection until the request timeout (408) where aiohttp answers 400 at once
+        b"POST /api/chat.postMessage HTTP/1.1\nHost: x\nContent-Length: 3\n\nx=1",
+        b"POST /api/chat.postMessage HTTP/1.1\n",
+        b"POST /api/chat.postMessage HTTP/1.1\r\nX: \0",  # a NUL before the head's end
     ],
 )
 def test_heads_aiohttp_would_refuse_go_to_aiohttp(raw: bytes) -> None:
