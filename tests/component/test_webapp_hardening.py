@@ -289,6 +289,25 @@ async def test_nan_and_infinity_are_refused_not_fanned_out_as_invalid_json(
     assert metric(values, "rtm_errors_total", kind="internal_error") == 0
 
 
+async def test_a_users_list_is_bounded_before_any_lookup(webapp: Webapp) -> None:
+    """``users`` of conversations.invite/open was looked up id by id: 250,000 ids in one 4 MB body
+    held the event loop (everyone's posts) for seconds. Now at most 1,000 distinct ids, each once."""
+    alice, bob, carol = webapp.user("alice"), webapp.user("bob"), webapp.user("carol")
+    random = webapp.channel("random")
+    many = ",".join(f"U{i:011d}" for i in range(1001))
+    _, reply = await webapp.call("conversations.invite", alice["token"], data={"channel": random, "users": many})
+    assert reply == {"ok": False, "error": "invalid_arguments"}
+    _, reply = await webapp.call("conversations.open", alice["token"], data={"users": many})
+    assert reply == {"ok": False, "error": "too_many_users"}
+    # the same id 100,000 times is one id
+    _, reply = await webapp.call("conversations.open", alice["token"], data={"users": ",".join([bob["id"]] * 100_000)})
+    assert reply["ok"] and reply["channel"]["id"].startswith("D"), reply
+    _, reply = await webapp.call(
+        "conversations.open", alice["token"], json_body={"users": [bob["id"], carol["id"], bob["id"], " "]}
+    )
+    assert reply["ok"] and reply["channel"]["id"].startswith("G"), reply
+
+
 async def raw_request(app: Webapp, request: bytes) -> bytes:
     """Send one request on a new connection; everything the webapp sends until it closes it."""
     host, port = app.url.removeprefix("http://").split(":")
