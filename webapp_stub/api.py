@@ -53,10 +53,7 @@ from webapp_stub.errors import ApiError
 from webapp_stub.gateway_picker import GATEWAY_LOAD_POLL_S, GatewayPicker
 from webapp_stub.handoff import Handoff
 from webapp_stub.limits import check_attachments, check_blocks
-from webapp_stub.models import (
-    Channel,
-    User,
-)
+from webapp_stub.models import MAX_USERS_LISTED, Channel, User
 from webapp_stub.presence import PresenceClient
 from webapp_stub.ratelimit import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_RATE_BUCKETS, RateLimiter
 from webapp_stub.reply import OK_BODY, Answer, EncodedReply, Failure
@@ -439,17 +436,17 @@ def user_arg(api: WebApi, call: Call, name: str = "user", default_me: bool = Fal
     return user
 
 
-def users_arg(api: WebApi, call: Call, name: str = "users") -> list[User]:
-    """A comma-separated list (or JSON array) of user ids; [] if absent; ``user_not_found`` for a stranger."""
+def users_arg(api: WebApi, call: Call, name: str = "users", too_many: str = "invalid_arguments") -> list[User]:
+    """User ids, comma-separated or a JSON array, each once ([] if none); ``user_not_found``, ``too_many``."""
     value = call.args.get(name)
     if value is None or value == "":
         return []
-    ids = value if isinstance(value, list) else str(value).split(",")
+    listed = value if isinstance(value, list) else str(value).split(",")
+    ids = [user_id for user_id in dict.fromkeys(str(item).strip() for item in listed) if user_id]
+    if len(ids) > MAX_USERS_LISTED:
+        raise ApiError(too_many)
     users = []
     for user_id in ids:
-        user_id = str(user_id).strip()
-        if not user_id:
-            continue
         user = api.store.user(user_id)
         if user is None or user.team != call.me.team:
             raise ApiError("user_not_found")

@@ -54,8 +54,9 @@ from webapp_stub.handoff import (
     replay_from_mark,
     write_mark,
 )
-from webapp_stub.http_front import KEEPALIVE_TIMEOUT_S, HttpFront
+from webapp_stub.http_front import HttpFront
 from webapp_stub.http_limits import add_http_limit_flags
+from webapp_stub.http_refusals import public_runner
 from webapp_stub.internal import InternalEndpoints
 from webapp_stub.methods.auth import MAX_REVOKE_FANOUT_WAIT_S, REVOKE_FANOUT_WAIT_S
 from webapp_stub.models import Event
@@ -476,10 +477,7 @@ class WebappServer:
         app.add_routes(BrowserClient(self.store, self.metrics, demo=getattr(self.args, "demo", True)).routes())
         args = self.args
         app[REQUEST_TIMEOUT_KEY] = args.http_request_timeout_s  # a body's arrival (read_args)
-        # keepalive_timeout: aiohttp's default is an hour; it also bounds a head's arrival there
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S, keepalive_timeout=KEEPALIVE_TIMEOUT_S
-        )
+        runner = public_runner(app, self.metrics.error, HTTP_SHUTDOWN_TIMEOUT_S)  # keep-alive; refusals counted
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         assert runner.server is not None

@@ -23,6 +23,25 @@ TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
 MAX_ARGS_DEPTH = 32
 
 Args = dict[str, Any]
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# One decoder for every body and JSON argument (json.loads with an argument builds a new one per
+# call): NaN, Infinity and -Infinity, which Python reads but JSON does not have, are refused, so
+# they are never stored, echoed or fanned out to clients as invalid JSON.
+_DECODE = json.JSONDecoder(parse_constant=_not_json).decode
+
+
+def loads(raw: bytes | str) -> Any:
+    """:func:`json.loads` (bytes in any of JSON's encodings) without NaN or Infinity. Raises ValueError."""
+    if not isinstance(raw, str):
+        raw = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    return _DECODE(raw)
+
+
 # The longest a request may take to arrive (--http-request-timeout-s, webapp_stub/http_front.py):
 # the lean front times a request from its first byte; aiohttp's requests, their body from when it
 # is read (their head: the keep-alive timeout). Past it: request_timeout.
@@ -57,9 +76,13 @@ def int_arg(args: Args, name: str, default: int, maximum: int) -> int:
 
 
 def str_arg(args: Args, name: str) -> str | None:
+    """A string argument; a JSON number is taken as its text, a JSON boolean as ``true``/``false``
+    (as a form would carry it, never Python's ``True``); an array or object: ``invalid_arguments``."""
     value = args.get(name)
     if value is None:
         return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, (dict, list)):
         raise ApiError("invalid_arguments")
     return str(value)
@@ -72,7 +95,7 @@ def json_arg(args: Args, name: str) -> Any:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = loads(value)
         except (ValueError, RecursionError):
             raise ApiError(f"invalid_{name}") from None
         check_text(value, f"invalid_{name}")
@@ -143,8 +166,15 @@ async def read_args(request: web.Request) -> Args:
                 args.update(parse_body(await request.read(), ctype))
     except TimeoutError:  # a body sent a byte at a time holds no connection for longer
         raise ApiError("request_timeout") from None
+    except web.RequestPayloadError:  # a body its Content-Encoding does not decode (gzip that is not)
+        request.protocol.close()  # the connection's parser gave up on it: answer, then close
+        request.content.feed_eof()  # else aiohttp reads the rest after the answer, raises, logs a traceback
+        code = "invalid_json" if ctype == "application/json" else "invalid_form_data"
+        raise ApiError(code, headers={"Connection": "close"}) from None
     except ValueError:  # aiohttp's multipart parser; parse_body raises ApiError, not ValueError
         raise ApiError("invalid_form_data") from None
+    except LookupError:  # a multipart part in a charset Python does not know (Slack's code for a bad charset)
+        raise ApiError("invalid_charset") from None
     check_text(args, "invalid_arguments")
     return args
 
@@ -166,11 +196,11 @@ def parse_body(raw: bytes, ctype: str) -> Args:
 
 
 def parse_json_body(raw: bytes | str) -> Args:
-    """A JSON object body. Raises ``invalid_json``: not JSON, not an object, nested deeper
-    than :data:`MAX_ARGS_DEPTH` (also when deep enough to exhaust the parser's stack), or
-    holding a string that is not valid Unicode."""
+    """A JSON object body. Raises ``invalid_json``: not JSON (``NaN`` and ``Infinity`` are not), not
+    an object, nested deeper than :data:`MAX_ARGS_DEPTH` (also when deep enough to exhaust the
+    parser's stack), or holding a string that is not valid Unicode."""
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ApiError("invalid_json") from None
     if not isinstance(data, dict):

@@ -84,7 +84,9 @@ def int_cursor(cursor: str | None, kind: str) -> int | None:
 
 # One encoder for every call: json.dumps with non-default arguments builds a new
 # JSONEncoder each time, which cost about as much as encoding a small event (issue 17).
-_ENCODE = json.JSONEncoder(separators=JSON_SEPARATORS, ensure_ascii=False).encode
+# allow_nan=False: NaN or infinity raises ValueError rather than fanning out ``NaN``, which is
+# not JSON (args.py and limits.py refuse them where they enter; this is the backstop).
+_ENCODE = json.JSONEncoder(separators=JSON_SEPARATORS, ensure_ascii=False, allow_nan=False).encode
 
 
 def dumps(obj: Any) -> str:

@@ -36,7 +36,7 @@ REQUEST_PREFIX = f"POST {PATH}".encode()
 class Verdict(enum.Enum):
     MORE = "more"  # not a whole request yet
     DELEGATE = "delegate"  # not a plain post: aiohttp serves this connection from here on
-    MALFORMED = "malformed"  # a head aiohttp refuses (bare LF or CR, NUL, a name not a token): counted, then aiohttp
+    MALFORMED = "malformed"  # a head aiohttp refuses (bare LF or CR, NUL, a name not a token): aiohttp's 400
     TOO_LARGE = "too_large"  # a body over the limit: 413, then close
     READY = "ready"  # a whole post
 
@@ -82,6 +82,8 @@ def _parse_head(buf: bytes | bytearray, max_body_bytes: int) -> tuple[Verdict, P
         return Verdict.DELEGATE, None, 0
     end = buf.find(b"\r\n\r\n")
     if end < 0:
+        if b"\0" in buf or buf.count(b"\n") != buf.count(b"\r\n"):
+            return Verdict.MALFORMED, None, 0  # a head with a bare LF never ends in CRLF CRLF: aiohttp's 400 now
         return (Verdict.MORE if len(buf) <= MAX_HEAD_BYTES else Verdict.DELEGATE), None, 0
     if end > MAX_HEAD_BYTES:
         return Verdict.DELEGATE, None, 0
@@ -114,6 +116,8 @@ def _post_of(
 ) -> tuple[Verdict, PostRequest | None, int]:
     """The verdict on a post whose head (ending at ``end``) was read: its body's framing."""
     if "transfer-encoding" in headers or "expect" in headers or "upgrade" in headers:
+        return Verdict.DELEGATE, None, 0
+    if "content-encoding" in headers:  # a gzip or deflate body: aiohttp decodes it (this front would read it raw)
         return Verdict.DELEGATE, None, 0
     length_text = headers.get("content-length")
     if length_text is None or not length_text.isascii() or not length_text.isdigit():

@@ -172,10 +172,8 @@ class FrontProtocol(asyncio.Protocol):
             verdict, request, used = parse_request(self.buf, self.front.max_body_bytes)
             if verdict is Verdict.MORE:
                 return
-            if verdict is Verdict.DELEGATE or verdict is Verdict.MALFORMED:
-                if verdict is Verdict.MALFORMED:
-                    self.front.api.metrics.error("bad_http_head")
-                self._hand_over(transport)
+            if verdict is Verdict.DELEGATE or verdict is Verdict.MALFORMED:  # MALFORMED: aiohttp refuses
+                self._hand_over(transport)  # it, counted as bad_http_request (webapp_stub/http_refusals.py)
                 return
             if verdict is Verdict.TOO_LARGE:
                 self.front.api.count_request(METHOD_NAME, "request_too_large")

@@ -14,6 +14,10 @@ The figures are Slack's own (docs/hardening-webapp.md cites the pages):
   (``too_many_attachments``; ``invalid_attachments`` when not an array of objects).
 * Nesting: at most :data:`MAX_CONTENT_DEPTH` levels of arrays and objects
   inside ``blocks`` or ``attachments`` (``invalid_blocks`` / ``invalid_attachments``).
+* Numbers: finite. A JSON number too large for a double (``1e400``) reads as infinity,
+  which JSON cannot carry (it would be stored and fanned out as ``Infinity``):
+  ``invalid_blocks`` / ``invalid_attachments``. (``NaN`` and ``Infinity`` themselves are not
+  JSON: webapp_stub/args.py refuses them.)
 
 The whole event that carries a message (for an edit, the message and its
 ``previous_message``) is bounded separately, by the store's
@@ -26,6 +30,7 @@ iteratively, so no input can exhaust the interpreter's stack.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from webapp_stub.errors import ApiError
@@ -95,7 +100,8 @@ def _text_len(obj: Any) -> int:
 
 
 def _check_tree(root: Any, code: str, max_text_chars: int | None) -> None:
-    """Depth within :data:`MAX_CONTENT_DEPTH`; every text object within ``max_text_chars``."""
+    """Depth within :data:`MAX_CONTENT_DEPTH`; every text object within ``max_text_chars``; every
+    number finite."""
     stack: list[tuple[Any, int]] = [(root, 1)]
     while stack:
         node, depth = stack.pop()
@@ -110,6 +116,8 @@ def _check_tree(root: Any, code: str, max_text_chars: int | None) -> None:
                 and (not isinstance(node.get("text"), str) or len(node["text"]) > max_text_chars)
             ):
                 raise ApiError(code)
-            stack.extend((value, depth + 1) for value in node.values() if isinstance(value, (dict, list)))
+            stack.extend((value, depth + 1) for value in node.values() if isinstance(value, (dict, list, float)))
         elif isinstance(node, list):
-            stack.extend((value, depth + 1) for value in node if isinstance(value, (dict, list)))
+            stack.extend((value, depth + 1) for value in node if isinstance(value, (dict, list, float)))
+        elif not math.isfinite(node):  # a float: 1e400 reads as infinity, which JSON cannot carry
+            raise ApiError(code)

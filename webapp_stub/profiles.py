@@ -82,6 +82,8 @@ class ProfileStore(UserStore):
         clean: dict[str, Any] = {}
         for name, value in changes.items():
             if name == STATUS_EXPIRATION_FIELD:
+                if isinstance(value, bool):  # int(True) is 1: stored as an expiry in 1970
+                    raise ApiError("invalid_profile")
                 try:
                     clean[name] = max(0, int(value or 0))
                 except (TypeError, ValueError, OverflowError):

@@ -129,7 +129,7 @@ async def test_a_malformed_head_gets_400_is_counted_and_nothing_else_stops(webap
     assert first_line.split(b" ")[1] == b"400"  # aiohttp answers a head it cannot parse as HTTP/1.0
     writer.close()
     values = await metrics(webapp)
-    assert metric(values, "rtm_errors_total", kind="bad_http_head") == 1
+    assert metric(values, "rtm_errors_total", kind="bad_http_request") == 1
     status, reply = await webapp.call(
         "chat.postMessage", webapp.user("alice")["token"], json_body={"channel": general, "text": "still ok"}
     )

@@ -835,9 +835,11 @@ async def test_a_resume_record_past_its_deadline_is_refused(webapp: Webapp) -> N
     record = {"user": bob["id"], "token_id": token_id(bob["token"]), "channels": {general: 0}}
     late = await webapp.internal("resume", {**record, "deadline": time.time() - 0.5})
     assert late[1] == {"ok": False, "error": "resume_expired"}
-    for bad in ("soon", float("nan"), True, [1]):
+    for bad, code in (("soon", "invalid_arguments"), (True, "invalid_arguments"), ([1], "invalid_arguments")):
         refused = await webapp.internal("resume", {**record, "deadline": bad})
-        assert refused[1] == {"ok": False, "error": "invalid_arguments"}, bad
+        assert refused[1] == {"ok": False, "error": code}, bad
+    refused = await webapp.internal("resume", {**record, "deadline": float("nan")})  # sent as NaN: not JSON
+    assert refused[1] == {"ok": False, "error": "invalid_json"}
     _, connect = await webapp.call("rtm.connect", bob["token"])  # nothing was recorded to claim
     prefix = f"ws://{GATEWAY_INSTANCE.address}:{GATEWAY_INSTANCE.port}/ws/"
     verifier = TicketVerifier(KEYS.ticket_signing, GATEWAY_INSTANCE.id, incarnation=GATEWAY_INCARNATION)

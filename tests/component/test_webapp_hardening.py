@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import io
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -146,7 +148,12 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
     huge = "99999999999999999999.000000"
     raw_json = {"Content-Type": "application/json"}
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"method": "conversations.history", "json_body": {"channel": general, "limit": 1e400}}, "invalid_arguments"),
+        (  # a JSON number beyond a double: Python reads it as infinity
+            {"method": "conversations.history", "data": b'{"channel": "%s", "limit": 1e400}' % general.encode()},
+            "invalid_arguments",
+        ),
+        # ... which json.dumps writes as Infinity, not JSON
+        ({"method": "conversations.history", "json_body": {"channel": general, "limit": 1e400}}, "invalid_json"),
         ({"method": "conversations.history", "data": {"channel": general, "limit": "1e400"}}, "invalid_arguments"),
         ({"method": "conversations.history", "data": {"channel": general, "oldest": huge}}, "invalid_ts_oldest"),
         ({"method": "conversations.history", "data": {"channel": general, "latest": huge}}, "invalid_ts_latest"),
@@ -189,9 +196,13 @@ async def test_web_api_inputs_get_slack_codes_never_internal_error(webapp: Webap
         for body in (b"[" * 200_000, b'{"channel": "\\udc00"}'):
             async with internal.post(f"{webapp.internal_url}/internal/history", data=body, headers=raw_json) as resp:
                 assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_json"})
+        resume = b'{"user": "%s", "token_id": "t", "channels": {"%s": 1e400}}' % (
+            alice["id"].encode(),
+            general.encode(),
+        )
+        async with internal.post(f"{webapp.internal_url}/internal/resume", data=resume, headers=raw_json) as resp:
+            assert (resp.status, await resp.json()) == (200, {"ok": False, "error": "invalid_arguments"})
     _, reply = await webapp.internal("history", {"channel": general, "after_seq": 10**30})
-    assert reply == {"ok": False, "error": "invalid_arguments"}
-    _, reply = await webapp.internal("resume", {"user": alice["id"], "token_id": "t", "channels": {general: 1e400}})
     assert reply == {"ok": False, "error": "invalid_arguments"}
     values = await metrics(webapp)
     assert metric(values, "rtm_errors_total", kind="internal_error") == 0
@@ -221,6 +232,162 @@ async def test_text_that_is_an_object_or_array_is_invalid_arguments_not_its_repr
     assert [m["text"] for m in history["messages"]][0] == "kept"
     _, number = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": 5})
     assert number["ok"] and number["message"]["text"] == "5"  # a number is still taken as its text
+
+
+async def test_a_json_boolean_is_stored_as_true_or_false_not_its_python_repr(webapp: Webapp) -> None:
+    """A JSON body's ``true`` where a string goes used to be stored and fanned out as Python's
+    ``"True"``; it is now the text a form would carry, ``"true"`` (a number stays its text)."""
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    token = alice["token"]
+    _, posted = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": True})
+    assert posted["ok"] and posted["message"]["text"] == "true", posted
+    _, topic = await webapp.call("conversations.setTopic", token, json_body={"channel": general, "topic": False})
+    assert topic["ok"] and topic["channel"]["topic"]["value"] == "false", topic
+    _, reminder = await webapp.call("reminders.add", token, json_body={"text": True, "time": "in 5 minutes"})
+    assert reminder["ok"] and reminder["reminder"]["text"] == "true", reminder
+    _, history = await webapp.call("conversations.history", token, data={"channel": general})
+    stored = [m["text"] for m in history["messages"]]
+    assert "true" in stored and not any("True" in text or "False" in text for text in stored), stored
+
+
+async def test_nan_and_infinity_are_refused_not_fanned_out_as_invalid_json(
+    webapp: Webapp, fake_as: RefusingAdminServer
+) -> None:
+    """Python's JSON reader takes ``NaN`` and ``Infinity`` (and reads ``1e400`` as infinity); they
+    used to be stored, answered and handed off as ``NaN``/``Infinity``, which no JSON parser of a
+    client reads. Now ``invalid_json`` (``invalid_blocks``/``invalid_attachments`` for 1e400)."""
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    token, raw_json = alice["token"], {"Content-Type": "application/json"}
+    _, posted = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "target"})
+    message = f'"channel": "{general}", "ts": "{posted["ts"]}"'
+    cases = [
+        ('"text": "t", "blocks": [{"type": "divider", "x": NaN}]', "invalid_json"),
+        ('"text": "t", "attachments": [{"text": "a", "x": -Infinity}]', "invalid_json"),
+        ('"text": NaN', "invalid_json"),
+        ('"text": "t", "blocks": [{"type": "divider", "x": 1e400}]', "invalid_blocks"),
+        ('"text": "t", "attachments": [{"text": "a", "x": 1e400}]', "invalid_attachments"),
+    ]
+    for fields, code in cases:
+        body = f"{{{message}, {fields}}}"
+        status, reply = await webapp.call("chat.update", token, data=body.encode(), headers=raw_json)  # aiohttp's
+        assert (status, reply) == (200, {"ok": False, "error": code}), body
+        # a post on a new connection, which the lean post front reads
+        head = f"POST /api/chat.postMessage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        head += f"Content-Type: application/json\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        answer = await raw_request(webapp, head.encode() + body.encode())
+        assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"ok": False, "error": code}, body
+    _, after = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "after"})
+    assert after["ok"]
+
+    async def delivered() -> bool:
+        return any(json.loads(p["json"]).get("text") == "after" for p in fake_as.pubs_for(general))
+
+    await async_wait_until(delivered, what="the message after the refusals")
+    assert not [p for p in fake_as.pubs if b"NaN" in p["json"] or b"Infinity" in p["json"]]
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="invalid_json") == 6
+    assert metric(values, "rtm_errors_total", kind="internal_error") == 0
+
+
+async def test_a_users_list_is_bounded_before_any_lookup(webapp: Webapp) -> None:
+    """``users`` of conversations.invite/open was looked up id by id: 250,000 ids in one 4 MB body
+    held the event loop (everyone's posts) for seconds. Now at most 1,000 distinct ids, each once."""
+    alice, bob, carol = webapp.user("alice"), webapp.user("bob"), webapp.user("carol")
+    random = webapp.channel("random")
+    many = ",".join(f"U{i:011d}" for i in range(1001))
+    _, reply = await webapp.call("conversations.invite", alice["token"], data={"channel": random, "users": many})
+    assert reply == {"ok": False, "error": "invalid_arguments"}
+    _, reply = await webapp.call("conversations.open", alice["token"], data={"users": many})
+    assert reply == {"ok": False, "error": "too_many_users"}
+    # the same id 100,000 times is one id
+    _, reply = await webapp.call("conversations.open", alice["token"], data={"users": ",".join([bob["id"]] * 100_000)})
+    assert reply["ok"] and reply["channel"]["id"].startswith("D"), reply
+    _, reply = await webapp.call(
+        "conversations.open", alice["token"], json_body={"users": [bob["id"], carol["id"], bob["id"], " "]}
+    )
+    assert reply["ok"] and reply["channel"]["id"].startswith("G"), reply
+
+
+async def raw_request(app: Webapp, request: bytes) -> bytes:
+    """Send one request on a new connection; everything the webapp sends until it closes it."""
+    host, port = app.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)  # to EOF: the webapp closes the connection
+    finally:
+        writer.close()
+
+
+async def test_bodies_that_do_not_decode_are_slack_errors_not_internal_error(
+    webapp: Webapp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body whose Content-Encoding does not decode (gzip that is not), or a multipart part in an
+    unknown charset, used to answer internal_error with a traceback logged (two for the body: the
+    webapp's, then aiohttp's when it read the rest after the answer); and the lean post front read a
+    gzip body as if it were plain. Now: Slack's codes, counted, the connection closed after a body that
+    did not decode (its parser gave up), and a real gzip post is posted."""
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    auth = f"Authorization: Bearer {alice['token']}\r\n"
+    not_gzip = (
+        f"POST /api/auth.test HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\n"
+        "Content-Encoding: gzip\r\nContent-Length: 3\r\n\r\nx=1"
+    )
+    with caplog.at_level(logging.WARNING):
+        answer = await raw_request(webapp, not_gzip.encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0] and b"Connection: close" in head, answer
+        assert json.loads(body) == {"ok": False, "error": "invalid_form_data"}
+        part = (
+            b'--zz\r\nContent-Disposition: form-data; name="text"\r\nContent-Type: text/plain; charset=bogus\r\n\r\nhi'
+        )
+        status, reply = await webapp.call(
+            "auth.test",
+            alice["token"],
+            data=part + b"\r\n--zz--\r\n",
+            headers={"Content-Type": "multipart/form-data; boundary=zz"},
+        )
+        assert (status, reply) == (200, {"ok": False, "error": "invalid_charset"})
+        zipped = gzip.compress(f"channel={general}&text=zipped".encode())
+        post = (  # on a new connection: the lean front's (the session's was handed to aiohttp above)
+            f"POST /api/chat.postMessage HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Encoding: gzip\r\n"
+            f"Content-Length: {len(zipped)}\r\n\r\n"
+        )
+        reply = json.loads((await raw_request(webapp, post.encode() + zipped)).partition(b"\r\n\r\n")[2])
+        assert reply["ok"] and reply["message"]["text"] == "zipped", reply
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="invalid_form_data") == 1
+    assert metric(values, "rtm_errors_total", kind="invalid_charset") == 1
+    assert metric(values, "rtm_errors_total", kind="internal_error") == 0
+
+
+async def test_malformed_http_is_refused_and_counted_without_a_traceback(
+    webapp: Webapp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp answers a request it cannot parse with 400, but logged each at ERROR with a traceback:
+    any client could fill the log with them. Now each is counted as ``bad_http_request``, one line
+    at debug. (A post with bare LF line endings was held by the lean front until its request timeout.)"""
+    token = webapp.user("alice")["token"]
+    heads = [
+        "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nx=1ab",
+        "POST /api/auth.test HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+        "POST /api/chat.postMessage HTTP/1.1\r\nHost: x\x00y\r\nContent-Length: 3\r\n\r\nx=1",  # the lean front's
+        "POST /api/chat.postMessage HTTP/1.1\nHost: x\nContent-Length: 3\n\nx=1",  # waited for the request timeout
+        f"POST /api/auth.test HTTP/1.1\r\nHost: x\r\nX: {'a' * 9000}\r\n\r\n",
+        f"POST /api/auth.test?token={token} HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 3\r\n\r\nx=1",
+    ]
+    with caplog.at_level(logging.INFO):
+        for head in heads:
+            answer = await raw_request(webapp, head.encode())
+            assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"400", (head[:60], answer)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO or r.exc_info], caplog.text
+    values = await metrics(webapp)
+    assert metric(values, "rtm_errors_total", kind="bad_http_request") == len(heads)
+    _, still = await webapp.call("auth.test", token)
+    assert still["ok"]
 
 
 async def test_a_declared_oversized_body_is_refused_at_once(webapp: Webapp) -> None:

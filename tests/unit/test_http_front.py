@@ -61,6 +61,7 @@ def test_every_prefix_of_a_post_asks_for_more() -> None:
         post(b"", version="HTTP/1.0"),
         post(b"0\r\n\r\n", "Transfer-Encoding: chunked"),
         post(b"x=1", "Expect: 100-continue"),
+        post(b"x=1", "Content-Encoding: gzip"),
         post(b"--b--", "Content-Type: multipart/form-data; boundary=b"),
         post(b"", "Content-Length: 0", "Content-Length: 0"),
         post(b"", "Bad header"),
@@ -138,6 +139,11 @@ def test_responses_are_whole_http_messages() -> None:
         post(b"", "X-A: a\rb"),  # a lone CR
         post(b"", "X-A: a\0b"),  # a NUL
         post(b"", "Content Length: 0"),  # a name that is not a token
+        # bare LFs throughout: the head never ends in CRLF CRLF, so waiting for more would hold the
+        # connection until the request timeout (408) where aiohttp answers 400 at once
+        b"POST /api/chat.postMessage HTTP/1.1\nHost: x\nContent-Length: 3\n\nx=1",
+        b"POST /api/chat.postMessage HTTP/1.1\n",
+        b"POST /api/chat.postMessage HTTP/1.1\r\nX: \0",  # a NUL before the head's end
     ],
 )
 def test_heads_aiohttp_would_refuse_go_to_aiohttp(raw: bytes) -> None:

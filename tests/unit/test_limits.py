@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from webapp_stub.api import Call, check_text, flag, int_arg, json_arg, message_content, parse_json_body, str_arg
 from webapp_stub.args import walk_text
+from webapp_stub.codecs import dumps
 from webapp_stub.limits import MAX_ATTACHMENTS, MAX_BLOCKS, MAX_CONTENT_DEPTH, check_attachments, check_blocks
 from webapp_stub.store import ApiError, decode_cursor, encode_cursor, ts_to_us
 
@@ -145,14 +146,19 @@ def test_cursor_keys_beyond_sqlite_integers_are_invalid() -> None:
 
 def test_json_bodies() -> None:
     assert parse_json_body(b'{"text": "hi \\u00e9"}') == {"text": "hi \u00e9"}
-    for raw in (b'{"text": "\\ud800"}', b"[" * 100_000, b'{"a":' * 50 + b"1" + b"}" * 50, b"[1]", b"\xff"):
+    not_json = (b'{"text": NaN}', b'{"blocks": [{"type": "divider", "x": Infinity}]}', b'{"limit": -Infinity}')
+    for raw in (b'{"text": "\\ud800"}', b"[" * 100_000, b'{"a":' * 50 + b"1" + b"}" * 50, b"[1]", b"\xff", *not_json):
         with pytest.raises(ApiError) as caught:
             parse_json_body(raw)
         assert caught.value.code == "invalid_json"
 
 
 def test_form_blocks_deeply_nested_or_with_surrogates() -> None:
-    for raw in ("[" * 100_000, '[{"type": "section", "text": {"type": "mrkdwn", "text": "\\udc00"}}]'):
+    for raw in (
+        "[" * 100_000,
+        '[{"type": "section", "text": {"type": "mrkdwn", "text": "\\udc00"}}]',
+        '[{"type": "x", "n": NaN}]',
+    ):
         with pytest.raises(ApiError) as caught:
             message_content(Call(None, {"blocks": raw}, None))
         assert caught.value.code == "invalid_blocks_format"
@@ -196,20 +202,34 @@ def test_any_json_body_parses_or_gets_invalid_json(body: Any) -> None:
         assert exc.code == "invalid_json"
         return
     assert isinstance(parsed, dict)
-    json.dumps(parsed, ensure_ascii=False).encode()  # what passes is valid Unicode throughout
+    json.dumps(parsed, ensure_ascii=False, allow_nan=False).encode()  # what passes is JSON, valid Unicode throughout
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(blocks=json_values)
 def test_any_blocks_value_passes_or_gets_a_block_code(blocks: Any) -> None:
     try:
-        check_blocks(blocks)
+        dumps(check_blocks(blocks))  # what passes can be stored and fanned out as JSON
     except ApiError as exc:
         assert exc.code in ("invalid_blocks", "invalid_blocks_format")
     try:
-        check_attachments(blocks)
+        dumps(check_attachments(blocks))
     except ApiError as exc:
         assert exc.code in ("invalid_attachments", "too_many_attachments")
+
+
+def test_numbers_json_cannot_carry_are_refused_in_blocks_and_attachments() -> None:
+    """``1e400`` in a JSON body reads as infinity: it was stored and fanned out as ``Infinity``."""
+    for huge in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ApiError) as caught:
+            check_blocks([{"type": "divider", "style": {"n": [huge]}}])
+        assert caught.value.code == "invalid_blocks"
+        with pytest.raises(ApiError) as caught:
+            check_attachments([{"text": "a", "ts": huge}])
+        assert caught.value.code == "invalid_attachments"
+    assert check_attachments([{"text": "a", "ts": 1.5}]) == [{"text": "a", "ts": 1.5}]
+    with pytest.raises(ValueError):
+        dumps({"x": float("inf")})  # and the encoder never writes one
 
 
 def _verdict(check: Any, value: Any, max_depth: int) -> str:

@@ -1127,3 +1127,19 @@ def test_the_restart_replay_reads_only_recent_events_through_their_index(store: 
 
     plan = [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + EVENTS_SINCE_SQL, (0.0,))]
     assert any("USING INDEX events_created" in step for step in plan), plan
+
+
+def test_a_profile_field_of_the_wrong_type_is_invalid_profile(store: Store, demo: dict) -> None:
+    """A JSON ``true`` as ``status_expiration`` used to be stored as 1 (``int(True)``)."""
+    alice = user(store, demo, "alice")
+    for bad in (
+        {"status_expiration": True},
+        {"status_expiration": [1]},
+        {"status_expiration": "soon"},
+        {"title": True},
+    ):
+        with pytest.raises(ApiError) as caught:
+            store.set_profile(alice, bad)
+        assert caught.value.code == "invalid_profile", bad
+    profile, _ = store.set_profile(alice, {"status_expiration": 1_900_000_000, "title": 5})
+    assert (profile["status_expiration"], profile["title"]) == (1_900_000_000, "5")

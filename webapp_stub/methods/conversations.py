@@ -176,7 +176,7 @@ def conversations_unarchive(api: WebApi, call: Call) -> dict[str, Any]:
 def conversations_open(api: WebApi, call: Call) -> dict[str, Any]:
     """Open (creating on first use) the DM with ``users`` (one id) or the group DM
     (several); or reopen ``channel``, a DM the caller is in."""
-    users = users_arg(api, call)
+    users = users_arg(api, call, too_many="too_many_users")
     if users:
         channel, already, events = api.store.open_dm(call.me, users)
         api.publish(events)
