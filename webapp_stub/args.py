@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -21,6 +22,24 @@ TRUE_STRINGS = frozenset({"1", "true", "yes", "on"})
 # Arrays and objects nested in one request's arguments (a message's blocks nest a
 # few levels; see webapp_stub.limits.MAX_CONTENT_DEPTH). Deeper: invalid_json.
 MAX_ARGS_DEPTH = 32
+# Every input's shape is bounded before the work it costs, so that no request holds the event loop
+# (docs/hardening-webapp.md, section 5): 4 MiB bodies of tiny values took 0.5-2.7 s each to parse
+# and check, and the body is read before the token is known.
+# A JSON text's arrays and objects, at most: counted before it is parsed, in C (its "[" and "{",
+# those inside strings too: an upper bound). json.loads builds each without letting go of the
+# event loop: 4 MiB of "[]," took it 0.43 s. Slack's largest payloads (50 blocks, 100 attachments)
+# hold a few thousand. More: invalid_json (invalid_blocks, ... for a JSON argument).
+MAX_JSON_CONTAINERS = 100_000
+# The values :func:`walk_text` looks at in one request's arguments, at most (4 MiB of "0," are two
+# million, 2.3 s of walking). More: the same error as a bad value.
+MAX_ARGS_VALUES = 50_000
+# A form body's fields, at most: its "&" bytes, exact (a "&" in a value is %26), as aiohttp bounds a
+# multipart form's (client_max_fields, 1,000). 4 MiB of "a=&" took parse_qsl 1 s. More: invalid_form_data.
+MAX_FORM_FIELDS = 1_000
+# A body larger than this is parsed on the webapp's body thread (BODY_PARSER_KEY), not in the event
+# loop's: what Python does there (percent escapes, the check's walk) lets the loop run beside it. The
+# lean front leaves such posts to aiohttp. A chat.postMessage of the peers' 200 bytes is far below.
+LARGE_BODY_BYTES = 64 * 1024
 
 Args = dict[str, Any]
 
@@ -36,9 +55,12 @@ _DECODE = json.JSONDecoder(parse_constant=_not_json).decode
 
 
 def loads(raw: bytes | str) -> Any:
-    """:func:`json.loads` (bytes in any of JSON's encodings) without NaN or Infinity. Raises ValueError."""
+    """:func:`json.loads` (bytes in any of JSON's encodings) without NaN or Infinity, and of at most
+    :data:`MAX_JSON_CONTAINERS` arrays and objects. Raises ValueError."""
     if not isinstance(raw, str):
         raw = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    if raw.count("[") + raw.count("{") > MAX_JSON_CONTAINERS:
+        raise ValueError(f"more than {MAX_JSON_CONTAINERS} arrays and objects")
     return _DECODE(raw)
 
 
@@ -47,6 +69,9 @@ def loads(raw: bytes | str) -> Any:
 # is read (their head: the keep-alive timeout). Past it: request_timeout.
 HTTP_REQUEST_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_KEY = web.AppKey("http_request_timeout_s", float)
+# The thread that parses large bodies (LARGE_BODY_BYTES): one, so large bodies wait for each other,
+# not the event loop for them. Without it (tests' apps), bodies are parsed in the loop.
+BODY_PARSER_KEY = web.AppKey("body_parser", ThreadPoolExecutor)
 
 
 def flag(args: Args, name: str, default: bool = False) -> bool:
@@ -123,9 +148,12 @@ def check_text(value: Any, code: str, max_depth: int = MAX_ARGS_DEPTH) -> None:
     walk_text(value, code, max_depth)
 
 
-def walk_text(value: Any, code: str, max_depth: int = MAX_ARGS_DEPTH) -> None:
-    """:func:`check_text`'s walk over every node (what its fast path must agree with)."""
+def walk_text(value: Any, code: str, max_depth: int = MAX_ARGS_DEPTH, max_values: int = MAX_ARGS_VALUES) -> None:
+    """:func:`check_text`'s walk over every node (what its fast path must agree with), of at most
+    ``max_values`` nodes (keys count; more: ApiError(``code``), found before a container's nodes are
+    stacked)."""
     stack: list[tuple[Any, int]] = [(value, 0)]
+    budget = max_values - 1
     while stack:
         node, depth = stack.pop()
         if isinstance(node, str):
@@ -135,12 +163,14 @@ def walk_text(value: Any, code: str, max_depth: int = MAX_ARGS_DEPTH) -> None:
                 except UnicodeEncodeError:
                     raise ApiError(code) from None
         elif isinstance(node, dict):
-            if depth >= max_depth:
+            budget -= 2 * len(node)
+            if depth >= max_depth or budget < 0:
                 raise ApiError(code)
             stack.extend((k, depth) for k in node)
             stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list):
-            if depth >= max_depth:
+            budget -= len(node)
+            if depth >= max_depth or budget < 0:
                 raise ApiError(code)
             stack.extend((v, depth + 1) for v in node)
 
@@ -163,7 +193,7 @@ async def read_args(request: web.Request) -> Args:
                 form = await request.post()
                 args.update({k: v for k, v in form.items() if isinstance(v, str)})
             else:
-                args.update(parse_body(await request.read(), ctype))
+                args.update(await parse_body_of(request, await request.read(), ctype))
     except TimeoutError:  # a body sent a byte at a time holds no connection for longer
         raise ApiError("request_timeout") from None
     except web.RequestPayloadError:  # a body its Content-Encoding does not decode (gzip that is not)
@@ -179,6 +209,14 @@ async def read_args(request: web.Request) -> Args:
     return args
 
 
+async def parse_body_of(request: web.Request, raw: bytes, ctype: str) -> Args:
+    """:func:`parse_body`, on the app's body thread when ``raw`` is past :data:`LARGE_BODY_BYTES`."""
+    parser = request.app.get(BODY_PARSER_KEY)
+    if parser is None or len(raw) <= LARGE_BODY_BYTES:
+        return parse_body(raw, ctype)
+    return await asyncio.get_running_loop().run_in_executor(parser, parse_body, raw, ctype)
+
+
 def parse_body(raw: bytes, ctype: str) -> Args:
     """A request body's arguments: JSON when the content type says so (or, with no form
     content type, when the body looks like JSON), else a URL-encoded form; an empty body
@@ -189,6 +227,8 @@ def parse_body(raw: bytes, ctype: str) -> Args:
     looks_json = raw.lstrip()[:1] in (b"{", b"[")
     if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded" and looks_json):
         return parse_json_body(raw)
+    if raw.count(b"&") >= MAX_FORM_FIELDS:
+        raise ApiError("invalid_form_data")
     try:
         return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
     except (UnicodeDecodeError, ValueError):

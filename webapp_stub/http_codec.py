@@ -17,7 +17,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import parse_qsl
 
-from webapp_stub.args import Args, check_text, parse_body, token_of
+from webapp_stub.args import LARGE_BODY_BYTES, Args, check_text, parse_body, token_of
 from webapp_stub.errors import ApiError
 
 # The longest request head (request line and headers) read here; longer ones go to aiohttp
@@ -127,6 +127,8 @@ def _post_of(
     length = int(length_text)
     if length > max_body_bytes:
         return Verdict.TOO_LARGE, None, 0
+    if length > LARGE_BODY_BYTES:
+        return Verdict.DELEGATE, None, 0  # parsed on aiohttp's side, off the event loop (args.py)
     total = end + 4 + length
     if len(buf) < total:
         return Verdict.MORE, None, 0

@@ -308,6 +308,44 @@ async def test_a_users_list_is_bounded_before_any_lookup(webapp: Webapp) -> None
     assert reply["ok"] and reply["channel"]["id"].startswith("G"), reply
 
 
+async def test_bodies_of_many_tiny_values_are_refused_before_they_hold_the_loop(webapp: Webapp) -> None:
+    """4 MiB bodies of tiny values (no token needed: the body is read first) took 0.5-2.7 s each to
+    parse and check, holding everyone's requests. Their shape is now bounded before that work
+    (args.py: MAX_JSON_CONTAINERS, MAX_ARGS_VALUES, MAX_FORM_FIELDS), and a body past
+    LARGE_BODY_BYTES is parsed on the body thread, the lean front leaving such posts to aiohttp."""
+    before = await metrics(webapp)
+    four_mib = 4 * 1024 * 1024 - 64
+    containers = b'{"a":[' + b",".join([b"[]"] * (four_mib // 3)) + b"]}"
+    values = b'{"a":[' + b",".join([b"0"] * (four_mib // 2)) + b"]}"
+    fields = b"&".join([b"a="] * (four_mib // 3))
+    for body, ctype, code in (
+        (containers, "application/json", "invalid_json"),
+        (values, "application/json", "invalid_json"),
+        (fields, "application/x-www-form-urlencoded", "invalid_form_data"),
+    ):
+        for method in ("auth.test", "chat.postMessage"):  # aiohttp's path and the lean front's
+            status, reply = await webapp.call(method, data=body, headers={"Content-Type": ctype})
+            assert (status, reply) == (200, {"ok": False, "error": code}), (method, ctype)
+    after = await metrics(webapp)
+    assert (
+        metric(after, "rtm_errors_total", kind="invalid_json") - metric(before, "rtm_errors_total", kind="invalid_json")
+        == 4
+    )
+    # a large post of its own right: 30,000 "é" are 180 KB as a form, past LARGE_BODY_BYTES
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    handed = webapp.server.front.handed_over
+    text = "é" * 30_000
+    async with aiohttp.ClientSession() as fresh:  # a new connection, so the lean front sees it first
+        form = {"channel": general, "text": text, "token": alice["token"]}
+        async with fresh.post(f"{webapp.url}/api/chat.postMessage", data=form) as resp:
+            reply = await resp.json()
+    assert reply["ok"] and reply["message"]["text"] == text, reply.get("error")
+    assert webapp.server.front.handed_over == handed + 1  # the lean front left it to aiohttp
+    assert webapp.server.body_parser is not None and len(webapp.server.body_parser._threads) == 1  # parsed there
+    _, history = await webapp.call("conversations.history", alice["token"], data={"channel": general, "limit": 1})
+    assert history["messages"][0]["text"] == text
+
+
 async def raw_request(app: Webapp, request: bytes) -> bytes:
     """Send one request on a new connection; everything the webapp sends until it closes it."""
     host, port = app.url.removeprefix("http://").split(":")

@@ -250,3 +250,41 @@ def _verdict(check: Any, value: Any, max_depth: int) -> str:
 def test_check_texts_fast_path_agrees_with_the_whole_walk(value: Any, max_depth: int) -> None:
     # check_text answers a flat object of strings in C (round 4 of docs/publish-path.md)
     assert _verdict(check_text, value, max_depth) == _verdict(walk_text, value, max_depth)
+
+
+# -- shapes bounded before the work they cost (webapp_stub/args.py; docs/hardening-webapp.md, 5) --------
+
+
+def test_a_json_text_of_too_many_arrays_and_objects_is_refused_before_it_is_parsed() -> None:
+    from webapp_stub.args import MAX_JSON_CONTAINERS, loads
+
+    within = "[" + ",".join(["[]"] * (MAX_JSON_CONTAINERS - 1)) + "]"
+    assert len(loads(within)) == MAX_JSON_CONTAINERS - 1
+    with pytest.raises(ValueError, match="arrays and objects"):
+        loads("[" + ",".join(["{}"] * MAX_JSON_CONTAINERS) + "]")
+    with pytest.raises(ApiError, match="invalid_json"):
+        parse_json_body(b'{"a": [' + b",".join([b"[]"] * MAX_JSON_CONTAINERS) + b"]}")
+    with pytest.raises(ApiError, match="invalid_blocks"):  # a JSON argument of a form is bounded alike
+        json_arg({"blocks": "[" + ",".join(["[]"] * MAX_JSON_CONTAINERS) + "]"}, "blocks")
+
+
+def test_the_walk_looks_at_a_bounded_number_of_values_and_refuses_before_stacking_more() -> None:
+    from webapp_stub.args import MAX_ARGS_VALUES
+
+    walk_text({"a": [0] * (MAX_ARGS_VALUES - 3)}, "invalid_json")  # the object, its key, the list, its items
+    with pytest.raises(ApiError, match="invalid_json"):
+        walk_text({"a": [0] * (MAX_ARGS_VALUES - 2)}, "invalid_json")
+    with pytest.raises(ApiError, match="invalid_json"):
+        walk_text({str(i): "" for i in range(MAX_ARGS_VALUES)}, "invalid_json")
+    with pytest.raises(ApiError, match="invalid_json"):  # two million values: refused at the list, not walked
+        parse_json_body(b'{"a": [' + b",".join([b"0"] * 2_000_000) + b"]}")
+
+
+def test_a_form_of_more_fields_than_aiohttp_allows_a_multipart_one_is_invalid_form_data() -> None:
+    from webapp_stub.args import MAX_FORM_FIELDS, parse_body
+
+    form = "application/x-www-form-urlencoded"
+    assert len(parse_body("&".join(f"a{i}=" for i in range(MAX_FORM_FIELDS)).encode(), form)) == MAX_FORM_FIELDS
+    with pytest.raises(ApiError, match="invalid_form_data"):
+        parse_body("&".join(f"a{i}=" for i in range(MAX_FORM_FIELDS + 1)).encode(), form)
+    assert parse_body(b"text=" + b"%26" * 5_000, form) == {"text": "&" * 5_000}  # an escaped "&" is not a field
