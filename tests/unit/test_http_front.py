@@ -184,19 +184,6 @@ class FlowTransport:
     def set_protocol(self, protocol: object) -> None:
         self.protocol = protocol
 
-
-class AiohttpStandIn:
-    """What a connection handed over to aiohttp receives (the front's ``fallback`` protocol)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def connection_made(self, transport: object) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
     def close(self) -> None:
         self.closed = True
 
@@ -243,6 +230,19 @@ class Filled:
 
     def fill(self) -> None:
         self.fills += 1
+
+
+class AiohttpStandIn:
+    """What a connection handed over to aiohttp receives (the front's ``fallback`` protocol)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def connection_made(self, transport: object) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
 
 
 def flow_protocol(max_body_bytes: int) -> tuple[FrontProtocol, FlowTransport, BlockingApi]:
