@@ -34,7 +34,7 @@ many as the bound will have been added again (:func:`next_checkpoint_gap_s`): at
 least :data:`WAL_CHECKPOINT_MIN_GAP_S` apart, at most the interval. The WAL starts
 over only when the writer begins a transaction just after a checkpoint copied every
 frame, which under a steady load, even a light one, hardly ever happens (round 11 of
-docs/publish-path.md: not once in 40 checkpoints at 100 posts/s); so the writer's
+docs/publish-path.md: not once in 39 checkpoints at 100 posts/s); so the writer's
 backstop is what starts it over, and the checkpoints close in on it so that it has
 little left to copy in its commit.
 
@@ -96,9 +96,9 @@ WAL_CHECKPOINT_MIN_GAP_S = 0.5
 # Past the bound, the next checkpoint comes at most this many times later than the last one did
 # after the one before. The frames a checkpoint saw measure the writer's rate only over the gap
 # before it: after a burst, one that fell in a lull of half a second saw a handful of frames and put
-# the next a whole interval off, and at 100 posts/s the WAL then grew unchecked from 46 to 53-55 MiB
-# (3.4 times the bound) in that minute (docs/publish-path.md, round 11). Doubling, the gap reaches a
-# light load's (16 s at 100 posts/s) in 5 checkpoints and the interval in 8; one that had nothing to
+# the next a whole interval off, and at 100 posts/s the WAL then grew unchecked to 51-56 MiB
+# (3.2-3.5 times the bound) in that minute (docs/publish-path.md, round 11). Doubling, the gap reaches a
+# light load's (16 s at 100 posts/s) in 5 checkpoints and the interval in 7; one that had nothing to
 # copy costs microseconds and no fsync.
 WAL_CHECKPOINT_GAP_GROWTH_FACTOR = 2.0
 # A WAL frame's header (before its page), and SQLite's default page size.
@@ -117,7 +117,7 @@ def frames_added(previous: int | None, frames: int, restarted: bool) -> int | No
     ``previous`` frames (None: there was none, or it failed), now that one sees ``frames``.
 
     The WAL starts over only when the writer begins a write while every frame has been copied, so at
-    a steady light load it hardly ever does (round 11: not once in 40 checkpoints at 100 posts/s),
+    a steady light load it hardly ever does (round 11: not once in 39 checkpoints at 100 posts/s),
     and ``frames`` counts every frame since it last did. ``restarted`` (its header changed) or fewer
     frames than before: all of them are new."""
     if previous is None:
