@@ -148,7 +148,8 @@ def next_checkpoint_gap_s(
     so the checkpoints close in on it and leave the writer little to copy. Within ``[min_gap_s,
     max_gap_s]`` and at most ``growth`` times ``since_s``: a short gap's few frames do not foretell a
     long one (:data:`WAL_CHECKPOINT_GAP_GROWTH_FACTOR`). Each start over costs the writer an fsync,
-    each checkpoint two of the disk: a light load must not have one every ``min_gap_s`` (round 11)."""
+    each checkpoint that copies a sync of the WAL (and of the database file if no commit came during
+    its copy): a light load must not have one every ``min_gap_s`` (round 11)."""
     if last is None or added_frames is None or not math.isfinite(since_s):
         return min_gap_s
     busy, wal_frames, copied = last

@@ -332,8 +332,8 @@ def test_the_wal_header_says_when_the_writer_started_the_wal_over(store: Store) 
 def test_a_light_load_that_never_restarts_the_wal_spaces_its_checkpoints_out(store: Store) -> None:
     """round 11: at 100 posts/s no checkpoint caught the writer between two commits, so the WAL
     never started over (the writer's backstop did, at 4 times the bound), and its frame count only
-    grew. Taken for the frames of one gap, they were past the bound: a checkpoint, two fsyncs of the
-    disk, every WAL_CHECKPOINT_MIN_GAP_S at any load. Here the writer opens its next transaction as
+    grew. Taken for the frames of one gap, they were past the bound: a checkpoint (and its syncs)
+    every WAL_CHECKPOINT_MIN_GAP_S at any load. Here the writer opens its next transaction as
     soon as it commits, so every checkpoint falls inside one, as it can at load."""
     seed = seed_demo(store)
     clock = FakeClock()
