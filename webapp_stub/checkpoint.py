@@ -27,7 +27,16 @@ short timer: the fewer times the WAL starts over, the fewer of those stalls;
 see :data:`WAL_CHECKPOINT_BYTES`. A WAL that starts over keeps its file (up to
 the backstop, :data:`WAL_BACKSTOP_FACTOR`), so that its frames overwrite blocks
 already allocated; past the bound, the file's length then says nothing of what
-the WAL holds, and checkpoints come at most every :data:`WAL_CHECKPOINT_MIN_GAP_S`.
+the WAL holds. There each checkpoint's report (the WAL's frames) and the WAL's
+header (whether it started over: :meth:`WalCheckpointer.wal_generation`) give the
+frames the writer added since the checkpoint before, and the next is due when as
+many as the bound will have been added again (:func:`next_checkpoint_gap_s`): at
+least :data:`WAL_CHECKPOINT_MIN_GAP_S` apart, at most the interval. The WAL starts
+over only when the writer begins a transaction just after a checkpoint copied every
+frame, which under a steady load, even a light one, hardly ever happens (round 11 of
+docs/publish-path.md: not once in 39 checkpoints at 100 posts/s); so the writer's
+backstop is what starts it over, and the checkpoints close in on it so that it has
+little left to copy in its commit.
 
 Contract: :meth:`start` once, :meth:`close` once (idempotent); after
 :meth:`close` returns the thread has stopped and its connection is closed.
@@ -76,40 +85,82 @@ WAL_CHECKPOINT_POLL_S = 0.1
 WAL_BACKSTOP_FACTOR = 4
 # While the WAL file is past the bound, checkpoint at most this often. The file keeps its length
 # when the WAL starts over (up to the backstop, above), so past the bound its length no longer says
-# how much the WAL holds; each checkpoint's own report does (next_checkpoint_gap_s): while the
-# checkpoints do not catch the writer, one every this long (6 MiB at 2,000 posts/s). Not read from the
+# how much the WAL holds; each checkpoint's own report does (next_checkpoint_gap_s): one every this
+# long while the writer adds as many frames as the bound in less (about 16 MiB a second), or a
+# reader holds back the copy, or the WAL is about to reach the backstop. Not read from the
 # wal-index in the -shm file: opening and closing any descriptor of a file that SQLite locks drops
 # the whole process's POSIX locks on it (https://www.sqlite.org/howtocorrupt.html, 2.2); a first
 # version did, and another process's connection re-initialized the -shm under the writer's map,
 # which killed the webapp with SIGBUS in a system test.
 WAL_CHECKPOINT_MIN_GAP_S = 0.5
-# A WAL frame's header (before its page), and a frame's size at SQLite's default page size.
+# Past the bound, the next checkpoint comes at most this many times later than the last one did
+# after the one before. The frames a checkpoint saw measure the writer's rate only over the gap
+# before it: after a burst, one that fell in a lull of half a second saw a handful of frames and put
+# the next a whole interval off, and at 100 posts/s the WAL then grew unchecked to 51-56 MiB
+# (3.2-3.5 times the bound) in that minute (docs/publish-path.md, round 11). Doubling, the gap reaches a
+# light load's (16 s at 100 posts/s) in 5 checkpoints and the interval in 7; one that had nothing to
+# copy costs microseconds and no fsync.
+WAL_CHECKPOINT_GAP_GROWTH_FACTOR = 2.0
+# A WAL frame's header (before its page), and SQLite's default page size.
 WAL_FRAME_HEADER_BYTES = 24
-WAL_FRAME_BYTES_DEFAULT = WAL_FRAME_HEADER_BYTES + 4096
+WAL_PAGE_BYTES_DEFAULT = 4096
+# In the WAL file's header, the checkpoint sequence number and salt-1 (https://www.sqlite.org/fileformat.html,
+# 4.1): both change each time the writer starts the WAL over, which PRAGMA wal_checkpoint does not say.
+WAL_HEADER_GENERATION_OFFSET_BYTES = 12
+WAL_HEADER_GENERATION_BYTES = 8
 # close() waits this long for a checkpoint in progress before giving up on the thread.
 WAL_CHECKPOINT_JOIN_TIMEOUT_S = 10.0
 
 
+def frames_added(previous: int | None, frames: int, restarted: bool) -> int | None:
+    """How many frames the writer added to the WAL since the checkpoint before, which saw
+    ``previous`` frames (None: there was none, or it failed), now that one sees ``frames``.
+
+    The WAL starts over only when the writer begins a write while every frame has been copied, so at
+    a steady light load it hardly ever does (round 11: not once in 39 checkpoints at 100 posts/s),
+    and ``frames`` counts every frame since it last did. ``restarted`` (its header changed) or fewer
+    frames than before: all of them are new."""
+    if previous is None:
+        return None
+    if restarted or frames < previous:
+        return frames
+    return frames - previous
+
+
 def next_checkpoint_gap_s(
-    last: tuple[int, int, int] | None, since_s: float, bound_frames: int, min_gap_s: float, max_gap_s: float
+    last: tuple[int, int, int] | None,
+    added_frames: int | None,
+    since_s: float,
+    frames: tuple[int, int],
+    min_gap_s: float,
+    max_gap_s: float,
+    growth: float = WAL_CHECKPOINT_GAP_GROWTH_FACTOR,
 ) -> float:
     """Past the bound, how long after a checkpoint the next one is due, from what it reported
-    (``last``: busy, WAL frames, frames copied; None if it failed) ``since_s`` after the one before.
+    (``last``: busy, WAL frames, frames copied; None if it failed), the frames written since the
+    one before (:func:`frames_added`; None if unknown), ``since_s`` after it. ``frames`` is the
+    thread's bound and the writer's backstop, in frames.
 
-    One that did not catch the writer (busy, or frames left to copy): ``min_gap_s``, the WAL keeps
-    growing. One that did: the writer starts the WAL over at its next commit, so the frames it saw
-    were written in about ``since_s``, and the next is due when as many again reach the bound
-    (``bound_frames``), within ``[min_gap_s, max_gap_s]``. Each start over costs the writer an
-    fsync in its commit (the module's docstring); after a burst has left the file past the bound,
-    a light load must not start the WAL over every ``min_gap_s`` (review11)."""
-    if last is None or not math.isfinite(since_s):
+    One that did not catch the writer (busy, or frames left to copy: a reader holds an older
+    snapshot): ``min_gap_s``. Else the writer's rate says when as many frames as the bound will have
+    been added again; and, since the WAL may not start over (:func:`frames_added`), before it
+    reaches the backstop, where the writer would checkpoint in its own commit: half the time to it,
+    so the checkpoints close in on it and leave the writer little to copy. Within ``[min_gap_s,
+    max_gap_s]`` and at most ``growth`` times ``since_s``: a short gap's few frames do not foretell a
+    long one (:data:`WAL_CHECKPOINT_GAP_GROWTH_FACTOR`). Each start over costs the writer an fsync,
+    each checkpoint that copies a sync of the WAL (and of the database file if no commit came during
+    its copy): a light load must not have one every ``min_gap_s`` (round 11)."""
+    if last is None or added_frames is None or not math.isfinite(since_s):
         return min_gap_s
-    busy, frames, copied = last
-    if busy or copied < frames:
+    busy, wal_frames, copied = last
+    if busy or copied < wal_frames:
         return min_gap_s
-    if frames <= 0:
-        return max_gap_s
-    return min(max(since_s * bound_frames / frames, min_gap_s), max_gap_s)
+    bound_frames, backstop_frames = frames
+    cap_s = min(max_gap_s, growth * since_s)
+    if added_frames > 0:
+        to_fill = min(bound_frames, (backstop_frames - wal_frames) / 2)
+        cap_s = min(cap_s, since_s * to_fill / added_frames)
+    return max(cap_s, min_gap_s)
 
 
 class WalCheckpointer:
@@ -138,9 +189,9 @@ class WalCheckpointer:
         self._next_at = clock() + interval_s
         self._last_at = -math.inf  # when the last checkpoint ran
         self._past_bound_at = -math.inf  # when the next is due while the file is past the bound
-        self._frame_bytes = (
-            WAL_FRAME_BYTES_DEFAULT  # a WAL frame: its header and a page (the page size read on connect)
-        )
+        self._page_bytes = WAL_PAGE_BYTES_DEFAULT  # the page size (read on connect)
+        # The last checkpoint's WAL frames and the WAL's header then (wal_generation), None if it failed.
+        self._seen: tuple[int, bytes | None] | None = None
         self._conn: sqlite3.Connection | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -218,6 +269,21 @@ class WalCheckpointer:
         self.checkpoint()
         return True
 
+    def wal_generation(self) -> bytes | None:
+        """The WAL header's checkpoint sequence number and salt-1, which change whenever the writer
+        starts the WAL over; None if there is no WAL file. Safe to open and close, unlike the -shm
+        file (:data:`WAL_CHECKPOINT_MIN_GAP_S`): SQLite takes its POSIX locks on the database file
+        and the -shm file, never on the -wal file."""
+        try:
+            fd = os.open(self.wal_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            head = os.pread(fd, WAL_HEADER_GENERATION_BYTES, WAL_HEADER_GENERATION_OFFSET_BYTES)
+        finally:
+            os.close(fd)
+        return head if len(head) == WAL_HEADER_GENERATION_BYTES else None
+
     def checkpoint(self) -> tuple[int, int, int] | None:
         """One ``PRAGMA wal_checkpoint(PASSIVE)``: (busy, WAL frames, frames copied), None if it failed."""
         self.checkpoints += 1
@@ -225,22 +291,34 @@ class WalCheckpointer:
         since_s, self._last_at = now - self._last_at, now
         self._next_at = now + self.interval_s
         self._past_bound_at = now + self.min_gap_s
+        generation = self.wal_generation()  # before: frames the checkpoint sees are of this one or later
         try:
             if self._conn is None:
                 # Used by one thread at a time: the checkpoint thread, or a test calling poll().
                 self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-                self._frame_bytes = WAL_FRAME_HEADER_BYTES + int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+                self._page_bytes = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
             row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]  # fetchall: no statement left open
         except sqlite3.Error as exc:
             self.failures += 1
+            self._seen = None
             log.warning("WAL checkpoint of %s failed (retried when next due): %s", self.path, exc)
             return None
         self.last = (int(row[0]), int(row[1]), int(row[2]))
-        bound_frames = max(1, self.wal_bytes // self._frame_bytes)
-        self._past_bound_at = now + next_checkpoint_gap_s(
-            self.last, since_s, bound_frames, self.min_gap_s, self.interval_s
-        )
+        self._past_bound_at = now + self._next_gap_s(self.last, generation, since_s)
         return self.last
+
+    def _next_gap_s(self, last: tuple[int, int, int], generation: bytes | None, since_s: float) -> float:
+        """:func:`next_checkpoint_gap_s` after ``last``, seen in the WAL of header ``generation``."""
+        seen, self._seen = self._seen, ((last[1], generation) if last[1] >= 0 else None)  # busy: -1, unknown
+        added = None
+        if seen is not None:
+            restarted = generation is None or generation != seen[1]
+            added = frames_added(seen[0], last[1], restarted)
+        bound_frames = max(1, self.wal_bytes // (WAL_FRAME_HEADER_BYTES + self._page_bytes))
+        backstop_frames = WAL_BACKSTOP_FACTOR * self.wal_bytes // self._page_bytes  # take_over's wal_autocheckpoint
+        return next_checkpoint_gap_s(
+            last, added, since_s, (bound_frames, backstop_frames), self.min_gap_s, self.interval_s
+        )
 
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None

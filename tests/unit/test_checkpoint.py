@@ -17,8 +17,10 @@ from tests.support import FakeClock, wait_until
 from webapp_stub.checkpoint import (
     WAL_BACKSTOP_FACTOR,
     WAL_CHECKPOINT_BYTES,
+    WAL_CHECKPOINT_GAP_GROWTH_FACTOR,
     WAL_CHECKPOINT_POLL_S,
     WalCheckpointer,
+    frames_added,
     next_checkpoint_gap_s,
 )
 from webapp_stub.seed import seed_demo
@@ -27,6 +29,9 @@ from webapp_stub.store import Store
 SMALL_WAL_BYTES = 256 * 1024
 POSTS = 1500
 POSTS_PER_POLL = 10
+LIGHT_LOAD_S = 30
+POLLS_PER_LIGHT_POST = 5
+POLLS_PER_S = round(1 / WAL_CHECKPOINT_POLL_S)
 
 
 def checkpoint_threads() -> list[threading.Thread]:
@@ -223,23 +228,57 @@ def test_store_with_background_checkpoints_stops_them_on_close_and_keeps_its_dat
     again.close()
 
 
+BOUND_FRAMES = 4000
+BACKSTOP_FRAMES = 4 * BOUND_FRAMES
+
+
 @pytest.mark.parametrize(
-    ("last", "since_s", "gap_s"),
+    ("last", "added", "since_s", "gap_s"),
     [
-        (None, 1.0, 0.5),  # failed: try again soon
-        ((0, 100, 100), float("inf"), 0.5),  # the first: nothing to measure a rate over
-        ((1, 100, 100), 1.0, 0.5),  # busy: the writer is ahead
-        ((0, 100, 60), 1.0, 0.5),  # frames left to copy: the writer is ahead
-        ((0, 0, 0), 1.0, 60.0),  # nothing written since: the interval
-        ((0, 1000, 1000), 1.0, 4.0),  # 1,000 frames a second: the bound's 4,000 in 4 s
-        ((0, 4000, 4000), 0.5, 0.5),  # as fast as the bound in the gap: the gap
-        ((0, 10, 10), 1.0, 60.0),  # a light load: at most the interval
+        (None, None, 1.0, 0.5),  # failed: try again soon
+        ((0, 100, 100), None, 1.0, 0.5),  # the first (or after a failure): nothing to measure a rate over
+        ((0, 100, 100), 100, float("inf"), 0.5),
+        ((1, -1, -1), None, 1.0, 0.5),  # busy: the writer checkpoints (its backstop)
+        ((0, 100, 60), 100, 1.0, 0.5),  # frames left to copy: a reader holds an older snapshot
+        ((0, 0, 0), 0, 1.0, 2.0),  # nothing written since: twice the gap before...
+        ((0, 0, 0), 0, 40.0, 60.0),  # ...up to the interval
+        ((0, 1000, 1000), 1000, 1.0, 2.0),  # 1,000 frames a second: the bound's 4,000 in 4 s, but at most twice the gap
+        ((0, 1000, 1000), 1000, 3.0, 6.0),  # the same frames in 3 s: the bound in 12 s, at most 6
+        ((0, 4000, 4000), 4000, 0.5, 0.5),  # as fast as the bound in the gap: the gap
+        ((0, 10, 10), 10, 1.0, 2.0),  # a light load, after a short gap: twice it
+        ((0, 10, 10), 10, 60.0, 60.0),  # a light load: at most the interval
+        # round 11: the WAL did not start over (no checkpoint caught the writer idle), so its frames
+        # count every frame since it last did. A light load added 500 of its 9,000 in 8 s: 3,500
+        # more (half the way to the backstop) in 56 s; at most twice the gap. (Before, every 0.5 s:
+        # the 9,000 frames were taken for 8 s of writes, more than the bound.)
+        ((0, 9000, 9000), 500, 8.0, 16.0),
+        ((0, 9000, 9000), 2000, 10.0, 17.5),  # 2,000 in 10 s: those 3,500 in 17.5 s
+        # near the backstop, half the time left to it: 1,000 frames left at 100 a second
+        ((0, BACKSTOP_FRAMES - 1000, BACKSTOP_FRAMES - 1000), 1000, 10.0, 5.0),
+        ((0, BACKSTOP_FRAMES - 10, BACKSTOP_FRAMES - 10), 1000, 10.0, 0.5),  # at the least the gap
     ],
 )
-def test_past_the_bound_the_next_checkpoint_follows_what_the_last_one_saw(
-    last: tuple[int, int, int] | None, since_s: float, gap_s: float
+def test_past_the_bound_the_next_checkpoint_follows_the_writers_rate(
+    last: tuple[int, int, int] | None, added: int | None, since_s: float, gap_s: float
 ) -> None:
-    assert next_checkpoint_gap_s(last, since_s, 4000, 0.5, 60.0) == pytest.approx(gap_s)
+    frames = (BOUND_FRAMES, BACKSTOP_FRAMES)
+    assert next_checkpoint_gap_s(last, added, since_s, frames, 0.5, 60.0) == pytest.approx(gap_s)
+
+
+@pytest.mark.parametrize(
+    ("previous", "frames", "restarted", "added"),
+    [
+        (None, 100, False, None),  # no checkpoint before: unknown
+        (100, 150, False, 50),  # the same WAL: what it grew by
+        (100, 150, True, 150),  # started over (its header says), and grew past the frames before
+        (100, 40, False, 40),  # fewer than before: it started over
+        (100, 100, False, 0),
+    ],
+)
+def test_frames_added_since_the_checkpoint_before(
+    previous: int | None, frames: int, restarted: bool, added: int | None
+) -> None:
+    assert frames_added(previous, frames, restarted) == added
 
 
 def test_after_a_burst_a_light_load_does_not_start_the_wal_over_every_gap(store: Store) -> None:
@@ -264,4 +303,72 @@ def test_after_a_burst_a_light_load_does_not_start_the_wal_over_every_gap(store:
     assert ckpt.wal_size() > SMALL_WAL_BYTES and not ckpt.poll()  # ...but after a light one, not so soon
     clock.now += 60.0
     assert ckpt.poll()  # the interval, at the latest
+    ckpt.close()
+
+
+def burst_past_the_bound(store: Store, seed: dict, ckpt: WalCheckpointer) -> None:
+    for _ in range(200):  # bounded: about 2 KiB of WAL per post
+        if ckpt.wal_size() > 2 * SMALL_WAL_BYTES:
+            return
+        post(store, seed, POSTS_PER_POLL)
+    raise AssertionError("the burst did not pass the bound")
+
+
+def test_the_wal_header_says_when_the_writer_started_the_wal_over(store: Store) -> None:
+    seed = seed_demo(store)
+    post(store, seed, 5)
+    ckpt = WalCheckpointer(store.path)
+    first = ckpt.wal_generation()
+    assert first is not None
+    post(store, seed, 1)
+    assert ckpt.wal_generation() == first  # appended to the same WAL
+    ckpt.checkpoint()
+    post(store, seed, 1)  # the next commit starts the WAL over
+    assert ckpt.wal_generation() not in (None, first)
+    ckpt.close()
+    assert WalCheckpointer(store.path + ".none").wal_generation() is None
+
+
+def test_a_light_load_that_never_restarts_the_wal_spaces_its_checkpoints_out(store: Store) -> None:
+    """round 11: at 100 posts/s no checkpoint caught the writer between two commits, so the WAL
+    never started over (the writer's backstop did, at 4 times the bound), and its frame count only
+    grew. Taken for the frames of one gap, they were past the bound: a checkpoint (and its syncs)
+    every WAL_CHECKPOINT_MIN_GAP_S at any load. Here the writer opens its next transaction as
+    soon as it commits, so every checkpoint falls inside one, as it can at load."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    burst_past_the_bound(store, seed, ckpt)
+    generations = set()
+    store.begin_batch()
+    for i in range(LIGHT_LOAD_S * POLLS_PER_S):
+        if i % POLLS_PER_LIGHT_POST == 0:  # 2 posts a second: the bound (~250 frames) in ~15 s
+            post(store, seed, 1)
+            store.commit_batch()
+            store.begin_batch()
+        ckpt.poll()
+        generations.add(ckpt.wal_generation())
+        clock.now += WAL_CHECKPOINT_POLL_S
+    store.commit_batch()
+    assert ckpt.failures == 0
+    assert len(generations) <= 2  # the WAL started over once at most: by the writer's backstop
+    # 57 in these 30 s before the fix (every 0.5 s); 13 after, most as the WAL nears the backstop
+    assert ckpt.checkpoints <= LIGHT_LOAD_S // 2, ckpt.checkpoints
+    ckpt.close()
+
+
+def test_a_lull_after_a_burst_does_not_put_the_next_checkpoint_an_interval_off(store: Store) -> None:
+    """round 11: the checkpoint after a burst fell in a lull and saw a handful of frames; the next
+    was put 60 s off, and at 100 posts/s the WAL grew to 51-56 MiB meanwhile."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    burst_past_the_bound(store, seed, ckpt)
+    assert ckpt.poll()  # copies the burst back
+    post(store, seed, 1)  # the lull: one post, which starts the WAL over
+    clock.now += ckpt.min_gap_s
+    assert ckpt.poll() and ckpt.last is not None and 0 < ckpt.last[1] < SMALL_WAL_BYTES // 1024 // 10
+    post(store, seed, POSTS_PER_POLL)  # the load is back
+    clock.now += WAL_CHECKPOINT_GAP_GROWTH_FACTOR * ckpt.min_gap_s
+    assert ckpt.poll()  # twice the gap at the latest, not the interval
     ckpt.close()
