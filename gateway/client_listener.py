@@ -274,6 +274,8 @@ class ClientListener:
         path = ws.request.path if ws.request is not None else ""
         try:  # slack_sdk requests "/ws/<ticket>?": cut the query string
             ticket = self.verifier.verify(path.split("?", 1)[0].rsplit("/", 1)[-1], time.time())
+            if ticket.app:  # apps.connections.open's: an app-level token opens Socket Mode, never RTM
+                raise InvalidTicket("a Socket Mode ticket: connect at /link/")
         except InvalidTicket as exc:
             self.connects.labels("invalid_ticket").inc()
             self.metrics.error("invalid_ticket")
