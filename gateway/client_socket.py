@@ -67,9 +67,8 @@ class ClientConnection(ServerConnection):
         super().connection_made(transport)
         start = self.handshake_start
         if start is not None and not start(self):
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(HANDSHAKES_REFUSED_RESPONSE)
-            transport.close()
+            self.transport.write(HANDSHAKES_REFUSED_RESPONSE)  # uvloop's transport is no asyncio.Transport
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         end = self.handshake_end
