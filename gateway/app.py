@@ -50,7 +50,12 @@ from gateway.client_socket import ClientConnection, Cork
 from gateway.drain import DEFAULT_DRAIN_RATE_PER_S, MAX_MOVES_IN_FLIGHT, Mover, RegionDrain
 from gateway.gap_budget import GAP_FILL_BUDGET_S, MAX_GAP_FILL_ATTEMPTS
 from gateway.history import History
-from gateway.limits import DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_MAX_CONNECTIONS_PER_USER
+from gateway.limits import (
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    DEFAULT_MAX_CONNECTIONS_PER_USER,
+    DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+    HANDSHAKE_TIMEOUT_S,
+)
 from gateway.presence import GatewayPresence
 from gateway.socket_mode import SocketMode
 from gateway.state import (
@@ -390,6 +395,19 @@ def _add_client_limits(parser: Parser) -> None:
         "--max-connections-per-address",
         DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
         "client websockets from one address; past it, HTTP 429 at the handshake (0: no limit)",
+    )
+    parser.add(
+        "--max-handshakes-per-address",
+        DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+        "connections from one TCP peer whose upgrade request has not arrived; past it, HTTP 429 at the "
+        "accept (0: no limit; not applied with --client-address-header)",
+        at_least=0,
+    )
+    parser.add(
+        "--handshake-timeout-s",
+        HANDSHAKE_TIMEOUT_S,
+        "the longest from a client's TCP accept to its websocket upgrade",
+        above=0.0,
     )
     parser.add(
         "--client-address-header",

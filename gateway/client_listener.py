@@ -113,6 +113,9 @@ class ClientListener:
         self.socket_mode = socket_mode  # serves /link/... (Slack apps): gateway/socket_mode.py
         self.socket_mode_admit = socket_mode_admit  # ... after admitting them before the upgrade
         self.limits = ConnectionLimits(args.max_connections_per_user, args.max_connections_per_address)
+        # handshakes in progress per TCP peer (gateway/limits.py): none behind an edge proxy
+        per_address = 0 if args.client_address_header else args.max_handshakes_per_address
+        self.handshakes = ConnectionLimits(max_per_address=per_address)
         self.sids = itertools.count(1)
         self.ws_server: Server | None = None
         self.connects = metrics.counter(
@@ -136,8 +139,9 @@ class ClientListener:
             max_size=args.max_client_frame_bytes,
             compression=None,
             ping_interval=None,  # one keepalive loop for all sockets instead of a task each: see keepalive_loop
-            create_connection=ClientConnection,
+            create_connection=self.new_connection,  # type: ignore[arg-type]  # a factory of ClientConnection
             process_request=self.before_upgrade,
+            open_timeout=args.handshake_timeout_s,
             close_timeout=CLOSE_TIMEOUT_S,
             max_queue=64,
             backlog=args.listen_backlog,
@@ -157,9 +161,37 @@ class ClientListener:
         peer = ws.remote_address[0] if ws.remote_address else ""
         return client_address(str(peer), value)
 
+    def new_connection(self, *args: Any, **kwargs: Any) -> ClientConnection:
+        """websockets' connection factory: a :class:`ClientConnection` whose handshake counts
+        against ``--max-handshakes-per-address`` until its upgrade request has arrived."""
+        ws = ClientConnection(*args, **kwargs)
+        if self.handshakes.max_per_address:
+            ws.handshake_start = self.handshake_started
+            ws.handshake_end = self.handshake_ended
+        return ws
+
+    def handshake_started(self, ws: ClientConnection) -> bool:
+        """At the TCP accept: count the handshake under its peer's address; False past the bound."""
+        peer = ws.transport.get_extra_info("peername")
+        source = client_address(str(peer[0]) if isinstance(peer, tuple) and peer else "", None)
+        if not self.handshakes.take_address(source):
+            self.connects.labels("handshake_limit").inc()
+            self.metrics.error("handshake_limit")
+            return False
+        ws.handshake_source = source
+        return True
+
+    def handshake_ended(self, ws: ClientConnection) -> None:
+        """The upgrade request arrived, or the connection ended: its handshake no longer counts."""
+        source, ws.handshake_source = ws.handshake_source, None
+        if source is not None:
+            self.handshakes.release_address(source)
+
     async def before_upgrade(self, ws: ServerConnection, request: Request) -> Response | None:
         """Before the websocket upgrade (the HTTP 101): refuse a crowded address; admit a
         Socket Mode connection (its ticket and bootstrap: gateway/socket_mode.py ``admit``)."""
+        if isinstance(ws, ClientConnection):
+            self.handshake_ended(ws)  # its request is here: no longer a handshake that may dawdle
         refused = self.refuse_crowded_address(ws, request)
         if refused is not None:
             return refused
@@ -274,6 +306,8 @@ class ClientListener:
         path = ws.request.path if ws.request is not None else ""
         try:  # slack_sdk requests "/ws/<ticket>?": cut the query string
             ticket = self.verifier.verify(path.split("?", 1)[0].rsplit("/", 1)[-1], time.time())
+            if ticket.app:  # apps.connections.open's: an app-level token opens Socket Mode, never RTM
+                raise InvalidTicket("a Socket Mode ticket: connect at /link/")
         except InvalidTicket as exc:
             self.connects.labels("invalid_ticket").inc()
             self.metrics.error("invalid_ticket")

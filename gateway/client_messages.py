@@ -48,6 +48,7 @@ from gateway.presence import MAX_QUERY_IDS as MAX_PRESENCE_QUERY_IDS
 from gateway.presence import MAX_SUB_IDS as MAX_PRESENCE_SUB_IDS
 from gateway.state import Session, text_frame
 from gateway.webapp_client import WebappCalls
+from services.authz import typing_json
 from services.errors import CloseCode, ConnectionLost, PeerError, SendBufferFull
 from services.metrics import ServiceMetrics
 
@@ -69,7 +70,6 @@ MESSAGE_BURST = 20
 # a send is refused (code RATE_LIMITED) rather than queued without bound.
 MAX_PENDING_SENDS = 16
 KNOWN_TYPES = frozenset({"ping", "typing", "message", "presence_sub", "presence_query"})
-JSON_SEPARATORS = (",", ":")
 
 
 class ClientError(IntEnum):
@@ -236,9 +236,7 @@ class ClientMessages:
         if conn is None or not link.connected:
             self.typing.labels("not_connected").inc()
             return
-        payload = json.dumps(
-            {"type": "user_typing", "channel": channel, "user": session.user}, separators=JSON_SEPARATORS
-        )
+        payload = typing_json(channel, session.user)  # the only bytes a channel server takes from a gateway
         try:
             conn.send(
                 {
@@ -246,7 +244,7 @@ class ClientMessages:
                     "id": next(self._typing_ids),
                     "ch": channel,
                     "seq": None,
-                    "json": payload.encode(),
+                    "json": payload,
                     "t0": time.time(),
                     "ctl": {"from": session.user},
                 }

@@ -25,6 +25,7 @@ never adds latency.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,12 @@ log = logging.getLogger("rtm.gateway.client_socket")
 # The gateway's keepalive ping: one pre-built frame written to every socket per sweep.
 KEEPALIVE_PING_PAYLOAD = b"rtm-keepalive"
 KEEPALIVE_PING_FRAME = Frame(Opcode.PING, KEEPALIVE_PING_PAYLOAD).serialize(mask=False)
+# A connection from an address with too many handshakes in progress, refused at the TCP accept.
+HANDSHAKE_RETRY_AFTER_S = 5
+HANDSHAKES_REFUSED_RESPONSE = (
+    f"HTTP/1.1 429 Too Many Requests\r\nRetry-After: {HANDSHAKE_RETRY_AFTER_S}\r\n"
+    "Content-Length: 0\r\nConnection: close\r\n\r\n"
+).encode()
 
 
 class ClientConnection(ServerConnection):
@@ -49,6 +56,25 @@ class ClientConnection(ServerConnection):
     """
 
     awaiting_pong = False
+    # Set by the listener when handshakes in progress are bounded per address (gateway/limits.py):
+    # called at the TCP accept (False: refused, the connection is answered 429 and closed), and when
+    # the connection ends; the listener also ends the count when the upgrade request has arrived.
+    handshake_start: Callable[[ClientConnection], bool] | None = None
+    handshake_end: Callable[[ClientConnection], None] | None = None
+    handshake_source: str | None = None  # the address its handshake in progress counts under
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        start = self.handshake_start
+        if start is not None and not start(self):
+            self.transport.write(HANDSHAKES_REFUSED_RESPONSE)  # uvloop's transport is no asyncio.Transport
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        end = self.handshake_end
+        if end is not None:
+            end(self)
+        super().connection_lost(exc)
 
     def acknowledge_pings(self, data: bytes) -> None:
         if data == KEEPALIVE_PING_PAYLOAD:

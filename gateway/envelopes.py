@@ -41,6 +41,20 @@ ACK_TIMEOUT_S = 3.0  # Slack: an envelope not acknowledged within 3 seconds is r
 MAX_RETRY_ATTEMPTS = 3  # Slack retries an event up to 3 times
 PENDING_KEEP_S = 60.0  # how long events wait for an app that has no open connection
 MAX_ENVELOPES_PER_APP = 10_000  # waiting + in flight, per app
+
+
+def acked_envelope(frame: str | bytes) -> str | None:
+    """The ``envelope_id`` an app's frame acknowledges (a ``payload`` beside it is ignored), or None
+    for anything else: not JSON, JSON nested deeper than the parser goes (RecursionError, which used
+    to end the app's connection with 1011), not an object, no string ``envelope_id``."""
+    try:
+        body = json.loads(frame)
+    except (ValueError, RecursionError):  # ValueError: UnicodeDecodeError of a binary frame too
+        return None
+    envelope_id = body.get("envelope_id") if isinstance(body, dict) else None
+    return envelope_id if isinstance(envelope_id, str) else None
+
+
 RETRY_REASON_TIMEOUT = "timeout"
 
 

@@ -17,6 +17,18 @@ leaked reconnect loop, a script, an abuser):
   open websockets of one user, across all of their devices and tabs, checked
   once the ticket names the user; refused with close code 4029.
 
+* ``--max-handshakes-per-address`` (:data:`DEFAULT_MAX_HANDSHAKES_PER_ADDRESS`):
+  connections from one TCP peer address whose upgrade request has not arrived
+  yet, counted from the TCP accept; past it a new connection is answered HTTP
+  429 at once and closed. Each such connection lasts at most
+  ``--handshake-timeout-s`` (:data:`HANDSHAKE_TIMEOUT_S`). Without this bound a
+  client with no ticket could hold any number of half-open connections (a
+  slowloris: a partial request line, never finished), each a file descriptor
+  for the whole timeout, uncounted by the per-address limit above, which
+  counts upgraded websockets only. Not applied with ``--client-address-header``:
+  the TCP peer is then the edge proxy, which forwards a request only once its
+  head has arrived.
+
 0 turns a limit off. :class:`ConnectionLimits` (services/connection_limits.py) only counts; the gateway
 (:mod:`gateway.app`) refuses and releases.
 """
@@ -29,6 +41,8 @@ from services.source_address import source_of_address
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS_PER_ADDRESS",
     "DEFAULT_MAX_CONNECTIONS_PER_USER",
+    "DEFAULT_MAX_HANDSHAKES_PER_ADDRESS",
+    "HANDSHAKE_TIMEOUT_S",
     "ConnectionLimits",
     "client_address",
 ]
@@ -41,6 +55,11 @@ DEFAULT_MAX_CONNECTIONS_PER_USER = 50
 # (bench/connections.py opens 5,000 per 127.0.0.x source address): generous,
 # but far below --max-connections, so one address cannot fill a gateway.
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 10_000
+# A handshake takes milliseconds; the load generators keep at most ~100 in flight per address
+# (bench/connections.py --concurrency), so this bound is met only by connections left half-open.
+DEFAULT_MAX_HANDSHAKES_PER_ADDRESS = 1_000
+# From the TCP accept to the websocket upgrade (websockets' open_timeout, its default).
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def client_address(peer: str, header_value: str | None) -> str:

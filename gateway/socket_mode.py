@@ -44,7 +44,7 @@ from websockets.protocol import State
 
 from gateway.app_events import AppProfile, app_events, event_callback
 from gateway.client_socket import ClientConnection, ClientSocket, Cork
-from gateway.envelopes import EnvelopeBook, Send
+from gateway.envelopes import EnvelopeBook, Send, acked_envelope
 from gateway.state import Effects, GatewayState, Session, _payload_of, text_frame
 from gateway.webapp_client import WebappCalls
 from services.errors import CloseCode
@@ -321,13 +321,10 @@ class SocketMode:
         return True
 
     def _handle_frame(self, link: AppLink, message: str | bytes) -> None:
-        """An app's frame: an acknowledgement ``{"envelope_id": …}`` (a ``payload`` is ignored)."""
-        try:
-            body = json.loads(message)
-            envelope_id = body["envelope_id"] if isinstance(body, dict) else None
-            if not isinstance(envelope_id, str):
-                raise ValueError("no envelope_id")
-        except (ValueError, KeyError, TypeError):
+        """An app's frame: an acknowledgement ``{"envelope_id": …}`` (a ``payload`` is ignored);
+        anything else is counted and the connection goes on."""
+        envelope_id = acked_envelope(message)
+        if envelope_id is None:
             self.gateway.metrics.error("socket_mode_bad_frame")
             return
         link.book.ack(envelope_id)

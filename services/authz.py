@@ -15,8 +15,10 @@ server            sender role     may send
 admin-server      webapp          ``pub``, ``pubs``
 channel-server    admin-server    ``pub``, ``pubs``
 channel-server    gateway         ``sub``, ``unsub``, ``seqs``, transient ``pub``
-                                  (seq nil, ``ctl`` at most ``from``), with ``gw``
-                                  = its own instance id
+                                  (seq nil, ``ctl`` just ``from``, ``json`` that
+                                  user's ``user_typing`` in ``ch``:
+                                  :func:`typing_json`), with ``gw`` = its own
+                                  instance id
 presence          gateway         ``lease``, ``release``, ``query``, ``online``,
                                   ``offline``, ``psub``, ``punsub``, ``synced``,
                                   with ``gw`` = its own instance id
@@ -32,6 +34,7 @@ and debugging only.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +64,25 @@ TRANSIENT_PUB = "pub:transient"
 # The ctl keys a gateway's transient pub may carry: the typing user's id, whose own sockets skip it.
 GATEWAY_CTL_KEYS = frozenset({"from"})
 GATEWAY_PRESENCE_OPS = frozenset({"lease", "release", "query", "online", "offline", "psub", "punsub", "synced"})
+
+TYPING_JSON_SEPARATORS = (",", ":")
+
+
+def typing_json(channel: str, user: str) -> bytes:
+    """The one event a gateway may publish: ``user`` typing in ``channel``, encoded as the gateway
+    encodes it (gateway/client_messages.py); a channel server refuses any other bytes from a gateway."""
+    event = {"type": "user_typing", "channel": channel, "user": user}
+    return json.dumps(event, separators=TYPING_JSON_SEPARATORS).encode()
+
+
+def is_typing_pub(msg: Mapping[str, Any]) -> bool:
+    """Whether a transient ``pub`` is exactly ``ctl.from``'s typing indicator in ``ch``."""
+    channel, ctl = msg.get("ch"), msg.get("ctl")
+    user = ctl.get("from") if isinstance(ctl, dict) else None
+    if not isinstance(channel, str) or not isinstance(user, str):
+        return False
+    return msg.get("json") == typing_json(channel, user)
+
 
 # server service -> sender role -> ops it may send there
 PERMISSIONS: Mapping[str, Mapping[str, frozenset[str]]] = {
@@ -121,6 +143,10 @@ class Authorizer:
                 # join/leave in a ctl make every gateway holding the channel subscribe (or drop) the
                 # user's connections: the webapp's word (a persisted event), never a gateway's
                 return Refusal(op, str(identity), "a gateway's transient event may carry only ctl.from")
+            if not is_typing_pub(msg):
+                # anything else would go to every gateway's clients of the channel as if the fleet
+                # said it (a message "from" anyone): a gateway relays typing, nothing more
+                return Refusal(op, str(identity), "a gateway may publish only ctl.from's user_typing in ch")
             wanted = TRANSIENT_PUB
         if wanted not in allowed:
             return Refusal(op, str(identity), f"{identity.role} may not send {op} to a {self.service}")

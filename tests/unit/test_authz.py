@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.authz import PERMISSIONS, Authorizer
+from services.authz import PERMISSIONS, Authorizer, typing_json
 from services.identity import (
     ADMIN_SERVER,
     CHANNEL_SERVER,
@@ -20,6 +20,7 @@ from services.identity import (
 ALL_OPS = ("pub", "sub", "unsub", "ping", "lease", "release", "query", "online", "offline", "psub", "punsub")
 ALL_OPS += ("synced", "get_presence", "set_presence", "ring_add_slot", "ring_remove_slot", "moved", "ev", "seqs")
 ALL_OPS += ("pubs",)
+TYPING = typing_json("C1", "U1")
 ALLOWED = {
     (ADMIN_SERVER, WEBAPP): {"pub", "pubs"},
     (CHANNEL_SERVER, ADMIN_SERVER): {"pub", "pubs"},
@@ -36,7 +37,7 @@ def test_the_table_allows_exactly_what_docs_trust_says(server: str, role: str) -
     authz = Authorizer(server, enforcing=True)
     me = PeerIdentity(role, "i-1")
     for op in ALL_OPS:
-        msg = {"op": op, "gw": "i-1", "seq": None}
+        msg = {"op": op, "gw": "i-1", "seq": None, "ch": "C1", "ctl": {"from": "U1"}, "json": TYPING}
         allowed = op == "ping" or op in ALLOWED.get((server, role), set())
         assert (authz.check(me, msg) is None) == allowed, (server, role, op)
 
@@ -44,8 +45,8 @@ def test_the_table_allows_exactly_what_docs_trust_says(server: str, role: str) -
 def test_a_gateway_publishes_only_transient_events() -> None:
     authz = Authorizer(CHANNEL_SERVER, enforcing=True)
     gw = PeerIdentity(GATEWAY, "gw-1")
-    assert authz.check(gw, {"op": "pub", "ch": "C1", "seq": None}) is None
-    assert authz.check(gw, {"op": "pub", "ch": "C1"}) is None
+    assert authz.check(gw, {"op": "pub", "ch": "C1", "seq": None, "ctl": {"from": "U1"}, "json": TYPING}) is None
+    assert authz.check(gw, {"op": "pub", "ch": "C1", "ctl": {"from": "U1"}, "json": TYPING}) is None
     refusal = authz.check(gw, {"op": "pub", "ch": "C1", "seq": 7})
     assert refusal is not None and "transient" in refusal.detail
     assert authz.check(PeerIdentity(ADMIN_SERVER, "as-0"), {"op": "pub", "seq": 7}) is None
@@ -58,12 +59,36 @@ def test_a_gateways_transient_event_carries_no_join_or_leave() -> None:
     any user. Only the webapp's persisted events carry them; a gateway's typing carries ``from``."""
     authz = Authorizer(CHANNEL_SERVER, enforcing=True)
     gw = PeerIdentity(GATEWAY, "gw-1")
-    assert authz.check(gw, {"op": "pub", "ch": "C1", "seq": None, "ctl": {"from": "U1"}}) is None
+    assert authz.check(gw, {"op": "pub", "ch": "C1", "seq": None, "ctl": {"from": "U1"}, "json": TYPING}) is None
     for ctl in ({"join": "C9", "since": 0}, {"leave": "C9"}, {"from": "U1", "join": "C9"}, "x"):
         refusal = authz.check(gw, {"op": "pub", "ch": "U1", "seq": None, "ctl": ctl})
         assert refusal is not None and "ctl" in refusal.detail, ctl
     admin = PeerIdentity(ADMIN_SERVER, "as-0")
     assert authz.check(admin, {"op": "pub", "ch": "U1", "seq": 3, "ctl": {"join": "C9", "since": 0}}) is None
+
+
+@pytest.mark.parametrize(
+    "json,ctl",
+    [
+        (b'{"type":"message","channel":"C1","user":"U1","text":"from the CEO","ts":"1.000001"}', {"from": "U1"}),
+        (typing_json("C2", "U1"), {"from": "U1"}),  # another channel's
+        (typing_json("C1", "U2"), {"from": "U1"}),  # another user's than the one its sockets skip
+        (b'{"type": "user_typing", "channel": "C1", "user": "U1", "x": 1}', {"from": "U1"}),
+        (TYPING, None),  # no ctl.from
+        (None, {"from": "U1"}),
+    ],
+)
+def test_a_gateway_publishes_nothing_but_a_typing_indicator(json: bytes | None, ctl: object) -> None:
+    """A transient pub goes to every gateway's clients of the channel: with any payload, one gateway's
+    certificate could have put a message "from" anyone before every member on every gateway (the
+    red-team run did, from gw-eu-west-0's certificate to a client of gw-us-east-0)."""
+    authz = Authorizer(CHANNEL_SERVER, enforcing=True)
+    refusal = authz.check(
+        PeerIdentity(GATEWAY, "gw-1"), {"op": "pub", "ch": "C1", "seq": None, "json": json, "ctl": ctl}
+    )
+    assert refusal is not None and "user_typing" in refusal.detail
+    admin = PeerIdentity(ADMIN_SERVER, "as-0")  # the fleet's persisted events carry any payload
+    assert authz.check(admin, {"op": "pub", "ch": "C1", "seq": 3, "json": json}) is None
 
 
 @pytest.mark.parametrize("server,op", [(CHANNEL_SERVER, "sub"), (PRESENCE, "online"), (PRESENCE, "release")])

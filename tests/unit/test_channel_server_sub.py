@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from channel_server.app import ChannelServer, build_parser
+from services.authz import typing_json
 from services.identity import ADMIN_SERVER, GATEWAY, WEBAPP, PeerIdentity
 from services.ring import HashRing, RingDocument
 from tests.support import FleetCA
@@ -127,6 +128,7 @@ def forbidden_count(server: ChannelServer) -> float:
         (PeerIdentity(ADMIN_SERVER, "as-0"), {"op": "sub", "gw": "as-0", "chans": [["C1", 0]]}),
         (PeerIdentity(WEBAPP, "webapp-0"), {"op": "pub", "ch": "C1", "seq": 1, "json": b"{}"}),
         (PeerIdentity(GATEWAY, "gw-a"), {"op": "pub", "ch": "C1", "seq": 5, "json": b"{}"}),  # only transient
+        (PeerIdentity(GATEWAY, "gw-a"), {"op": "pub", "ch": "C1", "seq": None, "json": b"{}", "ctl": {"from": "U1"}}),
         (PeerIdentity(GATEWAY, "gw-a"), {"op": "sub", "gw": "gw-b", "chans": [["C1", 0]]}),  # another gateway's id
         (PeerIdentity(GATEWAY, "gw-a"), {"op": "unsub", "gw": "gw-b", "chans": ["C1"]}),
         (PeerIdentity("operator", "rtm-cli"), {"op": "unsub", "gw": "rtm-cli", "chans": ["C1"]}),
@@ -149,7 +151,8 @@ async def test_a_gateway_may_publish_typing_and_ping(server: ChannelServer) -> N
     server.follower.apply(v2)
     gw = Conn()
     assert server.handle_request(gw, {"op": "ping", "id": 1})["op"] == "ok"
-    reply = server.handle_request(gw, {"op": "pub", "id": 2, "ch": channel, "seq": None, "json": b"{}"})
+    typing = {"op": "pub", "id": 2, "ch": channel, "seq": None, "json": typing_json(channel, "U1")}
+    reply = server.handle_request(gw, {**typing, "ctl": {"from": "U1"}})
     assert reply["op"] == "ok"
     assert forbidden_count(server) == 0
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 import gateway.client_listener
 from gateway.app import Gateway, build_parser
-from services.errors import ResumeLost
-from services.ticket import Ticket
+from services.errors import CloseCode, ResumeLost
+from services.ticket import Ticket, mint
 from tests.support import FleetCA
 
 BOOT = {"ok": True, "user": {"id": "U1"}, "team": {"id": "T1"}, "channels": [{"id": "C1", "seq": 4}]}
@@ -110,3 +111,28 @@ async def test_a_failed_confirmation_is_counted_and_not_raised(gw: Gateway) -> N
 
     gw.listener.webapp = DownWebapp(failures=0)
     assert not await gw.listener.confirm_resume(ticket(resume="R1"))
+
+
+class RefusedSocket:
+    """What :meth:`ClientListener.admit` uses of a websocket: the request's path, and ``close``."""
+
+    def __init__(self, path: str) -> None:
+        self.request = SimpleNamespace(path=path)
+        self.closed: tuple[int, str] | None = None
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+async def test_a_socket_mode_ticket_opens_no_rtm_connection(gw: Gateway) -> None:
+    """apps.connections.open's ticket names the app's bot user: on the RTM path it would have been a
+    session of the bot (every event of its channels, and posting as the bot over the socket) for a
+    holder of the app-level token, which may only open Socket Mode connections (docs/authz-review.md)."""
+    webapp = gw.listener.webapp = SlowWebapp(failures=0)
+    verifier = gw.listener.verifier
+    signed = mint(verifier.secret, "UBOT", "T1", "gw-test", time.time(), app="A1", incarnation=verifier.incarnation)
+    ws = RefusedSocket(f"/ws/{signed}")
+    assert await gw.listener.admit(ws) is None  # type: ignore[arg-type]
+    assert ws.closed is not None and ws.closed[0] == CloseCode.INVALID_TICKET
+    assert webapp.calls == []
+    assert gw.listener.connects.labels("invalid_ticket")._value.get() == 1  # type: ignore[attr-defined]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.envelopes import ACK_TIMEOUT_S, MAX_RETRY_ATTEMPTS, EnvelopeBook, Send
+import pytest
+
+from gateway.envelopes import ACK_TIMEOUT_S, MAX_RETRY_ATTEMPTS, EnvelopeBook, Send, acked_envelope
 
 
 def event(n: int) -> dict[str, object]:
@@ -96,3 +98,17 @@ def test_hand_over_and_take_over_keep_ids_and_ack_deadlines() -> None:
     assert new.tick(100.0 + ACK_TIMEOUT_S - 1.0 - 0.01) == []  # the sent one after its ack time is up
     assert new.ack(sent.envelope["envelope_id"])  # an ack for the old id counts here
     assert all(s.envelope["payload"]["event"]["text"] != "m0" for s in new.tick(200.0))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["[" * 64 * 1024, "not json", '["envelope_id"]', '{"envelope_id": 7}', "{}", b"\xff\xfe{", "null"],
+)
+def test_an_apps_frame_that_acknowledges_nothing_is_none(frame: str | bytes) -> None:
+    """64 KiB of ``[`` used to raise RecursionError out of the app's read loop: a 1011 close."""
+    assert acked_envelope(frame) is None
+
+
+def test_an_acknowledgement_names_its_envelope() -> None:
+    assert acked_envelope('{"envelope_id": "e-1", "payload": {"text": "hi"}}') == "e-1"
+    assert acked_envelope(b'{"envelope_id": "e-2"}') == "e-2"
