@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import consul
+import pytest
+
+from rtmctl import cli, operator
+
 RUN_TIMEOUT_S = 60.0
 
 
@@ -40,3 +45,74 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
         os.close(write_end)
     assert done.returncode == 1
     assert b"Traceback" not in done.stderr and b"BrokenPipeError" not in done.stderr, done.stderr.decode()
+
+
+def closed_port() -> int:
+    """A port nobody listens on a moment later (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ring", "show"],
+        ["ring", "add-slot"],
+        ["ring", "remove-slot", "cs-1"],
+        ["drain", "us-east"],
+        ["undrain", "us-east"],
+    ],
+)
+def test_a_consul_that_cannot_be_reached_is_a_sentence_not_a_traceback(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No fleet at that address: one line naming the address and what to give (before: a requests
+    ConnectionError traceback from every command but ``rtm status``)."""
+    port = closed_port()
+    assert cli.main([*command, "--data-dir", str(tmp_path), "--consul", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"rtm {command[0]}: cannot reach Consul at 127.0.0.1:{port}; is the fleet up?" in err, err
+
+
+def test_kill_without_a_fleet_json_says_which_data_dir_to_give(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rtm kill`` in a directory ``rtm up`` never ran in (before: FileNotFoundError traceback)."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(
+            ["kill", "channel-server", "cs-1", "--data-dir", str(tmp_path), "--consul", f"127.0.0.1:{closed_port()}"]
+        )
+    assert (
+        str(stopped.value)
+        == f"rtm kill: no {tmp_path / 'fleet.json'}: is the fleet up? give the --data-dir that `rtm up` was started with"
+    )
+
+
+def test_ring_without_an_action_shows_the_ring(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``rtm ring`` alone means ``rtm ring show`` (before: argparse's "the following arguments are
+    required: action", exit 2); here it gets as far as asking Consul."""
+    port = closed_port()
+    assert cli.main(["ring", "--data-dir", str(tmp_path), "--consul", f"127.0.0.1:{port}"]) == 1
+    assert f"rtm ring: cannot reach Consul at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_status_with_a_token_consul_does_not_know_says_to_give_the_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consul answered "ACL not found" (a wrong ``--consul-token``): ``rtm status`` says Consul
+    refused and which token to give (before: "cannot reach Consul at ...: ACL not found")."""
+
+    class Refusing:
+        class catalog:  # noqa: N801 (py-consul's attribute)
+            @staticmethod
+            def services() -> None:
+                raise consul.ACLPermissionDenied("ACL not found")
+
+    monkeypatch.setattr(operator, "operator_client", lambda args: Refusing())
+    assert cli.main(["status", "--data-dir", str(tmp_path), "--consul-token", "wrong"]) == 1
+    out = capsys.readouterr()
+    assert "cannot reach" not in out.out + out.err
+    assert out.err.startswith(
+        "rtm status: Consul refused the request (ACL not found); give the fleet's Consul ACL token"
+    )
