@@ -229,7 +229,14 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
 
 def kill(args: argparse.Namespace) -> int:
     pid, instance = find_pid(args)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # killed a moment ago: fleet.json names its restart once `rtm up` has made it
+        print(
+            f"rtm kill: {args.service} {instance} (pid {pid}) is not running; `rtm up` restarts it: see rtm status",
+            file=sys.stderr,
+        )
+        return 1
     print(f"killed {args.service} {instance} (pid {pid}) with SIGKILL")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -115,4 +116,19 @@ def test_status_with_a_token_consul_does_not_know_says_to_give_the_token(
     assert "cannot reach" not in out.out + out.err
     assert out.err.startswith(
         "rtm status: Consul refused the request (ACL not found); give the fleet's Consul ACL token"
+    )
+
+
+def test_killing_a_process_that_is_already_gone_is_a_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rtm kill webapp webapp-0`` twice in a row: the second finds in fleet.json the pid the first
+    killed, before ``rtm up`` has restarted it (before: a ProcessLookupError traceback)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=RUN_TIMEOUT_S)  # exited and reaped: no process has this pid now
+    process = {"service": "webapp", "id": "webapp-0", "name": "webapp", "pid": gone.pid}
+    (tmp_path / "fleet.json").write_text(json.dumps({"processes": [process]}))
+    assert cli.main(["kill", "webapp", "webapp-0", "--data-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"rtm kill: webapp webapp-0 (pid {gone.pid}) is not running; `rtm up` restarts it: see rtm status\n"
     )
