@@ -10,6 +10,7 @@ while stopping exits at once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ StopFn = Callable[[], Awaitable[None]]
 StartFn = Callable[[], Awaitable[tuple[dict[str, Any], StopFn]]]
 
 STOP_TIMEOUT_S = 10.0
+PORT_IN_USE_HINT = "another process listens there: another fleet? give `rtm up` another --port-base"
 
 
 def announce_ready(info: dict[str, Any]) -> None:
@@ -69,7 +71,13 @@ def run_service(start: StartFn) -> int:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        info, stop = await start()
+        try:
+            info, stop = await start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            log.error("cannot start: %s (%s)", exc.strerror, PORT_IN_USE_HINT)
+            return 1
         info.setdefault("loop", loop_name)
         info.setdefault("pid", os.getpid())
         announce_ready(info)

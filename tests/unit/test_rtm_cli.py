@@ -132,3 +132,24 @@ def test_killing_a_process_that_is_already_gone_is_a_sentence(
     assert capsys.readouterr().err == (
         f"rtm kill: webapp webapp-0 (pid {gone.pid}) is not running; `rtm up` restarts it: see rtm status\n"
     )
+
+
+def test_a_process_whose_port_is_taken_says_so_in_one_line() -> None:
+    """A second fleet on the same ports (``rtm up --data-dir other``, same ``--port-base``): the
+    process that cannot bind says why and what to give, in one line (before: an OSError traceback
+    from deep in the event loop, which ``rtm up`` printed as the reason it could not start)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "rtmctl.cli", "consul-dev", "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"('127.0.0.1', {port}): address already in use" in done.stderr
+    assert "another fleet? give `rtm up` another --port-base" in done.stderr
