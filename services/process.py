@@ -30,7 +30,10 @@ StopFn = Callable[[], Awaitable[None]]
 StartFn = Callable[[], Awaitable[tuple[dict[str, Any], StopFn]]]
 
 STOP_TIMEOUT_S = 10.0
-PORT_IN_USE_HINT = "another process listens there: another fleet? give `rtm up` another --port-base"
+PORT_IN_USE_HINT = (
+    "another fleet holds it, or an outgoing connection when the port is in the kernel's ephemeral range "
+    "(32768 and up on Linux): give `rtm up` another --port-base, below that range"
+)
 
 
 def announce_ready(info: dict[str, Any]) -> None:

@@ -152,4 +152,4 @@ def test_a_process_whose_port_is_taken_says_so_in_one_line() -> None:
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert f"('127.0.0.1', {port}): address already in use" in done.stderr
-    assert "another fleet? give `rtm up` another --port-base" in done.stderr
+    assert "another fleet holds it" in done.stderr and "give `rtm up` another --port-base" in done.stderr
