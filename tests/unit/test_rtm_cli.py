@@ -153,3 +153,17 @@ def test_a_process_whose_port_is_taken_says_so_in_one_line() -> None:
     assert "Traceback" not in done.stderr, done.stderr
     assert f"('127.0.0.1', {port}): address already in use" in done.stderr
     assert "another fleet holds it" in done.stderr and "give `rtm up` another --port-base" in done.stderr
+
+
+def test_a_process_run_alone_without_a_consul_says_where_it_looked(tmp_path: Path) -> None:
+    """``rtm admin-server --port P`` run alone (docs/design.md, "The processes") with no Consul at
+    ``--consul``: one line naming the address and how to get a Consul (before: aiohttp's
+    ClientConnectorError traceback)."""
+    consul_port = closed_port()
+    argv = [sys.executable, "-m", "rtmctl.cli", "admin-server", "--wire-tls", "off"]
+    argv += ["--port", str(closed_port()), "--metrics-port", str(closed_port()), "--consul", f"127.0.0.1:{consul_port}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"cannot start: Connect call failed ('127.0.0.1', {consul_port}) (nothing listens there" in done.stderr
+    assert "`rtm consul-dev` is one, `rtm up` starts one with the fleet" in done.stderr
