@@ -266,6 +266,13 @@ def drain(args: argparse.Namespace, on: bool) -> int:
             return 1
         client.kv.put(key, str(time.time()))
         print(f"region {args.region} drained: its gateways move their clients to the nearest good region")
+        _, keys = client.kv.get(regions.DRAINED_PREFIX, keys=True)
+        if known and known <= regions.drained_regions(keys or [])[0]:
+            print(
+                "rtm drain: every region is drained now: no gateway takes clients, and rtm.connect answers "
+                "service_unavailable until one is undrained (rtm undrain REGION)",
+                file=sys.stderr,
+            )
     else:
         client.kv.delete(key)
         print(f"region {args.region} undrained: it takes new clients again")

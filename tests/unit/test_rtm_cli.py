@@ -8,11 +8,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import consul
 import pytest
 
 from rtmctl import cli, operator
+from services import regions
 
 RUN_TIMEOUT_S = 60.0
 
@@ -167,3 +169,45 @@ def test_a_process_run_alone_without_a_consul_says_where_it_looked(tmp_path: Pat
     assert "Traceback" not in done.stderr, done.stderr
     assert f"cannot start: Connect call failed ('127.0.0.1', {consul_port}) (nothing listens there" in done.stderr
     assert "`rtm consul-dev` is one, `rtm up` starts one with the fleet" in done.stderr
+
+
+class FakeKv:
+    """The part of py-consul's KV that ``rtm drain`` uses, over a dict."""
+
+    def __init__(self, data: dict[str, bytes]) -> None:
+        self.data = data
+
+    def get(self, key: str, keys: bool = False) -> tuple[int, Any]:
+        if keys:
+            return 1, sorted(k for k in self.data if k.startswith(key)) or None
+        return 1, {"Value": self.data[key]} if key in self.data else None
+
+    def put(self, key: str, value: str) -> bool:
+        self.data[key] = value.encode()
+        return True
+
+
+class FakeConsul:
+    def __init__(self, data: dict[str, bytes]) -> None:
+        self.kv = FakeKv(data)
+
+    class health:  # noqa: N801 (py-consul's attribute)
+        @staticmethod
+        def service(name: str) -> tuple[int, list[Any]]:
+            return 1, []
+
+
+def test_draining_the_last_good_region_warns_that_no_gateway_takes_clients(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rtm drain`` of one region, then of the other: the second says that now nothing takes clients
+    (before: the same line as the first, and ``rtm tail`` then said only "service_unavailable")."""
+    region_map = {"us-east": ["eu-west"], "eu-west": ["us-east"]}
+    fake = FakeConsul({regions.REGION_MAP_KEY: json.dumps(region_map).encode()})
+    monkeypatch.setattr(operator, "operator_client", lambda args: fake)
+    assert cli.main(["drain", "us-east", "--data-dir", str(tmp_path)]) == 0
+    assert "every region is drained" not in capsys.readouterr().err
+    assert cli.main(["drain", "eu-west", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.out == "region eu-west drained: its gateways move their clients to the nearest good region\n"
+    assert out.err.startswith("rtm drain: every region is drained now: no gateway takes clients")
