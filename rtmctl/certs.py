@@ -132,6 +132,8 @@ def rotate(certs: FleetCertificates, immediate: bool) -> list[str]:
 
 
 def show(certs: FleetCertificates) -> list[str]:
+    if not certs.ca_path.exists():
+        raise CertsError(f"no fleet CA in {certs.dir}: run `rtm certs init --dir {certs.dir}` first")
     cas = certs.trusted_cas()
     lines = [f"{CA_FILE}  expires {expiry_of(pem):%Y-%m-%d}" for pem in cas]
     phase = certs.rotation_phase()

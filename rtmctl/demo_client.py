@@ -55,6 +55,11 @@ async def call(api_url: str, token: str, method: str, **params: Any) -> dict[str
             return dict(await resp.json(content_type=None))
 
 
+def unreachable(command: str, api_url: str, exc: aiohttp.ClientError, data_dir: str) -> str:
+    """What ``rtm post``/``rtm tail`` say when the webapp does not answer: the fleet is not up."""
+    return f"rtm {command}: cannot reach the webapp at {api_url} ({exc}): is the fleet up (`rtm up --data-dir {data_dir}`)?"
+
+
 def describe(event: dict[str, Any], names: dict[str, str], channels: dict[str, str]) -> str:
     kind = event.get("type", "?")
     if kind == "hello":
@@ -82,8 +87,18 @@ async def tail(data_dir: str, name: str, max_events: int) -> int:
     names = {u["id"]: u["name"] for u in seed["users"]}
     channels = {c["id"]: c["name"] for c in seed["channels"]}
     seen = 0
+    connected_once = False
     while True:
-        reply = await call(fleet["api_url"], user["token"], "rtm.connect")
+        try:
+            reply = await call(fleet["api_url"], user["token"], "rtm.connect")
+        except aiohttp.ClientError as exc:
+            if not connected_once:  # never reached: the fleet is not up
+                print(unreachable("tail", fleet["api_url"], exc, data_dir), file=sys.stderr)
+                return 1
+            print(f"the webapp does not answer ({exc}); retrying", flush=True)  # restarting, say
+            await asyncio.sleep(RECONNECT_DELAY_S)
+            continue
+        connected_once = True
         if not reply.get("ok"):
             print(f"rtm.connect failed: {reply.get('error')}", file=sys.stderr)
             return 1
@@ -107,9 +122,13 @@ async def tail(data_dir: str, name: str, max_events: int) -> int:
 async def post(data_dir: str, name: str, channel: str, text: str) -> int:
     seed, fleet = load(data_dir)
     user = find_user(seed, name)
-    reply = await call(
-        fleet["api_url"], user["token"], "chat.postMessage", channel=find_channel(seed, channel), text=text
-    )
+    try:
+        reply = await call(
+            fleet["api_url"], user["token"], "chat.postMessage", channel=find_channel(seed, channel), text=text
+        )
+    except aiohttp.ClientError as exc:
+        print(unreachable("post", fleet["api_url"], exc, data_dir), file=sys.stderr)
+        return 1
     if not reply.get("ok"):
         print(f"error: {reply.get('error')}", file=sys.stderr)
         return 1

@@ -412,7 +412,7 @@ Ctrl-C stops the fleet.""",
 def build_parser() -> Parser:
     parser = Parser(prog="rtm up", description="Start the whole fleet on this machine.")
     parser.add("--data-dir", "./.rtm", "database, secret, fleet.json and seed.json")
-    parser.add("--port-base", DEFAULT_PORT_BASE, "every port derives from this")
+    parser.add("--port-base", DEFAULT_PORT_BASE, "every port derives from this; keep it below 32768 (ephemeral ports)")
     parser.add("--host", "127.0.0.1", "address every process binds and registers")
     parser.add_argument(
         "--consul",

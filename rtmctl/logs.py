@@ -178,6 +178,16 @@ def known_processes(data_dir: Path) -> dict[str, str]:
     return names
 
 
+def writes_no_files(data_dir: Path) -> bool:
+    """Whether ``fleet.json`` says its ``rtm up`` writes no log files (``log_dir`` empty:
+    ``--log-file-max-bytes 0``) and none from an earlier run are there to read."""
+    try:
+        fleet = json.loads((data_dir / "fleet.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return fleet.get("log_dir") == "" and not any(log_dir(data_dir).glob(f"*{LOG_SUFFIX}"))
+
+
 def resolve(given: list[str], known: dict[str, str]) -> list[str]:
     """The log names of the processes ``given`` (every one when none is); raises :class:`UnknownProcess`."""
     if not given:
@@ -232,6 +242,13 @@ def main(argv: list[str]) -> int:
         parser.error(f"-n must be at least 0, not {args.lines}")
     data_dir = Path(args.data_dir)
     known = known_processes(data_dir)
+    if writes_no_files(data_dir):
+        print(
+            f"rtm logs: the fleet in {data_dir} writes no log files (`rtm up --log-file-max-bytes 0`); "
+            "`rtm up --verbose` prints its processes' output on its terminal",
+            file=sys.stderr,
+        )
+        return 1
     if not known:
         print(
             f"rtm logs: no logs in {log_dir(data_dir)} (give the --data-dir that `rtm up` was started with)",

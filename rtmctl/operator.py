@@ -33,10 +33,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import consul
+import requests
 
 from rtmctl.consul_roles import TokensFileError, role_token
 from services import regions
@@ -48,6 +51,8 @@ from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY,
 
 WEBAPP_DB = "webapp.db"  # webapp_stub.store.DB_FILE (not imported: the store pulls in the webapp's code)
 MAX_LISTED_DEAD_LETTERS = 50  # rtm status shows at most this many (rtm deadletter list shows all)
+
+FLEET_HINT = "is the fleet up? give the --data-dir that `rtm up` was started with"
 
 SERVICES = (WEBAPP, ADMIN_SERVER, CHANNEL_SERVER, GATEWAY, CHARM, PRESENCE)
 
@@ -94,6 +99,8 @@ def status(args: argparse.Namespace) -> int:
     client = operator_client(args)
     try:
         _, registered = client.catalog.services()
+    except consul.ACLPermissionDenied:
+        raise  # Consul answered: main says which token to give
     except Exception as exc:
         print(f"rtm status: cannot reach Consul at {address}: {exc}")
         if not args.consul and not (Path(args.data_dir) / "fleet.json").exists():
@@ -198,7 +205,10 @@ def deadletter(args: argparse.Namespace) -> int:
 
 
 def find_pid(args: argparse.Namespace) -> tuple[int, str]:
-    fleet = json.loads((Path(args.data_dir) / "fleet.json").read_text())
+    path = Path(args.data_dir) / "fleet.json"
+    if not path.is_file():
+        raise SystemExit(f"rtm kill: no {path}: {FLEET_HINT}")
+    fleet = json.loads(path.read_text())
     procs = [p for p in fleet["processes"] if p["service"] == args.service]
     if not procs:
         raise SystemExit(f"rtm kill: no {args.service} in {args.data_dir}/fleet.json")
@@ -219,7 +229,14 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
 
 def kill(args: argparse.Namespace) -> int:
     pid, instance = find_pid(args)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # killed a moment ago: fleet.json names its restart once `rtm up` has made it
+        print(
+            f"rtm kill: {args.service} {instance} (pid {pid}) is not running; `rtm up` restarts it: see rtm status",
+            file=sys.stderr,
+        )
+        return 1
     print(f"killed {args.service} {instance} (pid {pid}) with SIGKILL")
     return 0
 
@@ -249,6 +266,13 @@ def drain(args: argparse.Namespace, on: bool) -> int:
             return 1
         client.kv.put(key, str(time.time()))
         print(f"region {args.region} drained: its gateways move their clients to the nearest good region")
+        _, keys = client.kv.get(regions.DRAINED_PREFIX, keys=True)
+        if known and known <= regions.drained_regions(keys or [])[0]:
+            print(
+                "rtm drain: every region is drained now: no gateway takes clients, and rtm.connect answers "
+                "service_unavailable until one is undrained (rtm undrain REGION)",
+                file=sys.stderr,
+            )
     else:
         client.kv.delete(key)
         print(f"region {args.region} undrained: it takes new clients again")
@@ -256,19 +280,30 @@ def drain(args: argparse.Namespace, on: bool) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``rtm status|kill|drain|undrain|deadletter``; a request Consul's ACLs refuse is a clear error, exit 1."""
+    """``rtm status|kill|drain|undrain|deadletter``; see :func:`run_against_consul`."""
+    return run_against_consul(argv[0], lambda: _run(argv))
+
+
+def run_against_consul(command: str, run: Callable[[], int]) -> int:
+    """``run()``, an ``rtm`` command that talks to Consul: a request Consul's ACLs refuse, or a
+    Consul that cannot be reached, is one sentence on stderr and exit 1, not a traceback."""
     try:
-        return _run(argv)
+        return run()
     except (consul.ACLPermissionDenied, consul.ACLDisabled) as exc:
         print(
-            f"rtm {argv[0]}: Consul refused the request ({exc}); give the fleet's Consul ACL token "
+            f"rtm {command}: Consul refused the request ({exc}); give the fleet's Consul ACL token "
             "(--consul-token, RTM_CONSUL_TOKEN, CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE; "
             "against `rtm up`'s own Consul the operator's is read from DATA_DIR/consul-acl-tokens.json)",
             file=sys.stderr,
         )
         return 1
+    except requests.exceptions.ConnectionError as exc:  # py-consul's blocking client is requests
+        url = str(exc.request.url or "") if exc.request is not None else ""
+        where = f"at {urlsplit(url).netloc}" if url else f"({exc})"
+        print(f"rtm {command}: cannot reach Consul {where}; {FLEET_HINT} (or --consul HOST:PORT)", file=sys.stderr)
+        return 1
     except TokensFileError as exc:
-        print(f"rtm {argv[0]}: {exc}", file=sys.stderr)
+        print(f"rtm {command}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -1,4 +1,4 @@
-"""``rtm ring show | add-slot | remove-slot SLOT``: the operator's view of the rings.
+"""``rtm ring [show] | add-slot | remove-slot SLOT``: the operator's view of the rings.
 
 ``show`` reads the documents from Consul. Changes go through the CHARM
 leader (found in Consul under the leader key), the only writer of the rings:
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from charm.app import RINGS
-from rtmctl.operator import add_consul_token_flag, leader_address, operator_client, read_ring
+from rtmctl.operator import add_consul_token_flag, leader_address, operator_client, read_ring, run_against_consul
 from services import ops
 from services.config import env_default
 from services.connection import PeerConnection, connect
@@ -53,12 +53,17 @@ async def ask_leader(host: str, port: int, message: dict[str, Any], trust: WireT
 
 
 def main(argv: list[str]) -> int:
+    """``rtm ring``; Consul unreachable or refusing is a sentence, not a traceback (:func:`run_against_consul`)."""
+    return run_against_consul("ring", lambda: _ring(argv))
+
+
+def _ring(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rtm ring", description=__doc__)
-    parser.add_argument("action", choices=["show", "add-slot", "remove-slot"])
+    parser.add_argument("action", nargs="?", default="show", choices=["show", "add-slot", "remove-slot"])
     parser.add_argument("slot", nargs="?", default="", help="the slot to remove (remove-slot)")
     parser.add_argument("--ring", choices=sorted(RINGS), default="channel")
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"))
-    parser.add_argument("--consul", default="")
+    parser.add_argument("--consul", default="", help="Consul host:port (default: from DATA_DIR/fleet.json)")
     parser.add_argument("--tls-ca", default=env_default("--tls-ca", ""), help="fleet CA (default DATA_DIR/tls/ca.crt)")
     parser.add_argument("--tls-cert", default=env_default("--tls-cert", ""), help="operator certificate")
     parser.add_argument("--tls-key", default=env_default("--tls-key", ""), help="operator key")

@@ -10,6 +10,7 @@ while stopping exits at once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,14 @@ StopFn = Callable[[], Awaitable[None]]
 StartFn = Callable[[], Awaitable[tuple[dict[str, Any], StopFn]]]
 
 STOP_TIMEOUT_S = 10.0
+# What a process that cannot start says, instead of a traceback, when it cannot bind its port or its
+# Consul refuses the connection (run alone: docs/design.md, "The processes").
+START_HINTS = {
+    errno.EADDRINUSE: "another fleet holds it, or an outgoing connection when the port is in the kernel's "
+    "ephemeral range (32768 and up on Linux): give `rtm up` another --port-base, below that range",
+    errno.ECONNREFUSED: "nothing listens there: is Consul running at --consul (default RTM_CONSUL, "
+    "CONSUL_HTTP_ADDR, then 127.0.0.1:8500)? `rtm consul-dev` is one, `rtm up` starts one with the fleet",
+}
 
 
 def announce_ready(info: dict[str, Any]) -> None:
@@ -69,7 +78,13 @@ def run_service(start: StartFn) -> int:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        info, stop = await start()
+        try:
+            info, stop = await start()
+        except OSError as exc:  # aiohttp's ClientConnectorError is one, with the refusal's errno
+            if exc.errno not in START_HINTS:
+                raise
+            log.error("cannot start: %s (%s)", exc.strerror, START_HINTS[exc.errno])
+            return 1
         info.setdefault("loop", loop_name)
         info.setdefault("pid", os.getpid())
         announce_ready(info)

@@ -60,6 +60,14 @@ def test_issue_refuses_with_a_clear_error(
     assert not list((tmp_path / "tls").glob("[!c]*.crt")), "nothing issued"
 
 
+def test_show_of_a_directory_without_a_ca_says_what_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``rtm certs show --dir`` a wrong or empty directory (before: a FileNotFoundError traceback)."""
+    d = tmp_path / "tls"
+    code, out, err = run(capsys, "show", "--dir", str(d))
+    assert (code, out) == (1, "")
+    assert err == f"rtm certs: no fleet CA in {d}: run `rtm certs init --dir {d}` first\n"
+
+
 def test_issue_refuses_to_overwrite_another_services_certificate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

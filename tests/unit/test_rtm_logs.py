@@ -174,6 +174,20 @@ def test_rtm_logs_refuses_an_unknown_name_and_a_directory_without_logs(
     assert (code, out) == (1, "") and "no logs in" in err
 
 
+def test_rtm_logs_of_a_fleet_that_writes_no_files_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``rtm up --log-file-max-bytes 0`` (fleet.json's ``log_dir`` empty): one sentence, exit 1, even
+    with ``-f`` (before: a "has no log file (yet)" line per process, exit 0; ``-f`` waited forever)."""
+    processes = [{"name": "webapp", "id": "webapp-0"}, {"name": "cs-1", "id": "cs-1"}]
+    (tmp_path / "fleet.json").write_text(json.dumps({"log_dir": "", "processes": processes}))
+    for argv in (["--data-dir", str(tmp_path)], ["webapp", "-f", "--data-dir", str(tmp_path)]):
+        code, out, err = run_logs(argv, capsys)
+        assert (code, out) == (1, "")
+        assert err == (
+            f"rtm logs: the fleet in {tmp_path} writes no log files (`rtm up --log-file-max-bytes 0`); "
+            "`rtm up --verbose` prints its processes' output on its terminal\n"
+        )
+
+
 def test_rtm_logs_follow_prints_new_lines_until_interrupted(tmp_path: Path) -> None:
     """The real command in a child: -f prints a line written after it started, and Ctrl-C ends it quietly."""
     write_fleet(tmp_path, {"webapp": "webapp-0"})
