@@ -292,7 +292,8 @@ class ClientMessages:
             self.sends.labels("rate_limited").inc()
             self.error(session, frame, ClientError.RATE_LIMITED, "too many messages in flight")
             return
-        args: dict[str, Any] = {"user": session.user, "channel": channel, "text": text}
+        # the ticket's token id: the webapp posts only for a live token of this user (internal.py)
+        args: dict[str, Any] = {"user": session.user, "token_id": session.token_id, "channel": channel, "text": text}
         for name in ("thread_ts", "reply_broadcast"):
             if name in frame:
                 args[name] = frame[name]

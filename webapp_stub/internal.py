@@ -41,9 +41,11 @@ and only to a peer with a fleet client certificate of role ``gateway``
   ``rtm.connect`` has claimed it already (see :mod:`webapp_stub.resume`).
 * ``POST /internal/history`` ``{"channel": C, "after_seq": n, "limit": m}`` ->
   ``{"ok": true, "events": [{"seq", "json", "ctl", "t0"}, ...], "has_more"}``.
-* ``POST /internal/call/<method>`` ``{"user": U, ...args}`` -> the same reply
+* ``POST /internal/call/<method>`` ``{"user": U, "token_id": T, ...args}`` -> the same reply
   as ``/api/<method>`` would give that user (for messages sent over the
-  websocket; not rate limited). Only the methods in :data:`INTERNAL_CALL_METHODS`
+  websocket; not rate limited). ``token_id`` is the one of the ticket the sending connection
+  was opened with: no live token of that user, no call (``not_authed``, ``token_revoked``),
+  so a gateway speaks only for users connected through it, with a token not revoked since. Only the methods in :data:`INTERNAL_CALL_METHODS`
   (what an RTM client may send over its websocket); any other is HTTP 403
   ``forbidden``, counted, and runs nothing: a gateway speaks for its users only as
   far as the RTM protocol lets them speak.
@@ -210,11 +212,8 @@ class InternalEndpoints:
         if not isinstance(nonce, str) or len(nonce) > MAX_NONCE_CHARS:
             raise ApiError("invalid_arguments")
         tid = args.get("token_id") or ""
-        if not isinstance(tid, str) or len(tid) > MAX_TOKEN_ID_CHARS:
-            raise ApiError("invalid_arguments")
-        if tid and not self.api.store.token_is_live(user_id, tid):  # a ticket minted before auth.revoke
-            self.api.metrics.error("token_revoked")
-            raise ApiError("token_revoked")
+        if tid:  # a ticket minted before auth.revoke is refused (an app's carries none)
+            self._check_token_id(user_id, tid)
         # the ticket's nonce: the same connection's bootstrap, retried, gets the same record again
         record = self.api.resume.take_record(str(rid), app_id or user_id, holder=nonce) if rid else None
         resume = record.channels if record is not None else None
@@ -307,6 +306,17 @@ class InternalEndpoints:
             "has_more": more,
         }
 
+    def _check_token_id(self, user_id: str, tid: Any) -> None:
+        """``tid`` names a live token of ``user_id`` (:func:`webapp_stub.resume.token_id`, from the
+        ticket its connection was opened with). Raises ``not_authed`` (none), ``invalid_arguments``,
+        ``token_revoked`` (not one of the user's tokens, or revoked since)."""
+        if not tid:
+            raise ApiError("not_authed")
+        if not isinstance(tid, str) or len(tid) > MAX_TOKEN_ID_CHARS:
+            raise ApiError("invalid_arguments")
+        if not self.api.store.token_is_live(user_id, tid):
+            raise ApiError("token_revoked")
+
     async def _call(self, request: web.Request, args: Args) -> dict[str, Any]:
         """A Web API method on a user's behalf (a message sent over the websocket); not rate limited."""
         name = request.match_info["method"]
@@ -318,6 +328,9 @@ class InternalEndpoints:
         user = self.api.store.user(str(args.pop("user", "") or ""))
         if user is None:
             raise ApiError("user_not_found")
+        # the ticket's token id of the connection that sent it: a gateway speaks only for users
+        # connected through it, and not for one whose token was revoked since (docs/trust.md)
+        self._check_token_id(user.id, args.pop("token_id", None) or "")
         self.api.check_backpressure(name)
         # No token authenticated this call (the gateway's certificate vouches for the user): None.
         result = entry[0](self.api, Call(request, args, user, None))

@@ -935,10 +935,28 @@ async def test_internal_call_runs_only_what_a_websocket_client_may_send(webapp: 
         assert status == 403 and body == {"ok": False, "error": "forbidden"}
     status, body = await webapp.internal("call/made.up", {"user": alice["id"]})
     assert status == 200 and body == {"ok": False, "error": "unknown_method"}
+    general = webapp.channel("general")
     status, posted = await webapp.internal(
-        "call/chat.postMessage", {"user": alice["id"], "channel": webapp.channel("general"), "text": "hi"}
+        "call/chat.postMessage",
+        {"user": alice["id"], "token_id": token_id(alice["token"]), "channel": general, "text": "hi"},
     )
     assert status == 200 and posted["ok"], posted
+    # only for a live token of that user, named by its ticket's token id: none, another user's, or
+    # one revoked since are refused, and nothing is posted (red team, session 13)
+    for tid, code in (
+        (None, "not_authed"),
+        (token_id(bob["token"]), "token_revoked"),
+        (["x"], "invalid_arguments"),
+    ):
+        ask = {"user": alice["id"], "channel": general, "text": "forged", **({} if tid is None else {"token_id": tid})}
+        assert await webapp.internal("call/chat.postMessage", ask) == (200, {"ok": False, "error": code})
+    carol = webapp.user("carol")
+    _, revoked = await webapp.call("auth.revoke", carol["token"])
+    assert revoked["ok"], revoked
+    ask = {"user": carol["id"], "token_id": token_id(carol["token"]), "channel": general, "text": "late"}
+    assert await webapp.internal("call/chat.postMessage", ask) == (200, {"ok": False, "error": "token_revoked"})
+    _, history = await webapp.call("conversations.history", alice["token"], data={"channel": general, "limit": 5})
+    assert not any(m["text"] in ("forged", "late") for m in history["messages"])
     async with webapp.session.get(f"{webapp.url}/metrics") as resp:
         text = await resp.text()
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]

@@ -25,6 +25,7 @@ from services import wire
 from services.connection import PeerConnection
 from tests.support import async_wait_until
 from tests.webapp_harness import FakeAdminServer, Webapp, start
+from webapp_stub.resume import token_id
 
 MIB = 1024 * 1024
 
@@ -112,7 +113,8 @@ async def test_the_issue_oversized_post_and_edit_get_clear_errors(webapp: Webapp
     assert reply == {"ok": False, "error": "invalid_blocks_format"}
     # the same limits on the gateway's send path
     _, reply = await webapp.internal(
-        "call/chat.postMessage", {"user": alice["id"], "channel": general, "blocks": rich_text_blocks(2_200_000)}
+        "call/chat.postMessage",
+        {"user": alice["id"], "token_id": token_id(token), "channel": general, "blocks": rich_text_blocks(2_200_000)},
     )
     assert reply == {"ok": False, "error": "msg_too_long"}
 

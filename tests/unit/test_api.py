@@ -239,7 +239,8 @@ async def test_a_failed_commit_is_answered_internal_error_not_a_bare_500(
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         monkeypatch.setattr(store, "commit_batch", fail)
         reply = await client.post(
-            "/internal/call/chat.postMessage", json={"user": alice, "channel": channel, "text": "x"}
+            "/internal/call/chat.postMessage",
+            json={"user": alice, "token_id": token_id(demo["users"][0]["token"]), "channel": channel, "text": "x"},
         )
         assert reply.status == 200
         assert await reply.json() == {"ok": False, "error": "internal_error"}

@@ -21,7 +21,7 @@ def gw() -> FakeClientGateway:
 
 def setup(gw: FakeClientGateway, clock: FakeClock | None = None) -> tuple[ClientMessages, Session, Socket]:
     sock = Socket()
-    session = Session(sid=1, user="UA", team="T1", write=sock.write, channels={"UA", "T1", "C1"})
+    session = Session(sid=1, user="UA", team="T1", write=sock.write, channels={"UA", "T1", "C1"}, token_id="tid-UA")
     return ClientMessages(gw, clock=clock or FakeClock(100.0)), session, sock
 
 
@@ -133,7 +133,10 @@ async def test_message_is_posted_through_the_webapp_and_acknowledged(gw: FakeCli
     )
     await asyncio.gather(*gw.tasks)
     assert gw.webapp.calls == [
-        ("/internal/call/chat.postMessage", {"user": "UA", "channel": "C1", "text": "hi", "thread_ts": "1.2"})
+        (
+            "/internal/call/chat.postMessage",
+            {"user": "UA", "token_id": "tid-UA", "channel": "C1", "text": "hi", "thread_ts": "1.2"},
+        )
     ]
     assert sock.events == [{"ok": True, "reply_to": 7, "ts": "1700000000.000100", "text": "hi"}]
 
