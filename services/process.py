@@ -141,6 +141,20 @@ class Service(Protocol):
         """Deregister, stop accepting, drain with a bound, close."""
 
 
+# How long a service that failed to start gets to close what it had opened (stop_half_started).
+HALF_STARTED_STOP_TIMEOUT_S = 2.0
+
+
+async def stop_half_started(service: Service) -> None:
+    """Close what a service that failed to start had opened (its Consul client among them, else
+    asyncio reports an unclosed session under the reason it could not start), as far as its
+    ``stop()`` can: best effort, bounded by :data:`HALF_STARTED_STOP_TIMEOUT_S`."""
+    try:
+        await asyncio.wait_for(service.stop(), HALF_STARTED_STOP_TIMEOUT_S)
+    except Exception:  # parts that never started may not stop cleanly; the start's error is what counts
+        log.debug("stopping a service that did not start", exc_info=True)
+
+
 def run_main(args: Any, id_prefix: str, make: Callable[[Any], Service]) -> int:
     """The ``main`` of a fleet process: name the instance, set up logs, run ``make(args)``."""
     from services import logs, tls
@@ -152,7 +166,11 @@ def run_main(args: Any, id_prefix: str, make: Callable[[Any], Service]) -> int:
 
     async def start() -> tuple[dict[str, Any], StopFn]:
         service = make(args)
-        return await service.start(), service.stop
+        try:
+            return await service.start(), service.stop
+        except Exception:
+            await stop_half_started(service)
+            raise
 
     try:
         return run_service(start)

@@ -157,16 +157,20 @@ def test_a_process_whose_port_is_taken_says_so_in_one_line() -> None:
     assert "another fleet holds it" in done.stderr and "give `rtm up` another --port-base" in done.stderr
 
 
-def test_a_process_run_alone_without_a_consul_says_where_it_looked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", ["admin-server", "gateway"])
+def test_a_process_run_alone_without_a_consul_says_where_it_looked(tmp_path: Path, service: str) -> None:
     """``rtm admin-server --port P`` run alone (docs/design.md, "The processes") with no Consul at
     ``--consul``: one line naming the address and how to get a Consul (before: aiohttp's
-    ClientConnectorError traceback)."""
+    ClientConnectorError traceback), and what it had opened is closed (before, the gateway's
+    Consul client was reported as an unclosed session under that line)."""
     consul_port = closed_port()
-    argv = [sys.executable, "-m", "rtmctl.cli", "admin-server", "--wire-tls", "off"]
+    argv = [sys.executable, "-m", "rtmctl.cli", service, "--wire-tls", "off"]
     argv += ["--port", str(closed_port()), "--metrics-port", str(closed_port()), "--consul", f"127.0.0.1:{consul_port}"]
+    if service == "gateway":
+        argv += ["--secret", "s" * 32, "--data-dir", str(tmp_path)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
     assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr
     assert f"cannot start: Connect call failed ('127.0.0.1', {consul_port}) (nothing listens there" in done.stderr
     assert "`rtm consul-dev` is one, `rtm up` starts one with the fleet" in done.stderr
 
