@@ -124,11 +124,9 @@ def channels_to_join(store: Store, team: Team, names: tuple[str, ...]) -> list[C
 def running_webapp(data_dir: str) -> str | None:
     """The Web API URL of the fleet running on ``data_dir``, or None when no fleet holds it.
     Raises :class:`UsersError` when one holds it but its webapp does not answer."""
-    fleet = fleet_file(data_dir)
-    if fleet is not None:
-        api_url = str(fleet["api_url"])
-        if asyncio.run(answers(api_url)):
-            return api_url
+    api_url = str((fleet_file(data_dir) or {}).get("api_url") or "")
+    if api_url and asyncio.run(answers(api_url)):
+        return api_url
     if data_dir_in_use(Path(data_dir)):
         raise UsersError(
             "the fleet holds this data directory but its webapp does not answer: "
