@@ -24,6 +24,16 @@ from services.config import env_default
 RECONNECT_DELAY_S = 1.0
 
 
+def fleet_file(data_dir: str | Path) -> dict[str, Any] | None:
+    """``DATA_DIR/fleet.json`` as ``rtm up`` last wrote it (``api_url``: the webapp's Web API), or None
+    if there is none (or none readable: ``rtm up`` replaces it whole)."""
+    try:
+        fleet = json.loads((Path(data_dir) / "fleet.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return dict(fleet) if isinstance(fleet, dict) else None
+
+
 def load(data_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     base = Path(data_dir)
     try:

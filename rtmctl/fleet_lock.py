@@ -3,7 +3,8 @@
 A second fleet on the same directory would share its SQLite database and overwrite its
 ``fleet.json``, orphaning the first (session 12). :func:`hold_data_dir` locks
 ``DATA_DIR/rtm-up.lock`` before anything else starts; :func:`running_supervisor` names the
-``rtm up`` that wrote ``fleet.json``, for the refusal's message.
+``rtm up`` that wrote ``fleet.json``, for the refusal's message; :func:`data_dir_in_use` tells a
+tool whether a fleet holds the directory now.
 """
 
 from __future__ import annotations
@@ -60,3 +61,19 @@ def hold_data_dir(data_dir: Path) -> int:
         )
         raise LaunchError(f"a fleet from {data_dir} is already running ({how}), or give another --data-dir") from None
     return fd
+
+
+def data_dir_in_use(data_dir: Path) -> bool:
+    """Whether an ``rtm up`` (or a process of its fleet) holds ``DATA_DIR/rtm-up.lock`` now. A probe:
+    a shared lock taken and let go at once (an ``rtm up`` starting in that instant would be refused)."""
+    try:
+        fd = os.open(data_dir / UP_LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor lets go of the probe's lock
+    return False

@@ -35,6 +35,16 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _EMOJI = re.compile(r"^(:[a-z0-9_+'-]+:)?$")
 
 
+def validate_email(value: str) -> str:
+    """An email address as a profile holds it (stripped); ``invalid_email`` or ``too_long`` otherwise."""
+    value = value.strip()
+    if len(value) > PROFILE_FIELD_MAX_CHARS["email"]:
+        raise ApiError("too_long")
+    if not _EMAIL.match(value):
+        raise ApiError("invalid_email")
+    return value
+
+
 class ProfileStore(UserStore):
     """The ``profiles`` table."""
 
@@ -99,8 +109,8 @@ class ProfileStore(UserStore):
             value = str(value).strip()
             if len(value) > limit:
                 raise ApiError("too_long")
-            if name == "email" and value and not _EMAIL.match(value):
-                raise ApiError("invalid_email")
+            if name == "email" and value:
+                validate_email(value)
             if name == "status_emoji" and not _EMOJI.match(value):
                 raise ApiError("invalid_emoji")
             clean[name] = value

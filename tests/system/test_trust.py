@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import os
 import ssl
 import uuid
@@ -31,6 +32,7 @@ from tests.system.test_bad_input import error_count, still_delivers
 INTERNAL_SERVICES = ("channel-server", "admin-server", "presence", "charm")
 WAVE = 64  # connections opened at once in the handshake-rate test
 MAX_WAVES = (TLS_HANDSHAKE_BURST + 40 * 10) // WAVE + 1  # the burst and 40 s of refill at 10/s
+MAX_TAIL_LINES = 200  # lines of an `rtm tail` read while waiting for one event
 
 
 def internal_ports(fleet: Fleet) -> list[tuple[str, dict[str, Any], int]]:
@@ -425,7 +427,8 @@ async def test_a_gateway_certificate_cannot_act_for_another_gateway_with_any_op(
 
 async def test_the_readmes_commands_need_nothing_more_typed(fleet: Fleet, tmp_path: Path) -> None:
     """README: ``rtm tail bob`` and ``rtm post alice general "hello"``, run where ``rtm up`` keeps its
-    data (``./.rtm``), with no flag, token or certificate given, against the fleet as it runs."""
+    data (``./.rtm``), with no flag, token or certificate given, against the fleet as it runs; then
+    ``rtm users add frank --join general`` and ``rtm post frank general ...``, seen by bob's tail."""
     (tmp_path / ".rtm").symlink_to(fleet.data_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RTM_") and not k.startswith("CONSUL_")}
     text = f"readme-{uuid.uuid4().hex[:8]}"
@@ -445,10 +448,42 @@ async def test_the_readmes_commands_need_nothing_more_typed(fleet: Fleet, tmp_pa
         )
         out, _ = await asyncio.wait_for(post.communicate(), DEFAULT_WAIT_S)
         assert post.returncode == 0 and b"posted to #general as alice" in out, out
-        seen: list[bytes] = []
-        while not any(text.encode() in line for line in seen):  # bounded: each read has its own timeout
-            seen.append(await asyncio.wait_for(tail.stdout.readline(), DEFAULT_WAIT_S))
-            assert seen[-1], seen
+        await read_until(tail.stdout, text.encode())
+        # README, "your own people and apps": a person added while the fleet runs joins #general through
+        # the Web API (bob's connection is told), and posts there at once under their own name
+        add = await asyncio.create_subprocess_exec(
+            *rtm_argv("users", "add", "frank", "--join", "general"),
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(add.communicate(), DEFAULT_WAIT_S)
+        assert add.returncode == 0, out
+        frank = json.loads(out)
+        joined = await read_until(tail.stdout, b"member_joined_channel")
+        assert b"#general" in joined and frank["id"].encode() in joined, joined
+        post = await asyncio.create_subprocess_exec(
+            *rtm_argv("post", "frank", "general", text + "-frank"),
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(post.communicate(), DEFAULT_WAIT_S)
+        assert post.returncode == 0 and b"posted to #general as frank" in out, out
+        line = await read_until(tail.stdout, (text + "-frank").encode())
+        assert frank["id"].encode() in line, line
     finally:
         tail.terminate()
         await asyncio.wait_for(tail.wait(), DEFAULT_WAIT_S)
+
+
+async def read_until(stream: asyncio.StreamReader, wanted: bytes, max_lines: int = MAX_TAIL_LINES) -> bytes:
+    """The first line of ``stream`` that holds ``wanted`` (each read with its own timeout, at most
+    ``max_lines`` lines)."""
+    seen: list[bytes] = []
+    for _ in range(max_lines):
+        seen.append(await asyncio.wait_for(stream.readline(), DEFAULT_WAIT_S))
+        assert seen[-1], seen  # the tail ended
+        if wanted in seen[-1]:
+            return seen[-1]
+    raise AssertionError(f"no line with {wanted!r} in {seen}")

@@ -1,0 +1,194 @@
+"""``rtm users add`` / ``rtm users list`` (rtmctl/users.py): your own people, bots and apps,
+written into the webapp's database while the webapp runs (in this process, on a real port),
+and their tokens working there at once."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rtmctl import cli
+from rtmctl.fleet_lock import UP_LOCK_FILE
+from tests.support import async_wait_until, free_port
+from tests.webapp_harness import FakeAdminServer, Webapp
+from webapp_stub import users as user_store
+from webapp_stub.seed import APP_MANIFEST, EMAIL_DOMAIN, SEED_FILE, seed_demo
+
+
+async def rtm_users(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any] | None, str, str]:
+    """``rtm users ...`` in a thread (it writes SQLite and calls the webapp of this event loop):
+    exit code, the JSON object it printed (if any), stdout and stderr."""
+    code = await asyncio.to_thread(cli.main, ["users", *argv])
+    out, err = capsys.readouterr()
+    first = out.splitlines()[0] if out.strip() else ""
+    return code, json.loads(first) if first.startswith("{") else None, out, err
+
+
+def seed_file(data_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((data_dir / SEED_FILE).read_text()))
+
+
+def count_users(data_dir: Path) -> int:
+    with sqlite3.connect(data_dir / "webapp.db") as db:
+        return int(db.execute("SELECT count(*) FROM users").fetchone()[0])
+
+
+async def test_a_person_is_made_and_the_running_webapp_authenticates_the_token_at_once(
+    webapp: Webapp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, made, _, err = await rtm_users(
+        capsys, "add", "frank", "--real-name", "Frank Z", "--email", "frank@mail.example", "--data-dir", str(tmp_path)
+    )
+    assert code == 0 and made is not None, err
+    assert set(made) == {"id", "name", "token"} and made["name"] == "frank" and made["token"].startswith("xoxp-")
+    status, me = await webapp.call("auth.test", made["token"])  # no wait: the first call after the command
+    assert status == 200 and me["ok"] and me["user_id"] == made["id"] and me["user"] == "frank", me
+    _, info = await webapp.call("users.info", webapp.user("alice")["token"], data={"user": made["id"]})
+    assert info["user"]["real_name"] == "Frank Z" and info["user"]["profile"]["email"] == "frank@mail.example"
+    assert not info["user"]["is_bot"]
+    # seed.json rewritten as rtm seed writes it (0600), the seeded users still there
+    seed = seed_file(tmp_path)
+    assert stat.S_IMODE(os.stat(tmp_path / SEED_FILE).st_mode) == 0o600
+    entry = next(u for u in seed["users"] if u["name"] == "frank")
+    assert entry == {"id": made["id"], "name": "frank", "token": made["token"], "is_bot": False}
+    assert {u["name"] for u in seed["users"]} >= {"alice", "bob", "rtmbot", "frank"}
+    # the browser's sign-in picker lists the new person
+    async with webapp.session.get(f"{webapp.url}/demo/users") as resp:
+        assert "frank" in {u["name"] for u in (await resp.json())["users"]}
+
+
+async def test_a_token_looked_up_before_it_existed_works_once_made(
+    webapp: Webapp, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webapp's token cache keeps no unknown token: a token asked for (invalid_auth) just
+    before the command makes it is good on the next call."""
+    token = "xoxp-" + "ab" * 16
+    monkeypatch.setattr(user_store, "new_token", lambda prefix: token)
+    _, before = await webapp.call("auth.test", token)
+    assert before["error"] == "invalid_auth"
+    code, made, _, err = await rtm_users(capsys, "add", "grace", "--data-dir", str(tmp_path))
+    assert code == 0 and made is not None and made["token"] == token, err
+    _, after = await webapp.call("auth.test", token)
+    assert after["ok"] and after["user_id"] == made["id"], after
+
+
+async def test_a_bot_and_an_app_get_their_tokens_and_the_seed_apps_subscriptions(
+    webapp: Webapp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, bot, _, err = await rtm_users(capsys, "add", "helper", "--bot", "--data-dir", str(tmp_path))
+    assert code == 0 and bot is not None, err
+    assert set(bot) == {"id", "name", "token", "bot_id"} and bot["token"].startswith("xoxb-")
+    _, me = await webapp.call("auth.test", bot["token"])
+    assert me["ok"] and me["bot_id"] == bot["bot_id"] and me["user_id"] == bot["id"], me
+
+    code, app, _, err = await rtm_users(capsys, "add", "mybolt", "--app", "--data-dir", str(tmp_path))
+    assert code == 0 and app is not None, err
+    assert set(app) == {"id", "name", "token", "bot_id", "app_id", "app_token"}
+    assert app["app_token"].startswith(f"xapp-1-{app['app_id']}-")
+    _, me = await webapp.call("auth.test", app["token"])
+    assert me["ok"] and me["bot_id"] == app["bot_id"], me
+    _, info = await webapp.call("bots.info", webapp.user("alice")["token"], data={"bot": app["bot_id"]})
+    assert info["bot"]["app_id"] == app["app_id"], info
+    _, opened = await webapp.call("apps.connections.open", app["app_token"])
+    assert opened["ok"] and opened["url"].startswith("ws://"), opened
+    listed = next(a for a in seed_file(tmp_path)["apps"] if a["id"] == app["app_id"])
+    assert listed["app_token"] == app["app_token"] and listed["bot_user_id"] == app["id"]
+    events = listed["manifest"]["settings"]["event_subscriptions"]["bot_events"]
+    assert events == APP_MANIFEST["settings"]["event_subscriptions"]["bot_events"]
+
+    code, _, out, _ = await rtm_users(capsys, "list", "--data-dir", str(tmp_path))
+    lines = {line.split()[1]: line.split() for line in out.splitlines()}
+    assert code == 0 and lines["helper"][-2:] == ["bot", "token"] and lines["mybolt"][-2:] == ["app", "token"]
+    assert lines["alice"][-2:] == ["person", "token"]
+    assert lines["slackbot"][-3:] == ["person", "no", "token"] and lines["rtmbot"][-2:] == ["app", "token"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "sentence"),
+    [
+        (["alice"], "the name alice is taken"),
+        (["frank", "--email", f"bob@{EMAIL_DOMAIN}"], f"the email bob@{EMAIL_DOMAIN} is taken"),
+        (["Frank Z"], "is not a user name: a name is lowercase letters"),
+        (["frank", "--email", "not-an-address"], "is not an email address"),
+        (["frank", "--join", "general,nowhere"], "no channel #nowhere"),
+    ],
+)
+def test_what_is_refused_is_one_sentence_and_changes_nothing(
+    argv: list[str], sentence: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_demo(str(tmp_path))
+    users_before = count_users(tmp_path)
+    assert cli.main(["users", "add", *argv, "--data-dir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("rtm users add: ") and sentence in err and err.count("\n") == 1, err
+    assert count_users(tmp_path) == users_before
+    assert not (tmp_path / SEED_FILE).exists()
+
+
+def test_no_database_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for action in (["add", "frank"], ["list"]):
+        assert cli.main(["users", *action, "--data-dir", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert f"no webapp database at {tmp_path / 'webapp.db'}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "webapp.db").exists()
+
+
+def test_join_without_a_fleet_writes_the_memberships(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    seed_demo(str(tmp_path), channels=3)
+    (tmp_path / "fleet.json").write_text(json.dumps({"api_url": f"http://127.0.0.1:{free_port()}/api/"}))  # stale
+    assert cli.main(["users", "add", "frank", "--join", "general,#channel-0002", "--data-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    made = json.loads(out)
+    assert made["joined"] == ["general", "channel-0002"]
+    assert "no fleet is running: frank was made a member of #general, #channel-0002 in the database" in err
+    with sqlite3.connect(tmp_path / "webapp.db") as db:
+        rows = db.execute(
+            "SELECT c.name FROM members m JOIN channels c ON c.id = m.channel WHERE m.user = ? ORDER BY c.name",
+            (made["id"],),
+        ).fetchall()
+        assert [r[0] for r in rows] == ["channel-0002", "general"]
+        assert db.execute("SELECT count(*) FROM events WHERE channel = ?", (made["id"],)).fetchone()[0] == 0
+
+
+def test_a_fleet_whose_webapp_does_not_answer_is_refused_before_anything_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_demo(str(tmp_path))
+    (tmp_path / "fleet.json").write_text(json.dumps({"api_url": f"http://127.0.0.1:{free_port()}/api/"}))
+    users_before = count_users(tmp_path)
+    fd = os.open(tmp_path / UP_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as rtm up and its fleet hold it
+        assert cli.main(["users", "add", "frank", "--join", "general", "--data-dir", str(tmp_path)]) == 1
+    finally:
+        os.close(fd)
+    assert "its webapp does not answer" in capsys.readouterr().err
+    assert count_users(tmp_path) == users_before
+
+
+async def test_join_with_the_fleet_up_goes_through_the_web_api(
+    webapp: Webapp, fake_as: FakeAdminServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fleet.json names the running webapp: the join is the new user's conversations.join, so its
+    member_joined_channel is handed to the fleet like any join's."""
+    (tmp_path / "fleet.json").write_text(json.dumps({"api_url": webapp.url + "/api/"}))
+    code, made, _, err = await rtm_users(capsys, "add", "frank", "--join", "general", "--data-dir", str(tmp_path))
+    assert code == 0 and made is not None, err
+    assert "frank joined #general through the Web API" in err
+    general = webapp.channel("general")
+
+    async def handed_off() -> bool:
+        events = [json.loads(p["json"]) for p in fake_as.pubs_for(general)]
+        return any(e["type"] == "member_joined_channel" and e["user"] == made["id"] for e in events)
+
+    await async_wait_until(handed_off, what="frank's member_joined_channel handed to the admin server")
+    _, members = await webapp.call("conversations.members", made["token"], data={"channel": general})
+    assert made["id"] in members["members"], members
