@@ -192,7 +192,15 @@ def test_rtm_logs_follow_prints_new_lines_until_interrupted(tmp_path: Path) -> N
     """The real command in a child: -f prints a line written after it started, and Ctrl-C ends it quietly."""
     write_fleet(tmp_path, {"webapp": "webapp-0"})
     argv = [sys.executable, "-m", "rtmctl.cli", "logs", "webapp", "-n", "1", "-f", "--data-dir", str(tmp_path)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT as a terminal gives it: a shell running the suite in the background (nohup, CI) starts
+    # its children with SIGINT ignored, which exec keeps, and Python then never turns it into
+    # KeyboardInterrupt
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     watchdog = threading.Timer(DEFAULT_WAIT_S * 3, proc.kill)  # a hung read ends in a failed assertion
     watchdog.start()
     try:
