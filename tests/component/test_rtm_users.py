@@ -192,3 +192,17 @@ async def test_join_with_the_fleet_up_goes_through_the_web_api(
     await async_wait_until(handed_off, what="frank's member_joined_channel handed to the admin server")
     _, members = await webapp.call("conversations.members", made["token"], data={"channel": general})
     assert made["id"] in members["members"], members
+    # and the team learns of frank (webapp_stub/team_join.py): Slack's team_join on the team channel, once
+    _, me = await webapp.call("auth.test", made["token"])
+    team = me["team_id"]
+
+    def joins() -> list[dict[str, Any]]:
+        events = [json.loads(p["json"]) for p in fake_as.pubs_for(team)]
+        return [e for e in events if e["type"] == "team_join" and e["user"]["id"] == made["id"]]
+
+    async def announced() -> bool:
+        return bool(joins())
+
+    await async_wait_until(announced, what="frank's team_join handed to the admin server")
+    (event,) = joins()
+    assert event["user"]["name"] == "frank" and "profile" in event["user"]

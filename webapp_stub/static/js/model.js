@@ -207,6 +207,11 @@ export class Workspace {
         if (conv) conv.isArchived = event.type === "channel_archive";
         return Boolean(conv);
       }
+      case "team_join": // someone new in the team (rtm users add), or
+      case "user_change": // a profile changed: the directory shows them as they are now
+        if (!event.user || !event.user.id) return false;
+        this.users.set(event.user.id, event.user);
+        return true;
       case "member_joined_channel":
       case "member_left_channel": {
         const conv = this.conversations.get(event.channel);
