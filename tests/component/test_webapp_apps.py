@@ -111,7 +111,15 @@ async def test_mark_emits_channel_marked_to_the_user(webapp: Webapp, fake_as: Fa
     alice, general = webapp.user("alice"), webapp.channel("general")
     web = client(webapp, alice["token"])
     posted = (await web.chat_postMessage(channel=general, text="read me")).data
+    assert (await web.conversations_info(channel=general)).data["channel"]["last_read"] == "0000000000.000000"
     assert (await web.conversations_mark(channel=general, ts=posted["ts"])).data["ok"]
+    # the read position comes back in conversations.info (a member's only), as Slack's clients read it
+    assert (await web.conversations_info(channel=general)).data["channel"]["last_read"] == posted["ts"]
+    bob_info = (await client(webapp, webapp.user("bob")["token"]).conversations_info(channel=general)).data
+    assert bob_info["channel"]["last_read"] == "0000000000.000000"  # his own, not alice's
+    eve_made = (await client(webapp, webapp.user("eve")["token"]).conversations_create(name="eves-own")).data
+    outside = (await web.conversations_info(channel=eve_made["channel"]["id"])).data["channel"]
+    assert "last_read" not in outside and outside["is_member"] is False
     await async_wait_until(lambda: _async(bool(events_of(fake_as, alice["id"]))), what="channel_marked")
     marked = events_of(fake_as, alice["id"])[-1]
     assert marked["type"] == "channel_marked" and marked["channel"] == general and marked["ts"] == posted["ts"]

@@ -206,10 +206,14 @@ def conversations_members(api: WebApi, call: Call) -> dict[str, Any]:
 
 @method("conversations.info")
 def conversations_info(api: WebApi, call: Call) -> dict[str, Any]:
+    """The conversation, with ``num_members`` if asked, and for a member its read position
+    ``last_read`` (where ``conversations.mark`` put it; ``0000000000.000000`` before any), as Slack's."""
     channel = api.channel_arg(call)
     extra: dict[str, Any] = {}
     if flag(call.args, "include_num_members"):
         extra["num_members"] = api.store.member_count(channel.id)
+    if api.store.is_member(channel.id, call.me.id):
+        extra["last_read"] = api.store.last_read(channel.id, call.me.id)
     return {"channel": conversation(api, channel, call.me, **extra)}
 
 
