@@ -423,6 +423,46 @@ def test_unread_and_mention_counts_threads_and_direct_messages(fleet: Fleet, ali
     bob.open_channel("general")
 
 
+def test_unread_counts_survive_a_reload_and_reading_marks_them(browser: Any, fleet: Fleet, alice: Person) -> None:
+    """The page marks the open conversation read (conversations.mark) and a boot counts from each
+    conversation's read mark (conversations.info's last_read): a reload keeps what is unread."""
+    name = unique("reads")
+    channel = api(fleet, "conversations.create", alice.token, name=name)["channel"]["id"]
+    carol = fleet.user("carol")
+    api(fleet, "conversations.invite", alice.token, channel=channel, users=carol["id"])
+    reader = sign_in(browser, fleet, "carol")  # a tab of its own: the module's pages stay as they are
+    try:
+        page = reader.page
+        reader.open_channel(name)
+        seen = api(fleet, "chat.postMessage", alice.token, channel=channel, text=f"{name} seen")["ts"]
+        expect(reader.message(f"{name} seen")).to_be_visible()
+
+        def marked() -> str:
+            return str(api(fleet, "conversations.info", carol["token"], channel=channel)["channel"]["last_read"])
+
+        reader.pump_until(lambda: marked() == seen, "the open conversation marked read up to its newest message")
+        reader.open_channel("general")
+        for i in range(2):
+            api(fleet, "chat.postMessage", alice.token, channel=channel, text=f"{name} unseen {i}")
+        button = page.locator(f'nav button[data-conversation="{channel}"]')
+        expect(button.locator(".unread-count")).to_have_text("2")
+        page.reload()
+        expect(page.locator(".status[data-state=connected]")).to_be_visible()
+        expect(button.locator(".unread-count")).to_have_text("2")  # counted again from the read mark
+        assert marked() == seen  # looking at another conversation marked nothing here
+        button.click()
+        expect(button.locator(".unread-count")).to_have_count(0)
+        reader.pump_until(lambda: marked() != seen, "the conversation marked read once opened")
+        page.reload()
+        expect(page.locator(".status[data-state=connected]")).to_be_visible()
+        expect(page.locator("#conv-title")).to_have_text(f"#{name}")
+        reader.open_channel("general")
+        expect(button.locator(".unread-count")).to_have_count(0)
+        assert not reader.errors, reader.errors
+    finally:
+        reader.context.close()
+
+
 def test_create_leave_join_and_scroll_back_through_history(fleet: Fleet, alice: Person, bob: Person) -> None:
     page = alice.page
     name = unique("made-here")

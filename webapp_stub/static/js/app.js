@@ -19,6 +19,8 @@ export const LOAD_OLDER_WITHIN_PX = 120; // scrolled this close to the top: read
 export const STICK_TO_BOTTOM_PX = 60;
 export const TYPING_SEND_INTERVAL_MS = 3000; // Slack's clients send user_typing every few seconds; the gateway allows 1/s
 export const MAX_PRESENCE_IDS = 500;
+export const MAX_READ_MARK_LOOKUPS = 30; // conversations whose unread count a boot reads from their read mark
+export const MARK_READ_DELAY_MS = 1000; // the open conversation is marked read this long after its newest message shows
 export const PERMALINK_MAX_PAGES = 20; // a permalink's message is looked for this many older pages back
 export const BOOT_RETRY_MAX = 8; // the first retries' backoff grows, then stays at the cap
 const PHONE = window.matchMedia("(max-width: 760px)");
@@ -41,6 +43,7 @@ export class App {
     this.lastTypingSent = new Map();
     this.renderQueued = false;
     this.typingTimer = null;
+    this.markTimer = null; // a conversations.mark of the open conversation, due (scheduleMarkRead)
     this.api = new WebApi(token, {
       onRateLimited: (s) => this.showBanner(`rtm asked the page to slow down: waiting ${s} s.`, "info"),
       onReachable: (ok) => this.setReachable(ok),
@@ -89,6 +92,7 @@ export class App {
       members.find((c) => c.id === saved) || members.find((c) => c.isGeneral) || members.find((c) => !c.isIm) || members[0];
     if (link) this.openPermalink(link, first);
     else if (first) this.openConversation(first.id);
+    await this.loadReadMarks(); // before the socket: its catch-up counts from where this stopped
     this.rtm = new RtmConnection(this.api, {
       onEvent: (event) => this.onEvent(event),
       onHello: () => this.onHello(),
@@ -101,6 +105,7 @@ export class App {
     document.addEventListener("visibilitychange", () => {
       if (!document.hidden && this.ws.open) this.ws.setOpen(this.ws.openId);
       this.render();
+      this.scheduleMarkRead();
     });
   }
 
@@ -273,6 +278,7 @@ export class App {
     }
     if (this.ws.apply(event, Date.now(), !document.hidden)) {
       if (event.type === "user_typing") this.scheduleTypingExpiry();
+      if (event.type === "message" && event.channel === this.ws.openId) this.scheduleMarkRead();
       this.render();
     }
   }
@@ -324,6 +330,50 @@ export class App {
     }
   }
 
+  // -- read marks: unread counts that survive a reload ---------------------------------------------
+  // At boot, each conversation's read mark (conversations.info's last_read) and what came after it
+  // (at most MAX_READ_MARK_LOOKUPS conversations, one page each); while a conversation is open and
+  // the page is looked at, its newest message is marked read (conversations.mark), which the
+  // webapp keeps for the next boot and tells the person's other connections (channel_marked).
+  async loadReadMarks() {
+    const convs = this.ws.memberConversations().slice(0, MAX_READ_MARK_LOOKUPS);
+    for (const conv of convs) {
+      try {
+        const info = await this.api.call("conversations.info", { channel: conv.id });
+        const lastRead = info.channel.last_read || "";
+        if (!lastRead || /^0+\.0+$/.test(lastRead)) continue; // never marked: its count starts now, as before
+        conv.markedTs = lastRead;
+        if (conv.id === this.ws.openId) continue; // being read
+        conv.latestTs = maxTs(conv.latestTs, lastRead); // the socket's catch-up counts on from here
+        await this.countSince(conv);
+      } catch (error) {
+        const code = error instanceof ApiError ? error.code : "bad_response";
+        if (isAuthError(code)) return this.signOut(describeError(code));
+      }
+    }
+    this.render();
+  }
+
+  scheduleMarkRead() {
+    if (this.markTimer !== null) return;
+    this.markTimer = setTimeout(() => {
+      this.markTimer = null;
+      this.markRead();
+    }, MARK_READ_DELAY_MS);
+  }
+
+  async markRead() {
+    const conv = this.ws.open;
+    if (!conv || document.hidden || !conv.latestTs || compareTs(conv.latestTs, conv.markedTs || "0") <= 0) return;
+    const ts = conv.latestTs;
+    try {
+      await this.api.call("conversations.mark", { channel: conv.id, ts });
+      conv.markedTs = maxTs(conv.markedTs, ts);
+    } catch (error) {
+      // not marked: the next message or visit tries again
+    }
+  }
+
   async countSince(conv) {
     const reply = await this.api.call("conversations.history", {
       channel: conv.id,
@@ -361,6 +411,7 @@ export class App {
       this.showBanner(describeError(error.code), "error");
     }
     this.render();
+    this.scheduleMarkRead();
   }
 
   // A permalink (chat.getPermalink) opens its conversation at its message: older pages are read

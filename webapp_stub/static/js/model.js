@@ -50,6 +50,7 @@ export class Conversation {
     this.latestTs = ""; // newest ts seen in this conversation, from history or live
     this.unread = 0;
     this.mentions = 0;
+    this.markedTs = ""; // the read position the webapp holds (conversations.info's last_read, moved by conversations.mark)
     this.members = null; // ids, when read
     this.countedReplies = new Set(); // ts of thread replies already added to their parent's reply_count
     this.update(info);
