@@ -14,7 +14,7 @@ into the Events API events of the app's manifest, each wrapped in Slack's
   ``app_mention`` as well.
 * ``reaction_added``, ``reaction_removed``, ``member_joined_channel``,
   ``member_left_channel``, ``channel_created``, ``channel_rename``,
-  ``channel_archive`` -> the same event, if subscribed.
+  ``channel_archive``, ``team_join``, ``user_change`` -> the same event, if subscribed.
 * ``tokens_revoked`` naming the bot among ``tokens.bot`` (``auth.revoke`` of a
   bot token: the webapp's event on the bot's user channel, docs/authz-review.md
   finding 7) -> Slack's ``tokens_revoked`` ``{"tokens": {"bot": [bot user]}}``,

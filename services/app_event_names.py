@@ -19,6 +19,8 @@ PASSED_THROUGH = (
     "channel_created",
     "channel_rename",
     "channel_archive",
+    "team_join",  # someone new in the team (rtm users add; webapp_stub/team_join.py): the welcome bot's event
+    "user_change",  # a profile changed (users.profile.set)
 )
 # The app's own bot token revoked (auth.revoke): Slack sends it "if it is subscribed"
 # (docs.slack.dev/reference/events/tokens_revoked), so it is a subscription like the others.

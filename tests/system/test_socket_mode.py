@@ -482,3 +482,36 @@ async def test_revoking_the_bots_token_tells_the_app_tokens_revoked_and_keeps_it
     finally:
         await bot_rtm.close()
         await raw.close()
+
+
+def test_a_welcome_bot_greets_someone_added_with_rtm_users_add(fleet: Fleet) -> None:
+    """The classic Slack app: ``@app.event("team_join")`` (webapp_stub/team_join.py announces someone
+    ``rtm users add`` made; the gateway passes it to a subscribed app) greets them in #general."""
+    app_info, general = app_of(fleet), fleet.channel("general")
+    app = App(client=WebClient(token=bot_token(fleet), base_url=fleet.api_url))
+    greeted: list[str] = []
+
+    @app.event("team_join")
+    def welcome(event: dict[str, Any], client: WebClient) -> None:
+        greeted.append(event["user"]["name"])
+        client.chat_postMessage(channel=general, text=f"welcome, <@{event['user']['id']}>!")
+
+    handler = SocketModeHandler(app, app_info["app_token"])
+    handler.connect()
+    try:
+        wait_until(lambda: handler.client.is_connected(), EVENT_TIMEOUT_S, "socket mode connected")
+        name = f"newcomer-{uuid.uuid4().hex[:6]}"
+        done = subprocess.run(
+            rtm_argv("users", "add", name, "--data-dir", str(fleet.data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        made = json.loads(done.stdout)
+        wait_until(lambda: name in greeted, EVENT_TIMEOUT_S, "team_join at the Bolt app")
+        wait_until(
+            lambda: f"welcome, <@{made['id']}>!" in history_texts(fleet, general), EVENT_TIMEOUT_S, "the welcome"
+        )
+    finally:
+        handler.close()

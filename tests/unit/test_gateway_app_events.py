@@ -35,6 +35,15 @@ def test_unsubscribed_and_other_events_give_nothing() -> None:
     assert reaction["reaction"] == "+1"
 
 
+def test_someone_new_in_the_team_is_team_join_for_a_welcome_bot_if_subscribed() -> None:
+    joined = {"type": "team_join", "user": {"id": "U9", "name": "frank"}}
+    assert app_events(APP, joined) == [joined]
+    changed = {"type": "user_change", "user": {"id": "U9", "name": "frank", "real_name": "F"}}
+    assert app_events(APP, changed) == [changed]
+    older = AppProfile("A1", "T1", "UBOT", frozenset(APP_EVENTS) - {"team_join", "user_change"})
+    assert app_events(older, joined) == [] and app_events(older, changed) == []
+
+
 def test_event_callback_shape() -> None:
     body = event_callback(APP, {"type": "app_mention", "event_ts": "1700000000.000100"}, 5.0)
     assert body["type"] == "event_callback" and body["api_app_id"] == "A1" and body["team_id"] == "T1"
