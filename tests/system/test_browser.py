@@ -226,11 +226,18 @@ def test_model_backoff_and_error_words_in_the_browser(alice: Person) -> None:
         const pending = ws.addPending('C1', 'hello', '');
         ws.apply({type: 'message', channel: 'C1', user: 'U1', text: 'hello', ts: '1700000001.000000'});
         ws.acknowledge(pending.id, {ok: true, ts: '1700000001.000000'});
+        // read in another tab: channel_marked at C2's newest message clears its counts here
+        const c2Before = [c2.unread, c2.mentions];
+        ws.apply({type: 'channel_marked', channel: 'C2', ts: '1700000000.000050'});   // older: counts stay
+        const c2Older = [c2.unread, c2.mentions];
+        ws.apply({type: 'channel_marked', channel: 'C2', ts: c2.latestTs});
+        const marked = [c2Before, c2Older, [c2.unread, c2.mentions], c2.markedTs === c2.latestTs];
         const before = ws.userName('U9');
         const joined = [ws.apply({type: 'team_join', user: {id: 'U9', name: 'frank', real_name: 'Frank'}}),
                         ws.apply({type: 'user_change', user: {id: 'U9', name: 'frankie', real_name: 'F'}})];
         return {
             team: [before, ...joined, ws.userName('U9')],
+            marked,
             order: [m.compareTs('1700000000.000100', '1700000000.0001'),
                     m.compareTs('999999999.900000', '1700000000.000000') < 0,
                     m.compareTs('1700000000.000200', '1700000000.000100') > 0],
@@ -247,6 +254,7 @@ def test_model_backoff_and_error_words_in_the_browser(alice: Person) -> None:
         };
     }"""
     )
+    assert result["marked"] == [[2, 1], [2, 1], [0, 0], True]  # channel_marked from another tab
     assert result["team"] == ["U9", True, True, "frankie"]  # team_join, then user_change, in the directory
     assert result["order"] == [0, True, True]
     assert result["counts"] == [3, 2, 1]  # two from U2 unread, one of them a mention

@@ -208,6 +208,18 @@ export class Workspace {
         if (conv) conv.isArchived = event.type === "channel_archive";
         return Boolean(conv);
       }
+      case "channel_marked": // this person read it in another tab or client (conversations.mark)
+      case "group_marked":
+      case "im_marked": {
+        const conv = this.conversations.get(event.channel);
+        if (!conv || typeof event.ts !== "string") return false;
+        conv.markedTs = maxTs(conv.markedTs, event.ts);
+        if (compareTs(event.ts, conv.latestTs || "0") >= 0) {
+          conv.unread = 0; // read up to its newest message there: nothing unread here either
+          conv.mentions = 0;
+        }
+        return true;
+      }
       case "team_join": // someone new in the team (rtm users add), or
       case "user_change": // a profile changed: the directory shows them as they are now
         if (!event.user || !event.user.id) return false;
