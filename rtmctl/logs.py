@@ -9,8 +9,9 @@ they are written, following each file across its rotation, until Ctrl-C; the pro
 fleet need not be running (the files are read, nothing else).
 
 Following is a loop over the files, every :data:`FOLLOW_POLL_S`: read what was added to the open
-file, then look at the path: when it names another file (rotated: the rest of the old one was read
-just before) or a shorter one (truncated), read it from its start. :func:`follow_action` decides
+file, then look at the path: when it names another file (rotated: the rest of the old one is read
+first, as the writer may have added to it between that read and the look) or a shorter one
+(truncated), read it from its start. :func:`follow_action` decides
 that from two stats; the rest is I/O.
 """
 
@@ -134,6 +135,7 @@ class Follower:
         except FileNotFoundError:
             on_disk = None
         if follow_action(opened, position, on_disk) is FollowAction.REOPEN:
+            lines += self._read_open()  # what the writer added to the old file since it was read, then rotated
             self.close()
             if self.partial:  # the old file ended without a newline: its last line, as it is
                 lines.append(self.partial + b"\n")

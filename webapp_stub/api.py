@@ -53,7 +53,7 @@ from webapp_stub.errors import ApiError
 from webapp_stub.gateway_picker import GATEWAY_LOAD_POLL_S, GatewayPicker
 from webapp_stub.handoff import Handoff
 from webapp_stub.limits import check_attachments, check_blocks
-from webapp_stub.models import MAX_USERS_LISTED, Channel, User
+from webapp_stub.models import MAX_USERS_ENTRIES, MAX_USERS_LISTED, Channel, User
 from webapp_stub.presence import PresenceClient
 from webapp_stub.ratelimit import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_RATE_BUCKETS, RateLimiter
 from webapp_stub.reply import OK_BODY, Answer, EncodedReply, Failure
@@ -441,9 +441,9 @@ def users_arg(api: WebApi, call: Call, name: str = "users", too_many: str = "inv
     value = call.args.get(name)
     if value is None or value == "":
         return []
-    listed = value if isinstance(value, list) else str(value).split(",")
+    listed = value if isinstance(value, list) else str(value).split(",", MAX_USERS_ENTRIES)  # the rest: 1 more
     ids = [user_id for user_id in dict.fromkeys(str(item).strip() for item in listed) if user_id]
-    if len(ids) > MAX_USERS_LISTED:
+    if len(ids) > MAX_USERS_LISTED or len(listed) > MAX_USERS_ENTRIES:
         raise ApiError(too_many)
     users = []
     for user_id in ids:

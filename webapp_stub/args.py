@@ -180,8 +180,8 @@ async def read_args(request: web.Request) -> Args:
     args: Args = {}
     for key, value in request.query.items():
         args.setdefault(key, value)
+    check_text(args, "invalid_arguments")  # the query's; a body's where it is parsed (parse_body)
     if not request.can_read_body:
-        check_text(args, "invalid_arguments")
         return args
     declared = request.content_length
     if declared is not None and declared > request.client_max_size:  # at once, not after waiting for it
@@ -190,9 +190,10 @@ async def read_args(request: web.Request) -> Args:
     try:
         async with asyncio.timeout(request.app.get(REQUEST_TIMEOUT_KEY, HTTP_REQUEST_TIMEOUT_S)):
             if ctype.startswith("multipart/"):
-                form = await request.post()
-                args.update({k: v for k, v in form.items() if isinstance(v, str)})
-            else:
+                form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+                check_text(form, "invalid_arguments")
+                args.update(form)
+            else:  # checked by parse_body: a large body's on the body thread, not again in the loop
                 args.update(await parse_body_of(request, await request.read(), ctype))
     except TimeoutError:  # a body sent a byte at a time holds no connection for longer
         raise ApiError("request_timeout") from None
@@ -205,7 +206,6 @@ async def read_args(request: web.Request) -> Args:
         raise ApiError("invalid_form_data") from None
     except LookupError:  # a multipart part in a charset Python does not know (Slack's code for a bad charset)
         raise ApiError("invalid_charset") from None
-    check_text(args, "invalid_arguments")
     return args
 
 
@@ -221,7 +221,9 @@ def parse_body(raw: bytes, ctype: str) -> Args:
     """A request body's arguments: JSON when the content type says so (or, with no form
     content type, when the body looks like JSON), else a URL-encoded form; an empty body
     has none. Raises ``invalid_json`` or ``invalid_form_data``. The one body reader of both
-    the aiohttp path (:func:`read_args`) and the lean post front (webapp_stub/http_front.py)."""
+    the aiohttp path (:func:`read_args`) and the lean post front (webapp_stub/http_front.py).
+    What it returns has passed :func:`check_text` (a form's values are strict UTF-8, flat and
+    at most :data:`MAX_FORM_FIELDS`)."""
     if not raw.strip():
         return {}
     looks_json = raw.lstrip()[:1] in (b"{", b"[")

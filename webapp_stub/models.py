@@ -17,6 +17,9 @@ MAX_HISTORY_PAGE = 999
 # Distinct user ids one ``users`` argument may list (Slack's conversations.invite: "up to 1000"),
 # checked before any is looked up: 250,000 ids in a 4 MB body held the event loop for 2.6 s.
 MAX_USERS_LISTED = 1000
+# Entries of one comma-separated ``users`` argument read at most, repeats and blanks included (more:
+# the same refusal as too many ids): 4 MiB of commas are 4 million entries, 0.3 s of the event loop.
+MAX_USERS_ENTRIES = 100 * MAX_USERS_LISTED
 GENERAL = "general"  # the team's default channel: nobody leaves, is kicked from or archives it
 
 

@@ -301,6 +301,9 @@ async def test_a_users_list_is_bounded_before_any_lookup(webapp: Webapp) -> None
     assert reply == {"ok": False, "error": "invalid_arguments"}
     _, reply = await webapp.call("conversations.open", alice["token"], data={"users": many})
     assert reply == {"ok": False, "error": "too_many_users"}
+    # 4 MiB of entries is refused before they are read (it held the event loop 0.3 s), blanks too
+    _, reply = await webapp.call("conversations.open", alice["token"], json_body={"users": "," * (4 * MIB - 1024)})
+    assert reply == {"ok": False, "error": "too_many_users"}
     # the same id 100,000 times is one id
     _, reply = await webapp.call("conversations.open", alice["token"], data={"users": ",".join([bob["id"]] * 100_000)})
     assert reply["ok"] and reply["channel"]["id"].startswith("D"), reply

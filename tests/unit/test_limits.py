@@ -7,10 +7,17 @@ exhaust the stack.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from unittest import mock
 
 import pytest
+from aiohttp import web
+from aiohttp.streams import StreamReader
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -288,3 +295,37 @@ def test_a_form_of_more_fields_than_aiohttp_allows_a_multipart_one_is_invalid_fo
     with pytest.raises(ApiError, match="invalid_form_data"):
         parse_body("&".join(f"a{i}=" for i in range(MAX_FORM_FIELDS + 1)).encode(), form)
     assert parse_body(b"text=" + b"%26" * 5_000, form) == {"text": "&" * 5_000}  # an escaped "&" is not a field
+
+
+def mocked_post(body: bytes, ctype: str, app: web.Application, query: str = "") -> web.Request:
+    """A request to ``read_args`` with ``body`` already arrived."""
+    payload = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    payload.feed_data(body)
+    payload.feed_eof()
+    headers = {"Content-Type": ctype, "Content-Length": str(len(body))}
+    return make_mocked_request("POST", f"/api/auth.test{query}", headers=headers, app=app, payload=payload)
+
+
+async def test_a_large_body_is_checked_on_the_body_thread_and_not_again_in_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its walk (up to MAX_ARGS_VALUES values, about 12 ms) ran a second time in the event loop,
+    before the token is known: the body thread took the parse off the loop but not the walk."""
+    from webapp_stub import args as args_module
+
+    walked_in: list[str] = []
+    walk = args_module.walk_text
+
+    def spy(*a: Any, **kw: Any) -> None:
+        walked_in.append(threading.current_thread().name)
+        walk(*a, **kw)
+
+    monkeypatch.setattr(args_module, "walk_text", spy)
+    app = web.Application()
+    with ThreadPoolExecutor(1, thread_name_prefix="body-thread") as parser:
+        app[args_module.BODY_PARSER_KEY] = parser
+        body = b'{"a": [' + b",".join([b'"x"'] * 30_000) + b"]}"
+        assert len(body) > args_module.LARGE_BODY_BYTES
+        parsed = await args_module.read_args(mocked_post(body, "application/json", app, "?token=t"))
+    assert len(parsed["a"]) == 30_000 and parsed["token"] == "t"
+    assert walked_in and all(name.startswith("body-thread") for name in walked_in), walked_in

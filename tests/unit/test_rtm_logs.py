@@ -113,6 +113,32 @@ def test_a_follower_that_looks_only_after_a_rotation_reads_the_old_file_to_its_e
         follower.close()
 
 
+def test_a_line_written_and_rotated_away_while_the_follower_looks_reaches_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer adds a line and rotates between the follower's read of the open file and its look
+    at the path: the old file's last line is read before the new file is, not skipped."""
+    path = tmp_path / "cs-1.log"
+    writer = ProcessLogFile(path, max_bytes=len(b"line 0\n") * 2)
+    writer.open()
+    writer.write("line 0\n")
+    follower = Follower("cs-1", path, tail(path, 10)[1])
+    stat = os.stat
+
+    def stat_after_the_writer(target: object) -> os.stat_result:  # the writer runs just before the look
+        monkeypatch.setattr(os, "stat", stat)
+        writer.write("line 1\n")
+        writer.write("line 2\n")  # rotates: line 0 and 1 in the old file
+        return stat(target)  # type: ignore[arg-type]
+
+    try:
+        monkeypatch.setattr(os, "stat", stat_after_the_writer)
+        assert follower.read_new() == [b"line 1\n", b"line 2\n"]
+    finally:
+        writer.close()
+        follower.close()
+
+
 def test_a_follower_waits_for_a_file_that_is_not_there_yet(tmp_path: Path) -> None:
     path = tmp_path / "cs-1.log"
     follower = Follower("cs-1", path, None)
