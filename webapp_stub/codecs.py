@@ -92,3 +92,19 @@ _ENCODE = json.JSONEncoder(separators=JSON_SEPARATORS, ensure_ascii=False, allow
 def dumps(obj: Any) -> str:
     """The one JSON encoding of client-visible events: compact, UTF-8 text."""
     return _ENCODE(obj)
+
+
+def _stored_constant(name: str) -> None:
+    return None
+
+
+# The reader of JSON the webapp stored (a message's blocks and attachments, a scheduled message's,
+# a profile's fields): before session 13 a NaN or Infinity in a request was stored as Python writes
+# it, and :func:`dumps` now refuses them, so such a row read back as is would fail every history page
+# or profile that shows it, for good. They read back as null.
+_STORED = json.JSONDecoder(parse_constant=_stored_constant).decode
+
+
+def stored_loads(text: str) -> Any:
+    """JSON text the webapp stored, NaN and Infinity read as null."""
+    return _STORED(text)

@@ -25,12 +25,11 @@ commits.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from webapp_stub.codecs import us_to_ts
+from webapp_stub.codecs import stored_loads, us_to_ts
 from webapp_stub.messages import MAX_TEXT_CHARS, MessageStore, _message_obj, message_event_text
 from webapp_stub.models import Channel, Event, User
 
@@ -205,4 +204,4 @@ def post_due_messages(store: MessageStore, posts: list[DuePost]) -> list[Event]:
 
 def loads_extra(extra: str | None) -> dict[str, Any] | None:
     """A stored ``extra`` column (blocks, attachments) as the message's fields."""
-    return json.loads(extra) if extra else None
+    return stored_loads(extra) if extra else None

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from webapp_stub.codecs import dumps, encode_cursor, int_cursor, ts_to_us, us_to_ts
+from webapp_stub.codecs import dumps, encode_cursor, int_cursor, stored_loads, ts_to_us, us_to_ts
 from webapp_stub.conversations import ConversationStore
 from webapp_stub.errors import ApiError
 from webapp_stub.models import DEFAULT_HISTORY_PAGE, Channel, Event, User
@@ -158,7 +158,7 @@ class MessageStore(ConversationStore):
             previous = _message_row(row)
             seq, event_us = self._next_seq(channel.id, with_ts=True)
             event_ts = us_to_ts(event_us)
-            kept = json.loads(row[7]) if row[7] else None
+            kept = stored_loads(row[7]) if row[7] else None
             new_extra = extra if extra else kept
             db.execute(
                 "UPDATE messages SET text = ?, extra = ?, edited_user = ?, edited_ts = ? WHERE channel = ? AND ts_us = ?",
@@ -457,4 +457,6 @@ def _message_obj(
 def _message_row(row: tuple[Any, ...]) -> dict[str, Any]:
     _, ts, user, team, text, thread_ts, bot_id, extra, subtype, edited_user, edited_ts = row
     edited = {"user": edited_user, "ts": edited_ts} if edited_user else None
-    return _message_obj(user, team, text, ts, thread_ts, bot_id, json.loads(extra) if extra else None, subtype, edited)
+    return _message_obj(
+        user, team, text, ts, thread_ts, bot_id, stored_loads(extra) if extra else None, subtype, edited
+    )

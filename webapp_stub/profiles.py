@@ -12,6 +12,7 @@ import json
 import re
 from typing import Any
 
+from webapp_stub.codecs import stored_loads
 from webapp_stub.errors import ApiError
 from webapp_stub.models import Event, User
 from webapp_stub.users import UserStore
@@ -51,7 +52,7 @@ class ProfileStore(UserStore):
     def profile(self, user: User) -> dict[str, Any]:
         """Slack's profile object for ``user``."""
         row = self.conn.execute("SELECT email, fields FROM profiles WHERE user = ?", (user.id,)).fetchone()
-        fields: dict[str, Any] = json.loads(row[1]) if row else {}
+        fields: dict[str, Any] = stored_loads(row[1]) if row else {}
         real_name = str(fields.get("real_name") or user.real_name)
         display_name = str(fields.get("display_name", user.name))
         profile: dict[str, Any] = {
@@ -117,7 +118,7 @@ class ProfileStore(UserStore):
         with self.transaction() as db:
             row = db.execute("SELECT email, fields FROM profiles WHERE user = ?", (user.id,)).fetchone()
             email = row[0] if row else None
-            fields: dict[str, Any] = json.loads(row[1]) if row else {}
+            fields: dict[str, Any] = stored_loads(row[1]) if row else {}
             if "email" in clean:
                 email = clean.pop("email") or None
                 if email is not None:

@@ -291,6 +291,38 @@ async def test_nan_and_infinity_are_refused_not_fanned_out_as_invalid_json(
     assert metric(values, "rtm_errors_total", kind="internal_error") == 0
 
 
+async def test_nan_stored_before_the_refusal_reads_back_as_null(webapp: Webapp) -> None:
+    """Rows a webapp stored before NaN and Infinity were refused (blocks, an edit's kept extras, a
+    profile field) hold them as Python wrote them; the encoder now refuses them, so read as they are
+    they broke every history page and profile that showed them. They read back as null (review13)."""
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    token = alice["token"]
+    _, posted = await webapp.call("chat.postMessage", token, json_body={"channel": general, "text": "old"})
+    await webapp.call("users.profile.set", token, json_body={"profile": {"title": "t"}})
+    with contextlib.closing(sqlite3.connect(webapp.server.store.path, timeout=10)) as db, db:
+        db.execute(
+            "UPDATE messages SET extra = ? WHERE channel = ? AND ts = ?",
+            (
+                '{"blocks": [{"type": "divider", "x": NaN}], "attachments": [{"text": "a", "y": -Infinity}]}',
+                general,
+                posted["ts"],
+            ),
+        )
+        db.execute("UPDATE profiles SET fields = ? WHERE user = ?", ('{"title": "t", "x": NaN}', alice["id"]))
+    _, history = await webapp.call("conversations.history", token, data={"channel": general, "limit": 5})
+    assert history["ok"], history
+    (old,) = [m for m in history["messages"] if m["ts"] == posted["ts"]]
+    assert old["blocks"] == [{"type": "divider", "x": None}] and old["attachments"][0]["y"] is None
+    _, edited = await webapp.call(
+        "chat.update", token, json_body={"channel": general, "ts": posted["ts"], "text": "new"}
+    )
+    assert edited["ok"], edited
+    _, profile = await webapp.call("users.profile.get", token)
+    assert profile["ok"] and profile["profile"]["title"] == "t", profile
+    _, info = await webapp.call("users.info", token, data={"user": alice["id"]})
+    assert info["ok"], info
+
+
 async def test_a_users_list_is_bounded_before_any_lookup(webapp: Webapp) -> None:
     """``users`` of conversations.invite/open was looked up id by id: 250,000 ids in one 4 MB body
     held the event loop (everyone's posts) for seconds. Now at most 1,000 distinct ids, each once."""
