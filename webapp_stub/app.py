@@ -22,7 +22,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +40,7 @@ from services.secret_file import ensure_secret_file
 from services.tls import cert_instance, refusal_kind, trust_from_args
 from webapp_stub import methods  # noqa: F401  (importing it registers every Web API method)
 from webapp_stub.api import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_BODY_BYTES, GatewayPicker, WebApi
-from webapp_stub.args import BODY_PARSER_KEY, REQUEST_TIMEOUT_KEY
+from webapp_stub.args import BODY_PARSER_KEY, REQUEST_TIMEOUT_KEY, BodyThread
 from webapp_stub.client import BrowserClient, add_browser_client_flags, public_base_url
 from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
 from webapp_stub.commit_pacer import handoff_interval_s
@@ -237,7 +236,7 @@ class WebappServer:
         self._stack = AsyncExitStack()
         self._stopped = False
         self.public_url = ""  # --public-url, checked in start()
-        self.body_parser: ThreadPoolExecutor | None = None  # large bodies' thread (args.LARGE_BODY_BYTES)
+        self.body_parser: BodyThread | None = None  # large bodies' thread (args.LARGE_BODY_BYTES)
 
     async def start(self) -> dict[str, Any]:
         """Serve and register; return the ready info. On any failure, what started is stopped."""
@@ -481,8 +480,8 @@ class WebappServer:
         app.add_routes(BrowserClient(self.store, self.metrics, demo=getattr(self.args, "demo", True)).routes())
         args = self.args
         app[REQUEST_TIMEOUT_KEY] = args.http_request_timeout_s  # a body's arrival (read_args)
-        app[BODY_PARSER_KEY] = self.body_parser = ThreadPoolExecutor(1, thread_name_prefix="rtm-body-parser")
-        self._stack.callback(self.body_parser.shutdown, wait=False, cancel_futures=True)
+        app[BODY_PARSER_KEY] = self.body_parser = BodyThread()
+        self._stack.callback(self.body_parser.close)
         runner = public_runner(app, self.metrics.error, HTTP_SHUTDOWN_TIMEOUT_S)  # keep-alive; refusals counted
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)

@@ -69,9 +69,37 @@ def loads(raw: bytes | str) -> Any:
 # is read (their head: the keep-alive timeout). Past it: request_timeout.
 HTTP_REQUEST_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_KEY = web.AppKey("http_request_timeout_s", float)
-# The thread that parses large bodies (LARGE_BODY_BYTES): one, so large bodies wait for each other,
-# not the event loop for them. Without it (tests' apps), bodies are parsed in the loop.
-BODY_PARSER_KEY = web.AppKey("body_parser", ThreadPoolExecutor)
+# Large bodies waiting for the body thread (or being parsed there), at most; more: ratelimited
+# (429, Retry-After). Each holds its body (at most MAX_BODY_BYTES, 4 MiB) in memory while it waits.
+MAX_LARGE_BODIES_WAITING = 16
+LARGE_BODY_RETRY_AFTER_S = 1
+
+
+class BodyThread:
+    """The thread that parses large bodies (:data:`LARGE_BODY_BYTES`): one, so large bodies wait for
+    each other, not the event loop for them, and at most ``max_waiting`` of them wait."""
+
+    def __init__(self, max_waiting: int = MAX_LARGE_BODIES_WAITING) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="rtm-body-parser")
+        self.max_waiting = max_waiting
+        self.waiting = 0
+
+    async def parse(self, raw: bytes, ctype: str) -> Args:
+        """:func:`parse_body` on the thread. Raises ``ratelimited`` when ``max_waiting`` already wait."""
+        if self.waiting >= self.max_waiting:
+            raise ApiError("ratelimited", 429, {"Retry-After": str(LARGE_BODY_RETRY_AFTER_S)})
+        self.waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, parse_body, raw, ctype)
+        finally:
+            self.waiting -= 1
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# The app's body thread. Without one (tests' apps), bodies are parsed in the loop.
+BODY_PARSER_KEY = web.AppKey("body_parser", BodyThread)
 
 
 def flag(args: Args, name: str, default: bool = False) -> bool:
@@ -214,7 +242,7 @@ async def parse_body_of(request: web.Request, raw: bytes, ctype: str) -> Args:
     parser = request.app.get(BODY_PARSER_KEY)
     if parser is None or len(raw) <= LARGE_BODY_BYTES:
         return parse_body(raw, ctype)
-    return await asyncio.get_running_loop().run_in_executor(parser, parse_body, raw, ctype)
+    return await parser.parse(raw, ctype)
 
 
 def parse_body(raw: bytes, ctype: str) -> Args:

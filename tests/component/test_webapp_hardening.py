@@ -378,7 +378,9 @@ async def test_bodies_of_many_tiny_values_are_refused_before_they_hold_the_loop(
             reply = await resp.json()
     assert reply["ok"] and reply["message"]["text"] == text, reply.get("error")
     assert webapp.server.front.handed_over == handed + 1  # the lean front left it to aiohttp
-    assert webapp.server.body_parser is not None and len(webapp.server.body_parser._threads) == 1  # parsed there
+    assert (
+        webapp.server.body_parser is not None and len(webapp.server.body_parser.executor._threads) == 1
+    )  # parsed there
     _, history = await webapp.call("conversations.history", alice["token"], data={"channel": general, "limit": 1})
     assert history["messages"][0]["text"] == text
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from unittest import mock
 
@@ -322,10 +321,36 @@ async def test_a_large_body_is_checked_on_the_body_thread_and_not_again_in_the_e
 
     monkeypatch.setattr(args_module, "walk_text", spy)
     app = web.Application()
-    with ThreadPoolExecutor(1, thread_name_prefix="body-thread") as parser:
+    parser = args_module.BodyThread()
+    try:
         app[args_module.BODY_PARSER_KEY] = parser
         body = b'{"a": [' + b",".join([b'"x"'] * 30_000) + b"]}"
         assert len(body) > args_module.LARGE_BODY_BYTES
         parsed = await args_module.read_args(mocked_post(body, "application/json", app, "?token=t"))
+    finally:
+        parser.close()
     assert len(parsed["a"]) == 30_000 and parsed["token"] == "t"
-    assert walked_in and all(name.startswith("body-thread") for name in walked_in), walked_in
+    assert walked_in and all(name.startswith("rtm-body-parser") for name in walked_in), walked_in
+
+
+async def test_large_bodies_waiting_for_the_body_thread_are_bounded() -> None:
+    """At most MAX_LARGE_BODIES_WAITING wait (each holds its body); the next is ratelimited at once."""
+    from webapp_stub.args import BodyThread
+
+    parser = BodyThread(max_waiting=2)
+    gate = threading.Event()
+    try:
+        parser.executor.submit(gate.wait, 10)  # the thread busy
+        form = "application/x-www-form-urlencoded"
+        waiting = [asyncio.create_task(parser.parse(b"a=1", form)), asyncio.create_task(parser.parse(b"b=2", form))]
+        await asyncio.sleep(0)  # wait-ok: one loop turn, so both tasks have entered parse()
+        assert parser.waiting == 2
+        with pytest.raises(ApiError, match="ratelimited") as refused:
+            await parser.parse(b"c=3", form)
+        assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+        gate.set()
+        assert await asyncio.gather(*waiting) == [{"a": "1"}, {"b": "2"}]
+        assert parser.waiting == 0
+    finally:
+        gate.set()
+        parser.close()
