@@ -63,7 +63,7 @@ from webapp_stub.models import Event
 from webapp_stub.presence import PresenceClient
 from webapp_stub.scheduler import Scheduler, add_scheduler_flags, open_scheduler_store, scheduler_options
 from webapp_stub.store import MAX_EVENT_BYTES, SQLITE_SYNCHRONOUS, Store
-from webapp_stub.team_join import announce_new_people
+from webapp_stub.team_join import NewPeople, announce_new_people
 from webapp_stub.wal_fsync import wal_path_of
 
 log = logging.getLogger("rtm.webapp")
@@ -270,7 +270,8 @@ class WebappServer:
             self._stack.callback(self.commits.close)
             self._watch_fleet()
             self._start_api(secret)
-            self._spawn(announce_new_people(self.store, self.api.publish), "team-join-loop")  # rtm users add
+            people = NewPeople(self.store)  # rtm users add's people, announced (team_join.py)
+            self._spawn(announce_new_people(people, self.api.publish, self.api.durable), "team-join-loop")
             port = await self._serve_http()
             internal_port = await self._serve_internal()
             address = advertised(args.host, args.advertise_host)

@@ -12,6 +12,7 @@ and in order.
 Announced once per process, from the newest user at its start: people added while no webapp ran
 are not announced (no client was connected to miss them, and a client's boot reads ``users.list``),
 and a webapp that crashes between a user's insert and its next look does not announce that one.
+A look whose group commit fails is looked at again.
 
 :class:`NewPeople` is the step, called synchronously (tests drive it without a loop);
 :func:`announce_new_people` the thin loop around it.
@@ -21,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from webapp_stub.commit import CommitFailed
 from webapp_stub.models import Event
 from webapp_stub.reminders import SLACKBOT_ID
 from webapp_stub.store import Store
@@ -65,17 +67,26 @@ class NewPeople:
 
 
 async def announce_new_people(
-    store: Store, publish: Callable[[list[Event]], None], poll_s: float = NEW_PEOPLE_POLL_S
+    people: NewPeople,
+    publish: Callable[[list[Event]], None],
+    durable: Callable[[], Awaitable[None]],
+    poll_s: float = NEW_PEOPLE_POLL_S,
 ) -> None:
     """Every ``poll_s``: :meth:`NewPeople.announce`, its events to ``publish`` (the Web API's, so they
-    go out with the group commit that holds them)."""
-    people = NewPeople(store)
+    go out with the group commit that holds them), then ``durable`` (the Web API's: that commit); if
+    the commit failed, nothing of it was kept and the same people are announced next time."""
     while True:
         await asyncio.sleep(poll_s)
+        before = people.last_rowid
         try:
             events = people.announce()
         except Exception:  # a locked or failing database: the same people next time
             log.exception("announcing new people failed")
             continue
-        if events:
-            publish(events)
+        if not events:
+            continue
+        publish(events)
+        try:
+            await durable()
+        except CommitFailed:  # the batch that held them was rolled back: announce them again
+            people.last_rowid = before
