@@ -58,7 +58,8 @@ class ChannelDetailStore(MessageStore):
         return [event]
 
     def mark(self, channel: Channel, user: User, ts: Any) -> list[Event]:
-        """Move ``user``'s read position in ``channel`` to ``ts``. Raises ``invalid_timestamp``, ``not_in_channel``."""
+        """Move ``user``'s read position in ``channel`` to ``ts`` (back too: "mark unread"); a mark where it
+        already is writes nothing. Raises ``invalid_timestamp``, ``not_in_channel``."""
         try:
             ts_text = us_to_ts(ts_to_us(str(ts))) if ts not in (None, "") else ""
         except ValueError:
@@ -73,6 +74,8 @@ class ChannelDetailStore(MessageStore):
         with self.transaction() as db:
             if not self.is_member(channel.id, user.id):
                 raise ApiError("not_in_channel")
+            if self.last_read(channel.id, user.id) == ts_text:
+                return []  # where it is already: no write, no event (a client marking as it reads)
             db.execute(
                 "UPDATE members SET last_read = ? WHERE channel = ? AND user = ?", (ts_text, channel.id, user.id)
             )

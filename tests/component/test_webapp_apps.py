@@ -123,6 +123,17 @@ async def test_mark_emits_channel_marked_to_the_user(webapp: Webapp, fake_as: Fa
     await async_wait_until(lambda: _async(bool(events_of(fake_as, alice["id"]))), what="channel_marked")
     marked = events_of(fake_as, alice["id"])[-1]
     assert marked["type"] == "channel_marked" and marked["channel"] == general and marked["ts"] == posted["ts"]
+    # a mark where it already is writes nothing and says nothing (a client marks as it reads); back is a move
+    earlier = "1600000000.000001"
+    assert (await web.conversations_mark(channel=general, ts=posted["ts"])).data["ok"]
+    assert (await web.conversations_mark(channel=general, ts=earlier)).data["ok"]
+
+    def marks() -> list[str]:
+        return [e["ts"] for e in events_of(fake_as, alice["id"]) if e["type"] == "channel_marked"]
+
+    await async_wait_until(lambda: _async(len(marks()) >= 2), what="the mark back")
+    assert marks() == [posted["ts"], earlier]
+    assert (await web.conversations_info(channel=general)).data["channel"]["last_read"] == earlier
     assert await error_of(web.conversations_mark(channel=general, ts="yesterday")) == "invalid_timestamp"
     assert await error_of(web.conversations_mark(channel="CNOPE", ts=posted["ts"])) == "channel_not_found"
 

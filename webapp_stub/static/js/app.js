@@ -20,7 +20,10 @@ export const STICK_TO_BOTTOM_PX = 60;
 export const TYPING_SEND_INTERVAL_MS = 3000; // Slack's clients send user_typing every few seconds; the gateway allows 1/s
 export const MAX_PRESENCE_IDS = 500;
 export const MAX_READ_MARK_LOOKUPS = 30; // conversations whose unread count a boot reads from their read mark
-export const MARK_READ_DELAY_MS = 1000; // the open conversation is marked read this long after its newest message shows
+export const READ_MARK_LOOKUPS_IN_FLIGHT = 5; // of those, read at once (each: conversations.info, then history)
+// The open conversation is marked read this long after a new message shows there (one mark then
+// covers what came meanwhile: each mark is a write and a channel_marked event at the webapp).
+export const MARK_READ_DELAY_MS = 3000;
 export const PERMALINK_MAX_PAGES = 20; // a permalink's message is looked for this many older pages back
 export const BOOT_RETRY_MAX = 8; // the first retries' backoff grows, then stays at the cap
 const PHONE = window.matchMedia("(max-width: 760px)");
@@ -337,20 +340,25 @@ export class App {
   // webapp keeps for the next boot and tells the person's other connections (channel_marked).
   async loadReadMarks() {
     const convs = this.ws.memberConversations().slice(0, MAX_READ_MARK_LOOKUPS);
-    for (const conv of convs) {
+    let authError = "";
+    const one = async (conv) => {
       try {
         const info = await this.api.call("conversations.info", { channel: conv.id });
         const lastRead = info.channel.last_read || "";
-        if (!lastRead || /^0+\.0+$/.test(lastRead)) continue; // never marked: its count starts now, as before
+        if (!lastRead || /^0+\.0+$/.test(lastRead)) return; // never marked: its count starts now, as before
         conv.markedTs = lastRead;
-        if (conv.id === this.ws.openId) continue; // being read
+        if (conv.id === this.ws.openId) return; // being read
         conv.latestTs = maxTs(conv.latestTs, lastRead); // the socket's catch-up counts on from here
         await this.countSince(conv);
       } catch (error) {
         const code = error instanceof ApiError ? error.code : "bad_response";
-        if (isAuthError(code)) return this.signOut(describeError(code));
+        if (isAuthError(code)) authError = code;
       }
+    };
+    for (let i = 0; i < convs.length && !authError; i += READ_MARK_LOOKUPS_IN_FLIGHT) {
+      await Promise.all(convs.slice(i, i + READ_MARK_LOOKUPS_IN_FLIGHT).map(one));
     }
+    if (authError) return this.signOut(describeError(authError));
     this.render();
   }
 
