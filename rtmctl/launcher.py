@@ -136,7 +136,10 @@ def _read_output(
         for line in stdout:
             proc.record(line)
             if line.startswith(READY_PREFIX) and not ready_box:
-                ready_box.append(json.loads(line[len(READY_PREFIX) :]))
+                try:
+                    ready_box.append(json.loads(line[len(READY_PREFIX) :]))
+                except ValueError:  # not a ready line after all: keep reading (the pump must never stop)
+                    continue
                 got_ready.set()
                 break
         else:

@@ -178,3 +178,18 @@ def test_rtm_up_gives_each_process_its_file_unless_told_not_to(tmp_path: Path) -
     assert f"{tmp_path.resolve()}/logs/<name>.log" in fleet.logs_where()
     off = Fleet(build_parser().parse_args(["--data-dir", str(tmp_path), "--log-file-max-bytes", "0"]))
     assert off.log_file("webapp") is None and "no file" in off.logs_where()
+
+
+def test_a_ready_line_that_is_not_json_is_read_past_not_the_pumps_end(tmp_path: Path) -> None:
+    """A line that starts like the ready line but holds no JSON used to raise in the pump thread,
+    which then read nothing more: the child blocked on a full pipe (review13). Now it is an ordinary
+    line, the real ready line after it counts, and the pump keeps draining."""
+    path = tmp_path / "demo.log"
+    noise = "import sys; [print('x' * 1000) for _ in range(200)]; sys.stdout.flush()"  # 200 KB: past a pipe's buffer
+    code = f"print({READY_PREFIX!r} + 'not json', flush=True); {READY}; {noise}"
+    proc = start("demo", child(code), log_file=ProcessLogFile(path), ready_timeout_s=DEFAULT_WAIT_S)
+    assert proc.ready == {}
+    assert proc.popen.wait(timeout=DEFAULT_WAIT_S) == 0  # it never blocked on its output
+    proc.wait_output(DEFAULT_WAIT_S)
+    lines = path.read_text().splitlines()
+    assert lines[1:3] == [f"{READY_PREFIX}not json", f"{READY_PREFIX}{{}}"] and lines.count("x" * 1000) == 200
