@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from rtmctl import top
 from rtmctl.operator import FLEET_HINT
 from rtmctl.top import CPU, ERRORS, OPEN_FDS, RSS, STARTED, Process, Scrape, TopModel
+from tests.support import DEFAULT_WAIT_S
+
+MAX_READ_LINES = 8  # of the child's output: two tables of one process (title, header, row, total) and a blank line
 
 WEBAPP = Process("webapp", "webapp", pid=100, host="127.0.0.1", metrics_port=9001)
 GATEWAY = Process("gw-us-east-0", "gateway", pid=200, host="127.0.0.1", metrics_port=9002)
@@ -168,15 +176,47 @@ def test_without_fleet_json_it_says_so_in_one_sentence_and_exits_1(
     assert captured.err == f"rtm top: no {tmp_path / 'fleet.json'}: {FLEET_HINT}\n"
 
 
-def test_ctrl_c_ends_it_quietly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    def interrupted(coroutine: Any) -> int:
-        coroutine.close()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(top.asyncio, "run", interrupted)
-    assert top.main(["--data-dir", str(tmp_path)]) == 0
+def test_the_real_command_prints_tables_until_ctrl_c_and_ends_quietly(tmp_path: Path) -> None:
+    """In a child, into a pipe: a table per interval (a process on a closed port is down, the view
+    goes on), and Ctrl-C ends it with exit 0 and nothing on stderr."""
+    with socket.socket() as probe:  # a port nobody listens on a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    entry = {"name": "cs-1", "service": "channel-server", "pid": 1, "host": "127.0.0.1", "metrics_port": port}
+    (tmp_path / "fleet.json").write_text(json.dumps({"processes": [entry]}))
+    argv = [sys.executable, "-m", "rtmctl.cli", "top", "--interval-s", "0.1", "--data-dir", str(tmp_path)]
+    # SIGINT as a terminal gives it (a shell running the suite in the background starts children with it ignored)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    watchdog = threading.Timer(DEFAULT_WAIT_S * 3, proc.kill)  # a hung read ends in a failed assertion
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(MAX_READ_LINES)]
+        assert lines.count(b"\n") >= 1, lines  # two tables, a blank line between
+        assert any(line.split()[:4] == [b"cs-1", b"channel-server", b"1", b"down"] for line in lines), lines
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C
+        assert proc.wait(timeout=DEFAULT_WAIT_S) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_the_defaults() -> None:
     args = top.build_parser().parse_args([])
     assert (args.interval_s, args.count, args.data_dir) == (2.0, 0, "./.rtm")
+
+
+def test_rtm_top_is_an_rtm_command_with_a_one_line_summary() -> None:
+    from rtmctl.cli import COMMANDS, USAGE
+
+    module, summary = COMMANDS["top"]
+    assert module == "rtmctl.top" and "\n" not in summary
+    assert f"  {'top':<15} {summary}" in USAGE
