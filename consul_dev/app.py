@@ -60,6 +60,7 @@ from consul_dev.request import (
     parse_query_options,
 )
 from consul_dev.state import ConsulState
+from services.metrics import add_process_collectors
 from services.process import StopFn, run_service
 
 log = logging.getLogger("rtm.consul_dev")
@@ -99,6 +100,7 @@ class ConsulDevAgent(ConsulEndpoints):
         self._published_index = state.index
         self._stopping = False
         self.registry = CollectorRegistry()
+        add_process_collectors(self.registry)  # process_cpu_seconds_total and the rest, as every rtm process
         self._requests = Counter(
             "rtm_consul_dev_requests",
             "HTTP requests by endpoint and status code",

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tail": ("rtmctl.demo_client", "connect as a seeded user and print events as they arrive"),
     "post": ("rtmctl.demo_client", "post a message as a seeded user"),
     "status": ("rtmctl.operator", "print the fleet: instances, health, rings, CHARM leader, dead letters"),
+    "top": ("rtmctl.top", "a live table of the fleet's processes: CPU %, memory, fds, errors/s, work/s"),
     "logs": ("rtmctl.logs", "print (and with -f follow) what the fleet's processes logged, from DATA_DIR/logs"),
     "users": ("rtmctl.users", "add your own person, bot or app (add NAME [--bot|--app] [--join C,...]), or list users"),
     "deadletter": ("rtmctl.operator", "list the webapp's dead letters, or redrive one (list | redrive CHANNEL:SEQ)"),

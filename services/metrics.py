@@ -4,6 +4,11 @@ Each process builds one :class:`ServiceMetrics` (a private registry, so
 several services can live in one test process) and serves ``/metrics`` and
 ``/healthz`` on its metrics port. Names follow Prometheus conventions:
 ``rtm_<what>_<unit>_total`` for counters, ``_seconds`` for latency.
+
+Every registry also carries the standard process series (:func:`add_process_collectors`):
+``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ``process_open_fds`` and the
+rest of prometheus_client's ``ProcessCollector`` (read from ``/proc/self`` on each scrape, nothing
+in between; absent where there is no ``/proc``), and ``python_info``. ``rtm top`` reads them.
 """
 
 from __future__ import annotations
@@ -12,7 +17,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 # End-to-end latency buckets (seconds): sub-millisecond to the 20 s that a
 # failover may take.
@@ -22,6 +36,14 @@ FANOUT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 HealthFn = Callable[[], dict[str, Any]]
 
 
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """The standard ``process_*`` series of this process (CPU seconds, resident memory, open and
+    maximum fds, start time; a few reads of ``/proc/self`` per scrape) and ``python_info``
+    (computed once) on ``registry``."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
 class ServiceMetrics:
     """The metrics every service has, plus a factory for its own."""
 
@@ -29,6 +51,7 @@ class ServiceMetrics:
         self.service = service
         self.instance = instance
         self.registry = CollectorRegistry()
+        add_process_collectors(self.registry)
         self.errors = self.counter("rtm_errors_total", "Errors by kind (bad input, protocol, peer failures)", ["kind"])
         self.info = self.gauge(
             "rtm_process_info", "Always 1; labels say which process this is", ["service", "instance"]

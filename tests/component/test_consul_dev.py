@@ -268,3 +268,6 @@ def test_status_healthz_and_metrics(c: consul.Consul) -> None:
     text = c.http.get(_text, "/metrics")
     assert metric(text, "rtm_consul_dev_requests_total") > 0
     assert 'endpoint="/healthz"' in text
+    # the standard process series, as every rtm process has them (rtm top reads them)
+    assert metric(text, "process_cpu_seconds_total") > 0 and metric(text, "process_open_fds") > 0
+    assert metric(text, "process_resident_memory_bytes") > 0

@@ -83,6 +83,21 @@ def assert_both_runs_in_the_log_file(fleet: Fleet, old_pid: int, new_pid: int) -
     assert len(shown) == 5 and all(line in text.splitlines() for line in shown), shown
 
 
+def assert_rtm_top_shows_the_restarted_webapp(fleet: Fleet, new_pid: int) -> None:
+    """``rtm top`` reads the fleet.json that ``rtm up`` rewrote: the webapp's row is its new run,
+    and it answers (up, with its resident memory)."""
+    done = subprocess.run(
+        rtm_argv("top", "--count", "1", "--data-dir", str(fleet.data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0 and not done.stderr, done.stdout + done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
+    assert rows["webapp"][1:4] == ["webapp", str(new_pid), "up"], done.stdout
+    assert float(rows["webapp"][5]) > 0, done.stdout  # its resident memory: the new run answered
+
+
 async def post(fleet: Fleet, token: str, channel: str, texts: list[str]) -> None:
     for text in texts:
         reply = await fleet.api("chat.postMessage", token, channel=channel, text=text)
@@ -131,6 +146,7 @@ async def test_a_connection_moved_by_a_drain_resumes_after_the_webapp_is_killed_
 
     await async_wait_until(restarted, timeout_s=RESTART_TIMEOUT_S, what="rtm up to restart the killed webapp")
     assert_both_runs_in_the_log_file(fleet, old_pid, webapp_pid(fleet))
+    assert_rtm_top_shows_the_restarted_webapp(fleet, webapp_pid(fleet))
     after = [f"after-{i}" for i in range(5)]
     await post(fleet, poster["token"], general, after)
 

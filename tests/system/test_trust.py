@@ -428,7 +428,8 @@ async def test_a_gateway_certificate_cannot_act_for_another_gateway_with_any_op(
 async def test_the_readmes_commands_need_nothing_more_typed(fleet: Fleet, tmp_path: Path) -> None:
     """README: ``rtm tail bob`` and ``rtm post alice general "hello"``, run where ``rtm up`` keeps its
     data (``./.rtm``), with no flag, token or certificate given, against the fleet as it runs; then
-    ``rtm users add frank --join general`` and ``rtm post frank general ...``, seen by bob's tail."""
+    ``rtm users add frank --join general`` and ``rtm post frank general ...``, seen by bob's tail;
+    then ``rtm top`` shows every process working."""
     (tmp_path / ".rtm").symlink_to(fleet.data_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RTM_") and not k.startswith("CONSUL_")}
     text = f"readme-{uuid.uuid4().hex[:8]}"
@@ -472,9 +473,39 @@ async def test_the_readmes_commands_need_nothing_more_typed(fleet: Fleet, tmp_pa
         assert post.returncode == 0 and b"posted to #general as frank" in out, out
         line = await read_until(tail.stdout, (text + "-frank").encode())
         assert frank["id"].encode() in line, line
+        await assert_rtm_top_shows_the_fleet(fleet, tmp_path, env)
     finally:
         tail.terminate()
         await asyncio.wait_for(tail.wait(), DEFAULT_WAIT_S)
+
+
+async def assert_rtm_top_shows_the_fleet(fleet: Fleet, cwd: Path, env: dict[str, str]) -> None:
+    """README: ``rtm top --count 2``: two tables (into a pipe: a blank line between), each with a row
+    per process of fleet.json, every one up; on the second, CPU % and the rates are numbers."""
+    top = await asyncio.create_subprocess_exec(
+        *rtm_argv("top", "--count", "2", "--interval-s", "0.5"),
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(top.communicate(), DEFAULT_WAIT_S)
+    assert top.returncode == 0 and not err, (out, err)
+    fleet.reload()
+    names = {p["name"]: p for p in fleet.processes()}
+    tables = out.decode().split("\n\n")
+    assert len(tables) == 2, out
+    for table in tables:
+        rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+        assert set(rows) == {*names, "total"}, table
+        for name, proc in names.items():
+            assert rows[name][1:4] == [proc["service"], str(proc["pid"]), "up"], table
+        assert rows["total"][1:3] == [f"{len(names)}/{len(names)}", "up"], table
+    second = {line.split()[0]: line.split() for line in tables[1].splitlines()[2:]}
+    for name in names:
+        cpu, rss, fds, errors = (float(v) for v in second[name][4:8])  # numbers, not "-"
+        assert cpu >= 0 and rss > 0 and fds > 0 and errors >= 0, second[name]
+    assert second["webapp"][8] == "posts/s" and float(second["webapp"][9]) >= 0, second["webapp"]
 
 
 async def read_until(stream: asyncio.StreamReader, wanted: bytes, max_lines: int = MAX_TAIL_LINES) -> bytes:

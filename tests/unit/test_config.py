@@ -132,6 +132,13 @@ BOUNDED_FLAGS = [
     # each process's log file under rtm up (0: none), rotated at this size
     ("rtmctl.fleet", "--log-file-max-bytes", {"0": 0, "16777216": 16 * 1024 * 1024}, "-1", "at least 0"),
     ("rtmctl.fleet", "--log-file-max-bytes", {}, "2000000000", "at most 1073741824"),
+    # rtm top: how often it scrapes the whole fleet, and how many tables (0: until Ctrl-C)
+    ("rtmctl.top", "--interval-s", {"0.1": 0.1, "2": 2.0, "60": 60.0}, "0.05", "at least 0.1"),
+    ("rtmctl.top", "--interval-s", {}, "nan", "at least 0.1"),
+    ("rtmctl.top", "--interval-s", {}, "inf", "at least 0.1"),
+    ("rtmctl.top", "--interval-s", {}, "61", "at most 60.0"),
+    ("rtmctl.top", "--count", {"0": 0, "2": 2}, "-1", "at least 0"),
+    ("rtmctl.top", "--count", {}, "2000000", "at most 1000000"),
 ]
 
 
