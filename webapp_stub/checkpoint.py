@@ -101,6 +101,19 @@ WAL_CHECKPOINT_MIN_GAP_S = 0.5
 # light load's (16 s at 100 posts/s) in 5 checkpoints and the interval in 7; one that had nothing to
 # copy costs microseconds and no fsync.
 WAL_CHECKPOINT_GAP_GROWTH_FACTOR = 2.0
+# After a checkpoint that copied every frame it saw, the thread runs follow-up checkpoints (each
+# copies only the frames of the commits made meanwhile) until the WAL starts over, or this many, or
+# for this long, whichever comes first (next_follow_up_s). SQLite starts the WAL over only when the
+# writer begins a transaction while every frame has been copied back; the group commit begins its
+# next within milliseconds while a checkpoint of a gap's frames takes 10-150 ms, so without them
+# only the writer's backstop started it over, inside a commit on the event loop (docs/publish-path.md,
+# rounds 11 and 12). A follow-up copies about one commit's frames, so it can fall between two.
+WAL_FOLLOW_UP_MAX_COUNT = 20
+WAL_FOLLOW_UP_BUDGET_S = 0.25
+# A follow-up that found nothing new to copy (every frame copied, no commit since) waits this long for
+# the writer's next transaction, which starts the WAL over, before the next looks (one pread and a
+# checkpoint with nothing to copy: microseconds); one that copied new frames is followed at once.
+WAL_FOLLOW_UP_IDLE_PAUSE_S = 0.002
 # A WAL frame's header (before its page), and SQLite's default page size.
 WAL_FRAME_HEADER_BYTES = 24
 WAL_PAGE_BYTES_DEFAULT = 4096
@@ -163,6 +176,36 @@ def next_checkpoint_gap_s(
     return max(cap_s, min_gap_s)
 
 
+def next_follow_up_s(
+    report: tuple[int, int, int] | None,
+    frames_before: int,
+    follow_ups: int,
+    elapsed_s: float,
+    budget: tuple[int, float] = (WAL_FOLLOW_UP_MAX_COUNT, WAL_FOLLOW_UP_BUDGET_S),
+    idle_pause_s: float = WAL_FOLLOW_UP_IDLE_PAUSE_S,
+) -> float | None:
+    """After a checkpoint's ``report`` (busy, WAL frames, frames copied; None if it failed), how long
+    until a follow-up, or None for none: ``frames_before`` is what the checkpoint before it in the
+    series saw (-1 for the first), ``follow_ups`` how many ran so far and ``elapsed_s`` since the
+    series began. (The series ends too when the WAL starts over, its aim: :meth:`WalCheckpointer.follow_up`
+    reads the WAL's header before each.)
+
+    None if the checkpoint did not copy every frame it saw (busy, or a reader holds back the copy: a
+    follow-up would not do better), or the WAL is empty, or the ``budget`` (count, seconds) is spent. Else at once if it copied frames the one before had
+    not seen (a commit landed meanwhile: the sooner the next, the fewer frames it copies, and the
+    likelier it ends before the writer's next transaction begins), or ``idle_pause_s`` if there was
+    nothing new (every frame is copied back: the writer's next transaction starts the WAL over)."""
+    if report is None:
+        return None
+    busy, frames, copied = report
+    if busy or frames <= 0 or copied < frames:
+        return None
+    max_count, max_s = budget
+    if follow_ups >= max_count or not elapsed_s < max_s:
+        return None
+    return 0.0 if frames > frames_before else idle_pause_s
+
+
 class WalCheckpointer:
     """Checkpoints the WAL of the SQLite file at ``path`` from its own connection and thread."""
 
@@ -183,9 +226,15 @@ class WalCheckpointer:
         self.wal_bytes = wal_bytes
         self.min_gap_s = min_gap_s
         self.clock = clock
-        self.checkpoints = 0  # checkpoints run (successful or not)
+        self.checkpoints = 0  # checkpoints run (successful or not), follow-ups not counted
+        self.follow_ups = 0  # follow-up checkpoints run (next_follow_up_s)
+        self.restarts = 0  # series of follow-ups that saw the WAL start over
         self.failures = 0
         self.last: tuple[int, int, int] | None = None  # (busy, WAL frames, frames checkpointed) of the last one
+        # The follow-ups after the last checkpoint: the WAL's header then, when they began, how many
+        # ran, the frames the last one saw; and when the next is due (None: no series).
+        self._series: tuple[bytes | None, float, int, int] | None = None
+        self._follow_up_at: float | None = None
         self._next_at = clock() + interval_s
         self._last_at = -math.inf  # when the last checkpoint ran
         self._past_bound_at = -math.inf  # when the next is due while the file is past the bound
@@ -227,7 +276,7 @@ class WalCheckpointer:
 
     def _run(self) -> None:
         try:
-            while not self._stop.wait(self.poll_s):
+            while not self._stop.wait(self.wait_s()):
                 self.poll()
         finally:
             self._close_conn()
@@ -261,8 +310,18 @@ class WalCheckpointer:
         """
         return (wal_size > self.wal_bytes and now >= self._past_bound_at) or now >= self._next_at
 
+    def wait_s(self) -> float:
+        """How long the thread waits before its next :meth:`poll`: the poll interval, or less when a
+        follow-up is due sooner."""
+        if self._follow_up_at is None:
+            return self.poll_s
+        return min(self.poll_s, max(0.0, self._follow_up_at - self.clock()))
+
     def poll(self) -> bool:
-        """Checkpoint if :meth:`due`; returns whether it did."""
+        """Run a follow-up checkpoint if one is due (:meth:`follow_up`), else checkpoint if
+        :meth:`due`; returns whether it ran a checkpoint."""
+        if self._follow_up_at is not None and self.clock() >= self._follow_up_at and self.follow_up():
+            return True
         size = self.wal_size()
         if not self.due(self.clock(), size):
             return False
@@ -292,6 +351,49 @@ class WalCheckpointer:
         self._next_at = now + self.interval_s
         self._past_bound_at = now + self.min_gap_s
         generation = self.wal_generation()  # before: frames the checkpoint sees are of this one or later
+        self._series, self._follow_up_at = None, None
+        report = self._passive()
+        if report is None:
+            self._seen = None
+            return None
+        self._past_bound_at = now + self._next_gap_s(report, generation, since_s)
+        if generation is not None:
+            self._series = (generation, self.clock(), 0, -1)
+            self._next_follow_up(report, 0)
+        return report
+
+    def follow_up(self) -> bool:
+        """One follow-up of the last checkpoint (:func:`next_follow_up_s`): unless the WAL started over
+        since it, or the follow-ups' time is up (a poll long after it, in a test), a ``PRAGMA
+        wal_checkpoint(PASSIVE)`` that leaves the checkpoints' cadence as it was. Returns whether it
+        ran one. Like every checkpoint here, it never waits for the writer."""
+        series, self._follow_up_at = self._series, None
+        if series is None or not self.clock() - series[1] < WAL_FOLLOW_UP_BUDGET_S:
+            self._series = None
+            return False
+        if self.wal_generation() != series[0]:
+            self.restarts += 1
+            self._series = None
+            return False
+        self.follow_ups += 1
+        self._next_follow_up(self._passive(), series[2] + 1)
+        return True
+
+    def _next_follow_up(self, report: tuple[int, int, int] | None, ran: int) -> None:
+        """Schedule the series' next follow-up after ``report``, the ``ran``-th follow-up's (0: the
+        checkpoint's own), or end the series."""
+        assert self._series is not None
+        generation, began_at, _, frames_before = self._series
+        now = self.clock()
+        delay_s = next_follow_up_s(report, frames_before, ran, now - began_at)
+        if delay_s is None or report is None:
+            self._series = None
+            return
+        self._series = (generation, began_at, ran, report[1])
+        self._follow_up_at = now + delay_s
+
+    def _passive(self) -> tuple[int, int, int] | None:
+        """``PRAGMA wal_checkpoint(PASSIVE)`` on the thread's connection, None if it failed."""
         try:
             if self._conn is None:
                 # Used by one thread at a time: the checkpoint thread, or a test calling poll().
@@ -300,11 +402,9 @@ class WalCheckpointer:
             row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]  # fetchall: no statement left open
         except sqlite3.Error as exc:
             self.failures += 1
-            self._seen = None
             log.warning("WAL checkpoint of %s failed (retried when next due): %s", self.path, exc)
             return None
         self.last = (int(row[0]), int(row[1]), int(row[2]))
-        self._past_bound_at = now + self._next_gap_s(self.last, generation, since_s)
         return self.last
 
     def _next_gap_s(self, last: tuple[int, int, int], generation: bytes | None, since_s: float) -> float:
