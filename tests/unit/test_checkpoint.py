@@ -19,9 +19,13 @@ from webapp_stub.checkpoint import (
     WAL_CHECKPOINT_BYTES,
     WAL_CHECKPOINT_GAP_GROWTH_FACTOR,
     WAL_CHECKPOINT_POLL_S,
+    WAL_FOLLOW_UP_BUDGET_S,
+    WAL_FOLLOW_UP_IDLE_PAUSE_S,
+    WAL_FOLLOW_UP_MAX_COUNT,
     WalCheckpointer,
     frames_added,
     next_checkpoint_gap_s,
+    next_follow_up_s,
 )
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
@@ -32,6 +36,7 @@ POSTS_PER_POLL = 10
 LIGHT_LOAD_S = 30
 POLLS_PER_LIGHT_POST = 5
 POLLS_PER_S = round(1 / WAL_CHECKPOINT_POLL_S)
+FOLLOW_UP_POSTS = 4  # within WAL_CHECKPOINT_MIN_GAP_S of polls
 
 
 def checkpoint_threads() -> list[threading.Thread]:
@@ -371,4 +376,87 @@ def test_a_lull_after_a_burst_does_not_put_the_next_checkpoint_an_interval_off(s
     post(store, seed, POSTS_PER_POLL)  # the load is back
     clock.now += WAL_CHECKPOINT_GAP_GROWTH_FACTOR * ckpt.min_gap_s
     assert ckpt.poll()  # twice the gap at the latest, not the interval
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    ("report", "frames_before", "follow_ups", "elapsed_s", "delay_s"),
+    [
+        ((0, 900, 900), -1, 0, 0.0, 0.0),  # the checkpoint copied all it saw: the first follow-up at once
+        ((0, 905, 905), 900, 1, 0.01, 0.0),  # it copied a commit made meanwhile: again at once
+        ((0, 905, 905), 905, 2, 0.01, WAL_FOLLOW_UP_IDLE_PAUSE_S),  # nothing new: wait for the writer
+        (None, 900, 1, 0.01, None),  # failed
+        ((1, -1, -1), 900, 1, 0.01, None),  # busy (the writer's backstop checkpoints)
+        ((0, 905, 800), 900, 1, 0.01, None),  # a reader holds back the copy: no follow-up does better
+        ((0, 0, 0), -1, 0, 0.0, None),  # an empty WAL: nothing to start over
+        ((0, 905, 905), 900, WAL_FOLLOW_UP_MAX_COUNT, 0.01, None),  # the budget: so many follow-ups
+        ((0, 905, 905), 900, 1, WAL_FOLLOW_UP_BUDGET_S, None),  # ...or so long
+    ],
+)
+def test_a_follow_up_comes_after_a_complete_checkpoint_within_its_budget(
+    report: tuple[int, int, int] | None, frames_before: int, follow_ups: int, elapsed_s: float, delay_s: float | None
+) -> None:
+    assert next_follow_up_s(report, frames_before, follow_ups, elapsed_s) == delay_s
+
+
+def test_follow_ups_let_the_writer_start_the_wal_over_after_a_commit_landed_during_the_checkpoint(
+    store: Store,
+) -> None:
+    """round 12: a light load's writer is idle between its commits, but a checkpoint of a gap's frames
+    took 10-150 ms and some commit nearly always landed during it; the writer's next transaction then
+    began with frames left to copy, so the WAL never started over but through the writer's backstop
+    (at 4 times the bound, in a commit on the event loop). Here the checkpoint always catches the
+    writer inside a transaction, as it could at load; the follow-ups copy that commit's frames while
+    the writer is idle, and its next commit starts the WAL over."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    burst_past_the_bound(store, seed, ckpt)
+    before = ckpt.wal_generation()
+    for _ in range(FOLLOW_UP_POSTS):  # one post per poll; the checkpoint comes at the first poll
+        store.begin_batch()
+        post(store, seed, 1)
+        ckpt.poll()  # inside the writer's transaction
+        store.commit_batch()
+        ckpt.poll()  # the writer is idle
+        clock.now += WAL_CHECKPOINT_POLL_S
+    assert ckpt.failures == 0 and ckpt.checkpoints == 1  # the cadence is the follow-ups' own
+    assert ckpt.wal_generation() not in (None, before)  # the writer started the WAL over...
+    assert ckpt.restarts == 1 and 1 <= ckpt.follow_ups <= 3, (ckpt.restarts, ckpt.follow_ups)
+    report = ckpt.checkpoint()
+    assert report is not None and report[1] < SMALL_WAL_BYTES // 1024 // 4  # ...long before its backstop
+    ckpt.close()
+
+
+def test_follow_ups_stop_at_their_budget_when_the_writer_is_never_idle(store: Store) -> None:
+    """The writer begins its next transaction as soon as it commits (as at saturation), so no
+    follow-up finds it idle: they stop at WAL_FOLLOW_UP_MAX_COUNT, or WAL_FOLLOW_UP_BUDGET_S, and
+    the thread goes back to polling every WAL_CHECKPOINT_POLL_S."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    burst_past_the_bound(store, seed, ckpt)
+    assert ckpt.wait_s() == WAL_CHECKPOINT_POLL_S
+    store.begin_batch()
+    post(store, seed, 1)
+    assert ckpt.poll() and ckpt.wait_s() == 0.0  # the checkpoint; its first follow-up is due at once
+    for _ in range(2 * WAL_FOLLOW_UP_MAX_COUNT):  # the clock stands still: the count is the bound
+        store.commit_batch()
+        store.begin_batch()
+        post(store, seed, 1)
+        ckpt.poll()
+    assert ckpt.follow_ups == WAL_FOLLOW_UP_MAX_COUNT and ckpt.restarts == 0
+    assert ckpt.wait_s() == WAL_CHECKPOINT_POLL_S and not ckpt.poll()
+
+    clock.now += 60.0  # the interval's checkpoint; now the clock moves a poll per commit
+    assert ckpt.poll() and ckpt.checkpoints == 2
+    for _ in range(2 * WAL_FOLLOW_UP_MAX_COUNT):
+        store.commit_batch()
+        store.begin_batch()
+        post(store, seed, 1)
+        clock.now += WAL_CHECKPOINT_POLL_S
+        ckpt.poll()
+    store.commit_batch()
+    assert ckpt.follow_ups - WAL_FOLLOW_UP_MAX_COUNT <= WAL_FOLLOW_UP_BUDGET_S / WAL_CHECKPOINT_POLL_S + 1
+    assert ckpt.failures == 0 and ckpt.restarts == 0
     ckpt.close()
