@@ -15,9 +15,9 @@ same file runs ``PRAGMA wal_checkpoint(PASSIVE)`` when the WAL file grows past
 :data:`WAL_CHECKPOINT_INTERVAL_S`. A passive checkpoint never waits for the
 writer and the writer never waits for it: the event loop keeps committing to
 the WAL while the thread copies and fsyncs (the sqlite3 module releases the
-GIL while SQLite works). Durability is unchanged: with ``synchronous=NORMAL``
-a commit is durable across a process crash once it is in the WAL,
-checkpointed or not.
+GIL while SQLite works). Durability is unchanged: a commit is durable once
+it is in the WAL (its ``COMMIT`` syncs it, ``synchronous=FULL``), checkpointed
+or not, and a passive checkpoint only copies what is already durable.
 
 One fsync stays with the writer: after a complete checkpoint, the next commit
 starts the WAL over from its beginning and SQLite syncs the new WAL header
@@ -32,11 +32,16 @@ header (whether it started over: :meth:`WalCheckpointer.wal_generation`) give th
 frames the writer added since the checkpoint before, and the next is due when as
 many as the bound will have been added again (:func:`next_checkpoint_gap_s`): at
 least :data:`WAL_CHECKPOINT_MIN_GAP_S` apart, at most the interval. The WAL starts
-over only when the writer begins a transaction just after a checkpoint copied every
-frame, which under a steady load, even a light one, hardly ever happens (round 11 of
-docs/publish-path.md: not once in 39 checkpoints at 100 posts/s); so the writer's
-backstop is what starts it over, and the checkpoints close in on it so that it has
-little left to copy in its commit.
+over only when the writer begins a transaction while every frame is copied back; a
+checkpoint takes 10-150 ms and some commit nearly always lands during it, so alone
+it hardly ever let the writer start over (round 11 of docs/publish-path.md: not once
+in 39 checkpoints at 100 posts/s; the writer's backstop did, in a commit on the event
+loop). So after one that copied all it saw, the thread runs follow-ups
+(:func:`next_follow_up_s`): each copies only the frames committed meanwhile, a
+millisecond's work that fits between two commits, and the writer's next transaction
+then starts the WAL over (round 12). Where they cannot catch the writer idle (at
+saturation), the checkpoints close in on the backstop so that it has little left to
+copy in its commit.
 
 Contract: :meth:`start` once, :meth:`close` once (idempotent); after
 :meth:`close` returns the thread has stopped and its connection is closed.
@@ -130,8 +135,8 @@ def frames_added(previous: int | None, frames: int, restarted: bool) -> int | No
     ``previous`` frames (None: there was none, or it failed), now that one sees ``frames``.
 
     The WAL starts over only when the writer begins a write while every frame has been copied, so at
-    a steady light load it hardly ever does (round 11: not once in 39 checkpoints at 100 posts/s),
-    and ``frames`` counts every frame since it last did. ``restarted`` (its header changed) or fewer
+    a steady load it may not (round 11: not once in 39 checkpoints at 100 posts/s, before the
+    follow-ups of round 12; at saturation still), and ``frames`` counts every frame since it last did. ``restarted`` (its header changed) or fewer
     frames than before: all of them are new."""
     if previous is None:
         return None
@@ -156,9 +161,10 @@ def next_checkpoint_gap_s(
 
     One that did not catch the writer (busy, or frames left to copy: a reader holds an older
     snapshot): ``min_gap_s``. Else the writer's rate says when as many frames as the bound will have
-    been added again; and, since the WAL may not start over (:func:`frames_added`), before it
-    reaches the backstop, where the writer would checkpoint in its own commit: half the time to it,
-    so the checkpoints close in on it and leave the writer little to copy. Within ``[min_gap_s,
+    been added again; and, since the WAL may not start over (:func:`frames_added`: the follow-ups
+    may not catch the writer idle), before it reaches the backstop, where the writer would
+    checkpoint in its own commit: half the time to it, so the checkpoints close in on it and leave
+    the writer little to copy. Within ``[min_gap_s,
     max_gap_s]`` and at most ``growth`` times ``since_s``: a short gap's few frames do not foretell a
     long one (:data:`WAL_CHECKPOINT_GAP_GROWTH_FACTOR`). Each start over costs the writer an fsync,
     each checkpoint that copies a sync of the WAL (and of the database file if no commit came during
@@ -191,10 +197,12 @@ def next_follow_up_s(
     reads the WAL's header before each.)
 
     None if the checkpoint did not copy every frame it saw (busy, or a reader holds back the copy: a
-    follow-up would not do better), or the WAL is empty, or the ``budget`` (count, seconds) is spent. Else at once if it copied frames the one before had
-    not seen (a commit landed meanwhile: the sooner the next, the fewer frames it copies, and the
-    likelier it ends before the writer's next transaction begins), or ``idle_pause_s`` if there was
-    nothing new (every frame is copied back: the writer's next transaction starts the WAL over)."""
+    follow-up would not do better), or the WAL is empty, or the ``budget`` (count, seconds) is spent.
+    Else at once if it copied frames the one before had not seen (a commit landed meanwhile: the
+    sooner the next, the fewer frames it copies, and the likelier it ends before the writer's next
+    transaction begins), or ``idle_pause_s`` if there was nothing new (every frame is copied back:
+    the writer's next transaction starts the WAL over). A follow-up is a passive checkpoint like any
+    other: it never waits for the writer, nor the writer for it."""
     if report is None:
         return None
     busy, frames, copied = report
