@@ -37,7 +37,7 @@ checkpoint takes 10-150 ms and some commit nearly always lands during it, so alo
 it hardly ever let the writer start over (round 11 of docs/publish-path.md: not once
 in 39 checkpoints at 100 posts/s; the writer's backstop did, in a commit on the event
 loop). So after one that copied all it saw, the thread runs follow-ups
-(:func:`next_follow_up_s`): each copies only the frames committed meanwhile, a
+(:func:`next_follow_up`): each copies only the frames committed meanwhile, a
 millisecond's work that fits between two commits, and the writer's next transaction
 then starts the WAL over (round 12). Where they cannot catch the writer idle (at
 saturation), the checkpoints close in on the backstop so that it has little left to
@@ -59,6 +59,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 log = logging.getLogger("rtm.webapp.checkpoint")
 
@@ -108,13 +109,20 @@ WAL_CHECKPOINT_MIN_GAP_S = 0.5
 WAL_CHECKPOINT_GAP_GROWTH_FACTOR = 2.0
 # After a checkpoint that copied every frame it saw, the thread runs follow-up checkpoints (each
 # copies only the frames of the commits made meanwhile) until the WAL starts over, or this many, or
-# for this long, whichever comes first (next_follow_up_s). SQLite starts the WAL over only when the
+# for this long, or until the writer has been missed WAL_FOLLOW_UP_MAX_MISSES times, whichever comes
+# first (next_follow_up). SQLite starts the WAL over only when the
 # writer begins a transaction while every frame has been copied back; the group commit begins its
 # next within milliseconds while a checkpoint of a gap's frames takes 10-150 ms, so without them
 # only the writer's backstop started it over, inside a commit on the event loop (docs/publish-path.md,
 # rounds 11 and 12). A follow-up copies about one commit's frames, so it can fall between two.
 WAL_FOLLOW_UP_MAX_COUNT = 20
 WAL_FOLLOW_UP_BUDGET_S = 0.25
+# A follow-up *missed* the writer when the one before it found every frame copied and nothing new,
+# yet the writer's next commit appended to the WAL instead of starting it over: its transaction had
+# begun before. Under load the group commit keeps a batch open most of the time (87 % of it at
+# 800-900 posts/s, the writer idle 0.8 ms between batches at the median: round 12), so follow-ups
+# keep missing and the series stops after this many, leaving the WAL to the cadence and the backstop.
+WAL_FOLLOW_UP_MAX_MISSES = 3
 # A follow-up that found nothing new to copy (every frame copied, no commit since) waits this long for
 # the writer's next transaction, which starts the WAL over, before the next looks (one pread and a
 # checkpoint with nothing to copy: microseconds); one that copied new frames is followed at once.
@@ -182,36 +190,53 @@ def next_checkpoint_gap_s(
     return max(cap_s, min_gap_s)
 
 
-def next_follow_up_s(
-    report: tuple[int, int, int] | None,
-    frames_before: int,
-    follow_ups: int,
-    elapsed_s: float,
-    budget: tuple[int, float] = (WAL_FOLLOW_UP_MAX_COUNT, WAL_FOLLOW_UP_BUDGET_S),
-    idle_pause_s: float = WAL_FOLLOW_UP_IDLE_PAUSE_S,
-) -> float | None:
-    """After a checkpoint's ``report`` (busy, WAL frames, frames copied; None if it failed), how long
-    until a follow-up, or None for none: ``frames_before`` is what the checkpoint before it in the
-    series saw (-1 for the first), ``follow_ups`` how many ran so far and ``elapsed_s`` since the
-    series began. (The series ends too when the WAL starts over, its aim: :meth:`WalCheckpointer.follow_up`
-    reads the WAL's header before each.)
+class FollowUps(NamedTuple):
+    """A series of follow-up checkpoints (:func:`next_follow_up`): the WAL's header when it began
+    (:meth:`WalCheckpointer.wal_generation`), when, how many follow-ups ran, how many missed the
+    writer (:data:`WAL_FOLLOW_UP_MAX_MISSES`), the WAL frames the last checkpoint of the series saw
+    (-1: none yet), and whether it found every frame copied and nothing new since the one before."""
 
-    None if the checkpoint did not copy every frame it saw (busy, or a reader holds back the copy: a
-    follow-up would not do better), or the WAL is empty, or the ``budget`` (count, seconds) is spent.
-    Else at once if it copied frames the one before had not seen (a commit landed meanwhile: the
-    sooner the next, the fewer frames it copies, and the likelier it ends before the writer's next
-    transaction begins), or ``idle_pause_s`` if there was nothing new (every frame is copied back:
-    the writer's next transaction starts the WAL over). A follow-up is a passive checkpoint like any
-    other: it never waits for the writer, nor the writer for it."""
+    generation: bytes
+    began_at: float
+    runs: int = 0
+    misses: int = 0
+    frames: int = -1
+    waiting: bool = False
+
+
+def next_follow_up(
+    series: FollowUps,
+    report: tuple[int, int, int] | None,
+    now: float,
+    budget: tuple[int, int, float] = (WAL_FOLLOW_UP_MAX_COUNT, WAL_FOLLOW_UP_MAX_MISSES, WAL_FOLLOW_UP_BUDGET_S),
+    idle_pause_s: float = WAL_FOLLOW_UP_IDLE_PAUSE_S,
+) -> tuple[FollowUps, float] | None:
+    """After a checkpoint of ``series`` (the first or a follow-up; ``series.runs`` follow-ups ran)
+    reported ``report`` (busy, WAL frames, frames copied; None if it failed), at ``now``: the series
+    as it goes on and how long until its next follow-up, or None when it ends.
+
+    It ends if the checkpoint failed or was busy (the writer's backstop checkpoints), the WAL is
+    empty or holds fewer frames than before (it started over, the series' aim; so does a changed
+    header, which :meth:`WalCheckpointer.follow_up` reads before each), or the ``budget`` is spent:
+    so many follow-ups, so many misses, so long. Else the next comes at once if the checkpoint copied
+    every frame and some were new (a commit landed meanwhile: the sooner the next, the fewer frames
+    it copies, and the likelier it ends before the writer's next transaction begins); or after
+    ``idle_pause_s`` if there was nothing new (every frame is copied back: the writer's next
+    transaction starts the WAL over), or a reader held back the copy (it is soon done). A follow-up
+    is a passive checkpoint like any other: it never waits for the writer, nor the writer for it."""
     if report is None:
         return None
     busy, frames, copied = report
-    if busy or frames <= 0 or copied < frames:
+    if busy or frames <= 0 or frames < series.frames:
         return None
-    max_count, max_s = budget
-    if follow_ups >= max_count or not elapsed_s < max_s:
+    new = frames > series.frames
+    misses = series.misses + (1 if series.waiting and new else 0)
+    max_count, max_misses, max_s = budget
+    if series.runs >= max_count or misses >= max_misses or not now - series.began_at < max_s:
         return None
-    return 0.0 if frames > frames_before else idle_pause_s
+    done = copied >= frames
+    after = series._replace(misses=misses, frames=frames, waiting=done and not new)
+    return after, (0.0 if done and new else idle_pause_s)
 
 
 class WalCheckpointer:
@@ -235,13 +260,12 @@ class WalCheckpointer:
         self.min_gap_s = min_gap_s
         self.clock = clock
         self.checkpoints = 0  # checkpoints run (successful or not), follow-ups not counted
-        self.follow_ups = 0  # follow-up checkpoints run (next_follow_up_s)
+        self.follow_ups = 0  # follow-up checkpoints run (next_follow_up)
         self.restarts = 0  # series of follow-ups that saw the WAL start over
         self.failures = 0
         self.last: tuple[int, int, int] | None = None  # (busy, WAL frames, frames checkpointed) of the last one
-        # The follow-ups after the last checkpoint: the WAL's header then, when they began, how many
-        # ran, the frames the last one saw; and when the next is due (None: no series).
-        self._series: tuple[bytes | None, float, int, int] | None = None
+        # The follow-ups after the last checkpoint, and when the next is due (None: no series).
+        self._series: FollowUps | None = None
         self._follow_up_at: float | None = None
         self._next_at = clock() + interval_s
         self._last_at = -math.inf  # when the last checkpoint ran
@@ -366,38 +390,34 @@ class WalCheckpointer:
             return None
         self._past_bound_at = now + self._next_gap_s(report, generation, since_s)
         if generation is not None:
-            self._series = (generation, self.clock(), 0, -1)
-            self._next_follow_up(report, 0)
+            self._next_follow_up(FollowUps(generation, self.clock()), report)
         return report
 
     def follow_up(self) -> bool:
-        """One follow-up of the last checkpoint (:func:`next_follow_up_s`): unless the WAL started over
+        """One follow-up of the last checkpoint (:func:`next_follow_up`): unless the WAL started over
         since it, or the follow-ups' time is up (a poll long after it, in a test), a ``PRAGMA
         wal_checkpoint(PASSIVE)`` that leaves the checkpoints' cadence as it was. Returns whether it
         ran one. Like every checkpoint here, it never waits for the writer."""
-        series, self._follow_up_at = self._series, None
-        if series is None or not self.clock() - series[1] < WAL_FOLLOW_UP_BUDGET_S:
-            self._series = None
+        series, self._series, self._follow_up_at = self._series, None, None
+        if series is None or not self.clock() - series.began_at < WAL_FOLLOW_UP_BUDGET_S:
             return False
-        if self.wal_generation() != series[0]:
+        if self.wal_generation() != series.generation:
             self.restarts += 1
-            self._series = None
             return False
         self.follow_ups += 1
-        self._next_follow_up(self._passive(), series[2] + 1)
+        report = self._passive()
+        if report is not None and 0 <= report[1] < series.frames:
+            self.restarts += 1  # it started over between the header's read and the checkpoint
+        self._next_follow_up(series._replace(runs=series.runs + 1), report)
         return True
 
-    def _next_follow_up(self, report: tuple[int, int, int] | None, ran: int) -> None:
-        """Schedule the series' next follow-up after ``report``, the ``ran``-th follow-up's (0: the
-        checkpoint's own), or end the series."""
-        assert self._series is not None
-        generation, began_at, _, frames_before = self._series
+    def _next_follow_up(self, series: FollowUps, report: tuple[int, int, int] | None) -> None:
+        """Schedule the next follow-up of ``series`` after its checkpoint's ``report``, or end it."""
         now = self.clock()
-        delay_s = next_follow_up_s(report, frames_before, ran, now - began_at)
-        if delay_s is None or report is None:
-            self._series = None
+        step = next_follow_up(series, report, now)
+        if step is None:
             return
-        self._series = (generation, began_at, ran, report[1])
+        self._series, delay_s = step
         self._follow_up_at = now + delay_s
 
     def _passive(self) -> tuple[int, int, int] | None:

@@ -22,10 +22,12 @@ from webapp_stub.checkpoint import (
     WAL_FOLLOW_UP_BUDGET_S,
     WAL_FOLLOW_UP_IDLE_PAUSE_S,
     WAL_FOLLOW_UP_MAX_COUNT,
+    WAL_FOLLOW_UP_MAX_MISSES,
+    FollowUps,
     WalCheckpointer,
     frames_added,
     next_checkpoint_gap_s,
-    next_follow_up_s,
+    next_follow_up,
 )
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
@@ -379,24 +381,47 @@ def test_a_lull_after_a_burst_does_not_put_the_next_checkpoint_an_interval_off(s
     ckpt.close()
 
 
+FIRST = FollowUps(b"header01", 100.0)  # a series, as its checkpoint leaves it
+WAITING = FIRST._replace(runs=2, frames=905, waiting=True)  # every frame copied, nothing new
+
+
 @pytest.mark.parametrize(
-    ("report", "frames_before", "follow_ups", "elapsed_s", "delay_s"),
+    ("series", "report", "after_s", "step"),
     [
-        ((0, 900, 900), -1, 0, 0.0, 0.0),  # the checkpoint copied all it saw: the first follow-up at once
-        ((0, 905, 905), 900, 1, 0.01, 0.0),  # it copied a commit made meanwhile: again at once
-        ((0, 905, 905), 905, 2, 0.01, WAL_FOLLOW_UP_IDLE_PAUSE_S),  # nothing new: wait for the writer
-        (None, 900, 1, 0.01, None),  # failed
-        ((1, -1, -1), 900, 1, 0.01, None),  # busy (the writer's backstop checkpoints)
-        ((0, 905, 800), 900, 1, 0.01, None),  # a reader holds back the copy: no follow-up does better
-        ((0, 0, 0), -1, 0, 0.0, None),  # an empty WAL: nothing to start over
-        ((0, 905, 905), 900, WAL_FOLLOW_UP_MAX_COUNT, 0.01, None),  # the budget: so many follow-ups
-        ((0, 905, 905), 900, 1, WAL_FOLLOW_UP_BUDGET_S, None),  # ...or so long
+        # the checkpoint copied all it saw: the first follow-up at once
+        (FIRST, (0, 900, 900), 0.1, (FIRST._replace(frames=900), 0.0)),
+        # a follow-up copied a commit made meanwhile: the next at once
+        (WAITING._replace(waiting=False, frames=900), (0, 905, 905), 0.1, (WAITING._replace(waiting=False), 0.0)),
+        # nothing new: wait for the writer's next transaction
+        (WAITING._replace(waiting=False), (0, 905, 905), 0.1, (WAITING, WAL_FOLLOW_UP_IDLE_PAUSE_S)),
+        (
+            WAITING._replace(waiting=False),
+            (0, 905, 800),
+            0.1,
+            (WAITING._replace(waiting=False), WAL_FOLLOW_UP_IDLE_PAUSE_S),
+        ),  # a reader
+        # every frame was copied, yet the writer's commit appended: its transaction had begun (a miss)
+        (WAITING, (0, 910, 910), 0.1, (WAITING._replace(misses=1, frames=910, waiting=False), 0.0)),
+        (
+            WAITING._replace(misses=WAL_FOLLOW_UP_MAX_MISSES - 1),
+            (0, 910, 910),
+            0.1,
+            None,
+        ),  # ...so many: the writer is never idle
+        (WAITING, (0, 905, 905), 0.1, (WAITING, WAL_FOLLOW_UP_IDLE_PAUSE_S)),  # still nothing new: no miss
+        (WAITING, (0, 12, 12), 0.1, None),  # fewer frames: the writer started the WAL over
+        (WAITING, (0, 0, 0), 0.1, None),
+        (WAITING, None, 0.1, None),  # failed
+        (WAITING, (1, -1, -1), 0.1, None),  # busy (the writer's backstop checkpoints)
+        (FIRST, (0, 0, 0), 0.1, None),  # an empty WAL: nothing to start over
+        (WAITING._replace(runs=WAL_FOLLOW_UP_MAX_COUNT), (0, 905, 905), 0.1, None),  # the budget: so many
+        (WAITING, (0, 905, 905), WAL_FOLLOW_UP_BUDGET_S, None),  # ...or so long
     ],
 )
 def test_a_follow_up_comes_after_a_complete_checkpoint_within_its_budget(
-    report: tuple[int, int, int] | None, frames_before: int, follow_ups: int, elapsed_s: float, delay_s: float | None
+    series: FollowUps, report: tuple[int, int, int] | None, after_s: float, step: tuple[FollowUps, float] | None
 ) -> None:
-    assert next_follow_up_s(report, frames_before, follow_ups, elapsed_s) == delay_s
+    assert next_follow_up(series, report, series.began_at + after_s) == step
 
 
 def test_follow_ups_let_the_writer_start_the_wal_over_after_a_commit_landed_during_the_checkpoint(
@@ -459,4 +484,33 @@ def test_follow_ups_stop_at_their_budget_when_the_writer_is_never_idle(store: St
     store.commit_batch()
     assert ckpt.follow_ups - WAL_FOLLOW_UP_MAX_COUNT <= WAL_FOLLOW_UP_BUDGET_S / WAL_CHECKPOINT_POLL_S + 1
     assert ckpt.failures == 0 and ckpt.restarts == 0
+    ckpt.close()
+
+
+def test_follow_ups_that_keep_missing_the_writer_stop(store: Store) -> None:
+    """Under load the group commit opens its next batch as soon as it commits (the writer idle
+    0.8 ms between batches at the median, at 800-900 posts/s: round 12). A follow-up then finds
+    every frame copied and nothing new, yet the writer's transaction began before, and its commit
+    appends to the WAL instead of starting it over: a miss. After WAL_FOLLOW_UP_MAX_MISSES of
+    them the series stops, rather than run its whole budget at every checkpoint."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    burst_past_the_bound(store, seed, ckpt)
+    generation = ckpt.wal_generation()
+    store.begin_batch()
+    post(store, seed, 1)
+    assert ckpt.poll()  # the checkpoint, inside the writer's transaction
+    for _ in range(WAL_FOLLOW_UP_MAX_COUNT):  # bounded
+        clock.now += WAL_FOLLOW_UP_IDLE_PAUSE_S
+        ckpt.poll()  # every frame copied, nothing new: the writer's are not committed yet
+        store.commit_batch()  # appends: its transaction began before
+        store.begin_batch()
+        post(store, seed, 1)
+        clock.now += WAL_FOLLOW_UP_IDLE_PAUSE_S
+        ckpt.poll()  # copies that commit (a miss)
+    store.commit_batch()
+    assert ckpt.wal_generation() == generation and ckpt.restarts == 0 and ckpt.failures == 0
+    assert ckpt.follow_ups == 2 * WAL_FOLLOW_UP_MAX_MISSES, ckpt.follow_ups
+    assert ckpt.wait_s() == WAL_CHECKPOINT_POLL_S
     ckpt.close()
