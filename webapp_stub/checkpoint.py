@@ -110,11 +110,11 @@ WAL_CHECKPOINT_GAP_GROWTH_FACTOR = 2.0
 # After a checkpoint that copied every frame it saw, the thread runs follow-up checkpoints (each
 # copies only the frames of the commits made meanwhile) until the WAL starts over, or this many, or
 # for this long, or until the writer has been missed WAL_FOLLOW_UP_MAX_MISSES times, whichever comes
-# first (next_follow_up). SQLite starts the WAL over only when the
-# writer begins a transaction while every frame has been copied back; the group commit begins its
-# next within milliseconds while a checkpoint of a gap's frames takes 10-150 ms, so without them
-# only the writer's backstop started it over, inside a commit on the event loop (docs/publish-path.md,
-# rounds 11 and 12). A follow-up copies about one commit's frames, so it can fall between two.
+# first (next_follow_up). SQLite starts the WAL over only when the writer begins a transaction while
+# every frame has been copied back; the group commit begins its next within milliseconds while a
+# checkpoint of a gap's frames takes 10-150 ms, so without them only the writer's backstop started
+# it over, inside a commit on the event loop (docs/publish-path.md, rounds 11 and 12). A follow-up
+# copies about one commit's frames, so it can fall between two.
 WAL_FOLLOW_UP_MAX_COUNT = 20
 WAL_FOLLOW_UP_BUDGET_S = 0.25
 # A follow-up *missed* the writer when the one before it found every frame copied and nothing new,
@@ -123,6 +123,11 @@ WAL_FOLLOW_UP_BUDGET_S = 0.25
 # 800-900 posts/s, the writer idle 0.8 ms between batches at the median: round 12), so follow-ups
 # keep missing and the series stops after this many, leaving the WAL to the cadence and the backstop.
 WAL_FOLLOW_UP_MAX_MISSES = 3
+# After a series that never caught the writer idle (follow_up_outcome), the next checkpoints run
+# none: 1, 3, 7, then this many at most (follow_up_skips), until one series catches it. Under load
+# every series fails, and its copying follow-ups (a sync of the WAL and of the database file each)
+# were some 400 a minute at 800-900 posts/s for none of the restarts (round 12).
+WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS = 8
 # A follow-up that found nothing new to copy (every frame copied, no commit since) waits this long for
 # the writer's next transaction, which starts the WAL over, before the next looks (one pread and a
 # checkpoint with nothing to copy: microseconds); one that copied new frames is followed at once.
@@ -239,6 +244,25 @@ def next_follow_up(
     return after, (0.0 if done and new else idle_pause_s)
 
 
+def follow_up_outcome(series: FollowUps, report: tuple[int, int, int] | None) -> bool | None:
+    """Whether the series that ``report`` ended (:func:`next_follow_up` gave None) caught the
+    writer idle: True if the WAL started over or was left with every frame copied and nothing new
+    (the writer's next transaction starts it over); False if the writer was still committing, or it
+    ended on misses; None if its last checkpoint failed or was busy (says nothing of the writer)."""
+    if report is None or report[0]:
+        return None
+    frames, copied = report[1], report[2]
+    if frames < series.frames or frames <= 0:
+        return True
+    return frames == series.frames and copied >= frames  # (a miss brings new frames)
+
+
+def follow_up_skips(failed_in_a_row: int, cap: int = WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS) -> int:
+    """How many checkpoints run no follow-ups after ``failed_in_a_row`` series that never caught
+    the writer idle (:func:`follow_up_outcome`): 0, 1, 3, 7, ... up to ``cap``."""
+    return min((1 << min(failed_in_a_row, cap.bit_length() + 1)) - 1, cap)
+
+
 class WalCheckpointer:
     """Checkpoints the WAL of the SQLite file at ``path`` from its own connection and thread."""
 
@@ -262,6 +286,9 @@ class WalCheckpointer:
         self.checkpoints = 0  # checkpoints run (successful or not), follow-ups not counted
         self.follow_ups = 0  # follow-up checkpoints run (next_follow_up)
         self.restarts = 0  # series of follow-ups that saw the WAL start over
+        self.failed_series = 0  # series of follow-ups that never caught the writer idle
+        self._failed_in_a_row = 0
+        self._skip_series = 0  # checkpoints left to run without follow-ups (follow_up_skips)
         self.failures = 0
         self.last: tuple[int, int, int] | None = None  # (busy, WAL frames, frames checkpointed) of the last one
         # The follow-ups after the last checkpoint, and when the next is due (None: no series).
@@ -389,7 +416,9 @@ class WalCheckpointer:
             self._seen = None
             return None
         self._past_bound_at = now + self._next_gap_s(report, generation, since_s)
-        if generation is not None:
+        if self._skip_series > 0:
+            self._skip_series -= 1
+        elif generation is not None:
             self._next_follow_up(FollowUps(generation, self.clock()), report)
         return report
 
@@ -403,6 +432,7 @@ class WalCheckpointer:
             return False
         if self.wal_generation() != series.generation:
             self.restarts += 1
+            self._failed_in_a_row = 0
             return False
         self.follow_ups += 1
         report = self._passive()
@@ -416,6 +446,11 @@ class WalCheckpointer:
         now = self.clock()
         step = next_follow_up(series, report, now)
         if step is None:
+            caught = follow_up_outcome(series, report)
+            if caught is not None:
+                self._failed_in_a_row = 0 if caught else self._failed_in_a_row + 1
+                self.failed_series += 0 if caught else 1
+                self._skip_series = follow_up_skips(self._failed_in_a_row)
             return
         self._series, delay_s = step
         self._follow_up_at = now + delay_s

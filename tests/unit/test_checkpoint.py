@@ -23,8 +23,11 @@ from webapp_stub.checkpoint import (
     WAL_FOLLOW_UP_IDLE_PAUSE_S,
     WAL_FOLLOW_UP_MAX_COUNT,
     WAL_FOLLOW_UP_MAX_MISSES,
+    WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS,
     FollowUps,
     WalCheckpointer,
+    follow_up_outcome,
+    follow_up_skips,
     frames_added,
     next_checkpoint_gap_s,
     next_follow_up,
@@ -512,5 +515,36 @@ def test_follow_ups_that_keep_missing_the_writer_stop(store: Store) -> None:
     store.commit_batch()
     assert ckpt.wal_generation() == generation and ckpt.restarts == 0 and ckpt.failures == 0
     assert ckpt.follow_ups == 2 * WAL_FOLLOW_UP_MAX_MISSES, ckpt.follow_ups
-    assert ckpt.wait_s() == WAL_CHECKPOINT_POLL_S
+    assert ckpt.wait_s() == WAL_CHECKPOINT_POLL_S and ckpt.failed_series == 1
+    # the next checkpoint runs none (follow_up_skips), the one after does
+    post(store, seed, 1)
+    clock.now += 60.0
+    assert ckpt.poll() and ckpt.wait_s() == WAL_CHECKPOINT_POLL_S
+    post(store, seed, 1)
+    clock.now += 60.0
+    assert ckpt.poll() and ckpt.wait_s() == 0.0
     ckpt.close()
+
+
+@pytest.mark.parametrize(
+    ("series", "report", "caught"),
+    [
+        (WAITING, (0, 12, 12), True),  # the WAL started over
+        (WAITING, (0, 905, 905), True),  # every frame copied, nothing new: the next transaction starts it over
+        (WAITING._replace(runs=WAL_FOLLOW_UP_MAX_COUNT), (0, 905, 905), True),
+        (WAITING._replace(waiting=False, frames=900), (0, 905, 905), False),  # the writer kept committing
+        (WAITING._replace(misses=WAL_FOLLOW_UP_MAX_MISSES - 1), (0, 910, 910), False),  # it ended on misses
+        (WAITING, None, None),  # failed, or busy: says nothing of the writer
+        (WAITING, (1, -1, -1), None),
+    ],
+)
+def test_a_series_of_follow_ups_caught_the_writer_idle_or_not(
+    series: FollowUps, report: tuple[int, int, int] | None, caught: bool | None
+) -> None:
+    assert follow_up_outcome(series, report) is caught
+
+
+def test_after_series_that_missed_the_writer_checkpoints_run_none_for_a_while() -> None:
+    skips = [follow_up_skips(n) for n in range(8)]
+    assert skips == [0, 1, 3, 7] + [WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS] * 4
+    assert follow_up_skips(10**6) == WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS
