@@ -15,9 +15,9 @@ same file runs ``PRAGMA wal_checkpoint(PASSIVE)`` when the WAL file grows past
 :data:`WAL_CHECKPOINT_INTERVAL_S`. A passive checkpoint never waits for the
 writer and the writer never waits for it: the event loop keeps committing to
 the WAL while the thread copies and fsyncs (the sqlite3 module releases the
-GIL while SQLite works). Durability is unchanged: with ``synchronous=NORMAL``
-a commit is durable across a process crash once it is in the WAL,
-checkpointed or not.
+GIL while SQLite works). Durability is unchanged: a commit is durable once
+it is in the WAL (its ``COMMIT`` syncs it, ``synchronous=FULL``), checkpointed
+or not, and a passive checkpoint only copies what is already durable.
 
 One fsync stays with the writer: after a complete checkpoint, the next commit
 starts the WAL over from its beginning and SQLite syncs the new WAL header
@@ -32,11 +32,18 @@ header (whether it started over: :meth:`WalCheckpointer.wal_generation`) give th
 frames the writer added since the checkpoint before, and the next is due when as
 many as the bound will have been added again (:func:`next_checkpoint_gap_s`): at
 least :data:`WAL_CHECKPOINT_MIN_GAP_S` apart, at most the interval. The WAL starts
-over only when the writer begins a transaction just after a checkpoint copied every
-frame, which under a steady load, even a light one, hardly ever happens (round 11 of
-docs/publish-path.md: not once in 39 checkpoints at 100 posts/s); so the writer's
-backstop is what starts it over, and the checkpoints close in on it so that it has
-little left to copy in its commit.
+over only when the writer begins a transaction while every frame is copied back; a
+checkpoint takes 10-150 ms and some commit nearly always lands during it, so alone
+it hardly ever let the writer start over (round 11 of docs/publish-path.md: not once
+in 39 checkpoints at 100 posts/s; the writer's backstop did, in a commit on the event
+loop). So after one that copied all it saw, the thread runs follow-ups
+(:func:`next_follow_up`): each copies only the frames committed meanwhile, a
+millisecond's work that fits between two commits, and the writer's next transaction
+then starts the WAL over (round 12: 41 of 43 series at 100 posts/s). Under load they cannot
+catch the writer idle (under a millisecond between batches at 800-900 posts/s), so a
+series that missed it makes the next checkpoints run none (:func:`follow_up_skips`),
+and the checkpoints close in on the backstop so that it has little left to copy in
+its commit.
 
 Contract: :meth:`start` once, :meth:`close` once (idempotent); after
 :meth:`close` returns the thread has stopped and its connection is closed.
@@ -54,6 +61,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 log = logging.getLogger("rtm.webapp.checkpoint")
 
@@ -101,6 +109,31 @@ WAL_CHECKPOINT_MIN_GAP_S = 0.5
 # light load's (16 s at 100 posts/s) in 5 checkpoints and the interval in 7; one that had nothing to
 # copy costs microseconds and no fsync.
 WAL_CHECKPOINT_GAP_GROWTH_FACTOR = 2.0
+# After a checkpoint that copied every frame it saw, the thread runs follow-up checkpoints (each
+# copies only the frames of the commits made meanwhile) until the WAL starts over, or this many, or
+# for this long, or until the writer has been missed WAL_FOLLOW_UP_MAX_MISSES times, whichever comes
+# first (next_follow_up). SQLite starts the WAL over only when the writer begins a transaction while
+# every frame has been copied back; the group commit begins its next within milliseconds while a
+# checkpoint of a gap's frames takes 10-150 ms, so without them only the writer's backstop started
+# it over, inside a commit on the event loop (docs/publish-path.md, rounds 11 and 12). A follow-up
+# copies about one commit's frames, so it can fall between two.
+WAL_FOLLOW_UP_MAX_COUNT = 20
+WAL_FOLLOW_UP_BUDGET_S = 0.25
+# A follow-up *missed* the writer when the one before it found every frame copied and nothing new,
+# yet the writer's next commit appended to the WAL instead of starting it over: its transaction had
+# begun before. Under load the group commit keeps a batch open most of the time (87 % of it at
+# 800-900 posts/s, the writer idle 0.8 ms between batches at the median: round 12), so follow-ups
+# keep missing and the series stops after this many, leaving the WAL to the cadence and the backstop.
+WAL_FOLLOW_UP_MAX_MISSES = 3
+# After a series that never caught the writer idle (follow_up_outcome), the next checkpoints run
+# none: 1, 3, 7, then this many at most (follow_up_skips), until one series catches it. Under load
+# every series fails, and its copying follow-ups (a sync of the WAL and of the database file each)
+# were some 400 a minute at 800-900 posts/s for none of the restarts (round 12).
+WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS = 8
+# A follow-up that found nothing new to copy (every frame copied, no commit since) waits this long for
+# the writer's next transaction, which starts the WAL over, before the next looks (one pread and a
+# checkpoint with nothing to copy: microseconds); one that copied new frames is followed at once.
+WAL_FOLLOW_UP_IDLE_PAUSE_S = 0.002
 # A WAL frame's header (before its page), and SQLite's default page size.
 WAL_FRAME_HEADER_BYTES = 24
 WAL_PAGE_BYTES_DEFAULT = 4096
@@ -117,8 +150,8 @@ def frames_added(previous: int | None, frames: int, restarted: bool) -> int | No
     ``previous`` frames (None: there was none, or it failed), now that one sees ``frames``.
 
     The WAL starts over only when the writer begins a write while every frame has been copied, so at
-    a steady light load it hardly ever does (round 11: not once in 39 checkpoints at 100 posts/s),
-    and ``frames`` counts every frame since it last did. ``restarted`` (its header changed) or fewer
+    a steady load it may not (round 11: not once in 39 checkpoints at 100 posts/s, before the
+    follow-ups of round 12; at saturation still), and ``frames`` counts every frame since it last did. ``restarted`` (its header changed) or fewer
     frames than before: all of them are new."""
     if previous is None:
         return None
@@ -143,9 +176,10 @@ def next_checkpoint_gap_s(
 
     One that did not catch the writer (busy, or frames left to copy: a reader holds an older
     snapshot): ``min_gap_s``. Else the writer's rate says when as many frames as the bound will have
-    been added again; and, since the WAL may not start over (:func:`frames_added`), before it
-    reaches the backstop, where the writer would checkpoint in its own commit: half the time to it,
-    so the checkpoints close in on it and leave the writer little to copy. Within ``[min_gap_s,
+    been added again; and, since the WAL may not start over (:func:`frames_added`: the follow-ups
+    may not catch the writer idle), before it reaches the backstop, where the writer would
+    checkpoint in its own commit: half the time to it, so the checkpoints close in on it and leave
+    the writer little to copy. Within ``[min_gap_s,
     max_gap_s]`` and at most ``growth`` times ``since_s``: a short gap's few frames do not foretell a
     long one (:data:`WAL_CHECKPOINT_GAP_GROWTH_FACTOR`). Each start over costs the writer an fsync,
     each checkpoint that copies a sync of the WAL (and of the database file if no commit came during
@@ -161,6 +195,74 @@ def next_checkpoint_gap_s(
         to_fill = min(bound_frames, (backstop_frames - wal_frames) / 2)
         cap_s = min(cap_s, since_s * to_fill / added_frames)
     return max(cap_s, min_gap_s)
+
+
+class FollowUps(NamedTuple):
+    """A series of follow-up checkpoints (:func:`next_follow_up`): the WAL's header when it began
+    (:meth:`WalCheckpointer.wal_generation`), when, how many follow-ups ran, how many missed the
+    writer (:data:`WAL_FOLLOW_UP_MAX_MISSES`), the WAL frames the last checkpoint of the series saw
+    (-1: none yet), and whether it found every frame copied and nothing new since the one before."""
+
+    generation: bytes
+    began_at: float
+    runs: int = 0
+    misses: int = 0
+    frames: int = -1
+    waiting: bool = False
+
+
+def next_follow_up(
+    series: FollowUps,
+    report: tuple[int, int, int] | None,
+    now: float,
+    budget: tuple[int, int, float] = (WAL_FOLLOW_UP_MAX_COUNT, WAL_FOLLOW_UP_MAX_MISSES, WAL_FOLLOW_UP_BUDGET_S),
+    idle_pause_s: float = WAL_FOLLOW_UP_IDLE_PAUSE_S,
+) -> tuple[FollowUps, float] | None:
+    """After a checkpoint of ``series`` (the first or a follow-up; ``series.runs`` follow-ups ran)
+    reported ``report`` (busy, WAL frames, frames copied; None if it failed), at ``now``: the series
+    as it goes on and how long until its next follow-up, or None when it ends.
+
+    It ends if the checkpoint failed or was busy (the writer's backstop checkpoints), the WAL is
+    empty or holds fewer frames than before (it started over, the series' aim; so does a changed
+    header, which :meth:`WalCheckpointer.follow_up` reads before each), or the ``budget`` is spent:
+    so many follow-ups, so many misses, so long. Else the next comes at once if the checkpoint copied
+    every frame and some were new (a commit landed meanwhile: the sooner the next, the fewer frames
+    it copies, and the likelier it ends before the writer's next transaction begins); or after
+    ``idle_pause_s`` if there was nothing new (every frame is copied back: the writer's next
+    transaction starts the WAL over), or a reader held back the copy (it is soon done). A follow-up
+    is a passive checkpoint like any other: it never waits for the writer, nor the writer for it."""
+    if report is None:
+        return None
+    busy, frames, copied = report
+    if busy or frames <= 0 or frames < series.frames:
+        return None
+    new = frames > series.frames
+    misses = series.misses + (1 if series.waiting and new else 0)
+    max_count, max_misses, max_s = budget
+    if series.runs >= max_count or misses >= max_misses or not now - series.began_at < max_s:
+        return None
+    done = copied >= frames
+    after = series._replace(misses=misses, frames=frames, waiting=done and not new)
+    return after, (0.0 if done and new else idle_pause_s)
+
+
+def follow_up_outcome(series: FollowUps, report: tuple[int, int, int] | None) -> bool | None:
+    """Whether the series that ``report`` ended (:func:`next_follow_up` gave None) caught the
+    writer idle: True if the WAL started over or was left with every frame copied and nothing new
+    (the writer's next transaction starts it over); False if the writer was still committing, or it
+    ended on misses; None if its last checkpoint failed or was busy (says nothing of the writer)."""
+    if report is None or report[0]:
+        return None
+    frames, copied = report[1], report[2]
+    if frames < series.frames or frames <= 0:
+        return True
+    return frames == series.frames and copied >= frames  # (a miss brings new frames)
+
+
+def follow_up_skips(failed_in_a_row: int, cap: int = WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS) -> int:
+    """How many checkpoints run no follow-ups after ``failed_in_a_row`` series that never caught
+    the writer idle (:func:`follow_up_outcome`): 0, 1, 3, 7, ... up to ``cap``."""
+    return min((1 << min(failed_in_a_row, cap.bit_length() + 1)) - 1, cap)
 
 
 class WalCheckpointer:
@@ -183,9 +285,17 @@ class WalCheckpointer:
         self.wal_bytes = wal_bytes
         self.min_gap_s = min_gap_s
         self.clock = clock
-        self.checkpoints = 0  # checkpoints run (successful or not)
+        self.checkpoints = 0  # checkpoints run (successful or not), follow-ups not counted
+        self.follow_ups = 0  # follow-up checkpoints run (next_follow_up)
+        self.restarts = 0  # series of follow-ups that saw the WAL start over
+        self.failed_series = 0  # series of follow-ups that never caught the writer idle
+        self._failed_in_a_row = 0
+        self._skip_series = 0  # checkpoints left to run without follow-ups (follow_up_skips)
         self.failures = 0
         self.last: tuple[int, int, int] | None = None  # (busy, WAL frames, frames checkpointed) of the last one
+        # The follow-ups after the last checkpoint, and when the next is due (None: no series).
+        self._series: FollowUps | None = None
+        self._follow_up_at: float | None = None
         self._next_at = clock() + interval_s
         self._last_at = -math.inf  # when the last checkpoint ran
         self._past_bound_at = -math.inf  # when the next is due while the file is past the bound
@@ -227,7 +337,7 @@ class WalCheckpointer:
 
     def _run(self) -> None:
         try:
-            while not self._stop.wait(self.poll_s):
+            while not self._stop.wait(self.wait_s()):
                 self.poll()
         finally:
             self._close_conn()
@@ -261,8 +371,18 @@ class WalCheckpointer:
         """
         return (wal_size > self.wal_bytes and now >= self._past_bound_at) or now >= self._next_at
 
+    def wait_s(self) -> float:
+        """How long the thread waits before its next :meth:`poll`: the poll interval, or less when a
+        follow-up is due sooner."""
+        if self._follow_up_at is None:
+            return self.poll_s
+        return min(self.poll_s, max(0.0, self._follow_up_at - self.clock()))
+
     def poll(self) -> bool:
-        """Checkpoint if :meth:`due`; returns whether it did."""
+        """Run a follow-up checkpoint if one is due (:meth:`follow_up`), else checkpoint if
+        :meth:`due`; returns whether it ran a checkpoint."""
+        if self._follow_up_at is not None and self.clock() >= self._follow_up_at and self.follow_up():
+            return True
         size = self.wal_size()
         if not self.due(self.clock(), size):
             return False
@@ -292,6 +412,53 @@ class WalCheckpointer:
         self._next_at = now + self.interval_s
         self._past_bound_at = now + self.min_gap_s
         generation = self.wal_generation()  # before: frames the checkpoint sees are of this one or later
+        self._series, self._follow_up_at = None, None
+        report = self._passive()
+        if report is None:
+            self._seen = None
+            return None
+        self._past_bound_at = now + self._next_gap_s(report, generation, since_s)
+        if self._skip_series > 0:
+            self._skip_series -= 1
+        elif generation is not None:
+            self._next_follow_up(FollowUps(generation, self.clock()), report)
+        return report
+
+    def follow_up(self) -> bool:
+        """One follow-up of the last checkpoint (:func:`next_follow_up`): unless the WAL started over
+        since it, or the follow-ups' time is up (a poll long after it, in a test), a ``PRAGMA
+        wal_checkpoint(PASSIVE)`` that leaves the checkpoints' cadence as it was. Returns whether it
+        ran one. Like every checkpoint here, it never waits for the writer."""
+        series, self._series, self._follow_up_at = self._series, None, None
+        if series is None or not self.clock() - series.began_at < WAL_FOLLOW_UP_BUDGET_S:
+            return False
+        if self.wal_generation() != series.generation:
+            self.restarts += 1
+            self._failed_in_a_row = 0
+            return False
+        self.follow_ups += 1
+        report = self._passive()
+        if report is not None and 0 <= report[1] < series.frames:
+            self.restarts += 1  # it started over between the header's read and the checkpoint
+        self._next_follow_up(series._replace(runs=series.runs + 1), report)
+        return True
+
+    def _next_follow_up(self, series: FollowUps, report: tuple[int, int, int] | None) -> None:
+        """Schedule the next follow-up of ``series`` after its checkpoint's ``report``, or end it."""
+        now = self.clock()
+        step = next_follow_up(series, report, now)
+        if step is None:
+            caught = follow_up_outcome(series, report)
+            if caught is not None:
+                self._failed_in_a_row = 0 if caught else self._failed_in_a_row + 1
+                self.failed_series += 0 if caught else 1
+                self._skip_series = follow_up_skips(self._failed_in_a_row)
+            return
+        self._series, delay_s = step
+        self._follow_up_at = now + delay_s
+
+    def _passive(self) -> tuple[int, int, int] | None:
+        """``PRAGMA wal_checkpoint(PASSIVE)`` on the thread's connection, None if it failed."""
         try:
             if self._conn is None:
                 # Used by one thread at a time: the checkpoint thread, or a test calling poll().
@@ -300,11 +467,9 @@ class WalCheckpointer:
             row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]  # fetchall: no statement left open
         except sqlite3.Error as exc:
             self.failures += 1
-            self._seen = None
             log.warning("WAL checkpoint of %s failed (retried when next due): %s", self.path, exc)
             return None
         self.last = (int(row[0]), int(row[1]), int(row[2]))
-        self._past_bound_at = now + self._next_gap_s(self.last, generation, since_s)
         return self.last
 
     def _next_gap_s(self, last: tuple[int, int, int], generation: bytes | None, since_s: float) -> float:

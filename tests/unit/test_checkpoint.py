@@ -19,9 +19,18 @@ from webapp_stub.checkpoint import (
     WAL_CHECKPOINT_BYTES,
     WAL_CHECKPOINT_GAP_GROWTH_FACTOR,
     WAL_CHECKPOINT_POLL_S,
+    WAL_FOLLOW_UP_BUDGET_S,
+    WAL_FOLLOW_UP_IDLE_PAUSE_S,
+    WAL_FOLLOW_UP_MAX_COUNT,
+    WAL_FOLLOW_UP_MAX_MISSES,
+    WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS,
+    FollowUps,
     WalCheckpointer,
+    follow_up_outcome,
+    follow_up_skips,
     frames_added,
     next_checkpoint_gap_s,
+    next_follow_up,
 )
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
@@ -32,6 +41,7 @@ POSTS_PER_POLL = 10
 LIGHT_LOAD_S = 30
 POLLS_PER_LIGHT_POST = 5
 POLLS_PER_S = round(1 / WAL_CHECKPOINT_POLL_S)
+FOLLOW_UP_POSTS = 4  # within WAL_CHECKPOINT_MIN_GAP_S of polls
 
 
 def checkpoint_threads() -> list[threading.Thread]:
@@ -372,3 +382,169 @@ def test_a_lull_after_a_burst_does_not_put_the_next_checkpoint_an_interval_off(s
     clock.now += WAL_CHECKPOINT_GAP_GROWTH_FACTOR * ckpt.min_gap_s
     assert ckpt.poll()  # twice the gap at the latest, not the interval
     ckpt.close()
+
+
+FIRST = FollowUps(b"header01", 100.0)  # a series, as its checkpoint leaves it
+WAITING = FIRST._replace(runs=2, frames=905, waiting=True)  # every frame copied, nothing new
+
+
+@pytest.mark.parametrize(
+    ("series", "report", "after_s", "step"),
+    [
+        # the checkpoint copied all it saw: the first follow-up at once
+        (FIRST, (0, 900, 900), 0.1, (FIRST._replace(frames=900), 0.0)),
+        # a follow-up copied a commit made meanwhile: the next at once
+        (WAITING._replace(waiting=False, frames=900), (0, 905, 905), 0.1, (WAITING._replace(waiting=False), 0.0)),
+        # nothing new: wait for the writer's next transaction
+        (WAITING._replace(waiting=False), (0, 905, 905), 0.1, (WAITING, WAL_FOLLOW_UP_IDLE_PAUSE_S)),
+        (
+            WAITING._replace(waiting=False),
+            (0, 905, 800),
+            0.1,
+            (WAITING._replace(waiting=False), WAL_FOLLOW_UP_IDLE_PAUSE_S),
+        ),  # a reader
+        # every frame was copied, yet the writer's commit appended: its transaction had begun (a miss)
+        (WAITING, (0, 910, 910), 0.1, (WAITING._replace(misses=1, frames=910, waiting=False), 0.0)),
+        (
+            WAITING._replace(misses=WAL_FOLLOW_UP_MAX_MISSES - 1),
+            (0, 910, 910),
+            0.1,
+            None,
+        ),  # ...so many: the writer is never idle
+        (WAITING, (0, 905, 905), 0.1, (WAITING, WAL_FOLLOW_UP_IDLE_PAUSE_S)),  # still nothing new: no miss
+        (WAITING, (0, 12, 12), 0.1, None),  # fewer frames: the writer started the WAL over
+        (WAITING, (0, 0, 0), 0.1, None),
+        (WAITING, None, 0.1, None),  # failed
+        (WAITING, (1, -1, -1), 0.1, None),  # busy (the writer's backstop checkpoints)
+        (FIRST, (0, 0, 0), 0.1, None),  # an empty WAL: nothing to start over
+        (WAITING._replace(runs=WAL_FOLLOW_UP_MAX_COUNT), (0, 905, 905), 0.1, None),  # the budget: so many
+        (WAITING, (0, 905, 905), WAL_FOLLOW_UP_BUDGET_S, None),  # ...or so long
+    ],
+)
+def test_a_follow_up_comes_after_a_complete_checkpoint_within_its_budget(
+    series: FollowUps, report: tuple[int, int, int] | None, after_s: float, step: tuple[FollowUps, float] | None
+) -> None:
+    assert next_follow_up(series, report, series.began_at + after_s) == step
+
+
+def test_follow_ups_let_the_writer_start_the_wal_over_after_a_commit_landed_during_the_checkpoint(
+    store: Store,
+) -> None:
+    """round 12: a light load's writer is idle between its commits, but a checkpoint of a gap's frames
+    took 10-150 ms and some commit nearly always landed during it; the writer's next transaction then
+    began with frames left to copy, so the WAL never started over but through the writer's backstop
+    (at 4 times the bound, in a commit on the event loop). Here the checkpoint always catches the
+    writer inside a transaction, as it could at load; the follow-ups copy that commit's frames while
+    the writer is idle, and its next commit starts the WAL over."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    burst_past_the_bound(store, seed, ckpt)
+    before = ckpt.wal_generation()
+    for _ in range(FOLLOW_UP_POSTS):  # one post per poll; the checkpoint comes at the first poll
+        store.begin_batch()
+        post(store, seed, 1)
+        ckpt.poll()  # inside the writer's transaction
+        store.commit_batch()
+        ckpt.poll()  # the writer is idle
+        clock.now += WAL_CHECKPOINT_POLL_S
+    assert ckpt.failures == 0 and ckpt.checkpoints == 1  # the cadence is the follow-ups' own
+    assert ckpt.wal_generation() not in (None, before)  # the writer started the WAL over...
+    assert ckpt.restarts == 1 and 1 <= ckpt.follow_ups <= 3, (ckpt.restarts, ckpt.follow_ups)
+    report = ckpt.checkpoint()
+    assert report is not None and report[1] < SMALL_WAL_BYTES // 1024 // 4  # ...long before its backstop
+    ckpt.close()
+
+
+def test_follow_ups_stop_at_their_budget_when_the_writer_is_never_idle(store: Store) -> None:
+    """The writer begins its next transaction as soon as it commits (as at saturation), so no
+    follow-up finds it idle: they stop at WAL_FOLLOW_UP_MAX_COUNT, or WAL_FOLLOW_UP_BUDGET_S, and
+    the thread goes back to polling every WAL_CHECKPOINT_POLL_S."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    burst_past_the_bound(store, seed, ckpt)
+    assert ckpt.wait_s() == WAL_CHECKPOINT_POLL_S
+    store.begin_batch()
+    post(store, seed, 1)
+    assert ckpt.poll() and ckpt.wait_s() == 0.0  # the checkpoint; its first follow-up is due at once
+    for _ in range(2 * WAL_FOLLOW_UP_MAX_COUNT):  # the clock stands still: the count is the bound
+        store.commit_batch()
+        store.begin_batch()
+        post(store, seed, 1)
+        ckpt.poll()
+    assert ckpt.follow_ups == WAL_FOLLOW_UP_MAX_COUNT and ckpt.restarts == 0
+    assert ckpt.wait_s() == WAL_CHECKPOINT_POLL_S and not ckpt.poll()
+
+    clock.now += 60.0  # the interval's checkpoint; now the clock moves a poll per commit
+    assert ckpt.poll() and ckpt.checkpoints == 2
+    for _ in range(2 * WAL_FOLLOW_UP_MAX_COUNT):
+        store.commit_batch()
+        store.begin_batch()
+        post(store, seed, 1)
+        clock.now += WAL_CHECKPOINT_POLL_S
+        ckpt.poll()
+    store.commit_batch()
+    assert ckpt.follow_ups - WAL_FOLLOW_UP_MAX_COUNT <= WAL_FOLLOW_UP_BUDGET_S / WAL_CHECKPOINT_POLL_S + 1
+    assert ckpt.failures == 0 and ckpt.restarts == 0
+    ckpt.close()
+
+
+def test_follow_ups_that_keep_missing_the_writer_stop(store: Store) -> None:
+    """Under load the group commit opens its next batch as soon as it commits (the writer idle
+    0.8 ms between batches at the median, at 800-900 posts/s: round 12). A follow-up then finds
+    every frame copied and nothing new, yet the writer's transaction began before, and its commit
+    appends to the WAL instead of starting it over: a miss. After WAL_FOLLOW_UP_MAX_MISSES of
+    them the series stops, rather than run its whole budget at every checkpoint."""
+    seed = seed_demo(store)
+    clock = FakeClock()
+    ckpt = WalCheckpointer(store.path, interval_s=60.0, wal_bytes=SMALL_WAL_BYTES, clock=clock)
+    burst_past_the_bound(store, seed, ckpt)
+    generation = ckpt.wal_generation()
+    store.begin_batch()
+    post(store, seed, 1)
+    assert ckpt.poll()  # the checkpoint, inside the writer's transaction
+    for _ in range(WAL_FOLLOW_UP_MAX_COUNT):  # bounded
+        clock.now += WAL_FOLLOW_UP_IDLE_PAUSE_S
+        ckpt.poll()  # every frame copied, nothing new: the writer's are not committed yet
+        store.commit_batch()  # appends: its transaction began before
+        store.begin_batch()
+        post(store, seed, 1)
+        clock.now += WAL_FOLLOW_UP_IDLE_PAUSE_S
+        ckpt.poll()  # copies that commit (a miss)
+    store.commit_batch()
+    assert ckpt.wal_generation() == generation and ckpt.restarts == 0 and ckpt.failures == 0
+    assert ckpt.follow_ups == 2 * WAL_FOLLOW_UP_MAX_MISSES, ckpt.follow_ups
+    assert ckpt.wait_s() == WAL_CHECKPOINT_POLL_S and ckpt.failed_series == 1
+    # the next checkpoint runs none (follow_up_skips), the one after does
+    post(store, seed, 1)
+    clock.now += 60.0
+    assert ckpt.poll() and ckpt.wait_s() == WAL_CHECKPOINT_POLL_S
+    post(store, seed, 1)
+    clock.now += 60.0
+    assert ckpt.poll() and ckpt.wait_s() == 0.0
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    ("series", "report", "caught"),
+    [
+        (WAITING, (0, 12, 12), True),  # the WAL started over
+        (WAITING, (0, 905, 905), True),  # every frame copied, nothing new: the next transaction starts it over
+        (WAITING._replace(runs=WAL_FOLLOW_UP_MAX_COUNT), (0, 905, 905), True),
+        (WAITING._replace(waiting=False, frames=900), (0, 905, 905), False),  # the writer kept committing
+        (WAITING._replace(misses=WAL_FOLLOW_UP_MAX_MISSES - 1), (0, 910, 910), False),  # it ended on misses
+        (WAITING, None, None),  # failed, or busy: says nothing of the writer
+        (WAITING, (1, -1, -1), None),
+    ],
+)
+def test_a_series_of_follow_ups_caught_the_writer_idle_or_not(
+    series: FollowUps, report: tuple[int, int, int] | None, caught: bool | None
+) -> None:
+    assert follow_up_outcome(series, report) is caught
+
+
+def test_after_series_that_missed_the_writer_checkpoints_run_none_for_a_while() -> None:
+    skips = [follow_up_skips(n) for n in range(8)]
+    assert skips == [0, 1, 3, 7] + [WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS] * 4
+    assert follow_up_skips(10**6) == WAL_FOLLOW_UP_MAX_SKIPPED_CHECKPOINTS
