@@ -71,6 +71,7 @@ def unreachable(command: str, api_url: str, exc: aiohttp.ClientError, data_dir: 
 
 
 def describe(event: dict[str, Any], names: dict[str, str], channels: dict[str, str]) -> str:
+    """One line for ``rtm tail``. A ``team_join``/``user_change`` adds or renames its user in ``names``."""
     kind = event.get("type", "?")
     if kind == "hello":
         return "hello                  (the gateway is ready; events follow)"
@@ -78,7 +79,11 @@ def describe(event: dict[str, Any], names: dict[str, str], channels: dict[str, s
     if isinstance(where, dict):  # channel_joined, im_created, group_joined: the channel object
         where = where.get("name") or where.get("id")
     channel = "#" + channels.get(str(where), str(where)) if where else "-"  # tokens_revoked: no channel
-    who = names.get(str(event.get("user")), str(event.get("user", "")))
+    user = event.get("user")
+    if isinstance(user, dict) and isinstance(user.get("id"), str):  # team_join, user_change: the user object
+        names[user["id"]] = str(user.get("name") or user["id"])  # known by name from now on
+        user = user["id"]
+    who = names.get(str(user), str(user or ""))
     line = f"{kind:<22} {channel:<13} {who:<8}"
     if "text" in event:
         line += f" {event['text']}"

@@ -83,3 +83,11 @@ def test_tail_rides_through_a_webapp_restart(
     out = capsys.readouterr()
     assert "the webapp does not answer (webapp restarting); retrying" in out.out
     assert "rtm.connect failed: invalid_auth" in out.err and not answers
+
+
+def test_someone_who_joins_the_team_is_named_from_then_on() -> None:
+    names = dict(NAMES)
+    joined = {"type": "team_join", "user": {"id": "U9", "name": "frank", "profile": {"title": ""}}}
+    assert describe(joined, names, CHANNELS).split() == ["team_join", "-", "frank"]
+    line = describe({"type": "message", "channel": "C1", "user": "U9", "text": "frank here"}, names, CHANNELS)
+    assert line.split()[:4] == ["message", "#general", "frank", "frank"]
