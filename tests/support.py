@@ -4,11 +4,15 @@ waits, a fake clock, and gateway stand-ins (a recording client socket, the gatew
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import struct
+import subprocess
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -397,3 +401,27 @@ class Parts:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.discovery.close()
+
+
+@contextlib.contextmanager
+def interruptible_child(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A child command to stop with SIGINT as Ctrl-C would, its output piped. SIGINT is restored in
+    the child: a shell running the suite in the background (nohup, CI) starts its children with
+    SIGINT ignored, which exec keeps, and Python then never turns it into KeyboardInterrupt. A hung
+    read ends in a failed assertion (the child is killed after three waits); the child never outlives
+    the block."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    watchdog = threading.Timer(DEFAULT_WAIT_S * 3, proc.kill)
+    watchdog.start()
+    try:
+        yield proc
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from rtmctl import logs
 from rtmctl.log_file import ProcessLogFile, log_dir, log_path, previous_path
 from rtmctl.logs import FileId, FollowAction, Follower, UnknownProcess, follow_action, last_lines, resolve, tail
-from tests.support import DEFAULT_WAIT_S
+from tests.support import DEFAULT_WAIT_S, interruptible_child
 
 A, B = FileId(1, 10, 0), FileId(1, 11, 0)
 
@@ -218,18 +216,7 @@ def test_rtm_logs_follow_prints_new_lines_until_interrupted(tmp_path: Path) -> N
     """The real command in a child: -f prints a line written after it started, and Ctrl-C ends it quietly."""
     write_fleet(tmp_path, {"webapp": "webapp-0"})
     argv = [sys.executable, "-m", "rtmctl.cli", "logs", "webapp", "-n", "1", "-f", "--data-dir", str(tmp_path)]
-    # SIGINT as a terminal gives it: a shell running the suite in the background (nohup, CI) starts
-    # its children with SIGINT ignored, which exec keeps, and Python then never turns it into
-    # KeyboardInterrupt
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    watchdog = threading.Timer(DEFAULT_WAIT_S * 3, proc.kill)  # a hung read ends in a failed assertion
-    watchdog.start()
-    try:
+    with interruptible_child(argv) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"webapp line 2\n"  # the tail, printed before following
         writer = ProcessLogFile(log_path(log_dir(tmp_path), "webapp"))
@@ -240,11 +227,6 @@ def test_rtm_logs_follow_prints_new_lines_until_interrupted(tmp_path: Path) -> N
         proc.send_signal(signal.SIGINT)  # as Ctrl-C
         assert proc.wait(timeout=DEFAULT_WAIT_S) == 0
         assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_rtm_logs_is_an_rtm_command_with_a_one_line_summary() -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from rtmctl import top
 from rtmctl.operator import FLEET_HINT
 from rtmctl.top import CPU, ERRORS, OPEN_FDS, RSS, STARTED, Process, Scrape, TopModel
-from tests.support import DEFAULT_WAIT_S
+from tests.support import DEFAULT_WAIT_S, interruptible_child
 
 MAX_READ_LINES = 8  # of the child's output: two tables of one process (title, header, row, total) and a blank line
 
@@ -185,16 +183,7 @@ def test_the_real_command_prints_tables_until_ctrl_c_and_ends_quietly(tmp_path: 
     entry = {"name": "cs-1", "service": "channel-server", "pid": 1, "host": "127.0.0.1", "metrics_port": port}
     (tmp_path / "fleet.json").write_text(json.dumps({"processes": [entry]}))
     argv = [sys.executable, "-m", "rtmctl.cli", "top", "--interval-s", "0.1", "--data-dir", str(tmp_path)]
-    # SIGINT as a terminal gives it (a shell running the suite in the background starts children with it ignored)
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    watchdog = threading.Timer(DEFAULT_WAIT_S * 3, proc.kill)  # a hung read ends in a failed assertion
-    watchdog.start()
-    try:
+    with interruptible_child(argv) as proc:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(MAX_READ_LINES)]
         assert lines.count(b"\n") >= 1, lines  # two tables, a blank line between
@@ -202,11 +191,6 @@ def test_the_real_command_prints_tables_until_ctrl_c_and_ends_quietly(tmp_path: 
         proc.send_signal(signal.SIGINT)  # as Ctrl-C
         assert proc.wait(timeout=DEFAULT_WAIT_S) == 0
         assert proc.stderr is not None and proc.stderr.read() == b""
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_the_defaults() -> None:
