@@ -157,8 +157,8 @@ def post_args(request: PostRequest) -> Args:
                 args.setdefault(key, value)
         except ValueError:
             raise ApiError("invalid_arguments") from None
+        check_text(args, "invalid_arguments")  # the query's; a body's where it is parsed (parse_body)
     args.update(parse_body(request.body, content_type(request.headers)))
-    check_text(args, "invalid_arguments")
     return args
 
 
