@@ -48,17 +48,16 @@ CREATE TABLE IF NOT EXISTS search_mark (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     last_id INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO search_mark (id, last_id) VALUES (0, 0);
 CREATE TABLE IF NOT EXISTS search_stale (
     id INTEGER PRIMARY KEY,
     text TEXT NOT NULL
 );
 """
-# Rows indexed by one search at most. FTS5 indexes a short message in about 4 µs on this project's
-# 2-core VM (50,000 in 0.2 s), so this bounds the catch-up to some 40 ms of the event loop; a
-# larger backlog (a database that had no index, or a busy hour without a search) is indexed by
-# the next searches, this many each.
-MAX_INDEX_ROWS_PER_SEARCH = 10_000
+# Rows indexed by one search at most. FTS5 indexes a message of a dozen words in about 4.5 µs on
+# this project's 2-core VM (50,000 in 0.23 s: bench/search.py), so this bounds a catch-up to some
+# 25 ms of the event loop every post waits on; a larger backlog (a database that had no index, or
+# a busy day without a search) is indexed by the next searches, this many each.
+MAX_INDEX_ROWS_PER_SEARCH = 5_000
 # Edited or deleted rows re-indexed by one search at most (each: one FTS5 delete and one insert).
 MAX_STALE_PER_SEARCH = 2_000
 
@@ -75,7 +74,9 @@ class CatchUp:
 def create(conn: sqlite3.Connection) -> bool:
     """Create the tables. False if this SQLite has no FTS5: then only ``search_mark`` (left at 0, so
     edits record nothing) and ``search_stale`` exist, and ``search.messages`` is unavailable."""
-    conn.executescript("BEGIN;" + SEARCH_SCHEMA + "COMMIT;")
+    conn.executescript(SEARCH_SCHEMA)  # IF NOT EXISTS: no write (no lock) once they exist
+    if conn.execute("SELECT 1 FROM search_mark").fetchone() is None:  # never a write lock when present:
+        conn.execute("INSERT OR IGNORE INTO search_mark (id, last_id) VALUES (0, 0)")  # tools open it live
     try:
         conn.execute(FTS_SCHEMA)
     except sqlite3.OperationalError as exc:

@@ -9,6 +9,7 @@ import sqlite3
 from typing import Any
 
 from tests.webapp_harness import Webapp
+from webapp_stub import search as search_method
 from webapp_stub import search_index
 
 
@@ -200,3 +201,35 @@ def test_a_database_from_before_search_gets_the_tables(tmp_path: Any) -> None:
         assert search_index.available(store.conn) and search_index.mark(store.conn) == 0
     finally:
         store.close()
+
+
+async def test_a_backlog_is_indexed_a_bounded_chunk_per_search_and_the_answer_says_so(
+    webapp: Webapp, monkeypatch: Any
+) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    monkeypatch.setattr(search_index, "MAX_INDEX_ROWS_PER_SEARCH", 3)
+    for i in range(5):
+        await ok(webapp, "chat.postMessage", alice["token"], channel=general, text=f"capybara {i}")
+    first = await ok(webapp, "search.messages", alice["token"], query="capybara")
+    assert first["warning"] == "search_index_incomplete"
+    assert first["response_metadata"] == {"warnings": ["search_index_incomplete"]}
+    assert first["messages"]["total"] == 3  # the oldest three: what is indexed, nothing false
+    second = await ok(webapp, "search.messages", alice["token"], query="capybara")
+    assert "warning" not in second and second["messages"]["total"] == 5
+
+
+async def test_a_search_considers_the_newest_matches_up_to_its_bound_and_says_so(
+    webapp: Webapp, monkeypatch: Any
+) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    monkeypatch.setattr(search_method, "MAX_CANDIDATES", 3)
+    stamps = [
+        (await ok(webapp, "chat.postMessage", alice["token"], channel=general, text=f"axolotl {i}"))["ts"]
+        for i in range(5)
+    ]
+    reply = await ok(webapp, "search.messages", alice["token"], query="axolotl", sort="timestamp")
+    assert reply["warning"] == "search_results_capped"
+    assert [m["ts"] for m in reply["messages"]["matches"]] == stamps[:1:-1]
+    assert reply["messages"]["total"] == 3
+    exact = await ok(webapp, "search.messages", alice["token"], query="axolotl 0")
+    assert "warning" not in exact and exact["messages"]["total"] == 1
