@@ -163,6 +163,11 @@ async def test_modifiers_sorting_paging_and_highlight(webapp: Webapp) -> None:
     assert await texts(webapp, token, '"pangolin number4"') == ["pangolin number4"]
     assert len(await texts(webapp, token, "pango*")) == 7
     assert await texts(webapp, token, "number6", highlight=True) == ["pangolin \ue000number6\ue001"]
+    for text in ("zebu among many other words in this one", "zebu zebu zebu", "a zebu here"):
+        await ok(webapp, "chat.postMessage", token, channel=general, text=text)
+    best_first = await texts(webapp, token, "zebu")
+    assert best_first[0] == "zebu zebu zebu" and best_first[-1] == "zebu among many other words in this one"
+    assert await texts(webapp, token, "zebu", sort="score", sort_dir="asc") == best_first[::-1]
     match = (await search(webapp, token, "number6"))["matches"][0]
     assert match["channel"]["id"] == general and match["channel"]["name"] == "general"
     assert match["channel"]["is_private"] is False and match["user"] == alice["id"] and match["username"] == "alice"
