@@ -13,7 +13,7 @@ Not the online backup API (``sqlite3.Connection.backup``): run from another proc
 over each time another connection writes the source, and under steady posts it may never finish.
 
 The copy is written to a temporary file beside OUT, created 0600 before SQLite opens it (it holds
-every user's token: :mod:`services.secret_file`), fsynced, checked (:func:`inspect`: SQLite's full
+every user's token: :mod:`services.secret_file`), fsynced, checked (:func:`check_database`: SQLite's full
 ``integrity_check``, the rtm tables), then renamed over OUT and the directory fsynced: OUT is the
 old file or the whole new one, never a part. An existing OUT is kept unless ``--force``.
 
@@ -94,7 +94,7 @@ def snapshot_into(source: Path, target: Path) -> None:
         conn.close()
 
 
-def inspect(path: Path, name: Path) -> Snapshot:
+def check_database(path: Path, name: Path) -> Snapshot:
     """Check that ``path`` (a file nobody writes; ``name`` is what the errors call it) is a whole rtm
     database: SQLite's full ``integrity_check`` (every page, index and constraint; ``quick_check``
     skips the indexes against their tables) and the :data:`~webapp_stub.schema.CORE_TABLES`.
@@ -146,7 +146,7 @@ def staged_copy(source: Path, beside: Path) -> Iterator[tuple[Path, Snapshot]]:
             if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
                 raise BackupError(f"{source} is not a whole rtm database ({exc})") from None
             raise failure(f"could not copy {source} beside {beside}", exc) from None
-        yield tmp, inspect(tmp, source)
+        yield tmp, check_database(tmp, source)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rtmctl import backup as backup_module
-from rtmctl.backup import BackupError, backup, inspect, main
+from rtmctl.backup import BackupError, backup, check_database, main
 from tests.support import post_in_general as post
 from tests.support import seeded_store as seeded
 
@@ -77,7 +77,7 @@ def test_a_failed_check_leaves_out_as_it_was_and_no_temporary_file(
         assert path.parent == out.parent and path.name.startswith(".b.db.")  # staged beside OUT
         raise BackupError(f"{name} fails SQLite's integrity check: simulated")
 
-    monkeypatch.setattr(backup_module, "inspect", failing_check)
+    monkeypatch.setattr(backup_module, "check_database", failing_check)
     with pytest.raises(BackupError, match="simulated"):
         backup(tmp_path / "data", out, force=True)
     assert out.read_text() == "the last good backup"
@@ -99,7 +99,7 @@ def test_the_check_is_sqlites_full_integrity_check(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
     conn.close()
     with pytest.raises(BackupError, match="fails SQLite's integrity check"):
-        inspect(path, path)
+        check_database(path, path)
 
 
 def test_a_file_without_the_rtm_tables_is_not_an_rtm_database(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_a_file_without_the_rtm_tables_is_not_an_rtm_database(tmp_path: Path) ->
     conn.execute("CREATE TABLE users (id TEXT)")
     conn.close()
     with pytest.raises(BackupError, match="not an rtm database .*no teams, tokens"):
-        inspect(path, path)
+        check_database(path, path)
 
 
 @pytest.mark.parametrize(
@@ -147,3 +147,30 @@ def test_the_line_it_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     line = capsys.readouterr().out
     assert line.startswith(f"backed up to {tmp_path / 'b.db'}: ") and line.count("\n") == 1
     assert ", 2 messages, 2 events, newest message ts " in line
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (sqlite3.OperationalError("database or disk is full"), "database or disk is full"),
+        (OSError(5, "Input/output error"), "Input/output error"),
+    ],
+)
+def test_a_disk_error_is_one_line_exit_code_2_and_leaves_nothing(
+    tmp_path: Path,
+    error: Exception,
+    said: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seeded(tmp_path / "data").close()
+
+    def failing_copy(source: Path, target: Path) -> None:
+        target.write_bytes(b"half a copy")
+        raise error
+
+    monkeypatch.setattr(backup_module, "snapshot_into", failing_copy)
+    assert main([str(tmp_path / "b.db"), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rtm backup: could not copy ") and err.endswith(f": {said}\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
