@@ -153,6 +153,10 @@ def _append_table_sql(name: str, table: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {name} (\n    id INTEGER PRIMARY KEY,\n    {APPEND_TABLES[table][0]}\n);"
 
 
+# The tables every rtm database has had since the first release: a file without one of them is
+# not the webapp's database (``rtm restore`` refuses it; rtmctl/backup.py).
+CORE_TABLES = ("teams", "users", "tokens", "channels", "members", "channel_seq", *APPEND_TABLES)
+
 # Columns added after the first release: a database written by an older
 # version gets them (with their defaults) when it is opened.
 MIGRATIONS = (
