@@ -15,7 +15,7 @@ one: a stale WAL beside a restored database would be applied to it by the next o
 it. A ``webapp.db.before-restore`` from an earlier restore is never overwritten.
 
 Then the database is opened once with the current code (the webapp's :func:`migrate`, as at every
-start) and ``seed.json`` is rewritten from it (:func:`webapp_stub.seed.describe`, as ``rtm seed``
+start) and ``seed.json`` is rewritten from it (:func:`webapp_stub.seed.write_seed_file`, as ``rtm seed``
 and ``rtm users`` write it), so ``rtm tail`` and ``rtm post`` know the backup's users and tokens.
 The fleet's secret, Consul tokens and TLS files in D are left as they are; in a new directory
 ``rtm up`` makes new ones (docs/hardening-webapp.md, "Backups").
@@ -47,7 +47,7 @@ from services.config import env_default
 from services.errors import CONFIG_ERROR_EXIT_CODE
 from services.secret_file import ensure_private_dir
 from webapp_stub.database import DB_FILE
-from webapp_stub.seed import SEED_FILE, describe, write_seed_file
+from webapp_stub.seed import SEED_FILE, write_seed_file
 from webapp_stub.store import Store
 
 KEPT_SUFFIX = ".before-restore"  # webapp.db.before-restore: the database a --force restore replaced
@@ -74,11 +74,10 @@ def rewrite_seed(data_dir: Path, database: Path) -> int | None:
     store = Store(database)
     try:
         try:
-            seed = describe(store)
+            seed = write_seed_file(str(data_dir), store)
         except LookupError:
             (data_dir / SEED_FILE).unlink(missing_ok=True)
             return None
-        write_seed_file(str(data_dir), seed)
     finally:
         store.close()
     return len(seed["users"])
