@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import consul
@@ -57,6 +57,9 @@ from services.ring import (
     PRESENCE_SLOT_PREFIX,
     RingDocument,
 )
+
+if TYPE_CHECKING:
+    from webapp_stub.store import Store
 
 WEBAPP_DB = "webapp.db"  # webapp_stub.store.DB_FILE (not imported: the store pulls in the webapp's code)
 MAX_LISTED_DEAD_LETTERS = 50  # rtm status shows at most this many (rtm deadletter list shows all)
@@ -176,7 +179,12 @@ def status(args: argparse.Namespace) -> int:
     print(f"CHARM leader: {info['id']} ({info['host']}:{info['port']})" if info else "CHARM leader: none")
     db = webapp_db(args)
     if db is not None:
-        print_dead_letters(db, limit=MAX_LISTED_DEAD_LETTERS)
+        from webapp_stub.schema import SchemaMismatch
+
+        try:
+            print_dead_letters(db, limit=MAX_LISTED_DEAD_LETTERS)
+        except SchemaMismatch as exc:
+            print(f"dead letters: unknown ({exc})")
     return 0
 
 
@@ -186,11 +194,19 @@ def webapp_db(args: argparse.Namespace) -> Path | None:
     return path if path.is_file() else None
 
 
-def print_dead_letters(db: Path, limit: int | None = None) -> int:
-    """Print the dead letters not yet delivered; returns how many there are."""
+def webapp_store(db: Path) -> Store:
+    """The webapp's database opened beside a running webapp, maybe of another version: never
+    migrated (raises :class:`~webapp_stub.schema.SchemaMismatch` when its schema is not this
+    version's; ``rtm users`` opens it the same way)."""
     from webapp_stub.store import Store
 
-    store = Store(db)
+    return Store(db, migrate=False)
+
+
+def print_dead_letters(db: Path, limit: int | None = None) -> int:
+    """Print the dead letters not yet delivered; returns how many there are. Raises
+    :class:`~webapp_stub.schema.SchemaMismatch` (nothing printed) for another version's database."""
+    store = webapp_store(db)
     try:
         letters = store.dead_letters()
     finally:
@@ -212,6 +228,17 @@ def deadletter(args: argparse.Namespace) -> int:
     if db is None:
         print(f"rtm deadletter: no webapp database at {args.db or Path(args.data_dir) / WEBAPP_DB}")
         return 1
+    from webapp_stub.schema import SchemaMismatch
+
+    try:
+        return deadletter_in(db, args)
+    except SchemaMismatch as exc:  # nothing changed: a webapp of this version migrates it
+        print(f"rtm deadletter: {exc}", file=sys.stderr)
+        return 2
+
+
+def deadletter_in(db: Path, args: argparse.Namespace) -> int:
+    """``rtm deadletter list | redrive CHANNEL:SEQ`` on the database ``db`` (:func:`webapp_store`)."""
     if args.action == "list":
         print_dead_letters(db)
         return 0
@@ -219,9 +246,7 @@ def deadletter(args: argparse.Namespace) -> int:
     if not channel or not seq.isdigit():
         print(f"rtm deadletter: {args.id!r} is not a dead letter id (CHANNEL:SEQ, as rtm deadletter list shows)")
         return 2
-    from webapp_stub.store import Store
-
-    store = Store(db)
+    store = webapp_store(db)
     try:
         letter = store.request_redrive(channel, int(seq))
     finally:

@@ -345,3 +345,21 @@ def test_seed_json_is_written_under_its_lock(tmp_path: Path) -> None:
     writer.join(DEFAULT_WAIT_S)
     store.close()
     assert done and seed_file(tmp_path) == done[0]
+
+
+@pytest.mark.parametrize("argv", [["list"], ["redrive", "C1:1"]])
+def test_rtm_deadletter_never_migrates_the_live_database_either(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rtm deadletter`` (and ``rtm status``'s dead letters) open the database the same way as
+    ``rtm users``: another version's is refused in one sentence and left as it is."""
+    seed_demo(str(tmp_path))
+    db = tmp_path / "webapp.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("ALTER TABLE members DROP COLUMN last_read")
+    schema = schema_of(db)
+    assert cli.main(["deadletter", *argv, "--data-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"rtm deadletter: the database at {db} is from another version of rtm; "), err
+    assert schema_of(db) == schema
