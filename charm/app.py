@@ -39,7 +39,13 @@ from services.errors import BadDocument, ErrorCode
 from services.identity import CHANNEL_SERVER, CHARM, PRESENCE
 from services.msgpack_service import MsgpackService
 from services.process import run_main
-from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
+from services.ring import (
+    CHANNEL_RING_KEY,
+    CHANNEL_SLOT_PREFIX,
+    PRESENCE_RING_KEY,
+    PRESENCE_SLOT_PREFIX,
+    RingDocument,
+)
 from services.ring import CHARM_LEADER_KEY as LEADER_KEY
 from services.tasks import Tasks
 
@@ -60,8 +66,8 @@ WRITE_RETRY_DELAY_S = 0.2
 NOT_LEADER = "not_leader"
 
 RINGS = {
-    "channel": (CHANNEL_SERVER, CHANNEL_RING_KEY, "cs"),
-    "presence": (PRESENCE, PRESENCE_RING_KEY, "ps"),
+    "channel": (CHANNEL_SERVER, CHANNEL_RING_KEY, CHANNEL_SLOT_PREFIX),
+    "presence": (PRESENCE, PRESENCE_RING_KEY, PRESENCE_SLOT_PREFIX),
 }
 
 

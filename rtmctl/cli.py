@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("rtmctl.top", "a live table of the fleet's processes: CPU %, memory, fds, errors/s, work/s"),
     "logs": ("rtmctl.logs", "print (and with -f follow) what the fleet's processes logged, from DATA_DIR/logs"),
     "users": ("rtmctl.users", "add your own person, bot or app (add NAME [--bot|--app] [--join C,...]), or list users"),
+    "backup": ("rtmctl.backup", "write a consistent copy of the webapp's database while the fleet runs (OUT, 0600)"),
+    "restore": ("rtmctl.restore", "put a backup in a data directory for rtm up to start from (BACKUP --data-dir D)"),
     "deadletter": ("rtmctl.operator", "list the webapp's dead letters, or redrive one (list | redrive CHANNEL:SEQ)"),
 }
 

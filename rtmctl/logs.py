@@ -4,9 +4,12 @@
 This prints the last LINES lines of each named process's file (every process's when none is named),
 reaching into the previous file ``<name>.log.1`` when the current one holds fewer. With more than
 one process each line starts with ``[name] ``. A NAME is a process's name in ``fleet.json`` (as
-``rtm status`` and ``rtm kill`` show them) or its instance id. With ``-f`` it then prints lines as
-they are written, following each file across its rotation, until Ctrl-C; the processes and the
-fleet need not be running (the files are read, nothing else).
+``rtm status`` and ``rtm kill`` show them) or its instance id, or a ring slot (``cs-1``, ``ps-0``)
+as ``rtm kill`` takes it: the process that serves the slot now, as the ring document in the fleet's
+Consul says (:func:`rtmctl.operator.slot_owner`; a Consul that cannot be read is one sentence, exit
+2). With ``-f`` it then prints lines as they are written, following each file across its rotation,
+until Ctrl-C; the processes and the fleet need not be running (the files are read, nothing else;
+only a slot name asks Consul, once, at the start).
 
 Following is a loop over the files, every :data:`FOLLOW_POLL_S`: read what was added to the open
 file, then look at the path: when it names another file (rotated: the rest of the old one is read
@@ -33,6 +36,14 @@ from services.config import env_default
 DEFAULT_LINES = 50
 FOLLOW_POLL_S = 0.25  # how often -f looks for new lines: a person reading, not a machine
 READ_BLOCK_BYTES = 64 * 1024  # the tail of a file is read backwards in blocks of this size
+
+
+class SlotUnresolved(LookupError):
+    """A ring slot whose owner now is not a process with a log here (or that has no owner)."""
+
+
+class ConsulUnreadable(Exception):
+    """The fleet's Consul could not be asked who serves a slot (a sentence saying why)."""
 
 
 class UnknownProcess(LookupError):
@@ -190,6 +201,28 @@ def writes_no_files(data_dir: Path) -> bool:
     return fleet.get("log_dir") == "" and not any(log_dir(data_dir).glob(f"*{LOG_SUFFIX}"))
 
 
+def through_ring(data_dir: Path, given: list[str], known: dict[str, str]) -> list[str]:
+    """``given``, each ring slot in it (``cs-N``, ``ps-N``; a name that is not also a known one)
+    replaced by the instance id of the process serving it now, as ``rtm kill`` resolves it. Raises
+    :class:`ConsulUnreadable` and :class:`SlotUnresolved`."""
+    from rtmctl import operator  # py-consul and requests: only when a slot is given
+
+    slots = {name: service for name in given if name not in known and (service := operator.slot_service(name))}
+    if not slots:
+        return given
+    try:
+        client = operator.fleet_client(data_dir)
+        owners = {slot: operator.slot_owner(client, service, slot) for slot, service in slots.items()}
+    except operator.CONSUL_FAILURES as exc:
+        raise ConsulUnreadable(f"cannot look up ring slots: {operator.consul_failure(exc, flags=False)}") from None
+    for slot, owner in owners.items():
+        if owner is None:
+            raise SlotUnresolved(f"the {slots[slot]} ring has no slot {slot} with an owner now (see rtm status)")
+        if owner not in known:
+            raise SlotUnresolved(f"slot {slot} is served by {owner}, which has no log in {log_dir(data_dir)}")
+    return [owners.get(name) or name for name in given]
+
+
 def resolve(given: list[str], known: dict[str, str]) -> list[str]:
     """The log names of the processes ``given`` (every one when none is); raises :class:`UnknownProcess`."""
     if not given:
@@ -228,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     from rtmctl.cli import COMMANDS  # its one-line summary
 
     parser = argparse.ArgumentParser(prog="rtm logs", description=COMMANDS["logs"][1])
-    parser.add_argument("names", nargs="*", metavar="NAME", help="process names as in fleet.json (default: all)")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="process names or ids as in fleet.json, or ring slots cs-N, ps-N (default: all)",
+    )
     parser.add_argument(
         "-n", "--lines", type=int, default=DEFAULT_LINES, help=f"last lines of each (default {DEFAULT_LINES})"
     )
@@ -258,8 +296,11 @@ def main(argv: list[str]) -> int:
         )
         return 1
     try:
-        names = resolve(args.names, known)
-    except UnknownProcess as exc:
+        names = resolve(through_ring(data_dir, args.names, known), known)
+    except ConsulUnreadable as exc:
+        print(f"rtm logs: {exc}", file=sys.stderr)
+        return 2
+    except (SlotUnresolved, UnknownProcess) as exc:
         print(f"rtm logs: {exc}", file=sys.stderr)
         return 1
     prefixed = len(names) > 1

@@ -5,7 +5,9 @@
   the CHARM leader.
 * ``rtm kill SERVICE NAME``: SIGKILL one process, for demonstrations and
   failure tests. NAME is an instance id, a ring slot (``cs-1``), or a pid;
-  pids come from ``DATA_DIR/fleet.json``.
+  pids come from ``DATA_DIR/fleet.json``. A slot stands for the instance the
+  ring document in Consul maps it to now (:func:`slot_owner`, which ``rtm logs``
+  uses too).
 * ``rtm drain REGION`` / ``rtm undrain REGION``: set or clear the region's
   drain flag in Consul; its gateways move their clients to the nearest good
   region (see :mod:`gateway.drain`) or take clients again.
@@ -35,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import consul
@@ -47,7 +49,17 @@ from services.config import consul_default, consul_token_default, env_default
 from services.discovery import sync_client
 from services.errors import BadDocument
 from services.identity import ADMIN_SERVER, CHANNEL_SERVER, CHARM, GATEWAY, OPERATOR, PRESENCE, WEBAPP
-from services.ring import CHANNEL_RING_KEY, CHARM_LEADER_KEY, PRESENCE_RING_KEY, RingDocument
+from services.ring import (
+    CHANNEL_RING_KEY,
+    CHANNEL_SLOT_PREFIX,
+    CHARM_LEADER_KEY,
+    PRESENCE_RING_KEY,
+    PRESENCE_SLOT_PREFIX,
+    RingDocument,
+)
+
+if TYPE_CHECKING:
+    from webapp_stub.store import Store
 
 WEBAPP_DB = "webapp.db"  # webapp_stub.store.DB_FILE (not imported: the store pulls in the webapp's code)
 MAX_LISTED_DEAD_LETTERS = 50  # rtm status shows at most this many (rtm deadletter list shows all)
@@ -55,6 +67,11 @@ MAX_LISTED_DEAD_LETTERS = 50  # rtm status shows at most this many (rtm deadlett
 FLEET_HINT = "is the fleet up? give the --data-dir that `rtm up` was started with"
 
 SERVICES = (WEBAPP, ADMIN_SERVER, CHANNEL_SERVER, GATEWAY, CHARM, PRESENCE)
+# The services that own ring slots: their slots' prefix and their ring document's key.
+SLOT_RINGS = {
+    CHANNEL_SERVER: (CHANNEL_SLOT_PREFIX, CHANNEL_RING_KEY),
+    PRESENCE: (PRESENCE_SLOT_PREFIX, PRESENCE_RING_KEY),
+}
 
 
 def consul_address(data_dir: str, given: str = "") -> str:
@@ -92,6 +109,24 @@ def operator_client(args: argparse.Namespace) -> consul.Consul:
 def read_ring(client: consul.Consul, key: str) -> RingDocument:
     _, raw = client.kv.get(key)
     return RingDocument.from_json(raw["Value"] if raw else None)
+
+
+def slot_service(name: str) -> str | None:
+    """The service whose ring has slots named like ``name`` (``cs-N``: channel servers, ``ps-N``:
+    presence servers), or None when ``name`` is no slot name."""
+    prefix, dash, number = name.partition("-")
+    return next((s for s, (p, _) in SLOT_RINGS.items() if dash and p == prefix and number.isdigit()), None)
+
+
+def slot_owner(client: consul.Consul, service: str, slot: str) -> str | None:
+    """The instance that serves ``slot`` of ``service``'s ring now, as the ring document in Consul
+    says; None when the ring has no such slot, the slot no owner, or the document is unreadable.
+    Raises what py-consul raises when Consul cannot be reached or refuses the read."""
+    try:
+        doc = read_ring(client, SLOT_RINGS[service][1])
+    except BadDocument:
+        return None
+    return doc.slots.get(slot)
 
 
 def status(args: argparse.Namespace) -> int:
@@ -144,7 +179,12 @@ def status(args: argparse.Namespace) -> int:
     print(f"CHARM leader: {info['id']} ({info['host']}:{info['port']})" if info else "CHARM leader: none")
     db = webapp_db(args)
     if db is not None:
-        print_dead_letters(db, limit=MAX_LISTED_DEAD_LETTERS)
+        from webapp_stub.schema import SchemaMismatch
+
+        try:
+            print_dead_letters(db, limit=MAX_LISTED_DEAD_LETTERS)
+        except SchemaMismatch as exc:
+            print(f"dead letters: unknown ({exc})")
     return 0
 
 
@@ -154,11 +194,19 @@ def webapp_db(args: argparse.Namespace) -> Path | None:
     return path if path.is_file() else None
 
 
-def print_dead_letters(db: Path, limit: int | None = None) -> int:
-    """Print the dead letters not yet delivered; returns how many there are."""
+def webapp_store(db: Path) -> Store:
+    """The webapp's database opened beside a running webapp, maybe of another version: never
+    migrated (raises :class:`~webapp_stub.schema.SchemaMismatch` when its schema is not this
+    version's; ``rtm users`` opens it the same way)."""
     from webapp_stub.store import Store
 
-    store = Store(db)
+    return Store(db, migrate=False)
+
+
+def print_dead_letters(db: Path, limit: int | None = None) -> int:
+    """Print the dead letters not yet delivered; returns how many there are. Raises
+    :class:`~webapp_stub.schema.SchemaMismatch` (nothing printed) for another version's database."""
+    store = webapp_store(db)
     try:
         letters = store.dead_letters()
     finally:
@@ -180,6 +228,17 @@ def deadletter(args: argparse.Namespace) -> int:
     if db is None:
         print(f"rtm deadletter: no webapp database at {args.db or Path(args.data_dir) / WEBAPP_DB}")
         return 1
+    from webapp_stub.schema import SchemaMismatch
+
+    try:
+        return deadletter_in(db, args)
+    except SchemaMismatch as exc:  # nothing changed: a webapp of this version migrates it
+        print(f"rtm deadletter: {exc}", file=sys.stderr)
+        return 2
+
+
+def deadletter_in(db: Path, args: argparse.Namespace) -> int:
+    """``rtm deadletter list | redrive CHANNEL:SEQ`` on the database ``db`` (:func:`webapp_store`)."""
     if args.action == "list":
         print_dead_letters(db)
         return 0
@@ -187,9 +246,7 @@ def deadletter(args: argparse.Namespace) -> int:
     if not channel or not seq.isdigit():
         print(f"rtm deadletter: {args.id!r} is not a dead letter id (CHANNEL:SEQ, as rtm deadletter list shows)")
         return 2
-    from webapp_stub.store import Store
-
-    store = Store(db)
+    store = webapp_store(db)
     try:
         letter = store.request_redrive(channel, int(seq))
     finally:
@@ -213,13 +270,8 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
     if not procs:
         raise SystemExit(f"rtm kill: no {args.service} in {args.data_dir}/fleet.json")
     target = args.name
-    if args.service in (CHANNEL_SERVER, PRESENCE):  # a slot name stands for its current owner
-        key = CHANNEL_RING_KEY if args.service == CHANNEL_SERVER else PRESENCE_RING_KEY
-        try:
-            doc = read_ring(operator_client(args), key)
-        except BadDocument:
-            doc = RingDocument(version=0, slots={})  # unreadable ring: names only
-        target = doc.slots.get(target) or target
+    if args.service in SLOT_RINGS:  # a slot name stands for its current owner
+        target = slot_owner(operator_client(args), args.service, target) or target
     for proc in procs:
         if target in (proc["id"], proc["name"], str(proc["pid"])):
             return int(proc["pid"]), str(proc["id"])
@@ -284,26 +336,34 @@ def main(argv: list[str]) -> int:
     return run_against_consul(argv[0], lambda: _run(argv))
 
 
+# What a command that talks to Consul may meet there: ACLs refusing it, no Consul (py-consul's
+# blocking client is requests), an unreadable tokens file. consul_failure says each in a sentence.
+CONSUL_FAILURES = (consul.ACLPermissionDenied, consul.ACLDisabled, requests.exceptions.ConnectionError, TokensFileError)
+
+
+def consul_failure(exc: Exception, flags: bool = True) -> str:
+    """One of :data:`CONSUL_FAILURES`, as a sentence for the operator (``flags``: naming the
+    ``--consul`` and ``--consul-token`` flags, for a command that has them)."""
+    if isinstance(exc, (consul.ACLPermissionDenied, consul.ACLDisabled)):
+        return (
+            f"Consul refused the request ({exc}); give the fleet's Consul ACL token "
+            f"({'--consul-token, ' if flags else ''}RTM_CONSUL_TOKEN, CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE; "
+            "against `rtm up`'s own Consul the operator's is read from DATA_DIR/consul-acl-tokens.json)"
+        )
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        url = str(exc.request.url or "") if exc.request is not None else ""
+        where = f"at {urlsplit(url).netloc}" if url else f"({exc})"
+        return f"cannot reach Consul {where}; {FLEET_HINT}{' (or --consul HOST:PORT)' if flags else ''}"
+    return str(exc)
+
+
 def run_against_consul(command: str, run: Callable[[], int]) -> int:
     """``run()``, an ``rtm`` command that talks to Consul: a request Consul's ACLs refuse, or a
     Consul that cannot be reached, is one sentence on stderr and exit 1, not a traceback."""
     try:
         return run()
-    except (consul.ACLPermissionDenied, consul.ACLDisabled) as exc:
-        print(
-            f"rtm {command}: Consul refused the request ({exc}); give the fleet's Consul ACL token "
-            "(--consul-token, RTM_CONSUL_TOKEN, CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE; "
-            "against `rtm up`'s own Consul the operator's is read from DATA_DIR/consul-acl-tokens.json)",
-            file=sys.stderr,
-        )
-        return 1
-    except requests.exceptions.ConnectionError as exc:  # py-consul's blocking client is requests
-        url = str(exc.request.url or "") if exc.request is not None else ""
-        where = f"at {urlsplit(url).netloc}" if url else f"({exc})"
-        print(f"rtm {command}: cannot reach Consul {where}; {FLEET_HINT} (or --consul HOST:PORT)", file=sys.stderr)
-        return 1
-    except TokensFileError as exc:
-        print(f"rtm {command}: {exc}", file=sys.stderr)
+    except CONSUL_FAILURES as exc:
+        print(f"rtm {command}: {consul_failure(exc)}", file=sys.stderr)
         return 1
 
 

@@ -13,7 +13,14 @@ app_id, app_token) and rewrites ``DATA_DIR/seed.json`` as ``rtm seed`` writes it
 It works while the fleet runs: the store's connection waits out the webapp's short group
 commits (SQLite's busy timeout, as for ``rtm deadletter redrive``), and the running webapp
 authenticates the new token on its next call (its token cache never keeps an unknown token:
-:class:`~webapp_stub.users.UserStore`).
+:class:`~webapp_stub.users.UserStore`). It never changes the schema of a database that a webapp,
+maybe of another version, has open: the store is opened with ``migrate=False`` (and, as for any
+tool, without the webapp's checkpoint thread), and a database whose tables are not this version's
+is refused in one sentence, exit 2 (:class:`~webapp_stub.schema.SchemaMismatch`).
+
+Concurrent ``rtm users add`` (and ``rtm seed``) rewrite ``seed.json`` one at a time, each from
+the database after its own commit (:func:`~webapp_stub.seed.write_seed_file`): none drops a user
+another has just added.
 
 ``--join general,random``: channels by name, checked before anything is written. With the
 fleet up (``DATA_DIR/fleet.json`` names the webapp, and it answers), the new user joins each
@@ -45,7 +52,8 @@ from webapp_stub.database import DB_FILE
 from webapp_stub.errors import ApiError
 from webapp_stub.models import Channel, Team
 from webapp_stub.profiles import PROFILE_FIELD_MAX_CHARS, validate_email
-from webapp_stub.seed import APP_MANIFEST, describe, write_seed_file
+from webapp_stub.schema import SchemaMismatch
+from webapp_stub.seed import APP_MANIFEST, write_seed_file
 from webapp_stub.store import MAX_CHANNEL_NAME, Store, validate_channel_name
 
 JOIN_TIMEOUT_S = 10.0  # one conversations.join through the running webapp, answer included
@@ -75,11 +83,12 @@ class NewUser:
 
 
 def open_store(data_dir: str) -> Store:
-    """The webapp's database in ``data_dir`` (the store's connection, with its busy timeout)."""
+    """The webapp's database in ``data_dir`` (the store's connection, with its busy timeout), as
+    it is: never migrated (raises :class:`SchemaMismatch` when it is another version's)."""
     path = Path(data_dir) / DB_FILE
     if not path.is_file():
         raise UsersError(f"no webapp database at {path}: give the --data-dir of `rtm up` (or run `rtm seed` there)")
-    return Store(path)
+    return Store(path, migrate=False)
 
 
 def first_team(store: Store) -> Team:
@@ -190,7 +199,7 @@ def add(args: argparse.Namespace) -> int:
         channels = channels_to_join(store, team, new.join)
         api_url = running_webapp(args.data_dir) if channels else None
         made = create(store, team, new, [] if api_url else channels)
-        write_seed_file(args.data_dir, describe(store))
+        write_seed_file(args.data_dir, store)
     finally:
         store.close()
     if channels:
@@ -254,6 +263,9 @@ def main(argv: list[str]) -> int:
     except UsersError as exc:
         print(f"rtm users {args.action}: {exc}", file=sys.stderr)
         return 1
+    except SchemaMismatch as exc:  # changed nothing: the webapp of this version migrates it
+        print(f"rtm users {args.action}: {exc}", file=sys.stderr)
+        return 2
     except sqlite3.OperationalError as exc:  # "database is locked" past the busy timeout, a read-only file
         print(f"rtm users {args.action}: the webapp's database refused the change ({exc}); try again", file=sys.stderr)
         return 1

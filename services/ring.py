@@ -31,6 +31,9 @@ from services.kv_document import expect_object, expect_version, load_json
 
 CHANNEL_RING_KEY = "rtm/ring/channel"
 PRESENCE_RING_KEY = "rtm/ring/presence"
+# The slot names of each ring: "<prefix>-<n>" (slot_names); `rtm kill` and `rtm logs` take them.
+CHANNEL_SLOT_PREFIX = "cs"
+PRESENCE_SLOT_PREFIX = "ps"
 # The CHARM leader's lock; its value names the leader: {"id", "host", "port"}.
 CHARM_LEADER_KEY = "rtm/charm/leader"
 # Lookups are cached per key until the version changes; the bound keeps a

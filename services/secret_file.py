@@ -6,8 +6,9 @@ them). Here the file is created by ``os.open(..., O_CREAT | O_EXCL, 0o600)``:
 the mode is the file's from its first byte (the umask can only remove bits).
 
 * :func:`create_secret_file` writes a new file; it fails if one exists.
-* :func:`replace_secret_file` writes a temporary file that way and renames
-  it over the target (atomic; readers see the old or the new content).
+* :func:`replace_secret_file` writes a temporary file that way, fsyncs it,
+  renames it over the target (atomic; readers see the old or the new content)
+  and fsyncs the directory (a crash leaves the old file or the whole new one).
 * :func:`ensure_secret_file` returns the content of an existing file, or
   creates it with a fresh value; two processes racing to create it agree on
   one value (the loser reads the winner's).
@@ -75,10 +76,13 @@ def create_secret_file(path: Path, content: str, access: FileAccess = PRIVATE) -
         raise
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(content)
+        fh.flush()
+        os.fsync(fh.fileno())  # on disk before it is renamed over anything (replace_secret_file)
 
 
 def replace_secret_file(path: Path, content: str, access: FileAccess = PRIVATE) -> None:
-    """Write ``content`` to ``path`` (mode 0600, or ``access``) atomically, replacing any file there."""
+    """Write ``content`` to ``path`` (mode 0600, or ``access``) atomically, replacing any file there:
+    a temporary file beside it, fsynced, renamed over it, and the directory fsynced."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     create_secret_file(tmp, content, access)
     try:
@@ -86,6 +90,11 @@ def replace_secret_file(path: Path, content: str, access: FileAccess = PRIVATE) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
 
 
 def ensure_secret_file(path: Path, make: Callable[[], str] = new_token) -> str:

@@ -27,6 +27,8 @@ from services.identity import CHANNEL_SERVER, PeerIdentity
 from services.metrics import ServiceMetrics
 from services.ring import RingDocument
 from services.tls import WireTrust
+from webapp_stub.seed import seed_demo
+from webapp_stub.store import Store
 
 T = TypeVar("T")
 
@@ -425,3 +427,22 @@ def interruptible_child(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def seeded_store(data_dir: Path, posts: int = 0) -> Store:
+    """A demo database in ``data_dir`` with ``posts`` messages in #general, left open."""
+    store = Store(str(data_dir))
+    seed_demo(store)
+    for i in range(posts):
+        post_in_general(store, f"post {i}")
+    return store
+
+
+def post_in_general(store: Store, text: str) -> None:
+    """Alice's ``text`` in #general."""
+    team = store.first_team()
+    assert team is not None
+    general = store.channel_by_name(team.id, "general")
+    alice = store.user(str(store.conn.execute("SELECT id FROM users WHERE name = 'alice'").fetchone()[0]))
+    assert general is not None and alice is not None
+    store.post_message(general, alice, text)

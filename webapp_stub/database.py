@@ -16,12 +16,12 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from webapp_stub import schema
 from webapp_stub.checkpoint import WalCheckpointer
 from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
 from webapp_stub.models import Event
 from webapp_stub.read_cache import ReadCache
-from webapp_stub.schema import migrate
 
 DB_FILE = "webapp.db"
 # The whole client-visible JSON of one event (for an edit: the message and its
@@ -58,6 +58,26 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=OFF")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
+
+
+def _database_file(path: str | os.PathLike[str], create: bool) -> str:
+    """The file ``path`` names (``<path>/webapp.db`` for a directory, or a name without ``.db``).
+    With ``create``, it and its directory are made if missing; else FileNotFoundError if missing."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or not path.endswith(".db"):
+        directory, path = path, os.path.join(path, DB_FILE)
+    else:
+        directory = os.path.dirname(os.path.abspath(path))
+    if not create:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        return path
+    os.makedirs(directory, exist_ok=True)
+    # The database holds every user's token: create it 0600 before SQLite opens it (SQLite
+    # gives its -wal and -shm files the database file's mode).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
 
 
 class EventClock:
@@ -103,8 +123,14 @@ class Database:
         background_checkpoints: bool = False,
         synchronous: str = SQLITE_SYNCHRONOUS,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        migrate: bool = True,
     ) -> None:
         """Open (creating if needed) and migrate the database.
+
+        With ``migrate=False`` (a tool beside a running webapp, ``rtm users``) the database must
+        exist and have the schema this version makes: nothing is created or altered, and
+        :class:`~webapp_stub.schema.SchemaMismatch` is raised (FileNotFoundError when there is no
+        file) instead of migrating a file that a webapp of another version may have open.
 
         With ``background_checkpoints`` (the webapp process), WAL checkpoints
         run on a thread of their own (:mod:`webapp_stub.checkpoint`) instead of
@@ -126,21 +152,18 @@ class Database:
         self._in_batch = False
         self._seqs: dict[str, tuple[int, int]] = {}  # channel -> (last_seq, last_ts_us) written: _next_seq's hint
         self._read_caches: list[ReadCache] = []  # told when a transaction ends (read_cache())
-        path = os.fspath(path)
-        if os.path.isdir(path) or not path.endswith(".db"):
-            os.makedirs(path, exist_ok=True)
-            path = os.path.join(path, DB_FILE)
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
+        self.path = path = _database_file(path, create=migrate)
         self.clock = clock
         self.event_clock = EventClock(clock) if event_clock is None else event_clock
-        # The database holds every user's token: create it 0600 before SQLite opens it (SQLite
-        # gives its -wal and -shm files the database file's mode).
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self.conn = _connect(path, synchronous)
-        migrate(self.conn)
+        try:
+            if migrate:
+                schema.migrate(self.conn)
+            else:
+                schema.check(self.conn, path)
+        except BaseException:
+            self.conn.close()
+            raise
         newest = self.conn.execute("SELECT max(created_at) FROM events").fetchone()[0]  # a restart goes on from it
         self.event_clock.hold_at_least(float("-inf") if newest is None else float(newest))
         self.checkpointer: WalCheckpointer | None = None

@@ -3,6 +3,9 @@
 :data:`SCHEMA` creates every table of a new database; :data:`MIGRATIONS` adds
 the columns a database written by an older version lacks, and :data:`INDEXES`
 the indexes over those columns once they exist. :func:`migrate` applies both.
+:func:`check` is for a process that must not change the schema (``rtm users``, beside a
+running webapp that may be of another version): it compares the database's tables, columns
+and indexes with what :func:`migrate` makes, changes nothing, and raises :class:`SchemaMismatch`.
 
 The two tables every post writes, ``messages`` and ``events``, are :data:`APPEND_TABLES`:
 rowid tables, so that a row is appended where the last one went, with their key
@@ -18,7 +21,9 @@ transaction, when it is opened.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+from dataclasses import dataclass
 
 from webapp_stub import search_index
 
@@ -154,6 +159,10 @@ def _append_table_sql(name: str, table: str) -> str:
     """CREATE TABLE for :data:`APPEND_TABLES`' ``table``, named ``name``."""
     return f"CREATE TABLE IF NOT EXISTS {name} (\n    id INTEGER PRIMARY KEY,\n    {APPEND_TABLES[table][0]}\n);"
 
+
+# The tables every rtm database has had since the first release: a file without one of them is
+# not the webapp's database (``rtm restore`` refuses it; rtmctl/backup.py).
+CORE_TABLES = ("teams", "users", "tokens", "channels", "members", "channel_seq", *APPEND_TABLES)
 
 # Columns added after the first release: a database written by an older
 # version gets them (with their defaults) when it is opened.
@@ -303,3 +312,76 @@ def _clustered(conn: sqlite3.Connection, table: str) -> bool:
     """``table`` exists and is still ``WITHOUT ROWID``."""
     row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
     return row is not None and "WITHOUT ROWID" in row[0].upper()
+
+
+class SchemaMismatch(Exception):
+    """A database whose schema is not the one this version makes (:func:`check`): ``missing`` is
+    what :func:`migrate` would add or rebuild (an older version's file), ``unknown`` what this
+    version does not know (a newer one's), each as ``"table t"``, ``"column t.c"``, ``"index i"``."""
+
+    def __init__(self, path: str, missing: list[str], unknown: list[str]) -> None:
+        if missing:
+            hint = "start `rtm up` with this version once to migrate it"
+        else:
+            hint = f"it has {', '.join(unknown[:3])} that this version does not know: use the rtm that wrote it"
+        super().__init__(f"the database at {path} is from another version of rtm; {hint}")
+        self.path = path
+        self.missing = missing
+        self.unknown = unknown
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What :func:`check` compares: each table's columns and whether it is clustered, each index's table."""
+
+    tables: dict[str, tuple[frozenset[str], bool]]
+    indexes: dict[str, str]
+
+
+def _shape(conn: sqlite3.Connection) -> _Shape:
+    """The schema of ``conn``'s main database, SQLite's own objects (``sqlite_*``) left out; reads only."""
+    rows = conn.execute(
+        "SELECT type, name, tbl_name, sql FROM main.sqlite_master "
+        "WHERE type IN ('table', 'index') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+    ).fetchall()
+    tables = {
+        name: (
+            frozenset(row[1] for row in conn.execute(f"PRAGMA main.table_info({name})")),
+            "WITHOUT ROWID" in (sql or "").upper(),
+        )
+        for kind, name, _, sql in rows
+        if kind == "table"
+    }
+    return _Shape(tables, {name: table for kind, name, table, _ in rows if kind == "index"})
+
+
+@functools.cache
+def _expected() -> _Shape:
+    """The shape :func:`migrate` gives a new database (made once, in memory)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(conn)
+        return _shape(conn)
+    finally:
+        conn.close()
+
+
+def check(conn: sqlite3.Connection, path: str) -> None:
+    """Raise :class:`SchemaMismatch` unless the database of ``conn`` (at ``path``) has exactly the
+    tables, columns (in any order), clustering and indexes that :func:`migrate` makes; changes nothing."""
+    want, have = _expected(), _shape(conn)
+    missing, unknown = [], []
+    for table, (columns, clustered) in want.tables.items():
+        if table not in have.tables:
+            missing.append(f"table {table}")
+            continue
+        their_columns, their_clustered = have.tables[table]
+        missing += [f"column {table}.{c}" for c in sorted(columns - their_columns)]
+        unknown += [f"column {table}.{c}" for c in sorted(their_columns - columns)]
+        if their_clustered != clustered:
+            (missing if their_clustered else unknown).append(f"table {table} ({'not ' * clustered}clustered)")
+    unknown += [f"table {t}" for t in sorted(set(have.tables) - set(want.tables))]
+    missing += [f"index {i}" for i in sorted(set(want.indexes) - set(have.indexes))]
+    unknown += [f"index {i}" for i in sorted(set(have.indexes) - set(want.indexes))]
+    if missing or unknown:
+        raise SchemaMismatch(path, missing, unknown)

@@ -14,15 +14,23 @@ Membership: everyone (bots included) is in #general and #random. Further
 channels (``channel-0002``, ...) hold everyone in small seeds
 (up to :data:`SMALL_SEED_USERS` users); in larger seeds user ``i`` joins only
 extra channel ``2 + i % (channels - 2)``, so bootstraps stay small.
+
+``seed.json`` holds every user's token (0600). Whoever rewrites it (``rtm seed``, ``rtm users
+add``, any number at once) does so through :func:`write_seed_file`: under an exclusive lock on
+``seed.json.lock`` beside it, held from reading the database to the atomic rename, so the file
+last written was read after every commit that came before it, and no added user is dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,7 @@ TEAM_NAME = "rtm demo"
 TEAM_DOMAIN = "rtm-demo"
 SMALL_SEED_USERS = 1000
 SEED_FILE = "seed.json"
+SEED_LOCK_FILE = "seed.json.lock"  # held (flock) by each writer of seed.json, from its read to its rename
 EMAIL_DOMAIN = "rtm-demo.example"  # .example: reserved, never a real mailbox
 APP_NAME = "rtmbot"
 # The demo app's manifest: the bot events it subscribes to (services.app_event_names.APP_EVENTS).
@@ -83,8 +92,7 @@ def seed_demo(
     ``{"team": {id, name, domain}, "users": [{id, name, token, is_bot[, bot_id]}], "channels": [{id, name}],
     "apps": [{id, name, bot_user_id, bot_id, app_token, scopes, manifest}]}``.
     """
-    if users < 1 or channels < 1 or bots < 0:
-        raise ValueError("need at least one user and one channel")
+    check_counts(users, channels, bots)
     own = not isinstance(store_or_path, Store)
     store = store_or_path if isinstance(store_or_path, Store) else Store(os.fspath(store_or_path))
     try:
@@ -95,6 +103,12 @@ def seed_demo(
     finally:
         if own:
             store.close()
+
+
+def check_counts(users: int, channels: int, bots: int) -> None:
+    """Raise ValueError unless the counts make a seed."""
+    if users < 1 or channels < 1 or bots < 0:
+        raise ValueError("need at least one user and one channel")
 
 
 def _create(store: Store, users: int, channels: int, bots: int) -> None:
@@ -201,11 +215,26 @@ def describe(store: Store) -> dict[str, Any]:
     return {"team": team.to_api(), "users": users, "channels": channels, "apps": apps}
 
 
-def write_seed_file(data_dir: str, seed: dict[str, Any]) -> str:
-    """Write ``seed.json`` (it holds every user's token: created 0600, replaced atomically)."""
-    path = os.path.join(data_dir, SEED_FILE)
-    replace_secret_file(Path(path), json.dumps(seed, indent=1) + "\n")
-    return path
+@contextlib.contextmanager
+def seed_file_lock(data_dir: str) -> Iterator[None]:
+    """Hold the exclusive lock on ``DATA_DIR/seed.json.lock`` (created 0600; waits for the holder)."""
+    fd = os.open(os.path.join(data_dir, SEED_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_seed_file(data_dir: str, store: Store) -> dict[str, Any]:
+    """Rewrite ``DATA_DIR/seed.json`` from ``store`` (:func:`describe`) and return its content: the
+    one writer of the file. It holds every user's token: written 0600 to a temporary file, fsynced,
+    renamed over the old one. Under :func:`seed_file_lock` from the read to the rename, so of two
+    writers the later reads the database after the earlier's commit (a lost update otherwise)."""
+    with seed_file_lock(data_dir):
+        seed = describe(store)
+        replace_secret_file(Path(data_dir) / SEED_FILE, json.dumps(seed, indent=1) + "\n")
+    return seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,11 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     ensure_private_dir(Path(args.data_dir))
     try:
-        seed = seed_demo(args.data_dir, users=args.users, channels=args.channels, bots=args.bots)
+        check_counts(args.users, args.channels, args.bots)
     except ValueError as exc:
         print(f"rtm seed: {exc}", file=sys.stderr)
         return 2
-    path = write_seed_file(args.data_dir, seed)
+    store = Store(args.data_dir)
+    try:
+        seed_demo(store, users=args.users, channels=args.channels, bots=args.bots)
+        seed = write_seed_file(args.data_dir, store)
+    finally:
+        store.close()
+    path = os.path.join(args.data_dir, SEED_FILE)
     people = sum(1 for u in seed["users"] if not u["is_bot"])
     print(
         f"seeded team {seed['team']['id']} ({people} users, {len(seed['users']) - people} bots, "

@@ -150,5 +150,6 @@ class Store(ReactionStore, ChannelDetailStore, ProfileStore, AppStore, DeadLette
     """All webapp state in ``<data_dir>/webapp.db`` (or ``path`` if it names a file).
 
     Open with ``Store(path, clock=..., background_checkpoints=..., synchronous=...,
-    max_event_bytes=...)`` (see :class:`webapp_stub.database.Database`).
+    max_event_bytes=..., migrate=...)`` (see :class:`webapp_stub.database.Database`; a tool
+    beside a running webapp opens it with ``migrate=False``: checked, never altered).
     """

@@ -5,11 +5,15 @@ and their tokens working there at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +21,11 @@ import pytest
 
 from rtmctl import cli
 from rtmctl.fleet_lock import UP_LOCK_FILE
-from tests.support import async_wait_until, free_port
+from tests.support import DEFAULT_WAIT_S, REPO_ROOT, async_wait_until, free_port
 from tests.webapp_harness import FakeAdminServer, Webapp
 from webapp_stub import users as user_store
-from webapp_stub.seed import APP_MANIFEST, EMAIL_DOMAIN, SEED_FILE, seed_demo
+from webapp_stub.seed import APP_MANIFEST, EMAIL_DOMAIN, SEED_FILE, seed_demo, write_seed_file
+from webapp_stub.store import Store
 
 
 async def rtm_users(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any] | None, str, str]:
@@ -206,3 +211,155 @@ async def test_join_with_the_fleet_up_goes_through_the_web_api(
     await async_wait_until(announced, what="frank's team_join handed to the admin server")
     (event,) = joins()
     assert event["user"]["name"] == "frank" and "profile" in event["user"]
+
+
+def schema_of(path: Path) -> list[tuple[str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return sorted(db.execute("SELECT name, coalesce(sql, '') FROM sqlite_master").fetchall())
+
+
+@pytest.mark.parametrize(
+    ("change", "sentence"),
+    [  # an older version's database: what migrate() would add
+        ("ALTER TABLE members DROP COLUMN last_read", "start `rtm up` with this version once to migrate it"),
+        ("DROP TABLE resume_records", "start `rtm up` with this version once to migrate it"),
+        # a newer version's: what this version does not know
+        (
+            "ALTER TABLE users ADD COLUMN pronouns TEXT NOT NULL DEFAULT ''",
+            "it has column users.pronouns that this version",
+        ),
+    ],
+)
+def test_a_database_of_another_version_is_refused_and_left_as_it_is(
+    change: str, sentence: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rtm users`` opens the database a running webapp (maybe of another version) has open: it
+    checks the schema and never migrates it (before: Store's migrate() altered it)."""
+    seed_demo(str(tmp_path))
+    db = tmp_path / "webapp.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(change)
+    schema, users_before = schema_of(db), count_users(tmp_path)
+    for argv in (["add", "frank"], ["list"]):
+        assert cli.main(["users", *argv, "--data-dir", str(tmp_path)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"rtm users {argv[0]}: the database at {db} is from another version of rtm; ")
+        assert sentence in err, err
+    assert schema_of(db) == schema and count_users(tmp_path) == users_before
+    assert not (tmp_path / SEED_FILE).exists()
+
+
+# Each child: the real `rtm users add`, once every child is ready (all start at once), with the
+# window between reading the database and writing seed.json widened (as a busy machine may): the
+# fewer added users a child read, the longer it waits, so without the lock a stale read is written last.
+CONCURRENT_ADD = """
+import os, sys, time
+from webapp_stub import seed
+real_describe = seed.describe
+
+def slow_describe(store):
+    found = real_describe(store)
+    added = sum(1 for user in found["users"] if user["name"].startswith("user-"))
+    time.sleep(0.1 * (int(sys.argv[2]) - added))
+    return found
+
+seed.describe = slow_describe
+from rtmctl import cli
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+sys.exit(cli.main(sys.argv[3:]))
+"""
+CONCURRENT_ADDS = 8
+
+
+def test_concurrent_adds_all_end_up_in_seed_json(tmp_path: Path) -> None:
+    """Eight ``rtm users add`` processes at once, no fleet: each rewrites seed.json after its own
+    commit, one at a time (before: a writer that read the database before another's commit could
+    write last and drop that user from seed.json, though the database had them)."""
+    seed_demo(str(tmp_path))
+    go = tmp_path / "go"
+    names = [f"user-{i}" for i in range(CONCURRENT_ADDS)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CONCURRENT_ADD,
+                str(go),
+                str(CONCURRENT_ADDS),
+                "users",
+                "add",
+                name,
+                "--data-dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        for name in names
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        go.touch()
+        made = {}
+        for child in children:
+            out, err = child.communicate(timeout=DEFAULT_WAIT_S * 3)
+            assert child.returncode == 0, err
+            user = json.loads(out)
+            made[user["name"]] = user
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert sorted(made) == names
+    listed = {u["name"]: u for u in seed_file(tmp_path)["users"]}
+    assert {name: listed.get(name) for name in names} == {
+        name: {"id": u["id"], "name": name, "token": u["token"], "is_bot": False} for name, u in made.items()
+    }
+    assert stat.S_IMODE(os.stat(tmp_path / SEED_FILE).st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left
+
+
+def test_seed_json_is_written_under_its_lock(tmp_path: Path) -> None:
+    """A writer waits for the holder of seed.json.lock before it reads the database."""
+    seed_demo(str(tmp_path))
+    store = Store(tmp_path)
+    fd = os.open(tmp_path / "seed.json.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        done = []
+        writer = threading.Thread(target=lambda: done.append(write_seed_file(str(tmp_path), store)))
+        writer.start()
+        writer.join(0.3)
+        assert writer.is_alive() and not (tmp_path / SEED_FILE).exists()
+    finally:
+        os.close(fd)
+    writer.join(DEFAULT_WAIT_S)
+    store.close()
+    assert done and seed_file(tmp_path) == done[0]
+
+
+@pytest.mark.parametrize("argv", [["list"], ["redrive", "C1:1"]])
+def test_rtm_deadletter_never_migrates_the_live_database_either(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rtm deadletter`` (and ``rtm status``'s dead letters) open the database the same way as
+    ``rtm users``: another version's is refused in one sentence and left as it is."""
+    seed_demo(str(tmp_path))
+    db = tmp_path / "webapp.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("ALTER TABLE members DROP COLUMN last_read")
+    schema = schema_of(db)
+    assert cli.main(["deadletter", *argv, "--data-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"rtm deadletter: the database at {db} is from another version of rtm; "), err
+    assert schema_of(db) == schema

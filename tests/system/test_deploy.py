@@ -18,7 +18,8 @@ Static checks (no processes):
     the metrics_port meta relabelled into the scrape address (and promtool, when
     installed, checks the rest of the file);
   * Grafana provisioning: the datasource uid the dashboard uses, the dashboard path
-    the compose file mounts;
+    the compose file mounts; every query names an rtm_ or process_ metric, and the per-process
+    panels group by labels Prometheus' relabelling gives every rtm target;
   * gen-cert.sh makes a certificate openssl accepts, the shared secret, one Consul token per
     service, the Consul management and agent tokens and Grafana's password, in a 0600 .env;
   * the internal wire's mutual TLS: every rtm process in compose (and the on-demand operator)
@@ -37,7 +38,8 @@ Running fleet (`rtm up --host 127.0.1.2 --port-base <random>`; 127.0.0.0/8 is al
 loopback on Linux), with JSON logs at DEBUG:
   * nothing assumes 127.0.0.1: a posted message reaches a websocket client, and every
     address in fleet.json, in rtm.connect's URL and in Consul is 127.0.1.2;
-  * every metric the Grafana dashboard queries is exposed by some process's /metrics;
+  * every metric the Grafana dashboard queries is exposed by some process's /metrics, and each
+    `process_*` series of its per-process panels (CPU, RSS, open fds) by every process;
   * Prometheus' relabelling, applied to what Consul really holds, yields a scrape
     address serving /metrics for every registered process;
   * one message can be followed across processes by its `eid` in the JSON logs.
@@ -824,8 +826,30 @@ def test_grafana_provisioning() -> None:
         "failovers",
         "presence",
         "errors",
+        "cpu per process",
+        "memory (rss) per process",
+        "open fds per process",
     ):
         assert topic in titles, f"the dashboard has no {topic} panel"
+
+
+def test_per_process_panels_group_by_the_labels_every_rtm_target_gets() -> None:
+    """The process_* series carry no labels of their own: a panel tells processes apart only by the
+    target labels Prometheus' relabelling gives every rtm process (and keeps to the rtm job: Consul
+    and Envoy are scraped too)."""
+    job = next(j for j in load_yaml(PROMETHEUS)["scrape_configs"] if j.get("consul_sd_configs"))
+    target_labels = {rule["target_label"] for rule in job["relabel_configs"] if "target_label" in rule}
+    found = 0
+    for panel in all_panels(json.loads(DASHBOARD.read_text())):
+        for target in panel.get("targets", []):
+            if not re.search(r"\bprocess_", target["expr"]):
+                continue
+            found += 1
+            assert f'{{job="{job["job_name"]}"}}' in target["expr"], target["expr"]
+            for grouping in re.findall(r"\bby \(([^)]*)\)", target["expr"]):
+                labels = {label.strip() for label in grouping.split(",")}
+                assert labels <= target_labels - {"__address__"}, (panel["title"], labels - target_labels)
+    assert found >= 3, "CPU, memory and open fds per process"
 
 
 def all_panels(dash: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -838,8 +862,8 @@ def dashboard_metrics() -> set[str]:
     names: set[str] = set()
     for panel in all_panels(json.loads(DASHBOARD.read_text())):
         for target in panel.get("targets", []):
-            found = set(re.findall(r"\brtm_[a-zA-Z0-9_]+", target["expr"]))
-            assert found, f"{panel['title']}: {target['expr']} queries no rtm metric"
+            found = set(re.findall(r"\b(?:rtm|process)_[a-zA-Z0-9_]+", target["expr"]))
+            assert found, f"{panel['title']}: {target['expr']} queries no rtm or process metric"
             names |= found
     return names
 
@@ -918,23 +942,33 @@ async def test_every_dashboard_metric_is_exposed_by_the_fleet(fleet_elsewhere: F
     await traffic(fleet)
     fleet.reload()
     wanted = dashboard_metrics()
+    per_process = {name for name in wanted if name.startswith("process_")}  # the per-process panels'
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"} <= per_process
 
-    async def exposed() -> set[str]:
-        samples: set[str] = set()
+    async def exposed() -> dict[str, set[str]]:
+        by_process: dict[str, set[str]] = {}
         for proc in fleet.info["processes"]:
             text = await scrape(proc["host"], proc["metrics_port"])
+            samples = by_process.setdefault(proc["name"], set())
             for family in text_string_to_metric_families(text):
                 samples |= {s.name for s in family.samples}
-        return samples
+        return by_process
+
+    def missing(by_process: dict[str, set[str]]) -> list[str]:
+        gaps = sorted(wanted - set().union(*by_process.values()))
+        gaps += [
+            f"{name}: {sorted(per_process - samples)}" for name, samples in by_process.items() if per_process - samples
+        ]
+        return gaps
 
     async def covered() -> bool:
-        return wanted <= await exposed()
+        return not missing(await exposed())
 
     try:  # presence reports and CHARM's gauges may lag the traffic a little: wait, bounded
         await async_wait_until(covered, what="every dashboard metric")
     except AssertionError:
         raise AssertionError(
-            f"queried by the dashboard, exposed by no process: {sorted(wanted - await exposed())}"
+            f"queried by the dashboard, exposed by no process (or, per process, not by each): {missing(await exposed())}"
         ) from None
 
 

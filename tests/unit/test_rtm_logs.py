@@ -13,7 +13,7 @@ import pytest
 from rtmctl import logs
 from rtmctl.log_file import ProcessLogFile, log_dir, log_path, previous_path
 from rtmctl.logs import FileId, FollowAction, Follower, UnknownProcess, follow_action, last_lines, resolve, tail
-from tests.support import DEFAULT_WAIT_S, interruptible_child
+from tests.support import DEFAULT_WAIT_S, free_port, interruptible_child
 
 A, B = FileId(1, 10, 0), FileId(1, 11, 0)
 
@@ -210,6 +210,24 @@ def test_rtm_logs_of_a_fleet_that_writes_no_files_says_so(tmp_path: Path, capsys
             f"rtm logs: the fleet in {tmp_path} writes no log files (`rtm up --log-file-max-bytes 0`); "
             "`rtm up --verbose` prints its processes' output on its terminal\n"
         )
+
+
+def test_a_slot_name_without_a_reachable_consul_is_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rtm logs cs-0`` asks the fleet's Consul which process serves the slot; none answers at the
+    address fleet.json names: one sentence, exit 2. A process's own name needs no Consul."""
+    write_fleet(tmp_path, {"webapp": "webapp-0", "cs-1a2b3c": "cs-1a2b3c"})
+    fleet = json.loads((tmp_path / "fleet.json").read_text())
+    port = free_port()  # nobody listens there
+    (tmp_path / "fleet.json").write_text(json.dumps({**fleet, "consul_url": f"http://127.0.0.1:{port}"}))
+    for slot in ("cs-0", "ps-1"):
+        code, out, err = run_logs([slot, "--data-dir", str(tmp_path)], capsys)
+        assert (code, out) == (2, "") and err.count("\n") == 1, err
+        assert err.startswith(f"rtm logs: cannot look up ring slots: cannot reach Consul at 127.0.0.1:{port}; "), err
+    assert run_logs(["cs-1a2b3c", "-n", "1", "--data-dir", str(tmp_path)], capsys) == (0, "cs-1a2b3c line 2\n", "")
+    code, _, err = run_logs(["cs-x", "--data-dir", str(tmp_path)], capsys)  # no slot name: no Consul either
+    assert code == 1 and "no process named 'cs-x'" in err
 
 
 def test_rtm_logs_follow_prints_new_lines_until_interrupted(tmp_path: Path) -> None:

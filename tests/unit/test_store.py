@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from tests.support import FakeClock
 from webapp_stub.database import SQLITE_PAGE_SIZE_BYTES
 from webapp_stub.resume import token_id
+from webapp_stub.schema import SchemaMismatch
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import ApiError, Store, decode_cursor, encode_cursor, ts_to_us, us_to_ts
 
@@ -687,6 +688,13 @@ def test_an_older_database_with_clustered_messages_and_events_is_rebuilt_with_ev
     db.execute("DROP TABLE events_now")
     db.execute("COMMIT")
     db.close()
+    # a tool that must not migrate (rtm users) is told what migrate() would change, and changes nothing
+    with pytest.raises(SchemaMismatch) as mismatch:
+        Store(str(tmp_path), migrate=False)
+    assert {"table messages (clustered)", "table events (clustered)", "column messages.subtype"} <= set(
+        mismatch.value.missing
+    )
+    assert mismatch.value.unknown == [] and "start `rtm up` with this version once" in str(mismatch.value)
 
     store = Store(str(tmp_path), clock=clock)
     tables = dict(store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
@@ -704,6 +712,7 @@ def test_an_older_database_with_clustered_messages_and_events_is_rebuilt_with_ev
         store.conn.execute(f"INSERT INTO messages ({key}) SELECT {key} FROM messages WHERE channel = ?", (general.id,))
     store.close()
     Store(str(tmp_path), clock=clock).close()  # opening it again changes nothing
+    Store(str(tmp_path), migrate=False).close()  # migrated: this version's schema
 
 
 def test_a_clustered_table_rebuilt_by_another_connection_meanwhile_is_not_rebuilt_again(tmp_path: Path) -> None:

@@ -1,0 +1,152 @@
+"""``rtm restore BACKUP --data-dir D``: a backup put where ``rtm up --data-dir D`` starts from it.
+
+The data directory is locked for the restore's whole length as ``rtm up`` locks it
+(``DATA_DIR/rtm-up.lock``, :func:`rtmctl.fleet_lock.hold_data_dir`): a fleet running on it refuses
+the restore, and an ``rtm up`` started meanwhile is refused. BACKUP (a file of ``rtm backup``) is
+copied the way a backup is made (:func:`rtmctl.backup.staged_copy`: one read transaction's
+``VACUUM INTO`` a 0600 temporary file beside ``webapp.db``, fsynced), then checked (SQLite's
+``integrity_check`` and the rtm tables): a file that is not a whole rtm database changes nothing.
+
+An existing database is replaced only with ``--force``, and kept: ``webapp.db`` becomes
+``webapp.db.before-restore``, and its ``-wal`` and ``-journal`` (committed data not yet
+checkpointed) go with it under the matching names, so SQLite opens the kept one whole. Its
+``-shm`` (an index of that WAL) is removed. Nothing of the old database is left beside the new
+one: a stale WAL beside a restored database would be applied to it by the next open and corrupt
+it. A ``webapp.db.before-restore`` from an earlier restore is never overwritten.
+
+Then the database is opened once with the current code (the webapp's :func:`migrate`, as at every
+start) and ``seed.json`` is rewritten from it (:func:`webapp_stub.seed.write_seed_file`, as ``rtm seed``
+and ``rtm users`` write it), so ``rtm tail`` and ``rtm post`` know the backup's users and tokens.
+The fleet's secret, Consul tokens and TLS files in D are left as they are; in a new directory
+``rtm up`` makes new ones (docs/hardening-webapp.md, "Backups").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from rtmctl.backup import (
+    JOURNAL_SUFFIXES,
+    SHM_SUFFIX,
+    BackupError,
+    Snapshot,
+    failure,
+    install,
+    refuse_same_file,
+    sidecar,
+    staged_copy,
+)
+from rtmctl.fleet_lock import hold_data_dir
+from rtmctl.launcher import LaunchError
+from services.config import env_default
+from services.errors import CONFIG_ERROR_EXIT_CODE
+from services.secret_file import ensure_private_dir
+from webapp_stub.database import DB_FILE
+from webapp_stub.seed import SEED_FILE, write_seed_file
+from webapp_stub.store import Store
+
+KEPT_SUFFIX = ".before-restore"  # webapp.db.before-restore: the database a --force restore replaced
+
+
+def database_files(database: Path) -> list[Path]:
+    """``database`` and the files SQLite keeps beside it that hold its data, those that exist."""
+    return [p for p in (database, *(sidecar(database, s) for s in JOURNAL_SUFFIXES)) if p.exists()]
+
+
+def set_aside(database: Path, kept: Path) -> None:
+    """Rename ``database`` and its journals to ``kept`` and the matching names; remove its -shm."""
+    for suffix in ("", *JOURNAL_SUFFIXES):
+        old = sidecar(database, suffix)
+        if old.exists():
+            os.replace(old, sidecar(kept, suffix))
+    sidecar(database, SHM_SUFFIX).unlink(missing_ok=True)
+
+
+def rewrite_seed(data_dir: Path, database: Path) -> int | None:
+    """Open ``database`` with the current code (it migrates, as the webapp does at start) and write
+    ``seed.json`` from it; returns the users written. A database without a team gets no seed.json
+    (``rtm up`` seeds one): the old one, another database's tokens, is removed. Returns None then."""
+    store = Store(database)
+    try:
+        try:
+            seed = write_seed_file(str(data_dir), store)
+        except LookupError:
+            (data_dir / SEED_FILE).unlink(missing_ok=True)
+            return None
+    finally:
+        store.close()
+    return len(seed["users"])
+
+
+def restore(backup: Path, data_dir: Path, *, force: bool) -> tuple[Snapshot, bool, int | None]:
+    """Put ``backup`` in ``data_dir`` as its ``webapp.db``; returns what it holds, whether an old
+    database was kept aside, and the users written to seed.json. Raises :class:`BackupError`."""
+    if not backup.is_file():
+        raise BackupError(f"no backup file at {backup}")
+    database = data_dir / DB_FILE
+    refuse_same_file(backup, database, "restore a copy of it, made by rtm backup")
+    try:
+        ensure_private_dir(data_dir)
+        lock = hold_data_dir(data_dir)
+    except LaunchError as exc:
+        raise BackupError(str(exc)) from None
+    except OSError as exc:
+        raise failure(f"cannot use {data_dir}", exc) from None
+    try:
+        present = database_files(database)
+        kept = sidecar(database, KEPT_SUFFIX)
+        if present and not force:
+            raise BackupError(f"{database} exists: give --force to replace it (it is kept as {kept.name})")
+        if present and database_files(kept):
+            raise BackupError(f"{kept} is there from an earlier restore: move it away first")
+        with staged_copy(backup, database) as (staged, snapshot):
+            try:
+                set_aside(database, kept)
+            except OSError as exc:
+                raise failure(f"could not keep the old database as {kept}", exc) from None
+            install(staged, database)
+        try:
+            users = rewrite_seed(data_dir, database)
+        except (OSError, sqlite3.Error) as exc:
+            raise failure(f"{database} is restored, but opening it to write {SEED_FILE} failed", exc) from None
+        return snapshot, bool(present), users
+    finally:
+        os.close(lock)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rtmctl.cli import COMMANDS  # its one-line summary
+
+    parser = argparse.ArgumentParser(prog="rtm restore", description=COMMANDS["restore"][1])
+    parser.add_argument("backup", metavar="BACKUP", help="a file written by rtm backup")
+    parser.add_argument(
+        "--data-dir", default=env_default("--data-dir", "./.rtm"), help="where rtm up will find it (webapp.db)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help=f"replace an existing webapp.db (kept as webapp.db{KEPT_SUFFIX})"
+    )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    data_dir = Path(args.data_dir)
+    try:
+        snapshot, kept, users = restore(Path(args.backup), data_dir, force=args.force)
+    except BackupError as exc:
+        print(f"rtm restore: {exc}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
+    aside = f"; the old one is {data_dir / DB_FILE}{KEPT_SUFFIX}" if kept else ""
+    seeded = f"{data_dir / SEED_FILE} lists {users} users" if users is not None else "no team, so no seed.json"
+    print(
+        f"restored {args.backup} to {data_dir / DB_FILE}: {snapshot.describe()}{aside}; {seeded}; "
+        f"in {time.monotonic() - started:.2f}s",
+        flush=True,
+    )
+    return 0

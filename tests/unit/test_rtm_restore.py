@@ -1,0 +1,142 @@
+"""``rtm restore`` (rtmctl/restore.py): a backup into a data directory, never under a running fleet,
+never over a database without --force (and then the old one kept whole), no stale WAL beside it,
+seed.json from the backup, the next seq after the backup's."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from rtmctl.backup import backup
+from rtmctl.fleet_lock import hold_data_dir
+from rtmctl.restore import main
+from tests.support import post_in_general as post
+from tests.support import seeded_store as seeded
+from webapp_stub.store import Store
+
+
+@pytest.fixture
+def backup_file(tmp_path: Path) -> Path:
+    """A backup of a demo database with three posts in #general."""
+    seeded(tmp_path / "source", posts=3).close()
+    out = tmp_path / "backup.db"
+    backup(tmp_path / "source", out, force=False)
+    return out
+
+
+def restore(backup_file: Path, data_dir: Path, *extra: str) -> int:
+    return main([str(backup_file), "--data-dir", str(data_dir), *extra])
+
+
+def general_seqs(data_dir: Path) -> list[int]:
+    store = Store(str(data_dir))
+    try:
+        team = store.first_team()
+        assert team is not None
+        general = store.channel_by_name(team.id, "general")
+        assert general is not None
+        return [
+            r[0] for r in store.conn.execute("SELECT seq FROM events WHERE channel = ? ORDER BY seq", (general.id,))
+        ]
+    finally:
+        store.close()
+
+
+def test_a_restore_into_a_new_directory_starts_where_the_backup_stopped(
+    tmp_path: Path, backup_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "new"
+    assert restore(backup_file, data_dir) == 0
+    assert "restored" in capsys.readouterr().out
+    assert stat.S_IMODE((data_dir / "webapp.db").stat().st_mode) == 0o600
+    seed = json.loads((data_dir / "seed.json").read_text())
+    assert stat.S_IMODE((data_dir / "seed.json").stat().st_mode) == 0o600
+    source = Store(str(tmp_path / "source"))
+    tokens = {r[0] for r in source.conn.execute("SELECT token FROM tokens")}
+    source.close()
+    assert "alice" in {u["name"] for u in seed["users"]}
+    assert {u["token"] for u in seed["users"]} <= tokens  # the backup's own tokens
+    store = Store(str(data_dir))
+    post(store, "after the restore")
+    store.close()
+    assert general_seqs(data_dir) == [1, 2, 3, 4]
+
+
+def test_an_existing_database_is_replaced_only_with_force_and_kept_whole(
+    tmp_path: Path, backup_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    old = seeded(data_dir, posts=5)
+    old.conn.execute("PRAGMA wal_autocheckpoint=0")
+    post(old, "in the old wal only")
+    # Leave the WAL behind as a killed webapp does: copy the files aside while the connection is open.
+    files = {s: (data_dir / f"webapp.db{s}").read_bytes() for s in ("", "-wal", "-shm")}
+    old.close()
+    for suffix, content in files.items():
+        (data_dir / f"webapp.db{suffix}").write_bytes(content)
+    assert restore(backup_file, data_dir) == 2
+    assert "give --force" in capsys.readouterr().err
+    assert (data_dir / "webapp.db").read_bytes() == files[""]
+    assert restore(backup_file, data_dir, "--force") == 0
+    assert "webapp.db.before-restore" in capsys.readouterr().out
+    names = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("webapp.db"))
+    assert names == ["webapp.db", "webapp.db.before-restore", "webapp.db.before-restore-wal"]
+    assert general_seqs(data_dir) == [1, 2, 3]  # the backup's, no stale WAL applied
+    kept = sqlite3.connect(data_dir / "webapp.db.before-restore")  # with its WAL: every commit there
+    assert kept.execute("SELECT count(*) FROM messages").fetchone() == (6,)
+    kept.close()
+    assert restore(backup_file, data_dir, "--force") == 2  # the kept one is never overwritten
+    assert "from an earlier restore" in capsys.readouterr().err
+
+
+def test_no_restore_while_a_fleet_holds_the_directory(
+    tmp_path: Path, backup_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    fd = hold_data_dir(data_dir)
+    try:
+        assert restore(backup_file, data_dir, "--force") == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert err.startswith("rtm restore: a fleet from") and err.count("\n") == 1
+    assert not (data_dir / "webapp.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [(b"not sqlite at all " * 100, "not a whole rtm database"), (None, "not an rtm database")],
+)
+def test_a_file_that_is_not_an_rtm_database_changes_nothing(
+    tmp_path: Path, content: bytes | None, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.db"
+    if content is None:
+        conn = sqlite3.connect(bad)
+        conn.execute("CREATE TABLE notes (text TEXT)")
+        conn.close()
+    else:
+        bad.write_bytes(content)
+    data_dir = tmp_path / "data"
+    seeded(data_dir, posts=1).close()
+    before = (data_dir / "webapp.db").read_bytes()
+    assert restore(bad, data_dir, "--force") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rtm restore: ") and said in err and err.count("\n") == 1, err
+    assert (data_dir / "webapp.db").read_bytes() == before
+    assert sorted(p.name for p in data_dir.iterdir()) == ["rtm-up.lock", "webapp.db"]
+
+
+def test_a_missing_backup_or_the_database_itself_is_refused(
+    tmp_path: Path, backup_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert restore(tmp_path / "nothing.db", tmp_path / "data") == 2
+    assert capsys.readouterr().err == f"rtm restore: no backup file at {tmp_path / 'nothing.db'}\n"
+    assert restore(tmp_path / "source" / "webapp.db", tmp_path / "source", "--force") == 2
+    assert "is the database" in capsys.readouterr().err
