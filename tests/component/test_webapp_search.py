@@ -238,3 +238,22 @@ async def test_a_search_considers_the_newest_matches_up_to_its_bound_and_says_so
     assert reply["messages"]["total"] == 3
     exact = await ok(webapp, "search.messages", alice["token"], query="axolotl 0")
     assert "warning" not in exact and exact["messages"]["total"] == 1
+
+
+async def test_searches_past_their_tier_are_ratelimited_while_everything_else_is_answered(webapp: Webapp) -> None:
+    """A search holds the event loop far longer than a post: Slack's Tier 2 per token
+    (METHOD_RATE_LIMITS_PER_MINUTE), then 429 with Retry-After; other methods and other users go on."""
+    from webapp_stub.ratelimit import METHOD_RATE_LIMITS_PER_MINUTE
+
+    alice, bob = webapp.user("alice"), webapp.user("bob")
+    general = webapp.channel("general")
+    tier = METHOD_RATE_LIMITS_PER_MINUTE["search.messages"]
+    for _ in range(tier):
+        await search(webapp, alice["token"], "anything")
+    url = f"{webapp.url}/api/search.messages"
+    headers = {"Authorization": f"Bearer {alice['token']}"}
+    async with webapp.session.post(url, headers=headers, json={"query": "anything"}) as resp:
+        assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+        assert await resp.json() == {"ok": False, "error": "ratelimited"}
+    await ok(webapp, "chat.postMessage", alice["token"], channel=general, text="still posting")
+    assert await texts(webapp, bob["token"], "posting") == ["still posting"]
