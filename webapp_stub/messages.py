@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
+from webapp_stub import search_index
 from webapp_stub.codecs import dumps, encode_cursor, int_cursor, stored_loads, ts_to_us, us_to_ts
 from webapp_stub.conversations import ConversationStore
 from webapp_stub.errors import ApiError
@@ -160,6 +161,7 @@ class MessageStore(ConversationStore):
             event_ts = us_to_ts(event_us)
             kept = stored_loads(row[7]) if row[7] else None
             new_extra = extra if extra else kept
+            search_index.note_change(db, channel.id, row[0])  # the search index's old text: search_index.py
             db.execute(
                 "UPDATE messages SET text = ?, extra = ?, edited_user = ?, edited_ts = ? WHERE channel = ? AND ts_us = ?",
                 (text, dumps(new_extra) if new_extra else None, user.id, event_ts, channel.id, row[0]),
@@ -193,7 +195,9 @@ class MessageStore(ConversationStore):
                 raise ApiError("cant_delete_message")
             seq, event_us = self._next_seq(channel.id, with_ts=True)
             event_ts = us_to_ts(event_us)
+            search_index.note_change(db, channel.id, row[0])
             db.execute("DELETE FROM messages WHERE channel = ? AND ts_us = ?", (channel.id, row[0]))
+            search_index.note_deleted(db)
             db.execute("DELETE FROM reactions WHERE channel = ? AND ts_us = ?", (channel.id, row[0]))
             payload = {
                 "type": "message",

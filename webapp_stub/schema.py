@@ -25,6 +25,8 @@ import functools
 import sqlite3
 from dataclasses import dataclass
 
+from webapp_stub import search_index
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS teams (
     id TEXT PRIMARY KEY,
@@ -280,6 +282,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     conn.executescript(INDEXES + "".join(indexes for _, indexes in APPEND_TABLES.values()))
     conn.executescript("BEGIN;" + SCHEDULING_SCHEMA + "COMMIT;")  # one transaction: the schema pages written once
     conn.executescript(RESUME_SCHEMA)
+    search_index.create(conn)  # search.messages' index, filled by searches (search_index.py); none without FTS5
 
 
 def _rebuild_clustered(conn: sqlite3.Connection, table: str) -> None:

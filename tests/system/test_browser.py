@@ -542,6 +542,42 @@ def test_a_permalink_opens_its_message_far_back_and_a_replys_thread(browser: Any
         reader.context.close()
 
 
+def test_search_lists_matches_and_opens_each_at_its_message(browser: Any, fleet: Fleet, alice: Person) -> None:
+    word = unique("found").replace("-", "")
+    channel = api(fleet, "conversations.create", alice.token, name=unique("searched"))["channel"]
+    for i in range(60):  # the match is past the first page: opening it reads back, as a permalink does
+        api(
+            fleet,
+            "chat.postMessage",
+            alice.token,
+            channel=channel["id"],
+            text=f"{word} m-{i:03d}" if i == 2 else f"m-{i}",
+        )
+    elsewhere = api(fleet, "conversations.create", fleet.user("bob")["token"], name=unique("notmine"))["channel"]
+    api(fleet, "chat.postMessage", fleet.user("bob")["token"], channel=elsewhere["id"], text=f"{word} from bob")
+    reader = sign_in(browser, fleet, "alice")  # a tab of its own: the module's pages stay as they are
+    try:
+        page = reader.page
+        page.get_by_role("searchbox", name="Search messages").fill(word)
+        page.get_by_role("searchbox", name="Search messages").press("Enter")
+        results = page.get_by_role("list", name="Search results")
+        expect(results.get_by_role("button")).to_have_count(2)
+        expect(results.locator("mark").first).to_have_text(word)  # highlighted, as text: no HTML
+        results.get_by_role("button", name=f"{word} m-002").click()
+        expect(page.locator("#conv-title")).to_have_text(f"#{channel['name']}")
+        linked = page.locator(".main article.msg.linked")
+        expect(linked).to_contain_text(f"{word} m-002")
+        expect(linked).to_be_in_viewport()
+        # a public channel she is not in opens as a preview
+        page.get_by_role("searchbox", name="Search messages").press("Enter")
+        results.get_by_role("button", name=f"{word} from bob").click()
+        expect(page.locator("#conv-title")).to_have_text(f"#{elsewhere['name']}")
+        expect(reader.message(f"{word} from bob")).to_be_visible()
+        assert not reader.errors, reader.errors
+    finally:
+        reader.context.close()
+
+
 # -- failures -----------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """The official Python Slack SDK, unmodified, against the real fleet started by ``rtm up``.
 
 ``WebClient`` and ``AsyncWebClient`` run the same scenario through every Web
-API method the fleet speaks (pagination, errors as ``SlackApiError``); 429
+API method the fleet speaks (pagination, errors as ``SlackApiError``), and
+``search_messages``; 429
 with ``Retry-After`` is checked against a webapp started here with a tiny
 budget. ``rtm_v2.RTMClient`` with the bot token receives hello, messages,
 thread replies, edits, deletions, reactions, membership and typing from
@@ -213,6 +214,26 @@ def test_web_client_speaks_every_method(fleet: Fleet) -> None:
 
 async def test_async_web_client_speaks_every_method(fleet: Fleet) -> None:
     await web_api_scenario(fleet, lambda token: AsyncWebClient(token=token, base_url=fleet.api_url))
+
+
+def test_web_client_search_messages(fleet: Fleet) -> None:
+    """``WebClient.search_messages`` as the SDK sends it: a user token finds what it may read, in
+    Slack's shape; a bot token is refused as Slack refuses it."""
+    word = unique("srch").replace("-", "")
+    alice = WebClient(token=fleet.user("alice")["token"], base_url=fleet.api_url)
+    general = fleet.channel("general")
+    posted = [alice.chat_postMessage(channel=general, text=f"{word} number {i}")["ts"] for i in range(3)]
+    found = alice.search_messages(query=f"{word} in:#general", sort="timestamp", sort_dir="asc", count=2, page=2)
+    assert found["query"] == f"{word} in:#general"
+    messages = found["messages"]
+    assert messages["total"] == 3 and messages["paging"] == {"count": 2, "total": 3, "page": 2, "pages": 2}
+    (match,) = messages["matches"]
+    assert match["ts"] == posted[2] and match["channel"]["id"] == general and match["username"] == "alice"
+    assert match["permalink"].endswith(f"/archives/{general}/p{posted[2].replace('.', '')}")
+    bot = WebClient(token=next(u for u in fleet.seed["users"] if u["is_bot"])["token"], base_url=fleet.api_url)
+    with pytest.raises(SlackApiError) as err:
+        bot.search_messages(query=word)
+    assert err.value.response["error"] == "not_allowed_token_type"
 
 
 async def test_rate_limit_429_with_retry_after_through_the_sdk(tmp_path: Path) -> None:

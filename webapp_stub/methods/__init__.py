@@ -7,9 +7,24 @@ reply's fields besides ``ok``; Slack's error codes are raised as
 
 from __future__ import annotations
 
-from webapp_stub import bookmarks, pins, reminders, scheduled
+from webapp_stub import bookmarks, pins, reminders, scheduled, search
 from webapp_stub.methods import apps, auth, chat, conversations, reactions, rtm, team, users
 
+# search.messages (search.py) keeps its query and index beside it (search_query.py, search_index.py);
 # bookmarks, pins, reminders and scheduled messages keep their store access, methods and (for
 # the last two) scheduler firers together, one module per concern (docs/scheduling.md).
-FAMILIES = (apps, auth, chat, conversations, reactions, rtm, team, users, bookmarks, pins, reminders, scheduled)
+FAMILIES = (
+    apps,
+    auth,
+    chat,
+    conversations,
+    reactions,
+    rtm,
+    team,
+    users,
+    bookmarks,
+    pins,
+    reminders,
+    scheduled,
+    search,
+)

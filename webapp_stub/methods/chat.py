@@ -100,10 +100,17 @@ def chat_get_permalink(api: WebApi, call: Call) -> dict[str, Any]:
         if exc.code in ("invalid_arguments", "invalid_ts"):
             raise ApiError("message_not_found") from None
         raise
+    return {
+        "channel": channel.id,
+        "permalink": permalink(api, call, channel.id, str(message["ts"]), message.get("thread_ts")),
+    }
+
+
+def permalink(api: WebApi, call: Call, channel: str, ts: str, thread_ts: str | None) -> str:
+    """A message's permalink: ``<webapp>/archives/<channel>/p<ts without the dot>``, and for a reply
+    ``?thread_ts=<thread>&cid=<channel>`` (chat.getPermalink, search.messages)."""
     base = api.public_url or (f"{call.request.scheme}://{call.request.host}" if call.request is not None else "")
-    ts = str(message["ts"])
-    link = f"{base}/archives/{channel.id}/p{ts.replace('.', '')}"
-    thread_ts = message.get("thread_ts")
+    link = f"{base}/archives/{channel}/p{ts.replace('.', '')}"
     if thread_ts and thread_ts != ts:
-        link += f"?thread_ts={thread_ts}&cid={channel.id}"
-    return {"channel": channel.id, "permalink": link}
+        link += f"?thread_ts={thread_ts}&cid={channel}"
+    return link

@@ -6,7 +6,17 @@ import { ApiError, WebApi, sleep } from "./api.js";
 import { describeError, errorCode, isAuthError } from "./errors.js";
 import { Workspace, compareTs, inTimeline, mentions, maxTs, permalinkTarget } from "./model.js";
 import { RtmConnection, backoffDelayMs } from "./rtm.js";
-import { PICKER_REACTIONS, displayed, emoji, formatText, formatTime, h, presenceDot, reconcile } from "./view.js";
+import {
+  PICKER_REACTIONS,
+  displayed,
+  emoji,
+  formatText,
+  formatTime,
+  h,
+  highlighted,
+  presenceDot,
+  reconcile,
+} from "./view.js";
 
 export const TOKEN_KEY = "rtm.token";
 export const OPEN_KEY = "rtm.open";
@@ -24,6 +34,8 @@ export const READ_MARK_LOOKUPS_IN_FLIGHT = 5; // of those, read at once (each: c
 // The open conversation is marked read this long after a new message shows there (one mark then
 // covers what came meanwhile: each mark is a write and a channel_marked event at the webapp).
 export const MARK_READ_DELAY_MS = 3000;
+export const SEARCH_PAGE = 20; // matches shown per search (search.messages' count)
+export const SEARCH_MAX_CHARS = 500; // the webapp's longest query (webapp_stub/search_query.py)
 export const PERMALINK_MAX_PAGES = 20; // a permalink's message is looked for this many older pages back
 export const BOOT_RETRY_MAX = 8; // the first retries' backoff grows, then stays at the cap
 const PHONE = window.matchMedia("(max-width: 760px)");
@@ -168,6 +180,7 @@ export class App {
         h("span", { class: "team" }, this.ws.team.name),
         el.status,
         h("span", { class: "spacer" }),
+        this.searchForm(),
         el.who,
         h("button", { onclick: () => this.signOut("") }, "Sign out"),
       ),
@@ -666,6 +679,66 @@ export class App {
     );
     this.openDialog("Create a channel", form);
     name.focus();
+  }
+
+  // Message search (search.messages): a box in the top bar; its matches in a dialog, each opening
+  // its message as its permalink does (a public channel one is not in opens as a preview).
+  searchForm() {
+    const input = h("input", {
+      type: "search",
+      id: "search-input",
+      placeholder: "Search messages",
+      "aria-label": "Search messages",
+      maxlength: SEARCH_MAX_CHARS,
+      autocomplete: "off",
+    });
+    const submit = (e) => {
+      e.preventDefault();
+      const query = input.value.trim();
+      if (query) this.searchDialog(query);
+    };
+    return h("form", { class: "search", role: "search", onsubmit: submit }, input);
+  }
+
+  async searchDialog(query) {
+    const list = h("ul", { class: "matches", "aria-label": "Search results" });
+    const close = h("button", { type: "button", onclick: () => this.el.dialog.close() }, "Close");
+    this.openDialog(`Search: ${query}`, list, h("div", { class: "row" }, close));
+    list.append(h("li", {}, "Searching…"));
+    try {
+      const reply = await this.api.call("search.messages", { query, count: SEARCH_PAGE, highlight: true });
+      const matches = reply.messages.matches;
+      const items = matches.map((match) => {
+        const where = match.channel.is_im ? this.ws.userName(match.channel.name) : `#${match.channel.name}`;
+        const open = () => (this.el.dialog.close(), this.openMatch(match));
+        return h(
+          "li",
+          {},
+          h(
+            "button",
+            { class: "match", onclick: open },
+            h("span", { class: "label" }, `${where} · ${match.username || this.ws.userName(match.user)}`),
+            h("span", { class: "text" }, highlighted(match.text)),
+          ),
+        );
+      });
+      const total = reply.messages.total;
+      const said = total > matches.length ? `${matches.length} of ${total} shown` : `${total} found`;
+      list.replaceChildren(h("li", { class: "notice", role: "status" }, total ? said : "Nothing found."), ...items);
+    } catch (error) {
+      list.replaceChildren(h("li", { class: "notice error", role: "alert" }, describeError(error.code)));
+    }
+  }
+
+  openMatch(match) {
+    const url = new URL(match.permalink, location.href);
+    const link = permalinkTarget(url.pathname, url.search);
+    if (link && this.ws.memberConversations().some((c) => c.id === link.channel)) {
+      this.openPermalink(link, null);
+      return;
+    }
+    const conv = this.ws.conversation({ ...match.channel, is_member: false });
+    this.openConversation(conv.id);
   }
 
   async browseDialog() {

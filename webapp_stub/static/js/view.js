@@ -114,3 +114,16 @@ export function presenceDot(userId, presence, name) {
 export function displayed(el) {
   return typeof el.checkVisibility === "function" ? el.checkVisibility() : el.offsetParent !== null;
 }
+
+/** ``text`` with search.messages' highlight markers (``\ue000``…``\ue001``) as ``<mark>``
+ * elements: the rest stays text nodes, and a stray marker is dropped. */
+export function highlighted(text) {
+  const parts = [];
+  let last = 0;
+  for (const found of String(text).matchAll(/\ue000([^\ue000\ue001]*)\ue001/g)) {
+    parts.push(text.slice(last, found.index).replace(/[\ue000\ue001]/g, ""), h("mark", {}, found[1]));
+    last = found.index + found[0].length;
+  }
+  parts.push(String(text).slice(last).replace(/[\ue000\ue001]/g, ""));
+  return parts.filter((part) => part !== "");
+}
