@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from webapp_stub import schema
 from webapp_stub.checkpoint import WalCheckpointer
@@ -22,6 +22,9 @@ from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
 from webapp_stub.models import Event
 from webapp_stub.read_cache import ReadCache
+
+if TYPE_CHECKING:
+    from webapp_stub.search_reader import SearchReader
 
 DB_FILE = "webapp.db"
 # The whole client-visible JSON of one event (for an edit: the message and its
@@ -167,17 +170,23 @@ class Database:
         newest = self.conn.execute("SELECT max(created_at) FROM events").fetchone()[0]  # a restart goes on from it
         self.event_clock.hold_at_least(float("-inf") if newest is None else float(newest))
         self.checkpointer: WalCheckpointer | None = None
+        # search.messages' reads: a thread and a read-only connection of their own, made by the
+        # first search (webapp_stub/search_reader.py), closed by close()
+        self.search_reader: SearchReader | None = None
         if background_checkpoints:
             WalCheckpointer.take_over(self.conn)
             self.checkpointer = WalCheckpointer(path)
             self.checkpointer.start()
 
     def close(self) -> None:
-        """Stop the checkpoint thread, if any, then close the connection.
+        """Stop the search reader's thread and the checkpoint thread, if any (each closes its own
+        connection), then close the connection.
 
         Closing the last connection to the file checkpoints the WAL into the
         database and removes it (SQLite's own behaviour on close).
         """
+        if self.search_reader is not None:
+            self.search_reader.close()  # kept: a search after this is refused, not given a new thread
         if self.checkpointer is not None:
             self.checkpointer.close()
             self.checkpointer = None

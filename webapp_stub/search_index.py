@@ -114,11 +114,19 @@ def mark(conn: sqlite3.Connection) -> int:
 
 def catch_up(db: sqlite3.Connection, max_rows: int | None = None, max_stale: int | None = None) -> CatchUp:
     """Drain recorded edits and index new rows (inside the caller's transaction), at most ``max_stale``
-    and ``max_rows`` (default: :data:`MAX_STALE_PER_SEARCH`, :data:`MAX_INDEX_ROWS_PER_SEARCH`)."""
+    and ``max_rows`` (default: :data:`MAX_STALE_PER_SEARCH`, :data:`MAX_INDEX_ROWS_PER_SEARCH`; 0: none
+    of that kind). The invariant holds after every call, whatever its bounds: a search catches up in
+    slices, one transaction each (webapp_stub/search_reader.py)."""
     max_rows = MAX_INDEX_ROWS_PER_SEARCH if max_rows is None else max_rows
     max_stale = MAX_STALE_PER_SEARCH if max_stale is None else max_stale
     last_id = mark(db)
     drained, stale_left = _drain(db, last_id, max_stale)
+    if max_rows <= 0:
+        return CatchUp(
+            0,
+            drained,
+            stale_left or db.execute("SELECT 1 FROM messages WHERE id > ?", (last_id,)).fetchone() is not None,
+        )
     row = db.execute(
         "SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?", (last_id, max_rows - 1)
     ).fetchone()
@@ -139,6 +147,8 @@ def catch_up(db: sqlite3.Connection, max_rows: int | None = None, max_stale: int
 
 def _drain(db: sqlite3.Connection, last_id: int, max_stale: int) -> tuple[int, bool]:
     """Re-index up to ``max_stale`` recorded rows: (how many, whether more are recorded)."""
+    if max_stale <= 0:
+        return 0, db.execute("SELECT 1 FROM search_stale LIMIT 1").fetchone() is not None
     row = db.execute("SELECT id FROM search_stale ORDER BY id LIMIT 1 OFFSET ?", (max_stale - 1,)).fetchone()
     upto = int(row[0]) if row is not None else None
     bound, params = ("WHERE id <= ?", (upto,)) if upto is not None else ("", ())
