@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +79,9 @@ async def search_messages(api: WebApi, call: Call) -> dict[str, Any]:
     store, me, highlight = api.store, call.me, flag(call.args, "highlight")
     if not search_index.available(store.conn):
         raise ApiError("service_unavailable")
-    reader = reader_of(store)
-    with reader.admitted():
-        progress = await search_reader.catch_up(store, reader.catch_up_lock)
-        await api.durable()  # the catch-up committed: the reader sees committed data only
-        found = await reader.read(
-            lambda conn: find(conn, me, query, page, by_time=by_time, ascending=ascending, highlight=highlight)
-        )
+    progress, found = await run_search(
+        store, api.durable, me, query, page, by_time=by_time, ascending=ascending, highlight=highlight
+    )
     matches = [_match(api, call, row) for row in found.rows]
     reply: dict[str, Any] = {
         "query": text,
@@ -95,6 +92,30 @@ async def search_messages(api: WebApi, call: Call) -> dict[str, Any]:
         reply["warning"] = ",".join(warnings)
         reply["response_metadata"] = {"warnings": warnings}
     return reply
+
+
+async def run_search(
+    store: Store,
+    durable: Callable[[], Awaitable[None]],
+    me: User,
+    query: SearchQuery,
+    page: Paging,
+    *,
+    by_time: bool,
+    ascending: bool,
+    highlight: bool,
+) -> tuple[search_index.CatchUp, Found]:
+    """One search, admitted by ``store``'s reader: the index's catch-up (in slices, on the loop),
+    ``durable`` (the group commit's: what it indexed committed), then :func:`find` on the reader's
+    thread. Raises ``ratelimited`` (429) past :data:`~webapp_stub.search_reader.MAX_SEARCHES_IN_FLIGHT`."""
+    reader = reader_of(store)
+    with reader.admitted():
+        progress = await search_reader.catch_up(store, reader.catch_up_lock)
+        await durable()  # the reader sees committed data only
+        found = await reader.read(
+            lambda conn: find(conn, me, query, page, by_time=by_time, ascending=ascending, highlight=highlight)
+        )
+    return progress, found
 
 
 def reader_of(store: Store) -> SearchReader:

@@ -7,8 +7,8 @@ highlight, the ``in:`` / ``from:`` lookups) is the longer part, 10-20 ms for a c
 runs here on a thread with a read-only SQLite connection of its own:
 
 * **The catch-up in slices** (:func:`catch_up`): at most :data:`CATCH_UP_SLICE_ROWS` new rows and
-  :data:`CATCH_UP_SLICE_STALE` edited ones per transaction (a few ms each), the loop served between
-  two slices (``await asyncio.sleep(0)``), up to the per-search bounds of search_index.py. Each
+  :data:`CATCH_UP_SLICE_STALE` edited ones per transaction (about a millisecond each), the loop served between
+  two slices (a pause of :data:`CATCH_UP_PAUSE_S`), up to the per-search bounds of search_index.py. Each
   slice is one ``search_index.catch_up`` call in its own transaction (a savepoint of the open batch),
   so the index's invariant holds after each. One catch-up at a time (:attr:`SearchReader.catch_up_lock`):
   a second search waits for the first's and then does its own, which finds what the first left,
@@ -57,12 +57,17 @@ T = TypeVar("T")
 MAX_SEARCHES_IN_FLIGHT = 4
 # What a search refused for that bound is told to wait: the searches ahead are done well within it.
 SEARCH_BUSY_RETRY_AFTER_S = 1
-# New rows indexed per slice of a catch-up: FTS5 indexes a 12-word message in about 4.5 µs on the
-# project's 2-core VM (bench/search.py), so a slice holds the loop some 2-3 ms; the per-search bound
-# (search_index.MAX_INDEX_ROWS_PER_SEARCH) is ten such slices.
-CATCH_UP_SLICE_ROWS = 500
+# New rows indexed per slice of a catch-up. Over a 50,000-message backlog on the project's 2-core VM
+# (bench/search.py, tests on the other core), a slice of 250 took a median 0.8 ms, p90 1.4 ms (its
+# batch's commit 0.4 ms); of 500, 1.5 and 5.6 ms (commit 0.6, p90 2.3 ms); a few of either took
+# 15-20 ms on the loaded machine. The per-search bound (search_index.MAX_INDEX_ROWS_PER_SEARCH) is
+# twenty slices.
+CATCH_UP_SLICE_ROWS = 250
 # Edited or deleted rows re-indexed per slice (each an FTS5 delete and an insert: twice a new row).
-CATCH_UP_SLICE_STALE = 200
+CATCH_UP_SLICE_STALE = 100
+# The pause between two slices: the loop polls for I/O and runs what it woke (posts, replies, the
+# hand-off) before the next slice. Twenty slices make a first search some 20 ms longer.
+CATCH_UP_PAUSE_S = 0.001
 THREAD_NAME = "rtm-search"  # the reader thread's name (a ThreadPoolExecutor's prefix)
 _BUSY_TIMEOUT_MS = 5000  # a WAL reader waits only while SQLite recovers a WAL after a crash
 
@@ -173,4 +178,7 @@ async def catch_up(store: Store, lock: asyncio.Lock) -> search_index.CatchUp:
             # could left no edit recorded: then only new rows are left, and only the row budget counts)
             if not step.behind or (rows_left <= 0 and (stale_left <= 0 or step.drained < stale)):
                 return search_index.CatchUp(indexed, drained, step.behind)
-            await asyncio.sleep(0)  # the loop's other work (posts, replies, the hand-off) between slices
+            # a pause, not sleep(0): a task resumed by sleep(0) runs again in the next turn, right
+            # behind the slice's own batch commit and before the tasks that turn's I/O wakes (a
+            # request's handler), so the commit and the next slice would hold the loop as one
+            await asyncio.sleep(CATCH_UP_PAUSE_S)
