@@ -49,8 +49,9 @@ INCOMPLETE = "search_index_incomplete"  # the index has a backlog left: newer me
 CAPPED = "search_results_capped"  # more messages matched than MAX_CANDIDATES: the newest of them answered
 # The most matching messages one search considers, newest first: what it filters (who may read
 # each), counts and ranks. Bounds a search's work whatever the database's size: a word found in
-# 22,000 of 50,000 messages cost 60 ms to count and rank in full on this project's 2-core VM,
-# on the event loop every post waits on; this many, 10-21 ms (bench/search.py; docs/slack-compat.md).
+# 22,000 of 50,000 messages cost 60 ms to count and rank in full on this project's 2-core VM
+# (then on the event loop; now on the search reader's thread, which still takes a core); this many,
+# 10-35 ms (bench/search.py; docs/slack-compat.md).
 MAX_CANDIDATES = 5_000
 _IID = uuid.UUID("5c0f2a57-8d1e-4b8e-9a57-2f6d3c1e7b10")  # the namespace of matches' iid (uuid5)
 # Who may read a conversation's messages, for a user (the caller: its team, its id): a public

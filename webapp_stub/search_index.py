@@ -1,8 +1,10 @@
 """The full-text index of ``messages`` for ``search.messages``, kept up to date by searches.
 
 Posting never touches it: no trigger, no statement on the post path (docs/publish-path.md). A
-search first brings it up to date (:func:`catch_up`, inside the webapp's one writer connection
-and its transaction, so inside the group commit when one is open), then reads it.
+search first brings it up to date (:func:`catch_up`, on the webapp's one writer connection, in
+slices of a transaction each, so inside the group commit when one is open:
+webapp_stub/search_reader.py), then reads it (on a read-only connection of its own, once that is
+committed).
 
 The tables (:data:`FTS_SCHEMA`, :data:`SEARCH_SCHEMA`, created by :func:`webapp_stub.schema.migrate`):
 
@@ -55,8 +57,9 @@ CREATE TABLE IF NOT EXISTS search_stale (
 """
 # Rows indexed by one search at most. FTS5 indexes a message of a dozen words in about 4.5 µs on
 # this project's 2-core VM (50,000 in 0.23 s: bench/search.py), so this bounds a catch-up to some
-# 25 ms of the event loop every post waits on; a larger backlog (a database that had no index, or
-# a busy day without a search) is indexed by the next searches, this many each.
+# 25 ms of work (in slices of about a millisecond on the event loop: search_reader.py) and a
+# search's time; a larger backlog (a database that had no index, or a busy day without a search)
+# is indexed by the next searches, this many each.
 MAX_INDEX_ROWS_PER_SEARCH = 5_000
 # Edited or deleted rows re-indexed by one search at most (each: one FTS5 delete and one insert).
 MAX_STALE_PER_SEARCH = 2_000
