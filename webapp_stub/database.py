@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from webapp_stub import schema
 from webapp_stub.checkpoint import WalCheckpointer
@@ -22,9 +22,6 @@ from webapp_stub.codecs import dumps
 from webapp_stub.errors import ApiError
 from webapp_stub.models import Event
 from webapp_stub.read_cache import ReadCache
-
-if TYPE_CHECKING:
-    from webapp_stub.search_reader import SearchReader
 
 DB_FILE = "webapp.db"
 # The whole client-visible JSON of one event (for an edit: the message and its
@@ -81,6 +78,13 @@ def _database_file(path: str | os.PathLike[str], create: bool) -> str:
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     return path
+
+
+class Closable(Protocol):
+    """What a connection's helper with a thread of its own offers the store: :meth:`close`, which
+    ends that thread and its connection (the search reader: webapp_stub/search_reader.py)."""
+
+    def close(self) -> None: ...
 
 
 class EventClock:
@@ -172,7 +176,7 @@ class Database:
         self.checkpointer: WalCheckpointer | None = None
         # search.messages' reads: a thread and a read-only connection of their own, made by the
         # first search (webapp_stub/search_reader.py), closed by close()
-        self.search_reader: SearchReader | None = None
+        self.search_reader: Closable | None = None
         if background_checkpoints:
             WalCheckpointer.take_over(self.conn)
             self.checkpointer = WalCheckpointer(path)

@@ -121,9 +121,10 @@ async def run_search(
 
 def reader_of(store: Store) -> SearchReader:
     """``store``'s search reader, made at its first search (closed with the store)."""
-    if store.search_reader is None:
-        store.search_reader = SearchReader(store.path)
-    return store.search_reader
+    reader = store.search_reader
+    if not isinstance(reader, SearchReader):
+        reader = store.search_reader = SearchReader(store.path)
+    return reader
 
 
 @dataclass(frozen=True)
