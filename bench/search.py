@@ -39,7 +39,7 @@ from webapp_stub import search_index
 from webapp_stub.commit import GroupCommit
 from webapp_stub.models import Event
 from webapp_stub.search import Found, find, run_search
-from webapp_stub.search_query import paging, parse
+from webapp_stub.search_query import Paging, paging, parse
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store, User
 
@@ -145,7 +145,7 @@ def _searcher(mode: str, store: Store, commits: GroupCommit, me: User) -> Search
     return on_loop if mode == "loop" else on_thread
 
 
-def _page(how: dict[str, object]) -> object:
+def _page(how: dict[str, object]) -> Paging:
     return paging(int(how.get("count", 20)), int(how.get("page", 1)))  # type: ignore[call-overload]
 
 
