@@ -26,6 +26,7 @@ and TLS CA and certificates (``DATA_DIR/secret``, ``consul-acl-token*``, ``opera
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import sqlite3
@@ -41,7 +42,7 @@ from services.errors import CONFIG_ERROR_EXIT_CODE, RtmError
 from services.secret_file import create_secret_file
 from webapp_stub.codecs import us_to_ts
 from webapp_stub.database import DB_FILE
-from webapp_stub.schema import CORE_TABLES
+from webapp_stub.schema import CORE_TABLES, migrate
 
 # How long the backup's read connection waits for SQLite's locks. A WAL reader waits only while
 # another connection recovers the WAL (after a crash) or the writer's backstop checkpoint resets it:
@@ -51,6 +52,15 @@ READ_BUSY_TIMEOUT_MS = 10_000
 # hold committed data until checkpointed) and the WAL's shared-memory index (rebuilt from the WAL).
 JOURNAL_SUFFIXES = ("-wal", "-journal")
 SHM_SUFFIX = "-shm"
+
+
+# The schema objects that run or read on the webapp's behalf, of which a database may hold only
+# those rtm makes: triggers (run at each write of their table), views, and virtual tables (an FTS5
+# table reads the rows of its ``content=`` table and splits words with its ``tokenize=``). rtm makes
+# no trigger and no view, and one virtual table, search.messages' index; a file to restore holding
+# another would act on everything written after the restore (a trigger copying each new token into
+# a column its author can read: docs/authz-review.md, finding 9).
+CODE_OBJECT_TYPES = ("trigger", "view")
 
 
 class BackupError(RtmError):
@@ -108,6 +118,9 @@ def check_database(path: Path, name: Path) -> Snapshot:
         missing = [table for table in CORE_TABLES if table not in tables]
         if missing:
             raise BackupError(f"{name} is not an rtm database (it has no {', '.join(missing)} table)")
+        foreign = foreign_objects(conn)
+        if foreign:
+            raise BackupError(f"{name} holds {', '.join(foreign[:3])}, which rtm never makes: it is refused")
         messages, newest_us = conn.execute("SELECT count(*), max(ts_us) FROM messages").fetchone()
         (events,) = conn.execute("SELECT count(*) FROM events").fetchone()
     except sqlite3.DatabaseError as exc:
@@ -116,6 +129,36 @@ def check_database(path: Path, name: Path) -> Snapshot:
         conn.close()
     newest = None if newest_us is None else us_to_ts(int(newest_us))
     return Snapshot(path.stat().st_size, int(messages), int(events), newest)
+
+
+def _virtual_tables(conn: sqlite3.Connection) -> dict[str, str]:
+    """The virtual tables of ``conn``'s database: name to its ``CREATE VIRTUAL TABLE`` statement."""
+    rows = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql LIKE 'CREATE VIRTUAL %'")
+    return {str(name): str(sql) for name, sql in rows}
+
+
+@functools.cache
+def _rtm_virtual_tables() -> dict[str, str]:
+    """The virtual tables :func:`~webapp_stub.schema.migrate` makes, as SQLite records them."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(conn)
+        return _virtual_tables(conn)
+    finally:
+        conn.close()
+
+
+def foreign_objects(conn: sqlite3.Connection) -> list[str]:
+    """What ``conn``'s database holds of :data:`CODE_OBJECT_TYPES`, and each virtual table that is not
+    one rtm makes exactly as it makes it (another ``content=``, ``tokenize=``, module), as
+    ``"trigger t"``, ``"virtual table v"``; empty for a database rtm wrote."""
+    marks = ",".join("?" * len(CODE_OBJECT_TYPES))
+    rows = conn.execute(
+        f"SELECT type, name FROM sqlite_master WHERE type IN ({marks}) ORDER BY name", CODE_OBJECT_TYPES
+    )
+    found = [f"{kind} {name}" for kind, name in rows]
+    rtm_tables = _rtm_virtual_tables()
+    return found + [f"virtual table {n}" for n, sql in _virtual_tables(conn).items() if rtm_tables.get(n) != sql]
 
 
 def fsync_path(path: Path, *, directory: bool = False) -> None:

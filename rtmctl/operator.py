@@ -44,6 +44,7 @@ import consul
 import requests
 
 from rtmctl.consul_roles import TokensFileError, role_token
+from rtmctl.fleet_lock import data_dir_in_use
 from services import regions
 from services.config import consul_default, consul_token_default, env_default
 from services.discovery import sync_client
@@ -281,6 +282,13 @@ def find_pid(args: argparse.Namespace) -> tuple[int, str]:
 
 def kill(args: argparse.Namespace) -> int:
     pid, instance = find_pid(args)
+    if not data_dir_in_use(Path(args.data_dir)):  # fleet.json outlives its fleet; its pids get reused
+        print(
+            f"rtm kill: no fleet runs from {args.data_dir} now: the pids in its fleet.json are of a fleet that "
+            "stopped, and may be other processes' by now",
+            file=sys.stderr,
+        )
+        return 2
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:  # killed a moment ago: fleet.json names its restart once `rtm up` has made it

@@ -46,36 +46,38 @@ class RateLimiter:
 
     def retry_after(self, token: str, method: str) -> int:
         """0 and one unit spent if allowed (from the shared bucket too, if the method has one),
-        else whole seconds until the next unit."""
+        else whole seconds until the next unit. Every request calls it: a method without limits of
+        its own (every post) costs one dictionary lookup more than a single bucket would."""
         if self.per_minute <= 0:
             return 0
         now = self.clock()
         shared = self.shared_limits.get(method)
-        if shared is not None and self._available(SHARED, method, shared, now) < 1.0:
-            return self._wait_s(SHARED, method, shared, now)
         own = self.method_limits.get(method, self.per_minute)
-        if self._available(token, method, own, now) < 1.0:
-            return self._wait_s(token, method, own, now)
-        self._spend(token, method, own, now)
         if shared is not None:
-            self._spend(SHARED, method, shared, now)
+            tokens = self._available(SHARED, method, shared, now)
+            if tokens < 1.0:
+                return self._refuse(SHARED, method, shared, tokens, now)
+        tokens = self._available(token, method, own, now)
+        if tokens < 1.0:
+            return self._refuse(token, method, own, tokens, now)
+        self._buckets[(token, method)] = (tokens - 1.0, now)
+        if shared is not None:
+            self._buckets[(SHARED, method)] = (self._available(SHARED, method, shared, now) - 1.0, now)
         if len(self._buckets) > MAX_RATE_BUCKETS:
             self._forget_idle(now)
         return 0
 
     def _available(self, token: str, method: str, per_minute: int, now: float) -> float:
+        """The units in the bucket of ``(token, method)`` at ``now`` (a new bucket is full)."""
         bucket = self._buckets.get((token, method))
         if bucket is None:
             return float(per_minute)
         return min(float(per_minute), bucket[0] + (now - bucket[1]) * per_minute / 60.0)
 
-    def _spend(self, token: str, method: str, per_minute: int, now: float) -> None:
-        self._buckets[(token, method)] = (self._available(token, method, per_minute, now) - 1.0, now)
-
-    def _wait_s(self, token: str, method: str, per_minute: int, now: float) -> int:
-        tokens = self._available(token, method, per_minute, now)
+    def _refuse(self, token: str, method: str, per_minute: int, tokens: float, now: float) -> int:
+        """Keep the bucket's ``tokens`` as of ``now``; whole seconds until it holds one unit."""
         self._buckets[(token, method)] = (tokens, now)
-        return max(1, math.ceil((1.0 - tokens) / (per_minute / 60.0)))
+        return max(1, math.ceil((1.0 - tokens) * 60.0 / per_minute))
 
     def _forget_idle(self, now: float) -> None:
         """Forget buckets idle long enough to be full again (a new one starts full: nothing changes)."""

@@ -5,6 +5,7 @@ own process, driven through py-consul), by one resolver (rtmctl/operator.py ``sl
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import consul
 import pytest
 
 from rtmctl import cli, launcher, logs
+from rtmctl.fleet_lock import hold_data_dir
 from rtmctl.log_file import ProcessLogFile, log_dir, log_path
 from services.identity import CHANNEL_SERVER, PRESENCE
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
@@ -53,6 +55,7 @@ class FleetDir:
 @pytest.fixture
 def fleet_dir(tmp_path: Path, agent: launcher.RunningProcess) -> Iterator[FleetDir]:
     sleepers = {name: subprocess.Popen(["sleep", "600"]) for name in PROCESSES}
+    held = hold_data_dir(tmp_path)  # its fleet runs: rtm kill acts only then
     try:
         for name in PROCESSES:
             writer = ProcessLogFile(log_path(log_dir(tmp_path), name))
@@ -69,6 +72,7 @@ def fleet_dir(tmp_path: Path, agent: launcher.RunningProcess) -> Iterator[FleetD
         )
         yield FleetDir(tmp_path, consul.Consul(host="127.0.0.1", port=port), sleepers)
     finally:
+        os.close(held)
         for sleeper in sleepers.values():
             sleeper.kill()
             sleeper.wait()
@@ -118,3 +122,19 @@ def test_rtm_kill_of_a_slot_kills_the_process_serving_it_now(
     assert capsys.readouterr().out == f"killed {CHANNEL_SERVER} cs-cccccc (pid {killed.pid}) with SIGKILL\n"
     assert killed.wait(timeout=DEFAULT_WAIT_S) == -signal.SIGKILL
     assert all(p.poll() is None for name, p in fleet_dir.processes.items() if name != "cs-cccccc")
+
+
+def test_a_forged_ring_kills_nothing_outside_the_services_own_processes(
+    fleet_dir: FleetDir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whoever writes the ring document names slot owners: an owner that is another service's process,
+    or its pid, is no channel server of fleet.json, and nothing is killed (redteam14: a guard). ``rtm logs
+    cs-1`` shows such an owner's log: reading, which the operator may do of every process anyway."""
+    data_dir, client = fleet_dir.path, fleet_dir.client
+    presence_pid = str(fleet_dir.processes["ps-dddddd"].pid)
+    for owner in ("ps-dddddd", presence_pid):
+        put_ring(client, CHANNEL_RING_KEY, 6, {"cs-0": "cs-aaaaaa", "cs-1": owner})
+        with pytest.raises(SystemExit) as refused:
+            cli.main(["kill", CHANNEL_SERVER, "cs-1", "--data-dir", str(data_dir)])
+        assert "no channel-server named 'cs-1'" in str(refused.value)
+    assert all(p.poll() is None for p in fleet_dir.processes.values())

@@ -14,6 +14,7 @@ import consul
 import pytest
 
 from rtmctl import cli, operator
+from rtmctl.fleet_lock import hold_data_dir
 from services import regions
 
 RUN_TIMEOUT_S = 60.0
@@ -130,10 +131,30 @@ def test_killing_a_process_that_is_already_gone_is_a_sentence(
     gone.wait(timeout=RUN_TIMEOUT_S)  # exited and reaped: no process has this pid now
     process = {"service": "webapp", "id": "webapp-0", "name": "webapp", "pid": gone.pid}
     (tmp_path / "fleet.json").write_text(json.dumps({"processes": [process]}))
-    assert cli.main(["kill", "webapp", "webapp-0", "--data-dir", str(tmp_path)]) == 1
+    held = hold_data_dir(tmp_path)  # a fleet runs there
+    try:
+        assert cli.main(["kill", "webapp", "webapp-0", "--data-dir", str(tmp_path)]) == 1
+    finally:
+        os.close(held)
     assert capsys.readouterr().err == (
         f"rtm kill: webapp webapp-0 (pid {gone.pid}) is not running; `rtm up` restarts it: see rtm status\n"
     )
+
+
+def test_kill_refuses_the_pids_of_a_fleet_that_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """fleet.json stays after its ``rtm up`` stops, and its pids go to other processes: ``rtm kill``
+    SIGKILLed whichever process had the pid now (redteam14). No fleet holds the directory: refused."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process = {"service": "webapp", "id": "webapp-0", "name": "webapp", "pid": bystander.pid}
+        (tmp_path / "fleet.json").write_text(json.dumps({"processes": [process]}))
+        assert cli.main(["kill", "webapp", "webapp-0", "--data-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rtm kill: no fleet runs from {tmp_path} now") and err.count("\n") == 1, err
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=RUN_TIMEOUT_S)
 
 
 def test_a_process_whose_port_is_taken_says_so_in_one_line() -> None:

@@ -140,3 +140,43 @@ def test_a_missing_backup_or_the_database_itself_is_refused(
     assert capsys.readouterr().err == f"rtm restore: no backup file at {tmp_path / 'nothing.db'}\n"
     assert restore(tmp_path / "source" / "webapp.db", tmp_path / "source", "--force") == 2
     assert "is the database" in capsys.readouterr().err
+
+
+STEAL_NEW_TOKENS = (
+    "CREATE TRIGGER steal AFTER INSERT ON tokens BEGIN UPDATE users SET real_name = NEW.token WHERE name = 'bob'; END"
+)
+
+
+@pytest.mark.parametrize(
+    ("crafted", "said"),
+    [
+        ([STEAL_NEW_TOKENS], "trigger steal"),
+        (["CREATE VIEW everyone AS SELECT token AS text FROM tokens"], "view everyone"),
+        (  # an index whose highlight reads another table's text: scheduled messages not yet sent
+            [
+                "DROP TABLE search_fts",
+                "CREATE VIRTUAL TABLE search_fts USING fts5(text, content='scheduled_messages', content_rowid='rowid')",
+            ],
+            "virtual table search_fts",
+        ),
+        (
+            ["DROP TABLE search_fts", "CREATE VIRTUAL TABLE search_fts USING fts5(text, tokenize='trigram')"],
+            "virtual table search_fts",
+        ),
+    ],
+)
+def test_a_backup_holding_triggers_views_or_another_index_is_refused(
+    tmp_path: Path, backup_file: Path, crafted: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trigger in a restored database runs at every write after the restore: this one hands each
+    new user's token to whoever reads bob's profile (finding 9, docs/authz-review.md)."""
+    conn = sqlite3.connect(backup_file)
+    for statement in crafted:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    data_dir = tmp_path / "data"
+    assert restore(backup_file, data_dir) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rtm restore: ") and said in err and err.count("\n") == 1, err
+    assert not (data_dir / "webapp.db").exists() and not (data_dir / "seed.json").exists()

@@ -1,0 +1,63 @@
+"""Red-team review 14 of ``search.messages`` (webapp_stub/search.py): what a search tells a user
+about messages it may not read. Each test here is a finding left to the search's owner, marked
+``xfail(strict=True)`` until fixed (docs/authz-review.md, findings 10 and 12)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.webapp_harness import Webapp
+from webapp_stub import search as search_method
+from webapp_stub.search_query import MAX_QUERY_CHARS, QueryError, parse
+
+
+async def ok(webapp: Webapp, method: str, token: str, **body: Any) -> dict[str, Any]:
+    status, reply = await webapp.call(method, token, json_body=body)
+    assert status == 200 and reply.get("ok"), (method, body, reply)
+    return reply
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding 10: MAX_CANDIDATES bounds the matches of every team and conversation before the "
+    "readability filter, so `search_results_capped` and a short `total` tell a user that messages it "
+    "may not read (others' DMs, private channels, another team) hold the words it searched for",
+)
+@pytest.mark.parametrize("hidden_in", ["a dm of others", "another team"])
+async def test_what_a_user_may_not_read_changes_nothing_in_its_answer(
+    webapp: Webapp, monkeypatch: Any, hidden_in: str
+) -> None:
+    monkeypatch.setattr(search_method, "MAX_CANDIDATES", 3)
+    carol, general = webapp.user("carol"), webapp.channel("general")
+    for i in range(3):  # the probe: as many readable matches as the bound
+        await ok(webapp, "chat.postMessage", carol["token"], channel=general, text=f"hunter2 probe {i}")
+    if hidden_in == "a dm of others":
+        alice, bob = webapp.user("alice"), webapp.user("bob")
+        dm = (await ok(webapp, "conversations.open", alice["token"], users=bob["id"]))["channel"]["id"]
+        await ok(webapp, "chat.postMessage", alice["token"], channel=dm, text="my password is hunter2")
+    else:
+        store = webapp.server.store
+        other = store.create_team("Elsewhere", "elsewhere")
+        mallory, _ = store.create_user(other.id, "mallory")
+        channel, _ = store.create_channel(mallory, "secrets")
+        store.post_message(channel, mallory, "the password is hunter2")
+    reply = await ok(webapp, "search.messages", carol["token"], query="hunter2")
+    # what carol reads: her three posts, whole, and no word of anything else
+    assert "warning" not in reply, reply.get("warning")
+    assert reply["messages"]["total"] == 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding 12: MAX_QUERY_TERMS counts the query's pieces, not the tokens FTS5 walks: one piece "
+    "'the.the.the...' (500 characters) is a phrase of 250 tokens, 1.5 s of FTS5 per MATCH over 50,000 "
+    "messages of common words against 0.7 ms for 'the', and a search runs its MATCH two to four times",
+)
+@pytest.mark.parametrize("query", ["the." * 125, '"' + "a " * 240 + '"', "x-" * 200 + "x"])
+def test_a_query_of_more_tokens_than_terms_allowed_is_invalid_arguments(query: str) -> None:
+    assert len(query) <= MAX_QUERY_CHARS
+    with pytest.raises(QueryError) as refused:
+        parse(query)
+    assert refused.value.code == "invalid_arguments"
