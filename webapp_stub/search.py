@@ -46,12 +46,12 @@ from webapp_stub.store import Store
 _PAGE_ARG_MAX = 1_000_000
 HIGHLIGHT_START, HIGHLIGHT_END = "\ue000", "\ue001"  # Slack's highlight markers
 INCOMPLETE = "search_index_incomplete"  # the index has a backlog left: newer messages may be missing
-CAPPED = "search_results_capped"  # more messages matched than MAX_CANDIDATES: the newest of them answered
-# The most matching messages one search considers, newest first: what it filters (who may read
-# each), counts and ranks. Bounds a search's work whatever the database's size: a word found in
-# 22,000 of 50,000 messages cost 60 ms to count and rank in full on this project's 2-core VM
-# (then on the event loop; now on the search reader's thread, which still takes a core); this many,
-# 10-35 ms (bench/search.py; docs/slack-compat.md).
+CAPPED = "search_results_capped"  # more readable messages matched than MAX_CANDIDATES: the newest answered
+# The most matching messages one search counts and ranks, newest first, among those the caller may
+# read (and that match its ``in:`` / ``from:``). Bounds a search's work whatever the database's
+# size: a word found in 22,000 of 50,000 messages cost 60 ms to count and rank in full on this
+# project's 2-core VM; this many, 15-35 ms (bench/search.py; docs/slack-compat.md), on the search
+# reader's thread. What the caller may not read is walked past (time) but takes no place here.
 MAX_CANDIDATES = 5_000
 _IID = uuid.UUID("5c0f2a57-8d1e-4b8e-9a57-2f6d3c1e7b10")  # the namespace of matches' iid (uuid5)
 # Who may read a conversation's messages, for a user (the caller: its team, its id): a public
@@ -130,8 +130,8 @@ def reader_of(store: Store) -> SearchReader:
 @dataclass(frozen=True)
 class Found:
     """What :func:`find` found: ``total`` matches the caller may read, the page's ``rows``, and
-    whether more messages matched than :data:`MAX_CANDIDATES` (``capped``: ``total`` counts the
-    newest of them only)."""
+    whether more messages it may read matched than :data:`MAX_CANDIDATES` (``capped``: ``total``
+    counts the newest of them only)."""
 
     total: int
     rows: list[tuple[Any, ...]]
@@ -148,8 +148,8 @@ def find(
     ascending: bool,
     highlight: bool,
 ) -> Found:
-    """What ``me`` may read matching ``query``, among the newest :data:`MAX_CANDIDATES` messages that
-    match it, from the index as it is: reads only, on ``conn`` (the search reader's, on its thread,
+    """What ``me`` may read matching ``query``: the newest :data:`MAX_CANDIDATES` such messages at
+    most, from the index as it is: reads only, on ``conn`` (the search reader's, on its thread,
     in one read transaction; any connection to the database will do).
 
     Each row: channel, ts, user, team, text (highlighted if asked), thread_ts, extra, the channel's
@@ -158,17 +158,17 @@ def find(
     if where is None:
         return Found(0, [], False)
     match, clauses, params = where
-    capped = (
-        conn.execute(
-            "SELECT 1 FROM search_fts WHERE search_fts MATCH ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
-            (match, MAX_CANDIDATES),
-        ).fetchone()
-        is not None
+    # the candidates: FTS5 walks its matches newest (highest rowid) first, keeps those the caller may
+    # read (and asked for), and stops at the bound. What the caller may not read takes no place among
+    # them: bounded before that condition, a short ``total`` and ``capped`` told a user that messages
+    # it may not read hold the words it searched for (docs/authz-review.md, finding 10).
+    hits = (
+        "SELECT search_fts.rowid AS id{} FROM search_fts JOIN messages m ON m.id = search_fts.rowid JOIN channels c "
+        f"ON c.id = m.channel WHERE search_fts MATCH ? AND {clauses} ORDER BY search_fts.rowid DESC LIMIT ? OFFSET ?"
     )
-    # the candidates: FTS5 walks its matches newest (highest rowid) first and stops at the bound
-    hits = "SELECT rowid AS id{} FROM search_fts WHERE search_fts MATCH ? ORDER BY rowid DESC LIMIT ?"
-    joins = f"FROM ({{}}) h JOIN messages m ON m.id = h.id JOIN channels c ON c.id = m.channel WHERE {clauses}"
-    params = [match, MAX_CANDIDATES, *params]
+    capped = conn.execute(hits.format(""), (match, *params, 1, MAX_CANDIDATES)).fetchone() is not None
+    joins = "FROM ({}) h JOIN messages m ON m.id = h.id JOIN channels c ON c.id = m.channel"
+    params = [match, *params, MAX_CANDIDATES, 0]
     direction = "ASC" if ascending else "DESC"
     # bm25 (FTS5's rank) is lower for a better match: the best first is rank ASC
     order = (
@@ -179,7 +179,7 @@ def find(
         rows = conn.execute(
             "SELECT m.id, m.channel, m.ts, m.user, m.team, m.text, m.thread_ts, m.extra, c.name, c.is_private, "
             f"c.kind, (SELECT u.name FROM users u WHERE u.id = m.user), count(*) OVER () "
-            f"{joins.format(hits.format('' if by_time else ', rank'))} ORDER BY {order} LIMIT ? OFFSET ?",
+            f"{joins.format(hits.format('' if by_time else ', search_fts.rank'))} ORDER BY {order} LIMIT ? OFFSET ?",
             (*params, page.count, page.offset),
         ).fetchall()
     if rows:

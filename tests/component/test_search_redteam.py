@@ -1,6 +1,6 @@
 """Red-team review 14 of ``search.messages`` (webapp_stub/search.py): what a search tells a user
-about messages it may not read. Each test here is a finding left to the search's owner, marked
-``xfail(strict=True)`` until fixed (docs/authz-review.md, findings 10 and 12; 12 is fixed)."""
+about messages it may not read, and what a query may cost. Each test here was a finding left to the
+search's owner as a strict xfail; both are fixed (docs/authz-review.md, findings 10 and 12)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,6 @@ async def ok(webapp: Webapp, method: str, token: str, **body: Any) -> dict[str, 
     return reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 10: MAX_CANDIDATES bounds the matches of every team and conversation before the "
-    "readability filter, so `search_results_capped` and a short `total` tell a user that messages it "
-    "may not read (others' DMs, private channels, another team) hold the words it searched for",
-)
 @pytest.mark.parametrize("hidden_in", ["a dm of others", "another team"])
 async def test_what_a_user_may_not_read_changes_nothing_in_its_answer(
     webapp: Webapp, monkeypatch: Any, hidden_in: str
