@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from webapp_stub import schema
 from webapp_stub.checkpoint import WalCheckpointer
@@ -78,6 +78,13 @@ def _database_file(path: str | os.PathLike[str], create: bool) -> str:
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     return path
+
+
+class Closable(Protocol):
+    """What a connection's helper with a thread of its own offers the store: :meth:`close`, which
+    ends that thread and its connection (the search reader: webapp_stub/search_reader.py)."""
+
+    def close(self) -> None: ...
 
 
 class EventClock:
@@ -167,17 +174,23 @@ class Database:
         newest = self.conn.execute("SELECT max(created_at) FROM events").fetchone()[0]  # a restart goes on from it
         self.event_clock.hold_at_least(float("-inf") if newest is None else float(newest))
         self.checkpointer: WalCheckpointer | None = None
+        # search.messages' reads: a thread and a read-only connection of their own, made by the
+        # first search (webapp_stub/search_reader.py), closed by close()
+        self.search_reader: Closable | None = None
         if background_checkpoints:
             WalCheckpointer.take_over(self.conn)
             self.checkpointer = WalCheckpointer(path)
             self.checkpointer.start()
 
     def close(self) -> None:
-        """Stop the checkpoint thread, if any, then close the connection.
+        """Stop the search reader's thread and the checkpoint thread, if any (each closes its own
+        connection), then close the connection.
 
         Closing the last connection to the file checkpoints the WAL into the
         database and removes it (SQLite's own behaviour on close).
         """
+        if self.search_reader is not None:
+            self.search_reader.close()  # kept: a search after this is refused, not given a new thread
         if self.checkpointer is not None:
             self.checkpointer.close()
             self.checkpointer = None

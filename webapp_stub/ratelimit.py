@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping
 
 DEFAULT_RATE_LIMIT_PER_MINUTE = 6000  # generous: tests and benchmarks must not trip it
 MAX_RATE_BUCKETS = 100_000  # beyond this, full (idle) buckets are forgotten
-# search.messages holds the event loop for 10-50 ms (the index's catch-up, the query: docs/slack-compat.md),
-# a post for about 0.1 ms: Slack's Tier 2 per token (20 a minute), and 5 a second for the whole webapp.
+# search.messages costs 10-130 ms of work (the index's catch-up, the query: docs/slack-compat.md), a post
+# about 0.1 ms; most of it off the event loop (webapp_stub/search_reader.py), but it takes a core
+# meanwhile: Slack's Tier 2 per token (20 a minute), and 5 a second for the whole webapp.
 METHOD_RATE_LIMITS_PER_MINUTE: Mapping[str, int] = {"search.messages": 20}
 SHARED_RATE_LIMITS_PER_MINUTE: Mapping[str, int] = {"search.messages": 300}
 BUCKET_REFILL_S = 60.0  # every bucket refills its whole capacity (a minute's worth) in a minute

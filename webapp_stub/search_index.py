@@ -1,8 +1,10 @@
 """The full-text index of ``messages`` for ``search.messages``, kept up to date by searches.
 
 Posting never touches it: no trigger, no statement on the post path (docs/publish-path.md). A
-search first brings it up to date (:func:`catch_up`, inside the webapp's one writer connection
-and its transaction, so inside the group commit when one is open), then reads it.
+search first brings it up to date (:func:`catch_up`, on the webapp's one writer connection, in
+slices of a transaction each, so inside the group commit when one is open:
+webapp_stub/search_reader.py), then reads it (on a read-only connection of its own, once that is
+committed).
 
 The tables (:data:`FTS_SCHEMA`, :data:`SEARCH_SCHEMA`, created by :func:`webapp_stub.schema.migrate`):
 
@@ -55,8 +57,9 @@ CREATE TABLE IF NOT EXISTS search_stale (
 """
 # Rows indexed by one search at most. FTS5 indexes a message of a dozen words in about 4.5 µs on
 # this project's 2-core VM (50,000 in 0.23 s: bench/search.py), so this bounds a catch-up to some
-# 25 ms of the event loop every post waits on; a larger backlog (a database that had no index, or
-# a busy day without a search) is indexed by the next searches, this many each.
+# 25 ms of work (in slices of about a millisecond on the event loop: search_reader.py) and a
+# search's time; a larger backlog (a database that had no index, or a busy day without a search)
+# is indexed by the next searches, this many each.
 MAX_INDEX_ROWS_PER_SEARCH = 5_000
 # Edited or deleted rows re-indexed by one search at most (each: one FTS5 delete and one insert).
 MAX_STALE_PER_SEARCH = 2_000
@@ -114,11 +117,19 @@ def mark(conn: sqlite3.Connection) -> int:
 
 def catch_up(db: sqlite3.Connection, max_rows: int | None = None, max_stale: int | None = None) -> CatchUp:
     """Drain recorded edits and index new rows (inside the caller's transaction), at most ``max_stale``
-    and ``max_rows`` (default: :data:`MAX_STALE_PER_SEARCH`, :data:`MAX_INDEX_ROWS_PER_SEARCH`)."""
+    and ``max_rows`` (default: :data:`MAX_STALE_PER_SEARCH`, :data:`MAX_INDEX_ROWS_PER_SEARCH`; 0: none
+    of that kind). The invariant holds after every call, whatever its bounds: a search catches up in
+    slices, one transaction each (webapp_stub/search_reader.py)."""
     max_rows = MAX_INDEX_ROWS_PER_SEARCH if max_rows is None else max_rows
     max_stale = MAX_STALE_PER_SEARCH if max_stale is None else max_stale
     last_id = mark(db)
     drained, stale_left = _drain(db, last_id, max_stale)
+    if max_rows <= 0:
+        return CatchUp(
+            0,
+            drained,
+            stale_left or db.execute("SELECT 1 FROM messages WHERE id > ?", (last_id,)).fetchone() is not None,
+        )
     row = db.execute(
         "SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?", (last_id, max_rows - 1)
     ).fetchone()
@@ -139,6 +150,8 @@ def catch_up(db: sqlite3.Connection, max_rows: int | None = None, max_stale: int
 
 def _drain(db: sqlite3.Connection, last_id: int, max_stale: int) -> tuple[int, bool]:
     """Re-index up to ``max_stale`` recorded rows: (how many, whether more are recorded)."""
+    if max_stale <= 0:
+        return 0, db.execute("SELECT 1 FROM search_stale LIMIT 1").fetchone() is not None
     row = db.execute("SELECT id FROM search_stale ORDER BY id LIMIT 1 OFFSET ?", (max_stale - 1,)).fetchone()
     upto = int(row[0]) if row is not None else None
     bound, params = ("WHERE id <= ?", (upto,)) if upto is not None else ("", ())

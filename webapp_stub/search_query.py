@@ -33,6 +33,12 @@ MAX_QUERY_CHARS = 500
 # The most words, phrases and modifiers in one query; more is ``invalid_arguments``. Each is one
 # FTS5 phrase (a posting list walked per search) or one SQL filter value.
 MAX_QUERY_TERMS = 16
+# The most tokens in all of a query's words and phrases together; more is ``invalid_arguments``.
+# A piece is cut into tokens as unicode61 cuts it, so one piece ``the.the.the...`` is a phrase of
+# 125 tokens: such a phrase's MATCH took 1.5 s over 50,000 messages of common words, against
+# 0.7 ms for ``the`` (docs/authz-review.md, finding 12). Twice the pieces allowed: a few words of
+# ``foo-bar`` shape each.
+MAX_QUERY_TOKENS = 32
 # The fewest characters a prefix (``depl*``) must have: one or two letters would walk most of the
 # index's vocabulary.
 MIN_PREFIX_CHARS = 2
@@ -97,7 +103,8 @@ class SearchQuery:
 
 def parse(text: str | None) -> SearchQuery:
     """``text`` as a :class:`SearchQuery`. Raises :class:`QueryError`: ``no_query`` for a missing or
-    blank query, ``invalid_arguments`` past :data:`MAX_QUERY_CHARS` or :data:`MAX_QUERY_TERMS`."""
+    blank query, ``invalid_arguments`` past :data:`MAX_QUERY_CHARS`, :data:`MAX_QUERY_TERMS` or
+    :data:`MAX_QUERY_TOKENS`."""
     if text is None or not text.strip():
         raise QueryError("no_query")
     if len(text) > MAX_QUERY_CHARS:
@@ -121,6 +128,8 @@ def parse(text: str | None) -> SearchQuery:
             term = _term(word, prefix=word.endswith("*"))
         if term is not None:
             (exclude if negated else include).append(term)
+    if sum(len(term.tokens) for term in (*include, *exclude)) > MAX_QUERY_TOKENS:
+        raise QueryError("invalid_arguments")
     return SearchQuery(tuple(include), tuple(exclude), tuple(channels), tuple(users))
 
 

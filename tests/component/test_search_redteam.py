@@ -1,6 +1,6 @@
 """Red-team review 14 of ``search.messages`` (webapp_stub/search.py): what a search tells a user
-about messages it may not read. Each test here is a finding left to the search's owner, marked
-``xfail(strict=True)`` until fixed (docs/authz-review.md, findings 10 and 12)."""
+about messages it may not read, and what a query may cost. Each test here was a finding left to the
+search's owner as a strict xfail; both are fixed (docs/authz-review.md, findings 10 and 12)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,6 @@ async def ok(webapp: Webapp, method: str, token: str, **body: Any) -> dict[str, 
     return reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 10: MAX_CANDIDATES bounds the matches of every team and conversation before the "
-    "readability filter, so `search_results_capped` and a short `total` tell a user that messages it "
-    "may not read (others' DMs, private channels, another team) hold the words it searched for",
-)
 @pytest.mark.parametrize("hidden_in", ["a dm of others", "another team"])
 async def test_what_a_user_may_not_read_changes_nothing_in_its_answer(
     webapp: Webapp, monkeypatch: Any, hidden_in: str
@@ -49,12 +43,6 @@ async def test_what_a_user_may_not_read_changes_nothing_in_its_answer(
     assert reply["messages"]["total"] == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 12: MAX_QUERY_TERMS counts the query's pieces, not the tokens FTS5 walks: one piece "
-    "'the.the.the...' (500 characters) is a phrase of 250 tokens, 1.5 s of FTS5 per MATCH over 50,000 "
-    "messages of common words against 0.7 ms for 'the', and a search runs its MATCH two to four times",
-)
 @pytest.mark.parametrize("query", ["the." * 125, '"' + "a " * 240 + '"', "x-" * 200 + "x"])
 def test_a_query_of_more_tokens_than_terms_allowed_is_invalid_arguments(query: str) -> None:
     assert len(query) <= MAX_QUERY_CHARS

@@ -5,12 +5,17 @@ alone: posting never touches it (webapp_stub/search.py, search_index.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from typing import Any
 
 from tests.webapp_harness import Webapp
 from webapp_stub import search as search_method
 from webapp_stub import search_index
+from webapp_stub.search_reader import THREAD_NAME
+
+WAIT_S = 10.0  # the longest any step waits for another (an event), on a slow machine
 
 
 async def ok(webapp: Webapp, method: str, token: str, **body: Any) -> dict[str, Any]:
@@ -257,3 +262,57 @@ async def test_searches_past_their_tier_are_ratelimited_while_everything_else_is
         assert await resp.json() == {"ok": False, "error": "ratelimited"}
     await ok(webapp, "chat.postMessage", alice["token"], channel=general, text="still posting")
     assert await texts(webapp, bob["token"], "posting") == ["still posting"]
+
+
+async def test_a_slow_search_holds_up_no_other_call_and_searches_at_once_are_bounded(
+    webapp: Webapp, monkeypatch: Any
+) -> None:
+    """The search's read runs on its thread (search_reader.py): while it is held there, posts and
+    other calls are answered; past MAX_SEARCHES_IN_FLIGHT, a search is refused with 429."""
+    from webapp_stub.search_reader import MAX_SEARCHES_IN_FLIGHT, SEARCH_BUSY_RETRY_AFTER_S
+
+    alice, bob, general = webapp.user("alice"), webapp.user("bob"), webapp.channel("general")
+    started, release = threading.Event(), threading.Event()
+    real_find = search_method.find
+
+    def held_find(*args: Any, **kwargs: Any) -> Any:  # on the reader's thread
+        started.set()
+        assert release.wait(WAIT_S)
+        return real_find(*args, **kwargs)
+
+    monkeypatch.setattr(search_method, "find", held_find)
+    await ok(webapp, "chat.postMessage", alice["token"], channel=general, text="tapir before")
+    searches = [asyncio.ensure_future(search(webapp, alice["token"], "tapir"))]
+    try:
+        assert await asyncio.to_thread(started.wait, WAIT_S)
+        await ok(webapp, "chat.postMessage", bob["token"], channel=general, text="tapir during")
+        assert (await ok(webapp, "auth.test", bob["token"]))["user_id"] == bob["id"]
+        assert not searches[0].done()  # answered before the search
+        searches += [
+            asyncio.ensure_future(search(webapp, bob["token"], "tapir")) for _ in range(MAX_SEARCHES_IN_FLIGHT - 1)
+        ]
+        reader = webapp.server.store.search_reader
+        assert reader is not None
+        while reader.in_flight < MAX_SEARCHES_IN_FLIGHT:
+            await asyncio.sleep(0.01)
+        url, headers = f"{webapp.url}/api/search.messages", {"Authorization": f"Bearer {bob['token']}"}
+        async with webapp.session.post(url, headers=headers, json={"query": "tapir"}) as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"] == str(SEARCH_BUSY_RETRY_AFTER_S)
+            assert await resp.json() == {"ok": False, "error": "ratelimited"}
+    finally:
+        release.set()
+    first, *others = await asyncio.wait_for(asyncio.gather(*searches), WAIT_S)
+    # "during" is found too if a later search indexed it before this one's read began (its snapshot)
+    assert "tapir before" in [m["text"] for m in first["matches"]]
+    assert all(o["total"] == 2 for o in others)
+    assert reader.refused == 1
+
+
+async def test_the_search_thread_and_its_connection_are_gone_after_the_webapp_stops(webapp: Webapp) -> None:
+    await search(webapp, webapp.user("alice")["token"], "anything")
+    reader = webapp.server.store.search_reader
+    assert reader is not None and reader.open
+    assert [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
+    await webapp.stop()
+    assert not reader.open
+    assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]

@@ -4,12 +4,14 @@ one, never after its delete, and a rowid SQLite reuses after a delete is indexed
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
+from unittest import mock
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from webapp_stub import search_index
+from webapp_stub import search_index, search_reader
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
 
@@ -19,6 +21,8 @@ OPS = st.one_of(
     st.tuples(st.just("edit"), st.integers(0, 5), st.sampled_from(WORDS)),
     st.tuples(st.just("delete"), st.integers(0, 5)),
     st.tuples(st.just("search"), st.integers(1, 4), st.integers(1, 3)),
+    # a search's catch-up as search.messages runs it: in slices (search_reader.py), within its bounds
+    st.tuples(st.just("sliced"), st.integers(1, 6), st.integers(1, 4), st.integers(1, 2)),
 )
 
 
@@ -77,9 +81,12 @@ def test_any_history_of_changes_leaves_an_exact_index(ops: list[tuple[object, ..
                             store.delete_message(channel, user, ts)
                     except Exception as exc:  # already deleted
                         assert getattr(exc, "code", None) == "message_not_found"
-                elif op[0] == "search":
-                    with store.transaction() as db:
-                        search_index.catch_up(db, max_rows=int(op[1]), max_stale=int(op[2]))  # type: ignore[call-overload]
+                elif op[0] in ("search", "sliced"):
+                    if op[0] == "search":
+                        with store.transaction() as db:
+                            search_index.catch_up(db, max_rows=int(op[1]), max_stale=int(op[2]))  # type: ignore[call-overload]
+                    else:
+                        sliced_catch_up(store, *(int(n) for n in op[1:]))  # type: ignore[call-overload]
                     stale = {r[0] for r in store.conn.execute("SELECT id FROM search_stale")}
                     for word in WORDS:  # what a search finds is true, if not yet all
                         assert found(store, word) <= truth(store, word, search_index.mark(store.conn)) - stale
@@ -94,6 +101,18 @@ def test_any_history_of_changes_leaves_an_exact_index(ops: list[tuple[object, ..
 
         finally:
             store.close()
+
+
+def sliced_catch_up(store: Store, rows: int, stale: int, slice_size: int) -> None:
+    """One search's catch-up in slices of ``slice_size`` rows and records, at most ``rows`` and ``stale``."""
+    with (
+        mock.patch.object(search_index, "MAX_INDEX_ROWS_PER_SEARCH", rows),
+        mock.patch.object(search_index, "MAX_STALE_PER_SEARCH", stale),
+        mock.patch.object(search_reader, "CATCH_UP_SLICE_ROWS", slice_size),
+        mock.patch.object(search_reader, "CATCH_UP_SLICE_STALE", slice_size),
+        mock.patch.object(search_reader, "CATCH_UP_PAUSE_S", 0),
+    ):
+        asyncio.run(search_reader.catch_up(store, asyncio.Lock()))
 
 
 def occurrences_indexed(store: Store) -> dict[str, int]:

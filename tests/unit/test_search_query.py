@@ -14,6 +14,7 @@ from webapp_stub.search_query import (
     MAX_PAGE,
     MAX_QUERY_CHARS,
     MAX_QUERY_TERMS,
+    MAX_QUERY_TOKENS,
     Paging,
     QueryError,
     Term,
@@ -81,6 +82,20 @@ def test_refusals() -> None:
             parse(query)
         assert err.value.code == "invalid_arguments"
     parse(" ".join(["w"] * MAX_QUERY_TERMS))
+    # tokens, not pieces: one piece of many tokens, or few pieces of several, excluded ones too
+    half = MAX_QUERY_TOKENS // 2
+    for allowed, query in (
+        (True, "-".join(["w"] * MAX_QUERY_TOKENS)),
+        (False, "-".join(["w"] * (MAX_QUERY_TOKENS + 1))),
+        (True, f'"{" ".join(["a"] * half)}" -{".".join(["b"] * half)}'),
+        (False, f'"{" ".join(["a"] * half)}" -{".".join(["b"] * (half + 1))}'),
+    ):
+        if allowed:
+            parse(query)
+        else:
+            with pytest.raises(QueryError) as err:
+                parse(query)
+            assert err.value.code == "invalid_arguments"
 
 
 @settings(max_examples=300, deadline=None)
