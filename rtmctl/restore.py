@@ -24,6 +24,7 @@ The fleet's secret, Consul tokens and TLS files in D are left as they are; in a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sqlite3
 import sys
@@ -46,6 +47,7 @@ from rtmctl.launcher import LaunchError
 from services.config import env_default
 from services.errors import CONFIG_ERROR_EXIT_CODE
 from services.secret_file import ensure_private_dir
+from webapp_stub import search_index
 from webapp_stub.database import DB_FILE
 from webapp_stub.seed import SEED_FILE, write_seed_file
 from webapp_stub.store import Store
@@ -83,6 +85,17 @@ def rewrite_seed(data_dir: Path, database: Path) -> int | None:
     return len(seed["users"])
 
 
+def reindex(staged: Path) -> None:
+    """Rebuild the search index of the checked copy from its messages (:func:`search_index.rebuild`):
+    the backup's own index pages are not checked by SQLite and are never used. Raises
+    :class:`BackupError`."""
+    try:
+        with contextlib.closing(sqlite3.connect(staged, isolation_level=None)) as conn:
+            search_index.rebuild(conn)
+    except sqlite3.Error as exc:
+        raise failure(f"could not rebuild the search index of the copy of {staged.name}", exc) from None
+
+
 def restore(backup: Path, data_dir: Path, *, force: bool) -> tuple[Snapshot, bool, int | None]:
     """Put ``backup`` in ``data_dir`` as its ``webapp.db``; returns what it holds, whether an old
     database was kept aside, and the users written to seed.json. Raises :class:`BackupError`."""
@@ -109,6 +122,7 @@ def restore(backup: Path, data_dir: Path, *, force: bool) -> tuple[Snapshot, boo
                 set_aside(database, kept)
             except OSError as exc:
                 raise failure(f"could not keep the old database as {kept}", exc) from None
+            reindex(staged)
             install(staged, database)
         try:
             users = rewrite_seed(data_dir, database)

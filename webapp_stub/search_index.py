@@ -89,6 +89,21 @@ def create(conn: sqlite3.Connection) -> bool:
     return True
 
 
+def rebuild(conn: sqlite3.Connection) -> bool:
+    """Make the index anew from ``messages``, on a database nobody else has open (each step commits
+    by itself: :func:`create` runs a script): every table of it dropped, whatever it held, and
+    created again, all messages indexed, nothing recorded. ``rtm
+    restore`` does this to the database it puts in place, so a backup's index data (FTS5's own
+    pages, which SQLite's integrity check does not read) is never used. False without FTS5."""
+    for table in ("search_fts", "search_stale", "search_mark"):
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+    if not create(conn):
+        return False
+    conn.execute("INSERT INTO search_fts (search_fts) VALUES ('rebuild')")  # FTS5: index the content table
+    conn.execute("UPDATE search_mark SET last_id = (SELECT coalesce(max(id), 0) FROM messages)")
+    return True
+
+
 def available(conn: sqlite3.Connection) -> bool:
     """The index exists (this SQLite has FTS5)."""
     return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'search_fts'").fetchone() is not None
