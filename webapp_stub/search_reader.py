@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,6 +69,14 @@ CATCH_UP_SLICE_STALE = 100
 # The pause between two slices: the loop polls for I/O and runs what it woke (posts, replies, the
 # hand-off) before the next slice. Twenty slices make a first search some 20 ms longer.
 CATCH_UP_PAUSE_S = 0.001
+# The longest a search's read may take on the thread. A query is bounded in its terms and tokens
+# (search_query.py) and in the matches it keeps (search.MAX_CANDIDATES), but it walks a word's
+# matches until it has enough that its caller may read: a common word of which the caller may read
+# few (another team's, others' private channels) is walked whole. Past this, the read is stopped
+# (SQLite's progress handler, every READ_PROGRESS_STEPS of its steps) and the search is answered
+# ``search_timeout``; a narrower query (``in:``, ``from:``, more words) is the way on.
+MAX_SEARCH_READ_S = 2.0
+READ_PROGRESS_STEPS = 10_000  # SQLite virtual-machine steps between two looks at the clock (~0.1-1 ms)
 THREAD_NAME = "rtm-search"  # the reader thread's name (a ThreadPoolExecutor's prefix)
 _BUSY_TIMEOUT_MS = 5000  # a WAL reader waits only while SQLite recovers a WAL after a crash
 
@@ -89,9 +98,18 @@ class SearchReader:
     :meth:`close` once, from any thread, idempotent: afterwards the thread has ended, its
     connection is closed, and :meth:`read` raises ``service_unavailable``."""
 
-    def __init__(self, path: str, *, max_in_flight: int = MAX_SEARCHES_IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_in_flight: int = MAX_SEARCHES_IN_FLIGHT,
+        max_read_s: float = MAX_SEARCH_READ_S,
+        progress_steps: int = READ_PROGRESS_STEPS,
+    ) -> None:
         self.path = path
         self.max_in_flight = max_in_flight
+        self.max_read_s = max_read_s
+        self.progress_steps = progress_steps
         self.in_flight = 0
         self.refused = 0
         self.catch_up_lock = asyncio.Lock()
@@ -131,9 +149,16 @@ class SearchReader:
             self._conn = _connect_readonly(self.path)
         conn = self._conn
         conn.execute("BEGIN")
+        deadline = time.monotonic() + self.max_read_s
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, self.progress_steps)
         try:
             return fn(conn)
+        except sqlite3.OperationalError as exc:
+            if str(exc) == "interrupted" and time.monotonic() > deadline and not self._closed:
+                raise ApiError("search_timeout") from None  # stopped by the handler: past MAX_SEARCH_READ_S
+            raise
         finally:
+            conn.set_progress_handler(None, 0)
             conn.execute("ROLLBACK")  # a read transaction: nothing to commit
 
     @property

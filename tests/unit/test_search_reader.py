@@ -91,3 +91,18 @@ async def test_the_reader_reads_committed_data_read_only_and_is_gone_with_the_st
         await reader.read(lambda conn: 1)
     assert closed.value.code == "service_unavailable"
     assert reader_of(store) is reader  # no new thread for a closed store
+
+
+async def test_a_read_past_its_time_is_stopped_and_answered_search_timeout(store: Store) -> None:
+    """A read is bounded in time (MAX_SEARCH_READ_S): SQLite's progress handler stops it, the
+    search is answered ``search_timeout``, and the reader serves the next read as before."""
+    reader = search_reader.SearchReader(store.path, max_read_s=0.0, progress_steps=1)
+    slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000) SELECT count(*) FROM n"
+    try:
+        with pytest.raises(ApiError) as stopped:
+            await reader.read(lambda conn: conn.execute(slow).fetchone()[0])
+        assert stopped.value.code == "search_timeout"
+        reader.max_read_s = 60.0
+        assert await reader.read(lambda conn: conn.execute("SELECT count(*) FROM messages").fetchone()[0]) == BACKLOG
+    finally:
+        reader.close()
