@@ -26,7 +26,6 @@ and TLS CA and certificates (``DATA_DIR/secret``, ``consul-acl-token*``, ``opera
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import secrets
 import sqlite3
@@ -42,7 +41,7 @@ from services.errors import CONFIG_ERROR_EXIT_CODE, RtmError
 from services.secret_file import create_secret_file
 from webapp_stub.codecs import us_to_ts
 from webapp_stub.database import DB_FILE
-from webapp_stub.schema import CORE_TABLES, migrate
+from webapp_stub.schema import CORE_TABLES, expected_virtual_tables, virtual_tables
 
 # How long the backup's read connection waits for SQLite's locks. A WAL reader waits only while
 # another connection recovers the WAL (after a crash) or the writer's backstop checkpoint resets it:
@@ -131,23 +130,6 @@ def check_database(path: Path, name: Path) -> Snapshot:
     return Snapshot(path.stat().st_size, int(messages), int(events), newest)
 
 
-def _virtual_tables(conn: sqlite3.Connection) -> dict[str, str]:
-    """The virtual tables of ``conn``'s database: name to its ``CREATE VIRTUAL TABLE`` statement."""
-    rows = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql LIKE 'CREATE VIRTUAL %'")
-    return {str(name): str(sql) for name, sql in rows}
-
-
-@functools.cache
-def _rtm_virtual_tables() -> dict[str, str]:
-    """The virtual tables :func:`~webapp_stub.schema.migrate` makes, as SQLite records them."""
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        migrate(conn)
-        return _virtual_tables(conn)
-    finally:
-        conn.close()
-
-
 def foreign_objects(conn: sqlite3.Connection) -> list[str]:
     """What ``conn``'s database holds of :data:`CODE_OBJECT_TYPES`, and each virtual table that is not
     one rtm makes exactly as it makes it (another ``content=``, ``tokenize=``, module), as
@@ -157,8 +139,8 @@ def foreign_objects(conn: sqlite3.Connection) -> list[str]:
         f"SELECT type, name FROM sqlite_master WHERE type IN ({marks}) ORDER BY name", CODE_OBJECT_TYPES
     )
     found = [f"{kind} {name}" for kind, name in rows]
-    rtm_tables = _rtm_virtual_tables()
-    return found + [f"virtual table {n}" for n, sql in _virtual_tables(conn).items() if rtm_tables.get(n) != sql]
+    rtm_tables = expected_virtual_tables()
+    return found + [f"virtual table {n}" for n, sql in virtual_tables(conn).items() if rtm_tables.get(n) != sql]
 
 
 def fsync_path(path: Path, *, directory: bool = False) -> None:

@@ -446,3 +446,21 @@ def post_in_general(store: Store, text: str) -> None:
     alice = store.user(str(store.conn.execute("SELECT id FROM users WHERE name = 'alice'").fetchone()[0]))
     assert general is not None and alice is not None
     store.post_message(general, alice, text)
+
+
+@contextlib.contextmanager
+def consul_dev_agent(name: str, *extra: str, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """The embedded dev Consul agent as its own process (``rtm consul-dev``), stopped on leaving.
+    Port 0: the agent binds a free port itself and says which in its ready line (no race with
+    another process taking a port picked beforehand). Yields the launcher's running process
+    (``.ready`` holds the ready line: ``port``, ``acl``)."""
+    import sys
+
+    from rtmctl import launcher
+
+    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", "0", *extra]
+    proc = launcher.start(name, argv, cwd=str(REPO_ROOT), env=env)
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -336,6 +336,7 @@ class _Shape:
 
     tables: dict[str, tuple[frozenset[str], bool]]
     indexes: dict[str, str]
+    virtual: dict[str, str]  # virtual tables: name to the CREATE VIRTUAL TABLE statement SQLite keeps
 
 
 def _shape(conn: sqlite3.Connection) -> _Shape:
@@ -352,7 +353,18 @@ def _shape(conn: sqlite3.Connection) -> _Shape:
         for kind, name, _, sql in rows
         if kind == "table"
     }
-    return _Shape(tables, {name: table for kind, name, table, _ in rows if kind == "index"})
+    return _Shape(tables, {name: table for kind, name, table, _ in rows if kind == "index"}, virtual_tables(conn))
+
+
+def virtual_tables(conn: sqlite3.Connection) -> dict[str, str]:
+    """The virtual tables of ``conn``'s database: name to its ``CREATE VIRTUAL TABLE`` statement."""
+    rows = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql LIKE 'CREATE VIRTUAL %'")
+    return {str(name): str(sql) for name, sql in rows}
+
+
+def expected_virtual_tables() -> dict[str, str]:
+    """The virtual tables :func:`migrate` makes (search.messages' index), as SQLite records them."""
+    return _expected().virtual
 
 
 @functools.cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from consul.callback import CB
 from consul.exceptions import BadRequest, ClientError, ConsulException, NotFound
 
 from rtmctl import launcher
-from tests.support import async_wait_until, wait_until
+from tests.support import async_wait_until, consul_dev_agent, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TTL_CHECK = "1s"  # short enough to watch expire, long enough to assert "passing" first
@@ -30,14 +29,8 @@ SESSION_TTL_S = 10  # the minimum Consul (and py-consul) accepts
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[launcher.RunningProcess]:
-    # port 0: the agent binds a free port itself and says which in its ready line (no race with
-    # another process taking a port picked beforehand)
-    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", "0"]
-    proc = launcher.start("consul-dev", argv, cwd=str(REPO_ROOT))
-    try:
+    with consul_dev_agent("consul-dev") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from consul_dev.node import KV_MAX_VALUE_BYTES, NODE_NAME
 from rtmctl import launcher
 from services.config import CONSUL_HTTP_TOKEN_ENV, CONSUL_HTTP_TOKEN_FILE_ENV, CONSUL_TOKEN_ENV
 from services.regions import REGION_MAP_KEY, drained_key
-from tests.support import DEFAULT_WAIT_S, async_wait_until
+from tests.support import DEFAULT_WAIT_S, async_wait_until, consul_dev_agent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = secrets.token_hex(16)
@@ -40,15 +40,9 @@ ANONYMOUS_SUFFIX = ". The anonymous token is used implicitly when a request does
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[launcher.RunningProcess]:
-    # port 0: the agent binds a free port itself and says which in its ready line (no race with
-    # another process taking a port picked beforehand)
-    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", "0"]
-    proc = launcher.start("consul-dev-acl", argv, cwd=str(REPO_ROOT), env={ACL_TOKEN_ENV: TOKEN})
-    try:
+    with consul_dev_agent("consul-dev-acl", env={ACL_TOKEN_ENV: TOKEN}) as proc:
         assert proc.ready["acl"] is True
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
@@ -405,12 +399,8 @@ def roles_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.R
     """An agent with a management token and one token with rules, from a tokens file."""
     path = tmp_path_factory.mktemp("acl") / "tokens.json"
     path.write_text(json.dumps(ROLE_TOKENS))
-    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", "0", "--acl-tokens-file", str(path)]
-    proc = launcher.start("consul-dev-roles", argv, cwd=str(REPO_ROOT), env={ACL_TOKEN_ENV: TOKEN})
-    try:
+    with consul_dev_agent("consul-dev-roles", "--acl-tokens-file", str(path), env={ACL_TOKEN_ENV: TOKEN}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def partial_denied(permission: str, name: str) -> str:

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from rtmctl.fleet_lock import hold_data_dir
 from rtmctl.log_file import ProcessLogFile, log_dir, log_path
 from services.identity import CHANNEL_SERVER, PRESENCE
 from services.ring import CHANNEL_RING_KEY, PRESENCE_RING_KEY, RingDocument
-from tests.support import DEFAULT_WAIT_S, REPO_ROOT
+from tests.support import DEFAULT_WAIT_S, consul_dev_agent
 
 # name (= instance id, as rtm up names them) -> service
 PROCESSES = {
@@ -34,12 +33,8 @@ PROCESSES = {
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[launcher.RunningProcess]:
-    argv = [sys.executable, "-m", "consul_dev", "--host", "127.0.0.1", "--port", "0"]
-    proc = launcher.start("consul-dev", argv, cwd=str(REPO_ROOT))
-    try:
+    with consul_dev_agent("consul-dev") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @dataclass
