@@ -31,17 +31,17 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
 from services.config import Parser
+from services.metrics import ServiceMetrics
 from webapp_stub import file_store
 from webapp_stub.errors import ApiError
-
-if TYPE_CHECKING:
-    from webapp_stub.api import WebApi
+from webapp_stub.ratelimit import RateLimiter
+from webapp_stub.store import Store
 
 log = logging.getLogger("rtm.webapp.files")
 
@@ -85,6 +85,23 @@ def add_file_flags(parser: Parser) -> None:
     )
 
 
+class WebApiParts(Protocol):
+    """What of :class:`webapp_stub.api.WebApi` the files' HTTP side uses (api.py imports this module)."""
+
+    store: Store
+    public_url: str
+    limiter: RateLimiter
+    metrics: ServiceMetrics
+
+    def clock(self) -> float: ...
+
+    async def durable(self) -> None: ...
+
+    def count_request(self, method: str, outcome: str) -> None: ...
+
+    def observe_latency(self, method: str, seconds: float) -> None: ...
+
+
 class UploadRefused(Exception):
     """An upload answered with ``status`` and Slack-like ``code`` (counted in rtm_errors_total)."""
 
@@ -98,7 +115,7 @@ class FileService:
 
     def __init__(
         self,
-        api: WebApi,
+        api: WebApiParts,
         data_dir: str,
         *,
         max_file_bytes: int = MAX_FILE_BYTES,

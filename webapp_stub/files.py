@@ -19,7 +19,7 @@ from webapp_stub.api import Call, WebApi, json_arg, method, str_arg
 from webapp_stub.codecs import dumps, stored_loads, ts_to_us, us_to_ts
 from webapp_stub.errors import ApiError
 from webapp_stub.file_transfer import FileService
-from webapp_stub.models import Channel, Event
+from webapp_stub.models import Channel, Event, User
 
 MAX_FILES_PER_COMPLETE = 10  # files shared by one files.completeUploadExternal (Slack's SDK sends one per file)
 MAX_SHARE_CHANNELS = 10  # conversations one call shares to (Slack's: 100, channels_limit_exceeded)
@@ -144,40 +144,34 @@ def complete_upload_external(api: WebApi, call: Call) -> dict[str, Any]:
             )
             rows.append(file_store.get(db, file_id))
         for channel in channels:
-            objs = []
-            for row in rows:
-                assert row is not None
-                obj = file_store.file_object(row, base, db, None)
-                obj["channels" if not channel.is_private else "ims" if channel.is_im else "groups"] = [channel.id]
-                objs.append(obj)
-            extra = {"files": objs, "upload": True, "display_as_bot": False}
-            message, event = store.post_message(
-                channel, me, text, thread_ts=thread_ts, extra=extra, subtype="file_share"
-            )
-            events.append(event)
-            for row in rows:
-                assert row is not None
-                db.execute(
-                    "INSERT INTO file_shares (file, channel, ts) VALUES (?, ?, ?)", (row.id, channel.id, message["ts"])
-                )
-                events.append(
-                    _file_event(
-                        api,
-                        channel.id,
-                        {
-                            "type": "file_shared",
-                            "channel_id": channel.id,
-                            "file_id": row.id,
-                            "user_id": me.id,
-                            "file": {"id": row.id},
-                        },
-                    )
-                )
+            events += _share(api, channel, me, [row for row in rows if row is not None], base, text, thread_ts)
         shared = [file_store.file_object(row, base, db, me) for row in rows if row is not None]
     api.publish(events)
     for _ in channels:
         api.posts.inc()
     return {"files": shared}
+
+
+def _share(
+    api: WebApi, channel: Channel, me: User, rows: list[file_store.FileRow], base: str, text: str, thread_ts: str | None
+) -> list[Event]:
+    """The ``file_share`` message of ``rows`` in ``channel`` (posted as chat.postMessage posts), its
+    ``file_shares`` rows and a ``file_shared`` per file (inside the caller's transaction)."""
+    objs = []
+    for row in rows:
+        obj = file_store.file_object(row, base, api.store.conn, None)
+        obj["channels" if not channel.is_private else "ims" if channel.is_im else "groups"] = [channel.id]
+        objs.append(obj)
+    extra = {"files": objs, "upload": True, "display_as_bot": False}
+    message, event = api.store.post_message(channel, me, text, thread_ts=thread_ts, extra=extra, subtype="file_share")
+    events = [event]
+    for row in rows:
+        api.store.conn.execute(
+            "INSERT INTO file_shares (file, channel, ts) VALUES (?, ?, ?)", (row.id, channel.id, message["ts"])
+        )
+        shared = {"type": "file_shared", "channel_id": channel.id, "file_id": row.id, "user_id": me.id}
+        events.append(_file_event(api, channel.id, {**shared, "file": {"id": row.id}}))
+    return events
 
 
 def _file_event(api: WebApi, channel: str, payload: dict[str, Any]) -> Event:
