@@ -115,6 +115,15 @@ async def test_only_readers_of_a_conversation_it_is_in_see_a_file_and_another_te
     assert {f["id"] for f in (await ok(webapp, "files.list", alice["token"]))["files"]} == {secret["id"], private["id"]}
     assert (await download(webapp, secret["url_private"], None))[0] == 401
     assert (await download(webapp, secret["url_private"], "xoxp-nobody"))[0] == 401
+    # a public channel: every user of the team reads its files, a bot only as a member
+    public = (await ok(webapp, "conversations.create", alice["token"], name="open"))["channel"]["id"]
+    board = await upload(webapp, alice["token"], "board.txt", b"public", channel_id=public)
+    bot = next(u for u in webapp.seed["users"] if u["is_bot"])
+    assert (await download(webapp, board["url_private"], carol["token"]))[1] == b"public"
+    assert (await download(webapp, board["url_private"], bot["token"]))[0] == 404
+    assert await error_of(webapp, "files.info", bot["token"], file=board["id"]) == "file_not_found"
+    await ok(webapp, "conversations.invite", alice["token"], channel=public, users=bot["id"])
+    assert (await download(webapp, board["url_private"], bot["token"]))[1] == b"public"
     # bob leaves: the file goes with the conversation
     await ok(webapp, "conversations.leave", bob["token"], channel=vault)
     assert (await download(webapp, secret["url_private"], bob["token"]))[0] == 404
