@@ -30,7 +30,6 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from webapp_stub.errors import ApiError
 from webapp_stub.models import User
@@ -48,6 +47,7 @@ MAX_FILENAME_CHARS = 255
 MAX_TITLE_CHARS = 255
 MAX_ALT_TXT_CHARS = 1000  # Slack's: "longer than the limit of 1000 character" is alt_txt_too_large
 FILE_ID = re.compile(r"F[0-9A-F]{16}")
+_URL_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 # The content types a file is served with, by its extension, and nothing else: anything not here
 # is served as application/octet-stream. No type a browser runs (HTML, SVG, XML, JavaScript) is
@@ -168,6 +168,12 @@ def blob_path(directory: Path, file_id: str) -> Path:
     return directory / file_id
 
 
+def url_name(name: str) -> str:
+    """The name as the last segment of the file's URLs: what is not ``[A-Za-z0-9._-]`` becomes ``_``
+    (the name is decoration there: the route reads the file id only)."""
+    return _URL_UNSAFE.sub("_", name).strip(".") or "file"
+
+
 def get(conn: sqlite3.Connection, file_id: str) -> FileRow | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
     return FileRow(*row) if row else None
@@ -234,7 +240,7 @@ def file_object(row: FileRow, base_url: str, conn: sqlite3.Connection, viewer: U
     uploader's message)."""
     ext = row.extension
     mimetype, pretty = SERVED_TYPES.get(ext, (OCTET_STREAM, "Binary"))
-    quoted = quote(row.name, safe="")
+    quoted = url_name(row.name)
     url = f"{base_url}/files-pri/{row.team}-{row.id}/{quoted}"
     channels: list[str] = []
     groups: list[str] = []

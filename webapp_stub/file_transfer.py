@@ -129,7 +129,7 @@ class FileService:
         self.max_pending_per_user = max_pending_per_user
         self.pending_ttl_s = pending_ttl_s
         self.read_timeout_s = read_timeout_s
-        self.uploads_in_flight = 0
+        self.uploading: set[str] = set()  # the files whose bytes are arriving now (never swept under them)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -157,10 +157,10 @@ class FileService:
 
     async def _upload(self, request: web.Request) -> int:
         """Claim the ticket, stream the body to disk, mark the file uploaded; the bytes received."""
-        if self.uploads_in_flight >= MAX_UPLOADS_IN_FLIGHT:
+        if len(self.uploading) >= MAX_UPLOADS_IN_FLIGHT:
             raise UploadRefused(503, "too_many_uploads")
         row = self._claim(request.match_info["ticket"])
-        self.uploads_in_flight += 1
+        self.uploading.add(row.id)
         part = self.directory / f"{row.id}.part"
         try:
             async with asyncio.timeout(UPLOAD_DEADLINE_S):
@@ -178,9 +178,14 @@ class FileService:
                 raise UploadRefused(500, "file_write_failed") from exc
             raise
         finally:
-            self.uploads_in_flight -= 1
+            self.uploading.discard(row.id)
         with self.api.store.transaction() as db:
-            db.execute("UPDATE files SET state = 'uploaded', size = ? WHERE id = ?", (size, row.id))
+            kept = db.execute(
+                "UPDATE files SET state = 'uploaded', size = ? WHERE id = ? AND state = 'uploading'", (size, row.id)
+            ).rowcount
+        if not kept:  # its row went meanwhile (not by the sweep, which skips uploads under way): no bytes without it
+            self.remove_bytes(row.id)
+            raise UploadRefused(404, "upload_url_expired")
         await self.api.durable()
         return size
 
@@ -327,7 +332,7 @@ class FileService:
         """Remove (row, then bytes once that is durable) up to :data:`SWEEP_BATCH` expired files."""
         now = self.api.clock()
         with self.api.store.transaction() as db:
-            gone = file_store.expired_pending(db, now, SWEEP_BATCH)
+            gone = [f for f in file_store.expired_pending(db, now, SWEEP_BATCH) if f not in self.uploading]
             db.executemany("DELETE FROM files WHERE id = ? AND expires_at <= ?", [(f, now) for f in gone])
         await self.api.durable()
         for file_id in gone:

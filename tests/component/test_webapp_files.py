@@ -5,6 +5,7 @@ completed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -217,6 +218,13 @@ async def test_downloads_never_run_as_html_or_script_and_images_may_be_inline(we
     assert headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
     _, _, headers = await download(webapp, png["url_private_download"], alice["token"])
     assert headers["Content-Disposition"].startswith("attachment;")
+    odd = await upload(webapp, alice["token"], 'a/b?c#d "é" ..txt', b"odd", channel_id=general)
+    assert odd["url_private"].endswith("/a_b_c_d_____..txt")
+    status, body, headers = await download(webapp, odd["url_private_download"], alice["token"])
+    assert status == 200 and body == b"odd" and headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert headers["Content-Disposition"] == (
+        "attachment; filename=\"a/b?c#d ___ ..txt\"; filename*=UTF-8''a%2Fb%3Fc%23d%20%22%C3%A9%22%20..txt"
+    )
 
 
 async def test_the_uploader_deletes_a_file_and_its_messages_show_a_tombstone(
@@ -277,3 +285,37 @@ async def test_bad_input_gets_slacks_codes_and_is_counted(webapp: Webapp) -> Non
     for code in ("missing_argument", "alt_txt_too_large", "file_not_found", "not_in_channel"):
         assert f'rtm_errors_total{{kind="{code}"}}' in text, code
     assert os.listdir(Path(webapp.server.args.data_dir) / "files")  # the completed file is there
+
+
+async def test_the_sweep_never_removes_an_upload_under_way_and_removes_it_after(webapp: Webapp) -> None:
+    alice, api = webapp.user("alice"), webapp.server.api
+    service = api.files
+    assert service is not None
+    got = await ok(webapp, "files.getUploadURLExternal", alice["token"], filename="slow.bin", length=20)
+    halfway = asyncio.Event()
+    release = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 10
+        halfway.set()
+        await release.wait()
+        yield b"y" * 10
+
+    sending = asyncio.create_task(post_bytes(webapp, got["upload_url"], body()))
+    await halfway.wait()
+    await async_wait_until(lambda: _state(webapp, got["file_id"], "uploading"), what="the upload under way")
+    real = api.clock
+    api.clock = lambda: real() + service.pending_ttl_s + 1
+    try:
+        assert await service.sweep() == 0
+        release.set()
+        assert (await sending)[0] == 200
+        assert await service.sweep() == 1  # uploaded, never completed, its time up
+    finally:
+        api.clock = real
+    assert list(service.directory.iterdir()) == []
+
+
+async def _state(webapp: Webapp, file_id: str, state: str) -> bool:
+    row = file_store.get(webapp.server.store.conn, file_id)
+    return row is not None and row.state == state
