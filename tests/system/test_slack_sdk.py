@@ -2,7 +2,8 @@
 
 ``WebClient`` and ``AsyncWebClient`` run the same scenario through every Web
 API method the fleet speaks (pagination, errors as ``SlackApiError``), and
-``search_messages``; 429
+``search_messages``, and ``files_upload_v2`` (the file's message fanned out to a websocket,
+``files_info``, the download with the token); 429
 with ``Retry-After`` is checked against a webapp started here with a tiny
 budget. ``rtm_v2.RTMClient`` with the bot token receives hello, messages,
 thread replies, edits, deletions, reactions, membership and typing from
