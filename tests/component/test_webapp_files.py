@@ -319,3 +319,21 @@ async def test_the_sweep_never_removes_an_upload_under_way_and_removes_it_after(
 async def _state(webapp: Webapp, file_id: str, state: str) -> bool:
     row = file_store.get(webapp.server.store.conn, file_id)
     return row is not None and row.state == state
+
+
+async def test_the_urls_are_on_the_public_url_when_one_is_set(tmp_path: Path, fake_as: FakeAdminServer) -> None:
+    app = await start(tmp_path, fake_as, "--public-url", "https://chat.example.com")
+    try:
+        token, general = app.user("alice")["token"], app.channel("general")
+        got = await ok(app, "files.getUploadURLExternal", token, filename="a.txt", length=1)
+        assert got["upload_url"].startswith("https://chat.example.com/upload/v1/")
+        local = got["upload_url"].replace("https://chat.example.com", app.url)  # as the edge would forward it
+        assert (await post_bytes(app, local, b"a"))[0] == 200
+        files = json.dumps([{"id": got["file_id"]}])
+        shared = (await ok(app, "files.completeUploadExternal", token, files=files, channel_id=general))["files"][0]
+        assert (
+            shared["url_private"] == f"https://chat.example.com/files-pri/{shared['user_team']}-{got['file_id']}/a.txt"
+        )
+    finally:
+        await app.session.close()
+        await app.stop()
