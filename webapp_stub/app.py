@@ -239,6 +239,8 @@ class WebappServer:
             port = await self._serve_http()
             internal_port = await self._serve_internal()
             address = advertised(args.host, args.advertise_host)
+            if self.api.files is not None:  # the files' URLs that are stored: never from a request's Host
+                self.api.files.own_url = f"http://{address}:{port}"
             meta = {"metrics_port": str(port), "internal_port": str(internal_port)}  # gateways find /internal/ there
             await self.discovery.register(SERVICE, self.instance_id, address, port, meta=meta, ttl_s=args.ttl_s)
             self._stack.push_async_callback(self.discovery.deregister)

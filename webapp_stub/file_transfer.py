@@ -129,6 +129,7 @@ class FileService:
         self.max_pending_per_user = max_pending_per_user
         self.pending_ttl_s = pending_ttl_s
         self.read_timeout_s = read_timeout_s
+        self.own_url = ""  # http://<advertised host>:<port>, set by app.py once the port is known
         self.uploading: set[str] = set()  # the files whose bytes are arriving now (never swept under them)
 
     def routes(self) -> list[web.RouteDef]:
@@ -143,6 +144,11 @@ class FileService:
         if self.api.public_url or request is None:
             return self.api.public_url
         return f"{request.scheme}://{request.host}"
+
+    def stored_base_url(self) -> str:
+        """The base of URLs that are stored and shown to others (a file message's objects):
+        ``--public-url``, else the webapp's own address; never a request's Host header."""
+        return self.api.public_url or self.own_url
 
     # -- upload ---------------------------------------------------------------------------------
     async def handle_upload(self, request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ from webapp_stub.models import Channel, Event, User
 
 MAX_FILES_PER_COMPLETE = 10  # files shared by one files.completeUploadExternal (Slack's SDK sends one per file)
 MAX_SHARE_CHANNELS = 10  # conversations one call shares to (Slack's: 100, channels_limit_exceeded)
-MAX_FILES_LIST_COUNT = 1000  # files.list's count at most (its default: 100, as Slack's)
+MAX_FILES_LIST_COUNT = 200  # files.list's count at most (its default: 100, as Slack's): bounded work per call
 TOMBSTONE = "tombstone"
 
 
@@ -44,7 +44,7 @@ def get_upload_url_external(api: WebApi, call: Call) -> dict[str, Any]:
     raw = str_arg(call.args, "length")
     if raw is None or raw.strip() in ("", "0"):
         raise ApiError("missing_argument")
-    if not raw.strip().isdigit() or len(raw.strip()) > 18:
+    if not (raw.strip().isascii() and raw.strip().isdigit()) or len(raw.strip()) > 18:
         raise ApiError("invalid_arguments")
     length = int(raw)
     if length > service.max_file_bytes:
@@ -130,7 +130,9 @@ def complete_upload_external(api: WebApi, call: Call) -> dict[str, Any]:
     if thread_ts is not None and len(channels) > 1:
         raise ApiError("invalid_arguments")  # Slack: "only one channel when using thread_ts"
     text = str_arg(call.args, "initial_comment") or ""
-    store, me, base = api.store, call.me, service.base_url(call.request)
+    # The message's file objects go to everyone in the conversation: their URLs are never built from
+    # this request's Host header (a forged one would send readers' tokens elsewhere): stored_base_url.
+    store, me, base = api.store, call.me, service.stored_base_url()
     events: list[Event] = []
     with store.transaction() as db:
         rows = []
@@ -145,7 +147,8 @@ def complete_upload_external(api: WebApi, call: Call) -> dict[str, Any]:
             rows.append(file_store.get(db, file_id))
         for channel in channels:
             events += _share(api, channel, me, [row for row in rows if row is not None], base, text, thread_ts)
-        shared = [file_store.file_object(row, base, db, me) for row in rows if row is not None]
+        reply_base = service.base_url(call.request)
+        shared = [file_store.file_object(row, reply_base, db, me) for row in rows if row is not None]
     api.publish(events)
     for _ in channels:
         api.posts.inc()
@@ -217,7 +220,7 @@ def _number(call: Call, name: str, default: int, maximum: int) -> int:
     value = str_arg(call.args, name)
     if not value:
         return default
-    if not value.strip().isdigit() or len(value.strip()) > 9:
+    if not (value.strip().isascii() and value.strip().isdigit()) or len(value.strip()) > 9:
         raise ApiError("invalid_arguments")
     return min(max(int(value), 1), maximum)
 

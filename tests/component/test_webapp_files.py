@@ -337,3 +337,25 @@ async def test_the_urls_are_on_the_public_url_when_one_is_set(tmp_path: Path, fa
     finally:
         await app.session.close()
         await app.stop()
+
+
+async def test_a_forged_host_never_reaches_the_urls_others_receive(webapp: Webapp, fake_as: FakeAdminServer) -> None:
+    alice, general = webapp.user("alice"), webapp.channel("general")
+    got = await ok(webapp, "files.getUploadURLExternal", alice["token"], filename="a.txt", length=1)
+    assert (await post_bytes(webapp, got["upload_url"], b"a"))[0] == 200
+    files = json.dumps([{"id": got["file_id"]}])
+    status, reply = await webapp.call(
+        "files.completeUploadExternal",
+        alice["token"],
+        json_body={"files": files, "channel_id": general},
+        headers={"Host": "evil.example"},
+    )
+    assert status == 200 and reply["ok"], reply
+    assert reply["files"][0]["url_private"].startswith("http://evil.example/")  # the caller's own answer
+
+    async def arrived() -> bool:
+        return any("files" in e for e in events_of(fake_as, general))
+
+    await async_wait_until(arrived, what="the file's message")
+    (message,) = [e for e in events_of(fake_as, general) if "files" in e]
+    assert message["files"][0]["url_private"].startswith(webapp.url + "/files-pri/")
