@@ -63,6 +63,7 @@ from webapp_stub.store import Store
 from webapp_stub.tally import TallyCounter, TallyHistogram
 
 if TYPE_CHECKING:
+    from webapp_stub.file_transfer import FileService
     from webapp_stub.scheduler import Scheduler
 
 __all__ = [
@@ -196,6 +197,7 @@ class WebApi:
         self.last_seen: dict[str, float] = {}  # user -> last Web API call or gateway connect (presence fallback)
         self.presence: PresenceClient | None = None  # the presence servers (webapp_stub/presence.py), set by app.py
         self.scheduler: Scheduler | None = None  # due items (webapp_stub/scheduler.py), set by app.py
+        self.files: FileService | None = None  # files' bytes and limits (webapp_stub/file_transfer.py), set by app.py
         self.revoke_fanout_wait_s: float | None = None  # --revoke-fanout-wait-s (methods/auth.py), set by app.py
 
     def count_request(self, method: str, outcome: str) -> None:

@@ -44,6 +44,8 @@ from webapp_stub.args import BODY_PARSER_KEY, REQUEST_TIMEOUT_KEY, BodyThread
 from webapp_stub.client import BrowserClient, add_browser_client_flags, public_base_url
 from webapp_stub.commit import COMMIT_FSYNC_THREAD, GroupCommit, add_commit_flags, pacing_options
 from webapp_stub.commit_pacer import handoff_interval_s
+from webapp_stub.file_transfer import FileService, add_file_flags
+from webapp_stub.fixed_discovery import FixedDiscovery  # noqa: F401  (re-exported: the tests import it from here)
 from webapp_stub.handoff import (
     DEFAULT_FLUSH_TIMEOUT_S,
     MARK_INTERVAL_S,
@@ -112,45 +114,6 @@ class DiscoveryLike(Protocol):
     async def close(self) -> None: ...
 
 
-class FixedDiscovery:
-    """A test seam with Discovery's surface: fixed instance lists, changeable at will.
-
-    ``set_instances(service, [...])`` calls every watcher of ``service`` like a
-    Consul watch would. Registrations are recorded in :attr:`registered`.
-    """
-
-    def __init__(self, services: dict[str, list[Instance]] | None = None) -> None:
-        self.services: dict[str, list[Instance]] = {k: list(v) for k, v in (services or {}).items()}
-        self.watchers: dict[str, list[Callable[[list[Instance]], Any]]] = {}
-        self.registered: dict[str, dict[str, Any]] = {}
-        self.consul_ok = True
-
-    async def register(self, service: str, instance_id: str, address: str, port: int, **kwargs: Any) -> None:
-        self.registered[instance_id] = {"service": service, "address": address, "port": port, **kwargs}
-
-    def watch_service(self, service: str, on_change: Callable[[list[Instance]], Any]) -> None:
-        self.watchers.setdefault(service, []).append(on_change)
-        on_change(list(self.services.get(service, [])))
-
-    def watch_key(self, key: str, on_change: Callable[[Any], Any]) -> None:
-        on_change(None)  # no KV here: the key is absent
-
-    def watch_prefix(self, prefix: str, on_change: Callable[[Any], Any]) -> None:
-        on_change({})
-
-    def set_instances(self, service: str, instances: list[Instance]) -> None:
-        self.services[service] = list(instances)
-        for callback in self.watchers.get(service, []):
-            callback(list(instances))
-
-    async def deregister(self) -> None:
-        self.registered.clear()
-
-    async def close(self) -> None:
-        await self.deregister()
-        self.watchers.clear()
-
-
 def load_secret(given: str, data_dir: str) -> bytes:
     """``--secret``/RTM_SECRET, else ``<data_dir>/secret`` (created with 0600 if missing)."""
     if given:
@@ -203,6 +166,7 @@ def build_parser() -> Parser:
     )
     add_browser_client_flags(parser)
     add_scheduler_flags(parser)
+    add_file_flags(parser)
     return parser
 
 
@@ -275,6 +239,8 @@ class WebappServer:
             port = await self._serve_http()
             internal_port = await self._serve_internal()
             address = advertised(args.host, args.advertise_host)
+            if self.api.files is not None:  # the files' URLs that are stored: never from a request's Host
+                self.api.files.own_url = f"http://{address}:{port}"
             meta = {"metrics_port": str(port), "internal_port": str(internal_port)}  # gateways find /internal/ there
             await self.discovery.register(SERVICE, self.instance_id, address, port, meta=meta, ttl_s=args.ttl_s)
             self._stack.push_async_callback(self.discovery.deregister)
@@ -406,6 +372,16 @@ class WebappServer:
         self.api.commits = self.commits
         self.api.public_url = self.public_url
         self.api.revoke_fanout_wait_s = args.revoke_fanout_wait_s
+        # files (webapp_stub/files.py): their bytes under DATA_DIR/files, the sweep of those never completed
+        self.api.files = files = FileService(
+            self.api,
+            args.data_dir,
+            max_file_bytes=args.max_file_bytes,
+            max_pending_per_user=args.max_pending_files_per_user,
+            pending_ttl_s=args.pending_file_ttl_s,
+            read_timeout_s=args.http_request_timeout_s,
+        )
+        self._spawn(files.sweep_loop(), "file-sweep-loop")
         # users.get/setPresence (webapp_stub/presence.py)
         presence = PresenceClient(self.discovery, self.store.manual_away_users, self.trust)
         self.api.presence = presence
@@ -477,6 +453,8 @@ class WebappServer:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes(self.api.routes())
         app.add_routes(metrics_routes(self.metrics, self.health))
+        if self.api.files is not None:  # uploads and downloads (webapp_stub/file_transfer.py)
+            app.add_routes(self.api.files.routes())
         # the browser client at / (webapp_stub/client.py, docs/browser.md)
         app.add_routes(BrowserClient(self.store, self.metrics, demo=getattr(self.args, "demo", True)).routes())
         args = self.args

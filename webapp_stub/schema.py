@@ -25,7 +25,7 @@ import functools
 import sqlite3
 from dataclasses import dataclass
 
-from webapp_stub import search_index
+from webapp_stub import file_store, search_index
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS teams (
@@ -282,6 +282,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     conn.executescript(INDEXES + "".join(indexes for _, indexes in APPEND_TABLES.values()))
     conn.executescript("BEGIN;" + SCHEDULING_SCHEMA + "COMMIT;")  # one transaction: the schema pages written once
     conn.executescript(RESUME_SCHEMA)
+    conn.executescript(file_store.FILES_SCHEMA)  # files (file_store.py): a database from before them gets them
     search_index.create(conn)  # search.messages' index, filled by searches (search_index.py); none without FTS5
 
 

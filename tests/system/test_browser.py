@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from slack_sdk import WebClient
 
 from rtmctl.launcher import rtm_argv
 from tests.support import DEFAULT_WAIT_S
@@ -313,6 +314,28 @@ def test_edit_deletion_and_reaction_appear_live(fleet: Fleet, alice: Person, bob
     mine.get_by_role("button", name="Delete message").click()
     expect(theirs).to_have_count(0)
     expect(mine).to_have_count(0)
+
+
+def test_a_shared_file_shows_as_a_link_that_downloads_with_the_token(fleet: Fleet, alice: Person, bob: Person) -> None:
+    """files_upload_v2 by alice: bob's page shows the file under the message, a click fetches it with
+    his token (never in a URL) and saves it; deleted, it says so."""
+    bob.open_channel("general")
+    data = unique("file body").encode() * 100
+    client = WebClient(token=alice.token, base_url=fleet.api_url)
+    shared = client.files_upload_v2(
+        channel=fleet.channel("general"), content=data, filename="notes.txt", initial_comment=unique("see file")
+    )["file"]
+    link = bob.page.locator(f'{MSG} .file[data-file="{shared["id"]}"]')
+    expect(link).to_contain_text("notes.txt")
+    with bob.page.expect_download() as waiting:
+        link.click()
+    download = waiting.value
+    assert download.suggested_filename == "notes.txt"
+    assert Path(download.path()).read_bytes() == data
+    client.files_delete(file=shared["id"])
+    gone = bob.page.locator(f"{MSG}", has=bob.page.locator(".file.gone"))
+    expect(gone.last).to_contain_text("This file was deleted.")
+    expect(link).to_have_count(0)
 
 
 def test_typing_indicator_appears_and_clears_both_ways(alice: Person, bob: Person) -> None:

@@ -375,12 +375,14 @@ def test_envoy_routes_for_the_webapp_and_every_gateway() -> None:
 
 
 def test_envoy_serves_the_browser_client_from_the_webapp_and_no_catch_all() -> None:
-    """The page at /, its files under /client/, the demo sign-in list and permalinks go to the webapp;
-    no route matches every path (the webapp's /internal/, /metrics and /healthz stay inside)."""
+    """The page at /, its files under /client/, the demo sign-in list, permalinks and shared files'
+    uploads and downloads go to the webapp; no route matches every path (the webapp's /internal/,
+    /metrics and /healthz stay inside)."""
     doc = load_yaml(ENVOY)
     _, routes = edge_routes(doc)
     api = next(r for r in routes if r["match"].get("prefix") == "/api/")
-    for match in ({"path": "/"}, {"prefix": "/client/"}, {"path": "/demo/users"}, {"prefix": "/archives/"}):
+    pages = ({"path": "/"}, {"prefix": "/client/"}, {"path": "/demo/users"}, {"prefix": "/archives/"})
+    for match in (*pages, {"prefix": "/upload/v1/"}, {"prefix": "/files-pri/"}):
         route = next((r for r in routes if r["match"] == match), None)
         assert route is not None, f"no edge route for the browser client's {match}"
         assert route["route"]["cluster"] == api["route"]["cluster"]

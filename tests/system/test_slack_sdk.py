@@ -2,7 +2,8 @@
 
 ``WebClient`` and ``AsyncWebClient`` run the same scenario through every Web
 API method the fleet speaks (pagination, errors as ``SlackApiError``), and
-``search_messages``; 429
+``search_messages``, and ``files_upload_v2`` (the file's message fanned out to a websocket,
+``files_info``, the download with the token); 429
 with ``Retry-After`` is checked against a webapp started here with a tiny
 budget. ``rtm_v2.RTMClient`` with the bot token receives hello, messages,
 thread replies, edits, deletions, reactions, membership and typing from
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
@@ -234,6 +236,41 @@ def test_web_client_search_messages(fleet: Fleet) -> None:
     with pytest.raises(SlackApiError) as err:
         bot.search_messages(query=word)
     assert err.value.response["error"] == "not_allowed_token_type"
+
+
+async def test_files_upload_v2_reaches_a_websocket_client_and_downloads_with_the_token(fleet: Fleet) -> None:
+    """``WebClient.files_upload_v2`` as the SDK runs it (files.getUploadURLExternal, a POST of the bytes
+    to the URL, files.completeUploadExternal): the file's message is fanned out to bob's websocket,
+    ``files_info`` describes it, and its ``url_private_download`` with bob's token gives the bytes."""
+    alice = WebClient(token=fleet.user("alice")["token"], base_url=fleet.api_url)
+    bob_token = fleet.user("bob")["token"]
+    general = fleet.channel("general")
+    data = uuid.uuid4().bytes * 1000  # 16 KB
+    bob = await fleet.connect("bob")
+    try:
+        name = unique("report") + ".bin"
+        reply = await asyncio.to_thread(
+            alice.files_upload_v2, channel=general, content=data, filename=name, initial_comment="the report"
+        )
+        file_id = reply["file"]["id"]
+
+        def shared(client: Any) -> bool:
+            return any(m.get("files", [{}])[0].get("id") == file_id for m in client.messages(general) if "files" in m)
+
+        await bob.wait_for(shared, what="the file's message")
+        message = next(m for m in bob.messages(general) if "files" in m and m["files"][0]["id"] == file_id)
+        assert message["subtype"] == "file_share" and message["text"] == "the report"
+        info = WebClient(token=bob_token, base_url=fleet.api_url).files_info(file=file_id)["file"]
+        assert info["name"] == name and info["size"] == len(data) and info["channels"] == [general]
+        headers = {"Authorization": f"Bearer {bob_token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(info["url_private_download"], headers=headers) as resp:
+                assert resp.status == 200 and await resp.read() == data
+                assert resp.headers["Content-Disposition"].startswith("attachment;")
+            async with http.get(info["url_private_download"]) as resp:
+                assert resp.status == 401
+    finally:
+        await bob.close()
 
 
 async def test_rate_limit_429_with_retry_after_through_the_sdk(tmp_path: Path) -> None:

@@ -115,6 +115,14 @@ BOUNDED_FLAGS = [
     (WEBAPP, "--http-request-timeout-s", {"0.5": 0.5, "60": 60.0}, "0", "above 0.0"),
     (WEBAPP, "--http-request-timeout-s", {}, "nan", "above 0.0"),
     (WEBAPP, "--http-request-timeout-s", {}, "7200", "at most 3600.0"),
+    # files (webapp_stub/file_transfer.py): the largest upload, pending files per user, their time
+    (WEBAPP, "--max-file-bytes", {"1": 1, "1073741824": 1024**3}, "0", "at least 1"),
+    (WEBAPP, "--max-file-bytes", {}, "1073741825", "at most 1073741824"),
+    (WEBAPP, "--max-pending-files-per-user", {"1": 1, "20": 20}, "0", "at least 1"),
+    (WEBAPP, "--max-pending-files-per-user", {}, "10001", "at most 10000"),
+    (WEBAPP, "--pending-file-ttl-s", {"60": 60.0}, "0", "above 0.0"),
+    (WEBAPP, "--pending-file-ttl-s", {}, "nan", "above 0.0"),
+    (WEBAPP, "--pending-file-ttl-s", {}, "1e7", "at most 604800.0"),
     # the kernel's accept queue of the client-facing listeners
     (WEBAPP, "--listen-backlog", {"4096": 4096}, "0", "above 0"),
     ("gateway.app", "--listen-backlog", {"1": 1}, "70000", "at most 65535"),

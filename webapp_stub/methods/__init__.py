@@ -7,7 +7,7 @@ reply's fields besides ``ok``; Slack's error codes are raised as
 
 from __future__ import annotations
 
-from webapp_stub import bookmarks, pins, reminders, scheduled, search
+from webapp_stub import bookmarks, files, pins, reminders, scheduled, search
 from webapp_stub.methods import apps, auth, chat, conversations, reactions, rtm, team, users
 
 # search.messages (search.py) keeps its query and index beside it (search_query.py, search_index.py);
@@ -23,6 +23,7 @@ FAMILIES = (
     team,
     users,
     bookmarks,
+    files,
     pins,
     reminders,
     scheduled,

@@ -4,6 +4,7 @@
 
 import { ApiError, WebApi, sleep } from "./api.js";
 import { describeError, errorCode, isAuthError } from "./errors.js";
+import { downloadFile, fileList } from "./files.js";
 import { Workspace, compareTs, inTimeline, mentions, maxTs, permalinkTarget } from "./model.js";
 import { RtmConnection, backoffDelayMs } from "./rtm.js";
 import {
@@ -627,6 +628,15 @@ export class App {
     );
   }
 
+  /** A file of a message: downloaded with the token (files.js), saved by the browser. */
+  async openFile(file) {
+    try {
+      await downloadFile(this.api.token, file);
+    } catch (err) {
+      this.showBanner(describeError(err.code || "bad_response"), "error");
+    }
+  }
+
   async saveEdit(channel, ts, text) {
     await this.act(async () => {
       await this.api.call("chat.update", { channel, ts, text: this.encodeMentions(text) });
@@ -1018,6 +1028,7 @@ export class App {
           m.text,
           m.edited,
           m.reactions,
+          (m.files || []).map((f) => [f.id, f.mode]),
           m.reply_count,
           m.state,
           m.error,
@@ -1105,6 +1116,7 @@ export class App {
       article.replaceChildren(...parts);
       return;
     }
+    if (Array.isArray(m.files) && m.files.length) parts.push(fileList(m.files, (f) => this.openFile(f)));
     if (m.reactions && m.reactions.length) {
       parts.push(
         h(

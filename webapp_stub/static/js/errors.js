@@ -33,6 +33,8 @@ const MESSAGES = {
   no_text: "Write something before sending.",
   bad_response: "rtm sent an answer the page couldn't read. Retrying may help.",
   user_not_found: "That person isn't in this team.",
+  file_not_found: "That file doesn't exist any more, or you can't see it.",
+  file_deleted: "That file was deleted.",
 };
 
 // The gateway answers a refused websocket message with {code, msg}: code 5 carries the
