@@ -334,6 +334,14 @@ def drain(args: argparse.Namespace, on: bool) -> int:
                 file=sys.stderr,
             )
     else:
+        _, entry = client.kv.get(key)
+        if entry is None:  # nothing to undo: a typo would say it had undrained a region
+            known = known_regions(client)
+            if known and args.region not in known:
+                print(f"rtm undrain: no region {args.region!r}; known: {', '.join(sorted(known))}", file=sys.stderr)
+                return 1
+            print(f"region {args.region} was not drained: it takes new clients")
+            return 0
         client.kv.delete(key)
         print(f"region {args.region} undrained: it takes new clients again")
     return 0
