@@ -137,10 +137,11 @@ def status(args: argparse.Namespace) -> int:
         _, registered = client.catalog.services()
     except consul.ACLPermissionDenied:
         raise  # Consul answered: main says which token to give
+    except requests.exceptions.ConnectionError as exc:  # one sentence, as every other command says it
+        print(f"rtm status: {consul_failure(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:
-        print(f"rtm status: cannot reach Consul at {address}: {exc}")
-        if not args.consul and not (Path(args.data_dir) / "fleet.json").exists():
-            print(f"  (no {Path(args.data_dir) / 'fleet.json'}: give the --data-dir that `rtm up` was started with)")
+        print(f"rtm status: Consul at {address} did not answer the catalog: {exc}", file=sys.stderr)
         return 1
     healthy: dict[str, set[str]] = {}
     for service in [s for s in SERVICES if s in registered] + sorted(set(registered) - set(SERVICES) - {"consul"}):
