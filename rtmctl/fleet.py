@@ -488,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         fleet.supervise()
         return 0
     finally:
-        say("\nrtm up: stopping the fleet...")
+        started = bool(fleet.running)  # refused before it started anything: nothing to say it stops
+        if started:
+            say("\nrtm up: stopping the fleet...")
         fleet.down()
-        say("rtm up: stopped.")
+        if started:
+            say("rtm up: stopped.")
