@@ -14,7 +14,7 @@ import pytest
 
 from rtmctl import fleet
 from rtmctl.fleet_lock import hold_data_dir, running_supervisor
-from rtmctl.launcher import LaunchError
+from rtmctl.launcher import LaunchError, rtm_command
 
 SLEEP = "import time; time.sleep(60)"  # wait-ok: the child process only has to stay alive
 
@@ -77,3 +77,22 @@ def test_a_refused_rtm_up_says_one_line_and_nothing_about_stopping(
     assert out == ""
     assert err.startswith(f"rtm up: failed to start the fleet: a fleet from {tmp_path} is already running"), err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_the_commands_rtm_up_prints_to_copy_are_typed_as_rtm_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README runs ``.venv/bin/rtm up`` with no venv activated; rtm up then printed ``rtm tail bob``,
+    which that shell does not find. It prints ``rtm`` only when ``rtm`` on PATH is this one."""
+    venv_rtm = tmp_path / ".venv" / "bin" / "rtm"
+    venv_rtm.parent.mkdir(parents=True)
+    venv_rtm.write_text("#!/bin/sh\n")
+    venv_rtm.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/rtm", "up"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert rtm_command() == ".venv/bin/rtm"
+    monkeypatch.setenv("PATH", str(venv_rtm.parent))  # the venv activated
+    assert rtm_command() == "rtm"
+    monkeypatch.setattr(sys, "argv", ["/somewhere/rtmctl/cli.py", "up"])  # python -m rtmctl.cli
+    assert rtm_command() == "rtm"
