@@ -145,7 +145,15 @@ async def post(data_dir: str, name: str, channel: str, text: str) -> int:
         print(unreachable("post", fleet["api_url"], exc, data_dir), file=sys.stderr)
         return 1
     if not reply.get("ok"):
-        print(f"error: {reply.get('error')}", file=sys.stderr)
+        error = reply.get("error")
+        if error == "channel_not_found" and find_channel(seed, channel) == channel.lstrip("#"):  # not in seed.json
+            known = ", ".join(str(c["name"]) for c in seed["channels"])
+            print(
+                f"rtm post: no channel {channel!r} (channel_not_found); known: {known}, or a channel's id",
+                file=sys.stderr,
+            )
+        else:
+            print(f"rtm post: the webapp refused the post: {error}", file=sys.stderr)
         return 1
     print(f"posted to #{channel.lstrip('#')} as {user['name']}: ts {reply['ts']}")
     return 0

@@ -61,7 +61,7 @@ from consul_dev.app import SERVICE_NAME as CONSUL_DEV
 from rtmctl.consul_roles import TOKENS_FILE, TokensFileError, ensure_role_tokens
 from rtmctl.fleet_lock import hold_data_dir
 from rtmctl.fleet_plan import CONSUL_PORT_OFFSET, RENEW_WITHIN, ProcessSpec, plan, regions_of
-from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, start
+from rtmctl.launcher import LaunchError, RunningProcess, rtm_argv, rtm_command, start
 from rtmctl.log_file import LOG_FILE_MAX_BYTES, LOG_FILE_MAX_BYTES_LIMIT, ProcessLogFile, log_dir, log_path
 from services import regions, tls
 from services.certs import FleetCertificates
@@ -341,6 +341,7 @@ class Fleet:
         alice = users[0] if users else {"name": "alice", "token": "?"}
         general = next((c for c in self.seed.get("channels", []) if c["name"] == "general"), {"id": "C?"})
         dd = self.dd_flag()
+        rtm = rtm_command()
         print(
             f"""
   Browser:  {info["webapp_url"]}/   (the Slack-like client; docs/browser.md)
@@ -350,8 +351,8 @@ class Fleet:
   Logs:     {self.logs_where()}
 
 Try it (in another terminal):
-  rtm tail bob{dd}                              # watch events arrive as bob
-  rtm post alice general "hello, fleet"{dd}     # post as alice
+  {rtm} tail bob{dd}                              # watch events arrive as bob
+  {rtm} post alice general "hello, fleet"{dd}     # post as alice
   curl -s {info["api_url"]}chat.postMessage -H 'Authorization: Bearer {alice["token"]}' \\
        -d channel={general["id"]} -d text=hello
 Ctrl-C stops the fleet.""",
@@ -361,7 +362,7 @@ Ctrl-C stops the fleet.""",
     def logs_where(self) -> str:
         if self.log_dir is None:
             return "to no file (--log-file-max-bytes 0); --verbose copies them here"
-        return f"{self.log_dir}/<name>.log   (rtm logs [NAME] [-f]{self.dd_flag()})"
+        return f"{self.log_dir}/<name>.log   ({rtm_command()} logs [NAME] [-f]{self.dd_flag()})"
 
     def dd_flag(self) -> str:
         """The ``--data-dir`` an ``rtm`` command needs to find this fleet ("" for the default)."""
@@ -488,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         fleet.supervise()
         return 0
     finally:
-        say("\nrtm up: stopping the fleet...")
+        started = bool(fleet.running)  # refused before it started anything: nothing to say it stops
+        if started:
+            say("\nrtm up: stopping the fleet...")
         fleet.down()
-        say("rtm up: stopped.")
+        if started:
+            say("rtm up: stopped.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from rtmctl.log_file import ProcessLogFile, launcher_line
@@ -113,6 +115,16 @@ class RunningProcess:
 def rtm_argv(*args: str) -> list[str]:
     """The argv that runs ``rtm ARGS`` with this interpreter (no PATH lookup)."""
     return [sys.executable, "-m", "rtmctl.cli", *args]
+
+
+def rtm_command() -> str:
+    """How to type ``rtm`` in the lines rtm up prints to copy: ``rtm`` when that is this one on PATH,
+    else as it was typed (``.venv/bin/rtm``, README's way, where no venv is activated)."""
+    typed = sys.argv[0]
+    if Path(typed).name != "rtm":  # python -m rtmctl.cli, a test
+        return "rtm"
+    on_path = shutil.which("rtm")
+    return "rtm" if on_path and Path(on_path).resolve() == Path(typed).resolve() else typed
 
 
 def _pump_lines(stream: IO[str], proc: RunningProcess, echo: IO[str] | None) -> None:

@@ -137,10 +137,11 @@ def status(args: argparse.Namespace) -> int:
         _, registered = client.catalog.services()
     except consul.ACLPermissionDenied:
         raise  # Consul answered: main says which token to give
+    except requests.exceptions.ConnectionError as exc:  # one sentence, as every other command says it
+        print(f"rtm status: {consul_failure(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:
-        print(f"rtm status: cannot reach Consul at {address}: {exc}")
-        if not args.consul and not (Path(args.data_dir) / "fleet.json").exists():
-            print(f"  (no {Path(args.data_dir) / 'fleet.json'}: give the --data-dir that `rtm up` was started with)")
+        print(f"rtm status: Consul at {address} did not answer the catalog: {exc}", file=sys.stderr)
         return 1
     healthy: dict[str, set[str]] = {}
     for service in [s for s in SERVICES if s in registered] + sorted(set(registered) - set(SERVICES) - {"consul"}):
@@ -334,6 +335,14 @@ def drain(args: argparse.Namespace, on: bool) -> int:
                 file=sys.stderr,
             )
     else:
+        _, entry = client.kv.get(key)
+        if entry is None:  # nothing to undo: a typo would say it had undrained a region
+            known = known_regions(client)
+            if known and args.region not in known:
+                print(f"rtm undrain: no region {args.region!r}; known: {', '.join(sorted(known))}", file=sys.stderr)
+                return 1
+            print(f"region {args.region} was not drained: it takes new clients")
+            return 0
         client.kv.delete(key)
         print(f"region {args.region} undrained: it takes new clients again")
     return 0

@@ -5,7 +5,8 @@ The data directory is locked for the restore's whole length as ``rtm up`` locks 
 the restore, and an ``rtm up`` started meanwhile is refused. BACKUP (a file of ``rtm backup``) is
 copied the way a backup is made (:func:`rtmctl.backup.staged_copy`: one read transaction's
 ``VACUUM INTO`` a 0600 temporary file beside ``webapp.db``, fsynced), then checked (SQLite's
-``integrity_check`` and the rtm tables): a file that is not a whole rtm database changes nothing.
+``integrity_check`` and the rtm tables): a file that is not a whole rtm database changes nothing
+(a data directory the restore made for it is taken away again).
 
 An existing database is replaced only with ``--force``, and kept: ``webapp.db`` becomes
 ``webapp.db.before-restore``, and its ``-wal`` and ``-journal`` (committed data not yet
@@ -42,7 +43,7 @@ from rtmctl.backup import (
     sidecar,
     staged_copy,
 )
-from rtmctl.fleet_lock import hold_data_dir
+from rtmctl.fleet_lock import UP_LOCK_FILE, hold_data_dir
 from rtmctl.launcher import LaunchError
 from services.config import env_default
 from services.errors import CONFIG_ERROR_EXIT_CODE
@@ -103,6 +104,7 @@ def restore(backup: Path, data_dir: Path, *, force: bool) -> tuple[Snapshot, boo
         raise BackupError(f"no backup file at {backup}")
     database = data_dir / DB_FILE
     refuse_same_file(backup, database, "restore a copy of it, made by rtm backup")
+    made = not data_dir.exists()  # a refused restore takes away the directory it made (below)
     try:
         ensure_private_dir(data_dir)
         lock = hold_data_dir(data_dir)
@@ -110,6 +112,7 @@ def restore(backup: Path, data_dir: Path, *, force: bool) -> tuple[Snapshot, boo
         raise BackupError(str(exc)) from None
     except OSError as exc:
         raise failure(f"cannot use {data_dir}", exc) from None
+    restored = False
     try:
         present = database_files(database)
         kept = sidecar(database, KEPT_SUFFIX)
@@ -124,12 +127,17 @@ def restore(backup: Path, data_dir: Path, *, force: bool) -> tuple[Snapshot, boo
                 raise failure(f"could not keep the old database as {kept}", exc) from None
             reindex(staged)
             install(staged, database)
+        restored = True
         try:
             users = rewrite_seed(data_dir, database)
         except (OSError, sqlite3.Error) as exc:
             raise failure(f"{database} is restored, but opening it to write {SEED_FILE} failed", exc) from None
         return snapshot, bool(present), users
     finally:
+        if made and not restored:  # not a directory holding only a lock file, which `rtm up` would seed
+            with contextlib.suppress(OSError):
+                (data_dir / UP_LOCK_FILE).unlink()
+                data_dir.rmdir()  # only if empty: nothing else of anyone's is removed
         os.close(lock)
 
 

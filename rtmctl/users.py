@@ -67,7 +67,12 @@ NAME_RULES = {
 
 
 class UsersError(Exception):
-    """What ``rtm users`` refuses, as one sentence for the operator."""
+    """What ``rtm users`` refuses, as one sentence for the operator (exit 1)."""
+
+
+class UsageError(UsersError):
+    """An argument that could never be right (a malformed name or email): bad usage, exit 2 as
+    argparse's own refusals; what the team's state refuses (a name taken, no such channel) is 1."""
 
 
 @dataclass(frozen=True)
@@ -103,16 +108,16 @@ def checked(args: argparse.Namespace) -> NewUser:
     try:
         name = validate_channel_name(args.name)
     except ApiError as exc:
-        raise UsersError(f"{args.name!r} is not a user name: {NAME_RULES.get(exc.code, exc.code)}") from None
+        raise UsageError(f"{args.name!r} is not a user name: {NAME_RULES.get(exc.code, exc.code)}") from None
     real_name = (args.real_name or "").strip() or name
     if len(real_name) > PROFILE_FIELD_MAX_CHARS["real_name"]:
-        raise UsersError(f"a real name is at most {PROFILE_FIELD_MAX_CHARS['real_name']} characters")
+        raise UsageError(f"a real name is at most {PROFILE_FIELD_MAX_CHARS['real_name']} characters")
     email = None
     if args.email:
         try:
             email = validate_email(args.email)
         except ApiError:
-            raise UsersError(f"{args.email!r} is not an email address") from None
+            raise UsageError(f"{args.email!r} is not an email address") from None
     join = tuple(dict.fromkeys(c.strip().lstrip("#") for c in (args.join or "").split(",") if c.strip()))
     return NewUser(name, real_name, email, args.bot or args.app, args.app, join)
 
@@ -262,7 +267,7 @@ def main(argv: list[str]) -> int:
         return run(args)
     except UsersError as exc:
         print(f"rtm users {args.action}: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except SchemaMismatch as exc:  # changed nothing: the webapp of this version migrates it
         print(f"rtm users {args.action}: {exc}", file=sys.stderr)
         return 2

@@ -57,6 +57,9 @@ def env_default(flag: str, default: Any) -> Any:
     return raw
 
 
+SECRET_FLAG_WORDS = ("secret", "token", "key", "password")  # --help never shows these flags' defaults
+
+
 class Parser(argparse.ArgumentParser):
     """argparse where ``add(flag, default, help)`` wires the RTM_* fallback."""
 
@@ -86,7 +89,12 @@ class Parser(argparse.ArgumentParser):
                 if not bound.holds(value):
                     raise SystemExit(f"{env_name(flag)}={value}: {flag} must be {bound}")
                 kind = _bounded(kind, bound)
-        self.add_argument(flag, type=kind, default=value, help=f"{help} (env {env_name(flag)})", **kwargs)
+        # The default as it is now (the environment's if set), never of a flag that may hold a secret:
+        # rtm up hands its children the fleet secret and tokens through RTM_* variables.
+        hidden = value in ("", None) or any(word in flag for word in SECRET_FLAG_WORDS)
+        shown = "" if hidden else f"; default {value}"
+        said = f"{help} (env {env_name(flag)}{shown})".replace("%", "%%")  # argparse formats help with %
+        self.add_argument(flag, type=kind, default=value, help=said, **kwargs)
 
 
 class _Bound:

@@ -376,6 +376,34 @@ def test_rtm_drain_refuses_a_region_the_fleet_does_not_know(
         admin.kv.delete(REGION_MAP_KEY)
 
 
+def test_rtm_undrain_refuses_a_region_the_fleet_does_not_know(
+    agent: launcher.RunningProcess, admin: consul.Consul, tmp_path: Path
+) -> None:
+    """``rtm undrain us-eats`` used to say "region us-eats undrained" with exit 0 while us-east stayed
+    drained; a region neither drained nor known is refused as ``rtm drain`` refuses it, a known one
+    not drained is said to be so, and a drained one (even one the map no longer has) is undrained."""
+    address = f"127.0.0.1:{agent.ready['port']}"
+    env = {**{k: v for k, v in os.environ.items() if k not in CONSUL_HTTP_TOKEN_ENVS}, CONSUL_TOKEN_ENV: TOKEN}
+    admin.kv.put(REGION_MAP_KEY, json.dumps({"us-east": ["eu-west"], "eu-west": ["us-east"]}))
+    admin.kv.put(drained_key("us-east"), "1")
+    admin.kv.put(drained_key("old-region"), "1")
+    try:
+        for region, code, said in (
+            ("us-eats", 1, "rtm undrain: no region 'us-eats'; known: eu-west, us-east"),
+            ("eu-west", 0, "region eu-west was not drained: it takes new clients"),
+            ("us-east", 0, "region us-east undrained: it takes new clients again"),
+            ("old-region", 0, "region old-region undrained: it takes new clients again"),
+        ):
+            argv = launcher.rtm_argv("undrain", region, "--consul", address, "--data-dir", str(tmp_path / "no-fleet"))
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+            assert (done.returncode, (done.stdout + done.stderr).strip()) == (code, said), region
+            assert admin.kv.get(drained_key(region))[1] is None, region
+    finally:
+        for region in ("us-east", "old-region"):
+            admin.kv.delete(drained_key(region))
+        admin.kv.delete(REGION_MAP_KEY)
+
+
 # -- tokens with rules (--acl-tokens-file) -------------------------------------------------------
 
 GW_SECRET = secrets.token_hex(16)

@@ -117,21 +117,24 @@ async def test_a_bot_and_an_app_get_their_tokens_and_the_seed_apps_subscriptions
 
 
 @pytest.mark.parametrize(
-    ("argv", "sentence"),
+    ("argv", "code", "sentence"),
     [
-        (["alice"], "the name alice is taken"),
-        (["frank", "--email", f"bob@{EMAIL_DOMAIN}"], f"the email bob@{EMAIL_DOMAIN} is taken"),
-        (["Frank Z"], "is not a user name: a name is lowercase letters"),
-        (["frank", "--email", "not-an-address"], "is not an email address"),
-        (["frank", "--join", "general,nowhere"], "no channel #nowhere"),
+        (["alice"], 1, "the name alice is taken"),
+        (["frank", "--email", f"bob@{EMAIL_DOMAIN}"], 1, f"the email bob@{EMAIL_DOMAIN} is taken"),
+        (["Frank Z"], 2, "is not a user name: a name is lowercase letters"),  # bad usage: exit 2
+        (["frank", "--email", "not-an-address"], 2, "is not an email address"),
+        (["frank", "--real-name", "x" * 1000], 2, "a real name is at most"),
+        (["frank", "--join", "general,nowhere"], 1, "no channel #nowhere"),
     ],
 )
 def test_what_is_refused_is_one_sentence_and_changes_nothing(
-    argv: list[str], sentence: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    argv: list[str], code: int, sentence: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A malformed argument is bad usage (exit 2, as argparse's refusals); what the team's state
+    refuses (a name or email taken, no such channel) is exit 1."""
     seed_demo(str(tmp_path))
     users_before = count_users(tmp_path)
-    assert cli.main(["users", "add", *argv, "--data-dir", str(tmp_path)]) == 1
+    assert cli.main(["users", "add", *argv, "--data-dir", str(tmp_path)]) == code
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("rtm users add: ") and sentence in err and err.count("\n") == 1, err
     assert count_users(tmp_path) == users_before

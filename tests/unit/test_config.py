@@ -179,3 +179,18 @@ def test_an_interval_from_the_environment_is_checked_too(monkeypatch: pytest.Mon
     with pytest.raises(SystemExit) as refused:
         importlib.import_module("webapp_stub.app").build_parser()
     assert str(refused.value) == "RTM_MIN_COMMIT_INTERVAL_S=-1.0: --min-commit-interval-s must be at least 0.0"
+
+
+def test_help_shows_each_default_but_never_a_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rtm up --help`` did not say that --port-base is 7400 nor --data-dir ./.rtm (the README's
+    first question); now each flag's help ends with its default, the environment's when set, except
+    flags that may hold a secret (rtm up gives its children the fleet secret through RTM_SECRET)."""
+    from rtmctl.fleet import build_parser as up_parser
+    from webapp_stub.app import build_parser as webapp_parser
+
+    monkeypatch.setenv("RTM_PORT_BASE", "26000")
+    monkeypatch.setenv("RTM_SECRET", "s3cr3t-never-shown")
+    up = " ".join(up_parser().format_help().split())
+    assert "(env RTM_PORT_BASE; default 26000)" in up and "(env RTM_DATA_DIR; default ./.rtm)" in up
+    webapp = " ".join(webapp_parser().format_help().split())
+    assert "s3cr3t" not in webapp and "(env RTM_SECRET)" in webapp

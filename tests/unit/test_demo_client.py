@@ -91,3 +91,33 @@ def test_someone_who_joins_the_team_is_named_from_then_on() -> None:
     assert describe(joined, names, CHANNELS).split() == ["team_join", "-", "frank"]
     line = describe({"type": "message", "channel": "C1", "user": "U9", "text": "frank here"}, names, CHANNELS)
     assert line.split()[:4] == ["message", "#general", "frank", "frank"]
+
+
+@pytest.mark.parametrize(
+    ("channel", "error", "said"),
+    [
+        (
+            "nosuch",
+            "channel_not_found",
+            "rtm post: no channel 'nosuch' (channel_not_found); known: general, or a channel's id",
+        ),
+        ("general", "not_in_channel", "rtm post: the webapp refused the post: not_in_channel"),
+    ],
+)
+def test_a_refused_post_says_so_in_one_line_naming_the_command(
+    channel: str,
+    error: str,
+    said: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``rtm post alice nosuch hi`` printed ``error: channel_not_found``, not which command or what to give."""
+    a_fleet_that_is_not_up(tmp_path)
+
+    async def refused(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"ok": False, "error": error}
+
+    monkeypatch.setattr(demo_client, "call", refused)
+    assert demo_client.main(["post", "alice", channel, "hi", "--data-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == said + "\n"

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from rtmctl import fleet
 from rtmctl.fleet_lock import hold_data_dir, running_supervisor
-from rtmctl.launcher import LaunchError
+from rtmctl.launcher import LaunchError, rtm_command
 
 SLEEP = "import time; time.sleep(60)"  # wait-ok: the child process only has to stay alive
 
@@ -56,3 +58,41 @@ def test_the_data_directory_is_held_by_rtm_up_and_by_the_fleet_it_started(tmp_pa
         child.kill()
         child.wait()
     os.close(hold_data_dir(tmp_path))  # nobody holds it any more
+
+
+def test_a_refused_rtm_up_says_one_line_and_nothing_about_stopping(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second ``rtm up`` on a held directory printed "rtm up: stopping the fleet..." and "rtm up:
+    stopped." around its refusal, as if it had stopped the running fleet; it started nothing."""
+    fd = hold_data_dir(tmp_path)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # main sets its own
+    try:
+        assert fleet.main(["--data-dir", str(tmp_path)]) == 1
+    finally:
+        os.close(fd)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"rtm up: failed to start the fleet: a fleet from {tmp_path} is already running"), err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_the_commands_rtm_up_prints_to_copy_are_typed_as_rtm_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README runs ``.venv/bin/rtm up`` with no venv activated; rtm up then printed ``rtm tail bob``,
+    which that shell does not find. It prints ``rtm`` only when ``rtm`` on PATH is this one."""
+    venv_rtm = tmp_path / ".venv" / "bin" / "rtm"
+    venv_rtm.parent.mkdir(parents=True)
+    venv_rtm.write_text("#!/bin/sh\n")
+    venv_rtm.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/rtm", "up"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert rtm_command() == ".venv/bin/rtm"
+    monkeypatch.setenv("PATH", str(venv_rtm.parent))  # the venv activated
+    assert rtm_command() == "rtm"
+    monkeypatch.setattr(sys, "argv", ["/somewhere/rtmctl/cli.py", "up"])  # python -m rtmctl.cli
+    assert rtm_command() == "rtm"

@@ -61,6 +61,7 @@ def closed_port() -> int:
 @pytest.mark.parametrize(
     "command",
     [
+        ["status"],
         ["ring", "show"],
         ["ring", "add-slot"],
         ["ring", "remove-slot", "cs-1"],
@@ -72,7 +73,8 @@ def test_a_consul_that_cannot_be_reached_is_a_sentence_not_a_traceback(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """No fleet at that address: one line naming the address and what to give (before: a requests
-    ConnectionError traceback from every command but ``rtm status``)."""
+    ConnectionError traceback from every command but ``rtm status``, which printed urllib3's
+    whole error on stdout)."""
     port = closed_port()
     assert cli.main([*command, "--data-dir", str(tmp_path), "--consul", f"127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err

@@ -133,6 +133,23 @@ def test_a_file_that_is_not_an_rtm_database_changes_nothing(
     assert sorted(p.name for p in data_dir.iterdir()) == ["rtm-up.lock", "webapp.db"]
 
 
+def test_a_refused_restore_into_a_new_directory_leaves_no_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rtm restore notabackup --data-dir ./restored`` was refused but left ``restored/`` behind,
+    holding only ``rtm-up.lock``, as if something had been restored there. A directory the
+    restore made goes with a refusal; one that was there stays."""
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database")
+    assert restore(bad, tmp_path / "new" / "restored") == 2
+    assert "is not a whole rtm database" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.db", "new"]  # the parent was made; left
+    assert list((tmp_path / "new").iterdir()) == []
+    (tmp_path / "there").mkdir()
+    assert restore(bad, tmp_path / "there") == 2
+    assert [p.name for p in (tmp_path / "there").iterdir()] == ["rtm-up.lock"]
+
+
 def test_a_missing_backup_or_the_database_itself_is_refused(
     tmp_path: Path, backup_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
