@@ -8,7 +8,7 @@ What a query may hold (docs/slack-compat.md, "Search"):
 * ``"a quoted phrase"``, its words in that order;
 * ``-word`` or ``-"a phrase"``: messages without it (needs at least one word to search for);
 * ``in:#channel`` (or ``in:channel``), ``in:<#C123>``, ``in:<#C123|name>``: in that conversation (several: any of them);
-* ``from:@name``, ``from:<@U123>``, ``from:me``: by that user (several: any of them).
+* ``from:@name`` (or ``from:name``), ``from:<@U123>``, ``from:me``: by that user (several: any of them).
 
 Any other ``key:value`` is searched as words (``before:2024`` looks for "before" and "2024"):
 rtm does not narrow by date, and a modifier it does not know is never silently dropped, which
@@ -163,10 +163,10 @@ def _modifier(word: str, channels: list[str], users: list[str]) -> bool:
             users.append(ref.group(1))
         elif value.lower() == "me":
             users.append("me")
-        elif value.startswith("@") and len(value) > 1:
-            users.append(value.lower())
-        else:
+        elif value.startswith("<"):
             return False
+        else:  # @name or name, as in: takes #name or name
+            users.append("@" + value.lstrip("@").lower())
         return True
     return False
 

@@ -67,7 +67,8 @@ def test_modifiers() -> None:
     assert parse("words").channels == () and parse("words").users == ()
     # unknown modifiers, and malformed ones, are searched as words: never silently dropped
     assert parse("before:2024-01-01").match() == '("before 2024 01 01")'
-    assert parse("from:bob").match() == '("from bob")'
+    assert parse("from:bob").users == ("@bob",)  # as in:general takes a name without its #
+    assert parse("from:<U1>").match() == '("from U1")'
     assert parse("in:<C1>").match() == '("in C1")'
     assert parse("in:#x").match() is None
 
