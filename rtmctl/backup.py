@@ -18,8 +18,10 @@ every user's token: :mod:`services.secret_file`), fsynced, checked (:func:`check
 old file or the whole new one, never a part. An existing OUT is kept unless ``--force``.
 
 OUT is one file, the database: the users and their tokens are in it, and ``rtm restore``
-(:mod:`rtmctl.restore`) writes ``seed.json`` from it. Not in it: the fleet's secret, Consul tokens
-and TLS CA and certificates (``DATA_DIR/secret``, ``consul-acl-token*``, ``operator-token``,
+(:mod:`rtmctl.restore`) writes ``seed.json`` from it. Beside it, ``OUT.files/`` holds the bytes of
+the files the snapshot names (:func:`copy_files`, :mod:`rtmctl.backup_files`), renamed into place
+before OUT is, so OUT is never newer than its files. Not in either: the fleet's secret, Consul
+tokens and TLS CA and certificates (``DATA_DIR/secret``, ``consul-acl-token*``, ``operator-token``,
 ``tls/``).
 """
 
@@ -242,9 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     from rtmctl.cli import COMMANDS  # its one-line summary
 
     parser = argparse.ArgumentParser(prog="rtm backup", description=COMMANDS["backup"][1])
-    parser.add_argument("out", metavar="OUT", help="the backup's file (one SQLite file, 0600; rtm restore reads it)")
+    parser.add_argument(
+        "out",
+        metavar="OUT",
+        help="the backup's file (one SQLite file, 0600; its files' bytes in OUT.files/; rtm restore reads both)",
+    )
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"), help="where webapp.db is")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--force", action="store_true", help="replace OUT and OUT.files if they exist")
     return parser
 
 

@@ -14,6 +14,12 @@ checkpointed) go with it under the matching names, so SQLite opens the kept one 
 one: a stale WAL beside a restored database would be applied to it by the next open and corrupt
 it. A ``webapp.db.before-restore`` from an earlier restore is never overwritten.
 
+The files the database names are copied from ``BACKUP.files/`` (:func:`restore_files`: a directory
+holding anything but regular files named by file ids is refused, nothing followed) into a staged
+directory renamed to ``DATA_DIR/files`` before the database is renamed into place; ``--force``
+keeps the old one as ``files.before-restore``. Files the database names that have no bytes there
+(or no ``BACKUP.files`` at all: a backup made before files were carried) are said in a warning.
+
 Then the database is opened once with the current code (the webapp's :func:`migrate`, as at every
 start) and ``seed.json`` is rewritten from it (:func:`webapp_stub.seed.write_seed_file`, as ``rtm seed``
 and ``rtm users`` write it), so ``rtm tail`` and ``rtm post`` know the backup's users and tokens.
@@ -208,12 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     from rtmctl.cli import COMMANDS  # its one-line summary
 
     parser = argparse.ArgumentParser(prog="rtm restore", description=COMMANDS["restore"][1])
-    parser.add_argument("backup", metavar="BACKUP", help="a file written by rtm backup")
+    parser.add_argument("backup", metavar="BACKUP", help="a file written by rtm backup (its files from BACKUP.files/)")
     parser.add_argument(
         "--data-dir", default=env_default("--data-dir", "./.rtm"), help="where rtm up will find it (webapp.db)"
     )
     parser.add_argument(
-        "--force", action="store_true", help=f"replace an existing webapp.db (kept as webapp.db{KEPT_SUFFIX})"
+        "--force",
+        action="store_true",
+        help=f"replace an existing webapp.db and files (kept as webapp.db{KEPT_SUFFIX}, {KEPT_FILES})",
     )
     return parser
 

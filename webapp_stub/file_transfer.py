@@ -67,9 +67,9 @@ TICKET = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 FILE_KEY = re.compile(r"(T[0-9A-Z]{1,20})-(F[0-9A-F]{16})")
 FILE_CSP = "sandbox; default-src 'none'"
 # Free space the files must leave on the data directory's filesystem (--min-free-disk-bytes): what
-# the database needs to keep committing posts (its WAL grows between checkpoints, by about 2 KB a
-# post: 1 GiB is some 500,000 posts, hours of the heaviest load measured), in bytes rather than a
-# share of the disk because that need does not grow with the disk. 0: files may fill the disk.
+# the database needs to keep committing posts (under 1 KB a message, measured: 1 GiB is about a
+# million more, and the WAL between checkpoints), in bytes rather than a share of the disk because
+# that need does not grow with the disk. 0: files may fill the disk.
 MIN_FREE_DISK_BYTES = 1024**3
 MAX_STORAGE_FLAG_BYTES = 1024**5  # the storage flags' own bound: 1 PiB
 STORAGE_REFUSED = "storage_limit_reached"  # Slack's code (files.upload's) when no more may be stored
