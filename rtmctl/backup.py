@@ -18,8 +18,10 @@ every user's token: :mod:`services.secret_file`), fsynced, checked (:func:`check
 old file or the whole new one, never a part. An existing OUT is kept unless ``--force``.
 
 OUT is one file, the database: the users and their tokens are in it, and ``rtm restore``
-(:mod:`rtmctl.restore`) writes ``seed.json`` from it. Not in it: the fleet's secret, Consul tokens
-and TLS CA and certificates (``DATA_DIR/secret``, ``consul-acl-token*``, ``operator-token``,
+(:mod:`rtmctl.restore`) writes ``seed.json`` from it. Beside it, ``OUT.files/`` holds the bytes of
+the files the snapshot names (:func:`copy_files`, :mod:`rtmctl.backup_files`), renamed into place
+before OUT is, so OUT is never newer than its files. Not in either: the fleet's secret, Consul
+tokens and TLS CA and certificates (``DATA_DIR/secret``, ``consul-acl-token*``, ``operator-token``,
 ``tls/``).
 """
 
@@ -33,14 +35,16 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rtmctl.backup_files import FileCopy, files_beside, fill, install_dir, named_files, staged_dir
 from services.config import env_default
 from services.errors import CONFIG_ERROR_EXIT_CODE, RtmError
 from services.secret_file import create_secret_file
 from webapp_stub.codecs import us_to_ts
 from webapp_stub.database import DB_FILE
+from webapp_stub.file_store import FILES_DIR
 from webapp_stub.schema import CORE_TABLES, expected_virtual_tables, virtual_tables
 
 # How long the backup's read connection waits for SQLite's locks. A WAL reader waits only while
@@ -75,10 +79,12 @@ class Snapshot:
     messages: int
     events: int
     newest_ts: str | None  # the newest message's ts, None without messages
+    files: FileCopy | None = None  # the files' bytes copied with it (rtmctl/backup_files.py)
 
     def describe(self) -> str:
         newest = self.newest_ts if self.newest_ts is not None else "none"
-        return f"{self.size_bytes} bytes, {self.messages} messages, {self.events} events, newest message ts {newest}"
+        text = f"{self.size_bytes} bytes, {self.messages} messages, {self.events} events, newest message ts {newest}"
+        return text + (f"; {self.files.describe()}" if self.files is not None else "")
 
 
 def sidecar(database: Path, suffix: str) -> Path:
@@ -198,30 +204,53 @@ def refuse_same_file(path: Path, database: Path, what: str) -> None:
 
 
 def backup(data_dir: Path, out: Path, *, force: bool) -> Snapshot:
-    """Write a checked, consistent copy of ``DATA_DIR/webapp.db`` to ``out`` (0600, atomic).
-    Raises :class:`BackupError`: no database, ``out`` exists (without ``force``) or cannot be written."""
+    """Write a checked, consistent copy of ``DATA_DIR/webapp.db`` to ``out`` (0600, atomic), and the
+    bytes of the files it names to ``out.files/`` (:func:`copy_files`). Raises :class:`BackupError`:
+    no database, ``out`` or ``out.files`` exists (without ``force``) or cannot be written."""
     source = data_dir / DB_FILE
     if not source.is_file():
         raise BackupError(f"no webapp database at {source}: give the --data-dir of `rtm up`")
     refuse_same_file(out, source, "the backup must go elsewhere")
     if out.is_dir():
         raise BackupError(f"{out} is a directory: give the backup's file name")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise BackupError(f"{out} exists: give --force to replace it")
+    if out.parent.resolve() == (data_dir / FILES_DIR).resolve():
+        raise BackupError(f"{out} is in the webapp's files directory: the backup must go elsewhere")
+    for existing in (out, files_beside(out)):
+        if os.path.lexists(existing) and not force:
+            raise BackupError(f"{existing} exists: give --force to replace it")
     if not out.parent.is_dir():
         raise BackupError(f"cannot write {out}: no directory {out.parent}")
     with staged_copy(source, out) as (staged, snapshot):
+        copied = copy_files(data_dir / FILES_DIR, staged, files_beside(out))
         install(staged, out)
-    return snapshot
+    return replace(snapshot, files=copied)
+
+
+def copy_files(source: Path, snapshot: Path, target: Path) -> FileCopy:
+    """Copy the bytes of every file the database ``snapshot`` names (uploaded or complete) from
+    ``source`` into a staged directory beside ``target``, renamed to ``target``: before the
+    database is renamed into place, so a backup's database is never newer than its files. A file
+    gone since the snapshot (deleted, swept) is in the result's ``missing``. Raises :class:`BackupError`."""
+    try:
+        with staged_dir(target) as staged:
+            copied = fill(staged, source, named_files(snapshot))
+            install_dir(staged, target)
+    except OSError as exc:
+        raise failure(f"could not copy the files to {target}", exc) from None
+    return replace(copied, directory=target)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from rtmctl.cli import COMMANDS  # its one-line summary
 
     parser = argparse.ArgumentParser(prog="rtm backup", description=COMMANDS["backup"][1])
-    parser.add_argument("out", metavar="OUT", help="the backup's file (one SQLite file, 0600; rtm restore reads it)")
+    parser.add_argument(
+        "out",
+        metavar="OUT",
+        help="the backup's file (one SQLite file, 0600; its files' bytes in OUT.files/; rtm restore reads both)",
+    )
     parser.add_argument("--data-dir", default=env_default("--data-dir", "./.rtm"), help="where webapp.db is")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--force", action="store_true", help="replace OUT and OUT.files if they exist")
     return parser
 
 

@@ -15,6 +15,12 @@ checkpointed) go with it under the matching names, so SQLite opens the kept one 
 one: a stale WAL beside a restored database would be applied to it by the next open and corrupt
 it. A ``webapp.db.before-restore`` from an earlier restore is never overwritten.
 
+The files the database names are copied from ``BACKUP.files/`` (:func:`restore_files`: a directory
+holding anything but regular files named by file ids is refused, nothing followed) into a staged
+directory renamed to ``DATA_DIR/files`` before the database is renamed into place; ``--force``
+keeps the old one as ``files.before-restore``. Files the database names that have no bytes there
+(or no ``BACKUP.files`` at all: a backup made before files were carried) are said in a warning.
+
 Then the database is opened once with the current code (the webapp's :func:`migrate`, as at every
 start) and ``seed.json`` is rewritten from it (:func:`webapp_stub.seed.write_seed_file`, as ``rtm seed``
 and ``rtm users`` write it), so ``rtm tail`` and ``rtm post`` know the backup's users and tokens.
@@ -30,6 +36,7 @@ import os
 import sqlite3
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rtmctl.backup import (
@@ -43,6 +50,17 @@ from rtmctl.backup import (
     sidecar,
     staged_copy,
 )
+from rtmctl.backup_files import (
+    FileCopy,
+    UnsafeFiles,
+    check_restorable,
+    discard,
+    files_beside,
+    fill,
+    install_dir,
+    named_files,
+    staged_dir,
+)
 from rtmctl.fleet_lock import UP_LOCK_FILE, hold_data_dir
 from rtmctl.launcher import LaunchError
 from services.config import env_default
@@ -50,10 +68,12 @@ from services.errors import CONFIG_ERROR_EXIT_CODE
 from services.secret_file import ensure_private_dir
 from webapp_stub import search_index
 from webapp_stub.database import DB_FILE
+from webapp_stub.file_store import FILES_DIR
 from webapp_stub.seed import SEED_FILE, write_seed_file
 from webapp_stub.store import Store
 
 KEPT_SUFFIX = ".before-restore"  # webapp.db.before-restore: the database a --force restore replaced
+KEPT_FILES = FILES_DIR + KEPT_SUFFIX  # files.before-restore: the files directory it replaced
 
 
 def database_files(database: Path) -> list[Path]:
@@ -97,9 +117,77 @@ def reindex(staged: Path) -> None:
         raise failure(f"could not rebuild the search index of the copy of {staged.name}", exc) from None
 
 
+def files_present(files: Path) -> bool:
+    """Whether ``DATA_DIR/files`` holds anything (an empty one, as the webapp makes it, does not count)."""
+    if not os.path.lexists(files):
+        return False
+    return not (files.is_dir() and not files.is_symlink() and not any(files.iterdir()))
+
+
+def check_place(data_dir: Path, *, force: bool) -> bool:
+    """Whether ``data_dir`` holds a database or files to set aside; refused without ``force``, or
+    when an earlier restore's are still there. Raises :class:`BackupError`."""
+    database, files = data_dir / DB_FILE, data_dir / FILES_DIR
+    kept, kept_files = sidecar(database, KEPT_SUFFIX), data_dir / KEPT_FILES
+    there = [p for p, found in ((database, database_files(database)), (files, files_present(files))) if found]
+    if there and not force:
+        said = " and ".join(str(p) for p in there)
+        raise BackupError(
+            f"{said} exist{'s' if len(there) == 1 else ''}: give --force to replace (kept as *{KEPT_SUFFIX})"
+        )
+    present = bool(there)
+    if present and (database_files(kept) or os.path.lexists(kept_files)):
+        raise BackupError(f"{kept} or {kept_files} is there from an earlier restore: move it away first")
+    return present
+
+
+def restore_files(backup: Path, staged_db: Path, target: Path) -> FileCopy:
+    """Copy the files the staged database names from ``BACKUP.files`` into the new directory
+    ``target``; none when the backup has no files directory (``source_absent``: made before files
+    were backed up). Raises :class:`BackupError` (an unsafe entry, a failing disk)."""
+    source, wanted = files_beside(backup), named_files(staged_db)
+    if not os.path.lexists(source):
+        return FileCopy(target, 0, 0, tuple(sorted(wanted)), source_absent=True)
+    try:
+        check_restorable(source)
+        return fill(target, source, wanted)
+    except UnsafeFiles as exc:
+        raise BackupError(f"{exc}: it is refused") from None
+    except OSError as exc:
+        raise failure(f"could not copy the files of {source}", exc) from None
+
+
+def put_in_place(backup: Path, data_dir: Path) -> Snapshot:
+    """The checked copy of ``backup`` and its files staged in ``data_dir``, the old ones set aside,
+    then both renamed into place: the files first, so the database is never newer than its files.
+    Raises :class:`BackupError`."""
+    database, files = data_dir / DB_FILE, data_dir / FILES_DIR
+    with staged_copy(backup, database) as (staged, snapshot), contextlib.ExitStack() as stack:
+        try:
+            target = stack.enter_context(staged_dir(files))
+        except OSError as exc:
+            raise failure(f"cannot write in {data_dir}", exc) from None
+        copied = restore_files(backup, staged, target)
+        try:
+            set_aside(database, sidecar(database, KEPT_SUFFIX))
+            if files_present(files):
+                os.replace(files, data_dir / KEPT_FILES)
+            discard(files)  # an empty one, as the webapp makes it
+        except OSError as exc:
+            raise failure(f"could not keep the old database and files as {KEPT_SUFFIX}", exc) from None
+        reindex(staged)
+        try:
+            install_dir(target, files)
+        except OSError as exc:
+            raise failure(f"could not put the files at {files}", exc) from None
+        install(staged, database)
+    return replace(snapshot, files=replace(copied, directory=files))
+
+
 def restore(backup: Path, data_dir: Path, *, force: bool) -> tuple[Snapshot, bool, int | None]:
-    """Put ``backup`` in ``data_dir`` as its ``webapp.db``; returns what it holds, whether an old
-    database was kept aside, and the users written to seed.json. Raises :class:`BackupError`."""
+    """Put ``backup`` in ``data_dir`` as its ``webapp.db``, and its files (``BACKUP.files``) as
+    ``files/``; returns what it holds, whether an old database or files were kept aside, and the
+    users written to seed.json. Raises :class:`BackupError`."""
     if not backup.is_file():
         raise BackupError(f"no backup file at {backup}")
     database = data_dir / DB_FILE
@@ -114,25 +202,14 @@ def restore(backup: Path, data_dir: Path, *, force: bool) -> tuple[Snapshot, boo
         raise failure(f"cannot use {data_dir}", exc) from None
     restored = False
     try:
-        present = database_files(database)
-        kept = sidecar(database, KEPT_SUFFIX)
-        if present and not force:
-            raise BackupError(f"{database} exists: give --force to replace it (it is kept as {kept.name})")
-        if present and database_files(kept):
-            raise BackupError(f"{kept} is there from an earlier restore: move it away first")
-        with staged_copy(backup, database) as (staged, snapshot):
-            try:
-                set_aside(database, kept)
-            except OSError as exc:
-                raise failure(f"could not keep the old database as {kept}", exc) from None
-            reindex(staged)
-            install(staged, database)
+        present = check_place(data_dir, force=force)
+        snapshot = put_in_place(backup, data_dir)
         restored = True
         try:
             users = rewrite_seed(data_dir, database)
         except (OSError, sqlite3.Error) as exc:
             raise failure(f"{database} is restored, but opening it to write {SEED_FILE} failed", exc) from None
-        return snapshot, bool(present), users
+        return snapshot, present, users
     finally:
         if made and not restored:  # not a directory holding only a lock file, which `rtm up` would seed
             with contextlib.suppress(OSError):
@@ -145,12 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     from rtmctl.cli import COMMANDS  # its one-line summary
 
     parser = argparse.ArgumentParser(prog="rtm restore", description=COMMANDS["restore"][1])
-    parser.add_argument("backup", metavar="BACKUP", help="a file written by rtm backup")
+    parser.add_argument("backup", metavar="BACKUP", help="a file written by rtm backup (its files from BACKUP.files/)")
     parser.add_argument(
         "--data-dir", default=env_default("--data-dir", "./.rtm"), help="where rtm up will find it (webapp.db)"
     )
     parser.add_argument(
-        "--force", action="store_true", help=f"replace an existing webapp.db (kept as webapp.db{KEPT_SUFFIX})"
+        "--force",
+        action="store_true",
+        help=f"replace an existing webapp.db and files (kept as webapp.db{KEPT_SUFFIX}, {KEPT_FILES})",
     )
     return parser
 
@@ -164,11 +243,27 @@ def main(argv: list[str]) -> int:
     except BackupError as exc:
         print(f"rtm restore: {exc}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
-    aside = f"; the old one is {data_dir / DB_FILE}{KEPT_SUFFIX}" if kept else ""
+    aside = f"; the old ones are {data_dir / DB_FILE}{KEPT_SUFFIX} and {data_dir / KEPT_FILES}" if kept else ""
     seeded = f"{data_dir / SEED_FILE} lists {users} users" if users is not None else "no team, so no seed.json"
     print(
         f"restored {args.backup} to {data_dir / DB_FILE}: {snapshot.describe()}{aside}; {seeded}; "
         f"in {time.monotonic() - started:.2f}s",
         flush=True,
     )
+    if snapshot.files is not None and snapshot.files.missing:
+        print(f"rtm restore: warning: {missing_files(Path(args.backup), snapshot.files)}", file=sys.stderr, flush=True)
     return 0
+
+
+def missing_files(backup: Path, copied: FileCopy) -> str:
+    """The warning of a restore whose database names files it has no bytes for (downloads: 404)."""
+    count = len(copied.missing)
+    if copied.source_absent:
+        return (
+            f"{count} files named by the database have no bytes: there is no {files_beside(backup)} "
+            "(a backup made before rtm backup copied files?); their downloads answer 404"
+        )
+    return (
+        f"{count} files named by the database are not in {files_beside(backup)} (deleted while the backup "
+        "was taken, or removed from it since); their downloads answer 404"
+    )

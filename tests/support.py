@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import struct
 import subprocess
@@ -27,6 +28,7 @@ from services.identity import CHANNEL_SERVER, PeerIdentity
 from services.metrics import ServiceMetrics
 from services.ring import RingDocument
 from services.tls import WireTrust
+from webapp_stub import file_store
 from webapp_stub.seed import seed_demo
 from webapp_stub.store import Store
 
@@ -436,6 +438,28 @@ def seeded_store(data_dir: Path, posts: int = 0) -> Store:
     for i in range(posts):
         post_in_general(store, f"post {i}")
     return store
+
+
+def add_file(store: Store, data_dir: Path, data: bytes | None, state: str = "complete") -> str:
+    """A file of alice's in ``state`` (its row as files.py writes it) with ``data`` as its bytes in
+    ``DATA_DIR/files`` (0600), or no bytes for None; its id."""
+    file_id = "F" + secrets.token_hex(8).upper()
+    alice = store.conn.execute("SELECT id, team FROM users WHERE name = 'alice'").fetchone()
+    size = None if data is None else len(data)
+    with store.transaction() as db:
+        db.execute(
+            "INSERT INTO files (id, team, user, name, title, alt_txt, length, size, state, ticket_hash, "
+            "ticket_expires, created, expires_at) VALUES (?, ?, ?, 'x.bin', 'x.bin', NULL, ?, ?, ?, NULL, 0, 0, NULL)",
+            (file_id, alice[1], alice[0], size or 1, size, state),
+        )
+    if data is not None:
+        path = file_store.files_dir(data_dir) / file_id
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    return file_id
 
 
 def post_in_general(store: Store, text: str) -> None:

@@ -380,6 +380,8 @@ class WebappServer:
             max_pending_per_user=args.max_pending_files_per_user,
             pending_ttl_s=args.pending_file_ttl_s,
             read_timeout_s=args.http_request_timeout_s,
+            max_storage_per_user=args.max_file_storage_bytes_per_user,
+            min_free_disk_bytes=args.min_free_disk_bytes,
         )
         self._spawn(files.sweep_loop(), "file-sweep-loop")
         # users.get/setPresence (webapp_stub/presence.py)

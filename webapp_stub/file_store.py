@@ -42,6 +42,9 @@ PENDING_FILE_TTL_S = 3600.0
 UPLOAD_TICKET_TTL_S = 600.0
 # Files asked for and not complete, per user, at once (their bytes are on disk until they expire).
 MAX_PENDING_FILES_PER_USER = 20
+# The bytes of one user's files, complete and pending (--max-file-storage-bytes-per-user): files
+# never expire, so without it one user fills the webapp's disk 50 MiB at a time.
+MAX_FILE_STORAGE_BYTES_PER_USER = 1024**3
 # A file's name and title: characters, no control or bidi-override characters.
 MAX_FILENAME_CHARS = 255
 MAX_TITLE_CHARS = 255
@@ -220,6 +223,17 @@ def pending_count(conn: sqlite3.Connection, user: str, now: float) -> int:
     """Files ``user`` asked for that are not complete and not expired."""
     row = conn.execute(
         "SELECT count(*) FROM files WHERE user = ? AND state IN ('waiting', 'uploading', 'uploaded') AND expires_at > ?",
+        (user, now),
+    ).fetchone()
+    return int(row[0])
+
+
+def storage_used(conn: sqlite3.Connection, user: str, now: float) -> int:
+    """The bytes ``user``'s files take or may take: complete files by their size, files asked for
+    and not expired by the ``length`` their URL was asked with (deleted, failed and expired: none)."""
+    row = conn.execute(
+        "SELECT coalesce(sum(coalesce(size, length)), 0) FROM files WHERE user = ? AND (state = 'complete' "
+        "OR (state IN ('waiting', 'uploading', 'uploaded') AND expires_at > ?))",
         (user, now),
     ).fetchone()
     return int(row[0])

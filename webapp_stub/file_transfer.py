@@ -12,6 +12,14 @@ only as its SHA-256, good once and for :data:`~webapp_stub.file_store.UPLOAD_TIC
 the whole upload :data:`UPLOAD_DEADLINE_S`; at most :data:`MAX_UPLOADS_IN_FLIGHT` at once (503).
 Once whole: fsync (on a thread), renamed to ``<id>``, the row ``uploaded``, answered 200 ``OK``.
 
+**Storage** (docs/hardening-webapp.md, "7. Files"): a user's files, complete and pending, within
+``--max-file-storage-bytes-per-user``, and ``--min-free-disk-bytes`` left free on the data
+directory's filesystem for the database (a full disk stops every commit, so every post). Both are
+checked when the URL is asked for (``files.getUploadURLExternal``, with its ``length``) and again
+when the bytes arrive; the reserve also before each chunk is written (:meth:`FileService.disk_room`:
+the free space less what is still to come), so a disk filled by something else meanwhile stops the
+upload and its part file goes. Refused: ``storage_limit_reached`` (507 at the upload URL).
+
 **Download** (``GET /files-pri/<team>-<id>/[download/]<name>``): ``Authorization: Bearer`` of a
 user who may read the file (webapp_stub/file_store.py); anything else 404 (``file_not_found``,
 never saying whether the file exists), no token 401. User bytes come from the browser client's
@@ -29,7 +37,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote
@@ -58,6 +66,20 @@ SWEEP_BATCH = 200  # files removed per sweep at most (the rest at the next)
 TICKET = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 FILE_KEY = re.compile(r"(T[0-9A-Z]{1,20})-(F[0-9A-F]{16})")
 FILE_CSP = "sandbox; default-src 'none'"
+# Free space the files must leave on the data directory's filesystem (--min-free-disk-bytes): what
+# the database needs to keep committing posts (under 1 KB a message, measured: 1 GiB is about a
+# million more, and the WAL between checkpoints), in bytes rather than a share of the disk because
+# that need does not grow with the disk. 0: files may fill the disk.
+MIN_FREE_DISK_BYTES = 1024**3
+MAX_STORAGE_FLAG_BYTES = 1024**5  # the storage flags' own bound: 1 PiB
+STORAGE_REFUSED = "storage_limit_reached"  # Slack's code (files.upload's) when no more may be stored
+DISK_WARNING_INTERVAL_S = 60.0  # the warning of uploads refused for the disk's reserve: once a minute at most
+
+
+def disk_free_bytes(path: Path) -> int:
+    """The bytes an unprivileged process may still write on ``path``'s filesystem (``statvfs``)."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def add_file_flags(parser: Parser) -> None:
@@ -82,6 +104,20 @@ def add_file_flags(parser: Parser) -> None:
         "a file not completed (files.completeUploadExternal) this long after its URL was asked for is removed",
         above=0.0,
         at_most=7 * 86400.0,
+    )
+    parser.add(
+        "--max-file-storage-bytes-per-user",
+        file_store.MAX_FILE_STORAGE_BYTES_PER_USER,
+        "bytes of one user's files, complete and pending (more: storage_limit_reached)",
+        at_least=1,
+        at_most=MAX_STORAGE_FLAG_BYTES,
+    )
+    parser.add(
+        "--min-free-disk-bytes",
+        MIN_FREE_DISK_BYTES,
+        "free bytes an upload must leave on the data directory's filesystem, for the database (0: none)",
+        at_least=0,
+        at_most=MAX_STORAGE_FLAG_BYTES,
     )
 
 
@@ -122,6 +158,9 @@ class FileService:
         max_pending_per_user: int = file_store.MAX_PENDING_FILES_PER_USER,
         pending_ttl_s: float = file_store.PENDING_FILE_TTL_S,
         read_timeout_s: float = 30.0,
+        max_storage_per_user: int = file_store.MAX_FILE_STORAGE_BYTES_PER_USER,
+        min_free_disk_bytes: int = MIN_FREE_DISK_BYTES,
+        free_bytes: Callable[[Path], int] = disk_free_bytes,
     ) -> None:
         self.api = api
         self.directory = file_store.files_dir(data_dir)
@@ -129,6 +168,10 @@ class FileService:
         self.max_pending_per_user = max_pending_per_user
         self.pending_ttl_s = pending_ttl_s
         self.read_timeout_s = read_timeout_s
+        self.max_storage_per_user = max_storage_per_user
+        self.min_free_disk_bytes = min_free_disk_bytes
+        self.free_bytes = free_bytes  # statvfs, or a test's stand-in
+        self._disk_warned_at = -DISK_WARNING_INTERVAL_S
         self.own_url = ""  # http://<advertised host>:<port>, set by app.py once the port is known
         self.uploading: set[str] = set()  # the files whose bytes are arriving now (never swept under them)
 
@@ -150,6 +193,30 @@ class FileService:
         ``--public-url``, else the webapp's own address; never a request's Host header."""
         return self.api.public_url or self.own_url
 
+    # -- storage --------------------------------------------------------------------------------
+    def over_quota(self, user: str, adding: int) -> bool:
+        """Whether ``adding`` more bytes take ``user``'s files past --max-file-storage-bytes-per-user
+        (complete and pending files counted, :func:`file_store.storage_used`)."""
+        used = file_store.storage_used(self.api.store.conn, user, self.api.clock())
+        return used + adding > self.max_storage_per_user
+
+    def disk_room(self, remaining: int) -> bool:
+        """Whether ``remaining`` more bytes leave --min-free-disk-bytes free for the database; a
+        refusal is logged as a warning once a minute at most."""
+        free = self.free_bytes(self.directory)
+        if free - remaining >= self.min_free_disk_bytes:
+            return True
+        now = time.monotonic()
+        if now - self._disk_warned_at >= DISK_WARNING_INTERVAL_S:
+            self._disk_warned_at = now
+            log.warning(
+                "upload refused: %d bytes free on the files' disk, %d more would leave less than --min-free-disk-bytes %d",
+                free,
+                remaining,
+                self.min_free_disk_bytes,
+            )
+        return False
+
     # -- upload ---------------------------------------------------------------------------------
     async def handle_upload(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -169,6 +236,9 @@ class FileService:
         self.uploading.add(row.id)
         part = self.directory / f"{row.id}.part"
         try:
+            # checked again as the bytes arrive: the flags may be lower since the URL was handed out
+            if self.over_quota(row.user, 0) or not self.disk_room(row.length):
+                raise UploadRefused(507, STORAGE_REFUSED)
             async with asyncio.timeout(UPLOAD_DEADLINE_S):
                 size = await self._receive(request, row.length, part)
             await asyncio.to_thread(_publish_blob, part, file_store.blob_path(self.directory, row.id))
@@ -236,6 +306,8 @@ class FileService:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             async for chunk in chunks:
+                if not self.disk_room(length - size):  # the disk filled by something else meanwhile
+                    raise UploadRefused(507, STORAGE_REFUSED)
                 size += len(chunk)
                 if size > length:
                     raise UploadRefused(413, "file_too_large")

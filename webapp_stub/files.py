@@ -18,7 +18,7 @@ from webapp_stub import file_store
 from webapp_stub.api import Call, WebApi, json_arg, method, str_arg
 from webapp_stub.codecs import dumps, stored_loads, ts_to_us, us_to_ts
 from webapp_stub.errors import ApiError
-from webapp_stub.file_transfer import FileService
+from webapp_stub.file_transfer import STORAGE_REFUSED, FileService
 from webapp_stub.models import Channel, Event, User
 
 MAX_FILES_PER_COMPLETE = 10  # files shared by one files.completeUploadExternal (Slack's SDK sends one per file)
@@ -38,7 +38,9 @@ def _service(api: WebApi) -> FileService:
 def get_upload_url_external(api: WebApi, call: Call) -> dict[str, Any]:
     """Raises ``invalid_arguments`` (no or bad filename, bad length), ``missing_argument`` (length 0
     or none), ``file_upload_size_restricted`` (past --max-file-bytes), ``alt_txt_too_large``,
-    ``ratelimited`` (429: --max-pending-files-per-user not yet completed)."""
+    ``ratelimited`` (429: --max-pending-files-per-user not yet completed), ``storage_limit_reached``
+    (the caller's files past --max-file-storage-bytes-per-user with this one, or the disk's free space
+    below --min-free-disk-bytes after it)."""
     service = _service(api)
     name = file_store.check_name(str_arg(call.args, "filename"), file_store.MAX_FILENAME_CHARS, required=True)
     raw = str_arg(call.args, "length")
@@ -57,6 +59,8 @@ def get_upload_url_external(api: WebApi, call: Call) -> dict[str, Any]:
     with api.store.transaction() as db:
         if file_store.pending_count(db, me.id, now) >= service.max_pending_per_user:
             raise ApiError("ratelimited", status=429, headers={"Retry-After": "60"})
+        if service.over_quota(me.id, length) or not service.disk_room(length):
+            raise ApiError(STORAGE_REFUSED)
         db.execute(
             "INSERT INTO files (id, team, user, name, title, alt_txt, length, size, state, ticket_hash, "
             "ticket_expires, created, expires_at) VALUES (?, ?, ?, ?, '', ?, ?, NULL, 'waiting', ?, ?, ?, ?)",

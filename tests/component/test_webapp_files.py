@@ -359,3 +359,75 @@ async def test_a_forged_host_never_reaches_the_urls_others_receive(webapp: Webap
     await async_wait_until(arrived, what="the file's message")
     (message,) = [e for e in events_of(fake_as, general) if "files" in e]
     assert message["files"][0]["url_private"].startswith(webapp.url + "/files-pri/")
+
+
+async def metrics_text(webapp: Webapp) -> str:
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        return await resp.text()
+
+
+async def test_a_users_files_stay_within_its_storage_quota_and_others_go_on(
+    tmp_path: Path, fake_as: FakeAdminServer
+) -> None:
+    app = await start(tmp_path, fake_as, "--max-file-storage-bytes-per-user", "100")
+    try:
+        alice, bob, general = app.user("alice")["token"], app.user("bob")["token"], app.channel("general")
+        get = "files.getUploadURLExternal"
+        kept = await upload(app, alice, "a.bin", b"a" * 60, channel_id=general)  # complete: 60 of 100
+        assert await error_of(app, get, alice, filename="b.bin", length=41) == "storage_limit_reached"
+        pending = await ok(app, get, alice, filename="b.bin", length=40)  # asked for: counted at once
+        assert await error_of(app, get, alice, filename="c.bin", length=1) == "storage_limit_reached"
+        bobs = await upload(app, bob, "bob.bin", b"b" * 100, channel_id=general)  # bob's own quota
+        await ok(app, "chat.postMessage", alice, channel=general, text="posting goes on")
+        assert (await post_bytes(app, pending["upload_url"], b"b" * 40))[0] == 200
+        await ok(app, "files.delete", alice, file=kept["id"])  # deleted: its bytes count no more
+        late = await ok(app, get, alice, filename="c.bin", length=60)
+        service = app.server.api.files
+        assert service is not None
+        service.max_storage_per_user = 99  # lowered since the URL was handed out: checked again at the bytes
+        status, text = await post_bytes(app, late["upload_url"], b"c" * 60)
+        assert status == 507 and "storage_limit_reached" in text
+        assert sorted(p.name for p in service.directory.iterdir()) == sorted([pending["file_id"], bobs["id"]])
+        assert await _state(app, late["file_id"], "failed")
+        assert 'rtm_errors_total{kind="storage_limit_reached"} 3.0' in await metrics_text(app)
+    finally:
+        await app.session.close()
+        await app.stop()
+
+
+async def test_uploads_leave_the_disk_reserve_free_even_when_the_disk_fills_meanwhile(
+    tmp_path: Path, fake_as: FakeAdminServer
+) -> None:
+    app = await start(tmp_path, fake_as, "--min-free-disk-bytes", "1000")
+    service = app.server.api.files
+    assert service is not None
+    free = [1500]
+    service.free_bytes = lambda path: free[0]  # statvfs, faked: deterministic
+    try:
+        alice, bob, general = app.user("alice")["token"], app.user("bob")["token"], app.channel("general")
+        get = "files.getUploadURLExternal"
+        assert await error_of(app, get, alice, filename="big.bin", length=501) == "storage_limit_reached"
+        got = await ok(app, get, alice, filename="ok.bin", length=500)  # 1,500 - 500 leaves the 1,000
+        halfway, release = asyncio.Event(), asyncio.Event()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"x" * 100
+            halfway.set()
+            await release.wait()
+            yield b"y" * 400
+
+        sending = asyncio.create_task(post_bytes(app, got["upload_url"], body()))
+        await halfway.wait()
+        free[0] = 1200  # something else wrote 300 bytes meanwhile: 400 more would leave 800
+        release.set()
+        status, text = await sending
+        assert status == 507 and "storage_limit_reached" in text
+        assert list(service.directory.iterdir()) == []  # the part file went
+        assert await _state(app, got["file_id"], "failed")
+        await ok(app, "chat.postMessage", bob, channel=general, text="the chat goes on")
+        free[0] = 10_000
+        await upload(app, alice, "later.bin", b"z" * 500, channel_id=general)
+        assert 'rtm_errors_total{kind="storage_limit_reached"} 2.0' in await metrics_text(app)
+    finally:
+        await app.session.close()
+        await app.stop()

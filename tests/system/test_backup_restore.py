@@ -1,11 +1,14 @@
 """``rtm backup`` while the fleet answers posts, ``rtm restore`` into a new data directory, and a
 fleet started there: every post answered before the backup began is in history, the backup is one
 consistent snapshot (the poster's messages in it are a prefix, no hole), tokens of the backup
-authenticate, and the next post gets its channel's next seq."""
+authenticate, the next post gets its channel's next seq, and a file shared before the backup
+downloads from the restored fleet with the same bytes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -88,6 +91,30 @@ def seqs_of(database: Path, channel: str) -> list[tuple[int, str]]:
         conn.close()
 
 
+async def share_file(fleet: Fleet, token: str, channel: str, name: str, data: bytes) -> str:
+    """files_upload_v2's three steps over HTTP (the URL, the bytes, the share); the file's id."""
+    got = await fleet.api("files.getUploadURLExternal", token, filename=name, length=str(len(data)))
+    assert got["ok"], got
+    async with aiohttp.ClientSession() as http:
+        async with http.post(got["upload_url"], data=data) as resp:
+            assert resp.status == 200, await resp.text()
+    files = json.dumps([{"id": got["file_id"], "title": name}])
+    done = await fleet.api("files.completeUploadExternal", token, files=files, channel_id=channel)
+    assert done["ok"], done
+    return str(got["file_id"])
+
+
+async def download(fleet: Fleet, token: str, file_id: str) -> bytes:
+    """The file's bytes at its ``url_private_download`` (from ``files.info`` of this fleet)."""
+    info = await fleet.api("files.info", token, file=file_id)
+    assert info["ok"], info
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with http.get(info["file"]["url_private_download"], headers=headers) as resp:
+            assert resp.status == 200, resp.status
+            return await resp.read()
+
+
 async def backup_under_posts(fleet: Fleet, out: Path) -> tuple[list[Posted], float, float, str]:
     """``rtm backup`` while a task posts to #general; the posts, when the backup ran, its line."""
     posted: list[Posted] = []
@@ -119,14 +146,16 @@ async def test_a_backup_taken_under_posts_restores_into_a_fleet_that_goes_on(
 ) -> None:
     source = Fleet.up(tmp_path_factory.mktemp("fleet"), *SMALL_FLEET)
     out = tmp_path_factory.mktemp("backups") / "rtm.db"
+    report = os.urandom(50_000)  # bytes no text encoding could mend
     try:
+        file_id = await share_file(source, source.user("alice")["token"], source.channel("general"), "q3.bin", report)
         posted, started, ended, line = await backup_under_posts(source, out)
         seed: dict[str, Any] = source.seed
     finally:
         source.down()
     during = [p for p in posted if p.answered_at > started and p.sent_at < ended]
     print(f"{line.strip()}; {len(during)} posts answered ok during the backup, of {len(posted)}")
-    assert line.startswith(f"backed up to {out}: ")
+    assert line.startswith(f"backed up to {out}: ") and f"; 1 files (50000 bytes) in {out}.files" in line
     assert during, "no post was answered while the backup ran"
     general = next(c["id"] for c in seed["channels"] if c["name"] == "general")
     backed_up = seqs_of(out, general)
@@ -144,6 +173,8 @@ async def test_a_backup_taken_under_posts_restores_into_a_fleet_that_goes_on(
         texts = [t for t in await history_texts(restored, alice["token"], general) if t.startswith("backup-load ")]
         assert {p.text for p in posted if p.answered_at < started} <= set(texts)
         assert texts == [p.text for p in posted[: len(texts)]]  # one snapshot: a prefix of the posts, no hole
+        bob_token = next(u for u in seed["users"] if u["name"] == "bob")["token"]
+        assert await download(restored, bob_token, file_id) == report  # the bytes came with the backup
         bob = await restored.connect("bob")
         reply = await restored.api("chat.postMessage", alice["token"], channel=general, text="after the restore")
         assert reply["ok"], reply

@@ -123,6 +123,11 @@ BOUNDED_FLAGS = [
     (WEBAPP, "--pending-file-ttl-s", {"60": 60.0}, "0", "above 0.0"),
     (WEBAPP, "--pending-file-ttl-s", {}, "nan", "above 0.0"),
     (WEBAPP, "--pending-file-ttl-s", {}, "1e7", "at most 604800.0"),
+    # files' storage: one user's bytes, and the free space left for the database (0: no reserve)
+    (WEBAPP, "--max-file-storage-bytes-per-user", {"1": 1, "1073741824": 1024**3}, "0", "at least 1"),
+    (WEBAPP, "--max-file-storage-bytes-per-user", {}, str(1024**5 + 1), f"at most {1024**5}"),
+    (WEBAPP, "--min-free-disk-bytes", {"0": 0, "1073741824": 1024**3}, "-1", "at least 0"),
+    (WEBAPP, "--min-free-disk-bytes", {}, str(1024**5 + 1), f"at most {1024**5}"),
     # the kernel's accept queue of the client-facing listeners
     (WEBAPP, "--listen-backlog", {"4096": 4096}, "0", "above 0"),
     ("gateway.app", "--listen-backlog", {"1": 1}, "70000", "at most 65535"),

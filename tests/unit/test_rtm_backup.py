@@ -12,6 +12,7 @@ import pytest
 
 from rtmctl import backup as backup_module
 from rtmctl.backup import BackupError, backup, check_database, main
+from tests.support import add_file
 from tests.support import post_in_general as post
 from tests.support import seeded_store as seeded
 
@@ -37,7 +38,8 @@ def test_a_backup_is_a_checked_0600_copy_of_what_is_committed(tmp_path: Path) ->
     assert (snapshot.messages, snapshot.events, snapshot.size_bytes) == (8, 8, out.stat().st_size)
     assert rows(out, "SELECT text FROM messages ORDER BY seq DESC LIMIT 1") == [("only in the wal",)]
     assert snapshot.newest_ts == rows(out, "SELECT ts FROM messages ORDER BY ts_us DESC LIMIT 1")[0][0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db", "data"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db", "b.db.files", "data"]  # no temporary file left
+    assert list((tmp_path / "b.db.files").iterdir()) == []  # no file uploaded: none to carry
 
 
 def test_a_backup_is_one_snapshot_an_open_write_is_not_in_it(tmp_path: Path) -> None:
@@ -174,3 +176,84 @@ def test_a_disk_error_is_one_line_exit_code_2_and_leaves_nothing(
     err = capsys.readouterr().err
     assert err.startswith("rtm backup: could not copy ") and err.endswith(f": {said}\n"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_backup_carries_the_bytes_of_the_files_its_database_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Complete and uploaded files are copied (0700 directory, 0600 files, named by id); deleted,
+    waiting ones are not; one whose bytes went since the snapshot (deleted meanwhile) is said in the
+    line, not an error; a symlink in the files directory is never followed."""
+    data = tmp_path / "data"
+    store = seeded(data, posts=1)
+    shared = add_file(store, data, b"shared bytes\n" * 10)
+    uploaded = add_file(store, data, b"not shared yet", state="uploaded")
+    add_file(store, data, None, state="deleted")
+    add_file(store, data, None, state="waiting")
+    gone = add_file(store, data, None)  # complete in the snapshot, unlinked before the copy
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not a file of the webapp")
+    planted = add_file(store, data, None)
+    store.conn.execute("UPDATE files SET size = ? WHERE id = ?", (len(secret.read_bytes()), planted))
+    (data / "files" / planted).symlink_to(secret)
+    store.close()
+    out = tmp_path / "b.db"
+    assert main([str(out), "--data-dir", str(data)]) == 0
+    line = capsys.readouterr().out
+    files = tmp_path / "b.db.files"
+    assert sorted(p.name for p in files.iterdir()) == sorted([shared, uploaded])
+    assert (files / shared).read_bytes() == b"shared bytes\n" * 10
+    assert stat.S_IMODE(files.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.lstat().st_mode) for p in files.iterdir()} == {0o600}
+    assert f"; 2 files (144 bytes) in {files}, 2 named by the database not there (" in line
+    assert gone in line and planted in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db", "b.db.files", "data", "secret.txt"]
+
+
+def test_force_replaces_the_files_too_and_without_it_an_existing_files_directory_is_refused(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    store = seeded(data)
+    first = add_file(store, data, b"first")
+    store.close()
+    out = tmp_path / "b.db"
+    (tmp_path / "b.db.files").mkdir()
+    with pytest.raises(BackupError, match=r"b\.db\.files exists: give --force"):
+        backup(data, out, force=False)
+    assert not out.exists()
+    (tmp_path / "b.db.files" / "old").write_text("an older backup's")
+    snapshot = backup(data, out, force=True)
+    assert snapshot.files is not None and snapshot.files.copied == 1
+    assert [p.name for p in (tmp_path / "b.db.files").iterdir()] == [first]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db", "b.db.files", "data"]  # nothing staged left
+
+
+def test_the_files_are_in_place_before_the_database_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between the two renames leaves the old database with the new files: never a new
+    database beside files older than it."""
+    data = tmp_path / "data"
+    store = seeded(data)
+    file_id = add_file(store, data, b"bytes")
+    store.close()
+    out = tmp_path / "b.db"
+    out.write_text("the last good backup")
+
+    def crash(staged: Path, target: Path) -> None:
+        raise BackupError("simulated crash before the database's rename")
+
+    monkeypatch.setattr(backup_module, "install", crash)
+    with pytest.raises(BackupError, match="simulated"):
+        backup(data, out, force=True)
+    assert out.read_text() == "the last good backup"
+    assert [p.name for p in (tmp_path / "b.db.files").iterdir()] == [file_id]
+
+
+def test_a_backup_into_the_webapps_files_directory_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = seeded(data)
+    file_id = add_file(store, data, b"live bytes")
+    store.close()
+    with pytest.raises(BackupError, match="in the webapp's files directory"):
+        backup(data, data / "files" / file_id, force=True)
+    assert (data / "files" / file_id).read_bytes() == b"live bytes"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import stat
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from rtmctl.backup import backup
 from rtmctl.fleet_lock import hold_data_dir
 from rtmctl.restore import main
+from tests.support import add_file
 from tests.support import post_in_general as post
 from tests.support import seeded_store as seeded
 from webapp_stub.store import Store
@@ -233,3 +235,94 @@ def test_the_search_index_is_rebuilt_from_the_messages_not_taken_from_the_backup
         conn.execute("INSERT INTO search_fts (search_fts) VALUES ('integrity-check')")  # FTS5's own check
     finally:
         restored.close()
+
+
+@pytest.fixture
+def with_files(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A backup whose database names two files (complete, uploaded), their bytes in files.db.files."""
+    source = tmp_path / "files-source"
+    store = seeded(source, posts=1)
+    files = {add_file(store, source, b"complete bytes"): b"complete bytes"}
+    files[add_file(store, source, b"uploaded", state="uploaded")] = b"uploaded"
+    store.close()
+    out = tmp_path / "files.db"
+    backup(source, out, force=False)
+    return out, files
+
+
+def test_a_restore_puts_the_backups_files_in_place_0700_0600(
+    tmp_path: Path, with_files: tuple[Path, dict[str, bytes]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, files = with_files
+    (tmp_path / "files.db.files" / "F0123456789ABCDEF").write_bytes(b"named by no row")  # left out
+    data_dir = tmp_path / "new"
+    assert restore(out, data_dir) == 0
+    said = capsys.readouterr()
+    assert f"2 files (22 bytes) in {data_dir / 'files'}" in said.out and said.err == ""
+    restored = data_dir / "files"
+    assert {p.name: p.read_bytes() for p in restored.iterdir()} == files
+    assert stat.S_IMODE(restored.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in restored.iterdir()} == {0o600}
+    assert not [p for p in data_dir.iterdir() if p.name.startswith(".")]  # nothing staged left
+
+
+def test_force_keeps_the_old_files_aside_like_the_old_database(
+    tmp_path: Path, with_files: tuple[Path, dict[str, bytes]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, files = with_files
+    data_dir = tmp_path / "data"
+    store = seeded(data_dir)
+    old = add_file(store, data_dir, b"the old fleet's")
+    store.close()
+    assert restore(out, data_dir) == 2
+    assert "give --force" in capsys.readouterr().err
+    assert restore(out, data_dir, "--force") == 0
+    assert "files.before-restore" in capsys.readouterr().out
+    assert (data_dir / "files.before-restore" / old).read_bytes() == b"the old fleet's"
+    assert {p.name for p in (data_dir / "files").iterdir()} == set(files)
+    (data_dir / "webapp.db.before-restore").rename(tmp_path / "moved.db")
+    assert restore(out, data_dir, "--force") == 2  # the kept files are never overwritten either
+    assert "from an earlier restore" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("planted", ["name", "symlink", "directory", "files-symlink"])
+def test_a_files_directory_holding_anything_but_files_named_by_id_is_refused(
+    tmp_path: Path, with_files: tuple[Path, dict[str, bytes]], planted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, files = with_files
+    backup_files = tmp_path / "files.db.files"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the backup")
+    if planted == "name":
+        (backup_files / "..evil").write_bytes(b"x")
+    elif planted == "symlink":  # named as a file the database names: its bytes would be the secret's
+        (backup_files / next(iter(files))).unlink()
+        (backup_files / next(iter(files))).symlink_to(secret)
+    elif planted == "directory":
+        (backup_files / "F0123456789ABCDEF").mkdir()
+    else:
+        backup_files.rename(tmp_path / "elsewhere")
+        backup_files.symlink_to(tmp_path / "elsewhere")
+    data_dir = tmp_path / "data"
+    assert restore(out, data_dir) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rtm restore: ") and "refused" in err and err.count("\n") == 1, err
+    assert not data_dir.exists()  # nothing changed: the directory the restore made is taken away again
+
+
+def test_a_backup_without_files_restores_with_a_warning_when_its_database_names_files(
+    tmp_path: Path, with_files: tuple[Path, dict[str, bytes]], backup_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, files = with_files
+    (tmp_path / "files.db.files").rename(tmp_path / "moved")  # as a backup made before files were carried
+    assert restore(out, tmp_path / "a") == 0
+    err = capsys.readouterr().err
+    assert err.startswith("rtm restore: warning: 2 files named by the database have no bytes: there is no ")
+    assert err.count("\n") == 1
+    shutil.rmtree(backup_file.with_name(backup_file.name + ".files"))
+    assert restore(backup_file, tmp_path / "b") == 0  # names no file: no warning
+    assert capsys.readouterr().err == ""
+    (tmp_path / "moved").rename(tmp_path / "files.db.files")
+    (tmp_path / "files.db.files" / next(iter(files))).unlink()
+    assert restore(out, tmp_path / "c") == 0
+    assert "1 files named by the database are not in " in capsys.readouterr().err
