@@ -9,7 +9,8 @@ only as its SHA-256, good once and for :data:`~webapp_stub.file_store.UPLOAD_TIC
 ``DATA_DIR/files/<id>.part`` (0600) a chunk at a time, never held whole: a body longer than the
 ``length`` the URL was asked for is refused (413) at the first byte past it (at once when its
 ``Content-Length`` says so), and its part file removed. Each read waits at most the request timeout,
-the whole upload :data:`UPLOAD_DEADLINE_S`; at most :data:`MAX_UPLOADS_IN_FLIGHT` at once (503).
+the whole upload :data:`UPLOAD_DEADLINE_S`; at most :data:`MAX_UPLOADS_IN_FLIGHT` at once (503),
+:data:`MAX_UPLOADS_IN_FLIGHT_PER_USER` of one user (429).
 Once whole: fsync (on a thread), renamed to ``<id>``, the row ``uploaded``, answered 200 ``OK``.
 
 **Storage** (docs/hardening-webapp.md, "7. Files"): a user's files, complete and pending, within
