@@ -14,7 +14,8 @@ Every file is opened with ``O_NOFOLLOW`` (and ``O_NONBLOCK``: a FIFO never block
 directory opened with ``O_NOFOLLOW``, must be a regular file of the size its row says, and is
 created 0600 with ``O_EXCL`` in a 0700 directory made for the copy, by its file id only
 (:data:`~webapp_stub.file_store.FILE_ID`, checked before any path is built). A restore refuses a
-files directory holding anything else (a name that is no file id, a symlink, a directory).
+files directory holding anything else (a name that is no file id, a symlink, a directory, a file
+with other hard links), and files larger than any upload or than the disk holds (:func:`check_room`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webapp_stub.file_store import FILE_ID
+from webapp_stub.file_transfer import MAX_FILE_BYTES_LIMIT, MIN_FREE_DISK_BYTES, disk_free_bytes
 
 FILES_SUFFIX = ".files"  # OUT.files: the files of the backup OUT
 COPY_CHUNK_BYTES = 1024 * 1024
@@ -150,10 +152,30 @@ def check_restorable(source: Path) -> None:
         for name in os.listdir(fd):
             if not FILE_ID.fullmatch(name):
                 raise UnsafeFiles(f"{source} holds {name!r}, which is not a file id")
-            if not stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+            found = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISREG(found.st_mode):
                 raise UnsafeFiles(f"{source} holds {name}, which is not a regular file")
+            if found.st_nlink != 1:  # rtm backup writes each file once; a link's bytes are another file's
+                raise UnsafeFiles(f"{source} holds {name}, which has {found.st_nlink} hard links")
     finally:
         os.close(fd)
+
+
+def check_room(target: Path, wanted: dict[str, int]) -> None:
+    """Refuse files past the largest upload (:data:`MAX_FILE_BYTES_LIMIT`), or more than ``target``'s
+    filesystem holds with the webapp's reserve (:data:`MIN_FREE_DISK_BYTES`) left free: a sparse file
+    of any size takes no room in a backup and all of it once copied. Raises :class:`UnsafeFiles`."""
+    for name, size in sorted(wanted.items()):
+        if size > MAX_FILE_BYTES_LIMIT:
+            raise UnsafeFiles(
+                f"the database names {name} of {size} bytes, more than any upload ({MAX_FILE_BYTES_LIMIT})"
+            )
+    needed, free = sum(wanted.values()), disk_free_bytes(target)
+    if needed and needed > free - MIN_FREE_DISK_BYTES:
+        raise UnsafeFiles(
+            f"its files need {needed} bytes and {target.parent} has {free} free, "
+            f"of which the webapp keeps {MIN_FREE_DISK_BYTES} for its database"
+        )
 
 
 @contextmanager

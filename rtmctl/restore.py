@@ -54,6 +54,7 @@ from rtmctl.backup_files import (
     FileCopy,
     UnsafeFiles,
     check_restorable,
+    check_room,
     discard,
     files_beside,
     fill,
@@ -150,6 +151,7 @@ def restore_files(backup: Path, staged_db: Path, target: Path) -> FileCopy:
         return FileCopy(target, 0, 0, tuple(sorted(wanted)), source_absent=True)
     try:
         check_restorable(source)
+        check_room(target, wanted)
         return fill(target, source, wanted)
     except UnsafeFiles as exc:
         raise BackupError(f"{exc}: it is refused") from None

@@ -213,6 +213,15 @@ def list_readable(
     return [FileRow(*row) for row in rows], total
 
 
+def reads_conversation(conn: sqlite3.Connection, channel: str, me: User) -> bool:
+    """Whether ``me`` may read ``channel``'s files as :data:`_READABLE` reads them: a public channel of
+    its team (a user token), or a conversation it is a member of."""
+    found = conn.execute("SELECT kind, is_private, team FROM channels WHERE id = ?", (channel,)).fetchone()
+    if found is None or found[2] != me.team:
+        return False
+    return (found[0] == "channel" and not found[1] and not me.is_bot) or _member(conn, channel, me.id)
+
+
 def shares(conn: sqlite3.Connection, file_id: str) -> list[tuple[str, str]]:
     """(channel, ts) of every message that carries the file, oldest first."""
     rows = conn.execute("SELECT channel, ts FROM file_shares WHERE file = ? ORDER BY ts", (file_id,))

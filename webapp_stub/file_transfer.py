@@ -9,7 +9,8 @@ only as its SHA-256, good once and for :data:`~webapp_stub.file_store.UPLOAD_TIC
 ``DATA_DIR/files/<id>.part`` (0600) a chunk at a time, never held whole: a body longer than the
 ``length`` the URL was asked for is refused (413) at the first byte past it (at once when its
 ``Content-Length`` says so), and its part file removed. Each read waits at most the request timeout,
-the whole upload :data:`UPLOAD_DEADLINE_S`; at most :data:`MAX_UPLOADS_IN_FLIGHT` at once (503).
+the whole upload :data:`UPLOAD_DEADLINE_S`; at most :data:`MAX_UPLOADS_IN_FLIGHT` at once (503),
+:data:`MAX_UPLOADS_IN_FLIGHT_PER_USER` of one user (429).
 Once whole: fsync (on a thread), renamed to ``<id>``, the row ``uploaded``, answered 200 ``OK``.
 
 **Storage** (docs/hardening-webapp.md, "7. Files"): a user's files, complete and pending, within
@@ -32,7 +33,6 @@ except images at ``url_private`` (inline).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -43,6 +43,7 @@ from typing import Protocol
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from services.config import Parser
 from services.metrics import ServiceMetrics
@@ -59,6 +60,9 @@ MAX_FILE_BYTES_LIMIT = 1024 * 1024 * 1024  # the flag's own bound: Slack's 1 GB
 UPLOAD_CHUNK_BYTES = 64 * 1024  # read and written a chunk at a time: the memory one upload holds
 UPLOAD_DEADLINE_S = 600.0  # a whole upload: 50 MiB at 85 KB/s
 MAX_UPLOADS_IN_FLIGHT = 16  # uploads streaming at once (each holds a socket and a file descriptor)
+# One user's uploads streaming at once: a quarter of the slots, so that one user trickling a byte a
+# read timeout into each of its pending files' URLs cannot hold every slot for UPLOAD_DEADLINE_S.
+MAX_UPLOADS_IN_FLIGHT_PER_USER = 4
 MULTIPART_SLACK_BYTES = 64 * 1024  # what a multipart body may carry besides the file (its heads)
 MAX_MULTIPART_PARTS = 8  # parts looked at for the file before the body is refused
 SWEEP_INTERVAL_S = 60.0  # how often files never completed are looked for
@@ -173,7 +177,7 @@ class FileService:
         self.free_bytes = free_bytes  # statvfs, or a test's stand-in
         self._disk_warned_at = -DISK_WARNING_INTERVAL_S
         self.own_url = ""  # http://<advertised host>:<port>, set by app.py once the port is known
-        self.uploading: set[str] = set()  # the files whose bytes are arriving now (never swept under them)
+        self.uploading: dict[str, str] = {}  # file id -> its user: bytes arriving now (never swept under them)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -233,7 +237,7 @@ class FileService:
         if len(self.uploading) >= MAX_UPLOADS_IN_FLIGHT:
             raise UploadRefused(503, "too_many_uploads")
         row = self._claim(request.match_info["ticket"])
-        self.uploading.add(row.id)
+        self.uploading[row.id] = row.user
         part = self.directory / f"{row.id}.part"
         try:
             # checked again as the bytes arrive: the flags may be lower since the URL was handed out
@@ -244,9 +248,11 @@ class FileService:
             await asyncio.to_thread(_publish_blob, part, file_store.blob_path(self.directory, row.id))
         except BaseException as exc:
             part.unlink(missing_ok=True)
-            self._mark_failed(row.id)
+            ours = self._mark_failed(row.id)
             if isinstance(exc, UploadRefused):
                 raise
+            if not ours and isinstance(exc, Exception):  # deleted under way: its part file went with it
+                raise UploadRefused(404, "upload_url_expired") from exc
             if isinstance(exc, (TimeoutError, ConnectionError, asyncio.IncompleteReadError)):
                 raise UploadRefused(408, "request_timeout") from exc
             if isinstance(exc, OSError):
@@ -254,7 +260,7 @@ class FileService:
                 raise UploadRefused(500, "file_write_failed") from exc
             raise
         finally:
-            self.uploading.discard(row.id)
+            self.uploading.pop(row.id, None)
         with self.api.store.transaction() as db:
             kept = db.execute(
                 "UPDATE files SET state = 'uploaded', size = ? WHERE id = ? AND state = 'uploading'", (size, row.id)
@@ -267,17 +273,20 @@ class FileService:
 
     def _claim(self, ticket: str) -> file_store.FileRow:
         """The file whose URL carries ``ticket``, now ``uploading`` (the ticket used up). Raises
-        404 ``invalid_upload_url`` (unknown, used, expired)."""
+        404 ``invalid_upload_url`` (unknown, used, expired), 429 ``too_many_uploads`` (its user's
+        uploads already streaming: the ticket stays good)."""
         if not TICKET.fullmatch(ticket):
             raise UploadRefused(404, "invalid_upload_url")
         store = self.api.store
         with store.transaction() as db:
             found = db.execute(
-                "SELECT id, ticket_expires FROM files WHERE ticket_hash = ? AND state = 'waiting'",
+                "SELECT id, ticket_expires, user FROM files WHERE ticket_hash = ? AND state = 'waiting'",
                 (file_store.ticket_hash(ticket),),
             ).fetchone()
             if found is None:
                 raise UploadRefused(404, "invalid_upload_url")
+            if list(self.uploading.values()).count(found[2]) >= MAX_UPLOADS_IN_FLIGHT_PER_USER:
+                raise UploadRefused(429, "too_many_uploads")
             now = self.api.clock()
             expired = found[1] < now  # used up all the same, and the file removed at the next sweep
             state, expires = ("failed", now) if expired else ("uploading", None)
@@ -291,9 +300,19 @@ class FileService:
         assert row is not None
         return row
 
-    def _mark_failed(self, file_id: str) -> None:
-        with contextlib.suppress(Exception), self.api.store.transaction() as db:
-            db.execute("UPDATE files SET state = 'failed', expires_at = ? WHERE id = ?", (self.api.clock(), file_id))
+    def _mark_failed(self, file_id: str) -> bool:
+        """The file ``failed`` (removed by the next sweep) if it is still ``uploading``; False if it is
+        not: ``files.delete`` took it meanwhile, and its row stays ``deleted`` (finding 15)."""
+        try:
+            with self.api.store.transaction() as db:
+                return bool(
+                    db.execute(
+                        "UPDATE files SET state = 'failed', expires_at = ? WHERE id = ? AND state = 'uploading'",
+                        (self.api.clock(), file_id),
+                    ).rowcount
+                )
+        except Exception:  # a failing database: the sweep takes the row once its time is up
+            return True
 
     async def _receive(self, request: web.Request, length: int, part: Path) -> int:
         """The file's bytes into ``part``: exactly ``length`` of them, else refused."""
@@ -337,8 +356,8 @@ class FileService:
                         yield chunk
                     return
                 await asyncio.wait_for(part.release(), self.read_timeout_s)
-        except ValueError:  # aiohttp's for a body that is no multipart form
-            raise UploadRefused(400, "invalid_form_data") from None
+        except (ValueError, HttpProcessingError):  # aiohttp's for a body that is no multipart form, or a
+            raise UploadRefused(400, "invalid_form_data") from None  # part's header past its 8,190 bytes
         raise UploadRefused(400, "no_file_data")
 
     # -- download -------------------------------------------------------------------------------

@@ -164,10 +164,14 @@ def _share(
 ) -> list[Event]:
     """The ``file_share`` message of ``rows`` in ``channel`` (posted as chat.postMessage posts), its
     ``file_shares`` rows and a ``file_shared`` per file (inside the caller's transaction)."""
+    # Everyone who reads this conversation gets these objects: they name this conversation only,
+    # never the others the file went to (a private channel or DM of an earlier share; finding 12).
+    key = "channels" if not channel.is_private else "ims" if channel.is_im else "groups"
     objs = []
     for row in rows:
         obj = file_store.file_object(row, base, api.store.conn, None)
-        obj["channels" if not channel.is_private else "ims" if channel.is_im else "groups"] = [channel.id]
+        obj.update({"channels": [], "groups": [], "ims": [], "is_public": not channel.is_private})
+        obj[key] = [channel.id]
         objs.append(obj)
     extra = {"files": objs, "upload": True, "display_as_bot": False}
     message, event = api.store.post_message(channel, me, text, thread_ts=thread_ts, extra=extra, subtype="file_share")
@@ -204,7 +208,11 @@ def files_list(api: WebApi, call: Call) -> dict[str, Any]:
     filters: list[tuple[str, Any]] = []
     if user := str_arg(call.args, "user"):
         filters.append(("f.user = ?", user))
+    # A conversation the caller may not read lists nothing: which of its readable files also went to
+    # another's DM or a private channel is not its business (finding 13).
+    listable = True
     if channel := str_arg(call.args, "channel"):
+        listable = file_store.reads_conversation(api.store.conn, channel, call.me)
         filters.append(("EXISTS (SELECT 1 FROM file_shares x WHERE x.file = f.id AND x.channel = ?)", channel))
     for name, clause in (("ts_from", "f.created >= ?"), ("ts_to", "f.created <= ?")):
         if value := str_arg(call.args, name):
@@ -213,7 +221,7 @@ def files_list(api: WebApi, call: Call) -> dict[str, Any]:
             except ValueError:
                 raise ApiError("invalid_arguments") from None
     count, page = _number(call, "count", 100, MAX_FILES_LIST_COUNT), _number(call, "page", 1, 10**6)
-    rows, total = file_store.list_readable(api.store.conn, call.me, filters, count, page)
+    rows, total = file_store.list_readable(api.store.conn, call.me, filters, count, page) if listable else ([], 0)
     base = service.base_url(call.request)
     files = [file_store.file_object(row, base, api.store.conn, call.me) for row in rows]
     pages = max(1, -(-total // count))

@@ -19,6 +19,7 @@ from rtmctl.restore import main
 from tests.support import add_file
 from tests.support import post_in_general as post
 from tests.support import seeded_store as seeded
+from webapp_stub.file_transfer import MAX_FILE_BYTES_LIMIT, MIN_FREE_DISK_BYTES
 from webapp_stub.store import Store
 
 
@@ -285,7 +286,7 @@ def test_force_keeps_the_old_files_aside_like_the_old_database(
     assert "from an earlier restore" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("planted", ["name", "symlink", "directory", "files-symlink"])
+@pytest.mark.parametrize("planted", ["name", "symlink", "directory", "files-symlink", "hard-link"])
 def test_a_files_directory_holding_anything_but_files_named_by_id_is_refused(
     tmp_path: Path, with_files: tuple[Path, dict[str, bytes]], planted: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -300,6 +301,8 @@ def test_a_files_directory_holding_anything_but_files_named_by_id_is_refused(
         (backup_files / next(iter(files))).symlink_to(secret)
     elif planted == "directory":
         (backup_files / "F0123456789ABCDEF").mkdir()
+    elif planted == "hard-link":  # finding 18: its bytes are whatever file it links (another of the operator's)
+        os.link(backup_files / next(iter(files)), tmp_path / "linked")
     else:
         backup_files.rename(tmp_path / "elsewhere")
         backup_files.symlink_to(tmp_path / "elsewhere")
@@ -326,3 +329,39 @@ def test_a_backup_without_files_restores_with_a_warning_when_its_database_names_
     (tmp_path / "files.db.files" / next(iter(files))).unlink()
     assert restore(out, tmp_path / "c") == 0
     assert "1 files named by the database are not in " in capsys.readouterr().err
+
+
+def test_files_larger_than_any_upload_or_than_the_disk_holds_are_refused(
+    tmp_path: Path,
+    with_files: tuple[Path, dict[str, bytes]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding 17: a crafted backup naming a sparse file of any size (no room in the backup) made the
+    restore write all of it, filling the disk the restored database and every other program share."""
+    out, files = with_files
+    name = next(iter(files))
+    huge = MAX_FILE_BYTES_LIMIT + 1
+    with sqlite3.connect(out) as conn:
+        conn.execute("UPDATE files SET size = ?, length = ? WHERE id = ?", (huge, huge, name))
+    conn.close()
+    os.truncate(tmp_path / "files.db.files" / name, huge)  # sparse: no block written
+    assert restore(out, tmp_path / "a") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rtm restore: the database names {name} of {huge} bytes") and err.count("\n") == 1, err
+    assert not (tmp_path / "a").exists()
+
+    out, files = with_files
+    with sqlite3.connect(out) as conn:
+        conn.execute("UPDATE files SET size = ?, length = ? WHERE id = ?", (len(files[name]), len(files[name]), name))
+    conn.close()
+    os.truncate(tmp_path / "files.db.files" / name, len(files[name]))
+    free = {"bytes": MIN_FREE_DISK_BYTES + 21}  # one byte short of the two files' 22 and the reserve
+    monkeypatch.setattr("rtmctl.backup_files.disk_free_bytes", lambda _path: free["bytes"])
+    assert restore(out, tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rtm restore: its files need 22 bytes") and err.count("\n") == 1, err
+    assert not (tmp_path / "b").exists()
+    free["bytes"] += 1
+    assert restore(out, tmp_path / "b") == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b" / "files").iterdir()} == files
