@@ -36,7 +36,7 @@ MAX_QUERY_TERMS = 16
 # The most tokens in all of a query's words and phrases together; more is ``invalid_arguments``.
 # A piece is cut into tokens as unicode61 cuts it, so one piece ``the.the.the...`` is a phrase of
 # 125 tokens: such a phrase's MATCH took 1.5 s over 50,000 messages of common words, against
-# 0.7 ms for ``the`` (docs/authz-review.md, finding 12). Twice the pieces allowed: a few words of
+# 0.7 ms for ``the`` (docs/authz-review.md, finding 19). Twice the pieces allowed: a few words of
 # ``foo-bar`` shape each.
 MAX_QUERY_TOKENS = 32
 # The fewest characters a prefix (``depl*``) must have: one or two letters would walk most of the

@@ -1,6 +1,6 @@
 """Red-team review 14 of ``search.messages`` (webapp_stub/search.py): what a search tells a user
 about messages it may not read, and what a query may cost. Each test here was a finding left to the
-search's owner as a strict xfail; both are fixed (docs/authz-review.md, findings 10 and 12)."""
+search's owner as a strict xfail; both are fixed (docs/authz-review.md, findings 10 and 19)."""
 
 from __future__ import annotations
 
