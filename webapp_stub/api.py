@@ -9,12 +9,12 @@ through ``response_metadata.next_cursor`` ("" on the last page), and HTTP 429
 with ``Retry-After`` when a token exceeds its per-method budget.
 
 This module is the dispatch: the ``@method`` registry, :class:`Call`, :class:`WebApi` (auth, rate
-limit, backpressure, metrics, the reply) and the helpers method handlers share to resolve arguments
-into users and channels. The methods themselves are in :mod:`webapp_stub.methods` by family
+limit, backpressure, metrics, the reply); the helpers method handlers share to resolve arguments
+into users and channels are in :mod:`webapp_stub.call_args`. The methods themselves are in :mod:`webapp_stub.methods` by family
 (importing that package registers them); argument parsing in :mod:`webapp_stub.args`, rate limits in
 :mod:`webapp_stub.ratelimit`, the gateway choice in :mod:`webapp_stub.gateway_picker`, and
-``/internal/...`` in :mod:`webapp_stub.internal`. The argument helpers, :class:`RateLimiter` and
-:class:`GatewayPicker` stay importable from here.
+``/internal/...`` in :mod:`webapp_stub.internal`. :class:`RateLimiter` and :class:`GatewayPicker` stay
+importable from here.
 
 Every store call is synchronous and short; events it commits are handed to the
 outbox before the reply is written, and the reply never waits for them.
@@ -52,8 +52,7 @@ from webapp_stub.commit import CommitFailed, GroupCommit
 from webapp_stub.errors import ApiError
 from webapp_stub.gateway_picker import GATEWAY_LOAD_POLL_S, GatewayPicker
 from webapp_stub.handoff import Handoff
-from webapp_stub.limits import check_attachments, check_blocks
-from webapp_stub.models import MAX_USERS_ENTRIES, MAX_USERS_LISTED, Channel, User
+from webapp_stub.models import Channel, User
 from webapp_stub.presence import PresenceClient
 from webapp_stub.ratelimit import DEFAULT_RATE_LIMIT_PER_MINUTE, MAX_RATE_BUCKETS, RateLimiter
 from webapp_stub.reply import OK_BODY, Answer, EncodedReply, Failure
@@ -84,19 +83,14 @@ __all__ = [
     "WebApi",
     "bearer_token",
     "check_text",
-    "conversation",
     "flag",
     "int_arg",
     "json_arg",
-    "message_content",
     "method",
     "paged",
     "parse_json_body",
     "read_args",
     "str_arg",
-    "types_arg",
-    "user_arg",
-    "users_arg",
 ]
 
 log = logging.getLogger("rtm.webapp.api")
@@ -423,77 +417,3 @@ class WebApi:
 # -- methods --------------------------------------------------------------------------------------
 # Each handler returns the reply's fields besides "ok"; Slack's error codes are
 # raised as ApiError by the handlers and by the store.
-
-
-def user_arg(api: WebApi, call: Call, name: str = "user", default_me: bool = False) -> User:
-    """A user of the caller's team named by ``name``; ``user_not_found`` otherwise."""
-    user_id = str_arg(call.args, name)
-    if not user_id:
-        if default_me:
-            return call.me
-        raise ApiError("user_not_found")
-    user = api.store.user(user_id)
-    if user is None or user.team != call.me.team:
-        raise ApiError("user_not_found")
-    return user
-
-
-def users_arg(api: WebApi, call: Call, name: str = "users", too_many: str = "invalid_arguments") -> list[User]:
-    """User ids, comma-separated or a JSON array, each once ([] if none); ``user_not_found``, ``too_many``."""
-    value = call.args.get(name)
-    if value is None or value == "":
-        return []
-    listed = value if isinstance(value, list) else str(value).split(",", MAX_USERS_ENTRIES)  # the rest: 1 more
-    ids = [user_id for user_id in dict.fromkeys(str(item).strip() for item in listed) if user_id]
-    if len(ids) > MAX_USERS_LISTED or len(listed) > MAX_USERS_ENTRIES:
-        raise ApiError(too_many)
-    users = []
-    for user_id in ids:
-        user = api.store.user(user_id)
-        if user is None or user.team != call.me.team:
-            raise ApiError("user_not_found")
-        users.append(user)
-    return users
-
-
-def conversation(api: WebApi, channel: Channel, viewer: User, **extra: Any) -> dict[str, Any]:
-    """The conversation object as ``viewer`` sees it (a DM names the other member)."""
-    if channel.is_im:
-        return channel.to_api(user=api.store.dm_peer(channel, viewer.id), is_open=True, **extra)
-    if "is_member" not in extra:
-        extra["is_member"] = api.store.is_member(channel.id, viewer.id)
-    for kind, detail in api.store.details(channel.id).items():
-        extra.setdefault(kind, detail)
-    return channel.to_api(**extra)
-
-
-def message_content(call: Call) -> tuple[str, dict[str, Any]]:
-    """``text`` and the ``blocks``/``attachments`` of a message argument set, within
-    Slack's limits (:mod:`webapp_stub.limits`). Raises ``invalid_blocks_format``,
-    ``invalid_blocks``, ``invalid_attachments``, ``too_many_attachments``."""
-    text = str_arg(call.args, "text") or ""  # an object or array: invalid_arguments, not its repr
-    extra: dict[str, Any] = {}
-    try:
-        blocks = json_arg(call.args, "blocks")
-    except ApiError:
-        raise ApiError("invalid_blocks_format") from None
-    if blocks is not None:
-        blocks = check_blocks(blocks)
-        if blocks:
-            extra["blocks"] = blocks
-    attachments = json_arg(call.args, "attachments")
-    if attachments is not None:
-        attachments = check_attachments(attachments)
-        if attachments:
-            extra["attachments"] = attachments
-    return text, extra
-
-
-CONVERSATION_TYPES = frozenset({"public_channel", "private_channel", "mpim", "im"})
-
-
-def types_arg(call: Call) -> set[str]:
-    types = {t.strip() for t in str(call.args.get("types") or "public_channel").split(",") if t.strip()}
-    if not types or not types <= CONVERSATION_TYPES:
-        raise ApiError("invalid_types")
-    return types

@@ -33,7 +33,8 @@ import math
 import re
 from typing import Any
 
-from webapp_stub.api import Call, WebApi, method, str_arg, user_arg
+from webapp_stub.api import Call, WebApi, method, str_arg
+from webapp_stub.call_args import user_arg
 from webapp_stub.due_posts import DuePost, rows_by_id, users_by_id
 from webapp_stub.due_queue import DueItem
 from webapp_stub.scheduler import add_due, cancel_due, register_kind, register_preparer

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from webapp_stub.api import Call, WebApi, flag, int_arg, message_content, method, paged, str_arg
+from webapp_stub.api import Call, WebApi, flag, int_arg, method, paged, str_arg
+from webapp_stub.call_args import message_content
 from webapp_stub.due_posts import DuePost, channels_by_id, loads_extra, rows_by_id, users_by_id
 from webapp_stub.due_queue import DueItem
 from webapp_stub.scheduler import add_due, cancel_due, register_kind, register_preparer

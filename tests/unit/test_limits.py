@@ -20,8 +20,9 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webapp_stub.api import Call, check_text, flag, int_arg, json_arg, message_content, parse_json_body, str_arg
+from webapp_stub.api import Call, check_text, flag, int_arg, json_arg, parse_json_body, str_arg
 from webapp_stub.args import walk_text
+from webapp_stub.call_args import message_content
 from webapp_stub.codecs import dumps
 from webapp_stub.limits import MAX_ATTACHMENTS, MAX_BLOCKS, MAX_CONTENT_DEPTH, check_attachments, check_blocks
 from webapp_stub.store import ApiError, decode_cursor, encode_cursor, ts_to_us

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from webapp_stub.api import (
-    Call,
-    EncodedReply,
-    WebApi,
-    message_content,
-    method,
-    user_arg,
-)
+from webapp_stub.api import Call, EncodedReply, WebApi, method
 from webapp_stub.args import flag, str_arg
+from webapp_stub.call_args import message_content, user_arg
 from webapp_stub.errors import ApiError
 from webapp_stub.messages import message_reply_json
 from webapp_stub.methods.conversations import check_reader

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from webapp_stub.api import (
-    Call,
-    WebApi,
-    conversation,
-    method,
-    types_arg,
-    user_arg,
-    users_arg,
-)
+from webapp_stub.api import Call, WebApi, method
 from webapp_stub.args import flag, int_arg, paged, str_arg
+from webapp_stub.call_args import conversation, types_arg, user_arg, users_arg
 from webapp_stub.errors import ApiError
 from webapp_stub.models import (
     DEFAULT_HISTORY_PAGE,

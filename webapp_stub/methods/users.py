@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from webapp_stub.api import (
-    Call,
-    WebApi,
-    method,
-    user_arg,
-)
+from webapp_stub.api import Call, WebApi, method
 from webapp_stub.args import int_arg, json_arg, paged, str_arg
+from webapp_stub.call_args import user_arg
 from webapp_stub.errors import ApiError
 from webapp_stub.models import (
     MAX_PAGE,
