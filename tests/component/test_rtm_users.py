@@ -257,22 +257,21 @@ def test_a_database_of_another_version_is_refused_and_left_as_it_is(
 # window between reading the database and writing seed.json widened (as a busy machine may): the
 # fewer added users a child read, the longer it waits, so without the lock a stale read is written last.
 CONCURRENT_ADD = """
-import os, sys, time
+import sys, time
 from webapp_stub import seed
 real_describe = seed.describe
 
 def slow_describe(store):
     found = real_describe(store)
     added = sum(1 for user in found["users"] if user["name"].startswith("user-"))
-    time.sleep(0.1 * (int(sys.argv[2]) - added))
+    time.sleep(0.1 * (int(sys.argv[1]) - added))  # wait-ok: the race window, widened on purpose
     return found
 
 seed.describe = slow_describe
 from rtmctl import cli
 print("ready", flush=True)
-while not os.path.exists(sys.argv[1]):
-    time.sleep(0.01)
-sys.exit(cli.main(sys.argv[3:]))
+sys.stdin.readline()  # the go: every child is ready
+sys.exit(cli.main(sys.argv[2:]))
 """
 CONCURRENT_ADDS = 8
 
@@ -282,7 +281,6 @@ def test_concurrent_adds_all_end_up_in_seed_json(tmp_path: Path) -> None:
     commit, one at a time (before: a writer that read the database before another's commit could
     write last and drop that user from seed.json, though the database had them)."""
     seed_demo(str(tmp_path))
-    go = tmp_path / "go"
     names = [f"user-{i}" for i in range(CONCURRENT_ADDS)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     children = [
@@ -291,7 +289,6 @@ def test_concurrent_adds_all_end_up_in_seed_json(tmp_path: Path) -> None:
                 sys.executable,
                 "-c",
                 CONCURRENT_ADD,
-                str(go),
                 str(CONCURRENT_ADDS),
                 "users",
                 "add",
@@ -299,6 +296,7 @@ def test_concurrent_adds_all_end_up_in_seed_json(tmp_path: Path) -> None:
                 "--data-dir",
                 str(tmp_path),
             ],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -310,7 +308,10 @@ def test_concurrent_adds_all_end_up_in_seed_json(tmp_path: Path) -> None:
     try:
         for child in children:
             assert child.stdout is not None and child.stdout.readline() == "ready\n"
-        go.touch()
+        for child in children:  # all at once
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
         made = {}
         for child in children:
             out, err = child.communicate(timeout=DEFAULT_WAIT_S * 3)

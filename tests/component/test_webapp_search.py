@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from typing import Any
 
+from tests.support import async_wait_until
 from tests.webapp_harness import Webapp
 from webapp_stub import search as search_method
 from webapp_stub import search_index
@@ -293,8 +294,11 @@ async def test_a_slow_search_holds_up_no_other_call_and_searches_at_once_are_bou
         ]
         reader = webapp.server.store.search_reader
         assert reader is not None
-        while reader.in_flight < MAX_SEARCHES_IN_FLIGHT:
-            await asyncio.sleep(0.01)
+
+        async def all_admitted() -> bool:
+            return reader.in_flight >= MAX_SEARCHES_IN_FLIGHT
+
+        await async_wait_until(all_admitted, WAIT_S, "every search admitted")
         url, headers = f"{webapp.url}/api/search.messages", {"Authorization": f"Bearer {bob['token']}"}
         async with webapp.session.post(url, headers=headers, json={"query": "tapir"}) as resp:
             assert resp.status == 429 and resp.headers["Retry-After"] == str(SEARCH_BUSY_RETRY_AFTER_S)

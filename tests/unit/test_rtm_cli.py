@@ -146,7 +146,7 @@ def test_killing_a_process_that_is_already_gone_is_a_sentence(
 def test_kill_refuses_the_pids_of_a_fleet_that_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """fleet.json stays after its ``rtm up`` stops, and its pids go to other processes: ``rtm kill``
     SIGKILLed whichever process had the pid now (redteam14). No fleet holds the directory: refused."""
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         process = {"service": "webapp", "id": "webapp-0", "name": "webapp", "pid": bystander.pid}
         (tmp_path / "fleet.json").write_text(json.dumps({"processes": [process]}))
@@ -157,6 +157,8 @@ def test_kill_refuses_the_pids_of_a_fleet_that_stopped(tmp_path: Path, capsys: p
     finally:
         bystander.kill()
         bystander.wait(timeout=RUN_TIMEOUT_S)
+        assert bystander.stdin is not None
+        bystander.stdin.close()
 
 
 def test_a_process_whose_port_is_taken_says_so_in_one_line() -> None:

@@ -45,7 +45,7 @@ async def test_the_catch_up_lets_the_loop_run_between_its_slices(store: Store, m
     async def watch() -> None:  # another task on the loop: it sees the catch-up part done
         while not done.is_set():
             marks.append(search_index.mark(store.conn))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # wait-ok: a yield, so the catch-up's slices and this task take turns
 
     watcher = asyncio.ensure_future(watch())
     progress = await search_reader.catch_up(store, asyncio.Lock())
