@@ -7,7 +7,9 @@ their own (tests import it from here, never from another test module).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +157,62 @@ async def start(tmp_path: Path, fake_as: FakeAdminServer, *extra: str) -> Webapp
     meta = {"metrics_port": str(info["port"]), "internal_port": str(info["internal_port"])}
     assert discovery.registered["webapp-test"]["meta"] == meta
     return Webapp(info, seed, discovery, server, fake_as.ca)
+
+
+# -- Web API calls and file sharing, as the component tests of the webapp make them ----
+
+
+async def ok(webapp: Webapp, method: str, token: str, **body: Any) -> dict[str, Any]:
+    """``method`` called with a JSON body; its reply, which must be ``ok``."""
+    status, reply = await webapp.call(method, token, json_body=body)
+    assert status == 200 and reply.get("ok"), (method, body, reply)
+    return reply
+
+
+async def error_of(webapp: Webapp, method: str, token: str, **body: Any) -> str:
+    """``method`` called with a JSON body; the error code of its reply, which must not be ``ok``."""
+    status, reply = await webapp.call(method, token, json_body=body)
+    assert reply["ok"] is False, reply
+    return str(reply["error"])
+
+
+async def post_bytes(webapp: Webapp, url: str, data: Any, **kw: Any) -> tuple[int, str]:
+    """A POST of ``data`` (bytes or an async iterator of them) to ``url``: status and text."""
+    async with webapp.session.post(url, data=data, **kw) as resp:
+        return resp.status, await resp.text()
+
+
+async def metrics_text(webapp: Webapp) -> str:
+    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
+        return await resp.text()
+
+
+async def file_state(webapp: Webapp, file_id: str, state: str) -> bool:
+    """Whether the file's row is in ``state`` (``uploading``, ``failed``, ...)."""
+    from webapp_stub import file_store
+
+    row = file_store.get(webapp.server.store.conn, file_id)
+    return row is not None and row.state == state
+
+
+async def held_body(
+    first: bytes, rest: bytes, release: asyncio.Event, sent: asyncio.Event | None = None
+) -> AsyncIterator[bytes]:
+    """An upload body: ``first``, then (``sent`` set) nothing until ``release``, then ``rest``."""
+    yield first
+    if sent is not None:
+        sent.set()
+    await release.wait()
+    yield rest
+
+
+@contextlib.contextmanager
+def clock_ahead(webapp: Webapp, seconds: float) -> Iterator[None]:
+    """The webapp's API clock ``seconds`` ahead of real time (tickets and pending files expire)."""
+    api = webapp.server.api
+    real = api.clock
+    api.clock = lambda: real() + seconds
+    try:
+        yield
+    finally:
+        api.clock = real

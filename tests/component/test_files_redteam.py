@@ -8,9 +8,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tests.component.test_webapp_files import _state, error_of, metrics_text, ok, post_bytes
 from tests.support import async_wait_until
-from tests.webapp_harness import Webapp
+from tests.webapp_harness import Webapp, clock_ahead, error_of, file_state, held_body, metrics_text, ok, post_bytes
 from webapp_stub.file_transfer import MAX_UPLOADS_IN_FLIGHT_PER_USER
 
 
@@ -21,10 +20,10 @@ async def uploaded(webapp: Webapp, token: str, data: bytes = b"abc") -> str:
     return str(got["file_id"])
 
 
-async def test_a_file_message_names_its_own_conversation_only(webapp: Webapp) -> None:
-    """Finding 12: shared to a private channel, then #general and a DM in one call, the messages of
-    #general and the DM named the private channel (``groups``) to everyone reading them."""
-    alice, bob, carol = (webapp.user(n) for n in ("alice", "bob", "carol"))
+async def shared_three_ways(webapp: Webapp) -> tuple[str, str, str]:
+    """A file of alice's shared in one call to her private #vault, #general and her DM with bob:
+    #general's id, #vault's and the file's."""
+    alice, bob = webapp.user("alice"), webapp.user("bob")
     general = webapp.channel("general")
     vault = (await ok(webapp, "conversations.create", alice["token"], name="vault", is_private=True))["channel"]["id"]
     file_id = await uploaded(webapp, alice["token"])
@@ -32,6 +31,14 @@ async def test_a_file_message_names_its_own_conversation_only(webapp: Webapp) ->
     await ok(
         webapp, "files.completeUploadExternal", alice["token"], files=files, channels=f"{vault},{general},{bob['id']}"
     )
+    return general, vault, file_id
+
+
+async def test_a_file_message_names_its_own_conversation_only(webapp: Webapp) -> None:
+    """Finding 12: shared to a private channel, then #general and a DM in one call, the messages of
+    #general and the DM named the private channel (``groups``) to everyone reading them."""
+    alice, bob, carol = (webapp.user(n) for n in ("alice", "bob", "carol"))
+    general, vault, file_id = await shared_three_ways(webapp)
     seen = (await ok(webapp, "conversations.history", carol["token"], channel=general))["messages"][0]["files"][0]
     assert (seen["channels"], seen["groups"], seen["ims"], seen["is_public"]) == ([general], [], [], True)
     dm = (await ok(webapp, "conversations.open", bob["token"], users=alice["id"]))["channel"]["id"]
@@ -44,25 +51,13 @@ async def test_files_list_by_a_conversation_the_caller_may_not_read_lists_nothin
     """Finding 13: ``files.list channel=<a private channel or DM of others>`` listed the caller's
     readable files that also went there: which files someone shared in a conversation one is not in."""
     alice, bob, carol = (webapp.user(n) for n in ("alice", "bob", "carol"))
-    general = webapp.channel("general")
-    vault = (await ok(webapp, "conversations.create", alice["token"], name="vault", is_private=True))["channel"]["id"]
-    file_id = await uploaded(webapp, alice["token"])
-    files = json.dumps([{"id": file_id}])
-    await ok(
-        webapp, "files.completeUploadExternal", alice["token"], files=files, channels=f"{vault},{general},{bob['id']}"
-    )
+    general, vault, file_id = await shared_three_ways(webapp)
     dm = (await ok(webapp, "conversations.open", bob["token"], users=alice["id"]))["channel"]["id"]
     for channel in (vault, dm, "CNOSUCH"):
         listed = await ok(webapp, "files.list", carol["token"], channel=channel)
         assert listed["files"] == [] and listed["paging"]["total"] == 0, channel
     for token, channel in ((carol["token"], general), (bob["token"], dm), (alice["token"], vault)):
         assert [f["id"] for f in (await ok(webapp, "files.list", token, channel=channel))["files"]] == [file_id]
-
-
-async def trickle(first: bytes, rest: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:
-    yield first
-    await release.wait()
-    yield rest
 
 
 async def test_one_user_holds_at_most_its_share_of_the_upload_slots(webapp: Webapp) -> None:
@@ -75,7 +70,7 @@ async def test_one_user_holds_at_most_its_share_of_the_upload_slots(webapp: Weba
         held.append(
             (
                 got["upload_url"],
-                asyncio.create_task(post_bytes(webapp, got["upload_url"], trickle(b"a", b"bcd", release))),
+                asyncio.create_task(post_bytes(webapp, got["upload_url"], held_body(b"a", b"bcd", release))),
             )
         )
 
@@ -105,24 +100,20 @@ async def test_a_file_deleted_while_its_bytes_arrive_stays_deleted(webapp: Webap
     alice = webapp.user("alice")
     got = await ok(webapp, "files.getUploadURLExternal", alice["token"], filename="a.txt", length=6)
     release = asyncio.Event()
-    task = asyncio.create_task(post_bytes(webapp, got["upload_url"], trickle(b"abc", b"def", release)))
+    task = asyncio.create_task(post_bytes(webapp, got["upload_url"], held_body(b"abc", b"def", release)))
 
     async def streaming() -> bool:
-        return await _state(webapp, got["file_id"], "uploading")
+        return await file_state(webapp, got["file_id"], "uploading")
 
     await async_wait_until(streaming, what="the upload streaming")
     await ok(webapp, "files.delete", alice["token"], file=got["file_id"])
     release.set()
     assert await task == (404, '{"ok": false, "error": "upload_url_expired"}')
     assert await error_of(webapp, "files.info", alice["token"], file=got["file_id"]) == "file_deleted"
-    api, service = webapp.server.api, webapp.server.api.files
+    service = webapp.server.api.files
     assert service is not None
-    real = api.clock
-    api.clock = lambda: real() + service.pending_ttl_s + 1
-    try:
+    with clock_ahead(webapp, service.pending_ttl_s + 1):
         assert await service.sweep() == 0
-    finally:
-        api.clock = real
     assert await error_of(webapp, "files.info", alice["token"], file=got["file_id"]) == "file_deleted"
     assert list(service.directory.iterdir()) == []
 

@@ -16,25 +16,19 @@ from typing import Any
 import aiohttp
 
 from tests.support import async_wait_until
-from tests.webapp_harness import FakeAdminServer, Webapp, start
+from tests.webapp_harness import (
+    FakeAdminServer,
+    Webapp,
+    clock_ahead,
+    error_of,
+    file_state,
+    held_body,
+    metrics_text,
+    ok,
+    post_bytes,
+    start,
+)
 from webapp_stub import file_store
-
-
-async def ok(webapp: Webapp, method: str, token: str, **body: Any) -> dict[str, Any]:
-    status, reply = await webapp.call(method, token, json_body=body)
-    assert status == 200 and reply.get("ok"), (method, body, reply)
-    return reply
-
-
-async def error_of(webapp: Webapp, method: str, token: str, **body: Any) -> str:
-    status, reply = await webapp.call(method, token, json_body=body)
-    assert reply["ok"] is False, reply
-    return str(reply["error"])
-
-
-async def post_bytes(webapp: Webapp, url: str, data: Any, **kw: Any) -> tuple[int, str]:
-    async with webapp.session.post(url, data=data, **kw) as resp:
-        return resp.status, await resp.text()
 
 
 async def upload(webapp: Webapp, token: str, name: str, data: bytes, **complete: Any) -> dict[str, Any]:
@@ -139,13 +133,8 @@ async def test_an_upload_url_is_good_once_and_expires(webapp: Webapp) -> None:
     assert (await post_bytes(webapp, got["upload_url"][:-1] + "A", b"abc"))[0] == 404
 
     late = await ok(webapp, "files.getUploadURLExternal", alice["token"], filename="b.txt", length=3)
-    api = webapp.server.api
-    real = api.clock
-    api.clock = lambda: real() + file_store.UPLOAD_TICKET_TTL_S + 1
-    try:
+    with clock_ahead(webapp, file_store.UPLOAD_TICKET_TTL_S + 1):
         status, text = await post_bytes(webapp, late["upload_url"], b"abc")
-    finally:
-        api.clock = real
     assert status == 404 and "upload_url_expired" in text
     files = json.dumps([{"id": late["file_id"]}])
     assert await error_of(webapp, "files.completeUploadExternal", alice["token"], files=files) == "file_not_found"
@@ -156,15 +145,11 @@ async def test_files_never_completed_are_swept_rows_and_bytes(webapp: Webapp) ->
     got = await ok(webapp, "files.getUploadURLExternal", alice["token"], filename="a.txt", length=3)
     assert (await post_bytes(webapp, got["upload_url"], b"abc"))[0] == 200
     kept = await upload(webapp, alice["token"], "kept.txt", b"kept")
-    service, api = webapp.server.api.files, webapp.server.api
+    service = webapp.server.api.files
     assert service is not None
     assert await service.sweep() == 0
-    real = api.clock
-    api.clock = lambda: real() + service.pending_ttl_s + 1
-    try:
+    with clock_ahead(webapp, service.pending_ttl_s + 1):
         assert await service.sweep() == 1
-    finally:
-        api.clock = real
     assert [p.name for p in service.directory.iterdir()] == [kept["id"]]
     assert file_store.get(webapp.server.store.conn, got["file_id"]) is None
 
@@ -288,37 +273,21 @@ async def test_bad_input_gets_slacks_codes_and_is_counted(webapp: Webapp) -> Non
 
 
 async def test_the_sweep_never_removes_an_upload_under_way_and_removes_it_after(webapp: Webapp) -> None:
-    alice, api = webapp.user("alice"), webapp.server.api
-    service = api.files
+    alice = webapp.user("alice")
+    service = webapp.server.api.files
     assert service is not None
     got = await ok(webapp, "files.getUploadURLExternal", alice["token"], filename="slow.bin", length=20)
-    halfway = asyncio.Event()
-    release = asyncio.Event()
-
-    async def body() -> AsyncIterator[bytes]:
-        yield b"x" * 10
-        halfway.set()
-        await release.wait()
-        yield b"y" * 10
-
-    sending = asyncio.create_task(post_bytes(webapp, got["upload_url"], body()))
+    halfway, release = asyncio.Event(), asyncio.Event()
+    body = held_body(b"x" * 10, b"y" * 10, release, sent=halfway)
+    sending = asyncio.create_task(post_bytes(webapp, got["upload_url"], body))
     await halfway.wait()
-    await async_wait_until(lambda: _state(webapp, got["file_id"], "uploading"), what="the upload under way")
-    real = api.clock
-    api.clock = lambda: real() + service.pending_ttl_s + 1
-    try:
+    await async_wait_until(lambda: file_state(webapp, got["file_id"], "uploading"), what="the upload under way")
+    with clock_ahead(webapp, service.pending_ttl_s + 1):
         assert await service.sweep() == 0
         release.set()
         assert (await sending)[0] == 200
         assert await service.sweep() == 1  # uploaded, never completed, its time up
-    finally:
-        api.clock = real
     assert list(service.directory.iterdir()) == []
-
-
-async def _state(webapp: Webapp, file_id: str, state: str) -> bool:
-    row = file_store.get(webapp.server.store.conn, file_id)
-    return row is not None and row.state == state
 
 
 async def test_the_urls_are_on_the_public_url_when_one_is_set(tmp_path: Path, fake_as: FakeAdminServer) -> None:
@@ -361,11 +330,6 @@ async def test_a_forged_host_never_reaches_the_urls_others_receive(webapp: Webap
     assert message["files"][0]["url_private"].startswith(webapp.url + "/files-pri/")
 
 
-async def metrics_text(webapp: Webapp) -> str:
-    async with webapp.session.get(f"{webapp.url}/metrics") as resp:
-        return await resp.text()
-
-
 async def test_a_users_files_stay_within_its_storage_quota_and_others_go_on(
     tmp_path: Path, fake_as: FakeAdminServer
 ) -> None:
@@ -388,7 +352,7 @@ async def test_a_users_files_stay_within_its_storage_quota_and_others_go_on(
         status, text = await post_bytes(app, late["upload_url"], b"c" * 60)
         assert status == 507 and "storage_limit_reached" in text
         assert sorted(p.name for p in service.directory.iterdir()) == sorted([pending["file_id"], bobs["id"]])
-        assert await _state(app, late["file_id"], "failed")
+        assert await file_state(app, late["file_id"], "failed")
         assert 'rtm_errors_total{kind="storage_limit_reached"} 3.0' in await metrics_text(app)
     finally:
         await app.session.close()
@@ -409,21 +373,15 @@ async def test_uploads_leave_the_disk_reserve_free_even_when_the_disk_fills_mean
         assert await error_of(app, get, alice, filename="big.bin", length=501) == "storage_limit_reached"
         got = await ok(app, get, alice, filename="ok.bin", length=500)  # 1,500 - 500 leaves the 1,000
         halfway, release = asyncio.Event(), asyncio.Event()
-
-        async def body() -> AsyncIterator[bytes]:
-            yield b"x" * 100
-            halfway.set()
-            await release.wait()
-            yield b"y" * 400
-
-        sending = asyncio.create_task(post_bytes(app, got["upload_url"], body()))
+        body = held_body(b"x" * 100, b"y" * 400, release, sent=halfway)
+        sending = asyncio.create_task(post_bytes(app, got["upload_url"], body))
         await halfway.wait()
         free[0] = 1200  # something else wrote 300 bytes meanwhile: 400 more would leave 800
         release.set()
         status, text = await sending
         assert status == 507 and "storage_limit_reached" in text
         assert list(service.directory.iterdir()) == []  # the part file went
-        assert await _state(app, got["file_id"], "failed")
+        assert await file_state(app, got["file_id"], "failed")
         await ok(app, "chat.postMessage", bob, channel=general, text="the chat goes on")
         free[0] = 10_000
         await upload(app, alice, "later.bin", b"z" * 500, channel_id=general)

@@ -11,18 +11,12 @@ import threading
 from typing import Any
 
 from tests.support import async_wait_until
-from tests.webapp_harness import Webapp
+from tests.webapp_harness import Webapp, ok
 from webapp_stub import search as search_method
 from webapp_stub import search_index
 from webapp_stub.search_reader import THREAD_NAME
 
 WAIT_S = 10.0  # the longest any step waits for another (an event), on a slow machine
-
-
-async def ok(webapp: Webapp, method: str, token: str, **body: Any) -> dict[str, Any]:
-    status, reply = await webapp.call(method, token, json_body=body)
-    assert status == 200 and reply.get("ok"), (method, body, reply)
-    return reply
 
 
 async def search(webapp: Webapp, token: str, query: str, **body: Any) -> dict[str, Any]:
