@@ -8,15 +8,9 @@ from typing import Any
 
 import pytest
 
-from tests.webapp_harness import Webapp
+from tests.webapp_harness import Webapp, ok
 from webapp_stub import search as search_method
 from webapp_stub.search_query import MAX_QUERY_CHARS, QueryError, parse
-
-
-async def ok(webapp: Webapp, method: str, token: str, **body: Any) -> dict[str, Any]:
-    status, reply = await webapp.call(method, token, json_body=body)
-    assert status == 200 and reply.get("ok"), (method, body, reply)
-    return reply
 
 
 @pytest.mark.parametrize("hidden_in", ["a dm of others", "another team"])
